@@ -1,0 +1,72 @@
+"""Layer specs written as nested Python lists, in the reference's order, turned into LayerSpec messages.
+
+    ["linear", 64, 10]                       type, then positional options
+    ["linear", "a", 784, 800]                a string second element names the child
+    ["batchnorm1d", "b", 800, {"eps": 1e-7}] a trailing dict holds keyword options
+    ["sequential", ["linear", 4, 2], "relu"] lists (or bare type strings) after a container are children
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from .v1 import weightavg_pb2 as pb
+
+CONTAINERS = frozenset({"sequential"})
+
+
+def option_message(value: Any) -> pb.OptionValue:
+    """An OptionValue for None, bool, int, float, str or a sequence of ints."""
+    if value is None:
+        return pb.OptionValue(null_value=struct_pb2.NULL_VALUE)
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return pb.OptionValue(bool_value=bool(value))
+    if isinstance(value, int) or hasattr(value, "__index__"):
+        return pb.OptionValue(int_value=int(value))
+    if isinstance(value, float) or type(value).__name__.startswith("float"):
+        return pb.OptionValue(float_value=float(value))
+    if isinstance(value, str):
+        return pb.OptionValue(string_value=value)
+    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return pb.OptionValue(int_list=pb.IntList(values=list(value)))
+    raise TypeError(f"option value {value!r} is not None, a bool, a number, a string or a list of ints")
+
+
+def option_value(message: pb.OptionValue) -> Any:
+    """The Python value of an OptionValue (None, bool, int, float, str or tuple of ints)."""
+    which = message.WhichOneof("kind")
+    if which == "int_list":
+        return tuple(message.int_list.values)
+    if which in (None, "null_value"):
+        return None
+    return getattr(message, which)
+
+
+def _is_spec(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and bool(item) and isinstance(item[0], str)
+
+
+def layer_spec(spec: Any) -> pb.LayerSpec:
+    """A LayerSpec message from a nested-list spec (see the module docstring)."""
+    if isinstance(spec, str):
+        return pb.LayerSpec(type=spec)
+    if not _is_spec(spec):
+        raise TypeError(f"a layer spec is a type name or a list starting with one, not {spec!r}")
+    message = pb.LayerSpec(type=spec[0])
+    rest = list(spec[1:])
+    if rest and isinstance(rest[0], str):
+        message.name = rest.pop(0)
+    if rest and isinstance(rest[-1], Mapping):
+        for key, value in rest.pop().items():
+            message.options.append(pb.Option(name=str(key), value=option_message(value)))
+    for item in rest:
+        if spec[0] in CONTAINERS and (_is_spec(item) or isinstance(item, str)):
+            message.children.append(layer_spec(item))
+        elif isinstance(item, Mapping):
+            raise TypeError("keyword options must be the last element of a layer spec")
+        else:
+            message.args.append(option_message(item))
+    return message

@@ -1,0 +1,122 @@
+"""Translation between protobuf messages and domain values (specs, options, momenta, devices)."""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2
+
+import torch
+
+from weightavg.v1 import weightavg_pb2 as pb
+
+from . import specs
+from .errors import InvalidArgument
+from .registry import Kind
+
+KINDS = {
+    Kind.MODULE: pb.HANDLE_KIND_MODULE,
+    Kind.MODEL: pb.HANDLE_KIND_MODEL,
+    Kind.OPTIMIZER: pb.HANDLE_KIND_OPTIMIZER,
+    Kind.LOSS: pb.HANDLE_KIND_LOSS,
+    Kind.DICTIONARY: pb.HANDLE_KIND_DICTIONARY,
+    Kind.TENSOR: pb.HANDLE_KIND_TENSOR,
+}
+
+
+def handle(handle_id: str, kind: Kind) -> pb.Handle:
+    """The Handle message for a registry entry."""
+    return pb.Handle(id=handle_id, kind=KINDS[kind])
+
+
+def option_value(value: pb.OptionValue) -> specs.OptionValue:
+    """A Python option value from its message; unset is an error, not a silent None."""
+    which = value.WhichOneof("kind")
+    if which == "null_value":
+        return None
+    if which == "bool_value":
+        return value.bool_value
+    if which == "int_value":
+        return value.int_value
+    if which == "float_value":
+        return value.float_value
+    if which == "string_value":
+        return value.string_value
+    if which == "int_list":
+        return tuple(value.int_list.values)
+    raise InvalidArgument("option value has no value set")
+
+
+def option_message(value: specs.OptionValue) -> pb.OptionValue:
+    """The message for a Python option value."""
+    if value is None:
+        return pb.OptionValue(null_value=struct_pb2.NULL_VALUE)
+    if isinstance(value, bool):
+        return pb.OptionValue(bool_value=value)
+    if isinstance(value, int):
+        return pb.OptionValue(int_value=value)
+    if isinstance(value, float):
+        return pb.OptionValue(float_value=value)
+    if isinstance(value, str):
+        return pb.OptionValue(string_value=value)
+    return pb.OptionValue(int_list=pb.IntList(values=list(value)))
+
+
+def layer_spec(message: pb.LayerSpec, max_depth: int, depth: int = 0) -> specs.LayerSpec:
+    """A domain LayerSpec from its message, refusing nesting deeper than max_depth."""
+    if depth > max_depth:
+        raise InvalidArgument(f"layer spec nested deeper than {max_depth} levels")
+    return specs.LayerSpec(
+        type=message.type,
+        name=message.name or None,
+        args=tuple(option_value(v) for v in message.args),
+        options=tuple((o.name, option_value(o.value)) for o in message.options),
+        children=tuple(layer_spec(c, max_depth, depth + 1) for c in message.children),
+    )
+
+
+def module_rows(rows: list[specs.OptionRow]) -> list[pb.ModuleRow]:
+    """Options-table rows as messages."""
+    return [
+        pb.ModuleRow(
+            depth=row.depth,
+            module=row.type,
+            name=row.name,
+            options=[pb.Option(name=k, value=option_message(v)) for k, v in row.options],
+        )
+        for row in rows
+    ]
+
+
+def momentum_message(value: float | None) -> pb.Momentum:
+    """A momentum that may be None."""
+    return pb.Momentum() if value is None else pb.Momentum(value=value)
+
+
+def momenta(messages: dict[str, pb.Momentum]) -> dict[str, float | None]:
+    """Domain momenta from the request map."""
+    return {name: (m.value if m.HasField("value") else None) for name, m in messages.items()}
+
+
+def device(name: str) -> torch.device:
+    """A torch device from a user string, checking that it exists on this server."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"unknown device '{name}': {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgument(f"device '{name}' requested but this server has no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgument(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise InvalidArgument(f"device '{name}' is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_server_device(name: str) -> torch.device:
+    """The server's device from --device: auto picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dev = device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev

@@ -1,0 +1,98 @@
+"""Dictionaries of named tensors: plain copies, or live views onto a module's own tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InvalidArgument, NotFound
+
+COUNT_KEY = ".n"
+"""The running average's sample count; '.' cannot start a parameter name, so it never clashes."""
+
+
+@dataclass
+class TensorDict:
+    """Named tensors. A live dictionary's tensors are a module's own: updates copy into them in place."""
+
+    entries: dict[str, torch.Tensor] = field(default_factory=dict)
+    live: bool = False
+
+
+def check_copyable(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Raise InvalidArgument with PyTorch's own message unless target.copy_(source) would succeed.
+
+    The check runs the real op on meta tensors, so shapes and dtypes are judged exactly as PyTorch
+    judges them, without touching any data.
+    """
+    try:
+        torch.empty_like(target, device="meta").copy_(torch.empty_like(source, device="meta"))
+    except RuntimeError as exc:
+        raise InvalidArgument(str(exc).split("\n")[0]) from None
+
+
+def place(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Where a new entry lives: the count stays on the CPU (read without a device sync), others on device."""
+    return tensor if name == COUNT_KEY else tensor.to(device)
+
+
+def set_entries(d: TensorDict, values: list[tuple[str, torch.Tensor]], device: torch.device) -> list[str]:
+    """Set entries all or nothing: a live view copies in place, a plain dictionary replaces entries."""
+    names = [name for name, _ in values]
+    for name in names:
+        if not name:
+            raise InvalidArgument("dictionary keys must not be empty")
+    if d.live:
+        for name, value in values:
+            if name not in d.entries:
+                raise NotFound(f"'{name}' is not a tensor of the module this view shows; nothing set")
+            try:
+                check_copyable(d.entries[name], value)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"cannot set '{name}': {exc}; nothing set") from None
+        with torch.no_grad():
+            for name, value in values:
+                d.entries[name].copy_(value)
+        return names
+    placed = [(name, place(name, value, device)) for name, value in values]
+    for name, value in placed:
+        d.entries[name] = value
+    return names
+
+
+def delete_entries(d: TensorDict, names: list[str]) -> None:
+    """Remove keys all or nothing; a live view's keys belong to its module and cannot be removed."""
+    if d.live:
+        raise InvalidArgument("cannot delete entries of a live view of a module's tensors")
+    for name in names:
+        if name not in d.entries:
+            raise NotFound(f"dictionary has no entry '{name}'; nothing deleted")
+    for name in dict.fromkeys(names):
+        del d.entries[name]
+
+
+def select(d: TensorDict, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """The named entries in request order, or every entry when names is empty."""
+    if not names:
+        return list(d.entries.items())
+    for name in names:
+        if name not in d.entries:
+            raise NotFound(f"dictionary has no entry '{name}'")
+    return [(name, d.entries[name]) for name in names]
+
+
+def sizes(d: TensorDict) -> list[tuple[str, tuple[int, ...]]]:
+    """Each entry's shape, in dictionary order."""
+    return [(name, tuple(t.shape)) for name, t in d.entries.items()]
+
+
+def move(d: TensorDict, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """Move every entry (the count stays a CPU float64) and convert floating entries to dtype."""
+    if d.live:
+        raise InvalidArgument("a live view moves with its module: move the module instead")
+    for name, t in list(d.entries.items()):
+        if name == COUNT_KEY:
+            continue
+        target_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        d.entries[name] = t.to(device=device if device is not None else t.device, dtype=target_dtype)

@@ -1,0 +1,80 @@
+"""Looking into modules: children by path, parameter and buffer names, live views, setting parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from .dictionaries import TensorDict, check_copyable
+from .errors import InvalidArgument, NotFound
+
+
+def child(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at a dotted path ("" is the module itself)."""
+    if not path:
+        return module
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        raise NotFound(f"module has no child '{path}'") from None
+
+
+def parameter_names(module: torch.nn.Module, path: str = "") -> list[str]:
+    """Dotted parameter names relative to the child at path, in module order."""
+    return [name for name, _ in child(module, path).named_parameters()]
+
+
+def buffer_names(module: torch.nn.Module, path: str = "") -> list[str]:
+    """Dotted buffer names relative to the child at path, in module order."""
+    return [name for name, _ in child(module, path).named_buffers()]
+
+
+def view_parameters(module: torch.nn.Module, path: str = "") -> TensorDict:
+    """A live dictionary over the child's own parameter tensors."""
+    return TensorDict(dict(child(module, path).named_parameters()), live=True)
+
+
+def view_buffers(module: torch.nn.Module, path: str = "") -> TensorDict:
+    """A live dictionary over the child's own buffer tensors."""
+    return TensorDict(dict(child(module, path).named_buffers()), live=True)
+
+
+def parameter(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter with a dotted name."""
+    params = dict(module.named_parameters())
+    if name not in params:
+        raise NotFound(f"parameter '{name}' not found")
+    return params[name]
+
+
+def set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> bool:
+    """Copy value into an existing parameter in place, or register a new one on the root.
+
+    Copying broadcasts and converts dtype like `Tensor.copy_`, without gradient history. A new
+    parameter takes the value's dtype on the module's device; it requires grad when floating.
+    Returns True when a parameter was registered.
+    """
+    params = dict(module.named_parameters())
+    if name in params:
+        target = params[name]
+        try:
+            check_copyable(target, value)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"cannot set parameter '{name}': {exc}") from None
+        with torch.no_grad():
+            target.copy_(value)
+        return False
+    if not name or "." in name:
+        raise InvalidArgument(
+            f"parameter '{name}' not found, and a new parameter needs a non-empty name without '.'"
+        )
+    if hasattr(module, name):
+        raise InvalidArgument(f"cannot register parameter '{name}': the module already has an attribute of that name")
+    device = next((p.device for p in module.parameters()), value.device)
+    grad = value.is_floating_point() or value.is_complex()
+    module.register_parameter(name, torch.nn.Parameter(value.to(device).clone(), requires_grad=grad))
+    return True
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of parameter tensors (what the reference's size gives for a module)."""
+    return sum(1 for _ in module.parameters())

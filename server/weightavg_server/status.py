@@ -1,0 +1,62 @@
+"""The one table from exceptions to gRPC status codes, applied to every RPC by a decorator."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import torch
+
+from .errors import WeightavgError
+
+log = logging.getLogger("weightavg.rpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client sees for an exception raised while serving."""
+    if isinstance(exc, WeightavgError):
+        return grpc.StatusCode[exc.code], str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "CUDA out of memory: " + str(exc).splitlines()[0]
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory"
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
+
+
+def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed unexpectedly", name)
+    else:
+        log.info("%s -> %s: %s", name, code.name, message)
+    context.abort(code, message)
+
+
+def translate_errors(method: F) -> F:
+    """Run an RPC method; turn any exception into a status (never UNKNOWN), for unary and streamed replies."""
+    name = method.__name__
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                _abort(context, name, exc)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            _abort(context, name, exc)
+
+    return unary  # type: ignore[return-value]

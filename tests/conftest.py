@@ -1,0 +1,86 @@
+"""Fixtures: a real server on a free loopback port, a client to it, and a snapshot of every handle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from weightavg import Client
+from weightavg_server.app import create_server, set_serving
+from weightavg_server.config import ServerConfig
+from weightavg_server.handles import tensors_of
+from weightavg_server.registry import Kind, Registry
+
+
+@dataclass
+class LiveServer:
+    """A started server: its address and, for assertions only, its in-process registry."""
+
+    address: str
+    registry: Registry
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[LiveServer]:
+    registry = Registry()
+    server, port, health_servicer = create_server(
+        ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=registry
+    )
+    server.start()
+    set_serving(health_servicer, True)
+    yield LiveServer(f"127.0.0.1:{port}", registry)
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def client(live_server: LiveServer) -> Iterator[Client]:
+    """A client whose handles are all freed after the test, so tests do not see each other's objects."""
+    with Client(live_server.address, timeout=120) as c:
+        yield c
+        c.free()
+
+
+def snapshot(registry: Registry) -> dict[str, Any]:
+    """Everything a failed call must not change: each handle's tensors (values, dtypes, shapes, keys)
+    and each module's batchnorm momenta and train flags."""
+    state: dict[str, Any] = {}
+    for handle_id, entry in registry.items():
+        tensors = [t.detach().clone() for t in tensors_of(entry)]
+        keys = list(entry.obj.entries) if entry.kind is Kind.DICTIONARY else None
+        module = entry.obj if entry.kind is Kind.MODULE else getattr(entry.obj, "module", None)
+        flags = (
+            [(n, getattr(m, "momentum", None), m.training) for n, m in module.named_modules()]
+            if module is not None else None
+        )
+        state[handle_id] = (tensors, keys, flags)
+    return state
+
+
+def assert_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Same handles, same keys, same flags, bit-identical tensors."""
+    assert before.keys() == after.keys()
+    for handle_id, (tensors, keys, flags) in before.items():
+        tensors2, keys2, flags2 = after[handle_id]
+        assert keys == keys2, handle_id
+        assert flags == flags2, handle_id
+        assert len(tensors) == len(tensors2), handle_id
+        for a, b in zip(tensors, tensors2):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), handle_id
+
+
+@pytest.fixture
+def unchanged(live_server: LiveServer) -> Iterator[Any]:
+    """Use as `with unchanged(): <failing call>` to assert the call changed no handle."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def check() -> Iterator[None]:
+        before = snapshot(live_server.registry)
+        yield
+        assert_unchanged(before, snapshot(live_server.registry))
+
+    return check
