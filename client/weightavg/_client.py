@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ _KIND_NAMES = {
 }
 
 T = TypeVar("T")
+_SERVICE = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,22 @@ class Client:
             ],
         )
         self._stub = pb_grpc.WeightAveragingServiceStub(self._channel)
+        # Tensor streams are encoded and decoded by hand (same bytes as protobuf's) so tensor data
+        # is copied once on this side; through protobuf it is copied three times (docs/perf.md).
+        self._fetch_tensors = self._channel.unary_stream(
+            f"/{_SERVICE}/FetchTensors",
+            request_serializer=pb.FetchTensorsRequest.SerializeToString,
+            response_deserializer=_tensors.decode_fetch_response,
+        )
+        self._create_dictionary_stream = self._channel.stream_unary(
+            f"/{_SERVICE}/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString
+        )
+        self._update_dictionary_stream = self._channel.stream_unary(
+            f"/{_SERVICE}/UpdateDictionary", response_deserializer=pb.UpdateDictionaryResponse.FromString
+        )
+        self._create_tensor_stream = self._channel.stream_unary(
+            f"/{_SERVICE}/CreateTensor", response_deserializer=pb.CreateTensorResponse.FromString
+        )
 
     def close(self) -> None:
         """Close the channel; handles stay alive on the server until freed."""
@@ -195,10 +213,10 @@ class Client:
         (broadcasting a scalar), or registers a new parameter when the name is new."""
         if not value:
             return self._fetch(_id(m), [name])[name]
-        chunks = _tensors.array_chunks("", value[0], self.chunk_bytes)
-        first = pb.SetParameterRequest(handle=_id(m), name=name, chunk=next(chunks))
-        requests = iter([first, *(pb.SetParameterRequest(chunk=c) for c in chunks)])
-        self._stub.SetParameter(requests, timeout=self.timeout)
+        requests = _tensors.chunk_messages([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
+        first = next(requests)
+        first.handle, first.name = _id(m), name
+        self._stub.SetParameter(itertools.chain([first], requests), timeout=self.timeout)
         return None
 
     @_rpc
@@ -284,8 +302,8 @@ class Client:
         """tensor(array) creates a tensor handle; tensor(handle) returns its values."""
         if isinstance(x, Handle):
             return _tensors.plain(self._fetch_named(x.id, [])[0][1])
-        requests = (pb.CreateTensorRequest(chunk=c) for c in _tensors.array_chunks("", x, self.chunk_bytes))
-        return _handle(self._stub.CreateTensor(requests, timeout=self.timeout).tensor)
+        requests = _tensors.encoded_chunks([("", x)], self.chunk_bytes, field=1)
+        return _handle(self._create_tensor_stream(requests, timeout=self.timeout).tensor)
 
     @_rpc
     def size(self, h: HandleLike) -> Any:
@@ -334,23 +352,22 @@ class Client:
     # -- streaming helpers --------------------------------------------------------------------------
 
     def _fetch_named(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]]:
-        stream = self._stub.FetchTensors(pb.FetchTensorsRequest(handle=handle, names=names), timeout=self.timeout)
-        return _tensors.join_chunks(r.chunk for r in stream)
+        stream = self._fetch_tensors(pb.FetchTensorsRequest(handle=handle, names=names), timeout=self.timeout)
+        return _tensors.join_chunks(stream)
 
     def _fetch(self, handle: str, names: list[str]) -> dict[str, Any]:
         return {name: _tensors.plain(a) for name, a in self._fetch_named(handle, names)}
 
     def _create_dictionary(self, items: Iterable[tuple[str, Any]]) -> Handle:
-        requests = (pb.CreateDictionaryRequest(chunk=c) for c in _tensors.mapping_chunks(items, self.chunk_bytes))
-        return _handle(self._stub.CreateDictionary(requests, timeout=self.timeout).dictionary)
+        requests = _tensors.encoded_chunks(items, self.chunk_bytes, field=1)  # CreateDictionaryRequest.chunk
+        return _handle(self._create_dictionary_stream(requests, timeout=self.timeout).dictionary)
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]]) -> None:
-        def requests() -> Iterator[pb.UpdateDictionaryRequest]:
-            yield pb.UpdateDictionaryRequest(dictionary=d)
-            for chunk in _tensors.mapping_chunks(items, self.chunk_bytes):
-                yield pb.UpdateDictionaryRequest(chunk=chunk)
+        def requests() -> Iterator[bytes]:
+            yield pb.UpdateDictionaryRequest(dictionary=d).SerializeToString()
+            yield from _tensors.encoded_chunks(items, self.chunk_bytes, field=2)  # UpdateDictionaryRequest.chunk
 
-        self._stub.UpdateDictionary(requests(), timeout=self.timeout)
+        self._update_dictionary_stream(requests(), timeout=self.timeout)
 
 
 def as_array(value: Any) -> npt.NDArray[Any]:

@@ -10,12 +10,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from weightavg.v1 import weightavg_pb2 as pb
-from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
 from .convert import resolve_server_device
 from .registry import Registry
-from .servicer import WeightAveragingServicer
+from .servicer import WeightAveragingServicer, add_to_server
 
 log = logging.getLogger("weightavg.server")
 
@@ -52,9 +51,7 @@ def create_server(
         # Beyond this many calls in flight, new ones get RESOURCE_EXHAUSTED rather than queueing forever.
         maximum_concurrent_rpcs=config.max_workers * 4,
     )
-    pb_grpc.add_WeightAveragingServiceServicer_to_server(
-        WeightAveragingServicer(config, registry or Registry(), device), server
-    )
+    add_to_server(WeightAveragingServicer(config, registry or Registry(), device), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -39,9 +40,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def _assemble(self, chunks: Iterable[pb.TensorChunk]) -> list[tuple[str, torch.Tensor]]:
         return wire.assemble(chunks, self.config.max_upload_bytes)
 
-    def _fetch(self, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[pb.FetchTensorsResponse]:
-        for chunk in wire.tensors_chunks(named, self.config.chunk_bytes):
-            yield pb.FetchTensorsResponse(chunk=chunk)
+    def _fetch(self, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[bytes]:
+        """Encoded FetchTensorsResponse messages; `add_to_server` registers the serializer that passes them on."""
+        return wire.encoded_chunks(named, self.config.chunk_bytes)
 
     @translate_errors
     def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
@@ -175,7 +176,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.UpdateDictionaryResponse:
         first = _first(request_iterator, "UpdateDictionary")
         entry = self.registry.get(first.dictionary, Kind.DICTIONARY)
-        tensors = self._assemble([first.chunk] + [r.chunk for r in request_iterator])
+        tensors = self._assemble(itertools.chain([first.chunk], (r.chunk for r in request_iterator)))
         with locked(entry):
             names = dictionaries.set_entries(entry.obj, tensors, self.device)
         return pb.UpdateDictionaryResponse(names=names)
@@ -196,7 +197,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         return pb.CreateTensorResponse(tensor=convert.handle(self.registry.add(Kind.TENSOR, holder), Kind.TENSOR))
 
     @translate_errors
-    def FetchTensors(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[pb.FetchTensorsResponse]:
+    def FetchTensors(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
         entry = self.registry.get(request.handle)
         names = list(request.names)
         with locked(entry):
@@ -264,3 +265,41 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         with locked(entry):
             handles.move(entry, device, dtype)
         return pb.MoveHandleResponse(handle=convert.handle(request.handle, entry.kind))
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
+
+
+def add_to_server(servicer: WeightAveragingServicer, server: grpc.Server) -> None:
+    """Register the servicer, with the tensor streams encoded and decoded by hand (one copy a byte).
+
+    FetchTensors sends the pre-encoded chunks `_fetch` makes (`wire.serialize` passes them on); the
+    upload streams decode chunks as views into the received bytes (`wire.request_decoder`). The
+    overrides are offered both ways the server looks methods up: as a generic handler ahead of the
+    generated one, and as registered handlers that replace the generated ones.
+    """
+    overrides = {
+        "FetchTensors": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchTensors,
+            request_deserializer=pb.FetchTensorsRequest.FromString,
+            response_serializer=wire.serialize,
+        ),
+        "CreateDictionary": grpc.stream_unary_rpc_method_handler(
+            servicer.CreateDictionary,
+            request_deserializer=wire.request_decoder(pb.CreateDictionaryRequest, 1, {}),
+            response_serializer=pb.CreateDictionaryResponse.SerializeToString,
+        ),
+        "UpdateDictionary": grpc.stream_unary_rpc_method_handler(
+            servicer.UpdateDictionary,
+            request_deserializer=wire.request_decoder(pb.UpdateDictionaryRequest, 2, {1: "dictionary"}),
+            response_serializer=pb.UpdateDictionaryResponse.SerializeToString,
+        ),
+        "CreateTensor": grpc.stream_unary_rpc_method_handler(
+            servicer.CreateTensor,
+            request_deserializer=wire.request_decoder(pb.CreateTensorRequest, 1, {}),
+            response_serializer=pb.CreateTensorResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, overrides),))
+    pb_grpc.add_WeightAveragingServiceServicer_to_server(servicer, server)
+    server.add_registered_method_handlers(SERVICE_NAME, overrides)

@@ -1,0 +1,422 @@
+"""The benchmark cases. Each takes a Context and returns rows: a measurement and a same-run baseline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from weightavg import Client
+
+from ._harness import Row, Skip, at_least, at_most, interleaved, median, row, timed
+from ._raw import RawClient, payload
+
+GB = 1e9
+CHUNK = 4 << 20
+
+
+@dataclass
+class Context:
+    address: str
+    quick: bool
+    client: Client
+    raw: RawClient
+    sweep: dict[str, list[dict[str, float]]]
+
+    def reps(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+def linears(count: int, width: int) -> list[Any]:
+    """A spec for `count` bias-free width x width linears: count tensors of width**2 float32 each."""
+    return ["sequential", *(["linear", width, width, {"bias": False}] for _ in range(count))]
+
+
+def torch_linears(count: int, width: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(count)))
+
+
+# -- averaging ---------------------------------------------------------------------------------------
+
+
+def average_large(ctx: Context) -> list[Row | Skip]:
+    """avgparms on 25.6M float32 parameters in 160 tensors, against in-process PyTorch on the same shapes."""
+    c, count, width = ctx.client, 160, 400
+    m = c.module(linears(count, width))
+    p = c.copyparms(m)
+    torch.manual_seed(0)
+    model = torch_linears(count, width)
+    params = [q.detach() for q in model.parameters()]
+    avgs = [q.clone() for q in params]
+    big_a, big_b = torch.cat([a.reshape(-1) for a in avgs]), torch.cat([q.reshape(-1) for q in params])
+    swa = torch.optim.swa_utils.AveragedModel(model)
+    swa.update_parameters(model)  # the first call only copies; later ones average
+
+    calls = [1]
+
+    def lerp_loop() -> None:  # the server's weights, 1/(n+1): a fixed weight would drive avg - p into denormals
+        calls[0] += 1
+        with torch.no_grad():
+            for a, q in zip(avgs, params):
+                a.lerp_(q, 1.0 / calls[0])
+
+    times = interleaved(
+        {
+            "avgparms": lambda: c.avgparms(m, p),
+            "lerp_": lerp_loop,
+            "AveragedModel": lambda: swa.update_parameters(model),
+            "add_": lambda: big_a.add_(big_b),
+        },
+        ctx.reps(15, 5),
+    )
+    nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
+    gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
+    c.free(m, p)
+    return [
+        row("average, large", "avgparms 25.6M fp32 / 160 tensors", "lerp_ loop in-process", times, "avgparms", "lerp_",
+            target="<= 1.1x", check=at_most(1.1)),
+        row("average, large", "avgparms", "AveragedModel.update_parameters", times, "avgparms", "AveragedModel",
+            target=">= 2x faster", check=at_least(2.0), invert=True, note="ratio = speedup"),
+        row("average, floor", "avgparms GB/s", "one large add_ GB/s", gbps, "avgparms", "add_",
+            unit="GB/s", scale=1.0, target=">= 0.8", check=at_least(0.8)),
+    ]
+
+
+def lerp_kernels(ctx: Context) -> list[Row | Skip]:
+    """Why the CPU path loops over lerp_: the same tensors through torch._foreach_lerp_, in-process."""
+    torch.manual_seed(0)
+    params = [torch.randn(400, 400) for _ in range(160)]
+    avgs = [torch.randn(400, 400) for _ in range(160)]
+    calls = [1]
+
+    def weight() -> float:
+        calls[0] += 1
+        return 1.0 / calls[0]
+
+    def loop() -> None:
+        w = weight()
+        for a, q in zip(avgs, params):
+            a.lerp_(q, w)
+
+    times = interleaved(
+        {"loop": loop, "foreach": lambda: torch._foreach_lerp_(avgs, params, weight())}, ctx.reps(15, 5)
+    )
+    return [row("kernel choice (info)", "_foreach_lerp_ 160 x 640 KB", "lerp_ loop", times, "foreach", "loop")]
+
+
+def small_call(ctx: Context) -> list[Row | Skip]:
+    """Latency of avgparms on the reference's 2-to-1 linear against the bare Ping round trip."""
+    c = ctx.client
+    m = c.module(["linear", 2, 1])
+    p = c.copyparms(m)
+    calls = {"avgparms": lambda: c.avgparms(m, p), "Ping": c.ping}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():
+        for _ in range(50):
+            fn()
+    for _ in range(ctx.reps(40, 10)):
+        for name, fn in calls.items():
+            times[name].extend(timed(fn) for _ in range(50))
+    c.free(m, p)
+    r = row("small call", "avgparms p50, linear 2->1", "Ping p50 (same server)", times, "avgparms", "Ping",
+            target="<= 1.3x", check=at_most(1.3))
+    r.unit, r.value, r.base = "us", median(times["avgparms"]) * 1e6, median(times["Ping"]) * 1e6
+    return [r]
+
+
+# -- transfer ----------------------------------------------------------------------------------------
+
+
+def transfer(ctx: Context) -> list[Row | Skip]:
+    """copyparms + fetch of a 256 MB dictionary to numpy, and uploading one, against raw byte streams."""
+    c, count, width = ctx.client, 16, 2048
+    nbytes = count * width * width * 4
+    m = c.module(linears(count, width))
+    arrays = c.dict(c.copyparms(m))
+    data = payload(nbytes)
+
+    def fetch() -> None:
+        p = c.copyparms(m)
+        values = c.dict(p)
+        assert sum(v.nbytes for v in values.values()) == nbytes
+        c.free(p)
+
+    def upload() -> None:
+        c.free(c.dict(arrays))
+
+    times = interleaved(
+        {
+            "fetch": fetch,
+            "raw down": lambda: ctx.raw.download(nbytes, CHUNK),
+            "upload": upload,
+            "raw up": lambda: ctx.raw.upload(data, CHUNK),
+        },
+        ctx.reps(7, 3),
+    )
+    gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
+    c.free()
+    return [
+        row("transfer", "copyparms + fetch 256 MB to numpy", "raw 4 MiB chunks, server to client", gbps, "fetch",
+            "raw down", unit="GB/s", scale=1.0, target=">= 0.8x", check=at_least(0.8)),
+        row("transfer", "upload a 256 MB dictionary", "raw 4 MiB chunks, client to server", gbps, "upload",
+            "raw up", unit="GB/s", scale=1.0, target=">= 0.8x", check=at_least(0.8)),
+    ]
+
+
+def sweep(ctx: Context) -> list[Row | Skip]:
+    """Throughput against tensor size (for the plot): one tensor each way, and avgparms over many."""
+    c = ctx.client
+    exps = range(12, 29, 4) if ctx.quick else range(10, 29, 2)
+    for e in exps:
+        nbytes = 1 << e
+        array = np.ones(nbytes // 4, np.float32)
+        h = c.tensor(array)
+        data = array.tobytes()
+        reps = max(3, min(50, (64 << 20) // nbytes)) if not ctx.quick else 3
+        times = interleaved(
+            {
+                "fetch": lambda: c.tensor(h),
+                "raw down": lambda: ctx.raw.download(nbytes, CHUNK),
+                "upload": lambda: c.free(c.tensor(array)),
+                "raw up": lambda: ctx.raw.upload(data, CHUNK),
+            },
+            reps,
+        )
+        c.free(h)
+        ctx.sweep.setdefault("transfer", []).append(
+            {"bytes": nbytes, **{k: nbytes / median(v) / GB for k, v in times.items()}}
+        )
+    # avgparms over tensors of one size, about 100 MB in all (fewer tensors at the small end)
+    for width in ([64, 256, 1024, 4096] if ctx.quick else [32, 64, 128, 256, 512, 1024, 2048, 4096]):
+        count = max(1, min(400, 25_600_000 // (width * width)))
+        m = c.module(linears(count, width))
+        p = c.copyparms(m)
+        params = [torch.randn(width, width) for _ in range(count)]
+        avgs = [q.clone() for q in params]
+        calls = [1]
+
+        def loop() -> None:
+            calls[0] += 1
+            for a, q in zip(avgs, params):
+                a.lerp_(q, 1.0 / calls[0])
+
+        times = interleaved({"avgparms": lambda: c.avgparms(m, p), "lerp_": loop}, 3 if ctx.quick else 7)
+        c.free(m, p)
+        moved = 3 * 4 * count * width * width
+        ctx.sweep.setdefault("average", []).append(
+            {"bytes": 4 * width * width, "count": count, **{k: moved / median(v) / GB for k, v in times.items()}}
+        )
+    return []
+
+
+# -- training and batchnorm (need the models RPCs) ------------------------------------------------------
+
+MNIST_NET = [
+    "sequential",
+    ["linear", "a", 784, 800],
+    ["batchnorm1d", "b", 800],
+    ["relu", "c"],
+    ["linear", "d", 800, 800],
+    ["relu", "e"],
+    ["linear", "f", 800, 10],
+]
+
+
+def _torch_mnist_net() -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 800), torch.nn.BatchNorm1d(800), torch.nn.ReLU(),
+        torch.nn.Linear(800, 800), torch.nn.ReLU(), torch.nn.Linear(800, 10),
+    )
+
+
+def _mnist_data(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype(np.int64)
+
+
+def _models_client(c: Client) -> str | None:
+    missing = [verb for verb in ("loss", "opt", "model", "train", "run") if not hasattr(c, verb)]
+    return f"client lacks {', '.join(missing)} (the models RPCs)" if missing else None
+
+
+def training(ctx: Context) -> list[Row | Skip]:
+    """`run` on one MNIST-sized epoch against the same loop in plain in-process PyTorch."""
+    c = ctx.client
+    why = _models_client(c)
+    if why:
+        return [Skip("training", why)]
+    n = 6000 if ctx.quick else 60000
+    x, y = _mnist_data(n)
+    q = c.module(MNIST_NET)
+    model = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.01))  # type: ignore[attr-defined]
+    c.train(model, batchsize=100)  # type: ignore[attr-defined]
+    c.train(model, x, y)  # type: ignore[attr-defined]
+    net = _torch_mnist_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def local_epoch() -> None:
+        net.train()
+        perm = torch.randperm(n)
+        for i in range(0, n, 100):
+            idx = perm[i:i + 100]
+            opt.zero_grad()
+            loss_fn(net(tx[idx]), ty[idx]).backward()
+            opt.step()
+
+    times = interleaved({"run": lambda: c.run(model), "torch": local_epoch}, ctx.reps(5, 2))  # type: ignore[attr-defined]
+    c.free()
+    return [row("training", f"run: one epoch of {n} MNIST-sized rows, batch 100", "same loop in-process",
+                times, "run", "torch", target="<= 1.05x", check=at_most(1.05))]
+
+
+def batchnorm(ctx: Context) -> list[Row | Skip]:
+    """batchnorm(model) against torch.optim.swa_utils.update_bn on the same net and data."""
+    c = ctx.client
+    why = _models_client(c)
+    if why:
+        return [Skip("batchnorm", why)]
+    n = 6000 if ctx.quick else 60000
+    x, y = _mnist_data(n)
+    q = c.module(MNIST_NET)
+    model = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.01))  # type: ignore[attr-defined]
+    c.train(model, batchsize=100)  # type: ignore[attr-defined]
+    c.train(model, x, y)  # type: ignore[attr-defined]
+    net = _torch_mnist_net()
+    loader = [torch.from_numpy(x[i:i + 100]) for i in range(0, n, 100)]
+    times = interleaved(
+        {"batchnorm": lambda: c.batchnorm(model), "update_bn": lambda: torch.optim.swa_utils.update_bn(loader, net)},
+        ctx.reps(5, 2),
+    )
+    c.free()
+    return [row("batchnorm", f"batchnorm(model), {n} rows", "swa_utils.update_bn in-process", times,
+                "batchnorm", "update_bn", target="<= 1.05x", check=at_most(1.05))]
+
+
+# -- many clients --------------------------------------------------------------------------------------
+
+
+def _calls_per_second(address: str, clients: int, seconds: float) -> tuple[float, int]:
+    """Aggregate avgparms calls/s of `clients` threads, each with its own channel and module; and errors."""
+    start = threading.Barrier(clients + 1)
+    stop = threading.Event()
+    counts = [0] * clients
+    errors = [0] * clients
+
+    def work(i: int) -> None:
+        with Client(address, timeout=60) as c:
+            m = c.module(["linear", 2, 1])
+            p = c.copyparms(m)
+            start.wait()
+            while not stop.is_set():
+                try:
+                    c.avgparms(m, p)
+                    counts[i] += 1
+                except Exception:  # counted, reported: the target is zero
+                    errors[i] += 1
+            c.free(m, p)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    begin = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - begin
+    for t in threads:
+        t.join()
+    return sum(counts) / elapsed, sum(errors)
+
+
+def many_clients(ctx: Context) -> list[Row | Skip]:
+    """16 clients averaging their own modules at once, against one client alone."""
+    seconds = 2.0 if ctx.quick else 5.0
+    rates: dict[str, list[float]] = {"16 clients": [], "1 client": []}
+    errors = 0
+    for _ in range(ctx.reps(3, 1)):
+        for name, n in (("16 clients", 16), ("1 client", 1)):
+            rate, err = _calls_per_second(ctx.address, n, seconds)
+            rates[name].append(rate)
+            errors += err
+    r = row("many clients", "16 clients, own modules, avgparms calls/s", "1 client calls/s", rates,
+            "16 clients", "1 client", unit="calls/s", scale=1.0, target=">= 1.5x, 0 errors")
+    r.met = r.ratio >= 1.5 and errors == 0
+    r.note = f"{errors} errors"
+    return [r]
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+
+
+def gpu_average(ctx: Context) -> list[Row | Skip]:
+    """avgparms on a 1B-parameter module (fp32 and bf16) as a fraction of device-to-device copy bandwidth."""
+    c = ctx.client
+    if not torch.cuda.is_available() or not c.info()["device"].startswith("cuda"):
+        return [Skip("average, GPU", "needs CUDA on the server and in this process")]
+    rows: list[Row | Skip] = []
+    count, width, calls = 15, 8192, 5  # 15 x 67.1M = 1.007B parameters
+    marker = c.tensor(np.zeros(1, np.float32))
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        m = c.module(linears(count, width))
+        if dtype != "float32":
+            c.to(m, dtype=dtype)
+        p = c.copyparms(m)
+        elements = count * width * width
+        src = torch.empty(elements, dtype=torch_dtype, device="cuda")
+        dst = torch.empty_like(src)
+
+        def copy() -> None:
+            dst.copy_(src)
+            torch.cuda.synchronize()
+
+        def average() -> None:
+            for _ in range(calls):  # queued without a host sync, as a training loop would issue them
+                c.avgparms(m, p)
+            c.tensor(marker)  # fetching a one-element device tensor waits for the queued averages
+
+        times = interleaved({"avgparms": average, "copy_": copy}, ctx.reps(10, 3))
+        size = torch.empty((), dtype=torch_dtype).element_size()
+        gbps = {
+            "avgparms": [calls * 3 * elements * size / t / GB for t in times["avgparms"]],
+            "copy_": [2 * elements * size / t / GB for t in times["copy_"]],
+        }
+        c.free(m, p)
+        del src, dst
+        torch.cuda.empty_cache()
+        rows.append(row("average, GPU", f"avgparms 1B {dtype} GB/s", "device-to-device copy_ GB/s", gbps,
+                        "avgparms", "copy_", unit="GB/s", scale=1.0, target=">= 0.8", check=at_least(0.8)))
+    return rows
+
+
+CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
+    "average": average_large,
+    "kernels": lerp_kernels,
+    "small": small_call,
+    "transfer": transfer,
+    "training": training,
+    "batchnorm": batchnorm,
+    "clients": many_clients,
+    "gpu": gpu_average,
+    "sweep": sweep,
+}
+
+
+def raw_client(address: str) -> tuple[grpc.Channel, RawClient]:
+    from weightavg._client import DEFAULT_MAX_MESSAGE_BYTES
+
+    channel = grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ],
+    )
+    return channel, RawClient(channel)
