@@ -129,18 +129,21 @@ class Client:
         self._stub = pb_grpc.WeightAveragingServiceStub(self._channel)
         # Tensor streams are encoded and decoded by hand (same bytes as protobuf's) so tensor data
         # is copied once on this side; through protobuf it is copied three times (docs/perf.md).
-        self._fetch_tensors = self._channel.unary_stream(
+        self._fetch_tensors: grpc.UnaryStreamMultiCallable[pb.FetchTensorsRequest, Any] = self._channel.unary_stream(
             f"/{_SERVICE}/FetchTensors",
             request_serializer=pb.FetchTensorsRequest.SerializeToString,
             response_deserializer=_tensors.decode_fetch_response,
         )
-        self._create_dictionary_stream = self._channel.stream_unary(
+        self._create_dictionary_stream: grpc.StreamUnaryMultiCallable[bytes, pb.CreateDictionaryResponse] = self._channel.stream_unary(
             f"/{_SERVICE}/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString
         )
-        self._update_dictionary_stream = self._channel.stream_unary(
+        self._update_dictionary_stream: grpc.StreamUnaryMultiCallable[bytes, pb.UpdateDictionaryResponse] = self._channel.stream_unary(
             f"/{_SERVICE}/UpdateDictionary", response_deserializer=pb.UpdateDictionaryResponse.FromString
         )
-        self._create_tensor_stream = self._channel.stream_unary(
+        self._set_parameter_stream: grpc.StreamUnaryMultiCallable[bytes, pb.SetParameterResponse] = self._channel.stream_unary(
+            f"/{_SERVICE}/SetParameter", response_deserializer=pb.SetParameterResponse.FromString
+        )
+        self._create_tensor_stream: grpc.StreamUnaryMultiCallable[bytes, pb.CreateTensorResponse] = self._channel.stream_unary(
             f"/{_SERVICE}/CreateTensor", response_deserializer=pb.CreateTensorResponse.FromString
         )
 
@@ -213,10 +216,10 @@ class Client:
         (broadcasting a scalar), or registers a new parameter when the name is new."""
         if not value:
             return self._fetch(_id(m), [name])[name]
-        requests = _tensors.chunk_messages([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
-        first = next(requests)
-        first.handle, first.name = _id(m), name
-        self._stub.SetParameter(itertools.chain([first], requests), timeout=self.timeout)
+        chunks = _tensors.encoded_chunks([("", value[0])], self.chunk_bytes, field=3)  # SetParameterRequest.chunk
+        # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
+        first = pb.SetParameterRequest(handle=_id(m), name=name).SerializeToString() + next(chunks)
+        self._set_parameter_stream(itertools.chain([first], chunks), timeout=self.timeout)
         return None
 
     @_rpc
