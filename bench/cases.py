@@ -85,6 +85,8 @@ def average_large(ctx: Context) -> list[Row | Skip]:
             target=">= 2x faster", check=at_least(2.0), invert=True, note="ratio = speedup"),
         row("average, floor", "avgparms GB/s", "one large add_ GB/s", gbps, "avgparms", "add_",
             unit="GB/s", scale=1.0, target=">= 0.8", check=at_least(0.8)),
+        row("average, floor (info)", "lerp_ loop in-process GB/s", "one large add_ GB/s", gbps, "lerp_", "add_",
+            unit="GB/s", scale=1.0, note="what 160 separate in-place kernels reach without any server"),
     ]
 
 
@@ -138,7 +140,8 @@ def transfer(ctx: Context) -> list[Row | Skip]:
     c, count, width = ctx.client, 16, 2048
     nbytes = count * width * width * 4
     m = c.module(linears(count, width))
-    arrays = c.dict(c.copyparms(m))
+    kept = c.copyparms(m)
+    arrays = c.dict(kept)
     data = payload(nbytes)
 
     def fetch() -> None:
@@ -153,6 +156,7 @@ def transfer(ctx: Context) -> list[Row | Skip]:
     times = interleaved(
         {
             "fetch": fetch,
+            "fetch only": lambda: c.dict(kept),
             "raw down": lambda: ctx.raw.download(nbytes, CHUNK),
             "upload": upload,
             "raw up": lambda: ctx.raw.upload(data, CHUNK),
@@ -164,6 +168,8 @@ def transfer(ctx: Context) -> list[Row | Skip]:
     return [
         row("transfer", "copyparms + fetch 256 MB to numpy", "raw 4 MiB chunks, server to client", gbps, "fetch",
             "raw down", unit="GB/s", scale=1.0, target=">= 0.8x", check=at_least(0.8)),
+        row("transfer (info)", "fetch 256 MB to numpy, no copyparms", "raw 4 MiB chunks, server to client", gbps,
+            "fetch only", "raw down", unit="GB/s", scale=1.0, note="the fetch alone, without the server-side clone"),
         row("transfer", "upload a 256 MB dictionary", "raw 4 MiB chunks, client to server", gbps, "upload",
             "raw up", unit="GB/s", scale=1.0, target=">= 0.8x", check=at_least(0.8)),
     ]

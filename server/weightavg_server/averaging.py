@@ -69,19 +69,22 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
 def _lerp_all(avgs: list[torch.Tensor], params: list[torch.Tensor], weight: float) -> None:
     """avg += (p - avg) * weight for every pair, in place.
 
-    A Python loop of `lerp_` is used on the CPU, where torch's foreach kernels measured far slower;
-    `_foreach_lerp_` on CUDA, where one launch for every tensor wins. Pairs whose shapes or dtypes
-    differ take the general broadcasting path.
+    On the CPU a Python loop of `lerp_`: torch's CPU foreach kernels loop over the tensors
+    themselves and measured no faster (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the
+    "kernels" row of `python -m bench`). On CUDA one `_foreach_lerp_` launch replaces one launch
+    per tensor. Pairs whose shapes or dtypes differ take the general broadcasting path.
     """
-    same = [(a, p) for a, p in zip(avgs, params) if a.shape == p.shape and a.dtype == p.dtype]
-    other = [(a, p) for a, p in zip(avgs, params) if a.shape != p.shape or a.dtype != p.dtype]
-    if same and same[0][0].device.type == "cuda":
-        torch._foreach_lerp_([a for a, _ in same], [p for _, p in same], weight)
-    else:
-        for a, p in same:
+    fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for a, p in zip(avgs, params):
+        if a.shape != p.shape or a.dtype != p.dtype:
+            a.add_((p - a) * weight)
+        elif a.is_cuda:
+            fused[0].append(a)
+            fused[1].append(p)
+        else:
             a.lerp_(p, weight)
-    for a, p in other:
-        a.add_((p - a) * weight)
+    if fused[0]:
+        torch._foreach_lerp_(fused[0], fused[1], weight)
 
 
 def average_parameters(module: torch.nn.Module, d: TensorDict) -> int:
