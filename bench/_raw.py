@@ -10,6 +10,7 @@ import struct
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 
 SERVICE = "weightavg.bench.Raw"
 DOWNLOAD = f"/{SERVICE}/Download"
@@ -63,6 +64,15 @@ class RawClient:
     def download(self, total: int, chunk_bytes: int) -> int:
         """Stream `total` bytes from the server; returns the bytes received."""
         return sum(len(piece) for piece in self._download(struct.pack("<qq", total, chunk_bytes), timeout=600))
+
+    def download_into_numpy(self, total: int, chunk_bytes: int) -> np.ndarray:
+        """Stream `total` bytes and land them in a fresh numpy array, as a fetch must (one copy)."""
+        out = np.empty(total, np.uint8)
+        filled = 0
+        for piece in self._download(struct.pack("<qq", total, chunk_bytes), timeout=600):
+            out[filled:filled + len(piece)] = np.frombuffer(piece, np.uint8)
+            filled += len(piece)
+        return out
 
     def upload(self, data: bytes, chunk_bytes: int) -> int:
         """Stream `data` to the server in chunks; returns the byte count it saw."""

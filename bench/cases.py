@@ -158,6 +158,7 @@ def transfer(ctx: Context) -> list[Row | Skip]:
             "fetch": fetch,
             "fetch only": lambda: c.dict(kept),
             "raw down": lambda: ctx.raw.download(nbytes, CHUNK),
+            "raw down to numpy": lambda: ctx.raw.download_into_numpy(nbytes, CHUNK),
             "upload": upload,
             "raw up": lambda: ctx.raw.upload(data, CHUNK),
         },
@@ -170,6 +171,9 @@ def transfer(ctx: Context) -> list[Row | Skip]:
             "raw down", unit="GB/s", scale=1.0, target=">= 0.8x", check=at_least(0.8)),
         row("transfer (info)", "fetch 256 MB to numpy, no copyparms", "raw 4 MiB chunks, server to client", gbps,
             "fetch only", "raw down", unit="GB/s", scale=1.0, note="the fetch alone, without the server-side clone"),
+        row("transfer (info)", "fetch 256 MB to numpy, no copyparms", "raw chunks copied into a new numpy array",
+            gbps, "fetch only", "raw down to numpy", unit="GB/s", scale=1.0,
+            note="what the protocol costs beyond landing the bytes in fresh memory"),
         row("transfer", "upload a 256 MB dictionary", "raw 4 MiB chunks, client to server", gbps, "upload",
             "raw up", unit="GB/s", scale=1.0, target=">= 0.8x", check=at_least(0.8)),
     ]
