@@ -23,6 +23,7 @@ def main(paths: list[str]) -> None:
                 key = (row["case"], row["measured"], row["baseline"])
                 ratios.setdefault(key, []).append(f"{row['ratio']:.2f}")
     print(f"{len(runs)} full runs: " + ", ".join(f"{r['started']} (load {r['machine']['load_average'][0]:.1f})" for r in runs))
+    print()
     print("| case | measured | baseline | ratio in each run |")
     print("| --- | --- | --- | --- |")
     for (case, measured, baseline), values in ratios.items():
