@@ -350,8 +350,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
                 ),
                 train=convert.options_message(model.train),
                 test=convert.options_message(model.test),
-                train_size=model.train_data.x.shape[0] if model.train_data is not None else -1,
-                test_size=model.test_data.x.shape[0] if model.test_data is not None else -1,
+                train_size=training.data_size(model, "train"),
+                test_size=training.data_size(model, "test"),
             )
 
     @translate_errors

@@ -174,6 +174,12 @@ def batches(model: Model, split: str) -> int:
     return _plan(data, model.train if split == "train" else model.test)[2]
 
 
+def data_size(model: Model, split: str) -> int:
+    """The number of train or test samples at full size; -1 without data."""
+    data = model.train_data if split == "train" else model.test_data
+    return -1 if data is None else batching.full_size(data.x)
+
+
 def _own(t: torch.Tensor) -> torch.Tensor:
     """A tensor that spans exactly its own storage, so it can be batched in place."""
     if t.storage_offset() != 0 or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
