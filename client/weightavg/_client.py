@@ -353,7 +353,7 @@ class Client:
         return self._setup(m, pb.DATA_SPLIT_TEST, args, options)
 
     @_rpc
-    def _setup(self, m: HandleLike, split: int, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+    def _setup(self, m: HandleLike, split: pb.DataSplit.ValueType, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
         if len(args) == 2:
             if options:
                 raise TypeError("give data or options, not both")
@@ -380,7 +380,7 @@ class Client:
                 raise KeyError(f"unrecognized option '{name}' (one of {', '.join(values)})")
         return values[names] if isinstance(names, str) else [values[n] for n in names]
 
-    def _model_data(self, m: str, split: int, x: Any, y: Any) -> int:
+    def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
         def requests() -> Iterator[pb.SetModelDataRequest]:
             yield pb.SetModelDataRequest(model=m, split=split)
             for chunk in _tensors.mapping_chunks([("x", x), ("y", y)], self.chunk_bytes):
@@ -425,7 +425,7 @@ class Client:
         return self._forward(q, x, pb.FORWARD_MODE_EVAL)
 
     @_rpc
-    def _forward(self, q: HandleLike, x: Any, mode: int) -> Handle:
+    def _forward(self, q: HandleLike, x: Any, mode: pb.ForwardMode.ValueType) -> Handle:
         def requests() -> Iterator[pb.RunForwardRequest]:
             if isinstance(x, Handle):
                 yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=x.id)
