@@ -203,3 +203,40 @@ def test_averaging_recipe_matches_torch_swa_utils(client: Client) -> None:
     assert remote["b.num_batches_tracked"] == n // w
     # The server's data ended in the same order as the local copy (same generator draws).
     np.testing.assert_array_equal(client.tensor(client.input(m)), lx.numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_averaging_recipe_on_cuda_matches_cpu_torch() -> None:
+    """The same recipe with the server's objects on the GPU; CUDA kernels round differently from
+    the CPU ones, so the comparison allows 1e-4 after a few hundred steps."""
+    from weightavg_server.app import create_server
+    from weightavg_server.config import ServerConfig
+
+    server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cuda"))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=120) as c:
+            x, y = data(300, seed=3)
+            q = c.module(NET)
+            net = _local_net(c, q)
+            m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.05))
+            c.train(m, batchsize=25)
+            c.train(m, x, y)
+            local_opt = torch.optim.SGD(net.parameters(), lr=0.05)
+            lx, ly = torch.from_numpy(x), torch.from_numpy(y)
+            for _ in range(2):
+                c.run(m)
+                for i in range(0, 300, 25):
+                    local_opt.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(net(lx[i:i + 25]), ly[i:i + 25]).backward()
+                    local_opt.step()
+            assert c.batchnorm(m) == {"b": 0.1}
+            update_bn([lx[i:i + 25] for i in range(0, 300, 25)], net)
+            remote = {**c.dict(c.parms(q)), **c.dict(c.buffers(q))}
+            for key, value in net.state_dict().items():
+                np.testing.assert_allclose(np.asarray(remote[key]), value.numpy(), rtol=0, atol=1e-4, err_msg=key)
+            assert c.handles()[0].device.startswith("cuda")
+            np.testing.assert_allclose(c.evaluate(m, x), net.eval()(lx).detach().numpy(), rtol=0, atol=1e-4)
+    finally:
+        server.stop(grace=None)
