@@ -60,6 +60,14 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def _assemble(self, chunks: Iterable[pb.TensorChunk]) -> list[tuple[str, torch.Tensor]]:
         return wire.assemble(chunks, self.config.max_upload_bytes)
 
+    def _assemble_stream(self, first: pb.TensorChunk, rest: Iterable[pb.TensorChunk]) -> list[tuple[str, torch.Tensor]]:
+        """Join chunks as they arrive, so a large upload is held once, not also as a list of messages."""
+        assembler = wire.TensorAssembler(self.config.max_upload_bytes)
+        assembler.feed(first)
+        for chunk in rest:
+            assembler.feed(chunk)
+        return assembler.finish()
+
     def _fetch(self, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[pb.FetchTensorsResponse]:
         for chunk in wire.tensors_chunks(named, self.config.chunk_bytes):
             yield pb.FetchTensorsResponse(chunk=chunk)
@@ -374,7 +382,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         first = _first(request_iterator, "SetModelData")
         entry, model = self._model(first.model)
         split = convert.split(first.split)
-        tensors = self._assemble([first.chunk] + [r.chunk for r in request_iterator])
+        tensors = self._assemble_stream(first.chunk, (r.chunk for r in request_iterator))
         if len(tensors) != 2:
             raise InvalidArgument(f"SetModelData takes two tensors, inputs then targets; received {len(tensors)}")
         with locked(entry):
@@ -403,7 +411,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> Iterator[pb.EvaluateModelResponse]:
         first = _first(request_iterator, "EvaluateModel")
         entry, model = self._model(first.model)
-        tensors = self._assemble([first.chunk] + [r.chunk for r in request_iterator])
+        tensors = self._assemble_stream(first.chunk, (r.chunk for r in request_iterator))
         if len(tensors) != 1:
             raise InvalidArgument(f"EvaluateModel takes one input tensor, received {len(tensors)}")
         with locked(entry), _stopping(context):
@@ -416,7 +424,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         first = _first(request_iterator, "RunForward")
         entry, module = self.registry.module(first.handle)
         mode = convert.forward_mode(first.mode)
-        tensors = self._assemble([first.chunk] + [r.chunk for r in request_iterator])
+        tensors = self._assemble_stream(first.chunk, (r.chunk for r in request_iterator))
         if len(tensors) > 1 or (tensors and first.input):
             raise InvalidArgument("RunForward takes one input: a tensor handle or one streamed tensor")
         entries = [entry]
