@@ -311,6 +311,8 @@ def test_data_batches_and_errors(client: Client, unchanged: Any) -> None:
             client.test(m, np.float32(1), np.int64(1))
         with pytest.raises(TypeError):
             client.train(m, x, y, 1)
+        with pytest.raises(TypeError, match=r"\(m, x, y\)"):
+            client.train(m, x)
     _, m2 = new_model(client)
     with unchanged():
         with pytest.raises(FailedPreconditionError, match="no training data"):

@@ -6,6 +6,7 @@ asked and says which extra to install when they are missing.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -27,10 +28,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.write(f"weightavg: unknown command '{command}'\n{USAGE}")
         raise SystemExit(2)
     try:
-        if command == "serve":
-            from weightavg_server.cli import main as run
-        else:
-            from weightavg_server.demo import main as run
+        # Imported by name: the server is an optional extra of this client package.
+        run = importlib.import_module("weightavg_server.cli" if command == "serve" else "weightavg_server.demo").main
     except ImportError as exc:
         extra = "server" if command == "serve" else "server,demo"
         sys.stderr.write(f"weightavg {command} needs the server installed: pip install 'weightavg[{extra}]' ({exc})\n")

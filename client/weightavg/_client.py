@@ -375,6 +375,10 @@ class Client:
         if not args:
             return values
         names = args[0]
+        if not isinstance(names, str) and not (
+            isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+        ):
+            raise TypeError("expecting an option name or a list of names; data take inputs and targets: (m, x, y)")
         for name in [names] if isinstance(names, str) else names:
             if name not in values:
                 raise KeyError(f"unrecognized option '{name}' (one of {', '.join(values)})")
