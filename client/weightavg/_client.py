@@ -76,6 +76,29 @@ def _handle(message: pb.Handle) -> Handle:
     return Handle(message.id, _KIND_NAMES.get(message.kind, "unknown"))
 
 
+def _momenta(r: pb.ResetBatchNormResponse | pb.RecalculateBatchNormResponse) -> dict[str, float | None]:
+    return {name: r.momenta[name].value if r.momenta[name].HasField("value") else None for name in r.names}
+
+
+def _options(options: Iterable[pb.Option]) -> dict[str, Any]:
+    """Option messages as a dict; metrics (a comma-separated string on the wire) as a list."""
+    values = {o.name: _specs.option_value(o.value) for o in options}
+    if isinstance(values.get("metrics"), str):
+        values["metrics"] = values["metrics"].split(",")
+    return values
+
+
+def _option_message(name: str, value: Any) -> pb.Option:
+    if name == "metrics" and isinstance(value, (list, tuple)):
+        value = ",".join(value)
+    return pb.Option(name=name, value=_specs.option_message(value))
+
+
+def _single_or_list(named: list[tuple[str, Any]]) -> Any:
+    values = [_tensors.plain(a) for _, a in named]
+    return values[0] if len(values) == 1 else values
+
+
 def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     """Turn grpc.RpcError into the client's own exceptions, once, at the boundary."""
 
@@ -238,7 +261,16 @@ class Client:
     @_rpc
     def batchnorm(self, m: HandleLike, momenta: Mapping[str, float | None] | None = None) -> Any:
         """batchnorm(m): reset batchnorm statistics, momentum None; returns {layer: old momentum}.
-        batchnorm(m, r): restore those momenta."""
+        batchnorm(m, r): restore those momenta.
+
+        Given a model handle alone, batchnorm(m) also recalculates the running statistics over the
+        model's training data (as torch.optim.swa_utils.update_bn) and puts the momenta back.
+        """
+        if momenta is None and isinstance(m, Handle) and m.kind == "model":
+            recalculated = self._stub.RecalculateBatchNorm(
+                pb.RecalculateBatchNormRequest(model=m.id), timeout=self.timeout
+            )
+            return _momenta(recalculated)
         if momenta is not None:
             request = pb.RestoreMomentumRequest(
                 handle=_id(m),
@@ -246,10 +278,188 @@ class Client:
             )
             self._stub.RestoreMomentum(request, timeout=self.timeout)
             return None
-        r = self._stub.ResetBatchNorm(pb.ResetBatchNormRequest(handle=_id(m)), timeout=self.timeout)
-        return {
-            name: r.momenta[name].value if r.momenta[name].HasField("value") else None for name in r.names
-        }
+        return _momenta(self._stub.ResetBatchNorm(pb.ResetBatchNormRequest(handle=_id(m)), timeout=self.timeout))
+
+    # -- losses, optimizers and models --------------------------------------------------------------
+
+    @_rpc
+    def loss(self, kind: str, *args: Any, **options: Any) -> Handle:
+        """A loss function: ce, mse, nll, bce, bcelogits or smoothl1, with options by position or name.
+
+        Example: c.loss("ce"), c.loss("ce", smoothing=0.1), c.loss("smoothl1", beta=0.5).
+        """
+        request = pb.CreateLossRequest(
+            type=kind, args=[_specs.option_message(a) for a in args],
+            options=[_option_message(k, v) for k, v in options.items()],
+        )
+        return _handle(self._stub.CreateLoss(request, timeout=self.timeout).loss)
+
+    @_rpc
+    def opt(self, kind: str, module: HandleLike, *args: Any, **options: Any) -> Handle:
+        """An optimizer over a module's (or model's) parameters: sgd, adam, adamw, rmsprop or adagrad.
+
+        Positional options follow the reference's order (sgd: lr .01, momentum, dampening, decay,
+        nesterov). Example: c.opt("sgd", q, .05, .9, nesterov=True).
+        """
+        request = pb.CreateOptimizerRequest(
+            type=kind, module=_id(module), args=[_specs.option_message(a) for a in args],
+            options=[_option_message(k, v) for k, v in options.items()],
+        )
+        return _handle(self._stub.CreateOptimizer(request, timeout=self.timeout).optimizer)
+
+    @_rpc
+    def lr(self, m: HandleLike, value: float | None = None) -> float | None:
+        """lr(m): the learning rate of a model's (or an optimizer's) optimizer; lr(m, value) sets it."""
+        if value is None:
+            return float(self._stub.GetLearningRate(pb.GetLearningRateRequest(handle=_id(m)), timeout=self.timeout).lr)
+        self._stub.SetLearningRate(pb.SetLearningRateRequest(handle=_id(m), lr=float(value)), timeout=self.timeout)
+        return None
+
+    @_rpc
+    def model(self, m: HandleLike, loss: HandleLike | None = None, opt: HandleLike | None = None) -> Any:
+        """model(q, loss, opt) joins a module, loss and optimizer into a model and frees those three
+        handles (pass c.addref(q) to keep one); model(m) describes a model's parts."""
+        if loss is None and opt is None:
+            r = self._stub.DescribeModel(pb.DescribeModelRequest(model=_id(m)), timeout=self.timeout)
+            return {
+                "module": [
+                    ModuleRow(row.depth, row.module, row.name, {o.name: _specs.option_value(o.value) for o in row.options})
+                    for row in r.module
+                ],
+                "loss": {"type": r.loss.type, **_options(r.loss.options)},
+                "optimizer": {"type": r.optimizer.type, **_options(r.optimizer.options)},
+                "train": _options(r.train),
+                "test": _options(r.test),
+                "train_size": int(r.train_size),
+                "test_size": int(r.test_size),
+            }
+        if loss is None or opt is None:
+            raise TypeError("model(q, loss, opt) needs a module, a loss and an optimizer")
+        request = pb.CreateModelRequest(module=_id(m), loss=_id(loss), optimizer=_id(opt))
+        return _handle(self._stub.CreateModel(request, timeout=self.timeout).model)
+
+    def train(self, m: HandleLike, *args: Any, **options: Any) -> Any:
+        """Train options and data of a model.
+
+        train(m) returns every option; train(m, "batchsize") one, train(m, ["a", "b"]) several;
+        train(m, batchsize=100, shuffle=True) (or a dict) sets options, all or nothing;
+        train(m, x, y) loads inputs and targets and returns the number of batches.
+        Options: batchsize (32), droplast (False), shuffle (False), seed (0), metrics (["loss"]).
+        """
+        return self._setup(m, pb.DATA_SPLIT_TRAIN, args, options)
+
+    def test(self, m: HandleLike, *args: Any, **options: Any) -> Any:
+        """Test options and data, as train(): batchsize (100), droplast (False), metrics (["loss"])."""
+        return self._setup(m, pb.DATA_SPLIT_TEST, args, options)
+
+    @_rpc
+    def _setup(self, m: HandleLike, split: pb.DataSplit.ValueType, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        if len(args) == 2:
+            if options:
+                raise TypeError("give data or options, not both")
+            return self._model_data(_id(m), split, args[0], args[1])
+        if len(args) > 2:
+            raise TypeError("expecting (m), (m, name), (m, names), (m, x, y) or (m, name=value, ...)")
+        if args and isinstance(args[0], Mapping):
+            options = {**args[0], **options}
+            args = ()
+        if options:
+            request = pb.SetModelOptionsRequest(
+                model=_id(m), split=split, options=[_option_message(k, v) for k, v in options.items()]
+            )
+            self._stub.SetModelOptions(request, timeout=self.timeout)
+            return None
+        values = _options(
+            self._stub.GetModelOptions(pb.GetModelOptionsRequest(model=_id(m), split=split), timeout=self.timeout).options
+        )
+        if not args:
+            return values
+        names = args[0]
+        if not isinstance(names, str) and not (
+            isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+        ):
+            raise TypeError("expecting an option name or a list of names; data take inputs and targets: (m, x, y)")
+        for name in [names] if isinstance(names, str) else names:
+            if name not in values:
+                raise KeyError(f"unrecognized option '{name}' (one of {', '.join(values)})")
+        return values[names] if isinstance(names, str) else [values[n] for n in names]
+
+    def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
+        def requests() -> Iterator[pb.SetModelDataRequest]:
+            yield pb.SetModelDataRequest(model=m, split=split)
+            for chunk in _tensors.mapping_chunks([("x", x), ("y", y)], self.chunk_bytes):
+                yield pb.SetModelDataRequest(chunk=chunk)
+
+        return int(self._stub.SetModelData(requests(), timeout=self.timeout).batches)
+
+    @_rpc
+    def run(self, m: HandleLike) -> Any:
+        """Train one epoch; returns the train metrics (one value, or a list for several)."""
+        stream = self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout)
+        return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
+
+    @_rpc
+    def testrun(self, m: HandleLike) -> Any:
+        """Evaluate over the test data; returns the test metrics (e.g. accuracy in percent)."""
+        stream = self._stub.RunTest(pb.RunTestRequest(model=_id(m)), timeout=self.timeout)
+        return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
+
+    @_rpc
+    def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
+        """The model's outputs for inputs x, in eval mode without gradients, as an array."""
+        def requests() -> Iterator[pb.EvaluateModelRequest]:
+            yield pb.EvaluateModelRequest(model=_id(m))
+            for chunk in _tensors.array_chunks("", x, self.chunk_bytes):
+                yield pb.EvaluateModelRequest(chunk=chunk)
+
+        stream = self._stub.EvaluateModel(requests(), timeout=self.timeout)
+        return _tensors.join_chunks(r.chunk for r in stream)[0][1]
+
+    def forward(self, q: HandleLike, x: Any = None) -> Handle:
+        """Forward pass in train mode with gradients; returns a tensor handle of the output.
+        x is an array or a tensor handle; a model without x uses its training inputs."""
+        return self._forward(q, x, pb.FORWARD_MODE_TRAIN)
+
+    def nforward(self, q: HandleLike, x: Any = None) -> Handle:
+        """Forward pass in train mode without gradients (batchnorm statistics update); a tensor handle."""
+        return self._forward(q, x, pb.FORWARD_MODE_TRAIN_NO_GRAD)
+
+    def eforward(self, q: HandleLike, x: Any = None) -> Handle:
+        """Forward pass in eval mode without gradients; a tensor handle (a model defaults to test inputs)."""
+        return self._forward(q, x, pb.FORWARD_MODE_EVAL)
+
+    @_rpc
+    def _forward(self, q: HandleLike, x: Any, mode: pb.ForwardMode.ValueType) -> Handle:
+        def requests() -> Iterator[pb.RunForwardRequest]:
+            if isinstance(x, Handle):
+                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=x.id)
+                return
+            yield pb.RunForwardRequest(handle=_id(q), mode=mode)
+            if x is not None:
+                for chunk in _tensors.array_chunks("", x, self.chunk_bytes):
+                    yield pb.RunForwardRequest(chunk=chunk)
+
+        return _handle(self._stub.RunForward(requests(), timeout=self.timeout).output)
+
+    @_rpc
+    def input(self, m: HandleLike) -> Handle:
+        """A tensor handle sharing the model's training inputs (batching it batches the model's)."""
+        return _handle(self._stub.GetModelInput(pb.GetModelInputRequest(model=_id(m)), timeout=self.timeout).tensor)
+
+    @_rpc
+    def restore(self, m: HandleLike) -> int:
+        """Put the model's training data back to full size; returns the sample count (-1 without data)."""
+        return int(self._stub.RestoreModelData(pb.RestoreModelDataRequest(model=_id(m)), timeout=self.timeout).size)
+
+    @_rpc
+    def batch(self, x: HandleLike, w: int | None = None) -> bool:
+        """Narrow a tensor handle in place to its next batch of w rows (a model: its training data, by
+        its train batchsize). True while a batch is in place; after the last, full size and False.
+
+        Example: while c.batch(x, 100): c.free(c.nforward(q, x))
+        """
+        request = pb.NextBatchRequest(handle=_id(x), size=0 if w is None else int(w))
+        return bool(self._stub.NextBatch(request, timeout=self.timeout).more)
 
     # -- dictionaries and tensors -----------------------------------------------------------------
 

@@ -53,7 +53,7 @@ def create_server(
         maximum_concurrent_rpcs=config.max_workers * 4,
     )
     pb_grpc.add_WeightAveragingServiceServicer_to_server(
-        WeightAveragingServicer(config, registry or Registry(), device), server
+        WeightAveragingServicer(config, registry if registry is not None else Registry(), device), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

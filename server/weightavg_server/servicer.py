@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import torch
@@ -10,11 +11,14 @@ import torch
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
-from . import __version__, averaging, batchnorm, convert, dictionaries, handles, modules, specs, wire
+from . import (
+    __version__, averaging, batching, batchnorm, convert, dictionaries, handles, losses, modules, optimizers,
+    specs, training, wire,
+)
 from .config import ServerConfig
 from .dictionaries import TensorDict
-from .errors import InvalidArgument
-from .registry import Kind, Registry, TensorHolder, locked
+from .errors import Cancelled, DeadlineExceeded, InvalidArgument
+from .registry import Entry, Kind, Registry, TensorHolder, locked
 from .status import translate_errors
 
 Context = grpc.ServicerContext
@@ -28,6 +32,23 @@ def _first(requests: Iterator[pb.Message], what: str):  # type: ignore[no-untype
         raise InvalidArgument(f"empty {what} stream: the first message must name the target") from None
 
 
+def _should_stop(context: Context) -> Callable[[], bool]:
+    """True once the caller has gone: cancelled, disconnected or past its deadline."""
+    return lambda: not context.is_active()
+
+
+@contextlib.contextmanager
+def _stopping(context: Context) -> Iterator[None]:
+    """A loop stopped by should_stop answers DEADLINE_EXCEEDED when the deadline passed, else CANCELLED."""
+    try:
+        yield
+    except Cancelled as exc:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(str(exc)) from None
+        raise
+
+
 class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     """Implements weightavg.v1.WeightAveragingService over one Registry."""
 
@@ -38,6 +59,14 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     def _assemble(self, chunks: Iterable[pb.TensorChunk]) -> list[tuple[str, torch.Tensor]]:
         return wire.assemble(chunks, self.config.max_upload_bytes)
+
+    def _assemble_stream(self, first: pb.TensorChunk, rest: Iterable[pb.TensorChunk]) -> list[tuple[str, torch.Tensor]]:
+        """Join chunks as they arrive, so a large upload is held once, not also as a list of messages."""
+        assembler = wire.TensorAssembler(self.config.max_upload_bytes)
+        assembler.feed(first)
+        for chunk in rest:
+            assembler.feed(chunk)
+        return assembler.finish()
 
     def _fetch(self, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[pb.FetchTensorsResponse]:
         for chunk in wire.tensors_chunks(named, self.config.chunk_bytes):
@@ -264,3 +293,191 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         with locked(entry):
             handles.move(entry, device, dtype)
         return pb.MoveHandleResponse(handle=convert.handle(request.handle, entry.kind))
+
+    # -- models and training ------------------------------------------------------------------------
+
+    @translate_errors
+    def CreateLoss(self, request: pb.CreateLossRequest, context: Context) -> pb.CreateLossResponse:
+        args, kwargs = convert.option_args(request.args, request.options)
+        loss = losses.create_loss(request.type, args, kwargs)
+        loss.fn.to(self.device)
+        return pb.CreateLossResponse(loss=convert.handle(self.registry.add(Kind.LOSS, loss), Kind.LOSS))
+
+    @translate_errors
+    def CreateOptimizer(self, request: pb.CreateOptimizerRequest, context: Context) -> pb.CreateOptimizerResponse:
+        entry, module = self.registry.module(request.module)
+        if entry.kind is Kind.OPTIMIZER:
+            raise InvalidArgument("build an optimizer over a module or model, not over another optimizer")
+        args, kwargs = convert.option_args(request.args, request.options)
+        with locked(entry):
+            optimizer = optimizers.create_optimizer(request.type, module, args, kwargs)
+        handle_id = self.registry.add(Kind.OPTIMIZER, optimizer, entry.lock)
+        return pb.CreateOptimizerResponse(optimizer=convert.handle(handle_id, Kind.OPTIMIZER))
+
+    def _optimizer(self, handle: str) -> tuple[Entry, optimizers.Optimizer]:
+        entry = self.registry.get(handle, Kind.OPTIMIZER, Kind.MODEL)
+        return entry, entry.obj if entry.kind is Kind.OPTIMIZER else entry.obj.optimizer
+
+    @translate_errors
+    def GetLearningRate(self, request: pb.GetLearningRateRequest, context: Context) -> pb.GetLearningRateResponse:
+        entry, optimizer = self._optimizer(request.handle)
+        with locked(entry):
+            return pb.GetLearningRateResponse(lr=optimizers.get_lr(optimizer))
+
+    @translate_errors
+    def SetLearningRate(self, request: pb.SetLearningRateRequest, context: Context) -> pb.SetLearningRateResponse:
+        entry, optimizer = self._optimizer(request.handle)
+        with locked(entry):
+            optimizers.set_lr(optimizer, request.lr)
+        return pb.SetLearningRateResponse()
+
+    @translate_errors
+    def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.CreateModelResponse:
+        module = self.registry.get(request.module, Kind.MODULE)
+        loss = self.registry.get(request.loss, Kind.LOSS)
+        optimizer = self.registry.get(request.optimizer, Kind.OPTIMIZER)
+        with locked(module, loss, optimizer):
+            model = training.create_model(module.obj, loss.obj, optimizer.obj)
+            self.registry.free([request.module, request.loss, request.optimizer])
+        handle_id = self.registry.add(Kind.MODEL, model, module.lock)
+        return pb.CreateModelResponse(model=convert.handle(handle_id, Kind.MODEL))
+
+    def _model(self, handle: str) -> tuple[Entry, training.Model]:
+        entry = self.registry.get(handle, Kind.MODEL)
+        return entry, entry.obj
+
+    @translate_errors
+    def DescribeModel(self, request: pb.DescribeModelRequest, context: Context) -> pb.DescribeModelResponse:
+        entry, model = self._model(request.model)
+        with locked(entry):
+            return pb.DescribeModelResponse(
+                module=convert.module_rows(specs.describe_module(model.module)),
+                loss=pb.Component(type=model.loss.type, options=convert.options_message(model.loss.options)),
+                optimizer=pb.Component(
+                    type=model.optimizer.type, options=convert.options_message(model.optimizer.describe())
+                ),
+                train=convert.options_message(model.train),
+                test=convert.options_message(model.test),
+                train_size=training.data_size(model, "train"),
+                test_size=training.data_size(model, "test"),
+            )
+
+    @translate_errors
+    def GetModelOptions(self, request: pb.GetModelOptionsRequest, context: Context) -> pb.GetModelOptionsResponse:
+        entry, model = self._model(request.model)
+        split = convert.split(request.split)
+        with locked(entry):
+            return pb.GetModelOptionsResponse(options=convert.options_message(training.get_options(model, split)))
+
+    @translate_errors
+    def SetModelOptions(self, request: pb.SetModelOptionsRequest, context: Context) -> pb.SetModelOptionsResponse:
+        entry, model = self._model(request.model)
+        split = convert.split(request.split)
+        _, values = convert.option_args((), request.options)
+        with locked(entry):
+            return pb.SetModelOptionsResponse(options=convert.options_message(training.set_options(model, split, values)))
+
+    @translate_errors
+    def SetModelData(self, request_iterator: Iterator[pb.SetModelDataRequest], context: Context) -> pb.SetModelDataResponse:
+        first = _first(request_iterator, "SetModelData")
+        entry, model = self._model(first.model)
+        split = convert.split(first.split)
+        tensors = self._assemble_stream(first.chunk, (r.chunk for r in request_iterator))
+        if len(tensors) != 2:
+            raise InvalidArgument(f"SetModelData takes two tensors, inputs then targets; received {len(tensors)}")
+        with locked(entry):
+            count = training.set_data(model, split, tensors[0][1], tensors[1][1], self.device)
+        return pb.SetModelDataResponse(batches=count)
+
+    @translate_errors
+    def RunEpoch(self, request: pb.RunEpochRequest, context: Context) -> Iterator[pb.RunEpochResponse]:
+        entry, model = self._model(request.model)
+        with locked(entry), _stopping(context):
+            metrics = training.run_epoch(model, _should_stop(context))
+        for chunk in wire.tensors_chunks(metrics, self.config.chunk_bytes):
+            yield pb.RunEpochResponse(chunk=chunk)
+
+    @translate_errors
+    def RunTest(self, request: pb.RunTestRequest, context: Context) -> Iterator[pb.RunTestResponse]:
+        entry, model = self._model(request.model)
+        with locked(entry), _stopping(context):
+            metrics = training.test_epoch(model, _should_stop(context))
+        for chunk in wire.tensors_chunks(metrics, self.config.chunk_bytes):
+            yield pb.RunTestResponse(chunk=chunk)
+
+    @translate_errors
+    def EvaluateModel(
+        self, request_iterator: Iterator[pb.EvaluateModelRequest], context: Context
+    ) -> Iterator[pb.EvaluateModelResponse]:
+        first = _first(request_iterator, "EvaluateModel")
+        entry, model = self._model(first.model)
+        tensors = self._assemble_stream(first.chunk, (r.chunk for r in request_iterator))
+        if len(tensors) != 1:
+            raise InvalidArgument(f"EvaluateModel takes one input tensor, received {len(tensors)}")
+        with locked(entry), _stopping(context):
+            output = training.evaluate(model, tensors[0][1], _should_stop(context))
+        for chunk in wire.tensor_chunks("", output, self.config.chunk_bytes):
+            yield pb.EvaluateModelResponse(chunk=chunk)
+
+    @translate_errors
+    def RunForward(self, request_iterator: Iterator[pb.RunForwardRequest], context: Context) -> pb.RunForwardResponse:
+        first = _first(request_iterator, "RunForward")
+        entry, module = self.registry.module(first.handle)
+        mode = convert.forward_mode(first.mode)
+        tensors = self._assemble_stream(first.chunk, (r.chunk for r in request_iterator))
+        if len(tensors) > 1 or (tensors and first.input):
+            raise InvalidArgument("RunForward takes one input: a tensor handle or one streamed tensor")
+        entries = [entry]
+        if first.input:
+            source = self.registry.get(first.input, Kind.TENSOR)
+            entries.append(source)
+        with locked(*entries):
+            if first.input:
+                x = source.obj.tensor
+            elif tensors:
+                x = tensors[0][1]
+            elif entry.kind is Kind.MODEL:
+                x = training.default_input(entry.obj, mode)
+            else:
+                raise InvalidArgument("RunForward needs an input: a tensor handle or a streamed tensor")
+            output = training.forward(module, x, mode)
+        holder = TensorHolder(output)
+        return pb.RunForwardResponse(output=convert.handle(self.registry.add(Kind.TENSOR, holder), Kind.TENSOR))
+
+    @translate_errors
+    def GetModelInput(self, request: pb.GetModelInputRequest, context: Context) -> pb.GetModelInputResponse:
+        entry, model = self._model(request.model)
+        with locked(entry):
+            holder = TensorHolder(training.input_tensor(model))
+        handle_id = self.registry.add(Kind.TENSOR, holder, entry.lock)
+        return pb.GetModelInputResponse(tensor=convert.handle(handle_id, Kind.TENSOR))
+
+    @translate_errors
+    def RestoreModelData(self, request: pb.RestoreModelDataRequest, context: Context) -> pb.RestoreModelDataResponse:
+        entry, model = self._model(request.model)
+        with locked(entry):
+            return pb.RestoreModelDataResponse(size=training.restore_data(model))
+
+    @translate_errors
+    def NextBatch(self, request: pb.NextBatchRequest, context: Context) -> pb.NextBatchResponse:
+        entry = self.registry.get(request.handle, Kind.TENSOR, Kind.MODEL)
+        with locked(entry):
+            if entry.kind is Kind.MODEL:
+                if request.size:
+                    raise InvalidArgument("a model batches by its train batchsize; set it with train(m, batchsize=w)")
+                more = training.next_model_batch(entry.obj)
+            else:
+                more = batching.next_batch(entry.obj.tensor, request.size)
+        return pb.NextBatchResponse(more=more)
+
+    @translate_errors
+    def RecalculateBatchNorm(
+        self, request: pb.RecalculateBatchNormRequest, context: Context
+    ) -> pb.RecalculateBatchNormResponse:
+        entry, model = self._model(request.model)
+        with locked(entry), _stopping(context):
+            momenta = training.recalculate_batchnorm(model, _should_stop(context))
+        return pb.RecalculateBatchNormResponse(
+            momenta={name: convert.momentum_message(m) for name, m in momenta.items()}, names=list(momenta)
+        )
+
