@@ -48,9 +48,15 @@ class Entry:
     created: float = field(default_factory=time.monotonic)
 
 
+_PREFIXES = {
+    Kind.MODULE: "mod", Kind.MODEL: "mdl", Kind.OPTIMIZER: "opt",
+    Kind.LOSS: "los", Kind.DICTIONARY: "dic", Kind.TENSOR: "ten",
+}
+
+
 def new_handle_id(kind: Kind) -> str:
     """An unguessable ID: 128 random bits behind a short kind prefix that only helps reading logs."""
-    return f"{kind.value[:3]}_{secrets.token_hex(16)}"
+    return f"{_PREFIXES[kind]}_{secrets.token_hex(16)}"
 
 
 class Registry:
