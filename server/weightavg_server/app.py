@@ -14,6 +14,8 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
 from .convert import resolve_server_device
+from .decoding import DecodeGuard
+from .limits import Limits
 from .registry import Registry
 from .servicer import WeightAveragingServicer
 
@@ -46,14 +48,18 @@ def create_server(
     or by the caller; NOT_SERVING while draining).
     """
     device = resolve_server_device(config.device)
+    registry = registry if registry is not None else Registry()  # an empty Registry is falsy
+    registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="weightavg-rpc"),
         options=server_options(config),
         # Beyond this many calls in flight, new ones get RESOURCE_EXHAUSTED rather than queueing forever.
         maximum_concurrent_rpcs=config.max_workers * 4,
+        # Requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL.
+        interceptors=[DecodeGuard(SERVICE_NAME)],
     )
     pb_grpc.add_WeightAveragingServiceServicer_to_server(
-        WeightAveragingServicer(config, registry or Registry(), device), server
+        WeightAveragingServicer(config, registry, device), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

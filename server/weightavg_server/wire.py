@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +84,11 @@ class _Pending:
 class TensorAssembler:
     """Join streamed chunks into CPU tensors, checking sizes so bad streams fail before allocating much."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, on_header: Callable[[str, int], None] | None = None) -> None:
+        """`on_header(name, nbytes)` runs for each tensor once its header is checked and before its
+        buffer is allocated; it may raise (e.g. ResourceExhausted over a cap) to refuse the tensor."""
         self._max_bytes = max_bytes
+        self._on_header = on_header
         self._total = 0
         self._pending: _Pending | None = None
         self.tensors: list[tuple[str, torch.Tensor]] = []
@@ -125,6 +128,8 @@ class TensorAssembler:
                 f"tensor '{chunk.name}' of shape {list(shape)} needs {nbytes} bytes; "
                 f"a request may carry at most {self._max_bytes} bytes of tensors"
             )
+        if self._on_header is not None:
+            self._on_header(chunk.name, nbytes)
         self._total += nbytes
         self._pending = _Pending(chunk.name, dtype, shape, bytearray(nbytes))
         if nbytes == 0:
@@ -159,9 +164,11 @@ class TensorAssembler:
         self._pending = None
 
 
-def assemble(chunks: Iterable[pb.TensorChunk], max_bytes: int) -> list[tuple[str, torch.Tensor]]:
-    """Join a whole stream of chunks into named CPU tensors."""
-    assembler = TensorAssembler(max_bytes)
+def assemble(
+    chunks: Iterable[pb.TensorChunk], max_bytes: int, on_header: Callable[[str, int], None] | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`)."""
+    assembler = TensorAssembler(max_bytes, on_header)
     for chunk in chunks:
         assembler.feed(chunk)
     return assembler.finish()
