@@ -14,7 +14,7 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from . import __version__, averaging, batchnorm, convert, dictionaries, handles, limits, modules, specs, wire
 from .config import ServerConfig
 from .dictionaries import TensorDict
-from .errors import InvalidArgument, NotFound
+from .errors import Cancelled, InvalidArgument, NotFound
 from .registry import Kind, Registry, Reservation, TensorHolder, locked
 from .status import translate_errors
 
@@ -41,6 +41,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self,
         chunks: Iterable[pb.TensorChunk],
         reservation: Reservation,
+        context: Context,
         where: Callable[[str], torch.device] | None = None,
     ) -> list[tuple[str, torch.Tensor]]:
         """Join an upload, reserving each tensor's bytes on its target device (`where(name)`, default
@@ -50,7 +51,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             device = where(name) if where is not None else self.device
             self.registry.grow(reservation, nbytes={str(device): nbytes})
 
-        return wire.assemble(chunks, self.config.max_upload_bytes, on_header)
+        tensors = wire.assemble(chunks, self.config.max_upload_bytes, on_header)
+        if not context.is_active():
+            # grpc ends the request stream quietly when it fails the call (a message over the size
+            # cap, the client gone): what arrived is incomplete and must change nothing.
+            raise Cancelled("the call ended before its request stream was complete; nothing changed")
+        return tensors
 
     def _entry_placement(self, name: str) -> torch.device:
         return dictionaries.placement(name, self.device)
@@ -116,7 +122,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         entry, module = self.registry.module(first.handle)
         with self.registry.reserve() as reservation:
             tensors = self._assemble(
-                itertools.chain([first.chunk], (r.chunk for r in request_iterator)), reservation
+                itertools.chain([first.chunk], (r.chunk for r in request_iterator)), reservation, context
             )
             if len(tensors) != 1:
                 raise InvalidArgument(f"SetParameter takes exactly one tensor, received {len(tensors)}")
@@ -193,7 +199,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request_iterator: Iterator[pb.CreateDictionaryRequest], context: Context
     ) -> pb.CreateDictionaryResponse:
         with self.registry.reserve(handles=1) as reservation:
-            tensors = self._assemble((r.chunk for r in request_iterator), reservation, self._entry_placement)
+            tensors = self._assemble(
+                (r.chunk for r in request_iterator), reservation, context, self._entry_placement
+            )
             d = TensorDict()
             dictionaries.set_entries(d, tensors, self.device)
             handle_id = self.registry.add(Kind.DICTIONARY, d, charge=handles.held_bytes(d), reservation=reservation)
@@ -208,7 +216,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         with self.registry.reserve() as reservation:
             # Counted as additions: the old values are still held while the new ones arrive.
             tensors = self._assemble(
-                itertools.chain([first.chunk], (r.chunk for r in request_iterator)), reservation, self._entry_placement
+                itertools.chain([first.chunk], (r.chunk for r in request_iterator)),
+                reservation, context, self._entry_placement,
             )
             with locked(entry):
                 names = dictionaries.set_entries(entry.obj, tensors, self.device)
@@ -226,7 +235,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def CreateTensor(self, request_iterator: Iterator[pb.CreateTensorRequest], context: Context) -> pb.CreateTensorResponse:
         with self.registry.reserve(handles=1) as reservation:
-            tensors = self._assemble((r.chunk for r in request_iterator), reservation)
+            tensors = self._assemble((r.chunk for r in request_iterator), reservation, context)
             if len(tensors) != 1:
                 raise InvalidArgument(f"CreateTensor takes exactly one tensor, received {len(tensors)}")
             holder = TensorHolder(tensors[0][1].to(self.device))

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from weightavg.v1 import weightavg_pb2 as pb
@@ -77,8 +78,14 @@ class _Pending:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    buffer: bytearray
+    buffer: torch.Tensor
+    """Flat uint8 storage from torch.empty: pages are only touched as data arrives, so a header
+    that declares a big tensor and sends nothing costs address space, not memory."""
     filled: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.numel())
 
 
 class TensorAssembler:
@@ -108,14 +115,14 @@ class TensorAssembler:
         if self._pending is not None:
             p = self._pending
             raise InvalidArgument(
-                f"stream ended inside tensor '{p.name}': got {p.filled} of {len(p.buffer)} bytes"
+                f"stream ended inside tensor '{p.name}': got {p.filled} of {p.nbytes} bytes"
             )
         return self.tensors
 
     def _start(self, chunk: pb.TensorChunk) -> None:
         if self._pending is not None:
             p = self._pending
-            raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {len(p.buffer)} bytes")
+            raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
         dtype = torch_dtype(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if len(shape) > MAX_DIMS:
@@ -130,8 +137,12 @@ class TensorAssembler:
             )
         if self._on_header is not None:
             self._on_header(chunk.name, nbytes)
+        try:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        except RuntimeError as exc:  # the CPU allocator's out-of-memory
+            raise ResourceExhausted(f"tensor '{chunk.name}' of {nbytes} bytes: server out of memory") from exc
         self._total += nbytes
-        self._pending = _Pending(chunk.name, dtype, shape, bytearray(nbytes))
+        self._pending = _Pending(chunk.name, dtype, shape, buffer)
         if nbytes == 0:
             self._complete()
 
@@ -140,23 +151,20 @@ class TensorAssembler:
         if p is None or not data:
             return
         end = p.filled + len(data)
-        if end > len(p.buffer):
+        if end > p.nbytes:
             raise InvalidArgument(
-                f"tensor '{p.name}' of shape {list(p.shape)} and dtype {p.dtype} holds {len(p.buffer)} bytes; "
+                f"tensor '{p.name}' of shape {list(p.shape)} and dtype {p.dtype} holds {p.nbytes} bytes; "
                 f"received at least {end}"
             )
-        p.buffer[p.filled:end] = data
+        p.buffer.numpy()[p.filled:end] = np.frombuffer(data, dtype=np.uint8)
         p.filled = end
-        if end == len(p.buffer):
+        if end == p.nbytes:
             self._complete()
 
     def _complete(self) -> None:
         p = self._pending
         assert p is not None
-        if len(p.buffer):
-            flat = torch.frombuffer(p.buffer, dtype=torch.uint8)
-        else:
-            flat = torch.empty(0, dtype=torch.uint8)
+        flat = p.buffer
         tensor = flat.view(p.dtype).reshape(p.shape)
         if p.dtype is torch.bool and bool((flat > 1).any()):
             raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
