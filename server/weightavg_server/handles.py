@@ -56,6 +56,26 @@ def summarize(entry: Entry) -> HandleSummary:
     )
 
 
+def describe(entry: Entry) -> HandleSummary | None:
+    """A summary for a listing, without waiting for a busy object; None once the handle is freed.
+
+    An idle object is summarized under its lock. A busy one (say, training) is summarized without
+    it, since the call in flight only changes values in place or, rarely, the set of tensors; a
+    summary that races such a change is retried and, failing that, left empty.
+    """
+    if entry.lock.acquire(blocking=False):
+        try:
+            return None if entry.freed else summarize(entry)
+        finally:
+            entry.lock.release()
+    for _ in range(3):
+        try:
+            return summarize(entry)
+        except RuntimeError:  # a dictionary changed size during iteration
+            continue
+    return HandleSummary(device="", dtype=None, nbytes=0, tensor_count=0)
+
+
 def held_bytes(owner: object) -> Bytes:
     """Tensor bytes an owner object keeps alive, by device; shared storage counts once.
 

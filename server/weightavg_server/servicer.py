@@ -14,7 +14,7 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from . import __version__, averaging, batchnorm, convert, dictionaries, handles, limits, modules, specs, wire
 from .config import ServerConfig
 from .dictionaries import TensorDict
-from .errors import Cancelled, InvalidArgument, NotFound
+from .errors import Cancelled, InvalidArgument
 from .registry import Kind, Registry, Reservation, TensorHolder, locked
 from .status import translate_errors
 
@@ -293,10 +293,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def ListHandles(self, request: pb.ListHandlesRequest, context: Context) -> pb.ListHandlesResponse:
         infos = []
         for handle_id, entry in self.registry.items():
-            try:
-                with locked(entry):
-                    summary = handles.summarize(entry)
-            except NotFound:
+            summary = handles.describe(entry)
+            if summary is None:
                 continue  # freed since the listing began
             infos.append(
                 pb.HandleInfo(
