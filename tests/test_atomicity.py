@@ -91,6 +91,7 @@ BAD_STREAMS: dict[str, list[pb.TensorChunk]] = {
     "bool other than 0 or 1": [GOOD, header("x", dtype=pb.DTYPE_BOOL, shape=(2,), data=b"\x01\x02")],
     "empty key": [GOOD, header("", shape=(), data=f32(1))],
     "huge declared shape, no data": [GOOD, header("x", shape=(2**40, 2**40))],
+    "no elements but strides that overflow": [GOOD, header("x", shape=(0, 2**62, 4))],  # found by fuzzing
 }
 
 

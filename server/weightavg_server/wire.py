@@ -129,6 +129,9 @@ class TensorAssembler:
             raise InvalidArgument(f"tensor '{chunk.name}' has {len(shape)} dimensions; at most {MAX_DIMS}")
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"tensor '{chunk.name}' has a negative dimension in shape {list(shape)}")
+        if math.prod(max(d, 1) for d in shape) >= 2**63:
+            # Even with no elements (a zero dimension), torch's strides must fit in int64.
+            raise InvalidArgument(f"tensor '{chunk.name}' has a shape {list(shape)} whose strides overflow int64")
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self._total + nbytes > self._max_bytes:
             raise ResourceExhausted(
