@@ -90,7 +90,7 @@ BAD_STREAMS: dict[str, list[pb.TensorChunk]] = {
     "too many dimensions": [GOOD, header("x", shape=(1,) * 33, data=f32(1))],
     "bool other than 0 or 1": [GOOD, header("x", dtype=pb.DTYPE_BOOL, shape=(2,), data=b"\x01\x02")],
     "empty key": [GOOD, header("", shape=(), data=f32(1))],
-    "huge declared shape, no data": [GOOD, header("x", shape=(2**40, 2**40))],
+    "huge declared shape, no data": [GOOD, header("x", shape=(2**20, 2**20))],  # 4 TiB of float32
     "no elements but strides that overflow": [GOOD, header("x", shape=(0, 2**62, 4))],  # found by fuzzing
 }
 
