@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from conftest import assert_unchanged, snapshot
 from weightavg import Client, InvalidArgumentError, ResourceExhaustedError
@@ -246,3 +247,23 @@ def test_serve_command_applies_the_caps() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_out_of_memory_is_resource_exhausted_and_the_server_serves_on(start_server) -> None:  # type: ignore[no-untyped-def]
+    """With no byte cap, copies of a 1 GiB module fill the GPU until CUDA itself runs out: that call is
+    RESOURCE_EXHAUSTED, nothing is registered for it, and after freeing a copy the next one works."""
+    server = start_server(device="cuda", max_device_bytes=2**62)
+    with Client(server.address, timeout=300) as c:
+        m = c.module(["linear", 16384, 16384, False])  # 2**28 floats: 1 GiB
+        copies = []
+        limit = torch.cuda.get_device_properties(0).total_memory // (1 << 30) + 2
+        with pytest.raises(ResourceExhaustedError, match="CUDA out of memory"):
+            for _ in range(limit):
+                copies.append(c.copyparms(m))
+        assert len(server.registry) == 1 + len(copies)
+        c.ping()
+        c.free(copies.pop())
+        copies.append(c.copyparms(m))
+        c.free()
