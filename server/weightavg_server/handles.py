@@ -69,6 +69,8 @@ def describe(entry: Entry) -> HandleSummary | None:
         finally:
             entry.lock.release()
     for _ in range(3):
+        if entry.freed:
+            return None
         try:
             return summarize(entry)
         except RuntimeError:  # a dictionary changed size during iteration
