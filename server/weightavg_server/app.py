@@ -14,6 +14,8 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
 from .convert import resolve_server_device
+from .decoding import DecodeGuard
+from .limits import Limits
 from .registry import Registry
 from .servicer import WeightAveragingServicer
 
@@ -22,12 +24,19 @@ log = logging.getLogger("weightavg.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
 
 
+def receive_ceiling(max_message_bytes: int) -> int:
+    """grpc's receive limit: twice the cap (a misjudged chunk size still fails cleanly), within int32."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Channel options for the server, each with the reason it is set."""
     return [
-        # Unary requests (specs, names) are small, tensors stream in chunks far below this; the cap
-        # turns a runaway message into RESOURCE_EXHAUSTED instead of an allocation.
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Unary requests (specs, names) are small, tensors stream in chunks far below the cap. The
+        # cap itself is enforced by DecodeGuard, which fails the whole call; grpc's own limit is a
+        # ceiling above it (grpc ends a client stream quietly at an oversized message), so a runaway
+        # message still costs at most twice the cap before RESOURCE_EXHAUSTED.
+        ("grpc.max_receive_message_length", receive_ceiling(config.max_message_bytes)),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Two servers must never share a port by accident (tests bind port 0 side by side).
         ("grpc.so_reuseport", 0),
@@ -46,14 +55,18 @@ def create_server(
     or by the caller; NOT_SERVING while draining).
     """
     device = resolve_server_device(config.device)
+    registry = registry if registry is not None else Registry()  # an empty Registry is falsy
+    registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="weightavg-rpc"),
         options=server_options(config),
         # Beyond this many calls in flight, new ones get RESOURCE_EXHAUSTED rather than queueing forever.
         maximum_concurrent_rpcs=config.max_workers * 4,
+        # Requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL.
+        interceptors=[DecodeGuard(SERVICE_NAME, config.max_message_bytes)],
     )
     pb_grpc.add_WeightAveragingServiceServicer_to_server(
-        WeightAveragingServicer(config, registry if registry is not None else Registry(), device), server
+        WeightAveragingServicer(config, registry, device), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

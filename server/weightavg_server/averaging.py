@@ -8,6 +8,10 @@ from .dictionaries import COUNT_KEY, TensorDict, check_copyable
 from .errors import InvalidArgument
 
 
+MAX_COUNT = 2.0**53
+"""Above this a float64 count no longer goes up by one."""
+
+
 def copy_parameters(module: torch.nn.Module) -> TensorDict:
     """Detached clones of every parameter (not buffers), keyed by dotted name, same dtype and device."""
     return TensorDict({name: p.detach().clone() for name, p in module.named_parameters()})
@@ -46,7 +50,12 @@ def _count(d: TensorDict) -> float:
             f"'{COUNT_KEY}' must be a 0-dim float64 count, found {n.dtype} of shape {list(n.shape)}; "
             f"set it with a float or delete it"
         )
-    return float(n.item())
+    count = float(n.item())
+    if not 0 <= count < MAX_COUNT:  # also refuses NaN
+        raise InvalidArgument(
+            f"'{COUNT_KEY}' must be a count between 0 and {MAX_COUNT:.0f}, found {count}; set it or delete it"
+        )
+    return count
 
 
 def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-spec-depth", type=int, help=f"deepest layer spec (default {defaults.max_spec_depth})")
     p.add_argument("--grace-seconds", type=float,
                    help=f"on SIGTERM/SIGINT, how long in-flight calls may finish (default {defaults.grace_seconds})")
+    p.add_argument("--max-device-bytes", type=int,
+                   help="most tensor bytes held on any one device; calls that would exceed it get "
+                   "RESOURCE_EXHAUSTED before allocating (default 0: the device's memory size)")
+    p.add_argument("--max-handles", type=int,
+                   help=f"most live handles; 0 for no cap (default {defaults.max_handles})")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--version", action="version", version=f"weightavg {__version__}")
     return p
@@ -49,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=args.max_message_bytes, chunk_bytes=args.chunk_bytes,
         max_upload_bytes=args.max_upload_bytes, max_spec_depth=args.max_spec_depth,
         grace_seconds=args.grace_seconds,
+        max_device_bytes=args.max_device_bytes, max_handles=args.max_handles,
     )
 
 

@@ -15,6 +15,10 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 40
 DEFAULT_MAX_SPEC_DEPTH = 32
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_MAX_DEVICE_BYTES = 0
+"""0: each device's own memory size (a CUDA device's total memory, the host's RAM for the CPU)."""
+DEFAULT_MAX_HANDLES = 1_000_000
+"""Far above any real use; it stops a runaway client from filling memory with empty handles."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class ServerConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_spec_depth: int = DEFAULT_MAX_SPEC_DEPTH
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    max_device_bytes: int = DEFAULT_MAX_DEVICE_BYTES
+    max_handles: int = DEFAULT_MAX_HANDLES
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerConfig":

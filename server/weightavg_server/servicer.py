@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
@@ -12,13 +13,13 @@ from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 from . import (
-    __version__, averaging, batching, batchnorm, convert, dictionaries, handles, losses, modules, optimizers,
-    specs, training, wire,
+    __version__, averaging, batching, batchnorm, convert, dictionaries, handles, limits, losses, modules,
+    optimizers, specs, training, wire,
 )
 from .config import ServerConfig
 from .dictionaries import TensorDict
 from .errors import Cancelled, DeadlineExceeded, InvalidArgument
-from .registry import Entry, Kind, Registry, TensorHolder, locked
+from .registry import Entry, Kind, Registry, Reservation, TensorHolder, locked
 from .status import translate_errors
 
 Context = grpc.ServicerContext
@@ -57,8 +58,29 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self.registry = registry
         self.device = device
 
-    def _assemble(self, chunks: Iterable[pb.TensorChunk]) -> list[tuple[str, torch.Tensor]]:
-        return wire.assemble(chunks, self.config.max_upload_bytes)
+    def _assemble(
+        self,
+        chunks: Iterable[pb.TensorChunk],
+        reservation: Reservation,
+        context: Context,
+        where: Callable[[str], torch.device] | None = None,
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Join an upload, reserving each tensor's bytes on its target device (`where(name)`, default
+        the server's device) from its header, before its buffer is allocated."""
+
+        def on_header(name: str, nbytes: int) -> None:
+            device = where(name) if where is not None else self.device
+            self.registry.grow(reservation, nbytes={str(device): nbytes})
+
+        tensors = wire.assemble(chunks, self.config.max_upload_bytes, on_header)
+        if not context.is_active():
+            # grpc ends the request stream quietly when it fails the call (a message over the size
+            # cap, the client gone): what arrived is incomplete and must change nothing.
+            raise Cancelled("the call ended before its request stream was complete; nothing changed")
+        return tensors
+
+    def _entry_placement(self, name: str) -> torch.device:
+        return dictionaries.placement(name, self.device)
 
     def _assemble_stream(self, first: pb.TensorChunk, rest: Iterable[pb.TensorChunk]) -> list[tuple[str, torch.Tensor]]:
         """Join chunks as they arrive, so a large upload is held once, not also as a list of messages."""
@@ -95,8 +117,13 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def CreateModule(self, request: pb.CreateModuleRequest, context: Context) -> pb.CreateModuleResponse:
         spec = convert.layer_spec(request.spec, self.config.max_spec_depth)
-        module = specs.build_module(spec, max_depth=self.config.max_spec_depth).to(self.device)
-        return pb.CreateModuleResponse(module=convert.handle(self.registry.add(Kind.MODULE, module), Kind.MODULE))
+        need = {str(self.device): limits.module_bytes(spec, self.config.max_spec_depth)}
+        with self.registry.reserve(handles=1, nbytes=need) as reservation:
+            module = specs.build_module(spec, max_depth=self.config.max_spec_depth).to(self.device)
+            handle_id = self.registry.add(
+                Kind.MODULE, module, charge=handles.held_bytes(module), reservation=reservation
+            )
+        return pb.CreateModuleResponse(module=convert.handle(handle_id, Kind.MODULE))
 
     @translate_errors
     def DescribeModule(self, request: pb.DescribeModuleRequest, context: Context) -> pb.DescribeModuleResponse:
@@ -122,12 +149,15 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def SetParameter(self, request_iterator: Iterator[pb.SetParameterRequest], context: Context) -> pb.SetParameterResponse:
         first = _first(request_iterator, "SetParameter")
         entry, module = self.registry.module(first.handle)
-        chunks = [first.chunk] + [r.chunk for r in request_iterator]
-        tensors = self._assemble(chunks)
-        if len(tensors) != 1:
-            raise InvalidArgument(f"SetParameter takes exactly one tensor, received {len(tensors)}")
-        with locked(entry):
-            created = modules.set_parameter(module, first.name, tensors[0][1])
+        with self.registry.reserve() as reservation:
+            tensors = self._assemble(
+                itertools.chain([first.chunk], (r.chunk for r in request_iterator)), reservation, context
+            )
+            if len(tensors) != 1:
+                raise InvalidArgument(f"SetParameter takes exactly one tensor, received {len(tensors)}")
+            with locked(entry):
+                created = modules.set_parameter(module, first.name, tensors[0][1])
+                self.registry.recharge(entry, handles.held_bytes(entry.owner), reservation)
         return pb.SetParameterResponse(created=created)
 
     @translate_errors
@@ -135,7 +165,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         entry, module = self.registry.module(request.handle)
         with locked(entry):
             view = modules.view_parameters(module, request.child)
-        handle_id = self.registry.add(Kind.DICTIONARY, view, entry.lock)
+            handle_id = self.registry.add(Kind.DICTIONARY, view, entry.lock, owner=entry.owner)
         return pb.ViewParametersResponse(dictionary=convert.handle(handle_id, Kind.DICTIONARY))
 
     @translate_errors
@@ -143,15 +173,19 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         entry, module = self.registry.module(request.handle)
         with locked(entry):
             view = modules.view_buffers(module, request.child)
-        handle_id = self.registry.add(Kind.DICTIONARY, view, entry.lock)
+            handle_id = self.registry.add(Kind.DICTIONARY, view, entry.lock, owner=entry.owner)
         return pb.ViewBuffersResponse(dictionary=convert.handle(handle_id, Kind.DICTIONARY))
 
     @translate_errors
     def CopyParameters(self, request: pb.CopyParametersRequest, context: Context) -> pb.CopyParametersResponse:
         entry, module = self.registry.module(request.handle)
         with locked(entry):
-            copy = averaging.copy_parameters(module)
-        handle_id = self.registry.add(Kind.DICTIONARY, copy)
+            need = handles.tensor_bytes(module.parameters())
+            with self.registry.reserve(handles=1, nbytes=need) as reservation:
+                copy = averaging.copy_parameters(module)
+                handle_id = self.registry.add(
+                    Kind.DICTIONARY, copy, charge=handles.held_bytes(copy), reservation=reservation
+                )
         return pb.CopyParametersResponse(dictionary=convert.handle(handle_id, Kind.DICTIONARY))
 
     @translate_errors
@@ -170,6 +204,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         target = self.registry.get(request.dictionary, Kind.DICTIONARY)
         with locked(entry, target):
             count = averaging.average_parameters(module, target.obj)
+            self.registry.recharge(target, handles.held_bytes(target.owner))
         return pb.AverageParametersResponse(count=count)
 
     @translate_errors
@@ -192,10 +227,13 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def CreateDictionary(
         self, request_iterator: Iterator[pb.CreateDictionaryRequest], context: Context
     ) -> pb.CreateDictionaryResponse:
-        tensors = self._assemble(r.chunk for r in request_iterator)
-        d = TensorDict()
-        dictionaries.set_entries(d, tensors, self.device)
-        handle_id = self.registry.add(Kind.DICTIONARY, d)
+        with self.registry.reserve(handles=1) as reservation:
+            tensors = self._assemble(
+                (r.chunk for r in request_iterator), reservation, context, self._entry_placement
+            )
+            d = TensorDict()
+            dictionaries.set_entries(d, tensors, self.device)
+            handle_id = self.registry.add(Kind.DICTIONARY, d, charge=handles.held_bytes(d), reservation=reservation)
         return pb.CreateDictionaryResponse(dictionary=convert.handle(handle_id, Kind.DICTIONARY))
 
     @translate_errors
@@ -204,9 +242,15 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.UpdateDictionaryResponse:
         first = _first(request_iterator, "UpdateDictionary")
         entry = self.registry.get(first.dictionary, Kind.DICTIONARY)
-        tensors = self._assemble([first.chunk] + [r.chunk for r in request_iterator])
-        with locked(entry):
-            names = dictionaries.set_entries(entry.obj, tensors, self.device)
+        with self.registry.reserve() as reservation:
+            # Counted as additions: the old values are still held while the new ones arrive.
+            tensors = self._assemble(
+                itertools.chain([first.chunk], (r.chunk for r in request_iterator)),
+                reservation, context, self._entry_placement,
+            )
+            with locked(entry):
+                names = dictionaries.set_entries(entry.obj, tensors, self.device)
+                self.registry.recharge(entry, handles.held_bytes(entry.owner), reservation)
         return pb.UpdateDictionaryResponse(names=names)
 
     @translate_errors
@@ -214,15 +258,20 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         entry = self.registry.get(request.dictionary, Kind.DICTIONARY)
         with locked(entry):
             dictionaries.delete_entries(entry.obj, list(request.names))
+            self.registry.recharge(entry, handles.held_bytes(entry.owner))
         return pb.DeleteEntriesResponse()
 
     @translate_errors
     def CreateTensor(self, request_iterator: Iterator[pb.CreateTensorRequest], context: Context) -> pb.CreateTensorResponse:
-        tensors = self._assemble(r.chunk for r in request_iterator)
-        if len(tensors) != 1:
-            raise InvalidArgument(f"CreateTensor takes exactly one tensor, received {len(tensors)}")
-        holder = TensorHolder(tensors[0][1].to(self.device))
-        return pb.CreateTensorResponse(tensor=convert.handle(self.registry.add(Kind.TENSOR, holder), Kind.TENSOR))
+        with self.registry.reserve(handles=1) as reservation:
+            tensors = self._assemble((r.chunk for r in request_iterator), reservation, context)
+            if len(tensors) != 1:
+                raise InvalidArgument(f"CreateTensor takes exactly one tensor, received {len(tensors)}")
+            holder = TensorHolder(tensors[0][1].to(self.device))
+            handle_id = self.registry.add(
+                Kind.TENSOR, holder, charge=handles.held_bytes(holder), reservation=reservation
+            )
+        return pb.CreateTensorResponse(tensor=convert.handle(handle_id, Kind.TENSOR))
 
     @translate_errors
     def FetchTensors(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[pb.FetchTensorsResponse]:
@@ -240,7 +289,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
                 if not names:
                     raise InvalidArgument("name the parameters to fetch from a module")
                 named = [(name, modules.parameter(module, name).detach()) for name in names]
-            yield from self._fetch(named)
+            copies = handles.snapshot(named)
+        yield from self._fetch(copies)
 
     @translate_errors
     def GetSize(self, request: pb.GetSizeRequest, context: Context) -> pb.GetSizeResponse:
@@ -272,8 +322,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def ListHandles(self, request: pb.ListHandlesRequest, context: Context) -> pb.ListHandlesResponse:
         infos = []
         for handle_id, entry in self.registry.items():
-            with locked(entry):
-                summary = handles.summarize(entry)
+            summary = handles.describe(entry)
+            if summary is None:
+                continue  # freed since the listing began
             infos.append(
                 pb.HandleInfo(
                     handle=convert.handle(handle_id, entry.kind),
@@ -291,7 +342,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         device = convert.device(request.device) if request.device else None
         dtype = wire.torch_dtype(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
         with locked(entry):
-            handles.move(entry, device, dtype)
+            with self.registry.reserve(nbytes=handles.move_bytes(entry, device, dtype)) as reservation:
+                handles.move(entry, device, dtype)
+                self.registry.recharge(entry, handles.held_bytes(entry.owner), reservation)
         return pb.MoveHandleResponse(handle=convert.handle(request.handle, entry.kind))
 
     # -- models and training ------------------------------------------------------------------------
