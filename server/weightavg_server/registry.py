@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
+import logging
 import secrets
 import threading
 import time
@@ -14,6 +16,11 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgument, NotFound
+
+log = logging.getLogger("weightavg.sessions")
+
+CALLER_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("weightavg_caller_session", default=None)
+"""The session of the call being served (set by the session interceptor from call metadata), or None."""
 
 
 class Kind(enum.Enum):
@@ -46,6 +53,18 @@ class Entry:
     obj: Any
     lock: threading.RLock
     created: float = field(default_factory=time.monotonic)
+    session: str | None = None
+    """The session that owns the handle (freed with it), or None: lives until freed."""
+
+
+@dataclass
+class Session:
+    """A client's lease: it ends `lease` seconds after its last call unless a call is in flight."""
+
+    id: str
+    lease: float
+    expires: float
+    active: int = 0
 
 
 def new_handle_id(kind: Kind) -> str:
@@ -54,17 +73,34 @@ def new_handle_id(kind: Kind) -> str:
 
 
 class Registry:
-    """Maps handle IDs to entries. Lookups take a short internal lock; work on objects takes theirs."""
+    """Maps handle IDs to entries, and session IDs to leases.
+
+    Lookups take a short internal lock; work on objects takes theirs. A handle created while serving
+    a call that carries a session (CALLER_SESSION) belongs to that session.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def add(self, kind: Kind, obj: Any, lock: threading.RLock | None = None) -> str:
-        """Register obj under a new handle; `lock` shares another object's lock (views, models)."""
-        entry = Entry(kind, obj, lock if lock is not None else threading.RLock())
-        handle = new_handle_id(kind)
+    def add(
+        self, kind: Kind, obj: Any, lock: threading.RLock | None = None, *, handle_id: str | None = None,
+        session: str | None = None,
+    ) -> str:
+        """Register obj under a new handle; `lock` shares another object's lock (views, models).
+
+        The handle belongs to `session`, else to the caller's session; `handle_id` is only for
+        restoring a snapshot. NotFound when the session has ended (the object is then dropped).
+        """
+        owner = session if session is not None else CALLER_SESSION.get()
+        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), session=owner)
+        handle = handle_id or new_handle_id(kind)
         with self._lock:
+            if owner is not None and owner not in self._sessions:
+                raise NotFound(f"session '{owner}' has ended (lease expired or closed); nothing created")
+            if handle in self._entries:
+                raise InvalidArgument(f"handle '{handle}' already exists")
             self._entries[handle] = entry
         return handle
 
@@ -88,7 +124,7 @@ class Registry:
         return entry, module
 
     def addref(self, handle: str) -> str:
-        """A second handle to the same object, sharing its lock."""
+        """A second handle to the same object, sharing its lock (owned by the caller's session)."""
         entry = self.get(handle)
         return self.add(entry.kind, entry.obj, entry.lock)
 
@@ -104,20 +140,103 @@ class Registry:
         return len(unique)
 
     def free_all(self) -> int:
-        """Release every handle."""
+        """Release every handle the caller can list: its session's, or those of no session."""
+        owner = CALLER_SESSION.get()
         with self._lock:
-            count = len(self._entries)
-            self._entries.clear()
-        return count
+            doomed = [h for h, e in self._entries.items() if e.session == owner]
+            for h in doomed:
+                del self._entries[h]
+        return len(doomed)
 
     def items(self) -> list[tuple[str, Entry]]:
-        """A snapshot of live handles, oldest first."""
+        """A snapshot of every live handle, oldest first."""
         with self._lock:
             return sorted(self._entries.items(), key=lambda item: item[1].created)
+
+    def visible_items(self) -> list[tuple[str, Entry]]:
+        """Live handles listed to the caller, oldest first: its session's, or those of no session."""
+        owner = CALLER_SESSION.get()
+        return [(h, e) for h, e in self.items() if e.session == owner]
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def create_session(self, lease: float, session_id: str | None = None) -> str:
+        """Start a session whose lease is `lease` seconds; `session_id` only when restoring a snapshot."""
+        sid = session_id or f"ses_{secrets.token_hex(16)}"
+        with self._lock:
+            self._sessions[sid] = Session(sid, lease, time.monotonic() + lease)
+        return sid
+
+    def sessions(self) -> list[Session]:
+        """Every live session (copies of their records)."""
+        with self._lock:
+            return [Session(s.id, s.lease, s.expires, s.active) for s in self._sessions.values()]
+
+    def renew(self, session_id: str) -> float:
+        """Push a session's expiry a full lease from now; returns the lease. NotFound once it has ended."""
+        with self._lock:
+            session = self._live_session(session_id)
+            session.expires = time.monotonic() + session.lease
+            return session.lease
+
+    def begin_call(self, session_id: str) -> None:
+        """A call carrying the session started: renew it and keep it alive until `end_call`."""
+        with self._lock:
+            session = self._live_session(session_id)
+            session.active += 1
+            session.expires = time.monotonic() + session.lease
+
+    def end_call(self, session_id: str) -> None:
+        """A call carrying the session ended: its lease counts from now."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.active -= 1
+                session.expires = time.monotonic() + session.lease
+
+    def close_session(self, session_id: str) -> int:
+        """End a session and free every handle it owns; returns how many were freed."""
+        with self._lock:
+            self._live_session(session_id)
+            del self._sessions[session_id]
+            return self._drop_owned(session_id)
+
+    def expire(self, now: float | None = None) -> list[tuple[str, int]]:
+        """End sessions whose lease ran out with no call in flight, freeing their handles.
+
+        Returns (session id, handles freed) for each; each is also logged.
+        """
+        now = time.monotonic() if now is None else now
+        ended: list[tuple[str, int]] = []
+        with self._lock:
+            for sid, session in list(self._sessions.items()):
+                if session.active == 0 and session.expires <= now:
+                    del self._sessions[sid]
+                    ended.append((sid, self._drop_owned(sid)))
+        for sid, freed in ended:
+            log.warning("session %s expired (no call for its lease); freed %d handle(s)", sid, freed)
+        return ended
+
+    def _live_session(self, session_id: str) -> Session:
+        """The session record; call with self._lock held."""
+        session = self._sessions.get(session_id) if session_id else None
+        if session is None:
+            raise NotFound(
+                f"unknown session '{session_id}': it expired (no call within its lease), was closed, "
+                "or never existed; its handles are gone"
+            )
+        return session
+
+    def _drop_owned(self, session_id: str) -> int:
+        """Remove every handle a session owns; call with self._lock held."""
+        doomed = [h for h, e in self._entries.items() if e.session == session_id]
+        for h in doomed:
+            del self._entries[h]
+        return len(doomed)
 
 
 @contextlib.contextmanager

@@ -10,11 +10,11 @@ import torch
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
-from . import __version__, averaging, batchnorm, convert, dictionaries, handles, modules, specs, wire
+from . import __version__, averaging, batchnorm, convert, dictionaries, handles, modules, snapshot, specs, wire
 from .config import ServerConfig
 from .dictionaries import TensorDict
-from .errors import InvalidArgument
-from .registry import Kind, Registry, TensorHolder, locked
+from .errors import FailedPrecondition, InvalidArgument
+from .registry import CALLER_SESSION, Kind, Registry, TensorHolder, locked
 from .status import translate_errors
 
 Context = grpc.ServicerContext
@@ -242,7 +242,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def ListHandles(self, request: pb.ListHandlesRequest, context: Context) -> pb.ListHandlesResponse:
         infos = []
-        for handle_id, entry in self.registry.items():
+        for handle_id, entry in self.registry.visible_items():
             with locked(entry):
                 summary = handles.summarize(entry)
             infos.append(
@@ -264,3 +264,39 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         with locked(entry):
             handles.move(entry, device, dtype)
         return pb.MoveHandleResponse(handle=convert.handle(request.handle, entry.kind))
+
+    # -- sessions and snapshots ---------------------------------------------------------------------
+
+    def _session(self, given: str) -> str:
+        """The session a request names, else the one its metadata carries."""
+        session = given or CALLER_SESSION.get()
+        if not session:
+            raise InvalidArgument("name a session, or call with 'weightavg-session' metadata")
+        return session
+
+    @translate_errors
+    def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
+        lease = request.lease_seconds or self.config.session_lease_seconds
+        if not 0 < lease <= self.config.max_session_lease_seconds:  # also refuses NaN
+            raise InvalidArgument(
+                f"lease of {request.lease_seconds} s is out of range: give 0 for the default "
+                f"({self.config.session_lease_seconds} s) or up to {self.config.max_session_lease_seconds} s"
+            )
+        return pb.CreateSessionResponse(session=self.registry.create_session(lease), lease_seconds=lease)
+
+    @translate_errors
+    def KeepAliveSession(self, request: pb.KeepAliveSessionRequest, context: Context) -> pb.KeepAliveSessionResponse:
+        return pb.KeepAliveSessionResponse(lease_seconds=self.registry.renew(self._session(request.session)))
+
+    @translate_errors
+    def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
+        return pb.CloseSessionResponse(freed=self.registry.close_session(self._session(request.session)))
+
+    @translate_errors
+    def Snapshot(self, request: pb.SnapshotRequest, context: Context) -> pb.SnapshotResponse:
+        if not self.config.state_dir:
+            raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
+        result = snapshot.save(self.registry, self.config.state_dir)
+        return pb.SnapshotResponse(
+            directory=result.directory, handles=result.handles, tensor_bytes=result.tensor_bytes, skipped=result.skipped
+        )
