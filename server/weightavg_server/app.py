@@ -84,7 +84,7 @@ class Runtime:
         self.server.stop(grace).wait()
         self.reaper.stop()
         if self.config.state_dir:
-            result = snapshot.save(self.registry, self.config.state_dir)
+            result = snapshot.save(self.registry, self.config.state_dir, copy=False)
             log.info("saved %d handle(s) to %s", result.handles, result.directory)
 
 

@@ -94,7 +94,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Refuse to start: serving an empty or partial state over a damaged snapshot would let the
         # next shutdown overwrite the only copy of the weights.
         log.error("refusing to start: %s", exc)
-        print(f"weightavg: refusing to start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except (OSError, ValueError) as exc:
         print(f"weightavg: cannot start: {exc}", file=sys.stderr, flush=True)

@@ -63,22 +63,30 @@ class SnapshotError(FailedPrecondition):
 class SaveContext:
     """Handed to each kind's save function: stores tensors, and finds tensors that belong to a module."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = True) -> None:
+        self._copy = copy
         self.tensors: dict[str, torch.Tensor] = {}
         self.tensor_info: dict[str, dict[str, Any]] = {}
         self._keys: dict[int, str] = {}
+        self._storages: set[int] = set()
+        self._pinned: list[torch.Tensor] = []
         self._owners: dict[int, dict[str, Any]] = {}
         self.nbytes = 0
 
     def tensor(self, t: torch.Tensor) -> str:
-        """Store a copy of t (taken now, so the object may change once its lock is released); returns its key.
+        """Store t, copied now unless the context was made with copy=False; returns its key.
         The same tensor object stored twice gets one key, so aliasing survives a restore."""
         key = self._keys.get(id(t))
         if key is not None:
             return key
         key = f"t{len(self.tensors)}"
         self._keys[id(t)] = key
-        data = t.detach().to("cpu", copy=True).contiguous()
+        self._pinned.append(t)  # keeps id(t) from being reused by another tensor during this save
+        data = t.detach().to("cpu", copy=self._copy).contiguous()
+        if data.numel() and data.untyped_storage().data_ptr() in self._storages:
+            data = data.clone()  # safetensors refuses tensors that share memory (e.g. a slice of another)
+        if data.numel():
+            self._storages.add(data.untyped_storage().data_ptr())
         raw = data.dtype not in _SAFETENSORS_DTYPES
         self.tensor_info[key] = {
             "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "device": str(t.device), "raw": raw,
@@ -92,7 +100,8 @@ class SaveContext:
         return self._owners.get(id(t))
 
     def own(self, obj_index: int, module: torch.nn.Module) -> None:
-        """Record a saved module's tensors so that live views onto them are saved as references."""
+        """Record a saved module's tensors so that live views onto them are saved as references
+        (the module is held by the registry throughout the save, so the ids stay its tensors')."""
         for name, p in module.named_parameters():
             self._owners[id(p)] = {"object": obj_index, "tensor": "parameter", "name": name}
         for name, b in module.named_buffers():
@@ -287,19 +296,27 @@ class SnapshotResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def save(registry: Registry, directory: str | os.PathLike[str]) -> SnapshotResult:
+def save(registry: Registry, directory: str | os.PathLike[str], *, copy: bool = True) -> SnapshotResult:
     """Write every live handle and session to `directory`, atomically (see the module docstring).
 
-    Every object is copied under its lock, all locks held together, so the snapshot is one consistent
-    cut even while calls run; the disk writes happen after the locks are released.
+    Every object is read under its lock, all locks held together, so the snapshot is one consistent
+    cut even while calls run. With copy=True (a running server) tensors are copied and the locks
+    released before the disk writes, at the cost of that much memory; with copy=False (shutdown,
+    nothing else running) the locks are held through the writes and nothing is copied on the CPU.
 
     Raises:
         SnapshotError: the directory cannot be written.
     """
-    root = Path(directory)
     items = registry.items()
     with locked(*(entry for _, entry in items)):
-        state, ctx, skipped = _collect(registry, items)
+        state, ctx, skipped = _collect(registry, items, SaveContext(copy))
+        if not copy:
+            return _write(Path(directory), state, ctx, skipped)
+    return _write(Path(directory), state, ctx, skipped)
+
+
+def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[str]) -> SnapshotResult:
+    """Write the files of one generation, then the manifest, then drop older generations."""
     with _write_lock:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -326,9 +343,10 @@ def save(registry: Registry, directory: str | os.PathLike[str]) -> SnapshotResul
     return SnapshotResult(str(root), handles, ctx.nbytes, skipped)
 
 
-def _collect(registry: Registry, items: list[tuple[str, Entry]]) -> tuple[dict[str, Any], SaveContext, list[str]]:
+def _collect(
+    registry: Registry, items: list[tuple[str, Entry]], ctx: SaveContext
+) -> tuple[dict[str, Any], SaveContext, list[str]]:
     """The JSON state and the tensors of every saveable handle; modules first, so views can refer to them."""
-    ctx = SaveContext()
     objects: list[dict[str, Any]] = []
     index_of: dict[int, int] = {}
     lock_of: dict[int, int] = {}

@@ -1557,7 +1557,7 @@ class FreeHandlesRequest(_message.Message):
     HANDLES_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
-    """Free every live handle instead."""
+    """Free every live handle the caller can list instead: its session's, or those of no session."""
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Handle ids to free; all must exist."""

@@ -343,7 +343,8 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListHandles(self, request, context):
-        """ListHandles describes every live handle: kind, device, dtype and bytes.
+        """ListHandles describes every live handle the caller may list (its session's, or those of no
+        session): kind, device, dtype and bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -94,7 +94,9 @@ class WeightAveragingServiceStub:
     AddReference: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]
     """AddReference returns a second handle to the same object."""
     ListHandles: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]
-    """ListHandles describes every live handle: kind, device, dtype and bytes."""
+    """ListHandles describes every live handle the caller may list (its session's, or those of no
+    session): kind, device, dtype and bytes.
+    """
     MoveHandle: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
     CreateSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateSessionRequest, _weightavg_pb2.CreateSessionResponse]
@@ -172,7 +174,9 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     AddReference: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]  # type: ignore[assignment]
     """AddReference returns a second handle to the same object."""
     ListHandles: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]  # type: ignore[assignment]
-    """ListHandles describes every live handle: kind, device, dtype and bytes."""
+    """ListHandles describes every live handle the caller may list (its session's, or those of no
+    session): kind, device, dtype and bytes.
+    """
     MoveHandle: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]  # type: ignore[assignment]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
     CreateSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateSessionRequest, _weightavg_pb2.CreateSessionResponse]  # type: ignore[assignment]
@@ -385,7 +389,9 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.ListHandlesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.ListHandlesResponse, _abc.Awaitable[_weightavg_pb2.ListHandlesResponse]]:
-        """ListHandles describes every live handle: kind, device, dtype and bytes."""
+        """ListHandles describes every live handle the caller may list (its session's, or those of no
+        session): kind, device, dtype and bytes.
+        """
 
     @_abc_1.abstractmethod
     def MoveHandle(
