@@ -325,3 +325,17 @@ def test_an_old_generation_is_replaced_only_by_a_whole_new_one(state_server: Run
     second = sorted(p.name for p in (tmp_path / "d").iterdir())
     assert first == ["manifest.json", "state-1.json", "tensors-1.safetensors"]
     assert second == ["manifest.json", "state-2.json", "tensors-2.safetensors"]
+
+
+def test_kinds_without_a_snapshot_format_are_skipped_and_reported(state_server: Runtime, tmp_path: Path) -> None:
+    """Losses (and, until they register formats, models and optimizers) are reported, not silently lost."""
+    from weightavg_server.registry import Kind
+
+    loss = state_server.registry.add(Kind.LOSS, torch.nn.MSELoss())
+    with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
+        d = c.dict({"a": [1.0]})
+        result = c.snapshot()
+    assert result["handles"] == 1 and result["skipped"] == [f"{loss} (loss)"]
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 1
+    assert [h for h, _ in restored.items()] == [d.id]

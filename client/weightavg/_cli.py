@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -12,12 +13,12 @@ from ._errors import WeightavgError
 
 
 def _serve(argv: Sequence[str]) -> int:
-    try:
-        from weightavg_server.cli import main as serve_main
+    try:  # imported by name: the client package must not depend on the server (or on torch)
+        server_cli = importlib.import_module("weightavg_server.cli")
     except ImportError:
         print("weightavg serve needs the server: pip install 'weightavg[server]'", file=sys.stderr)
         return 1
-    serve_main(argv)
+    server_cli.main(argv)
     return 0
 
 

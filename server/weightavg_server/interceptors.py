@@ -6,7 +6,7 @@ import contextvars
 import hmac
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -23,8 +23,8 @@ OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/",)
 """Methods callable without the token: health checks, so orchestrators can probe without the secret
 (they learn only SERVING or NOT_SERVING)."""
 
-Handler = grpc.RpcMethodHandler
-Continuation = Callable[[grpc.HandlerCallDetails], Handler | None]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # a string: grpc's class is generic only in its stubs
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Handler | None]"
 
 
 def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
@@ -53,7 +53,7 @@ def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class TokenInterceptor(grpc.ServerInterceptor):
     """Require `authorization: Bearer <token>` on every call except health checks: UNAUTHENTICATED
     otherwise, decided from the metadata alone before any request is read or any work is done."""
 
@@ -77,7 +77,7 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-class SessionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class SessionInterceptor(grpc.ServerInterceptor):
     """Serve each call carrying `weightavg-session` inside that session: the session is renewed and
     kept alive while the call runs, and handles the call creates belong to it. Every call also
     ends sessions whose lease has run out, so an idle server without a reaper still frees them."""
@@ -113,6 +113,7 @@ def _in_session(handler: Handler, registry: Registry, session: str) -> Handler:
     """
     if handler.response_streaming:
         inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        assert inner_stream is not None  # grpc sets the behaviour that matches the flags
 
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             token = _enter(registry, session, context)
@@ -128,6 +129,7 @@ def _in_session(handler: Handler, registry: Registry, session: str) -> Handler:
         return factory(stream, handler.request_deserializer, handler.response_serializer)
 
     inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+    assert inner is not None  # grpc sets the behaviour that matches the flags
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
         token = _enter(registry, session, context)

@@ -187,7 +187,7 @@ def spec_from_json(data: dict[str, Any]) -> specs.LayerSpec:
     """The layer spec `spec_to_json` wrote."""
 
     def value(v: Any) -> specs.OptionValue:
-        return tuple(int(x) for x in v) if isinstance(v, list) else v  # type: ignore[no-any-return]
+        return tuple(int(x) for x in v) if isinstance(v, list) else v
 
     return specs.LayerSpec(
         type=str(data["type"]),
@@ -370,12 +370,12 @@ def _collect(
             ctx.own(index, entry.obj)
     handles = []
     for handle_id, entry in items:
-        index = index_of.get(id(entry.obj))
-        if index is None:
+        found = index_of.get(id(entry.obj))
+        if found is None:
             skipped.append(f"{handle_id} ({entry.kind.value})")
             log.error("snapshot: %s handle %s has no snapshot format yet; not saved", entry.kind.value, handle_id)
             continue
-        handles.append({"id": handle_id, "object": index, "lock": lock_of.setdefault(id(entry.lock), len(lock_of)),
+        handles.append({"id": handle_id, "object": found, "lock": lock_of.setdefault(id(entry.lock), len(lock_of)),
                         "session": entry.session})
     sessions = [{"id": s.id, "lease": s.lease} for s in registry.sessions()]
     state = {"format": FORMAT, "version": VERSION, "sessions": sessions, "objects": objects, "handles": handles,
