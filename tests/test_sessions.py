@@ -129,10 +129,10 @@ def test_a_lease_that_runs_out_frees_the_session_handles_with_a_log_line(
 
 
 def test_keep_alive_holds_a_session_past_its_lease(live_server: LiveServer) -> None:
-    with Client(live_server.address, session=True, lease=1.0) as c:
+    with Client(live_server.address, session=True, lease=2.0) as c:
         d = c.dict({"x": [7.0]})
-        assert c.lease == 1.0
-        time.sleep(3.0)  # three leases without a call of ours: only the keep-alive thread renews it
+        assert c.lease == 2.0
+        time.sleep(5.0)  # two and a half leases without a call of ours: only the keep-alive thread renews it
         live_server.registry.expire()
         assert c.dict(d, "x").tolist() == [7.0]
 
@@ -148,7 +148,7 @@ def reaped_server() -> Iterator[Runtime]:
 CLIENT_THAT_DIES = """
 import os, sys
 from weightavg import Client
-c = Client(sys.argv[1], session=True, lease=0.5)
+c = Client(sys.argv[1], session=True, lease=2.0)
 c.module(["linear", 4, 4]); c.dict({"a": [1.0, 2.0]})
 print(c.session, flush=True)
 os.kill(os.getpid(), 9)
@@ -168,3 +168,14 @@ def test_a_killed_client_s_handles_are_reaped_without_any_further_call(reaped_se
     assert session.startswith("ses_")
     _wait_until(lambda: not _owned(registry, session) and session not in {s.id for s in registry.sessions()})
     assert len(registry) == 0
+
+
+def test_a_session_with_a_call_in_flight_does_not_expire() -> None:
+    """A long call (a training epoch) is activity: the lease counts from the end of the last call."""
+    registry = Registry()
+    session = registry.create_session(1.0)
+    registry.begin_call(session)
+    assert registry.expire(now=time.monotonic() + 100) == []
+    registry.end_call(session)
+    assert registry.expire(now=time.monotonic() + 0.5) == []
+    assert registry.expire(now=time.monotonic() + 1.5) == [(session, 0)]

@@ -411,7 +411,8 @@ class Client:
 
     @_rpc
     def free(self, *handles: HandleLike) -> int:
-        """Free the given handles (all must exist), or every handle when none is given."""
+        """Free the given handles (all must exist), or, when none is given, every handle this client can
+        list: its session's, or (without a session) every handle that belongs to no session."""
         request = pb.FreeHandlesRequest(handles=[_id(h) for h in handles], all=not handles)
         return int(self._stub.FreeHandles(request, timeout=self.timeout).freed)
 
@@ -422,7 +423,8 @@ class Client:
 
     @_rpc
     def handles(self) -> list[HandleInfo]:
-        """Every live handle with its device, dtype and bytes."""
+        """Every live handle this client may list (its session's, or those of no session), with its
+        device, dtype and bytes."""
         r = self._stub.ListHandles(pb.ListHandlesRequest(), timeout=self.timeout)
         return [
             HandleInfo(
