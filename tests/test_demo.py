@@ -68,8 +68,11 @@ def test_idx_reader_rejects_other_files(tmp_path: Path) -> None:
 
 
 def test_cli_usage_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
-    cli_main([])
-    assert "serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().err
+    assert "serve" in usage and "demo" in usage
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["train"])
     assert exit_info.value.code == 2

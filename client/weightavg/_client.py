@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import functools
+import logging
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _specs, _tensors
-from ._errors import from_rpc_error
+from ._errors import NotFoundError, UnavailableError, from_rpc_error
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -31,6 +35,11 @@ _KIND_NAMES = {
 }
 
 T = TypeVar("T")
+
+SESSION_METADATA = "weightavg-session"
+"""Metadata key that carries the session id on every call of a session client."""
+
+log = logging.getLogger("weightavg.client")
 
 
 @dataclass(frozen=True)
@@ -107,9 +116,57 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
         try:
             return method(*args, **kwargs)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            error = from_rpc_error(exc)
+            if isinstance(error, UnavailableError) and args and isinstance(args[0], Client):
+                error.message += args[0]._unavailable_hint()
+            raise error from exc
 
     return call
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    """Call details with extra metadata (grpc.ClientCallDetails is abstract; this is the usual recipe)."""
+
+
+class _AddMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the bearer token and the session id to every call; `pairs` may change (the session is set later)."""
+
+    def __init__(self, pairs: dict[str, str]) -> None:
+        self.pairs = pairs
+
+    def _details(self, d: Any) -> _CallDetails:
+        metadata = [*(d.metadata or ()), *self.pairs.items()]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+def _pem(value: str | bytes | os.PathLike[str] | None) -> bytes | None:
+    """PEM bytes given directly, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
 
 
 class Client:
@@ -119,6 +176,18 @@ class Client:
         address: "host:port" of the server.
         timeout: default deadline of each call, in seconds.
         chunk_bytes: size of the pieces tensors are streamed in.
+        token: bearer token, sent as "authorization: Bearer <token>" on every call.
+        tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
+        tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
+        client_cert, client_key: this client's certificate and key (PEM bytes or paths), for servers
+            that require client certificates (mutual TLS).
+        server_name: the name to check the server's certificate against, when it differs from the
+            address's host.
+        session: True starts a session: every handle this client creates belongs to it, a background
+            thread renews its lease, and close() ends it, freeing those handles. If the client dies,
+            the server frees them once the lease runs out. A session id string joins that session
+            (e.g. after a server restart); close() then leaves it open.
+        lease: session lease in seconds; 0 takes the server's default.
 
     Example:
         >>> with Client("127.0.0.1:50051") as c:
@@ -136,22 +205,62 @@ class Client:
         chunk_bytes: int = _tensors.CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | bytes | os.PathLike[str] | None = None,
+        client_cert: str | bytes | os.PathLike[str] | None = None,
+        client_key: str | bytes | os.PathLike[str] | None = None,
+        server_name: str | None = None,
+        session: bool | str = False,
+        lease: float = 0.0,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = channel or grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self.tls = bool(tls or tls_ca or client_cert or client_key)
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if server_name:
+            # Check the certificate against this name instead of the address's host.
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if channel is None and self.tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca), private_key=_pem(client_key), certificate_chain=_pem(client_cert)
+            )
+            channel = grpc.secure_channel(address, credentials, options=options)
+        elif channel is None:
+            channel = grpc.insecure_channel(address, options=options)
+        self._raw_channel = channel
+        self._metadata = _AddMetadata({"authorization": f"Bearer {token}"} if token else {})
+        self._channel = grpc.intercept_channel(channel, self._metadata)
         self._stub = pb_grpc.WeightAveragingServiceStub(self._channel)
+        self.session: str | None = None
+        self.lease = 0.0
+        self._owns_session = False
+        self._stop_keepalive = threading.Event()
+        self._keepalive: threading.Thread | None = None
+        if session:
+            try:
+                self._start_session(session, lease)
+            except BaseException:
+                self._raw_channel.close()
+                raise
 
     def close(self) -> None:
-        """Close the channel; handles stay alive on the server until freed."""
-        self._channel.close()
+        """Stop renewing the session and end it if this client started it (freeing its handles),
+        then close the channel. Handles created without a session stay until freed."""
+        self._stop_keepalive.set()
+        if self._keepalive is not None:
+            self._keepalive.join()
+        if self._owns_session and self.session is not None:
+            try:
+                self._stub.CloseSession(pb.CloseSessionRequest(session=self.session), timeout=min(self.timeout, 10.0))
+            except grpc.RpcError as exc:  # the server is gone or the lease already ran out: nothing to free
+                log.info("could not close session %s: %s", self.session, from_rpc_error(exc))
+            self._owns_session = False
+        self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -512,7 +621,8 @@ class Client:
 
     @_rpc
     def free(self, *handles: HandleLike) -> int:
-        """Free the given handles (all must exist), or every handle when none is given."""
+        """Free the given handles (all must exist), or, when none is given, every handle this client can
+        list: its session's, or (without a session) every handle that belongs to no session."""
         request = pb.FreeHandlesRequest(handles=[_id(h) for h in handles], all=not handles)
         return int(self._stub.FreeHandles(request, timeout=self.timeout).freed)
 
@@ -523,7 +633,8 @@ class Client:
 
     @_rpc
     def handles(self) -> list[HandleInfo]:
-        """Every live handle with its device, dtype and bytes."""
+        """Every live handle this client may list (its session's, or those of no session), with its
+        device, dtype and bytes."""
         r = self._stub.ListHandles(pb.ListHandlesRequest(), timeout=self.timeout)
         return [
             HandleInfo(
@@ -540,6 +651,63 @@ class Client:
         code = pb.Dtype.Value("DTYPE_" + dtype.upper()) if dtype else pb.DTYPE_UNSPECIFIED
         r = self._stub.MoveHandle(pb.MoveHandleRequest(handle=_id(h), device=device, dtype=code), timeout=self.timeout)
         return _handle(r.handle)
+
+    # -- sessions and snapshots ---------------------------------------------------------------------
+
+    @_rpc
+    def _start_session(self, session: bool | str, lease: float) -> None:
+        if isinstance(session, str):
+            self.session = session
+            self._metadata.pairs[SESSION_METADATA] = session
+            self.lease = float(self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=self.timeout).lease_seconds)
+        else:
+            r = self._stub.CreateSession(pb.CreateSessionRequest(lease_seconds=lease), timeout=self.timeout)
+            self.session, self.lease, self._owns_session = r.session, r.lease_seconds, True
+            self._metadata.pairs[SESSION_METADATA] = r.session
+        self._keepalive = threading.Thread(target=self._renew, name="weightavg-keepalive", daemon=True)
+        self._keepalive.start()
+
+    def _renew(self) -> None:
+        """Renew the lease three times per lease period until close(); stop if the session has ended."""
+        interval = max(self.lease / 3.0, 0.05)
+        while not self._stop_keepalive.wait(interval):
+            try:
+                self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=interval)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if isinstance(error, NotFoundError):
+                    log.warning("session %s has ended on the server: %s", self.session, error)
+                    return
+                log.info("session keep-alive failed (will retry): %s", error)
+
+    @_rpc
+    def keepalive(self) -> float:
+        """Renew this client's session now; returns the lease in seconds."""
+        return float(self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=self.timeout).lease_seconds)
+
+    @_rpc
+    def close_session(self) -> int:
+        """End this client's session now, freeing every handle it owns in one call; returns how many."""
+        self._stop_keepalive.set()
+        freed = int(self._stub.CloseSession(pb.CloseSessionRequest(), timeout=self.timeout).freed)
+        self._owns_session = False
+        self._metadata.pairs.pop(SESSION_METADATA, None)
+        self.session = None
+        return freed
+
+    @_rpc
+    def snapshot(self) -> Mapping[str, Any]:
+        """Ask the server to write every live handle to its --state-dir now."""
+        r = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self.timeout)
+        return {"directory": r.directory, "handles": r.handles, "tensor_bytes": r.tensor_bytes,
+                "skipped": list(r.skipped)}
+
+    def _unavailable_hint(self) -> str:
+        if self.tls:
+            return (f" (TLS connection to {self.address} failed: check that tls_ca signed the server's certificate, "
+                    "and pass client_cert/client_key if the server requires client certificates)")
+        return (f" (could not reach {self.address} over plaintext: is the server running, and does it use TLS? "
+                "then pass tls_ca=...)")
 
     # -- streaming helpers --------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
+import logging
 import secrets
 import threading
 import time
@@ -15,6 +17,11 @@ import torch
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted
 from .limits import Limits
+
+log = logging.getLogger("weightavg.sessions")
+
+CALLER_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("weightavg_caller_session", default=None)
+"""The session of the call being served (set by the session interceptor from call metadata), or None."""
 
 
 class Kind(enum.Enum):
@@ -55,6 +62,8 @@ class Entry:
     created: float = field(default_factory=time.monotonic)
     owner: Any = None
     freed: bool = False
+    session: str | None = None
+    """The session that owns the handle (freed with it), or None: lives until freed."""
 
     def __post_init__(self) -> None:
         if self.owner is None:
@@ -88,13 +97,25 @@ _PREFIXES = {
 }
 
 
+@dataclass
+class Session:
+    """A client's lease: it ends `lease` seconds after its last call unless a call is in flight."""
+
+    id: str
+    lease: float
+    expires: float
+    active: int = 0
+
+
 def new_handle_id(kind: Kind) -> str:
     """An unguessable ID: 128 random bits behind a short kind prefix that only helps reading logs."""
     return f"{_PREFIXES[kind]}_{secrets.token_hex(16)}"
 
 
 class Registry:
-    """Maps handle IDs to entries, and accounts for handles and tensor bytes against the caps.
+    """Maps handle IDs to entries and session IDs to leases, and accounts for handles and tensor
+    bytes against the caps. A handle created while serving a call that carries a session
+    (CALLER_SESSION) belongs to that session.
 
     Lookups and accounting take a short internal lock that is never held while waiting for an
     object's lock; work on objects takes theirs (see `locked`), so the lock order is always object
@@ -103,6 +124,7 @@ class Registry:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._entries: dict[str, Entry] = {}
+        self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._limits = limits or Limits()
         self._held: Bytes = {}
@@ -190,6 +212,8 @@ class Registry:
         owner: Any = None,
         charge: Bytes | None = None,
         reservation: Reservation | None = None,
+        handle_id: str | None = None,
+        session: str | None = None,
     ) -> str:
         """Register obj under a new handle and return its ID.
 
@@ -199,14 +223,22 @@ class Registry:
                 through another handle is charged once.
             charge: the owner's tensor bytes by device, when it is new.
             reservation: room set aside by `reserve`; it pays for the handle and the bytes.
+            handle_id: only for restoring a snapshot.
+            session: the owning session (default: the caller's; None outside a session).
 
         Raises:
             ResourceExhausted: over a cap (checked again here, with the exact bytes).
+            NotFound: the session has ended (the object is then dropped).
         """
-        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), owner=owner)
-        handle = new_handle_id(kind)
+        session_owner = session if session is not None else CALLER_SESSION.get()
+        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), owner=owner, session=session_owner)
+        handle = handle_id or new_handle_id(kind)
         key = id(entry.owner)
         with self._lock:
+            if session_owner is not None and session_owner not in self._sessions:
+                raise NotFound(f"session '{session_owner}' has ended (lease expired or closed); nothing created")
+            if handle in self._entries:
+                raise InvalidArgument(f"handle '{handle}' already exists")
             reserved_slot = reservation is not None and reservation.handles > 0
             new_owner = key not in self._charges
             nbytes = (charge or {}) if new_owner else {}
@@ -256,7 +288,8 @@ class Registry:
         return entry, module
 
     def addref(self, handle: str) -> str:
-        """A second handle to the same object, sharing its lock; never one to an object being freed."""
+        """A second handle to the same object, sharing its lock, owned by the caller's session; never
+        one to an object being freed."""
         entry = self.get(handle)
         with locked(entry):
             return self.add(entry.kind, entry.obj, entry.lock, owner=entry.owner)
@@ -283,8 +316,9 @@ class Registry:
         return len(entries)
 
     def free_all(self) -> int:
-        """Release every handle, each once its calls in flight have finished."""
-        entries = self.items()
+        """Release every handle the caller can list (its session's, or those of no session), each
+        once its calls in flight have finished."""
+        entries = self.visible_items()
         with locked(*(e for _, e in entries), check_live=False), self._lock:
             live = [(h, e) for h, e in entries if self._entries.get(h) is e]
             for h, e in live:
@@ -304,13 +338,94 @@ class Registry:
             del self._charges[key]
 
     def items(self) -> list[tuple[str, Entry]]:
-        """A snapshot of live handles, oldest first."""
+        """A snapshot of every live handle, oldest first."""
         with self._lock:
             return sorted(self._entries.items(), key=lambda item: item[1].created)
+
+    def visible_items(self) -> list[tuple[str, Entry]]:
+        """Live handles listed to the caller, oldest first: its session's, or those of no session."""
+        owner = CALLER_SESSION.get()
+        return [(h, e) for h, e in self.items() if e.session == owner]
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def create_session(self, lease: float, session_id: str | None = None) -> str:
+        """Start a session whose lease is `lease` seconds; `session_id` only when restoring a snapshot."""
+        sid = session_id or f"ses_{secrets.token_hex(16)}"
+        with self._lock:
+            self._sessions[sid] = Session(sid, lease, time.monotonic() + lease)
+        return sid
+
+    def sessions(self) -> list[Session]:
+        """Every live session (copies of their records)."""
+        with self._lock:
+            return [Session(s.id, s.lease, s.expires, s.active) for s in self._sessions.values()]
+
+    def renew(self, session_id: str) -> float:
+        """Push a session's expiry a full lease from now; returns the lease. NotFound once it has ended."""
+        with self._lock:
+            session = self._live_session(session_id)
+            session.expires = time.monotonic() + session.lease
+            return session.lease
+
+    def begin_call(self, session_id: str) -> None:
+        """A call carrying the session started: renew it and keep it alive until `end_call`."""
+        with self._lock:
+            session = self._live_session(session_id)
+            session.active += 1
+            session.expires = time.monotonic() + session.lease
+
+    def end_call(self, session_id: str) -> None:
+        """A call carrying the session ended: its lease counts from now."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.active -= 1
+                session.expires = time.monotonic() + session.lease
+
+    def close_session(self, session_id: str) -> int:
+        """End a session and free every handle it owns; returns how many were freed."""
+        with self._lock:
+            self._live_session(session_id)
+            del self._sessions[session_id]
+            return self._drop_owned(session_id)
+
+    def expire(self, now: float | None = None) -> list[tuple[str, int]]:
+        """End sessions whose lease ran out with no call in flight, freeing their handles.
+
+        Returns (session id, handles freed) for each; each is also logged.
+        """
+        now = time.monotonic() if now is None else now
+        ended: list[tuple[str, int]] = []
+        with self._lock:
+            for sid, session in list(self._sessions.items()):
+                if session.active == 0 and session.expires <= now:
+                    del self._sessions[sid]
+                    ended.append((sid, self._drop_owned(sid)))
+        for sid, freed in ended:
+            log.warning("session %s expired (no call for its lease); freed %d handle(s)", sid, freed)
+        return ended
+
+    def _live_session(self, session_id: str) -> Session:
+        """The session record; call with self._lock held."""
+        session = self._sessions.get(session_id) if session_id else None
+        if session is None:
+            raise NotFound(
+                f"unknown session '{session_id}': it expired (no call within its lease), was closed, "
+                "or never existed; its handles are gone"
+            )
+        return session
+
+    def _drop_owned(self, session_id: str) -> int:
+        """Remove every handle a session owns; call with self._lock held."""
+        doomed = [(h, e) for h, e in self._entries.items() if e.session == session_id]
+        for h, e in doomed:
+            self._remove(h, e)
+        return len(doomed)
 
 
 @contextlib.contextmanager

@@ -14,12 +14,12 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 from . import (
     __version__, averaging, batching, batchnorm, convert, dictionaries, handles, limits, losses, modules,
-    optimizers, specs, training, wire,
+    optimizers, snapshot, specs, training, wire,
 )
 from .config import ServerConfig
 from .dictionaries import TensorDict
-from .errors import Cancelled, DeadlineExceeded, InvalidArgument
-from .registry import Entry, Kind, Registry, Reservation, TensorHolder, locked
+from .errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from .registry import CALLER_SESSION, Entry, Kind, Registry, Reservation, TensorHolder, locked
 from .status import translate_errors
 
 Context = grpc.ServicerContext
@@ -321,7 +321,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def ListHandles(self, request: pb.ListHandlesRequest, context: Context) -> pb.ListHandlesResponse:
         infos = []
-        for handle_id, entry in self.registry.items():
+        for handle_id, entry in self.registry.visible_items():
             summary = handles.describe(entry)
             if summary is None:
                 continue  # freed since the listing began
@@ -534,3 +534,38 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             momenta={name: convert.momentum_message(m) for name, m in momenta.items()}, names=list(momenta)
         )
 
+    # -- sessions and snapshots ---------------------------------------------------------------------
+
+    def _session(self, given: str) -> str:
+        """The session a request names, else the one its metadata carries."""
+        session = given or CALLER_SESSION.get()
+        if not session:
+            raise InvalidArgument("name a session, or call with 'weightavg-session' metadata")
+        return session
+
+    @translate_errors
+    def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
+        lease = request.lease_seconds or self.config.session_lease_seconds
+        if not 0 < lease <= self.config.max_session_lease_seconds:  # also refuses NaN
+            raise InvalidArgument(
+                f"lease of {request.lease_seconds} s is out of range: give 0 for the default "
+                f"({self.config.session_lease_seconds} s) or up to {self.config.max_session_lease_seconds} s"
+            )
+        return pb.CreateSessionResponse(session=self.registry.create_session(lease), lease_seconds=lease)
+
+    @translate_errors
+    def KeepAliveSession(self, request: pb.KeepAliveSessionRequest, context: Context) -> pb.KeepAliveSessionResponse:
+        return pb.KeepAliveSessionResponse(lease_seconds=self.registry.renew(self._session(request.session)))
+
+    @translate_errors
+    def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
+        return pb.CloseSessionResponse(freed=self.registry.close_session(self._session(request.session)))
+
+    @translate_errors
+    def Snapshot(self, request: pb.SnapshotRequest, context: Context) -> pb.SnapshotResponse:
+        if not self.config.state_dir:
+            raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
+        result = snapshot.save(self.registry, self.config.state_dir)
+        return pb.SnapshotResponse(
+            directory=result.directory, handles=result.handles, tensor_bytes=result.tensor_bytes, skipped=result.skipped
+        )

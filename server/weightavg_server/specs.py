@@ -50,6 +50,7 @@ MAX_LAYER_ELEMENTS = 2**31
 
 _TYPE_ATTR = "_weightavg_type"
 _NAME_ATTR = "_weightavg_name"
+_SPEC_ATTR = "_weightavg_spec"
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ def build_module(
     module = _build(spec, 0, max_depth, max_elements)
     if spec.name is not None:
         setattr(module, _NAME_ATTR, spec.name)
+    # Kept so a snapshot can rebuild the same module (see snapshot.py); a plain attribute, not state.
+    setattr(module, _SPEC_ATTR, spec)
     return module
 
 
@@ -243,6 +246,10 @@ def _estimate(spec: LayerSpec, depth: int, max_depth: int) -> int:
     if spec.children:
         raise InvalidArgument(f"{layer.name}: only container types take child modules")
     return layer.elements(values)
+def spec_of(module: nn.Module) -> LayerSpec | None:
+    """The spec a root module was built from by `build_module`, or None for other modules."""
+    spec = getattr(module, _SPEC_ATTR, None)
+    return spec if isinstance(spec, LayerSpec) else None
 
 
 def layer_type(module: nn.Module) -> str:

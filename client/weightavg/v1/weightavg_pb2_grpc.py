@@ -241,6 +241,26 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormResponse.FromString,
                 _registered_method=True)
+        self.CreateSession = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CreateSession',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionResponse.FromString,
+                _registered_method=True)
+        self.KeepAliveSession = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/KeepAliveSession',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CloseSession',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/Snapshot',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -408,7 +428,8 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListHandles(self, request, context):
-        """ListHandles describes every live handle: kind, device, dtype and bytes.
+        """ListHandles describes every live handle the caller may list (its session's, or those of no
+        session): kind, device, dtype and bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -545,6 +566,37 @@ class WeightAveragingServiceServicer:
     def RecalculateBatchNorm(self, request, context):
         """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
         over the model's training data, then restores momenta and the train flag (batchnorm on a model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSession(self, request, context):
+        """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+        CreateSession starts a session with a lease. Handles created by calls that carry the session id
+        in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepAliveSession(self, request, context):
+        """KeepAliveSession renews a session's lease (any call carrying the session renews it too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """CloseSession ends a session and frees every handle it owns, in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """Snapshot writes every live handle to the server's state directory, atomically.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -757,6 +809,26 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.RecalculateBatchNorm,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormResponse.SerializeToString,
+            ),
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'KeepAliveSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepAliveSession,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1868,6 +1940,114 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/RecalculateBatchNorm',
             weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CreateSession',
+            weightavg_dot_v1_dot_weightavg__pb2.CreateSessionRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAliveSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/KeepAliveSession',
+            weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CloseSession',
+            weightavg_dot_v1_dot_weightavg__pb2.CloseSessionRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/Snapshot',
+            weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

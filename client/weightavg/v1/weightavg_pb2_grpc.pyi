@@ -94,7 +94,9 @@ class WeightAveragingServiceStub:
     AddReference: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]
     """AddReference returns a second handle to the same object."""
     ListHandles: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]
-    """ListHandles describes every live handle: kind, device, dtype and bytes."""
+    """ListHandles describes every live handle the caller may list (its session's, or those of no
+    session): kind, device, dtype and bytes.
+    """
     MoveHandle: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
     CreateLoss: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateLossRequest, _weightavg_pb2.CreateLossResponse]
@@ -150,6 +152,18 @@ class WeightAveragingServiceStub:
     """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
     over the model's training data, then restores momenta and the train flag (batchnorm on a model).
     """
+    CreateSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateSessionRequest, _weightavg_pb2.CreateSessionResponse]
+    """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+    CreateSession starts a session with a lease. Handles created by calls that carry the session id
+    in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+    """
+    KeepAliveSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.KeepAliveSessionRequest, _weightavg_pb2.KeepAliveSessionResponse]
+    """KeepAliveSession renews a session's lease (any call carrying the session renews it too)."""
+    CloseSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CloseSessionRequest, _weightavg_pb2.CloseSessionResponse]
+    """CloseSession ends a session and frees every handle it owns, in one call."""
+    Snapshot: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]
+    """Snapshot writes every live handle to the server's state directory, atomically."""
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -213,7 +227,9 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     AddReference: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]  # type: ignore[assignment]
     """AddReference returns a second handle to the same object."""
     ListHandles: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]  # type: ignore[assignment]
-    """ListHandles describes every live handle: kind, device, dtype and bytes."""
+    """ListHandles describes every live handle the caller may list (its session's, or those of no
+    session): kind, device, dtype and bytes.
+    """
     MoveHandle: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]  # type: ignore[assignment]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
     CreateLoss: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateLossRequest, _weightavg_pb2.CreateLossResponse]  # type: ignore[assignment]
@@ -269,6 +285,18 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
     over the model's training data, then restores momenta and the train flag (batchnorm on a model).
     """
+    CreateSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateSessionRequest, _weightavg_pb2.CreateSessionResponse]  # type: ignore[assignment]
+    """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+    CreateSession starts a session with a lease. Handles created by calls that carry the session id
+    in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+    """
+    KeepAliveSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.KeepAliveSessionRequest, _weightavg_pb2.KeepAliveSessionResponse]  # type: ignore[assignment]
+    """KeepAliveSession renews a session's lease (any call carrying the session renews it too)."""
+    CloseSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CloseSessionRequest, _weightavg_pb2.CloseSessionResponse]  # type: ignore[assignment]
+    """CloseSession ends a session and frees every handle it owns, in one call."""
+    Snapshot: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]  # type: ignore[assignment]
+    """Snapshot writes every live handle to the server's state directory, atomically."""
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     """WeightAveragingService holds modules, models, optimizers, losses, tensor dictionaries and tensors
@@ -467,7 +495,9 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.ListHandlesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.ListHandlesResponse, _abc.Awaitable[_weightavg_pb2.ListHandlesResponse]]:
-        """ListHandles describes every live handle: kind, device, dtype and bytes."""
+        """ListHandles describes every live handle the caller may list (its session's, or those of no
+        session): kind, device, dtype and bytes.
+        """
 
     @_abc_1.abstractmethod
     def MoveHandle(
@@ -631,5 +661,41 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
         over the model's training data, then restores momenta and the train flag (batchnorm on a model).
         """
+
+    @_abc_1.abstractmethod
+    def CreateSession(
+        self,
+        request: _weightavg_pb2.CreateSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CreateSessionResponse, _abc.Awaitable[_weightavg_pb2.CreateSessionResponse]]:
+        """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+        CreateSession starts a session with a lease. Handles created by calls that carry the session id
+        in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+        """
+
+    @_abc_1.abstractmethod
+    def KeepAliveSession(
+        self,
+        request: _weightavg_pb2.KeepAliveSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.KeepAliveSessionResponse, _abc.Awaitable[_weightavg_pb2.KeepAliveSessionResponse]]:
+        """KeepAliveSession renews a session's lease (any call carrying the session renews it too)."""
+
+    @_abc_1.abstractmethod
+    def CloseSession(
+        self,
+        request: _weightavg_pb2.CloseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CloseSessionResponse, _abc.Awaitable[_weightavg_pb2.CloseSessionResponse]]:
+        """CloseSession ends a session and frees every handle it owns, in one call."""
+
+    @_abc_1.abstractmethod
+    def Snapshot(
+        self,
+        request: _weightavg_pb2.SnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.SnapshotResponse, _abc.Awaitable[_weightavg_pb2.SnapshotResponse]]:
+        """Snapshot writes every live handle to the server's state directory, atomically."""
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
