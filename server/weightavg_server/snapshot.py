@@ -36,7 +36,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from . import specs, wire
+from . import handles, specs, wire
 from .dictionaries import TensorDict
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .registry import Entry, Kind, Registry, TensorHolder, locked
@@ -492,6 +492,10 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
     for h in state["handles"]:
         record = objects[int(h["object"])]
         lock = locks.setdefault(int(h["lock"]), threading.RLock())
-        registry.add(Kind(record["kind"]), built[int(h["object"])], lock, handle_id=str(h["id"]), session=h["session"])
+        obj = built[int(h["object"])]
+        registry.add(
+            Kind(record["kind"]), obj, lock, handle_id=str(h["id"]), session=h["session"],
+            charge=handles.held_bytes(obj),  # restored tensors count against --max-device-bytes too
+        )
     log.info("restored %d handle(s) and %d session(s)", len(state["handles"]), len(state["sessions"]))
     return len(state["handles"])
