@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,3 +84,24 @@ def unchanged(live_server: LiveServer) -> Iterator[Any]:
         assert_unchanged(before, snapshot(live_server.registry))
 
     return check
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., LiveServer]]:
+    """Start extra servers on free ports with ServerConfig fields as keyword arguments (CPU, loopback);
+    each stops after the test. Use it for caps and limits the shared server does not have."""
+    started = []
+
+    def start(**config: Any) -> LiveServer:
+        registry = Registry()
+        server, port, health_servicer = create_server(
+            ServerConfig(**{"host": "127.0.0.1", "port": 0, "device": "cpu", **config}), registry=registry
+        )
+        server.start()
+        set_serving(health_servicer, True)
+        started.append(server)
+        return LiveServer(f"127.0.0.1:{port}", registry)
+
+    yield start
+    for server in started:
+        server.stop(grace=None)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import logging
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -13,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _specs, _tensors
-from ._errors import from_rpc_error
+from ._errors import NotFoundError, UnavailableError, from_rpc_error
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -33,6 +37,11 @@ _KIND_NAMES = {
 
 T = TypeVar("T")
 _SERVICE = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
+
+SESSION_METADATA = "weightavg-session"
+"""Metadata key that carries the session id on every call of a session client."""
+
+log = logging.getLogger("weightavg.client")
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,29 @@ def _handle(message: pb.Handle) -> Handle:
     return Handle(message.id, _KIND_NAMES.get(message.kind, "unknown"))
 
 
+def _momenta(r: pb.ResetBatchNormResponse | pb.RecalculateBatchNormResponse) -> dict[str, float | None]:
+    return {name: r.momenta[name].value if r.momenta[name].HasField("value") else None for name in r.names}
+
+
+def _options(options: Iterable[pb.Option]) -> dict[str, Any]:
+    """Option messages as a dict; metrics (a comma-separated string on the wire) as a list."""
+    values = {o.name: _specs.option_value(o.value) for o in options}
+    if isinstance(values.get("metrics"), str):
+        values["metrics"] = values["metrics"].split(",")
+    return values
+
+
+def _option_message(name: str, value: Any) -> pb.Option:
+    if name == "metrics" and isinstance(value, (list, tuple)):
+        value = ",".join(value)
+    return pb.Option(name=name, value=_specs.option_message(value))
+
+
+def _single_or_list(named: list[tuple[str, Any]]) -> Any:
+    values = [_tensors.plain(a) for _, a in named]
+    return values[0] if len(values) == 1 else values
+
+
 def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     """Turn grpc.RpcError into the client's own exceptions, once, at the boundary."""
 
@@ -86,9 +118,57 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
         try:
             return method(*args, **kwargs)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            error = from_rpc_error(exc)
+            if isinstance(error, UnavailableError) and args and isinstance(args[0], Client):
+                error.message += args[0]._unavailable_hint()
+            raise error from exc
 
     return call
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    """Call details with extra metadata (grpc.ClientCallDetails is abstract; this is the usual recipe)."""
+
+
+class _AddMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the bearer token and the session id to every call; `pairs` may change (the session is set later)."""
+
+    def __init__(self, pairs: dict[str, str]) -> None:
+        self.pairs = pairs
+
+    def _details(self, d: Any) -> _CallDetails:
+        metadata = [*(d.metadata or ()), *self.pairs.items()]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+def _pem(value: str | bytes | os.PathLike[str] | None) -> bytes | None:
+    """PEM bytes given directly, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
 
 
 class Client:
@@ -98,6 +178,18 @@ class Client:
         address: "host:port" of the server.
         timeout: default deadline of each call, in seconds.
         chunk_bytes: size of the pieces tensors are streamed in.
+        token: bearer token, sent as "authorization: Bearer <token>" on every call.
+        tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
+        tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
+        client_cert, client_key: this client's certificate and key (PEM bytes or paths), for servers
+            that require client certificates (mutual TLS).
+        server_name: the name to check the server's certificate against, when it differs from the
+            address's host.
+        session: True starts a session: every handle this client creates belongs to it, a background
+            thread renews its lease, and close() ends it, freeing those handles. If the client dies,
+            the server frees them once the lease runs out. A session id string joins that session
+            (e.g. after a server restart); close() then leaves it open.
+        lease: session lease in seconds; 0 takes the server's default.
 
     Example:
         >>> with Client("127.0.0.1:50051") as c:
@@ -115,17 +207,36 @@ class Client:
         chunk_bytes: int = _tensors.CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | bytes | os.PathLike[str] | None = None,
+        client_cert: str | bytes | os.PathLike[str] | None = None,
+        client_key: str | bytes | os.PathLike[str] | None = None,
+        server_name: str | None = None,
+        session: bool | str = False,
+        lease: float = 0.0,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = channel or grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self.tls = bool(tls or tls_ca or client_cert or client_key)
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if server_name:
+            # Check the certificate against this name instead of the address's host.
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if channel is None and self.tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca), private_key=_pem(client_key), certificate_chain=_pem(client_cert)
+            )
+            channel = grpc.secure_channel(address, credentials, options=options)
+        elif channel is None:
+            channel = grpc.insecure_channel(address, options=options)
+        self._raw_channel = channel
+        self._metadata = _AddMetadata({"authorization": f"Bearer {token}"} if token else {})
+        self._channel = grpc.intercept_channel(channel, self._metadata)
         self._stub = pb_grpc.WeightAveragingServiceStub(self._channel)
         # Tensor streams are encoded and decoded by hand (same bytes as protobuf's) so tensor data
         # is copied once on this side; through protobuf it is copied three times (docs/perf.md).
@@ -146,10 +257,31 @@ class Client:
         self._create_tensor_stream: grpc.StreamUnaryMultiCallable[bytes, pb.CreateTensorResponse] = self._channel.stream_unary(
             f"/{_SERVICE}/CreateTensor", response_deserializer=pb.CreateTensorResponse.FromString
         )
+        self.session: str | None = None
+        self.lease = 0.0
+        self._owns_session = False
+        self._stop_keepalive = threading.Event()
+        self._keepalive: threading.Thread | None = None
+        if session:
+            try:
+                self._start_session(session, lease)
+            except BaseException:
+                self._raw_channel.close()
+                raise
 
     def close(self) -> None:
-        """Close the channel; handles stay alive on the server until freed."""
-        self._channel.close()
+        """Stop renewing the session and end it if this client started it (freeing its handles),
+        then close the channel. Handles created without a session stay until freed."""
+        self._stop_keepalive.set()
+        if self._keepalive is not None:
+            self._keepalive.join()
+        if self._owns_session and self.session is not None:
+            try:
+                self._stub.CloseSession(pb.CloseSessionRequest(session=self.session), timeout=min(self.timeout, 10.0))
+            except grpc.RpcError as exc:  # the server is gone or the lease already ran out: nothing to free
+                log.info("could not close session %s: %s", self.session, from_rpc_error(exc))
+            self._owns_session = False
+        self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -259,7 +391,16 @@ class Client:
     @_rpc
     def batchnorm(self, m: HandleLike, momenta: Mapping[str, float | None] | None = None) -> Any:
         """batchnorm(m): reset batchnorm statistics, momentum None; returns {layer: old momentum}.
-        batchnorm(m, r): restore those momenta."""
+        batchnorm(m, r): restore those momenta.
+
+        Given a model handle alone, batchnorm(m) also recalculates the running statistics over the
+        model's training data (as torch.optim.swa_utils.update_bn) and puts the momenta back.
+        """
+        if momenta is None and isinstance(m, Handle) and m.kind == "model":
+            recalculated = self._stub.RecalculateBatchNorm(
+                pb.RecalculateBatchNormRequest(model=m.id), timeout=self.timeout
+            )
+            return _momenta(recalculated)
         if momenta is not None:
             request = pb.RestoreMomentumRequest(
                 handle=_id(m),
@@ -267,10 +408,188 @@ class Client:
             )
             self._stub.RestoreMomentum(request, timeout=self.timeout)
             return None
-        r = self._stub.ResetBatchNorm(pb.ResetBatchNormRequest(handle=_id(m)), timeout=self.timeout)
-        return {
-            name: r.momenta[name].value if r.momenta[name].HasField("value") else None for name in r.names
-        }
+        return _momenta(self._stub.ResetBatchNorm(pb.ResetBatchNormRequest(handle=_id(m)), timeout=self.timeout))
+
+    # -- losses, optimizers and models --------------------------------------------------------------
+
+    @_rpc
+    def loss(self, kind: str, *args: Any, **options: Any) -> Handle:
+        """A loss function: ce, mse, nll, bce, bcelogits or smoothl1, with options by position or name.
+
+        Example: c.loss("ce"), c.loss("ce", smoothing=0.1), c.loss("smoothl1", beta=0.5).
+        """
+        request = pb.CreateLossRequest(
+            type=kind, args=[_specs.option_message(a) for a in args],
+            options=[_option_message(k, v) for k, v in options.items()],
+        )
+        return _handle(self._stub.CreateLoss(request, timeout=self.timeout).loss)
+
+    @_rpc
+    def opt(self, kind: str, module: HandleLike, *args: Any, **options: Any) -> Handle:
+        """An optimizer over a module's (or model's) parameters: sgd, adam, adamw, rmsprop or adagrad.
+
+        Positional options follow the reference's order (sgd: lr .01, momentum, dampening, decay,
+        nesterov). Example: c.opt("sgd", q, .05, .9, nesterov=True).
+        """
+        request = pb.CreateOptimizerRequest(
+            type=kind, module=_id(module), args=[_specs.option_message(a) for a in args],
+            options=[_option_message(k, v) for k, v in options.items()],
+        )
+        return _handle(self._stub.CreateOptimizer(request, timeout=self.timeout).optimizer)
+
+    @_rpc
+    def lr(self, m: HandleLike, value: float | None = None) -> float | None:
+        """lr(m): the learning rate of a model's (or an optimizer's) optimizer; lr(m, value) sets it."""
+        if value is None:
+            return float(self._stub.GetLearningRate(pb.GetLearningRateRequest(handle=_id(m)), timeout=self.timeout).lr)
+        self._stub.SetLearningRate(pb.SetLearningRateRequest(handle=_id(m), lr=float(value)), timeout=self.timeout)
+        return None
+
+    @_rpc
+    def model(self, m: HandleLike, loss: HandleLike | None = None, opt: HandleLike | None = None) -> Any:
+        """model(q, loss, opt) joins a module, loss and optimizer into a model and frees those three
+        handles (pass c.addref(q) to keep one); model(m) describes a model's parts."""
+        if loss is None and opt is None:
+            r = self._stub.DescribeModel(pb.DescribeModelRequest(model=_id(m)), timeout=self.timeout)
+            return {
+                "module": [
+                    ModuleRow(row.depth, row.module, row.name, {o.name: _specs.option_value(o.value) for o in row.options})
+                    for row in r.module
+                ],
+                "loss": {"type": r.loss.type, **_options(r.loss.options)},
+                "optimizer": {"type": r.optimizer.type, **_options(r.optimizer.options)},
+                "train": _options(r.train),
+                "test": _options(r.test),
+                "train_size": int(r.train_size),
+                "test_size": int(r.test_size),
+            }
+        if loss is None or opt is None:
+            raise TypeError("model(q, loss, opt) needs a module, a loss and an optimizer")
+        request = pb.CreateModelRequest(module=_id(m), loss=_id(loss), optimizer=_id(opt))
+        return _handle(self._stub.CreateModel(request, timeout=self.timeout).model)
+
+    def train(self, m: HandleLike, *args: Any, **options: Any) -> Any:
+        """Train options and data of a model.
+
+        train(m) returns every option; train(m, "batchsize") one, train(m, ["a", "b"]) several;
+        train(m, batchsize=100, shuffle=True) (or a dict) sets options, all or nothing;
+        train(m, x, y) loads inputs and targets and returns the number of batches.
+        Options: batchsize (32), droplast (False), shuffle (False), seed (0), metrics (["loss"]).
+        """
+        return self._setup(m, pb.DATA_SPLIT_TRAIN, args, options)
+
+    def test(self, m: HandleLike, *args: Any, **options: Any) -> Any:
+        """Test options and data, as train(): batchsize (100), droplast (False), metrics (["loss"])."""
+        return self._setup(m, pb.DATA_SPLIT_TEST, args, options)
+
+    @_rpc
+    def _setup(self, m: HandleLike, split: pb.DataSplit.ValueType, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        if len(args) == 2:
+            if options:
+                raise TypeError("give data or options, not both")
+            return self._model_data(_id(m), split, args[0], args[1])
+        if len(args) > 2:
+            raise TypeError("expecting (m), (m, name), (m, names), (m, x, y) or (m, name=value, ...)")
+        if args and isinstance(args[0], Mapping):
+            options = {**args[0], **options}
+            args = ()
+        if options:
+            request = pb.SetModelOptionsRequest(
+                model=_id(m), split=split, options=[_option_message(k, v) for k, v in options.items()]
+            )
+            self._stub.SetModelOptions(request, timeout=self.timeout)
+            return None
+        values = _options(
+            self._stub.GetModelOptions(pb.GetModelOptionsRequest(model=_id(m), split=split), timeout=self.timeout).options
+        )
+        if not args:
+            return values
+        names = args[0]
+        if not isinstance(names, str) and not (
+            isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+        ):
+            raise TypeError("expecting an option name or a list of names; data take inputs and targets: (m, x, y)")
+        for name in [names] if isinstance(names, str) else names:
+            if name not in values:
+                raise KeyError(f"unrecognized option '{name}' (one of {', '.join(values)})")
+        return values[names] if isinstance(names, str) else [values[n] for n in names]
+
+    def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
+        def requests() -> Iterator[pb.SetModelDataRequest]:
+            yield pb.SetModelDataRequest(model=m, split=split)
+            for chunk in _tensors.mapping_chunks([("x", x), ("y", y)], self.chunk_bytes):
+                yield pb.SetModelDataRequest(chunk=chunk)
+
+        return int(self._stub.SetModelData(requests(), timeout=self.timeout).batches)
+
+    @_rpc
+    def run(self, m: HandleLike) -> Any:
+        """Train one epoch; returns the train metrics (one value, or a list for several)."""
+        stream = self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout)
+        return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
+
+    @_rpc
+    def testrun(self, m: HandleLike) -> Any:
+        """Evaluate over the test data; returns the test metrics (e.g. accuracy in percent)."""
+        stream = self._stub.RunTest(pb.RunTestRequest(model=_id(m)), timeout=self.timeout)
+        return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
+
+    @_rpc
+    def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
+        """The model's outputs for inputs x, in eval mode without gradients, as an array."""
+        def requests() -> Iterator[pb.EvaluateModelRequest]:
+            yield pb.EvaluateModelRequest(model=_id(m))
+            for chunk in _tensors.array_chunks("", x, self.chunk_bytes):
+                yield pb.EvaluateModelRequest(chunk=chunk)
+
+        stream = self._stub.EvaluateModel(requests(), timeout=self.timeout)
+        return _tensors.join_chunks(r.chunk for r in stream)[0][1]
+
+    def forward(self, q: HandleLike, x: Any = None) -> Handle:
+        """Forward pass in train mode with gradients; returns a tensor handle of the output.
+        x is an array or a tensor handle; a model without x uses its training inputs."""
+        return self._forward(q, x, pb.FORWARD_MODE_TRAIN)
+
+    def nforward(self, q: HandleLike, x: Any = None) -> Handle:
+        """Forward pass in train mode without gradients (batchnorm statistics update); a tensor handle."""
+        return self._forward(q, x, pb.FORWARD_MODE_TRAIN_NO_GRAD)
+
+    def eforward(self, q: HandleLike, x: Any = None) -> Handle:
+        """Forward pass in eval mode without gradients; a tensor handle (a model defaults to test inputs)."""
+        return self._forward(q, x, pb.FORWARD_MODE_EVAL)
+
+    @_rpc
+    def _forward(self, q: HandleLike, x: Any, mode: pb.ForwardMode.ValueType) -> Handle:
+        def requests() -> Iterator[pb.RunForwardRequest]:
+            if isinstance(x, Handle):
+                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=x.id)
+                return
+            yield pb.RunForwardRequest(handle=_id(q), mode=mode)
+            if x is not None:
+                for chunk in _tensors.array_chunks("", x, self.chunk_bytes):
+                    yield pb.RunForwardRequest(chunk=chunk)
+
+        return _handle(self._stub.RunForward(requests(), timeout=self.timeout).output)
+
+    @_rpc
+    def input(self, m: HandleLike) -> Handle:
+        """A tensor handle sharing the model's training inputs (batching it batches the model's)."""
+        return _handle(self._stub.GetModelInput(pb.GetModelInputRequest(model=_id(m)), timeout=self.timeout).tensor)
+
+    @_rpc
+    def restore(self, m: HandleLike) -> int:
+        """Put the model's training data back to full size; returns the sample count (-1 without data)."""
+        return int(self._stub.RestoreModelData(pb.RestoreModelDataRequest(model=_id(m)), timeout=self.timeout).size)
+
+    @_rpc
+    def batch(self, x: HandleLike, w: int | None = None) -> bool:
+        """Narrow a tensor handle in place to its next batch of w rows (a model: its training data, by
+        its train batchsize). True while a batch is in place; after the last, full size and False.
+
+        Example: while c.batch(x, 100): c.free(c.nforward(q, x))
+        """
+        request = pb.NextBatchRequest(handle=_id(x), size=0 if w is None else int(w))
+        return bool(self._stub.NextBatch(request, timeout=self.timeout).more)
 
     # -- dictionaries and tensors -----------------------------------------------------------------
 
@@ -323,7 +642,8 @@ class Client:
 
     @_rpc
     def free(self, *handles: HandleLike) -> int:
-        """Free the given handles (all must exist), or every handle when none is given."""
+        """Free the given handles (all must exist), or, when none is given, every handle this client can
+        list: its session's, or (without a session) every handle that belongs to no session."""
         request = pb.FreeHandlesRequest(handles=[_id(h) for h in handles], all=not handles)
         return int(self._stub.FreeHandles(request, timeout=self.timeout).freed)
 
@@ -334,7 +654,8 @@ class Client:
 
     @_rpc
     def handles(self) -> list[HandleInfo]:
-        """Every live handle with its device, dtype and bytes."""
+        """Every live handle this client may list (its session's, or those of no session), with its
+        device, dtype and bytes."""
         r = self._stub.ListHandles(pb.ListHandlesRequest(), timeout=self.timeout)
         return [
             HandleInfo(
@@ -351,6 +672,63 @@ class Client:
         code = pb.Dtype.Value("DTYPE_" + dtype.upper()) if dtype else pb.DTYPE_UNSPECIFIED
         r = self._stub.MoveHandle(pb.MoveHandleRequest(handle=_id(h), device=device, dtype=code), timeout=self.timeout)
         return _handle(r.handle)
+
+    # -- sessions and snapshots ---------------------------------------------------------------------
+
+    @_rpc
+    def _start_session(self, session: bool | str, lease: float) -> None:
+        if isinstance(session, str):
+            self.session = session
+            self._metadata.pairs[SESSION_METADATA] = session
+            self.lease = float(self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=self.timeout).lease_seconds)
+        else:
+            r = self._stub.CreateSession(pb.CreateSessionRequest(lease_seconds=lease), timeout=self.timeout)
+            self.session, self.lease, self._owns_session = r.session, r.lease_seconds, True
+            self._metadata.pairs[SESSION_METADATA] = r.session
+        self._keepalive = threading.Thread(target=self._renew, name="weightavg-keepalive", daemon=True)
+        self._keepalive.start()
+
+    def _renew(self) -> None:
+        """Renew the lease three times per lease period until close(); stop if the session has ended."""
+        interval = max(self.lease / 3.0, 0.05)
+        while not self._stop_keepalive.wait(interval):
+            try:
+                self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=interval)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if isinstance(error, NotFoundError):
+                    log.warning("session %s has ended on the server: %s", self.session, error)
+                    return
+                log.info("session keep-alive failed (will retry): %s", error)
+
+    @_rpc
+    def keepalive(self) -> float:
+        """Renew this client's session now; returns the lease in seconds."""
+        return float(self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=self.timeout).lease_seconds)
+
+    @_rpc
+    def close_session(self) -> int:
+        """End this client's session now, freeing every handle it owns in one call; returns how many."""
+        self._stop_keepalive.set()
+        freed = int(self._stub.CloseSession(pb.CloseSessionRequest(), timeout=self.timeout).freed)
+        self._owns_session = False
+        self._metadata.pairs.pop(SESSION_METADATA, None)
+        self.session = None
+        return freed
+
+    @_rpc
+    def snapshot(self) -> Mapping[str, Any]:
+        """Ask the server to write every live handle to its --state-dir now."""
+        r = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self.timeout)
+        return {"directory": r.directory, "handles": r.handles, "tensor_bytes": r.tensor_bytes,
+                "skipped": list(r.skipped)}
+
+    def _unavailable_hint(self) -> str:
+        if self.tls:
+            return (f" (TLS connection to {self.address} failed: check that tls_ca signed the server's certificate, "
+                    "and pass client_cert/client_key if the server requires client certificates)")
+        return (f" (could not reach {self.address} over plaintext: is the server running, and does it use TLS? "
+                "then pass tls_ca=...)")
 
     # -- streaming helpers --------------------------------------------------------------------------
 

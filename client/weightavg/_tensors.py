@@ -227,5 +227,5 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
 
 
 def plain(array: npt.NDArray[Any]) -> Any:
-    """0-dim arrays as Python scalars (a count prints as 2.0); other arrays unchanged."""
-    return array.item() if array.ndim == 0 else array
+    """0-dim arrays as numpy scalars, which keep their dtype (a float64 count is also a Python float)."""
+    return array[()] if array.ndim == 0 else array

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,8 +14,12 @@ from grpc_reflection.v1alpha import reflection
 
 from weightavg.v1 import weightavg_pb2 as pb
 
+from . import snapshot
 from .config import ServerConfig
 from .convert import resolve_server_device
+from .decoding import DecodeGuard
+from .interceptors import SessionInterceptor, TokenInterceptor
+from .limits import Limits
 from .registry import Registry
 from .servicer import WeightAveragingServicer, add_to_server
 
@@ -21,12 +28,19 @@ log = logging.getLogger("weightavg.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
 
 
+def receive_ceiling(max_message_bytes: int) -> int:
+    """grpc's receive limit: twice the cap (a misjudged chunk size still fails cleanly), within int32."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Channel options for the server, each with the reason it is set."""
     return [
-        # Unary requests (specs, names) are small, tensors stream in chunks far below this; the cap
-        # turns a runaway message into RESOURCE_EXHAUSTED instead of an allocation.
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Unary requests (specs, names) are small, tensors stream in chunks far below the cap. The
+        # cap itself is enforced by DecodeGuard, which fails the whole call; grpc's own limit is a
+        # ceiling above it (grpc ends a client stream quietly at an oversized message), so a runaway
+        # message still costs at most twice the cap before RESOURCE_EXHAUSTED.
+        ("grpc.max_receive_message_length", receive_ceiling(config.max_message_bytes)),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Two servers must never share a port by accident (tests bind port 0 side by side).
         ("grpc.so_reuseport", 0),
@@ -42,26 +56,135 @@ def create_server(
     """Build (but do not start) a server bound to config.host:config.port; port 0 picks a free one.
 
     Returns the server, the port it bound and its health servicer (SERVING once started by `serve`
-    or by the caller; NOT_SERVING while draining).
+    or by the caller; NOT_SERVING while draining). Expired sessions are freed on the next call;
+    `create_runtime` adds a reaper thread that frees them on an idle server too.
+    """
+    runtime = create_runtime(config, registry)
+    return runtime.server, runtime.port, runtime.health
+
+
+@dataclass
+class Runtime:
+    """A built server with what lives beside it: the registry and the session reaper.
+
+    `start()` serves; `stop(grace)` drains in-flight calls, stops the reaper and, with a state
+    directory configured, writes a snapshot of every live handle.
+    """
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    registry: Registry
+    config: ServerConfig
+    reaper: Reaper = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reaper = Reaper(self.registry)
+
+    def start(self) -> None:
+        self.server.start()
+        self.reaper.start()
+        set_serving(self.health, True)
+
+    def stop(self, grace: float | None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within grace, then snapshot."""
+        set_serving(self.health, False)
+        self.server.stop(grace).wait()
+        self.reaper.stop()
+        if self.config.state_dir:
+            result = snapshot.save(self.registry, self.config.state_dir, copy=False)
+            log.info("saved %d handle(s) to %s", result.handles, result.directory)
+
+
+class Reaper:
+    """A daemon thread that ends expired sessions once a second, freeing their handles."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="weightavg-reaper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            try:
+                self._registry.expire()
+            except Exception:  # noqa: BLE001 - the reaper must outlive any one bad sweep
+                log.exception("session reaper sweep failed")
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise OSError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca for mTLS), or None for plaintext."""
+    if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    pair = (_read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate"))
+    client_ca = _read(config.tls_client_ca, "client CA") if config.tls_client_ca else None
+    # With a client CA, a client must present a certificate that CA signed (mutual TLS).
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def create_runtime(config: ServerConfig, registry: Registry | None = None) -> Runtime:
+    """Build (but do not start) a server, restoring the snapshot in config.state_dir first if there is one.
+
+    Raises:
+        snapshot.SnapshotError: the snapshot on disk is torn or modified; the server must not start.
+        OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
     device = resolve_server_device(config.device)
+    registry = registry if registry is not None else Registry()  # an empty Registry is falsy
+    registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
+    if config.state_dir:
+        restored = snapshot.load(registry, config.state_dir, device)
+        if restored:
+            log.info("restored %d handle(s) from %s", restored, config.state_dir)
+    interceptors: list[grpc.ServerInterceptor] = []
+    if config.token:
+        interceptors.append(TokenInterceptor(config.token))  # first: nothing runs for an unauthenticated call
+    interceptors.append(SessionInterceptor(registry))
+    # Requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL.
+    interceptors.append(DecodeGuard(SERVICE_NAME, config.max_message_bytes))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="weightavg-rpc"),
         options=server_options(config),
+        interceptors=interceptors,
         # Beyond this many calls in flight, new ones get RESOURCE_EXHAUSTED rather than queueing forever.
         maximum_concurrent_rpcs=config.max_workers * 4,
     )
-    add_to_server(WeightAveragingServicer(config, registry or Registry(), device), server)
+    add_to_server(WeightAveragingServicer(config, registry, device), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
-    log.info("weightavg server on %s:%d, device %s", config.host, port, device)
-    return server, port, health_servicer
+        raise OSError(f"could not bind {address}")
+    log.info(
+        "weightavg server on %s:%d, device %s, %s, %s", config.host, port, device,
+        "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
+        "token required" if config.token else "no token",
+    )
+    return Runtime(server, port, health_servicer, registry, config)
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

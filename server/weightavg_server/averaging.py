@@ -8,6 +8,10 @@ from .dictionaries import COUNT_KEY, TensorDict, check_copyable
 from .errors import InvalidArgument
 
 
+MAX_COUNT = 2.0**53
+"""Above this a float64 count no longer goes up by one."""
+
+
 def copy_parameters(module: torch.nn.Module) -> TensorDict:
     """Detached clones of every parameter (not buffers), keyed by dotted name, same dtype and device."""
     return TensorDict({name: p.detach().clone() for name, p in module.named_parameters()})
@@ -46,7 +50,29 @@ def _count(d: TensorDict) -> float:
             f"'{COUNT_KEY}' must be a 0-dim float64 count, found {n.dtype} of shape {list(n.shape)}; "
             f"set it with a float or delete it"
         )
-    return float(n.item())
+    count = float(n.item())
+    if not 0 <= count < MAX_COUNT:  # also refuses NaN
+        raise InvalidArgument(
+            f"'{COUNT_KEY}' must be a count between 0 and {MAX_COUNT:.0f}, found {count}; set it or delete it"
+        )
+    return count
+
+
+def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The broadcast of two shapes; InvalidArgument with PyTorch's own wording when they do not broadcast."""
+    ndim = max(len(a), len(b))
+    out = []
+    for i in range(ndim - 1, -1, -1):
+        offset = ndim - 1 - i
+        size_a = a[len(a) - 1 - offset] if len(a) - 1 - offset >= 0 else 1
+        size_b = b[len(b) - 1 - offset] if len(b) - 1 - offset >= 0 else 1
+        if size_a != size_b and size_a != 1 and size_b != 1:
+            raise InvalidArgument(
+                f"The size of tensor a ({size_a}) must match the size of tensor b ({size_b}) "
+                f"at non-singleton dimension {i}"
+            )
+        out.append(size_a if size_b == 1 else size_b)
+    return tuple(reversed(out))
 
 
 def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
@@ -59,11 +85,16 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
         )
     if not (avg.is_floating_point() or avg.is_complex()):
         raise InvalidArgument(f"'{name}' holds {avg.dtype}; an average needs a floating-point entry")
+    if not torch.can_cast(torch.promote_types(p.dtype, avg.dtype), avg.dtype):
+        raise InvalidArgument(f"'{name}' holds {avg.dtype}, which cannot hold an average of {p.dtype}")
     try:
-        meta = torch.empty_like(avg, device="meta")
-        meta.add_(torch.empty_like(p, device="meta") - meta)
-    except RuntimeError as exc:
-        raise InvalidArgument(f"{str(exc).splitlines()[0]} (parameter '{name}')") from None
+        shape = broadcast_shape(tuple(p.shape), tuple(avg.shape))
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{exc} (parameter '{name}')") from None
+    if shape != tuple(avg.shape):
+        raise InvalidArgument(
+            f"output with shape {list(avg.shape)} doesn't match the broadcast shape {list(shape)} (parameter '{name}')"
+        )
 
 
 def _lerp_all(avgs: list[torch.Tensor], params: list[torch.Tensor], weight: float) -> None:

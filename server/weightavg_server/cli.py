@@ -10,8 +10,9 @@ import threading
 from collections.abc import Sequence
 
 from . import __version__
-from .app import create_server, set_serving
+from .app import create_runtime
 from .config import ENV_PREFIX, ServerConfig
+from .snapshot import SnapshotError
 
 log = logging.getLogger("weightavg.server")
 
@@ -37,6 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-spec-depth", type=int, help=f"deepest layer spec (default {defaults.max_spec_depth})")
     p.add_argument("--grace-seconds", type=float,
                    help=f"on SIGTERM/SIGINT, how long in-flight calls may finish (default {defaults.grace_seconds})")
+    p.add_argument("--max-device-bytes", type=int,
+                   help="most tensor bytes held on any one device; calls that would exceed it get "
+                   "RESOURCE_EXHAUSTED before allocating (default 0: the device's memory size)")
+    p.add_argument("--max-handles", type=int,
+                   help=f"most live handles; 0 for no cap (default {defaults.max_handles})")
+    p.add_argument("--token", help=f"bearer token every call must carry (prefer {ENV_PREFIX}TOKEN: flags show in ps); "
+                   "health checks stay open")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS instead of plaintext (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--state-dir", help="directory for snapshots: restored on start (refusing torn or modified ones), "
+                   "written on SIGTERM/SIGINT and by `weightavg snapshot`")
+    p.add_argument("--session-lease-seconds", type=float,
+                   help=f"default session lease (default {defaults.session_lease_seconds})")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--version", action="version", version=f"weightavg {__version__}")
     return p
@@ -49,22 +64,28 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=args.max_message_bytes, chunk_bytes=args.chunk_bytes,
         max_upload_bytes=args.max_upload_bytes, max_spec_depth=args.max_spec_depth,
         grace_seconds=args.grace_seconds,
+        max_device_bytes=args.max_device_bytes, max_handles=args.max_handles,
+        token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, state_dir=args.state_dir, session_lease_seconds=args.session_lease_seconds,
     )
 
 
 def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain: NOT_SERVING, refuse new calls, let in-flight ones finish."""
-    server, port, health_servicer = create_server(config)
+    """Run until SIGTERM or SIGINT, then drain: NOT_SERVING, refuse new calls, let in-flight ones
+    finish, and with a state directory write a snapshot of every live handle."""
+    runtime = create_runtime(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    set_serving(health_servicer, True)
-    print(f"weightavg serving on {config.host}:{port}", flush=True)
+    runtime.start()
+    print(f"weightavg serving on {config.host}:{runtime.port}", flush=True)
     stop.wait()
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
-    set_serving(health_servicer, False)
-    server.stop(config.grace_seconds).wait()
+    try:
+        runtime.stop(config.grace_seconds)
+    except SnapshotError as exc:
+        log.error("shutdown snapshot failed, live handles are lost: %s", exc)
+        raise SystemExit(1) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -74,4 +95,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    serve(config_from_args(args))
+    try:
+        serve(config_from_args(args))
+    except SnapshotError as exc:
+        # Refuse to start: serving an empty or partial state over a damaged snapshot would let the
+        # next shutdown overwrite the only copy of the weights.
+        log.error("refusing to start: %s", exc)
+        raise SystemExit(2) from None
+    except (OSError, ValueError) as exc:
+        print(f"weightavg: cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -15,6 +15,12 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 40
 DEFAULT_MAX_SPEC_DEPTH = 32
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_MAX_DEVICE_BYTES = 0
+"""0: each device's own memory size (a CUDA device's total memory, the host's RAM for the CPU)."""
+DEFAULT_MAX_HANDLES = 1_000_000
+"""Far above any real use; it stops a runaway client from filling memory with empty handles."""
+DEFAULT_SESSION_LEASE_SECONDS = 60.0
+DEFAULT_MAX_SESSION_LEASE_SECONDS = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,21 @@ class ServerConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_spec_depth: int = DEFAULT_MAX_SPEC_DEPTH
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    max_device_bytes: int = DEFAULT_MAX_DEVICE_BYTES
+    max_handles: int = DEFAULT_MAX_HANDLES
+    # Reliability and security (see docs/security.md). Empty strings mean "off".
+    token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    state_dir: str = ""
+    session_lease_seconds: float = DEFAULT_SESSION_LEASE_SECONDS
+    max_session_lease_seconds: float = DEFAULT_MAX_SESSION_LEASE_SECONDS
+
+    def __repr__(self) -> str:
+        # The token is a secret: never let it reach a log line through the config's repr.
+        shown = {f.name: ("***" if f.name == "token" and self.token else getattr(self, f.name)) for f in fields(self)}
+        return "ServerConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerConfig":

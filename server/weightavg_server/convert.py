@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from google.protobuf import struct_pb2
 
 import torch
@@ -120,3 +122,37 @@ def resolve_server_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+SPLITS = {pb.DATA_SPLIT_TRAIN: "train", pb.DATA_SPLIT_TEST: "test"}
+FORWARD_MODES = {
+    pb.FORWARD_MODE_TRAIN: "forward",
+    pb.FORWARD_MODE_TRAIN_NO_GRAD: "nforward",
+    pb.FORWARD_MODE_EVAL: "eforward",
+}
+
+
+def split(value: int) -> str:
+    """"train" or "test" from a DataSplit; unset is an error."""
+    if value not in SPLITS:
+        raise InvalidArgument("split must be DATA_SPLIT_TRAIN or DATA_SPLIT_TEST")
+    return SPLITS[value]
+
+
+def forward_mode(value: int) -> str:
+    """The reference's forward verb for a ForwardMode; unset is an error."""
+    if value not in FORWARD_MODES:
+        raise InvalidArgument("mode must be FORWARD_MODE_TRAIN, FORWARD_MODE_TRAIN_NO_GRAD or FORWARD_MODE_EVAL")
+    return FORWARD_MODES[value]
+
+
+def option_args(
+    args: Iterable[pb.OptionValue], options: Iterable[pb.Option]
+) -> tuple[tuple[specs.OptionValue, ...], tuple[tuple[str, specs.OptionValue], ...]]:
+    """Positional and keyword option values from their messages."""
+    return tuple(option_value(a) for a in args), tuple((o.name, option_value(o.value)) for o in options)
+
+
+def options_message(values: Mapping[str, specs.OptionValue]) -> list[pb.Option]:
+    """Named option values as messages, in order."""
+    return [pb.Option(name=name, value=option_message(value)) for name, value in values.items()]

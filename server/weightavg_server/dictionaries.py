@@ -32,8 +32,13 @@ def check_copyable(target: torch.Tensor, source: torch.Tensor) -> None:
         raise InvalidArgument(str(exc).split("\n")[0]) from None
 
 
-def place(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def placement(name: str, device: torch.device) -> torch.device:
     """Where a new entry lives: the count stays on the CPU (read without a device sync), others on device."""
+    return torch.device("cpu") if name == COUNT_KEY else device
+
+
+def place(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A new entry's tensor on its device (see placement)."""
     return tensor if name == COUNT_KEY else tensor.to(device)
 
 
@@ -87,12 +92,22 @@ def sizes(d: TensorDict) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(t.shape)) for name, t in d.entries.items()]
 
 
+def converts(t: torch.Tensor) -> bool:
+    """Which entries a move with a dtype converts: the floating-point ones."""
+    return t.is_floating_point()
+
+
 def move(d: TensorDict, device: torch.device | None, dtype: torch.dtype | None) -> None:
-    """Move every entry (the count stays a CPU float64) and convert floating entries to dtype."""
+    """Move every entry (the count stays a CPU float64) and convert floating entries to dtype.
+
+    Every entry is converted before any is replaced, so running out of memory changes nothing.
+    """
     if d.live:
         raise InvalidArgument("a live view moves with its module: move the module instead")
-    for name, t in list(d.entries.items()):
-        if name == COUNT_KEY:
-            continue
-        target_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        d.entries[name] = t.to(device=device if device is not None else t.device, dtype=target_dtype)
+    moved = {
+        name: t.to(device=device if device is not None else t.device,
+                   dtype=dtype if dtype is not None and converts(t) else t.dtype)
+        for name, t in d.entries.items()
+        if name != COUNT_KEY
+    }
+    d.entries.update(moved)

@@ -37,3 +37,9 @@ class Cancelled(WeightavgError):
     """The caller went away or its deadline passed; long loops stop between batches."""
 
     code = "CANCELLED"
+
+
+class DeadlineExceeded(WeightavgError):
+    """The caller's deadline passed while a long loop ran; it stopped between batches."""
+
+    code = "DEADLINE_EXCEEDED"

@@ -35,6 +35,7 @@ __all__ = [
     "Reshape",
     "build_module",
     "describe_module",
+    "estimate_elements",
     "layer_type",
 ]
 
@@ -49,6 +50,7 @@ MAX_LAYER_ELEMENTS = 2**31
 
 _TYPE_ATTR = "_weightavg_type"
 _NAME_ATTR = "_weightavg_name"
+_SPEC_ATTR = "_weightavg_spec"
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,41 @@ def build_module(
     module = _build(spec, 0, max_depth, max_elements)
     if spec.name is not None:
         setattr(module, _NAME_ATTR, spec.name)
+    # Kept so a snapshot can rebuild the same module (see snapshot.py); a plain attribute, not state.
+    setattr(module, _SPEC_ATTR, spec)
     return module
+
+
+def estimate_elements(spec: LayerSpec, *, max_depth: int = MAX_SPEC_DEPTH) -> int:
+    """Parameter and buffer elements that building spec would allocate, summed over every layer.
+
+    Computed from the validated options alone, so a caller can refuse a module that would not fit
+    before anything is allocated.
+
+    Raises:
+        InvalidArgument: as build_module does for unknown types, bad options or deep nesting.
+
+    Example:
+        >>> estimate_elements(LayerSpec("linear", args=(784, 800)))
+        628000
+    """
+    return _estimate(spec, 0, max_depth)
+
+
+def _estimate(spec: LayerSpec, depth: int, max_depth: int) -> int:
+    if depth > max_depth:
+        raise InvalidArgument(f"{spec.type}: nesting deeper than {max_depth} levels")
+    layer = _lookup(spec.type)
+    values = _resolve(layer, spec)
+    if layer.container:
+        return sum(_estimate(child, depth + 1, max_depth) for child in spec.children)
+    if spec.children:
+        raise InvalidArgument(f"{layer.name}: only container types take child modules")
+    return layer.elements(values)
+def spec_of(module: nn.Module) -> LayerSpec | None:
+    """The spec a root module was built from by `build_module`, or None for other modules."""
+    spec = getattr(module, _SPEC_ATTR, None)
+    return spec if isinstance(spec, LayerSpec) else None
 
 
 def layer_type(module: nn.Module) -> str:

@@ -26,6 +26,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "CUDA out of memory: " + str(exc).splitlines()[0]
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory"
+    if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):
+        # torch's CPU allocator reports running out of memory as a plain RuntimeError.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory"
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
 
 

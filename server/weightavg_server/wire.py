@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from google.protobuf.message import Message
 
@@ -143,17 +144,24 @@ class _Pending:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    flat: torch.Tensor
-    """Where the bytes go: uninitialised, since bytearray(n) would first write n zeros (measured, docs/perf.md)."""
-    buffer: memoryview
+    buffer: torch.Tensor
+    """Flat uint8 storage from torch.empty: pages are only touched as data arrives, so a header
+    that declares a big tensor and sends nothing costs address space, not memory."""
     filled: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.numel())
 
 
 class TensorAssembler:
     """Join streamed chunks into CPU tensors, checking sizes so bad streams fail before allocating much."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, on_header: Callable[[str, int], None] | None = None) -> None:
+        """`on_header(name, nbytes)` runs for each tensor once its header is checked and before its
+        buffer is allocated; it may raise (e.g. ResourceExhausted over a cap) to refuse the tensor."""
         self._max_bytes = max_bytes
+        self._on_header = on_header
         self._total = 0
         self._pending: _Pending | None = None
         self.tensors: list[tuple[str, torch.Tensor]] = []
@@ -173,29 +181,37 @@ class TensorAssembler:
         if self._pending is not None:
             p = self._pending
             raise InvalidArgument(
-                f"stream ended inside tensor '{p.name}': got {p.filled} of {len(p.buffer)} bytes"
+                f"stream ended inside tensor '{p.name}': got {p.filled} of {p.nbytes} bytes"
             )
         return self.tensors
 
     def _start(self, chunk: pb.TensorChunk) -> None:
         if self._pending is not None:
             p = self._pending
-            raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {len(p.buffer)} bytes")
+            raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
         dtype = torch_dtype(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if len(shape) > MAX_DIMS:
             raise InvalidArgument(f"tensor '{chunk.name}' has {len(shape)} dimensions; at most {MAX_DIMS}")
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"tensor '{chunk.name}' has a negative dimension in shape {list(shape)}")
+        if math.prod(max(d, 1) for d in shape) >= 2**63:
+            # Even with no elements (a zero dimension), torch's strides must fit in int64.
+            raise InvalidArgument(f"tensor '{chunk.name}' has a shape {list(shape)} whose strides overflow int64")
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self._total + nbytes > self._max_bytes:
             raise ResourceExhausted(
                 f"tensor '{chunk.name}' of shape {list(shape)} needs {nbytes} bytes; "
                 f"a request may carry at most {self._max_bytes} bytes of tensors"
             )
+        if self._on_header is not None:
+            self._on_header(chunk.name, nbytes)
+        try:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        except RuntimeError as exc:  # the CPU allocator's out-of-memory
+            raise ResourceExhausted(f"tensor '{chunk.name}' of {nbytes} bytes: server out of memory") from exc
         self._total += nbytes
-        flat = torch.empty(nbytes, dtype=torch.uint8)
-        self._pending = _Pending(chunk.name, dtype, shape, flat, memoryview(flat.numpy()))
+        self._pending = _Pending(chunk.name, dtype, shape, buffer)
         if nbytes == 0:
             self._complete()
 
@@ -204,20 +220,20 @@ class TensorAssembler:
         if p is None or not data:
             return
         end = p.filled + len(data)
-        if end > len(p.buffer):
+        if end > p.nbytes:
             raise InvalidArgument(
-                f"tensor '{p.name}' of shape {list(p.shape)} and dtype {p.dtype} holds {len(p.buffer)} bytes; "
+                f"tensor '{p.name}' of shape {list(p.shape)} and dtype {p.dtype} holds {p.nbytes} bytes; "
                 f"received at least {end}"
             )
-        p.buffer[p.filled:end] = data
+        p.buffer.numpy()[p.filled:end] = np.frombuffer(data, dtype=np.uint8)
         p.filled = end
-        if end == len(p.buffer):
+        if end == p.nbytes:
             self._complete()
 
     def _complete(self) -> None:
         p = self._pending
         assert p is not None
-        flat = p.flat
+        flat = p.buffer
         tensor = flat.view(p.dtype).reshape(p.shape)
         if p.dtype is torch.bool and bool((flat > 1).any()):
             raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
@@ -225,9 +241,11 @@ class TensorAssembler:
         self._pending = None
 
 
-def assemble(chunks: Iterable[pb.TensorChunk], max_bytes: int) -> list[tuple[str, torch.Tensor]]:
-    """Join a whole stream of chunks into named CPU tensors."""
-    assembler = TensorAssembler(max_bytes)
+def assemble(
+    chunks: Iterable[pb.TensorChunk], max_bytes: int, on_header: Callable[[str, int], None] | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`)."""
+    assembler = TensorAssembler(max_bytes, on_header)
     for chunk in chunks:
         assembler.feed(chunk)
     return assembler.finish()

@@ -128,6 +128,61 @@ HANDLE_KIND_TENSOR: HandleKind.ValueType  # 6
 """A single tensor."""
 Global___HandleKind: _TypeAlias = HandleKind  # noqa: Y015
 
+class _DataSplit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataSplitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataSplit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_SPLIT_UNSPECIFIED: _DataSplit.ValueType  # 0
+    """Never valid; present so an unset field is detectable."""
+    DATA_SPLIT_TRAIN: _DataSplit.ValueType  # 1
+    """The training data and train options (train, run, batchnorm)."""
+    DATA_SPLIT_TEST: _DataSplit.ValueType  # 2
+    """The test data and test options (test, testrun, evaluate)."""
+
+class DataSplit(_DataSplit, metaclass=_DataSplitEnumTypeWrapper):
+    """---- Models and training ----
+
+    DataSplit says which of a model's two data sets (and option sets) a request is about.
+    """
+
+DATA_SPLIT_UNSPECIFIED: DataSplit.ValueType  # 0
+"""Never valid; present so an unset field is detectable."""
+DATA_SPLIT_TRAIN: DataSplit.ValueType  # 1
+"""The training data and train options (train, run, batchnorm)."""
+DATA_SPLIT_TEST: DataSplit.ValueType  # 2
+"""The test data and test options (test, testrun, evaluate)."""
+Global___DataSplit: _TypeAlias = DataSplit  # noqa: Y015
+
+class _ForwardMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ForwardModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ForwardMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FORWARD_MODE_UNSPECIFIED: _ForwardMode.ValueType  # 0
+    """Never valid; present so an unset field is detectable."""
+    FORWARD_MODE_TRAIN: _ForwardMode.ValueType  # 1
+    """forward: train mode, with gradients (the output is returned detached)."""
+    FORWARD_MODE_TRAIN_NO_GRAD: _ForwardMode.ValueType  # 2
+    """nforward: train mode, no gradients (batchnorm layers update their running statistics)."""
+    FORWARD_MODE_EVAL: _ForwardMode.ValueType  # 3
+    """eforward: eval mode, no gradients."""
+
+class ForwardMode(_ForwardMode, metaclass=_ForwardModeEnumTypeWrapper):
+    """ForwardMode picks the train flag and gradient mode of a forward call."""
+
+FORWARD_MODE_UNSPECIFIED: ForwardMode.ValueType  # 0
+"""Never valid; present so an unset field is detectable."""
+FORWARD_MODE_TRAIN: ForwardMode.ValueType  # 1
+"""forward: train mode, with gradients (the output is returned detached)."""
+FORWARD_MODE_TRAIN_NO_GRAD: ForwardMode.ValueType  # 2
+"""nforward: train mode, no gradients (batchnorm layers update their running statistics)."""
+FORWARD_MODE_EVAL: ForwardMode.ValueType  # 3
+"""eforward: eval mode, no gradients."""
+Global___ForwardMode: _TypeAlias = ForwardMode  # noqa: Y015
+
 @_typing.final
 class Handle(_message.Message):
     """Handle names a server object. The id is opaque and unguessable; never parse it."""
@@ -1557,7 +1612,7 @@ class FreeHandlesRequest(_message.Message):
     HANDLES_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
-    """Free every live handle instead."""
+    """Free every live handle the caller can list instead: its session's, or those of no session."""
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Handle ids to free; all must exist."""
@@ -1778,3 +1833,1143 @@ class MoveHandleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MoveHandleResponse: _TypeAlias = MoveHandleResponse  # noqa: Y015
+
+@_typing.final
+class CreateLossRequest(_message.Message):
+    """CreateLossRequest names a loss type and its options."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """Loss type: ce, mse, nll, bce, bcelogits or smoothl1."""
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
+        """Positional options in the type's option order."""
+
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Keyword options."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        args: _abc.Iterable[Global___OptionValue] | None = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "options", b"options", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateLossRequest: _TypeAlias = CreateLossRequest  # noqa: Y015
+
+@_typing.final
+class CreateLossResponse(_message.Message):
+    """CreateLossResponse returns the new loss."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOSS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def loss(self) -> Global___Handle:
+        """Handle of the new loss."""
+
+    def __init__(
+        self,
+        *,
+        loss: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateLossResponse: _TypeAlias = CreateLossResponse  # noqa: Y015
+
+@_typing.final
+class CreateOptimizerRequest(_message.Message):
+    """CreateOptimizerRequest names an optimizer type, the module whose parameters it updates, and options."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    MODULE_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """Optimizer type: sgd, adam, adamw, rmsprop or adagrad."""
+    module: _builtins.str
+    """Module or model handle id whose parameters the optimizer updates."""
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
+        """Positional options in the type's option order (sgd: lr, momentum, dampening, decay, nesterov)."""
+
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Keyword options."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        module: _builtins.str = ...,
+        args: _abc.Iterable[Global___OptionValue] | None = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "module", b"module", "options", b"options", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateOptimizerRequest: _TypeAlias = CreateOptimizerRequest  # noqa: Y015
+
+@_typing.final
+class CreateOptimizerResponse(_message.Message):
+    """CreateOptimizerResponse returns the new optimizer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def optimizer(self) -> Global___Handle:
+        """Handle of the new optimizer."""
+
+    def __init__(
+        self,
+        *,
+        optimizer: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateOptimizerResponse: _TypeAlias = CreateOptimizerResponse  # noqa: Y015
+
+@_typing.final
+class GetLearningRateRequest(_message.Message):
+    """GetLearningRateRequest names an optimizer or model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Optimizer or model handle id."""
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLearningRateRequest: _TypeAlias = GetLearningRateRequest  # noqa: Y015
+
+@_typing.final
+class GetLearningRateResponse(_message.Message):
+    """GetLearningRateResponse returns the learning rate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LR_FIELD_NUMBER: _builtins.int
+    lr: _builtins.float
+    """Learning rate of the first parameter group (every group has the same one unless set apart)."""
+    def __init__(
+        self,
+        *,
+        lr: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lr", b"lr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLearningRateResponse: _TypeAlias = GetLearningRateResponse  # noqa: Y015
+
+@_typing.final
+class SetLearningRateRequest(_message.Message):
+    """SetLearningRateRequest names an optimizer or model and the new rate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    LR_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Optimizer or model handle id."""
+    lr: _builtins.float
+    """New learning rate for every parameter group; finite and not negative."""
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        lr: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "lr", b"lr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLearningRateRequest: _TypeAlias = SetLearningRateRequest  # noqa: Y015
+
+@_typing.final
+class SetLearningRateResponse(_message.Message):
+    """SetLearningRateResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLearningRateResponse: _TypeAlias = SetLearningRateResponse  # noqa: Y015
+
+@_typing.final
+class CreateModelRequest(_message.Message):
+    """CreateModelRequest names the three parts; all three handles are consumed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODULE_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    module: _builtins.str
+    """Module handle id."""
+    loss: _builtins.str
+    """Loss handle id."""
+    optimizer: _builtins.str
+    """Optimizer handle id; it must have been built over the same module."""
+    def __init__(
+        self,
+        *,
+        module: _builtins.str = ...,
+        loss: _builtins.str = ...,
+        optimizer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "module", b"module", "optimizer", b"optimizer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateModelRequest: _TypeAlias = CreateModelRequest  # noqa: Y015
+
+@_typing.final
+class CreateModelResponse(_message.Message):
+    """CreateModelResponse returns the new model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Handle:
+        """Handle of the new model."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateModelResponse: _TypeAlias = CreateModelResponse  # noqa: Y015
+
+@_typing.final
+class DescribeModelRequest(_message.Message):
+    """DescribeModelRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeModelRequest: _TypeAlias = DescribeModelRequest  # noqa: Y015
+
+@_typing.final
+class Component(_message.Message):
+    """Component is a loss or optimizer with its options."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """Type name, e.g. "ce" or "sgd"."""
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Every option with its current value, in the type's order."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Component: _TypeAlias = Component  # noqa: Y015
+
+@_typing.final
+class DescribeModelResponse(_message.Message):
+    """DescribeModelResponse lists a model's parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODULE_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    TRAIN_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    TRAIN_SIZE_FIELD_NUMBER: _builtins.int
+    TEST_SIZE_FIELD_NUMBER: _builtins.int
+    train_size: _builtins.int
+    """Number of training samples (full size); -1 without training data."""
+    test_size: _builtins.int
+    """Number of test samples; -1 without test data."""
+    @_builtins.property
+    def module(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModuleRow]:
+        """The module's options table, one row per module, pre-order."""
+
+    @_builtins.property
+    def loss(self) -> Global___Component:
+        """The loss."""
+
+    @_builtins.property
+    def optimizer(self) -> Global___Component:
+        """The optimizer."""
+
+    @_builtins.property
+    def train(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Every train option."""
+
+    @_builtins.property
+    def test(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Every test option."""
+
+    def __init__(
+        self,
+        *,
+        module: _abc.Iterable[Global___ModuleRow] | None = ...,
+        loss: Global___Component | None = ...,
+        optimizer: Global___Component | None = ...,
+        train: _abc.Iterable[Global___Option] | None = ...,
+        test: _abc.Iterable[Global___Option] | None = ...,
+        train_size: _builtins.int = ...,
+        test_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "optimizer", b"optimizer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "module", b"module", "optimizer", b"optimizer", "test", b"test", "test_size", b"test_size", "train", b"train", "train_size", b"train_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeModelResponse: _TypeAlias = DescribeModelResponse  # noqa: Y015
+
+@_typing.final
+class GetModelOptionsRequest(_message.Message):
+    """GetModelOptionsRequest names a model and which options."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    split: Global___DataSplit.ValueType
+    """Train or test options."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        split: Global___DataSplit.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelOptionsRequest: _TypeAlias = GetModelOptionsRequest  # noqa: Y015
+
+@_typing.final
+class GetModelOptionsResponse(_message.Message):
+    """GetModelOptionsResponse lists options."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Every option with its value. metrics is a comma-separated string, e.g. "loss,accuracy"."""
+
+    def __init__(
+        self,
+        *,
+        options: _abc.Iterable[Global___Option] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelOptionsResponse: _TypeAlias = GetModelOptionsResponse  # noqa: Y015
+
+@_typing.final
+class SetModelOptionsRequest(_message.Message):
+    """SetModelOptionsRequest names a model, which options, and the values to set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    split: Global___DataSplit.ValueType
+    """Train or test options."""
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Options to set: batchsize, droplast, metrics (a comma-separated string); train only: shuffle,
+        seed. All are checked before any is set.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        split: Global___DataSplit.ValueType = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelOptionsRequest: _TypeAlias = SetModelOptionsRequest  # noqa: Y015
+
+@_typing.final
+class SetModelOptionsResponse(_message.Message):
+    """SetModelOptionsResponse lists every option after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Every option with its value."""
+
+    def __init__(
+        self,
+        *,
+        options: _abc.Iterable[Global___Option] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelOptionsResponse: _TypeAlias = SetModelOptionsResponse  # noqa: Y015
+
+@_typing.final
+class SetModelDataRequest(_message.Message):
+    """SetModelDataRequest is one message of a SetModelData stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id; set on the first message."""
+    split: Global___DataSplit.ValueType
+    """Train or test data; set on the first message."""
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Part of the inputs (first tensor) or targets (second tensor); first dimensions must match."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        split: Global___DataSplit.ValueType = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelDataRequest: _TypeAlias = SetModelDataRequest  # noqa: Y015
+
+@_typing.final
+class SetModelDataResponse(_message.Message):
+    """SetModelDataResponse returns the batch count."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    batches: _builtins.int
+    """Number of batches with the current options."""
+    def __init__(
+        self,
+        *,
+        batches: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelDataResponse: _TypeAlias = SetModelDataResponse  # noqa: Y015
+
+@_typing.final
+class RunEpochRequest(_message.Message):
+    """RunEpochRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunEpochRequest: _TypeAlias = RunEpochRequest  # noqa: Y015
+
+@_typing.final
+class RunEpochResponse(_message.Message):
+    """RunEpochResponse is one message of the metrics stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Part of a metric tensor; the header names the metric (loss, batchloss, accuracy, ...)."""
+
+    def __init__(
+        self,
+        *,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunEpochResponse: _TypeAlias = RunEpochResponse  # noqa: Y015
+
+@_typing.final
+class RunTestRequest(_message.Message):
+    """RunTestRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunTestRequest: _TypeAlias = RunTestRequest  # noqa: Y015
+
+@_typing.final
+class RunTestResponse(_message.Message):
+    """RunTestResponse is one message of the metrics stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Part of a metric tensor; the header names the metric."""
+
+    def __init__(
+        self,
+        *,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunTestResponse: _TypeAlias = RunTestResponse  # noqa: Y015
+
+@_typing.final
+class EvaluateModelRequest(_message.Message):
+    """EvaluateModelRequest is one message of an EvaluateModel stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id; set on the first message."""
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Part of the one input tensor."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateModelRequest: _TypeAlias = EvaluateModelRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateModelResponse(_message.Message):
+    """EvaluateModelResponse is one message of the output stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Part of the output tensor."""
+
+    def __init__(
+        self,
+        *,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateModelResponse: _TypeAlias = EvaluateModelResponse  # noqa: Y015
+
+@_typing.final
+class RunForwardRequest(_message.Message):
+    """RunForwardRequest is one message of a RunForward stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Module or model handle id; set on the first message."""
+    mode: Global___ForwardMode.ValueType
+    """forward, nforward or eforward; set on the first message."""
+    input: _builtins.str
+    """Tensor handle id of the input; when empty the input streams as chunks, and with neither a
+    model uses its training inputs (test inputs for eforward).
+    """
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Part of the input tensor, when no input handle is given."""
+
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        mode: Global___ForwardMode.ValueType = ...,
+        input: _builtins.str = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "input", b"input", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunForwardRequest: _TypeAlias = RunForwardRequest  # noqa: Y015
+
+@_typing.final
+class RunForwardResponse(_message.Message):
+    """RunForwardResponse returns the output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def output(self) -> Global___Handle:
+        """New tensor handle holding the (detached) output."""
+
+    def __init__(
+        self,
+        *,
+        output: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunForwardResponse: _TypeAlias = RunForwardResponse  # noqa: Y015
+
+@_typing.final
+class GetModelInputRequest(_message.Message):
+    """GetModelInputRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelInputRequest: _TypeAlias = GetModelInputRequest  # noqa: Y015
+
+@_typing.final
+class GetModelInputResponse(_message.Message):
+    """GetModelInputResponse returns the input handle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tensor(self) -> Global___Handle:
+        """Tensor handle sharing the model's training inputs (batching one batches the other)."""
+
+    def __init__(
+        self,
+        *,
+        tensor: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelInputResponse: _TypeAlias = GetModelInputResponse  # noqa: Y015
+
+@_typing.final
+class RestoreModelDataRequest(_message.Message):
+    """RestoreModelDataRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreModelDataRequest: _TypeAlias = RestoreModelDataRequest  # noqa: Y015
+
+@_typing.final
+class RestoreModelDataResponse(_message.Message):
+    """RestoreModelDataResponse returns the full size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Number of training samples; -1 without training data."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreModelDataResponse: _TypeAlias = RestoreModelDataResponse  # noqa: Y015
+
+@_typing.final
+class NextBatchRequest(_message.Message):
+    """NextBatchRequest names a tensor or model and the batch size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Tensor or model handle id."""
+    size: _builtins.int
+    """Batch size for a tensor, between 1 and its first dimension minus 1; 0 for a model, which uses
+    its train batchsize.
+    """
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NextBatchRequest: _TypeAlias = NextBatchRequest  # noqa: Y015
+
+@_typing.final
+class NextBatchResponse(_message.Message):
+    """NextBatchResponse says whether a batch is in place."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MORE_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    """True when narrowed to a next batch; false once past the last (full size restored)."""
+    def __init__(
+        self,
+        *,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NextBatchResponse: _TypeAlias = NextBatchResponse  # noqa: Y015
+
+@_typing.final
+class RecalculateBatchNormRequest(_message.Message):
+    """RecalculateBatchNormRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id; the model needs training data."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecalculateBatchNormRequest: _TypeAlias = RecalculateBatchNormRequest  # noqa: Y015
+
+@_typing.final
+class RecalculateBatchNormResponse(_message.Message):
+    """RecalculateBatchNormResponse returns the momenta that were restored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MomentaEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Momentum: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Momentum | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MOMENTA_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def momenta(self) -> _containers.MessageMap[_builtins.str, Global___Momentum]:
+        """Batchnorm module path -> its momentum (as before the call)."""
+
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The module paths in module order."""
+
+    def __init__(
+        self,
+        *,
+        momenta: _abc.Mapping[_builtins.str, Global___Momentum] | None = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["momenta", b"momenta", "names", b"names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecalculateBatchNormResponse: _TypeAlias = RecalculateBatchNormResponse  # noqa: Y015
+
+@_typing.final
+class CreateSessionRequest(_message.Message):
+    """-- Sessions and snapshots (reliability) ----------------------------------------------------------
+
+    CreateSessionRequest asks for a session.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    lease_seconds: _builtins.float
+    """Lease in seconds: the session ends this long after its last call; 0 takes the server default."""
+    def __init__(
+        self,
+        *,
+        lease_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSessionRequest: _TypeAlias = CreateSessionRequest  # noqa: Y015
+
+@_typing.final
+class CreateSessionResponse(_message.Message):
+    """CreateSessionResponse returns the session id to send as "weightavg-session" metadata."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """Opaque, unguessable session id."""
+    lease_seconds: _builtins.float
+    """The lease granted, in seconds (the server may cap the one asked for)."""
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSessionResponse: _TypeAlias = CreateSessionResponse  # noqa: Y015
+
+@_typing.final
+class KeepAliveSessionRequest(_message.Message):
+    """KeepAliveSessionRequest names the session to renew."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """Session id; empty means the session named in the call's metadata."""
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeepAliveSessionRequest: _TypeAlias = KeepAliveSessionRequest  # noqa: Y015
+
+@_typing.final
+class KeepAliveSessionResponse(_message.Message):
+    """KeepAliveSessionResponse returns the lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    lease_seconds: _builtins.float
+    """Seconds from now until the session expires unless renewed again."""
+    def __init__(
+        self,
+        *,
+        lease_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeepAliveSessionResponse: _TypeAlias = KeepAliveSessionResponse  # noqa: Y015
+
+@_typing.final
+class CloseSessionRequest(_message.Message):
+    """CloseSessionRequest names the session to end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """Session id; empty means the session named in the call's metadata."""
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseSessionRequest: _TypeAlias = CloseSessionRequest  # noqa: Y015
+
+@_typing.final
+class CloseSessionResponse(_message.Message):
+    """CloseSessionResponse returns how many handles were freed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREED_FIELD_NUMBER: _builtins.int
+    freed: _builtins.int
+    """Number of handles the session owned and that were released."""
+    def __init__(
+        self,
+        *,
+        freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed", b"freed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotRequest(_message.Message):
+    """SnapshotRequest is empty: the server writes to the state directory it was started with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRequest: _TypeAlias = SnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotResponse(_message.Message):
+    """SnapshotResponse describes the snapshot written."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTORY_FIELD_NUMBER: _builtins.int
+    HANDLES_FIELD_NUMBER: _builtins.int
+    TENSOR_BYTES_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    directory: _builtins.str
+    """The state directory written to."""
+    handles: _builtins.int
+    """Number of handles saved."""
+    tensor_bytes: _builtins.int
+    """Bytes of tensor data written."""
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Handles that could not be saved (kinds without a snapshot format yet), as "id (kind)"."""
+
+    def __init__(
+        self,
+        *,
+        directory: _builtins.str = ...,
+        handles: _builtins.int = ...,
+        tensor_bytes: _builtins.int = ...,
+        skipped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory", b"directory", "handles", b"handles", "skipped", b"skipped", "tensor_bytes", b"tensor_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotResponse: _TypeAlias = SnapshotResponse  # noqa: Y015

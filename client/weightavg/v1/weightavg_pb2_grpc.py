@@ -156,6 +156,111 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleResponse.FromString,
                 _registered_method=True)
+        self.CreateLoss = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CreateLoss',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateLossRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateLossResponse.FromString,
+                _registered_method=True)
+        self.CreateOptimizer = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CreateOptimizer',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateOptimizerRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateOptimizerResponse.FromString,
+                _registered_method=True)
+        self.GetLearningRate = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/GetLearningRate',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetLearningRateRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetLearningRateResponse.FromString,
+                _registered_method=True)
+        self.SetLearningRate = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/SetLearningRate',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.SetLearningRateRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SetLearningRateResponse.FromString,
+                _registered_method=True)
+        self.CreateModel = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CreateModel',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateModelResponse.FromString,
+                _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/DescribeModel',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.DescribeModelResponse.FromString,
+                _registered_method=True)
+        self.GetModelOptions = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/GetModelOptions',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelOptionsRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelOptionsResponse.FromString,
+                _registered_method=True)
+        self.SetModelOptions = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/SetModelOptions',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelOptionsRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelOptionsResponse.FromString,
+                _registered_method=True)
+        self.SetModelData = channel.stream_unary(
+                '/weightavg.v1.WeightAveragingService/SetModelData',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelDataRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelDataResponse.FromString,
+                _registered_method=True)
+        self.RunEpoch = channel.unary_stream(
+                '/weightavg.v1.WeightAveragingService/RunEpoch',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.RunEpochRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RunEpochResponse.FromString,
+                _registered_method=True)
+        self.RunTest = channel.unary_stream(
+                '/weightavg.v1.WeightAveragingService/RunTest',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.RunTestRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RunTestResponse.FromString,
+                _registered_method=True)
+        self.EvaluateModel = channel.stream_stream(
+                '/weightavg.v1.WeightAveragingService/EvaluateModel',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.EvaluateModelRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.EvaluateModelResponse.FromString,
+                _registered_method=True)
+        self.RunForward = channel.stream_unary(
+                '/weightavg.v1.WeightAveragingService/RunForward',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.RunForwardRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RunForwardResponse.FromString,
+                _registered_method=True)
+        self.GetModelInput = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/GetModelInput',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelInputRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelInputResponse.FromString,
+                _registered_method=True)
+        self.RestoreModelData = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/RestoreModelData',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.RestoreModelDataRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RestoreModelDataResponse.FromString,
+                _registered_method=True)
+        self.NextBatch = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/NextBatch',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.NextBatchRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.NextBatchResponse.FromString,
+                _registered_method=True)
+        self.RecalculateBatchNorm = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/RecalculateBatchNorm',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormResponse.FromString,
+                _registered_method=True)
+        self.CreateSession = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CreateSession',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionResponse.FromString,
+                _registered_method=True)
+        self.KeepAliveSession = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/KeepAliveSession',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CloseSession',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/Snapshot',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -323,7 +428,8 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListHandles(self, request, context):
-        """ListHandles describes every live handle: kind, device, dtype and bytes.
+        """ListHandles describes every live handle the caller may list (its session's, or those of no
+        session): kind, device, dtype and bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -331,6 +437,166 @@ class WeightAveragingServiceServicer:
 
     def MoveHandle(self, request, context):
         """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateLoss(self, request, context):
+        """---- Models and training ----
+        CreateLoss builds a loss function (ce, mse, nll, bce, bcelogits, smoothl1) from positional and
+        keyword options.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOptimizer(self, request, context):
+        """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
+        a module or model, with positional and keyword options.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLearningRate(self, request, context):
+        """GetLearningRate returns the learning rate of an optimizer or of a model's optimizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLearningRate(self, request, context):
+        """SetLearningRate sets the learning rate of every parameter group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModel(self, request, context):
+        """CreateModel joins a module, a loss and an optimizer into a model. The three argument handles
+        are consumed (freed); the model shares the module, so take a second handle first to keep one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeModel(self, request, context):
+        """DescribeModel returns a model's parts: module table, loss, optimizer, options and data sizes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelOptions(self, request, context):
+        """GetModelOptions returns a model's train or test options.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelOptions(self, request, context):
+        """SetModelOptions sets some train or test options, all or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelData(self, request_iterator, context):
+        """SetModelData uploads a model's train or test inputs and targets as two streamed tensors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunEpoch(self, request, context):
+        """RunEpoch trains a model for one epoch over its training data and streams the requested
+        metrics back as named tensors. It stops between batches when the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunTest(self, request, context):
+        """RunTest evaluates a model over its test data (eval mode, no gradients) and streams the
+        requested metrics back as named tensors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateModel(self, request_iterator, context):
+        """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
+        streams the outputs back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunForward(self, request_iterator, context):
+        """RunForward runs a module (or a model's module) on an input and returns the output as a new
+        tensor handle: forward, nforward or eforward by mode.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInput(self, request, context):
+        """GetModelInput returns a tensor handle that shares the model's training inputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreModelData(self, request, context):
+        """RestoreModelData puts a model's training data back to full size after batching.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NextBatch(self, request, context):
+        """NextBatch narrows a tensor (or a model's training data) in place to its next batch; at the
+        end it restores the full size and reports that no batch remains.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecalculateBatchNorm(self, request, context):
+        """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
+        over the model's training data, then restores momenta and the train flag (batchnorm on a model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSession(self, request, context):
+        """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+        CreateSession starts a session with a lease. Handles created by calls that carry the session id
+        in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepAliveSession(self, request, context):
+        """KeepAliveSession renews a session's lease (any call carrying the session renews it too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """CloseSession ends a session and frees every handle it owns, in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """Snapshot writes every live handle to the server's state directory, atomically.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -458,6 +724,111 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.MoveHandle,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleResponse.SerializeToString,
+            ),
+            'CreateLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateLoss,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateLossRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateLossResponse.SerializeToString,
+            ),
+            'CreateOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOptimizer,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateOptimizerRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateOptimizerResponse.SerializeToString,
+            ),
+            'GetLearningRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLearningRate,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetLearningRateRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetLearningRateResponse.SerializeToString,
+            ),
+            'SetLearningRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLearningRate,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SetLearningRateRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.SetLearningRateResponse.SerializeToString,
+            ),
+            'CreateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateModelRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateModelResponse.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.DescribeModelRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'GetModelOptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelOptions,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelOptionsRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelOptionsResponse.SerializeToString,
+            ),
+            'SetModelOptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelOptions,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelOptionsRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelOptionsResponse.SerializeToString,
+            ),
+            'SetModelData': grpc.stream_unary_rpc_method_handler(
+                    servicer.SetModelData,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelDataRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.SetModelDataResponse.SerializeToString,
+            ),
+            'RunEpoch': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunEpoch,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RunEpochRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.RunEpochResponse.SerializeToString,
+            ),
+            'RunTest': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunTest,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RunTestRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.RunTestResponse.SerializeToString,
+            ),
+            'EvaluateModel': grpc.stream_stream_rpc_method_handler(
+                    servicer.EvaluateModel,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.EvaluateModelRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.EvaluateModelResponse.SerializeToString,
+            ),
+            'RunForward': grpc.stream_unary_rpc_method_handler(
+                    servicer.RunForward,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RunForwardRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.RunForwardResponse.SerializeToString,
+            ),
+            'GetModelInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInput,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelInputRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetModelInputResponse.SerializeToString,
+            ),
+            'RestoreModelData': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreModelData,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RestoreModelDataRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.RestoreModelDataResponse.SerializeToString,
+            ),
+            'NextBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextBatch,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.NextBatchRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.NextBatchResponse.SerializeToString,
+            ),
+            'RecalculateBatchNorm': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecalculateBatchNorm,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormResponse.SerializeToString,
+            ),
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'KeepAliveSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepAliveSession,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1110,6 +1481,573 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/MoveHandle',
             weightavg_dot_v1_dot_weightavg__pb2.MoveHandleRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.MoveHandleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CreateLoss',
+            weightavg_dot_v1_dot_weightavg__pb2.CreateLossRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CreateLossResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CreateOptimizer',
+            weightavg_dot_v1_dot_weightavg__pb2.CreateOptimizerRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CreateOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLearningRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/GetLearningRate',
+            weightavg_dot_v1_dot_weightavg__pb2.GetLearningRateRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.GetLearningRateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLearningRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/SetLearningRate',
+            weightavg_dot_v1_dot_weightavg__pb2.SetLearningRateRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.SetLearningRateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CreateModel',
+            weightavg_dot_v1_dot_weightavg__pb2.CreateModelRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CreateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/DescribeModel',
+            weightavg_dot_v1_dot_weightavg__pb2.DescribeModelRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelOptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/GetModelOptions',
+            weightavg_dot_v1_dot_weightavg__pb2.GetModelOptionsRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.GetModelOptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelOptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/SetModelOptions',
+            weightavg_dot_v1_dot_weightavg__pb2.SetModelOptionsRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.SetModelOptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelData(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/weightavg.v1.WeightAveragingService/SetModelData',
+            weightavg_dot_v1_dot_weightavg__pb2.SetModelDataRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.SetModelDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunEpoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/RunEpoch',
+            weightavg_dot_v1_dot_weightavg__pb2.RunEpochRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.RunEpochResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/RunTest',
+            weightavg_dot_v1_dot_weightavg__pb2.RunTestRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.RunTestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/weightavg.v1.WeightAveragingService/EvaluateModel',
+            weightavg_dot_v1_dot_weightavg__pb2.EvaluateModelRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.EvaluateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/weightavg.v1.WeightAveragingService/RunForward',
+            weightavg_dot_v1_dot_weightavg__pb2.RunForwardRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.RunForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/GetModelInput',
+            weightavg_dot_v1_dot_weightavg__pb2.GetModelInputRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.GetModelInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreModelData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/RestoreModelData',
+            weightavg_dot_v1_dot_weightavg__pb2.RestoreModelDataRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.RestoreModelDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/NextBatch',
+            weightavg_dot_v1_dot_weightavg__pb2.NextBatchRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.NextBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecalculateBatchNorm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/RecalculateBatchNorm',
+            weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.RecalculateBatchNormResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CreateSession',
+            weightavg_dot_v1_dot_weightavg__pb2.CreateSessionRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAliveSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/KeepAliveSession',
+            weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.KeepAliveSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CloseSession',
+            weightavg_dot_v1_dot_weightavg__pb2.CloseSessionRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/Snapshot',
+            weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

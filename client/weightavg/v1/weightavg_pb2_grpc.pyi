@@ -94,9 +94,76 @@ class WeightAveragingServiceStub:
     AddReference: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]
     """AddReference returns a second handle to the same object."""
     ListHandles: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]
-    """ListHandles describes every live handle: kind, device, dtype and bytes."""
+    """ListHandles describes every live handle the caller may list (its session's, or those of no
+    session): kind, device, dtype and bytes.
+    """
     MoveHandle: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+    CreateLoss: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateLossRequest, _weightavg_pb2.CreateLossResponse]
+    """---- Models and training ----
+    CreateLoss builds a loss function (ce, mse, nll, bce, bcelogits, smoothl1) from positional and
+    keyword options.
+    """
+    CreateOptimizer: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateOptimizerRequest, _weightavg_pb2.CreateOptimizerResponse]
+    """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
+    a module or model, with positional and keyword options.
+    """
+    GetLearningRate: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetLearningRateRequest, _weightavg_pb2.GetLearningRateResponse]
+    """GetLearningRate returns the learning rate of an optimizer or of a model's optimizer."""
+    SetLearningRate: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SetLearningRateRequest, _weightavg_pb2.SetLearningRateResponse]
+    """SetLearningRate sets the learning rate of every parameter group."""
+    CreateModel: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateModelRequest, _weightavg_pb2.CreateModelResponse]
+    """CreateModel joins a module, a loss and an optimizer into a model. The three argument handles
+    are consumed (freed); the model shares the module, so take a second handle first to keep one.
+    """
+    DescribeModel: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.DescribeModelRequest, _weightavg_pb2.DescribeModelResponse]
+    """DescribeModel returns a model's parts: module table, loss, optimizer, options and data sizes."""
+    GetModelOptions: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetModelOptionsRequest, _weightavg_pb2.GetModelOptionsResponse]
+    """GetModelOptions returns a model's train or test options."""
+    SetModelOptions: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SetModelOptionsRequest, _weightavg_pb2.SetModelOptionsResponse]
+    """SetModelOptions sets some train or test options, all or nothing."""
+    SetModelData: _grpc.StreamUnaryMultiCallable[_weightavg_pb2.SetModelDataRequest, _weightavg_pb2.SetModelDataResponse]
+    """SetModelData uploads a model's train or test inputs and targets as two streamed tensors."""
+    RunEpoch: _grpc.UnaryStreamMultiCallable[_weightavg_pb2.RunEpochRequest, _weightavg_pb2.RunEpochResponse]
+    """RunEpoch trains a model for one epoch over its training data and streams the requested
+    metrics back as named tensors. It stops between batches when the caller cancels.
+    """
+    RunTest: _grpc.UnaryStreamMultiCallable[_weightavg_pb2.RunTestRequest, _weightavg_pb2.RunTestResponse]
+    """RunTest evaluates a model over its test data (eval mode, no gradients) and streams the
+    requested metrics back as named tensors.
+    """
+    EvaluateModel: _grpc.StreamStreamMultiCallable[_weightavg_pb2.EvaluateModelRequest, _weightavg_pb2.EvaluateModelResponse]
+    """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
+    streams the outputs back.
+    """
+    RunForward: _grpc.StreamUnaryMultiCallable[_weightavg_pb2.RunForwardRequest, _weightavg_pb2.RunForwardResponse]
+    """RunForward runs a module (or a model's module) on an input and returns the output as a new
+    tensor handle: forward, nforward or eforward by mode.
+    """
+    GetModelInput: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetModelInputRequest, _weightavg_pb2.GetModelInputResponse]
+    """GetModelInput returns a tensor handle that shares the model's training inputs."""
+    RestoreModelData: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.RestoreModelDataRequest, _weightavg_pb2.RestoreModelDataResponse]
+    """RestoreModelData puts a model's training data back to full size after batching."""
+    NextBatch: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.NextBatchRequest, _weightavg_pb2.NextBatchResponse]
+    """NextBatch narrows a tensor (or a model's training data) in place to its next batch; at the
+    end it restores the full size and reports that no batch remains.
+    """
+    RecalculateBatchNorm: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.RecalculateBatchNormRequest, _weightavg_pb2.RecalculateBatchNormResponse]
+    """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
+    over the model's training data, then restores momenta and the train flag (batchnorm on a model).
+    """
+    CreateSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateSessionRequest, _weightavg_pb2.CreateSessionResponse]
+    """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+    CreateSession starts a session with a lease. Handles created by calls that carry the session id
+    in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+    """
+    KeepAliveSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.KeepAliveSessionRequest, _weightavg_pb2.KeepAliveSessionResponse]
+    """KeepAliveSession renews a session's lease (any call carrying the session renews it too)."""
+    CloseSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CloseSessionRequest, _weightavg_pb2.CloseSessionResponse]
+    """CloseSession ends a session and frees every handle it owns, in one call."""
+    Snapshot: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]
+    """Snapshot writes every live handle to the server's state directory, atomically."""
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -160,9 +227,76 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     AddReference: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]  # type: ignore[assignment]
     """AddReference returns a second handle to the same object."""
     ListHandles: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]  # type: ignore[assignment]
-    """ListHandles describes every live handle: kind, device, dtype and bytes."""
+    """ListHandles describes every live handle the caller may list (its session's, or those of no
+    session): kind, device, dtype and bytes.
+    """
     MoveHandle: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]  # type: ignore[assignment]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+    CreateLoss: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateLossRequest, _weightavg_pb2.CreateLossResponse]  # type: ignore[assignment]
+    """---- Models and training ----
+    CreateLoss builds a loss function (ce, mse, nll, bce, bcelogits, smoothl1) from positional and
+    keyword options.
+    """
+    CreateOptimizer: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateOptimizerRequest, _weightavg_pb2.CreateOptimizerResponse]  # type: ignore[assignment]
+    """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
+    a module or model, with positional and keyword options.
+    """
+    GetLearningRate: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetLearningRateRequest, _weightavg_pb2.GetLearningRateResponse]  # type: ignore[assignment]
+    """GetLearningRate returns the learning rate of an optimizer or of a model's optimizer."""
+    SetLearningRate: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SetLearningRateRequest, _weightavg_pb2.SetLearningRateResponse]  # type: ignore[assignment]
+    """SetLearningRate sets the learning rate of every parameter group."""
+    CreateModel: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateModelRequest, _weightavg_pb2.CreateModelResponse]  # type: ignore[assignment]
+    """CreateModel joins a module, a loss and an optimizer into a model. The three argument handles
+    are consumed (freed); the model shares the module, so take a second handle first to keep one.
+    """
+    DescribeModel: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.DescribeModelRequest, _weightavg_pb2.DescribeModelResponse]  # type: ignore[assignment]
+    """DescribeModel returns a model's parts: module table, loss, optimizer, options and data sizes."""
+    GetModelOptions: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetModelOptionsRequest, _weightavg_pb2.GetModelOptionsResponse]  # type: ignore[assignment]
+    """GetModelOptions returns a model's train or test options."""
+    SetModelOptions: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SetModelOptionsRequest, _weightavg_pb2.SetModelOptionsResponse]  # type: ignore[assignment]
+    """SetModelOptions sets some train or test options, all or nothing."""
+    SetModelData: _aio.StreamUnaryMultiCallable[_weightavg_pb2.SetModelDataRequest, _weightavg_pb2.SetModelDataResponse]  # type: ignore[assignment]
+    """SetModelData uploads a model's train or test inputs and targets as two streamed tensors."""
+    RunEpoch: _aio.UnaryStreamMultiCallable[_weightavg_pb2.RunEpochRequest, _weightavg_pb2.RunEpochResponse]  # type: ignore[assignment]
+    """RunEpoch trains a model for one epoch over its training data and streams the requested
+    metrics back as named tensors. It stops between batches when the caller cancels.
+    """
+    RunTest: _aio.UnaryStreamMultiCallable[_weightavg_pb2.RunTestRequest, _weightavg_pb2.RunTestResponse]  # type: ignore[assignment]
+    """RunTest evaluates a model over its test data (eval mode, no gradients) and streams the
+    requested metrics back as named tensors.
+    """
+    EvaluateModel: _aio.StreamStreamMultiCallable[_weightavg_pb2.EvaluateModelRequest, _weightavg_pb2.EvaluateModelResponse]  # type: ignore[assignment]
+    """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
+    streams the outputs back.
+    """
+    RunForward: _aio.StreamUnaryMultiCallable[_weightavg_pb2.RunForwardRequest, _weightavg_pb2.RunForwardResponse]  # type: ignore[assignment]
+    """RunForward runs a module (or a model's module) on an input and returns the output as a new
+    tensor handle: forward, nforward or eforward by mode.
+    """
+    GetModelInput: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetModelInputRequest, _weightavg_pb2.GetModelInputResponse]  # type: ignore[assignment]
+    """GetModelInput returns a tensor handle that shares the model's training inputs."""
+    RestoreModelData: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.RestoreModelDataRequest, _weightavg_pb2.RestoreModelDataResponse]  # type: ignore[assignment]
+    """RestoreModelData puts a model's training data back to full size after batching."""
+    NextBatch: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.NextBatchRequest, _weightavg_pb2.NextBatchResponse]  # type: ignore[assignment]
+    """NextBatch narrows a tensor (or a model's training data) in place to its next batch; at the
+    end it restores the full size and reports that no batch remains.
+    """
+    RecalculateBatchNorm: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.RecalculateBatchNormRequest, _weightavg_pb2.RecalculateBatchNormResponse]  # type: ignore[assignment]
+    """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
+    over the model's training data, then restores momenta and the train flag (batchnorm on a model).
+    """
+    CreateSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateSessionRequest, _weightavg_pb2.CreateSessionResponse]  # type: ignore[assignment]
+    """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+    CreateSession starts a session with a lease. Handles created by calls that carry the session id
+    in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+    """
+    KeepAliveSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.KeepAliveSessionRequest, _weightavg_pb2.KeepAliveSessionResponse]  # type: ignore[assignment]
+    """KeepAliveSession renews a session's lease (any call carrying the session renews it too)."""
+    CloseSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CloseSessionRequest, _weightavg_pb2.CloseSessionResponse]  # type: ignore[assignment]
+    """CloseSession ends a session and frees every handle it owns, in one call."""
+    Snapshot: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]  # type: ignore[assignment]
+    """Snapshot writes every live handle to the server's state directory, atomically."""
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     """WeightAveragingService holds modules, models, optimizers, losses, tensor dictionaries and tensors
@@ -361,7 +495,9 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.ListHandlesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.ListHandlesResponse, _abc.Awaitable[_weightavg_pb2.ListHandlesResponse]]:
-        """ListHandles describes every live handle: kind, device, dtype and bytes."""
+        """ListHandles describes every live handle the caller may list (its session's, or those of no
+        session): kind, device, dtype and bytes.
+        """
 
     @_abc_1.abstractmethod
     def MoveHandle(
@@ -370,5 +506,196 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.MoveHandleResponse, _abc.Awaitable[_weightavg_pb2.MoveHandleResponse]]:
         """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+
+    @_abc_1.abstractmethod
+    def CreateLoss(
+        self,
+        request: _weightavg_pb2.CreateLossRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CreateLossResponse, _abc.Awaitable[_weightavg_pb2.CreateLossResponse]]:
+        """---- Models and training ----
+        CreateLoss builds a loss function (ce, mse, nll, bce, bcelogits, smoothl1) from positional and
+        keyword options.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateOptimizer(
+        self,
+        request: _weightavg_pb2.CreateOptimizerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CreateOptimizerResponse, _abc.Awaitable[_weightavg_pb2.CreateOptimizerResponse]]:
+        """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
+        a module or model, with positional and keyword options.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLearningRate(
+        self,
+        request: _weightavg_pb2.GetLearningRateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.GetLearningRateResponse, _abc.Awaitable[_weightavg_pb2.GetLearningRateResponse]]:
+        """GetLearningRate returns the learning rate of an optimizer or of a model's optimizer."""
+
+    @_abc_1.abstractmethod
+    def SetLearningRate(
+        self,
+        request: _weightavg_pb2.SetLearningRateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.SetLearningRateResponse, _abc.Awaitable[_weightavg_pb2.SetLearningRateResponse]]:
+        """SetLearningRate sets the learning rate of every parameter group."""
+
+    @_abc_1.abstractmethod
+    def CreateModel(
+        self,
+        request: _weightavg_pb2.CreateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CreateModelResponse, _abc.Awaitable[_weightavg_pb2.CreateModelResponse]]:
+        """CreateModel joins a module, a loss and an optimizer into a model. The three argument handles
+        are consumed (freed); the model shares the module, so take a second handle first to keep one.
+        """
+
+    @_abc_1.abstractmethod
+    def DescribeModel(
+        self,
+        request: _weightavg_pb2.DescribeModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.DescribeModelResponse, _abc.Awaitable[_weightavg_pb2.DescribeModelResponse]]:
+        """DescribeModel returns a model's parts: module table, loss, optimizer, options and data sizes."""
+
+    @_abc_1.abstractmethod
+    def GetModelOptions(
+        self,
+        request: _weightavg_pb2.GetModelOptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.GetModelOptionsResponse, _abc.Awaitable[_weightavg_pb2.GetModelOptionsResponse]]:
+        """GetModelOptions returns a model's train or test options."""
+
+    @_abc_1.abstractmethod
+    def SetModelOptions(
+        self,
+        request: _weightavg_pb2.SetModelOptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.SetModelOptionsResponse, _abc.Awaitable[_weightavg_pb2.SetModelOptionsResponse]]:
+        """SetModelOptions sets some train or test options, all or nothing."""
+
+    @_abc_1.abstractmethod
+    def SetModelData(
+        self,
+        request_iterator: _MaybeAsyncIterator[_weightavg_pb2.SetModelDataRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.SetModelDataResponse, _abc.Awaitable[_weightavg_pb2.SetModelDataResponse]]:
+        """SetModelData uploads a model's train or test inputs and targets as two streamed tensors."""
+
+    @_abc_1.abstractmethod
+    def RunEpoch(
+        self,
+        request: _weightavg_pb2.RunEpochRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_weightavg_pb2.RunEpochResponse], _abc.AsyncIterator[_weightavg_pb2.RunEpochResponse]]:
+        """RunEpoch trains a model for one epoch over its training data and streams the requested
+        metrics back as named tensors. It stops between batches when the caller cancels.
+        """
+
+    @_abc_1.abstractmethod
+    def RunTest(
+        self,
+        request: _weightavg_pb2.RunTestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_weightavg_pb2.RunTestResponse], _abc.AsyncIterator[_weightavg_pb2.RunTestResponse]]:
+        """RunTest evaluates a model over its test data (eval mode, no gradients) and streams the
+        requested metrics back as named tensors.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluateModel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_weightavg_pb2.EvaluateModelRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_weightavg_pb2.EvaluateModelResponse], _abc.AsyncIterator[_weightavg_pb2.EvaluateModelResponse]]:
+        """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
+        streams the outputs back.
+        """
+
+    @_abc_1.abstractmethod
+    def RunForward(
+        self,
+        request_iterator: _MaybeAsyncIterator[_weightavg_pb2.RunForwardRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.RunForwardResponse, _abc.Awaitable[_weightavg_pb2.RunForwardResponse]]:
+        """RunForward runs a module (or a model's module) on an input and returns the output as a new
+        tensor handle: forward, nforward or eforward by mode.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModelInput(
+        self,
+        request: _weightavg_pb2.GetModelInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.GetModelInputResponse, _abc.Awaitable[_weightavg_pb2.GetModelInputResponse]]:
+        """GetModelInput returns a tensor handle that shares the model's training inputs."""
+
+    @_abc_1.abstractmethod
+    def RestoreModelData(
+        self,
+        request: _weightavg_pb2.RestoreModelDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.RestoreModelDataResponse, _abc.Awaitable[_weightavg_pb2.RestoreModelDataResponse]]:
+        """RestoreModelData puts a model's training data back to full size after batching."""
+
+    @_abc_1.abstractmethod
+    def NextBatch(
+        self,
+        request: _weightavg_pb2.NextBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.NextBatchResponse, _abc.Awaitable[_weightavg_pb2.NextBatchResponse]]:
+        """NextBatch narrows a tensor (or a model's training data) in place to its next batch; at the
+        end it restores the full size and reports that no batch remains.
+        """
+
+    @_abc_1.abstractmethod
+    def RecalculateBatchNorm(
+        self,
+        request: _weightavg_pb2.RecalculateBatchNormRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.RecalculateBatchNormResponse, _abc.Awaitable[_weightavg_pb2.RecalculateBatchNormResponse]]:
+        """RecalculateBatchNorm resets a model's batchnorm layers and recomputes their running statistics
+        over the model's training data, then restores momenta and the train flag (batchnorm on a model).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSession(
+        self,
+        request: _weightavg_pb2.CreateSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CreateSessionResponse, _abc.Awaitable[_weightavg_pb2.CreateSessionResponse]]:
+        """-- Sessions and snapshots (reliability) --------------------------------------------------------
+
+        CreateSession starts a session with a lease. Handles created by calls that carry the session id
+        in the "weightavg-session" metadata belong to it; when the lease runs out they are freed.
+        """
+
+    @_abc_1.abstractmethod
+    def KeepAliveSession(
+        self,
+        request: _weightavg_pb2.KeepAliveSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.KeepAliveSessionResponse, _abc.Awaitable[_weightavg_pb2.KeepAliveSessionResponse]]:
+        """KeepAliveSession renews a session's lease (any call carrying the session renews it too)."""
+
+    @_abc_1.abstractmethod
+    def CloseSession(
+        self,
+        request: _weightavg_pb2.CloseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CloseSessionResponse, _abc.Awaitable[_weightavg_pb2.CloseSessionResponse]]:
+        """CloseSession ends a session and frees every handle it owns, in one call."""
+
+    @_abc_1.abstractmethod
+    def Snapshot(
+        self,
+        request: _weightavg_pb2.SnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.SnapshotResponse, _abc.Awaitable[_weightavg_pb2.SnapshotResponse]]:
+        """Snapshot writes every live handle to the server's state directory, atomically."""
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,501 @@
+"""Snapshots of every live handle in a state directory: tensors in safetensors, everything else in JSON.
+
+Layout of the directory::
+
+    manifest.json               written last: format, generation, size and sha256 of each file below
+    state-<gen>.json            sessions, objects (kind + JSON description), handles (id, object, session)
+    tensors-<gen>.safetensors   every tensor, keyed t0, t1, ...
+
+Each file is written under a temporary name, fsynced and renamed, then the directory is fsynced;
+files of older generations are removed only once the new manifest is in place. A crash at any point
+therefore leaves either the previous snapshot or the new one, never a mix. Loading checks every
+file's size and sha256 before building anything and raises SnapshotError on any mismatch: a torn or
+modified snapshot is refused, never half-loaded. Nothing is ever unpickled.
+
+Kinds plug in with `register_format(kind, save, load)`: `save(obj, SaveContext) -> dict` describes an
+object in JSON-able values, storing tensors with `ctx.tensor(t)` (which returns a key); `load(dict,
+LoadContext) -> obj` rebuilds it, reading tensors back with `ctx.tensor(key)`. Modules, dictionaries
+and tensors are registered below; a kind with no format is skipped with an error log (and reported
+by the Snapshot RPC) rather than failing the whole snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from . import handles, specs, wire
+from .dictionaries import TensorDict
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .registry import Entry, Kind, Registry, TensorHolder, locked
+
+log = logging.getLogger("weightavg.snapshot")
+
+FORMAT = "weightavg-snapshot"
+VERSION = 1
+MANIFEST = "manifest.json"
+_GENERATION_FILE = re.compile(r"^(state|tensors)-(\d+)\.(json|safetensors)$")
+_SAFETENSORS_DTYPES = {
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+    torch.int32, torch.int64, torch.bool, torch.complex64,
+}
+"""Dtypes safetensors stores natively; others (complex128) are stored as their raw bytes."""
+_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in wire.DTYPES.values()}
+_write_lock = threading.Lock()
+
+
+class SnapshotError(FailedPrecondition):
+    """A snapshot cannot be written, or the one on disk is torn, modified or not understood."""
+
+
+class SaveContext:
+    """Handed to each kind's save function: stores tensors, and finds tensors that belong to a module."""
+
+    def __init__(self, copy: bool = True) -> None:
+        self._copy = copy
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensor_info: dict[str, dict[str, Any]] = {}
+        self._keys: dict[int, str] = {}
+        self._storages: set[int] = set()
+        self._pinned: list[torch.Tensor] = []
+        self._owners: dict[int, dict[str, Any]] = {}
+        self.nbytes = 0
+
+    def tensor(self, t: torch.Tensor) -> str:
+        """Store t, copied now unless the context was made with copy=False; returns its key.
+        The same tensor object stored twice gets one key, so aliasing survives a restore."""
+        key = self._keys.get(id(t))
+        if key is not None:
+            return key
+        key = f"t{len(self.tensors)}"
+        self._keys[id(t)] = key
+        self._pinned.append(t)  # keeps id(t) from being reused by another tensor during this save
+        data = t.detach().to("cpu", copy=self._copy).contiguous()
+        if data.numel() and data.untyped_storage().data_ptr() in self._storages:
+            data = data.clone()  # safetensors refuses tensors that share memory (e.g. a slice of another)
+        if data.numel():
+            self._storages.add(data.untyped_storage().data_ptr())
+        raw = data.dtype not in _SAFETENSORS_DTYPES
+        self.tensor_info[key] = {
+            "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "device": str(t.device), "raw": raw,
+        }
+        self.tensors[key] = data.reshape(-1).view(torch.uint8) if raw else data
+        self.nbytes += data.numel() * data.element_size()
+        return key
+
+    def owned(self, t: torch.Tensor) -> dict[str, Any] | None:
+        """Where t lives if it is a saved module's own parameter or buffer: {"object", "tensor", "name"}."""
+        return self._owners.get(id(t))
+
+    def own(self, obj_index: int, module: torch.nn.Module) -> None:
+        """Record a saved module's tensors so that live views onto them are saved as references
+        (the module is held by the registry throughout the save, so the ids stay its tensors')."""
+        for name, p in module.named_parameters():
+            self._owners[id(p)] = {"object": obj_index, "tensor": "parameter", "name": name}
+        for name, b in module.named_buffers():
+            self._owners[id(b)] = {"object": obj_index, "tensor": "buffer", "name": name}
+
+
+class LoadContext:
+    """Handed to each kind's load function: reads tensors back and resolves references to other objects."""
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], info: dict[str, dict[str, Any]], device: torch.device,
+        load_object: Callable[[int], Any],
+    ) -> None:
+        self.device = device
+        self._tensors = tensors
+        self._info = info
+        self._load_object = load_object
+        self._loaded: dict[str, torch.Tensor] = {}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor stored under key, on the device it was saved from when this server has it, else on
+        the server's device. A key used twice gives the same tensor object."""
+        if key in self._loaded:
+            return self._loaded[key]
+        info = self._info[key]
+        dtype = _DTYPES_BY_NAME[info["dtype"]]
+        data = self._tensors[key]
+        if info["raw"]:
+            data = data.view(dtype).reshape(info["shape"])
+        if data.dtype != dtype or list(data.shape) != info["shape"]:
+            raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
+        t = data.to(self._placement(info["device"]))
+        self._loaded[key] = t
+        return t
+
+    def object(self, index: int) -> Any:
+        """The restored object at index (restored now if it was not yet)."""
+        return self._load_object(index)
+
+    def _placement(self, saved: str) -> torch.device:
+        dev = torch.device(saved)
+        if dev.type == "cpu":
+            return dev
+        if dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
+            return dev
+        log.warning("snapshot tensor was on %s, which this server lacks; placing it on %s", saved, self.device)
+        return self.device
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one kind of object is written to and read from a snapshot."""
+
+    save: Callable[[Any, SaveContext], dict[str, Any]]
+    load: Callable[[dict[str, Any], LoadContext], Any]
+
+
+FORMATS: dict[Kind, Format] = {}
+
+
+def register_format(
+    kind: Kind, save: Callable[[Any, SaveContext], dict[str, Any]], load: Callable[[dict[str, Any], LoadContext], Any]
+) -> None:
+    """Let snapshots carry objects of `kind` (models, optimizers and losses register theirs here)."""
+    FORMATS[kind] = Format(save, load)
+
+
+# -- modules, dictionaries, tensors --------------------------------------------------------------------
+
+
+def spec_to_json(spec: specs.LayerSpec) -> dict[str, Any]:
+    """A layer spec as JSON values (int lists for size tuples)."""
+    return {
+        "type": spec.type,
+        "name": spec.name,
+        "args": [list(v) if isinstance(v, tuple) else v for v in spec.args],
+        "options": [[k, list(v) if isinstance(v, tuple) else v] for k, v in spec.options],
+        "children": [spec_to_json(c) for c in spec.children],
+    }
+
+
+def spec_from_json(data: dict[str, Any]) -> specs.LayerSpec:
+    """The layer spec `spec_to_json` wrote."""
+
+    def value(v: Any) -> specs.OptionValue:
+        return tuple(int(x) for x in v) if isinstance(v, list) else v
+
+    return specs.LayerSpec(
+        type=str(data["type"]),
+        name=data["name"],
+        args=tuple(value(v) for v in data["args"]),
+        options=tuple((str(k), value(v)) for k, v in data["options"]),
+        children=tuple(spec_from_json(c) for c in data["children"]),
+    )
+
+
+def save_module(module: torch.nn.Module, ctx: SaveContext) -> dict[str, Any]:
+    """The spec it was built from, every parameter and buffer (as they are now: values, dtypes, new
+    parameters), and each submodule's train flag and batchnorm momentum."""
+    spec = specs.spec_of(module)
+    if spec is None:
+        raise InvalidArgument("module was not built from a spec; it cannot be snapshotted")
+    return {
+        "spec": spec_to_json(spec),
+        "parameters": [
+            {"name": n, "tensor": ctx.tensor(p), "requires_grad": p.requires_grad} for n, p in module.named_parameters()
+        ],
+        "buffers": [
+            {"name": n, "tensor": ctx.tensor(b), "persistent": _is_persistent(module, n)}
+            for n, b in module.named_buffers()
+        ],
+        "modules": [
+            {"path": path, "training": m.training, **({"momentum": m.momentum} if hasattr(m, "momentum") else {})}
+            for path, m in module.named_modules()
+        ],
+    }
+
+
+def _owner(module: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
+    path, _, leaf = dotted.rpartition(".")
+    return module.get_submodule(path), leaf
+
+
+def _is_persistent(module: torch.nn.Module, dotted: str) -> bool:
+    owner, leaf = _owner(module, dotted)
+    return leaf not in owner._non_persistent_buffers_set
+
+
+def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
+    """Rebuild a module from its spec (allowlisted layers only), then put back its saved state."""
+    module = specs.build_module(spec_from_json(data["spec"]), max_depth=10**6)
+    module.to(ctx.device)
+    for p in data["parameters"]:
+        owner, leaf = _owner(module, p["name"])
+        value = ctx.tensor(p["tensor"])
+        if leaf in owner._parameters and owner._parameters[leaf] is not None:
+            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=p["requires_grad"])
+        else:
+            owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=p["requires_grad"]))
+    for b in data["buffers"]:
+        owner, leaf = _owner(module, b["name"])
+        owner.register_buffer(leaf, ctx.tensor(b["tensor"]), persistent=b["persistent"])
+    for row in data["modules"]:
+        m = module.get_submodule(row["path"])
+        m.training = bool(row["training"])
+        if "momentum" in row:
+            m.momentum = row["momentum"]
+    return module
+
+
+def save_dictionary(d: TensorDict, ctx: SaveContext) -> dict[str, Any]:
+    """Entries in order; a live view's entries that are a saved module's own tensors are references."""
+    entries: list[dict[str, Any]] = []
+    for name, t in d.entries.items():
+        ref = ctx.owned(t) if d.live else None
+        entries.append({"name": name, "ref": ref} if ref is not None else {"name": name, "tensor": ctx.tensor(t)})
+    return {"live": d.live, "entries": entries}
+
+
+def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
+    """Rebuild a dictionary; references become the restored module's own tensors again (a live view)."""
+    entries: dict[str, torch.Tensor] = {}
+    for e in data["entries"]:
+        if "ref" in e:
+            ref = e["ref"]
+            module = ctx.object(int(ref["object"]))
+            get = module.get_parameter if ref["tensor"] == "parameter" else module.get_buffer
+            entries[e["name"]] = get(ref["name"])
+        else:
+            entries[e["name"]] = ctx.tensor(e["tensor"])
+    return TensorDict(entries, live=bool(data["live"]))
+
+
+register_format(Kind.MODULE, save_module, load_module)
+register_format(Kind.DICTIONARY, save_dictionary, load_dictionary)
+register_format(
+    Kind.TENSOR, lambda holder, ctx: {"tensor": ctx.tensor(holder.tensor)},
+    lambda data, ctx: TensorHolder(ctx.tensor(data["tensor"])),
+)
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SnapshotResult:
+    """What a snapshot wrote."""
+
+    directory: str
+    handles: int
+    tensor_bytes: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def save(registry: Registry, directory: str | os.PathLike[str], *, copy: bool = True) -> SnapshotResult:
+    """Write every live handle and session to `directory`, atomically (see the module docstring).
+
+    Every object is read under its lock, all locks held together, so the snapshot is one consistent
+    cut even while calls run. With copy=True (a running server) tensors are copied and the locks
+    released before the disk writes, at the cost of that much memory; with copy=False (shutdown,
+    nothing else running) the locks are held through the writes and nothing is copied on the CPU.
+
+    Raises:
+        SnapshotError: the directory cannot be written.
+    """
+    items = registry.items()
+    with locked(*(entry for _, entry in items)):
+        state, ctx, skipped = _collect(registry, items, SaveContext(copy))
+        if not copy:
+            return _write(Path(directory), state, ctx, skipped)
+    return _write(Path(directory), state, ctx, skipped)
+
+
+def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[str]) -> SnapshotResult:
+    """Write the files of one generation, then the manifest, then drop older generations."""
+    with _write_lock:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            generation = max(_generations(root), default=0) + 1
+            tensors_name = f"tensors-{generation}.safetensors"
+            state_name = f"state-{generation}.json"
+            _write_atomic(root / tensors_name, lambda tmp: safetensors.torch.save_file(ctx.tensors, tmp, {"format": FORMAT}))
+            _write_atomic(root / state_name, lambda tmp: tmp.write_bytes(json.dumps(state, indent=1).encode()))
+            manifest = {
+                "format": FORMAT, "version": VERSION, "generation": generation,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": {name: _digest(root / name) for name in (state_name, tensors_name)},
+            }
+            _write_atomic(root / MANIFEST, lambda tmp: tmp.write_bytes(json.dumps(manifest, indent=1).encode()))
+            _fsync_dir(root)
+            for old in root.iterdir():
+                match = _GENERATION_FILE.match(old.name)
+                if (match and int(match.group(2)) != generation) or old.name.startswith(".tmp-"):
+                    old.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
+    handles = len(state["handles"])
+    log.info("snapshot %d: %d handle(s), %d tensor bytes in %s", generation, handles, ctx.nbytes, root)
+    return SnapshotResult(str(root), handles, ctx.nbytes, skipped)
+
+
+def _collect(
+    registry: Registry, items: list[tuple[str, Entry]], ctx: SaveContext
+) -> tuple[dict[str, Any], SaveContext, list[str]]:
+    """The JSON state and the tensors of every saveable handle; modules first, so views can refer to them."""
+    objects: list[dict[str, Any]] = []
+    index_of: dict[int, int] = {}
+    lock_of: dict[int, int] = {}
+    skipped: list[str] = []
+    order = sorted(items, key=lambda item: item[1].kind is not Kind.MODULE)
+    for handle_id, entry in order:
+        if id(entry.obj) in index_of:
+            continue
+        fmt = FORMATS.get(entry.kind)
+        if fmt is None:
+            continue
+        index = len(objects)
+        try:
+            data = fmt.save(entry.obj, ctx)
+        except InvalidArgument as exc:
+            log.error("snapshot: cannot save %s %s: %s", entry.kind.value, handle_id, exc)
+            continue
+        index_of[id(entry.obj)] = index
+        objects.append({"kind": entry.kind.value, "data": data})
+        if entry.kind is Kind.MODULE:
+            ctx.own(index, entry.obj)
+    handles = []
+    for handle_id, entry in items:
+        found = index_of.get(id(entry.obj))
+        if found is None:
+            skipped.append(f"{handle_id} ({entry.kind.value})")
+            log.error("snapshot: %s handle %s has no snapshot format yet; not saved", entry.kind.value, handle_id)
+            continue
+        handles.append({"id": handle_id, "object": found, "lock": lock_of.setdefault(id(entry.lock), len(lock_of)),
+                        "session": entry.session})
+    sessions = [{"id": s.id, "lease": s.lease} for s in registry.sessions()]
+    state = {"format": FORMAT, "version": VERSION, "sessions": sessions, "objects": objects, "handles": handles,
+             "tensors": ctx.tensor_info}
+    return state, ctx, skipped
+
+
+def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write to a temporary file in the same directory, fsync it, then rename it over path."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def _generations(root: Path) -> list[int]:
+    return [int(m.group(2)) for p in root.iterdir() if (m := _GENERATION_FILE.match(p.name))]
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+
+def load(registry: Registry, directory: str | os.PathLike[str], device: torch.device) -> int:
+    """Restore the snapshot in `directory` into an empty registry: same handle IDs, sessions, values.
+
+    A directory that does not exist or holds no snapshot files restores nothing. Returns the number
+    of handles restored.
+
+    Raises:
+        SnapshotError: a file is missing, torn or modified (size or sha256 mismatch), or the state is
+            not understood. Nothing is added to the registry then.
+    """
+    root = Path(directory)
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+        if root.is_dir() and _generations(root):
+            raise SnapshotError(f"{root} holds snapshot files but no {MANIFEST}; refusing to guess which are whole")
+        return 0
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise SnapshotError(f"{manifest_path} is not a {FORMAT} version {VERSION} manifest")
+        files: dict[str, dict[str, Any]] = manifest["files"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SnapshotError(f"{manifest_path} is unreadable ({exc}); the snapshot is torn or was modified") from exc
+    for name, expected in files.items():
+        path = root / name
+        if not path.is_file():
+            raise SnapshotError(f"snapshot file {path} is missing")
+        found = _digest(path)
+        if found != {"sha256": expected.get("sha256"), "bytes": expected.get("bytes")}:
+            raise SnapshotError(
+                f"checksum mismatch for {path}: expected sha256 {expected.get('sha256')} ({expected.get('bytes')} bytes), "
+                f"found {found['sha256']} ({found['bytes']} bytes); the snapshot is torn or was modified. "
+                f"Refusing to start rather than serve wrong weights: restore the file, or move {root} away to start empty"
+            )
+    state_name = next((n for n in files if n.endswith(".json")), None)
+    tensors_name = next((n for n in files if n.endswith(".safetensors")), None)
+    if state_name is None or tensors_name is None:
+        raise SnapshotError(f"{manifest_path} does not name a state file and a tensor file")
+    try:
+        state = json.loads((root / state_name).read_bytes())
+        tensors = safetensors.torch.load_file(str(root / tensors_name))
+        return _restore(registry, state, tensors, device)
+    except SnapshotError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound) as exc:
+        raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
+
+
+def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> int:
+    """Build every object first, then register sessions and handles, so a failure adds nothing."""
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise SnapshotError(f"state file is not {FORMAT} version {VERSION}")
+    if len(registry):
+        raise SnapshotError("a snapshot can only be restored into an empty server")
+    objects: list[dict[str, Any]] = state["objects"]
+    built: dict[int, Any] = {}
+
+    def load_object(index: int) -> Any:
+        if index not in built:
+            record = objects[index]
+            fmt = FORMATS.get(Kind(record["kind"]))
+            if fmt is None:
+                raise SnapshotError(f"this server cannot restore {record['kind']} objects")
+            built[index] = fmt.load(record["data"], ctx)
+        return built[index]
+
+    ctx = LoadContext(tensors, state["tensors"], device, load_object)
+    for index in range(len(objects)):
+        load_object(index)
+    locks: dict[int, threading.RLock] = {}
+    for s in state["sessions"]:
+        registry.create_session(float(s["lease"]), session_id=str(s["id"]))
+    for h in state["handles"]:
+        record = objects[int(h["object"])]
+        lock = locks.setdefault(int(h["lock"]), threading.RLock())
+        obj = built[int(h["object"])]
+        registry.add(
+            Kind(record["kind"]), obj, lock, handle_id=str(h["id"]), session=h["session"],
+            charge=handles.held_bytes(obj),  # restored tensors count against --max-device-bytes too
+        )
+    log.info("restored %d handle(s) and %d session(s)", len(state["handles"]), len(state["sessions"]))
+    return len(state["handles"])

@@ -1,0 +1,527 @@
+"""Models: a module with a loss, an optimizer, train/test options and data; epochs, tests, forwards
+and batchnorm recalculation over the model's data.
+
+Long loops take `should_stop`, a plain callable checked between batches, and stop with Cancelled
+after putting back what they changed (train flags, batchnorm momenta and statistics, data size).
+Every call checks what it can before it changes anything, so a bad request leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import batching
+from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
+from .errors import Cancelled, FailedPrecondition, InvalidArgument
+from .losses import Loss
+from .optimizers import Optimizer
+from .options import Opt, Value, coerce, non_negative, positive
+
+StopCheck = Callable[[], bool]
+
+METRICS = ("loss", "batchloss", "accuracy", "matches", "predict", "output")
+"""What run and testrun can return, in the reference's names."""
+
+TRAIN_OPTIONS = (
+    Opt("batchsize", int, 32, positive, "positive"),
+    Opt("droplast", bool, False),
+    Opt("shuffle", bool, False),
+    Opt("seed", int, 0, non_negative, "non-negative"),
+    Opt("metrics", str, "loss"),
+)
+TEST_OPTIONS = (
+    Opt("batchsize", int, 100, positive, "positive"),
+    Opt("droplast", bool, False),
+    Opt("metrics", str, "loss"),
+)
+TRAIN_ONLY = frozenset(o.name for o in TRAIN_OPTIONS) - frozenset(o.name for o in TEST_OPTIONS)
+
+
+def never_stop() -> bool:
+    """A StopCheck for callers without a deadline."""
+    return False
+
+
+@dataclass
+class Data:
+    """Inputs and targets with the same first dimension, each a tensor that owns its storage."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def _default(opts: Sequence[Opt]) -> dict[str, Value]:
+    return {o.name: o.default for o in opts}
+
+
+@dataclass
+class Model:
+    """A model handle's object. It shares the module with any module handle and optimizer."""
+
+    module: nn.Module
+    loss: Loss
+    optimizer: Optimizer
+    train: dict[str, Value] = field(default_factory=lambda: _default(TRAIN_OPTIONS))
+    test: dict[str, Value] = field(default_factory=lambda: _default(TEST_OPTIONS))
+    train_data: Data | None = None
+    test_data: Data | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def __post_init__(self) -> None:
+        self.generator.manual_seed(int(self.train["seed"]))  # type: ignore[arg-type]
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Parameters, buffers, optimizer state, and the train and test data."""
+        yield from self.module.parameters()
+        yield from self.module.buffers()
+        yield from self.optimizer.tensors()
+        yield from self.loss.tensors()
+        for data in (self.train_data, self.test_data):
+            if data is not None:
+                yield data.x
+                yield data.y
+
+
+# -- building and describing ------------------------------------------------------------------------
+
+
+def create_model(module: nn.Module, loss: Loss, optimizer: Optimizer) -> Model:
+    """Join the parts; the optimizer must update this very module."""
+    if optimizer.module is not module:
+        raise InvalidArgument("the optimizer was built over a different module; build it over this module")
+    return Model(module, loss, optimizer)
+
+
+def _split(split: str) -> tuple[Sequence[Opt], str]:
+    if split == "train":
+        return TRAIN_OPTIONS, "train"
+    if split == "test":
+        return TEST_OPTIONS, "test"
+    raise InvalidArgument("say whether train or test options or data are meant")
+
+
+def get_options(model: Model, split: str) -> dict[str, Value]:
+    """All train or test options, in order; metrics is a comma-separated string."""
+    _split(split)
+    return dict(model.train if split == "train" else model.test)
+
+
+def _metrics(value: str) -> str:
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    if not names:
+        raise InvalidArgument(f"metrics: at least one of {', '.join(METRICS)} required")
+    for name in names:
+        if name not in METRICS:
+            raise InvalidArgument(f"metrics: unrecognized metric '{name}' (one of {', '.join(METRICS)})")
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"metrics: a metric is named twice in '{value}'")
+    return ",".join(names)
+
+
+def set_options(model: Model, split: str, values: Sequence[tuple[str, Value]]) -> dict[str, Value]:
+    """Set train or test options, all or nothing; returns every option afterwards.
+
+    Raises:
+        InvalidArgument: unknown option, train-only option on test, wrong type or range, unknown metric.
+
+    Example: set_options(m, "train", [("batchsize", 100), ("shuffle", True)]).
+    """
+    opts, name = _split(split)
+    by_name = {o.name: o for o in opts}
+    checked: dict[str, Value] = {}
+    for key, value in values:
+        if key in TRAIN_ONLY and split == "test":
+            raise InvalidArgument(f"{key}: not set for evaluation (a train-only option); nothing set")
+        if key not in by_name:
+            raise InvalidArgument(f"unrecognized {name} setting: {key}; nothing set")
+        if key in checked:
+            raise InvalidArgument(f"{name} setting {key} given twice; nothing set")
+        value = coerce(name, by_name[key], value)
+        checked[key] = _metrics(str(value)) if key == "metrics" else value
+    target = model.train if split == "train" else model.test
+    target.update(checked)
+    if "seed" in checked:
+        model.generator.manual_seed(int(checked["seed"]))  # type: ignore[arg-type]
+    return dict(target)
+
+
+def batch_count(n: int, w: int, droplast: bool) -> int:
+    """Batches of w over n samples: the last one partial unless droplast; w larger than n means one batch."""
+    if n <= 0:
+        return 0
+    w = min(w, n)
+    return n // w if droplast else math.ceil(n / w)
+
+
+def _plan(data: Data, options: dict[str, Value]) -> tuple[int, int, int]:
+    """(n, effective batch size, number of batches) with the data at full size."""
+    n = data.x.shape[0]
+    w = min(int(options["batchsize"]), n)  # type: ignore[arg-type]
+    return n, w, batch_count(n, w, bool(options["droplast"]))
+
+
+def batches(model: Model, split: str) -> int:
+    """The number of batches of the train or test data with the current options; -1 without data."""
+    data = model.train_data if split == "train" else model.test_data
+    if data is None:
+        return -1
+    return _plan(data, model.train if split == "train" else model.test)[2]
+
+
+def data_size(model: Model, split: str) -> int:
+    """The number of train or test samples at full size; -1 without data."""
+    data = model.train_data if split == "train" else model.test_data
+    return -1 if data is None else batching.full_size(data.x)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A tensor that spans exactly its own storage, so it can be batched in place."""
+    if t.storage_offset() != 0 or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.contiguous().clone()
+    return t
+
+
+def set_data(model: Model, split: str, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
+    """Store inputs and targets for training or testing; returns the number of batches.
+
+    Raises:
+        InvalidArgument: a 0-dim or empty tensor, or first dimensions that differ.
+    """
+    _split(split)
+    for what, t in (("inputs", x), ("targets", y)):
+        if t.dim() == 0 or t.shape[0] == 0 or t.numel() == 0:
+            raise InvalidArgument(f"{what} need at least one sample and a first dimension, given shape {list(t.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise InvalidArgument(f"tensor size mismatch, {x.shape[0]} vs {y.shape[0]} (inputs vs targets)")
+    data = Data(_own(x.to(device)), _own(y.to(device)))
+    if split == "train":
+        model.train_data = data
+    else:
+        model.test_data = data
+    return batches(model, split)
+
+
+def _require(model: Model, split: str) -> Data:
+    data = model.train_data if split == "train" else model.test_data
+    if data is None:
+        verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
+        raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
+    batching.restore(data.x)
+    batching.restore(data.y)
+    return data
+
+
+# -- helpers for forward passes -------------------------------------------------------------------
+
+
+def _device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _flags(module: nn.Module, training: bool) -> Iterator[None]:
+    """Set every submodule's train flag, and put each one's own flag back afterwards."""
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _torch_errors(what: str) -> Iterator[None]:
+    """Errors torch raises for inputs that do not fit the module become InvalidArgument."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArgument(f"{what}: {first}") from None
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module, always: bool = False) -> Iterator[None]:
+    """Copy every buffer (batchnorm statistics) back to its value at entry: on error, or always."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    except BaseException:
+        _put_back(saved)
+        raise
+    if always:
+        _put_back(saved)
+
+
+def _put_back(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, value in saved:
+            b.copy_(value)
+
+
+def _stopped(what: str, done: int, total: int) -> Cancelled:
+    return Cancelled(f"{what} stopped after {done} of {total} batches: the caller cancelled or its deadline passed")
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    """Per-batch results gathered on the device, turned into named tensors once at the end."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.needs_loss = bool({"loss", "batchloss"} & set(names))
+        self.needs_predict = bool({"accuracy", "matches", "predict"} & set(names))
+        self.losses: list[torch.Tensor] = []
+        self.predicted: list[torch.Tensor] = []
+        self.matches: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | None) -> None:
+        if loss is not None:
+            self.losses.append(loss.detach())
+        if self.needs_predict:
+            predicted = output.argmax(-1)
+            truth = target.argmax(-1) if target.is_floating_point() and target.dim() == output.dim() else target
+            self.predicted.append(predicted)
+            self.matches.append((predicted == truth).sum())
+        if "output" in self.names:
+            self.outputs.append(output.detach())
+        self.count += output.shape[0]
+
+    def result(self) -> list[tuple[str, torch.Tensor]]:
+        out: list[tuple[str, torch.Tensor]] = []
+        losses = torch.stack(self.losses).cpu() if self.losses else torch.empty(0)
+        matches = int(torch.stack(self.matches).sum()) if self.matches else 0
+        for name in self.names:
+            if name == "loss":
+                out.append((name, losses.double().mean()))
+            elif name == "batchloss":
+                out.append((name, losses))
+            elif name == "accuracy":
+                out.append((name, torch.tensor(100.0 * matches / max(self.count, 1), dtype=torch.float64)))
+            elif name == "matches":
+                out.append((name, torch.tensor(matches, dtype=torch.int64)))
+            elif name == "predict":
+                out.append((name, torch.cat(self.predicted).cpu()))
+            else:
+                out.append((name, torch.cat(self.outputs).cpu()))
+        return out
+
+
+def _metric_names(options: dict[str, Value]) -> list[str]:
+    return str(options["metrics"]).split(",")
+
+
+# -- training and testing -------------------------------------------------------------------------
+
+
+def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
+    not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training."""
+    dev = xb.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+        with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
+            model.loss(model.module(xb), yb)
+
+
+def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
+    """Train one epoch over the training data and return the train metrics, by name.
+
+    At the start the data are reshuffled in place when `shuffle` is on, with a permutation drawn from
+    the model's generator (seeded by the `seed` option), so runs are reproducible. Then, per batch:
+    zero_grad(set_to_none), forward in train mode, loss, backward, optimizer step. The train flags
+    are restored at the end. When `should_stop` turns true the epoch stops before the next batch:
+    the batches done stay trained, and Cancelled is raised.
+
+    Raises:
+        FailedPrecondition: no training data.
+        InvalidArgument: the data do not fit the module or the loss (checked on the last batch first).
+        Cancelled: should_stop turned true.
+    """
+    data = _require(model, "train")
+    n, w, nb = _plan(data, model.train)
+    dev = _device(model.module)
+    last = (nb - 1) * w
+    _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
+    if model.train["shuffle"]:
+        perm = torch.randperm(n, generator=model.generator).to(data.x.device)
+        with torch.no_grad():
+            data.x.copy_(data.x.index_select(0, perm))
+            data.y.copy_(data.y.index_select(0, perm))
+    metrics = _Metrics(_metric_names(model.train))
+    optim = model.optimizer.optim
+    with _flags(model.module, True):
+        for i in range(nb):
+            if should_stop():
+                raise _stopped("run", i, nb)
+            xb = data.x[i * w:(i + 1) * w].to(dev)
+            yb = data.y[i * w:(i + 1) * w].to(dev)
+            optim.zero_grad(set_to_none=True)
+            with _torch_errors(f"run (batch {i + 1} of {nb})"):
+                output = model.module(xb)
+                loss = model.loss(output, yb)
+                loss.backward()
+                optim.step()
+            metrics.add(output.detach(), yb, loss)
+    return metrics.result()
+
+
+def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
+    """Evaluate over the test data in eval mode without gradients and return the test metrics.
+
+    The loss is computed only when loss or batchloss is asked for. Nothing changes on failure.
+    """
+    data = _require(model, "test")
+    _, w, nb = _plan(data, model.test)
+    dev = _device(model.module)
+    metrics = _Metrics(_metric_names(model.test))
+    with _flags(model.module, False), torch.no_grad():
+        for i in range(nb):
+            if should_stop():
+                raise _stopped("testrun", i, nb)
+            xb = data.x[i * w:(i + 1) * w].to(dev)
+            yb = data.y[i * w:(i + 1) * w].to(dev)
+            with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
+                output = model.module(xb)
+                loss = model.loss(output, yb) if metrics.needs_loss else None
+            metrics.add(output, yb, loss)
+    return metrics.result()
+
+
+def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop) -> torch.Tensor:
+    """The module's outputs for x in eval mode without gradients, computed in test-batchsize pieces."""
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise InvalidArgument(f"evaluate needs at least one sample, given shape {list(x.shape)}")
+    n = x.shape[0]
+    w = min(int(model.test["batchsize"]), n)  # type: ignore[arg-type]
+    nb = math.ceil(n / w)
+    dev = _device(model.module)
+    outputs = []
+    with _flags(model.module, False), torch.no_grad():
+        for i in range(nb):
+            if should_stop():
+                raise _stopped("evaluate", i, nb)
+            with _torch_errors("evaluate"):
+                outputs.append(model.module(x[i * w:(i + 1) * w].to(dev)))
+    return torch.cat(outputs)
+
+
+FORWARD_MODES = {"forward": (True, True), "nforward": (True, False), "eforward": (False, False)}
+"""Mode -> (train flag, gradients), as the reference's forward, nforward and eforward."""
+
+
+def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Run the module on x with the mode's train flag and gradient setting; return the output detached.
+
+    Each submodule's train flag is restored afterwards. In train mode batchnorm layers update their
+    running statistics; if the call fails, those are put back.
+    """
+    if mode not in FORWARD_MODES:
+        raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
+    training, grad = FORWARD_MODES[mode]
+    with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
+        with _torch_errors(mode):
+            output: torch.Tensor = module(x.to(_device(module)))
+    return output.detach()
+
+
+def default_input(model: Model, mode: str) -> torch.Tensor:
+    """A model's own inputs for a forward call without one: test inputs for eforward, else train."""
+    split = "test" if mode == "eforward" else "train"
+    data = model.test_data if split == "test" else model.train_data
+    if data is None:
+        raise FailedPrecondition(f"no input given and the model has no {split}ing data")
+    return data.x
+
+
+# -- data access ----------------------------------------------------------------------------------
+
+
+def input_tensor(model: Model) -> torch.Tensor:
+    """The model's training input tensor itself (same object: batching one batches the other)."""
+    if model.train_data is None:
+        raise FailedPrecondition("no training data loaded for the model; load it with train(m, x, y)")
+    return model.train_data.x
+
+
+def restore_data(model: Model) -> int:
+    """Put the training data back to full size; the number of samples, -1 without data."""
+    if model.train_data is None:
+        return -1
+    batching.restore(model.train_data.y)
+    return batching.restore(model.train_data.x)
+
+
+def next_model_batch(model: Model) -> bool:
+    """Step the model's training inputs and targets together to their next batch of `batchsize`."""
+    if model.train_data is None:
+        raise FailedPrecondition("no training data loaded for the model; load it with train(m, x, y)")
+    w = int(model.train["batchsize"])  # type: ignore[arg-type]
+    batching.check_size(model.train_data.x, w)
+    batching.check_size(model.train_data.y, w)
+    more = batching.next_batch(model.train_data.x, w)
+    batching.next_batch(model.train_data.y, w)
+    return more
+
+
+# -- batchnorm recalculation ----------------------------------------------------------------------
+
+
+def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> Momenta:
+    """Reset every batchnorm layer and recompute its running statistics over the training data.
+
+    As `torch.optim.swa_utils.update_bn`: momentum None (a cumulative mean over batches), running
+    statistics reset, the module in train mode without gradients, a forward pass over every training
+    batch (train batchsize and droplast, in the data's current order), then each momentum and train
+    flag put back. Returns {layer path: momentum}.
+
+    Unlike the reference, nothing is reset without training data, and a forward pass that fails or
+    is stopped midway puts back the statistics, momenta and train flags before the error.
+
+    Raises:
+        FailedPrecondition: no training data.
+        InvalidArgument: a forward pass failed on the data.
+        Cancelled: should_stop turned true.
+
+    Example: for the reference's network with batchnorm child 'b' this returns {'b': 0.1} and leaves
+    b.num_batches_tracked equal to the number of batches.
+    """
+    data = _require(model, "train")
+    _, w, nb = _plan(data, model.train)
+    module = model.module
+    dev = _device(module)
+    saved = [
+        (b, b.detach().clone())
+        for _, bn in batchnorm_layers(module)
+        for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        if b is not None
+    ]
+    momenta = reset_batchnorm(module)
+    try:
+        with _flags(module, True), torch.no_grad():
+            for i in range(nb):
+                if should_stop():
+                    raise _stopped("batchnorm", i, nb)
+                with _torch_errors(f"batchnorm (batch {i + 1} of {nb})"):
+                    module(data.x[i * w:(i + 1) * w].to(dev))
+    except BaseException:
+        _put_back(saved)
+        raise
+    finally:
+        restore_momentum(module, momenta)
+    return momenta

@@ -1,0 +1,259 @@
+"""Every mutating RPC, with every kind of bad argument, fails as a whole: a snapshot of every live
+handle (values, dtypes, shapes, keys, batchnorm momenta, train flags) is bit-identical before and
+after, and no handle appears or disappears.
+
+Requests go through the generated stub, not the client's conveniences, so malformed streams can
+be sent as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+
+from .conftest import LiveServer
+from weightavg import Client
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+IA, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
+UNKNOWN_ID = "dic_" + "0" * 32
+
+
+@dataclass
+class World:
+    """A spread of live handles of every kind, in several states, to be left untouched."""
+
+    net: str  # sequential: linear a (4->3), batchnorm1d b (momentum None after a reset), linear d
+    ref: str  # a second handle to net
+    copy: str  # copyparms(net)
+    avg: str  # an average with '.n' = 2
+    view: str  # live view of net's parameters
+    bufs: str  # live view of net's buffers
+    plain: str  # mixed dtypes: int64, bool, float16, float64
+    tensor: str
+    bad_n: str  # a dictionary with net's parameters and an int64 '.n'
+    small: str  # a dictionary with net's parameter names but shapes that do not fit
+
+
+@pytest.fixture
+def world(client: Client) -> World:
+    net = client.module(["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3], ["linear", "d", 3, 2]])
+    client.batchnorm(net)  # momentum None: a restore must not happen by accident
+    avg = client.copyparms(net)
+    client.parm(net, "a.weight", 0.5)
+    client.avgparms(net, avg)
+    bad_n = client.copyparms(net)
+    client.dict(bad_n, ".n", np.array(3, np.int64))
+    small = client.dict({name: np.ones((7,), np.float32) for name in client.parmnames(net)})
+    return World(
+        net=net.id, ref=client.addref(net).id, copy=client.copyparms(net).id, avg=avg.id,
+        view=client.parms(net).id, bufs=client.buffers(net).id,
+        plain=client.dict({
+            "i": np.arange(6, dtype=np.int64).reshape(2, 3), "b": np.array([True, False]),
+            "h": np.ones(3, np.float16), "x": np.linspace(0, 1, 5),
+        }).id,
+        tensor=client.tensor(np.arange(4, dtype=np.float32)).id,
+        bad_n=bad_n.id, small=small.id,
+    )
+
+
+@pytest.fixture
+def stub(live_server: LiveServer) -> Iterator[pb_grpc.WeightAveragingServiceStub]:
+    with grpc.insecure_channel(live_server.address) as channel:
+        yield pb_grpc.WeightAveragingServiceStub(channel)
+
+
+def header(name: str = "", dtype: int = pb.DTYPE_FLOAT32, shape: tuple[int, ...] = (), data: bytes = b"") -> pb.TensorChunk:
+    return pb.TensorChunk(name=name, dtype=dtype, shape=list(shape), data=data)
+
+
+def f32(*values: float) -> bytes:
+    return np.array(values, np.float32).tobytes()
+
+
+GOOD = header("g", shape=(2,), data=f32(1, 2))
+"""A well-formed tensor, sent before a bad one to show the good part is not kept either."""
+
+BAD_STREAMS: dict[str, list[pb.TensorChunk]] = {
+    "data before header": [pb.TensorChunk(data=b"\0\0\0\0")],
+    "too many bytes": [GOOD, header("x", shape=(2,), data=f32(1, 2, 3))],
+    "stream ends inside a tensor": [GOOD, header("x", shape=(3,), data=f32(1, 2))],
+    "next header before the data is in": [GOOD, header("x", shape=(2,), data=f32(1)), header("y", shape=())],
+    "unknown dtype": [GOOD, header("x", dtype=999, shape=(1,), data=b"\0" * 4)],
+    "negative dimension": [GOOD, header("x", shape=(2, -1))],
+    "too many dimensions": [GOOD, header("x", shape=(1,) * 33, data=f32(1))],
+    "bool other than 0 or 1": [GOOD, header("x", dtype=pb.DTYPE_BOOL, shape=(2,), data=b"\x01\x02")],
+    "empty key": [GOOD, header("", shape=(), data=f32(1))],
+    "huge declared shape, no data": [GOOD, header("x", shape=(2**20, 2**20))],  # 4 TiB of float32
+    "no elements but strides that overflow": [GOOD, header("x", shape=(0, 2**62, 4))],  # found by fuzzing
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    code: grpc.StatusCode
+    call: Callable[[pb_grpc.WeightAveragingServiceStub, World], object]
+
+
+def unary(method: str, make: Callable[[World], object]) -> Callable[[pb_grpc.WeightAveragingServiceStub, World], object]:
+    return lambda stub, w: getattr(stub, method)(make(w), timeout=60)
+
+
+def streamed(method: str, make: Callable[[World], list[object]]) -> Callable[[pb_grpc.WeightAveragingServiceStub, World], object]:
+    return lambda stub, w: getattr(stub, method)(iter(make(w)), timeout=60)
+
+
+def set_parameter(handle: Callable[[World], str], name: str, chunks: list[pb.TensorChunk]):  # type: ignore[no-untyped-def]
+    def make(w: World) -> list[object]:
+        first = pb.SetParameterRequest(handle=handle(w), name=name, chunk=chunks[0] if chunks else None)
+        return [first, *(pb.SetParameterRequest(chunk=c) for c in chunks[1:])]
+
+    return streamed("SetParameter", make)
+
+
+def update(dictionary: Callable[[World], str], chunks: list[pb.TensorChunk]):  # type: ignore[no-untyped-def]
+    def make(w: World) -> list[object]:
+        return [pb.UpdateDictionaryRequest(dictionary=dictionary(w)), *(pb.UpdateDictionaryRequest(chunk=c) for c in chunks)]
+
+    return streamed("UpdateDictionary", make)
+
+
+def momenta(**values: float | None) -> dict[str, pb.Momentum]:
+    return {k.replace("_", "."): pb.Momentum() if v is None else pb.Momentum(value=v) for k, v in values.items()}
+
+
+W3 = header(shape=(3, 4), data=f32(*range(12)))
+"""A value that fits parameter a.weight."""
+
+CASES = [
+    # SetParameter
+    Case("set/unknown handle", NF, set_parameter(lambda w: UNKNOWN_ID, "a.weight", [W3])),
+    Case("set/no handle", IA, set_parameter(lambda w: "", "a.weight", [W3])),
+    Case("set/dictionary handle", IA, set_parameter(lambda w: w.copy, "a.weight", [W3])),
+    Case("set/tensor handle", IA, set_parameter(lambda w: w.tensor, "a.weight", [W3])),
+    Case("set/unknown dotted name", IA, set_parameter(lambda w: w.net, "a.nope", [W3])),
+    Case("set/empty name", IA, set_parameter(lambda w: w.net, "", [W3])),
+    Case("set/name of an attribute", IA, set_parameter(lambda w: w.net, "training", [W3])),
+    Case("set/shape that does not broadcast", IA, set_parameter(lambda w: w.net, "a.weight",
+                                                                 [header(shape=(5,), data=f32(*range(5)))])),
+    Case("set/two tensors", IA, set_parameter(lambda w: w.net, "a.weight", [W3, W3])),
+    Case("set/no tensor", IA, set_parameter(lambda w: w.net, "a.weight", [])),
+    Case("set/empty stream", IA, lambda stub, w: stub.SetParameter(iter([]), timeout=60)),
+    *[Case(f"set/{k}", RE if "huge" in k else IA, set_parameter(lambda w: w.net, "a.weight", v[1:] or v))
+      for k, v in BAD_STREAMS.items() if k != "empty key"],
+    # LoadParameters
+    Case("load/unknown module", NF, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=UNKNOWN_ID, dictionary=w.copy))),
+    Case("load/unknown dictionary", NF, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.net, dictionary=UNKNOWN_ID))),
+    Case("load/module as dictionary", IA, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.net, dictionary=w.net))),
+    Case("load/dictionary as module", IA, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.copy, dictionary=w.copy))),
+    Case("load/tensor as dictionary", IA, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.net, dictionary=w.tensor))),
+    Case("load/shapes that do not fit", IA, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.net, dictionary=w.small))),
+    # AverageParameters
+    Case("avg/unknown module", NF, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=UNKNOWN_ID, dictionary=w.avg))),
+    Case("avg/unknown dictionary", NF, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=UNKNOWN_ID))),
+    Case("avg/wrong kinds", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.avg, dictionary=w.net))),
+    Case("avg/missing parameters", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=w.plain))),
+    Case("avg/shapes that do not fit", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=w.small))),
+    Case("avg/integer count", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=w.bad_n))),
+    # ResetBatchNorm
+    Case("reset/unknown handle", NF, unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=UNKNOWN_ID))),
+    Case("reset/dictionary handle", IA, unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=w.view))),
+    Case("reset/tensor handle", IA, unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=w.tensor))),
+    Case("reset/no handle", IA, unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest())),
+    # RestoreMomentum: a valid entry first, so a partial restore would show
+    Case("restore/unknown handle", NF, unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=UNKNOWN_ID, momenta=momenta(b=0.1)))),
+    Case("restore/wrong kind", IA, unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.avg, momenta=momenta(b=0.1)))),
+    Case("restore/unknown layer", NF, unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.net, momenta=momenta(b=0.1, zz=0.1)))),
+    Case("restore/not a batchnorm", IA, unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.net, momenta=momenta(b=0.1, a=0.1)))),
+    Case("restore/root", IA, unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.net, momenta={"b": pb.Momentum(value=0.1), "": pb.Momentum(value=0.1)}))),
+    Case("restore/NaN", IA, unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.net, momenta=momenta(b=math.nan)))),
+    Case("restore/infinity", IA, unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.net, momenta=momenta(b=math.inf)))),
+    # UpdateDictionary
+    Case("update/unknown dictionary", NF, update(lambda w: UNKNOWN_ID, [GOOD])),
+    Case("update/module handle", IA, update(lambda w: w.net, [GOOD])),
+    Case("update/no dictionary", IA, update(lambda w: "", [GOOD])),
+    Case("update/empty stream", IA, lambda stub, w: stub.UpdateDictionary(iter([]), timeout=60)),
+    Case("update/view: unknown key", NF, update(lambda w: w.view, [header("a.weight", shape=(), data=f32(1)), GOOD])),
+    Case("update/view: shape that does not fit", IA, update(lambda w: w.view, [
+        header("a.weight", shape=(), data=f32(1)), header("a.bias", shape=(2,), data=f32(1, 2))])),
+    *[Case(f"update/{k}", RE if "huge" in k else IA, update(lambda w: w.plain, v)) for k, v in BAD_STREAMS.items()],
+    # DeleteEntries
+    Case("delete/unknown dictionary", NF, unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=UNKNOWN_ID, names=["i"]))),
+    Case("delete/module handle", IA, unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=w.net, names=["a.weight"]))),
+    Case("delete/missing key after a present one", NF, unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=w.plain, names=["i", "zz"]))),
+    Case("delete/from a live view", IA, unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=w.view, names=["a.weight"]))),
+    # FreeHandles
+    Case("free/unknown among known", NF, unary("FreeHandles", lambda w: pb.FreeHandlesRequest(handles=[w.copy, UNKNOWN_ID, w.tensor]))),
+    Case("free/empty id among known", NF, unary("FreeHandles", lambda w: pb.FreeHandlesRequest(handles=[w.copy, ""]))),
+    # MoveHandle
+    Case("move/unknown handle", NF, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=UNKNOWN_ID, device="cpu"))),
+    Case("move/unknown device", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.plain, device="gpu"))),
+    Case("move/negative index", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.plain, device="cpu:-1"))),
+    Case("move/meta device", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.net, device="meta"))),
+    Case("move/CUDA on a CPU server", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.net, device="cuda:0"))),
+    Case("move/unknown dtype", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.plain, dtype=999))),
+    Case("move/module to an integer dtype", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.net, dtype=pb.DTYPE_INT32))),
+    Case("move/live view", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.view, dtype=pb.DTYPE_FLOAT64))),
+    # CreateModule
+    Case("module/no spec", IA, unary("CreateModule", lambda w: pb.CreateModuleRequest())),
+    Case("module/unknown type", IA, unary("CreateModule", lambda w: pb.CreateModuleRequest(spec=pb.LayerSpec(type="pickle")))),
+    Case("module/bad option in a deep child", IA, unary("CreateModule", lambda w: pb.CreateModuleRequest(spec=pb.LayerSpec(
+        type="sequential", children=[pb.LayerSpec(type="linear", args=[pb.OptionValue(int_value=2)] * 2),
+                                     pb.LayerSpec(type="linear", args=[pb.OptionValue(string_value="x")])])))),
+    Case("module/duplicate child names", IA, unary("CreateModule", lambda w: pb.CreateModuleRequest(spec=pb.LayerSpec(
+        type="sequential", children=[pb.LayerSpec(type="relu", name="r")] * 2)))),
+    Case("module/too deep", IA, unary("CreateModule", lambda w: pb.CreateModuleRequest(spec=deep_spec(40)))),
+    Case("module/too big", RE, unary("CreateModule", lambda w: pb.CreateModuleRequest(spec=pb.LayerSpec(
+        type="linear", args=[pb.OptionValue(int_value=2**40)] * 2)))),
+    # CreateDictionary and CreateTensor
+    *[Case(f"dict/{k}", RE if "huge" in k else IA,
+           streamed("CreateDictionary", lambda w, v=v: [pb.CreateDictionaryRequest(chunk=c) for c in v]))
+      for k, v in BAD_STREAMS.items()],
+    Case("tensor/none", IA, streamed("CreateTensor", lambda w: [])),
+    Case("tensor/two", IA, streamed("CreateTensor", lambda w: [pb.CreateTensorRequest(chunk=GOOD)] * 2)),
+    *[Case(f"tensor/{k}", RE if "huge" in k else IA,
+           streamed("CreateTensor", lambda w, v=v: [pb.CreateTensorRequest(chunk=c) for c in v[1:] or v]))
+      for k, v in BAD_STREAMS.items() if k != "empty key"],
+    # AddReference
+    Case("addref/unknown handle", NF, unary("AddReference", lambda w: pb.AddReferenceRequest(handle=UNKNOWN_ID))),
+]
+
+
+def deep_spec(depth: int) -> pb.LayerSpec:
+    spec = pb.LayerSpec(type="relu")
+    for _ in range(depth):
+        spec = pb.LayerSpec(type="sequential", children=[spec])
+    return spec
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_failed_call_changes_nothing(case: Case, world: World, stub, unchanged) -> None:  # type: ignore[no-untyped-def]
+    with unchanged(), pytest.raises(grpc.RpcError) as err:
+        case.call(stub, world)
+    assert err.value.code() is case.code, err.value.details()
+    stub.Ping(pb.PingRequest(), timeout=60)
+
+
+def test_the_world_is_what_the_cases_assume(world: World, client: Client) -> None:
+    """The fixtures the cases rely on: a momentum of None, a count of 2, a live view, a bad count."""
+    assert [r.options["momentum"] for r in client.module(client_handle(world.net)) if r.module == "batchnorm1d"] == [None]
+    assert client.dict(world.avg, ".n") == 2.0
+    assert set(client.size(world.view)) == {"a.weight", "a.bias", "b.weight", "b.bias", "d.weight", "d.bias"}
+    # The same calls with good arguments do change things, so the cases above can fail.
+    client.dict(world.plain, "i", 0)
+    assert client.dict(world.plain, "i") == 0
+    client.batchnorm(world.net, {"b": 0.1})
+    assert [r.options["momentum"] for r in client.module(client_handle(world.net)) if r.module == "batchnorm1d"] == [0.1]
+
+
+def client_handle(handle_id: str):  # type: ignore[no-untyped-def]
+    from weightavg import Handle
+
+    return Handle(handle_id, "module")

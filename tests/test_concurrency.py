@@ -1,0 +1,262 @@
+"""Many clients at once: calls on one handle are serialised, calls on different handles run in
+parallel, free never races with a call in flight, and no mix of calls deadlocks.
+
+Every call has a deadline (the clients' timeout), so a deadlock fails the test with
+DEADLINE_EXCEEDED instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+
+from .conftest import LiveServer
+from weightavg import Client, NotFoundError
+
+TIMEOUT = 60.0
+
+
+def run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
+    """Run work(0..count-1) on count threads started together; re-raise the first error."""
+    barrier = threading.Barrier(count)
+
+    def start(i: int) -> Any:
+        barrier.wait(timeout=TIMEOUT)
+        return work(i)
+
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(start, i) for i in range(count)]
+        return [f.result(timeout=600) for f in futures]
+
+
+def test_16_threads_x_500_avgparms_on_one_dictionary(live_server: LiveServer, client: Client) -> None:
+    """Thread i averages a module whose parameters all equal i into one shared dictionary.
+
+    The running mean is order-independent, so the result is exact whatever the interleaving:
+    (0 + 500 * (1 + ... + 16)) / 8001 = 68000 / 8001. A lost or torn update shows as a count below
+    8001 or a mean off by at least (16 - 8.5) / 8001 ~ 1e-3.
+    """
+    threads, calls = 16, 500
+    modules = []
+    for i in range(1, threads + 1):
+        m = client.module(["linear", 2, 1])
+        client.parm(m, "weight", float(i))
+        client.parm(m, "bias", float(i))
+        modules.append(m)
+    # weight in float64: 8000 steps of round-off of ~1e-15 each stay far below 1e-9. bias in float32,
+    # as the reference keeps it: each lerp step rounds to ~3 ulp of 16 (3e-6), and earlier errors
+    # shrink by (1 - w), so 8000 steps stay below 8000 * 3e-6 = 0.024 in the worst case.
+    avg = client.dict({"weight": np.zeros((1, 2), np.float64), "bias": np.zeros(1, np.float32)})
+
+    def work(i: int) -> list[int]:
+        with Client(live_server.address, timeout=TIMEOUT) as c:
+            return [c.avgparms(modules[i], avg) for _ in range(calls)]
+
+    counts = [n for ns in run_threads(threads, work) for n in ns]
+    assert sorted(counts) == list(range(2, threads * calls + 2))  # every count handed out exactly once
+    values = client.dict(avg)
+    assert values[".n"] == threads * calls + 1 == 8001
+    exact = Fraction(calls * sum(range(1, threads + 1)), threads * calls + 1)
+    np.testing.assert_allclose(values["weight"], np.full((1, 2), float(exact)), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(values["bias"], np.full(1, float(exact)), rtol=0, atol=0.024)
+
+
+def test_calls_on_other_handles_proceed_while_one_is_busy(live_server: LiveServer, client: Client) -> None:
+    """Holding one object's lock (as a long call would) blocks calls on it and on nothing else."""
+    busy, other = client.module(["linear", 4, 4]), client.module(["linear", 4, 4])
+    busy_copy = client.copyparms(busy)
+    entry = live_server.registry.get(busy.id)
+    with ThreadPoolExecutor(1) as pool:
+        with entry.lock:
+            waiting = pool.submit(client.avgparms, busy, busy_copy)
+            # Every call below runs to completion while `busy` is held.
+            p = client.copyparms(other)
+            assert client.avgparms(other, p) == 2
+            assert client.size(other) == 2
+            assert {h.handle.id for h in client.handles()} >= {busy.id, other.id, p.id}
+            assert not waiting.done()
+        assert waiting.result(timeout=TIMEOUT) == 2
+
+
+def test_a_call_waiting_for_a_handle_that_gets_freed_answers_not_found(
+    live_server: LiveServer, client: Client
+) -> None:
+    """A call that looked a handle up, then waited for its lock while the handle was freed, must not
+    then work on the freed object (its result would be lost, and the object alive again)."""
+    m = client.module(["linear", 4, 4])
+    d = client.copyparms(m)
+    entry = live_server.registry.get(d.id)
+    with ThreadPoolExecutor(1) as pool:
+        with entry.lock:
+            waiting = pool.submit(client.avgparms, m, d)
+            time.sleep(0.5)  # lets the call reach the lock; it answers NOT_FOUND either way
+            live_server.registry.free([d.id])  # the lock is reentrant: this thread holds it
+        with pytest.raises(NotFoundError):
+            waiting.result(timeout=TIMEOUT)
+    assert ".n" not in entry.obj.entries  # the freed dictionary was not averaged into
+
+
+def test_free_waits_for_the_call_in_flight(live_server: LiveServer, client: Client) -> None:
+    """free of a handle whose object is busy returns only once the call in flight has finished."""
+    m = client.module(["linear", 4, 4])
+    d = client.copyparms(m)
+    entry = live_server.registry.get(d.id)
+    with ThreadPoolExecutor(1) as pool:
+        with entry.lock:
+            freeing = pool.submit(client.free, d)
+            time.sleep(0.2)
+            assert not freeing.done()  # blocked behind this thread's hold on the object
+            assert d.id in {h.handle.id for h in client.handles()}  # listing does not wait for it
+        assert freeing.result(timeout=TIMEOUT) == 1
+    with pytest.raises(NotFoundError):
+        client.avgparms(m, d)
+
+
+def test_crossed_two_handle_calls_do_not_deadlock(live_server: LiveServer, client: Client) -> None:
+    """Threads load and average a into b's view and b into a's view at once: the two locks are taken
+    in one global order whichever argument comes first, so every call completes."""
+    a, b = client.module(["linear", 8, 8]), client.module(["linear", 8, 8])
+    view_a, view_b = client.parms(a), client.parms(b)
+    pa, pb = client.copyparms(a), client.copyparms(b)
+
+    def work(i: int) -> int:
+        with Client(live_server.address, timeout=TIMEOUT) as c:
+            for _ in range(100):
+                if i % 2:
+                    c.copyparms(a, view_b)
+                    c.avgparms(b, pa)
+                else:
+                    c.copyparms(b, view_a)
+                    c.avgparms(a, pb)
+        return i
+
+    assert run_threads(8, work) == list(range(8))
+
+
+def test_reads_never_see_a_half_applied_load(live_server: LiveServer, client: Client) -> None:
+    """Writers load all-zero or all-one dictionaries into a module; concurrent copies and fetches
+    (through copyparms, parm and a live view) always see one or the other, never a mix."""
+    m = client.module(["sequential", ["linear", "a", 64, 64], ["linear", "b", 64, 64]])
+    names = client.parmnames(m)
+    zeros = client.dict({n: 0.0 for n in names})
+    ones = client.dict({n: 1.0 for n in names})
+    view = client.parms(m)
+    client.copyparms(m, zeros)
+
+    def uniform(values: dict[str, Any]) -> float:
+        flat = np.concatenate([np.ravel(v) for v in values.values()])
+        assert flat.min() == flat.max(), "torn read"
+        return float(flat[0])
+
+    def work(i: int) -> set[float]:
+        seen = set()
+        with Client(live_server.address, timeout=TIMEOUT) as c:
+            for k in range(60):
+                if i < 2:
+                    c.copyparms(m, ones if k % 2 else zeros)
+                elif i < 4:
+                    copy = c.copyparms(m)
+                    seen.add(uniform(c.dict(copy)))
+                    c.free(copy)
+                elif i < 6:
+                    seen.add(uniform(c.dict(view)))
+                else:
+                    seen.add(uniform(dict(zip(names, c.dict(view, names)))))
+        return seen
+
+    seen = set().union(*run_threads(8, work))
+    assert seen <= {0.0, 1.0}
+
+
+def test_mixed_load_ends_consistent(live_server: LiveServer, client: Client) -> None:
+    """12 threads mix copy, average, batchnorm, dictionary updates, addref, free and listings.
+
+    Expected errors are only NOT_FOUND on the victim dictionary, freed midway. At the end every
+    average's count is one plus the averages that succeeded into it and its mean is exact; each
+    module's batchnorm momentum is restored; the board holds each thread's last write; and the
+    live handles are exactly those the test kept.
+    """
+    threads, steps = 12, 80
+    nets, avgs = [], []
+    for k in range(3):
+        net = client.module(["sequential", ["linear", "a", 3, 2], ["batchnorm1d", "b", 2]])
+        for name in client.parmnames(net):
+            client.parm(net, name, float(k + 1))
+        nets.append(net)
+        shapes = client.size(net_copy := client.copyparms(net))
+        client.free(net_copy)
+        avgs.append(client.dict({n: np.zeros(s, np.float64) for n, s in shapes.items()}))
+    victim = client.copyparms(nets[0])
+    board = client.dict({})
+    kept = {h.handle.id for h in client.handles()} - {victim.id}
+    averaged = [[0] * 3 for _ in range(threads)]
+    summed = [[0.0] * 3 for _ in range(threads)]
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        rng = random.Random(i)
+        with Client(live_server.address, timeout=TIMEOUT) as c:
+            for step in range(steps):
+                if i == 0 and step == steps // 2:
+                    c.free(victim)
+                op = rng.randrange(8)
+                try:
+                    if op == 0:
+                        k = rng.randrange(3)
+                        c.avgparms(nets[k], avgs[k])
+                        averaged[i][k] += 1
+                        summed[i][k] += k + 1
+                    elif op == 1:
+                        k = rng.randrange(3)
+                        copy = c.copyparms(nets[k])
+                        c.copyparms(nets[k], copy)  # loads the same values back: averages stay exact
+                        c.free(copy)
+                    elif op == 2 and i < 3:
+                        # Only thread k resets module k, so its momentum is restored to 0.1 at the end.
+                        momenta = c.batchnorm(nets[i])
+                        c.batchnorm(nets[i], momenta)
+                    elif op == 3:
+                        c.dict(board, f"t{i}", float(step))
+                    elif op == 4:
+                        ref = c.addref(avgs[rng.randrange(3)])
+                        c.size(ref)
+                        c.free(ref)
+                    elif op == 5:
+                        c.handles()
+                    elif op == 6:
+                        try:
+                            c.avgparms(nets[0], victim)
+                        except NotFoundError:
+                            pass
+                    else:
+                        view = c.parms(nets[rng.randrange(3)])
+                        c.dict(view)
+                        c.free(view)
+                except Exception as exc:  # noqa: BLE001 - collect every unexpected error
+                    errors.append(f"thread {i} op {op}: {exc!r}")
+            c.dict(board, f"t{i}", float(steps))
+
+    run_threads(threads, work)
+    assert errors == []
+    for k in range(3):
+        count = sum(averaged[i][k] for i in range(threads))
+        values = client.dict(avgs[k])
+        assert values[".n"] == count + 1
+        # Each average folds in parameters equal to k + 1 over an initial zero sample.
+        expected = (k + 1) * count / (count + 1)
+        for name, v in values.items():
+            if name != ".n":
+                np.testing.assert_allclose(v, expected, rtol=0, atol=1e-9)
+        assert [r.options["momentum"] for r in client.module(nets[k]) if r.module == "batchnorm1d"] == [0.1]
+    assert client.dict(board) == {f"t{i}": float(steps) for i in range(threads)}
+    live = {h.handle.id for h in client.handles()}
+    assert live == kept  # no temporary survived, the victim is gone
+    assert len(live_server.registry) == len(kept)

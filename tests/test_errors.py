@@ -1,0 +1,223 @@
+"""Bad input gets a clear status with a message naming the problem, and changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from weightavg import Client, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+from .conftest import LiveServer
+
+
+def test_unknown_and_freed_handles_are_not_found(client: Client, unchanged: Any) -> None:
+    m = client.module(["linear", 3, 2])
+    p = client.copyparms(m)
+    with unchanged():
+        with pytest.raises(NotFoundError, match="unknown handle 'mod_nope'"):
+            client.copyparms("mod_nope")
+        with pytest.raises(NotFoundError):
+            client.avgparms(m, "dic_nope")
+    assert client.free(p) == 1
+    with unchanged(), pytest.raises(NotFoundError, match="already freed"):
+        client.dict(p)
+    with unchanged(), pytest.raises(NotFoundError):
+        client.free(p)
+
+
+def test_wrong_kind_of_handle_is_invalid_argument(client: Client, unchanged: Any) -> None:
+    m = client.module(["linear", 3, 2])
+    p = client.copyparms(m)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="expecting module or model or optimizer handle, given dictionary"):
+            client.copyparms(p)
+        with pytest.raises(InvalidArgumentError, match="expecting dictionary handle, given module"):
+            client.avgparms(m, m)
+        with pytest.raises(InvalidArgumentError):
+            client.copyparms(m, m)
+        with pytest.raises(InvalidArgumentError):
+            client.batchnorm(p)
+
+
+def test_bad_specs_name_the_problem(client: Client, unchanged: Any) -> None:
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="unrecognized module type: 'lstmx'"):
+            client.module(["lstmx", 3])
+        with pytest.raises(InvalidArgumentError, match="linear: unknown option 'foo'"):
+            client.module(["linear", 3, 2, {"foo": 1}])
+        with pytest.raises(InvalidArgumentError, match="positive input size"):
+            client.module(["linear", 0, 2])
+        with pytest.raises(InvalidArgumentError, match="number of input features"):
+            client.module(["batchnorm1d"])
+        with pytest.raises(InvalidArgumentError, match="deeper"):
+            spec: Any = ["relu"]
+            for _ in range(40):
+                spec = ["sequential", spec]
+            client.module(spec)
+    assert client.handles() == []
+
+
+def test_copyparms_failure_copies_nothing(client: Client, unchanged: Any) -> None:
+    q = client.module(["sequential", ["linear", "a", 4, 3], ["linear", "b", 3, 2]])
+    p = client.dict({"a.weight": 7.0, "a.bias": 7.0, "b.weight": np.ones((5, 5), np.float32)})
+    with unchanged(), pytest.raises(InvalidArgumentError, match="b.weight.*nothing copied"):
+        client.copyparms(q, p)
+    assert not np.any(client.parm(q, "a.weight") == 7.0)
+
+
+def test_avgparms_missing_name_changes_nothing(client: Client, unchanged: Any) -> None:
+    q = client.module(["sequential", ["linear", "a", 4, 3], ["linear", "b", 3, 2]])
+    p = client.copyparms(q)
+    client.delete(p, "b.bias")
+    with unchanged(), pytest.raises(InvalidArgumentError, match="parameter 'b.bias' not found"):
+        client.avgparms(q, p)
+    assert ".n" not in client.size(p)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.ones((3, 5), np.float32), "must match the size"),
+        (0.0, r"output with shape \[\] doesn't match the broadcast shape"),
+        (np.ones((2, 3), np.int64), "floating-point"),
+    ],
+)
+def test_avgparms_ill_shaped_entry_changes_nothing(client: Client, unchanged: Any, value: Any, message: str) -> None:
+    q = client.module(["sequential", ["linear", "a", 4, 3], ["linear", "b", 3, 2]])
+    p = client.copyparms(q)
+    client.parm(q, "a.weight", 1.0)
+    client.dict(p, "b.weight", value)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=message):
+        client.avgparms(q, p)
+
+
+def test_bad_count_entry_is_refused(client: Client, unchanged: Any) -> None:
+    m = client.module(["linear", 2, 1])
+    p = client.copyparms(m)
+    client.dict(p, ".n", 5)
+    with unchanged(), pytest.raises(InvalidArgumentError, match="'.n' must be a 0-dim float64 count"):
+        client.avgparms(m, p)
+    client.dict(p, ".n", 5.0)
+    assert client.avgparms(m, p) == 6
+
+
+def test_restore_momentum_is_all_or_nothing(client: Client, unchanged: Any) -> None:
+    q = client.module(["sequential", ["batchnorm1d", "b", 4], ["linear", "l", 4, 2]])
+    r = client.batchnorm(q)
+    with unchanged():
+        with pytest.raises(NotFoundError, match="unable to locate batchnorm module 'zz'"):
+            client.batchnorm(q, {**r, "zz": 0.5})
+        with pytest.raises(InvalidArgumentError, match="'l' is Linear, not a batchnorm layer"):
+            client.batchnorm(q, {"b": 0.3, "l": 0.1})
+        with pytest.raises(InvalidArgumentError, match="finite"):
+            client.batchnorm(q, {"b": float("nan")})
+
+
+def test_dictionary_and_parameter_lookups(client: Client, unchanged: Any) -> None:
+    m = client.module(["linear", 2, 1])
+    p = client.copyparms(m)
+    view = client.parms(m)
+    with unchanged():
+        with pytest.raises(NotFoundError, match="no entry 'nope'"):
+            client.dict(p, "nope")
+        with pytest.raises(NotFoundError, match="nothing deleted"):
+            client.delete(p, "weight", "nope")
+        with pytest.raises(NotFoundError, match="parameter 'nope' not found"):
+            client.parm(m, "nope")
+        with pytest.raises(InvalidArgumentError, match="without '.'"):
+            client.parm(m, "a.b", 1.0)
+        with pytest.raises(InvalidArgumentError, match="must match the size"):
+            client.parm(m, "weight", np.ones(3, np.float32))
+        with pytest.raises(NotFoundError, match="not a tensor of the module"):
+            client.dict(view, "extra", 1.0)
+        with pytest.raises(InvalidArgumentError, match="nothing set"):
+            client.dict(view, {"bias": 2.0, "weight": np.ones((4, 4), np.float32)})
+        with pytest.raises(InvalidArgumentError, match="live view"):
+            client.delete(view, "weight")
+        with pytest.raises(NotFoundError, match="no child 'zz'"):
+            client.parmnames(m, "zz")
+        with pytest.raises(NotFoundError, match="nothing freed"):
+            client.free(p, "dic_nope")
+
+
+def test_devices_that_do_not_exist(client: Client, unchanged: Any) -> None:
+    m = client.module(["linear", 2, 1])
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="not supported|unknown device"):
+            client.to(m, "tpu")
+        if not _has_cuda():
+            with pytest.raises(InvalidArgumentError, match="no CUDA device"):
+                client.to(m, "cuda")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _stub(live_server: LiveServer, max_bytes: int = 4 << 20) -> tuple[grpc.Channel, pb_grpc.WeightAveragingServiceStub]:
+    channel = grpc.insecure_channel(live_server.address, options=[("grpc.max_send_message_length", max_bytes)])
+    return channel, pb_grpc.WeightAveragingServiceStub(channel)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        ([pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT32, shape=[2], data=b"\0" * 12)], "holds 8 bytes"),
+        ([pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT32, shape=[2], data=b"\0" * 4)], "stream ended inside"),
+        ([pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT32, shape=[-1])], "negative dimension"),
+        ([pb.TensorChunk(name="w", dtype=999, shape=[1], data=b"\0")], "unsupported dtype"),
+        ([pb.TensorChunk(data=b"\0")], "before a header"),
+        ([pb.TensorChunk(name="w", dtype=pb.DTYPE_BOOL, shape=[1], data=b"\7")], "bytes other than 0 and 1"),
+        ([pb.TensorChunk(name="w", dtype=pb.DTYPE_UINT8, shape=[2], data=b"\0"),
+          pb.TensorChunk(name="v", dtype=pb.DTYPE_UINT8, shape=[1], data=b"\0")], "ended early"),
+        ([pb.TensorChunk(name="", dtype=pb.DTYPE_UINT8, shape=[1], data=b"\0")], "keys must not be empty"),
+    ],
+)
+def test_malformed_tensor_streams(live_server: LiveServer, client: Client, unchanged: Any,
+                                  chunks: list[pb.TensorChunk], message: str) -> None:
+    channel, stub = _stub(live_server)
+    with channel, unchanged(), pytest.raises(grpc.RpcError) as err:
+        stub.CreateDictionary(iter([pb.CreateDictionaryRequest(chunk=c) for c in chunks]), timeout=30)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_huge_declared_shape_is_refused_before_allocating(live_server: LiveServer, unchanged: Any) -> None:
+    channel, stub = _stub(live_server)
+    chunk = pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT64, shape=[1 << 40, 1 << 20])
+    with channel, unchanged(), pytest.raises(grpc.RpcError) as err:
+        stub.CreateDictionary(iter([pb.CreateDictionaryRequest(chunk=chunk)]), timeout=30)
+    assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_oversized_message_is_resource_exhausted(live_server: LiveServer, unchanged: Any) -> None:
+    channel, stub = _stub(live_server, max_bytes=128 << 20)
+    request = pb.CreateModuleRequest(spec=pb.LayerSpec(type="linear", name="x" * (65 << 20)))
+    with channel, unchanged(), pytest.raises(grpc.RpcError) as err:
+        stub.CreateModule(request, timeout=60)
+    assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_empty_header_stream_is_invalid(live_server: LiveServer, unchanged: Any) -> None:
+    channel, stub = _stub(live_server)
+    with channel, unchanged(), pytest.raises(grpc.RpcError) as err:
+        stub.UpdateDictionary(iter([]), timeout=30)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_avgparms_size_error_uses_pytorch_wording(client: Client, unchanged: Any) -> None:
+    m = client.module(["linear", 4, 2])
+    p = client.copyparms(m)
+    client.dict(p, "weight", np.ones((2, 3), np.float32))
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        client.avgparms(m, p)
+    assert err.value.message.startswith(
+        "The size of tensor a (4) must match the size of tensor b (3) at non-singleton dimension 1"
+    )

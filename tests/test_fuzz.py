@@ -1,0 +1,339 @@
+"""Property-based fuzzing of every RPC through the generated stub: random and malformed requests
+(wrong kinds of handles, garbage bytes, shapes that disagree with the data, huge dimensions,
+NaN/Inf, unknown enum values, deep specs, enormous option values). The server must never answer
+UNKNOWN or INTERNAL (or hang: every call has a deadline), and must answer a Ping after each one.
+
+Runs against its own server with a 256 MiB byte cap, so nothing a fuzzer invents can allocate much.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import LiveServer
+from weightavg import Client
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+from weightavg_server import handles
+from weightavg_server.app import create_server, set_serving
+from weightavg_server.config import ServerConfig
+from weightavg_server.registry import Registry
+from weightavg_server.specs import LAYER_TYPES
+
+ALLOWED = {
+    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
+}
+FUZZ = settings(
+    # 100 keeps the module near 10 s; WEIGHTAVG_FUZZ_EXAMPLES=1500 for a deeper search by hand.
+    max_examples=int(os.environ.get("WEIGHTAVG_FUZZ_EXAMPLES", "100")), deadline=None, derandomize=False, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+TIMEOUT = 30
+SERVICE = pb.DESCRIPTOR.services_by_name["WeightAveragingService"]
+
+
+@dataclass
+class Fuzzed:
+    server: LiveServer
+    client: Client
+    stub: pb_grpc.WeightAveragingServiceStub
+    channel: grpc.Channel
+
+
+ROLES = ("net", "ref", "copy", "avg", "view", "bufs", "plain", "tensor")
+
+
+class Pool:
+    """Live handles of every kind; ones the fuzzer freed are made again before the next example."""
+
+    def __init__(self, f: Fuzzed) -> None:
+        self.f = f
+        self.ids: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        live = {h for h, _ in self.f.server.registry.items()}
+        if all(i in live for i in self.ids.values()) and self.ids:
+            return
+        c = self.f.client
+        c.free()
+        net = c.module(["sequential", ["linear", "a", 3, 2], ["batchnorm1d", "b", 2], ["relu", "c"]])
+        avg = c.copyparms(net)
+        c.avgparms(net, avg)
+        self.ids = {
+            "net": net.id, "ref": c.addref(net).id, "copy": c.copyparms(net).id, "avg": avg.id,
+            "view": c.parms(net).id, "bufs": c.buffers(net).id,
+            "plain": c.dict({"x": np.ones(3, np.float32), "i": np.arange(2), ".n": 1.0}).id,
+            "tensor": c.tensor(np.zeros((2, 2), np.float32)).id,
+        }
+
+    def resolve(self, ref: object) -> str:
+        return self.ids[ref.role] if isinstance(ref, Role) else str(ref)
+
+
+@dataclass(frozen=True)
+class Role:
+    role: str
+
+
+@pytest.fixture(scope="module")
+def fuzzed() -> Iterator[Fuzzed]:
+    registry = Registry()
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", max_device_bytes=256 << 20, max_handles=10_000)
+    server, port, health_servicer = create_server(config, registry=registry)
+    server.start()
+    set_serving(health_servicer, True)
+    address = f"127.0.0.1:{port}"
+    with Client(address, timeout=TIMEOUT) as client, grpc.insecure_channel(address) as channel:
+        yield Fuzzed(LiveServer(address, registry), client, pb_grpc.WeightAveragingServiceStub(channel), channel)
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def pool(fuzzed: Fuzzed) -> Pool:
+    return Pool(fuzzed)
+
+
+def check(f: Fuzzed, call) -> None:  # type: ignore[no-untyped-def]
+    """Run one fuzzed call: any status but UNKNOWN/INTERNAL/timeouts, then the server must answer."""
+    try:
+        result = call()
+        if isinstance(result, Iterator):
+            for _ in result:
+                pass
+    except grpc.RpcError as exc:
+        assert exc.code() in ALLOWED, f"{exc.code()}: {exc.details()}"
+    f.stub.Ping(pb.PingRequest(), timeout=TIMEOUT)
+
+
+# -- strategies -------------------------------------------------------------------------------------
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+handle_refs = st.one_of(
+    st.sampled_from(ROLES).map(Role), st.just(""), st.just("dic_" + "0" * 32), st.text(max_size=40)
+)
+names = st.one_of(
+    st.sampled_from(["", "a.weight", "a.bias", "b.weight", "b.running_mean", "x", "i", ".n", "c", "b", "a", "zz"]),
+    st.text(max_size=20),
+)
+dtypes = st.one_of(st.sampled_from(list(pb.Dtype.values())), st.integers(-(2**31), 2**31 - 1))
+dims = st.one_of(st.integers(0, 4), st.integers(-3, 2**62), st.sampled_from([2**31, 2**40, 2**63 - 1]))
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@st.composite
+def consistent_chunk(draw: st.DrawFn) -> pb.TensorChunk:
+    """A well-formed tensor (possibly with NaN/Inf), so fuzzing also reaches past the wire checks."""
+    shape = draw(st.lists(st.integers(0, 3), max_size=3))
+    values = draw(st.lists(floats, min_size=math.prod(shape), max_size=math.prod(shape)))
+    return pb.TensorChunk(
+        name=draw(names), dtype=pb.DTYPE_FLOAT32, shape=shape, data=np.array(values, np.float32).tobytes()
+    )
+
+
+raw_chunks = st.builds(
+    pb.TensorChunk, name=names, dtype=dtypes, shape=st.lists(dims, max_size=40), data=st.binary(max_size=64)
+)
+chunks = st.one_of(consistent_chunk(), raw_chunks, st.builds(pb.TensorChunk, data=st.binary(max_size=16)))
+chunk_lists = st.lists(chunks, max_size=4)
+
+option_values = st.one_of(
+    st.builds(pb.OptionValue, null_value=st.just(0)),
+    st.builds(pb.OptionValue, bool_value=st.booleans()),
+    st.builds(pb.OptionValue, int_value=st.one_of(st.integers(-3, 100), INT64)),
+    st.builds(pb.OptionValue, float_value=st.floats(allow_nan=True, allow_infinity=True)),
+    st.builds(pb.OptionValue, string_value=st.text(max_size=12)),
+    st.builds(pb.OptionValue, int_list=st.builds(pb.IntList, values=st.lists(st.one_of(st.integers(-2, 9), INT64), max_size=5))),
+    st.just(pb.OptionValue()),  # no value set
+)
+option_names = st.one_of(
+    st.sampled_from(["in", "out", "bias", "momentum", "eps", "size", "stride", "groups", "p", "affine", "track"]),
+    st.text(max_size=8),
+)
+layer_types = st.one_of(st.sampled_from(list(LAYER_TYPES)), st.text(max_size=12))
+
+
+def spec_of(children: st.SearchStrategy[list[pb.LayerSpec]]) -> st.SearchStrategy[pb.LayerSpec]:
+    return st.builds(
+        pb.LayerSpec, type=layer_types, name=st.one_of(st.just(""), st.text(max_size=6)),
+        args=st.lists(option_values, max_size=4),
+        options=st.lists(st.builds(pb.Option, name=option_names, value=option_values), max_size=3),
+        children=children,
+    )
+
+
+specs = st.recursive(spec_of(st.just([])), lambda inner: spec_of(st.lists(inner, max_size=3)), max_leaves=8)
+deep_specs = st.integers(0, 95).map(lambda depth: nested(depth))
+momenta = st.dictionaries(
+    names, st.one_of(st.just(pb.Momentum()), st.builds(pb.Momentum, value=st.floats(allow_nan=True, allow_infinity=True))),
+    max_size=3,
+)
+devices = st.one_of(
+    st.sampled_from(["", "cpu", "cuda", "cuda:0", "cpu:0", "cpu:7", "cpu:-1", "meta", "mps", "xla", "cuda:99999999999"]),
+    st.text(max_size=12),
+)
+
+
+def nested(depth: int) -> pb.LayerSpec:
+    spec = pb.LayerSpec(type="linear", args=[pb.OptionValue(int_value=1)] * 2)
+    for _ in range(depth):
+        spec = pb.LayerSpec(type="sequential", children=[spec])
+    return spec
+
+
+# -- one property per RPC ---------------------------------------------------------------------------
+
+
+@FUZZ
+@given(spec=st.one_of(specs, deep_specs))
+def test_create_module(fuzzed: Fuzzed, pool: Pool, spec: pb.LayerSpec) -> None:
+    check(fuzzed, lambda: fuzzed.stub.CreateModule(pb.CreateModuleRequest(spec=spec), timeout=TIMEOUT))
+
+
+@FUZZ
+@given(method=st.sampled_from(["DescribeModule", "ListParameterNames", "ListBufferNames", "ViewParameters",
+                               "ViewBuffers", "CopyParameters", "ResetBatchNorm", "GetSize", "AddReference"]),
+       handle=handle_refs, child=names)
+def test_unary_calls_on_one_handle(fuzzed: Fuzzed, pool: Pool, method: str, handle: object, child: str) -> None:
+    pool.refresh()
+    request_class = getattr(pb, method + "Request")
+    fields = request_class.DESCRIPTOR.fields_by_name
+    request = request_class(handle=pool.resolve(handle), **({"child": child} if "child" in fields else {}))
+    check(fuzzed, lambda: getattr(fuzzed.stub, method)(request, timeout=TIMEOUT))
+
+
+@FUZZ
+@given(method=st.sampled_from(["LoadParameters", "AverageParameters"]), handle=handle_refs, dictionary=handle_refs)
+def test_two_handle_calls(fuzzed: Fuzzed, pool: Pool, method: str, handle: object, dictionary: object) -> None:
+    pool.refresh()
+    request = getattr(pb, method + "Request")(handle=pool.resolve(handle), dictionary=pool.resolve(dictionary))
+    check(fuzzed, lambda: getattr(fuzzed.stub, method)(request, timeout=TIMEOUT))
+
+
+@FUZZ
+@given(handle=handle_refs, values=momenta)
+def test_restore_momentum(fuzzed: Fuzzed, pool: Pool, handle: object, values: dict[str, pb.Momentum]) -> None:
+    pool.refresh()
+    request = pb.RestoreMomentumRequest(handle=pool.resolve(handle), momenta=values)
+    check(fuzzed, lambda: fuzzed.stub.RestoreMomentum(request, timeout=TIMEOUT))
+
+
+@FUZZ
+@given(handle=handle_refs, name=names, stream=chunk_lists)
+def test_set_parameter(fuzzed: Fuzzed, pool: Pool, handle: object, name: str, stream: list[pb.TensorChunk]) -> None:
+    pool.refresh()
+    first = pb.SetParameterRequest(handle=pool.resolve(handle), name=name, chunk=stream[0] if stream else None)
+    requests = [first, *(pb.SetParameterRequest(chunk=c) for c in stream[1:])]
+    check(fuzzed, lambda: fuzzed.stub.SetParameter(iter(requests), timeout=TIMEOUT))
+
+
+@FUZZ
+@given(stream=chunk_lists)
+def test_create_dictionary_and_tensor(fuzzed: Fuzzed, pool: Pool, stream: list[pb.TensorChunk]) -> None:
+    check(fuzzed, lambda: fuzzed.stub.CreateDictionary(
+        iter([pb.CreateDictionaryRequest(chunk=c) for c in stream]), timeout=TIMEOUT))
+    check(fuzzed, lambda: fuzzed.stub.CreateTensor(
+        iter([pb.CreateTensorRequest(chunk=c) for c in stream]), timeout=TIMEOUT))
+
+
+@FUZZ
+@given(handle=handle_refs, stream=chunk_lists, first_chunk=st.booleans())
+def test_update_dictionary(fuzzed: Fuzzed, pool: Pool, handle: object, stream: list[pb.TensorChunk],
+                           first_chunk: bool) -> None:
+    pool.refresh()
+    first = pb.UpdateDictionaryRequest(dictionary=pool.resolve(handle), chunk=stream[0] if stream and first_chunk else None)
+    rest = stream[1:] if first_chunk else stream
+    requests = [first, *(pb.UpdateDictionaryRequest(chunk=c) for c in rest)]
+    check(fuzzed, lambda: fuzzed.stub.UpdateDictionary(iter(requests), timeout=TIMEOUT))
+
+
+@FUZZ
+@given(handle=handle_refs, keys=st.lists(names, max_size=4))
+def test_delete_and_fetch(fuzzed: Fuzzed, pool: Pool, handle: object, keys: list[str]) -> None:
+    pool.refresh()
+    h = pool.resolve(handle)
+    check(fuzzed, lambda: fuzzed.stub.FetchTensors(pb.FetchTensorsRequest(handle=h, names=keys), timeout=TIMEOUT))
+    check(fuzzed, lambda: fuzzed.stub.DeleteEntries(pb.DeleteEntriesRequest(dictionary=h, names=keys), timeout=TIMEOUT))
+
+
+@FUZZ
+@given(handle=handle_refs, device=devices, dtype=dtypes)
+def test_move_handle(fuzzed: Fuzzed, pool: Pool, handle: object, device: str, dtype: int) -> None:
+    pool.refresh()
+    request = pb.MoveHandleRequest(handle=pool.resolve(handle), device=device, dtype=dtype)
+    check(fuzzed, lambda: fuzzed.stub.MoveHandle(request, timeout=TIMEOUT))
+
+
+@FUZZ
+@given(refs=st.lists(handle_refs, max_size=4), everything=st.booleans())
+def test_free_and_list_handles(fuzzed: Fuzzed, pool: Pool, refs: list[object], everything: bool) -> None:
+    pool.refresh()
+    request = pb.FreeHandlesRequest(handles=[pool.resolve(r) for r in refs], all=everything and len(refs) == 1)
+    check(fuzzed, lambda: fuzzed.stub.FreeHandles(request, timeout=TIMEOUT))
+    check(fuzzed, lambda: fuzzed.stub.ListHandles(pb.ListHandlesRequest(), timeout=TIMEOUT))
+
+
+@FUZZ
+@given(method=st.sampled_from([m.name for m in SERVICE.methods]), data=st.binary(max_size=200))
+def test_garbage_bytes_to_every_rpc(fuzzed: Fuzzed, method: str, data: bytes) -> None:
+    """Raw bytes that may not parse at all: INVALID_ARGUMENT (or whatever they decode to), never INTERNAL."""
+    descriptor = SERVICE.methods_by_name[method]
+    path = f"/{SERVICE.full_name}/{method}"
+    if descriptor.client_streaming:
+        call = fuzzed.channel.stream_unary(path)
+        check(fuzzed, lambda: call(iter([data, data]), timeout=TIMEOUT))
+    elif descriptor.server_streaming:
+        call = fuzzed.channel.unary_stream(path)
+        check(fuzzed, lambda: call(data, timeout=TIMEOUT))
+    else:
+        check(fuzzed, lambda: fuzzed.channel.unary_unary(path)(data, timeout=TIMEOUT))
+
+
+def raw_deep_spec(depth: int) -> bytes:
+    """CreateModuleRequest bytes nested far deeper than the protobuf library lets a message be built."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        length, n = b"", len(payload)
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            length += bytes([byte | (0x80 if n else 0)])
+            if not n:
+                return bytes([number << 3 | 2]) + length + payload
+
+    spec = field(1, b"relu")
+    for _ in range(depth):
+        spec = field(1, b"sequential") + field(5, spec)
+    return field(1, spec)
+
+
+@pytest.mark.parametrize("depth", [33, 99, 100, 101, 200, 5000])
+def test_deep_specs_are_invalid_argument(fuzzed: Fuzzed, depth: int) -> None:
+    call = fuzzed.channel.unary_unary(f"/{SERVICE.full_name}/CreateModule")
+    with pytest.raises(grpc.RpcError) as err:
+        call(raw_deep_spec(depth), timeout=TIMEOUT)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    fuzzed.stub.Ping(pb.PingRequest(), timeout=TIMEOUT)
+
+
+def test_accounting_is_exact_after_fuzzing(fuzzed: Fuzzed, pool: Pool) -> None:
+    """Whatever the fuzzers did, the bytes charged equal what the live objects hold, and a final
+    free of everything returns the count to zero."""
+    registry = fuzzed.server.registry
+    owners = {id(e.owner): e.owner for _, e in registry.items()}
+    expected: dict[str, int] = {}
+    for owner in owners.values():
+        for device, n in handles.held_bytes(owner).items():
+            expected[device] = expected.get(device, 0) + n
+    assert registry.held_bytes() == {d: n for d, n in expected.items() if n}
+    fuzzed.client.free()
+    assert registry.held_bytes() == {} and len(registry) == 0
+    fuzzed.client.ping()

@@ -1,0 +1,32 @@
+"""The committed stubs match the .proto, and the client's public surface is what it claims."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import weightavg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_stubs_are_fresh() -> None:
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    stale = gen.stale_files()
+    assert stale == [], f"stubs differ from proto/: run `python scripts/gen_protos.py` ({stale})"
+
+
+def test_public_names_are_sorted_and_exist() -> None:
+    assert weightavg.__all__ == sorted(weightavg.__all__)
+    for name in weightavg.__all__:
+        assert hasattr(weightavg, name), name
+
+
+def test_client_package_has_no_torch_dependency() -> None:
+    client_dir = ROOT / "client" / "weightavg"
+    for path in client_dir.rglob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "from torch" not in text, path

@@ -1,0 +1,228 @@
+"""Authentication and transport security through real servers: bearer tokens, TLS and mutual TLS.
+
+Certificates are made at test time (cryptography): a CA, a server certificate for 127.0.0.1 and
+localhost, a client certificate the CA signed, and a client certificate from a CA the server does not trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from weightavg import Client, UnauthenticatedError, UnavailableError
+from weightavg_server.app import Runtime, create_runtime
+from weightavg_server.config import ServerConfig
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """Paths of the PEM files the tests use."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey, *,
+    ca: bool = False, server: bool = False,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    elif not ca:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key, stranger_ca_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("weightavg test CA", ca_key, "weightavg test CA", ca_key, ca=True)
+    ca_path, _ = _write(folder, "ca", ca, ca_key)
+    server_key, client_key, stranger_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    server = _certificate("localhost", server_key, "weightavg test CA", ca_key, server=True)
+    client = _certificate("trusted client", client_key, "weightavg test CA", ca_key)
+    stranger = _certificate("stranger", stranger_key, "some other CA", stranger_ca_key)
+    server_paths = _write(folder, "server", server, server_key)
+    client_paths = _write(folder, "client", client, client_key)
+    stranger_paths = _write(folder, "stranger", stranger, stranger_key)
+    return Pki(ca_path, *server_paths, *client_paths, *stranger_paths)
+
+
+def _serve(**overrides: object) -> Iterator[Runtime]:
+    runtime = create_runtime(dataclasses.replace(ServerConfig(host="127.0.0.1", port=0, device="cpu"), **overrides))
+    runtime.start()
+    yield runtime
+    runtime.stop(None)
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[Runtime]:
+    yield from _serve(token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Pki) -> Iterator[Runtime]:
+    yield from _serve(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+
+
+@pytest.fixture(scope="module")
+def mtls_server(pki: Pki) -> Iterator[Runtime]:
+    yield from _serve(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca), token=TOKEN
+    )
+
+
+def _address(runtime: Runtime) -> str:
+    return f"127.0.0.1:{runtime.port}"
+
+
+# -- bearer token ----------------------------------------------------------------------------------------
+
+
+def test_no_token_is_unauthenticated_before_any_work(token_server: Runtime) -> None:
+    with Client(_address(token_server), timeout=30) as c:
+        with pytest.raises(UnauthenticatedError) as err:
+            c.dict({"a": [1.0, 2.0]})
+        assert "no bearer token" in err.value.message
+        with pytest.raises(UnauthenticatedError):
+            c.handles()
+    assert len(token_server.registry) == 0  # the streamed upload never reached the servicer
+
+
+def test_wrong_token_is_unauthenticated(token_server: Runtime) -> None:
+    with Client(_address(token_server), timeout=30, token="not-" + TOKEN) as c:
+        with pytest.raises(UnauthenticatedError) as err:
+            c.module(["linear", 2, 1])
+        assert "wrong bearer token" in err.value.message
+        with pytest.raises(UnauthenticatedError):  # a streamed reply is refused the same way
+            c.dict("dic_0")
+    assert len(token_server.registry) == 0
+
+
+def test_right_token_is_served(token_server: Runtime) -> None:
+    with Client(_address(token_server), timeout=30, token=TOKEN) as c:
+        d = c.dict({"a": [1.0, 2.0]})
+        assert c.dict(d, "a").tolist() == [1.0, 2.0]
+        assert [h.handle for h in c.handles()] == [d]
+        assert c.free() == 1
+
+
+def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> None:
+    with grpc.insecure_channel(_address(token_server)) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_token_comes_from_the_environment_and_stays_out_of_reprs() -> None:
+    config = ServerConfig.from_env({"WEIGHTAVG_TOKEN": TOKEN, "WEIGHTAVG_STATE_DIR": "/tmp/x"})
+    assert config.token == TOKEN and config.state_dir == "/tmp/x"
+    assert TOKEN not in repr(config) and "token='***'" in repr(config)
+
+
+# -- TLS --------------------------------------------------------------------------------------------------
+
+
+def test_plaintext_client_against_tls_server_is_unavailable_with_a_hint(tls_server: Runtime) -> None:
+    with Client(_address(tls_server), timeout=30) as c:
+        with pytest.raises(UnavailableError) as err:
+            c.ping()
+    assert "does it use TLS? then pass tls_ca" in err.value.message
+
+
+def test_tls_client_trusting_the_ca_is_served(tls_server: Runtime, pki: Pki) -> None:
+    with Client(_address(tls_server), timeout=30, tls_ca=pki.ca) as c:
+        c.ping()
+        d = c.dict({"w": [3.0]})
+        assert c.dict(d, "w").tolist() == [3.0]
+        c.free()
+
+
+def test_tls_client_not_trusting_the_server_is_unavailable(tls_server: Runtime, pki: Pki) -> None:
+    # The stranger's certificate is not a CA that signed the server's: the handshake must fail.
+    with Client(_address(tls_server), timeout=30, tls_ca=pki.stranger_cert) as c:
+        with pytest.raises(UnavailableError) as err:
+            c.ping()
+    assert "TLS connection" in err.value.message
+
+
+def test_mutual_tls_with_a_trusted_client_certificate(mtls_server: Runtime, pki: Pki) -> None:
+    with Client(
+        _address(mtls_server), timeout=30, tls_ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key,
+        token=TOKEN,
+    ) as c:
+        c.ping()
+        assert c.handles() == []
+
+
+def test_mutual_tls_refuses_an_untrusted_client_certificate(mtls_server: Runtime, pki: Pki) -> None:
+    with Client(
+        _address(mtls_server), timeout=30, tls_ca=pki.ca, client_cert=pki.stranger_cert,
+        client_key=pki.stranger_key, token=TOKEN,
+    ) as c:
+        with pytest.raises(UnavailableError):
+            c.ping()
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: Runtime, pki: Pki) -> None:
+    with Client(_address(mtls_server), timeout=30, tls_ca=pki.ca, token=TOKEN) as c:
+        with pytest.raises(UnavailableError):
+            c.ping()
+
+
+def test_mutual_tls_still_needs_the_token(mtls_server: Runtime, pki: Pki) -> None:
+    with Client(
+        _address(mtls_server), timeout=30, tls_ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key
+    ) as c:
+        with pytest.raises(UnauthenticatedError):
+            c.ping()
+
+
+def test_tls_needs_both_certificate_and_key(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
+        create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tls_cert=str(pki.server_cert)))

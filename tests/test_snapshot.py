@@ -1,0 +1,341 @@
+"""Snapshots: every live handle survives a restart bit for bit, and a damaged snapshot is refused.
+
+The SIGTERM test runs the server as a real subprocess (`python -m weightavg_server`), kills it in
+the middle of a loop of averaging calls, and restarts it on the same --state-dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from weightavg import Client, FailedPreconditionError, WeightavgError
+from weightavg_server import snapshot
+from weightavg_server.app import Runtime, create_runtime
+from weightavg_server.config import ServerConfig
+from weightavg_server.registry import Registry
+
+BN_NET = ["sequential", ["linear", "a", 6, 5], ["batchnorm1d", "b", 5], ["relu", "c"], ["linear", "d", 5, 3]]
+START_LIMIT = 120.0
+"""Seconds a server subprocess may take to print its address (importing torch dominates)."""
+
+
+# -- a server subprocess ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    address: str
+
+    def terminate(self) -> tuple[int, str]:
+        """SIGTERM, then wait for a clean exit; returns (exit code, stderr)."""
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=START_LIMIT)
+        return self.proc.returncode, err
+
+
+def _start(state_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "weightavg_server", "--port", "0", "--device", "cpu", "--state-dir", str(state_dir),
+         "--log-level", "INFO", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def start_server(state_dir: Path, *extra: str) -> ServerProcess:
+    """Start `python -m weightavg_server --port 0` and read the address it reports on stdout."""
+    proc = _start(state_dir, *extra)
+    line = proc.stdout.readline() if proc.stdout else ""  # blocks until the line or the process's exit
+    if not line.startswith("weightavg serving on "):
+        proc.kill()
+        _, err = proc.communicate(timeout=START_LIMIT)
+        raise AssertionError(f"server did not start: {line!r}\n{err}")
+    return ServerProcess(proc, line.removeprefix("weightavg serving on ").strip())
+
+
+def refused_start(state_dir: Path) -> tuple[int, str]:
+    """Start a server that is expected to refuse; returns (exit code, stderr)."""
+    proc = _start(state_dir)
+    out, err = proc.communicate(timeout=START_LIMIT)
+    assert "weightavg serving on" not in out
+    return proc.returncode, err
+
+
+# -- the oracle for the averaging loop -------------------------------------------------------------------
+
+
+def weight(i: int) -> np.ndarray:
+    """The module's weight before the i-th average (i = 0 is the copy the average starts from)."""
+    return (np.arange(12, dtype=np.float32).reshape(3, 4) * 0.37 + i * 1.25 - 3.0).astype(np.float32)
+
+
+def oracle(count: int) -> np.ndarray:
+    """The running average after `count` samples, with the same float32 in-place steps as the server
+    (avg.lerp_(p, 1 / (n + 1))), so that bit-exact equality is the right test."""
+    avg = torch.from_numpy(weight(0).copy())
+    for n in range(1, count):
+        avg.lerp_(torch.from_numpy(weight(n)), 1.0 / (n + 1.0))
+    return avg.numpy()
+
+
+def dump(c: Client) -> dict[str, Any]:
+    """Everything a client can see of its handles: ids, kinds, and every value."""
+    state: dict[str, Any] = {}
+    for info in c.handles():
+        h = info.handle
+        if h.kind == "dictionary":
+            value: Any = c.dict(h)
+        elif h.kind == "tensor":
+            value = c.tensor(h)
+        else:
+            value = ({n: c.parm(h, n) for n in c.parmnames(h)}, c.module(h), c.buffernames(h))
+        state[h.id] = (h.kind, info.dtype, info.bytes, value)
+    return state
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Bit-exact equality through nested containers (NaN equal to NaN)."""
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+    else:
+        assert type(a) is type(b) and (a == b or (a != a and b != b)), (a, b)
+
+
+# -- SIGTERM mid-run -------------------------------------------------------------------------------------
+
+
+def test_sigterm_mid_run_keeps_every_averaged_dictionary(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    server = start_server(state_dir)
+    try:
+        c = Client(server.address, timeout=60)
+        m = c.module(["linear", 4, 3])
+        c.parm(m, "weight", weight(0))
+        c.parm(m, "bias", 0.5)
+        busy = c.copyparms(m)  # averaged by the loop that SIGTERM interrupts
+        # Finished averages of a batchnorm net, one of them in float64 after a move.
+        bn = c.module(BN_NET)
+        momenta = c.batchnorm(bn)
+        done = c.copyparms(bn)
+        for k in range(3):
+            c.parm(bn, "a.weight", float(k))
+            c.avgparms(bn, done)
+        done64 = c.to(c.copyparms(bn), dtype="float64")
+        c.avgparms(bn, done64)
+        c.tensor(np.array([1 + 2j, -0.5j], np.complex128))
+        c.dict({"flags": np.array([True, False]), "big": np.arange(5, dtype=np.int64) * 10**15})
+        view = c.parms(bn, "d")
+        c.addref(done)
+        owned = Client(server.address, timeout=60, session=True, lease=3600)
+        session_dict = owned.dict({"mine": [1.0, 2.0, 3.0]})
+        before = dump(c)
+        before_session = dump(owned)
+
+        acknowledged = [1]
+        stop = threading.Event()
+
+        def average_forever() -> None:
+            i = 1
+            try:
+                while not stop.is_set():
+                    c.parm(m, "weight", weight(i))
+                    acknowledged.append(c.avgparms(m, busy))
+                    i += 1
+            except WeightavgError:
+                pass  # the server went away under us: that is the point
+
+        loop = threading.Thread(target=average_forever)
+        loop.start()
+        while len(acknowledged) < 6 and loop.is_alive():  # kill it mid-run, averages behind it, calls in flight
+            loop.join(0.01)
+        assert loop.is_alive(), "the averaging loop stopped before the server was killed"
+        code, err = server.terminate()
+        stop.set()
+        loop.join()
+        assert code == 0, err
+        assert "saved" in err and "state" in err
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.communicate()
+
+    again = start_server(state_dir)
+    try:
+        with Client(again.address, timeout=60) as c2:
+            after = dump(c2)
+            count = int(after[busy.id][3][".n"])
+            # Every acknowledged average is there; at most one more (in flight when the signal came).
+            assert acknowledged[-1] <= count <= acknowledged[-1] + 1
+            assert after[busy.id][3]["weight"].tobytes() == oracle(count).tobytes()
+            # The module holds the weight of the last average, or of the next one if SIGTERM fell between the calls.
+            last_weight = after[m.id][3][0]["weight"].tobytes()
+            assert last_weight in (weight(count - 1).tobytes(), weight(count).tobytes())
+            np.testing.assert_array_equal(after[busy.id][3]["bias"], np.full(3, 0.5, np.float32))
+            for handle_id, value in before.items():
+                if handle_id not in (busy.id, m.id):
+                    assert_same(value, after[handle_id])
+            assert list(after) == list(before)  # same handle ids, same order
+            # The view is still live: writing through it changes the restored module.
+            c2.dict(view, "bias", np.zeros(3, np.float32))
+            np.testing.assert_array_equal(c2.parm(bn, "d.bias"), np.zeros(3, np.float32))
+            # Momenta reset by batchnorm(bn) stay None, and restoring them still works.
+            assert c2.batchnorm(bn) == {"b": None}
+            c2.batchnorm(bn, momenta)
+            assert c2.batchnorm(bn) == momenta
+        # The session came back too: its handles are listed to it only, and it can be rejoined.
+        with Client(again.address, timeout=60, session=owned.session) as rejoined:
+            assert_same(dump(rejoined), before_session)
+            assert rejoined.dict(session_dict, "mine").tolist() == [1.0, 2.0, 3.0]
+    finally:
+        code, err = again.terminate()
+    assert code == 0, err
+
+
+# -- damaged snapshots -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    """A state directory holding one snapshot of a module and a dictionary."""
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "s")))
+    runtime.start()
+    with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
+        m = c.module(["linear", 3, 2])
+        c.avgparms(m, c.copyparms(m))
+    runtime.stop(None)
+    return tmp_path / "s"
+
+
+def _files(state_dir: Path) -> dict[str, Path]:
+    manifest = json.loads((state_dir / "manifest.json").read_text())
+    return {Path(name).suffix: state_dir / name for name in manifest["files"]}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_a_modified_snapshot_file_is_refused(saved: Path, suffix: str) -> None:
+    path = _files(saved)[suffix]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    path.write_bytes(bytes(data))
+    code, err = refused_start(saved)
+    assert code == 2
+    assert "refusing to start" in err and "checksum mismatch" in err and path.name in err
+
+
+def test_a_torn_snapshot_file_is_refused(saved: Path) -> None:
+    path = _files(saved)[".safetensors"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, err = refused_start(saved)
+    assert code == 2 and "checksum mismatch" in err and "torn" in err
+
+
+def test_a_snapshot_without_its_manifest_is_refused(saved: Path) -> None:
+    (saved / "manifest.json").unlink()
+    code, err = refused_start(saved)
+    assert code == 2 and "no manifest.json" in err
+
+
+def test_a_torn_manifest_is_refused(saved: Path) -> None:
+    manifest = saved / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:20])
+    code, err = refused_start(saved)
+    assert code == 2 and "manifest.json is unreadable" in err
+
+
+def test_a_good_snapshot_loads_and_an_empty_directory_starts_empty(saved: Path, tmp_path: Path) -> None:
+    registry = Registry()
+    assert snapshot.load(registry, saved, torch.device("cpu")) == 2
+    assert snapshot.load(Registry(), tmp_path / "nothing-here", torch.device("cpu")) == 0
+
+
+# -- on demand -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_server(tmp_path: Path) -> Iterator[Runtime]:
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
+    runtime.start()
+    yield runtime
+    runtime.server.stop(None)
+    runtime.reaper.stop()
+
+
+def test_weightavg_snapshot_command_writes_a_snapshot_that_restores(state_server: Runtime, tmp_path: Path) -> None:
+    address = f"127.0.0.1:{state_server.port}"
+    with Client(address, timeout=60) as c:
+        m = c.module(BN_NET)
+        c.parm(m, "extra", np.array([[1, 2], [3, 4]], np.float64))  # a parameter registered after creation
+        p = c.copyparms(m)
+        c.avgparms(m, p)
+        c.tensor(np.array(3.5, np.float16))
+        before = dump(c)
+        cli = subprocess.run(
+            [sys.executable, "-c", "from weightavg._cli import main; main()", "snapshot", address],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "saved 3 handle(s)" in cli.stdout
+        c.dict(p, "a.weight", 0.0)  # changes after the snapshot are not in it
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 3
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=restored)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
+            assert_same(dump(c), before)
+    finally:
+        runtime.stop(None)
+
+
+def test_snapshot_needs_a_state_dir(client: Client) -> None:
+    with pytest.raises(FailedPreconditionError, match="without --state-dir"):
+        client.snapshot()
+
+
+def test_an_old_generation_is_replaced_only_by_a_whole_new_one(state_server: Runtime, tmp_path: Path) -> None:
+    with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
+        c.dict({"a": [1.0]})
+        c.snapshot()
+        first = sorted(p.name for p in (tmp_path / "d").iterdir())
+        c.dict({"b": [2.0]})
+        assert c.snapshot()["handles"] == 2
+    second = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert first == ["manifest.json", "state-1.json", "tensors-1.safetensors"]
+    assert second == ["manifest.json", "state-2.json", "tensors-2.safetensors"]
+
+
+def test_kinds_without_a_snapshot_format_are_skipped_and_reported(state_server: Runtime, tmp_path: Path) -> None:
+    """Losses (and, until they register formats, models and optimizers) are reported, not silently lost."""
+    from weightavg_server.registry import Kind
+
+    loss = state_server.registry.add(Kind.LOSS, torch.nn.MSELoss())
+    with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
+        d = c.dict({"a": [1.0]})
+        result = c.snapshot()
+    assert result["handles"] == 1 and result["skipped"] == [f"{loss} (loss)"]
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 1
+    assert [h for h, _ in restored.items()] == [d.id]

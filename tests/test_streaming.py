@@ -1,0 +1,67 @@
+"""Tensors cross the wire bit-exactly in every dtype, and large dictionaries stream past message caps."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from weightavg import Client
+
+DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.int8, np.uint8, np.int16,
+          np.int32, np.int64, np.bool_, np.complex64, np.complex128]
+
+
+def _random(dtype: object, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Arbitrary bit patterns (NaN payloads, infinities, subnormals included) for float types."""
+    dt = np.dtype(dtype)
+    if dt == np.bool_:
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    raw = rng.integers(0, 256, int(np.prod(shape)) * dt.itemsize, dtype=np.uint8)
+    return raw.view(dt).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_dtype_round_trips_bit_exactly(client: Client, dtype: object) -> None:
+    rng = np.random.default_rng(0)
+    values = {"matrix": _random(dtype, (3, 5), rng), "scalar": _random(dtype, (), rng),
+              "empty": _random(dtype, (0, 4), rng)}
+    p = client.dict(values)
+    back = client.dict(p)
+    for name, value in values.items():
+        got = np.asarray(back[name])
+        assert got.dtype == np.dtype(dtype) and got.shape == value.shape, name
+        assert got.tobytes() == value.tobytes(), name
+    t = client.tensor(values["matrix"])
+    assert client.tensor(t).tobytes() == values["matrix"].tobytes()
+    assert client.size(t) == (3, 5)
+
+
+def test_half_precision_parameters_round_trip(client: Client) -> None:
+    m = client.module(["linear", 8, 4])
+    client.to(m, dtype="bfloat16")
+    weight = client.parm(m, "weight")
+    assert weight.dtype == ml_dtypes.bfloat16
+    p = client.copyparms(m)
+    assert client.dict(p, "weight").tobytes() == weight.tobytes()
+    client.to(m, dtype="float16")
+    client.parm(m, "weight", np.full((4, 8), 0.1, np.float16))
+    assert client.parm(m, "weight").tobytes() == np.full((4, 8), 0.1, np.float16).tobytes()
+
+
+@pytest.mark.slow
+def test_300_megabyte_dictionary_round_trips(client: Client) -> None:
+    rng = np.random.default_rng(1)
+    values = {
+        "big": _random(np.float32, (50_000_000,), rng),      # 200 MB in one tensor: 50 chunks
+        "bf16": _random(ml_dtypes.bfloat16, (25_000_000,), rng),  # 50 MB
+        "f16": _random(np.float16, (5000, 5000), rng),       # 50 MB
+    }
+    assert sum(v.nbytes for v in values.values()) >= 300_000_000
+    p = client.dict(values)
+    assert client.size(p) == {name: v.shape for name, v in values.items()}
+    back = client.dict(p)
+    for name, value in values.items():
+        assert back[name].dtype == value.dtype
+        assert np.array_equal(back[name].view(np.uint8), value.view(np.uint8)), name
+    client.free(p)

@@ -1,0 +1,522 @@
+"""Losses, optimizers, models, options, data, epochs, forwards and batching through a real server.
+
+Oracles are in-process PyTorch computations on the same weights and data; every error path also
+checks that the failed call changed nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from weightavg import (
+    Client,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+
+BN_NET = ["sequential", ["linear", "a", 8, 16], ["batchnorm1d", "b", 16, 1e-5, 0.1], ["relu", "c"], ["linear", "d", 16, 4]]
+
+
+def data(n: int = 96, d: int = 8, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Separable synthetic classification data: the label is the argmax of the first `classes` features."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x, x[:, :classes].argmax(1).astype(np.int64)
+
+
+def _layer(row: Any) -> torch.nn.Module:
+    o = row.options
+    if row.module == "linear":
+        return torch.nn.Linear(o["in"], o["out"], bias=o["bias"])
+    if row.module == "batchnorm1d":
+        return torch.nn.BatchNorm1d(o["in"], eps=o["eps"], momentum=o["momentum"])
+    if row.module == "relu":
+        return torch.nn.ReLU()
+    raise AssertionError(row.module)
+
+
+def local_copy(client: Client, q: Any) -> torch.nn.Module:
+    """An in-process torch module with the server module's layout, parameters and buffers."""
+    rows = client.module(q)
+    if rows[0].module == "sequential":
+        net: torch.nn.Module = torch.nn.Sequential(OrderedDict((row.name, _layer(row)) for row in rows[1:]))
+    else:
+        net = _layer(rows[0])
+    state = {**client.dict(client.parms(q)), **client.dict(client.buffers(q))}
+    net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    return net
+
+
+def server_state(client: Client, q: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in {**client.dict(client.parms(q)), **client.dict(client.buffers(q))}.items()}
+
+
+def assert_state_close(client: Client, q: Any, net: torch.nn.Module, atol: float) -> None:
+    remote = server_state(client, q)
+    local = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    assert remote.keys() == local.keys()
+    for k in remote:
+        assert remote[k].dtype == local[k].dtype, k
+        np.testing.assert_allclose(remote[k], local[k], rtol=0, atol=atol, err_msg=k)
+
+
+def new_model(client: Client, spec: Any = None, *opt: Any, **opt_kw: Any) -> tuple[Any, Any]:
+    q = client.module(spec or ["linear", 8, 4])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q, *opt, **opt_kw))
+    return q, m
+
+
+# -- losses -----------------------------------------------------------------------------------------
+
+LOSS_CASES = [
+    ("ce", (), {}, lambda o, y: torch.nn.functional.cross_entropy(o, y)),
+    ("ce", (), {"smoothing": 0.2, "reduce": "sum"},
+     lambda o, y: torch.nn.functional.cross_entropy(o, y, label_smoothing=0.2, reduction="sum")),
+    ("ce", (1,), {}, lambda o, y: torch.nn.functional.cross_entropy(o, y, ignore_index=1)),
+    ("nll", (), {}, lambda o, y: torch.nn.functional.nll_loss(o, y)),
+    ("mse", (), {}, lambda o, y: torch.nn.functional.mse_loss(o, y)),
+    ("bcelogits", ("sum",), {}, lambda o, y: torch.nn.functional.binary_cross_entropy_with_logits(o, y, reduction="sum")),
+    ("smoothl1", (), {"beta": 0.5}, lambda o, y: torch.nn.functional.smooth_l1_loss(o, y, beta=0.5)),
+]
+
+
+@pytest.mark.parametrize(("kind", "args", "kwargs", "oracle"), LOSS_CASES)
+def test_loss_values_match_torch(client: Client, kind: str, args: tuple, kwargs: dict, oracle: Any) -> None:
+    x, labels = data(40)
+    q = client.module(["linear", 8, 4])
+    loss = client.loss(kind, *args, **kwargs)
+    m = client.model(client.addref(q), loss, client.opt("sgd", q))
+    target = labels if kind in ("ce", "nll") else np.eye(4, dtype=np.float32)[labels]
+    client.test(m, x, target)
+    client.test(m, batchsize=40, metrics="loss")
+    net = local_copy(client, q)
+    with torch.no_grad():
+        expected = oracle(net(torch.from_numpy(x)), torch.from_numpy(target))
+    assert client.testrun(m) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_bce_needs_probabilities_and_describes_options(client: Client) -> None:
+    x, labels = data(20)
+    q = client.module(["sequential", ["linear", 8, 1], "sigmoid"])
+    m = client.model(client.addref(q), client.loss("bce"), client.opt("adam", q))
+    client.test(m, x, (labels[:, None] > 1).astype(np.float32))
+    assert isinstance(client.testrun(m), float)
+    assert client.model(m)["loss"] == {"type": "bce", "reduce": "mean"}
+
+
+def test_loss_errors(client: Client) -> None:
+    with pytest.raises(InvalidArgumentError, match="unrecognized loss"):
+        client.loss("hinge")
+    with pytest.raises(InvalidArgumentError, match="unknown option 'weight'"):
+        client.loss("ce", weight=1.0)
+    with pytest.raises(InvalidArgumentError, match="smoothing"):
+        client.loss("ce", smoothing=1.5)
+    with pytest.raises(InvalidArgumentError, match="reduce"):
+        client.loss("mse", "none")
+    with pytest.raises(InvalidArgumentError, match="too many positional"):
+        client.loss("mse", "sum", 1)
+    with pytest.raises(InvalidArgumentError, match="given by position and by name"):
+        client.loss("smoothl1", "sum", reduce="mean")
+    assert client.handles() == []
+
+
+# -- optimizers -------------------------------------------------------------------------------------
+
+OPT_CASES = [
+    ("sgd", (0.05, 0.9), {"nesterov": True}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
+    ("sgd", (), {"decay": 0.01, "dampening": 0.1, "momentum": 0.5},
+     lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.5, dampening=0.1, weight_decay=0.01)),
+    ("adam", (0.01,), {"amsgrad": True}, lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True)),
+    ("adamw", (), {"beta1": 0.8}, lambda p: torch.optim.AdamW(p, lr=0.001, betas=(0.8, 0.999), weight_decay=0.01)),
+    ("rmsprop", (0.01, 0.9), {"centered": True, "momentum": 0.1},
+     lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, centered=True, momentum=0.1)),
+    ("adagrad", (0.1,), {"lrdecay": 0.01, "init": 0.1},
+     lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+]
+
+
+@pytest.mark.parametrize(("kind", "args", "kwargs", "oracle"), OPT_CASES)
+def test_optimizer_steps_match_torch(client: Client, kind: str, args: tuple, kwargs: dict, oracle: Any) -> None:
+    x, y = data(48)
+    q = client.module(["linear", 8, 4])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt(kind, q, *args, **kwargs))
+    net = local_copy(client, q)
+    client.train(m, batchsize=16)
+    assert client.train(m, x, y) == 3
+    local = oracle(list(net.parameters()))
+    for _ in range(2):
+        losses = client.train(m, metrics="batchloss") or client.run(m)
+        for i in range(3):
+            local.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x[i * 16:(i + 1) * 16])), torch.from_numpy(y[i * 16:(i + 1) * 16]))
+            loss.backward()
+            local.step()
+            assert losses[i] == pytest.approx(loss.item(), rel=1e-6)
+    # Same kernels on the same values in the same order: equal up to float32 rounding.
+    assert_state_close(client, q, net, atol=1e-6)
+
+
+def test_opt_defaults_options_and_lr(client: Client) -> None:
+    q = client.module(["linear", 8, 4])
+    o = client.opt("sgd", q)
+    assert client.lr(o) == 0.01
+    assert client.lr(o, 0.2) is None and client.lr(o) == 0.2
+    m = client.model(q, client.loss("ce"), o)
+    assert client.model(m)["optimizer"] == {
+        "type": "sgd", "lr": 0.2, "momentum": 0.0, "dampening": 0.0, "decay": 0.0, "nesterov": False,
+    }
+    client.lr(m, 0.04)
+    assert client.lr(m) == 0.04
+    q2 = client.module(["linear", 8, 4])
+    defaults = {
+        "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "decay": 0.0, "amsgrad": False},
+        "adamw": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "decay": 0.01, "amsgrad": False},
+        "rmsprop": {"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "decay": 0.0, "momentum": 0.0, "centered": False},
+        "adagrad": {"lr": 0.01, "lrdecay": 0.0, "decay": 0.0, "init": 0.0, "eps": 1e-10},
+    }
+    for kind, expected in defaults.items():
+        m2 = client.model(client.addref(q2), client.loss("mse"), client.opt(kind, q2))
+        assert client.model(m2)["optimizer"] == {"type": kind, **expected}
+
+
+def test_opt_errors(client: Client, unchanged: Any) -> None:
+    q = client.module(["linear", 8, 4])
+    o = client.opt("sgd", q)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="unrecognized optimizer"):
+            client.opt("lamb", q)
+        with pytest.raises(InvalidArgumentError, match="(?i)nesterov"):
+            client.opt("sgd", q, 0.1, nesterov=True)
+        with pytest.raises(InvalidArgumentError, match="unknown option 'betas'"):
+            client.opt("adam", q, betas=0.9)
+        with pytest.raises(InvalidArgumentError, match="'lr' must be non-negative"):
+            client.opt("sgd", q, -1)
+        with pytest.raises(InvalidArgumentError, match="expects bool"):
+            client.opt("sgd", q, 0.1, 0.9, 0, 0, 1)
+        with pytest.raises(InvalidArgumentError, match="expecting module or model or optimizer handle|over another optimizer"):
+            client.opt("sgd", o)
+        with pytest.raises(InvalidArgumentError, match="expecting optimizer or model"):
+            client.lr(q)
+        with pytest.raises(InvalidArgumentError, match="non-negative"):
+            client.lr(o, -0.5)
+        with pytest.raises(NotFoundError):
+            client.opt("sgd", "mod_nonexistent")
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def test_model_consumes_its_argument_handles(client: Client) -> None:
+    q = client.module(["linear", 8, 4])
+    loss, o = client.loss("ce"), client.opt("sgd", q, 0.04)
+    m = client.model(q, loss, o)
+    assert m.kind == "model"
+    for h in (q, loss, o):
+        with pytest.raises(NotFoundError):
+            client.free(h)
+    assert [h.handle for h in client.handles()] == [m]
+    assert client.parmnames(m) == ["weight", "bias"]
+    assert client.size(m) == 2
+
+
+def test_model_shares_the_module_kept_by_addref(client: Client) -> None:
+    q = client.module(["linear", 8, 4])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q))
+    client.parm(q, "bias", 3)
+    np.testing.assert_array_equal(client.parm(m, "bias"), np.full(4, 3, np.float32))
+    x, y = data(32)
+    client.train(m, x, y)
+    client.run(m)
+    np.testing.assert_array_equal(client.parm(q, "weight"), client.parm(m, "weight"))
+    description = client.model(m)
+    assert [r.module for r in description["module"]] == ["linear"]
+    assert description["loss"] == {"type": "ce", "ignore": -100, "smoothing": 0.0, "reduce": "mean"}
+    assert description["train_size"] == 32 and description["test_size"] == -1
+
+
+def test_model_errors_free_nothing(client: Client, unchanged: Any) -> None:
+    q = client.module(["linear", 8, 4])
+    q2 = client.module(["linear", 8, 4])
+    loss, o2 = client.loss("ce"), client.opt("sgd", q2)
+    before = client.handles()
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="different module"):
+            client.model(q, loss, o2)
+        with pytest.raises(InvalidArgumentError, match="expecting loss handle"):
+            client.model(q, q2, o2)
+        with pytest.raises(NotFoundError):
+            client.model(q, loss, "opt_missing")
+    assert client.handles() == before
+    with pytest.raises(TypeError):
+        client.model(q, loss)
+
+
+# -- options ----------------------------------------------------------------------------------------
+
+
+def test_train_and_test_options(client: Client, unchanged: Any) -> None:
+    _, m = new_model(client)
+    loss = client.loss("ce")
+    assert client.train(m) == {"batchsize": 32, "droplast": False, "shuffle": False, "seed": 0, "metrics": ["loss"]}
+    assert client.test(m) == {"batchsize": 100, "droplast": False, "metrics": ["loss"]}
+    assert client.train(m, batchsize=100, shuffle=True) is None
+    assert client.train(m, "batchsize") == 100
+    assert client.train(m, ["shuffle", "droplast"]) == [True, False]
+    client.test(m, {"batchsize": 1000, "metrics": "accuracy"})
+    assert client.test(m) == {"batchsize": 1000, "droplast": False, "metrics": ["accuracy"]}
+    client.test(m, metrics=["loss", "accuracy", "matches"])
+    assert client.test(m, "metrics") == ["loss", "accuracy", "matches"]
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="unrecognized train setting: bogus"):
+            client.train(m, batchsize=7, bogus=1)
+        with pytest.raises(InvalidArgumentError, match="shuffle: not set for evaluation"):
+            client.test(m, shuffle=True)
+        with pytest.raises(InvalidArgumentError, match="seed: not set for evaluation"):
+            client.test(m, seed=3)
+        with pytest.raises(InvalidArgumentError, match="unrecognized metric 'auc'"):
+            client.test(m, batchsize=10, metrics="accuracy,auc")
+        with pytest.raises(InvalidArgumentError, match="positive"):
+            client.train(m, batchsize=0)
+        with pytest.raises(InvalidArgumentError, match="expects bool"):
+            client.train(m, shuffle=1)
+        with pytest.raises(InvalidArgumentError, match="expecting model handle"):
+            client.train(loss, batchsize=1)
+    assert client.train(m, "batchsize") == 100 and client.test(m, "batchsize") == 1000
+    with pytest.raises(KeyError):
+        client.train(m, "bogus")
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def test_data_batches_and_errors(client: Client, unchanged: Any) -> None:
+    _, m = new_model(client)
+    x, y = data(250)
+    client.train(m, batchsize=100)
+    assert client.train(m, x, y) == 3
+    client.train(m, droplast=True)
+    assert client.model(m)["train_size"] == 250
+    assert client.test(m, x[:10], y[:10]) == 1
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="tensor size mismatch, 250 vs 10"):
+            client.train(m, x, y[:10])
+        with pytest.raises(InvalidArgumentError, match="at least one sample"):
+            client.test(m, np.float32(1), np.int64(1))
+        with pytest.raises(TypeError):
+            client.train(m, x, y, 1)
+        with pytest.raises(TypeError, match=r"\(m, x, y\)"):
+            client.train(m, x)
+    _, m2 = new_model(client)
+    with unchanged():
+        with pytest.raises(FailedPreconditionError, match="no training data"):
+            client.run(m2)
+        with pytest.raises(FailedPreconditionError, match="no testing data"):
+            client.testrun(m2)
+        with pytest.raises(FailedPreconditionError, match="no training data"):
+            client.input(m2)
+    assert client.restore(m2) == -1
+
+
+@pytest.mark.slow
+def test_uploads_a_full_mnist_sized_training_set(client: Client) -> None:
+    q, m = new_model(client, ["linear", 784, 10])
+    x = np.ones((60000, 784), np.float32)  # 188 MB: 45 streamed chunks of 4 MiB
+    x[-1] = 2
+    assert client.train(m, x, np.zeros(60000, np.int64)) == 1875
+    xi = client.input(m)
+    assert client.size(xi) == (60000, 784)
+    client.train(m, batchsize=59999)
+    assert client.batch(xi, 59999) and client.batch(xi, 59999)
+    np.testing.assert_array_equal(client.tensor(xi), np.full((1, 784), 2, np.float32))
+
+
+# -- run, testrun, evaluate -------------------------------------------------------------------------
+
+
+def test_metrics_of_run_and_testrun(client: Client) -> None:
+    q, m = new_model(client, None, 0.1)
+    x, y = data(100)
+    client.train(m, x, y)
+    client.test(m, x, y)
+    client.train(m, metrics=["loss", "batchloss", "accuracy", "matches", "predict", "output"])
+    loss, batchloss, accuracy, matches, predict, output = client.run(m)
+    assert isinstance(loss, float) and batchloss.shape == (4,) and batchloss.dtype == np.float32
+    assert loss == pytest.approx(float(batchloss.astype(np.float64).mean()))
+    assert predict.shape == (100,) and predict.dtype == np.int64 and output.shape == (100, 4)
+    np.testing.assert_array_equal(predict, output.argmax(1))
+    assert matches == int((predict == y).sum()) and accuracy == pytest.approx(matches)
+    client.test(m, batchsize=30, metrics="accuracy,matches,predict")
+    accuracy, matches, predict = client.testrun(m)
+    expected = client.evaluate(m, x).argmax(1)
+    np.testing.assert_array_equal(predict, expected)
+    assert matches == int((expected == y).sum()) and accuracy == pytest.approx(100 * matches / 100)
+    client.test(m, metrics="accuracy")
+    assert client.testrun(m) == accuracy
+
+
+def test_training_improves_accuracy_and_restores_the_train_flag(client: Client, live_server: Any) -> None:
+    q, m = new_model(client, BN_NET, 0.05, 0.9, nesterov=True)
+    x, y = data(512)
+    client.train(m, batchsize=64, shuffle=True)
+    client.train(m, x, y)
+    client.test(m, x, y)
+    client.test(m, metrics="accuracy")
+    before = client.testrun(m)
+    module = live_server.registry.module(m.id)[1]
+    module.eval()
+    for _ in range(5):
+        client.run(m)
+    assert not any(layer.training for layer in module.modules())
+    assert client.testrun(m) > max(before, 90)
+    assert client.dict(client.buffers(q, "b"), "num_batches_tracked") == 5 * 8
+
+
+def test_shuffle_is_reproducible_by_seed(client: Client) -> None:
+    x, y = data(128)
+    weights = []
+    for seed in (5, 5, 6):
+        q = client.module(["linear", 8, 4])
+        client.parm(q, "weight", 0.1)
+        client.parm(q, "bias", 0)
+        m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q, 0.1))
+        client.train(m, batchsize=16, shuffle=True, seed=seed)
+        client.train(m, x, y)
+        client.run(m)
+        client.run(m)
+        weights.append(client.parm(q, "weight"))
+    np.testing.assert_array_equal(weights[0], weights[1])
+    assert not np.array_equal(weights[0], weights[2])
+
+
+def test_run_checks_inputs_before_training(client: Client, unchanged: Any) -> None:
+    q, m = new_model(client, BN_NET)
+    x, y = data(65)
+    client.train(m, x[:, :5], y)
+    with unchanged(), pytest.raises(InvalidArgumentError, match="run: mat1 and mat2 shapes cannot be multiplied"):
+        client.run(m)
+    client.train(m, x, y.astype(np.float32))
+    with unchanged(), pytest.raises(InvalidArgumentError, match="run:"):
+        client.run(m)
+    # 65 samples in batches of 32 leave a last batch of one, which batchnorm cannot train on.
+    client.train(m, x, y)
+    with unchanged(), pytest.raises(InvalidArgumentError, match="more than 1 value per channel"):
+        client.run(m)
+    client.train(m, droplast=True)
+    assert isinstance(client.run(m), float)
+
+
+def test_evaluate_and_forward_variants(client: Client, live_server: Any, unchanged: Any) -> None:
+    q, m = new_model(client, BN_NET)
+    x, y = data(50)
+    b = client.buffers(q, "b")
+    net = local_copy(client, q).eval()
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(client.evaluate(m, x), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(client.tensor(client.eforward(q, x)), expected, rtol=0, atol=1e-6)
+    assert client.dict(b, "num_batches_tracked") == 0
+    out = client.nforward(q, x)
+    assert out.kind == "tensor" and client.size(out) == (50, 4)
+    assert client.dict(b, "num_batches_tracked") == 1
+    xt = client.tensor(x)
+    client.forward(m, xt)
+    assert client.dict(b, "num_batches_tracked") == 2
+    module = live_server.registry.module(q.id)[1]
+    assert module.training  # a new module is in train mode; eforward put it back
+    module.eval()
+    client.nforward(q, xt)
+    assert not module.training
+    client.train(m, x, y)
+    client.test(m, x[:7], y[:7])
+    assert client.size(client.eforward(m)) == (7, 4)
+    assert client.size(client.nforward(m)) == (50, 4)
+    view = client.parms(q)
+    broken = client.module(["sequential", ["linear", "a", 8, 6], ["batchnorm1d", "b", 6], ["linear", "d", 5, 2]])
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="nforward: mat1 and mat2"):
+            client.nforward(q, x[:, :3])
+        with pytest.raises(InvalidArgumentError, match="needs an input"):
+            client.nforward(q)
+        with pytest.raises(InvalidArgumentError, match="evaluate"):
+            client.evaluate(m, x[:, :3])
+        with pytest.raises(InvalidArgumentError, match="expecting tensor handle"):
+            client.eforward(q, view)
+        # batchnorm statistics updated before a later layer failed are put back
+        with pytest.raises(InvalidArgumentError, match="forward"):
+            client.forward(broken, x)
+        with pytest.raises(InvalidArgumentError, match="nforward"):
+            client.nforward(broken, x)
+
+
+def test_deadline_stops_a_long_epoch_between_batches(client: Client, live_server: Any) -> None:
+    q = client.module(["linear", 4, 2])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("adam", q))
+    n = 200_000
+    client.train(m, batchsize=1, shuffle=True)
+    client.train(m, np.ones((n, 4), np.float32), np.zeros(n, np.int64))
+    xi = client.input(m)
+    client.batch(xi, 10)
+    with Client(live_server.address, timeout=0.5) as hasty:
+        with pytest.raises(DeadlineExceededError):
+            hasty.run(m)
+    # The next call waits for the model's lock, so the stopped epoch has finished cleaning up.
+    assert client.restore(m) == n
+    assert client.size(xi) == (n, 4)
+    optimizer = live_server.registry.get(m.id).obj.optimizer.optim
+    steps = [int(s["step"]) for s in optimizer.state.values()] or [0]
+    assert max(steps) < n
+    module = live_server.registry.module(q.id)[1]
+    assert module.training
+
+
+# -- input, restore, batch ----------------------------------------------------------------------
+
+
+def test_batch_steps_a_tensor_in_place(client: Client, unchanged: Any) -> None:
+    x = np.arange(250 * 2, dtype=np.float32).reshape(250, 2)
+    t = client.tensor(x)
+    sizes = []
+    while client.batch(t, 100):
+        sizes.append(client.size(t)[0])
+        assert client.tensor(t)[0, 0] == 2 * 100 * (len(sizes) - 1)
+    assert sizes == [100, 100, 50]
+    np.testing.assert_array_equal(client.tensor(t), x)
+    scalar, relu = client.tensor(np.float32(1)), client.module(["relu"])
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="batch: size 250 not in the range 1-249"):
+            client.batch(t, 250)
+        with pytest.raises(InvalidArgumentError, match="batch: size 0"):
+            client.batch(t)
+        with pytest.raises(InvalidArgumentError, match="0-dim"):
+            client.batch(scalar, 1)
+        with pytest.raises(InvalidArgumentError, match="expecting tensor or model handle"):
+            client.batch(relu, 1)
+
+
+def test_input_restore_and_batch_share_the_models_data(client: Client) -> None:
+    q, m = new_model(client)
+    x, y = data(70)
+    client.train(m, batchsize=32)
+    client.train(m, x, y)
+    xi = client.input(m)
+    assert client.size(xi) == (70, 8)
+    assert client.batch(m) and client.batch(m)
+    assert client.size(xi) == (32, 8)  # the same tensor: batching the model batched the handle
+    np.testing.assert_array_equal(client.tensor(xi), x[32:64])
+    assert client.restore(m) == 70 and client.size(xi) == (70, 8)
+    assert client.batch(xi, 50)
+    assert client.model(m)["train_size"] == 70
+    assert client.restore(m) == 70
+    steps = 0
+    while client.batch(m):
+        steps += 1
+    assert steps == 3 and client.size(xi) == (70, 8)
+    with pytest.raises(InvalidArgumentError, match="train batchsize"):
+        client.batch(m, 10)
