@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from weightavg import Client
 
@@ -21,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sweeps: about a minute")
     p.add_argument("--cases", default=",".join(cases.CASES), help=f"comma-separated subset of {','.join(cases.CASES)}")
     p.add_argument("--device", default="cpu", help="server device (cuda for the GPU case)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads in this process and the server "
+                   "(OMP_NUM_THREADS for the server); default: torch's own choice in each")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/<time>.json and latest.json)")
     p.add_argument("--plot", type=Path, help="also draw throughput against tensor size to this PNG (needs the sweep case)")
     args = p.parse_args(argv)
@@ -29,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown cases {unknown}; choose from {list(cases.CASES)}")
 
+    if args.threads:
+        # The same count on both sides: on a loaded 2-vCPU VM two OpenMP threads ran an MLP epoch
+        # up to 10x slower than one (docs/perf.md), so mismatched counts would decide the ratios.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server process
+        torch.set_num_threads(args.threads)
     started = time.time()
     rows: list[Row | Skip] = []
     sweep: dict[str, list[dict[str, float]]] = {}
@@ -47,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "quick": args.quick,
+        "threads": args.threads,
         "machine": machine(),
         "rows": as_json(rows),
         "sweep": sweep,

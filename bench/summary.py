@@ -22,7 +22,7 @@ def main(paths: list[str]) -> None:
             if row["kind"] == "row":
                 key = (row["case"], row["measured"], row["baseline"])
                 ratios.setdefault(key, []).append(f"{row['ratio']:.2f}")
-    print(f"{len(runs)} full runs: " + ", ".join(f"{r['started']} (load {r['machine']['load_average'][0]:.1f})" for r in runs))
+    print(f"{len(runs)} full runs: " + ", ".join(f"{r['started']} (load {r['machine']['load_average'][0]:.1f}, threads {r.get('threads') or 'default'})" for r in runs))
     print()
     print("| case | measured | baseline | ratio in each run |")
     print("| --- | --- | --- | --- |")
