@@ -34,7 +34,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.set(xscale="log", xlabel="tensor size (bytes), about 100 MB in all", ylabel="GB/s (3 x bytes / time)",
               title="Averaging: avgparms against in-process lerp_")
     machine = result["machine"]
-    fig.suptitle(f"{machine['cpu']}, {machine['nproc']} cores, torch {machine['torch']}, grpc {machine['grpc']}",
+    threads = result.get("threads") or "default"
+    fig.suptitle(f"{machine['cpu']}, {machine['nproc']} cores, torch {machine['torch']} ({threads} threads), "
+                 f"grpc {machine['grpc']}, {result['started']}",
                  fontsize=9)
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
