@@ -254,6 +254,12 @@ class Client:
         self._set_parameter_stream: grpc.StreamUnaryMultiCallable[bytes, pb.SetParameterResponse] = self._channel.stream_unary(
             f"/{_SERVICE}/SetParameter", response_deserializer=pb.SetParameterResponse.FromString
         )
+        self._set_model_data_stream: grpc.StreamUnaryMultiCallable[bytes, pb.SetModelDataResponse] = self._channel.stream_unary(
+            f"/{_SERVICE}/SetModelData", response_deserializer=pb.SetModelDataResponse.FromString
+        )
+        self._evaluate_model_stream: grpc.StreamStreamMultiCallable[bytes, pb.EvaluateModelResponse] = self._channel.stream_stream(
+            f"/{_SERVICE}/EvaluateModel", response_deserializer=pb.EvaluateModelResponse.FromString
+        )
         self._create_tensor_stream: grpc.StreamUnaryMultiCallable[bytes, pb.CreateTensorResponse] = self._channel.stream_unary(
             f"/{_SERVICE}/CreateTensor", response_deserializer=pb.CreateTensorResponse.FromString
         )
@@ -515,12 +521,11 @@ class Client:
         return values[names] if isinstance(names, str) else [values[n] for n in names]
 
     def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
-        def requests() -> Iterator[pb.SetModelDataRequest]:
-            yield pb.SetModelDataRequest(model=m, split=split)
-            for chunk in _tensors.mapping_chunks([("x", x), ("y", y)], self.chunk_bytes):
-                yield pb.SetModelDataRequest(chunk=chunk)
+        def requests() -> Iterator[bytes]:
+            yield pb.SetModelDataRequest(model=m, split=split).SerializeToString()
+            yield from _tensors.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, field=3)  # .chunk
 
-        return int(self._stub.SetModelData(requests(), timeout=self.timeout).batches)
+        return int(self._set_model_data_stream(requests(), timeout=self.timeout).batches)
 
     @_rpc
     def run(self, m: HandleLike) -> Any:
@@ -537,12 +542,11 @@ class Client:
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
-        def requests() -> Iterator[pb.EvaluateModelRequest]:
-            yield pb.EvaluateModelRequest(model=_id(m))
-            for chunk in _tensors.array_chunks("", x, self.chunk_bytes):
-                yield pb.EvaluateModelRequest(chunk=chunk)
+        def requests() -> Iterator[bytes]:
+            yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
+            yield from _tensors.encoded_chunks([("", x)], self.chunk_bytes, field=2)  # EvaluateModelRequest.chunk
 
-        stream = self._stub.EvaluateModel(requests(), timeout=self.timeout)
+        stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
         return _tensors.join_chunks(r.chunk for r in stream)[0][1]
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
