@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -337,7 +338,8 @@ class Client:
         stream = self._stub.FetchTensors(pb.FetchTensorsRequest(handle=handle, names=names), timeout=self.timeout)
         return _tensors.join_chunks(r.chunk for r in stream)
 
-    def _fetch(self, handle: str, names: list[str]) -> dict[str, Any]:
+    def _fetch(self, handle: str, names: list[str]) -> builtins.dict[str, Any]:
+        # builtins.dict: inside the class, `dict` names the Client.dict method.
         return {name: _tensors.plain(a) for name, a in self._fetch_named(handle, names)}
 
     def _create_dictionary(self, items: Iterable[tuple[str, Any]]) -> Handle:
