@@ -161,6 +161,35 @@ class Client:
             "cuda_memory_allocated": r.cuda_memory_allocated,
         }
 
+    @_rpc
+    def stats(self) -> dict[str, Any]:
+        """Per-method statistics since the server started, and live handles and bytes per device.
+
+        Returns:
+            {"uptime_seconds": float,
+             "methods": {full method name: {"count", "in_flight", "failures", "codes" (name -> count),
+                         "total_seconds", "max_seconds", "bytes_received", "bytes_sent"}},
+             "devices": {device: {"handles", "bytes"}}}
+        """
+        r = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self.timeout)
+        return {
+            "uptime_seconds": r.uptime_seconds,
+            "methods": {
+                m.method: {
+                    "count": m.count,
+                    "in_flight": m.in_flight,
+                    "failures": m.failures,
+                    "codes": dict(m.codes),
+                    "total_seconds": m.total_seconds,
+                    "max_seconds": m.max_seconds,
+                    "bytes_received": m.bytes_received,
+                    "bytes_sent": m.bytes_sent,
+                }
+                for m in r.methods
+            },
+            "devices": {d.device: {"handles": d.handles, "bytes": d.bytes} for d in r.devices},
+        }
+
     # -- modules ----------------------------------------------------------------------------------
 
     @_rpc

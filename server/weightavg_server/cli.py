@@ -12,8 +12,35 @@ from collections.abc import Sequence
 from . import __version__
 from .app import create_server, set_serving
 from .config import ENV_PREFIX, ServerConfig
+from .convert import resolve_server_device
+from .registry import Registry
+from .stats import RpcStats
 
 log = logging.getLogger("weightavg.server")
+
+
+# (flag, config field, type, help); each option's help gains its WEIGHTAVG_* variable and default.
+OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--host", "host", str, "address to bind; 0.0.0.0 for every interface"),
+    ("--port", "port", int, "gRPC port to bind; 0 picks a free one (printed on start)"),
+    ("--device", "device", str, "where objects live: auto (CUDA when available, else cpu), cpu, cuda or cuda:N"),
+    ("--max-workers", "max_workers", int,
+     "threads serving calls; 4x this many calls may be in flight before new ones get RESOURCE_EXHAUSTED"),
+    ("--max-message-bytes", "max_message_bytes", int,
+     "largest single gRPC message in either direction; tensors stream in --chunk-bytes pieces below it"),
+    ("--chunk-bytes", "chunk_bytes", int, "size of the pieces the server streams tensors in"),
+    ("--max-upload-bytes", "max_upload_bytes", int, "most tensor bytes one request may upload"),
+    ("--max-spec-depth", "max_spec_depth", int, "deepest layer spec accepted"),
+    ("--grace-seconds", "grace_seconds", float,
+     "on SIGTERM/SIGINT: report NOT_SERVING, refuse new calls, let in-flight calls run this long"),
+    ("--keepalive-time-seconds", "keepalive_time_seconds", float,
+     "ping a client after this long without activity, to notice peers that vanished"),
+    ("--keepalive-timeout-seconds", "keepalive_timeout_seconds", float,
+     "close a connection whose keepalive ping is unanswered this long"),
+    ("--metrics-port", "metrics_port", int,
+     "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on --host; -1 turns it off, 0 picks a free port"),
+    ("--log-level", "log_level", str, "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,57 +48,56 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
     p = argparse.ArgumentParser(
         prog="weightavg serve",
-        description="Serve the weightavg gRPC API. Every option can also be set with the environment "
-        f"variable {ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}PORT=50051); a flag wins over the variable.",
+        description="Serve the weightavg gRPC API (with grpc.health.v1 and server reflection). Every option "
+        f"can also be set with the environment variable shown, e.g. {ENV_PREFIX}PORT=50051; a flag wins "
+        "over the variable, the variable over the default.",
     )
-    p.add_argument("--host", help=f"address to bind (default {defaults.host}; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, help=f"port to bind, 0 for a free one (default {defaults.port})")
-    p.add_argument("--device", help="where objects live: auto (CUDA when available, else cpu), cpu, cuda, cuda:N "
-                   f"(default {defaults.device})")
-    p.add_argument("--max-workers", type=int, help=f"threads serving calls (default {defaults.max_workers})")
-    p.add_argument("--max-message-bytes", type=int,
-                   help=f"largest single gRPC message, both directions (default {defaults.max_message_bytes})")
-    p.add_argument("--chunk-bytes", type=int, help=f"tensor stream chunk size (default {defaults.chunk_bytes})")
-    p.add_argument("--max-upload-bytes", type=int,
-                   help=f"most tensor bytes one request may upload (default {defaults.max_upload_bytes})")
-    p.add_argument("--max-spec-depth", type=int, help=f"deepest layer spec (default {defaults.max_spec_depth})")
-    p.add_argument("--grace-seconds", type=float,
-                   help=f"on SIGTERM/SIGINT, how long in-flight calls may finish (default {defaults.grace_seconds})")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    for flag, name, kind, text in OPTIONS:
+        p.add_argument(
+            flag, dest=name, type=kind, metavar=name.upper(),
+            help=f"{text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
+        )
     p.add_argument("--version", action="version", version=f"weightavg {__version__}")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Merge flags over environment variables over defaults."""
-    return ServerConfig.from_env(
-        host=args.host, port=args.port, device=args.device, max_workers=args.max_workers,
-        max_message_bytes=args.max_message_bytes, chunk_bytes=args.chunk_bytes,
-        max_upload_bytes=args.max_upload_bytes, max_spec_depth=args.max_spec_depth,
-        grace_seconds=args.grace_seconds,
-    )
+    return ServerConfig.from_env(**{name: getattr(args, name) for _, name, _, _ in OPTIONS})
 
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain: NOT_SERVING, refuse new calls, let in-flight ones finish."""
-    server, port, health_servicer = create_server(config)
+    registry, stats = Registry(), RpcStats()
+    server, port, health_servicer = create_server(config, registry, stats)
+    metrics = None
+    if config.metrics_port >= 0:
+        from .metrics import start_metrics_server  # prometheus-client is only needed with metrics on
+
+        metrics = start_metrics_server(
+            config.host, config.metrics_port, stats, registry, resolve_server_device(config.device)
+        )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     set_serving(health_servicer, True)
     print(f"weightavg serving on {config.host}:{port}", flush=True)
+    if metrics is not None:
+        print(f"weightavg metrics on http://{config.host}:{metrics.port}/metrics", flush=True)
     stop.wait()
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
     set_serving(health_servicer, False)
     server.stop(config.grace_seconds).wait()
+    if metrics is not None:
+        metrics.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `weightavg serve` and `python -m weightavg_server`."""
-    args = build_parser().parse_args(argv)
+    config = config_from_args(build_parser().parse_args(argv))
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=config.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    serve(config_from_args(args))
+    serve(config)

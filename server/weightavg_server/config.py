@@ -15,6 +15,11 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 40
 DEFAULT_MAX_SPEC_DEPTH = 32
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_KEEPALIVE_TIME_SECONDS = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 20.0
+DEFAULT_METRICS_PORT = -1
+"""-1: no metrics endpoint; 0 picks a free port; anything else is the port."""
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,10 @@ class ServerConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_spec_depth: int = DEFAULT_MAX_SPEC_DEPTH
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    keepalive_time_seconds: float = DEFAULT_KEEPALIVE_TIME_SECONDS
+    keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+    metrics_port: int = DEFAULT_METRICS_PORT
+    log_level: str = DEFAULT_LOG_LEVEL
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServerConfig":

@@ -33,8 +33,8 @@ def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed unexpectedly", name)
-    else:
-        log.info("%s -> %s: %s", name, code.name, message)
+    else:  # the interceptor (observe.py) logs every failed call at INFO with its code and message
+        log.debug("%s -> %s: %s", name, code.name, message)
     context.abort(code, message)
 
 

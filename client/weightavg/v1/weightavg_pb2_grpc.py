@@ -156,6 +156,11 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleResponse.FromString,
                 _registered_method=True)
+        self.GetServerStats = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/GetServerStats',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -336,6 +341,16 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerStats(self, request, context):
+        """--- Operations ---
+
+        GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+        the server started, and live handles and their bytes per device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightAveragingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -458,6 +473,11 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.MoveHandle,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.MoveHandleResponse.SerializeToString,
+            ),
+            'GetServerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStats,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1110,6 +1130,33 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/MoveHandle',
             weightavg_dot_v1_dot_weightavg__pb2.MoveHandleRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.MoveHandleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/GetServerStats',
+            weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

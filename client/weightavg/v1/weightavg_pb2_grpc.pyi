@@ -97,6 +97,12 @@ class WeightAveragingServiceStub:
     """ListHandles describes every live handle: kind, device, dtype and bytes."""
     MoveHandle: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+    GetServerStats: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]
+    """--- Operations ---
+
+    GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+    the server started, and live handles and their bytes per device.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -163,6 +169,12 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """ListHandles describes every live handle: kind, device, dtype and bytes."""
     MoveHandle: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]  # type: ignore[assignment]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+    GetServerStats: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]  # type: ignore[assignment]
+    """--- Operations ---
+
+    GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+    the server started, and live handles and their bytes per device.
+    """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     """WeightAveragingService holds modules, models, optimizers, losses, tensor dictionaries and tensors
@@ -370,5 +382,17 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.MoveHandleResponse, _abc.Awaitable[_weightavg_pb2.MoveHandleResponse]]:
         """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+
+    @_abc_1.abstractmethod
+    def GetServerStats(
+        self,
+        request: _weightavg_pb2.GetServerStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.GetServerStatsResponse, _abc.Awaitable[_weightavg_pb2.GetServerStatsResponse]]:
+        """--- Operations ---
+
+        GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+        the server started, and live handles and their bytes per device.
+        """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

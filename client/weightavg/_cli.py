@@ -1,0 +1,128 @@
+"""`weightavg`: the operator's command line. Each subcommand is one function in COMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from . import __version__
+from ._client import Client
+from ._errors import WeightavgError
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds health, info and stats wait for an answer: they are probes, not work."""
+
+
+def _serve(argv: list[str]) -> int:
+    # Imported lazily: the server needs torch, which a client-only install does not have.
+    try:
+        cli = importlib.import_module("weightavg_server.cli")
+    except ImportError as exc:
+        print(
+            f"weightavg serve: the server is not installed ({exc}); install it with: "
+            "pip install 'weightavg[server]'",
+            file=sys.stderr,
+        )
+        return 2
+    cli.main(argv)
+    return 0
+
+
+def _probe_parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"weightavg {name}", description=description)
+    p.add_argument("address", help="host:port of the server, e.g. 127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT})")
+    return p
+
+
+def _health(argv: list[str]) -> int:
+    p = _probe_parser(
+        "health", "Ask the server's grpc.health.v1 service for its status and print it (SERVING, NOT_SERVING, ...). "
+        "Exit status 0 when SERVING, 1 otherwise (including unreachable).",
+    )
+    p.add_argument("--service", default="",
+                   help="service to ask about, e.g. weightavg.v1.WeightAveragingService (default: the whole server)")
+    args = p.parse_args(argv)
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            # The method by name: grpcio-health-checking's HealthStub has no type annotations.
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            response = check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
+            print(f"{code}: {exc.details() if isinstance(exc, grpc.Call) else exc}")
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _print_json(name: str, description: str, fetch: Callable[[Client], dict[str, Any]], argv: list[str]) -> int:
+    args = _probe_parser(name, description).parse_args(argv)
+    try:
+        with Client(args.address, timeout=args.timeout) as client:
+            result = fetch(client)
+    except WeightavgError as exc:
+        print(f"{exc.code}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _info(argv: list[str]) -> int:
+    return _print_json(
+        "info", "Print GetServerInfo as JSON: versions, device, CUDA memory, layer types, dtypes and limits.",
+        Client.info, argv,
+    )
+
+
+def _stats(argv: list[str]) -> int:
+    return _print_json(
+        "stats", "Print GetServerStats as JSON: per-method counts, status codes, latency and tensor bytes, "
+        "and live handles and bytes per device.",
+        Client.stats, argv,
+    )
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "serve": (_serve, "run the server (needs weightavg[server]); weightavg serve --help lists every option"),
+    "health": (_health, "print a server's health status; exit 0 when SERVING"),
+    "info": (_info, "print a server's versions, device and limits as JSON"),
+    "stats": (_stats, "print a server's per-RPC statistics and live objects as JSON"),
+}
+"""Subcommand name -> (function taking the remaining arguments and returning the exit status, summary)."""
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "usage: weightavg COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + (
+        "\n\nweightavg COMMAND --help describes a command's arguments."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `weightavg` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"weightavg {__version__}")
+        return 0
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"weightavg: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return command[0](args[1:])
