@@ -131,7 +131,8 @@ def test_stats_command_prints_server_stats_as_json(live_server: LiveServer, caps
 
 def test_info_command_on_an_unreachable_server_exits_one(capsys: pytest.CaptureFixture[str]) -> None:
     server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu"))
-    server.stop(grace=None)  # bound, never started: nothing answers on the port
+    server.start()
+    server.stop(grace=None)  # gone: nothing answers on the port any more
     code, _, err = run_main(["info", f"127.0.0.1:{port}", "--timeout", "5"], capsys)
     assert code == 1 and err.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
 
@@ -189,3 +190,20 @@ def test_serve_process_drains_on_sigterm_reporting_not_serving(
     with pytest.raises(grpc.RpcError) as info, grpc.insecure_channel(address) as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@pytest.mark.parametrize("flag, message", [("--port", "could not bind"), ("--metrics-port", "cannot serve metrics")])
+def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = ["--port", "0", "--metrics-port", "-1", "--device", "cpu", flag, str(taken.getsockname()[1])]
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "weightavg"), "serve", *args],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )
+    assert result.returncode == 1
+    assert f"weightavg serve: {message}" in result.stderr
+    assert "Traceback" not in result.stderr

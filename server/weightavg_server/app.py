@@ -71,7 +71,10 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
+        raise OSError(f"could not bind {config.host}:{config.port} (in use?)") from exc
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     log.info("weightavg server on %s:%d, device %s", config.host, port, device)

@@ -9,6 +9,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import torch
+
 from . import __version__
 from .app import create_server, set_serving
 from .config import ENV_PREFIX, ServerConfig
@@ -70,13 +72,16 @@ def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain: NOT_SERVING, refuse new calls, let in-flight ones finish."""
     registry, stats = Registry(), RpcStats()
     server, port, health_servicer = create_server(config, registry, stats)
+    device = resolve_server_device(config.device)
+    torch.zeros(1, device=device)  # the device must really work before health says SERVING
     metrics = None
     if config.metrics_port >= 0:
         from .metrics import start_metrics_server  # prometheus-client is only needed with metrics on
 
-        metrics = start_metrics_server(
-            config.host, config.metrics_port, stats, registry, resolve_server_device(config.device)
-        )
+        try:
+            metrics = start_metrics_server(config.host, config.metrics_port, stats, registry, device)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -100,4 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=config.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    serve(config)
+    try:
+        serve(config)
+    except OSError as exc:  # a port in use or an address not on this machine: say so without a traceback
+        sys.exit(f"weightavg serve: {exc}")
