@@ -40,7 +40,14 @@ def proto_at(revision: str, into: Path) -> Path:
             tar.extractall(into, filter="data")
         else:
             tar.extractall(into)
-    return into / "proto"
+    return isolated(into / "proto")
+
+
+def isolated(proto: Path) -> Path:
+    """Make a proto folder outside the repo its own buf module, so that buf does not adopt a buf.yaml
+    it finds in a parent folder (another checkout's, in a shared /tmp)."""
+    (proto / "buf.yaml").write_text("version: v2\n")
+    return proto
 
 
 def test_buf_lint_is_clean() -> None:
@@ -82,6 +89,7 @@ def test_buf_breaking_catches_a_renumbered_field(tmp_path: Path) -> None:
     # The check above can fail: renumbering Handle.id must be reported.
     changed = tmp_path / "proto"
     shutil.copytree(ROOT / "proto", changed)
+    isolated(changed)
     path = changed / PROTO
     text = path.read_text()
     assert "  string id = 1;" in text
