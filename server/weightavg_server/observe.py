@@ -26,7 +26,7 @@ _CHUNKED = tuple(
 
 def _chunk_bytes(message: object) -> int:
     """Tensor bytes in one message (0 for messages that carry none): one isinstance and one len."""
-    return len(message.chunk.data) if isinstance(message, _CHUNKED) else 0  # type: ignore[attr-defined]
+    return len(message.chunk.data) if isinstance(message, _CHUNKED) else 0
 
 
 class _Call:
@@ -61,7 +61,7 @@ class _Call:
             log.info(
                 "rpc method=%s code=%s duration_ms=%.3f peer=%s bytes_in=%d bytes_out=%d details=%s",
                 self.method, code, seconds * 1e3, self.context.peer(), self.received, self.sent,
-                json.dumps(_text(self.context.details())),
+                json.dumps(_text(self.context.details())),  # type: ignore[attr-defined]  # see _status
             )
 
 
@@ -74,7 +74,9 @@ def _text(details: str | bytes | None) -> str:
 
 def _status(context: grpc.ServicerContext, exc: BaseException | None) -> str:
     """The status code name the client receives."""
-    code = context.code()
+    # ServicerContext.code()/details() exist since grpcio 1.38 (marked experimental) but are missing
+    # from types-grpcio's stubs.
+    code = context.code()  # type: ignore[attr-defined]
     if code is not None:  # set by abort() (translate_errors) or set_code() (the health service)
         return str(code.name)
     if exc is None:
@@ -85,20 +87,20 @@ def _status(context: grpc.ServicerContext, exc: BaseException | None) -> str:
     return "UNKNOWN"  # grpc answers UNKNOWN for an exception nobody translated
 
 
-class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ObservingInterceptor(grpc.ServerInterceptor):
     """Wraps every method handler (the service's, health's, reflection's) to feed `stats` and the log."""
 
     def __init__(self, stats: RpcStats) -> None:
         self.stats = stats
         # method -> (handler, observed handler): wrapping once per method, not per call, keeps a
         # bare call's overhead to the timing and counting themselves.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return None
@@ -110,7 +112,9 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._wrapped[method] = (handler, observed_handler)
         return observed_handler
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        wrap: Callable[..., grpc.RpcMethodHandler[Any, Any]]
+        behavior: Callable[..., Any] | None
         if handler.unary_unary:
             wrap, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
         elif handler.unary_stream:
@@ -119,6 +123,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             wrap, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
         else:
             wrap, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        assert behavior is not None  # exactly one of the four is set
         observed = (
             self._streaming(method, behavior, handler.request_streaming)
             if handler.response_streaming
