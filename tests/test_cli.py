@@ -207,3 +207,16 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     assert result.returncode == 1
     assert f"weightavg serve: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WEIGHTAVG_PORT": "abc"}, "WEIGHTAVG_PORT='abc' is not a valid int"),
+    ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
+])
+def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, **env),
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"weightavg serve: {message}"

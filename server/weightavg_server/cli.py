@@ -100,11 +100,15 @@ def serve(config: ServerConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `weightavg serve` and `python -m weightavg_server`."""
-    config = config_from_args(build_parser().parse_args(argv))
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        logging.basicConfig(
+            level=config.log_level.upper(), stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+    except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
+        sys.exit(f"weightavg serve: {exc}")
     try:
         serve(config)
     except OSError as exc:  # a port in use or an address not on this machine: say so without a traceback

@@ -49,6 +49,9 @@ class ServerConfig:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 kind = type(getattr(cls, f.name))
-                values[f.name] = kind(raw)
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
