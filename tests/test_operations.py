@@ -328,3 +328,40 @@ def test_a_message_over_the_cap_is_resource_exhausted() -> None:
             assert small.size(t) == (1 << 19,)
     finally:
         server.stop(grace=None)
+
+
+def test_a_client_cancelling_an_upload_counts_as_cancelled_not_internal(
+    ops_server: OpsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    method = METHOD + "CreateTensor"
+
+    def record() -> tuple[int, int, dict[str, int]]:
+        s = ops_server.stats.snapshot().get(method)
+        return (s.started, s.finished, dict(s.codes)) if s else (0, 0, {})
+
+    started, finished, codes = record()
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.CreateTensorRequest]:
+        yield pb.CreateTensorRequest(chunk=pb.TensorChunk(dtype=pb.DTYPE_FLOAT32, shape=[1000], data=bytes(400)))
+        release.wait(60)  # the rest of the tensor never comes
+
+    with grpc.insecure_channel(ops_server.address) as channel:
+        future = pb_grpc.WeightAveragingServiceStub(channel).CreateTensor.future(requests(), timeout=120)
+        while record()[0] == started:  # wait until the server is reading the stream
+            release.wait(0.01)
+        future.cancel()
+        while record()[1] == finished:  # wait until the server has given up on it
+            release.wait(0.01)
+        release.set()
+    after = record()[2]
+    new = {code: n - codes.get(code, 0) for code, n in after.items() if n != codes.get(code, 0)}
+    # Usually the server sees the cancellation (CANCELLED). grpc may also deliver the end of the
+    # request stream before the cancellation, and then the server can only see a stream that ended
+    # mid-tensor (INVALID_ARGUMENT). What must never happen is an INTERNAL with a traceback.
+    assert new in ({"CANCELLED": 1}, {"INVALID_ARGUMENT": 1}), new
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
