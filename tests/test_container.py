@@ -29,5 +29,5 @@ def test_container_builds_runs_healthy_answers_and_stops() -> None:
     if done.returncode == EXIT_SKIPPED and os.environ.get("CONTAINER_TEST_REQUIRED") != "1":
         pytest.skip("; ".join(line.split("SKIP ", 1)[1] for line in out.splitlines() if " SKIP " in line))
     assert done.returncode == 0, out
-    for check in ("PASS healthy", "PASS non-root", "PASS client call", "PASS stop"):
+    for check in ("PASS healthy", "PASS non-root", "PASS client call", "PASS stop", "PASS compose"):
         assert check in out, out

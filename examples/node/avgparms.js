@@ -108,7 +108,12 @@ function expectEqual(label, actual, expected) {
 }
 
 async function main(address) {
-  const client = new weightavg.WeightAveragingService(address, grpc.credentials.createInsecure());
+  // The server streams tensors in chunks of up to 4 MiB plus a small header, just over grpc-js's
+  // default 4 MiB receive limit; allow the server's own cap (64 MiB) both ways, as the Python client does.
+  const client = new weightavg.WeightAveragingService(address, grpc.credentials.createInsecure(), {
+    "grpc.max_receive_message_length": 64 << 20,
+    "grpc.max_send_message_length": 64 << 20,
+  });
   try {
     // m: module(["linear", 2, 1]) -- positional options travel as OptionValue messages.
     const { module: m } = await unary(client, "CreateModule", {
