@@ -17,7 +17,7 @@ from .v1 import weightavg_pb2 as pb
 CHUNK_BYTES = 4 << 20
 """4 MiB chunks: measured fastest on loopback, and far below any message cap."""
 
-_DTYPES: dict[int, np.dtype[Any]] = {
+_DTYPES: dict[pb.Dtype.ValueType, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype(np.float32),
     pb.DTYPE_FLOAT64: np.dtype(np.float64),
     pb.DTYPE_FLOAT16: np.dtype(np.float16),
@@ -47,7 +47,7 @@ def to_array(value: Any) -> npt.NDArray[Any]:
 def array_chunks(name: str, value: Any, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Chunks for one array: a header chunk with name, dtype, shape and the first bytes, then data."""
     array = to_array(value)
-    raw = memoryview(array.reshape(-1).view(np.uint8))
+    raw = array.reshape(-1).view(np.uint8).data  # a memoryview: slicing copies nothing
     yield pb.TensorChunk(
         name=name, dtype=_CODES[array.dtype], shape=list(array.shape), data=raw[:chunk_bytes].tobytes()
     )
@@ -66,7 +66,7 @@ class ChunkView:
     """A TensorChunk decoded without copying its data: `data` is a view into the received message."""
 
     name: str
-    dtype: int
+    dtype: pb.Dtype.ValueType
     shape: tuple[int, ...]
     data: memoryview
 
@@ -90,7 +90,7 @@ def _signed(value: int) -> int:
 
 def _decode_chunk(raw: memoryview) -> ChunkView:
     """TensorChunk fields 1-4; ValueError on anything else, so the caller can fall back to protobuf."""
-    name, dtype, shape, data = "", 0, [], memoryview(b"")
+    name, dtype, shape, data = "", pb.Dtype.ValueType(0), [], memoryview(b"")
     i, end = 0, len(raw)
     while i < end:
         key, i = _read_varint(raw, i)
@@ -98,7 +98,7 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
         if kind == 0 and field in (2, 3):
             value, i = _read_varint(raw, i)
             if field == 2:
-                dtype = value
+                dtype = pb.Dtype.ValueType(value)
             else:
                 shape.append(_signed(value))
         elif kind == 2 and field in (1, 3, 4):
@@ -129,7 +129,7 @@ def decode_chunk_message(message: bytes, chunk_field: int, string_fields: Mappin
     """
     raw = memoryview(message)
     out: dict[str, Any] = {name: "" for name in string_fields.values()}
-    out["chunk"] = ChunkView("", 0, (), memoryview(b""))
+    out["chunk"] = ChunkView("", pb.Dtype.ValueType(0), (), memoryview(b""))
     seen: set[int] = set()
     i, end = 0, len(raw)
     while i < end:
@@ -195,8 +195,11 @@ def encoded_chunks(values: Iterable[tuple[str, Any]], chunk_bytes: int, field: i
         raw = array.reshape(-1).view(np.uint8).data
         code = _CODES[array.dtype]
         for start in range(0, max(len(raw), 1), chunk_bytes):
-            header = (name, code, array.shape) if start == 0 else ("", 0, ())
-            yield encode_chunk(field, *header, raw[start:start + chunk_bytes])
+            piece = raw[start:start + chunk_bytes]
+            if start == 0:
+                yield encode_chunk(field, name, code, array.shape, piece)
+            else:
+                yield encode_chunk(field, "", 0, (), piece)
 
 
 def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str, npt.NDArray[Any]]]:

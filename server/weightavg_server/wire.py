@@ -96,8 +96,11 @@ def encoded_chunks(named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int, 
         code = dtype_code(tensor.dtype)
         raw = _raw(tensor)
         for start in range(0, max(len(raw), 1), chunk_bytes):
-            header = (name, code, tensor.shape) if start == 0 else ("", 0, ())
-            yield encode_chunk(field, *header, raw[start:start + chunk_bytes])
+            piece = raw[start:start + chunk_bytes]
+            if start == 0:
+                yield encode_chunk(field, name, code, tensor.shape, piece)
+            else:
+                yield encode_chunk(field, "", 0, (), piece)
 
 
 def serialize(message: Message | bytes) -> bytes:

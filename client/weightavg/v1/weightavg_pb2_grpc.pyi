@@ -164,6 +164,12 @@ class WeightAveragingServiceStub:
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]
     """Snapshot writes every live handle to the server's state directory, atomically."""
+    GetServerStats: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]
+    """--- Operations ---
+
+    GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+    the server started, and live handles and their bytes per device.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -297,6 +303,12 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]  # type: ignore[assignment]
     """Snapshot writes every live handle to the server's state directory, atomically."""
+    GetServerStats: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]  # type: ignore[assignment]
+    """--- Operations ---
+
+    GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+    the server started, and live handles and their bytes per device.
+    """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     """WeightAveragingService holds modules, models, optimizers, losses, tensor dictionaries and tensors
@@ -697,5 +709,17 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.SnapshotResponse, _abc.Awaitable[_weightavg_pb2.SnapshotResponse]]:
         """Snapshot writes every live handle to the server's state directory, atomically."""
+
+    @_abc_1.abstractmethod
+    def GetServerStats(
+        self,
+        request: _weightavg_pb2.GetServerStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.GetServerStatsResponse, _abc.Awaitable[_weightavg_pb2.GetServerStatsResponse]]:
+        """--- Operations ---
+
+        GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+        the server started, and live handles and their bytes per device.
+        """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
