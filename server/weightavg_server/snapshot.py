@@ -321,8 +321,11 @@ def save_batchable(t: torch.Tensor, ctx: SaveContext) -> dict[str, Any]:
     start = batching.position(t)
     if start == 0 and t.shape[0] == n:
         return {"tensor": ctx.tensor(t)}
+    shape = (n, *t.shape[1:])
     with torch.no_grad():
-        full = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), 0, (n, *t.shape[1:]))
+        full = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), 0, shape, torch.empty(shape, device="meta").stride()
+        )
     return {"tensor": ctx.tensor(full, same_as=t), "batch": [start, t.shape[0]]}
 
 
