@@ -425,9 +425,22 @@ class Client:
         return None
 
     @_rpc
-    def model(self, m: HandleLike, loss: HandleLike | None = None, opt: HandleLike | None = None) -> Any:
+    def model(self, m: HandleLike, *parts: HandleLike) -> Any:
         """model(q, loss, opt) joins a module, loss and optimizer into a model and frees those three
-        handles (pass c.addref(q) to keep one); model(m) describes a model's parts."""
+        handles (pass c.addref(q) to keep one); model(m) describes a model's parts.
+
+        model(m, part, ...) with a model handle replaces parts of it, as the reference's model(m; obj...):
+        a loss, an optimizer over the model's module, or a new module with an optimizer over it, in
+        any order. The part handles are freed; options and data stay. Returns m.
+
+        Example: c.model(m, c.opt("adam", m, 1e-3)) switches the model to Adam.
+        """
+        if isinstance(m, Handle) and m.kind == "model" and parts:
+            request = pb.UpdateModelRequest(model=m.id, parts=[_id(p) for p in parts])
+            return _handle(self._stub.UpdateModel(request, timeout=self.timeout).model)
+        loss, opt = (parts + (None, None))[:2] if len(parts) <= 2 else (None, None)
+        if len(parts) > 2:
+            raise TypeError("model(q, loss, opt) takes a module, a loss and an optimizer")
         if loss is None and opt is None:
             r = self._stub.DescribeModel(pb.DescribeModelRequest(model=_id(m)), timeout=self.timeout)
             return {
@@ -502,8 +515,13 @@ class Client:
         return int(self._stub.SetModelData(requests(), timeout=self.timeout).batches)
 
     @_rpc
-    def run(self, m: HandleLike) -> Any:
-        """Train one epoch; returns the train metrics (one value, or a list for several)."""
+    def run(self, m: HandleLike, *data: Any) -> Any:
+        """Train one epoch; returns the train metrics (one value, or a list for several).
+        run(m, x, y) first loads x and y as the training data, as train(m, x, y) does."""
+        if data:
+            if len(data) != 2:
+                raise TypeError("run(m) or run(m, x, y)")
+            self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, data[0], data[1])
         stream = self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout)
         return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
 
@@ -559,6 +577,19 @@ class Client:
     def restore(self, m: HandleLike) -> int:
         """Put the model's training data back to full size; returns the sample count (-1 without data)."""
         return int(self._stub.RestoreModelData(pb.RestoreModelDataRequest(model=_id(m)), timeout=self.timeout).size)
+
+    @_rpc
+    def testrestore(self, m: HandleLike) -> int:
+        """Put the model's test data back to full size; returns the sample count (-1 without data)."""
+        request = pb.RestoreModelDataRequest(model=_id(m), split=pb.DATA_SPLIT_TEST)
+        return int(self._stub.RestoreModelData(request, timeout=self.timeout).size)
+
+    @_rpc
+    def testbatch(self, m: HandleLike) -> bool:
+        """Step the model's test inputs and targets to their next batch of the test batchsize, as
+        batch(m) does for the training data. True while a batch is in place; then full size and False."""
+        request = pb.NextBatchRequest(handle=_id(m), split=pb.DATA_SPLIT_TEST)
+        return bool(self._stub.NextBatch(request, timeout=self.timeout).more)
 
     @_rpc
     def batch(self, x: HandleLike, w: int | None = None) -> bool:

@@ -164,6 +164,12 @@ class WeightAveragingServiceStub:
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]
     """Snapshot writes every live handle to the server's state directory, atomically."""
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]
+    """-- Models, continued ---------------------------------------------------------------------------
+
+    UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
+    given, as CreateModel does; options and data are kept.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -297,6 +303,12 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]  # type: ignore[assignment]
     """Snapshot writes every live handle to the server's state directory, atomically."""
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """-- Models, continued ---------------------------------------------------------------------------
+
+    UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
+    given, as CreateModel does; options and data are kept.
+    """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     """WeightAveragingService holds modules, models, optimizers, losses, tensor dictionaries and tensors
@@ -697,5 +709,17 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.SnapshotResponse, _abc.Awaitable[_weightavg_pb2.SnapshotResponse]]:
         """Snapshot writes every live handle to the server's state directory, atomically."""
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _weightavg_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.UpdateModelResponse, _abc.Awaitable[_weightavg_pb2.UpdateModelResponse]]:
+        """-- Models, continued ---------------------------------------------------------------------------
+
+        UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
+        given, as CreateModel does; options and data are kept.
+        """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
