@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from . import _specs, _tensors
+from . import _objects, _specs, _tensors
 from ._errors import NotFoundError, UnavailableError, from_rpc_error
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
@@ -424,6 +424,17 @@ class Client:
         self._stub.SetLearningRate(pb.SetLearningRateRequest(handle=_id(m), lr=float(value)), timeout=self.timeout)
         return None
 
+    # -- objects over the verbs ---------------------------------------------------------------------
+
+    def Module(self, spec: Any) -> _objects.Module:  # noqa: N802 - named after the class it returns
+        """A module built from a spec, as an object with methods (parameters(), copy(), average_into(d),
+        ...); `with c.Module(spec) as q:` frees it at the end of the block."""
+        return _objects.Module(self, self.module(spec))
+
+    def Dictionary(self, values: Mapping[str, Any]) -> _objects.Dictionary:  # noqa: N802
+        """A dictionary of named tensors, as an object (to_dict(), d[key], count, ...)."""
+        return _objects.Dictionary(self, self.dict(values))
+
     @_rpc
     def model(self, m: HandleLike, *parts: HandleLike) -> Any:
         """model(q, loss, opt) joins a module, loss and optimizer into a model and frees those three
@@ -436,8 +447,8 @@ class Client:
         Example: c.model(m, c.opt("adam", m, 1e-3)) switches the model to Adam.
         """
         if isinstance(m, Handle) and m.kind == "model" and parts:
-            request = pb.UpdateModelRequest(model=m.id, parts=[_id(p) for p in parts])
-            return _handle(self._stub.UpdateModel(request, timeout=self.timeout).model)
+            update = pb.UpdateModelRequest(model=m.id, parts=[_id(p) for p in parts])
+            return _handle(self._stub.UpdateModel(update, timeout=self.timeout).model)
         loss, opt = (parts + (None, None))[:2] if len(parts) <= 2 else (None, None)
         if len(parts) > 2:
             raise TypeError("model(q, loss, opt) takes a module, a loss and an optimizer")
