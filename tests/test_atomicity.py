@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from .conftest import LiveServer
+from conftest import LiveServer
 from weightavg import Client
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc

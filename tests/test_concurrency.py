@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .conftest import LiveServer
+from conftest import LiveServer
 from weightavg import Client, NotFoundError
 
 TIMEOUT = 60.0

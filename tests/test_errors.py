@@ -12,7 +12,7 @@ from weightavg import Client, InvalidArgumentError, NotFoundError, ResourceExhau
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
-from .conftest import LiveServer
+from conftest import LiveServer
 
 
 def test_unknown_and_freed_handles_are_not_found(client: Client, unchanged: Any) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot
 from weightavg import Client, InvalidArgumentError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc

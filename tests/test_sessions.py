@@ -20,7 +20,7 @@ from weightavg_server.app import Runtime, create_runtime
 from weightavg_server.config import ServerConfig
 from weightavg_server.registry import Registry
 
-from .conftest import LiveServer
+from conftest import LiveServer
 
 WAIT_LIMIT = 120.0
 """Upper bound on waiting for a lease to run out; never reached unless the feature is broken."""

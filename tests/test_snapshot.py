@@ -293,7 +293,7 @@ def test_weightavg_snapshot_command_writes_a_snapshot_that_restores(state_server
         c.tensor(np.array(3.5, np.float16))
         before = dump(c)
         cli = subprocess.run(
-            [sys.executable, "-c", "from weightavg._cli import main; main()", "snapshot", address],
+            [sys.executable, "-c", "import sys; from weightavg._cli import main; sys.exit(main())", "snapshot", address],
             capture_output=True, text=True, timeout=120,
         )
         assert cli.returncode == 0, cli.stderr

@@ -1,48 +1,63 @@
-"""The `weightavg` command: one subcommand per entry of COMMANDS (serve needs the server extra)."""
+"""`weightavg`: the command line. Each subcommand is one function in COMMANDS.
+
+`serve` and `demo` need the server extra (torch) and import it only when asked; `health`, `info`,
+`stats` and `snapshot` are operator probes that need only this thin client.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2
+
+from . import __version__
 from ._client import Client
 from ._errors import WeightavgError
 
-
-def _serve(argv: Sequence[str]) -> int:
-    try:  # imported by name: the client package must not depend on the server (or on torch)
-        server_cli = importlib.import_module("weightavg_server.cli")
-    except ImportError:
-        print("weightavg serve needs the server: pip install 'weightavg[server]'", file=sys.stderr)
-        return 1
-    server_cli.main(argv)
-    return 0
+DEFAULT_TIMEOUT = 10.0
+"""Seconds health, info and stats wait for an answer: they are probes, not work."""
 
 
-def _demo(argv: Sequence[str]) -> int:
-    try:  # the demo embeds a server, so it needs the server and demo extras
-        demo = importlib.import_module("weightavg_server.demo")
+def _server_command(module: str, extra: str, argv: list[str]) -> int:
+    # Imported lazily: the server needs torch, which a client-only install does not have.
+    try:
+        command = importlib.import_module(module)
     except ImportError as exc:
-        print(f"weightavg demo needs the server: pip install 'weightavg[server,demo]' ({exc})", file=sys.stderr)
-        return 1
-    demo.main(argv)
+        print(
+            f"weightavg: the server is not installed ({exc}); install it with: pip install 'weightavg[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+    command.main(argv)
     return 0
 
 
-def _connection_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _serve(argv: list[str]) -> int:
+    return _server_command("weightavg_server.cli", "server", argv)
+
+
+def _demo(argv: list[str]) -> int:
+    return _server_command("weightavg_server.demo", "server,demo", argv)
+
+
+def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT) -> argparse.ArgumentParser:
     """ADDRESS plus the token and TLS options every client command shares."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("address", help="host:port of the server")
+    p = argparse.ArgumentParser(prog=f"weightavg {name}", description=description)
+    p.add_argument("address", help="host:port of the server, e.g. 127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for the answer (default {timeout})")
     p.add_argument("--token", default=os.environ.get("WEIGHTAVG_TOKEN"),
                    help="bearer token (default: $WEIGHTAVG_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
     p.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies --tls)")
     p.add_argument("--client-cert", help="PEM client certificate, for servers that require one")
     p.add_argument("--client-key", help="PEM key of --client-cert")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
     return p
 
 
@@ -53,35 +68,108 @@ def _client(args: argparse.Namespace) -> Client:
     )
 
 
-def _snapshot(argv: Sequence[str]) -> int:
-    args = _connection_parser(
-        "weightavg snapshot", "Ask a running server to write every live handle to its --state-dir now."
+def _health(argv: list[str]) -> int:
+    p = _probe_parser(
+        "health", "Ask the server's grpc.health.v1 service for its status and print it (SERVING, NOT_SERVING, ...). "
+        "Exit status 0 when SERVING, 1 otherwise (including unreachable).",
+    )
+    p.add_argument("--service", default="",
+                   help="service to ask about, e.g. weightavg.v1.WeightAveragingService (default: the whole server)")
+    args = p.parse_args(argv)
+    with _client(args) as client:
+        try:
+            # The method by name: grpcio-health-checking's HealthStub has no type annotations.
+            check = client._channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            response = check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
+            print(f"{code}: {exc.details() if isinstance(exc, grpc.Call) else exc}")
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _print_json(name: str, description: str, fetch: Callable[[Client], dict[str, Any]], argv: list[str]) -> int:
+    args = _probe_parser(name, description).parse_args(argv)
+    try:
+        with _client(args) as client:
+            result = fetch(client)
+    except WeightavgError as exc:
+        print(f"{exc.code}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _info(argv: list[str]) -> int:
+    return _print_json(
+        "info", "Print GetServerInfo as JSON: versions, device, CUDA memory, layer types, dtypes and limits.",
+        Client.info, argv,
+    )
+
+
+def _stats(argv: list[str]) -> int:
+    return _print_json(
+        "stats", "Print GetServerStats as JSON: per-method counts, status codes, latency and tensor bytes, "
+        "and live handles and bytes per device.",
+        Client.stats, argv,
+    )
+
+
+def _snapshot(argv: list[str]) -> int:
+    args = _probe_parser(
+        "snapshot", "Ask a running server to write every live handle to its --state-dir now.", timeout=600.0
     ).parse_args(argv)
-    with _client(args) as c:
-        result = c.snapshot()
+    try:
+        with _client(args) as c:
+            result = c.snapshot()
+    except WeightavgError as exc:
+        print(f"weightavg snapshot: {exc}", file=sys.stderr)
+        return 1
     print(f"saved {result['handles']} handle(s), {result['tensor_bytes']} tensor bytes, to {result['directory']}")
     for skipped in result["skipped"]:
         print(f"not saved (no snapshot format for its kind yet): {skipped}")
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "serve": (_serve, "run the server (weightavg serve --help)"),
-    "demo": (_demo, "run the reference's weight-averaging examples against an embedded server (weightavg demo --help)"),
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "serve": (_serve, "run the server (needs weightavg[server]); weightavg serve --help lists every option"),
+    "demo": (_demo, "run the reference's weight-averaging examples against an embedded server"),
+    "health": (_health, "print a server's health status; exit 0 when SERVING"),
+    "info": (_info, "print a server's versions, device and limits as JSON"),
+    "stats": (_stats, "print a server's per-RPC statistics and live objects as JSON"),
     "snapshot": (_snapshot, "ask a running server to snapshot every live handle to its --state-dir"),
 }
+"""Subcommand name -> (function taking the remaining arguments and returning the exit status, summary)."""
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the `weightavg` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:10} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: weightavg COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    command, _ = COMMANDS[argv[0]]
-    try:
-        raise SystemExit(command(argv[1:]))
-    except WeightavgError as exc:
-        print(f"weightavg {argv[0]}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "usage: weightavg COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + (
+        "\n\nweightavg COMMAND --help describes a command's arguments."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `weightavg` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"weightavg {__version__}")
+        return 0
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"weightavg: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return command[0](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import builtins
 import functools
 import logging
 import os
@@ -290,6 +291,35 @@ class Client:
             "chunk_bytes": r.chunk_bytes,
             "max_spec_depth": r.max_spec_depth,
             "cuda_memory_allocated": r.cuda_memory_allocated,
+        }
+
+    @_rpc
+    def stats(self) -> dict[str, Any]:
+        """Per-method statistics since the server started, and live handles and bytes per device.
+
+        Returns:
+            {"uptime_seconds": float,
+             "methods": {full method name: {"count", "in_flight", "failures", "codes" (name -> count),
+                         "total_seconds", "max_seconds", "bytes_received", "bytes_sent"}},
+             "devices": {device: {"handles", "bytes"}}}
+        """
+        r = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self.timeout)
+        return {
+            "uptime_seconds": r.uptime_seconds,
+            "methods": {
+                m.method: {
+                    "count": m.count,
+                    "in_flight": m.in_flight,
+                    "failures": m.failures,
+                    "codes": dict(m.codes),
+                    "total_seconds": m.total_seconds,
+                    "max_seconds": m.max_seconds,
+                    "bytes_received": m.bytes_received,
+                    "bytes_sent": m.bytes_sent,
+                }
+                for m in r.methods
+            },
+            "devices": {d.device: {"handles": d.handles, "bytes": d.bytes} for d in r.devices},
         }
 
     # -- modules ----------------------------------------------------------------------------------
@@ -757,7 +787,8 @@ class Client:
         stream = self._stub.FetchTensors(pb.FetchTensorsRequest(handle=handle, names=names), timeout=self.timeout)
         return _tensors.join_chunks(r.chunk for r in stream)
 
-    def _fetch(self, handle: str, names: list[str]) -> dict[str, Any]:
+    def _fetch(self, handle: str, names: list[str]) -> builtins.dict[str, Any]:
+        # builtins.dict: inside the class, `dict` names the Client.dict method.
         return {name: _tensors.plain(a) for name, a in self._fetch_named(handle, names)}
 
     def _create_dictionary(self, items: Iterable[tuple[str, Any]]) -> Handle:

@@ -16,7 +16,7 @@ from .v1 import weightavg_pb2 as pb
 CHUNK_BYTES = 4 << 20
 """4 MiB chunks: measured fastest on loopback, and far below any message cap."""
 
-_DTYPES: dict[int, np.dtype[Any]] = {
+_DTYPES: dict[pb.Dtype.ValueType, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype(np.float32),
     pb.DTYPE_FLOAT64: np.dtype(np.float64),
     pb.DTYPE_FLOAT16: np.dtype(np.float16),
@@ -46,7 +46,7 @@ def to_array(value: Any) -> npt.NDArray[Any]:
 def array_chunks(name: str, value: Any, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Chunks for one array: a header chunk with name, dtype, shape and the first bytes, then data."""
     array = to_array(value)
-    raw = memoryview(array.reshape(-1).view(np.uint8))
+    raw = array.reshape(-1).view(np.uint8).data  # a memoryview: slicing copies nothing
     yield pb.TensorChunk(
         name=name, dtype=_CODES[array.dtype], shape=list(array.shape), data=raw[:chunk_bytes].tobytes()
     )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,8 +22,10 @@ from .convert import resolve_server_device
 from .decoding import DecodeGuard
 from .interceptors import SessionInterceptor, TokenInterceptor
 from .limits import Limits
+from .observe import ObservingInterceptor
 from .registry import Registry
 from .servicer import WeightAveragingServicer
+from .stats import RpcStats
 
 log = logging.getLogger("weightavg.server")
 
@@ -48,19 +51,25 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Let clients keep idle channels alive with pings every 10 s without being cut off.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Ping idle clients so a vanished peer (crashed trainer, dropped NAT mapping) is noticed and
+        # its streams released, instead of holding a worker until the OS gives up on the socket.
+        ("grpc.keepalive_time_ms", round(config.keepalive_time_seconds * 1000)),
+        # A ping unanswered for this long closes the connection.
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_seconds * 1000)),
     ]
 
 
 def create_server(
-    config: ServerConfig, registry: Registry | None = None
+    config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build (but do not start) a server bound to config.host:config.port; port 0 picks a free one.
 
     Returns the server, the port it bound and its health servicer (SERVING once started by `serve`
     or by the caller; NOT_SERVING while draining). Expired sessions are freed on the next call;
-    `create_runtime` adds a reaper thread that frees them on an idle server too.
+    `create_runtime` adds a reaper thread that frees them on an idle server too. Every call,
+    health and reflection included, is recorded in `stats` (pass one to read it from outside).
     """
-    runtime = create_runtime(config, registry)
+    runtime = create_runtime(config, registry, stats)
     return runtime.server, runtime.port, runtime.health
 
 
@@ -77,6 +86,8 @@ class Runtime:
     health: health.HealthServicer
     registry: Registry
     config: ServerConfig
+    stats: RpcStats
+    device: torch.device
     reaper: Reaper = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,7 +153,9 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-def create_runtime(config: ServerConfig, registry: Registry | None = None) -> Runtime:
+def create_runtime(
+    config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None
+) -> Runtime:
     """Build (but do not start) a server, restoring the snapshot in config.state_dir first if there is one.
 
     Raises:
@@ -156,7 +169,10 @@ def create_runtime(config: ServerConfig, registry: Registry | None = None) -> Ru
         restored = snapshot.load(registry, config.state_dir, device)
         if restored:
             log.info("restored %d handle(s) from %s", restored, config.state_dir)
-    interceptors: list[grpc.ServerInterceptor] = []
+    stats = stats if stats is not None else RpcStats()
+    # One place times, counts and logs every call (per-RPC statistics, metrics, the RPC log); it is
+    # first so that refused calls are counted too.
+    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(stats)]
     if config.token:
         interceptors.append(TokenInterceptor(config.token))  # first: nothing runs for an unauthenticated call
     interceptors.append(SessionInterceptor(registry))
@@ -170,7 +186,7 @@ def create_runtime(config: ServerConfig, registry: Registry | None = None) -> Ru
         maximum_concurrent_rpcs=config.max_workers * 4,
     )
     pb_grpc.add_WeightAveragingServiceServicer_to_server(
-        WeightAveragingServicer(config, registry, device), server
+        WeightAveragingServicer(config, registry, device, stats), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -179,7 +195,10 @@ def create_runtime(config: ServerConfig, registry: Registry | None = None) -> Ru
     )
     address = f"{config.host}:{config.port}"
     credentials = server_credentials(config)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
+        raise OSError(f"could not bind {address} (in use?)") from exc
     if port == 0:
         raise OSError(f"could not bind {address}")
     log.info(
@@ -187,7 +206,7 @@ def create_runtime(config: ServerConfig, registry: Registry | None = None) -> Ru
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
         "token required" if config.token else "no token",
     )
-    return Runtime(server, port, health_servicer, registry, config)
+    return Runtime(server, port, health_servicer, registry, config, stats, device)
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

@@ -9,6 +9,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import torch
+
 from . import __version__
 from .app import create_runtime
 from .config import ENV_PREFIX, ServerConfig
@@ -17,68 +19,88 @@ from .snapshot import SnapshotError
 log = logging.getLogger("weightavg.server")
 
 
+# (flag, config field, type, help); each option's help gains its WEIGHTAVG_* variable and default.
+OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--host", "host", str, "address to bind; 0.0.0.0 for every interface"),
+    ("--port", "port", int, "gRPC port to bind; 0 picks a free one (printed on start)"),
+    ("--device", "device", str, "where objects live: auto (CUDA when available, else cpu), cpu, cuda or cuda:N"),
+    ("--max-workers", "max_workers", int,
+     "threads serving calls; 4x this many calls may be in flight before new ones get RESOURCE_EXHAUSTED"),
+    ("--max-message-bytes", "max_message_bytes", int,
+     "largest single gRPC message in either direction; tensors stream in --chunk-bytes pieces below it"),
+    ("--chunk-bytes", "chunk_bytes", int, "size of the pieces the server streams tensors in"),
+    ("--max-upload-bytes", "max_upload_bytes", int, "most tensor bytes one request may upload"),
+    ("--max-spec-depth", "max_spec_depth", int, "deepest layer spec accepted"),
+    ("--grace-seconds", "grace_seconds", float,
+     "on SIGTERM/SIGINT: report NOT_SERVING, refuse new calls, let in-flight calls run this long"),
+    ("--keepalive-time-seconds", "keepalive_time_seconds", float,
+     "ping a client after this long without activity, to notice peers that vanished"),
+    ("--keepalive-timeout-seconds", "keepalive_timeout_seconds", float,
+     "close a connection whose keepalive ping is unanswered this long"),
+    ("--metrics-port", "metrics_port", int,
+     "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on --host; -1 turns it off, 0 picks a free port"),
+    ("--max-device-bytes", "max_device_bytes", int,
+     "most tensor bytes held on any one device; calls that would exceed it get RESOURCE_EXHAUSTED before "
+     "allocating (0: the device's memory size)"),
+    ("--max-handles", "max_handles", int, "most live handles; 0 for no cap"),
+    ("--token", "token", str,
+     f"bearer token every call must carry (prefer the variable {ENV_PREFIX}TOKEN: flags show in ps); "
+     "health checks stay open"),
+    ("--tls-cert", "tls_cert", str, "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
+    ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
+    ("--tls-client-ca", "tls_client_ca", str, "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    ("--state-dir", "state_dir", str,
+     "directory for snapshots: restored on start (torn or modified ones are refused), written on "
+     "SIGTERM/SIGINT and by `weightavg snapshot`"),
+    ("--session-lease-seconds", "session_lease_seconds", float, "lease of a session that asks for the default (0)"),
+    ("--max-session-lease-seconds", "max_session_lease_seconds", float, "longest lease a session may ask for"),
+    ("--log-level", "log_level", str, "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The serve command's options; defaults come from WEIGHTAVG_* variables, then built-in values."""
     defaults = ServerConfig()
     p = argparse.ArgumentParser(
         prog="weightavg serve",
-        description="Serve the weightavg gRPC API. Every option can also be set with the environment "
-        f"variable {ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}PORT=50051); a flag wins over the variable.",
+        description="Serve the weightavg gRPC API (with grpc.health.v1 and server reflection). Every option "
+        f"can also be set with the environment variable shown, e.g. {ENV_PREFIX}PORT=50051; a flag wins "
+        "over the variable, the variable over the default.",
     )
-    p.add_argument("--host", help=f"address to bind (default {defaults.host}; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, help=f"port to bind, 0 for a free one (default {defaults.port})")
-    p.add_argument("--device", help="where objects live: auto (CUDA when available, else cpu), cpu, cuda, cuda:N "
-                   f"(default {defaults.device})")
-    p.add_argument("--max-workers", type=int, help=f"threads serving calls (default {defaults.max_workers})")
-    p.add_argument("--max-message-bytes", type=int,
-                   help=f"largest single gRPC message, both directions (default {defaults.max_message_bytes})")
-    p.add_argument("--chunk-bytes", type=int, help=f"tensor stream chunk size (default {defaults.chunk_bytes})")
-    p.add_argument("--max-upload-bytes", type=int,
-                   help=f"most tensor bytes one request may upload (default {defaults.max_upload_bytes})")
-    p.add_argument("--max-spec-depth", type=int, help=f"deepest layer spec (default {defaults.max_spec_depth})")
-    p.add_argument("--grace-seconds", type=float,
-                   help=f"on SIGTERM/SIGINT, how long in-flight calls may finish (default {defaults.grace_seconds})")
-    p.add_argument("--max-device-bytes", type=int,
-                   help="most tensor bytes held on any one device; calls that would exceed it get "
-                   "RESOURCE_EXHAUSTED before allocating (default 0: the device's memory size)")
-    p.add_argument("--max-handles", type=int,
-                   help=f"most live handles; 0 for no cap (default {defaults.max_handles})")
-    p.add_argument("--token", help=f"bearer token every call must carry (prefer {ENV_PREFIX}TOKEN: flags show in ps); "
-                   "health checks stay open")
-    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS instead of plaintext (with --tls-key)")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
-    p.add_argument("--state-dir", help="directory for snapshots: restored on start (refusing torn or modified ones), "
-                   "written on SIGTERM/SIGINT and by `weightavg snapshot`")
-    p.add_argument("--session-lease-seconds", type=float,
-                   help=f"default session lease (default {defaults.session_lease_seconds})")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    for flag, name, kind, text in OPTIONS:
+        p.add_argument(
+            flag, dest=name, type=kind, metavar=name.upper(),
+            help=f"{text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
+        )
     p.add_argument("--version", action="version", version=f"weightavg {__version__}")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Merge flags over environment variables over defaults."""
-    return ServerConfig.from_env(
-        host=args.host, port=args.port, device=args.device, max_workers=args.max_workers,
-        max_message_bytes=args.max_message_bytes, chunk_bytes=args.chunk_bytes,
-        max_upload_bytes=args.max_upload_bytes, max_spec_depth=args.max_spec_depth,
-        grace_seconds=args.grace_seconds,
-        max_device_bytes=args.max_device_bytes, max_handles=args.max_handles,
-        token=args.token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca, state_dir=args.state_dir, session_lease_seconds=args.session_lease_seconds,
-    )
+    return ServerConfig.from_env(**{name: getattr(args, name) for _, name, _, _ in OPTIONS})
 
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain: NOT_SERVING, refuse new calls, let in-flight ones
     finish, and with a state directory write a snapshot of every live handle."""
     runtime = create_runtime(config)
+    torch.zeros(1, device=runtime.device)  # the device must really work before health says SERVING
+    metrics = None
+    if config.metrics_port >= 0:
+        from .metrics import start_metrics_server  # prometheus-client is only needed with metrics on
+
+        try:
+            metrics = start_metrics_server(config.host, config.metrics_port, runtime.stats, runtime.registry, runtime.device)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     runtime.start()
     print(f"weightavg serving on {config.host}:{runtime.port}", flush=True)
+    if metrics is not None:
+        print(f"weightavg metrics on http://{config.host}:{metrics.port}/metrics", flush=True)
     stop.wait()
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
     try:
@@ -86,22 +108,28 @@ def serve(config: ServerConfig) -> None:
     except SnapshotError as exc:
         log.error("shutdown snapshot failed, live handles are lost: %s", exc)
         raise SystemExit(1) from None
+    finally:
+        if metrics is not None:
+            metrics.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `weightavg serve` and `python -m weightavg_server`."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     try:
-        serve(config_from_args(args))
+        config = config_from_args(args)
+        logging.basicConfig(
+            level=config.log_level.upper(), stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+    except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
+        sys.exit(f"weightavg serve: {exc}")
+    try:
+        serve(config)
     except SnapshotError as exc:
         # Refuse to start: serving an empty or partial state over a damaged snapshot would let the
         # next shutdown overwrite the only copy of the weights.
         log.error("refusing to start: %s", exc)
         raise SystemExit(2) from None
-    except (OSError, ValueError) as exc:
-        print(f"weightavg: cannot start: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    except (OSError, ValueError) as exc:  # a port in use, an address not on this machine, bad TLS files
+        sys.exit(f"weightavg serve: {exc}")

@@ -21,6 +21,11 @@ DEFAULT_MAX_HANDLES = 1_000_000
 """Far above any real use; it stops a runaway client from filling memory with empty handles."""
 DEFAULT_SESSION_LEASE_SECONDS = 60.0
 DEFAULT_MAX_SESSION_LEASE_SECONDS = 24 * 3600.0
+DEFAULT_KEEPALIVE_TIME_SECONDS = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 20.0
+DEFAULT_METRICS_PORT = -1
+"""-1: no metrics endpoint; 0 picks a free port; anything else is the port."""
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,10 @@ class ServerConfig:
     state_dir: str = ""
     session_lease_seconds: float = DEFAULT_SESSION_LEASE_SECONDS
     max_session_lease_seconds: float = DEFAULT_MAX_SESSION_LEASE_SECONDS
+    keepalive_time_seconds: float = DEFAULT_KEEPALIVE_TIME_SECONDS
+    keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+    metrics_port: int = DEFAULT_METRICS_PORT
+    log_level: str = DEFAULT_LOG_LEVEL
 
     def __repr__(self) -> str:
         # The token is a secret: never let it reach a log line through the config's repr.
@@ -61,6 +70,9 @@ class ServerConfig:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 kind = type(getattr(cls, f.name))
-                values[f.name] = kind(raw)
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from .config import ServerConfig
 from .dictionaries import TensorDict
 from .errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from .registry import CALLER_SESSION, Entry, Kind, Registry, Reservation, TensorHolder, locked
+from .stats import RpcStats, live_objects
 from .status import translate_errors
 
 Context = grpc.ServicerContext
@@ -53,10 +54,13 @@ def _stopping(context: Context) -> Iterator[None]:
 class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     """Implements weightavg.v1.WeightAveragingService over one Registry."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, device: torch.device) -> None:
+    def __init__(
+        self, config: ServerConfig, registry: Registry, device: torch.device, stats: RpcStats | None = None
+    ) -> None:
         self.config = config
         self.registry = registry
         self.device = device
+        self.stats = stats if stats is not None else RpcStats()
 
     def _assemble(
         self,
@@ -575,6 +579,22 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         return pb.SnapshotResponse(
             directory=result.directory, handles=result.handles, tensor_bytes=result.tensor_bytes, skipped=result.skipped
         )
+
+    @translate_errors
+    def GetServerStats(self, request: pb.GetServerStatsRequest, context: Context) -> pb.GetServerStatsResponse:
+        methods = [
+            pb.MethodStats(
+                method=name, count=s.finished, in_flight=s.in_flight, failures=s.failures, codes=dict(s.codes),
+                total_seconds=s.seconds_total, max_seconds=s.seconds_max,
+                bytes_received=s.bytes_received, bytes_sent=s.bytes_sent,
+            )
+            for name, s in self.stats.snapshot().items()
+        ]
+        devices = [
+            pb.DeviceUsage(device=device, handles=usage.handles, bytes=usage.bytes)
+            for device, usage in live_objects(self.registry).items()
+        ]
+        return pb.GetServerStatsResponse(uptime_seconds=self.stats.uptime(), methods=methods, devices=devices)
 
     # -- models, continued --------------------------------------------------------------------------
 

@@ -29,15 +29,25 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):
         # torch's CPU allocator reports running out of memory as a plain RuntimeError.
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory"
+    if isinstance(exc, grpc.RpcError):
+        # Raised by a request stream whose client cancelled (or ran out of time) mid-upload: the
+        # client's doing, not a server fault, so no INTERNAL in the metrics and no traceback.
+        return grpc.StatusCode.CANCELLED, "the call ended before its request stream did"
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
 
 
 def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn:
     code, message = status_for(exc)
+    if not context.is_active():
+        # The client cancelled or its deadline passed, so the error (an RpcError, or a stream that
+        # ended short) is a consequence, not the cause; record the real reason in stats and logs.
+        remaining = context.time_remaining()
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        message = f"the call ended by the client before it finished ({message})"
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed unexpectedly", name)
-    else:
-        log.info("%s -> %s: %s", name, code.name, message)
+    else:  # the interceptor (observe.py) logs every failed call at INFO with its code and message
+        log.debug("%s -> %s: %s", name, code.name, message)
     context.abort(code, message)
 
 

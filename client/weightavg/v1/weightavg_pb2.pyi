@@ -2985,6 +2985,168 @@ class SnapshotResponse(_message.Message):
 Global___SnapshotResponse: _TypeAlias = SnapshotResponse  # noqa: Y015
 
 @_typing.final
+class GetServerStatsRequest(_message.Message):
+    """--- Operations: per-RPC statistics (GetServerStats) ---
+
+    GetServerStatsRequest is empty.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerStatsRequest: _TypeAlias = GetServerStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetServerStatsResponse(_message.Message):
+    """GetServerStatsResponse reports what the server has done since it started and what it holds now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    uptime_seconds: _builtins.float
+    """Seconds since the server was created."""
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodStats]:
+        """One entry per method called at least once (including grpc.health.v1 and reflection), sorted
+        by method name.
+        """
+
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceUsage]:
+        """Live handles and the bytes of their tensors, one entry per device, sorted by device."""
+
+    def __init__(
+        self,
+        *,
+        uptime_seconds: _builtins.float = ...,
+        methods: _abc.Iterable[Global___MethodStats] | None = ...,
+        devices: _abc.Iterable[Global___DeviceUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "methods", b"methods", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerStatsResponse: _TypeAlias = GetServerStatsResponse  # noqa: Y015
+
+@_typing.final
+class MethodStats(_message.Message):
+    """MethodStats is the record of one RPC method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CodesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    CODES_FIELD_NUMBER: _builtins.int
+    TOTAL_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_SECONDS_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    BYTES_SENT_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """Full method name, e.g. "/weightavg.v1.WeightAveragingService/Ping"."""
+    count: _builtins.int
+    """Calls that have finished, with any status."""
+    in_flight: _builtins.int
+    """Calls started but not yet finished (this call included when it asks about itself)."""
+    failures: _builtins.int
+    """Finished calls whose status was not OK."""
+    total_seconds: _builtins.float
+    """Seconds spent in finished calls, summed."""
+    max_seconds: _builtins.float
+    """Longest finished call, in seconds."""
+    bytes_received: _builtins.int
+    """Tensor data bytes received in request chunks."""
+    bytes_sent: _builtins.int
+    """Tensor data bytes sent in response chunks."""
+    @_builtins.property
+    def codes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Finished calls per status code name ("OK", "NOT_FOUND", ...)."""
+
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        count: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        codes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        total_seconds: _builtins.float = ...,
+        max_seconds: _builtins.float = ...,
+        bytes_received: _builtins.int = ...,
+        bytes_sent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "bytes_sent", b"bytes_sent", "codes", b"codes", "count", b"count", "failures", b"failures", "in_flight", b"in_flight", "max_seconds", b"max_seconds", "method", b"method", "total_seconds", b"total_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MethodStats: _TypeAlias = MethodStats  # noqa: Y015
+
+@_typing.final
+class DeviceUsage(_message.Message):
+    """DeviceUsage counts the live handles with tensors on one device and the memory those tensors hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    HANDLES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """Device, e.g. "cpu" or "cuda:0"; empty for handles that hold no tensor."""
+    handles: _builtins.int
+    """Live handles with at least one tensor on this device."""
+    bytes: _builtins.int
+    """Bytes of distinct tensor storage on this device (storage shared by several handles counted once)."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        handles: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "handles", b"handles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceUsage: _TypeAlias = DeviceUsage  # noqa: Y015
+
+@_typing.final
 class UpdateModelRequest(_message.Message):
     """-- Models, continued ------------------------------------------------------------------------------
 

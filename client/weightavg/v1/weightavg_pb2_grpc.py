@@ -261,6 +261,11 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.FromString,
                 _registered_method=True)
+        self.GetServerStats = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/GetServerStats',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.FromString,
+                _registered_method=True)
         self.UpdateModel = channel.unary_unary(
                 '/weightavg.v1.WeightAveragingService/UpdateModel',
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelRequest.SerializeToString,
@@ -607,6 +612,16 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerStats(self, request, context):
+        """--- Operations ---
+
+        GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+        the server started, and live handles and their bytes per device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateModel(self, request, context):
         """-- Models, continued ---------------------------------------------------------------------------
 
@@ -844,6 +859,11 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'GetServerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStats,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.SerializeToString,
             ),
             'UpdateModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateModel,
@@ -2068,6 +2088,33 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/Snapshot',
             weightavg_dot_v1_dot_weightavg__pb2.SnapshotRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/GetServerStats',
+            weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -164,6 +164,12 @@ class WeightAveragingServiceStub:
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]
     """Snapshot writes every live handle to the server's state directory, atomically."""
+    GetServerStats: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]
+    """--- Operations ---
+
+    GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+    the server started, and live handles and their bytes per device.
+    """
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]
     """-- Models, continued ---------------------------------------------------------------------------
 
@@ -303,6 +309,12 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]  # type: ignore[assignment]
     """Snapshot writes every live handle to the server's state directory, atomically."""
+    GetServerStats: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]  # type: ignore[assignment]
+    """--- Operations ---
+
+    GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+    the server started, and live handles and their bytes per device.
+    """
     UpdateModel: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]  # type: ignore[assignment]
     """-- Models, continued ---------------------------------------------------------------------------
 
@@ -709,6 +721,18 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.SnapshotResponse, _abc.Awaitable[_weightavg_pb2.SnapshotResponse]]:
         """Snapshot writes every live handle to the server's state directory, atomically."""
+
+    @_abc_1.abstractmethod
+    def GetServerStats(
+        self,
+        request: _weightavg_pb2.GetServerStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.GetServerStatsResponse, _abc.Awaitable[_weightavg_pb2.GetServerStatsResponse]]:
+        """--- Operations ---
+
+        GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
+        the server started, and live handles and their bytes per device.
+        """
 
     @_abc_1.abstractmethod
     def UpdateModel(

@@ -1,0 +1,174 @@
+#!/usr/bin/env node
+// The reference's avgparms walk-through from Node, against a running weightavg server.
+//
+//   node avgparms.js [HOST:PORT]        (default 127.0.0.1:50051, or $WEIGHTAVG_ADDRESS)
+//
+// It loads proto/weightavg/v1/weightavg.proto at run time with @grpc/proto-loader (no generated
+// code), builds a linear(2,1) module, sets its parameters, copies them, averages them in twelve
+// times and checks the running average against the reference's figures. Exit status 0 when every
+// figure matches, 1 on a mismatch, 2 when a call fails.
+"use strict";
+
+const path = require("node:path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const PROTO_ROOT = path.resolve(__dirname, "..", "..", "proto");
+
+// keepCase: false gives camelCase field names (intValue, chunkBytes), the protobuf JS convention.
+// longs: Number is safe here: counts and shapes are far below 2^53. enums: String gives
+// "DTYPE_FLOAT32" rather than 1 in replies. google/protobuf/struct.proto (imported for NullValue)
+// is not in proto/: proto-loader ships the well-known types and resolves them itself.
+const definition = protoLoader.loadSync("weightavg/v1/weightavg.proto", {
+  includeDirs: [PROTO_ROOT],
+  keepCase: false,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
+const weightavg = grpc.loadPackageDefinition(definition).weightavg.v1;
+
+// Bytes on the wire are little-endian, row-major; float32 is 4 bytes per element.
+function float32Bytes(values) {
+  const buf = Buffer.alloc(values.length * 4);
+  values.forEach((v, i) => buf.writeFloatLE(v, i * 4));
+  return buf;
+}
+
+function decode(dtype, data) {
+  if (dtype === "DTYPE_FLOAT32") {
+    return Array.from({ length: data.length / 4 }, (_, i) => data.readFloatLE(i * 4));
+  }
+  if (dtype === "DTYPE_FLOAT64") {
+    return Array.from({ length: data.length / 8 }, (_, i) => data.readDoubleLE(i * 8));
+  }
+  throw new Error(`this example decodes float32 and float64 only, got ${dtype}`);
+}
+
+// Promise wrappers: unary calls and the two streaming shapes this walk-through needs.
+function unary(client, method, request) {
+  return new Promise((resolve, reject) => {
+    client[method](request, { deadline: Date.now() + 30_000 }, (err, reply) => (err ? reject(err) : resolve(reply)));
+  });
+}
+
+// SetParameter is client-streaming: the first message names the module and parameter and carries
+// the tensor's header chunk (dtype, shape; it may carry data too); further chunks carry more data.
+function setParameter(client, handle, name, shape, values) {
+  return new Promise((resolve, reject) => {
+    const call = client.SetParameter({ deadline: Date.now() + 30_000 }, (err, reply) =>
+      err ? reject(err) : resolve(reply),
+    );
+    call.write({ handle, name, chunk: { dtype: "DTYPE_FLOAT32", shape, data: float32Bytes(values) } });
+    call.end();
+  });
+}
+
+// FetchTensors is server-streaming: a chunk with a dtype starts a named tensor, chunks without one
+// (DTYPE_UNSPECIFIED) append bytes to it. Returns {name: {dtype, shape, values}}.
+function fetchTensors(client, handle, names = []) {
+  return new Promise((resolve, reject) => {
+    const tensors = {};
+    let current = null;
+    const call = client.FetchTensors({ handle, names }, { deadline: Date.now() + 30_000 });
+    call.on("data", ({ chunk }) => {
+      if (chunk.dtype !== "DTYPE_UNSPECIFIED") {
+        current = { name: chunk.name, dtype: chunk.dtype, shape: chunk.shape, parts: [] };
+        tensors[chunk.name] = current;
+      }
+      current.parts.push(chunk.data);
+    });
+    call.on("error", reject);
+    call.on("end", () => {
+      const out = {};
+      for (const [name, t] of Object.entries(tensors)) {
+        out[name] = { dtype: t.dtype, shape: t.shape, values: decode(t.dtype, Buffer.concat(t.parts)) };
+      }
+      resolve(out);
+    });
+  });
+}
+
+let failures = 0;
+
+// The reference prints float32 values to 7 significant digits; allow that much relative error.
+function expectClose(label, actual, expected, rtol) {
+  const ok =
+    actual.length === expected.length &&
+    actual.every((a, i) => Math.abs(a - expected[i]) <= rtol * Math.abs(expected[i]));
+  console.log(`${ok ? "ok  " : "FAIL"} ${label}: ${JSON.stringify(actual)} vs ${JSON.stringify(expected)}`);
+  if (!ok) failures += 1;
+}
+
+function expectEqual(label, actual, expected) {
+  const ok = JSON.stringify(actual) === JSON.stringify(expected);
+  console.log(`${ok ? "ok  " : "FAIL"} ${label}: ${JSON.stringify(actual)} vs ${JSON.stringify(expected)}`);
+  if (!ok) failures += 1;
+}
+
+async function main(address) {
+  // The server streams tensors in chunks of up to 4 MiB plus a small header, just over grpc-js's
+  // default 4 MiB receive limit; allow the server's own cap (64 MiB) both ways, as the Python client does.
+  const client = new weightavg.WeightAveragingService(address, grpc.credentials.createInsecure(), {
+    "grpc.max_receive_message_length": 64 << 20,
+    "grpc.max_send_message_length": 64 << 20,
+  });
+  try {
+    // m: module(["linear", 2, 1]) -- positional options travel as OptionValue messages.
+    const { module: m } = await unary(client, "CreateModule", {
+      spec: { type: "linear", args: [{ intValue: 2 }, { intValue: 1 }] },
+    });
+    expectEqual("module kind", m.kind, "HANDLE_KIND_MODULE");
+
+    await setParameter(client, m.id, "weight", [1, 2], [-0.4876026, -0.3645594]);
+    await setParameter(client, m.id, "bias", [1], [-0.1412306]);
+
+    // p: copyparms(m)
+    const { dictionary: p } = await unary(client, "CopyParameters", { handle: m.id });
+    let values = await fetchTensors(client, p.id);
+    expectEqual("copy names", Object.keys(values), ["weight", "bias"]);
+    expectClose("copied weight", values.weight.values, [-0.4876026, -0.3645594], 1e-7);
+
+    // parm(m, "weight", 10): a 0-dim tensor (empty shape) broadcasts over the parameter.
+    await setParameter(client, m.id, "weight", [], [10]);
+
+    // avgparms(m, p) -> 2
+    const { count } = await unary(client, "AverageParameters", { handle: m.id, dictionary: p.id });
+    expectEqual("count after the first avgparms", count, 2);
+    values = await fetchTensors(client, p.id);
+    expectEqual("names with the count", Object.keys(values), ["weight", "bias", ".n"]);
+    expectClose("weight average of 2", values.weight.values, [4.756198, 4.81772], 2e-7);
+    expectClose("bias average of 2", values.bias.values, [-0.1412306], 2e-7);
+    expectEqual(".n dtype", values[".n"].dtype, "DTYPE_FLOAT64");
+    expectEqual(".n", values[".n"].values, [2]);
+
+    // Ten more -> 12
+    let last = 0;
+    for (let i = 0; i < 10; i += 1) {
+      last = (await unary(client, "AverageParameters", { handle: m.id, dictionary: p.id })).count;
+    }
+    expectEqual("count after ten more", last, 12);
+    values = await fetchTensors(client, p.id, ["weight", ".n"]);
+    expectClose("weight average of 12", values.weight.values, [9.126033, 9.136288], 5e-7);
+    expectEqual(".n after ten more", values[".n"].values, [12]);
+
+    await unary(client, "FreeHandles", { handles: [m.id, p.id] });
+  } finally {
+    client.close();
+  }
+  if (failures > 0) {
+    console.error(`${failures} check(s) failed`);
+    process.exitCode = 1;
+  } else {
+    console.log("all checks passed");
+  }
+}
+
+const address = process.argv[2] || process.env.WEIGHTAVG_ADDRESS || "127.0.0.1:50051";
+main(address).catch((err) => {
+  // A gRPC error carries the status code (err.code, a grpc.status number) and the server's message.
+  const code = err.code === undefined ? "" : ` (${grpc.status[err.code]})`;
+  console.error(`call failed${code}: ${err.details || err.message}`);
+  process.exitCode = 2;
+});

@@ -1,0 +1,126 @@
+"""The Prometheus endpoint: a collector that reads RpcStats and the Registry at scrape time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .registry import Registry
+from .stats import LATENCY_BUCKETS, RpcStats, live_objects
+
+
+def _split(method: str) -> tuple[str, str]:
+    """"/weightavg.v1.WeightAveragingService/Ping" -> ("weightavg.v1.WeightAveragingService", "Ping")."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+class WeightavgCollector(Collector):
+    """Turns a snapshot of the server's statistics into Prometheus metric families on each scrape.
+
+    Nothing is counted twice: the interceptor's RpcStats stay the one record, and GetServerStats
+    reads the same snapshot.
+    """
+
+    def __init__(self, stats: RpcStats, registry: Registry, device: torch.device) -> None:
+        self.stats = stats
+        self.registry = registry
+        self.device = device
+
+    def collect(self) -> Iterator[Metric]:
+        rpc = ["service", "method"]
+        started = CounterMetricFamily("weightavg_rpc_started", "RPCs started, by method.", labels=rpc)
+        handled = CounterMetricFamily(
+            "weightavg_rpc_handled", "RPCs finished, by method and gRPC status code (OK included).", labels=rpc + ["code"]
+        )
+        failed = CounterMetricFamily(
+            "weightavg_rpc_failures", "RPCs that finished with a status other than OK, by code.", labels=rpc + ["code"]
+        )
+        latency = HistogramMetricFamily(
+            "weightavg_rpc_duration_seconds", "Time from the start of an RPC to its status, by method.", labels=rpc
+        )
+        received = CounterMetricFamily(
+            "weightavg_tensor_received_bytes", "Tensor data bytes received in request chunks.", labels=rpc
+        )
+        sent = CounterMetricFamily("weightavg_tensor_sent_bytes", "Tensor data bytes sent in response chunks.", labels=rpc)
+        for method, s in self.stats.snapshot().items():
+            labels = list(_split(method))
+            started.add_metric(labels, s.started)
+            for code, count in sorted(s.codes.items()):
+                handled.add_metric(labels + [code], count)
+                if code != "OK":
+                    failed.add_metric(labels + [code], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS, s.buckets):
+                cumulative += count
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", s.finished))
+            latency.add_metric(labels, buckets, sum_value=s.seconds_total)
+            received.add_metric(labels, s.bytes_received)
+            sent.add_metric(labels, s.bytes_sent)
+        yield from (started, handled, failed, latency, received, sent)
+
+        handles = GaugeMetricFamily(
+            "weightavg_live_handles", "Live handles, by the device of their tensors (\"none\" when they hold none).",
+            labels=["device"],
+        )
+        nbytes = GaugeMetricFamily(
+            "weightavg_live_tensor_bytes", "Bytes of distinct tensor storage held by live handles, by device.",
+            labels=["device"],
+        )
+        for device, usage in live_objects(self.registry).items():
+            handles.add_metric([device or "none"], usage.handles)
+            if device:
+                nbytes.add_metric([device], usage.bytes)
+        yield from (handles, nbytes)
+
+        info = GaugeMetricFamily(
+            "weightavg_build_info", "Versions and device of this server (value always 1).",
+            labels=["version", "torch_version", "grpc_version", "device"],
+        )
+        info.add_metric([__version__, torch.__version__, grpc.__version__, str(self.device)], 1)
+        yield info
+        if self.device.type == "cuda":
+            cuda = GaugeMetricFamily(
+                "weightavg_cuda_memory_allocated_bytes", "torch.cuda.memory_allocated on the server's device.",
+                labels=["device"],
+            )
+            cuda.add_metric([str(self.device)], torch.cuda.memory_allocated(self.device))
+            yield cuda
+
+
+class MetricsServer:
+    """The HTTP endpoint serving /metrics (any path answers) on its own thread."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.port: int = httpd.server_address[1]
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+def start_metrics_server(
+    host: str, port: int, stats: RpcStats, registry: Registry, device: torch.device
+) -> MetricsServer:
+    """Serve the metrics over HTTP on host:port (0 picks a free port; see MetricsServer.port).
+
+    A private CollectorRegistry keeps several servers in one process (tests) from sharing metrics.
+    """
+    collectors = CollectorRegistry()
+    collectors.register(WeightavgCollector(stats, registry, device))
+    ProcessCollector(registry=collectors)
+    httpd, thread = start_http_server(port, addr=host, registry=collectors)
+    return MetricsServer(httpd, thread)

@@ -1,0 +1,176 @@
+"""A server interceptor that times every RPC, records it in RpcStats and logs one line per call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from weightavg.v1 import weightavg_pb2 as pb
+
+from .stats import RpcStats
+
+log = logging.getLogger("weightavg.rpc")
+
+# Messages whose `chunk` field carries tensor data; their bytes are what "bytes in/out" counts.
+_CHUNKED = tuple(
+    getattr(pb, message.name)
+    for message in pb.DESCRIPTOR.message_types_by_name.values()
+    if "chunk" in message.fields_by_name and message.fields_by_name["chunk"].message_type is pb.TensorChunk.DESCRIPTOR
+)
+
+
+def _chunk_bytes(message: object) -> int:
+    """Tensor bytes in one message (0 for messages that carry none): one isinstance and one len."""
+    return len(message.chunk.data) if isinstance(message, _CHUNKED) else 0
+
+
+class _Call:
+    """One call in progress: when it started and the tensor bytes it moved so far."""
+
+    __slots__ = ("method", "context", "start", "received", "sent")
+
+    def __init__(self, stats: RpcStats, method: str, context: grpc.ServicerContext) -> None:
+        stats.start(method)
+        self.method = method
+        self.context = context
+        self.start = time.perf_counter()
+        self.received = 0
+        self.sent = 0
+
+    def count_requests(self, requests: Iterator[Any]) -> Iterator[Any]:
+        for request in requests:
+            self.received += _chunk_bytes(request)
+            yield request
+
+    def finish(self, stats: RpcStats, exc: BaseException | None) -> None:
+        seconds = time.perf_counter() - self.start
+        code = _status(self.context, exc)
+        stats.finish(self.method, code, seconds, self.received, self.sent)
+        if code == "OK":
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "rpc method=%s code=OK duration_ms=%.3f peer=%s bytes_in=%d bytes_out=%d",
+                    self.method, seconds * 1e3, self.context.peer(), self.received, self.sent,
+                )
+        else:
+            log.info(
+                "rpc method=%s code=%s duration_ms=%.3f peer=%s bytes_in=%d bytes_out=%d details=%s",
+                self.method, code, seconds * 1e3, self.context.peer(), self.received, self.sent,
+                json.dumps(_text(self.context.details())),  # type: ignore[attr-defined]  # see _status
+            )
+
+
+def _text(details: str | bytes | None) -> str:
+    """The status message as text (grpc keeps the one given to abort() as UTF-8 bytes)."""
+    if isinstance(details, bytes):
+        return details.decode("utf-8", "replace")
+    return details or ""
+
+
+def _status(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+    """The status code name the client receives."""
+    # ServicerContext.code()/details() exist since grpcio 1.38 (marked experimental) but are missing
+    # from types-grpcio's stubs.
+    code = context.code()  # type: ignore[attr-defined]
+    if code is not None:  # set by abort() (translate_errors) or set_code() (the health service)
+        return str(code.name)
+    if exc is None:
+        return "OK"
+    if isinstance(exc, GeneratorExit):  # the client went away in the middle of a response stream
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"  # grpc answers UNKNOWN for an exception nobody translated
+
+
+class ObservingInterceptor(grpc.ServerInterceptor):
+    """Wraps every method handler (the service's, health's, reflection's) to feed `stats` and the log."""
+
+    def __init__(self, stats: RpcStats) -> None:
+        self.stats = stats
+        # method -> (handler, observed handler): wrapping once per method, not per call, keeps a
+        # bare call's overhead to the timing and counting themselves.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
+            return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        observed_handler = self._wrap(method, handler)
+        self._wrapped[method] = (handler, observed_handler)
+        return observed_handler
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        wrap: Callable[..., grpc.RpcMethodHandler[Any, Any]]
+        behavior: Callable[..., Any] | None
+        if handler.unary_unary:
+            wrap, behavior = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+        elif handler.unary_stream:
+            wrap, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+        elif handler.stream_unary:
+            wrap, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+        else:
+            wrap, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        assert behavior is not None  # exactly one of the four is set
+        observed = (
+            self._streaming(method, behavior, handler.request_streaming)
+            if handler.response_streaming
+            else self._unary(method, behavior, handler.request_streaming)
+        )
+        return wrap(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, method: str, behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
+        stats = self.stats
+
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            call = _Call(stats, method, context)
+            if request_streaming:
+                request = call.count_requests(request)
+            else:
+                call.received = _chunk_bytes(request)
+            try:
+                response = behavior(request, context)
+            except BaseException as exc:
+                call.finish(stats, exc)
+                raise
+            call.sent = _chunk_bytes(response)
+            call.finish(stats, None)
+            return response
+
+        return observed
+
+    def _streaming(self, method: str, behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
+        stats = self.stats
+
+        def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = _Call(stats, method, context)
+            if request_streaming:
+                request = call.count_requests(request)
+            else:
+                call.received = _chunk_bytes(request)
+            try:
+                for response in behavior(request, context):
+                    call.sent += _chunk_bytes(response)
+                    yield response
+            except BaseException as exc:
+                call.finish(stats, exc)
+                raise
+            call.finish(stats, None)
+
+        return observed

@@ -1,0 +1,222 @@
+"""The operator's command line: `weightavg serve/health/info/stats`, run in-process and as real processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from weightavg import Client
+from weightavg._cli import COMMANDS, main
+from weightavg_server.app import SERVICE_NAME, create_server, set_serving
+from weightavg_server.config import ENV_PREFIX, ServerConfig
+
+from conftest import LiveServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """main() in this process: (exit status, stdout, stderr); argparse's SystemExit counts as a status."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- serve --help ----------------------------------------------------------------------------------
+
+
+def test_serve_help_documents_every_option_and_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["serve", "--help"], capsys)
+    assert code == 0
+    assert out.startswith("usage: weightavg serve")
+    for field in dataclasses.fields(ServerConfig):
+        assert "--" + field.name.replace("_", "-") in out, field.name
+        assert ENV_PREFIX + field.name.upper() in out, field.name
+
+
+def test_serve_options_come_from_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightavg_server.cli import build_parser, config_from_args
+
+    monkeypatch.setenv("WEIGHTAVG_KEEPALIVE_TIME_SECONDS", "45")
+    monkeypatch.setenv("WEIGHTAVG_METRICS_PORT", "9100")
+    monkeypatch.setenv("WEIGHTAVG_LOG_LEVEL", "DEBUG")
+    config = config_from_args(build_parser().parse_args(["--metrics-port", "9200", "--keepalive-timeout-seconds", "3"]))
+    assert config.keepalive_time_seconds == 45.0  # from the environment
+    assert config.metrics_port == 9200  # the flag wins over the variable
+    assert config.keepalive_timeout_seconds == 3.0
+    assert config.log_level == "DEBUG"
+    assert ServerConfig().metrics_port == -1  # metrics are off unless asked for
+
+
+def test_serve_without_the_server_extra_says_what_to_install() -> None:
+    # torch made unimportable, as on a client-only install.
+    script = "import sys; sys.modules['torch'] = None; from weightavg._cli import main; sys.exit(main(['serve']))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "pip install 'weightavg[server]'" in result.stderr
+
+
+# -- dispatch --------------------------------------------------------------------------------------
+
+
+def test_usage_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for name in COMMANDS:
+        assert f"\n  {name} " in out
+    code, _, err = run_main(["frobnicate"], capsys)
+    assert code == 2 and "unknown command 'frobnicate'" in err
+    assert run_main([], capsys)[0] == 2
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "weightavg"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.strip() == "weightavg 0.1.0"
+
+
+# -- health, info, stats ---------------------------------------------------------------------------
+
+
+def test_health_command_prints_serving_and_exits_zero(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_main(["health", live_server.address], capsys)[:2] == (0, "SERVING\n")
+    assert run_main(["health", live_server.address, "--service", SERVICE_NAME], capsys)[:2] == (0, "SERVING\n")
+    code, out, _ = run_main(["health", live_server.address, "--service", "no.such.Service"], capsys)
+    assert code == 1 and out.startswith("NOT_FOUND")
+
+
+def test_health_command_exits_one_when_not_serving_or_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
+    server, port, health = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu"))
+    server.start()
+    set_serving(health, False)
+    try:
+        assert run_main(["health", f"127.0.0.1:{port}"], capsys)[:2] == (1, "NOT_SERVING\n")
+    finally:
+        server.stop(grace=None)
+    code, out, _ = run_main(["health", f"127.0.0.1:{port}", "--timeout", "5"], capsys)
+    assert code == 1 and out.startswith("UNAVAILABLE")
+
+
+def test_info_command_prints_server_info_as_json(live_server: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["info", live_server.address], capsys)
+    assert code == 0
+    with Client(live_server.address) as c:
+        assert json.loads(out) == c.info()
+
+
+def test_stats_command_prints_server_stats_as_json(live_server: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
+    with Client(live_server.address) as c:
+        c.ping()
+    code, out, _ = run_main(["stats", live_server.address], capsys)
+    assert code == 0
+    stats = json.loads(out)
+    assert stats["methods"][f"/{SERVICE_NAME}/Ping"]["count"] >= 1
+
+
+def test_info_command_on_an_unreachable_server_exits_one(capsys: pytest.CaptureFixture[str]) -> None:
+    server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu"))
+    server.start()
+    server.stop(grace=None)  # gone: nothing answers on the port any more
+    code, _, err = run_main(["info", f"127.0.0.1:{port}", "--timeout", "5"], capsys)
+    assert code == 1 and err.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+
+
+# -- the real process: serve, metrics, logs, SIGTERM -----------------------------------------------
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """`weightavg serve` as a child process on free ports: (process, gRPC address, metrics URL)."""
+    env = dict(os.environ, WEIGHTAVG_LOG_LEVEL="DEBUG", WEIGHTAVG_METRICS_PORT="0")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--grace-seconds", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        metrics = process.stdout.readline().strip().removeprefix("weightavg metrics on ")
+        yield process, address, metrics
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_serve_process_drains_on_sigterm_reporting_not_serving(
+    served: tuple[subprocess.Popen[str], str, str],
+) -> None:
+    import urllib.request
+
+    process, address, metrics_url = served
+    assert address.startswith("127.0.0.1:") and metrics_url.startswith("http://127.0.0.1:")
+    health_cli = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "health", address],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert (health_cli.returncode, health_cli.stdout) == (0, "SERVING\n")
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        assert 'weightavg_rpc_handled_total{code="OK",method="Check",service="grpc.health.v1.Health"} 1.0' in (
+            response.read().decode()
+        )
+    with grpc.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        # The open Watch stream sees the drain: the server says NOT_SERVING before it goes.
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # the last in-flight call; the server may now stop before its grace ends
+    assert process.wait(timeout=120) == 0
+    _, err = process.communicate()
+    assert "rpc method=/grpc.health.v1.Health/Check code=OK" in err  # WEIGHTAVG_LOG_LEVEL=DEBUG took effect
+    assert "stopping: draining" in err
+    with pytest.raises(grpc.RpcError) as info, grpc.insecure_channel(address) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@pytest.mark.parametrize("flag, message", [("--port", "could not bind"), ("--metrics-port", "cannot serve metrics")])
+def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = ["--port", "0", "--metrics-port", "-1", "--device", "cpu", flag, str(taken.getsockname()[1])]
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "weightavg"), "serve", *args],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )
+    assert result.returncode == 1
+    assert f"weightavg serve: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WEIGHTAVG_PORT": "abc"}, "WEIGHTAVG_PORT='abc' is not a valid int"),
+    ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
+])
+def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, **env),
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"weightavg serve: {message}"
