@@ -22,8 +22,8 @@ from weightavg_server.app import Runtime, create_runtime
 from weightavg_server.config import ServerConfig
 from weightavg_server.registry import Kind, Registry
 
-from .conftest import LiveServer
-from .test_snapshot import start_server as start_subprocess
+from conftest import LiveServer
+from test_snapshot import start_server as start_subprocess
 
 NET = ["sequential", ["linear", "a", 6, 8], ["batchnorm1d", "b", 8], ["relu", "c"], ["linear", "d", 8, 3]]
 
