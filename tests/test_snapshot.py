@@ -328,7 +328,7 @@ def test_an_old_generation_is_replaced_only_by_a_whole_new_one(state_server: Run
 
 
 def test_kinds_without_a_snapshot_format_are_skipped_and_reported(state_server: Runtime, tmp_path: Path) -> None:
-    """Losses (and, until they register formats, models and optimizers) are reported, not silently lost."""
+    """Handles a format refuses (here a loss object not built by CreateLoss) are reported, not silently lost."""
     from weightavg_server.registry import Kind
 
     loss = state_server.registry.add(Kind.LOSS, torch.nn.MSELoss())

@@ -1,6 +1,7 @@
 """weightavg: a thin client for the weightavg server (stochastic weight averaging over gRPC)."""
 
 from ._client import Client, Handle, HandleInfo, ModuleRow
+from ._objects import Dictionary, Module, Remote
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -22,14 +23,17 @@ __all__ = [
     "CancelledError",
     "Client",
     "DeadlineExceededError",
+    "Dictionary",
     "FailedPreconditionError",
     "Handle",
     "HandleInfo",
     "InternalError",
     "InvalidArgumentError",
+    "Module",
     "ModuleRow",
     "NotFoundError",
     "PermissionDeniedError",
+    "Remote",
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",

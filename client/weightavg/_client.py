@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from . import _specs, _tensors
+from . import _objects, _specs, _tensors
 from ._errors import NotFoundError, UnavailableError, from_rpc_error
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
@@ -481,10 +481,34 @@ class Client:
         self._stub.SetLearningRate(pb.SetLearningRateRequest(handle=_id(m), lr=float(value)), timeout=self.timeout)
         return None
 
+    # -- objects over the verbs ---------------------------------------------------------------------
+
+    def Module(self, spec: Any) -> _objects.Module:  # noqa: N802 - named after the class it returns
+        """A module built from a spec, as an object with methods (parameters(), copy(), average_into(d),
+        ...); `with c.Module(spec) as q:` frees it at the end of the block."""
+        return _objects.Module(self, self.module(spec))
+
+    def Dictionary(self, values: Mapping[str, Any]) -> _objects.Dictionary:  # noqa: N802
+        """A dictionary of named tensors, as an object (to_dict(), d[key], count, ...)."""
+        return _objects.Dictionary(self, self.dict(values))
+
     @_rpc
-    def model(self, m: HandleLike, loss: HandleLike | None = None, opt: HandleLike | None = None) -> Any:
+    def model(self, m: HandleLike, *parts: HandleLike) -> Any:
         """model(q, loss, opt) joins a module, loss and optimizer into a model and frees those three
-        handles (pass c.addref(q) to keep one); model(m) describes a model's parts."""
+        handles (pass c.addref(q) to keep one); model(m) describes a model's parts.
+
+        model(m, part, ...) with a model handle replaces parts of it, as the reference's model(m; obj...):
+        a loss, an optimizer over the model's module, or a new module with an optimizer over it, in
+        any order. The part handles are freed; options and data stay. Returns m.
+
+        Example: c.model(m, c.opt("adam", m, 1e-3)) switches the model to Adam.
+        """
+        if isinstance(m, Handle) and m.kind == "model" and parts:
+            update = pb.UpdateModelRequest(model=m.id, parts=[_id(p) for p in parts])
+            return _handle(self._stub.UpdateModel(update, timeout=self.timeout).model)
+        loss, opt = (parts + (None, None))[:2] if len(parts) <= 2 else (None, None)
+        if len(parts) > 2:
+            raise TypeError("model(q, loss, opt) takes a module, a loss and an optimizer")
         if loss is None and opt is None:
             r = self._stub.DescribeModel(pb.DescribeModelRequest(model=_id(m)), timeout=self.timeout)
             return {
@@ -558,8 +582,13 @@ class Client:
         return int(self._set_model_data_stream(requests(), timeout=self.timeout).batches)
 
     @_rpc
-    def run(self, m: HandleLike) -> Any:
-        """Train one epoch; returns the train metrics (one value, or a list for several)."""
+    def run(self, m: HandleLike, *data: Any) -> Any:
+        """Train one epoch; returns the train metrics (one value, or a list for several).
+        run(m, x, y) first loads x and y as the training data, as train(m, x, y) does."""
+        if data:
+            if len(data) != 2:
+                raise TypeError("run(m) or run(m, x, y)")
+            self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, data[0], data[1])
         stream = self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout)
         return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
 
@@ -614,6 +643,19 @@ class Client:
     def restore(self, m: HandleLike) -> int:
         """Put the model's training data back to full size; returns the sample count (-1 without data)."""
         return int(self._stub.RestoreModelData(pb.RestoreModelDataRequest(model=_id(m)), timeout=self.timeout).size)
+
+    @_rpc
+    def testrestore(self, m: HandleLike) -> int:
+        """Put the model's test data back to full size; returns the sample count (-1 without data)."""
+        request = pb.RestoreModelDataRequest(model=_id(m), split=pb.DATA_SPLIT_TEST)
+        return int(self._stub.RestoreModelData(request, timeout=self.timeout).size)
+
+    @_rpc
+    def testbatch(self, m: HandleLike) -> bool:
+        """Step the model's test inputs and targets to their next batch of the test batchsize, as
+        batch(m) does for the training data. True while a batch is in place; then full size and False."""
+        request = pb.NextBatchRequest(handle=_id(m), split=pb.DATA_SPLIT_TEST)
+        return bool(self._stub.NextBatch(request, timeout=self.timeout).more)
 
     @_rpc
     def batch(self, x: HandleLike, w: int | None = None) -> bool:

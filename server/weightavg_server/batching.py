@@ -52,6 +52,23 @@ def _narrow(t: torch.Tensor, start: int, length: int) -> None:
         t.set_(t.untyped_storage(), start * row, shape, torch.empty(shape, device="meta").stride())
 
 
+def position(t: torch.Tensor) -> int:
+    """The first row of the batch t stands at (0 at full size)."""
+    return t.storage_offset() // _row(t)
+
+
+def seek(t: torch.Tensor, start: int, rows: int) -> None:
+    """Narrow t in place to `rows` rows from row `start` (as a snapshot saw it).
+
+    Raises:
+        InvalidArgument: the range does not fit within the tensor's full size.
+    """
+    n = full_size(t)
+    if not (0 <= start and 0 < rows and start + rows <= n):
+        raise InvalidArgument(f"batch: rows {start}-{start + rows} do not fit a tensor of {n} rows")
+    _narrow(t, start, rows)
+
+
 def check_size(t: torch.Tensor, w: int) -> int:
     """The full size n, after checking that 0 < w < n as the reference requires."""
     n = full_size(t)

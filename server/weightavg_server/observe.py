@@ -34,7 +34,10 @@ def _chunk_bytes(message: object) -> int:
     if isinstance(message, _CHUNKED):
         return len(message.chunk.data)
     if isinstance(message, bytes):
-        return len(decode_fetch_response(message).data)
+        try:
+            return len(decode_fetch_response(message).data)
+        except Exception:  # noqa: BLE001 - not an encoded chunk: counting must never fail a call
+            return 0
     chunk = getattr(message, "chunk", None)
     return len(chunk.data) if chunk is not None else 0
 

@@ -512,18 +512,24 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def RestoreModelData(self, request: pb.RestoreModelDataRequest, context: Context) -> pb.RestoreModelDataResponse:
         entry, model = self._model(request.model)
+        split = "test" if request.split == pb.DATA_SPLIT_TEST else "train"
         with locked(entry):
-            return pb.RestoreModelDataResponse(size=training.restore_data(model))
+            return pb.RestoreModelDataResponse(size=training.restore_data(model, split))
 
     @translate_errors
     def NextBatch(self, request: pb.NextBatchRequest, context: Context) -> pb.NextBatchResponse:
         entry = self.registry.get(request.handle, Kind.TENSOR, Kind.MODEL)
+        split = "test" if request.split == pb.DATA_SPLIT_TEST else "train"
         with locked(entry):
             if entry.kind is Kind.MODEL:
                 if request.size:
-                    raise InvalidArgument("a model batches by its train batchsize; set it with train(m, batchsize=w)")
-                more = training.next_model_batch(entry.obj)
+                    raise InvalidArgument(
+                        f"a model batches by its {split} batchsize; set it with {split}(m, batchsize=w)"
+                    )
+                more = training.next_model_batch(entry.obj, split)
             else:
+                if request.split != pb.DATA_SPLIT_UNSPECIFIED:
+                    raise InvalidArgument("a split names a model's train or test data; a tensor handle takes none")
                 more = batching.next_batch(entry.obj.tensor, request.size)
         return pb.NextBatchResponse(more=more)
 
@@ -589,6 +595,34 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             for device, usage in live_objects(self.registry).items()
         ]
         return pb.GetServerStatsResponse(uptime_seconds=self.stats.uptime(), methods=methods, devices=devices)
+
+    # -- models, continued --------------------------------------------------------------------------
+
+    @translate_errors
+    def UpdateModel(self, request: pb.UpdateModelRequest, context: Context) -> pb.UpdateModelResponse:
+        entry, model = self._model(request.model)
+        parts: dict[Kind, Entry] = {}
+        for handle in request.parts:
+            part = self.registry.get(handle, Kind.MODULE, Kind.LOSS, Kind.OPTIMIZER)
+            if part.kind in parts:
+                raise InvalidArgument(f"two {part.kind.value} handles given; give at most one of each part")
+            parts[part.kind] = part
+        given = [parts[k].obj if k in parts else None for k in (Kind.MODULE, Kind.LOSS, Kind.OPTIMIZER)]
+        with locked(entry, *parts.values()):
+            training.check_parts(model, *given)
+            module = parts.get(Kind.MODULE)
+            if module is not None and module.obj is not model.module:
+                # The model keeps its own lock; a module that other handles (addref, views, other
+                # optimizers) reach under the module's lock would then be guarded by two locks.
+                others = [h for h, e in self.registry.items() if e.lock is module.lock and e not in parts.values()]
+                if others:
+                    raise InvalidArgument(
+                        f"the new module has other handles ({', '.join(others)}); free them first, or build a new model"
+                    )
+            training.replace_parts(model, *given)
+            self.registry.free(list(request.parts))
+            self.registry.recharge(entry, handles.held_bytes(model))
+        return pb.UpdateModelResponse(model=convert.handle(request.model, Kind.MODEL))
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name

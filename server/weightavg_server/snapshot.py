@@ -15,7 +15,7 @@ modified snapshot is refused, never half-loaded. Nothing is ever unpickled.
 Kinds plug in with `register_format(kind, save, load)`: `save(obj, SaveContext) -> dict` describes an
 object in JSON-able values, storing tensors with `ctx.tensor(t)` (which returns a key); `load(dict,
 LoadContext) -> obj` rebuilds it, reading tensors back with `ctx.tensor(key)`. Modules, dictionaries
-and tensors are registered below; a kind with no format is skipped with an error log (and reported
+tensors, losses, optimizers and models are registered below; a kind with no format is skipped with an error log (and reported
 by the Snapshot RPC) rather than failing the whole snapshot.
 """
 
@@ -36,8 +36,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from . import handles, specs, wire
+from . import batching, handles, losses, optimizers, specs, training, wire
 from .dictionaries import TensorDict
+from .losses import Loss
+from .optimizers import Optimizer
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .registry import Entry, Kind, Registry, TensorHolder, locked
 
@@ -54,6 +56,8 @@ _SAFETENSORS_DTYPES = {
 """Dtypes safetensors stores natively; others (complex128) are stored as their raw bytes."""
 _DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in wire.DTYPES.values()}
 _write_lock = threading.Lock()
+_CPU_ALIGNMENT = 64
+"""Bytes to which PyTorch's CPU allocator aligns every allocation."""
 
 
 class SnapshotError(FailedPrecondition):
@@ -72,16 +76,20 @@ class SaveContext:
         self._pinned: list[torch.Tensor] = []
         self._owners: dict[int, dict[str, Any]] = {}
         self.nbytes = 0
+        self.objects: list[dict[str, Any]] = []
+        self.index_of: dict[int, int] = {}
 
-    def tensor(self, t: torch.Tensor) -> str:
+    def tensor(self, t: torch.Tensor, *, same_as: torch.Tensor | None = None) -> str:
         """Store t, copied now unless the context was made with copy=False; returns its key.
-        The same tensor object stored twice gets one key, so aliasing survives a restore."""
-        key = self._keys.get(id(t))
+        The same tensor object stored twice gets one key, so aliasing survives a restore. With
+        `same_as`, t is stored under that tensor's identity (its full-size view, say)."""
+        ident = same_as if same_as is not None else t
+        key = self._keys.get(id(ident))
         if key is not None:
             return key
         key = f"t{len(self.tensors)}"
-        self._keys[id(t)] = key
-        self._pinned.append(t)  # keeps id(t) from being reused by another tensor during this save
+        self._keys[id(ident)] = key
+        self._pinned.extend((t, ident))  # keeps the ids from being reused by other tensors during this save
         data = t.detach().to("cpu", copy=self._copy).contiguous()
         if data.numel() and data.untyped_storage().data_ptr() in self._storages:
             data = data.clone()  # safetensors refuses tensors that share memory (e.g. a slice of another)
@@ -94,6 +102,29 @@ class SaveContext:
         self.tensors[key] = data.reshape(-1).view(torch.uint8) if raw else data
         self.nbytes += data.numel() * data.element_size()
         return key
+
+    def ref(self, obj: Any, kind: Kind) -> int:
+        """The index of obj among the saved objects, saving it now (without a handle) if it is not yet
+        saved: how a model refers to its module, loss and optimizer, so that objects shared with other
+        handles stay one object after a restore.
+
+        Raises:
+            InvalidArgument: obj cannot be saved (its kind has no format, or its format refuses it).
+        """
+        found = self.index_of.get(id(obj))
+        if found is not None:
+            return found
+        fmt = FORMATS.get(kind)
+        if fmt is None:
+            raise InvalidArgument(f"{kind.value} objects have no snapshot format")
+        data = fmt.save(obj, self)
+        index = len(self.objects)
+        self.objects.append({"kind": kind.value, "data": data})
+        self.index_of[id(obj)] = index
+        self._pinned.append(obj)
+        if kind is Kind.MODULE:
+            self.own(index, obj)
+        return index
 
     def owned(self, t: torch.Tensor) -> dict[str, Any] | None:
         """Where t lives if it is a saved module's own parameter or buffer: {"object", "tensor", "name"}."""
@@ -134,6 +165,11 @@ class LoadContext:
         if data.dtype != dtype or list(data.shape) != info["shape"]:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
         t = data.to(self._placement(info["device"]))
+        if t.device.type == "cpu" and t.data_ptr() % _CPU_ALIGNMENT:
+            # safetensors hands out tensors at their offsets in the file; vectorised CPU kernels split
+            # unaligned data differently, so sums would differ in the last bit from the saved server's
+            # (an epoch after a restart would not be bit-identical). A fresh allocation is aligned.
+            t = t.clone()
         self._loaded[key] = t
         return t
 
@@ -275,12 +311,159 @@ def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
     return TensorDict(entries, live=bool(data["live"]))
 
 
+def save_batchable(t: torch.Tensor, ctx: SaveContext) -> dict[str, Any]:
+    """A tensor that `batch` may have narrowed in place (batching.py): its full-size data, keyed by the
+    tensor itself so every holder shares it, and the batch it stands at (absent at full size)."""
+    try:
+        n = batching.full_size(t)
+    except InvalidArgument:
+        return {"tensor": ctx.tensor(t)}  # not batchable: saved as it is
+    start = batching.position(t)
+    if start == 0 and t.shape[0] == n:
+        return {"tensor": ctx.tensor(t)}
+    shape = (n, *t.shape[1:])
+    with torch.no_grad():
+        full = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), 0, shape, torch.empty(shape, device="meta").stride()
+        )
+    return {"tensor": ctx.tensor(full, same_as=t), "batch": [start, t.shape[0]]}
+
+
+def load_batchable(data: dict[str, Any], ctx: LoadContext) -> torch.Tensor:
+    """The tensor `save_batchable` wrote, narrowed back to its batch."""
+    t = ctx.tensor(data["tensor"])
+    if "batch" in data:
+        start, rows = (int(v) for v in data["batch"])
+        batching.seek(t, start, rows)
+    return t
+
+
 register_format(Kind.MODULE, save_module, load_module)
 register_format(Kind.DICTIONARY, save_dictionary, load_dictionary)
 register_format(
-    Kind.TENSOR, lambda holder, ctx: {"tensor": ctx.tensor(holder.tensor)},
-    lambda data, ctx: TensorHolder(ctx.tensor(data["tensor"])),
+    Kind.TENSOR, lambda holder, ctx: save_batchable(holder.tensor, ctx),
+    lambda data, ctx: TensorHolder(load_batchable(data, ctx)),
 )
+
+
+# -- losses, optimizers, models ------------------------------------------------------------------------
+
+
+def _json_options(options: dict[str, Any]) -> list[list[Any]]:
+    return [[k, list(v) if isinstance(v, tuple) else v] for k, v in options.items()]
+
+
+def _options(rows: list[list[Any]]) -> tuple[tuple[str, Any], ...]:
+    return tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in rows)
+
+
+def save_loss(loss: Loss, ctx: SaveContext) -> dict[str, Any]:
+    """Type and options: the loss holds no tensors of its own."""
+    if not isinstance(loss, Loss):
+        raise InvalidArgument(f"not a loss built by CreateLoss ({type(loss).__name__})")
+    return {"type": loss.type, "options": _json_options(loss.options)}
+
+
+def load_loss(data: dict[str, Any], ctx: LoadContext) -> Loss:
+    """Rebuild the loss through the same allowlist as CreateLoss."""
+    loss = losses.create_loss(str(data["type"]), kwargs=_options(data["options"]))
+    loss.fn.to(ctx.device)
+    return loss
+
+
+def save_optimizer(optimizer: Optimizer, ctx: SaveContext) -> dict[str, Any]:
+    """Type, options, the module it updates (by reference), which of its parameters each group holds
+    (by name), every group's settings (lr included) and the per-parameter state: tensors (momentum
+    buffers, moment estimates, step counts) into the tensor file, anything else as JSON values."""
+    if not isinstance(optimizer, Optimizer):
+        raise InvalidArgument(f"not an optimizer built by CreateOptimizer ({type(optimizer).__name__})")
+    names = {id(p): n for n, p in optimizer.module.named_parameters()}
+    state = optimizer.optim.state_dict()
+    groups = []
+    for live, saved in zip(optimizer.optim.param_groups, state["param_groups"]):
+        missing = [i for i, p in enumerate(live["params"]) if id(p) not in names]
+        if missing:
+            raise InvalidArgument("the optimizer updates a parameter its module no longer holds")
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items() if k not in ("params", "param_names")}
+        groups.append({"params": [names[id(p)] for p in live["params"]], "ids": saved["params"], "settings": settings})
+    per_param = []
+    for pid, values in state["state"].items():
+        row: dict[str, Any] = {}
+        for k, v in values.items():
+            row[k] = {"tensor": ctx.tensor(v)} if isinstance(v, torch.Tensor) else {"value": v}
+        per_param.append({"id": pid, "state": row})
+    json.dumps([groups, per_param])  # anything not JSON-able fails here, before the snapshot is written
+    return {
+        "type": optimizer.type, "options": _json_options(optimizer.options),
+        "module": ctx.ref(optimizer.module, Kind.MODULE), "groups": groups, "state": per_param,
+    }
+
+
+def load_optimizer(data: dict[str, Any], ctx: LoadContext) -> Optimizer:
+    """Rebuild the torch optimizer over the restored module's named parameters, then load its groups and
+    state with `load_state_dict` (which keeps the values bit for bit: they already have the parameters'
+    dtypes and devices)."""
+    module = ctx.object(int(data["module"]))
+    opt_type = optimizers.OPTIMIZER_TYPES[str(data["type"])]
+    options = dict(_options(data["options"]))
+    params = [module.get_parameter(n) for g in data["groups"] for n in g["params"]]
+    optim = opt_type.build(params, options)
+    if len(optim.param_groups) != len(data["groups"]):
+        raise SnapshotError(f"optimizer has {len(optim.param_groups)} parameter groups; the snapshot {len(data['groups'])}")
+    groups = []
+    for fresh, saved in zip(optim.param_groups, data["groups"]):
+        settings = {k: tuple(v) if isinstance(fresh.get(k), tuple) else v for k, v in saved["settings"].items()}
+        groups.append({**settings, "params": saved["ids"]})
+    state = {
+        int(row["id"]): {k: ctx.tensor(v["tensor"]) if "tensor" in v else v["value"] for k, v in row["state"].items()}
+        for row in data["state"]
+    }
+    optim.load_state_dict({"state": state, "param_groups": groups})
+    return Optimizer(str(data["type"]), options, module, optim)
+
+
+def save_model(model: training.Model, ctx: SaveContext) -> dict[str, Any]:
+    """References to the module, loss and optimizer (shared with their handles, if any), the train and
+    test options, the data (at full size, with the batch position), and the shuffle generator's state."""
+
+    def data(d: training.Data | None) -> dict[str, Any] | None:
+        return None if d is None else {"x": save_batchable(d.x, ctx), "y": save_batchable(d.y, ctx)}
+
+    return {
+        "module": ctx.ref(model.module, Kind.MODULE),
+        "loss": ctx.ref(model.loss, Kind.LOSS),
+        "optimizer": ctx.ref(model.optimizer, Kind.OPTIMIZER),
+        "train": _json_options(model.train), "test": _json_options(model.test),
+        "train_data": data(model.train_data), "test_data": data(model.test_data),
+        "generator": ctx.tensor(model.generator.get_state()),
+    }
+
+
+def load_model(data: dict[str, Any], ctx: LoadContext) -> training.Model:
+    """Rejoin the restored parts; the generator continues from its saved state."""
+
+    def loaded(d: dict[str, Any] | None) -> training.Data | None:
+        return None if d is None else training.Data(load_batchable(d["x"], ctx), load_batchable(d["y"], ctx))
+
+    module = ctx.object(int(data["module"]))
+    optimizer = ctx.object(int(data["optimizer"]))
+    if optimizer.module is not module:
+        raise SnapshotError("a model's optimizer does not update the model's module")
+    model = training.Model(
+        module, ctx.object(int(data["loss"])), optimizer,
+        train=dict(_options(data["train"])), test=dict(_options(data["test"])),
+        train_data=loaded(data["train_data"]), test_data=loaded(data["test_data"]),
+    )
+    model.generator.set_state(ctx.tensor(data["generator"]).cpu())
+    return model
+
+
+register_format(Kind.LOSS, save_loss, load_loss)
+register_format(Kind.OPTIMIZER, save_optimizer, load_optimizer)
+register_format(Kind.MODEL, save_model, load_model)
+
+_SAVE_ORDER = {Kind.MODULE: 0, Kind.MODEL: 1, Kind.OPTIMIZER: 2, Kind.LOSS: 3}
+"""Modules and models (whose modules they save) first, so that views and input tensors find theirs."""
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -346,31 +529,21 @@ def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[st
 def _collect(
     registry: Registry, items: list[tuple[str, Entry]], ctx: SaveContext
 ) -> tuple[dict[str, Any], SaveContext, list[str]]:
-    """The JSON state and the tensors of every saveable handle; modules first, so views can refer to them."""
-    objects: list[dict[str, Any]] = []
-    index_of: dict[int, int] = {}
+    """The JSON state and the tensors of every saveable handle; modules and models first, so that views
+    can refer to their tensors."""
     lock_of: dict[int, int] = {}
     skipped: list[str] = []
-    order = sorted(items, key=lambda item: item[1].kind is not Kind.MODULE)
+    order = sorted(items, key=lambda item: _SAVE_ORDER.get(item[1].kind, len(_SAVE_ORDER)))
     for handle_id, entry in order:
-        if id(entry.obj) in index_of:
+        if id(entry.obj) in ctx.index_of or FORMATS.get(entry.kind) is None:
             continue
-        fmt = FORMATS.get(entry.kind)
-        if fmt is None:
-            continue
-        index = len(objects)
         try:
-            data = fmt.save(entry.obj, ctx)
+            ctx.ref(entry.obj, entry.kind)
         except InvalidArgument as exc:
             log.error("snapshot: cannot save %s %s: %s", entry.kind.value, handle_id, exc)
-            continue
-        index_of[id(entry.obj)] = index
-        objects.append({"kind": entry.kind.value, "data": data})
-        if entry.kind is Kind.MODULE:
-            ctx.own(index, entry.obj)
     handles = []
     for handle_id, entry in items:
-        found = index_of.get(id(entry.obj))
+        found = ctx.index_of.get(id(entry.obj))
         if found is None:
             skipped.append(f"{handle_id} ({entry.kind.value})")
             log.error("snapshot: %s handle %s has no snapshot format yet; not saved", entry.kind.value, handle_id)
@@ -378,7 +551,7 @@ def _collect(
         handles.append({"id": handle_id, "object": found, "lock": lock_of.setdefault(id(entry.lock), len(lock_of)),
                         "session": entry.session})
     sessions = [{"id": s.id, "lease": s.lease} for s in registry.sessions()]
-    state = {"format": FORMAT, "version": VERSION, "sessions": sessions, "objects": objects, "handles": handles,
+    state = {"format": FORMAT, "version": VERSION, "sessions": sessions, "objects": ctx.objects, "handles": handles,
              "tensors": ctx.tensor_info}
     return state, ctx, skipped
 

@@ -459,24 +459,67 @@ def input_tensor(model: Model) -> torch.Tensor:
     return model.train_data.x
 
 
-def restore_data(model: Model) -> int:
-    """Put the training data back to full size; the number of samples, -1 without data."""
-    if model.train_data is None:
+def restore_data(model: Model, split: str = "train") -> int:
+    """Put the training (or test) data back to full size; the number of samples, -1 without data."""
+    _split(split)
+    data = model.train_data if split == "train" else model.test_data
+    if data is None:
         return -1
-    batching.restore(model.train_data.y)
-    return batching.restore(model.train_data.x)
+    batching.restore(data.y)
+    return batching.restore(data.x)
 
 
-def next_model_batch(model: Model) -> bool:
-    """Step the model's training inputs and targets together to their next batch of `batchsize`."""
-    if model.train_data is None:
-        raise FailedPrecondition("no training data loaded for the model; load it with train(m, x, y)")
-    w = int(model.train["batchsize"])  # type: ignore[arg-type]
-    batching.check_size(model.train_data.x, w)
-    batching.check_size(model.train_data.y, w)
-    more = batching.next_batch(model.train_data.x, w)
-    batching.next_batch(model.train_data.y, w)
+def next_model_batch(model: Model, split: str = "train") -> bool:
+    """Step the model's training (or, for testbatch, test) inputs and targets together to their next
+    batch of the split's `batchsize`."""
+    _split(split)
+    data = model.train_data if split == "train" else model.test_data
+    if data is None:
+        verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
+        raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
+    w = int((model.train if split == "train" else model.test)["batchsize"])  # type: ignore[arg-type]
+    batching.check_size(data.x, w)
+    batching.check_size(data.y, w)
+    more = batching.next_batch(data.x, w)
+    batching.next_batch(data.y, w)
     return more
+
+
+def replace_parts(
+    model: Model, module: nn.Module | None = None, loss: Loss | None = None, optimizer: Optimizer | None = None
+) -> None:
+    """Replace parts of a model, as the reference's model(m, obj...): all or nothing, options and
+    data kept. The optimizer must update the model's module, the new one if given.
+
+    Raises:
+        InvalidArgument: no part given, a new module without a new optimizer, or an optimizer over
+            another module.
+
+    Example: replace_parts(m, optimizer=create_optimizer("adam", m.module)) switches SGD to Adam.
+    """
+    check_parts(model, module, loss, optimizer)
+    if module is not None:
+        model.module = module
+    if loss is not None:
+        model.loss = loss
+    if optimizer is not None:
+        model.optimizer = optimizer
+
+
+def check_parts(
+    model: Model, module: nn.Module | None = None, loss: Loss | None = None, optimizer: Optimizer | None = None
+) -> None:
+    """What replace_parts checks before it changes anything (the same Raises)."""
+    if module is None and loss is None and optimizer is None:
+        raise InvalidArgument("name at least one part to replace: a module, a loss or an optimizer")
+    target = module if module is not None else model.module
+    if module is not None and optimizer is None:
+        raise InvalidArgument(
+            "the model's optimizer updates its current module: give an optimizer built over the new module too"
+        )
+    if optimizer is not None and optimizer.module is not target:
+        which = "the new module" if module is not None else "this model's module"
+        raise InvalidArgument(f"the optimizer was built over a different module; build it over {which}")
 
 
 # -- batchnorm recalculation ----------------------------------------------------------------------

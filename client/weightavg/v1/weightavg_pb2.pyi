@@ -2622,16 +2622,20 @@ class RestoreModelDataRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    split: Global___DataSplit.ValueType
+    """Which data to restore: unspecified or train for the training data, test for the test data."""
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        split: Global___DataSplit.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2667,21 +2671,27 @@ class NextBatchRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Tensor or model handle id."""
     size: _builtins.int
     """Batch size for a tensor, between 1 and its first dimension minus 1; 0 for a model, which uses
     its train batchsize.
     """
+    split: Global___DataSplit.ValueType
+    """For a model: unspecified or train steps its training data by the train batchsize, test its
+    test data by the test batchsize (testbatch). Must be unspecified for a tensor.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         size: _builtins.int = ...,
+        split: Global___DataSplit.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "size", b"size", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3135,3 +3145,61 @@ class DeviceUsage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceUsage: _TypeAlias = DeviceUsage  # noqa: Y015
+
+@_typing.final
+class UpdateModelRequest(_message.Message):
+    """-- Models, continued ------------------------------------------------------------------------------
+
+    UpdateModelRequest names a model and the parts that replace its own.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Handle ids of the new parts, at most one each of module, loss and optimizer, in any order. A
+        new module needs a new optimizer built over it; a new optimizer must update the model's module
+        (or the new one).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        parts: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelResponse(_message.Message):
+    """UpdateModelResponse returns the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Handle:
+        """Handle of the model (the same id)."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015

@@ -266,6 +266,11 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/UpdateModel',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -617,6 +622,16 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateModel(self, request, context):
+        """-- Models, continued ---------------------------------------------------------------------------
+
+        UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
+        given, as CreateModel does; options and data are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightAveragingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -849,6 +864,11 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.GetServerStats,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2095,6 +2115,33 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/GetServerStats',
             weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.GetServerStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/UpdateModel',
+            weightavg_dot_v1_dot_weightavg__pb2.UpdateModelRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.UpdateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -170,6 +170,12 @@ class WeightAveragingServiceStub:
     GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
     the server started, and live handles and their bytes per device.
     """
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]
+    """-- Models, continued ---------------------------------------------------------------------------
+
+    UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
+    given, as CreateModel does; options and data are kept.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -308,6 +314,12 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
 
     GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
     the server started, and live handles and their bytes per device.
+    """
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """-- Models, continued ---------------------------------------------------------------------------
+
+    UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
+    given, as CreateModel does; options and data are kept.
     """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -720,6 +732,18 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
 
         GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
         the server started, and live handles and their bytes per device.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _weightavg_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.UpdateModelResponse, _abc.Awaitable[_weightavg_pb2.UpdateModelResponse]]:
+        """-- Models, continued ---------------------------------------------------------------------------
+
+        UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
+        given, as CreateModel does; options and data are kept.
         """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

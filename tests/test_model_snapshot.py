@@ -1,0 +1,230 @@
+"""Snapshots of models, optimizers and losses: a restored model trains on exactly as if never stopped.
+
+The oracle is a server that was never restarted: the original server after an on-demand snapshot,
+or, for SIGTERM, an in-process server driven through the same calls. Weights start from fixed
+arrays, and shuffling comes from each model's seeded generator, so both servers compute the same
+floating-point operations in the same order: equality is bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from weightavg import Client, Handle
+from weightavg_server import snapshot
+from weightavg_server.app import Runtime, create_runtime
+from weightavg_server.config import ServerConfig
+from weightavg_server.registry import Kind, Registry
+
+from conftest import LiveServer
+from test_snapshot import start_server as start_subprocess
+
+NET = ["sequential", ["linear", "a", 6, 8], ["batchnorm1d", "b", 8], ["relu", "c"], ["linear", "d", 8, 3]]
+
+
+def _data(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def prepare(c: Client) -> dict[str, Handle]:
+    """Two models trained a few epochs (momentum SGD with nesterov, and Adam), with every part that a
+    snapshot must keep: shared module, loss and optimizer handles, a changed learning rate, shuffle
+    generators mid-sequence, test options, an input handle, averaged dictionaries."""
+    rng = np.random.default_rng(7)
+    h: dict[str, Handle] = {}
+    for name, opt in (("sgd", ("sgd", 0.05, 0.9)), ("adam", ("adam", 0.01))):
+        q = c.module(NET)
+        for p in c.parmnames(q):
+            c.parm(q, p, rng.standard_normal(c.parm(q, p).shape).astype(np.float32) * 0.5)
+        loss = c.loss("ce", smoothing=0.05)
+        o = c.opt(opt[0], q, *opt[1:], **({"nesterov": True} if name == "sgd" else {}))
+        m = c.model(c.addref(q), c.addref(loss), c.addref(o))
+        h.update({f"{name}_q": q, f"{name}_loss": loss, f"{name}_opt": o, name: m})
+        c.train(m, batchsize=16, shuffle=True, seed=11, metrics=["loss", "batchloss"])
+        c.train(m, *_data(1, 100))
+        c.test(m, batchsize=30, metrics=["accuracy", "output"])
+        c.test(m, *_data(2, 40))
+        for _ in range(3):
+            c.run(m)
+        avg = c.copyparms(m)
+        for _ in range(2):
+            c.run(m)
+            c.avgparms(m, avg)
+        h[f"{name}_avg"] = avg
+    c.lr(h["sgd_opt"], 0.03)  # through the optimizer's own handle: the model's optimizer is the same
+    h["input"] = c.input(h["sgd"])
+    c.batch(h["sgd"])
+    c.batch(h["sgd"])  # the model's data stand at their second batch
+    return h
+
+
+def carry_on(c: Client, h: dict[str, Handle]) -> dict[str, Any]:
+    """What a client sees after more work: batching on from where it stood, one more epoch and
+    average per model, a test run; every weight, buffer and average."""
+    seen: dict[str, Any] = {"batch": c.tensor(h["input"]), "more": c.batch(h["sgd"])}
+    seen["batch2"] = c.tensor(h["input"])
+    for name in ("sgd", "adam"):
+        m = h[name]
+        seen[f"{name}_run"] = c.run(m)
+        seen[f"{name}_count"] = c.avgparms(m, h[f"{name}_avg"])
+        seen[f"{name}_avg"] = c.dict(h[f"{name}_avg"])
+        seen[f"{name}_test"] = c.testrun(m)
+        seen[f"{name}_parms"] = {p: c.parm(h[f"{name}_q"], p) for p in c.parmnames(m)}
+        seen[f"{name}_buffers"] = c.dict(c.buffers(m))
+        seen[f"{name}_lr"] = c.lr(h[f"{name}_opt"])
+        seen[f"{name}_describe"] = c.model(m)
+    return seen
+
+
+def assert_bit_identical(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_bit_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bit_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.tobytes() == b.tobytes(), where
+    else:
+        assert type(a) is type(b) and a == b, (where, a, b)
+
+
+@pytest.fixture
+def state_server(tmp_path: Path) -> Iterator[Runtime]:
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
+    runtime.start()
+    yield runtime
+    runtime.server.stop(None)
+    runtime.reaper.stop()
+
+
+def test_an_on_demand_snapshot_restores_models_that_train_on_bit_identically(
+    state_server: Runtime, tmp_path: Path
+) -> None:
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        h = prepare(c)
+        result = c.snapshot()
+        assert result["skipped"] == [] and result["handles"] == len(h)
+        reference = carry_on(c, h)  # the never-restarted server goes on
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == len(h)
+    # One module object behind the model, the module handle, the optimizer and the input handle,
+    # all under one lock: the parts are shared as they were, not copies.
+    entries = dict(restored.items())
+    model = entries[h["sgd"].id].obj
+    assert entries[h["sgd_q"].id].obj is model.module
+    assert entries[h["sgd_opt"].id].obj is model.optimizer and model.optimizer.module is model.module
+    assert entries[h["sgd_loss"].id].obj is model.loss
+    assert entries[h["input"].id].obj.tensor is model.train_data.x
+    assert len({id(entries[h[k].id].lock) for k in ("sgd", "sgd_q", "sgd_opt", "input")}) == 1
+    assert entries[h["sgd"].id].lock is not entries[h["adam"].id].lock
+    assert model.optimizer.optim.state  # momentum buffers came back
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=restored)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c2:
+            after = carry_on(c2, h)
+    finally:
+        runtime.stop(None)
+    assert after["batch"].shape == (16, 6) and after["more"] is True
+    assert after["sgd_lr"] == 0.03 and after["sgd_count"] == 4
+    assert_bit_identical(after, reference)
+
+
+def test_sigterm_restores_models_that_train_on_bit_identically(
+    tmp_path: Path, start_server: Callable[..., LiveServer]
+) -> None:
+    state_dir = tmp_path / "state"
+    server = start_subprocess(state_dir)
+    try:
+        with Client(server.address, timeout=120) as c:
+            h = prepare(c)
+        code, err = server.terminate()
+        assert code == 0, err
+        assert "no snapshot format" not in err and "cannot save" not in err
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.communicate()
+    reference_server = start_server()
+    with Client(reference_server.address, timeout=120) as ref:
+        reference = carry_on(ref, prepare(ref))
+    again = start_subprocess(state_dir)
+    try:
+        with Client(again.address, timeout=120) as c2:
+            assert sorted(i.handle.id for i in c2.handles()) == sorted(x.id for x in h.values())
+            after = carry_on(c2, h)
+    finally:
+        code, err = again.terminate()
+    assert code == 0, err
+    assert_bit_identical(after, reference)
+
+
+def test_a_restored_optimizer_keeps_every_state_tensor(state_server: Runtime, tmp_path: Path) -> None:
+    """Each optimizer type's state (momentum buffers, moment estimates, step counts) comes back with
+    its dtype and value; nothing is re-initialised."""
+    kinds: dict[str, tuple[Any, ...]] = {
+        "sgd": (0.1, 0.9), "adam": (0.01, 0.9, 0.99, 1e-8, 0.0, True), "adamw": (0.01,), "rmsprop": (0.01, 0.9, 1e-8, 0.0, 0.5, True),
+        "adagrad": (0.1,),
+    }
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        handles = {}
+        for kind, args in kinds.items():
+            q = c.module(["linear", 6, 3])
+            m = c.model(q, c.loss("ce"), c.opt(kind, q, *args))
+            c.train(m, *_data(3, 20))
+            c.run(m)
+            handles[kind] = m
+        c.snapshot()
+    live = dict(state_server.registry.items())
+    restored = Registry()
+    snapshot.load(restored, tmp_path / "d", torch.device("cpu"))
+    back = dict(restored.items())
+    for kind, m in handles.items():
+        before, after = live[m.id].obj.optimizer.optim, back[m.id].obj.optimizer.optim
+        assert type(after) is type(before)
+        assert after.param_groups[0]["lr"] == before.param_groups[0]["lr"]
+        assert [p.data_ptr() for p in after.param_groups[0]["params"]] == [
+            p.data_ptr() for p in back[m.id].obj.module.parameters()
+        ]
+        old, new = before.state_dict()["state"], after.state_dict()["state"]
+        assert old.keys() == new.keys() and old, kind
+        for i in old:
+            assert old[i].keys() == new[i].keys(), kind
+            for key, value in old[i].items():
+                if isinstance(value, torch.Tensor):
+                    assert new[i][key].dtype == value.dtype and torch.equal(new[i][key], value), (kind, key)
+                else:
+                    assert new[i][key] == value, (kind, key)
+        assert back[m.id].obj.optimizer.options == live[m.id].obj.optimizer.options
+
+
+def test_a_model_without_data_and_a_lone_loss_restore(state_server: Runtime, tmp_path: Path) -> None:
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        q = c.module(["linear", 2, 2])
+        m = c.model(q, c.loss("mse", "sum"), c.opt("sgd", q))
+        lone = c.loss("smoothl1", beta=0.5)
+        described = c.model(m)
+        c.snapshot()
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 2
+    back = dict(restored.items())
+    assert back[lone.id].kind is Kind.LOSS and back[lone.id].obj.options == {"reduce": "mean", "beta": 0.5}
+    assert back[lone.id].obj.fn.beta == 0.5
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=restored)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c2:
+            assert c2.model(m) == described
+    finally:
+        runtime.stop(None)
