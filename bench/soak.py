@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,10 @@ main(sys.argv[3:])
 class Server:
     """`python -m weightavg_server` as a subprocess: its address, pid and log file."""
 
-    def __init__(self, log_path: Path, extra_args: list[str], lease: float, trace_dir: Path | None = None) -> None:
+    def __init__(
+        self, log_path: Path, extra_args: list[str], lease: float, trace_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log_path = log_path
         self.trace_dir = trace_dir
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -97,7 +101,9 @@ class Server:
             sys.executable, *launch, "--port", "0", "--device", "cpu",
             "--session-lease-seconds", str(lease), *extra_args,
         ]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})}
+        )
         self.pid = self.proc.pid
         lines: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
@@ -279,7 +285,7 @@ class Worker:
         try:
             while time.monotonic() < deadline:
                 for sid in self.shared.due_sessions(time.monotonic()):
-                    self.attempt("expired_session_check", lambda _scope, s=sid: self.check_expired(s))
+                    self.attempt("expired_session_check", functools.partial(self.check_expired, sid))
                 scenario = self.rng.choices(functions, weights)[0]
                 self.attempt(scenario.__name__, scenario)
         finally:
@@ -488,7 +494,8 @@ class Worker:
             # One second past the lease: the reaper sweeps once a second.
             self.shared.expiring.append((time.monotonic() + self.shared.lease + 1.5, sid))
 
-    def check_expired(self, sid: str) -> None:
+    def check_expired(self, sid: str, _scope: Scope | None = None) -> None:
+        """A session left to expire must be gone: joining it answers NOT_FOUND."""
         self.expect("NOT_FOUND", "expired session", Client, self.shared.address, timeout=self.shared.timeout,
                     session=sid)
 
@@ -565,7 +572,8 @@ def _trace_diff(first: Path, last: Path, top: int = 15) -> list[str]:
 def run_soak(
     seconds: float, clients: int, *, warmup: float = 0.2, window: float = 0.1, interval: float = 5.0,
     lease: float = 2.0, seed: int = 0, results_dir: Path = RESULTS_DIR, server_args: list[str] | None = None,
-    timeout: float = 120.0, trace: bool = False, echo: Callable[[str], None] = print,
+    timeout: float = 120.0, trace: bool = False, server_env: dict[str, str] | None = None,
+    echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Start a server, run `clients` threads of mixed load for `seconds`, sampling the server's RSS
     every `interval` seconds; return the report (also written as JSON under results_dir).
@@ -580,7 +588,7 @@ def run_soak(
     trace_dir = results_dir / f"soak-{stamp}-traces" if trace else None
     if trace_dir is not None:
         trace_dir.mkdir()
-    server = Server(results_dir / f"soak-{stamp}-server.log", server_args or [], lease, trace_dir)
+    server = Server(results_dir / f"soak-{stamp}-server.log", server_args or [], lease, trace_dir, server_env)
     samples: list[Sample] = []
     unexpected: list[dict[str, Any]] = []
     tallies: list[Tally] = []
@@ -624,7 +632,7 @@ def run_soak(
         while shared.expiring:
             time.sleep(max(0.0, min(when for when, _ in shared.expiring) - time.monotonic()))
             for sid in shared.due_sessions(time.monotonic()):
-                checker.attempt("expired_session_check", lambda _scope, s=sid: checker.check_expired(s))
+                checker.attempt("expired_session_check", functools.partial(checker.check_expired, sid))
         checker.client.close()
         tallies.append(checker.tally)
         with Client(server.address, timeout=timeout) as probe:
@@ -657,6 +665,8 @@ def run_soak(
     report: dict[str, Any] = {
         "started": stamp,
         "command": f"python -m bench.soak --minutes {seconds / 60:g} --clients {clients}",
+        "server_args": server_args or [],
+        "server_env": server_env or {},
         "machine": {
             "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
@@ -694,7 +704,7 @@ def run_soak(
         "passed": growth < GROWTH_LIMIT_PERCENT and not unexpected,
     }
     if len(traces) == 2:
-        report["tracemalloc_growth"] = _trace_diff(*traces)
+        report["tracemalloc_growth"] = _trace_diff(traces[0], traces[1])
     path = results_dir / f"soak-{stamp}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     report["report_path"] = str(path)
@@ -741,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tracemalloc", action="store_true",
                    help="serve under tracemalloc; report the Python allocation sites that grew after warm-up")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the server only, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("server_args", nargs="*", help="after --: extra `weightavg serve` flags")
     args = p.parse_args(argv)
@@ -749,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_soak(
         args.minutes * 60, args.clients, warmup=args.warmup, window=args.window, interval=args.interval,
         lease=args.lease, seed=args.seed, results_dir=args.results_dir, server_args=args.server_args,
-        trace=args.tracemalloc,
+        trace=args.tracemalloc, server_env=dict(pair.split("=", 1) for pair in args.server_env),
     )
     print(summary(report))
     return 0 if report["passed"] else 1
