@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import torch
 
-from weightavg import Client
+from weightavg import Client, Handle
 
 from ._harness import Row, Skip, at_least, at_most, interleaved, median, row, timed
 from ._raw import RawClient, payload
@@ -256,6 +256,16 @@ def _models_client(c: Client) -> str | None:
     return f"client lacks {', '.join(missing)} (the models RPCs)" if missing else None
 
 
+def _mnist_model(c: Client, n: int) -> tuple[np.ndarray, np.ndarray, Handle]:
+    """n random MNIST-shaped rows, and a server model of MNIST_NET (SGD .01, batch 100) holding them."""
+    x, y = _mnist_data(n)
+    q = c.module(MNIST_NET)
+    model = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.01))
+    c.train(model, batchsize=100)
+    c.train(model, x, y)
+    return x, y, model
+
+
 def training(ctx: Context) -> list[Row | Skip]:
     """`run` on one MNIST-sized epoch against the same loop in plain in-process PyTorch."""
     c = ctx.client
@@ -263,11 +273,7 @@ def training(ctx: Context) -> list[Row | Skip]:
     if why:
         return [Skip("training", why)]
     n = 3000 if ctx.quick else 60000
-    x, y = _mnist_data(n)
-    q = c.module(MNIST_NET)
-    model = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.01))  # type: ignore[attr-defined]
-    c.train(model, batchsize=100)  # type: ignore[attr-defined]
-    c.train(model, x, y)  # type: ignore[attr-defined]
+    x, y, model = _mnist_model(c, n)
     net = _torch_mnist_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -295,11 +301,7 @@ def batchnorm(ctx: Context) -> list[Row | Skip]:
     if why:
         return [Skip("batchnorm", why)]
     n = 6000 if ctx.quick else 60000
-    x, y = _mnist_data(n)
-    q = c.module(MNIST_NET)
-    model = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.01))  # type: ignore[attr-defined]
-    c.train(model, batchsize=100)  # type: ignore[attr-defined]
-    c.train(model, x, y)  # type: ignore[attr-defined]
+    x, y, model = _mnist_model(c, n)
     net = _torch_mnist_net()
     loader = [torch.from_numpy(x[i:i + 100]) for i in range(0, n, 100)]
     times = interleaved(

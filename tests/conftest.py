@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from weightavg import Client
-from weightavg_server.app import create_server, set_serving
+from weightavg_server.app import Runtime, create_runtime, create_server, set_serving
 from weightavg_server.config import ServerConfig
 from weightavg_server.handles import tensors_of
 from weightavg_server.registry import Kind, Registry
@@ -105,3 +106,13 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
     yield start
     for server in started:
         server.stop(grace=None)
+
+
+@pytest.fixture
+def state_server(tmp_path: Path) -> Iterator[Runtime]:
+    """A started server (with its session reaper) that snapshots to a fresh state directory."""
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
+    runtime.start()
+    yield runtime
+    runtime.server.stop(None)
+    runtime.reaper.stop()

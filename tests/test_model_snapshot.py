@@ -99,14 +99,6 @@ def assert_bit_identical(a: Any, b: Any, where: str = "") -> None:
         assert type(a) is type(b) and a == b, (where, a, b)
 
 
-@pytest.fixture
-def state_server(tmp_path: Path) -> Iterator[Runtime]:
-    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
-    runtime.start()
-    yield runtime
-    runtime.server.stop(None)
-    runtime.reaper.stop()
-
 
 def test_an_on_demand_snapshot_restores_models_that_train_on_bit_identically(
     state_server: Runtime, tmp_path: Path

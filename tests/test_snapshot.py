@@ -274,14 +274,6 @@ def test_a_good_snapshot_loads_and_an_empty_directory_starts_empty(saved: Path, 
 # -- on demand -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def state_server(tmp_path: Path) -> Iterator[Runtime]:
-    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
-    runtime.start()
-    yield runtime
-    runtime.server.stop(None)
-    runtime.reaper.stop()
-
 
 def test_weightavg_snapshot_command_writes_a_snapshot_that_restores(state_server: Runtime, tmp_path: Path) -> None:
     address = f"127.0.0.1:{state_server.port}"
