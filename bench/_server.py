@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from weightavg_server.app import create_server, set_serving
-from weightavg_server.config import ServerConfig
+from weightavg_server.ops.app import create_server, set_serving
+from weightavg_server.ops.config import ServerConfig
 
 from ._raw import add_raw_service
 

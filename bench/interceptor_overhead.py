@@ -15,12 +15,12 @@ import torch
 
 from weightavg import Client
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg_server.app import server_options
-from weightavg_server.config import ServerConfig
-from weightavg_server.observe import ObservingInterceptor
-from weightavg_server.registry import Registry
-from weightavg_server.servicer import WeightAveragingServicer
-from weightavg_server.stats import RpcStats
+from weightavg_server.ops.app import server_options
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.transport.observe import ObservingInterceptor
+from weightavg_server.store.registry import Registry
+from weightavg_server.transport.servicer import WeightAveragingServicer
+from weightavg_server.ops.stats import RpcStats
 
 
 def start(observed: bool) -> tuple[grpc.Server, int]:

@@ -80,7 +80,7 @@ def dump(*_):
     (out / f"trace-{n}.tmp").rename(out / f"trace-{n}.tracemalloc")
     ctypes.CDLL("libc.so.6").malloc_stats()
 signal.signal(signal.SIGUSR1, dump)
-from weightavg_server.cli import main
+from weightavg_server.ops.cli import main
 main(sys.argv[3:])
 """
 """`python -c` program that serves under tracemalloc and dumps a snapshot on each SIGUSR1."""

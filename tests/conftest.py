@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from weightavg import Client
-from weightavg_server.app import Runtime, create_runtime, create_server, set_serving
-from weightavg_server.config import ServerConfig
-from weightavg_server.handles import tensors_of
-from weightavg_server.registry import Kind, Registry
+from weightavg_server.ops.app import Runtime, create_runtime, create_server, set_serving
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.domain.tensors import tensors_of
+from weightavg_server.store.registry import Kind, Registry
 
 
 @dataclass

@@ -12,8 +12,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from weightavg import Client, FailedPreconditionError, InvalidArgumentError
-from weightavg_server import losses, optimizers, specs, training
-from weightavg_server.errors import Cancelled
+from weightavg_server.domain import losses, optimizers, specs, training
+from weightavg_server.domain.errors import Cancelled
 
 # The reference's network, scaled down: linear a, batchnorm b (eps 1e-7, momentum .1), relu c, linear d.
 NET = ["sequential", ["linear", "a", 12, 24], ["batchnorm1d", "b", 24, 1e-7, 0.1], ["relu", "c"], ["linear", "d", 24, 3]]
@@ -210,8 +210,8 @@ def test_averaging_recipe_matches_torch_swa_utils(client: Client) -> None:
 def test_averaging_recipe_on_cuda_matches_cpu_torch() -> None:
     """The same recipe with the server's objects on the GPU; CUDA kernels round differently from
     the CPU ones, so the comparison allows 1e-4 after a few hundred steps."""
-    from weightavg_server.app import create_server
-    from weightavg_server.config import ServerConfig
+    from weightavg_server.ops.app import create_server
+    from weightavg_server.ops.config import ServerConfig
 
     server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cuda"))
     server.start()

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weightavg import Client
 from weightavg._cli import COMMANDS, main
-from weightavg_server.app import SERVICE_NAME, create_server, set_serving
-from weightavg_server.config import ENV_PREFIX, ServerConfig
+from weightavg_server.ops.app import SERVICE_NAME, create_server, set_serving
+from weightavg_server.ops.config import ENV_PREFIX, ServerConfig
 
 from conftest import LiveServer
 
@@ -48,7 +48,7 @@ def test_serve_help_documents_every_option_and_variable(capsys: pytest.CaptureFi
 
 
 def test_serve_options_come_from_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from weightavg_server.cli import build_parser, config_from_args
+    from weightavg_server.ops.cli import build_parser, config_from_args
 
     monkeypatch.setenv("WEIGHTAVG_KEEPALIVE_TIME_SECONDS", "45")
     monkeypatch.setenv("WEIGHTAVG_METRICS_PORT", "9100")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from weightavg._cli import main as cli_main
-from weightavg_server import demo
+from weightavg_server.ops import demo
 
 QUICK = ["--epochs", "1", "--avg-epochs", "1", "--avg-runs", "1", "--hidden", "32"]
 

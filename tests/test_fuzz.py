@@ -23,11 +23,11 @@ from conftest import LiveServer
 from weightavg import Client
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg_server import handles
-from weightavg_server.app import create_server, set_serving
-from weightavg_server.config import ServerConfig
-from weightavg_server.registry import Registry
-from weightavg_server.specs import LAYER_TYPES
+from weightavg_server.domain import tensors as handles
+from weightavg_server.ops.app import create_server, set_serving
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.store.registry import Registry
+from weightavg_server.domain.specs import LAYER_TYPES
 
 ALLOWED = {
     grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

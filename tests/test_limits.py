@@ -19,8 +19,8 @@ from conftest import assert_unchanged, snapshot
 from weightavg import Client, InvalidArgumentError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg_server.cli import build_parser, config_from_args
-from weightavg_server.config import ServerConfig
+from weightavg_server.ops.cli import build_parser, config_from_args
+from weightavg_server.ops.config import ServerConfig
 
 CAP = 64 * 1024
 """Device byte cap of the capped server: room for one 100x100 linear layer (40,400 bytes), not two."""

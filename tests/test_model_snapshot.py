@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from weightavg import Client, Handle
-from weightavg_server import snapshot
-from weightavg_server.app import Runtime, create_runtime
-from weightavg_server.config import ServerConfig
-from weightavg_server.registry import Kind, Registry
+from weightavg_server.store import snapshot
+from weightavg_server.ops.app import Runtime, create_runtime
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.store.registry import Kind, Registry
 
 from conftest import LiveServer
 from test_snapshot import start_server as start_subprocess

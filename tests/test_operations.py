@@ -26,11 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import weightavg
 from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
-from weightavg_server.app import SERVICE_NAME, create_server, receive_ceiling, server_options, set_serving
-from weightavg_server.config import ServerConfig
-from weightavg_server.metrics import MetricsServer, start_metrics_server
-from weightavg_server.registry import Registry
-from weightavg_server.stats import LATENCY_BUCKETS, RpcStats
+from weightavg_server.ops.app import SERVICE_NAME, create_server, receive_ceiling, server_options, set_serving
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.ops.metrics import MetricsServer, start_metrics_server
+from weightavg_server.store.registry import Registry
+from weightavg_server.ops.stats import LATENCY_BUCKETS, RpcStats
 
 METHOD = f"/{SERVICE_NAME}/"
 

@@ -21,8 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weightavg import Client, UnauthenticatedError, UnavailableError
-from weightavg_server.app import Runtime, create_runtime
-from weightavg_server.config import ServerConfig
+from weightavg_server.ops.app import Runtime, create_runtime
+from weightavg_server.ops.config import ServerConfig
 
 TOKEN = "s3cret-token-for-tests"
 

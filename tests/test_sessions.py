@@ -16,9 +16,9 @@ import pytest
 from weightavg import Client, InvalidArgumentError, NotFoundError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg_server.app import Runtime, create_runtime
-from weightavg_server.config import ServerConfig
-from weightavg_server.registry import Registry
+from weightavg_server.ops.app import Runtime, create_runtime
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.store.registry import Registry
 
 from conftest import LiveServer
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from weightavg import Client, FailedPreconditionError, WeightavgError
-from weightavg_server import snapshot
-from weightavg_server.app import Runtime, create_runtime
-from weightavg_server.config import ServerConfig
-from weightavg_server.registry import Registry
+from weightavg_server.store import snapshot
+from weightavg_server.ops.app import Runtime, create_runtime
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.store.registry import Registry
 
 BN_NET = ["sequential", ["linear", "a", 6, 5], ["batchnorm1d", "b", 5], ["relu", "c"], ["linear", "d", 5, 3]]
 START_LIMIT = 120.0
@@ -321,7 +321,7 @@ def test_an_old_generation_is_replaced_only_by_a_whole_new_one(state_server: Run
 
 def test_kinds_without_a_snapshot_format_are_skipped_and_reported(state_server: Runtime, tmp_path: Path) -> None:
     """Handles a format refuses (here a loss object not built by CreateLoss) are reported, not silently lost."""
-    from weightavg_server.registry import Kind
+    from weightavg_server.store.registry import Kind
 
     loss = state_server.registry.add(Kind.LOSS, torch.nn.MSELoss())
     with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from weightavg_server.errors import InvalidArgument, ResourceExhausted
-from weightavg_server.specs import (
+from weightavg_server.domain.errors import InvalidArgument, ResourceExhausted
+from weightavg_server.domain.specs import (
     LAYER_TYPES,
     MAX_SPEC_DEPTH,
     LayerSpec,

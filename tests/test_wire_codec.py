@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from weightavg import Client, InvalidArgumentError
-from weightavg._tensors import ChunkView, decode_chunk_message, decode_fetch_response, encode_chunk, encoded_chunks
+from weightavg.wire import ChunkView, decode_chunk_message, decode_fetch_response, encode_chunk, encoded_chunks
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg_server import wire
+from weightavg_server.transport import codec as wire
 
 HEADERS = [
     ("weight", pb.DTYPE_FLOAT32, (10, 64), b"\x01\x02\x03\x04" * 7),

@@ -40,11 +40,11 @@ def _server_command(module: str, extra: str, argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    return _server_command("weightavg_server.cli", "server", argv)
+    return _server_command("weightavg_server.ops.cli", "server", argv)
 
 
 def _demo(argv: list[str]) -> int:
-    return _server_command("weightavg_server.demo", "server,demo", argv)
+    return _server_command("weightavg_server.ops.demo", "server,demo", argv)
 
 
 def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT) -> argparse.ArgumentParser:

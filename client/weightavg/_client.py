@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from . import _objects, _specs, _tensors
+from . import _objects, _specs, wire
 from ._errors import NotFoundError, UnavailableError, from_rpc_error
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
@@ -107,7 +107,7 @@ def _option_message(name: str, value: Any) -> pb.Option:
 
 
 def _single_or_list(named: list[tuple[str, Any]]) -> Any:
-    values = [_tensors.plain(a) for _, a in named]
+    values = [wire.plain(a) for _, a in named]
     return values[0] if len(values) == 1 else values
 
 
@@ -205,7 +205,7 @@ class Client:
         address: str,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        chunk_bytes: int = _tensors.CHUNK_BYTES,
+        chunk_bytes: int = wire.CHUNK_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
         token: str | None = None,
@@ -244,7 +244,7 @@ class Client:
         self._fetch_tensors: grpc.UnaryStreamMultiCallable[pb.FetchTensorsRequest, Any] = self._channel.unary_stream(
             f"/{_SERVICE}/FetchTensors",
             request_serializer=pb.FetchTensorsRequest.SerializeToString,
-            response_deserializer=_tensors.decode_fetch_response,
+            response_deserializer=wire.decode_fetch_response,
         )
         self._create_dictionary_stream: grpc.StreamUnaryMultiCallable[bytes, pb.CreateDictionaryResponse] = self._channel.stream_unary(
             f"/{_SERVICE}/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString
@@ -384,7 +384,7 @@ class Client:
         (broadcasting a scalar), or registers a new parameter when the name is new."""
         if not value:
             return self._fetch(_id(m), [name])[name]
-        chunks = _tensors.encoded_chunks([("", value[0])], self.chunk_bytes, field=3)  # SetParameterRequest.chunk
+        chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, field=3)  # SetParameterRequest.chunk
         # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
         first = pb.SetParameterRequest(handle=_id(m), name=name).SerializeToString() + next(chunks)
         self._set_parameter_stream(itertools.chain([first], chunks), timeout=self.timeout)
@@ -577,7 +577,7 @@ class Client:
     def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
         def requests() -> Iterator[bytes]:
             yield pb.SetModelDataRequest(model=m, split=split).SerializeToString()
-            yield from _tensors.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, field=3)  # .chunk
+            yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, field=3)  # .chunk
 
         return int(self._set_model_data_stream(requests(), timeout=self.timeout).batches)
 
@@ -590,23 +590,23 @@ class Client:
                 raise TypeError("run(m) or run(m, x, y)")
             self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, data[0], data[1])
         stream = self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout)
-        return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
+        return _single_or_list(wire.join_chunks(r.chunk for r in stream))
 
     @_rpc
     def testrun(self, m: HandleLike) -> Any:
         """Evaluate over the test data; returns the test metrics (e.g. accuracy in percent)."""
         stream = self._stub.RunTest(pb.RunTestRequest(model=_id(m)), timeout=self.timeout)
-        return _single_or_list(_tensors.join_chunks(r.chunk for r in stream))
+        return _single_or_list(wire.join_chunks(r.chunk for r in stream))
 
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
         def requests() -> Iterator[bytes]:
             yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
-            yield from _tensors.encoded_chunks([("", x)], self.chunk_bytes, field=2)  # EvaluateModelRequest.chunk
+            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, field=2)  # EvaluateModelRequest.chunk
 
         stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
-        return _tensors.join_chunks(r.chunk for r in stream)[0][1]
+        return wire.join_chunks(r.chunk for r in stream)[0][1]
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
         """Forward pass in train mode with gradients; returns a tensor handle of the output.
@@ -629,7 +629,7 @@ class Client:
                 return
             yield pb.RunForwardRequest(handle=_id(q), mode=mode)
             if x is not None:
-                for chunk in _tensors.array_chunks("", x, self.chunk_bytes):
+                for chunk in wire.array_chunks("", x, self.chunk_bytes):
                     yield pb.RunForwardRequest(chunk=chunk)
 
         return _handle(self._stub.RunForward(requests(), timeout=self.timeout).output)
@@ -684,7 +684,7 @@ class Client:
             self._update_dictionary(_id(x), list(key.items()))
             return None
         if key is None:
-            return {name: _tensors.plain(a) for name, a in self._fetch_named(_id(x), [])}
+            return {name: wire.plain(a) for name, a in self._fetch_named(_id(x), [])}
         if isinstance(key, (list, tuple)):
             values = self._fetch(_id(x), list(key))
             return [values[k] for k in key]
@@ -699,8 +699,8 @@ class Client:
     def tensor(self, x: Any) -> Any:
         """tensor(array) creates a tensor handle; tensor(handle) returns its values."""
         if isinstance(x, Handle):
-            return _tensors.plain(self._fetch_named(x.id, [])[0][1])
-        requests = _tensors.encoded_chunks([("", x)], self.chunk_bytes, field=1)
+            return wire.plain(self._fetch_named(x.id, [])[0][1])
+        requests = wire.encoded_chunks([("", x)], self.chunk_bytes, field=1)
         return _handle(self._create_tensor_stream(requests, timeout=self.timeout).tensor)
 
     @_rpc
@@ -810,20 +810,20 @@ class Client:
 
     def _fetch_named(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]]:
         stream = self._fetch_tensors(pb.FetchTensorsRequest(handle=handle, names=names), timeout=self.timeout)
-        return _tensors.join_chunks(stream)
+        return wire.join_chunks(stream)
 
     def _fetch(self, handle: str, names: list[str]) -> builtins.dict[str, Any]:
         # builtins.dict: inside the class, `dict` names the Client.dict method.
-        return {name: _tensors.plain(a) for name, a in self._fetch_named(handle, names)}
+        return {name: wire.plain(a) for name, a in self._fetch_named(handle, names)}
 
     def _create_dictionary(self, items: Iterable[tuple[str, Any]]) -> Handle:
-        requests = _tensors.encoded_chunks(items, self.chunk_bytes, field=1)  # CreateDictionaryRequest.chunk
+        requests = wire.encoded_chunks(items, self.chunk_bytes, field=1)  # CreateDictionaryRequest.chunk
         return _handle(self._create_dictionary_stream(requests, timeout=self.timeout).dictionary)
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]]) -> None:
         def requests() -> Iterator[bytes]:
             yield pb.UpdateDictionaryRequest(dictionary=d).SerializeToString()
-            yield from _tensors.encoded_chunks(items, self.chunk_bytes, field=2)  # UpdateDictionaryRequest.chunk
+            yield from wire.encoded_chunks(items, self.chunk_bytes, field=2)  # UpdateDictionaryRequest.chunk
 
         self._update_dictionary_stream(requests(), timeout=self.timeout)
 

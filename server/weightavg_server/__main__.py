@@ -1,5 +1,5 @@
 """`python -m weightavg_server [serve flags]` runs the server."""
 
-from .cli import main
+from .ops.cli import main
 
 main()

@@ -36,11 +36,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from . import batching, handles, losses, optimizers, specs, training, wire
-from .dictionaries import TensorDict
-from .losses import Loss
-from .optimizers import Optimizer
-from .errors import FailedPrecondition, InvalidArgument, NotFound
+from ..domain import batching, tensors as handles, losses, optimizers, specs, training
+from ..transport import codec as wire
+from ..domain.dictionaries import TensorDict
+from ..domain.losses import Loss
+from ..domain.optimizers import Optimizer
+from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from .registry import Entry, Kind, Registry, TensorHolder, locked
 
 log = logging.getLogger("weightavg.snapshot")

@@ -9,7 +9,7 @@ import torch
 
 from . import dictionaries
 from .errors import InvalidArgument
-from .registry import Bytes, Entry, Kind, TensorHolder
+from ..store.registry import Bytes, Entry, Kind, TensorHolder
 
 
 @dataclass(frozen=True)

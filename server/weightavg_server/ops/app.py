@@ -15,15 +15,15 @@ from grpc_reflection.v1alpha import reflection
 
 from weightavg.v1 import weightavg_pb2 as pb
 
-from . import snapshot
+from ..store import snapshot
 from .config import ServerConfig
-from .convert import resolve_server_device
-from .decoding import DecodeGuard
-from .interceptors import SessionInterceptor, TokenInterceptor
-from .limits import Limits
-from .observe import ObservingInterceptor
-from .registry import Registry
-from .servicer import WeightAveragingServicer, add_to_server
+from ..transport.convert import resolve_server_device
+from ..transport.decoding import DecodeGuard
+from ..transport.interceptors import SessionInterceptor, TokenInterceptor
+from ..store.limits import Limits
+from ..transport.observe import ObservingInterceptor
+from ..store.registry import Registry
+from ..transport.servicer import WeightAveragingServicer, add_to_server
 from .stats import RpcStats
 
 log = logging.getLogger("weightavg.server")

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import torch
 
-from .errors import WeightavgError
+from ..domain.errors import WeightavgError
 
 log = logging.getLogger("weightavg.rpc")
 

@@ -10,9 +10,9 @@ import torch
 
 from weightavg.v1 import weightavg_pb2 as pb
 
-from . import specs
-from .errors import InvalidArgument
-from .registry import Kind
+from ..domain import specs
+from ..domain.errors import InvalidArgument
+from ..store.registry import Kind
 
 KINDS = {
     Kind.MODULE: pb.HANDLE_KIND_MODULE,

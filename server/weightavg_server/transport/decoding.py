@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from .errors import InvalidArgument, ResourceExhausted
+from ..domain.errors import InvalidArgument, ResourceExhausted
 
 
 class Undecodable:

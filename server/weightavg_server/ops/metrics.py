@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .registry import Registry
+from .. import __version__
+from ..store.registry import Registry
 from .stats import LATENCY_BUCKETS, RpcStats, live_objects
 
 

@@ -10,8 +10,8 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from .errors import WeightavgError
-from .registry import CALLER_SESSION, Registry
+from ..domain.errors import WeightavgError
+from ..store.registry import CALLER_SESSION, Registry
 from .status import status_for
 
 log = logging.getLogger("weightavg.security")

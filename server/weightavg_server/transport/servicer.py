@@ -12,15 +12,15 @@ import torch
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
-from . import (
-    __version__, averaging, batching, batchnorm, convert, dictionaries, handles, limits, losses, modules,
-    optimizers, snapshot, specs, training, wire,
-)
-from .config import ServerConfig
-from .dictionaries import TensorDict
-from .errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
-from .registry import CALLER_SESSION, Entry, Kind, Registry, Reservation, TensorHolder, locked
-from .stats import RpcStats, live_objects
+from .. import __version__
+from ..domain import averaging, batching, batchnorm, dictionaries, tensors as handles, losses, modules, optimizers, specs, training
+from . import convert, codec as wire
+from ..store import limits, snapshot
+from ..ops.config import ServerConfig
+from ..domain.dictionaries import TensorDict
+from ..domain.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from ..store.registry import CALLER_SESSION, Entry, Kind, Registry, Reservation, TensorHolder, locked
+from ..ops.stats import RpcStats, live_objects
 from .status import translate_errors
 
 Context = grpc.ServicerContext

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted
+from ..domain.errors import InvalidArgument, NotFound, ResourceExhausted
 from .limits import Limits
 
 log = logging.getLogger("weightavg.sessions")

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from weightavg._tensors import decode_chunk_message, encode_chunk
+from weightavg.wire import decode_chunk_message, encode_chunk
 from weightavg.v1 import weightavg_pb2 as pb
 
-from .errors import InvalidArgument, ResourceExhausted
+from ..domain.errors import InvalidArgument, ResourceExhausted
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("weightavg's wire format is little-endian; this host is not")

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .app import create_runtime
 from .config import ENV_PREFIX, ServerConfig
-from .snapshot import SnapshotError
+from ..store.snapshot import SnapshotError
 
 log = logging.getLogger("weightavg.server")
 

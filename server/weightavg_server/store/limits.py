@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import specs
+from ..domain import specs
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 
-from weightavg._tensors import decode_fetch_response
+from weightavg.wire import decode_fetch_response
 from weightavg.v1 import weightavg_pb2 as pb
 
-from .stats import RpcStats
+from ..ops.stats import RpcStats
 
 log = logging.getLogger("weightavg.rpc")
 
