@@ -45,12 +45,18 @@ def client(live_server: LiveServer) -> Iterator[Client]:
         c.free()
 
 
+def module_of(registry: Registry, handle: str) -> torch.nn.Module:
+    """The module a module, model or optimizer handle stands for (for assertions only)."""
+    obj = registry.get(handle).obj
+    return obj if isinstance(obj, torch.nn.Module) else obj.module
+
+
 def snapshot(registry: Registry) -> dict[str, Any]:
     """Everything a failed call must not change: each handle's tensors (values, dtypes, shapes, keys)
     and each module's batchnorm momenta and train flags."""
     state: dict[str, Any] = {}
     for handle_id, entry in registry.items():
-        tensors = [t.detach().clone() for t in tensors_of(entry)]
+        tensors = [t.detach().clone() for t in tensors_of(entry.obj)]
         keys = list(entry.obj.entries) if entry.kind is Kind.DICTIONARY else None
         module = entry.obj if entry.kind is Kind.MODULE else getattr(entry.obj, "module", None)
         flags = (

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import module_of
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
@@ -89,7 +90,7 @@ def test_batchnorm_model_failing_midway_puts_everything_back(client: Client, liv
     client.dict(client.buffers(q, "b"), {"running_mean": 0.5, "running_var": 2.0, "num_batches_tracked": 7})
     x, y = data(33)
     client.train(m, x, y)  # batches of 32 and 1: batchnorm cannot take a batch of one in train mode
-    live_server.registry.module(q.id)[1].eval()
+    module_of(live_server.registry, q.id).eval()
     with unchanged(), pytest.raises(InvalidArgumentError, match="batch 2 of 2.*more than 1 value per channel"):
         client.batchnorm(m)
     assert momentum(client, q) == 0.1

@@ -328,11 +328,8 @@ def test_accounting_is_exact_after_fuzzing(fuzzed: Fuzzed, pool: Pool) -> None:
     """Whatever the fuzzers did, the bytes charged equal what the live objects hold, and a final
     free of everything returns the count to zero."""
     registry = fuzzed.server.registry
-    owners = {id(e.owner): e.owner for _, e in registry.items()}
-    expected: dict[str, int] = {}
-    for owner in owners.values():
-        for device, n in handles.held_bytes(owner).items():
-            expected[device] = expected.get(device, 0) + n
+    held = set().union(*(handles.storages(handles.tensors_of(e.obj)) for _, e in registry.items()))
+    expected = handles.storage_bytes(held)
     assert registry.held_bytes() == {d: n for d, n in expected.items() if n}
     fuzzed.client.free()
     assert registry.held_bytes() == {} and len(registry) == 0

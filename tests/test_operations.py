@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import weightavg
 from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
-from weightavg_server.ops.app import SERVICE_NAME, create_server, receive_ceiling, server_options, set_serving
+from weightavg_server.ops.app import SERVICE_NAME, create_runtime, create_server, receive_ceiling, server_options, set_serving
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.metrics import MetricsServer, start_metrics_server
 from weightavg_server.store.registry import Registry
@@ -51,8 +51,9 @@ def ops_server() -> Iterator[OpsServer]:
     # Its own server, so that statistics and live objects are this module's alone.
     config = ServerConfig(host="127.0.0.1", port=0, device="cpu")
     registry, stats = Registry(), RpcStats()
-    server, port, health = create_server(config, registry, stats)
-    metrics: MetricsServer = start_metrics_server("127.0.0.1", 0, stats, registry, torch.device("cpu"))
+    runtime = create_runtime(config, registry, stats)
+    metrics: MetricsServer = start_metrics_server("127.0.0.1", 0, stats, runtime.service)
+    server, port, health = runtime.server, runtime.port, runtime.health
     server.start()
     set_serving(health, True)
     yield OpsServer(

@@ -323,7 +323,8 @@ def test_kinds_without_a_snapshot_format_are_skipped_and_reported(state_server: 
     """Handles a format refuses (here a loss object not built by CreateLoss) are reported, not silently lost."""
     from weightavg_server.store.registry import Kind
 
-    loss = state_server.registry.add(Kind.LOSS, torch.nn.MSELoss())
+    with state_server.registry.reserve(handles=1) as reservation:
+        loss = state_server.registry.add(Kind.LOSS, torch.nn.MSELoss(), reservation)
     with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
         d = c.dict({"a": [1.0]})
         result = c.snapshot()

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import module_of
 import torch
 
 from weightavg import (
@@ -369,7 +370,7 @@ def test_training_improves_accuracy_and_restores_the_train_flag(client: Client, 
     client.test(m, x, y)
     client.test(m, metrics="accuracy")
     before = client.testrun(m)
-    module = live_server.registry.module(m.id)[1]
+    module = module_of(live_server.registry, m.id)
     module.eval()
     for _ in range(5):
         client.run(m)
@@ -428,7 +429,7 @@ def test_evaluate_and_forward_variants(client: Client, live_server: Any, unchang
     xt = client.tensor(x)
     client.forward(m, xt)
     assert client.dict(b, "num_batches_tracked") == 2
-    module = live_server.registry.module(q.id)[1]
+    module = module_of(live_server.registry, q.id)
     assert module.training  # a new module is in train mode; eforward put it back
     module.eval()
     client.nforward(q, xt)
@@ -472,7 +473,7 @@ def test_deadline_stops_a_long_epoch_between_batches(client: Client, live_server
     optimizer = live_server.registry.get(m.id).obj.optimizer.optim
     steps = [int(s["step"]) for s in optimizer.state.values()] or [0]
     assert max(steps) < n
-    module = live_server.registry.module(q.id)[1]
+    module = module_of(live_server.registry, q.id)
     assert module.training
 
 

@@ -1,20 +1,112 @@
-"""What a handle holds: its tensors (for listings and byte counts) and moving it between devices."""
+"""What an object holds in tensor memory: its tensors, their distinct storages, summaries, and moves.
+
+Every object a handle can stand for (module, model, optimizer, loss, dictionary, tensor) is read
+through `tensors_of`, so the store's accounting, listings and statistics all count the same
+tensors. Memory is counted by storage: two tensors that share one (a view, a parameter seen
+through a dictionary, a model's input held by a tensor handle) are one allocation.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from . import dictionaries
 from .errors import InvalidArgument
-from ..store.registry import Bytes, Entry, Kind, TensorHolder
+
+Bytes = dict[str, int]
+"""Tensor bytes by device name ("cpu", "cuda:0")."""
+
+StorageKey = tuple[str, int, int]
+"""One allocation: (device, data pointer, bytes). Bytes are part of the key so that an address
+reused for a different allocation is never mistaken for the old one."""
+
+
+@dataclass
+class TensorHolder:
+    """A tensor handle's object: a box so that moving the tensor keeps every handle to it valid."""
+
+    tensor: torch.Tensor
+
+
+@runtime_checkable
+class HasTensors(Protocol):
+    """An object that lists the tensors it keeps alive (models, optimizers, losses)."""
+
+    def tensors(self) -> Iterator[torch.Tensor]: ...
+
+
+def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """A module's parameters, their gradients and its buffers."""
+    for p in module.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+    yield from module.buffers()
+
+
+def tensors_of(obj: object) -> Iterator[torch.Tensor]:
+    """Every tensor an object keeps alive: a module's parameters, gradients and buffers, a
+    dictionary's entries (a live view's are its module's), a tensor handle's tensor, or what a
+    model, optimizer or loss lists."""
+    if isinstance(obj, TensorHolder):
+        yield obj.tensor
+    elif isinstance(obj, dictionaries.TensorDict):
+        yield from obj.entries.values()
+    elif isinstance(obj, torch.nn.Module):
+        yield from module_tensors(obj)
+    elif isinstance(obj, HasTensors):
+        yield from obj.tensors()
+
+
+def storage_key(t: torch.Tensor) -> StorageKey:
+    """The allocation a tensor lives in."""
+    storage = t.untyped_storage()
+    return (str(t.device), storage.data_ptr(), storage.nbytes())
+
+
+def storages(tensors: Iterable[torch.Tensor]) -> set[StorageKey]:
+    """The distinct allocations behind some tensors."""
+    return {storage_key(t) for t in tensors}
+
+
+def storage_bytes(keys: Iterable[StorageKey]) -> Bytes:
+    """Bytes of distinct allocations, by device."""
+    totals: Bytes = {}
+    for device, _, nbytes in set(keys):
+        totals[device] = totals.get(device, 0) + nbytes
+    return totals
+
+
+def held_bytes(obj: object) -> Bytes:
+    """Tensor bytes an object keeps alive, by device; storage shared by several tensors counts once."""
+    return storage_bytes(storages(tensors_of(obj)))
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor], device: torch.device | str | None = None) -> Bytes:
+    """Bytes fresh copies of the tensors would take, by device (theirs, or `device`)."""
+    totals: Bytes = {}
+    for t in tensors:
+        name = str(device) if device is not None else str(t.device)
+        totals[name] = totals.get(name, 0) + t.numel() * t.element_size()
+    return totals
+
+
+def add_bytes(*parts: Mapping[str, int]) -> Bytes:
+    """The sum of several byte counts by device."""
+    total: Bytes = {}
+    for part in parts:
+        for device, n in part.items():
+            total[device] = total.get(device, 0) + n
+    return {device: n for device, n in total.items() if n}
 
 
 @dataclass(frozen=True)
 class HandleSummary:
-    """Device, common dtype, byte count and tensor count of one handle's tensors."""
+    """Device, common dtype, byte count and tensor count of one object's tensors."""
 
     device: str
     dtype: torch.dtype | None
@@ -22,93 +114,22 @@ class HandleSummary:
     tensor_count: int
 
 
-def tensors_of(entry: Entry) -> Iterator[torch.Tensor]:
-    """Every tensor an entry holds (a module's parameters and buffers, a dictionary's entries...)."""
-    obj = entry.obj
-    if entry.kind is Kind.TENSOR:
-        yield obj.tensor
-    elif entry.kind is Kind.DICTIONARY:
-        yield from obj.entries.values()
-    elif entry.kind is Kind.MODULE:
-        yield from obj.parameters()
-        yield from obj.buffers()
-    elif hasattr(obj, "tensors"):
-        yield from obj.tensors()
+EMPTY_SUMMARY = HandleSummary(device="", dtype=None, nbytes=0, tensor_count=0)
 
 
-def summarize(entry: Entry) -> HandleSummary:
-    """Summarize an entry's tensors; storage shared by several tensors is counted once."""
-    tensors = list(tensors_of(entry))
-    devices = {str(t.device) for t in tensors}
+def summarize(obj: object) -> HandleSummary:
+    """Summarize an object's tensors; storage shared by several tensors is counted once."""
+    tensors = list(tensors_of(obj))
     dtypes = {t.dtype for t in tensors}
-    seen: set[tuple[str, int]] = set()
-    nbytes = 0
-    for t in tensors:
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            nbytes += t.untyped_storage().nbytes()
     return HandleSummary(
-        device=",".join(sorted(devices)),
+        device=",".join(sorted({str(t.device) for t in tensors})),
         dtype=dtypes.pop() if len(dtypes) == 1 else None,
-        nbytes=nbytes,
+        nbytes=sum(storage_bytes(storages(tensors)).values()),
         tensor_count=len(tensors),
     )
 
 
-def describe(entry: Entry) -> HandleSummary | None:
-    """A summary for a listing, without waiting for a busy object; None once the handle is freed.
-
-    An idle object is summarized under its lock. A busy one (say, training) is summarized without
-    it, since the call in flight only changes values in place or, rarely, the set of tensors; a
-    summary that races such a change is retried and, failing that, left empty.
-    """
-    if entry.lock.acquire(blocking=False):
-        try:
-            return None if entry.freed else summarize(entry)
-        finally:
-            entry.lock.release()
-    for _ in range(3):
-        if entry.freed:
-            return None
-        try:
-            return summarize(entry)
-        except RuntimeError:  # a dictionary changed size during iteration
-            continue
-    return HandleSummary(device="", dtype=None, nbytes=0, tensor_count=0)
-
-
-def held_bytes(owner: object) -> Bytes:
-    """Tensor bytes an owner object keeps alive, by device; shared storage counts once.
-
-    A module counts its parameters, their gradients and its buffers; a dictionary its entries (a
-    live view holds none of its own: they are its module's); a tensor handle its tensor.
-    """
-    tensors: list[torch.Tensor]
-    if isinstance(owner, torch.nn.Module):
-        params = list(owner.parameters())
-        tensors = params + [p.grad for p in params if p.grad is not None] + list(owner.buffers())
-    elif isinstance(owner, dictionaries.TensorDict):
-        tensors = [] if owner.live else list(owner.entries.values())
-    elif isinstance(owner, TensorHolder):
-        tensors = [owner.tensor]
-    elif hasattr(owner, "tensors"):
-        tensors = list(owner.tensors())
-    else:
-        tensors = []
-    return _storage_bytes(tensors)
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> Bytes:
-    """Bytes copies of the tensors would take, by device (what cloning them allocates)."""
-    totals: Bytes = {}
-    for t in tensors:
-        device = str(t.device)
-        totals[device] = totals.get(device, 0) + t.numel() * t.element_size()
-    return totals
-
-
-def snapshot(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def host_copies(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """CPU copies of named tensors, taken under the object's lock so a reply can stream without it.
 
     A reply built from copies is consistent (no entry half-updated by a later call), and a slow
@@ -118,39 +139,7 @@ def snapshot(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch
     return [(name, t.detach().to("cpu", copy=True)) for name, t in named]
 
 
-def _storage_bytes(tensors: list[torch.Tensor]) -> Bytes:
-    totals: Bytes = {}
-    seen: set[tuple[str, int]] = set()
-    for t in tensors:
-        device = str(t.device)
-        key = (device, t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            totals[device] = totals.get(device, 0) + t.untyped_storage().nbytes()
-    return totals
-
-
-def _converted_bytes(tensors: list[torch.Tensor], device: torch.device | None, dtype: torch.dtype | None,
-                     convert: Callable[[torch.Tensor], bool]) -> Bytes:
-    """Bytes the tensors would take after moving to device and converting those `convert` picks to dtype."""
-    totals: Bytes = {}
-    for t in tensors:
-        target = str(device) if device is not None else str(t.device)
-        size = (torch.empty((), dtype=dtype).element_size() if dtype is not None and convert(t) else t.element_size())
-        totals[target] = totals.get(target, 0) + t.numel() * size
-    return totals
-
-
-def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters, their gradients and buffers, each tensor once."""
-    out: dict[int, torch.Tensor] = {}
-    for p in module.parameters():
-        out.setdefault(id(p), p)
-        if p.grad is not None:
-            out.setdefault(id(p.grad), p.grad)
-    for b in module.buffers():
-        out.setdefault(id(b), b)
-    return list(out.values())
+# -- moving between devices and dtypes --------------------------------------------------------------
 
 
 def _module_converts(t: torch.Tensor) -> bool:
@@ -158,57 +147,70 @@ def _module_converts(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def move_bytes(entry: Entry, device: torch.device | None, dtype: torch.dtype | None) -> Bytes:
+def _every(t: torch.Tensor) -> bool:
+    return True
+
+
+def _movable(obj: object) -> tuple[list[torch.Tensor], Callable[[torch.Tensor], bool]]:
+    """The tensors a move copies and which of them a dtype converts; InvalidArgument for objects
+    that do not move on their own."""
+    if isinstance(obj, TensorHolder):
+        return [obj.tensor], _every
+    if isinstance(obj, dictionaries.TensorDict):
+        if obj.live:
+            raise InvalidArgument("a live view moves with its module: move the module instead")
+        return [t for name, t in obj.entries.items() if name != dictionaries.COUNT_KEY], dictionaries.converts
+    if isinstance(obj, torch.nn.Module):
+        return list({id(t): t for t in module_tensors(obj)}.values()), _module_converts
+    raise InvalidArgument(f"cannot move a {type(obj).__name__.lower()}: move its module instead")
+
+
+def move_bytes(obj: object, device: torch.device | None, dtype: torch.dtype | None) -> Bytes:
     """New bytes a move would allocate, by target device: every tensor is copied before the old go.
 
     Tensors that already have the target device and dtype are not copied and cost nothing.
     """
-    obj = entry.obj
-    if entry.kind is Kind.TENSOR:
-        tensors, converts = [obj.tensor], (lambda t: True)
-    elif entry.kind is Kind.DICTIONARY:
-        tensors = [t for name, t in obj.entries.items() if name != dictionaries.COUNT_KEY]
-        converts = dictionaries.converts
-    elif entry.kind is Kind.MODULE:
-        tensors, converts = _module_tensors(obj), _module_converts
-    else:
-        return {}
-    changing = [
-        t for t in tensors
-        if (device is not None and t.device != device) or (dtype is not None and converts(t) and t.dtype != dtype)
-    ]
-    return _converted_bytes(changing, device, dtype, converts)
+    tensors, converts = _movable(obj)
+    totals: Bytes = {}
+    for t in tensors:
+        new_dtype = dtype if dtype is not None and converts(t) else t.dtype
+        target = device if device is not None else t.device
+        if target == t.device and new_dtype == t.dtype:
+            continue
+        size = t.numel() * torch.empty((), dtype=new_dtype).element_size()
+        totals[str(target)] = totals.get(str(target), 0) + size
+    return totals
 
 
-def move(entry: Entry, device: torch.device | None, dtype: torch.dtype | None) -> None:
+def move(obj: object, device: torch.device | None, dtype: torch.dtype | None) -> None:
     """Move a tensor, dictionary or module in place, so every handle to it sees the move.
 
     All new tensors are made before any old one is replaced, so a move that runs out of memory
     changes nothing.
     """
-    if entry.kind is Kind.TENSOR:
-        holder: TensorHolder = entry.obj
-        holder.tensor = holder.tensor.to(device=device or holder.tensor.device, dtype=dtype or holder.tensor.dtype)
-    elif entry.kind is Kind.DICTIONARY:
-        dictionaries.move(entry.obj, device, dtype)
-    elif entry.kind is Kind.MODULE:
+    tensors, converts = _movable(obj)
+    if isinstance(obj, TensorHolder):
+        obj.tensor = obj.tensor.to(device=device or obj.tensor.device, dtype=dtype or obj.tensor.dtype)
+    elif isinstance(obj, dictionaries.TensorDict):
+        dictionaries.move(obj, device, dtype)
+    else:
         if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
             raise InvalidArgument(f"a module's parameters can only be converted to a floating dtype, not {dtype}")
-        _move_module(entry.obj, device, dtype)
-    else:
-        raise InvalidArgument(f"cannot move a {entry.kind.value}: move its module instead")
+        _swap_data(tensors, device, dtype if dtype is not None else None, converts)
 
 
-def _move_module(module: torch.nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> None:
+def _swap_data(
+    tensors: list[torch.Tensor], device: torch.device | None, dtype: torch.dtype | None,
+    converts: Callable[[torch.Tensor], bool],
+) -> None:
     """Module.to in two phases: convert every tensor, then swap each one's data in place.
 
     Swapping `.data` keeps every Parameter and buffer object, so live views of the module's
     parameters and buffers keep showing the moved tensors (Module.to replaces buffer objects).
     """
-    tensors = _module_tensors(module)
     with torch.no_grad():
         moved = [
-            t.to(device=device or t.device, dtype=dtype if dtype is not None and _module_converts(t) else t.dtype)
+            t.to(device=device or t.device, dtype=dtype if dtype is not None and converts(t) else t.dtype)
             for t in tensors
         ]
         for t, new in zip(tensors, moved):

@@ -17,19 +17,17 @@ from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
 from .config import ServerConfig
-from ..transport.convert import resolve_server_device
+from ..domain.devices import server_device
+from ..service import Service, Settings
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import SessionInterceptor, TokenInterceptor
 from ..store.limits import Limits
 from ..transport.observe import ObservingInterceptor
 from ..store.registry import Registry
-from ..transport.servicer import WeightAveragingServicer, add_to_server
+from ..transport.servicer import SERVICE_NAME, WeightAveragingServicer, add_to_server
 from .stats import RpcStats
 
 log = logging.getLogger("weightavg.server")
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
-
 
 def receive_ceiling(max_message_bytes: int) -> int:
     """grpc's receive limit: twice the cap (a misjudged chunk size still fails cleanly), within int32."""
@@ -87,6 +85,7 @@ class Runtime:
     config: ServerConfig
     stats: RpcStats
     device: torch.device
+    service: Service
     reaper: Reaper = field(init=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +151,14 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def settings(config: ServerConfig, device: torch.device) -> Settings:
+    """What the service needs of the configuration."""
+    return Settings(
+        device=device, max_spec_depth=config.max_spec_depth, session_lease_seconds=config.session_lease_seconds,
+        max_session_lease_seconds=config.max_session_lease_seconds, state_dir=config.state_dir or "",
+    )
+
+
 def create_runtime(
     config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None
 ) -> Runtime:
@@ -161,7 +168,7 @@ def create_runtime(
         snapshot.SnapshotError: the snapshot on disk is torn or modified; the server must not start.
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
-    device = resolve_server_device(config.device)
+    device = server_device(config.device)
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
     if config.state_dir:
@@ -184,7 +191,12 @@ def create_runtime(
         # Beyond this many calls in flight, new ones get RESOURCE_EXHAUSTED rather than queueing forever.
         maximum_concurrent_rpcs=config.max_workers * 4,
     )
-    add_to_server(WeightAveragingServicer(config, registry, device, stats), server)
+    service = Service(registry, settings(config, device))
+    servicer = WeightAveragingServicer(
+        service, max_message_bytes=config.max_message_bytes, chunk_bytes=config.chunk_bytes,
+        max_upload_bytes=config.max_upload_bytes, stats=stats,
+    )
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -203,7 +215,7 @@ def create_runtime(
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
         "token required" if config.token else "no token",
     )
-    return Runtime(server, port, health_servicer, registry, config, stats, device)
+    return Runtime(server, port, health_servicer, registry, config, stats, device, service)
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

@@ -91,7 +91,7 @@ def serve(config: ServerConfig) -> None:
         from .metrics import start_metrics_server  # prometheus-client is only needed with metrics on
 
         try:
-            metrics = start_metrics_server(config.host, config.metrics_port, runtime.stats, runtime.registry, runtime.device)
+            metrics = start_metrics_server(config.host, config.metrics_port, runtime.stats, runtime.service)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
     stop = threading.Event()

@@ -13,8 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..store.registry import Registry
-from .stats import LATENCY_BUCKETS, RpcStats, live_objects
+from ..service import Service
+from .stats import LATENCY_BUCKETS, RpcStats
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -30,10 +30,10 @@ class WeightavgCollector(Collector):
     reads the same snapshot.
     """
 
-    def __init__(self, stats: RpcStats, registry: Registry, device: torch.device) -> None:
+    def __init__(self, stats: RpcStats, service: Service) -> None:
         self.stats = stats
-        self.registry = registry
-        self.device = device
+        self.service = service
+        self.device = service.device
 
     def collect(self) -> Iterator[Metric]:
         rpc = ["service", "method"]
@@ -76,7 +76,7 @@ class WeightavgCollector(Collector):
             "weightavg_live_tensor_bytes", "Bytes of distinct tensor storage held by live handles, by device.",
             labels=["device"],
         )
-        for device, usage in live_objects(self.registry).items():
+        for device, usage in self.service.device_usage().items():
             handles.add_metric([device or "none"], usage.handles)
             if device:
                 nbytes.add_metric([device], usage.bytes)
@@ -113,14 +113,14 @@ class MetricsServer:
 
 
 def start_metrics_server(
-    host: str, port: int, stats: RpcStats, registry: Registry, device: torch.device
+    host: str, port: int, stats: RpcStats, service: Service
 ) -> MetricsServer:
     """Serve the metrics over HTTP on host:port (0 picks a free port; see MetricsServer.port).
 
     A private CollectorRegistry keeps several servers in one process (tests) from sharing metrics.
     """
     collectors = CollectorRegistry()
-    collectors.register(WeightavgCollector(stats, registry, device))
+    collectors.register(WeightavgCollector(stats, service))
     ProcessCollector(registry=collectors)
     httpd, thread = start_http_server(port, addr=host, registry=collectors)
     return MetricsServer(httpd, thread)

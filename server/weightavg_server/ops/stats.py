@@ -12,8 +12,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..domain.tensors import tensors_of
-from ..store.registry import Registry
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -88,37 +86,3 @@ class RpcStats:
     def uptime(self) -> float:
         """Seconds since these statistics started."""
         return time.monotonic() - self._started_at
-
-
-@dataclass
-class DeviceUsage:
-    """Live handles whose tensors are on a device, and the bytes of distinct storage there."""
-
-    handles: int = 0
-    bytes: int = 0
-
-
-def live_objects(registry: Registry) -> dict[str, DeviceUsage]:
-    """Handles and tensor bytes per device ("" for handles holding no tensor), sorted by device.
-
-    Storage shared by several handles (addref handles, views of a module's parameters) is counted
-    once, so the bytes are memory actually held. Reads take no object lock: a scrape must never wait
-    behind a long call, and a count taken while a call changes an object is only momentarily stale.
-    """
-    usage: dict[str, DeviceUsage] = {}
-    seen: set[tuple[str, int]] = set()
-    for _, entry in registry.items():
-        try:
-            tensors = list(tensors_of(entry))
-        except RuntimeError:  # the object's tensor dict changed while being read; skip it this time
-            continue
-        devices = sorted({str(t.device) for t in tensors}) or [""]
-        for device in devices:
-            usage.setdefault(device, DeviceUsage()).handles += 1
-        for t in tensors:
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                usage[str(t.device)].bytes += storage.nbytes()
-    return dict(sorted(usage.items()))

@@ -1,4 +1,12 @@
-"""The one shared registry: live objects under opaque random handle IDs, with per-object locks."""
+"""The store: live objects under opaque random handle IDs, their locks, sessions, and the memory
+accounting every allocating call goes through.
+
+Two constructs carry every change, so none can forget the caps:
+- `reserve` (with `grow` as an upload's headers arrive) sets bytes and handles aside before anything
+  is allocated, and `add` registers a new object, charging what it really holds;
+- `mutate` locks the objects a call changes, reserves what the call will allocate, and afterwards
+  recharges every object guarded by those locks from the allocations it really reaches.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +17,13 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ..domain.errors import InvalidArgument, NotFound, ResourceExhausted
+from ..domain.errors import InvalidArgument, NotFound
+from ..domain.tensors import EMPTY_SUMMARY, Bytes, HandleSummary, storages, summarize, tensors_of
+from .accounting import Ledger, Reservation
 from .limits import Limits
 
 log = logging.getLogger("weightavg.sessions")
@@ -38,63 +46,29 @@ class Kind(enum.Enum):
 MODULE_KINDS = (Kind.MODULE, Kind.MODEL, Kind.OPTIMIZER)
 """Kinds that stand for a module: a model means its module, an optimizer the module it was built from."""
 
-
-@dataclass
-class TensorHolder:
-    """A tensor handle's object: a box so that moving the tensor keeps every handle to it valid."""
-
-    tensor: torch.Tensor
+_PREFIXES = {
+    Kind.MODULE: "mod", Kind.MODEL: "mdl", Kind.OPTIMIZER: "opt",
+    Kind.LOSS: "los", Kind.DICTIONARY: "dic", Kind.TENSOR: "ten",
+}
 
 
 @dataclass
 class Entry:
     """One live handle: its kind, the object (shared by addref handles) and the object's lock.
 
-    `owner` is the object whose tensors the handle keeps alive and is charged for: the object
-    itself, or for a live view the module it shows. `freed` turns true, under the lock, when the
-    handle is freed, so a call that was waiting for the lock answers NOT_FOUND instead of working
-    on a freed object.
+    Objects that share tensors (a module, the model and optimizer built on it, live views of it, a
+    model's input) share one lock, so a call that changes one is never concurrent with a call on
+    another. `freed` turns true, under the lock, when the handle is freed, so a call that was waiting
+    for the lock answers NOT_FOUND instead of working on a freed object.
     """
 
     kind: Kind
     obj: Any
     lock: threading.RLock
     created: float = field(default_factory=time.monotonic)
-    owner: Any = None
     freed: bool = False
     session: str | None = None
     """The session that owns the handle (freed with it), or None: lives until freed."""
-
-    def __post_init__(self) -> None:
-        if self.owner is None:
-            self.owner = self.obj
-
-
-Bytes = dict[str, int]
-"""Tensor bytes by device name ("cpu", "cuda:0")."""
-
-
-@dataclass
-class Reservation:
-    """Handles and bytes set aside for a call in progress, so concurrent calls cannot overshoot a cap."""
-
-    handles: int = 0
-    nbytes: Bytes = field(default_factory=dict)
-
-
-@dataclass
-class _Charge:
-    """Bytes charged for one owner object, and how many handles keep it alive."""
-
-    owner: Any
-    refs: int
-    nbytes: Bytes
-
-
-_PREFIXES = {
-    Kind.MODULE: "mod", Kind.MODEL: "mdl", Kind.OPTIMIZER: "opt",
-    Kind.LOSS: "los", Kind.DICTIONARY: "dic", Kind.TENSOR: "ten",
-}
 
 
 @dataclass
@@ -112,6 +86,10 @@ def new_handle_id(kind: Kind) -> str:
     return f"{_PREFIXES[kind]}_{secrets.token_hex(16)}"
 
 
+Need = Mapping[str, int] | Callable[[], Mapping[str, int]]
+"""Bytes a call will allocate, by device, or a function that works them out once the locks are held."""
+
+
 class Registry:
     """Maps handle IDs to entries and session IDs to leases, and accounts for handles and tensor
     bytes against the caps. A handle created while serving a call that carries a session
@@ -126,147 +104,147 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self._limits = limits or Limits()
-        self._held: Bytes = {}
-        self._pending: Bytes = {}
-        self._pending_handles = 0
-        self._charges: dict[int, _Charge] = {}
+        self._ledger = Ledger(limits or Limits())
 
     @property
     def limits(self) -> Limits:
         """The caps in force."""
-        return self._limits
+        return self._ledger.limits
 
     def set_limits(self, limits: Limits) -> None:
         """Change the caps; what is already held stays, new requests are checked against them."""
         with self._lock:
-            self._limits = limits
+            self._ledger.limits = limits
 
     def held_bytes(self) -> Bytes:
-        """Tensor bytes charged to live handles, by device."""
+        """Bytes of distinct allocations held by live handles, by device."""
         with self._lock:
-            return {device: n for device, n in self._held.items() if n}
+            return self._ledger.held()
 
-    # -- caps -------------------------------------------------------------------------------------
-
-    def _check_room(self, handles: int, nbytes: Bytes, released: Bytes | None = None) -> None:
-        """Raise ResourceExhausted unless `handles` more handles and `nbytes` more bytes fit (lock held)."""
-        cap = self._limits.max_handles
-        if handles > 0 and cap > 0 and len(self._entries) + self._pending_handles + handles > cap:
-            raise ResourceExhausted(
-                f"the server holds its cap of {cap} live handles (--max-handles); free some handles first"
-            )
-        for device, n in nbytes.items():
-            if n <= 0:
-                continue
-            held = self._held.get(device, 0) + self._pending.get(device, 0) - (released or {}).get(device, 0)
-            limit = self._limits.bytes_cap(device)
-            if held + n > limit:
-                raise ResourceExhausted(
-                    f"{n} more tensor bytes on {device} would exceed the cap of {limit} bytes per device "
-                    f"({held} already held or reserved; --max-device-bytes); free some handles first"
-                )
+    # -- reserving before allocating ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def reserve(self, handles: int = 0, nbytes: Bytes | None = None) -> Iterator[Reservation]:
+    def reserve(self, handles: int = 0, nbytes: Mapping[str, int] | None = None) -> Iterator[Reservation]:
         """Set aside room for a call, checked against the caps before it allocates anything.
 
-        `add` and `recharge` consume the reservation; whatever is left is released on exit.
+        `add` spends the reservation; whatever is left is released on exit.
 
         Raises:
             ResourceExhausted: the handles or bytes would not fit.
         """
         reservation = Reservation()
         try:
-            self.grow(reservation, handles, nbytes or {})
+            self.grow(reservation, handles, nbytes)
             yield reservation
         finally:
             with self._lock:
-                self._pending_handles -= reservation.handles
-                self._release_bytes(reservation)
+                self._ledger.release(reservation)
 
-    def grow(self, reservation: Reservation, handles: int = 0, nbytes: Bytes | None = None) -> None:
+    def grow(self, reservation: Reservation, handles: int = 0, nbytes: Mapping[str, int] | None = None) -> None:
         """Add to a reservation (e.g. as each tensor's header of an upload arrives)."""
-        nbytes = {device: n for device, n in (nbytes or {}).items() if n > 0}
         with self._lock:
-            self._check_room(handles, nbytes)
-            reservation.handles += handles
-            self._pending_handles += handles
-            for device, n in nbytes.items():
-                reservation.nbytes[device] = reservation.nbytes.get(device, 0) + n
-                self._pending[device] = self._pending.get(device, 0) + n
+            self._ledger.reserve(reservation, len(self._entries), handles, dict(nbytes or {}))
 
-    def _release_bytes(self, reservation: Reservation) -> None:
-        for device, n in reservation.nbytes.items():
-            self._pending[device] -= n
-        reservation.nbytes = {}
+    @contextlib.contextmanager
+    def mutate(self, *entries: Entry, need: Need) -> Iterator[Reservation]:
+        """The one way to change held objects: lock them, reserve what the change will allocate
+        (`need`, worked out under the locks when it is a function), and afterwards, failed or not,
+        recharge every object that shares those locks from the allocations it really reaches.
 
-    # -- handles ----------------------------------------------------------------------------------
+        Raises:
+            NotFound: a handle was freed while this call waited for its lock.
+            ResourceExhausted: the change would not fit under the caps; nothing was changed.
+        """
+        with locked(*entries):
+            with self.reserve() as reservation:
+                self.grow(reservation, nbytes=need() if callable(need) else need)
+                try:
+                    yield reservation
+                finally:
+                    self._recharge({id(e.lock) for e in entries})
+
+    def reading(self, *entries: Entry) -> contextlib.AbstractContextManager[None]:
+        """Lock objects for a call that changes nothing they hold.
+
+        Raises:
+            NotFound: a handle was freed while this call waited for its lock.
+        """
+        return locked(*entries)
+
+    def create(self, kind: Kind, need: Mapping[str, int], build: Callable[[], Any], *, share: Entry | None = None) -> str:
+        """Reserve a handle and `need` bytes, build the object, and register it.
+
+        With `share`, the new object joins that entry's lock (a view, an optimizer or a model over
+        its module); the caller holds that lock.
+        """
+        with self.reserve(handles=1, nbytes=need) as reservation:
+            return self.add(kind, build(), reservation, lock=share.lock if share is not None else None)
+
+    def _recharge(self, lock_ids: set[int]) -> None:
+        """Recharge every object guarded by one of these locks (their holders hold the locks)."""
+        with self._lock:
+            objs = {id(e.obj): e.obj for e in self._entries.values() if id(e.lock) in lock_ids}
+        keys = {key: frozenset(storages(tensors_of(obj))) for key, obj in objs.items()}
+        with self._lock:
+            for key, obj in objs.items():
+                self._ledger.recharge(obj, keys[key])
+
+    # -- handles ------------------------------------------------------------------------------------
 
     def add(
         self,
         kind: Kind,
         obj: Any,
-        lock: threading.RLock | None = None,
+        reservation: Reservation,
         *,
-        owner: Any = None,
-        charge: Bytes | None = None,
-        reservation: Reservation | None = None,
+        lock: threading.RLock | None = None,
+        replacing: tuple[Entry, ...] = (),
         handle_id: str | None = None,
         session: str | None = None,
     ) -> str:
-        """Register obj under a new handle and return its ID.
+        """Register obj under a new handle, charging the allocations it reaches that no live object
+        holds yet, and return the handle's ID.
 
         Args:
-            lock: another object's lock to share (addref handles, live views).
-            owner: the object charged for the tensors (default obj); an owner already charged
-                through another handle is charged once.
-            charge: the owner's tensor bytes by device, when it is new.
             reservation: room set aside by `reserve`; it pays for the handle and the bytes.
+            lock: another object's lock to share (addref handles, views, objects over a module).
+            replacing: entries whose handles go in the same step (a model takes its parts' handles),
+                so the check counts only what is really new.
             handle_id: only for restoring a snapshot.
             session: the owning session (default: the caller's; None outside a session).
 
         Raises:
-            ResourceExhausted: over a cap (checked again here, with the exact bytes).
+            ResourceExhausted: over a cap (checked here with the exact bytes).
             NotFound: the session has ended (the object is then dropped).
         """
-        session_owner = session if session is not None else CALLER_SESSION.get()
-        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), owner=owner, session=session_owner)
+        owner = session if session is not None else CALLER_SESSION.get()
+        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), session=owner)
         handle = handle_id or new_handle_id(kind)
-        key = id(entry.owner)
+        keys = frozenset(storages(tensors_of(obj)))
         with self._lock:
-            if session_owner is not None and session_owner not in self._sessions:
-                raise NotFound(f"session '{session_owner}' has ended (lease expired or closed); nothing created")
+            if owner is not None and owner not in self._sessions:
+                raise NotFound(f"session '{owner}' has ended (lease expired or closed); nothing created")
             if handle in self._entries:
                 raise InvalidArgument(f"handle '{handle}' already exists")
-            reserved_slot = reservation is not None and reservation.handles > 0
-            new_owner = key not in self._charges
-            nbytes = (charge or {}) if new_owner else {}
-            self._check_room(0 if reserved_slot else 1, nbytes, reservation.nbytes if reservation else None)
-            if reservation is not None:
-                if reserved_slot:
-                    reservation.handles -= 1
-                    self._pending_handles -= 1
-                self._release_bytes(reservation)
-            if new_owner:
-                self._charges[key] = _Charge(entry.owner, 0, dict(nbytes))
-                for device, n in nbytes.items():
-                    self._held[device] = self._held.get(device, 0) + n
-            self._charges[key].refs += 1
+            gone = [e for e in replacing if e.freed]
+            if gone:
+                raise NotFound(f"the {gone[0].kind.value} handle was freed meanwhile; nothing changed")
+            reserved_slot = reservation.handles > 0
+            new = {} if self._ledger.is_held(obj) else self._ledger.new_bytes(keys)
+            self._ledger.check(len(self._entries) - len(replacing), 0 if reserved_slot else 1, new, reservation.nbytes)
+            if reserved_slot:
+                reservation.handles -= 1
+                self._ledger.pending_handles -= 1
+            self._ledger.spend(reservation, new)
+            self._ledger.hold(obj, keys)
             self._entries[handle] = entry
+            for old in replacing:
+                self._remove(self._handle_of(old), old)
         return handle
 
-    def recharge(self, entry: Entry, charge: Bytes, reservation: Reservation | None = None) -> None:
-        """Record what an entry's owner holds after a call changed it (caller holds the entry's lock)."""
-        with self._lock:
-            if reservation is not None:
-                self._release_bytes(reservation)
-            record = self._charges.get(id(entry.owner))
-            if record is None:
-                return
-            for device in set(record.nbytes) | set(charge):
-                self._held[device] = self._held.get(device, 0) + charge.get(device, 0) - record.nbytes.get(device, 0)
-            record.nbytes = dict(charge)
+    def _handle_of(self, entry: Entry) -> str:
+        """The handle ID of a live entry (internal lock held)."""
+        return next(h for h, e in self._entries.items() if e is entry)
 
     def get(self, handle: str, *kinds: Kind) -> Entry:
         """The entry for handle; NotFound when unknown or freed, InvalidArgument when of the wrong kind."""
@@ -281,18 +259,17 @@ class Registry:
             raise InvalidArgument(f"expecting {wanted} handle, given {entry.kind.value} handle '{handle}'")
         return entry
 
-    def module(self, handle: str) -> tuple[Entry, torch.nn.Module]:
-        """Resolve a module, model or optimizer handle to the module it stands for."""
-        entry = self.get(handle, *MODULE_KINDS)
-        module = entry.obj if entry.kind is Kind.MODULE else entry.obj.module
-        return entry, module
+    def handles_sharing(self, lock: threading.RLock, besides: tuple[Entry, ...] = ()) -> list[str]:
+        """Handles whose objects are guarded by `lock`, other than `besides`."""
+        with self._lock:
+            return [h for h, e in self._entries.items() if e.lock is lock and not any(e is b for b in besides)]
 
-    def addref(self, handle: str) -> str:
+    def addref(self, handle: str) -> tuple[str, Kind]:
         """A second handle to the same object, sharing its lock, owned by the caller's session; never
         one to an object being freed."""
         entry = self.get(handle)
-        with locked(entry):
-            return self.add(entry.kind, entry.obj, entry.lock, owner=entry.owner)
+        with locked(entry), self.reserve(handles=1) as reservation:
+            return self.add(entry.kind, entry.obj, reservation, lock=entry.lock), entry.kind
 
     def free(self, handles: list[str]) -> int:
         """Release handles, all or nothing: every one must exist (duplicates count once).
@@ -326,16 +303,10 @@ class Registry:
         return len(live)
 
     def _remove(self, handle: str, entry: Entry) -> None:
-        """Drop one handle and, with its owner's last handle, the owner's charge (lock held)."""
+        """Drop one handle and, with its object's last handle, the object's allocations (lock held)."""
         del self._entries[handle]
         entry.freed = True
-        key = id(entry.owner)
-        record = self._charges[key]
-        record.refs -= 1
-        if record.refs == 0:
-            for device, n in record.nbytes.items():
-                self._held[device] -= n
-            del self._charges[key]
+        self._ledger.unhold(entry.obj)
 
     def items(self) -> list[tuple[str, Entry]]:
         """A snapshot of every live handle, oldest first."""
@@ -444,3 +415,25 @@ def locked(*entries: Entry, check_live: bool = True) -> Iterator[None]:
                 if e.freed:
                     raise NotFound(f"the {e.kind.value} handle was freed while this call waited for it")
         yield
+
+
+def describe(entry: Entry) -> HandleSummary | None:
+    """A summary for a listing, without waiting for a busy object; None once the handle is freed.
+
+    An idle object is summarized under its lock. A busy one (say, training) is summarized without
+    it, since the call in flight only changes values in place or, rarely, the set of tensors; a
+    summary that races such a change is retried and, failing that, left empty.
+    """
+    if entry.lock.acquire(blocking=False):
+        try:
+            return None if entry.freed else summarize(entry.obj)
+        finally:
+            entry.lock.release()
+    for _ in range(3):
+        if entry.freed:
+            return None
+        try:
+            return summarize(entry.obj)
+        except RuntimeError:  # a dictionary changed size during iteration
+            continue
+    return EMPTY_SUMMARY

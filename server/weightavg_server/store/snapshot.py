@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -36,13 +37,14 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..domain import batching, tensors as handles, losses, optimizers, specs, training
-from ..transport import codec as wire
+from ..domain import batching, losses, optimizers, specs, training
 from ..domain.dictionaries import TensorDict
+from ..domain.dtypes import DTYPES
+from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from ..domain.losses import Loss
 from ..domain.optimizers import Optimizer
-from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound
-from .registry import Entry, Kind, Registry, TensorHolder, locked
+from ..domain.tensors import Bytes, TensorHolder, add_bytes
+from .registry import Entry, Kind, Registry, locked
 
 log = logging.getLogger("weightavg.snapshot")
 
@@ -55,7 +57,6 @@ _SAFETENSORS_DTYPES = {
     torch.int32, torch.int64, torch.bool, torch.complex64,
 }
 """Dtypes safetensors stores natively; others (complex128) are stored as their raw bytes."""
-_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in wire.DTYPES.values()}
 _write_lock = threading.Lock()
 _CPU_ALIGNMENT = 64
 """Bytes to which PyTorch's CPU allocator aligns every allocation."""
@@ -159,7 +160,7 @@ class LoadContext:
         if key in self._loaded:
             return self._loaded[key]
         info = self._info[key]
-        dtype = _DTYPES_BY_NAME[info["dtype"]]
+        dtype = DTYPES[info["dtype"]]
         data = self._tensors[key]
         if info["raw"]:
             data = data.view(dtype).reshape(info["shape"])
@@ -173,6 +174,13 @@ class LoadContext:
             t = t.clone()
         self._loaded[key] = t
         return t
+
+    def placed_bytes(self) -> Bytes:
+        """Bytes every stored tensor takes once placed, by device: what a restore reserves first."""
+        return add_bytes(*(
+            {str(self._placement(info["device"])): math.prod(info["shape"]) * DTYPES[info["dtype"]].itemsize}
+            for info in self._info.values()
+        ))
 
     def object(self, index: int) -> Any:
         """The restored object at index (restored now if it was not yet)."""
@@ -658,18 +666,19 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
         return built[index]
 
     ctx = LoadContext(tensors, state["tensors"], device, load_object)
-    for index in range(len(objects)):
-        load_object(index)
-    locks: dict[int, threading.RLock] = {}
-    for s in state["sessions"]:
-        registry.create_session(float(s["lease"]), session_id=str(s["id"]))
-    for h in state["handles"]:
-        record = objects[int(h["object"])]
-        lock = locks.setdefault(int(h["lock"]), threading.RLock())
-        obj = built[int(h["object"])]
-        registry.add(
-            Kind(record["kind"]), obj, lock, handle_id=str(h["id"]), session=h["session"],
-            charge=handles.held_bytes(obj),  # restored tensors count against --max-device-bytes too
-        )
+    # Restored tensors count against the caps like any other: reserved before they are placed.
+    with registry.reserve(handles=len(state["handles"]), nbytes=ctx.placed_bytes()) as reservation:
+        for index in range(len(objects)):
+            load_object(index)
+        locks: dict[int, threading.RLock] = {}
+        for s in state["sessions"]:
+            registry.create_session(float(s["lease"]), session_id=str(s["id"]))
+        for h in state["handles"]:
+            record = objects[int(h["object"])]
+            lock = locks.setdefault(int(h["lock"]), threading.RLock())
+            registry.add(
+                Kind(record["kind"]), built[int(h["object"])], reservation, lock=lock, handle_id=str(h["id"]),
+                session=h["session"],
+            )
     log.info("restored %d handle(s) and %d session(s)", len(state["handles"]), len(state["sessions"]))
     return len(state["handles"])

@@ -10,8 +10,11 @@ import torch
 
 from weightavg.v1 import weightavg_pb2 as pb
 
-from ..domain import specs
+from ..domain import dtypes, specs
 from ..domain.errors import InvalidArgument
+from ..domain.tensors import HandleSummary
+from ..ops.stats import MethodStats
+from ..service import ModelDescription, Size
 from ..store.registry import Kind
 
 KINDS = {
@@ -156,3 +159,60 @@ def option_args(
 def options_message(values: Mapping[str, specs.OptionValue]) -> list[pb.Option]:
     """Named option values as messages, in order."""
     return [pb.Option(name=name, value=option_message(value)) for name, value in values.items()]
+
+
+# -- service results as messages ---------------------------------------------------------------------
+
+
+def split_or_none(value: int) -> str | None:
+    """"train" or "test" from a DataSplit, None when unset."""
+    return None if value == pb.DATA_SPLIT_UNSPECIFIED else split(value)
+
+
+def dtype_codes(names: Iterable[str]) -> list[int]:
+    """Wire codes of dtypes given by name, in code order."""
+    return sorted(pb.Dtype.Value(f"DTYPE_{name.upper()}") for name in names)
+
+
+def momenta_messages(momenta: Mapping[str, float | None]) -> dict[str, pb.Momentum]:
+    """A momentum map as messages."""
+    return {name: momentum_message(m) for name, m in momenta.items()}
+
+
+def size_message(size: Size) -> pb.GetSizeResponse:
+    """A handle's size in the response's one-of: dictionary shapes, a tensor's shape, or a count."""
+    if size.entries is not None:
+        entries = [pb.NamedShape(name=name, shape=pb.Shape(dims=shape)) for name, shape in size.entries]
+        return pb.GetSizeResponse(dictionary=pb.DictionarySizes(entries=entries))
+    if size.shape is not None:
+        return pb.GetSizeResponse(tensor=pb.Shape(dims=size.shape))
+    return pb.GetSizeResponse(parameter_count=size.parameter_count or 0)
+
+
+def handle_info(handle_message: pb.Handle, summary: HandleSummary) -> pb.HandleInfo:
+    """One row of a handle listing."""
+    dtype = pb.Dtype.Value(f"DTYPE_{dtypes.name_of(summary.dtype).upper()}") if summary.dtype else pb.DTYPE_UNSPECIFIED
+    return pb.HandleInfo(
+        handle=handle_message, device=summary.device, dtype=dtype, bytes=summary.nbytes,
+        tensor_count=summary.tensor_count,
+    )
+
+
+def model_description(d: ModelDescription) -> pb.DescribeModelResponse:
+    """A model's parts, options and data sizes."""
+    return pb.DescribeModelResponse(
+        module=module_rows(d.module),
+        loss=pb.Component(type=d.loss_type, options=options_message(d.loss_options)),
+        optimizer=pb.Component(type=d.optimizer_type, options=options_message(d.optimizer_options)),
+        train=options_message(d.train), test=options_message(d.test),
+        train_size=d.train_size, test_size=d.test_size,
+    )
+
+
+def method_stats(name: str, s: MethodStats) -> pb.MethodStats:
+    """One method's call statistics."""
+    return pb.MethodStats(
+        method=name, count=s.finished, in_flight=s.in_flight, failures=s.failures, codes=dict(s.codes),
+        total_seconds=s.seconds_total, max_seconds=s.seconds_max,
+        bytes_received=s.bytes_received, bytes_sent=s.bytes_sent,
+    )

@@ -1,0 +1,39 @@
+"""The one table of tensor dtypes the server accepts, by the name clients, logs and snapshots use."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InvalidArgument
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+}
+NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def by_name(name: str) -> torch.dtype:
+    """The dtype called `name`; InvalidArgument naming the valid ones otherwise."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidArgument(f"unsupported dtype '{name}'; expected one of {', '.join(DTYPES)}") from None
+
+
+def name_of(dtype: torch.dtype) -> str:
+    """The name of a supported dtype; InvalidArgument for dtypes the server cannot carry."""
+    try:
+        return NAMES[dtype]
+    except KeyError:
+        raise InvalidArgument(f"dtype {dtype} cannot be sent over the wire") from None

@@ -1,0 +1,115 @@
+"""What an operation is about to allocate, worked out before it allocates anything.
+
+The store reserves these bytes against the caps first, so a call over a cap is refused with
+nothing allocated and nothing changed. Where the size depends on what torch will do (a module's
+parameters, a forward pass's output, an optimizer's state), the same torch code runs on the meta
+device, which computes shapes and dtypes without memory; the answer is exact, not a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import optimizers, specs
+from .options import Value
+from .dictionaries import COUNT_KEY, TensorDict
+from .tensors import Bytes, add_bytes, module_tensors, tensor_bytes
+from .training import Model
+
+
+def module_bytes(spec: specs.LayerSpec, device: torch.device, max_depth: int) -> Bytes:
+    """Bytes of the parameters and buffers of the module `spec` builds, once moved to `device`."""
+    with torch.device("meta"):
+        module = specs.build_module(spec, max_depth=max_depth)
+    return tensor_bytes(module_tensors(module), device)
+
+
+def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
+    """Bytes of the output of `module(x)`, on the module's device.
+
+    The module runs on meta copies of its parameters and buffers, so nothing real changes (not
+    even batchnorm's running statistics). A forward pass that fails on meta reserves nothing here;
+    the real pass then fails with torch's own message, or the store checks what it really made.
+    """
+    state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    device = next((t.device for t in module_tensors(module)), x.device)
+    try:
+        with torch.no_grad():
+            output = functional_call(module, state, (x.to("meta"),))
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+        return {}
+    if not isinstance(output, torch.Tensor):
+        return {}
+    return tensor_bytes([output], device)
+
+
+def _meta_twin(params: Sequence[nn.Parameter]) -> nn.ParameterList:
+    """Meta-device stand-ins for parameters: same shapes, dtypes and requires_grad, no memory."""
+    return nn.ParameterList(
+        nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in params
+    )
+
+
+def _state_bytes(optim: torch.optim.Optimizer, real: Sequence[nn.Parameter], twins: Sequence[nn.Parameter]) -> Bytes:
+    """Bytes of the state `optim` (built over `twins`) holds, placed where the real optimizer keeps it:
+    per-parameter buffers on their parameter's device, scalars (Adam's step) where torch put them."""
+    device_of = {id(t): p.device for p, t in zip(real, twins)}
+    total: Bytes = {}
+    for twin, state in optim.state.items():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                device = device_of[id(twin)] if value.device.type == "meta" else value.device
+                total = add_bytes(total, tensor_bytes([value], device))
+    return total
+
+
+def optimizer_bytes(
+    type_name: str, module: nn.Module, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...]
+) -> Bytes:
+    """Bytes a new optimizer over `module` allocates when built (Adagrad's sums; most allocate none)."""
+    real = list(module.parameters())
+    twins = _meta_twin(real)
+    holder = nn.Module()
+    holder.params = twins
+    built = optimizers.create_optimizer(type_name, holder, args, kwargs)
+    return _state_bytes(built.optim, real, list(twins))
+
+
+def _missing_state(optimizer: optimizers.Optimizer) -> list[nn.Parameter]:
+    """Trainable parameters that have no optimizer state yet (their first step allocates it)."""
+    return [p for p in optimizer.module.parameters() if p.requires_grad and not optimizer.optim.state.get(p)]
+
+
+def step_bytes(optimizer: optimizers.Optimizer) -> Bytes:
+    """Bytes the next step allocates: state for parameters stepped for the first time, found by
+    stepping a twin optimizer of the same type and options over meta parameters."""
+    real = _missing_state(optimizer)
+    if not real:
+        return {}
+    twins = _meta_twin(real)
+    for t in twins:
+        t.grad = torch.empty_like(t)
+    holder = nn.Module()
+    holder.params = twins
+    twin = optimizers.create_optimizer(optimizer.type, holder, (), tuple(optimizer.options.items()))
+    twin.optim.step()
+    return _state_bytes(twin.optim, real, list(twins))
+
+
+def gradient_bytes(module: nn.Module) -> Bytes:
+    """Bytes of the gradients a backward pass allocates: one per trainable parameter without one."""
+    return tensor_bytes(p for p in module.parameters() if p.requires_grad and p.grad is None)
+
+
+def training_bytes(model: Model) -> Bytes:
+    """Bytes an epoch leaves allocated beyond what the model holds: gradients and first-step state."""
+    return add_bytes(gradient_bytes(model.module), step_bytes(model.optimizer))
+
+
+def count_bytes(d: TensorDict) -> Bytes:
+    """Bytes a running average's new count takes (a fresh 0-dim float64 on the CPU each update)."""
+    return {} if COUNT_KEY in d.entries else tensor_bytes([torch.empty((), dtype=torch.float64)])

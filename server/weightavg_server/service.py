@@ -1,0 +1,564 @@
+"""The service: one typed method per operation of the weightavg API.
+
+Each method resolves handles to objects, takes their locks, reserves what the operation will
+allocate before it allocates it, calls the domain, and lets the store recharge what changed:
+objects are created through `Registry.create`/`Registry.add` and changed through
+`Registry.mutate`, the two constructs that reserve and charge. The transport above decodes
+requests into these calls and encodes their results; nothing here knows about gRPC or protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import __version__
+from .domain import (
+    averaging, batching, batchnorm, devices, dictionaries, footprint, losses, modules, optimizers, specs, training,
+)
+from .domain.batchnorm import Momenta
+from .domain.dictionaries import TensorDict
+from .domain.dtypes import DTYPES
+from .domain.errors import FailedPrecondition, InvalidArgument
+from .domain.options import Value
+from .domain.tensors import (
+    HandleSummary, StorageKey, TensorHolder, host_copies, move, move_bytes, storage_bytes, storages, tensor_bytes,
+    tensors_of,
+)
+from .store import snapshot
+from .store.accounting import Reservation
+from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, describe
+
+OnHeader = Callable[[str, int], None]
+"""Called with each uploaded tensor's name and byte size once its header is read, before its buffer
+is allocated; it reserves the bytes, or raises to refuse the tensor."""
+
+Upload = Callable[[OnHeader], list[tuple[str, torch.Tensor]]]
+"""A request's tensors, received when called: the transport joins the stream, calling back for
+each header so the service can reserve before anything is allocated."""
+
+StopCheck = Callable[[], bool]
+"""True once the caller has gone (cancelled or past its deadline): long loops stop between batches."""
+
+Named = list[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A handle as callers see it: its ID and the kind of object it stands for."""
+
+    id: str
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the server runs and accepts."""
+
+    version: str
+    torch_version: str
+    device: str
+    layer_types: list[str]
+    dtypes: list[str]
+    max_spec_depth: int
+    cuda_memory_allocated: int
+
+
+@dataclass(frozen=True)
+class Size:
+    """A handle's size: a dictionary's entry shapes, a tensor's shape, or a module's parameter count."""
+
+    entries: list[tuple[str, tuple[int, ...]]] | None = None
+    shape: tuple[int, ...] | None = None
+    parameter_count: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """A model's parts, options and data sizes."""
+
+    module: list[specs.OptionRow]
+    loss_type: str
+    loss_options: dict[str, Value]
+    optimizer_type: str
+    optimizer_options: dict[str, Value]
+    train: dict[str, Value]
+    test: dict[str, Value]
+    train_size: int
+    test_size: int
+
+
+@dataclass(frozen=True)
+class DeviceUsage:
+    """Live handles whose tensors are on a device, and the bytes of distinct storage there."""
+
+    handles: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the service needs of the server's configuration."""
+
+    device: torch.device
+    max_spec_depth: int
+    session_lease_seconds: float
+    max_session_lease_seconds: float
+    state_dir: str = ""
+
+
+NOTHING: Mapping[str, int] = {}
+"""For `mutate` calls that change values in place and allocate nothing new."""
+
+
+class Service:
+    """The weightavg operations over one store; safe to call from many threads at once."""
+
+    def __init__(self, store: Registry, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.device = settings.device
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def _module(self, handle: str) -> tuple[Entry, nn.Module]:
+        """A module, model or optimizer handle and the module it stands for."""
+        entry = self.store.get(handle, *MODULE_KINDS)
+        module: nn.Module = entry.obj if entry.kind is Kind.MODULE else entry.obj.module
+        return entry, module
+
+    def _model(self, handle: str) -> tuple[Entry, training.Model]:
+        entry = self.store.get(handle, Kind.MODEL)
+        return entry, entry.obj
+
+    def _optimizer(self, handle: str) -> tuple[Entry, optimizers.Optimizer]:
+        entry = self.store.get(handle, Kind.OPTIMIZER, Kind.MODEL)
+        return entry, entry.obj if entry.kind is Kind.OPTIMIZER else entry.obj.optimizer
+
+    def _receive(self, upload: Upload, reservation: Reservation, where: Callable[[str], torch.device]) -> Named:
+        """An upload's tensors, each reserved on the device it will be held on (`where(name)`) from
+        its header, before its buffer is allocated."""
+        return upload(lambda name, nbytes: self.store.grow(reservation, nbytes={str(where(name)): nbytes}))
+
+    def _on_device(self, name: str) -> torch.device:
+        return self.device
+
+    def _on_host(self, name: str) -> torch.device:
+        return torch.device("cpu")
+
+    def _entry_placement(self, name: str) -> torch.device:
+        return dictionaries.placement(name, self.device)
+
+    # -- the server ---------------------------------------------------------------------------------
+
+    def server_info(self) -> ServerInfo:
+        """Versions, device, and what the server accepts."""
+        return ServerInfo(
+            version=__version__, torch_version=torch.__version__, device=str(self.device), layer_types=list(specs.LAYER_TYPES), dtypes=list(DTYPES),
+            max_spec_depth=self.settings.max_spec_depth, cuda_memory_allocated=devices.allocated(self.device),
+        )
+
+    def device_usage(self) -> dict[str, DeviceUsage]:
+        """Handles and distinct tensor bytes per device ("" for handles holding no tensor), by device.
+
+        Counted by walking every live object, apart from the store's ledger, so the two can be
+        compared. Reads take no object lock: a scrape must never wait behind a long call.
+        """
+        handles: dict[str, int] = {}
+        seen: set[StorageKey] = set()
+        for _, entry in self.store.items():
+            try:
+                tensors = list(tensors_of(entry.obj))
+            except RuntimeError:  # the object's tensor dict changed while being read; skip it this time
+                continue
+            for device in sorted({str(t.device) for t in tensors}) or [""]:
+                handles[device] = handles.get(device, 0) + 1
+            seen |= storages(tensors)
+        nbytes = storage_bytes(seen)
+        return {d: DeviceUsage(handles.get(d, 0), nbytes.get(d, 0)) for d in sorted(set(handles) | set(nbytes))}
+
+    # -- modules ------------------------------------------------------------------------------------
+
+    def create_module(self, spec: specs.LayerSpec) -> Ref:
+        """Build a module from a spec on the server's device."""
+        depth = self.settings.max_spec_depth
+        need = footprint.module_bytes(spec, self.device, depth)
+        handle = self.store.create(
+            Kind.MODULE, need, lambda: specs.build_module(spec, max_depth=depth).to(self.device)
+        )
+        return Ref(handle, Kind.MODULE)
+
+    def describe_module(self, handle: str) -> list[specs.OptionRow]:
+        """The module's options table, one row per layer."""
+        entry, module = self._module(handle)
+        with self.store.reading(entry):
+            return specs.describe_module(module)
+
+    def parameter_names(self, handle: str, child: str) -> list[str]:
+        entry, module = self._module(handle)
+        with self.store.reading(entry):
+            return modules.parameter_names(module, child)
+
+    def buffer_names(self, handle: str, child: str) -> list[str]:
+        entry, module = self._module(handle)
+        with self.store.reading(entry):
+            return modules.buffer_names(module, child)
+
+    def set_parameter(self, handle: str, name: str, upload: Upload) -> bool:
+        """Copy an uploaded tensor into a parameter, or register a new one; True when registered."""
+        entry, module = self._module(handle)
+        with self.store.reserve() as reservation:
+            tensors = self._receive(upload, reservation, self._on_device)
+            if len(tensors) != 1:
+                raise InvalidArgument(f"SetParameter takes exactly one tensor, received {len(tensors)}")
+            with self.store.mutate(entry, need=NOTHING):
+                return modules.set_parameter(module, name, tensors[0][1])
+
+    def _view(self, handle: str, make: Callable[[nn.Module, str], TensorDict], child: str) -> Ref:
+        entry, module = self._module(handle)
+        with self.store.reading(entry):
+            return Ref(self.store.create(Kind.DICTIONARY, NOTHING, lambda: make(module, child), share=entry), Kind.DICTIONARY)
+
+    def view_parameters(self, handle: str, child: str) -> Ref:
+        """A live dictionary over a module's (or child's) parameters."""
+        return self._view(handle, modules.view_parameters, child)
+
+    def view_buffers(self, handle: str, child: str) -> Ref:
+        """A live dictionary over a module's (or child's) buffers."""
+        return self._view(handle, modules.view_buffers, child)
+
+    def copy_parameters(self, handle: str) -> Ref:
+        """A new dictionary holding copies of the module's parameters."""
+        entry, module = self._module(handle)
+        with self.store.reading(entry):
+            need = tensor_bytes(module.parameters())
+            copy = self.store.create(Kind.DICTIONARY, need, lambda: averaging.copy_parameters(module))
+        return Ref(copy, Kind.DICTIONARY)
+
+    def load_parameters(self, handle: str, dictionary: str) -> dict[str, bool]:
+        """Copy a dictionary's values into the module's parameters; per-name success."""
+        entry, module = self._module(handle)
+        source = self.store.get(dictionary, Kind.DICTIONARY)
+        with self.store.mutate(entry, source, need=NOTHING):
+            return averaging.load_parameters(module, source.obj)
+
+    def average_parameters(self, handle: str, dictionary: str) -> int:
+        """Fold the module's parameters into the dictionary's running average; the new count."""
+        entry, module = self._module(handle)
+        target = self.store.get(dictionary, Kind.DICTIONARY)
+        with self.store.mutate(entry, target, need=lambda: footprint.count_bytes(target.obj)):
+            return averaging.average_parameters(module, target.obj)
+
+    def reset_batchnorm(self, handle: str) -> Momenta:
+        entry, module = self._module(handle)
+        with self.store.mutate(entry, need=NOTHING):
+            return batchnorm.reset_batchnorm(module)
+
+    def restore_momentum(self, handle: str, momenta: Momenta) -> None:
+        entry, module = self._module(handle)
+        with self.store.mutate(entry, need=NOTHING):
+            batchnorm.restore_momentum(module, momenta)
+
+    # -- dictionaries and tensors -------------------------------------------------------------------
+
+    def create_dictionary(self, upload: Upload) -> Ref:
+        """A new dictionary of the uploaded tensors ('.n' on the CPU, the rest on the device)."""
+        with self.store.reserve(handles=1) as reservation:
+            tensors = self._receive(upload, reservation, self._entry_placement)
+            d = TensorDict()
+            dictionaries.set_entries(d, tensors, self.device)
+            return Ref(self.store.add(Kind.DICTIONARY, d, reservation), Kind.DICTIONARY)
+
+    def update_dictionary(self, handle: str, upload: Upload) -> list[str]:
+        """Set entries of a dictionary from an upload, all or nothing; the names set."""
+        entry = self.store.get(handle, Kind.DICTIONARY)
+        with self.store.reserve() as reservation:
+            # Counted as additions: the old values are still held while the new ones arrive.
+            tensors = self._receive(upload, reservation, self._entry_placement)
+            with self.store.mutate(entry, need=NOTHING):
+                return dictionaries.set_entries(entry.obj, tensors, self.device)
+
+    def delete_entries(self, handle: str, names: Sequence[str]) -> None:
+        entry = self.store.get(handle, Kind.DICTIONARY)
+        with self.store.mutate(entry, need=NOTHING):
+            dictionaries.delete_entries(entry.obj, list(names))
+
+    def create_tensor(self, upload: Upload) -> Ref:
+        """A new tensor handle holding the one uploaded tensor, on the device."""
+        with self.store.reserve(handles=1) as reservation:
+            tensors = self._receive(upload, reservation, self._on_device)
+            if len(tensors) != 1:
+                raise InvalidArgument(f"CreateTensor takes exactly one tensor, received {len(tensors)}")
+            holder = TensorHolder(tensors[0][1].to(self.device))
+            return Ref(self.store.add(Kind.TENSOR, holder, reservation), Kind.TENSOR)
+
+    def fetch(self, handle: str, names: Sequence[str]) -> Named:
+        """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters."""
+        entry = self.store.get(handle)
+        with self.store.reading(entry):
+            if entry.kind is Kind.DICTIONARY:
+                named = dictionaries.select(entry.obj, list(names))
+            elif entry.kind is Kind.TENSOR:
+                if names:
+                    raise InvalidArgument("a tensor handle has no names; fetch it without names")
+                named = [("", entry.obj.tensor)]
+            else:
+                _, module = self._module(handle)
+                if not names:
+                    raise InvalidArgument("name the parameters to fetch from a module")
+                named = [(name, modules.parameter(module, name).detach()) for name in names]
+            return host_copies(named)
+
+    def size(self, handle: str) -> Size:
+        """Entry shapes of a dictionary, a tensor's shape, or a module's parameter count."""
+        entry = self.store.get(handle)
+        with self.store.reading(entry):
+            if entry.kind is Kind.DICTIONARY:
+                return Size(entries=dictionaries.sizes(entry.obj))
+            if entry.kind is Kind.TENSOR:
+                return Size(shape=tuple(entry.obj.tensor.shape))
+            _, module = self._module(handle)
+            return Size(parameter_count=modules.parameter_count(module))
+
+    def free(self, handles: Sequence[str], every: bool) -> int:
+        """Free the handles (all or nothing), or every handle the caller can list; how many."""
+        return self.store.free_all() if every else self.store.free(list(handles))
+
+    def addref(self, handle: str) -> Ref:
+        """A second handle to the same object."""
+        handle_id, kind = self.store.addref(handle)
+        return Ref(handle_id, kind)
+
+    def list_handles(self) -> list[tuple[Ref, HandleSummary]]:
+        """The caller's live handles with what they hold, oldest first."""
+        listed = []
+        for handle_id, entry in self.store.visible_items():
+            summary = describe(entry)
+            if summary is not None:  # else freed since the listing began
+                listed.append((Ref(handle_id, entry.kind), summary))
+        return listed
+
+    def move(self, handle: str, device: str, dtype: torch.dtype | None) -> Ref:
+        """Move a tensor, dictionary or module to another device and/or floating dtype, in place."""
+        entry = self.store.get(handle)
+        target = devices.parse(device) if device else None
+        with self.store.mutate(entry, need=lambda: move_bytes(entry.obj, target, dtype)):
+            move(entry.obj, target, dtype)
+        return Ref(handle, entry.kind)
+
+    # -- losses, optimizers, models -----------------------------------------------------------------
+
+    def create_loss(self, type_name: str, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...]) -> Ref:
+        """A loss function on the server's device (losses hold no tensors of their own)."""
+        loss = losses.create_loss(type_name, args, kwargs)
+        need = tensor_bytes(loss.tensors(), self.device)
+        return Ref(self.store.create(Kind.LOSS, need, lambda: _placed(loss, self.device)), Kind.LOSS)
+
+    def create_optimizer(
+        self, handle: str, type_name: str, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...]
+    ) -> Ref:
+        """An optimizer over a module's (or model's module's) parameters."""
+        entry, module = self._module(handle)
+        if entry.kind is Kind.OPTIMIZER:
+            raise InvalidArgument("build an optimizer over a module or model, not over another optimizer")
+        with self.store.reading(entry):
+            need = footprint.optimizer_bytes(type_name, module, args, kwargs)
+            handle_id = self.store.create(
+                Kind.OPTIMIZER, need, lambda: optimizers.create_optimizer(type_name, module, args, kwargs), share=entry
+            )
+        return Ref(handle_id, Kind.OPTIMIZER)
+
+    def learning_rate(self, handle: str) -> float:
+        entry, optimizer = self._optimizer(handle)
+        with self.store.reading(entry):
+            return optimizers.get_lr(optimizer)
+
+    def set_learning_rate(self, handle: str, lr: float) -> None:
+        entry, optimizer = self._optimizer(handle)
+        with self.store.mutate(entry, need=NOTHING):
+            optimizers.set_lr(optimizer, lr)
+
+    def create_model(self, module: str, loss: str, optimizer: str) -> Ref:
+        """A model from a module, a loss and an optimizer; their handles become the model's."""
+        parts = (
+            self.store.get(module, Kind.MODULE), self.store.get(loss, Kind.LOSS), self.store.get(optimizer, Kind.OPTIMIZER)
+        )
+        with self.store.reading(*parts), self.store.reserve(handles=1) as reservation:
+            model = training.create_model(parts[0].obj, parts[1].obj, parts[2].obj)
+            handle = self.store.add(Kind.MODEL, model, reservation, lock=parts[0].lock, replacing=parts)
+        return Ref(handle, Kind.MODEL)
+
+    def update_model(self, handle: str, parts: Sequence[str]) -> Ref:
+        """Replace a model's module, loss and/or optimizer; the parts' handles become the model's."""
+        entry, model = self._model(handle)
+        given: dict[Kind, Entry] = {}
+        for part_handle in parts:
+            part = self.store.get(part_handle, Kind.MODULE, Kind.LOSS, Kind.OPTIMIZER)
+            if part.kind in given:
+                raise InvalidArgument(f"two {part.kind.value} handles given; give at most one of each part")
+            given[part.kind] = part
+        new = [given[k].obj if k in given else None for k in (Kind.MODULE, Kind.LOSS, Kind.OPTIMIZER)]
+        with self.store.mutate(entry, *given.values(), need=NOTHING):
+            training.check_parts(model, *new)
+            module = given.get(Kind.MODULE)
+            if module is not None and module.obj is not model.module:
+                # The model keeps its own lock; a module that other handles (addref, views, other
+                # optimizers) reach under the module's lock would then be guarded by two locks.
+                others = self.store.handles_sharing(module.lock, besides=tuple(given.values()))
+                if others:
+                    raise InvalidArgument(
+                        f"the new module has other handles ({', '.join(others)}); free them first, or build a new model"
+                    )
+            training.replace_parts(model, *new)
+            self.store.free(list(parts))
+        return Ref(handle, Kind.MODEL)
+
+    def describe_model(self, handle: str) -> ModelDescription:
+        entry, model = self._model(handle)
+        with self.store.reading(entry):
+            return ModelDescription(
+                module=specs.describe_module(model.module),
+                loss_type=model.loss.type, loss_options=dict(model.loss.options),
+                optimizer_type=model.optimizer.type, optimizer_options=model.optimizer.describe(),
+                train=dict(model.train), test=dict(model.test),
+                train_size=training.data_size(model, "train"), test_size=training.data_size(model, "test"),
+            )
+
+    def model_options(self, handle: str, split: str) -> dict[str, Value]:
+        entry, model = self._model(handle)
+        with self.store.reading(entry):
+            return training.get_options(model, split)
+
+    def set_model_options(self, handle: str, split: str, values: Sequence[tuple[str, Value]]) -> dict[str, Value]:
+        entry, model = self._model(handle)
+        with self.store.mutate(entry, need=NOTHING):
+            return training.set_options(model, split, values)
+
+    def set_model_data(self, handle: str, split: str, upload: Upload) -> int:
+        """Load training or test inputs and targets (reserved on the device as they arrive); the
+        number of batches."""
+        entry, model = self._model(handle)
+        with self.store.reserve() as reservation:
+            tensors = self._receive(upload, reservation, self._on_device)
+            if len(tensors) != 2:
+                raise InvalidArgument(f"SetModelData takes two tensors, inputs then targets; received {len(tensors)}")
+            with self.store.mutate(entry, need=NOTHING):
+                return training.set_data(model, split, tensors[0][1], tensors[1][1], self.device)
+
+    def run_epoch(self, handle: str, should_stop: StopCheck) -> Named:
+        """Train one epoch; the train metrics. The first epoch's gradients and optimizer state are
+        reserved before it starts."""
+        entry, model = self._model(handle)
+        with self.store.mutate(entry, need=lambda: footprint.training_bytes(model)):
+            return training.run_epoch(model, should_stop)
+
+    def run_test(self, handle: str, should_stop: StopCheck) -> Named:
+        entry, model = self._model(handle)
+        with self.store.reading(entry):
+            return training.test_epoch(model, should_stop)
+
+    def evaluate(self, handle: str, upload: Upload, should_stop: StopCheck) -> torch.Tensor:
+        """The model's outputs for uploaded inputs (held only while the call runs)."""
+        entry, model = self._model(handle)
+        with self.store.reserve() as reservation:
+            tensors = self._receive(upload, reservation, self._on_host)
+            if len(tensors) != 1:
+                raise InvalidArgument(f"EvaluateModel takes one input tensor, received {len(tensors)}")
+            with self.store.reading(entry):
+                return training.evaluate(model, tensors[0][1], should_stop)
+
+    def forward(self, handle: str, mode: str, input_handle: str, upload: Upload) -> Ref:
+        """Run a module (or a model's module) on a tensor handle, an uploaded tensor, or the model's
+        own data; the output is kept as a new tensor handle."""
+        entry, module = self._module(handle)
+        with self.store.reserve(handles=1) as reservation:
+            tensors = self._receive(upload, reservation, self._on_host)
+            if len(tensors) > 1 or (tensors and input_handle):
+                raise InvalidArgument("RunForward takes one input: a tensor handle or one streamed tensor")
+            entries = [entry]
+            source = self.store.get(input_handle, Kind.TENSOR) if input_handle else None
+            if source is not None:
+                entries.append(source)
+            with self.store.mutate(*entries, need=NOTHING):
+                if source is not None:
+                    x = source.obj.tensor
+                elif tensors:
+                    x = tensors[0][1]
+                elif entry.kind is Kind.MODEL:
+                    x = training.default_input(entry.obj, mode)
+                else:
+                    raise InvalidArgument("RunForward needs an input: a tensor handle or a streamed tensor")
+                self.store.grow(reservation, nbytes=footprint.forward_bytes(module, x))
+                output = training.forward(module, x, mode)
+            return Ref(self.store.add(Kind.TENSOR, TensorHolder(output), reservation), Kind.TENSOR)
+
+    def model_input(self, handle: str) -> Ref:
+        """A tensor handle on the model's own training inputs (batching one batches the other)."""
+        entry, model = self._model(handle)
+        with self.store.reading(entry):
+            x = training.input_tensor(model)
+            return Ref(self.store.create(Kind.TENSOR, NOTHING, lambda: TensorHolder(x), share=entry), Kind.TENSOR)
+
+    def restore_data(self, handle: str, split: str) -> int:
+        entry, model = self._model(handle)
+        with self.store.mutate(entry, need=NOTHING):
+            return training.restore_data(model, split)
+
+    def next_batch(self, handle: str, split: str | None, size: int) -> bool:
+        """Narrow a tensor handle, or a model's data, to its next batch in place; False past the end."""
+        entry = self.store.get(handle, Kind.TENSOR, Kind.MODEL)
+        with self.store.mutate(entry, need=NOTHING):
+            if entry.kind is Kind.MODEL:
+                which = split or "train"
+                if size:
+                    raise InvalidArgument(f"a model batches by its {which} batchsize; set it with {which}(m, batchsize=w)")
+                return training.next_model_batch(entry.obj, which)
+            if split is not None:
+                raise InvalidArgument("a split names a model's train or test data; a tensor handle takes none")
+            return batching.next_batch(entry.obj.tensor, size)
+
+    def recalculate_batchnorm(self, handle: str, should_stop: StopCheck) -> Momenta:
+        entry, model = self._model(handle)
+        with self.store.mutate(entry, need=NOTHING):
+            return training.recalculate_batchnorm(model, should_stop)
+
+    # -- sessions and snapshots ---------------------------------------------------------------------
+
+    def _session(self, given: str) -> str:
+        """The session a request names, else the one the call carries."""
+        session = given or CALLER_SESSION.get()
+        if not session:
+            raise InvalidArgument("name a session, or call with 'weightavg-session' metadata")
+        return session
+
+    def create_session(self, lease: float) -> tuple[str, float]:
+        """A new session with `lease` seconds (0: the default); its ID and lease."""
+        settings = self.settings
+        chosen = lease or settings.session_lease_seconds
+        if not 0 < chosen <= settings.max_session_lease_seconds:  # also refuses NaN
+            raise InvalidArgument(
+                f"lease of {lease} s is out of range: give 0 for the default "
+                f"({settings.session_lease_seconds} s) or up to {settings.max_session_lease_seconds} s"
+            )
+        return self.store.create_session(chosen), chosen
+
+    def keep_alive(self, session: str) -> float:
+        return self.store.renew(self._session(session))
+
+    def close_session(self, session: str) -> int:
+        return self.store.close_session(self._session(session))
+
+    def snapshot(self) -> snapshot.SnapshotResult:
+        """Write every live handle to the state directory."""
+        if not self.settings.state_dir:
+            raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
+        return snapshot.save(self.store, self.settings.state_dir)
+
+
+def _placed(loss: losses.Loss, device: torch.device) -> losses.Loss:
+    """The loss with its (rare) tensors on the device."""
+    loss.fn.to(device)
+    return loss

@@ -1,0 +1,144 @@
+"""Memory accounting: what live objects hold, what calls in progress have reserved, and the caps.
+
+Bytes are counted by allocation (storage), not by object: a storage that several objects reach
+(a module and the model built on it, a live view of its parameters, a model's input held by a
+tensor handle) is one allocation and counts once, so the total equals the memory really held. The
+ledger has no lock of its own: the registry calls it under its internal lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..domain.errors import ResourceExhausted
+from ..domain.tensors import Bytes, StorageKey, storage_bytes
+from .limits import Limits
+
+
+@dataclass
+class Reservation:
+    """Handles and bytes set aside for a call in progress, so concurrent calls cannot overshoot a cap."""
+
+    handles: int = 0
+    nbytes: Bytes = field(default_factory=dict)
+
+
+@dataclass
+class _Holder:
+    """One object kept alive by handles: how many handles, and the allocations it reaches."""
+
+    obj: object
+    refs: int
+    keys: frozenset[StorageKey]
+
+
+class Ledger:
+    """Allocations held by live objects, reservations, and the caps they are checked against."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._holders: dict[int, _Holder] = {}
+        self._storages: dict[StorageKey, int] = {}
+        self._held: Bytes = {}
+        self._pending: Bytes = {}
+        self.pending_handles = 0
+
+    def held(self) -> Bytes:
+        """Bytes of distinct allocations held by live objects, by device."""
+        return {device: n for device, n in self._held.items() if n}
+
+    def new_bytes(self, keys: frozenset[StorageKey]) -> Bytes:
+        """Bytes of the allocations among `keys` that no live object holds yet."""
+        return storage_bytes(k for k in keys if k not in self._storages)
+
+    # -- caps ---------------------------------------------------------------------------------------
+
+    def check(self, live_handles: int, handles: int, nbytes: Bytes, released: Bytes | None = None) -> None:
+        """Raise ResourceExhausted unless `handles` more handles and `nbytes` more bytes fit, counting
+        what is held and reserved, less `released` (a reservation about to be spent)."""
+        cap = self.limits.max_handles
+        if handles > 0 and cap > 0 and live_handles + self.pending_handles + handles > cap:
+            raise ResourceExhausted(
+                f"the server holds its cap of {cap} live handles (--max-handles); free some handles first"
+            )
+        for device, n in nbytes.items():
+            if n <= 0:
+                continue
+            held = self._held.get(device, 0) + self._pending.get(device, 0) - (released or {}).get(device, 0)
+            limit = self.limits.bytes_cap(device)
+            if held + n > limit:
+                raise ResourceExhausted(
+                    f"{n} more tensor bytes on {device} would exceed the cap of {limit} bytes per device "
+                    f"({held} already held or reserved; --max-device-bytes); free some handles first"
+                )
+
+    def reserve(self, reservation: Reservation, live_handles: int, handles: int, nbytes: Bytes) -> None:
+        """Add to a reservation after checking that it fits."""
+        nbytes = {device: n for device, n in nbytes.items() if n > 0}
+        self.check(live_handles, handles, nbytes)
+        reservation.handles += handles
+        self.pending_handles += handles
+        for device, n in nbytes.items():
+            reservation.nbytes[device] = reservation.nbytes.get(device, 0) + n
+            self._pending[device] = self._pending.get(device, 0) + n
+
+    def release_bytes(self, reservation: Reservation) -> None:
+        """Give back a reservation's bytes (spent or not)."""
+        for device, n in reservation.nbytes.items():
+            self._pending[device] -= n
+        reservation.nbytes = {}
+
+    def spend(self, reservation: Reservation, nbytes: Bytes) -> None:
+        """Take bytes now held out of a reservation (as far as it covers them)."""
+        for device, n in nbytes.items():
+            spent = min(n, reservation.nbytes.get(device, 0))
+            if spent:
+                reservation.nbytes[device] -= spent
+                self._pending[device] -= spent
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back everything left in a reservation."""
+        self.pending_handles -= reservation.handles
+        reservation.handles = 0
+        self.release_bytes(reservation)
+
+    # -- holders ------------------------------------------------------------------------------------
+
+    def hold(self, obj: object, keys: frozenset[StorageKey]) -> None:
+        """One more handle keeps `obj` alive; the first one records the allocations it reaches."""
+        holder = self._holders.get(id(obj))
+        if holder is None:
+            holder = self._holders[id(obj)] = _Holder(obj, 0, frozenset())
+            self._set_keys(holder, keys)
+        holder.refs += 1
+
+    def is_held(self, obj: object) -> bool:
+        """Whether a live handle keeps `obj` alive."""
+        return id(obj) in self._holders
+
+    def recharge(self, obj: object, keys: frozenset[StorageKey]) -> None:
+        """Record the allocations a held object reaches after a call changed it."""
+        holder = self._holders.get(id(obj))
+        if holder is not None:
+            self._set_keys(holder, keys)
+
+    def unhold(self, obj: object) -> None:
+        """One handle fewer keeps `obj` alive; with the last, its allocations are no longer its."""
+        holder = self._holders[id(obj)]
+        holder.refs -= 1
+        if holder.refs == 0:
+            self._set_keys(holder, frozenset())
+            del self._holders[id(obj)]
+
+    def _set_keys(self, holder: _Holder, keys: frozenset[StorageKey]) -> None:
+        for key in holder.keys - keys:
+            self._storages[key] -= 1
+            if self._storages[key] == 0:
+                del self._storages[key]
+                self._held[key[0]] -= key[2]
+        for key in keys - holder.keys:
+            if key not in self._storages:
+                self._storages[key] = 0
+                self._held[key[0]] = self._held.get(key[0], 0) + key[2]
+            self._storages[key] += 1
+        holder.keys = keys
