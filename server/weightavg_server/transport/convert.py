@@ -135,14 +135,14 @@ FORWARD_MODES = {
 }
 
 
-def split(value: int) -> str:
+def split(value: pb.DataSplit.ValueType) -> str:
     """"train" or "test" from a DataSplit; unset is an error."""
     if value not in SPLITS:
         raise InvalidArgument("split must be DATA_SPLIT_TRAIN or DATA_SPLIT_TEST")
     return SPLITS[value]
 
 
-def forward_mode(value: int) -> str:
+def forward_mode(value: pb.ForwardMode.ValueType) -> str:
     """The reference's forward verb for a ForwardMode; unset is an error."""
     if value not in FORWARD_MODES:
         raise InvalidArgument("mode must be FORWARD_MODE_TRAIN, FORWARD_MODE_TRAIN_NO_GRAD or FORWARD_MODE_EVAL")

@@ -11,38 +11,41 @@ as a whole.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 from ..domain.errors import InvalidArgument, ResourceExhausted
+from .status import status_for
+
+# A string: grpc's RpcMethodHandler is generic only in its type stubs, not at run time.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class Undecodable:
-    """Stands in for a request message that is over the size cap or whose bytes did not parse."""
+    """Stands in for a request message that is over the size cap or whose bytes did not parse.
 
-    __slots__ = ("message", "oversized")
+    It carries the domain error to answer with, so status.status_for picks the code, as for any
+    other error.
+    """
 
-    def __init__(self, message: str, oversized: bool = False) -> None:
-        self.message = message
-        self.oversized = oversized
+    __slots__ = ("error",)
 
-    def error(self) -> InvalidArgument | ResourceExhausted:
-        return ResourceExhausted(self.message) if self.oversized else InvalidArgument(self.message)
+    def __init__(self, error: InvalidArgument | ResourceExhausted) -> None:
+        self.error = error
 
 
 def _safe(deserializer: Callable[[bytes], Any], max_bytes: int) -> Callable[[bytes], Any]:
     def decode(data: bytes) -> Any:
         if len(data) > max_bytes:
-            return Undecodable(
+            return Undecodable(ResourceExhausted(
                 f"request message of {len(data)} bytes is over the cap of {max_bytes} (--max-message-bytes); "
-                "send tensors in smaller chunks",
-                oversized=True,
-            )
+                "send tensors in smaller chunks"
+            ))
         try:
             return deserializer(data)
         except Exception as exc:  # noqa: BLE001 - DecodeError, RecursionError...: all mean bad bytes
-            return Undecodable(f"request message does not parse: {str(exc) or type(exc).__name__}")
+            return Undecodable(InvalidArgument(f"request message does not parse: {str(exc) or type(exc).__name__}"))
 
     return decode
 
@@ -54,11 +57,42 @@ def _checked(requests: Iterator[Any]) -> Iterator[Any]:
     """
     for request in requests:
         if isinstance(request, Undecodable):
-            raise request.error()
+            raise request.error
         yield request
 
 
-class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
+def _guarded_stream(handler: Handler, safe: Callable[[bytes], Any]) -> Handler:
+    """The client-streaming handler again, its requests decoded by `safe` and checked as they come."""
+    behavior = handler.stream_stream if handler.response_streaming else handler.stream_unary
+    factory = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+    if behavior is None:  # not a handler grpc would call; nothing to guard
+        return handler
+
+    def streamed(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return behavior(_checked(requests), context)
+
+    return factory(streamed, request_deserializer=safe, response_serializer=handler.response_serializer)
+
+
+def _guarded_unary(handler: Handler, safe: Callable[[bytes], Any]) -> Handler:
+    """The single-request handler again, answering a request `safe` could not decode with its status.
+
+    Here no servicer method runs, so the status comes from status_for directly.
+    """
+    behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    factory = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+    if behavior is None:  # not a handler grpc would call; nothing to guard
+        return handler
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            context.abort(*status_for(request.error))
+        return behavior(request, context)
+
+    return factory(unary, request_deserializer=safe, response_serializer=handler.response_serializer)
+
+
+class DecodeGuard(grpc.ServerInterceptor):
     """Catches oversized and undecodable requests to one service (whose methods translate domain errors)."""
 
     def __init__(self, service: str, max_message_bytes: int) -> None:
@@ -66,9 +100,9 @@ class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         self._max_bytes = max_message_bytes
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self, continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if (
             handler is None
@@ -77,21 +111,4 @@ class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         ):
             return handler
         safe = _safe(handler.request_deserializer, self._max_bytes)
-        if handler.request_streaming:
-            name = "stream_unary" if not handler.response_streaming else "stream_stream"
-            behavior = getattr(handler, name)
-
-            def streamed(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                return behavior(_checked(requests), context)
-
-            return handler._replace(request_deserializer=safe, **{name: streamed})
-        name = "unary_unary" if not handler.response_streaming else "unary_stream"
-        behavior = getattr(handler, name)
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            if isinstance(request, Undecodable):
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED if request.oversized else grpc.StatusCode.INVALID_ARGUMENT
-                context.abort(code, request.message)
-            return behavior(request, context)
-
-        return handler._replace(request_deserializer=safe, **{name: unary})
+        return _guarded_stream(handler, safe) if handler.request_streaming else _guarded_unary(handler, safe)
