@@ -1,4 +1,8 @@
-"""Tensors on the wire: dtype codes, and raw little-endian bytes split into and joined from chunks."""
+"""Torch tensors on the wire: the server's side of the shared codec `weightavg.wire`.
+
+Dtype codes for torch, tensors split into chunks and pre-encoded stream messages, upload streams
+decoded without copying, and chunks joined back into tensors with every size checked first.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from weightavg.wire import decode_chunk_message, encode_chunk
+from weightavg.wire import chunk_field, decode_chunk_message, encode_chunk, string_fields
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain.errors import InvalidArgument, ResourceExhausted
@@ -90,8 +94,13 @@ def chunk_messages(
             yield message
 
 
-def encoded_chunks(named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int, field: int = 1) -> Iterator[bytes]:
-    """Pre-encoded stream messages (TensorChunk in field `field`, e.g. FetchTensorsResponse) for named tensors."""
+def encoded_chunks(
+    named: Iterable[tuple[str, torch.Tensor]],
+    chunk_bytes: int,
+    message_type: type[Message] = pb.FetchTensorsResponse,
+) -> Iterator[bytes]:
+    """Pre-encoded `message_type` stream messages, each holding one TensorChunk of the named tensors."""
+    field = chunk_field(message_type)
     for name, tensor in named:
         code = dtype_code(tensor.dtype)
         raw = _raw(tensor)
@@ -108,17 +117,23 @@ def serialize(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def request_decoder(message_type: type[Message], chunk_field: int, string_fields: dict[int, str]) -> Callable[[bytes], Any]:
+def request_decoder(message_type: type[Message], *_legacy_field_numbers: object) -> Callable[[bytes], Any]:
     """A request deserializer for an upload stream that leaves tensor data in the received bytes.
 
-    The decoded request has the message's attributes (`chunk`, and e.g. `dictionary`), the chunk's
-    data a memoryview, so TensorAssembler copies each byte once. Requests it does not expect are
-    parsed by protobuf as before.
+    The decoded request has the message's attributes (`chunk`, and its string fields such as
+    `dictionary`), the chunk's data a memoryview, so TensorAssembler copies each byte once. Field
+    numbers come from `message_type`'s descriptor. Requests it does not expect are parsed by
+    protobuf as before.
+
+    `_legacy_field_numbers` takes, and ignores, the chunk field and string fields that callers used
+    to pass by hand; it goes once every caller passes the message type alone.
     """
+    chunk = chunk_field(message_type)
+    strings = string_fields(message_type)
 
     def decode(message: bytes) -> Any:
         try:
-            return SimpleNamespace(**decode_chunk_message(message, chunk_field, string_fields))
+            return SimpleNamespace(**decode_chunk_message(message, chunk, strings))
         except (ValueError, IndexError, UnicodeDecodeError):
             return message_type.FromString(message)
 
