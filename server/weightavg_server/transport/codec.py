@@ -11,13 +11,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from weightavg.wire import chunk_field, decode_chunk_message, encode_chunk, string_fields
+from weightavg.wire import CHUNK_BYTES, chunk_field, decode_chunk_message, encode_chunk, string_fields
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain.errors import InvalidArgument, ResourceExhausted
@@ -41,10 +41,6 @@ DTYPES: dict[int, torch.dtype] = {
 }
 CODES: dict[torch.dtype, int] = {dtype: code for code, dtype in DTYPES.items()}
 MAX_DIMS = 32
-DEFAULT_CHUNK_BYTES = 4 << 20
-"""4 MiB chunks: measured fastest on loopback (see tooling notes); far below any message cap."""
-
-M = TypeVar("M")
 
 
 def torch_dtype(code: int) -> torch.dtype:
@@ -69,29 +65,6 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return memoryview(flat.contiguous().view(torch.uint8).numpy())
-
-
-def chunk_messages(
-    named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int, message_type: Callable[[], M]
-) -> Iterator[M]:
-    """Stream messages (anything with a `chunk` field) for several named tensors, one after another.
-
-    Each message's chunk is filled in place: building a TensorChunk first and passing it to the
-    outer message's constructor copies it again, which upb does at about 0.4 GB/s (measured,
-    docs/perf.md) against about 40 GB/s for setting `data` directly.
-    """
-    for name, tensor in named:
-        code = dtype_code(tensor.dtype)
-        raw = _raw(tensor)
-        for start in range(0, max(len(raw), 1), chunk_bytes):
-            message = message_type()
-            chunk: pb.TensorChunk = message.chunk  # type: ignore[attr-defined]
-            if start == 0:
-                chunk.name = name
-                chunk.dtype = code  # type: ignore[assignment]
-                chunk.shape.extend(tensor.shape)
-            chunk.data = raw[start:start + chunk_bytes].tobytes()
-            yield message
 
 
 def encoded_chunks(
@@ -140,7 +113,7 @@ def request_decoder(message_type: type[Message], *_legacy_field_numbers: object)
     return decode
 
 
-def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Split a tensor into chunks: a header chunk (name, dtype, shape, first bytes) then data chunks."""
     code = dtype_code(tensor.dtype)
     raw = _raw(tensor)
@@ -150,7 +123,7 @@ def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CH
 
 
 def tensors_chunks(
-    named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[pb.TensorChunk]:
     """Chunks for several named tensors, one after another."""
     for name, tensor in named:
