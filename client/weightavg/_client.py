@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -19,6 +18,7 @@ import numpy.typing as npt
 
 from . import _objects, _specs, wire
 from ._errors import NotFoundError, UnavailableError, from_rpc_error
+from ._records import Handle, HandleInfo, ModuleRow
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -43,38 +43,6 @@ SESSION_METADATA = "weightavg-session"
 """Metadata key that carries the session id on every call of a session client."""
 
 log = logging.getLogger("weightavg.client")
-
-
-@dataclass(frozen=True)
-class Handle:
-    """A server object: its opaque id and its kind ("module", "dictionary", ...)."""
-
-    id: str
-    kind: str
-
-    def __repr__(self) -> str:
-        return f"<{self.kind} {self.id}>"
-
-
-@dataclass(frozen=True)
-class ModuleRow:
-    """One row of a module's options table."""
-
-    depth: int
-    module: str
-    name: str
-    options: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class HandleInfo:
-    """What ListHandles reports for one live handle."""
-
-    handle: Handle
-    device: str
-    dtype: str | None
-    bytes: int
-    tensor_count: int
 
 
 HandleLike = Handle | str
