@@ -23,6 +23,8 @@ class Verbs(Protocol):
 
     def free(self, *handles: Handle) -> int: ...
 
+    def size(self, h: Handle) -> Any: ...
+
     def module(self, spec: Any) -> Any: ...
 
     def parmnames(self, m: Handle) -> list[str]: ...
@@ -96,7 +98,8 @@ class Dictionary(Remote):
         return values
 
     def keys(self) -> list[str]:
-        return list(self.to_dict())
+        """Entry names, in order, from the dictionary's sizes: no tensor is downloaded."""
+        return list(self.client.size(self.handle))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -115,9 +118,8 @@ class Dictionary(Remote):
     @property
     def count(self) -> int:
         """How many parameter sets a running average holds: its '.n' entry, or 1 without one (as
-        avgparms counts a plain copy)."""
-        values = self.to_dict()
-        return int(values[".n"]) if ".n" in values else 1
+        avgparms counts a plain copy). Downloads '.n' alone, never the averaged tensors."""
+        return int(self[".n"]) if ".n" in self.keys() else 1
 
 
 class Module(Remote):
