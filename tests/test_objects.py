@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from weightavg import Client, Dictionary, Module, NotFoundError
+from weightavg.v1 import weightavg_pb2 as pb
 
 NET = ["sequential", ["linear", "a", 3, 4], ["batchnorm1d", "b", 4], ["linear", "c", 4, 2]]
 
@@ -51,3 +52,23 @@ def test_a_dictionary_object_reads_and_writes_entries(client: Client) -> None:
         assert repr(d) == f"Dictionary({d.id!r})"
         d.free()  # freed inside the block: leaving it is still fine
     assert d.id not in _live(client)
+
+
+def _fetched(c: Client) -> tuple[int, int]:
+    """How many FetchTensors calls the server has finished, and the tensor bytes they sent."""
+    service = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
+    record = c.stats()["methods"].get(f"/{service}/FetchTensors", {})
+    return record.get("count", 0), record.get("bytes_sent", 0)
+
+
+def test_keys_and_count_read_sizes_not_tensors(client: Client) -> None:
+    """keys(), iteration, `in` and count come from GetSize: a large dictionary's tensors stay on the server."""
+    large = {f"layer{i}.weight": np.ones((512, 1024), np.float32) for i in range(8)}  # 16 MiB
+    with client.Dictionary(large) as d:
+        calls, sent = _fetched(client)
+        assert d.keys() == list(large) and list(d) == list(large) and "layer0.weight" in d and ".n" not in d
+        assert d.count == 1
+        assert _fetched(client) == (calls, sent)  # not one FetchTensors call
+        d[".n"] = np.float64(3.0)
+        assert d.count == 3 and d.keys() == [*large, ".n"]
+        assert _fetched(client) == (calls + 1, sent + 8)  # '.n' alone: one float64

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from weightavg import Client, InvalidArgumentError
-from weightavg.wire import ChunkView, decode_chunk_message, decode_fetch_response, encode_chunk, encoded_chunks
+from weightavg.wire import (
+    ChunkView,
+    chunk_field,
+    decode_chunk_message,
+    decode_fetch_response,
+    encode_chunk,
+    encoded_chunks,
+    join_chunks,
+    string_fields,
+)
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.transport import codec as wire
@@ -24,16 +33,13 @@ HEADERS = [
 
 
 @pytest.mark.parametrize("name,code,shape,data", HEADERS)
-@pytest.mark.parametrize(
-    "message_type,field",
-    [(pb.FetchTensorsResponse, 1), (pb.CreateDictionaryRequest, 1), (pb.UpdateDictionaryRequest, 2)],
-)
-def test_encode_chunk_is_protobufs_encoding(name, code, shape, data, message_type, field) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("message_type", [pb.FetchTensorsResponse, pb.CreateDictionaryRequest, pb.UpdateDictionaryRequest])
+def test_encode_chunk_is_protobufs_encoding(name, code, shape, data, message_type) -> None:  # type: ignore[no-untyped-def]
     expected = message_type()
     chunk = expected.chunk
     chunk.name, chunk.dtype, chunk.data = name, code, data
     chunk.shape.extend(shape)
-    encoded = encode_chunk(field, name, code, shape, memoryview(data))
+    encoded = encode_chunk(chunk_field(message_type), name, code, shape, memoryview(data))
     assert encoded == expected.SerializeToString()
     assert message_type.FromString(encoded) == expected
 
@@ -43,7 +49,9 @@ def test_decode_reads_back_what_protobuf_wrote(name, code, shape, data) -> None:
     message = pb.UpdateDictionaryRequest(dictionary="d-123")
     message.chunk.name, message.chunk.dtype, message.chunk.data = name, code, data
     message.chunk.shape.extend(shape)
-    decoded = decode_chunk_message(message.SerializeToString(), 2, {1: "dictionary"})
+    decoded = decode_chunk_message(
+        message.SerializeToString(), chunk_field(pb.UpdateDictionaryRequest), string_fields(pb.UpdateDictionaryRequest)
+    )
     assert decoded["dictionary"] == "d-123"
     view = decoded["chunk"]
     assert (view.name, view.dtype, view.shape, bytes(view.data)) == (name, code, tuple(shape), data)
@@ -60,8 +68,9 @@ def test_decode_reads_unpacked_shapes_and_negative_dimensions() -> None:
 def test_decode_falls_back_to_protobuf_on_unexpected_fields() -> None:
     message = pb.SetParameterRequest(handle="h", name="w")
     message.chunk.data = b"abc"
-    with pytest.raises(ValueError):
-        decode_chunk_message(message.SerializeToString(), 3, {1: "handle"})  # field 2 not expected
+    handle_only = {number: name for number, name in string_fields(pb.SetParameterRequest).items() if name == "handle"}
+    with pytest.raises(ValueError):  # the `name` field is not expected
+        decode_chunk_message(message.SerializeToString(), chunk_field(pb.SetParameterRequest), handle_only)
     # a FetchTensorsResponse carrying an unknown field 9: the decoder hands it to protobuf
     raw = pb.FetchTensorsResponse(chunk=pb.TensorChunk(data=b"xyz")).SerializeToString() + b"\x48\x01"
     chunk = decode_fetch_response(raw)
@@ -79,8 +88,76 @@ def test_server_chunks_decode_with_plain_protobuf() -> None:
 
 def test_client_chunks_split_at_chunk_bytes() -> None:
     a = np.arange(10, dtype=np.int32)
-    messages = [pb.CreateDictionaryRequest.FromString(m) for m in encoded_chunks([("a", a), ("b", 1.5)], 12, field=1)]
+    encoded = encoded_chunks([("a", a), ("b", 1.5)], 12, pb.CreateDictionaryRequest)
+    messages = [pb.CreateDictionaryRequest.FromString(m) for m in encoded]
     assert [(m.chunk.name, len(m.chunk.data)) for m in messages] == [("a", 12), ("", 12), ("", 12), ("", 4), ("b", 8)]
+
+
+CHUNK_MESSAGES = [
+    getattr(pb, name)
+    for name, descriptor in pb.DESCRIPTOR.message_types_by_name.items()
+    if "chunk" in descriptor.fields_by_name
+]
+UPLOADS = [m for m in CHUNK_MESSAGES if m.DESCRIPTOR.name.endswith("Request")]
+
+
+def test_every_upload_request_is_covered() -> None:
+    """The lists below come from the .proto itself, so a new upload stream is tested without editing this file."""
+    assert {m.DESCRIPTOR.name for m in UPLOADS} >= {
+        "SetParameterRequest", "CreateDictionaryRequest", "UpdateDictionaryRequest", "CreateTensorRequest",
+        "SetModelDataRequest", "EvaluateModelRequest", "RunForwardRequest",
+    }
+
+
+@pytest.mark.parametrize("message_type", CHUNK_MESSAGES, ids=lambda m: m.DESCRIPTOR.name)
+def test_field_numbers_come_from_the_descriptors(message_type) -> None:  # type: ignore[no-untyped-def]
+    fields = message_type.DESCRIPTOR.fields_by_name
+    assert chunk_field(message_type) == fields["chunk"].number
+    assert string_fields(message_type) == {
+        f.number: name for name, f in fields.items() if f.type == f.TYPE_STRING and not f.is_repeated
+    }
+
+
+def test_string_fields_are_the_handle_fields() -> None:
+    assert string_fields(pb.UpdateDictionaryRequest) == {
+        pb.UpdateDictionaryRequest.DESCRIPTOR.fields_by_name["dictionary"].number: "dictionary"
+    }
+    assert string_fields(pb.CreateDictionaryRequest) == {}
+
+
+def test_chunk_field_refuses_a_message_without_a_chunk() -> None:
+    with pytest.raises(TypeError, match="GetSizeRequest"):
+        chunk_field(pb.GetSizeRequest)
+
+
+@pytest.mark.parametrize("message_type", UPLOADS, ids=lambda m: m.DESCRIPTOR.name)
+def test_client_encoding_parses_with_protobuf_for_every_upload(message_type) -> None:  # type: ignore[no-untyped-def]
+    values = [("w", np.arange(12, dtype=np.float32).reshape(3, 4)), (".n", np.float64(2.0))]
+    messages = [message_type.FromString(m) for m in encoded_chunks(values, 20, message_type)]
+    assert all(m.ListFields() == [(m.DESCRIPTOR.fields_by_name["chunk"], m.chunk)] for m in messages)
+    joined = join_chunks(m.chunk for m in messages)
+    assert [name for name, _ in joined] == ["w", ".n"]
+    for (_, expected), (_, got) in zip(values, joined):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("message_type", UPLOADS, ids=lambda m: m.DESCRIPTOR.name)
+def test_server_decoder_reads_every_upload_by_its_descriptor(message_type) -> None:  # type: ignore[no-untyped-def]
+    message = message_type(chunk=pb.TensorChunk(name="w", dtype=pb.DTYPE_UINT8, shape=[3], data=b"abc"))
+    strings = string_fields(message_type)
+    for name in strings.values():
+        setattr(message, name, f"{name}-1")
+    decoded = wire.request_decoder(message_type)(message.SerializeToString())
+    assert isinstance(decoded.chunk, ChunkView), "read by hand, not handed to protobuf"
+    assert decoded.chunk.name == "w" and bytes(decoded.chunk.data) == b"abc"
+    assert all(getattr(decoded, name) == f"{name}-1" for name in strings.values())
+
+
+def test_server_encoding_follows_the_message_type() -> None:
+    t = torch.arange(3, dtype=torch.int16)
+    (raw,) = wire.encoded_chunks([("t", t)], 1 << 20, pb.EvaluateModelResponse)
+    message = pb.EvaluateModelResponse.FromString(raw)
+    assert (message.chunk.name, list(message.chunk.shape), message.chunk.data) == ("t", [3], t.numpy().tobytes())
 
 
 def test_plain_protobuf_peers_still_fetch_and_upload(client: Client) -> None:

@@ -1,7 +1,8 @@
 """weightavg: a thin client for the weightavg server (stochastic weight averaging over gRPC)."""
 
-from ._client import Client, Handle, HandleInfo, ModuleRow
+from ._client import Client
 from ._objects import Dictionary, Module, Remote
+from ._records import Handle, HandleInfo, ModuleRow
 from ._errors import (
     CancelledError,
     DeadlineExceededError,

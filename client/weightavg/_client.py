@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -19,6 +18,7 @@ import numpy.typing as npt
 
 from . import _objects, _specs, wire
 from ._errors import NotFoundError, UnavailableError, from_rpc_error
+from ._records import Handle, HandleInfo, ModuleRow
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -43,38 +43,6 @@ SESSION_METADATA = "weightavg-session"
 """Metadata key that carries the session id on every call of a session client."""
 
 log = logging.getLogger("weightavg.client")
-
-
-@dataclass(frozen=True)
-class Handle:
-    """A server object: its opaque id and its kind ("module", "dictionary", ...)."""
-
-    id: str
-    kind: str
-
-    def __repr__(self) -> str:
-        return f"<{self.kind} {self.id}>"
-
-
-@dataclass(frozen=True)
-class ModuleRow:
-    """One row of a module's options table."""
-
-    depth: int
-    module: str
-    name: str
-    options: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class HandleInfo:
-    """What ListHandles reports for one live handle."""
-
-    handle: Handle
-    device: str
-    dtype: str | None
-    bytes: int
-    tensor_count: int
 
 
 HandleLike = Handle | str
@@ -384,7 +352,7 @@ class Client:
         (broadcasting a scalar), or registers a new parameter when the name is new."""
         if not value:
             return self._fetch(_id(m), [name])[name]
-        chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, field=3)  # SetParameterRequest.chunk
+        chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
         # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
         first = pb.SetParameterRequest(handle=_id(m), name=name).SerializeToString() + next(chunks)
         self._set_parameter_stream(itertools.chain([first], chunks), timeout=self.timeout)
@@ -577,7 +545,7 @@ class Client:
     def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
         def requests() -> Iterator[bytes]:
             yield pb.SetModelDataRequest(model=m, split=split).SerializeToString()
-            yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, field=3)  # .chunk
+            yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, pb.SetModelDataRequest)
 
         return int(self._set_model_data_stream(requests(), timeout=self.timeout).batches)
 
@@ -603,7 +571,7 @@ class Client:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
         def requests() -> Iterator[bytes]:
             yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
-            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, field=2)  # EvaluateModelRequest.chunk
+            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, pb.EvaluateModelRequest)
 
         stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
         return wire.join_chunks(r.chunk for r in stream)[0][1]
@@ -700,7 +668,7 @@ class Client:
         """tensor(array) creates a tensor handle; tensor(handle) returns its values."""
         if isinstance(x, Handle):
             return wire.plain(self._fetch_named(x.id, [])[0][1])
-        requests = wire.encoded_chunks([("", x)], self.chunk_bytes, field=1)
+        requests = wire.encoded_chunks([("", x)], self.chunk_bytes, pb.CreateTensorRequest)
         return _handle(self._create_tensor_stream(requests, timeout=self.timeout).tensor)
 
     @_rpc
@@ -817,13 +785,13 @@ class Client:
         return {name: wire.plain(a) for name, a in self._fetch_named(handle, names)}
 
     def _create_dictionary(self, items: Iterable[tuple[str, Any]]) -> Handle:
-        requests = wire.encoded_chunks(items, self.chunk_bytes, field=1)  # CreateDictionaryRequest.chunk
+        requests = wire.encoded_chunks(items, self.chunk_bytes, pb.CreateDictionaryRequest)
         return _handle(self._create_dictionary_stream(requests, timeout=self.timeout).dictionary)
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]]) -> None:
         def requests() -> Iterator[bytes]:
             yield pb.UpdateDictionaryRequest(dictionary=d).SerializeToString()
-            yield from wire.encoded_chunks(items, self.chunk_bytes, field=2)  # UpdateDictionaryRequest.chunk
+            yield from wire.encoded_chunks(items, self.chunk_bytes, pb.UpdateDictionaryRequest)
 
         self._update_dictionary_stream(requests(), timeout=self.timeout)
 

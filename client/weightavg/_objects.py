@@ -1,21 +1,47 @@
 """Objects over the verbs: modules and dictionaries with methods, freed at the end of a `with` block.
 
-The verbs stay the interface; these classes only call them. A verb takes `obj.handle`.
+The verbs stay the interface; these classes only call them. A verb takes `obj.handle`. The objects
+know the client only as `Verbs`, the calls they make, so this module does not import `_client`
+(which imports it to hand objects out).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ._errors import NotFoundError
+from ._records import Handle, ModuleRow
 
-if TYPE_CHECKING:
-    from ._client import Client, Handle, ModuleRow
+
+class Verbs(Protocol):
+    """The client calls the objects make; `weightavg.Client` has them all (see it for what each does)."""
+
+    def free(self, *handles: Handle) -> int: ...
+
+    def size(self, h: Handle) -> Any: ...
+
+    def module(self, spec: Any) -> Any: ...
+
+    def parmnames(self, m: Handle) -> list[str]: ...
+
+    def parm(self, m: Handle, name: str, *value: Any) -> Any: ...
+
+    def buffers(self, m: Handle) -> Handle: ...
+
+    def copyparms(self, m: Handle, d: Handle | None = None) -> Any: ...
+
+    def avgparms(self, m: Handle, d: Handle) -> int: ...
+
+    def batchnorm(self, m: Handle, momenta: Mapping[str, float | None] | None = None) -> Any: ...
+
+    def addref(self, h: Handle) -> Handle: ...
+
+    def dict(self, x: Any, key: Any = None, *value: Any) -> Any: ...
 
 
 def _handle_of(x: Remote | Handle) -> Handle:
@@ -26,7 +52,7 @@ class Remote:
     """A handle together with the client that made it. `with obj:` frees the handle at the end of the
     block (a handle already freed is fine); `free()` frees it now."""
 
-    def __init__(self, client: Client, handle: Handle) -> None:
+    def __init__(self, client: Verbs, handle: Handle) -> None:
         self.client = client
         self.handle = handle
 
@@ -72,7 +98,8 @@ class Dictionary(Remote):
         return values
 
     def keys(self) -> list[str]:
-        return list(self.to_dict())
+        """Entry names, in order, from the dictionary's sizes: no tensor is downloaded."""
+        return list(self.client.size(self.handle))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -91,9 +118,8 @@ class Dictionary(Remote):
     @property
     def count(self) -> int:
         """How many parameter sets a running average holds: its '.n' entry, or 1 without one (as
-        avgparms counts a plain copy)."""
-        values = self.to_dict()
-        return int(values[".n"]) if ".n" in values else 1
+        avgparms counts a plain copy). Downloads '.n' alone, never the averaged tensors."""
+        return int(self[".n"]) if ".n" in self.keys() else 1
 
 
 class Module(Remote):

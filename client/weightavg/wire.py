@@ -1,4 +1,14 @@
-"""numpy arrays on the wire: dtype codes, and raw little-endian bytes split into and joined from chunks."""
+"""The tensor wire codec that the weightavg client and server share.
+
+A tensor travels as a stream of TensorChunk messages (docs/clients.md): a header chunk with name,
+dtype, shape and the first bytes, then data chunks. This module maps numpy dtypes to the wire's
+Dtype codes, splits arrays into chunks and joins chunks back into arrays, and encodes and decodes
+the stream messages that carry a chunk by hand, so tensor data is copied once a side (docs/perf.md).
+The server's `weightavg_server.transport.codec` builds its torch side on these functions.
+
+Field numbers are read from the generated descriptors (`chunk_field`, `string_fields`), never
+written as literals, so the codec always agrees with the stubs it ships with.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +21,28 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import Message
 
 from .v1 import weightavg_pb2 as pb
 
+__all__ = [
+    "CHUNK_BYTES",
+    "ChunkView",
+    "array_chunks",
+    "chunk_field",
+    "decode_chunk_message",
+    "decode_fetch_response",
+    "encode_chunk",
+    "encoded_chunks",
+    "join_chunks",
+    "plain",
+    "string_fields",
+    "to_array",
+]
+
 CHUNK_BYTES = 4 << 20
-"""4 MiB chunks: measured fastest on loopback, and far below any message cap."""
+"""The default chunk size of client and server, 4 MiB: measured fastest on loopback, and far below
+any message cap."""
 
 _DTYPES: dict[pb.Dtype.ValueType, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype(np.float32),
@@ -32,6 +59,36 @@ _DTYPES: dict[pb.Dtype.ValueType, np.dtype[Any]] = {
     pb.DTYPE_COMPLEX128: np.dtype(np.complex128),
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+_VARINT, _LEN = 0, 2
+"""Protobuf wire types: varint (dtype, unpacked shape) and length-delimited (strings, bytes, messages)."""
+_NAME, _DTYPE, _SHAPE, _DATA = (
+    pb.TensorChunk.DESCRIPTOR.fields_by_name[name].number for name in ("name", "dtype", "shape", "data")
+)
+
+
+def chunk_field(message_type: type[Message]) -> int:
+    """The field number of a stream message's TensorChunk field `chunk`, from its descriptor.
+
+    TypeError for a message without one, so a wrong message type fails where the stream is built.
+    """
+    descriptor = message_type.DESCRIPTOR
+    field = descriptor.fields_by_name.get("chunk")
+    if field is None or field.message_type is not pb.TensorChunk.DESCRIPTOR:
+        raise TypeError(f"{descriptor.full_name} has no TensorChunk field named 'chunk'")
+    return field.number
+
+
+def string_fields(message_type: type[Message]) -> dict[int, str]:
+    """A stream message's single string fields (handle ids such as `dictionary`), number to name.
+
+    With `chunk_field` this is what `decode_chunk_message` needs to read the message by hand.
+    """
+    return {
+        field.number: field.name
+        for field in message_type.DESCRIPTOR.fields
+        if field.type == field.TYPE_STRING and not field.is_repeated
+    }
 
 
 def to_array(value: Any) -> npt.NDArray[Any]:
@@ -55,12 +112,6 @@ def array_chunks(name: str, value: Any, chunk_bytes: int = CHUNK_BYTES) -> Itera
         yield pb.TensorChunk(data=raw[start:start + chunk_bytes].tobytes())
 
 
-def mapping_chunks(values: Iterable[tuple[str, Any]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Chunks for several named arrays, one after another."""
-    for name, value in values:
-        yield from array_chunks(name, value, chunk_bytes)
-
-
 @dataclass(frozen=True)
 class ChunkView:
     """A TensorChunk decoded without copying its data: `data` is a view into the received message."""
@@ -72,6 +123,7 @@ class ChunkView:
 
 
 def _read_varint(raw: memoryview, i: int) -> tuple[int, int]:
+    """The varint at raw[i] and the index after it."""
     value = shift = 0
     while True:
         byte = raw[i]
@@ -85,31 +137,32 @@ def _read_varint(raw: memoryview, i: int) -> tuple[int, int]:
 
 
 def _signed(value: int) -> int:
+    """An int64 read as an unsigned varint, back to its sign (protobuf writes negatives in 10 bytes)."""
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _decode_chunk(raw: memoryview) -> ChunkView:
-    """TensorChunk fields 1-4; ValueError on anything else, so the caller can fall back to protobuf."""
+    """A serialized TensorChunk's four fields; ValueError on anything else, so the caller can fall back to protobuf."""
     name, dtype, shape, data = "", pb.Dtype.ValueType(0), [], memoryview(b"")
     i, end = 0, len(raw)
     while i < end:
         key, i = _read_varint(raw, i)
         field, kind = key >> 3, key & 7
-        if kind == 0 and field in (2, 3):
+        if kind == _VARINT and field in (_DTYPE, _SHAPE):
             value, i = _read_varint(raw, i)
-            if field == 2:
+            if field == _DTYPE:
                 dtype = pb.Dtype.ValueType(value)
             else:
                 shape.append(_signed(value))
-        elif kind == 2 and field in (1, 3, 4):
+        elif kind == _LEN and field in (_NAME, _SHAPE, _DATA):
             size, i = _read_varint(raw, i)
             if i + size > end:
                 raise ValueError("truncated field")
             body = raw[i:i + size]
             i += size
-            if field == 1:
+            if field == _NAME:
                 name = bytes(body).decode("utf-8")
-            elif field == 4:
+            elif field == _DATA:
                 data = body
             else:
                 j = 0
@@ -124,8 +177,9 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
 def decode_chunk_message(message: bytes, chunk_field: int, string_fields: Mapping[int, str]) -> dict[str, Any]:
     """Read a stream message made of a TensorChunk field and string fields, without copying tensor data.
 
-    Returns {"chunk": ChunkView, <string field name>: value}; ValueError on anything else (unknown
-    or repeated fields), so callers fall back to protobuf, which copies the data twice.
+    `chunk_field` and `string_fields` come from the message's descriptor (the functions of those
+    names). Returns {"chunk": ChunkView, <string field name>: value}; ValueError on anything else
+    (unknown or repeated fields), so callers fall back to protobuf, which copies the data twice.
     """
     raw = memoryview(message)
     out: dict[str, Any] = {name: "" for name in string_fields.values()}
@@ -135,7 +189,7 @@ def decode_chunk_message(message: bytes, chunk_field: int, string_fields: Mappin
     while i < end:
         key, i = _read_varint(raw, i)
         field, kind = key >> 3, key & 7
-        if kind != 2 or field in seen or (field != chunk_field and field not in string_fields):
+        if kind != _LEN or field in seen or (field != chunk_field and field not in string_fields):
             raise ValueError(f"unexpected field {field} of wire type {kind}")
         seen.add(field)
         size, i = _read_varint(raw, i)
@@ -150,6 +204,9 @@ def decode_chunk_message(message: bytes, chunk_field: int, string_fields: Mappin
     return out
 
 
+_FETCH_CHUNK_FIELD = chunk_field(pb.FetchTensorsResponse)
+
+
 def decode_fetch_response(message: bytes) -> ChunkView | pb.TensorChunk:
     """The chunk of a serialized FetchTensorsResponse, its data a view into `message` (no copy).
 
@@ -157,13 +214,14 @@ def decode_fetch_response(message: bytes) -> ChunkView | pb.TensorChunk:
     the one field by hand. Anything it does not expect goes through protobuf instead.
     """
     try:
-        chunk: ChunkView = decode_chunk_message(message, 1, {})["chunk"]
+        chunk: ChunkView = decode_chunk_message(message, _FETCH_CHUNK_FIELD, {})["chunk"]
         return chunk
     except (ValueError, IndexError, UnicodeDecodeError):
         return pb.FetchTensorsResponse.FromString(message).chunk
 
 
 def _varint(n: int) -> bytes:
+    """The varint encoding of a non-negative int."""
     out = bytearray()
     while True:
         low, n = n & 0x7F, n >> 7
@@ -183,13 +241,17 @@ def encode_chunk(field: int, name: str, code: int, shape: Iterable[int], data: m
     """
     header = pb.TensorChunk(name=name, dtype=code, shape=list(shape)).SerializeToString()  # type: ignore[arg-type]
     size = len(data)
-    data_prefix = b"\x22" + _varint(size) if size else b""
+    data_prefix = _varint(_DATA << 3 | _LEN) + _varint(size) if size else b""
     inner = len(header) + len(data_prefix) + size
-    return b"".join((_varint(field << 3 | 2), _varint(inner), header, data_prefix, data))
+    return b"".join((_varint(field << 3 | _LEN), _varint(inner), header, data_prefix, data))
 
 
-def encoded_chunks(values: Iterable[tuple[str, Any]], chunk_bytes: int, field: int) -> Iterator[bytes]:
-    """Serialized stream messages, each holding one TensorChunk in field `field`, for named arrays."""
+def encoded_chunks(values: Iterable[tuple[str, Any]], chunk_bytes: int, message_type: type[Message]) -> Iterator[bytes]:
+    """Serialized `message_type` stream messages, each holding one TensorChunk of the named arrays.
+
+    Only the chunk field is set; a stream whose first message names a handle sends that first.
+    """
+    field = chunk_field(message_type)
     for name, value in values:
         array = to_array(value)
         raw = array.reshape(-1).view(np.uint8).data

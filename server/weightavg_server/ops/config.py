@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from weightavg.wire import CHUNK_BYTES
+
 ENV_PREFIX = "WEIGHTAVG_"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = CHUNK_BYTES
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 40
 DEFAULT_MAX_SPEC_DEPTH = 32
 DEFAULT_GRACE_SECONDS = 10.0

@@ -1,4 +1,8 @@
-"""Tensors on the wire: dtype codes, and raw little-endian bytes split into and joined from chunks."""
+"""Torch tensors on the wire: the server's side of the shared codec `weightavg.wire`.
+
+Dtype codes for torch, tensors split into chunks and pre-encoded stream messages, upload streams
+decoded without copying, and chunks joined back into tensors with every size checked first.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from weightavg.wire import decode_chunk_message, encode_chunk
+from weightavg.wire import CHUNK_BYTES, chunk_field, decode_chunk_message, encode_chunk, string_fields
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain.errors import InvalidArgument, ResourceExhausted
@@ -37,10 +41,6 @@ DTYPES: dict[int, torch.dtype] = {
 }
 CODES: dict[torch.dtype, int] = {dtype: code for code, dtype in DTYPES.items()}
 MAX_DIMS = 32
-DEFAULT_CHUNK_BYTES = 4 << 20
-"""4 MiB chunks: measured fastest on loopback (see tooling notes); far below any message cap."""
-
-M = TypeVar("M")
 
 
 def torch_dtype(code: int) -> torch.dtype:
@@ -67,31 +67,13 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.contiguous().view(torch.uint8).numpy())
 
 
-def chunk_messages(
-    named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int, message_type: Callable[[], M]
-) -> Iterator[M]:
-    """Stream messages (anything with a `chunk` field) for several named tensors, one after another.
-
-    Each message's chunk is filled in place: building a TensorChunk first and passing it to the
-    outer message's constructor copies it again, which upb does at about 0.4 GB/s (measured,
-    docs/perf.md) against about 40 GB/s for setting `data` directly.
-    """
-    for name, tensor in named:
-        code = dtype_code(tensor.dtype)
-        raw = _raw(tensor)
-        for start in range(0, max(len(raw), 1), chunk_bytes):
-            message = message_type()
-            chunk: pb.TensorChunk = message.chunk  # type: ignore[attr-defined]
-            if start == 0:
-                chunk.name = name
-                chunk.dtype = code  # type: ignore[assignment]
-                chunk.shape.extend(tensor.shape)
-            chunk.data = raw[start:start + chunk_bytes].tobytes()
-            yield message
-
-
-def encoded_chunks(named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int, field: int = 1) -> Iterator[bytes]:
-    """Pre-encoded stream messages (TensorChunk in field `field`, e.g. FetchTensorsResponse) for named tensors."""
+def encoded_chunks(
+    named: Iterable[tuple[str, torch.Tensor]],
+    chunk_bytes: int,
+    message_type: type[Message] = pb.FetchTensorsResponse,
+) -> Iterator[bytes]:
+    """Pre-encoded `message_type` stream messages, each holding one TensorChunk of the named tensors."""
+    field = chunk_field(message_type)
     for name, tensor in named:
         code = dtype_code(tensor.dtype)
         raw = _raw(tensor)
@@ -108,24 +90,30 @@ def serialize(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def request_decoder(message_type: type[Message], chunk_field: int, string_fields: dict[int, str]) -> Callable[[bytes], Any]:
+def request_decoder(message_type: type[Message], *_legacy_field_numbers: object) -> Callable[[bytes], Any]:
     """A request deserializer for an upload stream that leaves tensor data in the received bytes.
 
-    The decoded request has the message's attributes (`chunk`, and e.g. `dictionary`), the chunk's
-    data a memoryview, so TensorAssembler copies each byte once. Requests it does not expect are
-    parsed by protobuf as before.
+    The decoded request has the message's attributes (`chunk`, and its string fields such as
+    `dictionary`), the chunk's data a memoryview, so TensorAssembler copies each byte once. Field
+    numbers come from `message_type`'s descriptor. Requests it does not expect are parsed by
+    protobuf as before.
+
+    `_legacy_field_numbers` takes, and ignores, the chunk field and string fields that callers used
+    to pass by hand; it goes once every caller passes the message type alone.
     """
+    chunk = chunk_field(message_type)
+    strings = string_fields(message_type)
 
     def decode(message: bytes) -> Any:
         try:
-            return SimpleNamespace(**decode_chunk_message(message, chunk_field, string_fields))
+            return SimpleNamespace(**decode_chunk_message(message, chunk, strings))
         except (ValueError, IndexError, UnicodeDecodeError):
             return message_type.FromString(message)
 
     return decode
 
 
-def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Split a tensor into chunks: a header chunk (name, dtype, shape, first bytes) then data chunks."""
     code = dtype_code(tensor.dtype)
     raw = _raw(tensor)
@@ -135,7 +123,7 @@ def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CH
 
 
 def tensors_chunks(
-    named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[pb.TensorChunk]:
     """Chunks for several named tensors, one after another."""
     for name, tensor in named:

@@ -1,0 +1,42 @@
+"""The plain records the client hands out: a handle, a row of a module's table, a live handle's facts.
+
+Frozen dataclasses without behaviour, in a module of their own so that the verbs (`_client`) and the
+objects over them (`_objects`) both use them without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A server object: its opaque id and its kind ("module", "dictionary", ...)."""
+
+    id: str
+    kind: str
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.id}>"
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    """One row of a module's options table."""
+
+    depth: int
+    module: str
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HandleInfo:
+    """What ListHandles reports for one live handle."""
+
+    handle: Handle
+    device: str
+    dtype: str | None
+    bytes: int
+    tensor_count: int
