@@ -20,7 +20,7 @@ from weightavg_server.ops.config import ServerConfig
 from weightavg_server.transport.observe import ObservingInterceptor
 from weightavg_server.store.registry import Registry
 from weightavg_server.transport.servicer import WeightAveragingServicer
-from weightavg_server.ops.stats import RpcStats
+from weightavg_server.transport.stats import RpcStats
 
 
 def start(observed: bool) -> tuple[grpc.Server, int]:

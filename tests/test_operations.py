@@ -30,7 +30,7 @@ from weightavg_server.ops.app import SERVICE_NAME, create_runtime, create_server
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.metrics import MetricsServer, start_metrics_server
 from weightavg_server.store.registry import Registry
-from weightavg_server.ops.stats import LATENCY_BUCKETS, RpcStats
+from weightavg_server.transport.stats import LATENCY_BUCKETS, RpcStats
 
 METHOD = f"/{SERVICE_NAME}/"
 

@@ -30,10 +30,3 @@ def by_name(name: str) -> torch.dtype:
     except KeyError:
         raise InvalidArgument(f"unsupported dtype '{name}'; expected one of {', '.join(DTYPES)}") from None
 
-
-def name_of(dtype: torch.dtype) -> str:
-    """The name of a supported dtype; InvalidArgument for dtypes the server cannot carry."""
-    try:
-        return NAMES[dtype]
-    except KeyError:
-        raise InvalidArgument(f"dtype {dtype} cannot be sent over the wire") from None

@@ -22,6 +22,7 @@ from .errors import Cancelled, FailedPrecondition, InvalidArgument
 from .losses import Loss
 from .optimizers import Optimizer
 from .options import Opt, Value, coerce, non_negative, positive
+from .tensors import module_tensors
 
 StopCheck = Callable[[], bool]
 
@@ -77,9 +78,8 @@ class Model:
         self.generator.manual_seed(int(self.train["seed"]))  # type: ignore[arg-type]
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Parameters, buffers, optimizer state, and the train and test data."""
-        yield from self.module.parameters()
-        yield from self.module.buffers()
+        """Parameters, their gradients, buffers, optimizer state, and the train and test data."""
+        yield from module_tensors(self.module)
         yield from self.optimizer.tensors()
         yield from self.loss.tensors()
         for data in (self.train_data, self.test_data):

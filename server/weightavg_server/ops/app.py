@@ -25,7 +25,7 @@ from ..store.limits import Limits
 from ..transport.observe import ObservingInterceptor
 from ..store.registry import Registry
 from ..transport.servicer import SERVICE_NAME, WeightAveragingServicer, add_to_server
-from .stats import RpcStats
+from ..transport.stats import RpcStats
 
 log = logging.getLogger("weightavg.server")
 

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..service import Service
-from .stats import LATENCY_BUCKETS, RpcStats
+from ..transport.stats import LATENCY_BUCKETS, RpcStats
 
 
 def _split(method: str) -> tuple[str, str]:

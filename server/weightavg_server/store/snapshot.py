@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -43,7 +42,7 @@ from ..domain.dtypes import DTYPES
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from ..domain.losses import Loss
 from ..domain.optimizers import Optimizer
-from ..domain.tensors import Bytes, TensorHolder, add_bytes
+from ..domain.tensors import TensorHolder
 from .registry import Entry, Kind, Registry, locked
 
 log = logging.getLogger("weightavg.snapshot")
@@ -146,9 +145,10 @@ class LoadContext:
 
     def __init__(
         self, tensors: dict[str, torch.Tensor], info: dict[str, dict[str, Any]], device: torch.device,
-        load_object: Callable[[int], Any],
+        load_object: Callable[[int], Any], on_place: Callable[[str, int], None],
     ) -> None:
         self.device = device
+        self._on_place = on_place
         self._tensors = tensors
         self._info = info
         self._load_object = load_object
@@ -166,7 +166,9 @@ class LoadContext:
             data = data.view(dtype).reshape(info["shape"])
         if data.dtype != dtype or list(data.shape) != info["shape"]:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
-        t = data.to(self._placement(info["device"]))
+        placement = self._placement(info["device"])
+        self._on_place(str(placement), data.numel() * data.element_size())
+        t = data.to(placement)
         if t.device.type == "cpu" and t.data_ptr() % _CPU_ALIGNMENT:
             # safetensors hands out tensors at their offsets in the file; vectorised CPU kernels split
             # unaligned data differently, so sums would differ in the last bit from the saved server's
@@ -175,12 +177,10 @@ class LoadContext:
         self._loaded[key] = t
         return t
 
-    def placed_bytes(self) -> Bytes:
-        """Bytes every stored tensor takes once placed, by device: what a restore reserves first."""
-        return add_bytes(*(
-            {str(self._placement(info["device"])): math.prod(info["shape"]) * DTYPES[info["dtype"]].itemsize}
-            for info in self._info.values()
-        ))
+    def host_tensor(self, key: str) -> torch.Tensor:
+        """The tensor stored under key as read from the file, for host-side state that no object
+        holds (a generator's state): neither placed on a device nor reserved."""
+        return self._tensors[key]
 
     def object(self, index: int) -> Any:
         """The restored object at index (restored now if it was not yet)."""
@@ -463,7 +463,7 @@ def load_model(data: dict[str, Any], ctx: LoadContext) -> training.Model:
         train=dict(_options(data["train"])), test=dict(_options(data["test"])),
         train_data=loaded(data["train_data"]), test_data=loaded(data["test_data"]),
     )
-    model.generator.set_state(ctx.tensor(data["generator"]).cpu())
+    model.generator.set_state(ctx.host_tensor(data["generator"]))
     return model
 
 
@@ -665,9 +665,12 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
             built[index] = fmt.load(record["data"], ctx)
         return built[index]
 
-    ctx = LoadContext(tensors, state["tensors"], device, load_object)
-    # Restored tensors count against the caps like any other: reserved before they are placed.
-    with registry.reserve(handles=len(state["handles"]), nbytes=ctx.placed_bytes()) as reservation:
+    # Restored tensors count against the caps like any other: each is reserved before it is placed.
+    with registry.reserve(handles=len(state["handles"])) as reservation:
+        ctx = LoadContext(
+            tensors, state["tensors"], device, load_object,
+            on_place=lambda where, nbytes: registry.grow(reservation, nbytes={where: nbytes}),
+        )
         for index in range(len(objects)):
             load_object(index)
         locks: dict[int, threading.RLock] = {}

@@ -20,30 +20,21 @@ from google.protobuf.message import Message
 from weightavg.wire import CHUNK_BYTES, chunk_field, decode_chunk_message, encode_chunk, string_fields
 from weightavg.v1 import weightavg_pb2 as pb
 
+from ..domain import dtypes
 from ..domain.errors import InvalidArgument, ResourceExhausted
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("weightavg's wire format is little-endian; this host is not")
 
-DTYPES: dict[int, torch.dtype] = {
-    pb.DTYPE_FLOAT32: torch.float32,
-    pb.DTYPE_FLOAT64: torch.float64,
-    pb.DTYPE_FLOAT16: torch.float16,
-    pb.DTYPE_BFLOAT16: torch.bfloat16,
-    pb.DTYPE_INT8: torch.int8,
-    pb.DTYPE_UINT8: torch.uint8,
-    pb.DTYPE_INT16: torch.int16,
-    pb.DTYPE_INT32: torch.int32,
-    pb.DTYPE_INT64: torch.int64,
-    pb.DTYPE_BOOL: torch.bool,
-    pb.DTYPE_COMPLEX64: torch.complex64,
-    pb.DTYPE_COMPLEX128: torch.complex128,
+DTYPES: dict[pb.Dtype.ValueType, torch.dtype] = {
+    pb.Dtype.Value(f"DTYPE_{name.upper()}"): dtype for name, dtype in dtypes.DTYPES.items()
 }
-CODES: dict[torch.dtype, int] = {dtype: code for code, dtype in DTYPES.items()}
+"""Wire codes of the domain's dtypes: each enum value is named after the dtype (DTYPE_FLOAT32...)."""
+CODES: dict[torch.dtype, pb.Dtype.ValueType] = {dtype: code for code, dtype in DTYPES.items()}
 MAX_DIMS = 32
 
 
-def torch_dtype(code: int) -> torch.dtype:
+def torch_dtype(code: pb.Dtype.ValueType) -> torch.dtype:
     """The torch dtype for a wire code; InvalidArgument for unset or unknown codes."""
     try:
         return DTYPES[code]
@@ -51,7 +42,7 @@ def torch_dtype(code: int) -> torch.dtype:
         raise InvalidArgument(f"unsupported dtype code {code}; expected one of {sorted(DTYPES)}") from None
 
 
-def dtype_code(dtype: torch.dtype) -> int:
+def dtype_code(dtype: torch.dtype) -> pb.Dtype.ValueType:
     """The wire code for a torch dtype; InvalidArgument for dtypes the wire cannot carry."""
     try:
         return CODES[dtype]
@@ -64,7 +55,7 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    return memoryview(flat.contiguous().view(torch.uint8).numpy())
+    return flat.contiguous().view(torch.uint8).numpy().data
 
 
 def encoded_chunks(
@@ -90,16 +81,13 @@ def serialize(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def request_decoder(message_type: type[Message], *_legacy_field_numbers: object) -> Callable[[bytes], Any]:
+def request_decoder(message_type: type[Message]) -> Callable[[bytes], Any]:
     """A request deserializer for an upload stream that leaves tensor data in the received bytes.
 
     The decoded request has the message's attributes (`chunk`, and its string fields such as
     `dictionary`), the chunk's data a memoryview, so TensorAssembler copies each byte once. Field
     numbers come from `message_type`'s descriptor. Requests it does not expect are parsed by
     protobuf as before.
-
-    `_legacy_field_numbers` takes, and ignores, the chunk field and string fields that callers used
-    to pass by hand; it goes once every caller passes the message type alone.
     """
     chunk = chunk_field(message_type)
     strings = string_fields(message_type)
@@ -117,7 +105,7 @@ def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTE
     """Split a tensor into chunks: a header chunk (name, dtype, shape, first bytes) then data chunks."""
     code = dtype_code(tensor.dtype)
     raw = _raw(tensor)
-    yield pb.TensorChunk(name=name, dtype=code, shape=list(tensor.shape), data=raw[:chunk_bytes].tobytes())  # type: ignore[arg-type]
+    yield pb.TensorChunk(name=name, dtype=code, shape=list(tensor.shape), data=raw[:chunk_bytes].tobytes())
     for start in range(chunk_bytes, len(raw), chunk_bytes):
         yield pb.TensorChunk(data=raw[start:start + chunk_bytes].tobytes())
 

@@ -6,14 +6,14 @@ from collections.abc import Iterable, Mapping
 
 from google.protobuf import struct_pb2
 
-import torch
 
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain import dtypes, specs
 from ..domain.errors import InvalidArgument
 from ..domain.tensors import HandleSummary
-from ..ops.stats import MethodStats
+from . import codec
+from .stats import MethodStats
 from ..service import ModelDescription, Size
 from ..store.registry import Kind
 
@@ -101,32 +101,6 @@ def momenta(messages: dict[str, pb.Momentum]) -> dict[str, float | None]:
     return {name: (m.value if m.HasField("value") else None) for name, m in messages.items()}
 
 
-def device(name: str) -> torch.device:
-    """A torch device from a user string, checking that it exists on this server."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidArgument(f"unknown device '{name}': {exc}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidArgument(f"device '{name}' requested but this server has no CUDA device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InvalidArgument(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise InvalidArgument(f"device '{name}' is not supported; use cpu, cuda or cuda:N")
-    return dev
-
-
-def resolve_server_device(name: str) -> torch.device:
-    """The server's device from --device: auto picks CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dev = device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 SPLITS = {pb.DATA_SPLIT_TRAIN: "train", pb.DATA_SPLIT_TEST: "test"}
 FORWARD_MODES = {
     pb.FORWARD_MODE_TRAIN: "forward",
@@ -164,14 +138,14 @@ def options_message(values: Mapping[str, specs.OptionValue]) -> list[pb.Option]:
 # -- service results as messages ---------------------------------------------------------------------
 
 
-def split_or_none(value: int) -> str | None:
+def split_or_none(value: pb.DataSplit.ValueType) -> str | None:
     """"train" or "test" from a DataSplit, None when unset."""
     return None if value == pb.DATA_SPLIT_UNSPECIFIED else split(value)
 
 
-def dtype_codes(names: Iterable[str]) -> list[int]:
+def dtype_codes(names: Iterable[str]) -> list[pb.Dtype.ValueType]:
     """Wire codes of dtypes given by name, in code order."""
-    return sorted(pb.Dtype.Value(f"DTYPE_{name.upper()}") for name in names)
+    return sorted(codec.dtype_code(dtypes.by_name(name)) for name in names)
 
 
 def momenta_messages(momenta: Mapping[str, float | None]) -> dict[str, pb.Momentum]:
@@ -191,7 +165,7 @@ def size_message(size: Size) -> pb.GetSizeResponse:
 
 def handle_info(handle_message: pb.Handle, summary: HandleSummary) -> pb.HandleInfo:
     """One row of a handle listing."""
-    dtype = pb.Dtype.Value(f"DTYPE_{dtypes.name_of(summary.dtype).upper()}") if summary.dtype else pb.DTYPE_UNSPECIFIED
+    dtype = codec.dtype_code(summary.dtype) if summary.dtype is not None else pb.DTYPE_UNSPECIFIED
     return pb.HandleInfo(
         handle=handle_message, device=summary.device, dtype=dtype, bytes=summary.nbytes,
         tensor_count=summary.tensor_count,

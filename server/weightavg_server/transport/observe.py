@@ -13,7 +13,7 @@ import grpc
 from weightavg.wire import decode_fetch_response
 from weightavg.v1 import weightavg_pb2 as pb
 
-from ..ops.stats import RpcStats
+from .stats import RpcStats
 
 log = logging.getLogger("weightavg.rpc")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import torch
@@ -15,7 +15,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 from ..domain.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from ..ops.stats import RpcStats
+from .stats import RpcStats
 from ..service import OnHeader, Ref, Service, StopCheck, Upload
 from . import codec, convert
 from .status import translate_errors
@@ -214,10 +214,18 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         upload = self._upload((r.chunk for r in request_iterator), context)
         return pb.CreateTensorResponse(tensor=_handle(self.service.create_tensor(upload)))
 
+    def FetchTensors(
+        self, request: pb.FetchTensorsRequest, context: Context
+    ) -> Iterator[pb.FetchTensorsResponse]:
+        """The generated signature, for a server that registers only the generated handlers: the
+        encoded messages parsed back (a copy more than the path `add_to_server` registers)."""
+        for message in self.FetchTensorsEncoded(request, context):
+            yield pb.FetchTensorsResponse.FromString(message)
+
     @translate_errors
-    def FetchTensors(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
-        """Pre-encoded FetchTensorsResponse messages; `add_to_server` registers the serializer that
-        passes them on."""
+    def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
+        """FetchTensors, answered with pre-encoded FetchTensorsResponse messages (one copy a byte):
+        `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
         copies = self.service.fetch(request.handle, list(request.names))
         yield from codec.encoded_chunks(copies, self.chunk_bytes)
 
@@ -383,30 +391,30 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 def add_to_server(servicer: WeightAveragingServicer, server: grpc.Server) -> None:
     """Register the servicer, with the tensor streams encoded and decoded by hand (one copy a byte).
 
-    FetchTensors sends the pre-encoded chunks the servicer makes (`codec.serialize` passes them on);
+    FetchTensors sends the pre-encoded chunks of `FetchTensorsEncoded` (`codec.serialize` passes them on);
     the upload streams decode chunks as views into the received bytes (`codec.request_decoder`). The
     overrides are offered both ways the server looks methods up: as a generic handler ahead of the
     generated one, and as registered handlers that replace the generated ones.
     """
-    overrides: dict[str, grpc.RpcMethodHandler] = {
+    overrides: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "FetchTensors": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchTensors,
+            servicer.FetchTensorsEncoded,
             request_deserializer=pb.FetchTensorsRequest.FromString,
             response_serializer=codec.serialize,
         ),
         "CreateDictionary": grpc.stream_unary_rpc_method_handler(
             servicer.CreateDictionary,
-            request_deserializer=codec.request_decoder(pb.CreateDictionaryRequest, 1, {}),
+            request_deserializer=codec.request_decoder(pb.CreateDictionaryRequest),
             response_serializer=pb.CreateDictionaryResponse.SerializeToString,
         ),
         "UpdateDictionary": grpc.stream_unary_rpc_method_handler(
             servicer.UpdateDictionary,
-            request_deserializer=codec.request_decoder(pb.UpdateDictionaryRequest, 2, {1: "dictionary"}),
+            request_deserializer=codec.request_decoder(pb.UpdateDictionaryRequest),
             response_serializer=pb.UpdateDictionaryResponse.SerializeToString,
         ),
         "CreateTensor": grpc.stream_unary_rpc_method_handler(
             servicer.CreateTensor,
-            request_deserializer=codec.request_decoder(pb.CreateTensorRequest, 1, {}),
+            request_deserializer=codec.request_decoder(pb.CreateTensorRequest),
             response_serializer=pb.CreateTensorResponse.SerializeToString,
         ),
     }

@@ -1,0 +1,211 @@
+"""Every allocating call against the device byte cap, table-driven, through a real server.
+
+For each call the table says what it must be able to hold at its peak (`peak`, worked out here
+from first principles: tensor sizes, optimizer state, float32 = 4 bytes) and what it leaves held
+(`delta`). With the cap one byte short of `held + peak` the call is RESOURCE_EXHAUSTED and every
+object is exactly as it was; with the cap at `held + peak` it succeeds, the charge grows by
+`delta`, and the store's charge equals the bytes of distinct storage the live objects really hold.
+A call that reserved less than it allocates, or recharged nothing, fails the second half; one that
+reserved more than it needs fails the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import LiveServer, assert_unchanged, snapshot
+from weightavg import Client, ResourceExhaustedError
+from weightavg_server.domain.errors import ResourceExhausted
+from weightavg_server.domain.tensors import storage_bytes, storages, tensors_of
+from weightavg_server.store import snapshot as snapshots
+from weightavg_server.store.limits import Limits
+from weightavg_server.store.registry import Registry
+
+F32 = 4
+ROWS, FEATURES, CLASSES = 300, 20, 5
+LAYER = (FEATURES * CLASSES + CLASSES) * F32
+"""Bytes of a 20 -> 5 linear layer's weight and bias."""
+STEP = 4
+"""Adam's and Adagrad's per-parameter step counter: a 0-dim float32 on the CPU."""
+
+
+def x_rows(n: int = ROWS) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, FEATURES), dtype=np.float32)
+
+
+def labels(n: int = ROWS) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, CLASSES, n).astype(np.int64)
+
+
+def linear(c: Client) -> Any:
+    return c.module(["linear", FEATURES, CLASSES])
+
+
+def model(c: Client, optimizer: str = "sgd", *args: Any, **options: Any) -> Any:
+    q = linear(c)
+    return c.model(q, c.loss("ce"), c.opt(optimizer, q, *args, **options))
+
+
+def trained_model(c: Client) -> Any:
+    m = model(c, "sgd", 0.1, 0.9)
+    c.train(m, x_rows(), labels())
+    return m
+
+
+@dataclass(frozen=True)
+class Case:
+    """One allocating call: objects it needs (made with no cap), the call, and its sizes."""
+
+    name: str
+    setup: Callable[[Client], Any]
+    call: Callable[[Client, Any], object]
+    peak: int
+    delta: int
+
+
+def _none(c: Client) -> None:
+    return None
+
+
+CASES = [
+    Case("module from a spec", _none, lambda c, _: linear(c), LAYER, LAYER),
+    Case("module, loss, optimizer and model", _none, lambda c, _: model(c, "adam"), LAYER, LAYER),
+    Case("optimizer with state at build (adagrad)", linear, lambda c, q: c.opt("adagrad", q), LAYER + 2 * STEP,
+         LAYER + 2 * STEP),
+    Case("dictionary upload", _none, lambda c, _: c.dict({"a": x_rows(), "b": labels()}),
+         ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
+    Case("dictionary entry added", lambda c: c.dict({"a": [1.0]}), lambda c, d: c.dict(d, "b", x_rows()),
+         ROWS * FEATURES * F32, ROWS * FEATURES * F32),
+    Case("tensor upload", _none, lambda c, _: c.tensor(x_rows()), ROWS * FEATURES * F32, ROWS * FEATURES * F32),
+    Case("new parameter", linear, lambda c, q: c.parm(q, "extra", x_rows(7)), 7 * FEATURES * F32, 7 * FEATURES * F32),
+    Case("copy of parameters", linear, lambda c, q: c.copyparms(q), LAYER, LAYER),
+    Case("first average (its count)", lambda c: (q := linear(c), c.copyparms(q)), lambda c, s: c.avgparms(*s), 8, 8),
+    Case("training data", model, lambda c, m: c.train(m, x_rows(), labels()),
+         ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
+    Case("test data", model, lambda c, m: c.test(m, x_rows(), labels()),
+         ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
+    Case("first optimizer step (gradients and momentum)", trained_model, lambda c, m: c.run(m), 2 * LAYER, 2 * LAYER),
+    Case("first adam step (gradients, two moments, steps)",
+         lambda c: (m := model(c, "adam"), c.train(m, x_rows(), labels()))[0],
+         lambda c, m: c.run(m), 3 * LAYER + 2 * STEP, 3 * LAYER + 2 * STEP),
+    Case("forward output kept", lambda c: (linear(c), c.tensor(x_rows())), lambda c, s: c.eforward(*s),
+         ROWS * CLASSES * F32, ROWS * CLASSES * F32),
+    Case("forward over the model's own data", trained_model, lambda c, m: c.nforward(m),
+         ROWS * CLASSES * F32, ROWS * CLASSES * F32),
+    Case("to() float64", lambda c: c.dict({"a": x_rows()}), lambda c, d: c.to(d, dtype="float64"),
+         ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
+]
+
+
+def walked_bytes(registry: Registry) -> dict[str, int]:
+    """Bytes of distinct storage reachable from every live object, found apart from the ledger."""
+    keys = set().union(*(storages(tensors_of(entry.obj)) for _, entry in registry.items()))
+    return {device: n for device, n in storage_bytes(keys).items() if n}
+
+
+def set_cap(registry: Registry, nbytes: int) -> None:
+    registry.set_limits(Limits(max_device_bytes=nbytes))
+
+
+@pytest.fixture
+def server(start_server: Callable[..., LiveServer]) -> LiveServer:
+    return start_server()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_allocating_call_is_refused_one_byte_short_and_charged_exactly_when_it_fits(
+    server: LiveServer, case: Case
+) -> None:
+    registry = server.registry
+    with Client(server.address, timeout=60) as c:
+        state = case.setup(c)
+        held = registry.held_bytes().get("cpu", 0)
+        assert registry.held_bytes() == walked_bytes(registry)
+
+        set_cap(registry, held + case.peak - 1)
+        before = snapshot(registry)
+        with pytest.raises(ResourceExhaustedError) as err:
+            case.call(c, state)
+        assert "--max-device-bytes" in err.value.message
+        assert_unchanged(before, snapshot(registry))
+        assert registry.held_bytes().get("cpu", 0) == held
+
+        set_cap(registry, held + case.peak)
+        case.call(c, state)
+        assert registry.held_bytes().get("cpu", 0) == held + case.delta
+        assert registry.held_bytes() == walked_bytes(registry)
+        c.ping()
+
+
+ALLOCATING = {
+    "create_module", "create_model", "create_optimizer", "create_dictionary", "update_dictionary", "create_tensor",
+    "set_parameter", "copy_parameters", "average_parameters", "set_model_data", "run_epoch", "forward", "move",
+}
+"""Service methods that can leave more memory held: each has a row in CASES."""
+HOLD_NOTHING_NEW = {
+    "create_loss", "view_parameters", "view_buffers", "addref", "model_input", "update_model", "evaluate",
+    "load_parameters", "reset_batchnorm", "restore_momentum", "delete_entries", "set_learning_rate",
+    "set_model_options", "restore_data", "next_batch", "recalculate_batchnorm", "free", "create_session",
+    "keep_alive", "close_session", "snapshot", "run_test", "fetch",
+}
+"""Methods that make handles or change objects without new held memory (checked below) or that hold
+memory only while they run (reserved for the call: evaluate's upload, fetch's host copies)."""
+READ_ONLY = {
+    "server_info", "device_usage", "describe_module", "parameter_names", "buffer_names", "size", "list_handles",
+    "learning_rate", "describe_model", "model_options",
+}
+
+
+def test_every_service_method_is_classified() -> None:
+    """A new operation must say whether it allocates; an allocating one must join CASES."""
+    from weightavg_server.service import Service
+
+    public = {name for name, value in vars(Service).items() if callable(value) and not name.startswith("_")}
+    assert public == ALLOCATING | HOLD_NOTHING_NEW | READ_ONLY
+
+
+def test_calls_that_allocate_nothing_held_keep_the_charge_exact(server: LiveServer) -> None:
+    registry = server.registry
+    set_cap(registry, 0)
+    with Client(server.address, timeout=60) as c:
+        m = trained_model(c)
+        c.run(m)
+        q = linear(c)
+        handles = [c.parms(m), c.buffers(m), c.addref(m), c.input(m), c.loss("mse")]
+        c.model(m, q, c.opt("sgd", q))
+        c.evaluate(m, x_rows(10))
+        assert registry.held_bytes() == walked_bytes(registry)
+        c.free(*handles)
+        assert registry.held_bytes() == walked_bytes(registry)
+        c.free()
+        assert registry.held_bytes() == {}
+
+
+def test_snapshot_restore_is_refused_one_byte_short(state_server: Any, tmp_path: Path) -> None:
+    with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
+        trained = trained_model(c)
+        c.run(trained)
+        c.dict({"a": x_rows()})
+        c.snapshot()
+    directory = state_server.config.state_dir
+    uncapped = Registry()
+    assert snapshots.load(uncapped, directory, torch.device("cpu")) == len(state_server.registry)
+    need = uncapped.held_bytes()["cpu"]
+    assert uncapped.held_bytes() == walked_bytes(uncapped)
+
+    short = Registry(Limits(max_device_bytes=need - 1))
+    with pytest.raises(ResourceExhausted) as err:
+        snapshots.load(short, directory, torch.device("cpu"))
+    assert "--max-device-bytes" in str(err.value)
+    assert len(short) == 0 and short.held_bytes() == {} and short.sessions() == []
+
+    exact = Registry(Limits(max_device_bytes=need))
+    assert snapshots.load(exact, directory, torch.device("cpu")) == len(state_server.registry)
+    assert exact.held_bytes() == {"cpu": need} == walked_bytes(exact)
