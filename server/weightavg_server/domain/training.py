@@ -9,6 +9,7 @@ Every call checks what it can before it changes anything, so a bad request leave
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -221,10 +222,9 @@ def _require(model: Model, split: str) -> Data:
 
 
 def _device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    """Where the module's first parameter or buffer lives, so batches are moved next to it."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
     return torch.device("cpu")
 
 
@@ -375,7 +375,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
                 output = model.module(xb)
                 loss = model.loss(output, yb)
-                loss.backward()
+                torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
             metrics.add(output.detach(), yb, loss)
     return metrics.result()
