@@ -22,7 +22,7 @@ from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momen
 from .errors import Cancelled, FailedPrecondition, InvalidArgument
 from .losses import Loss
 from .optimizers import Optimizer
-from .options import Opt, Value, coerce, non_negative, positive
+from .options import NON_NEGATIVE, POSITIVE, Opt, Value, ValueType, Wording, coerce
 
 StopCheck = Callable[[], bool]
 
@@ -30,16 +30,16 @@ METRICS = ("loss", "batchloss", "accuracy", "matches", "predict", "output")
 """What run and testrun can return, in the reference's names."""
 
 TRAIN_OPTIONS = (
-    Opt("batchsize", int, 32, positive, "positive"),
-    Opt("droplast", bool, False),
-    Opt("shuffle", bool, False),
-    Opt("seed", int, 0, non_negative, "non-negative"),
-    Opt("metrics", str, "loss"),
+    Opt("batchsize", ValueType.INT, 32, POSITIVE),
+    Opt("droplast", ValueType.BOOL, False),
+    Opt("shuffle", ValueType.BOOL, False),
+    Opt("seed", ValueType.INT, 0, NON_NEGATIVE),
+    Opt("metrics", ValueType.STR, "loss"),
 )
 TEST_OPTIONS = (
-    Opt("batchsize", int, 100, positive, "positive"),
-    Opt("droplast", bool, False),
-    Opt("metrics", str, "loss"),
+    Opt("batchsize", ValueType.INT, 100, POSITIVE),
+    Opt("droplast", ValueType.BOOL, False),
+    Opt("metrics", ValueType.STR, "loss"),
 )
 TRAIN_ONLY = frozenset(o.name for o in TRAIN_OPTIONS) - frozenset(o.name for o in TEST_OPTIONS)
 
@@ -143,7 +143,7 @@ def set_options(model: Model, split: str, values: Sequence[tuple[str, Value]]) -
             raise InvalidArgument(f"unrecognized {name} setting: {key}; nothing set")
         if key in checked:
             raise InvalidArgument(f"{name} setting {key} given twice; nothing set")
-        value = coerce(name, by_name[key], value)
+        value = coerce(name, by_name[key], value, Wording.SETTING)
         checked[key] = _metrics(str(value)) if key == "metrics" else value
     target = model.train if split == "train" else model.test
     target.update(checked)
