@@ -22,7 +22,7 @@ from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momen
 from .errors import Cancelled, FailedPrecondition, InvalidArgument
 from .losses import Loss
 from .optimizers import Optimizer
-from .options import NON_NEGATIVE, POSITIVE, Opt, Value, ValueType, Wording, coerce
+from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, int_value
 
 StopCheck = Callable[[], bool]
 
@@ -75,7 +75,7 @@ class Model:
     generator: torch.Generator = field(default_factory=torch.Generator)
 
     def __post_init__(self) -> None:
-        self.generator.manual_seed(int(self.train["seed"]))  # type: ignore[arg-type]
+        self.generator.manual_seed(int_value(self.train, "seed"))
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Parameters, buffers, optimizer state, and the train and test data."""
@@ -148,7 +148,7 @@ def set_options(model: Model, split: str, values: Sequence[tuple[str, Value]]) -
     target = model.train if split == "train" else model.test
     target.update(checked)
     if "seed" in checked:
-        model.generator.manual_seed(int(checked["seed"]))  # type: ignore[arg-type]
+        model.generator.manual_seed(int_value(checked, "seed"))
     return dict(target)
 
 
@@ -160,10 +160,10 @@ def batch_count(n: int, w: int, droplast: bool) -> int:
     return n // w if droplast else math.ceil(n / w)
 
 
-def _plan(data: Data, options: dict[str, Value]) -> tuple[int, int, int]:
+def _plan(data: Data, options: Values) -> tuple[int, int, int]:
     """(n, effective batch size, number of batches) with the data at full size."""
     n = data.x.shape[0]
-    w = min(int(options["batchsize"]), n)  # type: ignore[arg-type]
+    w = min(int_value(options, "batchsize"), n)
     return n, w, batch_count(n, w, bool(options["droplast"]))
 
 
@@ -408,7 +408,7 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     if x.dim() == 0 or x.shape[0] == 0:
         raise InvalidArgument(f"evaluate needs at least one sample, given shape {list(x.shape)}")
     n = x.shape[0]
-    w = min(int(model.test["batchsize"]), n)  # type: ignore[arg-type]
+    w = min(int_value(model.test, "batchsize"), n)
     nb = math.ceil(n / w)
     dev = _device(model.module)
     outputs = []
@@ -477,7 +477,7 @@ def next_model_batch(model: Model, split: str = "train") -> bool:
     if data is None:
         verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
         raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
-    w = int((model.train if split == "train" else model.test)["batchsize"])  # type: ignore[arg-type]
+    w = int_value(model.train if split == "train" else model.test, "batchsize")
     batching.check_size(data.x, w)
     batching.check_size(data.y, w)
     more = batching.next_batch(data.x, w)
