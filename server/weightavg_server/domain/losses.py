@@ -8,17 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import InvalidArgument
-from .options import Opt, Value, non_negative, resolve, unit
+from .options import (
+    NON_NEGATIVE,
+    UNIT_INTERVAL,
+    Opt,
+    Value,
+    Values,
+    ValueType,
+    Wording,
+    float_value,
+    int_value,
+    resolve,
+    str_value,
+)
 
 REDUCTIONS = ("mean", "sum")
-_REDUCE = Opt("reduce", str, "mean", choices=REDUCTIONS)
-_IGNORE = Opt("ignore", int, -100)
+_REDUCE = Opt("reduce", ValueType.STR, "mean", choices=REDUCTIONS)
+_IGNORE = Opt("ignore", ValueType.INT, -100)
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,7 @@ class LossType:
 
     name: str
     options: tuple[Opt, ...]
-    build: Callable[[dict[str, Any]], nn.Module]
+    build: Callable[[Values], nn.Module]
 
 
 LOSS_TYPES: dict[str, LossType] = {
@@ -35,19 +46,25 @@ LOSS_TYPES: dict[str, LossType] = {
     for t in (
         LossType(
             "ce",
-            (_IGNORE, Opt("smoothing", float, 0.0, unit, "between 0 and 1"), _REDUCE),
+            (_IGNORE, Opt("smoothing", ValueType.FLOAT, 0.0, UNIT_INTERVAL), _REDUCE),
             lambda o: nn.CrossEntropyLoss(
-                ignore_index=o["ignore"], label_smoothing=o["smoothing"], reduction=o["reduce"]
+                ignore_index=int_value(o, "ignore"),
+                label_smoothing=float_value(o, "smoothing"),
+                reduction=str_value(o, "reduce"),
             ),
         ),
-        LossType("nll", (_IGNORE, _REDUCE), lambda o: nn.NLLLoss(ignore_index=o["ignore"], reduction=o["reduce"])),
-        LossType("mse", (_REDUCE,), lambda o: nn.MSELoss(reduction=o["reduce"])),
-        LossType("bce", (_REDUCE,), lambda o: nn.BCELoss(reduction=o["reduce"])),
-        LossType("bcelogits", (_REDUCE,), lambda o: nn.BCEWithLogitsLoss(reduction=o["reduce"])),
+        LossType(
+            "nll",
+            (_IGNORE, _REDUCE),
+            lambda o: nn.NLLLoss(ignore_index=int_value(o, "ignore"), reduction=str_value(o, "reduce")),
+        ),
+        LossType("mse", (_REDUCE,), lambda o: nn.MSELoss(reduction=str_value(o, "reduce"))),
+        LossType("bce", (_REDUCE,), lambda o: nn.BCELoss(reduction=str_value(o, "reduce"))),
+        LossType("bcelogits", (_REDUCE,), lambda o: nn.BCEWithLogitsLoss(reduction=str_value(o, "reduce"))),
         LossType(
             "smoothl1",
-            (_REDUCE, Opt("beta", float, 1.0, non_negative, "non-negative")),
-            lambda o: nn.SmoothL1Loss(reduction=o["reduce"], beta=o["beta"]),
+            (_REDUCE, Opt("beta", ValueType.FLOAT, 1.0, NON_NEGATIVE)),
+            lambda o: nn.SmoothL1Loss(reduction=str_value(o, "reduce"), beta=float_value(o, "beta")),
         ),
     )
 }
@@ -81,5 +98,5 @@ def create_loss(type_name: str, args: tuple[Value, ...] = (), kwargs: tuple[tupl
     loss_type = LOSS_TYPES.get(type_name)
     if loss_type is None:
         raise InvalidArgument(f"unrecognized loss: '{type_name}' (one of {', '.join(LOSS_TYPES)})")
-    options = resolve(type_name, loss_type.options, args, kwargs)
+    options = resolve(type_name, loss_type.options, args, kwargs, Wording.SETTING)
     return Loss(type_name, options, loss_type.build(options))

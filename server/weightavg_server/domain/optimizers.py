@@ -10,23 +10,86 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import InvalidArgument
-from .options import Opt, Value, below_one, non_negative, resolve
+from .options import (
+    BELOW_ONE,
+    NON_NEGATIVE,
+    Opt,
+    Value,
+    Values,
+    ValueType,
+    Wording,
+    bool_value,
+    float_value,
+    resolve,
+)
 
-_LR = Opt("lr", float, 0.01, non_negative, "non-negative")
-_DECAY = Opt("decay", float, 0.0, non_negative, "non-negative")
-_EPS = Opt("eps", float, 1e-8, non_negative, "non-negative")
+
+def _non_negative(name: str, default: float) -> Opt:
+    """A non-negative number, the shape of most optimizer settings."""
+    return Opt(name, ValueType.FLOAT, default, NON_NEGATIVE)
+
+
+def _switch(name: str) -> Opt:
+    """A flag that is off unless asked for."""
+    return Opt(name, ValueType.BOOL, False)
+
+
+_LR = _non_negative("lr", 0.01)
+_DECAY = _non_negative("decay", 0.0)
+_EPS = _non_negative("eps", 1e-8)
 _ADAM = (
-    Opt("lr", float, 0.001, non_negative, "non-negative"),
-    Opt("beta1", float, 0.9, below_one, "in [0, 1)"),
-    Opt("beta2", float, 0.999, below_one, "in [0, 1)"),
+    _non_negative("lr", 0.001),
+    Opt("beta1", ValueType.FLOAT, 0.9, BELOW_ONE),
+    Opt("beta2", ValueType.FLOAT, 0.999, BELOW_ONE),
     _EPS,
 )
+
+
+Params = list[nn.Parameter]
+
+
+def _floats(o: Values, *names: str) -> tuple[float, ...]:
+    """Several resolved FLOAT options at once, in the order named."""
+    return tuple(float_value(o, name) for name in names)
+
+
+def _sgd(p: Params, o: Values) -> torch.optim.Optimizer:
+    lr, momentum, dampening, decay = _floats(o, "lr", "momentum", "dampening", "decay")
+    nesterov = bool_value(o, "nesterov")
+    return torch.optim.SGD(
+        p, lr=lr, momentum=momentum, dampening=dampening, weight_decay=decay, nesterov=nesterov
+    )
+
+
+def _adam(cls: type[torch.optim.Adam]) -> Callable[[Params, Values], torch.optim.Optimizer]:
+    """Adam and AdamW take the same settings; only their defaults for decay differ."""
+
+    def build(p: Params, o: Values) -> torch.optim.Optimizer:
+        lr, beta1, beta2, eps, decay = _floats(o, "lr", "beta1", "beta2", "eps", "decay")
+        amsgrad = bool_value(o, "amsgrad")
+        return cls(p, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=decay, amsgrad=amsgrad)
+
+    return build
+
+
+def _rmsprop(p: Params, o: Values) -> torch.optim.Optimizer:
+    lr, alpha, eps, decay, momentum = _floats(o, "lr", "alpha", "eps", "decay", "momentum")
+    centered = bool_value(o, "centered")
+    return torch.optim.RMSprop(
+        p, lr=lr, alpha=alpha, eps=eps, weight_decay=decay, momentum=momentum, centered=centered
+    )
+
+
+def _adagrad(p: Params, o: Values) -> torch.optim.Optimizer:
+    lr, lrdecay, decay, init, eps = _floats(o, "lr", "lrdecay", "decay", "init", "eps")
+    return torch.optim.Adagrad(
+        p, lr=lr, lr_decay=lrdecay, weight_decay=decay, initial_accumulator_value=init, eps=eps
+    )
 
 
 @dataclass(frozen=True)
@@ -35,7 +98,7 @@ class OptimizerType:
 
     name: str
     options: tuple[Opt, ...]
-    build: Callable[[list[nn.Parameter], dict[str, Any]], torch.optim.Optimizer]
+    build: Callable[[Params, Values], torch.optim.Optimizer]
 
 
 OPTIMIZER_TYPES: dict[str, OptimizerType] = {
@@ -43,46 +106,28 @@ OPTIMIZER_TYPES: dict[str, OptimizerType] = {
     for t in (
         OptimizerType(
             "sgd",
-            (_LR, Opt("momentum", float, 0.0, non_negative, "non-negative"),
-             Opt("dampening", float, 0.0), _DECAY, Opt("nesterov", bool, False)),
-            lambda p, o: torch.optim.SGD(
-                p, lr=o["lr"], momentum=o["momentum"], dampening=o["dampening"],
-                weight_decay=o["decay"], nesterov=o["nesterov"],
+            (
+                _LR,
+                _non_negative("momentum", 0.0),
+                Opt("dampening", ValueType.FLOAT, 0.0),
+                _DECAY,
+                _switch("nesterov"),
             ),
+            _sgd,
         ),
+        OptimizerType("adam", (*_ADAM, _DECAY, _switch("amsgrad")), _adam(torch.optim.Adam)),
         OptimizerType(
-            "adam",
-            (*_ADAM, _DECAY, Opt("amsgrad", bool, False)),
-            lambda p, o: torch.optim.Adam(
-                p, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"], weight_decay=o["decay"],
-                amsgrad=o["amsgrad"],
-            ),
-        ),
-        OptimizerType(
-            "adamw",
-            (*_ADAM, Opt("decay", float, 0.01, non_negative, "non-negative"), Opt("amsgrad", bool, False)),
-            lambda p, o: torch.optim.AdamW(
-                p, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"], weight_decay=o["decay"],
-                amsgrad=o["amsgrad"],
-            ),
+            "adamw", (*_ADAM, _non_negative("decay", 0.01), _switch("amsgrad")), _adam(torch.optim.AdamW)
         ),
         OptimizerType(
             "rmsprop",
-            (_LR, Opt("alpha", float, 0.99, non_negative, "non-negative"), _EPS, _DECAY,
-             Opt("momentum", float, 0.0, non_negative, "non-negative"), Opt("centered", bool, False)),
-            lambda p, o: torch.optim.RMSprop(
-                p, lr=o["lr"], alpha=o["alpha"], eps=o["eps"], weight_decay=o["decay"],
-                momentum=o["momentum"], centered=o["centered"],
-            ),
+            (_LR, _non_negative("alpha", 0.99), _EPS, _DECAY, _non_negative("momentum", 0.0), _switch("centered")),
+            _rmsprop,
         ),
         OptimizerType(
             "adagrad",
-            (_LR, Opt("lrdecay", float, 0.0, non_negative, "non-negative"), _DECAY,
-             Opt("init", float, 0.0, non_negative, "non-negative"), Opt("eps", float, 1e-10, non_negative, "non-negative")),
-            lambda p, o: torch.optim.Adagrad(
-                p, lr=o["lr"], lr_decay=o["lrdecay"], weight_decay=o["decay"],
-                initial_accumulator_value=o["init"], eps=o["eps"],
-            ),
+            (_LR, _non_negative("lrdecay", 0.0), _DECAY, _non_negative("init", 0.0), _non_negative("eps", 1e-10)),
+            _adagrad,
         ),
     )
 }
@@ -123,7 +168,7 @@ def create_optimizer(
     opt_type = OPTIMIZER_TYPES.get(type_name)
     if opt_type is None:
         raise InvalidArgument(f"unrecognized optimizer: '{type_name}' (one of {', '.join(OPTIMIZER_TYPES)})")
-    options = resolve(type_name, opt_type.options, args, kwargs)
+    options = resolve(type_name, opt_type.options, args, kwargs, Wording.SETTING)
     params = list(module.parameters())
     if not params:
         raise InvalidArgument(f"{type_name}: the module has no parameters to optimize")

@@ -5,15 +5,15 @@ by position or by name. Nothing the client sends is imported or evaluated: every
 standard ``torch.nn`` class through the table at the bottom of this module, so parameter and
 buffer names are exactly PyTorch's (``a.weight``, ``b.running_mean``).
 
-Each type's options are declared once, in ktorch order and with ktorch names. Every option also
-names the torch keyword argument that receives it, which is also the attribute where torch keeps
-it; that one name drives both the build (``cls(**kwargs)``) and the options table, which reads the
-current values back from the live module.
+Each type's options are declared once, in ktorch order and with ktorch names, and are matched and
+checked by the options engine (options.py) in ktorch's wording. Every option also names the torch
+keyword argument that receives it, which is also the attribute where torch keeps it; that one name
+drives both the build (``cls(**kwargs)``) and the options table, which reads the current values
+back from the live module.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -24,6 +24,21 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgument, ResourceExhausted
+from .options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_INTERVAL,
+    Check,
+    Opt,
+    Value,
+    Values,
+    ValueType,
+    Wording,
+    int_value,
+    numbers,
+    resolve,
+    size_value,
+)
 
 __all__ = [
     "LAYER_TYPES",
@@ -39,8 +54,8 @@ __all__ = [
     "layer_type",
 ]
 
-OptionValue: TypeAlias = None | bool | int | float | str | tuple[int, ...]
-Values: TypeAlias = Mapping[str, OptionValue]
+OptionValue: TypeAlias = Value
+"""An option's value as a spec gives it and the options table shows it."""
 
 MAX_SPEC_DEPTH = 32
 """Default cap on nesting: the root is depth 0, its children depth 1, and so on."""
@@ -77,70 +92,26 @@ class OptionRow:
     options: tuple[tuple[str, OptionValue], ...]
 
 
-class Kind(enum.Enum):
-    """The value an option takes; the enum value is the phrase used in error messages."""
-
-    INT = "an integer"
-    FLOAT = "a number"
-    BOOL = "a boolean"
-    STR = "a string"
-    SIZE = "an integer or a tuple of integers"
-
-
-@dataclass(frozen=True)
-class Check:
-    """A range rule on a coerced value; `phrase` is filled with the option's label."""
-
-    test: Callable[[OptionValue], bool]
-    phrase: str
-
-
-def _numbers(value: OptionValue) -> tuple[float, ...]:
-    """The numbers in a coerced value, so one rule covers scalars and size tuples alike."""
-    if isinstance(value, tuple):
-        return value
-    if isinstance(value, (int, float)):
-        return (value,)
-    return ()
-
-
 def _reshape_ok(value: OptionValue) -> bool:
-    sizes = _numbers(value)
+    sizes = numbers(value)
     return all(x > 0 or x == -1 for x in sizes) and sizes.count(-1) <= 1
 
 
-POSITIVE = Check(lambda v: all(x > 0 for x in _numbers(v)), "positive {}")
-NON_NEGATIVE = Check(lambda v: all(x >= 0 for x in _numbers(v)), "non-negative {}")
-UNIT_INTERVAL = Check(lambda v: all(0 <= x <= 1 for x in _numbers(v)), "{} between 0 and 1")
-RESHAPE = Check(_reshape_ok, "{} of positive sizes with at most one -1")
+RESHAPE = Check(_reshape_ok, "of positive sizes with at most one -1", trailing=True)
 
 
 @dataclass(frozen=True)
-class Option:
-    """One option of a layer type.
+class LayerOption:
+    """One option of a layer type: its declaration, and where torch takes and keeps it.
 
     `attr` is both the torch keyword argument and the module attribute holding the value.
-    `dims` (SIZE only) is how many times a single integer is repeated; 0 means any length.
     `presence` marks options such as ``bias`` where torch keeps a tensor or None and the option
-    says which. `label` is the wording used in messages (ktorch's, where it has one).
+    says which.
     """
 
-    name: str
+    opt: Opt
     attr: str
-    kind: Kind
-    default: OptionValue = None
-    required: bool = False
-    nullable: bool = False
-    dims: int = 0
-    check: Check | None = None
-    choices: tuple[str, ...] = ()
     presence: bool = False
-    label: str = ""
-
-    @property
-    def what(self) -> str:
-        """How messages refer to this option."""
-        return self.label or f"'{self.name}'"
 
 
 def _nothing(values: Values) -> int:
@@ -158,7 +129,7 @@ class LayerType:
 
     name: str
     module_class: type[nn.Module]
-    options: tuple[Option, ...] = ()
+    options: tuple[LayerOption, ...] = ()
     elements: Callable[[Values], int] = _nothing
     validate: Callable[[str, Values], None] | None = None
     container: bool = False
@@ -246,6 +217,8 @@ def _estimate(spec: LayerSpec, depth: int, max_depth: int) -> int:
     if spec.children:
         raise InvalidArgument(f"{layer.name}: only container types take child modules")
     return layer.elements(values)
+
+
 def spec_of(module: nn.Module) -> LayerSpec | None:
     """The spec a root module was built from by `build_module`, or None for other modules."""
     spec = getattr(module, _SPEC_ATTR, None)
@@ -288,26 +261,27 @@ def describe_module(module: nn.Module) -> list[OptionRow]:
 
 def _describe(module: nn.Module, depth: int, name: str, rows: list[OptionRow]) -> None:
     layer = _LAYERS[layer_type(module)]
-    options = tuple((option.name, _read(option, module)) for option in layer.options)
+    options = tuple((option.opt.name, _read(option, module)) for option in layer.options)
     rows.append(OptionRow(depth, layer.name, name, options))
     for child_name, child in module.named_children():
         _describe(child, depth + 1, child_name, rows)
 
 
-def _read(option: Option, module: nn.Module) -> OptionValue:
+def _read(option: LayerOption, module: nn.Module) -> OptionValue:
     """An option's current value, in the form a spec would give it."""
     raw: Any = getattr(module, option.attr)
     if option.presence:
         return raw is not None
     if raw is None or isinstance(raw, str):
         return raw
-    if option.kind is Kind.SIZE:
+    value_type = option.opt.type
+    if value_type is ValueType.SIZE:
         if isinstance(raw, int):
-            return (raw,) * max(option.dims, 1)
+            return (raw,) * max(option.opt.dims, 1)
         return tuple(int(x) for x in raw)
-    if option.kind is Kind.BOOL:
+    if value_type is ValueType.BOOL:
         return bool(raw)
-    if option.kind is Kind.INT:
+    if value_type is ValueType.INT:
         return int(raw)
     return float(raw)
 
@@ -361,105 +335,11 @@ def _check_child_name(container: str, name: str, taken: Mapping[str, nn.Module])
 
 def _resolve(layer: LayerType, spec: LayerSpec) -> dict[str, OptionValue]:
     """Match positional and keyword options to the type's options, fill defaults, validate."""
-    t = layer.name
-    if len(spec.args) > len(layer.options):
-        names = ", ".join(o.name for o in layer.options) or "none"
-        raise InvalidArgument(
-            f"{t}: too many positional options ({len(spec.args)} given; options: {names})"
-        )
-    given: dict[str, OptionValue] = {o.name: v for o, v in zip(layer.options, spec.args)}
-    positional = set(given)
-    known = {o.name for o in layer.options}
-    for name, value in spec.options:
-        if name not in known:
-            raise InvalidArgument(f"{t}: unknown option '{name}'")
-        if name in given:
-            how = "by position and by name" if name in positional else "twice"
-            raise InvalidArgument(f"{t}: option '{name}' given {how}")
-        given[name] = value
-    values: dict[str, OptionValue] = {}
-    for option in layer.options:
-        if option.name in given:
-            values[option.name] = _coerce(t, option, given[option.name])
-        elif option.required:
-            raise InvalidArgument(f"{t}: {_missing(option)}")
-        else:
-            values[option.name] = _coerce(t, option, option.default)
+    opts = [option.opt for option in layer.options]
+    values = resolve(layer.name, opts, spec.args, spec.options, Wording.LAYER)
     if layer.validate is not None:
-        layer.validate(t, values)
+        layer.validate(layer.name, values)
     return values
-
-
-def _coerce(t: str, option: Option, value: OptionValue) -> OptionValue:
-    """Check a value's type and range; ints become floats where a number is expected."""
-    if value is None:
-        if option.nullable:
-            return None
-        raise _wrong_type(t, option, value)
-    result: OptionValue
-    if option.kind is Kind.BOOL:
-        if not isinstance(value, bool):
-            raise _wrong_type(t, option, value)
-        result = value
-    elif option.kind is Kind.INT:
-        if not _is_int(value):
-            raise _wrong_type(t, option, value)
-        result = value
-    elif option.kind is Kind.FLOAT:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _wrong_type(t, option, value)
-        result = float(value)
-        if not math.isfinite(result):
-            raise InvalidArgument(f"{t}: option '{option.name}' must be finite, given {value!r}")
-    elif option.kind is Kind.STR:
-        if not isinstance(value, str):
-            raise _wrong_type(t, option, value)
-        if option.choices and value not in option.choices:
-            allowed = ", ".join(option.choices)
-            raise InvalidArgument(
-                f"{t}: option '{option.name}' must be one of {allowed}, given {value!r}"
-            )
-        result = value
-    else:
-        result = _coerce_size(t, option, value)
-    if option.check is not None and not option.check.test(result):
-        rule = option.check.phrase.format(option.what)
-        raise InvalidArgument(f"{t}: {rule} required, given {option.name}={result!r}")
-    return result
-
-
-def _coerce_size(t: str, option: Option, value: OptionValue) -> tuple[int, ...]:
-    """A size tuple; a single integer is repeated for every dimension, as torch does."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,) * max(option.dims, 1)
-    if not isinstance(value, tuple) or not all(_is_int(x) for x in value):
-        raise _wrong_type(t, option, value)
-    if option.dims and len(value) != option.dims:
-        raise InvalidArgument(
-            f"{t}: option '{option.name}' expects {option.dims} sizes, given {len(value)}"
-        )
-    if not value:
-        raise InvalidArgument(f"{t}: option '{option.name}' expects at least one size")
-    return value
-
-
-def _missing(option: Option) -> str:
-    """ktorch's wording where it has one, e.g. 'number of input features not defined'."""
-    if option.label:
-        return f"{option.label} not defined (option '{option.name}')"
-    return f"option '{option.name}' not defined"
-
-
-def _is_int(value: object) -> bool:
-    """True for ints but not bools, which Python counts as ints."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _wrong_type(t: str, option: Option, value: object) -> InvalidArgument:
-    return InvalidArgument(
-        f"{t}: option '{option.name}' expects {option.kind.value}, "
-        f"given {type(value).__name__} {value!r}"
-    )
 
 
 def _check_elements(layer: LayerType, values: Values, max_elements: int) -> None:
@@ -472,7 +352,7 @@ def _check_elements(layer: LayerType, values: Values, max_elements: int) -> None
 
 def _construct(layer: LayerType, values: Values) -> nn.Module:
     """Call the torch class with the validated options; torch's own refusals become ours."""
-    kwargs = {option.attr: values[option.name] for option in layer.options}
+    kwargs = {option.attr: values[option.opt.name] for option in layer.options}
     try:
         return layer.module_class(**kwargs)
     except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -481,65 +361,53 @@ def _construct(layer: LayerType, values: Values) -> nn.Module:
         raise InvalidArgument(f"{layer.name}: {exc}") from exc
 
 
-def _int(values: Values, name: str) -> int:
-    value = values[name]
-    assert isinstance(value, int)
-    return value
-
-
-def _sizes(values: Values, name: str) -> tuple[int, ...]:
-    value = values[name]
-    assert isinstance(value, tuple)
-    return value
-
-
 def _flag(values: Values, name: str) -> int:
     """1 if a boolean option is on, so element counts can multiply by it."""
     return 1 if values[name] else 0
 
 
 def _linear_elements(v: Values) -> int:
-    return _int(v, "in") * _int(v, "out") + _int(v, "out") * _flag(v, "bias")
+    return int_value(v, "in") * int_value(v, "out") + int_value(v, "out") * _flag(v, "bias")
 
 
 def _bilinear_elements(v: Values) -> int:
-    out = _int(v, "out")
-    return out * _int(v, "in1") * _int(v, "in2") + out * _flag(v, "bias")
+    out = int_value(v, "out")
+    return out * int_value(v, "in1") * int_value(v, "in2") + out * _flag(v, "bias")
 
 
 def _norm_elements(v: Values) -> int:
     """Weight and bias when affine; running mean, variance and batch count when tracking."""
-    n = _int(v, "in")
+    n = int_value(v, "in")
     return 2 * n * _flag(v, "affine") + (2 * n + 1) * _flag(v, "track")
 
 
 def _groupnorm_elements(v: Values) -> int:
-    return 2 * _int(v, "channels") * _flag(v, "affine")
+    return 2 * int_value(v, "channels") * _flag(v, "affine")
 
 
 def _layernorm_elements(v: Values) -> int:
-    return 2 * math.prod(_sizes(v, "shape")) * _flag(v, "affine")
+    return 2 * math.prod(size_value(v, "shape")) * _flag(v, "affine")
 
 
 def _conv_elements(v: Values) -> int:
-    per_group = -(-_int(v, "in") // _int(v, "groups"))
-    out = _int(v, "out")
-    return out * per_group * math.prod(_sizes(v, "size")) + out * _flag(v, "bias")
+    per_group = -(-int_value(v, "in") // int_value(v, "groups"))
+    out = int_value(v, "out")
+    return out * per_group * math.prod(size_value(v, "size")) + out * _flag(v, "bias")
 
 
 def _convtranspose_elements(v: Values) -> int:
-    per_group = -(-_int(v, "out") // _int(v, "groups"))
-    kernel = _int(v, "in") * per_group * math.prod(_sizes(v, "size"))
-    return kernel + _int(v, "out") * _flag(v, "bias")
+    per_group = -(-int_value(v, "out") // int_value(v, "groups"))
+    kernel = int_value(v, "in") * per_group * math.prod(size_value(v, "size"))
+    return kernel + int_value(v, "out") * _flag(v, "bias")
 
 
 def _embed_elements(v: Values) -> int:
-    return _int(v, "rows") * _int(v, "cols")
+    return int_value(v, "rows") * int_value(v, "cols")
 
 
 def _embed_validate(t: str, v: Values) -> None:
     """torch only asserts this, so check it here for a proper message."""
-    index, rows = v["padindex"], _int(v, "rows")
+    index, rows = v["padindex"], int_value(v, "rows")
     if isinstance(index, int) and not -rows <= index < rows:
         raise InvalidArgument(
             f"{t}: option 'padindex' must lie in [{-rows}, {rows}), given {index}"
@@ -550,42 +418,57 @@ def _divisible(*names: str) -> Callable[[str, Values], None]:
     """A rule that each named channel count splits evenly into `groups`."""
 
     def validate(t: str, v: Values) -> None:
-        groups = _int(v, "groups")
+        groups = int_value(v, "groups")
         for name in names:
-            if _int(v, name) % groups:
+            if int_value(v, name) % groups:
                 raise InvalidArgument(
-                    f"{t}: option '{name}' ({_int(v, name)}) must be divisible by "
+                    f"{t}: option '{name}' ({int_value(v, name)}) must be divisible by "
                     f"option 'groups' ({groups})"
                 )
 
     return validate
 
 
-def _int_option(name: str, attr: str, label: str = "", **extra: Any) -> Option:
+def _int_option(name: str, attr: str, label: str) -> LayerOption:
     """A required positive integer, the usual shape of a size option."""
-    return Option(name, attr, Kind.INT, required=True, check=POSITIVE, label=label, **extra)
+    return LayerOption(Opt(name, ValueType.INT, check=POSITIVE, required=True, label=label), attr)
 
 
-def _bool_option(name: str, attr: str, default: bool) -> Option:
-    return Option(name, attr, Kind.BOOL, default)
+def _bool_option(name: str, attr: str, default: bool) -> LayerOption:
+    return LayerOption(Opt(name, ValueType.BOOL, default), attr)
 
 
-def _eps() -> Option:
-    return Option("eps", "eps", Kind.FLOAT, 1e-5, check=POSITIVE)
+def _eps() -> LayerOption:
+    return LayerOption(Opt("eps", ValueType.FLOAT, 1e-5, POSITIVE), "eps")
 
 
-def _momentum() -> Option:
+def _momentum() -> LayerOption:
     """None asks torch for a cumulative average instead of an exponential one."""
-    return Option("momentum", "momentum", Kind.FLOAT, 0.1, nullable=True)
+    return LayerOption(Opt("momentum", ValueType.FLOAT, 0.1, nullable=True), "momentum")
 
 
-def _bias() -> Option:
-    return Option("bias", "bias", Kind.BOOL, True, presence=True)
+def _bias() -> LayerOption:
+    return LayerOption(Opt("bias", ValueType.BOOL, True), "bias", presence=True)
 
 
-def _size_option(name: str, attr: str, dims: int, default: OptionValue, **extra: Any) -> Option:
-    extra.setdefault("check", POSITIVE)
-    return Option(name, attr, Kind.SIZE, default, dims=dims, **extra)
+def _size_option(
+    name: str, attr: str, dims: int, default: OptionValue, check: Check = POSITIVE
+) -> LayerOption:
+    """Sizes with a default, each positive unless `check` says otherwise."""
+    return LayerOption(Opt(name, ValueType.SIZE, default, check, dims=dims), attr)
+
+
+def _required_size(
+    name: str, attr: str, dims: int, label: str, check: Check = POSITIVE
+) -> LayerOption:
+    """Sizes that must be given, such as a kernel size."""
+    opt = Opt(name, ValueType.SIZE, check=check, required=True, dims=dims, label=label)
+    return LayerOption(opt, attr)
+
+
+def _nullable_size(name: str, attr: str, dims: int) -> LayerOption:
+    """Positive sizes or None, such as a pooling stride that defaults to the kernel size."""
+    return LayerOption(Opt(name, ValueType.SIZE, None, POSITIVE, nullable=True, dims=dims), attr)
 
 
 _PAD_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -618,13 +501,13 @@ def _conv(dims: int) -> LayerType:
     options = (
         _int_option("in", "in_channels", "number of input channels"),
         _int_option("out", "out_channels", "number of output channels"),
-        _size_option("size", "kernel_size", dims, None, required=True, label="kernel size"),
+        _required_size("size", "kernel_size", dims, "kernel size"),
         _size_option("stride", "stride", dims, 1),
-        _size_option("pad", "padding", dims, 0, check=NON_NEGATIVE),
+        _size_option("pad", "padding", dims, 0, NON_NEGATIVE),
         _size_option("dilate", "dilation", dims, 1),
-        Option("groups", "groups", Kind.INT, 1, check=POSITIVE),
+        LayerOption(Opt("groups", ValueType.INT, 1, POSITIVE), "groups"),
         _bias(),
-        Option("padmode", "padding_mode", Kind.STR, "zeros", choices=_PAD_MODES),
+        LayerOption(Opt("padmode", ValueType.STR, "zeros", choices=_PAD_MODES), "padding_mode"),
     )
     return LayerType(
         f"conv{dims}d", classes[dims - 1], options, _conv_elements, _divisible("in", "out")
@@ -636,14 +519,14 @@ def _convtranspose(dims: int) -> LayerType:
     options = (
         _int_option("in", "in_channels", "number of input channels"),
         _int_option("out", "out_channels", "number of output channels"),
-        _size_option("size", "kernel_size", dims, None, required=True, label="kernel size"),
+        _required_size("size", "kernel_size", dims, "kernel size"),
         _size_option("stride", "stride", dims, 1),
-        _size_option("pad", "padding", dims, 0, check=NON_NEGATIVE),
-        _size_option("outpad", "output_padding", dims, 0, check=NON_NEGATIVE),
-        Option("groups", "groups", Kind.INT, 1, check=POSITIVE),
+        _size_option("pad", "padding", dims, 0, NON_NEGATIVE),
+        _size_option("outpad", "output_padding", dims, 0, NON_NEGATIVE),
+        LayerOption(Opt("groups", ValueType.INT, 1, POSITIVE), "groups"),
         _bias(),
         _size_option("dilate", "dilation", dims, 1),
-        Option("padmode", "padding_mode", Kind.STR, "zeros", choices=("zeros",)),
+        LayerOption(Opt("padmode", ValueType.STR, "zeros", choices=("zeros",)), "padding_mode"),
     )
     return LayerType(
         f"convtranspose{dims}d",
@@ -657,9 +540,9 @@ def _convtranspose(dims: int) -> LayerType:
 def _maxpool(dims: int) -> LayerType:
     classes = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
     options = (
-        _size_option("size", "kernel_size", dims, None, required=True, label="kernel size"),
-        _size_option("stride", "stride", dims, None, nullable=True),
-        _size_option("pad", "padding", dims, 0, check=NON_NEGATIVE),
+        _required_size("size", "kernel_size", dims, "kernel size"),
+        _nullable_size("stride", "stride", dims),
+        _size_option("pad", "padding", dims, 0, NON_NEGATIVE),
         _size_option("dilate", "dilation", dims, 1),
         _bool_option("indices", "return_indices", False),
         _bool_option("ceiling", "ceil_mode", False),
@@ -670,32 +553,31 @@ def _maxpool(dims: int) -> LayerType:
 def _avgpool(dims: int) -> LayerType:
     """AvgPool1d has no divisor override in torch, so avgpool1d has no divisor option."""
     classes = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-    options: tuple[Option, ...] = (
-        _size_option("size", "kernel_size", dims, None, required=True, label="kernel size"),
-        _size_option("stride", "stride", dims, None, nullable=True),
-        _size_option("pad", "padding", dims, 0, check=NON_NEGATIVE),
+    options: tuple[LayerOption, ...] = (
+        _required_size("size", "kernel_size", dims, "kernel size"),
+        _nullable_size("stride", "stride", dims),
+        _size_option("pad", "padding", dims, 0, NON_NEGATIVE),
         _bool_option("ceiling", "ceil_mode", False),
         _bool_option("countpad", "count_include_pad", True),
     )
     if dims > 1:
-        options += (
-            Option("divisor", "divisor_override", Kind.INT, None, nullable=True, check=POSITIVE),
-        )
+        divisor = Opt("divisor", ValueType.INT, None, POSITIVE, nullable=True)
+        options += (LayerOption(divisor, "divisor_override"),)
     return LayerType(f"avgpool{dims}d", classes[dims - 1], options)
 
 
 def _adaptavg(dims: int) -> LayerType:
     classes = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-    size = _size_option("size", "output_size", dims, None, required=True, label="output size")
+    size = _required_size("size", "output_size", dims, "output size")
     return LayerType(f"adaptavg{dims}d", classes[dims - 1], (size,))
 
 
-def _activation(name: str, cls: type[nn.Module], *options: Option) -> LayerType:
+def _activation(name: str, cls: type[nn.Module], *options: LayerOption) -> LayerType:
     return LayerType(name, cls, options)
 
 
 _INPLACE = _bool_option("inplace", "inplace", False)
-_DIM = Option("dim", "dim", Kind.INT, required=True)
+_DIM = LayerOption(Opt("dim", ValueType.INT, required=True), "dim")
 
 _TYPES: tuple[LayerType, ...] = (
     LayerType("sequential", nn.Sequential, container=True),
@@ -726,9 +608,9 @@ _TYPES: tuple[LayerType, ...] = (
         (
             _int_option("rows", "num_embeddings", "number of rows"),
             _int_option("cols", "embedding_dim", "number of columns"),
-            Option("padindex", "padding_idx", Kind.INT, None, nullable=True),
-            Option("maxnorm", "max_norm", Kind.FLOAT, None, nullable=True, check=POSITIVE),
-            Option("p", "norm_type", Kind.FLOAT, 2.0, check=POSITIVE),
+            LayerOption(Opt("padindex", ValueType.INT, None, nullable=True), "padding_idx"),
+            LayerOption(Opt("maxnorm", ValueType.FLOAT, None, POSITIVE, nullable=True), "max_norm"),
+            LayerOption(Opt("p", ValueType.FLOAT, 2.0, POSITIVE), "norm_type"),
             _bool_option("scale", "scale_grad_by_freq", False),
             _bool_option("sparse", "sparse", False),
         ),
@@ -741,7 +623,7 @@ _TYPES: tuple[LayerType, ...] = (
         "layernorm",
         nn.LayerNorm,
         (
-            _size_option("shape", "normalized_shape", 0, None, required=True, label="shape"),
+            _required_size("shape", "normalized_shape", 0, "shape"),
             _eps(),
             _bool_option("affine", "elementwise_affine", True),
         ),
@@ -766,12 +648,17 @@ _TYPES: tuple[LayerType, ...] = (
     *(_adaptavg(d) for d in (1, 2, 3)),
     _activation("relu", nn.ReLU, _INPLACE),
     _activation(
-        "leakyrelu", nn.LeakyReLU, Option("slope", "negative_slope", Kind.FLOAT, 0.01), _INPLACE
+        "leakyrelu",
+        nn.LeakyReLU,
+        LayerOption(Opt("slope", ValueType.FLOAT, 0.01), "negative_slope"),
+        _INPLACE,
     ),
     _activation(
         "gelu",
         nn.GELU,
-        Option("approximate", "approximate", Kind.STR, "none", choices=("none", "tanh")),
+        LayerOption(
+            Opt("approximate", ValueType.STR, "none", choices=("none", "tanh")), "approximate"
+        ),
     ),
     _activation("silu", nn.SiLU),
     _activation("tanh", nn.Tanh),
@@ -780,17 +667,23 @@ _TYPES: tuple[LayerType, ...] = (
     _activation("softmax", nn.Softmax, _DIM),
     _activation("logsoftmax", nn.LogSoftmax, _DIM),
     _activation(
-        "drop", nn.Dropout, Option("p", "p", Kind.FLOAT, 0.5, check=UNIT_INTERVAL), _INPLACE
+        "drop",
+        nn.Dropout,
+        LayerOption(Opt("p", ValueType.FLOAT, 0.5, UNIT_INTERVAL), "p"),
+        _INPLACE,
     ),
     LayerType(
         "flatten",
         nn.Flatten,
-        (Option("start", "start_dim", Kind.INT, 1), Option("end", "end_dim", Kind.INT, -1)),
+        (
+            LayerOption(Opt("start", ValueType.INT, 1), "start_dim"),
+            LayerOption(Opt("end", ValueType.INT, -1), "end_dim"),
+        ),
     ),
     LayerType(
         "reshape",
         Reshape,
-        (_size_option("size", "size", 0, None, required=True, check=RESHAPE, label="size"),),
+        (_required_size("size", "size", 0, "size", RESHAPE),),
     ),
 )
 

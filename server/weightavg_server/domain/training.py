@@ -9,6 +9,7 @@ Every call checks what it can before it changes anything, so a bad request leave
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momen
 from .errors import Cancelled, FailedPrecondition, InvalidArgument
 from .losses import Loss
 from .optimizers import Optimizer
-from .options import Opt, Value, coerce, non_negative, positive
+from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, int_value
 from .tensors import module_tensors
 
 StopCheck = Callable[[], bool]
@@ -30,16 +31,16 @@ METRICS = ("loss", "batchloss", "accuracy", "matches", "predict", "output")
 """What run and testrun can return, in the reference's names."""
 
 TRAIN_OPTIONS = (
-    Opt("batchsize", int, 32, positive, "positive"),
-    Opt("droplast", bool, False),
-    Opt("shuffle", bool, False),
-    Opt("seed", int, 0, non_negative, "non-negative"),
-    Opt("metrics", str, "loss"),
+    Opt("batchsize", ValueType.INT, 32, POSITIVE),
+    Opt("droplast", ValueType.BOOL, False),
+    Opt("shuffle", ValueType.BOOL, False),
+    Opt("seed", ValueType.INT, 0, NON_NEGATIVE),
+    Opt("metrics", ValueType.STR, "loss"),
 )
 TEST_OPTIONS = (
-    Opt("batchsize", int, 100, positive, "positive"),
-    Opt("droplast", bool, False),
-    Opt("metrics", str, "loss"),
+    Opt("batchsize", ValueType.INT, 100, POSITIVE),
+    Opt("droplast", ValueType.BOOL, False),
+    Opt("metrics", ValueType.STR, "loss"),
 )
 TRAIN_ONLY = frozenset(o.name for o in TRAIN_OPTIONS) - frozenset(o.name for o in TEST_OPTIONS)
 
@@ -75,7 +76,7 @@ class Model:
     generator: torch.Generator = field(default_factory=torch.Generator)
 
     def __post_init__(self) -> None:
-        self.generator.manual_seed(int(self.train["seed"]))  # type: ignore[arg-type]
+        self.generator.manual_seed(int_value(self.train, "seed"))
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Parameters, their gradients, buffers, optimizer state, and the train and test data."""
@@ -142,12 +143,12 @@ def set_options(model: Model, split: str, values: Sequence[tuple[str, Value]]) -
             raise InvalidArgument(f"unrecognized {name} setting: {key}; nothing set")
         if key in checked:
             raise InvalidArgument(f"{name} setting {key} given twice; nothing set")
-        value = coerce(name, by_name[key], value)
+        value = coerce(name, by_name[key], value, Wording.SETTING)
         checked[key] = _metrics(str(value)) if key == "metrics" else value
     target = model.train if split == "train" else model.test
     target.update(checked)
     if "seed" in checked:
-        model.generator.manual_seed(int(checked["seed"]))  # type: ignore[arg-type]
+        model.generator.manual_seed(int_value(checked, "seed"))
     return dict(target)
 
 
@@ -159,10 +160,10 @@ def batch_count(n: int, w: int, droplast: bool) -> int:
     return n // w if droplast else math.ceil(n / w)
 
 
-def _plan(data: Data, options: dict[str, Value]) -> tuple[int, int, int]:
+def _plan(data: Data, options: Values) -> tuple[int, int, int]:
     """(n, effective batch size, number of batches) with the data at full size."""
     n = data.x.shape[0]
-    w = min(int(options["batchsize"]), n)  # type: ignore[arg-type]
+    w = min(int_value(options, "batchsize"), n)
     return n, w, batch_count(n, w, bool(options["droplast"]))
 
 
@@ -221,10 +222,9 @@ def _require(model: Model, split: str) -> Data:
 
 
 def _device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    """Where the module's first parameter or buffer lives, so batches are moved next to it."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
     return torch.device("cpu")
 
 
@@ -375,7 +375,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
                 output = model.module(xb)
                 loss = model.loss(output, yb)
-                loss.backward()
+                torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
             metrics.add(output.detach(), yb, loss)
     return metrics.result()
@@ -408,7 +408,7 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     if x.dim() == 0 or x.shape[0] == 0:
         raise InvalidArgument(f"evaluate needs at least one sample, given shape {list(x.shape)}")
     n = x.shape[0]
-    w = min(int(model.test["batchsize"]), n)  # type: ignore[arg-type]
+    w = min(int_value(model.test, "batchsize"), n)
     nb = math.ceil(n / w)
     dev = _device(model.module)
     outputs = []
@@ -477,7 +477,7 @@ def next_model_batch(model: Model, split: str = "train") -> bool:
     if data is None:
         verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
         raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
-    w = int((model.train if split == "train" else model.test)["batchsize"])  # type: ignore[arg-type]
+    w = int_value(model.train if split == "train" else model.test, "batchsize")
     batching.check_size(data.x, w)
     batching.check_size(data.y, w)
     more = batching.next_batch(data.x, w)
