@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 import numpy as np
 import numpy.typing as npt
 
@@ -37,6 +38,8 @@ _KIND_NAMES = {
 }
 
 T = TypeVar("T")
+R = TypeVar("R", bound=Message)
+"""A response message type."""
 _SERVICE = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
 
 SESSION_METADATA = "weightavg-session"
@@ -214,24 +217,14 @@ class Client:
             request_serializer=pb.FetchTensorsRequest.SerializeToString,
             response_deserializer=wire.decode_fetch_response,
         )
-        self._create_dictionary_stream: grpc.StreamUnaryMultiCallable[bytes, pb.CreateDictionaryResponse] = self._channel.stream_unary(
-            f"/{_SERVICE}/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString
-        )
-        self._update_dictionary_stream: grpc.StreamUnaryMultiCallable[bytes, pb.UpdateDictionaryResponse] = self._channel.stream_unary(
-            f"/{_SERVICE}/UpdateDictionary", response_deserializer=pb.UpdateDictionaryResponse.FromString
-        )
-        self._set_parameter_stream: grpc.StreamUnaryMultiCallable[bytes, pb.SetParameterResponse] = self._channel.stream_unary(
-            f"/{_SERVICE}/SetParameter", response_deserializer=pb.SetParameterResponse.FromString
-        )
-        self._set_model_data_stream: grpc.StreamUnaryMultiCallable[bytes, pb.SetModelDataResponse] = self._channel.stream_unary(
-            f"/{_SERVICE}/SetModelData", response_deserializer=pb.SetModelDataResponse.FromString
-        )
+        self._create_dictionary_stream = self._stream_unary("CreateDictionary", pb.CreateDictionaryResponse)
+        self._update_dictionary_stream = self._stream_unary("UpdateDictionary", pb.UpdateDictionaryResponse)
+        self._set_parameter_stream = self._stream_unary("SetParameter", pb.SetParameterResponse)
+        self._set_model_data_stream = self._stream_unary("SetModelData", pb.SetModelDataResponse)
         self._evaluate_model_stream: grpc.StreamStreamMultiCallable[bytes, pb.EvaluateModelResponse] = self._channel.stream_stream(
             f"/{_SERVICE}/EvaluateModel", response_deserializer=pb.EvaluateModelResponse.FromString
         )
-        self._create_tensor_stream: grpc.StreamUnaryMultiCallable[bytes, pb.CreateTensorResponse] = self._channel.stream_unary(
-            f"/{_SERVICE}/CreateTensor", response_deserializer=pb.CreateTensorResponse.FromString
-        )
+        self._create_tensor_stream = self._stream_unary("CreateTensor", pb.CreateTensorResponse)
         self.session: str | None = None
         self.lease = 0.0
         self._owns_session = False
@@ -243,6 +236,10 @@ class Client:
             except BaseException:
                 self._raw_channel.close()
                 raise
+
+    def _stream_unary(self, method: str, response: type[R]) -> grpc.StreamUnaryMultiCallable[bytes, R]:
+        """A client-streaming call whose requests are sent pre-encoded (one copy a byte)."""
+        return self._channel.stream_unary(f"/{_SERVICE}/{method}", response_deserializer=response.FromString)
 
     def close(self) -> None:
         """Stop renewing the session and end it if this client started it (freeing its handles),

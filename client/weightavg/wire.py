@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "decode_chunk_message",
     "decode_fetch_response",
     "encode_chunk",
+    "encode_tensor",
     "encoded_chunks",
     "join_chunks",
     "plain",
@@ -136,6 +137,14 @@ def _read_varint(raw: memoryview, i: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+def _read_bytes(raw: memoryview, i: int) -> tuple[memoryview, int]:
+    """A length-delimited field's body at i (a view, no copy) and the position after it."""
+    size, i = _read_varint(raw, i)
+    if i + size > len(raw):
+        raise ValueError("truncated field")
+    return raw[i:i + size], i + size
+
+
 def _signed(value: int) -> int:
     """An int64 read as an unsigned varint, back to its sign (protobuf writes negatives in 10 bytes)."""
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -155,11 +164,8 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
             else:
                 shape.append(_signed(value))
         elif kind == _LEN and field in (_NAME, _SHAPE, _DATA):
-            size, i = _read_varint(raw, i)
-            if i + size > end:
-                raise ValueError("truncated field")
-            body = raw[i:i + size]
-            i += size
+            body, i = _read_bytes(raw, i)
+            size = len(body)
             if field == _NAME:
                 name = bytes(body).decode("utf-8")
             elif field == _DATA:
@@ -192,11 +198,7 @@ def decode_chunk_message(message: bytes, chunk_field: int, string_fields: Mappin
         if kind != _LEN or field in seen or (field != chunk_field and field not in string_fields):
             raise ValueError(f"unexpected field {field} of wire type {kind}")
         seen.add(field)
-        size, i = _read_varint(raw, i)
-        if i + size > end:
-            raise ValueError("truncated field")
-        body = raw[i:i + size]
-        i += size
+        body, i = _read_bytes(raw, i)
         if field == chunk_field:
             out["chunk"] = _decode_chunk(body)
         else:
@@ -254,14 +256,21 @@ def encoded_chunks(values: Iterable[tuple[str, Any]], chunk_bytes: int, message_
     field = chunk_field(message_type)
     for name, value in values:
         array = to_array(value)
-        raw = array.reshape(-1).view(np.uint8).data
-        code = _CODES[array.dtype]
-        for start in range(0, max(len(raw), 1), chunk_bytes):
-            piece = raw[start:start + chunk_bytes]
-            if start == 0:
-                yield encode_chunk(field, name, code, array.shape, piece)
-            else:
-                yield encode_chunk(field, "", 0, (), piece)
+        yield from encode_tensor(field, name, _CODES[array.dtype], array.shape, array.reshape(-1).view(np.uint8).data,
+                                 chunk_bytes)
+
+
+def encode_tensor(
+    field: int, name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int
+) -> Iterator[bytes]:
+    """One tensor's stream messages (its chunk in `field`): a header chunk with the first bytes, then
+    data chunks, each at most `chunk_bytes` of `raw` (its row-major little-endian bytes)."""
+    for start in range(0, max(len(raw), 1), chunk_bytes):
+        piece = raw[start:start + chunk_bytes]
+        if start == 0:
+            yield encode_chunk(field, name, code, shape, piece)
+        else:
+            yield encode_chunk(field, "", 0, (), piece)
 
 
 def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str, npt.NDArray[Any]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ StopCheck = Callable[[], bool]
 """True once the caller has gone (cancelled or past its deadline): long loops stop between batches."""
 
 Named = list[tuple[str, torch.Tensor]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,18 @@ class Service:
         its header, before its buffer is allocated."""
         return upload(lambda name, nbytes: self.store.grow(reservation, nbytes={str(where(name)): nbytes}))
 
+    def _change_with_upload(
+        self, entry: Entry, upload: Upload, count: int, wrong_count: str, change: Callable[[Named], T]
+    ) -> T:
+        """Receive `count` tensors (each reserved on the device from its header), then apply `change`
+        to them under the entry's lock, recharging it afterwards."""
+        with self.store.reserve() as reservation:
+            tensors = self._receive(upload, reservation, self._on_device)
+            if len(tensors) != count:
+                raise InvalidArgument(f"{wrong_count}; received {len(tensors)}")
+            with self.store.mutate(entry, need=NOTHING):
+                return change(tensors)
+
     def _on_device(self, name: str) -> torch.device:
         return self.device
 
@@ -210,12 +224,10 @@ class Service:
     def set_parameter(self, handle: str, name: str, upload: Upload) -> bool:
         """Copy an uploaded tensor into a parameter, or register a new one; True when registered."""
         entry, module = self._module(handle)
-        with self.store.reserve() as reservation:
-            tensors = self._receive(upload, reservation, self._on_device)
-            if len(tensors) != 1:
-                raise InvalidArgument(f"SetParameter takes exactly one tensor, received {len(tensors)}")
-            with self.store.mutate(entry, need=NOTHING):
-                return modules.set_parameter(module, name, tensors[0][1])
+        return self._change_with_upload(
+            entry, upload, 1, "SetParameter takes exactly one tensor",
+            lambda tensors: modules.set_parameter(module, name, tensors[0][1]),
+        )
 
     def _view(self, handle: str, make: Callable[[nn.Module, str], TensorDict], child: str) -> Ref:
         entry, module = self._module(handle)
@@ -441,12 +453,10 @@ class Service:
         """Load training or test inputs and targets (reserved on the device as they arrive); the
         number of batches."""
         entry, model = self._model(handle)
-        with self.store.reserve() as reservation:
-            tensors = self._receive(upload, reservation, self._on_device)
-            if len(tensors) != 2:
-                raise InvalidArgument(f"SetModelData takes two tensors, inputs then targets; received {len(tensors)}")
-            with self.store.mutate(entry, need=NOTHING):
-                return training.set_data(model, split, tensors[0][1], tensors[1][1], self.device)
+        return self._change_with_upload(
+            entry, upload, 2, "SetModelData takes two tensors, inputs then targets",
+            lambda tensors: training.set_data(model, split, tensors[0][1], tensors[1][1], self.device),
+        )
 
     def run_epoch(self, handle: str, should_stop: StopCheck) -> Named:
         """Train one epoch; the train metrics. The first epoch's gradients and optimizer state are

@@ -76,7 +76,12 @@ def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
-    """avg must hold p's running mean in place: same device, a floating dtype, p broadcasting into it."""
+    """avg must hold p's running mean in place: its own memory per element, same device, a floating
+    dtype, p broadcasting into it."""
+    if any(stride == 0 and size > 1 for stride, size in zip(avg.stride(), avg.shape)):
+        raise InvalidArgument(
+            f"'{name}' shares memory between its elements (an expanded tensor); set it to a full tensor"
+        )
     if avg.shape == p.shape and avg.dtype == p.dtype and avg.device == p.device and avg.is_floating_point():
         return  # the usual case, decided without the meta-tensor trial below (about 0.1 ms a tensor)
     if avg.device != p.device:

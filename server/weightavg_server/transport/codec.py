@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from weightavg.wire import CHUNK_BYTES, chunk_field, decode_chunk_message, encode_chunk, string_fields
+from weightavg.wire import CHUNK_BYTES, chunk_field, decode_chunk_message, encode_tensor, string_fields
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain import dtypes
@@ -66,14 +66,7 @@ def encoded_chunks(
     """Pre-encoded `message_type` stream messages, each holding one TensorChunk of the named tensors."""
     field = chunk_field(message_type)
     for name, tensor in named:
-        code = dtype_code(tensor.dtype)
-        raw = _raw(tensor)
-        for start in range(0, max(len(raw), 1), chunk_bytes):
-            piece = raw[start:start + chunk_bytes]
-            if start == 0:
-                yield encode_chunk(field, name, code, tensor.shape, piece)
-            else:
-                yield encode_chunk(field, "", 0, (), piece)
+        yield from encode_tensor(field, name, dtype_code(tensor.dtype), tensor.shape, _raw(tensor), chunk_bytes)
 
 
 def serialize(message: Message | bytes) -> bytes:

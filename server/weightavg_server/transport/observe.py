@@ -55,6 +55,13 @@ class _Call:
         self.received = 0
         self.sent = 0
 
+    def counted(self, request: Any, streaming: bool) -> Any:
+        """The request (or request stream, counted as it is read), its tensor bytes recorded."""
+        if streaming:
+            return self.count_requests(request)
+        self.received = _chunk_bytes(request)
+        return request
+
     def count_requests(self, requests: Iterator[Any]) -> Iterator[Any]:
         for request in requests:
             self.received += _chunk_bytes(request)
@@ -153,10 +160,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(stats, method, context)
-            if request_streaming:
-                request = call.count_requests(request)
-            else:
-                call.received = _chunk_bytes(request)
+            request = call.counted(request, request_streaming)
             try:
                 response = behavior(request, context)
             except BaseException as exc:
@@ -173,10 +177,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
         def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(stats, method, context)
-            if request_streaming:
-                request = call.count_requests(request)
-            else:
-                call.received = _chunk_bytes(request)
+            request = call.counted(request, request_streaming)
             try:
                 for response in behavior(request, context):
                     call.sent += _chunk_bytes(response)
