@@ -254,14 +254,14 @@ class Service:
         """Copy a dictionary's values into the module's parameters; per-name success."""
         entry, module = self._module(handle)
         source = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.mutate(entry, source, need=NOTHING):
+        with self.store.mutate(entry, need=NOTHING, reading=(source,)):
             return averaging.load_parameters(module, source.obj)
 
     def average_parameters(self, handle: str, dictionary: str) -> int:
         """Fold the module's parameters into the dictionary's running average; the new count."""
         entry, module = self._module(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.mutate(entry, target, need=lambda: footprint.count_bytes(target.obj)):
+        with self.store.mutate(target, need=lambda: footprint.count_bytes(target.obj), reading=(entry,)):
             return averaging.average_parameters(module, target.obj)
 
     def reset_batchnorm(self, handle: str) -> Momenta:
@@ -488,11 +488,8 @@ class Service:
             tensors = self._receive(upload, reservation, self._on_host)
             if len(tensors) > 1 or (tensors and input_handle):
                 raise InvalidArgument("RunForward takes one input: a tensor handle or one streamed tensor")
-            entries = [entry]
             source = self.store.get(input_handle, Kind.TENSOR) if input_handle else None
-            if source is not None:
-                entries.append(source)
-            with self.store.mutate(*entries, need=NOTHING):
+            with self.store.mutate(entry, need=NOTHING, reading=(source,) if source is not None else ()):
                 if source is not None:
                     x = source.obj.tensor
                 elif tensors:

@@ -50,7 +50,6 @@ __all__ = [
     "Reshape",
     "build_module",
     "describe_module",
-    "estimate_elements",
     "layer_type",
 ]
 
@@ -189,34 +188,6 @@ def build_module(
     # Kept so a snapshot can rebuild the same module (see snapshot.py); a plain attribute, not state.
     setattr(module, _SPEC_ATTR, spec)
     return module
-
-
-def estimate_elements(spec: LayerSpec, *, max_depth: int = MAX_SPEC_DEPTH) -> int:
-    """Parameter and buffer elements that building spec would allocate, summed over every layer.
-
-    Computed from the validated options alone, so a caller can refuse a module that would not fit
-    before anything is allocated.
-
-    Raises:
-        InvalidArgument: as build_module does for unknown types, bad options or deep nesting.
-
-    Example:
-        >>> estimate_elements(LayerSpec("linear", args=(784, 800)))
-        628000
-    """
-    return _estimate(spec, 0, max_depth)
-
-
-def _estimate(spec: LayerSpec, depth: int, max_depth: int) -> int:
-    if depth > max_depth:
-        raise InvalidArgument(f"{spec.type}: nesting deeper than {max_depth} levels")
-    layer = _lookup(spec.type)
-    values = _resolve(layer, spec)
-    if layer.container:
-        return sum(_estimate(child, depth + 1, max_depth) for child in spec.children)
-    if spec.children:
-        raise InvalidArgument(f"{layer.name}: only container types take child modules")
-    return layer.elements(values)
 
 
 def spec_of(module: nn.Module) -> LayerSpec | None:

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..domain import specs
-
 
 @functools.lru_cache(maxsize=None)
 def device_capacity(device: str) -> int:
@@ -36,8 +34,3 @@ class Limits:
     def bytes_cap(self, device: str) -> int:
         """The byte cap for one device ("cpu", "cuda:0")."""
         return self.max_device_bytes if self.max_device_bytes > 0 else device_capacity(device)
-
-
-def module_bytes(spec: specs.LayerSpec, max_depth: int) -> int:
-    """Bytes a module built from spec would hold, estimated from its options in the default dtype."""
-    return specs.estimate_elements(spec, max_depth=max_depth) * torch.empty(()).element_size()

@@ -102,6 +102,8 @@ class Registry:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._entries: dict[str, Entry] = {}
+        self._groups: dict[int, dict[str, Entry]] = {}
+        """Live entries by id of their lock: the objects that may share tensors."""
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._ledger = Ledger(limits or Limits())
@@ -146,16 +148,17 @@ class Registry:
             self._ledger.reserve(reservation, len(self._entries), handles, dict(nbytes or {}))
 
     @contextlib.contextmanager
-    def mutate(self, *entries: Entry, need: Need) -> Iterator[Reservation]:
-        """The one way to change held objects: lock them, reserve what the change will allocate
-        (`need`, worked out under the locks when it is a function), and afterwards, failed or not,
-        recharge every object that shares those locks from the allocations it really reaches.
+    def mutate(self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = ()) -> Iterator[Reservation]:
+        """The one way to change held objects: lock them (and `reading`, objects the change only
+        reads), reserve what the change will allocate (`need`, worked out under the locks when it is
+        a function), and afterwards, failed or not, recharge every object that shares the locks of
+        `entries` from the allocations it really reaches.
 
         Raises:
             NotFound: a handle was freed while this call waited for its lock.
             ResourceExhausted: the change would not fit under the caps; nothing was changed.
         """
-        with locked(*entries):
+        with locked(*entries, *reading):
             with self.reserve() as reservation:
                 self.grow(reservation, nbytes=need() if callable(need) else need)
                 try:
@@ -183,7 +186,7 @@ class Registry:
     def _recharge(self, lock_ids: set[int]) -> None:
         """Recharge every object guarded by one of these locks (their holders hold the locks)."""
         with self._lock:
-            objs = {id(e.obj): e.obj for e in self._entries.values() if id(e.lock) in lock_ids}
+            objs = {id(e.obj): e.obj for lock in lock_ids for e in self._groups.get(lock, {}).values()}
         keys = {key: frozenset(storages(tensors_of(obj))) for key, obj in objs.items()}
         with self._lock:
             for key, obj in objs.items():
@@ -238,13 +241,14 @@ class Registry:
             self._ledger.spend(reservation, new)
             self._ledger.hold(obj, keys)
             self._entries[handle] = entry
+            self._groups.setdefault(id(entry.lock), {})[handle] = entry
             for old in replacing:
                 self._remove(self._handle_of(old), old)
         return handle
 
     def _handle_of(self, entry: Entry) -> str:
         """The handle ID of a live entry (internal lock held)."""
-        return next(h for h, e in self._entries.items() if e is entry)
+        return next(h for h, e in self._groups[id(entry.lock)].items() if e is entry)
 
     def get(self, handle: str, *kinds: Kind) -> Entry:
         """The entry for handle; NotFound when unknown or freed, InvalidArgument when of the wrong kind."""
@@ -262,7 +266,8 @@ class Registry:
     def handles_sharing(self, lock: threading.RLock, besides: tuple[Entry, ...] = ()) -> list[str]:
         """Handles whose objects are guarded by `lock`, other than `besides`."""
         with self._lock:
-            return [h for h, e in self._entries.items() if e.lock is lock and not any(e is b for b in besides)]
+            group = self._groups.get(id(lock), {})
+            return [h for h, e in group.items() if not any(e is b for b in besides)]
 
     def addref(self, handle: str) -> tuple[str, Kind]:
         """A second handle to the same object, sharing its lock, owned by the caller's session; never
@@ -305,6 +310,10 @@ class Registry:
     def _remove(self, handle: str, entry: Entry) -> None:
         """Drop one handle and, with its object's last handle, the object's allocations (lock held)."""
         del self._entries[handle]
+        group = self._groups[id(entry.lock)]
+        del group[handle]
+        if not group:
+            del self._groups[id(entry.lock)]
         entry.freed = True
         self._ledger.unhold(entry.obj)
 
