@@ -383,13 +383,13 @@ def test_freeing_a_freed_handle_is_not_found(store: Registry) -> None:
     ids=["reading", "mutate", "locked"],
 )
 def test_a_call_that_resolved_its_handle_before_the_free_answers_not_found(
-    store: Registry, enter: Callable[[Registry, Entry], object]
+    store: Registry, enter: Callable[[Registry, Entry], contextlib.AbstractContextManager[object]]
 ) -> None:
     entry = store.get(add_dict(store, a=torch.zeros(10)))
     store.free([store.items()[0][0]])
     assert entry.freed
     with pytest.raises(NotFound, match="freed while this call waited"):
-        with enter(store, entry):  # type: ignore[attr-defined]
+        with enter(store, entry):
             pytest.fail("worked on a freed object")
     assert store.held_bytes() == {}
 
