@@ -1,0 +1,142 @@
+"""Helpers for the in-process tests of the store and the service (no gRPC, no sockets).
+
+They look at the store only through what it offers callers (held_bytes, reserve, items), so a
+test that uses them checks behaviour, not the ledger's private fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from weightavg_server.domain.dictionaries import TensorDict
+from weightavg_server.domain.errors import ResourceExhausted
+from weightavg_server.domain.tensors import storage_bytes, storages, tensors_of
+from weightavg_server.service import OnHeader
+from weightavg_server.store.registry import CALLER_SESSION, Kind, Registry
+
+
+def walked_bytes(store: Registry) -> dict[str, int]:
+    """Bytes of distinct storage reachable from every live object, found apart from the ledger."""
+    keys = set().union(*(storages(tensors_of(entry.obj)) for _, entry in store.items()))
+    return {device: n for device, n in storage_bytes(keys).items() if n}
+
+
+def fits(store: Registry, nbytes: int = 0, handles: int = 0, device: str = "cpu") -> bool:
+    """Whether a reservation of `handles` handles and `nbytes` bytes would be granted now (and
+    give it straight back)."""
+    try:
+        with store.reserve(handles=handles, nbytes={device: nbytes}):
+            return True
+    except ResourceExhausted:
+        return False
+
+
+def assert_nothing_pending(store: Registry, device: str = "cpu") -> None:
+    """The byte cap's whole room above what is held is free: no reservation was left behind."""
+    room = store.limits.max_device_bytes - store.held_bytes().get(device, 0)
+    assert fits(store, nbytes=room, device=device), "less room than cap - held: bytes still reserved"
+    assert not fits(store, nbytes=room + 1, device=device)
+
+
+def assert_no_handle_pending(store: Registry) -> None:
+    """The handle cap's whole room above the live handles is free."""
+    room = store.limits.max_handles - len(store)
+    assert fits(store, handles=room), "less room than cap - live: handle slots still reserved"
+    assert not fits(store, handles=room + 1)
+
+
+def f32(*shape: int, start: float = 0.0) -> torch.Tensor:
+    """A float32 tensor of distinct values, so a wrong copy or average shows."""
+    n = 1
+    for s in shape:
+        n *= s
+    return (torch.arange(n, dtype=torch.float32) + start).reshape(shape)
+
+
+def tensor_dict(**entries: torch.Tensor) -> TensorDict:
+    return TensorDict(dict(entries))
+
+
+State = dict[str, tuple[Kind, list[torch.Tensor], list[str] | None]]
+
+
+def state_of(store: Registry) -> State:
+    """Everything a failed call must not change: the handles, each one's tensors (full copies) and
+    a dictionary's keys."""
+    return {
+        handle: (
+            entry.kind,
+            [t.detach().clone() for t in tensors_of(entry.obj)],
+            list(entry.obj.entries) if entry.kind is Kind.DICTIONARY else None,
+        )
+        for handle, entry in store.items()
+    }
+
+
+def assert_same_state(before: State, after: State) -> None:
+    assert before.keys() == after.keys()
+    for handle, (kind, tensors, keys) in before.items():
+        kind2, tensors2, keys2 = after[handle]
+        assert (kind, keys) == (kind2, keys2), handle
+        assert len(tensors) == len(tensors2), handle
+        for a, b in zip(tensors, tensors2):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), handle
+
+
+@contextlib.contextmanager
+def caller_session(session: str | None) -> Iterator[None]:
+    """Serve the block as a call carrying `session` (what the session interceptor does)."""
+    token = CALLER_SESSION.set(session)
+    try:
+        yield
+    finally:
+        CALLER_SESSION.reset(token)
+
+
+class RecordingUpload:
+    """An upload as the transport makes one: for each tensor, its header is announced through
+    `on_header` and only then is its buffer allocated. Every step is recorded, so a test can see
+    the order and that nothing was allocated once a header was refused."""
+
+    def __init__(self, *named: tuple[str, torch.Tensor]) -> None:
+        self.named = list(named)
+        self.events: list[tuple[str, str]] = []
+        self.calls = 0
+
+    def __call__(self, on_header: OnHeader) -> list[tuple[str, torch.Tensor]]:
+        self.calls += 1
+        received = []
+        for name, template in self.named:
+            self.events.append(("header", name))
+            try:
+                on_header(name, template.numel() * template.element_size())
+            except BaseException:
+                self.events.append(("refused", name))
+                raise
+            self.events.append(("allocated", name))
+            received.append((name, template.clone()))
+        return received
+
+    @property
+    def allocated(self) -> list[str]:
+        return [name for event, name in self.events if event == "allocated"]
+
+    @property
+    def refused(self) -> list[str]:
+        return [name for event, name in self.events if event == "refused"]
+
+
+def upload(*named: tuple[str, torch.Tensor]) -> RecordingUpload:
+    return RecordingUpload(*named)
+
+
+def no_upload() -> RecordingUpload:
+    return RecordingUpload()
+
+
+def names(named: Sequence[tuple[str, Any]]) -> list[str]:
+    return [name for name, _ in named]
