@@ -209,3 +209,17 @@ def test_snapshot_restore_is_refused_one_byte_short(state_server: Any, tmp_path:
     exact = Registry(Limits(max_device_bytes=need))
     assert snapshots.load(exact, directory, torch.device("cpu")) == len(state_server.registry)
     assert exact.held_bytes() == {"cpu": need} == walked_bytes(exact)
+
+
+def test_fetch_reserves_its_host_copies_while_the_reply_streams(server: LiveServer) -> None:
+    registry = server.registry
+    with Client(server.address, timeout=60) as c:
+        d = c.dict({"a": x_rows()})
+        held = registry.held_bytes()["cpu"]
+        set_cap(registry, held + ROWS * FEATURES * F32 - 1)
+        with pytest.raises(ResourceExhaustedError, match="--max-device-bytes"):
+            c.dict(d)
+        set_cap(registry, held + ROWS * FEATURES * F32)
+        assert np.array_equal(c.dict(d)["a"], x_rows())
+        assert registry.held_bytes()["cpu"] == held
+        c.ping()

@@ -497,12 +497,6 @@ def test_an_ended_session_is_not_found(store: Registry, call: str) -> None:
         getattr(store, call)(session)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry.close_session (and expire) drop a session's entries in _drop_owned under the internal "
-    "lock only, without taking the objects' locks as free/free_all do: a call in flight on one of them keeps "
-    "working on an object already marked freed and no longer charged",
-)
 def test_closing_a_session_waits_for_a_call_in_flight_on_its_handles(store: Registry) -> None:
     session = store.create_session(60)
     with caller_session(session):
@@ -541,3 +535,25 @@ def test_tensors_walk_finds_the_same_bytes_as_the_ledger_after_a_mixed_sequence(
     assert store.held_bytes() == walked_bytes(store) == {"cpu": LINEAR + 8 + 16}
     store.free([ref, d])
     assert store.held_bytes() == walked_bytes(store) == {}
+
+
+def test_expiry_leaves_a_session_whose_handle_is_busy_for_a_later_sweep(store: Registry) -> None:
+    session = store.create_session(60)
+    with caller_session(session):
+        entry = store.get(add_dict(store, a=torch.zeros(10)))
+    busy, done = threading.Event(), threading.Event()
+
+    def call_in_flight() -> None:  # another caller's call, working on the session's handle
+        with store.mutate(entry, need=NOTHING):
+            busy.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=call_in_flight)
+    worker.start()
+    assert busy.wait(10)
+    assert store.expire(now=time.monotonic() + 120) == []
+    assert not entry.freed and store.held_bytes() == {"cpu": 40}
+    done.set()
+    worker.join(10)
+    assert store.expire(now=time.monotonic() + 120) == [(session, 1)]
+    assert entry.freed and store.held_bytes() == {}

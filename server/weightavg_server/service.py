@@ -9,7 +9,8 @@ requests into these calls and encodes their results; nothing here knows about gR
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -307,22 +308,32 @@ class Service:
             holder = TensorHolder(tensors[0][1].to(self.device))
             return Ref(self.store.add(Kind.TENSOR, holder, reservation), Kind.TENSOR)
 
-    def fetch(self, handle: str, names: Sequence[str]) -> Named:
-        """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters."""
+    def fetch(self, handle: str, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters.
+
+        The copies are taken together under the object's lock, so the reply is one consistent cut,
+        and reserved on the host until the caller has consumed them (the reply has streamed).
+        """
         entry = self.store.get(handle)
-        with self.store.reading(entry):
-            if entry.kind is Kind.DICTIONARY:
-                named = dictionaries.select(entry.obj, list(names))
-            elif entry.kind is Kind.TENSOR:
-                if names:
-                    raise InvalidArgument("a tensor handle has no names; fetch it without names")
-                named = [("", entry.obj.tensor)]
-            else:
-                _, module = self._module(handle)
-                if not names:
-                    raise InvalidArgument("name the parameters to fetch from a module")
-                named = [(name, modules.parameter(module, name).detach()) for name in names]
-            return host_copies(named)
+        with contextlib.ExitStack() as held:
+            with self.store.reading(entry):
+                named = self._named(handle, entry, names)
+                held.enter_context(self.store.reserve(nbytes=tensor_bytes((t for _, t in named), "cpu")))
+                copies = host_copies(named)
+            yield from copies
+
+    def _named(self, handle: str, entry: Entry, names: Sequence[str]) -> Named:
+        """What a fetch names: dictionary entries (all when no names), a tensor, or module parameters."""
+        if entry.kind is Kind.DICTIONARY:
+            return dictionaries.select(entry.obj, list(names))
+        if entry.kind is Kind.TENSOR:
+            if names:
+                raise InvalidArgument("a tensor handle has no names; fetch it without names")
+            return [("", entry.obj.tensor)]
+        _, module = self._module(handle)
+        if not names:
+            raise InvalidArgument("name the parameters to fetch from a module")
+        return [(name, modules.parameter(module, name).detach()) for name in names]
 
     def size(self, handle: str) -> Size:
         """Entry shapes of a dictionary, a tensor's shape, or a module's parameter count."""
@@ -398,7 +409,9 @@ class Service:
         parts = (
             self.store.get(module, Kind.MODULE), self.store.get(loss, Kind.LOSS), self.store.get(optimizer, Kind.OPTIMIZER)
         )
-        with self.store.reading(*parts), self.store.reserve(handles=1) as reservation:
+        # No handle slot is reserved ahead: the model takes its parts' three handles, which `add`
+        # counts, so a model can be made even at the handle cap.
+        with self.store.reading(*parts), self.store.reserve() as reservation:
             model = training.create_model(parts[0].obj, parts[1].obj, parts[2].obj)
             handle = self.store.add(Kind.MODEL, model, reservation, lock=parts[0].lock, replacing=parts)
         return Ref(handle, Kind.MODEL)

@@ -368,24 +368,41 @@ class Registry:
                 session.expires = time.monotonic() + session.lease
 
     def close_session(self, session_id: str) -> int:
-        """End a session and free every handle it owns; returns how many were freed."""
-        with self._lock:
-            self._live_session(session_id)
-            del self._sessions[session_id]
-            return self._drop_owned(session_id)
+        """End a session and free every handle it owns, each once its calls in flight have finished;
+        returns how many were freed."""
+        while True:
+            with self._lock:
+                self._live_session(session_id)
+                owned = self._owned(session_id)
+            with locked(*owned, check_live=False), self._lock:
+                self._live_session(session_id)
+                if self._owned(session_id) != owned:
+                    continue  # a handle joined the session while this call waited: lock it too
+                del self._sessions[session_id]
+                return self._drop(owned)
 
     def expire(self, now: float | None = None) -> list[tuple[str, int]]:
         """End sessions whose lease ran out with no call in flight, freeing their handles.
 
-        Returns (session id, handles freed) for each; each is also logged.
+        A session whose objects are busy with another caller's call is left for a later sweep, so
+        the sweep never waits and never frees an object a call is working on. Returns (session id,
+        handles freed) for each session ended; each is also logged.
         """
         now = time.monotonic() if now is None else now
-        ended: list[tuple[str, int]] = []
         with self._lock:
-            for sid, session in list(self._sessions.items()):
-                if session.active == 0 and session.expires <= now:
-                    del self._sessions[sid]
-                    ended.append((sid, self._drop_owned(sid)))
+            due = [sid for sid, s in self._sessions.items() if s.active == 0 and s.expires <= now]
+        ended: list[tuple[str, int]] = []
+        for sid in due:
+            with self._lock:
+                owned = self._owned(sid)
+            with _try_locked(owned) as idle, self._lock:
+                session = self._sessions.get(sid)
+                if not idle or session is None or session.active or session.expires > now:
+                    continue
+                if self._owned(sid) != owned:
+                    continue
+                del self._sessions[sid]
+                ended.append((sid, self._drop(owned)))
         for sid, freed in ended:
             log.warning("session %s expired (no call for its lease); freed %d handle(s)", sid, freed)
         return ended
@@ -400,12 +417,29 @@ class Registry:
             )
         return session
 
-    def _drop_owned(self, session_id: str) -> int:
-        """Remove every handle a session owns; call with self._lock held."""
-        doomed = [(h, e) for h, e in self._entries.items() if e.session == session_id]
-        for h, e in doomed:
-            self._remove(h, e)
-        return len(doomed)
+    def _owned(self, session_id: str) -> list[Entry]:
+        """The entries a session owns (internal lock held)."""
+        return [e for e in self._entries.values() if e.session == session_id]
+
+    def _drop(self, entries: list[Entry]) -> int:
+        """Remove these live entries' handles (internal lock held, and their objects' locks)."""
+        for entry in entries:
+            self._remove(self._handle_of(entry), entry)
+        return len(entries)
+
+
+@contextlib.contextmanager
+def _try_locked(entries: list[Entry]) -> Iterator[bool]:
+    """Hold the locks of these entries if every one is free now (yields True), else none (False)."""
+    with contextlib.ExitStack() as stack:
+        for _, lock in sorted({id(e.lock): e.lock for e in entries}.items()):
+            if not lock.acquire(blocking=False):
+                break
+            stack.callback(lock.release)
+        else:
+            yield True
+            return
+    yield False
 
 
 @contextlib.contextmanager
