@@ -17,6 +17,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
 from .config import ServerConfig
+from ..domain import optimizers
 from ..domain.devices import server_device
 from ..service import Service, Settings
 from ..transport.decoding import DecodeGuard
@@ -169,6 +170,7 @@ def create_runtime(
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
     device = server_device(config.device)
+    optimizers.prepare()
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
     if config.state_dir:
