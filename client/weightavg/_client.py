@@ -465,8 +465,8 @@ class Client:
 
         Example:
             >>> e = c.copyparms(m, dtype="float32")
-            >>> for _ in range(3): c.run(m); c.ema(m, e, decay=0.999, warmup=True)
-            3
+            >>> [c.ema(m, e, decay=0.999, warmup=True) for _ in range(3)]   # train between updates
+            [1, 2, 3]
         """
         request = pb.UpdateMovingAverageRequest(
             handle=_id(m), dictionary=_id(e), decay=decay, warmup=warmup, warmup_gamma=warmup_gamma,
