@@ -90,6 +90,73 @@ def average_large(ctx: Context) -> list[Row | Skip]:
     ]
 
 
+EMA_DECAY = 0.999
+EMA_STEP = 10**6
+"""A fixed step past warm-up: every timed call lerps (the first step of an EMA is a copy)."""
+
+
+def ema_large(ctx: Context) -> list[Row | Skip]:
+    """ema on 25.6M parameters in 160 tensors against the same lerps in-process: float32 into float32,
+    and a bfloat16 module into a float32 EMA (each parameter cast, then lerped)."""
+    c, count, width = ctx.client, 160, 400
+    w = 1.0 - EMA_DECAY
+    m = c.module(linears(count, width))
+    other = c.module(linears(count, width))
+    e = c.copyparms(other)  # starts away from m, so every lerp has a distance to cover
+    low = c.module(linears(count, width))
+    c.to(low, dtype="bfloat16")
+    e32 = c.copyparms(other, dtype="float32")
+    c.free(other)
+    torch.manual_seed(0)
+    model = torch_linears(count, width)
+    params = [q.detach() for q in model.parameters()]
+    avgs = [torch.randn_like(q) for q in params]
+    avgs_foreach = [a.clone() for a in avgs]
+    params16 = [q.to(torch.bfloat16) for q in params]
+    avgs32 = [a.clone() for a in avgs]
+    big_a, big_b = torch.cat([a.reshape(-1) for a in avgs]), torch.cat([q.reshape(-1) for q in params])
+    swa = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY))
+    swa.update_parameters(model)  # the first call only copies; later ones lerp
+
+    def lerp_loop() -> None:
+        with torch.no_grad():
+            for a, q in zip(avgs, params):
+                a.lerp_(q, w)
+
+    def cast_loop() -> None:  # what the server does for a bfloat16 parameter: cast it, then lerp
+        with torch.no_grad():
+            for a, q in zip(avgs32, params16):
+                a.lerp_(q.to(torch.float32), w)
+
+    times = interleaved(
+        {
+            "ema": lambda: c.ema(m, e, decay=EMA_DECAY, step=EMA_STEP),
+            "lerp_": lerp_loop,
+            "foreach": lambda: torch._foreach_lerp_(avgs_foreach, params, w),
+            "AveragedModel": lambda: swa.update_parameters(model),
+            "add_": lambda: big_a.add_(big_b),
+            "ema bf16": lambda: c.ema(low, e32, decay=EMA_DECAY, step=EMA_STEP),
+            "cast lerp_": cast_loop,
+        },
+        ctx.reps(15, 5),
+    )
+    nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
+    gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
+    c.free(m, e, low, e32)
+    return [
+        row("ema, large", "ema 25.6M fp32 / 160 tensors", "lerp_ loop in-process, same decay", times, "ema", "lerp_",
+            target="<= 1.1x", check=at_most(1.1)),
+        row("ema, large (info)", "ema", "_foreach_lerp_ in-process, same decay", times, "ema", "foreach"),
+        # AveragedModel's EMA is itself one _foreach_lerp_ per dtype group, so it is a baseline, not a target
+        row("ema, large (info)", "ema", "AveragedModel(get_ema_multi_avg_fn).update_parameters", times, "ema",
+            "AveragedModel", invert=True, note="ratio = speedup"),
+        row("ema, floor", "ema GB/s", "one large add_ GB/s", gbps, "ema", "add_",
+            unit="GB/s", scale=1.0, target=">= 0.8", check=at_least(0.8)),
+        row("ema, bf16 into fp32", "ema of a bf16 module into fp32, 25.6M", "cast + lerp_ loop in-process",
+            times, "ema bf16", "cast lerp_", target="<= 1.1x", check=at_most(1.1)),
+    ]
+
+
 def lerp_kernels(ctx: Context) -> list[Row | Skip]:
     """Why the CPU path loops over lerp_: the same tensors through torch._foreach_lerp_, in-process."""
     torch.manual_seed(0)
@@ -411,6 +478,7 @@ def gpu_average(ctx: Context) -> list[Row | Skip]:
 
 CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "average": average_large,
+    "ema": ema_large,
     "kernels": lerp_kernels,
     "small": small_call,
     "transfer": transfer,

@@ -512,7 +512,7 @@ class Worker:
         m = new(c.module(["linear", 8, 4]))
         p = new(c.dict({"weight": g.standard_normal((4, 3), dtype=np.float32)}))
         self.expect("INVALID_ARGUMENT", "bad shape copy", c.copyparms, m, p)
-        self.expect("INVALID_ARGUMENT", "wrong handle kind", c.avgparms, p, p)
+        self.expect("INVALID_ARGUMENT", "wrong handle kind", c.avgparms, p, m)  # a module cannot hold an average
         self.expect("NOT_FOUND", "unknown key", c.dict, p, "nosuchkey")
         self.expect("INVALID_ARGUMENT", "bad input shape forward", c.eforward, m, g.standard_normal((5, 7), dtype=np.float32))
         q = new(c.module(["linear", 8, 4]))

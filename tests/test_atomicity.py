@@ -162,6 +162,34 @@ CASES = [
     Case("avg/missing parameters", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=w.plain))),
     Case("avg/shapes that do not fit", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=w.small))),
     Case("avg/integer count", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=w.bad_n))),
+    Case("avg/buffers missing from the average", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(
+        handle=w.net, dictionary=w.avg, buffers=pb.BUFFER_MODE_COPY))),
+    Case("avg/unknown buffer mode", IA, unary("AverageParameters", lambda w: pb.AverageParametersRequest(
+        handle=w.net, dictionary=w.avg, buffers=99))),  # type: ignore[arg-type]
+    Case("avg/dictionary source with an entry the average lacks", IA, unary("AverageParameters",
+         lambda w: pb.AverageParametersRequest(handle=w.plain, dictionary=w.avg))),
+    # UpdateMovingAverage: a request that would update the average (with '.n' = 2) but for one field
+    *[Case(f"ema/{name}", code, unary("UpdateMovingAverage", lambda w, fields=fields: pb.UpdateMovingAverageRequest(**{
+        "handle": w.net, "dictionary": w.avg, "decay": 0.5, **fields(w)})))
+      for name, code, fields in [
+          ("unknown module", NF, lambda w: {"handle": UNKNOWN_ID}),
+          ("unknown dictionary", NF, lambda w: {"dictionary": UNKNOWN_ID}),
+          ("tensor source", IA, lambda w: {"handle": w.tensor}),
+          ("module as the average", IA, lambda w: {"dictionary": w.net}),
+          ("decay above 1", IA, lambda w: {"decay": 1.01}),
+          ("NaN decay", IA, lambda w: {"decay": math.nan}),
+          ("warm-up gamma 0", IA, lambda w: {"warmup": True, "warmup_gamma": 0.0}),
+          ("negative update_after_step", IA, lambda w: {"update_after_step": -1}),
+          ("negative step", IA, lambda w: {"step": -5}),
+          ("missing parameters", IA, lambda w: {"dictionary": w.plain}),
+          ("shapes that do not fit", IA, lambda w: {"dictionary": w.small}),
+          ("buffers missing from the average", IA, lambda w: {"buffers": pb.BUFFER_MODE_AVERAGE}),
+          ("buffers with a dictionary source", IA, lambda w: {"handle": w.copy, "buffers": pb.BUFFER_MODE_COPY}),
+      ]],
+    # CopyParameters
+    Case("copy/integer dtype", IA, unary("CopyParameters", lambda w: pb.CopyParametersRequest(handle=w.net, dtype=pb.DTYPE_INT64))),
+    Case("copy/unknown dtype", IA, unary("CopyParameters", lambda w: pb.CopyParametersRequest(handle=w.net, dtype=999))),  # type: ignore[arg-type]
+    Case("copy/dictionary handle", IA, unary("CopyParameters", lambda w: pb.CopyParametersRequest(handle=w.copy, buffers=True))),
     # ResetBatchNorm
     Case("reset/unknown handle", NF, unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=UNKNOWN_ID))),
     Case("reset/dictionary handle", IA, unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=w.view))),

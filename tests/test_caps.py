@@ -74,6 +74,15 @@ def _none(c: Client) -> None:
     return None
 
 
+def bf16_average(c: Client) -> tuple[Any, Any]:
+    """A bfloat16 linear layer and a float32 EMA of it past its first update (a copy, which casts nothing)."""
+    q = linear(c)
+    c.to(q, dtype="bfloat16")
+    e = c.copyparms(q, dtype="float32")
+    c.ema(q, e)
+    return q, e
+
+
 CASES = [
     Case("module from a spec", _none, lambda c, _: linear(c), LAYER, LAYER),
     Case("module, loss, optimizer and model", _none, lambda c, _: model(c, "adam"), LAYER, LAYER),
@@ -87,6 +96,13 @@ CASES = [
     Case("new parameter", linear, lambda c, q: c.parm(q, "extra", x_rows(7)), 7 * FEATURES * F32, 7 * FEATURES * F32),
     Case("copy of parameters", linear, lambda c, q: c.copyparms(q), LAYER, LAYER),
     Case("first average (its count)", lambda c: (q := linear(c), c.copyparms(q)), lambda c, s: c.avgparms(*s), 8, 8),
+    # A bfloat16 weight is cast to float32 just before its lerp: the 20 x 5 weight is the largest cast.
+    Case("average of a bfloat16 module into float32 (count, one cast weight)", bf16_average,
+         lambda c, s: c.avgparms(*s), 8 + FEATURES * CLASSES * F32, 8),
+    Case("ema of a bfloat16 module into float32 (one cast weight)", bf16_average,
+         lambda c, s: c.ema(*s, decay=0.9), FEATURES * CLASSES * F32, 0),
+    Case("copy in float64 with buffers (4 floating, one int64 count)", lambda c: c.module(["batchnorm1d", CLASSES]),
+         lambda c, q: c.copyparms(q, dtype="float64", buffers=True), 4 * CLASSES * 8 + 8, 4 * CLASSES * 8 + 8),
     Case("training data", model, lambda c, m: c.train(m, x_rows(), labels()),
          ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
     Case("test data", model, lambda c, m: c.test(m, x_rows(), labels()),
@@ -147,6 +163,7 @@ def test_allocating_call_is_refused_one_byte_short_and_charged_exactly_when_it_f
 ALLOCATING = {
     "create_module", "create_model", "create_optimizer", "create_dictionary", "update_dictionary", "create_tensor",
     "set_parameter", "copy_parameters", "average_parameters", "set_model_data", "run_epoch", "forward", "move",
+    "update_moving_average",
 }
 """Service methods that can leave more memory held: each has a row in CASES."""
 HOLD_NOTHING_NEW = {

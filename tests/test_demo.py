@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from weightavg._cli import main as cli_main
 from weightavg_server.ops import demo
 
-QUICK = ["--epochs", "1", "--avg-epochs", "1", "--avg-runs", "1", "--hidden", "32"]
+QUICK = ["--epochs", "1", "--avg-epochs", "1", "--avg-runs", "1", "--hidden", "32", "--ema-epochs", "4"]
 
 
 def test_demo_command_runs_both_examples_on_digits() -> None:
@@ -30,6 +31,11 @@ def test_demo_command_runs_both_examples_on_digits() -> None:
     # 1,437 samples in batches of 100: 15 batches per epoch, 2 epochs before, 15 after recalculation
     assert "num_batches_tracked             30                              15" in out
     assert "[##############################] 1/1" in result.stderr
+    # Example 3: SWA from epoch 1 (4 // 3) holds 4 epochs at epoch 4; the EMA's warm-up decay at step 4
+    # is 1 - 4 ** (-2/3) = 0.603 (below the 0.9 cap)
+    assert "Example 3: one run averaged two ways" in out
+    assert "EMA: float32, decay 0.9 with timm's warm-up" in out
+    assert re.search(r"^\s+4\s+\d+\.\d\d%\s+\d+\.\d\d%\s+4\s+\d+\.\d\d%\s+0\.603$", out, re.MULTILINE), out
 
 
 def _idx(path: Path, array: np.ndarray, gz: bool) -> None:

@@ -20,6 +20,8 @@ from inprocess import (
     RecordingUpload, assert_nothing_pending, assert_same_state, caller_session, f32, names, no_upload, state_of,
     upload, walked_bytes,
 )
+from weightavg_server.domain.averaging import BufferMode
+from weightavg_server.domain.ema import EmaSchedule, EmaState, ScheduleChange
 from weightavg_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Ref, Service, Settings
@@ -129,6 +131,25 @@ def test_reference_workflow_averages_a_copy_and_changed_modules_into_their_mean(
     torch.testing.assert_close(fetched(s, q, "bias")["bias"], mean["bias"])
 
 
+def test_an_ema_keeps_its_schedule_and_step_and_shows_them_in_size_and_listings(service: Service) -> None:
+    s = service
+    q = linear(s, 3, 2)
+    e = s.copy_parameters(q, torch.float64).id
+    assert s.size(e).ema is None
+    change = ScheduleChange(decay=0.99, warmup=True)
+    assert s.update_moving_average(q, e, change, None).step == 1
+    s.set_parameter(q, "weight", upload(("weight", f32(2, 3))))
+    result = s.update_moving_average(q, e, ScheduleChange(), None)
+    kept = EmaState(EmaSchedule(decay=0.99, warmup=True), 2)
+    assert (result.step, result.decay) == (2, kept.schedule.decay_at(2))
+    assert s.size(e).ema == kept
+    assert [summary.ema for ref, summary in s.list_handles() if ref.id == e] == [kept]
+    source = dictionary(s, weight=torch.ones(2, 3), bias=torch.zeros(2))  # a dictionary as the source
+    assert s.update_moving_average(source, e, ScheduleChange(decay=0.0), 10).step == 10
+    assert torch.equal(fetched(s, e, "weight")["weight"], torch.ones(2, 3, dtype=torch.float64))
+    assert s.average_parameters(source, e) == 2
+
+
 def test_set_parameter_registers_a_new_parameter_and_charges_it(service: Service) -> None:
     s = service
     q = linear(s, 3, 2)
@@ -162,8 +183,12 @@ def objects(service: Service) -> Objects:
 WRONG_KINDS: list[tuple[str, Callable[[Service, Objects], object], str]] = [
     ("average into a module", lambda s, o: s.average_parameters(o.module, o.module),
      "expecting dictionary handle, given module handle"),
-    ("average a dictionary", lambda s, o: s.average_parameters(o.dictionary, o.dictionary),
-     "expecting module or model or optimizer handle, given dictionary handle"),
+    ("average a tensor", lambda s, o: s.average_parameters(o.tensor, o.dictionary),
+     "expecting module or model or optimizer or dictionary handle, given tensor handle"),
+    ("ema of a loss", lambda s, o: s.update_moving_average(o.loss, o.dictionary, ScheduleChange(), None),
+     "expecting module or model or optimizer or dictionary handle, given loss handle"),
+    ("ema into a model", lambda s, o: s.update_moving_average(o.module, o.model, ScheduleChange(), None),
+     "expecting dictionary handle, given model handle"),
     ("copy a tensor's parameters", lambda s, o: s.copy_parameters(o.tensor),
      "expecting module or model or optimizer handle, given tensor handle"),
     ("data for a module", lambda s, o: s.set_model_data(o.module, "train", no_upload()),
@@ -244,6 +269,13 @@ FAILING: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any], obje
     ("delete of a present and a missing entry",
      lambda s: dictionary(s, a=torch.zeros(3), b=torch.zeros(3)),
      lambda s, d: s.delete_entries(d, ["a", "missing"]), NotFound),
+    ("ema with a decay above 1",
+     lambda s: (q := linear(s, 3, 2), s.copy_parameters(q).id),
+     lambda s, st: s.update_moving_average(*st, ScheduleChange(decay=1.5), None), InvalidArgument),
+    ("ema with buffers into a copy without them",
+     lambda s: (q := s.create_module(LayerSpec("batchnorm1d", args=(3,))).id, s.copy_parameters(q).id),
+     lambda s, st: s.update_moving_average(*st, ScheduleChange(), None, BufferMode.AVERAGE), InvalidArgument),
+    ("copy to an integer dtype", lambda s: linear(s), lambda s, q: s.copy_parameters(q, torch.int32), InvalidArgument),
     ("load with a wrongly shaped entry",
      lambda s: (linear(s, 3, 2), dictionary(s, weight=torch.ones(2, 3), bias=torch.ones(7))),
      lambda s, st: s.load_parameters(*st), InvalidArgument),
@@ -331,7 +363,21 @@ CAP_CASES = [
             lambda s, d, up: s.move(d, "", torch.float64), (), ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
     CapCase("first average (its count)", lambda s: (q := linear(s), s.copy_parameters(q).id),
             lambda s, st, up: s.average_parameters(*st), (), 8, 8),
+    CapCase("ema of a bfloat16 module into float32 (one cast weight at a time)", lambda s: _bf16_ema(s),
+            lambda s, st, up: s.update_moving_average(*st, ScheduleChange(decay=0.9), None), (),
+            FEATURES * CLASSES * F32, 0),
+    CapCase("copy in float64", lambda s: linear(s), lambda s, q, up: s.copy_parameters(q, torch.float64), (),
+            LAYER * 2, LAYER * 2),
 ]
+
+
+def _bf16_ema(s: Service) -> tuple[str, str]:
+    """A bfloat16 linear layer and a float32 EMA of it past its first update (a copy, which casts nothing)."""
+    q = linear(s)
+    s.move(q, "", torch.bfloat16)
+    e = s.copy_parameters(q, torch.float32).id
+    s.update_moving_average(q, e, ScheduleChange(), None)
+    return q, e
 
 
 @pytest.mark.parametrize("case", CAP_CASES, ids=[c.name for c in CAP_CASES])

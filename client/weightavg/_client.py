@@ -42,6 +42,9 @@ R = TypeVar("R", bound=Message)
 """A response message type."""
 _SERVICE = pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name
 
+EMA_KEY = ".ema"
+"""Where size() shows an exponential moving average's schedule; like '.n', no parameter can have the name."""
+
 SESSION_METADATA = "weightavg-session"
 """Metadata key that carries the session id on every call of a session client."""
 
@@ -57,6 +60,40 @@ def _id(handle: HandleLike) -> str:
 
 def _handle(message: pb.Handle) -> Handle:
     return Handle(message.id, _KIND_NAMES.get(message.kind, "unknown"))
+
+
+_BUFFER_MODES: dict[Any, pb.BufferMode.ValueType] = {
+    False: pb.BUFFER_MODE_UNSPECIFIED,
+    True: pb.BUFFER_MODE_AVERAGE,
+    "copy": pb.BUFFER_MODE_COPY,
+}
+
+
+def _buffer_mode(buffers: bool | str) -> pb.BufferMode.ValueType:
+    """The wire's BufferMode for an average's `buffers` argument: False, True or "copy"."""
+    try:
+        return _BUFFER_MODES[buffers]
+    except (KeyError, TypeError):
+        raise ValueError(f"buffers must be False (parameters only), True (average them) or 'copy', not {buffers!r}") from None
+
+
+def _dtype_code(dtype: str | None) -> pb.Dtype.ValueType:
+    """The wire code of a dtype name ("float32", "bfloat16", ...); unset for None."""
+    if not dtype:
+        return pb.DTYPE_UNSPECIFIED
+    try:
+        return pb.Dtype.Value("DTYPE_" + dtype.upper())
+    except ValueError:
+        raise ValueError(f"unknown dtype {dtype!r}: use a name such as float32, float64, float16 or bfloat16") from None
+
+
+def _schedule(state: pb.MovingAverageState) -> dict[str, Any]:
+    """An EMA's schedule and last step as a plain dict."""
+    return {
+        "decay": state.decay, "warmup": state.warmup, "warmup_gamma": state.warmup_gamma,
+        "warmup_power": state.warmup_power, "min_decay": state.min_decay,
+        "update_after_step": int(state.update_after_step), "step": int(state.step),
+    }
 
 
 def _momenta(r: pb.ResetBatchNormResponse | pb.RecalculateBatchNormResponse) -> dict[str, float | None]:
@@ -370,24 +407,75 @@ class Client:
     # -- weight averaging -------------------------------------------------------------------------
 
     @_rpc
-    def copyparms(self, m: HandleLike, d: HandleLike | None = None) -> Any:
+    def copyparms(
+        self, m: HandleLike, d: HandleLike | None = None, *, dtype: str | None = None, buffers: bool = False
+    ) -> Any:
         """copyparms(m): a new dictionary of parameter copies. copyparms(m, d): copy d into m's
-        parameters, all or nothing; returns {parameter: True if d had it}."""
+        parameters, all or nothing; returns {parameter: True if d had it}.
+
+        A new copy takes `dtype` (any floating dtype: "float32" for the average of a bfloat16 module)
+        instead of each parameter's own, and with buffers=True holds the buffers too, under their
+        dotted names (integer buffers keep their dtype).
+        """
         if d is None:
-            r = self._stub.CopyParameters(pb.CopyParametersRequest(handle=_id(m)), timeout=self.timeout)
+            request = pb.CopyParametersRequest(handle=_id(m), dtype=_dtype_code(dtype), buffers=buffers)
+            r = self._stub.CopyParameters(request, timeout=self.timeout)
             return _handle(r.dictionary)
+        if dtype is not None or buffers:
+            raise TypeError("dtype and buffers shape a new copy: copyparms(m, dtype=..., buffers=True)")
         loaded = self._stub.LoadParameters(
             pb.LoadParametersRequest(handle=_id(m), dictionary=_id(d)), timeout=self.timeout
         )
         return {name: loaded.copied[name] for name in loaded.names}
 
     @_rpc
-    def avgparms(self, m: HandleLike, d: HandleLike) -> int:
-        """Fold m's parameters into the running average in d; returns the new count (d's '.n')."""
-        r = self._stub.AverageParameters(
-            pb.AverageParametersRequest(handle=_id(m), dictionary=_id(d)), timeout=self.timeout
+    def avgparms(self, m: HandleLike, d: HandleLike, buffers: bool | str = False) -> int:
+        """Fold m's parameters into the running average in d; returns the new count (d's '.n').
+
+        Each parameter is cast to its entry's dtype first. buffers=True also averages the floating
+        buffers (AveragedModel's use_buffers=True), buffers="copy" copies every buffer; integer
+        buffers are always copied. m may be a dictionary: its entries (but '.n') are folded in by
+        name, floating ones averaged and others copied.
+        """
+        request = pb.AverageParametersRequest(handle=_id(m), dictionary=_id(d), buffers=_buffer_mode(buffers))
+        return int(self._stub.AverageParameters(request, timeout=self.timeout).count)
+
+    @_rpc
+    def ema(
+        self,
+        m: HandleLike,
+        e: HandleLike,
+        decay: float = 0.9999,
+        warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+        step: int | None = None,
+        buffers: bool | str = False,
+    ) -> int:
+        """One exponential-moving-average update of dictionary e from module or model m; returns the step used.
+
+        Every parameter's entry becomes e + (1 - d) * (p - e), p cast to e's dtype (keep e in float32
+        for a bfloat16 module: c.copyparms(m, dtype="float32")). The decay d at a step is timm
+        ModelEmaV3's: 0 (a full copy) up to step update_after_step + 1, then `decay`, or with warmup
+        max(min_decay, min(decay, 1 - (1 + k / warmup_gamma) ** -warmup_power)), k the steps since.
+        Without `step` the k-th update of e uses step k. The schedule is kept with e (c.size(e)
+        shows it under '.ema'). buffers: as for avgparms.
+
+        Example:
+            >>> e = c.copyparms(m, dtype="float32")
+            >>> [c.ema(m, e, decay=0.999, warmup=True) for _ in range(3)]   # train between updates
+            [1, 2, 3]
+        """
+        request = pb.UpdateMovingAverageRequest(
+            handle=_id(m), dictionary=_id(e), decay=decay, warmup=warmup, warmup_gamma=warmup_gamma,
+            warmup_power=warmup_power, min_decay=min_decay, update_after_step=update_after_step,
+            buffers=_buffer_mode(buffers),
         )
-        return int(r.count)
+        if step is not None:
+            request.step = step
+        return int(self._stub.UpdateMovingAverage(request, timeout=self.timeout).step)
 
     @_rpc
     def batchnorm(self, m: HandleLike, momenta: Mapping[str, float | None] | None = None) -> Any:
@@ -670,11 +758,18 @@ class Client:
 
     @_rpc
     def size(self, h: HandleLike) -> Any:
-        """A dictionary's {name: shape}, a tensor's shape, or a module's number of parameter tensors."""
+        """A dictionary's {name: shape}, a tensor's shape, or a module's number of parameter tensors.
+
+        A dictionary that holds an exponential moving average also shows its schedule and last step
+        under '.ema' (a dict, not an entry).
+        """
         r = self._stub.GetSize(pb.GetSizeRequest(handle=_id(h)), timeout=self.timeout)
         which = r.WhichOneof("size")
         if which == "dictionary":
-            return {e.name: tuple(e.shape.dims) for e in r.dictionary.entries}
+            sizes: builtins.dict[str, Any] = {e.name: tuple(e.shape.dims) for e in r.dictionary.entries}
+            if r.dictionary.HasField("moving_average"):
+                sizes[EMA_KEY] = _schedule(r.dictionary.moving_average)
+            return sizes
         if which == "tensor":
             return tuple(r.tensor.dims)
         return int(r.parameter_count)
@@ -703,6 +798,7 @@ class Client:
                 _handle(i.handle), i.device,
                 pb.Dtype.Name(i.dtype).removeprefix("DTYPE_").lower() if i.dtype else None,
                 i.bytes, i.tensor_count,
+                _schedule(i.moving_average) if i.HasField("moving_average") else None,
             )
             for i in r.handles
         ]
@@ -710,7 +806,7 @@ class Client:
     @_rpc
     def to(self, h: HandleLike, device: str = "", dtype: str | None = None) -> Handle:
         """Move a tensor, dictionary or module to a device ("cpu", "cuda", "cuda:1") and/or dtype."""
-        code = pb.Dtype.Value("DTYPE_" + dtype.upper()) if dtype else pb.DTYPE_UNSPECIFIED
+        code = _dtype_code(dtype)
         r = self._stub.MoveHandle(pb.MoveHandleRequest(handle=_id(h), device=device, dtype=code), timeout=self.timeout)
         return _handle(r.handle)
 

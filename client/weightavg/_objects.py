@@ -99,7 +99,7 @@ class Dictionary(Remote):
 
     def keys(self) -> list[str]:
         """Entry names, in order, from the dictionary's sizes: no tensor is downloaded."""
-        return list(self.client.size(self.handle))
+        return [name for name, shape in self.client.size(self.handle).items() if isinstance(shape, tuple)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())

@@ -33,10 +33,12 @@ class ModuleRow:
 
 @dataclass(frozen=True)
 class HandleInfo:
-    """What ListHandles reports for one live handle."""
+    """What ListHandles reports for one live handle; `ema` is a moving average's schedule and last
+    step (as in size()'s '.ema'), None for other handles."""
 
     handle: Handle
     device: str
     dtype: str | None
     bytes: int
     tensor_count: int
+    ema: dict[str, Any] | None = None

@@ -21,8 +21,10 @@ from . import __version__
 from .domain import (
     averaging, batching, batchnorm, devices, dictionaries, footprint, losses, modules, optimizers, specs, training,
 )
+from .domain.averaging import BufferMode
 from .domain.batchnorm import Momenta
 from .domain.dictionaries import TensorDict
+from .domain.ema import EmaState, ScheduleChange
 from .domain.dtypes import DTYPES
 from .domain.errors import FailedPrecondition, InvalidArgument
 from .domain.options import Value
@@ -72,11 +74,21 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class Size:
-    """A handle's size: a dictionary's entry shapes, a tensor's shape, or a module's parameter count."""
+    """A handle's size: a dictionary's entry shapes (and its EMA state, if it holds one), a tensor's
+    shape, or a module's parameter count."""
 
     entries: list[tuple[str, tuple[int, ...]]] | None = None
     shape: tuple[int, ...] | None = None
     parameter_count: int | None = None
+    ema: EmaState | None = None
+
+
+@dataclass(frozen=True)
+class EmaResult:
+    """What an EMA update used: its step and the decay at that step (0.0: a full copy)."""
+
+    step: int
+    decay: float
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,14 @@ class Service:
         entry = self.store.get(handle, *MODULE_KINDS)
         module: nn.Module = entry.obj if entry.kind is Kind.MODULE else entry.obj.module
         return entry, module
+
+    def _source(self, handle: str) -> tuple[Entry, nn.Module | TensorDict]:
+        """What an average folds in: a module (a model's, an optimizer's) or a dictionary's entries."""
+        entry = self.store.get(handle, *MODULE_KINDS, Kind.DICTIONARY)
+        if entry.kind is Kind.DICTIONARY:
+            source: nn.Module | TensorDict = entry.obj
+            return entry, source
+        return self._module(handle)
 
     def _model(self, handle: str) -> tuple[Entry, training.Model]:
         entry = self.store.get(handle, Kind.MODEL)
@@ -243,12 +263,16 @@ class Service:
         """A live dictionary over a module's (or child's) buffers."""
         return self._view(handle, modules.view_buffers, child)
 
-    def copy_parameters(self, handle: str) -> Ref:
-        """A new dictionary holding copies of the module's parameters."""
+    def copy_parameters(self, handle: str, dtype: torch.dtype | None = None, buffers: bool = False) -> Ref:
+        """A new dictionary holding copies of the module's parameters (and buffers), floating ones
+        converted to `dtype` when given."""
         entry, module = self._module(handle)
+        averaging.check_copy_dtype(dtype)
         with self.store.reading(entry):
-            need = tensor_bytes(module.parameters())
-            copy = self.store.create(Kind.DICTIONARY, need, lambda: averaging.copy_parameters(module))
+            need = footprint.copy_bytes(module, dtype, buffers)
+            copy = self.store.create(
+                Kind.DICTIONARY, need, lambda: averaging.copy_parameters(module, dtype, buffers)
+            )
         return Ref(copy, Kind.DICTIONARY)
 
     def load_parameters(self, handle: str, dictionary: str) -> dict[str, bool]:
@@ -258,12 +282,30 @@ class Service:
         with self.store.mutate(entry, need=NOTHING, reading=(source,)):
             return averaging.load_parameters(module, source.obj)
 
-    def average_parameters(self, handle: str, dictionary: str) -> int:
-        """Fold the module's parameters into the dictionary's running average; the new count."""
-        entry, module = self._module(handle)
+    def average_parameters(self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE) -> int:
+        """Fold the module's parameters (or a dictionary's entries) into the dictionary's running
+        average; the new count."""
+        entry, source = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.mutate(target, need=lambda: footprint.count_bytes(target.obj), reading=(entry,)):
-            return averaging.average_parameters(module, target.obj)
+        with self.store.reading(entry, target):
+            update = averaging.prepare_average(source, target.obj, buffers)
+            with self.store.mutate(target, need=footprint.update_bytes(update, target.obj), reading=(entry,)):
+                averaging.apply(update, target.obj)
+        return int(update.count or 0.0)
+
+    def update_moving_average(
+        self, handle: str, dictionary: str, change: ScheduleChange, step: int | None,
+        buffers: BufferMode = BufferMode.EXCLUDE,
+    ) -> EmaResult:
+        """One exponential-moving-average update of the dictionary from the module (or a dictionary's
+        entries), with the dictionary's schedule changed by `change`; the step and decay used."""
+        entry, source = self._source(handle)
+        target = self.store.get(dictionary, Kind.DICTIONARY)
+        with self.store.reading(entry, target):
+            update = averaging.prepare_ema(source, target.obj, change, step, buffers)
+            with self.store.mutate(target, need=footprint.update_bytes(update, target.obj), reading=(entry,)):
+                averaging.apply(update, target.obj)
+        return EmaResult(averaging.used_step(update), update.decay)
 
     def reset_batchnorm(self, handle: str) -> Momenta:
         entry, module = self._module(handle)
@@ -340,7 +382,7 @@ class Service:
         entry = self.store.get(handle)
         with self.store.reading(entry):
             if entry.kind is Kind.DICTIONARY:
-                return Size(entries=dictionaries.sizes(entry.obj))
+                return Size(entries=dictionaries.sizes(entry.obj), ema=entry.obj.ema)
             if entry.kind is Kind.TENSOR:
                 return Size(shape=tuple(entry.obj.tensor.shape))
             _, module = self._module(handle)

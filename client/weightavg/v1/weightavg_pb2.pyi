@@ -88,6 +88,44 @@ DTYPE_COMPLEX128: Dtype.ValueType  # 12
 """Complex of two float64 (real, imaginary)."""
 Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
+class _BufferMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BufferModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BufferMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUFFER_MODE_UNSPECIFIED: _BufferMode.ValueType  # 0
+    """The default: parameters only; buffer entries of the dictionary are left as they are."""
+    BUFFER_MODE_EXCLUDE: _BufferMode.ValueType  # 1
+    """Parameters only, as unspecified."""
+    BUFFER_MODE_AVERAGE: _BufferMode.ValueType  # 2
+    """Floating buffers are averaged with the parameters (torch AveragedModel's use_buffers=True);
+    integer buffers are copied. The dictionary needs an entry for every buffer.
+    """
+    BUFFER_MODE_COPY: _BufferMode.ValueType  # 3
+    """Every buffer is copied as it is (timm ModelEmaV3's exclude_buffers=True, AveragedModel's
+    use_buffers=False). The dictionary needs an entry for every buffer.
+    """
+
+class BufferMode(_BufferMode, metaclass=_BufferModeEnumTypeWrapper):
+    """BufferMode says what an average does with a module's buffers (batchnorm running statistics and
+    counts). Integer buffers are always copied, never averaged.
+    """
+
+BUFFER_MODE_UNSPECIFIED: BufferMode.ValueType  # 0
+"""The default: parameters only; buffer entries of the dictionary are left as they are."""
+BUFFER_MODE_EXCLUDE: BufferMode.ValueType  # 1
+"""Parameters only, as unspecified."""
+BUFFER_MODE_AVERAGE: BufferMode.ValueType  # 2
+"""Floating buffers are averaged with the parameters (torch AveragedModel's use_buffers=True);
+integer buffers are copied. The dictionary needs an entry for every buffer.
+"""
+BUFFER_MODE_COPY: BufferMode.ValueType  # 3
+"""Every buffer is copied as it is (timm ModelEmaV3's exclude_buffers=True, AveragedModel's
+use_buffers=False). The dictionary needs an entry for every buffer.
+"""
+Global___BufferMode: _TypeAlias = BufferMode  # noqa: Y015
+
 class _HandleKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -972,16 +1010,26 @@ class CopyParametersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    BUFFERS_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
+    dtype: Global___Dtype.ValueType
+    """A floating dtype for the copies of the parameters and floating buffers (e.g. DTYPE_FLOAT32 for
+    the average of a bfloat16 module); DTYPE_UNSPECIFIED keeps each tensor's own.
+    """
+    buffers: _builtins.bool
+    """Copy the buffers too, under their dotted names (integer buffers keep their dtype)."""
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
+        dtype: Global___Dtype.ValueType = ...,
+        buffers: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dtype", b"dtype", "handle", b"handle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1095,19 +1143,25 @@ class AverageParametersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     DICTIONARY_FIELD_NUMBER: _builtins.int
+    BUFFERS_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
-    """Module, model or optimizer handle id."""
+    """Module, model or optimizer handle id; or a dictionary, whose entries (all but ".n") are the
+    values to fold in by name, floating ones averaged and others copied.
+    """
     dictionary: _builtins.str
     """Dictionary handle id."""
+    buffers: Global___BufferMode.ValueType
+    """What to do with the module's buffers; unspecified leaves them out."""
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         dictionary: _builtins.str = ...,
+        buffers: Global___BufferMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dictionary", b"dictionary", "handle", b"handle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1586,18 +1640,24 @@ class DictionarySizes(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
+    MOVING_AVERAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedShape]:
         """Entry shapes, in dictionary order."""
+
+    @_builtins.property
+    def moving_average(self) -> Global___MovingAverageState:
+        """The moving-average schedule kept with the dictionary; absent until its first UpdateMovingAverage."""
 
     def __init__(
         self,
         *,
         entries: _abc.Iterable[Global___NamedShape] | None = ...,
+        moving_average: Global___MovingAverageState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["moving_average", b"moving_average"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "moving_average", b"moving_average"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1727,6 +1787,7 @@ class HandleInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    MOVING_AVERAGE_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """Device of its tensors, e.g. "cpu"; empty when it holds none."""
     dtype: Global___Dtype.ValueType
@@ -1739,6 +1800,10 @@ class HandleInfo(_message.Message):
     def handle(self) -> Global___Handle:
         """The handle."""
 
+    @_builtins.property
+    def moving_average(self) -> Global___MovingAverageState:
+        """For a dictionary that holds a moving average: its schedule and last step; absent otherwise."""
+
     def __init__(
         self,
         *,
@@ -1747,10 +1812,11 @@ class HandleInfo(_message.Message):
         dtype: Global___Dtype.ValueType = ...,
         bytes: _builtins.int = ...,
         tensor_count: _builtins.int = ...,
+        moving_average: Global___MovingAverageState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "moving_average", b"moving_average"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "dtype", b"dtype", "handle", b"handle", "tensor_count", b"tensor_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "dtype", b"dtype", "handle", b"handle", "moving_average", b"moving_average", "tensor_count", b"tensor_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3203,3 +3269,179 @@ class UpdateModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
+
+@_typing.final
+class MovingAverageState(_message.Message):
+    """-- Averaging, continued ---------------------------------------------------------------------------
+
+    MovingAverageState is the schedule an exponential moving average keeps with its dictionary, and
+    the last step it used. The decay at step s is timm ModelEmaV3's get_decay: with
+    k = s - update_after_step - 1, 0 (a full copy) while k <= 0; with warmup
+    max(min_decay, min(decay, 1 - (1 + k / warmup_gamma)^-warmup_power)); else decay.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECAY_FIELD_NUMBER: _builtins.int
+    WARMUP_FIELD_NUMBER: _builtins.int
+    WARMUP_GAMMA_FIELD_NUMBER: _builtins.int
+    WARMUP_POWER_FIELD_NUMBER: _builtins.int
+    MIN_DECAY_FIELD_NUMBER: _builtins.int
+    UPDATE_AFTER_STEP_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    decay: _builtins.float
+    """The decay after warm-up, between 0 and 1."""
+    warmup: _builtins.bool
+    """Whether the decay warms up from 0 as the steps go by."""
+    warmup_gamma: _builtins.float
+    """Warm-up scale, greater than 0."""
+    warmup_power: _builtins.float
+    """Warm-up power, greater than 0."""
+    min_decay: _builtins.float
+    """The least decay once warming up, between 0 and 1."""
+    update_after_step: _builtins.int
+    """Steps up to and including update_after_step + 1 copy the parameters instead of averaging."""
+    step: _builtins.int
+    """The step the last update used."""
+    def __init__(
+        self,
+        *,
+        decay: _builtins.float = ...,
+        warmup: _builtins.bool = ...,
+        warmup_gamma: _builtins.float = ...,
+        warmup_power: _builtins.float = ...,
+        min_decay: _builtins.float = ...,
+        update_after_step: _builtins.int = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decay", b"decay", "min_decay", b"min_decay", "step", b"step", "update_after_step", b"update_after_step", "warmup", b"warmup", "warmup_gamma", b"warmup_gamma", "warmup_power", b"warmup_power"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MovingAverageState: _TypeAlias = MovingAverageState  # noqa: Y015
+
+@_typing.final
+class UpdateMovingAverageRequest(_message.Message):
+    """UpdateMovingAverageRequest names the module, the dictionary holding the average and, optionally,
+    a schedule. Schedule fields left unset keep the dictionary's (timm's defaults before its first
+    update: decay 0.9999, no warm-up, gamma 1, power 2/3, min_decay 0, update_after_step 0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    DICTIONARY_FIELD_NUMBER: _builtins.int
+    DECAY_FIELD_NUMBER: _builtins.int
+    WARMUP_FIELD_NUMBER: _builtins.int
+    WARMUP_GAMMA_FIELD_NUMBER: _builtins.int
+    WARMUP_POWER_FIELD_NUMBER: _builtins.int
+    MIN_DECAY_FIELD_NUMBER: _builtins.int
+    UPDATE_AFTER_STEP_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    BUFFERS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Module, model or optimizer handle id; or a dictionary, whose entries (all but ".n") are the
+    values to fold in by name, floating ones averaged and others copied.
+    """
+    dictionary: _builtins.str
+    """Dictionary handle id: the average, with an entry of a floating dtype for every parameter."""
+    decay: _builtins.float
+    """Decay after warm-up, between 0 and 1 (0 copies)."""
+    warmup: _builtins.bool
+    """Warm the decay up from 0 (timm's use_warmup)."""
+    warmup_gamma: _builtins.float
+    """Warm-up scale, greater than 0."""
+    warmup_power: _builtins.float
+    """Warm-up power, greater than 0."""
+    min_decay: _builtins.float
+    """The least decay while warming up, between 0 and 1."""
+    update_after_step: _builtins.int
+    """Updates up to step update_after_step + 1 are full copies; 0 or more."""
+    step: _builtins.int
+    """The step whose decay to use, 0 or more; unset: one more than the dictionary's last step (so
+    the k-th update of a dictionary uses step k).
+    """
+    buffers: Global___BufferMode.ValueType
+    """What to do with the module's buffers; unspecified leaves them out."""
+    request_id: _builtins.str
+    """Optional. A client-chosen UUID4 (at most 36 characters, not all zeros) that names this request
+    so that a retry of it is recognised (AIP-155). Servers that do not yet track request ids ignore it.
+    """
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        dictionary: _builtins.str = ...,
+        decay: _builtins.float | None = ...,
+        warmup: _builtins.bool | None = ...,
+        warmup_gamma: _builtins.float | None = ...,
+        warmup_power: _builtins.float | None = ...,
+        min_decay: _builtins.float | None = ...,
+        update_after_step: _builtins.int | None = ...,
+        step: _builtins.int | None = ...,
+        buffers: Global___BufferMode.ValueType = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_decay", b"_decay", "_min_decay", b"_min_decay", "_step", b"_step", "_update_after_step", b"_update_after_step", "_warmup", b"_warmup", "_warmup_gamma", b"_warmup_gamma", "_warmup_power", b"_warmup_power", "decay", b"decay", "min_decay", b"min_decay", "step", b"step", "update_after_step", b"update_after_step", "warmup", b"warmup", "warmup_gamma", b"warmup_gamma", "warmup_power", b"warmup_power"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_decay", b"_decay", "_min_decay", b"_min_decay", "_step", b"_step", "_update_after_step", b"_update_after_step", "_warmup", b"_warmup", "_warmup_gamma", b"_warmup_gamma", "_warmup_power", b"_warmup_power", "buffers", b"buffers", "decay", b"decay", "dictionary", b"dictionary", "handle", b"handle", "min_decay", b"min_decay", "request_id", b"request_id", "step", b"step", "update_after_step", b"update_after_step", "warmup", b"warmup", "warmup_gamma", b"warmup_gamma", "warmup_power", b"warmup_power"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__decay: _TypeAlias = _typing.Literal["decay"]  # noqa: Y015
+    _WhichOneofArgType__decay: _TypeAlias = _typing.Literal["_decay", b"_decay"]  # noqa: Y015
+    _WhichOneofReturnType__min_decay: _TypeAlias = _typing.Literal["min_decay"]  # noqa: Y015
+    _WhichOneofArgType__min_decay: _TypeAlias = _typing.Literal["_min_decay", b"_min_decay"]  # noqa: Y015
+    _WhichOneofReturnType__step: _TypeAlias = _typing.Literal["step"]  # noqa: Y015
+    _WhichOneofArgType__step: _TypeAlias = _typing.Literal["_step", b"_step"]  # noqa: Y015
+    _WhichOneofReturnType__update_after_step: _TypeAlias = _typing.Literal["update_after_step"]  # noqa: Y015
+    _WhichOneofArgType__update_after_step: _TypeAlias = _typing.Literal["_update_after_step", b"_update_after_step"]  # noqa: Y015
+    _WhichOneofReturnType__warmup: _TypeAlias = _typing.Literal["warmup"]  # noqa: Y015
+    _WhichOneofArgType__warmup: _TypeAlias = _typing.Literal["_warmup", b"_warmup"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_gamma: _TypeAlias = _typing.Literal["warmup_gamma"]  # noqa: Y015
+    _WhichOneofArgType__warmup_gamma: _TypeAlias = _typing.Literal["_warmup_gamma", b"_warmup_gamma"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_power: _TypeAlias = _typing.Literal["warmup_power"]  # noqa: Y015
+    _WhichOneofArgType__warmup_power: _TypeAlias = _typing.Literal["_warmup_power", b"_warmup_power"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decay) -> _WhichOneofReturnType__decay | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_decay) -> _WhichOneofReturnType__min_decay | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step) -> _WhichOneofReturnType__step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__update_after_step) -> _WhichOneofReturnType__update_after_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup) -> _WhichOneofReturnType__warmup | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_gamma) -> _WhichOneofReturnType__warmup_gamma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_power) -> _WhichOneofReturnType__warmup_power | None: ...
+
+Global___UpdateMovingAverageRequest: _TypeAlias = UpdateMovingAverageRequest  # noqa: Y015
+
+@_typing.final
+class UpdateMovingAverageResponse(_message.Message):
+    """UpdateMovingAverageResponse says which step and decay the update used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    DECAY_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The step used."""
+    decay: _builtins.float
+    """The decay used at that step (0 when the update was a full copy)."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        decay: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decay", b"decay", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMovingAverageResponse: _TypeAlias = UpdateMovingAverageResponse  # noqa: Y015

@@ -271,6 +271,11 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelResponse.FromString,
                 _registered_method=True)
+        self.UpdateMovingAverage = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/UpdateMovingAverage',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -343,7 +348,8 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CopyParameters(self, request, context):
-        """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument).
+        """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument),
+        optionally converted to another floating dtype and with the buffers too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -632,6 +638,18 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateMovingAverage(self, request, context):
+        """-- Averaging, continued --------------------------------------------------------------------------
+
+        UpdateMovingAverage folds a module's parameters into an exponential moving average (EMA) kept
+        in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
+        decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
+        update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightAveragingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -869,6 +887,11 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.UpdateModel,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateModelResponse.SerializeToString,
+            ),
+            'UpdateMovingAverage': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMovingAverage,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2142,6 +2165,33 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/UpdateModel',
             weightavg_dot_v1_dot_weightavg__pb2.UpdateModelRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.UpdateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMovingAverage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/UpdateMovingAverage',
+            weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageResponse.FromString,
             options,
             channel_credentials,
             insecure,

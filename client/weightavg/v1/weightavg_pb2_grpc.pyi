@@ -60,7 +60,9 @@ class WeightAveragingServiceStub:
     ViewBuffers: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ViewBuffersRequest, _weightavg_pb2.ViewBuffersResponse]
     """ViewBuffers returns a dictionary handle whose entries are the live buffers of a module."""
     CopyParameters: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CopyParametersRequest, _weightavg_pb2.CopyParametersResponse]
-    """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument)."""
+    """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument),
+    optionally converted to another floating dtype and with the buffers too.
+    """
     LoadParameters: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.LoadParametersRequest, _weightavg_pb2.LoadParametersResponse]
     """LoadParameters copies a dictionary's values into a module's parameters, all or nothing
     (copyparms with two arguments).
@@ -176,6 +178,14 @@ class WeightAveragingServiceStub:
     UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
     given, as CreateModel does; options and data are kept.
     """
+    UpdateMovingAverage: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateMovingAverageRequest, _weightavg_pb2.UpdateMovingAverageResponse]
+    """-- Averaging, continued --------------------------------------------------------------------------
+
+    UpdateMovingAverage folds a module's parameters into an exponential moving average (EMA) kept
+    in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
+    decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
+    update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -205,7 +215,9 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     ViewBuffers: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ViewBuffersRequest, _weightavg_pb2.ViewBuffersResponse]  # type: ignore[assignment]
     """ViewBuffers returns a dictionary handle whose entries are the live buffers of a module."""
     CopyParameters: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CopyParametersRequest, _weightavg_pb2.CopyParametersResponse]  # type: ignore[assignment]
-    """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument)."""
+    """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument),
+    optionally converted to another floating dtype and with the buffers too.
+    """
     LoadParameters: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.LoadParametersRequest, _weightavg_pb2.LoadParametersResponse]  # type: ignore[assignment]
     """LoadParameters copies a dictionary's values into a module's parameters, all or nothing
     (copyparms with two arguments).
@@ -321,6 +333,14 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
     given, as CreateModel does; options and data are kept.
     """
+    UpdateMovingAverage: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateMovingAverageRequest, _weightavg_pb2.UpdateMovingAverageResponse]  # type: ignore[assignment]
+    """-- Averaging, continued --------------------------------------------------------------------------
+
+    UpdateMovingAverage folds a module's parameters into an exponential moving average (EMA) kept
+    in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
+    decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
+    update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
+    """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     """WeightAveragingService holds modules, models, optimizers, losses, tensor dictionaries and tensors
@@ -407,7 +427,9 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.CopyParametersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.CopyParametersResponse, _abc.Awaitable[_weightavg_pb2.CopyParametersResponse]]:
-        """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument)."""
+        """CopyParameters clones a module's parameters into a new dictionary (copyparms with one argument),
+        optionally converted to another floating dtype and with the buffers too.
+        """
 
     @_abc_1.abstractmethod
     def LoadParameters(
@@ -744,6 +766,20 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
 
         UpdateModel replaces parts of a model (its module, loss or optimizer) and frees the handles
         given, as CreateModel does; options and data are kept.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateMovingAverage(
+        self,
+        request: _weightavg_pb2.UpdateMovingAverageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.UpdateMovingAverageResponse, _abc.Awaitable[_weightavg_pb2.UpdateMovingAverageResponse]]:
+        """-- Averaging, continued --------------------------------------------------------------------------
+
+        UpdateMovingAverage folds a module's parameters into an exponential moving average (EMA) kept
+        in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
+        decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
+        update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
         """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

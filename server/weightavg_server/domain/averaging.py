@@ -1,20 +1,80 @@
-"""Copying parameters to and from dictionaries, and the running average of parameters (SWA)."""
+"""Copying parameters to and from dictionaries, and the two averages a dictionary can hold: the
+equal-weight running mean (SWA, its count in '.n') and the exponential moving average (EMA, its
+schedule and step kept with the dictionary).
+
+Both averages fold a source into a dictionary the same way: every value is cast to its entry's
+dtype and lerped into it in place, so a float32 average of a bfloat16 module accumulates in
+float32. The source is a module (its parameters, and its buffers as `BufferMode` says) or another
+dictionary (its entries by name). Integer tensors (batchnorm's `num_batches_tracked`) are copied,
+never averaged. Every pair is checked before anything changes, so a call is all or nothing.
+"""
 
 from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
 
 import torch
 
 from .dictionaries import COUNT_KEY, TensorDict, check_copyable
+from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
+from .tensors import Bytes
+
+Source = torch.nn.Module | TensorDict
+"""What an average folds in: a module's tensors, or a dictionary's entries by name."""
+
+
+class BufferMode(enum.Enum):
+    """What an average does with a module's buffers; integer buffers are copied in either mode that
+    includes them."""
+
+    EXCLUDE = "exclude"
+    """Parameters only (the default): buffer entries of the dictionary are left as they are."""
+    AVERAGE = "average"
+    """Floating buffers averaged with the parameters (AveragedModel's use_buffers=True)."""
+    COPY = "copy"
+    """Buffers copied as they are (timm's exclude_buffers=True; AveragedModel's use_buffers=False)."""
 
 
 MAX_COUNT = 2.0**53
 """Above this a float64 count no longer goes up by one."""
 
 
-def copy_parameters(module: torch.nn.Module) -> TensorDict:
-    """Detached clones of every parameter (not buffers), keyed by dotted name, same dtype and device."""
-    return TensorDict({name: p.detach().clone() for name, p in module.named_parameters()})
+def check_copy_dtype(dtype: torch.dtype | None) -> None:
+    """InvalidArgument unless `dtype` is None or a floating dtype a copy can convert to."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise InvalidArgument(
+            f"a copy converts to a floating dtype (float32, float64, float16 or bfloat16), not {dtype}"
+        )
+
+
+def copied_tensors(module: torch.nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+    """What copy_parameters copies: the parameters, then (with `buffers`) the buffers, by dotted name."""
+    named = [(name, p.detach()) for name, p in module.named_parameters()]
+    if buffers:
+        named += list(module.named_buffers())
+    return named
+
+
+def copy_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a copy of t takes: `dtype` for floating tensors, else t's own (integers stay integers)."""
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def copy_parameters(module: torch.nn.Module, dtype: torch.dtype | None = None, buffers: bool = False) -> TensorDict:
+    """Detached copies of every parameter, and with `buffers` of every buffer, keyed by dotted name,
+    on their device; floating ones converted to `dtype` when given.
+
+    Example: copy_parameters(bf16_module, torch.float32) starts a float32 average of a bfloat16 module.
+
+    Raises:
+        InvalidArgument: dtype is not a floating dtype.
+    """
+    check_copy_dtype(dtype)
+    return TensorDict({
+        name: t.detach().to(dtype=copy_dtype(t, dtype), copy=True) for name, t in copied_tensors(module, buffers)
+    })
 
 
 def load_parameters(module: torch.nn.Module, d: TensorDict) -> dict[str, bool]:
@@ -75,15 +135,20 @@ def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
-    """avg must hold p's running mean in place: its own memory per element, same device, a floating
-    dtype, p broadcasting into it."""
+def _check_own_memory(name: str, avg: torch.Tensor) -> None:
+    """An entry written in place needs its own memory per element."""
     if any(stride == 0 and size > 1 for stride, size in zip(avg.stride(), avg.shape)):
         raise InvalidArgument(
             f"'{name}' shares memory between its elements (an expanded tensor); set it to a full tensor"
         )
-    if avg.shape == p.shape and avg.dtype == p.dtype and avg.device == p.device and avg.is_floating_point():
-        return  # the usual case, decided without the meta-tensor trial below (about 0.1 ms a tensor)
+
+
+def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
+    """avg must hold p's average in place: its own memory per element, same device, a floating
+    dtype that p casts to, p broadcasting into it."""
+    _check_own_memory(name, avg)
+    if avg.shape == p.shape and avg.device == p.device and avg.is_floating_point() and p.is_floating_point():
+        return  # the usual cases (a float32 average of float32 or bfloat16), decided without the checks below
     if avg.device != p.device:
         raise InvalidArgument(
             f"'{name}' is on {avg.device} but the parameter is on {p.device}; move the dictionary"
@@ -102,47 +167,199 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
         )
 
 
-def _lerp_all(avgs: list[torch.Tensor], params: list[torch.Tensor], weight: float) -> None:
-    """avg += (p - avg) * weight for every pair, in place.
+@dataclass(frozen=True)
+class Update:
+    """One checked update of an average, ready to apply: nothing is left to fail but memory.
 
-    On the CPU a Python loop of `lerp_`: torch's CPU foreach kernels loop over the tensors
-    themselves and measured no faster (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the
-    "kernels" row of `python -m bench`). On CUDA one `_foreach_lerp_` launch replaces one launch
-    per tensor. Pairs whose shapes or dtypes differ take the general broadcasting path.
+    `averaged` pairs (entry, value) are lerped with `weight` (1.0 copies them), `copied` pairs are
+    copied; then the dictionary's count becomes `count` (SWA) or its EMA state `ema` (whose step
+    used the decay `decay`).
     """
-    fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    for a, p in zip(avgs, params):
-        if a.shape != p.shape or a.dtype != p.dtype:
-            a.add_((p - a) * weight)
-        elif a.is_cuda:
-            fused[0].append(a)
-            fused[1].append(p)
-        else:
-            a.lerp_(p, weight)
-    if fused[0]:
-        torch._foreach_lerp_(fused[0], fused[1], weight)
+
+    averaged: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    copied: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    weight: float = 1.0
+    count: float | None = None
+    ema: EmaState | None = None
+    decay: float = 0.0
+
+    def cast_bytes(self) -> Bytes:
+        """The most a lerp holds at once beyond the dictionary: one value cast to its entry's dtype
+        (values are cast one at a time, and a full copy casts none)."""
+        if self.weight == 1.0:
+            return {}
+        peak: Bytes = {}
+        for avg, p in self.averaged:
+            if p.dtype != avg.dtype:
+                device = str(avg.device)
+                peak[device] = max(peak.get(device, 0), p.numel() * avg.element_size())
+        return peak
 
 
-def average_parameters(module: torch.nn.Module, d: TensorDict) -> int:
-    """Fold the module's parameters into the running average held by the dictionary; return the count.
+def _floating(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
 
-    With n samples so far (the '.n' entry, 1 when absent), every parameter's entry becomes
-    avg + (p - avg) / (n + 1) and '.n' becomes n + 1. Every entry is checked first, so a missing
-    or ill-shaped one leaves the dictionary untouched. The count lives on the CPU, so no call
-    waits on the GPU.
 
-    Example: after copy_parameters and one change of the module, the first call returns 2 and
-    leaves the mean of the copy and the current weights.
-    """
-    n = _count(d)
-    params = [(name, p.detach()) for name, p in module.named_parameters()]
-    for name, p in params:
+def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
+    """The (entry, value) pairs to average and to copy, every one checked; InvalidArgument naming the
+    first bad one, before anything changes."""
+    update = Update()
+    if isinstance(source, TensorDict):
+        if buffers is not BufferMode.EXCLUDE:
+            raise InvalidArgument(
+                "a dictionary source has no buffers: put them in it (floating ones are averaged, others "
+                "copied) and leave buffers unset"
+            )
+        for name, value in source.entries.items():
+            if name == COUNT_KEY:
+                continue
+            if name not in d.entries:
+                raise InvalidArgument(
+                    f"entry '{name}' of the source dictionary not found in the average; nothing changed"
+                )
+            _add(update, name, d.entries[name], value.detach(), average=_floating(value))
+        return update
+    for name, p in source.named_parameters():
         if name not in d.entries:
             raise InvalidArgument(
                 f"parameter '{name}' not found in the dictionary, unable to compute average; nothing changed"
             )
-        _check_averageable(name, d.entries[name], p)
+        _add(update, name, d.entries[name], p.detach(), average=True)
+    if buffers is BufferMode.EXCLUDE:
+        return update
+    for name, b in source.named_buffers():
+        if name not in d.entries:
+            raise InvalidArgument(
+                f"buffer '{name}' not found in the dictionary; copy the buffers in with copyparms(m, buffers=True), "
+                f"or leave buffers out; nothing changed"
+            )
+        _add(update, name, d.entries[name], b, average=buffers is BufferMode.AVERAGE and _floating(b))
+    return update
+
+
+def _add(update: Update, name: str, entry: torch.Tensor, value: torch.Tensor, average: bool) -> None:
+    if average:
+        _check_averageable(name, entry, value)
+        update.averaged.append((entry, value))
+        return
+    _check_own_memory(name, entry)
+    if entry.device != value.device:
+        raise InvalidArgument(f"'{name}' is on {entry.device} but the value is on {value.device}; move the dictionary")
+    try:
+        check_copyable(entry, value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{exc} (buffer '{name}'); nothing changed") from None
+    update.copied.append((entry, value))
+
+
+def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+    """avg += (p - avg) * weight for every (avg, p) pair, in place, p cast to avg's dtype first.
+
+    On the CPU a Python loop of `lerp_`: torch's CPU foreach kernels loop over the tensors
+    themselves and measured no faster (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the
+    "kernels" row of `python -m bench`). On CUDA one `_foreach_lerp_` launch replaces one launch
+    per tensor for the pairs of one shape and dtype. A value of another dtype is cast just before
+    its own lerp, so at most one cast copy is alive at a time (`Update.cast_bytes`).
+    """
+    fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for a, p in pairs:
+        if p.dtype != a.dtype:
+            a.lerp_(p.to(a.dtype), weight)
+        elif a.is_cuda and a.shape == p.shape:
+            fused[0].append(a)
+            fused[1].append(p)
+        else:
+            a.lerp_(p, weight)  # broadcasts p into a when their shapes differ
+    if fused[0]:
+        torch._foreach_lerp_(fused[0], fused[1], weight)
+
+
+def apply(update: Update, d: TensorDict) -> None:
+    """Carry out a checked update (see `prepare_average`, `prepare_ema`).
+
+    A weight of 1.0 is a full copy with `copy_`, which casts and broadcasts as lerp would and stays
+    exact even where the old average is not finite.
+    """
     with torch.no_grad():
-        _lerp_all([d.entries[name] for name, _ in params], [p for _, p in params], 1.0 / (n + 1.0))
-    d.entries[COUNT_KEY] = torch.tensor(n + 1.0, dtype=torch.float64)
-    return int(n + 1.0)
+        if update.weight == 1.0:
+            for a, p in update.averaged:
+                a.copy_(p)
+        else:
+            _lerp_all(update.averaged, update.weight)
+        for a, p in update.copied:
+            a.copy_(p)
+    if update.count is not None:
+        d.entries[COUNT_KEY] = torch.tensor(update.count, dtype=torch.float64)
+    if update.ema is not None:
+        d.ema = update.ema
+
+
+def prepare_average(source: Source, d: TensorDict, buffers: BufferMode = BufferMode.EXCLUDE) -> Update:
+    """Check a running-average update (SWA) of `d` by `source` without changing anything.
+
+    With n samples so far (the '.n' entry, 1 when absent), every averaged entry will become
+    avg + (p - avg) / (n + 1) and '.n' will become n + 1.
+
+    Raises:
+        InvalidArgument: '.n' is not a valid count, or an entry is missing or cannot hold its value.
+    """
+    n = _count(d)
+    update = _pairs(source, d, buffers)
+    return Update(update.averaged, update.copied, weight=1.0 / (n + 1.0), count=n + 1.0)
+
+
+def average_parameters(source: Source, d: TensorDict, buffers: BufferMode = BufferMode.EXCLUDE) -> int:
+    """Fold the source into the running average held by the dictionary; return the new count.
+
+    With n samples so far (the '.n' entry, 1 when absent), every parameter's entry becomes
+    avg + (p - avg) / (n + 1) and '.n' becomes n + 1; buffers as `buffers` says. Every entry is
+    checked first, so a missing or ill-shaped one leaves the dictionary untouched. The count lives
+    on the CPU, so no call waits on the GPU.
+
+    Example: after copy_parameters and one change of the module, the first call returns 2 and
+    leaves the mean of the copy and the current weights.
+    """
+    update = prepare_average(source, d, buffers)
+    apply(update, d)
+    return int(update.count or 0.0)
+
+
+def prepare_ema(
+    source: Source, d: TensorDict, change: ScheduleChange | None = None, step: int | None = None,
+    buffers: BufferMode = BufferMode.EXCLUDE,
+) -> Update:
+    """Check an EMA update of `d` by `source` without changing anything: the schedule is the
+    dictionary's with `change` applied, the step the one given or one past the dictionary's last.
+
+    Raises:
+        InvalidArgument: a schedule field or the step is out of range, or an entry is missing or
+            cannot hold its value.
+    """
+    kept = d.ema
+    schedule = (change or ScheduleChange()).applied_to(kept.schedule if kept is not None else None)
+    used = next_step(kept, step)
+    decay = schedule.decay_at(used)
+    update = _pairs(source, d, buffers)
+    return Update(update.averaged, update.copied, weight=1.0 - decay, ema=EmaState(schedule, used), decay=decay)
+
+
+def ema_update(
+    source: Source, d: TensorDict, change: ScheduleChange | None = None, step: int | None = None,
+    buffers: BufferMode = BufferMode.EXCLUDE,
+) -> tuple[int, float]:
+    """One exponential-moving-average update of the dictionary from the source; (step, decay) used.
+
+    Every averaged entry becomes e + (1 - decay) * (p - e), p cast to e's dtype, with the decay of
+    timm ModelEmaV3's schedule at the step (`ema.EmaSchedule.decay_at`); a decay of 0 copies.
+
+    Example: with the default schedule the first update copies (step 1, decay 0.0) and the second
+    uses decay 0.9999, as `AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(0.9999))` does.
+    """
+    update = prepare_ema(source, d, change, step, buffers)
+    apply(update, d)
+    return used_step(update), update.decay
+
+
+def used_step(update: Update) -> int:
+    """The step an EMA update used (0 for an update that is not an EMA's)."""
+    return update.ema.step if update.ema is not None else 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ema import EmaState
 from .errors import InvalidArgument, NotFound
 
 COUNT_KEY = ".n"
@@ -14,10 +15,15 @@ COUNT_KEY = ".n"
 
 @dataclass
 class TensorDict:
-    """Named tensors. A live dictionary's tensors are a module's own: updates copy into them in place."""
+    """Named tensors. A live dictionary's tensors are a module's own: updates copy into them in place.
+
+    A dictionary that holds an exponential moving average also keeps its schedule and last step
+    (`ema`, set by its first EMA update); a running average (SWA) keeps its count as the '.n' entry.
+    """
 
     entries: dict[str, torch.Tensor] = field(default_factory=dict)
     live: bool = False
+    ema: EmaState | None = None
 
 
 def check_copyable(target: torch.Tensor, source: torch.Tensor) -> None:

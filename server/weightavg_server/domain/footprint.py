@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import optimizers, specs
+from . import averaging, optimizers, specs
 from .options import Value
 from .dictionaries import COUNT_KEY, TensorDict
 from .tensors import Bytes, add_bytes, module_tensors, tensor_bytes
@@ -113,3 +113,18 @@ def training_bytes(model: Model) -> Bytes:
 def count_bytes(d: TensorDict) -> Bytes:
     """Bytes a running average's new count takes (a fresh 0-dim float64 on the CPU each update)."""
     return {} if COUNT_KEY in d.entries else tensor_bytes([torch.empty((), dtype=torch.float64)])
+
+
+def update_bytes(update: averaging.Update, d: TensorDict) -> Bytes:
+    """Bytes an average's update holds at its peak: a running average's first count, and the one
+    value it casts to its entry's dtype at a time (a bfloat16 parameter into a float32 average)."""
+    return add_bytes(count_bytes(d) if update.count is not None else {}, update.cast_bytes())
+
+
+def copy_bytes(module: nn.Module, dtype: torch.dtype | None, buffers: bool) -> Bytes:
+    """Bytes of copy_parameters(module, dtype, buffers): each copy in its new dtype, on its device."""
+    totals: Bytes = {}
+    for _, t in averaging.copied_tensors(module, buffers):
+        device = str(t.device)
+        totals[device] = totals.get(device, 0) + t.numel() * averaging.copy_dtype(t, dtype).itemsize
+    return totals

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from . import dictionaries
+from .ema import EmaState
 from .errors import InvalidArgument
 
 Bytes = dict[str, int]
@@ -106,12 +107,14 @@ def add_bytes(*parts: Mapping[str, int]) -> Bytes:
 
 @dataclass(frozen=True)
 class HandleSummary:
-    """Device, common dtype, byte count and tensor count of one object's tensors."""
+    """Device, common dtype, byte count and tensor count of one object's tensors; for a dictionary
+    that holds an exponential moving average, its schedule and last step."""
 
     device: str
     dtype: torch.dtype | None
     nbytes: int
     tensor_count: int
+    ema: EmaState | None = None
 
 
 EMPTY_SUMMARY = HandleSummary(device="", dtype=None, nbytes=0, tensor_count=0)
@@ -126,6 +129,7 @@ def summarize(obj: object) -> HandleSummary:
         dtype=dtypes.pop() if len(dtypes) == 1 else None,
         nbytes=sum(storage_bytes(storages(tensors)).values()),
         tensor_count=len(tensors),
+        ema=obj.ema if isinstance(obj, dictionaries.TensorDict) else None,
     )
 
 

@@ -3,7 +3,9 @@
 An embedded server starts on a free loopback port; everything after that goes through the thin
 client, exactly as a remote user would drive it. Example 1 trains a linear classifier, then averages
 its weights over further epochs (twice). Example 2 trains the reference's network with a batchnorm
-layer, averages it, and recalculates the batchnorm statistics over the training data.
+layer, averages it, and recalculates the batchnorm statistics over the training data. Example 3
+averages one run two ways at once, SWA (the equal-weight mean) and a float32 EMA with warm-up, and
+tests both side by side with the weights they average.
 
 Data: scikit-learn's bundled digits by default (no download), or MNIST IDX files with --mnist DIR
 (gzipped or not). With only the 10,000-image test set in DIR, the first 8,000 train and the last
@@ -26,6 +28,7 @@ import numpy as np
 
 from weightavg import Client
 
+from ..domain.ema import EmaSchedule
 from .app import create_server, set_serving
 from .config import ServerConfig
 
@@ -211,6 +214,58 @@ def example_batchnorm(c: Client, d: Dataset, epochs: int, avg_epochs: int, hidde
     return lines
 
 
+EMA_DECAY = 0.9
+"""Example 3's EMA decay after warm-up: with one update per epoch, about the last ten epochs count."""
+EMA_LR = 1.0
+"""Example 3's learning rate: high and constant, so the weights keep moving around a minimum and
+their averages have something to smooth."""
+
+
+def example_ema(c: Client, d: Dataset, epochs: int, seed: int) -> list[str]:
+    """Example 3: one run of a linear model at a high constant learning rate, averaged by SWA (from a
+    third of the way in) and by a float32 EMA with warm-up (from the start), all three tested."""
+    features = d.x.shape[1]
+    q = c.module(["linear", features, 10])
+    m = c.model(q, c.loss("ce"), c.opt("sgd", q, EMA_LR))
+    c.train(m, batchsize=100, shuffle=True, seed=seed)
+    c.train(m, d.x, d.y)
+    probe_module = c.module(["linear", features, 10])  # the averages are copied in here to be tested
+    probe = c.model(probe_module, c.loss("ce"), c.opt("sgd", probe_module, 0.0))
+    ema = c.copyparms(m, dtype="float32")
+    swa = None
+    swa_start = max(1, epochs // 3)
+    every = max(1, epochs // 6)
+    lines = [
+        f"Example 3: one run averaged two ways; linear {features}->10, SGD lr {EMA_LR:g} (high, constant), batch 100",
+        f"  SWA: equal-weight mean of the weights after each epoch from epoch {swa_start} on (avgparms)",
+        f"  EMA: float32, decay {EMA_DECAY:g} with timm's warm-up, updated after every epoch (ema)",
+        f"  {'epoch':>5}{'model':>10}{'SWA':>10}{'mean of':>9}{'EMA':>10}{'EMA decay':>11}",
+    ]
+
+    def tested(average: Any) -> float:
+        c.copyparms(probe, average)
+        return accuracy(c, probe, d.X, d.Y)
+
+    bar = Progress("swa and ema", epochs)
+    bar.update(0)
+    for epoch in range(1, epochs + 1):
+        loss = c.run(m)
+        step = c.ema(m, ema, decay=EMA_DECAY, warmup=True)
+        if epoch == swa_start:
+            swa = c.copyparms(m)
+        elif swa is not None:
+            c.avgparms(m, swa)
+        bar.update(epoch, f"loss {loss:.4f}")
+        if epoch % every and epoch != epochs:
+            continue
+        shown = EmaSchedule(decay=EMA_DECAY, warmup=True).decay_at(step)  # the server's own schedule
+        swa_cells = (f"{tested(swa):>9.2f}%{int(c.dict(swa, '.n')) if epoch > swa_start else 1:>9}"
+                     if swa is not None else f"{'-':>10}{'-':>9}")
+        lines.append(f"  {epoch:>5}{accuracy(c, m, d.X, d.Y):>9.2f}%{swa_cells}{tested(ema):>9.2f}%{shown:>11.3f}")
+    c.free(*(h for h in (m, probe, ema, swa) if h is not None))
+    return lines
+
+
 def _fmt(values: np.ndarray) -> str:
     return " ".join(f"{v:.3f}" for v in values)
 
@@ -225,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="training epochs before averaging (default 20)")
     p.add_argument("--avg-epochs", type=int, default=10, help="epochs in each averaging run (default 10)")
     p.add_argument("--avg-runs", type=int, default=2, help="averaging runs in example 1 (default 2)")
+    p.add_argument("--ema-epochs", type=int, default=30,
+                   help="epochs of example 3, one run averaged by SWA and by EMA (default 30)")
     p.add_argument("--hidden", type=int, default=800, help="hidden width of example 2 (default 800, as the reference)")
     p.add_argument("--seed", type=int, default=0, help="seed for weight initialisation and shuffling (default 0)")
     p.add_argument("--device", default="cpu", help="server device: cpu, cuda, cuda:N or auto (default cpu)")
@@ -235,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `weightavg demo`."""
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "avg_epochs", "avg_runs", "hidden"):
+    for name in ("epochs", "avg_epochs", "avg_runs", "hidden", "ema_epochs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     dataset = load_mnist(args.mnist) if args.mnist else load_digits()
@@ -261,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("\n" + "\n".join(lines), flush=True)
             sys.stderr.write("Example 2\n")
             lines = example_batchnorm(c, dataset, args.epochs, args.avg_epochs, args.hidden, args.seed)
+            print("\n" + "\n".join(lines), flush=True)
+            sys.stderr.write("Example 3\n")
+            lines = example_ema(c, dataset, args.ema_epochs, args.seed)
             print("\n" + "\n".join(lines), flush=True)
             print(f"\ndone in {time.monotonic() - started:.1f} s")
     finally:

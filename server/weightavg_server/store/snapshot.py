@@ -39,6 +39,7 @@ import torch
 from ..domain import batching, losses, optimizers, specs, training
 from ..domain.dictionaries import TensorDict
 from ..domain.dtypes import DTYPES
+from ..domain.ema import EmaSchedule, EmaState
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from ..domain.losses import Loss
 from ..domain.optimizers import Optimizer
@@ -298,12 +299,33 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
 
 
 def save_dictionary(d: TensorDict, ctx: SaveContext) -> dict[str, Any]:
-    """Entries in order; a live view's entries that are a saved module's own tensors are references."""
+    """Entries in order; a live view's entries that are a saved module's own tensors are references;
+    an exponential moving average's schedule and last step."""
     entries: list[dict[str, Any]] = []
     for name, t in d.entries.items():
         ref = ctx.owned(t) if d.live else None
         entries.append({"name": name, "ref": ref} if ref is not None else {"name": name, "tensor": ctx.tensor(t)})
-    return {"live": d.live, "entries": entries}
+    saved: dict[str, Any] = {"live": d.live, "entries": entries}
+    if d.ema is not None:
+        s = d.ema.schedule
+        saved["ema"] = {
+            "decay": s.decay, "warmup": s.warmup, "warmup_gamma": s.warmup_gamma, "warmup_power": s.warmup_power,
+            "min_decay": s.min_decay, "update_after_step": s.update_after_step, "step": d.ema.step,
+        }
+    return saved
+
+
+def _ema_state(data: dict[str, Any] | None) -> EmaState | None:
+    """The EMA state `save_dictionary` wrote (None for a dictionary without one), checked as a request is."""
+    if data is None:
+        return None
+    schedule = EmaSchedule(
+        decay=float(data["decay"]), warmup=bool(data["warmup"]), warmup_gamma=float(data["warmup_gamma"]),
+        warmup_power=float(data["warmup_power"]), min_decay=float(data["min_decay"]),
+        update_after_step=int(data["update_after_step"]),
+    )
+    schedule.check()
+    return EmaState(schedule, int(data["step"]))
 
 
 def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
@@ -317,7 +339,7 @@ def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
             entries[e["name"]] = get(ref["name"])
         else:
             entries[e["name"]] = ctx.tensor(e["tensor"])
-    return TensorDict(entries, live=bool(data["live"]))
+    return TensorDict(entries, live=bool(data["live"]), ema=_ema_state(data.get("ema")))
 
 
 def save_batchable(t: torch.Tensor, ctx: SaveContext) -> dict[str, Any]:

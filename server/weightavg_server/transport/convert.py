@@ -10,6 +10,8 @@ from google.protobuf import struct_pb2
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain import dtypes, specs
+from ..domain.averaging import BufferMode
+from ..domain.ema import EmaState, ScheduleChange
 from ..domain.errors import InvalidArgument
 from ..domain.tensors import HandleSummary
 from . import codec
@@ -123,6 +125,42 @@ def forward_mode(value: pb.ForwardMode.ValueType) -> str:
     return FORWARD_MODES[value]
 
 
+BUFFER_MODES = {
+    pb.BUFFER_MODE_UNSPECIFIED: BufferMode.EXCLUDE,
+    pb.BUFFER_MODE_EXCLUDE: BufferMode.EXCLUDE,
+    pb.BUFFER_MODE_AVERAGE: BufferMode.AVERAGE,
+    pb.BUFFER_MODE_COPY: BufferMode.COPY,
+}
+
+
+def buffer_mode(value: pb.BufferMode.ValueType) -> BufferMode:
+    """What an average does with buffers; an unknown value (a newer client's) is an error."""
+    if value not in BUFFER_MODES:
+        raise InvalidArgument(f"unknown buffer mode {value}: use BUFFER_MODE_EXCLUDE, _AVERAGE or _COPY")
+    return BUFFER_MODES[value]
+
+
+def schedule_change(r: pb.UpdateMovingAverageRequest) -> ScheduleChange:
+    """The schedule fields a request sets (unset ones keep the dictionary's)."""
+    return ScheduleChange(
+        decay=r.decay if r.HasField("decay") else None,
+        warmup=r.warmup if r.HasField("warmup") else None,
+        warmup_gamma=r.warmup_gamma if r.HasField("warmup_gamma") else None,
+        warmup_power=r.warmup_power if r.HasField("warmup_power") else None,
+        min_decay=r.min_decay if r.HasField("min_decay") else None,
+        update_after_step=r.update_after_step if r.HasField("update_after_step") else None,
+    )
+
+
+def moving_average(state: EmaState) -> pb.MovingAverageState:
+    """An EMA's schedule and last step as a message."""
+    s = state.schedule
+    return pb.MovingAverageState(
+        decay=s.decay, warmup=s.warmup, warmup_gamma=s.warmup_gamma, warmup_power=s.warmup_power,
+        min_decay=s.min_decay, update_after_step=s.update_after_step, step=state.step,
+    )
+
+
 def option_args(
     args: Iterable[pb.OptionValue], options: Iterable[pb.Option]
 ) -> tuple[tuple[specs.OptionValue, ...], tuple[tuple[str, specs.OptionValue], ...]]:
@@ -157,7 +195,10 @@ def size_message(size: Size) -> pb.GetSizeResponse:
     """A handle's size in the response's one-of: dictionary shapes, a tensor's shape, or a count."""
     if size.entries is not None:
         entries = [pb.NamedShape(name=name, shape=pb.Shape(dims=shape)) for name, shape in size.entries]
-        return pb.GetSizeResponse(dictionary=pb.DictionarySizes(entries=entries))
+        sizes = pb.DictionarySizes(entries=entries)
+        if size.ema is not None:
+            sizes.moving_average.CopyFrom(moving_average(size.ema))
+        return pb.GetSizeResponse(dictionary=sizes)
     if size.shape is not None:
         return pb.GetSizeResponse(tensor=pb.Shape(dims=size.shape))
     return pb.GetSizeResponse(parameter_count=size.parameter_count or 0)
@@ -166,10 +207,13 @@ def size_message(size: Size) -> pb.GetSizeResponse:
 def handle_info(handle_message: pb.Handle, summary: HandleSummary) -> pb.HandleInfo:
     """One row of a handle listing."""
     dtype = codec.dtype_code(summary.dtype) if summary.dtype is not None else pb.DTYPE_UNSPECIFIED
-    return pb.HandleInfo(
+    info = pb.HandleInfo(
         handle=handle_message, device=summary.device, dtype=dtype, bytes=summary.nbytes,
         tensor_count=summary.tensor_count,
     )
+    if summary.ema is not None:
+        info.moving_average.CopyFrom(moving_average(summary.ema))
+    return info
 
 
 def model_description(d: ModelDescription) -> pb.DescribeModelResponse:

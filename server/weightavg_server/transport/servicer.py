@@ -162,7 +162,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def CopyParameters(self, request: pb.CopyParametersRequest, context: Context) -> pb.CopyParametersResponse:
-        return pb.CopyParametersResponse(dictionary=_handle(self.service.copy_parameters(request.handle)))
+        dtype = codec.torch_dtype(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
+        ref = self.service.copy_parameters(request.handle, dtype, request.buffers)
+        return pb.CopyParametersResponse(dictionary=_handle(ref))
 
     @translate_errors
     def LoadParameters(self, request: pb.LoadParametersRequest, context: Context) -> pb.LoadParametersResponse:
@@ -173,7 +175,20 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def AverageParameters(
         self, request: pb.AverageParametersRequest, context: Context
     ) -> pb.AverageParametersResponse:
-        return pb.AverageParametersResponse(count=self.service.average_parameters(request.handle, request.dictionary))
+        buffers = convert.buffer_mode(request.buffers)
+        count = self.service.average_parameters(request.handle, request.dictionary, buffers)
+        return pb.AverageParametersResponse(count=count)
+
+    @translate_errors
+    def UpdateMovingAverage(
+        self, request: pb.UpdateMovingAverageRequest, context: Context
+    ) -> pb.UpdateMovingAverageResponse:
+        # request_id is accepted and not yet acted on (exactly-once handling comes with its own change).
+        result = self.service.update_moving_average(
+            request.handle, request.dictionary, convert.schedule_change(request),
+            request.step if request.HasField("step") else None, convert.buffer_mode(request.buffers),
+        )
+        return pb.UpdateMovingAverageResponse(step=result.step, decay=result.decay)
 
     @translate_errors
     def ResetBatchNorm(self, request: pb.ResetBatchNormRequest, context: Context) -> pb.ResetBatchNormResponse:

@@ -1,0 +1,236 @@
+"""PyTorch on the client: tensors to and from a weightavg server bit for bit, and `RemoteAveragedModel`,
+torch's `AveragedModel` with the average kept on the server.
+
+Import it on its own (`import weightavg.torch`) where torch is installed; the rest of the client
+never imports torch. Tensors travel as the wire's dtype + shape + bytes: bfloat16 through
+ml_dtypes, float16 as it is, CUDA tensors through host memory, so nothing is rounded on the way.
+
+Example:
+    >>> from weightavg import Client
+    >>> from weightavg.torch import RemoteAveragedModel
+    >>> with Client("127.0.0.1:50051") as c:
+    ...     ema = RemoteAveragedModel(c, model, "ema", decay=0.999, warmup=True, dtype="float32")
+    ...     for x, y in loader:
+    ...         train_step(model, x, y)
+    ...         ema.update_parameters(model)
+    ...     evaluate(ema.module)   # the server's average, pulled into a local copy of the model
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess without torch
+    raise ImportError(
+        "weightavg.torch needs PyTorch (pip install torch); the rest of weightavg works without it"
+    ) from exc
+
+from ._client import Client, HandleLike
+from ._records import Handle
+
+__all__ = ["RemoteAveragedModel", "fetch", "from_array", "push", "to_array"]
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def to_array(t: torch.Tensor) -> npt.NDArray[Any]:
+    """A host numpy array with exactly t's values: bfloat16 as ml_dtypes.bfloat16, a CUDA tensor
+    copied to the host. For a CPU tensor the array may share t's memory; send it before changing t."""
+    host = t.detach().to("cpu").resolve_conj().resolve_neg()
+    if host.dtype == torch.bfloat16:
+        bits: npt.NDArray[Any] = host.contiguous().view(torch.int16).numpy()
+        return bits.view(_BFLOAT16)
+    array: npt.NDArray[Any] = host.numpy()
+    return array
+
+
+def from_array(value: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    """A tensor with exactly the array's values (a bfloat16 array becomes a bfloat16 tensor), on `device`."""
+    array = np.asarray(value)
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array).copy()
+    if array.dtype == _BFLOAT16:
+        t = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(array)
+    return t if device is None else t.to(device)
+
+
+def push(
+    client: Client, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], into: HandleLike | None = None
+) -> Handle:
+    """Send named tensors of any dtype and device: a new dictionary, or (`into`) entries set in one,
+    all or nothing. Returns the dictionary's handle."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    arrays = {name: to_array(t) for name, t in items}
+    if into is None:
+        handle: Handle = client.dict(arrays)
+        return handle
+    client.dict(into, arrays)
+    return into if isinstance(into, Handle) else Handle(into, "dictionary")
+
+
+def fetch(client: Client, d: HandleLike, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Every entry of a dictionary as a tensor in its own dtype (bfloat16 included), on `device`."""
+    return {name: from_array(value, device) for name, value in client.dict(d).items()}
+
+
+def _state(model: torch.nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+    """A model's parameters, then (with `buffers`) its buffers, by dotted name."""
+    named = [(name, p.detach()) for name, p in model.named_parameters()]
+    return named + list(model.named_buffers()) if buffers else named
+
+
+class RemoteAveragedModel(torch.nn.Module):
+    """`torch.optim.swa_utils.AveragedModel` as a training loop uses it, with the average on a server.
+
+    The average lives in a server dictionary (`average`); `update_parameters(model)` sends the
+    model's tensors and folds them in there (avgparms for "swa", the equal-weight mean; ema for
+    "ema", with timm's schedule). `module`, `state_dict()` and calls pull the average into a local
+    copy of the model first, so `update_bn(loader, swa.module)` (or on the object itself) works
+    on the pulled copy; a later update replaces it.
+
+    Args:
+        client: a connected weightavg Client.
+        model: the model to average; it is deep-copied for the local copy, as AveragedModel does.
+        mode: "swa" (equal-weight running mean) or "ema" (exponential moving average).
+        decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step: the EMA schedule
+            (Client.ema's); ignored for "swa".
+        use_buffers: average floating buffers with the parameters (integer buffers such as
+            num_batches_tracked are copied, never averaged); False copies every buffer at each
+            update, as AveragedModel does.
+        every: send every k-th call of update_parameters (the others cost nothing). The decay
+            applies per update sent: decay**k keeps an EMA's horizon in steps.
+        dtype: the server average's floating dtype ("float32" for a bfloat16 model: a bfloat16
+            average stalls); default: each tensor's own. The local copy keeps the model's dtypes.
+        device: where the local copy lives (default: where the model is).
+
+    Differences from AveragedModel: integer buffers are copied, not averaged; nothing is averaged on
+    the model's device.
+    """
+
+    n_averaged: torch.Tensor
+
+    def __init__(
+        self,
+        client: Client,
+        model: torch.nn.Module,
+        mode: str = "swa",
+        *,
+        decay: float = 0.9999,
+        warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+        use_buffers: bool = False,
+        every: int = 1,
+        dtype: str | torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("swa", "ema"):
+            raise ValueError(f"mode must be 'swa' or 'ema', not {mode!r}")
+        if every < 1:
+            raise ValueError(f"every must be at least 1, not {every}")
+        self.client = client
+        self.mode = mode
+        self.use_buffers = use_buffers
+        self.every = every
+        self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
+        self.warmup_gamma, self.warmup_power, self.update_after_step = warmup_gamma, warmup_power, update_after_step
+        target = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point):
+            raise ValueError(f"dtype must be a floating dtype such as 'float32', not {dtype!r}")
+        local = copy.deepcopy(model)
+        if device is not None:
+            local.to(device)
+        # Registered by hand: `module` is also the property below, which pulls before it answers.
+        self._modules["module"] = local
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
+        self._calls = 0
+        self._stale = False
+        start = [(n, t.to(target) if target is not None and t.is_floating_point() else t) for n, t in _state(model, True)]
+        if mode == "swa":
+            start.append((".n", torch.tensor(0.0, dtype=torch.float64)))  # so the first update copies, as AveragedModel's
+        self.average: Handle = push(client, start)
+        self.source: Handle | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The local copy of the model, holding the server's average (pulled now if it changed)."""
+        self._pull()
+        return self._local()
+
+    def _local(self) -> torch.nn.Module:
+        local = self._modules["module"]
+        if local is None:
+            raise RuntimeError("the local copy of the model was removed from this RemoteAveragedModel")
+        return local
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """AveragedModel's state dict ('module.<name>' and 'n_averaged'), with the server's average."""
+        self._pull()
+        return super().state_dict(*args, **kwargs)
+
+    def named_modules(
+        self, memo: set[torch.nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Module]]:
+        # Walking the modules (update_bn does, to reset batchnorm statistics) sees the pulled average.
+        self._pull()
+        yield from super().named_modules(memo, prefix, remove_duplicate)
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        """Fold the model into the server's average (every `every`-th call)."""
+        self._calls += 1
+        if self._calls % self.every:
+            return
+        sent = _state(model, self.use_buffers)
+        self.source = push(self.client, sent, into=self.source)
+        if not self.use_buffers:
+            kept = list(model.named_buffers())
+            if kept:
+                push(self.client, kept, into=self.average)  # copied as they are, as AveragedModel does
+        if self.mode == "swa":
+            self.n_averaged.fill_(self.client.avgparms(self.source, self.average))
+        else:
+            self.client.ema(
+                self.source, self.average, decay=self.decay, warmup=self.warmup, warmup_gamma=self.warmup_gamma,
+                warmup_power=self.warmup_power, min_decay=self.min_decay, update_after_step=self.update_after_step,
+            )
+            self.n_averaged += 1
+        self._stale = True
+
+    def pull(self) -> None:
+        """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
+        self._stale = True
+        self._pull()
+
+    def free(self) -> None:
+        """Free the server's dictionaries (the average and the last values sent)."""
+        self.client.free(*[h for h in (self.average, self.source) if h is not None])
+        self.source = None
+
+    @torch.no_grad()
+    def _pull(self) -> None:
+        if not self._stale:
+            return
+        values = fetch(self.client, self.average)
+        local = self._local()
+        for name, t in itertools.chain(local.named_parameters(), local.named_buffers()):
+            if name in values:
+                t.copy_(values[name])
+        self._stale = False

@@ -1,0 +1,221 @@
+"""weightavg.torch against a real server: tensors of every dtype (and CUDA tensors) round-trip bit for
+bit, the thin client imports without torch, and RemoteAveragedModel in real training loops equals
+torch's AveragedModel for SWA and EMA, with and without buffers, update_bn included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+from weightavg import Client
+from weightavg.torch import RemoteAveragedModel, fetch, from_array, push, to_array
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-6
+"""The issue's bound. Both sides lerp the same float32 values with the same weights, so differences
+are a few ulps at most."""
+STEPS = 30
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    """Values a lossy path would change: infinities, NaN, signed zero, the smallest subnormal, and
+    numbers that need every mantissa bit; as a non-contiguous view."""
+    info = torch.finfo(dtype)
+    base = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, info.max, info.tiny], dtype=dtype)
+    subnormal = torch.tensor([info.tiny], dtype=dtype) / 4
+    noise = torch.randn(4, 9, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return torch.cat([base, subnormal, noise.t().reshape(-1)]).reshape(4, 11).t()  # transposed: not contiguous
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return to_array(t.contiguous()).tobytes()
+
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+OTHERS = [
+    torch.arange(-5, 5, dtype=torch.int8), torch.arange(7, dtype=torch.uint8), torch.tensor([-(2**15), 2**15 - 1], dtype=torch.int16),
+    torch.tensor([-(2**31), 7], dtype=torch.int32), torch.tensor([-(2**63), 2**63 - 1]), torch.tensor([True, False]),
+    torch.tensor([1 + 2j, -0.5j], dtype=torch.complex64), torch.tensor(3.5, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("value", [special_values(d) for d in FLOATS] + OTHERS,
+                         ids=[str(d) for d in FLOATS] + [f"{t.dtype}-{t.dim()}d" for t in OTHERS])
+def test_tensors_round_trip_through_the_server_bit_for_bit(client: Client, value: torch.Tensor) -> None:
+    d = push(client, {"x": value})
+    back = fetch(client, d)["x"]
+    assert back.dtype == value.dtype and back.shape == value.shape
+    assert bits(back) == bits(value)
+
+
+def test_arrays_and_tensors_convert_without_loss_both_ways() -> None:
+    t = special_values(torch.bfloat16)
+    a = to_array(t)
+    assert a.dtype.name == "bfloat16" and a.shape == tuple(t.shape)
+    assert bits(from_array(a)) == bits(t)
+    assert from_array(np.float16(1.5)).dtype == torch.float16  # a scalar, as dict(p, key) returns
+    read_only = np.frombuffer(np.arange(3, dtype=np.float32).tobytes(), np.float32)
+    assert torch.equal(from_array(read_only), torch.arange(3, dtype=torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_round_trip_bit_for_bit(client: Client) -> None:
+    value = special_values(torch.bfloat16).cuda()
+    d = push(client, {"x": value, "h": value.half()})
+    back = fetch(client, d, device="cuda")
+    assert back["x"].is_cuda and bits(back["x"].cpu()) == bits(value.cpu())
+    assert bits(back["h"].cpu()) == bits(value.half().cpu())
+
+
+def test_the_thin_client_imports_without_torch() -> None:
+    code = "\n".join([
+        "import sys",
+        "class Blocker:",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name == 'torch' or name.startswith('torch.'):",
+        "            raise ImportError('torch is blocked in this test')",
+        "sys.meta_path.insert(0, Blocker())",
+        "import weightavg, weightavg.wire",
+        "from weightavg import Client",
+        "assert 'torch' not in sys.modules",
+        "try:",
+        "    import weightavg.torch",
+        "except ImportError as exc:",
+        "    print('refused:', exc)",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": f"{ROOT / 'client'}", "PATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert "refused: weightavg.torch needs PyTorch (pip install torch)" in done.stdout
+
+
+# -- RemoteAveragedModel in a training loop --------------------------------------------------------
+
+
+def net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(OrderedDict(
+        a=torch.nn.Linear(6, 8), b=torch.nn.BatchNorm1d(8), r=torch.nn.ReLU(), c=torch.nn.Linear(8, 3),
+    ))
+
+
+def data(n: int = STEPS, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+def train(model: torch.nn.Module, averages: list[torch.nn.Module], every: int = 1) -> None:
+    """SGD with momentum over fixed batches; every `every`-th step (for the oracle) the averages update."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step, (x, y) in enumerate(data(), start=1):
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        for average in averages:
+            if isinstance(average, RemoteAveragedModel) or step % every == 0:
+                average.update_parameters(model)  # type: ignore[operator]
+
+
+def oracle_for(model: torch.nn.Module, mode: str, use_buffers: bool, decay: float) -> AveragedModel:
+    fn = get_ema_multi_avg_fn(decay) if mode == "ema" else None
+    return AveragedModel(model, multi_avg_fn=fn, use_buffers=use_buffers)
+
+
+def assert_same_floats(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        if value.is_floating_point():
+            assert ours[name].dtype == value.dtype, name
+            assert (ours[name] - value).abs().max().item() <= TOLERANCE, name
+
+
+@pytest.mark.parametrize("use_buffers", [False, True], ids=["buffers-copied", "buffers-averaged"])
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_remote_averaged_model_equals_averaged_model_in_a_training_loop(
+    client: Client, mode: str, use_buffers: bool
+) -> None:
+    model = net()
+    oracle = oracle_for(model, mode, use_buffers, decay=0.9)
+    ours = RemoteAveragedModel(client, model, mode, decay=0.9, use_buffers=use_buffers)
+    train(model, [oracle, ours])
+    assert int(ours.n_averaged) == int(oracle.n_averaged) == STEPS
+    assert_same_floats(ours.state_dict(), oracle.state_dict())
+    ours_count = ours.module.b.num_batches_tracked.item()
+    assert ours_count == model.b.num_batches_tracked.item() == STEPS  # integer buffers: copied, never averaged
+    if not use_buffers:
+        assert oracle.module.b.num_batches_tracked.item() == STEPS
+
+    # update_bn on the pulled copy, as a training loop runs it at the end; then both evaluate alike
+    loader = [x for x, _ in data(5, seed=2)]
+    update_bn(loader, oracle.module)
+    update_bn(loader, ours.module)
+    assert_same_floats(ours.state_dict(), oracle.state_dict())
+    ours.eval()
+    oracle.eval()
+    with torch.no_grad():
+        assert (ours(loader[0]) - oracle(loader[0])).abs().max().item() <= 10 * TOLERANCE
+
+
+def test_updates_every_k_steps_equal_averaged_model_updated_every_k_steps(client: Client) -> None:
+    model = net()
+    oracle = oracle_for(model, "ema", False, decay=0.8)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.8, every=3)
+    train(model, [oracle, ours], every=3)
+    assert int(ours.n_averaged) == int(oracle.n_averaged) == STEPS // 3
+    assert_same_floats(ours.state_dict(), oracle.state_dict())
+    assert client.size(ours.average)[".ema"]["step"] == STEPS // 3
+
+
+def test_update_bn_on_the_object_keeps_its_statistics_until_the_next_update(client: Client) -> None:
+    model = net()
+    oracle = oracle_for(model, "swa", True, decay=0.0)
+    ours = RemoteAveragedModel(client, model, "swa", use_buffers=True)
+    train(model, [oracle, ours])
+    loader = [x for x, _ in data(3, seed=3)]
+    update_bn(loader, oracle)
+    update_bn(loader, ours)  # walks the modules (pulling the average first), resets, forwards
+    assert_same_floats(ours.state_dict(), oracle.state_dict())
+    recomputed = ours.module.b.running_mean.clone()
+    assert torch.equal(ours.state_dict()["module.b.running_mean"], recomputed)  # no pull: nothing new
+    ours.update_parameters(model)
+    assert not torch.equal(ours.module.b.running_mean, recomputed)  # the server's average again
+
+
+def test_a_float32_average_of_a_bfloat16_model_moves_where_a_bfloat16_one_stalls(client: Client) -> None:
+    model = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    wide = RemoteAveragedModel(client, model, "ema", decay=0.999, dtype="float32")
+    narrow = RemoteAveragedModel(client, model, "ema", decay=0.999)
+    for average in (wide, narrow):
+        average.update_parameters(model)  # step 1 copies 1.0
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    for _ in range(50):
+        wide.update_parameters(model)
+        narrow.update_parameters(model)
+    assert client.dict(wide.average)["weight"].dtype == np.float32
+    assert float(fetch(client, narrow.average)["weight"][0, 0]) == 1.0  # stalled: every step rounds away
+    moved = float(fetch(client, wide.average)["weight"][0, 0])
+    assert abs(moved - (2.0 - 0.999**50)) < 1e-5
+    assert wide.module.weight.dtype == torch.bfloat16  # the local copy keeps the model's dtype
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent(client: Client) -> None:
+    before = len(client.handles())
+    with pytest.raises(ValueError, match="mode must be 'swa' or 'ema'"):
+        RemoteAveragedModel(client, net(), "mean")
+    with pytest.raises(ValueError, match="every must be at least 1"):
+        RemoteAveragedModel(client, net(), every=0)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        RemoteAveragedModel(client, net(), dtype="int32")
+    assert len(client.handles()) == before
