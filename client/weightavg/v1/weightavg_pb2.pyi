@@ -624,6 +624,11 @@ class CreateModuleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def spec(self) -> Global___LayerSpec:
         """The module to build."""
@@ -632,10 +637,11 @@ class CreateModuleRequest(_message.Message):
         self,
         *,
         spec: Global___LayerSpec | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -820,10 +826,16 @@ class SetParameterRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id; set on the first message."""
     name: _builtins.str
     """Dotted parameter name; set on the first message. A new undotted name registers a parameter."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of the value: exactly one tensor across the stream."""
@@ -834,10 +846,11 @@ class SetParameterRequest(_message.Message):
         handle: _builtins.str = ...,
         name: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -873,19 +886,25 @@ class ViewParametersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     CHILD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     child: _builtins.str
     """Dotted child path; empty for the whole module."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         child: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -923,19 +942,25 @@ class ViewBuffersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     CHILD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     child: _builtins.str
     """Dotted child path; empty for the whole module."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         child: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -972,16 +997,22 @@ class CopyParametersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1019,19 +1050,25 @@ class LoadParametersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     DICTIONARY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     dictionary: _builtins.str
     """Dictionary handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         dictionary: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1095,19 +1132,25 @@ class AverageParametersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     DICTIONARY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     dictionary: _builtins.str
     """Dictionary handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         dictionary: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1142,16 +1185,22 @@ class ResetBatchNormRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1237,8 +1286,13 @@ class RestoreMomentumRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     MOMENTA_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def momenta(self) -> _containers.MessageMap[_builtins.str, Global___Momentum]:
         """Batchnorm module path -> momentum."""
@@ -1248,10 +1302,11 @@ class RestoreMomentumRequest(_message.Message):
         *,
         handle: _builtins.str = ...,
         momenta: _abc.Mapping[_builtins.str, Global___Momentum] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "momenta", b"momenta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "momenta", b"momenta", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1281,6 +1336,12 @@ class CreateDictionaryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of an entry."""
@@ -1289,10 +1350,11 @@ class CreateDictionaryRequest(_message.Message):
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1330,8 +1392,14 @@ class UpdateDictionaryRequest(_message.Message):
 
     DICTIONARY_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     dictionary: _builtins.str
     """Dictionary handle id; set on the first message."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of an entry."""
@@ -1341,10 +1409,11 @@ class UpdateDictionaryRequest(_message.Message):
         *,
         dictionary: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "dictionary", b"dictionary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "dictionary", b"dictionary", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1382,8 +1451,13 @@ class DeleteEntriesRequest(_message.Message):
 
     DICTIONARY_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     dictionary: _builtins.str
     """Dictionary handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys to remove; every key must exist."""
@@ -1393,10 +1467,11 @@ class DeleteEntriesRequest(_message.Message):
         *,
         dictionary: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "names", b"names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "names", b"names", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1426,6 +1501,12 @@ class CreateTensorRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of the tensor."""
@@ -1434,10 +1515,11 @@ class CreateTensorRequest(_message.Message):
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1611,8 +1693,13 @@ class FreeHandlesRequest(_message.Message):
 
     HANDLES_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
     """Free every live handle the caller can list instead: its session's, or those of no session."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Handle ids to free; all must exist."""
@@ -1622,10 +1709,11 @@ class FreeHandlesRequest(_message.Message):
         *,
         handles: _abc.Iterable[_builtins.str] | None = ...,
         all: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1660,16 +1748,22 @@ class AddReferenceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1789,22 +1883,28 @@ class MoveHandleRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Tensor, dictionary or module handle id."""
     device: _builtins.str
     """Target device, e.g. "cpu", "cuda", "cuda:1"; empty keeps the device."""
     dtype: Global___Dtype.ValueType
     """Target dtype for floating-point tensors; DTYPE_UNSPECIFIED keeps it."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         device: _builtins.str = ...,
         dtype: Global___Dtype.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1843,8 +1943,13 @@ class CreateLossRequest(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Loss type: ce, mse, nll, bce, bcelogits or smoothl1."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
         """Positional options in the type's option order."""
@@ -1859,10 +1964,11 @@ class CreateLossRequest(_message.Message):
         type: _builtins.str = ...,
         args: _abc.Iterable[Global___OptionValue] | None = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "options", b"options", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "options", b"options", "request_id", b"request_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1902,10 +2008,15 @@ class CreateOptimizerRequest(_message.Message):
     MODULE_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Optimizer type: sgd, adam, adamw, rmsprop or adagrad."""
     module: _builtins.str
     """Module or model handle id whose parameters the optimizer updates."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
         """Positional options in the type's option order (sgd: lr, momentum, dampening, decay, nesterov)."""
@@ -1921,10 +2032,11 @@ class CreateOptimizerRequest(_message.Message):
         module: _builtins.str = ...,
         args: _abc.Iterable[Global___OptionValue] | None = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "module", b"module", "options", b"options", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "module", b"module", "options", b"options", "request_id", b"request_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2006,19 +2118,25 @@ class SetLearningRateRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     LR_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Optimizer or model handle id."""
     lr: _builtins.float
     """New learning rate for every parameter group; finite and not negative."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         lr: _builtins.float = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "lr", b"lr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "lr", b"lr", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2050,22 +2168,28 @@ class CreateModelRequest(_message.Message):
     MODULE_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     module: _builtins.str
     """Module handle id."""
     loss: _builtins.str
     """Loss handle id."""
     optimizer: _builtins.str
     """Optimizer handle id; it must have been built over the same module."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         module: _builtins.str = ...,
         loss: _builtins.str = ...,
         optimizer: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "module", b"module", "optimizer", b"optimizer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "module", b"module", "optimizer", b"optimizer", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2260,10 +2384,15 @@ class SetModelOptionsRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
     split: Global___DataSplit.ValueType
     """Train or test options."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
         """Options to set: batchsize, droplast, metrics (a comma-separated string); train only: shuffle,
@@ -2276,10 +2405,11 @@ class SetModelOptionsRequest(_message.Message):
         model: _builtins.str = ...,
         split: Global___DataSplit.ValueType = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "request_id", b"request_id", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2318,10 +2448,16 @@ class SetModelDataRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id; set on the first message."""
     split: Global___DataSplit.ValueType
     """Train or test data; set on the first message."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of the inputs (first tensor) or targets (second tensor); first dimensions must match."""
@@ -2332,10 +2468,11 @@ class SetModelDataRequest(_message.Message):
         model: _builtins.str = ...,
         split: Global___DataSplit.ValueType = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "request_id", b"request_id", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2370,16 +2507,22 @@ class RunEpochRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2517,6 +2660,7 @@ class RunForwardRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module or model handle id; set on the first message."""
     mode: Global___ForwardMode.ValueType
@@ -2524,6 +2668,11 @@ class RunForwardRequest(_message.Message):
     input: _builtins.str
     """Tensor handle id of the input; when empty the input streams as chunks, and with neither a
     model uses its training inputs (test inputs for eforward).
+    """
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -2536,10 +2685,11 @@ class RunForwardRequest(_message.Message):
         mode: Global___ForwardMode.ValueType = ...,
         input: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "input", b"input", "mode", b"mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "input", b"input", "mode", b"mode", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2576,16 +2726,22 @@ class GetModelInputRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2623,19 +2779,25 @@ class RestoreModelDataRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
     split: Global___DataSplit.ValueType
     """Which data to restore: unspecified or train for the training data, test for the test data."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         split: Global___DataSplit.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2672,6 +2834,7 @@ class NextBatchRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Tensor or model handle id."""
     size: _builtins.int
@@ -2682,16 +2845,21 @@ class NextBatchRequest(_message.Message):
     """For a model: unspecified or train steps its training data by the train batchsize, test its
     test data by the test batchsize (testbatch). Must be unspecified for a tensor.
     """
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         size: _builtins.int = ...,
         split: Global___DataSplit.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "size", b"size", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id", "size", b"size", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2726,16 +2894,22 @@ class RecalculateBatchNormRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id; the model needs training data."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2802,16 +2976,22 @@ class CreateSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     lease_seconds: _builtins.float
     """Lease in seconds: the session ends this long after its last call; 0 takes the server default."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         lease_seconds: _builtins.float = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2894,16 +3074,22 @@ class CloseSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     """Session id; empty means the session named in the call's metadata."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         session: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3013,6 +3199,7 @@ class GetServerStatsResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     METHODS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    REQUEST_IDS_FIELD_NUMBER: _builtins.int
     uptime_seconds: _builtins.float
     """Seconds since the server was created."""
     @_builtins.property
@@ -3025,16 +3212,21 @@ class GetServerStatsResponse(_message.Message):
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceUsage]:
         """Live handles and the bytes of their tensors, one entry per device, sorted by device."""
 
+    @_builtins.property
+    def request_ids(self) -> Global___RequestIdStats:
+        """Request IDs remembered for exactly-once calls, and the duplicates answered from them."""
+
     def __init__(
         self,
         *,
         uptime_seconds: _builtins.float = ...,
         methods: _abc.Iterable[Global___MethodStats] | None = ...,
         devices: _abc.Iterable[Global___DeviceUsage] | None = ...,
+        request_ids: Global___RequestIdStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request_ids", b"request_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "methods", b"methods", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "methods", b"methods", "request_ids", b"request_ids", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3117,6 +3309,36 @@ class MethodStats(_message.Message):
 Global___MethodStats: _TypeAlias = MethodStats  # noqa: Y015
 
 @_typing.final
+class RequestIdStats(_message.Message):
+    """RequestIdStats describes the server's memory of request IDs (--request-id-window-seconds)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEMBERED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_ANSWERED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    remembered: _builtins.int
+    """IDs whose first answer is remembered now (within the window and the cap)."""
+    duplicates_answered: _builtins.int
+    """Calls since the server started that repeated a remembered ID and got its first answer."""
+    dropped: _builtins.int
+    """IDs forgotten before their window ended because the cap (--max-request-ids) was reached."""
+    def __init__(
+        self,
+        *,
+        remembered: _builtins.int = ...,
+        duplicates_answered: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "duplicates_answered", b"duplicates_answered", "remembered", b"remembered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestIdStats: _TypeAlias = RequestIdStats  # noqa: Y015
+
+@_typing.final
 class DeviceUsage(_message.Message):
     """DeviceUsage counts the live handles with tensors on one device and the memory those tensors hold."""
 
@@ -3157,8 +3379,13 @@ class UpdateModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def parts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Handle ids of the new parts, at most one each of module, loss and optimizer, in any order. A
@@ -3171,10 +3398,11 @@ class UpdateModelRequest(_message.Message):
         *,
         model: _builtins.str = ...,
         parts: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parts", b"parts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parts", b"parts", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
