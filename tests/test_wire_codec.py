@@ -118,11 +118,12 @@ def test_field_numbers_come_from_the_descriptors(message_type) -> None:  # type:
     }
 
 
-def test_string_fields_are_the_handle_fields() -> None:
+def test_string_fields_are_the_handle_fields_and_the_request_id() -> None:
+    fields = pb.UpdateDictionaryRequest.DESCRIPTOR.fields_by_name
     assert string_fields(pb.UpdateDictionaryRequest) == {
-        pb.UpdateDictionaryRequest.DESCRIPTOR.fields_by_name["dictionary"].number: "dictionary"
+        fields["dictionary"].number: "dictionary", fields["request_id"].number: "request_id"
     }
-    assert string_fields(pb.CreateDictionaryRequest) == {}
+    assert string_fields(pb.CreateDictionaryRequest) == {15: "request_id"}
 
 
 def test_chunk_field_refuses_a_message_without_a_chunk() -> None:

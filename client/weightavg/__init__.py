@@ -3,6 +3,7 @@
 from ._client import Client
 from ._objects import Dictionary, Module, Remote
 from ._records import Handle, HandleInfo, ModuleRow
+from ._retry import RetryPolicy
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -36,6 +37,7 @@ __all__ = [
     "PermissionDeniedError",
     "Remote",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

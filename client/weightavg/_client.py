@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import builtins
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -20,6 +19,7 @@ import numpy.typing as npt
 from . import _objects, _specs, wire
 from ._errors import NotFoundError, UnavailableError, from_rpc_error
 from ._records import Handle, HandleInfo, ModuleRow
+from ._retry import Replayable, RetryInterceptor, RetryPolicy, new_request_id
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -194,6 +194,9 @@ class Client:
             that require client certificates (mutual TLS).
         server_name: the name to check the server's certificate against, when it differs from the
             address's host.
+        retry: how calls that fail UNAVAILABLE are retried (RetryPolicy(max_attempts=1): never).
+            Calls that change state carry a request ID, the same on every attempt, so the server
+            runs each once however often it is sent (docs/robust.md).
         session: True starts a session: every handle this client creates belongs to it, a background
             thread renews its lease, and close() ends it, freeing those handles. If the client dies,
             the server frees them once the lease runs out. A session id string joins that session
@@ -224,6 +227,7 @@ class Client:
         server_name: str | None = None,
         session: bool | str = False,
         lease: float = 0.0,
+        retry: RetryPolicy = RetryPolicy(),
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -245,7 +249,9 @@ class Client:
             channel = grpc.insecure_channel(address, options=options)
         self._raw_channel = channel
         self._metadata = _AddMetadata({"authorization": f"Bearer {token}"} if token else {})
-        self._channel = grpc.intercept_channel(channel, self._metadata)
+        self.retry = retry
+        # Retries outermost, so that each attempt passes the metadata interceptor afresh.
+        self._channel = grpc.intercept_channel(channel, RetryInterceptor(retry), self._metadata)
         self._stub = pb_grpc.WeightAveragingServiceStub(self._channel)
         # Tensor streams are encoded and decoded by hand (same bytes as protobuf's) so tensor data
         # is copied once on this side; through protobuf it is copied three times (docs/perf.md).
@@ -330,7 +336,8 @@ class Client:
             {"uptime_seconds": float,
              "methods": {full method name: {"count", "in_flight", "failures", "codes" (name -> count),
                          "total_seconds", "max_seconds", "bytes_received", "bytes_sent"}},
-             "devices": {device: {"handles", "bytes"}}}
+             "devices": {device: {"handles", "bytes"}},
+             "request_ids": {"remembered", "duplicates_answered", "dropped"}}
         """
         r = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self.timeout)
         return {
@@ -349,6 +356,11 @@ class Client:
                 for m in r.methods
             },
             "devices": {d.device: {"handles": d.handles, "bytes": d.bytes} for d in r.devices},
+            "request_ids": {
+                "remembered": r.request_ids.remembered,
+                "duplicates_answered": r.request_ids.duplicates_answered,
+                "dropped": r.request_ids.dropped,
+            },
         }
 
     # -- modules ----------------------------------------------------------------------------------
@@ -386,10 +398,16 @@ class Client:
         (broadcasting a scalar), or registers a new parameter when the name is new."""
         if not value:
             return self._fetch(_id(m), [name])[name]
-        chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
-        # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
-        first = pb.SetParameterRequest(handle=_id(m), name=name).SerializeToString() + next(chunks)
-        self._set_parameter_stream(itertools.chain([first], chunks), timeout=self.timeout)
+        request_id = new_request_id()
+
+        def requests() -> Iterator[bytes]:
+            chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
+            # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
+            first = pb.SetParameterRequest(handle=_id(m), name=name, request_id=request_id).SerializeToString()
+            yield first + next(chunks)
+            yield from chunks
+
+        self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
         return None
 
     @_rpc
@@ -628,11 +646,13 @@ class Client:
         return values[names] if isinstance(names, str) else [values[n] for n in names]
 
     def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
+        request_id = new_request_id()
+
         def requests() -> Iterator[bytes]:
-            yield pb.SetModelDataRequest(model=m, split=split).SerializeToString()
+            yield pb.SetModelDataRequest(model=m, split=split, request_id=request_id).SerializeToString()
             yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, pb.SetModelDataRequest)
 
-        return int(self._set_model_data_stream(requests(), timeout=self.timeout).batches)
+        return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
 
     @_rpc
     def run(self, m: HandleLike, *data: Any) -> Any:
@@ -676,16 +696,18 @@ class Client:
 
     @_rpc
     def _forward(self, q: HandleLike, x: Any, mode: pb.ForwardMode.ValueType) -> Handle:
+        request_id = new_request_id()
+
         def requests() -> Iterator[pb.RunForwardRequest]:
             if isinstance(x, Handle):
-                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=x.id)
+                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=x.id, request_id=request_id)
                 return
-            yield pb.RunForwardRequest(handle=_id(q), mode=mode)
+            yield pb.RunForwardRequest(handle=_id(q), mode=mode, request_id=request_id)
             if x is not None:
                 for chunk in wire.array_chunks("", x, self.chunk_bytes):
                     yield pb.RunForwardRequest(chunk=chunk)
 
-        return _handle(self._stub.RunForward(requests(), timeout=self.timeout).output)
+        return _handle(self._stub.RunForward(Replayable(requests), timeout=self.timeout).output)
 
     @_rpc
     def input(self, m: HandleLike) -> Handle:
@@ -729,7 +751,7 @@ class Client:
         if not isinstance(x, (Handle, str)):
             if not isinstance(x, Mapping):
                 raise TypeError("dict() takes a mapping of name -> value, or a dictionary handle")
-            return self._create_dictionary(x.items())
+            return self._create_dictionary(list(x.items()))
         if value:
             self._update_dictionary(_id(x), [(key, value[0])])
             return None
@@ -753,8 +775,13 @@ class Client:
         """tensor(array) creates a tensor handle; tensor(handle) returns its values."""
         if isinstance(x, Handle):
             return wire.plain(self._fetch_named(x.id, [])[0][1])
-        requests = wire.encoded_chunks([("", x)], self.chunk_bytes, pb.CreateTensorRequest)
-        return _handle(self._create_tensor_stream(requests, timeout=self.timeout).tensor)
+        request_id = new_request_id()
+
+        def requests() -> Iterator[bytes]:
+            yield pb.CreateTensorRequest(request_id=request_id).SerializeToString()
+            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, pb.CreateTensorRequest)
+
+        return _handle(self._create_tensor_stream(Replayable(requests), timeout=self.timeout).tensor)
 
     @_rpc
     def size(self, h: HandleLike) -> Any:
@@ -877,16 +904,23 @@ class Client:
         # builtins.dict: inside the class, `dict` names the Client.dict method.
         return {name: wire.plain(a) for name, a in self._fetch_named(handle, names)}
 
-    def _create_dictionary(self, items: Iterable[tuple[str, Any]]) -> Handle:
-        requests = wire.encoded_chunks(items, self.chunk_bytes, pb.CreateDictionaryRequest)
-        return _handle(self._create_dictionary_stream(requests, timeout=self.timeout).dictionary)
+    def _create_dictionary(self, items: list[tuple[str, Any]]) -> Handle:
+        request_id = new_request_id()
+
+        def requests() -> Iterator[bytes]:
+            yield pb.CreateDictionaryRequest(request_id=request_id).SerializeToString()
+            yield from wire.encoded_chunks(items, self.chunk_bytes, pb.CreateDictionaryRequest)
+
+        return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]]) -> None:
+        request_id = new_request_id()
+
         def requests() -> Iterator[bytes]:
-            yield pb.UpdateDictionaryRequest(dictionary=d).SerializeToString()
+            yield pb.UpdateDictionaryRequest(dictionary=d, request_id=request_id).SerializeToString()
             yield from wire.encoded_chunks(items, self.chunk_bytes, pb.UpdateDictionaryRequest)
 
-        self._update_dictionary_stream(requests(), timeout=self.timeout)
+        self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
 
 
 def as_array(value: Any) -> npt.NDArray[Any]:

@@ -81,7 +81,7 @@ def chunk_field(message_type: type[Message]) -> int:
 
 
 def string_fields(message_type: type[Message]) -> dict[int, str]:
-    """A stream message's single string fields (handle ids such as `dictionary`), number to name.
+    """A stream message's single string fields (handle ids such as `dictionary`, `request_id`), number to name.
 
     With `chunk_field` this is what `decode_chunk_message` needs to read the message by hand.
     """

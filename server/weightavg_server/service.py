@@ -10,9 +10,10 @@ requests into these calls and encodes their results; nothing here knows about gR
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from .domain.tensors import (
 )
 from .store import snapshot
 from .store.accounting import Reservation
+from .store.requests import RequestKey, RequestStats, register_answer_type
 from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, describe
 
 OnHeader = Callable[[str, int], None]
@@ -49,8 +51,10 @@ StopCheck = Callable[[], bool]
 
 Named = list[tuple[str, torch.Tensor]]
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
+@register_answer_type  # answers that hold handles survive a snapshot with their request IDs
 @dataclass(frozen=True)
 class Ref:
     """A handle as callers see it: its ID and the kind of object it stands for."""
@@ -83,6 +87,7 @@ class Size:
     ema: EmaState | None = None
 
 
+@register_answer_type  # a repeated EMA update answers with the step and decay of the first
 @dataclass(frozen=True)
 class EmaResult:
     """What an EMA update used: its step and the decay at that step (0.0: a full copy)."""
@@ -127,6 +132,29 @@ class Settings:
 
 NOTHING: Mapping[str, int] = {}
 """For `mutate` calls that change values in place and allocate nothing new."""
+
+
+def _exactly_once(method: Callable[P, T]) -> Callable[P, T]:
+    """A state-changing operation that runs once per request ID.
+
+    Called with `request=RequestKey(...)` (the transport passes one when the call carries a request
+    ID), the operation goes through the store's request table before it resolves any handle: a
+    repeat gets the first call's answer, waits for it while it runs, or is refused when its
+    arguments differ (store/requests.py). Without one it just runs. The decorated method declares
+    the keyword so that callers are type-checked; its body never reads it.
+    """
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        key = kwargs.get("request")
+        if key is None:
+            return method(*args, **kwargs)
+        service = args[0]
+        if not isinstance(service, Service) or not isinstance(key, RequestKey):
+            raise TypeError(f"{method.__name__}(request=...) takes a RequestKey")
+        return service.store.requests.answer(key, method.__name__, CALLER_SESSION.get(), lambda: method(*args, **kwargs))
+
+    return call
 
 
 class Service:
@@ -215,9 +243,14 @@ class Service:
         nbytes = storage_bytes(seen)
         return {d: DeviceUsage(handles.get(d, 0), nbytes.get(d, 0)) for d in sorted(set(handles) | set(nbytes))}
 
+    def request_id_stats(self) -> RequestStats:
+        """Request IDs remembered now, duplicates answered from them, and IDs dropped at the caps."""
+        return self.store.requests.stats()
+
     # -- modules ------------------------------------------------------------------------------------
 
-    def create_module(self, spec: specs.LayerSpec) -> Ref:
+    @_exactly_once
+    def create_module(self, spec: specs.LayerSpec, *, request: RequestKey | None = None) -> Ref:
         """Build a module from a spec on the server's device."""
         depth = self.settings.max_spec_depth
         need = footprint.module_bytes(spec, self.device, depth)
@@ -242,7 +275,8 @@ class Service:
         with self.store.reading(entry):
             return modules.buffer_names(module, child)
 
-    def set_parameter(self, handle: str, name: str, upload: Upload) -> bool:
+    @_exactly_once
+    def set_parameter(self, handle: str, name: str, upload: Upload, *, request: RequestKey | None = None) -> bool:
         """Copy an uploaded tensor into a parameter, or register a new one; True when registered."""
         entry, module = self._module(handle)
         return self._change_with_upload(
@@ -255,15 +289,21 @@ class Service:
         with self.store.reading(entry):
             return Ref(self.store.create(Kind.DICTIONARY, NOTHING, lambda: make(module, child), share=entry), Kind.DICTIONARY)
 
-    def view_parameters(self, handle: str, child: str) -> Ref:
+    @_exactly_once
+    def view_parameters(self, handle: str, child: str, *, request: RequestKey | None = None) -> Ref:
         """A live dictionary over a module's (or child's) parameters."""
         return self._view(handle, modules.view_parameters, child)
 
-    def view_buffers(self, handle: str, child: str) -> Ref:
+    @_exactly_once
+    def view_buffers(self, handle: str, child: str, *, request: RequestKey | None = None) -> Ref:
         """A live dictionary over a module's (or child's) buffers."""
         return self._view(handle, modules.view_buffers, child)
 
-    def copy_parameters(self, handle: str, dtype: torch.dtype | None = None, buffers: bool = False) -> Ref:
+    @_exactly_once
+    def copy_parameters(
+        self, handle: str, dtype: torch.dtype | None = None, buffers: bool = False, *,
+        request: RequestKey | None = None,
+    ) -> Ref:
         """A new dictionary holding copies of the module's parameters (and buffers), floating ones
         converted to `dtype` when given."""
         entry, module = self._module(handle)
@@ -275,14 +315,19 @@ class Service:
             )
         return Ref(copy, Kind.DICTIONARY)
 
-    def load_parameters(self, handle: str, dictionary: str) -> dict[str, bool]:
+    @_exactly_once
+    def load_parameters(self, handle: str, dictionary: str, *, request: RequestKey | None = None) -> dict[str, bool]:
         """Copy a dictionary's values into the module's parameters; per-name success."""
         entry, module = self._module(handle)
         source = self.store.get(dictionary, Kind.DICTIONARY)
         with self.store.mutate(entry, need=NOTHING, reading=(source,)):
             return averaging.load_parameters(module, source.obj)
 
-    def average_parameters(self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE) -> int:
+    @_exactly_once
+    def average_parameters(
+        self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE, *,
+        request: RequestKey | None = None,
+    ) -> int:
         """Fold the module's parameters (or a dictionary's entries) into the dictionary's running
         average; the new count."""
         entry, source = self._source(handle)
@@ -293,9 +338,10 @@ class Service:
                 averaging.apply(update, target.obj)
         return int(update.count or 0.0)
 
+    @_exactly_once
     def update_moving_average(
         self, handle: str, dictionary: str, change: ScheduleChange, step: int | None,
-        buffers: BufferMode = BufferMode.EXCLUDE,
+        buffers: BufferMode = BufferMode.EXCLUDE, *, request: RequestKey | None = None,
     ) -> EmaResult:
         """One exponential-moving-average update of the dictionary from the module (or a dictionary's
         entries), with the dictionary's schedule changed by `change`; the step and decay used."""
@@ -307,19 +353,22 @@ class Service:
                 averaging.apply(update, target.obj)
         return EmaResult(averaging.used_step(update), update.decay)
 
-    def reset_batchnorm(self, handle: str) -> Momenta:
+    @_exactly_once
+    def reset_batchnorm(self, handle: str, *, request: RequestKey | None = None) -> Momenta:
         entry, module = self._module(handle)
         with self.store.mutate(entry, need=NOTHING):
             return batchnorm.reset_batchnorm(module)
 
-    def restore_momentum(self, handle: str, momenta: Momenta) -> None:
+    @_exactly_once
+    def restore_momentum(self, handle: str, momenta: Momenta, *, request: RequestKey | None = None) -> None:
         entry, module = self._module(handle)
         with self.store.mutate(entry, need=NOTHING):
             batchnorm.restore_momentum(module, momenta)
 
     # -- dictionaries and tensors -------------------------------------------------------------------
 
-    def create_dictionary(self, upload: Upload) -> Ref:
+    @_exactly_once
+    def create_dictionary(self, upload: Upload, *, request: RequestKey | None = None) -> Ref:
         """A new dictionary of the uploaded tensors ('.n' on the CPU, the rest on the device)."""
         with self.store.reserve(handles=1) as reservation:
             tensors = self._receive(upload, reservation, self._entry_placement)
@@ -327,7 +376,8 @@ class Service:
             dictionaries.set_entries(d, tensors, self.device)
             return Ref(self.store.add(Kind.DICTIONARY, d, reservation), Kind.DICTIONARY)
 
-    def update_dictionary(self, handle: str, upload: Upload) -> list[str]:
+    @_exactly_once
+    def update_dictionary(self, handle: str, upload: Upload, *, request: RequestKey | None = None) -> list[str]:
         """Set entries of a dictionary from an upload, all or nothing; the names set."""
         entry = self.store.get(handle, Kind.DICTIONARY)
         with self.store.reserve() as reservation:
@@ -336,12 +386,14 @@ class Service:
             with self.store.mutate(entry, need=NOTHING):
                 return dictionaries.set_entries(entry.obj, tensors, self.device)
 
-    def delete_entries(self, handle: str, names: Sequence[str]) -> None:
+    @_exactly_once
+    def delete_entries(self, handle: str, names: Sequence[str], *, request: RequestKey | None = None) -> None:
         entry = self.store.get(handle, Kind.DICTIONARY)
         with self.store.mutate(entry, need=NOTHING):
             dictionaries.delete_entries(entry.obj, list(names))
 
-    def create_tensor(self, upload: Upload) -> Ref:
+    @_exactly_once
+    def create_tensor(self, upload: Upload, *, request: RequestKey | None = None) -> Ref:
         """A new tensor handle holding the one uploaded tensor, on the device."""
         with self.store.reserve(handles=1) as reservation:
             tensors = self._receive(upload, reservation, self._on_device)
@@ -388,11 +440,13 @@ class Service:
             _, module = self._module(handle)
             return Size(parameter_count=modules.parameter_count(module))
 
-    def free(self, handles: Sequence[str], every: bool) -> int:
+    @_exactly_once
+    def free(self, handles: Sequence[str], every: bool, *, request: RequestKey | None = None) -> int:
         """Free the handles (all or nothing), or every handle the caller can list; how many."""
         return self.store.free_all() if every else self.store.free(list(handles))
 
-    def addref(self, handle: str) -> Ref:
+    @_exactly_once
+    def addref(self, handle: str, *, request: RequestKey | None = None) -> Ref:
         """A second handle to the same object."""
         handle_id, kind = self.store.addref(handle)
         return Ref(handle_id, kind)
@@ -406,7 +460,8 @@ class Service:
                 listed.append((Ref(handle_id, entry.kind), summary))
         return listed
 
-    def move(self, handle: str, device: str, dtype: torch.dtype | None) -> Ref:
+    @_exactly_once
+    def move(self, handle: str, device: str, dtype: torch.dtype | None, *, request: RequestKey | None = None) -> Ref:
         """Move a tensor, dictionary or module to another device and/or floating dtype, in place."""
         entry = self.store.get(handle)
         target = devices.parse(device) if device else None
@@ -416,14 +471,20 @@ class Service:
 
     # -- losses, optimizers, models -----------------------------------------------------------------
 
-    def create_loss(self, type_name: str, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...]) -> Ref:
+    @_exactly_once
+    def create_loss(
+        self, type_name: str, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...],
+        *, request: RequestKey | None = None,
+    ) -> Ref:
         """A loss function on the server's device (losses hold no tensors of their own)."""
         loss = losses.create_loss(type_name, args, kwargs)
         need = tensor_bytes(loss.tensors(), self.device)
         return Ref(self.store.create(Kind.LOSS, need, lambda: _placed(loss, self.device)), Kind.LOSS)
 
+    @_exactly_once
     def create_optimizer(
-        self, handle: str, type_name: str, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...]
+        self, handle: str, type_name: str, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...],
+        *, request: RequestKey | None = None,
     ) -> Ref:
         """An optimizer over a module's (or model's module's) parameters."""
         entry, module = self._module(handle)
@@ -441,12 +502,14 @@ class Service:
         with self.store.reading(entry):
             return optimizers.get_lr(optimizer)
 
-    def set_learning_rate(self, handle: str, lr: float) -> None:
+    @_exactly_once
+    def set_learning_rate(self, handle: str, lr: float, *, request: RequestKey | None = None) -> None:
         entry, optimizer = self._optimizer(handle)
         with self.store.mutate(entry, need=NOTHING):
             optimizers.set_lr(optimizer, lr)
 
-    def create_model(self, module: str, loss: str, optimizer: str) -> Ref:
+    @_exactly_once
+    def create_model(self, module: str, loss: str, optimizer: str, *, request: RequestKey | None = None) -> Ref:
         """A model from a module, a loss and an optimizer; their handles become the model's."""
         parts = (
             self.store.get(module, Kind.MODULE), self.store.get(loss, Kind.LOSS), self.store.get(optimizer, Kind.OPTIMIZER)
@@ -458,7 +521,8 @@ class Service:
             handle = self.store.add(Kind.MODEL, model, reservation, lock=parts[0].lock, replacing=parts)
         return Ref(handle, Kind.MODEL)
 
-    def update_model(self, handle: str, parts: Sequence[str]) -> Ref:
+    @_exactly_once
+    def update_model(self, handle: str, parts: Sequence[str], *, request: RequestKey | None = None) -> Ref:
         """Replace a model's module, loss and/or optimizer; the parts' handles become the model's."""
         entry, model = self._model(handle)
         given: dict[Kind, Entry] = {}
@@ -499,12 +563,16 @@ class Service:
         with self.store.reading(entry):
             return training.get_options(model, split)
 
-    def set_model_options(self, handle: str, split: str, values: Sequence[tuple[str, Value]]) -> dict[str, Value]:
+    @_exactly_once
+    def set_model_options(
+        self, handle: str, split: str, values: Sequence[tuple[str, Value]], *, request: RequestKey | None = None,
+    ) -> dict[str, Value]:
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=NOTHING):
             return training.set_options(model, split, values)
 
-    def set_model_data(self, handle: str, split: str, upload: Upload) -> int:
+    @_exactly_once
+    def set_model_data(self, handle: str, split: str, upload: Upload, *, request: RequestKey | None = None) -> int:
         """Load training or test inputs and targets (reserved on the device as they arrive); the
         number of batches."""
         entry, model = self._model(handle)
@@ -513,7 +581,8 @@ class Service:
             lambda tensors: training.set_data(model, split, tensors[0][1], tensors[1][1], self.device),
         )
 
-    def run_epoch(self, handle: str, should_stop: StopCheck) -> Named:
+    @_exactly_once
+    def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Named:
         """Train one epoch; the train metrics. The first epoch's gradients and optimizer state are
         reserved before it starts."""
         entry, model = self._model(handle)
@@ -535,7 +604,10 @@ class Service:
             with self.store.reading(entry):
                 return training.evaluate(model, tensors[0][1], should_stop)
 
-    def forward(self, handle: str, mode: str, input_handle: str, upload: Upload) -> Ref:
+    @_exactly_once
+    def forward(
+        self, handle: str, mode: str, input_handle: str, upload: Upload, *, request: RequestKey | None = None,
+    ) -> Ref:
         """Run a module (or a model's module) on a tensor handle, an uploaded tensor, or the model's
         own data; the output is kept as a new tensor handle."""
         entry, module = self._module(handle)
@@ -557,19 +629,22 @@ class Service:
                 output = training.forward(module, x, mode)
             return Ref(self.store.add(Kind.TENSOR, TensorHolder(output), reservation), Kind.TENSOR)
 
-    def model_input(self, handle: str) -> Ref:
+    @_exactly_once
+    def model_input(self, handle: str, *, request: RequestKey | None = None) -> Ref:
         """A tensor handle on the model's own training inputs (batching one batches the other)."""
         entry, model = self._model(handle)
         with self.store.reading(entry):
             x = training.input_tensor(model)
             return Ref(self.store.create(Kind.TENSOR, NOTHING, lambda: TensorHolder(x), share=entry), Kind.TENSOR)
 
-    def restore_data(self, handle: str, split: str) -> int:
+    @_exactly_once
+    def restore_data(self, handle: str, split: str, *, request: RequestKey | None = None) -> int:
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=NOTHING):
             return training.restore_data(model, split)
 
-    def next_batch(self, handle: str, split: str | None, size: int) -> bool:
+    @_exactly_once
+    def next_batch(self, handle: str, split: str | None, size: int, *, request: RequestKey | None = None) -> bool:
         """Narrow a tensor handle, or a model's data, to its next batch in place; False past the end."""
         entry = self.store.get(handle, Kind.TENSOR, Kind.MODEL)
         with self.store.mutate(entry, need=NOTHING):
@@ -582,7 +657,10 @@ class Service:
                 raise InvalidArgument("a split names a model's train or test data; a tensor handle takes none")
             return batching.next_batch(entry.obj.tensor, size)
 
-    def recalculate_batchnorm(self, handle: str, should_stop: StopCheck) -> Momenta:
+    @_exactly_once
+    def recalculate_batchnorm(
+        self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None,
+    ) -> Momenta:
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=NOTHING):
             return training.recalculate_batchnorm(model, should_stop)
@@ -596,7 +674,8 @@ class Service:
             raise InvalidArgument("name a session, or call with 'weightavg-session' metadata")
         return session
 
-    def create_session(self, lease: float) -> tuple[str, float]:
+    @_exactly_once
+    def create_session(self, lease: float, *, request: RequestKey | None = None) -> tuple[str, float]:
         """A new session with `lease` seconds (0: the default); its ID and lease."""
         settings = self.settings
         chosen = lease or settings.session_lease_seconds
@@ -610,7 +689,8 @@ class Service:
     def keep_alive(self, session: str) -> float:
         return self.store.renew(self._session(session))
 
-    def close_session(self, session: str) -> int:
+    @_exactly_once
+    def close_session(self, session: str, *, request: RequestKey | None = None) -> int:
         return self.store.close_session(self._session(session))
 
     def snapshot(self) -> snapshot.SnapshotResult:

@@ -662,6 +662,11 @@ class CreateModuleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def spec(self) -> Global___LayerSpec:
         """The module to build."""
@@ -670,10 +675,11 @@ class CreateModuleRequest(_message.Message):
         self,
         *,
         spec: Global___LayerSpec | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -858,10 +864,16 @@ class SetParameterRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id; set on the first message."""
     name: _builtins.str
     """Dotted parameter name; set on the first message. A new undotted name registers a parameter."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of the value: exactly one tensor across the stream."""
@@ -872,10 +884,11 @@ class SetParameterRequest(_message.Message):
         handle: _builtins.str = ...,
         name: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -911,19 +924,25 @@ class ViewParametersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     CHILD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     child: _builtins.str
     """Dotted child path; empty for the whole module."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         child: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -961,19 +980,25 @@ class ViewBuffersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     CHILD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     child: _builtins.str
     """Dotted child path; empty for the whole module."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         child: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1012,6 +1037,7 @@ class CopyParametersRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     BUFFERS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     dtype: Global___Dtype.ValueType
@@ -1020,16 +1046,21 @@ class CopyParametersRequest(_message.Message):
     """
     buffers: _builtins.bool
     """Copy the buffers too, under their dotted names (integer buffers keep their dtype)."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         dtype: Global___Dtype.ValueType = ...,
         buffers: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dtype", b"dtype", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dtype", b"dtype", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1067,19 +1098,25 @@ class LoadParametersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     DICTIONARY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     dictionary: _builtins.str
     """Dictionary handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         dictionary: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1144,6 +1181,7 @@ class AverageParametersRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     DICTIONARY_FIELD_NUMBER: _builtins.int
     BUFFERS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id; or a dictionary, whose entries (all but ".n") are the
     values to fold in by name, floating ones averaged and others copied.
@@ -1152,16 +1190,21 @@ class AverageParametersRequest(_message.Message):
     """Dictionary handle id."""
     buffers: Global___BufferMode.ValueType
     """What to do with the module's buffers; unspecified leaves them out."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         dictionary: _builtins.str = ...,
         buffers: Global___BufferMode.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dictionary", b"dictionary", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dictionary", b"dictionary", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1196,16 +1239,22 @@ class ResetBatchNormRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1291,8 +1340,13 @@ class RestoreMomentumRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     MOMENTA_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def momenta(self) -> _containers.MessageMap[_builtins.str, Global___Momentum]:
         """Batchnorm module path -> momentum."""
@@ -1302,10 +1356,11 @@ class RestoreMomentumRequest(_message.Message):
         *,
         handle: _builtins.str = ...,
         momenta: _abc.Mapping[_builtins.str, Global___Momentum] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "momenta", b"momenta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "momenta", b"momenta", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1335,6 +1390,12 @@ class CreateDictionaryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of an entry."""
@@ -1343,10 +1404,11 @@ class CreateDictionaryRequest(_message.Message):
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1384,8 +1446,14 @@ class UpdateDictionaryRequest(_message.Message):
 
     DICTIONARY_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     dictionary: _builtins.str
     """Dictionary handle id; set on the first message."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of an entry."""
@@ -1395,10 +1463,11 @@ class UpdateDictionaryRequest(_message.Message):
         *,
         dictionary: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "dictionary", b"dictionary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "dictionary", b"dictionary", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1436,8 +1505,13 @@ class DeleteEntriesRequest(_message.Message):
 
     DICTIONARY_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     dictionary: _builtins.str
     """Dictionary handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys to remove; every key must exist."""
@@ -1447,10 +1521,11 @@ class DeleteEntriesRequest(_message.Message):
         *,
         dictionary: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "names", b"names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "names", b"names", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1480,6 +1555,12 @@ class CreateTensorRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of the tensor."""
@@ -1488,10 +1569,11 @@ class CreateTensorRequest(_message.Message):
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1671,8 +1753,13 @@ class FreeHandlesRequest(_message.Message):
 
     HANDLES_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
     """Free every live handle the caller can list instead: its session's, or those of no session."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Handle ids to free; all must exist."""
@@ -1682,10 +1769,11 @@ class FreeHandlesRequest(_message.Message):
         *,
         handles: _abc.Iterable[_builtins.str] | None = ...,
         all: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1720,16 +1808,22 @@ class AddReferenceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1855,22 +1949,28 @@ class MoveHandleRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Tensor, dictionary or module handle id."""
     device: _builtins.str
     """Target device, e.g. "cpu", "cuda", "cuda:1"; empty keeps the device."""
     dtype: Global___Dtype.ValueType
     """Target dtype for floating-point tensors; DTYPE_UNSPECIFIED keeps it."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         device: _builtins.str = ...,
         dtype: Global___Dtype.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1909,8 +2009,13 @@ class CreateLossRequest(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Loss type: ce, mse, nll, bce, bcelogits or smoothl1."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
         """Positional options in the type's option order."""
@@ -1925,10 +2030,11 @@ class CreateLossRequest(_message.Message):
         type: _builtins.str = ...,
         args: _abc.Iterable[Global___OptionValue] | None = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "options", b"options", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "options", b"options", "request_id", b"request_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1968,10 +2074,15 @@ class CreateOptimizerRequest(_message.Message):
     MODULE_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Optimizer type: sgd, adam, adamw, rmsprop or adagrad."""
     module: _builtins.str
     """Module or model handle id whose parameters the optimizer updates."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
         """Positional options in the type's option order (sgd: lr, momentum, dampening, decay, nesterov)."""
@@ -1987,10 +2098,11 @@ class CreateOptimizerRequest(_message.Message):
         module: _builtins.str = ...,
         args: _abc.Iterable[Global___OptionValue] | None = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "module", b"module", "options", b"options", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "module", b"module", "options", b"options", "request_id", b"request_id", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2072,19 +2184,25 @@ class SetLearningRateRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     LR_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Optimizer or model handle id."""
     lr: _builtins.float
     """New learning rate for every parameter group; finite and not negative."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         lr: _builtins.float = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "lr", b"lr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "lr", b"lr", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2116,22 +2234,28 @@ class CreateModelRequest(_message.Message):
     MODULE_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     module: _builtins.str
     """Module handle id."""
     loss: _builtins.str
     """Loss handle id."""
     optimizer: _builtins.str
     """Optimizer handle id; it must have been built over the same module."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         module: _builtins.str = ...,
         loss: _builtins.str = ...,
         optimizer: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "module", b"module", "optimizer", b"optimizer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "module", b"module", "optimizer", b"optimizer", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2326,10 +2450,15 @@ class SetModelOptionsRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
     split: Global___DataSplit.ValueType
     """Train or test options."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
         """Options to set: batchsize, droplast, metrics (a comma-separated string); train only: shuffle,
@@ -2342,10 +2471,11 @@ class SetModelOptionsRequest(_message.Message):
         model: _builtins.str = ...,
         split: Global___DataSplit.ValueType = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "request_id", b"request_id", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2384,10 +2514,16 @@ class SetModelDataRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id; set on the first message."""
     split: Global___DataSplit.ValueType
     """Train or test data; set on the first message."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of the inputs (first tensor) or targets (second tensor); first dimensions must match."""
@@ -2398,10 +2534,11 @@ class SetModelDataRequest(_message.Message):
         model: _builtins.str = ...,
         split: Global___DataSplit.ValueType = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "request_id", b"request_id", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2436,16 +2573,22 @@ class RunEpochRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2583,6 +2726,7 @@ class RunForwardRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module or model handle id; set on the first message."""
     mode: Global___ForwardMode.ValueType
@@ -2590,6 +2734,11 @@ class RunForwardRequest(_message.Message):
     input: _builtins.str
     """Tensor handle id of the input; when empty the input streams as chunks, and with neither a
     model uses its training inputs (test inputs for eforward).
+    """
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
+    in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -2602,10 +2751,11 @@ class RunForwardRequest(_message.Message):
         mode: Global___ForwardMode.ValueType = ...,
         input: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "input", b"input", "mode", b"mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "input", b"input", "mode", b"mode", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2642,16 +2792,22 @@ class GetModelInputRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2689,19 +2845,25 @@ class RestoreModelDataRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
     split: Global___DataSplit.ValueType
     """Which data to restore: unspecified or train for the training data, test for the test data."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         split: Global___DataSplit.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2738,6 +2900,7 @@ class NextBatchRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Tensor or model handle id."""
     size: _builtins.int
@@ -2748,16 +2911,21 @@ class NextBatchRequest(_message.Message):
     """For a model: unspecified or train steps its training data by the train batchsize, test its
     test data by the test batchsize (testbatch). Must be unspecified for a tensor.
     """
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         size: _builtins.int = ...,
         split: Global___DataSplit.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "size", b"size", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "request_id", b"request_id", "size", b"size", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2792,16 +2960,22 @@ class RecalculateBatchNormRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id; the model needs training data."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2868,16 +3042,22 @@ class CreateSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     lease_seconds: _builtins.float
     """Lease in seconds: the session ends this long after its last call; 0 takes the server default."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         lease_seconds: _builtins.float = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2960,16 +3140,22 @@ class CloseSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     """Session id; empty means the session named in the call's metadata."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     def __init__(
         self,
         *,
         session: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3079,6 +3265,7 @@ class GetServerStatsResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     METHODS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    REQUEST_IDS_FIELD_NUMBER: _builtins.int
     uptime_seconds: _builtins.float
     """Seconds since the server was created."""
     @_builtins.property
@@ -3091,16 +3278,21 @@ class GetServerStatsResponse(_message.Message):
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceUsage]:
         """Live handles and the bytes of their tensors, one entry per device, sorted by device."""
 
+    @_builtins.property
+    def request_ids(self) -> Global___RequestIdStats:
+        """Request IDs remembered for exactly-once calls, and the duplicates answered from them."""
+
     def __init__(
         self,
         *,
         uptime_seconds: _builtins.float = ...,
         methods: _abc.Iterable[Global___MethodStats] | None = ...,
         devices: _abc.Iterable[Global___DeviceUsage] | None = ...,
+        request_ids: Global___RequestIdStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request_ids", b"request_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "methods", b"methods", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "methods", b"methods", "request_ids", b"request_ids", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3183,6 +3375,36 @@ class MethodStats(_message.Message):
 Global___MethodStats: _TypeAlias = MethodStats  # noqa: Y015
 
 @_typing.final
+class RequestIdStats(_message.Message):
+    """RequestIdStats describes the server's memory of request IDs (--request-id-window-seconds)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEMBERED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_ANSWERED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    remembered: _builtins.int
+    """IDs whose first answer is remembered now (within the window and the cap)."""
+    duplicates_answered: _builtins.int
+    """Calls since the server started that repeated a remembered ID and got its first answer."""
+    dropped: _builtins.int
+    """IDs forgotten before their window ended because the cap (--max-request-ids) was reached."""
+    def __init__(
+        self,
+        *,
+        remembered: _builtins.int = ...,
+        duplicates_answered: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "duplicates_answered", b"duplicates_answered", "remembered", b"remembered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestIdStats: _TypeAlias = RequestIdStats  # noqa: Y015
+
+@_typing.final
 class DeviceUsage(_message.Message):
     """DeviceUsage counts the live handles with tensors on one device and the memory those tensors hold."""
 
@@ -3223,8 +3445,13 @@ class UpdateModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
     @_builtins.property
     def parts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Handle ids of the new parts, at most one each of module, loss and optimizer, in any order. A
@@ -3237,10 +3464,11 @@ class UpdateModelRequest(_message.Message):
         *,
         model: _builtins.str = ...,
         parts: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parts", b"parts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "parts", b"parts", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3367,8 +3595,8 @@ class UpdateMovingAverageRequest(_message.Message):
     buffers: Global___BufferMode.ValueType
     """What to do with the module's buffers; unspecified leaves them out."""
     request_id: _builtins.str
-    """Optional. A client-chosen UUID4 (at most 36 characters, not all zeros) that names this request
-    so that a retry of it is recognised (AIP-155). Servers that do not yet track request ids ignore it.
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 11 here, 15 elsewhere.
     """
     def __init__(
         self,

@@ -622,7 +622,7 @@ class WeightAveragingServiceServicer:
         """--- Operations ---
 
         GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-        the server started, and live handles and their bytes per device.
+        the server started, live handles and their bytes per device, and the request IDs remembered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -170,7 +170,7 @@ class WeightAveragingServiceStub:
     """--- Operations ---
 
     GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-    the server started, and live handles and their bytes per device.
+    the server started, live handles and their bytes per device, and the request IDs remembered.
     """
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]
     """-- Models, continued ---------------------------------------------------------------------------
@@ -325,7 +325,7 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """--- Operations ---
 
     GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-    the server started, and live handles and their bytes per device.
+    the server started, live handles and their bytes per device, and the request IDs remembered.
     """
     UpdateModel: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]  # type: ignore[assignment]
     """-- Models, continued ---------------------------------------------------------------------------
@@ -753,7 +753,7 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         """--- Operations ---
 
         GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-        the server started, and live handles and their bytes per device.
+        the server started, live handles and their bytes per device, and the request IDs remembered.
         """
 
     @_abc_1.abstractmethod

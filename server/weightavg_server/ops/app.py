@@ -173,6 +173,7 @@ def create_runtime(
     optimizers.prepare()
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
+    registry.requests.configure(config.request_id_window_seconds, config.max_request_ids, config.max_request_id_bytes)
     if config.state_dir:
         restored = snapshot.load(registry, config.state_dir, device)
         if restored:

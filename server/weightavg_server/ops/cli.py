@@ -54,6 +54,11 @@ OPTIONS: list[tuple[str, str, type, str]] = [
      "SIGTERM/SIGINT and by `weightavg snapshot`"),
     ("--session-lease-seconds", "session_lease_seconds", float, "lease of a session that asks for the default (0)"),
     ("--max-session-lease-seconds", "max_session_lease_seconds", float, "longest lease a session may ask for"),
+    ("--request-id-window-seconds", "request_id_window_seconds", float,
+     "remember each request ID's answer this long, so a retried call runs once; 0 remembers none"),
+    ("--max-request-ids", "max_request_ids", int, "most request IDs remembered; the oldest go first"),
+    ("--max-request-id-bytes", "max_request_id_bytes", int,
+     "most bytes remembered answers may hold (an epoch's metrics can be tensors); the oldest go first"),
     ("--log-level", "log_level", str, "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
 ]
 

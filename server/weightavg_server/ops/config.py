@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 
 from weightavg.wire import CHUNK_BYTES
 
+from ..store import requests
+
 ENV_PREFIX = "WEIGHTAVG_"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -28,6 +30,9 @@ DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 20.0
 DEFAULT_METRICS_PORT = -1
 """-1: no metrics endpoint; 0 picks a free port; anything else is the port."""
 DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_REQUEST_ID_WINDOW_SECONDS = requests.DEFAULT_WINDOW_SECONDS
+DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
+DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,10 @@ class ServerConfig:
     keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
     metrics_port: int = DEFAULT_METRICS_PORT
     log_level: str = DEFAULT_LOG_LEVEL
+    # Exactly-once calls (docs/robust.md): how long and how many request IDs are remembered.
+    request_id_window_seconds: float = DEFAULT_REQUEST_ID_WINDOW_SECONDS
+    max_request_ids: int = DEFAULT_MAX_REQUEST_IDS
+    max_request_id_bytes: int = DEFAULT_MAX_REQUEST_ID_BYTES
 
     def __repr__(self) -> str:
         # The token is a secret: never let it reach a log line through the config's repr.

@@ -82,6 +82,21 @@ class WeightavgCollector(Collector):
                 nbytes.add_metric([device], usage.bytes)
         yield from (handles, nbytes)
 
+        ids = self.service.request_id_stats()
+        remembered = GaugeMetricFamily(
+            "weightavg_request_ids_remembered", "Request IDs whose first answer is remembered (exactly-once calls)."
+        )
+        remembered.add_metric([], ids.remembered)
+        duplicates = CounterMetricFamily(
+            "weightavg_duplicate_requests_answered", "Calls that repeated a remembered request ID and got its first answer."
+        )
+        duplicates.add_metric([], ids.duplicates_answered)
+        dropped = CounterMetricFamily(
+            "weightavg_request_ids_dropped", "Request IDs forgotten before their window ended, at the caps."
+        )
+        dropped.add_metric([], ids.dropped)
+        yield from (remembered, duplicates, dropped)
+
         info = GaugeMetricFamily(
             "weightavg_build_info", "Versions and device of this server (value always 1).",
             labels=["version", "torch_version", "grpc_version", "device"],

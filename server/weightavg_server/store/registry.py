@@ -25,6 +25,7 @@ from ..domain.errors import InvalidArgument, NotFound
 from ..domain.tensors import EMPTY_SUMMARY, Bytes, HandleSummary, storages, summarize, tensors_of
 from .accounting import Ledger, Reservation
 from .limits import Limits
+from .requests import RequestTable, register_answer_type
 
 log = logging.getLogger("weightavg.sessions")
 
@@ -32,6 +33,7 @@ CALLER_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("wei
 """The session of the call being served (set by the session interceptor from call metadata), or None."""
 
 
+@register_answer_type  # answers holding handles name their kinds, and survive a snapshot
 class Kind(enum.Enum):
     """What a handle refers to; the values are the names users see."""
 
@@ -107,6 +109,8 @@ class Registry:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._ledger = Ledger(limits or Limits())
+        self.requests = RequestTable()
+        """Answers remembered by request ID, so a retried call changes state once (requests.py)."""
 
     @property
     def limits(self) -> Limits:

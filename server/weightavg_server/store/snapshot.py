@@ -3,7 +3,8 @@
 Layout of the directory::
 
     manifest.json               written last: format, generation, size and sha256 of each file below
-    state-<gen>.json            sessions, objects (kind + JSON description), handles (id, object, session)
+    state-<gen>.json            sessions, objects (kind + JSON description), handles (id, object, session),
+                                remembered request IDs with their answers (absent in older snapshots)
     tensors-<gen>.safetensors   every tensor, keyed t0, t1, ...
 
 Each file is written under a temporary name, fsynced and renamed, then the directory is fsynced;
@@ -44,6 +45,7 @@ from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from ..domain.losses import Loss
 from ..domain.optimizers import Optimizer
 from ..domain.tensors import TensorHolder
+from . import requests
 from .registry import Entry, Kind, Registry, locked
 
 log = logging.getLogger("weightavg.snapshot")
@@ -521,11 +523,14 @@ def save(registry: Registry, directory: str | os.PathLike[str], *, copy: bool = 
     Raises:
         SnapshotError: the directory cannot be written.
     """
-    items = registry.items()
-    with locked(*(entry for _, entry in items)):
-        state, ctx, skipped = _collect(registry, items, SaveContext(copy))
-        if not copy:
-            return _write(Path(directory), state, ctx, skipped)
+    # Calls with request IDs are held back while the cut is taken, so that it holds the ID of every
+    # such call whose change it holds, and no other (requests.py).
+    with registry.requests.paused():
+        items = registry.items()
+        with locked(*(entry for _, entry in items)):
+            state, ctx, skipped = _collect(registry, items, SaveContext(copy))
+            if not copy:
+                return _write(Path(directory), state, ctx, skipped)
     return _write(Path(directory), state, ctx, skipped)
 
 
@@ -583,7 +588,7 @@ def _collect(
                         "session": entry.session})
     sessions = [{"id": s.id, "lease": s.lease} for s in registry.sessions()]
     state = {"format": FORMAT, "version": VERSION, "sessions": sessions, "objects": ctx.objects, "handles": handles,
-             "tensors": ctx.tensor_info}
+             "tensors": ctx.tensor_info, "requests": registry.requests.export(), "saved_at": time.time()}
     return state, ctx, skipped
 
 
@@ -677,6 +682,9 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
         raise SnapshotError("a snapshot can only be restored into an empty server")
     objects: list[dict[str, Any]] = state["objects"]
     built: dict[int, Any] = {}
+    # Snapshots written before request IDs have none; the time the server was down counts against the window.
+    answers = requests.parse_saved(state.get("requests", []))
+    down = time.time() - float(state.get("saved_at", time.time()))
 
     def load_object(index: int) -> Any:
         if index not in built:
@@ -705,5 +713,9 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
                 Kind(record["kind"]), built[int(h["object"])], reservation, lock=lock, handle_id=str(h["id"]),
                 session=h["session"],
             )
-    log.info("restored %d handle(s) and %d session(s)", len(state["handles"]), len(state["sessions"]))
+    remembered = registry.requests.restore(answers, elapsed=down)
+    log.info(
+        "restored %d handle(s), %d session(s) and %d request ID(s)", len(state["handles"]), len(state["sessions"]),
+        remembered,
+    )
     return len(state["handles"])

@@ -18,6 +18,7 @@ from . import codec
 from .stats import MethodStats
 from ..service import ModelDescription, Size
 from ..store.registry import Kind
+from ..store.requests import RequestStats
 
 KINDS = {
     Kind.MODULE: pb.HANDLE_KIND_MODULE,
@@ -233,4 +234,11 @@ def method_stats(name: str, s: MethodStats) -> pb.MethodStats:
         method=name, count=s.finished, in_flight=s.in_flight, failures=s.failures, codes=dict(s.codes),
         total_seconds=s.seconds_total, max_seconds=s.seconds_max,
         bytes_received=s.bytes_received, bytes_sent=s.bytes_sent,
+    )
+
+
+def request_id_stats(stats: RequestStats) -> pb.RequestIdStats:
+    """The request ID table's accounting as its message."""
+    return pb.RequestIdStats(
+        remembered=stats.remembered, duplicates_answered=stats.duplicates_answered, dropped=stats.dropped
     )

@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -17,7 +18,8 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from ..domain.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from .stats import RpcStats
 from ..service import OnHeader, Ref, Service, StopCheck, Upload
-from . import codec, convert
+from ..store.requests import RequestKey
+from . import codec, convert, requests as ids
 from .status import translate_errors
 
 Context = grpc.ServicerContext
@@ -34,6 +36,16 @@ class _Streamed(Protocol):
 
 
 R = TypeVar("R", bound=_Streamed)
+
+
+class _KeyedStream(_Streamed, Protocol):
+    """A request message of an upload stream that changes state: the first may carry a request ID."""
+
+    @property
+    def request_id(self) -> str: ...
+
+
+K = TypeVar("K", bound=_KeyedStream)
 
 
 def _first(requests: Iterator[R], what: str) -> R:
@@ -95,6 +107,16 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         """The upload of a stream whose first message has been read for its header fields."""
         return self._upload((r.chunk for r in itertools.chain([first], requests)), context)
 
+    def _keyed(
+        self, message_type: type[Message], first: K | None, requests: Iterator[K], context: Context
+    ) -> tuple[Upload, RequestKey | None]:
+        """The upload of a stream whose first message (None: the stream is empty) has been read, and
+        its request key, whose digest hashes the upload as it is received."""
+        if first is None:
+            return self._upload(iter(()), context), None
+        chunks, key = ids.stream_key(first, message_type, (r.chunk for r in itertools.chain([first], requests)))
+        return self._upload(chunks, context), key
+
     def _chunks(self, named: list[tuple[str, torch.Tensor]]) -> Iterator[pb.TensorChunk]:
         return codec.tensors_chunks(named, self.chunk_bytes)
 
@@ -121,6 +143,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             uptime_seconds=self.stats.uptime(),
             methods=[convert.method_stats(name, s) for name, s in self.stats.snapshot().items()],
             devices=[pb.DeviceUsage(device=d, handles=u.handles, bytes=u.bytes) for d, u in usage.items()],
+            request_ids=convert.request_id_stats(self.service.request_id_stats()),
         )
 
     # -- modules ------------------------------------------------------------------------------------
@@ -128,7 +151,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def CreateModule(self, request: pb.CreateModuleRequest, context: Context) -> pb.CreateModuleResponse:
         spec = convert.layer_spec(request.spec, self.service.settings.max_spec_depth)
-        return pb.CreateModuleResponse(module=_handle(self.service.create_module(spec)))
+        return pb.CreateModuleResponse(module=_handle(self.service.create_module(spec, request=ids.key(request))))
 
     @translate_errors
     def DescribeModule(self, request: pb.DescribeModuleRequest, context: Context) -> pb.DescribeModuleResponse:
@@ -149,26 +172,29 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request_iterator: Iterator[pb.SetParameterRequest], context: Context
     ) -> pb.SetParameterResponse:
         first = _first(request_iterator, "SetParameter")
-        created = self.service.set_parameter(first.handle, first.name, self._rest(first, request_iterator, context))
+        upload, key = self._keyed(pb.SetParameterRequest, first, request_iterator, context)
+        created = self.service.set_parameter(first.handle, first.name, upload, request=key)
         return pb.SetParameterResponse(created=created)
 
     @translate_errors
     def ViewParameters(self, request: pb.ViewParametersRequest, context: Context) -> pb.ViewParametersResponse:
-        return pb.ViewParametersResponse(dictionary=_handle(self.service.view_parameters(request.handle, request.child)))
+        ref = self.service.view_parameters(request.handle, request.child, request=ids.key(request))
+        return pb.ViewParametersResponse(dictionary=_handle(ref))
 
     @translate_errors
     def ViewBuffers(self, request: pb.ViewBuffersRequest, context: Context) -> pb.ViewBuffersResponse:
-        return pb.ViewBuffersResponse(dictionary=_handle(self.service.view_buffers(request.handle, request.child)))
+        ref = self.service.view_buffers(request.handle, request.child, request=ids.key(request))
+        return pb.ViewBuffersResponse(dictionary=_handle(ref))
 
     @translate_errors
     def CopyParameters(self, request: pb.CopyParametersRequest, context: Context) -> pb.CopyParametersResponse:
         dtype = codec.torch_dtype(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
-        ref = self.service.copy_parameters(request.handle, dtype, request.buffers)
+        ref = self.service.copy_parameters(request.handle, dtype, request.buffers, request=ids.key(request))
         return pb.CopyParametersResponse(dictionary=_handle(ref))
 
     @translate_errors
     def LoadParameters(self, request: pb.LoadParametersRequest, context: Context) -> pb.LoadParametersResponse:
-        copied = self.service.load_parameters(request.handle, request.dictionary)
+        copied = self.service.load_parameters(request.handle, request.dictionary, request=ids.key(request))
         return pb.LoadParametersResponse(copied=copied, names=list(copied))
 
     @translate_errors
@@ -176,28 +202,28 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request: pb.AverageParametersRequest, context: Context
     ) -> pb.AverageParametersResponse:
         buffers = convert.buffer_mode(request.buffers)
-        count = self.service.average_parameters(request.handle, request.dictionary, buffers)
+        count = self.service.average_parameters(request.handle, request.dictionary, buffers, request=ids.key(request))
         return pb.AverageParametersResponse(count=count)
 
     @translate_errors
     def UpdateMovingAverage(
         self, request: pb.UpdateMovingAverageRequest, context: Context
     ) -> pb.UpdateMovingAverageResponse:
-        # request_id is accepted and not yet acted on (exactly-once handling comes with its own change).
         result = self.service.update_moving_average(
             request.handle, request.dictionary, convert.schedule_change(request),
             request.step if request.HasField("step") else None, convert.buffer_mode(request.buffers),
+            request=ids.key(request),
         )
         return pb.UpdateMovingAverageResponse(step=result.step, decay=result.decay)
 
     @translate_errors
     def ResetBatchNorm(self, request: pb.ResetBatchNormRequest, context: Context) -> pb.ResetBatchNormResponse:
-        momenta = self.service.reset_batchnorm(request.handle)
+        momenta = self.service.reset_batchnorm(request.handle, request=ids.key(request))
         return pb.ResetBatchNormResponse(momenta=convert.momenta_messages(momenta), names=list(momenta))
 
     @translate_errors
     def RestoreMomentum(self, request: pb.RestoreMomentumRequest, context: Context) -> pb.RestoreMomentumResponse:
-        self.service.restore_momentum(request.handle, convert.momenta(dict(request.momenta)))
+        self.service.restore_momentum(request.handle, convert.momenta(dict(request.momenta)), request=ids.key(request))
         return pb.RestoreMomentumResponse()
 
     # -- dictionaries and tensors -------------------------------------------------------------------
@@ -206,28 +232,29 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def CreateDictionary(
         self, request_iterator: Iterator[pb.CreateDictionaryRequest], context: Context
     ) -> pb.CreateDictionaryResponse:
-        upload = self._upload((r.chunk for r in request_iterator), context)
-        return pb.CreateDictionaryResponse(dictionary=_handle(self.service.create_dictionary(upload)))
+        upload, key = self._keyed(pb.CreateDictionaryRequest, next(request_iterator, None), request_iterator, context)
+        return pb.CreateDictionaryResponse(dictionary=_handle(self.service.create_dictionary(upload, request=key)))
 
     @translate_errors
     def UpdateDictionary(
         self, request_iterator: Iterator[pb.UpdateDictionaryRequest], context: Context
     ) -> pb.UpdateDictionaryResponse:
         first = _first(request_iterator, "UpdateDictionary")
-        names = self.service.update_dictionary(first.dictionary, self._rest(first, request_iterator, context))
+        upload, key = self._keyed(pb.UpdateDictionaryRequest, first, request_iterator, context)
+        names = self.service.update_dictionary(first.dictionary, upload, request=key)
         return pb.UpdateDictionaryResponse(names=names)
 
     @translate_errors
     def DeleteEntries(self, request: pb.DeleteEntriesRequest, context: Context) -> pb.DeleteEntriesResponse:
-        self.service.delete_entries(request.dictionary, list(request.names))
+        self.service.delete_entries(request.dictionary, list(request.names), request=ids.key(request))
         return pb.DeleteEntriesResponse()
 
     @translate_errors
     def CreateTensor(
         self, request_iterator: Iterator[pb.CreateTensorRequest], context: Context
     ) -> pb.CreateTensorResponse:
-        upload = self._upload((r.chunk for r in request_iterator), context)
-        return pb.CreateTensorResponse(tensor=_handle(self.service.create_tensor(upload)))
+        upload, key = self._keyed(pb.CreateTensorRequest, next(request_iterator, None), request_iterator, context)
+        return pb.CreateTensorResponse(tensor=_handle(self.service.create_tensor(upload, request=key)))
 
     def FetchTensors(
         self, request: pb.FetchTensorsRequest, context: Context
@@ -250,11 +277,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def FreeHandles(self, request: pb.FreeHandlesRequest, context: Context) -> pb.FreeHandlesResponse:
-        return pb.FreeHandlesResponse(freed=self.service.free(list(request.handles), request.all))
+        freed = self.service.free(list(request.handles), request.all, request=ids.key(request))
+        return pb.FreeHandlesResponse(freed=freed)
 
     @translate_errors
     def AddReference(self, request: pb.AddReferenceRequest, context: Context) -> pb.AddReferenceResponse:
-        return pb.AddReferenceResponse(handle=_handle(self.service.addref(request.handle)))
+        return pb.AddReferenceResponse(handle=_handle(self.service.addref(request.handle, request=ids.key(request))))
 
     @translate_errors
     def ListHandles(self, request: pb.ListHandlesRequest, context: Context) -> pb.ListHandlesResponse:
@@ -264,19 +292,21 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def MoveHandle(self, request: pb.MoveHandleRequest, context: Context) -> pb.MoveHandleResponse:
         dtype = codec.torch_dtype(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
-        return pb.MoveHandleResponse(handle=_handle(self.service.move(request.handle, request.device, dtype)))
+        ref = self.service.move(request.handle, request.device, dtype, request=ids.key(request))
+        return pb.MoveHandleResponse(handle=_handle(ref))
 
     # -- losses, optimizers, models -----------------------------------------------------------------
 
     @translate_errors
     def CreateLoss(self, request: pb.CreateLossRequest, context: Context) -> pb.CreateLossResponse:
         args, kwargs = convert.option_args(request.args, request.options)
-        return pb.CreateLossResponse(loss=_handle(self.service.create_loss(request.type, args, kwargs)))
+        ref = self.service.create_loss(request.type, args, kwargs, request=ids.key(request))
+        return pb.CreateLossResponse(loss=_handle(ref))
 
     @translate_errors
     def CreateOptimizer(self, request: pb.CreateOptimizerRequest, context: Context) -> pb.CreateOptimizerResponse:
         args, kwargs = convert.option_args(request.args, request.options)
-        ref = self.service.create_optimizer(request.module, request.type, args, kwargs)
+        ref = self.service.create_optimizer(request.module, request.type, args, kwargs, request=ids.key(request))
         return pb.CreateOptimizerResponse(optimizer=_handle(ref))
 
     @translate_errors
@@ -285,17 +315,18 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def SetLearningRate(self, request: pb.SetLearningRateRequest, context: Context) -> pb.SetLearningRateResponse:
-        self.service.set_learning_rate(request.handle, request.lr)
+        self.service.set_learning_rate(request.handle, request.lr, request=ids.key(request))
         return pb.SetLearningRateResponse()
 
     @translate_errors
     def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.CreateModelResponse:
-        ref = self.service.create_model(request.module, request.loss, request.optimizer)
+        ref = self.service.create_model(request.module, request.loss, request.optimizer, request=ids.key(request))
         return pb.CreateModelResponse(model=_handle(ref))
 
     @translate_errors
     def UpdateModel(self, request: pb.UpdateModelRequest, context: Context) -> pb.UpdateModelResponse:
-        return pb.UpdateModelResponse(model=_handle(self.service.update_model(request.model, list(request.parts))))
+        ref = self.service.update_model(request.model, list(request.parts), request=ids.key(request))
+        return pb.UpdateModelResponse(model=_handle(ref))
 
     @translate_errors
     def DescribeModel(self, request: pb.DescribeModelRequest, context: Context) -> pb.DescribeModelResponse:
@@ -309,7 +340,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def SetModelOptions(self, request: pb.SetModelOptionsRequest, context: Context) -> pb.SetModelOptionsResponse:
         _, values = convert.option_args((), request.options)
-        options = self.service.set_model_options(request.model, convert.split(request.split), values)
+        options = self.service.set_model_options(
+            request.model, convert.split(request.split), values, request=ids.key(request)
+        )
         return pb.SetModelOptionsResponse(options=convert.options_message(options))
 
     @translate_errors
@@ -318,13 +351,14 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.SetModelDataResponse:
         first = _first(request_iterator, "SetModelData")
         split = convert.split(first.split)
-        batches = self.service.set_model_data(first.model, split, self._rest(first, request_iterator, context))
+        upload, key = self._keyed(pb.SetModelDataRequest, first, request_iterator, context)
+        batches = self.service.set_model_data(first.model, split, upload, request=key)
         return pb.SetModelDataResponse(batches=batches)
 
     @translate_errors
     def RunEpoch(self, request: pb.RunEpochRequest, context: Context) -> Iterator[pb.RunEpochResponse]:
         with _stopping(context):
-            metrics = self.service.run_epoch(request.model, _should_stop(context))
+            metrics = self.service.run_epoch(request.model, _should_stop(context), request=ids.key(request))
         for chunk in self._chunks(metrics):
             yield pb.RunEpochResponse(chunk=chunk)
 
@@ -351,38 +385,42 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def RunForward(self, request_iterator: Iterator[pb.RunForwardRequest], context: Context) -> pb.RunForwardResponse:
         first = _first(request_iterator, "RunForward")
         mode = convert.forward_mode(first.mode)
-        ref = self.service.forward(first.handle, mode, first.input, self._rest(first, request_iterator, context))
+        upload, key = self._keyed(pb.RunForwardRequest, first, request_iterator, context)
+        ref = self.service.forward(first.handle, mode, first.input, upload, request=key)
         return pb.RunForwardResponse(output=_handle(ref))
 
     @translate_errors
     def GetModelInput(self, request: pb.GetModelInputRequest, context: Context) -> pb.GetModelInputResponse:
-        return pb.GetModelInputResponse(tensor=_handle(self.service.model_input(request.model)))
+        ref = self.service.model_input(request.model, request=ids.key(request))
+        return pb.GetModelInputResponse(tensor=_handle(ref))
 
     @translate_errors
     def RestoreModelData(
         self, request: pb.RestoreModelDataRequest, context: Context
     ) -> pb.RestoreModelDataResponse:
         split = convert.split_or_none(request.split) or "train"
-        return pb.RestoreModelDataResponse(size=self.service.restore_data(request.model, split))
+        size = self.service.restore_data(request.model, split, request=ids.key(request))
+        return pb.RestoreModelDataResponse(size=size)
 
     @translate_errors
     def NextBatch(self, request: pb.NextBatchRequest, context: Context) -> pb.NextBatchResponse:
         split = convert.split_or_none(request.split)
-        return pb.NextBatchResponse(more=self.service.next_batch(request.handle, split, request.size))
+        more = self.service.next_batch(request.handle, split, request.size, request=ids.key(request))
+        return pb.NextBatchResponse(more=more)
 
     @translate_errors
     def RecalculateBatchNorm(
         self, request: pb.RecalculateBatchNormRequest, context: Context
     ) -> pb.RecalculateBatchNormResponse:
         with _stopping(context):
-            momenta = self.service.recalculate_batchnorm(request.model, _should_stop(context))
+            momenta = self.service.recalculate_batchnorm(request.model, _should_stop(context), request=ids.key(request))
         return pb.RecalculateBatchNormResponse(momenta=convert.momenta_messages(momenta), names=list(momenta))
 
     # -- sessions and snapshots ---------------------------------------------------------------------
 
     @translate_errors
     def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
-        session, lease = self.service.create_session(request.lease_seconds)
+        session, lease = self.service.create_session(request.lease_seconds, request=ids.key(request))
         return pb.CreateSessionResponse(session=session, lease_seconds=lease)
 
     @translate_errors
@@ -393,7 +431,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
-        return pb.CloseSessionResponse(freed=self.service.close_session(request.session))
+        return pb.CloseSessionResponse(freed=self.service.close_session(request.session, request=ids.key(request)))
 
     @translate_errors
     def Snapshot(self, request: pb.SnapshotRequest, context: Context) -> pb.SnapshotResponse:

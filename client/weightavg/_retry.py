@@ -1,0 +1,224 @@
+"""Request IDs and retries: a call that fails UNAVAILABLE is sent again, with the same request ID.
+
+Every request message with a `request_id` field (the calls that change state) gets a new UUID unless
+it has one; the server answers a repeat of that ID with the first answer instead of running the call
+again (docs/robust.md), so a retry after a lost answer cannot count a sample twice. Only UNAVAILABLE
+is retried (AIP-194): the server was unreachable, restarting, or the connection dropped. Any other
+status is the call's answer.
+
+gRPC's own retries (a `retryPolicy` in the service config) are not used: they stop once a call has
+sent more than a small buffer (256 KiB by default), so a lost answer to an upload would not be
+retried, and they cannot give each call its request ID. This interceptor sends an upload again from
+its source (`Replayable`) instead of buffering it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+log = logging.getLogger("weightavg.client")
+
+T = TypeVar("T")
+
+
+def new_request_id() -> str:
+    """A fresh request ID: a random UUID in its 36-character form."""
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a client retries calls that fail with UNAVAILABLE.
+
+    Args:
+        max_attempts: attempts in all, the first included; 1 turns retries off.
+        initial_backoff: seconds; retry n waits a random time between 0 and
+            min(max_backoff, initial_backoff * multiplier ** (n - 1)) ("full jitter", as in gRPC's
+            retry design A6), so clients that lost the server together do not return together.
+        max_backoff: the longest wait between two attempts, in seconds.
+        multiplier: how much the longest wait grows from one retry to the next.
+
+    Retries stay within the call's deadline (the client's `timeout`): no attempt starts after it.
+
+    Example:
+        >>> Client("127.0.0.1:50051", retry=RetryPolicy(max_attempts=10, max_backoff=30.0))
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1 (no retries), given {self.max_attempts}")
+        if not (0 <= self.initial_backoff <= self.max_backoff) or self.multiplier < 1:
+            raise ValueError("need 0 <= initial_backoff <= max_backoff and multiplier >= 1")
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number `retry` (1 for the first retry)."""
+        return rng.uniform(0.0, min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1)))
+
+
+class Replayable(Iterator[T]):
+    """A request stream that can be made again from its source, so that a retry re-sends it whole.
+
+    It iterates like the stream `messages()` makes; `again()` makes a new one for the next attempt.
+    """
+
+    def __init__(self, messages: Callable[[], Iterator[T]]) -> None:
+        self._messages = messages
+        self._first = messages()
+
+    def __next__(self) -> T:
+        return next(self._first)
+
+    def again(self) -> Iterator[T]:
+        return self._messages()
+
+
+class _Outcome(Protocol):
+    def exception(self, timeout: float | None = None) -> BaseException | None: ...
+
+
+O = TypeVar("O", bound=_Outcome)
+
+
+class _Read(Generic[T]):
+    """A response stream read to its end (or to its error), to hand over once no retry is needed."""
+
+    def __init__(self, call: Iterator[T]) -> None:
+        self._messages: list[T] = []
+        self._error: grpc.RpcError | None = None
+        try:
+            self._messages.extend(call)
+        except grpc.RpcError as exc:
+            self._error = exc
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._error
+
+    def __iter__(self) -> Iterator[T]:
+        if self._error is not None:
+            raise self._error
+        return iter(self._messages)
+
+
+def _changes_state(request: Any) -> bool:
+    """Whether a request message is of a call that changes state: it has a request_id field."""
+    return isinstance(request, Message) and "request_id" in request.DESCRIPTOR.fields_by_name
+
+
+def with_request_id(request: Any) -> Any:
+    """The request with a new request ID when its message has the field and it is empty (a copy)."""
+    if _changes_state(request) and not request.request_id:
+        copy = type(request)()
+        copy.CopyFrom(request)
+        copy.request_id = new_request_id()
+        return copy
+    return request
+
+
+def _unavailable(error: BaseException | None) -> bool:
+    return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _details(error: BaseException | None) -> str:
+    return str(error.details()) if isinstance(error, grpc.Call) else str(error)
+
+
+class _Details(
+    collections.namedtuple(
+        "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    """Call details (grpc.ClientCallDetails is abstract; this is the usual recipe)."""
+
+
+def _with_timeout(details: Any, timeout: float | None) -> _Details:
+    """The call's details with the time left of its deadline."""
+    return _Details(details.method, timeout, details.metadata, details.credentials, details.wait_for_ready,
+                    details.compression)
+
+
+class RetryInterceptor(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor
+):
+    """Gives state-changing calls their request IDs and retries UNAVAILABLE calls (see the module docstring).
+
+    Unary calls are retried whole. A streamed answer to a state-changing call (an epoch's metrics)
+    is read to its end before it is handed over, so it too can be retried whole; a streamed answer
+    to a read is retried only until its first message arrives. An upload is retried when it is
+    `Replayable`.
+    """
+
+    def __init__(self, policy: RetryPolicy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self._rng = rng or random.Random()
+
+    def _attempts(self, details: Any, attempt: Callable[[Any, int], O]) -> O:
+        """Run attempt(details, n) until it does not fail UNAVAILABLE, attempts run out, or the
+        deadline would pass; the last outcome."""
+        deadline = None if details.timeout is None else time.monotonic() + details.timeout
+        n = 1
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            outcome = attempt(_with_timeout(details, remaining), n)
+            error = outcome.exception()
+            if n >= self.policy.max_attempts or not _unavailable(error):
+                return outcome
+            delay = self.policy.backoff(n, self._rng)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                return outcome
+            log.info("%s: UNAVAILABLE (%s); retry %d in %.2f s", details.method, _details(error), n, delay)
+            time.sleep(delay)
+            n += 1
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        request = with_request_id(request)
+        return self._attempts(details, lambda d, _: continuation(d, request))
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        if not isinstance(request_iterator, Replayable):
+            return continuation(details, request_iterator)
+        stream = request_iterator
+        return self._attempts(details, lambda d, n: continuation(d, stream if n == 1 else stream.again()))
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        if _changes_state(request):
+            request = with_request_id(request)
+            return self._attempts(details, lambda d, _: _Read(continuation(d, request)))
+        return self._read(continuation, details, request)
+
+    def _read(self, continuation: Any, details: Any, request: Any) -> Iterator[Any]:
+        """A read's response stream, retried while none of it has arrived."""
+        deadline = None if details.timeout is None else time.monotonic() + details.timeout
+        n = 1
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            started = False
+            try:
+                for message in continuation(_with_timeout(details, remaining), request):
+                    started = True
+                    yield message
+                return
+            except grpc.RpcError as exc:
+                if started or n >= self.policy.max_attempts or not _unavailable(exc):
+                    raise
+                delay = self.policy.backoff(n, self._rng)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise
+                log.info("%s: UNAVAILABLE (%s); retry %d in %.2f s", details.method, _details(exc), n, delay)
+            time.sleep(delay)
+            n += 1
