@@ -5,6 +5,7 @@ from ._objects import Dictionary, Module, Remote
 from ._records import Handle, HandleInfo, ModuleRow
 from ._errors import (
     CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CancelledError",
     "Client",
+    "DataLossError",
     "DeadlineExceededError",
     "Dictionary",
     "FailedPreconditionError",

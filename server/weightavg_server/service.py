@@ -308,11 +308,14 @@ class Service:
             holder = TensorHolder(tensors[0][1].to(self.device))
             return Ref(self.store.add(Kind.TENSOR, holder, reservation), Kind.TENSOR)
 
-    def fetch(self, handle: str, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters.
+    @contextlib.contextmanager
+    def fetch(self, handle: str, names: Sequence[str]) -> Iterator[Named]:
+        """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters,
+        for the length of the block (`with service.fetch(h, names) as copies:`).
 
         The copies are taken together under the object's lock, so the reply is one consistent cut,
-        and reserved on the host until the caller has consumed them (the reply has streamed).
+        and reserved on the host until the block ends (the reply has streamed). All of them are
+        there at once, so the reply can declare how many tensors and bytes it carries.
         """
         entry = self.store.get(handle)
         with contextlib.ExitStack() as held:
@@ -320,7 +323,7 @@ class Service:
                 named = self._named(handle, entry, names)
                 held.enter_context(self.store.reserve(nbytes=tensor_bytes((t for _, t in named), "cpu")))
                 copies = host_copies(named)
-            yield from copies
+            yield copies
 
     def _named(self, handle: str, entry: Entry, names: Sequence[str]) -> Named:
         """What a fetch names: dictionary entries (all when no names), a tensor, or module parameters."""

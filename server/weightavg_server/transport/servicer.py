@@ -226,8 +226,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
         """FetchTensors, answered with pre-encoded FetchTensorsResponse messages (one copy a byte):
         `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
-        copies = self.service.fetch(request.handle, list(request.names))
-        yield from codec.encoded_chunks(copies, self.chunk_bytes)
+        with self.service.fetch(request.handle, list(request.names)) as copies:
+            yield from codec.encoded_chunks(copies, self.chunk_bytes)
 
     @translate_errors
     def GetSize(self, request: pb.GetSizeRequest, context: Context) -> pb.GetSizeResponse:
