@@ -40,3 +40,5 @@ class HandleInfo:
     dtype: str | None
     bytes: int
     tensor_count: int
+    tenant: str = ""
+    """The tenant that owns the handle ("default" on a server without a tokens file)."""

@@ -32,7 +32,8 @@ from .domain.tensors import (
 )
 from .store import snapshot
 from .store.accounting import Reservation
-from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, describe
+from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage, describe
+from .store.tenants import CALLER
 
 OnHeader = Callable[[str, int], None]
 """Called with each uploaded tensor's name and byte size once its header is read, before its buffer
@@ -55,6 +56,8 @@ class Ref:
 
     id: str
     kind: Kind
+    tenant: str = ""
+    """The owning tenant, where a listing reports it."""
 
 
 @dataclass(frozen=True)
@@ -349,8 +352,13 @@ class Service:
             _, module = self._module(handle)
             return Size(parameter_count=modules.parameter_count(module))
 
-    def free(self, handles: Sequence[str], every: bool) -> int:
-        """Free the handles (all or nothing), or every handle the caller can list; how many."""
+    def free(self, handles: Sequence[str], every: bool, tenant: str = "") -> int:
+        """Free the handles (all or nothing), or every handle the caller can list, or (admins) every
+        handle of `tenant`; how many."""
+        if tenant:
+            if handles or every:
+                raise InvalidArgument("free a tenant's handles, or the handles given, or all: one at a time")
+            return self.store.purge(tenant)
         return self.store.free_all() if every else self.store.free(list(handles))
 
     def addref(self, handle: str) -> Ref:
@@ -358,14 +366,21 @@ class Service:
         handle_id, kind = self.store.addref(handle)
         return Ref(handle_id, kind)
 
-    def list_handles(self) -> list[tuple[Ref, HandleSummary]]:
-        """The caller's live handles with what they hold, oldest first."""
+    def list_handles(self, all_tenants: bool = False) -> list[tuple[Ref, HandleSummary]]:
+        """The caller's live handles (with `all_tenants`, for admins: every tenant's) with what they
+        hold and their tenant, oldest first."""
         listed = []
-        for handle_id, entry in self.store.visible_items():
+        for handle_id, entry in self.store.visible_items(all_tenants):
             summary = describe(entry)
             if summary is not None:  # else freed since the listing began
-                listed.append((Ref(handle_id, entry.kind), summary))
+                listed.append((Ref(handle_id, entry.kind, entry.tenant), summary))
         return listed
+
+    def tenant_usage(self) -> dict[str, TenantUsage]:
+        """Per tenant, what it holds and its quota: every tenant for an admin, else the caller's own."""
+        usage = self.store.tenant_usage()
+        caller = CALLER.get()
+        return usage if caller.is_admin else {name: u for name, u in usage.items() if name == caller.tenant}
 
     def move(self, handle: str, device: str, dtype: torch.dtype | None) -> Ref:
         """Move a tensor, dictionary or module to another device and/or floating dtype, in place."""
@@ -575,7 +590,8 @@ class Service:
         return self.store.close_session(self._session(session))
 
     def snapshot(self) -> snapshot.SnapshotResult:
-        """Write every live handle to the state directory."""
+        """Write every live handle to the state directory (admins only: it spans every tenant)."""
+        CALLER.get().require_admin("a snapshot")
         if not self.settings.state_dir:
             raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
         return snapshot.save(self.store, self.settings.state_dir)

@@ -161,7 +161,8 @@ class TensorAssembler:
         self._check.chunk(d)
         if d.total_bytes is not None and d.total_bytes > self._max_bytes:
             raise ResourceExhausted(
-                f"the stream declares {d.total_bytes} bytes of tensors; a request may carry at most {self._max_bytes}"
+                f"the stream declares {d.total_bytes} bytes of tensors; a request may carry at most {self._max_bytes} bytes "
+                "of tensors (--max-upload-bytes)"
             )
         if chunk.dtype != pb.DTYPE_UNSPECIFIED:
             self._start(chunk)

@@ -121,6 +121,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             uptime_seconds=self.stats.uptime(),
             methods=[convert.method_stats(name, s) for name, s in self.stats.snapshot().items()],
             devices=[pb.DeviceUsage(device=d, handles=u.handles, bytes=u.bytes) for d, u in usage.items()],
+            tenants=convert.tenant_stats(self.service.tenant_usage(), self.stats.tenants()),
         )
 
     # -- modules ------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def FreeHandles(self, request: pb.FreeHandlesRequest, context: Context) -> pb.FreeHandlesResponse:
-        return pb.FreeHandlesResponse(freed=self.service.free(list(request.handles), request.all))
+        return pb.FreeHandlesResponse(freed=self.service.free(list(request.handles), request.all, request.tenant))
 
     @translate_errors
     def AddReference(self, request: pb.AddReferenceRequest, context: Context) -> pb.AddReferenceResponse:
@@ -243,8 +244,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def ListHandles(self, request: pb.ListHandlesRequest, context: Context) -> pb.ListHandlesResponse:
-        listed = self.service.list_handles()
-        return pb.ListHandlesResponse(handles=[convert.handle_info(_handle(ref), s) for ref, s in listed])
+        listed = self.service.list_handles(request.all_tenants)
+        return pb.ListHandlesResponse(handles=[convert.handle_info(_handle(ref), s, ref.tenant) for ref, s in listed])
 
     @translate_errors
     def MoveHandle(self, request: pb.MoveHandleRequest, context: Context) -> pb.MoveHandleResponse:
