@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import LiveServer
-from weightavg import Client
+from weightavg import Client, wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -95,6 +95,43 @@ BAD_STREAMS: dict[str, list[pb.TensorChunk]] = {
 }
 
 
+def declared(chunk: pb.TensorChunk, count: int | None = 1, total: int | None = None, crc: int | None = None,
+             right_crc: bool = True) -> pb.TensorChunk:
+    """A copy of a one-chunk tensor declared as a stream (count, bytes) with its CRC32C (or a wrong one)."""
+    out = pb.TensorChunk()
+    out.CopyFrom(chunk)
+    if count is not None:
+        out.tensor_count, out.total_bytes = count, len(chunk.data) if total is None else total
+    good = wire.crc32c(chunk.data, wire.tensor_crc(chunk.name, chunk.dtype, chunk.shape))
+    if crc is not None or right_crc:
+        out.crc32c = good if crc is None else crc
+    return out
+
+
+X8 = header("x", shape=(2,), data=f32(3, 4))
+DECLARED_STREAMS: dict[str, list[pb.TensorChunk]] = {
+    # Each alone is refused: a declared stream carries what it declares, each tensor with its checksum.
+    "declared two tensors, sent one": [declared(X8, count=2, total=16)],
+    "declared more bytes than sent": [declared(X8, total=12)],
+    "declared fewer bytes than sent": [declared(X8, total=4)],
+    "declared without a checksum": [declared(X8, right_crc=False)],
+    "checksum that does not match": [declared(X8, crc=0x1234)],
+    "declaration after the first chunk": [header("x", shape=(2,), data=f32(3, 4)), pb.TensorChunk(tensor_count=1, total_bytes=8)],
+    "checksum on a chunk that does not complete its tensor": [
+        declared(header("x", shape=(3,), data=f32(1, 2)), total=12, crc=1), pb.TensorChunk(data=f32(3))],
+    "half a declaration": [pb.TensorChunk(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2], data=f32(3, 4), tensor_count=1)],
+    "negative count": [declared(X8, count=-1)],
+    "declared, but none sent": [pb.TensorChunk(tensor_count=1, total_bytes=8)],
+}
+"""Streams that break the declaration rules (TensorChunk in the .proto): INVALID_ARGUMENT, a
+checksum mismatch DATA_LOSS."""
+DL = grpc.StatusCode.DATA_LOSS
+
+
+def code_of(kind: str) -> grpc.StatusCode:
+    return RE if "huge" in kind else DL if "does not match" in kind else IA
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -148,6 +185,7 @@ CASES = [
     Case("set/empty stream", IA, lambda stub, w: stub.SetParameter(iter([]), timeout=60)),
     *[Case(f"set/{k}", RE if "huge" in k else IA, set_parameter(lambda w: w.net, "a.weight", v[1:] or v))
       for k, v in BAD_STREAMS.items() if k != "empty key"],
+    *[Case(f"set/{k}", code_of(k), set_parameter(lambda w: w.net, "a.bias", v)) for k, v in DECLARED_STREAMS.items()],
     # LoadParameters
     Case("load/unknown module", NF, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=UNKNOWN_ID, dictionary=w.copy))),
     Case("load/unknown dictionary", NF, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.net, dictionary=UNKNOWN_ID))),
@@ -212,6 +250,7 @@ CASES = [
     Case("update/view: shape that does not fit", IA, update(lambda w: w.view, [
         header("a.weight", shape=(), data=f32(1)), header("a.bias", shape=(2,), data=f32(1, 2))])),
     *[Case(f"update/{k}", RE if "huge" in k else IA, update(lambda w: w.plain, v)) for k, v in BAD_STREAMS.items()],
+    *[Case(f"update/{k}", code_of(k), update(lambda w: w.plain, v)) for k, v in DECLARED_STREAMS.items()],
     # DeleteEntries
     Case("delete/unknown dictionary", NF, unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=UNKNOWN_ID, names=["i"]))),
     Case("delete/module handle", IA, unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=w.net, names=["a.weight"]))),
@@ -244,6 +283,10 @@ CASES = [
     *[Case(f"dict/{k}", RE if "huge" in k else IA,
            streamed("CreateDictionary", lambda w, v=v: [pb.CreateDictionaryRequest(chunk=c) for c in v]))
       for k, v in BAD_STREAMS.items()],
+    *[Case(f"dict/{k}", code_of(k), streamed("CreateDictionary", lambda w, v=v: [pb.CreateDictionaryRequest(chunk=c) for c in v]))
+      for k, v in DECLARED_STREAMS.items()],
+    *[Case(f"tensor/{k}", code_of(k), streamed("CreateTensor", lambda w, v=v: [pb.CreateTensorRequest(chunk=c) for c in v]))
+      for k, v in DECLARED_STREAMS.items()],
     Case("tensor/none", IA, streamed("CreateTensor", lambda w: [])),
     Case("tensor/two", IA, streamed("CreateTensor", lambda w: [pb.CreateTensorRequest(chunk=GOOD)] * 2)),
     *[Case(f"tensor/{k}", RE if "huge" in k else IA,

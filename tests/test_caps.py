@@ -176,7 +176,7 @@ HOLD_NOTHING_NEW = {
 memory only while they run (reserved for the call: evaluate's upload, fetch's host copies)."""
 READ_ONLY = {
     "server_info", "device_usage", "describe_module", "parameter_names", "buffer_names", "size", "list_handles",
-    "learning_rate", "describe_model", "model_options", "request_id_stats",
+    "learning_rate", "describe_model", "model_options", "request_id_stats", "tenant_usage",
 }
 
 

@@ -28,6 +28,8 @@ CODES = {
     errors.ResourceExhausted: "RESOURCE_EXHAUSTED",
     errors.Cancelled: "CANCELLED",
     errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
+    errors.PermissionDenied: "PERMISSION_DENIED",
+    errors.DataLoss: "DATA_LOSS",
 }
 
 

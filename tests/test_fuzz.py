@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import LiveServer
-from weightavg import Client
+from weightavg import Client, wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.domain import tensors as handles
@@ -32,6 +32,7 @@ from weightavg_server.domain.specs import LAYER_TYPES
 ALLOWED = {
     grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.DATA_LOSS,  # a chunk's crc32c that does not match its tensor
 }
 FUZZ = settings(
     # 100 keeps the module near 10 s; WEIGHTAVG_FUZZ_EXAMPLES=1500 for a deeper search by hand.
@@ -132,16 +133,25 @@ floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 @st.composite
 def consistent_chunk(draw: st.DrawFn) -> pb.TensorChunk:
-    """A well-formed tensor (possibly with NaN/Inf), so fuzzing also reaches past the wire checks."""
+    """A well-formed tensor (possibly with NaN/Inf), so fuzzing also reaches past the wire checks;
+    sometimes declared as a stream of one tensor with its right CRC32C (or a wrong one)."""
     shape = draw(st.lists(st.integers(0, 3), max_size=3))
     values = draw(st.lists(floats, min_size=math.prod(shape), max_size=math.prod(shape)))
-    return pb.TensorChunk(
-        name=draw(names), dtype=pb.DTYPE_FLOAT32, shape=shape, data=np.array(values, np.float32).tobytes()
-    )
+    name, data = draw(names), np.array(values, np.float32).tobytes()
+    chunk = pb.TensorChunk(name=name, dtype=pb.DTYPE_FLOAT32, shape=shape, data=data)
+    if draw(st.booleans()):
+        chunk.tensor_count, chunk.total_bytes = 1, len(data)
+        crc = wire.crc32c(data, wire.tensor_crc(name, pb.DTYPE_FLOAT32, shape))
+        chunk.crc32c = crc if draw(st.booleans()) else crc ^ (1 << draw(st.integers(0, 31)))
+    return chunk
 
 
+optional_int64 = st.one_of(st.none(), st.integers(-3, 5), INT64)
 raw_chunks = st.builds(
-    pb.TensorChunk, name=names, dtype=dtypes, shape=st.lists(dims, max_size=40), data=st.binary(max_size=64)
+    pb.TensorChunk, name=names, dtype=dtypes, shape=st.lists(dims, max_size=40), data=st.binary(max_size=64),
+    # The stream declaration and checksum fields: absent, small, huge, negative, on any chunk.
+    tensor_count=optional_int64, total_bytes=optional_int64,
+    crc32c=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
 )
 chunks = st.one_of(consistent_chunk(), raw_chunks, st.builds(pb.TensorChunk, data=st.binary(max_size=16)))
 chunk_lists = st.lists(chunks, max_size=4)
@@ -274,12 +284,19 @@ def test_move_handle(fuzzed: Fuzzed, pool: Pool, handle: object, device: str, dt
 
 
 @FUZZ
-@given(refs=st.lists(handle_refs, max_size=4), everything=st.booleans())
-def test_free_and_list_handles(fuzzed: Fuzzed, pool: Pool, refs: list[object], everything: bool) -> None:
+@given(
+    refs=st.lists(handle_refs, max_size=4), everything=st.booleans(), all_tenants=st.booleans(),
+    tenant=st.one_of(st.just(""), st.just("default"), st.text(max_size=10)),
+)
+def test_free_and_list_handles(
+    fuzzed: Fuzzed, pool: Pool, refs: list[object], everything: bool, all_tenants: bool, tenant: str
+) -> None:
     pool.refresh()
-    request = pb.FreeHandlesRequest(handles=[pool.resolve(r) for r in refs], all=everything and len(refs) == 1)
+    request = pb.FreeHandlesRequest(
+        handles=[pool.resolve(r) for r in refs], all=everything and len(refs) == 1, tenant=tenant if len(refs) == 0 else ""
+    )
     check(fuzzed, lambda: fuzzed.stub.FreeHandles(request, timeout=TIMEOUT))
-    check(fuzzed, lambda: fuzzed.stub.ListHandles(pb.ListHandlesRequest(), timeout=TIMEOUT))
+    check(fuzzed, lambda: fuzzed.stub.ListHandles(pb.ListHandlesRequest(all_tenants=all_tenants), timeout=TIMEOUT))
 
 
 @FUZZ

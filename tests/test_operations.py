@@ -267,6 +267,11 @@ def test_metrics_endpoint_after_some_calls(ops_server: OpsServer, ops: Client) -
     # Live objects are read from the registry at scrape time: one dictionary of 4000 bytes.
     assert after[("weightavg_live_handles", (("device", "cpu"),))] == 1
     assert after[("weightavg_live_tensor_bytes", (("device", "cpu"),))] == 4000
+    # Per tenant (an open server: everyone is the default tenant): calls, failures, what it holds.
+    assert delta("weightavg_tenant_calls_total", (("tenant", "default"),)) == 6
+    assert delta("weightavg_tenant_failures_total", (("tenant", "default"),)) == 1
+    assert after[("weightavg_tenant_handles", (("tenant", "default"),))] == 1
+    assert after[("weightavg_tenant_tensor_bytes", (("device", "cpu"), ("tenant", "default")))] == 4000
     assert ("weightavg_build_info", (
         ("device", "cpu"), ("grpc_version", grpc.__version__), ("torch_version", torch.__version__),
         ("version", weightavg.__version__),

@@ -450,3 +450,23 @@ def test_every_state_changing_service_method_is_exactly_once() -> None:
         method = getattr(Service, name)
         assert method.__wrapped__ is not None, f"{name} takes a request but is not @_exactly_once"
         assert inspect.signature(method).parameters["request"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_a_repeat_by_another_tenant_is_invalid_and_reveals_nothing(service: Service) -> None:
+    """Request IDs are per tenant: another tenant's retry with the same ID neither gets the first
+    answer (a handle of another tenant) nor learns which operation it was."""
+    from weightavg_server.store.tenants import CALLER, Caller, Role
+
+    token = CALLER.set(Caller("alice", Role.USER))
+    try:
+        first = service.create_dictionary(upload(("a", f32(1))), request=key())
+    finally:
+        CALLER.reset(token)
+    token = CALLER.set(Caller("bob", Role.USER))
+    try:
+        with pytest.raises(InvalidArgument) as err:
+            service.create_dictionary(upload(("a", f32(1))), request=key())
+    finally:
+        CALLER.reset(token)
+    assert "already used" in str(err.value) and "create_dictionary" not in str(err.value)
+    assert first.id not in str(err.value)

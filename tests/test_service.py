@@ -86,7 +86,8 @@ def dictionary(s: Service, **entries: torch.Tensor) -> str:
 
 
 def fetched(s: Service, handle: str, *wanted: str) -> dict[str, torch.Tensor]:
-    return dict(s.fetch(handle, list(wanted)))
+    with s.fetch(handle, list(wanted)) as copies:
+        return dict(copies)
 
 
 def never() -> bool:
@@ -101,7 +102,7 @@ def test_reference_workflow_averages_a_copy_and_changed_modules_into_their_mean(
     q = linear(s, 3, 2)
     p0 = fetched(s, q, "weight", "bias")
     average = s.copy_parameters(q)
-    assert average.kind is Kind.DICTIONARY and names(s.fetch(average.id, [])) == ["weight", "bias"]
+    assert average.kind is Kind.DICTIONARY and list(fetched(s, average.id)) == ["weight", "bias"]
 
     p1 = {"weight": f32(2, 3, start=1.0), "bias": f32(2, start=-4.0)}
     for name, value in p1.items():
@@ -216,7 +217,7 @@ def test_a_handle_of_the_wrong_kind_is_invalid_naming_both_kinds(
 
 
 UNKNOWN: list[tuple[str, Callable[[Service, Objects], object]]] = [
-    ("fetch", lambda s, o: list(s.fetch("dic_" + "0" * 32, []))),
+    ("fetch", lambda s, o: fetched(s, "dic_" + "0" * 32)),
     ("average with an unknown module", lambda s, o: s.average_parameters("mod_" + "0" * 32, o.dictionary)),
     ("average into an unknown dictionary", lambda s, o: s.average_parameters(o.module, "dic_" + "0" * 32)),
     ("addref", lambda s, o: s.addref("ten_" + "0" * 32)),

@@ -6,6 +6,7 @@ from ._records import Handle, HandleInfo, ModuleRow
 from ._retry import RetryPolicy
 from ._errors import (
     CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CancelledError",
     "Client",
+    "DataLossError",
     "DeadlineExceededError",
     "Dictionary",
     "FailedPreconditionError",

@@ -115,7 +115,7 @@ def _info(argv: list[str]) -> int:
 def _stats(argv: list[str]) -> int:
     return _print_json(
         "stats", "Print GetServerStats as JSON: per-method counts, status codes, latency and tensor bytes, "
-        "and live handles and bytes per device.",
+        "live handles and bytes per device, and calls, failures, handles and bytes held per tenant.",
         Client.stats, argv,
     )
 

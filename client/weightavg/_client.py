@@ -337,7 +337,9 @@ class Client:
              "methods": {full method name: {"count", "in_flight", "failures", "codes" (name -> count),
                          "total_seconds", "max_seconds", "bytes_received", "bytes_sent"}},
              "devices": {device: {"handles", "bytes"}},
-             "request_ids": {"remembered", "duplicates_answered", "dropped"}}
+             "request_ids": {"remembered", "duplicates_answered", "dropped"},
+             "tenants": {tenant: {"calls", "failures", "handles", "bytes" (device -> bytes),
+                         "max_device_bytes", "max_handles"}}}  (an admin sees every tenant, others their own)
         """
         r = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self.timeout)
         return {
@@ -360,6 +362,13 @@ class Client:
                 "remembered": r.request_ids.remembered,
                 "duplicates_answered": r.request_ids.duplicates_answered,
                 "dropped": r.request_ids.dropped,
+            },
+            "tenants": {
+                t.tenant: {
+                    "calls": t.calls, "failures": t.failures, "handles": t.handles, "bytes": dict(t.bytes),
+                    "max_device_bytes": t.max_device_bytes, "max_handles": t.max_handles,
+                }
+                for t in r.tenants
             },
         }
 
@@ -811,21 +820,29 @@ class Client:
         return int(self._stub.FreeHandles(request, timeout=self.timeout).freed)
 
     @_rpc
+    def purge(self, tenant: str) -> int:
+        """Admin tokens only: free every handle of a tenant, in every session (e.g. one whose tokens
+        were removed from the tokens file); returns how many."""
+        request = pb.FreeHandlesRequest(tenant=tenant)
+        return int(self._stub.FreeHandles(request, timeout=self.timeout).freed)
+
+    @_rpc
     def addref(self, h: HandleLike) -> Handle:
         """A second handle to the same object."""
         return _handle(self._stub.AddReference(pb.AddReferenceRequest(handle=_id(h)), timeout=self.timeout).handle)
 
     @_rpc
-    def handles(self) -> list[HandleInfo]:
-        """Every live handle this client may list (its session's, or those of no session), with its
-        device, dtype and bytes."""
-        r = self._stub.ListHandles(pb.ListHandlesRequest(), timeout=self.timeout)
+    def handles(self, all_tenants: bool = False) -> list[HandleInfo]:
+        """Every live handle this client may list (its tenant's: its session's, or those of no
+        session), with its device, dtype, bytes and tenant. all_tenants=True (admin tokens only)
+        lists every tenant's handles, in every session."""
+        r = self._stub.ListHandles(pb.ListHandlesRequest(all_tenants=all_tenants), timeout=self.timeout)
         return [
             HandleInfo(
                 _handle(i.handle), i.device,
                 pb.Dtype.Name(i.dtype).removeprefix("DTYPE_").lower() if i.dtype else None,
                 i.bytes, i.tensor_count,
-                _schedule(i.moving_average) if i.HasField("moving_average") else None,
+                _schedule(i.moving_average) if i.HasField("moving_average") else None, i.tenant,
             )
             for i in r.handles
         ]

@@ -74,6 +74,13 @@ class PermissionDeniedError(WeightavgError):
     code = "PERMISSION_DENIED"
 
 
+class DataLossError(WeightavgError):
+    """Tensor data was lost or corrupted on the way: a checksum did not match, or a declared stream
+    carried less than it declared. Nothing was changed on the server; send or fetch again."""
+
+    code = "DATA_LOSS"
+
+
 class InternalError(WeightavgError):
     """The server failed unexpectedly; its log has the details."""
 
@@ -91,7 +98,7 @@ _BY_CODE: dict[str, type[WeightavgError]] = {
     for cls in (
         InvalidArgumentError, NotFoundError, FailedPreconditionError, ResourceExhaustedError,
         UnavailableError, DeadlineExceededError, CancelledError, UnauthenticatedError,
-        PermissionDeniedError, InternalError, UnimplementedError,
+        PermissionDeniedError, DataLossError, InternalError, UnimplementedError,
     )
 }
 

@@ -42,3 +42,5 @@ class HandleInfo:
     bytes: int
     tensor_count: int
     ema: dict[str, Any] | None = None
+    tenant: str = ""
+    """The tenant that owns the handle ("default" on a server without a tokens file)."""

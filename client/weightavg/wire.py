@@ -6,30 +6,46 @@ Dtype codes, splits arrays into chunks and joins chunks back into arrays, and en
 the stream messages that carry a chunk by hand, so tensor data is copied once a side (docs/perf.md).
 The server's `weightavg_server.transport.codec` builds its torch side on these functions.
 
+Every stream it writes is declared (TensorChunk in the .proto): the first chunk says how many
+tensors and bytes follow, and the chunk that completes each tensor carries its CRC32C, so a reader
+can tell a stream cut short or corrupted from a whole one; `join_chunks` checks both.
+
 Field numbers are read from the generated descriptors (`chunk_field`, `string_fields`), never
 written as literals, so the codec always agrees with the stubs it ships with.
+
+CRC32C comes from the `crc32c` package (hardware CRC instructions, about 11 GB/s on this project's
+2-vCPU machines, and it releases the GIL for large buffers), so checking costs a few percent of a
+transfer.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import crc32c as _crc32c
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import Message
 
+from ._errors import DataLossError
 from .v1 import weightavg_pb2 as pb
 
 __all__ = [
     "CHUNK_BYTES",
     "ChunkView",
+    "Declared",
+    "StreamCheck",
     "array_chunks",
     "chunk_field",
+    "chunk_messages",
+    "crc32c",
+    "declared",
     "decode_chunk_message",
     "decode_fetch_response",
     "encode_chunk",
@@ -38,6 +54,7 @@ __all__ = [
     "join_chunks",
     "plain",
     "string_fields",
+    "tensor_crc",
     "to_array",
 ]
 
@@ -63,9 +80,50 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 _VARINT, _LEN = 0, 2
 """Protobuf wire types: varint (dtype, unpacked shape) and length-delimited (strings, bytes, messages)."""
-_NAME, _DTYPE, _SHAPE, _DATA = (
-    pb.TensorChunk.DESCRIPTOR.fields_by_name[name].number for name in ("name", "dtype", "shape", "data")
+_I32 = 5
+"""Protobuf wire type of fixed32 fields (crc32c)."""
+_NAME, _DTYPE, _SHAPE, _DATA, _COUNT, _TOTAL, _CRC = (
+    pb.TensorChunk.DESCRIPTOR.fields_by_name[name].number
+    for name in ("name", "dtype", "shape", "data", "tensor_count", "total_bytes", "crc32c")
 )
+
+
+def crc32c(data: bytes | memoryview, value: int = 0) -> int:
+    """CRC32C (Castagnoli) of `data`, continuing from `value` (the CRC of the bytes before it)."""
+    return int(_crc32c.crc32c(data, value))
+
+
+def tensor_crc(name: str, code: int, shape: Sequence[int]) -> int:
+    """The CRC32C of a tensor's header, to be continued over its data with `crc32c(data, value)`.
+
+    The header is covered as the .proto says: the name's UTF-8 length (4 bytes little-endian), the
+    name, the dtype code (4 bytes), the number of dimensions (4 bytes), each dimension (8 bytes,
+    signed), so a checksum also catches a name, dtype or shape changed on the way.
+    """
+    raw = name.encode("utf-8")
+    dims = [int(d) for d in shape]
+    head = struct.pack(f"<I{len(raw)}sII{len(dims)}q", len(raw), raw, code & 0xFFFFFFFF, len(dims), *dims)
+    return crc32c(head)
+
+
+class Declared(NamedTuple):
+    """What a chunk declares: a stream's tensor count and bytes (first chunk), a tensor's CRC32C
+    (the chunk that completes it); None where the chunk does not say."""
+
+    tensor_count: int | None
+    total_bytes: int | None
+    crc32c: int | None
+
+
+def declared(chunk: pb.TensorChunk | ChunkView) -> Declared:
+    """The declaration fields of a chunk, whether protobuf parsed it or `decode_chunk_message` did."""
+    if isinstance(chunk, ChunkView):
+        return Declared(chunk.tensor_count, chunk.total_bytes, chunk.crc32c)
+    return Declared(
+        chunk.tensor_count if chunk.HasField("tensor_count") else None,
+        chunk.total_bytes if chunk.HasField("total_bytes") else None,
+        chunk.crc32c if chunk.HasField("crc32c") else None,
+    )
 
 
 def chunk_field(message_type: type[Message]) -> int:
@@ -103,14 +161,27 @@ def to_array(value: Any) -> npt.NDArray[Any]:
 
 
 def array_chunks(name: str, value: Any, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Chunks for one array: a header chunk with name, dtype, shape and the first bytes, then data."""
+    """Chunks for one array, a declared stream of one tensor: a header chunk with name, dtype, shape,
+    the declaration and the first bytes, then data; the last chunk carries the CRC32C."""
     array = to_array(value)
     raw = array.reshape(-1).view(np.uint8).data  # a memoryview: slicing copies nothing
-    yield pb.TensorChunk(
-        name=name, dtype=_CODES[array.dtype], shape=list(array.shape), data=raw[:chunk_bytes].tobytes()
-    )
-    for start in range(chunk_bytes, len(raw), chunk_bytes):
-        yield pb.TensorChunk(data=raw[start:start + chunk_bytes].tobytes())
+    yield from chunk_messages(name, _CODES[array.dtype], array.shape, raw, chunk_bytes, declare=(1, len(raw)))
+
+
+def chunk_messages(
+    name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int, *,
+    declare: tuple[int, int] | None = None,
+) -> Iterator[pb.TensorChunk]:
+    """One tensor's chunks as TensorChunk messages, as `encode_tensor` encodes them: the header
+    (with `declare`, the stream's tensor count and bytes, on a stream's first tensor) and the first
+    bytes, then data; the last carries the CRC32C."""
+    for piece in _pieces(name, code, shape, raw, chunk_bytes, declare):
+        chunk = pb.TensorChunk(name=piece.name, dtype=piece.code, shape=list(piece.shape), data=piece.data.tobytes())  # type: ignore[arg-type]
+        if piece.declare is not None:
+            chunk.tensor_count, chunk.total_bytes = piece.declare
+        if piece.crc is not None:
+            chunk.crc32c = piece.crc
+        yield chunk
 
 
 @dataclass(frozen=True)
@@ -121,6 +192,9 @@ class ChunkView:
     dtype: pb.Dtype.ValueType
     shape: tuple[int, ...]
     data: memoryview
+    tensor_count: int | None = None
+    total_bytes: int | None = None
+    crc32c: int | None = None
 
 
 def _read_varint(raw: memoryview, i: int) -> tuple[int, int]:
@@ -151,18 +225,30 @@ def _signed(value: int) -> int:
 
 
 def _decode_chunk(raw: memoryview) -> ChunkView:
-    """A serialized TensorChunk's four fields; ValueError on anything else, so the caller can fall back to protobuf."""
+    """A serialized TensorChunk's fields; ValueError on anything else, so the caller can fall back to protobuf."""
     name, dtype, shape, data = "", pb.Dtype.ValueType(0), [], memoryview(b"")
+    count: int | None = None
+    total: int | None = None
+    crc: int | None = None
     i, end = 0, len(raw)
     while i < end:
         key, i = _read_varint(raw, i)
         field, kind = key >> 3, key & 7
-        if kind == _VARINT and field in (_DTYPE, _SHAPE):
+        if kind == _VARINT and field in (_DTYPE, _SHAPE, _COUNT, _TOTAL):
             value, i = _read_varint(raw, i)
             if field == _DTYPE:
                 dtype = pb.Dtype.ValueType(value)
-            else:
+            elif field == _SHAPE:
                 shape.append(_signed(value))
+            elif field == _COUNT:
+                count = _signed(value)
+            else:
+                total = _signed(value)
+        elif kind == _I32 and field == _CRC:
+            if i + 4 > end:
+                raise ValueError("truncated field")
+            crc = int.from_bytes(raw[i:i + 4], "little")
+            i += 4
         elif kind == _LEN and field in (_NAME, _SHAPE, _DATA):
             body, i = _read_bytes(raw, i)
             size = len(body)
@@ -177,7 +263,7 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
                     shape.append(_signed(value))
         else:
             raise ValueError(f"unexpected field {field} of wire type {kind}")
-    return ChunkView(name, dtype, tuple(shape), data)
+    return ChunkView(name, dtype, tuple(shape), data, count, total, crc)
 
 
 def decode_chunk_message(message: bytes, chunk_field: int, string_fields: Mapping[int, str]) -> dict[str, Any]:
@@ -233,70 +319,207 @@ def _varint(n: int) -> bytes:
         out.append(low | 0x80)
 
 
-def encode_chunk(field: int, name: str, code: int, shape: Iterable[int], data: memoryview) -> bytes:
+def encode_chunk(
+    field: int, name: str, code: int, shape: Iterable[int], data: memoryview, *,
+    tensor_count: int | None = None, total_bytes: int | None = None, crc: int | None = None,
+) -> bytes:
     """The protobuf encoding of a message whose field `field` is this TensorChunk, built with one copy.
 
     The result is byte for byte what SerializeToString gives for the same message (fields in number
-    order, proto3 defaults left out), so peers decode it as usual. Going through protobuf instead
-    copies the data three times (tobytes, the field set, the serialization); on a 2-core machine
-    those copies, not the transport, bounded a 256 MB transfer (docs/perf.md).
+    order, proto3 defaults left out, the declaration fields after the data), so peers decode it as
+    usual. Going through protobuf instead copies the data three times (tobytes, the field set, the
+    serialization); on a 2-core machine those copies, not the transport, bounded a 256 MB transfer
+    (docs/perf.md).
     """
     header = pb.TensorChunk(name=name, dtype=code, shape=list(shape)).SerializeToString()  # type: ignore[arg-type]
+    trailer = pb.TensorChunk(tensor_count=tensor_count, total_bytes=total_bytes, crc32c=crc).SerializeToString()
     size = len(data)
     data_prefix = _varint(_DATA << 3 | _LEN) + _varint(size) if size else b""
-    inner = len(header) + len(data_prefix) + size
-    return b"".join((_varint(field << 3 | _LEN), _varint(inner), header, data_prefix, data))
+    inner = len(header) + len(data_prefix) + size + len(trailer)
+    return b"".join((_varint(field << 3 | _LEN), _varint(inner), header, data_prefix, data, trailer))
 
 
 def encoded_chunks(values: Iterable[tuple[str, Any]], chunk_bytes: int, message_type: type[Message]) -> Iterator[bytes]:
-    """Serialized `message_type` stream messages, each holding one TensorChunk of the named arrays.
+    """Serialized `message_type` stream messages, each holding one TensorChunk of the named arrays,
+    as one declared stream (a stream of no array is one chunk that declares so).
 
     Only the chunk field is set; a stream whose first message names a handle sends that first.
     """
     field = chunk_field(message_type)
-    for name, value in values:
-        array = to_array(value)
-        yield from encode_tensor(field, name, _CODES[array.dtype], array.shape, array.reshape(-1).view(np.uint8).data,
-                                 chunk_bytes)
+    arrays = [(name, to_array(value)) for name, value in values]
+    raws = [array.reshape(-1).view(np.uint8).data for _, array in arrays]
+    declare: tuple[int, int] | None = (len(arrays), sum(len(raw) for raw in raws))
+    if not arrays:
+        yield encode_chunk(field, "", 0, (), memoryview(b""), tensor_count=0, total_bytes=0)
+    for (name, array), raw in zip(arrays, raws):
+        yield from encode_tensor(field, name, _CODES[array.dtype], array.shape, raw, chunk_bytes, declare=declare)
+        declare = None
 
 
 def encode_tensor(
-    field: int, name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int
+    field: int, name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int, *,
+    declare: tuple[int, int] | None = None,
 ) -> Iterator[bytes]:
     """One tensor's stream messages (its chunk in `field`): a header chunk with the first bytes, then
-    data chunks, each at most `chunk_bytes` of `raw` (its row-major little-endian bytes)."""
-    for start in range(0, max(len(raw), 1), chunk_bytes):
+    data chunks, each at most `chunk_bytes` of `raw` (its row-major little-endian bytes); the last
+    carries the tensor's CRC32C. `declare` (tensor count, total bytes) goes on the header of a
+    stream's first tensor."""
+    for p in _pieces(name, code, shape, raw, chunk_bytes, declare):
+        count, total = p.declare if p.declare is not None else (None, None)
+        yield encode_chunk(field, p.name, p.code, p.shape, p.data, tensor_count=count, total_bytes=total, crc=p.crc)
+
+
+class _Piece(NamedTuple):
+    name: str
+    code: int
+    shape: Sequence[int]
+    data: memoryview
+    declare: tuple[int, int] | None
+    crc: int | None
+
+
+def _pieces(
+    name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int, declare: tuple[int, int] | None
+) -> Iterator[_Piece]:
+    """A tensor's chunks as fields: the header (with `declare`) first; the CRC32C, worked out piece
+    by piece while each is hot in cache, on the last."""
+    crc = tensor_crc(name, code, shape)
+    size = len(raw)
+    for start in range(0, max(size, 1), chunk_bytes):
         piece = raw[start:start + chunk_bytes]
+        crc = crc32c(piece, crc)
+        last = start + chunk_bytes >= size
         if start == 0:
-            yield encode_chunk(field, name, code, shape, piece)
+            yield _Piece(name, code, shape, piece, declare, crc if last else None)
         else:
-            yield encode_chunk(field, "", 0, (), piece)
+            yield _Piece("", 0, (), piece, None, crc if last else None)
+
+
+class StreamCheck:
+    """Checks a stream of chunks against its declaration as it is read: the count and bytes its
+    first chunk declared, and each tensor's CRC32C. Streams without a declaration (older peers)
+    pass, their checksums checked where present.
+
+    The caller feeds each chunk's `Declared` fields: `first` before the stream's first tensor,
+    `header` at each tensor's header, `data` with each piece of data, `completed` when a tensor's
+    bytes are all in, and `finish` at the end. Failures raise `error(message)` for a stream that
+    is short, long or inconsistent, and `mismatch(message)` for a checksum that does not match.
+    """
+
+    def __init__(self, error: type[Exception], mismatch: type[Exception]) -> None:
+        self._error = error
+        self._mismatch = mismatch
+        self.count: int | None = None
+        self.total: int | None = None
+        self.tensors = 0
+        self.nbytes = 0
+        self.started = False
+        self._crc: int | None = None
+
+    def chunk(self, d: Declared) -> None:
+        """Every chunk passes here first: a declaration is allowed only before anything else (chunks
+        that carry nothing at all, such as the first message of a stream that names its target, do
+        not count)."""
+        if d.tensor_count is not None or d.total_bytes is not None:
+            if self.started:
+                raise self._error("a stream declares its tensor count and bytes on its first chunk only")
+            if d.tensor_count is None or d.total_bytes is None or d.tensor_count < 0 or d.total_bytes < 0:
+                raise self._error(
+                    f"a stream's declaration needs both tensor_count and total_bytes, not negative "
+                    f"(got {d.tensor_count} and {d.total_bytes})"
+                )
+            self.count, self.total = d.tensor_count, d.total_bytes
+            self.started = True
+
+    @property
+    def is_declared(self) -> bool:
+        return self.count is not None
+
+    def header(self, name: str, code: int, shape: Sequence[int], nbytes: int) -> None:
+        """A tensor starts: it must fit the declaration."""
+        if self.count is not None and self.total is not None:
+            if self.tensors + 1 > self.count:
+                raise self._error(f"the stream declared {self.count} tensor(s) but carries more (tensor '{name}')")
+            if self.nbytes + nbytes > self.total:
+                raise self._error(
+                    f"the stream declared {self.total} bytes but tensor '{name}' brings it to {self.nbytes + nbytes}"
+                )
+        self._crc = tensor_crc(name, code, shape) if self.count is not None else None
+        self.started = True
+
+    def data(self, data: bytes | memoryview) -> None:
+        self.started = True
+        if self._crc is not None:
+            self._crc = crc32c(data, self._crc)
+
+    def completed(self, name: str, nbytes: int, crc: int | None, whole: Callable[[], int] | None = None) -> None:
+        """A tensor's bytes are all in; `whole()` works out its CRC32C afterwards for an undeclared
+        stream that carries one anyway."""
+        self.tensors += 1
+        self.nbytes += nbytes
+        if crc is None:
+            if self.count is not None:
+                raise self._error(f"tensor '{name}' of a declared stream carries no crc32c on its last chunk")
+            return
+        computed = self._crc if self._crc is not None else (whole() if whole is not None else None)
+        if computed is not None and computed != crc:
+            raise self._mismatch(
+                f"tensor '{name}' arrived corrupted: its CRC32C is {computed:#010x}, the sender's {crc:#010x}"
+            )
+
+    def stray_crc(self) -> None:
+        raise self._error("crc32c belongs on the chunk that completes a tensor")
+
+    def finish(self) -> None:
+        """The stream ended: it must have carried what it declared."""
+        if self.count is not None and (self.tensors, self.nbytes) != (self.count, self.total):
+            raise self._error(
+                f"the stream ended after {self.tensors} of {self.count} declared tensor(s) "
+                f"({self.nbytes} of {self.total} bytes): it was cut short"
+            )
 
 
 def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str, npt.NDArray[Any]]]:
-    """Named arrays from a stream of chunks, each filled into one preallocated buffer."""
+    """Named arrays from a stream of chunks, each filled into one preallocated buffer.
+
+    A declared stream (every weightavg server's) is checked as it is read: DataLossError when a
+    tensor's CRC32C does not match or the stream carries other than it declared.
+    """
+    check = StreamCheck(DataLossError, DataLossError)
     result: list[tuple[str, npt.NDArray[Any]]] = []
     name = ""
+    code = 0
     dtype: np.dtype[Any] | None = None
     shape: tuple[int, ...] = ()
     buffer = np.empty(0, np.uint8)
     filled = 0
     for chunk in chunks:
+        d = declared(chunk)
+        check.chunk(d)
         if chunk.dtype != pb.DTYPE_UNSPECIFIED:
             if dtype is not None:
                 raise ValueError(f"server stream broke off inside tensor '{name}'")
-            name, dtype, shape = chunk.name, _DTYPES[chunk.dtype], tuple(chunk.shape)
+            name, code, dtype, shape = chunk.name, chunk.dtype, _DTYPES[chunk.dtype], tuple(chunk.shape)
             buffer = np.empty(math.prod(shape) * dtype.itemsize, np.uint8)
             filled = 0
+            check.header(name, chunk.dtype, shape, buffer.size)
         data = chunk.data
         if data:
+            if dtype is None or filled + len(data) > buffer.size:
+                raise DataLossError(f"server stream carries more bytes than tensor '{name}' holds")
             buffer[filled:filled + len(data)] = np.frombuffer(data, np.uint8)
+            check.data(data)
             filled += len(data)
         if dtype is not None and filled == buffer.size:
+            done, header = buffer, tensor_crc(name, code, shape)
+            check.completed(name, done.size, d.crc32c, lambda: crc32c(done.data, header))
             result.append((name, buffer.view(dtype).reshape(shape)))
             dtype = None
+        elif d.crc32c is not None:
+            check.stray_crc()
     if dtype is not None:
         raise ValueError(f"server stream ended inside tensor '{name}'")
+    check.finish()
     return result
 
 

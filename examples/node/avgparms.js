@@ -28,6 +28,42 @@ const definition = protoLoader.loadSync("weightavg/v1/weightavg.proto", {
   oneofs: true,
 });
 const weightavg = grpc.loadPackageDefinition(definition).weightavg.v1;
+// Dtype names to their wire codes, which a tensor's checksum covers.
+const DTYPE_CODES = Object.fromEntries(
+  definition["weightavg.v1.Dtype"].type.value.map(({ name, number }) => [name, number]),
+);
+
+// CRC32C (Castagnoli, reflected polynomial 0x82F63B78), continuing from `crc` (a previous result).
+// A table-driven loop: plenty for this walk-through's few bytes (a native package would be faster).
+const CRC32C_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n += 1) {
+    let c = n;
+    for (let k = 0; k < 8; k += 1) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+function crc32c(bytes, crc = 0) {
+  let c = ~crc >>> 0;
+  for (let i = 0; i < bytes.length; i += 1) c = CRC32C_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return ~c >>> 0;
+}
+
+// A tensor's checksum covers its header, then its data (TensorChunk in the .proto): the name's UTF-8
+// length (4 bytes little-endian), the name, the dtype code (4 bytes), the number of dimensions
+// (4 bytes), each dimension (8 bytes, signed).
+function headerCrc(name, dtype, shape) {
+  const nameBytes = Buffer.from(name, "utf8");
+  const head = Buffer.alloc(12 + nameBytes.length + 8 * shape.length);
+  let at = head.writeUInt32LE(nameBytes.length, 0);
+  at += nameBytes.copy(head, at);
+  at = head.writeUInt32LE(DTYPE_CODES[dtype], at);
+  at = head.writeUInt32LE(shape.length, at);
+  for (const d of shape) at = head.writeBigInt64LE(BigInt(d), at);
+  return crc32c(head);
+}
 
 // Bytes on the wire are little-endian, row-major; float32 is 4 bytes per element.
 function float32Bytes(values) {
@@ -55,32 +91,75 @@ function unary(client, method, request) {
 
 // SetParameter is client-streaming: the first message names the module and parameter and carries
 // the tensor's header chunk (dtype, shape; it may carry data too); further chunks carry more data.
+// The stream declares itself (one tensor, its byte count) and the chunk that completes the tensor
+// carries its CRC32C, so the server can refuse a stream cut short or corrupted on the way.
 function setParameter(client, handle, name, shape, values) {
   return new Promise((resolve, reject) => {
     const call = client.SetParameter({ deadline: Date.now() + 30_000 }, (err, reply) =>
       err ? reject(err) : resolve(reply),
     );
-    call.write({ handle, name, chunk: { dtype: "DTYPE_FLOAT32", shape, data: float32Bytes(values) } });
+    const data = float32Bytes(values);
+    const crc = crc32c(data, headerCrc("", "DTYPE_FLOAT32", shape));
+    call.write({
+      handle,
+      name,
+      chunk: { dtype: "DTYPE_FLOAT32", shape, data, tensorCount: 1, totalBytes: data.length, crc32c: crc },
+    });
     call.end();
   });
 }
 
+// Tensors whose checksum matched, over every fetch.
+let verified = 0;
+
+// Whether a reply set an optional (proto3 `optional`) field: proto-loader leaves absent ones null.
+const isSet = (value) => value !== undefined && value !== null;
+
 // FetchTensors is server-streaming: a chunk with a dtype starts a named tensor, chunks without one
-// (DTYPE_UNSPECIFIED) append bytes to it. Returns {name: {dtype, shape, values}}.
+// (DTYPE_UNSPECIFIED) append bytes to it. The first chunk declares how many tensors and bytes the
+// stream carries, and the chunk that completes each tensor its CRC32C: both are checked here, and a
+// mismatch rejects with a DATA_LOSS error. Returns {name: {dtype, shape, values}}.
 function fetchTensors(client, handle, names = []) {
   return new Promise((resolve, reject) => {
     const tensors = {};
     let current = null;
+    let declared = null;
+    let failure = null;
+    let count = 0;
+    let bytes = 0;
+    const fail = (message) => {
+      failure = failure || Object.assign(new Error(`DATA_LOSS: ${message}`), { details: message });
+    };
     const call = client.FetchTensors({ handle, names }, { deadline: Date.now() + 30_000 });
     call.on("data", ({ chunk }) => {
+      if (declared === null && isSet(chunk.tensorCount)) {
+        declared = { count: Number(chunk.tensorCount), bytes: Number(chunk.totalBytes) };
+      }
       if (chunk.dtype !== "DTYPE_UNSPECIFIED") {
-        current = { name: chunk.name, dtype: chunk.dtype, shape: chunk.shape, parts: [] };
+        const shape = chunk.shape.map(Number);
+        current = { name: chunk.name, dtype: chunk.dtype, shape, parts: [], crc: headerCrc(chunk.name, chunk.dtype, shape) };
         tensors[chunk.name] = current;
       }
+      if (current === null) return;
       current.parts.push(chunk.data);
+      current.crc = crc32c(chunk.data, current.crc);
+      if (isSet(chunk.crc32c)) {
+        // The chunk that completes a tensor: its checksum must match what arrived.
+        count += 1;
+        bytes += current.parts.reduce((n, part) => n + part.length, 0);
+        if (chunk.crc32c >>> 0 !== current.crc) fail(`tensor '${current.name}' arrived corrupted (CRC32C mismatch)`);
+        verified += 1;
+      }
     });
     call.on("error", reject);
     call.on("end", () => {
+      if (declared !== null && (count !== declared.count || bytes !== declared.bytes)) {
+        fail(`the stream declared ${declared.count} tensor(s) and ${declared.bytes} bytes but carried ${count} and ${bytes}`);
+      }
+      if (failure !== null) {
+        reject(failure);
+        return;
+      }
       const out = {};
       for (const [name, t] of Object.entries(tensors)) {
         out[name] = { dtype: t.dtype, shape: t.shape, values: decode(t.dtype, Buffer.concat(t.parts)) };
@@ -152,6 +231,8 @@ async function main(address) {
     values = await fetchTensors(client, p.id, ["weight", ".n"]);
     expectClose("weight average of 12", values.weight.values, [9.126033, 9.136288], 5e-7);
     expectEqual(".n after ten more", values[".n"].values, [12]);
+
+    expectEqual("every fetched tensor carried a matching CRC32C", verified, 7);
 
     await unary(client, "FreeHandles", { handles: [m.id, p.id] });
   } finally {

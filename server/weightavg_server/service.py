@@ -35,8 +35,9 @@ from .domain.tensors import (
 )
 from .store import snapshot
 from .store.accounting import Reservation
+from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage, describe
 from .store.requests import RequestKey, RequestStats, register_answer_type
-from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, describe
+from .store.tenants import CALLER
 
 OnHeader = Callable[[str, int], None]
 """Called with each uploaded tensor's name and byte size once its header is read, before its buffer
@@ -61,6 +62,8 @@ class Ref:
 
     id: str
     kind: Kind
+    tenant: str = ""
+    """The owning tenant, where a listing reports it."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,9 @@ def _exactly_once(method: Callable[P, T]) -> Callable[P, T]:
         service = args[0]
         if not isinstance(service, Service) or not isinstance(key, RequestKey):
             raise TypeError(f"{method.__name__}(request=...) takes a RequestKey")
-        return service.store.requests.answer(key, method.__name__, CALLER_SESSION.get(), lambda: method(*args, **kwargs))
+        return service.store.requests.answer(
+            key, method.__name__, CALLER_SESSION.get(), lambda: method(*args, **kwargs), CALLER.get().tenant
+        )
 
     return call
 
@@ -402,11 +407,14 @@ class Service:
             holder = TensorHolder(tensors[0][1].to(self.device))
             return Ref(self.store.add(Kind.TENSOR, holder, reservation), Kind.TENSOR)
 
-    def fetch(self, handle: str, names: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters.
+    @contextlib.contextmanager
+    def fetch(self, handle: str, names: Sequence[str]) -> Iterator[Named]:
+        """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters,
+        for the length of the block (`with service.fetch(h, names) as copies:`).
 
         The copies are taken together under the object's lock, so the reply is one consistent cut,
-        and reserved on the host until the caller has consumed them (the reply has streamed).
+        and reserved on the host until the block ends (the reply has streamed). All of them are
+        there at once, so the reply can declare how many tensors and bytes it carries.
         """
         entry = self.store.get(handle)
         with contextlib.ExitStack() as held:
@@ -414,7 +422,7 @@ class Service:
                 named = self._named(handle, entry, names)
                 held.enter_context(self.store.reserve(nbytes=tensor_bytes((t for _, t in named), "cpu")))
                 copies = host_copies(named)
-            yield from copies
+            yield copies
 
     def _named(self, handle: str, entry: Entry, names: Sequence[str]) -> Named:
         """What a fetch names: dictionary entries (all when no names), a tensor, or module parameters."""
@@ -441,8 +449,15 @@ class Service:
             return Size(parameter_count=modules.parameter_count(module))
 
     @_exactly_once
-    def free(self, handles: Sequence[str], every: bool, *, request: RequestKey | None = None) -> int:
-        """Free the handles (all or nothing), or every handle the caller can list; how many."""
+    def free(
+        self, handles: Sequence[str], every: bool, tenant: str = "", *, request: RequestKey | None = None
+    ) -> int:
+        """Free the handles (all or nothing), or every handle the caller can list, or (admins) every
+        handle of `tenant`; how many."""
+        if tenant:
+            if handles or every:
+                raise InvalidArgument("free a tenant's handles, or the handles given, or all: one at a time")
+            return self.store.purge(tenant)
         return self.store.free_all() if every else self.store.free(list(handles))
 
     @_exactly_once
@@ -451,14 +466,21 @@ class Service:
         handle_id, kind = self.store.addref(handle)
         return Ref(handle_id, kind)
 
-    def list_handles(self) -> list[tuple[Ref, HandleSummary]]:
-        """The caller's live handles with what they hold, oldest first."""
+    def list_handles(self, all_tenants: bool = False) -> list[tuple[Ref, HandleSummary]]:
+        """The caller's live handles (with `all_tenants`, for admins: every tenant's) with what they
+        hold and their tenant, oldest first."""
         listed = []
-        for handle_id, entry in self.store.visible_items():
+        for handle_id, entry in self.store.visible_items(all_tenants):
             summary = describe(entry)
             if summary is not None:  # else freed since the listing began
-                listed.append((Ref(handle_id, entry.kind), summary))
+                listed.append((Ref(handle_id, entry.kind, entry.tenant), summary))
         return listed
+
+    def tenant_usage(self) -> dict[str, TenantUsage]:
+        """Per tenant, what it holds and its quota: every tenant for an admin, else the caller's own."""
+        usage = self.store.tenant_usage()
+        caller = CALLER.get()
+        return usage if caller.is_admin else {name: u for name, u in usage.items() if name == caller.tenant}
 
     @_exactly_once
     def move(self, handle: str, device: str, dtype: torch.dtype | None, *, request: RequestKey | None = None) -> Ref:
@@ -694,7 +716,8 @@ class Service:
         return self.store.close_session(self._session(session))
 
     def snapshot(self) -> snapshot.SnapshotResult:
-        """Write every live handle to the state directory."""
+        """Write every live handle to the state directory (admins only: it spans every tenant)."""
+        CALLER.get().require_admin("a snapshot")
         if not self.settings.state_dir:
             raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
         return snapshot.save(self.store, self.settings.state_dir)

@@ -252,6 +252,14 @@ class TensorChunk(_message.Message):
     """TensorChunk carries part of a tensor. A tensor starts with a chunk whose dtype is set (its
     header: name, dtype, shape); chunks with DTYPE_UNSPECIFIED continue the current tensor. A tensor
     is complete once it has received product(shape) * element-size bytes. A header may carry data.
+
+    A declared stream says what it carries, so that a stream cut short or corrupted is refused as a
+    whole: its first chunk sets tensor_count and total_bytes (a stream of no tensor is that one chunk
+    alone), and the chunk that completes each tensor sets crc32c. Every weightavg client and server
+    declares its streams. A receiver refuses a declared stream that ends with fewer tensors or bytes
+    than declared, or carries more (INVALID_ARGUMENT), and a tensor whose checksum does not match
+    (DATA_LOSS); the server then changes nothing. Streams without a declaration (older clients) are
+    still accepted, and a crc32c they carry is still checked.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -260,12 +268,25 @@ class TensorChunk(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    TENSOR_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Entry name, set on the header chunk (empty for a lone tensor)."""
     dtype: Global___Dtype.ValueType
     """Element type, set on the header chunk only."""
     data: _builtins.bytes
     """The next bytes of the tensor's data, in order."""
+    tensor_count: _builtins.int
+    """Number of tensors in the whole stream; set on the stream's first chunk only, with total_bytes."""
+    total_bytes: _builtins.int
+    """Data bytes of all the stream's tensors together; set on the stream's first chunk only."""
+    crc32c: _builtins.int
+    """CRC32C (Castagnoli polynomial, as in iSCSI) of the tensor, set on the chunk that completes it
+    (the header, when it carries all the data). It covers the header and the data, in this order:
+    the name's UTF-8 length as 4 bytes little-endian, the name, the dtype code as 4 bytes, the
+    number of dimensions as 4 bytes, each dimension as 8 bytes (signed), then the data bytes.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape, set on the header chunk only; empty for a 0-dim (scalar) tensor."""
@@ -277,12 +298,26 @@ class TensorChunk(_message.Message):
         dtype: Global___Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        tensor_count: _builtins.int | None = ...,
+        total_bytes: _builtins.int | None = ...,
+        crc32c: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    _WhichOneofReturnType__tensor_count: _TypeAlias = _typing.Literal["tensor_count"]  # noqa: Y015
+    _WhichOneofArgType__tensor_count: _TypeAlias = _typing.Literal["_tensor_count", b"_tensor_count"]  # noqa: Y015
+    _WhichOneofReturnType__total_bytes: _TypeAlias = _typing.Literal["total_bytes"]  # noqa: Y015
+    _WhichOneofArgType__total_bytes: _TypeAlias = _typing.Literal["_total_bytes", b"_total_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tensor_count) -> _WhichOneofReturnType__tensor_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_bytes) -> _WhichOneofReturnType__total_bytes | None: ...
 
 Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
 
@@ -1754,11 +1789,16 @@ class FreeHandlesRequest(_message.Message):
     HANDLES_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
     """Free every live handle the caller can list instead: its session's, or those of no session."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    tenant: _builtins.str
+    """Admin tokens only: free every handle of this tenant instead, in every session (a purge, e.g.
+    of a tenant whose tokens were removed). Numbered from 20 with the other tenancy fields.
     """
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1770,10 +1810,11 @@ class FreeHandlesRequest(_message.Message):
         handles: _abc.Iterable[_builtins.str] | None = ...,
         all: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1855,16 +1896,23 @@ Global___AddReferenceResponse: _TypeAlias = AddReferenceResponse  # noqa: Y015
 
 @_typing.final
 class ListHandlesRequest(_message.Message):
-    """ListHandlesRequest is empty."""
+    """ListHandlesRequest says whose handles to list."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    all_tenants: _builtins.bool
+    """Admin tokens only: list the handles of every tenant and every session, each with its tenant.
+    Numbered from 20 with the other tenancy fields.
+    """
     def __init__(
         self,
+        *,
+        all_tenants: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1882,6 +1930,7 @@ class HandleInfo(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     MOVING_AVERAGE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """Device of its tensors, e.g. "cpu"; empty when it holds none."""
     dtype: Global___Dtype.ValueType
@@ -1890,6 +1939,10 @@ class HandleInfo(_message.Message):
     """Bytes held by its tensors."""
     tensor_count: _builtins.int
     """Number of tensors it holds."""
+    tenant: _builtins.str
+    """The tenant that owns the handle (the token's tenant that created it; "default" on a server
+    without a tokens file). Numbered from 20 with the other tenancy fields.
+    """
     @_builtins.property
     def handle(self) -> Global___Handle:
         """The handle."""
@@ -1907,10 +1960,11 @@ class HandleInfo(_message.Message):
         bytes: _builtins.int = ...,
         tensor_count: _builtins.int = ...,
         moving_average: Global___MovingAverageState | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "moving_average", b"moving_average"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "dtype", b"dtype", "handle", b"handle", "moving_average", b"moving_average", "tensor_count", b"tensor_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "dtype", b"dtype", "handle", b"handle", "moving_average", b"moving_average", "tenant", b"tenant", "tensor_count", b"tensor_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3266,6 +3320,7 @@ class GetServerStatsResponse(_message.Message):
     METHODS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
     uptime_seconds: _builtins.float
     """Seconds since the server was created."""
     @_builtins.property
@@ -3282,6 +3337,12 @@ class GetServerStatsResponse(_message.Message):
     def request_ids(self) -> Global___RequestIdStats:
         """Request IDs remembered for exactly-once calls, and the duplicates answered from them."""
 
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
+        """Per tenant: calls, failures and what it holds, sorted by tenant. An admin token sees every
+        tenant; others see their own. Numbered from 20 with the other tenancy fields.
+        """
+
     def __init__(
         self,
         *,
@@ -3289,14 +3350,85 @@ class GetServerStatsResponse(_message.Message):
         methods: _abc.Iterable[Global___MethodStats] | None = ...,
         devices: _abc.Iterable[Global___DeviceUsage] | None = ...,
         request_ids: Global___RequestIdStats | None = ...,
+        tenants: _abc.Iterable[Global___TenantStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_ids", b"request_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "methods", b"methods", "request_ids", b"request_ids", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "methods", b"methods", "request_ids", b"request_ids", "tenants", b"tenants", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerStatsResponse: _TypeAlias = GetServerStatsResponse  # noqa: Y015
+
+@_typing.final
+class TenantStats(_message.Message):
+    """TenantStats is the record of one tenant: its calls since the server started and what it holds now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BytesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    HANDLES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    MAX_DEVICE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_HANDLES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Tenant name, from the tokens file ("default" on a server without one)."""
+    calls: _builtins.int
+    """Calls made with the tenant's tokens that have finished, with any status."""
+    failures: _builtins.int
+    """Finished calls whose status was not OK."""
+    handles: _builtins.int
+    """Live handles the tenant owns."""
+    max_device_bytes: _builtins.int
+    """The tenant's quota of tensor bytes per device; 0 when it has none (the server's caps apply)."""
+    max_handles: _builtins.int
+    """The tenant's quota of live handles; 0 when it has none."""
+    @_builtins.property
+    def bytes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Bytes of distinct tensor storage its handles reach, per device (storage shared with another
+        tenant counts for both).
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        handles: _builtins.int = ...,
+        bytes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        max_device_bytes: _builtins.int = ...,
+        max_handles: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "calls", b"calls", "failures", b"failures", "handles", b"handles", "max_device_bytes", b"max_device_bytes", "max_handles", b"max_handles", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantStats: _TypeAlias = TenantStats  # noqa: Y015
 
 @_typing.final
 class MethodStats(_message.Message):

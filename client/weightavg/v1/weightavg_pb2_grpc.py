@@ -444,8 +444,8 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListHandles(self, request, context):
-        """ListHandles describes every live handle the caller may list (its session's, or those of no
-        session): kind, device, dtype and bytes.
+        """ListHandles describes every live handle the caller may list (its tenant's, of its session or of
+        no session): kind, device, dtype, bytes and tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -612,7 +612,7 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Snapshot(self, request, context):
-        """Snapshot writes every live handle to the server's state directory, atomically.
+        """Snapshot writes every live handle to the server's state directory, atomically (admin tokens only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -622,7 +622,8 @@ class WeightAveragingServiceServicer:
         """--- Operations ---
 
         GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-        the server started, live handles and their bytes per device, and the request IDs remembered.
+        the server started, live handles and their bytes per device, the request IDs remembered, and
+        calls and holdings per tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

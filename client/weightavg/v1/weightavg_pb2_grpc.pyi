@@ -96,8 +96,8 @@ class WeightAveragingServiceStub:
     AddReference: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]
     """AddReference returns a second handle to the same object."""
     ListHandles: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]
-    """ListHandles describes every live handle the caller may list (its session's, or those of no
-    session): kind, device, dtype and bytes.
+    """ListHandles describes every live handle the caller may list (its tenant's, of its session or of
+    no session): kind, device, dtype, bytes and tenant.
     """
     MoveHandle: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
@@ -165,12 +165,13 @@ class WeightAveragingServiceStub:
     CloseSession: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CloseSessionRequest, _weightavg_pb2.CloseSessionResponse]
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]
-    """Snapshot writes every live handle to the server's state directory, atomically."""
+    """Snapshot writes every live handle to the server's state directory, atomically (admin tokens only)."""
     GetServerStats: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]
     """--- Operations ---
 
     GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-    the server started, live handles and their bytes per device, and the request IDs remembered.
+    the server started, live handles and their bytes per device, the request IDs remembered, and
+    calls and holdings per tenant.
     """
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]
     """-- Models, continued ---------------------------------------------------------------------------
@@ -251,8 +252,8 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     AddReference: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.AddReferenceRequest, _weightavg_pb2.AddReferenceResponse]  # type: ignore[assignment]
     """AddReference returns a second handle to the same object."""
     ListHandles: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ListHandlesRequest, _weightavg_pb2.ListHandlesResponse]  # type: ignore[assignment]
-    """ListHandles describes every live handle the caller may list (its session's, or those of no
-    session): kind, device, dtype and bytes.
+    """ListHandles describes every live handle the caller may list (its tenant's, of its session or of
+    no session): kind, device, dtype, bytes and tenant.
     """
     MoveHandle: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]  # type: ignore[assignment]
     """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
@@ -320,12 +321,13 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     CloseSession: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CloseSessionRequest, _weightavg_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """CloseSession ends a session and frees every handle it owns, in one call."""
     Snapshot: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.SnapshotRequest, _weightavg_pb2.SnapshotResponse]  # type: ignore[assignment]
-    """Snapshot writes every live handle to the server's state directory, atomically."""
+    """Snapshot writes every live handle to the server's state directory, atomically (admin tokens only)."""
     GetServerStats: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetServerStatsRequest, _weightavg_pb2.GetServerStatsResponse]  # type: ignore[assignment]
     """--- Operations ---
 
     GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-    the server started, live handles and their bytes per device, and the request IDs remembered.
+    the server started, live handles and their bytes per device, the request IDs remembered, and
+    calls and holdings per tenant.
     """
     UpdateModel: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UpdateModelRequest, _weightavg_pb2.UpdateModelResponse]  # type: ignore[assignment]
     """-- Models, continued ---------------------------------------------------------------------------
@@ -541,8 +543,8 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.ListHandlesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.ListHandlesResponse, _abc.Awaitable[_weightavg_pb2.ListHandlesResponse]]:
-        """ListHandles describes every live handle the caller may list (its session's, or those of no
-        session): kind, device, dtype and bytes.
+        """ListHandles describes every live handle the caller may list (its tenant's, of its session or of
+        no session): kind, device, dtype, bytes and tenant.
         """
 
     @_abc_1.abstractmethod
@@ -742,7 +744,7 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.SnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.SnapshotResponse, _abc.Awaitable[_weightavg_pb2.SnapshotResponse]]:
-        """Snapshot writes every live handle to the server's state directory, atomically."""
+        """Snapshot writes every live handle to the server's state directory, atomically (admin tokens only)."""
 
     @_abc_1.abstractmethod
     def GetServerStats(
@@ -753,7 +755,8 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         """--- Operations ---
 
         GetServerStats reports per-method call counts, status codes, latencies and tensor bytes since
-        the server started, live handles and their bytes per device, and the request IDs remembered.
+        the server started, live handles and their bytes per device, the request IDs remembered, and
+        calls and holdings per tenant.
         """
 
     @_abc_1.abstractmethod

@@ -43,3 +43,16 @@ class DeadlineExceeded(WeightavgError):
     """The caller's deadline passed while a long loop ran; it stopped between batches."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class PermissionDenied(WeightavgError):
+    """The caller's token does not allow the call (a reader changing something, a user asking for
+    what only an admin may do)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class DataLoss(WeightavgError):
+    """Uploaded tensor data arrived corrupted: its checksum does not match the sender's."""
+
+    code = "DATA_LOSS"

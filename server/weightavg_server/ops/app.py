@@ -21,7 +21,9 @@ from ..domain import optimizers
 from ..domain.devices import server_device
 from ..service import Service, Settings
 from ..transport.decoding import DecodeGuard
-from ..transport.interceptors import SessionInterceptor, TokenInterceptor
+from ..transport.interceptors import SessionInterceptor
+from ..transport.tenancy import TenantInterceptor, Tokens
+from .tokens import TokensFileError, token_table
 from ..store.limits import Limits
 from ..transport.observe import ObservingInterceptor
 from ..store.registry import Registry
@@ -87,10 +89,29 @@ class Runtime:
     stats: RpcStats
     device: torch.device
     service: Service
+    tokens: Tokens = field(default_factory=lambda: Tokens(token_table("", "")))
     reaper: Reaper = field(init=False)
 
     def __post_init__(self) -> None:
         self.reaper = Reaper(self.registry)
+
+    def reload_tokens(self) -> bool:
+        """Reread the tokens file (SIGHUP): the new table replaces the old whole, so a removed token
+        is refused from the next call on, and quotas change; the objects of removed tenants stay.
+        A file that does not load is logged and changes nothing. True when reloaded."""
+        if not self.config.tokens:
+            log.warning("SIGHUP: no --tokens file to reload")
+            return False
+        try:
+            table = token_table(self.config.tokens, self.config.token)
+        except TokensFileError as exc:
+            log.error("tokens file not reloaded, the tokens in force stay: %s", exc)
+            return False
+        self.tokens.replace(table)
+        self.registry.set_quotas(table.quotas)
+        log.info("tokens reloaded from %s: %d token(s), %d quota(s)", self.config.tokens,
+                 len(table.callers), len(table.quotas))
+        return True
 
     def start(self) -> None:
         self.server.start()
@@ -170,9 +191,11 @@ def create_runtime(
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
     device = server_device(config.device)
+    tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
+    registry.set_quotas(tokens.table.quotas)
     registry.requests.configure(config.request_id_window_seconds, config.max_request_ids, config.max_request_id_bytes)
     if config.state_dir:
         restored = snapshot.load(registry, config.state_dir, device)
@@ -182,8 +205,10 @@ def create_runtime(
     # One place times, counts and logs every call (per-RPC statistics, metrics, the RPC log); it is
     # first so that refused calls are counted too.
     interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(stats)]
-    if config.token:
-        interceptors.append(TokenInterceptor(config.token))  # first: nothing runs for an unauthenticated call
+    # Next: nothing runs for an unauthenticated or unauthorized call; every call after it runs as its
+    # token's tenant (open servers: the default tenant's admin), and calls that change something are
+    # audited.
+    interceptors.append(TenantInterceptor(tokens, stats))
     interceptors.append(SessionInterceptor(registry))
     # Requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL.
     interceptors.append(DecodeGuard(SERVICE_NAME, config.max_message_bytes))
@@ -216,9 +241,9 @@ def create_runtime(
     log.info(
         "weightavg server on %s:%d, device %s, %s, %s", config.host, port, device,
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
-        "token required" if config.token else "no token",
+        f"tokens from {config.tokens}" if config.tokens else "token required" if config.token else "no token",
     )
-    return Runtime(server, port, health_servicer, registry, config, stats, device, service)
+    return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens)
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

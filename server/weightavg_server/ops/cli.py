@@ -46,6 +46,11 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--token", "token", str,
      f"bearer token every call must carry (prefer the variable {ENV_PREFIX}TOKEN: flags show in ps); "
      "health checks stay open"),
+    ("--tokens", "tokens", str,
+     "TOML or JSON file mapping tokens to tenants, roles (admin, user, reader) and quotas (docs/security.md); "
+     "reloaded on SIGHUP; --token, if also given, is the default tenant's admin token"),
+    ("--audit-log", "audit_log", str,
+     "append the audit trail (one JSON line per call that changes something) to this file instead of the log"),
     ("--tls-cert", "tls_cert", str, "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", str, "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
@@ -102,6 +107,9 @@ def serve(config: ServerConfig) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # SIGHUP rereads --tokens: removed tokens stop working with the next call, quotas change; a file
+    # that does not load leaves the tokens in force as they were.
+    signal.signal(signal.SIGHUP, lambda *_: runtime.reload_tokens())
     runtime.start()
     print(f"weightavg serving on {config.host}:{runtime.port}", flush=True)
     if metrics is not None:
@@ -118,6 +126,17 @@ def serve(config: ServerConfig) -> None:
             metrics.stop()
 
 
+def audit_to_file(path: str) -> None:
+    """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too). Its
+    lines are written at INFO whatever --log-level says."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    audit = logging.getLogger("weightavg.audit")
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `weightavg serve` and `python -m weightavg_server`."""
     args = build_parser().parse_args(argv)
@@ -127,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             level=config.log_level.upper(), stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s %(message)s",
         )
+        if config.audit_log:
+            audit_to_file(config.audit_log)
     except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
         sys.exit(f"weightavg serve: {exc}")
     try:
@@ -136,5 +157,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         # next shutdown overwrite the only copy of the weights.
         log.error("refusing to start: %s", exc)
         raise SystemExit(2) from None
-    except (OSError, ValueError) as exc:  # a port in use, an address not on this machine, bad TLS files
+    except (OSError, ValueError) as exc:  # a port in use, an address not on this machine, bad TLS or tokens files
         sys.exit(f"weightavg serve: {exc}")

@@ -52,6 +52,9 @@ class ServerConfig:
     max_handles: int = DEFAULT_MAX_HANDLES
     # Reliability and security (see docs/security.md). Empty strings mean "off".
     token: str = ""
+    tokens: str = ""
+    """Path of the tokens file (--tokens)."""
+    audit_log: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""

@@ -97,6 +97,28 @@ class WeightavgCollector(Collector):
         dropped.add_metric([], ids.dropped)
         yield from (remembered, duplicates, dropped)
 
+        calls = CounterMetricFamily("weightavg_tenant_calls", "Calls made with a tenant's tokens, finished.", labels=["tenant"])
+        failures = CounterMetricFamily(
+            "weightavg_tenant_failures", "Calls made with a tenant's tokens that finished with a status other than OK.",
+            labels=["tenant"],
+        )
+        owned = GaugeMetricFamily("weightavg_tenant_handles", "Live handles a tenant owns.", labels=["tenant"])
+        held = GaugeMetricFamily(
+            "weightavg_tenant_tensor_bytes", "Bytes of distinct tensor storage a tenant's handles reach, by device.",
+            labels=["tenant", "device"],
+        )
+        by_tenant = self.service.store.tenant_usage()  # every tenant: the endpoint is the operator's
+        tenant_calls = self.stats.tenants()
+        for tenant in sorted(set(by_tenant) | set(tenant_calls)):
+            c = tenant_calls.get(tenant)
+            calls.add_metric([tenant], c.calls if c else 0)
+            failures.add_metric([tenant], c.failures if c else 0)
+            u = by_tenant.get(tenant)
+            owned.add_metric([tenant], u.handles if u else 0)
+            for device, n in sorted(u.nbytes.items()) if u else []:
+                held.add_metric([tenant, device], n)
+        yield from (calls, failures, owned, held)
+
         info = GaugeMetricFamily(
             "weightavg_build_info", "Versions and device of this server (value always 1).",
             labels=["version", "torch_version", "grpc_version", "device"],

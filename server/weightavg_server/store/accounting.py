@@ -17,10 +17,18 @@ from .limits import Limits
 
 @dataclass
 class Reservation:
-    """Handles and bytes set aside for a call in progress, so concurrent calls cannot overshoot a cap."""
+    """Handles and bytes set aside for a call in progress, so concurrent calls cannot overshoot a cap.
+
+    The registry sets the same room aside twice: against the server's caps (this reservation) and
+    against the quota of the caller's tenant (`quota`, in that tenant's ledger).
+    """
 
     handles: int = 0
     nbytes: Bytes = field(default_factory=dict)
+    tenant: str | None = None
+    """The tenant whose quota the room also counts against; None outside the registry."""
+    quota: Reservation | None = None
+    """The same room in that tenant's ledger."""
 
 
 @dataclass
@@ -33,10 +41,16 @@ class _Holder:
 
 
 class Ledger:
-    """Allocations held by live objects, reservations, and the caps they are checked against."""
+    """Allocations held by live objects, reservations, and the caps they are checked against.
 
-    def __init__(self, limits: Limits) -> None:
+    The registry keeps one for the whole server (caps from the command line: 0 bytes means the
+    device's memory) and one per tenant (`tenant` set: its quota from the tokens file, 0 meaning no
+    quota), each counting the distinct storage its objects reach.
+    """
+
+    def __init__(self, limits: Limits, tenant: str | None = None) -> None:
         self.limits = limits
+        self.tenant = tenant
         self._holders: dict[int, _Holder] = {}
         self._storages: dict[StorageKey, int] = {}
         self._held: Bytes = {}
@@ -58,6 +72,11 @@ class Ledger:
         what is held and reserved, less `released` (a reservation about to be spent)."""
         cap = self.limits.max_handles
         if handles > 0 and cap > 0 and live_handles + self.pending_handles + handles > cap:
+            if self.tenant is not None:
+                raise ResourceExhausted(
+                    f"tenant '{self.tenant}' holds its quota of {cap} live handles (max_handles in the tokens file); "
+                    "free some of its handles first"
+                )
             raise ResourceExhausted(
                 f"the server holds its cap of {cap} live handles (--max-handles); free some handles first"
             )
@@ -65,6 +84,15 @@ class Ledger:
             if n <= 0:
                 continue
             held = self._held.get(device, 0) + self._pending.get(device, 0) - (released or {}).get(device, 0)
+            if self.tenant is not None:
+                limit = self.limits.max_device_bytes
+                if limit > 0 and held + n > limit:
+                    raise ResourceExhausted(
+                        f"{n} more tensor bytes on {device} would exceed the quota of tenant '{self.tenant}', "
+                        f"{limit} bytes per device ({held} already held or reserved; max_device_bytes in the tokens "
+                        "file); free some of its handles first"
+                    )
+                continue
             limit = self.limits.bytes_cap(device)
             if held + n > limit:
                 raise ResourceExhausted(

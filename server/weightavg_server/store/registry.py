@@ -6,6 +6,11 @@ Two constructs carry every change, so none can forget the caps:
   is allocated, and `add` registers a new object, charging what it really holds;
 - `mutate` locks the objects a call changes, reserves what the call will allocate, and afterwards
   recharges every object guarded by those locks from the allocations it really reaches.
+
+Each handle belongs to a tenant (store/tenants.py): the caller's, when the handle is made. Every
+reservation and charge counts twice, against the server's caps and against the owning tenant's
+quota, in a ledger of its own per tenant; another tenant's handles are invisible to a caller that is
+not an admin (NOT_FOUND, as if they did not exist), and a reader token changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..domain.tensors import EMPTY_SUMMARY, Bytes, HandleSummary, storages, summ
 from .accounting import Ledger, Reservation
 from .limits import Limits
 from .requests import RequestTable, register_answer_type
+from .tenants import CALLER, DEFAULT_TENANT, Quota
 
 log = logging.getLogger("weightavg.sessions")
 
@@ -71,6 +77,8 @@ class Entry:
     freed: bool = False
     session: str | None = None
     """The session that owns the handle (freed with it), or None: lives until freed."""
+    tenant: str = DEFAULT_TENANT
+    """The tenant that owns the handle: only its callers (and admins) see it, its quota pays for it."""
 
 
 @dataclass
@@ -81,6 +89,17 @@ class Session:
     lease: float
     expires: float
     active: int = 0
+    tenant: str = DEFAULT_TENANT
+    """The tenant that started it; only its callers (and admins) may use it."""
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What one tenant holds now, and its quota."""
+
+    handles: int
+    nbytes: Bytes
+    quota: Quota
 
 
 def new_handle_id(kind: Kind) -> str:
@@ -111,6 +130,11 @@ class Registry:
         self._ledger = Ledger(limits or Limits())
         self.requests = RequestTable()
         """Answers remembered by request ID, so a retried call changes state once (requests.py)."""
+        self._quotas: dict[str, Quota] = {}
+        self._tenants: dict[str, Ledger] = {}
+        """One ledger per tenant that has held or reserved anything: its objects' storage, its quota."""
+        self._owned: dict[str, int] = {}
+        """Live handles per tenant."""
 
     @property
     def limits(self) -> Limits:
@@ -127,6 +151,40 @@ class Registry:
         with self._lock:
             return self._ledger.held()
 
+    # -- tenants ------------------------------------------------------------------------------------
+
+    def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
+        """Each tenant's quota (tenants not named have none); what is held stays, new requests are
+        checked against them. A tenant removed from the tokens file keeps its objects."""
+        with self._lock:
+            self._quotas = dict(quotas)
+            for name, ledger in self._tenants.items():
+                ledger.limits = _quota_limits(self._quotas.get(name, Quota()))
+
+    def tenant_usage(self) -> dict[str, TenantUsage]:
+        """Per tenant that holds something or has a quota: its live handles, the bytes of distinct
+        storage they reach by device, and its quota; sorted by tenant."""
+        with self._lock:
+            names = sorted(set(self._tenants) | set(self._quotas))
+            return {
+                name: TenantUsage(
+                    self._owned.get(name, 0),
+                    self._tenants[name].held() if name in self._tenants else {},
+                    self._quotas.get(name, Quota()),
+                )
+                for name in names
+            }
+
+    def _tenant(self, name: str) -> Ledger:
+        """The tenant's ledger, made on first use (internal lock held)."""
+        ledger = self._tenants.get(name)
+        if ledger is None:
+            ledger = self._tenants[name] = Ledger(_quota_limits(self._quotas.get(name, Quota())), tenant=name)
+        return ledger
+
+    def _visible(self, entry: Entry) -> bool:
+        return CALLER.get().may_see(entry.tenant)
+
     # -- reserving before allocating ----------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -138,18 +196,29 @@ class Registry:
         Raises:
             ResourceExhausted: the handles or bytes would not fit.
         """
-        reservation = Reservation()
+        reservation = Reservation(tenant=CALLER.get().tenant, quota=Reservation())
         try:
             self.grow(reservation, handles, nbytes)
             yield reservation
         finally:
             with self._lock:
                 self._ledger.release(reservation)
+                if reservation.tenant is not None and reservation.quota is not None:
+                    self._tenant(reservation.tenant).release(reservation.quota)
 
     def grow(self, reservation: Reservation, handles: int = 0, nbytes: Mapping[str, int] | None = None) -> None:
-        """Add to a reservation (e.g. as each tensor's header of an upload arrives)."""
+        """Add to a reservation (e.g. as each tensor's header of an upload arrives), checked against
+        the server's caps and the tenant's quota; a refusal by either sets nothing aside."""
+        wanted = {device: n for device, n in (nbytes or {}).items() if n > 0}
         with self._lock:
-            self._ledger.reserve(reservation, len(self._entries), handles, dict(nbytes or {}))
+            if reservation.tenant is None or reservation.quota is None:
+                reservation.tenant, reservation.quota = CALLER.get().tenant, Reservation()
+            tenant = self._tenant(reservation.tenant)
+            owned = self._owned.get(reservation.tenant, 0)
+            self._ledger.check(len(self._entries), handles, wanted)
+            tenant.check(owned, handles, wanted)
+            self._ledger.reserve(reservation, len(self._entries), handles, wanted)
+            tenant.reserve(reservation.quota, owned, handles, wanted)
 
     @contextlib.contextmanager
     def mutate(self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = ()) -> Iterator[Reservation]:
@@ -161,7 +230,9 @@ class Registry:
         Raises:
             NotFound: a handle was freed while this call waited for its lock.
             ResourceExhausted: the change would not fit under the caps; nothing was changed.
+            PermissionDenied: the caller's token is a reader's.
         """
+        CALLER.get().require_writer("changing an object")
         with locked(*entries, *reading):
             with self.reserve() as reservation:
                 self.grow(reservation, nbytes=need() if callable(need) else need)
@@ -188,13 +259,20 @@ class Registry:
             return self.add(kind, build(), reservation, lock=share.lock if share is not None else None)
 
     def _recharge(self, lock_ids: set[int]) -> None:
-        """Recharge every object guarded by one of these locks (their holders hold the locks)."""
+        """Recharge every object guarded by one of these locks (their holders hold the locks), in the
+        server's ledger and in the ledger of each tenant with a handle to it."""
         with self._lock:
-            objs = {id(e.obj): e.obj for lock in lock_ids for e in self._groups.get(lock, {}).values()}
+            entries = [e for lock in lock_ids for e in self._groups.get(lock, {}).values()]
+        objs = {id(e.obj): e.obj for e in entries}
+        owners: dict[int, set[str]] = {}
+        for e in entries:
+            owners.setdefault(id(e.obj), set()).add(e.tenant)
         keys = {key: frozenset(storages(tensors_of(obj))) for key, obj in objs.items()}
         with self._lock:
             for key, obj in objs.items():
                 self._ledger.recharge(obj, keys[key])
+                for tenant in owners[key]:
+                    self._tenant(tenant).recharge(obj, keys[key])
 
     # -- handles ------------------------------------------------------------------------------------
 
@@ -208,9 +286,11 @@ class Registry:
         replacing: tuple[Entry, ...] = (),
         handle_id: str | None = None,
         session: str | None = None,
+        tenant: str | None = None,
     ) -> str:
         """Register obj under a new handle, charging the allocations it reaches that no live object
-        holds yet, and return the handle's ID.
+        holds yet (and, in its tenant's ledger, that no object of the tenant holds), and return the
+        handle's ID.
 
         Args:
             reservation: room set aside by `reserve`; it pays for the handle and the bytes.
@@ -219,13 +299,20 @@ class Registry:
                 so the check counts only what is really new.
             handle_id: only for restoring a snapshot.
             session: the owning session (default: the caller's; None outside a session).
+            tenant: only for restoring a snapshot: the owning tenant, charged without checking its
+                quota (the objects were held before). Default: the reservation's (the caller's).
 
         Raises:
-            ResourceExhausted: over a cap (checked here with the exact bytes).
+            ResourceExhausted: over a cap or the tenant's quota (checked here with the exact bytes).
             NotFound: the session has ended (the object is then dropped).
+            PermissionDenied: the caller's token is a reader's.
         """
+        CALLER.get().require_writer("creating a handle")
         owner = session if session is not None else CALLER_SESSION.get()
-        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), session=owner)
+        if reservation.tenant is None or reservation.quota is None:
+            reservation.tenant, reservation.quota = CALLER.get().tenant, Reservation()
+        paid_by = tenant if tenant is not None else reservation.tenant
+        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), session=owner, tenant=paid_by)
         handle = handle_id or new_handle_id(kind)
         keys = frozenset(storages(tensors_of(obj)))
         with self._lock:
@@ -239,12 +326,26 @@ class Registry:
             reserved_slot = reservation.handles > 0
             new = {} if self._ledger.is_held(obj) else self._ledger.new_bytes(keys)
             self._ledger.check(len(self._entries) - len(replacing), 0 if reserved_slot else 1, new, reservation.nbytes)
+            ledger = self._tenant(paid_by)
+            quota = reservation.quota if paid_by == reservation.tenant else Reservation()
+            tenant_new = {} if ledger.is_held(obj) else ledger.new_bytes(keys)
+            if paid_by == reservation.tenant:
+                ledger.check(
+                    self._owned.get(paid_by, 0) - sum(1 for e in replacing if e.tenant == paid_by),
+                    0 if quota.handles > 0 else 1, tenant_new, quota.nbytes,
+                )
             if reserved_slot:
                 reservation.handles -= 1
                 self._ledger.pending_handles -= 1
+            if quota.handles > 0:
+                quota.handles -= 1
+                ledger.pending_handles -= 1
             self._ledger.spend(reservation, new)
+            ledger.spend(quota, tenant_new)
             self._ledger.hold(obj, keys)
+            ledger.hold(obj, keys)
             self._entries[handle] = entry
+            self._owned[paid_by] = self._owned.get(paid_by, 0) + 1
             self._groups.setdefault(id(entry.lock), {})[handle] = entry
             for old in replacing:
                 self._remove(self._handle_of(old), old)
@@ -260,7 +361,7 @@ class Registry:
             raise InvalidArgument("no handle given")
         with self._lock:
             entry = self._entries.get(handle)
-        if entry is None:
+        if entry is None or not self._visible(entry):  # another tenant's handle does not exist for the caller
             raise NotFound(f"unknown handle '{handle}' (never created, or already freed)")
         if kinds and entry.kind not in kinds:
             wanted = " or ".join(k.value for k in kinds)
@@ -268,10 +369,14 @@ class Registry:
         return entry
 
     def handles_sharing(self, lock: threading.RLock, besides: tuple[Entry, ...] = ()) -> list[str]:
-        """Handles whose objects are guarded by `lock`, other than `besides`."""
+        """Handles whose objects are guarded by `lock`, other than `besides` (another tenant's, which
+        the caller may not learn, as "a handle of another tenant")."""
         with self._lock:
             group = self._groups.get(id(lock), {})
-            return [h for h, e in group.items() if not any(e is b for b in besides)]
+            return [
+                h if self._visible(e) else "a handle of another tenant"
+                for h, e in group.items() if not any(e is b for b in besides)
+            ]
 
     def addref(self, handle: str) -> tuple[str, Kind]:
         """A second handle to the same object, sharing its lock, owned by the caller's session; never
@@ -286,9 +391,10 @@ class Registry:
         Waits for calls in flight on the objects, so a call either finishes before the free or
         answers NOT_FOUND; it never works on a freed object.
         """
+        CALLER.get().require_writer("freeing handles")
         unique = list(dict.fromkeys(handles))
         with self._lock:
-            found = [(h, self._entries.get(h)) for h in unique]
+            found = [(h, e if e is not None and self._visible(e) else None) for h in unique for e in [self._entries.get(h)]]
         missing = [h for h, e in found if e is None]
         if missing:
             raise NotFound(f"unknown handle '{missing[0]}' (never created, or already freed); nothing freed")
@@ -302,9 +408,18 @@ class Registry:
         return len(entries)
 
     def free_all(self) -> int:
-        """Release every handle the caller can list (its session's, or those of no session), each
-        once its calls in flight have finished."""
-        entries = self.visible_items()
+        """Release every handle the caller can list (its tenant's, of its session or of no session),
+        each once its calls in flight have finished."""
+        CALLER.get().require_writer("freeing handles")
+        return self._free_entries(self.visible_items())
+
+    def purge(self, tenant: str) -> int:
+        """Admins only: release every handle of `tenant`, in every session (e.g. a tenant whose
+        tokens were removed), each once its calls in flight have finished; how many."""
+        CALLER.get().require_admin(f"freeing every handle of tenant '{tenant}'")
+        return self._free_entries([(h, e) for h, e in self.items() if e.tenant == tenant])
+
+    def _free_entries(self, entries: list[tuple[str, Entry]]) -> int:
         with locked(*(e for _, e in entries), check_live=False), self._lock:
             live = [(h, e) for h, e in entries if self._entries.get(h) is e]
             for h, e in live:
@@ -320,16 +435,26 @@ class Registry:
             del self._groups[id(entry.lock)]
         entry.freed = True
         self._ledger.unhold(entry.obj)
+        self._tenant(entry.tenant).unhold(entry.obj)
+        self._owned[entry.tenant] -= 1
 
     def items(self) -> list[tuple[str, Entry]]:
         """A snapshot of every live handle, oldest first."""
         with self._lock:
             return sorted(self._entries.items(), key=lambda item: item[1].created)
 
-    def visible_items(self) -> list[tuple[str, Entry]]:
-        """Live handles listed to the caller, oldest first: its session's, or those of no session."""
-        owner = CALLER_SESSION.get()
-        return [(h, e) for h, e in self.items() if e.session == owner]
+    def visible_items(self, all_tenants: bool = False) -> list[tuple[str, Entry]]:
+        """Live handles listed to the caller, oldest first: its tenant's, of its session or of no
+        session. With `all_tenants` (admins only), every live handle.
+
+        Raises:
+            PermissionDenied: all_tenants for a caller that is not an admin.
+        """
+        if all_tenants:
+            CALLER.get().require_admin("listing every tenant's handles")
+            return self.items()
+        owner, tenant = CALLER_SESSION.get(), CALLER.get().tenant
+        return [(h, e) for h, e in self.items() if e.session == owner and e.tenant == tenant]
 
     def __len__(self) -> int:
         with self._lock:
@@ -337,17 +462,20 @@ class Registry:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def create_session(self, lease: float, session_id: str | None = None) -> str:
-        """Start a session whose lease is `lease` seconds; `session_id` only when restoring a snapshot."""
+    def create_session(self, lease: float, session_id: str | None = None, tenant: str | None = None) -> str:
+        """Start a session of the caller's tenant whose lease is `lease` seconds; `session_id` and
+        `tenant` only when restoring a snapshot."""
+        caller = CALLER.get()
+        caller.require_writer("starting a session")
         sid = session_id or f"ses_{secrets.token_hex(16)}"
         with self._lock:
-            self._sessions[sid] = Session(sid, lease, time.monotonic() + lease)
+            self._sessions[sid] = Session(sid, lease, time.monotonic() + lease, tenant=tenant or caller.tenant)
         return sid
 
     def sessions(self) -> list[Session]:
         """Every live session (copies of their records)."""
         with self._lock:
-            return [Session(s.id, s.lease, s.expires, s.active) for s in self._sessions.values()]
+            return [Session(s.id, s.lease, s.expires, s.active, s.tenant) for s in self._sessions.values()]
 
     def renew(self, session_id: str) -> float:
         """Push a session's expiry a full lease from now; returns the lease. NotFound once it has ended."""
@@ -374,13 +502,14 @@ class Registry:
     def close_session(self, session_id: str) -> int:
         """End a session and free every handle it owns, each once its calls in flight have finished;
         returns how many were freed."""
+        CALLER.get().require_writer("closing a session")
         while True:
             with self._lock:
                 self._live_session(session_id)
-                owned = self._owned(session_id)
+                owned = self._session_entries(session_id)
             with locked(*owned, check_live=False), self._lock:
                 self._live_session(session_id)
-                if self._owned(session_id) != owned:
+                if self._session_entries(session_id) != owned:
                     continue  # a handle joined the session while this call waited: lock it too
                 del self._sessions[session_id]
                 return self._drop(owned)
@@ -398,12 +527,12 @@ class Registry:
         ended: list[tuple[str, int]] = []
         for sid in due:
             with self._lock:
-                owned = self._owned(sid)
+                owned = self._session_entries(sid)
             with _try_locked(owned) as idle, self._lock:
                 session = self._sessions.get(sid)
                 if not idle or session is None or session.active or session.expires > now:
                     continue
-                if self._owned(sid) != owned:
+                if self._session_entries(sid) != owned:
                     continue
                 del self._sessions[sid]
                 ended.append((sid, self._drop(owned)))
@@ -414,14 +543,14 @@ class Registry:
     def _live_session(self, session_id: str) -> Session:
         """The session record; call with self._lock held."""
         session = self._sessions.get(session_id) if session_id else None
-        if session is None:
+        if session is None or not CALLER.get().may_see(session.tenant):  # another tenant's does not exist
             raise NotFound(
                 f"unknown session '{session_id}': it expired (no call within its lease), was closed, "
                 "or never existed; its handles are gone"
             )
         return session
 
-    def _owned(self, session_id: str) -> list[Entry]:
+    def _session_entries(self, session_id: str) -> list[Entry]:
         """The entries a session owns (internal lock held)."""
         return [e for e in self._entries.values() if e.session == session_id]
 
@@ -484,3 +613,8 @@ def describe(entry: Entry) -> HandleSummary | None:
         except RuntimeError:  # a dictionary changed size during iteration
             continue
     return EMPTY_SUMMARY
+
+
+def _quota_limits(quota: Quota) -> Limits:
+    """A tenant ledger's limits: its quota (0 means none)."""
+    return Limits(max_handles=quota.max_handles, max_device_bytes=quota.max_device_bytes)

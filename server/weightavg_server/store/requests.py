@@ -34,6 +34,7 @@ import torch
 
 from ..domain.dtypes import DTYPES, NAMES
 from ..domain.errors import InvalidArgument
+from .tenants import DEFAULT_TENANT
 
 log = logging.getLogger("weightavg.requests")
 
@@ -83,6 +84,8 @@ class _Record:
     at: float
     """Clock time it was remembered."""
     nbytes: int
+    tenant: str = DEFAULT_TENANT
+    """The tenant whose token sent it: a request ID answers only the tenant that first used it."""
 
 
 def canonical_id(text: str) -> str:
@@ -151,7 +154,10 @@ class RequestTable:
     def _enabled(self) -> bool:
         return self.window_seconds > 0 and self.max_ids > 0 and self.max_bytes > 0
 
-    def answer(self, key: RequestKey | None, method: str, session: str | None, run: Callable[[], T]) -> T:
+    def answer(
+        self, key: RequestKey | None, method: str, session: str | None, run: Callable[[], T],
+        tenant: str = DEFAULT_TENANT,
+    ) -> T:
         """Run `run` once for this request ID and remember its answer; a repeat gets that answer.
 
         A repeat waits while the first call runs; if that call fails, the repeat runs in its place.
@@ -159,7 +165,7 @@ class RequestTable:
 
         Raises:
             InvalidArgument: the ID is not a UUID or is all zero; or it was first used for another
-                operation, other arguments or in another session.
+                operation, other arguments, in another session or by another tenant.
         """
         if key is None:
             return run()
@@ -179,7 +185,7 @@ class RequestTable:
         if not enabled:
             return run()
         if record is not None:
-            self._check(rid, record, method, session, key.digest())  # outside the lock: may read an upload
+            self._check(rid, record, method, session, tenant, key.digest())  # outside the lock: may read an upload
             with self._cond:
                 self._duplicates += 1
             return cast(T, record.answer)  # remembered by this method, so of the type it returns
@@ -193,7 +199,7 @@ class RequestTable:
             raise
         with self._cond:  # remembered and released in one step, so a repeat never runs it again
             nbytes = _RECORD_BYTES + answer_bytes(answer)
-            self._records[rid] = _Record(method, digest, session, answer, self._clock(), nbytes)
+            self._records[rid] = _Record(method, digest, session, answer, self._clock(), nbytes, tenant)
             self._bytes += nbytes
             self._evict()
             self._running.discard(rid)
@@ -201,9 +207,12 @@ class RequestTable:
         return answer
 
     @staticmethod
-    def _check(rid: str, record: _Record, method: str, session: str | None, digest: str) -> None:
-        """InvalidArgument unless a repeat is the same call as the one remembered."""
+    def _check(rid: str, record: _Record, method: str, session: str | None, tenant: str, digest: str) -> None:
+        """InvalidArgument unless a repeat is the same call as the one remembered (and by the same
+        tenant: another tenant learns nothing of the first call, not even its operation)."""
         again = "a retry must repeat its call exactly, and each new call needs a new request ID"
+        if record.tenant != tenant:
+            raise InvalidArgument(f"request_id {rid} was already used: {again}")
         if record.method != method:
             raise InvalidArgument(f"request_id {rid} was first used for {record.method}, not {method}: {again}")
         if record.session != session:
@@ -271,7 +280,7 @@ class RequestTable:
             except TypeError as exc:
                 log.error("request ID %s of %s is not saved in the snapshot: %s", rid, r.method, exc)
                 continue
-            out.append({"id": rid, "method": r.method, "digest": r.digest, "session": r.session,
+            out.append({"id": rid, "method": r.method, "digest": r.digest, "session": r.session, "tenant": r.tenant,
                         "age": now - r.at, "answer": answer})
         return out
 
@@ -286,7 +295,9 @@ class RequestTable:
                 if r.id in self._records:
                     self._forget(r.id)
                 nbytes = _RECORD_BYTES + answer_bytes(r.answer)
-                self._records[r.id] = _Record(r.method, r.digest, r.session, r.answer, now - r.age - max(elapsed, 0.0), nbytes)
+                self._records[r.id] = _Record(
+                    r.method, r.digest, r.session, r.answer, now - r.age - max(elapsed, 0.0), nbytes, r.tenant
+                )
                 self._bytes += nbytes
             self._expire()
             self._evict()
@@ -302,6 +313,7 @@ class SavedAnswer(NamedTuple):
     session: str | None
     age: float
     answer: object
+    tenant: str = DEFAULT_TENANT
 
 
 def parse_saved(saved: list[dict[str, Any]]) -> list[SavedAnswer]:
@@ -312,7 +324,8 @@ def parse_saved(saved: list[dict[str, Any]]) -> list[SavedAnswer]:
     """
     return [
         SavedAnswer(canonical_id(str(r["id"])), str(r["method"]), str(r["digest"]),
-                    None if r["session"] is None else str(r["session"]), float(r["age"]), decode(r["answer"]))
+                    None if r["session"] is None else str(r["session"]), float(r["age"]), decode(r["answer"]),
+                    str(r.get("tenant", DEFAULT_TENANT)))
         for r in saved
     ]
 

@@ -3,7 +3,8 @@
 Layout of the directory::
 
     manifest.json               written last: format, generation, size and sha256 of each file below
-    state-<gen>.json            sessions, objects (kind + JSON description), handles (id, object, session),
+    state-<gen>.json            sessions (id, lease, tenant), objects (kind + JSON description), handles
+                                (id, object, lock group, session, tenant; no tenant: the default one),
                                 remembered request IDs with their answers (absent in older snapshots)
     tensors-<gen>.safetensors   every tensor, keyed t0, t1, ...
 
@@ -47,6 +48,7 @@ from ..domain.optimizers import Optimizer
 from ..domain.tensors import TensorHolder
 from . import requests
 from .registry import Entry, Kind, Registry, locked
+from .tenants import DEFAULT_TENANT, check_tenant_name
 
 log = logging.getLogger("weightavg.snapshot")
 
@@ -585,8 +587,8 @@ def _collect(
             log.error("snapshot: %s handle %s has no snapshot format yet; not saved", entry.kind.value, handle_id)
             continue
         handles.append({"id": handle_id, "object": found, "lock": lock_of.setdefault(id(entry.lock), len(lock_of)),
-                        "session": entry.session})
-    sessions = [{"id": s.id, "lease": s.lease} for s in registry.sessions()]
+                        "session": entry.session, "tenant": entry.tenant})
+    sessions = [{"id": s.id, "lease": s.lease, "tenant": s.tenant} for s in registry.sessions()]
     state = {"format": FORMAT, "version": VERSION, "sessions": sessions, "objects": ctx.objects, "handles": handles,
              "tensors": ctx.tensor_info, "requests": registry.requests.export(), "saved_at": time.time()}
     return state, ctx, skipped
@@ -704,14 +706,18 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
         for index in range(len(objects)):
             load_object(index)
         locks: dict[int, threading.RLock] = {}
+        # Snapshots written before tenants existed have no "tenant": their objects are the default
+        # tenant's, as they were on the server that wrote them.
         for s in state["sessions"]:
-            registry.create_session(float(s["lease"]), session_id=str(s["id"]))
+            registry.create_session(
+                float(s["lease"]), session_id=str(s["id"]), tenant=check_tenant_name(s.get("tenant", DEFAULT_TENANT))
+            )
         for h in state["handles"]:
             record = objects[int(h["object"])]
             lock = locks.setdefault(int(h["lock"]), threading.RLock())
             registry.add(
                 Kind(record["kind"]), built[int(h["object"])], reservation, lock=lock, handle_id=str(h["id"]),
-                session=h["session"],
+                session=h["session"], tenant=check_tenant_name(h.get("tenant", DEFAULT_TENANT)),
             )
     remembered = registry.requests.restore(answers, elapsed=down)
     log.info(

@@ -1,14 +1,16 @@
 """Torch tensors on the wire: the server's side of the shared codec `weightavg.wire`.
 
 Dtype codes for torch, tensors split into chunks and pre-encoded stream messages, upload streams
-decoded without copying, and chunks joined back into tensors with every size checked first.
+decoded without copying, and chunks joined back into tensors with every size checked first. Every
+stream sent is declared (count, bytes, a CRC32C per tensor; see TensorChunk in the .proto), and an
+upload that declares itself is refused unless it arrives whole and intact.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -17,11 +19,14 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
-from weightavg.wire import CHUNK_BYTES, chunk_field, decode_chunk_message, encode_tensor, string_fields
+from weightavg.wire import (
+    CHUNK_BYTES, ChunkView, StreamCheck, chunk_field, chunk_messages, crc32c, declared, decode_chunk_message, encode_chunk,
+    encode_tensor, string_fields, tensor_crc,
+)
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain import dtypes
-from ..domain.errors import InvalidArgument, ResourceExhausted
+from ..domain.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("weightavg's wire format is little-endian; this host is not")
@@ -59,14 +64,21 @@ def _raw(tensor: torch.Tensor) -> memoryview:
 
 
 def encoded_chunks(
-    named: Iterable[tuple[str, torch.Tensor]],
+    named: Sequence[tuple[str, torch.Tensor]],
     chunk_bytes: int,
     message_type: type[Message] = pb.FetchTensorsResponse,
 ) -> Iterator[bytes]:
-    """Pre-encoded `message_type` stream messages, each holding one TensorChunk of the named tensors."""
+    """Pre-encoded `message_type` stream messages, each holding one TensorChunk of the named tensors,
+    as one declared stream (its first chunk says how many tensors and bytes; each tensor's last
+    chunk carries its CRC32C)."""
     field = chunk_field(message_type)
-    for name, tensor in named:
-        yield from encode_tensor(field, name, dtype_code(tensor.dtype), tensor.shape, _raw(tensor), chunk_bytes)
+    raws = [_raw(tensor) for _, tensor in named]
+    declare: tuple[int, int] | None = (len(raws), sum(len(raw) for raw in raws))
+    if not raws:
+        yield encode_chunk(field, "", 0, (), memoryview(b""), tensor_count=0, total_bytes=0)
+    for (name, tensor), raw in zip(named, raws):
+        yield from encode_tensor(field, name, dtype_code(tensor.dtype), tensor.shape, raw, chunk_bytes, declare=declare)
+        declare = None
 
 
 def serialize(message: Message | bytes) -> bytes:
@@ -94,21 +106,17 @@ def request_decoder(message_type: type[Message]) -> Callable[[bytes], Any]:
     return decode
 
 
-def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Split a tensor into chunks: a header chunk (name, dtype, shape, first bytes) then data chunks."""
-    code = dtype_code(tensor.dtype)
-    raw = _raw(tensor)
-    yield pb.TensorChunk(name=name, dtype=code, shape=list(tensor.shape), data=raw[:chunk_bytes].tobytes())
-    for start in range(chunk_bytes, len(raw), chunk_bytes):
-        yield pb.TensorChunk(data=raw[start:start + chunk_bytes].tobytes())
-
-
 def tensors_chunks(
-    named: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES
+    named: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[pb.TensorChunk]:
-    """Chunks for several named tensors, one after another."""
-    for name, tensor in named:
-        yield from tensor_chunks(name, tensor, chunk_bytes)
+    """Chunks for several named tensors, one after another, as one declared stream."""
+    raws = [_raw(tensor) for _, tensor in named]
+    declare: tuple[int, int] | None = (len(raws), sum(len(raw) for raw in raws))
+    if not raws:
+        yield pb.TensorChunk(tensor_count=0, total_bytes=0)
+    for (name, tensor), raw in zip(named, raws):
+        yield from chunk_messages(name, dtype_code(tensor.dtype), tensor.shape, raw, chunk_bytes, declare=declare)
+        declare = None
 
 
 @dataclass
@@ -120,6 +128,8 @@ class _Pending:
     """Flat uint8 storage from torch.empty: pages are only touched as data arrives, so a header
     that declares a big tensor and sends nothing costs address space, not memory."""
     filled: int = 0
+    code: int = 0
+    """The dtype's wire code, which the tensor's CRC32C covers."""
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +137,13 @@ class _Pending:
 
 
 class TensorAssembler:
-    """Join streamed chunks into CPU tensors, checking sizes so bad streams fail before allocating much."""
+    """Join streamed chunks into CPU tensors, checking sizes so bad streams fail before allocating much.
+
+    A declared stream (TensorChunk in the .proto) must carry exactly the tensors and bytes it
+    declared, each with a matching CRC32C: InvalidArgument for a stream short, long or without its
+    checksums, DataLoss for a checksum that does not match. Undeclared streams (older clients) are
+    taken as before, a checksum they carry still checked.
+    """
 
     def __init__(self, max_bytes: int, on_header: Callable[[str, int], None] | None = None) -> None:
         """`on_header(name, nbytes)` runs for each tensor once its header is checked and before its
@@ -136,28 +152,40 @@ class TensorAssembler:
         self._on_header = on_header
         self._total = 0
         self._pending: _Pending | None = None
+        self._check = StreamCheck(InvalidArgument, DataLoss)
         self.tensors: list[tuple[str, torch.Tensor]] = []
 
-    def feed(self, chunk: pb.TensorChunk) -> None:
+    def feed(self, chunk: pb.TensorChunk | ChunkView) -> None:
         """Take one chunk; a chunk with a dtype starts a new tensor."""
+        d = declared(chunk)
+        self._check.chunk(d)
+        if d.total_bytes is not None and d.total_bytes > self._max_bytes:
+            raise ResourceExhausted(
+                f"the stream declares {d.total_bytes} bytes of tensors; a request may carry at most {self._max_bytes} bytes "
+                "of tensors (--max-upload-bytes)"
+            )
         if chunk.dtype != pb.DTYPE_UNSPECIFIED:
             self._start(chunk)
         elif self._pending is None:
             if chunk.data:
                 raise InvalidArgument("tensor data arrived before a header chunk (a chunk with name, dtype and shape)")
+            if d.crc32c is not None:
+                self._check.stray_crc()
             return
-        self._append(chunk.data)
+        self._append(chunk.data, d.crc32c)
 
     def finish(self) -> list[tuple[str, torch.Tensor]]:
-        """All tensors received; InvalidArgument when the stream ended inside a tensor."""
+        """All tensors received; InvalidArgument when the stream ended inside a tensor, or short of
+        what it declared."""
         if self._pending is not None:
             p = self._pending
             raise InvalidArgument(
                 f"stream ended inside tensor '{p.name}': got {p.filled} of {p.nbytes} bytes"
             )
+        self._check.finish()
         return self.tensors
 
-    def _start(self, chunk: pb.TensorChunk) -> None:
+    def _start(self, chunk: pb.TensorChunk | ChunkView) -> None:
         if self._pending is not None:
             p = self._pending
             raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
@@ -176,6 +204,7 @@ class TensorAssembler:
                 f"tensor '{chunk.name}' of shape {list(shape)} needs {nbytes} bytes; "
                 f"a request may carry at most {self._max_bytes} bytes of tensors"
             )
+        self._check.header(chunk.name, chunk.dtype, shape, nbytes)
         if self._on_header is not None:
             self._on_header(chunk.name, nbytes)
         try:
@@ -183,29 +212,32 @@ class TensorAssembler:
         except RuntimeError as exc:  # the CPU allocator's out-of-memory
             raise ResourceExhausted(f"tensor '{chunk.name}' of {nbytes} bytes: server out of memory") from exc
         self._total += nbytes
-        self._pending = _Pending(chunk.name, dtype, shape, buffer)
-        if nbytes == 0:
-            self._complete()
+        self._pending = _Pending(chunk.name, dtype, shape, buffer, code=chunk.dtype)
 
-    def _append(self, data: bytes | memoryview) -> None:
+    def _append(self, data: bytes | memoryview, crc: int | None) -> None:
         p = self._pending
-        if p is None or not data:
+        if p is None:
             return
-        end = p.filled + len(data)
-        if end > p.nbytes:
-            raise InvalidArgument(
-                f"tensor '{p.name}' of shape {list(p.shape)} and dtype {p.dtype} holds {p.nbytes} bytes; "
-                f"received at least {end}"
-            )
-        p.buffer.numpy()[p.filled:end] = np.frombuffer(data, dtype=np.uint8)
-        p.filled = end
-        if end == p.nbytes:
-            self._complete()
+        if data:
+            end = p.filled + len(data)
+            if end > p.nbytes:
+                raise InvalidArgument(
+                    f"tensor '{p.name}' of shape {list(p.shape)} and dtype {p.dtype} holds {p.nbytes} bytes; "
+                    f"received at least {end}"
+                )
+            p.buffer.numpy()[p.filled:end] = np.frombuffer(data, dtype=np.uint8)
+            self._check.data(data)
+            p.filled = end
+        if p.filled == p.nbytes:
+            self._complete(crc)
+        elif crc is not None:
+            self._check.stray_crc()
 
-    def _complete(self) -> None:
+    def _complete(self, crc: int | None) -> None:
         p = self._pending
         assert p is not None
         flat = p.buffer
+        self._check.completed(p.name, p.nbytes, crc, lambda: crc32c(flat.numpy().data, tensor_crc(p.name, p.code, p.shape)))
         tensor = flat.view(p.dtype).reshape(p.shape)
         if p.dtype is torch.bool and bool((flat > 1).any()):
             raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
@@ -214,7 +246,7 @@ class TensorAssembler:
 
 
 def assemble(
-    chunks: Iterable[pb.TensorChunk], max_bytes: int, on_header: Callable[[str, int], None] | None = None
+    chunks: Iterable[pb.TensorChunk | ChunkView], max_bytes: int, on_header: Callable[[str, int], None] | None = None
 ) -> list[tuple[str, torch.Tensor]]:
     """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`)."""
     assembler = TensorAssembler(max_bytes, on_header)

@@ -15,9 +15,9 @@ from ..domain.ema import EmaState, ScheduleChange
 from ..domain.errors import InvalidArgument
 from ..domain.tensors import HandleSummary
 from . import codec
-from .stats import MethodStats
+from .stats import MethodStats, TenantCalls
 from ..service import ModelDescription, Size
-from ..store.registry import Kind
+from ..store.registry import Kind, TenantUsage
 from ..store.requests import RequestStats
 
 KINDS = {
@@ -205,16 +205,28 @@ def size_message(size: Size) -> pb.GetSizeResponse:
     return pb.GetSizeResponse(parameter_count=size.parameter_count or 0)
 
 
-def handle_info(handle_message: pb.Handle, summary: HandleSummary) -> pb.HandleInfo:
+def handle_info(handle_message: pb.Handle, summary: HandleSummary, tenant: str = "") -> pb.HandleInfo:
     """One row of a handle listing."""
     dtype = codec.dtype_code(summary.dtype) if summary.dtype is not None else pb.DTYPE_UNSPECIFIED
     info = pb.HandleInfo(
         handle=handle_message, device=summary.device, dtype=dtype, bytes=summary.nbytes,
-        tensor_count=summary.tensor_count,
+        tensor_count=summary.tensor_count, tenant=tenant,
     )
     if summary.ema is not None:
         info.moving_average.CopyFrom(moving_average(summary.ema))
     return info
+
+
+def tenant_stats(usage: Mapping[str, TenantUsage], calls: Mapping[str, TenantCalls]) -> list[pb.TenantStats]:
+    """One record per tenant in `usage` (the tenants the caller may see), with its calls, sorted."""
+    rows = []
+    for name, u in sorted(usage.items()):
+        c = calls.get(name)
+        rows.append(pb.TenantStats(
+            tenant=name, calls=c.calls if c else 0, failures=c.failures if c else 0, handles=u.handles,
+            bytes=dict(u.nbytes), max_device_bytes=u.quota.max_device_bytes, max_handles=u.quota.max_handles,
+        ))
+    return rows
 
 
 def model_description(d: ModelDescription) -> pb.DescribeModelResponse:

@@ -1,10 +1,9 @@
-"""Server interceptors: the bearer-token check and the caller's session, applied before any servicer code."""
+"""The session interceptor: the caller's session, applied before any servicer code (the token check
+and the caller's tenant are in tenancy.py)."""
 
 from __future__ import annotations
 
 import contextvars
-import hmac
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
 
@@ -14,67 +13,19 @@ from ..domain.errors import WeightavgError
 from ..store.registry import CALLER_SESSION, Registry
 from .status import status_for
 
-log = logging.getLogger("weightavg.security")
-
 SESSION_METADATA = "weightavg-session"
 """Metadata key naming the caller's session (lower case, as gRPC metadata keys must be)."""
-AUTHORIZATION_METADATA = "authorization"
-OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/",)
-"""Methods callable without the token: health checks, so orchestrators can probe without the secret
-(they learn only SERVING or NOT_SERVING)."""
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # a string: grpc's class is generic only in its stubs
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Handler | None]"
 
 
-def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
+def metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    """The value of a call's metadata key, as text; None when the call does not carry it."""
     for k, v in details.invocation_metadata or ():
         if k == key:
             return v if isinstance(v, str) else v.decode("utf-8", "replace")
     return None
-
-
-def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
-    """A handler of the same shape as `handler` that answers `code` without running anything."""
-
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
-
-    def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        context.abort(code, message)
-        yield  # pragma: no cover - abort raises
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream)
-    return grpc.unary_unary_rpc_method_handler(refuse)
-
-
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Require `authorization: Bearer <token>` on every call except health checks: UNAUTHENTICATED
-    otherwise, decided from the metadata alone before any request is read or any work is done."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = continuation(details)
-        if handler is None or details.method.startswith(OPEN_SERVICE_PREFIXES):
-            return handler
-        given = _metadata(details, AUTHORIZATION_METADATA)
-        # compare_digest: the time taken must not reveal how much of a guessed token was right.
-        if given is not None and hmac.compare_digest(given.encode(), self._expected):
-            return handler
-        reason = "no bearer token" if given is None else "wrong bearer token"
-        log.info("%s -> UNAUTHENTICATED: %s", details.method, reason)
-        return _refusal(
-            handler, grpc.StatusCode.UNAUTHENTICATED,
-            f"{reason}: this server requires 'authorization: Bearer <token>' metadata "
-            "(Client(token=...) or WEIGHTAVG_TOKEN)",
-        )
 
 
 class SessionInterceptor(grpc.ServerInterceptor):
@@ -88,7 +39,7 @@ class SessionInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
         self._registry.expire()
-        session = _metadata(details, SESSION_METADATA)
+        session = metadata_value(details, SESSION_METADATA)
         if handler is None or session is None:
             return handler
         return _in_session(handler, self._registry, session)

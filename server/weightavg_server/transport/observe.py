@@ -69,7 +69,7 @@ class _Call:
 
     def finish(self, stats: RpcStats, exc: BaseException | None) -> None:
         seconds = time.perf_counter() - self.start
-        code = _status(self.context, exc)
+        code = status_name(self.context, exc)
         stats.finish(self.method, code, seconds, self.received, self.sent)
         if code == "OK":
             if log.isEnabledFor(logging.DEBUG):
@@ -81,7 +81,7 @@ class _Call:
             log.info(
                 "rpc method=%s code=%s duration_ms=%.3f peer=%s bytes_in=%d bytes_out=%d details=%s",
                 self.method, code, seconds * 1e3, self.context.peer(), self.received, self.sent,
-                json.dumps(_text(self.context.details())),  # type: ignore[attr-defined]  # see _status
+                json.dumps(_text(self.context.details())),  # type: ignore[attr-defined]  # see status_name
             )
 
 
@@ -92,7 +92,7 @@ def _text(details: str | bytes | None) -> str:
     return details or ""
 
 
-def _status(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+def status_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
     """The status code name the client receives."""
     # ServicerContext.code()/details() exist since grpcio 1.38 (marked experimental) but are missing
     # from types-grpcio's stubs.

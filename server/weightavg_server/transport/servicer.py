@@ -144,6 +144,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             methods=[convert.method_stats(name, s) for name, s in self.stats.snapshot().items()],
             devices=[pb.DeviceUsage(device=d, handles=u.handles, bytes=u.bytes) for d, u in usage.items()],
             request_ids=convert.request_id_stats(self.service.request_id_stats()),
+            tenants=convert.tenant_stats(self.service.tenant_usage(), self.stats.tenants()),
         )
 
     # -- modules ------------------------------------------------------------------------------------
@@ -268,8 +269,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
         """FetchTensors, answered with pre-encoded FetchTensorsResponse messages (one copy a byte):
         `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
-        copies = self.service.fetch(request.handle, list(request.names))
-        yield from codec.encoded_chunks(copies, self.chunk_bytes)
+        with self.service.fetch(request.handle, list(request.names)) as copies:
+            yield from codec.encoded_chunks(copies, self.chunk_bytes)
 
     @translate_errors
     def GetSize(self, request: pb.GetSizeRequest, context: Context) -> pb.GetSizeResponse:
@@ -277,7 +278,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def FreeHandles(self, request: pb.FreeHandlesRequest, context: Context) -> pb.FreeHandlesResponse:
-        freed = self.service.free(list(request.handles), request.all, request=ids.key(request))
+        freed = self.service.free(list(request.handles), request.all, request.tenant, request=ids.key(request))
         return pb.FreeHandlesResponse(freed=freed)
 
     @translate_errors
@@ -286,8 +287,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def ListHandles(self, request: pb.ListHandlesRequest, context: Context) -> pb.ListHandlesResponse:
-        listed = self.service.list_handles()
-        return pb.ListHandlesResponse(handles=[convert.handle_info(_handle(ref), s) for ref, s in listed])
+        listed = self.service.list_handles(request.all_tenants)
+        return pb.ListHandlesResponse(handles=[convert.handle_info(_handle(ref), s, ref.tenant) for ref, s in listed])
 
     @translate_errors
     def MoveHandle(self, request: pb.MoveHandleRequest, context: Context) -> pb.MoveHandleResponse:

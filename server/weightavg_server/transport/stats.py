@@ -49,13 +49,38 @@ class MethodStats:
         )
 
 
+@dataclass
+class TenantCalls:
+    """Calls made with one tenant's tokens since the server started."""
+
+    calls: int = 0
+    failures: int = 0
+
+
 class RpcStats:
-    """Thread-safe per-method records; each call costs two short critical sections (start, finish)."""
+    """Thread-safe per-method and per-tenant records; each call costs two short critical sections
+    (start, finish) and one more for its tenant."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._methods: dict[str, MethodStats] = {}
+        self._tenants: dict[str, TenantCalls] = {}
         self._started_at = time.monotonic()
+
+    def tenant_finish(self, tenant: str, code: str) -> None:
+        """A call made with a token of `tenant` ended with status `code`."""
+        with self._lock:
+            calls = self._tenants.get(tenant)
+            if calls is None:
+                calls = self._tenants[tenant] = TenantCalls()
+            calls.calls += 1
+            if code != "OK":
+                calls.failures += 1
+
+    def tenants(self) -> dict[str, TenantCalls]:
+        """A copy of every tenant's record, sorted by tenant."""
+        with self._lock:
+            return {name: TenantCalls(c.calls, c.failures) for name, c in sorted(self._tenants.items())}
 
     def start(self, method: str) -> None:
         """A call to `method` began."""

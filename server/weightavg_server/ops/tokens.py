@@ -1,0 +1,150 @@
+"""The tokens file of `weightavg serve --tokens FILE`: tokens to tenants and roles, tenants' quotas.
+
+TOML (or JSON, for a name ending in .json)::
+
+    # Reloaded on SIGHUP: removed tokens stop working at once; their tenants' objects stay.
+    [tenants.vision]                 # quotas; a tenant without a table has none
+    max_device_bytes = 8_000_000_000 # tensor bytes its handles may reach on any one device
+    max_handles = 10_000             # live handles it may own
+
+    [[tokens]]
+    token = "kq3…"                   # at least 16 characters; or sha256 = "<hex digest of the token>"
+    tenant = "vision"
+    role = "user"                    # admin, user or reader
+
+Every mistake is refused with where it is (never the token itself): an unknown key, a role or a
+tenant name that is not valid, a quota that is not a whole number, a token given twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..store.tenants import DEFAULT_TENANT, Caller, Quota, Role, check_tenant_name
+from ..transport.tenancy import TokenTable, token_digest
+from ..domain.errors import InvalidArgument
+
+MIN_TOKEN_LENGTH = 16
+"""Shorter tokens are refused: a token is a password; make one with
+`python -c "import secrets; print(secrets.token_urlsafe(32))"`."""
+_TOKEN_KEYS = {"token", "sha256", "tenant", "role"}
+_QUOTA_KEYS = {"max_device_bytes", "max_handles"}
+
+
+class TokensFileError(ValueError):
+    """The tokens file cannot be read or is not valid; the message says where and why."""
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TokensFileError(f"cannot read the tokens file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(raw)
+        else:
+            if sys.version_info < (3, 11):
+                raise TokensFileError(f"{path}: reading TOML needs Python 3.11 or later; write the file as JSON (.json)")
+            import tomllib
+
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise TokensFileError(f"{path} does not parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise TokensFileError(f"{path}: expecting a table with 'tokens' (and optionally 'tenants')")
+    return data
+
+
+def _whole(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TokensFileError(f"{where} must be a whole number of 0 or more (0: no quota), not {value!r}")
+    return value
+
+
+def load_tokens(path: str | Path, token: str = "") -> TokenTable:
+    """The token table of a tokens file, plus `token` (the single --token) as the default tenant's
+    admin when given.
+
+    Raises:
+        TokensFileError: the file cannot be read or is not valid (nothing of it is used then).
+    """
+    path = Path(path)
+    data = _parse(path)
+    unknown = set(data) - {"tokens", "tenants"}
+    if unknown:
+        raise TokensFileError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expecting 'tokens' and 'tenants'")
+    quotas: dict[str, Quota] = {}
+    tenants = data.get("tenants", {})
+    if not isinstance(tenants, dict):
+        raise TokensFileError(f"{path}: 'tenants' must be a table of tenant name -> quotas")
+    for name, table in tenants.items():
+        where = f"{path}: tenants.{name}"
+        try:
+            check_tenant_name(name)
+        except InvalidArgument as exc:
+            raise TokensFileError(f"{where}: {exc}") from None
+        if not isinstance(table, dict) or set(table) - _QUOTA_KEYS:
+            raise TokensFileError(f"{where} may set only {sorted(_QUOTA_KEYS)}")
+        quotas[name] = Quota(
+            max_device_bytes=_whole(table.get("max_device_bytes", 0), f"{where}.max_device_bytes"),
+            max_handles=_whole(table.get("max_handles", 0), f"{where}.max_handles"),
+        )
+    entries = data.get("tokens", [])
+    if not isinstance(entries, list):
+        raise TokensFileError(f"{path}: 'tokens' must be a list of tables ([[tokens]] in TOML)")
+    callers: dict[bytes, Caller] = {}
+    for i, entry in enumerate(entries):
+        where = f"{path}: tokens[{i}]"  # never the token: the file's positions are enough to find a mistake
+        if not isinstance(entry, dict):
+            raise TokensFileError(f"{where} must be a table with token (or sha256), tenant and role")
+        unknown = set(entry) - _TOKEN_KEYS
+        if unknown:
+            raise TokensFileError(f"{where}: unknown key(s) {sorted(unknown)}; expecting {sorted(_TOKEN_KEYS)}")
+        if ("token" in entry) == ("sha256" in entry):
+            raise TokensFileError(f"{where}: give exactly one of 'token' and 'sha256'")
+        if "token" in entry:
+            secret = entry["token"]
+            if not isinstance(secret, str) or len(secret) < MIN_TOKEN_LENGTH or secret != secret.strip():
+                raise TokensFileError(
+                    f"{where}: a token must be a string of at least {MIN_TOKEN_LENGTH} characters without surrounding "
+                    "spaces (e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
+                )
+            digest = token_digest(secret)
+        else:
+            hexdigest = entry["sha256"]
+            try:
+                digest = bytes.fromhex(hexdigest) if isinstance(hexdigest, str) else b""
+            except ValueError:
+                digest = b""
+            if len(digest) != hashlib.sha256().digest_size:
+                raise TokensFileError(f"{where}: sha256 must be the 64 hex digits of the token's SHA-256")
+        try:
+            tenant = check_tenant_name(entry.get("tenant", ""))
+            role = Role(entry.get("role"))
+        except InvalidArgument as exc:
+            raise TokensFileError(f"{where}: {exc}") from None
+        except ValueError:
+            raise TokensFileError(
+                f"{where}: role must be one of {[r.value for r in Role]}, not {entry.get('role')!r}"
+            ) from None
+        if digest in callers:
+            raise TokensFileError(f"{where}: the same token is given twice; each token stands for one tenant and role")
+        callers[digest] = Caller(tenant, role)
+    if token:
+        digest = token_digest(token)
+        if digest in callers and callers[digest] != Caller(DEFAULT_TENANT, Role.ADMIN):
+            raise TokensFileError(f"{path}: --token is also in the file with another tenant or role")
+        callers[digest] = Caller(DEFAULT_TENANT, Role.ADMIN)
+    if not callers:
+        raise TokensFileError(f"{path} has no token: every call would be refused")
+    return TokenTable(callers, quotas)
+
+
+def token_table(tokens_file: str, token: str) -> TokenTable:
+    """The table for a server's configuration: the file's (with --token), --token's alone, or open."""
+    return load_tokens(tokens_file, token) if tokens_file else TokenTable.single(token)

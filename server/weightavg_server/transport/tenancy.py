@@ -1,0 +1,357 @@
+"""Who may call what: the bearer token names a tenant and a role, each RPC needs a role, and every
+call that changes something leaves one JSON audit line.
+
+`TenantInterceptor` runs before any servicer code: it looks the call's token up in the current
+`TokenTable` (swapped whole on SIGHUP, so a removed token stops working with the next call), refuses
+an unknown token (UNAUTHENTICATED) or a role the method does not allow (PERMISSION_DENIED) before
+the request is read, and otherwise serves the call with `store.tenants.CALLER` set, so the store
+files new handles under the tenant, hides other tenants' handles and counts its quota. It counts
+calls and failures per tenant and writes the audit line (logger `weightavg.audit`) when the call ends.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf.message import Message
+
+from weightavg.v1 import weightavg_pb2 as pb
+
+from ..store.tenants import ANONYMOUS, CALLER, DEFAULT_TENANT, Caller, Quota, Role
+from .interceptors import SESSION_METADATA, metadata_value
+from .observe import status_name
+from .stats import RpcStats
+
+log = logging.getLogger("weightavg.security")
+audit_log = logging.getLogger("weightavg.audit")
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # a string: grpc's class is generic only in its stubs
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Handler | None]"
+
+AUTHORIZATION_METADATA = "authorization"
+OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/",)
+"""Methods callable without the token: health checks, so orchestrators can probe without the secret
+(they learn only SERVING or NOT_SERVING)."""
+SERVICE_PREFIX = "/" + pb.DESCRIPTOR.services_by_name["WeightAveragingService"].full_name + "/"
+
+
+class Access(enum.Enum):
+    """What an RPC needs of the caller's role, and whether it is audited."""
+
+    READ = "read"
+    """Fetch, list, describe: any role. Not audited."""
+    USE = "use"
+    """Runs work on the tenant's objects without changing them (evaluate, test, keep a session
+    alive): user or admin. Not audited."""
+    CHANGE = "change"
+    """Creates, changes or frees objects or sessions: user or admin. Audited."""
+    ADMIN = "admin"
+    """Spans every tenant (server-wide snapshots): admin only. Audited."""
+
+    @property
+    def audited(self) -> bool:
+        return self in (Access.CHANGE, Access.ADMIN)
+
+    def allows(self, role: Role) -> bool:
+        if self is Access.READ:
+            return True
+        if self is Access.ADMIN:
+            return role is Role.ADMIN
+        return role is not Role.READER
+
+
+_READ = (
+    "Ping", "GetServerInfo", "DescribeModule", "ListParameterNames", "ListBufferNames", "FetchTensors", "GetSize",
+    "ListHandles", "GetLearningRate", "DescribeModel", "GetModelOptions", "GetServerStats",
+)
+_USE = ("RunTest", "EvaluateModel", "KeepAliveSession")
+_CHANGE = (
+    "CreateModule", "SetParameter", "ViewParameters", "ViewBuffers", "CopyParameters", "LoadParameters",
+    "AverageParameters", "ResetBatchNorm", "RestoreMomentum", "CreateDictionary", "UpdateDictionary", "DeleteEntries",
+    "CreateTensor", "FreeHandles", "AddReference", "MoveHandle", "CreateLoss", "CreateOptimizer", "SetLearningRate",
+    "CreateModel", "UpdateModel", "SetModelOptions", "SetModelData", "RunEpoch", "RunForward", "GetModelInput",
+    "RestoreModelData", "NextBatch", "RecalculateBatchNorm", "CreateSession", "CloseSession", "UpdateMovingAverage",
+)
+_ADMIN = ("Snapshot",)
+ACCESS: dict[str, Access] = {
+    **{name: Access.READ for name in _READ}, **{name: Access.USE for name in _USE},
+    **{name: Access.CHANGE for name in _CHANGE}, **{name: Access.ADMIN for name in _ADMIN},
+}
+"""Every weightavg RPC by name (tests/test_tenants.py checks that each one is here). Note that
+ListHandles(all_tenants) and FreeHandles(tenant) are admin-only as well: the store checks those,
+since they depend on the request."""
+
+
+def access_of(method: str) -> Access:
+    """What a full method name needs: its row in ACCESS; other services' methods (reflection) READ; a
+    weightavg method missing from the table CHANGE, so a new RPC is never open to readers by mistake."""
+    if not method.startswith(SERVICE_PREFIX):
+        return Access.READ
+    return ACCESS.get(method[len(SERVICE_PREFIX):], Access.CHANGE)
+
+
+def token_digest(token: str) -> bytes:
+    """The table's key for a token: its SHA-256. Looking the digest up in a dict takes no longer for a
+    nearly right token than for a wrong one, and the table holds no token in the clear."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Tokens (by digest) to the tenant and role they stand for, and each tenant's quota.
+
+    `open` (no token configured at all) serves every call as the default tenant's admin, as a
+    server without --token always has.
+    """
+
+    callers: Mapping[bytes, Caller] = field(default_factory=dict)
+    quotas: Mapping[str, Quota] = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return not self.callers
+
+    @classmethod
+    def single(cls, token: str) -> TokenTable:
+        """The table of `--token`: one admin token of the default tenant."""
+        return cls({token_digest(token): Caller(DEFAULT_TENANT, Role.ADMIN)}) if token else cls()
+
+    def caller(self, token: str) -> Caller | None:
+        return self.callers.get(token_digest(token))
+
+
+class Tokens:
+    """The token table in force; `replace` swaps it whole (SIGHUP), so each call sees one table."""
+
+    def __init__(self, table: TokenTable) -> None:
+        self._table = table
+        self._lock = threading.Lock()
+
+    @property
+    def table(self) -> TokenTable:
+        return self._table
+
+    def replace(self, table: TokenTable) -> None:
+        with self._lock:
+            self._table = table
+
+
+def refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+    """A handler of the same shape as `handler` that answers `code` without running anything."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+# -- the audit line -----------------------------------------------------------------------------------
+
+_HANDLE_FIELDS = ("handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts")
+"""Request fields that name handles (strings, or repeated strings)."""
+MAX_AUDITED_HANDLES = 64
+"""An audit line names at most this many handles (a FreeHandles of thousands says how many it left out)."""
+
+
+def request_handles(request: Any) -> list[str]:
+    """The handle ids a request names, in field order (the first message of a stream)."""
+    found: list[str] = []
+    for name in _HANDLE_FIELDS:
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            if value:
+                found.append(value)
+        elif value is not None and not isinstance(value, (bytes, Message)):
+            try:
+                found.extend(v for v in value if isinstance(v, str) and v)
+            except TypeError:
+                pass
+    return found
+
+
+def response_handles(response: Any) -> list[str]:
+    """The ids of the handles a reply hands out (new handles, or the same handle)."""
+    if not isinstance(response, Message):
+        return []
+    return [value.id for fd, value in response.ListFields() if fd.message_type is pb.Handle.DESCRIPTOR]
+
+
+def request_id(request: Any) -> str:
+    """The request's `request_id` field where its message has one, else ""."""
+    value = getattr(request, "request_id", "")
+    return value if isinstance(value, str) else ""
+
+
+def audit(
+    method: str, caller: Caller | None, outcome: str, handles: list[str], rid: str, session: str | None,
+    seconds: float,
+) -> None:
+    """Write one audit line: JSON with the time (UTC, ISO 8601), tenant, role, method, handles,
+    request ID, session, outcome and duration. Never a token, never request data."""
+    if not audit_log.isEnabledFor(logging.INFO):
+        return
+    unique = list(dict.fromkeys(handles))
+    record: dict[str, Any] = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "tenant": caller.tenant if caller is not None else None,
+        "role": caller.role.value if caller is not None else None,
+        "method": method.rsplit("/", 1)[-1],
+        "handles": unique[:MAX_AUDITED_HANDLES],
+        "request_id": rid,
+        "session": session,
+        "outcome": outcome,
+        "duration_ms": round(seconds * 1e3, 3),
+    }
+    if len(unique) > MAX_AUDITED_HANDLES:
+        record["handles_omitted"] = len(unique) - MAX_AUDITED_HANDLES
+    audit_log.info("%s", json.dumps(record, separators=(",", ":"), ensure_ascii=True))
+
+
+class _Call:
+    """What one served call records for the audit line: the handles it named and the request ID."""
+
+    __slots__ = ("handles", "rid")
+
+    def __init__(self) -> None:
+        self.handles: list[str] = []
+        self.rid = ""
+
+    def saw(self, request: Any) -> None:
+        self.handles.extend(request_handles(request))
+        self.rid = self.rid or request_id(request)
+
+    def first_of(self, requests: Iterator[Any]) -> Iterator[Any]:
+        """The request stream, passing through; its first message is read for handles and ID."""
+        first = True
+        for request in requests:
+            if first:
+                self.saw(request)
+                first = False
+            yield request
+
+
+class TenantInterceptor(grpc.ServerInterceptor):
+    """Authenticates each call's token to a tenant and role, authorizes the method, and serves the
+    call as that caller: per-tenant statistics in `stats`, an audit line for calls that change
+    something (every call of a server with tokens or not)."""
+
+    def __init__(self, tokens: Tokens, stats: RpcStats) -> None:
+        self.tokens = tokens
+        self.stats = stats
+
+    def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = continuation(details)
+        method = details.method
+        if handler is None or method.startswith(OPEN_SERVICE_PREFIXES):
+            return handler
+        access = access_of(method)
+        session = metadata_value(details, SESSION_METADATA)
+        table = self.tokens.table
+        if table.open:
+            caller = ANONYMOUS
+        else:
+            given = metadata_value(details, AUTHORIZATION_METADATA)
+            found = table.caller(given.removeprefix("Bearer ")) if given and given.startswith("Bearer ") else None
+            if found is None:
+                reason = "no bearer token" if given is None else "wrong bearer token"
+                log.info("%s -> UNAUTHENTICATED: %s", method, reason)
+                if access.audited:
+                    audit(method, None, "UNAUTHENTICATED", [], "", session, 0.0)
+                return refusal(
+                    handler, grpc.StatusCode.UNAUTHENTICATED,
+                    f"{reason}: this server requires 'authorization: Bearer <token>' metadata "
+                    "(Client(token=...) or WEIGHTAVG_TOKEN)",
+                )
+            caller = found
+        if not access.allows(caller.role):
+            self.stats.tenant_finish(caller.tenant, "PERMISSION_DENIED")
+            if access.audited:
+                audit(method, caller, "PERMISSION_DENIED", [], "", session, 0.0)
+            name = method.rsplit("/", 1)[-1]
+            needed = "an admin token" if access is Access.ADMIN else "a user or admin token"
+            return refusal(
+                handler, grpc.StatusCode.PERMISSION_DENIED,
+                f"{name} needs {needed}; this call's token is tenant '{caller.tenant}', role {caller.role.value}",
+            )
+        return self._as(handler, caller, method, access, session)
+
+    def _as(self, handler: Handler, caller: Caller, method: str, access: Access, session: str | None) -> Handler:
+        """The handler again, run with CALLER set on the worker thread that serves the call (the
+        interceptor itself runs on gRPC's polling thread), recording the outcome when it ends."""
+        stats = self.stats
+
+        def finish(context: grpc.ServicerContext, call: _Call, start: float, exc: BaseException | None) -> None:
+            outcome = status_name(context, exc)
+            stats.tenant_finish(caller.tenant, outcome)
+            if access.audited:
+                audit(method, caller, outcome, call.handles, call.rid, session, time.perf_counter() - start)
+
+        def begin(request: Any, call: _Call) -> Any:
+            if handler.request_streaming:
+                return call.first_of(request)
+            call.saw(request)
+            return request
+
+        if handler.response_streaming:
+            inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            assert inner_stream is not None  # grpc sets the behaviour that matches the flags
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                call, start = _Call(), time.perf_counter()
+                token = CALLER.set(caller)
+                try:
+                    yield from inner_stream(begin(request, call), context)
+                except BaseException as exc:
+                    finish(context, call, start, exc)
+                    raise
+                finally:
+                    CALLER.reset(token)
+                finish(context, call, start, None)
+
+            factory = (
+                grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return factory(stream, handler.request_deserializer, handler.response_serializer)
+
+        inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        assert inner is not None  # grpc sets the behaviour that matches the flags
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            call, start = _Call(), time.perf_counter()
+            token = CALLER.set(caller)
+            try:
+                response = inner(begin(request, call), context)
+            except BaseException as exc:
+                finish(context, call, start, exc)
+                raise
+            finally:
+                CALLER.reset(token)
+            call.handles.extend(response_handles(response))
+            finish(context, call, start, None)
+            return response
+
+        factory = (
+            grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        return factory(unary, handler.request_deserializer, handler.response_serializer)

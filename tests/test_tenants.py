@@ -1,0 +1,544 @@
+"""Tenants through real servers: each token's tenant sees, fetches, changes and frees only its own
+objects (every RPC that takes a handle, table-driven); a reader changes nothing; quotas hold under
+concurrent clients; SIGHUP reloads the tokens file; every call that changes something leaves one JSON
+audit line without the token; snapshots keep each object's tenant."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import LiveServer, assert_unchanged, snapshot
+from test_snapshot import start_server as start_process
+from weightavg import Client, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
+from weightavg import wire
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+from weightavg_server.ops.app import Runtime, create_runtime
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.ops.tokens import TokensFileError, load_tokens
+from weightavg_server.transport.tenancy import ACCESS, Access
+
+ALICE, ALICE_READER, BOB, CAROL, ADMIN = (
+    "alice-user-token-000001", "alice-reader-token-0002", "bob-user-token-000000003", "carol-user-token-00004",
+    "ops-admin-token-0000005",
+)
+TOKENS = f"""
+[tenants.carol]
+max_device_bytes = 65536
+max_handles = 8
+
+[[tokens]]
+token = "{ALICE}"
+tenant = "alice"
+role = "user"
+
+[[tokens]]
+token = "{ALICE_READER}"
+tenant = "alice"
+role = "reader"
+
+[[tokens]]
+token = "{BOB}"
+tenant = "bob"
+role = "user"
+
+[[tokens]]
+token = "{CAROL}"
+tenant = "carol"
+role = "user"
+
+[[tokens]]
+sha256 = "{__import__('hashlib').sha256(ADMIN.encode()).hexdigest()}"
+tenant = "ops"
+role = "admin"
+"""
+UNKNOWN = "unknown handle"
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens.toml"
+    path.write_text(TOKENS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tokens_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    runtime = create_runtime(ServerConfig(
+        host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file),
+        state_dir=str(tmp_path_factory.mktemp("state")),
+    ))
+    runtime.start()
+    yield runtime
+    runtime.server.stop(None)
+    runtime.reaper.stop()
+
+
+def connect(server: Runtime, token: str, **options: Any) -> Client:
+    return Client(f"127.0.0.1:{server.port}", token=token, timeout=60, **options)
+
+
+def declared(*named: tuple[str, Any]) -> list[pb.TensorChunk]:
+    """A declared stream's chunks, as the client sends them."""
+    return [pb.FetchTensorsResponse.FromString(m).chunk for m in wire.encoded_chunks(named, 1 << 20, pb.FetchTensorsResponse)]
+
+
+@dataclass
+class World:
+    """Alice's objects of every kind, and Bob's own, for calls that take two handles."""
+
+    net: str
+    d: str
+    t: str
+    m: str
+    loss: str
+    session: str
+    bnet: str
+    bd: str
+    bt: str
+    bloss: str
+    bopt: str
+
+
+@pytest.fixture(scope="module")
+def world(server: Runtime) -> Iterator[World]:
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    y = np.arange(8) % 2
+    with connect(server, ALICE) as a, connect(server, BOB) as b, connect(server, ALICE, session=True) as s:
+        net = a.module(["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3], ["linear", "d", 3, 2]])
+        q = a.module(["linear", 4, 2])
+        m = a.model(q, a.loss("ce"), a.opt("sgd", q, 0.1))
+        a.train(m, x, y)
+        a.test(m, x, y)
+        a.run(m)
+        bnet = b.module(["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3], ["linear", "d", 3, 2]])
+        w = World(
+            net=net.id, d=a.copyparms(net).id, t=a.tensor(np.arange(8, dtype=np.float32).reshape(4, 2)).id, m=m.id,
+            loss=a.loss("mse").id, session=s.session or "",
+            bnet=bnet.id, bd=b.copyparms(bnet).id, bt=b.tensor(np.zeros((4, 4), np.float32)).id, bloss=b.loss("ce").id,
+            bopt=b.opt("sgd", bnet).id,
+        )
+        yield w
+        a.free()
+        b.free()
+
+
+Call = Callable[[pb_grpc.WeightAveragingServiceStub, World], object]
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    call: Call
+    id: str = ""
+
+
+def unary(method: str, make: Callable[[World], object]) -> Case:
+    return Case(method, lambda stub, w: getattr(stub, method)(make(w), timeout=30))
+
+
+def streamed_reply(method: str, make: Callable[[World], object]) -> Case:
+    return Case(method, lambda stub, w: list(getattr(stub, method)(make(w), timeout=30)))
+
+
+def upload(method: str, first: Callable[[World], object], chunks: list[pb.TensorChunk], reply_streams: bool = False) -> Case:
+    message = getattr(pb, f"{method}Request")
+
+    def call(stub: pb_grpc.WeightAveragingServiceStub, w: World) -> object:
+        requests = iter([first(w), *(message(chunk=c) for c in chunks)])
+        result = getattr(stub, method)(requests, timeout=30)
+        return list(result) if reply_streams else result
+
+    return Case(method, call)
+
+
+def named(case: Case, label: str) -> Case:
+    return Case(case.method, case.call, f"{case.method}/{label}")
+
+
+X4 = declared(("", np.ones((2, 4), np.float32)))
+CASES: list[Case] = [
+    unary("DescribeModule", lambda w: pb.DescribeModuleRequest(handle=w.net)),
+    unary("ListParameterNames", lambda w: pb.ListParameterNamesRequest(handle=w.net)),
+    unary("ListBufferNames", lambda w: pb.ListBufferNamesRequest(handle=w.net)),
+    upload("SetParameter", lambda w: pb.SetParameterRequest(handle=w.net, name="a.bias"), declared(("", np.ones(3, np.float32)))),
+    unary("ViewParameters", lambda w: pb.ViewParametersRequest(handle=w.net)),
+    unary("ViewBuffers", lambda w: pb.ViewBuffersRequest(handle=w.net)),
+    unary("CopyParameters", lambda w: pb.CopyParametersRequest(handle=w.m)),
+    named(unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.net, dictionary=w.bd)), "their module"),
+    named(unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=w.bnet, dictionary=w.d)), "their dictionary"),
+    named(unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.net, dictionary=w.bd)), "their module"),
+    named(unary("AverageParameters", lambda w: pb.AverageParametersRequest(handle=w.bnet, dictionary=w.d)), "their dictionary"),
+    named(unary("UpdateMovingAverage", lambda w: pb.UpdateMovingAverageRequest(handle=w.net, dictionary=w.bd)),
+          "their module"),
+    named(unary("UpdateMovingAverage", lambda w: pb.UpdateMovingAverageRequest(handle=w.bnet, dictionary=w.d)),
+          "their dictionary"),
+    unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=w.net)),
+    unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.net, momenta={"b": pb.Momentum(value=0.5)})),
+    upload("UpdateDictionary", lambda w: pb.UpdateDictionaryRequest(dictionary=w.d), declared(("z", np.ones(2, np.float32)))),
+    unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=w.d, names=["a.weight"])),
+    named(streamed_reply("FetchTensors", lambda w: pb.FetchTensorsRequest(handle=w.d)), "dictionary"),
+    named(streamed_reply("FetchTensors", lambda w: pb.FetchTensorsRequest(handle=w.net, names=["a.weight"])), "module"),
+    unary("GetSize", lambda w: pb.GetSizeRequest(handle=w.t)),
+    named(unary("FreeHandles", lambda w: pb.FreeHandlesRequest(handles=[w.t])), "theirs"),
+    named(unary("FreeHandles", lambda w: pb.FreeHandlesRequest(handles=[w.bt, w.t])), "own and theirs"),
+    unary("AddReference", lambda w: pb.AddReferenceRequest(handle=w.d)),
+    unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.d, dtype=pb.DTYPE_FLOAT64)),
+    unary("CreateOptimizer", lambda w: pb.CreateOptimizerRequest(type="sgd", module=w.net)),
+    unary("GetLearningRate", lambda w: pb.GetLearningRateRequest(handle=w.m)),
+    unary("SetLearningRate", lambda w: pb.SetLearningRateRequest(handle=w.m, lr=0.5)),
+    unary("CreateModel", lambda w: pb.CreateModelRequest(module=w.net, loss=w.bloss, optimizer=w.bopt)),
+    named(unary("UpdateModel", lambda w: pb.UpdateModelRequest(model=w.m, parts=[w.bloss])), "their model"),
+    named(unary("UpdateModel", lambda w: pb.UpdateModelRequest(model=w.m, parts=[w.loss])), "their model and part"),
+    unary("DescribeModel", lambda w: pb.DescribeModelRequest(model=w.m)),
+    unary("GetModelOptions", lambda w: pb.GetModelOptionsRequest(model=w.m, split=pb.DATA_SPLIT_TRAIN)),
+    unary("SetModelOptions", lambda w: pb.SetModelOptionsRequest(model=w.m, split=pb.DATA_SPLIT_TRAIN, options=[
+        pb.Option(name="batchsize", value=pb.OptionValue(int_value=2))])),
+    upload("SetModelData", lambda w: pb.SetModelDataRequest(model=w.m, split=pb.DATA_SPLIT_TRAIN),
+           declared(("x", np.ones((2, 4), np.float32)), ("y", np.zeros(2, np.int64)))),
+    streamed_reply("RunEpoch", lambda w: pb.RunEpochRequest(model=w.m)),
+    streamed_reply("RunTest", lambda w: pb.RunTestRequest(model=w.m)),
+    upload("EvaluateModel", lambda w: pb.EvaluateModelRequest(model=w.m), X4, reply_streams=True),
+    named(upload("RunForward", lambda w: pb.RunForwardRequest(handle=w.net, mode=pb.FORWARD_MODE_EVAL), X4), "their module"),
+    named(unary("RunForward", lambda w: iter([pb.RunForwardRequest(handle=w.bnet, mode=pb.FORWARD_MODE_EVAL, input=w.t)])),
+          "their input"),
+    unary("GetModelInput", lambda w: pb.GetModelInputRequest(model=w.m)),
+    unary("RestoreModelData", lambda w: pb.RestoreModelDataRequest(model=w.m)),
+    named(unary("NextBatch", lambda w: pb.NextBatchRequest(handle=w.t, size=1)), "tensor"),
+    named(unary("NextBatch", lambda w: pb.NextBatchRequest(handle=w.m)), "model"),
+    unary("RecalculateBatchNorm", lambda w: pb.RecalculateBatchNormRequest(model=w.m)),
+    unary("KeepAliveSession", lambda w: pb.KeepAliveSessionRequest(session=w.session)),
+    unary("CloseSession", lambda w: pb.CloseSessionRequest(session=w.session)),
+]
+CASES = [c if c.id else Case(c.method, c.call, c.method) for c in CASES]
+
+
+def stub_for(server: Runtime, token: str) -> tuple[grpc.Channel, pb_grpc.WeightAveragingServiceStub]:
+    """A raw stub whose calls carry the token (the client's own channel, so its metadata travels)."""
+    client = connect(server, token)
+    return client._raw_channel, client._stub  # noqa: SLF001 - raw requests with the client's credentials
+
+
+def test_every_rpc_has_an_access_class() -> None:
+    service = pb.DESCRIPTOR.services_by_name["WeightAveragingService"]
+    assert {m.name for m in service.methods} == set(ACCESS)
+
+
+def test_the_table_covers_every_rpc_that_takes_a_handle() -> None:
+    fields = {"handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts", "session"}
+    service = pb.DESCRIPTOR.services_by_name["WeightAveragingService"]
+    taking = {m.name for m in service.methods if fields & set(m.input_type.fields_by_name)}
+    assert taking <= {c.method for c in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_another_tenants_handles_do_not_exist(case: Case, server: Runtime, world: World) -> None:
+    """Bob names Alice's handles: NOT_FOUND, worded as for a handle that never existed, nothing changed."""
+    channel, stub = stub_for(server, BOB)
+    before = snapshot(server.registry)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        case.call(stub, world)
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND, err.value.details()
+    assert UNKNOWN in err.value.details() or "unknown session" in err.value.details()
+    assert_unchanged(before, snapshot(server.registry))
+
+
+def test_listings_and_stats_show_only_the_callers_tenant(server: Runtime, world: World) -> None:
+    with connect(server, BOB) as b, connect(server, ALICE) as a, connect(server, ADMIN) as admin:
+        assert {h.handle.id for h in b.handles()} == {world.bnet, world.bd, world.bt, world.bloss, world.bopt}
+        assert {h.tenant for h in b.handles()} == {"bob"}
+        assert world.net in {h.handle.id for h in a.handles()}
+        assert set(b.stats()["tenants"]) == {"bob"}
+        with pytest.raises(PermissionDeniedError, match="admin token"):
+            b.handles(all_tenants=True)
+        everything = admin.handles(all_tenants=True)
+        assert {world.net, world.bnet} <= {h.handle.id for h in everything}
+        assert {"alice", "bob"} <= {h.tenant for h in everything}
+        tenants = admin.stats()["tenants"]
+        assert tenants["alice"]["handles"] >= 5 and tenants["alice"]["bytes"]["cpu"] > 0
+        assert tenants["bob"]["calls"] > 0
+        assert tenants["carol"]["max_device_bytes"] == 65536
+        usage = server.registry.tenant_usage()
+        assert usage["alice"].nbytes == tenants["alice"]["bytes"]
+
+
+def test_an_admin_may_use_any_tenants_handle(server: Runtime, world: World) -> None:
+    with connect(server, ADMIN) as admin:
+        assert admin.size(wire_handle(world.t)) == (4, 2)
+
+
+def wire_handle(handle_id: str) -> Any:
+    from weightavg import Handle
+
+    return Handle(handle_id, "tensor")
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if ACCESS[c.method] is not Access.READ], ids=[c.id for c in CASES if ACCESS[c.method] is not Access.READ]
+)
+def test_a_reader_changes_nothing(case: Case, server: Runtime, world: World) -> None:
+    """Alice's reader token on Alice's own objects: every call that would change or run something is
+    PERMISSION_DENIED before it reads its request, and nothing changes."""
+    channel, stub = stub_for(server, ALICE_READER)
+    before = snapshot(server.registry)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        case.call(stub, world)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED, err.value.details()
+    assert "role reader" in err.value.details()
+    assert_unchanged(before, snapshot(server.registry))
+
+
+def test_a_reader_fetches_and_lists_its_tenants_objects_and_creates_nothing(server: Runtime, world: World) -> None:
+    before = snapshot(server.registry)
+    with connect(server, ALICE_READER) as r:
+        assert set(r.dict(world.d)) == {"a.weight", "a.bias", "b.weight", "b.bias", "d.weight", "d.bias"}
+        assert world.d in {h.handle.id for h in r.handles()}
+        for create in (lambda: r.module(["linear", 2, 2]), lambda: r.dict({"a": 1.0}), lambda: r.tensor(np.ones(2)),
+                       lambda: r.loss("ce"), lambda: r.snapshot()):
+            with pytest.raises(PermissionDeniedError):
+                create()
+        with pytest.raises(PermissionDeniedError):
+            connect(server, ALICE_READER, session=True)
+    assert_unchanged(before, snapshot(server.registry))
+
+
+def test_snapshots_and_purges_need_an_admin(server: Runtime, world: World) -> None:
+    with connect(server, ALICE) as a:
+        with pytest.raises(PermissionDeniedError, match="Snapshot needs an admin token"):
+            a.snapshot()
+        with pytest.raises(PermissionDeniedError, match="admin token"):
+            a.purge("bob")
+    with connect(server, BOB) as b, connect(server, ADMIN) as admin:
+        extra = [b.tensor(np.ones(3)) for _ in range(3)]
+        assert admin.snapshot()["handles"] == len(server.registry)
+        before = {h for h, e in server.registry.items() if e.tenant == "bob"}
+        assert {h.id for h in extra} <= before
+        assert admin.purge("bob") == len(before)
+        assert not [h for h, e in server.registry.items() if e.tenant == "bob"]
+        with pytest.raises(NotFoundError):
+            b.size(extra[0])
+
+
+def test_quotas_hold_under_16_concurrent_clients_while_another_tenant_is_served(server: Runtime) -> None:
+    """Carol's quota is 65536 bytes: of 16 concurrent 10,000-byte uploads exactly 6 fit; Bob, with
+    none, uploads 16 at the same time, all of which succeed."""
+    value = np.zeros(2500, np.float32)
+
+    def upload_as(token: str) -> str:
+        with connect(server, token) as c:
+            try:
+                c.dict({"v": value})
+                return "ok"
+            except ResourceExhaustedError as exc:
+                # Over the byte quota, or (handle slots are reserved first) over the 8-handle quota.
+                assert "tenant 'carol'" in str(exc) and "tokens file" in str(exc)
+                return "refused"
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        carol = [pool.submit(upload_as, CAROL) for _ in range(16)]
+        bob = [pool.submit(upload_as, BOB) for _ in range(16)]
+        outcomes = [f.result(timeout=120) for f in carol], [f.result(timeout=120) for f in bob]
+    assert outcomes[0].count("ok") == 6 and outcomes[0].count("refused") == 10
+    assert outcomes[1] == ["ok"] * 16
+    usage = server.registry.tenant_usage()
+    assert usage["carol"].nbytes == {"cpu": 60000} and usage["carol"].handles == 6
+    with connect(server, CAROL) as c:  # the handle quota: 8, 6 held
+        c.tensor(np.zeros(1, np.float32))
+        c.tensor(np.zeros(1, np.float32))
+        with pytest.raises(ResourceExhaustedError, match="quota of 8 live handles"):
+            c.tensor(np.zeros(1, np.float32))
+        assert c.free() == 8
+    with connect(server, BOB) as b:
+        b.free()
+    assert server.registry.tenant_usage()["carol"].nbytes == {}
+    assert server.registry.held_bytes() == {"cpu": sum(u.nbytes.get("cpu", 0) for u in server.registry.tenant_usage().values())}
+
+
+def test_audit_lines_for_each_change_and_none_for_reads(server: Runtime, world: World, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    with connect(server, ALICE) as a, connect(server, ALICE_READER) as r:
+        d = a.dict({"a": np.ones(3, np.float32)})
+        a.dict(d, "b", np.zeros(2))
+        a.dict(d)
+        a.size(d)
+        a.handles()
+        with pytest.raises(NotFoundError):
+            a.free("dic_" + "0" * 32)
+        with pytest.raises(PermissionDeniedError):
+            r.delete(d, "a")
+        a.free(d)
+    with pytest.raises(UnauthenticatedError):
+        Client(f"127.0.0.1:{server.port}", token="not-a-token-of-this-server", timeout=10).free()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "weightavg.audit"]
+    assert [(x["method"], x["tenant"], x["outcome"]) for x in lines] == [
+        ("CreateDictionary", "alice", "OK"), ("UpdateDictionary", "alice", "OK"), ("FreeHandles", "alice", "NOT_FOUND"),
+        ("DeleteEntries", "alice", "PERMISSION_DENIED"), ("FreeHandles", "alice", "OK"),
+        ("FreeHandles", None, "UNAUTHENTICATED"),
+    ]
+    assert lines[0]["handles"] == [d.id] and lines[1]["handles"] == [d.id] and lines[4]["handles"] == [d.id]
+    assert lines[3]["role"] == "reader"
+    for line in lines:
+        assert set(line) >= {"time", "tenant", "role", "method", "handles", "request_id", "session", "outcome"}
+        assert line["time"].endswith("+00:00")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for token in (ALICE, ALICE_READER, BOB, ADMIN, "not-a-token-of-this-server"):
+        assert token not in text
+
+
+def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:
+    """A session id of another tenant is unknown: it cannot be joined to create handles in it."""
+    with pytest.raises(NotFoundError, match="unknown session"):
+        connect(server, BOB, session=world.session)
+
+
+# -- tokens file, SIGHUP, snapshots ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,error", [
+    ('[[tokens]]\ntoken = "short"\ntenant = "a"\nrole = "user"\n', "at least 16 characters"),
+    ('[[tokens]]\ntoken = "long-enough-token-xyz"\ntenant = "a b"\nrole = "user"\n', "tenant name"),
+    ('[[tokens]]\ntoken = "long-enough-token-xyz"\ntenant = "a"\nrole = "root"\n', "role must be one of"),
+    ('[[tokens]]\ntoken = "long-enough-token-xyz"\ntenant = "a"\nrole = "user"\nquota = 1\n', "unknown key"),
+    ('[tenants.a]\nmax_device_bytes = -1\n[[tokens]]\ntoken = "long-enough-token-xyz"\ntenant = "a"\nrole = "user"\n',
+     "whole number"),
+    ('[[tokens]]\ntoken = "long-enough-token-xyz"\ntenant = "a"\nrole = "user"\n' * 2, "given twice"),
+    ("tokens = [", "does not parse"),
+    ("", "has no token"),
+])
+def test_a_bad_tokens_file_is_refused_saying_where_and_never_echoing_the_token(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(text)
+    with pytest.raises(TokensFileError, match=error) as err:
+        load_tokens(path)
+    assert "long-enough-token-xyz" not in str(err.value) and "short\"" not in str(err.value)
+
+
+def test_json_tokens_files_are_read_too(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tenants": {"a": {"max_handles": 3}},
+                                "tokens": [{"token": "long-enough-token-xyz", "tenant": "a", "role": "reader"}]}))
+    table = load_tokens(path)
+    assert table.caller("long-enough-token-xyz") is not None and table.quotas["a"].max_handles == 3
+
+
+def test_sighup_reloads_the_tokens_file_revoking_a_token_mid_run(tmp_path: Path) -> None:
+    """A client of Bob's calls in a loop; the file loses Bob's token and gains Dave's; SIGHUP: Bob's
+    next call is UNAUTHENTICATED, Dave is served, Bob's objects stay (listed to the admin), and the
+    audit file holds JSON lines without any token. A file that does not load changes nothing."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS)
+    audit = tmp_path / "audit.jsonl"
+    proc = start_process(tmp_path / "state", "--tokens", str(tokens), "--audit-log", str(audit), "--log-level", "WARNING")
+    dave = "dave-user-token-0000006"
+    try:
+        with Client(proc.address, token=BOB, timeout=30) as b:
+            kept = b.dict({"w": np.ones(3, np.float32)})
+            tokens.write_text(TOKENS.replace(BOB, dave).replace('tenant = "bob"', 'tenant = "dave"'))
+            calls, revoked = 0, False
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    b.size(kept)
+                    calls += 1
+                except UnauthenticatedError:
+                    revoked = True
+                    break
+                if calls == 3:
+                    proc.proc.send_signal(signal.SIGHUP)
+            assert revoked and calls >= 3
+        with Client(proc.address, token=dave, timeout=30) as d:
+            d.dict({"x": 1.0})
+            with pytest.raises(NotFoundError):
+                d.size(kept)
+        with Client(proc.address, token=ADMIN, timeout=30) as admin:
+            assert {(h.handle.id, h.tenant) for h in admin.handles(all_tenants=True)} >= {(kept.id, "bob")}
+            tokens.write_text("tokens = [")  # a broken file: the tokens in force stay
+            proc.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)  # not an assertion on time: SIGHUP is asynchronous, the next calls must pass anyway
+            admin.ping()
+            with Client(proc.address, token=dave, timeout=30) as d:
+                d.ping()
+    finally:
+        code, err = proc.terminate()
+    assert code == 0, err
+    assert "tokens file not reloaded" in err
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert ("CreateDictionary", "bob", "OK") in [(x["method"], x["tenant"], x["outcome"]) for x in lines]
+    assert ("CreateDictionary", "dave", "OK") in [(x["method"], x["tenant"], x["outcome"]) for x in lines]
+    for token in (BOB, dave, ADMIN):
+        assert token not in audit.read_text() and token not in err
+
+
+def test_snapshots_keep_each_objects_tenant(tmp_path: Path, tokens_file: Path) -> None:
+    state = tmp_path / "state"
+    proc = start_process(state, "--tokens", str(tokens_file))
+    try:
+        with Client(proc.address, token=ALICE, timeout=30) as a, Client(proc.address, token=BOB, timeout=30) as b:
+            mine = a.dict({"a": np.arange(3.0)})
+            theirs = b.tensor(np.ones(2, np.float32))
+    finally:
+        assert proc.terminate()[0] == 0
+    proc = start_process(state, "--tokens", str(tokens_file))
+    try:
+        with Client(proc.address, token=ALICE, timeout=30) as a, Client(proc.address, token=BOB, timeout=30) as b:
+            assert [h.handle.id for h in a.handles()] == [mine.id]
+            assert [h.handle.id for h in b.handles()] == [theirs.id]
+            with pytest.raises(NotFoundError):
+                b.dict(mine)
+            assert list(a.dict(mine)["a"]) == [0.0, 1.0, 2.0]
+    finally:
+        assert proc.terminate()[0] == 0
+
+
+def test_snapshots_written_before_tenants_load_as_the_default_tenants(tmp_path: Path) -> None:
+    """A state file without "tenant" keys (as every snapshot before tenants): its objects and sessions
+    are the default tenant's, which a server without a tokens file (or with --token) serves."""
+    import hashlib
+    from weightavg_server.store import snapshot as snapshots
+    from weightavg_server.store.registry import Registry
+    import torch
+
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path)))
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=30, session=True, lease=600) as c:
+            d = c.dict({"a": np.arange(3.0)})
+            c.snapshot()
+            session = c.session
+            c._owns_session = False  # noqa: SLF001 - keep the session in the snapshot
+    finally:
+        runtime.server.stop(None)
+        runtime.reaper.stop()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    state_name = next(name for name in manifest["files"] if name.startswith("state-"))
+    state = json.loads((tmp_path / state_name).read_text())
+    for record in state["handles"] + state["sessions"]:
+        del record["tenant"]
+    raw = json.dumps(state).encode()
+    (tmp_path / state_name).write_bytes(raw)
+    manifest["files"][state_name] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    registry = Registry()
+    assert snapshots.load(registry, tmp_path, torch.device("cpu")) == 1
+    assert [(h, e.tenant, e.session) for h, e in registry.items()] == [(d.id, "default", session)]
+    assert [s.tenant for s in registry.sessions()] == ["default"]
+
+
+def test_an_open_server_serves_everyone_as_the_default_admin(live_server: LiveServer) -> None:
+    with Client(live_server.address, timeout=30) as c:
+        t = c.tensor(np.ones(2, np.float32))
+        assert [h.tenant for h in c.handles() if h.handle.id == t.id] == ["default"]
+        assert "default" in c.stats()["tenants"]
+        c.free(t)
