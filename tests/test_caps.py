@@ -184,7 +184,7 @@ def test_calls_that_allocate_nothing_held_keep_the_charge_exact(server: LiveServ
         assert registry.held_bytes() == walked_bytes(registry)
         c.free(*handles)
         assert registry.held_bytes() == walked_bytes(registry)
-        c.free()
+        c.purge()
         assert registry.held_bytes() == {}
 
 

@@ -346,9 +346,27 @@ class Service:
             _, module = self._module(handle)
             return Size(parameter_count=modules.parameter_count(module))
 
-    def free(self, handles: Sequence[str], every: bool) -> int:
-        """Free the handles (all or nothing), or every handle the caller can list; how many."""
-        return self.store.free_all() if every else self.store.free(list(handles))
+    def free(self, handles: Sequence[str], every: bool, purge: bool = False) -> int:
+        """Free the handles (all or nothing), every handle of the caller's session (`every`), or every
+        handle on the server (`purge`, an operator's clean-up); how many.
+
+        `every` without a session is refused: such a caller cannot tell its handles from other
+        clients', and freeing all handles of no session took theirs too.
+        """
+        if purge:
+            if handles or every:
+                raise InvalidArgument("purge frees every handle on the server: give no handles and not all with it")
+            return self.store.free_all(None)
+        if not every:
+            return self.store.free(list(handles))
+        session = CALLER_SESSION.get()
+        if session is None:
+            raise FailedPrecondition(
+                "free() without handles frees your session's handles, and this call has no session; nothing freed. "
+                "Name the handles (free(h1, h2)), use a session (Client(address, session=True): closing it frees "
+                "what it made), or, as the server's operator, free every handle on it (weightavg purge ADDRESS)"
+            )
+        return self.store.free_all(session)
 
     def addref(self, handle: str) -> Ref:
         """A second handle to the same object."""

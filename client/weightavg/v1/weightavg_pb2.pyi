@@ -1611,8 +1611,15 @@ class FreeHandlesRequest(_message.Message):
 
     HANDLES_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
+    PURGE_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
-    """Free every live handle the caller can list instead: its session's, or those of no session."""
+    """Free every live handle of the caller's session instead; refused (FAILED_PRECONDITION) for a
+    call without a session, which cannot tell its handles from other clients'.
+    """
+    purge: _builtins.bool
+    """Free every live handle on the server, of every session and of none: an operator's clean-up
+    (`weightavg purge`). Give no handles and not `all` with it.
+    """
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Handle ids to free; all must exist."""
@@ -1622,10 +1629,11 @@ class FreeHandlesRequest(_message.Message):
         *,
         handles: _abc.Iterable[_builtins.str] | None = ...,
         all: _builtins.bool = ...,
+        purge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles", "purge", b"purge"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -297,10 +297,10 @@ class Registry:
                 self._remove(h, e)
         return len(entries)
 
-    def free_all(self) -> int:
-        """Release every handle the caller can list (its session's, or those of no session), each
-        once its calls in flight have finished."""
-        entries = self.visible_items()
+    def free_all(self, session: str | None) -> int:
+        """Release every handle of `session`, or with None every handle on the server (an operator's
+        purge), each once its calls in flight have finished."""
+        entries = [(h, e) for h, e in self.items() if session is None or e.session == session]
         with locked(*(e for _, e in entries), check_live=False), self._lock:
             live = [(h, e) for h, e in entries if self._entries.get(h) is e]
             for h, e in live:

@@ -235,7 +235,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def FreeHandles(self, request: pb.FreeHandlesRequest, context: Context) -> pb.FreeHandlesResponse:
-        return pb.FreeHandlesResponse(freed=self.service.free(list(request.handles), request.all))
+        return pb.FreeHandlesResponse(freed=self.service.free(list(request.handles), request.all, request.purge))
 
     @translate_errors
     def AddReference(self, request: pb.AddReferenceRequest, context: Context) -> pb.AddReferenceResponse:
