@@ -481,13 +481,17 @@ class Service:
             return training.set_options(model, split, values)
 
     def set_model_data(self, handle: str, split: str, upload: Upload) -> int:
-        """Load training or test inputs and targets (reserved on the device as they arrive); the
-        number of batches."""
+        """Load training or test inputs and targets (reserved on the device as they arrive, and their
+        dtype conversions before they are made), checked against the model; the number of batches."""
         entry, model = self._model(handle)
-        return self._change_with_upload(
-            entry, upload, 2, "SetModelData takes two tensors, inputs then targets",
-            lambda tensors: training.set_data(model, split, tensors[0][1], tensors[1][1], self.device),
-        )
+        with self.store.reserve() as reservation:
+            tensors = self._receive(upload, reservation, self._on_device)
+            if len(tensors) != 2:
+                raise InvalidArgument(f"SetModelData takes two tensors, inputs then targets; received {len(tensors)}")
+            (x_name, x), (y_name, y) = tensors
+            names = (x_name or "x", y_name or "y")
+            with self.store.mutate(entry, need=lambda: footprint.data_bytes(model, x, y, self.device, names)):
+                return training.set_data(model, split, x, y, self.device, names)
 
     def run_epoch(self, handle: str, should_stop: StopCheck) -> Named:
         """Train one epoch; the train metrics. The first epoch's gradients and optimizer state are

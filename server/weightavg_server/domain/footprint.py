@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import optimizers, specs
+from . import optimizers, specs, training
 from .options import Value
 from .dictionaries import COUNT_KEY, TensorDict
 from .tensors import Bytes, add_bytes, module_tensors, tensor_bytes
@@ -113,3 +113,14 @@ def training_bytes(model: Model) -> Bytes:
 def count_bytes(d: TensorDict) -> Bytes:
     """Bytes a running average's new count takes (a fresh 0-dim float64 on the CPU each update)."""
     return {} if COUNT_KEY in d.entries else tensor_bytes([torch.empty((), dtype=torch.float64)])
+
+
+def data_bytes(
+    model: Model, x: torch.Tensor, y: torch.Tensor, device: torch.device, names: tuple[str, str] = ("x", "y")
+) -> Bytes:
+    """Bytes set_data allocates beyond the uploaded tensors: the converted copy of each one whose
+    dtype changes (uint8 images to float32 take four times their upload), on the model's device.
+    Raises what set_data would for a dtype it refuses, before anything is reserved."""
+    x_dtype, y_dtype = training.data_dtypes(model, x, y, names)
+    new = [torch.empty(t.shape, dtype=d, device="meta") for t, d in ((x, x_dtype), (y, y_dtype)) if t.dtype != d]
+    return {str(device): sum(t.numel() * t.element_size() for t in new)} if new else {}

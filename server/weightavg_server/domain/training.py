@@ -188,11 +188,118 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def set_data(model: Model, split: str, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
-    """Store inputs and targets for training or testing; returns the number of batches.
+# -- what data a model takes ---------------------------------------------------------------------
+
+INDEX_LOSSES = frozenset({"ce", "nll"})
+"""Losses whose targets are class indices (cross entropy also takes class probabilities)."""
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter, or None when it has none."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _takes_indices(module: nn.Module) -> bool:
+    """True when the module's first layer is an embedding, which takes integer indices."""
+    first = next((m for m in module.modules() if not any(True for _ in m.children())), None)
+    return isinstance(first, nn.Embedding)
+
+
+def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every value of the integer (or bool) tensor t converts to the floating `dtype` exactly."""
+    digits = 1 - int(math.log2(torch.finfo(dtype).eps))  # significand bits: 24 for float32
+    if t.dtype == torch.bool or (torch.iinfo(t.dtype).bits <= digits and t.dtype != torch.int64):
+        return True
+    return t.numel() == 0 or max(abs(int(t.min())), abs(int(t.max()))) <= 2**digits
+
+
+def input_dtype(module: nn.Module, x: torch.Tensor, name: str = "x") -> torch.dtype:
+    """The dtype inputs x are held in for this module, or InvalidArgument saying what to send.
+
+    - An embedding first takes integer indices: any integer dtype, widened to int64.
+    - Otherwise the dtype of the module's parameters (float32 usually): integers and bool are
+      converted when every value converts exactly (uint8, int8 and int16 always do for float32),
+      other floating dtypes are rounded to it (float64 images, say x = img / 255); complex is refused.
+    - A module without floating parameters takes x as it is.
+    """
+    if _takes_indices(module):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise InvalidArgument(
+                f"{name} (inputs) is {_name(x.dtype)}; the model's first layer is an embedding, which takes "
+                "integer indices: send an integer dtype (it is widened to int64); nothing loaded"
+            )
+        return torch.int64
+    expected = _parameter_dtype(module)
+    if expected is None or x.dtype == expected:
+        return x.dtype
+    if x.is_complex():
+        raise InvalidArgument(
+            f"{name} (inputs) is {_name(x.dtype)}; the model's parameters are {_name(expected)}: send real "
+            f"{_name(expected)} values (integers and other float widths are converted); nothing loaded"
+        )
+    if not x.is_floating_point() and not _exact_in(x, expected):
+        raise InvalidArgument(
+            f"{name} (inputs) is {_name(x.dtype)} with values that {_name(expected)} cannot hold exactly; "
+            f"send {_name(expected)}; nothing loaded"
+        )
+    return expected
+
+
+def target_dtype(model: Model, y: torch.Tensor, name: str = "y") -> torch.dtype:
+    """The dtype targets y are held in for the model's loss, or InvalidArgument saying what to send.
+
+    - ce and nll (classification): class indices of any integer dtype, widened to int64; ce also
+      takes class probabilities, a floating y with a column per class, held in the parameters' dtype.
+    - mse, smoothl1, bce, bcelogits: the dtype of the parameters, converted as inputs are.
+    """
+    loss = model.loss.type
+    expected = _parameter_dtype(model.module) or torch.float32
+    if loss in INDEX_LOSSES:
+        if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+            return torch.int64
+        probabilities = loss == "ce" and y.is_floating_point() and y.dim() >= 2
+        if probabilities:
+            return expected
+        also = " or class probabilities (floating, one column per class)" if loss == "ce" else ""
+        raise InvalidArgument(
+            f"{name} (targets) is {_name(y.dtype)} of shape {list(y.shape)}; the {loss} loss takes integer class "
+            f"indices (any integer dtype, widened to int64){also}: send integer labels; nothing loaded"
+        )
+    if y.is_complex():
+        raise InvalidArgument(
+            f"{name} (targets) is {_name(y.dtype)}; the {loss} loss takes {_name(expected)} targets (integers and "
+            "other float widths are converted); nothing loaded"
+        )
+    if not y.is_floating_point() and not _exact_in(y, expected):
+        raise InvalidArgument(
+            f"{name} (targets) is {_name(y.dtype)} with values that {_name(expected)} cannot hold exactly; "
+            f"send {_name(expected)}; nothing loaded"
+        )
+    return expected
+
+
+def data_dtypes(model: Model, x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y")) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes set_data will hold x and y in (InvalidArgument when it would refuse them)."""
+    return input_dtype(model.module, x, names[0]), target_dtype(model, y, names[1])
+
+
+def set_data(
+    model: Model, split: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+    names: tuple[str, str] = ("x", "y"),
+) -> int:
+    """Store inputs and targets for training or testing, all or nothing; returns the number of batches.
+
+    Both are checked first and converted as `input_dtype` and `target_dtype` say (uint8 or float64
+    images become float32, labels of any integer width int64), so a dtype the model cannot use is
+    refused here, naming the argument, rather than at every later run.
 
     Raises:
-        InvalidArgument: a 0-dim or empty tensor, or first dimensions that differ.
+        InvalidArgument: a 0-dim or empty tensor, first dimensions that differ, or a dtype the model
+            cannot take.
     """
     _split(split)
     for what, t in (("inputs", x), ("targets", y)):
@@ -200,7 +307,8 @@ def set_data(model: Model, split: str, x: torch.Tensor, y: torch.Tensor, device:
             raise InvalidArgument(f"{what} need at least one sample and a first dimension, given shape {list(t.shape)}")
     if x.shape[0] != y.shape[0]:
         raise InvalidArgument(f"tensor size mismatch, {x.shape[0]} vs {y.shape[0]} (inputs vs targets)")
-    data = Data(_own(x.to(device)), _own(y.to(device)))
+    x_dtype, y_dtype = data_dtypes(model, x, y, names)
+    data = Data(_own(x.to(device, x_dtype)), _own(y.to(device, y_dtype)))
     if split == "train":
         model.train_data = data
     else:
@@ -411,13 +519,14 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     w = min(int_value(model.test, "batchsize"), n)
     nb = math.ceil(n / w)
     dev = _device(model.module)
+    dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
     outputs = []
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("evaluate", i, nb)
             with _torch_errors("evaluate"):
-                outputs.append(model.module(x[i * w:(i + 1) * w].to(dev)))
+                outputs.append(model.module(x[i * w:(i + 1) * w].to(dev, dtype)))
     return torch.cat(outputs)
 
 
