@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import collections
 import builtins
+import collections
+import difflib
 import functools
 import itertools
 import logging
@@ -80,6 +81,16 @@ def _option_message(name: str, value: Any) -> pb.Option:
     if name == "metrics" and isinstance(value, (list, tuple)):
         value = ",".join(value)
     return pb.Option(name=name, value=_specs.option_message(value))
+
+
+def _did_you_mean(given: str, valid: Iterable[str]) -> str:
+    """"; did you mean 'x'?" with the closest valid names, as the server words it; "" when none is close."""
+    matches = difflib.get_close_matches(given, list(valid), n=3, cutoff=0.6)
+    matches.sort(key=lambda name: (-difflib.SequenceMatcher(None, name, given).ratio(), name))
+    close = [f"'{name}'" for name in matches]
+    if not close:
+        return ""
+    return "; did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?"
 
 
 def _single_or_list(named: list[tuple[str, Any]]) -> Any:
@@ -572,7 +583,7 @@ class Client:
             raise TypeError("expecting an option name or a list of names; data take inputs and targets: (m, x, y)")
         for name in [names] if isinstance(names, str) else names:
             if name not in values:
-                raise KeyError(f"unrecognized option '{name}' (one of {', '.join(values)})")
+                raise KeyError(f"unrecognized option '{name}'{_did_you_mean(name, values)} (one of {', '.join(values)})")
         return values[names] if isinstance(names, str) else [values[n] for n in names]
 
     def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
@@ -759,6 +770,9 @@ class Client:
     @_rpc
     def to(self, h: HandleLike, device: str = "", dtype: str | None = None) -> Handle:
         """Move a tensor, dictionary or module to a device ("cpu", "cuda", "cuda:1") and/or dtype."""
+        names = [n.removeprefix("DTYPE_").lower() for n in pb.Dtype.keys() if n != "DTYPE_UNSPECIFIED"]
+        if dtype and dtype.lower() not in names:
+            raise ValueError(f"unknown dtype '{dtype}'{_did_you_mean(dtype, names)} (one of {', '.join(names)})")
         code = pb.Dtype.Value("DTYPE_" + dtype.upper()) if dtype else pb.DTYPE_UNSPECIFIED
         r = self._stub.MoveHandle(pb.MoveHandleRequest(handle=_id(h), device=device, dtype=code), timeout=self.timeout)
         return _handle(r.handle)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dictionaries import COUNT_KEY, TensorDict, check_copyable
+from .dictionaries import COUNT_KEY, TensorDict, check_copyable, does_not_fit
 from .errors import InvalidArgument
 
 
@@ -32,7 +32,7 @@ def load_parameters(module: torch.nn.Module, d: TensorDict) -> dict[str, bool]:
             try:
                 check_copyable(p, d.entries[name])
             except InvalidArgument as exc:
-                raise InvalidArgument(f"{exc} (parameter '{name}'); nothing copied") from None
+                raise does_not_fit(str(exc), f"parameter '{name}'", p, d.entries[name], f"the dictionary's '{name}'") from None
     with torch.no_grad():
         for name, p in params:
             if name in d.entries:
@@ -95,11 +95,10 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
     try:
         shape = broadcast_shape(tuple(p.shape), tuple(avg.shape))
     except InvalidArgument as exc:
-        raise InvalidArgument(f"{exc} (parameter '{name}')") from None
+        raise does_not_fit(str(exc), f"parameter '{name}'", p, avg, f"the dictionary's '{name}'") from None
     if shape != tuple(avg.shape):
-        raise InvalidArgument(
-            f"output with shape {list(avg.shape)} doesn't match the broadcast shape {list(shape)} (parameter '{name}')"
-        )
+        reason = f"output with shape {list(avg.shape)} doesn't match the broadcast shape {list(shape)}"
+        raise does_not_fit(reason, f"parameter '{name}'", p, avg, f"the dictionary's '{name}'")
 
 
 def _lerp_all(avgs: list[torch.Tensor], params: list[torch.Tensor], weight: float) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import batching
 from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
-from .errors import Cancelled, FailedPrecondition, InvalidArgument
+from .errors import Cancelled, FailedPrecondition, InvalidArgument, did_you_mean
 from .losses import Loss
 from .optimizers import Optimizer
 from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, int_value
@@ -119,7 +119,9 @@ def _metrics(value: str) -> str:
         raise InvalidArgument(f"metrics: at least one of {', '.join(METRICS)} required")
     for name in names:
         if name not in METRICS:
-            raise InvalidArgument(f"metrics: unrecognized metric '{name}' (one of {', '.join(METRICS)})")
+            raise InvalidArgument(
+                f"metrics: unrecognized metric '{name}'{did_you_mean(name, METRICS)} (one of {', '.join(METRICS)})"
+            )
     if len(set(names)) != len(names):
         raise InvalidArgument(f"metrics: a metric is named twice in '{value}'")
     return ",".join(names)
@@ -140,7 +142,10 @@ def set_options(model: Model, split: str, values: Sequence[tuple[str, Value]]) -
         if key in TRAIN_ONLY and split == "test":
             raise InvalidArgument(f"{key}: not set for evaluation (a train-only option); nothing set")
         if key not in by_name:
-            raise InvalidArgument(f"unrecognized {name} setting: {key}; nothing set")
+            raise InvalidArgument(
+                f"unrecognized {name} setting: {key}{did_you_mean(key, by_name)} (settings: {', '.join(by_name)}); "
+                "nothing set"
+            )
         if key in checked:
             raise InvalidArgument(f"{name} setting {key} given twice; nothing set")
         value = coerce(name, by_name[key], value, Wording.SETTING)
@@ -250,36 +255,39 @@ def input_dtype(module: nn.Module, x: torch.Tensor, name: str = "x") -> torch.dt
 
 
 def target_dtype(model: Model, y: torch.Tensor, name: str = "y") -> torch.dtype:
-    """The dtype targets y are held in for the model's loss, or InvalidArgument saying what to send.
+    """The dtype targets y are held in, or InvalidArgument saying what to send for the model's loss.
 
-    - ce and nll (classification): class indices of any integer dtype, widened to int64; ce also
-      takes class probabilities, a floating y with a column per class, held in the parameters' dtype.
-    - mse, smoothl1, bce, bcelogits: the dtype of the parameters, converted as inputs are.
+    Integer (and bool) targets are held as int64, a lossless widening whatever the loss, so a loss
+    replaced later still finds its labels; floating targets in the parameters' dtype, rounded.
+    - ce and nll (classification) need class indices: integers; ce also takes class
+      probabilities, a floating y with a column per class.
+    - mse, smoothl1, bce, bcelogits take either; integers become the parameters' dtype a batch at a
+      time (`batch_targets`).
     """
     loss = model.loss.type
     expected = _parameter_dtype(model.module) or torch.float32
-    if loss in INDEX_LOSSES:
-        if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
-            return torch.int64
-        probabilities = loss == "ce" and y.is_floating_point() and y.dim() >= 2
-        if probabilities:
-            return expected
+    if y.is_complex():
+        raise InvalidArgument(
+            f"{name} (targets) is {_name(y.dtype)}; the {loss} loss takes real targets: integer labels, or "
+            f"{_name(expected)} values (other float widths are converted); nothing loaded"
+        )
+    if not y.is_floating_point():
+        return torch.int64
+    if loss in INDEX_LOSSES and not (loss == "ce" and y.dim() >= 2):
         also = " or class probabilities (floating, one column per class)" if loss == "ce" else ""
         raise InvalidArgument(
             f"{name} (targets) is {_name(y.dtype)} of shape {list(y.shape)}; the {loss} loss takes integer class "
             f"indices (any integer dtype, widened to int64){also}: send integer labels; nothing loaded"
         )
-    if y.is_complex():
-        raise InvalidArgument(
-            f"{name} (targets) is {_name(y.dtype)}; the {loss} loss takes {_name(expected)} targets (integers and "
-            "other float widths are converted); nothing loaded"
-        )
-    if not y.is_floating_point() and not _exact_in(y, expected):
-        raise InvalidArgument(
-            f"{name} (targets) is {_name(y.dtype)} with values that {_name(expected)} cannot hold exactly; "
-            f"send {_name(expected)}; nothing loaded"
-        )
     return expected
+
+
+def batch_targets(model: Model, yb: torch.Tensor) -> torch.Tensor:
+    """A batch of targets as the loss takes them: integer targets of a regression loss (mse, bce, ...)
+    in the parameters' dtype, everything else as held."""
+    if model.loss.type in INDEX_LOSSES or yb.is_floating_point():
+        return yb
+    return yb.to(_parameter_dtype(model.module) or torch.float32)
 
 
 def data_dtypes(model: Model, x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y")) -> tuple[torch.dtype, torch.dtype]:
@@ -444,7 +452,7 @@ def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> None:
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
-            model.loss(model.module(xb), yb)
+            model.loss(model.module(xb), batch_targets(model, yb))
 
 
 def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
@@ -482,7 +490,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
             optim.zero_grad(set_to_none=True)
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
                 output = model.module(xb)
-                loss = model.loss(output, yb)
+                loss = model.loss(output, batch_targets(model, yb))
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
             metrics.add(output.detach(), yb, loss)
@@ -506,7 +514,7 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
             yb = data.y[i * w:(i + 1) * w].to(dev)
             with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                 output = model.module(xb)
-                loss = model.loss(output, yb) if metrics.needs_loss else None
+                loss = model.loss(output, batch_targets(model, yb)) if metrics.needs_loss else None
             metrics.add(output, yb, loss)
     return metrics.result()
 
