@@ -233,7 +233,7 @@ def transfer(ctx: Context) -> list[Row | Skip]:
     )
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
     mb = nbytes >> 20
-    c.free()
+    c.purge()
     return [
         row("transfer", f"copyparms + fetch {mb} MB to numpy", "raw 4 MiB chunks, server to client", gbps, "fetch",
             "raw down", unit="GB/s", scale=1.0, target=">= 0.8x", check=at_least(0.8)),
@@ -356,7 +356,7 @@ def training(ctx: Context) -> list[Row | Skip]:
             opt.step()
 
     times = interleaved({"run": lambda: c.run(model), "torch": local_epoch}, ctx.reps(5, 2))  # type: ignore[attr-defined]
-    c.free()
+    c.purge()
     return [row("training", f"run: one epoch of {n} MNIST-sized rows, batch 100", "same loop in-process",
                 times, "run", "torch", target="<= 1.05x", check=at_most(1.05))]
 
@@ -375,7 +375,7 @@ def batchnorm(ctx: Context) -> list[Row | Skip]:
         {"batchnorm": lambda: c.batchnorm(model), "update_bn": lambda: torch.optim.swa_utils.update_bn(loader, net)},
         ctx.reps(5, 2),
     )
-    c.free()
+    c.purge()
     return [row("batchnorm", f"batchnorm(model), {n} rows", "swa_utils.update_bn in-process", times,
                 "batchnorm", "update_bn", target="<= 1.05x", check=at_most(1.05))]
 

@@ -55,7 +55,7 @@ def throughput(client: Client) -> tuple[float, float]:
     t0 = time.perf_counter()
     client.dict(d, "w")
     down = data.nbytes / (time.perf_counter() - t0)
-    client.free()
+    client.purge()
     return up / 1e9, down / 1e9
 
 

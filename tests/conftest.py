@@ -42,7 +42,7 @@ def client(live_server: LiveServer) -> Iterator[Client]:
     """A client whose handles are all freed after the test, so tests do not see each other's objects."""
     with Client(live_server.address, timeout=120) as c:
         yield c
-        c.free()
+        c.purge()
 
 
 def module_of(registry: Registry, handle: str) -> torch.nn.Module:

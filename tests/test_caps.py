@@ -105,6 +105,9 @@ CASES = [
          lambda c, q: c.copyparms(q, dtype="float64", buffers=True), 4 * CLASSES * 8 + 8, 4 * CLASSES * 8 + 8),
     Case("training data", model, lambda c, m: c.train(m, x_rows(), labels()),
          ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
+    Case("training data converted at upload (uint8 images, int32 labels)", model,
+         lambda c, m: c.train(m, x_rows().astype(np.uint8), labels().astype(np.int32)),
+         ROWS * FEATURES * (1 + F32) + ROWS * (4 + 8), ROWS * FEATURES * F32 + ROWS * 8),
     Case("test data", model, lambda c, m: c.test(m, x_rows(), labels()),
          ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
     Case("first optimizer step (gradients and momentum)", trained_model, lambda c, m: c.run(m), 2 * LAYER, 2 * LAYER),
@@ -201,7 +204,7 @@ def test_calls_that_allocate_nothing_held_keep_the_charge_exact(server: LiveServ
         assert registry.held_bytes() == walked_bytes(registry)
         c.free(*handles)
         assert registry.held_bytes() == walked_bytes(registry)
-        c.free()
+        c.purge()
         assert registry.held_bytes() == {}
 
 

@@ -97,8 +97,9 @@ def test_health_command_prints_serving_and_exits_zero(
 ) -> None:
     assert run_main(["health", live_server.address], capsys)[:2] == (0, "SERVING\n")
     assert run_main(["health", live_server.address, "--service", SERVICE_NAME], capsys)[:2] == (0, "SERVING\n")
-    code, out, _ = run_main(["health", live_server.address, "--service", "no.such.Service"], capsys)
-    assert code == 1 and out.startswith("NOT_FOUND")
+    code, out, err = run_main(["health", live_server.address, "--service", "no.such.Service"], capsys)
+    assert (code, out, err) == (1, "", "weightavg health: NOT_FOUND: the server has no health status for service "
+                                "'no.such.Service' (leave out --service for the server's)\n")
 
 
 def test_health_command_exits_one_when_not_serving_or_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,8 +110,8 @@ def test_health_command_exits_one_when_not_serving_or_unreachable(capsys: pytest
         assert run_main(["health", f"127.0.0.1:{port}"], capsys)[:2] == (1, "NOT_SERVING\n")
     finally:
         server.stop(grace=None)
-    code, out, _ = run_main(["health", f"127.0.0.1:{port}", "--timeout", "5"], capsys)
-    assert code == 1 and out.startswith("UNAVAILABLE")
+    code, out, err = run_main(["health", f"127.0.0.1:{port}", "--timeout", "5"], capsys)
+    assert code == 1 and out == "" and err.startswith("weightavg health: UNAVAILABLE: ")
 
 
 def test_info_command_prints_server_info_as_json(live_server: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,12 +130,42 @@ def test_stats_command_prints_server_stats_as_json(live_server: LiveServer, caps
     assert stats["methods"][f"/{SERVICE_NAME}/Ping"]["count"] >= 1
 
 
-def test_info_command_on_an_unreachable_server_exits_one(capsys: pytest.CaptureFixture[str]) -> None:
+def _gone_port() -> int:
     server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu"))
     server.start()
     server.stop(grace=None)  # gone: nothing answers on the port any more
-    code, _, err = run_main(["info", f"127.0.0.1:{port}", "--timeout", "5"], capsys)
-    assert code == 1 and err.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+    return port
+
+
+@pytest.mark.parametrize("command", ["health", "info", "stats", "snapshot", "purge"])
+def test_every_client_command_on_an_unreachable_server_names_the_code_once_and_hints_in_flags(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = _gone_port()
+    code, out, err = run_main([command, f"127.0.0.1:{port}", "--timeout", "5"], capsys)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"weightavg {command}: UNAVAILABLE: failed to connect to all addresses: ipv4:127.0.0.1:{port}: Failed to "
+        f"connect to remote host: Connection refused (could not reach 127.0.0.1:{port} over plaintext: is the "
+        "server running there, and does it use TLS? then add --tls-ca FILE)\n"
+    )
+    code, _, err = run_main([command, f"127.0.0.1:{port}", "--timeout", "5", "--tls"], capsys)
+    assert code == 1 and err.count("UNAVAILABLE") == 1 and err.endswith(
+        f"(TLS connection to 127.0.0.1:{port} failed: check that --tls-ca signed the server's certificate, and "
+        "add --client-cert and --client-key if the server requires client certificates)\n"
+    )
+
+
+def test_an_address_with_a_bad_port_is_refused_and_one_without_gets_the_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run_main(["stats", "localhost:http"], capsys)
+    assert code == 2 and err.endswith(
+        "weightavg stats: error: argument address: address 'localhost:http': the port must be a number from 1 "
+        "to 65535, e.g. 'localhost:50051'\n"
+    )
+    code, _, err = run_main(["info", "127.0.0.1", "--timeout", "5"], capsys)
+    assert code == 1 and "(could not reach 127.0.0.1:50051 over plaintext" in err  # never gRPC's 443
 
 
 # -- the real process: serve, metrics, logs, SIGTERM -----------------------------------------------

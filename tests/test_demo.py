@@ -1,4 +1,5 @@
-"""`weightavg demo`: the command runs end to end, and the MNIST reader takes gzipped and plain IDX files."""
+"""`weightavg demo`: the default run (does averaging help?) and --reference run end to end, the README's
+sample output is what the demo's own code prints, and the MNIST reader takes gzipped and plain IDX files."""
 
 from __future__ import annotations
 
@@ -13,19 +14,100 @@ import numpy as np
 import pytest
 
 from weightavg._cli import main as cli_main
-from weightavg_server.ops import demo
+from weightavg_server.ops import demo, demo_swa
 
-QUICK = ["--epochs", "1", "--avg-epochs", "1", "--avg-runs", "1", "--hidden", "32", "--ema-epochs", "4"]
+QUICK = ["--reference", "--epochs", "1", "--avg-epochs", "1", "--avg-runs", "1", "--hidden", "32", "--ema-epochs", "4"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("weightavg")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "weightavg._cli"]
+    return subprocess.run([*command, "demo", *args], capture_output=True, text=True, timeout=600, check=False)
+
+
+# -- the default run, and the README's sample of it ---------------------------------------------------
+
+
+def _readme_sample() -> list[str]:
+    """The fenced block after the README's demo-output marker."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split("<!-- demo-output", 1)[1]
+    block = after.split("```", 2)[1]
+    return block.split("\n")[1:-1]  # past the fence's language tag, up to the closing fence
+
+
+def _skeleton(lines: list[str]) -> list[str]:
+    """Lines with every number as # and runs of spaces as one: what the format fixes, not the values."""
+    return [" ".join(re.sub(r"\d+(\.\d+)?", "#", line).split()) for line in lines]
+
+
+def _accuracies(lines: list[str]) -> dict[str, list[float]]:
+    rows = {}
+    for line in lines:
+        for row in demo_swa.ROWS:
+            if line.startswith(row + "  "):
+                rows[row] = [float(v) for v in line[len(row):].split()[:-3]]  # the last three: mean ± sd
+    return rows
+
+
+def test_readme_sample_is_what_the_demo_s_code_prints_for_its_numbers() -> None:
+    sample = _readme_sample()
+    assert sample[0] == "weightavg demo: stochastic weight averaging on scikit-learn digits (8x8), 1437 train / 360 test"
+    body = sample[3:-2]  # after the two heading lines and a blank; before a blank and "done in"
+    accuracy = _accuracies(body)
+    seeds = list(range(len(accuracy[demo_swa.LAST])))
+    assert len(seeds) >= 3 and all(len(v) == len(seeds) for v in accuracy.values())
+    result = demo_swa.Result("", 1437, 360, 64, demo_swa.Recipe(), seeds, accuracy)
+    assert demo_swa.render(result) == body  # the recipe, the table, means, spreads and verdicts
+    assert body[-2].startswith("averaging helped: +")  # the default run makes its case
+    assert re.fullmatch(r"done in \d+\.\d s", sample[-1]) and float(sample[-1].split()[2]) < 120
+
+
+def test_default_demo_prints_the_readme_s_format() -> None:
+    pytest.importorskip("sklearn")
+    result = _demo("--epochs", "1", "--swa-epochs", "2", "--hidden", "16")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.rstrip("\n").split("\n")
+    sample = _readme_sample()
+    verdicts = slice(-4, -2)
+    assert len(out) == len(sample)
+    for line in out[verdicts]:
+        assert re.fullmatch(r"averaging (helped|made no clear difference|did not help on this data): [+-]\d+\.\d\d "
+                            r"points .*, (but )?better in (only )?\d of 5 seeds", line), line
+    del out[verdicts], sample[verdicts]
+    assert _skeleton(out) == _skeleton(sample)
+    assert "seed 4: " in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("averaged", "other", "words"),
+    [
+        ([95.0, 94.0, 96.0], [94.0, 94.5, 95.0], "averaging helped: +0.50 points over the last weights on average, "
+                                                  "better in 2 of 3 seeds"),
+        ([95.0, 94.0, 94.0], [94.0, 94.5, 94.1], "averaging made no clear difference: +0.13 points over the last "
+                                                  "weights on average, but better in only 1 of 3 seeds"),
+        ([94.0, 94.0, 94.0], [94.0, 94.5, 94.1], "averaging did not help on this data: -0.20 points against the "
+                                                  "last weights on average, better in 0 of 3 seeds"),
+    ],
+)
+def test_the_verdict_says_in_words_whether_averaging_helped(averaged: list[float], other: list[float], words: str) -> None:
+    assert demo_swa.verdict(averaged, other, "last weights") == words
+
+
+def test_spread_is_mean_and_sample_standard_deviation() -> None:
+    assert demo_swa.spread([94.0, 95.0, 96.0]) == "95.00 ± 1.00"
+
+
+# -- the reference's examples (--reference) ----------------------------------------------------------
 
 
 def test_demo_command_runs_both_examples_on_digits() -> None:
     pytest.importorskip("sklearn")
-    script = Path(sys.executable).with_name("weightavg")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "weightavg._cli"]
-    result = subprocess.run([*command, "demo", *QUICK], capture_output=True, text=True, timeout=300, check=False)
+    result = _demo(*QUICK)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "scikit-learn digits (8x8): 1437 train, 360 test" in out
+    assert "scikit-learn digits (8x8), 1437 train / 360 test" in out
     assert "averaging run 1 (mean of 2)" in out
     assert "averaged weights, batchnorm recalculated" in out
     # 1,437 samples in batches of 100: 15 batches per epoch, 2 epochs before, 15 after recalculation
@@ -61,7 +143,7 @@ def test_demo_reads_mnist_idx_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     np.testing.assert_array_equal(d.Y, labels[200:])
     demo.main(["--mnist", str(tmp_path), *QUICK])
     out = capsys.readouterr().out
-    assert "MNIST test set (first 200 train / last 50 test)" in out
+    assert "MNIST test set (first 200 train / last 50 test), 200 train / 50 test" in out
     assert "num_batches_tracked             4                               2" in out
 
 

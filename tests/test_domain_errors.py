@@ -152,3 +152,42 @@ def test_the_domain_imports_no_grpc() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": server, "PATH": ""})
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- unknown names suggest the closest valid ones ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: specs.build_module(LayerSpec("batchnorm", args=(4,))),
+         "unrecognized module type: 'batchnorm'; did you mean 'batchnorm1d', 'batchnorm2d' or 'batchnorm3d'? "
+         "(every type: weightavg info ADDRESS, or GetServerInfo's layer_types)"),
+        (lambda: specs.build_module(LayerSpec("linear", args=(2, 1), options=(("biass", False),))),
+         "linear: unknown option 'biass'; did you mean 'bias'? (options: in, out, bias)"),
+        (lambda: losses.create_loss("mce"), "unrecognized loss: 'mce'; did you mean 'ce', 'bce' or 'mse'? "
+         "(one of ce, nll, mse, bce, bcelogits, smoothl1)"),
+        (lambda: losses.create_loss("ce", (), (("smoothng", 0.1),)),
+         "ce: unknown option 'smoothng'; did you mean 'smoothing'? (options: ignore, smoothing, reduce)"),
+        (lambda: optimizers.create_optimizer("adamm", specs.build_module(LayerSpec("linear", args=(2, 1)))),
+         "unrecognized optimizer: 'adamm'; did you mean 'adam' or 'adamw'? (one of sgd, adam, adamw, rmsprop, adagrad)"),
+        (lambda: training.set_options(_model(), "train", [("metrics", "accuracy,los")]),
+         "metrics: unrecognized metric 'los'; did you mean 'loss'? (one of loss, batchloss, accuracy, matches, "
+         "predict, output)"),
+        (lambda: training.set_options(_model(), "train", [("batchsze", 10)]),
+         "unrecognized train setting: batchsze; did you mean 'batchsize'? (settings: batchsize, droplast, shuffle, "
+         "seed, metrics); nothing set"),
+    ],
+    ids=["layer-type", "layer-option", "loss", "loss-option", "optimizer", "metric", "setting"],
+)
+def test_unknown_names_suggest_the_closest_valid_ones(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as err:
+        make()
+    assert str(err.value) == message
+
+
+def test_an_unknown_name_with_nothing_close_lists_every_valid_one() -> None:
+    assert errors.did_you_mean("xyzzy", specs.LAYER_TYPES) == ""
+    with pytest.raises(errors.InvalidArgument) as err:
+        specs.build_module(LayerSpec("xyzzy"))
+    assert str(err.value) == f"unrecognized module type: 'xyzzy' ({', '.join(specs.LAYER_TYPES)})"

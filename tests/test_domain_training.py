@@ -159,6 +159,92 @@ def test_set_data_needs_a_split() -> None:
         training.set_data(make(), "valid", *toy(4), CPU)
 
 
+# -- dtypes at upload: converted when exact (or a documented rounding), refused naming the argument --
+
+
+def make_loss(loss: str, spec: LayerSpec = PLAIN) -> training.Model:
+    module = specs.build_module(spec)
+    return training.create_model(module, losses.create_loss(loss), optimizers.create_optimizer("sgd", module, (0.1,)))
+
+
+@pytest.mark.parametrize(
+    ("x", "y"),
+    [
+        (torch.tensor([[0, 255], [7, 9]], dtype=torch.uint8), torch.tensor([1, 0], dtype=torch.int32)),
+        (torch.tensor([[0, 255], [7, 9]], dtype=torch.float64) / 255, torch.tensor([1, 0], dtype=torch.uint8)),
+        (torch.tensor([[-5, 3], [2**24, -(2**24)]], dtype=torch.int64), torch.tensor([1, 0], dtype=torch.int16)),
+        (torch.tensor([[True, False], [False, True]]), torch.tensor([True, False])),
+    ],
+    ids=["uint8-images", "float64-images", "int64-exact", "bool"],
+)
+def test_set_data_converts_inputs_to_the_parameters_dtype_and_widens_labels(x: torch.Tensor, y: torch.Tensor) -> None:
+    model = make()
+    training.set_data(model, "train", x, y, CPU)
+    data = model.train_data
+    assert data is not None and data.x.dtype == torch.float32 and data.y.dtype == torch.int64
+    assert torch.equal(data.x, x.to(torch.float32)) and torch.equal(data.y, y.long())
+    assert training.run_epoch(model)[0][0] == "loss"  # the epoch runs on what was stored
+
+
+@pytest.mark.parametrize(
+    ("loss", "x", "y", "message"),
+    [
+        ("ce", torch.zeros(3, 2), torch.zeros(3, dtype=torch.float64),
+         "y (targets) is float64 of shape [3]; the ce loss takes integer class indices (any integer dtype, widened "
+         "to int64) or class probabilities (floating, one column per class): send integer labels; nothing loaded"),
+        ("nll", torch.zeros(3, 2), torch.zeros(3, 2),
+         "y (targets) is float32 of shape [3, 2]; the nll loss takes integer class indices (any integer dtype, "
+         "widened to int64): send integer labels; nothing loaded"),
+        ("ce", torch.zeros(3, 2, dtype=torch.complex64), torch.zeros(3, dtype=torch.long),
+         "x (inputs) is complex64; the model's parameters are float32: send real float32 values (integers and "
+         "other float widths are converted); nothing loaded"),
+        ("ce", torch.tensor([[2**24 + 1, 0]] * 3), torch.zeros(3, dtype=torch.long),
+         "x (inputs) is int64 with values that float32 cannot hold exactly; send float32; nothing loaded"),
+        ("mse", torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.complex128),
+         "y (targets) is complex128; the mse loss takes real targets: integer labels, or float32 values (other "
+         "float widths are converted); nothing loaded"),
+    ],
+    ids=["ce-float-labels", "nll-probabilities", "complex-inputs", "inexact-int64", "mse-complex"],
+)
+def test_set_data_refuses_dtypes_the_model_cannot_use_and_keeps_the_old_data(
+    loss: str, x: torch.Tensor, y: torch.Tensor, message: str
+) -> None:
+    model = make_loss(loss)
+    training.set_data(model, "train", *toy(4), CPU)
+    old = model.train_data
+    with pytest.raises(InvalidArgument) as err:
+        training.set_data(model, "train", x, y, CPU)
+    assert str(err.value).startswith(message)
+    assert model.train_data is old
+
+
+def test_targets_follow_the_loss() -> None:
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    probabilities = torch.full((3, 2), 0.5, dtype=torch.float64)
+    assert training.data_dtypes(make_loss("ce"), x, probabilities) == (torch.float32, torch.float32)
+    assert training.data_dtypes(make_loss("mse"), x, torch.ones(3, 2, dtype=torch.int16)) == (torch.float32, torch.int64)
+    assert training.data_dtypes(make_loss("bce"), x, torch.ones(3, 2, dtype=torch.float16)) == (torch.float32,) * 2
+    embedding = LayerSpec("sequential", children=(LayerSpec("embed", "e", (10, 4)), LayerSpec("flatten", "f")))
+    assert training.input_dtype(specs.build_module(embedding), torch.tensor([[1, 2]], dtype=torch.uint8)) == torch.int64
+    with pytest.raises(InvalidArgument, match=r"^x \(inputs\) is float32; the model's first layer is an embedding"):
+        training.input_dtype(specs.build_module(embedding), torch.zeros(1, 2))
+    assert training.input_dtype(specs.build_module(LayerSpec("relu")), torch.zeros(1, dtype=torch.float64)) == torch.float64
+
+
+def test_integer_targets_of_a_regression_loss_train_as_floats() -> None:
+    model = make_loss("mse")
+    x, y = toy(8)
+    training.set_data(model, "train", x, torch.stack([y, 1 - y], 1).to(torch.uint8), CPU)
+    assert model.train_data is not None and model.train_data.y.dtype == torch.int64
+    assert training.run_epoch(model)[0][0] == "loss"
+
+
+def test_evaluate_converts_inputs_as_set_data_does() -> None:
+    model = make()
+    x = toy(6)[0].double()
+    torch.testing.assert_close(training.evaluate(model, x), training.evaluate(model, x.float()), rtol=0, atol=0)
+
+
 def test_set_data_from_views_stores_tensors_that_can_be_batched_in_place() -> None:
     model = make()
     x, y = toy(30)

@@ -66,7 +66,7 @@ class Pool:
         if all(i in live for i in self.ids.values()) and self.ids:
             return
         c = self.f.client
-        c.free()
+        c.purge()
         net = c.module(["sequential", ["linear", "a", 3, 2], ["batchnorm1d", "b", 2], ["relu", "c"]])
         avg = c.copyparms(net)
         c.avgparms(net, avg)
@@ -348,6 +348,6 @@ def test_accounting_is_exact_after_fuzzing(fuzzed: Fuzzed, pool: Pool) -> None:
     held = set().union(*(handles.storages(handles.tensors_of(e.obj)) for _, e in registry.items()))
     expected = handles.storage_bytes(held)
     assert registry.held_bytes() == {d: n for d, n in expected.items() if n}
-    fuzzed.client.free()
+    fuzzed.client.purge()
     assert registry.held_bytes() == {} and len(registry) == 0
     fuzzed.client.ping()

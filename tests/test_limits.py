@@ -148,7 +148,7 @@ def test_byte_accounting_returns_to_zero(start_server) -> None:  # type: ignore[
         assert server.registry.held_bytes()["cpu"] == held  # still alive through ref and the views
         c.free(ref, view, bufs)
         assert server.registry.held_bytes()["cpu"] == infos[p.id] + infos[t.id]
-        c.free()
+        c.purge()
         assert server.registry.held_bytes() == {}
 
 
@@ -266,4 +266,4 @@ def test_cuda_out_of_memory_is_resource_exhausted_and_the_server_serves_on(start
         c.ping()
         c.free(copies.pop())
         copies.append(c.copyparms(m))
-        c.free()
+        c.purge()

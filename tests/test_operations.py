@@ -67,7 +67,7 @@ def ops_server() -> Iterator[OpsServer]:
 def ops(ops_server: OpsServer) -> Iterator[Client]:
     with Client(ops_server.address, timeout=60) as c:
         yield c
-        c.free()
+        c.purge()
 
 
 def health_check(address: str, service: str = "") -> int:

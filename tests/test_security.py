@@ -150,7 +150,7 @@ def test_right_token_is_served(token_server: Runtime) -> None:
         d = c.dict({"a": [1.0, 2.0]})
         assert c.dict(d, "a").tolist() == [1.0, 2.0]
         assert [h.handle for h in c.handles()] == [d]
-        assert c.free() == 1
+        assert c.purge() == 1
 
 
 def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> None:
@@ -180,7 +180,7 @@ def test_tls_client_trusting_the_ca_is_served(tls_server: Runtime, pki: Pki) -> 
         c.ping()
         d = c.dict({"w": [3.0]})
         assert c.dict(d, "w").tolist() == [3.0]
-        c.free()
+        c.purge()
 
 
 def test_tls_client_not_trusting_the_server_is_unavailable(tls_server: Runtime, pki: Pki) -> None:

@@ -612,14 +612,28 @@ def test_a_snapshot_without_a_state_directory_is_a_failed_precondition(service: 
         service.snapshot()
 
 
-def test_free_every_frees_the_callers_handles_and_all_their_bytes(service: Service) -> None:
+def test_free_every_frees_the_caller_s_session_handles_and_all_their_bytes(service: Service) -> None:
+    s = service
+    session, _ = s.create_session(0)
+    with caller_session(session):
+        m = trained_model(s)
+        s.run_epoch(m, never)
+        s.model_input(m)
+        s.copy_parameters(m)
+        assert s.free([], every=True) == 3
+    assert s.store.held_bytes() == {} and len(s.store) == 0
+
+
+def test_free_every_without_a_session_frees_nothing_and_says_what_to_do(service: Service) -> None:
     s = service
     m = trained_model(s)
-    s.run_epoch(m, never)
-    s.model_input(m)
-    s.copy_parameters(m)
-    assert s.free([], every=True) == 3
-    assert s.store.held_bytes() == {} and len(s.store) == 0
+    before = state_of(s.store)
+    with pytest.raises(FailedPrecondition, match=r"this call has no session; nothing freed. Name the handles"):
+        s.free([], every=True)
+    assert_same_state(before, state_of(s.store))
+    with pytest.raises(InvalidArgument, match="give no handles and not all"):
+        s.free([m], every=False, purge=True)
+    assert s.free([], every=False, purge=True) == 1 and len(s.store) == 0
 
 
 def test_refs_name_their_kinds(service: Service) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from weightavg import Client, InvalidArgumentError, NotFoundError
+from weightavg import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime
@@ -54,6 +54,40 @@ def test_handles_of_a_session_are_listed_only_to_it(live_server: LiveServer, cli
         assert b.free() == 1
         assert [h.handle for h in a.handles()] == [da, ma, view]
         assert [h.handle for h in client.handles()] == [plain]
+
+
+def test_a_second_client_s_free_leaves_the_first_client_s_objects_alive(live_server: LiveServer, unchanged) -> None:  # type: ignore[no-untyped-def]
+    with Client(live_server.address) as first, Client(live_server.address) as second, \
+            Client(live_server.address, session=True) as third:
+        m = first.module(["linear", 2, 1])
+        p = first.copyparms(m)
+        mine = third.dict({"x": [1.0]})
+        with unchanged(), pytest.raises(FailedPreconditionError) as err:
+            second.free()
+        assert str(err.value) == (
+            "FAILED_PRECONDITION: free() without handles frees your session's handles, and this call has no "
+            "session; nothing freed. Name the handles (free(h1, h2)), use a session (Client(address, session=True): "
+            "closing it frees what it made), or, as the server's operator, free every handle on it "
+            "(weightavg purge ADDRESS)"
+        )
+        assert first.avgparms(m, p) == 2  # both still alive
+        assert third.free() == 1 and first.size(p) == {"weight": (1, 2), "bias": (1,), ".n": ()}
+        assert first.free(m, p) == 2
+        assert mine.id not in {h for h, _ in live_server.registry.items()}
+
+
+def test_purge_frees_every_handle_of_every_client(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server()
+    with Client(server.address) as c, Client(server.address, session=True) as s:
+        c.dict({"x": [1.0]}), s.dict({"y": [2.0]}), s.module(["linear", 2, 1])
+        assert c.purge() == 3
+        assert len(server.registry) == 0 and server.registry.held_bytes() == {}
+        with pytest.raises(grpc.RpcError) as err:
+            s._stub.FreeHandles(pb.FreeHandlesRequest(purge=True, all=True))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "purge frees every handle on the server: give no handles and not all with it"
+        s.dict({"z": [3.0]})  # the session itself lives on
+        assert s.free() == 1
 
 
 def test_close_session_frees_everything_it_owns_in_one_call(live_server: LiveServer, client: Client) -> None:

@@ -418,20 +418,19 @@ def test_a_call_racing_a_free_finishes_first_or_answers_not_found(store: Registr
     assert outcome in (["not found"], [("worked on it, freed:", False)])
 
 
-def test_free_all_frees_only_the_callers_visible_handles(store: Registry) -> None:
-    session = store.create_session(60)
+def test_free_all_frees_the_caller_s_session_s_handles_and_purge_every_handle(store: Registry) -> None:
+    session, other = store.create_session(60), store.create_session(60)
     loose = add_dict(store, a=torch.zeros(10))
+    with caller_session(other):
+        theirs = add_dict(store, e=torch.zeros(5))
     with caller_session(session):
         owned = [add_dict(store, b=torch.zeros(5)), add_dict(store, c=torch.zeros(5))]
         assert sorted(h for h, _ in store.visible_items()) == sorted(owned)
         assert store.free_all() == 2
-    assert [h for h, _ in store.items()] == [loose]
-    assert store.held_bytes() == {"cpu": 40}
-
-    with caller_session(session):
-        again = add_dict(store, d=torch.zeros(5))
-    assert store.free_all() == 1  # no session: the handles of no session only
-    assert [h for h, _ in store.items()] == [again]
+    assert [h for h, _ in store.items()] == [loose, theirs]
+    assert store.held_bytes() == {"cpu": 60}
+    assert store.purge() == 2  # the operator's purge: every handle, every session's
+    assert store.items() == [] and store.held_bytes() == {}
 
 
 # -- sessions ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`weightavg`: the command line. Each subcommand is one function in COMMANDS.
 
 `serve` and `demo` need the server extra (torch) and import it only when asked; `health`, `info`,
-`stats` and `snapshot` are operator probes that need only this thin client.
+`stats`, `snapshot` and `purge` are operator commands that need only this thin client. Their
+failures print one line on stderr, `weightavg COMMAND: CODE: message`, with hints in flags.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from . import __version__
-from ._client import Client
-from ._errors import WeightavgError
+from ._client import DEFAULT_PORT, Client, target
+from ._errors import NotFoundError, WeightavgError
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds health, info and stats wait for an answer: they are probes, not work."""
@@ -47,10 +48,19 @@ def _demo(argv: list[str]) -> int:
     return _server_command("weightavg_server.ops.demo", "server,demo", argv)
 
 
+def _address(value: str) -> str:
+    """argparse's type for ADDRESS: Client's rule (a default port, never 443), refused with its reason."""
+    try:
+        return target(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT) -> argparse.ArgumentParser:
     """ADDRESS plus the token and TLS options every client command shares."""
     p = argparse.ArgumentParser(prog=f"weightavg {name}", description=description)
-    p.add_argument("address", help="host:port of the server, e.g. 127.0.0.1:50051")
+    p.add_argument("address", type=_address,
+                   help=f"host:port of the server, e.g. 127.0.0.1:{DEFAULT_PORT} (the port defaults to {DEFAULT_PORT})")
     p.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for the answer (default {timeout})")
     p.add_argument("--token", default=os.environ.get("WEIGHTAVG_TOKEN"),
                    help="bearer token (default: $WEIGHTAVG_TOKEN)")
@@ -61,11 +71,28 @@ def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT)
     return p
 
 
+class _CliClient(Client):
+    """A client whose hints name this command line's flags instead of Client's keywords."""
+
+    def _unavailable_hint(self) -> str:
+        if self.tls:
+            return (f" (TLS connection to {self.address} failed: check that --tls-ca signed the server's certificate, "
+                    "and add --client-cert and --client-key if the server requires client certificates)")
+        return (f" (could not reach {self.address} over plaintext: is the server running there, and does it use TLS? "
+                "then add --tls-ca FILE)")
+
+
 def _client(args: argparse.Namespace) -> Client:
-    return Client(
+    return _CliClient(
         args.address, timeout=args.timeout, token=args.token, tls=args.tls, tls_ca=args.tls_ca,
         client_cert=args.client_cert, client_key=args.client_key,
     )
+
+
+def _failed(name: str, exc: WeightavgError) -> int:
+    """Print a failure once, as `weightavg NAME: CODE: message`, and return the exit status 1."""
+    print(f"weightavg {name}: {exc}", file=sys.stderr)
+    return 1
 
 
 def _health(argv: list[str]) -> int:
@@ -76,19 +103,23 @@ def _health(argv: list[str]) -> int:
     p.add_argument("--service", default="",
                    help="service to ask about, e.g. weightavg.v1.WeightAveragingService (default: the whole server)")
     args = p.parse_args(argv)
-    with _client(args) as client:
-        try:
-            # The method by name: grpcio-health-checking's HealthStub has no type annotations.
-            check = client._channel.unary_unary(
-                "/grpc.health.v1.Health/Check",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
-            response = check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-        except grpc.RpcError as exc:
-            code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
-            print(f"{code}: {exc.details() if isinstance(exc, grpc.Call) else exc}")
-            return 1
+    try:
+        with _client(args) as client:
+            try:
+                # The method by name: grpcio-health-checking's HealthStub has no type annotations.
+                check = client._channel.unary_unary(
+                    "/grpc.health.v1.Health/Check",
+                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                )
+                response = check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            except grpc.RpcError as exc:
+                raise client._translate(exc) from exc
+    except NotFoundError as exc:  # grpc's health service says only NOT_FOUND
+        exc.message = f"the server has no health status for service {args.service!r} (leave out --service for the server's)"
+        return _failed("health", exc)
+    except WeightavgError as exc:
+        return _failed("health", exc)
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
@@ -99,8 +130,7 @@ def _print_json(name: str, description: str, fetch: Callable[[Client], dict[str,
         with _client(args) as client:
             result = fetch(client)
     except WeightavgError as exc:
-        print(f"{exc.code}: {exc}", file=sys.stderr)
-        return 1
+        return _failed(name, exc)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -128,11 +158,24 @@ def _snapshot(argv: list[str]) -> int:
         with _client(args) as c:
             result = c.snapshot()
     except WeightavgError as exc:
-        print(f"weightavg snapshot: {exc}", file=sys.stderr)
-        return 1
+        return _failed("snapshot", exc)
     print(f"saved {result['handles']} handle(s), {result['tensor_bytes']} tensor bytes, to {result['directory']}")
     for skipped in result["skipped"]:
         print(f"not saved (no snapshot format for its kind yet): {skipped}")
+    return 0
+
+
+def _purge(argv: list[str]) -> int:
+    args = _probe_parser(
+        "purge", "Free every handle on a running server, every client's and every session's (an operator's "
+        "clean-up; clients' next calls on those handles get NOT_FOUND). Authenticated like every call by --token.",
+    ).parse_args(argv)
+    try:
+        with _client(args) as c:
+            freed = c.purge()
+    except WeightavgError as exc:
+        return _failed("purge", exc)
+    print(f"freed {freed} handle(s)")
     return 0
 
 
@@ -143,6 +186,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "info": (_info, "print a server's versions, device and limits as JSON"),
     "stats": (_stats, "print a server's per-RPC statistics and live objects as JSON"),
     "snapshot": (_snapshot, "ask a running server to snapshot every live handle to its --state-dir"),
+    "purge": (_purge, "free every handle on a running server (every client's: an operator's clean-up)"),
 }
 """Subcommand name -> (function taking the remaining arguments and returning the exit status, summary)."""
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import collections
 import builtins
+import collections
+import difflib
 import functools
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -17,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _objects, _specs, wire
-from ._errors import NotFoundError, UnavailableError, from_rpc_error
+from ._errors import NotFoundError, UnavailableError, WeightavgError, from_rpc_error
 from ._records import Handle, HandleInfo, ModuleRow
 from ._retry import Replayable, RetryInterceptor, RetryPolicy, new_request_id
 from .v1 import weightavg_pb2 as pb
@@ -25,6 +27,10 @@ from .v1 import weightavg_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a call may take before DEADLINE_EXCEEDED; generous because training epochs are calls."""
+DEFAULT_PORT = 50051
+"""The port an address without one gets: `weightavg serve`'s default (gRPC's own would be 443)."""
+_SCHEMES = ("unix:", "unix-abstract:", "vsock:", "dns:", "ipv4:", "ipv6:")
+"""gRPC target schemes, passed through as they are."""
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 """Same cap as the server's default; tensors stream in 4 MiB chunks, so only runaway messages hit it."""
 
@@ -81,10 +87,10 @@ def _dtype_code(dtype: str | None) -> pb.Dtype.ValueType:
     """The wire code of a dtype name ("float32", "bfloat16", ...); unset for None."""
     if not dtype:
         return pb.DTYPE_UNSPECIFIED
-    try:
-        return pb.Dtype.Value("DTYPE_" + dtype.upper())
-    except ValueError:
-        raise ValueError(f"unknown dtype {dtype!r}: use a name such as float32, float64, float16 or bfloat16") from None
+    names = [n.removeprefix("DTYPE_").lower() for n in pb.Dtype.keys() if n != "DTYPE_UNSPECIFIED"]
+    if dtype.lower() not in names:
+        raise ValueError(f"unknown dtype '{dtype}'{_did_you_mean(dtype, names)} (one of {', '.join(names)})")
+    return pb.Dtype.Value("DTYPE_" + dtype.upper())
 
 
 def _schedule(state: pb.MovingAverageState) -> dict[str, Any]:
@@ -114,6 +120,16 @@ def _option_message(name: str, value: Any) -> pb.Option:
     return pb.Option(name=name, value=_specs.option_message(value))
 
 
+def _did_you_mean(given: str, valid: Iterable[str]) -> str:
+    """"; did you mean 'x'?" with the closest valid names, as the server words it; "" when none is close."""
+    matches = difflib.get_close_matches(given, list(valid), n=3, cutoff=0.6)
+    matches.sort(key=lambda name: (-difflib.SequenceMatcher(None, name, given).ratio(), name))
+    close = [f"'{name}'" for name in matches]
+    if not close:
+        return ""
+    return "; did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?"
+
+
 def _single_or_list(named: list[tuple[str, Any]]) -> Any:
     values = [wire.plain(a) for _, a in named]
     return values[0] if len(values) == 1 else values
@@ -123,14 +139,11 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     """Turn grpc.RpcError into the client's own exceptions, once, at the boundary."""
 
     @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> T:
+    def call(self: Client, *args: Any, **kwargs: Any) -> T:
         try:
-            return method(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if isinstance(error, UnavailableError) and args and isinstance(args[0], Client):
-                error.message += args[0]._unavailable_hint()
-            raise error from exc
+            raise self._translate(exc) from exc
 
     return call
 
@@ -172,6 +185,38 @@ class _AddMetadata(
         return continuation(self._details(details), request_iterator)
 
 
+def target(address: str) -> str:
+    """The address with DEFAULT_PORT added when it names no port ("localhost" -> "localhost:50051",
+    "::1" -> "[::1]:50051"); gRPC target schemes (unix:, dns:, ...) pass through unchanged.
+
+    Raises:
+        ValueError: an empty address, or a port that is not a number from 1 to 65535.
+    """
+    address = address.strip()
+    if address.startswith(_SCHEMES) or "://" in address:
+        return address
+    if address.startswith("["):  # [IPv6] or [IPv6]:port
+        host, _, rest = address[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else None
+        if rest and port is None:
+            raise ValueError(f"address {address!r}: expected [IPv6 address]:port, e.g. '[::1]:{DEFAULT_PORT}'")
+        host = f"[{host}]"
+    elif address.count(":") > 1:  # a bare IPv6 address
+        host, port = f"[{address}]", None
+    else:
+        host, sep, found = address.partition(":")
+        port = found if sep else None
+    if not host or host == "[]":
+        raise ValueError(f"address {address!r}: give host:port, e.g. '127.0.0.1:{DEFAULT_PORT}'")
+    if port is None:
+        return f"{host}:{DEFAULT_PORT}"
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(
+            f"address {address!r}: the port must be a number from 1 to 65535, e.g. '{host}:{DEFAULT_PORT}'"
+        )
+    return f"{host}:{port}"
+
+
 def _pem(value: str | bytes | os.PathLike[str] | None) -> bytes | None:
     """PEM bytes given directly, or read from a path."""
     if value is None or isinstance(value, bytes):
@@ -184,7 +229,8 @@ class Client:
     """A connection to a weightavg server.
 
     Args:
-        address: "host:port" of the server.
+        address: "host:port" of the server; without a port, DEFAULT_PORT (50051, the server's
+            default) is used, never gRPC's 443.
         timeout: default deadline of each call, in seconds.
         chunk_bytes: size of the pieces tensors are streamed in.
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
@@ -229,6 +275,7 @@ class Client:
         lease: float = 0.0,
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
+        address = target(address)
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -651,7 +698,7 @@ class Client:
             raise TypeError("expecting an option name or a list of names; data take inputs and targets: (m, x, y)")
         for name in [names] if isinstance(names, str) else names:
             if name not in values:
-                raise KeyError(f"unrecognized option '{name}' (one of {', '.join(values)})")
+                raise KeyError(f"unrecognized option '{name}'{_did_you_mean(name, values)} (one of {', '.join(values)})")
         return values[names] if isinstance(names, str) else [values[n] for n in names]
 
     def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
@@ -814,16 +861,25 @@ class Client:
 
     @_rpc
     def free(self, *handles: HandleLike) -> int:
-        """Free the given handles (all must exist), or, when none is given, every handle this client can
-        list: its session's, or (without a session) every handle that belongs to no session."""
+        """Free the given handles (all must exist, else none is freed); returns how many.
+
+        With no handles, every handle of this client's session. A client without a session is refused
+        (FailedPreconditionError) rather than guess: it cannot tell its handles from other clients'.
+        `purge()` is the operator's way to free everything on a server.
+        """
         request = pb.FreeHandlesRequest(handles=[_id(h) for h in handles], all=not handles)
         return int(self._stub.FreeHandles(request, timeout=self.timeout).freed)
 
     @_rpc
-    def purge(self, tenant: str) -> int:
-        """Admin tokens only: free every handle of a tenant, in every session (e.g. one whose tokens
-        were removed from the tokens file); returns how many."""
-        request = pb.FreeHandlesRequest(tenant=tenant)
+    def purge(self, tenant: str | None = None) -> int:
+        """Free every handle on the server, every client's and every session's (or, with `tenant`,
+        every handle of that tenant, e.g. one whose tokens were removed from the tokens file); returns
+        how many.
+
+        An operator's clean-up (`weightavg purge ADDRESS`): it needs an admin token on a server with
+        a tokens file or --token. Other clients' next calls on those handles get NOT_FOUND.
+        """
+        request = pb.FreeHandlesRequest(tenant=tenant) if tenant is not None else pb.FreeHandlesRequest(purge=True)
         return int(self._stub.FreeHandles(request, timeout=self.timeout).freed)
 
     @_rpc
@@ -903,6 +959,18 @@ class Client:
         r = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self.timeout)
         return {"directory": r.directory, "handles": r.handles, "tensor_bytes": r.tensor_bytes,
                 "skipped": list(r.skipped)}
+
+    def _translate(self, exc: grpc.RpcError) -> WeightavgError:
+        """The client's exception for a failed call; UNAVAILABLE gets a hint on what to check.
+
+        gRPC's connection failures embed a second status name ("failed to connect to all addresses;
+        last error: UNKNOWN: ipv4:...: Connection refused"); it is dropped so the message names
+        one code, the call's.
+        """
+        error = from_rpc_error(exc)
+        if isinstance(error, UnavailableError):
+            error.message = re.sub(r"; last error: [A-Z_]+: ", ": ", error.message) + self._unavailable_hint()
+        return error
 
     def _unavailable_hint(self) -> str:
         if self.tls:

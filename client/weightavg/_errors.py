@@ -108,4 +108,4 @@ def from_rpc_error(exc: grpc.RpcError) -> WeightavgError:
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     name = code.name if code is not None else "UNKNOWN"
-    return _BY_CODE.get(name, WeightavgError)(details or name, name)
+    return _BY_CODE.get(name, WeightavgError)(details or "(the server gave no details)", name)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,17 @@ def option_value(message: pb.OptionValue) -> Any:
     return getattr(message, which)
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _is_number(text: str) -> bool:
+    return _NUMBER.fullmatch(text.strip()) is not None
+
+
+def _number(text: str) -> int | float:
+    return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+
+
 def _is_spec(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and bool(item) and isinstance(item[0], str)
 
@@ -58,6 +70,12 @@ def layer_spec(spec: Any) -> pb.LayerSpec:
     message = pb.LayerSpec(type=spec[0])
     rest = list(spec[1:])
     if rest and isinstance(rest[0], str):
+        if _is_number(rest[0]) and spec[0] not in CONTAINERS:
+            raise ValueError(
+                f"layer spec {list(spec)!r}: {rest[0]!r} is a string, so it would name the layer; sizes and other "
+                f"options are numbers: write {[spec[0], _number(rest[0]), *rest[1:]]!r} (to name the layer, use a "
+                f"name that is not a number: {[spec[0], 'a', _number(rest[0]), *rest[1:]]!r})"
+            )
         message.name = rest.pop(0)
     if rest and isinstance(rest[-1], Mapping):
         for key, value in rest.pop().items():

@@ -523,6 +523,14 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
     return result
 
 
+_PYTHON_SCALARS = frozenset(np.dtype(t) for t in (np.float64, np.int64, np.bool_, np.complex128))
+"""0-dim dtypes that Python's own float, int, bool and complex hold exactly."""
+
+
 def plain(array: npt.NDArray[Any]) -> Any:
-    """0-dim arrays as numpy scalars, which keep their dtype (a float64 count is also a Python float)."""
-    return array[()] if array.ndim == 0 else array
+    """0-dim arrays as Python scalars where those hold them exactly (a float64 count prints as 2.0, not
+    np.float64(2.0)), else as numpy scalars, which keep their dtype (float32, float16, int8, ...);
+    other arrays as they are."""
+    if array.ndim != 0:
+        return array
+    return array.item() if array.dtype in _PYTHON_SCALARS else array[()]

@@ -450,15 +450,33 @@ class Service:
 
     @_exactly_once
     def free(
-        self, handles: Sequence[str], every: bool, tenant: str = "", *, request: RequestKey | None = None
+        self, handles: Sequence[str], every: bool, tenant: str = "", purge: bool = False, *,
+        request: RequestKey | None = None,
     ) -> int:
-        """Free the handles (all or nothing), or every handle the caller can list, or (admins) every
-        handle of `tenant`; how many."""
+        """Free the handles (all or nothing), every handle of the caller's session (`every`), every
+        handle of `tenant` (admins), or every handle on the server (`purge`, admins: an operator's
+        clean-up); how many.
+
+        `every` without a session is refused: such a caller cannot tell its handles from other
+        clients', and freeing all handles of no session took theirs too.
+        """
+        if purge:
+            if handles or every or tenant:
+                raise InvalidArgument("purge frees every handle on the server: give no handles and not all with it")
+            return self.store.purge()
         if tenant:
             if handles or every:
                 raise InvalidArgument("free a tenant's handles, or the handles given, or all: one at a time")
             return self.store.purge(tenant)
-        return self.store.free_all() if every else self.store.free(list(handles))
+        if not every:
+            return self.store.free(list(handles))
+        if CALLER_SESSION.get() is None:
+            raise FailedPrecondition(
+                "free() without handles frees your session's handles, and this call has no session; nothing freed. "
+                "Name the handles (free(h1, h2)), use a session (Client(address, session=True): closing it frees "
+                "what it made), or, as the server's operator, free every handle on it (weightavg purge ADDRESS)"
+            )
+        return self.store.free_all()
 
     @_exactly_once
     def addref(self, handle: str, *, request: RequestKey | None = None) -> Ref:
@@ -595,13 +613,17 @@ class Service:
 
     @_exactly_once
     def set_model_data(self, handle: str, split: str, upload: Upload, *, request: RequestKey | None = None) -> int:
-        """Load training or test inputs and targets (reserved on the device as they arrive); the
-        number of batches."""
+        """Load training or test inputs and targets (reserved on the device as they arrive, and their
+        dtype conversions before they are made), checked against the model; the number of batches."""
         entry, model = self._model(handle)
-        return self._change_with_upload(
-            entry, upload, 2, "SetModelData takes two tensors, inputs then targets",
-            lambda tensors: training.set_data(model, split, tensors[0][1], tensors[1][1], self.device),
-        )
+        with self.store.reserve() as reservation:
+            tensors = self._receive(upload, reservation, self._on_device)
+            if len(tensors) != 2:
+                raise InvalidArgument(f"SetModelData takes two tensors, inputs then targets; received {len(tensors)}")
+            (x_name, x), (y_name, y) = tensors
+            names = (x_name or "x", y_name or "y")
+            with self.store.mutate(entry, need=lambda: footprint.data_bytes(model, x, y, self.device, names)):
+                return training.set_data(model, split, x, y, self.device, names)
 
     @_exactly_once
     def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Named:

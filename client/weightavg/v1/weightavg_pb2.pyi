@@ -1790,8 +1790,11 @@ class FreeHandlesRequest(_message.Message):
     ALL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    PURGE_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
-    """Free every live handle the caller can list instead: its session's, or those of no session."""
+    """Free every live handle of the caller's session instead; refused (FAILED_PRECONDITION) for a
+    call without a session, which cannot tell its handles from other clients'.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
@@ -1799,6 +1802,10 @@ class FreeHandlesRequest(_message.Message):
     tenant: _builtins.str
     """Admin tokens only: free every handle of this tenant instead, in every session (a purge, e.g.
     of a tenant whose tokens were removed). Numbered from 20 with the other tenancy fields.
+    """
+    purge: _builtins.bool
+    """Free every live handle on the server, of every session and of none: an operator's clean-up
+    (`weightavg purge`). Give no handles and not `all` with it.
     """
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1811,10 +1818,11 @@ class FreeHandlesRequest(_message.Message):
         all: _builtins.bool = ...,
         request_id: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        purge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "handles", b"handles", "purge", b"purge", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

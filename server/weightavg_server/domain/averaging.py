@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dictionaries import COUNT_KEY, TensorDict, check_copyable
+from .dictionaries import COUNT_KEY, TensorDict, check_copyable, does_not_fit
 from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
 from .tensors import Bytes
@@ -92,7 +92,7 @@ def load_parameters(module: torch.nn.Module, d: TensorDict) -> dict[str, bool]:
             try:
                 check_copyable(p, d.entries[name])
             except InvalidArgument as exc:
-                raise InvalidArgument(f"{exc} (parameter '{name}'); nothing copied") from None
+                raise does_not_fit(str(exc), f"parameter '{name}'", p, d.entries[name], f"the dictionary's '{name}'") from None
     with torch.no_grad():
         for name, p in params:
             if name in d.entries:
@@ -160,11 +160,10 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
     try:
         shape = broadcast_shape(tuple(p.shape), tuple(avg.shape))
     except InvalidArgument as exc:
-        raise InvalidArgument(f"{exc} (parameter '{name}')") from None
+        raise does_not_fit(str(exc), f"parameter '{name}'", p, avg, f"the dictionary's '{name}'") from None
     if shape != tuple(avg.shape):
-        raise InvalidArgument(
-            f"output with shape {list(avg.shape)} doesn't match the broadcast shape {list(shape)} (parameter '{name}')"
-        )
+        reason = f"output with shape {list(avg.shape)} doesn't match the broadcast shape {list(shape)}"
+        raise does_not_fit(reason, f"parameter '{name}'", p, avg, f"the dictionary's '{name}'")
 
 
 @dataclass(frozen=True)

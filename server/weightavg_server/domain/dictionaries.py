@@ -38,6 +38,18 @@ def check_copyable(target: torch.Tensor, source: torch.Tensor) -> None:
         raise InvalidArgument(str(exc).split("\n")[0]) from None
 
 
+def does_not_fit(reason: str, target: str, a: torch.Tensor, b: torch.Tensor, value: str) -> InvalidArgument:
+    """The one wording, in every verb, of a value that does not fit one of a module's tensors: PyTorch's
+    reason (its "tensor a" is the module's, "tensor b" the value), both shapes, and that nothing changed.
+
+    Example: "The size of tensor a (4) must match the size of tensor b (3) at non-singleton dimension
+    1 (a: parameter 'weight', shape [2, 4]; b: the dictionary's 'weight', shape [2, 3]); nothing changed".
+    """
+    return InvalidArgument(
+        f"{reason} (a: {target}, shape {list(a.shape)}; b: {value}, shape {list(b.shape)}); nothing changed"
+    )
+
+
 def placement(name: str, device: torch.device) -> torch.device:
     """Where a new entry lives: the count stays on the CPU (read without a device sync), others on device."""
     return torch.device("cpu") if name == COUNT_KEY else device
@@ -61,7 +73,7 @@ def set_entries(d: TensorDict, values: list[tuple[str, torch.Tensor]], device: t
             try:
                 check_copyable(d.entries[name], value)
             except InvalidArgument as exc:
-                raise InvalidArgument(f"cannot set '{name}': {exc}; nothing set") from None
+                raise does_not_fit(str(exc), f"the module's '{name}'", d.entries[name], value, f"the value for '{name}'") from None
         with torch.no_grad():
             for name, value in values:
                 d.entries[name].copy_(value)

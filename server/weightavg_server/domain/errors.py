@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class WeightavgError(Exception):
     """Base of every error the domain raises on purpose; `code` is a grpc.StatusCode name."""
@@ -56,3 +59,18 @@ class DataLoss(WeightavgError):
     """Uploaded tensor data arrived corrupted: its checksum does not match the sender's."""
 
     code = "DATA_LOSS"
+
+
+def did_you_mean(given: str, valid: Iterable[str]) -> str:
+    """"; did you mean 'x'?" naming the valid names closest to `given` (difflib, at most three),
+    or "" when none is close; refusals of unknown names append it.
+
+    Example: did_you_mean("batchnorm", LAYER_TYPES) is
+    "; did you mean 'batchnorm1d', 'batchnorm2d' or 'batchnorm3d'?".
+    """
+    matches = difflib.get_close_matches(given, list(valid), n=3, cutoff=0.6)
+    matches.sort(key=lambda name: (-difflib.SequenceMatcher(None, name, given).ratio(), name))  # ties in order
+    close = [f"'{name}'" for name in matches]
+    if not close:
+        return ""
+    return "; did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?"

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import averaging, optimizers, specs
-from .options import Value
+from . import averaging, optimizers, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
+from .options import Value
 from .tensors import Bytes, add_bytes, module_tensors, tensor_bytes
 from .training import Model
 
@@ -128,3 +128,14 @@ def copy_bytes(module: nn.Module, dtype: torch.dtype | None, buffers: bool) -> B
         device = str(t.device)
         totals[device] = totals.get(device, 0) + t.numel() * averaging.copy_dtype(t, dtype).itemsize
     return totals
+
+
+def data_bytes(
+    model: Model, x: torch.Tensor, y: torch.Tensor, device: torch.device, names: tuple[str, str] = ("x", "y")
+) -> Bytes:
+    """Bytes set_data allocates beyond the uploaded tensors: the converted copy of each one whose
+    dtype changes (uint8 images to float32 take four times their upload), on the model's device.
+    Raises what set_data would for a dtype it refuses, before anything is reserved."""
+    x_dtype, y_dtype = training.data_dtypes(model, x, y, names)
+    new = [torch.empty(t.shape, dtype=d, device="meta") for t, d in ((x, x_dtype), (y, y_dtype)) if t.dtype != d]
+    return {str(device): sum(t.numel() * t.element_size() for t in new)} if new else {}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, did_you_mean
 from .options import (
     NON_NEGATIVE,
     UNIT_INTERVAL,
@@ -97,6 +97,8 @@ def create_loss(type_name: str, args: tuple[Value, ...] = (), kwargs: tuple[tupl
     """
     loss_type = LOSS_TYPES.get(type_name)
     if loss_type is None:
-        raise InvalidArgument(f"unrecognized loss: '{type_name}' (one of {', '.join(LOSS_TYPES)})")
+        raise InvalidArgument(
+            f"unrecognized loss: '{type_name}'{did_you_mean(type_name, LOSS_TYPES)} (one of {', '.join(LOSS_TYPES)})"
+        )
     options = resolve(type_name, loss_type.options, args, kwargs, Wording.SETTING)
     return Loss(type_name, options, loss_type.build(options))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dictionaries import TensorDict, check_copyable
+from .dictionaries import TensorDict, check_copyable, does_not_fit
 from .errors import InvalidArgument, NotFound
 
 
@@ -59,7 +59,7 @@ def set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> bo
         try:
             check_copyable(target, value)
         except InvalidArgument as exc:
-            raise InvalidArgument(f"cannot set parameter '{name}': {exc}") from None
+            raise does_not_fit(str(exc), f"parameter '{name}'", target, value, "the value sent") from None
         with torch.no_grad():
             target.copy_(value)
         return False

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, did_you_mean
 from .options import (
     BELOW_ONE,
     NON_NEGATIVE,
@@ -173,7 +173,10 @@ def create_optimizer(
     """
     opt_type = OPTIMIZER_TYPES.get(type_name)
     if opt_type is None:
-        raise InvalidArgument(f"unrecognized optimizer: '{type_name}' (one of {', '.join(OPTIMIZER_TYPES)})")
+        raise InvalidArgument(
+            f"unrecognized optimizer: '{type_name}'{did_you_mean(type_name, OPTIMIZER_TYPES)} "
+            f"(one of {', '.join(OPTIMIZER_TYPES)})"
+        )
     options = resolve(type_name, opt_type.options, args, kwargs, Wording.SETTING)
     params = list(module.parameters())
     if not params:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeGuard, TypeVar
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, did_you_mean
 
 Value: TypeAlias = None | bool | int | float | str | tuple[int, ...]
 Values: TypeAlias = Mapping[str, Value]
@@ -129,11 +129,9 @@ class Wording(enum.Enum):
         return InvalidArgument(f"{what}: option '{opt.name}' must be {check.text}, given {value!r}")
 
     def unknown(self, what: str, name: str, opts: Sequence[Opt]) -> InvalidArgument:
-        """A keyword that names none of the options."""
-        if self is Wording.LAYER:
-            return InvalidArgument(f"{what}: unknown option '{name}'")
-        names = ", ".join(o.name for o in opts)
-        return InvalidArgument(f"{what}: unknown option '{name}' (options: {names})")
+        """A keyword that names none of the options, with the closest ones and the full list."""
+        names = ", ".join(o.name for o in opts) or "none"
+        return InvalidArgument(f"{what}: unknown option '{name}'{did_you_mean(name, (o.name for o in opts))} (options: {names})")
 
 
 def resolve(

@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import InvalidArgument, ResourceExhausted, did_you_mean
 from .options import (
     NON_NEGATIVE,
     POSITIVE,
@@ -276,7 +276,9 @@ def _build(spec: LayerSpec, depth: int, max_depth: int, max_elements: int) -> nn
 def _lookup(type_name: str) -> LayerType:
     layer = _LAYERS.get(_ALIASES.get(type_name, type_name))
     if layer is None:
-        raise InvalidArgument(f"unrecognized module type: '{type_name}'")
+        close = did_you_mean(type_name, [*_LAYERS, *_ALIASES])
+        listed = "every type: weightavg info ADDRESS, or GetServerInfo's layer_types" if close else ", ".join(LAYER_TYPES)
+        raise InvalidArgument(f"unrecognized module type: '{type_name}'{close} ({listed})")
     return layer
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import batching
 from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
-from .errors import Cancelled, FailedPrecondition, InvalidArgument
+from .errors import Cancelled, FailedPrecondition, InvalidArgument, did_you_mean
 from .losses import Loss
 from .optimizers import Optimizer
 from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, int_value
@@ -119,7 +119,9 @@ def _metrics(value: str) -> str:
         raise InvalidArgument(f"metrics: at least one of {', '.join(METRICS)} required")
     for name in names:
         if name not in METRICS:
-            raise InvalidArgument(f"metrics: unrecognized metric '{name}' (one of {', '.join(METRICS)})")
+            raise InvalidArgument(
+                f"metrics: unrecognized metric '{name}'{did_you_mean(name, METRICS)} (one of {', '.join(METRICS)})"
+            )
     if len(set(names)) != len(names):
         raise InvalidArgument(f"metrics: a metric is named twice in '{value}'")
     return ",".join(names)
@@ -140,7 +142,10 @@ def set_options(model: Model, split: str, values: Sequence[tuple[str, Value]]) -
         if key in TRAIN_ONLY and split == "test":
             raise InvalidArgument(f"{key}: not set for evaluation (a train-only option); nothing set")
         if key not in by_name:
-            raise InvalidArgument(f"unrecognized {name} setting: {key}; nothing set")
+            raise InvalidArgument(
+                f"unrecognized {name} setting: {key}{did_you_mean(key, by_name)} (settings: {', '.join(by_name)}); "
+                "nothing set"
+            )
         if key in checked:
             raise InvalidArgument(f"{name} setting {key} given twice; nothing set")
         value = coerce(name, by_name[key], value, Wording.SETTING)
@@ -188,11 +193,121 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def set_data(model: Model, split: str, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
-    """Store inputs and targets for training or testing; returns the number of batches.
+# -- what data a model takes ---------------------------------------------------------------------
+
+INDEX_LOSSES = frozenset({"ce", "nll"})
+"""Losses whose targets are class indices (cross entropy also takes class probabilities)."""
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter, or None when it has none."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _takes_indices(module: nn.Module) -> bool:
+    """True when the module's first layer is an embedding, which takes integer indices."""
+    first = next((m for m in module.modules() if not any(True for _ in m.children())), None)
+    return isinstance(first, nn.Embedding)
+
+
+def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every value of the integer (or bool) tensor t converts to the floating `dtype` exactly."""
+    digits = 1 - int(math.log2(torch.finfo(dtype).eps))  # significand bits: 24 for float32
+    if t.dtype == torch.bool or (torch.iinfo(t.dtype).bits <= digits and t.dtype != torch.int64):
+        return True
+    return t.numel() == 0 or max(abs(int(t.min())), abs(int(t.max()))) <= 2**digits
+
+
+def input_dtype(module: nn.Module, x: torch.Tensor, name: str = "x") -> torch.dtype:
+    """The dtype inputs x are held in for this module, or InvalidArgument saying what to send.
+
+    - An embedding first takes integer indices: any integer dtype, widened to int64.
+    - Otherwise the dtype of the module's parameters (float32 usually): integers and bool are
+      converted when every value converts exactly (uint8, int8 and int16 always do for float32),
+      other floating dtypes are rounded to it (float64 images, say x = img / 255); complex is refused.
+    - A module without floating parameters takes x as it is.
+    """
+    if _takes_indices(module):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise InvalidArgument(
+                f"{name} (inputs) is {_name(x.dtype)}; the model's first layer is an embedding, which takes "
+                "integer indices: send an integer dtype (it is widened to int64); nothing loaded"
+            )
+        return torch.int64
+    expected = _parameter_dtype(module)
+    if expected is None or x.dtype == expected:
+        return x.dtype
+    if x.is_complex():
+        raise InvalidArgument(
+            f"{name} (inputs) is {_name(x.dtype)}; the model's parameters are {_name(expected)}: send real "
+            f"{_name(expected)} values (integers and other float widths are converted); nothing loaded"
+        )
+    if not x.is_floating_point() and not _exact_in(x, expected):
+        raise InvalidArgument(
+            f"{name} (inputs) is {_name(x.dtype)} with values that {_name(expected)} cannot hold exactly; "
+            f"send {_name(expected)}; nothing loaded"
+        )
+    return expected
+
+
+def target_dtype(model: Model, y: torch.Tensor, name: str = "y") -> torch.dtype:
+    """The dtype targets y are held in, or InvalidArgument saying what to send for the model's loss.
+
+    Integer (and bool) targets are held as int64, a lossless widening whatever the loss, so a loss
+    replaced later still finds its labels; floating targets in the parameters' dtype, rounded.
+    - ce and nll (classification) need class indices: integers; ce also takes class
+      probabilities, a floating y with a column per class.
+    - mse, smoothl1, bce, bcelogits take either; integers become the parameters' dtype a batch at a
+      time (`batch_targets`).
+    """
+    loss = model.loss.type
+    expected = _parameter_dtype(model.module) or torch.float32
+    if y.is_complex():
+        raise InvalidArgument(
+            f"{name} (targets) is {_name(y.dtype)}; the {loss} loss takes real targets: integer labels, or "
+            f"{_name(expected)} values (other float widths are converted); nothing loaded"
+        )
+    if not y.is_floating_point():
+        return torch.int64
+    if loss in INDEX_LOSSES and not (loss == "ce" and y.dim() >= 2):
+        also = " or class probabilities (floating, one column per class)" if loss == "ce" else ""
+        raise InvalidArgument(
+            f"{name} (targets) is {_name(y.dtype)} of shape {list(y.shape)}; the {loss} loss takes integer class "
+            f"indices (any integer dtype, widened to int64){also}: send integer labels; nothing loaded"
+        )
+    return expected
+
+
+def batch_targets(model: Model, yb: torch.Tensor) -> torch.Tensor:
+    """A batch of targets as the loss takes them: integer targets of a regression loss (mse, bce, ...)
+    in the parameters' dtype, everything else as held."""
+    if model.loss.type in INDEX_LOSSES or yb.is_floating_point():
+        return yb
+    return yb.to(_parameter_dtype(model.module) or torch.float32)
+
+
+def data_dtypes(model: Model, x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y")) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes set_data will hold x and y in (InvalidArgument when it would refuse them)."""
+    return input_dtype(model.module, x, names[0]), target_dtype(model, y, names[1])
+
+
+def set_data(
+    model: Model, split: str, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+    names: tuple[str, str] = ("x", "y"),
+) -> int:
+    """Store inputs and targets for training or testing, all or nothing; returns the number of batches.
+
+    Both are checked first and converted as `input_dtype` and `target_dtype` say (uint8 or float64
+    images become float32, labels of any integer width int64), so a dtype the model cannot use is
+    refused here, naming the argument, rather than at every later run.
 
     Raises:
-        InvalidArgument: a 0-dim or empty tensor, or first dimensions that differ.
+        InvalidArgument: a 0-dim or empty tensor, first dimensions that differ, or a dtype the model
+            cannot take.
     """
     _split(split)
     for what, t in (("inputs", x), ("targets", y)):
@@ -200,7 +315,8 @@ def set_data(model: Model, split: str, x: torch.Tensor, y: torch.Tensor, device:
             raise InvalidArgument(f"{what} need at least one sample and a first dimension, given shape {list(t.shape)}")
     if x.shape[0] != y.shape[0]:
         raise InvalidArgument(f"tensor size mismatch, {x.shape[0]} vs {y.shape[0]} (inputs vs targets)")
-    data = Data(_own(x.to(device)), _own(y.to(device)))
+    x_dtype, y_dtype = data_dtypes(model, x, y, names)
+    data = Data(_own(x.to(device, x_dtype)), _own(y.to(device, y_dtype)))
     if split == "train":
         model.train_data = data
     else:
@@ -336,7 +452,7 @@ def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> None:
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
-            model.loss(model.module(xb), yb)
+            model.loss(model.module(xb), batch_targets(model, yb))
 
 
 def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
@@ -374,7 +490,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
             optim.zero_grad(set_to_none=True)
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
                 output = model.module(xb)
-                loss = model.loss(output, yb)
+                loss = model.loss(output, batch_targets(model, yb))
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
             metrics.add(output.detach(), yb, loss)
@@ -398,7 +514,7 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
             yb = data.y[i * w:(i + 1) * w].to(dev)
             with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                 output = model.module(xb)
-                loss = model.loss(output, yb) if metrics.needs_loss else None
+                loss = model.loss(output, batch_targets(model, yb)) if metrics.needs_loss else None
             metrics.add(output, yb, loss)
     return metrics.result()
 
@@ -411,13 +527,14 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     w = min(int_value(model.test, "batchsize"), n)
     nb = math.ceil(n / w)
     dev = _device(model.module)
+    dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
     outputs = []
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("evaluate", i, nb)
             with _torch_errors("evaluate"):
-                outputs.append(model.module(x[i * w:(i + 1) * w].to(dev)))
+                outputs.append(model.module(x[i * w:(i + 1) * w].to(dev, dtype)))
     return torch.cat(outputs)
 
 

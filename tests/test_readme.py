@@ -1,0 +1,44 @@
+"""The README's Python examples, run as they stand against a real server (only the address replaced):
+they print plain Python values, their returns are what the verb table says, and they leave nothing
+on the server."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import LiveServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def _run(block: str, server: LiveServer) -> str:
+    assert '"127.0.0.1:50051"' in block
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block.replace('"127.0.0.1:50051"', repr(server.address)), "README.md", "exec"), {})
+    return out.getvalue()
+
+
+def test_the_quick_start_prints_plain_values_and_frees_what_it_made(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server()
+    assert _run(_python_blocks()[0], server) == "2\n2.0\n{'weight': True, 'bias': True}\n1\n"
+    assert len(server.registry) == 0
+
+
+def test_the_training_example_runs_the_swa_recipe_and_frees_what_it_made(start_server) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("sklearn")
+    server = start_server()
+    lines = _run(_python_blocks()[1], server).split()
+    assert lines[0] == "45"
+    last, averaged = float(lines[1]), float(lines[2])
+    assert 80.0 < last <= 100.0 and 80.0 < averaged <= 100.0
+    assert len(server.registry) == 0
