@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import optimizers, specs
+from . import merging, outer, soups
 from .options import Value
 from .dictionaries import COUNT_KEY, TensorDict
 from .tensors import Bytes, add_bytes, module_tensors, tensor_bytes
@@ -113,3 +114,31 @@ def training_bytes(model: Model) -> Bytes:
 def count_bytes(d: TensorDict) -> Bytes:
     """Bytes a running average's new count takes (a fresh 0-dim float64 on the CPU each update)."""
     return {} if COUNT_KEY in d.entries else tensor_bytes([torch.empty((), dtype=torch.float64)])
+
+
+# -- averaging across models ----------------------------------------------------------------------------
+
+
+def merge_bytes(plan: merging.Plan) -> Bytes:
+    """Bytes an average or merge holds at its widest: the new result's tensors (none when it writes
+    into an existing dictionary) and the scratch of its largest entry: the buffers its kernel takes
+    (`Slot.buffers`, each the size of the entry in its dtype) and what torch allocates inside an
+    operation (TIES's selection)."""
+    result: Bytes = {}
+    if not plan.into:
+        for s in plan.slots:
+            result = add_bytes(result, {str(s.device): s.nbytes})
+    scratch = max((s.scratch_bytes for s in plan.slots), default=0)
+    return add_bytes(result, {str(plan.device): scratch} if plan.device is not None else {})
+
+
+def outer_step_bytes(optimizer: optimizers.Optimizer) -> Bytes:
+    """Bytes an outer step holds at its widest: a pseudo-gradient per trainable parameter (freed after
+    the step) and the state the optimizer's first step allocates (kept)."""
+    return add_bytes(tensor_bytes(p for _, p in outer.trainable(optimizer)), step_bytes(optimizer))
+
+
+def soup_bytes(plan: soups.SoupPlan) -> Bytes:
+    """Bytes a greedy soup holds at its widest: the soup dictionary (kept) and a copy of the model's
+    souped tensors, to put them back afterwards (freed)."""
+    return {device: 2 * n for device, n in tensor_bytes(plan.targets).items()}
