@@ -2,7 +2,7 @@
 
 from ._client import Client
 from ._objects import Dictionary, Module, Remote
-from ._records import Handle, HandleInfo, ModuleRow
+from ._records import Handle, HandleInfo, ModuleRow, Soup
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -36,6 +36,7 @@ __all__ = [
     "PermissionDeniedError",
     "Remote",
     "ResourceExhaustedError",
+    "Soup",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

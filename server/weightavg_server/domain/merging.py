@@ -471,11 +471,13 @@ def _slerp(
     n0, n1 = float(torch.linalg.vector_norm(v0)), float(torch.linalg.vector_norm(v1))
     dot = float(torch.dot(v0.view(-1), v1.view(-1)))
     dot /= (n0 if n0 > SLERP_EPS else 1.0) * (n1 if n1 > SLERP_EPS else 1.0)
-    if abs(dot) > float_value(slot.options, "threshold"):
+    theta = math.acos(max(-1.0, min(1.0, dot))) if math.isfinite(dot) else 0.0
+    sin_theta = math.sin(theta)
+    # Also linear where the angle is unusable: no angle at all (threshold 1, exactly colinear) or
+    # a cosine that is not a number (entries holding inf or NaN).
+    if not abs(dot) <= float_value(slot.options, "threshold") or sin_theta <= 0.0:
         v0.lerp_(v1, t)
     else:
-        theta = math.acos(max(-1.0, min(1.0, dot)))
-        sin_theta = math.sin(theta)
         v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1, alpha=math.sin(t * theta) / sin_theta)
     out.copy_(v0)
 
