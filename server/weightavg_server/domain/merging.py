@@ -33,7 +33,6 @@ from .options import (
     UNIT_INTERVAL, Check, NON_NEGATIVE, Opt, Value, Values, ValueType, Wording, bool_value, float_value, int_value,
     resolve, str_value,
 )
-from .tensors import storage_key
 
 SLERP_EPS = 1e-8
 """A tensor whose norm is at most this is not normalised before SLERP's angle is taken."""
@@ -137,6 +136,19 @@ def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _base(t: torch.Tensor) -> int | None:
+    """Where a tensor's storage starts, or None when it holds no memory. Within one call, while every
+    tensor involved is alive, two tensors share memory exactly when their storages start at one
+    address; this reads it from the tensor (no storage object is made: a plan checks thousands)."""
+    pointer = t.data_ptr()
+    return pointer - t.storage_offset() * t.element_size() if pointer else None
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    base = _base(a)
+    return base is not None and base == _base(b)
+
+
 # -- planning: every check before anything is allocated -----------------------------------------------
 
 
@@ -193,13 +205,13 @@ def plan(
     if len(devices) > 1:
         listed = ", ".join(sorted(str(d) for d in devices))
         raise InvalidArgument(f"{what}: the entries are on {listed}; move the dictionaries to one device with to()")
+    read_by = _readers(names, sources) if into is not None else {}
     slots = []
     for name in names:
         options = next((o for pattern, o in overrides if fnmatch.fnmatchcase(name, pattern)), values)
-        slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into))
+        slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
+                           read_by))
         _check_normalizable(method, options, checked, name)
-    if into is not None:
-        _check_no_crossing(what, slots, sources, into)
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
@@ -274,19 +286,22 @@ def _listed(names: list[str]) -> str:
 
 def _slot(
     method: Method, name: str, tensors: list[torch.Tensor], labels: Sequence[str], options: Values, has_base: bool,
-    into: TensorDict | None,
+    into: TensorDict | None, read_by: dict[int, set[str]],
 ) -> Slot:
     """Check one entry across the sources and plan its computation."""
     what = f"{method.name}: entry '{name}'"
     first = tensors[0]
-    if any(t.is_complex() for t in tensors):
+    dtypes = [t.dtype for t in tensors]
+    if any(d.is_complex for d in dtypes):
         raise InvalidArgument(f"{what} is complex; only real entries can be merged: delete it or convert it")
-    floating = [t.is_floating_point() for t in tensors]
+    floating = [d.is_floating_point for d in dtypes]
     if any(floating) and not all(floating):
         label = labels[floating.index(not floating[0])]
         raise InvalidArgument(f"{what} is floating in {labels[0]} but not in {label}; give every dictionary the same kinds")
     shape = tuple(first.shape)
     for t, label in zip(tensors[1:], labels[1:]):
+        if t.shape == shape:
+            continue  # the usual case, without working out a broadcast
         try:
             shape = broadcast_shape(shape, tuple(t.shape))
         except InvalidArgument as exc:
@@ -294,6 +309,12 @@ def _slot(
     out = into.entries.get(name) if into is not None else None
     if into is not None:
         _check_into(what, out, shape, floating[0], first.dtype)
+    readers = read_by.get(_base(out) or 0, set()) if out is not None else set()
+    if readers - {name}:
+        # Writing this entry of `into` would change another entry that is still to be read.
+        raise InvalidArgument(
+            f"{what}: 'into' shares memory with the inputs' '{min(readers - {name})}'; merge into a new dictionary"
+        )
     dtype = out.dtype if out is not None else first.dtype
     if not floating[0]:
         for t, label in zip(tensors[1:], labels[1:]):
@@ -303,9 +324,9 @@ def _slot(
                     f"{label}; integer entries are not averaged and must agree"
                 )
         return Slot(name, method.name, shape, dtype, first.device, options, None)
-    wide = any(t.dtype == torch.float64 for t in tensors) or dtype == torch.float64
+    wide = torch.float64 in dtypes or dtype == torch.float64
     work = torch.float64 if wide else torch.float32
-    shared = out is not None and any(storage_key(out) == storage_key(t) for t in tensors)
+    shared = name in readers
     direct = dtype == work and not shared
     buffers, internal = _scratch(method, options, work, direct, tensors, has_base, math.prod(shape))
     return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal)
@@ -325,16 +346,15 @@ def _check_into(what: str, out: torch.Tensor | None, shape: tuple[int, ...], flo
         raise InvalidArgument(f"{what}: 'into' holds {out.dtype}, the inputs {dtype}; integer entries must agree")
 
 
-def _check_no_crossing(what: str, slots: Sequence[Slot], sources: Sequence[TensorDict], into: TensorDict) -> None:
-    """Writing one entry of `into` must not change another entry that is still to be read."""
-    for slot in slots:
-        key = storage_key(into.entries[slot.name])
-        for other in slots:
-            if other.name != slot.name and any(storage_key(d.entries[other.name]) == key for d in sources):
-                raise InvalidArgument(
-                    f"{what}: 'into' entry '{slot.name}' shares memory with the inputs' '{other.name}'; "
-                    "merge into a new dictionary"
-                )
+def _readers(names: Sequence[str], sources: Sequence[TensorDict]) -> dict[int, set[str]]:
+    """The entry names whose inputs live in each storage (by where it starts)."""
+    read_by: dict[int, set[str]] = {}
+    for name in names:
+        for d in sources:
+            base = _base(d.entries[name])
+            if base is not None:
+                read_by.setdefault(base, set()).add(name)
+    return read_by
 
 
 def _scratch(
@@ -415,8 +435,7 @@ def _integer(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor) -> None
     if str_value(slot.options, "integers") == "first":
         out.copy_(tensors[0])
         return
-    key = storage_key(out)
-    others = [t for t in tensors if storage_key(t) != key]
+    others = [t for t in tensors if not _shares(out, t)]
     if len(others) == len(tensors):
         out.copy_(others.pop(0))
     for t in others:
