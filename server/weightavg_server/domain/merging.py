@@ -141,7 +141,7 @@ def _base(t: torch.Tensor) -> int | None:
     tensor involved is alive, two tensors share memory exactly when their storages start at one
     address; this reads it from the tensor (no storage object is made: a plan checks thousands)."""
     pointer = t.data_ptr()
-    return pointer - t.storage_offset() * t.element_size() if pointer else None
+    return pointer - int(t.storage_offset()) * t.element_size() if pointer else None
 
 
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
