@@ -292,10 +292,11 @@ def _slot(
     what = f"{method.name}: entry '{name}'"
     first = tensors[0]
     dtypes = [t.dtype for t in tensors]
-    if any(d.is_complex for d in dtypes):
+    kinds = set(dtypes)  # usually one dtype: each test below runs once per distinct dtype
+    if any(d.is_complex for d in kinds):
         raise InvalidArgument(f"{what} is complex; only real entries can be merged: delete it or convert it")
-    floating = [d.is_floating_point for d in dtypes]
-    if any(floating) and not all(floating):
+    floating = [d.is_floating_point for d in dtypes] if len(kinds) > 1 else [first.is_floating_point()] * len(dtypes)
+    if len(kinds) > 1 and any(floating) and not all(floating):
         label = labels[floating.index(not floating[0])]
         raise InvalidArgument(f"{what} is floating in {labels[0]} but not in {label}; give every dictionary the same kinds")
     shape = tuple(first.shape)
@@ -324,11 +325,11 @@ def _slot(
                     f"{label}; integer entries are not averaged and must agree"
                 )
         return Slot(name, method.name, shape, dtype, first.device, options, None)
-    wide = torch.float64 in dtypes or dtype == torch.float64
+    wide = torch.float64 in kinds or dtype == torch.float64
     work = torch.float64 if wide else torch.float32
     shared = name in readers
     direct = dtype == work and not shared
-    buffers, internal = _scratch(method, options, work, direct, tensors, has_base, math.prod(shape))
+    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, math.prod(shape))
     return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal)
 
 
@@ -338,7 +339,7 @@ def _check_into(what: str, out: torch.Tensor | None, shape: tuple[int, ...], flo
                               "(e.g. one made by copyparms), or leave 'into' out for a new dictionary")
     if tuple(out.shape) != shape:
         raise InvalidArgument(f"{what}: 'into' holds shape {list(out.shape)}, the result has shape {list(shape)}")
-    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+    if 0 in out.stride() and any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
         raise InvalidArgument(f"{what}: 'into' shares memory between its elements (an expanded tensor); set it to a full tensor")
     if floating and not out.is_floating_point():
         raise InvalidArgument(f"{what}: 'into' holds {out.dtype}; a merged entry needs a floating-point entry")
@@ -349,24 +350,26 @@ def _check_into(what: str, out: torch.Tensor | None, shape: tuple[int, ...], flo
 def _readers(names: Sequence[str], sources: Sequence[TensorDict]) -> dict[int, set[str]]:
     """The entry names whose inputs live in each storage (by where it starts)."""
     read_by: dict[int, set[str]] = {}
-    for name in names:
-        for d in sources:
-            base = _base(d.entries[name])
-            if base is not None:
-                read_by.setdefault(base, set()).add(name)
+    for d in sources:
+        entries = d.entries
+        for name in names:
+            t = entries[name]
+            pointer = t.data_ptr()
+            if pointer:
+                read_by.setdefault(pointer - int(t.storage_offset()) * t.element_size(), set()).add(name)
     return read_by
 
 
 def _scratch(
-    method: Method, options: Values, work: torch.dtype, direct: bool, tensors: list[torch.Tensor], has_base: bool,
-    numel: int,
+    method: Method, options: Values, work: torch.dtype, direct: bool, tensors: list[torch.Tensor],
+    kinds: set[torch.dtype], has_base: bool, numel: int,
 ) -> tuple[tuple[torch.dtype, ...], int]:
     """The scratch tensors (each of the result's shape) a slot's kernel takes, in the order it takes
     them (every work-dtype buffer before the bool one, so each view is aligned), and the bytes torch
     allocates inside an operation."""
     acc = () if direct else (work,)
     if method.name in ("average", "linear"):
-        cast = (work,) if any(t.dtype != work for t in tensors) else ()
+        cast = (work,) if kinds != {work} else ()
         return acc + cast, 0
     if method.name == "slerp":
         return (work, work), 0
