@@ -439,18 +439,18 @@ def average_many(ctx: Context) -> list[Row | Skip]:
     out = [torch.empty(width, width) for _ in range(tensors)]
     total = sum(weights)
 
-    def loop_into() -> None:  # what the server's kernel does: per tensor, zero, add each weighted, divide
+    def loop_into() -> None:  # what the server's kernel does: per tensor, the first term, add the rest, divide
         for i, acc in enumerate(out):
-            acc.zero_()
-            for d, w in zip(local, weights):
+            torch.mul(local[0][i], weights[0], out=acc)
+            for d, w in zip(local[1:], weights[1:]):
                 acc.add_(d[i], alpha=w)
             acc.div_(total)
 
     def loop_new() -> list[torch.Tensor]:
         made = []
         for i in range(tensors):
-            acc = torch.zeros(width, width)
-            for d, w in zip(local, weights):
+            acc = local[0][i] * weights[0]
+            for d, w in zip(local[1:], weights[1:]):
                 acc.add_(d[i], alpha=w)
             made.append(acc.div_(total))
         return made

@@ -466,14 +466,16 @@ def _weighted_sum(
     assert slot.work is not None
     acc = _accumulator(slot, out, scratch)
     cast = scratch.take(slot.shape, slot.work) if any(x.dtype != slot.work for x in xs) else None
-    acc.zero_()
-    for x, w in zip(xs, weights):
+    for i, (x, w) in enumerate(zip(xs, weights)):
         if x.dtype != slot.work:
             assert cast is not None
             part = cast.view(-1)[: x.numel()].view(x.shape)
             part.copy_(x)
             x = part
-        acc.add_(x, alpha=w)
+        if i == 0:  # the first term written, not added to zeros: one pass over the result fewer
+            torch.mul(x.expand(slot.shape), w, out=acc)
+        else:
+            acc.add_(x, alpha=w)
     if slot.method == "average" or bool_value(slot.options, "normalize"):
         acc.div_(sum(weights))  # the plan refused a sum of 0
     _finish(acc, out)
