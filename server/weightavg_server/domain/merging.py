@@ -133,7 +133,7 @@ class Plan:
 
 
 def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _base(t: torch.Tensor) -> int | None:
