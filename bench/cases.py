@@ -476,6 +476,108 @@ def gpu_average(ctx: Context) -> list[Row | Skip]:
     return rows
 
 
+# -- averaging across models --------------------------------------------------------------------------
+
+
+def _server_dicts(c: Client, count: int, tensors: int, width: int) -> list[Handle]:
+    """`count` dictionaries of `tensors` width x width float32 entries each, made on the server
+    (copies of freshly initialised modules), so nothing large crosses the wire."""
+    made = []
+    for _ in range(count):
+        m = c.module(linears(tensors, width))
+        made.append(c.copyparms(m))
+        c.free(m)
+    return made
+
+
+def _local_dicts(count: int, tensors: int, width: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [[torch.empty(width, width).uniform_(-0.05, 0.05, generator=g) for _ in range(tensors)] for _ in range(count)]
+
+
+def average_many(ctx: Context) -> list[Row | Skip]:
+    """average of 8 dictionaries of 25.6M float32 parameters (160 tensors) on the server, against the
+    same weighted sums in process (8 x 102 MB read and 102 MB written per call)."""
+    c, count, tensors, width = ctx.client, 8, 160, 400
+    weights = [float(w) for w in range(1, count + 1)]
+    remote = _server_dicts(c, count, tensors, width)
+    into = _server_dicts(c, 1, tensors, width)[0]
+    local = _local_dicts(count, tensors, width)
+    out = [torch.empty(width, width) for _ in range(tensors)]
+    total = sum(weights)
+
+    def loop_into() -> None:  # what the server's kernel does: per tensor, the first term, add the rest, divide
+        for i, acc in enumerate(out):
+            torch.mul(local[0][i], weights[0], out=acc)
+            for d, w in zip(local[1:], weights[1:]):
+                acc.add_(d[i], alpha=w)
+            acc.div_(total)
+
+    def loop_new() -> list[torch.Tensor]:
+        made = []
+        for i in range(tensors):
+            acc = local[0][i] * weights[0]
+            for d, w in zip(local[1:], weights[1:]):
+                acc.add_(d[i], alpha=w)
+            made.append(acc.div_(total))
+        return made
+
+    def average_new() -> None:
+        c.free(c.average(remote, weights=weights))
+
+    times = interleaved(
+        {"into": lambda: c.average(remote, weights=weights, into=into), "loop": loop_into,
+         "new": average_new, "loop_new": loop_new},
+        ctx.reps(10, 3),
+    )
+    c.free(*remote, into)
+    return [
+        row("average, 8 models", "average(8 x 25.6M fp32, into=d)", "same sums in-process, in place", times,
+            "into", "loop", target="<= 1.1x", check=at_most(1.1)),
+        row("average, 8 models (info)", "average(8 x 25.6M fp32), new dictionary (and free)",
+            "same sums in-process, new tensors", times, "new", "loop_new"),
+    ]
+
+
+def _ties_in_process(base: list[torch.Tensor], models: list[list[torch.Tensor]], density: float) -> list[torch.Tensor]:
+    """TIES as its formula reads, per tensor with the deltas stacked: top-k trim (kthvalue threshold),
+    elected sign of the summed deltas, mean of the agreeing ones over the weights that agree."""
+    merged = []
+    for i, b in enumerate(base):
+        deltas = torch.stack([m[i] - b for m in models])
+        n = b.numel()
+        k = int(density * n)
+        flat = deltas.abs().view(len(models), -1)
+        threshold = flat.kthvalue(n - k + 1, dim=1).values.view(-1, 1, 1)
+        deltas = torch.where(deltas.abs() >= threshold, deltas, 0.0)
+        sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+        agree = torch.sign(deltas) == sign
+        mixed = (deltas * agree).sum(0)
+        divisor = agree.sum(0).float()
+        merged.append(b + mixed / divisor.clamp(min=1))
+    return merged
+
+
+def merge_ties(ctx: Context) -> list[Row | Skip]:
+    """merge("ties") of 3 models against a base, 25.6M float32 parameters each, on the server, against
+    the same formula in process with stacked deltas."""
+    c, count, tensors, width, density = ctx.client, 3, 160, 400, 0.2
+    base, *models = _server_dicts(c, count + 1, tensors, width)
+    local_base, *local_models = _local_dicts(count + 1, tensors, width)
+
+    def ties() -> None:
+        c.free(c.merge("ties", models, base=base, density=density))
+
+    times = interleaved(
+        {"ties": ties, "local": lambda: _ties_in_process(local_base, local_models, density)}, ctx.reps(5, 2)
+    )
+    c.free(base, *models)
+    return [
+        row("merge ties, 3 models", "merge('ties', 3 x 25.6M fp32, density .2)", "same formula in-process (stacked)",
+            times, "ties", "local", note="no target set; memory beyond the result: 4 float32 tensors of one entry"),
+    ]
+
+
 CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "average": average_large,
     "ema": ema_large,
@@ -486,6 +588,8 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "batchnorm": batchnorm,
     "clients": many_clients,
     "gpu": gpu_average,
+    "average8": average_many,
+    "ties": merge_ties,
     "sweep": sweep,
 }
 

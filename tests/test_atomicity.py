@@ -39,6 +39,8 @@ class World:
     tensor: str
     bad_n: str  # a dictionary with net's parameters and an int64 '.n'
     small: str  # a dictionary with net's parameter names but shapes that do not fit
+    opt: str = ""  # sgd with momentum over net, never stepped (no state)
+    model: str = ""  # a linear 4 -> 3 model without test data
 
 
 @pytest.fixture
@@ -59,8 +61,13 @@ def world(client: Client) -> World:
             "h": np.ones(3, np.float16), "x": np.linspace(0, 1, 5),
         }).id,
         tensor=client.tensor(np.arange(4, dtype=np.float32)).id,
-        bad_n=bad_n.id, small=small.id,
+        bad_n=bad_n.id, small=small.id, opt=client.opt("sgd", net, 0.1, 0.9).id, model=linear_model(client),
     )
+
+
+def linear_model(client: Client) -> str:
+    q = client.module(["linear", 4, 3])
+    return client.model(q, client.loss("ce"), client.opt("sgd", q, 0.1)).id
 
 
 @pytest.fixture
@@ -294,6 +301,60 @@ CASES = [
       for k, v in BAD_STREAMS.items() if k != "empty key"],
     # AddReference
     Case("addref/unknown handle", NF, unary("AddReference", lambda w: pb.AddReferenceRequest(handle=UNKNOWN_ID))),
+    # AverageDictionaries: a good input first, so a partial average would show
+    *[Case(f"average/{k}", code, unary("AverageDictionaries", make)) for k, code, make in (
+        ("unknown dictionary", NF, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy, UNKNOWN_ID])),
+        ("none", IA, lambda w: pb.AverageDictionariesRequest()),
+        ("tensor handle", IA, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy, w.tensor])),
+        ("names that differ", IA, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy, w.plain])),
+        ("shapes that do not broadcast", IA, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy, w.small])),
+        ("weights of the wrong count", IA, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy, w.avg], weights=[1])),
+        ("a negative weight", IA, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy, w.avg], weights=[2, -1])),
+        ("a NaN weight", IA, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy, w.avg], weights=[1, math.nan])),
+        ("unknown option", IA, lambda w: pb.AverageDictionariesRequest(
+            dictionaries=[w.copy, w.avg], options=[pb.Option(name="integer", value=pb.OptionValue(string_value="max"))])),
+        ("into a dictionary lacking entries", IA, lambda w: pb.AverageDictionariesRequest(
+            dictionaries=[w.copy, w.avg], into=w.plain)),
+        ("into a module whose shapes do not fit", IA, lambda w: pb.AverageDictionariesRequest(
+            dictionaries=[w.small, w.small], into=w.net)),
+        ("into a tensor", IA, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy], into=w.tensor)),
+        ("into an unknown handle", NF, lambda w: pb.AverageDictionariesRequest(dictionaries=[w.copy], into=UNKNOWN_ID)),
+    )],
+    # MergeDictionaries
+    *[Case(f"merge/{k}", code, unary("MergeDictionaries", make)) for k, code, make in (
+        ("unknown method", IA, lambda w: pb.MergeDictionariesRequest(method="mean", dictionaries=[w.copy, w.avg])),
+        ("ties without a base", IA, lambda w: pb.MergeDictionariesRequest(
+            method="ties", dictionaries=[w.copy, w.avg], options=[pb.Option(name="density", value=pb.OptionValue(float_value=0.5))])),
+        ("unknown base", NF, lambda w: pb.MergeDictionariesRequest(method="task_arithmetic", dictionaries=[w.copy], base=UNKNOWN_ID)),
+        ("slerp of three", IA, lambda w: pb.MergeDictionariesRequest(
+            method="slerp", dictionaries=[w.copy, w.avg, w.copy], options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.5))])),
+        ("density 0", IA, lambda w: pb.MergeDictionariesRequest(
+            method="dare", dictionaries=[w.copy], base=w.avg, options=[pb.Option(name="density", value=pb.OptionValue(float_value=0))])),
+        ("a pattern that matches nothing", IA, lambda w: pb.MergeDictionariesRequest(
+            method="slerp", dictionaries=[w.copy, w.avg], options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.5))],
+            tensor_options=[pb.TensorOptions(pattern="zz*", options=[pb.Option(name="t", value=pb.OptionValue(float_value=1))])])),
+        ("base of other names", IA, lambda w: pb.MergeDictionariesRequest(
+            method="task_arithmetic", dictionaries=[w.copy], base=w.plain)),
+    )],
+    # ApplyOuterStep: the optimizer has no state, so a partial step would show in its momentum
+    *[Case(f"outer/{k}", code, unary("ApplyOuterStep", make)) for k, code, make in (
+        ("unknown optimizer", NF, lambda w: pb.ApplyOuterStepRequest(optimizer=UNKNOWN_ID, average=w.copy)),
+        ("module as optimizer", IA, lambda w: pb.ApplyOuterStepRequest(optimizer=w.net, average=w.copy)),
+        ("unknown average", NF, lambda w: pb.ApplyOuterStepRequest(optimizer=w.opt, average=UNKNOWN_ID)),
+        ("average of shapes that do not fit", IA, lambda w: pb.ApplyOuterStepRequest(optimizer=w.opt, average=w.small)),
+        ("average lacking parameters", IA, lambda w: pb.ApplyOuterStepRequest(optimizer=w.model, average=w.copy)),
+        ("average that is a tensor", IA, lambda w: pb.ApplyOuterStepRequest(optimizer=w.opt, average=w.tensor)),
+    )],
+    # BuildGreedySoup
+    *[Case(f"soup/{k}", code, unary("BuildGreedySoup", make)) for k, code, make in (
+        ("unknown model", NF, lambda w: pb.BuildGreedySoupRequest(model=UNKNOWN_ID, ingredients=[w.copy])),
+        ("module as model", IA, lambda w: pb.BuildGreedySoupRequest(model=w.net, ingredients=[w.copy])),
+        ("no test data", grpc.StatusCode.FAILED_PRECONDITION, lambda w: pb.BuildGreedySoupRequest(
+            model=w.model, ingredients=[w.model])),
+        ("unknown ingredient", NF, lambda w: pb.BuildGreedySoupRequest(model=w.model, ingredients=[UNKNOWN_ID])),
+        ("unknown metric", IA, lambda w: pb.BuildGreedySoupRequest(
+            model=w.model, ingredients=[w.copy], options=[pb.Option(name="metric", value=pb.OptionValue(string_value="f1"))])),
+    )],
 ]
 
 

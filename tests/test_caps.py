@@ -83,6 +83,27 @@ def bf16_average(c: Client) -> tuple[Any, Any]:
     return q, e
 
 
+ENTRY = ROWS * FEATURES * F32
+"""Bytes of one float32 ROWS x FEATURES dictionary entry."""
+
+
+def dicts(c: Client, count: int) -> list[Any]:
+    """Dictionaries of one ROWS x FEATURES entry each, with different values."""
+    rng = np.random.default_rng(2)
+    return [c.dict({"a": x_rows() + rng.standard_normal((ROWS, FEATURES), dtype=np.float32)}) for _ in range(count)]
+
+
+def optimizer_and_average(c: Client) -> tuple[Any, Any]:
+    q = linear(c)
+    return c.opt("sgd", q, 0.5, 0.9), c.copyparms(q)
+
+
+def soup_setup(c: Client) -> tuple[Any, list[Any]]:
+    m = model(c)
+    c.test(m, x_rows(), labels())
+    return m, [c.copyparms(m), c.copyparms(m)]
+
+
 CASES = [
     Case("module from a spec", _none, lambda c, _: linear(c), LAYER, LAYER),
     Case("module, loss, optimizer and model", _none, lambda c, _: model(c, "adam"), LAYER, LAYER),
@@ -120,6 +141,20 @@ CASES = [
          ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     Case("to() float64", lambda c: c.dict({"a": x_rows()}), lambda c, d: c.to(d, dtype="float64"),
          ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
+    *[Case(*row) for row in (
+        # Averaging across models. The mean accumulates in the new entry: the result is the peak.
+        ("average of three dictionaries", lambda c: dicts(c, 3), lambda c, ds: c.average(ds, weights=[3, 2, 1]),
+         ENTRY, ENTRY),
+        # Into one of its inputs: an accumulator per entry (freed), nothing new kept.
+        ("average into one of its inputs", lambda c: dicts(c, 3), lambda c, ds: c.average(ds, into=ds[0]), ENTRY, 0),
+        # The result; delta, |delta|, elected sign and divisor in float32, a bool mask; kthvalue's copy and index.
+        ("merge by ties", lambda c: dicts(c, 4), lambda c, ds: c.merge("ties", ds[1:], base=ds[0], density=0.5),
+         5 * ENTRY + ROWS * FEATURES + ROWS * FEATURES * (F32 + 8), ENTRY),
+        # A pseudo-gradient per parameter (freed) and SGD's momentum buffers (kept).
+        ("first outer step with momentum", optimizer_and_average, lambda c, st: c.outer_step(*st), 2 * LAYER, LAYER),
+        # The soup (kept) and a copy of the model's parameters to put back (freed).
+        ("greedy soup", soup_setup, lambda c, st: c.soup(*st), 2 * LAYER, LAYER),
+    )],
 ]
 
 
@@ -166,7 +201,7 @@ def test_allocating_call_is_refused_one_byte_short_and_charged_exactly_when_it_f
 ALLOCATING = {
     "create_module", "create_model", "create_optimizer", "create_dictionary", "update_dictionary", "create_tensor",
     "set_parameter", "copy_parameters", "average_parameters", "set_model_data", "run_epoch", "forward", "move",
-    "update_moving_average",
+    "update_moving_average", "average", "merge", "outer_step", "soup",
 }
 """Service methods that can leave more memory held: each has a row in CASES."""
 HOLD_NOTHING_NEW = {

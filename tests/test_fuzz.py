@@ -51,7 +51,7 @@ class Fuzzed:
     channel: grpc.Channel
 
 
-ROLES = ("net", "ref", "copy", "avg", "view", "bufs", "plain", "tensor")
+ROLES = ("net", "ref", "copy", "avg", "view", "bufs", "plain", "tensor", "opt", "model")
 
 
 class Pool:
@@ -75,7 +75,16 @@ class Pool:
             "view": c.parms(net).id, "bufs": c.buffers(net).id,
             "plain": c.dict({"x": np.ones(3, np.float32), "i": np.arange(2), ".n": 1.0}).id,
             "tensor": c.tensor(np.zeros((2, 2), np.float32)).id,
+            "opt": c.opt("sgd", net, 0.1, 0.9).id, "model": self.model(),
         }
+
+    def model(self) -> str:
+        """A model over a module like net's, with test data, so soups and outer steps run for real."""
+        c = self.f.client
+        q = c.module(["sequential", ["linear", "a", 3, 2], ["batchnorm1d", "b", 2], ["relu", "c"]])
+        m = c.model(q, c.loss("ce"), c.opt("adam", q))
+        c.test(m, np.ones((4, 3), np.float32), np.array([0, 1, 1, 0]))
+        return m.id
 
     def resolve(self, ref: object) -> str:
         return self.ids[ref.role] if isinstance(ref, Role) else str(ref)
@@ -297,6 +306,60 @@ def test_free_and_list_handles(
     )
     check(fuzzed, lambda: fuzzed.stub.FreeHandles(request, timeout=TIMEOUT))
     check(fuzzed, lambda: fuzzed.stub.ListHandles(pb.ListHandlesRequest(all_tenants=all_tenants), timeout=TIMEOUT))
+
+
+# -- averaging across models --------------------------------------------------------------------------
+
+weight_lists = st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 9).map(float)), max_size=5)
+merge_options = st.lists(st.builds(pb.Option, name=st.one_of(st.sampled_from([
+    "t", "threshold", "density", "lam", "normalize", "seed", "rescale", "consensus", "integers", "metric",
+]), st.text(max_size=8)), value=option_values), max_size=4)
+patterns = st.one_of(st.sampled_from(["*", "a.*", "*.bias", "x", "", "[", "b.running_mean", "a.weight"]), st.text(max_size=8))
+optional_refs = st.one_of(st.just(""), handle_refs)
+
+
+@FUZZ
+@given(refs=st.lists(handle_refs, max_size=4), weights=weight_lists, into=optional_refs, options=merge_options)
+def test_average_dictionaries(fuzzed: Fuzzed, pool: Pool, refs: list[object], weights: list[float], into: object,
+                              options: list[pb.Option]) -> None:
+    pool.refresh()
+    request = pb.AverageDictionariesRequest(
+        dictionaries=[pool.resolve(r) for r in refs], weights=weights, into=pool.resolve(into), options=options
+    )
+    check(fuzzed, lambda: fuzzed.stub.AverageDictionaries(request, timeout=TIMEOUT))
+
+
+@FUZZ
+@given(method=st.one_of(st.sampled_from(["linear", "slerp", "task_arithmetic", "ties", "dare", "average"]), st.text(max_size=10)),
+       refs=st.lists(handle_refs, max_size=4), base=optional_refs, weights=weight_lists, options=merge_options,
+       per_tensor=st.lists(st.builds(pb.TensorOptions, pattern=patterns, options=merge_options), max_size=2))
+def test_merge_dictionaries(fuzzed: Fuzzed, pool: Pool, method: str, refs: list[object], base: object,
+                            weights: list[float], options: list[pb.Option], per_tensor: list[pb.TensorOptions]) -> None:
+    pool.refresh()
+    request = pb.MergeDictionariesRequest(
+        method=method, dictionaries=[pool.resolve(r) for r in refs], base=pool.resolve(base), weights=weights,
+        options=options, tensor_options=per_tensor,
+    )
+    check(fuzzed, lambda: fuzzed.stub.MergeDictionaries(request, timeout=TIMEOUT))
+
+
+@FUZZ
+@given(optimizer=handle_refs, average=handle_refs)
+def test_apply_outer_step(fuzzed: Fuzzed, pool: Pool, optimizer: object, average: object) -> None:
+    pool.refresh()
+    request = pb.ApplyOuterStepRequest(optimizer=pool.resolve(optimizer), average=pool.resolve(average))
+    check(fuzzed, lambda: fuzzed.stub.ApplyOuterStep(request, timeout=TIMEOUT))
+
+
+@FUZZ
+@given(model=handle_refs, ingredients=st.lists(handle_refs, max_size=3), options=merge_options)
+def test_build_greedy_soup(fuzzed: Fuzzed, pool: Pool, model: object, ingredients: list[object],
+                           options: list[pb.Option]) -> None:
+    pool.refresh()
+    request = pb.BuildGreedySoupRequest(
+        model=pool.resolve(model), ingredients=[pool.resolve(r) for r in ingredients], options=options
+    )
+    check(fuzzed, lambda: fuzzed.stub.BuildGreedySoup(request, timeout=TIMEOUT))
 
 
 @FUZZ

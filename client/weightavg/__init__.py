@@ -2,7 +2,7 @@
 
 from ._client import Client
 from ._objects import Dictionary, Module, Remote
-from ._records import Handle, HandleInfo, ModuleRow
+from ._records import Handle, HandleInfo, ModuleRow, Soup
 from ._retry import RetryPolicy
 from ._errors import (
     CancelledError,
@@ -40,6 +40,7 @@ __all__ = [
     "Remote",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "Soup",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from . import _objects, _specs, wire
 from ._errors import NotFoundError, UnavailableError, WeightavgError, from_rpc_error
-from ._records import Handle, HandleInfo, ModuleRow
+from ._records import Handle, HandleInfo, ModuleRow, Soup
 from ._retry import Replayable, RetryInterceptor, RetryPolicy, new_request_id
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
@@ -909,6 +909,93 @@ class Client:
         code = _dtype_code(dtype)
         r = self._stub.MoveHandle(pb.MoveHandleRequest(handle=_id(h), device=device, dtype=code), timeout=self.timeout)
         return _handle(r.handle)
+
+    # -- averaging across models ---------------------------------------------------------------------
+
+    @_rpc
+    def average(
+        self, dicts: Iterable[HandleLike], weights: Iterable[float] | None = None, into: HandleLike | None = None,
+        **options: Any,
+    ) -> Handle:
+        """The weighted mean of dictionaries, computed on the server one tensor at a time.
+
+        Args:
+            dicts: dictionary handles (a module, model or optimizer stands for its parameters).
+            weights: one non-negative weight each, e.g. example counts (Flower's FedAvg); equal if None.
+            into: write the mean into this dictionary (or module's parameters) in place; it must hold
+                every entry with the mean's shape and may be one of `dicts`. None: a new dictionary.
+            options: integers="first" (default) or "max": how integer entries are combined.
+
+        Returns the dictionary holding the mean. All or nothing: on an error nothing changes.
+
+        Example: avg = c.average([d1, d2, d3], weights=[600, 300, 100])
+        """
+        request = pb.AverageDictionariesRequest(
+            dictionaries=[_id(d) for d in dicts], weights=[float(w) for w in weights or ()],
+            into=_id(into) if into is not None else "", options=[_option_message(k, v) for k, v in options.items()],
+        )
+        return _handle(self._stub.AverageDictionaries(request, timeout=self.timeout).dictionary)
+
+    @_rpc
+    def merge(
+        self, method: str, dicts: Iterable[HandleLike], base: HandleLike | None = None,
+        weights: Iterable[float] | None = None, per_tensor: Mapping[str, Mapping[str, Any]] | None = None,
+        **options: Any,
+    ) -> Handle:
+        """A new dictionary merged on the server: linear, slerp, task_arithmetic, ties or dare.
+
+        Args:
+            method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
+                task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
+                normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
+                normalize=False, lam=1). Every method takes integers="first" or "max".
+            dicts: dictionary handles (a module, model or optimizer stands for its parameters).
+            base: the model the others were fine-tuned from (task_arithmetic, ties, dare).
+            weights: one weight per dictionary; 1 each if None.
+            per_tensor: option overrides by entry-name pattern, first match wins,
+                e.g. {"*.bias": {"t": 0.0}}.
+
+        Example: c.merge("ties", [d1, d2], base=b, density=0.2); c.merge("slerp", [a, b], t=0.3)
+        """
+        request = pb.MergeDictionariesRequest(
+            method=method, dictionaries=[_id(d) for d in dicts], base=_id(base) if base is not None else "",
+            weights=[float(w) for w in weights or ()],
+            options=[_option_message(k, v) for k, v in options.items()],
+            tensor_options=[
+                pb.TensorOptions(pattern=pattern, options=[_option_message(k, v) for k, v in values.items()])
+                for pattern, values in (per_tensor or {}).items()
+            ],
+        )
+        return _handle(self._stub.MergeDictionaries(request, timeout=self.timeout).dictionary)
+
+    @_rpc
+    def outer_step(self, opt: HandleLike, average: HandleLike) -> float:
+        """Step an optimizer (or a model's) once with the gradient `parameters - average`: the outer
+        step of a federated or local-SGD round, on the server. SGD(lr=1) puts the average in place
+        (FedAvg); SGD with momentum is FedAvgM; with nesterov=True, DiLoCo's outer step (lr .7,
+        momentum .9); Adam an adaptive server optimizer (FedAdam-style). Returns the gradient's norm.
+
+        Example: g = c.opt("sgd", global_module, 0.7, 0.9, nesterov=True); c.outer_step(g, c.average(ds))
+        """
+        request = pb.ApplyOuterStepRequest(optimizer=_id(opt), average=_id(average))
+        return float(self._stub.ApplyOuterStep(request, timeout=self.timeout).gradient_norm)
+
+    @_rpc
+    def soup(self, m: HandleLike, ingredients: Iterable[HandleLike], metric: str = "accuracy") -> Soup:
+        """A greedy soup of ingredient dictionaries, scored on the model's test data: ranked best first,
+        each kept only if averaging it in strictly improves the metric ("accuracy", higher is better,
+        or "loss", lower is better). The model's weights are put back afterwards.
+
+        Example: s = c.soup(m, [d1, d2, d3]); c.copyparms(m, s.soup); s.kept, s.scores, s.score
+        """
+        request = pb.BuildGreedySoupRequest(
+            model=_id(m), ingredients=[_id(d) for d in ingredients], options=[_option_message("metric", metric)]
+        )
+        r = self._stub.BuildGreedySoup(request, timeout=self.timeout)
+        return Soup(
+            _handle(r.soup), r.metric, list(r.scores), [int(i) for i in r.order], list(r.tried),
+            [int(i) for i in r.kept], r.score,
+        )
 
     # -- sessions and snapshots ---------------------------------------------------------------------
 

@@ -44,3 +44,21 @@ class HandleInfo:
     ema: dict[str, Any] | None = None
     tenant: str = ""
     """The tenant that owns the handle ("default" on a server without a tokens file)."""
+
+
+@dataclass(frozen=True)
+class Soup:
+    """A greedy soup made by Client.soup: the soup's dictionary and every score on the way.
+
+    scores: each ingredient alone, in the order given. order: ingredient indices from best to worst,
+    the order they were tried. tried: the score of each soup tried in that order (the first is the
+    best ingredient alone). kept: the ingredients in the soup. score: the soup's score.
+    """
+
+    soup: Handle
+    metric: str
+    scores: list[float]
+    order: list[int]
+    tried: list[float]
+    kept: list[int]
+    score: float

@@ -33,6 +33,7 @@ from .domain.tensors import (
     HandleSummary, StorageKey, TensorHolder, host_copies, move, move_bytes, storage_bytes, storages, tensor_bytes,
     tensors_of,
 )
+from .domain import merging, outer, soups
 from .store import snapshot
 from .store.accounting import Reservation
 from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage, describe
@@ -112,6 +113,20 @@ class ModelDescription:
     test: dict[str, Value]
     train_size: int
     test_size: int
+
+
+@register_answer_type  # a repeated soup answers with the first soup's handle and scores
+@dataclass(frozen=True)
+class SoupResult:
+    """A greedy soup's new dictionary and how it was made (see domain/soups.py: Soup)."""
+
+    soup: Ref
+    metric: str
+    scores: list[float]
+    order: list[int]
+    tried: list[float]
+    kept: list[int]
+    score: float
 
 
 @dataclass(frozen=True)
@@ -743,6 +758,97 @@ class Service:
         if not self.settings.state_dir:
             raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
         return snapshot.save(self.store, self.settings.state_dir)
+
+    # -- averaging across models --------------------------------------------------------------------
+
+    def _sources(self, handles: Sequence[str]) -> list[Entry]:
+        """Dictionary handles, or module, model or optimizer handles standing for their parameters."""
+        return [self.store.get(h, Kind.DICTIONARY, *MODULE_KINDS) for h in handles]
+
+    def _as_dictionary(self, entry: Entry) -> TensorDict:
+        """A dictionary's object, or a module's parameters as a live dictionary (its lock held)."""
+        if entry.kind is Kind.DICTIONARY:
+            dictionary: TensorDict = entry.obj
+            return dictionary
+        module: nn.Module = entry.obj if entry.kind is Kind.MODULE else entry.obj.module
+        return modules.view_parameters(module)
+
+    @_exactly_once
+    def average(
+        self, handles: Sequence[str], weights: Sequence[float] | None, into: str,
+        options: Sequence[tuple[str, Value]] = (), *, request: RequestKey | None = None,
+    ) -> Ref:
+        """The weighted mean of dictionaries (weights such as example counts; equal when none), into a
+        new dictionary or into `into` (a dictionary, or a module's parameters), all or nothing."""
+        method = merging.METHODS["average"]
+        inputs = self._sources(handles)
+        if not into:
+            with self.store.reading(*inputs):
+                dicts = [self._as_dictionary(e) for e in inputs]
+                plan = merging.plan(method, dicts, weights=weights, kwargs=options)
+                made = self.store.create(Kind.DICTIONARY, footprint.merge_bytes(plan), lambda: merging.run(plan, dicts))
+            return Ref(made, Kind.DICTIONARY)
+        target = self.store.get(into, Kind.DICTIONARY, *MODULE_KINDS)
+        with self.store.mutate(target, need=NOTHING, reading=tuple(inputs)) as reservation:
+            dicts = [self._as_dictionary(e) for e in inputs]
+            out = self._as_dictionary(target)
+            plan = merging.plan(method, dicts, weights=weights, into=out, kwargs=options)
+            self.store.grow(reservation, nbytes=footprint.merge_bytes(plan))
+            merging.run(plan, dicts, into=out)
+        return Ref(into, target.kind)
+
+    @_exactly_once
+    def merge(
+        self, method: str, handles: Sequence[str], base: str, weights: Sequence[float] | None,
+        options: Sequence[tuple[str, Value]] = (), per_tensor: merging.PerTensor = (), *,
+        request: RequestKey | None = None,
+    ) -> Ref:
+        """A new dictionary merged from dictionaries by a method (linear, slerp, task_arithmetic, ties,
+        dare), against `base` where the method takes one, one tensor at a time."""
+        chosen = merging.method_named(method)
+        inputs = self._sources(handles)
+        base_entry = self.store.get(base, Kind.DICTIONARY, *MODULE_KINDS) if base else None
+        with self.store.reading(*inputs, *([base_entry] if base_entry is not None else [])):
+            dicts = [self._as_dictionary(e) for e in inputs]
+            base_dict = self._as_dictionary(base_entry) if base_entry is not None else None
+            plan = merging.plan(
+                chosen, dicts, base=base_dict, weights=weights, kwargs=options, per_tensor=per_tensor
+            )
+            made = self.store.create(
+                Kind.DICTIONARY, footprint.merge_bytes(plan), lambda: merging.run(plan, dicts, base=base_dict)
+            )
+        return Ref(made, Kind.DICTIONARY)
+
+    @_exactly_once
+    def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
+        """Step an optimizer (or a model's) with the gradient `parameters - average`; the gradient's
+        norm. Its first step's state is reserved before it is allocated."""
+        entry, optimizer = self._optimizer(handle)
+        source = self.store.get(average, Kind.DICTIONARY, *MODULE_KINDS)
+        with self.store.mutate(entry, need=NOTHING, reading=(source,)) as reservation:
+            mean = self._as_dictionary(source)
+            outer.check_average(optimizer, mean)
+            self.store.grow(reservation, nbytes=footprint.outer_step_bytes(optimizer))
+            return outer.outer_step(optimizer, mean)
+
+    @_exactly_once
+    def soup(
+        self, handle: str, ingredients: Sequence[str], options: Sequence[tuple[str, Value]], should_stop: StopCheck,
+        *, request: RequestKey | None = None,
+    ) -> SoupResult:
+        """A greedy soup of the ingredients on the model's test data, as a new dictionary; the model's
+        tensors are put back afterwards."""
+        entry, model = self._model(handle)
+        inputs = self._sources(ingredients)
+        with self.store.mutate(entry, need=NOTHING, reading=tuple(inputs)) as reservation:
+            dicts = [self._as_dictionary(e) for e in inputs]
+            plan = soups.plan_soup(model, dicts, options)
+            self.store.grow(reservation, handles=1, nbytes=footprint.soup_bytes(plan))
+            made = soups.greedy_soup(model, dicts, plan, should_stop)
+            handle_id = self.store.add(Kind.DICTIONARY, made.dictionary, reservation)
+        return SoupResult(
+            Ref(handle_id, Kind.DICTIONARY), made.metric, made.scores, made.order, made.tried, made.kept, made.score
+        )
 
 
 def _placed(loss: losses.Loss, device: torch.device) -> losses.Loss:

@@ -3813,3 +3813,352 @@ class UpdateMovingAverageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateMovingAverageResponse: _TypeAlias = UpdateMovingAverageResponse  # noqa: Y015
+
+@_typing.final
+class AverageDictionariesRequest(_message.Message):
+    """-- Averaging across models --------------------------------------------------------------------------
+
+    AverageDictionariesRequest names the dictionaries to average and where the mean goes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DICTIONARIES_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    INTO_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    into: _builtins.str
+    """Dictionary (or module, model, optimizer) handle id to write the mean into, in place: it must hold
+    every entry with the mean's shape, and may be one of the inputs. Empty: a new dictionary.
+    """
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    @_builtins.property
+    def dictionaries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Dictionary handle ids (a module, model or optimizer handle stands for its parameters), at
+        least one; a handle may appear more than once.
+        """
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One non-negative weight per dictionary (e.g. its example count), with a positive sum; empty
+        means equal weights.
+        """
+
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Options by name: "integers" ("first" or "max"), how integer entries are combined."""
+
+    def __init__(
+        self,
+        *,
+        dictionaries: _abc.Iterable[_builtins.str] | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        into: _builtins.str = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionaries", b"dictionaries", "into", b"into", "options", b"options", "request_id", b"request_id", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AverageDictionariesRequest: _TypeAlias = AverageDictionariesRequest  # noqa: Y015
+
+@_typing.final
+class AverageDictionariesResponse(_message.Message):
+    """AverageDictionariesResponse returns the dictionary that holds the mean."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DICTIONARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dictionary(self) -> Global___Handle:
+        """The new dictionary, or the "into" handle."""
+
+    def __init__(
+        self,
+        *,
+        dictionary: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AverageDictionariesResponse: _TypeAlias = AverageDictionariesResponse  # noqa: Y015
+
+@_typing.final
+class TensorOptions(_message.Message):
+    """TensorOptions overrides a merge's options for the entries whose names match a pattern."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATTERN_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    pattern: _builtins.str
+    """fnmatch-style pattern over entry names ("*", "?", "[ab]"); the first pattern that matches an
+    entry gives its options, on top of the call's.
+    """
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Options by name, e.g. t for slerp, density or lam."""
+
+    def __init__(
+        self,
+        *,
+        pattern: _builtins.str = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "pattern", b"pattern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorOptions: _TypeAlias = TensorOptions  # noqa: Y015
+
+@_typing.final
+class MergeDictionariesRequest(_message.Message):
+    """MergeDictionariesRequest names a method, the dictionaries and the method's options."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    DICTIONARIES_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    TENSOR_OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """linear, slerp, task_arithmetic, ties or dare."""
+    base: _builtins.str
+    """Base dictionary handle id for task_arithmetic, ties and dare (the model the others were
+    fine-tuned from); empty for linear and slerp.
+    """
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    @_builtins.property
+    def dictionaries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Dictionary handle ids (a module, model or optimizer handle stands for its parameters); slerp
+        takes exactly two, from t=0 to t=1.
+        """
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One weight per dictionary; empty means 1 each. slerp takes none."""
+
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """The method's options by name (docs/merging.md), e.g. t, density, lam, normalize, seed."""
+
+    @_builtins.property
+    def tensor_options(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorOptions]:
+        """Per-entry overrides of the options, by name pattern."""
+
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        dictionaries: _abc.Iterable[_builtins.str] | None = ...,
+        base: _builtins.str = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+        tensor_options: _abc.Iterable[Global___TensorOptions] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "dictionaries", b"dictionaries", "method", b"method", "options", b"options", "request_id", b"request_id", "tensor_options", b"tensor_options", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeDictionariesRequest: _TypeAlias = MergeDictionariesRequest  # noqa: Y015
+
+@_typing.final
+class MergeDictionariesResponse(_message.Message):
+    """MergeDictionariesResponse returns the merged dictionary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DICTIONARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dictionary(self) -> Global___Handle:
+        """Handle of the new dictionary."""
+
+    def __init__(
+        self,
+        *,
+        dictionary: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeDictionariesResponse: _TypeAlias = MergeDictionariesResponse  # noqa: Y015
+
+@_typing.final
+class ApplyOuterStepRequest(_message.Message):
+    """ApplyOuterStepRequest names the optimizer and the average."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    AVERAGE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    optimizer: _builtins.str
+    """Optimizer handle id, or a model handle id (its optimizer); the parameters it updates are the
+    global model's.
+    """
+    average: _builtins.str
+    """Dictionary handle id (or module, model, optimizer: its parameters) holding the average of the
+    round: an entry for every trainable parameter.
+    """
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    def __init__(
+        self,
+        *,
+        optimizer: _builtins.str = ...,
+        average: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average", b"average", "optimizer", b"optimizer", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyOuterStepRequest: _TypeAlias = ApplyOuterStepRequest  # noqa: Y015
+
+@_typing.final
+class ApplyOuterStepResponse(_message.Message):
+    """ApplyOuterStepResponse reports the size of the step's gradient."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRADIENT_NORM_FIELD_NUMBER: _builtins.int
+    gradient_norm: _builtins.float
+    """L2 norm, over every trainable parameter, of the pseudo-gradient "parameters - average"."""
+    def __init__(
+        self,
+        *,
+        gradient_norm: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient_norm", b"gradient_norm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyOuterStepResponse: _TypeAlias = ApplyOuterStepResponse  # noqa: Y015
+
+@_typing.final
+class BuildGreedySoupRequest(_message.Message):
+    """BuildGreedySoupRequest names the model whose test data score the ingredients, and the ingredients."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INGREDIENTS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model handle id; it needs test data."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    @_builtins.property
+    def ingredients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ingredient dictionary handle ids (or module, model, optimizer handles: their parameters), each
+        with every parameter of the model's module (and optionally its floating buffers).
+        """
+
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
+        """Options by name: "metric" ("accuracy", higher is better, or "loss", lower is better)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        ingredients: _abc.Iterable[_builtins.str] | None = ...,
+        options: _abc.Iterable[Global___Option] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ingredients", b"ingredients", "model", b"model", "options", b"options", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuildGreedySoupRequest: _TypeAlias = BuildGreedySoupRequest  # noqa: Y015
+
+@_typing.final
+class BuildGreedySoupResponse(_message.Message):
+    """BuildGreedySoupResponse returns the soup and every score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOUP_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    TRIED_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """The metric scored."""
+    score: _builtins.float
+    """The soup's score."""
+    @_builtins.property
+    def soup(self) -> Global___Handle:
+        """Handle of the new dictionary holding the soup."""
+
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Each ingredient's score alone, in request order."""
+
+    @_builtins.property
+    def order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ingredient indices (0-based, request order) from best score to worst: the order they were tried."""
+
+    @_builtins.property
+    def tried(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The score of each soup tried, in that order; the first is the best ingredient alone."""
+
+    @_builtins.property
+    def kept(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Indices of the ingredients in the soup, in the order they joined it."""
+
+    def __init__(
+        self,
+        *,
+        soup: Global___Handle | None = ...,
+        metric: _builtins.str = ...,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        order: _abc.Iterable[_builtins.int] | None = ...,
+        tried: _abc.Iterable[_builtins.float] | None = ...,
+        kept: _abc.Iterable[_builtins.int] | None = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["soup", b"soup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "metric", b"metric", "order", b"order", "score", b"score", "scores", b"scores", "soup", b"soup", "tried", b"tried"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuildGreedySoupResponse: _TypeAlias = BuildGreedySoupResponse  # noqa: Y015

@@ -276,6 +276,26 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageResponse.FromString,
                 _registered_method=True)
+        self.AverageDictionaries = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/AverageDictionaries',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.AverageDictionariesRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.AverageDictionariesResponse.FromString,
+                _registered_method=True)
+        self.MergeDictionaries = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/MergeDictionaries',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.MergeDictionariesRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.MergeDictionariesResponse.FromString,
+                _registered_method=True)
+        self.ApplyOuterStep = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/ApplyOuterStep',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.ApplyOuterStepRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.ApplyOuterStepResponse.FromString,
+                _registered_method=True)
+        self.BuildGreedySoup = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/BuildGreedySoup',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -651,6 +671,41 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AverageDictionaries(self, request, context):
+        """-- Averaging across models (docs/merging.md) ---------------------------------------------------
+
+        AverageDictionaries writes the weighted mean of several dictionaries (federated averaging:
+        weights such as example counts) into a new dictionary, or into an existing one, one tensor at a
+        time, all or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeDictionaries(self, request, context):
+        """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
+        task_arithmetic, ties, dare) into a new dictionary, one tensor at a time, all or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyOuterStep(self, request, context):
+        """ApplyOuterStep steps an optimizer once with the gradient "parameters - average": the server-side
+        outer step of federated and local-SGD rounds (FedAvgM, DiLoCo, FedAdam-style).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BuildGreedySoup(self, request, context):
+        """BuildGreedySoup makes a greedy soup of ingredient dictionaries scored on a model's test data and
+        returns it with every score; the model's tensors are put back afterwards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightAveragingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -893,6 +948,26 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.UpdateMovingAverage,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageResponse.SerializeToString,
+            ),
+            'AverageDictionaries': grpc.unary_unary_rpc_method_handler(
+                    servicer.AverageDictionaries,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.AverageDictionariesRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.AverageDictionariesResponse.SerializeToString,
+            ),
+            'MergeDictionaries': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeDictionaries,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.MergeDictionariesRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.MergeDictionariesResponse.SerializeToString,
+            ),
+            'ApplyOuterStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyOuterStep,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.ApplyOuterStepRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.ApplyOuterStepResponse.SerializeToString,
+            ),
+            'BuildGreedySoup': grpc.unary_unary_rpc_method_handler(
+                    servicer.BuildGreedySoup,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2193,6 +2268,114 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/UpdateMovingAverage',
             weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.UpdateMovingAverageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AverageDictionaries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/AverageDictionaries',
+            weightavg_dot_v1_dot_weightavg__pb2.AverageDictionariesRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.AverageDictionariesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeDictionaries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/MergeDictionaries',
+            weightavg_dot_v1_dot_weightavg__pb2.MergeDictionariesRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.MergeDictionariesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyOuterStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/ApplyOuterStep',
+            weightavg_dot_v1_dot_weightavg__pb2.ApplyOuterStepRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.ApplyOuterStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BuildGreedySoup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/BuildGreedySoup',
+            weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupResponse.FromString,
             options,
             channel_credentials,
             insecure,

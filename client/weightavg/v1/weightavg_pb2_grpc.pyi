@@ -187,6 +187,25 @@ class WeightAveragingServiceStub:
     decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
     update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
     """
+    AverageDictionaries: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.AverageDictionariesRequest, _weightavg_pb2.AverageDictionariesResponse]
+    """-- Averaging across models (docs/merging.md) ---------------------------------------------------
+
+    AverageDictionaries writes the weighted mean of several dictionaries (federated averaging:
+    weights such as example counts) into a new dictionary, or into an existing one, one tensor at a
+    time, all or nothing.
+    """
+    MergeDictionaries: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MergeDictionariesRequest, _weightavg_pb2.MergeDictionariesResponse]
+    """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
+    task_arithmetic, ties, dare) into a new dictionary, one tensor at a time, all or nothing.
+    """
+    ApplyOuterStep: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ApplyOuterStepRequest, _weightavg_pb2.ApplyOuterStepResponse]
+    """ApplyOuterStep steps an optimizer once with the gradient "parameters - average": the server-side
+    outer step of federated and local-SGD rounds (FedAvgM, DiLoCo, FedAdam-style).
+    """
+    BuildGreedySoup: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.BuildGreedySoupRequest, _weightavg_pb2.BuildGreedySoupResponse]
+    """BuildGreedySoup makes a greedy soup of ingredient dictionaries scored on a model's test data and
+    returns it with every score; the model's tensors are put back afterwards.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -342,6 +361,25 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
     decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
     update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
+    """
+    AverageDictionaries: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.AverageDictionariesRequest, _weightavg_pb2.AverageDictionariesResponse]  # type: ignore[assignment]
+    """-- Averaging across models (docs/merging.md) ---------------------------------------------------
+
+    AverageDictionaries writes the weighted mean of several dictionaries (federated averaging:
+    weights such as example counts) into a new dictionary, or into an existing one, one tensor at a
+    time, all or nothing.
+    """
+    MergeDictionaries: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MergeDictionariesRequest, _weightavg_pb2.MergeDictionariesResponse]  # type: ignore[assignment]
+    """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
+    task_arithmetic, ties, dare) into a new dictionary, one tensor at a time, all or nothing.
+    """
+    ApplyOuterStep: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ApplyOuterStepRequest, _weightavg_pb2.ApplyOuterStepResponse]  # type: ignore[assignment]
+    """ApplyOuterStep steps an optimizer once with the gradient "parameters - average": the server-side
+    outer step of federated and local-SGD rounds (FedAvgM, DiLoCo, FedAdam-style).
+    """
+    BuildGreedySoup: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.BuildGreedySoupRequest, _weightavg_pb2.BuildGreedySoupResponse]  # type: ignore[assignment]
+    """BuildGreedySoup makes a greedy soup of ingredient dictionaries scored on a model's test data and
+    returns it with every score; the model's tensors are put back afterwards.
     """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -783,6 +821,49 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
         decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
         update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def AverageDictionaries(
+        self,
+        request: _weightavg_pb2.AverageDictionariesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.AverageDictionariesResponse, _abc.Awaitable[_weightavg_pb2.AverageDictionariesResponse]]:
+        """-- Averaging across models (docs/merging.md) ---------------------------------------------------
+
+        AverageDictionaries writes the weighted mean of several dictionaries (federated averaging:
+        weights such as example counts) into a new dictionary, or into an existing one, one tensor at a
+        time, all or nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeDictionaries(
+        self,
+        request: _weightavg_pb2.MergeDictionariesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.MergeDictionariesResponse, _abc.Awaitable[_weightavg_pb2.MergeDictionariesResponse]]:
+        """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
+        task_arithmetic, ties, dare) into a new dictionary, one tensor at a time, all or nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyOuterStep(
+        self,
+        request: _weightavg_pb2.ApplyOuterStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.ApplyOuterStepResponse, _abc.Awaitable[_weightavg_pb2.ApplyOuterStepResponse]]:
+        """ApplyOuterStep steps an optimizer once with the gradient "parameters - average": the server-side
+        outer step of federated and local-SGD rounds (FedAvgM, DiLoCo, FedAdam-style).
+        """
+
+    @_abc_1.abstractmethod
+    def BuildGreedySoup(
+        self,
+        request: _weightavg_pb2.BuildGreedySoupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.BuildGreedySoupResponse, _abc.Awaitable[_weightavg_pb2.BuildGreedySoupResponse]]:
+        """BuildGreedySoup makes a greedy soup of ingredient dictionaries scored on a model's test data and
+        returns it with every score; the model's tensors are put back afterwards.
         """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

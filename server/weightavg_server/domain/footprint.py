@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import averaging, optimizers, specs, training
+from . import averaging, merging, optimizers, outer, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
 from .options import Value
 from .tensors import Bytes, add_bytes, module_tensors, tensor_bytes
@@ -139,3 +139,31 @@ def data_bytes(
     x_dtype, y_dtype = training.data_dtypes(model, x, y, names)
     new = [torch.empty(t.shape, dtype=d, device="meta") for t, d in ((x, x_dtype), (y, y_dtype)) if t.dtype != d]
     return {str(device): sum(t.numel() * t.element_size() for t in new)} if new else {}
+
+
+# -- averaging across models ----------------------------------------------------------------------------
+
+
+def merge_bytes(plan: merging.Plan) -> Bytes:
+    """Bytes an average or merge holds at its widest: the new result's tensors (none when it writes
+    into an existing dictionary) and the scratch of its largest entry: the buffers its kernel takes
+    (`Slot.buffers`, each the size of the entry in its dtype) and what torch allocates inside an
+    operation (TIES's selection)."""
+    result: Bytes = {}
+    if not plan.into:
+        for s in plan.slots:
+            result = add_bytes(result, {str(s.device): s.nbytes})
+    scratch = max((s.scratch_bytes for s in plan.slots), default=0)
+    return add_bytes(result, {str(plan.device): scratch} if plan.device is not None else {})
+
+
+def outer_step_bytes(optimizer: optimizers.Optimizer) -> Bytes:
+    """Bytes an outer step holds at its widest: a pseudo-gradient per trainable parameter (freed after
+    the step) and the state the optimizer's first step allocates (kept)."""
+    return add_bytes(tensor_bytes(p for _, p in outer.trainable(optimizer)), step_bytes(optimizer))
+
+
+def soup_bytes(plan: soups.SoupPlan) -> Bytes:
+    """Bytes a greedy soup holds at its widest: the soup dictionary (kept) and a copy of the model's
+    souped tensors, to put them back afterwards (freed)."""
+    return {device: 2 * n for device, n in tensor_bytes(plan.targets).items()}

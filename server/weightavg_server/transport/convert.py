@@ -169,6 +169,11 @@ def option_args(
     return tuple(option_value(a) for a in args), tuple((o.name, option_value(o.value)) for o in options)
 
 
+def tensor_options(messages: Iterable[pb.TensorOptions]) -> list[tuple[str, tuple[tuple[str, specs.OptionValue], ...]]]:
+    """Per-entry option overrides of a merge: (pattern, named values), in order."""
+    return [(m.pattern, tuple((o.name, option_value(o.value)) for o in m.options)) for m in messages]
+
+
 def options_message(values: Mapping[str, specs.OptionValue]) -> list[pb.Option]:
     """Named option values as messages, in order."""
     return [pb.Option(name=name, value=option_message(value)) for name, value in values.items()]

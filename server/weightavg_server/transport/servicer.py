@@ -443,6 +443,46 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             directory=result.directory, handles=result.handles, tensor_bytes=result.tensor_bytes, skipped=result.skipped
         )
 
+    # -- averaging across models --------------------------------------------------------------------
+
+    @translate_errors
+    def AverageDictionaries(
+        self, request: pb.AverageDictionariesRequest, context: Context
+    ) -> pb.AverageDictionariesResponse:
+        _, options = convert.option_args((), request.options)
+        ref = self.service.average(
+            list(request.dictionaries), list(request.weights), request.into, options, request=ids.key(request)
+        )
+        return pb.AverageDictionariesResponse(dictionary=_handle(ref))
+
+    @translate_errors
+    def MergeDictionaries(
+        self, request: pb.MergeDictionariesRequest, context: Context
+    ) -> pb.MergeDictionariesResponse:
+        _, options = convert.option_args((), request.options)
+        ref = self.service.merge(
+            request.method, list(request.dictionaries), request.base, list(request.weights), options,
+            convert.tensor_options(request.tensor_options), request=ids.key(request),
+        )
+        return pb.MergeDictionariesResponse(dictionary=_handle(ref))
+
+    @translate_errors
+    def ApplyOuterStep(self, request: pb.ApplyOuterStepRequest, context: Context) -> pb.ApplyOuterStepResponse:
+        norm = self.service.outer_step(request.optimizer, request.average, request=ids.key(request))
+        return pb.ApplyOuterStepResponse(gradient_norm=norm)
+
+    @translate_errors
+    def BuildGreedySoup(self, request: pb.BuildGreedySoupRequest, context: Context) -> pb.BuildGreedySoupResponse:
+        _, options = convert.option_args((), request.options)
+        with _stopping(context):
+            made = self.service.soup(
+                request.model, list(request.ingredients), options, _should_stop(context), request=ids.key(request)
+            )
+        return pb.BuildGreedySoupResponse(
+            soup=_handle(made.soup), metric=made.metric, scores=made.scores, order=made.order, tried=made.tried,
+            kept=made.kept, score=made.score,
+        )
+
 
 def add_to_server(servicer: WeightAveragingServicer, server: grpc.Server) -> None:
     """Register the servicer, with the tensor streams encoded and decoded by hand (one copy a byte).

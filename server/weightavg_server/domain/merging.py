@@ -1,0 +1,617 @@
+"""Averaging and merging across models: a weighted mean of N dictionaries (federated averaging) and
+the model-merging methods linear, slerp, task arithmetic, TIES and DARE, one tensor at a time.
+
+A call is planned first (`plan`): every dictionary is checked (same names, shapes that broadcast,
+one device, floating or integer entries, options through the options engine) before anything is
+allocated or changed, and the plan says what the call will allocate: the result's tensors and one
+scratch buffer sized for the largest tensor's working set (`Slot.buffers`, `Slot.internal`), which
+`footprint.merge_bytes` turns into the reservation. `run` then allocates the scratch and the result
+before it writes anything, so running out of memory changes nothing either.
+
+Arithmetic happens in float32, or float64 where an entry is float64 (the slot's `work` dtype),
+whatever the entries' dtypes; the result is cast to the first dictionary's dtype (the base's, for
+methods with a base), or to the dtype of the entry it is written into. The running-average count
+'.n' takes no part. Integer and bool entries are never averaged: they must agree in dtype and shape,
+and the `integers` option picks the first dictionary's value ("first", the default; the base's for
+methods with a base) or the elementwise maximum ("max", e.g. for batchnorm's num_batches_tracked).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .averaging import broadcast_shape
+from .dictionaries import COUNT_KEY, TensorDict
+from .errors import InvalidArgument
+from .options import (
+    UNIT_INTERVAL, Check, NON_NEGATIVE, Opt, Value, Values, ValueType, Wording, bool_value, float_value, int_value,
+    resolve, str_value,
+)
+
+SLERP_EPS = 1e-8
+"""A tensor whose norm is at most this is not normalised before SLERP's angle is taken."""
+
+PerTensor = Sequence[tuple[str, Sequence[tuple[str, Value]]]]
+"""Option overrides by entry-name pattern (fnmatch: '*', '?', '[ab]'), in order: the first pattern
+that matches an entry's name gives its overrides."""
+
+_INTEGERS = Opt("integers", ValueType.STR, "first", choices=("first", "max"))
+_DENSITY = Opt(
+    "density", ValueType.FLOAT, required=True,
+    check=Check(lambda v: isinstance(v, float) and 0 < v <= 1, "in (0, 1]", trailing=True),
+)
+_LAM = Opt("lam", ValueType.FLOAT, 1.0)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way of combining dictionaries: its options, whether it takes a base and weights, and how
+    many dictionaries it takes (0: any number from one)."""
+
+    name: str
+    options: tuple[Opt, ...]
+    base: bool = False
+    weights: bool = True
+    count: int = 0
+    sparsify: str = ""
+    """"" (none), "magnitude" (TIES: keep the top density share of |delta|) or "random" (DARE)."""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("average", (_INTEGERS,)),
+        Method("linear", (Opt("normalize", ValueType.BOOL, True), _INTEGERS)),
+        Method("slerp", (Opt("t", ValueType.FLOAT, check=UNIT_INTERVAL, required=True),
+                         Opt("threshold", ValueType.FLOAT, 0.9995, UNIT_INTERVAL), _INTEGERS),
+               weights=False, count=2),
+        Method("task_arithmetic", (_LAM, Opt("normalize", ValueType.BOOL, False), _INTEGERS), base=True),
+        Method("ties", (_DENSITY, _LAM, Opt("normalize", ValueType.BOOL, True), _INTEGERS),
+               base=True, sparsify="magnitude"),
+        Method("dare", (_DENSITY, Opt("seed", ValueType.INT, 0, NON_NEGATIVE), Opt("rescale", ValueType.BOOL, True),
+                        Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
+                        _INTEGERS),
+               base=True, sparsify="random"),
+    )
+}
+MERGE_METHODS = tuple(name for name in METHODS if name != "average")
+"""The methods `merge` takes; "average" is the weighted mean of its own verb."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One entry of the result: its name, shape, dtype and device, the options in force for it, the
+    dtype it is computed in (None for an integer entry) and the scratch it needs: `buffers` (one
+    tensor of the result's shape per dtype listed) and `internal` bytes torch allocates by itself."""
+
+    name: str
+    method: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    options: Values
+    work: torch.dtype | None
+    direct: bool = False
+    """The result entry itself can be the accumulator (the work dtype, and no input shares it)."""
+    buffers: tuple[torch.dtype, ...] = ()
+    internal: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes of this slot's scratch: its buffers and what torch allocates inside an operation."""
+        return sum(self.numel * _size(d) for d in self.buffers) + self.internal
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the result's tensor for this slot."""
+        return self.numel * _size(self.dtype)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked call: the method, the weights and one slot per entry, in the first dictionary's order."""
+
+    method: Method
+    weights: tuple[float, ...]
+    slots: tuple[Slot, ...]
+    into: bool
+    device: torch.device | None = None
+
+    def buffer_bytes(self) -> int:
+        """Bytes of the one scratch buffer `run` allocates: the largest slot's buffers."""
+        return max((sum(s.numel * _size(d) for d in s.buffers) for s in self.slots), default=0)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+def _base(t: torch.Tensor) -> int | None:
+    """Where a tensor's storage starts, or None when it holds no memory. Within one call, while every
+    tensor involved is alive, two tensors share memory exactly when their storages start at one
+    address; this reads it from the tensor (no storage object is made: a plan checks thousands)."""
+    pointer = t.data_ptr()
+    return pointer - int(t.storage_offset()) * t.element_size() if pointer else None
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    base = _base(a)
+    return base is not None and base == _base(b)
+
+
+# -- planning: every check before anything is allocated -----------------------------------------------
+
+
+def method_named(name: str, *, merge: bool = True) -> Method:
+    """The method by name; InvalidArgument listing the valid ones."""
+    names = MERGE_METHODS if merge else tuple(METHODS)
+    if name not in names:
+        raise InvalidArgument(f"unknown merge method '{name}' (one of {', '.join(names)})")
+    return METHODS[name]
+
+
+def plan(
+    method: Method,
+    dicts: Sequence[TensorDict],
+    *,
+    base: TensorDict | None = None,
+    weights: Sequence[float] | None = None,
+    into: TensorDict | None = None,
+    kwargs: Sequence[tuple[str, Value]] = (),
+    per_tensor: PerTensor = (),
+) -> Plan:
+    """Check a call and work out what it will allocate; nothing is allocated or changed.
+
+    Raises:
+        InvalidArgument: a wrong number of dictionaries, a base where none is taken (or none where
+            one is needed), weights that do not fit the method, an unknown option or a bad value, a
+            pattern that matches no entry, dictionaries whose names differ, shapes that do not
+            broadcast, entries on different devices, complex entries, integer entries that differ
+            in dtype or shape, or an `into` dictionary without a fitting entry for every name.
+    """
+    what = method.name
+    if not dicts:
+        raise InvalidArgument(f"{what}: give at least one dictionary")
+    if method.count and len(dicts) != method.count:
+        raise InvalidArgument(f"{what} takes exactly {method.count} dictionaries, given {len(dicts)}")
+    if method.base and base is None:
+        raise InvalidArgument(f"{what} needs a base dictionary (the model the others were fine-tuned from)")
+    if not method.base and base is not None:
+        raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties or dare to merge against a base")
+    checked = _weights(method, len(dicts), weights)
+    values = resolve(what, method.options, (), kwargs, Wording.SETTING)
+    overrides = [(pattern, _override(method, kwargs, pattern, given)) for pattern, given in per_tensor]
+
+    sources = ([base] if base is not None else []) + list(dicts)
+    labels = (["the base"] if base is not None else []) + [f"dictionary {i + 1}" for i in range(len(dicts))]
+    names = _same_names(sources, labels)
+    for pattern, _ in overrides:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(f"'{n}'" for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            raise InvalidArgument(f"{what}: pattern '{pattern}' matches no entry (entries: {shown or 'none'})")
+    devices = {d.entries[name].device for d in sources for name in names}
+    if into is not None:
+        devices |= {into.entries[n].device for n in names if n in into.entries}
+    if len(devices) > 1:
+        listed = ", ".join(sorted(str(d) for d in devices))
+        raise InvalidArgument(f"{what}: the entries are on {listed}; move the dictionaries to one device with to()")
+    read_by = _readers(names, sources) if into is not None else {}
+    slots = []
+    for name in names:
+        options = next((o for pattern, o in overrides if fnmatch.fnmatchcase(name, pattern)), values)
+        slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
+                           read_by))
+        _check_normalizable(method, options, checked, name)
+    return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
+
+
+def _weights(method: Method, count: int, weights: Sequence[float] | None) -> tuple[float, ...]:
+    what = method.name
+    if weights is None or len(weights) == 0:
+        return (1.0,) * count
+    if not method.weights:
+        raise InvalidArgument(f"{what} takes no weights; it interpolates by 't'")
+    if len(weights) != count:
+        raise InvalidArgument(f"{what}: {len(weights)} weights for {count} dictionaries; give one weight per dictionary")
+    for w in weights:
+        if not math.isfinite(w):
+            raise InvalidArgument(f"{what}: weights must be finite, given {w}")
+    if method.name == "average":
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise InvalidArgument(
+                f"average: weights must be non-negative with a positive sum (e.g. example counts), given {list(weights)}"
+            )
+    return tuple(float(w) for w in weights)
+
+
+def _check_normalizable(method: Method, options: Values, weights: tuple[float, ...], name: str) -> None:
+    """A plain weighted sum divided by the weights' sum needs a sum other than 0."""
+    consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
+    if "normalize" in options and bool_value(options, "normalize") and not consensus and sum(weights) == 0:
+        raise InvalidArgument(
+            f"{method.name}: the weights sum to 0, so entry '{name}' cannot be normalised; give normalize=False"
+        )
+
+
+def _override(
+    method: Method, kwargs: Sequence[tuple[str, Value]], pattern: str, given: Sequence[tuple[str, Value]]
+) -> Values:
+    """The options for entries matching `pattern`: the call's options, with the pattern's on top."""
+    if not pattern:
+        raise InvalidArgument(f"{method.name}: an empty pattern; use '*' to match every entry")
+    merged = dict(kwargs)
+    seen: set[str] = set()
+    for name, value in given:
+        if name in seen:
+            raise InvalidArgument(f"{method.name}: option '{name}' given twice for pattern '{pattern}'")
+        seen.add(name)
+        merged[name] = value
+    return resolve(f"{method.name} (pattern '{pattern}')", method.options, (), list(merged.items()), Wording.SETTING)
+
+
+def _names(d: TensorDict) -> list[str]:
+    return [name for name in d.entries if name != COUNT_KEY]
+
+
+def _same_names(sources: Sequence[TensorDict], labels: Sequence[str]) -> list[str]:
+    """The entry names every source holds, in the first source's order; InvalidArgument naming the
+    first difference otherwise."""
+    names = _names(sources[0])
+    wanted = set(names)
+    for d, label in zip(sources[1:], labels[1:]):
+        have = set(_names(d))
+        if have != wanted:
+            missing, extra = sorted(wanted - have), sorted(have - wanted)
+            parts = ([f"lacks {_listed(missing)}"] if missing else []) + ([f"has {_listed(extra)} besides"] if extra else [])
+            raise InvalidArgument(
+                f"{label} {' and '.join(parts)} ({labels[0]}'s entries); every dictionary needs the same names"
+            )
+    return names
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _slot(
+    method: Method, name: str, tensors: list[torch.Tensor], labels: Sequence[str], options: Values, has_base: bool,
+    into: TensorDict | None, read_by: dict[int, set[str]],
+) -> Slot:
+    """Check one entry across the sources and plan its computation."""
+    what = f"{method.name}: entry '{name}'"
+    first = tensors[0]
+    dtypes = [t.dtype for t in tensors]
+    kinds = set(dtypes)  # usually one dtype: each test below runs once per distinct dtype
+    if any(d.is_complex for d in kinds):
+        raise InvalidArgument(f"{what} is complex; only real entries can be merged: delete it or convert it")
+    floating = [d.is_floating_point for d in dtypes] if len(kinds) > 1 else [first.is_floating_point()] * len(dtypes)
+    if len(kinds) > 1 and any(floating) and not all(floating):
+        label = labels[floating.index(not floating[0])]
+        raise InvalidArgument(f"{what} is floating in {labels[0]} but not in {label}; give every dictionary the same kinds")
+    shape = tuple(first.shape)
+    for t, label in zip(tensors[1:], labels[1:]):
+        if t.shape == shape:
+            continue  # the usual case, without working out a broadcast
+        try:
+            shape = broadcast_shape(shape, tuple(t.shape))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{what}: {exc} ({label})") from None
+    out = into.entries.get(name) if into is not None else None
+    if into is not None:
+        _check_into(what, out, shape, floating[0], first.dtype)
+    readers = read_by.get(_base(out) or 0, set()) if out is not None else set()
+    if readers - {name}:
+        # Writing this entry of `into` would change another entry that is still to be read.
+        raise InvalidArgument(
+            f"{what}: 'into' shares memory with the inputs' '{min(readers - {name})}'; merge into a new dictionary"
+        )
+    dtype = out.dtype if out is not None else first.dtype
+    if not floating[0]:
+        for t, label in zip(tensors[1:], labels[1:]):
+            if t.dtype != first.dtype or t.shape != first.shape:
+                raise InvalidArgument(
+                    f"{what} is {first.dtype} {list(first.shape)} in {labels[0]} but {t.dtype} {list(t.shape)} in "
+                    f"{label}; integer entries are not averaged and must agree"
+                )
+        return Slot(name, method.name, shape, dtype, first.device, options, None)
+    wide = torch.float64 in kinds or dtype == torch.float64
+    work = torch.float64 if wide else torch.float32
+    shared = name in readers
+    direct = dtype == work and not shared
+    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, math.prod(shape))
+    return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal)
+
+
+def _check_into(what: str, out: torch.Tensor | None, shape: tuple[int, ...], floating: bool, dtype: torch.dtype) -> None:
+    if out is None:
+        raise InvalidArgument(f"{what} is missing from 'into'; write into a dictionary that holds every entry "
+                              "(e.g. one made by copyparms), or leave 'into' out for a new dictionary")
+    if tuple(out.shape) != shape:
+        raise InvalidArgument(f"{what}: 'into' holds shape {list(out.shape)}, the result has shape {list(shape)}")
+    if 0 in out.stride() and any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        raise InvalidArgument(f"{what}: 'into' shares memory between its elements (an expanded tensor); set it to a full tensor")
+    if floating and not out.is_floating_point():
+        raise InvalidArgument(f"{what}: 'into' holds {out.dtype}; a merged entry needs a floating-point entry")
+    if not floating and out.dtype != dtype:
+        raise InvalidArgument(f"{what}: 'into' holds {out.dtype}, the inputs {dtype}; integer entries must agree")
+
+
+def _readers(names: Sequence[str], sources: Sequence[TensorDict]) -> dict[int, set[str]]:
+    """The entry names whose inputs live in each storage (by where it starts)."""
+    read_by: dict[int, set[str]] = {}
+    for d in sources:
+        entries = d.entries
+        for name in names:
+            t = entries[name]
+            pointer = t.data_ptr()
+            if pointer:
+                read_by.setdefault(pointer - int(t.storage_offset()) * t.element_size(), set()).add(name)
+    return read_by
+
+
+def _scratch(
+    method: Method, options: Values, work: torch.dtype, direct: bool, tensors: list[torch.Tensor],
+    kinds: set[torch.dtype], has_base: bool, numel: int,
+) -> tuple[tuple[torch.dtype, ...], int]:
+    """The scratch tensors (each of the result's shape) a slot's kernel takes, in the order it takes
+    them (every work-dtype buffer before the bool one, so each view is aligned), and the bytes torch
+    allocates inside an operation."""
+    acc = () if direct else (work,)
+    if method.name in ("average", "linear"):
+        cast = (work,) if kinds != {work} else ()
+        return acc + cast, 0
+    if method.name == "slerp":
+        return (work, work), 0
+    consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
+    normalize = bool_value(options, "normalize")
+    base_cast = (work,) if has_base and tensors[0].dtype != work else ()
+    aside = (work,) if method.sparsify or (consensus and normalize) else ()
+    election = (work,) if consensus else ()
+    divisor = (work,) if consensus and normalize else ()
+    trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
+    mask = (torch.bool,) if consensus or trims else ()
+    # torch.kthvalue copies the values and keeps an int64 index per element while it selects.
+    internal = numel * (_size(work) + 8) if trims else 0
+    return acc + (work,) + base_cast + aside + election + divisor + mask, internal
+
+
+# -- running a plan ------------------------------------------------------------------------------------
+
+
+class Scratch:
+    """Views carved, in order, from one preallocated byte buffer."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.offset = 0
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * _size(dtype)
+        view = self.buffer[self.offset:self.offset + n].view(dtype).view(tuple(shape))
+        self.offset += n
+        return view
+
+    def reset(self) -> None:
+        self.offset = 0
+
+
+def run(
+    p: Plan, dicts: Sequence[TensorDict], *, base: TensorDict | None = None, into: TensorDict | None = None
+) -> TensorDict:
+    """Carry out a plan made over these same dictionaries: a new dictionary, or `into` rewritten.
+
+    The scratch and (without `into`) every result tensor are allocated before anything is written.
+    """
+    device = p.device or torch.device("cpu")
+    scratch = Scratch(torch.empty(p.buffer_bytes(), dtype=torch.uint8, device=device))
+    result = into if into is not None else TensorDict(
+        {s.name: torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in p.slots}
+    )
+    kernel = _KERNELS[p.method.name]
+    with torch.no_grad():
+        for slot in p.slots:
+            scratch.reset()
+            out = result.entries[slot.name]
+            xs = [d.entries[slot.name] for d in dicts]
+            b = base.entries[slot.name] if base is not None else None
+            if slot.work is None:
+                _integer(slot, xs if b is None else [b, *xs], out)
+            else:
+                kernel(slot, xs, b, p.weights, out, scratch)
+    return result
+
+
+def _integer(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+    """Integer entries: the first's value, or the elementwise maximum. `out` may be one of the
+    inputs (averaging into one of them), so it is never overwritten before it has been read."""
+    if str_value(slot.options, "integers") == "first":
+        out.copy_(tensors[0])
+        return
+    others = [t for t in tensors if not _shares(out, t)]
+    if len(others) == len(tensors):
+        out.copy_(others.pop(0))
+    for t in others:
+        torch.maximum(out, t, out=out)
+
+
+Kernel = Callable[[Slot, list[torch.Tensor], torch.Tensor | None, tuple[float, ...], torch.Tensor, Scratch], None]
+
+
+def _accumulator(slot: Slot, out: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    assert slot.work is not None
+    return out if slot.direct else scratch.take(slot.shape, slot.work)
+
+
+def _finish(acc: torch.Tensor, out: torch.Tensor) -> None:
+    if acc is not out:
+        out.copy_(acc)
+
+
+def _weighted_sum(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """sum_i w_i x_i / sum_i w_i (the weighted mean; linear without normalize skips the division)."""
+    assert slot.work is not None
+    acc = _accumulator(slot, out, scratch)
+    cast = scratch.take(slot.shape, slot.work) if any(x.dtype != slot.work for x in xs) else None
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        if x.dtype != slot.work:
+            assert cast is not None
+            part = cast.view(-1)[: x.numel()].view(x.shape)
+            part.copy_(x)
+            x = part
+        if i == 0:  # the first term written, not added to zeros: one pass over the result fewer
+            torch.mul(x.expand(slot.shape), w, out=acc)
+        else:
+            acc.add_(x, alpha=w)
+    if slot.method == "average" or bool_value(slot.options, "normalize"):
+        acc.div_(sum(weights))  # the plan refused a sum of 0
+    _finish(acc, out)
+
+
+def _slerp(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """Spherical interpolation from xs[0] (t=0) to xs[1] (t=1) over the angle between the whole
+    tensors; nearly colinear tensors (|cos| above `threshold`) are interpolated linearly."""
+    assert slot.work is not None
+    t = float_value(slot.options, "t")
+    v0, v1 = scratch.take(slot.shape, slot.work), scratch.take(slot.shape, slot.work)
+    v0.copy_(xs[0])
+    v1.copy_(xs[1])
+    n0, n1 = float(torch.linalg.vector_norm(v0)), float(torch.linalg.vector_norm(v1))
+    dot = float(torch.dot(v0.view(-1), v1.view(-1)))
+    dot /= (n0 if n0 > SLERP_EPS else 1.0) * (n1 if n1 > SLERP_EPS else 1.0)
+    theta = math.acos(max(-1.0, min(1.0, dot))) if math.isfinite(dot) else 0.0
+    sin_theta = math.sin(theta)
+    # Also linear where the angle is unusable: no angle at all (threshold 1, exactly colinear) or
+    # a cosine that is not a number (entries holding inf or NaN).
+    if not abs(dot) <= float_value(slot.options, "threshold") or sin_theta <= 0.0:
+        v0.lerp_(v1, t)
+    else:
+        v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1, alpha=math.sin(t * theta) / sin_theta)
+    out.copy_(v0)
+
+
+def seed_for(seed: int, index: int, name: str) -> int:
+    """The seed of DARE's mask for dictionary `index` (0-based) and entry `name`: the first 8 bytes of
+    sha256("{seed}/{index}/{name}"), big-endian, less the top bit. Each entry's mask depends only on
+    these, never on the other entries or the order they are processed in."""
+    digest = hashlib.sha256(f"{seed}/{index}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _task_vectors(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """base + lam * combine_i(w_i * sparsify(x_i - base)): task arithmetic, TIES and DARE.
+
+    With sign consensus (TIES; DARE with consensus=True), the elected sign of each element is that
+    of sum_i w_i delta_i (+ when it is 0); only contributions w_i delta_i of that sign count, and with
+    normalize the sum is divided by the sum of the weights that counted there (1 where none did).
+    Without it, the contributions are summed and, with normalize, divided by sum_i w_i. The deltas
+    are made twice with consensus (once to elect, once to sum), so memory does not grow with N.
+    """
+    assert slot.work is not None and b is not None
+    work, shape, options = slot.work, slot.shape, slot.options
+    method = slot.method
+    consensus = method == "ties" or (method == "dare" and bool_value(options, "consensus"))
+    normalize = bool_value(options, "normalize")
+    acc = _accumulator(slot, out, scratch)
+    delta = scratch.take(shape, work)
+    base = b
+    if b.dtype != work:
+        base = scratch.take(shape, work)
+        base.copy_(b)
+    aside = scratch.take(shape, work) if method != "task_arithmetic" or (consensus and normalize) else None
+    election = scratch.take(shape, work) if consensus else None
+    divisor = scratch.take(shape, work) if consensus and normalize else None
+    density = float_value(options, "density") if method != "task_arithmetic" else 1.0
+    trims = method == "ties" and density < 1
+    mask = scratch.take(shape, torch.bool) if consensus or trims else None
+    thresholds: dict[int, float] = {}
+
+    def make_delta(i: int) -> None:
+        delta.copy_(xs[i])
+        delta.sub_(base)
+        if method == "ties" and trims:
+            assert aside is not None and mask is not None
+            torch.abs(delta, out=aside)
+            if i not in thresholds:
+                thresholds[i] = _threshold(aside, density)
+            torch.lt(aside, thresholds[i], out=mask)
+            delta.masked_fill_(mask, 0)
+        elif method == "dare":
+            assert aside is not None
+            generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
+            aside.bernoulli_(density, generator=generator)
+            delta.mul_(aside)
+            if bool_value(options, "rescale"):
+                delta.div_(density)
+        delta.mul_(weights[i])
+
+    acc.zero_()
+    if consensus:
+        assert election is not None and mask is not None and aside is not None
+        election.zero_()
+        for i in range(len(xs)):
+            make_delta(i)
+            election.add_(delta)
+        torch.ge(election, 0, out=mask)
+        election.copy_(mask).mul_(2).sub_(1)  # the elected sign, +1 or -1
+        if divisor is not None:
+            divisor.zero_()
+        for i in range(len(xs)):
+            make_delta(i)
+            delta.mul_(election).clamp_(min=0)  # |w delta| where its sign is the elected one, else 0
+            if divisor is not None:
+                torch.sign(delta, out=aside)
+                divisor.add_(aside, alpha=weights[i])
+            acc.add_(delta.mul_(election))
+        if divisor is not None:
+            torch.eq(divisor, 0, out=mask)
+            acc.div_(divisor.masked_fill_(mask, 1))
+    else:
+        for i in range(len(xs)):
+            make_delta(i)
+            acc.add_(delta)
+        if normalize:
+            acc.div_(sum(weights))  # the plan refused a sum of 0
+    acc.mul_(float_value(options, "lam")).add_(base)
+    _finish(acc, out)
+
+
+def _threshold(magnitudes: torch.Tensor, density: float) -> float:
+    """The k-th largest magnitude, k = int(density * numel): entries at or above it are kept (ties
+    at the threshold all stay); with k = 0 nothing is kept."""
+    n = magnitudes.numel()
+    k = int(density * n)
+    if k <= 0:
+        return math.inf
+    if k >= n:
+        return -math.inf
+    return float(torch.kthvalue(magnitudes.view(-1), n - k + 1).values)
+
+
+_KERNELS: dict[str, Kernel] = {
+    "average": _weighted_sum,
+    "linear": _weighted_sum,
+    "slerp": _slerp,
+    "task_arithmetic": _task_vectors,
+    "ties": _task_vectors,
+    "dare": _task_vectors,
+}

@@ -1,0 +1,82 @@
+"""The server-side outer step of federated and local-SGD training: `global - average` as a gradient.
+
+After a round, the clients' models are averaged (`merging`), and the global model's optimizer takes
+one step with the pseudo-gradient g = global - average. Which optimizer decides the algorithm:
+
+- SGD with lr 1 and no momentum puts the average in place (plain FedAvg);
+- SGD with momentum beta and lr eta is FedAvgM (m = g in the first round, then beta m + g; w -= eta m);
+- SGD with Nesterov momentum is DiLoCo's outer step (lr 0.7, momentum 0.9 in its paper);
+- Adam is an adaptive server optimizer in the manner of FedAdam (torch's bias correction and eps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .averaging import broadcast_shape
+from .dictionaries import TensorDict
+from .errors import InvalidArgument
+from .optimizers import Optimizer
+
+
+def trainable(optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters an outer step moves: the optimizer's module's parameters that require grad."""
+    return [(name, p) for name, p in optimizer.module.named_parameters() if p.requires_grad]
+
+
+def check_average(optimizer: Optimizer, average: TensorDict) -> None:
+    """Raise InvalidArgument unless the average has a floating entry for every trainable parameter, on
+    the parameter's device, whose shape broadcasts to the parameter's."""
+    for name, p in trainable(optimizer):
+        value = average.entries.get(name)
+        if value is None:
+            raise InvalidArgument(
+                f"outer step: the average has no entry '{name}' (a parameter of the optimizer's module); nothing changed"
+            )
+        if not value.is_floating_point():
+            raise InvalidArgument(f"outer step: entry '{name}' holds {value.dtype}; an average needs floating values")
+        if value.device != p.device:
+            raise InvalidArgument(
+                f"outer step: entry '{name}' is on {value.device}, the parameter on {p.device}; move the dictionary"
+            )
+        try:
+            shape = broadcast_shape(tuple(p.shape), tuple(value.shape))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"outer step: {exc} (parameter '{name}'); nothing changed") from None
+        if shape != tuple(p.shape):
+            raise InvalidArgument(
+                f"outer step: entry '{name}' of shape {list(value.shape)} does not fit parameter of shape {list(p.shape)}"
+            )
+
+
+def outer_step(optimizer: Optimizer, average: TensorDict) -> float:
+    """Step the optimizer once with the gradient `parameter - average` for every trainable parameter;
+    returns that pseudo-gradient's L2 norm over all parameters.
+
+    The gradients the parameters held before (from training, or None) are put back afterwards, so an
+    outer step never disturbs an inner loop. Everything is checked before anything changes.
+
+    Raises:
+        InvalidArgument: a parameter without a fitting floating entry in the average.
+
+    Example: with SGD(lr=1) and no momentum the parameters become the average.
+    """
+    check_average(optimizer, average)
+    params = trainable(optimizer)
+    saved = [(p, p.grad) for _, p in params]
+    squares = 0.0
+    try:
+        with torch.no_grad():
+            for name, p in params:
+                g = torch.empty_like(p)
+                g.copy_(average.entries[name])
+                g.neg_().add_(p)
+                squares += float(torch.linalg.vector_norm(g)) ** 2
+                p.grad = g
+        optimizer.optim.step()
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+    return math.sqrt(squares)

@@ -1,0 +1,578 @@
+"""domain.merging in process: the weighted average against Flower's FedAvg formula, every merge method
+against its reference formula written out here with whole stacked tensors, the integer rule, the
+checks that refuse a call before anything changes, and the scratch each plan reserves.
+
+Tolerance: 1e-6 absolute in float32. The server accumulates tensor by tensor and the oracles stack
+whole tensors, so the two round differently by a few float32 ulps of values of order 1 (an ulp at 2
+is 2.4e-7); a wrong formula is off by orders of magnitude more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from weightavg_server.domain import footprint, merging
+from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
+from weightavg_server.domain.errors import InvalidArgument
+
+TOL = 1e-6
+SHAPES = {"a.weight": (6, 5), "a.bias": (6,), "c.weight": (3, 6)}
+
+
+def dicts(count: int, seed: int = 0, scale: float = 1.0, shapes: dict[str, tuple[int, ...]] = SHAPES) -> list[TensorDict]:
+    g = torch.Generator().manual_seed(seed)
+    return [TensorDict({n: scale * torch.randn(s, generator=g) for n, s in shapes.items()}) for _ in range(count)]
+
+
+def fine_tuned(count: int, seed: int = 0, shapes: dict[str, tuple[int, ...]] = SHAPES) -> tuple[TensorDict, list[TensorDict]]:
+    """A base and models fine-tuned from it: base + small deltas, as merges expect."""
+    base = dicts(1, seed, shapes=shapes)[0]
+    g = torch.Generator().manual_seed(seed + 100)
+    return base, [
+        TensorDict({n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.entries.items()}) for _ in range(count)
+    ]
+
+
+def merged(method: str, ds: Sequence[TensorDict], **kw: object) -> TensorDict:
+    options = kw.pop("options", {})
+    assert isinstance(options, dict)
+    p = merging.plan(merging.METHODS[method], ds, kwargs=list(options.items()), **kw)  # type: ignore[arg-type]
+    return merging.run(p, ds, base=kw.get("base"), into=kw.get("into"))  # type: ignore[arg-type]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor | np.ndarray, tol: float = TOL) -> None:
+    want_t = torch.as_tensor(want)
+    assert got.shape == want_t.shape
+    assert float((got.double() - want_t.double()).abs().max()) <= tol
+
+
+def unchanged(ds: Sequence[TensorDict]) -> list[dict[str, torch.Tensor]]:
+    return [{n: t.clone() for n, t in d.entries.items()} for d in ds]
+
+
+# -- the weighted average against Flower -----------------------------------------------------------------
+
+
+def flower_fedavg(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
+    """FedAvg as Flower's `aggregate` (flwr/server/strategy/aggregate.py) defines it, in numpy: each
+    client's arrays times its example count, summed per layer, divided by the total count. Written
+    out here because flwr's pins (protobuf 6, grpcio-health-checking 1.81) conflict with this
+    project's, so it is not installed as a test dependency."""
+    total = sum(n for _, n in results)
+    layers = zip(*[[layer * n for layer in arrays] for arrays, n in results])
+    out = []
+    for scaled in layers:
+        acc = scaled[0]
+        for s in scaled[1:]:
+            acc = np.add(acc, s)
+        out.append(acc / total)
+    return out
+
+
+@pytest.mark.parametrize("counts", [[600, 300, 100], [1, 1, 1, 1, 1, 1, 1, 1], [5000, 17, 2]], ids=str)
+def test_average_equals_flowers_fedavg_on_the_same_arrays_and_counts(counts: list[int]) -> None:
+    ds = dicts(len(counts), seed=len(counts))
+    names = list(SHAPES)
+    expected = flower_fedavg([([d.entries[n].numpy() for n in names], c) for d, c in zip(ds, counts)])
+    got = merged("average", ds, weights=[float(c) for c in counts])
+    assert list(got.entries) == names
+    for name, want in zip(names, expected):
+        assert want.dtype == np.float32
+        assert got.entries[name].dtype == torch.float32
+        assert_close(got.entries[name], want)
+
+
+def test_average_without_weights_is_the_plain_mean_and_leaves_its_inputs() -> None:
+    ds = dicts(4)
+    before = unchanged(ds)
+    got = merged("average", ds)
+    for name in SHAPES:
+        assert_close(got.entries[name], torch.stack([d.entries[name] for d in ds]).mean(0))
+    for d, b in zip(ds, before):
+        assert all(torch.equal(d.entries[n], b[n]) for n in b)
+
+
+def test_average_of_one_dictionary_is_a_copy_in_new_memory() -> None:
+    (d,) = dicts(1)
+    got = merged("average", [d])
+    for name, t in d.entries.items():
+        assert torch.equal(got.entries[name], t)
+        assert got.entries[name].untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+
+
+def test_the_count_entry_takes_no_part() -> None:
+    ds = dicts(2)
+    ds[0].entries[COUNT_KEY] = torch.tensor(7.0, dtype=torch.float64)  # only the first has one
+    got = merged("average", ds)
+    assert COUNT_KEY not in got.entries and list(got.entries) == list(SHAPES)
+
+
+def test_shapes_broadcast_to_their_common_shape() -> None:
+    a = TensorDict({"x": torch.arange(3.0).reshape(3, 1)})
+    b = TensorDict({"x": torch.arange(4.0).reshape(1, 4)})
+    got = merged("average", [a, b], weights=[1.0, 3.0])
+    assert_close(got.entries["x"], (a.entries["x"] + 3 * b.entries["x"]) / 4)
+
+
+def test_bfloat16_entries_are_summed_in_float32_and_the_result_keeps_the_first_dtype() -> None:
+    ds = dicts(8, scale=1.0)
+    for d in ds:
+        d.entries["a.weight"] = d.entries["a.weight"].bfloat16()
+    got = merged("average", ds)
+    exact = torch.stack([d.entries["a.weight"].float() for d in ds]).mean(0)
+    assert got.entries["a.weight"].dtype == torch.bfloat16
+    assert torch.equal(got.entries["a.weight"], exact.bfloat16())  # one rounding, at the end
+
+
+def test_a_float64_entry_is_averaged_in_float64() -> None:
+    a = TensorDict({"x": torch.tensor([1.0, 1e-9], dtype=torch.float64)})
+    b = TensorDict({"x": torch.tensor([1.0 + 2e-9, 0.0], dtype=torch.float32)})
+    got = merged("average", [a, b])
+    assert got.entries["x"].dtype == torch.float64
+    assert_close(got.entries["x"], (a.entries["x"] + b.entries["x"].double()) / 2, tol=1e-15)
+
+
+# -- into ---------------------------------------------------------------------------------------------------
+
+
+def test_average_into_one_of_its_inputs_reads_it_before_writing_it() -> None:
+    ds = dicts(3)
+    want = {n: (ds[0].entries[n] + 2 * ds[1].entries[n] + ds[2].entries[n]) / 4 for n in SHAPES}
+    target = ds[1]
+    ids = {n: t.untyped_storage().data_ptr() for n, t in target.entries.items()}
+    assert merged("average", ds, weights=[1.0, 2.0, 1.0], into=target) is target
+    for name in SHAPES:
+        assert_close(target.entries[name], want[name])
+        assert target.entries[name].untyped_storage().data_ptr() == ids[name]  # in place
+
+
+def test_average_into_a_live_view_writes_the_modules_parameters() -> None:
+    module = torch.nn.Linear(5, 6)
+    ds = dicts(2, shapes={"weight": (6, 5), "bias": (6,)})
+    view = TensorDict(dict(module.named_parameters()), live=True)
+    merged("average", ds, into=view)
+    assert_close(module.weight.detach(), (ds[0].entries["weight"] + ds[1].entries["weight"]) / 2)
+    assert module.weight.requires_grad
+
+
+def test_into_keeps_its_own_dtype() -> None:
+    ds = dicts(2)
+    into = TensorDict({n: torch.zeros(s, dtype=torch.float64) for n, s in SHAPES.items()})
+    merged("average", ds, into=into)
+    assert into.entries["a.bias"].dtype == torch.float64
+    assert_close(into.entries["a.bias"], (ds[0].entries["a.bias"].double() + ds[1].entries["a.bias"].double()) / 2)
+
+
+def test_into_that_shares_another_entrys_memory_with_an_input_is_refused() -> None:
+    shared = torch.zeros(3)
+    a = TensorDict({"x": shared, "y": torch.ones(3)})
+    b = TensorDict({"x": torch.ones(3), "y": torch.ones(3)})
+    into = TensorDict({"x": torch.zeros(3), "y": shared})
+    with pytest.raises(InvalidArgument, match="shares memory with the inputs' 'x'"):
+        merging.plan(merging.METHODS["average"], [a, b], into=into)
+
+
+# -- integer entries ----------------------------------------------------------------------------------------
+
+
+def with_counts(ds: list[TensorDict], values: Sequence[int]) -> list[TensorDict]:
+    for d, v in zip(ds, values):
+        d.entries["b.num_batches_tracked"] = torch.tensor(v)
+        d.entries["mask"] = torch.tensor([v % 2 == 0, False])
+    return ds
+
+
+def test_integer_entries_are_the_firsts_by_default() -> None:
+    got = merged("average", with_counts(dicts(3), [4, 9, 2]))
+    assert got.entries["b.num_batches_tracked"].item() == 4 and got.entries["b.num_batches_tracked"].dtype == torch.int64
+    assert got.entries["mask"].tolist() == [True, False]
+
+
+def test_integer_entries_take_the_maximum_with_integers_max() -> None:
+    got = merged("average", with_counts(dicts(3), [4, 9, 3]), options={"integers": "max"})
+    assert got.entries["b.num_batches_tracked"].item() == 9
+    assert got.entries["mask"].tolist() == [True, False]
+
+
+def test_integers_max_into_a_later_input_still_sees_every_value() -> None:
+    ds = with_counts(dicts(3), [4, 1, 9])
+    merged("average", ds, into=ds[1], options={"integers": "max"})
+    assert ds[1].entries["b.num_batches_tracked"].item() == 9
+
+
+def test_integer_entries_that_differ_in_dtype_are_refused() -> None:
+    ds = with_counts(dicts(2), [1, 2])
+    ds[1].entries["b.num_batches_tracked"] = torch.tensor(2, dtype=torch.int32)
+    with pytest.raises(InvalidArgument, match="integer entries are not averaged and must agree"):
+        merging.plan(merging.METHODS["average"], ds)
+
+
+# -- refusals ----------------------------------------------------------------------------------------------
+
+
+def plan_of(method: str, ds: Sequence[TensorDict], **kw: object) -> merging.Plan:
+    options = kw.pop("options", {})
+    assert isinstance(options, dict)
+    return merging.plan(merging.METHODS[method], ds, kwargs=list(options.items()), **kw)  # type: ignore[arg-type]
+
+
+REFUSED: list[tuple[str, str, dict[str, object], str]] = [
+    ("no dictionary", "average", {"ds": []}, "at least one dictionary"),
+    ("weights of the wrong count", "average", {"weights": [1.0]}, "1 weights for 2 dictionaries"),
+    ("a negative weight", "average", {"weights": [2.0, -1.0]}, "non-negative with a positive sum"),
+    ("weights summing to 0", "average", {"weights": [0.0, 0.0]}, "non-negative with a positive sum"),
+    ("an infinite weight", "linear", {"weights": [math.inf, 1.0]}, "finite"),
+    ("linear weights summing to 0", "linear", {"weights": [1.0, -1.0]}, "sum to 0"),
+    ("an unknown option", "average", {"options": {"integer": "max"}}, r"unknown option 'integer' \(options: integers\)"),
+    ("an unknown integer rule", "average", {"options": {"integers": "mean"}}, "must be one of first, max"),
+    ("slerp of three", "slerp", {"ds": dicts(3), "options": {"t": 0.5}}, "exactly 2 dictionaries"),
+    ("slerp with weights", "slerp", {"weights": [1.0, 2.0], "options": {"t": 0.5}}, "takes no weights"),
+    ("slerp without t", "slerp", {}, "option 't' not defined"),
+    ("slerp with t out of range", "slerp", {"options": {"t": 1.5}}, "'t' must be between 0 and 1"),
+    ("ties without a base", "ties", {"options": {"density": 0.5}}, "needs a base"),
+    ("linear with a base", "linear", {"base": dicts(1)[0]}, "takes no base"),
+    ("ties without density", "ties", {"base": dicts(1)[0]}, "option 'density' not defined"),
+    ("dare with density 0", "dare", {"base": dicts(1)[0], "options": {"density": 0.0}}, r"must be in \(0, 1\]"),
+    ("a pattern that matches nothing", "slerp", {"options": {"t": 0.5}, "per_tensor": [("*.nope", [("t", 1.0)])]},
+     "pattern '\\*.nope' matches no entry"),
+    ("an unknown option for a pattern", "slerp", {"options": {"t": 0.5}, "per_tensor": [("a.*", [("s", 1.0)])]},
+     r"slerp \(pattern 'a.\*'\): unknown option 's'"),
+]
+
+
+@pytest.mark.parametrize(("method", "kw", "message"), [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_a_call_that_does_not_fit_is_refused_with_what_to_do(method: str, kw: dict[str, object], message: str) -> None:
+    ds = kw.pop("ds", dicts(2))
+    assert isinstance(ds, list)
+    with pytest.raises(InvalidArgument, match=message):
+        plan_of(method, ds, **kw)
+
+
+def test_dictionaries_with_different_names_are_refused_naming_the_difference() -> None:
+    ds = dicts(3)
+    del ds[2].entries["a.bias"]
+    ds[2].entries["zz"] = torch.zeros(1)
+    with pytest.raises(InvalidArgument, match="dictionary 3 lacks 'a.bias' and has 'zz' besides"):
+        plan_of("average", ds)
+
+
+def test_shapes_that_do_not_broadcast_are_refused() -> None:
+    ds = dicts(2)
+    ds[1].entries["a.bias"] = torch.zeros(5)
+    with pytest.raises(InvalidArgument, match=r"entry 'a.bias'.*size of tensor a \(6\).*\(dictionary 2\)"):
+        plan_of("average", ds)
+
+
+def test_complex_and_mixed_entries_are_refused() -> None:
+    ds = dicts(2)
+    ds[0].entries["a.bias"] = ds[0].entries["a.bias"].to(torch.complex64)
+    with pytest.raises(InvalidArgument, match="complex"):
+        plan_of("average", ds)
+    ds = dicts(2)
+    ds[1].entries["a.bias"] = ds[1].entries["a.bias"].long()
+    with pytest.raises(InvalidArgument, match="floating in dictionary 1 but not in dictionary 2"):
+        plan_of("average", ds)
+
+
+@pytest.mark.parametrize(("into", "message"), [
+    ({"a.weight": (6, 5), "a.bias": (6,)}, "'c.weight' is missing from 'into'"),
+    ({"a.weight": (6, 5), "a.bias": (7,), "c.weight": (3, 6)}, r"'into' holds shape \[7\]"),
+])
+def test_into_without_a_fitting_entry_for_every_name_is_refused(into: dict[str, tuple[int, ...]], message: str) -> None:
+    target = TensorDict({n: torch.zeros(s) for n, s in into.items()})
+    with pytest.raises(InvalidArgument, match=message):
+        plan_of("average", dicts(2), into=target)
+
+
+def test_an_expanded_into_entry_is_refused() -> None:
+    target = TensorDict({n: torch.zeros(s) for n, s in SHAPES.items()})
+    target.entries["a.bias"] = torch.zeros(1).expand(6)
+    with pytest.raises(InvalidArgument, match="expanded tensor"):
+        plan_of("average", dicts(2), into=target)
+
+
+# -- linear ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_is_the_weighted_sum_normalised_or_not(normalize: bool) -> None:
+    ds, w = dicts(3, seed=3), [0.5, -0.25, 2.0]
+    got = merged("linear", ds, weights=w, options={"normalize": normalize})
+    for name in SHAPES:
+        want = sum(wi * d.entries[name] for wi, d in zip(w, ds))
+        assert_close(got.entries[name], want / sum(w) if normalize else want)
+
+
+# -- slerp ----------------------------------------------------------------------------------------------------
+
+
+def reference_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, threshold: float = 0.9995) -> torch.Tensor:
+    """SLERP over whole tensors as mergekit defines it, in float64: normalise each (if its norm > 1e-8),
+    take the cosine; above the threshold in absolute value interpolate linearly, else by angle."""
+    a, b = v0.double(), v1.double()
+    an = a / a.norm() if a.norm() > 1e-8 else a
+    bn = b / b.norm() if b.norm() > 1e-8 else b
+    dot = float((an * bn).sum())
+    if abs(dot) > threshold:
+        return (1 - t) * a + t * b
+    theta = math.acos(dot)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_follows_the_arc_between_two_tensors(t: float) -> None:
+    ds = dicts(2, seed=5)
+    got = merged("slerp", ds, options={"t": t})
+    for name in SHAPES:
+        assert_close(got.entries[name], reference_slerp(ds[0].entries[name], ds[1].entries[name], t))
+    if t == 0.0:
+        assert all(torch.allclose(got.entries[n], ds[0].entries[n], atol=TOL) for n in SHAPES)
+
+
+def test_slerp_keeps_the_norm_of_two_orthogonal_unit_tensors() -> None:
+    a, b = TensorDict({"x": torch.tensor([1.0, 0.0])}), TensorDict({"x": torch.tensor([0.0, 1.0])})
+    got = merged("slerp", [a, b], options={"t": 0.5})
+    assert_close(got.entries["x"], torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+
+
+@pytest.mark.parametrize("factor", [2.0, -3.0, 1.0], ids=["same direction", "opposite", "equal"])
+def test_slerp_of_colinear_tensors_falls_back_to_lerp(factor: float) -> None:
+    (a,) = dicts(1, seed=6)
+    b = TensorDict({n: factor * t for n, t in a.entries.items()})
+    got = merged("slerp", [a, b], options={"t": 0.25})
+    for name in SHAPES:
+        want = 0.75 * a.entries[name] + 0.25 * b.entries[name]
+        assert_close(got.entries[name], want)
+        assert_close(got.entries[name], reference_slerp(a.entries[name], b.entries[name], 0.25))
+
+
+def test_slerp_just_under_the_threshold_takes_the_arc_and_just_over_it_the_line() -> None:
+    x = torch.tensor([1.0, 0.0])
+    for angle, fallback in ((0.05, False), (0.02, True)):  # cos(0.05) = 0.99875, cos(0.02) = 0.9998
+        y = torch.tensor([math.cos(angle), math.sin(angle)])
+        got = merged("slerp", [TensorDict({"x": x}), TensorDict({"x": y})], options={"t": 0.5})
+        arc = torch.tensor([math.cos(angle / 2), math.sin(angle / 2)])
+        line = (x + y) / 2
+        assert_close(got.entries["x"], line if fallback else arc)
+        assert_close(got.entries["x"], reference_slerp(x, y, 0.5))
+
+
+@pytest.mark.parametrize(("b", "threshold"), [
+    (torch.tensor([2.0, 0.0]), 1.0),  # exactly colinear with a threshold of 1: no angle to follow
+    (torch.tensor([math.nan, 1.0]), 0.9995),  # the cosine is NaN
+    (torch.tensor([0.0, 0.0]), 0.9995),  # a zero tensor: cosine 0, the arc to nowhere
+], ids=["colinear at threshold 1", "NaN", "zero"])
+def test_slerp_never_divides_by_a_zero_sine(b: torch.Tensor, threshold: float) -> None:
+    a = TensorDict({"x": torch.tensor([1.0, 0.0])})
+    got = merged("slerp", [a, TensorDict({"x": b})], options={"t": 0.5, "threshold": threshold})
+    if threshold == 1.0:
+        assert got.entries["x"].tolist() == [1.5, 0.0]
+    assert got.entries["x"].shape == (2,)
+
+
+def test_slerp_takes_t_per_tensor_by_the_first_pattern_that_matches() -> None:
+    ds = dicts(2, seed=7)
+    got = merged("slerp", ds, options={"t": 0.5}, per_tensor=[("*.bias", [("t", 0.0)]), ("a.*", [("t", 1.0)])])
+    assert_close(got.entries["a.bias"], ds[0].entries["a.bias"])  # '*.bias' first
+    assert_close(got.entries["a.weight"], ds[1].entries["a.weight"])
+    assert_close(got.entries["c.weight"], reference_slerp(ds[0].entries["c.weight"], ds[1].entries["c.weight"], 0.5))
+
+
+# -- task arithmetic, TIES, DARE --------------------------------------------------------------------------------
+
+
+def reference_task_vectors(
+    base: torch.Tensor, xs: list[torch.Tensor], w: list[float], *, lam: float = 1.0, normalize: bool = False,
+    keep: list[torch.Tensor] | None = None, consensus: bool = False,
+) -> torch.Tensor:
+    """base + lam * mix(w_i * keep_i * (x_i - base)), with stacked tensors, as the reference describes:
+    sign consensus elects sign(sum w delta) (+ at 0) and counts only contributions of that sign; the
+    divisor is the sum of the weights counted there (0 -> 1), or sum(w) without consensus."""
+    deltas = torch.stack([x - base for x in xs])
+    if keep is not None:
+        deltas = deltas * torch.stack(keep)
+    weights = torch.tensor(w).view(-1, *([1] * base.dim()))
+    weighted = weights * deltas
+    if consensus:
+        elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+        mask = torch.sign(weighted) == elected
+        mixed = (weighted * mask).sum(0)
+        divisor = (weights * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = weighted.sum(0), torch.full_like(base, sum(w))
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+def top_k_kept(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """The int(density * numel) largest |delta|, chosen by topk (the server selects by kthvalue)."""
+    k = int(density * delta.numel())
+    keep = torch.zeros(delta.numel())
+    keep[torch.topk(delta.abs().flatten(), k).indices] = 1
+    return keep.view(delta.shape)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_task_arithmetic_adds_the_weighted_task_vectors_to_the_base(normalize: bool) -> None:
+    base, ds = fine_tuned(3)
+    w = [1.0, 0.5, -0.25]
+    got = merged("task_arithmetic", ds, base=base, weights=w, options={"lam": 0.7, "normalize": normalize})
+    for n in SHAPES:
+        want = reference_task_vectors(base.entries[n], [d.entries[n] for d in ds], w, lam=0.7, normalize=normalize)
+        assert_close(got.entries[n], want)
+
+
+@pytest.mark.parametrize(("density", "normalize", "w"), [
+    (0.5, True, [1.0, 1.0, 1.0]), (0.2, True, [0.3, 1.2, 0.7]), (0.7, False, [1.0, 2.0, 0.5]), (1.0, True, [1.0, 1.0, 2.0]),
+])
+def test_ties_trims_elects_signs_and_averages_the_agreeing_deltas(density: float, normalize: bool, w: list[float]) -> None:
+    base, ds = fine_tuned(3, seed=11)
+    got = merged("ties", ds, base=base, weights=w, options={"density": density, "normalize": normalize, "lam": 1.5})
+    for n in SHAPES:
+        b, xs = base.entries[n], [d.entries[n] for d in ds]
+        keep = [top_k_kept(x - b, density) for x in xs]
+        want = reference_task_vectors(b, xs, w, lam=1.5, normalize=normalize, keep=keep, consensus=True)
+        assert_close(got.entries[n], want)
+
+
+def test_ties_elects_plus_on_a_tie_and_divides_by_the_weights_that_agreed() -> None:
+    base = TensorDict({"x": torch.zeros(4)})
+    a = TensorDict({"x": torch.tensor([1.0, -1.0, 2.0, 0.0])})
+    b = TensorDict({"x": torch.tensor([-1.0, 1.0, 2.0, 0.0])})
+    got = merged("ties", [a, b], base=base, options={"density": 1.0})
+    # element 0: +1 and -1 tie, + is elected: only a's +1 counts, divided by a's weight 1
+    # element 1: -1 and +1 tie, +: b's +1; element 2: both agree: mean 2; element 3: nothing counts, divisor 1
+    assert got.entries["x"].tolist() == [1.0, 1.0, 2.0, 0.0]
+    weighted = merged("ties", [a, b], base=base, weights=[3.0, 1.0], options={"density": 1.0})
+    assert weighted.entries["x"].tolist() == [1.0, -1.0, 2.0, 0.0]  # the heavier a wins both signs
+
+
+def test_ties_keeps_nothing_of_a_tensor_too_small_for_one_element() -> None:
+    base, ds = fine_tuned(2, shapes={"bias": (4,), "weight": (10, 10)})
+    got = merged("ties", ds, base=base, options={"density": 0.2})  # int(0.2 * 4) = 0 of the bias
+    assert torch.equal(got.entries["bias"], base.entries["bias"])
+
+
+def dare_keep(seed: int, index: int, name: str, shape: tuple[int, ...], density: float) -> torch.Tensor:
+    """DARE's mask as docs/merging.md documents it: a CPU generator seeded with the first 8 bytes of
+    sha256("{seed}/{index}/{name}") (big-endian, top bit cleared), then bernoulli_(density) into a
+    float32 tensor of the entry's shape."""
+    digest = hashlib.sha256(f"{seed}/{index}/{name}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+    return torch.empty(shape).bernoulli_(density, generator=g)
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+def test_dare_drops_and_rescales_deltas_with_masks_reproducible_from_the_seed(consensus: bool) -> None:
+    base, ds = fine_tuned(3, seed=13)
+    w, density = [1.0, 0.6, 0.9], 0.4
+    options = {"density": density, "seed": 42, "consensus": consensus, "normalize": consensus, "lam": 0.8}
+    got = merged("dare", ds, base=base, weights=w, options=options)
+    for n in SHAPES:
+        b, xs = base.entries[n], [d.entries[n] for d in ds]
+        keep = [dare_keep(42, i, n, tuple(b.shape), density) / density for i in range(len(xs))]
+        want = reference_task_vectors(b, xs, w, lam=0.8, normalize=consensus, keep=keep, consensus=consensus)
+        assert_close(got.entries[n], want)
+    again = merged("dare", ds, base=base, weights=w, options=options)
+    assert all(torch.equal(again.entries[n], got.entries[n]) for n in SHAPES)
+    other = merged("dare", ds, base=base, weights=w, options={**options, "seed": 43})
+    assert not torch.equal(other.entries["a.weight"], got.entries["a.weight"])
+
+
+def test_dare_without_rescale_keeps_the_surviving_deltas_as_they_are() -> None:
+    base, (d,) = fine_tuned(1, seed=14, shapes={"w": (100, 100)})
+    got = merged("dare", [d], base=base, options={"density": 0.3, "rescale": False})
+    change = got.entries["w"] - base.entries["w"]
+    delta = d.entries["w"] - base.entries["w"]
+    kept = change != 0
+    assert_close(change[kept], delta[kept])
+    assert abs(float(kept.float().mean()) - 0.3) < 0.02  # 10,000 Bernoulli(0.3) draws
+
+
+def test_a_dare_mask_depends_on_its_entry_not_on_the_others() -> None:
+    base, ds = fine_tuned(2, seed=15)
+    full = merged("dare", ds, base=base, options={"density": 0.5, "seed": 1})
+    only = {"c.weight": SHAPES["c.weight"]}
+    sub_base = TensorDict({"c.weight": base.entries["c.weight"]})
+    sub = [TensorDict({"c.weight": d.entries["c.weight"]}) for d in ds]
+    alone = merged("dare", sub, base=sub_base, options={"density": 0.5, "seed": 1})
+    assert list(only) == list(alone.entries)
+    assert torch.equal(alone.entries["c.weight"], full.entries["c.weight"])
+
+
+def test_merges_keep_the_base_dtype_and_compute_in_float32() -> None:
+    base, ds = fine_tuned(2, seed=16)
+    half = TensorDict({n: t.bfloat16() for n, t in base.entries.items()})
+    got = merged("task_arithmetic", ds, base=half)
+    for n in SHAPES:
+        assert got.entries[n].dtype == torch.bfloat16
+        want = reference_task_vectors(half.entries[n].float(), [d.entries[n] for d in ds], [1.0, 1.0])
+        assert torch.equal(got.entries[n], want.bfloat16())
+
+
+# -- what a plan reserves -------------------------------------------------------------------------------------
+
+
+F32 = 4
+
+
+@pytest.mark.parametrize(("method", "kw", "buffers", "internal"), [
+    ("average", {}, 0, 0),  # accumulates in the result itself
+    ("linear", {"options": {"normalize": False}}, 0, 0),
+    ("slerp", {"options": {"t": 0.5}}, 2, 0),
+    ("task_arithmetic", {"base": True}, 1, 0),  # the delta
+    ("ties", {"base": True, "options": {"density": 0.5}}, 4, F32 + 8),  # delta, |delta|, election, divisor; kthvalue
+    ("dare", {"base": True, "options": {"density": 0.5}}, 2, 0),  # delta, mask
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_plan_reserves_the_result_and_the_largest_entrys_scratch(
+    method: str, kw: dict[str, object], buffers: int, internal: int
+) -> None:
+    base, ds = fine_tuned(2 if method == "slerp" else 3)
+    if kw.pop("base", False):
+        kw["base"] = base
+    p = plan_of(method, ds, **kw)
+    largest = max(math.prod(s) for s in SHAPES.values())  # a.weight, 30 elements
+    total = sum(math.prod(s) for s in SHAPES.values())
+    bool_mask = largest if method == "ties" else 0
+    assert p.buffer_bytes() == buffers * largest * F32 + bool_mask
+    assert footprint.merge_bytes(p) == {"cpu": total * F32 + buffers * largest * F32 + bool_mask + internal * largest}
+
+
+def test_averaging_bfloat16_reserves_an_accumulator_and_a_cast_buffer() -> None:
+    ds = dicts(2)
+    for d in ds:
+        d.entries["a.weight"] = d.entries["a.weight"].bfloat16()
+    p = plan_of("average", ds)
+    assert p.buffer_bytes() == 2 * 30 * F32  # float32 accumulator and cast of the bf16 a.weight
+    assert footprint.merge_bytes(p) == {"cpu": 30 * 2 + (6 + 18) * F32 + 2 * 30 * F32}
+
+
+def test_into_reserves_only_scratch() -> None:
+    ds = dicts(2)
+    p = plan_of("average", ds, into=ds[0])
+    assert footprint.merge_bytes(p) == {"cpu": 30 * F32}  # each entry's accumulator, apart from the input it overwrites
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_merge_allocates_no_more_than_its_plan_reserves() -> None:
+    base, ds = fine_tuned(4, shapes={"w": (1024, 1024), "b": (1024,), "v": (512, 256)})
+    to = lambda d: TensorDict({n: t.cuda() for n, t in d.entries.items()})  # noqa: E731
+    base, ds = to(base), [to(d) for d in ds]
+    for method, kw in (("average", {}), ("ties", {"base": base, "options": {"density": 0.3}}),
+                       ("dare", {"base": base, "options": {"density": 0.3, "consensus": True}})):
+        p = plan_of(method, ds, **kw)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        merging.run(p, ds, base=kw.get("base"))  # type: ignore[arg-type]
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - start <= footprint.merge_bytes(p)["cuda:0"] + (1 << 20), method

@@ -1,0 +1,162 @@
+"""domain.outer in process: the outer step against the formulas of FedAvg, FedAvgM (as Flower defines
+it), DiLoCo's Nesterov outer step, and torch.optim.Adam stepped by hand on the same pseudo-gradients.
+
+Every case runs several rounds, so optimizer state (momentum, moments) carries over as it must. The
+gradients the parameters held before are put back; a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from weightavg_server.domain import footprint, optimizers, outer
+from weightavg_server.domain.dictionaries import TensorDict
+from weightavg_server.domain.errors import InvalidArgument
+
+TOL = 1e-6
+
+
+def module(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+
+def averages(m: torch.nn.Module, rounds: int, seed: int = 1) -> list[TensorDict]:
+    """A round's average: the global weights moved by some client drift (fixed in advance per round)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        TensorDict({n: 0.1 * torch.randn(p.shape, generator=g) for n, p in m.named_parameters()}) for _ in range(rounds)
+    ]
+
+
+def drifted(m: torch.nn.Module, drift: TensorDict) -> TensorDict:
+    return TensorDict({n: p.detach() + drift.entries[n] for n, p in m.named_parameters()})
+
+
+def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = TOL) -> bool:
+    return a.keys() == b.keys() and all(float((a[n] - b[n]).abs().max()) <= tol for n in a)
+
+
+def test_sgd_with_lr_1_puts_the_average_in_place() -> None:
+    m = module()
+    opt = optimizers.create_optimizer("sgd", m, (1.0,))
+    avg = drifted(m, averages(m, 1)[0])
+    outer.outer_step(opt, avg)
+    assert close(weights(m), {n: t for n, t in avg.entries.items()})
+
+
+def test_momentum_sgd_is_fedavgm_over_several_rounds() -> None:
+    """FedAvgM as in Flower (server_learning_rate eta, server_momentum beta): g = w - w_avg; m = g in
+    the first round, then m = beta m + g; w = w - eta m."""
+    m = module()
+    eta, beta = 0.8, 0.6
+    opt = optimizers.create_optimizer("sgd", m, (eta, beta))
+    w = weights(m)
+    momentum: dict[str, torch.Tensor] = {}
+    for drift in averages(m, 4):
+        avg = drifted(m, drift)
+        g = {n: w[n] - avg.entries[n] for n in w}
+        momentum = {n: g[n] if not momentum else beta * momentum[n] + g[n] for n in w}
+        w = {n: w[n] - eta * momentum[n] for n in w}
+        outer.outer_step(opt, avg)
+        assert close(weights(m), w)
+
+
+def test_nesterov_sgd_is_dilocos_outer_step() -> None:
+    """DiLoCo: pseudo-gradient g = global - average, Nesterov momentum mu: b = mu b + g (b = g at
+    first), w = w - lr (g + mu b)."""
+    m = module(3)
+    lr, mu = 0.7, 0.9
+    opt = optimizers.create_optimizer("sgd", m, (lr, mu), (("nesterov", True),))
+    w = weights(m)
+    buf: dict[str, torch.Tensor] = {}
+    for drift in averages(m, 5, seed=4):
+        avg = drifted(m, drift)
+        g = {n: w[n] - avg.entries[n] for n in w}
+        buf = {n: g[n] if not buf else mu * buf[n] + g[n] for n in w}
+        w = {n: w[n] - lr * (g[n] + mu * buf[n]) for n in w}
+        norm = outer.outer_step(opt, avg)
+        assert close(weights(m), w)
+        assert math.isclose(norm, math.sqrt(sum(float((v**2).sum()) for v in g.values())), rel_tol=1e-5)
+
+
+def test_adam_steps_as_torch_adam_does_on_the_pseudo_gradient() -> None:
+    m = module(5)
+    twin = copy.deepcopy(m)
+    opt = optimizers.create_optimizer("adam", m, (0.05, 0.9, 0.99, 1e-9))
+    reference = torch.optim.Adam(twin.parameters(), lr=0.05, betas=(0.9, 0.99), eps=1e-9)
+    for drift in averages(m, 4, seed=6):
+        avg = drifted(m, drift)
+        for n, p in twin.named_parameters():
+            p.grad = p.detach() - avg.entries[n]
+        reference.step()
+        outer.outer_step(opt, avg)
+        assert close(weights(m), weights(twin))
+
+
+def test_the_gradients_held_before_are_put_back() -> None:
+    m = module()
+    first, second = list(m.parameters())[:2]
+    kept = torch.full_like(first, 3.0)
+    first.grad = kept
+    opt = optimizers.create_optimizer("sgd", m, (0.5,))
+    outer.outer_step(opt, drifted(m, averages(m, 1)[0]))
+    assert first.grad is kept and second.grad is None
+
+
+def test_frozen_parameters_are_neither_needed_nor_moved() -> None:
+    m = module()
+    frozen = m[0].bias
+    frozen.requires_grad_(False)
+    opt = optimizers.create_optimizer("sgd", m, (1.0,))
+    avg = drifted(m, averages(m, 1)[0])
+    del avg.entries["0.bias"]
+    before = frozen.detach().clone()
+    outer.outer_step(opt, avg)
+    assert torch.equal(frozen, before)
+    assert close({"2.weight": m[2].weight.detach()}, {"2.weight": avg.entries["2.weight"]})
+    assert footprint.outer_step_bytes(opt) == {"cpu": 4 * (4 * 5 + 3 * 4 + 3)}  # SGD without momentum: no state
+
+
+def test_the_first_step_reserves_the_pseudo_gradients_and_the_optimizer_state() -> None:
+    m = module()
+    params = 4 * (4 * 5 + 4 + 3 * 4 + 3)
+    adam = optimizers.create_optimizer("adam", m)
+    assert footprint.outer_step_bytes(adam) == {"cpu": params + 2 * params + 4 * 4}  # grads, two moments, 4 steps
+    outer.outer_step(adam, drifted(m, averages(m, 1)[0]))
+    assert footprint.outer_step_bytes(adam) == {"cpu": params}  # the state exists now
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.entries.pop("2.bias"), "no entry '2.bias'"),
+    (lambda d: d.entries.__setitem__("2.bias", torch.zeros(3, dtype=torch.int64)), "holds torch.int64"),
+    (lambda d: d.entries.__setitem__("2.bias", torch.zeros(4)), r"size of tensor a \(3\)"),
+    (lambda d: d.entries.__setitem__("2.bias", torch.zeros(2, 3)), "does not fit parameter of shape"),
+])
+def test_an_average_that_does_not_fit_is_refused_and_changes_nothing(change, message) -> None:  # type: ignore[no-untyped-def]
+    m = module()
+    opt = optimizers.create_optimizer("sgd", m, (1.0, 0.9))
+    avg = drifted(m, averages(m, 1)[0])
+    change(avg)
+    before = weights(m)
+    with pytest.raises(InvalidArgument, match=message):
+        outer.outer_step(opt, avg)
+    assert close(weights(m), before, tol=0.0)
+    assert not opt.optim.state and all(p.grad is None for p in m.parameters())
+
+
+def test_a_broadcasting_average_entry_is_accepted() -> None:
+    m = module()
+    opt = optimizers.create_optimizer("sgd", m, (1.0,))
+    avg = drifted(m, averages(m, 1)[0])
+    avg.entries["2.bias"] = torch.tensor([0.25])
+    outer.outer_step(opt, avg)
+    assert torch.equal(m[2].bias.detach(), torch.full((3,), 0.25))

@@ -1,0 +1,186 @@
+"""domain.soups in process: greedy soups on scikit-learn's bundled digits (real data, no download) and on
+hand-made ingredients whose scores are known, the model put back bit for bit every time, and every
+refusal made before anything changes.
+
+The greedy-soup oracle is written out here (mlfoundations/model-soups' recipe): rank by held-out
+score, start from the best, keep a candidate uniform average only when it strictly improves.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from weightavg_server.domain import footprint, losses, optimizers, soups, training
+from weightavg_server.domain.dictionaries import TensorDict
+from weightavg_server.domain.errors import Cancelled, FailedPrecondition, InvalidArgument
+
+CPU = torch.device("cpu")
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sklearn = pytest.importorskip("sklearn.datasets")
+    x, y = sklearn.load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.int64)
+    return x[:1200], y[:1200], x[1200:], y[1200:]
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def model_of(module: torch.nn.Module, lr: float = 0.1) -> training.Model:
+    return training.create_model(module, losses.create_loss("ce"), optimizers.create_optimizer("sgd", module, (lr, 0.9)))
+
+
+def train(model: training.Model, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
+    training.set_options(model, "train", [("batchsize", 50), ("shuffle", True), ("seed", seed)])
+    training.set_data(model, "train", x, y, CPU)
+    for _ in range(epochs):
+        training.run_epoch(model)
+
+
+def parameters(module: torch.nn.Module) -> TensorDict:
+    return TensorDict({n: p.detach().clone() for n, p in module.named_parameters()})
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in module.state_dict().items()}
+
+
+def accuracy(model: training.Model, d: TensorDict) -> float:
+    """The oracle's scorer: load into a deep copy, evaluate on the test data in plain PyTorch."""
+    twin = copy.deepcopy(model.module)
+    twin.load_state_dict({**twin.state_dict(), **d.entries})
+    assert model.test_data is not None
+    with torch.no_grad():
+        twin.eval()
+        predicted = twin(model.test_data.x).argmax(-1)
+    return 100.0 * float((predicted == model.test_data.y).double().mean())
+
+
+@pytest.fixture(scope="module")
+def fine_tunes() -> tuple[training.Model, list[TensorDict]]:
+    """One model trained briefly, then fine-tuned four times from it with different seeds and rates."""
+    x, y, xt, yt = digits()
+    model = model_of(mlp(), lr=0.05)
+    train(model, x, y, epochs=2, seed=0)
+    start = state(model.module)
+    ingredients = []
+    for seed, lr in ((1, 0.05), (2, 0.02), (3, 0.1), (4, 0.03)):
+        model.module.load_state_dict(start)
+        model.optimizer = optimizers.create_optimizer("sgd", model.module, (lr, 0.9))
+        train(model, x, y, epochs=3, seed=seed)
+        ingredients.append(parameters(model.module))
+    model.module.load_state_dict(start)
+    training.set_data(model, "test", xt, yt, CPU)
+    return model, ingredients
+
+
+def test_a_greedy_soup_of_fine_tuned_digit_models_is_at_least_as_accurate_as_its_best_ingredient(
+    fine_tunes: tuple[training.Model, list[TensorDict]],
+) -> None:
+    model, ingredients = fine_tunes
+    before = state(model.module)
+    plan = soups.plan_soup(model, ingredients)
+    soup = soups.greedy_soup(model, ingredients, plan)
+
+    alone = [accuracy(model, d) for d in ingredients]
+    assert soup.scores == pytest.approx(alone, abs=1e-9)
+    assert soup.order == sorted(range(4), key=lambda i: (-alone[i], i))
+    assert soup.score >= max(alone) and soup.kept[0] == soup.order[0]
+    assert soup.score == pytest.approx(accuracy(model, soup.dictionary), abs=1e-9)
+    # The soup is the uniform average of the ingredients kept.
+    for n, t in soup.dictionary.entries.items():
+        mean = torch.stack([ingredients[i].entries[n] for i in soup.kept]).mean(0)
+        torch.testing.assert_close(t, mean, rtol=0, atol=1e-6)
+    # The oracle's greedy walk gives the same trials and the same choices.
+    kept, best, tried = [soup.order[0]], alone[soup.order[0]], [alone[soup.order[0]]]
+    for i in soup.order[1:]:
+        candidate = TensorDict({
+            n: torch.stack([ingredients[j].entries[n] for j in [*kept, i]]).mean(0) for n in ingredients[0].entries
+        })
+        score = accuracy(model, candidate)
+        tried.append(score)
+        if score > best:
+            kept, best = [*kept, i], score
+    assert soup.kept == kept and soup.tried == pytest.approx(tried, abs=1e-9)
+    assert all(torch.equal(t, before[n]) for n, t in model.module.state_dict().items())
+    assert model.test["metrics"] == "loss"
+
+
+def test_with_the_loss_metric_lower_is_better(fine_tunes: tuple[training.Model, list[TensorDict]]) -> None:
+    model, ingredients = fine_tunes
+    soup = soups.greedy_soup(model, ingredients, soups.plan_soup(model, ingredients, [("metric", "loss")]))
+    assert soup.metric == "loss"
+    assert soup.order == sorted(range(4), key=lambda i: (soup.scores[i], i))
+    assert soup.score <= min(soup.scores)
+
+
+def linear_model() -> training.Model:
+    module = torch.nn.Linear(2, 2, bias=False)
+    model = model_of(module)
+    # Class 0 when x0 > x1: the identity weight is perfect, its negation always wrong.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 3.0]])
+    training.set_data(model, "test", x, (x[:, 1] > x[:, 0]).long(), CPU)
+    return model
+
+
+def weight(rows: list[list[float]]) -> TensorDict:
+    return TensorDict({"weight": torch.tensor(rows, dtype=torch.float32)})
+
+
+def test_an_ingredient_that_only_ties_the_best_score_is_not_kept() -> None:
+    model = linear_model()
+    perfect, also_perfect, wrong = weight([[1, 0], [0, 1]]), weight([[2, 0], [0, 2]]), weight([[-1, 0], [0, -1]])
+    soup = soups.greedy_soup(model, [wrong, perfect, also_perfect], soups.plan_soup(model, [wrong, perfect, also_perfect]))
+    assert soup.scores == [0.0, 100.0, 100.0]
+    assert soup.order == [1, 2, 0] and soup.kept == [1]  # 100 does not strictly beat 100
+    assert soup.tried == [100.0, 100.0, 50.0]  # averaged with `wrong` the weight is 0: argmax picks class 0, half right
+    assert torch.equal(soup.dictionary.entries["weight"], perfect.entries["weight"])
+
+
+def test_buffers_the_ingredients_hold_are_souped_and_integer_ones_skipped() -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model = model_of(module)
+    training.set_data(model, "test", torch.randn(8, 2), torch.randint(0, 2, (8,)), CPU)
+    full = {n: t.detach().clone() for n, t in module.state_dict().items()}
+    plan = soups.plan_soup(model, [TensorDict(full)])
+    assert plan.names == ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var")
+    assert footprint.soup_bytes(plan) == {"cpu": 2 * 4 * (4 + 2 + 2 + 2 + 2 + 2)}
+
+
+def test_the_model_is_put_back_when_the_soup_is_stopped_midway(fine_tunes: tuple[training.Model, list[TensorDict]]) -> None:
+    model, ingredients = fine_tunes
+    before = state(model.module)
+    calls = iter(range(100))
+    with pytest.raises(Cancelled):
+        soups.greedy_soup(model, ingredients, soups.plan_soup(model, ingredients), lambda: next(calls) > 3)
+    assert all(torch.equal(t, before[n]) for n, t in model.module.state_dict().items())
+    assert model.test["metrics"] == "loss"
+
+
+@pytest.mark.parametrize(("make", "error", "message"), [
+    (lambda m, d: [], InvalidArgument, "at least one ingredient"),
+    (lambda m, d: [TensorDict({})], InvalidArgument, "lacks parameter 'weight'"),
+    (lambda m, d: [TensorDict({**d.entries, "zz": torch.zeros(1)})], InvalidArgument, "'zz', which is neither"),
+    (lambda m, d: [d, TensorDict({"weight": torch.zeros(2, 2, dtype=torch.float64)})], InvalidArgument,
+     "ingredient 2's 'weight' is torch.float64"),
+    (lambda m, d: [TensorDict(dict(m.module.named_parameters()))], InvalidArgument, "live view"),
+])
+def test_ingredients_that_do_not_fit_are_refused(make, error, message) -> None:  # type: ignore[no-untyped-def]
+    model = linear_model()
+    with pytest.raises(error, match=message):
+        soups.plan_soup(model, make(model, weight([[1, 0], [0, 1]])))
+
+
+def test_a_soup_needs_test_data_and_a_known_metric() -> None:
+    model = model_of(torch.nn.Linear(2, 2, bias=False))
+    with pytest.raises(FailedPrecondition, match=r"load it with test\(m, X, Y\)"):
+        soups.plan_soup(model, [weight([[1, 0], [0, 1]])])
+    with pytest.raises(InvalidArgument, match="must be one of accuracy, loss"):
+        soups.plan_soup(linear_model(), [weight([[1, 0], [0, 1]])], [("metric", "f1")])

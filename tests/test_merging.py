@@ -1,0 +1,154 @@
+"""Averaging across models through a real server: the client's average, merge, outer_step and soup
+verbs on loopback, checked against Flower's FedAvg formula and in-process numbers, with the errors a
+client sees, and the request_id field every new request message carries for exactly-once retries.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import numpy as np
+import pytest
+
+from weightavg import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError, Soup
+from weightavg.v1 import weightavg_pb2 as pb
+
+TOL = 1e-6
+
+
+def arrays(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"w": rng.standard_normal((64, 33), dtype=np.float32), "b": rng.standard_normal(33, dtype=np.float32),
+         "n": np.array(i, np.int64)}
+        for i in range(count)
+    ]
+
+
+def fedavg(layers: list[list[np.ndarray]], counts: list[int]) -> list[np.ndarray]:
+    """Flower's FedAvg (aggregate.py): per layer, sum of array * examples, over the total examples."""
+    total = sum(counts)
+    return [reduce(np.add, [a * n for a, n in zip(layer, counts)]) / total for layer in zip(*layers)]
+
+
+def test_average_over_the_wire_equals_fedavg(client: Client) -> None:
+    values, counts = arrays(5), [120, 30, 300, 7, 43]
+    handles = [client.dict(v) for v in values]
+    mean = client.average(handles, weights=counts)
+    got = client.dict(mean)
+    want = fedavg([[v["w"], v["b"]] for v in values], counts)
+    assert np.abs(got["w"] - want[0]).max() <= TOL and np.abs(got["b"] - want[1]).max() <= TOL
+    assert got["n"] == 0  # integer entries are the first's by default
+    assert client.dict(client.average(handles, integers="max"), "n") == 4
+
+
+def test_average_into_a_dictionary_returns_it_and_changes_only_it(client: Client) -> None:
+    values = arrays(3, seed=1)
+    handles = [client.dict(v) for v in values]
+    assert client.average(handles, into=handles[0]) == handles[0]
+    got = client.dict(handles[0], "w")
+    np.testing.assert_allclose(got, (values[0]["w"] + values[1]["w"] + values[2]["w"]) / 3, rtol=0, atol=TOL)
+    np.testing.assert_array_equal(client.dict(handles[1], "w"), values[1]["w"])
+
+
+def test_every_merge_method_answers_with_a_new_dictionary(client: Client) -> None:
+    values = arrays(3, seed=2)
+    base, *rest = [client.dict(v) for v in values]
+    made = {
+        "linear": client.merge("linear", rest, weights=[1, 3]),
+        "slerp": client.merge("slerp", rest, t=0.5, per_tensor={"b": {"t": 1.0}}),
+        "task_arithmetic": client.merge("task_arithmetic", rest, base=base, lam=0.5),
+        "ties": client.merge("ties", rest, base=base, density=0.3),
+        "dare": client.merge("dare", rest, base=base, density=0.3, seed=7),
+    }
+    np.testing.assert_allclose(client.dict(made["linear"], "w"), (values[1]["w"] + 3 * values[2]["w"]) / 4, atol=TOL)
+    np.testing.assert_allclose(client.dict(made["slerp"], "b"), values[2]["b"], atol=TOL)
+    delta = (values[1]["w"] - values[0]["w"]) + (values[2]["w"] - values[0]["w"])
+    np.testing.assert_allclose(client.dict(made["task_arithmetic"], "w"), values[0]["w"] + 0.5 * delta, atol=TOL)
+    for h in made.values():
+        assert h.kind == "dictionary" and set(client.size(h)) == {"w", "b", "n"}
+    again = client.merge("dare", rest, base=base, density=0.3, seed=7)
+    np.testing.assert_array_equal(client.dict(again, "w"), client.dict(made["dare"], "w"))
+
+
+def test_merge_errors_say_what_is_valid(client: Client) -> None:
+    a, b = client.dict(arrays(1)[0]), client.dict(arrays(1, seed=3)[0])
+    with pytest.raises(InvalidArgumentError, match=r"unknown option 'densty'; did you mean 'density'\? \(options: density, lam, normalize, integers\)"):
+        client.merge("ties", [a], base=b, densty=0.5)
+    with pytest.raises(InvalidArgumentError, match="one of linear, slerp, task_arithmetic, ties, dare"):
+        client.merge("soup", [a, b])
+    with pytest.raises(InvalidArgumentError, match="slerp takes exactly 2 dictionaries"):
+        client.merge("slerp", [a], t=0.5)
+    with pytest.raises(NotFoundError):
+        client.average([a, "dic_" + "0" * 32])
+
+
+def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:
+    q = client.module(["linear", 4, 3])
+    o = client.opt("sgd", q, 1.0)
+    rng = np.random.default_rng(4)
+    clients = [client.dict({"weight": rng.standard_normal((3, 4), dtype=np.float32),
+                            "bias": rng.standard_normal(3, dtype=np.float32)}) for _ in range(3)]
+    mean = client.average(clients, weights=[1, 1, 2])
+    before = {name: client.parm(q, name) for name in ("weight", "bias")}
+    norm = client.outer_step(o, mean)
+    target = client.dict(mean)
+    for name in before:
+        np.testing.assert_allclose(client.parm(q, name), target[name], atol=TOL)
+    assert norm == pytest.approx(np.sqrt(sum(((before[n] - target[n]) ** 2).sum() for n in before)), rel=1e-5)
+
+
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    sklearn = pytest.importorskip("sklearn.datasets")
+    x, y = sklearn.load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    return x[:1300], y[:1300].astype(np.int64), x[1300:], y[1300:].astype(np.int64)
+
+
+def test_a_greedy_soup_on_digits_beats_or_ties_its_best_ingredient_and_puts_the_model_back(client: Client) -> None:
+    x, y, xt, yt = digits()
+    q = client.module(["sequential", ["linear", 64, 32], "relu", ["linear", 32, 10]])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q, 0.05, 0.9))
+    client.train(m, x, y)
+    client.train(m, batchsize=50, shuffle=True)
+    client.test(m, xt, yt)
+    client.test(m, metrics="accuracy")
+    client.run(m)
+    start = client.copyparms(m)
+    ingredients = []
+    for seed, lr in ((1, 0.05), (2, 0.02), (3, 0.08)):
+        client.copyparms(m, start)
+        client.lr(m, lr)
+        client.train(m, seed=seed)
+        client.run(m)
+        client.run(m)
+        ingredients.append(client.copyparms(m))
+    client.copyparms(m, start)
+    weights = client.dict(start)
+
+    soup = client.soup(m, ingredients)
+    assert isinstance(soup, Soup) and soup.metric == "accuracy" and soup.soup.kind == "dictionary"
+    assert soup.score >= max(soup.scores)
+    assert soup.order[0] == int(np.argmax(soup.scores)) and soup.kept[0] == soup.order[0]
+    assert len(soup.tried) == 3 and soup.tried[0] == max(soup.scores)
+    for name, value in weights.items():  # the model's weights were put back
+        np.testing.assert_array_equal(client.parm(m, name), value)
+    assert client.test(m, "metrics") == ["accuracy"]
+    client.copyparms(m, soup.soup)
+    assert client.testrun(m) == pytest.approx(soup.score)
+
+
+def test_a_soup_needs_test_data(client: Client) -> None:
+    q = client.module(["linear", 2, 2])
+    d = client.copyparms(q)
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q))
+    with pytest.raises(FailedPreconditionError, match=r"test\(m, X, Y\)"):
+        client.soup(m, [d])
+
+
+@pytest.mark.parametrize("message", [
+    "AverageDictionariesRequest", "MergeDictionariesRequest", "ApplyOuterStepRequest", "BuildGreedySoupRequest",
+])
+def test_every_new_request_carries_a_request_id_as_field_15(message: str) -> None:
+    field = getattr(pb, message).DESCRIPTOR.fields_by_name["request_id"]
+    assert field.number == 15 and field.type == field.TYPE_STRING
