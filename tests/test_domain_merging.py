@@ -229,7 +229,7 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("weights summing to 0", "average", {"weights": [0.0, 0.0]}, "non-negative with a positive sum"),
     ("an infinite weight", "linear", {"weights": [math.inf, 1.0]}, "finite"),
     ("linear weights summing to 0", "linear", {"weights": [1.0, -1.0]}, "sum to 0"),
-    ("an unknown option", "average", {"options": {"integer": "max"}}, r"unknown option 'integer' \(options: integers\)"),
+    ("an unknown option", "average", {"options": {"integer": "max"}}, r"unknown option 'integer'; did you mean 'integers'\? \(options: integers\)"),
     ("an unknown integer rule", "average", {"options": {"integers": "mean"}}, "must be one of first, max"),
     ("slerp of three", "slerp", {"ds": dicts(3), "options": {"t": 0.5}}, "exactly 2 dictionaries"),
     ("slerp with weights", "slerp", {"weights": [1.0, 2.0], "options": {"t": 0.5}}, "takes no weights"),

@@ -52,8 +52,10 @@ def dictionary(s: Service, **entries: torch.Tensor) -> str:
     return s.create_dictionary(upload(*entries.items())).id
 
 
-def fetched(s: Service, handle: str) -> dict[str, torch.Tensor]:
-    return dict(s.fetch(handle, []))
+def fetched(s: Service, handle: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Host copies of a handle's tensors (the service's fetch holds them reserved while open)."""
+    with s.fetch(handle, names or []) as copies:
+        return dict(copies)
 
 
 def linear(s: Service) -> str:
@@ -94,7 +96,7 @@ def test_average_of_models_into_a_new_dictionary_and_into_a_model(service: Servi
     for name in pa:
         torch.testing.assert_close(got[name], (pa[name] + 2 * pb[name]) / 3, rtol=0, atol=1e-6)
     assert s.average([mean.id], None, a).id == a  # into the first module's parameters
-    torch.testing.assert_close(dict(s.fetch(a, ["weight"]))["weight"], got["weight"], rtol=0, atol=0)
+    torch.testing.assert_close(fetched(s, a, ["weight"])["weight"], got["weight"], rtol=0, atol=0)
 
 
 def test_merge_makes_a_new_charged_dictionary(service: Service) -> None:
@@ -114,18 +116,18 @@ def test_outer_step_on_a_model_steps_its_optimizer(service: Service) -> None:
     target = dictionary(s, weight=torch.zeros(CLASSES, FEATURES), bias=torch.ones(CLASSES))
     norm = s.outer_step(m, target)
     assert norm > 0
-    torch.testing.assert_close(dict(s.fetch(m, ["bias"]))["bias"], torch.ones(CLASSES), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fetched(s, m, ["bias"])["bias"], torch.ones(CLASSES), rtol=0, atol=1e-6)
 
 
 def test_soup_returns_a_new_dictionary_and_puts_the_model_back(service: Service) -> None:
     s = service
     m = model_with_test_data(s)
-    weights = dict(s.fetch(m, ["weight", "bias"]))
+    weights = fetched(s, m, ["weight", "bias"])
     ingredients = [s.copy_parameters(m).id, dictionary(s, weight=torch.zeros(CLASSES, FEATURES), bias=torch.zeros(CLASSES))]
     made = s.soup(m, ingredients, (), never)
     assert made.soup.kind is Kind.DICTIONARY and made.metric == "accuracy" and len(made.scores) == 2
     assert made.score >= max(made.scores)
-    for name, t in dict(s.fetch(m, ["weight", "bias"])).items():
+    for name, t in fetched(s, m, ["weight", "bias"]).items():
         assert torch.equal(t, weights[name])
 
 
