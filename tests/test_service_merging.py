@@ -125,7 +125,7 @@ def test_soup_returns_a_new_dictionary_and_puts_the_model_back(service: Service)
     weights = fetched(s, m, ["weight", "bias"])
     ingredients = [s.copy_parameters(m).id, dictionary(s, weight=torch.zeros(CLASSES, FEATURES), bias=torch.zeros(CLASSES))]
     made = s.soup(m, ingredients, (), never)
-    assert made.soup.kind is Kind.DICTIONARY and made.metric == "accuracy" and len(made.scores) == 2
+    assert made.dictionary.kind is Kind.DICTIONARY and made.metric == "accuracy" and len(made.scores) == 2
     assert made.score >= max(made.scores)
     for name, t in fetched(s, m, ["weight", "bias"]).items():
         assert torch.equal(t, weights[name])

@@ -115,18 +115,9 @@ class ModelDescription:
     test_size: int
 
 
-@register_answer_type  # a repeated soup answers with the first soup's handle and scores
-@dataclass(frozen=True)
-class SoupResult:
-    """A greedy soup's new dictionary and how it was made (see domain/soups.py: Soup)."""
-
-    soup: Ref
-    metric: str
-    scores: list[float]
-    order: list[int]
-    tried: list[float]
-    kept: list[int]
-    score: float
+register_answer_type(soups.Soup)  # a repeated soup answers with the first soup's handle and scores
+SoupResult = soups.Soup[Ref]
+"""A greedy soup's new dictionary handle and how it was made."""
 
 
 @dataclass(frozen=True)
@@ -846,9 +837,7 @@ class Service:
             self.store.grow(reservation, handles=1, nbytes=footprint.soup_bytes(plan))
             made = soups.greedy_soup(model, dicts, plan, should_stop)
             handle_id = self.store.add(Kind.DICTIONARY, made.dictionary, reservation)
-        return SoupResult(
-            Ref(handle_id, Kind.DICTIONARY), made.metric, made.scores, made.order, made.tried, made.kept, made.score
-        )
+        return made.holding(Ref(handle_id, Kind.DICTIONARY))
 
 
 def _placed(loss: losses.Loss, device: torch.device) -> losses.Loss:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
@@ -20,6 +21,9 @@ from .dictionaries import COUNT_KEY, TensorDict
 from .errors import FailedPrecondition, InvalidArgument
 from .options import Opt, Value, ValueType, Wording, resolve, str_value
 from .tensors import storage_key
+
+D = TypeVar("D")
+E = TypeVar("E")
 
 SOUP_OPTIONS = (Opt("metric", ValueType.STR, "accuracy", choices=("accuracy", "loss")),)
 """accuracy: higher is better; loss: the model's loss, lower is better."""
@@ -36,21 +40,26 @@ class SoupPlan:
 
 
 @dataclass(frozen=True)
-class Soup:
-    """A greedy soup and how it was made.
+class Soup(Generic[D]):
+    """A greedy soup and how it was made: its dictionary (here the tensors; the service's answer
+    holds its handle instead), and every score on the way.
 
     scores: each ingredient alone, in the order given. order: the ingredients by score, best first.
     tried: the score of each soup tried, in that order (the first is the best ingredient alone).
     kept: the ingredients in the soup, in the order they joined. score: the soup's score.
     """
 
-    dictionary: TensorDict
+    dictionary: D
     metric: str
     scores: list[float]
     order: list[int]
     tried: list[float]
     kept: list[int]
     score: float
+
+    def holding(self, dictionary: E) -> Soup[E]:
+        """The same soup record with another representation of its dictionary (a handle)."""
+        return Soup(dictionary, self.metric, self.scores, self.order, self.tried, self.kept, self.score)
 
 
 def plan_soup(
@@ -111,7 +120,7 @@ def _rank(metric: str, scores: list[float]) -> list[int]:
 def greedy_soup(
     model: training.Model, ingredients: Sequence[TensorDict], plan: SoupPlan,
     should_stop: training.StopCheck = training.never_stop,
-) -> Soup:
+) -> Soup[TensorDict]:
     """Make a greedy soup (see the module docstring) of ingredients checked by plan_soup.
 
     Raises:

@@ -479,7 +479,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
                 request.model, list(request.ingredients), options, _should_stop(context), request=ids.key(request)
             )
         return pb.BuildGreedySoupResponse(
-            soup=_handle(made.soup), metric=made.metric, scores=made.scores, order=made.order, tried=made.tried,
+            soup=_handle(made.dictionary), metric=made.metric, scores=made.scores, order=made.order, tried=made.tried,
             kept=made.kept, score=made.score,
         )
 
