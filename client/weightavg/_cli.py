@@ -12,8 +12,8 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -54,6 +54,9 @@ def _address(value: str) -> str:
         return target(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+T = TypeVar("T")
 
 
 def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT) -> argparse.ArgumentParser:
@@ -124,15 +127,23 @@ def _health(argv: list[str]) -> int:
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _print_json(name: str, description: str, fetch: Callable[[Client], dict[str, Any]], argv: list[str]) -> int:
-    args = _probe_parser(name, description).parse_args(argv)
+def _one_call(
+    name: str, description: str, call: Callable[[Client], T], render: Callable[[T], str], argv: list[str],
+    timeout: float = DEFAULT_TIMEOUT,
+) -> int:
+    """Parse ADDRESS and the client options, make one call, print what it answered (or its failure)."""
+    args = _probe_parser(name, description, timeout=timeout).parse_args(argv)
     try:
         with _client(args) as client:
-            result = fetch(client)
+            result = call(client)
     except WeightavgError as exc:
         return _failed(name, exc)
-    print(json.dumps(result, indent=2))
+    print(render(result))
     return 0
+
+
+def _print_json(name: str, description: str, fetch: Callable[[Client], dict[str, Any]], argv: list[str]) -> int:
+    return _one_call(name, description, fetch, lambda result: json.dumps(result, indent=2), argv)
 
 
 def _info(argv: list[str]) -> int:
@@ -151,32 +162,23 @@ def _stats(argv: list[str]) -> int:
 
 
 def _snapshot(argv: list[str]) -> int:
-    args = _probe_parser(
-        "snapshot", "Ask a running server to write every live handle to its --state-dir now.", timeout=600.0
-    ).parse_args(argv)
-    try:
-        with _client(args) as c:
-            result = c.snapshot()
-    except WeightavgError as exc:
-        return _failed("snapshot", exc)
-    print(f"saved {result['handles']} handle(s), {result['tensor_bytes']} tensor bytes, to {result['directory']}")
-    for skipped in result["skipped"]:
-        print(f"not saved (no snapshot format for its kind yet): {skipped}")
-    return 0
+    def render(result: Mapping[str, Any]) -> str:
+        lines = [f"saved {result['handles']} handle(s), {result['tensor_bytes']} tensor bytes, to {result['directory']}"]
+        lines += [f"not saved (no snapshot format for its kind yet): {skipped}" for skipped in result["skipped"]]
+        return "\n".join(lines)
+
+    return _one_call(
+        "snapshot", "Ask a running server to write every live handle to its --state-dir now.", Client.snapshot,
+        render, argv, timeout=600.0,
+    )
 
 
 def _purge(argv: list[str]) -> int:
-    args = _probe_parser(
+    return _one_call(
         "purge", "Free every handle on a running server, every client's and every session's (an operator's "
         "clean-up; clients' next calls on those handles get NOT_FOUND). Authenticated like every call by --token.",
-    ).parse_args(argv)
-    try:
-        with _client(args) as c:
-            freed = c.purge()
-    except WeightavgError as exc:
-        return _failed("purge", exc)
-    print(f"freed {freed} handle(s)")
-    return 0
+        lambda client: client.purge(), lambda freed: f"freed {freed} handle(s)", argv,
+    )
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
