@@ -73,6 +73,7 @@ class Access(enum.Enum):
 _READ = (
     "Ping", "GetServerInfo", "DescribeModule", "ListParameterNames", "ListBufferNames", "FetchTensors", "GetSize",
     "ListHandles", "GetLearningRate", "DescribeModel", "GetModelOptions", "GetServerStats",
+    "FetchTensorsToSharedMemory",
 )
 _USE = ("RunTest", "EvaluateModel", "KeepAliveSession")
 _CHANGE = (
@@ -81,6 +82,7 @@ _CHANGE = (
     "CreateTensor", "FreeHandles", "AddReference", "MoveHandle", "CreateLoss", "CreateOptimizer", "SetLearningRate",
     "CreateModel", "UpdateModel", "SetModelOptions", "SetModelData", "RunEpoch", "RunForward", "GetModelInput",
     "RestoreModelData", "NextBatch", "RecalculateBatchNorm", "CreateSession", "CloseSession", "UpdateMovingAverage",
+    "RegisterSharedMemory", "UnregisterSharedMemory", "CreateDictionaryFromSharedMemory",
 )
 _ADMIN = ("Snapshot",)
 ACCESS: dict[str, Access] = {
