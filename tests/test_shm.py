@@ -77,13 +77,13 @@ def test_copyparms_then_fetch_through_shared_memory_matches_the_stream(shm_serve
         assert same(fast.parm(m, "a.weight"), slow.parm(m, "a.weight"))
 
 
-def test_a_fetch_larger_than_the_region_grows_it_and_writes_nothing_before(shm_server: LiveServer) -> None:
+def test_an_upload_larger_than_the_region_grows_it(shm_server: LiveServer) -> None:
     big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB, beyond the first 1 MiB region
     with Client(shm_server.address, timeout=WAIT, shm=True) as c:
         c.dict(c.dict({"x": [1.0]}))
         d = c.dict({"big": big})
+        assert len(shm_server.registry.shared) == 1  # the reused region, replaced by a larger one
         assert same(c.dict(d, "big"), big)
-        assert len(shm_server.registry.shared) == 1  # replaced, not added
 
 
 def test_a_server_without_allow_shm_gets_the_stream_with_the_same_results(live_server: LiveServer) -> None:
@@ -204,3 +204,15 @@ def test_store_regions_belong_to_one_tenant_and_session(region: shared_memory.Sh
     with pytest.raises(InvalidArgument):
         regions.register("alice", "s1", "bad/name", shm.Region(region.name, 16))
     assert regions.end_session("s1") == 1 and len(regions) == 0
+
+
+def test_a_large_fetch_gets_a_region_of_its_own_whose_arrays_outlive_the_next_fetch(shm_server: LiveServer) -> None:
+    big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: above the size copied out of the reused region
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d = slow.dict({"big": big, "small": np.ones(3, np.int8)})  # uploaded by stream: the reused region stays small
+        first = fast.dict(d)
+        assert same(first["big"], big) and same(first["small"], np.ones(3, np.int8))
+        slow.dict(d, "big", big + 1)
+        second = fast.dict(d)
+        assert same(second["big"], big + 1) and same(first["big"], big)  # the first arrays' memory is their own
+        assert len(shm_server.registry.shared) == 2  # the reused region and the large fetch's, replaced

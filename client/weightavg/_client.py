@@ -1052,15 +1052,39 @@ class Client:
             return None
 
     def _shm_fetch(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]] | None:
+        """Small fetches through the reused region (copied out, one round trip); a large one into a
+        region of its own whose arrays are returned as they are (no copy here; three round trips)."""
         with self._shm_lock:
             buf = self._shm_buffer(0)
-            while buf is not None:
-                request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_shm.REGION_NAME)
-                r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
+            if buf is None:
+                return None
+            reused = pb.FetchTensorsToSharedMemoryRequest(
+                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+            )
+            r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
+            if r.tensors or not r.needed_bytes:
+                return _shm.read(buf, r.tensors)
+            if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
+                buf = self._shm_buffer(r.needed_bytes)
+                if buf is not None:
+                    r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
+                    if r.tensors or not r.needed_bytes:
+                        return _shm.read(buf, r.tensors)
+
+            def register(key: str, size: int) -> None:
+                request = pb.RegisterSharedMemoryRequest(name=_shm.LARGE_FETCH_NAME, key=key, byte_size=size)
+                self._stub.RegisterSharedMemory(request, timeout=self.timeout)
+
+            own = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_shm.LARGE_FETCH_NAME)
+            needed = r.needed_bytes
+            while True:  # again if the object grew between the calls
+                fresh = self._shm.fresh(needed, register) if self._shm is not None else None
+                if fresh is None:
+                    return None
+                r = self._stub.FetchTensorsToSharedMemory(own, timeout=self.timeout)
                 if r.tensors or not r.needed_bytes:
-                    return _shm.read(buf, r.tensors)
-                buf = self._shm_buffer(r.needed_bytes)  # too small: nothing was written
-            return None
+                    return _shm.read(fresh, r.tensors, copy=False)
+                needed = r.needed_bytes
 
     def _shm_create_dictionary(self, items: list[tuple[str, Any]]) -> Handle | None:
         placed, nbytes = _shm.layout(items)
@@ -1081,7 +1105,7 @@ class Client:
             return
         if not self._owns_session:
             try:
-                self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=_shm.REGION_NAME), timeout=10.0)
+                self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=""), timeout=10.0)
             except grpc.RpcError as exc:
                 log.info("could not unregister shared memory: %s", from_rpc_error(exc))
         region.close()

@@ -15,7 +15,13 @@ from . import wire
 from .v1 import weightavg_pb2 as pb
 
 REGION_NAME = "client"
-"""The name this client registers its region under (regions are per session)."""
+"""The name this client registers its reused region under (regions are per session): uploads, and
+fetches that fit it, which are copied out."""
+LARGE_FETCH_NAME = "fetch"
+"""The name of the region a large fetch gets to itself: the arrays returned are views of it, with
+no copy on this side; the next large fetch registers a new one under this name."""
+SMALL_FETCH_BYTES = 4 << 20
+"""Fetches up to this size go through the reused region and are copied out: one round trip."""
 ALIGN = 64
 """Tensors start on 64-byte boundaries, as the server places them."""
 MIN_BYTES = 1 << 20
@@ -55,6 +61,22 @@ class SharedRegion:
         assert buf is not None
         return buf
 
+    def fresh(self, nbytes: int, register: Callable[[str, int], None]) -> memoryview:
+        """A new region of `nbytes` for one fetch, replacing the current one here; its memory lives
+        as long as the arrays that view it (closing the last view unmaps it)."""
+        memory = shared_memory.SharedMemory(create=True, size=max(_aligned(nbytes), ALIGN))
+        try:
+            register(memory.name.lstrip("/"), memory.size)
+        finally:
+            memory.unlink()
+        buf = memory.buf
+        assert buf is not None
+        # Forget the SharedMemory object without closing its mapping: the arrays keep `buf` and with
+        # it the mapping alive (SharedMemory.close would refuse while they exist).
+        memory._buf = None  # type: ignore[attr-defined]
+        memory._mmap = None  # type: ignore[attr-defined]
+        return buf
+
     def close(self) -> None:
         if self._memory is not None:
             self._memory.close()
@@ -83,14 +105,20 @@ def write(buf: memoryview, placed: Sequence[tuple[str, npt.NDArray[Any], pb.Shar
             del target
 
 
-def read(buf: memoryview, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:
-    """New arrays holding copies of the tensors the server wrote (the region is reused next call)."""
+def read(
+    buf: memoryview, tensors: Sequence[pb.SharedTensor], copy: bool = True
+) -> list[tuple[str, npt.NDArray[Any]]]:
+    """Arrays of the tensors the server wrote: new arrays holding copies (the region is reused next
+    call), or with copy=False views of the region (one the caller does not reuse)."""
     out = []
     for t in tensors:
         dtype = wire._DTYPES[t.dtype]
         shape = tuple(t.shape)
         if t.byte_size != math.prod(shape) * dtype.itemsize or t.offset < 0 or t.offset + t.byte_size > len(buf):
             raise ValueError(f"the server placed tensor '{t.name}' outside the shared memory region")
+        if not copy:
+            out.append((t.name, np.frombuffer(buf, dtype, count=math.prod(shape), offset=t.offset).reshape(shape)))
+            continue
         array = np.empty(shape, dtype)
         if t.byte_size:
             source = np.frombuffer(buf, np.uint8, count=t.byte_size, offset=t.offset)

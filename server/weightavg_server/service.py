@@ -785,17 +785,18 @@ class Service:
         return self.store.shared.unregister(CALLER.get().tenant, session, name)
 
     def fetch_to_shared_memory(
-        self, handle: str, names: Sequence[str], region: str, offset: int
+        self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0
     ) -> tuple[list[shm.Placement], int]:
         """What `fetch` returns, written into the session's region from `offset` under the object's
         lock (one consistent cut, no host copies held); where each tensor went and the bytes used.
-        When they do not fit, nothing is written: no placements, and the bytes they would need."""
+        When they do not fit (or take over `max_bytes`, if > 0), nothing is written: no placements,
+        and the bytes they would need."""
         entry = self.store.get(handle)  # first, so another tenant's handle is unknown whatever the region
         target = self._region(region)
         with self.store.reading(entry):
             named = self._named(handle, entry, names)
             placements, needed = shm.layout(named, offset)
-            if offset + needed > target.byte_size:
+            if offset + needed > target.byte_size or 0 < max_bytes < needed:
                 return [], needed
             shm.write(target, placements, named)
             return placements, needed

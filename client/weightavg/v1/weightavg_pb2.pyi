@@ -3978,12 +3978,17 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Dictionary, tensor, or module/model/optimizer handle id."""
     region: _builtins.str
     """Name of a region registered by the caller's session."""
     offset: _builtins.int
     """Byte offset in the region where the first tensor goes."""
+    max_bytes: _builtins.int
+    """When more than 0: write nothing if the tensors take more than this many bytes (a client that
+    gives large fetches a region of their own asks its reused region for small ones only).
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Entry or parameter names, as in FetchTensorsRequest."""
@@ -3995,10 +4000,11 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
         names: _abc.Iterable[_builtins.str] | None = ...,
         region: _builtins.str = ...,
         offset: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "names", b"names", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "max_bytes", b"max_bytes", "names", b"names", "offset", b"offset", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

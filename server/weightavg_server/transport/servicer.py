@@ -463,7 +463,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request: pb.FetchTensorsToSharedMemoryRequest, context: Context
     ) -> pb.FetchTensorsToSharedMemoryResponse:
         placements, needed = self.service.fetch_to_shared_memory(
-            request.handle, list(request.names), request.region, request.offset
+            request.handle, list(request.names), request.region, request.offset, request.max_bytes
         )
         return pb.FetchTensorsToSharedMemoryResponse(
             tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed
