@@ -1,4 +1,6 @@
-"""The benchmark server process: `create_server` plus the raw service; prints its port, stops on EOF."""
+"""The benchmark server process: `create_server` plus the raw service; prints its port, stops on EOF.
+
+Default settings, except --allow-shm (off by default) so the shared memory case can run."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench._server")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    server, port, health_servicer = create_server(ServerConfig.from_env(host="127.0.0.1", port=0, device=args.device))
+    server, port, health_servicer = create_server(ServerConfig.from_env(host="127.0.0.1", port=0, device=args.device, allow_shm=True))
     add_raw_service(server)
     server.start()
     set_serving(health_servicer, True)

@@ -180,11 +180,17 @@ def lerp_kernels(ctx: Context) -> list[Row | Skip]:
 
 
 def small_call(ctx: Context) -> list[Row | Skip]:
-    """Latency of avgparms on the reference's 2-to-1 linear against the bare Ping round trip."""
+    """Latency of avgparms on the reference's 2-to-1 linear against a bare grpc.health.v1 Check (no
+    interceptor of ours runs on it: the health service is open) and the Ping round trip (every
+    interceptor runs on it, so it hides their cost)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     c = ctx.client
     m = c.module(["linear", 2, 1])
     p = c.copyparms(m)
-    calls = {"avgparms": lambda: c.avgparms(m, p), "Ping": c.ping}
+    health = health_pb2_grpc.HealthStub(c._raw_channel)  # the same channel, without the client's interceptors
+    check = health_pb2.HealthCheckRequest()
+    calls = {"avgparms": lambda: c.avgparms(m, p), "Ping": c.ping, "health": lambda: health.Check(check, timeout=60)}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for fn in calls.values():
         for _ in range(50):
@@ -196,7 +202,55 @@ def small_call(ctx: Context) -> list[Row | Skip]:
     r = row("small call", "avgparms p50, linear 2->1", "Ping p50 (same server)", times, "avgparms", "Ping",
             target="<= 1.3x", check=at_most(1.3))
     r.unit, r.value, r.base = "us", median(times["avgparms"]) * 1e6, median(times["Ping"]) * 1e6
-    return [r]
+    h = row("small call", "avgparms p50, linear 2->1", "grpc.health.v1 Check p50 (same server)", times, "avgparms",
+            "health", target="<= 1.3x", check=at_most(1.3))
+    h.unit, h.value, h.base = "us", median(times["avgparms"]) * 1e6, median(times["health"]) * 1e6
+    return [h, r]
+
+
+# -- shared memory -----------------------------------------------------------------------------------
+
+
+def shared_memory(ctx: Context) -> list[Row | Skip]:
+    """Fetch and upload of 256 MB (64 MB with --quick) through shared memory, against the same calls
+    through the gRPC stream and against numpy copying the same arrays into new ones in this process."""
+    c, count, width = ctx.client, 4 if ctx.quick else 16, 2048
+    nbytes = count * width * width * 4
+    m = c.module(linears(count, width))
+    kept = c.copyparms(m)
+    arrays = c.dict(kept)
+    with Client(ctx.address, timeout=600, shm=True) as fast:
+        warm = fast.dict({"warm": np.zeros(nbytes // 4, np.float32)})  # registers a large enough region
+        fast.dict(warm)
+        fast.free(warm)
+        if fast._shm is None:
+            return [Skip("shared memory", "the server refused shared memory (start it with --allow-shm)")]
+
+        def check(values: dict[str, Any]) -> None:
+            assert sum(v.nbytes for v in values.values()) == nbytes
+
+        times = interleaved(
+            {
+                "shm fetch": lambda: check(fast.dict(kept)),
+                "grpc fetch": lambda: check(c.dict(kept)),
+                "numpy copy": lambda: check({k: v.copy() for k, v in arrays.items()}),
+                "shm upload": lambda: fast.free(fast.dict(arrays)),
+                "grpc upload": lambda: c.free(c.dict(arrays)),
+            },
+            ctx.reps(7, 2),
+        )
+    gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
+    mb = nbytes >> 20
+    c.purge()
+    rows: list[Row | Skip] = []
+    for way in ("fetch", "upload"):
+        rows += [
+            row("shared memory", f"{way} {mb} MB, Client(shm=True)", f"{way} through the gRPC stream", gbps,
+                f"shm {way}", f"grpc {way}", unit="GB/s", scale=1.0, target=">= 5x", check=at_least(5.0)),
+            row("shared memory", f"{way} {mb} MB, Client(shm=True)", "numpy copy of the same arrays, in process",
+                gbps, f"shm {way}", "numpy copy", unit="GB/s", scale=1.0, target=">= 0.5x", check=at_least(0.5)),
+        ]
+    return rows
 
 
 # -- transfer ----------------------------------------------------------------------------------------
@@ -584,6 +638,7 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "kernels": lerp_kernels,
     "small": small_call,
     "transfer": transfer,
+    "shm": shared_memory,
     "training": training,
     "batchnorm": batchnorm,
     "clients": many_clients,

@@ -111,6 +111,10 @@ CASES = [
          LAYER + 2 * STEP),
     Case("dictionary upload", _none, lambda c, _: c.dict({"a": x_rows(), "b": labels()}),
          ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
+    # Through a shared memory region (the server below allows it): the same tensors, the same charge.
+    Case("dictionary upload through shared memory", lambda c: Client(c.address, timeout=60, shm=True),
+         lambda c, fast: fast.dict({"a": x_rows(), "b": labels()}),
+         ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
     Case("dictionary entry added", lambda c: c.dict({"a": [1.0]}), lambda c, d: c.dict(d, "b", x_rows()),
          ROWS * FEATURES * F32, ROWS * FEATURES * F32),
     Case("tensor upload", _none, lambda c, _: c.tensor(x_rows()), ROWS * FEATURES * F32, ROWS * FEATURES * F32),
@@ -170,7 +174,7 @@ def set_cap(registry: Registry, nbytes: int) -> None:
 
 @pytest.fixture
 def server(start_server: Callable[..., LiveServer]) -> LiveServer:
-    return start_server()
+    return start_server(allow_shm=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -201,7 +205,7 @@ def test_allocating_call_is_refused_one_byte_short_and_charged_exactly_when_it_f
 ALLOCATING = {
     "create_module", "create_model", "create_optimizer", "create_dictionary", "update_dictionary", "create_tensor",
     "set_parameter", "copy_parameters", "average_parameters", "set_model_data", "run_epoch", "forward", "move",
-    "update_moving_average", "average", "merge", "outer_step", "soup",
+    "update_moving_average", "average", "merge", "outer_step", "soup", "create_dictionary_from_shared_memory",
 }
 """Service methods that can leave more memory held: each has a row in CASES."""
 HOLD_NOTHING_NEW = {
@@ -209,6 +213,7 @@ HOLD_NOTHING_NEW = {
     "load_parameters", "reset_batchnorm", "restore_momentum", "delete_entries", "set_learning_rate",
     "set_model_options", "restore_data", "next_batch", "recalculate_batchnorm", "free", "create_session",
     "keep_alive", "close_session", "snapshot", "run_test", "fetch",
+    "register_shared_memory", "unregister_shared_memory", "fetch_to_shared_memory",
 }
 """Methods that make handles or change objects without new held memory (checked below) or that hold
 memory only while they run (reserved for the call: evaluate's upload, fetch's host copies)."""

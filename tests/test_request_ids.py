@@ -304,16 +304,16 @@ def test_every_call_that_changes_state_takes_a_request_id() -> None:
     assert unkeyed == {
         "Ping", "GetServerInfo", "GetServerStats", "DescribeModule", "ListParameterNames", "ListBufferNames",
         "FetchTensors", "GetSize", "ListHandles", "GetLearningRate", "DescribeModel", "GetModelOptions",
-        "RunTest", "EvaluateModel", "KeepAliveSession", "Snapshot",
+        "RunTest", "EvaluateModel", "KeepAliveSession", "Snapshot", "FetchTensorsToSharedMemory",
     }
-    assert len(keyed) == 36
+    assert len(keyed) == 39
     first_numbered = {"UpdateMovingAverage": 11}  # its message came with the field before the rest got 15
     for m in service.methods:
         if m.name in keyed:
             field = m.input_type.fields_by_name["request_id"]
             assert field.number == first_numbered.get(m.name, 15) and field.type == field.TYPE_STRING, m.name
     assert {"keep_alive", "snapshot"} == STATE_CHANGING_WITHOUT_IDS
-    assert {"evaluate", "run_test", "fetch"} == RUN_ONLY_FOR_THEIR_ANSWER
+    assert {"evaluate", "run_test", "fetch", "fetch_to_shared_memory"} == RUN_ONLY_FOR_THEIR_ANSWER
 
 
 # -- across a snapshot and a restart -------------------------------------------------------------------------

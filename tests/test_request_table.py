@@ -434,7 +434,7 @@ def test_request_id_stats_come_from_the_store(service: Service) -> None:
 
 STATE_CHANGING_WITHOUT_IDS = {"keep_alive", "snapshot"}
 """Repeating them has the effect of doing them once: a renewal, and writing the current state."""
-RUN_ONLY_FOR_THEIR_ANSWER = {"evaluate", "run_test", "fetch"}
+RUN_ONLY_FOR_THEIR_ANSWER = {"evaluate", "run_test", "fetch", "fetch_to_shared_memory"}
 
 
 def test_every_state_changing_service_method_is_exactly_once() -> None:

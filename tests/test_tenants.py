@@ -197,6 +197,7 @@ CASES: list[Case] = [
     named(streamed_reply("FetchTensors", lambda w: pb.FetchTensorsRequest(handle=w.d)), "dictionary"),
     named(streamed_reply("FetchTensors", lambda w: pb.FetchTensorsRequest(handle=w.net, names=["a.weight"])), "module"),
     unary("GetSize", lambda w: pb.GetSizeRequest(handle=w.t)),
+    unary("FetchTensorsToSharedMemory", lambda w: pb.FetchTensorsToSharedMemoryRequest(handle=w.d, region="r")),
     named(unary("FreeHandles", lambda w: pb.FreeHandlesRequest(handles=[w.t])), "theirs"),
     named(unary("FreeHandles", lambda w: pb.FreeHandlesRequest(handles=[w.bt, w.t])), "own and theirs"),
     unary("AddReference", lambda w: pb.AddReferenceRequest(handle=w.d)),

@@ -18,8 +18,10 @@ from google.protobuf.message import Message
 import numpy as np
 import numpy.typing as npt
 
-from . import _objects, _specs, wire
-from ._errors import NotFoundError, UnavailableError, WeightavgError, from_rpc_error
+from . import _objects, _shm, _specs, wire
+from ._errors import (
+    FailedPreconditionError, NotFoundError, UnavailableError, UnimplementedError, WeightavgError, from_rpc_error,
+)
 from ._records import Handle, HandleInfo, ModuleRow, Soup
 from ._retry import Replayable, RetryInterceptor, RetryPolicy, new_request_id
 from .v1 import weightavg_pb2 as pb
@@ -248,6 +250,11 @@ class Client:
             the server frees them once the lease runs out. A session id string joins that session
             (e.g. after a server restart); close() then leaves it open.
         lease: session lease in seconds; 0 takes the server's default.
+        shm: move tensor bytes of dictionary uploads and fetches (and fetches of tensors and
+            parameters) through a POSIX shared memory region instead of the gRPC stream, for a
+            server on this host started with --allow-shm; implies session=True. Where the server
+            refuses the region (another host, no --allow-shm) the client falls back to the stream,
+            with identical results.
 
     Example:
         >>> with Client("127.0.0.1:50051") as c:
@@ -274,6 +281,7 @@ class Client:
         session: bool | str = False,
         lease: float = 0.0,
         retry: RetryPolicy = RetryPolicy(),
+        shm: bool = False,
     ) -> None:
         address = target(address)
         self.address = address
@@ -320,6 +328,9 @@ class Client:
         self._owns_session = False
         self._stop_keepalive = threading.Event()
         self._keepalive: threading.Thread | None = None
+        self._shm: _shm.SharedRegion | None = _shm.SharedRegion() if shm else None
+        self._shm_lock = threading.Lock()
+        session = session or shm
         if session:
             try:
                 self._start_session(session, lease)
@@ -337,6 +348,7 @@ class Client:
         self._stop_keepalive.set()
         if self._keepalive is not None:
             self._keepalive.join()
+        self._close_shm()
         if self._owns_session and self.session is not None:
             try:
                 self._stub.CloseSession(pb.CloseSessionRequest(session=self.session), timeout=min(self.timeout, 10.0))
@@ -1069,6 +1081,10 @@ class Client:
     # -- streaming helpers --------------------------------------------------------------------------
 
     def _fetch_named(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]]:
+        if self._shm is not None:
+            fetched = self._shm_fetch(handle, names)
+            if fetched is not None:
+                return fetched
         stream = self._fetch_tensors(pb.FetchTensorsRequest(handle=handle, names=names), timeout=self.timeout)
         return wire.join_chunks(stream)
 
@@ -1077,6 +1093,10 @@ class Client:
         return {name: wire.plain(a) for name, a in self._fetch_named(handle, names)}
 
     def _create_dictionary(self, items: list[tuple[str, Any]]) -> Handle:
+        if self._shm is not None:
+            created = self._shm_create_dictionary(items)
+            if created is not None:
+                return created
         request_id = new_request_id()
 
         def requests() -> Iterator[bytes]:
@@ -1093,6 +1113,89 @@ class Client:
             yield from wire.encoded_chunks(items, self.chunk_bytes, pb.UpdateDictionaryRequest)
 
         self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
+
+
+    # -- shared memory (Client(..., shm=True)) --------------------------------------------------------
+
+    def _shm_buffer(self, nbytes: int) -> memoryview | None:
+        """The region's bytes (at least nbytes), registering a larger one as needed; None once the
+        server has refused shared memory (this client then uses the stream for good)."""
+        region = self._shm
+        if region is None:
+            return None
+
+        def register(key: str, size: int) -> None:
+            request = pb.RegisterSharedMemoryRequest(name=_shm.REGION_NAME, key=key, byte_size=size)
+            self._stub.RegisterSharedMemory(request, timeout=self.timeout)
+
+        try:
+            return region.ensure(nbytes, register)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
+                raise
+            log.info("shared memory refused, using the stream: %s", error)
+            self._shm = None
+            return None
+
+    def _shm_fetch(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]] | None:
+        """Small fetches through the reused region (copied out, one round trip); a large one into a
+        region of its own whose arrays are returned as they are (no copy here; three round trips)."""
+        with self._shm_lock:
+            buf = self._shm_buffer(0)
+            if buf is None:
+                return None
+            reused = pb.FetchTensorsToSharedMemoryRequest(
+                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+            )
+            r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
+            if r.tensors or not r.needed_bytes:
+                return _shm.read(buf, r.tensors)
+            if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
+                buf = self._shm_buffer(r.needed_bytes)
+                if buf is not None:
+                    r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
+                    if r.tensors or not r.needed_bytes:
+                        return _shm.read(buf, r.tensors)
+
+            def register(key: str, size: int) -> None:
+                request = pb.RegisterSharedMemoryRequest(name=_shm.LARGE_FETCH_NAME, key=key, byte_size=size)
+                self._stub.RegisterSharedMemory(request, timeout=self.timeout)
+
+            own = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_shm.LARGE_FETCH_NAME)
+            needed = r.needed_bytes
+            while True:  # again if the object grew between the calls
+                fresh = self._shm.fresh(needed, register) if self._shm is not None else None
+                if fresh is None:
+                    return None
+                r = self._stub.FetchTensorsToSharedMemory(own, timeout=self.timeout)
+                if r.tensors or not r.needed_bytes:
+                    return _shm.read(fresh, r.tensors, copy=False)
+                needed = r.needed_bytes
+
+    def _shm_create_dictionary(self, items: list[tuple[str, Any]]) -> Handle | None:
+        placed, nbytes = _shm.layout(items)
+        with self._shm_lock:
+            buf = self._shm_buffer(nbytes)
+            if buf is None:
+                return None
+            _shm.write(buf, placed)
+            request = pb.CreateDictionaryFromSharedMemoryRequest(
+                region=_shm.REGION_NAME, tensors=[m for _, _, m in placed], request_id=new_request_id()
+            )
+            return _handle(self._stub.CreateDictionaryFromSharedMemory(request, timeout=self.timeout).dictionary)
+
+    def _close_shm(self) -> None:
+        """Unmap the region here; the server unmaps it with the session (or now, for a joined one)."""
+        region, self._shm = self._shm, None
+        if region is None or not region.size:
+            return
+        if not self._owns_session:
+            try:
+                self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=""), timeout=10.0)
+            except grpc.RpcError as exc:
+                log.info("could not unregister shared memory: %s", from_rpc_error(exc))
+        region.close()
 
 
 def as_array(value: Any) -> npt.NDArray[Any]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .domain import shm
 from .domain import (
     averaging, batching, batchnorm, devices, dictionaries, footprint, losses, modules, optimizers, specs, training,
 )
@@ -137,6 +138,8 @@ class Settings:
     session_lease_seconds: float
     max_session_lease_seconds: float
     state_dir: str = ""
+    allow_shm: bool = False
+    """Whether clients on this host may register shared memory regions (--allow-shm)."""
 
 
 NOTHING: Mapping[str, int] = {}
@@ -838,6 +841,68 @@ class Service:
             made = soups.greedy_soup(model, dicts, plan, should_stop)
             handle_id = self.store.add(Kind.DICTIONARY, made.dictionary, reservation)
         return made.holding(Ref(handle_id, Kind.DICTIONARY))
+
+    # -- shared memory (co-located clients) ---------------------------------------------------------
+
+    def _require_shm(self) -> None:
+        if not self.settings.allow_shm:
+            raise FailedPrecondition(
+                "this server does not accept shared memory: start it with --allow-shm (WEIGHTAVG_ALLOW_SHM=1), "
+                "or use the stream (Client(..., shm=False))"
+            )
+
+    def _region(self, name: str) -> shm.Region:
+        """A region of the caller's session; NotFound for anyone else's, however it is named."""
+        self._require_shm()
+        return self.store.shared.get(CALLER.get().tenant, CALLER_SESSION.get(), name)
+
+    @_exactly_once
+    def register_shared_memory(self, name: str, key: str, byte_size: int, *, request: RequestKey | None = None) -> int:
+        """Map /dev/shm/<key>'s first `byte_size` bytes as the session's region `name`; the bytes mapped."""
+        self._require_shm()
+        caller, session = CALLER.get(), CALLER_SESSION.get()
+        caller.require_writer("registering shared memory")
+        if not session:
+            raise FailedPrecondition(
+                "shared memory regions belong to a session, so that they are unregistered when it ends: call "
+                "with a session (Client(..., session=True); Client(..., shm=True) opens one)"
+            )
+        self.store.shared.register(caller.tenant, session, name, shm.Region(key, byte_size))
+        return byte_size
+
+    @_exactly_once
+    def unregister_shared_memory(self, name: str, *, request: RequestKey | None = None) -> int:
+        """Unmap the session's region `name` (all of them when empty); how many."""
+        self._require_shm()
+        session = CALLER_SESSION.get()
+        if not session:
+            return 0
+        return self.store.shared.unregister(CALLER.get().tenant, session, name)
+
+    def fetch_to_shared_memory(
+        self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0
+    ) -> tuple[list[shm.Placement], int]:
+        """What `fetch` returns, written into the session's region from `offset` under the object's
+        lock (one consistent cut, no host copies held); where each tensor went and the bytes used.
+        When they do not fit (or take over `max_bytes`, if > 0), nothing is written: no placements,
+        and the bytes they would need."""
+        entry = self.store.get(handle)  # first, so another tenant's handle is unknown whatever the region
+        target = self._region(region)
+        with self.store.reading(entry):
+            named = self._named(handle, entry, names)
+            placements, needed = shm.layout(named, offset)
+            if offset + needed > target.byte_size or 0 < max_bytes < needed:
+                return [], needed
+            shm.write(target, placements, named)
+            return placements, needed
+
+    @_exactly_once
+    def create_dictionary_from_shared_memory(
+        self, region: str, placements: Sequence[shm.Placement], *, request: RequestKey | None = None
+    ) -> Ref:
+        """`create_dictionary` of tensors copied out of the session's region."""
+        source = self._region(region)
+        return self.create_dictionary(lambda on_header: shm.read(source, placements, on_header))
 
 
 def _placed(loss: losses.Loss, device: torch.device) -> losses.Loss:

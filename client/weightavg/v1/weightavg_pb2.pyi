@@ -4162,3 +4162,288 @@ class BuildGreedySoupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BuildGreedySoupResponse: _TypeAlias = BuildGreedySoupResponse  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryRequest(_message.Message):
+    """-- Shared memory -----------------------------------------------------------------------------------
+
+    RegisterSharedMemoryRequest names a region: a file the client created in /dev/shm (for instance
+    with Python's multiprocessing.shared_memory), owned by the server's user.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name calls use for the region within the session; 1 to 64 letters, digits, '_', '.', '-'."""
+    key: _builtins.str
+    """The file's name in /dev/shm (no '/'). Never echoed in errors or logs."""
+    byte_size: _builtins.int
+    """Bytes of the region to map, from its start; at most the file's size."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: _builtins.str = ...,
+        byte_size: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "key", b"key", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryRequest: _TypeAlias = RegisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryResponse(_message.Message):
+    """RegisterSharedMemoryResponse confirms the region."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    byte_size: _builtins.int
+    """Bytes mapped."""
+    def __init__(
+        self,
+        *,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryResponse: _TypeAlias = RegisterSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryRequest(_message.Message):
+    """UnregisterSharedMemoryRequest names the region to unmap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The region's name; empty unregisters every region of the caller's session."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryRequest: _TypeAlias = UnregisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryResponse(_message.Message):
+    """UnregisterSharedMemoryResponse says how many regions were unmapped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Regions unregistered."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryResponse: _TypeAlias = UnregisterSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
+class SharedTensor(_message.Message):
+    """SharedTensor says where a tensor lies in a shared memory region: its bytes, row-major and
+    little-endian as on the wire, start at offset (a multiple of the element size).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Entry name (empty for a lone tensor)."""
+    dtype: Global___Dtype.ValueType
+    """Element type."""
+    offset: _builtins.int
+    """Byte offset in the region."""
+    byte_size: _builtins.int
+    """product(shape) * element size."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Shape; empty for a 0-dim tensor."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dtype: Global___Dtype.ValueType = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        offset: _builtins.int = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "dtype", b"dtype", "name", b"name", "offset", b"offset", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedTensor: _TypeAlias = SharedTensor  # noqa: Y015
+
+@_typing.final
+class FetchTensorsToSharedMemoryRequest(_message.Message):
+    """FetchTensorsToSharedMemoryRequest names what to fetch (as FetchTensorsRequest) and where to put it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Dictionary, tensor, or module/model/optimizer handle id."""
+    region: _builtins.str
+    """Name of a region registered by the caller's session."""
+    offset: _builtins.int
+    """Byte offset in the region where the first tensor goes."""
+    max_bytes: _builtins.int
+    """When more than 0: write nothing if the tensors take more than this many bytes (a client that
+    gives large fetches a region of their own asks its reused region for small ones only).
+    """
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Entry or parameter names, as in FetchTensorsRequest."""
+
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        region: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "max_bytes", b"max_bytes", "names", b"names", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchTensorsToSharedMemoryRequest: _TypeAlias = FetchTensorsToSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class FetchTensorsToSharedMemoryResponse(_message.Message):
+    """FetchTensorsToSharedMemoryResponse lists where each tensor was written. When the region is too
+    small nothing is written, tensors is empty, and needed_bytes says how many bytes from offset
+    would have been used (register a larger region and ask again).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSORS_FIELD_NUMBER: _builtins.int
+    NEEDED_BYTES_FIELD_NUMBER: _builtins.int
+    needed_bytes: _builtins.int
+    """Bytes from offset that the tensors take (64-byte aligned each)."""
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedTensor]:
+        """Where each tensor lies, in order."""
+
+    def __init__(
+        self,
+        *,
+        tensors: _abc.Iterable[Global___SharedTensor] | None = ...,
+        needed_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["needed_bytes", b"needed_bytes", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchTensorsToSharedMemoryResponse: _TypeAlias = FetchTensorsToSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
+class CreateDictionaryFromSharedMemoryRequest(_message.Message):
+    """CreateDictionaryFromSharedMemoryRequest lists the entries and where their bytes lie."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """Name of a region registered by the caller's session."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedTensor]:
+        """The entries, each within the region."""
+
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        tensors: _abc.Iterable[Global___SharedTensor] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "request_id", b"request_id", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDictionaryFromSharedMemoryRequest: _TypeAlias = CreateDictionaryFromSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class CreateDictionaryFromSharedMemoryResponse(_message.Message):
+    """CreateDictionaryFromSharedMemoryResponse returns the new dictionary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DICTIONARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dictionary(self) -> Global___Handle:
+        """Handle of the new dictionary."""
+
+    def __init__(
+        self,
+        *,
+        dictionary: Global___Handle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDictionaryFromSharedMemoryResponse: _TypeAlias = CreateDictionaryFromSharedMemoryResponse  # noqa: Y015

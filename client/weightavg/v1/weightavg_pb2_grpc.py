@@ -296,6 +296,26 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/RegisterSharedMemory',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/UnregisterSharedMemory',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.FetchTensorsToSharedMemory = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.FetchTensorsToSharedMemoryRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.FetchTensorsToSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.CreateDictionaryFromSharedMemory = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/CreateDictionaryFromSharedMemory',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -706,6 +726,40 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """-- Shared memory for co-located clients (off unless the server runs with --allow-shm) --------
+
+        RegisterSharedMemory maps a POSIX shared memory region the client created (a file in /dev/shm)
+        for the caller's session, under a name of the client's choosing; it is unregistered when the
+        session ends. Tensor bytes then move through it, the calls carrying only names and offsets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """UnregisterSharedMemory unmaps one of the session's regions (an empty name: all of them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchTensorsToSharedMemory(self, request, context):
+        """FetchTensorsToSharedMemory writes what FetchTensors would stream into a registered region, one
+        tensor after another from an offset, and says where each one lies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateDictionaryFromSharedMemory(self, request, context):
+        """CreateDictionaryFromSharedMemory creates a dictionary of tensors read from a registered region,
+        as CreateDictionary does from a stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightAveragingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -968,6 +1022,26 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.BuildGreedySoup,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'FetchTensorsToSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchTensorsToSharedMemory,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.FetchTensorsToSharedMemoryRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.FetchTensorsToSharedMemoryResponse.SerializeToString,
+            ),
+            'CreateDictionaryFromSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDictionaryFromSharedMemory,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2376,6 +2450,114 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/BuildGreedySoup',
             weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.BuildGreedySoupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/RegisterSharedMemory',
+            weightavg_dot_v1_dot_weightavg__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/UnregisterSharedMemory',
+            weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchTensorsToSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory',
+            weightavg_dot_v1_dot_weightavg__pb2.FetchTensorsToSharedMemoryRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.FetchTensorsToSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDictionaryFromSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/CreateDictionaryFromSharedMemory',
+            weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

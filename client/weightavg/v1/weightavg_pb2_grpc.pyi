@@ -206,6 +206,23 @@ class WeightAveragingServiceStub:
     """BuildGreedySoup makes a greedy soup of ingredient dictionaries scored on a model's test data and
     returns it with every score; the model's tensors are put back afterwards.
     """
+    RegisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.RegisterSharedMemoryRequest, _weightavg_pb2.RegisterSharedMemoryResponse]
+    """-- Shared memory for co-located clients (off unless the server runs with --allow-shm) --------
+
+    RegisterSharedMemory maps a POSIX shared memory region the client created (a file in /dev/shm)
+    for the caller's session, under a name of the client's choosing; it is unregistered when the
+    session ends. Tensor bytes then move through it, the calls carrying only names and offsets.
+    """
+    UnregisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UnregisterSharedMemoryRequest, _weightavg_pb2.UnregisterSharedMemoryResponse]
+    """UnregisterSharedMemory unmaps one of the session's regions (an empty name: all of them)."""
+    FetchTensorsToSharedMemory: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.FetchTensorsToSharedMemoryRequest, _weightavg_pb2.FetchTensorsToSharedMemoryResponse]
+    """FetchTensorsToSharedMemory writes what FetchTensors would stream into a registered region, one
+    tensor after another from an offset, and says where each one lies.
+    """
+    CreateDictionaryFromSharedMemory: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateDictionaryFromSharedMemoryRequest, _weightavg_pb2.CreateDictionaryFromSharedMemoryResponse]
+    """CreateDictionaryFromSharedMemory creates a dictionary of tensors read from a registered region,
+    as CreateDictionary does from a stream.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -380,6 +397,23 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     BuildGreedySoup: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.BuildGreedySoupRequest, _weightavg_pb2.BuildGreedySoupResponse]  # type: ignore[assignment]
     """BuildGreedySoup makes a greedy soup of ingredient dictionaries scored on a model's test data and
     returns it with every score; the model's tensors are put back afterwards.
+    """
+    RegisterSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.RegisterSharedMemoryRequest, _weightavg_pb2.RegisterSharedMemoryResponse]  # type: ignore[assignment]
+    """-- Shared memory for co-located clients (off unless the server runs with --allow-shm) --------
+
+    RegisterSharedMemory maps a POSIX shared memory region the client created (a file in /dev/shm)
+    for the caller's session, under a name of the client's choosing; it is unregistered when the
+    session ends. Tensor bytes then move through it, the calls carrying only names and offsets.
+    """
+    UnregisterSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UnregisterSharedMemoryRequest, _weightavg_pb2.UnregisterSharedMemoryResponse]  # type: ignore[assignment]
+    """UnregisterSharedMemory unmaps one of the session's regions (an empty name: all of them)."""
+    FetchTensorsToSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.FetchTensorsToSharedMemoryRequest, _weightavg_pb2.FetchTensorsToSharedMemoryResponse]  # type: ignore[assignment]
+    """FetchTensorsToSharedMemory writes what FetchTensors would stream into a registered region, one
+    tensor after another from an offset, and says where each one lies.
+    """
+    CreateDictionaryFromSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateDictionaryFromSharedMemoryRequest, _weightavg_pb2.CreateDictionaryFromSharedMemoryResponse]  # type: ignore[assignment]
+    """CreateDictionaryFromSharedMemory creates a dictionary of tensors read from a registered region,
+    as CreateDictionary does from a stream.
     """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -864,6 +898,47 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_weightavg_pb2.BuildGreedySoupResponse, _abc.Awaitable[_weightavg_pb2.BuildGreedySoupResponse]]:
         """BuildGreedySoup makes a greedy soup of ingredient dictionaries scored on a model's test data and
         returns it with every score; the model's tensors are put back afterwards.
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterSharedMemory(
+        self,
+        request: _weightavg_pb2.RegisterSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.RegisterSharedMemoryResponse, _abc.Awaitable[_weightavg_pb2.RegisterSharedMemoryResponse]]:
+        """-- Shared memory for co-located clients (off unless the server runs with --allow-shm) --------
+
+        RegisterSharedMemory maps a POSIX shared memory region the client created (a file in /dev/shm)
+        for the caller's session, under a name of the client's choosing; it is unregistered when the
+        session ends. Tensor bytes then move through it, the calls carrying only names and offsets.
+        """
+
+    @_abc_1.abstractmethod
+    def UnregisterSharedMemory(
+        self,
+        request: _weightavg_pb2.UnregisterSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.UnregisterSharedMemoryResponse, _abc.Awaitable[_weightavg_pb2.UnregisterSharedMemoryResponse]]:
+        """UnregisterSharedMemory unmaps one of the session's regions (an empty name: all of them)."""
+
+    @_abc_1.abstractmethod
+    def FetchTensorsToSharedMemory(
+        self,
+        request: _weightavg_pb2.FetchTensorsToSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.FetchTensorsToSharedMemoryResponse, _abc.Awaitable[_weightavg_pb2.FetchTensorsToSharedMemoryResponse]]:
+        """FetchTensorsToSharedMemory writes what FetchTensors would stream into a registered region, one
+        tensor after another from an offset, and says where each one lies.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateDictionaryFromSharedMemory(
+        self,
+        request: _weightavg_pb2.CreateDictionaryFromSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.CreateDictionaryFromSharedMemoryResponse, _abc.Awaitable[_weightavg_pb2.CreateDictionaryFromSharedMemoryResponse]]:
+        """CreateDictionaryFromSharedMemory creates a dictionary of tensors read from a registered region,
+        as CreateDictionary does from a stream.
         """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -67,6 +67,12 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--log-level", "log_level", str, "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
 ]
 
+# (flag, config field, help): switches, off unless given (or WEIGHTAVG_<FIELD>=1).
+SWITCHES: list[tuple[str, str, str]] = [
+    ("--allow-shm", "allow_shm",
+     "let clients on this host move tensor bytes through shared memory regions they register (docs/security.md)"),
+]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The serve command's options; defaults come from WEIGHTAVG_* variables, then built-in values."""
@@ -82,13 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
             flag, dest=name, type=kind, metavar=name.upper(),
             help=f"{text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
         )
+    for flag, name, text in SWITCHES:
+        p.add_argument(flag, dest=name, action="store_true", default=None, help=f"{text} [env {ENV_PREFIX}{name.upper()}=1]")
     p.add_argument("--version", action="version", version=f"weightavg {__version__}")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Merge flags over environment variables over defaults."""
-    return ServerConfig.from_env(**{name: getattr(args, name) for _, name, _, _ in OPTIONS})
+    names = [name for _, name, _, _ in OPTIONS] + [name for _, name, _ in SWITCHES]
+    return ServerConfig.from_env(**{name: getattr(args, name) for name in names})
 
 
 def serve(config: ServerConfig) -> None:

@@ -35,6 +35,18 @@ DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
 DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _flag(raw: str) -> bool:
+    """A WEIGHTAVG_* switch: 1/true/yes/on or 0/false/no/off (bool("0") would be True)."""
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f"{raw!r} is not a switch: use 1 or 0")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `create_server` needs; every field can be set by flag or by WEIGHTAVG_<FIELD>."""
@@ -69,6 +81,8 @@ class ServerConfig:
     request_id_window_seconds: float = DEFAULT_REQUEST_ID_WINDOW_SECONDS
     max_request_ids: int = DEFAULT_MAX_REQUEST_IDS
     max_request_id_bytes: int = DEFAULT_MAX_REQUEST_ID_BYTES
+    # Co-located clients (docs/security.md): map shared memory regions clients on this host register.
+    allow_shm: bool = False
 
     def __repr__(self) -> str:
         # The token is a secret: never let it reach a log line through the config's repr.
@@ -85,7 +99,7 @@ class ServerConfig:
             if raw is not None:
                 kind = type(getattr(cls, f.name))
                 try:
-                    values[f.name] = kind(raw)
+                    values[f.name] = _flag(raw) if kind is bool else kind(raw)
                 except ValueError:
                     raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -31,6 +31,7 @@ from ..domain.tensors import EMPTY_SUMMARY, Bytes, HandleSummary, storages, summ
 from .accounting import Ledger, Reservation
 from .limits import Limits
 from .requests import RequestTable, register_answer_type
+from .shm import SharedRegions
 from .tenants import CALLER, DEFAULT_TENANT, Quota
 
 log = logging.getLogger("weightavg.sessions")
@@ -135,6 +136,8 @@ class Registry:
         """One ledger per tenant that has held or reserved anything: its objects' storage, its quota."""
         self._owned: dict[str, int] = {}
         """Live handles per tenant."""
+        self.shared = SharedRegions()
+        """Shared memory regions registered by sessions; each session's go when it ends (shm.py)."""
 
     @property
     def limits(self) -> Limits:
@@ -514,6 +517,7 @@ class Registry:
                 if self._session_entries(session_id) != owned:
                     continue  # a handle joined the session while this call waited: lock it too
                 del self._sessions[session_id]
+                self.shared.end_session(session_id)
                 return self._drop(owned)
 
     def expire(self, now: float | None = None) -> list[tuple[str, int]]:
@@ -537,6 +541,7 @@ class Registry:
                 if self._session_entries(sid) != owned:
                     continue
                 del self._sessions[sid]
+                self.shared.end_session(sid)
                 ended.append((sid, self._drop(owned)))
         for sid, freed in ended:
             log.warning("session %s expired (no call for its lease); freed %d handle(s)", sid, freed)

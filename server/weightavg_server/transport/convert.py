@@ -9,7 +9,7 @@ from google.protobuf import struct_pb2
 
 from weightavg.v1 import weightavg_pb2 as pb
 
-from ..domain import dtypes, specs
+from ..domain import dtypes, shm, specs
 from ..domain.averaging import BufferMode
 from ..domain.ema import EmaState, ScheduleChange
 from ..domain.errors import InvalidArgument
@@ -259,3 +259,18 @@ def request_id_stats(stats: RequestStats) -> pb.RequestIdStats:
     return pb.RequestIdStats(
         remembered=stats.remembered, duplicates_answered=stats.duplicates_answered, dropped=stats.dropped
     )
+
+
+# -- shared memory ------------------------------------------------------------------------------------
+
+
+def shared_tensor(p: shm.Placement) -> pb.SharedTensor:
+    """Where a fetched tensor was written in a region."""
+    return pb.SharedTensor(
+        name=p.name, dtype=codec.dtype_code(p.dtype), shape=list(p.shape), offset=p.offset, byte_size=p.nbytes
+    )
+
+
+def placement(t: pb.SharedTensor) -> shm.Placement:
+    """Where an uploaded tensor lies in a region (checked against the region by the domain)."""
+    return shm.Placement(t.name, codec.torch_dtype(t.dtype), tuple(int(d) for d in t.shape), t.offset, t.byte_size)

@@ -98,6 +98,9 @@ class DecodeGuard(grpc.ServerInterceptor):
     def __init__(self, service: str, max_message_bytes: int) -> None:
         self._prefix = f"/{service}/"
         self._max_bytes = max_message_bytes
+        # method -> (handler, guarded handler): the guard is built once per method, not per call
+        # (the servicer's handlers are fixed objects; a different one is guarded afresh).
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
@@ -110,5 +113,11 @@ class DecodeGuard(grpc.ServerInterceptor):
             or not handler_call_details.method.startswith(self._prefix)
         ):
             return handler
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         safe = _safe(handler.request_deserializer, self._max_bytes)
-        return _guarded_stream(handler, safe) if handler.request_streaming else _guarded_unary(handler, safe)
+        guarded = _guarded_stream(handler, safe) if handler.request_streaming else _guarded_unary(handler, safe)
+        self._guarded[method] = (handler, guarded)
+        return guarded

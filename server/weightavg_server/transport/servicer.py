@@ -484,6 +484,41 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         )
 
 
+    # -- shared memory --------------------------------------------------------------------------------
+
+    @translate_errors
+    def RegisterSharedMemory(
+        self, request: pb.RegisterSharedMemoryRequest, context: Context
+    ) -> pb.RegisterSharedMemoryResponse:
+        size = self.service.register_shared_memory(request.name, request.key, request.byte_size, request=ids.key(request))
+        return pb.RegisterSharedMemoryResponse(byte_size=size)
+
+    @translate_errors
+    def UnregisterSharedMemory(
+        self, request: pb.UnregisterSharedMemoryRequest, context: Context
+    ) -> pb.UnregisterSharedMemoryResponse:
+        return pb.UnregisterSharedMemoryResponse(count=self.service.unregister_shared_memory(request.name, request=ids.key(request)))
+
+    @translate_errors
+    def FetchTensorsToSharedMemory(
+        self, request: pb.FetchTensorsToSharedMemoryRequest, context: Context
+    ) -> pb.FetchTensorsToSharedMemoryResponse:
+        placements, needed = self.service.fetch_to_shared_memory(
+            request.handle, list(request.names), request.region, request.offset, request.max_bytes
+        )
+        return pb.FetchTensorsToSharedMemoryResponse(
+            tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed
+        )
+
+    @translate_errors
+    def CreateDictionaryFromSharedMemory(
+        self, request: pb.CreateDictionaryFromSharedMemoryRequest, context: Context
+    ) -> pb.CreateDictionaryFromSharedMemoryResponse:
+        placements = [convert.placement(t) for t in request.tensors]
+        ref = self.service.create_dictionary_from_shared_memory(request.region, placements, request=ids.key(request))
+        return pb.CreateDictionaryFromSharedMemoryResponse(dictionary=_handle(ref))
+
+
 def add_to_server(servicer: WeightAveragingServicer, server: grpc.Server) -> None:
     """Register the servicer, with the tensor streams encoded and decoded by hand (one copy a byte).
 

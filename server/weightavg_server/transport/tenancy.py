@@ -73,6 +73,7 @@ class Access(enum.Enum):
 _READ = (
     "Ping", "GetServerInfo", "DescribeModule", "ListParameterNames", "ListBufferNames", "FetchTensors", "GetSize",
     "ListHandles", "GetLearningRate", "DescribeModel", "GetModelOptions", "GetServerStats",
+    "FetchTensorsToSharedMemory",
 )
 _USE = ("RunTest", "EvaluateModel", "KeepAliveSession")
 _CHANGE = (
@@ -82,6 +83,7 @@ _CHANGE = (
     "CreateModel", "UpdateModel", "SetModelOptions", "SetModelData", "RunEpoch", "RunForward", "GetModelInput",
     "RestoreModelData", "NextBatch", "RecalculateBatchNorm", "CreateSession", "CloseSession", "UpdateMovingAverage",
     "AverageDictionaries", "MergeDictionaries", "ApplyOuterStep", "BuildGreedySoup",
+    "RegisterSharedMemory", "UnregisterSharedMemory", "CreateDictionaryFromSharedMemory",
 )
 _ADMIN = ("Snapshot",)
 ACCESS: dict[str, Access] = {
@@ -231,9 +233,11 @@ def audit(
 class _Call:
     """What one served call records for the audit line: the handles it named and the request ID."""
 
-    __slots__ = ("handles", "rid")
+    __slots__ = ("audited", "handles", "rid")
 
-    def __init__(self) -> None:
+    def __init__(self, audited: bool) -> None:
+        self.audited = audited
+        """Whether an audit line will be written (a change, with the audit logger on at INFO)."""
         self.handles: list[str] = []
         self.rid = ""
 
@@ -304,10 +308,12 @@ class TenantInterceptor(grpc.ServerInterceptor):
         def finish(context: grpc.ServicerContext, call: _Call, start: float, exc: BaseException | None) -> None:
             outcome = status_name(context, exc)
             stats.tenant_finish(caller.tenant, outcome)
-            if access.audited:
+            if call.audited:
                 audit(method, caller, outcome, call.handles, call.rid, session, time.perf_counter() - start)
 
         def begin(request: Any, call: _Call) -> Any:
+            if not call.audited:  # nothing reads the handles or the ID: skip collecting them
+                return request
             if handler.request_streaming:
                 return call.first_of(request)
             call.saw(request)
@@ -318,7 +324,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
             assert inner_stream is not None  # grpc sets the behaviour that matches the flags
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                call, start = _Call(), time.perf_counter()
+                call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
                 token = CALLER.set(caller)
                 try:
                     yield from inner_stream(begin(request, call), context)
@@ -339,7 +345,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
         assert inner is not None  # grpc sets the behaviour that matches the flags
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            call, start = _Call(), time.perf_counter()
+            call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
             token = CALLER.set(caller)
             try:
                 response = inner(begin(request, call), context)
@@ -348,7 +354,8 @@ class TenantInterceptor(grpc.ServerInterceptor):
                 raise
             finally:
                 CALLER.reset(token)
-            call.handles.extend(response_handles(response))
+            if call.audited:
+                call.handles.extend(response_handles(response))
             finish(context, call, start, None)
             return response
 

@@ -1,0 +1,176 @@
+"""Shared memory regions: files in /dev/shm that a client on the same host creates and the server
+maps, so that tensor bytes move by one memory copy a side instead of through gRPC.
+
+A region is named by the client's key (the file's name in /dev/shm). The key is a secret of sorts
+(whoever knows it and runs as the server's user can read the bytes), so no error here names it.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FailedPrecondition, InvalidArgument
+
+SHM_DIRECTORY = "/dev/shm"
+"""Where POSIX shared memory objects live on Linux (shm_open names are files here)."""
+KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
+"""A key is one file name: no '/', no leading '.', so it cannot leave the directory."""
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A region's name within its session: short and safe to echo."""
+ALIGN = 64
+"""Tensors written into a region start on 64-byte boundaries (a cache line; every dtype's alignment)."""
+MAX_DIMS = 64
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Region:
+    """One mapped region: the first `byte_size` bytes of /dev/shm/<key>, read and written in place.
+
+    The mapping is released when the last reference goes (an unregister while a copy is running
+    leaves that copy's mapping alive until it ends).
+    """
+
+    def __init__(self, key: str, byte_size: int, directory: str = SHM_DIRECTORY) -> None:
+        if not isinstance(key, str) or not KEY.fullmatch(key):
+            raise InvalidArgument(
+                "the shared memory key is not a file name in /dev/shm: use 1 to 255 letters, digits, '_', '.' "
+                "or '-', not starting with '.' (the name multiprocessing.shared_memory gives, without a '/')"
+            )
+        if byte_size <= 0:
+            raise InvalidArgument(f"a shared memory region needs byte_size > 0; got {byte_size}")
+        path = os.path.join(directory, key)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            # Which of "absent", "a link" or "not ours" it was would tell a prober what exists.
+            raise FailedPrecondition(
+                "the shared memory region could not be opened: create it on this host, as the server's user, "
+                "before registering it (multiprocessing.shared_memory.SharedMemory(create=True, size=...))"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise FailedPrecondition(
+                    "the shared memory region must be a regular file in /dev/shm owned by the server's user"
+                )
+            if info.st_size < byte_size:
+                raise InvalidArgument(
+                    f"the shared memory region holds {info.st_size} bytes, fewer than the {byte_size} to register; "
+                    "register at most its size"
+                )
+            self.buffer = mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._fd = fd
+        except BaseException:
+            os.close(fd)
+            raise
+        self.byte_size = byte_size
+        self.identity = (info.st_dev, info.st_ino)
+
+    def close(self) -> None:
+        """Forget the file; the mapping goes with the last reference to this object."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def check_size(self) -> None:
+        """Refuse a region whose file has shrunk since it was mapped (touching the lost pages would
+        kill the server with SIGBUS)."""
+        if self._fd < 0:
+            raise FailedPrecondition("the shared memory region was unregistered; register it again")
+        if os.fstat(self._fd).st_size < self.byte_size:
+            raise FailedPrecondition(
+                "the shared memory region's file was truncated after it was registered; register it again"
+            )
+
+    def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
+        """A uint8 tensor over bytes [offset, offset + nbytes) of the region, sharing its memory."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.byte_size:
+            raise InvalidArgument(
+                f"{what}: bytes [{offset}, {offset + nbytes}) lie outside the region's {self.byte_size} bytes"
+            )
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self.buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one tensor lies in a region."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layout(named: Sequence[tuple[str, torch.Tensor]], offset: int) -> tuple[list[Placement], int]:
+    """Where `named` go from `offset`, each on a 64-byte boundary, and the bytes they take from it."""
+    if offset < 0 or offset % ALIGN:
+        raise InvalidArgument(f"the offset in the region must be a non-negative multiple of {ALIGN}; got {offset}")
+    placements, at = [], offset
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        placements.append(Placement(name, t.dtype, tuple(t.shape), at, nbytes))
+        at = aligned(at + nbytes)
+    return placements, at - offset
+
+
+def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Copy each tensor (any device, any strides) into its place: one copy a byte."""
+    region.check_size()
+    for p, (_, t) in zip(placements, named):
+        if p.nbytes:
+            region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape).copy_(t.detach())
+
+
+def check(region: Region, p: Placement) -> None:
+    """InvalidArgument unless `p` describes a tensor that lies inside the region, aligned."""
+    if len(p.shape) > MAX_DIMS or any(d < 0 for d in p.shape):
+        raise InvalidArgument(f"tensor '{p.name}' has an invalid shape {list(p.shape)}")
+    size = element_size(p.dtype)
+    if math.prod(p.shape) * size != p.nbytes:
+        raise InvalidArgument(
+            f"tensor '{p.name}' of shape {list(p.shape)} and {size}-byte elements has "
+            f"{math.prod(p.shape) * size} bytes, not the {p.nbytes} given"
+        )
+    if p.offset % size:
+        raise InvalidArgument(f"tensor '{p.name}' starts at offset {p.offset}, not a multiple of its element size {size}")
+    region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'")
+
+
+def read(
+    region: Region, placements: Sequence[Placement], on_header: Callable[[str, int], None] | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """New tensors holding copies of the placed bytes (the client may reuse its region at once).
+
+    Every placement is checked before anything is allocated; `on_header(name, nbytes)` runs before
+    each tensor's allocation (the store reserves there), as for a streamed upload.
+    """
+    region.check_size()
+    for p in placements:
+        check(region, p)
+    out = []
+    for p in placements:
+        if on_header is not None:
+            on_header(p.name, p.nbytes)
+        t = torch.empty(p.shape, dtype=p.dtype)
+        if p.nbytes:
+            t.view(-1).view(torch.uint8).copy_(region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"))
+        out.append((p.name, t))
+    return out

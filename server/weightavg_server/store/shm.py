@@ -1,0 +1,90 @@
+"""The shared memory regions clients have registered, each owned by one tenant's session and
+unregistered when that session ends (closed or expired)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ..domain.shm import NAME, Region
+
+MAX_REGIONS_PER_SESSION = 16
+"""A client needs one or two (the client keeps one and grows it); the cap stops a runaway loop from
+holding thousands of mappings and file descriptors."""
+
+
+@dataclass
+class _Registered:
+    tenant: str
+    session: str
+    region: Region
+
+
+class SharedRegions:
+    """Regions by (session, name). Only the registering tenant's session finds its regions."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._regions: dict[tuple[str, str], _Registered] = {}
+
+    def register(self, tenant: str, session: str, name: str, region: Region) -> None:
+        if not NAME.fullmatch(name):
+            region.close()
+            raise InvalidArgument(
+                "a shared memory region's name must be 1 to 64 letters, digits, '_', '.' or '-', starting with a "
+                "letter or digit"
+            )
+        with self._lock:
+            for (other_session, _), held in self._regions.items():
+                if held.region.identity == region.identity and other_session != session:
+                    region.close()
+                    # Which session holds it is not this caller's business.
+                    raise FailedPrecondition(
+                        "that shared memory region is registered by another session; create a region of your own"
+                    )
+            mine = [k for k in self._regions if k[0] == session and k[1] != name]
+            if len(mine) >= MAX_REGIONS_PER_SESSION:
+                region.close()
+                raise ResourceExhausted(
+                    f"a session may register at most {MAX_REGIONS_PER_SESSION} shared memory regions; "
+                    "unregister one first"
+                )
+            old = self._regions.get((session, name))
+            self._regions[(session, name)] = _Registered(tenant, session, region)
+        if old is not None:
+            old.region.close()
+
+    def get(self, tenant: str, session: str | None, name: str) -> Region:
+        with self._lock:
+            held = self._regions.get((session or "", name))
+        if held is None or held.tenant != tenant:
+            raise NotFound(
+                f"no shared memory region '{name}' is registered by this session; register it first "
+                "(regions belong to the session that registered them and end with it)"
+            )
+        return held.region
+
+    def unregister(self, tenant: str, session: str, name: str) -> int:
+        """Forget the session's region `name` (every one of its regions when empty); how many."""
+        with self._lock:
+            keys = [k for k, v in self._regions.items() if k[0] == session and v.tenant == tenant and name in ("", k[1])]
+            if name and not keys:
+                raise NotFound(f"no shared memory region '{name}' is registered by this session")
+            dropped = [self._regions.pop(k) for k in keys]
+        for held in dropped:
+            held.region.close()
+        return len(dropped)
+
+    def end_session(self, session: str) -> int:
+        """The session ended: forget its regions; how many."""
+        with self._lock:
+            keys = [k for k in self._regions if k[0] == session]
+            dropped = [self._regions.pop(k) for k in keys]
+        for held in dropped:
+            held.region.close()
+        return len(dropped)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._regions)

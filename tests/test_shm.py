@@ -1,0 +1,218 @@
+"""Shared memory for co-located clients: real servers on loopback with --allow-shm, real regions in
+/dev/shm; and the region checks in process (domain/shm.py, store/shm.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from multiprocessing import shared_memory
+from typing import Any
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from conftest import LiveServer
+from weightavg import Client, FailedPreconditionError
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+from weightavg_server.domain import shm
+from weightavg_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from weightavg_server.ops.cli import build_parser, config_from_args
+from weightavg_server.ops.config import ServerConfig
+from weightavg_server.store.shm import SharedRegions
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(shm.SHM_DIRECTORY), reason="needs POSIX shared memory in /dev/shm")
+WAIT = 60.0
+NET = ["sequential", ["linear", "a", 4, 3], ["linear", "b", 3, 2]]
+
+
+def values() -> dict[str, Any]:
+    """Every wire dtype, odd sizes (so placements need their alignment), a scalar and an empty tensor."""
+    rng = np.random.default_rng(0)
+    return {
+        "f32": rng.standard_normal((33, 7), dtype=np.float32),
+        "f64": rng.standard_normal(5),
+        "f16": rng.standard_normal(3).astype(np.float16),
+        "bf16": rng.standard_normal((2, 3)).astype(ml_dtypes.bfloat16),
+        "i8": np.arange(-3, 4, dtype=np.int8), "u8": np.arange(11, dtype=np.uint8),
+        "i16": np.arange(6, dtype=np.int16), "i32": np.arange(9, dtype=np.int32).reshape(3, 3),
+        "i64": np.array(7, dtype=np.int64), "bool": np.array([True, False, True]),
+        "c64": (rng.standard_normal(4) + 1j).astype(np.complex64), "c128": np.array([1 + 2j]),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bit-identical: dtype, shape and bytes."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.fixture
+def shm_server(start_server: Callable[..., LiveServer]) -> LiveServer:
+    return start_server(allow_shm=True)
+
+
+def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(shm_server: LiveServer) -> None:
+    data = values()
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d_fast, d_slow = fast.dict(data), slow.dict(data)
+        assert len(shm_server.registry.shared) == 1  # the upload went through the region
+        for got in (fast.dict(d_fast), fast.dict(d_slow), slow.dict(d_fast)):
+            assert list(got) == list(data)
+            assert all(same(got[k], slow.dict(d_slow)[k]) for k in data)
+            assert all(same(got[k], data[k]) for k in data)
+        assert same(fast.dict(d_fast, "f32"), data["f32"]) and fast.dict(d_fast, "i64") == 7
+
+
+def test_copyparms_then_fetch_through_shared_memory_matches_the_stream(shm_server: LiveServer) -> None:
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        m = fast.module(NET)
+        p = fast.copyparms(m)
+        got, want = fast.dict(p), slow.dict(p)
+        assert list(got) == list(want) and all(same(got[k], want[k]) for k in want)
+        assert same(fast.parm(m, "a.weight"), slow.parm(m, "a.weight"))
+
+
+def test_an_upload_larger_than_the_region_grows_it(shm_server: LiveServer) -> None:
+    big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB, beyond the first 1 MiB region
+    with Client(shm_server.address, timeout=WAIT, shm=True) as c:
+        c.dict(c.dict({"x": [1.0]}))
+        d = c.dict({"big": big})
+        assert len(shm_server.registry.shared) == 1  # the reused region, replaced by a larger one
+        assert same(c.dict(d, "big"), big)
+
+
+def test_a_server_without_allow_shm_gets_the_stream_with_the_same_results(live_server: LiveServer) -> None:
+    data = values()
+    with Client(live_server.address, timeout=WAIT, shm=True) as c:
+        d = c.dict(data)
+        got = c.dict(d)
+        assert all(same(got[k], data[k]) for k in data)
+        assert c._shm is None and len(live_server.registry.shared) == 0
+
+
+def test_regions_are_unregistered_when_the_session_ends(shm_server: LiveServer) -> None:
+    c = Client(shm_server.address, timeout=WAIT, shm=True)
+    c.dict(c.dict({"x": [1.0]}))
+    assert len(shm_server.registry.shared) == 1
+    c.close()
+    assert len(shm_server.registry.shared) == 0
+
+
+def _register(stub: Any, key: str, size: int, session: str | None, name: str = "r") -> Any:
+    metadata = [("weightavg-session", session)] if session else []
+    return stub.RegisterSharedMemory(
+        pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size), metadata=metadata, timeout=WAIT
+    )
+
+
+@pytest.fixture
+def region() -> Iterator[shared_memory.SharedMemory]:
+    memory = shared_memory.SharedMemory(create=True, size=4096)
+    yield memory
+    memory.close()
+    memory.unlink()
+
+
+def test_registration_is_checked_and_errors_never_name_the_key(
+    shm_server: LiveServer, region: shared_memory.SharedMemory
+) -> None:
+    with grpc.insecure_channel(shm_server.address) as channel, Client(shm_server.address, session=True) as owner:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        cases = [
+            (region.name, 4096, None, grpc.StatusCode.FAILED_PRECONDITION, "belong to a session"),
+            (region.name, 4097, owner.session, grpc.StatusCode.INVALID_ARGUMENT, "fewer than"),
+            (region.name, 0, owner.session, grpc.StatusCode.INVALID_ARGUMENT, "byte_size > 0"),
+            ("../" + region.name, 16, owner.session, grpc.StatusCode.INVALID_ARGUMENT, "not a file name"),
+            (region.name + "-absent", 16, owner.session, grpc.StatusCode.FAILED_PRECONDITION, "could not be opened"),
+        ]
+        for key, size, session, code, text in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                _register(stub, key, size, session)
+            assert err.value.code() == code and text in err.value.details() and region.name not in err.value.details()
+        assert _register(stub, region.name, 4096, owner.session).byte_size == 4096
+        with Client(shm_server.address, session=True) as other:  # same tenant, another session
+            with pytest.raises(grpc.RpcError) as err:
+                _register(stub, region.name, 4096, other.session)
+            assert "another session" in err.value.details() and region.name not in err.value.details()
+            fetch = pb.FetchTensorsToSharedMemoryRequest(handle=owner.dict({"x": [1.0]}).id, region="r")
+            with pytest.raises(grpc.RpcError) as err:  # another session's region does not exist for it
+                stub.FetchTensorsToSharedMemory(fetch, metadata=[("weightavg-session", other.session)], timeout=WAIT)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_placements_outside_the_region_are_refused_and_create_nothing(
+    shm_server: LiveServer, region: shared_memory.SharedMemory
+) -> None:
+    with grpc.insecure_channel(shm_server.address) as channel, Client(shm_server.address, session=True) as c:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        _register(stub, region.name, 4096, c.session)
+        before = len(shm_server.registry)
+        bad = [
+            pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[1024], offset=64, byte_size=4096),
+            pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2], offset=0, byte_size=12),
+            pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2], offset=2, byte_size=8),
+            pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2], offset=-8, byte_size=8),
+        ]
+        for t in bad:
+            request = pb.CreateDictionaryFromSharedMemoryRequest(region="r", tensors=[t])
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CreateDictionaryFromSharedMemory(request, metadata=[("weightavg-session", c.session)], timeout=WAIT)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and region.name not in err.value.details()
+        assert len(shm_server.registry) == before
+
+
+def test_allow_shm_is_off_by_default_and_set_by_flag_or_variable() -> None:
+    assert ServerConfig().allow_shm is False
+    assert config_from_args(build_parser().parse_args(["--allow-shm"])).allow_shm is True
+    assert ServerConfig.from_env({"WEIGHTAVG_ALLOW_SHM": "1"}).allow_shm is True
+    assert ServerConfig.from_env({"WEIGHTAVG_ALLOW_SHM": "0"}).allow_shm is False
+    with pytest.raises(ValueError, match="WEIGHTAVG_ALLOW_SHM"):
+        ServerConfig.from_env({"WEIGHTAVG_ALLOW_SHM": "maybe"})
+
+
+# -- in process: the domain and the store ---------------------------------------------------------------
+
+
+def test_domain_write_then_read_round_trips_every_dtype(region: shared_memory.SharedMemory) -> None:
+    mapped = shm.Region(region.name, 4096)
+    named = [("a", torch.randn(3, 5).t()), ("b", torch.tensor(True)), ("c", torch.randn(4, dtype=torch.complex64)),
+             ("d", torch.randn(7, dtype=torch.bfloat16))]
+    placements, used = shm.layout(named, 128)
+    assert [p.offset % shm.ALIGN for p in placements] == [0] * 4 and used <= 4096 - 128
+    shm.write(mapped, placements, named)
+    reserved: list[tuple[str, int]] = []
+    back = shm.read(mapped, placements, lambda name, n: reserved.append((name, n)))
+    assert all(torch.equal(x, y) and x.dtype == y.dtype for (_, x), (_, y) in zip(named, back))
+    assert reserved == [(p.name, p.nbytes) for p in placements]
+    mapped.close()
+    with pytest.raises(FailedPrecondition, match="unregistered"):
+        shm.read(mapped, placements)
+
+
+def test_store_regions_belong_to_one_tenant_and_session(region: shared_memory.SharedMemory) -> None:
+    regions = SharedRegions()
+    regions.register("alice", "s1", "r", shm.Region(region.name, 4096))
+    assert regions.get("alice", "s1", "r").byte_size == 4096
+    for tenant, session in (("bob", "s1"), ("alice", "s2"), ("alice", None)):
+        with pytest.raises(NotFound):
+            regions.get(tenant, session, "r")
+    with pytest.raises(InvalidArgument):
+        regions.register("alice", "s1", "bad/name", shm.Region(region.name, 16))
+    assert regions.end_session("s1") == 1 and len(regions) == 0
+
+
+def test_a_large_fetch_gets_a_region_of_its_own_whose_arrays_outlive_the_next_fetch(shm_server: LiveServer) -> None:
+    big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: above the size copied out of the reused region
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d = slow.dict({"big": big, "small": np.ones(3, np.int8)})  # uploaded by stream: the reused region stays small
+        first = fast.dict(d)
+        assert same(first["big"], big) and same(first["small"], np.ones(3, np.int8))
+        slow.dict(d, "big", big + 1)
+        second = fast.dict(d)
+        assert same(second["big"], big + 1) and same(first["big"], big)  # the first arrays' memory is their own
+        assert len(shm_server.registry.shared) == 2  # the reused region and the large fetch's, replaced
