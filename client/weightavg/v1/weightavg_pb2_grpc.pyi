@@ -187,6 +187,13 @@ class WeightAveragingServiceStub:
     decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
     update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
     """
+    AllReduce: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.AllReduceRequest, _weightavg_pb2.AllReduceResponse]
+    """-- Cluster (torchrun) ----------------------------------------------------------------------------
+
+    AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
+    dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+    are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -342,6 +349,13 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
     decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
     update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
+    """
+    AllReduce: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.AllReduceRequest, _weightavg_pb2.AllReduceResponse]  # type: ignore[assignment]
+    """-- Cluster (torchrun) ----------------------------------------------------------------------------
+
+    AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
+    dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+    are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
     """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -783,6 +797,19 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         in a dictionary: every entry e becomes e + (1 - decay) * (p - e), with p cast to e's dtype. The
         decay comes from the schedule of timm's ModelEmaV3 at the step used (0, a full copy, up to
         update_after_step + 1). The schedule and the step are kept with the dictionary. All or nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def AllReduce(
+        self,
+        request: _weightavg_pb2.AllReduceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.AllReduceResponse, _abc.Awaitable[_weightavg_pb2.AllReduceResponse]]:
+        """-- Cluster (torchrun) ----------------------------------------------------------------------------
+
+        AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
+        dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+        are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
         """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -81,6 +81,7 @@ _CHANGE = (
     "CreateTensor", "FreeHandles", "AddReference", "MoveHandle", "CreateLoss", "CreateOptimizer", "SetLearningRate",
     "CreateModel", "UpdateModel", "SetModelOptions", "SetModelData", "RunEpoch", "RunForward", "GetModelInput",
     "RestoreModelData", "NextBatch", "RecalculateBatchNorm", "CreateSession", "CloseSession", "UpdateMovingAverage",
+    "AllReduce",
 )
 _ADMIN = ("Snapshot",)
 ACCESS: dict[str, Access] = {
