@@ -415,7 +415,7 @@ class ClusterService(Service):
             if placement.rank is not None:
                 raise InvalidArgument("give replicate=True or rank=, not both")
             return ALL
-        return self._target(0, placement.rank) if placement.rank is not None else 0
+        return self._target(ALL, placement.rank) if placement.rank is not None else 0
 
     def _routed(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], where: int) -> Any:
         """Run Service.<name> where its handles live (rank 0's own: here, as on a one-rank server)."""
