@@ -237,7 +237,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.CreateDictionaryResponse:
         first = next(request_iterator, None)
         upload, key = self._keyed(pb.CreateDictionaryRequest, first, request_iterator, context)
-        placement = _placement(first) if first is not None else Placement()
+        placement = _placement(first)
         return pb.CreateDictionaryResponse(
             dictionary=_handle(self.service.create_dictionary(upload, placement=placement, request=key))
         )
@@ -361,7 +361,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         first = _first(request_iterator, "SetModelData")
         split = convert.split(first.split)
         upload, key = self._keyed(pb.SetModelDataRequest, first, request_iterator, context)
-        batches = self.service.set_model_data(first.model, split, upload, shard=first.shard, request=key)
+        batches = self.service.set_model_data(first.model, split, upload, shard=bool(getattr(first, "shard", False)), request=key)
         return pb.SetModelDataResponse(batches=batches)
 
     @translate_errors
@@ -462,13 +462,19 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 _REDUCE_OPS = {pb.REDUCE_OP_UNSPECIFIED: "mean", pb.REDUCE_OP_MEAN: "mean", pb.REDUCE_OP_SUM: "sum"}
 
 
-def _placement(request: pb.CreateModuleRequest | pb.CreateDictionaryRequest) -> Placement:
-    p = request.placement
+# Upload streams' messages that hold only a chunk and strings arrive decoded by hand (codec.request_decoder),
+# without the cluster's fields: unset there, so read with defaults.
+
+
+def _placement(request: Any) -> Placement:
+    p = getattr(request, "placement", None)
+    if p is None:
+        return Placement()
     return Placement(replicate=p.replicate, rank=p.rank if p.HasField("rank") else None)
 
 
-def _rank(request: pb.SetParameterRequest | pb.FetchTensorsRequest) -> int | None:
-    return request.rank if request.HasField("rank") else None
+def _rank(request: Any) -> int | None:
+    return request.rank if hasattr(request, "HasField") and request.HasField("rank") else None
 
 
 def _cluster_fields(ranks: list[RankInfo]) -> dict[str, Any]:
