@@ -30,6 +30,7 @@ CODES = {
     errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
     errors.PermissionDenied: "PERMISSION_DENIED",
     errors.DataLoss: "DATA_LOSS",
+    errors.Unavailable: "UNAVAILABLE",
 }
 
 

@@ -385,6 +385,10 @@ class Client:
             "chunk_bytes": r.chunk_bytes,
             "max_spec_depth": r.max_spec_depth,
             "cuda_memory_allocated": r.cuda_memory_allocated,
+            # A server from before clusters sends neither: it is one rank.
+            "world_size": r.world_size or 1,
+            "ranks": [{"rank": x.rank, "device": x.device, "handles": x.handles} for x in r.ranks]
+            or [{"rank": 0, "device": r.device}],
         }
 
     @_rpc
@@ -434,10 +438,11 @@ class Client:
     # -- modules ----------------------------------------------------------------------------------
 
     @_rpc
-    def module(self, spec: Any) -> Any:
+    def module(self, spec: Any, *, replicate: bool = False, rank: int | None = None) -> Any:
         """Build a module from a spec and return its handle; given a handle, return its options table.
 
         Specs are nested lists: ["linear", 64, 10], ["sequential", ["linear", "a", 784, 800], ...].
+        On a cluster (torchrun), replicate=True builds it on every rank under one handle, rank=r on rank r.
         """
         if isinstance(spec, Handle):
             r = self._stub.DescribeModule(pb.DescribeModuleRequest(handle=spec.id), timeout=self.timeout)
@@ -445,7 +450,7 @@ class Client:
                 ModuleRow(row.depth, row.module, row.name, {o.name: _specs.option_value(o.value) for o in row.options})
                 for row in r.rows
             ]
-        request = pb.CreateModuleRequest(spec=_specs.layer_spec(spec))
+        request = pb.CreateModuleRequest(spec=_specs.layer_spec(spec), placement=_placement(replicate, rank))
         return _handle(self._stub.CreateModule(request, timeout=self.timeout).module)
 
     @_rpc
@@ -461,17 +466,18 @@ class Client:
         return list(r.names)
 
     @_rpc
-    def parm(self, m: HandleLike, name: str, *value: Any) -> Any:
+    def parm(self, m: HandleLike, name: str, *value: Any, rank: int | None = None) -> Any:
         """parm(m, name) returns a parameter's values; parm(m, name, value) sets it in place
-        (broadcasting a scalar), or registers a new parameter when the name is new."""
+        (broadcasting a scalar), or registers a new parameter when the name is new. On a replicated
+        module, rank=r reads or sets rank r's copy (unset: reads rank 0's, sets every rank's)."""
         if not value:
-            return self._fetch(_id(m), [name])[name]
+            return self._fetch(_id(m), [name], rank)[name]
         request_id = new_request_id()
 
         def requests() -> Iterator[bytes]:
             chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
             # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
-            first = pb.SetParameterRequest(handle=_id(m), name=name, request_id=request_id).SerializeToString()
+            first = pb.SetParameterRequest(handle=_id(m), name=name, rank=rank, request_id=request_id).SerializeToString()
             yield first + next(chunks)
             yield from chunks
 
@@ -667,14 +673,20 @@ class Client:
         request = pb.CreateModelRequest(module=_id(m), loss=_id(loss), optimizer=_id(opt))
         return _handle(self._stub.CreateModel(request, timeout=self.timeout).model)
 
-    def train(self, m: HandleLike, *args: Any, **options: Any) -> Any:
+    def train(self, m: HandleLike, *args: Any, shard: bool = False, **options: Any) -> Any:
         """Train options and data of a model.
 
         train(m) returns every option; train(m, "batchsize") one, train(m, ["a", "b"]) several;
         train(m, batchsize=100, shuffle=True) (or a dict) sets options, all or nothing;
         train(m, x, y) loads inputs and targets and returns the number of batches.
         Options: batchsize (32), droplast (False), shuffle (False), seed (0), metrics (["loss"]).
+        On a cluster, train(m, x, y, shard=True) gives rank r of a replicated model the r-th of
+        world_size contiguous parts of the rows.
         """
+        if shard and len(args) != 2:
+            raise TypeError("shard=True goes with data: train(m, x, y, shard=True)")
+        if shard:
+            return self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, args[0], args[1], shard=True)
         return self._setup(m, pb.DATA_SPLIT_TRAIN, args, options)
 
     def test(self, m: HandleLike, *args: Any, **options: Any) -> Any:
@@ -713,11 +725,12 @@ class Client:
                 raise KeyError(f"unrecognized option '{name}'{_did_you_mean(name, values)} (one of {', '.join(values)})")
         return values[names] if isinstance(names, str) else [values[n] for n in names]
 
-    def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any) -> int:
+    @_rpc
+    def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any, shard: bool = False) -> int:
         request_id = new_request_id()
 
         def requests() -> Iterator[bytes]:
-            yield pb.SetModelDataRequest(model=m, split=split, request_id=request_id).SerializeToString()
+            yield pb.SetModelDataRequest(model=m, split=split, shard=shard, request_id=request_id).SerializeToString()
             yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, pb.SetModelDataRequest)
 
         return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
@@ -813,13 +826,15 @@ class Client:
     # -- dictionaries and tensors -----------------------------------------------------------------
 
     @_rpc
-    def dict(self, x: Any, key: Any = None, *value: Any) -> Any:
+    def dict(self, x: Any, key: Any = None, *value: Any, replicate: bool = False, rank: int | None = None) -> Any:
         """dict({name: value}) creates a dictionary; dict(p) returns all values, dict(p, key) one,
-        dict(p, key, value) sets one (replacing it; a live view copies in place), dict(p, {k: v}) several."""
+        dict(p, key, value) sets one (replacing it; a live view copies in place), dict(p, {k: v}) several.
+        On a cluster, dict({...}, replicate=True) creates it on every rank, dict({...}, rank=r) on rank r;
+        reads take rank= to read one rank's copy of a replicated dictionary."""
         if not isinstance(x, (Handle, str)):
             if not isinstance(x, Mapping):
                 raise TypeError("dict() takes a mapping of name -> value, or a dictionary handle")
-            return self._create_dictionary(list(x.items()))
+            return self._create_dictionary(list(x.items()), replicate, rank)
         if value:
             self._update_dictionary(_id(x), [(key, value[0])])
             return None
@@ -827,11 +842,24 @@ class Client:
             self._update_dictionary(_id(x), list(key.items()))
             return None
         if key is None:
-            return {name: wire.plain(a) for name, a in self._fetch_named(_id(x), [])}
+            return {name: wire.plain(a) for name, a in self._fetch_named(_id(x), [], rank)}
         if isinstance(key, (list, tuple)):
-            values = self._fetch(_id(x), list(key))
+            values = self._fetch(_id(x), list(key), rank)
             return [values[k] for k in key]
-        return self._fetch(_id(x), [key])[key]
+        return self._fetch(_id(x), [key], rank)[key]
+
+    @_rpc
+    def allreduce(self, h: HandleLike, op: str = "mean", weights: Iterable[float] | None = None) -> int:
+        """Average (op="mean", optionally weighted per rank, e.g. by example counts) or sum (op="sum") a
+        replicated module's floating parameters or dictionary's floating entries across the cluster's
+        ranks, in place on every rank; returns how many tensors each rank reduced."""
+        ops = {"mean": pb.REDUCE_OP_MEAN, "sum": pb.REDUCE_OP_SUM}
+        if op not in ops:
+            raise ValueError(f"op must be one of {', '.join(ops)}; got {op!r}")
+        request = pb.AllReduceRequest(
+            handle=_id(h), op=ops[op], weights=list(weights or []), request_id=new_request_id()
+        )
+        return int(self._stub.AllReduce(request, timeout=self.timeout).tensors)
 
     @_rpc
     def delete(self, d: HandleLike, *names: str) -> None:
@@ -1080,27 +1108,33 @@ class Client:
 
     # -- streaming helpers --------------------------------------------------------------------------
 
-    def _fetch_named(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]]:
-        if self._shm is not None:
+    def _fetch_named(
+        self, handle: str, names: list[str], rank: int | None = None
+    ) -> list[tuple[str, npt.NDArray[Any]]]:
+        if self._shm is not None and rank is None:
             fetched = self._shm_fetch(handle, names)
             if fetched is not None:
                 return fetched
-        stream = self._fetch_tensors(pb.FetchTensorsRequest(handle=handle, names=names), timeout=self.timeout)
+        request = pb.FetchTensorsRequest(handle=handle, names=names, rank=rank)
+        stream = self._fetch_tensors(request, timeout=self.timeout)
         return wire.join_chunks(stream)
 
-    def _fetch(self, handle: str, names: list[str]) -> builtins.dict[str, Any]:
+    def _fetch(self, handle: str, names: list[str], rank: int | None = None) -> builtins.dict[str, Any]:
         # builtins.dict: inside the class, `dict` names the Client.dict method.
-        return {name: wire.plain(a) for name, a in self._fetch_named(handle, names)}
+        return {name: wire.plain(a) for name, a in self._fetch_named(handle, names, rank)}
 
-    def _create_dictionary(self, items: list[tuple[str, Any]]) -> Handle:
-        if self._shm is not None:
+    def _create_dictionary(
+        self, items: list[tuple[str, Any]], replicate: bool = False, rank: int | None = None
+    ) -> Handle:
+        if self._shm is not None and not replicate and rank is None:
             created = self._shm_create_dictionary(items)
             if created is not None:
                 return created
         request_id = new_request_id()
+        placement = _placement(replicate, rank)
 
         def requests() -> Iterator[bytes]:
-            yield pb.CreateDictionaryRequest(request_id=request_id).SerializeToString()
+            yield pb.CreateDictionaryRequest(placement=placement, request_id=request_id).SerializeToString()
             yield from wire.encoded_chunks(items, self.chunk_bytes, pb.CreateDictionaryRequest)
 
         return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
@@ -1196,6 +1230,11 @@ class Client:
             except grpc.RpcError as exc:
                 log.info("could not unregister shared memory: %s", from_rpc_error(exc))
         region.close()
+
+
+def _placement(replicate: bool, rank: int | None) -> pb.Placement:
+    """Where a new object lives on a cluster; the default (rank 0) is what a one-rank server does."""
+    return pb.Placement(replicate=replicate, rank=rank)
 
 
 def as_array(value: Any) -> npt.NDArray[Any]:

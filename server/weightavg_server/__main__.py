@@ -1,5 +1,8 @@
-"""`python -m weightavg_server [serve flags]` runs the server."""
+"""`python -m weightavg_server [serve] [serve flags]` runs the server (under torchrun: a cluster)."""
+
+import sys
 
 from .ops.cli import main
 
-main()
+# `serve` may be named, as in `weightavg serve` and torchrun's `-m weightavg_server serve --port P`.
+main(sys.argv[2:] if sys.argv[1:2] == ["serve"] else None)

@@ -21,7 +21,8 @@ from torch import nn
 from . import __version__
 from .domain import shm
 from .domain import (
-    averaging, batching, batchnorm, devices, dictionaries, footprint, losses, modules, optimizers, specs, training,
+    averaging, batching, batchnorm, collectives, devices, dictionaries, footprint, losses, modules, optimizers, specs,
+    training,
 )
 from .domain.averaging import BufferMode
 from .domain.batchnorm import Momenta
@@ -140,6 +141,32 @@ class Settings:
     state_dir: str = ""
     allow_shm: bool = False
     """Whether clients on this host may register shared memory regions (--allow-shm)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new object lives in a cluster: every rank (`replicate`), one rank, or (neither) rank 0."""
+
+    replicate: bool = False
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One rank of the cluster: its device and the handles it holds."""
+
+    rank: int
+    device: str
+    handles: int
+
+
+@register_answer_type  # a repeated AllReduce answers with what the first one reduced
+@dataclass(frozen=True)
+class Reduced:
+    """What an all-reduce covered: tensors per rank and collectives issued."""
+
+    tensors: int
+    buckets: int
 
 
 NOTHING: Mapping[str, int] = {}
@@ -264,8 +291,11 @@ class Service:
     # -- modules ------------------------------------------------------------------------------------
 
     @_exactly_once
-    def create_module(self, spec: specs.LayerSpec, *, request: RequestKey | None = None) -> Ref:
-        """Build a module from a spec on the server's device."""
+    def create_module(
+        self, spec: specs.LayerSpec, *, placement: Placement = Placement(), request: RequestKey | None = None
+    ) -> Ref:
+        """Build a module from a spec on the server's device (a one-rank server: rank 0 or replicated)."""
+        self._one_rank(placement.rank)
         depth = self.settings.max_spec_depth
         need = footprint.module_bytes(spec, self.device, depth)
         handle = self.store.create(
@@ -290,8 +320,11 @@ class Service:
             return modules.buffer_names(module, child)
 
     @_exactly_once
-    def set_parameter(self, handle: str, name: str, upload: Upload, *, request: RequestKey | None = None) -> bool:
+    def set_parameter(
+        self, handle: str, name: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
+    ) -> bool:
         """Copy an uploaded tensor into a parameter, or register a new one; True when registered."""
+        self._one_rank(rank)
         entry, module = self._module(handle)
         return self._change_with_upload(
             entry, upload, 1, "SetParameter takes exactly one tensor",
@@ -382,8 +415,11 @@ class Service:
     # -- dictionaries and tensors -------------------------------------------------------------------
 
     @_exactly_once
-    def create_dictionary(self, upload: Upload, *, request: RequestKey | None = None) -> Ref:
+    def create_dictionary(
+        self, upload: Upload, *, placement: Placement = Placement(), request: RequestKey | None = None
+    ) -> Ref:
         """A new dictionary of the uploaded tensors ('.n' on the CPU, the rest on the device)."""
+        self._one_rank(placement.rank)
         with self.store.reserve(handles=1) as reservation:
             tensors = self._receive(upload, reservation, self._entry_placement)
             d = TensorDict()
@@ -417,7 +453,7 @@ class Service:
             return Ref(self.store.add(Kind.TENSOR, holder, reservation), Kind.TENSOR)
 
     @contextlib.contextmanager
-    def fetch(self, handle: str, names: Sequence[str]) -> Iterator[Named]:
+    def fetch(self, handle: str, names: Sequence[str], *, rank: int | None = None) -> Iterator[Named]:
         """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters,
         for the length of the block (`with service.fetch(h, names) as copies:`).
 
@@ -425,6 +461,7 @@ class Service:
         and reserved on the host until the block ends (the reply has streamed). All of them are
         there at once, so the reply can declare how many tensors and bytes it carries.
         """
+        self._one_rank(rank)
         entry = self.store.get(handle)
         with contextlib.ExitStack() as held:
             with self.store.reading(entry):
@@ -621,7 +658,9 @@ class Service:
             return training.set_options(model, split, values)
 
     @_exactly_once
-    def set_model_data(self, handle: str, split: str, upload: Upload, *, request: RequestKey | None = None) -> int:
+    def set_model_data(
+        self, handle: str, split: str, upload: Upload, *, shard: bool = False, request: RequestKey | None = None
+    ) -> int:
         """Load training or test inputs and targets (reserved on the device as they arrive, and their
         dtype conversions before they are made), checked against the model; the number of batches."""
         entry, model = self._model(handle)
@@ -745,6 +784,39 @@ class Service:
     @_exactly_once
     def close_session(self, session: str, *, request: RequestKey | None = None) -> int:
         return self.store.close_session(self._session(session))
+
+    # -- the cluster (one rank here; cluster.ClusterService spans torchrun's ranks) ------------------
+
+    def _one_rank(self, rank: int | None) -> None:
+        if rank not in (None, 0):
+            raise InvalidArgument(
+                f"rank {rank} does not exist: this server is one rank (rank 0); start it under torchrun "
+                "(torchrun --nproc-per-node N -m weightavg_server) for more"
+            )
+
+    def cluster_info(self) -> list[RankInfo]:
+        """Each rank's device and handle count, in rank order: here the one rank."""
+        return [RankInfo(0, str(self.device), len(self.store))]
+
+    def _reduced_tensors(self, handle: str) -> tuple[Entry, list[torch.Tensor]]:
+        """What an all-reduce of the handle covers: a module's floating parameters or a dictionary's
+        floating entries, in name order (the same order on every rank)."""
+        entry, source = self._source(handle)
+        if isinstance(source, TensorDict):
+            named = sorted(source.entries.items())
+        else:
+            named = sorted(source.named_parameters())
+        return entry, [t.data for _, t in named if t.is_floating_point()]
+
+    @_exactly_once
+    def allreduce(
+        self, handle: str, op: str, weights: Sequence[float], *, request: RequestKey | None = None
+    ) -> Reduced:
+        """Average (or sum) a replicated object over the ranks: on one rank, the values stay as they are."""
+        collectives.rank_scale(op, weights, 0, 1)
+        entry, tensors = self._reduced_tensors(handle)
+        with self.store.reading(entry):
+            return Reduced(len(tensors), 0)
 
     def snapshot(self) -> snapshot.SnapshotResult:
         """Write every live handle to the state directory (admins only: it spans every tenant)."""

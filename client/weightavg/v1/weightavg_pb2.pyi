@@ -166,6 +166,30 @@ HANDLE_KIND_TENSOR: HandleKind.ValueType  # 6
 """A single tensor."""
 Global___HandleKind: _TypeAlias = HandleKind  # noqa: Y015
 
+class _ReduceOp:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReduceOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReduceOp.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REDUCE_OP_UNSPECIFIED: _ReduceOp.ValueType  # 0
+    """The default: MEAN."""
+    REDUCE_OP_MEAN: _ReduceOp.ValueType  # 1
+    """The mean over ranks, or the weighted mean when weights are given."""
+    REDUCE_OP_SUM: _ReduceOp.ValueType  # 2
+    """The sum over ranks."""
+
+class ReduceOp(_ReduceOp, metaclass=_ReduceOpEnumTypeWrapper):
+    """ReduceOp is how AllReduce combines the ranks' values."""
+
+REDUCE_OP_UNSPECIFIED: ReduceOp.ValueType  # 0
+"""The default: MEAN."""
+REDUCE_OP_MEAN: ReduceOp.ValueType  # 1
+"""The mean over ranks, or the weighted mean when weights are given."""
+REDUCE_OP_SUM: ReduceOp.ValueType  # 2
+"""The sum over ranks."""
+Global___ReduceOp: _TypeAlias = ReduceOp  # noqa: Y015
+
 class _DataSplit:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -644,6 +668,8 @@ class GetServerInfoResponse(_message.Message):
     MAX_SPEC_DEPTH_FIELD_NUMBER: _builtins.int
     GRPC_VERSION_FIELD_NUMBER: _builtins.int
     CUDA_MEMORY_ALLOCATED_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """weightavg version."""
     torch_version: _builtins.str
@@ -660,6 +686,8 @@ class GetServerInfoResponse(_message.Message):
     """grpcio version."""
     cuda_memory_allocated: _builtins.int
     """Bytes of CUDA memory allocated by the server (0 on the CPU)."""
+    world_size: _builtins.int
+    """Ranks in the cluster (torchrun's WORLD_SIZE); 1 for a plain `weightavg serve`."""
     @_builtins.property
     def layer_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Layer types accepted in a LayerSpec."""
@@ -667,6 +695,10 @@ class GetServerInfoResponse(_message.Message):
     @_builtins.property
     def dtypes(self) -> _containers.RepeatedScalarFieldContainer[Global___Dtype.ValueType]:
         """Dtypes accepted on the wire."""
+
+    @_builtins.property
+    def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankInfo]:
+        """One row per rank, in rank order."""
 
     def __init__(
         self,
@@ -681,14 +713,140 @@ class GetServerInfoResponse(_message.Message):
         max_spec_depth: _builtins.int = ...,
         grpc_version: _builtins.str = ...,
         cuda_memory_allocated: _builtins.int = ...,
+        world_size: _builtins.int = ...,
+        ranks: _abc.Iterable[Global___RankInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "ranks", b"ranks", "torch_version", b"torch_version", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class RankInfo(_message.Message):
+    """RankInfo describes one rank of the cluster."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    HANDLES_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """The rank, 0 to world_size - 1; rank 0 serves the API."""
+    device: _builtins.str
+    """Device the rank places its objects on, e.g. "cpu" or "cuda:1"."""
+    handles: _builtins.int
+    """Live handles the rank holds (a replicated object counts on every rank)."""
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        device: _builtins.str = ...,
+        handles: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "handles", b"handles", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankInfo: _TypeAlias = RankInfo  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """Placement says where a new object lives in a cluster. Unset: rank 0, as on a one-rank server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICATE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    replicate: _builtins.bool
+    """The object lives on every rank under the same handle; calls on it run on every rank."""
+    rank: _builtins.int
+    """The object lives on this rank only (with replicate unset); calls on it run there."""
+    def __init__(
+        self,
+        *,
+        replicate: _builtins.bool = ...,
+        rank: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank", "replicate", b"replicate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class AllReduceRequest(_message.Message):
+    """AllReduceRequest names a replicated module, model, optimizer or dictionary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Handle id of a replicated object."""
+    op: Global___ReduceOp.ValueType
+    """How values are combined."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """MEAN only: one non-negative weight per rank (e.g. example counts), not all zero; empty for
+        equal weights.
+        """
+
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        op: Global___ReduceOp.ValueType = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "op", b"op", "request_id", b"request_id", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllReduceRequest: _TypeAlias = AllReduceRequest  # noqa: Y015
+
+@_typing.final
+class AllReduceResponse(_message.Message):
+    """AllReduceResponse says what was reduced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSORS_FIELD_NUMBER: _builtins.int
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    tensors: _builtins.int
+    """Tensors reduced on each rank."""
+    buckets: _builtins.int
+    """Collectives issued (one per bucket)."""
+    def __init__(
+        self,
+        *,
+        tensors: _builtins.int = ...,
+        buckets: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllReduceResponse: _TypeAlias = AllReduceResponse  # noqa: Y015
 
 @_typing.final
 class CreateModuleRequest(_message.Message):
@@ -697,6 +855,7 @@ class CreateModuleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -706,15 +865,20 @@ class CreateModuleRequest(_message.Message):
     def spec(self) -> Global___LayerSpec:
         """The module to build."""
 
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """Where the module lives in a cluster; unset: rank 0."""
+
     def __init__(
         self,
         *,
         spec: Global___LayerSpec | None = ...,
+        placement: Global___Placement | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -899,11 +1063,14 @@ class SetParameterRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id; set on the first message."""
     name: _builtins.str
     """Dotted parameter name; set on the first message. A new undotted name registers a parameter."""
+    rank: _builtins.int
+    """Of a replicated module: set it on this rank only (set on the first message); unset: every rank."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
@@ -919,13 +1086,16 @@ class SetParameterRequest(_message.Message):
         handle: _builtins.str = ...,
         name: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        rank: _builtins.int | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "handle", b"handle", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "handle", b"handle", "name", b"name", "rank", b"rank", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
 
 Global___SetParameterRequest: _TypeAlias = SetParameterRequest  # noqa: Y015
 
@@ -1425,6 +1595,7 @@ class CreateDictionaryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -1435,15 +1606,20 @@ class CreateDictionaryRequest(_message.Message):
     def chunk(self) -> Global___TensorChunk:
         """Part of an entry."""
 
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """Where the dictionary lives in a cluster; set on the first message; unset: rank 0."""
+
     def __init__(
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        placement: Global___Placement | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "placement", b"placement", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1646,8 +1822,11 @@ class FetchTensorsRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Dictionary, tensor, or module/model/optimizer handle id."""
+    rank: _builtins.int
+    """Of a replicated object: read this rank's values; unset: rank 0's."""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Entry or parameter names; empty means all entries (dictionary) or the tensor itself. Required
@@ -1659,12 +1838,15 @@ class FetchTensorsRequest(_message.Message):
         *,
         handle: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
+        rank: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "names", b"names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "handle", b"handle", "names", b"names", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
 
 Global___FetchTensorsRequest: _TypeAlias = FetchTensorsRequest  # noqa: Y015
 
@@ -2576,11 +2758,16 @@ class SetModelDataRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id; set on the first message."""
     split: Global___DataSplit.ValueType
     """Train or test data; set on the first message."""
+    shard: _builtins.bool
+    """Of a replicated model: split the rows into world_size contiguous parts, rank r gets part r
+    (torch.tensor_split); unset: every rank gets all rows. Set on the first message.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
@@ -2596,11 +2783,12 @@ class SetModelDataRequest(_message.Message):
         model: _builtins.str = ...,
         split: Global___DataSplit.ValueType = ...,
         chunk: Global___TensorChunk | None = ...,
+        shard: _builtins.bool = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "request_id", b"request_id", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "request_id", b"request_id", "shard", b"shard", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

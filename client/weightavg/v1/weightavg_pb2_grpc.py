@@ -316,6 +316,11 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.AllReduce = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/AllReduce',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -760,6 +765,17 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllReduce(self, request, context):
+        """-- Cluster (torchrun) ----------------------------------------------------------------------------
+
+        AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
+        dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+        are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightAveragingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1042,6 +1058,11 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.CreateDictionaryFromSharedMemory,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryResponse.SerializeToString,
+            ),
+            'AllReduce': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllReduce,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2558,6 +2579,33 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/CreateDictionaryFromSharedMemory',
             weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.CreateDictionaryFromSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllReduce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/AllReduce',
+            weightavg_dot_v1_dot_weightavg__pb2.AllReduceRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.AllReduceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -223,6 +223,13 @@ class WeightAveragingServiceStub:
     """CreateDictionaryFromSharedMemory creates a dictionary of tensors read from a registered region,
     as CreateDictionary does from a stream.
     """
+    AllReduce: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.AllReduceRequest, _weightavg_pb2.AllReduceResponse]
+    """-- Cluster (torchrun) ----------------------------------------------------------------------------
+
+    AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
+    dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+    are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -414,6 +421,13 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     CreateDictionaryFromSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateDictionaryFromSharedMemoryRequest, _weightavg_pb2.CreateDictionaryFromSharedMemoryResponse]  # type: ignore[assignment]
     """CreateDictionaryFromSharedMemory creates a dictionary of tensors read from a registered region,
     as CreateDictionary does from a stream.
+    """
+    AllReduce: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.AllReduceRequest, _weightavg_pb2.AllReduceResponse]  # type: ignore[assignment]
+    """-- Cluster (torchrun) ----------------------------------------------------------------------------
+
+    AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
+    dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+    are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
     """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -939,6 +953,19 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_weightavg_pb2.CreateDictionaryFromSharedMemoryResponse, _abc.Awaitable[_weightavg_pb2.CreateDictionaryFromSharedMemoryResponse]]:
         """CreateDictionaryFromSharedMemory creates a dictionary of tensors read from a registered region,
         as CreateDictionary does from a stream.
+        """
+
+    @_abc_1.abstractmethod
+    def AllReduce(
+        self,
+        request: _weightavg_pb2.AllReduceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.AllReduceResponse, _abc.Awaitable[_weightavg_pb2.AllReduceResponse]]:
+        """-- Cluster (torchrun) ----------------------------------------------------------------------------
+
+        AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
+        dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+        are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
         """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

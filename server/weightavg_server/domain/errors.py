@@ -74,3 +74,10 @@ def did_you_mean(given: str, valid: Iterable[str]) -> str:
     if not close:
         return ""
     return "; did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?"
+
+
+class Unavailable(WeightavgError):
+    """The server cannot serve the call now (a rank of its cluster died); retrying later, once the
+    cluster has restarted, may succeed."""
+
+    code = "UNAVAILABLE"

@@ -20,6 +20,7 @@ from .config import ServerConfig
 from ..domain import optimizers
 from ..domain.devices import server_device
 from ..service import Service, Settings
+from ..cluster import ClusterService, Fabric
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import SessionInterceptor
 from ..transport.tenancy import TenantInterceptor, Tokens
@@ -90,6 +91,8 @@ class Runtime:
     device: torch.device
     service: Service
     tokens: Tokens = field(default_factory=lambda: Tokens(token_table("", "")))
+    cluster: ClusterService | None = None
+    """Under torchrun with several ranks: rank 0's service, which also reaches the other ranks."""
     reaper: Reaper = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +117,9 @@ class Runtime:
         return True
 
     def start(self) -> None:
+        if self.cluster is not None:
+            self.cluster.on_broken = lambda reason: set_serving(self.health, False)
+            self.cluster.start()
         self.server.start()
         self.reaper.start()
         set_serving(self.health, True)
@@ -123,7 +129,9 @@ class Runtime:
         set_serving(self.health, False)
         self.server.stop(grace).wait()
         self.reaper.stop()
-        if self.config.state_dir:
+        if self.cluster is not None:  # every rank snapshots at once, or none (a broken cluster) does
+            self.cluster.shutdown(save=bool(self.config.state_dir))
+        elif self.config.state_dir:
             result = snapshot.save(self.registry, self.config.state_dir, copy=False)
             log.info("saved %d handle(s) to %s", result.handles, result.directory)
 
@@ -183,7 +191,8 @@ def settings(config: ServerConfig, device: torch.device) -> Settings:
 
 
 def create_runtime(
-    config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None
+    config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None,
+    fabric: Fabric | None = None,
 ) -> Runtime:
     """Build (but do not start) a server, restoring the snapshot in config.state_dir first if there is one.
 
@@ -191,7 +200,7 @@ def create_runtime(
         snapshot.SnapshotError: the snapshot on disk is torn or modified; the server must not start.
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
-    device = server_device(config.device)
+    device = fabric.device if fabric is not None else server_device(config.device)
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
@@ -220,7 +229,8 @@ def create_runtime(
         # Beyond this many calls in flight, new ones get RESOURCE_EXHAUSTED rather than queueing forever.
         maximum_concurrent_rpcs=config.max_workers * 4,
     )
-    service = Service(registry, settings(config, device))
+    cluster = ClusterService(registry, settings(config, device), fabric) if fabric is not None else None
+    service = cluster if cluster is not None else Service(registry, settings(config, device))
     servicer = WeightAveragingServicer(
         service, max_message_bytes=config.max_message_bytes, chunk_bytes=config.chunk_bytes,
         max_upload_bytes=config.max_upload_bytes, stats=stats,
@@ -244,7 +254,7 @@ def create_runtime(
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
         f"tokens from {config.tokens}" if config.tokens else "token required" if config.token else "no token",
     )
-    return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens)
+    return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens, cluster)
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

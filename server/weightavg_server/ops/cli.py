@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,7 +14,13 @@ from collections.abc import Sequence
 import torch
 
 from .. import __version__
-from .app import create_runtime
+from .. import cluster
+from ..domain import optimizers
+from ..service import Service
+from ..store import snapshot
+from ..store.limits import Limits
+from ..store.registry import Registry
+from .app import create_runtime, settings
 from .config import ENV_PREFIX, ServerConfig
 from ..store.snapshot import SnapshotError
 
@@ -64,6 +72,9 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--max-request-ids", "max_request_ids", int, "most request IDs remembered; the oldest go first"),
     ("--max-request-id-bytes", "max_request_id_bytes", int,
      "most bytes remembered answers may hold (an epoch's metrics can be tensors); the oldest go first"),
+    ("--cluster-timeout-seconds", "cluster_timeout_seconds", float,
+     "under torchrun: how long a rank waits on another before the cluster is declared broken (health "
+     "NOT_SERVING, calls UNAVAILABLE); also the longest a call on replicated objects may run"),
     ("--log-level", "log_level", str, "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
 ]
 
@@ -102,8 +113,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain: NOT_SERVING, refuse new calls, let in-flight ones
-    finish, and with a state directory write a snapshot of every live handle."""
-    runtime = create_runtime(config)
+    finish, and with a state directory write a snapshot of every live handle.
+
+    Under torchrun with several ranks, every rank joins the process group first; rank 0 serves,
+    the others execute its commands (docs/cluster.md), each with its own state directory."""
+    fabric = cluster.join(config.device, config.cluster_timeout_seconds)
+    if fabric is not None and config.state_dir:
+        config = dataclasses.replace(config, state_dir=os.path.join(config.state_dir, f"rank-{fabric.rank}"))
+    if fabric is not None and fabric.rank != 0:
+        follow_rank(config, fabric)
+        return
+    runtime = create_runtime(config, fabric=fabric)
     torch.zeros(1, device=runtime.device)  # the device must really work before health says SERVING
     metrics = None
     if config.metrics_port >= 0:
@@ -120,7 +140,8 @@ def serve(config: ServerConfig) -> None:
     # that does not load leaves the tokens in force as they were.
     signal.signal(signal.SIGHUP, lambda *_: runtime.reload_tokens())
     runtime.start()
-    print(f"weightavg serving on {config.host}:{runtime.port}", flush=True)
+    ranks = f" (rank 0 of {fabric.world_size})" if fabric is not None else ""
+    print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
     if metrics is not None:
         print(f"weightavg metrics on http://{config.host}:{metrics.port}/metrics", flush=True)
     stop.wait()
@@ -133,6 +154,28 @@ def serve(config: ServerConfig) -> None:
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
+    """A rank other than 0: restore its snapshot, then execute rank 0's commands until told to stop."""
+    # Rank 0 decides when the cluster stops (and snapshots it first); torchrun's SIGTERM reaches every
+    # rank at once, so the others wait for rank 0's stop, or fail when it is gone.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    registry = Registry()
+    registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
+    optimizers.prepare()
+    if config.state_dir:
+        restored = snapshot.load(registry, config.state_dir, fabric.device)
+        log.info("rank %d restored %d handle(s) from %s", fabric.rank, restored, config.state_dir)
+    service = Service(registry, settings(config, fabric.device))
+    try:
+        cluster.follow(service, fabric)
+    except RuntimeError as exc:
+        log.error("rank %d: lost rank 0 (%s); exiting so that torchrun restarts the group", fabric.rank, exc)
+        raise SystemExit(1) from None
+    finally:
+        cluster.leave()
 
 
 def audit_to_file(path: str) -> None:

@@ -33,6 +33,9 @@ DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_REQUEST_ID_WINDOW_SECONDS = requests.DEFAULT_WINDOW_SECONDS
 DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
 DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
+DEFAULT_CLUSTER_TIMEOUT_SECONDS = 300.0
+"""Under torchrun: how long a rank waits on another (a command, a result, a collective) before the
+cluster is declared broken; also the longest a call on replicated objects may run."""
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -83,6 +86,8 @@ class ServerConfig:
     max_request_id_bytes: int = DEFAULT_MAX_REQUEST_ID_BYTES
     # Co-located clients (docs/security.md): map shared memory regions clients on this host register.
     allow_shm: bool = False
+    # The cluster under torchrun (docs/cluster.md).
+    cluster_timeout_seconds: float = DEFAULT_CLUSTER_TIMEOUT_SECONDS
 
     def __repr__(self) -> str:
         # The token is a secret: never let it reach a log line through the config's repr.

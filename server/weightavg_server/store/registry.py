@@ -103,9 +103,18 @@ class TenantUsage:
     quota: Quota
 
 
+HANDLE_BITS: contextvars.ContextVar[Callable[[], str] | None] = contextvars.ContextVar(
+    "weightavg_handle_bits", default=None
+)
+"""While set, where new handle IDs take their 128 bits (32 hex digits) from: the cluster sets it to a
+generator seeded by rank 0 with fresh random bits, so the ranks of a replicated call create the same
+handles, still unguessable."""
+
+
 def new_handle_id(kind: Kind) -> str:
     """An unguessable ID: 128 random bits behind a short kind prefix that only helps reading logs."""
-    return f"{_PREFIXES[kind]}_{secrets.token_hex(16)}"
+    bits = HANDLE_BITS.get()
+    return f"{_PREFIXES[kind]}_{bits() if bits is not None else secrets.token_hex(16)}"
 
 
 Need = Mapping[str, int] | Callable[[], Mapping[str, int]]

