@@ -161,11 +161,12 @@ def test_sharded_local_sgd_equals_a_torch_distributed_script(cluster: Cluster, t
     data = tmp_path / "in.pt"
     torch.save({"x": x, "y": y, "weight": weight, "bias": bias, "lr": lr, "batch": batch, "rounds": rounds,
                 "epochs": 1}, data)
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(ROOT / "tests" / "localsgd_oracle.py"), str(data), str(tmp_path / "out.pt")],
-        check=True, timeout=START_SECONDS, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        timeout=START_SECONDS, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
     )
+    assert done.returncode == 0, f"the oracle failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     oracle = torch.load(tmp_path / "out.pt")
     for name in ("weight", "bias"):
         assert np.abs(ours[name] - oracle[name].numpy()).max() <= 1e-6, name
