@@ -186,9 +186,6 @@ def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> No
             time.sleep(0.5)
 
 
-@pytest.mark.skip(reason="not met yet: torchrun restarts both ranks, but the second round's gloo "
-                  "init_process_group times out in connectFullMesh (100 s) on this machine; the snapshot "
-                  "per rank is written and restored per rank (--state-dir/rank-N)")
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
     """--max-restarts 1 and a snapshot: after rank 1 is killed, torchrun restarts both ranks, each
     restores its own snapshot, and the same handles hold the same values on both ranks."""

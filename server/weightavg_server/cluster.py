@@ -109,7 +109,14 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait = timedelta(seconds=timeout)
-    dist.init_process_group(backend=backend, timeout=wait)
+    store, _, _ = next(dist.rendezvous("env://", timeout=wait))
+    # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
+    # writes its keys (each rank's gloo address) under the same names every round: after a restart the
+    # new ranks would read the dead ranks' addresses and time out in gloo's connectFullMesh. Every
+    # attempt gets keys of its own; all ranks of a round share its restart count.
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.PrefixStore(f"weightavg/attempt-{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=wait)
     control = dist.new_group(backend="gloo", timeout=wait)
     devices: list[Any] = [None] * world
     dist.all_gather_object(devices, str(device), group=control)
