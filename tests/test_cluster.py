@@ -22,6 +22,8 @@ import torch
 
 from weightavg import Client, FailedPreconditionError, UnavailableError
 from weightavg._retry import RetryPolicy
+from weightavg_server import cluster as fabric
+from weightavg_server.store.snapshot import SnapshotError
 
 ROOT = Path(__file__).resolve().parent.parent
 START_SECONDS = 120.0
@@ -91,6 +93,10 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+def cluster_generations(directory: Path) -> list[int]:
+    return fabric.generations(str(directory))
 
 
 def client(address: str) -> Client:
@@ -186,20 +192,23 @@ def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> No
             time.sleep(0.5)
 
 
-@pytest.mark.skip(reason="not met yet: torchrun restarts both ranks, but the second round's gloo "
-                  "init_process_group times out in connectFullMesh (100 s) on this machine; the snapshot "
-                  "per rank is written and restored per rank (--state-dir/rank-N)")
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
-    """--max-restarts 1 and a snapshot: after rank 1 is killed, torchrun restarts both ranks, each
-    restores its own snapshot, and the same handles hold the same values on both ranks."""
-    cluster = Cluster(tmp_path, "--max-restarts=1", "--state-dir", str(tmp_path / "state"))
+    """--max-restarts 1 and periodic snapshots: after rank 1 is killed, torchrun restarts both ranks,
+    every rank restores the same generation, and the same handles hold the same values on both ranks."""
+    state = tmp_path / "state"
+    cluster = Cluster(tmp_path, "--max-restarts=1", "--state-dir", str(state), "--snapshot-every", "0.5")
     try:
         with client(cluster.address) as c:
             m = c.module(["linear", 3, 2], replicate=True)
             for r in range(2):
                 c.parm(m, "weight", np.full((2, 3), 2.0 * r, np.float32), rank=r)
             d = c.dict({"w": np.arange(3, dtype=np.float32)}, rank=1)
-            c.snapshot()
+        # A generation begun after the last change: two past the newest one seen now.
+        wanted = max(cluster_generations(state / "rank-0"), default=0) + 2
+        deadline = time.monotonic() + WAIT
+        while not all(max(cluster_generations(state / f"rank-{r}"), default=0) >= wanted for r in range(2)):
+            assert time.monotonic() < deadline, f"no snapshot generation {wanted} within {WAIT} s"
+            time.sleep(0.2)
         os.kill(cluster.rank_pid(1), signal.SIGKILL)
         address = cluster.wait_serving(1)
         with client(address) as c:
@@ -210,3 +219,26 @@ def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
             assert c.parm(m, "weight", rank=1).tolist() == [[1.0] * 3] * 2
     finally:
         cluster.stop()
+    log = cluster.out.read_text()
+    restored = re.findall(r"rank (\d) restores snapshot generation (\d+)", log)
+    assert {r for r, _ in restored} == {"0", "1"} and len({g for _, g in restored}) == 1, restored
+
+
+def test_ranks_restore_the_newest_generation_all_of_them_hold(tmp_path: Path) -> None:
+    """A snapshot counts only once every rank wrote it: rank 0 finished generation 3, rank 1 died
+    writing it (no manifest), so both restore 2, and 3 is removed."""
+    for rank, gens in ((0, (2, 3)), (1, (2,))):
+        for g in gens:
+            (tmp_path / f"rank-{rank}" / f"gen-{g}").mkdir(parents=True)
+            (tmp_path / f"rank-{rank}" / f"gen-{g}" / "manifest.json").write_text("{}")
+    (tmp_path / "rank-1" / "gen-3").mkdir()  # torn: its manifest is written last
+    held = [fabric.generations(str(tmp_path / f"rank-{r}")) for r in range(2)]
+    assert held == [[2, 3], [2]]
+    assert fabric.common_generation(held) == 2
+    assert fabric.common_generation([[], []]) == 0
+    with pytest.raises(SnapshotError, match="no common generation"):
+        fabric.common_generation([[4], []])
+    for r in range(2):
+        fabric.prune(str(tmp_path / f"rank-{r}"), 2)
+        assert sorted(p.name for p in (tmp_path / f"rank-{r}").iterdir()) == ["gen-2"]
+        assert fabric.restore_dir(str(tmp_path / f"rank-{r}")).endswith("gen-2")

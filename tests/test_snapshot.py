@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,24 @@ def test_sigterm_mid_run_keeps_every_averaged_dictionary(tmp_path: Path) -> None
     finally:
         code, err = again.terminate()
     assert code == 0, err
+
+
+def test_snapshot_every_writes_snapshots_while_serving(tmp_path: Path) -> None:
+    """--snapshot-every: a snapshot appears without SIGTERM or a request, and holds what was made."""
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "s"), snapshot_every=0.2)
+    runtime = create_runtime(config)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
+            m = c.module(["linear", 3, 2])
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "s" / "manifest.json").exists() or snapshot.load(Registry(), tmp_path / "s", torch.device("cpu")) < 1:
+            assert time.monotonic() < deadline, "no periodic snapshot within 30 s"
+            time.sleep(0.1)
+    finally:
+        runtime.stop(None)
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "s", torch.device("cpu")) == 1 and m.id in dict(restored.items())
 
 
 # -- damaged snapshots -----------------------------------------------------------------------------------

@@ -29,14 +29,18 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore
+from torch.distributed.rendezvous import rendezvous
 
 from .domain import collectives, specs
 from .domain.errors import FailedPrecondition, InvalidArgument, Unavailable, WeightavgError
@@ -44,6 +48,7 @@ from .service import (
     NOTHING, Named, Placement, RankInfo, Reduced, Ref, Service, Settings, StopCheck, Upload, OnHeader,
 )
 from .store import snapshot
+from .store.snapshot import SnapshotResult
 from .store.registry import CALLER_SESSION, HANDLE_BITS, Registry
 from .store.requests import RequestKey
 from .store.tenants import CALLER, Caller
@@ -109,12 +114,86 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait = timedelta(seconds=timeout)
-    dist.init_process_group(backend=backend, timeout=wait)
+    store, _, _ = next(rendezvous("env://", timeout=wait))
+    # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
+    # writes its keys (each rank's gloo address) under the same names every round: after a restart the
+    # new ranks would read the dead ranks' addresses and time out in gloo's connectFullMesh. Every
+    # attempt gets keys of its own; all ranks of a round share its restart count.
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = PrefixStore(f"weightavg/attempt-{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=wait)
     control = dist.new_group(backend="gloo", timeout=wait)
     devices: list[Any] = [None] * world
     dist.all_gather_object(devices, str(device), group=control)
     log.info("rank %d of %d joined on %s (data backend %s)", rank, world, device, backend)
     return Fabric(rank, world, device, tuple(str(d) for d in devices), backend, control, timeout)
+
+
+# -- snapshots ------------------------------------------------------------------------------------------
+# Each rank writes its snapshot to --state-dir/rank-N/gen-G (a whole snapshot directory, store/snapshot.py)
+# with a generation G that rank 0 chose for all ranks; the older generations are removed only once every
+# rank wrote G. A restart restores the newest generation that every rank holds, so the ranks never
+# come back from snapshots of different moments.
+
+_GENERATION_DIR = re.compile(r"^gen-(\d+)$")
+
+
+def generation_dir(directory: str, generation: int) -> str:
+    return os.path.join(directory, f"gen-{generation}")
+
+
+def generations(directory: str) -> list[int]:
+    """The generations this rank wrote whole (gen-G holding its manifest, written last), oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = (_GENERATION_DIR.match(p.name) for p in root.iterdir())
+    return sorted(int(m.group(1)) for m in found if m and (root / m.group(0) / snapshot.MANIFEST).is_file())
+
+
+def common_generation(held: Sequence[Sequence[int]]) -> int:
+    """The newest generation every rank holds; 0 when no rank holds any.
+
+    Raises:
+        SnapshotError: ranks hold snapshots but none in common (a state directory lost or replaced):
+            restoring some ranks and not others would serve a mix, so the cluster does not start.
+    """
+    shared = set(held[0]).intersection(*held[1:]) if held else set()
+    if shared:
+        return max(shared)
+    if any(held):
+        raise snapshot.SnapshotError(
+            f"the ranks hold snapshots of no common generation ({', '.join(f'rank {r}: {list(g)}' for r, g in enumerate(held))}); "
+            "restore the missing rank-N directories, or move --state-dir away to start empty"
+        )
+    return 0
+
+
+def prune(directory: str, keep: int) -> None:
+    """Remove every generation but `keep` (older ones, and newer ones that not every rank finished)."""
+    root = Path(directory)
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _GENERATION_DIR.match(p.name)
+            if m and int(m.group(1)) != keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def restore_dir(directory: str) -> str:
+    """The snapshot a rank restores after agree_on_snapshot left one generation (or none: nothing to restore)."""
+    held = generations(directory)
+    return generation_dir(directory, held[-1]) if held else os.path.join(directory, "gen-none")
+
+
+def agree_on_snapshot(fabric: Fabric, directory: str) -> int:
+    """Before any rank restores: the generation all restore (0: none), the others removed on every rank."""
+    held: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(held, generations(directory), group=fabric.control)
+    generation = common_generation(held)
+    prune(directory, generation)
+    if generation:
+        log.info("rank %d restores snapshot generation %d", fabric.rank, generation)
+    return generation
 
 
 def leave() -> None:
@@ -215,8 +294,12 @@ def _handles(service: Service, fabric: Fabric) -> list[str]:
     return [h for h, _ in service.store.items()]
 
 
-def _snapshot(service: Service, fabric: Fabric) -> snapshot.SnapshotResult:
-    return Service.snapshot(service)
+def _snapshot(service: Service, fabric: Fabric, generation: int, copy: bool) -> snapshot.SnapshotResult:
+    return snapshot.save(service.store, generation_dir(service.settings.state_dir, generation), copy=copy)
+
+
+def _commit(service: Service, fabric: Fabric, generation: int) -> None:
+    prune(service.settings.state_dir, generation)
 
 
 RANK_OPS: dict[str, Callable[..., Any]] = {
@@ -227,6 +310,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_broadcast": _broadcast,
     "_handles": _handles,
     "_snapshot": _snapshot,
+    "_commit": _commit,
 }
 """Operations only ranks perform (rank 0 included), beside the Service methods."""
 
@@ -296,6 +380,9 @@ class ClusterService(Service):
         self._broken = ""
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping, name="weightavg-cluster-ping", daemon=True)
+        self._saving = threading.Lock()
+        self.generation = max(generations(settings.state_dir), default=0) if settings.state_dir else 0
+        """The last snapshot generation every rank wrote (the one restored, after agree_on_snapshot)."""
 
     # -- the channel ------------------------------------------------------------------------------
 
@@ -552,11 +639,23 @@ class ClusterService(Service):
         self._check()
         return [x for x in self._call("_inventory", ALL, ()) if isinstance(x, RankInfo)]
 
-    def snapshot(self) -> snapshot.SnapshotResult:
-        """Every rank writes its own snapshot (its --state-dir/rank-N); rank 0's result."""
+    def snapshot(self) -> SnapshotResult:
+        """Every rank writes its own snapshot (its --state-dir/rank-N/gen-G); rank 0's result."""
+        CALLER.get().require_admin("a snapshot")
+        if not self.settings.state_dir:
+            raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
         self._check()
-        result: snapshot.SnapshotResult = self._call("_snapshot", ALL, ())[0]
-        return result
+        return self.save_all()
+
+    def save_all(self, copy: bool = True) -> SnapshotResult:
+        """Every rank writes the next generation; once all have, each removes the older ones (the
+        commit), so the newest generation every rank holds is always a whole cluster snapshot."""
+        with self._saving:
+            generation = self.generation + 1
+            result: SnapshotResult = self._call("_snapshot", ALL, (generation, copy))[0]
+            self._call("_commit", ALL, (generation,))
+            self.generation = generation
+            return result
 
     def shutdown(self, save: bool) -> None:
         """Stop pinging; unless broken, have every rank snapshot (with a state directory) and stop."""
@@ -568,7 +667,7 @@ class ClusterService(Service):
             return
         try:
             if save:
-                self._call("_snapshot", ALL, ())
+                self.save_all(copy=False)
             self._send(Command("_stop"))
         except WeightavgError as exc:
             log.error("cluster shutdown: %s", exc)

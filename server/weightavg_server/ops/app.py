@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,10 @@ from ..store import snapshot
 from .config import ServerConfig
 from ..domain import optimizers
 from ..domain.devices import server_device
+from ..domain.errors import WeightavgError
 from ..service import Service, Settings
 from ..cluster import ClusterService, Fabric
+from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import SessionInterceptor
 from ..transport.tenancy import TenantInterceptor, Tokens
@@ -94,9 +97,18 @@ class Runtime:
     cluster: ClusterService | None = None
     """Under torchrun with several ranks: rank 0's service, which also reaches the other ranks."""
     reaper: Reaper = field(init=False)
+    snapshotter: Snapshotter | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.reaper = Reaper(self.registry)
+        if self.config.state_dir and self.config.snapshot_every > 0:
+            self.snapshotter = Snapshotter(self._save, self.config.snapshot_every)
+
+    def _save(self) -> snapshot.SnapshotResult:
+        """One snapshot while serving: of every rank under torchrun, else of this server."""
+        if self.cluster is not None:
+            return self.cluster.save_all()
+        return snapshot.save(self.registry, self.config.state_dir)
 
     def reload_tokens(self) -> bool:
         """Reread the tokens file (SIGHUP): the new table replaces the old whole, so a removed token
@@ -122,6 +134,8 @@ class Runtime:
             self.cluster.start()
         self.server.start()
         self.reaper.start()
+        if self.snapshotter is not None:
+            self.snapshotter.start()
         set_serving(self.health, True)
 
     def stop(self, grace: float | None) -> None:
@@ -129,6 +143,8 @@ class Runtime:
         set_serving(self.health, False)
         self.server.stop(grace).wait()
         self.reaper.stop()
+        if self.snapshotter is not None:  # before the shutdown snapshot, which it must not race
+            self.snapshotter.stop()
         if self.cluster is not None:  # every rank snapshots at once, or none (a broken cluster) does
             self.cluster.shutdown(save=bool(self.config.state_dir))
         elif self.config.state_dir:
@@ -160,6 +176,34 @@ class Reaper:
                 self._registry.expire()
             except Exception:  # noqa: BLE001 - the reaper must outlive any one bad sweep
                 log.exception("session reaper sweep failed")
+
+
+class Snapshotter:
+    """A daemon thread that writes a snapshot every `interval` seconds (--snapshot-every), so a crash
+    or a restarted cluster loses at most that much."""
+
+    def __init__(self, save: Callable[[], object], interval: float) -> None:
+        self._save = save
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="weightavg-snapshots", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._save()
+            except WeightavgError as exc:  # a broken cluster, a full disk: the last complete snapshot stays
+                log.warning("periodic snapshot not written: %s", exc)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one bad snapshot
+                log.exception("periodic snapshot failed")
 
 
 def _read(path: str, what: str) -> bytes:
@@ -208,7 +252,9 @@ def create_runtime(
     registry.set_quotas(tokens.table.quotas)
     registry.requests.configure(config.request_id_window_seconds, config.max_request_ids, config.max_request_id_bytes)
     if config.state_dir:
-        restored = snapshot.load(registry, config.state_dir, device)
+        # A cluster rank restores the generation every rank agreed on (cluster.agree_on_snapshot).
+        source = cluster_restore_dir(config.state_dir) if fabric is not None else config.state_dir
+        restored = snapshot.load(registry, source, device)
         if restored:
             log.info("restored %d handle(s) from %s", restored, config.state_dir)
     stats = stats if stats is not None else RpcStats()

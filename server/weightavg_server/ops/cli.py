@@ -65,6 +65,8 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--state-dir", "state_dir", str,
      "directory for snapshots: restored on start (torn or modified ones are refused), written on "
      "SIGTERM/SIGINT and by `weightavg snapshot`"),
+    ("--snapshot-every", "snapshot_every", float,
+     "with --state-dir: also write a snapshot every this many seconds (0: only on shutdown and on request)"),
     ("--session-lease-seconds", "session_lease_seconds", float, "lease of a session that asks for the default (0)"),
     ("--max-session-lease-seconds", "max_session_lease_seconds", float, "longest lease a session may ask for"),
     ("--request-id-window-seconds", "request_id_window_seconds", float,
@@ -120,6 +122,7 @@ def serve(config: ServerConfig) -> None:
     fabric = cluster.join(config.device, config.cluster_timeout_seconds)
     if fabric is not None and config.state_dir:
         config = dataclasses.replace(config, state_dir=os.path.join(config.state_dir, f"rank-{fabric.rank}"))
+        cluster.agree_on_snapshot(fabric, config.state_dir)  # every rank restores the same generation
     if fabric is not None and fabric.rank != 0:
         follow_rank(config, fabric)
         return
@@ -166,7 +169,7 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
     registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
     optimizers.prepare()
     if config.state_dir:
-        restored = snapshot.load(registry, config.state_dir, fabric.device)
+        restored = snapshot.load(registry, cluster.restore_dir(config.state_dir), fabric.device)
         log.info("rank %d restored %d handle(s) from %s", fabric.rank, restored, config.state_dir)
     service = Service(registry, settings(config, fabric.device))
     try:

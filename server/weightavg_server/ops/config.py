@@ -74,6 +74,8 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     state_dir: str = ""
+    snapshot_every: float = 0.0
+    """Seconds between periodic snapshots into state_dir; 0: none."""
     session_lease_seconds: float = DEFAULT_SESSION_LEASE_SECONDS
     max_session_lease_seconds: float = DEFAULT_MAX_SESSION_LEASE_SECONDS
     keepalive_time_seconds: float = DEFAULT_KEEPALIVE_TIME_SECONDS
