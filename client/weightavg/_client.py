@@ -23,7 +23,7 @@ from ._errors import (
     FailedPreconditionError, NotFoundError, UnavailableError, UnimplementedError, WeightavgError, from_rpc_error,
 )
 from ._records import Handle, HandleInfo, ModuleRow, Soup
-from ._retry import Replayable, RetryInterceptor, RetryPolicy, new_request_id
+from ._retry import DirectUnaryChannel, Replayable, RetryInterceptor, RetryPolicy, new_request_id
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -306,8 +306,12 @@ class Client:
         self._metadata = _AddMetadata({"authorization": f"Bearer {token}"} if token else {})
         self.retry = retry
         # Retries outermost, so that each attempt passes the metadata interceptor afresh.
-        self._channel = grpc.intercept_channel(channel, RetryInterceptor(retry), self._metadata)
-        self._stub = pb_grpc.WeightAveragingServiceStub(self._channel)
+        retrying = RetryInterceptor(retry)
+        self._channel = grpc.intercept_channel(channel, retrying, self._metadata)
+        # Unary calls skip gRPC's interceptor pipeline and do the same themselves (_retry.DirectUnaryChannel).
+        self._stub = pb_grpc.WeightAveragingServiceStub(
+            DirectUnaryChannel(channel, self._channel, retrying, self._metadata.pairs)
+        )
         # Tensor streams are encoded and decoded by hand (same bytes as protobuf's) so tensor data
         # is copied once on this side; through protobuf it is copied three times (docs/perf.md).
         self._fetch_tensors: grpc.UnaryStreamMultiCallable[pb.FetchTensorsRequest, Any] = self._channel.unary_stream(

@@ -217,10 +217,10 @@ class Service:
     def _source(self, handle: str) -> tuple[Entry, nn.Module | TensorDict]:
         """What an average folds in: a module (a model's, an optimizer's) or a dictionary's entries."""
         entry = self.store.get(handle, *MODULE_KINDS, Kind.DICTIONARY)
-        if entry.kind is Kind.DICTIONARY:
-            source: nn.Module | TensorDict = entry.obj
+        source: nn.Module | TensorDict = entry.obj
+        if entry.kind is Kind.DICTIONARY or entry.kind is Kind.MODULE:
             return entry, source
-        return self._module(handle)
+        return entry, entry.obj.module  # a model's or an optimizer's module, as _module resolves it
 
     def _model(self, handle: str) -> tuple[Entry, training.Model]:
         entry = self.store.get(handle, Kind.MODEL)

@@ -137,6 +137,8 @@ def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 
 def _check_own_memory(name: str, avg: torch.Tensor) -> None:
     """An entry written in place needs its own memory per element."""
+    if avg.is_contiguous() and avg.numel():  # the usual entry: a contiguous non-empty tensor has no zero
+        return  # stride over a dimension of size > 1, decided in C instead of a walk over the strides
     if any(stride == 0 and size > 1 for stride, size in zip(avg.stride(), avg.shape)):
         raise InvalidArgument(
             f"'{name}' shares memory between its elements (an expanded tensor); set it to a full tensor"

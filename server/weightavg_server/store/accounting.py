@@ -159,6 +159,8 @@ class Ledger:
             del self._holders[id(obj)]
 
     def _set_keys(self, holder: _Holder, keys: frozenset[StorageKey]) -> None:
+        if keys == holder.keys:  # the usual recharge: a change in place reaches the same allocations
+            return
         for key in holder.keys - keys:
             self._storages[key] -= 1
             if self._storages[key] == 0:

@@ -213,10 +213,14 @@ class Registry:
             self.grow(reservation, handles, nbytes)
             yield reservation
         finally:
-            with self._lock:
-                self._ledger.release(reservation)
-                if reservation.tenant is not None and reservation.quota is not None:
-                    self._tenant(reservation.tenant).release(reservation.quota)
+            self._release(reservation)
+
+    def _release(self, reservation: Reservation) -> None:
+        """Give back what is left of a reservation, in the server's ledger and its tenant's."""
+        with self._lock:
+            self._ledger.release(reservation)
+            if reservation.tenant is not None and reservation.quota is not None:
+                self._tenant(reservation.tenant).release(reservation.quota)
 
     def grow(self, reservation: Reservation, handles: int = 0, nbytes: Mapping[str, int] | None = None) -> None:
         """Add to a reservation (e.g. as each tensor's header of an upload arrives), checked against
@@ -244,14 +248,21 @@ class Registry:
             ResourceExhausted: the change would not fit under the caps; nothing was changed.
             PermissionDenied: the caller's token is a reader's.
         """
-        CALLER.get().require_writer("changing an object")
+        caller = CALLER.get()
+        caller.require_writer("changing an object")
         with locked(*entries, *reading):
-            with self.reserve() as reservation:
-                self.grow(reservation, nbytes=need() if callable(need) else need)
+            reservation = Reservation(tenant=caller.tenant, quota=Reservation())
+            try:
+                wanted = need() if callable(need) else need
+                if wanted:  # most changes allocate nothing: no trip through the caps for an empty need
+                    self.grow(reservation, nbytes=wanted)
                 try:
                     yield reservation
                 finally:
                     self._recharge({id(e.lock) for e in entries})
+            finally:
+                if _holds_room(reservation):  # the body may have grown it (an upload's tensors)
+                    self._release(reservation)
 
     def reading(self, *entries: Entry) -> contextlib.AbstractContextManager[None]:
         """Lock objects for a call that changes nothing they hold.
@@ -598,15 +609,21 @@ def locked(*entries: Entry, check_live: bool = True) -> Iterator[None]:
     Once they are held, a handle freed while this call waited raises NotFound (unless check_live
     is false), so nothing works on an object after its handle is gone.
     """
-    locks = sorted({id(e.lock): e.lock for e in entries}.items())
-    with contextlib.ExitStack() as stack:
-        for _, lock in locks:
-            stack.enter_context(lock)
+    # Acquired and released by hand rather than through an ExitStack: this runs on every call.
+    locks = [entries[0].lock] if len(entries) == 1 else [lock for _, lock in sorted({id(e.lock): e.lock for e in entries}.items())]
+    taken: list[threading.RLock] = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            taken.append(lock)
         if check_live:
             for e in entries:
                 if e.freed:
                     raise NotFound(f"the {e.kind.value} handle was freed while this call waited for it")
         yield
+    finally:
+        for lock in reversed(taken):
+            lock.release()
 
 
 def describe(entry: Entry) -> HandleSummary | None:
@@ -629,6 +646,15 @@ def describe(entry: Entry) -> HandleSummary | None:
         except RuntimeError:  # a dictionary changed size during iteration
             continue
     return EMPTY_SUMMARY
+
+
+def _holds_room(reservation: Reservation) -> bool:
+    """Whether giving the reservation back would change a ledger (handles or bytes left in it or its quota)."""
+    quota = reservation.quota
+    return bool(
+        reservation.handles or any(reservation.nbytes.values())
+        or (quota is not None and (quota.handles or any(quota.nbytes.values())))
+    )
 
 
 def _quota_limits(quota: Quota) -> Limits:

@@ -344,6 +344,8 @@ def register_answer_type(cls: type[T]) -> type[T]:
 
 def answer_bytes(value: object) -> int:
     """About the bytes an answer holds: tensor data and strings, plus a little per item."""
+    if value is None or type(value) in (int, float, bool):  # most answers: a count
+        return 32
     if isinstance(value, torch.Tensor):
         return 128 + value.numel() * value.element_size()
     if isinstance(value, str):
