@@ -96,13 +96,13 @@ class Runtime:
     tokens: Tokens = field(default_factory=lambda: Tokens(token_table("", "")))
     cluster: ClusterService | None = None
     """Under torchrun with several ranks: rank 0's service, which also reaches the other ranks."""
-    reaper: Reaper = field(init=False)
-    snapshotter: Snapshotter | None = field(init=False, default=None)
+    reaper: Periodic = field(init=False)
+    snapshotter: Periodic | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.reaper = Reaper(self.registry)
+        self.reaper = reaper(self.registry)
         if self.config.state_dir and self.config.snapshot_every > 0:
-            self.snapshotter = Snapshotter(self._save, self.config.snapshot_every)
+            self.snapshotter = snapshotter(self._save, self.config.snapshot_every)
 
     def _save(self) -> snapshot.SnapshotResult:
         """One snapshot while serving: of every rank under torchrun, else of this server."""
@@ -152,41 +152,16 @@ class Runtime:
             log.info("saved %d handle(s) to %s", result.handles, result.directory)
 
 
-class Reaper:
-    """A daemon thread that ends expired sessions once a second, freeing their handles."""
+class Periodic:
+    """A daemon thread that runs `work` every `interval` seconds until stopped. A run that fails is
+    logged and the next one goes on: the thread must outlive any one bad run."""
 
-    INTERVAL = 1.0
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="weightavg-reaper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.INTERVAL):
-            try:
-                self._registry.expire()
-            except Exception:  # noqa: BLE001 - the reaper must outlive any one bad sweep
-                log.exception("session reaper sweep failed")
-
-
-class Snapshotter:
-    """A daemon thread that writes a snapshot every `interval` seconds (--snapshot-every), so a crash
-    or a restarted cluster loses at most that much."""
-
-    def __init__(self, save: Callable[[], object], interval: float) -> None:
-        self._save = save
+    def __init__(self, name: str, interval: float, work: Callable[[], object]) -> None:
+        self._name = name
         self._interval = interval
+        self._work = work
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="weightavg-snapshots", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"weightavg-{name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -199,11 +174,32 @@ class Snapshotter:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._save()
-            except WeightavgError as exc:  # a broken cluster, a full disk: the last complete snapshot stays
-                log.warning("periodic snapshot not written: %s", exc)
-            except Exception:  # noqa: BLE001 - the thread must outlive any one bad snapshot
-                log.exception("periodic snapshot failed")
+                self._work()
+            except Exception:  # noqa: BLE001 - see the class docstring
+                log.exception("%s failed", self._name)
+
+
+REAP_INTERVAL = 1.0
+"""Seconds between sweeps that end expired sessions, freeing their handles."""
+
+
+def reaper(registry: Registry) -> Periodic:
+    """Ends expired sessions once a second, freeing their handles, even on an idle server."""
+    return Periodic("reaper", REAP_INTERVAL, registry.expire)
+
+
+def snapshotter(save: Callable[[], object], interval: float) -> Periodic:
+    """Writes a snapshot every `interval` seconds (--snapshot-every), so a crash or a restarted
+    cluster loses at most that much; a snapshot that cannot be written (a broken cluster, a full
+    disk) leaves the last complete one."""
+
+    def save_or_warn() -> None:
+        try:
+            save()
+        except WeightavgError as exc:
+            log.warning("periodic snapshot not written: %s", exc)
+
+    return Periodic("snapshots", interval, save_or_warn)
 
 
 def _read(path: str, what: str) -> bytes:
