@@ -15,15 +15,15 @@ global weights, and the average and the outer step run on the server.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from weightavg import Client
+from weightavg_server.ops.app import serving
 
 SPEC = ["sequential", ["linear", "a", 64, 32], ["relu", "r"], ["linear", "b", 32, 10]]
 OUTER = {
@@ -33,24 +33,6 @@ OUTER = {
     "adam": ("adam", (0.05,), {}),
 }
 """Outer optimizers by name: (type, positional options, keyword options) for Client.opt."""
-
-
-@contextlib.contextmanager
-def server(address: str | None) -> Iterator[str]:
-    """The given server's address, or an embedded one's for the duration of the block."""
-    if address:
-        yield address
-        return
-    from weightavg_server.ops.app import create_server, set_serving
-    from weightavg_server.ops.config import ServerConfig
-
-    embedded, port, health = create_server(ServerConfig(host="127.0.0.1", port=0, device="auto"))
-    embedded.start()
-    set_serving(health, True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        embedded.stop(grace=None)
 
 
 def digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -85,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> list[Round]:
     cuts = np.cumsum([0, *range(1, args.clients + 1)]) * len(y) // (args.clients * (args.clients + 1) // 2)
     shards = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
     rounds: list[Round] = []
-    with server(args.address) as address, Client(address) as c:
+    with serving(args.address) as address, Client(address) as c:
         q = c.module(SPEC)
         kind, positional, named = OUTER[args.outer]
         g = c.model(q, c.loss("ce"), c.opt(kind, q, *positional, **named))

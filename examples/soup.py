@@ -15,34 +15,16 @@ digits an improvement is a whole sample); more ingredients of a larger model gai
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from weightavg import Client
+from weightavg_server.ops.app import serving
 
 SPEC = ["sequential", ["linear", "a", 64, 64], ["relu", "r"], ["linear", "b", 64, 10]]
 RATES = (0.03, 0.02, 0.05, 0.04, 0.03, 0.02, 0.05, 0.04)
-
-
-@contextlib.contextmanager
-def server(address: str | None) -> Iterator[str]:
-    """The given server's address, or an embedded one's for the duration of the block."""
-    if address:
-        yield address
-        return
-    from weightavg_server.ops.app import create_server, set_serving
-    from weightavg_server.ops.config import ServerConfig
-
-    embedded, port, health = create_server(ServerConfig(host="127.0.0.1", port=0, device="auto"))
-    embedded.start()
-    set_serving(health, True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        embedded.stop(grace=None)
 
 
 def digits(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
@@ -76,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     args = p.parse_args(argv)
 
     (x, y), (xv, yv), (xt, yt) = digits(args.seed)
-    with server(args.address) as address, Client(address) as c:
+    with serving(args.address) as address, Client(address) as c:
         q = c.module(SPEC)
         m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.05, 0.9))
         c.train(m, x, y)

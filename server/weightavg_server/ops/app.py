@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,3 +305,20 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, status)
+
+
+@contextlib.contextmanager
+def serving(address: str | None = None, device: str = "auto") -> Iterator[str]:
+    """A server's address for the block: `address` when given, else an embedded server's, on a free
+    loopback port, SERVING for the block and stopped after it (the examples' and scripts' way to run
+    without a separate `weightavg serve`)."""
+    if address:
+        yield address
+        return
+    server, port, health = create_server(ServerConfig(host="127.0.0.1", port=0, device=device))
+    server.start()
+    set_serving(health, True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
