@@ -34,6 +34,9 @@ def main(source: str, target: str) -> None:
                 p.data.div_(world)
     if rank == 0:
         torch.save({"weight": model.weight.detach(), "bias": model.bias.detach()}, target)
+    # Both ranks reach the end before either tears gloo down: a rank that destroys the group while
+    # the other still talks to it can abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
