@@ -86,3 +86,39 @@ def all_reduce_(
             offset += t.numel()
         issued += 1
     return issued
+
+
+@torch.no_grad()
+def broadcast_(tensor: torch.Tensor, src: int) -> None:
+    """Every rank's `tensor` takes rank src's values, in place (a non-contiguous tensor through a
+    contiguous copy, as collectives need)."""
+    flat = tensor if tensor.is_contiguous() else tensor.contiguous()
+    dist.broadcast(flat, src=src)
+    if flat is not tensor:
+        tensor.copy_(flat)
+
+
+@torch.no_grad()
+def transfer_(tensor: torch.Tensor, src: int, dst: int | None, rank: int, host_only: bool) -> None:
+    """Rank src's `tensor` into the same-shaped, contiguous `tensor` of rank dst (None: of every rank).
+
+    Point to point between two ranks; a broadcast for every rank. `host_only` says the data backend
+    sends point to point only from host memory (gloo: its send/recv take CPU tensors, where NCCL's
+    take CUDA ones), so a CUDA tensor then travels through a host copy. Ranks other than src and dst
+    do nothing.
+    """
+    if dst is None:
+        if rank == src:
+            dist.broadcast(tensor.contiguous(), src=src)  # the source is only read: no copy back
+        else:
+            broadcast_(tensor, src)
+        return
+    if rank not in (src, dst):
+        return
+    staged = tensor.cpu() if host_only and tensor.is_cuda else tensor.contiguous()
+    if rank == src:
+        dist.send(staged, dst=dst)
+        return
+    dist.recv(staged, src=src)
+    if staged is not tensor:
+        tensor.copy_(staged)

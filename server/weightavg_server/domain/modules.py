@@ -78,3 +78,25 @@ def set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> bo
 def parameter_count(module: torch.nn.Module) -> int:
     """Number of parameter tensors (what the reference's size gives for a module)."""
     return sum(1 for _ in module.parameters())
+
+
+def skeleton(parameters: list[tuple[str, torch.Tensor]], buffers: list[tuple[str, torch.Tensor]]) -> torch.nn.Module:
+    """A module with no layers that holds these tensors as its parameters and buffers, under their
+    dotted names and in their order: what stands in for a module on a rank it does not live on, once
+    its values were sent there (the verbs read only named_parameters and named_buffers)."""
+    root = torch.nn.Module()
+    for named, is_parameter in ((parameters, True), (buffers, False)):
+        for name, t in named:
+            *path, leaf = name.split(".")
+            owner = root
+            for part in path:
+                found = owner._modules.get(part)
+                if found is None:
+                    found = torch.nn.Module()
+                    owner.add_module(part, found)
+                owner = found
+            if is_parameter:
+                owner.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+            else:
+                owner.register_buffer(leaf, t)
+    return root

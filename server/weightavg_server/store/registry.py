@@ -117,6 +117,9 @@ def new_handle_id(kind: Kind) -> str:
     return f"{_PREFIXES[kind]}_{bits() if bits is not None else secrets.token_hex(16)}"
 
 
+_LENT: contextvars.ContextVar[Mapping[str, Entry]] = contextvars.ContextVar("weightavg_lent", default={})
+"""Handles that resolve, for the call being run only, to entries that are not registered (`Registry.lend`)."""
+
 Need = Mapping[str, int] | Callable[[], Mapping[str, int]]
 """Bytes a call will allocate, by device, or a function that works them out once the locks are held."""
 
@@ -382,14 +385,28 @@ class Registry:
         """The entry for handle; NotFound when unknown or freed, InvalidArgument when of the wrong kind."""
         if not handle:
             raise InvalidArgument("no handle given")
-        with self._lock:
-            entry = self._entries.get(handle)
+        entry = _LENT.get().get(handle)
+        if entry is None:
+            with self._lock:
+                entry = self._entries.get(handle)
         if entry is None or not self._visible(entry):  # another tenant's handle does not exist for the caller
             raise NotFound(f"unknown handle '{handle}' (never created, or already freed)")
         if kinds and entry.kind not in kinds:
             wanted = " or ".join(k.value for k in kinds)
             raise InvalidArgument(f"expecting {wanted} handle, given {entry.kind.value} handle '{handle}'")
         return entry
+
+    @contextlib.contextmanager
+    def lend(self, handle: str, entry: Entry) -> Iterator[None]:
+        """Within the block, and for this call only, `get(handle)` is `entry`: a copy of an object
+        that lives on another rank, brought here for one verb of the cluster (cluster.py). It is
+        never registered, so no other call, listing or snapshot sees it; the caller holds a
+        reservation for its bytes while the block runs."""
+        token = _LENT.set({**_LENT.get(), handle: entry})
+        try:
+            yield
+        finally:
+            _LENT.reset(token)
 
     def handles_sharing(self, lock: threading.RLock, besides: tuple[Entry, ...] = ()) -> list[str]:
         """Handles whose objects are guarded by `lock`, other than `besides` (another tenant's, which
