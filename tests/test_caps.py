@@ -214,7 +214,7 @@ HOLD_NOTHING_NEW = {
     "set_model_options", "restore_data", "next_batch", "recalculate_batchnorm", "free", "create_session",
     "keep_alive", "close_session", "snapshot", "run_test", "fetch",
     "register_shared_memory", "unregister_shared_memory", "fetch_to_shared_memory",
-    "allreduce",
+    "allreduce", "broadcast",
 }
 """Methods that make handles or change objects without new held memory (checked below) or that hold
 memory only while they run (reserved for the call: evaluate's upload, fetch's host copies)."""

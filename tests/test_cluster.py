@@ -1,7 +1,9 @@
 """A real 2-rank CPU cluster: torchrun, gloo on loopback, rank 0 serving gRPC (docs/cluster.md).
 
-Each test starts its own cluster (about 5-10 s on a small machine) and stops it; every wait is
-bounded and fails with a message; child processes are killed at the end whatever happens.
+Tests of calls share one cluster (`shared`, started once for the module: about 5-10 s on a small
+machine); tests that kill or restart ranks start their own. Every wait is bounded and fails with a
+message; child processes are killed at the end whatever happens. Tests on the shared cluster free
+what they make beyond rank 0, and never assume where earlier tests' objects went.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from weightavg import Client, FailedPreconditionError, UnavailableError
+from weightavg import Client, FailedPreconditionError, InvalidArgumentError, UnavailableError
 from weightavg._retry import RetryPolicy
 from weightavg_server import cluster as fabric
 from weightavg_server.store.snapshot import SnapshotError
@@ -34,7 +37,7 @@ WAIT = 60.0
 class Cluster:
     """torchrun running `-m weightavg_server serve` with two ranks; `address` is rank 0's API."""
 
-    def __init__(self, tmp: Path, *flags: str) -> None:
+    def __init__(self, tmp: Path, *flags: str, device: str = "cpu") -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")]),
                "OMP_NUM_THREADS": "1"}
         self.out = tmp / f"torchrun-{time.monotonic_ns()}.log"
@@ -42,7 +45,7 @@ class Cluster:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
              "--monitor-interval", "1", *[f for f in flags if f.startswith("--max-restarts")],
-             "-m", "weightavg_server", "serve", "--port", "0", "--device", "cpu", "--log-level", "INFO",
+             "-m", "weightavg_server", "serve", "--port", "0", "--device", device, "--log-level", "INFO",
              "--cluster-timeout-seconds", "20", "--grace-seconds", "2",
              *[f for f in flags if not f.startswith("--max-restarts")]],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -88,7 +91,18 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster of the test's own, for a test that breaks it."""
     c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One cluster for every test of calls in this module."""
+    c = Cluster(tmp_path_factory.mktemp("shared"))
     try:
         yield c
     finally:
@@ -103,16 +117,16 @@ def client(address: str) -> Client:
     return Client(address, timeout=WAIT, retry=RetryPolicy(max_attempts=1))
 
 
-def test_info_reports_every_rank(cluster: Cluster) -> None:
-    with client(cluster.address) as c:
+def test_info_reports_every_rank(shared: Cluster) -> None:
+    with client(shared.address) as c:
         info = c.info()
     assert info["world_size"] == 2
     assert [(r["rank"], r["device"]) for r in info["ranks"]] == [(0, "cpu"), (1, "cpu")]
 
 
-def test_a_replicated_module_averages_across_ranks(cluster: Cluster) -> None:
+def test_a_replicated_module_averages_across_ranks(shared: Cluster) -> None:
     """Weight r+1 on rank r: the mean over two ranks is 1.5 on both (exact in float32)."""
-    with client(cluster.address) as c:
+    with client(shared.address) as c:
         m = c.module(["linear", 3, 2], replicate=True)
         assert np.array_equal(c.parm(m, "weight", rank=0), c.parm(m, "weight", rank=1))  # rank 0's init on all
         for r in range(2):
@@ -129,8 +143,8 @@ def test_a_replicated_module_averages_across_ranks(cluster: Cluster) -> None:
             c.allreduce(local)
 
 
-def test_a_placed_dictionary_lives_on_its_rank(cluster: Cluster) -> None:
-    with client(cluster.address) as c:
+def test_a_placed_dictionary_lives_on_its_rank(shared: Cluster) -> None:
+    with client(shared.address) as c:
         before = [r["handles"] for r in c.info()["ranks"]]
         d = c.dict({"w": np.arange(4, dtype=np.float32)}, rank=1)
         after = [r["handles"] for r in c.info()["ranks"]]
@@ -144,7 +158,7 @@ def test_a_placed_dictionary_lives_on_its_rank(cluster: Cluster) -> None:
         assert [r["handles"] for r in c.info()["ranks"]] == before
 
 
-def test_sharded_local_sgd_equals_a_torch_distributed_script(cluster: Cluster, tmp_path: Path) -> None:
+def test_sharded_local_sgd_equals_a_torch_distributed_script(shared: Cluster, tmp_path: Path) -> None:
     """Two rounds of (one epoch per rank on its shard, allreduce) against tests/localsgd_oracle.py under
     torchrun on the same data and start. Tolerance 1e-6: the same float32 operations in the same order
     on the same CPU kernels; only the SUM's order inside gloo could differ, by an ulp."""
@@ -152,7 +166,7 @@ def test_sharded_local_sgd_equals_a_torch_distributed_script(cluster: Cluster, t
     x, y = torch.randn(64, 5, generator=gen), torch.randn(64, 1, generator=gen)
     weight, bias = torch.randn(1, 5, generator=gen), torch.randn(1, generator=gen)
     lr, batch, rounds = 0.05, 8, 2
-    with client(cluster.address) as c:
+    with client(shared.address) as c:
         m = c.module(["linear", 5, 1], replicate=True)
         c.parm(m, "weight", weight.numpy())
         c.parm(m, "bias", bias.numpy())
@@ -176,6 +190,251 @@ def test_sharded_local_sgd_equals_a_torch_distributed_script(cluster: Cluster, t
     oracle = torch.load(tmp_path / "out.pt")
     for name in ("weight", "bias"):
         assert np.abs(ours[name] - oracle[name].numpy()).max() <= 1e-6, name
+
+
+def held(c: Client) -> list[tuple[int, int]]:
+    """(handles, bytes) of each rank."""
+    return [(r["handles"], r["bytes"]) for r in c.info()["ranks"]]
+
+
+def test_objects_without_a_placement_go_to_the_rank_holding_the_fewest_bytes(shared: Cluster) -> None:
+    """The least-held rank (the lower on a tie) gets each new object; what is made from it follows it."""
+    big = np.zeros(1 << 18, np.float32)  # 1 MiB: more than any difference the other tests leave
+    made = []
+    with client(shared.address) as c:
+        for _ in range(3):
+            before = held(c)
+            expected = min(range(2), key=lambda r: (before[r][1], r))
+            made.append(c.dict({"w": big}))
+            after = held(c)
+            assert after[expected][0] == before[expected][0] + 1, (before, after)
+            assert after[expected][1] >= before[expected][1] + big.nbytes
+            assert after[1 - expected] == before[1 - expected]
+        ranks = [r for r in range(2) if held(c)[r][1] >= big.nbytes]
+        assert len(ranks) == 2  # three objects of 1 MiB cannot all have gone to one rank
+        before = held(c)
+        m = c.module(["linear", 4, 2])
+        where = [r for r in range(2) if held(c)[r][0] == before[r][0] + 1]
+        assert len(where) == 1
+        d = c.copyparms(m)  # made from m: where m is, whatever the bytes say
+        assert held(c)[where[0]][0] == before[where[0]][0] + 2
+        assert c.dict(d, "weight").shape == (2, 4)
+        assert c.free(*made, m, d) == 5
+
+
+def test_broadcast_gives_every_rank_one_ranks_values(shared: Cluster) -> None:
+    with client(shared.address) as c:
+        m = c.module(["sequential", ["linear", "a", 3, 2], ["batchnorm1d", "b", 2]], replicate=True)
+        w = np.arange(6, dtype=np.float32).reshape(2, 3)
+        c.parm(m, "a.weight", w, rank=1)
+        assert not np.array_equal(c.parm(m, "a.weight", rank=0), w)
+        assert c.broadcast(m, rank=1) == 4 + 3  # 2 x (weight, bias), then running_mean, _var, num_batches
+        assert np.array_equal(c.parm(m, "a.weight", rank=0), w)
+        d = c.dict({"a": np.zeros(3, np.float32)}, replicate=True)
+        c.dict(d, "a", np.ones(3, np.float32), rank=0)
+        assert c.broadcast(d) == 1
+        assert c.dict(d, "a", rank=1).tolist() == [1.0, 1.0, 1.0]
+        c.dict(d, "a", np.full(4, 5.0, np.float32), rank=1)  # another shape on rank 1: refused, nothing changes
+        with pytest.raises(FailedPreconditionError, match="same tensor names, shapes and dtypes"):
+            c.broadcast(d, rank=0)
+        assert c.dict(d, "a", rank=0).tolist() == [1.0, 1.0, 1.0]
+        assert c.dict(d, "a", rank=1).tolist() == [5.0] * 4
+        with pytest.raises(InvalidArgumentError, match="rank 2 does not exist"):
+            c.broadcast(m, rank=2)
+        placed = c.dict({"a": np.zeros(2, np.float32)}, rank=1)
+        with pytest.raises(FailedPreconditionError, match="replicate=True"):
+            c.broadcast(placed)
+        assert c.free(m, d, placed) == 3
+
+
+def test_averages_across_ranks_equal_the_same_calls_on_one_rank(shared: Cluster) -> None:
+    """avgparms, ema, copyparms(m, d) and average with the source on another rank than the target give
+    what they give with both on one rank (exactly: the values move bit for bit)."""
+    gen = np.random.default_rng(0)
+    weights = {n: gen.standard_normal(s).astype(np.float32)
+               for n, s in (("a.weight", (3, 4)), ("a.bias", (3,)), ("b.weight", (3,)), ("b.bias", (3,)))}
+    made = []
+    with client(shared.address) as c:
+        def module(rank: int) -> Any:
+            m = c.module(["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3]], rank=rank)
+            for n, v in weights.items():
+                c.parm(m, n, v)
+            c.forward(m, gen.standard_normal((5, 4)).astype(np.float32))  # running statistics move
+            made.append(m)
+            return m
+
+        def start(rank: int, like: Any) -> Any:
+            d = c.dict(c.dict(like), rank=rank)
+            made.append(d)
+            return d
+
+        m1 = module(1)
+        first = c.copyparms(m1, buffers=True)  # on rank 1
+        for n, v in weights.items():
+            c.parm(m1, n, v * 2)
+        params = c.copyparms(m1)  # on rank 1
+        made += [first, params]
+        outcomes = []
+        for target in (0, 1):  # rank 0: the values cross over; rank 1: all on one rank
+            avg, ema = start(target, first), start(target, first)
+            count = c.avgparms(m1, avg, buffers=True)
+            c.ema(m1, ema, decay=0.5)
+            step = c.ema(m1, ema, decay=0.5)
+            loaded = module(target)
+            names = c.copyparms(loaded, first)
+            mean = c.average([ema, first], weights=[1, 3])  # made where ema is
+            into = c.dict({n: np.zeros_like(v) for n, v in weights.items()}, rank=target)
+            c.average([m1, params], weights=[1, 2], into=into)  # two inputs from rank 1
+            made += [mean, into]
+            outcomes.append((count, step, names, c.dict(avg), c.dict(ema), c.parm(loaded, "a.weight"),
+                             c.dict(mean), c.dict(into)))
+        assert outcomes[0][:3] == outcomes[1][:3] == (2, 2, {"a.weight": True, "a.bias": True, "b.weight": True,
+                                                             "b.bias": True})
+        for crossed, local in zip(outcomes[0][3:], outcomes[1][3:]):
+            if isinstance(crossed, dict):
+                assert crossed.keys() == local.keys()
+                assert all(np.array_equal(crossed[k], local[k]) for k in crossed)
+            else:
+                assert np.array_equal(crossed, local)
+        # A replicated dictionary takes a placed module's values on every rank.
+        rep = c.dict(c.dict(first), replicate=True)
+        made.append(rep)
+        c.avgparms(m1, rep, buffers=True)
+        for r in range(2):
+            assert np.array_equal(c.dict(rep, "a.weight", rank=r), outcomes[1][3]["a.weight"])
+        # An average whose inputs cannot move (a missing entry) changes nothing anywhere.
+        bare = c.dict({"a.weight": np.zeros((3, 4), np.float32)}, rank=0)
+        made.append(bare)
+        with pytest.raises(InvalidArgumentError, match="not found"):
+            c.avgparms(m1, bare)
+        assert c.dict(bare, "a.weight").tolist() == [[0.0] * 4] * 3
+        c.free(*made)
+
+
+def test_a_replicated_model_runs_an_epoch_on_every_rank_with_its_own_data(shared: Cluster) -> None:
+    """run and testrun answer each rank's metrics; each equals a one-rank model's on that rank's data."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 3, generator=gen), torch.randn(16, 1, generator=gen)) for _ in range(2)]
+    weight, bias = np.full((1, 3), 0.1, np.float32), np.zeros(1, np.float32)
+    with client(shared.address) as c:
+        def model(**placement: Any) -> Any:
+            m = c.module(["linear", 3, 1], **placement)
+            c.parm(m, "weight", weight)
+            c.parm(m, "bias", bias)
+            return c.model(m, c.loss("mse"), c.opt("sgd", m, 0.1))
+
+        rep = model(replicate=True)
+        for r, (x, y) in enumerate(data):
+            assert c.train(rep, x.numpy(), y.numpy(), rank=r) == 1
+            c.test(rep, x.numpy(), y.numpy(), rank=r)
+        ours = c.run(rep), c.testrun(rep)
+        assert isinstance(ours[0], list) and len(ours[0]) == 2 and len(ours[1]) == 2
+        for r, (x, y) in enumerate(data):
+            alone = model(rank=r)
+            c.train(alone, x.numpy(), y.numpy())
+            c.test(alone, x.numpy(), y.numpy())
+            loss, tested = c.run(alone), c.testrun(alone)  # one rank's: a value, as on a one-rank server
+            assert np.asarray(loss).shape == () and np.asarray(ours[0][r]) == loss
+            assert np.asarray(ours[1][r]) == tested
+            assert np.array_equal(c.parm(rep, "weight", rank=r), c.parm(alone, "weight"))
+            c.free(alone)
+        assert ours[0][0] != ours[0][1]  # each rank its own data
+        with pytest.raises(InvalidArgumentError, match="give one"):
+            c.train(rep, data[0][0].numpy(), data[0][1].numpy(), rank=0, shard=True)
+        c.free(rep)
+
+
+VERBS: list[tuple[str, Callable[[Client, Any, Any], Any]]] = [
+    ("parm", lambda c, m, d: c.parm(m, "a.weight")),
+    ("parmnames", lambda c, m, d: c.parmnames(m)),
+    ("copyparms", lambda c, m, d: c.dict(c.copyparms(m))),
+    ("copyparms into", lambda c, m, d: c.copyparms(m, d)),
+    ("avgparms", lambda c, m, d: (c.avgparms(m, d), c.dict(d))),
+    ("ema", lambda c, m, d: (c.ema(m, d, decay=0.5), c.dict(d))),
+    ("parms view", lambda c, m, d: c.dict(c.parms(m))),
+    ("batchnorm", lambda c, m, d: (c.batchnorm(m), c.parm(m, "b.weight"))),
+    ("forward", lambda c, m, d: c.dict(c.eforward(m, np.ones((2, 4), np.float32)))),
+    ("size", lambda c, m, d: c.size(d)),
+]
+"""Verbs, each with what it answers or leaves: the same on a replicated object (every rank) as on one
+placed on a rank or on rank 0."""
+
+
+@pytest.mark.parametrize("verb", [v for v, _ in VERBS])
+def test_every_verb_works_on_replicated_and_placed_objects(shared: Cluster, verb: str) -> None:
+    call = dict(VERBS)[verb]
+    weights = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4) / 10, "a.bias": np.ones(3, np.float32),
+               "b.weight": np.full(3, 2.0, np.float32), "b.bias": np.zeros(3, np.float32)}
+    answers = {}
+    with client(shared.address) as c:
+        for where, placement in (("rank 0", {"rank": 0}), ("rank 1", {"rank": 1}), ("every rank", {"replicate": True})):
+            m = c.module(["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3]], **placement)
+            for n, v in weights.items():
+                c.parm(m, n, v)
+            d = c.dict({n: v + 1 for n, v in weights.items()}, **placement)
+            answers[where] = call(c, m, d)
+            if "replicate" in placement:  # every rank's copy took the call
+                assert np.array_equal(c.parm(m, "a.weight", rank=1), c.parm(m, "a.weight", rank=0))
+                assert np.array_equal(c.dict(d, "a.weight", rank=1), c.dict(d, "a.weight", rank=0))
+            c.free(m, d)
+    flat = {w: repr(_plain(a)) for w, a in answers.items()}
+    assert flat["rank 1"] == flat["rank 0"] == flat["every rank"], flat
+
+
+def _plain(value: Any) -> Any:
+    """Nested answers with arrays as lists, for comparing."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_the_data_backend_is_nccl_only_where_every_rank_has_a_gpu_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert fabric.rank_device("cuda", 1, 2) == (torch.device("cuda", 1), "nccl")
+    assert fabric.rank_device("cuda", 2, 3) == (torch.device("cuda", 0), "gloo")  # two ranks on one GPU
+    assert fabric.rank_device("cpu", 0, 2) == (torch.device("cpu"), "gloo")
+    store = torch.distributed.HashStore()
+    assert fabric.agree_backend(store, 0, 1, "nccl") == "nccl"
+    store.set("backend/1", "gloo")  # another node's ranks share GPUs: everyone uses gloo
+    assert fabric.agree_backend(store, 0, 2, "nccl") == "gloo"
+    assert fabric.data_backend("nccl") == "cpu:gloo,cuda:nccl" and fabric.data_backend("gloo") == "gloo"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_two_rank_cluster_on_gpus(tmp_path: Path) -> None:
+    """Two ranks on the GPU(s): NCCL with a GPU each, else gloo on a shared GPU. Collectives move CUDA
+    tensors (and a dictionary's '.n' count, on the host) either way."""
+    gpus = torch.cuda.device_count()
+    cluster = Cluster(tmp_path, device="cuda")
+    try:
+        with client(cluster.address) as c:
+            devices = [r["device"] for r in c.info()["ranks"]]
+            assert devices == (["cuda:0", "cuda:1"] if gpus >= 2 else ["cuda:0", "cuda:0"])
+            m = c.module(["linear", 3, 2], replicate=True)
+            for r in range(2):
+                c.parm(m, "weight", np.full((2, 3), r + 1.0, np.float32), rank=r)
+            d = c.copyparms(m)
+            c.avgparms(m, d)  # adds '.n' on the host of every rank
+            assert c.allreduce(m) == 2 and c.allreduce(d) >= 2
+            assert c.parm(m, "weight", rank=1).tolist() == [[1.5] * 3] * 2
+            c.parm(m, "weight", np.zeros((2, 3), np.float32), rank=1)
+            assert c.broadcast(m, rank=1) == 2
+            assert c.parm(m, "weight", rank=0).tolist() == [[0.0] * 3] * 2
+            placed = c.module(["linear", 3, 2], rank=1)
+            c.parm(placed, "weight", np.full((2, 3), 4.0, np.float32))
+            avg = c.dict(c.dict(c.copyparms(placed)), rank=0)
+            c.parm(placed, "weight", np.full((2, 3), 8.0, np.float32))
+            assert c.avgparms(placed, avg) == 2  # rank 1's CUDA tensors to rank 0
+            assert c.dict(avg, "weight").tolist() == [[6.0] * 3] * 2
+    finally:
+        cluster.stop()
+    assert ("data backend nccl" if gpus >= 2 else "data backend gloo") in cluster.out.read_text()
 
 
 def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:

@@ -306,7 +306,7 @@ def test_every_call_that_changes_state_takes_a_request_id() -> None:
         "FetchTensors", "GetSize", "ListHandles", "GetLearningRate", "DescribeModel", "GetModelOptions",
         "RunTest", "EvaluateModel", "KeepAliveSession", "Snapshot", "FetchTensorsToSharedMemory",
     }
-    assert len(keyed) == 40  # AllReduce: the cluster's
+    assert len(keyed) == 41  # AllReduce and Broadcast: the cluster's
     first_numbered = {"UpdateMovingAverage": 11}  # its message came with the field before the rest got 15
     for m in service.methods:
         if m.name in keyed:

@@ -192,6 +192,7 @@ CASES: list[Case] = [
     named(unary("BuildGreedySoup", lambda w: pb.BuildGreedySoupRequest(model=w.m, ingredients=[w.bd])), "their model"),
     unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=w.net)),
     unary("AllReduce", lambda w: pb.AllReduceRequest(handle=w.net)),
+    unary("Broadcast", lambda w: pb.BroadcastRequest(handle=w.net)),
     unary("RestoreMomentum", lambda w: pb.RestoreMomentumRequest(handle=w.net, momenta={"b": pb.Momentum(value=0.5)})),
     upload("UpdateDictionary", lambda w: pb.UpdateDictionaryRequest(dictionary=w.d), declared(("z", np.ones(2, np.float32)))),
     unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(dictionary=w.d, names=["a.weight"])),

@@ -137,6 +137,18 @@ def _single_or_list(named: list[tuple[str, Any]]) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def _metrics(stream: Iterable[pb.RunEpochResponse | pb.RunTestResponse]) -> Any:
+    """A metrics stream's values; chunks that name a rank (a cluster's replicated model) make one
+    entry per rank, in rank order."""
+    messages: list[pb.RunEpochResponse | pb.RunTestResponse] = list(stream)
+    if not any(m.HasField("rank") for m in messages):
+        return _single_or_list(wire.join_chunks(m.chunk for m in messages))
+    ranks: builtins.dict[int, list[Any]] = {}
+    for m in messages:
+        ranks.setdefault(m.rank, []).append(m.chunk)
+    return [_single_or_list(wire.join_chunks(ranks[r])) for r in sorted(ranks)]
+
+
 def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     """Turn grpc.RpcError into the client's own exceptions, once, at the boundary."""
 
@@ -391,7 +403,7 @@ class Client:
             "cuda_memory_allocated": r.cuda_memory_allocated,
             # A server from before clusters sends neither: it is one rank.
             "world_size": r.world_size or 1,
-            "ranks": [{"rank": x.rank, "device": x.device, "handles": x.handles} for x in r.ranks]
+            "ranks": [{"rank": x.rank, "device": x.device, "handles": x.handles, "bytes": x.bytes} for x in r.ranks]
             or [{"rank": 0, "device": r.device}],
         }
 
@@ -677,7 +689,7 @@ class Client:
         request = pb.CreateModelRequest(module=_id(m), loss=_id(loss), optimizer=_id(opt))
         return _handle(self._stub.CreateModel(request, timeout=self.timeout).model)
 
-    def train(self, m: HandleLike, *args: Any, shard: bool = False, **options: Any) -> Any:
+    def train(self, m: HandleLike, *args: Any, shard: bool = False, rank: int | None = None, **options: Any) -> Any:
         """Train options and data of a model.
 
         train(m) returns every option; train(m, "batchsize") one, train(m, ["a", "b"]) several;
@@ -685,16 +697,22 @@ class Client:
         train(m, x, y) loads inputs and targets and returns the number of batches.
         Options: batchsize (32), droplast (False), shuffle (False), seed (0), metrics (["loss"]).
         On a cluster, train(m, x, y, shard=True) gives rank r of a replicated model the r-th of
-        world_size contiguous parts of the rows.
+        world_size contiguous parts of the rows, and train(m, x, y, rank=r) loads x and y on rank r
+        only (each rank its own data).
         """
-        if shard and len(args) != 2:
-            raise TypeError("shard=True goes with data: train(m, x, y, shard=True)")
-        if shard:
-            return self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, args[0], args[1], shard=True)
+        if (shard or rank is not None) and len(args) != 2:
+            raise TypeError("shard=True and rank= go with data: train(m, x, y, shard=True), train(m, x, y, rank=r)")
+        if shard or rank is not None:
+            return self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, args[0], args[1], shard=shard, rank=rank)
         return self._setup(m, pb.DATA_SPLIT_TRAIN, args, options)
 
-    def test(self, m: HandleLike, *args: Any, **options: Any) -> Any:
-        """Test options and data, as train(): batchsize (100), droplast (False), metrics (["loss"])."""
+    def test(self, m: HandleLike, *args: Any, rank: int | None = None, **options: Any) -> Any:
+        """Test options and data, as train(): batchsize (100), droplast (False), metrics (["loss"]);
+        test(m, x, y, rank=r) loads a replicated model's test data on rank r only."""
+        if rank is not None:
+            if len(args) != 2:
+                raise TypeError("rank= goes with data: test(m, x, y, rank=r)")
+            return self._model_data(_id(m), pb.DATA_SPLIT_TEST, args[0], args[1], rank=rank)
         return self._setup(m, pb.DATA_SPLIT_TEST, args, options)
 
     @_rpc
@@ -730,11 +748,14 @@ class Client:
         return values[names] if isinstance(names, str) else [values[n] for n in names]
 
     @_rpc
-    def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any, shard: bool = False) -> int:
+    def _model_data(
+        self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any, shard: bool = False, rank: int | None = None
+    ) -> int:
         request_id = new_request_id()
 
         def requests() -> Iterator[bytes]:
-            yield pb.SetModelDataRequest(model=m, split=split, shard=shard, request_id=request_id).SerializeToString()
+            first = pb.SetModelDataRequest(model=m, split=split, shard=shard, rank=rank, request_id=request_id)
+            yield first.SerializeToString()
             yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, pb.SetModelDataRequest)
 
         return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
@@ -742,19 +763,22 @@ class Client:
     @_rpc
     def run(self, m: HandleLike, *data: Any) -> Any:
         """Train one epoch; returns the train metrics (one value, or a list for several).
-        run(m, x, y) first loads x and y as the training data, as train(m, x, y) does."""
+        run(m, x, y) first loads x and y as the training data, as train(m, x, y) does.
+
+        On a cluster, a replicated model runs one epoch on every rank at once, each on its own data,
+        and run(m) returns a list of each rank's metrics, indexed by rank.
+        """
         if data:
             if len(data) != 2:
                 raise TypeError("run(m) or run(m, x, y)")
             self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, data[0], data[1])
-        stream = self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout)
-        return _single_or_list(wire.join_chunks(r.chunk for r in stream))
+        return _metrics(self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout))
 
     @_rpc
     def testrun(self, m: HandleLike) -> Any:
-        """Evaluate over the test data; returns the test metrics (e.g. accuracy in percent)."""
-        stream = self._stub.RunTest(pb.RunTestRequest(model=_id(m)), timeout=self.timeout)
-        return _single_or_list(wire.join_chunks(r.chunk for r in stream))
+        """Evaluate over the test data; returns the test metrics (e.g. accuracy in percent). On a
+        cluster, a replicated model tests on every rank: a list of each rank's metrics, by rank."""
+        return _metrics(self._stub.RunTest(pb.RunTestRequest(model=_id(m)), timeout=self.timeout))
 
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
@@ -834,16 +858,17 @@ class Client:
         """dict({name: value}) creates a dictionary; dict(p) returns all values, dict(p, key) one,
         dict(p, key, value) sets one (replacing it; a live view copies in place), dict(p, {k: v}) several.
         On a cluster, dict({...}, replicate=True) creates it on every rank, dict({...}, rank=r) on rank r;
-        reads take rank= to read one rank's copy of a replicated dictionary."""
+        rank= reads or sets one rank's copy of a replicated dictionary (unset: reads rank 0's, sets every
+        rank's)."""
         if not isinstance(x, (Handle, str)):
             if not isinstance(x, Mapping):
                 raise TypeError("dict() takes a mapping of name -> value, or a dictionary handle")
             return self._create_dictionary(list(x.items()), replicate, rank)
         if value:
-            self._update_dictionary(_id(x), [(key, value[0])])
+            self._update_dictionary(_id(x), [(key, value[0])], rank)
             return None
         if isinstance(key, Mapping):
-            self._update_dictionary(_id(x), list(key.items()))
+            self._update_dictionary(_id(x), list(key.items()), rank)
             return None
         if key is None:
             return {name: wire.plain(a) for name, a in self._fetch_named(_id(x), [], rank)}
@@ -851,6 +876,17 @@ class Client:
             values = self._fetch(_id(x), list(key), rank)
             return [values[k] for k in key]
         return self._fetch(_id(x), [key], rank)[key]
+
+    @_rpc
+    def broadcast(self, h: HandleLike, rank: int = 0) -> int:
+        """Give every rank of the cluster rank `rank`'s values of a replicated module (parameters and
+        buffers) or dictionary (entries), in place; returns how many tensors each rank took. Every
+        rank must hold the same names, shapes and dtypes; an object on one rank is refused.
+
+        Example: c.parm(m, "weight", w, rank=1); c.broadcast(m, rank=1)   # every rank now holds w
+        """
+        request = pb.BroadcastRequest(handle=_id(h), rank=rank, request_id=new_request_id())
+        return int(self._stub.Broadcast(request, timeout=self.timeout).tensors)
 
     @_rpc
     def allreduce(self, h: HandleLike, op: str = "mean", weights: Iterable[float] | None = None) -> int:
@@ -1143,11 +1179,11 @@ class Client:
 
         return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
 
-    def _update_dictionary(self, d: str, items: list[tuple[str, Any]]) -> None:
+    def _update_dictionary(self, d: str, items: list[tuple[str, Any]], rank: int | None = None) -> None:
         request_id = new_request_id()
 
         def requests() -> Iterator[bytes]:
-            yield pb.UpdateDictionaryRequest(dictionary=d, request_id=request_id).SerializeToString()
+            yield pb.UpdateDictionaryRequest(dictionary=d, rank=rank, request_id=request_id).SerializeToString()
             yield from wire.encoded_chunks(items, self.chunk_bytes, pb.UpdateDictionaryRequest)
 
         self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)

@@ -39,17 +39,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .domain import collectives, specs
+from .domain import collectives, modules, specs
+from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, Unavailable, WeightavgError
+from .domain.averaging import BufferMode
+from .domain.ema import ScheduleChange
+from .domain.options import Value
 from .service import (
-    NOTHING, Named, Placement, RankInfo, Reduced, Ref, Service, Settings, StopCheck, Upload, OnHeader,
+    NOTHING, EmaResult, Metrics, Named, Placement, RankInfo, RankMetrics, Reduced, Ref, Service, Settings, StopCheck,
+    Upload, OnHeader,
 )
 from .store import snapshot
 from .store.snapshot import SnapshotResult
-from .store.registry import CALLER_SESSION, HANDLE_BITS, Registry
+from .store.registry import CALLER_SESSION, HANDLE_BITS, Entry, Kind, Registry
 from .store.requests import RequestKey
 from .store.tenants import CALLER, Caller
 
@@ -104,6 +110,21 @@ def rank_device(requested: str, local_rank: int, local_world: int) -> tuple[torc
     return torch.device("cpu"), "gloo"
 
 
+def agree_backend(store: Any, rank: int, world: int, mine: str) -> str:
+    """The data backend all ranks use: NCCL only where every rank chose it (each node decides from its
+    own GPUs, and ranks on different backends would never meet), else gloo. Votes go through the
+    rendezvous store, before the process group exists."""
+    store.set(f"backend/{rank}", mine)
+    votes = [bytes(store.get(f"backend/{r}")).decode() for r in range(world)]
+    return "nccl" if all(v == "nccl" for v in votes) else "gloo"
+
+
+def data_backend(backend: str) -> str:
+    """What init_process_group is given: with NCCL, gloo beside it for host tensors (a dictionary's
+    '.n' count lives on the CPU), so every collective finds a backend for its tensors' device."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo"
+
+
 def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fabric | None:
     """Join torchrun's process group (env://), or None when not under torchrun with several ranks."""
     place = world_from_env()
@@ -121,7 +142,8 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     # attempt gets keys of its own; all ranks of a round share its restart count.
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     store = PrefixStore(f"weightavg/attempt-{attempt}", store)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=wait)
+    backend = agree_backend(store, rank, world, backend)
+    dist.init_process_group(backend=data_backend(backend), store=store, rank=rank, world_size=world, timeout=wait)
     control = dist.new_group(backend="gloo", timeout=wait)
     devices: list[Any] = [None] * world
     dist.all_gather_object(devices, str(device), group=control)
@@ -278,16 +300,162 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
     return Reduced(len(tensors), issued)
 
 
-def _broadcast(service: Service, fabric: Fabric, handle: str) -> None:
-    """Every rank takes rank 0's parameters and buffers of a replicated module."""
-    entry, module = service._module(handle)
-    with service.store.mutate(entry, need=NOTHING), torch.no_grad():
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            dist.broadcast(t.data, src=0)
+def _broadcast(service: Service, fabric: Fabric, handle: str, src: int = 0) -> int:
+    """Every rank takes rank src's parameters and buffers (a module) or entries (a dictionary) of a
+    replicated object. As for _allreduce, the ranks first agree over the control group that they all
+    hold the same names, shapes and dtypes, so that a refusal changes nothing anywhere."""
+    try:
+        entry, named = service._replicated_tensors(handle)
+        mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
+    except WeightavgError as exc:
+        mine, error = None, exc
+    signatures: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(signatures, mine, group=fabric.control)
+    if mine is None:
+        raise error
+    differing = [r for r, s in enumerate(signatures) if s != mine]
+    if differing:
+        raise FailedPrecondition(
+            f"broadcast needs the same tensor names, shapes and dtypes on every rank; rank {differing[0]} holds "
+            f"other ones (per-rank values set with rank= differ in shape or dtype, or entries differ). Set them "
+            "alike on every rank, then broadcast again; nothing changed"
+        )
+    with service.store.mutate(entry, need=NOTHING):
+        for _, t in named:
+            collectives.broadcast_(t, src)
+    return len(named)
+
+
+@dataclass(frozen=True)
+class Move:
+    """A source of a verb that lives on another rank than the verb's target: its values go from rank
+    `src` to `dst` (a rank, or ALL: every rank but src) for the length of the verb."""
+
+    handle: str
+    src: int
+    dst: int
+    buffers: bool = False
+    """A module's buffers go too (an average that folds buffers in); parameters always do."""
+
+
+class _Abandoned(Exception):
+    """Another rank refused its part of a move: this rank stops too, having changed nothing."""
+
+
+def _layout(source: nn.Module | TensorDict, buffers: bool) -> tuple[Layout, Named]:
+    """What a move sends of a source, and its tensors: a dictionary's entries, or a module's
+    parameters (and with `buffers` its buffers), each row (name, role, shape, dtype, device type)."""
+    if isinstance(source, TensorDict):
+        named = list(source.entries.items())
+        return Layout("dictionary", [(n, "entry", tuple(t.shape), t.dtype, t.device.type) for n, t in named]), named
+    params = [(n, p.detach()) for n, p in source.named_parameters()]
+    extra = list(source.named_buffers()) if buffers else []
+    rows = [(n, "parameter", tuple(t.shape), t.dtype, t.device.type) for n, t in params]
+    rows += [(n, "buffer", tuple(t.shape), t.dtype, t.device.type) for n, t in extra]
+    return Layout("module", rows), params + extra
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a move sends: the source's kind ("module" or "dictionary") and one row per tensor."""
+
+    kind: str
+    rows: list[tuple[str, str, tuple[int, ...], torch.dtype, str]]
+
+    def stand_in(self, tensors: list[torch.Tensor]) -> Entry:
+        """The entry a receiving rank lends for the source: a dictionary of the entries, or a
+        module with no layers holding the parameters and buffers under their names."""
+        named = [(row[0], row[1], t) for row, t in zip(self.rows, tensors)]
+        if self.kind == "dictionary":
+            obj: Any = TensorDict({n: t for n, _, t in named})
+            kind = Kind.DICTIONARY
+        else:
+            obj = modules.skeleton([(n, t) for n, r, t in named if r == "parameter"],
+                                   [(n, t) for n, r, t in named if r == "buffer"])
+            kind = Kind.MODULE
+        return Entry(kind, obj, threading.RLock(), tenant=CALLER.get().tenant)
+
+
+def _moved(service: Service, fabric: Fabric, move: Move, held: contextlib.ExitStack) -> Entry | None:
+    """Bring a source's values to the ranks of `move.dst`; there, the entry that stands in for it,
+    whose bytes stay reserved until `held` closes. Every rank takes part in the two control exchanges
+    (what moves; whether every receiver could reserve it), so a refusal anywhere stops every rank
+    before any data moves. The source stays locked for reading while its values go out."""
+    error: WeightavgError | None = None
+    layout: Layout | None = None
+    named: Named = []
+    receiving = fabric.rank != move.src and move.dst in (ALL, fabric.rank)
+    with contextlib.ExitStack() as reading:
+        if fabric.rank == move.src:
+            try:
+                entry, source = service._source(move.handle)
+                reading.enter_context(service.store.reading(entry))
+                layout, named = _layout(source, move.buffers)
+            except WeightavgError as exc:
+                error = exc
+        layouts: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(layouts, layout, group=fabric.control)
+        layout = layouts[move.src]
+        if layout is None:
+            if error is not None:
+                raise error
+            raise _Abandoned()
+        received: list[torch.Tensor] = []
+        if receiving:
+            places = [torch.device("cpu") if kind == "cpu" else service.device for *_, kind in layout.rows]
+            need: dict[str, int] = {}
+            for (_, _, shape, dtype, _), place in zip(layout.rows, places):
+                need[str(place)] = need.get(str(place), 0) + torch.Size(shape).numel() * dtype.itemsize
+            if fabric.backend == "gloo":  # a CUDA tensor arrives through a host copy (collectives.transfer_)
+                staged = [torch.Size(r[2]).numel() * r[3].itemsize for r, p in zip(layout.rows, places) if p.type == "cuda"]
+                need["cpu"] = need.get("cpu", 0) + max(staged, default=0)
+            try:
+                held.enter_context(service.store.reserve(nbytes=need))
+                received = [torch.empty(r[2], dtype=r[3], device=p) for r, p in zip(layout.rows, places)]
+            except WeightavgError as exc:
+                error = exc
+        refusals: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(refusals, error is not None, group=fabric.control)
+        if any(refusals):
+            if error is not None:
+                raise error
+            raise _Abandoned()
+        dst = None if move.dst == ALL else move.dst
+        for i in range(len(layout.rows)):
+            if fabric.rank == move.src:
+                collectives.transfer_(named[i][1], move.src, dst, fabric.rank, fabric.backend == "gloo")
+            elif receiving:
+                collectives.transfer_(received[i], move.src, dst, fabric.rank, fabric.backend == "gloo")
+    return layout.stand_in(received) if receiving else None
+
+
+def _across(
+    service: Service, fabric: Fabric, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], where: int,
+    moves: list[Move],
+) -> Any:
+    """A verb whose sources live on other ranks than its target (`where`): each source's values are
+    moved to the target's rank(s), where they stand in for it under its own handle (`Registry.lend`),
+    and the verb runs there as on one rank; the copies go when it ends."""
+    with contextlib.ExitStack() as held:
+        try:
+            for move in moves:
+                lent = _moved(service, fabric, move, held)
+                if lent is not None:
+                    held.enter_context(service.store.lend(move.handle, lent))
+        except _Abandoned:
+            return None
+        if where not in (ALL, fabric.rank):
+            return None
+        return getattr(Service, op)(service, *args, **kwargs)
+
+
+def held_bytes(service: Service) -> int:
+    """Bytes of tensor storage a rank holds, over all its devices and the host."""
+    return sum(service.store.held_bytes().values())
 
 
 def _inventory(service: Service, fabric: Fabric) -> RankInfo:
-    return RankInfo(fabric.rank, str(fabric.device), len(service.store))
+    return RankInfo(fabric.rank, str(fabric.device), len(service.store), held_bytes(service))
 
 
 def _handles(service: Service, fabric: Fabric) -> list[str]:
@@ -308,6 +476,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_allreduce": _allreduce,
     "_inventory": _inventory,
     "_broadcast": _broadcast,
+    "_across": _across,
     "_handles": _handles,
     "_snapshot": _snapshot,
     "_commit": _commit,
@@ -353,7 +522,7 @@ def follow(service: Service, fabric: Fabric) -> None:
             log.info("rank %d: stop from rank 0", fabric.rank)
             return
         result = execute(service, fabric, command)
-        dist.gather_object(result, None, dst=0, group=fabric.control)
+        dist.gather_object((result, held_bytes(service)), None, dst=0, group=fabric.control)
 
 
 # -- rank 0 -----------------------------------------------------------------------------------------
@@ -377,6 +546,8 @@ class ClusterService(Service):
         self._placements: dict[str, int] = {}
         """Handles that live beyond rank 0 alone: ALL, or the one rank. Absent: rank 0."""
         self._placements_lock = threading.Lock()
+        self._held = [0] * fabric.world_size
+        """Bytes each rank held after the last command (another rank changes only through commands)."""
         self._broken = ""
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping, name="weightavg-cluster-ping", daemon=True)
@@ -426,14 +597,17 @@ class ClusterService(Service):
             try:
                 dist.broadcast_object_list([command], src=0, group=self.fabric.control)
                 mine = execute(self, self.fabric, command)
-                results: list[Any] = [None] * self.fabric.world_size
-                dist.gather_object(mine, results, dst=0, group=self.fabric.control)
+                replies: list[Any] = [None] * self.fabric.world_size
+                dist.gather_object((mine, held_bytes(self)), replies, dst=0, group=self.fabric.control)
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
                 self._broken = f"{command.op}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 log.error("cluster broken: %s", self._broken)
                 self.on_broken(self._broken)
                 self._check()
                 raise
+            results = [result for result, _ in replies]
+            with self._placements_lock:
+                self._held = [held for _, held in replies]
             return results
 
     def _call(
@@ -481,7 +655,8 @@ class ClusterService(Service):
         if len(ranks) > 1:
             raise FailedPrecondition(
                 f"the handles of this call live on different ranks ({sorted(ranks)}); create them on one rank "
-                "(rank=) or replicated (replicate=True)"
+                "(rank=) or replicated (replicate=True), or bring one's values over first: copyparms, avgparms, "
+                "ema and average take handles on different ranks"
             )
         if ranks:
             return ranks.pop()
@@ -502,10 +677,24 @@ class ClusterService(Service):
             if placement.rank is not None:
                 raise InvalidArgument("give replicate=True or rank=, not both")
             return ALL
-        return self._target(ALL, placement.rank) if placement.rank is not None else 0
+        return self._target(ALL, placement.rank) if placement.rank is not None else self.least_held()
 
-    def _routed(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], where: int) -> Any:
-        """Run Service.<name> where its handles live (rank 0's own: here, as on a one-rank server)."""
+    def least_held(self) -> int:
+        """Where a new object without a placement goes: the rank holding the fewest bytes of tensor
+        storage now (the lowest such rank on a tie, so rank 0 while the ranks are even). Rank 0's
+        bytes are read live; the others' as their last command left them, which is exact, since
+        nothing else changes them."""
+        with self._placements_lock:
+            held = list(self._held)
+        held[0] = held_bytes(self)
+        return min(range(len(held)), key=lambda r: (held[r], r))
+
+    def _routed(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], where: int,
+        every: Callable[[list[Any]], Any] | None = None,
+    ) -> Any:
+        """Run Service.<name> where its handles live (rank 0's own: here, as on a one-rank server).
+        On every rank (ALL) the answer is rank 0's, or `every` of all ranks' answers."""
         key = kwargs.pop("request", None)
         if where == 0:
             keyed = {"request": key} if key is not None else {}
@@ -518,7 +707,10 @@ class ClusterService(Service):
                 bound.arguments[pname] = never
 
         def run() -> Any:
-            value = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs))[0 if where == ALL else where]
+            values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs))
+            if every is not None:
+                return every(values)
+            value = values[0 if where == ALL else where]
             self._record(value, where)
             return value
 
@@ -565,11 +757,21 @@ class ClusterService(Service):
         where = self._target(self.where(handle), rank)
         return self._routed("set_parameter", (handle, name, upload), {"request": request}, where)  # type: ignore[no-any-return]
 
+    def update_dictionary(
+        self, handle: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
+    ) -> list[str]:
+        self._check()
+        where = self._target(self.where(handle), rank)
+        return self._routed("update_dictionary", (handle, upload), {"request": request}, where)  # type: ignore[no-any-return]
+
     def set_model_data(
-        self, handle: str, split: str, upload: Upload, *, shard: bool = False, request: RequestKey | None = None
+        self, handle: str, split: str, upload: Upload, *, shard: bool = False, rank: int | None = None,
+        request: RequestKey | None = None,
     ) -> int:
         self._check()
-        where = self.where(handle)
+        if shard and rank is not None:
+            raise InvalidArgument("shard=True gives every rank a part of the rows, rank= one rank all of them: give one")
+        where = self._target(self.where(handle), rank)
         if not shard:
             return self._routed("set_model_data", (handle, split, upload), {"request": request}, where)  # type: ignore[no-any-return]
         if where != ALL:
@@ -608,6 +810,110 @@ class ClusterService(Service):
         return self._keyed(  # type: ignore[no-any-return]
             "allreduce", request, lambda: self._call("_allreduce", ALL, (handle, op, list(weights)))[0]
         )
+
+    def broadcast(self, handle: str, rank: int, *, request: RequestKey | None = None) -> int:
+        self._check()
+        if not 0 <= rank < self.fabric.world_size:
+            raise InvalidArgument(f"rank {rank} does not exist: the cluster has ranks 0 to {self.fabric.world_size - 1}")
+        where = self.where(handle)
+        if where == 0:
+            self._replicated_tensors(handle)  # NOT_FOUND or INVALID_ARGUMENT first, if it is that
+        if where != ALL:
+            raise FailedPrecondition(
+                f"broadcast copies one rank's values to the other ranks' copies of a replicated object; this one "
+                f"lives on rank {where} alone. Create it with replicate=True, or bring its values to another "
+                "rank's object with copyparms or average"
+            )
+        return self._keyed(  # type: ignore[no-any-return]
+            "broadcast", request, lambda: self._call("_broadcast", ALL, (handle, rank))[0]
+        )
+
+    # -- verbs whose sources may live on other ranks than their target --------------------------------
+
+    def _across_ranks(
+        self, name: str, args: tuple[Any, ...], request: RequestKey | None, target: int, sources: Sequence[str],
+        buffers: bool = False,
+    ) -> Any:
+        """Run a verb on `target` (a rank, or ALL) with its sources' values brought there: a source on
+        another rank is sent over (collectives.transfer_) and stands in under its handle for the
+        verb's length (`_across`); replicated sources are used where they are."""
+        moves = [
+            Move(h, src, target, buffers) for h in dict.fromkeys(sources)
+            if isinstance(h, str) and (src := self.where(h)) not in (ALL, target)
+        ]
+        if not moves:
+            return self._routed(name, args, {"request": request}, target)
+
+        def run() -> Any:
+            value = self._call("_across", ALL, (name, args, {}, target, moves))[0 if target == ALL else target]
+            self._record(value, target)
+            return value
+
+        return self._keyed(name, request, run)
+
+    def average_parameters(
+        self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE, *,
+        request: RequestKey | None = None,
+    ) -> int:
+        """The dictionary (the target) may live on another rank than the source."""
+        self._check()
+        return self._across_ranks(  # type: ignore[no-any-return]
+            "average_parameters", (handle, dictionary, buffers), request, self.where(dictionary), [handle],
+            buffers is not BufferMode.EXCLUDE,
+        )
+
+    def update_moving_average(
+        self, handle: str, dictionary: str, change: ScheduleChange, step: int | None,
+        buffers: BufferMode = BufferMode.EXCLUDE, *, request: RequestKey | None = None,
+    ) -> EmaResult:
+        """The dictionary (the target) may live on another rank than the source."""
+        self._check()
+        return self._across_ranks(  # type: ignore[no-any-return]
+            "update_moving_average", (handle, dictionary, change, step, buffers), request, self.where(dictionary),
+            [handle], buffers is not BufferMode.EXCLUDE,
+        )
+
+    def load_parameters(self, handle: str, dictionary: str, *, request: RequestKey | None = None) -> dict[str, bool]:
+        """The module (the target) may live on another rank than the dictionary."""
+        self._check()
+        return self._across_ranks(  # type: ignore[no-any-return]
+            "load_parameters", (handle, dictionary), request, self.where(handle), [dictionary]
+        )
+
+    def average(
+        self, handles: Sequence[str], weights: Sequence[float] | None, into: str,
+        options: Sequence[tuple[str, Value]] = (), *, request: RequestKey | None = None,
+    ) -> Ref:
+        """The inputs may live on several ranks: the mean is made where `into` lives, else (a new
+        dictionary) on the rank of the first input that lives on one rank (every rank when all
+        inputs are replicated)."""
+        self._check()
+        if into:
+            target = self.where(into)
+        else:
+            placed = [w for w in (self.where(h) for h in handles) if w != ALL]
+            target = placed[0] if placed else (ALL if handles else 0)
+        return self._across_ranks(  # type: ignore[no-any-return]
+            "average", (list(handles), weights, into, list(options)), request, target, list(handles)
+        )
+
+    # -- per-rank metrics ------------------------------------------------------------------------------
+
+    def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
+        """On a replicated model every rank runs an epoch on its own data: each rank's metrics."""
+        self._check()
+        return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
+
+    def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
+        """On a replicated model every rank tests its own data: each rank's metrics."""
+        self._check()
+        return self._per_rank("run_test", (handle, should_stop), {})  # type: ignore[no-any-return]
+
+    def _per_rank(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        where = self.where(args[0])
+        if where != ALL:
+            return self._routed(name, args, kwargs, where)
+        return self._routed(name, args, kwargs, ALL, every=RankMetrics)
 
     def free(
         self, handles: Sequence[str], every: bool, tenant: str = "", purge: bool = False, *,

@@ -153,11 +153,26 @@ class Placement:
 
 @dataclass(frozen=True)
 class RankInfo:
-    """One rank of the cluster: its device and the handles it holds."""
+    """One rank of the cluster: its device, the handles it holds, and their bytes of tensor storage
+    over all its devices (what default placement compares)."""
 
     rank: int
     device: str
     handles: int
+    bytes: int = 0
+
+
+@register_answer_type  # a repeated RunEpoch on a replicated model answers with every rank's metrics
+@dataclass(frozen=True)
+class RankMetrics:
+    """The metrics of an epoch or a test pass that ran on every rank of a replicated model (a
+    cluster's), each rank's in rank order."""
+
+    ranks: list[Named]
+
+
+Metrics = Named | RankMetrics
+"""What RunEpoch and RunTest answer: the metrics, or on a cluster's replicated model each rank's."""
 
 
 @register_answer_type  # a repeated AllReduce answers with what the first one reduced
@@ -427,8 +442,12 @@ class Service:
             return Ref(self.store.add(Kind.DICTIONARY, d, reservation), Kind.DICTIONARY)
 
     @_exactly_once
-    def update_dictionary(self, handle: str, upload: Upload, *, request: RequestKey | None = None) -> list[str]:
-        """Set entries of a dictionary from an upload, all or nothing; the names set."""
+    def update_dictionary(
+        self, handle: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
+    ) -> list[str]:
+        """Set entries of a dictionary from an upload, all or nothing; the names set. In a cluster,
+        `rank` sets one rank's entries of a replicated dictionary."""
+        self._one_rank(rank)
         entry = self.store.get(handle, Kind.DICTIONARY)
         with self.store.reserve() as reservation:
             # Counted as additions: the old values are still held while the new ones arrive.
@@ -659,10 +678,13 @@ class Service:
 
     @_exactly_once
     def set_model_data(
-        self, handle: str, split: str, upload: Upload, *, shard: bool = False, request: RequestKey | None = None
+        self, handle: str, split: str, upload: Upload, *, shard: bool = False, rank: int | None = None,
+        request: RequestKey | None = None,
     ) -> int:
         """Load training or test inputs and targets (reserved on the device as they arrive, and their
-        dtype conversions before they are made), checked against the model; the number of batches."""
+        dtype conversions before they are made), checked against the model; the number of batches.
+        In a cluster, `shard` splits the rows over the ranks and `rank` loads one rank's data."""
+        self._one_rank(rank)
         entry, model = self._model(handle)
         with self.store.reserve() as reservation:
             tensors = self._receive(upload, reservation, self._on_device)
@@ -674,14 +696,15 @@ class Service:
                 return training.set_data(model, split, x, y, self.device, names)
 
     @_exactly_once
-    def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Named:
-        """Train one epoch; the train metrics. The first epoch's gradients and optimizer state are
-        reserved before it starts."""
+    def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
+        """Train one epoch; the train metrics (a cluster's replicated model: each rank's). The first
+        epoch's gradients and optimizer state are reserved before it starts."""
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=lambda: footprint.training_bytes(model)):
             return training.run_epoch(model, should_stop)
 
-    def run_test(self, handle: str, should_stop: StopCheck) -> Named:
+    def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
+        """Test over the test data; the test metrics (a cluster's replicated model: each rank's)."""
         entry, model = self._model(handle)
         with self.store.reading(entry):
             return training.test_epoch(model, should_stop)
@@ -795,8 +818,25 @@ class Service:
             )
 
     def cluster_info(self) -> list[RankInfo]:
-        """Each rank's device and handle count, in rank order: here the one rank."""
-        return [RankInfo(0, str(self.device), len(self.store))]
+        """Each rank's device, handle count and bytes held, in rank order: here the one rank."""
+        return [RankInfo(0, str(self.device), len(self.store), sum(self.store.held_bytes().values()))]
+
+    def _replicated_tensors(self, handle: str) -> tuple[Entry, Named]:
+        """What a broadcast copies: a module's parameters then buffers (module order), or a
+        dictionary's entries (name order); the same order on every rank."""
+        entry, source = self._source(handle)
+        if isinstance(source, TensorDict):
+            return entry, sorted(source.entries.items())
+        return entry, [(n, t.data) for n, t in source.named_parameters()] + list(source.named_buffers())
+
+    @_exactly_once
+    def broadcast(self, handle: str, rank: int, *, request: RequestKey | None = None) -> int:
+        """Give every rank `rank`'s values of a replicated object; how many tensors. On one rank
+        there is nothing to copy: the values stay as they are."""
+        self._one_rank(rank)
+        entry, named = self._replicated_tensors(handle)
+        with self.store.reading(entry):
+            return len(named)
 
     def _reduced_tensors(self, handle: str) -> tuple[Entry, list[torch.Tensor]]:
         """What an all-reduce of the handle covers: a module's floating parameters or a dictionary's

@@ -733,22 +733,28 @@ class RankInfo(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     HANDLES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     """The rank, 0 to world_size - 1; rank 0 serves the API."""
     device: _builtins.str
     """Device the rank places its objects on, e.g. "cpu" or "cuda:1"."""
     handles: _builtins.int
     """Live handles the rank holds (a replicated object counts on every rank)."""
+    bytes: _builtins.int
+    """Bytes of tensor storage the rank holds, over all its devices and the host: new objects without
+    a placement go to the rank holding the fewest (docs/cluster.md).
+    """
     def __init__(
         self,
         *,
         rank: _builtins.int = ...,
         device: _builtins.str = ...,
         handles: _builtins.int = ...,
+        bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "handles", b"handles", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "handles", b"handles", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -821,6 +827,60 @@ class AllReduceRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AllReduceRequest: _TypeAlias = AllReduceRequest  # noqa: Y015
+
+@_typing.final
+class BroadcastRequest(_message.Message):
+    """BroadcastRequest names a replicated module, model, optimizer or dictionary and the rank to copy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Handle id of a replicated object."""
+    rank: _builtins.int
+    """The rank whose values every rank takes (0 to world_size - 1)."""
+    request_id: _builtins.str
+    """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    """
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "rank", b"rank", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BroadcastRequest: _TypeAlias = BroadcastRequest  # noqa: Y015
+
+@_typing.final
+class BroadcastResponse(_message.Message):
+    """BroadcastResponse says what was copied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSORS_FIELD_NUMBER: _builtins.int
+    tensors: _builtins.int
+    """Tensors each rank took from the given rank."""
+    def __init__(
+        self,
+        *,
+        tensors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BroadcastResponse: _TypeAlias = BroadcastResponse  # noqa: Y015
 
 @_typing.final
 class AllReduceResponse(_message.Message):
@@ -1657,9 +1717,14 @@ class UpdateDictionaryRequest(_message.Message):
 
     DICTIONARY_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     dictionary: _builtins.str
     """Dictionary handle id; set on the first message."""
+    rank: _builtins.int
+    """Of a replicated dictionary: set the entries on this rank only (set on the first message); unset:
+    every rank.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
@@ -1674,13 +1739,16 @@ class UpdateDictionaryRequest(_message.Message):
         *,
         dictionary: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        rank: _builtins.int | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "dictionary", b"dictionary", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "dictionary", b"dictionary", "rank", b"rank", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
 
 Global___UpdateDictionaryRequest: _TypeAlias = UpdateDictionaryRequest  # noqa: Y015
 
@@ -2759,6 +2827,7 @@ class SetModelDataRequest(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     SHARD_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id; set on the first message."""
@@ -2767,6 +2836,10 @@ class SetModelDataRequest(_message.Message):
     shard: _builtins.bool
     """Of a replicated model: split the rows into world_size contiguous parts, rank r gets part r
     (torch.tensor_split); unset: every rank gets all rows. Set on the first message.
+    """
+    rank: _builtins.int
+    """Of a replicated model: load the data on this rank only (each rank its own data); unset: every
+    rank (or the rank the model lives on). Not with shard. Set on the first message.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -2784,13 +2857,16 @@ class SetModelDataRequest(_message.Message):
         split: Global___DataSplit.ValueType = ...,
         chunk: Global___TensorChunk | None = ...,
         shard: _builtins.bool = ...,
+        rank: _builtins.int | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model", "request_id", b"request_id", "shard", b"shard", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "model", b"model", "rank", b"rank", "request_id", b"request_id", "shard", b"shard", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
 
 Global___SetModelDataRequest: _TypeAlias = SetModelDataRequest  # noqa: Y015
 
@@ -2851,6 +2927,11 @@ class RunEpochResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """Of a replicated model in a cluster, where every rank ran an epoch: the rank whose metrics this
+    chunk carries (each rank's stream of tensors in turn, in rank order); unset otherwise.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of a metric tensor; the header names the metric (loss, batchloss, accuracy, ...)."""
@@ -2859,12 +2940,15 @@ class RunEpochResponse(_message.Message):
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        rank: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
 
 Global___RunEpochResponse: _TypeAlias = RunEpochResponse  # noqa: Y015
 
@@ -2897,6 +2981,11 @@ class RunTestResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """Of a replicated model in a cluster, where every rank tested its own data: the rank whose
+    metrics this chunk carries, in rank order; unset otherwise.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of a metric tensor; the header names the metric."""
@@ -2905,12 +2994,15 @@ class RunTestResponse(_message.Message):
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        rank: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
 
 Global___RunTestResponse: _TypeAlias = RunTestResponse  # noqa: Y015
 

@@ -321,6 +321,11 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceResponse.FromString,
                 _registered_method=True)
+        self.Broadcast = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/Broadcast',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.BroadcastRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.BroadcastResponse.FromString,
+                _registered_method=True)
 
 
 class WeightAveragingServiceServicer:
@@ -776,6 +781,16 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Broadcast(self, request, context):
+        """Broadcast gives every rank one rank's values of a replicated object: a module's parameters and
+        buffers, or a dictionary's entries (e.g. after per-rank changes, or to start every rank alike).
+        Every rank must hold the same names, shapes and dtypes; all or nothing. A one-rank server leaves
+        values unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightAveragingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1063,6 +1078,11 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.AllReduce,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.AllReduceResponse.SerializeToString,
+            ),
+            'Broadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.Broadcast,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.BroadcastRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.BroadcastResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2606,6 +2626,33 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/AllReduce',
             weightavg_dot_v1_dot_weightavg__pb2.AllReduceRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.AllReduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Broadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/Broadcast',
+            weightavg_dot_v1_dot_weightavg__pb2.BroadcastRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.BroadcastResponse.FromString,
             options,
             channel_credentials,
             insecure,

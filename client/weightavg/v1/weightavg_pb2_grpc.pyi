@@ -230,6 +230,12 @@ class WeightAveragingServiceStub:
     dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
     are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
     """
+    Broadcast: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.BroadcastRequest, _weightavg_pb2.BroadcastResponse]
+    """Broadcast gives every rank one rank's values of a replicated object: a module's parameters and
+    buffers, or a dictionary's entries (e.g. after per-rank changes, or to start every rank alike).
+    Every rank must hold the same names, shapes and dtypes; all or nothing. A one-rank server leaves
+    values unchanged.
+    """
 
 @_typing.type_check_only
 class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
@@ -428,6 +434,12 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
     dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
     are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+    """
+    Broadcast: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.BroadcastRequest, _weightavg_pb2.BroadcastResponse]  # type: ignore[assignment]
+    """Broadcast gives every rank one rank's values of a replicated object: a module's parameters and
+    buffers, or a dictionary's entries (e.g. after per-rank changes, or to start every rank alike).
+    Every rank must hold the same names, shapes and dtypes; all or nothing. A one-rank server leaves
+    values unchanged.
     """
 
 class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -966,6 +978,18 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
         dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
         are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+        """
+
+    @_abc_1.abstractmethod
+    def Broadcast(
+        self,
+        request: _weightavg_pb2.BroadcastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.BroadcastResponse, _abc.Awaitable[_weightavg_pb2.BroadcastResponse]]:
+        """Broadcast gives every rank one rank's values of a replicated object: a module's parameters and
+        buffers, or a dictionary's entries (e.g. after per-rank changes, or to start every rank alike).
+        Every rank must hold the same names, shapes and dtypes; all or nothing. A one-rank server leaves
+        values unchanged.
         """
 
 def add_WeightAveragingServiceServicer_to_server(servicer: WeightAveragingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

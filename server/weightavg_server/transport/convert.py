@@ -16,7 +16,7 @@ from ..domain.errors import InvalidArgument
 from ..domain.tensors import HandleSummary
 from . import codec
 from .stats import MethodStats, TenantCalls
-from ..service import ModelDescription, Size
+from ..service import Metrics, ModelDescription, Named, RankMetrics, Size
 from ..store.registry import Kind, TenantUsage
 from ..store.requests import RequestStats
 
@@ -33,6 +33,13 @@ KINDS = {
 def handle(handle_id: str, kind: Kind) -> pb.Handle:
     """The Handle message for a registry entry."""
     return pb.Handle(id=handle_id, kind=KINDS[kind])
+
+
+def metrics_by_rank(metrics: Metrics) -> list[tuple[int | None, Named]]:
+    """A metrics stream's parts: (None, the metrics), or each rank's of a replicated model as (rank, its metrics)."""
+    if isinstance(metrics, RankMetrics):
+        return list(enumerate(metrics.ranks))
+    return [(None, metrics)]
 
 
 def option_value(value: pb.OptionValue) -> specs.OptionValue:

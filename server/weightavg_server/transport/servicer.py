@@ -248,7 +248,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.UpdateDictionaryResponse:
         first = _first(request_iterator, "UpdateDictionary")
         upload, key = self._keyed(pb.UpdateDictionaryRequest, first, request_iterator, context)
-        names = self.service.update_dictionary(first.dictionary, upload, request=key)
+        names = self.service.update_dictionary(first.dictionary, upload, rank=_rank(first), request=key)
         return pb.UpdateDictionaryResponse(names=names)
 
     @translate_errors
@@ -361,22 +361,26 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         first = _first(request_iterator, "SetModelData")
         split = convert.split(first.split)
         upload, key = self._keyed(pb.SetModelDataRequest, first, request_iterator, context)
-        batches = self.service.set_model_data(first.model, split, upload, shard=bool(getattr(first, "shard", False)), request=key)
+        batches = self.service.set_model_data(
+            first.model, split, upload, shard=bool(getattr(first, "shard", False)), rank=_rank(first), request=key
+        )
         return pb.SetModelDataResponse(batches=batches)
 
     @translate_errors
     def RunEpoch(self, request: pb.RunEpochRequest, context: Context) -> Iterator[pb.RunEpochResponse]:
         with _stopping(context):
             metrics = self.service.run_epoch(request.model, _should_stop(context), request=ids.key(request))
-        for chunk in self._chunks(metrics):
-            yield pb.RunEpochResponse(chunk=chunk)
+        for rank, named in convert.metrics_by_rank(metrics):
+            for chunk in self._chunks(named):
+                yield pb.RunEpochResponse(chunk=chunk, rank=rank)
 
     @translate_errors
     def RunTest(self, request: pb.RunTestRequest, context: Context) -> Iterator[pb.RunTestResponse]:
         with _stopping(context):
             metrics = self.service.run_test(request.model, _should_stop(context))
-        for chunk in self._chunks(metrics):
-            yield pb.RunTestResponse(chunk=chunk)
+        for rank, named in convert.metrics_by_rank(metrics):
+            for chunk in self._chunks(named):
+                yield pb.RunTestResponse(chunk=chunk, rank=rank)
 
     @translate_errors
     def EvaluateModel(
@@ -533,6 +537,11 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         )
         return pb.AllReduceResponse(tensors=reduced.tensors, buckets=reduced.buckets)
 
+    @translate_errors
+    def Broadcast(self, request: pb.BroadcastRequest, context: Context) -> pb.BroadcastResponse:
+        tensors = self.service.broadcast(request.handle, request.rank, request=ids.key(request))
+        return pb.BroadcastResponse(tensors=tensors)
+
 
 _REDUCE_OPS = {pb.REDUCE_OP_UNSPECIFIED: "mean", pb.REDUCE_OP_MEAN: "mean", pb.REDUCE_OP_SUM: "sum"}
 
@@ -555,7 +564,7 @@ def _rank(request: Any) -> int | None:
 def _cluster_fields(ranks: list[RankInfo]) -> dict[str, Any]:
     return {
         "world_size": len(ranks),
-        "ranks": [pb.RankInfo(rank=r.rank, device=r.device, handles=r.handles) for r in ranks],
+        "ranks": [pb.RankInfo(rank=r.rank, device=r.device, handles=r.handles, bytes=r.bytes) for r in ranks],
     }
 
 

@@ -84,7 +84,7 @@ _CHANGE = (
     "RestoreModelData", "NextBatch", "RecalculateBatchNorm", "CreateSession", "CloseSession", "UpdateMovingAverage",
     "AverageDictionaries", "MergeDictionaries", "ApplyOuterStep", "BuildGreedySoup",
     "RegisterSharedMemory", "UnregisterSharedMemory", "CreateDictionaryFromSharedMemory",
-    "AllReduce",
+    "AllReduce", "Broadcast",
 )
 _ADMIN = ("Snapshot",)
 ACCESS: dict[str, Access] = {
