@@ -140,3 +140,16 @@ def test_parameter_lookup_and_count() -> None:
         modules.parameter(module, "blk.bn.running_mean")  # a buffer is not a parameter
     assert modules.parameter_count(module) == 5
     assert modules.child(module, "") is module and modules.child(module, "blk.bn") is module.blk.bn
+
+
+def test_a_skeleton_holds_the_tensors_under_their_names_in_their_order() -> None:
+    """What stands in for a module on another rank: the same named parameters and buffers, the same
+    tensors (no copies), so averages read from it exactly what they read from the module."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    params = [(n, p.detach()) for n, p in net.named_parameters()]
+    buffers = list(net.named_buffers())
+    stand_in = modules.skeleton(params, buffers)
+    assert [n for n, _ in stand_in.named_parameters()] == [n for n, _ in params]
+    assert [n for n, _ in stand_in.named_buffers()] == [n for n, _ in buffers]
+    assert all(p.data_ptr() == t.data_ptr() for (_, p), (_, t) in zip(stand_in.named_parameters(), params))
+    assert list(modules.view_parameters(stand_in).entries) == ["0.weight", "0.bias", "1.weight", "1.bias"]

@@ -522,6 +522,32 @@ def test_get_with_the_wrong_kind_names_both_kinds(store: Registry) -> None:
         store.get(d, Kind.MODULE, Kind.MODEL)
 
 
+def test_a_lent_entry_is_seen_only_inside_its_block_and_never_registered(store: Registry) -> None:
+    """What the cluster lends for a source that lives on another rank: found by get() in the block of
+    this call only, absent from listings and the ledger, and gone afterwards."""
+    from weightavg_server.domain.dictionaries import TensorDict
+
+    lent = Entry(Kind.DICTIONARY, TensorDict({"a": torch.ones(3)}), threading.RLock())
+    seen_elsewhere: list[bool] = []
+    with store.lend("dic_" + "0" * 32, lent):
+        assert store.get("dic_" + "0" * 32, Kind.DICTIONARY) is lent
+        other = threading.Thread(target=lambda: seen_elsewhere.append(_found(store, "dic_" + "0" * 32)))
+        other.start()
+        other.join()
+        assert store.items() == [] and store.held_bytes().get("cpu", 0) == 0
+    assert seen_elsewhere == [False]
+    with pytest.raises(NotFound):
+        store.get("dic_" + "0" * 32)
+
+
+def _found(store: Registry, handle: str) -> bool:
+    try:
+        store.get(handle)
+    except NotFound:
+        return False
+    return True
+
+
 def test_tensors_walk_finds_the_same_bytes_as_the_ledger_after_a_mixed_sequence(store: Registry) -> None:
     module = add_linear(store)
     ref, _ = store.addref(module)
