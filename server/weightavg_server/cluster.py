@@ -803,8 +803,10 @@ class ClusterService(Service):
         self, handle: str, op: str, weights: Sequence[float], *, request: RequestKey | None = None
     ) -> Reduced:
         self._check()
-        if self.where(handle) != ALL:
+        where = self.where(handle)
+        if where == 0:
             self._reduced_tensors(handle)  # NOT_FOUND or INVALID_ARGUMENT first, if it is that
+        if where != ALL:  # (one placed on another rank is not in rank 0's store: not NOT_FOUND)
             raise FailedPrecondition("allreduce averages an object across ranks: create it with replicate=True")
         collectives.rank_scale(op, weights, 0, self.fabric.world_size)  # refuse bad weights before any rank acts
         return self._keyed(  # type: ignore[no-any-return]
