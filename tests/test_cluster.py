@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from weightavg import Client, FailedPreconditionError, InvalidArgumentError, UnavailableError
+from weightavg import (
+    Client, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError,
+)
 from weightavg._retry import RetryPolicy
 from weightavg_server import cluster as fabric
 from weightavg_server.store.snapshot import SnapshotError
@@ -311,6 +313,25 @@ def test_averages_across_ranks_equal_the_same_calls_on_one_rank(shared: Cluster)
             c.avgparms(m1, bare)
         assert c.dict(bare, "a.weight").tolist() == [[0.0] * 4] * 3
         c.free(*made)
+
+
+def test_a_copy_across_ranks_is_reserved_on_the_target_rank_first(tmp_path: Path) -> None:
+    """Under --max-device-bytes the values a source sends are reserved on the target's rank before any
+    move: a target rank without room answers RESOURCE_EXHAUSTED and nothing changes on any rank."""
+    cluster = Cluster(tmp_path, "--max-device-bytes", "150000")
+    try:
+        with client(cluster.address) as c:
+            m = c.module(["linear", 100, 100], rank=1)  # 40400 bytes on rank 1
+            d = c.dict({"weight": np.zeros((100, 100), np.float32), "bias": np.zeros(100, np.float32)}, rank=0)
+            filler = c.dict({"x": np.zeros(20000, np.float32)}, rank=0)  # rank 0: 120400 of 150000 held
+            with pytest.raises(ResourceExhaustedError, match="--max-device-bytes"):
+                c.avgparms(m, d)
+            c.free(filler)  # (a fetch reserves its host copies too: room first)
+            assert not c.dict(d, "weight").any() and ".n" not in c.dict(d)
+            assert c.avgparms(m, d) == 2
+            assert np.array_equal(c.dict(d, "weight"), c.parm(m, "weight") / 2)
+    finally:
+        cluster.stop()
 
 
 def test_a_replicated_model_runs_an_epoch_on_every_rank_with_its_own_data(shared: Cluster) -> None:
