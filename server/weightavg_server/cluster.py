@@ -3,9 +3,13 @@
 Every rank holds its own registry. Rank 0 serves the API; a call on an object that lives on other
 ranks (replicated on every rank, or placed on one) becomes a `Command`, broadcast over a gloo group
 to every rank and executed by each in the order rank 0 sent them (one at a time), with the results
-gathered back to rank 0. Objects on rank 0 alone (the default placement) never touch the process
-group, so a call on them runs as on a one-rank server. Replicated objects get the same handle on
-every rank: rank 0 seeds each command's handle IDs with fresh random bits (`HANDLE_BITS`).
+gathered back to rank 0, each with the bytes that rank holds afterwards. A new object without a
+placement goes to the rank holding the fewest bytes (`least_held`); objects on rank 0 alone never
+touch the process group, so a call on them runs as on a one-rank server. Replicated objects get the
+same handle on every rank: rank 0 seeds each command's handle IDs with fresh random bits
+(`HANDLE_BITS`). A verb whose source lives on another rank than its target (avgparms, ema, average,
+copyparms into a module) moves the source's values to the target's rank inside one command
+(`_across`), where they stand in for the source for that call only.
 
 Commands go over a gloo group even when tensors move over NCCL: pickled commands are host data, and
 a control group of its own keeps its timeouts and ordering apart from the data collectives. When a
