@@ -396,6 +396,12 @@ def test_every_verb_works_on_replicated_and_placed_objects(shared: Cluster, verb
                 c.parm(m, n, v)
             d = c.dict({n: v + 1 for n, v in weights.items()}, **placement)
             answers[where] = call(c, m, d)
+            if "rank" in placement:  # rank= of a placed object: its own rank only
+                r = placement["rank"]
+                assert np.array_equal(c.parm(m, "a.weight", rank=r), c.parm(m, "a.weight"))
+                assert np.array_equal(c.dict(d, "a.weight", rank=r), c.dict(d, "a.weight"))
+                with pytest.raises(FailedPreconditionError, match=f"lives on rank {r}"):
+                    c.parm(m, "a.weight", rank=1 - r)
             if "replicate" in placement:  # every rank's copy took the call
                 assert np.array_equal(c.parm(m, "a.weight", rank=1), c.parm(m, "a.weight", rank=0))
                 assert np.array_equal(c.dict(d, "a.weight", rank=1), c.dict(d, "a.weight", rank=0))

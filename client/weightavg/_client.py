@@ -388,7 +388,8 @@ class Client:
 
     @_rpc
     def info(self) -> dict[str, Any]:
-        """Server version, torch version, device, layer types, dtypes and limits."""
+        """Server version, torch version, device, layer types, dtypes and limits; `world_size` and
+        `ranks`: each rank's device, handle count and bytes held (one row on a one-rank server)."""
         r = self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
         return {
             "version": r.version,
