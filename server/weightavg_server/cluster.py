@@ -49,7 +49,7 @@ from torch.distributed.rendezvous import rendezvous
 
 from .domain import collectives, modules, specs
 from .domain.dictionaries import TensorDict
-from .domain.errors import FailedPrecondition, InvalidArgument, Unavailable, WeightavgError
+from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
 from .domain.ema import ScheduleChange
 from .domain.options import Value
@@ -418,6 +418,8 @@ def _moved(service: Service, fabric: Fabric, move: Move, held: contextlib.ExitSt
                 received = [torch.empty(r[2], dtype=r[3], device=p) for r, p in zip(layout.rows, places)]
             except WeightavgError as exc:
                 error = exc
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # this rank must still answer the exchange below
+                error = ResourceExhausted(f"rank {fabric.rank}: out of memory for a copy of '{move.handle}' ({exc})")
         refusals: list[Any] = [None] * fabric.world_size
         dist.all_gather_object(refusals, error is not None, group=fabric.control)
         if any(refusals):
