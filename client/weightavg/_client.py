@@ -524,7 +524,8 @@ class Client:
 
         A new copy takes `dtype` (any floating dtype: "float32" for the average of a bfloat16 module)
         instead of each parameter's own, and with buffers=True holds the buffers too, under their
-        dotted names (integer buffers keep their dtype).
+        dotted names (integer buffers keep their dtype). On a cluster copyparms(m, d) takes a d that
+        lives on another rank than m: its values are sent to m's rank(s).
         """
         if d is None:
             request = pb.CopyParametersRequest(handle=_id(m), dtype=_dtype_code(dtype), buffers=buffers)
@@ -544,7 +545,8 @@ class Client:
         Each parameter is cast to its entry's dtype first. buffers=True also averages the floating
         buffers (AveragedModel's use_buffers=True), buffers="copy" copies every buffer; integer
         buffers are always copied. m may be a dictionary: its entries (but '.n') are folded in by
-        name, floating ones averaged and others copied.
+        name, floating ones averaged and others copied. On a cluster m and d may live on different
+        ranks: m's values are sent to d's rank(s) for the call (docs/cluster.md).
         """
         request = pb.AverageParametersRequest(handle=_id(m), dictionary=_id(d), buffers=_buffer_mode(buffers))
         return int(self._stub.AverageParameters(request, timeout=self.timeout).count)
@@ -570,7 +572,8 @@ class Client:
         ModelEmaV3's: 0 (a full copy) up to step update_after_step + 1, then `decay`, or with warmup
         max(min_decay, min(decay, 1 - (1 + k / warmup_gamma) ** -warmup_power)), k the steps since.
         Without `step` the k-th update of e uses step k. The schedule is kept with e (c.size(e)
-        shows it under '.ema'). buffers: as for avgparms.
+        shows it under '.ema'). buffers: as for avgparms. On a cluster m and e may live on different
+        ranks, as for avgparms.
 
         Example:
             >>> e = c.copyparms(m, dtype="float32")
@@ -1007,7 +1010,9 @@ class Client:
                 every entry with the mean's shape and may be one of `dicts`. None: a new dictionary.
             options: integers="first" (default) or "max": how integer entries are combined.
 
-        Returns the dictionary holding the mean. All or nothing: on an error nothing changes.
+        Returns the dictionary holding the mean. All or nothing: on an error nothing changes. On a
+        cluster the inputs may live on different ranks: the mean is made where `into` lives (or, new,
+        on the rank of the first input that lives on one rank), the other inputs' values sent there.
 
         Example: avg = c.average([d1, d2, d3], weights=[600, 300, 100])
         """
