@@ -1,10 +1,13 @@
-"""The allreduce case's baseline: a bare torch.distributed script, two ranks under torchrun (gloo).
+"""The allreduce case's baseline: a bare torch.distributed script, two ranks under torchrun.
 
 Every rank holds COUNT float32 tensors of WIDTH x WIDTH (the layout the server's replicated module has)
 and one flat tensor of the same bytes. Rank 0 reads a way to average them from stdin, one line per
 call, tells rank 1 with a one-element broadcast, both run it, and rank 0 answers "done"; EOF stops it.
 
     torchrun --standalone --nproc-per-node 2 -m bench._allreduce COUNT WIDTH DEVICE
+
+DEVICE cpu: gloo. DEVICE cuda: as the server chooses, NCCL when every rank has a GPU of its own, else
+gloo on the GPU the ranks share (NCCL refuses two ranks on one device).
 
 Ways, each a mean over the ranks (gloo has no AVG: scale, then SUM):
   flat      all_reduce of the flat tensor, then div_ (no copies, one collective: the floor for these bytes)
@@ -18,6 +21,7 @@ Ways, each a mean over the ranks (gloo has no AVG: scale, then SUM):
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -29,10 +33,14 @@ BUCKET_BYTES = 25 << 20
 
 
 def main(count: int, width: int, device: str) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        torch.cuda.set_device(0)  # ranks sharing one GPU: gloo on it, as the server's ranks do
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = "gloo"
+    if device.startswith("cuda"):  # the server's rule: NCCL with a GPU per rank, else gloo on a shared GPU
+        gpus = torch.cuda.device_count()
+        device = f"cuda:{int(os.environ['LOCAL_RANK']) % gpus}"
+        torch.cuda.set_device(device)
+        backend = "nccl" if gpus >= int(os.environ["LOCAL_WORLD_SIZE"]) else "gloo"
+    dist.init_process_group(backend)
     g = torch.Generator().manual_seed(rank)
     tensors = [torch.randn(width, width, generator=g).to(device) for _ in range(count)]
     params = [torch.nn.Parameter(t.clone()) for t in tensors]
@@ -67,7 +75,7 @@ def main(count: int, width: int, device: str) -> None:
 
     ways: list[Callable[[], None]] = [flat_mean, each, bucketed, lambda: average_parameters(iter(params), None)]
     names = ["flat", "tensors", "buckets", "average_parameters"]
-    code = torch.zeros(1, dtype=torch.int64)
+    code = torch.zeros(1, dtype=torch.int64, device=device if backend == "nccl" else "cpu")
     if rank == 0:
         print("ready", flush=True)
     while True:

@@ -678,8 +678,8 @@ class _BareScript:
 
 def allreduce(ctx: Context) -> list[Row | Skip]:
     """allreduce(op="mean") of a replicated module of 100 bias-free 500x500 linears (25M float32, 100 MB)
-    on a 2-rank cluster under torchrun, against a bare torch.distributed script (two ranks, gloo) averaging
-    the same bytes: as one flat tensor (the target: one collective, no copies), and, as information, the
+    on a 2-rank cluster under torchrun, against a bare torch.distributed script (two ranks, the same backend)
+    averaging the same bytes: as one flat tensor (the target: one collective, no copies), and, as information, the
     same 100 tensors in place one collective each, in DDP's 25 MB buckets, and with torch's
     model_averaging.average_parameters (bench/_allreduce.py)."""
     count, width = 100, 500
@@ -689,17 +689,26 @@ def allreduce(ctx: Context) -> list[Row | Skip]:
     ways = ("flat", "tensors", "buckets", "average_parameters")
     with LocalCluster(2, device=device, threads=threads) as cluster, Client(cluster.address, timeout=600) as c:
         m = c.module(linears(count, width), replicate=True)
+        marker = c.tensor(np.zeros(1, np.float32)) if device == "cuda" else None
+
+        def reduce() -> None:
+            c.allreduce(m, op="mean")
+            if marker is not None:  # NCCL's collectives may still run: fetching from rank 0's stream waits for them
+                c.tensor(marker)
+
         script = _BareScript(count, width, device)
         try:
-            calls: dict[str, Callable[[], Any]] = {"allreduce": lambda: c.allreduce(m, op="mean")}
+            calls: dict[str, Callable[[], Any]] = {"allreduce": reduce}
             calls.update({way: functools.partial(script.run, way) for way in ways})
             times = interleaved(calls, ctx.reps(15, 3))  # cheap per repeat, and noisy on a shared machine
         finally:
             script.stop()
-        c.free(m)
+        c.free(m, *([marker] if marker is not None else []))
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
-    # Two ranks on one machine talk over gloo: on CPUs, or on one GPU they share (NCCL refuses that).
-    where = "2 ranks, gloo" + (", one GPU" if device == "cuda" else "")
+    # The server's rule (cluster.rank_device): NCCL when each rank has a GPU of its own, else gloo (on
+    # CPUs, or on one GPU the ranks share: NCCL refuses that); the bare script follows the same rule.
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    where = "2 ranks, " + ("NCCL, a GPU each" if gpus >= 2 else "gloo, one GPU" if gpus else "gloo, CPU")
     measured = f"allreduce mean, {nbytes // 10**6} MB fp32 / {count} tensors, {where}"
     return [
         row("allreduce", measured, "bare torch.distributed script: one flat 100 MB tensor, all_reduce + div_", gbps,
@@ -711,6 +720,7 @@ def allreduce(ctx: Context) -> list[Row | Skip]:
         row("allreduce (info)", "allreduce mean", "bare script: torch's average_parameters (one flat copy)", gbps,
             "allreduce", "average_parameters", unit="GB/s", scale=1.0),
     ]
+
 
 CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "average": average_large,
