@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -643,16 +644,21 @@ def merge_ties(ctx: Context) -> list[Row | Skip]:
 
 
 class _BareScript:
-    """bench/_allreduce.py under torchrun (two ranks, gloo): `run(way)` averages its tensors once."""
+    """bench/_allreduce.py under torchrun (two ranks; gloo, or NCCL with a GPU each): `run(way)` averages once."""
 
-    def __init__(self, count: int, width: int, device: str) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    def __init__(self, count: int, width: int, device: str, threads: int) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": str(threads)}  # as the cluster's ranks have
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
              "-m", "bench._allreduce", str(count), str(width), device],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
         )
-        self._expect("ready")
+        try:
+            self._expect("ready")
+        except BaseException:
+            self.stop()
+            raise
 
     def _expect(self, word: str) -> None:
         assert self.proc.stdout is not None
@@ -672,7 +678,7 @@ class _BareScript:
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
 
@@ -684,7 +690,7 @@ def allreduce(ctx: Context) -> list[Row | Skip]:
     model_averaging.average_parameters (bench/_allreduce.py)."""
     count, width = 100, 500
     device = "cuda" if ctx.device.startswith("cuda") else "cpu"
-    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))  # --threads sets it; the ranks share the cores
     nbytes = count * width * width * 4
     ways = ("flat", "tensors", "buckets", "average_parameters")
     with LocalCluster(2, device=device, threads=threads) as cluster, Client(cluster.address, timeout=600) as c:
@@ -696,7 +702,7 @@ def allreduce(ctx: Context) -> list[Row | Skip]:
             if marker is not None:  # NCCL's collectives may still run: fetching from rank 0's stream waits for them
                 c.tensor(marker)
 
-        script = _BareScript(count, width, device)
+        script = _BareScript(count, width, device, threads)
         try:
             calls: dict[str, Callable[[], Any]] = {"allreduce": reduce}
             calls.update({way: functools.partial(script.run, way) for way in ways})
