@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep: dict[str, list[dict[str, float]]] = {}
     with bench_server(args.device) as address, Client(address, timeout=600) as client:
         channel, raw = cases.raw_client(address)
-        ctx = cases.Context(address, args.quick, client, raw, sweep)
+        ctx = cases.Context(address, args.quick, client, raw, sweep, args.device)
         for name in chosen:
             t0 = time.perf_counter()
             print(f"# {name} ...", file=sys.stderr, flush=True)

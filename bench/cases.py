@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +18,7 @@ import numpy as np
 import torch
 
 from weightavg import Client, Handle
+from weightavg_server.ops.launch import LocalCluster
 
 from ._harness import Row, Skip, at_least, at_most, interleaved, median, row, timed
 from ._raw import RawClient, payload
@@ -28,6 +34,8 @@ class Context:
     client: Client
     raw: RawClient
     sweep: dict[str, list[dict[str, float]]]
+    device: str = "cpu"
+    """The server's device (--device): the allreduce case puts its ranks there too."""
 
     def reps(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -632,6 +640,94 @@ def merge_ties(ctx: Context) -> list[Row | Skip]:
     ]
 
 
+# -- allreduce across ranks ---------------------------------------------------------------------------
+
+
+class _BareScript:
+    """bench/_allreduce.py under torchrun (two ranks; gloo, or NCCL with a GPU each): `run(way)` averages once."""
+
+    def __init__(self, count: int, width: int, device: str, threads: int) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": str(threads)}  # as the cluster's ranks have
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             "-m", "bench._allreduce", str(count), str(width), device],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        )
+        try:
+            self._expect("ready")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _expect(self, word: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"bench/_allreduce.py said {line!r}, not {word!r}; run it under torchrun to see why")
+
+    def run(self, way: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(way + "\n")
+        self.proc.stdin.flush()
+        self._expect("done")
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def allreduce(ctx: Context) -> list[Row | Skip]:
+    """allreduce(op="mean") of a replicated module of 100 bias-free 500x500 linears (25M float32, 100 MB)
+    on a 2-rank cluster under torchrun, against a bare torch.distributed script (two ranks, the same backend)
+    averaging the same bytes: as one flat tensor (the target: one collective, no copies), and, as information, the
+    same 100 tensors in place one collective each, in DDP's 25 MB buckets, and with torch's
+    model_averaging.average_parameters (bench/_allreduce.py)."""
+    count, width = 100, 500
+    device = "cuda" if ctx.device.startswith("cuda") else "cpu"
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))  # --threads sets it; the ranks share the cores
+    nbytes = count * width * width * 4
+    ways = ("flat", "tensors", "buckets", "average_parameters")
+    with LocalCluster(2, device=device, threads=threads) as cluster, Client(cluster.address, timeout=600) as c:
+        m = c.module(linears(count, width), replicate=True)
+        marker = c.tensor(np.zeros(1, np.float32)) if device == "cuda" else None
+
+        def reduce() -> None:
+            c.allreduce(m, op="mean")
+            if marker is not None:  # NCCL's collectives may still run: fetching from rank 0's stream waits for them
+                c.tensor(marker)
+
+        script = _BareScript(count, width, device, threads)
+        try:
+            calls: dict[str, Callable[[], Any]] = {"allreduce": reduce}
+            calls.update({way: functools.partial(script.run, way) for way in ways})
+            times = interleaved(calls, ctx.reps(15, 3))  # cheap per repeat, and noisy on a shared machine
+        finally:
+            script.stop()
+        c.free(m, *([marker] if marker is not None else []))
+    gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
+    # The server's rule (cluster.rank_device): NCCL when each rank has a GPU of its own, else gloo (on
+    # CPUs, or on one GPU the ranks share: NCCL refuses that); the bare script follows the same rule.
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    where = "2 ranks, " + ("NCCL, a GPU each" if gpus >= 2 else "gloo, one GPU" if gpus else "gloo, CPU")
+    measured = f"allreduce mean, {nbytes // 10**6} MB fp32 / {count} tensors, {where}"
+    return [
+        row("allreduce", measured, "bare torch.distributed script: one flat 100 MB tensor, all_reduce + div_", gbps,
+            "allreduce", "flat", unit="GB/s", scale=1.0, target=">= 0.9x", check=at_least(0.9)),
+        row("allreduce (info)", "allreduce mean", "bare script: the same 100 tensors in place, one all_reduce each",
+            gbps, "allreduce", "tensors", unit="GB/s", scale=1.0),
+        row("allreduce (info)", "allreduce mean", "bare script: the same tensors in DDP's 25 MB buckets", gbps,
+            "allreduce", "buckets", unit="GB/s", scale=1.0),
+        row("allreduce (info)", "allreduce mean", "bare script: torch's average_parameters (one flat copy)", gbps,
+            "allreduce", "average_parameters", unit="GB/s", scale=1.0),
+    ]
+
+
 CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "average": average_large,
     "ema": ema_large,
@@ -645,6 +741,7 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "gpu": gpu_average,
     "average8": average_many,
     "ties": merge_ties,
+    "allreduce": allreduce,
     "sweep": sweep,
 }
 

@@ -1,7 +1,9 @@
-"""Fixtures: a real server on a free loopback port, a client to it, and a snapshot of every handle."""
+"""Fixtures: a real server on a free loopback port, a client to it, a snapshot of every handle, and a
+real 2-rank CPU cluster under torchrun."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 from weightavg import Client
 from weightavg_server.ops.app import Runtime, create_runtime, create_server, set_serving
 from weightavg_server.ops.config import ServerConfig
+from weightavg_server.ops.launch import LocalCluster
 from weightavg_server.domain.tensors import tensors_of
 from weightavg_server.store.registry import Kind, Registry
 
@@ -122,3 +125,45 @@ def state_server(tmp_path: Path) -> Iterator[Runtime]:
     yield runtime
     runtime.server.stop(None)
     runtime.reaper.stop()
+
+
+class Cluster(LocalCluster):
+    """Two CPU ranks (gloo on loopback) with short timeouts, their output in tmp; `flags` are serve flags,
+    and torchrun's --max-restarts=K. Tests of the cluster (tests/test_cluster.py) and of the examples
+    that need one (Local SGD) use it; each start takes about 5-10 s on a small machine."""
+
+    def __init__(self, tmp: Path, *flags: str, device: str = "cpu") -> None:
+        super().__init__(
+            2, log=tmp / f"torchrun-{time.monotonic_ns()}.log", device=device,
+            torchrun=[f for f in flags if f.startswith("--max-restarts")],
+            serve=["--log-level", "INFO", "--cluster-timeout-seconds", "20", "--grace-seconds", "2",
+                   *[f for f in flags if not f.startswith("--max-restarts")]],
+        )
+
+    @property
+    def out(self) -> Path:
+        return self.log
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of a worker by its RANK, among the children of torchrun."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ and int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                return int(entry.name)
+        raise AssertionError(f"no process of rank {rank} under torchrun {self.proc.pid}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A started 2-rank cluster, stopped (its processes killed if need be) after the test."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -28,77 +28,13 @@ from weightavg import (
 )
 from weightavg._retry import RetryPolicy
 from weightavg_server import cluster as fabric
+from weightavg_server.ops.launch import START_SECONDS
 from weightavg_server.store.snapshot import SnapshotError
 
+from conftest import Cluster  # the `cluster` fixture is conftest's too
+
 ROOT = Path(__file__).resolve().parent.parent
-START_SECONDS = 120.0
-"""Bound on a cluster's start: two ranks import torch and meet over gloo on a shared 2-core box."""
 WAIT = 60.0
-
-
-class Cluster:
-    """torchrun running `-m weightavg_server serve` with two ranks; `address` is rank 0's API."""
-
-    def __init__(self, tmp: Path, *flags: str, device: str = "cpu") -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")]),
-               "OMP_NUM_THREADS": "1"}
-        self.out = tmp / f"torchrun-{time.monotonic_ns()}.log"
-        self._log = self.out.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             "--monitor-interval", "1", *[f for f in flags if f.startswith("--max-restarts")],
-             "-m", "weightavg_server", "serve", "--port", "0", "--device", device, "--log-level", "INFO",
-             "--cluster-timeout-seconds", "20", "--grace-seconds", "2",
-             *[f for f in flags if not f.startswith("--max-restarts")]],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-        self.address = self.wait_serving(0)
-
-    def wait_serving(self, seen: int) -> str:
-        """The address of the (seen+1)-th `weightavg serving on` line of the log."""
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            lines = re.findall(r"weightavg serving on ([\d.]+:\d+)", self.out.read_text())
-            if len(lines) > seen:
-                return lines[seen]
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"the cluster did not serve within {START_SECONDS} s:\n{self.out.read_text()[-4000:]}")
-
-    def rank_pid(self, rank: int) -> int:
-        """The pid of a worker by its RANK, among the descendants of torchrun."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in environ and int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                return int(entry.name)
-        raise AssertionError(f"no process of rank {rank} under torchrun {self.proc.pid}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A cluster of the test's own, for a test that breaks it."""
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,30 @@
+"""allreduce through a real 2-rank cluster on tensors of both paths of domain/collectives.py: a weight
+large enough to be reduced in place and a bias small enough for a bucket (tests/test_cluster.py has
+the rest of the cluster's tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from weightavg import Client
+from weightavg_server.domain.collectives import INPLACE_BYTES
+
+from conftest import Cluster
+
+
+def test_a_weighted_mean_reaches_every_rank_for_large_and_small_tensors(cluster: Cluster) -> None:
+    """Rank r holds (r+1) * base; weights 1 and 3 give 1.75 * base on both ranks. base is small integers
+    times powers of two, so the float32 result is exact."""
+    assert 400 * 300 * 4 >= INPLACE_BYTES > 300 * 4
+    base = {"weight": (np.arange(300 * 400) % 64).reshape(300, 400).astype(np.float32) / 4,
+            "bias": (np.arange(300) % 16).astype(np.float32)}
+    with Client(cluster.address, timeout=60) as c:
+        m = c.module(["linear", 400, 300], replicate=True)
+        for r in range(2):
+            for name, value in base.items():
+                c.parm(m, name, value * (r + 1), rank=r)
+        assert c.allreduce(m, op="mean", weights=[1, 3]) == 2
+        for r in range(2):
+            for name, value in base.items():
+                assert np.array_equal(c.parm(m, name, rank=r), value * 1.75), (r, name)
+        c.free(m)

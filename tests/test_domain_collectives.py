@@ -1,0 +1,73 @@
+"""domain/collectives.py with two real gloo ranks (processes), against means computed by hand.
+
+Large tensors are reduced in place and small ones through buckets; both paths, a non-contiguous large
+tensor, several buckets and two dtypes are covered in one group of two processes (a few seconds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from weightavg_server.domain import collectives
+from weightavg_server.domain.errors import InvalidArgument
+
+WEIGHTS = [1.0, 3.0]
+
+
+def values(rank: int) -> list[torch.Tensor]:
+    """Each rank's tensors: two large float32 (one a transposed view), a large bfloat16, small ones of
+    two dtypes. Integers times powers of two, so every scaled value and sum is exact."""
+    base = torch.arange(300 * 300, dtype=torch.float32).remainder(97) + rank * 8
+    return [
+        base.reshape(300, 300).clone(),  # 360 KB >= INPLACE_BYTES: in place
+        base[:90_000].reshape(300, 300).clone().t(),  # large and non-contiguous
+        (torch.arange(140_000).remainder(16) + rank * 8).to(torch.bfloat16).reshape(1, -1),  # 280 KB: in place
+        torch.full((3,), 2.0 + rank),  # small: bucketed
+        torch.full((10, 10), -4.0 * (rank + 1), dtype=torch.float64),
+        torch.full((5,), 16.0 * rank),
+    ]
+
+
+def _worker(rank: int, store_path: str) -> None:
+    store = dist.FileStore(store_path, 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        tensors = values(rank)
+        where = [(t.data_ptr(), t.stride(), t.dtype) for t in tensors]
+        scale = collectives.rank_scale("mean", WEIGHTS, rank, 2)
+        # Buckets of 400 bytes: the float32 smalls (12 and 20 bytes) share one, the float64 one (800 bytes) goes alone.
+        issued = collectives.all_reduce_(tensors, scale, bucket_bytes=400)
+        assert issued == 3 + 2, issued
+        assert [(t.data_ptr(), t.stride(), t.dtype) for t in tensors] == where  # reduced where they lie
+        expected = [a * 0.25 + b * 0.75 for a, b in zip(values(0), values(1))]
+        for i, (got, want) in enumerate(zip(tensors, expected)):
+            assert torch.equal(got, want.to(got.dtype)), (i, (got - want).abs().max())
+    finally:
+        dist.barrier()  # both ranks finish before either tears gloo down
+        dist.destroy_process_group()
+
+
+def test_a_weighted_mean_over_two_ranks_in_place_and_through_buckets(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+def test_which_tensors_share_a_bucket() -> None:
+    a, b = torch.zeros(10), torch.zeros(10)
+    c, d = torch.zeros(10, dtype=torch.float64), torch.zeros(30)
+    groups = collectives.buckets([a, b, c, d], bucket_bytes=80)
+    assert [[id(t) for t in g] for g in groups] == [[id(a), id(b)], [id(d)], [id(c)]]
+
+
+def test_rank_scales() -> None:
+    assert collectives.rank_scale("mean", [], 1, 4) == 0.25
+    assert collectives.rank_scale("mean", [1, 3], 1, 2) == 0.75
+    assert collectives.rank_scale("sum", [], 1, 2) == 1.0
+    with pytest.raises(InvalidArgument, match="one weight per rank"):
+        collectives.rank_scale("mean", [1, 2, 3], 0, 2)
+    with pytest.raises(InvalidArgument, match="unknown reduce op"):
+        collectives.rank_scale("max", [], 0, 2)
