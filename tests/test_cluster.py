@@ -416,6 +416,31 @@ def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> No
             time.sleep(0.5)
 
 
+def running(pid: int) -> bool:
+    """Whether pid is a live process (an orphan's zombie, which a container's init may never reap, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_stop_when_their_torchrun_agent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to torchrun alone orphans its ranks; they notice and end (rank 0 drains and stops rank 1)
+    instead of serving and waiting forever on a shared machine."""
+    cluster = Cluster(tmp_path)
+    try:
+        ranks = [cluster.rank_pid(0), cluster.rank_pid(1)]
+        os.kill(cluster.proc.pid, signal.SIGKILL)
+        cluster.proc.wait(10)
+        deadline = time.monotonic() + WAIT
+        while any(running(pid) for pid in ranks):
+            assert time.monotonic() < deadline, f"ranks still running 60 s after torchrun died:\n{cluster.out.read_text()[-3000:]}"
+            time.sleep(0.5)
+        assert "torchrun agent" in cluster.out.read_text()
+    finally:
+        cluster.stop()
+
+
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
     """--max-restarts 1 and periodic snapshots: after rank 1 is killed, torchrun restarts both ranks,
     every rank restores the same generation, and the same handles hold the same values on both ranks."""

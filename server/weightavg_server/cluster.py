@@ -35,6 +35,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -220,6 +221,35 @@ def agree_on_snapshot(fabric: Fabric, directory: str) -> int:
     if generation:
         log.info("rank %d restores snapshot generation %d", fabric.rank, generation)
     return generation
+
+
+AGENT_POLL_SECONDS = 1.0
+"""How often a rank checks that the torchrun agent that started it is still its parent."""
+
+
+def watch_agent(on_gone: Callable[[], None], poll: float = AGENT_POLL_SECONDS) -> threading.Thread:
+    """Call `on_gone` once if this rank's parent (torchrun's agent) dies: a SIGKILLed agent leaves its
+    ranks to init, which would otherwise serve (rank 0) and wait (the others) forever on a shared box,
+    holding the port, the memory and the GPU, with nothing left to restart them."""
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(poll)
+        log.error("the torchrun agent (pid %d) is gone: stopping this rank", agent)
+        on_gone()
+
+    thread = threading.Thread(target=watch, name="weightavg-agent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def exit_after(seconds: float) -> None:
+    """End this process in `seconds` unless it ended before (a follower whose agent died gives rank 0
+    that long to stop it cleanly, with a snapshot)."""
+    time.sleep(seconds)
+    log.error("no stop from rank 0 within %.0f s of losing the agent: exiting", seconds)
+    os._exit(1)
 
 
 def leave() -> None:

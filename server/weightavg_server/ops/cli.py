@@ -143,6 +143,8 @@ def serve(config: ServerConfig) -> None:
     # that does not load leaves the tokens in force as they were.
     signal.signal(signal.SIGHUP, lambda *_: runtime.reload_tokens())
     runtime.start()
+    if fabric is not None:
+        cluster.watch_agent(stop.set)  # torchrun's agent gone: drain and snapshot as on SIGTERM
     ranks = f" (rank 0 of {fabric.world_size})" if fabric is not None else ""
     print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
     if metrics is not None:
@@ -172,6 +174,9 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
         restored = snapshot.load(registry, cluster.restore_dir(config.state_dir), fabric.device)
         log.info("rank %d restored %d handle(s) from %s", fabric.rank, restored, config.state_dir)
     service = Service(registry, settings(config, fabric.device))
+    # Without its agent, rank 0 (orphaned too, on one node) stops this rank after its snapshot; failing
+    # that (rank 0 elsewhere or gone), it exits on its own.
+    cluster.watch_agent(lambda: cluster.exit_after(fabric.timeout + 30.0))
     try:
         cluster.follow(service, fabric)
     except RuntimeError as exc:
