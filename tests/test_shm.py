@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
@@ -206,13 +207,64 @@ def test_store_regions_belong_to_one_tenant_and_session(region: shared_memory.Sh
     assert regions.end_session("s1") == 1 and len(regions) == 0
 
 
-def test_a_large_fetch_gets_a_region_of_its_own_whose_arrays_outlive_the_next_fetch(shm_server: LiveServer) -> None:
+def test_large_fetches_are_views_of_pooled_regions_that_the_server_never_writes_while_lent(
+    shm_server: LiveServer,
+) -> None:
     big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: above the size copied out of the reused region
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         d = slow.dict({"big": big, "small": np.ones(3, np.int8)})  # uploaded by stream: the reused region stays small
         first = fast.dict(d)
         assert same(first["big"], big) and same(first["small"], np.ones(3, np.int8))
+        assert first["big"].flags.writeable and not first["big"].flags.owndata  # a view of a pool region
         slow.dict(d, "big", big + 1)
         second = fast.dict(d)
         assert same(second["big"], big + 1) and same(first["big"], big)  # the first arrays' memory is their own
-        assert len(shm_server.registry.shared) == 2  # the reused region and the large fetch's, replaced
+        assert len(shm_server.registry.shared) == 3  # the reused region and two pool regions: the first is lent
+        first["big"][:] = -1  # the caller owns what it fetched
+        pool = fast._shm_pool._slots
+        assert [s.lent for s in pool] == [True, True, False, False]
+        del first
+        gc.collect()
+        assert [s.lent for s in pool] == [False, True, False, False]  # back in the pool
+        third = fast.dict(d)  # into the first region
+        assert same(third["big"], big + 1) and same(second["big"], big + 1)
+        assert [s.lent for s in pool] == [True, True, False, False] and len(shm_server.registry.shared) == 3
+
+
+def test_more_kept_large_fetches_than_pool_regions_replace_lent_registrations(shm_server: LiveServer) -> None:
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+        kept = [fast.dict(d, "big") for _ in range(len(_shm_pool_names()) + 2)]
+        assert all(same(k, big) for k in kept)
+        assert len(shm_server.registry.shared) == 1 + len(_shm_pool_names())  # the server's cap is never reached
+        kept[0][:] = 0
+        assert same(fast.dict(d, "big"), big) and all(same(k, big) for k in kept[1:])
+    assert all(same(k, big) for k in kept[1:])  # the arrays outlive the client and its session
+
+
+def _shm_pool_names() -> tuple[str, ...]:
+    from weightavg import _shm
+
+    return _shm.POOL_NAMES
+
+
+def test_a_fetch_into_a_free_pool_region_takes_one_call(shm_server: LiveServer) -> None:
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+        fast.dict(d)  # registers a pool region
+        calls: list[str] = []
+        stub = fast._stub
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                calls.append(name)
+                return getattr(stub, name)
+
+        fast._stub = Counting()  # type: ignore[assignment]
+        try:
+            assert same(fast.dict(d, "big"), big)
+        finally:
+            fast._stub = stub
+        assert calls == ["FetchTensorsToSharedMemory"]

@@ -333,6 +333,7 @@ class Client:
         self._stop_keepalive = threading.Event()
         self._keepalive: threading.Thread | None = None
         self._shm: _shm.SharedRegion | None = _shm.SharedRegion() if shm else None
+        self._shm_pool = _shm.FetchPool()
         self._shm_lock = threading.Lock()
         session = session or shm
         if session:
@@ -1155,6 +1156,14 @@ class Client:
 
     # -- shared memory (Client(..., shm=True)) --------------------------------------------------------
 
+    def _shm_refused(self, exc: grpc.RpcError) -> None:
+        """Raise the error unless it says the server takes no shared memory; then use the stream."""
+        error = from_rpc_error(exc)
+        if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
+            raise exc
+        log.info("shared memory refused, using the stream: %s", error)
+        self._shm = None
+
     def _shm_buffer(self, nbytes: int) -> memoryview | None:
         """The region's bytes (at least nbytes), registering a larger one as needed; None once the
         server has refused shared memory (this client then uses the stream for good)."""
@@ -1169,47 +1178,59 @@ class Client:
         try:
             return region.ensure(nbytes, register)
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
-                raise
-            log.info("shared memory refused, using the stream: %s", error)
+            self._shm_refused(exc)
+            return None
+        except OSError as exc:  # no /dev/shm here, or it is full
+            log.info("no shared memory region, using the stream: %s", exc)
             self._shm = None
             return None
 
     def _shm_fetch(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]] | None:
-        """Small fetches through the reused region (copied out, one round trip); a large one into a
-        region of its own whose arrays are returned as they are (no copy here; three round trips)."""
+        """A fetch through shared memory, None where the server refuses it.
+
+        One call names the reused region (small fetches, copied out) and the largest free region of
+        the pool as its overflow (large fetches, returned as views of it: no copy here, and its
+        pages were faulted by an earlier fetch). A large fetch that no free region holds gets one
+        (registered, or re-registered larger) and a second call.
+        """
         with self._shm_lock:
             buf = self._shm_buffer(0)
             if buf is None:
                 return None
-            reused = pb.FetchTensorsToSharedMemoryRequest(
-                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+            pool = self._shm_pool
+            free = pool.largest_free()
+            request = pb.FetchTensorsToSharedMemoryRequest(
+                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES,
+                overflow_region=free[0] if free else "",
             )
-            r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
-            if r.tensors or not r.needed_bytes:
-                return _shm.read(buf, r.tensors)
-            if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
-                buf = self._shm_buffer(r.needed_bytes)
-                if buf is not None:
-                    r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
-                    if r.tensors or not r.needed_bytes:
-                        return _shm.read(buf, r.tensors)
-
-            def register(key: str, size: int) -> None:
-                request = pb.RegisterSharedMemoryRequest(name=_shm.LARGE_FETCH_NAME, key=key, byte_size=size)
-                self._stub.RegisterSharedMemory(request, timeout=self.timeout)
-
-            own = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_shm.LARGE_FETCH_NAME)
-            needed = r.needed_bytes
+            r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
             while True:  # again if the object grew between the calls
-                fresh = self._shm.fresh(needed, register) if self._shm is not None else None
-                if fresh is None:
-                    return None
-                r = self._stub.FetchTensorsToSharedMemory(own, timeout=self.timeout)
                 if r.tensors or not r.needed_bytes:
-                    return _shm.read(fresh, r.tensors, copy=False)
-                needed = r.needed_bytes
+                    if r.region and r.region != _shm.REGION_NAME:
+                        return pool.lend(r.region, r.tensors)
+                    return _shm.read(buf, r.tensors)
+                if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
+                    buf = self._shm_buffer(r.needed_bytes)
+                    if buf is None:
+                        return None
+                    request = pb.FetchTensorsToSharedMemoryRequest(
+                        handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+                    )
+                else:
+                    def register(name: str, key: str, size: int) -> None:
+                        request = pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size)
+                        self._stub.RegisterSharedMemory(request, timeout=self.timeout)
+
+                    try:
+                        name = pool.region_for(r.needed_bytes, register)
+                    except grpc.RpcError as exc:
+                        self._shm_refused(exc)
+                        return None
+                    except OSError as exc:
+                        log.info("no shared memory region for a fetch, using the stream: %s", exc)
+                        return None
+                    request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=name)
+                r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
 
     def _shm_create_dictionary(self, items: list[tuple[str, Any]]) -> Handle | None:
         placed, nbytes = _shm.layout(items)
@@ -1224,8 +1245,10 @@ class Client:
             return _handle(self._stub.CreateDictionaryFromSharedMemory(request, timeout=self.timeout).dictionary)
 
     def _close_shm(self) -> None:
-        """Unmap the region here; the server unmaps it with the session (or now, for a joined one)."""
+        """Unmap the regions here (a lent one with its last array); the server unmaps them with the
+        session (or now, for a joined one)."""
         region, self._shm = self._shm, None
+        self._shm_pool.unused()
         if region is None or not region.size:
             return
         if not self._owns_session:

@@ -4516,6 +4516,7 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    OVERFLOW_REGION_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Dictionary, tensor, or module/model/optimizer handle id."""
     region: _builtins.str
@@ -4525,6 +4526,12 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
     max_bytes: _builtins.int
     """When more than 0: write nothing if the tensors take more than this many bytes (a client that
     gives large fetches a region of their own asks its reused region for small ones only).
+    """
+    overflow_region: _builtins.str
+    """Optional second region of the caller's session: when the tensors take more than max_bytes (or
+    do not fit the first region), they are written here from offset 0 if they fit, so a client with
+    a free large region gets a small or a large fetch in one call. The server writes only into the
+    region the response names.
     """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -4538,10 +4545,11 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
         region: _builtins.str = ...,
         offset: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
+        overflow_region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "max_bytes", b"max_bytes", "names", b"names", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "max_bytes", b"max_bytes", "names", b"names", "offset", b"offset", "overflow_region", b"overflow_region", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4558,8 +4566,13 @@ class FetchTensorsToSharedMemoryResponse(_message.Message):
 
     TENSORS_FIELD_NUMBER: _builtins.int
     NEEDED_BYTES_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     needed_bytes: _builtins.int
     """Bytes from offset that the tensors take (64-byte aligned each)."""
+    region: _builtins.str
+    """The region written: the request's region, or its overflow_region (then the offsets count from
+    0 in it). Empty when nothing was written.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedTensor]:
         """Where each tensor lies, in order."""
@@ -4569,10 +4582,11 @@ class FetchTensorsToSharedMemoryResponse(_message.Message):
         *,
         tensors: _abc.Iterable[Global___SharedTensor] | None = ...,
         needed_bytes: _builtins.int = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["needed_bytes", b"needed_bytes", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["needed_bytes", b"needed_bytes", "region", b"region", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,6 +15,7 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import FailedPrecondition, InvalidArgument
@@ -131,12 +132,29 @@ def layout(named: Sequence[tuple[str, torch.Tensor]], offset: int) -> tuple[list
     return placements, at - offset
 
 
+def copy_bytes(target: torch.Tensor, source: torch.Tensor) -> None:
+    """target (contiguous, on the CPU) := source, of the same dtype and shape.
+
+    Between contiguous CPU tensors as one numpy copy of their bytes (a memcpy: 7-12 GB/s on the
+    project's VM where torch's uint8 copy_ ran at 6.5 with one thread); otherwise (other devices,
+    strides, conjugate or negative views) torch's copy_.
+    """
+    source = source.detach()
+    if (
+        source.device.type == "cpu" and source.is_contiguous() and not source.is_conj() and not source.is_neg()
+        and target.is_contiguous()
+    ):
+        np.copyto(target.reshape(-1).view(torch.uint8).numpy(), source.reshape(-1).view(torch.uint8).numpy())
+    else:
+        target.copy_(source)
+
+
 def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple[str, torch.Tensor]]) -> None:
     """Copy each tensor (any device, any strides) into its place: one copy a byte."""
     region.check_size()
     for p, (_, t) in zip(placements, named):
         if p.nbytes:
-            region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape).copy_(t.detach())
+            copy_bytes(region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape), t)
 
 
 def check(region: Region, p: Placement) -> None:
@@ -171,6 +189,6 @@ def read(
             on_header(p.name, p.nbytes)
         t = torch.empty(p.shape, dtype=p.dtype)
         if p.nbytes:
-            t.view(-1).view(torch.uint8).copy_(region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"))
+            copy_bytes(t.view(-1).view(torch.uint8), region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"))
         out.append((p.name, t))
     return out

@@ -509,11 +509,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsToSharedMemory(
         self, request: pb.FetchTensorsToSharedMemoryRequest, context: Context
     ) -> pb.FetchTensorsToSharedMemoryResponse:
-        placements, needed = self.service.fetch_to_shared_memory(
-            request.handle, list(request.names), request.region, request.offset, request.max_bytes
+        placements, needed, region = self.service.fetch_to_shared_memory(
+            request.handle, list(request.names), request.region, request.offset, request.max_bytes,
+            request.overflow_region,
         )
         return pb.FetchTensorsToSharedMemoryResponse(
-            tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed
+            tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed, region=region
         )
 
     @translate_errors
