@@ -268,3 +268,124 @@ def test_a_fetch_into_a_free_pool_region_takes_one_call(shm_server: LiveServer) 
         finally:
             fast._stub = stub
         assert calls == ["FetchTensorsToSharedMemory"]
+
+
+@pytest.fixture
+def shared_uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the tensors the server copied out of shared memory (TensorChunk.shared)."""
+    from weightavg_server.transport import codec
+
+    seen: list[str] = []
+    shared = codec.TensorAssembler._shared
+
+    def spy(self: Any, chunk: pb.TensorChunk, crc: int | None) -> None:
+        seen.append(chunk.name)
+        shared(self, chunk, crc)
+
+    monkeypatch.setattr(codec.TensorAssembler, "_shared", spy)
+    return seen
+
+
+MLP = ["sequential", ["linear", "l1", 64, 300], ["relu"], ["linear", "l2", 300, 10]]
+
+
+def test_every_verb_that_uploads_tensors_uses_shared_memory_with_the_streams_results(
+    shm_server: LiveServer, shared_uploads: list[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((300, 64), dtype=np.float32)  # 75 KiB: above MIN_UPLOAD_BYTES
+    x = rng.standard_normal((512, 64), dtype=np.float32)
+    y = rng.integers(0, 10, 512)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        results = []
+        for c in (fast, slow):
+            torch.manual_seed(0)
+            m = c.module(MLP)
+            c.parm(m, "l1.weight", w)  # SetParameter
+            d = c.copyparms(m)
+            c.dict(d, "l1.weight", w * 2)  # UpdateDictionary
+            c.dict(d, {"l2.weight": np.ones((10, 300), np.float32), "extra": x})
+            t = c.tensor(x)  # CreateTensor
+            q = c.model(c.addref(m), c.loss("ce"), c.opt("sgd", m, 0.1))
+            c.train(q, x, y)  # SetModelData, train split
+            c.test(q, x, y)  # and test split
+            loss = c.run(q)
+            results.append((c.parm(m, "l1.weight"), c.dict(d), c.tensor(t), c.evaluate(q, x), loss, c.testrun(q)))
+        # parm, three entries, tensor, train and test (x, y), evaluate's x: every upload of the shm client
+        assert shared_uploads == ["", "l1.weight", "l2.weight", "extra", "", "x", "y", "x", "y", ""]
+        (p1, d1, t1, e1, l1, r1), (p2, d2, t2, e2, l2, r2) = results
+        assert same(p1, p2) and same(t1, x) and same(t1, t2) and same(e1, e2)
+        assert list(d1) == list(d2) and all(same(d1[k], d2[k]) for k in d2)
+        assert same(l1, l2) and same(r1, r2)
+
+
+def test_small_uploads_stay_in_the_stream(shm_server: LiveServer, shared_uploads: list[str]) -> None:
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        m = fast.module(NET)
+        fast.parm(m, "a.weight", np.ones((3, 4), np.float32))
+        assert same(fast.parm(m, "a.weight"), np.ones((3, 4), np.float32))
+    assert shared_uploads == []
+
+
+def test_shared_chunks_are_checked_like_regions(shm_server: LiveServer) -> None:
+    """A chunk pointing outside the region, misaligned, at another session's region, or with data
+    beside it is refused and changes nothing; names of keys never appear."""
+    from weightavg import _shm
+
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"a": np.zeros(3, np.float32)})
+        fast.dict(d, "big", np.zeros(1 << 15, np.float32))  # registers the reused region (1 MiB)
+        size = fast._shm.size if fast._shm is not None else 0
+
+        def update(chunk: pb.TensorChunk) -> None:
+            request = pb.UpdateDictionaryRequest(dictionary=d.id)
+            body = pb.UpdateDictionaryRequest(chunk=chunk).SerializeToString()
+            fast._update_dictionary_stream(iter([request.SerializeToString(), body]), timeout=WAIT)
+
+        def chunk(offset: int, region: str = _shm.REGION_NAME, **fields: Any) -> pb.TensorChunk:
+            return pb.TensorChunk(name="a", dtype=pb.DTYPE_FLOAT32, shape=[4], tensor_count=1, total_bytes=16,
+                                  shared=pb.SharedBytes(region=region, offset=offset), **fields)
+
+        for bad, code in (
+            (chunk(size - 8), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(-64), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(2), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(0, data=b"x" * 16), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(0, region="pool3"), grpc.StatusCode.NOT_FOUND),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                update(bad)
+            assert info.value.code() == code, info.value.details()
+        assert same(fast.dict(d, "a"), np.zeros(3, np.float32))
+    with Client(shm_server.address, timeout=WAIT, session=True) as other:  # no region of its own
+        with pytest.raises(grpc.RpcError) as info:
+            request = pb.CreateTensorRequest().SerializeToString()
+            body = pb.CreateTensorRequest(chunk=chunk(0)).SerializeToString()
+            other._create_tensor_stream(iter([request, body]), timeout=WAIT)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_bool_tensor_from_shared_memory_holds_only_0_and_1(shm_server: LiveServer) -> None:
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        flags = np.zeros(1 << 17, np.bool_)
+        flags[::3] = True
+        assert same(fast.dict(fast.dict({"f": flags}), "f"), flags)
+        bad = flags.view(np.uint8).copy()
+        bad[5] = 2
+        with pytest.raises(Exception, match="bool but holds bytes other than 0 and 1"):
+            fast.dict({"f": bad.view(np.bool_)})
+        with pytest.raises(Exception, match="bool but holds bytes other than 0 and 1"):
+            fast.tensor(bad.view(np.bool_))
+
+
+def test_torch_state_dicts_through_shared_memory_are_bit_identical(shm_server: LiveServer) -> None:
+    from weightavg.torch import fetch, push
+
+    torch.manual_seed(0)
+    state = {"w": torch.randn(300, 200, dtype=torch.bfloat16), "b": torch.randn(200), "h": torch.randn(9).half(),
+             "steps": torch.tensor(3)}
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        for got in (fetch(fast, push(fast, state)), fetch(slow, push(fast, state)), fetch(fast, push(slow, state))):
+            assert list(got) == list(state)
+            assert all(got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8) if v.dim() else got[k], v.view(torch.uint8) if v.dim() else v)
+                       for k, v in state.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import difflib
 import functools
 import logging
@@ -478,15 +479,16 @@ class Client:
         if not value:
             return self._fetch(_id(m), [name], rank)[name]
         request_id = new_request_id()
+        with self._upload_chunks([("", value[0])], pb.SetParameterRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
-            # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
-            first = pb.SetParameterRequest(handle=_id(m), name=name, rank=rank, request_id=request_id).SerializeToString()
-            yield first + next(chunks)
-            yield from chunks
+            def requests() -> Iterator[bytes]:
+                chunks = encoded()
+                # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
+                first = pb.SetParameterRequest(handle=_id(m), name=name, rank=rank, request_id=request_id).SerializeToString()
+                yield first + next(chunks)
+                yield from chunks
 
-        self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
+            self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
         return None
 
     @_rpc
@@ -733,12 +735,13 @@ class Client:
     @_rpc
     def _model_data(self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any, shard: bool = False) -> int:
         request_id = new_request_id()
+        with self._upload_chunks([("x", x), ("y", y)], pb.SetModelDataRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            yield pb.SetModelDataRequest(model=m, split=split, shard=shard, request_id=request_id).SerializeToString()
-            yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, pb.SetModelDataRequest)
+            def requests() -> Iterator[bytes]:
+                yield pb.SetModelDataRequest(model=m, split=split, shard=shard, request_id=request_id).SerializeToString()
+                yield from encoded()
 
-        return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
+            return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
 
     @_rpc
     def run(self, m: HandleLike, *data: Any) -> Any:
@@ -760,12 +763,14 @@ class Client:
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
-        def requests() -> Iterator[bytes]:
-            yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
-            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, pb.EvaluateModelRequest)
+        with self._upload_chunks([("", x)], pb.EvaluateModelRequest) as encoded:
 
-        stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
-        return wire.join_chunks(r.chunk for r in stream)[0][1]
+            def requests() -> Iterator[bytes]:
+                yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
+                yield from encoded()
+
+            stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
+            return wire.join_chunks(r.chunk for r in stream)[0][1]
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
         """Forward pass in train mode with gradients; returns a tensor handle of the output.
@@ -877,12 +882,13 @@ class Client:
         if isinstance(x, Handle):
             return wire.plain(self._fetch_named(x.id, [])[0][1])
         request_id = new_request_id()
+        with self._upload_chunks([("", x)], pb.CreateTensorRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            yield pb.CreateTensorRequest(request_id=request_id).SerializeToString()
-            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, pb.CreateTensorRequest)
+            def requests() -> Iterator[bytes]:
+                yield pb.CreateTensorRequest(request_id=request_id).SerializeToString()
+                yield from encoded()
 
-        return _handle(self._create_tensor_stream(Replayable(requests), timeout=self.timeout).tensor)
+            return _handle(self._create_tensor_stream(Replayable(requests), timeout=self.timeout).tensor)
 
     @_rpc
     def size(self, h: HandleLike) -> Any:
@@ -1146,12 +1152,13 @@ class Client:
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]]) -> None:
         request_id = new_request_id()
+        with self._upload_chunks(items, pb.UpdateDictionaryRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            yield pb.UpdateDictionaryRequest(dictionary=d, request_id=request_id).SerializeToString()
-            yield from wire.encoded_chunks(items, self.chunk_bytes, pb.UpdateDictionaryRequest)
+            def requests() -> Iterator[bytes]:
+                yield pb.UpdateDictionaryRequest(dictionary=d, request_id=request_id).SerializeToString()
+                yield from encoded()
 
-        self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
+            self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
 
 
     # -- shared memory (Client(..., shm=True)) --------------------------------------------------------
@@ -1184,6 +1191,36 @@ class Client:
             log.info("no shared memory region, using the stream: %s", exc)
             self._shm = None
             return None
+
+    @contextlib.contextmanager
+    def _upload_chunks(
+        self, items: list[tuple[str, Any]], message_type: type[Message]
+    ) -> Iterator[Callable[[], Iterator[bytes]]]:
+        """For the duration of one upload call: a function giving its stream's tensor messages.
+
+        With shared memory (and MIN_UPLOAD_BYTES or more) the arrays are copied into the reused
+        region once, here, and the messages only say where they lie (TensorChunk.shared); the
+        region is held until the call is over, so a retry finds the same bytes. Otherwise the
+        messages carry the bytes, as without shared memory.
+        """
+        def streamed() -> Iterator[bytes]:
+            return wire.encoded_chunks(items, self.chunk_bytes, message_type)
+
+        if self._shm is None:
+            yield streamed
+            return
+        placed, nbytes = _shm.layout(items)
+        if nbytes < _shm.MIN_UPLOAD_BYTES:
+            yield streamed
+            return
+        with self._shm_lock:
+            buf = self._shm_buffer(nbytes)
+            if buf is None:
+                yield streamed
+                return
+            _shm.write(buf, placed)
+            del buf
+            yield lambda: _shm.shared_chunks(placed, message_type, _shm.REGION_NAME)
 
     def _shm_fetch(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]] | None:
         """A fetch through shared memory, None where the server refuses it.

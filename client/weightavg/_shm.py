@@ -20,11 +20,12 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import Message
 
 from . import wire
 from .v1 import weightavg_pb2 as pb
@@ -45,6 +46,9 @@ POOL_GRAIN = 2 << 20
 """Pool regions are sized in 2 MiB steps, so a fetch a little larger than the last reuses nothing
 only when it outgrows the step."""
 SHM_DIRECTORY = "/dev/shm"
+MIN_UPLOAD_BYTES = 64 << 10
+"""Uploads of fewer bytes than this go in the stream's messages as they would without shared
+memory: one message either way, and no lock or region for a small call."""
 
 
 def _aligned(n: int) -> int:
@@ -230,6 +234,22 @@ def layout(items: Sequence[tuple[str, Any]]) -> tuple[list[tuple[str, npt.NDArra
         placed.append((name, array, message))
         at = _aligned(at + array.nbytes)
     return placed, at
+
+
+def shared_chunks(
+    placed: Sequence[tuple[str, npt.NDArray[Any], pb.SharedTensor]], message_type: type[Message], region: str
+) -> Iterator[bytes]:
+    """Serialized `message_type` stream messages, one header chunk a tensor whose bytes lie in the
+    region where `placed` put them (TensorChunk.shared), as one declared stream."""
+    field = wire.chunk_field(message_type)
+    chunks = [
+        pb.TensorChunk(name=m.name, dtype=m.dtype, shape=m.shape, shared=pb.SharedBytes(region=region, offset=m.offset))
+        for _, _, m in placed
+    ] or [pb.TensorChunk()]
+    chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(a.nbytes for _, a, _ in placed)
+    for chunk in chunks:
+        body = chunk.SerializeToString()
+        yield wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
 
 
 def write(buf: memoryview, placed: Sequence[tuple[str, npt.NDArray[Any], pb.SharedTensor]]) -> None:

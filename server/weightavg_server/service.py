@@ -928,6 +928,10 @@ class Service:
         self._require_shm()
         return self.store.shared.get(CALLER.get().tenant, CALLER_SESSION.get(), name)
 
+    def shared_region(self, name: str) -> shm.Region:
+        """The caller's region `name`, for an upload whose tensors' bytes lie in it (TensorChunk.shared)."""
+        return self._region(name)
+
     @_exactly_once
     def register_shared_memory(self, name: str, key: str, byte_size: int, *, request: RequestKey | None = None) -> int:
         """Map /dev/shm/<key>'s first `byte_size` bytes as the session's region `name`; the bytes mapped."""

@@ -295,6 +295,7 @@ class TensorChunk(_message.Message):
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     CRC32C_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Entry name, set on the header chunk (empty for a lone tensor)."""
     dtype: Global___Dtype.ValueType
@@ -315,6 +316,14 @@ class TensorChunk(_message.Message):
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape, set on the header chunk only; empty for a 0-dim (scalar) tensor."""
 
+    @_builtins.property
+    def shared(self) -> Global___SharedBytes:
+        """Set on a header chunk, instead of data, by a client on the server's host whose session
+        registered shared memory (Client(..., shm=True), a server run with --allow-shm): the tensor's
+        bytes lie in that region, and the chunk completes the tensor with no data and no crc32c (no
+        network carries them). The server copies them out before the call answers.
+        """
+
     def __init__(
         self,
         *,
@@ -325,10 +334,11 @@ class TensorChunk(_message.Message):
         tensor_count: _builtins.int | None = ...,
         total_bytes: _builtins.int | None = ...,
         crc32c: _builtins.int | None = ...,
+        shared: Global___SharedBytes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "shared", b"shared", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape", "shared", b"shared", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
     _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
@@ -344,6 +354,32 @@ class TensorChunk(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__total_bytes) -> _WhichOneofReturnType__total_bytes | None: ...
 
 Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
+
+@_typing.final
+class SharedBytes(_message.Message):
+    """SharedBytes says where an uploaded tensor's bytes lie in one of the caller's shared memory regions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """Name of a region registered by the caller's session."""
+    offset: _builtins.int
+    """Byte offset of the tensor's first byte (a multiple of its element size)."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedBytes: _TypeAlias = SharedBytes  # noqa: Y015
 
 @_typing.final
 class IntList(_message.Message):

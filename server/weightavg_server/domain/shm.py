@@ -190,5 +190,7 @@ def read(
         t = torch.empty(p.shape, dtype=p.dtype)
         if p.nbytes:
             copy_bytes(t.view(-1).view(torch.uint8), region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"))
+            if p.dtype is torch.bool and bool((t.view(torch.uint8) > 1).any()):
+                raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
         out.append((p.name, t))
     return out
