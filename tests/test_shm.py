@@ -57,11 +57,16 @@ def shm_server(start_server: Callable[..., LiveServer]) -> LiveServer:
     return start_server(allow_shm=True)
 
 
-def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(shm_server: LiveServer) -> None:
+def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(
+    shm_server: LiveServer, shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "MIN_UPLOAD_BYTES", 0)  # these small arrays through the region too
     data = values()
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         d_fast, d_slow = fast.dict(data), slow.dict(data)
-        assert len(shm_server.registry.shared) == 1  # the upload went through the region
+        assert len(shm_server.registry.shared) == 1 and shared_uploads == list(data)  # the upload went through the region
         for got in (fast.dict(d_fast), fast.dict(d_slow), slow.dict(d_fast)):
             assert list(got) == list(data)
             assert all(same(got[k], slow.dict(d_slow)[k]) for k in data)
@@ -389,3 +394,21 @@ def test_torch_state_dicts_through_shared_memory_are_bit_identical(shm_server: L
             assert list(got) == list(state)
             assert all(got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8) if v.dim() else got[k], v.view(torch.uint8) if v.dim() else v)
                        for k, v in state.items())
+
+
+def test_fetched_arrays_sent_back_are_read_where_they_lie(shm_server: LiveServer, shared_uploads: list[str]) -> None:
+    """fetch, change, upload: the arrays are views of a pool region, so the server copies them from
+    there and the client copies nothing (its reused region never grows to hold them)."""
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d = slow.dict({"big": big, "small": np.ones(5, np.float32)})
+        got = fast.dict(d)
+        got["big"] *= 2
+        assert fast._shm_pool.locate(got["big"]) is not None
+        assert fast._shm_pool.locate(got["big"][::2]) is None and fast._shm_pool.locate(big) is None
+        e = fast.dict(got)
+        fast.dict(d, {"big": got["big"][1:], "more": got["big"][:7]})
+        assert shared_uploads == ["big", "small", "big", "more"]
+        assert fast._shm is not None and fast._shm.size == 1 << 20
+        assert same(slow.dict(e, "big"), big * 2) and same(slow.dict(d, "big"), big[1:] * 2)
+        assert same(slow.dict(d, "more"), big[:7] * 2)

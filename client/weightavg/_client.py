@@ -1137,18 +1137,15 @@ class Client:
     def _create_dictionary(
         self, items: list[tuple[str, Any]], replicate: bool = False, rank: int | None = None
     ) -> Handle:
-        if self._shm is not None and not replicate and rank is None:
-            created = self._shm_create_dictionary(items)
-            if created is not None:
-                return created
         request_id = new_request_id()
         placement = _placement(replicate, rank)
+        with self._upload_chunks(items, pb.CreateDictionaryRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            yield pb.CreateDictionaryRequest(placement=placement, request_id=request_id).SerializeToString()
-            yield from wire.encoded_chunks(items, self.chunk_bytes, pb.CreateDictionaryRequest)
+            def requests() -> Iterator[bytes]:
+                yield pb.CreateDictionaryRequest(placement=placement, request_id=request_id).SerializeToString()
+                yield from encoded()
 
-        return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
+            return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]]) -> None:
         request_id = new_request_id()
@@ -1209,8 +1206,8 @@ class Client:
         if self._shm is None:
             yield streamed
             return
-        placed, nbytes = _shm.layout(items)
-        if nbytes < _shm.MIN_UPLOAD_BYTES:
+        placed, nbytes = _shm.layout(items, self._shm_pool.locate)
+        if sum(p.array.nbytes for p in placed) < _shm.MIN_UPLOAD_BYTES:
             yield streamed
             return
         with self._shm_lock:
@@ -1268,18 +1265,6 @@ class Client:
                         return None
                     request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=name)
                 r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
-
-    def _shm_create_dictionary(self, items: list[tuple[str, Any]]) -> Handle | None:
-        placed, nbytes = _shm.layout(items)
-        with self._shm_lock:
-            buf = self._shm_buffer(nbytes)
-            if buf is None:
-                return None
-            _shm.write(buf, placed)
-            request = pb.CreateDictionaryFromSharedMemoryRequest(
-                region=_shm.REGION_NAME, tensors=[m for _, _, m in placed], request_id=new_request_id()
-            )
-            return _handle(self._stub.CreateDictionaryFromSharedMemory(request, timeout=self.timeout).dictionary)
 
     def _close_shm(self) -> None:
         """Unmap the regions here (a lent one with its last array); the server unmaps them with the

@@ -20,6 +20,7 @@ import os
 import secrets
 import threading
 import weakref
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -132,8 +133,12 @@ class FetchPool:
     to the arrays of a fetch (until they are garbage collected)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a garbage collection inside a locked section may finalize a lent region's
+        # arrays in this very thread, and _give_back then takes the lock again.
+        self._lock = threading.RLock()
         self._slots = [_Slot(name) for name in POOL_NAMES]
+        self._wholes: dict[int, tuple[_Slot, int]] = {}
+        """Lent regions' whole-region arrays (the base of every array a fetch returned), by id."""
 
     def largest_free(self) -> tuple[str, int] | None:
         """The name and size of the largest free region, if any."""
@@ -183,11 +188,28 @@ class FetchPool:
             whole = np.frombuffer(slot.memory, np.uint8)
             out = _views(whole, tensors)
             slot.lent = True
-            weakref.finalize(whole, self._give_back, slot, slot.generation)
+            self._wholes[id(whole)] = (slot, slot.generation)
+            weakref.finalize(whole, self._give_back, slot, slot.generation, id(whole))
         return out
 
-    def _give_back(self, slot: _Slot, generation: int) -> None:
+    def locate(self, array: npt.NDArray[Any]) -> tuple[str, int] | None:
+        """The pool region and offset a contiguous array lies in, when it is a view of a region
+        lent to a fetch and still registered under its name: an upload of it copies nothing here."""
+        base = array.base
+        if not isinstance(base, np.ndarray) or not array.flags.c_contiguous or not array.nbytes:
+            return None
         with self._lock:
+            held = self._wholes.get(id(base))
+            if held is None or held[0].generation != held[1]:
+                return None
+            offset = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+            if offset < 0 or offset + array.nbytes > base.nbytes or offset % array.itemsize:
+                return None
+            return held[0].name, offset
+
+    def _give_back(self, slot: _Slot, generation: int, whole: int) -> None:
+        with self._lock:
+            self._wholes.pop(whole, None)
             if slot.generation == generation:
                 slot.lent = False
 
@@ -223,41 +245,59 @@ def _checked(t: pb.SharedTensor, size: int) -> tuple[np.dtype[Any], tuple[int, .
     return dtype, shape
 
 
-def layout(items: Sequence[tuple[str, Any]]) -> tuple[list[tuple[str, npt.NDArray[Any], pb.SharedTensor]], int]:
-    """Arrays to upload and where each goes (64-byte aligned); the bytes they take."""
+@dataclass
+class Placed:
+    """One array of an upload and where the server finds it: `region` "" for the reused region
+    (write() copies it there), else a lent pool region the array already lies in."""
+
+    name: str
+    array: npt.NDArray[Any]
+    message: pb.SharedTensor
+    region: str = ""
+
+
+def layout(
+    items: Sequence[tuple[str, Any]], locate: Callable[[npt.NDArray[Any]], tuple[str, int] | None] | None = None
+) -> tuple[list[Placed], int]:
+    """Arrays to upload and where each goes (64-byte aligned); the bytes they take in the reused
+    region. An array that `locate` finds in a pool region (a fetched view sent back) stays there."""
     placed, at = [], 0
     for name, value in items:
         array = wire.to_array(value)
+        found = locate(array) if locate is not None else None
         message = pb.SharedTensor(
-            name=name, dtype=wire._CODES[array.dtype], shape=array.shape, offset=at, byte_size=array.nbytes
+            name=name, dtype=wire._CODES[array.dtype], shape=array.shape, offset=found[1] if found else at,
+            byte_size=array.nbytes,
         )
-        placed.append((name, array, message))
-        at = _aligned(at + array.nbytes)
+        placed.append(Placed(name, array, message, found[0] if found else ""))
+        if not found:
+            at = _aligned(at + array.nbytes)
     return placed, at
 
 
-def shared_chunks(
-    placed: Sequence[tuple[str, npt.NDArray[Any], pb.SharedTensor]], message_type: type[Message], region: str
-) -> Iterator[bytes]:
-    """Serialized `message_type` stream messages, one header chunk a tensor whose bytes lie in the
-    region where `placed` put them (TensorChunk.shared), as one declared stream."""
+def shared_chunks(placed: Sequence[Placed], message_type: type[Message], region: str) -> Iterator[bytes]:
+    """Serialized `message_type` stream messages, one header chunk a tensor whose bytes lie where
+    `placed` says (`region` for the reused one; TensorChunk.shared), as one declared stream."""
     field = wire.chunk_field(message_type)
     chunks = [
-        pb.TensorChunk(name=m.name, dtype=m.dtype, shape=m.shape, shared=pb.SharedBytes(region=region, offset=m.offset))
-        for _, _, m in placed
+        pb.TensorChunk(
+            name=p.message.name, dtype=p.message.dtype, shape=p.message.shape,
+            shared=pb.SharedBytes(region=p.region or region, offset=p.message.offset),
+        )
+        for p in placed
     ] or [pb.TensorChunk()]
-    chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(a.nbytes for _, a, _ in placed)
+    chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(p.array.nbytes for p in placed)
     for chunk in chunks:
         body = chunk.SerializeToString()
         yield wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
 
 
-def write(buf: memoryview, placed: Sequence[tuple[str, npt.NDArray[Any], pb.SharedTensor]]) -> None:
-    """Copy each array into its place (one copy a byte)."""
-    for _, array, message in placed:
-        if array.nbytes:
-            target = np.frombuffer(buf, np.uint8, count=array.nbytes, offset=message.offset)
-            target[:] = array.reshape(-1).view(np.uint8)
+def write(buf: memoryview, placed: Sequence[Placed]) -> None:
+    """Copy each array bound for the reused region into its place (one copy a byte)."""
+    for p in placed:
+        if p.array.nbytes and not p.region:
+            target = np.frombuffer(buf, np.uint8, count=p.array.nbytes, offset=p.message.offset)
+            target[:] = p.array.reshape(-1).view(np.uint8)
             del target
 
 
