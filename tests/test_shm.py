@@ -116,9 +116,19 @@ def _register(stub: Any, key: str, size: int, session: str | None, name: str = "
     )
 
 
+def _allocate(memory: shared_memory.SharedMemory) -> None:
+    """Allocate the region's pages, as the server requires (a sparse region is refused)."""
+    fd = os.open(os.path.join(shm.SHM_DIRECTORY, memory.name.lstrip("/")), os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, memory.size)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def region() -> Iterator[shared_memory.SharedMemory]:
     memory = shared_memory.SharedMemory(create=True, size=4096)
+    _allocate(memory)
     yield memory
     memory.close()
     memory.unlink()
@@ -140,6 +150,15 @@ def test_registration_is_checked_and_errors_never_name_the_key(
             with pytest.raises(grpc.RpcError) as err:
                 _register(stub, key, size, session)
             assert err.value.code() == code and text in err.value.details() and region.name not in err.value.details()
+        sparse = shared_memory.SharedMemory(create=True, size=4096)  # created, never allocated
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                _register(stub, sparse.name, 4096, owner.session)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "must be allocated" in err.value.details()
+            assert sparse.name not in err.value.details()
+        finally:
+            sparse.close()
+            sparse.unlink()
         assert _register(stub, region.name, 4096, owner.session).byte_size == 4096
         with Client(shm_server.address, session=True) as other:  # same tenant, another session
             with pytest.raises(grpc.RpcError) as err:

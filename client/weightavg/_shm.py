@@ -47,7 +47,7 @@ POOL_GRAIN = 2 << 20
 """Pool regions are sized in 2 MiB steps, so a fetch a little larger than the last reuses nothing
 only when it outgrows the step."""
 SHM_DIRECTORY = "/dev/shm"
-MIN_UPLOAD_BYTES = 64 << 10
+MIN_UPLOAD_BYTES = 16 << 10
 """Uploads of fewer bytes than this go in the stream's messages as they would without shared
 memory: one message either way, and no lock or region for a small call."""
 
@@ -64,6 +64,9 @@ def _create(size: int) -> tuple[str, mmap.mmap]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
+        # Allocated now, so a full /dev/shm fails here (OSError: the stream is used) rather than
+        # in a copy into the mapping (SIGBUS); the server refuses sparse regions.
+        os.posix_fallocate(fd, 0, size)
         return key, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.unlink(path)

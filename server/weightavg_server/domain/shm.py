@@ -57,7 +57,7 @@ class Region:
             # Which of "absent", "a link" or "not ours" it was would tell a prober what exists.
             raise FailedPrecondition(
                 "the shared memory region could not be opened: create it on this host, as the server's user, "
-                "before registering it (multiprocessing.shared_memory.SharedMemory(create=True, size=...))"
+                "and allocate its memory before registering it (os.posix_fallocate)"
             ) from None
         try:
             info = os.fstat(fd)
@@ -69,6 +69,14 @@ class Region:
                 raise InvalidArgument(
                     f"the shared memory region holds {info.st_size} bytes, fewer than the {byte_size} to register; "
                     "register at most its size"
+                )
+            if info.st_blocks * 512 < byte_size:
+                # A page of a sparse region is allocated when first written; with /dev/shm full (a
+                # container's is often 64 MB) that write would kill the server with SIGBUS.
+                raise FailedPrecondition(
+                    "the shared memory region's memory must be allocated before it is registered: "
+                    "os.posix_fallocate(fd, 0, size) after creating it (a sparse region could crash the server "
+                    "when /dev/shm fills)"
                 )
             self.buffer = mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._fd = fd
