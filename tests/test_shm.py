@@ -431,3 +431,49 @@ def test_fetched_arrays_sent_back_are_read_where_they_lie(shm_server: LiveServer
         assert fast._shm is not None and fast._shm.size == 1 << 20
         assert same(slow.dict(e, "big"), big * 2) and same(slow.dict(d, "big"), big[1:] * 2)
         assert same(slow.dict(d, "more"), big[:7] * 2)
+
+
+def test_threads_sharing_one_shm_client_get_their_own_results(shm_server: LiveServer) -> None:
+    import threading
+
+    big = np.arange(3 << 20, dtype=np.float32)
+    errors: list[BaseException] = []
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        handles = [fast.dict({"big": big + i}) for i in range(3)]
+
+        def work(i: int) -> None:
+            try:
+                for _ in range(4):
+                    got = fast.dict(handles[i])
+                    assert same(got["big"], big + i)
+                    back = fast.dict(got)  # read where it lies, while other threads fetch and upload
+                    assert same(fast.dict(back, "big"), big + i)
+                    fast.free(back)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
+def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
+    shm_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightavg import _shm
+
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+
+        def full(size: int) -> Any:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(_shm, "_create", full)
+        assert same(fast.dict(d, "big"), big)  # the pool could not grow: this fetch streamed
+        assert same(fast.dict(fast.dict({"more": big}), "more"), big)  # the reused region is big enough
+        monkeypatch.undo()
+        assert same(fast.dict(d, "big"), big) and fast._shm is not None

@@ -1206,11 +1206,14 @@ class Client:
         if self._shm is None:
             yield streamed
             return
-        placed, nbytes = _shm.layout(items, self._shm_pool.locate)
-        if sum(p.array.nbytes for p in placed) < _shm.MIN_UPLOAD_BYTES:
+        items = [(name, wire.to_array(value)) for name, value in items]  # once: to_array may copy
+        if sum(array.nbytes for _, array in items) < _shm.MIN_UPLOAD_BYTES:
             yield streamed
             return
         with self._shm_lock:
+            # Located under the lock: a fetch may re-register a pool region's name (then the server's
+            # region of that name is another one) only while it holds the lock.
+            placed, nbytes = _shm.layout(items, self._shm_pool.locate)
             buf = self._shm_buffer(nbytes)
             if buf is None:
                 yield streamed
