@@ -251,11 +251,13 @@ class Client:
             the server frees them once the lease runs out. A session id string joins that session
             (e.g. after a server restart); close() then leaves it open.
         lease: session lease in seconds; 0 takes the server's default.
-        shm: move tensor bytes of dictionary uploads and fetches (and fetches of tensors and
-            parameters) through a POSIX shared memory region instead of the gRPC stream, for a
-            server on this host started with --allow-shm; implies session=True. Where the server
-            refuses the region (another host, no --allow-shm) the client falls back to the stream,
-            with identical results.
+        shm: move tensor bytes of every upload (from 16 KiB) and every fetch through POSIX shared
+            memory regions instead of the gRPC stream, for a server on this host started with
+            --allow-shm; implies session=True. A fetch over 4 MiB returns views of a region the
+            client keeps in a pool (no copy here; the region is reused once the arrays are garbage
+            collected, and the arrays are the caller's until then). Where the server refuses the
+            region (another host, no --allow-shm) the client falls back to the stream, with
+            identical results.
 
     Example:
         >>> with Client("127.0.0.1:50051") as c:
