@@ -221,6 +221,7 @@ memory only while they run (reserved for the call: evaluate's upload, fetch's ho
 READ_ONLY = {
     "server_info", "device_usage", "describe_module", "parameter_names", "buffer_names", "size", "list_handles",
     "learning_rate", "describe_model", "model_options", "request_id_stats", "tenant_usage", "cluster_info",
+    "shared_region",
 }
 
 

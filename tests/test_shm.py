@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
@@ -56,11 +57,16 @@ def shm_server(start_server: Callable[..., LiveServer]) -> LiveServer:
     return start_server(allow_shm=True)
 
 
-def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(shm_server: LiveServer) -> None:
+def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(
+    shm_server: LiveServer, shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "MIN_UPLOAD_BYTES", 0)  # these small arrays through the region too
     data = values()
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         d_fast, d_slow = fast.dict(data), slow.dict(data)
-        assert len(shm_server.registry.shared) == 1  # the upload went through the region
+        assert len(shm_server.registry.shared) == 1 and shared_uploads == list(data)  # the upload went through the region
         for got in (fast.dict(d_fast), fast.dict(d_slow), slow.dict(d_fast)):
             assert list(got) == list(data)
             assert all(same(got[k], slow.dict(d_slow)[k]) for k in data)
@@ -110,9 +116,19 @@ def _register(stub: Any, key: str, size: int, session: str | None, name: str = "
     )
 
 
+def _allocate(memory: shared_memory.SharedMemory) -> None:
+    """Allocate the region's pages, as the server requires (a sparse region is refused)."""
+    fd = os.open(os.path.join(shm.SHM_DIRECTORY, memory.name.lstrip("/")), os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, memory.size)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
 def region() -> Iterator[shared_memory.SharedMemory]:
     memory = shared_memory.SharedMemory(create=True, size=4096)
+    _allocate(memory)
     yield memory
     memory.close()
     memory.unlink()
@@ -134,6 +150,15 @@ def test_registration_is_checked_and_errors_never_name_the_key(
             with pytest.raises(grpc.RpcError) as err:
                 _register(stub, key, size, session)
             assert err.value.code() == code and text in err.value.details() and region.name not in err.value.details()
+        sparse = shared_memory.SharedMemory(create=True, size=4096)  # created, never allocated
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                _register(stub, sparse.name, 4096, owner.session)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "must be allocated" in err.value.details()
+            assert sparse.name not in err.value.details()
+        finally:
+            sparse.close()
+            sparse.unlink()
         assert _register(stub, region.name, 4096, owner.session).byte_size == 4096
         with Client(shm_server.address, session=True) as other:  # same tenant, another session
             with pytest.raises(grpc.RpcError) as err:
@@ -206,13 +231,249 @@ def test_store_regions_belong_to_one_tenant_and_session(region: shared_memory.Sh
     assert regions.end_session("s1") == 1 and len(regions) == 0
 
 
-def test_a_large_fetch_gets_a_region_of_its_own_whose_arrays_outlive_the_next_fetch(shm_server: LiveServer) -> None:
+def test_large_fetches_are_views_of_pooled_regions_that_the_server_never_writes_while_lent(
+    shm_server: LiveServer,
+) -> None:
     big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: above the size copied out of the reused region
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         d = slow.dict({"big": big, "small": np.ones(3, np.int8)})  # uploaded by stream: the reused region stays small
         first = fast.dict(d)
         assert same(first["big"], big) and same(first["small"], np.ones(3, np.int8))
+        assert first["big"].flags.writeable and not first["big"].flags.owndata  # a view of a pool region
         slow.dict(d, "big", big + 1)
         second = fast.dict(d)
         assert same(second["big"], big + 1) and same(first["big"], big)  # the first arrays' memory is their own
-        assert len(shm_server.registry.shared) == 2  # the reused region and the large fetch's, replaced
+        assert len(shm_server.registry.shared) == 3  # the reused region and two pool regions: the first is lent
+        first["big"][:] = -1  # the caller owns what it fetched
+        pool = fast._shm_pool._slots
+        assert [s.lent for s in pool] == [True, True, False, False]
+        del first
+        gc.collect()
+        assert [s.lent for s in pool] == [False, True, False, False]  # back in the pool
+        third = fast.dict(d)  # into the first region
+        assert same(third["big"], big + 1) and same(second["big"], big + 1)
+        assert [s.lent for s in pool] == [True, True, False, False] and len(shm_server.registry.shared) == 3
+
+
+def test_more_kept_large_fetches_than_pool_regions_replace_lent_registrations(shm_server: LiveServer) -> None:
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+        kept = [fast.dict(d, "big") for _ in range(len(_shm_pool_names()) + 2)]
+        assert all(same(k, big) for k in kept)
+        assert len(shm_server.registry.shared) == 1 + len(_shm_pool_names())  # the server's cap is never reached
+        kept[0][:] = 0
+        assert same(fast.dict(d, "big"), big) and all(same(k, big) for k in kept[1:])
+    assert all(same(k, big) for k in kept[1:])  # the arrays outlive the client and its session
+
+
+def _shm_pool_names() -> tuple[str, ...]:
+    from weightavg import _shm
+
+    return _shm.POOL_NAMES
+
+
+def test_a_fetch_into_a_free_pool_region_takes_one_call(shm_server: LiveServer) -> None:
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+        fast.dict(d)  # registers a pool region
+        calls: list[str] = []
+        stub = fast._stub
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                calls.append(name)
+                return getattr(stub, name)
+
+        fast._stub = Counting()  # type: ignore[assignment]
+        try:
+            assert same(fast.dict(d, "big"), big)
+        finally:
+            fast._stub = stub
+        assert calls == ["FetchTensorsToSharedMemory"]
+
+
+@pytest.fixture
+def shared_uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the tensors the server copied out of shared memory (TensorChunk.shared)."""
+    from weightavg_server.transport import codec
+
+    seen: list[str] = []
+    shared = codec.TensorAssembler._shared
+
+    def spy(self: Any, chunk: pb.TensorChunk, crc: int | None) -> None:
+        seen.append(chunk.name)
+        shared(self, chunk, crc)
+
+    monkeypatch.setattr(codec.TensorAssembler, "_shared", spy)
+    return seen
+
+
+MLP = ["sequential", ["linear", "l1", 64, 300], ["relu"], ["linear", "l2", 300, 10]]
+
+
+def test_every_verb_that_uploads_tensors_uses_shared_memory_with_the_streams_results(
+    shm_server: LiveServer, shared_uploads: list[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((300, 64), dtype=np.float32)  # 75 KiB: above MIN_UPLOAD_BYTES
+    x = rng.standard_normal((512, 64), dtype=np.float32)
+    y = rng.integers(0, 10, 512)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        results = []
+        for c in (fast, slow):
+            torch.manual_seed(0)
+            m = c.module(MLP)
+            c.parm(m, "l1.weight", w)  # SetParameter
+            d = c.copyparms(m)
+            c.dict(d, "l1.weight", w * 2)  # UpdateDictionary
+            c.dict(d, {"l2.weight": np.ones((10, 300), np.float32), "extra": x})
+            t = c.tensor(x)  # CreateTensor
+            q = c.model(c.addref(m), c.loss("ce"), c.opt("sgd", m, 0.1))
+            c.train(q, x, y)  # SetModelData, train split
+            c.test(q, x, y)  # and test split
+            loss = c.run(q)
+            results.append((c.parm(m, "l1.weight"), c.dict(d), c.tensor(t), c.evaluate(q, x), loss, c.testrun(q)))
+        # parm, three entries, tensor, train and test (x, y), evaluate's x: every upload of the shm client
+        assert shared_uploads == ["", "l1.weight", "l2.weight", "extra", "", "x", "y", "x", "y", ""]
+        (p1, d1, t1, e1, l1, r1), (p2, d2, t2, e2, l2, r2) = results
+        assert same(p1, p2) and same(t1, x) and same(t1, t2) and same(e1, e2)
+        assert list(d1) == list(d2) and all(same(d1[k], d2[k]) for k in d2)
+        assert same(l1, l2) and same(r1, r2)
+
+
+def test_small_uploads_stay_in_the_stream(shm_server: LiveServer, shared_uploads: list[str]) -> None:
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        m = fast.module(NET)
+        fast.parm(m, "a.weight", np.ones((3, 4), np.float32))
+        assert same(fast.parm(m, "a.weight"), np.ones((3, 4), np.float32))
+    assert shared_uploads == []
+
+
+def test_shared_chunks_are_checked_like_regions(shm_server: LiveServer) -> None:
+    """A chunk pointing outside the region, misaligned, at another session's region, or with data
+    beside it is refused and changes nothing; names of keys never appear."""
+    from weightavg import _shm
+
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"a": np.zeros(3, np.float32)})
+        fast.dict(d, "big", np.zeros(1 << 15, np.float32))  # registers the reused region (1 MiB)
+        size = fast._shm.size if fast._shm is not None else 0
+
+        def update(chunk: pb.TensorChunk) -> None:
+            request = pb.UpdateDictionaryRequest(dictionary=d.id)
+            body = pb.UpdateDictionaryRequest(chunk=chunk).SerializeToString()
+            fast._update_dictionary_stream(iter([request.SerializeToString(), body]), timeout=WAIT)
+
+        def chunk(offset: int, region: str = _shm.REGION_NAME, **fields: Any) -> pb.TensorChunk:
+            return pb.TensorChunk(name="a", dtype=pb.DTYPE_FLOAT32, shape=[4], tensor_count=1, total_bytes=16,
+                                  shared=pb.SharedBytes(region=region, offset=offset), **fields)
+
+        for bad, code in (
+            (chunk(size - 8), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(-64), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(2), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(0, data=b"x" * 16), grpc.StatusCode.INVALID_ARGUMENT),
+            (chunk(0, region="pool3"), grpc.StatusCode.NOT_FOUND),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                update(bad)
+            assert info.value.code() == code, info.value.details()
+        assert same(fast.dict(d, "a"), np.zeros(3, np.float32))
+    with Client(shm_server.address, timeout=WAIT, session=True) as other:  # no region of its own
+        with pytest.raises(grpc.RpcError) as info:
+            request = pb.CreateTensorRequest().SerializeToString()
+            body = pb.CreateTensorRequest(chunk=chunk(0)).SerializeToString()
+            other._create_tensor_stream(iter([request, body]), timeout=WAIT)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_bool_tensor_from_shared_memory_holds_only_0_and_1(shm_server: LiveServer) -> None:
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        flags = np.zeros(1 << 17, np.bool_)
+        flags[::3] = True
+        assert same(fast.dict(fast.dict({"f": flags}), "f"), flags)
+        bad = flags.view(np.uint8).copy()
+        bad[5] = 2
+        with pytest.raises(Exception, match="bool but holds bytes other than 0 and 1"):
+            fast.dict({"f": bad.view(np.bool_)})
+        with pytest.raises(Exception, match="bool but holds bytes other than 0 and 1"):
+            fast.tensor(bad.view(np.bool_))
+
+
+def test_torch_state_dicts_through_shared_memory_are_bit_identical(shm_server: LiveServer) -> None:
+    from weightavg.torch import fetch, push
+
+    torch.manual_seed(0)
+    state = {"w": torch.randn(300, 200, dtype=torch.bfloat16), "b": torch.randn(200), "h": torch.randn(9).half(),
+             "steps": torch.tensor(3)}
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        for got in (fetch(fast, push(fast, state)), fetch(slow, push(fast, state)), fetch(fast, push(slow, state))):
+            assert list(got) == list(state)
+            assert all(got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8) if v.dim() else got[k], v.view(torch.uint8) if v.dim() else v)
+                       for k, v in state.items())
+
+
+def test_fetched_arrays_sent_back_are_read_where_they_lie(shm_server: LiveServer, shared_uploads: list[str]) -> None:
+    """fetch, change, upload: the arrays are views of a pool region, so the server copies them from
+    there and the client copies nothing (its reused region never grows to hold them)."""
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d = slow.dict({"big": big, "small": np.ones(5, np.float32)})
+        got = fast.dict(d)
+        got["big"] *= 2
+        assert fast._shm_pool.locate(got["big"]) is not None
+        assert fast._shm_pool.locate(got["big"][::2]) is None and fast._shm_pool.locate(big) is None
+        e = fast.dict(got)
+        fast.dict(d, {"big": got["big"][1:], "more": got["big"][:7]})
+        assert shared_uploads == ["big", "small", "big", "more"]
+        assert fast._shm is not None and fast._shm.size == 1 << 20
+        assert same(slow.dict(e, "big"), big * 2) and same(slow.dict(d, "big"), big[1:] * 2)
+        assert same(slow.dict(d, "more"), big[:7] * 2)
+
+
+def test_threads_sharing_one_shm_client_get_their_own_results(shm_server: LiveServer) -> None:
+    import threading
+
+    big = np.arange(3 << 20, dtype=np.float32)
+    errors: list[BaseException] = []
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        handles = [fast.dict({"big": big + i}) for i in range(3)]
+
+        def work(i: int) -> None:
+            try:
+                for _ in range(4):
+                    got = fast.dict(handles[i])
+                    assert same(got["big"], big + i)
+                    back = fast.dict(got)  # read where it lies, while other threads fetch and upload
+                    assert same(fast.dict(back, "big"), big + i)
+                    fast.free(back)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
+def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
+    shm_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightavg import _shm
+
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+
+        def full(size: int) -> Any:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(_shm, "_create", full)
+        assert same(fast.dict(d, "big"), big)  # the pool could not grow: this fetch streamed
+        assert same(fast.dict(fast.dict({"more": big}), "more"), big)  # the reused region is big enough
+        monkeypatch.undo()
+        assert same(fast.dict(d, "big"), big) and fast._shm is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import difflib
 import functools
 import logging
@@ -262,11 +263,13 @@ class Client:
             the server frees them once the lease runs out. A session id string joins that session
             (e.g. after a server restart); close() then leaves it open.
         lease: session lease in seconds; 0 takes the server's default.
-        shm: move tensor bytes of dictionary uploads and fetches (and fetches of tensors and
-            parameters) through a POSIX shared memory region instead of the gRPC stream, for a
-            server on this host started with --allow-shm; implies session=True. Where the server
-            refuses the region (another host, no --allow-shm) the client falls back to the stream,
-            with identical results.
+        shm: move tensor bytes of every upload (from 16 KiB) and every fetch through POSIX shared
+            memory regions instead of the gRPC stream, for a server on this host started with
+            --allow-shm; implies session=True. A fetch over 4 MiB returns views of a region the
+            client keeps in a pool (no copy here; the region is reused once the arrays are garbage
+            collected, and the arrays are the caller's until then). Where the server refuses the
+            region (another host, no --allow-shm) the client falls back to the stream, with
+            identical results.
 
     Example:
         >>> with Client("127.0.0.1:50051") as c:
@@ -345,6 +348,7 @@ class Client:
         self._stop_keepalive = threading.Event()
         self._keepalive: threading.Thread | None = None
         self._shm: _shm.SharedRegion | None = _shm.SharedRegion() if shm else None
+        self._shm_pool = _shm.FetchPool()
         self._shm_lock = threading.Lock()
         session = session or shm
         if session:
@@ -490,15 +494,16 @@ class Client:
         if not value:
             return self._fetch(_id(m), [name], rank)[name]
         request_id = new_request_id()
+        with self._upload_chunks([("", value[0])], pb.SetParameterRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            chunks = wire.encoded_chunks([("", value[0])], self.chunk_bytes, pb.SetParameterRequest)
-            # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
-            first = pb.SetParameterRequest(handle=_id(m), name=name, rank=rank, request_id=request_id).SerializeToString()
-            yield first + next(chunks)
-            yield from chunks
+            def requests() -> Iterator[bytes]:
+                chunks = encoded()
+                # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
+                first = pb.SetParameterRequest(handle=_id(m), name=name, rank=rank, request_id=request_id).SerializeToString()
+                yield first + next(chunks)
+                yield from chunks
 
-        self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
+            self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
         return None
 
     @_rpc
@@ -756,13 +761,14 @@ class Client:
         self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any, shard: bool = False, rank: int | None = None
     ) -> int:
         request_id = new_request_id()
+        with self._upload_chunks([("x", x), ("y", y)], pb.SetModelDataRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            first = pb.SetModelDataRequest(model=m, split=split, shard=shard, rank=rank, request_id=request_id)
-            yield first.SerializeToString()
-            yield from wire.encoded_chunks([("x", x), ("y", y)], self.chunk_bytes, pb.SetModelDataRequest)
+            def requests() -> Iterator[bytes]:
+                first = pb.SetModelDataRequest(model=m, split=split, shard=shard, rank=rank, request_id=request_id)
+                yield first.SerializeToString()
+                yield from encoded()
 
-        return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
+            return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
 
     @_rpc
     def run(self, m: HandleLike, *data: Any) -> Any:
@@ -787,12 +793,14 @@ class Client:
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
-        def requests() -> Iterator[bytes]:
-            yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
-            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, pb.EvaluateModelRequest)
+        with self._upload_chunks([("", x)], pb.EvaluateModelRequest) as encoded:
 
-        stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
-        return wire.join_chunks(r.chunk for r in stream)[0][1]
+            def requests() -> Iterator[bytes]:
+                yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
+                yield from encoded()
+
+            stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
+            return wire.join_chunks(r.chunk for r in stream)[0][1]
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
         """Forward pass in train mode with gradients; returns a tensor handle of the output.
@@ -916,12 +924,13 @@ class Client:
         if isinstance(x, Handle):
             return wire.plain(self._fetch_named(x.id, [])[0][1])
         request_id = new_request_id()
+        with self._upload_chunks([("", x)], pb.CreateTensorRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            yield pb.CreateTensorRequest(request_id=request_id).SerializeToString()
-            yield from wire.encoded_chunks([("", x)], self.chunk_bytes, pb.CreateTensorRequest)
+            def requests() -> Iterator[bytes]:
+                yield pb.CreateTensorRequest(request_id=request_id).SerializeToString()
+                yield from encoded()
 
-        return _handle(self._create_tensor_stream(Replayable(requests), timeout=self.timeout).tensor)
+            return _handle(self._create_tensor_stream(Replayable(requests), timeout=self.timeout).tensor)
 
     @_rpc
     def size(self, h: HandleLike) -> Any:
@@ -1172,30 +1181,36 @@ class Client:
     def _create_dictionary(
         self, items: list[tuple[str, Any]], replicate: bool = False, rank: int | None = None
     ) -> Handle:
-        if self._shm is not None and not replicate and rank is None:
-            created = self._shm_create_dictionary(items)
-            if created is not None:
-                return created
         request_id = new_request_id()
         placement = _placement(replicate, rank)
+        with self._upload_chunks(items, pb.CreateDictionaryRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            yield pb.CreateDictionaryRequest(placement=placement, request_id=request_id).SerializeToString()
-            yield from wire.encoded_chunks(items, self.chunk_bytes, pb.CreateDictionaryRequest)
+            def requests() -> Iterator[bytes]:
+                yield pb.CreateDictionaryRequest(placement=placement, request_id=request_id).SerializeToString()
+                yield from encoded()
 
-        return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
+            return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]], rank: int | None = None) -> None:
         request_id = new_request_id()
+        with self._upload_chunks(items, pb.UpdateDictionaryRequest) as encoded:
 
-        def requests() -> Iterator[bytes]:
-            yield pb.UpdateDictionaryRequest(dictionary=d, rank=rank, request_id=request_id).SerializeToString()
-            yield from wire.encoded_chunks(items, self.chunk_bytes, pb.UpdateDictionaryRequest)
+            def requests() -> Iterator[bytes]:
+                yield pb.UpdateDictionaryRequest(dictionary=d, rank=rank, request_id=request_id).SerializeToString()
+                yield from encoded()
 
-        self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
+            self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
 
 
     # -- shared memory (Client(..., shm=True)) --------------------------------------------------------
+
+    def _shm_refused(self, exc: grpc.RpcError) -> None:
+        """Raise the error unless it says the server takes no shared memory; then use the stream."""
+        error = from_rpc_error(exc)
+        if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
+            raise exc
+        log.info("shared memory refused, using the stream: %s", error)
+        self._shm = None
 
     def _shm_buffer(self, nbytes: int) -> memoryview | None:
         """The region's bytes (at least nbytes), registering a larger one as needed; None once the
@@ -1211,63 +1226,98 @@ class Client:
         try:
             return region.ensure(nbytes, register)
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
-                raise
-            log.info("shared memory refused, using the stream: %s", error)
+            self._shm_refused(exc)
+            return None
+        except OSError as exc:  # no /dev/shm here, or it is full
+            log.info("no shared memory region, using the stream: %s", exc)
             self._shm = None
             return None
 
+    @contextlib.contextmanager
+    def _upload_chunks(
+        self, items: list[tuple[str, Any]], message_type: type[Message]
+    ) -> Iterator[Callable[[], Iterator[bytes]]]:
+        """For the duration of one upload call: a function giving its stream's tensor messages.
+
+        With shared memory (and MIN_UPLOAD_BYTES or more) the arrays are copied into the reused
+        region once, here, and the messages only say where they lie (TensorChunk.shared); the
+        region is held until the call is over, so a retry finds the same bytes. Otherwise the
+        messages carry the bytes, as without shared memory.
+        """
+        def streamed() -> Iterator[bytes]:
+            return wire.encoded_chunks(items, self.chunk_bytes, message_type)
+
+        if self._shm is None:
+            yield streamed
+            return
+        items = [(name, wire.to_array(value)) for name, value in items]  # once: to_array may copy
+        if sum(array.nbytes for _, array in items) < _shm.MIN_UPLOAD_BYTES:
+            yield streamed
+            return
+        with self._shm_lock:
+            # Located under the lock: a fetch may re-register a pool region's name (then the server's
+            # region of that name is another one) only while it holds the lock.
+            placed, nbytes = _shm.layout(items, self._shm_pool.locate)
+            buf = self._shm_buffer(nbytes)
+            if buf is None:
+                yield streamed
+                return
+            _shm.write(buf, placed)
+            del buf
+            yield lambda: _shm.shared_chunks(placed, message_type, _shm.REGION_NAME)
+
     def _shm_fetch(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]] | None:
-        """Small fetches through the reused region (copied out, one round trip); a large one into a
-        region of its own whose arrays are returned as they are (no copy here; three round trips)."""
+        """A fetch through shared memory, None where the server refuses it.
+
+        One call names the reused region (small fetches, copied out) and the largest free region of
+        the pool as its overflow (large fetches, returned as views of it: no copy here, and its
+        pages were faulted by an earlier fetch). A large fetch that no free region holds gets one
+        (registered, or re-registered larger) and a second call.
+        """
         with self._shm_lock:
             buf = self._shm_buffer(0)
             if buf is None:
                 return None
-            reused = pb.FetchTensorsToSharedMemoryRequest(
-                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+            pool = self._shm_pool
+            free = pool.largest_free()
+            request = pb.FetchTensorsToSharedMemoryRequest(
+                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES,
+                overflow_region=free[0] if free else "",
             )
-            r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
-            if r.tensors or not r.needed_bytes:
-                return _shm.read(buf, r.tensors)
-            if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
-                buf = self._shm_buffer(r.needed_bytes)
-                if buf is not None:
-                    r = self._stub.FetchTensorsToSharedMemory(reused, timeout=self.timeout)
-                    if r.tensors or not r.needed_bytes:
-                        return _shm.read(buf, r.tensors)
-
-            def register(key: str, size: int) -> None:
-                request = pb.RegisterSharedMemoryRequest(name=_shm.LARGE_FETCH_NAME, key=key, byte_size=size)
-                self._stub.RegisterSharedMemory(request, timeout=self.timeout)
-
-            own = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_shm.LARGE_FETCH_NAME)
-            needed = r.needed_bytes
+            r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
             while True:  # again if the object grew between the calls
-                fresh = self._shm.fresh(needed, register) if self._shm is not None else None
-                if fresh is None:
-                    return None
-                r = self._stub.FetchTensorsToSharedMemory(own, timeout=self.timeout)
                 if r.tensors or not r.needed_bytes:
-                    return _shm.read(fresh, r.tensors, copy=False)
-                needed = r.needed_bytes
+                    if r.region and r.region != _shm.REGION_NAME:
+                        return pool.lend(r.region, r.tensors)
+                    return _shm.read(buf, r.tensors)
+                if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
+                    buf = self._shm_buffer(r.needed_bytes)
+                    if buf is None:
+                        return None
+                    request = pb.FetchTensorsToSharedMemoryRequest(
+                        handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+                    )
+                else:
+                    def register(name: str, key: str, size: int) -> None:
+                        request = pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size)
+                        self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
-    def _shm_create_dictionary(self, items: list[tuple[str, Any]]) -> Handle | None:
-        placed, nbytes = _shm.layout(items)
-        with self._shm_lock:
-            buf = self._shm_buffer(nbytes)
-            if buf is None:
-                return None
-            _shm.write(buf, placed)
-            request = pb.CreateDictionaryFromSharedMemoryRequest(
-                region=_shm.REGION_NAME, tensors=[m for _, _, m in placed], request_id=new_request_id()
-            )
-            return _handle(self._stub.CreateDictionaryFromSharedMemory(request, timeout=self.timeout).dictionary)
+                    try:
+                        name = pool.region_for(r.needed_bytes, register)
+                    except grpc.RpcError as exc:
+                        self._shm_refused(exc)
+                        return None
+                    except OSError as exc:
+                        log.info("no shared memory region for a fetch, using the stream: %s", exc)
+                        return None
+                    request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=name)
+                r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
 
     def _close_shm(self) -> None:
-        """Unmap the region here; the server unmaps it with the session (or now, for a joined one)."""
+        """Unmap the regions here (a lent one with its last array); the server unmaps them with the
+        session (or now, for a joined one)."""
         region, self._shm = self._shm, None
+        self._shm_pool.unused()
         if region is None or not region.size:
             return
         if not self._owns_session:

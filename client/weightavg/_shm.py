@@ -1,124 +1,314 @@
-"""The client's side of shared memory: one POSIX shared memory region, grown as needed, through
-which tensor bytes move to and from a server on the same host (Client(..., shm=True))."""
+"""The client's side of shared memory, through which tensor bytes move to and from a server on the
+same host (Client(..., shm=True)): one reused region for uploads and small fetches, and a pool of
+regions that large fetches are written into and returned as views of.
+
+Why a pool: a copy into memory that was never touched runs at a fraction of a copy into memory
+that was (every 4 KiB page of a /dev/shm file is faulted in and zeroed on first touch: 1.2-1.4 GB/s
+on the project's VM, against 7-12 GB/s into faulted pages). A large fetch therefore goes into a
+region this client registered before and whose pages are faulted, and the arrays it returns are
+views of that region: no copy on this side. The region is lent to those arrays; when the last of
+them is gone (garbage collected) it goes back to the pool for the next fetch. The server writes
+only into the region a call names, and a call names only a region that is not lent, so arrays a
+caller keeps are never written behind its back.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from multiprocessing import shared_memory
+import mmap
+import os
+import secrets
+import threading
+import weakref
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import Message
 
 from . import wire
 from .v1 import weightavg_pb2 as pb
 
 REGION_NAME = "client"
 """The name this client registers its reused region under (regions are per session): uploads, and
-fetches that fit it, which are copied out."""
-LARGE_FETCH_NAME = "fetch"
-"""The name of the region a large fetch gets to itself: the arrays returned are views of it, with
-no copy on this side; the next large fetch registers a new one under this name."""
+fetches that fit SMALL_FETCH_BYTES, which are copied out."""
+POOL_NAMES = ("pool0", "pool1", "pool2", "pool3")
+"""The names the pool's regions are registered under. Four: a caller that keeps the results of
+more large fetches than that alive makes the pool replace a lent region's registration (the server
+forgets it; its arrays keep their memory) with a new region, faulted afresh."""
 SMALL_FETCH_BYTES = 4 << 20
 """Fetches up to this size go through the reused region and are copied out: one round trip."""
 ALIGN = 64
 """Tensors start on 64-byte boundaries, as the server places them."""
 MIN_BYTES = 1 << 20
+POOL_GRAIN = 2 << 20
+"""Pool regions are sized in 2 MiB steps, so a fetch a little larger than the last reuses nothing
+only when it outgrows the step."""
+SHM_DIRECTORY = "/dev/shm"
+MIN_UPLOAD_BYTES = 16 << 10
+"""Uploads of fewer bytes than this go in the stream's messages as they would without shared
+memory: one message either way, and no lock or region for a small call."""
 
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-class SharedRegion:
-    """A region registered with the server; replaced by a larger one when a call needs more.
+def _create(size: int) -> tuple[str, mmap.mmap]:
+    """A new file of `size` bytes in /dev/shm, mapped here: its name (the key the server opens) and
+    the mapping. Only this user may open it; the caller unlinks it once the server has mapped it."""
+    key = f"wa_{secrets.token_hex(12)}"
+    path = os.path.join(SHM_DIRECTORY, key)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        # Allocated now, so a full /dev/shm fails here (OSError: the stream is used) rather than
+        # in a copy into the mapping (SIGBUS); the server refuses sparse regions.
+        os.posix_fallocate(fd, 0, size)
+        return key, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _registered(size: int, register: Callable[[str, int], None]) -> mmap.mmap:
+    """A new region of `size` bytes registered with the server (`register(key, size)`).
 
     The file's name is unlinked as soon as the server has mapped it (or refused it): from then on
     only this process and the server hold the memory, nothing is left in /dev/shm if either dies,
     and a leaked name opens nothing.
     """
+    key, memory = _create(size)
+    try:
+        register(key, size)
+    except BaseException:
+        memory.close()
+        raise
+    finally:
+        os.unlink(os.path.join(SHM_DIRECTORY, key))
+    return memory
+
+
+class SharedRegion:
+    """A region registered with the server; replaced by a larger one when a call needs more."""
 
     def __init__(self) -> None:
-        self._memory: shared_memory.SharedMemory | None = None
+        self._memory: mmap.mmap | None = None
         self.size = 0
 
     def ensure(self, nbytes: int, register: Callable[[str, int], None]) -> memoryview:
         """The region's bytes, at least `nbytes` of them (registering a larger region if needed)."""
         if self._memory is None or self.size < nbytes:
             size = max(_aligned(nbytes), 2 * self.size, MIN_BYTES)
-            memory = shared_memory.SharedMemory(create=True, size=size)
-            try:
-                register(memory.name.lstrip("/"), size)
-            except BaseException:
-                memory.close()
-                raise
-            finally:
-                memory.unlink()
+            memory = _registered(size, register)
             self.close()
             self._memory, self.size = memory, size
-        buf = self._memory.buf
-        assert buf is not None
-        return buf
-
-    def fresh(self, nbytes: int, register: Callable[[str, int], None]) -> memoryview:
-        """A new region of `nbytes` for one fetch, replacing the current one here; its memory lives
-        as long as the arrays that view it (closing the last view unmaps it)."""
-        memory = shared_memory.SharedMemory(create=True, size=max(_aligned(nbytes), ALIGN))
-        try:
-            register(memory.name.lstrip("/"), memory.size)
-        finally:
-            memory.unlink()
-        buf = memory.buf
-        assert buf is not None
-        # Forget the SharedMemory object without closing its mapping: the arrays keep `buf` and with
-        # it the mapping alive (SharedMemory.close would refuse while they exist).
-        memory._buf = None  # type: ignore[attr-defined]
-        memory._mmap = None  # type: ignore[attr-defined]
-        return buf
+        return memoryview(self._memory)
 
     def close(self) -> None:
         if self._memory is not None:
-            self._memory.close()
+            try:
+                self._memory.close()
+            except BufferError:  # a view is still alive: the mapping goes with it
+                pass
             self._memory, self.size = None, 0
 
 
-def layout(items: Sequence[tuple[str, Any]]) -> tuple[list[tuple[str, npt.NDArray[Any], pb.SharedTensor]], int]:
-    """Arrays to upload and where each goes (64-byte aligned); the bytes they take."""
+class _Slot:
+    """One of the pool's names and the region registered under it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.memory: mmap.mmap | None = None
+        self.size = 0
+        self.lent = False
+        self.generation = 0
+        """Counts the regions registered under this name; a returned region that is not the
+        current one (its registration was replaced while lent) is not taken back."""
+
+
+class FetchPool:
+    """Regions for large fetches, each either free (the next fetch may be written into it) or lent
+    to the arrays of a fetch (until they are garbage collected)."""
+
+    def __init__(self) -> None:
+        # Reentrant: a garbage collection inside a locked section may finalize a lent region's
+        # arrays in this very thread, and _give_back then takes the lock again.
+        self._lock = threading.RLock()
+        self._slots = [_Slot(name) for name in POOL_NAMES]
+        self._wholes: dict[int, tuple[_Slot, int]] = {}
+        """Lent regions' whole-region arrays (the base of every array a fetch returned), by id."""
+
+    def largest_free(self) -> tuple[str, int] | None:
+        """The name and size of the largest free region, if any."""
+        with self._lock:
+            free = [s for s in self._slots if s.memory is not None and not s.lent]
+            if not free:
+                return None
+            best = max(free, key=lambda s: s.size)
+            return best.name, best.size
+
+    def region_for(self, nbytes: int, register: Callable[[str, str, int], None]) -> str:
+        """The name of a free region of at least `nbytes`, registering one if none is: in place of
+        a free region that is too small, under an unused name, or else in place of the oldest lent
+        one (`register(name, key, size)`)."""
+        with self._lock:
+            free = [s for s in self._slots if s.memory is not None and not s.lent]
+            fits = [s for s in free if s.size >= nbytes]
+            if fits:
+                return min(fits, key=lambda s: s.size).name
+            unused = [s for s in self._slots if s.memory is None]
+            slot = (free or unused or sorted(self._slots, key=lambda s: s.generation))[0]
+            slot.lent = True  # nobody else takes it while it is being registered
+        size = max(math.ceil(nbytes / POOL_GRAIN) * POOL_GRAIN, POOL_GRAIN)
+        try:
+            memory = _registered(size, lambda key, n: register(slot.name, key, n))
+        except BaseException:
+            with self._lock:
+                slot.lent = False
+            raise
+        with self._lock:
+            old = slot.memory
+            slot.memory, slot.size, slot.lent = memory, size, False
+            slot.generation += 1
+        if old is not None:
+            try:
+                old.close()
+            except BufferError:  # lent: its arrays keep the mapping; it is unmapped with the last
+                pass
+        return slot.name
+
+    def lend(self, name: str, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:
+        """Arrays of the tensors the server wrote into region `name`, as views of it; the region is
+        lent to them until the last is garbage collected."""
+        with self._lock:
+            slot = next(s for s in self._slots if s.name == name)
+            assert slot.memory is not None and not slot.lent
+            whole = np.frombuffer(slot.memory, np.uint8)
+            out = _views(whole, tensors)
+            slot.lent = True
+            self._wholes[id(whole)] = (slot, slot.generation)
+            weakref.finalize(whole, self._give_back, slot, slot.generation, id(whole))
+        return out
+
+    def locate(self, array: npt.NDArray[Any]) -> tuple[str, int] | None:
+        """The pool region and offset a contiguous array lies in, when it is a view of a region
+        lent to a fetch and still registered under its name: an upload of it copies nothing here."""
+        base = array.base
+        if not isinstance(base, np.ndarray) or not array.flags.c_contiguous or not array.nbytes:
+            return None
+        with self._lock:
+            held = self._wholes.get(id(base))
+            if held is None or held[0].generation != held[1]:
+                return None
+            offset = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+            if offset < 0 or offset + array.nbytes > base.nbytes or offset % array.itemsize:
+                return None
+            return held[0].name, offset
+
+    def _give_back(self, slot: _Slot, generation: int, whole: int) -> None:
+        with self._lock:
+            self._wholes.pop(whole, None)
+            if slot.generation == generation:
+                slot.lent = False
+
+    def unused(self) -> None:
+        """Forget every region (the client is closing): free ones are unmapped now, lent ones with
+        their last array."""
+        with self._lock:
+            slots, self._slots = self._slots, [_Slot(name) for name in POOL_NAMES]
+        for slot in slots:
+            slot.generation += 1
+            if slot.memory is not None:
+                try:
+                    slot.memory.close()
+                except BufferError:
+                    pass
+                slot.memory = None
+
+
+def _views(whole: npt.NDArray[np.uint8], tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:
+    """Arrays over `whole` (views, whose base is `whole`) where the server placed each tensor."""
+    out = []
+    for t in tensors:
+        dtype, shape = _checked(t, len(whole))
+        out.append((t.name, whole[t.offset:t.offset + t.byte_size].view(dtype).reshape(shape)))
+    return out
+
+
+def _checked(t: pb.SharedTensor, size: int) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    dtype = wire._DTYPES[t.dtype]
+    shape = tuple(t.shape)
+    if t.byte_size != math.prod(shape) * dtype.itemsize or t.offset < 0 or t.offset + t.byte_size > size:
+        raise ValueError(f"the server placed tensor '{t.name}' outside the shared memory region")
+    return dtype, shape
+
+
+@dataclass
+class Placed:
+    """One array of an upload and where the server finds it: `region` "" for the reused region
+    (write() copies it there), else a lent pool region the array already lies in."""
+
+    name: str
+    array: npt.NDArray[Any]
+    message: pb.SharedTensor
+    region: str = ""
+
+
+def layout(
+    items: Sequence[tuple[str, Any]], locate: Callable[[npt.NDArray[Any]], tuple[str, int] | None] | None = None
+) -> tuple[list[Placed], int]:
+    """Arrays to upload and where each goes (64-byte aligned); the bytes they take in the reused
+    region. An array that `locate` finds in a pool region (a fetched view sent back) stays there."""
     placed, at = [], 0
     for name, value in items:
         array = wire.to_array(value)
+        found = locate(array) if locate is not None else None
         message = pb.SharedTensor(
-            name=name, dtype=wire._CODES[array.dtype], shape=array.shape, offset=at, byte_size=array.nbytes
+            name=name, dtype=wire._CODES[array.dtype], shape=array.shape, offset=found[1] if found else at,
+            byte_size=array.nbytes,
         )
-        placed.append((name, array, message))
-        at = _aligned(at + array.nbytes)
+        placed.append(Placed(name, array, message, found[0] if found else ""))
+        if not found:
+            at = _aligned(at + array.nbytes)
     return placed, at
 
 
-def write(buf: memoryview, placed: Sequence[tuple[str, npt.NDArray[Any], pb.SharedTensor]]) -> None:
-    """Copy each array into its place (one copy a byte)."""
-    for _, array, message in placed:
-        if array.nbytes:
-            target = np.frombuffer(buf, np.uint8, count=array.nbytes, offset=message.offset)
-            target[:] = array.reshape(-1).view(np.uint8)
+def shared_chunks(placed: Sequence[Placed], message_type: type[Message], region: str) -> Iterator[bytes]:
+    """Serialized `message_type` stream messages, one header chunk a tensor whose bytes lie where
+    `placed` says (`region` for the reused one; TensorChunk.shared), as one declared stream."""
+    field = wire.chunk_field(message_type)
+    chunks = [
+        pb.TensorChunk(
+            name=p.message.name, dtype=p.message.dtype, shape=p.message.shape,
+            shared=pb.SharedBytes(region=p.region or region, offset=p.message.offset),
+        )
+        for p in placed
+    ] or [pb.TensorChunk()]
+    chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(p.array.nbytes for p in placed)
+    for chunk in chunks:
+        body = chunk.SerializeToString()
+        yield wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
+
+
+def write(buf: memoryview, placed: Sequence[Placed]) -> None:
+    """Copy each array bound for the reused region into its place (one copy a byte)."""
+    for p in placed:
+        if p.array.nbytes and not p.region:
+            target = np.frombuffer(buf, np.uint8, count=p.array.nbytes, offset=p.message.offset)
+            target[:] = p.array.reshape(-1).view(np.uint8)
             del target
 
 
-def read(
-    buf: memoryview, tensors: Sequence[pb.SharedTensor], copy: bool = True
-) -> list[tuple[str, npt.NDArray[Any]]]:
-    """Arrays of the tensors the server wrote: new arrays holding copies (the region is reused next
-    call), or with copy=False views of the region (one the caller does not reuse)."""
+def read(buf: memoryview, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:
+    """New arrays holding copies of the tensors the server wrote (the region is reused next call)."""
     out = []
     for t in tensors:
-        dtype = wire._DTYPES[t.dtype]
-        shape = tuple(t.shape)
-        if t.byte_size != math.prod(shape) * dtype.itemsize or t.offset < 0 or t.offset + t.byte_size > len(buf):
-            raise ValueError(f"the server placed tensor '{t.name}' outside the shared memory region")
-        if not copy:
-            out.append((t.name, np.frombuffer(buf, dtype, count=math.prod(shape), offset=t.offset).reshape(shape)))
-            continue
+        dtype, shape = _checked(t, len(buf))
         array = np.empty(shape, dtype)
         if t.byte_size:
             source = np.frombuffer(buf, np.uint8, count=t.byte_size, offset=t.offset)

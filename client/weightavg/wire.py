@@ -452,11 +452,16 @@ class StreamCheck:
         if self._crc is not None:
             self._crc = crc32c(data, self._crc)
 
-    def completed(self, name: str, nbytes: int, crc: int | None, whole: Callable[[], int] | None = None) -> None:
+    def completed(
+        self, name: str, nbytes: int, crc: int | None, whole: Callable[[], int] | None = None, *, shared: bool = False
+    ) -> None:
         """A tensor's bytes are all in; `whole()` works out its CRC32C afterwards for an undeclared
-        stream that carries one anyway."""
+        stream that carries one anyway. A tensor whose bytes came through shared memory (`shared`)
+        carries no CRC32C: no network moved them."""
         self.tensors += 1
         self.nbytes += nbytes
+        if shared:
+            return
         if crc is None:
             if self.count is not None:
                 raise self._error(f"tensor '{name}' of a declared stream carries no crc32c on its last chunk")

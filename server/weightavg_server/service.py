@@ -968,6 +968,10 @@ class Service:
         self._require_shm()
         return self.store.shared.get(CALLER.get().tenant, CALLER_SESSION.get(), name)
 
+    def shared_region(self, name: str) -> shm.Region:
+        """The caller's region `name`, for an upload whose tensors' bytes lie in it (TensorChunk.shared)."""
+        return self._region(name)
+
     @_exactly_once
     def register_shared_memory(self, name: str, key: str, byte_size: int, *, request: RequestKey | None = None) -> int:
         """Map /dev/shm/<key>'s first `byte_size` bytes as the session's region `name`; the bytes mapped."""
@@ -992,21 +996,26 @@ class Service:
         return self.store.shared.unregister(CALLER.get().tenant, session, name)
 
     def fetch_to_shared_memory(
-        self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0
-    ) -> tuple[list[shm.Placement], int]:
+        self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0, overflow: str = ""
+    ) -> tuple[list[shm.Placement], int, str]:
         """What `fetch` returns, written into the session's region from `offset` under the object's
-        lock (one consistent cut, no host copies held); where each tensor went and the bytes used.
-        When they do not fit (or take over `max_bytes`, if > 0), nothing is written: no placements,
-        and the bytes they would need."""
+        lock (one consistent cut, no host copies held); where each tensor went, the bytes used and
+        the region written. When they do not fit (or take over `max_bytes`, if > 0) they go to the
+        `overflow` region from offset 0 if that is given and they fit it; else nothing is written:
+        no placements, the bytes they would need from `offset`, and no region."""
         entry = self.store.get(handle)  # first, so another tenant's handle is unknown whatever the region
         target = self._region(region)
+        spill = self._region(overflow) if overflow else None
         with self.store.reading(entry):
             named = self._named(handle, entry, names)
             placements, needed = shm.layout(named, offset)
             if offset + needed > target.byte_size or 0 < max_bytes < needed:
-                return [], needed
+                if spill is None or needed > spill.byte_size:
+                    return [], needed, ""
+                placements, needed = shm.layout(named, 0)
+                target, region = spill, overflow
             shm.write(target, placements, named)
-            return placements, needed
+            return placements, needed, region
 
     @_exactly_once
     def create_dictionary_from_shared_memory(

@@ -295,6 +295,7 @@ class TensorChunk(_message.Message):
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     CRC32C_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Entry name, set on the header chunk (empty for a lone tensor)."""
     dtype: Global___Dtype.ValueType
@@ -315,6 +316,14 @@ class TensorChunk(_message.Message):
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape, set on the header chunk only; empty for a 0-dim (scalar) tensor."""
 
+    @_builtins.property
+    def shared(self) -> Global___SharedBytes:
+        """Set on a header chunk, instead of data, by a client on the server's host whose session
+        registered shared memory (Client(..., shm=True), a server run with --allow-shm): the tensor's
+        bytes lie in that region, and the chunk completes the tensor with no data and no crc32c (no
+        network carries them). The server copies them out before the call answers.
+        """
+
     def __init__(
         self,
         *,
@@ -325,10 +334,11 @@ class TensorChunk(_message.Message):
         tensor_count: _builtins.int | None = ...,
         total_bytes: _builtins.int | None = ...,
         crc32c: _builtins.int | None = ...,
+        shared: Global___SharedBytes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "shared", b"shared", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape", "shared", b"shared", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
     _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
@@ -344,6 +354,32 @@ class TensorChunk(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__total_bytes) -> _WhichOneofReturnType__total_bytes | None: ...
 
 Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
+
+@_typing.final
+class SharedBytes(_message.Message):
+    """SharedBytes says where an uploaded tensor's bytes lie in one of the caller's shared memory regions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """Name of a region registered by the caller's session."""
+    offset: _builtins.int
+    """Byte offset of the tensor's first byte (a multiple of its element size)."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedBytes: _TypeAlias = SharedBytes  # noqa: Y015
 
 @_typing.final
 class IntList(_message.Message):
@@ -4608,6 +4644,7 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    OVERFLOW_REGION_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Dictionary, tensor, or module/model/optimizer handle id."""
     region: _builtins.str
@@ -4617,6 +4654,12 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
     max_bytes: _builtins.int
     """When more than 0: write nothing if the tensors take more than this many bytes (a client that
     gives large fetches a region of their own asks its reused region for small ones only).
+    """
+    overflow_region: _builtins.str
+    """Optional second region of the caller's session: when the tensors take more than max_bytes (or
+    do not fit the first region), they are written here from offset 0 if they fit, so a client with
+    a free large region gets a small or a large fetch in one call. The server writes only into the
+    region the response names.
     """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -4630,10 +4673,11 @@ class FetchTensorsToSharedMemoryRequest(_message.Message):
         region: _builtins.str = ...,
         offset: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
+        overflow_region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "max_bytes", b"max_bytes", "names", b"names", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "max_bytes", b"max_bytes", "names", b"names", "offset", b"offset", "overflow_region", b"overflow_region", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4650,8 +4694,13 @@ class FetchTensorsToSharedMemoryResponse(_message.Message):
 
     TENSORS_FIELD_NUMBER: _builtins.int
     NEEDED_BYTES_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     needed_bytes: _builtins.int
     """Bytes from offset that the tensors take (64-byte aligned each)."""
+    region: _builtins.str
+    """The region written: the request's region, or its overflow_region (then the offsets count from
+    0 in it). Empty when nothing was written.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedTensor]:
         """Where each tensor lies, in order."""
@@ -4661,10 +4710,11 @@ class FetchTensorsToSharedMemoryResponse(_message.Message):
         *,
         tensors: _abc.Iterable[Global___SharedTensor] | None = ...,
         needed_bytes: _builtins.int = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["needed_bytes", b"needed_bytes", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["needed_bytes", b"needed_bytes", "region", b"region", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ from weightavg.wire import (
 )
 from weightavg.v1 import weightavg_pb2 as pb
 
-from ..domain import dtypes
+from ..domain import dtypes, shm
 from ..domain.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
@@ -145,11 +145,17 @@ class TensorAssembler:
     taken as before, a checksum they carry still checked.
     """
 
-    def __init__(self, max_bytes: int, on_header: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self, max_bytes: int, on_header: Callable[[str, int], None] | None = None,
+        regions: Callable[[str], shm.Region] | None = None,
+    ) -> None:
         """`on_header(name, nbytes)` runs for each tensor once its header is checked and before its
-        buffer is allocated; it may raise (e.g. ResourceExhausted over a cap) to refuse the tensor."""
+        buffer is allocated; it may raise (e.g. ResourceExhausted over a cap) to refuse the tensor.
+        `regions(name)` finds the caller's shared memory region for a header chunk whose bytes lie
+        in one (TensorChunk.shared); without it such a chunk is refused."""
         self._max_bytes = max_bytes
         self._on_header = on_header
+        self._regions = regions
         self._total = 0
         self._pending: _Pending | None = None
         self._check = StreamCheck(InvalidArgument, DataLoss)
@@ -164,6 +170,9 @@ class TensorAssembler:
                 f"the stream declares {d.total_bytes} bytes of tensors; a request may carry at most {self._max_bytes} bytes "
                 "of tensors (--max-upload-bytes)"
             )
+        if isinstance(chunk, pb.TensorChunk) and chunk.HasField("shared"):  # ChunkView: protobuf parses these
+            self._shared(chunk, d.crc32c)
+            return
         if chunk.dtype != pb.DTYPE_UNSPECIFIED:
             self._start(chunk)
         elif self._pending is None:
@@ -214,6 +223,30 @@ class TensorAssembler:
         self._total += nbytes
         self._pending = _Pending(chunk.name, dtype, shape, buffer, code=chunk.dtype)
 
+    def _shared(self, chunk: pb.TensorChunk, crc: int | None) -> None:
+        """A header chunk whose tensor's bytes lie in the caller's region: checked (region, bounds,
+        alignment; no data or checksum beside them), allocated as any tensor, and copied out."""
+        if chunk.dtype == pb.DTYPE_UNSPECIFIED or chunk.data or crc is not None:
+            raise InvalidArgument(
+                f"tensor '{chunk.name}': a chunk whose bytes lie in shared memory is a header (name, dtype, shape) "
+                "with no data and no crc32c"
+            )
+        if self._regions is None:
+            raise InvalidArgument(f"tensor '{chunk.name}': this call takes no shared memory")
+        region = self._regions(chunk.shared.region)
+        dtype, shape = torch_dtype(chunk.dtype), tuple(int(d) for d in chunk.shape)
+        if len(shape) <= MAX_DIMS and all(d >= 0 for d in shape):  # else _start refuses it
+            shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset,
+                                            math.prod(shape) * torch.empty((), dtype=dtype).element_size()))
+        self._start(chunk)
+        p = self._pending
+        assert p is not None
+        region.check_size()
+        if p.nbytes:
+            shm.copy_bytes(p.buffer, region.bytes_at(chunk.shared.offset, p.nbytes, f"tensor '{p.name}'"))
+        p.filled = p.nbytes
+        self._complete(None, shared=True)
+
     def _append(self, data: bytes | memoryview, crc: int | None) -> None:
         p = self._pending
         if p is None:
@@ -233,11 +266,13 @@ class TensorAssembler:
         elif crc is not None:
             self._check.stray_crc()
 
-    def _complete(self, crc: int | None) -> None:
+    def _complete(self, crc: int | None, *, shared: bool = False) -> None:
         p = self._pending
         assert p is not None
         flat = p.buffer
-        self._check.completed(p.name, p.nbytes, crc, lambda: crc32c(flat.numpy().data, tensor_crc(p.name, p.code, p.shape)))
+        self._check.completed(
+            p.name, p.nbytes, crc, lambda: crc32c(flat.numpy().data, tensor_crc(p.name, p.code, p.shape)), shared=shared
+        )
         tensor = flat.view(p.dtype).reshape(p.shape)
         if p.dtype is torch.bool and bool((flat > 1).any()):
             raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
@@ -246,10 +281,12 @@ class TensorAssembler:
 
 
 def assemble(
-    chunks: Iterable[pb.TensorChunk | ChunkView], max_bytes: int, on_header: Callable[[str, int], None] | None = None
+    chunks: Iterable[pb.TensorChunk | ChunkView], max_bytes: int, on_header: Callable[[str, int], None] | None = None,
+    regions: Callable[[str], shm.Region] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
-    """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`)."""
-    assembler = TensorAssembler(max_bytes, on_header)
+    """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`
+    and `regions`)."""
+    assembler = TensorAssembler(max_bytes, on_header, regions)
     for chunk in chunks:
         assembler.feed(chunk)
     return assembler.finish()

@@ -94,7 +94,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         """An upload the service receives when it is ready, reserving as each header arrives."""
 
         def receive(on_header: OnHeader) -> list[tuple[str, torch.Tensor]]:
-            tensors = codec.assemble(chunks, self.max_upload_bytes, on_header)
+            tensors = codec.assemble(chunks, self.max_upload_bytes, on_header, self.service.shared_region)
             if not context.is_active():
                 # grpc ends the request stream quietly when it fails the call (a message over the size
                 # cap, the client gone): what arrived is incomplete and must change nothing.
@@ -513,11 +513,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsToSharedMemory(
         self, request: pb.FetchTensorsToSharedMemoryRequest, context: Context
     ) -> pb.FetchTensorsToSharedMemoryResponse:
-        placements, needed = self.service.fetch_to_shared_memory(
-            request.handle, list(request.names), request.region, request.offset, request.max_bytes
+        placements, needed, region = self.service.fetch_to_shared_memory(
+            request.handle, list(request.names), request.region, request.offset, request.max_bytes,
+            request.overflow_region,
         )
         return pb.FetchTensorsToSharedMemoryResponse(
-            tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed
+            tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed, region=region
         )
 
     @translate_errors
