@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 import numpy as np
 import numpy.typing as npt
 
-from . import _objects, _shm, _specs, wire
+from . import _cuda, _objects, _shm, _specs, wire
 from ._errors import (
     FailedPreconditionError, NotFoundError, UnavailableError, UnimplementedError, WeightavgError, from_rpc_error,
 )
@@ -348,6 +348,7 @@ class Client:
         self._stop_keepalive = threading.Event()
         self._keepalive: threading.Thread | None = None
         self._shm: _shm.SharedRegion | None = _shm.SharedRegion() if shm else None
+        self._cuda: _cuda.CudaRegion | None = _cuda.CudaRegion() if shm else None
         self._shm_pool = _shm.FetchPool()
         self._shm_lock = threading.Lock()
         session = session or shm
@@ -1247,6 +1248,14 @@ class Client:
         def streamed() -> Iterator[bytes]:
             return wire.encoded_chunks(items, self.chunk_bytes, message_type)
 
+        if any(_cuda.is_cuda(value) for _, value in items):
+            with self._shm_lock:
+                on_gpu = self._cuda_upload(items)
+                if on_gpu is not None:
+                    yield lambda: _shm.shared_chunks(on_gpu, message_type, _cuda.REGION_NAME)
+                    return
+            # Without CUDA IPC, GPU tensors go as host arrays, bit for bit.
+            items = [(name, _cuda.host_array(value) if _cuda.is_cuda(value) else value) for name, value in items]
         if self._shm is None:
             yield streamed
             return
@@ -1264,7 +1273,68 @@ class Client:
                 return
             _shm.write(buf, placed)
             del buf
-            yield lambda: _shm.shared_chunks(placed, message_type, _shm.REGION_NAME)
+            headers = [(p.message, p.region) for p in placed]
+            yield lambda: _shm.shared_chunks(headers, message_type, _shm.REGION_NAME)
+
+    def _cuda_refused(self, exc: grpc.RpcError) -> None:
+        """Raise the error unless the server takes no CUDA regions; then GPU tensors go through the
+        host for good (host shared memory, if the server takes that, or the stream)."""
+        error = from_rpc_error(exc)
+        if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
+            raise exc
+        log.info("CUDA shared memory refused, sending GPU tensors through the host: %s", error)
+        self._cuda = None
+
+    def _cuda_buffer(self, nbytes: int, device: Any) -> Any:
+        """The registered CUDA buffer (at least nbytes, on `device`), None once the server has
+        refused CUDA regions. Call with the shared memory lock held."""
+        region = self._cuda
+        if region is None:
+            return None
+
+        def register(message: pb.CudaIpcRegion, size: int) -> None:
+            request = pb.RegisterSharedMemoryRequest(name=_cuda.REGION_NAME, byte_size=size, cuda=message)
+            self._stub.RegisterSharedMemory(request, timeout=self.timeout)
+
+        try:
+            return region.ensure(nbytes, device, register)
+        except grpc.RpcError as exc:
+            self._cuda_refused(exc)
+            return None
+
+    def _cuda_upload(self, items: list[tuple[str, Any]]) -> list[tuple[pb.SharedTensor, str]] | None:
+        """Copy an upload with CUDA tensors into the registered CUDA buffer (device to device; host
+        values beside them host to device) and say where each lies; None (nothing sent) where the
+        upload is small or the server takes no CUDA regions."""
+        if self._cuda is None:
+            return None
+        tensors = [(name, _cuda.as_tensor(value)) for name, value in items]
+        placed, nbytes = _cuda.layout(tensors)
+        if sum(m.byte_size for m, _ in placed) < _shm.MIN_UPLOAD_BYTES:
+            return None
+        device = next(t.device for _, t in tensors if t.is_cuda)
+        buffer = self._cuda_buffer(nbytes, device)
+        if buffer is None:
+            return None
+        _cuda.write(buffer, placed)
+        return [(m, _cuda.REGION_NAME) for m, _ in placed]
+
+    def _fetch_to_device(self, handle: str, names: list[str], device: Any) -> list[tuple[str, Any]] | None:
+        """A fetch into new CUDA tensors on `device` through the registered CUDA buffer (the server
+        copies device to device); None where the server takes no CUDA regions (the caller then
+        fetches through the host)."""
+        with self._shm_lock:
+            buffer = self._cuda_buffer(0, device)
+            if buffer is None:
+                return None
+            while True:  # again if the object grew between the calls
+                request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_cuda.REGION_NAME)
+                r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
+                if r.tensors or not r.needed_bytes:
+                    return _cuda.read(buffer, r.tensors)
+                buffer = self._cuda_buffer(r.needed_bytes, device)
+                if buffer is None:
+                    return None
 
     def _shm_fetch(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]] | None:
         """A fetch through shared memory, None where the server refuses it.
@@ -1315,17 +1385,21 @@ class Client:
 
     def _close_shm(self) -> None:
         """Unmap the regions here (a lent one with its last array); the server unmaps them with the
-        session (or now, for a joined one)."""
+        session (or now, for a joined one). The CUDA buffer may go first: torch keeps an exported
+        buffer's memory out of reuse until the server has dropped its mapping."""
         region, self._shm = self._shm, None
+        cuda, self._cuda = self._cuda, None
         self._shm_pool.unused()
-        if region is None or not region.size:
-            return
-        if not self._owns_session:
+        registered = (region is not None and region.size > 0) or (cuda is not None and cuda.size > 0)
+        if registered and not self._owns_session:
             try:
                 self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=""), timeout=10.0)
             except grpc.RpcError as exc:
                 log.info("could not unregister shared memory: %s", from_rpc_error(exc))
-        region.close()
+        if region is not None:
+            region.close()
+        if cuda is not None:
+            cuda.close()
 
 
 def _placement(replicate: bool, rank: int | None) -> pb.Placement:

@@ -278,18 +278,20 @@ def layout(
     return placed, at
 
 
-def shared_chunks(placed: Sequence[Placed], message_type: type[Message], region: str) -> Iterator[bytes]:
+def shared_chunks(
+    placed: Sequence[tuple[pb.SharedTensor, str]], message_type: type[Message], region: str
+) -> Iterator[bytes]:
     """Serialized `message_type` stream messages, one header chunk a tensor whose bytes lie where
-    `placed` says (`region` for the reused one; TensorChunk.shared), as one declared stream."""
+    its SharedTensor says, in the region named beside it ("": `region`; TensorChunk.shared), as
+    one declared stream."""
     field = wire.chunk_field(message_type)
     chunks = [
         pb.TensorChunk(
-            name=p.message.name, dtype=p.message.dtype, shape=p.message.shape,
-            shared=pb.SharedBytes(region=p.region or region, offset=p.message.offset),
+            name=m.name, dtype=m.dtype, shape=m.shape, shared=pb.SharedBytes(region=where or region, offset=m.offset),
         )
-        for p in placed
+        for m, where in placed
     ] or [pb.TensorChunk()]
-    chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(p.array.nbytes for p in placed)
+    chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(m.byte_size for m, _ in placed)
     for chunk in chunks:
         body = chunk.SerializeToString()
         yield wire._varint(field << 3 | 2) + wire._varint(len(body)) + body

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .domain import shm
+from .domain import cuda_ipc, shm
 from .domain import (
     averaging, batching, batchnorm, collectives, devices, dictionaries, footprint, losses, modules, optimizers, specs,
     training,
@@ -973,8 +973,12 @@ class Service:
         return self._region(name)
 
     @_exactly_once
-    def register_shared_memory(self, name: str, key: str, byte_size: int, *, request: RequestKey | None = None) -> int:
-        """Map /dev/shm/<key>'s first `byte_size` bytes as the session's region `name`; the bytes mapped."""
+    def register_shared_memory(
+        self, name: str, key: str, byte_size: int, cuda: cuda_ipc.CudaIpc | None = None, *,
+        request: RequestKey | None = None,
+    ) -> int:
+        """Map /dev/shm/<key>'s first `byte_size` bytes (or, with `cuda`, open the client's CUDA
+        buffer) as the session's region `name`; the bytes mapped."""
         self._require_shm()
         caller, session = CALLER.get(), CALLER_SESSION.get()
         caller.require_writer("registering shared memory")
@@ -983,7 +987,10 @@ class Service:
                 "shared memory regions belong to a session, so that they are unregistered when it ends: call "
                 "with a session (Client(..., session=True); Client(..., shm=True) opens one)"
             )
-        self.store.shared.register(caller.tenant, session, name, shm.Region(key, byte_size))
+        if cuda is not None and key:
+            raise InvalidArgument("a shared memory region is a /dev/shm key or a CUDA buffer, not both")
+        region = shm.Region(key, byte_size) if cuda is None else cuda_ipc.CudaRegion(cuda, byte_size)
+        self.store.shared.register(caller.tenant, session, name, region)
         return byte_size
 
     @_exactly_once

@@ -4492,6 +4492,7 @@ class RegisterSharedMemoryRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    CUDA_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name calls use for the region within the session; 1 to 64 letters, digits, '_', '.', '-'."""
@@ -4503,21 +4504,90 @@ class RegisterSharedMemoryRequest(_message.Message):
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
     """
+    @_builtins.property
+    def cuda(self) -> Global___CudaIpcRegion:
+        """Set instead of key for a region in the client's GPU memory, shared by CUDA IPC: the server
+        opens it on the device it names and copies device to device (docs/security.md). A server
+        without CUDA refuses it with FAILED_PRECONDITION.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         key: _builtins.str = ...,
         byte_size: _builtins.int = ...,
+        cuda: Global___CudaIpcRegion | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cuda", b"cuda"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "key", b"key", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "cuda", b"cuda", "key", b"key", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterSharedMemoryRequest: _TypeAlias = RegisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class CudaIpcRegion(_message.Message):
+    """CudaIpcRegion is a client's CUDA buffer as torch's `UntypedStorage._share_cuda_()` exports it,
+    field for field (what `UntypedStorage._new_shared_cuda` takes back), as plain values: never a
+    pickle. The handles are secrets of sorts and never echoed in errors or logs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_UUID_FIELD_NUMBER: _builtins.int
+    DEVICE_INDEX_FIELD_NUMBER: _builtins.int
+    HANDLE_FIELD_NUMBER: _builtins.int
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _builtins.int
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _builtins.int
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _builtins.int
+    EVENT_HANDLE_FIELD_NUMBER: _builtins.int
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _builtins.int
+    device_uuid: _builtins.str
+    """The device's UUID (torch.cuda.get_device_properties(i).uuid as text), so that a server whose
+    CUDA_VISIBLE_DEVICES numbers the devices differently finds the same one; empty: device_index.
+    """
+    device_index: _builtins.int
+    """The device's index in the client's process (used where device_uuid is empty)."""
+    handle: _builtins.bytes
+    """The cudaIpcMemHandle_t of the allocation the storage lies in (torch's handle bytes)."""
+    storage_size_bytes: _builtins.int
+    """Bytes of the storage; byte_size of the request is at most this."""
+    storage_offset_bytes: _builtins.int
+    """Byte offset of the storage in the allocation the handle names."""
+    ref_counter_handle: _builtins.str
+    """The shared memory object (a name starting with '/') holding torch's IPC reference counter,
+    which the server decrements when it drops the region, so the client may free the buffer.
+    """
+    ref_counter_offset: _builtins.int
+    """The counter's index in that object."""
+    event_handle: _builtins.bytes
+    """The cudaIpcEventHandle_t recorded after the client's last write to the storage."""
+    event_sync_required: _builtins.bool
+    """Whether the server must wait on event_handle before reading the storage."""
+    def __init__(
+        self,
+        *,
+        device_uuid: _builtins.str = ...,
+        device_index: _builtins.int = ...,
+        handle: _builtins.bytes = ...,
+        storage_size_bytes: _builtins.int = ...,
+        storage_offset_bytes: _builtins.int = ...,
+        ref_counter_handle: _builtins.str = ...,
+        ref_counter_offset: _builtins.int = ...,
+        event_handle: _builtins.bytes = ...,
+        event_sync_required: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_index", b"device_index", "device_uuid", b"device_uuid", "event_handle", b"event_handle", "event_sync_required", b"event_sync_required", "handle", b"handle", "ref_counter_handle", b"ref_counter_handle", "ref_counter_offset", b"ref_counter_offset", "storage_offset_bytes", b"storage_offset_bytes", "storage_size_bytes", b"storage_size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CudaIpcRegion: _TypeAlias = CudaIpcRegion  # noqa: Y015
 
 @_typing.final
 class RegisterSharedMemoryResponse(_message.Message):

@@ -84,7 +84,7 @@ class Region:
             os.close(fd)
             raise
         self.byte_size = byte_size
-        self.identity = (info.st_dev, info.st_ino)
+        self.identity: tuple[object, ...] = (info.st_dev, info.st_ino)
 
     def close(self) -> None:
         """Forget the file; the mapping goes with the last reference to this object."""
@@ -111,6 +111,10 @@ class Region:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self.buffer, dtype=torch.uint8, count=nbytes, offset=offset)
+
+    def settle(self) -> None:
+        """Wait for copies into or out of the region to finish (CPU copies are done when they return;
+        a CUDA region's are not: domain/cuda_ipc.py)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def layout(named: Sequence[tuple[str, torch.Tensor]], offset: int) -> tuple[list
 
 
 def copy_bytes(target: torch.Tensor, source: torch.Tensor) -> None:
-    """target (contiguous, on the CPU) := source, of the same dtype and shape.
+    """target (contiguous; on the CPU, or a CUDA region's bytes) := source, of the same dtype and shape.
 
     Between contiguous CPU tensors as one numpy copy of their bytes (a memcpy: 7-12 GB/s on the
     project's VM where torch's uint8 copy_ ran at 6.5 with one thread); otherwise (other devices,
@@ -149,7 +153,7 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor) -> None:
     """
     source = source.detach()
     if (
-        source.device.type == "cpu" and source.is_contiguous() and not source.is_conj() and not source.is_neg()
+        source.device.type == "cpu" and target.device.type == "cpu" and source.is_contiguous() and not source.is_conj() and not source.is_neg()
         and target.is_contiguous()
     ):
         np.copyto(target.reshape(-1).view(torch.uint8).numpy(), source.reshape(-1).view(torch.uint8).numpy())
@@ -163,6 +167,7 @@ def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple
     for p, (_, t) in zip(placements, named):
         if p.nbytes:
             copy_bytes(region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape), t)
+    region.settle()  # the client reads the region once the call answers
 
 
 def check(region: Region, p: Placement) -> None:
@@ -201,4 +206,5 @@ def read(
             if p.dtype is torch.bool and bool((t.view(torch.uint8) > 1).any()):
                 raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
         out.append((p.name, t))
+    region.settle()
     return out

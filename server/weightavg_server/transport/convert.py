@@ -9,7 +9,7 @@ from google.protobuf import struct_pb2
 
 from weightavg.v1 import weightavg_pb2 as pb
 
-from ..domain import dtypes, shm, specs
+from ..domain import cuda_ipc, dtypes, shm, specs
 from ..domain.averaging import BufferMode
 from ..domain.ema import EmaState, ScheduleChange
 from ..domain.errors import InvalidArgument
@@ -281,3 +281,11 @@ def shared_tensor(p: shm.Placement) -> pb.SharedTensor:
 def placement(t: pb.SharedTensor) -> shm.Placement:
     """Where an uploaded tensor lies in a region (checked against the region by the domain)."""
     return shm.Placement(t.name, codec.torch_dtype(t.dtype), tuple(int(d) for d in t.shape), t.offset, t.byte_size)
+
+
+def cuda_region(r: pb.CudaIpcRegion) -> cuda_ipc.CudaIpc:
+    """A registration's CUDA buffer: the fields of torch's `_share_cuda_()`, as sent."""
+    return cuda_ipc.CudaIpc(
+        r.device_uuid, r.device_index, r.handle, r.storage_size_bytes, r.storage_offset_bytes, r.ref_counter_handle,
+        r.ref_counter_offset, r.event_handle, r.event_sync_required,
+    )

@@ -500,7 +500,10 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def RegisterSharedMemory(
         self, request: pb.RegisterSharedMemoryRequest, context: Context
     ) -> pb.RegisterSharedMemoryResponse:
-        size = self.service.register_shared_memory(request.name, request.key, request.byte_size, request=ids.key(request))
+        cuda = convert.cuda_region(request.cuda) if request.HasField("cuda") else None
+        size = self.service.register_shared_memory(
+            request.name, request.key, request.byte_size, cuda, request=ids.key(request)
+        )
         return pb.RegisterSharedMemoryResponse(byte_size=size)
 
     @translate_errors
