@@ -1312,7 +1312,7 @@ class Client:
         placed, nbytes = _cuda.layout(tensors)
         if sum(m.byte_size for m, _ in placed) < _shm.MIN_UPLOAD_BYTES:
             return None
-        device = next(t.device for _, t in tensors if t.is_cuda)
+        device = next(t.device for _, t in tensors if _cuda.is_cuda(t))
         buffer = self._cuda_buffer(nbytes, device)
         if buffer is None:
             return None
