@@ -1301,6 +1301,11 @@ class Client:
         except grpc.RpcError as exc:
             self._cuda_refused(exc)
             return None
+        except RuntimeError as exc:  # torch's: out of GPU memory (this call), or no CUDA IPC here (for good)
+            log.info("no CUDA shared memory region, sending GPU tensors through the host: %s", exc)
+            if type(exc).__name__ != "OutOfMemoryError":
+                self._cuda = None
+            return None
 
     def _cuda_upload(self, items: list[tuple[str, Any]]) -> list[tuple[pb.SharedTensor, str]] | None:
         """Copy an upload with CUDA tensors into the registered CUDA buffer (device to device; host

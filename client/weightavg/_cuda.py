@@ -99,8 +99,9 @@ def describe(buffer: Any) -> pb.CudaIpcRegion:
     (device, handle, size, offset, ref_counter, ref_counter_offset, event, event_sync_required) = (
         buffer.untyped_storage()._share_cuda_()
     )
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
     return pb.CudaIpcRegion(
-        device_uuid=str(torch.cuda.get_device_properties(device).uuid), device_index=device, handle=handle,
+        device_uuid=str(uuid) if uuid is not None else "", device_index=device, handle=handle,
         storage_size_bytes=size, storage_offset_bytes=offset, ref_counter_handle=ref_counter.decode(),
         ref_counter_offset=ref_counter_offset, event_handle=event, event_sync_required=bool(event_sync_required),
     )

@@ -100,7 +100,7 @@ def fetch(
     if target is not None and target.type == "cuda":
         if target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
-        got = client._fetch_to_device(_id(d), wanted, target) if client._cuda is not None else None
+        got = client._fetch_to_device(_id(d), wanted, target)
         if got is not None:
             return dict(got)
     if names is None:

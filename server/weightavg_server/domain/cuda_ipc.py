@@ -102,15 +102,22 @@ def local_device(ipc: CudaIpc) -> torch.device:
             "this server has no CUDA device, so it takes no CUDA shared memory: send GPU tensors through "
             "the stream or host shared memory"
         )
+    torch.cuda.current_device()  # initializes CUDA here, as torch's own consumer does before _new_shared_cuda
     count = torch.cuda.device_count()
     if ipc.device_uuid:
         for i in range(count):
-            if str(torch.cuda.get_device_properties(i).uuid) == ipc.device_uuid:
+            if device_uuid(i) == ipc.device_uuid:
                 return torch.device("cuda", i)
         raise FailedPrecondition("the CUDA region's device is not visible to the server (check CUDA_VISIBLE_DEVICES)")
     if ipc.device_index >= count:
         raise FailedPrecondition("the CUDA region's device is not visible to the server (check CUDA_VISIBLE_DEVICES)")
     return torch.device("cuda", ipc.device_index)
+
+
+def device_uuid(index: int) -> str:
+    """A device's UUID as text, the same in every process that sees it ("" where torch cannot say)."""
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return str(uuid) if uuid is not None else ""
 
 
 def _allocation(pointer: int) -> tuple[int, int] | None:
@@ -155,11 +162,15 @@ class CudaRegion(Region):
             # The opened mapping is the whole allocation; the storage must lie inside it, or a copy
             # would touch memory outside it (an illegal address ends the server's CUDA context).
             found = _allocation(storage.data_ptr())
-            if found is None or storage.data_ptr() + byte_size > found[0] + found[1]:
+            if found is None:
+                del storage
+                # Unchecked bounds are refused; the client then sends GPU tensors through the host.
+                raise FailedPrecondition("the CUDA driver could not say where the CUDA region's allocation ends")
+            if not found[0] <= storage.data_ptr() <= storage.data_ptr() + byte_size <= found[0] + found[1]:
                 del storage
                 raise InvalidArgument(
-                    "the CUDA region's bytes do not lie inside the allocation its handle names "
-                    "(or the driver could not tell): register the storage _share_cuda_() described"
+                    "the CUDA region's bytes do not lie inside the allocation its handle names: register the "
+                    "storage _share_cuda_() described, at most its size"
                 )
         self._storage: torch.UntypedStorage | None = storage
 
