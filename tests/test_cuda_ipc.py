@@ -338,19 +338,20 @@ def test_a_cuda_registration_outside_its_allocation_is_refused_and_the_server_go
     buffer = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
     with grpc.insecure_channel(cuda_server) as channel, Client(cuda_server, timeout=WAIT, shm=True) as c:
         stub = pb_grpc.WeightAveragingServiceStub(channel)
-        for change, size, code in (
-            ({}, (1 << 20) + 1, grpc.StatusCode.INVALID_ARGUMENT),
-            ({"storage_offset_bytes": 1 << 40}, 1 << 20, grpc.StatusCode.INVALID_ARGUMENT),
-            ({"handle": bytes(64)}, 1 << 20, grpc.StatusCode.FAILED_PRECONDITION),
+        invalid, unchecked = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+        for change, size, codes in (
+            ({}, (1 << 20) + 1, {invalid}),  # more than the storage
+            ({"storage_size_bytes": 1 << 40}, 1 << 40, {invalid}),  # a storage larger than its allocation
+            # an address in no allocation: the driver finds none (or, by chance, another one)
+            ({"storage_offset_bytes": 1 << 40}, 1 << 20, {invalid, unchecked}),
+            ({"handle": bytes(64)}, 1 << 20, {unchecked}),
         ):
             message = _cuda.describe(buffer)  # a fresh export each time: each refusal gives its reference back
             for field, value in change.items():
                 setattr(message, field, value)
-            if "storage_offset_bytes" in change:
-                message.storage_size_bytes = 1 << 20
             with pytest.raises(grpc.RpcError) as err:
                 _register(stub, c.session, message, size)
-            assert err.value.code() == code, err.value.details()
+            assert err.value.code() in codes, err.value.details()
             assert message.handle.hex() not in (err.value.details() or "")
             _cuda.release(message)
         x = torch.randn(1 << 16, device="cuda")

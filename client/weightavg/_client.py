@@ -269,7 +269,11 @@ class Client:
             client keeps in a pool (no copy here; the region is reused once the arrays are garbage
             collected, and the arrays are the caller's until then). Where the server refuses the
             region (another host, no --allow-shm) the client falls back to the stream, with
-            identical results.
+            identical results. GPU (torch CUDA) tensors, which every upload verb takes, go through
+            one CUDA buffer the client registers by CUDA IPC handle: copied device to device into
+            it, and `weightavg.torch.fetch(..., device="cuda")` copies out of it; a server without
+            CUDA refuses it and they go through the host instead, with identical results. (Without
+            shm, GPU tensors are copied to the host and streamed.)
 
     Example:
         >>> with Client("127.0.0.1:50051") as c:
