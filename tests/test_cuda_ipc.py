@@ -171,6 +171,36 @@ def test_a_ref_counter_that_is_not_a_regular_file_of_full_size_is_refused(ref_co
         small.unlink()
 
 
+def test_the_server_waits_for_its_copies_into_a_region_once_before_a_fetch_answers() -> None:
+    """shm.write and shm.read end with the region's settle() (a CUDA region's copies are
+    asynchronous: the client reads the region as soon as the call answers)."""
+    events: list[str] = []
+
+    class Recording(shm.Region):
+        def __init__(self) -> None:  # no file: the region is host memory recording its use
+            self.byte_size, self.identity, self._fd = 4096, ("recording",), -1
+            self.memory = torch.zeros(4096, dtype=torch.uint8)
+
+        def check_size(self) -> None:
+            pass
+
+        def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
+            events.append("bytes")
+            return self.memory[offset:offset + nbytes]
+
+        def settle(self) -> None:
+            events.append("settle")
+
+    named = [("a", torch.arange(5.0)), ("b", torch.tensor([True, False])), ("c", torch.zeros(0))]
+    placements, _ = shm.layout(named, 0)
+    region = Recording()
+    shm.write(region, placements, named)
+    assert events.count("settle") == 1 and events[-1] == "settle"
+    back = shm.read(region, placements)
+    assert events.count("settle") == 2 and events[-1] == "settle"
+    assert all(bits(t) == bits(dict(named)[k]) for k, t in back)
+
+
 @pytest.fixture
 def shared_uploads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The regions the server copied uploaded tensors out of (TensorChunk.shared), in order."""

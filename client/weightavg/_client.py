@@ -21,7 +21,8 @@ import numpy.typing as npt
 
 from . import _cuda, _objects, _shm, _specs, wire
 from ._errors import (
-    FailedPreconditionError, NotFoundError, UnavailableError, UnimplementedError, WeightavgError, from_rpc_error,
+    FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError, WeightavgError,
+    from_rpc_error,
 )
 from ._records import Handle, HandleInfo, ModuleRow, Soup
 from ._retry import DirectUnaryChannel, Replayable, RetryInterceptor, RetryPolicy, new_request_id
@@ -271,7 +272,7 @@ class Client:
             region (another host, no --allow-shm) the client falls back to the stream, with
             identical results. GPU (torch CUDA) tensors, which every upload verb takes, go through
             one CUDA buffer the client registers by CUDA IPC handle: copied device to device into
-            it, and `weightavg.torch.fetch(..., device="cuda")` copies out of it; a server without
+            it, and the torch helpers' `fetch(..., device="cuda")` copies out of it; a server without
             CUDA refuses it and they go through the host instead, with identical results. (Without
             shm, GPU tensors are copied to the host and streamed.)
 
@@ -1281,10 +1282,13 @@ class Client:
             yield lambda: _shm.shared_chunks(headers, message_type, _shm.REGION_NAME)
 
     def _cuda_refused(self, exc: grpc.RpcError) -> None:
-        """Raise the error unless the server takes no CUDA regions; then GPU tensors go through the
-        host for good (host shared memory, if the server takes that, or the stream)."""
+        """Raise the error unless the server refused the CUDA region; then GPU tensors go through
+        the host for good (host shared memory, if the server takes that, or the stream). Refusals:
+        FAILED_PRECONDITION (no CUDA, no --allow-shm, a handle it cannot open), UNIMPLEMENTED, and
+        INVALID_ARGUMENT (a server older than CUDA regions reads the registration as an empty key;
+        a newer one found the buffer's fields or bounds wrong)."""
         error = from_rpc_error(exc)
-        if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
+        if not isinstance(error, (FailedPreconditionError, UnimplementedError, InvalidArgumentError)):
             raise exc
         log.info("CUDA shared memory refused, sending GPU tensors through the host: %s", error)
         self._cuda = None

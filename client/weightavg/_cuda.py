@@ -109,8 +109,13 @@ def describe(buffer: Any) -> pb.CudaIpcRegion:
 
 def release(message: pb.CudaIpcRegion) -> None:
     """Give back the reference torch's `_share_cuda_()` counted for the server, after the server
-    refused the registration (it never opened the buffer, or dropped it at once): otherwise the
-    buffer's memory stays out of reuse for the life of this process."""
+    refused the registration without opening the buffer (no CUDA there, no --allow-shm, fields it
+    refuses): otherwise torch keeps the buffer's memory out of reuse for the life of this process.
+
+    A server that refuses after opening it (bounds, the session's region checks) has given the
+    reference back by dropping it; this second release then wraps torch's unsigned counter, and
+    the one buffer stays out of reuse, as it would without either. The client cannot tell the two
+    apart, and a correct client and server meet neither."""
     torch = _torch()
 
     try:
