@@ -293,9 +293,12 @@ def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
     plan = d.plans.get(key)
     if isinstance(plan, _Plan) and plan.source() is source and plan.serial == index.serial and plan.version == d.version:
         entries = d.entries
-        avgs = [entries[name] for name in plan.entries]
+        try:
+            avgs = [entries[name] for name in plan.entries]
+        except KeyError:  # an entry removed without `changed()`: plan afresh, which names it
+            avgs = []
         values = [index.tensors[i] for i in plan.values]
-        if list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)) == plan.pointers:
+        if avgs and list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)) == plan.pointers:
             return _update(avgs, values, plan.averaged, plan.runs)
     names, values_at, averaged = _choose(source, index, d, buffers)
     avgs = [d.entries[name] for name in names]
