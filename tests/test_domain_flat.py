@@ -350,3 +350,33 @@ def test_a_flat_dictionary_is_charged_its_whole_buffer_while_any_entry_lives() -
     assert held_bytes(d) == {"cpu": whole + 3 * 5 * 4}
     dictionaries.delete_entries(d, ["d.bias"])
     assert held_bytes(d) == {"cpu": 3 * 5 * 4}  # the last view went: the buffer is freed and uncharged
+
+
+# -- merging across flat dictionaries ------------------------------------------------------------------
+
+
+def flat_dicts(count: int) -> list[TensorDict]:
+    """Dictionaries whose floating entries are slices of one buffer each, and an int64 counter."""
+    out = []
+    for k in range(count):
+        g = torch.Generator().manual_seed(k)
+        values = [torch.randn(6, 5, generator=g), torch.randn(6, generator=g), torch.randn(3, 6, generator=g)]
+        a_w, a_b, c_w = flat.flat_copies(values)
+        out.append(TensorDict({"a.weight": a_w, "a.bias": a_b, "c.weight": c_w, "n": torch.tensor(k * 3 + 1)}))
+    return out
+
+
+def test_average_into_one_of_its_flat_inputs_is_not_mistaken_for_aliasing() -> None:
+    """The entries of a flat dictionary share a storage but not bytes: merging into it must judge
+    aliasing by the bytes each entry spans, not by where its storage starts."""
+    from weightavg_server.domain import merging
+
+    ds = flat_dicts(3)
+    want = {n: (ds[0].entries[n] + 2 * ds[1].entries[n] + ds[2].entries[n]) / 4 for n in ("a.weight", "a.bias", "c.weight")}
+    target = ds[1]
+    plan = merging.plan(merging.METHODS["average"], ds, weights=[1.0, 2.0, 1.0], into=target,
+                        kwargs=[("integers", "max")])
+    merging.run(plan, ds, into=target)
+    for name, value in want.items():
+        torch.testing.assert_close(target.entries[name], value)
+    assert target.entries["n"].item() == 7  # the maximum, read from every input before any write
