@@ -232,6 +232,7 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
 torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
 torch.nn.modules.module.register_module_module_registration_hook(_registered)
 
+
 def _module_index(module: torch.nn.Module) -> _Index:
     """The module's parameters and buffers by name, walked again only after some module
     registered something (a walk of 160 layers costs about 1 ms; most calls reuse the last)."""
