@@ -380,3 +380,18 @@ def test_average_into_one_of_its_flat_inputs_is_not_mistaken_for_aliasing() -> N
     for name, value in want.items():
         torch.testing.assert_close(target.entries[name], value)
     assert target.entries["n"].item() == 7  # the maximum, read from every input before any write
+
+
+def test_flat_entries_and_parameters_can_be_written_in_place_with_grad_mode_on() -> None:
+    """Views made in no-grad mode refuse in-place writes under grad mode; flat views are made
+    with grad mode on, whatever mode their maker runs in."""
+    net, _ = twins()
+    with torch.no_grad():
+        d = averaging.copy_parameters(net)
+        move(net, None, torch.float64)
+    d.entries["a.weight"].add_(net.a.weight)  # grad mode on, and a value that requires grad
+    dictionaries.move(d, None, torch.float64)
+    d.entries["a.bias"].add_(net.a.bias)
+    update = averaging.prepare_average(net, d)
+    for a, p in update.averaged:
+        a.add_(p)

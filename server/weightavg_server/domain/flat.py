@@ -58,13 +58,14 @@ def flat_copies(
     buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
     used = dict.fromkeys(sizes, 0)
     out = []
-    with torch.no_grad():
+    with torch.enable_grad():  # a view made in no-grad mode may not be written in place with grad mode on
         for t, key in zip(tensors, keys):
             start = used[key]
             used[key] = start + t.numel()
-            view = buffers[key][start:used[key]].view(t.shape)
+            out.append(buffers[key][start:used[key]].view(t.shape))
+    with torch.no_grad():
+        for view, t in zip(out, tensors):
             view.copy_(t)
-            out.append(view)
     return out
 
 
@@ -86,7 +87,8 @@ def is_flat(tensors: Sequence[torch.Tensor]) -> bool:
 
 def _span(first: torch.Tensor, numel: int) -> torch.Tensor:
     """The 1-D view of `numel` elements of first's storage starting where `first` starts."""
-    return torch.as_strided(first.detach(), (numel,), (1,), first.storage_offset())
+    with torch.enable_grad():  # see flat_copies
+        return torch.as_strided(first.detach(), (numel,), (1,), first.storage_offset())
 
 
 Run = tuple[int, int, int]
@@ -163,7 +165,8 @@ class _Arena:
         if start + param.numel() > buffer.numel():
             return  # more parameters than planned: this one keeps its own storage
         self.used[key] = start + param.numel()
-        view = buffer[start:start + param.numel()].view(param.shape)
+        with torch.enable_grad():  # see flat_copies
+            view = buffer[start:start + param.numel()].view(param.shape)
         with torch.no_grad():
             view.copy_(param)  # what the constructor put there so far (it usually initialises later, in place)
         param.data = view
