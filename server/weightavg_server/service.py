@@ -21,8 +21,8 @@ from torch import nn
 from . import __version__
 from .domain import shm
 from .domain import (
-    averaging, batching, batchnorm, collectives, devices, dictionaries, footprint, losses, modules, optimizers, specs,
-    training,
+    averaging, batching, batchnorm, collectives, devices, dictionaries, flat, footprint, losses, modules, optimizers,
+    specs, training,
 )
 from .domain.averaging import BufferMode
 from .domain.batchnorm import Momenta
@@ -313,10 +313,15 @@ class Service:
         self._one_rank(placement.rank)
         depth = self.settings.max_spec_depth
         need = footprint.module_bytes(spec, self.device, depth)
-        handle = self.store.create(
-            Kind.MODULE, need, lambda: specs.build_module(spec, max_depth=depth).to(self.device)
-        )
+        handle = self.store.create(Kind.MODULE, need, lambda: self._built(spec, depth))
         return Ref(handle, Kind.MODULE)
+
+    def _built(self, spec: specs.LayerSpec, depth: int) -> nn.Module:
+        """The module of a spec on the server's device, each dtype's parameters in one buffer
+        (`flat`: averages over them are one kernel)."""
+        module = flat.build_flat(lambda: specs.build_module(spec, max_depth=depth))
+        move(module, self.device, None)  # moves the parameters into one buffer per dtype there too
+        return module
 
     def describe_module(self, handle: str) -> list[specs.OptionRow]:
         """The module's options table, one row per layer."""
