@@ -64,6 +64,11 @@ class RequestKey:
     """The digest of the call's arguments (operation, fields, tensor bytes). For an upload it first
     reads whatever of the stream the call has not read, hashing it without keeping it: it is called
     after the first call has received its upload, and instead of receiving it for a repeat."""
+    kept_bytes: int | None = None
+    """None: `digest` must be called while the call runs (an upload's reads its stream). Otherwise
+    `digest` may be called later, from any thread, keeping about this many bytes alive until then
+    (a unary call's arguments): the table calls it only when a repeat or a snapshot needs the
+    digest, which most IDs never do, so a call does not pay for hashing its arguments."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ class RequestStats:
 @dataclass
 class _Record:
     method: str
-    digest: str
+    arguments: str | Callable[[], str]
+    """The digest of the call's arguments, or (a unary call's) the function that computes it: see
+    `digest`."""
     session: str | None
     answer: object
     at: float
@@ -86,6 +93,15 @@ class _Record:
     nbytes: int
     tenant: str = DEFAULT_TENANT
     """The tenant whose token sent it: a request ID answers only the tenant that first used it."""
+
+    @property
+    def digest(self) -> str:
+        """The digest of the call's arguments, computed on first use (a race computes it twice, alike)."""
+        arguments = self.arguments
+        if isinstance(arguments, str):
+            return arguments
+        self.arguments = digest = arguments()
+        return digest
 
 
 def canonical_id(text: str) -> str:
@@ -191,15 +207,15 @@ class RequestTable:
             return cast(T, record.answer)  # remembered by this method, so of the type it returns
         try:
             answer = run()
-            digest = key.digest()
+            arguments = key.digest if key.kept_bytes is not None else key.digest()
         except BaseException:
             with self._cond:
                 self._running.discard(rid)
                 self._cond.notify_all()
             raise
         with self._cond:  # remembered and released in one step, so a repeat never runs it again
-            nbytes = _RECORD_BYTES + answer_bytes(answer)
-            self._records[rid] = _Record(method, digest, session, answer, self._clock(), nbytes, tenant)
+            nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
+            self._records[rid] = _Record(method, arguments, session, answer, self._clock(), nbytes, tenant)
             self._bytes += nbytes
             self._evict()
             self._running.discard(rid)
