@@ -547,6 +547,8 @@ class Registry:
         the sweep never waits and never frees an object a call is working on. Returns (session id,
         handles freed) for each session ended; each is also logged.
         """
+        if not self._sessions:  # every call sweeps: without sessions, no lock (a stale read waits a sweep)
+            return []
         now = time.monotonic() if now is None else now
         with self._lock:
             due = [sid for sid, s in self._sessions.items() if s.active == 0 and s.expires <= now]

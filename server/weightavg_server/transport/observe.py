@@ -155,11 +155,11 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        observed_handler = self._wrap(method, handler)
+        observed_handler = self.wrap(method, handler)
         self._wrapped[method] = (handler, observed_handler)
         return observed_handler
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         wrap: Callable[..., grpc.RpcMethodHandler[Any, Any]]
         behavior: Callable[..., Any] | None
         if handler.unary_unary:

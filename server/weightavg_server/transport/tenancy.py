@@ -4,7 +4,7 @@ call that changes something leaves one JSON audit line.
 `TenantInterceptor` runs before any servicer code: it looks the call's token up in the current
 `TokenTable` (swapped whole on SIGHUP, so a removed token stops working with the next call), refuses
 an unknown token (UNAUTHENTICATED) or a role the method does not allow (PERMISSION_DENIED) before
-the request is read, and otherwise serves the call with `store.tenants.CALLER` set, so the store
+any servicer code reads the request, and otherwise serves the call with `store.tenants.CALLER` set, so the store
 files new handles under the tenant, hides other tenants' handles and counts its quota. It counts
 calls and failures per tenant and writes the audit line (logger `weightavg.audit`) when the call ends.
 """
@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store.tenants import ANONYMOUS, CALLER, DEFAULT_TENANT, Caller, Quota, Role
-from .interceptors import SESSION_METADATA, metadata_value
+from .interceptors import SESSION_METADATA, Metadata, metadata_value
 from .observe import status_name
 from .stats import RpcStats
 
@@ -150,25 +150,6 @@ class Tokens:
             self._table = table
 
 
-def refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
-    """A handler of the same shape as `handler` that answers `code` without running anything."""
-
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
-
-    def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        context.abort(code, message)
-        yield  # pragma: no cover - abort raises
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream)
-    return grpc.unary_unary_rpc_method_handler(refuse)
-
-
 # -- the audit line -----------------------------------------------------------------------------------
 
 _HANDLE_FIELDS = ("handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts")
@@ -267,24 +248,31 @@ class TenantInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
-        method = details.method
-        if handler is None or method.startswith(OPEN_SERVICE_PREFIXES):
+        return None if handler is None else self.wrap(details.method, handler)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler again, its calls authenticated and authorized (open methods: as they are)."""
+        if method.startswith(OPEN_SERVICE_PREFIXES):
             return handler
-        access = access_of(method)
-        session = metadata_value(details, SESSION_METADATA)
+        return self._as(handler, method, access_of(method))
+
+    def _caller(self, method: str, access: Access, metadata: Metadata, session: str | None,
+                context: grpc.ServicerContext) -> Caller:
+        """The caller a call's token names; a call without a valid token, or whose role may not call
+        the method, is refused here, before the servicer reads its request."""
         table = self.tokens.table
         if table.open:
             caller = ANONYMOUS
         else:
-            given = metadata_value(details, AUTHORIZATION_METADATA)
+            given = metadata_value(metadata, AUTHORIZATION_METADATA)
             found = table.caller(given.removeprefix("Bearer ")) if given and given.startswith("Bearer ") else None
             if found is None:
                 reason = "no bearer token" if given is None else "wrong bearer token"
                 log.info("%s -> UNAUTHENTICATED: %s", method, reason)
                 if access.audited:
                     audit(method, None, "UNAUTHENTICATED", [], "", session, 0.0)
-                return refusal(
-                    handler, grpc.StatusCode.UNAUTHENTICATED,
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
                     f"{reason}: this server requires 'authorization: Bearer <token>' metadata "
                     "(Client(token=...) or WEIGHTAVG_TOKEN)",
                 )
@@ -295,18 +283,23 @@ class TenantInterceptor(grpc.ServerInterceptor):
                 audit(method, caller, "PERMISSION_DENIED", [], "", session, 0.0)
             name = method.rsplit("/", 1)[-1]
             needed = "an admin token" if access is Access.ADMIN else "a user or admin token"
-            return refusal(
-                handler, grpc.StatusCode.PERMISSION_DENIED,
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
                 f"{name} needs {needed}; this call's token is tenant '{caller.tenant}', role {caller.role.value}",
             )
-        return self._as(handler, caller, method, access, session)
+        return caller
 
-    def _as(self, handler: Handler, caller: Caller, method: str, access: Access, session: str | None) -> Handler:
-        """The handler again, run with CALLER set on the worker thread that serves the call (the
-        interceptor itself runs on gRPC's polling thread), recording the outcome when it ends."""
+    def _as(self, handler: Handler, method: str, access: Access) -> Handler:
+        """The handler again, run with CALLER set to the call's caller on the worker thread that
+        serves the call (the interceptor itself runs on gRPC's polling thread), recording the
+        outcome when it ends."""
         stats = self.stats
+        caller_of = self._caller
 
-        def finish(context: grpc.ServicerContext, call: _Call, start: float, exc: BaseException | None) -> None:
+        def finish(
+            context: grpc.ServicerContext, caller: Caller, session: str | None, call: _Call, start: float,
+            exc: BaseException | None,
+        ) -> None:
             outcome = status_name(context, exc)
             stats.tenant_finish(caller.tenant, outcome)
             if call.audited:
@@ -325,16 +318,19 @@ class TenantInterceptor(grpc.ServerInterceptor):
             assert inner_stream is not None  # grpc sets the behaviour that matches the flags
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                metadata = context.invocation_metadata()
+                session = metadata_value(metadata, SESSION_METADATA)
+                caller = caller_of(method, access, metadata, session, context)
                 call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
                 token = CALLER.set(caller)
                 try:
                     yield from inner_stream(begin(request, call), context)
                 except BaseException as exc:
-                    finish(context, call, start, exc)
+                    finish(context, caller, session, call, start, exc)
                     raise
                 finally:
                     CALLER.reset(token)
-                finish(context, call, start, None)
+                finish(context, caller, session, call, start, None)
 
             factory = (
                 grpc.stream_stream_rpc_method_handler if handler.request_streaming
@@ -346,18 +342,21 @@ class TenantInterceptor(grpc.ServerInterceptor):
         assert inner is not None  # grpc sets the behaviour that matches the flags
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            metadata = context.invocation_metadata()
+            session = metadata_value(metadata, SESSION_METADATA)
+            caller = caller_of(method, access, metadata, session, context)
             call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
             token = CALLER.set(caller)
             try:
                 response = inner(begin(request, call), context)
             except BaseException as exc:
-                finish(context, call, start, exc)
+                finish(context, caller, session, call, start, exc)
                 raise
             finally:
                 CALLER.reset(token)
             if call.audited:
                 call.handles.extend(response_handles(response))
-            finish(context, call, start, None)
+            finish(context, caller, session, call, start, None)
             return response
 
         factory = (
