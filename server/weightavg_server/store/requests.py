@@ -135,7 +135,9 @@ class RequestTable:
         max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # never taken twice by one thread
+        self._waiting = 0
+        """Threads waiting on `_cond`: a call that ends wakes them only when there are some."""
         self._clock = clock
         self._records: collections.OrderedDict[str, _Record] = collections.OrderedDict()
         self._running: set[str] = set()
@@ -197,7 +199,7 @@ class RequestTable:
                 if rid not in self._running and not self._paused:
                     self._running.add(rid)
                     break
-                self._cond.wait()
+                self._wait()
         if not enabled:
             return run()
         if record is not None:
@@ -211,7 +213,7 @@ class RequestTable:
         except BaseException:
             with self._cond:
                 self._running.discard(rid)
-                self._cond.notify_all()
+                self._wake()
             raise
         with self._cond:  # remembered and released in one step, so a repeat never runs it again
             nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
@@ -219,8 +221,21 @@ class RequestTable:
             self._bytes += nbytes
             self._evict()
             self._running.discard(rid)
-            self._cond.notify_all()
+            self._wake()
         return answer
+
+    def _wait(self) -> None:
+        """Wait for a call to end or a snapshot to finish (lock held)."""
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
+
+    def _wake(self) -> None:
+        """Wake every waiting thread, if any (lock held)."""
+        if self._waiting:
+            self._cond.notify_all()
 
     @staticmethod
     def _check(rid: str, record: _Record, method: str, session: str | None, tenant: str, digest: str) -> None:
@@ -271,13 +286,13 @@ class RequestTable:
         with self._cond:
             self._paused += 1
             while self._running:
-                self._cond.wait()
+                self._wait()
         try:
             yield
         finally:
             with self._cond:
                 self._paused -= 1
-                self._cond.notify_all()
+                self._wake()
 
     def export(self) -> list[dict[str, Any]]:
         """Every remembered answer as JSON values, oldest first, with its age in seconds.
