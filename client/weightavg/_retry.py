@@ -295,7 +295,7 @@ class _DirectUnary(_UnaryCallable):
         wait_for_ready: bool | None = None, compression: Any = None,
     ) -> Any:
         request = with_request_id(request)
-        pairs = [*(metadata or ()), *self._pairs.items()]
+        pairs = (*(metadata or ()), *self._pairs.items())
         start = time.monotonic()
         try:  # the first attempt directly: most calls need no other
             return self._direct(request, timeout=timeout, metadata=pairs, credentials=credentials,
