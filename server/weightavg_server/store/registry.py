@@ -271,6 +271,13 @@ class Registry:
         server's ledger and in the ledger of each tenant with a handle to it."""
         with self._lock:
             entries = [e for lock in lock_ids for e in self._groups.get(lock, {}).values()]
+        if len(entries) == 1:  # the usual: one handle to the object changed
+            entry = entries[0]
+            keys = frozenset(storages(tensors_of(entry.obj)))
+            with self._lock:
+                self._ledger.recharge(entry.obj, keys)
+                self._tenant(entry.tenant).recharge(entry.obj, keys)
+            return
         objs = {id(e.obj): e.obj for e in entries}
         owners: dict[int, set[str]] = {}
         for e in entries:
