@@ -227,8 +227,10 @@ class Registry:
         the server's caps and the tenant's quota; a refusal by either sets nothing aside."""
         wanted = {device: n for device, n in (nbytes or {}).items() if n > 0}
         with self._lock:
-            if reservation.tenant is None or reservation.quota is None:
-                reservation.tenant, reservation.quota = CALLER.get().tenant, Reservation()
+            if reservation.tenant is None:
+                reservation.tenant = CALLER.get().tenant
+            if reservation.quota is None:
+                reservation.quota = Reservation()
             tenant = self._tenant(reservation.tenant)
             owned = self._owned.get(reservation.tenant, 0)
             self._ledger.check(len(self._entries), handles, wanted)
@@ -324,8 +326,10 @@ class Registry:
         """
         CALLER.get().require_writer("creating a handle")
         owner = session if session is not None else CALLER_SESSION.get()
-        if reservation.tenant is None or reservation.quota is None:
-            reservation.tenant, reservation.quota = CALLER.get().tenant, Reservation()
+        if reservation.tenant is None:
+            reservation.tenant = CALLER.get().tenant
+        if reservation.quota is None:
+            reservation.quota = Reservation()
         paid_by = tenant if tenant is not None else reservation.tenant
         entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), session=owner, tenant=paid_by)
         handle = handle_id or new_handle_id(kind)
@@ -663,7 +667,7 @@ class _Mutation:
         caller.require_writer("changing an object")
         self._locks.__enter__()
         try:
-            reservation = Reservation(tenant=caller.tenant, quota=Reservation())
+            reservation = Reservation(tenant=caller.tenant)  # its quota's record is made if it grows
             need = self._need
             wanted = need() if callable(need) else need
             if wanted:  # most changes allocate nothing: no trip through the caps for an empty need

@@ -54,9 +54,12 @@ _RECORD_BYTES = 512
 """About what one record costs beside its answer: the ID and digest strings, the record, the dict slot."""
 
 
-@dataclass(frozen=True)
-class RequestKey:
-    """A call's request ID and the digest of its arguments, as the transport hands them to the service."""
+class RequestKey(NamedTuple):
+    """A call's request ID and the digest of its arguments, as the transport hands them to the service.
+
+    A named tuple rather than a frozen dataclass: every state-changing call makes one, and a frozen
+    dataclass's __init__ sets each field through object.__setattr__.
+    """
 
     id: str
     """The ID as sent; `canonical_id` checks it."""
