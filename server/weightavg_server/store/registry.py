@@ -275,10 +275,10 @@ class Registry:
             entries = [e for lock in lock_ids for e in self._groups.get(lock, {}).values()]
         if len(entries) == 1:  # the usual: one handle to the object changed
             entry = entries[0]
-            keys = frozenset(storages(tensors_of(entry.obj)))
+            reached = frozenset(storages(tensors_of(entry.obj)))
             with self._lock:
-                self._ledger.recharge(entry.obj, keys)
-                self._tenant(entry.tenant).recharge(entry.obj, keys)
+                self._ledger.recharge(entry.obj, reached)
+                self._tenant(entry.tenant).recharge(entry.obj, reached)
             return
         objs = {id(e.obj): e.obj for e in entries}
         owners: dict[int, set[str]] = {}
