@@ -41,9 +41,18 @@ class Layer(Protocol):
     def wrap(self, method: str, handler: Handler) -> Handler: ...
 
 
+class Gate(Protocol):
+    """A layer's check of a call on gRPC's polling thread, before its request is read: a handler
+    that refuses the call, or None to let it through."""
+
+    def __call__(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None: ...
+
+
 class InterceptorChain(grpc.ServerInterceptor):
     """Several interceptors as one pass: each method's handler is wrapped by every layer once, on
-    its first call, and every later call costs gRPC's interceptor pipeline one dictionary lookup.
+    its first call, and every later call costs gRPC's interceptor pipeline one dictionary lookup
+    and the layers' gates (a layer's `gate` method: the token check, which refuses a call before
+    its request is read; a refusal is wrapped by the layers before that one, so it is counted).
 
     Four interceptors of their own cost four trips through the pipeline per call (gRPC calls each
     `intercept_service` through a closure of its own) and, where they read the call's metadata there,
@@ -54,18 +63,27 @@ class InterceptorChain(grpc.ServerInterceptor):
 
     def __init__(self, *layers: Layer) -> None:
         self._layers = layers
+        self._gates: list[tuple[int, Gate]] = [
+            (i, gate) for i, layer in enumerate(layers) if (gate := getattr(layer, "gate", None)) is not None
+        ]
         self._handlers: dict[str, Handler] = {}
 
     def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self._handlers.get(details.method)
-        if handler is not None:
-            return handler
-        handler = continuation(details)
-        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
-            return None
-        for layer in reversed(self._layers):
-            handler = layer.wrap(details.method, handler)
-        self._handlers[details.method] = handler  # two first calls at once wrap twice, alike
+        method = details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = continuation(details)
+            if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
+                return None
+            for layer in reversed(self._layers):
+                handler = layer.wrap(method, handler)
+            self._handlers[method] = handler  # two first calls at once wrap twice, alike
+        for i, gate in self._gates:
+            refused = gate(method, details, handler)
+            if refused is not None:
+                for layer in reversed(self._layers[:i]):
+                    refused = layer.wrap(method, refused)
+                return refused
         return handler
 
 

@@ -4,7 +4,7 @@ call that changes something leaves one JSON audit line.
 `TenantInterceptor` runs before any servicer code: it looks the call's token up in the current
 `TokenTable` (swapped whole on SIGHUP, so a removed token stops working with the next call), refuses
 an unknown token (UNAUTHENTICATED) or a role the method does not allow (PERMISSION_DENIED) before
-any servicer code reads the request, and otherwise serves the call with `store.tenants.CALLER` set, so the store
+the request is read, and otherwise serves the call with `store.tenants.CALLER` set, so the store
 files new handles under the tenant, hides other tenants' handles and counts its quota. It counts
 calls and failures per tenant and writes the audit line (logger `weightavg.audit`) when the call ends.
 """
@@ -150,6 +150,25 @@ class Tokens:
             self._table = table
 
 
+def refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+    """A handler of the same shape as `handler` that answers `code` without reading the request."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 # -- the audit line -----------------------------------------------------------------------------------
 
 _HANDLE_FIELDS = ("handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts")
@@ -248,18 +267,32 @@ class TenantInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
-        return None if handler is None else self.wrap(details.method, handler)
+        if handler is None:
+            return None
+        return self.gate(details.method, details, handler) or self.wrap(details.method, handler)
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler again, its calls authenticated and authorized (open methods: as they are)."""
+        """The handler again, its calls authenticated and authorized again on the worker thread and
+        run as their caller (open methods: as they are)."""
         if method.startswith(OPEN_SERVICE_PREFIXES):
             return handler
         return self._as(handler, method, access_of(method))
 
-    def _caller(self, method: str, access: Access, metadata: Metadata, session: str | None,
-                context: grpc.ServicerContext) -> Caller:
-        """The caller a call's token names; a call without a valid token, or whose role may not call
-        the method, is refused here, before the servicer reads its request."""
+    def gate(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None:
+        """Per call, on gRPC's polling thread (InterceptorChain): for a call whose token or role does
+        not allow the method, a handler that refuses it before its request message is read; None
+        for the rest (on a server without tokens, one attribute read)."""
+        if self.tokens.table.open or method.startswith(OPEN_SERVICE_PREFIXES):
+            return None
+        metadata = details.invocation_metadata
+        verdict = self._authorize(method, access_of(method), metadata, metadata_value(metadata, SESSION_METADATA))
+        return refusal(handler, *verdict) if isinstance(verdict, tuple) else None
+
+    def _authorize(
+        self, method: str, access: Access, metadata: Metadata, session: str | None
+    ) -> Caller | tuple[grpc.StatusCode, str]:
+        """The caller a call's token names, or the status that refuses the call (logged and audited
+        here): no valid token, or a role that may not call the method."""
         table = self.tokens.table
         if table.open:
             caller = ANONYMOUS
@@ -271,7 +304,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
                 log.info("%s -> UNAUTHENTICATED: %s", method, reason)
                 if access.audited:
                     audit(method, None, "UNAUTHENTICATED", [], "", session, 0.0)
-                context.abort(
+                return (
                     grpc.StatusCode.UNAUTHENTICATED,
                     f"{reason}: this server requires 'authorization: Bearer <token>' metadata "
                     "(Client(token=...) or WEIGHTAVG_TOKEN)",
@@ -283,11 +316,23 @@ class TenantInterceptor(grpc.ServerInterceptor):
                 audit(method, caller, "PERMISSION_DENIED", [], "", session, 0.0)
             name = method.rsplit("/", 1)[-1]
             needed = "an admin token" if access is Access.ADMIN else "a user or admin token"
-            context.abort(
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{name} needs {needed}; this call's token is tenant '{caller.tenant}', role {caller.role.value}",
             )
         return caller
+
+    def _caller(
+        self, method: str, access: Access, metadata: Metadata, session: str | None, context: grpc.ServicerContext
+    ) -> Caller:
+        """The caller of a call the gate let through, looked up again on the worker thread that serves
+        it (a context variable set on the polling thread would not be this call's for certain); the
+        tokens may have been swapped in between, so a refusal is still possible, then with the
+        request decoded."""
+        verdict = self._authorize(method, access, metadata, session)
+        if isinstance(verdict, tuple):
+            context.abort(*verdict)
+        return verdict
 
     def _as(self, handler: Handler, method: str, access: Access) -> Handler:
         """The handler again, run with CALLER set to the call's caller on the worker thread that
