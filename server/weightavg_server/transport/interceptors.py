@@ -5,8 +5,7 @@ tenancy.py)."""
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias
 
 import grpc
