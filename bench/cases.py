@@ -188,9 +188,9 @@ def lerp_kernels(ctx: Context) -> list[Row | Skip]:
 
 
 def small_call(ctx: Context) -> list[Row | Skip]:
-    """Latency of avgparms on the reference's 2-to-1 linear against a bare grpc.health.v1 Check (no
-    interceptor of ours runs on it: the health service is open) and the Ping round trip (every
-    interceptor runs on it, so it hides their cost)."""
+    """Latency of avgparms on the reference's 2-to-1 linear against a bare grpc.health.v1 Check (open:
+    no token check, no decode guard; the statistics and the session sweep run on it, as on every
+    call) and the Ping round trip (every interceptor runs on it, so it hides their cost)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     c = ctx.client

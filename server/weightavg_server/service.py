@@ -188,6 +188,22 @@ NOTHING: Mapping[str, int] = {}
 """For `mutate` calls that change values in place and allocate nothing new."""
 
 
+class _Prepared:
+    """An average's update, checked under the locks `mutate` takes (its `need`), so the check and
+    the change hold the locks once: the check's bytes are what the change will allocate."""
+
+    __slots__ = ("_prepare", "_dictionary", "update")
+
+    def __init__(self, prepare: Callable[[], averaging.Update], dictionary: TensorDict) -> None:
+        self._prepare = prepare
+        self._dictionary = dictionary
+        self.update: averaging.Update
+
+    def need(self) -> Mapping[str, int]:
+        self.update = self._prepare()
+        return footprint.update_bytes(self.update, self._dictionary)
+
+
 def _exactly_once(method: Callable[P, T]) -> Callable[P, T]:
     """A state-changing operation that runs once per request ID.
 
@@ -399,11 +415,10 @@ class Service:
         average; the new count."""
         entry, source = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.reading(entry, target):
-            update = averaging.prepare_average(source, target.obj, buffers)
-            with self.store.mutate(target, need=footprint.update_bytes(update, target.obj), reading=(entry,)):
-                averaging.apply(update, target.obj)
-        return int(update.count or 0.0)
+        update = _Prepared(lambda: averaging.prepare_average(source, target.obj, buffers), target.obj)
+        with self.store.mutate(target, need=update.need, reading=(entry,)):
+            averaging.apply(update.update, target.obj)
+        return int(update.update.count or 0.0)
 
     @_exactly_once
     def update_moving_average(
@@ -414,11 +429,10 @@ class Service:
         entries), with the dictionary's schedule changed by `change`; the step and decay used."""
         entry, source = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.reading(entry, target):
-            update = averaging.prepare_ema(source, target.obj, change, step, buffers)
-            with self.store.mutate(target, need=footprint.update_bytes(update, target.obj), reading=(entry,)):
-                averaging.apply(update, target.obj)
-        return EmaResult(averaging.used_step(update), update.decay)
+        update = _Prepared(lambda: averaging.prepare_ema(source, target.obj, change, step, buffers), target.obj)
+        with self.store.mutate(target, need=update.need, reading=(entry,)):
+            averaging.apply(update.update, target.obj)
+        return EmaResult(averaging.used_step(update.update), update.update.decay)
 
     @_exactly_once
     def reset_batchnorm(self, handle: str, *, request: RequestKey | None = None) -> Momenta:
