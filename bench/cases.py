@@ -88,11 +88,11 @@ def average_large(ctx: Context) -> list[Row | Skip]:
     c.free(m, p)
     return [
         row("average, large", "avgparms 25.6M fp32 / 160 tensors", "lerp_ loop in-process", times, "avgparms", "lerp_",
-            target="<= 1.1x", check=at_most(1.1)),
+            target="<= 1.0x", check=at_most(1.0)),
         row("average, large", "avgparms", "AveragedModel.update_parameters", times, "avgparms", "AveragedModel",
             target=">= 2x faster", check=at_least(2.0), invert=True, note="ratio = speedup"),
         row("average, floor", "avgparms GB/s", "one large add_ GB/s", gbps, "avgparms", "add_",
-            unit="GB/s", scale=1.0, target=">= 0.8", check=at_least(0.8)),
+            unit="GB/s", scale=1.0, target=">= 0.85", check=at_least(0.85)),
         row("average, floor (info)", "lerp_ loop in-process GB/s", "one large add_ GB/s", gbps, "lerp_", "add_",
             unit="GB/s", scale=1.0, note="what 160 separate in-place kernels reach without any server"),
     ]
@@ -153,13 +153,13 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
     c.free(m, e, low, e32)
     return [
         row("ema, large", "ema 25.6M fp32 / 160 tensors", "lerp_ loop in-process, same decay", times, "ema", "lerp_",
-            target="<= 1.1x", check=at_most(1.1)),
+            target="<= 1.0x", check=at_most(1.0)),
         row("ema, large (info)", "ema", "_foreach_lerp_ in-process, same decay", times, "ema", "foreach"),
         # AveragedModel's EMA is itself one _foreach_lerp_ per dtype group, so it is a baseline, not a target
         row("ema, large (info)", "ema", "AveragedModel(get_ema_multi_avg_fn).update_parameters", times, "ema",
             "AveragedModel", invert=True, note="ratio = speedup"),
         row("ema, floor", "ema GB/s", "one large add_ GB/s", gbps, "ema", "add_",
-            unit="GB/s", scale=1.0, target=">= 0.8", check=at_least(0.8)),
+            unit="GB/s", scale=1.0, target=">= 0.85", check=at_least(0.85)),
         row("ema, bf16 into fp32", "ema of a bf16 module into fp32, 25.6M", "cast + lerp_ loop in-process",
             times, "ema bf16", "cast lerp_", target="<= 1.1x", check=at_most(1.1)),
     ]
@@ -188,9 +188,9 @@ def lerp_kernels(ctx: Context) -> list[Row | Skip]:
 
 
 def small_call(ctx: Context) -> list[Row | Skip]:
-    """Latency of avgparms on the reference's 2-to-1 linear against a bare grpc.health.v1 Check (no
-    interceptor of ours runs on it: the health service is open) and the Ping round trip (every
-    interceptor runs on it, so it hides their cost)."""
+    """Latency of avgparms on the reference's 2-to-1 linear against a bare grpc.health.v1 Check (open:
+    no token check, no decode guard; the statistics and the session sweep run on it, as on every
+    call) and the Ping round trip (every interceptor runs on it, so it hides their cost)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     c = ctx.client

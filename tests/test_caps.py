@@ -121,11 +121,13 @@ CASES = [
     Case("new parameter", linear, lambda c, q: c.parm(q, "extra", x_rows(7)), 7 * FEATURES * F32, 7 * FEATURES * F32),
     Case("copy of parameters", linear, lambda c, q: c.copyparms(q), LAYER, LAYER),
     Case("first average (its count)", lambda c: (q := linear(c), c.copyparms(q)), lambda c, s: c.avgparms(*s), 8, 8),
-    # A bfloat16 weight is cast to float32 just before its lerp: the 20 x 5 weight is the largest cast.
-    Case("average of a bfloat16 module into float32 (count, one cast weight)", bf16_average,
-         lambda c, s: c.avgparms(*s), 8 + FEATURES * CLASSES * F32, 8),
-    Case("ema of a bfloat16 module into float32 (one cast weight)", bf16_average,
-         lambda c, s: c.ema(*s, decay=0.9), FEATURES * CLASSES * F32, 0),
+    # A bfloat16 module's values are cast to float32 just before their lerp. Its weight and bias lie
+    # back to back in one buffer, as do their float32 copies, so they are one span cast at once
+    # (spans are cast at most averaging.CAST_CHUNK elements at a time): the whole layer in float32.
+    Case("average of a bfloat16 module into float32 (count, one cast span)", bf16_average,
+         lambda c, s: c.avgparms(*s), 8 + LAYER, 8),
+    Case("ema of a bfloat16 module into float32 (one cast span)", bf16_average,
+         lambda c, s: c.ema(*s, decay=0.9), LAYER, 0),
     Case("copy in float64 with buffers (4 floating, one int64 count)", lambda c: c.module(["batchnorm1d", CLASSES]),
          lambda c, q: c.copyparms(q, dtype="float64", buffers=True), 4 * CLASSES * 8 + 8, 4 * CLASSES * 8 + 8),
     Case("training data", model, lambda c, m: c.train(m, x_rows(), labels()),

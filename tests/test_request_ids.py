@@ -404,3 +404,19 @@ def test_metrics_count_remembered_ids_and_duplicates(server: LiveServer, stub: p
 def test_the_stats_of_a_fresh_server_have_nothing_remembered(server: LiveServer) -> None:
     with Client(server.address, timeout=WAIT) as c:
         assert c.stats()["request_ids"] == {"remembered": 0, "duplicates_answered": 0, "dropped": 0}
+
+
+def test_the_client_makes_version_4_uuids_the_server_accepts() -> None:
+    """new_request_id formats os.urandom bytes itself (uuid.uuid4 is the slower part of a small call)."""
+    import uuid
+
+    from weightavg._retry import new_request_id
+    from weightavg_server.store.requests import canonical_id
+
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for request_id in ids:
+        parsed = uuid.UUID(request_id)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, request_id)
+        assert canonical_id(request_id) == request_id
+    assert {i[19] for i in ids} == set("89ab")  # the variant digit keeps its two random bits

@@ -144,6 +144,24 @@ def test_the_same_id_for_another_call_is_invalid_and_changes_nothing(
     assert table.stats().duplicates_answered == 0
 
 
+def test_a_deferred_digest_is_computed_only_when_a_repeat_or_a_snapshot_needs_it(table: RequestTable) -> None:
+    """A unary call's key defers its digest (transport/requests.key): a first call never computes it."""
+    computed: list[str] = []
+
+    def deferred(digest: str) -> RequestKey:
+        return RequestKey(ID, lambda: computed.append(digest) or digest, kept_bytes=100)
+
+    run = Counter()
+    assert table.answer(deferred("args"), "m", None, run) == 1
+    assert computed == []
+    assert table.answer(deferred("args"), "m", None, run) == 1  # the repeat's digest and the first's
+    assert computed == ["args", "args"]
+    with pytest.raises(InvalidArgument, match="other arguments"):
+        table.answer(deferred("other"), "m", None, run)
+    assert computed == ["args", "args", "other"]  # the first's, once computed, is kept
+    assert [r["digest"] for r in table.export()] == ["args"] and run.runs == 1
+
+
 def test_a_failed_call_is_not_remembered_and_its_retry_runs(table: RequestTable) -> None:
     def fail() -> int:
         raise NotFound("unknown handle")

@@ -311,6 +311,10 @@ class Client:
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # Subchannels of its own: grpc's process-wide pool would hand this channel another channel's
+            # connection to the same address, still backing off after a server that was there before
+            # (a restart on the same port, or a new server given a freed port) refused it.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if server_name:
             # Check the certificate against this name instead of the address's host.

@@ -21,8 +21,8 @@ from torch import nn
 from . import __version__
 from .domain import cuda_ipc, shm
 from .domain import (
-    averaging, batching, batchnorm, collectives, devices, dictionaries, footprint, losses, modules, optimizers, specs,
-    training,
+    averaging, batching, batchnorm, collectives, devices, dictionaries, flat, footprint, losses, modules, optimizers,
+    specs, training,
 )
 from .domain.averaging import BufferMode
 from .domain.batchnorm import Momenta
@@ -188,6 +188,22 @@ NOTHING: Mapping[str, int] = {}
 """For `mutate` calls that change values in place and allocate nothing new."""
 
 
+class _Prepared:
+    """An average's update, checked under the locks `mutate` takes (its `need`), so the check and
+    the change hold the locks once: the check's bytes are what the change will allocate."""
+
+    __slots__ = ("_prepare", "_dictionary", "update")
+
+    def __init__(self, prepare: Callable[[], averaging.Update], dictionary: TensorDict) -> None:
+        self._prepare = prepare
+        self._dictionary = dictionary
+        self.update: averaging.Update
+
+    def need(self) -> Mapping[str, int]:
+        self.update = self._prepare()
+        return footprint.update_bytes(self.update, self._dictionary)
+
+
 def _exactly_once(method: Callable[P, T]) -> Callable[P, T]:
     """A state-changing operation that runs once per request ID.
 
@@ -313,10 +329,15 @@ class Service:
         self._one_rank(placement.rank)
         depth = self.settings.max_spec_depth
         need = footprint.module_bytes(spec, self.device, depth)
-        handle = self.store.create(
-            Kind.MODULE, need, lambda: specs.build_module(spec, max_depth=depth).to(self.device)
-        )
+        handle = self.store.create(Kind.MODULE, need, lambda: self._built(spec, depth))
         return Ref(handle, Kind.MODULE)
+
+    def _built(self, spec: specs.LayerSpec, depth: int) -> nn.Module:
+        """The module of a spec on the server's device, each dtype's parameters in one buffer
+        (`flat`: averages over them are one kernel)."""
+        module = flat.build_flat(lambda: specs.build_module(spec, max_depth=depth))
+        move(module, self.device, None)  # moves the parameters into one buffer per dtype there too
+        return module
 
     def describe_module(self, handle: str) -> list[specs.OptionRow]:
         """The module's options table, one row per layer."""
@@ -394,11 +415,10 @@ class Service:
         average; the new count."""
         entry, source = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.reading(entry, target):
-            update = averaging.prepare_average(source, target.obj, buffers)
-            with self.store.mutate(target, need=footprint.update_bytes(update, target.obj), reading=(entry,)):
-                averaging.apply(update, target.obj)
-        return int(update.count or 0.0)
+        update = _Prepared(lambda: averaging.prepare_average(source, target.obj, buffers), target.obj)
+        with self.store.mutate(target, need=update.need, reading=(entry,)):
+            averaging.apply(update.update, target.obj)
+        return int(update.update.count or 0.0)
 
     @_exactly_once
     def update_moving_average(
@@ -409,11 +429,10 @@ class Service:
         entries), with the dictionary's schedule changed by `change`; the step and decay used."""
         entry, source = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.reading(entry, target):
-            update = averaging.prepare_ema(source, target.obj, change, step, buffers)
-            with self.store.mutate(target, need=footprint.update_bytes(update, target.obj), reading=(entry,)):
-                averaging.apply(update, target.obj)
-        return EmaResult(averaging.used_step(update), update.decay)
+        update = _Prepared(lambda: averaging.prepare_ema(source, target.obj, change, step, buffers), target.obj)
+        with self.store.mutate(target, need=update.need, reading=(entry,)):
+            averaging.apply(update.update, target.obj)
+        return EmaResult(averaging.used_step(update.update), update.update.decay)
 
     @_exactly_once
     def reset_batchnorm(self, handle: str, *, request: RequestKey | None = None) -> Momenta:

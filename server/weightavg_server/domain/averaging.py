@@ -12,10 +12,13 @@ never averaged. Every pair is checked before anything changes, so a call is all 
 from __future__ import annotations
 
 import enum
+import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+from . import flat
 from .dictionaries import COUNT_KEY, TensorDict, check_copyable, does_not_fit
 from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
@@ -64,7 +67,8 @@ def copy_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 def copy_parameters(module: torch.nn.Module, dtype: torch.dtype | None = None, buffers: bool = False) -> TensorDict:
     """Detached copies of every parameter, and with `buffers` of every buffer, keyed by dotted name,
-    on their device; floating ones converted to `dtype` when given.
+    on their device; floating ones converted to `dtype` when given. The copies of one device and
+    dtype lie back to back in one buffer (`flat.flat_copies`), so averages into them fuse.
 
     Example: copy_parameters(bf16_module, torch.float32) starts a float32 average of a bfloat16 module.
 
@@ -72,9 +76,9 @@ def copy_parameters(module: torch.nn.Module, dtype: torch.dtype | None = None, b
         InvalidArgument: dtype is not a floating dtype.
     """
     check_copy_dtype(dtype)
-    return TensorDict({
-        name: t.detach().to(dtype=copy_dtype(t, dtype), copy=True) for name, t in copied_tensors(module, buffers)
-    })
+    named = copied_tensors(module, buffers)
+    copies = flat.flat_copies([t.detach() for _, t in named], lambda t: (t.device, copy_dtype(t, dtype)))
+    return TensorDict(dict(zip([name for name, _ in named], copies)))
 
 
 def load_parameters(module: torch.nn.Module, d: TensorDict) -> dict[str, bool]:
@@ -185,15 +189,16 @@ class Update:
     decay: float = 0.0
 
     def cast_bytes(self) -> Bytes:
-        """The most a lerp holds at once beyond the dictionary: one value cast to its entry's dtype
-        (values are cast one at a time, and a full copy casts none)."""
+        """The most a lerp holds at once beyond the dictionary: one value (or `CAST_CHUNK` elements
+        of it) cast to its entry's dtype (values are cast one at a time, and a full copy casts none)."""
         if self.weight == 1.0:
             return {}
         peak: Bytes = {}
         for avg, p in self.averaged:
             if p.dtype != avg.dtype:
                 device = str(avg.device)
-                peak[device] = max(peak.get(device, 0), p.numel() * avg.element_size())
+                numel = CAST_CHUNK if _chunked(avg, p) else p.numel()
+                peak[device] = max(peak.get(device, 0), numel * avg.element_size())
         return peak
 
 
@@ -201,47 +206,170 @@ def _floating(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
+@dataclass(frozen=True)
+class _Index:
+    """A source's averageable tensors in order: a module's parameters then buffers, or a
+    dictionary's entries (not its count). `serial` changes whenever the list may have."""
+
+    serial: int
+    stamp: int
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+    parameters: int
+    """How many of them are parameters (a module), or all of them (a dictionary)."""
+
+
+_STRUCTURE = [0]
+"""Bumped whenever any module anywhere registers a parameter, buffer or submodule."""
+_SERIALS = itertools.count(1)
+
+
+def _registered(*_: object) -> None:
+    _STRUCTURE[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
+torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
+torch.nn.modules.module.register_module_module_registration_hook(_registered)
+
+
+def _module_index(module: torch.nn.Module) -> _Index:
+    """The module's parameters and buffers by name, walked again only after some module
+    registered something (a walk of 160 layers costs about 1 ms; most calls reuse the last)."""
+    index: _Index | None = module.__dict__.get(flat.INDEX_ATTR)
+    stamp = _STRUCTURE[0]
+    if index is not None and index.stamp == stamp:
+        return index
+    params = list(module.named_parameters())
+    named = params + list(module.named_buffers())
+    names, tensors = tuple(n for n, _ in named), tuple(t for _, t in named)
+    same = (
+        index is not None and index.names == names and len(index.tensors) == len(tensors)
+        and all(a is b for a, b in zip(index.tensors, tensors))
+    )
+    serial = index.serial if same and index is not None else next(_SERIALS)
+    index = _Index(serial, stamp, names, tensors, len(params))
+    module.__dict__[flat.INDEX_ATTR] = index  # not through Module.__setattr__: a plain attribute, no registration
+    return index
+
+
+def _dict_index(d: TensorDict) -> _Index:
+    named = [(n, t) for n, t in d.entries.items() if n != COUNT_KEY]
+    return _Index(d.version, 0, tuple(n for n, _ in named), tuple(t for _, t in named), len(named))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What `_pairs` decided for one (source, dictionary, buffer mode), kept on the dictionary so a
+    repeated call skips the walk and the checks. It holds no tensor (nothing stays alive through
+    it): names, indices and data pointers, which must all still match for it to be used."""
+
+    source: weakref.ref[object]
+    serial: int
+    version: int
+    entries: tuple[str, ...]
+    values: tuple[int, ...]
+    averaged: int
+    """The first `averaged` pairs are averaged, the rest copied."""
+    runs: tuple[flat.Run, ...]
+    pointers: list[int]
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+_MAX_PLANS = 8
+"""Plans kept per dictionary (one per source it is averaged with, usually one)."""
+
+
 def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
     """The (entry, value) pairs to average and to copy, every one checked; InvalidArgument naming the
-    first bad one, before anything changes."""
-    update = Update()
+    first bad one, before anything changes.
+
+    Pairs that lie back to back in memory on both sides (flat dictionaries and modules, see
+    `flat`) come out as one pair of spans each. The result of the checks is kept on `d` and reused
+    while neither side's tensors change (same objects, same data pointers, same dictionary version).
+    """
+    index = _module_index(source) if isinstance(source, torch.nn.Module) else _dict_index(source)
+    key = (id(source), buffers)
+    plan = d.plans.get(key)
+    if isinstance(plan, _Plan) and plan.source() is source and plan.serial == index.serial and plan.version == d.version:
+        entries = d.entries
+        try:
+            avgs = [entries[name] for name in plan.entries]
+        except KeyError:  # an entry removed without `changed()`: plan afresh, which names it
+            avgs = []
+        values = [index.tensors[i] for i in plan.values]
+        if avgs and list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)) == plan.pointers:
+            return _update(avgs, values, plan.averaged, plan.runs)
+    names, values_at, averaged = _choose(source, index, d, buffers)
+    avgs = [d.entries[name] for name in names]
+    values = [index.tensors[i] for i in values_at]
+    for i in sorted(range(len(names)), key=values_at.__getitem__):  # the source's order: the first bad one is named
+        _check(names[i], avgs[i], values[i], average=i < averaged)
+    runs = tuple(flat.fuse(list(zip(avgs[:averaged], values[:averaged]))))
+    if len(d.plans) >= _MAX_PLANS:
+        d.plans.clear()
+    d.plans[key] = _Plan(
+        weakref.ref(source), index.serial, d.version, tuple(names), tuple(values_at), averaged, runs,
+        list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)),
+    )
+    return _update(avgs, values, averaged, runs)
+
+
+def _update(
+    avgs: list[torch.Tensor], values: list[torch.Tensor], averaged: int, runs: tuple[flat.Run, ...]
+) -> Update:
+    pairs = list(zip(avgs, values))
+    return Update(averaged=flat.spans(pairs[:averaged], runs), copied=pairs[averaged:])
+
+
+def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -> tuple[list[str], list[int], int]:
+    """Which entries take which of the source's tensors: (entry names, index positions, how many of
+    them are averaged; the rest are copied); InvalidArgument for the first name `d` lacks."""
+    averaged: list[tuple[str, int]] = []
+    copied: list[tuple[str, int]] = []
     if isinstance(source, TensorDict):
         if buffers is not BufferMode.EXCLUDE:
             raise InvalidArgument(
                 "a dictionary source has no buffers: put them in it (floating ones are averaged, others "
                 "copied) and leave buffers unset"
             )
-        for name, value in source.entries.items():
-            if name == COUNT_KEY:
-                continue
+        for i, (name, value) in enumerate(zip(index.names, index.tensors)):
             if name not in d.entries:
                 raise InvalidArgument(
                     f"entry '{name}' of the source dictionary not found in the average; nothing changed"
                 )
-            _add(update, name, d.entries[name], value.detach(), average=_floating(value))
-        return update
-    for name, p in source.named_parameters():
+            (averaged if _floating(value) else copied).append((name, i))
+        return _joined(averaged, copied)
+    for i in range(index.parameters):
+        name = index.names[i]
         if name not in d.entries:
             raise InvalidArgument(
                 f"parameter '{name}' not found in the dictionary, unable to compute average; nothing changed"
             )
-        _add(update, name, d.entries[name], p.detach(), average=True)
+        averaged.append((name, i))
     if buffers is BufferMode.EXCLUDE:
-        return update
-    for name, b in source.named_buffers():
+        return _joined(averaged, copied)
+    for i in range(index.parameters, len(index.names)):
+        name = index.names[i]
         if name not in d.entries:
             raise InvalidArgument(
                 f"buffer '{name}' not found in the dictionary; copy the buffers in with copyparms(m, buffers=True), "
                 f"or leave buffers out; nothing changed"
             )
-        _add(update, name, d.entries[name], b, average=buffers is BufferMode.AVERAGE and _floating(b))
-    return update
+        average = buffers is BufferMode.AVERAGE and _floating(index.tensors[i])
+        (averaged if average else copied).append((name, i))
+    return _joined(averaged, copied)
 
 
-def _add(update: Update, name: str, entry: torch.Tensor, value: torch.Tensor, average: bool) -> None:
+def _joined(averaged: list[tuple[str, int]], copied: list[tuple[str, int]]) -> tuple[list[str], list[int], int]:
+    both = averaged + copied
+    return [n for n, _ in both], [i for _, i in both], len(averaged)
+
+
+def _check(name: str, entry: torch.Tensor, value: torch.Tensor, average: bool) -> None:
     if average:
         _check_averageable(name, entry, value)
-        update.averaged.append((entry, value))
         return
     _check_own_memory(name, entry)
     if entry.device != value.device:
@@ -250,22 +378,32 @@ def _add(update: Update, name: str, entry: torch.Tensor, value: torch.Tensor, av
         check_copyable(entry, value)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{exc} (buffer '{name}'); nothing changed") from None
-    update.copied.append((entry, value))
+
+
+CAST_CHUNK = 1 << 18
+"""Elements cast at a time when a value's dtype differs from its entry's (a bfloat16 module into a
+float32 average): 1 MiB of float32, small enough to stay in cache between the cast and the lerp."""
 
 
 def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
     """avg += (p - avg) * weight for every (avg, p) pair, in place, p cast to avg's dtype first.
 
-    On the CPU a Python loop of `lerp_`: torch's CPU foreach kernels loop over the tensors
-    themselves and measured no faster (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the
-    "kernels" row of `python -m bench`). On CUDA one `_foreach_lerp_` launch replaces one launch
-    per tensor for the pairs of one shape and dtype. A value of another dtype is cast just before
-    its own lerp, so at most one cast copy is alive at a time (`Update.cast_bytes`).
+    On the CPU a Python loop of `lerp_` (over spans when the pairs are flat, so usually one call
+    per dtype): torch's CPU foreach kernels loop over the tensors themselves and measured no faster
+    (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the "kernels" row of `python -m bench`). On
+    CUDA one `_foreach_lerp_` launch replaces one launch per tensor for the pairs of one shape and
+    dtype. A value of another dtype is cast `CAST_CHUNK` elements at a time just before their lerp
+    (the whole value when it broadcasts), so at most one such piece is alive (`Update.cast_bytes`).
     """
     fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for a, p in pairs:
         if p.dtype != a.dtype:
-            a.lerp_(p.to(a.dtype), weight)
+            if _chunked(a, p):
+                a_flat, p_flat = a.view(-1), p.view(-1)
+                for i in range(0, a.numel(), CAST_CHUNK):
+                    a_flat[i:i + CAST_CHUNK].lerp_(p_flat[i:i + CAST_CHUNK].to(a.dtype), weight)
+            else:
+                a.lerp_(p.to(a.dtype), weight)
         elif a.is_cuda and a.shape == p.shape:
             fused[0].append(a)
             fused[1].append(p)
@@ -273,6 +411,11 @@ def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> 
             a.lerp_(p, weight)  # broadcasts p into a when their shapes differ
     if fused[0]:
         torch._foreach_lerp_(fused[0], fused[1], weight)
+
+
+def _chunked(a: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether a cast lerp goes piece by piece: same shape, both contiguous, more than one piece."""
+    return a.numel() > CAST_CHUNK and a.shape == p.shape and a.is_contiguous() and p.is_contiguous()
 
 
 def apply(update: Update, d: TensorDict) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import flat
 from .ema import EmaState
 from .errors import InvalidArgument, NotFound
 
@@ -24,6 +25,15 @@ class TensorDict:
     entries: dict[str, torch.Tensor] = field(default_factory=dict)
     live: bool = False
     ema: EmaState | None = None
+    version: int = field(default=0, compare=False, repr=False)
+    """Bumped by every change to which tensors the entries are (`changed`); not by in-place writes."""
+    plans: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
+    """Checked averaging plans with a source, valid while neither side's tensors change (`averaging`)."""
+
+    def changed(self) -> None:
+        """Record that entries were added, removed or replaced: every cached plan is stale."""
+        self.version += 1
+        self.plans.clear()
 
 
 def check_copyable(target: torch.Tensor, source: torch.Tensor) -> None:
@@ -81,6 +91,7 @@ def set_entries(d: TensorDict, values: list[tuple[str, torch.Tensor]], device: t
     placed = [(name, place(name, value, device)) for name, value in values]
     for name, value in placed:
         d.entries[name] = value
+    d.changed()
     return names
 
 
@@ -93,6 +104,7 @@ def delete_entries(d: TensorDict, names: list[str]) -> None:
             raise NotFound(f"dictionary has no entry '{name}'; nothing deleted")
     for name in dict.fromkeys(names):
         del d.entries[name]
+    d.changed()
 
 
 def select(d: TensorDict, names: list[str]) -> list[tuple[str, torch.Tensor]]:
@@ -119,13 +131,18 @@ def move(d: TensorDict, device: torch.device | None, dtype: torch.dtype | None) 
     """Move every entry (the count stays a CPU float64) and convert floating entries to dtype.
 
     Every entry is converted before any is replaced, so running out of memory changes nothing.
+    Entries that change are copied back to back into one new buffer per device and dtype (see
+    `flat`), so a moved dictionary averages as fast as a fresh copy; the others stay as they are.
     """
     if d.live:
         raise InvalidArgument("a live view moves with its module: move the module instead")
-    moved = {
-        name: t.to(device=device if device is not None else t.device,
-                   dtype=dtype if dtype is not None and converts(t) else t.dtype)
-        for name, t in d.entries.items()
-        if name != COUNT_KEY
-    }
-    d.entries.update(moved)
+
+    def target(t: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+        return (device if device is not None else t.device, dtype if dtype is not None and converts(t) else t.dtype)
+
+    changing = [(name, t) for name, t in d.entries.items() if name != COUNT_KEY and target(t) != (t.device, t.dtype)]
+    if not changing:
+        return
+    copies = flat.flat_copies([t for _, t in changing], target)
+    d.entries.update(zip([name for name, _ in changing], copies))
+    d.changed()

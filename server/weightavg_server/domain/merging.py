@@ -144,9 +144,24 @@ def _base(t: torch.Tensor) -> int | None:
     return pointer - int(t.storage_offset()) * t.element_size() if pointer else None
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [start, end) a tensor's elements span (its storage may hold others too: a flat
+    dictionary's entries are slices of one buffer)."""
+    start = t.data_ptr()
+    if not t.numel():
+        return start, start
+    last = sum((n - 1) * abs(stride) for n, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
 def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether writing a may change b: the same storage and overlapping bytes."""
     base = _base(a)
-    return base is not None and base == _base(b)
+    return base is not None and base == _base(b) and _overlap(_extent(a), _extent(b))
 
 
 # -- planning: every check before anything is allocated -----------------------------------------------
@@ -286,7 +301,7 @@ def _listed(names: list[str]) -> str:
 
 def _slot(
     method: Method, name: str, tensors: list[torch.Tensor], labels: Sequence[str], options: Values, has_base: bool,
-    into: TensorDict | None, read_by: dict[int, set[str]],
+    into: TensorDict | None, read_by: dict[int, list[tuple[int, int, str]]],
 ) -> Slot:
     """Check one entry across the sources and plan its computation."""
     what = f"{method.name}: entry '{name}'"
@@ -310,7 +325,10 @@ def _slot(
     out = into.entries.get(name) if into is not None else None
     if into is not None:
         _check_into(what, out, shape, floating[0], first.dtype)
-    readers = read_by.get(_base(out) or 0, set()) if out is not None else set()
+    readers: set[str] = set()
+    if out is not None:
+        extent = _extent(out)
+        readers = {n for start, end, n in read_by.get(_base(out) or 0, ()) if _overlap(extent, (start, end))}
     if readers - {name}:
         # Writing this entry of `into` would change another entry that is still to be read.
         raise InvalidArgument(
@@ -347,16 +365,16 @@ def _check_into(what: str, out: torch.Tensor | None, shape: tuple[int, ...], flo
         raise InvalidArgument(f"{what}: 'into' holds {out.dtype}, the inputs {dtype}; integer entries must agree")
 
 
-def _readers(names: Sequence[str], sources: Sequence[TensorDict]) -> dict[int, set[str]]:
+def _readers(names: Sequence[str], sources: Sequence[TensorDict]) -> dict[int, list[tuple[int, int, str]]]:
     """The entry names whose inputs live in each storage (by where it starts)."""
-    read_by: dict[int, set[str]] = {}
+    read_by: dict[int, list[tuple[int, int, str]]] = {}
     for d in sources:
         entries = d.entries
         for name in names:
             t = entries[name]
             pointer = t.data_ptr()
             if pointer:
-                read_by.setdefault(pointer - int(t.storage_offset()) * t.element_size(), set()).add(name)
+                read_by.setdefault(pointer - int(t.storage_offset()) * t.element_size(), []).append((*_extent(t), name))
     return read_by
 
 

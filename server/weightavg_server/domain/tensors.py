@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from . import dictionaries
+from . import dictionaries, flat
 from .ema import EmaState
 from .errors import InvalidArgument
 
@@ -197,26 +197,36 @@ def move(obj: object, device: torch.device | None, dtype: torch.dtype | None) ->
         obj.tensor = obj.tensor.to(device=device or obj.tensor.device, dtype=dtype or obj.tensor.dtype)
     elif isinstance(obj, dictionaries.TensorDict):
         dictionaries.move(obj, device, dtype)
-    else:
+    elif isinstance(obj, torch.nn.Module):  # _movable refused every other kind
         if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
             raise InvalidArgument(f"a module's parameters can only be converted to a floating dtype, not {dtype}")
-        _swap_data(tensors, device, dtype if dtype is not None else None, converts)
+        _swap_data(tensors, device, dtype if dtype is not None else None, converts, obj)
 
 
 def _swap_data(
     tensors: list[torch.Tensor], device: torch.device | None, dtype: torch.dtype | None,
-    converts: Callable[[torch.Tensor], bool],
+    converts: Callable[[torch.Tensor], bool], module: torch.nn.Module,
 ) -> None:
     """Module.to in two phases: convert every tensor, then swap each one's data in place.
 
     Swapping `.data` keeps every Parameter and buffer object, so live views of the module's
     parameters and buffers keep showing the moved tensors (Module.to replaces buffer objects).
+    The parameters that change are copied back to back into one new buffer per device and dtype
+    (`flat.flat_copies`: the same bytes as separate copies), so a moved module averages in one
+    kernel per group; gradients and buffers are copied one by one.
     """
+    def target(t: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+        return (device or t.device, dtype if dtype is not None and converts(t) else t.dtype)
+
+    params = {id(p) for p in module.parameters()}
+    changing = [t for t in tensors if id(t) in params and target(t) != (t.device, t.dtype)]
     with torch.no_grad():
+        new_params = dict(zip(map(id, changing), flat.flat_copies(changing, target)))
         moved = [
-            t.to(device=device or t.device, dtype=dtype if dtype is not None and converts(t) else t.dtype)
+            new_params[id(t)] if id(t) in new_params else t.to(device=target(t)[0], dtype=target(t)[1])
             for t in tensors
         ]
         for t, new in zip(tensors, moved):
             if new is not t:
                 t.data = new
+    flat.forget(module)

@@ -230,8 +230,10 @@ class Registry:
         the server's caps and the tenant's quota; a refusal by either sets nothing aside."""
         wanted = {device: n for device, n in (nbytes or {}).items() if n > 0}
         with self._lock:
-            if reservation.tenant is None or reservation.quota is None:
-                reservation.tenant, reservation.quota = CALLER.get().tenant, Reservation()
+            if reservation.tenant is None:
+                reservation.tenant = CALLER.get().tenant
+            if reservation.quota is None:
+                reservation.quota = Reservation()
             tenant = self._tenant(reservation.tenant)
             owned = self._owned.get(reservation.tenant, 0)
             self._ledger.check(len(self._entries), handles, wanted)
@@ -239,8 +241,7 @@ class Registry:
             self._ledger.reserve(reservation, len(self._entries), handles, wanted)
             tenant.reserve(reservation.quota, owned, handles, wanted)
 
-    @contextlib.contextmanager
-    def mutate(self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = ()) -> Iterator[Reservation]:
+    def mutate(self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = ()) -> contextlib.AbstractContextManager[Reservation]:
         """The one way to change held objects: lock them (and `reading`, objects the change only
         reads), reserve what the change will allocate (`need`, worked out under the locks when it is
         a function), and afterwards, failed or not, recharge every object that shares the locks of
@@ -251,21 +252,7 @@ class Registry:
             ResourceExhausted: the change would not fit under the caps; nothing was changed.
             PermissionDenied: the caller's token is a reader's.
         """
-        caller = CALLER.get()
-        caller.require_writer("changing an object")
-        with locked(*entries, *reading):
-            reservation = Reservation(tenant=caller.tenant, quota=Reservation())
-            try:
-                wanted = need() if callable(need) else need
-                if wanted:  # most changes allocate nothing: no trip through the caps for an empty need
-                    self.grow(reservation, nbytes=wanted)
-                try:
-                    yield reservation
-                finally:
-                    self._recharge({id(e.lock) for e in entries})
-            finally:
-                if _holds_room(reservation):  # the body may have grown it (an upload's tensors)
-                    self._release(reservation)
+        return _Mutation(self, entries, need, reading)
 
     def reading(self, *entries: Entry) -> contextlib.AbstractContextManager[None]:
         """Lock objects for a call that changes nothing they hold.
@@ -289,6 +276,13 @@ class Registry:
         server's ledger and in the ledger of each tenant with a handle to it."""
         with self._lock:
             entries = [e for lock in lock_ids for e in self._groups.get(lock, {}).values()]
+        if len(entries) == 1:  # the usual: one handle to the object changed
+            entry = entries[0]
+            reached = frozenset(storages(tensors_of(entry.obj)))
+            with self._lock:
+                self._ledger.recharge(entry.obj, reached)
+                self._tenant(entry.tenant).recharge(entry.obj, reached)
+            return
         objs = {id(e.obj): e.obj for e in entries}
         owners: dict[int, set[str]] = {}
         for e in entries:
@@ -335,8 +329,10 @@ class Registry:
         """
         CALLER.get().require_writer("creating a handle")
         owner = session if session is not None else CALLER_SESSION.get()
-        if reservation.tenant is None or reservation.quota is None:
-            reservation.tenant, reservation.quota = CALLER.get().tenant, Reservation()
+        if reservation.tenant is None:
+            reservation.tenant = CALLER.get().tenant
+        if reservation.quota is None:
+            reservation.quota = Reservation()
         paid_by = tenant if tenant is not None else reservation.tenant
         entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), session=owner, tenant=paid_by)
         handle = handle_id or new_handle_id(kind)
@@ -564,6 +560,8 @@ class Registry:
         the sweep never waits and never frees an object a call is working on. Returns (session id,
         handles freed) for each session ended; each is also logged.
         """
+        if not self._sessions:  # every call sweeps: without sessions, no lock (a stale read waits a sweep)
+            return []
         now = time.monotonic() if now is None else now
         with self._lock:
             due = [sid for sid, s in self._sessions.items() if s.active == 0 and s.expires <= now]
@@ -619,28 +617,94 @@ def _try_locked(entries: list[Entry]) -> Iterator[bool]:
     yield False
 
 
-@contextlib.contextmanager
-def locked(*entries: Entry, check_live: bool = True) -> Iterator[None]:
+class _Locked:
+    """What `locked` returns: a context manager written out rather than a generator, since every
+    call takes one (a generator-based one costs several times as many Python steps)."""
+
+    __slots__ = ("_entries", "_check_live", "_taken")
+
+    def __init__(self, entries: tuple[Entry, ...], check_live: bool) -> None:
+        self._entries = entries
+        self._check_live = check_live
+        self._taken: list[threading.RLock] = []
+
+    def __enter__(self) -> None:
+        entries = self._entries
+        if len(entries) == 1:
+            locks = [entries[0].lock]
+        else:
+            locks = [lock for _, lock in sorted({id(e.lock): e.lock for e in entries}.items())]
+        taken = self._taken
+        try:
+            for lock in locks:
+                lock.acquire()
+                taken.append(lock)
+            if self._check_live:
+                for e in entries:
+                    if e.freed:
+                        raise NotFound(f"the {e.kind.value} handle was freed while this call waited for it")
+        except BaseException:
+            self._release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        taken = self._taken
+        while taken:
+            taken.pop().release()
+
+
+def locked(*entries: Entry, check_live: bool = True) -> contextlib.AbstractContextManager[None]:
     """Hold the locks of several entries, taken in one global order (by id) so two calls never deadlock.
 
     Once they are held, a handle freed while this call waited raises NotFound (unless check_live
     is false), so nothing works on an object after its handle is gone.
     """
-    # Acquired and released by hand rather than through an ExitStack: this runs on every call.
-    locks = [entries[0].lock] if len(entries) == 1 else [lock for _, lock in sorted({id(e.lock): e.lock for e in entries}.items())]
-    taken: list[threading.RLock] = []
-    try:
-        for lock in locks:
-            lock.acquire()
-            taken.append(lock)
-        if check_live:
-            for e in entries:
-                if e.freed:
-                    raise NotFound(f"the {e.kind.value} handle was freed while this call waited for it")
-        yield
-    finally:
-        for lock in reversed(taken):
-            lock.release()
+    return _Locked(entries, check_live)
+
+
+class _Mutation:
+    """What `Registry.mutate` returns (written out, not a generator, as `_Locked` is): the locks,
+    then the reservation; on the way out, failed or not, the recharge, the reservation's release
+    and the locks'."""
+
+    __slots__ = ("_registry", "_entries", "_need", "_locks", "_reservation")
+
+    def __init__(self, registry: Registry, entries: tuple[Entry, ...], need: Need, reading: tuple[Entry, ...]) -> None:
+        self._registry = registry
+        self._entries = entries
+        self._need = need
+        self._locks = _Locked(entries + reading, True)
+        self._reservation: Reservation | None = None
+
+    def __enter__(self) -> Reservation:
+        caller = CALLER.get()
+        caller.require_writer("changing an object")
+        self._locks.__enter__()
+        try:
+            reservation = Reservation(tenant=caller.tenant)  # its quota's record is made if it grows
+            need = self._need
+            wanted = need() if callable(need) else need
+            if wanted:  # most changes allocate nothing: no trip through the caps for an empty need
+                self._registry.grow(reservation, nbytes=wanted)  # refused: nothing set aside
+        except BaseException:
+            self._locks.__exit__()
+            raise
+        self._reservation = reservation
+        return reservation
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            try:
+                self._registry._recharge({id(e.lock) for e in self._entries})
+            finally:
+                reservation = self._reservation
+                if reservation is not None and _holds_room(reservation):  # the body may have grown it
+                    self._registry._release(reservation)
+        finally:
+            self._locks.__exit__()
 
 
 def describe(entry: Entry) -> HandleSummary | None:

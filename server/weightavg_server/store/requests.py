@@ -54,9 +54,12 @@ _RECORD_BYTES = 512
 """About what one record costs beside its answer: the ID and digest strings, the record, the dict slot."""
 
 
-@dataclass(frozen=True)
-class RequestKey:
-    """A call's request ID and the digest of its arguments, as the transport hands them to the service."""
+class RequestKey(NamedTuple):
+    """A call's request ID and the digest of its arguments, as the transport hands them to the service.
+
+    A named tuple rather than a frozen dataclass: every state-changing call makes one, and a frozen
+    dataclass's __init__ sets each field through object.__setattr__.
+    """
 
     id: str
     """The ID as sent; `canonical_id` checks it."""
@@ -64,6 +67,11 @@ class RequestKey:
     """The digest of the call's arguments (operation, fields, tensor bytes). For an upload it first
     reads whatever of the stream the call has not read, hashing it without keeping it: it is called
     after the first call has received its upload, and instead of receiving it for a repeat."""
+    kept_bytes: int | None = None
+    """None: `digest` must be called while the call runs (an upload's reads its stream). Otherwise
+    `digest` may be called later, from any thread, keeping about this many bytes alive until then
+    (a unary call's arguments): the table calls it only when a repeat or a snapshot needs the
+    digest, which most IDs never do, so a call does not pay for hashing its arguments."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,9 @@ class RequestStats:
 @dataclass
 class _Record:
     method: str
-    digest: str
+    arguments: str | Callable[[], str]
+    """The digest of the call's arguments, or (a unary call's) the function that computes it: see
+    `digest`."""
     session: str | None
     answer: object
     at: float
@@ -86,6 +96,15 @@ class _Record:
     nbytes: int
     tenant: str = DEFAULT_TENANT
     """The tenant whose token sent it: a request ID answers only the tenant that first used it."""
+
+    @property
+    def digest(self) -> str:
+        """The digest of the call's arguments, computed on first use (a race computes it twice, alike)."""
+        arguments = self.arguments
+        if isinstance(arguments, str):
+            return arguments
+        self.arguments = digest = arguments()
+        return digest
 
 
 def canonical_id(text: str) -> str:
@@ -119,7 +138,9 @@ class RequestTable:
         max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # never taken twice by one thread
+        self._waiting = 0
+        """Threads waiting on `_cond`: a call that ends wakes them only when there are some."""
         self._clock = clock
         self._records: collections.OrderedDict[str, _Record] = collections.OrderedDict()
         self._running: set[str] = set()
@@ -181,7 +202,7 @@ class RequestTable:
                 if rid not in self._running and not self._paused:
                     self._running.add(rid)
                     break
-                self._cond.wait()
+                self._wait()
         if not enabled:
             return run()
         if record is not None:
@@ -191,20 +212,33 @@ class RequestTable:
             return cast(T, record.answer)  # remembered by this method, so of the type it returns
         try:
             answer = run()
-            digest = key.digest()
+            arguments = key.digest if key.kept_bytes is not None else key.digest()
         except BaseException:
             with self._cond:
                 self._running.discard(rid)
-                self._cond.notify_all()
+                self._wake()
             raise
         with self._cond:  # remembered and released in one step, so a repeat never runs it again
-            nbytes = _RECORD_BYTES + answer_bytes(answer)
-            self._records[rid] = _Record(method, digest, session, answer, self._clock(), nbytes, tenant)
+            nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
+            self._records[rid] = _Record(method, arguments, session, answer, self._clock(), nbytes, tenant)
             self._bytes += nbytes
             self._evict()
             self._running.discard(rid)
-            self._cond.notify_all()
+            self._wake()
         return answer
+
+    def _wait(self) -> None:
+        """Wait for a call to end or a snapshot to finish (lock held)."""
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
+
+    def _wake(self) -> None:
+        """Wake every waiting thread, if any (lock held)."""
+        if self._waiting:
+            self._cond.notify_all()
 
     @staticmethod
     def _check(rid: str, record: _Record, method: str, session: str | None, tenant: str, digest: str) -> None:
@@ -255,13 +289,13 @@ class RequestTable:
         with self._cond:
             self._paused += 1
             while self._running:
-                self._cond.wait()
+                self._wait()
         try:
             yield
         finally:
             with self._cond:
                 self._paused -= 1
-                self._cond.notify_all()
+                self._wake()
 
     def export(self) -> list[dict[str, Any]]:
         """Every remembered answer as JSON values, oldest first, with its age in seconds.

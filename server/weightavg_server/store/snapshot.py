@@ -38,7 +38,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..domain import batching, losses, optimizers, specs, training
+from ..domain import batching, flat, losses, optimizers, specs, training
 from ..domain.dictionaries import TensorDict
 from ..domain.dtypes import DTYPES
 from ..domain.ema import EmaSchedule, EmaState
@@ -291,6 +291,7 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=p["requires_grad"])
         else:
             owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=p["requires_grad"]))
+    flat.flatten_parameters(module)  # as a new module's are, so its handles' sizes and speed survive a restart
     for b in data["buffers"]:
         owner, leaf = _owner(module, b["name"])
         owner.register_buffer(leaf, ctx.tensor(b["tensor"]), persistent=b["persistent"])

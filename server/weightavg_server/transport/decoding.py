@@ -107,13 +107,12 @@ class DecodeGuard(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.request_deserializer is None
-            or not handler_call_details.method.startswith(self._prefix)
-        ):
+        return None if handler is None else self.wrap(handler_call_details.method, handler)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler again, its requests decoded safely (other services' handlers: as they are)."""
+        if handler.request_deserializer is None or not method.startswith(self._prefix):
             return handler
-        method = handler_call_details.method
         cached = self._guarded.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]

@@ -42,29 +42,56 @@ def _chunk_bytes(message: object) -> int:
     return len(chunk.data) if chunk is not None else 0
 
 
+def _no_bytes(message: object) -> int:
+    return 0
+
+
+_WEIGHTAVG_METHODS = {
+    f"/{service.full_name}/{m.name}": m for service in pb.DESCRIPTOR.services_by_name.values() for m in service.methods
+}
+
+
+def _counters(method: str) -> tuple[Callable[[object], int], Callable[[object], int]]:
+    """How to count one method's request and response tensor bytes, decided once per method: a
+    weightavg message without a chunk field counts 0 without looking (most calls); the rest
+    (chunked messages, other services' methods) go through `_chunk_bytes`."""
+    described = _WEIGHTAVG_METHODS.get(method)
+    if described is None:
+        return _chunk_bytes, _chunk_bytes
+
+    def counter(message_type: Any) -> Callable[[object], int]:
+        return _chunk_bytes if "chunk" in message_type.fields_by_name else _no_bytes
+
+    return counter(described.input_type), counter(described.output_type)
+
+
 class _Call:
     """One call in progress: when it started and the tensor bytes it moved so far."""
 
-    __slots__ = ("method", "context", "start", "received", "sent")
+    __slots__ = ("method", "context", "start", "received", "sent", "count")
 
-    def __init__(self, stats: RpcStats, method: str, context: grpc.ServicerContext) -> None:
+    def __init__(
+        self, stats: RpcStats, method: str, context: grpc.ServicerContext, count: Callable[[object], int]
+    ) -> None:
         stats.start(method)
         self.method = method
         self.context = context
         self.start = time.perf_counter()
         self.received = 0
         self.sent = 0
+        self.count = count
+        """Tensor bytes in one request message."""
 
     def counted(self, request: Any, streaming: bool) -> Any:
         """The request (or request stream, counted as it is read), its tensor bytes recorded."""
         if streaming:
             return self.count_requests(request)
-        self.received = _chunk_bytes(request)
+        self.received = self.count(request)
         return request
 
     def count_requests(self, requests: Iterator[Any]) -> Iterator[Any]:
         for request in requests:
-            self.received += _chunk_bytes(request)
+            self.received += self.count(request)
             yield request
 
     def finish(self, stats: RpcStats, exc: BaseException | None) -> None:
@@ -128,11 +155,11 @@ class ObservingInterceptor(grpc.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        observed_handler = self._wrap(method, handler)
+        observed_handler = self.wrap(method, handler)
         self._wrapped[method] = (handler, observed_handler)
         return observed_handler
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         wrap: Callable[..., grpc.RpcMethodHandler[Any, Any]]
         behavior: Callable[..., Any] | None
         if handler.unary_unary:
@@ -157,16 +184,17 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
     def _unary(self, method: str, behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
         stats = self.stats
+        count_in, count_out = _counters(method)
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            call = _Call(stats, method, context)
+            call = _Call(stats, method, context, count_in)
             request = call.counted(request, request_streaming)
             try:
                 response = behavior(request, context)
             except BaseException as exc:
                 call.finish(stats, exc)
                 raise
-            call.sent = _chunk_bytes(response)
+            call.sent = count_out(response)
             call.finish(stats, None)
             return response
 
@@ -174,13 +202,14 @@ class ObservingInterceptor(grpc.ServerInterceptor):
 
     def _streaming(self, method: str, behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
         stats = self.stats
+        count_in, count_out = _counters(method)
 
         def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            call = _Call(stats, method, context)
+            call = _Call(stats, method, context, count_in)
             request = call.counted(request, request_streaming)
             try:
                 for response in behavior(request, context):
-                    call.sent += _chunk_bytes(response)
+                    call.sent += count_out(response)
                     yield response
             except BaseException as exc:
                 call.finish(stats, exc)

@@ -61,12 +61,17 @@ def _fields(message: object, message_type: type[Message]) -> bytes:
 
 
 def key(request: Message) -> RequestKey | None:
-    """The key of a unary call, or None when it carries no request ID."""
-    request_id = str(getattr(request, "request_id", ""))
+    """The key of a unary call, or None when it carries no request ID.
+
+    The digest is computed only if the request table asks for it (a repeat, a snapshot): the key
+    keeps the request message, which nothing changes after it is decoded.
+    """
+    request_id = getattr(request, "request_id", "")
     if not request_id:
         return None
-    digest = hashlib.sha256(_fields(request, type(request))).hexdigest()
-    return RequestKey(request_id, lambda: digest)
+    return RequestKey(
+        str(request_id), lambda: hashlib.sha256(_fields(request, type(request))).hexdigest(), request.ByteSize()
+    )
 
 
 class StreamDigest(Generic[C]):

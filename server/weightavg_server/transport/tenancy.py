@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store.tenants import ANONYMOUS, CALLER, DEFAULT_TENANT, Caller, Quota, Role
-from .interceptors import SESSION_METADATA, metadata_value
+from .interceptors import SESSION_METADATA, Metadata, metadata_value
 from .observe import status_name
 from .stats import RpcStats
 
@@ -151,7 +151,7 @@ class Tokens:
 
 
 def refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
-    """A handler of the same shape as `handler` that answers `code` without running anything."""
+    """A handler of the same shape as `handler` that answers `code` without reading the request."""
 
     def refuse(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
@@ -267,24 +267,45 @@ class TenantInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
-        method = details.method
-        if handler is None or method.startswith(OPEN_SERVICE_PREFIXES):
+        if handler is None:
+            return None
+        return self.gate(details.method, details, handler) or self.wrap(details.method, handler)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler again, its calls authenticated and authorized again on the worker thread and
+        run as their caller (open methods: as they are)."""
+        if method.startswith(OPEN_SERVICE_PREFIXES):
             return handler
-        access = access_of(method)
-        session = metadata_value(details, SESSION_METADATA)
+        return self._as(handler, method, access_of(method))
+
+    def gate(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None:
+        """Per call, on gRPC's polling thread (InterceptorChain): for a call whose token or role does
+        not allow the method, a handler that refuses it before its request message is read; None
+        for the rest (on a server without tokens, one attribute read)."""
+        if self.tokens.table.open or method.startswith(OPEN_SERVICE_PREFIXES):
+            return None
+        metadata = details.invocation_metadata
+        verdict = self._authorize(method, access_of(method), metadata, metadata_value(metadata, SESSION_METADATA))
+        return refusal(handler, *verdict) if isinstance(verdict, tuple) else None
+
+    def _authorize(
+        self, method: str, access: Access, metadata: Metadata, session: str | None
+    ) -> Caller | tuple[grpc.StatusCode, str]:
+        """The caller a call's token names, or the status that refuses the call (logged and audited
+        here): no valid token, or a role that may not call the method."""
         table = self.tokens.table
         if table.open:
             caller = ANONYMOUS
         else:
-            given = metadata_value(details, AUTHORIZATION_METADATA)
+            given = metadata_value(metadata, AUTHORIZATION_METADATA)
             found = table.caller(given.removeprefix("Bearer ")) if given and given.startswith("Bearer ") else None
             if found is None:
                 reason = "no bearer token" if given is None else "wrong bearer token"
                 log.info("%s -> UNAUTHENTICATED: %s", method, reason)
                 if access.audited:
                     audit(method, None, "UNAUTHENTICATED", [], "", session, 0.0)
-                return refusal(
-                    handler, grpc.StatusCode.UNAUTHENTICATED,
+                return (
+                    grpc.StatusCode.UNAUTHENTICATED,
                     f"{reason}: this server requires 'authorization: Bearer <token>' metadata "
                     "(Client(token=...) or WEIGHTAVG_TOKEN)",
                 )
@@ -295,18 +316,35 @@ class TenantInterceptor(grpc.ServerInterceptor):
                 audit(method, caller, "PERMISSION_DENIED", [], "", session, 0.0)
             name = method.rsplit("/", 1)[-1]
             needed = "an admin token" if access is Access.ADMIN else "a user or admin token"
-            return refusal(
-                handler, grpc.StatusCode.PERMISSION_DENIED,
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
                 f"{name} needs {needed}; this call's token is tenant '{caller.tenant}', role {caller.role.value}",
             )
-        return self._as(handler, caller, method, access, session)
+        return caller
 
-    def _as(self, handler: Handler, caller: Caller, method: str, access: Access, session: str | None) -> Handler:
-        """The handler again, run with CALLER set on the worker thread that serves the call (the
-        interceptor itself runs on gRPC's polling thread), recording the outcome when it ends."""
+    def _caller(
+        self, method: str, access: Access, metadata: Metadata, session: str | None, context: grpc.ServicerContext
+    ) -> Caller:
+        """The caller of a call the gate let through, looked up again on the worker thread that serves
+        it (a context variable set on the polling thread would not be this call's for certain); the
+        tokens may have been swapped in between, so a refusal is still possible, then with the
+        request decoded."""
+        verdict = self._authorize(method, access, metadata, session)
+        if isinstance(verdict, tuple):
+            context.abort(*verdict)
+        return verdict
+
+    def _as(self, handler: Handler, method: str, access: Access) -> Handler:
+        """The handler again, run with CALLER set to the call's caller on the worker thread that
+        serves the call (the interceptor itself runs on gRPC's polling thread), recording the
+        outcome when it ends."""
         stats = self.stats
+        caller_of = self._caller
 
-        def finish(context: grpc.ServicerContext, call: _Call, start: float, exc: BaseException | None) -> None:
+        def finish(
+            context: grpc.ServicerContext, caller: Caller, session: str | None, call: _Call, start: float,
+            exc: BaseException | None,
+        ) -> None:
             outcome = status_name(context, exc)
             stats.tenant_finish(caller.tenant, outcome)
             if call.audited:
@@ -325,16 +363,19 @@ class TenantInterceptor(grpc.ServerInterceptor):
             assert inner_stream is not None  # grpc sets the behaviour that matches the flags
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                metadata = context.invocation_metadata()
+                session = metadata_value(metadata, SESSION_METADATA)
+                caller = caller_of(method, access, metadata, session, context)
                 call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
                 token = CALLER.set(caller)
                 try:
                     yield from inner_stream(begin(request, call), context)
                 except BaseException as exc:
-                    finish(context, call, start, exc)
+                    finish(context, caller, session, call, start, exc)
                     raise
                 finally:
                     CALLER.reset(token)
-                finish(context, call, start, None)
+                finish(context, caller, session, call, start, None)
 
             factory = (
                 grpc.stream_stream_rpc_method_handler if handler.request_streaming
@@ -346,18 +387,21 @@ class TenantInterceptor(grpc.ServerInterceptor):
         assert inner is not None  # grpc sets the behaviour that matches the flags
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            metadata = context.invocation_metadata()
+            session = metadata_value(metadata, SESSION_METADATA)
+            caller = caller_of(method, access, metadata, session, context)
             call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
             token = CALLER.set(caller)
             try:
                 response = inner(begin(request, call), context)
             except BaseException as exc:
-                finish(context, call, start, exc)
+                finish(context, caller, session, call, start, exc)
                 raise
             finally:
                 CALLER.reset(token)
             if call.audited:
                 call.handles.extend(response_handles(response))
-            finish(context, call, start, None)
+            finish(context, caller, session, call, start, None)
             return response
 
         factory = (

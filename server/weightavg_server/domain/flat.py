@@ -1,0 +1,233 @@
+"""Flat storage: a module's parameters, or a dictionary's entries, as views into one buffer per
+device and dtype, so that an average over them is one kernel rather than one per tensor.
+
+Nothing here changes what a tensor holds or what a name means: a flat tensor is an ordinary
+contiguous tensor whose storage it shares with its neighbours. Averaging (`averaging.Update`)
+looks for runs of pairs that lie back to back in one storage on both sides (`fuse`) and lerps
+each run as one 1-D span; a pair outside a run takes the per-tensor path, with the same result.
+So flatness is an optimisation that can be lost (an entry replaced, a parameter registered)
+without any correctness cost: what is still contiguous stays fused.
+
+Memory: a storage is charged whole while any view of it lives (the store counts distinct
+storages), which is also what the allocator holds; deleting one entry of a flat dictionary
+therefore frees nothing until the last view of its buffer goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+GroupKey = tuple[torch.device, torch.dtype]
+
+INDEX_ATTR = "_weightavg_index"
+"""Where averaging keeps a module's list of named tensors between calls (`averaging._module_index`)."""
+
+
+def forget(module: torch.nn.Module) -> None:
+    """Drop what averaging remembers of the module's tensors: their dtypes or devices changed."""
+    module.__dict__.pop(INDEX_ATTR, None)
+
+
+def group_sizes(tensors: Iterable[torch.Tensor]) -> dict[GroupKey, int]:
+    """Elements per (device, dtype), in order of first appearance."""
+    sizes: dict[GroupKey, int] = {}
+    for t in tensors:
+        key = (t.device, t.dtype)
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    return sizes
+
+
+def flat_copies(
+    tensors: Sequence[torch.Tensor], place: Callable[[torch.Tensor], GroupKey] | None = None,
+) -> list[torch.Tensor]:
+    """Copies of the tensors, each group of one (device, dtype) back to back in one new buffer.
+
+    `place` gives each copy's (device, dtype) (default: its own); the copies are contiguous, so
+    exactly sum(numel * itemsize) bytes are allocated, as for separate copies.
+
+    Example: flat_copies([a, b]) where a and b are float32 gives two views of one float32 buffer.
+    """
+    keys = [place(t) if place is not None else (t.device, t.dtype) for t in tensors]
+    sizes: dict[GroupKey, int] = {}
+    for t, key in zip(tensors, keys):
+        sizes[key] = sizes.get(key, 0) + t.numel()
+    buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+    used = dict.fromkeys(sizes, 0)
+    out = []
+    with torch.enable_grad():  # a view made in no-grad mode may not be written in place with grad mode on
+        for t, key in zip(tensors, keys):
+            start = used[key]
+            used[key] = start + t.numel()
+            out.append(buffers[key][start:used[key]].view(t.shape))
+    with torch.no_grad():
+        for view, t in zip(out, tensors):
+            view.copy_(t)
+    return out
+
+
+def is_flat(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the tensors lie back to back in one storage, in order (what `fuse` joins)."""
+    if not tensors:
+        return True
+    base = tensors[0].untyped_storage().data_ptr()
+    end = tensors[0].data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.data_ptr() != end or t.untyped_storage().data_ptr() != base:
+            return False
+        end += t.numel() * t.element_size()
+    return True
+
+
+# -- runs: pairs that are one kernel -----------------------------------------------------------------
+
+
+def _span(first: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 1-D view of `numel` elements of first's storage starting where `first` starts."""
+    with torch.enable_grad():  # see flat_copies
+        return torch.as_strided(first.detach(), (numel,), (1,), first.storage_offset())
+
+
+Run = tuple[int, int, int]
+"""Pairs [start, stop) that are one operation, and their element count."""
+
+
+def fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Run]:
+    """Split pairs (a, p) into maximal runs in which every a lies right after the previous a in
+    one storage, every p right after the previous p in one storage, with one dtype and one device
+    per side and equal shapes; a lone pair is a run of one.
+
+    Lerping or copying a run's two spans is then exactly the per-pair operation on every pair.
+    """
+    runs: list[Run] = []
+    start = numel = 0
+    end_a = end_p = base_a = base_p = -1
+    kind: tuple[torch.dtype, torch.dtype, torch.device, torch.device] | None = None
+    for i, (a, p) in enumerate(pairs):
+        joinable = a.shape == p.shape and a.is_contiguous() and p.is_contiguous()
+        this = (a.dtype, p.dtype, a.device, p.device)
+        if (
+            joinable and i > start and this == kind and a.data_ptr() == end_a and p.data_ptr() == end_p
+            and a.untyped_storage().data_ptr() == base_a and p.untyped_storage().data_ptr() == base_p
+        ):
+            end_a += a.numel() * a.element_size()
+            end_p += p.numel() * p.element_size()
+            numel += a.numel()
+            continue
+        if i > start:
+            runs.append((start, i, numel))
+        start, numel = i, a.numel()
+        if joinable:
+            kind = this
+            end_a = a.data_ptr() + a.numel() * a.element_size()
+            end_p = p.data_ptr() + p.numel() * p.element_size()
+            base_a, base_p = a.untyped_storage().data_ptr(), p.untyped_storage().data_ptr()
+        else:
+            kind = None
+    if len(pairs) > start:
+        runs.append((start, len(pairs), numel))
+    return runs
+
+
+def spans(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], runs: Sequence[Run]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs to operate on: one (a span, p span) per run of several pairs, the pair itself
+    for a run of one."""
+    out = []
+    for start, stop, numel in runs:
+        if stop - start == 1:
+            out.append(pairs[start])
+            continue
+        a, p = pairs[start]
+        out.append((_span(a, numel), _span(p, numel)))
+    return out
+
+
+# -- building a module's parameters into one buffer ------------------------------------------------------
+
+
+class _Arena:
+    """Buffers sized in advance; each registered parameter takes the next slice of its group."""
+
+    def __init__(self, sizes: dict[GroupKey, int]) -> None:
+        self.buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+        self.used = dict.fromkeys(sizes, 0)
+        self.bases = {b.untyped_storage().data_ptr() for b in self.buffers.values()}
+
+    def place(self, param: torch.nn.Parameter) -> None:
+        key = (param.device, param.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or param.untyped_storage().data_ptr() in self.bases:
+            return  # not planned for, or already placed (a parameter registered twice: tied weights)
+        start = self.used[key]
+        if start + param.numel() > buffer.numel():
+            return  # more parameters than planned: this one keeps its own storage
+        self.used[key] = start + param.numel()
+        with torch.enable_grad():  # see flat_copies
+            view = buffer[start:start + param.numel()].view(param.shape)
+        with torch.no_grad():
+            view.copy_(param)  # what the constructor put there so far (it usually initialises later, in place)
+        param.data = view
+
+
+_BUILDING = threading.local()
+
+
+def _on_parameter(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+    arena: _Arena | None = getattr(_BUILDING, "arena", None)
+    if arena is not None and param is not None:
+        arena.place(param)
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter)
+
+
+@contextlib.contextmanager
+def building(sizes: dict[GroupKey, int]) -> Iterator[None]:
+    """Within the block, on this thread, every parameter registered on any module moves into
+    buffers of `sizes` elements per (device, dtype), in registration order, as it is registered.
+
+    A constructor registers `Parameter(torch.empty(...))` and initialises it in place afterwards,
+    so the module comes out exactly as it would have (same values, same random draws) with its
+    parameters already flat, and at most one parameter's own storage is alive beside the buffers.
+    Get `sizes` from the same build on the meta device (`group_sizes(meta.parameters())`).
+
+    Example: with building(sizes): module = build(); then averaging the module is one kernel.
+    """
+    previous = getattr(_BUILDING, "arena", None)
+    _BUILDING.arena = _Arena(sizes)
+    try:
+        yield
+    finally:
+        _BUILDING.arena = previous
+
+
+def build_flat(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """build(), with its parameters built straight into one buffer per device and dtype.
+
+    `build` runs twice: on the meta device (no memory) to size the buffers, then for real inside
+    `building`. The module is the one `build()` alone would make, value for value.
+    """
+    with torch.device("meta"):
+        sizes = group_sizes(build().parameters())
+    cpu = torch.device("cpu")
+    with building({(cpu, dtype): n for (_, dtype), n in sizes.items()}):
+        return build()
+
+
+def flatten_parameters(module: torch.nn.Module) -> None:
+    """Copy the module's parameters into one new buffer per device and dtype and point each
+    Parameter's data at its slice (the Parameter objects stay, so optimizers and views keep them).
+
+    This allocates the parameters' bytes again while the old storages are alive; use it where
+    that is affordable (a snapshot's restore), and `build_flat` or a move where it is not.
+    """
+    params = list(module.parameters())
+    if is_flat(params):
+        return
+    with torch.no_grad():
+        for p, view in zip(params, flat_copies([p.detach() for p in params])):
+            p.data = view
+    forget(module)

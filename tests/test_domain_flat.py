@@ -1,0 +1,397 @@
+"""Flat parameters and dictionaries (domain.flat) and the fused averaging path over them.
+
+The fused path must give exactly (bit for bit) what the per-tensor path gives, since every kernel
+involved is elementwise; both are also checked against torch.optim.swa_utils.AveragedModel. The
+per-tensor side of each comparison is built the old way: a module whose parameters are separate
+allocations and a dictionary of separate copies, so nothing there can fuse.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from weightavg_server.domain import averaging, dictionaries, flat, modules
+from weightavg_server.domain.averaging import BufferMode
+from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
+from weightavg_server.domain.tensors import held_bytes, move
+
+
+def make_net() -> torch.nn.Module:
+    """Linears of several shapes, a batchnorm (float running statistics, an int64 count), a
+    bias-free layer: parameters and buffers interleave in registration order."""
+    return torch.nn.Sequential(OrderedDict(
+        a=torch.nn.Linear(7, 6), b=torch.nn.BatchNorm1d(6), r=torch.nn.ReLU(),
+        c=torch.nn.Linear(6, 5, bias=False), d=torch.nn.Linear(5, 3),
+    ))
+
+
+def twins(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same network twice: built flat, and built the usual way (separate allocations)."""
+    torch.manual_seed(seed)
+    flat_net = flat.build_flat(make_net)
+    torch.manual_seed(seed)
+    plain = make_net()
+    return flat_net, plain
+
+
+def plain_copy(module: torch.nn.Module, dtype: torch.dtype | None = None, buffers: bool = False) -> TensorDict:
+    """copy_parameters as it was before flat dictionaries: one allocation per entry."""
+    return TensorDict({
+        name: t.detach().to(dtype=averaging.copy_dtype(t, dtype), copy=True)
+        for name, t in averaging.copied_tensors(module, buffers)
+    })
+
+
+def perturb(*nets: torch.nn.Module, seed: int) -> None:
+    """The same change to each net's parameters and floating buffers (a training step's stand-in)."""
+    for net in nets:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for t in [*net.parameters(), *net.buffers()]:
+                if t.is_floating_point():
+                    t.add_(torch.randn(t.shape, generator=g).to(t.dtype))
+                else:
+                    t.add_(1)
+
+
+def assert_identical(a: TensorDict, b: TensorDict) -> None:
+    assert list(a.entries) == list(b.entries)
+    for name in a.entries:
+        assert a.entries[name].dtype == b.entries[name].dtype, name
+        assert torch.equal(a.entries[name], b.entries[name]), name
+
+
+def storage_of(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+# -- layouts -------------------------------------------------------------------------------------------
+
+
+def test_a_flat_build_gives_the_same_values_in_one_buffer_per_dtype() -> None:
+    flat_net, plain = twins()
+    params = list(flat_net.parameters())
+    assert flat.is_flat(params)
+    assert len({storage_of(p) for p in params}) == 1
+    assert not flat.is_flat(list(plain.parameters()))
+    for (n1, p1), (n2, p2) in zip(flat_net.named_parameters(), plain.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2) and type(p1) is torch.nn.Parameter and p1.requires_grad
+    for b1, b2 in zip(flat_net.buffers(), plain.buffers()):
+        assert torch.equal(b1, b2)
+
+
+def test_the_meta_sizing_pass_draws_no_random_numbers() -> None:
+    torch.manual_seed(5)
+    flat.build_flat(make_net)
+    after_flat = torch.rand(4)
+    torch.manual_seed(5)
+    make_net()
+    assert torch.equal(after_flat, torch.rand(4))
+
+
+def test_copy_parameters_is_flat_per_dtype_and_holds_exactly_its_bytes() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net, torch.float64, buffers=True)
+    floating = [t for t in d.entries.values() if t.is_floating_point()]
+    assert flat.is_flat(floating) and all(t.dtype == torch.float64 for t in floating)
+    assert d.entries["b.num_batches_tracked"].dtype == torch.int64
+    expected = sum(t.numel() * (8 if t.is_floating_point() else t.element_size()) for _, t in
+                   averaging.copied_tensors(net, True))
+    assert held_bytes(d) == {"cpu": expected}
+
+
+def test_a_module_move_lays_the_moved_parameters_back_to_back_and_keeps_the_parameter_objects() -> None:
+    net, plain = twins()
+    before = list(net.parameters())
+    view = modules.view_parameters(net)
+    move(net, None, torch.bfloat16)
+    move(plain, None, torch.bfloat16)
+    after = list(net.parameters())
+    assert all(a is b for a, b in zip(before, after))  # optimizers and views keep working
+    assert flat.is_flat(after) and after[0].dtype == torch.bfloat16
+    assert all(view.entries[n] is p for n, p in net.named_parameters())
+    for p1, p2 in zip(net.parameters(), plain.parameters()):
+        assert torch.equal(p1, p2)
+    move(plain, None, torch.float32)
+    assert flat.is_flat(list(plain.parameters()))  # a move flattens a module built the usual way too
+
+
+def test_a_dictionary_move_is_flat_and_leaves_the_count_a_cpu_float64() -> None:
+    net, _ = twins()
+    d = plain_copy(net)
+    d.entries[COUNT_KEY] = torch.tensor(3.0, dtype=torch.float64)
+    move(d, None, torch.float16)
+    tensors = [t for n, t in d.entries.items() if n != COUNT_KEY]
+    assert flat.is_flat(tensors) and tensors[0].dtype == torch.float16
+    assert d.entries[COUNT_KEY].dtype == torch.float64
+
+
+# -- the fused path against the per-tensor path and torch ------------------------------------------------
+
+
+def test_running_average_flat_equals_per_tensor_bit_for_bit_and_matches_averaged_model() -> None:
+    flat_net, plain = twins()
+    fd, pd = averaging.copy_parameters(flat_net), plain_copy(plain)
+    oracle = AveragedModel(plain)
+    oracle.update_parameters(plain)  # its first update copies, as copy_parameters did
+    update = averaging.prepare_average(flat_net, fd)
+    assert len(update.averaged) == 1  # every parameter in one span pair: one kernel
+    assert len(averaging.prepare_average(plain, pd).averaged) == len(list(plain.parameters()))
+    for step in range(1, 6):
+        perturb(flat_net, plain, seed=step)
+        assert averaging.average_parameters(flat_net, fd) == averaging.average_parameters(plain, pd) == step + 1
+        oracle.update_parameters(plain)
+        assert_identical(fd, pd)
+    for name, p in oracle.module.named_parameters():
+        # AveragedModel divides (p - avg) by n + 1, lerp multiplies by 1 / (n + 1): a few ulps apart
+        torch.testing.assert_close(fd.entries[name], p.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", [BufferMode.AVERAGE, BufferMode.COPY])
+def test_buffer_modes_flat_equal_per_tensor(mode: BufferMode) -> None:
+    flat_net, plain = twins(1)
+    fd, pd = averaging.copy_parameters(flat_net, buffers=True), plain_copy(plain, buffers=True)
+    for step in range(1, 4):
+        perturb(flat_net, plain, seed=step)
+        averaging.average_parameters(flat_net, fd, mode)
+        averaging.average_parameters(plain, pd, mode)
+        assert_identical(fd, pd)
+    assert fd.entries["b.num_batches_tracked"].item() == 3  # integers copied, never averaged
+
+
+def test_a_bfloat16_module_into_a_float32_average_casts_in_pieces_with_the_same_result() -> None:
+    """Parameters bigger than CAST_CHUNK, so the cast goes piece by piece inside one span."""
+    def big() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(600, 500), torch.nn.Linear(500, 7))
+
+    torch.manual_seed(2)
+    flat_net = flat.build_flat(big)
+    torch.manual_seed(2)
+    plain = big()
+    move(flat_net, None, torch.bfloat16)
+    plain.to(torch.bfloat16)
+    fd, pd = averaging.copy_parameters(flat_net, torch.float32), plain_copy(plain, torch.float32)
+    update = averaging.prepare_average(flat_net, fd)
+    assert len(update.averaged) == 1
+    assert update.cast_bytes() == {"cpu": averaging.CAST_CHUNK * 4}  # one piece in float32, not the span
+    for step in range(1, 4):
+        perturb(flat_net, plain, seed=step)
+        averaging.average_parameters(flat_net, fd)
+        averaging.ema_update(flat_net, fd, step=10**6)
+        averaging.average_parameters(plain, pd)
+        averaging.ema_update(plain, pd, step=10**6)
+        assert_identical(fd, pd)
+    # and against the cast-then-lerp a user writes: a.lerp_(p.float(), w)
+    ref = {n: t.clone() for n, t in fd.entries.items() if n != COUNT_KEY}
+    perturb(flat_net, seed=9)
+    averaging.ema_update(flat_net, fd, step=10**6)
+    w = 1.0 - 0.9999
+    for name, p in flat_net.named_parameters():
+        assert torch.equal(fd.entries[name], ref[name].lerp_(p.detach().float(), w))
+
+
+def test_ema_flat_equals_per_tensor_and_torch_ema() -> None:
+    flat_net, plain = twins(3)
+    fd, pd = averaging.copy_parameters(flat_net), plain_copy(plain)
+    decay = 0.9
+    oracle = AveragedModel(plain, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    oracle.update_parameters(plain)
+    for step in range(1, 5):
+        perturb(flat_net, plain, seed=step)
+        for net, d in ((flat_net, fd), (plain, pd)):
+            averaging.ema_update(net, d, averaging.ScheduleChange(decay=decay), step=step + 1)
+        oracle.update_parameters(plain)
+        assert_identical(fd, pd)
+    for name, p in oracle.module.named_parameters():
+        torch.testing.assert_close(fd.entries[name], p.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_dictionary_source_fuses_too() -> None:
+    flat_net, plain = twins(4)
+    fd, pd = averaging.copy_parameters(flat_net), plain_copy(plain)
+    perturb(flat_net, plain, seed=1)
+    fsrc, psrc = averaging.copy_parameters(flat_net), plain_copy(plain)
+    assert len(averaging.prepare_average(fsrc, fd).averaged) == 1
+    averaging.average_parameters(fsrc, fd)
+    averaging.average_parameters(psrc, pd)
+    assert_identical(fd, pd)
+
+
+# -- the cached plan: every change of either side is seen ---------------------------------------------------
+
+
+def test_a_replaced_entry_is_averaged_in_its_new_tensor_not_the_old_view() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(net, d)  # a plan is cached
+    old = d.entries["a.weight"]
+    dictionaries.set_entries(d, [("a.weight", torch.zeros(6, 7))], torch.device("cpu"))
+    kept = old.clone()
+    averaging.average_parameters(net, d)
+    assert torch.equal(old, kept)  # the replaced view is not written any more
+    # n was 2: the new entry (zeros) moves a third of the way to the weight
+    torch.testing.assert_close(d.entries["a.weight"], net.a.weight.detach() / 3)
+
+
+def test_a_new_entry_and_a_deleted_one_change_the_plan() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(net, d)
+    dictionaries.delete_entries(d, ["d.bias"])
+    with pytest.raises(averaging.InvalidArgument, match="d.bias"):
+        averaging.average_parameters(net, d)
+    dictionaries.set_entries(d, [("d.bias", net.d.bias.detach().clone())], torch.device("cpu"))
+    assert averaging.average_parameters(net, d) == 3
+
+
+def test_a_registered_parameter_joins_the_average() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(net, d)
+    modules.set_parameter(net, "extra", torch.ones(4))
+    with pytest.raises(averaging.InvalidArgument, match="extra"):
+        averaging.average_parameters(net, d)
+    dictionaries.set_entries(d, [("extra", torch.zeros(4))], torch.device("cpu"))
+    averaging.average_parameters(net, d)
+    torch.testing.assert_close(d.entries["extra"], torch.full((4,), 1 / 3))
+
+
+def test_a_parameter_whose_data_is_replaced_outside_a_move_is_seen() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(net, d)
+    with torch.no_grad():
+        net.c.weight.data = torch.full_like(net.c.weight, 3.0)  # a separate storage: the run splits
+    expected = d.entries["c.weight"].lerp(torch.full_like(net.c.weight, 3.0), 1 / 3)
+    averaging.average_parameters(net, d)
+    assert torch.equal(d.entries["c.weight"], expected)
+
+
+def test_a_moved_module_is_averaged_at_its_new_dtype() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(net, d)
+    move(net, None, torch.float64)
+    update = averaging.prepare_average(net, d)
+    assert update.averaged[0][1].dtype == torch.float64 and len(update.averaged) == 1
+    averaging.apply(update, d)
+    assert d.entries["a.weight"].dtype == torch.float32
+
+
+def test_a_plan_keeps_nothing_alive() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(net, d)
+    assert d.plans
+    param = weakref.ref(net.a.weight)
+    del net
+    gc.collect()
+    assert param() is None
+    with pytest.raises(averaging.InvalidArgument):  # and a new source of the same id is planned afresh
+        averaging.average_parameters(torch.nn.Linear(2, 2), d)
+
+
+def test_a_refused_call_after_a_cached_one_changes_nothing() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(net, d)
+    d.entries[COUNT_KEY] = torch.tensor(-1.0, dtype=torch.float64)
+    before = {n: t.clone() for n, t in d.entries.items()}
+    with pytest.raises(averaging.InvalidArgument, match="count"):
+        averaging.average_parameters(net, d)
+    for n, t in d.entries.items():
+        assert torch.equal(t, before[n])
+
+
+# -- training and accounting ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=False),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, foreach=True),
+])
+def test_an_optimizer_keeps_training_a_module_flattened_under_it(make_optimizer: object) -> None:
+    """The plain twin is flattened after three steps, with momentum and Adam's moments already in
+    the optimizer's state: the Parameter objects stay, so the optimizer goes on as before."""
+    flat_net, plain = twins(6)
+    x, y = torch.randn(16, 7, generator=torch.Generator().manual_seed(0)), torch.randint(0, 3, (16,))
+    results = []
+    for net in (flat_net, plain):
+        opt = make_optimizer(list(net.parameters()))  # type: ignore[operator]
+        for i in range(6):
+            if i == 3:
+                flat.flatten_parameters(net)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        assert flat.is_flat(list(net.parameters()))
+        results.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*results):
+        # unaligned views may split a matmul's vector lanes differently: equal up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_flat_dictionary_is_charged_its_whole_buffer_while_any_entry_lives() -> None:
+    net, _ = twins()
+    d = averaging.copy_parameters(net)
+    whole = sum(p.numel() * 4 for p in net.parameters())
+    assert held_bytes(d) == {"cpu": whole}
+    dictionaries.delete_entries(d, ["a.weight", "a.bias", "b.weight", "b.bias", "c.weight"])
+    assert held_bytes(d) == {"cpu": whole}  # the buffer is alive through d.weight and d.bias
+    dictionaries.set_entries(d, [("d.weight", torch.zeros(3, 5))], torch.device("cpu"))
+    assert held_bytes(d) == {"cpu": whole + 3 * 5 * 4}
+    dictionaries.delete_entries(d, ["d.bias"])
+    assert held_bytes(d) == {"cpu": 3 * 5 * 4}  # the last view went: the buffer is freed and uncharged
+
+
+# -- merging across flat dictionaries ------------------------------------------------------------------
+
+
+def flat_dicts(count: int) -> list[TensorDict]:
+    """Dictionaries whose floating entries are slices of one buffer each, and an int64 counter."""
+    out = []
+    for k in range(count):
+        g = torch.Generator().manual_seed(k)
+        values = [torch.randn(6, 5, generator=g), torch.randn(6, generator=g), torch.randn(3, 6, generator=g)]
+        a_w, a_b, c_w = flat.flat_copies(values)
+        out.append(TensorDict({"a.weight": a_w, "a.bias": a_b, "c.weight": c_w, "n": torch.tensor(k * 3 + 1)}))
+    return out
+
+
+def test_average_into_one_of_its_flat_inputs_is_not_mistaken_for_aliasing() -> None:
+    """The entries of a flat dictionary share a storage but not bytes: merging into it must judge
+    aliasing by the bytes each entry spans, not by where its storage starts."""
+    from weightavg_server.domain import merging
+
+    ds = flat_dicts(3)
+    want = {n: (ds[0].entries[n] + 2 * ds[1].entries[n] + ds[2].entries[n]) / 4 for n in ("a.weight", "a.bias", "c.weight")}
+    target = ds[1]
+    plan = merging.plan(merging.METHODS["average"], ds, weights=[1.0, 2.0, 1.0], into=target,
+                        kwargs=[("integers", "max")])
+    merging.run(plan, ds, into=target)
+    for name, value in want.items():
+        torch.testing.assert_close(target.entries[name], value)
+    assert target.entries["n"].item() == 7  # the maximum, read from every input before any write
+
+
+def test_flat_entries_and_parameters_can_be_written_in_place_with_grad_mode_on() -> None:
+    """Views made in no-grad mode refuse in-place writes under grad mode; flat views are made
+    with grad mode on, whatever mode their maker runs in."""
+    net, _ = twins()
+    with torch.no_grad():
+        d = averaging.copy_parameters(net)
+        move(net, None, torch.float64)
+    d.entries["a.weight"].add_(net.a.weight)  # grad mode on, and a value that requires grad
+    dictionaries.move(d, None, torch.float64)
+    d.entries["a.bias"].add_(net.a.bias)
+    update = averaging.prepare_average(net, d)
+    for a, p in update.averaged:
+        a.add_(p)
