@@ -28,3 +28,28 @@ def test_a_weighted_mean_reaches_every_rank_for_large_and_small_tensors(cluster:
             for name, value in base.items():
                 assert np.array_equal(c.parm(m, name, rank=r), value * 1.75), (r, name)
         c.free(m)
+
+
+def test_flat_and_differently_laid_out_objects_reduce_alike(cluster: Cluster) -> None:
+    """A replicated module is built flat on every rank (one collective per buffer), and a replicated
+    copy whose entry was replaced on rank 1 only is laid out differently there (the ranks then go
+    tensor by tensor): both reach the weighted mean, exactly, on both ranks."""
+    spec = ["sequential", ["linear", "a", 200, 300], ["linear", "b", 300, 100]]
+    with Client(cluster.address, timeout=60) as c:
+        m = c.module(spec, replicate=True)
+        names = c.parmnames(m)
+        for r in range(2):
+            for i, name in enumerate(names):
+                shape = c.parm(m, name, rank=r).shape
+                c.parm(m, name, np.full(shape, 4.0 * (r + 1) + i, np.float32), rank=r)
+        d = c.copyparms(m)
+        c.dict(d, "a.weight", np.full((300, 200), -8.0, np.float32), rank=1)  # a new tensor on rank 1 only
+        before = {r: {n: c.parm(m, n, rank=r) for n in names} for r in range(2)}
+        entries = {r: {n: c.dict(d, n, rank=r) for n in names} for r in range(2)}
+        assert c.allreduce(m, op="mean", weights=[1, 3]) == len(names)
+        assert c.allreduce(d, op="mean", weights=[1, 3]) == len(names)
+        for r in range(2):
+            for n in names:
+                assert np.array_equal(c.parm(m, n, rank=r), before[0][n] * 0.25 + before[1][n] * 0.75), (r, n)
+                assert np.array_equal(c.dict(d, n, rank=r), entries[0][n] * 0.25 + entries[1][n] * 0.75), (r, n)
+        c.free(m, d)

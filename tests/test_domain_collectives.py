@@ -71,3 +71,35 @@ def test_rank_scales() -> None:
         collectives.rank_scale("mean", [1, 2, 3], 0, 2)
     with pytest.raises(InvalidArgument, match="unknown reduce op"):
         collectives.rank_scale("max", [], 0, 2)
+
+
+def test_adjacent_groups_find_a_flat_modules_tensors_in_any_listed_order() -> None:
+    from weightavg_server.domain import flat
+
+    module = flat.build_flat(lambda: torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+    named = sorted(module.named_parameters())  # name order (how allreduce lists them): biases first
+    tensors = [p.data for _, p in named]
+    assert collectives.adjacent_groups(tensors) == [[1, 0, 3, 2]]  # memory order, one group
+    (span,) = collectives.joined(tensors, [[1, 0, 3, 2]])
+    assert span.numel() == sum(t.numel() for t in tensors)
+    span.mul_(2.0)  # a view: every tensor of the group changes in place
+    for (_, p), t in zip(named, tensors):
+        assert p.data_ptr() == t.data_ptr()
+    assert all(torch.equal(p.data, t) for (_, p), t in zip(named, tensors))
+
+
+def test_adjacent_groups_keep_separate_and_odd_tensors_alone() -> None:
+    buffer = torch.zeros(10)
+    a, b = buffer[:4], buffer[4:10]
+    gap = torch.zeros(10)[5:8]
+    other = torch.zeros(6, dtype=torch.float64)
+    strided = torch.zeros(4, 4).t()
+    empty = torch.zeros(0)
+    tensors = [b, other, a, gap, strided, empty]
+    assert collectives.adjacent_groups(tensors) == [[2, 0], [1], [3], [4], [5]]  # a then b in memory
+    tensors = [a, b, gap, strided, empty, other]
+    groups = collectives.adjacent_groups(tensors)
+    assert groups == [[0, 1], [2], [3], [4], [5]]
+    joined = collectives.joined(tensors, groups)
+    assert joined[0].shape == (10,) and joined[0].data_ptr() == buffer.data_ptr()
+    assert joined[1:] == tensors[2:]

@@ -318,19 +318,24 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
         entry, tensors = service._reduced_tensors(handle)
         scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
         mine: Any = [(tuple(t.shape), str(t.dtype)) for t in tensors]
+        groups = collectives.adjacent_groups(tensors)
     except WeightavgError as exc:
         mine, error = None, exc
     signatures: list[Any] = [None] * fabric.world_size
-    dist.all_gather_object(signatures, mine, group=fabric.control)
+    dist.all_gather_object(signatures, (mine, groups if mine is not None else None), group=fabric.control)
     if mine is None:
         raise error
-    if any(s != mine for s in signatures):
+    if any(s != mine for s, _ in signatures):
         raise FailedPrecondition(
             "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
             "with rank= differ in shape or dtype. Set them alike, then allreduce again"
         )
+    if any(g != groups for _, g in signatures):
+        groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
     with service.store.mutate(entry, need=NOTHING):
-        issued = collectives.all_reduce_(tensors, scale)  # the default group: NCCL on GPUs, else gloo
+        # One collective per flat buffer where every rank holds the tensors back to back alike (a
+        # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
+        issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
     return Reduced(len(tensors), issued)
 
 

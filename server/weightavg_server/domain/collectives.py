@@ -72,6 +72,53 @@ def buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -
     return out
 
 
+def adjacent_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of the tensors grouped by what lies back to back in memory: each group's tensors, in
+    memory order, tile one contiguous range of one storage (one device and dtype), so the group can be
+    reduced as one 1-D span (`joined`); a tensor with no neighbour is a group of one. Groups come in
+    the order of their first index.
+
+    A module built flat (`flat.build_flat`) or a flat copy gives one group per dtype, whatever the
+    name order its tensors were listed in. Ranks must agree on the groups before reducing by them
+    (they depend on each rank's memory layout), which cluster.py checks with the tensors' shapes.
+
+    Example: the weight and bias of a flat linear layer listed as [bias, weight] give [[1, 0]].
+    """
+    order = sorted(
+        (i for i, t in enumerate(tensors) if t.is_contiguous() and t.numel() > 0),
+        key=lambda i: (tensors[i].untyped_storage().data_ptr(), tensors[i].data_ptr()),
+    )
+    groups: list[list[int]] = []
+    end = -1
+    kind: tuple[int, torch.device, torch.dtype] | None = None
+    for i in order:
+        t = tensors[i]
+        this = (t.untyped_storage().data_ptr(), t.device, t.dtype)
+        if groups and this == kind and t.data_ptr() == end:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            kind = this
+        end = t.data_ptr() + t.numel() * t.element_size()
+    grouped = {i for g in groups for i in g}
+    groups += [[i] for i in range(len(tensors)) if i not in grouped]
+    return sorted(groups, key=min)
+
+
+def joined(tensors: Sequence[torch.Tensor], groups: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """One tensor per group: the tensor itself for a group of one, else the 1-D span over the group's
+    memory (a view: reducing it reduces every tensor of the group in place)."""
+    out = []
+    for group in groups:
+        first = tensors[group[0]]
+        if len(group) == 1:
+            out.append(first)
+            continue
+        numel = sum(tensors[i].numel() for i in group)
+        out.append(torch.as_strided(first.detach(), (numel,), (1,), first.storage_offset()))
+    return out
+
+
 @torch.no_grad()
 def all_reduce_(
     tensors: Sequence[torch.Tensor], scale: float, group: dist.ProcessGroup | None = None,
