@@ -5,8 +5,9 @@ the rest of the cluster's tests)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from weightavg import Client
+from weightavg import Client, FailedPreconditionError
 from weightavg_server.domain.collectives import INPLACE_BYTES
 
 from conftest import Cluster
@@ -53,3 +54,21 @@ def test_flat_and_differently_laid_out_objects_reduce_alike(cluster: Cluster) ->
                 assert np.array_equal(c.parm(m, n, rank=r), before[0][n] * 0.25 + before[1][n] * 0.75), (r, n)
                 assert np.array_equal(c.dict(d, n, rank=r), entries[0][n] * 0.25 + entries[1][n] * 0.75), (r, n)
         c.free(m, d)
+
+
+def test_ranks_holding_different_shapes_refuse_and_keep_serving(cluster: Cluster) -> None:
+    """An entry reshaped on rank 1 only: FAILED_PRECONDITION before any data moves, every value as it
+    was on both ranks, and the cluster still reduces once the shapes agree again."""
+    with Client(cluster.address, timeout=60) as c:
+        d = c.dict({"w": np.ones((4, 3), np.float32), "b": np.full(3, 2.0, np.float32)}, replicate=True)
+        c.dict(d, "w", np.full(12, 5.0, np.float32), rank=1)
+        with pytest.raises(FailedPreconditionError, match="same tensor names, shapes and dtypes"):
+            c.allreduce(d)
+        assert np.array_equal(c.dict(d, "w", rank=0), np.ones((4, 3), np.float32))
+        assert np.array_equal(c.dict(d, "w", rank=1), np.full(12, 5.0, np.float32))
+        c.dict(d, "w", np.full((4, 3), 3.0, np.float32), rank=1)
+        assert c.allreduce(d) == 2
+        for r in range(2):
+            assert np.array_equal(c.dict(d, "w", rank=r), np.full((4, 3), 2.0, np.float32))
+            assert np.array_equal(c.dict(d, "b", rank=r), np.full(3, 2.0, np.float32))
+        c.free(d)

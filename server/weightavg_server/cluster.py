@@ -311,6 +311,12 @@ def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str]) -> N
         return list(copies)
 
 
+def _digest(value: Any) -> int:
+    """A signed 64-bit digest of a plain value's repr (tuples, lists, ints, strings), for ranks to
+    compare what they hold in one tensor collective."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
+
+
 def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: list[float]) -> Reduced:
     """Reduce on every rank: first agree on what is reduced (a control collective that completes even
     when a rank lacks the handle), so no rank is left waiting in a data collective."""
@@ -321,16 +327,19 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
         groups = collectives.adjacent_groups(tensors)
     except WeightavgError as exc:
         mine, error = None, exc
-    signatures: list[Any] = [None] * fabric.world_size
-    dist.all_gather_object(signatures, (mine, groups if mine is not None else None), group=fabric.control)
+    # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
+    # whether this rank can take part, and digests of its shapes and dtypes and of its memory runs.
+    state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
+    gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
+    dist.all_gather(gathered, state, group=fabric.control)
     if mine is None:
         raise error
-    if any(s != mine for s, _ in signatures):
+    if any(int(g[0]) != 1 or int(g[1]) != int(state[1]) for g in gathered):
         raise FailedPrecondition(
             "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
             "with rank= differ in shape or dtype. Set them alike, then allreduce again"
         )
-    if any(g != groups for _, g in signatures):
+    if any(int(g[2]) != int(state[2]) for g in gathered):
         groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
     with service.store.mutate(entry, need=NOTHING):
         # One collective per flat buffer where every rank holds the tensors back to back alike (a
