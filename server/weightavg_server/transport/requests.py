@@ -64,14 +64,29 @@ def key(request: Message) -> RequestKey | None:
     """The key of a unary call, or None when it carries no request ID.
 
     The digest is computed only if the request table asks for it (a repeat, a snapshot): the key
-    keeps the request message, which nothing changes after it is decoded.
+    keeps the request's encoding, not the decoded message (whose arena takes about 500 bytes more:
+    the table remembers up to 100,000 IDs, so the difference was 50 MB on a busy server).
     """
     request_id = getattr(request, "request_id", "")
     if not request_id:
         return None
-    return RequestKey(
-        str(request_id), lambda: hashlib.sha256(_fields(request, type(request))).hexdigest(), request.ByteSize()
-    )
+    encoded = request.SerializeToString()
+    return RequestKey(str(request_id), _UnaryDigest(type(request), encoded), len(encoded))
+
+
+class _UnaryDigest:
+    """The digest of a unary request from its encoding, when first asked for: a slotted object holds
+    less than a closure (about 56 bytes against 200, beside the encoding's 100-200)."""
+
+    __slots__ = ("message_type", "encoded")
+
+    def __init__(self, message_type: type[Message], encoded: bytes) -> None:
+        self.message_type = message_type
+        self.encoded = encoded
+
+    def __call__(self) -> str:
+        message = self.message_type.FromString(self.encoded)
+        return hashlib.sha256(_fields(message, self.message_type)).hexdigest()
 
 
 class StreamDigest(Generic[C]):
