@@ -75,14 +75,16 @@ def test_no_breaking_change_against_the_previous_commit(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_no_breaking_change_against_the_first_published_contract(tmp_path: Path) -> None:
-    # HEAD~1 alone would let a break slip through when several commits are pushed at once.
+def test_no_breaking_change_against_any_earlier_contract(tmp_path: Path) -> None:
+    # HEAD~1 and the first version alone would let a break slip through when several commits land at
+    # once and the broken message was added after the first version: compare with every committed one.
     _history_or_skip()
-    first = git("log", "--diff-filter=A", "--format=%H", "--", f"proto/{PROTO}").stdout.split()
-    if not first:
+    versions = git("log", "--format=%H", "--", f"proto/{PROTO}").stdout.split()
+    if not versions:
         pytest.skip("the proto is not committed yet")
-    result = buf("breaking", "proto", "--against", str(proto_at(first[-1], tmp_path)))
-    assert result.returncode == 0, result.stdout + result.stderr
+    for i, revision in enumerate(versions):
+        result = buf("breaking", "proto", "--against", str(proto_at(revision, tmp_path / str(i))))
+        assert result.returncode == 0, f"against {revision}:\n{result.stdout}{result.stderr}"
 
 
 def test_buf_breaking_catches_a_renumbered_field(tmp_path: Path) -> None:
