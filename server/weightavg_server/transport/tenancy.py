@@ -15,6 +15,7 @@ import datetime
 import enum
 import hashlib
 import json
+import contextvars
 import logging
 import threading
 import time
@@ -350,6 +351,14 @@ class TenantInterceptor(grpc.ServerInterceptor):
             if call.audited:
                 audit(method, caller, outcome, call.handles, call.rid, session, time.perf_counter() - start)
 
+        def enter(context: grpc.ServicerContext) -> tuple[Caller, str | None, _Call, float, contextvars.Token[Caller]]:
+            """Who calls (refused here if no longer allowed), in which session, and CALLER set for the call."""
+            metadata = context.invocation_metadata()
+            session = metadata_value(metadata, SESSION_METADATA)
+            caller = caller_of(method, access, metadata, session, context)
+            call = _Call(access.audited and audit_log.isEnabledFor(logging.INFO))
+            return caller, session, call, time.perf_counter(), CALLER.set(caller)
+
         def begin(request: Any, call: _Call) -> Any:
             if not call.audited:  # nothing reads the handles or the ID: skip collecting them
                 return request
@@ -363,11 +372,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
             assert inner_stream is not None  # grpc sets the behaviour that matches the flags
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                metadata = context.invocation_metadata()
-                session = metadata_value(metadata, SESSION_METADATA)
-                caller = caller_of(method, access, metadata, session, context)
-                call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
-                token = CALLER.set(caller)
+                caller, session, call, start, token = enter(context)
                 try:
                     yield from inner_stream(begin(request, call), context)
                 except BaseException as exc:
@@ -387,11 +392,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
         assert inner is not None  # grpc sets the behaviour that matches the flags
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            metadata = context.invocation_metadata()
-            session = metadata_value(metadata, SESSION_METADATA)
-            caller = caller_of(method, access, metadata, session, context)
-            call, start = _Call(access.audited and audit_log.isEnabledFor(logging.INFO)), time.perf_counter()
-            token = CALLER.set(caller)
+            caller, session, call, start, token = enter(context)
             try:
                 response = inner(begin(request, call), context)
             except BaseException as exc:
