@@ -49,14 +49,23 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+SETTLE_SECONDS = 0.03
+"""Pause before each timed call in `interleaved`: longer than OpenMP workers spin after a kernel by
+default (about 4 ms here; docs/perf.md "Idle spinning"), so no call pays for the spinning threads of
+the call before it, in this process or the server's. Without it the order decided the figures: the
+call after this process's 2-thread add_ ran 30% slower than alone."""
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, alternating them every repeat so load drifts hit all alike."""
+    """Seconds per call of each function, alternating them every repeat so load drifts hit all alike;
+    each timed call starts after `SETTLE_SECONDS` with nothing running."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE_SECONDS)
             times[name].append(timed(fn))
     return times
 

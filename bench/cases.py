@@ -85,6 +85,7 @@ def average_large(ctx: Context) -> list[Row | Skip]:
     )
     nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
+    neighbour = _neighbour(lambda: c.avgparms(m, p), lerp_loop, ctx.reps(15, 5))
     c.free(m, p)
     return [
         row("average, large", "avgparms 25.6M fp32 / 160 tensors", "lerp_ loop in-process", times, "avgparms", "lerp_",
@@ -95,7 +96,22 @@ def average_large(ctx: Context) -> list[Row | Skip]:
             unit="GB/s", scale=1.0, target=">= 0.85", check=at_least(0.85)),
         row("average, floor (info)", "lerp_ loop in-process GB/s", "one large add_ GB/s", gbps, "lerp_", "add_",
             unit="GB/s", scale=1.0, note="what 160 separate in-place kernels reach without any server"),
+        row("average, neighbour (info)", "lerp_ loop right after an avgparms", "the loop 50 ms after one", neighbour,
+            "after", "later", note="what the server's idle threads take from the job beside it (ops/openmp.py)"),
     ]
+
+
+def _neighbour(call: Callable[[], Any], job: Callable[[], Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds of `job` in this process started right after a server `call` returns, and started 50 ms
+    after it: the server's OpenMP workers spinning on after its kernel slow the first (docs/perf.md)."""
+    times: dict[str, list[float]] = {"after": [], "later": []}
+    for _ in range(repeats):
+        call()
+        times["after"].append(timed(job))
+        call()
+        time.sleep(0.05)
+        times["later"].append(timed(job))
+    return times
 
 
 EMA_DECAY = 0.999
