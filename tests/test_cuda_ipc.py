@@ -256,7 +256,10 @@ def cuda_server() -> Iterator[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "weightavg_server", "serve", "--port", "0", "--device", "cuda", "--allow-shm"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])),
+        # This checkout first, then the inherited path (scripts/gpu-check puts the carried wheels there).
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(ROOT / "client"), str(ROOT / "server"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )),
     )
     try:
         assert process.stdout is not None

@@ -267,3 +267,4 @@ def test_cuda_out_of_memory_is_resource_exhausted_and_the_server_serves_on(start
         c.free(copies.pop())
         copies.append(c.copyparms(m))
         c.purge()
+    torch.cuda.empty_cache()  # the in-process server's allocator keeps the GPU otherwise: later tests' servers need it
