@@ -192,7 +192,8 @@ def transfer_(tensor: torch.Tensor, src: int, dst: int | None, rank: int, host_o
         return
     if rank not in (src, dst):
         return
-    staged = tensor.cpu() if host_only and tensor.is_cuda else tensor.contiguous()
+    # gloo sends dense memory only; .cpu() keeps a permuted tensor's strides, so contiguous() after it
+    staged = (tensor.cpu() if host_only and tensor.is_cuda else tensor).contiguous()
     if rank == src:
         dist.send(staged, dst=dst)
         return
