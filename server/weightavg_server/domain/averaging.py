@@ -22,7 +22,7 @@ from . import flat
 from .dictionaries import COUNT_KEY, TensorDict, check_copyable, does_not_fit
 from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
-from .tensors import Bytes
+from .tensors import Bytes, device_name
 
 Source = torch.nn.Module | TensorDict
 """What an average folds in: a module's tensors, or a dictionary's entries by name."""
@@ -196,7 +196,7 @@ class Update:
         peak: Bytes = {}
         for avg, p in self.averaged:
             if p.dtype != avg.dtype:
-                device = str(avg.device)
+                device = device_name(avg)
                 numel = CAST_CHUNK if _chunked(avg, p) else p.numel()
                 peak[device] = max(peak.get(device, 0), numel * avg.element_size())
         return peak

@@ -17,7 +17,7 @@ from torch.func import functional_call
 from . import averaging, merging, optimizers, outer, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
 from .options import Value
-from .tensors import Bytes, add_bytes, module_tensors, tensor_bytes
+from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
 from .training import Model
 
 
@@ -125,7 +125,7 @@ def copy_bytes(module: nn.Module, dtype: torch.dtype | None, buffers: bool) -> B
     """Bytes of copy_parameters(module, dtype, buffers): each copy in its new dtype, on its device."""
     totals: Bytes = {}
     for _, t in averaging.copied_tensors(module, buffers):
-        device = str(t.device)
+        device = device_name(t)
         totals[device] = totals.get(device, 0) + t.numel() * averaging.copy_dtype(t, dtype).itemsize
     return totals
 

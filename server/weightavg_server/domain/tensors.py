@@ -63,10 +63,29 @@ def tensors_of(obj: object) -> Iterator[torch.Tensor]:
         yield from obj.tensors()
 
 
+_CUDA_NAMES: dict[int, str] = {}
+"""str(device) of each GPU index seen, so a walk over a module's tensors does not rebuild it."""
+
+
+def device_name(t: torch.Tensor) -> str:
+    """str(t.device), without building a torch.device for a CPU or CUDA tensor: that was over half
+    the time of a walk over every storage (0.5 of 0.8 ms for 800 tensors), which the store does
+    after every change."""
+    if t.is_cpu:
+        return "cpu"
+    if t.is_cuda:
+        index = t.get_device()
+        name = _CUDA_NAMES.get(index)
+        if name is None:
+            name = _CUDA_NAMES[index] = str(t.device)
+        return name
+    return str(t.device)
+
+
 def storage_key(t: torch.Tensor) -> StorageKey:
     """The allocation a tensor lives in."""
     storage = t.untyped_storage()
-    return (str(t.device), storage.data_ptr(), storage.nbytes())
+    return (device_name(t), storage.data_ptr(), storage.nbytes())
 
 
 def storages(tensors: Iterable[torch.Tensor]) -> set[StorageKey]:
@@ -91,7 +110,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], device: torch.device | str | N
     """Bytes fresh copies of the tensors would take, by device (theirs, or `device`)."""
     totals: Bytes = {}
     for t in tensors:
-        name = str(device) if device is not None else str(t.device)
+        name = str(device) if device is not None else device_name(t)
         totals[name] = totals.get(name, 0) + t.numel() * t.element_size()
     return totals
 
@@ -125,7 +144,7 @@ def summarize(obj: object) -> HandleSummary:
     tensors = list(tensors_of(obj))
     dtypes = {t.dtype for t in tensors}
     return HandleSummary(
-        device=",".join(sorted({str(t.device) for t in tensors})),
+        device=",".join(sorted({device_name(t) for t in tensors})),
         dtype=dtypes.pop() if len(dtypes) == 1 else None,
         nbytes=sum(storage_bytes(storages(tensors)).values()),
         tensor_count=len(tensors),
