@@ -328,6 +328,7 @@ def test_every_gpu_verb_through_cuda_ipc_matches_the_stream(cuda_server: str, cu
             for name, value in rest.items():
                 c.parm(m, name, value)
             c.parm(m, "l1.weight", w)
+            before = fetch(c, m, "cuda", names=["l1.weight"])  # as set: training changes it below
             p = c.copyparms(m)
             c.dict(p, "l1.weight", w * 2)
             t = c.tensor(x)
@@ -335,13 +336,17 @@ def test_every_gpu_verb_through_cuda_ipc_matches_the_stream(cuda_server: str, cu
             c.train(q, x, y)
             c.test(q, x, y)
             loss = c.run(q)
-            results.append((fetch(c, m, "cuda", names=["l1.weight"]), fetch(c, p, "cuda"), c.tensor(t),
-                            c.evaluate(q, x), loss, c.testrun(q)))
-        # parm, entry, tensor, train and test data, evaluate's input; two fetches: the shm client's only
-        assert cuda_calls.count("write") == 6 and cuda_calls.count("read") == 2
-        (p1, d1, t1, e1, l1, r1), (p2, d2, t2, e2, l2, r2) = results
+            results.append((before, fetch(c, p, "cuda"), c.tensor(t), c.evaluate(q, x), loss, c.testrun(q),
+                            fetch(c, m, "cuda", names=["l1.weight", "l1.bias", "l2.weight", "l2.bias"])))
+        # parm, entry, tensor, train and test data, evaluate's input; three fetches: the shm client's only
+        assert cuda_calls.count("write") == 6 and cuda_calls.count("read") == 3
+        (p1, d1, t1, e1, l1, r1, m1), (p2, d2, t2, e2, l2, r2, m2) = results
         assert bits(p1["l1.weight"]) == bits(p2["l1.weight"]) == bits(w)
         assert list(d1) == list(d2) and all(bits(d1[k]) == bits(d2[k]) for k in d2)
+        assert bits(d1["l1.weight"]) == bits(w * 2)
+        # The same epoch on the same values and data (no shuffle): the trained modules agree bit for bit.
+        assert list(m1) == list(m2) and all(bits(m1[k]) == bits(m2[k]) for k in m2)
+        assert not torch.equal(m1["l1.weight"], w)  # the epoch did train the module the parameter was set in
         assert np.asarray(t1).tobytes() == np.asarray(t2).tobytes() == x.cpu().numpy().tobytes()
         for a, b in ((e1, e2), (l1, l2), (r1, r2)):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
