@@ -385,6 +385,14 @@ CAST_CHUNK = 1 << 18
 float32 average): 1 MiB of float32, small enough to stay in cache between the cast and the lerp."""
 
 
+FOREACH_MAX_ELEMENTS = 1 << 20
+"""From this many elements a CUDA pair (a flat span, usually) gets a `lerp_` launch of its own rather
+than a place in the fused `_foreach_lerp_`. On an H200 (docs/perf.md, "GPU") one `lerp_` beat a
+one-tensor `_foreach_lerp_` at every size from 2^20 elements: float32 906 against 684 GB/s at 2^20,
+4366 against 3803 at 2^30; bfloat16 454 against 340, and 4365 against 3341. Below it, a launch per
+tensor costs more than it saves (16 pieces of 2^16 elements: 107 GB/s looped, 593 fused)."""
+
+
 def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
     """avg += (p - avg) * weight for every (avg, p) pair, in place, p cast to avg's dtype first.
 
@@ -392,8 +400,9 @@ def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> 
     per dtype): torch's CPU foreach kernels loop over the tensors themselves and measured no faster
     (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the "kernels" row of `python -m bench`). On
     CUDA one `_foreach_lerp_` launch replaces one launch per tensor for the pairs of one shape and
-    dtype. A value of another dtype is cast `CAST_CHUNK` elements at a time just before their lerp
-    (the whole value when it broadcasts), so at most one such piece is alive (`Update.cast_bytes`).
+    dtype, below `FOREACH_MAX_ELEMENTS`; larger pairs get a `lerp_` each. A value of another dtype
+    is cast `CAST_CHUNK` elements at a time just before their lerp (the whole value when it
+    broadcasts), so at most one such piece is alive (`Update.cast_bytes`).
     """
     fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for a, p in pairs:
@@ -404,7 +413,7 @@ def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> 
                     a_flat[i:i + CAST_CHUNK].lerp_(p_flat[i:i + CAST_CHUNK].to(a.dtype), weight)
             else:
                 a.lerp_(p.to(a.dtype), weight)
-        elif a.is_cuda and a.shape == p.shape:
+        elif a.is_cuda and a.shape == p.shape and a.numel() < FOREACH_MAX_ELEMENTS:
             fused[0].append(a)
             fused[1].append(p)
         else:
