@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .domain import cuda_ipc, shm
+from .domain import cuda_ipc, pinned, shm
 from .domain import (
     averaging, batching, batchnorm, collectives, devices, dictionaries, flat, footprint, losses, modules, optimizers,
     specs, training,
@@ -986,6 +986,11 @@ class Service:
         """A region of the caller's session; NotFound for anyone else's, however it is named."""
         self._require_shm()
         return self.store.shared.get(CALLER.get().tenant, CALLER_SESSION.get(), name)
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """A CPU buffer of nbytes for an upload's tensor on its way to the device: pinned on a CUDA
+        server where `pinned.empty` has room (a fast, non-faulting copy to the device), else pageable."""
+        return pinned.empty((nbytes,), torch.uint8, self.device)
 
     def shared_region(self, name: str) -> shm.Region:
         """The caller's region `name`, for an upload whose tensors' bytes lie in it (TensorChunk.shared)."""

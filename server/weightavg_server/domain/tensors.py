@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from . import dictionaries, flat
+from . import dictionaries, flat, pinned
 from .ema import EmaState
 from .errors import InvalidArgument
 
@@ -157,9 +157,25 @@ def host_copies(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, to
 
     A reply built from copies is consistent (no entry half-updated by a later call), and a slow
     reader never holds up writers to the object; the price is host memory for the copies while
-    the reply streams.
+    the reply streams. A CUDA tensor goes into a pinned block where `pinned.empty` gives one, without
+    blocking; the streams copied on are waited for once, before this returns.
     """
-    return [(name, t.detach().to("cpu", copy=True)) for name, t in named]
+    out: list[tuple[str, torch.Tensor]] = []
+    waiting: set[torch.device] = set()
+    for name, t in named:
+        t = t.detach()
+        if t.device.type != "cuda":
+            out.append((name, t.to("cpu", copy=True)))
+            continue
+        host = pinned.empty(t.shape, t.dtype, t.device)
+        staged = host.is_pinned()
+        host.copy_(t, non_blocking=staged)
+        if staged:
+            waiting.add(t.device)
+        out.append((name, host))
+    for device in waiting:
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 # -- moving between devices and dtypes --------------------------------------------------------------

@@ -136,6 +136,10 @@ class _Pending:
         return int(self.buffer.numel())
 
 
+def _new_buffer(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class TensorAssembler:
     """Join streamed chunks into CPU tensors, checking sizes so bad streams fail before allocating much.
 
@@ -148,14 +152,17 @@ class TensorAssembler:
     def __init__(
         self, max_bytes: int, on_header: Callable[[str, int], None] | None = None,
         regions: Callable[[str], shm.Region] | None = None,
+        allocate: Callable[[int], torch.Tensor] | None = None,
     ) -> None:
         """`on_header(name, nbytes)` runs for each tensor once its header is checked and before its
         buffer is allocated; it may raise (e.g. ResourceExhausted over a cap) to refuse the tensor.
         `regions(name)` finds the caller's shared memory region for a header chunk whose bytes lie
-        in one (TensorChunk.shared); without it such a chunk is refused."""
+        in one (TensorChunk.shared); without it such a chunk is refused. `allocate(nbytes)` gives
+        each tensor's CPU uint8 buffer (a CUDA server's pinned staging); by default a new one."""
         self._max_bytes = max_bytes
         self._on_header = on_header
         self._regions = regions
+        self._allocate = allocate if allocate is not None else _new_buffer
         self._total = 0
         self._pending: _Pending | None = None
         self._check = StreamCheck(InvalidArgument, DataLoss)
@@ -217,7 +224,7 @@ class TensorAssembler:
         if self._on_header is not None:
             self._on_header(chunk.name, nbytes)
         try:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            buffer = self._allocate(nbytes)
         except RuntimeError as exc:  # the CPU allocator's out-of-memory
             raise ResourceExhausted(f"tensor '{chunk.name}' of {nbytes} bytes: server out of memory") from exc
         self._total += nbytes
@@ -282,11 +289,11 @@ class TensorAssembler:
 
 def assemble(
     chunks: Iterable[pb.TensorChunk | ChunkView], max_bytes: int, on_header: Callable[[str, int], None] | None = None,
-    regions: Callable[[str], shm.Region] | None = None,
+    regions: Callable[[str], shm.Region] | None = None, allocate: Callable[[int], torch.Tensor] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
-    """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`
-    and `regions`)."""
-    assembler = TensorAssembler(max_bytes, on_header, regions)
+    """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`,
+    `regions` and `allocate`)."""
+    assembler = TensorAssembler(max_bytes, on_header, regions, allocate)
     for chunk in chunks:
         assembler.feed(chunk)
     return assembler.finish()

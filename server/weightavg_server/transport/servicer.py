@@ -94,7 +94,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         """An upload the service receives when it is ready, reserving as each header arrives."""
 
         def receive(on_header: OnHeader) -> list[tuple[str, torch.Tensor]]:
-            tensors = codec.assemble(chunks, self.max_upload_bytes, on_header, self.service.shared_region)
+            tensors = codec.assemble(
+                chunks, self.max_upload_bytes, on_header, self.service.shared_region, self.service.staging_buffer
+            )
             if not context.is_active():
                 # grpc ends the request stream quietly when it fails the call (a message over the size
                 # cap, the client gone): what arrived is incomplete and must change nothing.

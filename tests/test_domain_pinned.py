@@ -1,0 +1,93 @@
+"""Pinned staging buffers (domain/pinned.py): the rule that bounds torch's caching host allocator, and,
+on a GPU, the copies that go through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightavg_server.domain import pinned
+from weightavg_server.domain.tensors import host_copies
+
+CUDA = torch.device("cuda", 0)
+MB = 1 << 20
+
+
+@pytest.mark.parametrize("nbytes, block", [(1, 1), (2, 2), (3, 4), (MB, MB), (MB + 1, 2 * MB), (3 * MB, 4 * MB)])
+def test_blocks_are_rounded_up_to_a_power_of_two(nbytes: int, block: int) -> None:
+    assert pinned.block_bytes(nbytes) == block
+
+
+class Allocator:
+    """torch's host allocator statistics as this test sets them, and whether its cache was emptied."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, held: int | None, active: int | None, can_empty: bool = True):
+        self.held, self.active, self.emptied = held, active, 0
+        monkeypatch.setattr(torch.cuda, "host_memory_stats", self.stats)
+        monkeypatch.setattr(pinned, "_empty_idle_cache", self.empty if can_empty else lambda: False)
+
+    def stats(self) -> dict[str, int]:
+        return {k: v for k, v in (("allocated_bytes.current", self.held), ("active_bytes.current", self.active))
+                if v is not None}
+
+    def empty(self) -> bool:
+        self.emptied += 1
+        self.held = self.active
+        return True
+
+
+@pytest.mark.parametrize(
+    "held, active, nbytes, room, emptied",
+    [
+        (0, 0, 3 * MB, True, 0),  # a 4 MB block in an empty cache
+        (pinned.CACHE_BYTES - 4 * MB, 0, 3 * MB, True, 0),  # exactly fills the bound
+        (pinned.CACHE_BYTES - 4 * MB, 0, 4 * MB + 1, True, 1),  # an 8 MB block: the idle cache is emptied first
+        (pinned.CACHE_BYTES - 4 * MB, 4 * MB, 4 * MB + 1, False, 0),  # blocks in use: pageable, nothing emptied
+        (0, 0, pinned.CACHE_BYTES + 1, False, 0),  # a block over the bound on its own
+        (None, None, MB, False, 0),  # a torch without these statistics: no bound to keep, so no pinning
+    ],
+)
+def test_the_cache_stays_within_its_bound(
+    monkeypatch: pytest.MonkeyPatch, held: int | None, active: int | None, nbytes: int, room: bool, emptied: int
+) -> None:
+    allocator = Allocator(monkeypatch, held, active)
+    assert pinned._room(nbytes) is room
+    assert allocator.emptied == emptied
+
+
+def test_a_full_idle_cache_that_cannot_be_emptied_gives_pageable_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    Allocator(monkeypatch, pinned.CACHE_BYTES, 0, can_empty=False)
+    assert pinned._room(MB) is False
+
+
+def test_small_buffers_and_host_tensors_never_ask_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse() -> dict[str, int]:
+        raise AssertionError("the pinned allocator was consulted")
+
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", refuse)
+    small = pinned.empty((pinned.MIN_BYTES // 4 - 1,), torch.float32, CUDA)
+    large = pinned.empty((MB,), torch.float32, torch.device("cpu"))
+    assert not small.is_pinned() and not large.is_pinned()
+    assert (small.dtype, small.shape, large.shape) == (torch.float32, (pinned.MIN_BYTES // 4 - 1,), (MB,))
+
+
+def test_host_copies_of_cpu_tensors_are_copies() -> None:
+    t = torch.arange(12.0).reshape(3, 4).t()  # not contiguous
+    (name, copy), = host_copies([("w", t)])
+    assert name == "w" and torch.equal(copy, t) and copy.data_ptr() != t.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_copies_go_through_pinned_blocks_and_equal_the_device_values() -> None:
+    g = torch.Generator(device="cuda").manual_seed(3)
+    named = [("big", torch.randn(1 << 20, device="cuda", generator=g)),
+             ("strided", torch.randn(512, 1024, device="cuda", generator=g).t()),
+             ("bf16", torch.randn(1 << 18, device="cuda", generator=g).to(torch.bfloat16)),
+             ("small", torch.randn(4, device="cuda", generator=g))]
+    copies = host_copies(named)
+    assert [n for n, _ in copies] == [n for n, _ in named]
+    for (_, t), (_, c) in zip(named, copies):
+        assert c.device.type == "cpu" and c.is_contiguous() and c.dtype == t.dtype and torch.equal(c, t.cpu())
+    assert [c.is_pinned() for _, c in copies] == [True, True, True, False]
+    assert torch.cuda.host_memory_stats()["allocated_bytes.current"] <= pinned.CACHE_BYTES
