@@ -477,3 +477,58 @@ def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
         assert same(fast.dict(fast.dict({"more": big}), "more"), big)  # the reused region is big enough
         monkeypatch.undo()
         assert same(fast.dict(d, "big"), big) and fast._shm is not None
+
+
+class _TensorRegion(shm.Region):
+    """A region over a tensor's bytes (on any device), without /dev/shm: what the assembler reads."""
+
+    def __init__(self, data: torch.Tensor) -> None:  # no super().__init__: nothing is mapped
+        self.data, self.byte_size, self.device, self.settled = data, data.numel(), data.device, 0
+
+    def check_size(self) -> None:
+        pass
+
+    def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
+        return self.data[offset:offset + nbytes]
+
+    def settle(self) -> None:
+        self.settled += 1
+
+
+def _received(region: _TensorRegion, held_on: torch.device | None) -> list[tuple[str, torch.Tensor]]:
+    """Two float32 tensors whose bytes lie in `region`, assembled as a header stream names them."""
+    from weightavg_server.transport import codec
+
+    chunks = [pb.TensorChunk(name=name, dtype=pb.DTYPE_FLOAT32, shape=[4], shared=pb.SharedBytes(region="r", offset=at))
+              for name, at in (("a", 0), ("b", 64))]
+    chunks[0].tensor_count, chunks[0].total_bytes = 2, 32
+    staged: list[int] = []
+
+    def allocate(nbytes: int) -> torch.Tensor:
+        staged.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    got = codec.assemble(chunks, 1 << 20, lambda name, nbytes: held_on, lambda name: region, allocate)
+    return [("staged", torch.tensor(staged)), *got]
+
+
+def test_shared_bytes_on_the_host_go_through_the_staging_buffer() -> None:
+    values = torch.arange(32, dtype=torch.float32)
+    region = _TensorRegion(values.view(torch.uint8))
+    (_, staged), (_, a), (_, b) = _received(region, torch.device("cpu"))
+    assert staged.tolist() == [16, 16] and region.settled == 0
+    assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and b.tolist() == [16.0, 17.0, 18.0, 19.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_bytes_in_a_cuda_region_are_received_on_that_device() -> None:
+    """Held on the region's device: device to device, no host buffer, the copies waited for once;
+    held elsewhere (an input kept on the host): through the host buffer as before."""
+    values = torch.arange(32, dtype=torch.float32, device="cuda")
+    region = _TensorRegion(values.view(torch.uint8))
+    (_, staged), (_, a), (_, b) = _received(region, torch.device("cuda"))
+    assert staged.tolist() == [] and a.is_cuda and b.is_cuda and region.settled == 1
+    assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and b.tolist() == [16.0, 17.0, 18.0, 19.0]
+    (_, staged), (_, a), _ = _received(region, torch.device("cpu"))
+    assert staged.tolist() == [16, 16] and not a.is_cuda and a.tolist() == [0.0, 1.0, 2.0, 3.0]

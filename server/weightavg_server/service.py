@@ -42,9 +42,11 @@ from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry,
 from .store.requests import RequestKey, RequestStats, register_answer_type
 from .store.tenants import CALLER
 
-OnHeader = Callable[[str, int], None]
+OnHeader = Callable[[str, int], "torch.device | None"]
 """Called with each uploaded tensor's name and byte size once its header is read, before its buffer
-is allocated; it reserves the bytes, or raises to refuse the tensor."""
+is allocated; it reserves the bytes, or raises to refuse the tensor. It returns the device the tensor
+will be held on (None: not said): a tensor whose bytes lie in a CUDA region on that device is
+received there, device to device, rather than through the host."""
 
 Upload = Callable[[OnHeader], list[tuple[str, torch.Tensor]]]
 """A request's tensors, received when called: the transport joins the stream, calling back for
@@ -264,7 +266,12 @@ class Service:
     def _receive(self, upload: Upload, reservation: Reservation, where: Callable[[str], torch.device]) -> Named:
         """An upload's tensors, each reserved on the device it will be held on (`where(name)`) from
         its header, before its buffer is allocated."""
-        return upload(lambda name, nbytes: self.store.grow(reservation, nbytes={str(where(name)): nbytes}))
+        def reserve(name: str, nbytes: int) -> torch.device:
+            device = where(name)
+            self.store.grow(reservation, nbytes={str(device): nbytes})
+            return device
+
+        return upload(reserve)
 
     def _change_with_upload(
         self, entry: Entry, upload: Upload, count: int, wrong_count: str, change: Callable[[Named], T]

@@ -42,6 +42,9 @@ class Region:
     leaves that copy's mapping alive until it ends).
     """
 
+    device = torch.device("cpu")
+    """Where the region's bytes lie (a CUDA region's device: domain/cuda_ipc.py)."""
+
     def __init__(self, key: str, byte_size: int, directory: str = SHM_DIRECTORY) -> None:
         if not isinstance(key, str) or not KEY.fullmatch(key):
             raise InvalidArgument(
@@ -186,7 +189,7 @@ def check(region: Region, p: Placement) -> None:
 
 
 def read(
-    region: Region, placements: Sequence[Placement], on_header: Callable[[str, int], None] | None = None
+    region: Region, placements: Sequence[Placement], on_header: Callable[[str, int], object] | None = None
 ) -> list[tuple[str, torch.Tensor]]:
     """New tensors holding copies of the placed bytes (the client may reuse its region at once).
 

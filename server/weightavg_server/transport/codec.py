@@ -140,6 +140,14 @@ def _new_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
+def _same_cuda_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a and b are one CUDA device ("cuda" alone meaning the current one)."""
+    if a.type != "cuda" or b.type != "cuda":
+        return False
+    current = torch.cuda.current_device() if a.index is None or b.index is None else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 class TensorAssembler:
     """Join streamed chunks into CPU tensors, checking sizes so bad streams fail before allocating much.
 
@@ -150,19 +158,22 @@ class TensorAssembler:
     """
 
     def __init__(
-        self, max_bytes: int, on_header: Callable[[str, int], None] | None = None,
+        self, max_bytes: int, on_header: Callable[[str, int], torch.device | None] | None = None,
         regions: Callable[[str], shm.Region] | None = None,
         allocate: Callable[[int], torch.Tensor] | None = None,
     ) -> None:
         """`on_header(name, nbytes)` runs for each tensor once its header is checked and before its
-        buffer is allocated; it may raise (e.g. ResourceExhausted over a cap) to refuse the tensor.
-        `regions(name)` finds the caller's shared memory region for a header chunk whose bytes lie
-        in one (TensorChunk.shared); without it such a chunk is refused. `allocate(nbytes)` gives
-        each tensor's CPU uint8 buffer (a CUDA server's pinned staging); by default a new one."""
+        buffer is allocated; it may raise (e.g. ResourceExhausted over a cap) to refuse the tensor,
+        and returns the device the tensor will be held on (or None). `regions(name)` finds the
+        caller's shared memory region for a header chunk whose bytes lie in one
+        (TensorChunk.shared); without it such a chunk is refused. `allocate(nbytes)` gives each
+        tensor's CPU uint8 buffer (a CUDA server's pinned staging); by default a new one. A tensor
+        whose bytes lie in a CUDA region on the device on_header names is received on that device."""
         self._max_bytes = max_bytes
         self._on_header = on_header
         self._regions = regions
         self._allocate = allocate if allocate is not None else _new_buffer
+        self._unsettled: dict[int, shm.Region] = {}
         self._total = 0
         self._pending: _Pending | None = None
         self._check = StreamCheck(InvalidArgument, DataLoss)
@@ -199,9 +210,11 @@ class TensorAssembler:
                 f"stream ended inside tensor '{p.name}': got {p.filled} of {p.nbytes} bytes"
             )
         self._check.finish()
+        for region in self._unsettled.values():
+            region.settle()  # device-to-device copies out of a CUDA region: done before the call answers
         return self.tensors
 
-    def _start(self, chunk: pb.TensorChunk | ChunkView) -> None:
+    def _start(self, chunk: pb.TensorChunk | ChunkView, source: torch.device | None = None) -> None:
         if self._pending is not None:
             p = self._pending
             raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
@@ -221,10 +234,12 @@ class TensorAssembler:
                 f"a request may carry at most {self._max_bytes} bytes of tensors"
             )
         self._check.header(chunk.name, chunk.dtype, shape, nbytes)
-        if self._on_header is not None:
-            self._on_header(chunk.name, nbytes)
+        held_on = self._on_header(chunk.name, nbytes) if self._on_header is not None else None
         try:
-            buffer = self._allocate(nbytes)
+            if source is not None and held_on is not None and _same_cuda_device(source, held_on):
+                buffer = torch.empty(nbytes, dtype=torch.uint8, device=source)
+            else:
+                buffer = self._allocate(nbytes)
         except RuntimeError as exc:  # the CPU allocator's out-of-memory
             raise ResourceExhausted(f"tensor '{chunk.name}' of {nbytes} bytes: server out of memory") from exc
         self._total += nbytes
@@ -245,12 +260,14 @@ class TensorAssembler:
         if len(shape) <= MAX_DIMS and all(d >= 0 for d in shape):  # else _start refuses it
             shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset,
                                             math.prod(shape) * torch.empty((), dtype=dtype).element_size()))
-        self._start(chunk)
+        self._start(chunk, region.device if region.device.type == "cuda" else None)
         p = self._pending
         assert p is not None
         region.check_size()
         if p.nbytes:
             shm.copy_bytes(p.buffer, region.bytes_at(chunk.shared.offset, p.nbytes, f"tensor '{p.name}'"))
+            if p.buffer.is_cuda:
+                self._unsettled[id(region)] = region
         p.filled = p.nbytes
         self._complete(None, shared=True)
 
@@ -288,7 +305,8 @@ class TensorAssembler:
 
 
 def assemble(
-    chunks: Iterable[pb.TensorChunk | ChunkView], max_bytes: int, on_header: Callable[[str, int], None] | None = None,
+    chunks: Iterable[pb.TensorChunk | ChunkView], max_bytes: int,
+    on_header: Callable[[str, int], torch.device | None] | None = None,
     regions: Callable[[str], shm.Region] | None = None, allocate: Callable[[int], torch.Tensor] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`,
