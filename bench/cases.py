@@ -554,6 +554,59 @@ def gpu_average(ctx: Context) -> list[Row | Skip]:
     return rows
 
 
+def cuda_ipc(ctx: Context) -> list[Row | Skip]:
+    """weightavg.torch push and fetch of 256 MB of CUDA tensors (64 MB with --quick) with
+    Client(shm=True), where they move device to device through the client's registered CUDA buffer,
+    against the same calls through the host and the gRPC stream, and against torch's device-to-device
+    clone of the same tensors in this process."""
+    from weightavg.torch import fetch, push
+
+    c = ctx.client
+    if not torch.cuda.is_available() or not c.info()["device"].startswith("cuda"):
+        return [Skip("CUDA IPC", "needs CUDA on the server and in this process")]
+    count, width = 4 if ctx.quick else 16, 2048
+    nbytes = count * width * width * 4
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = {f"w{i}": torch.randn(width, width, device="cuda", generator=g) for i in range(count)}
+    names = list(state)
+
+    def check(values: dict[str, torch.Tensor]) -> None:
+        assert sum(v.numel() * v.element_size() for v in values.values()) == nbytes and values[names[0]].is_cuda
+
+    def clone() -> None:
+        check({k: v.clone() for k, v in state.items()})
+        torch.cuda.synchronize()
+
+    with Client(ctx.address, timeout=600, shm=True) as fast:
+        warm = push(fast, state)  # registers the CUDA buffer and grows it to this size
+        fetch(fast, warm, "cuda", names=names)
+        if fast._cuda is None:
+            return [Skip("CUDA IPC", "the server refused the CUDA buffer (start it with --allow-shm on this host)")]
+        times = interleaved(
+            {
+                "ipc push": lambda: fast.free(push(fast, state)),
+                "stream push": lambda: c.free(push(c, state)),
+                "ipc fetch": lambda: check(fetch(fast, warm, "cuda")),
+                "stream fetch": lambda: check(fetch(c, warm, "cuda")),
+                "clone": clone,
+            },
+            ctx.reps(7, 2),
+        )
+        fast.free(warm)
+    gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
+    mb = nbytes >> 20
+    rows: list[Row | Skip] = []
+    for way in ("push", "fetch"):
+        measured = f"{way} {mb} MB of CUDA tensors, Client(shm=True)"
+        rows += [
+            row("CUDA IPC (info)", measured, f"{way} through the host and the gRPC stream", gbps,
+                f"ipc {way}", f"stream {way}", unit="GB/s", scale=1.0),
+            row("CUDA IPC (info)", measured, "clone() of the same tensors, in process", gbps,
+                f"ipc {way}", "clone", unit="GB/s", scale=1.0),
+        ]
+    return rows
+
+
 # -- averaging across models --------------------------------------------------------------------------
 
 
@@ -755,6 +808,7 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "batchnorm": batchnorm,
     "clients": many_clients,
     "gpu": gpu_average,
+    "cudaipc": cuda_ipc,
     "average8": average_many,
     "ties": merge_ties,
     "allreduce": allreduce,
