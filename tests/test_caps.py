@@ -216,16 +216,17 @@ HOLD_NOTHING_NEW = {
     "set_model_options", "restore_data", "next_batch", "recalculate_batchnorm", "free", "create_session",
     "keep_alive", "close_session", "snapshot", "run_test", "fetch",
     "register_shared_memory", "unregister_shared_memory", "fetch_to_shared_memory",
-    "allreduce", "broadcast", "staging_buffer",
+    "allreduce", "broadcast",
 }
 """Methods that make handles or change objects without new held memory (checked below) or that hold
-memory only while they run (reserved for the call: evaluate's upload, fetch's host copies; an upload's
-staging buffer, reserved as the tensor it carries)."""
+memory only while they run (reserved for the call: evaluate's upload, fetch's host copies)."""
 READ_ONLY = {
     "server_info", "device_usage", "describe_module", "parameter_names", "buffer_names", "size", "list_handles",
     "learning_rate", "describe_model", "model_options", "request_id_stats", "tenant_usage", "cluster_info",
-    "shared_region",
+    "shared_region", "staging_buffer",
 }
+"""Methods that change no object. `staging_buffer` gives an upload's transient buffer, reserved as the
+tensor it carries."""
 
 
 def test_every_service_method_is_classified() -> None:
