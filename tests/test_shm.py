@@ -532,3 +532,36 @@ def test_shared_bytes_in_a_cuda_region_are_received_on_that_device() -> None:
     assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and b.tolist() == [16.0, 17.0, 18.0, 19.0]
     (_, staged), (_, a), _ = _received(region, torch.device("cpu"))
     assert staged.tolist() == [16, 16] and not a.is_cuda and a.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_an_upload_copies_each_array_into_the_region_just_before_its_header_and_none_after_close() -> None:
+    from weightavg import _shm
+
+    arrays = [("a", np.arange(16, dtype=np.float32)), ("b", np.full(8, 7, np.int64)), ("c", np.ones(4, np.float32))]
+    placed, nbytes = _shm.layout(arrays)
+    region = bytearray(nbytes)
+    writing = _shm.Writing(memoryview(region), placed)
+    stream = writing.chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME)
+
+    def held(i: int) -> bytes:
+        m = placed[i].message
+        return bytes(region[m.offset:m.offset + m.byte_size])
+
+    first = next(stream)
+    assert held(0) == arrays[0][1].tobytes() and held(1) == bytes(64)  # b not copied yet
+    second = next(stream)
+    assert held(1) == arrays[1][1].tobytes()
+    expected = list(_shm.shared_chunks([(p.message, p.region) for p in placed], pb.CreateDictionaryRequest,
+                                       _shm.REGION_NAME))
+    assert [first, second] == expected[:2]
+    writing.close()  # the call is over: gRPC's thread may still draw on the stream
+    assert list(stream) == [] and held(2) == bytes(16)
+    again = list(_shm.Writing(memoryview(region), placed).chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME))
+    assert again == expected and held(2) == arrays[2][1].tobytes()  # a retry: the whole stream, every copy
+
+
+def test_an_upload_without_tensors_sends_its_one_empty_header() -> None:
+    from weightavg import _shm
+
+    got = list(_shm.Writing(memoryview(bytearray(0)), []).chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME))
+    assert got == list(_shm.shared_chunks([], pb.CreateDictionaryRequest, _shm.REGION_NAME)) and len(got) == 1

@@ -1249,10 +1249,10 @@ class Client:
     ) -> Iterator[Callable[[], Iterator[bytes]]]:
         """For the duration of one upload call: a function giving its stream's tensor messages.
 
-        With shared memory (and MIN_UPLOAD_BYTES or more) the arrays are copied into the reused
-        region once, here, and the messages only say where they lie (TensorChunk.shared); the
-        region is held until the call is over, so a retry finds the same bytes. Otherwise the
-        messages carry the bytes, as without shared memory.
+        With shared memory (and MIN_UPLOAD_BYTES or more) the messages only say where the arrays
+        lie (TensorChunk.shared), each array copied into the reused region as its header is sent
+        (`_shm.Writing`); the region is held until the call is over, and a retry copies the same
+        bytes again. Otherwise the messages carry the bytes, as without shared memory.
         """
         def streamed() -> Iterator[bytes]:
             return wire.encoded_chunks(items, self.chunk_bytes, message_type)
@@ -1280,10 +1280,12 @@ class Client:
             if buf is None:
                 yield streamed
                 return
-            _shm.write(buf, placed)
+            writing = _shm.Writing(buf, placed)
             del buf
-            headers = [(p.message, p.region) for p in placed]
-            yield lambda: _shm.shared_chunks(headers, message_type, _shm.REGION_NAME)
+            try:
+                yield lambda: writing.chunks(message_type, _shm.REGION_NAME)
+            finally:
+                writing.close()
 
     def _cuda_refused(self, exc: grpc.RpcError) -> None:
         """Raise the error unless the server refused the CUDA region; then GPU tensors go through

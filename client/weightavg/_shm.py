@@ -297,6 +297,37 @@ def shared_chunks(
         yield wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
 
 
+class Writing:
+    """One upload's copies into the reused region, made as its stream is sent: each array just
+    before the header naming it, so the server copies one tensor out while the next is copied in
+    (on the project's VM, 256 MB went from 2.4-2.7 to 3.3-3.9 GB/s). `close()` ends it when the
+    call is over: a copy under way finishes, and no later one starts, since gRPC may still be
+    drawing on the stream from its own thread while the region passes to the next call.
+
+    A retry sends the stream again from the start, copying the same bytes to the same places.
+    """
+
+    def __init__(self, buf: memoryview, placed: Sequence[Placed]) -> None:
+        self._buf: memoryview | None = buf
+        self._placed = list(placed)
+        self._lock = threading.Lock()
+
+    def chunks(self, message_type: type[Message], region: str) -> Iterator[bytes]:
+        """The stream's messages (see shared_chunks), each array copied in just before its header."""
+        messages = shared_chunks([(p.message, p.region) for p in self._placed], message_type, region)
+        for p, message in zip(self._placed, messages):
+            with self._lock:
+                if self._buf is None:
+                    return
+                write(self._buf, [p])
+            yield message
+        yield from messages  # the one empty header of a stream without tensors
+
+    def close(self) -> None:
+        with self._lock:
+            self._buf = None
+
+
 def write(buf: memoryview, placed: Sequence[Placed]) -> None:
     """Copy each array bound for the reused region into its place (one copy a byte)."""
     for p in placed:
