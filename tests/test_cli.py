@@ -243,6 +243,7 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
 @pytest.mark.parametrize("env, message", [
     ({"WEIGHTAVG_PORT": "abc"}, "WEIGHTAVG_PORT='abc' is not a valid int"),
     ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
+    ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "--pinned-cache-bytes must be 0 (no pinned staging) or more; got -1"),
 ])
 def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
     result = subprocess.run(

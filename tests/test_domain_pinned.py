@@ -55,6 +55,18 @@ def test_the_cache_stays_within_its_bound(
     assert allocator.emptied == emptied
 
 
+def test_a_bound_of_zero_stages_nothing_and_a_negative_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    Allocator(monkeypatch, 0, 0)
+    monkeypatch.setattr(pinned, "_cache_bytes", pinned.CACHE_BYTES)  # restored after the test
+    pinned.set_cache_bytes(0)
+    assert pinned._room(1) is False and pinned._room(pinned.MIN_BYTES) is False
+    pinned.set_cache_bytes(8 * MB)
+    assert pinned._room(8 * MB) is True and pinned._room(8 * MB + 1) is False
+    with pytest.raises(ValueError, match="--pinned-cache-bytes must be 0"):
+        pinned.set_cache_bytes(-1)
+    assert pinned._room(8 * MB) is True  # the refused value changed nothing
+
+
 def test_a_full_idle_cache_that_cannot_be_emptied_gives_pageable_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     Allocator(monkeypatch, pinned.CACHE_BYTES, 0, can_empty=False)
     assert pinned._room(MB) is False

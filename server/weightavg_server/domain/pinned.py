@@ -7,9 +7,10 @@ into reused pageable ones, 50 into pinned blocks from torch's caching host alloc
 takes its staging buffers from that allocator, which keeps freed blocks (each rounded up to a power
 of two) for the next copy of that size.
 
-The allocator never gives memory back on its own, so `CACHE_BYTES` bounds what it holds: a buffer
-that would grow it past the bound takes pageable memory instead, after an idle cache (no block in
-use) is emptied. Small buffers (`MIN_BYTES`) and servers without CUDA take pageable memory always.
+The allocator never gives memory back on its own, so a bound (`CACHE_BYTES`, or the server's
+--pinned-cache-bytes) limits what it holds: a buffer that would grow it past the bound takes
+pageable memory instead, after an idle cache (no block in use) is emptied. Small buffers
+(`MIN_BYTES`) and servers without CUDA take pageable memory always.
 """
 
 from __future__ import annotations
@@ -23,9 +24,23 @@ MIN_BYTES = 64 << 10
 and kept for little gain."""
 
 CACHE_BYTES = 1 << 30
-"""The most pinned memory the caching host allocator may hold for the server's staging buffers."""
+"""By default, the most pinned memory the caching host allocator may hold for the staging buffers."""
 
 _lock = threading.Lock()
+_cache_bytes = CACHE_BYTES
+
+
+def set_cache_bytes(nbytes: int) -> None:
+    """This process's bound (the server's --pinned-cache-bytes): one, as the allocator is one per
+    process; 0 stages every copy through pageable memory.
+
+    Raises:
+        ValueError: a negative bound.
+    """
+    global _cache_bytes
+    if nbytes < 0:
+        raise ValueError(f"--pinned-cache-bytes must be 0 (no pinned staging) or more; got {nbytes}")
+    _cache_bytes = nbytes
 
 
 def block_bytes(nbytes: int) -> int:
@@ -43,16 +58,16 @@ def _empty_idle_cache() -> bool:
 
 
 def _room(nbytes: int) -> bool:
-    """Whether a pinned block for nbytes keeps the allocator within CACHE_BYTES (emptying an idle cache
+    """Whether a pinned block for nbytes keeps the allocator within the bound (emptying an idle cache
     to make room). False where this torch reports no host memory statistics: no bound could be kept."""
     need = block_bytes(nbytes)
-    if need > CACHE_BYTES:
+    if need > _cache_bytes:
         return False
     stats = torch.cuda.host_memory_stats()
     held, active = stats.get("allocated_bytes.current"), stats.get("active_bytes.current")
     if held is None or active is None:
         return False
-    if int(held) + need <= CACHE_BYTES:
+    if int(held) + need <= _cache_bytes:
         return True
     return int(active) == 0 and _empty_idle_cache()
 

@@ -19,7 +19,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
 from .config import ServerConfig
-from ..domain import optimizers
+from ..domain import optimizers, pinned
 from ..domain.devices import server_device
 from ..domain.errors import WeightavgError
 from ..service import Service, Settings
@@ -244,6 +244,7 @@ def create_runtime(
     device = fabric.device if fabric is not None else server_device(config.device)
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
+    pinned.set_cache_bytes(config.pinned_cache_bytes)
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
     registry.set_quotas(tokens.table.quotas)

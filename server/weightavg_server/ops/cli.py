@@ -74,6 +74,9 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--max-request-ids", "max_request_ids", int, "most request IDs remembered; the oldest go first"),
     ("--max-request-id-bytes", "max_request_id_bytes", int,
      "most bytes remembered answers may hold (an epoch's metrics can be tensors); the oldest go first"),
+    ("--pinned-cache-bytes", "pinned_cache_bytes", int,
+     "on a CUDA device: most page-locked host memory kept for staging copies between the GPU and the host "
+     "(torch's caching host allocator); 0 stages them through pageable memory"),
     ("--cluster-timeout-seconds", "cluster_timeout_seconds", float,
      "under torchrun: how long a rank waits on another before the cluster is declared broken (health "
      "NOT_SERVING, calls UNAVAILABLE); also the longest a call on replicated objects may run"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from weightavg.wire import CHUNK_BYTES
 
+from ..domain import pinned
 from ..store import requests
 
 ENV_PREFIX = "WEIGHTAVG_"
@@ -33,6 +34,7 @@ DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_REQUEST_ID_WINDOW_SECONDS = requests.DEFAULT_WINDOW_SECONDS
 DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
 DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
+DEFAULT_PINNED_CACHE_BYTES = pinned.CACHE_BYTES
 DEFAULT_CLUSTER_TIMEOUT_SECONDS = 300.0
 """Under torchrun: how long a rank waits on another (a command, a result, a collective) before the
 cluster is declared broken; also the longest a call on replicated objects may run."""
@@ -88,6 +90,8 @@ class ServerConfig:
     max_request_id_bytes: int = DEFAULT_MAX_REQUEST_ID_BYTES
     # Co-located clients (docs/security.md): map shared memory regions clients on this host register.
     allow_shm: bool = False
+    # A CUDA server's staging of copies to and from the host (docs/ops.md): page-locked memory kept.
+    pinned_cache_bytes: int = DEFAULT_PINNED_CACHE_BYTES
     # The cluster under torchrun (docs/cluster.md).
     cluster_timeout_seconds: float = DEFAULT_CLUSTER_TIMEOUT_SECONDS
 
