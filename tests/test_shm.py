@@ -527,7 +527,7 @@ def test_shared_bytes_in_a_cuda_region_are_received_on_that_device() -> None:
     held elsewhere (an input kept on the host): through the host buffer as before."""
     values = torch.arange(32, dtype=torch.float32, device="cuda")
     region = _TensorRegion(values.view(torch.uint8))
-    (_, staged), (_, a), (_, b) = _received(region, torch.device("cuda"))
+    (_, staged), (_, a), (_, b) = _received(region, torch.device("cuda", 0))
     assert staged.tolist() == [] and a.is_cuda and b.is_cuda and region.settled == 1
     assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and b.tolist() == [16.0, 17.0, 18.0, 19.0]
     (_, staged), (_, a), _ = _received(region, torch.device("cpu"))

@@ -300,7 +300,7 @@ def shared_chunks(
 class Writing:
     """One upload's copies into the reused region, made as its stream is sent: each array just
     before the header naming it, so the server copies one tensor out while the next is copied in
-    (on the project's VM, 256 MB went from 2.4-2.7 to 3.3-3.9 GB/s). `close()` ends it when the
+    (on the project's VM, 256 MB uploads went from 2.4-2.7 to 3.7-4.2 GB/s). `close()` ends it when the
     call is over: a copy under way finishes, and no later one starts, since gRPC may still be
     drawing on the stream from its own thread while the region passes to the next call.
 

@@ -164,7 +164,7 @@ def host_copies(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, to
     waiting: set[torch.device] = set()
     for name, t in named:
         t = t.detach()
-        if t.device.type != "cuda":
+        if not t.is_cuda:  # (not t.device: that builds a torch.device per tensor, see device_name)
             out.append((name, t.to("cpu", copy=True)))
             continue
         host = pinned.empty(t.shape, t.dtype, t.device)

@@ -140,16 +140,9 @@ def _new_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def _same_cuda_device(a: torch.device, b: torch.device) -> bool:
-    """Whether a and b are one CUDA device ("cuda" alone meaning the current one)."""
-    if a.type != "cuda" or b.type != "cuda":
-        return False
-    current = torch.cuda.current_device() if a.index is None or b.index is None else 0
-    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
-
-
 class TensorAssembler:
-    """Join streamed chunks into CPU tensors, checking sizes so bad streams fail before allocating much.
+    """Join streamed chunks into tensors (CPU ones, or on a CUDA region's device when they are held
+    there), checking sizes so bad streams fail before allocating much.
 
     A declared stream (TensorChunk in the .proto) must carry exactly the tensors and bytes it
     declared, each with a matching CRC32C: InvalidArgument for a stream short, long or without its
@@ -236,7 +229,7 @@ class TensorAssembler:
         self._check.header(chunk.name, chunk.dtype, shape, nbytes)
         held_on = self._on_header(chunk.name, nbytes) if self._on_header is not None else None
         try:
-            if source is not None and held_on is not None and _same_cuda_device(source, held_on):
+            if source is not None and held_on == source:  # both indexed (devices.server_device, cuda_ipc)
                 buffer = torch.empty(nbytes, dtype=torch.uint8, device=source)
             else:
                 buffer = self._allocate(nbytes)
@@ -309,7 +302,7 @@ def assemble(
     on_header: Callable[[str, int], torch.device | None] | None = None,
     regions: Callable[[str], shm.Region] | None = None, allocate: Callable[[int], torch.Tensor] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
-    """Join a whole stream of chunks into named CPU tensors (see TensorAssembler for `on_header`,
+    """Join a whole stream of chunks into named tensors (see TensorAssembler for `on_header`,
     `regions` and `allocate`)."""
     assembler = TensorAssembler(max_bytes, on_header, regions, allocate)
     for chunk in chunks:
