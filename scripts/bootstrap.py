@@ -13,8 +13,9 @@ the indexes):
   warning, since on an ordinary Linux machine that index serves the multi-GB CUDA build. Elsewhere
   (macOS, Windows) the configured index already serves a CPU build.
 
-The stamp (.venv/weightavg-setup.json) records a hash of pyproject.toml, the chosen build and
-the Python version, and the extras installed; a run whose hash matches and whose extras are
+The stamp (.venv/weightavg-setup.json) records a hash of the build files (pyproject.toml, setup.py
+and the C extension's source, and whether the extension is built), the chosen build and the Python
+version, and the extras installed; a run whose hash matches and whose extras are
 already in place installs nothing, so it starts at once and needs no network.
 """
 
@@ -110,8 +111,22 @@ def torch_source(variant: str, system: str, cpu_index: str, reachable: Callable[
     )
 
 
+BUILD_FILES = ("pyproject.toml", "setup.py", "server/weightavg_server/domain/_lerp.c")
+"""What an install is made from: the package's metadata and its one C extension, which `pip install
+-e` compiles next to its source."""
+
+
+def build_inputs(root: Path) -> bytes:
+    """The build files' contents, and whether the compiled extension is in place: a change to a file,
+    or an extension removed (`git clean -X`), installs again."""
+    parts = [name.encode() + b"\0" + ((root / name).read_bytes() if (root / name).exists() else b"") for name in BUILD_FILES]
+    built = any(p.suffix in (".so", ".pyd") for p in (root / "server/weightavg_server/domain").glob("_lerp.*"))
+    return b"\0".join(parts) + (b"\0built" if built else b"")
+
+
 def stamp_hash(pyproject: bytes, variant: str, python: str) -> str:
-    """What the environment was built from: pyproject.toml, the torch build and the Python version."""
+    """What the environment was built from: the build inputs (`build_inputs`; pyproject.toml alone in
+    older stamps), the torch build and the Python version."""
     digest = hashlib.sha256()
     for part in (pyproject, variant.encode(), python.encode()):
         digest.update(hashlib.sha256(part).digest())
@@ -177,7 +192,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
     extras = sorted({e.strip() for e in args.extras.split(",") if e.strip()})
     variant = choose_variant(env, has_nvidia_gpu)
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    digest = stamp_hash((root / "pyproject.toml").read_bytes(), variant, python)
+    digest = stamp_hash(build_inputs(root), variant, python)
     stamp = read_stamp(venv)
     installed = stamped_extras(stamp, digest)
     if not args.dry_run and set(extras) <= installed:
@@ -192,6 +207,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
         print(f"torch would come from: {dry_run(source)}")
         return 0
     install(root, venv, source, extras, replace_torch=stamp.get("variant", variant) != variant)
+    digest = stamp_hash(build_inputs(root), variant, python)  # the install has just built the extension
     (venv / STAMP).write_text(json.dumps({"hash": digest, "extras": extras, "variant": variant}) + "\n")
     return 0
 

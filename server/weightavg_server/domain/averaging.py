@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import flat
+from . import flat, lerp
 from .dictionaries import COUNT_KEY, TensorDict, check_copyable, does_not_fit
 from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
@@ -396,9 +396,11 @@ tensor costs more than it saves (16 pieces of 2^16 elements: 107 GB/s looped, 59
 def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
     """avg += (p - avg) * weight for every (avg, p) pair, in place, p cast to avg's dtype first.
 
-    On the CPU a Python loop of `lerp_` (over spans when the pairs are flat, so usually one call
-    per dtype): torch's CPU foreach kernels loop over the tensors themselves and measured no faster
-    (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the "kernels" row of `python -m bench`). On
+    On the CPU a Python loop over the pairs (spans when they are flat, so usually one call per
+    dtype), each large pair in the native fused kernel (`lerp.native_lerp_`: torch's bits, about
+    add_'s speed) and the rest with `lerp_`: torch's CPU foreach kernels loop over the tensors
+    themselves and measured no faster (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the
+    "kernels" row of `python -m bench`). On
     CUDA one `_foreach_lerp_` launch replaces one launch per tensor for the pairs of one shape and
     dtype, below `FOREACH_MAX_ELEMENTS`; larger pairs get a `lerp_` each. A value of another dtype
     is cast `CAST_CHUNK` elements at a time just before their lerp (the whole value when it
@@ -406,6 +408,8 @@ def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> 
     """
     fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for a, p in pairs:
+        if lerp.native_lerp_(a, p, weight):
+            continue
         if p.dtype != a.dtype:
             if _chunked(a, p):
                 a_flat, p_flat = a.view(-1), p.view(-1)
@@ -433,6 +437,9 @@ def apply(update: Update, d: TensorDict) -> None:
     A weight of 1.0 is a full copy with `copy_`, which casts and broadcasts as lerp would and stays
     exact even where the old average is not finite.
     """
+    # The new count first: made after a large kernel, which has just streamed every cache empty, the
+    # tensor took 0.15 ms of a served avgparms (docs/perf.md, "Native lerp").
+    count = None if update.count is None else torch.tensor(update.count, dtype=torch.float64)
     with torch.no_grad():
         if update.weight == 1.0:
             for a, p in update.averaged:
@@ -441,8 +448,8 @@ def apply(update: Update, d: TensorDict) -> None:
             _lerp_all(update.averaged, update.weight)
         for a, p in update.copied:
             a.copy_(p)
-    if update.count is not None:
-        d.entries[COUNT_KEY] = torch.tensor(update.count, dtype=torch.float64)
+    if count is not None:
+        d.entries[COUNT_KEY] = count
     if update.ema is not None:
         d.ema = update.ema
 

@@ -1,0 +1,179 @@
+"""The native fused lerp (server/.../domain/_lerp.c through domain/lerp.py), in process: torch's
+`lerp_` is the oracle, bit for bit, for every kind, both of lerp's formulas, thread splits and
+odd lengths; the pairs it must leave to torch; its guard; and averaging with it off.
+
+The kernel is optional at install (no C compiler: torch's lerp_ does the work). One test insists it
+was built wherever this machine could build it, so a broken build cannot hide behind the skips."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightavg_server.domain import averaging, lerp
+
+BUILT = lerp.native_state() == "native fused lerp"
+needs_native = pytest.mark.skipif(not BUILT, reason=f"CPU averages run on {lerp.native_state()}")
+
+N = lerp.MIN_ELEMENTS
+
+
+def can_build_here() -> bool:
+    """A C compiler and Python's headers: what setup.py needs for the extension."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) is not None and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
+def pair(n: int, avg_dtype: torch.dtype, value_dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    avg = torch.randn(n, generator=g, dtype=torch.float64).to(avg_dtype)
+    value = (torch.randn(n, generator=g, dtype=torch.float64) * 3 + 1).to(value_dtype)
+    return avg, value
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def test_the_kernel_is_built_wherever_a_compiler_and_headers_exist() -> None:
+    if not can_build_here():
+        pytest.skip("no C compiler or Python headers here: the install leaves the kernel out by design")
+    assert BUILT, lerp.native_state()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", list(lerp.KINDS), ids=lambda k: f"{k[1]}->{k[0]}".replace("torch.", ""))
+@pytest.mark.parametrize("weight", [0.25, 1.0 / 3.0, 0.001, 0.5, 0.75, 0.999, 1.0 / 7.0])
+@pytest.mark.parametrize("n", [N, N + 1, 3 * lerp.ELEMENTS_PER_THREAD + 7])
+def test_the_kernel_gives_torchs_bits(kind: tuple[torch.dtype, torch.dtype], weight: float, n: int) -> None:
+    avg, value = pair(n, *kind)
+    expected = avg.clone().lerp_(value.to(avg.dtype), weight)
+    assert lerp.native_lerp_(avg, value, weight)
+    assert torch.equal(bits(avg), bits(expected))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 8])
+def test_every_thread_split_gives_the_same_bits(threads: int) -> None:
+    """Each thread's part starts on a 64-byte boundary; parts of any count cover every element once."""
+    avg, value = pair(4 * N + 3, torch.float32, torch.float32)
+    expected = avg.clone().lerp_(value, 0.2)
+    lerp._run(avg, value, 0.2, threads=threads)
+    assert torch.equal(bits(avg), bits(expected))
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(
+    extra=st.integers(min_value=0, max_value=300),
+    weight=st.floats(min_value=-1.0, max_value=2.0, allow_nan=False, width=32),
+    kind=st.sampled_from(list(lerp.KINDS)),
+    seed=st.integers(min_value=0, max_value=2**31),
+)
+def test_any_weight_and_length_gives_torchs_bits(extra: int, weight: float, kind: tuple[torch.dtype, torch.dtype], seed: int) -> None:
+    avg, value = pair(N + extra, *kind, seed=seed)
+    expected = avg.clone().lerp_(value.to(avg.dtype), weight)
+    assert lerp.native_lerp_(avg, value, weight)
+    # torch's own scalar tail and vector body may disagree on the sign of a zero (lerp._same_bits)
+    assert lerp._same_bits(avg, expected)
+
+
+@needs_native
+def test_a_tensor_lerped_onto_itself_is_unchanged() -> None:
+    avg, _ = pair(N, torch.float32, torch.float32)
+    before = avg.clone()
+    assert lerp.native_lerp_(avg, avg, 0.75)
+    assert torch.equal(bits(avg), bits(before))
+
+
+@pytest.mark.parametrize("case", ["small", "strided", "broadcast", "float16", "int", "overlap", "mixed float64"])
+def test_pairs_outside_the_kernel_are_left_untouched_for_torch(case: str) -> None:
+    avg, value = pair(2 * N, torch.float32, torch.float32)
+    if case == "small":
+        avg, value = avg[: N - 1], value[: N - 1]
+    elif case == "strided":
+        avg, value = avg.view(2, N).t(), value.view(2, N).t()
+    elif case == "broadcast":
+        avg, value = avg.view(2, N), value[:N]
+    elif case == "float16":
+        value = value.half()
+    elif case == "int":
+        avg, value = avg.int(), value.int()
+    elif case == "overlap":
+        storage = torch.randn(2 * N + 1)
+        avg, value = storage[: 2 * N], storage[1:]
+    else:
+        avg = avg.double()
+    before = avg.clone()
+    assert not lerp.native_lerp_(avg, value, 0.25)
+    assert torch.equal(avg, before)
+
+
+@needs_native
+def test_the_guard_turns_off_a_kernel_that_differs_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel one ulp off in a single element (a compiler that fused differently) must be caught by
+    the check run at first use: the check, not the kernel, decides."""
+    real = lerp._NATIVE
+    assert real is not None
+
+    def one_ulp_off(kind: int, avg: int, value: int, count: int, weight: float, threads: int) -> None:
+        real(kind, avg, value, count, weight, threads)
+        if count == 1000 and kind == 0:
+            out = (ctypes.c_float * count).from_address(avg)
+            out[500] = float(np.nextafter(np.float32(out[500]), np.float32(np.inf)))
+
+    monkeypatch.setattr(lerp, "_NATIVE", one_ulp_off)
+    assert not lerp._agrees_with_torch.__wrapped__()
+    monkeypatch.setattr(lerp, "_NATIVE", real)
+    assert lerp._agrees_with_torch.__wrapped__()
+
+
+@pytest.mark.parametrize("bad", [(3, 1, 0.5, 1), (0, -1, 0.5, 1), (0, 8, 0.5, 0), (0, 8, 0.5, 1000)])
+def test_the_extension_refuses_arguments_it_cannot_run(bad: tuple[int, int, float, int]) -> None:
+    if lerp._NATIVE is None:
+        pytest.skip("the kernel is not built here")
+    kind, count, weight, threads = bad
+    t = torch.zeros(8)
+    with pytest.raises(ValueError):
+        lerp._NATIVE(kind, t.data_ptr(), t.data_ptr(), count, weight, threads)
+
+
+def averages(monkeypatch: pytest.MonkeyPatch, native: bool) -> dict[str, torch.Tensor]:
+    """Running averages of three large linears into float32, from float32 and from bfloat16 modules,
+    with the native kernel on or off."""
+    real, calls = lerp._NATIVE, []
+    assert real is not None
+
+    def counted(*args: Any) -> None:
+        calls.append(args[0])
+        real(*args)
+
+    monkeypatch.setattr(lerp, "_NATIVE", counted if native else None)
+    torch.manual_seed(0)
+    modules = [torch.nn.Linear(512, 256) for _ in range(3)]
+    results: dict[str, torch.Tensor] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        d = averaging.copy_parameters(modules[0].to(dtype), dtype=torch.float32)
+        for m in modules[1:]:
+            assert averaging.average_parameters(m.to(dtype), d) > 1
+        results.update({f"{dtype}.{k}": v for k, v in d.entries.items()})
+    assert sorted(set(calls)) == ([0, 2] if native else [])  # float32 and bfloat16 weights took the kernel
+    return results
+
+
+@needs_native
+def test_averages_are_the_same_with_the_kernel_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    on = averages(monkeypatch, native=True)
+    off = averages(monkeypatch, native=False)
+    assert on.keys() == off.keys()
+    for name, value in on.items():
+        assert torch.equal(value, off[name]), name
