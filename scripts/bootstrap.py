@@ -111,7 +111,7 @@ def torch_source(variant: str, system: str, cpu_index: str, reachable: Callable[
     )
 
 
-BUILD_FILES = ("pyproject.toml", "setup.py", "server/weightavg_server/domain/_lerp.c")
+BUILD_FILES = ("pyproject.toml", "setup.py", "server/weightavg_server/domain/_native.c")
 """What an install is made from: the package's metadata and its one C extension, which `pip install
 -e` compiles next to its source."""
 
@@ -120,7 +120,7 @@ def build_inputs(root: Path) -> bytes:
     """The build files' contents, and whether the compiled extension is in place: a change to a file,
     or an extension removed (`git clean -X`), installs again."""
     parts = [name.encode() + b"\0" + ((root / name).read_bytes() if (root / name).exists() else b"") for name in BUILD_FILES]
-    built = any(p.suffix in (".so", ".pyd") for p in (root / "server/weightavg_server/domain").glob("_lerp.*"))
+    built = any(p.suffix in (".so", ".pyd") for p in (root / "server/weightavg_server/domain").glob("_native.*"))
     return b"\0".join(parts) + (b"\0built" if built else b"")
 
 

@@ -219,9 +219,9 @@ def test_the_build_inputs_change_with_each_build_file_and_with_the_built_extensi
     for name in bootstrap.BUILD_FILES:
         (tmp_path / name).write_text(name + " changed")
         seen.add(bootstrap.build_inputs(tmp_path))
-    (folder / "_lerp.pyi").write_text("")  # a stub is not a build
+    (folder / "_native.pyi").write_text("")  # a stub is not a build
     assert bootstrap.build_inputs(tmp_path) in seen
-    (folder / "_lerp.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (folder / "_native.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     seen.add(bootstrap.build_inputs(tmp_path))
     assert len(seen) == len(bootstrap.BUILD_FILES) + 2
 

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from . import native
+
 GroupKey = tuple[torch.device, torch.dtype]
 
 INDEX_ATTR = "_weightavg_index"
@@ -41,6 +43,14 @@ def group_sizes(tensors: Iterable[torch.Tensor]) -> dict[GroupKey, int]:
     return sizes
 
 
+def new_buffer(numel: int, key: GroupKey) -> torch.Tensor:
+    """An uninitialised 1-D buffer for a group's tensors; a large CPU one on huge pages where the
+    system grants them (`native.advise_huge_pages`): averages stream these buffers whole."""
+    buffer = torch.empty(numel, dtype=key[1], device=key[0])
+    native.advise_huge_pages(buffer)
+    return buffer
+
+
 def flat_copies(
     tensors: Sequence[torch.Tensor], place: Callable[[torch.Tensor], GroupKey] | None = None,
 ) -> list[torch.Tensor]:
@@ -55,7 +65,7 @@ def flat_copies(
     sizes: dict[GroupKey, int] = {}
     for t, key in zip(tensors, keys):
         sizes[key] = sizes.get(key, 0) + t.numel()
-    buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+    buffers = {key: new_buffer(n, key) for key, n in sizes.items()}
     used = dict.fromkeys(sizes, 0)
     out = []
     with torch.enable_grad():  # a view made in no-grad mode may not be written in place with grad mode on
@@ -152,7 +162,7 @@ class _Arena:
     """Buffers sized in advance; each registered parameter takes the next slice of its group."""
 
     def __init__(self, sizes: dict[GroupKey, int]) -> None:
-        self.buffers = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+        self.buffers = {key: new_buffer(n, key) for key, n in sizes.items()}
         self.used = dict.fromkeys(sizes, 0)
         self.bases = {b.untyped_storage().data_ptr() for b in self.buffers.values()}
 

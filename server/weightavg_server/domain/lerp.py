@@ -1,4 +1,4 @@
-"""`avg.lerp_(value, weight)` for the CPU averages: the native fused kernel (`_lerp.c`) where it is
+"""`avg.lerp_(value, weight)` for the CPU averages: the native fused kernel (`_native.c`) where it is
 built and gives torch's bits, torch's `lerp_` everywhere else.
 
 Why a kernel of our own: torch's CPU `lerp_` with a scalar weight evaluates both of its formulas and
@@ -12,24 +12,13 @@ turns it off for the life of the process and torch's kernel does the work.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Final
 
 import torch
 
-Kernel = Callable[[int, int, int, int, float, int], None]
-"""_lerp.lerp(kind, avg address, value address, count, weight, threads)."""
+from . import native
 
-
-def _load() -> Kernel | None:
-    try:
-        from ._lerp import lerp as kernel
-    except ImportError:  # not built: no C compiler or Python headers at install (setup.py)
-        return None
-    return kernel
-
-
-_NATIVE: Final = _load()
+_NATIVE: Final = native.LERP
 
 KINDS: Final[dict[tuple[torch.dtype, torch.dtype], int]] = {
     (torch.float32, torch.float32): 0,

@@ -1,18 +1,20 @@
-/* weightavg_server.domain._lerp: `avg.lerp_(value, weight)` for large contiguous CPU tensors in one
- * fused pass, on as many threads as torch's intra-op setting.
+/* weightavg_server.domain._native: the server's two native helpers for large CPU parameter buffers.
  *
- * Why: on the CPU, torch's lerp_ with a scalar weight runs at about 0.8 of one add_ over the same
- * bytes (it evaluates both of its formulas and blends them); this loop runs at add_'s speed or better
- * (docs/perf.md, "Native lerp"). The bits are torch's: for |w| < 0.5 the result is
- * fma(w, value - avg, avg), otherwise fma(w - 1, value - avg, value), exactly what ATen's vectorised
- * lerp computes. The Python side (lerp.py) checks that against torch at first use and falls back to
- * torch's lerp_ where they ever differ, so this file never decides a number on its own.
+ * lerp: `avg.lerp_(value, weight)` for large contiguous CPU tensors in one fused pass, on as many
+ * threads as torch's intra-op setting. On the CPU, torch's lerp_ with a scalar weight runs at about
+ * 0.8 of one add_ over the same bytes (it evaluates both of its formulas and blends them); this loop
+ * runs at add_'s speed or better (docs/perf.md, "Native lerp"). The bits are torch's: for
+ * |w| < 0.5 the result is fma(w, value - avg, avg), otherwise fma(w - 1, value - avg, value),
+ * exactly what ATen's vectorised lerp computes. The Python side (lerp.py) checks that against torch
+ * at first use and falls back to torch's lerp_ where they ever differ, so this file never decides a
+ * number on its own. Kinds: float32 into float32, float64 into float64, and bfloat16 into float32
+ * (the value widened exactly, as `value.to(torch.float32)` does, in the same pass). The caller
+ * passes addresses of tensors it holds for the whole call, checked there: same element count,
+ * contiguous, on the CPU, and either the same memory or no overlap at all.
  *
- * Kinds: float32 into float32, float64 into float64, and bfloat16 into float32 (the value widened
- * exactly, as `value.to(torch.float32)` does, in the same pass).
- *
- * The caller passes addresses of tensors it holds for the whole call, checked there: same element
- * count, contiguous, on the CPU, and either the same memory or no overlap at all.
+ * advise_huge_pages: madvise(MADV_HUGEPAGE) over the 2 MiB pages that lie wholly inside a new,
+ * untouched buffer (flat.py), so a kernel streaming it takes a TLB miss per 2 MiB instead of per
+ * 4 KiB where the kernel's transparent huge pages are set to `madvise` (docs/perf.md).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,6 +24,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
 enum { KIND_F32 = 0, KIND_F64 = 1, KIND_F32_BF16 = 2, KINDS = 3 };
 
@@ -149,14 +152,35 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+#define HUGE_PAGE ((uintptr_t)2 << 20)
+
+PyDoc_STRVAR(advise_doc,
+             "advise_huge_pages(address, nbytes) -> int\n\n"
+             "Ask for transparent huge pages over the 2 MiB pages wholly inside [address, address + nbytes);\n"
+             "the bytes advised, 0 where there is no such page or the system refuses (nothing else changes).");
+
+static PyObject *advise_huge_pages(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address, nbytes;
+    if (!PyArg_ParseTuple(args, "KK", &address, &nbytes)) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t start = ((uintptr_t)address + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+    const uintptr_t stop = ((uintptr_t)address + (uintptr_t)nbytes) & ~(HUGE_PAGE - 1);
+    if (address != 0 && stop > start && madvise((void *)start, stop - start, MADV_HUGEPAGE) == 0)
+        return PyLong_FromUnsignedLongLong((unsigned long long)(stop - start));
+#endif
+    return PyLong_FromLong(0);
+}
+
 static PyMethodDef methods[] = {
     {"lerp", lerp, METH_VARARGS, lerp_doc},
+    {"advise_huge_pages", advise_huge_pages, METH_VARARGS, advise_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_lerp", "Fused CPU lerp kernels for weightavg's averaging (see lerp.py).", -1, methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_native", "weightavg's native helpers: fused CPU lerp, huge-page advice (lerp.py, flat.py).",
+    -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__lerp(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

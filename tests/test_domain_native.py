@@ -1,13 +1,16 @@
-"""The native fused lerp (server/.../domain/_lerp.c through domain/lerp.py), in process: torch's
-`lerp_` is the oracle, bit for bit, for every kind, both of lerp's formulas, thread splits and
-odd lengths; the pairs it must leave to torch; its guard; and averaging with it off.
+"""The server's native helpers (server/.../domain/_native.c), in process. The fused lerp (through
+domain/lerp.py): torch's `lerp_` is the oracle, bit for bit, for every kind, both of lerp's
+formulas, thread splits and odd lengths; the pairs it must leave to torch; its guard; averaging
+with it off. Huge-page advice for large flat buffers (domain/native.py): what it advises, and that
+values and accounting do not change.
 
-The kernel is optional at install (no C compiler: torch's lerp_ does the work). One test insists it
-was built wherever this machine could build it, so a broken build cannot hide behind the skips."""
+The extension is optional at install (no C compiler: torch does the work). One test insists it was
+built wherever this machine could build it, so a broken build cannot hide behind the skips."""
 
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import sysconfig
 from pathlib import Path
@@ -19,7 +22,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightavg_server.domain import averaging, lerp
+from weightavg_server.domain import averaging, flat, lerp, native
+from weightavg_server.domain.tensors import held_bytes
 
 BUILT = lerp.native_state() == "native fused lerp"
 needs_native = pytest.mark.skipif(not BUILT, reason=f"CPU averages run on {lerp.native_state()}")
@@ -177,3 +181,63 @@ def test_averages_are_the_same_with_the_kernel_on_and_off(monkeypatch: pytest.Mo
     assert on.keys() == off.keys()
     for name, value in on.items():
         assert torch.equal(value, off[name]), name
+
+
+# -- huge pages for large flat buffers -------------------------------------------------------------
+
+HUGE = 2 << 20
+SMAPS = Path("/proc/self/smaps")
+
+
+def marked_for_huge_pages(address: int) -> bool:
+    """Whether the mapping that holds `address` carries MADV_HUGEPAGE ('hg' among smaps' VmFlags):
+    what the advice sets, whether or not the system then finds huge pages for it."""
+    inside = False
+    for line in SMAPS.read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("VmFlags:"):
+            return "hg" in line.split()[1:]
+    return False
+
+
+def first_huge_page(t: torch.Tensor) -> int:
+    return (t.data_ptr() + HUGE - 1) // HUGE * HUGE
+
+
+needs_smaps = pytest.mark.skipif(not SMAPS.exists(), reason="no /proc/self/smaps (not Linux)")
+
+
+@needs_native
+@needs_smaps
+def test_a_large_cpu_buffer_is_advised_over_every_whole_huge_page_inside_it() -> None:
+    n = native.HUGE_PAGE_MIN_BYTES // 4 + 12345
+    buffer = flat.new_buffer(n, (torch.device("cpu"), torch.float32))
+    start, stop = buffer.data_ptr(), buffer.data_ptr() + 4 * n
+    inside = (stop // HUGE) * HUGE - (start + HUGE - 1) // HUGE * HUGE
+    assert marked_for_huge_pages(first_huge_page(buffer))
+    assert native.advise_huge_pages(buffer) == inside > 0  # advising again is harmless and says the same
+
+
+@needs_smaps
+def test_small_and_plain_buffers_are_not_advised() -> None:
+    small = torch.empty(native.HUGE_PAGE_MIN_BYTES // 4 - 1)
+    assert native.advise_huge_pages(small) == 0
+    plain = torch.empty(native.HUGE_PAGE_MIN_BYTES)  # not made by flat: left as the allocator made it
+    assert not marked_for_huge_pages(first_huge_page(plain))
+
+
+@needs_native
+@needs_smaps
+def test_flat_copies_on_huge_pages_hold_the_same_values_and_bytes() -> None:
+    """A module of 48 MiB of float32 copied flat: the copy's buffer is advised, and its values and
+    its charge (one storage of exactly the parameters' bytes) are what a plain copy gives."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024, bias=False) for _ in range(12)))
+    d = averaging.copy_parameters(module)
+    first = next(iter(d.entries.values()))
+    assert marked_for_huge_pages(first_huge_page(first))
+    assert held_bytes(d) == {"cpu": 12 * 1024 * 1024 * 4}
+    for (name, p), (entry_name, entry) in zip(module.named_parameters(), d.entries.items()):
+        assert name == entry_name and torch.equal(p, entry)

@@ -1,3 +1,0 @@
-"""Types of the C extension built from _lerp.c (see there and lerp.py)."""
-
-def lerp(kind: int, avg_address: int, value_address: int, count: int, weight: float, threads: int, /) -> None: ...
