@@ -57,10 +57,10 @@ def native_lerp_(avg: torch.Tensor, value: torch.Tensor, weight: float) -> bool:
 
 def _fits_native(avg: torch.Tensor, value: torch.Tensor) -> bool:
     """Large, CPU, same shape, contiguous, a kind the kernel has, and the same memory or none shared."""
-    if _NATIVE is None or not (avg.is_cpu and value.is_cpu):
+    n = avg.numel()  # first: a small call's small tensors are refused by one cheap question
+    if n < MIN_ELEMENTS or _NATIVE is None or not (avg.is_cpu and value.is_cpu):
         return False
-    n = avg.numel()
-    if n < MIN_ELEMENTS or value.shape != avg.shape or (avg.dtype, value.dtype) not in KINDS:
+    if value.shape != avg.shape or (avg.dtype, value.dtype) not in KINDS:
         return False
     if not (avg.is_contiguous() and value.is_contiguous()):
         return False
