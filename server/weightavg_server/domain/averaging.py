@@ -109,7 +109,7 @@ def _count(d: TensorDict) -> float:
     n = d.entries.get(COUNT_KEY)
     if n is None:
         return 1.0
-    if n.dim() != 0 or n.dtype != torch.float64 or n.device.type != "cpu":
+    if n.dim() != 0 or n.dtype != torch.float64 or not n.is_cpu:  # is_cpu: no torch.device built per call
         raise InvalidArgument(
             f"'{COUNT_KEY}' must be a 0-dim float64 count, found {n.dtype} of shape {list(n.shape)}; "
             f"set it with a float or delete it"
