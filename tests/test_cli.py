@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weightavg import Client
 from weightavg._cli import COMMANDS, main
-from weightavg_server.domain import lerp
+from weightavg_server.domain import lerp, weighted_sum
 from weightavg_server.ops.app import SERVICE_NAME, create_server, set_serving
 from weightavg_server.ops.config import ENV_PREFIX, ServerConfig
 
@@ -219,7 +219,8 @@ def test_serve_process_drains_on_sigterm_reporting_not_serving(
     _, err = process.communicate()
     assert "rpc method=/grpc.health.v1.Health/Check code=OK" in err  # WEIGHTAVG_LOG_LEVEL=DEBUG took effect
     assert "stopping: draining" in err
-    assert f"CPU averages on {lerp.native_state()}" in err  # the start-up line says which kernel averages
+    # the start-up line says which kernels average and merge
+    assert f"CPU averages on {lerp.native_state()}, CPU merges on {weighted_sum.native_state()}" in err
     with pytest.raises(grpc.RpcError) as info, grpc.insecure_channel(address) as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -22,7 +22,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightavg_server.domain import averaging, flat, lerp, native
+from weightavg_server.domain import averaging, flat, lerp, merging, native, weighted_sum
+from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.tensors import held_bytes
 
 BUILT = lerp.native_state() == "native fused lerp"
@@ -87,8 +88,8 @@ def test_any_weight_and_length_gives_torchs_bits(extra: int, weight: float, kind
     avg, value = pair(N + extra, *kind, seed=seed)
     expected = avg.clone().lerp_(value.to(avg.dtype), weight)
     assert lerp.native_lerp_(avg, value, weight)
-    # torch's own scalar tail and vector body may disagree on the sign of a zero (lerp._same_bits)
-    assert lerp._same_bits(avg, expected)
+    # torch's own scalar tail and vector body may disagree on the sign of a zero (native.same_bits)
+    assert native.same_bits(avg, expected)
 
 
 @needs_native
@@ -241,3 +242,134 @@ def test_flat_copies_on_huge_pages_hold_the_same_values_and_bytes() -> None:
     assert held_bytes(d) == {"cpu": 12 * 1024 * 1024 * 4}
     for (name, p), (entry_name, entry) in zip(module.named_parameters(), d.entries.items()):
         assert name == entry_name and torch.equal(p, entry)
+
+
+# -- the weighted sum (domain/weighted_sum.py) and merging's use of it -----------------------------
+
+SUM_BUILT = weighted_sum.active()
+needs_native_sum = pytest.mark.skipif(not SUM_BUILT, reason=f"merges run on {weighted_sum.native_state()}")
+
+
+def inputs(count: int, n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=g, dtype=torch.float64) * 3).to(dtype) for _ in range(count)]
+
+
+@needs_native_sum
+@pytest.mark.parametrize("dtype", list(weighted_sum.KINDS), ids=str)
+@pytest.mark.parametrize("count", [1, 2, 8, 20])
+@pytest.mark.parametrize("divide", [True, False])
+@pytest.mark.parametrize("n", [N, 3 * N + 5])
+def test_the_weighted_sum_gives_torchs_bits(dtype: torch.dtype, count: int, divide: bool, n: int) -> None:
+    xs = inputs(count, n, dtype)
+    weights = [0.5 + k for k in range(count)]
+    divisor = sum(weights) if divide else None
+    expected, got = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    weighted_sum.in_torch(expected, xs, weights, divisor)
+    assert weighted_sum.native_weighted_sum(got, xs, weights, divisor)
+    assert torch.equal(bits(got), bits(expected))
+
+
+@needs_native_sum
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_every_thread_split_of_the_sum_gives_the_same_bits(threads: int) -> None:
+    xs, weights = inputs(3, 5 * N + 11, torch.float32), [1.0, -2.5, 0.25]
+    expected, got = torch.empty_like(xs[0]), torch.empty_like(xs[0])
+    weighted_sum.in_torch(expected, xs, weights, 7.0)
+    weighted_sum._run(got, xs, weights, 7.0, threads=threads)
+    assert torch.equal(bits(got), bits(expected))
+
+
+@needs_native_sum
+def test_the_sum_may_write_into_one_of_its_inputs() -> None:
+    xs = inputs(4, 2 * N + 3, torch.float32)
+    expected = torch.empty_like(xs[0])
+    weighted_sum.in_torch(expected, xs, [1.0, 2.0, 3.0, 4.0], 10.0)
+    assert weighted_sum.native_weighted_sum(xs[2], xs, [1.0, 2.0, 3.0, 4.0], 10.0)
+    assert torch.equal(bits(xs[2]), bits(expected))
+
+
+@pytest.mark.parametrize("case", ["small", "float16", "mixed", "broadcast", "strided", "overlap"])
+def test_sums_outside_the_kernel_are_left_untouched_for_torch(case: str) -> None:
+    xs, out = inputs(3, 2 * N, torch.float32), torch.zeros(2 * N)
+    if case == "small":
+        xs, out = [x[: N - 1] for x in xs], out[: N - 1]
+    elif case == "float16":
+        xs, out = [x.half() for x in xs], out.half()
+    elif case == "mixed":
+        xs[1] = xs[1].double()
+    elif case == "broadcast":
+        xs[1] = xs[1][:1].expand(2 * N)
+    elif case == "strided":
+        out = torch.zeros(4 * N)[::2]
+    else:
+        storage = torch.zeros(2 * N + 1)
+        out, xs[0] = storage[1:], storage[: 2 * N]
+    before = out.clone()
+    assert not weighted_sum.native_weighted_sum(out, xs, [1.0, 2.0, 3.0], 6.0)
+    assert torch.equal(out, before)
+
+
+@needs_native_sum
+def test_the_sum_guard_turns_off_a_kernel_that_differs_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = weighted_sum._NATIVE
+    assert real is not None
+
+    def divides_by_the_reciprocal(kind: int, out: int, xs: tuple[int, ...], w: tuple[float, ...], n: int,
+                                  divisor: float, threads: int) -> None:
+        # what a compiler allowed to turn x / d into x * (1 / d) would do: off by an ulp now and then
+        real(kind, out, xs, tuple(v / divisor for v in w) if divisor else w, n, 0.0, threads)
+
+    monkeypatch.setattr(weighted_sum, "_NATIVE", divides_by_the_reciprocal)
+    assert not weighted_sum._agrees_with_torch.__wrapped__()
+    monkeypatch.setattr(weighted_sum, "_NATIVE", real)
+    assert weighted_sum._agrees_with_torch.__wrapped__()
+
+
+def flat_dicts(count: int, seed: int) -> list[TensorDict]:
+    """`count` flat dictionaries (copyparms' layout) of a module with 12 large and 4 small float32
+    entries and one integer buffer, different values in each."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(*(torch.nn.Linear(300, 256) for _ in range(12)), torch.nn.BatchNorm1d(256))
+    out = []
+    for k in range(count):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(generator=torch.Generator().manual_seed(seed * 100 + k))
+        out.append(averaging.copy_parameters(net, buffers=True))
+    return out
+
+
+@needs_native_sum
+@pytest.mark.parametrize("method, options", [("average", {}), ("linear", {"normalize": True}), ("linear", {})])
+@pytest.mark.parametrize("target", ["new", "separate", "one of the inputs"])
+def test_merges_of_flat_dictionaries_take_one_native_pass_and_give_torchs_bits(
+    method: str, options: dict[str, Any], target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0]
+
+    def merged(native_on: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+        ds = flat_dicts(5, seed=1)
+        into = {"new": None, "separate": flat_dicts(1, seed=2)[0], "one of the inputs": ds[3]}[target]
+        calls: list[int] = []
+        real = weighted_sum._NATIVE
+        assert real is not None
+
+        def counted(*args: Any) -> None:
+            calls.append(args[4])
+            real(*args)
+
+        monkeypatch.setattr(weighted_sum, "_NATIVE", counted if native_on else None)
+        p = merging.plan(merging.METHODS[method], ds, weights=weights, into=into, kwargs=list(options.items()))
+        result = merging.run(p, ds, into=into)
+        monkeypatch.setattr(weighted_sum, "_NATIVE", real)
+        return {k: v.clone() for k, v in result.entries.items()}, calls
+
+    on, calls = merged(True)
+    off, none = merged(False)
+    assert not none and calls
+    if target != "new":  # flat results: the 12 weights and biases are back to back, one call
+        assert max(calls) >= 12 * 300 * 256
+    assert on.keys() == off.keys()
+    for name, value in on.items():
+        assert torch.equal(value, off[name]), name

@@ -1,7 +1,9 @@
-"""Averages large enough for the server's native CPU kernel (domain/lerp.py), through a real server:
-each equals torch's own `lerp_` on the same numbers in this process, bit for bit. A running
-average and an EMA of a float32 module, and an EMA of a bfloat16 module kept in float32; both run
-whichever kernel the server has (the start-up log says which), so they hold with it and without."""
+"""Averages large enough for the server's native CPU kernels (domain/lerp.py, weighted_sum.py),
+through a real server, each equal to torch's own operations on the same numbers in this process,
+bit for bit: a running average and an EMA of a float32 module, an EMA of a bfloat16 module kept in
+float32 (torch's `lerp_`), and a weighted average of five dictionaries (torch's `mul`, `add_`,
+`div_`). They run whichever kernels the server has (the start-up log says which), so they hold
+with them and without."""
 
 from __future__ import annotations
 
@@ -69,3 +71,25 @@ def test_a_large_ema_of_a_bfloat16_module_kept_in_float32_is_torchs_bit_for_bit(
     for name, value in expected.items():
         assert got[name].dtype == np.float32
         np.testing.assert_array_equal(got[name].view(np.int32), value.numpy().view(np.int32), err_msg=name)
+
+
+def test_a_large_average_of_dictionaries_is_torchs_weighted_mean_bit_for_bit(client: Client) -> None:
+    """`average` of five flat copies into one of them (the native one-pass sum on a CPU server), and
+    into a new dictionary (entry by entry), against torch's mul / add_ / div_ in this process."""
+    m = client.module(NET)
+    dicts, values = [], []
+    for k in range(5):
+        scramble(client, m, seed=10 + k)
+        dicts.append(client.copyparms(m))
+        values.append(params(client, m))
+    weights = [600.0, 300.0, 100.0, 50.0, 7.0]
+    expected = {}
+    for name in values[0]:
+        acc = torch.mul(values[0][name], weights[0])
+        for v, w in zip(values[1:], weights[1:]):
+            acc.add_(v[name], alpha=w)
+        expected[name] = acc.div_(sum(weights))
+    for into in (None, dicts[2]):
+        got = client.dict(client.average(dicts, weights=weights, into=into))
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[name].view(np.int32), value.numpy().view(np.int32), err_msg=name)

@@ -112,34 +112,47 @@ def fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Run]:
 
     Lerping or copying a run's two spans is then exactly the per-pair operation on every pair.
     """
+    return fuse_groups(pairs)
+
+
+def fuse_groups(groups: Sequence[Sequence[torch.Tensor]]) -> list[Run]:
+    """`fuse` for groups of any one size (a result and its inputs, say): maximal runs in which each
+    position's tensor lies right after that position's previous one in one storage, with one dtype
+    and device per position and one shape across the group; a lone group is a run of one."""
     runs: list[Run] = []
     start = numel = 0
-    end_a = end_p = base_a = base_p = -1
-    kind: tuple[torch.dtype, torch.dtype, torch.device, torch.device] | None = None
-    for i, (a, p) in enumerate(pairs):
-        joinable = a.shape == p.shape and a.is_contiguous() and p.is_contiguous()
-        this = (a.dtype, p.dtype, a.device, p.device)
+    ends: list[int] = []
+    bases: list[int] = []
+    kind: tuple[object, ...] | None = None
+    for i, group in enumerate(groups):
+        first = group[0]
+        joinable = all(t.shape == first.shape and t.is_contiguous() for t in group)
+        this = tuple((t.dtype, t.device) for t in group)
         if (
-            joinable and i > start and this == kind and a.data_ptr() == end_a and p.data_ptr() == end_p
-            and a.untyped_storage().data_ptr() == base_a and p.untyped_storage().data_ptr() == base_p
+            joinable and i > start and this == kind
+            and all(t.data_ptr() == end for t, end in zip(group, ends))
+            and all(t.untyped_storage().data_ptr() == base for t, base in zip(group, bases))
         ):
-            end_a += a.numel() * a.element_size()
-            end_p += p.numel() * p.element_size()
-            numel += a.numel()
+            ends = [end + t.numel() * t.element_size() for t, end in zip(group, ends)]
+            numel += first.numel()
             continue
         if i > start:
             runs.append((start, i, numel))
-        start, numel = i, a.numel()
+        start, numel = i, first.numel()
         if joinable:
             kind = this
-            end_a = a.data_ptr() + a.numel() * a.element_size()
-            end_p = p.data_ptr() + p.numel() * p.element_size()
-            base_a, base_p = a.untyped_storage().data_ptr(), p.untyped_storage().data_ptr()
+            ends = [t.data_ptr() + t.numel() * t.element_size() for t in group]
+            bases = [t.untyped_storage().data_ptr() for t in group]
         else:
             kind = None
-    if len(pairs) > start:
-        runs.append((start, len(pairs), numel))
+    if len(groups) > start:
+        runs.append((start, len(groups), numel))
     return runs
+
+
+def span(first: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 1-D view of `numel` elements of first's storage from where `first` starts (a run's span)."""
+    return _span(first, numel)
 
 
 def spans(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], runs: Sequence[Run]) -> list[tuple[torch.Tensor, torch.Tensor]]:

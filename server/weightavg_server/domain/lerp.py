@@ -87,8 +87,8 @@ CHECK_LENGTHS: Final = (1, 15, 17, 1000, 2 * MIN_ELEMENTS + 13)
 def _agrees_with_torch() -> bool:
     """Once per process: the kernel against torch's `lerp_` (and cast) on every kind, weight and
     length in the tables above, special values included; True only when every bit agrees (see
-    `_same_bits` for the sign of a zero)."""
-    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 3e38, -3e38, 1.0])
+    `native.same_bits` for the sign of a zero)."""
+    special = torch.tensor(native.SPECIAL_VALUES)
     g = torch.Generator().manual_seed(0)
     for (avg_dtype, value_dtype) in KINDS:
         for n in CHECK_LENGTHS:
@@ -101,17 +101,6 @@ def _agrees_with_torch() -> bool:
                 expected = avg.clone().lerp_(value.to(avg_dtype), weight)
                 got = avg.clone()
                 _run(got, value, weight, threads=2 if n > MIN_ELEMENTS else 1)
-                if not _same_bits(got, expected):
+                if not native.same_bits(got, expected):
                     return False
     return True
-
-
-def _same_bits(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Every bit equal, NaNs included, except that a zero may carry the other sign: torch's own
-    `lerp_` gives -0.0 in its scalar tail (the last few elements of each thread's range) and +0.0 in
-    its vector body for the same inputs when a weight rounds to 1.0, and the kernel always gives the
-    body's."""
-    width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[got.element_size()]
-    differ = got.view(width) != expected.view(width)
-    both_zero = (got == 0) & (expected == 0)
-    return not bool((differ & ~both_zero).any())

@@ -13,18 +13,36 @@ import torch
 Lerp = Callable[[int, int, int, int, float, int], None]
 """lerp(kind, avg address, value address, count, weight, threads): see `_native.c`."""
 
+WeightedSum = Callable[[int, int, tuple[int, ...], tuple[float, ...], int, float, int], None]
+"""weighted_sum(kind, out address, input addresses, weights, count, divisor or 0, threads)."""
+
 Advise = Callable[[int, int], int]
 
 
-def _load() -> tuple[Lerp | None, Advise | None]:
+def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None]:
     try:
-        from ._native import advise_huge_pages, lerp
+        from ._native import advise_huge_pages, lerp, weighted_sum
     except ImportError:  # not built: no C compiler or Python headers at install (setup.py)
-        return None, None
-    return lerp, advise_huge_pages
+        return None, None, None
+    return lerp, weighted_sum, advise_huge_pages
 
 
-LERP, _ADVISE = _load()
+LERP, WEIGHTED_SUM, _ADVISE = _load()
+
+SPECIAL_VALUES: Final = (0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 3e38, -3e38, 1.0)
+"""What each kernel's check against torch puts at the front of its inputs: signed zeros, infinities,
+NaN, float32 subnormals and values near float32's limit."""
+
+
+def same_bits(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Every bit equal, NaNs included, except that a zero may carry the other sign: torch's own
+    `lerp_` gives -0.0 in its scalar tail (the last few elements of each thread's range) and +0.0 in
+    its vector body for the same inputs when a weight rounds to 1.0, and the kernel always gives the
+    body's."""
+    width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[got.element_size()]
+    differ = got.view(width) != expected.view(width)
+    both_zero = (got == 0) & (expected == 0)
+    return not bool((differ & ~both_zero).any())
 
 HUGE_PAGE_MIN_BYTES: Final = 32 << 20
 """Buffers from this size are advised: glibc serves them from an mmap of their own (its mmap

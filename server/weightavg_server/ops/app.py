@@ -19,7 +19,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
 from .config import ServerConfig
-from ..domain import lerp, optimizers, pinned
+from ..domain import lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
 from ..domain.errors import WeightavgError
 from ..service import Service, Settings
@@ -294,10 +294,12 @@ def create_runtime(
     if port == 0:
         raise OSError(f"could not bind {address}")
     log.info(
-        "weightavg server on %s:%d, device %s, %s, %s, CPU averages on %s", config.host, port, device,
+        "weightavg server on %s:%d, device %s, %s, %s, CPU averages on %s, CPU merges on %s", config.host, port,
+        device,
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
         f"tokens from {config.tokens}" if config.tokens else "token required" if config.token else "no token",
-        lerp.native_state(),  # also runs the kernel's one check against torch now, not in a first call
+        # each also runs its kernel's one check against torch now, not in a first call
+        lerp.native_state(), weighted_sum.native_state(),
     )
     return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens, cluster)
 
