@@ -42,23 +42,20 @@ enum { KIND_F32 = 0, KIND_F64 = 1, KIND_F32_BF16 = 2, KINDS = 3 };
 #define CLONES
 #endif
 
-CLONES static void lerp_f32(float *avg, const float *value, int64_t n, float weight) {
-    if (fabsf(weight) < 0.5f) {
-        for (int64_t i = 0; i < n; i++) avg[i] = fmaf(weight, value[i] - avg[i], avg[i]);
-    } else {
-        const float coeff = weight - 1.0f;
-        for (int64_t i = 0; i < n; i++) avg[i] = fmaf(coeff, value[i] - avg[i], value[i]);
+/* Each float loop is written once, for float and for double: FMA and ABS are that type's fmaf/fma and
+ * fabsf/fabs, and 0.5 and 1 are exact in both. */
+#define DEFINE_LERP(NAME, T, FMA, ABS)                                                                      \
+    CLONES static void NAME(T *avg, const T *value, int64_t n, T weight) {                                  \
+        if (ABS(weight) < (T)0.5) {                                                                          \
+            for (int64_t i = 0; i < n; i++) avg[i] = FMA(weight, value[i] - avg[i], avg[i]);                 \
+        } else {                                                                                             \
+            const T coeff = weight - (T)1;                                                                   \
+            for (int64_t i = 0; i < n; i++) avg[i] = FMA(coeff, value[i] - avg[i], value[i]);                \
+        }                                                                                                    \
     }
-}
 
-CLONES static void lerp_f64(double *avg, const double *value, int64_t n, double weight) {
-    if (fabs(weight) < 0.5) {
-        for (int64_t i = 0; i < n; i++) avg[i] = fma(weight, value[i] - avg[i], avg[i]);
-    } else {
-        const double coeff = weight - 1.0;
-        for (int64_t i = 0; i < n; i++) avg[i] = fma(coeff, value[i] - avg[i], value[i]);
-    }
-}
+DEFINE_LERP(lerp_f32, float, fmaf, fabsf)
+DEFINE_LERP(lerp_f64, double, fma, fabs)
 
 static inline float widen_bf16(uint16_t bits) {
     const uint32_t wide = (uint32_t)bits << 16; /* bfloat16 is float32's upper half: exact */
@@ -163,47 +160,30 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
 /* torch's sequence, one pass: the first term `x0 * w0` (torch.mul), each further term
  * fma(x_k, w_k, acc) (add_ with alpha), then acc / divisor (div_). A tile's inputs are all read before
  * its outputs are written, so `out` may be one of the inputs (the same memory, not an overlap). */
-CLONES static void sum_f32(float *out, const float *const *xs, const float *w, int count, int divide, float divisor,
-                           int64_t start, int64_t n) {
-    float acc[TILE];
-    for (int64_t s = start; s < start + n; s += TILE) {
-        const int64_t len = start + n - s < TILE ? start + n - s : TILE;
-        const float *x0 = xs[0] + s;
-        for (int64_t j = 0; j < len; j++) acc[j] = x0[j] * w[0];
-        for (int k = 1; k < count; k++) {
-            const float *xk = xs[k] + s;
-            const float wk = w[k];
-            for (int64_t j = 0; j < len; j++) acc[j] = fmaf(xk[j], wk, acc[j]);
-        }
-        float *o = out + s;
-        if (divide) {
-            for (int64_t j = 0; j < len; j++) o[j] = acc[j] / divisor;
-        } else {
-            for (int64_t j = 0; j < len; j++) o[j] = acc[j];
-        }
+#define DEFINE_SUM(NAME, T, FMA)                                                                            \
+    CLONES static void NAME(T *out, const T *const *xs, const T *w, int count, int divide, T divisor,          \
+                            int64_t start, int64_t n) {                                                      \
+        T acc[TILE];                                                                                         \
+        for (int64_t s = start; s < start + n; s += TILE) {                                                  \
+            const int64_t len = start + n - s < TILE ? start + n - s : TILE;                                 \
+            const T *x0 = xs[0] + s;                                                                         \
+            for (int64_t j = 0; j < len; j++) acc[j] = x0[j] * w[0];                                         \
+            for (int k = 1; k < count; k++) {                                                                \
+                const T *xk = xs[k] + s;                                                                     \
+                const T wk = w[k];                                                                           \
+                for (int64_t j = 0; j < len; j++) acc[j] = FMA(xk[j], wk, acc[j]);                           \
+            }                                                                                                \
+            T *o = out + s;                                                                                  \
+            if (divide) {                                                                                    \
+                for (int64_t j = 0; j < len; j++) o[j] = acc[j] / divisor;                                   \
+            } else {                                                                                         \
+                for (int64_t j = 0; j < len; j++) o[j] = acc[j];                                             \
+            }                                                                                                \
+        }                                                                                                    \
     }
-}
 
-CLONES static void sum_f64(double *out, const double *const *xs, const double *w, int count, int divide,
-                           double divisor, int64_t start, int64_t n) {
-    double acc[TILE];
-    for (int64_t s = start; s < start + n; s += TILE) {
-        const int64_t len = start + n - s < TILE ? start + n - s : TILE;
-        const double *x0 = xs[0] + s;
-        for (int64_t j = 0; j < len; j++) acc[j] = x0[j] * w[0];
-        for (int k = 1; k < count; k++) {
-            const double *xk = xs[k] + s;
-            const double wk = w[k];
-            for (int64_t j = 0; j < len; j++) acc[j] = fma(xk[j], wk, acc[j]);
-        }
-        double *o = out + s;
-        if (divide) {
-            for (int64_t j = 0; j < len; j++) o[j] = acc[j] / divisor;
-        } else {
-            for (int64_t j = 0; j < len; j++) o[j] = acc[j];
-        }
-    }
-}
+DEFINE_SUM(sum_f32, float, fmaf)
+DEFINE_SUM(sum_f64, double, fma)
 
 typedef struct {
     int kind; /* KIND_F32 or KIND_F64 */

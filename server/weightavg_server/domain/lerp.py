@@ -36,12 +36,8 @@ costs tens of microseconds, about what it saves on less."""
 
 
 def native_state() -> str:
-    """What the CPU averages run on, for the server's start-up log: 'native', or torch and why."""
-    if _NATIVE is None:
-        return "torch lerp_ (the native kernel was not built: no C compiler at install)"
-    if not _agrees_with_torch():
-        return "torch lerp_ (the native kernel disagreed with torch on this machine, so it is off)"
-    return "native fused lerp"
+    """What the CPU averages run on, for the server's start-up log: 'native fused lerp', or torch and why."""
+    return native.state("native fused lerp", _NATIVE is not None, _agrees_with_torch)
 
 
 def native_lerp_(avg: torch.Tensor, value: torch.Tensor, weight: float) -> bool:

@@ -34,6 +34,15 @@ SPECIAL_VALUES: Final = (0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1
 NaN, float32 subnormals and values near float32's limit."""
 
 
+def state(name: str, built: bool, agrees: Callable[[], bool]) -> str:
+    """What one kernel's work runs on, for the server's start-up log: `name`, or torch and why."""
+    if not built:
+        return "torch (the native kernel was not built: no C compiler at install)"
+    if not agrees():
+        return "torch (the native kernel disagreed with torch on this machine, so it is off)"
+    return name
+
+
 def same_bits(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """Every bit equal, NaNs included, except that a zero may carry the other sign: torch's own
     `lerp_` gives -0.0 in its scalar tail (the last few elements of each thread's range) and +0.0 in

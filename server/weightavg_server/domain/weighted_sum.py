@@ -113,9 +113,5 @@ def active() -> bool:
 
 
 def native_state() -> str:
-    """What CPU average and linear merges run on, for the start-up log (as `lerp.native_state`)."""
-    if _NATIVE is None:
-        return "torch (the native kernel was not built: no C compiler at install)"
-    if not _agrees_with_torch():
-        return "torch (the native kernel disagreed with torch on this machine, so it is off)"
-    return "native weighted sum"
+    """What CPU average and linear merges run on, for the start-up log: 'native weighted sum', or torch and why."""
+    return native.state("native weighted sum", _NATIVE is not None, _agrees_with_torch)
