@@ -228,6 +228,7 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("a negative weight", "average", {"weights": [2.0, -1.0]}, "non-negative with a positive sum"),
     ("weights summing to 0", "average", {"weights": [0.0, 0.0]}, "non-negative with a positive sum"),
     ("an infinite weight", "linear", {"weights": [math.inf, 1.0]}, "finite"),
+    ("a weight past float32's range", "average", {"weights": [1.0, 1e39]}, "within float32's range"),
     ("linear weights summing to 0", "linear", {"weights": [1.0, -1.0]}, "sum to 0"),
     ("an unknown option", "average", {"options": {"integer": "max"}}, r"unknown option 'integer'; did you mean 'integers'\? \(options: integers\)"),
     ("an unknown integer rule", "average", {"options": {"integers": "mean"}}, "must be one of first, max"),

@@ -231,6 +231,9 @@ def plan(
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _weights(method: Method, count: int, weights: Sequence[float] | None) -> tuple[float, ...]:
     what = method.name
     if weights is None or len(weights) == 0:
@@ -242,6 +245,11 @@ def _weights(method: Method, count: int, weights: Sequence[float] | None) -> tup
     for w in weights:
         if not math.isfinite(w):
             raise InvalidArgument(f"{what}: weights must be finite, given {w}")
+        if abs(w) > FLOAT32_MAX:  # torch refuses such an alpha for a float32 sum partway through a merge
+            raise InvalidArgument(
+                f"{what}: weights must lie within float32's range (at most {FLOAT32_MAX:.4g} in size), given {w}; "
+                "scale them down"
+            )
     if method.name == "average":
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise InvalidArgument(
