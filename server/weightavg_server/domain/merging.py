@@ -474,7 +474,7 @@ def _native_runs(p: Plan, dicts: Sequence[TensorDict], result: TensorDict) -> di
     One call per run rather than per entry: the kernel then starts its threads once, and a flat
     dictionary of 160 entries is one pass (34.7 ms for 8 x 25.6M float32 in process, against 47.6 ms
     entry by entry; docs/perf.md, "Native lerp"). Runs it does not take go entry by entry."""
-    if not weighted_sum.active():
+    if (p.device is not None and p.device.type != "cpu") or not weighted_sum.active():
         return {}
     groups: list[list[torch.Tensor]] = []
     keys: list[tuple[torch.dtype | None, torch.dtype, bool]] = []
