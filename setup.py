@@ -1,9 +1,10 @@
-"""The one compiled part of weightavg: the server's fused CPU lerp (server/weightavg_server/domain/
-_native.c). Everything else is declared in pyproject.toml.
+"""The one compiled part of weightavg: the server's native CPU kernels (fused lerp, weighted sum,
+huge-page advice: server/weightavg_server/domain/_native.c). Everything else is declared in
+pyproject.toml.
 
 Optional on purpose: where no C compiler or Python headers exist (a slim container, Windows), the
-install goes on without it and the server averages with torch's lerp_: the same numbers, about a
-fifth slower on large CPU averages (docs/perf.md, "Native lerp")."""
+install goes on without it and the server does the same work with torch: the same numbers, slower
+on large CPU averages and merges (docs/perf.md, "Native lerp")."""
 
 import os
 

@@ -1,7 +1,8 @@
 """The server's compiled helpers (`_native.c`), when the install could build them: the fused CPU
-lerp (used through lerp.py, which checks it against torch) and huge-page advice for large CPU
-buffers. Without a C compiler at install neither exists, and the server does the same work with
-torch alone: the same numbers, slower on large CPU averages (setup.py)."""
+lerp and the one-pass weighted sum (used through lerp.py and weighted_sum.py, which check each
+against torch), and huge-page advice for large CPU buffers. Without a C compiler at install none
+exists, and the server does the same work with torch alone: the same numbers, slower on large CPU
+averages and merges (setup.py)."""
 
 from __future__ import annotations
 
