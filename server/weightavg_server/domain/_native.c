@@ -116,14 +116,15 @@ static void *take_blocks(void *arg) {
     }
 }
 
-/* Run on the calling thread and threads - 1 more (fewer when one cannot be started). */
-static void run_threads(Work *w, int threads) {
+/* Run `work(arg)` on the calling thread and threads - 1 more (fewer when one cannot be started), each
+ * taking blocks from the same counter until none is left; both kernels go through here. */
+static void run_threads(void *(*work)(void *), void *arg, int threads) {
     pthread_t ids[MAX_THREADS];
     int started = 0;
     for (int k = 1; k < threads; k++) {
-        if (pthread_create(&ids[started], NULL, take_blocks, w) == 0) started++;
+        if (pthread_create(&ids[started], NULL, work, arg) == 0) started++;
     }
-    take_blocks(w);
+    work(arg);
     for (int k = 0; k < started; k++) pthread_join(ids[k], NULL);
 }
 
@@ -147,7 +148,7 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
     Work work = {kind, (char *)(uintptr_t)avg, (const char *)(uintptr_t)value, (int64_t)n, weight,
                  BLOCK_BYTES / (int64_t)AVG_SIZE[kind], 0};
     Py_BEGIN_ALLOW_THREADS
-    run_threads(&work, threads);
+    run_threads(take_blocks, &work, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -267,13 +268,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     work->block = BLOCK_BYTES / (int64_t)(kind == KIND_F32 ? 4 : 8);
     atomic_init(&work->next, 0);
     Py_BEGIN_ALLOW_THREADS
-    pthread_t ids[MAX_THREADS];
-    int started = 0;
-    for (int k = 1; k < threads; k++) {
-        if (pthread_create(&ids[started], NULL, take_sum_blocks, work) == 0) started++;
-    }
-    take_sum_blocks(work);
-    for (int k = 0; k < started; k++) pthread_join(ids[k], NULL);
+    run_threads(take_sum_blocks, work, threads);
     Py_END_ALLOW_THREADS
     PyMem_Free(work);
     Py_RETURN_NONE;

@@ -95,8 +95,9 @@ def is_flat(tensors: Sequence[torch.Tensor]) -> bool:
 # -- runs: pairs that are one kernel -----------------------------------------------------------------
 
 
-def _span(first: torch.Tensor, numel: int) -> torch.Tensor:
-    """The 1-D view of `numel` elements of first's storage starting where `first` starts."""
+def span(first: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 1-D view of `numel` elements of first's storage starting where `first` starts (a run's
+    span, `fuse`)."""
     with torch.enable_grad():  # see flat_copies
         return torch.as_strided(first.detach(), (numel,), (1,), first.storage_offset())
 
@@ -150,11 +151,6 @@ def fuse_groups(groups: Sequence[Sequence[torch.Tensor]]) -> list[Run]:
     return runs
 
 
-def span(first: torch.Tensor, numel: int) -> torch.Tensor:
-    """The 1-D view of `numel` elements of first's storage from where `first` starts (a run's span)."""
-    return _span(first, numel)
-
-
 def spans(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], runs: Sequence[Run]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The pairs to operate on: one (a span, p span) per run of several pairs, the pair itself
     for a run of one."""
@@ -164,7 +160,7 @@ def spans(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], runs: Sequence[Run
             out.append(pairs[start])
             continue
         a, p = pairs[start]
-        out.append((_span(a, numel), _span(p, numel)))
+        out.append((span(a, numel), span(p, numel)))
     return out
 
 

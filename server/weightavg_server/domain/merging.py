@@ -527,23 +527,12 @@ def _weighted_sum(
     Large CPU entries of the work dtype go through the native kernel in one pass over the inputs
     (`weighted_sum`: the same operations and bits as below), straight into `out`."""
     assert slot.work is not None
-    divide = slot.method == "average" or bool_value(slot.options, "normalize")
-    if weighted_sum.native_weighted_sum(out, xs, weights, sum(weights) if divide else None):
+    divisor = sum(weights) if slot.method == "average" or bool_value(slot.options, "normalize") else None
+    if weighted_sum.native_weighted_sum(out, xs, weights, divisor):  # (the plan refused a sum of 0)
         return
     acc = _accumulator(slot, out, scratch)
     cast = scratch.take(slot.shape, slot.work) if any(x.dtype != slot.work for x in xs) else None
-    for i, (x, w) in enumerate(zip(xs, weights)):
-        if x.dtype != slot.work:
-            assert cast is not None
-            part = cast.view(-1)[: x.numel()].view(x.shape)
-            part.copy_(x)
-            x = part
-        if i == 0:  # the first term written, not added to zeros: one pass over the result fewer
-            torch.mul(x.expand(slot.shape), w, out=acc)
-        else:
-            acc.add_(x, alpha=w)
-    if divide:
-        acc.div_(sum(weights))  # the plan refused a sum of 0
+    weighted_sum.by_torch(acc, xs, weights, divisor, cast)
     _finish(acc, out)
 
 

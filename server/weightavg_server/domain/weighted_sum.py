@@ -72,13 +72,28 @@ def _run(
             0.0 if divisor is None else float(divisor), threads)
 
 
-def in_torch(out: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float], divisor: float | None) -> None:
-    """The same sum as torch does it (merging's own sequence): what the kernel must equal."""
-    torch.mul(xs[0], weights[0], out=out)
-    for x, w in zip(xs[1:], weights[1:]):
-        out.add_(x, alpha=w)
+def by_torch(
+    acc: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float], divisor: float | None,
+    cast: torch.Tensor | None = None,
+) -> None:
+    """acc := sum_k w_k x_k, divided by `divisor` unless None, as torch does it: the first term written
+    (`mul`, x broadcast to acc's shape), each further one added (`add_` with alpha), then `div_`. An x
+    of another dtype than acc's is copied into `cast` (acc's shape and dtype) first.
+
+    merging's torch path runs this, and so does the kernel's check: the kernel is held to exactly
+    what the server does without it."""
+    for i, (x, w) in enumerate(zip(xs, weights)):
+        if x.dtype != acc.dtype:
+            assert cast is not None
+            part = cast.view(-1)[: x.numel()].view(x.shape)
+            part.copy_(x)
+            x = part
+        if i == 0:  # the first term written, not added to zeros: one pass over the result fewer
+            torch.mul(x.expand(acc.shape), w, out=acc)
+        else:
+            acc.add_(x, alpha=w)
     if divisor is not None:
-        out.div_(divisor)
+        acc.div_(divisor)
 
 
 CHECK_COUNTS: Final = (1, 3, 8)
@@ -87,7 +102,7 @@ CHECK_LENGTHS: Final = (1, 17, 1000, 2 * MIN_ELEMENTS + 13)
 
 @functools.cache
 def _agrees_with_torch() -> bool:
-    """Once per process: the kernel against `in_torch` for every kind, input count and length above,
+    """Once per process: the kernel against `by_torch` for every kind, input count and length above,
     with and without a division, special values included; True only when every bit agrees."""
     special = torch.tensor(native.SPECIAL_VALUES)
     g = torch.Generator().manual_seed(0)
@@ -100,7 +115,7 @@ def _agrees_with_torch() -> bool:
                 weights = [float(w) for w in torch.rand(count, generator=g, dtype=torch.float64) * 2 - 0.5]
                 for divisor in (None, sum(weights)):
                     expected, got = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
-                    in_torch(expected, xs, weights, divisor)
+                    by_torch(expected, xs, weights, divisor)
                     _run(got, xs, weights, divisor, threads=2 if n > MIN_ELEMENTS else 1)
                     if not native.same_bits(got, expected):
                         return False
