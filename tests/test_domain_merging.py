@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightavg_server.domain import footprint, merging
+from weightavg_server.domain import flat, footprint, merging
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
 from weightavg_server.domain.errors import InvalidArgument
 
@@ -104,6 +104,19 @@ def test_average_of_one_dictionary_is_a_copy_in_new_memory() -> None:
     for name, t in d.entries.items():
         assert torch.equal(got.entries[name], t)
         assert got.entries[name].untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+
+
+def test_a_new_result_lies_flat_so_averages_into_it_fuse() -> None:
+    """A merge's new dictionary is laid out as copyparms' copies: each dtype's entries back to back in
+    one buffer holding exactly their bytes."""
+    ds = dicts(3)
+    for d in ds:
+        d.entries["steps"] = torch.tensor([3, 4], dtype=torch.int64)
+    got = merged("average", ds)
+    floats = [t for n, t in got.entries.items() if n != "steps"]
+    assert flat.is_flat(floats)
+    assert floats[0].untyped_storage().nbytes() == sum(t.numel() for t in floats) * 4
+    assert got.entries["steps"].untyped_storage().nbytes() == 16
 
 
 def test_the_count_entry_takes_no_part() -> None:

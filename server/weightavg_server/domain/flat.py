@@ -16,6 +16,7 @@ therefore frees nothing until the last view of its buffer goes.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -51,28 +52,35 @@ def new_buffer(numel: int, key: GroupKey) -> torch.Tensor:
     return buffer
 
 
-def flat_copies(
-    tensors: Sequence[torch.Tensor], place: Callable[[torch.Tensor], GroupKey] | None = None,
-) -> list[torch.Tensor]:
-    """Copies of the tensors, each group of one (device, dtype) back to back in one new buffer.
-
-    `place` gives each copy's (device, dtype) (default: its own); the copies are contiguous, so
-    exactly sum(numel * itemsize) bytes are allocated, as for separate copies.
-
-    Example: flat_copies([a, b]) where a and b are float32 gives two views of one float32 buffer.
-    """
-    keys = [place(t) if place is not None else (t.device, t.dtype) for t in tensors]
+def flat_empty(shapes: Sequence[tuple[tuple[int, ...], GroupKey]]) -> list[torch.Tensor]:
+    """Uninitialised tensors of these (shape, (device, dtype)), each group of one (device, dtype) back
+    to back in one new buffer (`new_buffer`): exactly sum(numel * itemsize) bytes, as separate tensors
+    would take, and averages or merges over them fuse."""
     sizes: dict[GroupKey, int] = {}
-    for t, key in zip(tensors, keys):
-        sizes[key] = sizes.get(key, 0) + t.numel()
+    for shape, key in shapes:
+        sizes[key] = sizes.get(key, 0) + math.prod(shape)
     buffers = {key: new_buffer(n, key) for key, n in sizes.items()}
     used = dict.fromkeys(sizes, 0)
     out = []
     with torch.enable_grad():  # a view made in no-grad mode may not be written in place with grad mode on
-        for t, key in zip(tensors, keys):
+        for shape, key in shapes:
             start = used[key]
-            used[key] = start + t.numel()
-            out.append(buffers[key][start:used[key]].view(t.shape))
+            used[key] = start + math.prod(shape)
+            out.append(buffers[key][start:used[key]].view(shape))
+    return out
+
+
+def flat_copies(
+    tensors: Sequence[torch.Tensor], place: Callable[[torch.Tensor], GroupKey] | None = None,
+) -> list[torch.Tensor]:
+    """Copies of the tensors, each group of one (device, dtype) back to back in one new buffer
+    (`flat_empty`).
+
+    `place` gives each copy's (device, dtype) (default: its own).
+
+    Example: flat_copies([a, b]) where a and b are float32 gives two views of one float32 buffer.
+    """
+    out = flat_empty([(tuple(t.shape), place(t) if place is not None else (t.device, t.dtype)) for t in tensors])
     with torch.no_grad():
         for view, t in zip(out, tensors):
             view.copy_(t)

@@ -438,12 +438,13 @@ def run(
 ) -> TensorDict:
     """Carry out a plan made over these same dictionaries: a new dictionary, or `into` rewritten.
 
-    The scratch and (without `into`) every result tensor are allocated before anything is written.
+    The scratch and (without `into`) every result tensor are allocated before anything is written;
+    a new dictionary's entries lie back to back in one buffer per dtype (`flat.flat_empty`).
     """
     device = p.device or torch.device("cpu")
     scratch = Scratch(torch.empty(p.buffer_bytes(), dtype=torch.uint8, device=device))
-    result = into if into is not None else TensorDict(
-        {s.name: torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in p.slots}
+    result = into if into is not None else TensorDict(  # flat, as copyparms' copies: later averages fuse
+        dict(zip((s.name for s in p.slots), flat.flat_empty([(s.shape, (s.device, s.dtype)) for s in p.slots])))
     )
     kernel = _KERNELS[p.method.name]
     fused = _native_runs(p, dicts, result) if base is None and kernel is _weighted_sum else {}
