@@ -83,6 +83,17 @@ def test_merge_errors_say_what_is_valid(client: Client) -> None:
         client.average([a, "dic_" + "0" * 32])
 
 
+def test_a_weight_past_float32s_range_is_refused_and_into_keeps_its_values(client: Client) -> None:
+    """torch used to fail partway through such a float32 merge, after earlier entries were written."""
+    a, b = client.dict(arrays(1)[0]), client.dict(arrays(1, seed=3)[0])
+    before = client.dict(a)
+    with pytest.raises(InvalidArgumentError, match="within float32's range .* scale them down"):
+        client.average([a, b], weights=[1.0, 1e39], into=a)
+    after = client.dict(a)
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+
+
 def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:
     q = client.module(["linear", 4, 3])
     o = client.opt("sgd", q, 1.0)
