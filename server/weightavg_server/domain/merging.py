@@ -473,8 +473,9 @@ def _native_runs(p: Plan, dicts: Sequence[TensorDict], result: TensorDict) -> di
     kernel over the runs' spans in one call; start slot -> stop slot for each run it took.
 
     One call per run rather than per entry: the kernel then starts its threads once, and a flat
-    dictionary of 160 entries is one pass (34.7 ms for 8 x 25.6M float32 in process, against 47.6 ms
-    entry by entry; docs/perf.md, "Native lerp"). Runs it does not take go entry by entry."""
+    dictionary of 160 entries is one pass (8 x 25.6M float32 in process: 45.6 ms against 55.1 entry
+    by entry, `python -m bench.native_micro`; docs/perf.md, "Averaging across models"). Runs it does
+    not take go entry by entry."""
     if (p.device is not None and p.device.type != "cpu") or not weighted_sum.active():
         return {}
     groups: list[list[torch.Tensor]] = []

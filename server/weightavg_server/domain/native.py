@@ -63,9 +63,9 @@ def advise_huge_pages(buffer: torch.Tensor) -> int:
     """Ask for transparent huge pages under a new CPU buffer of at least `HUGE_PAGE_MIN_BYTES`, before
     anything is written to it (a page touched first stays small); the bytes advised, 0 if none.
 
-    Streaming 100 MB through the fused lerp took 8.3-8.5 ms on huge pages against 9.3-9.5 ms on 4 KiB
-    pages (docs/perf.md, "Native lerp"). The values and the accounting are unchanged: the buffer is
-    the same allocation, only how the kernel maps it differs.
+    A small gain: 0-5% on the fused lerp over 100 MB (`python -m bench.native_micro`; docs/perf.md,
+    "Native lerp"). The values and the accounting are unchanged: the buffer is the same allocation,
+    only how the kernel maps it differs.
     """
     nbytes = buffer.numel() * buffer.element_size()
     if _ADVISE is None or not buffer.is_cpu or nbytes < HUGE_PAGE_MIN_BYTES:

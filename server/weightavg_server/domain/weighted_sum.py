@@ -4,7 +4,7 @@ one-pass kernel (`_native.c`) where it is built and gives torch's bits, torch's 
 
 Why: torch makes one pass over the result per input (a multiply, then an `add_` per further input,
 then a division), so averaging 8 dictionaries moves the result through memory ten times; the kernel
-reads each input once and writes the result once (docs/perf.md, "Native lerp"). As with the lerp,
+reads each input once and writes the result once (docs/perf.md, "Averaging across models"). As with the lerp,
 the first use compares it with torch's sequence bit for bit (every kind, input counts, odd lengths,
 special values, with and without the division), and any difference turns it off for the process.
 """
@@ -30,7 +30,8 @@ MIN_ELEMENTS: Final = 1 << 16
 ELEMENTS_PER_THREAD: Final = 1 << 17
 """Each thread the kernel runs gets at least this many elements to read or write, inputs and result
 together: an entry of 160K float32 from 8 inputs gets two threads. On one thread, 160 such entries
-took 72-79 ms in process against torch's two-thread loop's 54-69 ms; on two, 47.6 ms."""
+took 93.9 ms in process against torch's two-thread loop's 79.5 ms; on two, 55.1 ms
+(`python -m bench.native_micro`)."""
 
 
 def native_weighted_sum(
