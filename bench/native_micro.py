@@ -4,6 +4,10 @@ lerp", "Averaging across models") quotes. Each timed call follows a 30 ms pause,
 
 - lerp over 25.6M float32: one `add_` and torch's `lerp_` on plain tensors, the native lerp on the same
   plain tensors (4 KiB pages) and on flat buffers advised for huge pages (`flat.new_buffer`).
+- lerp over many separate tensors (an uploaded dictionary's entries: 160 x 400 x 400, 400 x 64 x 64,
+  and the reference's 2-to-1 linear): torch's loop of `lerp_`, the native kernel deciding its batch
+  on each call (`lerp.native_lerp_all_`), and running one decided before (`lerp.run`, what a cached
+  averaging plan does).
 - weighted sum of 8 x 25.6M float32 in 160 entries: torch's loop (`weighted_sum.by_torch` per entry),
   the native kernel per entry on one thread and on the default threads, and one native call over
   the flat spans.
@@ -53,6 +57,22 @@ def lerps(reps: int) -> dict[str, float]:
     }, reps)
 
 
+def many(reps: int, shapes: list[tuple[int, ...]]) -> dict[str, float]:
+    pairs = [(torch.randn(shape), torch.randn(shape)) for shape in shapes]
+    decided = lerp.batch(pairs)
+    assert decided is not None and not decided.rest
+
+    def torch_loop() -> None:
+        for a, v in pairs:
+            a.lerp_(v, 0.25)
+
+    return timed({
+        "torch lerp_ loop": torch_loop,
+        "native, deciding": lambda: lerp.native_lerp_all_(pairs, 0.25),
+        "native, decided": lambda: lerp.run(decided, 0.25),
+    }, reps)
+
+
 def sums(reps: int) -> dict[str, float]:
     weights = [float(w) for w in range(1, INPUTS + 1)]
     total = sum(weights)
@@ -85,6 +105,10 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads")
     if lerp.native_state() == "native fused lerp":
         print("lerp, 25.6M float32 (ms):", lerps(args.reps))
+        for name, shapes in (
+            ("160 x 400 x 400", [(400, 400)] * 160), ("400 x 64 x 64", [(64, 64)] * 400), ("linear 2->1", [(1, 2), (1,)]),
+        ):
+            print(f"lerp of {name} separate float32 tensors (ms):", many(args.reps, shapes))
     if weighted_sum.active():
         print("weighted sum, 8 x 25.6M float32 in 160 entries (ms):", sums(args.reps))
 

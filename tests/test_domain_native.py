@@ -1,7 +1,7 @@
 """The server's native helpers (server/.../domain/_native.c), in process. The fused lerp (through
 domain/lerp.py): torch's `lerp_` is the oracle, bit for bit, for every kind, both of lerp's
-formulas, thread splits and odd lengths; the pairs it must leave to torch; its guard; averaging
-with it off. Huge-page advice for large flat buffers (domain/native.py): what it advises, and that
+formulas, thread splits, odd lengths and many pairs in one call; the pairs it must leave to torch
+(and pairs that share memory, which all go to torch); its guard; averaging with it off. Huge-page advice for large flat buffers (domain/native.py): what it advises, and that
 values and accounting do not change.
 
 The extension is optional at install (no C compiler: torch does the work). One test insists it was
@@ -29,7 +29,7 @@ from weightavg_server.domain.tensors import held_bytes
 BUILT = lerp.native_state() == "native fused lerp"
 needs_native = pytest.mark.skipif(not BUILT, reason=f"CPU averages run on {lerp.native_state()}")
 
-N = lerp.MIN_ELEMENTS
+N = 1 << 16
 
 
 def can_build_here() -> bool:
@@ -72,8 +72,79 @@ def test_every_thread_split_gives_the_same_bits(threads: int) -> None:
     """Each thread's part starts on a 64-byte boundary; parts of any count cover every element once."""
     avg, value = pair(4 * N + 3, torch.float32, torch.float32)
     expected = avg.clone().lerp_(value, 0.2)
-    lerp._run(avg, value, 0.2, threads=threads)
+    lerp._run(0, [(avg, value)], 0.2, threads)
     assert torch.equal(bits(avg), bits(expected))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_pairs_of_every_size_in_one_call_give_torchs_bits(threads: int) -> None:
+    """An upload's dictionary: separate tensors of all sizes (empty, tiny, one block, many blocks),
+    of every kind at once: each pair as torch's own lerp_ gives it."""
+    sizes = [0, 1, 3, 64, 1000, N - 1, 3 * N + 5, 1, 2 * lerp.ELEMENTS_PER_THREAD + 1]
+    pairs = [pair(n, *kind, seed=i) for i, (n, kind) in enumerate((n, k) for k in lerp.KINDS for n in sizes)]
+    expected = [a.clone().lerp_(v.to(a.dtype), 0.3) for a, v in pairs]
+    for kind in lerp.KINDS.values():
+        group = [(a, v) for a, v in pairs if lerp.KINDS[(a.dtype, v.dtype)] == kind]
+        lerp._run(kind, group, 0.3, threads)
+    for (a, _), e in zip(pairs, expected):
+        assert native.same_bits(a, e)
+
+
+@needs_native
+def test_small_pairs_take_the_kernel_too() -> None:
+    """A small call's tensors (the reference's 2-to-1 linear) cost no torch operation."""
+    avg, value = pair(3, torch.float32, torch.float32)
+    expected = avg.clone().lerp_(value, 0.5)
+    assert lerp.native_lerp_all_([(avg[:2], value[:2]), (avg[2:], value[2:])], 0.5) == []
+    assert torch.equal(bits(avg), bits(expected))
+
+
+@needs_native
+def test_pairs_that_share_memory_go_to_torch_in_their_order() -> None:
+    """Two averages over the same memory: threads (or kinds one after another) would make the order
+    matter, so every pair is left to torch's loop, untouched."""
+    shared = torch.randn(4 * N)
+    other, value = pair(4 * N, torch.float32, torch.float32)
+    for pairs in (
+        [(shared, value), (shared[N:], value[N:])],  # two averages overlap
+        [(other, shared), (shared, value)],  # a value is another pair's average
+        [(other[: 3 * N], value[: 3 * N]), (other[N:], value[N:].double())],  # with a pair torch takes
+    ):
+        before = [a.clone() for a, _ in pairs]
+        assert lerp.native_lerp_all_(pairs, 0.25) == pairs
+        assert all(torch.equal(a, b) for (a, _), b in zip(pairs, before))
+
+
+@needs_native
+def test_pairs_apart_are_done_and_the_rest_returned_in_order() -> None:
+    a1, v1 = pair(3 * lerp.ELEMENTS_PER_THREAD, torch.float32, torch.float32)
+    a2, v2 = pair(N, torch.float64, torch.float64)
+    a3, v3 = pair(100, torch.float32, torch.float16)  # not a kind of the kernel
+    a4 = torch.randn(N)  # its own value: the same memory
+    expected = [a1.clone().lerp_(v1, 0.1), a2.clone().lerp_(v2, 0.1), a4.clone()]
+    rest = lerp.native_lerp_all_([(a1, v1), (a3, v3), (a2, v2), (a4, a4)], 0.1)
+    assert len(rest) == 1 and rest[0][0] is a3 and rest[0][1] is v3
+    for got, e in zip((a1, a2, a4), expected):
+        assert torch.equal(bits(got), bits(e))
+
+
+@pytest.mark.parametrize(
+    "layout, apart",
+    [
+        ([(0, 4, 8, 12), (4, 8, 12, 16)], True),  # (avg start, avg end, value start, value end) in elements
+        ([(0, 4, 0, 4), (4, 8, 4, 8)], True),  # each value is its own average
+        ([(0, 4, 8, 12), (2, 6, 12, 16)], False),  # averages overlap
+        ([(0, 4, 4, 8), (4, 8, 8, 12)], False),  # the first value is the second average
+        ([(0, 4, 8, 12), (4, 8, 8, 12)], True),  # two values share memory: read only
+        ([(0, 4, 1, 5), (8, 12, 12, 16)], False),  # a value overlaps its own average in part
+        ([(0, 0, 0, 4), (0, 4, 4, 8)], True),  # an empty average takes no memory
+    ],
+)
+def test_apart_decides_by_memory(layout: list[tuple[int, int, int, int]], apart: bool) -> None:
+    storage = torch.zeros(16)
+    pairs = [(storage[a:b], storage[c:c + (b - a)]) for a, b, c, _ in layout]
+    assert lerp._apart(pairs) is apart
 
 
 @needs_native
@@ -100,12 +171,10 @@ def test_a_tensor_lerped_onto_itself_is_unchanged() -> None:
     assert torch.equal(bits(avg), bits(before))
 
 
-@pytest.mark.parametrize("case", ["small", "strided", "broadcast", "float16", "int", "overlap", "mixed float64"])
+@pytest.mark.parametrize("case", ["strided", "broadcast", "float16", "int", "overlap", "mixed float64", "bfloat16 over itself"])
 def test_pairs_outside_the_kernel_are_left_untouched_for_torch(case: str) -> None:
     avg, value = pair(2 * N, torch.float32, torch.float32)
-    if case == "small":
-        avg, value = avg[: N - 1], value[: N - 1]
-    elif case == "strided":
+    if case == "strided":
         avg, value = avg.view(2, N).t(), value.view(2, N).t()
     elif case == "broadcast":
         avg, value = avg.view(2, N), value[:N]
@@ -116,8 +185,10 @@ def test_pairs_outside_the_kernel_are_left_untouched_for_torch(case: str) -> Non
     elif case == "overlap":
         storage = torch.randn(2 * N + 1)
         avg, value = storage[: 2 * N], storage[1:]
-    else:
+    elif case == "mixed float64":
         avg = avg.double()
+    else:  # a bfloat16 value over the first half of its own float32 average
+        value = avg.view(torch.bfloat16)[: 2 * N]
     before = avg.clone()
     assert not lerp.native_lerp_(avg, value, 0.25)
     assert torch.equal(avg, before)
@@ -130,9 +201,11 @@ def test_the_guard_turns_off_a_kernel_that_differs_from_torch(monkeypatch: pytes
     real = lerp._NATIVE
     assert real is not None
 
-    def one_ulp_off(kind: int, avg: int, value: int, count: int, weight: float, threads: int) -> None:
-        real(kind, avg, value, count, weight, threads)
-        if count == 1000 and kind == 0:
+    def one_ulp_off(kind: int, avgs: tuple[int, ...], values: tuple[int, ...], counts: tuple[int, ...],
+                    weight: float, threads: int) -> None:
+        real(kind, avgs, values, counts, weight, threads)
+        if kind == 0:
+            avg, count = avgs[counts.index(1000)], 1000
             out = (ctypes.c_float * count).from_address(avg)
             out[500] = float(np.nextafter(np.float32(out[500]), np.float32(np.inf)))
 
@@ -149,7 +222,18 @@ def test_the_extension_refuses_arguments_it_cannot_run(bad: tuple[int, int, floa
     kind, count, weight, threads = bad
     t = torch.zeros(8)
     with pytest.raises(ValueError):
-        lerp._NATIVE(kind, t.data_ptr(), t.data_ptr(), count, weight, threads)
+        lerp._NATIVE(kind, (t.data_ptr(),), (t.data_ptr(),), (count,), weight, threads)
+
+
+@pytest.mark.parametrize("avgs, values, counts", [((1,), (), (1,)), ((1,), (1,), (1, 2)), ((0,), (8,), (4,))])
+def test_the_extension_refuses_pairs_that_do_not_line_up(
+    avgs: tuple[int, ...], values: tuple[int, ...], counts: tuple[int, ...]
+) -> None:
+    """Tuples of different lengths, or a null address with elements to write."""
+    if lerp._NATIVE is None:
+        pytest.skip("the kernel is not built here")
+    with pytest.raises(ValueError):
+        lerp._NATIVE(0, avgs, values, counts, 0.5, 1)
 
 
 def averages(monkeypatch: pytest.MonkeyPatch, native: bool) -> dict[str, torch.Tensor]:

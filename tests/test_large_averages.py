@@ -14,8 +14,9 @@ from weightavg import Client
 from weightavg_server.domain import lerp
 
 NET = ["sequential", ["linear", 512, 384], ["linear", 384, 256]]
-"""Two weights of 196608 and 98304 elements: both past the kernel's threshold, in one flat buffer."""
-assert 384 * 256 >= lerp.MIN_ELEMENTS
+"""Two weights of 196608 and 98304 elements, and two biases, in one flat buffer: enough for the
+kernel to split them over threads."""
+assert 512 * 384 + 384 * 256 >= 2 * lerp.ELEMENTS_PER_THREAD
 
 
 def params(c: Client, m: object) -> dict[str, torch.Tensor]:
@@ -51,6 +52,32 @@ def test_a_large_running_average_is_torchs_lerp_bit_for_bit(client: Client) -> N
     got = client.dict(d)
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name].view(np.int32), value.numpy().view(np.int32), err_msg=name)
+
+
+def test_a_running_average_of_uploaded_dictionaries_is_torchs_lerp_bit_for_bit(client: Client) -> None:
+    """Uploads are not flat (a tensor each): the kernel takes all their pairs, of every size, in one
+    call, and a float64 entry in another."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"w1": (512, 384), "b1": (384,), "w2": (384, 256), "tiny": (3,), "w64": (300, 301)}
+
+    def draw() -> dict[str, torch.Tensor]:
+        return {name: torch.randn(shape, generator=g, dtype=torch.float64 if name == "w64" else torch.float32)
+                for name, shape in shapes.items()}
+
+    first = draw()
+    d = client.dict({name: value.numpy() for name, value in first.items()})
+    expected = {name: value.clone() for name, value in first.items()}
+    for n in range(2, 5):
+        values = draw()
+        upload = client.dict({name: value.numpy() for name, value in values.items()})
+        for name, value in values.items():
+            expected[name].lerp_(value, 1.0 / n)
+        assert client.avgparms(upload, d) == n
+        client.free(upload)
+    got = client.dict(d)
+    for name, value in expected.items():
+        width = np.int64 if value.dtype == torch.float64 else np.int32
+        np.testing.assert_array_equal(got[name].view(width), value.numpy().view(width), err_msg=name)
 
 
 def test_a_large_ema_of_a_bfloat16_module_kept_in_float32_is_torchs_bit_for_bit(client: Client) -> None:

@@ -5,7 +5,8 @@
  * 0.8 of one add_ over the same bytes (it evaluates both of its formulas and blends them); this loop
  * runs at add_'s speed or better (docs/perf.md, "Native lerp"). The bits are torch's: for
  * |w| < 0.5 the result is fma(w, value - avg, avg), otherwise fma(w - 1, value - avg, value),
- * exactly what ATen's vectorised lerp computes. The Python side (lerp.py) checks that against torch
+ * exactly what ATen's vectorised lerp computes. One call takes any number of pairs of one kind (a
+ * dictionary that is not flat, a module's runs and lone tensors), whose blocks the threads share. The Python side (lerp.py) checks that against torch
  * at first use and falls back to torch's lerp_ where they ever differ, so this file never decides a
  * number on its own. Kinds: float32 into float32, float64 into float64, and bfloat16 into float32
  * (the value widened exactly, as `value.to(torch.float32)` does, in the same pass). The caller
@@ -79,40 +80,50 @@ CLONES static void lerp_f32_bf16(float *avg, const uint16_t *value, int64_t n, f
 static const size_t AVG_SIZE[KINDS] = {4, 8, 4};
 static const size_t VALUE_SIZE[KINDS] = {4, 8, 2};
 
-typedef struct {
-    int kind;
-    char *avg;
-    const char *value;
-    int64_t n;
-    double weight;
-    int64_t block;              /* elements a thread takes at a time: a multiple of 64 bytes of avg */
-    atomic_int_fast64_t next;   /* the first element no thread has taken yet */
-} Work;
-
-static void run_range(const Work *w, int64_t start, int64_t len) {
-    char *avg = w->avg + start * (int64_t)AVG_SIZE[w->kind];
-    const char *value = w->value + start * (int64_t)VALUE_SIZE[w->kind];
-    switch (w->kind) {
+static void run_range(int kind, char *avg, const char *value, int64_t start, int64_t len, double weight) {
+    avg += start * (int64_t)AVG_SIZE[kind];
+    value += start * (int64_t)VALUE_SIZE[kind];
+    switch (kind) {
     case KIND_F32:
-        lerp_f32((float *)avg, (const float *)value, len, (float)w->weight);
+        lerp_f32((float *)avg, (const float *)value, len, (float)weight);
         break;
     case KIND_F64:
-        lerp_f64((double *)avg, (const double *)value, len, w->weight);
+        lerp_f64((double *)avg, (const double *)value, len, weight);
         break;
     default:
-        lerp_f32_bf16((float *)avg, (const uint16_t *)value, len, (float)w->weight);
+        lerp_f32_bf16((float *)avg, (const uint16_t *)value, len, (float)weight);
         break;
     }
 }
 
+/* Pairs (avg, value) of one kind, cut into blocks of at most `block` elements: pair s owns the blocks
+ * [first[s], first[s + 1]), so one counter hands out the blocks of every pair in order. */
+typedef struct {
+    int kind;
+    double weight;
+    Py_ssize_t pairs;
+    char **avg;
+    const char **value;
+    int64_t *n;
+    int64_t *first;            /* pairs + 1 entries */
+    int64_t block;             /* elements: a multiple of 64 bytes of avg */
+    atomic_int_fast64_t next;  /* the first block no thread has taken yet */
+} Work;
+
 /* Take blocks until none is left. Blocks rather than one fixed share per thread: a thread that
- * starts late, or loses its core for a while, costs the call only the block it holds. */
+ * starts late, or loses its core for a while, costs the call only the block it holds. A thread's
+ * blocks come in increasing order, so its pair index only moves forward. */
 static void *take_blocks(void *arg) {
     Work *w = (Work *)arg;
+    const int64_t blocks = w->first[w->pairs];
+    Py_ssize_t s = 0;
     for (;;) {
-        const int64_t start = atomic_fetch_add(&w->next, w->block);
-        if (start >= w->n) return NULL;
-        run_range(w, start, w->n - start < w->block ? w->n - start : w->block);
+        const int64_t b = atomic_fetch_add(&w->next, 1);
+        if (b >= blocks) return NULL;
+        while (w->first[s + 1] <= b) s++;
+        const int64_t start = (b - w->first[s]) * w->block;
+        const int64_t left = w->n[s] - start;
+        run_range(w->kind, w->avg[s], w->value[s], start, left < w->block ? left : w->block, w->weight);
     }
 }
 
@@ -129,27 +140,59 @@ static void run_threads(void *(*work)(void *), void *arg, int threads) {
 }
 
 PyDoc_STRVAR(lerp_doc,
-             "lerp(kind, avg_address, value_address, count, weight, threads)\n\n"
-             "avg[i] = lerp(avg[i], value[i], weight) for i < count, torch's formula and bits; kind 0 is\n"
-             "float32 into float32, 1 float64 into float64, 2 bfloat16 into float32. The GIL is released.");
+             "lerp(kind, avg_addresses, value_addresses, counts, weight, threads)\n\n"
+             "avg[i] = lerp(avg[i], value[i], weight) for i < count, for every (avg, value, count) of the\n"
+             "three tuples, torch's formula and bits; kind 0 is float32 into float32, 1 float64 into float64,\n"
+             "2 bfloat16 into float32. With threads > 1 the pairs' averages must not overlap one another.\n"
+             "The GIL is released.");
 
 static PyObject *lerp(PyObject *self, PyObject *args) {
     (void)self;
     int kind, threads;
-    unsigned long long avg, value;
-    long long n;
+    PyObject *avgs, *values, *counts;
     double weight;
-    if (!PyArg_ParseTuple(args, "iKKLdi", &kind, &avg, &value, &n, &weight, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "iO!O!O!di", &kind, &PyTuple_Type, &avgs, &PyTuple_Type, &values, &PyTuple_Type,
+                          &counts, &weight, &threads))
+        return NULL;
     if (kind < 0 || kind >= KINDS) return PyErr_Format(PyExc_ValueError, "kind %d is not one of 0, 1, 2", kind);
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "count %lld is negative", n);
     if (threads < 1 || threads > MAX_THREADS)
         return PyErr_Format(PyExc_ValueError, "threads %d is outside 1..%d", threads, MAX_THREADS);
-    if (n > 0 && (avg == 0 || value == 0)) return PyErr_Format(PyExc_ValueError, "a null address");
-    Work work = {kind, (char *)(uintptr_t)avg, (const char *)(uintptr_t)value, (int64_t)n, weight,
-                 BLOCK_BYTES / (int64_t)AVG_SIZE[kind], 0};
+    const Py_ssize_t pairs = PyTuple_GET_SIZE(avgs);
+    if (PyTuple_GET_SIZE(values) != pairs || PyTuple_GET_SIZE(counts) != pairs)
+        return PyErr_Format(PyExc_ValueError, "need as many value addresses and counts as average addresses");
+    /* One allocation: avg, value, n, first. */
+    const size_t bytes = (size_t)pairs * (sizeof(char *) + sizeof(const char *) + sizeof(int64_t)) +
+                         (size_t)(pairs + 1) * sizeof(int64_t);
+    void *memory = PyMem_Malloc(bytes ? bytes : 1);
+    if (memory == NULL) return PyErr_NoMemory();
+    Work work = {kind, weight, pairs, NULL, NULL, NULL, NULL, BLOCK_BYTES / (int64_t)AVG_SIZE[kind], 0};
+    work.avg = (char **)memory;
+    work.value = (const char **)(work.avg + pairs);
+    work.n = (int64_t *)(work.value + pairs);
+    work.first = work.n + pairs;
+    work.first[0] = 0;
+    for (Py_ssize_t s = 0; s < pairs; s++) {
+        const unsigned long long avg = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(avgs, s));
+        const unsigned long long value = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(values, s));
+        const long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(counts, s));
+        if (PyErr_Occurred()) {
+            PyMem_Free(memory);
+            return NULL;
+        }
+        if (n < 0 || (n > 0 && (avg == 0 || value == 0))) {
+            PyMem_Free(memory);
+            return PyErr_Format(PyExc_ValueError, "pair %zd: a negative count or a null address", s);
+        }
+        work.avg[s] = (char *)(uintptr_t)avg;
+        work.value[s] = (const char *)(uintptr_t)value;
+        work.n[s] = (int64_t)n;
+        work.first[s + 1] = work.first[s] + ((int64_t)n + work.block - 1) / work.block;
+    }
+    atomic_init(&work.next, 0);
     Py_BEGIN_ALLOW_THREADS
     run_threads(take_blocks, &work, threads);
     Py_END_ALLOW_THREADS
+    PyMem_Free(memory);
     Py_RETURN_NONE;
 }
 

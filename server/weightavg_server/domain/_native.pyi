@@ -1,6 +1,9 @@
 """Types of the C extension built from _native.c (see there, lerp.py, weighted_sum.py and native.py)."""
 
-def lerp(kind: int, avg_address: int, value_address: int, count: int, weight: float, threads: int, /) -> None: ...
+def lerp(
+    kind: int, avg_addresses: tuple[int, ...], value_addresses: tuple[int, ...], counts: tuple[int, ...], weight: float,
+    threads: int, /,
+) -> None: ...
 def weighted_sum(
     kind: int, out_address: int, input_addresses: tuple[int, ...], weights: tuple[float, ...], count: int,
     divisor: float, threads: int, /,

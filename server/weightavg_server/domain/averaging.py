@@ -11,7 +11,9 @@ never averaged. Every pair is checked before anything changes, so a call is all 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import itertools
 import weakref
 from dataclasses import dataclass, field
@@ -176,29 +178,48 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
 class Update:
     """One checked update of an average, ready to apply: nothing is left to fail but memory.
 
-    `averaged` pairs (entry, value) are lerped with `weight` (1.0 copies them), `copied` pairs are
+    `pairs` (entry, value) are lerped with `weight` (1.0 copies them), `copied` pairs are
     copied; then the dictionary's count becomes `count` (SWA) or its EMA state `ema` (whose step
-    used the decay `decay`).
+    used the decay `decay`). `runs` are the pairs that lie back to back on both sides (`flat.fuse`),
+    each one operation; `native` is the native kernel's share of them, by address (`lerp.Batch`,
+    kept with the plan), so a repeated average hands it over without touching a tensor.
     """
 
-    averaged: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    runs: tuple[flat.Run, ...] = ()
     copied: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     weight: float = 1.0
     count: float | None = None
     ema: EmaState | None = None
     decay: float = 0.0
+    native: lerp.Batch | None = None
+
+    @functools.cached_property
+    def averaged(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every averaged pair as one operation per run: (span, span) for a run of several."""
+        return flat.spans(self.pairs, self.runs)
+
+    @functools.cached_property
+    def for_torch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What torch's loop lerps: the runs the kernel does not take (all of them without it)."""
+        if self.native is None:
+            return self.averaged
+        return flat.spans(self.pairs, [self.runs[i] for i in self.native.rest])
 
     def cast_bytes(self) -> Bytes:
         """The most a lerp holds at once beyond the dictionary: one value (or `CAST_CHUNK` elements
-        of it) cast to its entry's dtype (values are cast one at a time, and a full copy casts none)."""
+        of it) cast to its entry's dtype (values are cast one at a time, and a full copy casts none).
+        Counted for every run of two dtypes, the kernel's (which casts nothing) too: a bound."""
         if self.weight == 1.0:
             return {}
         peak: Bytes = {}
-        for avg, p in self.averaged:
+        for start, stop, numel in self.runs:
+            avg, p = self.pairs[start]
             if p.dtype != avg.dtype:
                 device = device_name(avg)
-                numel = CAST_CHUNK if _chunked(avg, p) else p.numel()
-                peak[device] = max(peak.get(device, 0), numel * avg.element_size())
+                chunked = _chunked(avg, p) if stop - start == 1 else numel > CAST_CHUNK
+                pieces = CAST_CHUNK if chunked else (p.numel() if stop - start == 1 else numel)
+                peak[device] = max(peak.get(device, 0), pieces * avg.element_size())
         return peak
 
 
@@ -273,6 +294,8 @@ class _Plan:
     """The first `averaged` pairs are averaged, the rest copied."""
     runs: tuple[flat.Run, ...]
     pointers: list[int]
+    native: lerp.Batch | None
+    """The kernel's share of the runs (`lerp.batch`), by the addresses `pointers` vouch for."""
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -300,27 +323,30 @@ def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
             avgs = []
         values = [index.tensors[i] for i in plan.values]
         if avgs and list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)) == plan.pointers:
-            return _update(avgs, values, plan.averaged, plan.runs)
+            return _update(avgs, values, plan.averaged, plan.runs, plan.native)
     names, values_at, averaged = _choose(source, index, d, buffers)
     avgs = [d.entries[name] for name in names]
     values = [index.tensors[i] for i in values_at]
     for i in sorted(range(len(names)), key=values_at.__getitem__):  # the source's order: the first bad one is named
         _check(names[i], avgs[i], values[i], average=i < averaged)
-    runs = tuple(flat.fuse(list(zip(avgs[:averaged], values[:averaged]))))
+    pairs = list(zip(avgs[:averaged], values[:averaged]))
+    runs = tuple(flat.fuse(pairs))
+    native = lerp.batch(flat.spans(pairs, runs))
     if len(d.plans) >= _MAX_PLANS:
         d.plans.clear()
     d.plans[key] = _Plan(
         weakref.ref(source), index.serial, d.version, tuple(names), tuple(values_at), averaged, runs,
-        list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)),
+        list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)), native,
     )
-    return _update(avgs, values, averaged, runs)
+    return _update(avgs, values, averaged, runs, native)
 
 
 def _update(
-    avgs: list[torch.Tensor], values: list[torch.Tensor], averaged: int, runs: tuple[flat.Run, ...]
+    avgs: list[torch.Tensor], values: list[torch.Tensor], averaged: int, runs: tuple[flat.Run, ...],
+    native: lerp.Batch | None,
 ) -> Update:
     pairs = list(zip(avgs, values))
-    return Update(averaged=flat.spans(pairs[:averaged], runs), copied=pairs[averaged:])
+    return Update(pairs=pairs[:averaged], runs=runs, copied=pairs[averaged:], native=native)
 
 
 def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -> tuple[list[str], list[int], int]:
@@ -393,12 +419,13 @@ one-tensor `_foreach_lerp_` at every size from 2^20 elements: float32 906 agains
 tensor costs more than it saves (16 pieces of 2^16 elements: 107 GB/s looped, 593 fused)."""
 
 
-def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
-    """avg += (p - avg) * weight for every (avg, p) pair, in place, p cast to avg's dtype first.
+def _lerp_all(update: Update) -> None:
+    """avg += (p - avg) * weight for every averaged (avg, p) pair, in place, p cast to avg's dtype first.
 
-    On the CPU a Python loop over the pairs (spans when they are flat, so usually one call per
-    dtype), each large pair in the native fused kernel (`lerp.native_lerp_`: torch's bits, about
-    add_'s speed) and the rest with `lerp_`: torch's CPU foreach kernels loop over the tensors
+    On the CPU the native kernel takes every pair it can (`update.native`, decided with the plan:
+    one call per dtype, torch's bits, about add_'s speed, its threads sharing the blocks of every
+    pair, whether they are the spans of a flat dictionary or an upload's separate tensors), and
+    torch's `lerp_` the rest one by one: torch's CPU foreach kernels loop over the tensors
     themselves and measured no faster (from 0.8x to 1.5x the loop's time on 160 x 640 KB; the
     "kernels" row of `python -m bench`). On
     CUDA one `_foreach_lerp_` launch replaces one launch per tensor for the pairs of one shape and
@@ -406,10 +433,11 @@ def _lerp_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> 
     is cast `CAST_CHUNK` elements at a time just before their lerp (the whole value when it
     broadcasts), so at most one such piece is alive (`Update.cast_bytes`).
     """
+    weight = update.weight
+    if update.native is not None:
+        lerp.run(update.native, weight)
     fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    for a, p in pairs:
-        if lerp.native_lerp_(a, p, weight):
-            continue
+    for a, p in update.for_torch:
         if p.dtype != a.dtype:
             if _chunked(a, p):
                 a_flat, p_flat = a.view(-1), p.view(-1)
@@ -445,7 +473,7 @@ def apply(update: Update, d: TensorDict) -> None:
             for a, p in update.averaged:
                 a.copy_(p)
         else:
-            _lerp_all(update.averaged, update.weight)
+            _lerp_all(update)
         for a, p in update.copied:
             a.copy_(p)
     if count is not None:
@@ -465,7 +493,7 @@ def prepare_average(source: Source, d: TensorDict, buffers: BufferMode = BufferM
     """
     n = _count(d)
     update = _pairs(source, d, buffers)
-    return Update(update.averaged, update.copied, weight=1.0 / (n + 1.0), count=n + 1.0)
+    return dataclasses.replace(update, weight=1.0 / (n + 1.0), count=n + 1.0)
 
 
 def average_parameters(source: Source, d: TensorDict, buffers: BufferMode = BufferMode.EXCLUDE) -> int:
@@ -500,7 +528,7 @@ def prepare_ema(
     used = next_step(kept, step)
     decay = schedule.decay_at(used)
     update = _pairs(source, d, buffers)
-    return Update(update.averaged, update.copied, weight=1.0 - decay, ema=EmaState(schedule, used), decay=decay)
+    return dataclasses.replace(update, weight=1.0 - decay, ema=EmaState(schedule, used), decay=decay)
 
 
 def ema_update(

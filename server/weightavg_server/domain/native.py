@@ -11,8 +11,9 @@ from typing import Final
 
 import torch
 
-Lerp = Callable[[int, int, int, int, float, int], None]
-"""lerp(kind, avg address, value address, count, weight, threads): see `_native.c`."""
+Lerp = Callable[[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], float, int], None]
+"""lerp(kind, avg addresses, value addresses, counts, weight, threads): every pair of one kind in one
+call (see `_native.c`)."""
 
 WeightedSum = Callable[[int, int, tuple[int, ...], tuple[float, ...], int, float, int], None]
 """weighted_sum(kind, out address, input addresses, weights, count, divisor or 0, threads)."""
