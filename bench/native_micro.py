@@ -9,8 +9,9 @@ lerp", "Averaging across models") quotes. Each timed call follows a 30 ms pause,
   on each call (`lerp.native_lerp_all_`), and running one decided before (`lerp.run`, what a cached
   averaging plan does).
 - weighted sum of 8 x 25.6M float32 in 160 entries: torch's loop (`weighted_sum.by_torch` per entry),
-  the native kernel per entry on one thread and on the default threads, and one native call over
-  the flat spans.
+  the native kernel per entry on one thread and on the default threads, every (separate) entry in
+  one native call (`weighted_sum.native_weighted_sums`, what a merge of uploads does), and one
+  native call over the flat spans.
 
     PYTHONPATH=client:server python -m bench.native_micro [--reps R]
 """
@@ -93,6 +94,8 @@ def sums(reps: int) -> dict[str, float]:
         "torch loop": by_torch,
         "native per entry, one thread": lambda: per_entry(1),
         "native per entry": lambda: per_entry(None),
+        "native, every entry in one call": lambda: weighted_sum.native_weighted_sums(
+            [(acc, [d[i] for d in entries], total) for i, acc in enumerate(out)], weights),
         "native over the spans": lambda: weighted_sum._run(out_span, spans, weights, total),
     }, reps)
 

@@ -8,6 +8,7 @@ with them and without."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from weightavg import Client
@@ -100,15 +101,20 @@ def test_a_large_ema_of_a_bfloat16_module_kept_in_float32_is_torchs_bit_for_bit(
         np.testing.assert_array_equal(got[name].view(np.int32), value.numpy().view(np.int32), err_msg=name)
 
 
-def test_a_large_average_of_dictionaries_is_torchs_weighted_mean_bit_for_bit(client: Client) -> None:
-    """`average` of five flat copies into one of them (the native one-pass sum on a CPU server), and
-    into a new dictionary (entry by entry), against torch's mul / add_ / div_ in this process."""
+@pytest.mark.parametrize("source", ["copies", "uploads"])
+def test_a_large_average_of_dictionaries_is_torchs_weighted_mean_bit_for_bit(client: Client, source: str) -> None:
+    """`average` of five dictionaries into one of them and into a new one (the native one-pass sum on
+    a CPU server, every entry in one call), against torch's mul / add_ / div_ in this process: flat
+    copies (`copyparms`) and uploads (a tensor per entry)."""
     m = client.module(NET)
     dicts, values = [], []
     for k in range(5):
         scramble(client, m, seed=10 + k)
-        dicts.append(client.copyparms(m))
         values.append(params(client, m))
+        if source == "copies":
+            dicts.append(client.copyparms(m))
+        else:
+            dicts.append(client.dict({name: value.numpy() for name, value in values[-1].items()}))
     weights = [600.0, 300.0, 100.0, 50.0, 7.0]
     expected = {}
     for name in values[0]:

@@ -14,7 +14,8 @@
  * contiguous, on the CPU, and either the same memory or no overlap at all.
  *
  * weighted_sum: merging's weighted average (and linear sum) of many same-shape tensors in one pass
- * over them instead of one pass per input, with torch's sequence of roundings (sum.py checks it).
+ * over them instead of one pass per input, with torch's sequence of roundings (weighted_sum.py checks
+ * it); one call takes every entry of a merge, as lerp takes every pair.
  *
  * advise_huge_pages: madvise(MADV_HUGEPAGE) over the 2 MiB pages that lie wholly inside a new,
  * untouched buffer (flat.py), so a kernel streaming it takes a TLB miss per 2 MiB instead of per
@@ -229,86 +230,114 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
 DEFINE_SUM(sum_f32, float, fmaf)
 DEFINE_SUM(sum_f64, double, fma)
 
+/* Entries summed from the same inputs' entries with the same weights: entry e writes out[e] from
+ * inputs[e * count + k], k < count; its blocks are [first[e], first[e + 1]), as for lerp's pairs. */
 typedef struct {
     int kind; /* KIND_F32 or KIND_F64 */
-    void *out;
-    const void *inputs[MAX_INPUTS];
-    float weights32[MAX_INPUTS];
-    double weights64[MAX_INPUTS];
+    Py_ssize_t entries;
     int count;
     int divide;
     double divisor;
-    int64_t n;
+    float weights32[MAX_INPUTS];
+    double weights64[MAX_INPUTS];
+    void **out;
+    const void **inputs;
+    int64_t *n;
+    int64_t *first;
     int64_t block;
     atomic_int_fast64_t next;
 } SumWork;
 
 static void *take_sum_blocks(void *arg) {
     SumWork *w = (SumWork *)arg;
+    const int64_t blocks = w->first[w->entries];
+    Py_ssize_t e = 0;
     for (;;) {
-        const int64_t start = atomic_fetch_add(&w->next, w->block);
-        if (start >= w->n) return NULL;
-        const int64_t len = w->n - start < w->block ? w->n - start : w->block;
+        const int64_t b = atomic_fetch_add(&w->next, 1);
+        if (b >= blocks) return NULL;
+        while (w->first[e + 1] <= b) e++;
+        const int64_t start = (b - w->first[e]) * w->block;
+        const int64_t left = w->n[e] - start;
+        const int64_t len = left < w->block ? left : w->block;
+        const void **xs = w->inputs + e * w->count;
         if (w->kind == KIND_F32)
-            sum_f32((float *)w->out, (const float *const *)w->inputs, w->weights32, w->count, w->divide,
+            sum_f32((float *)w->out[e], (const float *const *)xs, w->weights32, w->count, w->divide,
                     (float)w->divisor, start, len);
         else
-            sum_f64((double *)w->out, (const double *const *)w->inputs, w->weights64, w->count, w->divide,
+            sum_f64((double *)w->out[e], (const double *const *)xs, w->weights64, w->count, w->divide,
                     w->divisor, start, len);
     }
 }
 
 PyDoc_STRVAR(weighted_sum_doc,
-             "weighted_sum(kind, out_address, input_addresses, weights, count, divisor, threads)\n\n"
-             "out[i] = (x0[i] * w0 + x1[i] * w1 + ...) / divisor for i < count, in torch's order and\n"
-             "rounding (mul, then add_ with alpha, then div_); divisor 0 leaves the sum undivided. kind 0 is\n"
-             "float32, 1 float64. The GIL is released.");
+             "weighted_sum(kind, out_addresses, input_addresses, weights, counts, divisor, threads)\n\n"
+             "out_e[i] = (x0_e[i] * w0 + x1_e[i] * w1 + ...) / divisor for i < counts[e], for every entry e,\n"
+             "in torch's order and rounding (mul, then add_ with alpha, then div_); entry e's inputs are\n"
+             "input_addresses[e * len(weights):(e + 1) * len(weights)]; divisor 0 leaves the sum undivided.\n"
+             "kind 0 is float32, 1 float64. With threads > 1 no entry's result may overlap another entry's\n"
+             "tensors. The GIL is released.");
 
 static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     (void)self;
     int kind, threads;
-    unsigned long long out;
-    PyObject *inputs, *weights;
-    long long n;
+    PyObject *outs, *inputs, *weights, *counts;
     double divisor;
-    if (!PyArg_ParseTuple(args, "iKO!O!Ldi", &kind, &out, &PyTuple_Type, &inputs, &PyTuple_Type, &weights, &n,
-                          &divisor, &threads))
+    if (!PyArg_ParseTuple(args, "iO!O!O!O!di", &kind, &PyTuple_Type, &outs, &PyTuple_Type, &inputs, &PyTuple_Type,
+                          &weights, &PyTuple_Type, &counts, &divisor, &threads))
         return NULL;
     if (kind != KIND_F32 && kind != KIND_F64) return PyErr_Format(PyExc_ValueError, "kind %d is not 0 or 1", kind);
-    const Py_ssize_t count = PyTuple_GET_SIZE(inputs);
-    if (count < 1 || count > MAX_INPUTS || PyTuple_GET_SIZE(weights) != count)
-        return PyErr_Format(PyExc_ValueError, "need 1 to %d inputs and as many weights", MAX_INPUTS);
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "count %lld is negative", n);
+    const Py_ssize_t count = PyTuple_GET_SIZE(weights);
+    const Py_ssize_t entries = PyTuple_GET_SIZE(outs);
+    if (count < 1 || count > MAX_INPUTS) return PyErr_Format(PyExc_ValueError, "need 1 to %d weights", MAX_INPUTS);
+    if (PyTuple_GET_SIZE(counts) != entries || PyTuple_GET_SIZE(inputs) != entries * count)
+        return PyErr_Format(PyExc_ValueError, "need a count per result and as many inputs per result as weights");
     if (threads < 1 || threads > MAX_THREADS)
         return PyErr_Format(PyExc_ValueError, "threads %d is outside 1..%d", threads, MAX_THREADS);
-    SumWork *work = PyMem_Calloc(1, sizeof(SumWork));
+    /* One allocation: the work, out, inputs, n, first. */
+    const size_t bytes = sizeof(SumWork) + (size_t)entries * sizeof(void *) + (size_t)(entries * count) * sizeof(void *) +
+                         (size_t)entries * sizeof(int64_t) + (size_t)(entries + 1) * sizeof(int64_t);
+    SumWork *work = PyMem_Calloc(1, bytes);
     if (work == NULL) return PyErr_NoMemory();
     work->kind = kind;
-    work->out = (void *)(uintptr_t)out;
+    work->entries = entries;
     work->count = (int)count;
+    work->out = (void **)(work + 1);
+    work->inputs = (const void **)(work->out + entries);
+    work->n = (int64_t *)(work->inputs + entries * count);
+    work->first = work->n + entries;
+    work->block = BLOCK_BYTES / (int64_t)(kind == KIND_F32 ? 4 : 8);
     for (Py_ssize_t k = 0; k < count; k++) {
-        const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(inputs, k));
         const double weight = PyFloat_AsDouble(PyTuple_GET_ITEM(weights, k));
+        work->weights64[k] = weight;
+        work->weights32[k] = (float)weight;
+    }
+    for (Py_ssize_t e = 0; e < entries; e++) {
+        const unsigned long long out = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(outs, e));
+        const long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(counts, e));
+        int null = out == 0;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(inputs, e * count + k));
+            work->inputs[e * count + k] = (const void *)(uintptr_t)address;
+            null |= address == 0;
+        }
         if (PyErr_Occurred()) {
             PyMem_Free(work);
             return NULL;
         }
-        work->inputs[k] = (const void *)(uintptr_t)address;
-        work->weights64[k] = weight;
-        work->weights32[k] = (float)weight;
-        if (n > 0 && address == 0) {
+        if (n < 0 || (n > 0 && null)) {
             PyMem_Free(work);
-            return PyErr_Format(PyExc_ValueError, "a null address");
+            return PyErr_Format(PyExc_ValueError, "result %zd: a negative count or a null address", e);
         }
+        work->out[e] = (void *)(uintptr_t)out;
+        work->n[e] = (int64_t)n;
+        work->first[e + 1] = work->first[e] + ((int64_t)n + work->block - 1) / work->block;
     }
-    if (n > 0 && out == 0) {
+    if (PyErr_Occurred()) {
         PyMem_Free(work);
-        return PyErr_Format(PyExc_ValueError, "a null address");
+        return NULL;
     }
     work->divide = divisor != 0.0;
     work->divisor = divisor;
-    work->n = (int64_t)n;
-    work->block = BLOCK_BYTES / (int64_t)(kind == KIND_F32 ? 4 : 8);
     atomic_init(&work->next, 0);
     Py_BEGIN_ALLOW_THREADS
     run_threads(take_sum_blocks, work, threads);

@@ -5,7 +5,7 @@ def lerp(
     threads: int, /,
 ) -> None: ...
 def weighted_sum(
-    kind: int, out_address: int, input_addresses: tuple[int, ...], weights: tuple[float, ...], count: int,
-    divisor: float, threads: int, /,
+    kind: int, out_addresses: tuple[int, ...], input_addresses: tuple[int, ...], weights: tuple[float, ...],
+    counts: tuple[int, ...], divisor: float, threads: int, /,
 ) -> None: ...
 def advise_huge_pages(address: int, nbytes: int, /) -> int: ...

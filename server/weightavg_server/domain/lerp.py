@@ -11,7 +11,6 @@ turns it off for the life of the process and torch's kernel does the work.
 
 from __future__ import annotations
 
-import bisect
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,7 +100,7 @@ def batch(pairs: Sequence[Pair]) -> Batch | None:
             rest.append(i)
         else:
             groups.setdefault(kind, []).append(i)
-    if not groups or not _apart(pairs):
+    if not groups or not native.apart([a for a, _ in pairs], [(v,) for _, v in pairs]):
         return None
     calls = []
     for kind, at in groups.items():
@@ -135,26 +134,6 @@ def _kind(avg: torch.Tensor, value: torch.Tensor) -> int | None:
     if (a == v and avg.dtype == value.dtype) or a + n * avg.element_size() <= v or v + n * value.element_size() <= a:
         return kind
     return None
-
-
-def _apart(pairs: Sequence[Pair]) -> bool:
-    """No average overlaps another average or another pair's value (values may share memory with
-    each other, read only, and a value may be its own average)."""
-    spans = sorted(
-        (a.data_ptr(), a.data_ptr() + a.numel() * a.element_size(), i) for i, (a, _) in enumerate(pairs) if a.numel()
-    )
-    for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
-        if start < end:
-            return False
-    starts = [start for start, _, _ in spans]
-    for i, (a, v) in enumerate(pairs):
-        if not v.numel():
-            continue
-        start, end = v.data_ptr(), v.data_ptr() + v.numel() * v.element_size()
-        k = bisect.bisect_left(starts, end) - 1  # the last average starting before the value ends
-        if k >= 0 and spans[k][1] > start and not (spans[k][2] == i and spans[k][0] == start):
-            return False
-    return True
 
 
 def _run(kind: int, group: Sequence[Pair], weight: float, threads: int) -> None:

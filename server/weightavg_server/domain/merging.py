@@ -447,14 +447,10 @@ def run(
         dict(zip((s.name for s in p.slots), flat.flat_empty([(s.shape, (s.device, s.dtype)) for s in p.slots])))
     )
     kernel = _KERNELS[p.method.name]
-    fused = _native_runs(p, dicts, result) if base is None and kernel is _weighted_sum else {}
+    taken = _native_sums(p, dicts, result) if base is None and kernel is _weighted_sum else set()
     with torch.no_grad():
-        skip_to = 0
         for i, slot in enumerate(p.slots):
-            if i < skip_to:
-                continue
-            if i in fused:
-                skip_to = fused[i]
+            if i in taken:
                 continue
             scratch.reset()
             out = result.entries[slot.name]
@@ -467,31 +463,42 @@ def run(
     return result
 
 
-def _native_runs(p: Plan, dicts: Sequence[TensorDict], result: TensorDict) -> dict[int, int]:
-    """Average and linear merges of flat dictionaries: each run of entries whose results and inputs
-    lie back to back (`flat.fuse_groups`), of one work dtype and one division, summed by the native
-    kernel over the runs' spans in one call; start slot -> stop slot for each run it took.
+def _native_sums(p: Plan, dicts: Sequence[TensorDict], result: TensorDict) -> set[int]:
+    """Average and linear merges on the CPU: every entry the native kernel can sum, in one call per
+    dtype and division (`weighted_sum.native_weighted_sums`); the slots it took. A run of entries
+    whose results and inputs lie back to back (flat dictionaries: `flat.fuse_groups`) goes as one
+    span, any other entry as it is.
 
-    One call per run rather than per entry: the kernel then starts its threads once, and a flat
-    dictionary of 160 entries is one pass (8 x 25.6M float32 in process: 45.6 ms against 55.1 entry
-    by entry, `python -m bench.native_micro`; docs/perf.md, "Averaging across models"). Runs it does
-    not take go entry by entry."""
+    One call rather than one per entry or run: the kernel starts its threads once and they share
+    every entry's blocks, so a flat dictionary of 160 entries is one pass (8 x 25.6M float32 in
+    process: 45.6 ms against 55.1 entry by entry, `python -m bench.native_micro`; docs/perf.md,
+    "Averaging across models"), and uploaded dictionaries, a tensor per entry, merge about as fast.
+    Entries it does not take go through `_weighted_sum` one by one."""
     if (p.device is not None and p.device.type != "cpu") or not weighted_sum.active():
-        return {}
+        return set()
     groups: list[list[torch.Tensor]] = []
     keys: list[tuple[torch.dtype | None, torch.dtype, bool]] = []
     for slot in p.slots:
         groups.append([result.entries[slot.name], *(d.entries[slot.name] for d in dicts)])
         keys.append((slot.work, slot.dtype, slot.method == "average" or bool_value(slot.options, "normalize")))
-    taken: dict[int, int] = {}
+    total = sum(p.weights)
+    jobs: list[weighted_sum.Job] = []
+    covers: list[range] = []
     for start, stop, numel in flat.fuse_groups(groups):
         work, dtype, divide = keys[start]
-        if stop - start < 2 or len(set(keys[start:stop])) != 1 or work != dtype:
+        if stop - start > 1 and len(set(keys[start:stop])) == 1 and work == dtype:
+            out, *xs = (flat.span(t, numel) for t in groups[start])
+            jobs.append((out, xs, total if divide else None))
+            covers.append(range(start, stop))
             continue
-        out, *xs = (flat.span(t, numel) for t in groups[start])
-        if weighted_sum.native_weighted_sum(out, xs, p.weights, sum(p.weights) if divide else None):
-            taken[start] = stop
-    return taken
+        for i in range(start, stop):
+            work, dtype, divide = keys[i]
+            if work == dtype:
+                out, *xs = groups[i]
+                jobs.append((out, xs, total if divide else None))
+                covers.append(range(i, i + 1))
+    left = set(weighted_sum.native_weighted_sums(jobs, p.weights))
+    return {i for j, cover in enumerate(covers) if j not in left for i in cover}
 
 
 def _integer(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor) -> None:

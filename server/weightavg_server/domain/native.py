@@ -6,7 +6,8 @@ averages and merges (setup.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import torch
@@ -15,8 +16,9 @@ Lerp = Callable[[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], float, 
 """lerp(kind, avg addresses, value addresses, counts, weight, threads): every pair of one kind in one
 call (see `_native.c`)."""
 
-WeightedSum = Callable[[int, int, tuple[int, ...], tuple[float, ...], int, float, int], None]
-"""weighted_sum(kind, out address, input addresses, weights, count, divisor or 0, threads)."""
+WeightedSum = Callable[[int, tuple[int, ...], tuple[int, ...], tuple[float, ...], tuple[int, ...], float, int], None]
+"""weighted_sum(kind, out addresses, input addresses (entry by entry), weights, counts, divisor or 0,
+threads): every entry of a merge of one kind and division in one call (see `_native.c`)."""
 
 Advise = Callable[[int, int], int]
 
@@ -72,3 +74,24 @@ def advise_huge_pages(buffer: torch.Tensor) -> int:
     if _ADVISE is None or not buffer.is_cpu or nbytes < HUGE_PAGE_MIN_BYTES:
         return 0
     return _ADVISE(buffer.data_ptr(), nbytes)
+
+
+def apart(writes: Sequence[torch.Tensor], reads: Sequence[Sequence[torch.Tensor]]) -> bool:
+    """Whether one kernel call may run these jobs at once, on threads, in any order: no written tensor
+    overlaps another, and no tensor that job i reads overlaps a written one, except that it may be
+    job i's own (the same memory: same start and size). Reads may share memory with each other."""
+    spans = sorted((w.data_ptr(), w.data_ptr() + w.numel() * w.element_size(), i) for i, w in enumerate(writes) if w.numel())
+    for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
+        if start < end:
+            return False
+    starts = [start for start, _, _ in spans]
+    for i, group in enumerate(reads):
+        for r in group:
+            if not r.numel():
+                continue
+            start = r.data_ptr()
+            end = start + r.numel() * r.element_size()
+            k = bisect.bisect_left(starts, end) - 1  # the last write starting before the read ends
+            if k >= 0 and spans[k][1] > start and spans[k] != (start, end, i):
+                return False
+    return True

@@ -24,14 +24,18 @@ _NATIVE: Final = native.WEIGHTED_SUM
 KINDS: Final[dict[torch.dtype, int]] = {torch.float32: 0, torch.float64: 1}
 """The work dtypes the kernel has; merges in other dtypes take torch's path."""
 
-MIN_ELEMENTS: Final = 1 << 16
-"""Below this an entry takes torch's path: one thread, no start-up."""
-
 ELEMENTS_PER_THREAD: Final = 1 << 17
-"""Each thread the kernel runs gets at least this many elements to read or write, inputs and result
+"""Each thread the kernel runs gets at least this many elements to read or write, inputs and results
 together: an entry of 160K float32 from 8 inputs gets two threads. On one thread, 160 such entries
 took 93.9 ms in process against torch's two-thread loop's 79.5 ms; on two, 55.1 ms
 (`python -m bench.native_micro`)."""
+
+MAX_INPUTS: Final = 256
+"""The most inputs one kernel call sums (`_native.c`); a merge of more takes torch's path."""
+
+
+Job = tuple[torch.Tensor, Sequence[torch.Tensor], float | None]
+"""(out, xs, divisor): out := sum_k w_k xs[k], divided by divisor unless None."""
 
 
 def native_weighted_sum(
@@ -39,18 +43,41 @@ def native_weighted_sum(
 ) -> bool:
     """out = (xs[0] * w0 + xs[1] * w1 + ...) / divisor (no division when None), in torch's order and
     rounding, by the native kernel, and True; or False, having done nothing, where it does not apply
-    (small, not the CPU, another dtype, a broadcast, strided or partly shared tensor) or is off.
-    `out` may be one of the inputs (the same memory). Callers hold every tensor for the call."""
-    if not (_fits_native(out, xs) and _agrees_with_torch()):
-        return False
-    _run(out, xs, weights, divisor)
-    return True
+    (not the CPU, another dtype, a broadcast, strided or partly shared tensor) or is off. `out` may
+    be one of the inputs (the same memory). Callers hold every tensor for the call."""
+    return not native_weighted_sums([(out, xs, divisor)], weights)
+
+
+def native_weighted_sums(jobs: Sequence[Job], weights: Sequence[float]) -> list[int]:
+    """Every job the kernel takes (see `native_weighted_sum`), in one call per dtype and divisor whose
+    threads share the blocks of all of them; the positions of the jobs left for torch, in order (all
+    of them where the kernel is off, or where one job's result shares memory with another job's
+    tensors: then the order of the jobs matters, and torch's loop keeps it).
+
+    One call for a merge's every entry is what makes a merge of dictionaries that are not flat
+    (uploads) as fast as one of flat ones, and small entries cost no torch operation."""
+    if _NATIVE is None or not jobs or not _agrees_with_torch():
+        return list(range(len(jobs)))
+    groups: dict[tuple[int, float], list[int]] = {}
+    rest: list[int] = []
+    for i, (out, xs, divisor) in enumerate(jobs):
+        if _fits_native(out, xs):
+            groups.setdefault((KINDS[out.dtype], 0.0 if divisor is None else float(divisor)), []).append(i)
+        else:
+            rest.append(i)
+    if not groups:
+        return rest
+    if not native.apart([out for out, _, _ in jobs], [xs for _, xs, _ in jobs]):
+        return list(range(len(jobs)))
+    for (kind, divisor), at in groups.items():
+        _call(kind, [jobs[i][0] for i in at], [jobs[i][1] for i in at], weights, divisor)
+    return rest
 
 
 def _fits_native(out: torch.Tensor, xs: Sequence[torch.Tensor]) -> bool:
-    n = out.numel()
-    if n < MIN_ELEMENTS or _NATIVE is None or not out.is_cpu or out.dtype not in KINDS or not out.is_contiguous():
+    if not out.is_cpu or out.dtype not in KINDS or not out.is_contiguous() or not 1 <= len(xs) <= MAX_INPUTS:
         return False
+    n = out.numel()
     start, end = out.data_ptr(), out.data_ptr() + n * out.element_size()
     for x in xs:
         if x.dtype != out.dtype or x.shape != out.shape or not x.is_cpu or not x.is_contiguous():
@@ -61,16 +88,25 @@ def _fits_native(out: torch.Tensor, xs: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+def _call(
+    kind: int, outs: Sequence[torch.Tensor], xss: Sequence[Sequence[torch.Tensor]], weights: Sequence[float],
+    divisor: float, threads: int | None = None,
+) -> None:
+    """One kernel call: outs[e] := sum_k w_k xss[e][k] (divided by `divisor` unless it is 0)."""
+    assert _NATIVE is not None
+    counts = tuple(out.numel() for out in outs)
+    if threads is None:
+        threads = max(1, min(torch.get_num_threads(), sum(counts) * (len(weights) + 1) // ELEMENTS_PER_THREAD))
+    _NATIVE(kind, tuple(out.data_ptr() for out in outs), tuple(x.data_ptr() for xs in xss for x in xs),
+            tuple(float(w) for w in weights), counts, divisor, threads)
+
+
 def _run(
     out: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float], divisor: float | None,
     threads: int | None = None,
 ) -> None:
-    assert _NATIVE is not None
-    n = out.numel()
-    if threads is None:
-        threads = max(1, min(torch.get_num_threads(), n * (len(xs) + 1) // ELEMENTS_PER_THREAD))
-    _NATIVE(KINDS[out.dtype], out.data_ptr(), tuple(x.data_ptr() for x in xs), tuple(float(w) for w in weights), n,
-            0.0 if divisor is None else float(divisor), threads)
+    """One entry through the kernel (its check, the tests and the microbenchmark)."""
+    _call(KINDS[out.dtype], [out], [xs], weights, 0.0 if divisor is None else float(divisor), threads)
 
 
 def by_torch(
@@ -98,7 +134,9 @@ def by_torch(
 
 
 CHECK_COUNTS: Final = (1, 3, 8)
-CHECK_LENGTHS: Final = (1, 17, 1000, 2 * MIN_ELEMENTS + 13)
+CHECK_LENGTHS: Final = (1, 17, 1000, 0, (1 << 17) + 13)
+"""Odd lengths for the loops' tails, an empty entry, and one split across threads: all of them in one
+call, as a merge of many entries makes it."""
 
 
 @functools.cache
@@ -107,18 +145,22 @@ def _agrees_with_torch() -> bool:
     with and without a division, special values included; True only when every bit agrees."""
     special = torch.tensor(native.SPECIAL_VALUES)
     g = torch.Generator().manual_seed(0)
-    for dtype in KINDS:
+    for dtype, kind in KINDS.items():
         for count in CHECK_COUNTS:
+            entries = []
             for n in CHECK_LENGTHS:
                 xs = [torch.randn(n, generator=g, dtype=torch.float64).mul_(3).to(dtype) for _ in range(count)]
                 k = min(n, special.numel())
                 xs[0][:k] = special[:k].to(dtype)
-                weights = [float(w) for w in torch.rand(count, generator=g, dtype=torch.float64) * 2 - 0.5]
-                for divisor in (None, sum(weights)):
-                    expected, got = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+                entries.append(xs)
+            weights = [float(w) for w in torch.rand(count, generator=g, dtype=torch.float64) * 2 - 0.5]
+            for divisor in (None, sum(weights)):
+                got = [torch.empty(len(xs[0]), dtype=dtype) for xs in entries]
+                _call(kind, got, entries, weights, 0.0 if divisor is None else divisor, threads=2)
+                for xs, result in zip(entries, got):
+                    expected = torch.empty(len(xs[0]), dtype=dtype)
                     by_torch(expected, xs, weights, divisor)
-                    _run(got, xs, weights, divisor, threads=2 if n > MIN_ELEMENTS else 1)
-                    if not native.same_bits(got, expected):
+                    if not native.same_bits(result, expected):
                         return False
     return True
 
