@@ -284,6 +284,25 @@ def test_a_moved_module_is_averaged_at_its_new_dtype() -> None:
     assert d.entries["a.weight"].dtype == torch.float32
 
 
+def test_a_data_swap_ends_every_plan_even_where_the_addresses_come_back() -> None:
+    """A move swaps a module's data in place and calls `flat.forget`. A live view of the module is
+    a dictionary whose version the move does not change, and a new storage may land where a freed
+    one was, so every address can match the plan's. The plan must end anyway: here the swap keeps
+    the addresses on purpose (the same memory seen as float64), and the next average is checked
+    afresh instead of running the old plan's float32 kernel calls."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 8)
+    view = modules.view_parameters(net)
+    d = averaging.copy_parameters(net)
+    averaging.average_parameters(view, d)  # a plan for (view, d) is cached
+    with torch.no_grad():
+        for p in net.parameters():
+            p.data = p.data.view(torch.float64)  # same addresses, new dtype and shape
+    flat.forget(net)
+    with pytest.raises(averaging.InvalidArgument, match="weight"):
+        averaging.average_parameters(view, d)
+
+
 def test_a_plan_keeps_nothing_alive() -> None:
     net, _ = twins()
     d = averaging.copy_parameters(net)

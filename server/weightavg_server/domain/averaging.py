@@ -296,6 +296,9 @@ class _Plan:
     pointers: list[int]
     native: lerp.Batch | None
     """The kernel's share of the runs (`lerp.batch`), by the addresses `pointers` vouch for."""
+    swaps: int
+    """`flat.swaps()` when made: a module's data swapped in place since (a move) ends the plan, even
+    where every address came back the same (its kernel calls would see old dtypes and sizes)."""
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -310,12 +313,16 @@ def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
 
     Pairs that lie back to back in memory on both sides (flat dictionaries and modules, see
     `flat`) come out as one pair of spans each. The result of the checks is kept on `d` and reused
-    while neither side's tensors change (same objects, same data pointers, same dictionary version).
+    while neither side's tensors change (same objects, same data pointers, same dictionary version,
+    and no module's data swapped in place anywhere since: `flat.swaps`).
     """
     index = _module_index(source) if isinstance(source, torch.nn.Module) else _dict_index(source)
     key = (id(source), buffers)
     plan = d.plans.get(key)
-    if isinstance(plan, _Plan) and plan.source() is source and plan.serial == index.serial and plan.version == d.version:
+    if (
+        isinstance(plan, _Plan) and plan.source() is source and plan.serial == index.serial and plan.version == d.version
+        and plan.swaps == flat.swaps()
+    ):
         entries = d.entries
         try:
             avgs = [entries[name] for name in plan.entries]
@@ -336,7 +343,7 @@ def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
         d.plans.clear()
     d.plans[key] = _Plan(
         weakref.ref(source), index.serial, d.version, tuple(names), tuple(values_at), averaged, runs,
-        list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)), native,
+        list(map(_DATA_PTR, avgs)) + list(map(_DATA_PTR, values)), native, flat.swaps(),
     )
     return _update(avgs, values, averaged, runs, native)
 

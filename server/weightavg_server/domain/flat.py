@@ -30,9 +30,22 @@ INDEX_ATTR = "_weightavg_index"
 """Where averaging keeps a module's list of named tensors between calls (`averaging._module_index`)."""
 
 
+_SWAPS = [0]
+"""How many times some module's tensors had their data swapped in place (`forget`)."""
+
+
 def forget(module: torch.nn.Module) -> None:
-    """Drop what averaging remembers of the module's tensors: their dtypes or devices changed."""
+    """Drop what averaging remembers of the module's tensors: their dtypes, devices or storages
+    changed in place (`.data` swapped by a move or a flattening). Also ends every cached averaging
+    plan (`swaps`): a live view of the module holds the same tensor objects, and a new storage may
+    land at a freed one's address, so addresses alone no longer vouch for a tensor."""
     module.__dict__.pop(INDEX_ATTR, None)
+    _SWAPS[0] += 1
+
+
+def swaps() -> int:
+    """The count `forget` bumps: a plan made under another count is stale (averaging._Plan)."""
+    return _SWAPS[0]
 
 
 def group_sizes(tensors: Iterable[torch.Tensor]) -> dict[GroupKey, int]:
