@@ -97,35 +97,50 @@ static void run_range(int kind, char *avg, const char *value, int64_t start, int
     }
 }
 
-/* Pairs (avg, value) of one kind, cut into blocks of at most `block` elements: pair s owns the blocks
- * [first[s], first[s + 1]), so one counter hands out the blocks of every pair in order. */
+/* Items (a lerp's pairs, a sum's entries) of n[i] elements, cut into blocks of at most `block`
+ * elements: item i owns the blocks [first[i], first[i + 1]), so one counter hands out the blocks of
+ * every item in order. Blocks rather than one fixed share per thread: a thread that starts late, or
+ * loses its core for a while, costs the call only the block it holds. Both kernels share this. */
+typedef struct {
+    Py_ssize_t items;
+    int64_t *n;
+    int64_t *first;            /* items + 1 entries, first[0] = 0 */
+    int64_t block;             /* elements: a multiple of 64 bytes of the result */
+    atomic_int_fast64_t next;  /* the first block no thread has taken yet */
+} Blocks;
+
+static void blocks_set(Blocks *b, Py_ssize_t i, int64_t n) {
+    b->n[i] = n;
+    b->first[i + 1] = b->first[i] + (n + b->block - 1) / b->block;
+}
+
+/* The next block for a thread: its item, first element and length, or 0 when none is left. A thread's
+ * blocks come in increasing order, so its item index (*i, 0 at first) only moves forward. */
+static int next_block(Blocks *b, Py_ssize_t *i, int64_t *start, int64_t *len) {
+    const int64_t k = atomic_fetch_add(&b->next, 1);
+    if (k >= b->first[b->items]) return 0;
+    while (b->first[*i + 1] <= k) (*i)++;
+    *start = (k - b->first[*i]) * b->block;
+    const int64_t left = b->n[*i] - *start;
+    *len = left < b->block ? left : b->block;
+    return 1;
+}
+
+/* Pairs (avg, value) of one kind. */
 typedef struct {
     int kind;
     double weight;
-    Py_ssize_t pairs;
     char **avg;
     const char **value;
-    int64_t *n;
-    int64_t *first;            /* pairs + 1 entries */
-    int64_t block;             /* elements: a multiple of 64 bytes of avg */
-    atomic_int_fast64_t next;  /* the first block no thread has taken yet */
+    Blocks blocks;
 } Work;
 
-/* Take blocks until none is left. Blocks rather than one fixed share per thread: a thread that
- * starts late, or loses its core for a while, costs the call only the block it holds. A thread's
- * blocks come in increasing order, so its pair index only moves forward. */
 static void *take_blocks(void *arg) {
     Work *w = (Work *)arg;
-    const int64_t blocks = w->first[w->pairs];
     Py_ssize_t s = 0;
-    for (;;) {
-        const int64_t b = atomic_fetch_add(&w->next, 1);
-        if (b >= blocks) return NULL;
-        while (w->first[s + 1] <= b) s++;
-        const int64_t start = (b - w->first[s]) * w->block;
-        const int64_t left = w->n[s] - start;
-        run_range(w->kind, w->avg[s], w->value[s], start, left < w->block ? left : w->block, w->weight);
-    }
+    int64_t start, len;
+    while (next_block(&w->blocks, &s, &start, &len)) run_range(w->kind, w->avg[s], w->value[s], start, len, w->weight);
+    return NULL;
 }
 
 /* Run `work(arg)` on the calling thread and threads - 1 more (fewer when one cannot be started), each
@@ -166,12 +181,12 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
                          (size_t)(pairs + 1) * sizeof(int64_t);
     void *memory = PyMem_Malloc(bytes ? bytes : 1);
     if (memory == NULL) return PyErr_NoMemory();
-    Work work = {kind, weight, pairs, NULL, NULL, NULL, NULL, BLOCK_BYTES / (int64_t)AVG_SIZE[kind], 0};
+    Work work = {kind, weight, NULL, NULL, {pairs, NULL, NULL, BLOCK_BYTES / (int64_t)AVG_SIZE[kind], 0}};
     work.avg = (char **)memory;
     work.value = (const char **)(work.avg + pairs);
-    work.n = (int64_t *)(work.value + pairs);
-    work.first = work.n + pairs;
-    work.first[0] = 0;
+    work.blocks.n = (int64_t *)(work.value + pairs);
+    work.blocks.first = work.blocks.n + pairs;
+    work.blocks.first[0] = 0;
     for (Py_ssize_t s = 0; s < pairs; s++) {
         const unsigned long long avg = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(avgs, s));
         const unsigned long long value = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(values, s));
@@ -186,10 +201,9 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
         }
         work.avg[s] = (char *)(uintptr_t)avg;
         work.value[s] = (const char *)(uintptr_t)value;
-        work.n[s] = (int64_t)n;
-        work.first[s + 1] = work.first[s] + ((int64_t)n + work.block - 1) / work.block;
+        blocks_set(&work.blocks, s, (int64_t)n);
     }
-    atomic_init(&work.next, 0);
+    atomic_init(&work.blocks.next, 0);
     Py_BEGIN_ALLOW_THREADS
     run_threads(take_blocks, &work, threads);
     Py_END_ALLOW_THREADS
@@ -231,10 +245,9 @@ DEFINE_SUM(sum_f32, float, fmaf)
 DEFINE_SUM(sum_f64, double, fma)
 
 /* Entries summed from the same inputs' entries with the same weights: entry e writes out[e] from
- * inputs[e * count + k], k < count; its blocks are [first[e], first[e + 1]), as for lerp's pairs. */
+ * inputs[e * count + k], k < count. */
 typedef struct {
     int kind; /* KIND_F32 or KIND_F64 */
-    Py_ssize_t entries;
     int count;
     int divide;
     double divisor;
@@ -242,23 +255,14 @@ typedef struct {
     double weights64[MAX_INPUTS];
     void **out;
     const void **inputs;
-    int64_t *n;
-    int64_t *first;
-    int64_t block;
-    atomic_int_fast64_t next;
+    Blocks blocks;
 } SumWork;
 
 static void *take_sum_blocks(void *arg) {
     SumWork *w = (SumWork *)arg;
-    const int64_t blocks = w->first[w->entries];
     Py_ssize_t e = 0;
-    for (;;) {
-        const int64_t b = atomic_fetch_add(&w->next, 1);
-        if (b >= blocks) return NULL;
-        while (w->first[e + 1] <= b) e++;
-        const int64_t start = (b - w->first[e]) * w->block;
-        const int64_t left = w->n[e] - start;
-        const int64_t len = left < w->block ? left : w->block;
+    int64_t start, len;
+    while (next_block(&w->blocks, &e, &start, &len)) {
         const void **xs = w->inputs + e * w->count;
         if (w->kind == KIND_F32)
             sum_f32((float *)w->out[e], (const float *const *)xs, w->weights32, w->count, w->divide,
@@ -267,6 +271,7 @@ static void *take_sum_blocks(void *arg) {
             sum_f64((double *)w->out[e], (const double *const *)xs, w->weights64, w->count, w->divide,
                     w->divisor, start, len);
     }
+    return NULL;
 }
 
 PyDoc_STRVAR(weighted_sum_doc,
@@ -299,13 +304,13 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     SumWork *work = PyMem_Calloc(1, bytes);
     if (work == NULL) return PyErr_NoMemory();
     work->kind = kind;
-    work->entries = entries;
     work->count = (int)count;
     work->out = (void **)(work + 1);
     work->inputs = (const void **)(work->out + entries);
-    work->n = (int64_t *)(work->inputs + entries * count);
-    work->first = work->n + entries;
-    work->block = BLOCK_BYTES / (int64_t)(kind == KIND_F32 ? 4 : 8);
+    work->blocks.items = entries;
+    work->blocks.n = (int64_t *)(work->inputs + entries * count);
+    work->blocks.first = work->blocks.n + entries; /* first[0] = 0: calloc */
+    work->blocks.block = BLOCK_BYTES / (int64_t)(kind == KIND_F32 ? 4 : 8);
     for (Py_ssize_t k = 0; k < count; k++) {
         const double weight = PyFloat_AsDouble(PyTuple_GET_ITEM(weights, k));
         work->weights64[k] = weight;
@@ -329,8 +334,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
             return PyErr_Format(PyExc_ValueError, "result %zd: a negative count or a null address", e);
         }
         work->out[e] = (void *)(uintptr_t)out;
-        work->n[e] = (int64_t)n;
-        work->first[e + 1] = work->first[e] + ((int64_t)n + work->block - 1) / work->block;
+        blocks_set(&work->blocks, e, (int64_t)n);
     }
     if (PyErr_Occurred()) {
         PyMem_Free(work);
@@ -338,7 +342,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     }
     work->divide = divisor != 0.0;
     work->divisor = divisor;
-    atomic_init(&work->next, 0);
+    atomic_init(&work->blocks.next, 0);
     Py_BEGIN_ALLOW_THREADS
     run_threads(take_sum_blocks, work, threads);
     Py_END_ALLOW_THREADS
