@@ -260,6 +260,35 @@ def averages(monkeypatch: pytest.MonkeyPatch, native: bool) -> dict[str, torch.T
 
 
 @needs_native
+def test_an_average_from_a_dictionary_of_separate_tensors_is_one_kernel_call_per_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upload's dictionary (a tensor per entry, nothing fuses): the planning call and the repeated
+    one (the plan's cached batch) each make one kernel call per kind, covering every pair, and give
+    torch's lerp_ bits."""
+    g = torch.Generator().manual_seed(0)
+    source = TensorDict({f"w{i}": torch.randn(64, 64 + i, generator=g) for i in range(20)})
+    source.entries["v"] = torch.randn(10, generator=g, dtype=torch.float64)
+    d = TensorDict({name: (t * 0.5).clone() for name, t in source.entries.items()})
+    expected = {name: t.clone() for name, t in d.entries.items()}
+    real, calls = lerp._NATIVE, []
+    assert real is not None
+
+    def counted(kind: int, avgs: tuple[int, ...], *args: Any) -> None:
+        calls.append((kind, len(avgs)))
+        real(kind, avgs, *args)
+
+    monkeypatch.setattr(lerp, "_NATIVE", counted)
+    for n in (2, 3):
+        calls.clear()
+        assert averaging.average_parameters(source, d) == n
+        assert sorted(calls) == [(0, 20), (1, 1)]
+        for name, t in expected.items():
+            t.lerp_(source.entries[name], 1.0 / n)
+            assert torch.equal(bits(d.entries[name]), bits(t)), name
+
+
+@needs_native
 def test_averages_are_the_same_with_the_kernel_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
     on = averages(monkeypatch, native=True)
     off = averages(monkeypatch, native=False)

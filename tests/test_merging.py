@@ -94,6 +94,23 @@ def test_a_weight_past_float32s_range_is_refused_and_into_keeps_its_values(clien
         np.testing.assert_array_equal(after[name], value)
 
 
+def test_an_average_of_more_dictionaries_than_one_native_sum_takes_is_torchs_weighted_mean(client: Client) -> None:
+    """300 inputs, past the native kernel's 256: the server sums them with torch (mul, add_, div_),
+    bit for bit, where the kernel's refusal used to end the call as UNKNOWN."""
+    import torch
+
+    rng = np.random.default_rng(8)
+    values = [rng.standard_normal(5, dtype=np.float32) for _ in range(300)]
+    weights = [float(1 + k % 7) for k in range(300)]
+    handles = [client.dict({"w": v}) for v in values]
+    expected = torch.mul(torch.from_numpy(values[0]), weights[0])
+    for v, w in zip(values[1:], weights[1:]):
+        expected.add_(torch.from_numpy(v), alpha=w)
+    expected.div_(sum(weights))
+    got = client.dict(client.average(handles, weights=weights))["w"]
+    np.testing.assert_array_equal(got.view(np.int32), expected.numpy().view(np.int32))
+
+
 def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:
     q = client.module(["linear", 4, 3])
     o = client.opt("sgd", q, 1.0)
