@@ -670,6 +670,38 @@ def average_many(ctx: Context) -> list[Row | Skip]:
     ]
 
 
+def uploads(ctx: Context) -> list[Row | Skip]:
+    """Averages and merges of uploaded dictionaries (a tensor per entry: not flat, unlike copyparms'
+    copies), against the same calls over flat copies on the same server: what the native kernels
+    taking every pair or entry in one call buys the usual flow, where workers upload their weights.
+    160 x 400 x 400 float32; 8 uploads for the merge (about 820 MB over the stream first)."""
+    c, count, tensors, width = ctx.client, 8, 160, 400
+    m = c.module(linears(tensors, width))
+    flat_copy = c.copyparms(m)
+    arrays = c.dict(flat_copy)
+    uploaded = c.dict(arrays)
+    avg = c.copyparms(m)
+    flats = _server_dicts(c, count, tensors, width)
+    ups = [c.dict(arrays) for _ in range(count)]
+    into_flat, into_up = _server_dicts(c, 2, tensors, width)
+    times = interleaved(
+        {
+            "avg uploaded": lambda: c.avgparms(uploaded, avg),
+            "avg flat": lambda: c.avgparms(flat_copy, avg),
+            "merge uploaded": lambda: c.average(ups, into=into_up),
+            "merge flat": lambda: c.average(flats, into=into_flat),
+        },
+        ctx.reps(10, 3),
+    )
+    c.free(m, flat_copy, uploaded, avg, *flats, *ups, into_flat, into_up)
+    return [
+        row("uploads (info)", "avgparms from an uploaded dictionary, 160 x 400 x 400", "from a flat copy (copyparms)",
+            times, "avg uploaded", "avg flat"),
+        row("uploads (info)", "average(8 uploaded dictionaries, into=d)", "average(8 flat copies, into=d)", times,
+            "merge uploaded", "merge flat"),
+    ]
+
+
 def _ties_in_process(base: list[torch.Tensor], models: list[list[torch.Tensor]], density: float) -> list[torch.Tensor]:
     """TIES as its formula reads, per tensor with the deltas stacked: top-k trim (kthvalue threshold),
     elected sign of the summed deltas, mean of the agreeing ones over the weights that agree."""
@@ -810,6 +842,7 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "gpu": gpu_average,
     "cudaipc": cuda_ipc,
     "average8": average_many,
+    "uploads": uploads,
     "ties": merge_ties,
     "allreduce": allreduce,
     "sweep": sweep,
