@@ -180,6 +180,7 @@ def test_the_server_waits_for_its_copies_into_a_region_once_before_a_fetch_answe
         def __init__(self) -> None:  # no file: the region is host memory recording its use
             self.byte_size, self.identity, self._fd = 4096, ("recording",), -1
             self.memory = torch.zeros(4096, dtype=torch.uint8)
+            self._init_copies()
 
         def check_size(self) -> None:
             pass

@@ -219,6 +219,111 @@ def test_domain_write_then_read_round_trips_every_dtype(region: shared_memory.Sh
         shm.read(mapped, placements)
 
 
+def test_locked_pages_are_unlocked_once_after_the_copies_in_progress_end(
+    region: shared_memory.SharedMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A region locked for a CUDA device reaches that device only; close waits for a copy in
+    progress, then unlocks the pages once; no copy starts after close. (The driver's part is the
+    GPU test below; here pinned.lock and unlock record their calls.)"""
+    import threading
+
+    from weightavg_server.domain import pinned
+
+    cuda = torch.device("cuda", 0)
+    calls: list[tuple[str, int, int, torch.device]] = []
+    monkeypatch.setattr(pinned, "lock", lambda address, n, device: calls.append(("lock", address, n, device)) or True)
+    monkeypatch.setattr(pinned, "unlock", lambda address, n, device: calls.append(("unlock", address, n, device)))
+    mapped = shm.Region(region.name, 4096)
+    assert not mapped.reaches(cuda) and not mapped.reaches(torch.device("cpu")) and not mapped.reaches(None)
+    assert mapped.lock_pages(cuda) and mapped.lock_pages(cuda) and len(calls) == 1  # once
+    assert mapped.reaches(cuda) and not mapped.reaches(torch.device("cuda", 1)) and not mapped.reaches(torch.device("cpu"))
+    inside, release = threading.Event(), threading.Event()
+
+    def copy() -> None:
+        with mapped.copying():
+            inside.set()
+            release.wait(WAIT)
+
+    copier = threading.Thread(target=copy)
+    copier.start()
+    assert inside.wait(WAIT)
+    closer = threading.Thread(target=mapped.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive() and len(calls) == 1  # waiting for the copy: the pages stay locked
+    release.set()
+    copier.join(WAIT)
+    closer.join(WAIT)
+    assert not closer.is_alive() and calls == [calls[0], ("unlock", calls[0][1], 4096, cuda)]
+    assert mapped.locked_for is None and not mapped.reaches(cuda)
+    with pytest.raises(FailedPrecondition, match="unregistered"):
+        with mapped.copying():
+            pass
+    mapped.close()
+    assert len(calls) == 2  # unlocked once
+
+
+def test_a_cpu_server_locks_no_pages(shm_server: LiveServer) -> None:
+    from weightavg_server.domain import pinned
+
+    with Client(shm_server.address, timeout=WAIT, shm=True) as c:
+        c.dict(c.dict({"x": np.arange(1 << 16, dtype=np.float32)}))
+        assert len(shm_server.registry.shared) >= 1 and pinned.locked_bytes() == 0
+    assert not pinned.lock(0, 4096, torch.device("cpu")) and pinned.locked_bytes() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_locked_region_moves_bytes_straight_to_and_from_the_device(region: shared_memory.SharedMemory) -> None:
+    """Page-locked on a CUDA server: torch sees pinned memory; an upload's tensors held on the device
+    are received there with no host buffer, shm.read and shm.write copy device to region directly;
+    close unlocks."""
+    from weightavg_server.domain import pinned
+
+    cuda = torch.device("cuda", 0)
+    mapped = shm.Region(region.name, 4096)
+    before = pinned.locked_bytes()
+    assert mapped.lock_pages(cuda) and pinned.locked_bytes() == before + 4096
+    assert mapped.bytes_at(0, 64, "t").is_pinned() and mapped.reaches(cuda)
+    named = [("a", torch.randn(3, 5, device=cuda)), ("b", torch.tensor([True, False], device=cuda)),
+             ("c", torch.randn(7, dtype=torch.bfloat16, device=cuda)), ("d", torch.arange(4.0))]
+    placements, _ = shm.layout(named, 0)
+    shm.write(mapped, placements, named)
+    back = shm.read(mapped, placements, lambda name, n: cuda if name != "d" else torch.device("cpu"))
+    assert [t.device.type for _, t in back] == ["cuda", "cuda", "cuda", "cpu"]
+    assert all(torch.equal(x.cpu(), y.cpu()) and x.dtype == y.dtype for (_, x), (_, y) in zip(named, back))
+    mapped.bytes_at(0, 32, "t").copy_(torch.arange(8, dtype=torch.float32).view(torch.uint8))
+    mapped.bytes_at(64, 16, "t").copy_(torch.arange(16, 20, dtype=torch.float32).view(torch.uint8))
+    (_, staged), (_, a), (_, b) = _received(mapped, cuda)
+    assert staged.tolist() == [] and a.is_cuda and b.is_cuda
+    assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and b.tolist() == [16.0, 17.0, 18.0, 19.0]
+    mapped.close()
+    assert pinned.locked_bytes() == before and not mapped.reaches(cuda)
+    assert not mapped.bytes_at(0, 64, "t").is_pinned()  # the same mapping, pageable again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_server_locks_its_clients_regions_with_the_same_results_as_the_stream(
+    start_server: Callable[..., LiveServer], shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightavg import _shm
+    from weightavg_server.domain import pinned
+
+    monkeypatch.setattr(_shm, "MIN_UPLOAD_BYTES", 0)  # these small arrays through the region too
+    server = start_server(allow_shm=True, device="cuda")
+    data = {**values(), "big": np.random.default_rng(1).standard_normal(1 << 22).astype(np.float32)}
+    before = pinned.locked_bytes()
+    with Client(server.address, timeout=WAIT, shm=True) as fast, Client(server.address, timeout=WAIT) as slow:
+        d_fast, d_slow = fast.dict(data), slow.dict(data)
+        assert shared_uploads == list(data) and pinned.locked_bytes() > before  # through the locked region
+        for got in (fast.dict(d_fast), fast.dict(d_slow), slow.dict(d_fast)):
+            assert list(got) == list(data) and all(same(got[k], data[k]) for k in data)
+        m = fast.module(NET)
+        assert all(same(fast.dict(fast.copyparms(m))[k], v) for k, v in slow.dict(slow.copyparms(m)).items())
+    assert pinned.locked_bytes() == before  # the session ended: every region unlocked
+
+
 def test_store_regions_belong_to_one_tenant_and_session(region: shared_memory.SharedMemory) -> None:
     regions = SharedRegions()
     regions.register("alice", "s1", "r", shm.Region(region.name, 4096))
@@ -484,6 +589,7 @@ class _TensorRegion(shm.Region):
 
     def __init__(self, data: torch.Tensor) -> None:  # no super().__init__: nothing is mapped
         self.data, self.byte_size, self.device, self.settled = data, data.numel(), data.device, 0
+        self._init_copies()
 
     def check_size(self) -> None:
         pass
@@ -495,7 +601,7 @@ class _TensorRegion(shm.Region):
         self.settled += 1
 
 
-def _received(region: _TensorRegion, held_on: torch.device | None) -> list[tuple[str, torch.Tensor]]:
+def _received(region: shm.Region, held_on: torch.device | None) -> list[tuple[str, torch.Tensor]]:
     """Two float32 tensors whose bytes lie in `region`, assembled as a header stream names them."""
     from weightavg_server.transport import codec
 

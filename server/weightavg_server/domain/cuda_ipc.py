@@ -147,6 +147,7 @@ class CudaRegion(Region):
         self.byte_size = byte_size
         self.identity = ("cuda", ipc.device_uuid or str(ipc.device_index), ipc.handle, ipc.storage_offset_bytes)
         self._fd = -1
+        self._init_copies()
         with torch.cuda.device(self.device):
             try:
                 storage = torch.UntypedStorage._new_shared_cuda(

@@ -11,10 +11,16 @@ The allocator never gives memory back on its own, so a bound (`CACHE_BYTES`, or 
 --pinned-cache-bytes) limits what it holds: a buffer that would grow it past the bound takes
 pageable memory instead, after an idle cache (no block in use) is emptied. Small buffers
 (`MIN_BYTES`) and servers without CUDA take pageable memory always.
+
+Memory the server does not allocate can be page-locked in place too (`lock`): a client's shared
+memory region on a CUDA server, so that an upload's bytes go from the region to the device, and a
+fetch's from the device to the region, as the link's DMA, with no staging copy on the CPU.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 
 import torch
@@ -87,3 +93,79 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, near: torch.d
                 return torch.empty(shape, dtype=dtype, pin_memory=True)
     return torch.empty(shape, dtype=dtype)
 
+
+
+LOCKED_BYTES = 32 << 30
+"""The most bytes of memory this process page-locks in place at once (`lock`): locked pages cannot
+be swapped or moved, so a bound keeps a client that registers many large regions from locking the
+host's memory. A region past it stays pageable: the same results, staged as before."""
+
+_PORTABLE = 0x01
+"""CU_MEMHOSTREGISTER_PORTABLE: locked for every CUDA context, not only the current one."""
+
+_locked_bytes = 0
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL | None:
+    """The CUDA driver's library, for cuMemHostRegister and cuMemHostUnregister: the driver API, whose
+    errors (unlike the runtime's cudaHostRegister) leave no stale error for torch's next launch check
+    to report. None where it cannot be loaded."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        register, unregister = driver.cuMemHostRegister_v2, driver.cuMemHostUnregister
+    except (OSError, AttributeError):
+        return None
+    register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    register.restype = ctypes.c_int
+    unregister.argtypes = [ctypes.c_void_p]
+    unregister.restype = ctypes.c_int
+    return driver
+
+
+def locked_bytes() -> int:
+    """Bytes page-locked in place by `lock` now."""
+    with _lock:
+        return _locked_bytes
+
+
+def lock(address: int, nbytes: int, device: torch.device) -> bool:
+    """Page-lock host memory [address, address + nbytes) in place (cuMemHostRegister, portable), so
+    that torch sees it as pinned: copies between it and `device` run as DMA, without blocking and
+    with no staging copy. Whether it did: False, with nothing locked, where `device` is not CUDA, the
+    bytes would take the process past LOCKED_BYTES, or the driver refuses (a sandbox, a limit).
+
+    The memory must stay mapped until `unlock`."""
+    global _locked_bytes
+    if device.type != "cuda" or nbytes <= 0:
+        return False
+    driver = _driver()
+    if driver is None:
+        return False
+    with _lock:
+        if _locked_bytes + nbytes > LOCKED_BYTES:
+            return False
+        _locked_bytes += nbytes  # counted first, so two registrations at once cannot both pass the bound
+    done = False
+    try:
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device).query()  # the device's context, current in this thread
+            done = int(driver.cuMemHostRegister_v2(address, nbytes, _PORTABLE)) == 0
+    finally:
+        if not done:
+            with _lock:
+                _locked_bytes -= nbytes
+    return done
+
+
+def unlock(address: int, nbytes: int, device: torch.device) -> None:
+    """Undo `lock(address, nbytes, device)`, after every copy queued on `device` has finished (an
+    unlocked page may move, and a DMA still reading it would read whatever lands there)."""
+    global _locked_bytes
+    driver = _driver()
+    with torch.cuda.device(device):
+        torch.cuda.synchronize(device)
+        if driver is not None:
+            driver.cuMemHostUnregister(address)
+    with _lock:
+        _locked_bytes -= nbytes

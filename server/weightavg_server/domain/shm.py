@@ -12,12 +12,15 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import pinned
 from .errors import FailedPrecondition, InvalidArgument
 
 SHM_DIRECTORY = "/dev/shm"
@@ -39,11 +42,15 @@ class Region:
     """One mapped region: the first `byte_size` bytes of /dev/shm/<key>, read and written in place.
 
     The mapping is released when the last reference goes (an unregister while a copy is running
-    leaves that copy's mapping alive until it ends).
+    leaves that copy's mapping alive until it ends). On a CUDA server the mapping is page-locked
+    (`lock_pages`), and every copy into or out of the region runs inside `copying()`, so that
+    `close` unlocks the pages only once no copy can still read them.
     """
 
     device = torch.device("cpu")
     """Where the region's bytes lie (a CUDA region's device: domain/cuda_ipc.py)."""
+    locked_for: torch.device | None = None
+    """The CUDA device the region's pages are locked for (`lock_pages`), or None: pageable."""
 
     def __init__(self, key: str, byte_size: int, directory: str = SHM_DIRECTORY) -> None:
         if not isinstance(key, str) or not KEY.fullmatch(key):
@@ -88,12 +95,58 @@ class Region:
             raise
         self.byte_size = byte_size
         self.identity: tuple[object, ...] = (info.st_dev, info.st_ino)
+        self._init_copies()
+
+    def _init_copies(self) -> None:
+        """The count of copies in progress (`copying`), and its guard: for every kind of region."""
+        self._copies_done = threading.Condition()
+        self._copies = 0
+
+    def lock_pages(self, device: torch.device) -> bool:
+        """Page-lock the mapping for CUDA (`pinned.lock`), so that a tensor held on `device` is
+        copied straight between the device and the region as DMA: an upload is received on the
+        device with no host buffer between, a fetch is written without the driver's staging.
+        Whether it did; a region left pageable works as before."""
+        if self.locked_for is None and pinned.lock(self._address(), self.byte_size, device):
+            self.locked_for = device
+        return self.locked_for is not None
+
+    def _address(self) -> int:
+        return int(torch.frombuffer(self.buffer, dtype=torch.uint8, count=self.byte_size).data_ptr())
+
+    def reaches(self, device: torch.device | None) -> bool:
+        """Whether a tensor held on `device` is copied straight between the device and the region:
+        the region's own CUDA device, or the device its pages are locked for."""
+        if device is None:
+            return False
+        return device == (self.device if self.device.type == "cuda" else self.locked_for)
+
+    @contextmanager
+    def copying(self) -> Iterator[None]:
+        """Around each copy into or out of the region: FailedPrecondition once it is closed (or its
+        file truncated), and `close` waits for the copies inside before unlocking its pages. A copy
+        queued without blocking may run on after the block; `close` waits for the device as well."""
+        with self._copies_done:
+            self.check_size()
+            self._copies += 1
+        try:
+            yield
+        finally:
+            with self._copies_done:
+                self._copies -= 1
+                self._copies_done.notify_all()
 
     def close(self) -> None:
-        """Forget the file; the mapping goes with the last reference to this object."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Forget the file, and unlock the pages once the copies in progress are done; the mapping
+        goes with the last reference to this object."""
+        with self._copies_done:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._copies_done.wait_for(lambda: self._copies == 0)
+            device, self.locked_for = self.locked_for, None
+        if device is not None:
+            pinned.unlock(self._address(), self.byte_size, device)
 
     def check_size(self) -> None:
         """Refuse a region whose file has shrunk since it was mapped (touching the lost pages would
@@ -116,8 +169,12 @@ class Region:
         return torch.frombuffer(self.buffer, dtype=torch.uint8, count=nbytes, offset=offset)
 
     def settle(self) -> None:
-        """Wait for copies into or out of the region to finish (CPU copies are done when they return;
-        a CUDA region's are not: domain/cuda_ipc.py)."""
+        """Wait for copies into or out of the region to finish: CPU copies are done when they return;
+        those queued between locked pages and their device are waited for here (this thread's
+        stream), and a CUDA region's in domain/cuda_ipc.py."""
+        device = self.locked_for
+        if device is not None:
+            torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass(frozen=True)
@@ -147,7 +204,7 @@ def layout(named: Sequence[tuple[str, torch.Tensor]], offset: int) -> tuple[list
     return placements, at - offset
 
 
-def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = False) -> None:
+def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = False, queue: bool = False) -> None:
     """target (contiguous; on the CPU, or a CUDA region's bytes) := source, of the same dtype and shape.
 
     Between contiguous CPU tensors as one memcpy of their bytes: numpy's, on one thread, or with
@@ -155,7 +212,8 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
     region runs alone, so it takes the threads (256 MB on the project's VM: 5.1-5.2 GB/s on one
     thread, 8.1-8.9 on two); an upload's copy out of the region runs while the client copies the
     next tensor in, one core each, where two threads measured slower (3.6-3.8 GB/s against 3.7-4.1).
-    Otherwise (other devices, strides, conjugate or negative views) torch's copy_.
+    Otherwise (other devices, strides, conjugate or negative views) torch's copy_, queued without
+    blocking with `queue` (between a device and pinned or locked memory; the caller settles).
     """
     source = source.detach()
     if (
@@ -167,17 +225,18 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
         else:
             np.copyto(target.reshape(-1).view(torch.uint8).numpy(), source.reshape(-1).view(torch.uint8).numpy())
     else:
-        target.copy_(source)
+        target.copy_(source, non_blocking=queue)
 
 
 def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    """Copy each tensor (any device, any strides) into its place: one copy a byte."""
-    region.check_size()
-    for p, (_, t) in zip(placements, named):
-        if p.nbytes:
-            copy_bytes(region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape), t,
-                       threads=True)
-    region.settle()  # the client reads the region once the call answers
+    """Copy each tensor (any device, any strides) into its place: one copy a byte (queued from a
+    device the region reaches, and waited for once)."""
+    with region.copying():
+        for p, (_, t) in zip(placements, named):
+            if p.nbytes:
+                copy_bytes(region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape), t,
+                           threads=True, queue=region.reaches(t.device))
+        region.settle()  # the client reads the region once the call answers
 
 
 def check(region: Region, p: Placement) -> None:
@@ -196,25 +255,29 @@ def check(region: Region, p: Placement) -> None:
 
 
 def read(
-    region: Region, placements: Sequence[Placement], on_header: Callable[[str, int], object] | None = None
+    region: Region, placements: Sequence[Placement],
+    on_header: Callable[[str, int], torch.device | None] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """New tensors holding copies of the placed bytes (the client may reuse its region at once).
 
     Every placement is checked before anything is allocated; `on_header(name, nbytes)` runs before
-    each tensor's allocation (the store reserves there), as for a streamed upload.
+    each tensor's allocation (the store reserves there), as for a streamed upload, and names the
+    device the tensor will be held on: one the region reaches gets it straight (queued, and waited
+    for once); the rest are new CPU tensors.
     """
-    region.check_size()
-    for p in placements:
-        check(region, p)
-    out = []
-    for p in placements:
-        if on_header is not None:
-            on_header(p.name, p.nbytes)
-        t = torch.empty(p.shape, dtype=p.dtype)
-        if p.nbytes:
-            copy_bytes(t.view(-1).view(torch.uint8), region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"))
-            if p.dtype is torch.bool and bool((t.view(torch.uint8) > 1).any()):
-                raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
-        out.append((p.name, t))
-    region.settle()
+    with region.copying():
+        for p in placements:
+            check(region, p)
+        out = []
+        for p in placements:
+            held_on = on_header(p.name, p.nbytes) if on_header is not None else None
+            direct = region.reaches(held_on)
+            t = torch.empty(p.shape, dtype=p.dtype, device=held_on if direct and held_on is not None else None)
+            if p.nbytes:
+                copy_bytes(t.view(-1).view(torch.uint8), region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"),
+                           queue=direct)
+                if p.dtype is torch.bool and bool((t.view(torch.uint8) > 1).any()):
+                    raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
+            out.append((p.name, t))
+        region.settle()
     return out

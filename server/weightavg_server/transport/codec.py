@@ -141,8 +141,8 @@ def _new_buffer(nbytes: int) -> torch.Tensor:
 
 
 class TensorAssembler:
-    """Join streamed chunks into tensors (CPU ones, or on a CUDA region's device when they are held
-    there), checking sizes so bad streams fail before allocating much.
+    """Join streamed chunks into tensors (CPU ones, or on the device when their bytes lie in a region
+    that reaches it: a CUDA region's own device, or a locked host region's), checking sizes so bad streams fail before allocating much.
 
     A declared stream (TensorChunk in the .proto) must carry exactly the tensors and bytes it
     declared, each with a matching CRC32C: InvalidArgument for a stream short, long or without its
@@ -161,7 +161,8 @@ class TensorAssembler:
         caller's shared memory region for a header chunk whose bytes lie in one
         (TensorChunk.shared); without it such a chunk is refused. `allocate(nbytes)` gives each
         tensor's CPU uint8 buffer (a CUDA server's pinned staging); by default a new one. A tensor
-        whose bytes lie in a CUDA region on the device on_header names is received on that device."""
+        whose bytes lie in a region that reaches the device on_header names (shm.Region.reaches) is
+        received on that device, its copy queued and waited for once, in `finish`."""
         self._max_bytes = max_bytes
         self._on_header = on_header
         self._regions = regions
@@ -204,10 +205,10 @@ class TensorAssembler:
             )
         self._check.finish()
         for region in self._unsettled.values():
-            region.settle()  # device-to-device copies out of a CUDA region: done before the call answers
+            region.settle()  # copies queued out of the region to the device: done before the call answers
         return self.tensors
 
-    def _start(self, chunk: pb.TensorChunk | ChunkView, source: torch.device | None = None) -> None:
+    def _start(self, chunk: pb.TensorChunk | ChunkView, region: shm.Region | None = None) -> None:
         if self._pending is not None:
             p = self._pending
             raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
@@ -229,8 +230,8 @@ class TensorAssembler:
         self._check.header(chunk.name, chunk.dtype, shape, nbytes)
         held_on = self._on_header(chunk.name, nbytes) if self._on_header is not None else None
         try:
-            if source is not None and held_on == source:  # both indexed (devices.server_device, cuda_ipc)
-                buffer = torch.empty(nbytes, dtype=torch.uint8, device=source)
+            if region is not None and held_on is not None and region.reaches(held_on):  # indexed devices both
+                buffer = torch.empty(nbytes, dtype=torch.uint8, device=held_on)
             else:
                 buffer = self._allocate(nbytes)
         except RuntimeError as exc:  # the CPU allocator's out-of-memory
@@ -253,14 +254,15 @@ class TensorAssembler:
         if len(shape) <= MAX_DIMS and all(d >= 0 for d in shape):  # else _start refuses it
             shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset,
                                             math.prod(shape) * torch.empty((), dtype=dtype).element_size()))
-        self._start(chunk, region.device if region.device.type == "cuda" else None)
+        self._start(chunk, region)
         p = self._pending
         assert p is not None
-        region.check_size()
-        if p.nbytes:
-            shm.copy_bytes(p.buffer, region.bytes_at(chunk.shared.offset, p.nbytes, f"tensor '{p.name}'"))
-            if p.buffer.is_cuda:
-                self._unsettled[id(region)] = region
+        with region.copying():
+            if p.nbytes:
+                shm.copy_bytes(p.buffer, region.bytes_at(chunk.shared.offset, p.nbytes, f"tensor '{p.name}'"),
+                               queue=p.buffer.is_cuda)
+                if p.buffer.is_cuda:
+                    self._unsettled[id(region)] = region
         p.filled = p.nbytes
         self._complete(None, shared=True)
 
