@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import threading
 from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
 from typing import Any
@@ -219,14 +221,38 @@ def test_domain_write_then_read_round_trips_every_dtype(region: shared_memory.Sh
         shm.read(mapped, placements)
 
 
+@contextlib.contextmanager
+def _copy_in_progress(region: shm.Region, close: Callable[[], object]) -> Iterator[threading.Thread]:
+    """A copy holding `region.copying()` on its own thread, and `close` started on another while it
+    runs; the block gets the closing thread (still waiting), then the copy ends and both are joined."""
+    inside, release = threading.Event(), threading.Event()
+
+    def copy() -> None:
+        with region.copying():
+            inside.set()
+            release.wait(WAIT)
+
+    copier = threading.Thread(target=copy)
+    copier.start()
+    assert inside.wait(WAIT)
+    closer = threading.Thread(target=close)
+    closer.start()
+    try:
+        closer.join(0.2)
+        yield closer
+    finally:
+        release.set()
+        copier.join(WAIT)
+        closer.join(WAIT)
+    assert not closer.is_alive()
+
+
 def test_locked_pages_are_unlocked_once_after_the_copies_in_progress_end(
     region: shared_memory.SharedMemory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A region locked for a CUDA device reaches that device only; close waits for a copy in
     progress, then unlocks the pages once; no copy starts after close. (The driver's part is the
     GPU test below; here pinned.lock and unlock record their calls.)"""
-    import threading
-
     from weightavg_server.domain import pinned
 
     cuda = torch.device("cuda", 0)
@@ -237,30 +263,41 @@ def test_locked_pages_are_unlocked_once_after_the_copies_in_progress_end(
     assert not mapped.reaches(cuda) and not mapped.reaches(torch.device("cpu")) and not mapped.reaches(None)
     assert mapped.lock_pages(cuda) and mapped.lock_pages(cuda) and len(calls) == 1  # once
     assert mapped.reaches(cuda) and not mapped.reaches(torch.device("cuda", 1)) and not mapped.reaches(torch.device("cpu"))
-    inside, release = threading.Event(), threading.Event()
-
-    def copy() -> None:
-        with mapped.copying():
-            inside.set()
-            release.wait(WAIT)
-
-    copier = threading.Thread(target=copy)
-    copier.start()
-    assert inside.wait(WAIT)
-    closer = threading.Thread(target=mapped.close)
-    closer.start()
-    closer.join(0.2)
-    assert closer.is_alive() and len(calls) == 1  # waiting for the copy: the pages stay locked
-    release.set()
-    copier.join(WAIT)
-    closer.join(WAIT)
-    assert not closer.is_alive() and calls == [calls[0], ("unlock", calls[0][1], 4096, cuda)]
+    with _copy_in_progress(mapped, mapped.close) as closer:
+        assert closer.is_alive() and len(calls) == 1  # waiting for the copy: the pages stay locked
+    assert calls == [calls[0], ("unlock", calls[0][1], 4096, cuda)]
     assert mapped.locked_for is None and not mapped.reaches(cuda)
     with pytest.raises(FailedPrecondition, match="unregistered"):
         with mapped.copying():
             pass
     mapped.close()
     assert len(calls) == 2  # unlocked once
+
+
+def test_a_session_ends_without_holding_the_store_while_its_region_finishes_a_copy(
+    region: shared_memory.SharedMemory,
+) -> None:
+    """Closing a region waits for its copies in progress (and, for locked pages, the device), so
+    the store closes an ended session's regions only after letting go of its lock: other calls go
+    on meanwhile, and a copy that needs the store (an upload reserving its next tensor) cannot
+    deadlock with the session's end."""
+    from weightavg_server.store.limits import Limits
+    from weightavg_server.store.registry import Registry
+    from weightavg_server.store.tenants import DEFAULT_TENANT
+
+    store = Registry(Limits())
+    session = store.create_session(60)
+    mapped = shm.Region(region.name, 4096)
+    store.shared.register(DEFAULT_TENANT, session, "r", mapped)
+    with _copy_in_progress(mapped, lambda: store.close_session(session)) as closer:
+        assert closer.is_alive()  # waiting for the copy, in close_regions
+        other = threading.Thread(target=store.create_session, args=(60,))  # takes the store's lock
+        other.start()
+        other.join(10)
+        assert not other.is_alive() and len(store.shared) == 0  # the waiting close holds no lock
+    with pytest.raises(FailedPrecondition, match="unregistered"):
+        with mapped.copying():
+            pass
 
 
 def test_a_cpu_server_locks_no_pages(shm_server: LiveServer) -> None:
@@ -539,8 +576,6 @@ def test_fetched_arrays_sent_back_are_read_where_they_lie(shm_server: LiveServer
 
 
 def test_threads_sharing_one_shm_client_get_their_own_results(shm_server: LiveServer) -> None:
-    import threading
-
     big = np.arange(3 << 20, dtype=np.float32)
     errors: list[BaseException] = []
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast:

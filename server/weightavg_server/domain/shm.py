@@ -263,21 +263,23 @@ def read(
     Every placement is checked before anything is allocated; `on_header(name, nbytes)` runs before
     each tensor's allocation (the store reserves there), as for a streamed upload, and names the
     device the tensor will be held on: one the region reaches gets it straight (queued, and waited
-    for once); the rest are new CPU tensors.
+    for once); the rest are new CPU tensors. `on_header` runs outside `region.copying()`: it may
+    wait for the store, whose session end waits for the region's copies.
     """
-    with region.copying():
-        for p in placements:
-            check(region, p)
-        out = []
-        for p in placements:
-            held_on = on_header(p.name, p.nbytes) if on_header is not None else None
-            direct = region.reaches(held_on)
-            t = torch.empty(p.shape, dtype=p.dtype, device=held_on if direct and held_on is not None else None)
-            if p.nbytes:
+    region.check_size()
+    for p in placements:
+        check(region, p)
+    out = []
+    for p in placements:
+        held_on = on_header(p.name, p.nbytes) if on_header is not None else None
+        direct = region.reaches(held_on)
+        t = torch.empty(p.shape, dtype=p.dtype, device=held_on if direct and held_on is not None else None)
+        if p.nbytes:
+            with region.copying():
                 copy_bytes(t.view(-1).view(torch.uint8), region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"),
                            queue=direct)
-                if p.dtype is torch.bool and bool((t.view(torch.uint8) > 1).any()):
-                    raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
-            out.append((p.name, t))
-        region.settle()
+            if p.dtype is torch.bool and bool((t.view(torch.uint8) > 1).any()):
+                raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
+        out.append((p.name, t))
+    region.settle()
     return out

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..domain.errors import InvalidArgument, NotFound
+from ..domain.shm import Region
 from ..domain.tensors import EMPTY_SUMMARY, Bytes, HandleSummary, storages, summarize, tensors_of
 from .accounting import Ledger, Reservation
 from .limits import Limits
 from .requests import RequestTable, register_answer_type
-from .shm import SharedRegions
+from .shm import SharedRegions, close_regions
 from .tenants import CALLER, DEFAULT_TENANT, Quota
 
 log = logging.getLogger("weightavg.sessions")
@@ -550,8 +551,10 @@ class Registry:
                 if self._session_entries(session_id) != owned:
                     continue  # a handle joined the session while this call waited: lock it too
                 del self._sessions[session_id]
-                self.shared.end_session(session_id)
-                return self._drop(owned)
+                regions = self.shared.take_session(session_id)
+                freed = self._drop(owned)
+            close_regions(regions)  # outside the locks: closing waits for the regions' copies
+            return freed
 
     def expire(self, now: float | None = None) -> list[tuple[str, int]]:
         """End sessions whose lease ran out with no call in flight, freeing their handles.
@@ -566,6 +569,7 @@ class Registry:
         with self._lock:
             due = [sid for sid, s in self._sessions.items() if s.active == 0 and s.expires <= now]
         ended: list[tuple[str, int]] = []
+        regions: list[Region] = []
         for sid in due:
             with self._lock:
                 owned = self._session_entries(sid)
@@ -576,8 +580,9 @@ class Registry:
                 if self._session_entries(sid) != owned:
                     continue
                 del self._sessions[sid]
-                self.shared.end_session(sid)
+                regions.extend(self.shared.take_session(sid))
                 ended.append((sid, self._drop(owned)))
+        close_regions(regions)  # outside the locks: closing waits for the regions' copies
         for sid, freed in ended:
             log.warning("session %s expired (no call for its lease); freed %d handle(s)", sid, freed)
         return ended

@@ -78,13 +78,24 @@ class SharedRegions:
 
     def end_session(self, session: str) -> int:
         """The session ended: forget its regions; how many."""
+        regions = self.take_session(session)
+        close_regions(regions)
+        return len(regions)
+
+    def take_session(self, session: str) -> list[Region]:
+        """Forget the ended session's regions without closing them: for a caller holding the store's
+        lock, which closes them (`close_regions`) once it has let go, since closing waits for the copies in
+        progress and, for locked pages, for the device."""
         with self._lock:
             keys = [k for k in self._regions if k[0] == session]
-            dropped = [self._regions.pop(k) for k in keys]
-        for held in dropped:
-            held.region.close()
-        return len(dropped)
+            return [self._regions.pop(k).region for k in keys]
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._regions)
+
+
+def close_regions(regions: list[Region]) -> None:
+    """Close regions taken from the store (`SharedRegions.take_session`)."""
+    for region in regions:
+        region.close()
