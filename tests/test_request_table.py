@@ -25,7 +25,7 @@ from weightavg_server.service import Ref, Service, Settings
 from weightavg_server.store.limits import Limits
 from weightavg_server.store.registry import Kind, Registry
 from weightavg_server.store.requests import (
-    RequestKey, RequestStats, RequestTable, answer_bytes, decode, encode, parse_saved,
+    RequestKey, RequestStats, RequestTable, answer_bytes, comparable, decode, encode, parse_saved, scheme,
 )
 
 ID = "3f0c6d1e-8a2b-4c5d-9e7f-0123456789ab"
@@ -354,6 +354,42 @@ def test_export_and_restore_keep_answers_order_and_age(table: RequestTable, cloc
     assert restored.answer(key(ids[0], "d0"), "create_dictionary", "ses_a", op) == 1  # forgotten: runs
     later.now += 5.1  # ids[1] is 60.1 s old now
     assert restored.stats().remembered == 2  # ids[2] and ids[0]
+
+
+def test_a_repeat_remembered_under_an_older_digest_scheme_is_taken_as_the_same_call(clock: Clock) -> None:
+    """An upload's digest changed scheme (zlib's CRC-32, untagged, to a tagged CRC-32C): a repeat of a
+    first call that an older server remembered and saved cannot be checked, so it gets the answer;
+    within one scheme a difference is still refused."""
+    saved = [{"id": ID, "method": "create_dictionary", "digest": "ab" * 32, "session": None, "age": 1.0,
+              "answer": encode(Ref("dic_1", Kind.DICTIONARY)), "tenant": "default"}]
+    table = RequestTable(window_seconds=60.0, max_ids=100, clock=clock)
+    assert table.restore(parse_saved(saved)) == 1
+    op = Counter()
+    assert table.answer(key(ID, "crc32c:" + "cd" * 32), "create_dictionary", None, op) == Ref("dic_1", Kind.DICTIONARY)
+    assert op.runs == 0
+    table.answer(key(OTHER, "crc32c:" + "cd" * 32), "create_dictionary", None, op)
+    with pytest.raises(InvalidArgument, match="other arguments"):
+        table.answer(key(OTHER, "crc32c:" + "ef" * 32), "create_dictionary", None, op)
+    assert [scheme(d) for d in ("ab" * 32, "crc32c:" + "cd" * 32)] == ["", "crc32c"]
+    assert comparable("crc32c:1", "crc32c:2") and not comparable("ab", "crc32c:ab")
+
+
+def test_an_uploads_digest_is_tagged_and_the_same_however_the_bytes_are_chunked() -> None:
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg_server.transport.requests import UPLOAD_DIGEST_TAG, StreamDigest
+
+    data = bytes(range(256)) * 40
+
+    def chunks(size: int, payload: bytes = data) -> list[pb.TensorChunk]:
+        first = pb.TensorChunk(name="a", dtype=pb.DTYPE_FLOAT32, shape=[len(payload) // 4], data=payload[:size])
+        return [first, *(pb.TensorChunk(data=payload[i:i + size]) for i in range(size, len(payload), size))]
+
+    digests = {StreamDigest(b"fields", chunks(size)).digest() for size in (1000, 4096, len(data))}
+    assert len(digests) == 1 and next(iter(digests)).startswith(UPLOAD_DIGEST_TAG)
+    changed = bytearray(data)
+    changed[5000] ^= 1
+    assert StreamDigest(b"fields", chunks(4096, bytes(changed))).digest() not in digests
+    assert StreamDigest(b"other fields", chunks(4096)).digest() not in digests
 
 
 def test_an_answer_that_cannot_be_saved_is_left_out_with_an_error(

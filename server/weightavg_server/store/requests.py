@@ -251,7 +251,7 @@ class RequestTable:
             raise InvalidArgument(f"request_id {rid} was first used for {record.method}, not {method}: {again}")
         if record.session != session:
             raise InvalidArgument(f"request_id {rid} was first used in another session (or outside one): {again}")
-        if record.digest != digest:
+        if record.digest != digest and comparable(record.digest, digest):
             raise InvalidArgument(f"request_id {rid} was first used for {method} with other arguments: {again}")
 
     def _expire(self) -> None:
@@ -336,6 +336,20 @@ class RequestTable:
             self._expire()
             self._evict()
             return len(self._records)
+
+
+def comparable(remembered: str, digest: str) -> bool:
+    """Whether two digests of one call come from the same scheme (`scheme`). An upload's digest
+    changed scheme (transport/requests.py); a repeat whose first call a server before the change
+    remembered, restored from its snapshot, cannot be checked and is taken as the same call, as
+    every honest retry is."""
+    return scheme(remembered) == scheme(digest)
+
+
+def scheme(digest: str) -> str:
+    """A digest's scheme: what comes before its ':', or "" for a digest without one (a SHA-256 hex)."""
+    name, tagged, _ = digest.partition(":")
+    return name if tagged else ""
 
 
 class SavedAnswer(NamedTuple):
