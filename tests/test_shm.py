@@ -300,6 +300,31 @@ def test_a_session_ends_without_holding_the_store_while_its_region_finishes_a_co
             pass
 
 
+def test_ending_a_session_closes_every_region_even_if_one_fails(
+    region: shared_memory.SharedMemory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A region whose close fails (a broken CUDA context failing the wait before its pages are
+    unlocked) is logged, and the session's other regions are closed all the same."""
+    import logging
+
+    class Broken(_TensorRegion):
+        identity = ("broken",)
+
+        def close(self) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    regions = SharedRegions()
+    regions.register("alice", "s1", "a", Broken(torch.zeros(8, dtype=torch.uint8)))
+    mapped = shm.Region(region.name, 4096)
+    regions.register("alice", "s1", "b", mapped)
+    with caplog.at_level(logging.ERROR, logger="weightavg.shm"):
+        assert regions.end_session("s1") == 2
+    assert "could not be closed" in caplog.text and len(regions) == 0
+    with pytest.raises(FailedPrecondition, match="unregistered"):
+        with mapped.copying():
+            pass
+
+
 def test_a_cpu_server_locks_no_pages(shm_server: LiveServer) -> None:
     from weightavg_server.domain import pinned
 

@@ -163,9 +163,11 @@ def unlock(address: int, nbytes: int, device: torch.device) -> None:
     unlocked page may move, and a DMA still reading it would read whatever lands there)."""
     global _locked_bytes
     driver = _driver()
-    with torch.cuda.device(device):
-        torch.cuda.synchronize(device)
-        if driver is not None:
-            driver.cuMemHostUnregister(address)
-    with _lock:
-        _locked_bytes -= nbytes
+    try:
+        with torch.cuda.device(device):
+            torch.cuda.synchronize(device)
+            if driver is not None:
+                driver.cuMemHostUnregister(address)
+    finally:  # a failed wait (a broken context) leaves nothing to copy to or from these pages either
+        with _lock:
+            _locked_bytes -= nbytes

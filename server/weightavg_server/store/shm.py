@@ -3,11 +3,14 @@ unregistered when that session ends (closed or expired)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..domain.shm import NAME, Region
+
+log = logging.getLogger("weightavg.shm")
 
 MAX_REGIONS_PER_SESSION = 16
 """A client needs one or two (the client keeps one and grows it); the cap stops a runaway loop from
@@ -53,7 +56,7 @@ class SharedRegions:
             old = self._regions.get((session, name))
             self._regions[(session, name)] = _Registered(tenant, session, region)
         if old is not None:
-            old.region.close()
+            close_regions([old.region])  # replaced: registered as the new one either way
 
     def get(self, tenant: str, session: str | None, name: str) -> Region:
         with self._lock:
@@ -72,8 +75,7 @@ class SharedRegions:
             if name and not keys:
                 raise NotFound(f"no shared memory region '{name}' is registered by this session")
             dropped = [self._regions.pop(k) for k in keys]
-        for held in dropped:
-            held.region.close()
+        close_regions([held.region for held in dropped])  # forgotten either way
         return len(dropped)
 
     def end_session(self, session: str) -> int:
@@ -96,6 +98,11 @@ class SharedRegions:
 
 
 def close_regions(regions: list[Region]) -> None:
-    """Close regions taken from the store (`SharedRegions.take_session`)."""
+    """Close regions taken from the store (`SharedRegions.take_session`): every one of them, a
+    failure logged rather than raised (the session has ended; a broken CUDA context can fail the
+    wait before a locked region's pages are unlocked)."""
     for region in regions:
-        region.close()
+        try:
+            region.close()
+        except Exception:
+            log.exception("a shared memory region of an ended session could not be closed cleanly")
