@@ -27,3 +27,69 @@ def test_device_name_names_each_gpu_by_its_index() -> None:
 def test_a_storage_key_names_the_device_the_allocation_and_its_size() -> None:
     t = torch.zeros(4, dtype=torch.float64)
     assert storage_key(t[2:]) == ("cpu", t.untyped_storage().data_ptr(), 32) == storage_key(t)
+
+
+# -- host copies for replies, in reused blocks (domain/reply_buffers.py) ------------------------------
+
+
+def _mixed() -> list[tuple[str, torch.Tensor]]:
+    """Every element size, a non-contiguous view, a scalar and an empty tensor: over MIN_BYTES in all."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("i8", torch.randint(-100, 100, (3,), dtype=torch.int8, generator=g)),
+        ("f32", torch.randn(512, 513, generator=g)),
+        ("bool", torch.tensor([True, False, True])),
+        ("c128", torch.randn(5, dtype=torch.complex128, generator=g)),
+        ("bf16", torch.randn(7, generator=g).to(torch.bfloat16)),
+        ("t", torch.randn(300, 200, dtype=torch.float64, generator=g).t()),
+        ("scalar", torch.tensor(2.5, dtype=torch.float16)),
+        ("empty", torch.zeros(0, 4)),
+    ]
+
+
+def test_host_copies_into_one_reused_block_are_the_tensors_bit_for_bit() -> None:
+    from weightavg_server.domain import reply_buffers
+    from weightavg_server.domain.tensors import host_copies
+
+    named = _mixed()
+    reply_buffers.clear()
+    with reply_buffers.lending() as lend:
+        copies = host_copies(named, lend)
+        assert [n for n, _ in copies] == [n for n, _ in named]
+        for (_, got), (_, want) in zip(copies, named):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+            assert got.is_contiguous() and (got.data_ptr() != want.data_ptr() or not got.numel())
+        blocks = {got.untyped_storage().data_ptr() for _, got in copies if got.numel()}
+        assert len(blocks) == 1  # one block, packed with no padding
+        first = next(iter(blocks))
+    assert reply_buffers.cached_bytes() == sum(t.numel() * t.element_size() for _, t in named)
+    with reply_buffers.lending() as lend:  # the next reply of that size gets the same memory
+        again = host_copies(named, lend)
+        assert {got.untyped_storage().data_ptr() for _, got in again if got.numel()} == {first}
+    small = [("x", torch.arange(4.0))]  # under MIN_BYTES: a plain copy
+    with reply_buffers.lending() as lend:
+        (_, x), = host_copies(small, lend)
+        assert torch.equal(x, small[0][1]) and x.untyped_storage().data_ptr() != first
+    reply_buffers.clear()
+
+
+def test_reply_blocks_are_reused_within_twice_the_size_and_the_cache_keeps_to_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from weightavg_server.domain import reply_buffers
+
+    reply_buffers.clear()
+    monkeypatch.setattr(reply_buffers, "CACHE_BYTES", 10 << 20)
+    block = reply_buffers.take(4 << 20)
+    reply_buffers.give_back(block)
+    assert reply_buffers.take(3 << 20).data_ptr() == block.data_ptr()  # 4 MiB serves 3 MiB
+    reply_buffers.give_back(block)
+    assert reply_buffers.take(1 << 20).data_ptr() != block.data_ptr()  # over twice the size: a new one
+    assert reply_buffers.take(5 << 20).data_ptr() != block.data_ptr()  # too small
+    reply_buffers.give_back(reply_buffers.take(6 << 20))
+    assert reply_buffers.cached_bytes() == (10 << 20)  # 4 + 6 MiB: at the bound, both kept
+    reply_buffers.give_back(reply_buffers.take(8 << 20))
+    assert reply_buffers.cached_bytes() == (10 << 20)  # 4 + 6 + 8 MiB is over it: the largest went
+    reply_buffers.give_back(reply_buffers.take(16 << 20))  # alone over the bound: not kept
+    assert reply_buffers.cached_bytes() == (10 << 20)
+    reply_buffers.clear()

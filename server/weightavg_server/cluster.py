@@ -840,11 +840,13 @@ class ClusterService(Service):
         return self._keyed("set_model_data", request, run)  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
-    def fetch(self, handle: str, names: Sequence[str], *, rank: int | None = None) -> Iterator[Named]:
+    def fetch(
+        self, handle: str, names: Sequence[str], *, rank: int | None = None, reused: bool = False
+    ) -> Iterator[Named]:
         self._check()
         where = self._target(self.where(handle), rank)
         if where in (0, ALL) and rank in (None, 0):
-            with Service.fetch(self, handle, names) as copies:
+            with Service.fetch(self, handle, names, reused=reused) as copies:
                 yield copies
             return
         yield self._call("_fetch", where, (handle, list(names)))[where]

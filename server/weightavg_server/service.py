@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .domain import cuda_ipc, pinned, shm
+from .domain import cuda_ipc, pinned, reply_buffers, shm
 from .domain import (
     averaging, batching, batchnorm, collectives, devices, dictionaries, flat, footprint, losses, modules, optimizers,
     specs, training,
@@ -498,13 +498,17 @@ class Service:
             return Ref(self.store.add(Kind.TENSOR, holder, reservation), Kind.TENSOR)
 
     @contextlib.contextmanager
-    def fetch(self, handle: str, names: Sequence[str], *, rank: int | None = None) -> Iterator[Named]:
+    def fetch(
+        self, handle: str, names: Sequence[str], *, rank: int | None = None, reused: bool = False
+    ) -> Iterator[Named]:
         """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters,
         for the length of the block (`with service.fetch(h, names) as copies:`).
 
         The copies are taken together under the object's lock, so the reply is one consistent cut,
         and reserved on the host until the block ends (the reply has streamed). All of them are
-        there at once, so the reply can declare how many tensors and bytes it carries.
+        there at once, so the reply can declare how many tensors and bytes it carries. With `reused`
+        (for a caller that reads the copies only inside the block, as a reply does) the CPU copies
+        lie in memory that later replies reuse (`reply_buffers`): it must not be kept past the block.
         """
         self._one_rank(rank)
         entry = self.store.get(handle)
@@ -512,7 +516,7 @@ class Service:
             with self.store.reading(entry):
                 named = self._named(handle, entry, names)
                 held.enter_context(self.store.reserve(nbytes=tensor_bytes((t for _, t in named), "cpu")))
-                copies = host_copies(named)
+                copies = host_copies(named, held.enter_context(reply_buffers.lending()) if reused else None)
             yield copies
 
     def _named(self, handle: str, entry: Entry, names: Sequence[str]) -> Named:

@@ -152,20 +152,34 @@ def summarize(obj: object) -> HandleSummary:
     )
 
 
-def host_copies(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def host_copies(
+    named: Iterable[tuple[str, torch.Tensor]], buffer: Callable[[int], torch.Tensor] | None = None
+) -> list[tuple[str, torch.Tensor]]:
     """CPU copies of named tensors, taken under the object's lock so a reply can stream without it.
 
     A reply built from copies is consistent (no entry half-updated by a later call), and a slow
     reader never holds up writers to the object; the price is host memory for the copies while
     the reply streams. A CUDA tensor goes into a pinned block where `pinned.empty` gives one, without
-    blocking; the streams copied on are waited for once, before this returns.
+    blocking; the streams copied on are waited for once, before this returns. With `buffer` (a
+    uint8 CPU block of at least the bytes asked: `reply_buffers.lending`), CPU tensors of at least
+    `reply_buffers.MIN_BYTES` in all are copied into views of one such block, packed with no
+    padding (largest elements first, so every view is aligned), instead of into new tensors.
     """
+    named = list(named)
+    packed = _packed(named) if buffer is not None else {}
+    block = buffer(sum(n for _, n in packed.values())) if buffer is not None and packed else None
     out: list[tuple[str, torch.Tensor]] = []
     waiting: set[torch.device] = set()
-    for name, t in named:
+    for i, (name, t) in enumerate(named):
         t = t.detach()
         if not t.is_cuda:  # (not t.device: that builds a torch.device per tensor, see device_name)
-            out.append((name, t.to("cpu", copy=True)))
+            if block is None or i not in packed:
+                out.append((name, t.to("cpu", copy=True)))
+                continue
+            at, nbytes = packed[i]
+            copy = block[at:at + nbytes].view(t.dtype).view(t.shape)
+            copy.copy_(t)
+            out.append((name, copy))
             continue
         host = pinned.empty(t.shape, t.dtype, t.device)
         staged = host.is_pinned()
@@ -176,6 +190,24 @@ def host_copies(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, to
     for device in waiting:
         torch.cuda.current_stream(device).synchronize()
     return out
+
+
+def _packed(named: list[tuple[str, torch.Tensor]]) -> dict[int, tuple[int, int]]:
+    """Where each CPU tensor of `named` (by position) goes in one block: (offset, bytes), back to
+    back in order of element size, largest first, so every offset is a multiple of its element size
+    (sizes are powers of two); empty when there are too few bytes to be worth a block."""
+    from . import reply_buffers
+
+    cpu = [(i, t) for i, (_, t) in enumerate(named) if not t.is_cuda and t.numel()]
+    if sum(t.numel() * t.element_size() for _, t in cpu) < reply_buffers.MIN_BYTES:
+        return {}
+    places: dict[int, tuple[int, int]] = {}
+    at = 0
+    for i, t in sorted(cpu, key=lambda it: -it[1].element_size()):
+        nbytes = t.numel() * t.element_size()
+        places[i] = (at, nbytes)
+        at += nbytes
+    return places
 
 
 # -- moving between devices and dtypes --------------------------------------------------------------

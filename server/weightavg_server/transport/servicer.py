@@ -277,7 +277,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
         """FetchTensors, answered with pre-encoded FetchTensorsResponse messages (one copy a byte):
         `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
-        with self.service.fetch(request.handle, list(request.names), rank=_rank(request)) as copies:
+        # reused: the copies are read only while the reply is encoded, inside the block
+        with self.service.fetch(request.handle, list(request.names), rank=_rank(request), reused=True) as copies:
             yield from codec.encoded_chunks(copies, self.chunk_bytes)
 
     @translate_errors
