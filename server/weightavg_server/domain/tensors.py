@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from . import dictionaries, flat, pinned
+from . import dictionaries, flat, pinned, reply_buffers
 from .ema import EmaState
 from .errors import InvalidArgument
 
@@ -196,8 +196,6 @@ def _packed(named: list[tuple[str, torch.Tensor]]) -> dict[int, tuple[int, int]]
     """Where each CPU tensor of `named` (by position) goes in one block: (offset, bytes), back to
     back in order of element size, largest first, so every offset is a multiple of its element size
     (sizes are powers of two); empty when there are too few bytes to be worth a block."""
-    from . import reply_buffers
-
     cpu = [(i, t) for i, (_, t) in enumerate(named) if not t.is_cuda and t.numel()]
     if sum(t.numel() * t.element_size() for _, t in cpu) < reply_buffers.MIN_BYTES:
         return {}
