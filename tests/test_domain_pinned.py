@@ -1,7 +1,10 @@
 """Pinned staging buffers (domain/pinned.py): the rule that bounds torch's caching host allocator, and,
-on a GPU, the copies that go through it."""
+on a GPU, the copies that go through it; and page-locking memory in place (`lock`), which never
+fails a caller."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -103,3 +106,31 @@ def test_cuda_host_copies_go_through_pinned_blocks_and_equal_the_device_values()
         assert c.device.type == "cpu" and c.is_contiguous() and c.dtype == t.dtype and torch.equal(c, t.cpu())
     assert [c.is_pinned() for _, c in copies] == [True, True, True, False]
     assert torch.cuda.host_memory_stats()["allocated_bytes.current"] <= pinned.CACHE_BYTES
+
+
+def test_a_region_the_device_refuses_to_lock_stays_pageable_and_counts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pinned.lock never raises: a driver that refuses, or a CUDA error on the way (a broken
+    context), leaves the memory pageable and the locked-bytes count where it was, so registering a
+    region cannot fail for it."""
+
+    class Driver:
+        result = 1  # CUDA_ERROR_INVALID_VALUE
+
+        def cuMemHostRegister_v2(self, address: int, n: int, flags: int) -> int:  # noqa: N802 - the driver's name
+            return self.result
+
+    class Stream:
+        def query(self) -> bool:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(pinned, "_driver", lambda: Driver())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    cuda = torch.device("cuda", 0)
+    assert not pinned.lock(4096, 1 << 20, cuda) and pinned.locked_bytes() == 0  # the CUDA error
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: type("Ok", (), {"query": lambda self: True})())
+    assert not pinned.lock(4096, 1 << 20, cuda) and pinned.locked_bytes() == 0  # the driver's refusal
+    monkeypatch.setattr(pinned, "LOCKED_BYTES", 1 << 19)
+    Driver.result = 0
+    assert not pinned.lock(4096, 1 << 20, cuda) and pinned.locked_bytes() == 0  # past the bound: not asked
+    assert not pinned.lock(4096, 1 << 20, torch.device("cpu"))

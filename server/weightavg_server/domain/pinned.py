@@ -133,7 +133,9 @@ def lock(address: int, nbytes: int, device: torch.device) -> bool:
     """Page-lock host memory [address, address + nbytes) in place (cuMemHostRegister, portable), so
     that torch sees it as pinned: copies between it and `device` run as DMA, without blocking and
     with no staging copy. Whether it did: False, with nothing locked, where `device` is not CUDA, the
-    bytes would take the process past LOCKED_BYTES, or the driver refuses (a sandbox, a limit).
+    bytes would take the process past LOCKED_BYTES, or the driver or the device refuses (a sandbox,
+    a limit, a broken context): the region then works as before, staged, and registering it never
+    fails for this.
 
     The memory must stay mapped until `unlock`."""
     global _locked_bytes
@@ -151,6 +153,8 @@ def lock(address: int, nbytes: int, device: torch.device) -> bool:
         with torch.cuda.device(device):
             torch.cuda.current_stream(device).query()  # the device's context, current in this thread
             done = int(driver.cuMemHostRegister_v2(address, nbytes, _PORTABLE)) == 0
+    except RuntimeError:  # torch's CUDA errors: the device cannot take it; left pageable
+        done = False
     finally:
         if not done:
             with _lock:
