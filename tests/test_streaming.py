@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import LiveServer
 from weightavg import Client
 
 DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.int8, np.uint8, np.int16,
@@ -65,3 +66,37 @@ def test_300_megabyte_dictionary_round_trips(client: Client) -> None:
         assert back[name].dtype == value.dtype
         assert np.array_equal(back[name].view(np.uint8), value.view(np.uint8)), name
     client.free(p)
+
+
+def test_fetches_at_once_from_reused_reply_memory_each_get_their_own_bytes(live_server: LiveServer) -> None:
+    """A fetch streams from copies in memory that later fetches reuse (domain/reply_buffers.py):
+    clients fetching different dictionaries at once, over and over, each get exactly theirs, in every
+    element size (the copies are packed largest elements first, whatever the entries' order)."""
+    import threading
+
+    rng = np.random.default_rng(2)
+    dicts = [
+        {"i8": _random(np.int8, (1001,), rng), "f64": _random(np.float64, (1000, 1501), rng),
+         "bf16": _random(ml_dtypes.bfloat16, (4_000_001,), rng), "c128": _random(np.complex128, (3,), rng)},
+        {"f32": _random(np.float32, (3 << 20,), rng), "bool": _random(np.bool_, (5,), rng),
+         "i16": _random(np.int16, (3_000_000,), rng)},
+    ]  # 20 and 18 MB: several messages each, so the replies stream side by side
+    errors: list[str] = []
+    with Client(live_server.address, timeout=120) as setup:
+        handles = [setup.dict(values) for values in dicts]
+
+        def fetch_repeatedly(k: int) -> None:
+            with Client(live_server.address, timeout=120) as c:
+                for _ in range(5):
+                    back = c.dict(handles[k])
+                    for name, value in dicts[k].items():
+                        if back[name].dtype != value.dtype or back[name].tobytes() != value.tobytes():
+                            errors.append(f"client {k}: {name}")
+
+        threads = [threading.Thread(target=fetch_repeatedly, args=(k % 2,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        setup.free(*handles)
+    assert errors == [] and not any(t.is_alive() for t in threads)
