@@ -1,8 +1,9 @@
 """The server's native helpers (server/.../domain/_native.c), in process. The fused lerp (through
 domain/lerp.py): torch's `lerp_` is the oracle, bit for bit, for every kind, both of lerp's
 formulas, thread splits, odd lengths and many pairs in one call; the pairs it must leave to torch
-(and pairs that share memory, which all go to torch); its guard; averaging with it off. Huge-page advice for large flat buffers (domain/native.py): what it advises, and that
-values and accounting do not change.
+(and pairs that share memory, which all go to torch); its guard; averaging with it off. Huge-page
+advice for large flat buffers (domain/native.py): what it advises, and that values and accounting
+do not change.
 
 The extension is optional at install (no C compiler: torch does the work). One test insists it was
 built wherever this machine could build it, so a broken build cannot hide behind the skips."""

@@ -6,8 +6,8 @@
  * runs at add_'s speed or better (docs/perf.md, "Native lerp"). The bits are torch's: for
  * |w| < 0.5 the result is fma(w, value - avg, avg), otherwise fma(w - 1, value - avg, value),
  * exactly what ATen's vectorised lerp computes. One call takes any number of pairs of one kind (a
- * dictionary that is not flat, a module's runs and lone tensors), whose blocks the threads share. The Python side (lerp.py) checks that against torch
- * at first use and falls back to torch's lerp_ where they ever differ, so this file never decides a
+ * dictionary that is not flat, a module's runs and lone tensors), whose blocks the threads share.
+ * The Python side (lerp.py) checks that against torch at first use and falls back to torch's lerp_ where they ever differ, so this file never decides a
  * number on its own. Kinds: float32 into float32, float64 into float64, and bfloat16 into float32
  * (the value widened exactly, as `value.to(torch.float32)` does, in the same pass). The caller
  * passes addresses of tensors it holds for the whole call, checked there: same element count,

@@ -86,8 +86,8 @@ class SharedRegions:
 
     def take_session(self, session: str) -> list[Region]:
         """Forget the ended session's regions without closing them: for a caller holding the store's
-        lock, which closes them (`close_regions`) once it has let go, since closing waits for the copies in
-        progress and, for locked pages, for the device."""
+        lock, which closes them (`close_regions`) once it has let go, since closing waits for the
+        copies in progress and, for locked pages, for the device."""
         with self._lock:
             keys = [k for k in self._regions if k[0] == session]
             return [self._regions.pop(k).region for k in keys]

@@ -142,7 +142,8 @@ def _new_buffer(nbytes: int) -> torch.Tensor:
 
 class TensorAssembler:
     """Join streamed chunks into tensors (CPU ones, or on the device when their bytes lie in a region
-    that reaches it: a CUDA region's own device, or a locked host region's), checking sizes so bad streams fail before allocating much.
+    that reaches it: a CUDA region's own device, or a locked host region's), checking sizes so bad
+    streams fail before allocating much.
 
     A declared stream (TensorChunk in the .proto) must carry exactly the tensors and bytes it
     declared, each with a matching CRC32C: InvalidArgument for a stream short, long or without its
