@@ -289,3 +289,42 @@ def test_fetch_reserves_its_host_copies_while_the_reply_streams(server: LiveServ
         assert np.array_equal(c.dict(d)["a"], x_rows())
         assert registry.held_bytes()["cpu"] == held
         c.ping()
+
+
+def test_averages_written_in_place_skip_the_recharge_and_keep_the_charge_exact(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """avgparms into a dictionary whose count it made itself, and every ema, change no tensor's
+    storage: the store skips its walk (`mutate(in_place=...)`), and the charge must still equal a
+    fresh walk. A count set from outside is replaced, not written, so that call walks again."""
+    registry = server.registry
+    walks: list[set[int]] = []
+    recharge = registry._recharge
+
+    def counted(locks: set[int]) -> None:
+        walks.append(locks)
+        recharge(locks)
+
+    monkeypatch.setattr(registry, "_recharge", counted)
+    with Client(server.address, timeout=60) as c:
+        q, other = linear(c), linear(c)
+        d, e = c.copyparms(q), c.copyparms(q)
+        walks.clear()
+        assert c.avgparms(q, d) == 2  # the first count is a new tensor
+        assert len(walks) == 1 and registry.held_bytes() == walked_bytes(registry)
+
+        walks.clear()
+        assert c.avgparms(other, d) == 3
+        assert c.avgparms(q, d) == 4
+        c.ema(q, e, decay=0.9)
+        c.ema(other, e, decay=0.9)
+        assert walks == [] and registry.held_bytes() == walked_bytes(registry)
+        assert c.dict(d)[".n"] == 4.0
+
+        c.dict(d, ".n", 9.0)  # an uploaded count: replaced by the next average, never written
+        walks.clear()
+        assert c.avgparms(q, d) == 10
+        assert len(walks) == 1 and registry.held_bytes() == walked_bytes(registry)
+        walks.clear()
+        assert c.avgparms(q, d) == 11
+        assert walks == [] and registry.held_bytes() == walked_bytes(registry)

@@ -249,6 +249,29 @@ def test_bad_count_is_refused_and_nothing_changes(count: torch.Tensor) -> None:
     assert_same(d, before)
 
 
+def test_a_count_the_average_made_is_written_in_place_and_a_count_set_from_outside_is_replaced() -> None:
+    """The count tensor an average made is its own: later averages write into it (no new storage
+    for the store to walk). A '.n' set from outside may share memory with what it came from, so
+    the next average replaces it and leaves it as it was."""
+    module = net()
+    d = averaging.copy_parameters(module)
+    assert not averaging.prepare_average(module, d).in_place  # no count yet: a new one
+    assert averaging.average_parameters(module, d) == 2
+    made = d.entries[COUNT_KEY]
+    for expected in (3, 4):
+        assert averaging.prepare_average(module, d).in_place
+        assert averaging.average_parameters(module, d) == expected
+        assert d.entries[COUNT_KEY] is made and made.item() == expected
+    assert averaging.prepare_ema(module, d).in_place  # an EMA replaces no tensor
+
+    given = torch.tensor(7.0, dtype=torch.float64)
+    d.entries[COUNT_KEY] = given
+    assert not averaging.prepare_average(module, d).in_place
+    assert averaging.average_parameters(module, d) == 8
+    assert given.item() == 7.0 and d.entries[COUNT_KEY] is not given
+    assert averaging.prepare_average(module, d).in_place
+
+
 # -- all or nothing -------------------------------------------------------------------------------
 
 

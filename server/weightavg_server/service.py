@@ -205,6 +205,10 @@ class _Prepared:
         self.update = self._prepare()
         return footprint.update_bytes(self.update, self._dictionary)
 
+    def in_place(self) -> bool:
+        """Whether the update, once prepared, replaced no tensor (`Update.in_place`): no recharge."""
+        return self.update.in_place
+
 
 def _exactly_once(method: Callable[P, T]) -> Callable[P, T]:
     """A state-changing operation that runs once per request ID.
@@ -423,7 +427,7 @@ class Service:
         entry, source = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
         update = _Prepared(lambda: averaging.prepare_average(source, target.obj, buffers), target.obj)
-        with self.store.mutate(target, need=update.need, reading=(entry,)):
+        with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place):
             averaging.apply(update.update, target.obj)
         return int(update.update.count or 0.0)
 
@@ -437,7 +441,7 @@ class Service:
         entry, source = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
         update = _Prepared(lambda: averaging.prepare_ema(source, target.obj, change, step, buffers), target.obj)
-        with self.store.mutate(target, need=update.need, reading=(entry,)):
+        with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place):
             averaging.apply(update.update, target.obj)
         return EmaResult(averaging.used_step(update.update), update.update.decay)
 

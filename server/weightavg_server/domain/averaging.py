@@ -180,9 +180,11 @@ class Update:
 
     `pairs` (entry, value) are lerped with `weight` (1.0 copies them), `copied` pairs are
     copied; then the dictionary's count becomes `count` (SWA) or its EMA state `ema` (whose step
-    used the decay `decay`). `runs` are the pairs that lie back to back on both sides (`flat.fuse`),
-    each one operation; `native` is the native kernel's share of them, by address (`lerp.Batch`,
-    kept with the plan), so a repeated average hands it over without touching a tensor.
+    used the decay `decay`); `count_into` is the dictionary's own '.n' tensor when the count is
+    written into it in place (`TensorDict.own_count`), None when a new one replaces the entry.
+    `runs` are the pairs that lie back to back on both sides (`flat.fuse`), each one operation;
+    `native` is the native kernel's share of them, by address (`lerp.Batch`, kept with the plan),
+    so a repeated average hands it over without touching a tensor.
     """
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -190,9 +192,16 @@ class Update:
     copied: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     weight: float = 1.0
     count: float | None = None
+    count_into: torch.Tensor | None = None
     ema: EmaState | None = None
     decay: float = 0.0
     native: lerp.Batch | None = None
+
+    @property
+    def in_place(self) -> bool:
+        """Whether applying it only writes into tensors the dictionary already holds: no entry
+        replaced (an EMA's, or an average whose count tensor is the dictionary's own)."""
+        return self.count is None or self.count_into is not None
 
     @functools.cached_property
     def averaged(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -470,11 +479,13 @@ def apply(update: Update, d: TensorDict) -> None:
     """Carry out a checked update (see `prepare_average`, `prepare_ema`).
 
     A weight of 1.0 is a full copy with `copy_`, which casts and broadcasts as lerp would and stays
-    exact even where the old average is not finite.
+    exact even where the old average is not finite. The count goes into the dictionary's own '.n'
+    tensor in place when it has one (`Update.in_place`), else into a new one.
     """
-    # The new count first: made after a large kernel, which has just streamed every cache empty, the
+    # A new count first: made after a large kernel, which has just streamed every cache empty, the
     # tensor took 0.15 ms of a served avgparms (docs/perf.md, "Native lerp").
-    count = None if update.count is None else torch.tensor(update.count, dtype=torch.float64)
+    fresh = update.count is not None and update.count_into is None
+    count = torch.tensor(update.count, dtype=torch.float64) if fresh else None
     with torch.no_grad():
         if update.weight == 1.0:
             for a, p in update.averaged:
@@ -483,8 +494,10 @@ def apply(update: Update, d: TensorDict) -> None:
             _lerp_all(update)
         for a, p in update.copied:
             a.copy_(p)
-    if count is not None:
-        d.entries[COUNT_KEY] = count
+    if update.count_into is not None and update.count is not None:
+        update.count_into.fill_(update.count)
+    elif count is not None:
+        d.entries[COUNT_KEY] = d.own_count = count
     if update.ema is not None:
         d.ema = update.ema
 
@@ -500,7 +513,9 @@ def prepare_average(source: Source, d: TensorDict, buffers: BufferMode = BufferM
     """
     n = _count(d)
     update = _pairs(source, d, buffers)
-    return dataclasses.replace(update, weight=1.0 / (n + 1.0), count=n + 1.0)
+    kept = d.entries.get(COUNT_KEY)
+    own = kept if kept is not None and kept is d.own_count else None
+    return dataclasses.replace(update, weight=1.0 / (n + 1.0), count=n + 1.0, count_into=own)
 
 
 def average_parameters(source: Source, d: TensorDict, buffers: BufferMode = BufferMode.EXCLUDE) -> int:

@@ -29,6 +29,11 @@ class TensorDict:
     """Bumped by every change to which tensors the entries are (`changed`); not by in-place writes."""
     plans: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
     """Checked averaging plans with a source, valid while neither side's tensors change (`averaging`)."""
+    own_count: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    """The '.n' tensor a running average made for this dictionary (`averaging.apply`): while it is
+    still the entry, later averages write the count into it in place rather than replacing it, so
+    the change reaches no new storage. A '.n' set from outside (an upload, a snapshot) is replaced
+    by the first average, never written, since its memory may be shared with the bytes it came from."""
 
     def changed(self) -> None:
         """Record that entries were added, removed or replaced: every cached plan is stale."""

@@ -242,18 +242,26 @@ class Registry:
             self._ledger.reserve(reservation, len(self._entries), handles, wanted)
             tenant.reserve(reservation.quota, owned, handles, wanted)
 
-    def mutate(self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = ()) -> contextlib.AbstractContextManager[Reservation]:
+    def mutate(
+        self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = (), in_place: Callable[[], bool] | None = None,
+    ) -> contextlib.AbstractContextManager[Reservation]:
         """The one way to change held objects: lock them (and `reading`, objects the change only
         reads), reserve what the change will allocate (`need`, worked out under the locks when it is
         a function), and afterwards, failed or not, recharge every object that shares the locks of
         `entries` from the allocations it really reaches.
+
+        `in_place`, asked on the way out, says that the change only wrote into tensors the objects
+        already held (no tensor added, removed or replaced, so every object still reaches the same
+        allocations): the recharge, a walk of every tensor of every such object, is skipped. It must
+        be true only then: tests/test_caps.py checks the ledger against a fresh walk after each
+        verb that says so.
 
         Raises:
             NotFound: a handle was freed while this call waited for its lock.
             ResourceExhausted: the change would not fit under the caps; nothing was changed.
             PermissionDenied: the caller's token is a reader's.
         """
-        return _Mutation(self, entries, need, reading)
+        return _Mutation(self, entries, need, reading, in_place)
 
     def reading(self, *entries: Entry) -> contextlib.AbstractContextManager[None]:
         """Lock objects for a call that changes nothing they hold.
@@ -675,12 +683,16 @@ class _Mutation:
     then the reservation; on the way out, failed or not, the recharge, the reservation's release
     and the locks'."""
 
-    __slots__ = ("_registry", "_entries", "_need", "_locks", "_reservation")
+    __slots__ = ("_registry", "_entries", "_need", "_in_place", "_locks", "_reservation")
 
-    def __init__(self, registry: Registry, entries: tuple[Entry, ...], need: Need, reading: tuple[Entry, ...]) -> None:
+    def __init__(
+        self, registry: Registry, entries: tuple[Entry, ...], need: Need, reading: tuple[Entry, ...],
+        in_place: Callable[[], bool] | None,
+    ) -> None:
         self._registry = registry
         self._entries = entries
         self._need = need
+        self._in_place = in_place
         self._locks = _Locked(entries + reading, True)
         self._reservation: Reservation | None = None
 
@@ -703,7 +715,9 @@ class _Mutation:
     def __exit__(self, *exc: object) -> None:
         try:
             try:
-                self._registry._recharge({id(e.lock) for e in self._entries})
+                in_place = self._in_place
+                if in_place is None or not in_place():
+                    self._registry._recharge({id(e.lock) for e in self._entries})
             finally:
                 reservation = self._reservation
                 if reservation is not None and _holds_room(reservation):  # the body may have grown it
