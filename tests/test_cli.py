@@ -247,6 +247,7 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     ({"WEIGHTAVG_PORT": "abc"}, "WEIGHTAVG_PORT='abc' is not a valid int"),
     ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
     ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "--pinned-cache-bytes must be 0 (no pinned staging) or more; got -1"),
+    ({"WEIGHTAVG_MAX_LOCKED_BYTES": "-5"}, "--max-locked-bytes must be 0 (lock no shared memory region) or more; got -5"),
 ])
 def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
     result = subprocess.run(

@@ -130,7 +130,43 @@ def test_a_region_the_device_refuses_to_lock_stays_pageable_and_counts_nothing(m
     assert not pinned.lock(4096, 1 << 20, cuda) and pinned.locked_bytes() == 0  # the CUDA error
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: type("Ok", (), {"query": lambda self: True})())
     assert not pinned.lock(4096, 1 << 20, cuda) and pinned.locked_bytes() == 0  # the driver's refusal
-    monkeypatch.setattr(pinned, "LOCKED_BYTES", 1 << 19)
+    monkeypatch.setattr(pinned, "_locked_bound", pinned.LOCKED_BYTES)  # restored after the test
+    pinned.set_locked_bytes(1 << 19)
     Driver.result = 0
     assert not pinned.lock(4096, 1 << 20, cuda) and pinned.locked_bytes() == 0  # past the bound: not asked
     assert not pinned.lock(4096, 1 << 20, torch.device("cpu"))
+
+
+def test_the_locked_bytes_bound_is_the_servers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-locked-bytes: regions lock while they fit under it, the one past it stays pageable, 0
+    locks none, and a negative bound is refused with the flag's name (a fake driver: no GPU here)."""
+    asked: list[int] = []
+
+    class Driver:
+        def cuMemHostRegister_v2(self, address: int, n: int, flags: int) -> int:  # noqa: N802 - the driver's name
+            asked.append(n)
+            return 0
+
+        def cuMemHostUnregister(self, address: int) -> int:  # noqa: N802
+            return 0
+
+    monkeypatch.setattr(pinned, "_driver", lambda: Driver())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: type("Ok", (), {"query": lambda self: True})())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(pinned, "_locked_bound", pinned.LOCKED_BYTES)  # both restored after the test
+    monkeypatch.setattr(pinned, "_locked_bytes", 0)
+    cuda = torch.device("cuda", 0)
+
+    pinned.set_locked_bytes(3 * MB)
+    assert pinned.lock(4096, 2 * MB, cuda) and pinned.lock(8192, MB, cuda)  # exactly fills the bound
+    assert not pinned.lock(16384, 1, cuda) and pinned.locked_bytes() == 3 * MB
+    pinned.unlock(4096, 2 * MB, cuda)
+    assert pinned.lock(16384, 2 * MB, cuda) and asked == [2 * MB, MB, 2 * MB]
+    pinned.unlock(8192, MB, cuda)
+    pinned.unlock(16384, 2 * MB, cuda)
+
+    pinned.set_locked_bytes(0)
+    assert not pinned.lock(4096, 1, cuda) and pinned.locked_bytes() == 0 and len(asked) == 3
+    with pytest.raises(ValueError, match=r"--max-locked-bytes must be 0 \(lock no shared memory region\) or more; got -1"):
+        pinned.set_locked_bytes(-1)

@@ -96,9 +96,24 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, near: torch.d
 
 
 LOCKED_BYTES = 32 << 30
-"""The most bytes of memory this process page-locks in place at once (`lock`): locked pages cannot
-be swapped or moved, so a bound keeps a client that registers many large regions from locking the
-host's memory. A region past it stays pageable: the same results, staged as before."""
+"""By default, the most bytes of memory this process page-locks in place at once (`lock`): locked
+pages cannot be swapped or moved, so a bound keeps a client that registers many large regions from
+locking the host's memory. A region past it stays pageable: the same results, staged as before."""
+
+_locked_bound = LOCKED_BYTES
+
+
+def set_locked_bytes(nbytes: int) -> None:
+    """This process's bound on memory locked in place (the server's --max-locked-bytes); 0 locks
+    nothing, so every region stays pageable. Regions locked already stay locked until they close.
+
+    Raises:
+        ValueError: a negative bound.
+    """
+    global _locked_bound
+    if nbytes < 0:
+        raise ValueError(f"--max-locked-bytes must be 0 (lock no shared memory region) or more; got {nbytes}")
+    _locked_bound = nbytes
 
 _PORTABLE = 0x01
 """CU_MEMHOSTREGISTER_PORTABLE: locked for every CUDA context, not only the current one."""
@@ -133,7 +148,7 @@ def lock(address: int, nbytes: int, device: torch.device) -> bool:
     """Page-lock host memory [address, address + nbytes) in place (cuMemHostRegister, portable), so
     that torch sees it as pinned: copies between it and `device` run as DMA, without blocking and
     with no staging copy. Whether it did: False, with nothing locked, where `device` is not CUDA, the
-    bytes would take the process past LOCKED_BYTES, or the driver or the device refuses (a sandbox,
+    bytes would take the process past its bound (`set_locked_bytes`), or the driver or the device refuses (a sandbox,
     a limit, a broken context): the region then works as before, staged, and registering it never
     fails for this.
 
@@ -145,7 +160,7 @@ def lock(address: int, nbytes: int, device: torch.device) -> bool:
     if driver is None:
         return False
     with _lock:
-        if _locked_bytes + nbytes > LOCKED_BYTES:
+        if _locked_bytes + nbytes > _locked_bound:
             return False
         _locked_bytes += nbytes  # counted first, so two registrations at once cannot both pass the bound
     done = False

@@ -245,6 +245,7 @@ def create_runtime(
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
     pinned.set_cache_bytes(config.pinned_cache_bytes)
+    pinned.set_locked_bytes(config.max_locked_bytes)
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
     registry.set_quotas(tokens.table.quotas)

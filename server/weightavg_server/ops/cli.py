@@ -77,6 +77,10 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--pinned-cache-bytes", "pinned_cache_bytes", int,
      "on a CUDA device: most page-locked host memory kept for staging copies between the GPU and the host "
      "(torch's caching host allocator); 0 stages them through pageable memory"),
+    ("--max-locked-bytes", "max_locked_bytes", int,
+     "on a CUDA device, with --allow-shm: most host memory of clients' shared memory regions page-locked in "
+     "place, so copies to and from the GPU run as DMA; regions past it stay pageable (same results, staged); "
+     "0 locks none"),
     ("--cluster-timeout-seconds", "cluster_timeout_seconds", float,
      "under torchrun: how long a rank waits on another before the cluster is declared broken (health "
      "NOT_SERVING, calls UNAVAILABLE); also the longest a call on replicated objects may run"),

@@ -35,6 +35,7 @@ DEFAULT_REQUEST_ID_WINDOW_SECONDS = requests.DEFAULT_WINDOW_SECONDS
 DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
 DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
 DEFAULT_PINNED_CACHE_BYTES = pinned.CACHE_BYTES
+DEFAULT_MAX_LOCKED_BYTES = pinned.LOCKED_BYTES
 DEFAULT_CLUSTER_TIMEOUT_SECONDS = 300.0
 """Under torchrun: how long a rank waits on another (a command, a result, a collective) before the
 cluster is declared broken; also the longest a call on replicated objects may run."""
@@ -92,6 +93,8 @@ class ServerConfig:
     allow_shm: bool = False
     # A CUDA server's staging of copies to and from the host (docs/ops.md): page-locked memory kept.
     pinned_cache_bytes: int = DEFAULT_PINNED_CACHE_BYTES
+    # A CUDA server page-locks its clients' shared memory regions in place, up to this many bytes.
+    max_locked_bytes: int = DEFAULT_MAX_LOCKED_BYTES
     # The cluster under torchrun (docs/cluster.md).
     cluster_timeout_seconds: float = DEFAULT_CLUSTER_TIMEOUT_SECONDS
 
