@@ -44,9 +44,14 @@ def set_cache_bytes(nbytes: int) -> None:
         ValueError: a negative bound.
     """
     global _cache_bytes
+    _cache_bytes = _bound(nbytes, "--pinned-cache-bytes", "no pinned staging")
+
+
+def _bound(nbytes: int, flag: str, zero: str) -> int:
+    """nbytes as a bound set by `flag`, whose 0 means `zero`; ValueError naming the flag when negative."""
     if nbytes < 0:
-        raise ValueError(f"--pinned-cache-bytes must be 0 (no pinned staging) or more; got {nbytes}")
-    _cache_bytes = nbytes
+        raise ValueError(f"{flag} must be 0 ({zero}) or more; got {nbytes}")
+    return nbytes
 
 
 def block_bytes(nbytes: int) -> int:
@@ -111,9 +116,7 @@ def set_locked_bytes(nbytes: int) -> None:
         ValueError: a negative bound.
     """
     global _locked_bound
-    if nbytes < 0:
-        raise ValueError(f"--max-locked-bytes must be 0 (lock no shared memory region) or more; got {nbytes}")
-    _locked_bound = nbytes
+    _locked_bound = _bound(nbytes, "--max-locked-bytes", "lock no shared memory region")
 
 _PORTABLE = 0x01
 """CU_MEMHOSTREGISTER_PORTABLE: locked for every CUDA context, not only the current one."""
