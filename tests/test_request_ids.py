@@ -341,6 +341,51 @@ def test_request_ids_survive_a_snapshot_and_restart(state_server: Runtime, tmp_p
         restarted.stop(None)
 
 
+def test_an_upload_remembered_by_an_older_server_is_answered_after_a_restart(state_server: Runtime, tmp_path: Path) -> None:
+    """A server before the CRC-32C upload digest saved its digests untagged (zlib's CRC-32 inside).
+    Restarted from its snapshot, this server cannot check a repeat against such a digest, so a
+    retry of that upload gets the remembered answer rather than INVALID_ARGUMENT, and runs no
+    second time (store/requests.comparable)."""
+    value = np.arange(100.0)
+    with Client(f"127.0.0.1:{state_server.port}", timeout=WAIT) as c, grpc.insecure_channel(f"127.0.0.1:{state_server.port}") as channel:
+        update = channel.stream_unary(
+            "/weightavg.v1.WeightAveragingService/UpdateDictionary",
+            response_deserializer=pb.UpdateDictionaryResponse.FromString,
+        )
+        d = c.dict({"w": np.zeros(100)})
+        assert list(update(updates(d, ID, value), timeout=WAIT).names) == ["w"]
+        c.snapshot()
+    root = tmp_path / "d"
+    manifest = json.loads((root / snapshot.MANIFEST).read_text())
+    state_name = next(n for n in manifest["files"] if n.endswith(".json"))
+    state = json.loads((root / state_name).read_text())
+    record = next(r for r in state["requests"] if r["id"] == ID)
+    assert record["digest"].startswith("crc32c:")
+    record["digest"] = "5f" * 32  # what the older server wrote: a SHA-256 hex, no scheme
+    (root / state_name).write_text(json.dumps(state))
+    manifest["files"][state_name] = snapshot._digest(root / state_name)
+    (root / snapshot.MANIFEST).write_text(json.dumps(manifest))
+
+    restarted = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(root)))
+    restarted.start()
+    try:
+        address = f"127.0.0.1:{restarted.port}"
+        with Client(address, timeout=WAIT) as c, grpc.insecure_channel(address) as channel:
+            update = channel.stream_unary(
+                "/weightavg.v1.WeightAveragingService/UpdateDictionary",
+                response_deserializer=pb.UpdateDictionaryResponse.FromString,
+            )
+            entry = restarted.registry.get(d.id).obj.entries["w"]
+            assert list(update(updates(d, ID, value), timeout=WAIT).names) == ["w"]
+            assert restarted.registry.get(d.id).obj.entries["w"] is entry  # answered, not run again
+            assert c.stats()["request_ids"]["duplicates_answered"] == 1
+            np.testing.assert_array_equal(c.dict(d, "w"), value)
+            assert list(update(updates(d, OTHER, value + 1), timeout=WAIT).names) == ["w"]  # a new ID runs
+            np.testing.assert_array_equal(c.dict(d, "w"), value + 1)
+    finally:
+        restarted.stop(None)
+
+
 def test_a_snapshot_without_request_ids_still_loads(state_server: Runtime, tmp_path: Path) -> None:
     """Snapshots written before request IDs existed have no "requests" in their state."""
     with Client(f"127.0.0.1:{state_server.port}", timeout=WAIT) as c:
