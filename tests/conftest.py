@@ -167,3 +167,22 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def streamed_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the copies the server makes with streaming stores (`native.stream_bytes`), in
+    order; the test is skipped where the native module was not built (copies then use numpy)."""
+    from weightavg_server.domain import native
+
+    if native._COPY is None:
+        pytest.skip("the native module was not built: copies use numpy")
+    sizes: list[int] = []
+    copy = native._COPY
+
+    def counted(target: int, source: int, nbytes: int) -> None:
+        sizes.append(nbytes)
+        copy(target, source, nbytes)
+
+    monkeypatch.setattr(native, "_COPY", counted)
+    return sizes

@@ -528,3 +528,37 @@ def test_merges_of_flat_dictionaries_take_one_native_pass_and_give_torchs_bits(
     assert on.keys() == off.keys()
     for name, value in on.items():
         assert torch.equal(value, off[name]), name
+
+
+# -- streaming copies ---------------------------------------------------------------------------------
+
+needs_copy = pytest.mark.skipif(native._COPY is None, reason="the native module was not built")
+
+
+@needs_copy
+@pytest.mark.parametrize("nbytes", [native.STREAM_MIN_BYTES, native.STREAM_MIN_BYTES + 1, native.STREAM_MIN_BYTES + 63,
+                                    3 * native.STREAM_MIN_BYTES + 77])
+@pytest.mark.parametrize("target_offset, source_offset", [(0, 0), (1, 0), (0, 5), (15, 9), (8, 16)])
+def test_a_streamed_copy_is_every_byte_at_any_size_and_alignment(nbytes: int, target_offset: int, source_offset: int) -> None:
+    """The SSE2 loop starts past the target's first 16-byte boundary and memcpy takes the head and
+    the tail: every split of them, and nothing written outside the target."""
+    g = torch.Generator().manual_seed(nbytes + target_offset)
+    source = torch.randint(0, 256, (nbytes + 32,), dtype=torch.uint8, generator=g)
+    out = torch.zeros(nbytes + 32, dtype=torch.uint8)
+    target, value = out[target_offset:target_offset + nbytes], source[source_offset:source_offset + nbytes]
+    assert native.stream_copy(target, value)
+    assert torch.equal(target, value)
+    assert not out[:target_offset].any() and not out[target_offset + nbytes:].any()
+
+
+@needs_copy
+def test_a_copy_that_is_small_overlapping_or_uneven_is_left_to_numpy() -> None:
+    """stream_copy says False and touches nothing where its loop must not run."""
+    small = torch.ones(native.STREAM_MIN_BYTES - 1, dtype=torch.uint8)
+    assert not native.stream_copy(torch.zeros_like(small), small)
+    whole = torch.arange(native.STREAM_MIN_BYTES, dtype=torch.float64)
+    before = whole.clone()
+    assert not native.stream_copy(whole[1:], whole[:-1]) and torch.equal(whole, before)  # overlapping
+    uneven = torch.zeros(native.STREAM_MIN_BYTES + 8, dtype=torch.uint8)
+    assert not native.stream_copy(uneven, torch.ones(native.STREAM_MIN_BYTES, dtype=torch.uint8))
+    assert not uneven.any()

@@ -76,6 +76,29 @@ def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(
         assert same(fast.dict(d_fast, "f32"), data["f32"]) and fast.dict(d_fast, "i64") == 7
 
 
+def test_large_uploads_through_shared_memory_are_streamed_and_bit_identical_to_the_stream(
+    shm_server: LiveServer, shared_uploads: list[str], streamed_copies: list[int]
+) -> None:
+    """From `native.STREAM_MIN_BYTES` the server copies a tensor out of the region with streaming
+    stores: sizes at and around the bound, odd ones, and every byte as the stream gives it."""
+    from weightavg_server.domain import native
+
+    rng = np.random.default_rng(3)
+    data = {
+        "below": rng.integers(0, 256, native.STREAM_MIN_BYTES - 1, dtype=np.uint8),
+        "at": rng.standard_normal(native.STREAM_MIN_BYTES // 4, dtype=np.float32),
+        "odd": rng.standard_normal((1031, 517)).astype(ml_dtypes.bfloat16),
+        "big": rng.standard_normal((3 << 18) + 5),
+    }
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d_fast = fast.dict(data)
+        assert shared_uploads == list(data)
+        assert sorted(streamed_copies) == sorted(v.nbytes for v in data.values() if v.nbytes >= native.STREAM_MIN_BYTES)
+        d_slow = slow.dict(data)
+        got, want = slow.dict(d_fast), slow.dict(d_slow)
+        assert all(same(got[k], want[k]) and same(got[k], data[k]) for k in data)
+
+
 def test_copyparms_then_fetch_through_shared_memory_matches_the_stream(shm_server: LiveServer) -> None:
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         m = fast.module(NET)

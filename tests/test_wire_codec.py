@@ -197,3 +197,18 @@ def test_large_tensors_round_trip_across_many_chunks(client: Client) -> None:
 def test_bad_bool_bytes_are_still_refused(client: Client, unchanged) -> None:  # type: ignore[no-untyped-def]
     with unchanged(), pytest.raises(InvalidArgumentError, match="bool"):
         client.dict({"b": np.frombuffer(b"\x00\x02", np.bool_)})
+
+
+def test_large_chunks_are_received_with_streaming_stores_at_any_offset(streamed_copies: list[int]) -> None:
+    """An upload's chunks of `native.STREAM_MIN_BYTES` or more are copied into the tensor with
+    streaming stores, at whatever offset the chunk before left (here an odd one); smaller ones with
+    numpy: every byte as sent either way."""
+    from weightavg_server.domain import native
+
+    g = torch.Generator().manual_seed(5)
+    named = [("w", torch.randn((1 << 19) + 7, generator=g)), ("b", torch.randint(0, 256, (999,), dtype=torch.uint8, generator=g))]
+    chunk = native.STREAM_MIN_BYTES + 3
+    got = wire.assemble(wire.tensors_chunks(named, chunk), max_bytes=1 << 30)
+    assert streamed_copies == [chunk, chunk]  # the first two of "w"; its 22-byte tail and "b" through numpy
+    assert [n for n, _ in got] == ["w", "b"]
+    assert all(torch.equal(t, want) and t.dtype == want.dtype for (_, t), (_, want) in zip(got, named))
