@@ -180,9 +180,9 @@ def streamed_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     copy = native._COPY
 
-    def counted(target: int, source: int, nbytes: int) -> None:
-        sizes.append(nbytes)
-        copy(target, source, nbytes)
+    def counted(targets: tuple[int, ...], sources: tuple[int, ...], nbytes: tuple[int, ...], threads: int) -> None:
+        sizes.extend(nbytes)
+        copy(targets, sources, nbytes, threads)
 
     monkeypatch.setattr(native, "_COPY", counted)
     return sizes

@@ -562,3 +562,33 @@ def test_a_copy_that_is_small_overlapping_or_uneven_is_left_to_numpy() -> None:
     uneven = torch.zeros(native.STREAM_MIN_BYTES + 8, dtype=torch.uint8)
     assert not native.stream_copy(uneven, torch.ones(native.STREAM_MIN_BYTES, dtype=torch.uint8))
     assert not uneven.any()
+
+
+@needs_copy
+@pytest.mark.parametrize("bad", [
+    ((), (), (), 0),  # no thread
+    ((1,), (), (1,), 1),  # uneven tuples
+    ((8,), (16,), (-1,), 1),  # a negative size
+    ((0,), (16,), (4,), 1),  # a null address
+])
+def test_the_copy_refuses_arguments_it_cannot_run(bad: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]) -> None:
+    assert native._COPY is not None
+    with pytest.raises(ValueError):
+        native._COPY(*bad)
+
+
+@needs_copy
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_copies_on_threads_are_every_byte(threads: int) -> None:
+    """Pairs of every size around the 1 MiB blocks the threads share, at odd offsets, in one call."""
+    g = torch.Generator().manual_seed(threads)
+    sizes = [native.STREAM_MIN_BYTES, 3 * native.STREAM_MIN_BYTES + 7, native.STREAM_MIN_BYTES + 1, 2 * native.STREAM_MIN_BYTES]
+    sources = [torch.randint(0, 256, (n + 3,), dtype=torch.uint8, generator=g)[3:] for n in sizes]
+    out = torch.zeros(sum(sizes) + 5 * len(sizes), dtype=torch.uint8)
+    targets, at = [], 1
+    for n in sizes:
+        targets.append(out[at:at + n])
+        at += n + 5
+    assert native.stream_copies(list(zip(targets, sources)), threads) == []
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources))
+    assert int(out.count_nonzero()) == sum(int(s.count_nonzero()) for s in sources)  # nothing between them

@@ -244,6 +244,36 @@ def test_domain_write_then_read_round_trips_every_dtype(region: shared_memory.Sh
         shm.read(mapped, placements)
 
 
+def test_domain_write_streams_the_plain_cpu_tensors_in_one_call_and_copies_the_rest(streamed_copies: list[int]) -> None:
+    """A fetch's copies into the region: contiguous CPU tensors from `native.STREAM_MIN_BYTES` in one
+    call on the threads, the small, strided and conjugated ones one by one; every byte in place."""
+    from weightavg_server.domain import native
+
+    g = torch.Generator().manual_seed(9)
+    big = native.STREAM_MIN_BYTES
+    named = [
+        ("large", torch.randn(big // 4 * 3 + 5, generator=g)),
+        ("small", torch.randn(big // 8 - 1, generator=g, dtype=torch.float64)),
+        ("strided", torch.randn(1024, 600, generator=g).t()),
+        ("conj", torch.randn(big // 8 + 3, generator=g, dtype=torch.complex64).conj()),
+        ("odd", torch.randint(0, 256, (big + 13,), dtype=torch.uint8, generator=g)),
+        ("half", torch.randn(big, generator=g).to(torch.bfloat16)),
+    ]
+    placements, used = shm.layout(named, 64)
+    memory = shared_memory.SharedMemory(create=True, size=used + 64)
+    try:
+        _allocate(memory)
+        mapped = shm.Region(memory.name, used + 64)
+        shm.write(mapped, placements, named)
+        assert sorted(streamed_copies) == sorted(p.nbytes for p in placements if p.name in ("large", "odd", "half"))
+        back = shm.read(mapped, placements)
+        assert all(torch.equal(x.resolve_conj(), y) and x.dtype == y.dtype for (_, x), (_, y) in zip(named, back))
+        mapped.close()
+    finally:
+        memory.close()
+        memory.unlink()
+
+
 @contextlib.contextmanager
 def _copy_in_progress(region: shm.Region, close: Callable[[], object]) -> Iterator[threading.Thread]:
     """A copy holding `region.copying()` on its own thread, and `close` started on another while it

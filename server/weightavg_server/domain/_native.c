@@ -21,8 +21,9 @@
  * untouched buffer (flat.py), so a kernel streaming it takes a TLB miss per 2 MiB instead of per
  * 4 KiB where the kernel's transparent huge pages are set to `madvise` (docs/perf.md).
  *
- * copy: a large memcpy with streaming stores (x86-64; plain memcpy elsewhere), for a shared memory
- * upload's copy out of the client's region into the new tensor (shm.copy_bytes).
+ * copy: large memcpys with streaming stores (x86-64; plain memcpy elsewhere), several at once on
+ * threads sharing their blocks as lerp's do: uploads into new tensors (a shared memory region's
+ * bytes, a stream's chunks) and a fetch's copies into the client's region (native.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -158,6 +159,45 @@ static void run_threads(void *(*work)(void *), void *arg, int threads) {
     for (int k = 0; k < started; k++) pthread_join(ids[k], NULL);
 }
 
+/* Pairs of addresses (`firsts`, `seconds`) with their element counts, three tuples of one length, read
+ * into one allocation: *first and *second point into it, and `blocks` (whose block is set) gets the
+ * counts. The memory to free after the call, or NULL with an exception set; `item` and `count` name
+ * an entry in errors ("pair" and "count"), `uneven` is the error for tuples of different lengths. */
+static void *read_pairs(PyObject *firsts, PyObject *seconds, PyObject *counts, char ***first, const char ***second,
+                        Blocks *blocks, const char *item, const char *count, const char *uneven) {
+    const Py_ssize_t items = PyTuple_GET_SIZE(firsts);
+    if (PyTuple_GET_SIZE(seconds) != items || PyTuple_GET_SIZE(counts) != items) {
+        PyErr_SetString(PyExc_ValueError, uneven);
+        return NULL;
+    }
+    const size_t bytes = (size_t)items * (sizeof(char *) + sizeof(const char *) + sizeof(int64_t)) +
+                         (size_t)(items + 1) * sizeof(int64_t);
+    void *memory = PyMem_Malloc(bytes);
+    if (memory == NULL) return PyErr_NoMemory();
+    *first = (char **)memory;
+    *second = (const char **)(*first + items);
+    blocks->items = items;
+    blocks->n = (int64_t *)(*second + items);
+    blocks->first = blocks->n + items;
+    blocks->first[0] = 0;
+    for (Py_ssize_t s = 0; s < items; s++) {
+        const unsigned long long a = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(firsts, s));
+        const unsigned long long b = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(seconds, s));
+        const long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(counts, s));
+        if (!PyErr_Occurred() && (n < 0 || (n > 0 && (a == 0 || b == 0))))
+            PyErr_Format(PyExc_ValueError, "%s %zd: a negative %s or a null address", item, s, count);
+        if (PyErr_Occurred()) {
+            PyMem_Free(memory);
+            return NULL;
+        }
+        (*first)[s] = (char *)(uintptr_t)a;
+        (*second)[s] = (const char *)(uintptr_t)b;
+        blocks_set(blocks, s, (int64_t)n);
+    }
+    atomic_init(&blocks->next, 0);
+    return memory;
+}
+
 PyDoc_STRVAR(lerp_doc,
              "lerp(kind, avg_addresses, value_addresses, counts, weight, threads)\n\n"
              "avg[i] = lerp(avg[i], value[i], weight) for i < count, for every (avg, value, count) of the\n"
@@ -176,37 +216,10 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
     if (kind < 0 || kind >= KINDS) return PyErr_Format(PyExc_ValueError, "kind %d is not one of 0, 1, 2", kind);
     if (threads < 1 || threads > MAX_THREADS)
         return PyErr_Format(PyExc_ValueError, "threads %d is outside 1..%d", threads, MAX_THREADS);
-    const Py_ssize_t pairs = PyTuple_GET_SIZE(avgs);
-    if (PyTuple_GET_SIZE(values) != pairs || PyTuple_GET_SIZE(counts) != pairs)
-        return PyErr_Format(PyExc_ValueError, "need as many value addresses and counts as average addresses");
-    /* One allocation: avg, value, n, first. */
-    const size_t bytes = (size_t)pairs * (sizeof(char *) + sizeof(const char *) + sizeof(int64_t)) +
-                         (size_t)(pairs + 1) * sizeof(int64_t);
-    void *memory = PyMem_Malloc(bytes ? bytes : 1);
-    if (memory == NULL) return PyErr_NoMemory();
-    Work work = {kind, weight, NULL, NULL, {pairs, NULL, NULL, BLOCK_BYTES / (int64_t)AVG_SIZE[kind], 0}};
-    work.avg = (char **)memory;
-    work.value = (const char **)(work.avg + pairs);
-    work.blocks.n = (int64_t *)(work.value + pairs);
-    work.blocks.first = work.blocks.n + pairs;
-    work.blocks.first[0] = 0;
-    for (Py_ssize_t s = 0; s < pairs; s++) {
-        const unsigned long long avg = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(avgs, s));
-        const unsigned long long value = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(values, s));
-        const long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(counts, s));
-        if (PyErr_Occurred()) {
-            PyMem_Free(memory);
-            return NULL;
-        }
-        if (n < 0 || (n > 0 && (avg == 0 || value == 0))) {
-            PyMem_Free(memory);
-            return PyErr_Format(PyExc_ValueError, "pair %zd: a negative count or a null address", s);
-        }
-        work.avg[s] = (char *)(uintptr_t)avg;
-        work.value[s] = (const char *)(uintptr_t)value;
-        blocks_set(&work.blocks, s, (int64_t)n);
-    }
-    atomic_init(&work.blocks.next, 0);
+    Work work = {kind, weight, NULL, NULL, {0, NULL, NULL, BLOCK_BYTES / (int64_t)AVG_SIZE[kind], 0}};
+    void *memory = read_pairs(avgs, values, counts, &work.avg, &work.value, &work.blocks, "pair", "count",
+                              "need as many value addresses and counts as average addresses");
+    if (memory == NULL) return NULL;
     Py_BEGIN_ALLOW_THREADS
     run_threads(take_blocks, &work, threads);
     Py_END_ALLOW_THREADS
@@ -385,22 +398,50 @@ static void stream_bytes(char *dst, const char *src, size_t n) {
 static void stream_bytes(char *dst, const char *src, size_t n) { memcpy(dst, src, n); }
 #endif
 
+#define COPY_BLOCK ((int64_t)1 << 20) /* bytes: a 256 MB copy is 256 blocks for the threads to share */
+
+/* Copies (target, source), bytes; every target apart from every other and from every source. */
+typedef struct {
+    char **target;
+    const char **source;
+    Blocks blocks;
+} Copies;
+
+static void *take_copy_blocks(void *arg) {
+    Copies *c = (Copies *)arg;
+    Py_ssize_t s = 0;
+    int64_t start, len;
+    while (next_block(&c->blocks, &s, &start, &len)) stream_bytes(c->target[s] + start, c->source[s] + start, (size_t)len);
+    return NULL;
+}
+
 PyDoc_STRVAR(copy_doc,
-             "copy(target_address, source_address, nbytes) -> None\n\n"
-             "Copy nbytes from source to target (which must not overlap) with streaming stores, without the GIL.");
+             "copy(target_addresses, source_addresses, sizes, threads) -> None\n\n"
+             "Copy sizes[i] bytes from source_addresses[i] to target_addresses[i] for every i, with streaming\n"
+             "stores, on `threads` threads sharing 1 MiB blocks; no target may overlap another target or any\n"
+             "source. The GIL is released.");
 
 static PyObject *copy(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long target, source, nbytes;
-    if (!PyArg_ParseTuple(args, "KKK", &target, &source, &nbytes)) return NULL;
-    if (nbytes == 0) Py_RETURN_NONE;
-    if (target == 0 || source == 0) {
-        PyErr_SetString(PyExc_ValueError, "copy: a null address");
+    PyObject *targets, *sources, *sizes;
+    int threads;
+    if (!PyArg_ParseTuple(args, "O!O!O!i", &PyTuple_Type, &targets, &PyTuple_Type, &sources, &PyTuple_Type, &sizes,
+                          &threads))
         return NULL;
-    }
+    if (threads < 1 || threads > MAX_THREADS)
+        return PyErr_Format(PyExc_ValueError, "threads %d is outside 1..%d", threads, MAX_THREADS);
+    Copies c = {NULL, NULL, {0, NULL, NULL, COPY_BLOCK, 0}};
+    void *memory = read_pairs(targets, sources, sizes, &c.target, &c.source, &c.blocks, "copy", "size",
+                              "need as many source addresses and sizes as target addresses");
+    if (memory == NULL) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    stream_bytes((char *)(uintptr_t)target, (const char *)(uintptr_t)source, (size_t)nbytes);
+    if (threads == 1) { /* one pass per copy: no blocks to share */
+        for (Py_ssize_t s = 0; s < c.blocks.items; s++) stream_bytes(c.target[s], c.source[s], (size_t)c.blocks.n[s]);
+    } else {
+        run_threads(take_copy_blocks, &c, threads);
+    }
     Py_END_ALLOW_THREADS
+    PyMem_Free(memory);
     Py_RETURN_NONE;
 }
 

@@ -209,20 +209,18 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
 
     Between contiguous CPU tensors as one memcpy of their bytes: on one thread (with streaming
     stores from 1 MiB, `native.stream_copy`, else numpy's), or with `threads` torch's uint8 copy_,
-    split over the server's threads. A fetch's copy into the client's region runs alone, so it takes
-    the threads (256 MB on the project's VM: 5.1-5.2 GB/s on one thread, 8.1-8.9 on two); an
-    upload's copy out of the region runs while the client copies the next tensor in, one core each,
-    where two threads measured slower (3.6-3.8 GB/s against 3.7-4.1), and streaming stores faster
-    (4.4 GB/s against 3.5-4.0: the two copies share the memory bandwidth, and a streamed line is
-    not read before it is written).
+    split over the server's threads. A fetch's copies into the client's region run alone, so they
+    take the threads (`write` streams the large ones on them at once; torch's copy gave 5.1-5.2 GB/s
+    on one thread and 8.1-8.9 on two for 256 MB on the project's VM); an upload's copy out of the
+    region runs while the client copies the next tensor in, one core each, where two threads
+    measured slower (3.6-3.8 GB/s against 3.7-4.1), and streaming stores faster (4.35 GB/s against
+    4.0: the two copies share the memory bandwidth, and a streamed line is not read before it is
+    written).
     Otherwise (other devices, strides, conjugate or negative views) torch's copy_, queued without
     blocking with `queue` (between a device and pinned or locked memory; the caller settles).
     """
     source = source.detach()
-    if (
-        source.device.type == "cpu" and target.device.type == "cpu" and source.is_contiguous() and not source.is_conj() and not source.is_neg()
-        and target.is_contiguous()
-    ):
+    if _plain_cpu(source) and target.is_cpu and target.is_contiguous():
         if threads:
             target.reshape(-1).view(torch.uint8).copy_(source.reshape(-1).view(torch.uint8))
         elif not native.stream_copy(target, source):
@@ -233,13 +231,24 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
 
 def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple[str, torch.Tensor]]) -> None:
     """Copy each tensor (any device, any strides) into its place: one copy a byte (queued from a
-    device the region reaches, and waited for once)."""
+    device the region reaches, and waited for once). Contiguous CPU tensors go in one call with
+    streaming stores on the server's threads (`native.stream_copies`), the rest one by one."""
     with region.copying():
-        for p, (_, t) in zip(placements, named):
-            if p.nbytes:
-                copy_bytes(region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape), t,
-                           threads=True, queue=region.reaches(t.device))
+        targets = [
+            (region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape), t.detach())
+            for p, (_, t) in zip(placements, named) if p.nbytes
+        ]
+        plain = [i for i, (target, t) in enumerate(targets) if target.is_cpu and _plain_cpu(t)]
+        left = [plain[i] for i in native.stream_copies([targets[i] for i in plain], torch.get_num_threads())]
+        for i in sorted(set(range(len(targets))) - set(plain) | set(left)):
+            target, t = targets[i]
+            copy_bytes(target, t, threads=True, queue=region.reaches(t.device))
         region.settle()  # the client reads the region once the call answers
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """A contiguous CPU tensor whose bytes are its values (not a lazily conjugated or negated view)."""
+    return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
 
 def check(region: Region, p: Placement) -> None:
