@@ -592,3 +592,14 @@ def test_many_copies_on_threads_are_every_byte(threads: int) -> None:
     assert native.stream_copies(list(zip(targets, sources)), threads) == []
     assert all(torch.equal(t, s) for t, s in zip(targets, sources))
     assert int(out.count_nonzero()) == sum(int(s.count_nonzero()) for s in sources)  # nothing between them
+
+
+def test_without_the_native_module_every_copy_is_left_to_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that could not build `_native` copies with numpy and torch: the streaming helpers
+    copy nothing and say so."""
+    monkeypatch.setattr(native, "_COPY", None)
+    big = torch.ones(native.STREAM_MIN_BYTES, dtype=torch.uint8)
+    target = torch.zeros_like(big)
+    assert not native.stream_copy(target, big) and not native.stream_bytes(target.data_ptr(), big.data_ptr(), big.numel())
+    assert native.stream_copies([(target, big), (target[:8], big[:8])], 2) == [0, 1]
+    assert not target.any()
