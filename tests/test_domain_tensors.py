@@ -73,6 +73,25 @@ def test_host_copies_into_one_reused_block_are_the_tensors_bit_for_bit() -> None
     reply_buffers.clear()
 
 
+def test_host_copies_stream_the_large_contiguous_tensors_and_copy_the_rest(streamed_copies: list[int]) -> None:
+    """A reply's block is read only as the reply streams, so its large contiguous copies go with
+    streaming stores on the threads (`native.stream_copies`); a strided, conjugated or small tensor
+    takes torch's copy. Every copy equals its tensor."""
+    from weightavg_server.domain import native, reply_buffers
+    from weightavg_server.domain.tensors import host_copies
+
+    g = torch.Generator().manual_seed(1)
+    big = native.STREAM_MIN_BYTES
+    named = [*_mixed(), ("conj", torch.randn(big // 8 + 1, dtype=torch.complex64, generator=g).conj()),
+             ("wide", torch.randn(3, big // 4, generator=g)), ("strided", torch.randn(1024, 300, generator=g).t())]
+    reply_buffers.clear()
+    with reply_buffers.lending() as lend:
+        copies = host_copies(named, lend)
+        assert sorted(streamed_copies) == sorted(t.numel() * t.element_size() for n, t in named if n in ("f32", "wide"))
+        assert all(torch.equal(got.resolve_conj(), want.resolve_conj()) for (_, got), (_, want) in zip(copies, named))
+    reply_buffers.clear()
+
+
 def test_reply_blocks_are_reused_within_twice_the_size_and_the_cache_keeps_to_its_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

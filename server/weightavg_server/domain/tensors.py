@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from . import dictionaries, flat, pinned, reply_buffers
+from . import dictionaries, flat, native, pinned, reply_buffers
 from .ema import EmaState
 from .errors import InvalidArgument
 
@@ -163,13 +163,16 @@ def host_copies(
     blocking; the streams copied on are waited for once, before this returns. With `buffer` (a
     uint8 CPU block of at least the bytes asked: `reply_buffers.lending`), CPU tensors of at least
     `reply_buffers.MIN_BYTES` in all are copied into views of one such block, packed with no
-    padding (largest elements first, so every view is aligned), instead of into new tensors.
+    padding (largest elements first, so every view is aligned), instead of into new tensors; the
+    contiguous ones in one call with streaming stores on the server's threads
+    (`native.stream_copies`: nothing reads the block before the reply streams it).
     """
     named = list(named)
     packed = _packed(named) if buffer is not None else {}
     block = buffer(sum(n for _, n in packed.values())) if buffer is not None and packed else None
     out: list[tuple[str, torch.Tensor]] = []
     waiting: set[torch.device] = set()
+    streaming: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i, (name, t) in enumerate(named):
         t = t.detach()
         if not t.is_cuda:  # (not t.device: that builds a torch.device per tensor, see device_name)
@@ -178,7 +181,10 @@ def host_copies(
                 continue
             at, nbytes = packed[i]
             copy = block[at:at + nbytes].view(t.dtype).view(t.shape)
-            copy.copy_(t)
+            if t.is_contiguous() and not t.is_conj() and not t.is_neg():
+                streaming.append((copy, t))
+            else:
+                copy.copy_(t)
             out.append((name, copy))
             continue
         host = pinned.empty(t.shape, t.dtype, t.device)
@@ -187,6 +193,8 @@ def host_copies(
         if staged:
             waiting.add(t.device)
         out.append((name, host))
+    for i in native.stream_copies(streaming, torch.get_num_threads()):
+        streaming[i][0].copy_(streaming[i][1])
     for device in waiting:
         torch.cuda.current_stream(device).synchronize()
     return out
