@@ -294,9 +294,9 @@ def test_fetch_reserves_its_host_copies_while_the_reply_streams(server: LiveServ
 def test_averages_written_in_place_skip_the_recharge_and_keep_the_charge_exact(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """avgparms into a dictionary whose count it made itself, and every ema, change no tensor's
-    storage: the store skips its walk (`mutate(in_place=...)`), and the charge must still equal a
-    fresh walk. A count set from outside is replaced, not written, so that call walks again."""
+    """avgparms into a dictionary whose count it made itself, every ema and every load change no
+    tensor's storage: the store skips its walk (`mutate(in_place=...)`), and the charge must still
+    equal a fresh walk. A count set from outside is replaced, not written, so that call walks again."""
     registry = server.registry
     walks: list[set[int]] = []
     recharge = registry._recharge
@@ -320,6 +320,8 @@ def test_averages_written_in_place_skip_the_recharge_and_keep_the_charge_exact(
         c.ema(other, e, decay=0.9)
         assert walks == [] and registry.held_bytes() == walked_bytes(registry)
         assert c.dict(d)[".n"] == 4.0
+        assert all(c.copyparms(other, d).values())  # values copied into the module's own parameters
+        assert walks == [] and registry.held_bytes() == walked_bytes(registry)
 
         c.dict(d, ".n", 9.0)  # an uploaded count: replaced by the next average, never written
         walks.clear()

@@ -210,6 +210,12 @@ class _Prepared:
         return self.update.in_place
 
 
+def _copied_in_place() -> bool:
+    """For `mutate(in_place=...)`: a change that only copies values into tensors the object already
+    holds (`load_parameters`), so no allocation it reaches changes."""
+    return True
+
+
 def _exactly_once(method: Callable[P, T]) -> Callable[P, T]:
     """A state-changing operation that runs once per request ID.
 
@@ -414,7 +420,7 @@ class Service:
         """Copy a dictionary's values into the module's parameters; per-name success."""
         entry, module = self._module(handle)
         source = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.mutate(entry, need=NOTHING, reading=(source,)):
+        with self.store.mutate(entry, need=NOTHING, reading=(source,), in_place=_copied_in_place):
             return averaging.load_parameters(module, source.obj)
 
     @_exactly_once
