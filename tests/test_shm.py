@@ -76,11 +76,12 @@ def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(
         assert same(fast.dict(d_fast, "f32"), data["f32"]) and fast.dict(d_fast, "i64") == 7
 
 
-def test_large_uploads_through_shared_memory_are_streamed_and_bit_identical_to_the_stream(
+def test_large_uploads_and_fetches_through_shared_memory_are_streamed_and_bit_identical_to_the_stream(
     shm_server: LiveServer, shared_uploads: list[str], streamed_copies: list[int]
 ) -> None:
-    """From `native.STREAM_MIN_BYTES` the server copies a tensor out of the region with streaming
-    stores: sizes at and around the bound, odd ones, and every byte as the stream gives it."""
+    """From `native.STREAM_MIN_BYTES` the server copies a tensor out of the region, and into it for
+    a fetch, with streaming stores: sizes at and around the bound, odd ones, and every byte as the
+    stream gives it."""
     from weightavg_server.domain import native
 
     rng = np.random.default_rng(3)
@@ -97,6 +98,10 @@ def test_large_uploads_through_shared_memory_are_streamed_and_bit_identical_to_t
         d_slow = slow.dict(data)
         got, want = slow.dict(d_fast), slow.dict(d_slow)
         assert all(same(got[k], want[k]) and same(got[k], data[k]) for k in data)
+        streamed_copies.clear()
+        back = fast.dict(d_slow)  # fetched into the client's region: the large ones streamed there too
+        assert sorted(streamed_copies) == sorted(v.nbytes for v in data.values() if v.nbytes >= native.STREAM_MIN_BYTES)
+        assert all(same(back[k], data[k]) for k in data)
 
 
 def test_copyparms_then_fetch_through_shared_memory_matches_the_stream(shm_server: LiveServer) -> None:

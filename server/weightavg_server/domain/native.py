@@ -107,23 +107,33 @@ def stream_bytes(target: int, source: int, nbytes: int) -> bool:
     return True
 
 
+def plain_cpu(t: torch.Tensor) -> bool:
+    """A contiguous CPU tensor whose bytes are its values (not a lazily conjugated or negated view):
+    one memcpy of its bytes copies it."""
+    return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
 def stream_copies(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], threads: int) -> list[int]:
-    """target := source for the pairs `stream_copy` would take, in one call on up to `threads`
-    threads; the positions of the pairs it left (smaller, uneven or overlapping ones, or all of them
-    without the native module), for the caller's own copy. The targets must lie apart from one
-    another (a region's placements): a fetch's copies into the client's region, 256 MB at 12-13
-    GB/s on two threads in process against 9.7-10.2 for torch's copy_."""
+    """target := source, of one dtype and shape, for every pair this can take (both `plain_cpu`, of
+    one byte size from `STREAM_MIN_BYTES`, apart), in one call on up to `threads` threads; the
+    positions of the pairs it left (all of them without the native module), for the caller's own
+    copy. The targets must lie apart from one another (a region's placements, a packed reply
+    block): a shared memory fetch of 256 MB went from 8.0-9.3 to 11.0-13.8 GB/s on the project's VM
+    (docs/perf.md, "Streaming copies")."""
     if _COPY is None:
         return list(range(len(pairs)))
     taken: list[tuple[int, int, int]] = []
     left: list[int] = []
     for i, (target, source) in enumerate(pairs):
         nbytes = target.numel() * target.element_size()
-        to, of = target.data_ptr(), source.data_ptr()
-        if nbytes < STREAM_MIN_BYTES or source.numel() * source.element_size() != nbytes or _overlap(to, of, nbytes):
+        if (
+            nbytes < STREAM_MIN_BYTES or source.numel() * source.element_size() != nbytes
+            or not (plain_cpu(target) and plain_cpu(source))
+            or _overlap(target.data_ptr(), source.data_ptr(), nbytes)
+        ):
             left.append(i)
         else:
-            taken.append((to, of, nbytes))
+            taken.append((target.data_ptr(), source.data_ptr(), nbytes))
     if taken:
         total = sum(n for _, _, n in taken)
         _COPY(tuple(t for t, _, _ in taken), tuple(s for _, s, _ in taken), tuple(n for _, _, n in taken),

@@ -220,7 +220,7 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
     blocking with `queue` (between a device and pinned or locked memory; the caller settles).
     """
     source = source.detach()
-    if _plain_cpu(source) and target.is_cpu and target.is_contiguous():
+    if native.plain_cpu(source) and target.is_cpu and target.is_contiguous():
         if threads:
             target.reshape(-1).view(torch.uint8).copy_(source.reshape(-1).view(torch.uint8))
         elif not native.stream_copy(target, source):
@@ -238,17 +238,10 @@ def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple
             (region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'").view(p.dtype).view(p.shape), t.detach())
             for p, (_, t) in zip(placements, named) if p.nbytes
         ]
-        plain = [i for i, (target, t) in enumerate(targets) if target.is_cpu and _plain_cpu(t)]
-        left = [plain[i] for i in native.stream_copies([targets[i] for i in plain], torch.get_num_threads())]
-        for i in sorted(set(range(len(targets))) - set(plain) | set(left)):
+        for i in native.stream_copies(targets, torch.get_num_threads()):
             target, t = targets[i]
             copy_bytes(target, t, threads=True, queue=region.reaches(t.device))
         region.settle()  # the client reads the region once the call answers
-
-
-def _plain_cpu(t: torch.Tensor) -> bool:
-    """A contiguous CPU tensor whose bytes are its values (not a lazily conjugated or negated view)."""
-    return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
 
 def check(region: Region, p: Placement) -> None:

@@ -181,10 +181,7 @@ def host_copies(
                 continue
             at, nbytes = packed[i]
             copy = block[at:at + nbytes].view(t.dtype).view(t.shape)
-            if t.is_contiguous() and not t.is_conj() and not t.is_neg():
-                streaming.append((copy, t))
-            else:
-                copy.copy_(t)
+            streaming.append((copy, t))
             out.append((name, copy))
             continue
         host = pinned.empty(t.shape, t.dtype, t.device)

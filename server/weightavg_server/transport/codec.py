@@ -279,7 +279,9 @@ class TensorAssembler:
                     f"received at least {end}"
                 )
             source = np.frombuffer(data, dtype=np.uint8)  # a 4 MiB chunk streams (see native.stream_copy)
-            if not native.stream_bytes(p.buffer.data_ptr() + p.filled, source.ctypes.data, len(data)):
+            if len(data) < native.STREAM_MIN_BYTES or not native.stream_bytes(
+                p.buffer.data_ptr() + p.filled, source.ctypes.data, len(data)
+            ):
                 p.buffer.numpy()[p.filled:end] = source
             self._check.data(data)
             p.filled = end
