@@ -170,3 +170,22 @@ def test_the_locked_bytes_bound_is_the_servers_setting(monkeypatch: pytest.Monke
     assert not pinned.lock(4096, 1, cuda) and pinned.locked_bytes() == 0 and len(asked) == 3
     with pytest.raises(ValueError, match=r"--max-locked-bytes must be 0 \(lock no shared memory region\) or more; got -1"):
         pinned.set_locked_bytes(-1)
+
+
+def test_the_host_memory_bounds_come_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pinned-cache-bytes and --max-locked-bytes (or WEIGHTAVG_*) reach the process's bounds when
+    the server is built."""
+    from weightavg_server.ops.app import create_server
+    from weightavg_server.ops.cli import build_parser, config_from_args
+    from weightavg_server.ops.config import ServerConfig
+
+    monkeypatch.setattr(pinned, "_cache_bytes", pinned.CACHE_BYTES)  # both restored after the test
+    monkeypatch.setattr(pinned, "_locked_bound", pinned.LOCKED_BYTES)
+    assert ServerConfig.from_env({"WEIGHTAVG_MAX_LOCKED_BYTES": "4096"}).max_locked_bytes == 4096
+    args = build_parser().parse_args(["--port", "0", "--device", "cpu", "--host", "127.0.0.1",
+                                      "--pinned-cache-bytes", "12345", "--max-locked-bytes", "0"])
+    server, _, _ = create_server(config_from_args(args))
+    try:
+        assert (pinned._cache_bytes, pinned._locked_bound) == (12345, 0)
+    finally:
+        server.stop(None)
