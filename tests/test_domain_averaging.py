@@ -263,6 +263,14 @@ def test_a_count_the_average_made_is_written_in_place_and_a_count_set_from_outsi
         assert averaging.average_parameters(module, d) == expected
         assert d.entries[COUNT_KEY] is made and made.item() == expected
     assert averaging.prepare_ema(module, d).in_place  # an EMA replaces no tensor
+    made.fill_(10.0)  # the count is read from the tensor's memory each time, never kept aside
+    assert averaging.average_parameters(module, d) == 11 and made.item() == 11.0
+    made.fill_(-1.0)
+    before = full_copy(d)
+    with pytest.raises(InvalidArgument, match=r"'\.n' must be a count"):
+        averaging.average_parameters(module, d)
+    assert_same(d, before)
+    made.fill_(4.0)
 
     given = torch.tensor(7.0, dtype=torch.float64)
     d.entries[COUNT_KEY] = given

@@ -39,6 +39,10 @@ enum { KIND_F32 = 0, KIND_F64 = 1, KIND_F32_BF16 = 2, KINDS = 3 };
 
 #define MAX_THREADS 256
 #define BLOCK_BYTES ((int64_t)1 << 18) /* of the average: 256 KiB, a few hundred per large call */
+/* A one-thread lerp of fewer elements (a few microseconds of work) keeps the GIL, as numpy keeps it for
+ * small arrays: a small average (the 2-to-1 linear) would otherwise hand it to another thread of the
+ * server and wait to take it back, for less work than the hand-over. */
+#define GIL_KEPT_ELEMENTS ((int64_t)1 << 14)
 
 /* One build runs on any x86-64: GCC compiles each loop for AVX-512, for AVX2 with FMA and for the
  * baseline, and picks one when the module loads. Elsewhere the compiler's default target. */
@@ -203,7 +207,7 @@ PyDoc_STRVAR(lerp_doc,
              "avg[i] = lerp(avg[i], value[i], weight) for i < count, for every (avg, value, count) of the\n"
              "three tuples, torch's formula and bits; kind 0 is float32 into float32, 1 float64 into float64,\n"
              "2 bfloat16 into float32. With threads > 1 the pairs' averages must not overlap one another.\n"
-             "The GIL is released.");
+             "The GIL is released, but for one thread's call on fewer elements than GIL_KEPT_ELEMENTS.");
 
 static PyObject *lerp(PyObject *self, PyObject *args) {
     (void)self;
@@ -220,9 +224,15 @@ static PyObject *lerp(PyObject *self, PyObject *args) {
     void *memory = read_pairs(avgs, values, counts, &work.avg, &work.value, &work.blocks, "pair", "count",
                               "need as many value addresses and counts as average addresses");
     if (memory == NULL) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    run_threads(take_blocks, &work, threads);
-    Py_END_ALLOW_THREADS
+    int64_t elements = 0;
+    for (Py_ssize_t s = 0; s < work.blocks.items; s++) elements += work.blocks.n[s];
+    if (threads == 1 && elements < GIL_KEPT_ELEMENTS) {
+        take_blocks(&work);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        run_threads(take_blocks, &work, threads);
+        Py_END_ALLOW_THREADS
+    }
     PyMem_Free(memory);
     Py_RETURN_NONE;
 }

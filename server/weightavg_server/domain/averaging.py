@@ -11,17 +11,17 @@ never averaged. Every pair is checked before anything changes, so a call is all 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import itertools
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from . import flat, lerp
-from .dictionaries import COUNT_KEY, TensorDict, check_copyable, does_not_fit
+from .dictionaries import COUNT_KEY, Count, TensorDict, check_copyable, does_not_fit
 from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
 from .tensors import Bytes, device_name
@@ -106,22 +106,28 @@ def load_parameters(module: torch.nn.Module, d: TensorDict) -> dict[str, bool]:
     return {name: name in d.entries for name, _ in params}
 
 
-def _count(d: TensorDict) -> float:
-    """The dictionary's current sample count; a dictionary without '.n' holds one sample."""
+def _count(d: TensorDict) -> tuple[float, Count | None]:
+    """The dictionary's current sample count (a dictionary without '.n' holds one sample), and its
+    own count (`TensorDict.own_count`) when that is still the '.n' entry, else None."""
     n = d.entries.get(COUNT_KEY)
     if n is None:
-        return 1.0
-    if n.dim() != 0 or n.dtype != torch.float64 or not n.is_cpu:  # is_cpu: no torch.device built per call
-        raise InvalidArgument(
-            f"'{COUNT_KEY}' must be a 0-dim float64 count, found {n.dtype} of shape {list(n.shape)}; "
-            f"set it with a float or delete it"
-        )
-    count = float(n.item())
+        return 1.0, None
+    own = d.own_count
+    if own is not None and n is own.tensor:  # made by an average: a 0-dim float64 on the CPU
+        count = own.value
+    else:
+        own = None
+        if n.dim() != 0 or n.dtype != torch.float64 or not n.is_cpu:  # is_cpu: no torch.device built per call
+            raise InvalidArgument(
+                f"'{COUNT_KEY}' must be a 0-dim float64 count, found {n.dtype} of shape {list(n.shape)}; "
+                f"set it with a float or delete it"
+            )
+        count = float(n.item())
     if not 0 <= count < MAX_COUNT:  # also refuses NaN
         raise InvalidArgument(
             f"'{COUNT_KEY}' must be a count between 0 and {MAX_COUNT:.0f}, found {count}; set it or delete it"
         )
-    return count
+    return count, own
 
 
 def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -192,7 +198,7 @@ class Update:
     copied: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     weight: float = 1.0
     count: float | None = None
-    count_into: torch.Tensor | None = None
+    count_into: Count | None = None
     ema: EmaState | None = None
     decay: float = 0.0
     native: lerp.Batch | None = None
@@ -316,7 +322,17 @@ _MAX_PLANS = 8
 """Plans kept per dictionary (one per source it is averaged with, usually one)."""
 
 
-def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
+class _Pairs(NamedTuple):
+    """What `_pairs` checked: an Update's tensors, before its weight and count (one Update is made
+    per call: a `dataclasses.replace` of one cost more than the rest of a reused plan)."""
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    copied: list[tuple[torch.Tensor, torch.Tensor]]
+    runs: tuple[flat.Run, ...]
+    native: lerp.Batch | None
+
+
+def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> _Pairs:
     """The (entry, value) pairs to average and to copy, every one checked; InvalidArgument naming the
     first bad one, before anything changes.
 
@@ -360,9 +376,9 @@ def _pairs(source: Source, d: TensorDict, buffers: BufferMode) -> Update:
 def _update(
     avgs: list[torch.Tensor], values: list[torch.Tensor], averaged: int, runs: tuple[flat.Run, ...],
     native: lerp.Batch | None,
-) -> Update:
+) -> _Pairs:
     pairs = list(zip(avgs, values))
-    return Update(pairs=pairs[:averaged], runs=runs, copied=pairs[averaged:], native=native)
+    return _Pairs(pairs[:averaged], pairs[averaged:], runs, native)
 
 
 def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -> tuple[list[str], list[int], int]:
@@ -452,6 +468,8 @@ def _lerp_all(update: Update) -> None:
     weight = update.weight
     if update.native is not None:
         lerp.run(update.native, weight)
+        if not update.native.rest:
+            return
     fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for a, p in update.for_torch:
         if p.dtype != a.dtype:
@@ -485,19 +503,23 @@ def apply(update: Update, d: TensorDict) -> None:
     # A new count first: made after a large kernel, which has just streamed every cache empty, the
     # tensor took 0.15 ms of a served avgparms (docs/perf.md, "Native lerp").
     fresh = update.count is not None and update.count_into is None
-    count = torch.tensor(update.count, dtype=torch.float64) if fresh else None
-    with torch.no_grad():
-        if update.weight == 1.0:
-            for a, p in update.averaged:
+    count = Count(update.count) if fresh and update.count is not None else None
+    if update.weight != 1.0 and update.native is not None and not update.native.rest and not update.copied:
+        lerp.run(update.native, update.weight)  # no torch operation, so no autograd mode to set
+    else:
+        with torch.no_grad():
+            if update.weight == 1.0:
+                for a, p in update.averaged:
+                    a.copy_(p)
+            else:
+                _lerp_all(update)
+            for a, p in update.copied:
                 a.copy_(p)
-        else:
-            _lerp_all(update)
-        for a, p in update.copied:
-            a.copy_(p)
     if update.count_into is not None and update.count is not None:
-        update.count_into.fill_(update.count)
+        update.count_into.set(update.count)
     elif count is not None:
-        d.entries[COUNT_KEY] = d.own_count = count
+        d.own_count = count
+        d.entries[COUNT_KEY] = count.tensor
     if update.ema is not None:
         d.ema = update.ema
 
@@ -511,11 +533,9 @@ def prepare_average(source: Source, d: TensorDict, buffers: BufferMode = BufferM
     Raises:
         InvalidArgument: '.n' is not a valid count, or an entry is missing or cannot hold its value.
     """
-    n = _count(d)
-    update = _pairs(source, d, buffers)
-    kept = d.entries.get(COUNT_KEY)
-    own = kept if kept is not None and kept is d.own_count else None
-    return dataclasses.replace(update, weight=1.0 / (n + 1.0), count=n + 1.0, count_into=own)
+    n, own = _count(d)
+    p = _pairs(source, d, buffers)
+    return Update(p.pairs, p.runs, p.copied, 1.0 / (n + 1.0), n + 1.0, own, native=p.native)
 
 
 def average_parameters(source: Source, d: TensorDict, buffers: BufferMode = BufferMode.EXCLUDE) -> int:
@@ -549,8 +569,8 @@ def prepare_ema(
     schedule = (change or ScheduleChange()).applied_to(kept.schedule if kept is not None else None)
     used = next_step(kept, step)
     decay = schedule.decay_at(used)
-    update = _pairs(source, d, buffers)
-    return dataclasses.replace(update, weight=1.0 - decay, ema=EmaState(schedule, used), decay=decay)
+    p = _pairs(source, d, buffers)
+    return Update(p.pairs, p.runs, p.copied, 1.0 - decay, ema=EmaState(schedule, used), decay=decay, native=p.native)
 
 
 def ema_update(

@@ -14,6 +14,28 @@ COUNT_KEY = ".n"
 """The running average's sample count; '.' cannot start a parameter name, so it never clashes."""
 
 
+class Count:
+    """A running average's own '.n' tensor (0-dim float64 on the CPU) and a numpy view of its memory.
+
+    The count is read and written through the view: one Python step each, where `item()` and
+    `fill_` are torch calls of 2-4 us (and release the GIL) on every small average.
+    """
+
+    __slots__ = ("tensor", "_view")
+
+    def __init__(self, value: float) -> None:
+        self.tensor = torch.tensor(value, dtype=torch.float64)
+        self._view = self.tensor.numpy()
+
+    @property
+    def value(self) -> float:
+        return float(self._view)
+
+    def set(self, value: float) -> None:
+        """Write the count into the tensor's memory, as `fill_` would."""
+        self._view[()] = value
+
+
 @dataclass
 class TensorDict:
     """Named tensors. A live dictionary's tensors are a module's own: updates copy into them in place.
@@ -29,8 +51,8 @@ class TensorDict:
     """Bumped by every change to which tensors the entries are (`changed`); not by in-place writes."""
     plans: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
     """Checked averaging plans with a source, valid while neither side's tensors change (`averaging`)."""
-    own_count: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    """The '.n' tensor a running average made for this dictionary (`averaging.apply`): while it is
+    own_count: Count | None = field(default=None, compare=False, repr=False)
+    """The '.n' a running average made for this dictionary (`averaging.apply`): while its tensor is
     still the entry, later averages write the count into it in place rather than replacing it, so
     the change reaches no new storage. A '.n' set from outside (an upload, a snapshot) is replaced
     by the first average, never written, since its memory may be shared with the bytes it came from."""

@@ -83,7 +83,7 @@ class RequestStats:
     dropped: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     method: str
     arguments: str | Callable[[], str]
@@ -138,7 +138,9 @@ class RequestTable:
         max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._cond = threading.Condition(threading.Lock())  # never taken twice by one thread
+        self._lock = threading.Lock()  # never taken twice by one thread
+        """Taken directly (`with self._lock`, a C call) by every call; `_cond` waits and wakes on it."""
+        self._cond = threading.Condition(self._lock)
         self._waiting = 0
         """Threads waiting on `_cond`: a call that ends wakes them only when there are some."""
         self._clock = clock
@@ -153,6 +155,8 @@ class RequestTable:
         self.window_seconds = window_seconds
         self.max_ids = max_ids
         self.max_bytes = max_bytes
+        self._enabled = False
+        """Whether anything is remembered: set with the window and the caps (`configure`)."""
         self.configure(window_seconds, max_ids, max_bytes)
 
     def configure(self, window_seconds: float, max_ids: int, max_bytes: int) -> None:
@@ -166,14 +170,12 @@ class RequestTable:
                 f"request ID window {window_seconds} s, cap {max_ids} IDs, {max_bytes} bytes: "
                 "each must be a finite number, 0 or more (0 remembers none)"
             )
-        with self._cond:
+        with self._lock:
             self.window_seconds, self.max_ids, self.max_bytes = window_seconds, max_ids, max_bytes
+            self._enabled = window_seconds > 0 and max_ids > 0 and max_bytes > 0
             self._expire()
             self._evict()
 
-    @property
-    def _enabled(self) -> bool:
-        return self.window_seconds > 0 and self.max_ids > 0 and self.max_bytes > 0
 
     def answer(
         self, key: RequestKey | None, method: str, session: str | None, run: Callable[[], T],
@@ -191,7 +193,7 @@ class RequestTable:
         if key is None:
             return run()
         rid = canonical_id(key.id)
-        with self._cond:
+        with self._lock:
             enabled = self._enabled
             record = None
             while enabled:
@@ -207,18 +209,18 @@ class RequestTable:
             return run()
         if record is not None:
             self._check(rid, record, method, session, tenant, key.digest())  # outside the lock: may read an upload
-            with self._cond:
+            with self._lock:
                 self._duplicates += 1
             return cast(T, record.answer)  # remembered by this method, so of the type it returns
         try:
             answer = run()
             arguments = key.digest if key.kept_bytes is not None else key.digest()
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._running.discard(rid)
                 self._wake()
             raise
-        with self._cond:  # remembered and released in one step, so a repeat never runs it again
+        with self._lock:  # remembered and released in one step, so a repeat never runs it again
             nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
             self._records[rid] = _Record(method, arguments, session, answer, self._clock(), nbytes, tenant)
             self._bytes += nbytes
@@ -274,7 +276,7 @@ class RequestTable:
 
     def stats(self) -> RequestStats:
         """IDs remembered now, duplicates answered and IDs dropped at the caps since the start."""
-        with self._cond:
+        with self._lock:
             self._expire()
             return RequestStats(len(self._records), self._duplicates, self._dropped)
 
@@ -286,14 +288,14 @@ class RequestTable:
         and no ID of a call whose change it lacks. Take it before any object lock: running calls may
         be waiting for those.
         """
-        with self._cond:
+        with self._lock:
             self._paused += 1
             while self._running:
                 self._wait()
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._paused -= 1
                 self._wake()
 
@@ -303,7 +305,7 @@ class RequestTable:
         An answer of a type that `encode` does not know is left out with an error in the log rather
         than failing the snapshot that asks for it.
         """
-        with self._cond:
+        with self._lock:
             self._expire()
             now = self._clock()
             records = list(self._records.items())
@@ -321,7 +323,7 @@ class RequestTable:
     def restore(self, saved: list[SavedAnswer], elapsed: float = 0.0) -> int:
         """Remember answers read back with `parse_saved`, each `elapsed` seconds older (the time the
         server was down); those past the window are left out. Returns the number remembered."""
-        with self._cond:
+        with self._lock:
             if not self._enabled:
                 return 0
             now = self._clock()
