@@ -156,6 +156,15 @@ def test_the_kth_update_uses_step_k_and_the_schedule_is_kept() -> None:
     assert averaging.ema_update(module, d)[0] == 101
 
 
+def test_a_schedule_sent_again_unchanged_is_the_kept_one_and_a_changed_field_is_still_checked() -> None:
+    kept = EmaSchedule(decay=0.99, warmup=True)
+    assert ScheduleChange(decay=0.99, warmup=True).applied_to(kept) is kept  # nothing to make or check
+    assert ScheduleChange(decay=0.5).applied_to(kept) == EmaSchedule(decay=0.5, warmup=True)
+    for bad in (float("nan"), 1.5):
+        with pytest.raises(InvalidArgument, match="decay must be between 0 and 1"):
+            ScheduleChange(decay=bad).applied_to(kept)
+
+
 def test_a_decay_of_zero_copies_exactly_even_over_a_non_finite_average() -> None:
     module = net()
     d = averaging.copy_parameters(module, torch.float64)

@@ -77,6 +77,8 @@ class ScheduleChange:
         """
         base = kept if kept is not None else EmaSchedule()
         changes = {name: value for name, value in vars(self).items() if value is not None}
+        if kept is not None and all(getattr(kept, name) == value for name, value in changes.items()):
+            return kept  # checked when it was made: a client that sends its schedule on every update changes nothing
         schedule = replace(base, **changes)
         schedule.check()
         return schedule
