@@ -257,6 +257,11 @@ class _Call:
             yield request
 
 
+_UNAUDITED = _Call(False)
+"""The record of every call that writes no audit line: nothing is collected into it (`begin` and
+`unary` look at `audited` first), so one serves them all."""
+
+
 class TenantInterceptor(grpc.ServerInterceptor):
     """Authenticates each call's token to a tenant and role, authorizes the method, and serves the
     call as that caller: per-tenant statistics in `stats`, an audit line for calls that change
@@ -341,6 +346,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
         outcome when it ends."""
         stats = self.stats
         caller_of = self._caller
+        tokens = self.tokens
 
         def finish(
             context: grpc.ServicerContext, caller: Caller, session: str | None, call: _Call, start: float,
@@ -352,12 +358,18 @@ class TenantInterceptor(grpc.ServerInterceptor):
                 audit(method, caller, outcome, call.handles, call.rid, session, time.perf_counter() - start)
 
         def enter(context: grpc.ServicerContext) -> tuple[Caller, str | None, _Call, float, contextvars.Token[Caller]]:
-            """Who calls (refused here if no longer allowed), in which session, and CALLER set for the call."""
+            """Who calls (refused here if no longer allowed), in which session, and CALLER set for the call.
+
+            On a server without tokens (the caller is the one admin, allowed every method) a call
+            that writes no audit line reads no metadata and makes no record: every small call
+            passes here, and each step it skips is one its caches need not hold."""
+            audited = access.audited and audit_log.isEnabledFor(logging.INFO)
+            if not audited and tokens.table.open:
+                return ANONYMOUS, None, _UNAUDITED, 0.0, CALLER.set(ANONYMOUS)
             metadata = context.invocation_metadata()
             session = metadata_value(metadata, SESSION_METADATA)
             caller = caller_of(method, access, metadata, session, context)
-            call = _Call(access.audited and audit_log.isEnabledFor(logging.INFO))
-            return caller, session, call, time.perf_counter(), CALLER.set(caller)
+            return caller, session, _Call(True) if audited else _UNAUDITED, time.perf_counter(), CALLER.set(caller)
 
         def begin(request: Any, call: _Call) -> Any:
             if not call.audited:  # nothing reads the handles or the ID: skip collecting them
