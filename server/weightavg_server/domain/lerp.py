@@ -116,9 +116,9 @@ def run(b: Batch, weight: float) -> None:
     """Lerp the batch's pairs: each call on up to torch's intra-op threads, at least
     `ELEMENTS_PER_THREAD` elements each."""
     assert _NATIVE is not None
-    limit = torch.get_num_threads()
     for c in b.calls:
-        threads = max(1, min(limit, c.elements // ELEMENTS_PER_THREAD))
+        share = c.elements // ELEMENTS_PER_THREAD  # below two shares one thread, whatever torch's setting
+        threads = 1 if share < 2 else min(torch.get_num_threads(), share)
         _NATIVE(c.kind, c.avgs, c.values, c.counts, float(weight), threads)
 
 
