@@ -563,7 +563,11 @@ class Client:
         name, floating ones averaged and others copied. On a cluster m and d may live on different
         ranks: m's values are sent to d's rank(s) for the call (docs/cluster.md).
         """
-        request = pb.AverageParametersRequest(handle=_id(m), dictionary=_id(d), buffers=_buffer_mode(buffers))
+        # The ID set here rather than on a copy of the request (_retry.with_request_id): the call
+        # most clients make every step.
+        request = pb.AverageParametersRequest(
+            handle=_id(m), dictionary=_id(d), buffers=_buffer_mode(buffers), request_id=new_request_id()
+        )
         return int(self._stub.AverageParameters(request, timeout=self.timeout).count)
 
     @_rpc
@@ -598,7 +602,7 @@ class Client:
         request = pb.UpdateMovingAverageRequest(
             handle=_id(m), dictionary=_id(e), decay=decay, warmup=warmup, warmup_gamma=warmup_gamma,
             warmup_power=warmup_power, min_decay=min_decay, update_after_step=update_after_step,
-            buffers=_buffer_mode(buffers),
+            buffers=_buffer_mode(buffers), request_id=new_request_id(),  # as avgparms: no copy to set it
         )
         if step is not None:
             request.step = step
