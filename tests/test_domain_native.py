@@ -562,6 +562,11 @@ def test_a_copy_that_is_small_overlapping_or_uneven_is_left_to_numpy() -> None:
     uneven = torch.zeros(native.STREAM_MIN_BYTES + 8, dtype=torch.uint8)
     assert not native.stream_copy(uneven, torch.ones(native.STREAM_MIN_BYTES, dtype=torch.uint8))
     assert not uneven.any()
+    # Of the same byte size but strided: its bytes are not numel * element_size from data_ptr.
+    grid = torch.ones(2 * native.STREAM_MIN_BYTES, dtype=torch.uint8).view(2, -1)
+    target = torch.zeros(native.STREAM_MIN_BYTES, dtype=torch.uint8)
+    assert not native.stream_copy(target, grid[:, ::2]) and not target.any()
+    assert not native.stream_copy(grid[:, ::2], target) and bool(grid.all())
 
 
 @needs_copy

@@ -407,6 +407,37 @@ def test_audit_lines_for_each_change_and_none_for_reads(server: Runtime, world: 
         assert token not in text
 
 
+def test_an_open_server_audits_changes_as_its_one_admin_and_counts_every_call(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without tokens every caller is the default tenant's admin. A call that writes no audit line
+    takes a short path (no metadata read, no record): its tenant's statistics still count it, a
+    failure too; with the audit logger on, a change's line still names the tenant, role, session,
+    handles and request ID."""
+    with Client(live_server.address, timeout=60, session=True) as c:
+        m = c.module(["linear", 2, 1])
+        p = c.copyparms(m)
+        before = c.stats()["tenants"]["default"]
+        assert c.avgparms(m, p) == 2
+        with pytest.raises(NotFoundError):
+            c.avgparms(m, "dic_" + "0" * 32)
+        after = c.stats()["tenants"]["default"]
+        assert after["calls"] - before["calls"] == 3  # the two averages and the first stats call
+        assert after["failures"] - before["failures"] == 1
+        assert not [r for r in caplog.records if r.name == "weightavg.audit"]
+
+        caplog.set_level(logging.INFO, logger="weightavg.audit")
+        assert c.avgparms(m, p) == 3
+        c.size(p)  # a read: no line
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "weightavg.audit"]
+        assert [(x["method"], x["tenant"], x["role"], x["outcome"]) for x in lines] == [
+            ("AverageParameters", "default", "admin", "OK")
+        ]
+        assert lines[0]["session"] == c.session and lines[0]["handles"] == [m.id, p.id]
+        assert len(lines[0]["request_id"]) == 36
+        c.purge()
+
+
 def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:
     """A session id of another tenant is unknown: it cannot be joined to create handles in it."""
     with pytest.raises(NotFoundError, match="unknown session"):

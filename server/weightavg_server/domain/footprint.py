@@ -118,7 +118,7 @@ def count_bytes(d: TensorDict) -> Bytes:
 def update_bytes(update: averaging.Update, d: TensorDict) -> Bytes:
     """Bytes an average's update holds at its peak: a running average's first count, and the one
     value it casts to its entry's dtype at a time (a bfloat16 parameter into a float32 average)."""
-    count = count_bytes(d) if update.count is not None and COUNT_KEY not in d.entries else {}
+    count = count_bytes(d) if update.count is not None else {}
     cast = update.cast_bytes()
     return add_bytes(count, cast) if count or cast else {}  # most updates: nothing new, nothing cast
 

@@ -85,13 +85,13 @@ def advise_huge_pages(buffer: torch.Tensor) -> int:
 
 
 def stream_copy(target: torch.Tensor, source: torch.Tensor) -> bool:
-    """target := source for two contiguous CPU tensors of the same byte size (a new tensor and a
+    """target := source for two `plain_cpu` tensors of the same byte size (a new tensor and a
     shared memory region), with streaming stores, which do not read target's lines into the cache
     first: a 256 MB upload through a region went from 4.0 to 4.35 GB/s (medians) on the project's
     VM (docs/perf.md, "Streaming copies"). Whether it copied: False, having done nothing, for
-    tensors that differ in size, or as `stream_bytes` says."""
+    tensors that are not both plain or differ in size, or as `stream_bytes` says."""
     nbytes = target.numel() * target.element_size()
-    if source.numel() * source.element_size() != nbytes:
+    if source.numel() * source.element_size() != nbytes or not (plain_cpu(target) and plain_cpu(source)):
         return False
     return stream_bytes(target.data_ptr(), source.data_ptr(), nbytes)
 
