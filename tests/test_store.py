@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from weightavg_server.domain.errors import InvalidArgument, NotFound, ResourceEx
 from weightavg_server.domain.tensors import TensorHolder, storage_bytes, storages, tensors_of
 from weightavg_server.store.accounting import Ledger, Reservation
 from weightavg_server.store.limits import Limits
-from weightavg_server.store.registry import Entry, Kind, Registry, locked
+from weightavg_server.store.registry import Entry, Kind, Registry, Session, locked
 
 NOTHING: dict[str, int] = {}
 LINEAR = (3 * 2 + 2) * 4
@@ -560,6 +561,43 @@ def test_tensors_walk_finds_the_same_bytes_as_the_ledger_after_a_mixed_sequence(
     assert store.held_bytes() == walked_bytes(store) == {"cpu": LINEAR + 8 + 16}
     store.free([ref, d])
     assert store.held_bytes() == walked_bytes(store) == {}
+
+
+class _CountedSessions(dict[str, Session]):
+    """The registry's session table, counting the sweeps that look through it."""
+
+    looks = 0
+
+    def items(self) -> Any:
+        type(self).looks += 1
+        return super().items()
+
+    def values(self) -> Any:
+        type(self).looks += 1
+        return super().values()
+
+
+def test_a_sweep_before_any_lease_can_run_out_looks_at_no_session(store: Registry) -> None:
+    sessions = [store.create_session(60) for _ in range(1000)]
+    store._sessions = _CountedSessions(store._sessions)  # every call sweeps: it must not walk them all
+    _CountedSessions.looks = 0
+    for seconds in (0, 1, 30, 59):
+        assert store.expire(now=time.monotonic() + seconds) == []
+    assert _CountedSessions.looks == 0
+    assert len(store.sessions()) == 1000
+    ended = store.expire(now=time.monotonic() + 61)
+    assert sorted(ended) == sorted((s, 0) for s in sessions) and store.sessions() == []
+
+
+def test_a_session_made_after_a_sweep_expires_on_time(store: Registry) -> None:
+    long = store.create_session(100)
+    assert store.expire(now=time.monotonic() + 50) == []  # the sweep's bound: 100 s from now
+    short = store.create_session(1)
+    assert store.expire(now=time.monotonic() + 2) == [(short, 0)]
+    store.begin_call(long)
+    store.end_call(long)
+    assert store.expire(now=time.monotonic() + 99) == []
+    assert store.expire(now=time.monotonic() + 101) == [(long, 0)]
 
 
 def test_expiry_leaves_a_session_whose_handle_is_busy_for_a_later_sweep(store: Registry) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import enum
 import logging
+import math
 import secrets
 import threading
 import time
@@ -140,6 +141,10 @@ class Registry:
         self._groups: dict[int, dict[str, Entry]] = {}
         """Live entries by id of their lock: the objects that may share tensors."""
         self._sessions: dict[str, Session] = {}
+        self._due_from = math.inf
+        """No idle session's lease runs out before this (monotonic seconds): a lower bound, lowered
+        under the lock as a session is made or its last call ends, and set afresh by each sweep that
+        looks. Expiries only move later, so a stale read of it is a lower bound still (see `expire`)."""
         self._lock = threading.Lock()
         self._ledger = Ledger(limits or Limits())
         self.requests = RequestTable()
@@ -516,7 +521,9 @@ class Registry:
         caller.require_writer("starting a session")
         sid = session_id or f"ses_{secrets.token_hex(16)}"
         with self._lock:
-            self._sessions[sid] = Session(sid, lease, time.monotonic() + lease, tenant=tenant or caller.tenant)
+            session = Session(sid, lease, time.monotonic() + lease, tenant=tenant or caller.tenant)
+            self._sessions[sid] = session
+            self._due_from = min(self._due_from, session.expires)
         return sid
 
     def sessions(self) -> list[Session]:
@@ -545,6 +552,8 @@ class Registry:
             if session is not None:
                 session.active -= 1
                 session.expires = time.monotonic() + session.lease
+                if session.active == 0:
+                    self._due_from = min(self._due_from, session.expires)
 
     def close_session(self, session_id: str) -> int:
         """End a session and free every handle it owns, each once its calls in flight have finished;
@@ -570,12 +579,21 @@ class Registry:
         A session whose objects are busy with another caller's call is left for a later sweep, so
         the sweep never waits and never frees an object a call is working on. Returns (session id,
         handles freed) for each session ended; each is also logged.
+
+        Every call sweeps, so a sweep before any lease can have run out (`_due_from`) returns at once,
+        without the lock: a server's calls cost the same with ten thousand sessions as with none.
+        The sweep that looks at the sessions sets that bound afresh, from the idle ones it leaves
+        (one due but busy keeps it due, so the next call looks again).
         """
-        if not self._sessions:  # every call sweeps: without sessions, no lock (a stale read waits a sweep)
+        if not self._sessions:  # without sessions, no lock (a stale read waits a sweep)
             return []
         now = time.monotonic() if now is None else now
+        if now < self._due_from:
+            return []
         with self._lock:
             due = [sid for sid, s in self._sessions.items() if s.active == 0 and s.expires <= now]
+            if not due:
+                self._due_from = _earliest_idle_expiry(self._sessions)
         ended: list[tuple[str, int]] = []
         regions: list[Region] = []
         for sid in due:
@@ -590,6 +608,9 @@ class Registry:
                 del self._sessions[sid]
                 regions.extend(self.shared.take_session(sid))
                 ended.append((sid, self._drop(owned)))
+        if due:
+            with self._lock:
+                self._due_from = _earliest_idle_expiry(self._sessions)
         close_regions(regions)  # outside the locks: closing waits for the regions' copies
         for sid, freed in ended:
             log.warning("session %s expired (no call for its lease); freed %d handle(s)", sid, freed)
@@ -614,6 +635,12 @@ class Registry:
         for entry in entries:
             self._remove(self._handle_of(entry), entry)
         return len(entries)
+
+
+def _earliest_idle_expiry(sessions: Mapping[str, Session]) -> float:
+    """When the first lease of a session with no call in flight runs out (inf: none); a session
+    with calls in flight counts again when its last one ends (`end_call`)."""
+    return min((s.expires for s in sessions.values() if s.active == 0), default=math.inf)
 
 
 @contextlib.contextmanager
