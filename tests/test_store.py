@@ -563,6 +563,20 @@ def test_tensors_walk_finds_the_same_bytes_as_the_ledger_after_a_mixed_sequence(
     assert store.held_bytes() == walked_bytes(store) == {}
 
 
+def test_a_session_ends_with_the_handles_it_still_owns(store: Registry) -> None:
+    closing, expiring = store.create_session(60), store.create_session(10)
+    handles: dict[str, list[str]] = {}
+    for session in (closing, expiring):
+        with caller_session(session):
+            handles[session] = [add_dict(store, a=torch.zeros(10)) for _ in range(3)]
+        store.free([handles[session][1]])  # freed by hand first: the session must not free it again
+    kept = add_dict(store, a=torch.zeros(10))
+    assert store.close_session(closing) == 2
+    assert store.expire(now=time.monotonic() + 20) == [(expiring, 2)]
+    assert [h for h, _ in store.items()] == [kept]
+    assert store.held_bytes() == walked_bytes(store) == {"cpu": 40}
+
+
 class _CountedSessions(dict[str, Session]):
     """The registry's session table, counting the sweeps that look through it."""
 

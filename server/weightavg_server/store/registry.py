@@ -141,6 +141,8 @@ class Registry:
         self._groups: dict[int, dict[str, Entry]] = {}
         """Live entries by id of their lock: the objects that may share tensors."""
         self._sessions: dict[str, Session] = {}
+        self._by_session: dict[str, dict[str, Entry]] = {}
+        """Live entries by the session that owns them, so ending a session never walks every handle."""
         self._due_from = math.inf
         """No idle session's lease runs out before this (monotonic seconds): a lower bound, lowered
         under the lock as a session is made or its last call ends, and set afresh by each sweep that
@@ -381,6 +383,8 @@ class Registry:
             self._ledger.hold(obj, keys)
             ledger.hold(obj, keys)
             self._entries[handle] = entry
+            if owner is not None:
+                self._by_session.setdefault(owner, {})[handle] = entry
             self._owned[paid_by] = self._owned.get(paid_by, 0) + 1
             self._groups.setdefault(id(entry.lock), {})[handle] = entry
             for old in replacing:
@@ -481,6 +485,11 @@ class Registry:
     def _remove(self, handle: str, entry: Entry) -> None:
         """Drop one handle and, with its object's last handle, the object's allocations (lock held)."""
         del self._entries[handle]
+        if entry.session is not None:
+            owned = self._by_session[entry.session]
+            del owned[handle]
+            if not owned:
+                del self._by_session[entry.session]
         group = self._groups[id(entry.lock)]
         del group[handle]
         if not group:
@@ -628,7 +637,7 @@ class Registry:
 
     def _session_entries(self, session_id: str) -> list[Entry]:
         """The entries a session owns (internal lock held)."""
-        return [e for e in self._entries.values() if e.session == session_id]
+        return list(self._by_session.get(session_id, {}).values())
 
     def _drop(self, entries: list[Entry]) -> int:
         """Remove these live entries' handles (internal lock held, and their objects' locks)."""
