@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from weightavg import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from weightavg import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime
@@ -88,6 +88,17 @@ def test_purge_frees_every_handle_of_every_client(start_server) -> None:  # type
         assert err.value.details() == "purge frees every handle on the server: give no handles and not all with it"
         s.dict({"z": [3.0]})  # the session itself lives on
         assert s.free() == 1
+
+
+def test_the_server_opens_no_more_sessions_than_max_sessions(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(max_sessions=2)
+    with Client(server.address, session=True), Client(server.address, session=True) as second:
+        with pytest.raises(ResourceExhaustedError, match=r"cap of 2 open sessions \(--max-sessions\); close"):
+            Client(server.address, session=True)
+        assert len(server.registry.sessions()) == 2
+        second.close()
+        with Client(server.address, session=True) as third:
+            assert third.session is not None
 
 
 def test_close_session_frees_everything_it_owns_in_one_call(live_server: LiveServer, client: Client) -> None:

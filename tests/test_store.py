@@ -25,6 +25,7 @@ from weightavg_server.domain.tensors import TensorHolder, storage_bytes, storage
 from weightavg_server.store.accounting import Ledger, Reservation
 from weightavg_server.store.limits import Limits
 from weightavg_server.store.registry import Entry, Kind, Registry, Session, locked
+from weightavg_server.store.tenants import CALLER, Caller, Quota, Role
 
 NOTHING: dict[str, int] = {}
 LINEAR = (3 * 2 + 2) * 4
@@ -575,6 +576,37 @@ def test_a_session_ends_with_the_handles_it_still_owns(store: Registry) -> None:
     assert store.expire(now=time.monotonic() + 20) == [(expiring, 2)]
     assert [h for h, _ in store.items()] == [kept]
     assert store.held_bytes() == walked_bytes(store) == {"cpu": 40}
+
+
+@contextlib.contextmanager
+def as_tenant(name: str) -> Iterator[None]:
+    token = CALLER.set(Caller(name, Role.USER))
+    try:
+        yield
+    finally:
+        CALLER.reset(token)
+
+
+def test_sessions_are_capped_by_the_server_and_by_each_tenant_quota(store: Registry) -> None:
+    store.set_limits(Limits(max_sessions=4))
+    store.set_quotas({"alice": Quota(max_sessions=2)})
+    with as_tenant("alice"):
+        first, _ = store.create_session(60), store.create_session(60)
+        with pytest.raises(ResourceExhausted, match=r"tenant 'alice' holds its quota of 2 open sessions .*max_sessions.*close"):
+            store.create_session(60)
+    with as_tenant("bob"):  # another tenant is not held back by alice's quota, only by the server's cap
+        store.create_session(60), store.create_session(60)
+        with pytest.raises(ResourceExhausted, match=r"the server holds its cap of 4 open sessions \(--max-sessions\)"):
+            store.create_session(60)
+    assert len(store.sessions()) == 4  # the refusals started nothing
+    with as_tenant("alice"):
+        store.close_session(first)
+        store.create_session(60)  # a closed session makes room again
+    with as_tenant("bob"):
+        assert len(store.expire(now=time.monotonic() + 61)) == 4  # so do those whose lease ran out
+        store.create_session(60)
+    store.create_session(60, session_id="ses_restored", tenant="alice")  # a restored session was open before
+    assert len(store.sessions()) == 2
 
 
 class _CountedSessions(dict[str, Session]):

@@ -6,6 +6,7 @@ audit line without the token; snapshots keep each object's tenant."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import signal
@@ -38,6 +39,7 @@ TOKENS = f"""
 [tenants.carol]
 max_device_bytes = 65536
 max_handles = 8
+max_sessions = 2
 
 [[tokens]]
 token = "{ALICE}"
@@ -376,6 +378,26 @@ def test_quotas_hold_under_16_concurrent_clients_while_another_tenant_is_served(
     assert server.registry.held_bytes() == ({"cpu": held} if held else {})
 
 
+def test_a_tenant_opens_no_more_sessions_than_its_quota_and_others_are_not_held_back(server: Runtime) -> None:
+    """Carol's quota allows 2 open sessions: a third is refused (RESOURCE_EXHAUSTED, saying what to
+    do) and starts nothing; Bob, with no quota, opens his; once Carol closes one, she may open another."""
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(connect(server, CAROL, session=True))
+        stack.enter_context(connect(server, CAROL, session=True))
+        before = len(server.registry.sessions())
+        with pytest.raises(ResourceExhaustedError, match=r"tenant 'carol' holds its quota of 2 open sessions .*close"):
+            connect(server, CAROL, session=True)
+        assert len(server.registry.sessions()) == before
+        with connect(server, ADMIN) as admin:
+            carol = admin.stats()["tenants"]["carol"]
+            assert carol["sessions"] == 2 and carol["max_sessions"] == 2
+        with connect(server, BOB, session=True) as bob:
+            assert bob.session is not None
+        first.close()
+        with connect(server, CAROL, session=True) as again:
+            assert again.session is not None
+
+
 def test_audit_lines_for_each_change_and_none_for_reads(server: Runtime, world: World, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="weightavg.audit")
     with connect(server, ALICE) as a, connect(server, ALICE_READER) as r:
@@ -468,10 +490,11 @@ def test_a_bad_tokens_file_is_refused_saying_where_and_never_echoing_the_token(t
 
 def test_json_tokens_files_are_read_too(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
-    path.write_text(json.dumps({"tenants": {"a": {"max_handles": 3}},
+    path.write_text(json.dumps({"tenants": {"a": {"max_handles": 3, "max_sessions": 5}},
                                 "tokens": [{"token": "long-enough-token-xyz", "tenant": "a", "role": "reader"}]}))
     table = load_tokens(path)
-    assert table.caller("long-enough-token-xyz") is not None and table.quotas["a"].max_handles == 3
+    assert table.caller("long-enough-token-xyz") is not None
+    assert table.quotas["a"].max_handles == 3 and table.quotas["a"].max_sessions == 5
 
 
 def test_sighup_reloads_the_tokens_file_revoking_a_token_mid_run(tmp_path: Path) -> None:

@@ -433,7 +433,8 @@ class Client:
              "devices": {device: {"handles", "bytes"}},
              "request_ids": {"remembered", "duplicates_answered", "dropped"},
              "tenants": {tenant: {"calls", "failures", "handles", "bytes" (device -> bytes),
-                         "max_device_bytes", "max_handles"}}}  (an admin sees every tenant, others their own)
+                         "max_device_bytes", "max_handles", "sessions", "max_sessions"}}}
+             (an admin sees every tenant, others their own)
         """
         r = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self.timeout)
         return {
@@ -461,6 +462,7 @@ class Client:
                 t.tenant: {
                     "calls": t.calls, "failures": t.failures, "handles": t.handles, "bytes": dict(t.bytes),
                     "max_device_bytes": t.max_device_bytes, "max_handles": t.max_handles,
+                    "sessions": t.sessions, "max_sessions": t.max_sessions,
                 }
                 for t in r.tenants
             },

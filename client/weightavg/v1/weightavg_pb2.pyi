@@ -3717,6 +3717,8 @@ class TenantStats(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     MAX_DEVICE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_HANDLES_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    MAX_SESSIONS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant name, from the tokens file ("default" on a server without one)."""
     calls: _builtins.int
@@ -3729,6 +3731,10 @@ class TenantStats(_message.Message):
     """The tenant's quota of tensor bytes per device; 0 when it has none (the server's caps apply)."""
     max_handles: _builtins.int
     """The tenant's quota of live handles; 0 when it has none."""
+    sessions: _builtins.int
+    """Sessions the tenant holds open."""
+    max_sessions: _builtins.int
+    """The tenant's quota of open sessions; 0 when it has none (the server's --max-sessions applies)."""
     @_builtins.property
     def bytes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Bytes of distinct tensor storage its handles reach, per device (storage shared with another
@@ -3745,10 +3751,12 @@ class TenantStats(_message.Message):
         bytes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         max_device_bytes: _builtins.int = ...,
         max_handles: _builtins.int = ...,
+        sessions: _builtins.int = ...,
+        max_sessions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "calls", b"calls", "failures", b"failures", "handles", b"handles", "max_device_bytes", b"max_device_bytes", "max_handles", b"max_handles", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "calls", b"calls", "failures", b"failures", "handles", b"handles", "max_device_bytes", b"max_device_bytes", "max_handles", b"max_handles", "max_sessions", b"max_sessions", "sessions", b"sessions", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

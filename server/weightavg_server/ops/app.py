@@ -29,7 +29,6 @@ from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import InterceptorChain, SessionInterceptor
 from ..transport.tenancy import TenantInterceptor, Tokens
 from .tokens import TokensFileError, token_table
-from ..store.limits import Limits
 from ..transport.observe import ObservingInterceptor
 from ..store.registry import Registry
 from ..transport.servicer import SERVICE_NAME, WeightAveragingServicer, add_to_server
@@ -247,7 +246,7 @@ def create_runtime(
     pinned.set_cache_bytes(config.pinned_cache_bytes)
     pinned.set_locked_bytes(config.max_locked_bytes)
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
-    registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
+    registry.set_limits(config.limits())
     registry.set_quotas(tokens.table.quotas)
     registry.requests.configure(config.request_id_window_seconds, config.max_request_ids, config.max_request_id_bytes)
     if config.state_dir:

@@ -18,7 +18,6 @@ from .. import cluster
 from ..domain import optimizers
 from ..service import Service
 from ..store import snapshot
-from ..store.limits import Limits
 from ..store.registry import Registry
 from .app import create_runtime, settings
 from .config import ENV_PREFIX, ServerConfig
@@ -51,6 +50,8 @@ OPTIONS: list[tuple[str, str, type, str]] = [
      "most tensor bytes held on any one device; calls that would exceed it get RESOURCE_EXHAUSTED before "
      "allocating (0: the device's memory size)"),
     ("--max-handles", "max_handles", int, "most live handles; 0 for no cap"),
+    ("--max-sessions", "max_sessions", int,
+     "most sessions open at once (a tenant's own cap is its quota's max_sessions); 0 for no cap"),
     ("--token", "token", str,
      f"bearer token every call must carry (prefer the variable {ENV_PREFIX}TOKEN: flags show in ps); "
      "health checks stay open"),
@@ -175,7 +176,7 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     registry = Registry()
-    registry.set_limits(Limits(max_handles=config.max_handles, max_device_bytes=config.max_device_bytes))
+    registry.set_limits(config.limits())
     optimizers.prepare()
     if config.state_dir:
         restored = snapshot.load(registry, cluster.restore_dir(config.state_dir), fabric.device)

@@ -9,6 +9,7 @@ from weightavg.wire import CHUNK_BYTES
 
 from ..domain import pinned
 from ..store import requests
+from ..store.limits import Limits
 
 ENV_PREFIX = "WEIGHTAVG_"
 DEFAULT_HOST = "127.0.0.1"
@@ -24,6 +25,9 @@ DEFAULT_MAX_DEVICE_BYTES = 0
 """0: each device's own memory size (a CUDA device's total memory, the host's RAM for the CPU)."""
 DEFAULT_MAX_HANDLES = 1_000_000
 """Far above any real use; it stops a runaway client from filling memory with empty handles."""
+DEFAULT_MAX_SESSIONS = 100_000
+"""Far above any real use (each session costs the server a few hundred bytes until its lease runs
+out); it stops a runaway client from opening sessions without end."""
 DEFAULT_SESSION_LEASE_SECONDS = 60.0
 DEFAULT_MAX_SESSION_LEASE_SECONDS = 24 * 3600.0
 DEFAULT_KEEPALIVE_TIME_SECONDS = 60.0
@@ -68,6 +72,7 @@ class ServerConfig:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     max_device_bytes: int = DEFAULT_MAX_DEVICE_BYTES
     max_handles: int = DEFAULT_MAX_HANDLES
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     # Reliability and security (see docs/security.md). Empty strings mean "off".
     token: str = ""
     tokens: str = ""
@@ -97,6 +102,10 @@ class ServerConfig:
     max_locked_bytes: int = DEFAULT_MAX_LOCKED_BYTES
     # The cluster under torchrun (docs/cluster.md).
     cluster_timeout_seconds: float = DEFAULT_CLUSTER_TIMEOUT_SECONDS
+
+    def limits(self) -> Limits:
+        """The registry's caps: handles, sessions and bytes per device."""
+        return Limits(max_handles=self.max_handles, max_device_bytes=self.max_device_bytes, max_sessions=self.max_sessions)
 
     def __repr__(self) -> str:
         # The token is a secret: never let it reach a log line through the config's repr.

@@ -6,6 +6,7 @@ TOML (or JSON, for a name ending in .json)::
     [tenants.vision]                 # quotas; a tenant without a table has none
     max_device_bytes = 8_000_000_000 # tensor bytes its handles may reach on any one device
     max_handles = 10_000             # live handles it may own
+    max_sessions = 100               # sessions it may hold open at once
 
     [[tokens]]
     token = "kq3…"                   # at least 16 characters; or sha256 = "<hex digest of the token>"
@@ -32,7 +33,7 @@ MIN_TOKEN_LENGTH = 16
 """Shorter tokens are refused: a token is a password; make one with
 `python -c "import secrets; print(secrets.token_urlsafe(32))"`."""
 _TOKEN_KEYS = {"token", "sha256", "tenant", "role"}
-_QUOTA_KEYS = {"max_device_bytes", "max_handles"}
+_QUOTA_KEYS = {"max_device_bytes", "max_handles", "max_sessions"}
 
 
 class TokensFileError(ValueError):
@@ -93,6 +94,7 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
         quotas[name] = Quota(
             max_device_bytes=_whole(table.get("max_device_bytes", 0), f"{where}.max_device_bytes"),
             max_handles=_whole(table.get("max_handles", 0), f"{where}.max_handles"),
+            max_sessions=_whole(table.get("max_sessions", 0), f"{where}.max_sessions"),
         )
     entries = data.get("tokens", [])
     if not isinstance(entries, list):

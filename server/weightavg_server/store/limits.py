@@ -26,10 +26,12 @@ class Limits:
         max_handles: most live handles at once; 0 means no cap.
         max_device_bytes: most tensor bytes held on any one device; 0 means the device's own memory
             size, so a request that could never fit is refused before it allocates anything.
+        max_sessions: most sessions open at once; 0 means no cap.
     """
 
     max_handles: int = 0
     max_device_bytes: int = 0
+    max_sessions: int = 0
 
     def bytes_cap(self, device: str) -> int:
         """The byte cap for one device ("cpu", "cuda:0")."""

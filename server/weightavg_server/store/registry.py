@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..domain.errors import InvalidArgument, NotFound
+from ..domain.errors import InvalidArgument, NotFound, ResourceExhausted
 from ..domain.shm import Region
 from ..domain.tensors import EMPTY_SUMMARY, Bytes, HandleSummary, storages, summarize, tensors_of
 from .accounting import Ledger, Reservation
@@ -103,6 +103,7 @@ class TenantUsage:
     handles: int
     nbytes: Bytes
     quota: Quota
+    sessions: int = 0
 
 
 HANDLE_BITS: contextvars.ContextVar[Callable[[], str] | None] = contextvars.ContextVar(
@@ -141,6 +142,8 @@ class Registry:
         self._groups: dict[int, dict[str, Entry]] = {}
         """Live entries by id of their lock: the objects that may share tensors."""
         self._sessions: dict[str, Session] = {}
+        self._open_sessions: dict[str, int] = {}
+        """Sessions open per tenant, for its quota's max_sessions."""
         self._by_session: dict[str, dict[str, Entry]] = {}
         """Live entries by the session that owns them, so ending a session never walks every handle."""
         self._due_from = math.inf
@@ -185,15 +188,16 @@ class Registry:
                 ledger.limits = _quota_limits(self._quotas.get(name, Quota()))
 
     def tenant_usage(self) -> dict[str, TenantUsage]:
-        """Per tenant that holds something or has a quota: its live handles, the bytes of distinct
-        storage they reach by device, and its quota; sorted by tenant."""
+        """Per tenant that holds something (or a session open) or has a quota: its live handles, the
+        bytes of distinct storage they reach by device, its quota and its open sessions; sorted by tenant."""
         with self._lock:
-            names = sorted(set(self._tenants) | set(self._quotas))
+            names = sorted(set(self._tenants) | set(self._quotas) | set(self._open_sessions))
             return {
                 name: TenantUsage(
                     self._owned.get(name, 0),
                     self._tenants[name].held() if name in self._tenants else {},
                     self._quotas.get(name, Quota()),
+                    self._open_sessions.get(name, 0),
                 )
                 for name in names
             }
@@ -525,15 +529,48 @@ class Registry:
 
     def create_session(self, lease: float, session_id: str | None = None, tenant: str | None = None) -> str:
         """Start a session of the caller's tenant whose lease is `lease` seconds; `session_id` and
-        `tenant` only when restoring a snapshot."""
+        `tenant` only when restoring a snapshot (a restored session was open before: no cap refuses it).
+
+        Raises:
+            ResourceExhausted: the server holds its cap of sessions (--max-sessions), or the tenant
+                its quota's max_sessions; nothing is started.
+        """
         caller = CALLER.get()
         caller.require_writer("starting a session")
         sid = session_id or f"ses_{secrets.token_hex(16)}"
+        owner = tenant or caller.tenant
         with self._lock:
-            session = Session(sid, lease, time.monotonic() + lease, tenant=tenant or caller.tenant)
+            if session_id is None:
+                self._check_session_room(owner)
+            session = Session(sid, lease, time.monotonic() + lease, tenant=owner)
             self._sessions[sid] = session
+            self._open_sessions[owner] = self._open_sessions.get(owner, 0) + 1
             self._due_from = min(self._due_from, session.expires)
         return sid
+
+    def _check_session_room(self, tenant: str) -> None:
+        """ResourceExhausted unless one more session fits the server's cap and the tenant's quota (lock held)."""
+        cap = self._ledger.limits.max_sessions
+        if cap and len(self._sessions) >= cap:
+            raise ResourceExhausted(
+                f"the server holds its cap of {cap} open sessions (--max-sessions); close the sessions you no "
+                "longer use (Client.close(), CloseSession) or let their leases run out first"
+            )
+        quota = self._quotas.get(tenant, Quota()).max_sessions
+        if quota and self._open_sessions.get(tenant, 0) >= quota:
+            raise ResourceExhausted(
+                f"tenant '{tenant}' holds its quota of {quota} open sessions (max_sessions in the tokens file); "
+                "close the sessions it no longer uses (Client.close(), CloseSession) or let their leases run out first"
+            )
+
+    def _forget_session(self, session_id: str) -> None:
+        """Drop an ended session's record (lock held)."""
+        tenant = self._sessions.pop(session_id).tenant
+        left = self._open_sessions[tenant] - 1
+        if left:
+            self._open_sessions[tenant] = left
+        else:
+            del self._open_sessions[tenant]
 
     def sessions(self) -> list[Session]:
         """Every live session (copies of their records)."""
@@ -576,7 +613,7 @@ class Registry:
                 self._live_session(session_id)
                 if self._session_entries(session_id) != owned:
                     continue  # a handle joined the session while this call waited: lock it too
-                del self._sessions[session_id]
+                self._forget_session(session_id)
                 regions = self.shared.take_session(session_id)
                 freed = self._drop(owned)
             close_regions(regions)  # outside the locks: closing waits for the regions' copies
@@ -614,7 +651,7 @@ class Registry:
                     continue
                 if self._session_entries(sid) != owned:
                     continue
-                del self._sessions[sid]
+                self._forget_session(sid)
                 regions.extend(self.shared.take_session(sid))
                 ended.append((sid, self._drop(owned)))
         if due:

@@ -81,10 +81,12 @@ class Quota:
     Args:
         max_device_bytes: most tensor bytes its handles reach on any one device.
         max_handles: most live handles it owns.
+        max_sessions: most sessions it holds open at once.
     """
 
     max_device_bytes: int = 0
     max_handles: int = 0
+    max_sessions: int = 0
 
 
 def check_tenant_name(name: str) -> str:

@@ -237,6 +237,7 @@ def tenant_stats(usage: Mapping[str, TenantUsage], calls: Mapping[str, TenantCal
         rows.append(pb.TenantStats(
             tenant=name, calls=c.calls if c else 0, failures=c.failures if c else 0, handles=u.handles,
             bytes=dict(u.nbytes), max_device_bytes=u.quota.max_device_bytes, max_handles=u.quota.max_handles,
+            sessions=u.sessions, max_sessions=u.quota.max_sessions,
         ))
     return rows
 
