@@ -70,6 +70,20 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
     return times
 
 
+def in_blocks(fns: dict[str, Callable[[], Any]], repeats: int, block: int = 50) -> dict[str, list[float]]:
+    """Seconds per call of each function, `block` calls back to back at a time, the blocks alternated
+    `repeats` times after one untimed block each: for calls short enough that a pause before each
+    would measure the pause's cost (docs/perf.md, "What a call after a pause pays")."""
+    for fn in fns.values():
+        for _ in range(block):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].extend(timed(fn) for _ in range(block))
+    return times
+
+
 def at_most(limit: float) -> Callable[[float], bool]:
     return lambda ratio: ratio <= limit
 

@@ -21,7 +21,7 @@ import torch
 from weightavg import Client, Handle
 from weightavg_server.ops.launch import LocalCluster
 
-from ._harness import Row, Skip, at_least, at_most, bench_server, interleaved, median, row, timed
+from ._harness import Row, Skip, at_least, at_most, bench_server, in_blocks, interleaved, median, row, timed
 from ._raw import RawClient, payload
 
 GB = 1e9
@@ -216,13 +216,7 @@ def small_call(ctx: Context) -> list[Row | Skip]:
     health = health_pb2_grpc.HealthStub(c._raw_channel)  # the same channel, without the client's interceptors
     check = health_pb2.HealthCheckRequest()
     calls = {"avgparms": lambda: c.avgparms(m, p), "Ping": c.ping, "health": lambda: health.Check(check, timeout=60)}
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        for _ in range(50):
-            fn()
-    for _ in range(ctx.reps(40, 10)):
-        for name, fn in calls.items():
-            times[name].extend(timed(fn) for _ in range(50))
+    times = in_blocks(calls, ctx.reps(40, 10))
     c.free(m, p)
     r = row("small call", "avgparms p50, linear 2->1", "Ping p50 (same server)", times, "avgparms", "Ping",
             target="<= 1.3x", check=at_most(1.3))
@@ -259,13 +253,7 @@ def many_sessions(ctx: Context) -> list[Row | Skip]:
                     stub.CreateSession(pb.CreateSessionRequest(lease_seconds=3600), timeout=60)
             calls[f"health {where}"] = functools.partial(health.Check, check, timeout=60)
             calls[f"avgparms {where}"] = functools.partial(c.avgparms, m, p)
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for fn in calls.values():
-            for _ in range(50):
-                fn()
-        for _ in range(ctx.reps(20, 5)):
-            for name, fn in calls.items():
-                times[name].extend(timed(fn) for _ in range(50))
+        times = in_blocks(calls, ctx.reps(20, 5))
     rows: list[Row | Skip] = []
     for name in ("health", "avgparms"):
         r = row("many sessions", f"{name} p50, a server holding {count} idle sessions",
