@@ -271,6 +271,10 @@ def test_metrics_endpoint_after_some_calls(ops_server: OpsServer, ops: Client) -
     assert delta("weightavg_tenant_calls_total", (("tenant", "default"),)) == 6
     assert delta("weightavg_tenant_failures_total", (("tenant", "default"),)) == 1
     assert after[("weightavg_tenant_handles", (("tenant", "default"),))] == 1
+    with Client(ops_server.address, session=True):
+        open_now = len(ops_server.registry.sessions())
+        assert open_now >= 1
+        assert scrape(ops_server.metrics_url)[("weightavg_tenant_sessions", (("tenant", "default"),))] == open_now
     assert after[("weightavg_tenant_tensor_bytes", (("device", "cpu"), ("tenant", "default")))] == 4000
     assert ("weightavg_build_info", (
         ("device", "cpu"), ("grpc_version", grpc.__version__), ("torch_version", torch.__version__),

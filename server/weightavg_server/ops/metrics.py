@@ -103,6 +103,7 @@ class WeightavgCollector(Collector):
             labels=["tenant"],
         )
         owned = GaugeMetricFamily("weightavg_tenant_handles", "Live handles a tenant owns.", labels=["tenant"])
+        sessions = GaugeMetricFamily("weightavg_tenant_sessions", "Sessions a tenant holds open.", labels=["tenant"])
         held = GaugeMetricFamily(
             "weightavg_tenant_tensor_bytes", "Bytes of distinct tensor storage a tenant's handles reach, by device.",
             labels=["tenant", "device"],
@@ -115,9 +116,10 @@ class WeightavgCollector(Collector):
             failures.add_metric([tenant], c.failures if c else 0)
             u = by_tenant.get(tenant)
             owned.add_metric([tenant], u.handles if u else 0)
+            sessions.add_metric([tenant], u.sessions if u else 0)
             for device, n in sorted(u.nbytes.items()) if u else []:
                 held.add_metric([tenant, device], n)
-        yield from (calls, failures, owned, held)
+        yield from (calls, failures, owned, sessions, held)
 
         info = GaugeMetricFamily(
             "weightavg_build_info", "Versions and device of this server (value always 1).",
