@@ -551,13 +551,13 @@ class Registry:
     def _check_session_room(self, tenant: str) -> None:
         """ResourceExhausted unless one more session fits the server's cap and the tenant's quota (lock held)."""
         cap = self._ledger.limits.max_sessions
-        if cap and len(self._sessions) >= cap:
+        if cap > 0 and len(self._sessions) >= cap:  # as max_handles: 0 or less is no cap
             raise ResourceExhausted(
                 f"the server holds its cap of {cap} open sessions (--max-sessions); close the sessions you no "
                 "longer use (Client.close(), CloseSession) or let their leases run out first"
             )
         quota = self._quotas.get(tenant, Quota()).max_sessions
-        if quota and self._open_sessions.get(tenant, 0) >= quota:
+        if quota > 0 and self._open_sessions.get(tenant, 0) >= quota:
             raise ResourceExhausted(
                 f"tenant '{tenant}' holds its quota of {quota} open sessions (max_sessions in the tokens file); "
                 "close the sessions it no longer uses (Client.close(), CloseSession) or let their leases run out first"
