@@ -38,7 +38,8 @@ def test_every_serve_option_is_in_the_ops_table_with_its_variable() -> None:
     for flags, variables, *_ in rows:
         for flag, variable in zip(_names(flags), _names(variables), strict=True):
             documented[flag] = variable.split("=")[0]
-    expected = {flag: f"{ENV_PREFIX}{name.upper()}" for flag, name, *_ in [*OPTIONS, *SWITCHES]}
+    names = [(flag, name) for flag, name, *_ in OPTIONS] + [(flag, name) for flag, name, _ in SWITCHES]
+    expected = {flag: f"{ENV_PREFIX}{name.upper()}" for flag, name in names}
     assert documented == expected
 
 
