@@ -221,3 +221,17 @@ def test_avgparms_size_error_uses_pytorch_wording(client: Client, unchanged: Any
     assert err.value.message.startswith(
         "The size of tensor a (4) must match the size of tensor b (3) at non-singleton dimension 1"
     )
+
+
+def test_a_message_echoing_a_huge_name_is_cut_so_the_status_arrives(live_server: LiveServer) -> None:
+    """gRPC caps the trailer that carries the status message (16 KiB): a message that echoed a
+    20,000-character handle arrived as RESOURCE_EXHAUSTED "received metadata size exceeds hard
+    limit" instead of its own status (found by review). Messages are cut to 1,000 characters."""
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        for handle in ("z" * 20000, "\u00e9" * 20000):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.FreeHandles(pb.FreeHandlesRequest(handles=[handle]), timeout=60)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            details = err.value.details()
+            assert len(details) <= 1000 and details.startswith("unknown handle") and "more characters)" in details

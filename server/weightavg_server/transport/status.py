@@ -18,10 +18,25 @@ log = logging.getLogger("weightavg.rpc")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+MAX_MESSAGE_CHARS = 1000
+"""Longest status message sent. Messages echo what the client sent (a name, an id), and gRPC sends
+the message percent-encoded in a trailer whose size it caps (16 KiB): a longer one replaced the
+status with a transport error (RESOURCE_EXHAUSTED, "received metadata size exceeds hard limit").
+1,000 characters stay under the cap even if each is 4 UTF-8 bytes, each sent as 3 characters."""
+
+
+def bounded(message: str) -> str:
+    """The message, cut to `MAX_MESSAGE_CHARS` with a note of how much was left out."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    kept = MAX_MESSAGE_CHARS - 60  # room for the note
+    return f"{message[:kept]}... ({len(message) - kept} more characters)"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client sees for an exception raised while serving."""
     if isinstance(exc, WeightavgError):
-        return grpc.StatusCode[exc.code], str(exc)
+        return grpc.StatusCode[exc.code], bounded(str(exc))
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "CUDA out of memory: " + str(exc).splitlines()[0]
     if isinstance(exc, MemoryError):
