@@ -256,3 +256,25 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"weightavg serve: {message}"
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    """Connections and shared memory regions take descriptors; the usual soft limit of 1024 is low
+    for a server, and a client's regions could take them all (docs/security.md)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)),
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith("weightavg serving on ")
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        soft_now = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+        assert soft_now == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
+    finally:
+        process.kill()
+        process.wait()

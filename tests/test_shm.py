@@ -139,8 +139,16 @@ def test_regions_are_unregistered_when_the_session_ends(shm_server: LiveServer) 
     assert len(shm_server.registry.shared) == 0
 
 
-def _register(stub: Any, key: str, size: int, session: str | None, name: str = "r") -> Any:
+def _register(stub: Any, key: str, size: int, session: str | None, name: str = "r", prove: bool = True) -> Any:
+    """Register /dev/shm/<key> as a client does: with the session's proof written at its start."""
     metadata = [("weightavg-session", session)] if session else []
+    path = os.path.join(shm.SHM_DIRECTORY, key)
+    if prove and session and os.path.isfile(path):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, shm.proof(session), 0)
+        finally:
+            os.close(fd)
     return stub.RegisterSharedMemory(
         pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size), metadata=metadata, timeout=WAIT
     )
@@ -180,15 +188,6 @@ def test_registration_is_checked_and_errors_never_name_the_key(
             with pytest.raises(grpc.RpcError) as err:
                 _register(stub, key, size, session)
             assert err.value.code() == code and text in err.value.details() and region.name not in err.value.details()
-        sparse = shared_memory.SharedMemory(create=True, size=4096)  # created, never allocated
-        try:
-            with pytest.raises(grpc.RpcError) as err:
-                _register(stub, sparse.name, 4096, owner.session)
-            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "must be allocated" in err.value.details()
-            assert sparse.name not in err.value.details()
-        finally:
-            sparse.close()
-            sparse.unlink()
         assert _register(stub, region.name, 4096, owner.session).byte_size == 4096
         with Client(shm_server.address, session=True) as other:  # same tenant, another session
             with pytest.raises(grpc.RpcError) as err:
@@ -212,6 +211,9 @@ def test_placements_outside_the_region_are_refused_and_create_nothing(
             pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2], offset=0, byte_size=12),
             pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2], offset=2, byte_size=8),
             pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[2], offset=-8, byte_size=8),
+            # no elements, but strides past int64: torch's RuntimeError was INTERNAL (found by review)
+            pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[0, 2**62, 2**62], offset=0, byte_size=0),
+            pb.SharedTensor(name="x", dtype=pb.DTYPE_FLOAT32, shape=[1] * 33, offset=0, byte_size=4),
         ]
         for t in bad:
             request = pb.CreateDictionaryFromSharedMemoryRequest(region="r", tensors=[t])
@@ -219,6 +221,73 @@ def test_placements_outside_the_region_are_refused_and_create_nothing(
                 stub.CreateDictionaryFromSharedMemory(request, metadata=[("weightavg-session", c.session)], timeout=WAIT)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and region.name not in err.value.details()
         assert len(shm_server.registry) == before
+
+
+def test_a_sparse_region_is_allocated_by_the_server_at_registration(shm_server: LiveServer) -> None:
+    """A page of a sparse region would be allocated when a copy first touches it, and with /dev/shm
+    full that touch kills the server with SIGBUS. The file's block count cannot say which pages
+    are allocated: a file of 2 MiB whose second half alone is allocated was accepted for its first
+    MiB (found by review). The server now allocates the bytes it maps; their content is kept."""
+    size = 1 << 20
+    memory = shared_memory.SharedMemory(create=True, size=2 * size)
+    try:
+        fd = os.open(os.path.join(shm.SHM_DIRECTORY, memory.name), os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, size, size)  # only the half that is not mapped
+            os.pwrite(fd, b"kept", 4096)  # one page of the mapped half written
+            with grpc.insecure_channel(shm_server.address) as channel, Client(shm_server.address, session=True) as c:
+                stub = pb_grpc.WeightAveragingServiceStub(channel)
+                assert _register(stub, memory.name, size, c.session).byte_size == size
+                assert os.fstat(fd).st_blocks * 512 >= 2 * size  # every mapped page allocated
+                assert os.pread(fd, 4, 4096) == b"kept"
+                meta = [("weightavg-session", c.session)]
+                request = pb.CreateDictionaryFromSharedMemoryRequest(
+                    region="r", tensors=[pb.SharedTensor(name="x", dtype=pb.DTYPE_UINT8, shape=[4], offset=4096, byte_size=4)]
+                )
+                d = stub.CreateDictionaryFromSharedMemory(request, metadata=meta, timeout=WAIT).dictionary.id
+                assert bytes(c.dict(d)["x"]) == b"kept"
+        finally:
+            os.close(fd)
+    finally:
+        memory.close()
+        memory.unlink()
+
+
+def test_a_region_must_carry_its_sessions_proof_so_only_a_writer_of_the_file_registers_it(
+    shm_server: LiveServer, region: shared_memory.SharedMemory
+) -> None:
+    """The server opens a key with its own user's rights, so without a proof a caller of any Unix
+    user (with a token, or none on an open server) could read and overwrite any /dev/shm file of
+    the server's user by naming it (found by review: a root-owned 0600 file read and written by a
+    'nobody' client). The file must start with the prefix and the caller's session id, which only
+    someone able to write it could have put there; it is read before anything is allocated."""
+    from weightavg import _shm
+
+    assert _shm.PROOF_PREFIX == shm.PROOF_PREFIX and _shm.proof("ses_x") == shm.proof("ses_x")
+    sparse = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        with grpc.insecure_channel(shm_server.address) as channel, \
+                Client(shm_server.address, session=True) as owner, Client(shm_server.address, session=True) as other:
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            fd = os.open(os.path.join(shm.SHM_DIRECTORY, region.name), os.O_RDWR)
+            try:
+                for written in (b"", shm.proof(other.session or ""), shm.PROOF_PREFIX):
+                    os.pwrite(fd, written.ljust(64, b"\0"), 0)
+                    with pytest.raises(grpc.RpcError) as err:
+                        _register(stub, region.name, 4096, owner.session, prove=False)
+                    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "proof" in err.value.details()
+                    assert region.name not in err.value.details()
+            finally:
+                os.close(fd)
+            with pytest.raises(grpc.RpcError) as err:
+                _register(stub, sparse.name, 4096, owner.session, prove=False)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert os.stat(os.path.join(shm.SHM_DIRECTORY, sparse.name)).st_blocks == 0  # nothing allocated
+            assert _register(stub, region.name, 4096, owner.session).byte_size == 4096
+            assert len(shm_server.registry.shared) == 1
+    finally:
+        sparse.close()
+        sparse.unlink()
 
 
 def test_allow_shm_is_off_by_default_and_set_by_flag_or_variable() -> None:
@@ -341,12 +410,11 @@ def test_a_session_ends_without_holding_the_store_while_its_region_finishes_a_co
     deadlock with the session's end."""
     from weightavg_server.store.limits import Limits
     from weightavg_server.store.registry import Registry
-    from weightavg_server.store.tenants import DEFAULT_TENANT
 
     store = Registry(Limits())
     session = store.create_session(60)
     mapped = shm.Region(region.name, 4096)
-    store.shared.register(DEFAULT_TENANT, session, "r", mapped)
+    store.register_region(session, "r", mapped)
     with _copy_in_progress(mapped, lambda: store.close_session(session)) as closer:
         assert closer.is_alive()  # waiting for the copy, in close_regions
         other = threading.Thread(target=store.create_session, args=(60,))  # takes the store's lock
@@ -445,6 +513,114 @@ def test_a_cuda_server_locks_its_clients_regions_with_the_same_results_as_the_st
         m = fast.module(NET)
         assert all(same(fast.dict(fast.copyparms(m))[k], v) for k, v in slow.dict(slow.copyparms(m)).items())
     assert pinned.locked_bytes() == before  # the session ended: every region unlocked
+
+
+def test_a_region_whose_memory_cannot_be_allocated_or_opened_is_resource_exhausted(
+    region: shared_memory.SharedMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/shm full at registration, or the server out of descriptors: RESOURCE_EXHAUSTED saying
+    what to do (out of descriptors was INTERNAL from mmap, or a FailedPrecondition blaming the
+    client's file), and no descriptor kept."""
+    import errno
+
+    def fail(code: int) -> Callable[..., None]:
+        def raiser(*args: object) -> None:
+            raise OSError(code, os.strerror(code))
+        return raiser
+
+    before = len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "posix_fallocate", fail(errno.ENOSPC))
+        with pytest.raises(shm.ResourceExhausted, match="no room"):
+            shm.Region(region.name, 4096)
+    for name, code in (("open", errno.EMFILE), ("open", errno.ENFILE)):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, name, fail(code))
+            with pytest.raises(shm.ResourceExhausted, match="file descriptors"):
+                shm.Region(region.name, 4096)
+    with monkeypatch.context() as patch:
+        patch.setattr(shm.mmap, "mmap", fail(errno.EMFILE))
+        with pytest.raises(shm.ResourceExhausted, match="file descriptors"):
+            shm.Region(region.name, 4096)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_hole_punched_after_registration_stops_the_copies(region: shared_memory.SharedMemory) -> None:
+    """Memory released from a registered file (fallocate's PUNCH_HOLE) would be allocated again by
+    the next copy that touches it, and with /dev/shm full that is SIGBUS: copies are refused
+    instead, as for a truncated file."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    mapped = shm.Region(region.name, 4096)
+    with mapped.copying():
+        pass
+    fd = os.open(os.path.join(shm.SHM_DIRECTORY, region.name), os.O_RDWR)
+    try:
+        punch_hole, keep_size = 0x02, 0x01
+        assert libc.fallocate(fd, punch_hole | keep_size, ctypes.c_long(0), ctypes.c_long(4096)) == 0
+    finally:
+        os.close(fd)
+    with pytest.raises(FailedPrecondition, match="lost memory"):
+        with mapped.copying():
+            pass
+    mapped.close()
+
+
+def test_a_region_registered_as_its_session_ends_is_refused_not_orphaned(region: shared_memory.SharedMemory) -> None:
+    """The session is checked under the store's lock as the region joins it: a registration that
+    lost the race with CloseSession used to succeed after it, leaving a mapping, two descriptors
+    and the file's memory held with no session to end them (found by review: 24 of 1,200 racing
+    pairs)."""
+    from weightavg_server.store.limits import Limits
+    from weightavg_server.store.registry import Registry
+
+    store = Registry(Limits())
+    session = store.create_session(60)
+    mapped = shm.Region(region.name, 4096)  # opened while the session was live, as the call began
+    store.close_session(session)
+    with pytest.raises(NotFound, match="unknown session"):
+        store.register_region(session, "r", mapped)
+    assert len(store.shared) == 0
+    with pytest.raises(FailedPrecondition, match="unregistered"):
+        with mapped.copying():
+            pass
+
+
+def test_the_server_holds_at_most_its_cap_of_regions(
+    region: shared_memory.SharedMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions are many and each may hold 16 regions of two descriptors each, so one caller could
+    take every descriptor and stop new connections (found by review: 507 registrations in 32
+    sessions of a server with 1,024). The server holds at most an eighth of its limit in regions;
+    replacing a region by name is never refused."""
+    import resource
+
+    from weightavg_server.store import shm as store_shm
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = store_shm.MAX_REGIONS if soft == resource.RLIM_INFINITY else max(16, min(store_shm.MAX_REGIONS, soft // 8))
+    assert store_shm.region_cap() == expected
+    monkeypatch.setattr(store_shm, "region_cap", lambda: 2)
+    other = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        regions = SharedRegions()
+        regions.register("alice", "s1", "a", shm.Region(region.name, 4096))
+        regions.register("alice", "s1", "b", shm.Region(region.name, 64))  # a file is one session's
+        refused = shm.Region(other.name, 64)
+        with pytest.raises(shm.ResourceExhausted, match="cap of 2 shared memory regions"):
+            regions.register("bob", "s2", "c", refused)
+        with pytest.raises(FailedPrecondition, match="unregistered"):
+            with refused.copying():
+                pass
+        replaced = regions.register("alice", "s1", "a", shm.Region(region.name, 128))
+        assert replaced is not None and replaced.byte_size == 4096 and len(regions) == 2
+        replaced.close()
+        assert regions.end_session("s1") == 2
+    finally:
+        other.close()
+        other.unlink()
 
 
 def test_store_regions_belong_to_one_tenant_and_session(region: shared_memory.SharedMemory) -> None:
@@ -695,7 +871,7 @@ def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
         d = fast.dict({"big": big})
 
-        def full(size: int) -> Any:
+        def full(size: int, session: str) -> Any:
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(_shm, "_create", full)

@@ -1240,7 +1240,7 @@ class Client:
             self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
         try:
-            return region.ensure(nbytes, register)
+            return region.ensure(nbytes, register, self.session or "")
         except grpc.RpcError as exc:
             self._shm_refused(exc)
             return None
@@ -1398,7 +1398,7 @@ class Client:
                         self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
                     try:
-                        name = pool.region_for(r.needed_bytes, register)
+                        name = pool.region_for(r.needed_bytes, register, self.session or "")
                     except grpc.RpcError as exc:
                         self._shm_refused(exc)
                         return None

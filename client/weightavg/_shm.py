@@ -48,6 +48,10 @@ POOL_GRAIN = 2 << 20
 only when it outgrows the step."""
 SHM_DIRECTORY = "/dev/shm"
 MIN_UPLOAD_BYTES = 16 << 10
+PROOF_PREFIX = b"weightavg-region:"
+"""A region starts with this and the session's id when it is registered: the server reads them
+from the file to know that the caller could write it (docs/security.md). The server's copy of the
+prefix is weightavg_server.domain.shm.PROOF_PREFIX."""
 """Uploads of fewer bytes than this go in the stream's messages as they would without shared
 memory: one message either way, and no lock or region for a small call."""
 
@@ -56,9 +60,15 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _create(size: int) -> tuple[str, mmap.mmap]:
-    """A new file of `size` bytes in /dev/shm, mapped here: its name (the key the server opens) and
-    the mapping. Only this user may open it; the caller unlinks it once the server has mapped it."""
+def proof(session: str) -> bytes:
+    """What a region of this session starts with when it is registered."""
+    return PROOF_PREFIX + session.encode()
+
+
+def _create(size: int, session: str) -> tuple[str, mmap.mmap]:
+    """A new file of `size` bytes in /dev/shm, mapped here, starting with the session's `proof`:
+    its name (the key the server opens) and the mapping. Only this user may open it; the caller
+    unlinks it once the server has mapped it."""
     key = f"wa_{secrets.token_hex(12)}"
     path = os.path.join(SHM_DIRECTORY, key)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -67,7 +77,10 @@ def _create(size: int) -> tuple[str, mmap.mmap]:
         # Allocated now, so a full /dev/shm fails here (OSError: the stream is used) rather than
         # in a copy into the mapping (SIGBUS); the server refuses sparse regions.
         os.posix_fallocate(fd, 0, size)
-        return key, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        memory = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        signed = proof(session)
+        memory[: len(signed)] = signed  # overwritten by the first tensor placed: checked at registration only
+        return key, memory
     except BaseException:
         os.unlink(path)
         raise
@@ -75,14 +88,14 @@ def _create(size: int) -> tuple[str, mmap.mmap]:
         os.close(fd)
 
 
-def _registered(size: int, register: Callable[[str, int], None]) -> mmap.mmap:
-    """A new region of `size` bytes registered with the server (`register(key, size)`).
+def _registered(size: int, register: Callable[[str, int], None], session: str) -> mmap.mmap:
+    """A new region of `size` bytes registered with the server (`register(key, size)`) by `session`.
 
     The file's name is unlinked as soon as the server has mapped it (or refused it): from then on
     only this process and the server hold the memory, nothing is left in /dev/shm if either dies,
     and a leaked name opens nothing.
     """
-    key, memory = _create(size)
+    key, memory = _create(size, session)
     try:
         register(key, size)
     except BaseException:
@@ -100,11 +113,11 @@ class SharedRegion:
         self._memory: mmap.mmap | None = None
         self.size = 0
 
-    def ensure(self, nbytes: int, register: Callable[[str, int], None]) -> memoryview:
+    def ensure(self, nbytes: int, register: Callable[[str, int], None], session: str) -> memoryview:
         """The region's bytes, at least `nbytes` of them (registering a larger region if needed)."""
         if self._memory is None or self.size < nbytes:
             size = max(_aligned(nbytes), 2 * self.size, MIN_BYTES)
-            memory = _registered(size, register)
+            memory = _registered(size, register, session)
             self.close()
             self._memory, self.size = memory, size
         return memoryview(self._memory)
@@ -152,7 +165,7 @@ class FetchPool:
             best = max(free, key=lambda s: s.size)
             return best.name, best.size
 
-    def region_for(self, nbytes: int, register: Callable[[str, str, int], None]) -> str:
+    def region_for(self, nbytes: int, register: Callable[[str, str, int], None], session: str) -> str:
         """The name of a free region of at least `nbytes`, registering one if none is: in place of
         a free region that is too small, under an unused name, or else in place of the oldest lent
         one (`register(name, key, size)`)."""
@@ -166,7 +179,7 @@ class FetchPool:
             slot.lent = True  # nobody else takes it while it is being registered
         size = max(math.ceil(nbytes / POOL_GRAIN) * POOL_GRAIN, POOL_GRAIN)
         try:
-            memory = _registered(size, lambda key, n: register(slot.name, key, n))
+            memory = _registered(size, lambda key, n: register(slot.name, key, n), session)
         except BaseException:
             with self._lock:
                 slot.lent = False

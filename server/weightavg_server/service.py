@@ -1034,10 +1034,13 @@ class Service:
             )
         if cuda is not None and key:
             raise InvalidArgument("a shared memory region is a /dev/shm key or a CUDA buffer, not both")
-        region = shm.Region(key, byte_size) if cuda is None else cuda_ipc.CudaRegion(cuda, byte_size)
+        if cuda is None:
+            region: shm.Region = shm.Region(key, byte_size, proof=shm.proof(session))
+        else:
+            region = cuda_ipc.CudaRegion(cuda, byte_size)
         if cuda is None and self.device.type == "cuda":
             region.lock_pages(self.device)  # copies to and from the device as DMA; pageable if refused
-        self.store.shared.register(caller.tenant, session, name, region)
+        self.store.register_region(session, name, region)
         return byte_size
 
     @_exactly_once

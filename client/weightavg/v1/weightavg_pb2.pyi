@@ -840,7 +840,8 @@ class AllReduceRequest(_message.Message):
     """How values are combined."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -879,7 +880,8 @@ class BroadcastRequest(_message.Message):
     """The rank whose values every rank takes (0 to world_size - 1)."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -955,7 +957,8 @@ class CreateModuleRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def spec(self) -> Global___LayerSpec:
@@ -1232,7 +1235,8 @@ class ViewParametersRequest(_message.Message):
     """Dotted child path; empty for the whole module."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -1288,7 +1292,8 @@ class ViewBuffersRequest(_message.Message):
     """Dotted child path; empty for the whole module."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -1349,7 +1354,8 @@ class CopyParametersRequest(_message.Message):
     """Copy the buffers too, under their dotted names (integer buffers keep their dtype)."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -1406,7 +1412,8 @@ class LoadParametersRequest(_message.Message):
     """Dictionary handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -1493,7 +1500,8 @@ class AverageParametersRequest(_message.Message):
     """What to do with the module's buffers; unspecified leaves them out."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -1545,7 +1553,8 @@ class ResetBatchNormRequest(_message.Message):
     """Module, model or optimizer handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -1646,7 +1655,8 @@ class RestoreMomentumRequest(_message.Message):
     """Module, model or optimizer handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def momenta(self) -> _containers.MessageMap[_builtins.str, Global___Momentum]:
@@ -1825,7 +1835,8 @@ class DeleteEntriesRequest(_message.Message):
     """Dictionary handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -2083,7 +2094,8 @@ class FreeHandlesRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     tenant: _builtins.str
     """Admin tokens only: free every handle of this tenant instead, in every session (a purge, e.g.
@@ -2148,7 +2160,8 @@ class AddReferenceRequest(_message.Message):
     """Handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -2306,7 +2319,8 @@ class MoveHandleRequest(_message.Message):
     """Target dtype for floating-point tensors; DTYPE_UNSPECIFIED keeps it."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -2362,7 +2376,8 @@ class CreateLossRequest(_message.Message):
     """Loss type: ce, mse, nll, bce, bcelogits or smoothl1."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
@@ -2429,7 +2444,8 @@ class CreateOptimizerRequest(_message.Message):
     """Module or model handle id whose parameters the optimizer updates."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptionValue]:
@@ -2539,7 +2555,8 @@ class SetLearningRateRequest(_message.Message):
     """New learning rate for every parameter group; finite and not negative."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -2591,7 +2608,8 @@ class CreateModelRequest(_message.Message):
     """Optimizer handle id; it must have been built over the same module."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -2805,7 +2823,8 @@ class SetModelOptionsRequest(_message.Message):
     """Train or test options."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
@@ -2940,7 +2959,8 @@ class RunEpochRequest(_message.Message):
     """Model handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -3175,7 +3195,8 @@ class GetModelInputRequest(_message.Message):
     """Model handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -3230,7 +3251,8 @@ class RestoreModelDataRequest(_message.Message):
     """Which data to restore: unspecified or train for the training data, test for the test data."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -3291,7 +3313,8 @@ class NextBatchRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -3343,7 +3366,8 @@ class RecalculateBatchNormRequest(_message.Message):
     """Model handle id; the model needs training data."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -3425,7 +3449,8 @@ class CreateSessionRequest(_message.Message):
     """Lease in seconds: the session ends this long after its last call; 0 takes the server default."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -3523,7 +3548,8 @@ class CloseSessionRequest(_message.Message):
     """Session id; empty means the session named in the call's metadata."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -3914,7 +3940,8 @@ class UpdateModelRequest(_message.Message):
     """Model handle id."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def parts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -4158,7 +4185,8 @@ class AverageDictionariesRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def dictionaries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -4268,7 +4296,8 @@ class MergeDictionariesRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def dictionaries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -4350,7 +4379,8 @@ class ApplyOuterStepRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -4403,7 +4433,8 @@ class BuildGreedySoupRequest(_message.Message):
     """Model handle id; it needs test data."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def ingredients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -4505,12 +4536,16 @@ class RegisterSharedMemoryRequest(_message.Message):
     name: _builtins.str
     """The name calls use for the region within the session; 1 to 64 letters, digits, '_', '.', '-'."""
     key: _builtins.str
-    """The file's name in /dev/shm (no '/'). Never echoed in errors or logs."""
+    """The file's name in /dev/shm (no '/'). Never echoed in errors or logs. The file must start with
+    the bytes 'weightavg-region:' and the caller's session id when it is registered: the proof that
+    the caller could write it (docs/security.md); tensors placed later may overwrite them.
+    """
     byte_size: _builtins.int
     """Bytes of the region to map, from its start; at most the file's size."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def cuda(self) -> Global___CudaIpcRegion:
@@ -4631,7 +4666,8 @@ class UnregisterSharedMemoryRequest(_message.Message):
     """The region's name; empty unregisters every region of the caller's session."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     def __init__(
         self,
@@ -4811,7 +4847,8 @@ class CreateDictionaryFromSharedMemoryRequest(_message.Message):
     """Name of a region registered by the caller's session."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message.
+    the first call's answer instead of running again (docs/robust.md).
+    Field 15 in every message but UpdateMovingAverageRequest (11).
     """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedTensor]:

@@ -7,6 +7,7 @@ A region is named by the client's key (the file's name in /dev/shm). The key is 
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from . import native, pinned
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from .shapes import checked_shape
 
 SHM_DIRECTORY = "/dev/shm"
 """Where POSIX shared memory objects live on Linux (shm_open names are files here)."""
@@ -30,8 +32,14 @@ KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """A region's name within its session: short and safe to echo."""
 ALIGN = 64
+PROOF_PREFIX = b"weightavg-region:"
+"""What a region must start with, then the registering session's id, when it is registered (the
+client's copy: weightavg._shm.PROOF_PREFIX). The server runs as one user and opens the file with
+that user's rights, so the owner check alone let a caller of any Unix user read and write any
+/dev/shm file of the server's user by naming it (names in /dev/shm are visible to every local
+user). Writing the session's id into the file proves the caller could write it; nothing that was
+there before names the caller's session."""
 """Tensors written into a region start on 64-byte boundaries (a cache line; every dtype's alignment)."""
-MAX_DIMS = 64
 
 
 def aligned(n: int) -> int:
@@ -52,7 +60,7 @@ class Region:
     locked_for: torch.device | None = None
     """The CUDA device the region's pages are locked for (`lock_pages`), or None: pageable."""
 
-    def __init__(self, key: str, byte_size: int, directory: str = SHM_DIRECTORY) -> None:
+    def __init__(self, key: str, byte_size: int, directory: str = SHM_DIRECTORY, proof: bytes = b"") -> None:
         if not isinstance(key, str) or not KEY.fullmatch(key):
             raise InvalidArgument(
                 "the shared memory key is not a file name in /dev/shm: use 1 to 255 letters, digits, '_', '.' "
@@ -63,11 +71,12 @@ class Region:
         path = os.path.join(directory, key)
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+        except OSError as exc:
+            _refuse_if_out_of_descriptors(exc)
             # Which of "absent", "a link" or "not ours" it was would tell a prober what exists.
             raise FailedPrecondition(
                 "the shared memory region could not be opened: create it on this host, as the server's user, "
-                "and allocate its memory before registering it (os.posix_fallocate)"
+                "before registering it"
             ) from None
         try:
             info = os.fstat(fd)
@@ -80,15 +89,17 @@ class Region:
                     f"the shared memory region holds {info.st_size} bytes, fewer than the {byte_size} to register; "
                     "register at most its size"
                 )
-            if info.st_blocks * 512 < byte_size:
-                # A page of a sparse region is allocated when first written; with /dev/shm full (a
-                # container's is often 64 MB) that write would kill the server with SIGBUS.
-                raise FailedPrecondition(
-                    "the shared memory region's memory must be allocated before it is registered: "
-                    "os.posix_fallocate(fd, 0, size) after creating it (a sparse region could crash the server "
-                    "when /dev/shm fills)"
-                )
-            self.buffer = mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if proof:
+                _require_proof(fd, byte_size, proof)
+            _allocate(fd, byte_size)
+            self._blocks = os.fstat(fd).st_blocks
+            """Blocks the file held once its mapped bytes were allocated: fewer later means memory was
+            released (a hole punched), which a copy must not touch (`check_size`)."""
+            try:
+                self.buffer = mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                _refuse_if_out_of_descriptors(exc)
+                raise
             self._fd = fd
         except BaseException:
             os.close(fd)
@@ -153,9 +164,15 @@ class Region:
         kill the server with SIGBUS)."""
         if self._fd < 0:
             raise FailedPrecondition("the shared memory region was unregistered; register it again")
-        if os.fstat(self._fd).st_size < self.byte_size:
+        info = os.fstat(self._fd)
+        if info.st_size < self.byte_size:
             raise FailedPrecondition(
                 "the shared memory region's file was truncated after it was registered; register it again"
+            )
+        if info.st_blocks < self._blocks:
+            raise FailedPrecondition(
+                "the shared memory region's file lost memory after it was registered (a hole punched or a "
+                "truncation); register it again"
             )
 
     def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
@@ -175,6 +192,52 @@ class Region:
         device = self.locked_for
         if device is not None:
             torch.cuda.current_stream(device).synchronize()
+
+
+def proof(session: str) -> bytes:
+    """What a region registered by `session` starts with (`PROOF_PREFIX` and the session's id)."""
+    return PROOF_PREFIX + session.encode()
+
+
+def _require_proof(fd: int, byte_size: int, expected: bytes) -> None:
+    """FailedPrecondition unless the file's first bytes are `expected`. Read with pread, not
+    through a mapping: reading a hole of a mapped tmpfs file allocates a page (SIGBUS when full)."""
+    if byte_size < len(expected) or os.pread(fd, len(expected), 0) != expected:
+        raise FailedPrecondition(
+            "the shared memory region must start with b'weightavg-region:' and your session's id when you "
+            "register it, the proof that you can write the file (docs/security.md); write them there, then "
+            "register (the tensors placed later may overwrite them)"
+        )
+
+
+def _allocate(fd: int, byte_size: int) -> None:
+    """Allocate the file's first `byte_size` bytes (kept as they are where they already are).
+
+    A page of a sparse file is allocated when first touched; with /dev/shm full (a container's is
+    often 64 MB) that touch, inside a copy, would kill the server with SIGBUS. The file's block
+    count cannot tell which pages are allocated (blocks past the mapped bytes count too), and
+    SEEK_HOLE reports allocated but unwritten tmpfs pages as holes, so the server allocates them.
+    """
+    try:
+        os.posix_fallocate(fd, 0, byte_size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ResourceExhausted(
+                f"/dev/shm has no room for the shared memory region's {byte_size} bytes; free shared memory "
+                "on this host, or register a smaller region"
+            ) from None
+        raise FailedPrecondition(
+            "the shared memory region's memory could not be allocated; create it in /dev/shm"
+        ) from None
+
+
+def _refuse_if_out_of_descriptors(exc: OSError) -> None:
+    """ResourceExhausted for the errors that say the server cannot open or map one more region."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        raise ResourceExhausted(
+            "the server cannot open or map another shared memory region (out of file descriptors or "
+            "mappings); unregister regions or close sessions first"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -246,8 +309,7 @@ def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple
 
 def check(region: Region, p: Placement) -> None:
     """InvalidArgument unless `p` describes a tensor that lies inside the region, aligned."""
-    if len(p.shape) > MAX_DIMS or any(d < 0 for d in p.shape):
-        raise InvalidArgument(f"tensor '{p.name}' has an invalid shape {list(p.shape)}")
+    checked_shape(p.name, p.shape)
     size = element_size(p.dtype)
     if math.prod(p.shape) * size != p.nbytes:
         raise InvalidArgument(

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -205,9 +206,24 @@ def audit_to_file(path: str) -> None:
     audit.propagate = False
 
 
+def raise_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (as Go's runtime does at
+    start); the new soft limit. Every connection and shared memory region takes descriptors, and
+    the usual soft limit (1024) is low for a server; a hard limit only an administrator can raise."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):  # a sandbox that refuses: serve with the soft limit
+            log.warning("could not raise the open files limit from %s to %s", soft, hard)
+    return soft
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `weightavg serve` and `python -m weightavg_server`."""
     args = build_parser().parse_args(argv)
+    raise_file_limit()
     try:
         config = config_from_args(args)
         logging.basicConfig(

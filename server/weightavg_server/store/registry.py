@@ -601,6 +601,24 @@ class Registry:
                 if session.active == 0:
                     self._due_from = min(self._due_from, session.expires)
 
+    def register_region(self, session_id: str, name: str, region: Region) -> None:
+        """Hold `region` as the caller's session's region `name`, replacing any of that name.
+
+        The session is looked up under the store's lock, as `close_session` and `expire` take its
+        regions: a registration that races with the session's end is either taken with it or refused
+        (NotFound), never left mapped with no session to end it. `region` is closed if refused.
+        """
+        tenant = CALLER.get().tenant
+        with self._lock:
+            try:
+                self._live_session(session_id)
+            except NotFound:
+                region.close()  # new: no copy can be running in it
+                raise
+            replaced = self.shared.register(tenant, session_id, name, region)
+        if replaced is not None:
+            close_regions([replaced])  # outside the lock: closing waits for the region's copies
+
     def close_session(self, session_id: str) -> int:
         """End a session and free every handle it owns, each once its calls in flight have finished;
         returns how many were freed."""

@@ -4,6 +4,7 @@ unregistered when that session ends (closed or expired)."""
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 from dataclasses import dataclass
 
@@ -15,6 +16,19 @@ log = logging.getLogger("weightavg.shm")
 MAX_REGIONS_PER_SESSION = 16
 """A client needs one or two (the client keeps one and grows it); the cap stops a runaway loop from
 holding thousands of mappings and file descriptors."""
+MAX_REGIONS = 65536
+"""Most regions on the server at once, whatever its file descriptor limit (`region_cap`)."""
+
+
+def region_cap() -> int:
+    """Most regions the server holds at once: an eighth of its file descriptor limit (each region
+    keeps two open), so that however many sessions register them, a quarter of the descriptors at
+    most go to regions and the rest stay for connections. Read at each registration: `weightavg
+    serve` raises its soft limit to the hard one when it starts (ops/cli.py)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_REGIONS
+    return max(MAX_REGIONS_PER_SESSION, min(MAX_REGIONS, soft // 8))
 
 
 @dataclass
@@ -31,7 +45,10 @@ class SharedRegions:
         self._lock = threading.Lock()
         self._regions: dict[tuple[str, str], _Registered] = {}
 
-    def register(self, tenant: str, session: str, name: str, region: Region) -> None:
+    def register(self, tenant: str, session: str, name: str, region: Region) -> Region | None:
+        """Hold `region` as the session's `name`; the region it replaces, for the caller to close
+        (`close_regions`) once it holds no lock. A refused region is closed here (it is new: no copy
+        can be running in it). The caller checks that the session is live, under the store's lock."""
         if not NAME.fullmatch(name):
             region.close()
             raise InvalidArgument(
@@ -46,6 +63,7 @@ class SharedRegions:
                     raise FailedPrecondition(
                         "that shared memory region is registered by another session; create a region of your own"
                     )
+            old = self._regions.get((session, name))
             mine = [k for k in self._regions if k[0] == session and k[1] != name]
             if len(mine) >= MAX_REGIONS_PER_SESSION:
                 region.close()
@@ -53,10 +71,15 @@ class SharedRegions:
                     f"a session may register at most {MAX_REGIONS_PER_SESSION} shared memory regions; "
                     "unregister one first"
                 )
-            old = self._regions.get((session, name))
+            cap = region_cap()
+            if old is None and len(self._regions) >= cap:
+                region.close()
+                raise ResourceExhausted(
+                    f"the server holds its cap of {cap} shared memory regions (an eighth of its file descriptor "
+                    "limit); unregister regions or close sessions that hold them, or use the stream"
+                )
             self._regions[(session, name)] = _Registered(tenant, session, region)
-        if old is not None:
-            close_regions([old.region])  # replaced: registered as the new one either way
+        return None if old is None else old.region
 
     def get(self, tenant: str, session: str | None, name: str) -> Region:
         with self._lock:

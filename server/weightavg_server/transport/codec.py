@@ -27,6 +27,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 
 from ..domain import dtypes, native, shm
 from ..domain.errors import DataLoss, InvalidArgument, ResourceExhausted
+from ..domain.shapes import checked_shape
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("weightavg's wire format is little-endian; this host is not")
@@ -36,7 +37,6 @@ DTYPES: dict[pb.Dtype.ValueType, torch.dtype] = {
 }
 """Wire codes of the domain's dtypes: each enum value is named after the dtype (DTYPE_FLOAT32...)."""
 CODES: dict[torch.dtype, pb.Dtype.ValueType] = {dtype: code for code, dtype in DTYPES.items()}
-MAX_DIMS = 32
 
 
 def torch_dtype(code: pb.Dtype.ValueType) -> torch.dtype:
@@ -214,14 +214,7 @@ class TensorAssembler:
             p = self._pending
             raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
         dtype = torch_dtype(chunk.dtype)
-        shape = tuple(int(d) for d in chunk.shape)
-        if len(shape) > MAX_DIMS:
-            raise InvalidArgument(f"tensor '{chunk.name}' has {len(shape)} dimensions; at most {MAX_DIMS}")
-        if any(d < 0 for d in shape):
-            raise InvalidArgument(f"tensor '{chunk.name}' has a negative dimension in shape {list(shape)}")
-        if math.prod(max(d, 1) for d in shape) >= 2**63:
-            # Even with no elements (a zero dimension), torch's strides must fit in int64.
-            raise InvalidArgument(f"tensor '{chunk.name}' has a shape {list(shape)} whose strides overflow int64")
+        shape = checked_shape(chunk.name, chunk.shape)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self._total + nbytes > self._max_bytes:
             raise ResourceExhausted(
@@ -251,10 +244,9 @@ class TensorAssembler:
         if self._regions is None:
             raise InvalidArgument(f"tensor '{chunk.name}': this call takes no shared memory")
         region = self._regions(chunk.shared.region)
-        dtype, shape = torch_dtype(chunk.dtype), tuple(int(d) for d in chunk.shape)
-        if len(shape) <= MAX_DIMS and all(d >= 0 for d in shape):  # else _start refuses it
-            shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset,
-                                            math.prod(shape) * torch.empty((), dtype=dtype).element_size()))
+        dtype, shape = torch_dtype(chunk.dtype), checked_shape(chunk.name, chunk.shape)
+        shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset,
+                                        math.prod(shape) * torch.empty((), dtype=dtype).element_size()))
         self._start(chunk, region)
         p = self._pending
         assert p is not None

@@ -1,0 +1,26 @@
+"""The shape a client declares for a tensor it sends (in a stream's header or a shared memory
+placement), checked once for both ways in: torch would otherwise fail later, with an error that is
+not the client's to read (a stride overflow is a RuntimeError, answered INTERNAL)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from .errors import InvalidArgument
+
+MAX_DIMS = 32
+"""Most dimensions a sent tensor may have (torch's own kernels take at most 25)."""
+
+
+def checked_shape(name: str, dims: Iterable[int]) -> tuple[int, ...]:
+    """The shape as a tuple; InvalidArgument for too many dimensions, a negative one, or strides
+    that overflow int64 (which torch refuses even for a tensor with no elements)."""
+    shape = tuple(int(d) for d in dims)
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(f"tensor '{name}' has {len(shape)} dimensions; at most {MAX_DIMS}")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor '{name}' has a negative dimension in shape {list(shape)}")
+    if math.prod(max(d, 1) for d in shape) >= 2**63:
+        raise InvalidArgument(f"tensor '{name}' has a shape {list(shape)} whose strides overflow int64")
+    return shape
