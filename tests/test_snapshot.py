@@ -284,6 +284,31 @@ def test_a_torn_manifest_is_refused(saved: Path) -> None:
     assert code == 2 and "manifest.json is unreadable" in err
 
 
+def test_tensors_stored_as_bytes_at_any_offset_restore(tmp_path: Path) -> None:
+    """Dtypes safetensors lacks are stored as raw bytes, placed right after the tensor before them:
+    a complex128 after an int32 starts 4 bytes off alignment, and restoring it crashed the server
+    (SIGSEGV on every start, so it crash-looped; found by review). In a subprocess, so that a crash
+    fails this test rather than the run."""
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "s")))
+    runtime.start()
+    values = {
+        "a": np.array(1, np.int32), "b": np.array(1 + 2j, np.complex128), "c": np.arange(3, dtype=np.int8),
+        "d": (np.arange(5) + 1j).astype(np.complex64), "e": np.array([True]), "f": np.arange(7) * (1 - 1j),
+    }
+    with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
+        d = c.dict(values)
+        c.snapshot()
+    runtime.stop(None)
+    server = start_server(tmp_path / "s")
+    try:
+        with Client(server.address, timeout=60) as c:
+            got = {k: np.asarray(v) for k, v in c.dict(d.id).items()}  # 0-d entries come back as numpy scalars
+            assert_same(got, values)
+    finally:
+        code, err = server.terminate()
+    assert code == 0, err
+
+
 def test_a_good_snapshot_loads_and_an_empty_directory_starts_empty(saved: Path, tmp_path: Path) -> None:
     registry = Registry()
     assert snapshot.load(registry, saved, torch.device("cpu")) == 2

@@ -168,6 +168,11 @@ class LoadContext:
         dtype = DTYPES[info["dtype"]]
         data = self._tensors[key]
         if info["raw"]:
+            if data.data_ptr() % _CPU_ALIGNMENT:
+                # safetensors places bytes right after the tensor before them (4 mod 8 after an
+                # int32): copied as bytes into an aligned buffer first, since torch's copies of a
+                # misaligned complex128 view crash the process (found by review: every restart).
+                data = data.clone()
             data = data.view(dtype).reshape(info["shape"])
         if data.dtype != dtype or list(data.shape) != info["shape"]:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
