@@ -274,6 +274,9 @@ CASES = [
     Case("move/CUDA on a CPU server", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.net, device="cuda:0"))),
     Case("move/unknown dtype", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.plain, dtype=999))),
     Case("move/module to an integer dtype", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.net, dtype=pb.DTYPE_INT32))),
+    # found by review: a dictionary moved to bool held only True, a tensor to int8 was truncated
+    Case("move/dictionary to bool", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.plain, dtype=pb.DTYPE_BOOL))),
+    Case("move/tensor to an integer dtype", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.tensor, dtype=pb.DTYPE_INT8))),
     Case("move/live view", IA, unary("MoveHandle", lambda w: pb.MoveHandleRequest(handle=w.view, dtype=pb.DTYPE_FLOAT64))),
     # CreateModule
     Case("module/no spec", IA, unary("CreateModule", lambda w: pb.CreateModuleRequest())),

@@ -239,11 +239,23 @@ def _movable(obj: object) -> tuple[list[torch.Tensor], Callable[[torch.Tensor], 
     raise InvalidArgument(f"cannot move a {type(obj).__name__.lower()}: move its module instead")
 
 
+def _check_target(dtype: torch.dtype | None) -> None:
+    """InvalidArgument for a target dtype that is not floating or complex: the move converts
+    floating tensors (a module's, a dictionary's) and a cast to bool or an integer would destroy
+    them (a dictionary moved to bool held only True; found by review)."""
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        raise InvalidArgument(
+            f"a move converts floating-point tensors, so its dtype must be floating or complex, not {dtype}; "
+            "leave dtype unset to move only the device"
+        )
+
+
 def move_bytes(obj: object, device: torch.device | None, dtype: torch.dtype | None) -> Bytes:
     """New bytes a move would allocate, by target device: every tensor is copied before the old go.
 
     Tensors that already have the target device and dtype are not copied and cost nothing.
     """
+    _check_target(dtype)
     tensors, converts = _movable(obj)
     totals: Bytes = {}
     for t in tensors:
@@ -262,14 +274,13 @@ def move(obj: object, device: torch.device | None, dtype: torch.dtype | None) ->
     All new tensors are made before any old one is replaced, so a move that runs out of memory
     changes nothing.
     """
+    _check_target(dtype)
     tensors, converts = _movable(obj)
     if isinstance(obj, TensorHolder):
         obj.tensor = obj.tensor.to(device=device or obj.tensor.device, dtype=dtype or obj.tensor.dtype)
     elif isinstance(obj, dictionaries.TensorDict):
         dictionaries.move(obj, device, dtype)
     elif isinstance(obj, torch.nn.Module):  # _movable refused every other kind
-        if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
-            raise InvalidArgument(f"a module's parameters can only be converted to a floating dtype, not {dtype}")
         _swap_data(tensors, device, dtype if dtype is not None else None, converts, obj)
 
 
