@@ -99,7 +99,10 @@ BAD_STREAMS: dict[str, list[pb.TensorChunk]] = {
     "empty key": [GOOD, header("", shape=(), data=f32(1))],
     "huge declared shape, no data": [GOOD, header("x", shape=(2**20, 2**20))],  # 4 TiB of float32
     "no elements but strides that overflow": [GOOD, header("x", shape=(0, 2**62, 4))],  # found by fuzzing
+    "a name given twice": [GOOD, header("g", shape=(2,), data=f32(3, 4))],  # found by review: both kept in the answer
 }
+MANY_TENSORS_ONLY = ("empty key", "a name given twice")
+"""Bad only in a stream of named tensors: SetParameter and CreateTensor take one, and no name."""
 
 
 def declared(chunk: pb.TensorChunk, count: int | None = 1, total: int | None = None, crc: int | None = None,
@@ -191,7 +194,7 @@ CASES = [
     Case("set/no tensor", IA, set_parameter(lambda w: w.net, "a.weight", [])),
     Case("set/empty stream", IA, lambda stub, w: stub.SetParameter(iter([]), timeout=60)),
     *[Case(f"set/{k}", RE if "huge" in k else IA, set_parameter(lambda w: w.net, "a.weight", v[1:] or v))
-      for k, v in BAD_STREAMS.items() if k != "empty key"],
+      for k, v in BAD_STREAMS.items() if k not in MANY_TENSORS_ONLY],
     *[Case(f"set/{k}", code_of(k), set_parameter(lambda w: w.net, "a.bias", v)) for k, v in DECLARED_STREAMS.items()],
     # LoadParameters
     Case("load/unknown module", NF, unary("LoadParameters", lambda w: pb.LoadParametersRequest(handle=UNKNOWN_ID, dictionary=w.copy))),
@@ -301,7 +304,7 @@ CASES = [
     Case("tensor/two", IA, streamed("CreateTensor", lambda w: [pb.CreateTensorRequest(chunk=GOOD)] * 2)),
     *[Case(f"tensor/{k}", RE if "huge" in k else IA,
            streamed("CreateTensor", lambda w, v=v: [pb.CreateTensorRequest(chunk=c) for c in v[1:] or v]))
-      for k, v in BAD_STREAMS.items() if k != "empty key"],
+      for k, v in BAD_STREAMS.items() if k not in MANY_TENSORS_ONLY],
     # AddReference
     Case("addref/unknown handle", NF, unary("AddReference", lambda w: pb.AddReferenceRequest(handle=UNKNOWN_ID))),
     # AverageDictionaries: a good input first, so a partial average would show

@@ -104,9 +104,13 @@ def place(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor
 def set_entries(d: TensorDict, values: list[tuple[str, torch.Tensor]], device: torch.device) -> list[str]:
     """Set entries all or nothing: a live view copies in place, a plain dictionary replaces entries."""
     names = [name for name, _ in values]
+    seen: set[str] = set()
     for name in names:
         if not name:
             raise InvalidArgument("dictionary keys must not be empty")
+        if name in seen:  # the answer listed it twice and the first value was lost
+            raise InvalidArgument(f"'{name}' is given twice; send each entry once per call")
+        seen.add(name)
     if d.live:
         for name, value in values:
             if name not in d.entries:
