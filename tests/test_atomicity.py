@@ -190,6 +190,8 @@ CASES = [
     Case("set/name of an attribute", IA, set_parameter(lambda w: w.net, "training", [W3])),
     Case("set/shape that does not broadcast", IA, set_parameter(lambda w: w.net, "a.weight",
                                                                  [header(shape=(5,), data=f32(*range(5)))])),
+    Case("set/complex into a real parameter", IA, set_parameter(lambda w: w.net, "a.bias", [
+        header(dtype=pb.DTYPE_COMPLEX64, shape=(), data=f32(3, 4))])),  # found by review: 3+4j became 3
     Case("set/two tensors", IA, set_parameter(lambda w: w.net, "a.weight", [W3, W3])),
     Case("set/no tensor", IA, set_parameter(lambda w: w.net, "a.weight", [])),
     Case("set/empty stream", IA, lambda stub, w: stub.SetParameter(iter([]), timeout=60)),
@@ -257,6 +259,8 @@ CASES = [
     Case("update/no dictionary", IA, update(lambda w: "", [GOOD])),
     Case("update/empty stream", IA, lambda stub, w: stub.UpdateDictionary(iter([]), timeout=60)),
     Case("update/view: unknown key", NF, update(lambda w: w.view, [header("a.weight", shape=(), data=f32(1)), GOOD])),
+    Case("update/view: complex into a real parameter", IA, update(lambda w: w.view, [
+        header("a.bias", dtype=pb.DTYPE_COMPLEX64, shape=(), data=f32(3, 4))])),
     Case("update/view: shape that does not fit", IA, update(lambda w: w.view, [
         header("a.weight", shape=(), data=f32(1)), header("a.bias", shape=(2,), data=f32(1, 2))])),
     *[Case(f"update/{k}", RE if "huge" in k else IA, update(lambda w: w.plain, v)) for k, v in BAD_STREAMS.items()],
