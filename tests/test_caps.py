@@ -277,6 +277,26 @@ def test_snapshot_restore_is_refused_one_byte_short(state_server: Any, tmp_path:
     assert exact.held_bytes() == {"cpu": need} == walked_bytes(exact)
 
 
+def test_a_snapshot_reserves_its_host_copies_and_one_that_does_not_fit_writes_nothing(
+    state_server: Any,
+) -> None:
+    """A snapshot of a running server copies every tensor to the host before writing; the copies
+    went unreserved (found by review: +97 MB with 1,000 bytes left under the cap)."""
+    registry = state_server.registry
+    directory = Path(state_server.config.state_dir)
+    with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
+        c.dict({"a": x_rows()})
+        held = registry.held_bytes()["cpu"]
+        set_cap(registry, 2 * held - 1)
+        with pytest.raises(ResourceExhaustedError, match="a snapshot copies every tensor to the host first"):
+            c.snapshot()
+        assert not directory.exists() or not any(directory.iterdir())
+        assert registry.held_bytes() == {"cpu": held}  # the reservation was given back
+        set_cap(registry, 2 * held)
+        c.snapshot()
+        assert (directory / "manifest.json").exists() and registry.held_bytes() == {"cpu": held}
+
+
 def test_fetch_reserves_its_host_copies_while_the_reply_streams(server: LiveServer) -> None:
     registry = server.registry
     with Client(server.address, timeout=60) as c:
