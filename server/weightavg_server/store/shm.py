@@ -16,8 +16,10 @@ log = logging.getLogger("weightavg.shm")
 MAX_REGIONS_PER_SESSION = 16
 """A client needs one or two (the client keeps one and grows it); the cap stops a runaway loop from
 holding thousands of mappings and file descriptors."""
-MAX_REGIONS = 65536
-"""Most regions on the server at once, whatever its file descriptor limit (`region_cap`)."""
+MAX_REGIONS = 4096
+"""Most regions on the server at once, whatever its file descriptor limit (`region_cap`): each is
+also a mapping, and a process has 65,530 of them by default (vm.max_map_count), which torch's large
+allocations need too. A co-located client holds up to five (its region and four pooled ones)."""
 
 
 def region_cap() -> int:
