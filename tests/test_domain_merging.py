@@ -244,6 +244,8 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("an infinite weight", "linear", {"weights": [math.inf, 1.0]}, "finite"),
     ("a weight past float32's range", "average", {"weights": [1.0, 1e39]}, "within float32's range"),
     ("linear weights summing to 0", "linear", {"weights": [1.0, -1.0]}, "sum to 0"),
+    ("linear weights summing to nearly 0", "linear", {"ds": dicts(3), "weights": [1.0, -1.0, 1e-300]},
+     r"sum to 1e-300, too near 0 against the largest \(1\) to divide by in float32"),
     ("an unknown option", "average", {"options": {"integer": "max"}}, r"unknown option 'integer'; did you mean 'integers'\? \(options: integers\)"),
     ("an unknown integer rule", "average", {"options": {"integers": "mean"}}, "must be one of first, max"),
     ("slerp of three", "slerp", {"ds": dicts(3), "options": {"t": 0.5}}, "exactly 2 dictionaries"),

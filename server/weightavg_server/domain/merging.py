@@ -224,12 +224,13 @@ def plan(
         listed = ", ".join(sorted(str(d) for d in devices))
         raise InvalidArgument(f"{what}: the entries are on {listed}; move the dictionaries to one device with to()")
     read_by = _readers(names, sources) if into is not None else {}
+    divisor = sum(normalizing(checked)[0])  # what a normalised sum divides by, once for every entry
     slots = []
     for name in names:
         options = next((o for pattern, o in overrides if fnmatch.fnmatchcase(name, pattern)), values)
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
                            read_by))
-        _check_normalizable(method, options, checked, name)
+        _check_normalizable(method, options, checked, divisor, slots[-1])
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
@@ -292,12 +293,29 @@ def _weights(method: Method, count: int, weights: Sequence[float] | None) -> tup
     return tuple(float(w) for w in weights)
 
 
-def _check_normalizable(method: Method, options: Values, weights: tuple[float, ...], name: str) -> None:
-    """A plain weighted sum divided by the weights' sum needs a sum other than 0."""
+def _check_normalizable(
+    method: Method, options: Values, weights: tuple[float, ...], divisor: float, slot: Slot
+) -> None:
+    """A plain weighted sum divided by the weights' sum needs a sum other than 0, and (weights of both
+    signs) one not so near 0 against the largest weight that the sum of the weights used, `divisor`
+    (`normalizing`), falls below the work dtype's normal numbers: dividing by it would lose its
+    digits, or divide by 0 where it rounds to 0, and the normalised weights w_i / sum lie past the
+    dtype's range. (Consensus divides each element by the weights that counted there, 1 where they
+    sum to 0.)"""
     consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
-    if "normalize" in options and bool_value(options, "normalize") and not consensus and sum(weights) == 0:
+    if "normalize" not in options or not bool_value(options, "normalize") or consensus:
+        return
+    total = sum(weights)
+    if total == 0:
         raise InvalidArgument(
-            f"{method.name}: the weights sum to 0, so entry '{name}' cannot be normalised; give normalize=False"
+            f"{method.name}: the weights sum to 0, so entry '{slot.name}' cannot be normalised; give normalize=False"
+        )
+    if slot.work is not None and abs(divisor) < torch.finfo(slot.work).tiny:
+        largest = max(abs(w) for w in weights)
+        raise InvalidArgument(
+            f"{method.name}: the weights sum to {total:.4g}, too near 0 against the largest ({largest:.4g}) to divide "
+            f"by in {str(slot.work).removeprefix('torch.')}, so entry '{slot.name}' cannot be normalised; give "
+            "normalize=False or other weights"
         )
 
 
