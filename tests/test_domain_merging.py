@@ -1,6 +1,7 @@
 """domain.merging in process: the weighted average against Flower's FedAvg formula, every merge method
 against its reference formula written out here with whole stacked tensors, the integer rule, the
-checks that refuse a call before anything changes, and the scratch each plan reserves.
+checks that refuse a call before anything changes, weights near float32's limits (and the bits of
+ordinary ones), and the scratch each plan reserves.
 
 Tolerance: 1e-6 absolute in float32. The server accumulates tensor by tensor and the oracles stack
 whole tensors, so the two round differently by a few float32 ulps of values of order 1 (an ulp at 2
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightavg_server.domain import flat, footprint, merging
+from weightavg_server.domain import flat, footprint, merging, weighted_sum
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
 from weightavg_server.domain.errors import InvalidArgument
 
@@ -243,6 +244,8 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("an infinite weight", "linear", {"weights": [math.inf, 1.0]}, "finite"),
     ("a weight past float32's range", "average", {"weights": [1.0, 1e39]}, "within float32's range"),
     ("linear weights summing to 0", "linear", {"weights": [1.0, -1.0]}, "sum to 0"),
+    ("linear weights summing to nearly 0", "linear", {"ds": dicts(3), "weights": [1.0, -1.0, 1e-300]},
+     r"sum to 1e-300, too near 0 against the largest \(1\) to divide by in float32"),
     ("an unknown option", "average", {"options": {"integer": "max"}}, r"unknown option 'integer'; did you mean 'integers'\? \(options: integers\)"),
     ("an unknown integer rule", "average", {"options": {"integers": "mean"}}, "must be one of first, max"),
     ("slerp of three", "slerp", {"ds": dicts(3), "options": {"t": 0.5}}, "exactly 2 dictionaries"),
@@ -530,6 +533,137 @@ def test_merges_keep_the_base_dtype_and_compute_in_float32() -> None:
         assert got.entries[n].dtype == torch.bfloat16
         want = reference_task_vectors(half.entries[n].float(), [d.entries[n] for d in ds], [1.0, 1.0])
         assert torch.equal(got.entries[n], want.bfloat16())
+
+
+# -- weights near float32's limits ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["native", "torch"])
+def sum_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Average and linear merges on the native kernel (where it is built) and on torch's loop."""
+    if request.param == "native" and not weighted_sum.active():
+        pytest.skip(f"merges run on {weighted_sum.native_state()}")
+    if request.param == "torch":
+        monkeypatch.setattr(weighted_sum, "_NATIVE", None)
+    return str(request.param)
+
+
+NORMALISED: list[tuple[str, dict[str, object]]] = [
+    ("average", {}), ("linear", {}), ("task_arithmetic", {"normalize": True}), ("ties", {"density": 1.0}),
+    ("dare", {"density": 1.0, "normalize": True}), ("dare", {"density": 1.0, "consensus": True, "normalize": True}),
+]
+"""Every method whose result is divided by the weights' sum; with a base of zeros, density 1 and
+positive entries, each is the weighted mean sum w x / sum w."""
+
+
+def normalised(method: str, options: dict[str, object], ds: Sequence[TensorDict], w: Sequence[float]) -> TensorDict:
+    """`method` over ds with weights w, against a base of zeros for the methods that take one."""
+    base = TensorDict({n: torch.zeros_like(t) for n, t in ds[0].entries.items()}) if merging.METHODS[method].base else None
+    return merged(method, ds, base=base, weights=list(w), options=options)
+
+
+def weighted_mean(ds: Sequence[TensorDict], w: Sequence[float], name: str) -> torch.Tensor:
+    """The oracle: sum w x / sum w in float64, which holds float32's weights and their sums exactly enough."""
+    return sum((wi * d.entries[name].double() for wi, d in zip(w, ds)), torch.zeros(1, dtype=torch.float64)) / sum(w)
+
+
+@pytest.mark.parametrize("w", [[1e38, 1e38], [3e38, 3e38], [3e38, 1.0], [1e-50, 1e-50], [3e38, 2e38, 1e-3]], ids=str)
+@pytest.mark.parametrize(("method", "options"), NORMALISED, ids=lambda v: v if isinstance(v, str) else None)
+def test_weights_up_to_float32s_largest_give_the_weighted_mean(
+    sum_path: str, method: str, options: dict[str, object], w: list[float]
+) -> None:
+    """The sum of w x used to be taken in float32 before the division: [1e38, 1e38] gave inf,
+    [3e38, 3e38] NaN, [3e38, 1] [1, inf], and weights below float32's smallest 0 / 0."""
+    xs = [[1.0, 2.0], [3.0, 4.0], [5.0, 0.5]][: len(w)]
+    ds = [TensorDict({"w": torch.tensor(x)}) for x in xs]
+    got = normalised(method, options, ds, w).entries["w"]
+    torch.testing.assert_close(got.double(), weighted_mean(ds, w, "w"), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("method", "options"), NORMALISED, ids=lambda v: v if isinstance(v, str) else None)
+def test_weights_times_a_power_of_two_give_the_same_bits(
+    sum_path: str, method: str, options: dict[str, object]
+) -> None:
+    """The rescaling is exact: weights times 2^126 (near float32's largest) or 2^-140 (below its
+    normal numbers) give the bits of the weights themselves."""
+    ds = [TensorDict({n: t.abs() for n, t in d.entries.items()}) for d in dicts(3, seed=21)]
+    w = [0.5, 3.0, 1e-3]
+    want = normalised(method, options, ds, w)
+    for scale in (2.0**126, 2.0**-140):
+        got = normalised(method, options, ds, [wi * scale for wi in w])
+        for name in SHAPES:
+            assert torch.equal(got.entries[name].view(torch.int32), want.entries[name].view(torch.int32)), (scale, name)
+
+
+def torch_mean(xs: Sequence[torch.Tensor], w: Sequence[float], divide: bool = True) -> torch.Tensor:
+    """Today's float32 formula, written out with torch: w0 x0, then add_ with alpha, then div_ by sum w."""
+    acc = torch.mul(xs[0], w[0])
+    for x, wi in zip(xs[1:], w[1:]):
+        acc.add_(x, alpha=wi)
+    return acc.div_(sum(w)) if divide else acc
+
+
+@pytest.mark.parametrize("w", [[1.0, 1.0, 1.0], [1.0, 0.5, 3.0], [1e-3, 1.0, 3.0], [600.0, 300.0, 100.0]], ids=str)
+@pytest.mark.parametrize(("method", "options"), [("average", {}), ("linear", {}), ("linear", {"normalize": False})],
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_ordinary_weights_keep_the_bits_of_torchs_float32_formula(
+    sum_path: str, method: str, options: dict[str, object], w: list[float]
+) -> None:
+    """Differential tests compare averages with torch's swa_utils and peers' formulas bit for bit:
+    weights of ordinary size are used as given, so the rescaling changes nothing for them."""
+    ds = dicts(3, seed=22, shapes={**SHAPES, "big": (100_000,)})
+    got = merged(method, ds, weights=w, options=options)
+    for name in got.entries:
+        want = torch_mean([d.entries[name] for d in ds], w, divide=options.get("normalize", True) is True)
+        assert torch.equal(got.entries[name].view(torch.int32), want.view(torch.int32)), name
+
+
+def test_task_arithmetic_with_ordinary_weights_keeps_its_float32_bits() -> None:
+    """base + lam * sum w (x - base) / sum w, as the server has always computed it in float32."""
+    base, ds = fine_tuned(3, seed=23)
+    w = [1.0, 0.5, 1e-3]
+    got = merged("task_arithmetic", ds, base=base, weights=w, options={"lam": 0.7, "normalize": True})
+    for name, b in base.entries.items():
+        acc = torch.zeros_like(b)
+        for wi, d in zip(w, ds):
+            acc.add_((d.entries[name] - b).mul_(wi))
+        want = acc.div_(sum(w)).mul_(0.7).add_(b)
+        assert torch.equal(got.entries[name].view(torch.int32), want.view(torch.int32)), name
+
+
+def test_a_large_entry_with_weights_near_float32s_largest_is_the_weighted_mean(
+    sum_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100,000 elements, summed by the native kernel in one pass (torch's loop is made to fail on that
+    path, so it cannot stand in) or by torch's loop."""
+    if sum_path == "native":
+        def no_torch(*args: object, **kwargs: object) -> None:
+            raise AssertionError("the native kernel should have taken this sum")
+        monkeypatch.setattr(weighted_sum, "by_torch", no_torch)
+    ds = dicts(3, seed=24, shapes={"big": (100_000,)})
+    for w in ([3e38, 3e38, 3e38], [3e38, 1e38, 1.0]):
+        got = merged("average", ds, weights=w).entries["big"]
+        torch.testing.assert_close(got.double(), weighted_mean(ds, w, "big"), rtol=1e-5, atol=1e-6)
+
+
+def test_rescaled_weights_divide_the_normalised_entries_and_leave_the_plain_ones(sum_path: str) -> None:
+    """normalize=False for one pattern: that entry is sum w x with the weights as given (here within
+    float32's range), the others the mean, which [2e38, 2e38] used to turn into x / inf = 0."""
+    a = TensorDict({"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 0.25])})
+    b = TensorDict({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([-0.25, 0.25])})
+    got = merged("linear", [a, b], weights=[2e38, 2e38], per_tensor=[("b", [("normalize", False)])])
+    assert got.entries["w"].tolist() == [2.0, 3.0]
+    torch.testing.assert_close(got.entries["b"], torch.tensor([0.25, 0.5]) * 2e38, rtol=1e-6, atol=0)
+
+
+def test_where_the_weights_that_counted_cancel_ties_divides_by_one_given_weight() -> None:
+    """Both contributions agree with the elected sign but their weights, 1 and -1, sum to 0: the sum is
+    divided by 1 (of the given weights) whatever the weights' scale, rescaled or not."""
+    base = TensorDict({"x": torch.zeros(1)})
+    a, b = TensorDict({"x": torch.ones(1)}), TensorDict({"x": -torch.ones(1)})
+    for scale in (1.0, 2.0**100, 2.0**-100):
+        got = merged("ties", [a, b], base=base, weights=[scale, -scale], options={"density": 1.0})
+        assert got.entries["x"].tolist() == [2 * scale], scale
 
 
 # -- what a plan reserves -------------------------------------------------------------------------------------

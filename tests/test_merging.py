@@ -111,6 +111,71 @@ def test_an_average_of_more_dictionaries_than_one_native_sum_takes_is_torchs_wei
     np.testing.assert_array_equal(got.view(np.int32), expected.numpy().view(np.int32))
 
 
+@pytest.mark.parametrize(("weights", "mean"), [([1e38, 1e38], [2.0, 3.0]), ([3e38, 3e38], [2.0, 3.0]),
+                                               ([3e38, 1.0], [1.0, 2.0])], ids=str)
+def test_weights_up_to_float32s_largest_give_the_weighted_mean(
+    client: Client, weights: list[float], mean: list[float]
+) -> None:
+    """Weights the docs accept (finite, at most float32's largest) used to be answered OK with inf
+    ([1e38, 1e38]), NaN ([3e38, 3e38]) or [1, inf] ([3e38, 1]): the sum of w x overflowed float32
+    before the division."""
+    x = client.dict({"w": np.array([1.0, 2.0], np.float32)})
+    y = client.dict({"w": np.array([3.0, 4.0], np.float32)})
+    for made in (client.average([x, y], weights=weights), client.merge("linear", [x, y], weights=weights)):
+        np.testing.assert_allclose(client.dict(made, "w"), mean, rtol=1e-6, atol=0)
+
+
+def test_every_merge_that_divides_by_the_weights_takes_weights_near_float32s_largest(client: Client) -> None:
+    """Task arithmetic, TIES and DARE normalised: from a base of zeros, positive entries and density 1,
+    each is the weighted mean."""
+    x = client.dict({"w": np.array([1.0, 2.0], np.float32)})
+    y = client.dict({"w": np.array([3.0, 4.0], np.float32)})
+    zero = client.dict({"w": np.zeros(2, np.float32)})
+    made = {
+        "task_arithmetic": client.merge("task_arithmetic", [x, y], base=zero, weights=[3e38, 3e38], normalize=True),
+        "ties": client.merge("ties", [x, y], base=zero, weights=[3e38, 3e38], density=1.0),
+        "dare": client.merge("dare", [x, y], base=zero, weights=[3e38, 3e38], density=1.0, normalize=True),
+    }
+    for method, handle in made.items():
+        np.testing.assert_allclose(client.dict(handle, "w"), [2.0, 3.0], rtol=1e-6, atol=0, err_msg=method)
+
+
+def test_a_large_average_with_weights_near_float32s_largest_is_the_weighted_mean(client: Client) -> None:
+    """100,000 float32 elements: on a CPU server the native kernel sums them (docs/perf.md)."""
+    rng = np.random.default_rng(9)
+    values = [rng.standard_normal(100_000, dtype=np.float32) for _ in range(3)]
+    handles = [client.dict({"w": v}) for v in values]
+    for weights in ([3e38, 3e38, 3e38], [3e38, 1e38, 1.0]):
+        want = sum(w * v.astype(np.float64) for w, v in zip(weights, values)) / sum(weights)
+        got = client.dict(client.average(handles, weights=weights), "w")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 3.0, 1e-3], [1.0, 1.0, 1.0, 1.0], [600.0, 300.0, 100.0, 7.0]], ids=str)
+def test_ordinary_weights_keep_the_bits_of_torchs_float32_mean(client: Client, weights: list[float]) -> None:
+    """Differential tests compare averages with torch's swa_utils and peers' formulas bit for bit: for
+    weights of ordinary size the mean is still torch's mul, add_ with alpha and div_ in float32."""
+    import torch
+
+    rng = np.random.default_rng(10)
+    values = [{"big": rng.standard_normal(100_000, dtype=np.float32), "b": rng.standard_normal(7, dtype=np.float32)}
+              for _ in range(4)]
+    handles = [client.dict(v) for v in values]
+    made = {
+        "average": client.average(handles, weights=weights),
+        "linear": client.merge("linear", handles, weights=weights),
+    }
+    for name in ("big", "b"):
+        expected = torch.mul(torch.from_numpy(values[0][name]), weights[0])
+        for v, w in zip(values[1:], weights[1:]):
+            expected.add_(torch.from_numpy(v[name]), alpha=w)
+        expected.div_(sum(weights))
+        for method, handle in made.items():
+            got = client.dict(handle, name)
+            want = expected.numpy().view(np.int32)
+            np.testing.assert_array_equal(got.view(np.int32), want, err_msg=f"{method} {name}")
+
+
 def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:
     q = client.module(["linear", 4, 3])
     o = client.opt("sgd", q, 1.0)

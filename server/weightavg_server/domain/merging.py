@@ -10,7 +10,9 @@ before it writes anything, so running out of memory changes nothing either.
 
 Arithmetic happens in float32, or float64 where an entry is float64 (the slot's `work` dtype),
 whatever the entries' dtypes; the result is cast to the first dictionary's dtype (the base's, for
-methods with a base), or to the dtype of the entry it is written into. The running-average count
+methods with a base), or to the dtype of the entry it is written into. Where a sum is divided by the
+weights' sum, weights that would overflow or underflow it are first rescaled by a power of two
+(`normalizing`), which leaves the mean as it is. The running-average count
 '.n' takes no part. Integer and bool entries are never averaged: they must agree in dtype and shape,
 and the `integers` option picks the first dictionary's value ("first", the default; the base's for
 methods with a base) or the elementwise maximum ("max", e.g. for batchnorm's num_batches_tracked).
@@ -222,16 +224,49 @@ def plan(
         listed = ", ".join(sorted(str(d) for d in devices))
         raise InvalidArgument(f"{what}: the entries are on {listed}; move the dictionaries to one device with to()")
     read_by = _readers(names, sources) if into is not None else {}
+    divisor = sum(normalizing(checked)[0])  # what a normalised sum divides by, once for every entry
     slots = []
     for name in names:
         options = next((o for pattern, o in overrides if fnmatch.fnmatchcase(name, pattern)), values)
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
                            read_by))
-        _check_normalizable(method, options, checked, name)
+        _check_normalizable(method, options, checked, divisor, slots[-1])
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
+
+UNSCALED = (2.0**-64, 2.0**64)
+"""Weights whose largest |w| lies in this range are divided by their sum as given, bit for bit;
+others are rescaled first (`normalizing`). Within it, a float32 sum over 256 models of values |x| up to
+2^56 stays inside float32's range (2^128), and products with |x| from 2^-62 stay among its normal
+numbers: far past the values models hold."""
+
+
+def normalizing(weights: tuple[float, ...]) -> tuple[tuple[float, ...], int]:
+    """The weights a sum that is divided by the weights' own sum uses, and the power of two they were
+    multiplied by (used = given * 2^shift): the given ones (shift 0) while the largest |w| lies in
+    `UNSCALED`; otherwise every weight times the one power of two that brings the largest into [1, 2).
+
+    Why: sum_i w_i x_i is summed in float32 (or float64) before the division, so weights near
+    float32's limit overflowed it (weights [1e38, 1e38] gave inf, [3e38, 3e38] inf / inf = NaN), and
+    tiny ones underflowed to 0 / 0. A power of two is exact: the ratios, hence the mean, are those of
+    the given weights, and as long as nothing overflows or underflows every rounding is the same, so a
+    rescaled mean has the bits the given weights would give with unlimited range. Weights inside the
+    range are not touched, so ordinary ones keep their bits for certain. A weight so much smaller than
+    the largest that, rescaled, it lies below the work dtype's smallest value (2^-149 in float32)
+    counts as 0, as any such weight does without rescaling; its share of the mean is far below
+    float32's precision."""
+    largest = max((abs(w) for w in weights), default=0.0)
+    if largest == 0.0 or UNSCALED[0] <= largest <= UNSCALED[1]:
+        return weights, 0
+    shift = 1 - math.frexp(largest)[1]
+    return tuple(math.ldexp(w, shift) for w in weights), shift
+
+
+def _divides(slot: Slot) -> bool:
+    """Whether a floating slot's result is divided by the weights' sum: average, and normalize."""
+    return slot.method == "average" or ("normalize" in slot.options and bool_value(slot.options, "normalize"))
 
 
 def _weights(method: Method, count: int, weights: Sequence[float] | None) -> tuple[float, ...]:
@@ -258,12 +293,29 @@ def _weights(method: Method, count: int, weights: Sequence[float] | None) -> tup
     return tuple(float(w) for w in weights)
 
 
-def _check_normalizable(method: Method, options: Values, weights: tuple[float, ...], name: str) -> None:
-    """A plain weighted sum divided by the weights' sum needs a sum other than 0."""
+def _check_normalizable(
+    method: Method, options: Values, weights: tuple[float, ...], divisor: float, slot: Slot
+) -> None:
+    """A plain weighted sum divided by the weights' sum needs a sum other than 0, and (weights of both
+    signs) one not so near 0 against the largest weight that the sum of the weights used, `divisor`
+    (`normalizing`), falls below the work dtype's normal numbers: dividing by it would lose its
+    digits, or divide by 0 where it rounds to 0, and the normalised weights w_i / sum lie past the
+    dtype's range. (Consensus divides each element by the weights that counted there, 1 where they
+    sum to 0.)"""
     consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
-    if "normalize" in options and bool_value(options, "normalize") and not consensus and sum(weights) == 0:
+    if "normalize" not in options or not bool_value(options, "normalize") or consensus:
+        return
+    total = sum(weights)
+    if total == 0:
         raise InvalidArgument(
-            f"{method.name}: the weights sum to 0, so entry '{name}' cannot be normalised; give normalize=False"
+            f"{method.name}: the weights sum to 0, so entry '{slot.name}' cannot be normalised; give normalize=False"
+        )
+    if slot.work is not None and abs(divisor) < torch.finfo(slot.work).tiny:
+        largest = max(abs(w) for w in weights)
+        raise InvalidArgument(
+            f"{method.name}: the weights sum to {total:.4g}, too near 0 against the largest ({largest:.4g}) to divide "
+            f"by in {str(slot.work).removeprefix('torch.')}, so entry '{slot.name}' cannot be normalised; give "
+            "normalize=False or other weights"
         )
 
 
@@ -480,8 +532,12 @@ def _native_sums(p: Plan, dicts: Sequence[TensorDict], result: TensorDict) -> se
     keys: list[tuple[torch.dtype | None, torch.dtype, bool]] = []
     for slot in p.slots:
         groups.append([result.entries[slot.name], *(d.entries[slot.name] for d in dicts)])
-        keys.append((slot.work, slot.dtype, slot.method == "average" or bool_value(slot.options, "normalize")))
-    total = sum(p.weights)
+        keys.append((slot.work, slot.dtype, _divides(slot)))
+    divided = {divide for work, _, divide in keys if work is not None}
+    weights = normalizing(p.weights)[0] if True in divided else p.weights
+    if weights != p.weights and False in divided:
+        return set()  # rescaled weights for some entries, the given ones for others: a kernel call takes one set
+    total = sum(weights)
     jobs: list[weighted_sum.Job] = []
     covers: list[range] = []
     for start, stop, numel in flat.fuse_groups(groups):
@@ -497,7 +553,7 @@ def _native_sums(p: Plan, dicts: Sequence[TensorDict], result: TensorDict) -> se
                 out, *xs = groups[i]
                 jobs.append((out, xs, total if divide else None))
                 covers.append(range(i, i + 1))
-    left = set(weighted_sum.native_weighted_sums(jobs, p.weights))
+    left = set(weighted_sum.native_weighted_sums(jobs, weights))
     return {i for j, cover in enumerate(covers) if j not in left for i in cover}
 
 
@@ -531,12 +587,16 @@ def _weighted_sum(
     slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
     scratch: Scratch,
 ) -> None:
-    """sum_i w_i x_i / sum_i w_i (the weighted mean; linear without normalize skips the division).
+    """sum_i w_i x_i / sum_i w_i (the weighted mean; linear without normalize skips the division), the
+    weights rescaled by a power of two where they would overflow or underflow the sum (`normalizing`).
 
     Large CPU entries of the work dtype go through the native kernel in one pass over the inputs
     (`weighted_sum`: the same operations and bits as below), straight into `out`."""
     assert slot.work is not None
-    divisor = sum(weights) if slot.method == "average" or bool_value(slot.options, "normalize") else None
+    divisor = None
+    if _divides(slot):
+        weights = normalizing(weights)[0]
+        divisor = sum(weights)
     if weighted_sum.native_weighted_sum(out, xs, weights, divisor):  # (the plan refused a sum of 0)
         return
     acc = _accumulator(slot, out, scratch)
@@ -589,12 +649,19 @@ def _task_vectors(
     normalize the sum is divided by the sum of the weights that counted there (1 where none did).
     Without it, the contributions are summed and, with normalize, divided by sum_i w_i. The deltas
     are made twice with consensus (once to elect, once to sum), so memory does not grow with N.
+    With normalize the weights are rescaled by a power of two where they would overflow or underflow
+    the sums (`normalizing`), and so is that 1.
     """
     assert slot.work is not None and b is not None
     work, shape, options = slot.work, slot.shape, slot.options
     method = slot.method
     consensus = method == "ties" or (method == "dare" and bool_value(options, "consensus"))
     normalize = bool_value(options, "normalize")
+    shift = 0
+    if normalize:
+        weights, shift = normalizing(weights)
+    top = math.frexp(torch.finfo(work).max)[1] - 1  # the dtype's largest power of two: 2^127 in float32
+    one = math.ldexp(1.0, min(shift, top))  # 1 given weight, in the weights used
     acc = _accumulator(slot, out, scratch)
     delta = scratch.take(shape, work)
     base = b
@@ -648,7 +715,7 @@ def _task_vectors(
             acc.add_(delta.mul_(election))
         if divisor is not None:
             torch.eq(divisor, 0, out=mask)
-            acc.div_(divisor.masked_fill_(mask, 1))
+            acc.div_(divisor.masked_fill_(mask, one))
     else:
         for i in range(len(xs)):
             make_delta(i)
