@@ -141,6 +141,11 @@ CASES = [
     Case("first adam step (gradients, two moments, steps)",
          lambda c: (m := model(c, "adam"), c.train(m, x_rows(), labels()))[0],
          lambda c, m: c.run(m), 3 * LAYER + 2 * STEP, 3 * LAYER + 2 * STEP),
+    # Shuffled, it trains on a reordered copy of the data (written over them at the end) and holds
+    # the int64 permutation that made it.
+    Case("shuffled epoch (a reordered copy of the data, its permutation)",
+         lambda c: (m := trained_model(c), c.train(m, shuffle=True))[0], lambda c, m: c.run(m),
+         2 * LAYER + ROWS * FEATURES * F32 + ROWS * 8 + ROWS * 8, 2 * LAYER),
     Case("forward output kept", lambda c: (linear(c), c.tensor(x_rows())), lambda c, s: c.eforward(*s),
          ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     Case("forward over the model's own data", trained_model, lambda c, m: c.nforward(m),

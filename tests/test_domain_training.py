@@ -631,3 +631,19 @@ def test_stopping_run_epoch_keeps_the_batches_done_and_puts_flags_back(checks: i
     assert_state(stopped.module, state(alone.module))
     assert flags(stopped.module) == before_flags
     assert training.data_size(stopped, "train") == 50 and training.restore_data(stopped) == 50
+
+
+@pytest.mark.parametrize("checks", [0, 2])
+def test_stopping_a_shuffled_run_epoch_keeps_the_order_it_trained_in(checks: int) -> None:
+    """Cancelled, a shuffled epoch keeps its permutation, as it keeps its batches: the data stay
+    reordered and the generator stays past the draw, even before the first batch."""
+    model = with_data(make(), n=40, batchsize=8, shuffle=True, seed=5)
+    x, y = toy(40)
+    generator = torch.Generator().manual_seed(5)
+    perm = torch.randperm(40, generator=generator)
+    with pytest.raises(Cancelled, match=f"run stopped after {checks} of 5 batches"):
+        training.run_epoch(model, stop_after(checks))
+    data = model.train_data
+    assert data is not None and torch.equal(data.x, x[perm]) and torch.equal(data.y, y[perm])
+    assert torch.equal(model.generator.get_state(), generator.get_state())
+

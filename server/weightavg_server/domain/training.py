@@ -455,14 +455,57 @@ def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> None:
             model.loss(model.module(xb), batch_targets(model, yb))
 
 
+def _epoch_order(model: Model, data: Data, n: int) -> Data:
+    """The data in the order the epoch trains them. With `shuffle`: a reordered copy, by a
+    permutation drawn from the model's generator, written over the data only once the epoch has
+    trained (`_reorder`). Without: the data themselves."""
+    if not model.train["shuffle"]:
+        return data
+    perm = torch.randperm(n, generator=model.generator).to(data.x.device)
+    return Data(data.x.index_select(0, perm), data.y.index_select(0, perm))
+
+
+def _reorder(data: Data, order: Data) -> None:
+    """Write the order the epoch trained in over the data (in place: `input(m)` handles see it)."""
+    if order is not data:
+        with torch.no_grad():
+            data.x.copy_(order.x)
+            data.y.copy_(order.y)
+
+
+def _train_batches(
+    model: Model, order: Data, w: int, nb: int, dev: torch.device, should_stop: StopCheck
+) -> _Metrics:
+    """Per batch of w rows of `order`: zero_grad(set_to_none), forward in train mode, loss,
+    backward, optimizer step. Cancelled when should_stop turns true before a batch."""
+    metrics = _Metrics(_metric_names(model.train))
+    optim = model.optimizer.optim
+    with _flags(model.module, True):
+        for i in range(nb):
+            if should_stop():
+                raise _stopped("run", i, nb)
+            xb = order.x[i * w:(i + 1) * w].to(dev)
+            yb = order.y[i * w:(i + 1) * w].to(dev)
+            optim.zero_grad(set_to_none=True)
+            with _torch_errors(f"run (batch {i + 1} of {nb})"):
+                output = model.module(xb)
+                loss = model.loss(output, batch_targets(model, yb))
+                torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
+                optim.step()
+            metrics.add(output.detach(), yb, loss)
+    return metrics
+
+
 def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
     """Train one epoch over the training data and return the train metrics, by name.
 
-    At the start the data are reshuffled in place when `shuffle` is on, with a permutation drawn from
-    the model's generator (seeded by the `seed` option), so runs are reproducible. Then, per batch:
-    zero_grad(set_to_none), forward in train mode, loss, backward, optimizer step. The train flags
-    are restored at the end. When `should_stop` turns true the epoch stops before the next batch:
-    the batches done stay trained, and Cancelled is raised.
+    The data are reshuffled when `shuffle` is on, with a permutation drawn from the model's generator
+    (seeded by the `seed` option), so runs are reproducible: the epoch trains on a reordered copy,
+    written over the data in place when it ends (its bytes are reserved by the caller,
+    footprint.epoch_bytes). Then, per batch: zero_grad(set_to_none), forward in train mode, loss,
+    backward, optimizer step. The train flags are restored at the end. When `should_stop` turns true
+    the epoch stops before the next batch: the batches done stay trained, the data stay in the order
+    they were trained in, and Cancelled is raised.
 
     Raises:
         FailedPrecondition: no training data.
@@ -474,27 +517,15 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
     dev = _device(model.module)
     last = (nb - 1) * w
     _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
-    if model.train["shuffle"]:
-        perm = torch.randperm(n, generator=model.generator).to(data.x.device)
-        with torch.no_grad():
-            data.x.copy_(data.x.index_select(0, perm))
-            data.y.copy_(data.y.index_select(0, perm))
-    metrics = _Metrics(_metric_names(model.train))
-    optim = model.optimizer.optim
-    with _flags(model.module, True):
-        for i in range(nb):
-            if should_stop():
-                raise _stopped("run", i, nb)
-            xb = data.x[i * w:(i + 1) * w].to(dev)
-            yb = data.y[i * w:(i + 1) * w].to(dev)
-            optim.zero_grad(set_to_none=True)
-            with _torch_errors(f"run (batch {i + 1} of {nb})"):
-                output = model.module(xb)
-                loss = model.loss(output, batch_targets(model, yb))
-                torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
-                optim.step()
-            metrics.add(output.detach(), yb, loss)
-    return metrics.result()
+    order = _epoch_order(model, data, n)
+    try:
+        metrics = _train_batches(model, order, w, nb, dev, should_stop)
+    except Cancelled:
+        _reorder(data, order)  # the batches done stay trained, in the order they were trained in
+        raise
+    result = metrics.result()
+    _reorder(data, order)
+    return result
 
 
 def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
