@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import averaging, batching, merging, optimizers, outer, soups, specs, training
+from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
 from .options import Value
 from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
@@ -111,6 +111,14 @@ def training_bytes(model: Model) -> Bytes:
     return add_bytes(gradient_bytes(model.module), step_bytes(model.optimizer))
 
 
+def rollback_bytes(model: Model) -> Bytes:
+    """Bytes an epoch holds to put the model back if it fails midway: a copy of every tensor it
+    writes in place (parameters, buffers, optimizer state) and the gradients it replaces, held until
+    it ends while their replacements are made."""
+    optim = model.optimizer.optim
+    return tensor_bytes([*rollback.written(model.module, optim), *rollback.replaced(optim)])
+
+
 def shuffle_bytes(model: Model) -> Bytes:
     """Bytes a shuffled epoch holds while it runs: the permutation (int64, drawn on the CPU and moved
     next to the data) and the reordered copy of the inputs and targets at full size, which it trains
@@ -128,8 +136,9 @@ def shuffle_bytes(model: Model) -> Bytes:
 
 def epoch_bytes(model: Model) -> Bytes:
     """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
-    (`training_bytes`) and, shuffled, the reordered data (`shuffle_bytes`)."""
-    return add_bytes(training_bytes(model), shuffle_bytes(model))
+    (`training_bytes`), its copies to put the model back (`rollback_bytes`), and, shuffled, the
+    reordered data (`shuffle_bytes`)."""
+    return add_bytes(training_bytes(model), rollback_bytes(model), shuffle_bytes(model))
 
 
 def count_bytes(d: TensorDict) -> Bytes:

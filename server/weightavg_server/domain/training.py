@@ -3,7 +3,8 @@ and batchnorm recalculation over the model's data.
 
 Long loops take `should_stop`, a plain callable checked between batches, and stop with Cancelled
 after putting back what they changed (train flags, batchnorm momenta and statistics, data size).
-Every call checks what it can before it changes anything, so a bad request leaves the model as it was.
+Every call checks what it can before it changes anything, so a bad request leaves the model as it was;
+an epoch that fails midway all the same puts back everything it changed (rollback.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import batching
+from . import batching, rollback
 from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
 from .errors import Cancelled, FailedPrecondition, InvalidArgument, did_you_mean
 from .losses import Loss
@@ -324,11 +325,18 @@ def set_data(
     return batches(model, split)
 
 
-def _require(model: Model, split: str) -> Data:
+def _loaded(model: Model, split: str) -> Data:
+    """The train or test data, standing where they are, or FailedPrecondition saying how to load them."""
     data = model.train_data if split == "train" else model.test_data
     if data is None:
         verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
         raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
+    return data
+
+
+def _require(model: Model, split: str) -> Data:
+    """The train or test data, put back to full size."""
+    data = _loaded(model, split)
     batching.restore(data.x)
     batching.restore(data.y)
     return data
@@ -455,10 +463,25 @@ def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> None:
             model.loss(model.module(xb), batch_targets(model, yb))
 
 
+@contextlib.contextmanager
+def _batch_kept(data: Data) -> Iterator[None]:
+    """Put the data back at the batch they stood at (`next_model_batch`) if the block fails. A
+    cancelled block leaves them at full size, where it put them to start."""
+    saved = [(t, batching.position(t), t.shape[0]) for t in (data.x, data.y)]
+    try:
+        yield
+    except Cancelled:
+        raise
+    except BaseException:
+        for t, start, rows in saved:
+            batching.seek(t, start, rows)
+        raise
+
+
 def _epoch_order(model: Model, data: Data, n: int) -> Data:
     """The data in the order the epoch trains them. With `shuffle`: a reordered copy, by a
     permutation drawn from the model's generator, written over the data only once the epoch has
-    trained (`_reorder`). Without: the data themselves."""
+    trained (`_reorder`), so a failed epoch leaves them as they were. Without: the data themselves."""
     if not model.train["shuffle"]:
         return data
     perm = torch.randperm(n, generator=model.generator).to(data.x.device)
@@ -501,31 +524,40 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
 
     The data are reshuffled when `shuffle` is on, with a permutation drawn from the model's generator
     (seeded by the `seed` option), so runs are reproducible: the epoch trains on a reordered copy,
-    written over the data in place when it ends (its bytes are reserved by the caller,
-    footprint.epoch_bytes). Then, per batch: zero_grad(set_to_none), forward in train mode, loss,
-    backward, optimizer step. The train flags are restored at the end. When `should_stop` turns true
-    the epoch stops before the next batch: the batches done stay trained, the data stay in the order
-    they were trained in, and Cancelled is raised.
+    written over the data in place when it ends. Then, per batch: zero_grad(set_to_none), forward in
+    train mode, loss, backward, optimizer step. The train flags are restored at the end.
+
+    All or nothing: before any batch trains, the last batch runs through the module and loss. An
+    epoch that still fails midway (any error torch raises, out of memory included) puts back the
+    parameters, gradients, buffers, optimizer state, generator and data, order and batch position,
+    as they were (`rollback.kept`): their copies, and the reordered data, are reserved by the caller
+    (footprint.epoch_bytes). When `should_stop` turns true the epoch stops before the next batch
+    instead: the batches done stay trained, the data stay in the order they were trained in, and
+    Cancelled is raised.
 
     Raises:
         FailedPrecondition: no training data.
-        InvalidArgument: the data do not fit the module or the loss (checked on the last batch first).
+        InvalidArgument: the data do not fit the module or the loss, or torch refused a batch.
         Cancelled: should_stop turned true.
     """
-    data = _require(model, "train")
-    n, w, nb = _plan(data, model.train)
-    dev = _device(model.module)
-    last = (nb - 1) * w
-    _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
-    order = _epoch_order(model, data, n)
-    try:
-        metrics = _train_batches(model, order, w, nb, dev, should_stop)
-    except Cancelled:
-        _reorder(data, order)  # the batches done stay trained, in the order they were trained in
-        raise
-    result = metrics.result()
-    _reorder(data, order)
-    return result
+    data = _loaded(model, "train")
+    with _batch_kept(data):
+        batching.restore(data.x)
+        batching.restore(data.y)
+        n, w, nb = _plan(data, model.train)
+        dev = _device(model.module)
+        last = (nb - 1) * w
+        _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
+        with rollback.kept(model.module, model.optimizer.optim, model.generator):
+            order = _epoch_order(model, data, n)
+            try:
+                metrics = _train_batches(model, order, w, nb, dev, should_stop)
+            except Cancelled:
+                _reorder(data, order)  # the batches done stay trained, in the order they were trained in
+                raise
+            result = metrics.result()
+            _reorder(data, order)
+            return result
 
 
 def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
