@@ -209,10 +209,14 @@ def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
+def _first_layer(module: nn.Module) -> nn.Module | None:
+    """The first module without children, the one the inputs go through first; None for none."""
+    return next((m for m in module.modules() if not any(True for _ in m.children())), None)
+
+
 def _takes_indices(module: nn.Module) -> bool:
     """True when the module's first layer is an embedding, which takes integer indices."""
-    first = next((m for m in module.modules() if not any(True for _ in m.children())), None)
-    return isinstance(first, nn.Embedding)
+    return isinstance(_first_layer(module), nn.Embedding)
 
 
 def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -454,13 +458,75 @@ def _metric_names(options: dict[str, Value]) -> list[str]:
 # -- training and testing -------------------------------------------------------------------------
 
 
-def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> None:
+def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> torch.Size:
     """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
-    not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training."""
+    not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training.
+    Returns the output's shape, which says how many classes the module predicts."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
-            model.loss(model.module(xb), batch_targets(model, yb))
+            output: torch.Tensor = model.module(xb)
+            model.loss(output, batch_targets(model, yb))
+    return output.shape
+
+
+def _out_of_range(t: torch.Tensor, low: int, high: int, allowed: int | None, w: int) -> tuple[int, int] | None:
+    """The first row of t holding a value outside [low, high) other than `allowed`, with that value;
+    None when there is none. One min and max settle the usual case; otherwise t is scanned w rows at
+    a time, so no mask of the whole of t is made."""
+    if t.numel() == 0:
+        return None
+    smallest, largest = torch.aminmax(t)
+    if int(smallest) >= low and int(largest) < high:
+        return None
+    for start in range(0, t.shape[0], w):
+        chunk = t[start:start + w]
+        bad = (chunk < low) | (chunk >= high)
+        if allowed is not None:
+            bad &= chunk != allowed
+        rows = bad.reshape(bad.shape[0], -1).any(1).nonzero()
+        if rows.numel():
+            row = int(rows[0])
+            return start + row, int(chunk[row][bad[row]].reshape(-1)[0])
+    return None
+
+
+def _check_indices(
+    model: Model, order: Data, perm: torch.Tensor | None, output: torch.Size, rows: int, w: int
+) -> None:
+    """Refuse indices torch would find out of range only at their batch, after the batches before it
+    had trained (and on CUDA with a device-side assert that ends the process's use of the GPU):
+    inputs to a first embedding layer beyond its rows, and class-index targets of ce and nll beyond
+    the output's classes other than the loss's ignore index. `order` holds the data in the order the
+    epoch trains them (`perm` made it from the data as loaded, if shuffled); its first `rows` are
+    trained, the rest droplast leaves out. A sample is named by its place in the data as loaded.
+
+    Raises:
+        InvalidArgument: the first out-of-range index, its value and sample.
+    """
+
+    def sample(row: int) -> int:
+        return int(perm[row]) if perm is not None else row
+
+    first = _first_layer(model.module)
+    if isinstance(first, nn.Embedding):
+        found = _out_of_range(order.x[:rows], 0, first.num_embeddings, None, w)
+        if found is not None:
+            row, value = found
+            raise InvalidArgument(
+                f"run: input {value} of sample {sample(row)} is out of range for the embedding's "
+                f"{first.num_embeddings} rows (0-{first.num_embeddings - 1}); nothing changed"
+            )
+    if model.loss.type in INDEX_LOSSES and not order.y.is_floating_point():
+        classes = output[1] if len(output) >= 2 else output[0]
+        ignore = int_value(model.loss.options, "ignore")
+        found = _out_of_range(order.y[:rows], 0, classes, ignore, w)
+        if found is not None:
+            row, value = found
+            raise InvalidArgument(
+                f"run: target {value} of sample {sample(row)} is out of bounds: the output has {classes} classes "
+                f"(0-{classes - 1}) and the loss ignores {ignore}; nothing changed"
+            )
 
 
 @contextlib.contextmanager
@@ -478,14 +544,15 @@ def _batch_kept(data: Data) -> Iterator[None]:
         raise
 
 
-def _epoch_order(model: Model, data: Data, n: int) -> Data:
-    """The data in the order the epoch trains them. With `shuffle`: a reordered copy, by a
-    permutation drawn from the model's generator, written over the data only once the epoch has
-    trained (`_reorder`), so a failed epoch leaves them as they were. Without: the data themselves."""
+def _epoch_order(model: Model, data: Data, n: int) -> tuple[Data, torch.Tensor | None]:
+    """The data in the order the epoch trains them, and the permutation that made them. With
+    `shuffle`: a reordered copy, by a permutation drawn from the model's generator, written over the
+    data only once the epoch has trained (`_reorder`), so a failed epoch leaves them as they were.
+    Without: the data themselves."""
     if not model.train["shuffle"]:
-        return data
+        return data, None
     perm = torch.randperm(n, generator=model.generator).to(data.x.device)
-    return Data(data.x.index_select(0, perm), data.y.index_select(0, perm))
+    return Data(data.x.index_select(0, perm), data.y.index_select(0, perm)), perm
 
 
 def _reorder(data: Data, order: Data) -> None:
@@ -527,17 +594,18 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
     written over the data in place when it ends. Then, per batch: zero_grad(set_to_none), forward in
     train mode, loss, backward, optimizer step. The train flags are restored at the end.
 
-    All or nothing: before any batch trains, the last batch runs through the module and loss. An
-    epoch that still fails midway (any error torch raises, out of memory included) puts back the
-    parameters, gradients, buffers, optimizer state, generator and data, order and batch position,
-    as they were (`rollback.kept`): their copies, and the reordered data, are reserved by the caller
-    (footprint.epoch_bytes). When `should_stop` turns true the epoch stops before the next batch
-    instead: the batches done stay trained, the data stay in the order they were trained in, and
-    Cancelled is raised.
+    All or nothing: before any batch trains, the last batch runs through the module and loss, and
+    every index the epoch will look up is checked (`_check_indices`). An epoch that still fails midway
+    (any error torch raises, out of memory included) puts back the parameters, gradients, buffers,
+    optimizer state, generator and data, order and batch position, as they were (`rollback.kept`):
+    their copies, and the reordered data, are reserved by the caller (footprint.epoch_bytes). When
+    `should_stop` turns true the epoch stops before the next batch instead: the batches done stay
+    trained, the data stay in the order they were trained in, and Cancelled is raised.
 
     Raises:
         FailedPrecondition: no training data.
-        InvalidArgument: the data do not fit the module or the loss, or torch refused a batch.
+        InvalidArgument: the data do not fit the module or the loss, an index is out of range, or
+            torch refused a batch.
         Cancelled: should_stop turned true.
     """
     data = _loaded(model, "train")
@@ -547,9 +615,10 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
         n, w, nb = _plan(data, model.train)
         dev = _device(model.module)
         last = (nb - 1) * w
-        _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
+        output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
         with rollback.kept(model.module, model.optimizer.optim, model.generator):
-            order = _epoch_order(model, data, n)
+            order, perm = _epoch_order(model, data, n)
+            _check_indices(model, order, perm, output, min(nb * w, n), w)
             try:
                 metrics = _train_batches(model, order, w, nb, dev, should_stop)
             except Cancelled:
