@@ -112,11 +112,12 @@ def training_bytes(model: Model) -> Bytes:
 
 
 def rollback_bytes(model: Model) -> Bytes:
-    """Bytes an epoch holds to put the model back if it fails midway: a copy of every tensor it
-    writes in place (parameters, buffers, optimizer state) and the gradients it replaces, held until
-    it ends while their replacements are made."""
+    """Bytes an epoch holds to put the model back if it fails midway: a host copy of every tensor it
+    writes in place (parameters, buffers, optimizer state), and the gradients it replaces, held where
+    they are until it ends while their replacements are made."""
     optim = model.optimizer.optim
-    return tensor_bytes([*rollback.written(model.module, optim), *rollback.replaced(optim)])
+    copies = tensor_bytes(rollback.written(model.module, optim), "cpu")
+    return add_bytes(copies, tensor_bytes(rollback.replaced(optim)))
 
 
 def shuffle_bytes(model: Model) -> Bytes:

@@ -7,6 +7,10 @@ model's shuffle generator. `kept` copies what is written, holds on to what is re
 failure puts all of it back in place, so every tensor keeps its identity (live views, the
 optimizer's references). `written` and `replaced` say which tensors, so the store can reserve
 their bytes (footprint.rollback_bytes) before anything is copied.
+
+The copies are kept in host memory whatever the model's device: on a GPU they would double what an
+epoch of an Adam model holds there (parameters, two moments and gradients), where memory is
+scarcest; a CUDA model pays one transfer out each epoch (and one back if it fails) instead.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class Kept:
         self._generator_state = generator.get_state()
         self._gradients = [(p, p.grad) for p in _distinct([*module.parameters(), *_stepped(optim)])]
         self._state: dict[torch.Tensor, dict[str, Any]] = {p: dict(s) for p, s in optim.state.items()}
-        self._copies = [(t, t.detach().clone()) for t in written(module, optim)]
+        self._copies = [(t, t.detach().to("cpu", copy=True)) for t in written(module, optim)]
 
     def put_back(self) -> None:
         """Every value and object as it was when kept; state made since (a first step's) is dropped."""
