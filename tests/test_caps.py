@@ -137,10 +137,20 @@ CASES = [
          ROWS * FEATURES * (1 + F32) + ROWS * (4 + 8), ROWS * FEATURES * F32 + ROWS * 8),
     Case("test data", model, lambda c, m: c.test(m, x_rows(), labels()),
          ROWS * FEATURES * F32 + ROWS * 8, ROWS * FEATURES * F32 + ROWS * 8),
-    Case("first optimizer step (gradients and momentum)", trained_model, lambda c, m: c.run(m), 2 * LAYER, 2 * LAYER),
-    Case("first adam step (gradients, two moments, steps)",
+    # An epoch also holds, until it ends, a copy of what it writes in place (parameters, buffers,
+    # optimizer state) and the gradients it replaces, to put them back if it fails midway.
+    Case("first optimizer step (gradients and momentum; a copy of the parameters)", trained_model,
+         lambda c, m: c.run(m), 3 * LAYER, 2 * LAYER),
+    Case("first adam step (gradients, two moments, steps; a copy of the parameters)",
          lambda c: (m := model(c, "adam"), c.train(m, x_rows(), labels()))[0],
-         lambda c, m: c.run(m), 3 * LAYER + 2 * STEP, 3 * LAYER + 2 * STEP),
+         lambda c, m: c.run(m), 4 * LAYER + 2 * STEP, 3 * LAYER + 2 * STEP),
+    Case("second epoch (copies of the parameters and momentum, the old gradients held)",
+         lambda c: (m := trained_model(c), c.run(m))[0], lambda c, m: c.run(m), 3 * LAYER, 0),
+    # Shuffled, it trains on a reordered copy of the data (written over them at the end) and holds
+    # the int64 permutation that made it.
+    Case("shuffled epoch (a reordered copy of the data, its permutation)",
+         lambda c: (m := trained_model(c), c.train(m, shuffle=True))[0], lambda c, m: c.run(m),
+         3 * LAYER + ROWS * FEATURES * F32 + ROWS * 8 + ROWS * 8, 2 * LAYER),
     Case("forward output kept", lambda c: (linear(c), c.tensor(x_rows())), lambda c, s: c.eforward(*s),
          ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     Case("forward over the model's own data", trained_model, lambda c, m: c.nforward(m),

@@ -9,6 +9,7 @@ puts back. The data are a separable toy problem: the label says whether x0 + x1 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -631,3 +632,66 @@ def test_stopping_run_epoch_keeps_the_batches_done_and_puts_flags_back(checks: i
     assert_state(stopped.module, state(alone.module))
     assert flags(stopped.module) == before_flags
     assert training.data_size(stopped, "train") == 50 and training.restore_data(stopped) == 50
+
+
+@pytest.mark.parametrize("checks", [0, 2])
+def test_stopping_a_shuffled_run_epoch_keeps_the_order_it_trained_in(checks: int) -> None:
+    """Cancelled, a shuffled epoch keeps its permutation, as it keeps its batches: the data stay
+    reordered and the generator stays past the draw, even before the first batch."""
+    model = with_data(make(), n=40, batchsize=8, shuffle=True, seed=5)
+    x, y = toy(40)
+    generator = torch.Generator().manual_seed(5)
+    perm = torch.randperm(40, generator=generator)
+    with pytest.raises(Cancelled, match=f"run stopped after {checks} of 5 batches"):
+        training.run_epoch(model, stop_after(checks))
+    data = model.train_data
+    assert data is not None and torch.equal(data.x, x[perm]) and torch.equal(data.y, y[perm])
+    assert torch.equal(model.generator.get_state(), generator.get_state())
+
+
+# -- an epoch that fails midway ---------------------------------------------------------------------
+
+
+def partly_optimized() -> training.Model:
+    """A batchnorm network whose optimizer holds every layer but the last, after one shuffled epoch:
+    gradients, momentum, statistics and a drawn permutation to put back, and the last layer's
+    gradients, which zero_grad never clears, adding up in place across batches."""
+    torch.manual_seed(0)
+    module = specs.build_module(WITH_BN)
+    held = [p for name, p in module.named_parameters() if not name.startswith("d.")]
+    optimizer = optimizers.Optimizer("sgd", {}, module, torch.optim.SGD(held, lr=0.1, momentum=0.9))
+    model = training.create_model(module, losses.create_loss("ce"), optimizer)
+    with_data(model, n=40, batchsize=8, shuffle=True, seed=2)
+    training.run_epoch(model)
+    return model
+
+
+def everything(model: training.Model) -> list[torch.Tensor]:
+    """Parameters, gradients, buffers, optimizer state, data, and the generator's state."""
+    return [t.detach().clone() for t in model.tensors()] + [model.generator.get_state()]
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for i, (s, t) in enumerate(zip(a, b)):
+        assert s.dtype == t.dtype and torch.equal(s, t), i
+
+
+def test_an_epoch_failing_midway_puts_back_everything_it_changed() -> None:
+    """A fault in the third batch, after two have trained, leaves the model bit for bit as it was,
+    and its next epoch equals that of a twin that never ran the failed one."""
+    failed, never = partly_optimized(), partly_optimized()
+    before = everything(failed)
+    forwards = itertools.count()
+
+    def fault(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if next(forwards) == 3:  # 0 is the check on the last batch, then batches 1, 2, 3
+            raise RuntimeError("injected fault")
+
+    hook = failed.module.register_forward_hook(fault)
+    with pytest.raises(InvalidArgument, match=r"run \(batch 3 of 5\): injected fault"):
+        training.run_epoch(failed)
+    hook.remove()
+    assert_same(everything(failed), before)
+    assert_same([t for _, t in training.run_epoch(failed)], [t for _, t in training.run_epoch(never)])
+    assert_same(everything(failed), everything(never))

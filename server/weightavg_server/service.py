@@ -737,10 +737,11 @@ class Service:
 
     @_exactly_once
     def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
-        """Train one epoch; the train metrics (a cluster's replicated model: each rank's). The first
-        epoch's gradients and optimizer state are reserved before it starts."""
+        """Train one epoch; the train metrics (a cluster's replicated model: each rank's). Reserved
+        before it starts: the first epoch's gradients and optimizer state, the copies that put the
+        model back if the epoch fails, and a shuffled epoch's reordered data."""
         entry, model = self._model(handle)
-        with self.store.mutate(entry, need=lambda: footprint.training_bytes(model)):
+        with self.store.mutate(entry, need=lambda: footprint.epoch_bytes(model)):
             return training.run_epoch(model, should_stop)
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:

@@ -8,13 +8,14 @@ device, which computes shapes and dtypes without memory; the answer is exact, no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import averaging, merging, optimizers, outer, soups, specs, training
+from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
 from .options import Value
 from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
@@ -108,6 +109,37 @@ def gradient_bytes(module: nn.Module) -> Bytes:
 def training_bytes(model: Model) -> Bytes:
     """Bytes an epoch leaves allocated beyond what the model holds: gradients and first-step state."""
     return add_bytes(gradient_bytes(model.module), step_bytes(model.optimizer))
+
+
+def rollback_bytes(model: Model) -> Bytes:
+    """Bytes an epoch holds to put the model back if it fails midway: a host copy of every tensor it
+    writes in place (parameters, buffers, optimizer state), and the gradients it replaces, held where
+    they are until it ends while their replacements are made."""
+    optim = model.optimizer.optim
+    copies = tensor_bytes(rollback.written(model.module, optim), "cpu")
+    return add_bytes(copies, tensor_bytes(rollback.replaced(optim)))
+
+
+def shuffle_bytes(model: Model) -> Bytes:
+    """Bytes a shuffled epoch holds while it runs: the permutation (int64, drawn on the CPU and moved
+    next to the data) and the reordered copy of the inputs and targets at full size, which it trains
+    on and then writes over the data."""
+    data = model.train_data
+    if data is None or not model.train["shuffle"]:
+        return {}
+    n = batching.full_size(data.x)
+    device = device_name(data.x)
+    rows = {device: n * sum(math.prod(t.shape[1:]) * t.element_size() for t in (data.x, data.y))}
+    index = torch.empty(n, dtype=torch.int64, device="meta")
+    moved = tensor_bytes([index], device) if device != "cpu" else {}
+    return add_bytes(rows, tensor_bytes([index], "cpu"), moved)
+
+
+def epoch_bytes(model: Model) -> Bytes:
+    """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
+    (`training_bytes`), its copies to put the model back (`rollback_bytes`), and, shuffled, the
+    reordered data (`shuffle_bytes`)."""
+    return add_bytes(training_bytes(model), rollback_bytes(model), shuffle_bytes(model))
 
 
 def count_bytes(d: TensorDict) -> Bytes:

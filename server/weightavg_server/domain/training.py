@@ -3,7 +3,8 @@ and batchnorm recalculation over the model's data.
 
 Long loops take `should_stop`, a plain callable checked between batches, and stop with Cancelled
 after putting back what they changed (train flags, batchnorm momenta and statistics, data size).
-Every call checks what it can before it changes anything, so a bad request leaves the model as it was.
+Every call checks what it can before it changes anything, so a bad request leaves the model as it was;
+an epoch that fails midway all the same puts back everything it changed (rollback.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import batching
+from . import batching, rollback
 from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
 from .errors import Cancelled, FailedPrecondition, InvalidArgument, did_you_mean
 from .losses import Loss
@@ -208,10 +209,14 @@ def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
+def _first_layer(module: nn.Module) -> nn.Module | None:
+    """The first module without children, the one the inputs go through first; None for none."""
+    return next((m for m in module.modules() if not any(True for _ in m.children())), None)
+
+
 def _takes_indices(module: nn.Module) -> bool:
     """True when the module's first layer is an embedding, which takes integer indices."""
-    first = next((m for m in module.modules() if not any(True for _ in m.children())), None)
-    return isinstance(first, nn.Embedding)
+    return isinstance(_first_layer(module), nn.Embedding)
 
 
 def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -324,11 +329,18 @@ def set_data(
     return batches(model, split)
 
 
-def _require(model: Model, split: str) -> Data:
+def _loaded(model: Model, split: str) -> Data:
+    """The train or test data, standing where they are, or FailedPrecondition saying how to load them."""
     data = model.train_data if split == "train" else model.test_data
     if data is None:
         verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
         raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
+    return data
+
+
+def _require(model: Model, split: str) -> Data:
+    """The train or test data, put back to full size."""
+    data = _loaded(model, split)
     batching.restore(data.x)
     batching.restore(data.y)
     return data
@@ -446,47 +458,124 @@ def _metric_names(options: dict[str, Value]) -> list[str]:
 # -- training and testing -------------------------------------------------------------------------
 
 
-def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> None:
+def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> torch.Size:
     """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
-    not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training."""
+    not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training.
+    Returns the output's shape, which says how many classes the module predicts."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
-            model.loss(model.module(xb), batch_targets(model, yb))
+            output: torch.Tensor = model.module(xb)
+            model.loss(output, batch_targets(model, yb))
+    return output.shape
 
 
-def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
-    """Train one epoch over the training data and return the train metrics, by name.
+def _out_of_range(t: torch.Tensor, low: int, high: int, allowed: int | None, w: int) -> tuple[int, int] | None:
+    """The first row of t holding a value outside [low, high) other than `allowed`, with that value;
+    None when there is none. One min and max settle the usual case; otherwise t is scanned w rows at
+    a time, so no mask of the whole of t is made."""
+    if t.numel() == 0:
+        return None
+    smallest, largest = torch.aminmax(t)
+    if int(smallest) >= low and int(largest) < high:
+        return None
+    for start in range(0, t.shape[0], w):
+        chunk = t[start:start + w]
+        bad = (chunk < low) | (chunk >= high)
+        if allowed is not None:
+            bad &= chunk != allowed
+        rows = bad.reshape(bad.shape[0], -1).any(1).nonzero()
+        if rows.numel():
+            row = int(rows[0])
+            return start + row, int(chunk[row][bad[row]].reshape(-1)[0])
+    return None
 
-    At the start the data are reshuffled in place when `shuffle` is on, with a permutation drawn from
-    the model's generator (seeded by the `seed` option), so runs are reproducible. Then, per batch:
-    zero_grad(set_to_none), forward in train mode, loss, backward, optimizer step. The train flags
-    are restored at the end. When `should_stop` turns true the epoch stops before the next batch:
-    the batches done stay trained, and Cancelled is raised.
+
+def _check_indices(
+    model: Model, order: Data, perm: torch.Tensor | None, output: torch.Size, rows: int, w: int
+) -> None:
+    """Refuse indices torch would find out of range only at their batch, after the batches before it
+    had trained (and on CUDA with a device-side assert that ends the process's use of the GPU):
+    inputs to a first embedding layer beyond its rows, and class-index targets of ce and nll beyond
+    the output's classes other than the loss's ignore index. `order` holds the data in the order the
+    epoch trains them (`perm` made it from the data as loaded, if shuffled); its first `rows` are
+    trained, the rest droplast leaves out. A sample is named by its place in the data as loaded.
 
     Raises:
-        FailedPrecondition: no training data.
-        InvalidArgument: the data do not fit the module or the loss (checked on the last batch first).
-        Cancelled: should_stop turned true.
+        InvalidArgument: the first out-of-range index, its value and sample.
     """
-    data = _require(model, "train")
-    n, w, nb = _plan(data, model.train)
-    dev = _device(model.module)
-    last = (nb - 1) * w
-    _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
-    if model.train["shuffle"]:
-        perm = torch.randperm(n, generator=model.generator).to(data.x.device)
+
+    def sample(row: int) -> int:
+        return int(perm[row]) if perm is not None else row
+
+    first = _first_layer(model.module)
+    if isinstance(first, nn.Embedding):
+        found = _out_of_range(order.x[:rows], 0, first.num_embeddings, None, w)
+        if found is not None:
+            row, value = found
+            raise InvalidArgument(
+                f"run: input {value} of sample {sample(row)} is out of range for the embedding's "
+                f"{first.num_embeddings} rows (0-{first.num_embeddings - 1}); nothing changed"
+            )
+    if model.loss.type in INDEX_LOSSES and not order.y.is_floating_point():
+        classes = output[1] if len(output) >= 2 else output[0]
+        ignore = int_value(model.loss.options, "ignore")
+        found = _out_of_range(order.y[:rows], 0, classes, ignore, w)
+        if found is not None:
+            row, value = found
+            raise InvalidArgument(
+                f"run: target {value} of sample {sample(row)} is out of bounds: the output has {classes} classes "
+                f"(0-{classes - 1}) and the loss ignores {ignore}; nothing changed"
+            )
+
+
+@contextlib.contextmanager
+def _batch_kept(data: Data) -> Iterator[None]:
+    """Put the data back at the batch they stood at (`next_model_batch`) if the block fails. A
+    cancelled block leaves them at full size, where it put them to start."""
+    saved = [(t, batching.position(t), t.shape[0]) for t in (data.x, data.y)]
+    try:
+        yield
+    except Cancelled:
+        raise
+    except BaseException:
+        for t, start, rows in saved:
+            batching.seek(t, start, rows)
+        raise
+
+
+def _epoch_order(model: Model, data: Data, n: int) -> tuple[Data, torch.Tensor | None]:
+    """The data in the order the epoch trains them, and the permutation that made them. With
+    `shuffle`: a reordered copy, by a permutation drawn from the model's generator, written over the
+    data only once the epoch has trained (`_reorder`), so a failed epoch leaves them as they were.
+    Without: the data themselves."""
+    if not model.train["shuffle"]:
+        return data, None
+    perm = torch.randperm(n, generator=model.generator).to(data.x.device)
+    return Data(data.x.index_select(0, perm), data.y.index_select(0, perm)), perm
+
+
+def _reorder(data: Data, order: Data) -> None:
+    """Write the order the epoch trained in over the data (in place: `input(m)` handles see it)."""
+    if order is not data:
         with torch.no_grad():
-            data.x.copy_(data.x.index_select(0, perm))
-            data.y.copy_(data.y.index_select(0, perm))
+            data.x.copy_(order.x)
+            data.y.copy_(order.y)
+
+
+def _train_batches(
+    model: Model, order: Data, w: int, nb: int, dev: torch.device, should_stop: StopCheck
+) -> _Metrics:
+    """Per batch of w rows of `order`: zero_grad(set_to_none), forward in train mode, loss,
+    backward, optimizer step. Cancelled when should_stop turns true before a batch."""
     metrics = _Metrics(_metric_names(model.train))
     optim = model.optimizer.optim
     with _flags(model.module, True):
         for i in range(nb):
             if should_stop():
                 raise _stopped("run", i, nb)
-            xb = data.x[i * w:(i + 1) * w].to(dev)
-            yb = data.y[i * w:(i + 1) * w].to(dev)
+            xb = order.x[i * w:(i + 1) * w].to(dev)
+            yb = order.y[i * w:(i + 1) * w].to(dev)
             optim.zero_grad(set_to_none=True)
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
                 output = model.module(xb)
@@ -494,7 +583,50 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
             metrics.add(output.detach(), yb, loss)
-    return metrics.result()
+    return metrics
+
+
+def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
+    """Train one epoch over the training data and return the train metrics, by name.
+
+    The data are reshuffled when `shuffle` is on, with a permutation drawn from the model's generator
+    (seeded by the `seed` option), so runs are reproducible: the epoch trains on a reordered copy,
+    written over the data in place when it ends. Then, per batch: zero_grad(set_to_none), forward in
+    train mode, loss, backward, optimizer step. The train flags are restored at the end.
+
+    All or nothing: before any batch trains, the last batch runs through the module and loss, and
+    every index the epoch will look up is checked (`_check_indices`). An epoch that still fails midway
+    (any error torch raises, out of memory included) puts back the parameters, gradients, buffers,
+    optimizer state, generator and data, order and batch position, as they were (`rollback.kept`):
+    their copies, and the reordered data, are reserved by the caller (footprint.epoch_bytes). When
+    `should_stop` turns true the epoch stops before the next batch instead: the batches done stay
+    trained, the data stay in the order they were trained in, and Cancelled is raised.
+
+    Raises:
+        FailedPrecondition: no training data.
+        InvalidArgument: the data do not fit the module or the loss, an index is out of range, or
+            torch refused a batch.
+        Cancelled: should_stop turned true.
+    """
+    data = _loaded(model, "train")
+    with _batch_kept(data):
+        batching.restore(data.x)
+        batching.restore(data.y)
+        n, w, nb = _plan(data, model.train)
+        dev = _device(model.module)
+        last = (nb - 1) * w
+        output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
+        with rollback.kept(model.module, model.optimizer.optim, model.generator):
+            order, perm = _epoch_order(model, data, n)
+            _check_indices(model, order, perm, output, min(nb * w, n), w)
+            try:
+                metrics = _train_batches(model, order, w, nb, dev, should_stop)
+            except Cancelled:
+                _reorder(data, order)  # the batches done stay trained, in the order they were trained in
+                raise
+            result = metrics.result()
+            _reorder(data, order)
+            return result
 
 
 def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:

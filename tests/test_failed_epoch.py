@@ -1,0 +1,163 @@
+"""An epoch that fails midway changes nothing, through a real server.
+
+Each test builds two models with the same parameters, options and history: one runs an epoch that
+fails after its first batch would have trained (a bad class label, an embedding index out of range,
+a bce input torch refuses only when it sees it), the other never does. The failed call must leave
+every handle as it was (`unchanged`: parameters, gradients, batchnorm statistics, optimizer state,
+the data and their order), and the next successful epoch of both models must agree bit for bit
+(weights, metrics, data order), which it can only do if the shuffle generator is untouched too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from weightavg import Client, InvalidArgumentError
+
+N, W = 20, 5
+"""Four batches of five: row 7 lies in the second batch, away from the last one that run probes."""
+BN_NET = ["sequential", ["linear", "a", 3, 8], ["batchnorm1d", "b", 8], ["relu", "r"], ["linear", "d", 8, 4]]
+OPTIMIZERS = [("sgd", 0.1, 0.9), ("adam", 0.01)]
+METRICS = "loss,batchloss,predict,output"
+
+
+def features(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((N, 3), dtype=np.float32)
+
+
+def labels(classes: int = 4) -> np.ndarray:
+    return np.arange(N, dtype=np.int64) % classes
+
+
+def twins(c: Client, spec: Any, loss: Any, optimizer: tuple[Any, ...], shuffle: bool) -> tuple[Any, Any]:
+    """Two models over modules with the same parameters and the same train options."""
+    first = c.module(spec)
+    second = c.module(spec)
+    for name, value in c.dict(c.parms(first)).items():
+        c.parm(second, name, value)
+    models = []
+    for q in (first, second):
+        m = c.model(q, c.loss(*loss), c.opt(optimizer[0], q, *optimizer[1:]))
+        c.train(m, batchsize=W, shuffle=shuffle, seed=3, metrics=METRICS)
+        models.append(m)
+    return models[0], models[1]
+
+
+def state(c: Client, m: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in {**c.dict(c.parms(m)), **c.dict(c.buffers(m))}.items()}
+
+
+def assert_same_epoch(c: Client, failed: Any, never: Any, x: np.ndarray, y: np.ndarray) -> None:
+    """One more epoch on each, both with x and y loaded afresh: the same metrics, parameters,
+    buffers and data order, bit for bit."""
+    got, expected = c.run(failed, x, y), c.run(never, x, y)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ours, theirs = state(c, failed), state(c, never)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    np.testing.assert_array_equal(c.tensor(c.input(failed)), c.tensor(c.input(never)))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_a_bad_label_in_a_middle_batch_changes_nothing(
+    client: Client, unchanged: Any, optimizer: tuple[Any, ...], shuffle: bool
+) -> None:
+    c = client
+    failed, never = twins(c, BN_NET, ("ce",), optimizer, shuffle)
+    x, y = features(), labels()
+    for m in (failed, never):  # an epoch first: gradients, optimizer state, statistics, a drawn permutation
+        c.train(m, x, y)
+        c.run(m)
+    bad = y.copy()
+    bad[7] = 9
+    c.train(failed, x, bad)
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=r"run: target 9 of sample 7 is out of bounds: the output has 4 classes"
+    ):
+        c.run(failed)
+    assert_same_epoch(c, failed, never, x, y)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_an_embedding_index_out_of_range_in_a_middle_batch_changes_nothing(
+    client: Client, unchanged: Any, shuffle: bool
+) -> None:
+    c = client
+    net = ["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]]
+    failed, never = twins(c, net, ("ce",), ("sgd", 0.1, 0.9), shuffle)
+    x, y = np.arange(N, dtype=np.int64) % 10, labels(3)
+    for m in (failed, never):
+        c.train(m, x, y)
+        c.run(m)
+    bad = x.copy()
+    bad[7] = 12
+    c.train(failed, bad, y)
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=r"run: input 12 of sample 7 is out of range for the embedding's 10 rows"
+    ):
+        c.run(failed)
+    assert_same_epoch(c, failed, never, x, y)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: Any, shuffle: bool) -> None:
+    """bce takes probabilities: a linear output above 1 is refused by torch only when a batch makes
+    one, which no check before the epoch can foresee. Rows 5-9 make one; the last batch does not."""
+    c = client
+    failed, never = twins(c, ["linear", 1, 1], ("bce",), ("sgd", 0.1, 0.9), shuffle)
+    x = np.linspace(0, 1, N, dtype=np.float32).reshape(N, 1)
+    y = (np.arange(N) % 2).astype(np.float32).reshape(N, 1)
+    for m in (failed, never):
+        c.parm(m, "weight", np.full((1, 1), 0.1, np.float32))
+        c.parm(m, "bias", np.full(1, 0.5, np.float32))
+        c.train(m, x, y)
+        c.run(m)
+    far = x.copy()
+    far[5:10] = 100.0
+    c.train(failed, far, y)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=r"run \(batch \d of 4\): all elements of input"):
+        c.run(failed)
+    assert_same_epoch(c, failed, never, x, y)
+
+
+def test_a_failed_epoch_leaves_the_data_at_their_batch(client: Client, unchanged: Any) -> None:
+    c = client
+    q = c.module(["linear", 3, 4])
+    m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.5))
+    bad = labels()
+    bad[7] = 9
+    c.train(m, features(), bad)
+    c.train(m, batchsize=W)
+    xi = c.input(m)
+    assert c.batch(m) and c.batch(m)  # the data stand at their second batch
+    with unchanged(), pytest.raises(InvalidArgumentError, match="out of bounds"):
+        c.run(m)
+    assert c.size(xi) == (W, 3)
+    np.testing.assert_array_equal(c.tensor(xi), features()[W:2 * W])
+
+
+def test_labels_the_loss_ignores_and_rows_droplast_drops_are_not_refused(client: Client) -> None:
+    """A label equal to the loss's ignore index trains (it adds nothing to the loss), and a bad label
+    in the rows an unshuffled droplast epoch never reaches is never seen, as before."""
+    c = client
+    q = c.module(["linear", 3, 4])
+    m = c.model(q, c.loss("ce", -1), c.opt("sgd", q, 0.5))
+    ignored = labels()
+    ignored[7] = -1
+    c.train(m, batchsize=W)
+    assert isinstance(c.run(m, features(), ignored), float)
+    ignored[7] = -2
+    c.train(m, features(), ignored)
+    with pytest.raises(InvalidArgumentError, match="target -2 of sample 7 is out of bounds.*ignores -1"):
+        c.run(m)
+    tail = labels()[:N - 2]
+    tail[-1] = 9  # sample 17: in the last batch, which droplast leaves out of 18 rows in batches of 5
+    c.train(m, droplast=True)
+    assert isinstance(c.run(m, features()[:N - 2], tail), float)
