@@ -64,46 +64,44 @@ def assert_same_epoch(c: Client, failed: Any, never: Any, x: np.ndarray, y: np.n
     np.testing.assert_array_equal(c.tensor(c.input(failed)), c.tensor(c.input(never)))
 
 
+def fails_and_changes_nothing(
+    c: Client, unchanged: Any, twins_: tuple[Any, Any], good: tuple[Any, Any], bad: tuple[Any, Any], message: str
+) -> None:
+    """Both twins train an epoch on `good` (gradients, optimizer state, statistics, a drawn
+    permutation); the first then fails an epoch on `bad` with `message`, changing nothing; then
+    both train on `good` again and must agree bit for bit."""
+    failed, never = twins_
+    for m in (failed, never):
+        c.train(m, *good)
+        c.run(m)
+    c.train(failed, *bad)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=message):
+        c.run(failed)
+    assert_same_epoch(c, failed, never, *good)
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_a_bad_label_in_a_middle_batch_changes_nothing(
     client: Client, unchanged: Any, optimizer: tuple[Any, ...], shuffle: bool
 ) -> None:
-    c = client
-    failed, never = twins(c, BN_NET, ("ce",), optimizer, shuffle)
     x, y = features(), labels()
-    for m in (failed, never):  # an epoch first: gradients, optimizer state, statistics, a drawn permutation
-        c.train(m, x, y)
-        c.run(m)
     bad = y.copy()
     bad[7] = 9
-    c.train(failed, x, bad)
-    with unchanged(), pytest.raises(
-        InvalidArgumentError, match=r"run: target 9 of sample 7 is out of bounds: the output has 4 classes"
-    ):
-        c.run(failed)
-    assert_same_epoch(c, failed, never, x, y)
+    fails_and_changes_nothing(client, unchanged, twins(client, BN_NET, ("ce",), optimizer, shuffle), (x, y), (x, bad),
+                              r"run: target 9 of sample 7 is out of bounds: the output has 4 classes")
 
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_an_embedding_index_out_of_range_in_a_middle_batch_changes_nothing(
     client: Client, unchanged: Any, shuffle: bool
 ) -> None:
-    c = client
     net = ["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]]
-    failed, never = twins(c, net, ("ce",), ("sgd", 0.1, 0.9), shuffle)
     x, y = np.arange(N, dtype=np.int64) % 10, labels(3)
-    for m in (failed, never):
-        c.train(m, x, y)
-        c.run(m)
     bad = x.copy()
     bad[7] = 12
-    c.train(failed, bad, y)
-    with unchanged(), pytest.raises(
-        InvalidArgumentError, match=r"run: input 12 of sample 7 is out of range for the embedding's 10 rows"
-    ):
-        c.run(failed)
-    assert_same_epoch(c, failed, never, x, y)
+    fails_and_changes_nothing(client, unchanged, twins(client, net, ("ce",), ("sgd", 0.1, 0.9), shuffle), (x, y),
+                              (bad, y), r"run: input 12 of sample 7 is out of range for the embedding's 10 rows")
 
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
