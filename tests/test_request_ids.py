@@ -465,3 +465,16 @@ def test_the_client_makes_version_4_uuids_the_server_accepts() -> None:
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, request_id)
         assert canonical_id(request_id) == request_id
     assert {i[19] for i in ids} == set("89ab")  # the variant digit keeps its two random bits
+
+
+def test_a_lost_evaluate_answer_is_retried_as_a_read(proxy: CuttingProxy) -> None:
+    """EvaluateModel uploads its inputs and streams its answer: a read, retried from its source
+    until the answer starts (it was never retried: the interceptor had no stream-stream case)."""
+    x = np.random.default_rng(0).standard_normal((6, 4), dtype=np.float32)
+    with Client(proxy.address, timeout=WAIT) as c:
+        q = c.module(NET)
+        m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
+        expected = c.evaluate(m, x)
+        proxy.arm()
+        np.testing.assert_array_equal(c.evaluate(m, x), expected)
+        assert proxy.cuts == 1 and proxy.connections == 2

@@ -610,6 +610,20 @@ class Client:
             request.step = step
         return int(self._stub.UpdateMovingAverage(request, timeout=self.timeout).step)
 
+    def _is_model(self, m: HandleLike) -> bool:
+        """Whether m is a model handle: its kind, or for a bare id the server's answer (one more
+        call). Verbs whose meaning depends on it (batchnorm, model) used to treat a bare model id as
+        a module's: batchnorm(m.id) reset the statistics instead of recalculating them."""
+        if isinstance(m, Handle):
+            return m.kind == "model"
+        try:
+            self._stub.DescribeModel(pb.DescribeModelRequest(model=m), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # a handle of another kind
+                return False
+            raise
+        return True
+
     @_rpc
     def batchnorm(self, m: HandleLike, momenta: Mapping[str, float | None] | None = None) -> Any:
         """batchnorm(m): reset batchnorm statistics, momentum None; returns {layer: old momentum}.
@@ -618,9 +632,9 @@ class Client:
         Given a model handle alone, batchnorm(m) also recalculates the running statistics over the
         model's training data (as torch.optim.swa_utils.update_bn) and puts the momenta back.
         """
-        if momenta is None and isinstance(m, Handle) and m.kind == "model":
+        if momenta is None and self._is_model(m):
             recalculated = self._stub.RecalculateBatchNorm(
-                pb.RecalculateBatchNormRequest(model=m.id), timeout=self.timeout
+                pb.RecalculateBatchNormRequest(model=_id(m)), timeout=self.timeout
             )
             return _momenta(recalculated)
         if momenta is not None:
@@ -689,8 +703,8 @@ class Client:
 
         Example: c.model(m, c.opt("adam", m, 1e-3)) switches the model to Adam.
         """
-        if isinstance(m, Handle) and m.kind == "model" and parts:
-            update = pb.UpdateModelRequest(model=m.id, parts=[_id(p) for p in parts])
+        if parts and self._is_model(m):
+            update = pb.UpdateModelRequest(model=_id(m), parts=[_id(p) for p in parts])
             return _handle(self._stub.UpdateModel(update, timeout=self.timeout).model)
         loss, opt = (parts + (None, None))[:2] if len(parts) <= 2 else (None, None)
         if len(parts) > 2:
@@ -815,7 +829,7 @@ class Client:
                 yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
                 yield from encoded()
 
-            stream = self._evaluate_model_stream(requests(), timeout=self.timeout)
+            stream = self._evaluate_model_stream(Replayable(requests), timeout=self.timeout)  # retried as a read
             return wire.join_chunks(r.chunk for r in stream)[0][1]
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
@@ -834,6 +848,8 @@ class Client:
     @_rpc
     def _forward(self, q: HandleLike, x: Any, mode: pb.ForwardMode.ValueType) -> Handle:
         request_id = new_request_id()
+        if x is not None and not isinstance(x, Handle):
+            x = wire.to_array(x)  # checked before the call, as every upload is (`_upload_chunks`)
 
         def requests() -> Iterator[pb.RunForwardRequest]:
             if isinstance(x, Handle):
@@ -937,8 +953,8 @@ class Client:
     @_rpc
     def tensor(self, x: Any) -> Any:
         """tensor(array) creates a tensor handle; tensor(handle) returns its values."""
-        if isinstance(x, Handle):
-            return wire.plain(self._fetch_named(x.id, [])[0][1])
+        if isinstance(x, (Handle, str)):  # no string can be sent as a tensor: a bare id
+            return wire.plain(self._fetch_named(_id(x), [])[0][1])
         request_id = new_request_id()
         with self._upload_chunks([("", x)], pb.CreateTensorRequest) as encoded:
 
@@ -1271,10 +1287,13 @@ class Client:
                     return
             # Without CUDA IPC, GPU tensors go as host arrays, bit for bit.
             items = [(name, _cuda.host_array(value) if _cuda.is_cuda(value) else value) for name, value in items]
+        # Checked and converted here, once (to_array may copy), before the call starts: a value that
+        # cannot be sent, found inside gRPC's request thread, failed the call as UNKNOWN "Exception
+        # iterating requests!" after its first message had gone (and a create could still succeed).
+        items = [(wire.entry_name(name), wire.to_array(value)) for name, value in items]
         if self._shm is None:
             yield streamed
             return
-        items = [(name, wire.to_array(value)) for name, value in items]  # once: to_array may copy
         if sum(array.nbytes for _, array in items) < _shm.MIN_UPLOAD_BYTES:
             yield streamed
             return

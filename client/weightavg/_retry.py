@@ -169,14 +169,16 @@ def _with_timeout(details: Any, timeout: float | None) -> _Details:
 
 
 class RetryInterceptor(
-    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
 ):
     """Gives state-changing calls their request IDs and retries UNAVAILABLE calls (see the module docstring).
 
     Unary calls are retried whole. A streamed answer to a state-changing call (an epoch's metrics)
     is read to its end before it is handed over, so it too can be retried whole; a streamed answer
     to a read is retried only until its first message arrives. An upload is retried when it is
-    `Replayable`.
+    `Replayable`; a read that uploads and streams its answer (EvaluateModel) as a read, sent again
+    from its source.
     """
 
     def __init__(self, policy: RetryPolicy, rng: random.Random | None = None) -> None:
@@ -221,17 +223,24 @@ class RetryInterceptor(
         if _changes_state(request):
             request = with_request_id(request)
             return self._attempts(details, lambda d, _: _Read(continuation(d, request)))
-        return self._read(continuation, details, request)
+        return self._read(continuation, details, lambda n: request)
 
-    def _read(self, continuation: Any, details: Any, request: Any) -> Iterator[Any]:
-        """A read's response stream, retried while none of it has arrived."""
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        if not isinstance(request_iterator, Replayable):
+            return continuation(details, request_iterator)
+        stream = request_iterator
+        return self._read(continuation, details, lambda n: stream if n == 1 else stream.again())
+
+    def _read(self, continuation: Any, details: Any, request: Callable[[int], Any]) -> Iterator[Any]:
+        """A read's response stream, retried while none of it has arrived (`request(n)`: the n-th
+        attempt's request, or request stream)."""
         deadline = None if details.timeout is None else time.monotonic() + details.timeout
         n = 1
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             started = False
             try:
-                for message in continuation(_with_timeout(details, remaining), request):
+                for message in continuation(_with_timeout(details, remaining), request(n)):
                     started = True
                     yield message
                 return

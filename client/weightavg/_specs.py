@@ -23,6 +23,10 @@ def option_message(value: Any) -> pb.OptionValue:
     """An OptionValue for None, bool, int, float, str or a sequence of ints."""
     if value is None:
         return pb.OptionValue(null_value=struct_pb2.NULL_VALUE)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a numpy scalar, 0-d array or torch scalar: int() of a 0-d float array truncated 0.05 to 0
+    elif getattr(value, "ndim", 0) and hasattr(value, "tolist"):
+        value = value.tolist()  # an array of ints: the list form below
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         return pb.OptionValue(bool_value=bool(value))
     if isinstance(value, int) or hasattr(value, "__index__"):

@@ -58,6 +58,8 @@ def to_array(t: torch.Tensor) -> npt.NDArray[Any]:
 def from_array(value: Any, device: torch.device | str | None = None) -> torch.Tensor:
     """A tensor with exactly the array's values (a bfloat16 array becomes a bfloat16 tensor), on `device`."""
     array = np.asarray(value)
+    if not array.dtype.isnative:  # torch takes only the machine's byte order
+        array = array.astype(array.dtype.newbyteorder("="))
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array).copy()
     if array.dtype == _BFLOAT16:

@@ -150,6 +150,13 @@ def string_fields(message_type: type[Message]) -> dict[int, str]:
     }
 
 
+def entry_name(name: Any) -> str:
+    """A tensor's name in a stream, checked: a string (a dictionary with other keys cannot be sent)."""
+    if not isinstance(name, str):
+        raise TypeError(f"dictionary keys must be strings, not {name!r}")
+    return name
+
+
 def to_array(value: Any) -> npt.NDArray[Any]:
     """A contiguous little-endian array for a value: arrays as they are, Python ints int64, floats float64."""
     array = np.asarray(value)

@@ -1,0 +1,101 @@
+"""What the Python client checks or works out itself before a call, found by a review of the client:
+values that cannot be sent fail before any call starts; option values that are numpy or torch
+scalars keep their value; a bare handle id means what its Handle means; torch helpers take arrays
+of either byte order. Real servers on loopback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from weightavg import Client
+
+NET = ["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3], ["linear", "d", 3, 2]]
+
+
+def _calls(c: Client) -> int:
+    """Calls the server has counted, of every method (each refused upload below must add none)."""
+    return sum(int(m["count"]) for m in c.stats()["methods"].values())
+
+
+@pytest.mark.parametrize("value", [
+    np.ones(3, np.uint32), np.ones(3, np.uint16), np.array(["a", "b"]), np.array([object(), 1], dtype=object),
+    np.ones(2, ml_dtypes.float8_e4m3fn), [[1, 2], [3]], 2**70,
+], ids=["uint32", "uint16", "str", "object", "float8", "ragged", "int past int64"])
+def test_a_value_that_cannot_be_sent_fails_before_any_call(live_server: LiveServer, value: Any) -> None:
+    """Such a value used to be found inside gRPC's request thread after the first message had gone:
+    UNKNOWN "Exception iterating requests!", and a create could still make an empty dictionary."""
+    with Client(live_server.address, timeout=60) as c:
+        q = c.module(NET)
+        m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.1))  # the model takes over the handles it is given
+        d = c.dict({"ok": np.ones(2, np.float32)})
+        handles, calls = len(c.handles()), _calls(c) + 1  # the count is read inside the stats call
+        uploads = [
+            lambda: c.dict({"a": value}), lambda: c.dict(d, "a", value), lambda: c.parm(q, "a.bias", value),
+            lambda: c.tensor(value), lambda: c.train(m, value, np.zeros(2, np.int64)), lambda: c.nforward(q, value),
+            lambda: c.evaluate(m, value),
+        ]
+        for upload in uploads:
+            with pytest.raises((TypeError, ValueError, OverflowError)):
+                upload()
+        assert _calls(c) == calls and len(c.handles()) == handles  # no call but the first stats()
+
+
+def test_dictionary_keys_must_be_strings(client: Client) -> None:
+    before = len(client.handles())
+    with pytest.raises(TypeError, match="keys must be strings"):
+        client.dict({1: np.ones(2, np.float32)})
+    assert len(client.handles()) == before
+
+
+def test_numpy_and_torch_scalars_as_option_values_keep_their_value(client: Client) -> None:
+    """int() of a 0-d float array is its integer part: lr 0.05 given as np.array(0.05) became 0."""
+    torch = pytest.importorskip("torch")
+    for lr in (np.array(0.05), np.float32(0.05), torch.tensor(0.05), np.float64(0.05)):
+        q = client.module(["linear", 2, 1])
+        o = client.opt("sgd", q, lr, momentum=np.array(0.9))
+        assert client.lr(o) == pytest.approx(0.05)
+        assert client.model(client.model(q, client.loss("mse"), o))["optimizer"]["momentum"] == pytest.approx(0.9)
+    q = client.module(["conv2d", 1, 1, np.array([3, 3])])
+    assert client.module(q)[0].options["size"] == (3, 3)
+
+
+def test_a_bare_model_id_recalculates_batchnorm_as_its_handle_does(client: Client) -> None:
+    """batchnorm(m.id) reset the statistics (the module verb) where batchnorm(m) recalculates them:
+    the client told the two apart by the Handle's kind, which a bare id lacks; it now asks."""
+    x = np.random.default_rng(0).standard_normal((20, 4), dtype=np.float32)
+    twins = []
+    for _ in range(2):
+        q = client.module(NET)
+        m = client.model(q, client.loss("ce"), client.opt("sgd", q, 0.1))
+        client.train(m, x, np.arange(20) % 2)
+        client.run(m)
+        twins.append(m)
+    client.copyparms(twins[1], client.copyparms(twins[0], buffers=True))
+    by_handle, by_id = client.batchnorm(twins[0]), client.batchnorm(twins[1].id)
+    assert by_handle == by_id == {"b": 0.1}
+    first, second = client.dict(client.buffers(twins[0])), client.dict(client.buffers(twins[1]))
+    for name in ("b.running_mean", "b.running_var"):
+        assert np.any(first[name] != 0) and np.array_equal(first[name], second[name])
+    new_loss = client.loss("mse")
+    assert client.model(twins[1].id, new_loss).id == twins[1].id  # a bare id updates a model too
+    assert client.model(twins[1])["loss"]["type"] == "mse"
+
+
+def test_a_bare_tensor_id_fetches_the_tensor(client: Client) -> None:
+    t = client.tensor(np.arange(3, dtype=np.float32))
+    np.testing.assert_array_equal(client.tensor(t.id), np.arange(3, dtype=np.float32))
+
+
+def test_from_array_takes_either_byte_order() -> None:
+    torch = pytest.importorskip("torch")
+    from weightavg.torch import from_array
+
+    for dtype in (">f4", "<f4", ">i8", ">c16"):
+        array = np.arange(3).astype(dtype)
+        t = from_array(array)
+        assert torch.equal(t, torch.from_numpy(array.astype(array.dtype.newbyteorder("="))))
