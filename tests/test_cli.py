@@ -157,6 +157,16 @@ def test_every_client_command_on_an_unreachable_server_names_the_code_once_and_h
     )
 
 
+@pytest.mark.parametrize("command", ["health", "info"])
+def test_a_tls_file_that_cannot_be_read_is_one_line_not_a_traceback(
+    command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "absent.pem"
+    code, out, err = run_main([command, "127.0.0.1:1", "--tls-ca", str(missing)], capsys)
+    assert (code, out) == (1, "")
+    assert err == f"weightavg {command}: [Errno 2] No such file or directory: '{missing}'\n"
+
+
 def test_an_address_with_a_bad_port_is_refused_and_one_without_gets_the_default(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -248,6 +258,11 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
     ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "--pinned-cache-bytes must be 0 (no pinned staging) or more; got -1"),
     ({"WEIGHTAVG_MAX_LOCKED_BYTES": "-5"}, "--max-locked-bytes must be 0 (lock no shared memory region) or more; got -5"),
+    # found by review: -5 served on 65531; a device that does not exist printed a traceback
+    ({"WEIGHTAVG_METRICS_PORT": "-5"}, "the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not -5"),
+    ({"WEIGHTAVG_DEVICE": "nonsense"}, "unknown device 'nonsense': Expected one of cpu, cuda, ipu, xpu, mkldnn, "
+     "opengl, opencl, ideep, hip, ve, fpga, maia, xla, lazy, vulkan, mps, meta, hpu, mtia, privateuseone device type "
+     "at start of device string: nonsense"),
 ])
 def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
     result = subprocess.run(
@@ -256,6 +271,16 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"weightavg serve: {message}"
+
+
+@pytest.mark.parametrize("port", [-5, 65536])
+def test_a_port_outside_0_to_65535_is_refused(port: int) -> None:
+    """grpc bound -5 as port 65531 (found by review)."""
+    from weightavg_server.ops.app import create_server
+    from weightavg_server.ops.config import ServerConfig
+
+    with pytest.raises(ValueError, match=f"the port must be 0 to 65535 \\(0 picks a free one\\), not {port}"):
+        create_server(ServerConfig(host="127.0.0.1", port=port, device="cpu"))
 
 
 def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:

@@ -92,8 +92,9 @@ def _client(args: argparse.Namespace) -> Client:
     )
 
 
-def _failed(name: str, exc: WeightavgError) -> int:
-    """Print a failure once, as `weightavg NAME: CODE: message`, and return the exit status 1."""
+def _failed(name: str, exc: WeightavgError | OSError) -> int:
+    """Print a failure once, as `weightavg NAME: CODE: message` (or the file that could not be read,
+    for --tls-ca and the client certificate), and return the exit status 1."""
     print(f"weightavg {name}: {exc}", file=sys.stderr)
     return 1
 
@@ -121,7 +122,7 @@ def _health(argv: list[str]) -> int:
     except NotFoundError as exc:  # grpc's health service says only NOT_FOUND
         exc.message = f"the server has no health status for service {args.service!r} (leave out --service for the server's)"
         return _failed("health", exc)
-    except WeightavgError as exc:
+    except (WeightavgError, OSError) as exc:
         return _failed("health", exc)
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
@@ -136,7 +137,7 @@ def _one_call(
     try:
         with _client(args) as client:
             result = call(client)
-    except WeightavgError as exc:
+    except (WeightavgError, OSError) as exc:
         return _failed(name, exc)
     print(render(result))
     return 0

@@ -286,6 +286,10 @@ def create_runtime(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
+    if not 0 <= config.port <= 65535:  # grpc bound -5 as 65531
+        raise ValueError(f"the port must be 0 to 65535 (0 picks a free one), not {config.port}")
+    if not -1 <= config.metrics_port <= 65535:
+        raise ValueError(f"the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not {config.metrics_port}")
     credentials = server_credentials(config)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

@@ -22,6 +22,7 @@ from ..store import snapshot
 from ..store.registry import Registry
 from .app import create_runtime, settings
 from .config import ENV_PREFIX, ServerConfig
+from ..domain.errors import WeightavgError
 from ..store.snapshot import SnapshotError
 
 log = logging.getLogger("weightavg.server")
@@ -241,5 +242,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         # next shutdown overwrite the only copy of the weights.
         log.error("refusing to start: %s", exc)
         raise SystemExit(2) from None
-    except (OSError, ValueError) as exc:  # a port in use, an address not on this machine, bad TLS or tokens files
+    except (OSError, ValueError, WeightavgError) as exc:  # a port in use, bad TLS or tokens files, no such device
         sys.exit(f"weightavg serve: {exc}")
