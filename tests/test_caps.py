@@ -157,6 +157,9 @@ CASES = [
          ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     Case("to() float64", lambda c: c.dict({"a": x_rows()}), lambda c, d: c.to(d, dtype="float64"),
          ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
+    # found by review: "cpu:0" reserved under a name no tensor uses, so every such move passed the cap
+    Case("to('cpu:0') float64", lambda c: c.dict({"a": x_rows()}), lambda c, d: c.to(d, "cpu:0", dtype="float64"),
+         ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
     *[Case(*row) for row in (
         # Averaging across models. The mean accumulates in the new entry: the result is the peak.
         ("average of three dictionaries", lambda c: dicts(c, 3), lambda c, ds: c.average(ds, weights=[3, 2, 1]),

@@ -155,6 +155,19 @@ def test_devices_that_do_not_exist(client: Client, unchanged: Any) -> None:
                 client.to(m, "cuda")
 
 
+def test_a_device_is_named_as_its_tensors_are_however_it_is_spelled() -> None:
+    """The store reserves by device name: "cpu:0" must be the "cpu" its tensors report, and on a
+    CUDA server "cuda" the current device (a move to "cuda" was checked against nothing)."""
+    import torch
+
+    from weightavg_server.domain import devices
+
+    assert devices.parse("cpu:0") == devices.parse("cpu") == torch.device("cpu")
+    assert str(devices.parse("cpu:0")) == "cpu"
+    if _has_cuda():
+        assert devices.parse("cuda") == torch.device("cuda", torch.cuda.current_device())
+
+
 def _has_cuda() -> bool:
     import torch
 
