@@ -284,6 +284,23 @@ def test_listings_and_stats_show_only_the_callers_tenant(server: Runtime, world:
         assert usage["alice"].nbytes == tenants["alice"]["bytes"]
 
 
+def test_server_wide_figures_are_an_admins_and_a_user_sees_its_tenants(server: Runtime, world: World) -> None:
+    """GetServerStats and GetServerInfo counted every tenant's objects, bytes and calls for any
+    caller (found by review: Bob, holding nothing, read Alice's 1.2 MB). A user now sees its
+    tenant's handles and bytes, and no per-method or request-ID figures."""
+    usage = server.registry.tenant_usage()
+    with connect(server, BOB) as b, connect(server, ADMIN) as admin:
+        stats, info = b.stats(), b.info()
+        bob = usage["bob"]
+        assert sum(d["handles"] for d in stats["devices"].values()) == bob.handles
+        assert stats["devices"]["cpu"]["bytes"] == bob.nbytes["cpu"]
+        assert stats["methods"] == {} and stats["request_ids"] == {"remembered": 0, "duplicates_answered": 0, "dropped": 0}
+        assert (info["ranks"][0]["handles"], info["ranks"][0]["bytes"]) == (bob.handles, sum(bob.nbytes.values()))
+        everything = admin.stats()
+        assert sum(d["handles"] for d in everything["devices"].values()) == len(server.registry)
+        assert everything["methods"] and admin.info()["ranks"][0]["handles"] == len(server.registry)
+
+
 def test_an_admin_may_use_any_tenants_handle(server: Runtime, world: World) -> None:
     with connect(server, ADMIN) as admin:
         assert admin.size(wire_handle(world.t)) == (4, 2)

@@ -996,8 +996,11 @@ class ClusterService(Service):
         return self._keyed("free", request, run)  # type: ignore[no-any-return]
 
     def cluster_info(self) -> list[RankInfo]:
+        """Each rank's device and what it holds; a caller that does not see server-wide figures gets
+        the devices only (the ranks count every tenant's objects)."""
         self._check()
-        return [x for x in self._call("_inventory", ALL, ()) if isinstance(x, RankInfo)]
+        ranks = [x for x in self._call("_inventory", ALL, ()) if isinstance(x, RankInfo)]
+        return ranks if self.sees_server_wide() else [RankInfo(r.rank, r.device, 0, 0) for r in ranks]
 
     def snapshot(self) -> SnapshotResult:
         """Every rank writes its own snapshot (its --state-dir/rank-N/gen-G); rank 0's result."""

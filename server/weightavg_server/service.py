@@ -310,8 +310,16 @@ class Service:
         """Versions, device, and what the server accepts."""
         return ServerInfo(
             version=__version__, torch_version=torch.__version__, device=str(self.device), layer_types=list(specs.LAYER_TYPES), dtypes=list(DTYPES),
-            max_spec_depth=self.settings.max_spec_depth, cuda_memory_allocated=devices.allocated(self.device),
+            max_spec_depth=self.settings.max_spec_depth,
+            cuda_memory_allocated=devices.allocated(self.device) if self.sees_server_wide() else 0,
         )
+
+    def sees_server_wide(self) -> bool:
+        """Whether the caller may see figures that count every tenant's objects and calls (device
+        memory, per-method statistics, request IDs): admins, and every caller of a server without
+        tokens. Others see their own tenant's (a review found a user reading another tenant's bytes
+        and call counts from GetServerStats and GetServerInfo)."""
+        return CALLER.get().is_admin
 
     def device_usage(self) -> dict[str, DeviceUsage]:
         """Handles and distinct tensor bytes per device ("" for handles holding no tensor), by device.
@@ -321,7 +329,10 @@ class Service:
         """
         handles: dict[str, int] = {}
         seen: set[StorageKey] = set()
+        caller = CALLER.get()
         for _, entry in self.store.items():
+            if not caller.is_admin and entry.tenant != caller.tenant:  # a user sees its tenant's objects
+                continue
             try:
                 tensors = list(tensors_of(entry.obj))
             except RuntimeError:  # the object's tensor dict changed while being read; skip it this time
@@ -333,8 +344,9 @@ class Service:
         return {d: DeviceUsage(handles.get(d, 0), nbytes.get(d, 0)) for d in sorted(set(handles) | set(nbytes))}
 
     def request_id_stats(self) -> RequestStats:
-        """Request IDs remembered now, duplicates answered from them, and IDs dropped at the caps."""
-        return self.store.requests.stats()
+        """Request IDs remembered now, duplicates answered from them, and IDs dropped at the caps:
+        server-wide figures, so none for a caller that does not see those (`sees_server_wide`)."""
+        return self.store.requests.stats() if self.sees_server_wide() else RequestStats(0, 0, 0)
 
     # -- modules ------------------------------------------------------------------------------------
 
@@ -859,8 +871,13 @@ class Service:
             )
 
     def cluster_info(self) -> list[RankInfo]:
-        """Each rank's device, handle count and bytes held, in rank order: here the one rank."""
-        return [RankInfo(0, str(self.device), len(self.store), sum(self.store.held_bytes().values()))]
+        """Each rank's device, handle count and bytes held, in rank order: here the one rank (for a
+        caller that does not see server-wide figures, its tenant's)."""
+        if self.sees_server_wide():
+            return [RankInfo(0, str(self.device), len(self.store), sum(self.store.held_bytes().values()))]
+        usage = self.store.tenant_usage().get(CALLER.get().tenant)
+        held = (usage.handles, sum(usage.nbytes.values())) if usage is not None else (0, 0)
+        return [RankInfo(0, str(self.device), *held)]
 
     def _replicated_tensors(self, handle: str) -> tuple[Entry, Named]:
         """What a broadcast copies: a module's parameters then buffers (module order), or a
