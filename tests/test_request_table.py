@@ -238,6 +238,29 @@ def test_at_the_id_cap_the_oldest_answer_goes_first(clock: Clock) -> None:
     assert table.stats() == RequestStats(2, 1, 2)  # remembering ids[0] again dropped ids[1]
 
 
+def test_at_a_cap_the_tenant_holding_the_most_gives_up_its_oldest(clock: Clock) -> None:
+    """One table serves every tenant: Bob's burst of calls pushed Alice's one ID out, and her
+    retried call ran twice (found by review). At a cap the tenant with the most IDs (or bytes) now
+    loses its oldest; within one tenant, as before, the oldest goes first."""
+    table = RequestTable(window_seconds=60.0, max_ids=3, max_bytes=1 << 20, clock=clock)
+    alice, first = "00000000-0000-4000-8000-0000000000a1", Counter()
+    table.answer(key(alice), "average_parameters", None, first, tenant="alice")
+    bob = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 6)]
+    for i in bob:
+        table.answer(key(i), "create_loss", None, Counter(), tenant="bob")
+    assert table.stats() == RequestStats(3, 0, 3)
+    assert table.answer(key(alice), "average_parameters", None, first, tenant="alice") == 1  # answered, not run
+    again = Counter()
+    table.answer(key(bob[0]), "create_loss", None, again, tenant="bob")
+    assert again.runs == 1  # Bob's own oldest went first
+    big = torch.zeros(1000)
+    table = RequestTable(window_seconds=60.0, max_ids=100, max_bytes=2 * answer_bytes(big) + 2000, clock=clock)
+    table.answer(key(alice), "run_epoch", None, lambda: [("loss", big)], tenant="alice")
+    for i in bob[:3]:
+        table.answer(key(i), "run_epoch", None, lambda: [("loss", big)], tenant="bob")
+    assert table.answer(key(alice), "run_epoch", None, lambda: 1 / 0, tenant="alice")[0][0] == "loss"  # kept
+
+
 def test_the_byte_cap_counts_what_answers_hold(clock: Clock) -> None:
     big = torch.zeros(1000)  # 4000 bytes of data
     table = RequestTable(window_seconds=60.0, max_ids=100, max_bytes=2 * answer_bytes(big) + 2000, clock=clock)

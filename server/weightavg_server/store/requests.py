@@ -74,6 +74,14 @@ class RequestKey(NamedTuple):
     digest, which most IDs never do, so a call does not pay for hashing its arguments."""
 
 
+@dataclass
+class _TenantShare:
+    """One tenant's remembered IDs, oldest first (a dict used as an ordered set), and their bytes."""
+
+    ids: dict[str, None] = dataclasses.field(default_factory=dict)
+    nbytes: int = 0
+
+
 @dataclass(frozen=True)
 class RequestStats:
     """The table's accounting."""
@@ -145,6 +153,9 @@ class RequestTable:
         """Threads waiting on `_cond`: a call that ends wakes them only when there are some."""
         self._clock = clock
         self._records: collections.OrderedDict[str, _Record] = collections.OrderedDict()
+        self._by_tenant: dict[str, _TenantShare] = {}
+        """Each tenant's IDs, oldest first, and the bytes they hold: at a cap the tenant holding the
+        most gives up its oldest, so that one tenant's calls cannot push another's IDs out."""
         self._running: set[str] = set()
         """IDs whose first call is running; a repeat waits for it."""
         self._paused = 0
@@ -222,8 +233,7 @@ class RequestTable:
             raise
         with self._lock:  # remembered and released in one step, so a repeat never runs it again
             nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
-            self._records[rid] = _Record(method, arguments, session, answer, self._clock(), nbytes, tenant)
-            self._bytes += nbytes
+            self._remember(rid, _Record(method, arguments, session, answer, self._clock(), nbytes, tenant))
             self._evict()
             self._running.discard(rid)
             self._wake()
@@ -266,13 +276,34 @@ class RequestTable:
             self._forget(rid)
 
     def _evict(self) -> None:
-        """Forget the oldest answers until the caps hold (lock held); each counts as dropped."""
+        """Forget answers until the caps hold (lock held), each counted as dropped: the oldest of the
+        tenant holding the most IDs (or, over the byte cap, the most bytes). With one tenant, the
+        oldest first. A review found one tenant's burst of calls evicting another's IDs, so that the
+        other's retried avgparms ran twice."""
         while self._records and (len(self._records) > self.max_ids or self._bytes > self.max_bytes):
-            self._forget(next(iter(self._records)))
+            over_ids = len(self._records) > self.max_ids
+            largest = max(self._by_tenant.values(), key=lambda t: len(t.ids) if over_ids else t.nbytes)
+            self._forget(next(iter(largest.ids)))
             self._dropped += 1
 
+    def _remember(self, rid: str, record: _Record) -> None:
+        """Add a record (lock held; `rid` not remembered yet)."""
+        self._records[rid] = record
+        self._bytes += record.nbytes
+        share = self._by_tenant.get(record.tenant)
+        if share is None:
+            share = self._by_tenant[record.tenant] = _TenantShare()
+        share.ids[rid] = None
+        share.nbytes += record.nbytes
+
     def _forget(self, rid: str) -> None:
-        self._bytes -= self._records.pop(rid).nbytes
+        record = self._records.pop(rid)
+        self._bytes -= record.nbytes
+        share = self._by_tenant[record.tenant]
+        del share.ids[rid]
+        share.nbytes -= record.nbytes
+        if not share.ids:
+            del self._by_tenant[record.tenant]
 
     def stats(self) -> RequestStats:
         """IDs remembered now, duplicates answered and IDs dropped at the caps since the start."""
@@ -331,10 +362,9 @@ class RequestTable:
                 if r.id in self._records:
                     self._forget(r.id)
                 nbytes = _RECORD_BYTES + answer_bytes(r.answer)
-                self._records[r.id] = _Record(
+                self._remember(r.id, _Record(
                     r.method, r.digest, r.session, r.answer, now - r.age - max(elapsed, 0.0), nbytes, r.tenant
-                )
-                self._bytes += nbytes
+                ))
             self._expire()
             self._evict()
             return len(self._records)
