@@ -623,3 +623,47 @@ def test_an_open_server_serves_everyone_as_the_default_admin(live_server: LiveSe
         assert [h.tenant for h in c.handles() if h.handle.id == t.id] == ["default"]
         assert "default" in c.stats()["tenants"]
         c.free(t)
+
+
+def test_one_tenant_cannot_hold_every_worker(tokens_file: Path) -> None:
+    """Calls hold a worker thread while they run, an upload until its last message: a review found
+    Bob holding all of them with uploads that sent one message, and Alice not served at all. On a
+    server with tokens a tenant has at most half the workers; past that its calls are
+    RESOURCE_EXHAUSTED at once, and other tenants (and admins) are served."""
+    import queue
+
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
+    runtime.start()
+    held: list[queue.Queue[None]] = [queue.Queue() for _ in range(2)]
+
+    def stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
+        yield pb.CreateDictionaryRequest()
+        release.get()
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel, connect(runtime, BOB) as b, \
+                connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin:
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            uploads = [stub.CreateDictionary.future(stalled(r), metadata=[("authorization", f"Bearer {BOB}")], timeout=60)
+                       for r in held]
+            deadline = time.monotonic() + 30
+            while True:  # until both uploads are running on their workers
+                try:
+                    b.ping()
+                except ResourceExhaustedError as exc:
+                    assert "tenant 'bob' has 2 calls in flight" in exc.message
+                    break
+                assert time.monotonic() < deadline, "the stalled uploads never took their workers"
+                time.sleep(0.05)
+            a.ping()
+            admin.ping()
+            assert a.module(["linear", 2, 1]).kind == "module"
+            for release in held:
+                release.put(None)
+            assert all(u.result(timeout=30).dictionary.id for u in uploads)
+            b.ping()
+    finally:
+        for release in held:
+            release.put(None)
+        runtime.server.stop(None)
+        runtime.reaper.stop()

@@ -27,6 +27,7 @@ from ..cluster import ClusterService, Fabric
 from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import InterceptorChain, SessionInterceptor
+from ..transport.shares import TenantShares
 from ..transport.tenancy import TenantInterceptor, Tokens
 from .tokens import TokensFileError, token_table
 from ..transport.observe import ObservingInterceptor
@@ -260,11 +261,12 @@ def create_runtime(
     # first so that refused calls are counted too.
     # Next: nothing runs for an unauthenticated or unauthorized call; every call after it runs as its
     # token's tenant (open servers: the default tenant's admin), and calls that change something are
-    # audited. Then the caller's session. Last, requests that do not parse get INVALID_ARGUMENT rather
-    # than grpc's INTERNAL. The four run as one interceptor: one pass through gRPC's pipeline per call.
+    # audited. On a server with tokens, no tenant holds more than half the workers. Then the caller's
+    # session. Last, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. The
+    # five run as one interceptor: one pass through gRPC's pipeline per call.
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
-        ObservingInterceptor(stats), TenantInterceptor(tokens, stats), SessionInterceptor(registry),
-        DecodeGuard(SERVICE_NAME, config.max_message_bytes),
+        ObservingInterceptor(stats), TenantInterceptor(tokens, stats), TenantShares(tokens, config.max_workers),
+        SessionInterceptor(registry), DecodeGuard(SERVICE_NAME, config.max_message_bytes),
     )]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="weightavg-rpc"),
