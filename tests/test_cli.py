@@ -303,3 +303,25 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_metrics_endpoint_can_stay_on_a_trusted_interface() -> None:
+    """/metrics has no token: a server on 0.0.0.0 showed every tenant's name and bytes to the
+    network (found by review). --metrics-host binds it elsewhere."""
+    import urllib.request
+
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
+         "--metrics-port", "0", "--metrics-host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("weightavg serving on 0.0.0.0:")
+        url = process.stdout.readline().strip().removeprefix("weightavg metrics on ")
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert b"weightavg_" in response.read()
+    finally:
+        process.kill()
+        process.wait()

@@ -47,7 +47,10 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--keepalive-timeout-seconds", "keepalive_timeout_seconds", float,
      "close a connection whose keepalive ping is unanswered this long"),
     ("--metrics-port", "metrics_port", int,
-     "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on --host; -1 turns it off, 0 picks a free port"),
+     "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on --metrics-host; -1 turns it off, 0 picks a "
+     "free port"),
+    ("--metrics-host", "metrics_host", str,
+     "address the metrics endpoint binds (it has no token: keep it on a trusted interface); empty: --host"),
     ("--max-device-bytes", "max_device_bytes", int,
      "most tensor bytes held on any one device; calls that would exceed it get RESOURCE_EXHAUSTED before "
      "allocating (0: the device's memory size)"),
@@ -139,13 +142,14 @@ def serve(config: ServerConfig) -> None:
     runtime = create_runtime(config, fabric=fabric)
     torch.zeros(1, device=runtime.device)  # the device must really work before health says SERVING
     metrics = None
+    metrics_host = config.metrics_host or config.host
     if config.metrics_port >= 0:
         from .metrics import start_metrics_server  # prometheus-client is only needed with metrics on
 
         try:
-            metrics = start_metrics_server(config.host, config.metrics_port, runtime.stats, runtime.service)
+            metrics = start_metrics_server(metrics_host, config.metrics_port, runtime.stats, runtime.service)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
+            raise OSError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc}") from exc
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -158,7 +162,7 @@ def serve(config: ServerConfig) -> None:
     ranks = f" (rank 0 of {fabric.world_size})" if fabric is not None else ""
     print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
     if metrics is not None:
-        print(f"weightavg metrics on http://{config.host}:{metrics.port}/metrics", flush=True)
+        print(f"weightavg metrics on http://{metrics_host}:{metrics.port}/metrics", flush=True)
     stop.wait()
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
     try:

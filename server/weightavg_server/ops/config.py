@@ -89,6 +89,9 @@ class ServerConfig:
     keepalive_time_seconds: float = DEFAULT_KEEPALIVE_TIME_SECONDS
     keepalive_timeout_seconds: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
     metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_host: str = ""
+    """Where the metrics endpoint binds; empty: --host. It has no token, so a server open to the
+    network (--host 0.0.0.0) can keep it on a trusted interface (127.0.0.1, say)."""
     log_level: str = DEFAULT_LOG_LEVEL
     # Exactly-once calls (docs/robust.md): how long and how many request IDs are remembered.
     request_id_window_seconds: float = DEFAULT_REQUEST_ID_WINDOW_SECONDS
