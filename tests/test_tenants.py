@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.tokens import TokensFileError, load_tokens
-from weightavg_server.transport.tenancy import ACCESS, Access
+from weightavg_server.transport.tenancy import ACCESS, HANDLE_FIELDS, Access
 
 ALICE, ALICE_READER, BOB, CAROL, ADMIN = (
     "alice-user-token-000001", "alice-reader-token-0002", "bob-user-token-000000003", "carol-user-token-00004",
@@ -67,6 +68,7 @@ tenant = "ops"
 role = "admin"
 """
 UNKNOWN = "unknown handle"
+PROTO = Path(__file__).resolve().parent.parent / "proto" / "weightavg" / "v1" / "weightavg.proto"
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +194,14 @@ CASES: list[Case] = [
     named(unary("ApplyOuterStep", lambda w: pb.ApplyOuterStepRequest(optimizer=w.bopt, average=w.d)),
           "their dictionary"),
     named(unary("BuildGreedySoup", lambda w: pb.BuildGreedySoupRequest(model=w.m, ingredients=[w.bd])), "their model"),
+    named(unary("AverageDictionaries", lambda w: pb.AverageDictionariesRequest(dictionaries=[w.bd, w.d])),
+          "own and theirs"),
+    named(unary("AverageDictionaries", lambda w: pb.AverageDictionariesRequest(dictionaries=[w.bd], into=w.d)),
+          "their into"),
+    named(unary("MergeDictionaries", lambda w: pb.MergeDictionariesRequest(method="linear", dictionaries=[w.bd, w.d])),
+          "own and theirs"),
+    named(unary("MergeDictionaries", lambda w: pb.MergeDictionariesRequest(
+        method="task_arithmetic", dictionaries=[w.bd], base=w.d)), "their base"),
     unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=w.net)),
     unary("AllReduce", lambda w: pb.AllReduceRequest(handle=w.net)),
     unary("Broadcast", lambda w: pb.BroadcastRequest(handle=w.net)),
@@ -247,7 +257,7 @@ def test_every_rpc_has_an_access_class() -> None:
 
 
 def test_the_table_covers_every_rpc_that_takes_a_handle() -> None:
-    fields = {"handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts", "session"}
+    fields = {*HANDLE_FIELDS, "session"}
     service = pb.DESCRIPTOR.services_by_name["WeightAveragingService"]
     taking = {m.name for m in service.methods if fields & set(m.input_type.fields_by_name)}
     assert taking <= {c.method for c in CASES}
@@ -458,6 +468,85 @@ def test_an_open_server_audits_changes_as_its_one_admin_and_counts_every_call(
         assert lines[0]["session"] == c.session and lines[0]["handles"] == [m.id, p.id]
         assert len(lines[0]["request_id"]) == 36
         c.purge()
+
+
+def proto_field_comments() -> dict[tuple[str, str], str]:
+    """Each message field's leading comment in the .proto, by (message name, field name)."""
+    comments: dict[tuple[str, str], str] = {}
+    message, lines = "", []
+    for line in PROTO.read_text().splitlines():
+        text = line.strip()
+        if started := re.match(r"message (\w+) \{", text):
+            message, lines = started.group(1), []
+        elif text.startswith("//"):
+            lines.append(text[2:].strip())
+        else:
+            if message and (field := re.match(r"(?:repeated |optional )?\S+ (\w+) = \d+;", text)):
+                comments[message, field.group(1)] = " ".join(lines)
+            lines = []
+    return comments
+
+
+def test_the_audited_handle_fields_are_every_handle_field_of_the_proto() -> None:
+    """Five request fields holding handle ids were missing from the audit's list, so a refused call
+    that probed other tenants' ids through them was audited naming none (found by review). The
+    proto's comments say which fields hold handle ids: those of every request must be HANDLE_FIELDS
+    exactly, each at the top of its request (the audit reads nothing nested), and no other request
+    field may have one of their names."""
+    comments = proto_field_comments()
+    handles: set[str] = set()
+    others: set[str] = set()
+    seen: set[str] = set()
+
+    def walk(message: Any, top: bool) -> None:
+        for field in message.fields:
+            where = f"{message.name}.{field.name}"
+            assert field.message_type is not pb.Handle.DESCRIPTOR, f"{where}: the audit reads handle ids from strings"
+            if field.message_type is not None:
+                if field.message_type.full_name not in seen:
+                    seen.add(field.message_type.full_name)
+                    walk(field.message_type, False)
+            elif field.type == field.TYPE_STRING:
+                if re.search(r"\bhandle ids?\b", comments.get((message.name, field.name), ""), re.IGNORECASE):
+                    assert top, f"{where} holds a handle id inside a request, where the audit line does not look"
+                    handles.add(field.name)
+                elif top:
+                    others.add(field.name)
+
+    for method in pb.DESCRIPTOR.services_by_name["WeightAveragingService"].methods:
+        walk(method.input_type, True)
+    assert len(set(HANDLE_FIELDS)) == len(HANDLE_FIELDS)
+    assert handles == set(HANDLE_FIELDS)
+    assert not handles & others, "a field name must hold handle ids in every request or in none"
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "weightavg.audit"]
+
+
+def test_a_probe_of_another_tenants_ids_is_audited_naming_every_id(
+    server: Runtime, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bob names Alice's ids beside his own through every field that was missing from the audit's
+    list: each refused call's line names all of them (they said "handles": [], so such probes left
+    no trace; found by review)."""
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    w = world
+    probes = [
+        (pb.AverageDictionariesRequest(dictionaries=[w.bd, w.d], into=w.t), [w.bd, w.d, w.t]),
+        (pb.MergeDictionariesRequest(method="task_arithmetic", dictionaries=[w.bd], base=w.d), [w.bd, w.d]),
+        (pb.ApplyOuterStepRequest(optimizer=w.bopt, average=w.d), [w.bopt, w.d]),
+        (pb.BuildGreedySoupRequest(model=w.m, ingredients=[w.bd, w.d]), [w.m, w.bd, w.d]),
+    ]
+    channel, stub = stub_for(server, BOB)
+    with channel:
+        for request, _ in probes:
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(stub, request.DESCRIPTOR.name.removesuffix("Request"))(request, timeout=30)
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND, err.value.details()
+    assert [(x["method"], x["tenant"], x["outcome"], x["handles"]) for x in audit_lines(caplog)] == [
+        (request.DESCRIPTOR.name.removesuffix("Request"), "bob", "NOT_FOUND", ids) for request, ids in probes
+    ]
 
 
 def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:

@@ -172,16 +172,23 @@ def refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
 
 # -- the audit line -----------------------------------------------------------------------------------
 
-_HANDLE_FIELDS = ("handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts")
-"""Request fields that name handles (strings, or repeated strings)."""
+HANDLE_FIELDS = (
+    "handle", "dictionary", "dictionaries", "module", "loss", "optimizer", "model", "input", "handles", "parts", "into",
+    "base", "average", "ingredients",
+)
+"""Names of the request fields that hold handle ids (strings, or repeated strings), in the order an audit
+line lists them. Every field the proto documents as a "handle id" is here, and no other field has one
+of these names (tests/test_tenants.py reads the .proto to check): five were missing once, so calls
+that probed other tenants' ids through them were audited naming no handle (found by review)."""
 MAX_AUDITED_HANDLES = 64
 """An audit line names at most this many handles (a FreeHandles of thousands says how many it left out)."""
 
 
 def request_handles(request: Any) -> list[str]:
-    """The handle ids a request names, in field order (the first message of a stream)."""
+    """The handle ids a request names, in HANDLE_FIELDS order (the first message of a stream). Upload
+    streams decode to plain objects with the message's string fields, so fields are read by name."""
     found: list[str] = []
-    for name in _HANDLE_FIELDS:
+    for name in HANDLE_FIELDS:
         value = getattr(request, name, None)
         if isinstance(value, str):
             if value:
