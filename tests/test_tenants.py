@@ -549,6 +549,27 @@ def test_a_probe_of_another_tenants_ids_is_audited_naming_every_id(
     ]
 
 
+def test_the_audit_line_names_the_session_a_call_opens_or_closes(
+    server: Runtime, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Called without session metadata, CreateSession's line names the session it opened and
+    CloseSession(session=...)'s the one it closed (both said "session": null; found by review), and
+    Bob's refused CloseSession of Alice's session names it."""
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    channel, stub = stub_for(server, ALICE)
+    with channel:
+        opened = stub.CreateSession(pb.CreateSessionRequest(), timeout=30).session
+        stub.CloseSession(pb.CloseSessionRequest(session=opened), timeout=30)
+    channel, stub = stub_for(server, BOB)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        stub.CloseSession(pb.CloseSessionRequest(session=world.session), timeout=30)
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    assert [(x["method"], x["tenant"], x["outcome"], x["session"]) for x in audit_lines(caplog)] == [
+        ("CreateSession", "alice", "OK", opened), ("CloseSession", "alice", "OK", opened),
+        ("CloseSession", "bob", "NOT_FOUND", world.session),
+    ]
+
+
 def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:
     """A session id of another tenant is unknown: it cannot be joined to create handles in it."""
     with pytest.raises(NotFoundError, match="unknown session"):

@@ -180,6 +180,9 @@ HANDLE_FIELDS = (
 line lists them. Every field the proto documents as a "handle id" is here, and no other field has one
 of these names (tests/test_tenants.py reads the .proto to check): five were missing once, so calls
 that probed other tenants' ids through them were audited naming no handle (found by review)."""
+SESSION_FIELD = "session"
+"""The request field naming the session a call acts on (CloseSession), and the reply field naming the
+session a call opened (CreateSession): the audit line records it rather than the call's metadata."""
 MAX_AUDITED_HANDLES = 64
 """An audit line names at most this many handles (a FreeHandles of thousands says how many it left out)."""
 
@@ -199,6 +202,12 @@ def request_handles(request: Any) -> list[str]:
             except TypeError:
                 pass
     return found
+
+
+def named_session(message: Any) -> str:
+    """The session a request or reply names in its `session` field, else ""."""
+    value = getattr(message, SESSION_FIELD, "")
+    return value if isinstance(value, str) else ""
 
 
 def response_handles(response: Any) -> list[str]:
@@ -240,19 +249,29 @@ def audit(
 
 
 class _Call:
-    """What one served call records for the audit line: the handles it named and the request ID."""
+    """What one served call records for the audit line: the handles it named, the request ID and the
+    session it named (closed or opened)."""
 
-    __slots__ = ("audited", "handles", "rid")
+    __slots__ = ("audited", "handles", "rid", "session")
 
     def __init__(self, audited: bool) -> None:
         self.audited = audited
         """Whether an audit line will be written (a change, with the audit logger on at INFO)."""
         self.handles: list[str] = []
         self.rid = ""
+        self.session = ""
+        """The session the request names (CloseSession) or the reply opened (CreateSession); "" for
+        most calls, whose line records the session of their metadata instead."""
 
     def saw(self, request: Any) -> None:
         self.handles.extend(request_handles(request))
         self.rid = self.rid or request_id(request)
+        self.session = self.session or named_session(request)
+
+    def answered(self, response: Any) -> None:
+        """Record what a unary reply hands out: new handles, or a new session."""
+        self.handles.extend(response_handles(response))
+        self.session = self.session or named_session(response)
 
     def first_of(self, requests: Iterator[Any]) -> Iterator[Any]:
         """The request stream, passing through; its first message is read for handles and ID."""
@@ -362,7 +381,8 @@ class TenantInterceptor(grpc.ServerInterceptor):
             outcome = status_name(context, exc)
             stats.tenant_finish(caller.tenant, outcome)
             if call.audited:
-                audit(method, caller, outcome, call.handles, call.rid, session, time.perf_counter() - start)
+                acted_on = call.session or session  # CloseSession(session=X) closes X, whatever the metadata says
+                audit(method, caller, outcome, call.handles, call.rid, acted_on, time.perf_counter() - start)
 
         def enter(context: grpc.ServicerContext) -> tuple[Caller, str | None, _Call, float, contextvars.Token[Caller]]:
             """Who calls (refused here if no longer allowed), in which session, and CALLER set for the call.
@@ -420,7 +440,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
             finally:
                 CALLER.reset(token)
             if call.audited:
-                call.handles.extend(response_handles(response))
+                call.answered(response)
             finish(context, caller, session, call, start, None)
             return response
 
