@@ -570,6 +570,24 @@ def test_the_audit_line_names_the_session_a_call_opens_or_closes(
     ]
 
 
+def test_a_server_logging_only_warnings_still_writes_the_audit_trail(tmp_path: Path, tokens_file: Path) -> None:
+    """`--log-level WARNING` quiets the server's log, not its audit trail: the audit logger stays at
+    INFO (it followed --log-level, so such a server audited nothing; found by review)."""
+    server = start_process(tmp_path / "state", "--log-level", "WARNING", "--tokens", str(tokens_file))
+    try:
+        with Client(server.address, token=ALICE, timeout=60) as a:
+            a.free(a.tensor(np.ones(2, np.float32)))
+            a.size(a.tensor(np.ones(2, np.float32)))
+    finally:
+        code, err = server.terminate()
+    assert code == 0, err
+    audited = [line.split(" weightavg.audit ", 1)[1] for line in err.splitlines() if " weightavg.audit " in line]
+    assert [(x["method"], x["tenant"], x["outcome"]) for x in map(json.loads, audited)] == [
+        ("CreateTensor", "alice", "OK"), ("FreeHandles", "alice", "OK"), ("CreateTensor", "alice", "OK"),
+    ]
+    assert not [line for line in err.splitlines() if " INFO " in line and " weightavg.audit " not in line]
+
+
 def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:
     """A session id of another tenant is unknown: it cannot be joined to create handles in it."""
     with pytest.raises(NotFoundError, match="unknown session"):
