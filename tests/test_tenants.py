@@ -570,6 +570,27 @@ def test_the_audit_line_names_the_session_a_call_opens_or_closes(
     ]
 
 
+def test_an_audit_line_stays_small_whatever_the_caller_sends(server: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    """FreeHandles of an 8 MiB id wrote an 8 MB audit line (found by review). Each id, the request ID
+    and the session keep their first 256 characters and say how many more there were; at most 64
+    ids are listed, with a count of the rest."""
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    ids = ["x" * (1 << 20), *(f"dic_{i:032x}" for i in range(100))]
+    channel, stub = stub_for(server, ALICE)
+    with channel, pytest.raises(grpc.RpcError):
+        stub.FreeHandles(
+            pb.FreeHandlesRequest(handles=ids, request_id="r" * 100_000), metadata=[("weightavg-session", "s" * 4000)],
+            timeout=30,
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "weightavg.audit"]
+    assert len(line) < 8192
+    record = json.loads(line)
+    assert record["handles"] == ["x" * 256 + f"...[{(1 << 20) - 256} more characters]", *ids[1:64]]
+    assert record["handles_omitted"] == len(ids) - 64
+    assert record["request_id"] == "r" * 256 + "...[99744 more characters]"
+    assert record["session"] == "s" * 256 + "...[3744 more characters]"
+
+
 def test_a_server_logging_only_warnings_still_writes_the_audit_trail(tmp_path: Path, tokens_file: Path) -> None:
     """`--log-level WARNING` quiets the server's log, not its audit trail: the audit logger stays at
     INFO (it followed --log-level, so such a server audited nothing; found by review)."""

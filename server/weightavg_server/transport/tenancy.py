@@ -185,6 +185,17 @@ SESSION_FIELD = "session"
 session a call opened (CreateSession): the audit line records it rather than the call's metadata."""
 MAX_AUDITED_HANDLES = 64
 """An audit line names at most this many handles (a FreeHandles of thousands says how many it left out)."""
+MAX_AUDITED_CHARS = 256
+"""An id, request ID or session in an audit line keeps at most this many characters, then says how many
+it left out: the caller chooses these strings, and an 8 MiB id once made an 8 MB audit line (found by
+review). Real ids are far shorter (a handle id is 36 characters)."""
+
+
+def bounded(text: str) -> str:
+    """`text`, cut to MAX_AUDITED_CHARS characters with a marker saying how many were left out."""
+    if len(text) <= MAX_AUDITED_CHARS:
+        return text
+    return f"{text[:MAX_AUDITED_CHARS]}...[{len(text) - MAX_AUDITED_CHARS} more characters]"
 
 
 def request_handles(request: Any) -> list[str]:
@@ -228,7 +239,9 @@ def audit(
     seconds: float,
 ) -> None:
     """Write one audit line: JSON with the time (UTC, ISO 8601), tenant, role, method, handles,
-    request ID, session, outcome and duration. Never a token, never request data."""
+    request ID, session, outcome and duration. Never a token, never request data; every string the
+    caller chose is `bounded`, and at most MAX_AUDITED_HANDLES handles are listed, so a line stays
+    a few kilobytes whatever the request."""
     if not audit_log.isEnabledFor(logging.INFO):
         return
     unique = list(dict.fromkeys(handles))
@@ -237,9 +250,9 @@ def audit(
         "tenant": caller.tenant if caller is not None else None,
         "role": caller.role.value if caller is not None else None,
         "method": method.rsplit("/", 1)[-1],
-        "handles": unique[:MAX_AUDITED_HANDLES],
-        "request_id": rid,
-        "session": session,
+        "handles": [bounded(h) for h in unique[:MAX_AUDITED_HANDLES]],
+        "request_id": bounded(rid),
+        "session": bounded(session) if session is not None else None,
         "outcome": outcome,
         "duration_ms": round(seconds * 1e3, 3),
     }
