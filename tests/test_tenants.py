@@ -637,6 +637,29 @@ def test_a_bad_tokens_file_is_refused_saying_where_and_never_echoing_the_token(t
     assert "long-enough-token-xyz" not in str(err.value) and "short\"" not in str(err.value)
 
 
+MISPLACED = "y-secret-token-000000010!"
+ONE_TOKEN = '[[tokens]]\ntoken = "long-enough-token-xyz"\ntenant = "a"\nrole = "user"\n'
+
+
+@pytest.mark.parametrize("text,error", [
+    (ONE_TOKEN.replace('tenant = "a"', f'tenant = "{MISPLACED}"'), r"tokens\[0\]: tenant name is not valid: use 1 to 64"),
+    (ONE_TOKEN.replace('role = "user"', f'role = "{MISPLACED}"'),
+     r"tokens\[0\] \(tenant 'a'\): role must be one of \['admin', 'user', 'reader'\]$"),
+    (f'[tenants.ok]\n[tenants."{MISPLACED}"]\nmax_handles = 1\n' + ONE_TOKEN,
+     r"tenants, table 1 \(counting from 0\): tenant name is not valid"),
+    (f'[tenants.a]\nmax_handles = "{MISPLACED}"\n' + ONE_TOKEN, r"tenants\.a\.max_handles must be a whole number .*, not str$"),
+    ('[tenants.a]\nmax_handles = -3\n' + ONE_TOKEN, r"tenants\.a\.max_handles must be .*, not a negative number$"),
+], ids=["tenant", "role", "tenants table", "quota", "negative quota"])
+def test_a_secret_in_the_wrong_field_of_a_tokens_file_is_never_echoed(tmp_path: Path, text: str, error: str) -> None:
+    """A token pasted as a tenant name, a role, a tenant's table or a quota was quoted by the error,
+    and so landed in the log (found by review): the error names the entry and the rule instead."""
+    path = tmp_path / "tokens.toml"
+    path.write_text(text)
+    with pytest.raises(TokensFileError, match=error) as err:
+        load_tokens(path)
+    assert MISPLACED not in str(err.value) and "long-enough-token-xyz" not in str(err.value)
+
+
 def test_json_tokens_files_are_read_too(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({"tenants": {"a": {"max_handles": 3, "max_sessions": 5}},
