@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -282,6 +283,24 @@ def test_a_torn_manifest_is_refused(saved: Path) -> None:
     manifest.write_bytes(manifest.read_bytes()[:20])
     code, err = refused_start(saved)
     assert code == 2 and "manifest.json is unreadable" in err
+
+
+def test_snapshot_files_are_readable_by_the_servers_user_alone(saved: Path) -> None:
+    """The JSON files list tenant names and handle, session and request IDs: they were written 0644
+    while the tensors were 0600 (found by review). A temporary file a crash left behind, 0644, does
+    not lend its mode to the next generation."""
+    def modes() -> dict[str, int]:
+        return {p.name: stat.S_IMODE(p.stat().st_mode) for p in saved.iterdir()}
+
+    assert modes() == {"manifest.json": 0o600, "state-1.json": 0o600, "tensors-1.safetensors": 0o600}
+    for name in ("manifest.json", "state-2.json", "tensors-2.safetensors"):
+        stale = saved / f".tmp-{name}"
+        stale.write_bytes(b"left by a crash")
+        stale.chmod(0o644)
+    registry = Registry()
+    snapshot.load(registry, saved, torch.device("cpu"))
+    snapshot.save(registry, saved)
+    assert modes() == {"manifest.json": 0o600, "state-2.json": 0o600, "tensors-2.safetensors": 0o600}
 
 
 def test_tensors_stored_as_bytes_at_any_offset_restore(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.tokens import TokensFileError, load_tokens
-from weightavg_server.transport.tenancy import ACCESS, Access
+from weightavg_server.transport.tenancy import ACCESS, HANDLE_FIELDS, Access
 
 ALICE, ALICE_READER, BOB, CAROL, ADMIN = (
     "alice-user-token-000001", "alice-reader-token-0002", "bob-user-token-000000003", "carol-user-token-00004",
@@ -67,6 +68,7 @@ tenant = "ops"
 role = "admin"
 """
 UNKNOWN = "unknown handle"
+PROTO = Path(__file__).resolve().parent.parent / "proto" / "weightavg" / "v1" / "weightavg.proto"
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +194,14 @@ CASES: list[Case] = [
     named(unary("ApplyOuterStep", lambda w: pb.ApplyOuterStepRequest(optimizer=w.bopt, average=w.d)),
           "their dictionary"),
     named(unary("BuildGreedySoup", lambda w: pb.BuildGreedySoupRequest(model=w.m, ingredients=[w.bd])), "their model"),
+    named(unary("AverageDictionaries", lambda w: pb.AverageDictionariesRequest(dictionaries=[w.bd, w.d])),
+          "own and theirs"),
+    named(unary("AverageDictionaries", lambda w: pb.AverageDictionariesRequest(dictionaries=[w.bd], into=w.d)),
+          "their into"),
+    named(unary("MergeDictionaries", lambda w: pb.MergeDictionariesRequest(method="linear", dictionaries=[w.bd, w.d])),
+          "own and theirs"),
+    named(unary("MergeDictionaries", lambda w: pb.MergeDictionariesRequest(
+        method="task_arithmetic", dictionaries=[w.bd], base=w.d)), "their base"),
     unary("ResetBatchNorm", lambda w: pb.ResetBatchNormRequest(handle=w.net)),
     unary("AllReduce", lambda w: pb.AllReduceRequest(handle=w.net)),
     unary("Broadcast", lambda w: pb.BroadcastRequest(handle=w.net)),
@@ -247,7 +257,7 @@ def test_every_rpc_has_an_access_class() -> None:
 
 
 def test_the_table_covers_every_rpc_that_takes_a_handle() -> None:
-    fields = {"handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts", "session"}
+    fields = {*HANDLE_FIELDS, "session"}
     service = pb.DESCRIPTOR.services_by_name["WeightAveragingService"]
     taking = {m.name for m in service.methods if fields & set(m.input_type.fields_by_name)}
     assert taking <= {c.method for c in CASES}
@@ -477,6 +487,145 @@ def test_an_open_server_audits_changes_as_its_one_admin_and_counts_every_call(
         c.purge()
 
 
+def proto_field_comments() -> dict[tuple[str, str], str]:
+    """Each message field's leading comment in the .proto, by (message name, field name)."""
+    comments: dict[tuple[str, str], str] = {}
+    message, lines = "", []
+    for line in PROTO.read_text().splitlines():
+        text = line.strip()
+        if started := re.match(r"message (\w+) \{", text):
+            message, lines = started.group(1), []
+        elif text.startswith("//"):
+            lines.append(text[2:].strip())
+        else:
+            if message and (field := re.match(r"(?:repeated |optional )?\S+ (\w+) = \d+;", text)):
+                comments[message, field.group(1)] = " ".join(lines)
+            lines = []
+    return comments
+
+
+def test_the_audited_handle_fields_are_every_handle_field_of_the_proto() -> None:
+    """Five request fields holding handle ids were missing from the audit's list, so a refused call
+    that probed other tenants' ids through them was audited naming none (found by review). The
+    proto's comments say which fields hold handle ids: those of every request must be HANDLE_FIELDS
+    exactly, each at the top of its request (the audit reads nothing nested), and no other request
+    field may have one of their names."""
+    comments = proto_field_comments()
+    handles: set[str] = set()
+    others: set[str] = set()
+    seen: set[str] = set()
+
+    def walk(message: Any, top: bool) -> None:
+        for field in message.fields:
+            where = f"{message.name}.{field.name}"
+            assert field.message_type is not pb.Handle.DESCRIPTOR, f"{where}: the audit reads handle ids from strings"
+            if field.message_type is not None:
+                if field.message_type.full_name not in seen:
+                    seen.add(field.message_type.full_name)
+                    walk(field.message_type, False)
+            elif field.type == field.TYPE_STRING:
+                if re.search(r"\bhandle ids?\b", comments.get((message.name, field.name), ""), re.IGNORECASE):
+                    assert top, f"{where} holds a handle id inside a request, where the audit line does not look"
+                    handles.add(field.name)
+                elif top:
+                    others.add(field.name)
+
+    for method in pb.DESCRIPTOR.services_by_name["WeightAveragingService"].methods:
+        walk(method.input_type, True)
+    assert len(set(HANDLE_FIELDS)) == len(HANDLE_FIELDS)
+    assert handles == set(HANDLE_FIELDS)
+    assert not handles & others, "a field name must hold handle ids in every request or in none"
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "weightavg.audit"]
+
+
+def test_a_probe_of_another_tenants_ids_is_audited_naming_every_id(
+    server: Runtime, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bob names Alice's ids beside his own through every field that was missing from the audit's
+    list: each refused call's line names all of them (they said "handles": [], so such probes left
+    no trace; found by review)."""
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    w = world
+    probes = [
+        (pb.AverageDictionariesRequest(dictionaries=[w.bd, w.d], into=w.t), [w.bd, w.d, w.t]),
+        (pb.MergeDictionariesRequest(method="task_arithmetic", dictionaries=[w.bd], base=w.d), [w.bd, w.d]),
+        (pb.ApplyOuterStepRequest(optimizer=w.bopt, average=w.d), [w.bopt, w.d]),
+        (pb.BuildGreedySoupRequest(model=w.m, ingredients=[w.bd, w.d]), [w.m, w.bd, w.d]),
+    ]
+    channel, stub = stub_for(server, BOB)
+    with channel:
+        for request, _ in probes:
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(stub, request.DESCRIPTOR.name.removesuffix("Request"))(request, timeout=30)
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND, err.value.details()
+    assert [(x["method"], x["tenant"], x["outcome"], x["handles"]) for x in audit_lines(caplog)] == [
+        (request.DESCRIPTOR.name.removesuffix("Request"), "bob", "NOT_FOUND", ids) for request, ids in probes
+    ]
+
+
+def test_the_audit_line_names_the_session_a_call_opens_or_closes(
+    server: Runtime, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Called without session metadata, CreateSession's line names the session it opened and
+    CloseSession(session=...)'s the one it closed (both said "session": null; found by review), and
+    Bob's refused CloseSession of Alice's session names it."""
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    channel, stub = stub_for(server, ALICE)
+    with channel:
+        opened = stub.CreateSession(pb.CreateSessionRequest(), timeout=30).session
+        stub.CloseSession(pb.CloseSessionRequest(session=opened), timeout=30)
+    channel, stub = stub_for(server, BOB)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        stub.CloseSession(pb.CloseSessionRequest(session=world.session), timeout=30)
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    assert [(x["method"], x["tenant"], x["outcome"], x["session"]) for x in audit_lines(caplog)] == [
+        ("CreateSession", "alice", "OK", opened), ("CloseSession", "alice", "OK", opened),
+        ("CloseSession", "bob", "NOT_FOUND", world.session),
+    ]
+
+
+def test_an_audit_line_stays_small_whatever_the_caller_sends(server: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    """FreeHandles of an 8 MiB id wrote an 8 MB audit line (found by review). Each id, the request ID
+    and the session keep their first 256 characters and say how many more there were; at most 64
+    ids are listed, with a count of the rest."""
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    ids = ["x" * (1 << 20), *(f"dic_{i:032x}" for i in range(100))]
+    channel, stub = stub_for(server, ALICE)
+    with channel, pytest.raises(grpc.RpcError):
+        stub.FreeHandles(
+            pb.FreeHandlesRequest(handles=ids, request_id="r" * 100_000), metadata=[("weightavg-session", "s" * 4000)],
+            timeout=30,
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "weightavg.audit"]
+    assert len(line) < 8192
+    record = json.loads(line)
+    assert record["handles"] == ["x" * 256 + f"...[{(1 << 20) - 256} more characters]", *ids[1:64]]
+    assert record["handles_omitted"] == len(ids) - 64
+    assert record["request_id"] == "r" * 256 + "...[99744 more characters]"
+    assert record["session"] == "s" * 256 + "...[3744 more characters]"
+
+
+def test_a_server_logging_only_warnings_still_writes_the_audit_trail(tmp_path: Path, tokens_file: Path) -> None:
+    """`--log-level WARNING` quiets the server's log, not its audit trail: the audit logger stays at
+    INFO (it followed --log-level, so such a server audited nothing; found by review)."""
+    server = start_process(tmp_path / "state", "--log-level", "WARNING", "--tokens", str(tokens_file))
+    try:
+        with Client(server.address, token=ALICE, timeout=60) as a:
+            a.free(a.tensor(np.ones(2, np.float32)))
+            a.size(a.tensor(np.ones(2, np.float32)))
+    finally:
+        code, err = server.terminate()
+    assert code == 0, err
+    audited = [line.split(" weightavg.audit ", 1)[1] for line in err.splitlines() if " weightavg.audit " in line]
+    assert [(x["method"], x["tenant"], x["outcome"]) for x in map(json.loads, audited)] == [
+        ("CreateTensor", "alice", "OK"), ("FreeHandles", "alice", "OK"), ("CreateTensor", "alice", "OK"),
+    ]
+    assert not [line for line in err.splitlines() if " INFO " in line and " weightavg.audit " not in line]
+
+
 def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:
     """A session id of another tenant is unknown: it cannot be joined to create handles in it."""
     with pytest.raises(NotFoundError, match="unknown session"):
@@ -503,6 +652,29 @@ def test_a_bad_tokens_file_is_refused_saying_where_and_never_echoing_the_token(t
     with pytest.raises(TokensFileError, match=error) as err:
         load_tokens(path)
     assert "long-enough-token-xyz" not in str(err.value) and "short\"" not in str(err.value)
+
+
+MISPLACED = "y-secret-token-000000010!"
+ONE_TOKEN = '[[tokens]]\ntoken = "long-enough-token-xyz"\ntenant = "a"\nrole = "user"\n'
+
+
+@pytest.mark.parametrize("text,error", [
+    (ONE_TOKEN.replace('tenant = "a"', f'tenant = "{MISPLACED}"'), r"tokens\[0\]: tenant name is not valid: use 1 to 64"),
+    (ONE_TOKEN.replace('role = "user"', f'role = "{MISPLACED}"'),
+     r"tokens\[0\] \(tenant 'a'\): role must be one of \['admin', 'user', 'reader'\]$"),
+    (f'[tenants.ok]\n[tenants."{MISPLACED}"]\nmax_handles = 1\n' + ONE_TOKEN,
+     r"tenants, table 1 \(counting from 0\): tenant name is not valid"),
+    (f'[tenants.a]\nmax_handles = "{MISPLACED}"\n' + ONE_TOKEN, r"tenants\.a\.max_handles must be a whole number .*, not str$"),
+    ('[tenants.a]\nmax_handles = -3\n' + ONE_TOKEN, r"tenants\.a\.max_handles must be .*, not a negative number$"),
+], ids=["tenant", "role", "tenants table", "quota", "negative quota"])
+def test_a_secret_in_the_wrong_field_of_a_tokens_file_is_never_echoed(tmp_path: Path, text: str, error: str) -> None:
+    """A token pasted as a tenant name, a role, a tenant's table or a quota was quoted by the error,
+    and so landed in the log (found by review): the error names the entry and the rule instead."""
+    path = tmp_path / "tokens.toml"
+    path.write_text(text)
+    with pytest.raises(TokensFileError, match=error) as err:
+        load_tokens(path)
+    assert MISPLACED not in str(err.value) and "long-enough-token-xyz" not in str(err.value)
 
 
 def test_json_tokens_files_are_read_too(tmp_path: Path) -> None:

@@ -200,14 +200,28 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
         cluster.leave()
 
 
+AUDIT_LOGGER = "weightavg.audit"
+
+
+def configure_logging(config: ServerConfig) -> None:
+    """The server's log on stderr at --log-level, and the audit trail at INFO whatever --log-level
+    says: quieting the log must not stop the record of who changed what (the audit logger followed
+    --log-level, so a server run with WARNING audited nothing; found by review). With --audit-log
+    the trail goes to that file instead of the log."""
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
+    if config.audit_log:
+        audit_to_file(config.audit_log)
+
+
 def audit_to_file(path: str) -> None:
-    """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too). Its
-    lines are written at INFO whatever --log-level says."""
+    """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too)."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
-    audit = logging.getLogger("weightavg.audit")
+    audit = logging.getLogger(AUDIT_LOGGER)
     audit.addHandler(handler)
-    audit.setLevel(logging.INFO)
     audit.propagate = False
 
 
@@ -231,12 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise_file_limit()
     try:
         config = config_from_args(args)
-        logging.basicConfig(
-            level=config.log_level.upper(), stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        )
-        if config.audit_log:
-            audit_to_file(config.audit_log)
+        configure_logging(config)
     except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
         sys.exit(f"weightavg serve: {exc}")
     try:

@@ -13,8 +13,9 @@ TOML (or JSON, for a name ending in .json)::
     tenant = "vision"
     role = "user"                    # admin, user or reader
 
-Every mistake is refused with where it is (never the token itself): an unknown key, a role or a
-tenant name that is not valid, a quota that is not a whole number, a token given twice.
+Every mistake is refused with where it is and the rule it breaks, never the value that breaks it (a
+token put in the wrong field would land in the log): an unknown key, a role or a tenant name that is
+not valid, a quota that is not a whole number, a token given twice.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def _parse(path: Path) -> dict[str, Any]:
 
 
 def _whole(value: Any, where: str) -> int:
+    """A quota's value, checked; the error says what was given by its type alone, never the value."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TokensFileError(f"{where} must be a whole number of 0 or more (0: no quota), not {value!r}")
+        given = "a negative number" if isinstance(value, int) and not isinstance(value, bool) else type(value).__name__
+        raise TokensFileError(f"{where} must be a whole number of 0 or more (0: no quota), not {given}")
     return value
 
 
@@ -83,12 +86,12 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
     tenants = data.get("tenants", {})
     if not isinstance(tenants, dict):
         raise TokensFileError(f"{path}: 'tenants' must be a table of tenant name -> quotas")
-    for name, table in tenants.items():
-        where = f"{path}: tenants.{name}"
+    for position, (name, table) in enumerate(tenants.items()):
         try:
             check_tenant_name(name)
-        except InvalidArgument as exc:
-            raise TokensFileError(f"{where}: {exc}") from None
+        except InvalidArgument as exc:  # the name may be a misplaced token: say where it is instead
+            raise TokensFileError(f"{path}: tenants, table {position} (counting from 0): {exc}") from None
+        where = f"{path}: tenants.{name}"
         if not isinstance(table, dict) or set(table) - _QUOTA_KEYS:
             raise TokensFileError(f"{where} may set only {sorted(_QUOTA_KEYS)}")
         quotas[name] = Quota(
@@ -127,12 +130,13 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
                 raise TokensFileError(f"{where}: sha256 must be the 64 hex digits of the token's SHA-256")
         try:
             tenant = check_tenant_name(entry.get("tenant", ""))
-            role = Role(entry.get("role"))
         except InvalidArgument as exc:
             raise TokensFileError(f"{where}: {exc}") from None
-        except ValueError:
+        try:
+            role = Role(entry.get("role"))
+        except ValueError:  # never the value given: it may be a misplaced token
             raise TokensFileError(
-                f"{where}: role must be one of {[r.value for r in Role]}, not {entry.get('role')!r}"
+                f"{where} (tenant '{tenant}'): role must be one of {[r.value for r in Role]}"
             ) from None
         if digest in callers:
             raise TokensFileError(f"{where}: the same token is given twice; each token stands for one tenant and role")

@@ -56,6 +56,10 @@ log = logging.getLogger("weightavg.snapshot")
 FORMAT = "weightavg-snapshot"
 VERSION = 1
 MANIFEST = "manifest.json"
+FILE_MODE = 0o600
+"""Every snapshot file is readable by the server's user alone: the tensors are the weights, and the
+JSON lists tenant names and handle, session and request IDs (the JSON was written 0644 while
+safetensors wrote 0600; found by review)."""
 _GENERATION_FILE = re.compile(r"^(state|tensors)-(\d+)\.(json|safetensors)$")
 _SAFETENSORS_DTYPES = {
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
@@ -620,10 +624,15 @@ def _collect(
 
 
 def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary file in the same directory, fsync it, then rename it over path."""
+    """Write to a temporary file in the same directory, created FILE_MODE before any byte is written,
+    fsync it, then rename it over path. A temporary file left by a crash is removed first: writing
+    into it would keep its mode."""
     tmp = path.with_name(f".tmp-{path.name}")
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
     write(tmp)
     with open(tmp, "rb+") as f:
+        os.fchmod(f.fileno(), FILE_MODE)  # in case the writer made the file anew
         os.fsync(f.fileno())
     os.replace(tmp, path)
 

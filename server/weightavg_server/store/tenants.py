@@ -90,10 +90,11 @@ class Quota:
 
 
 def check_tenant_name(name: str) -> str:
-    """The name, if it is a valid tenant name; InvalidArgument saying what is allowed otherwise."""
+    """The name, if it is a valid tenant name; InvalidArgument saying what is allowed otherwise. The
+    message never quotes the name: a token written in the tenant's place of a tokens file would land
+    in the log (found by review); callers say which entry it was."""
     if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
         raise InvalidArgument(
-            f"tenant name {name!r} is not valid: use 1 to 64 letters, digits, '_', '.' or '-', starting with a "
-            "letter or digit"
+            "tenant name is not valid: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
     return name

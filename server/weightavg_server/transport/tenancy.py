@@ -172,16 +172,37 @@ def refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
 
 # -- the audit line -----------------------------------------------------------------------------------
 
-_HANDLE_FIELDS = ("handle", "dictionary", "module", "loss", "optimizer", "model", "input", "handles", "parts")
-"""Request fields that name handles (strings, or repeated strings)."""
+HANDLE_FIELDS = (
+    "handle", "dictionary", "dictionaries", "module", "loss", "optimizer", "model", "input", "handles", "parts", "into",
+    "base", "average", "ingredients",
+)
+"""Names of the request fields that hold handle ids (strings, or repeated strings), in the order an audit
+line lists them. Every field the proto documents as a "handle id" is here, and no other field has one
+of these names (tests/test_tenants.py reads the .proto to check): five were missing once, so calls
+that probed other tenants' ids through them were audited naming no handle (found by review)."""
+SESSION_FIELD = "session"
+"""The request field naming the session a call acts on (CloseSession), and the reply field naming the
+session a call opened (CreateSession): the audit line records it rather than the call's metadata."""
 MAX_AUDITED_HANDLES = 64
 """An audit line names at most this many handles (a FreeHandles of thousands says how many it left out)."""
+MAX_AUDITED_CHARS = 256
+"""An id, request ID or session in an audit line keeps at most this many characters, then says how many
+it left out: the caller chooses these strings, and an 8 MiB id once made an 8 MB audit line (found by
+review). Real ids are far shorter (a handle id is 36 characters)."""
+
+
+def bounded(text: str) -> str:
+    """`text`, cut to MAX_AUDITED_CHARS characters with a marker saying how many were left out."""
+    if len(text) <= MAX_AUDITED_CHARS:
+        return text
+    return f"{text[:MAX_AUDITED_CHARS]}...[{len(text) - MAX_AUDITED_CHARS} more characters]"
 
 
 def request_handles(request: Any) -> list[str]:
-    """The handle ids a request names, in field order (the first message of a stream)."""
+    """The handle ids a request names, in HANDLE_FIELDS order (the first message of a stream). Upload
+    streams decode to plain objects with the message's string fields, so fields are read by name."""
     found: list[str] = []
-    for name in _HANDLE_FIELDS:
+    for name in HANDLE_FIELDS:
         value = getattr(request, name, None)
         if isinstance(value, str):
             if value:
@@ -192,6 +213,12 @@ def request_handles(request: Any) -> list[str]:
             except TypeError:
                 pass
     return found
+
+
+def named_session(message: Any) -> str:
+    """The session a request or reply names in its `session` field, else ""."""
+    value = getattr(message, SESSION_FIELD, "")
+    return value if isinstance(value, str) else ""
 
 
 def response_handles(response: Any) -> list[str]:
@@ -212,7 +239,9 @@ def audit(
     seconds: float,
 ) -> None:
     """Write one audit line: JSON with the time (UTC, ISO 8601), tenant, role, method, handles,
-    request ID, session, outcome and duration. Never a token, never request data."""
+    request ID, session, outcome and duration. Never a token, never request data; every string the
+    caller chose is `bounded`, and at most MAX_AUDITED_HANDLES handles are listed, so a line stays
+    a few kilobytes whatever the request."""
     if not audit_log.isEnabledFor(logging.INFO):
         return
     unique = list(dict.fromkeys(handles))
@@ -221,9 +250,9 @@ def audit(
         "tenant": caller.tenant if caller is not None else None,
         "role": caller.role.value if caller is not None else None,
         "method": method.rsplit("/", 1)[-1],
-        "handles": unique[:MAX_AUDITED_HANDLES],
-        "request_id": rid,
-        "session": session,
+        "handles": [bounded(h) for h in unique[:MAX_AUDITED_HANDLES]],
+        "request_id": bounded(rid),
+        "session": bounded(session) if session is not None else None,
         "outcome": outcome,
         "duration_ms": round(seconds * 1e3, 3),
     }
@@ -233,19 +262,29 @@ def audit(
 
 
 class _Call:
-    """What one served call records for the audit line: the handles it named and the request ID."""
+    """What one served call records for the audit line: the handles it named, the request ID and the
+    session it named (closed or opened)."""
 
-    __slots__ = ("audited", "handles", "rid")
+    __slots__ = ("audited", "handles", "rid", "session")
 
     def __init__(self, audited: bool) -> None:
         self.audited = audited
         """Whether an audit line will be written (a change, with the audit logger on at INFO)."""
         self.handles: list[str] = []
         self.rid = ""
+        self.session = ""
+        """The session the request names (CloseSession) or the reply opened (CreateSession); "" for
+        most calls, whose line records the session of their metadata instead."""
 
     def saw(self, request: Any) -> None:
         self.handles.extend(request_handles(request))
         self.rid = self.rid or request_id(request)
+        self.session = self.session or named_session(request)
+
+    def answered(self, response: Any) -> None:
+        """Record what a unary reply hands out: new handles, or a new session."""
+        self.handles.extend(response_handles(response))
+        self.session = self.session or named_session(response)
 
     def first_of(self, requests: Iterator[Any]) -> Iterator[Any]:
         """The request stream, passing through; its first message is read for handles and ID."""
@@ -355,7 +394,8 @@ class TenantInterceptor(grpc.ServerInterceptor):
             outcome = status_name(context, exc)
             stats.tenant_finish(caller.tenant, outcome)
             if call.audited:
-                audit(method, caller, outcome, call.handles, call.rid, session, time.perf_counter() - start)
+                acted_on = call.session or session  # CloseSession(session=X) closes X, whatever the metadata says
+                audit(method, caller, outcome, call.handles, call.rid, acted_on, time.perf_counter() - start)
 
         def enter(context: grpc.ServicerContext) -> tuple[Caller, str | None, _Call, float, contextvars.Token[Caller]]:
             """Who calls (refused here if no longer allowed), in which session, and CALLER set for the call.
@@ -413,7 +453,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
             finally:
                 CALLER.reset(token)
             if call.audited:
-                call.handles.extend(response_handles(response))
+                call.answered(response)
             finish(context, caller, session, call, start, None)
             return response
 
