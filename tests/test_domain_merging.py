@@ -352,6 +352,18 @@ def test_slerp_follows_the_arc_between_two_tensors(t: float) -> None:
         assert all(torch.allclose(got.entries[n], ds[0].entries[n], atol=TOL) for n in SHAPES)
 
 
+def test_slerp_of_2_23_float32_elements_takes_its_angle_as_accurately_as_float64() -> None:
+    """A 4096x2048 layer and a fine-tuned copy (cos 0.96). The server's result must be within 3e-5 of
+    the float64 formula, as mergekit's float32 numpy slerp is: with float32 norms (torch's CPU
+    vector_norm is off by 2e-4 at this size) the angle moved it by 6.8e-4. Float32 rounding of values
+    up to ~5 accounts for under 1e-6."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(4096, 2048, generator=g)
+    b = a + 0.3 * torch.randn(4096, 2048, generator=g)
+    got = merged("slerp", [TensorDict({"x": a}), TensorDict({"x": b})], options={"t": 0.5})
+    assert_close(got.entries["x"], reference_slerp(a, b, 0.5), tol=3e-5)
+
+
 def test_slerp_keeps_the_norm_of_two_orthogonal_unit_tensors() -> None:
     a, b = TensorDict({"x": torch.tensor([1.0, 0.0])}), TensorDict({"x": torch.tensor([0.0, 1.0])})
     got = merged("slerp", [a, b], options={"t": 0.5})
@@ -675,7 +687,7 @@ F32 = 4
 @pytest.mark.parametrize(("method", "kw", "buffers", "internal"), [
     ("average", {}, 0, 0),  # accumulates in the result itself
     ("linear", {"options": {"normalize": False}}, 0, 0),
-    ("slerp", {"options": {"t": 0.5}}, 2, 0),
+    ("slerp", {"options": {"t": 0.5}}, 2, 2 * 8),  # v0, v1; a float64 chunk of each for the angle
     ("task_arithmetic", {"base": True}, 1, 0),  # the delta
     ("ties", {"base": True, "options": {"density": 0.5}}, 4, F32 + 8),  # delta, |delta|, election, divisor; kthvalue
     ("dare", {"base": True, "options": {"density": 0.5}}, 2, 0),  # delta, mask
@@ -692,6 +704,19 @@ def test_a_plan_reserves_the_result_and_the_largest_entrys_scratch(
     bool_mask = largest if method == "ties" else 0
     assert p.buffer_bytes() == buffers * largest * F32 + bool_mask
     assert footprint.merge_bytes(p) == {"cpu": total * F32 + buffers * largest * F32 + bool_mask + internal * largest}
+
+
+@pytest.mark.parametrize(("numel", "dtype", "chunks"), [
+    (2 * merging.SLERP_CHUNK, torch.float32, 2 * merging.SLERP_CHUNK * 8),  # one float64 chunk each, not the whole
+    (30, torch.float64, 0),  # the chunks are views of the float64 work tensors
+], ids=["large float32", "float64"])
+def test_slerp_reserves_a_float64_chunk_of_each_tensor_for_its_angle(
+    numel: int, dtype: torch.dtype, chunks: int
+) -> None:
+    ds = [TensorDict({"x": torch.zeros(numel, dtype=dtype)}) for _ in range(2)]
+    p = plan_of("slerp", ds, options={"t": 0.5})
+    size = dtype.itemsize * numel
+    assert footprint.merge_bytes(p) == {"cpu": size + 2 * size + chunks}
 
 
 def test_averaging_bfloat16_reserves_an_accumulator_and_a_cast_buffer() -> None:

@@ -88,6 +88,31 @@ def test_nesterov_sgd_is_dilocos_outer_step() -> None:
         assert math.isclose(norm, math.sqrt(sum(float((v**2).sum()) for v in g.values())), rel_tol=1e-5)
 
 
+def test_the_norm_of_a_2_23_element_pseudo_gradient_is_as_accurate_as_float64() -> None:
+    """A 4096x2048 layer: the norm is that of the float32 pseudo-gradient taken in float64, within
+    1e-6 relative (each row's norm is rounded to float32, 6e-8). torch's CPU float32 vector_norm of
+    the whole tensor was off by 2e-4."""
+    torch.manual_seed(8)
+    m = torch.nn.Linear(2048, 4096, bias=False)
+    avg = TensorDict({"weight": m.weight.detach() + 0.01 * torch.randn(4096, 2048) + 0.003})
+    g = (m.weight.detach() - avg.entries["weight"]).double()
+    want = float(g.square().sum().sqrt())
+    norm = outer.outer_step(optimizers.create_optimizer("sgd", m, (1.0,)), avg)
+    assert math.isclose(norm, want, rel_tol=1e-6), (norm, want)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_sum_of_squares_reads_any_dense_layout_in_rows(layout: str) -> None:
+    """The rows are taken in memory order, so the sum is the same whatever the layout (and over the
+    partial last row): 3*5*7*41 = 4305 elements, one whole row of 4096 and a rest of 209. Within
+    1e-6 relative: each row's norm is rounded to float32."""
+    g = torch.Generator().manual_seed(9)
+    t = torch.randn(3, 5, 7, 41, generator=g)
+    laid = {"contiguous": t, "channels_last": t.to(memory_format=torch.channels_last), "transposed": t.transpose(1, 3)}
+    want = float(t.double().square().sum())
+    assert math.isclose(outer.sum_of_squares(laid[layout]), want, rel_tol=1e-6)
+
+
 def test_adam_steps_as_torch_adam_does_on_the_pseudo_gradient() -> None:
     m = module(5)
     twin = copy.deepcopy(m)
@@ -100,6 +125,76 @@ def test_adam_steps_as_torch_adam_does_on_the_pseudo_gradient() -> None:
         reference.step()
         outer.outer_step(opt, avg)
         assert close(weights(m), weights(twin))
+
+
+def ones(dtype: torch.dtype) -> torch.nn.Module:
+    m = torch.nn.Linear(1, 4).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(1.0)
+    return m
+
+
+def test_a_bfloat16_model_moves_to_a_float32_average_within_half_its_ulp() -> None:
+    """1.003 lies within half a bfloat16 ulp (2^-8) of 1.0: rounding the average to bfloat16 before
+    subtracting gave a gradient of exactly 0, and 20 Nesterov rounds left the weights at 1.0. torch,
+    subtracting in float32 and casting the gradient once, reaches 1.0078125 (and so must the server,
+    bit for bit); the norm is that of the float32 difference. The bias's average is one float32 number
+    (0-dim), which torch's own promotion would round to bfloat16: the promoted dtype is taken from the
+    dtypes alone, so it moves the same way."""
+    m, twin = ones(torch.bfloat16), ones(torch.bfloat16)
+    avg = TensorDict({"weight": torch.full((4, 1), 1.003), "bias": torch.tensor(1.003)})
+    full = {"weight": avg.entries["weight"], "bias": torch.full((4,), 1.003)}
+    opt = optimizers.create_optimizer("sgd", m, (0.7, 0.9), (("nesterov", True),))
+    reference = torch.optim.SGD(twin.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    for _ in range(20):
+        want = math.sqrt(sum(float((p.detach().double() - full[n]).square().sum()) for n, p in twin.named_parameters()))
+        for n, p in twin.named_parameters():
+            p.grad = (p.detach() - full[n]).to(p.dtype)
+        reference.step()
+        norm = outer.outer_step(opt, avg)
+        assert math.isclose(norm, want, rel_tol=1e-6), (norm, want)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), twin.parameters()))
+    assert m.weight.flatten().tolist() == [1.0078125] * 4
+
+
+@pytest.mark.parametrize(("model", "average"), [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+    (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+], ids=str)
+def test_the_pseudo_gradient_is_taken_in_the_promoted_dtype_as_torch_takes_it(
+    model: torch.dtype, average: torch.dtype
+) -> None:
+    """Bit for bit what torch's DiLoCo step does with `(p - average)` in the dtype the two promote to,
+    cast once into the gradient, over several rounds of drift (float32 against float32 as before)."""
+    m = module(7).to(model)
+    twin = copy.deepcopy(m)
+    opt = optimizers.create_optimizer("sgd", m, (0.7, 0.9), (("nesterov", True),))
+    reference = torch.optim.SGD(twin.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    for drift in averages(m, 4, seed=8):
+        avg = TensorDict({n: t.to(average) for n, t in drifted(twin, drift).entries.items()})
+        for n, p in twin.named_parameters():
+            wide = torch.promote_types(p.dtype, average)
+            p.grad = (p.detach().to(wide) - avg.entries[n].to(wide)).to(p.dtype)
+        reference.step()
+        outer.outer_step(opt, avg)
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize(("model", "average", "optimizer", "extra"), [
+    (torch.bfloat16, torch.float32, "sgd", 4 * 20),  # the float32 difference of the 4x5 weight
+    (torch.bfloat16, torch.float32, "adam", 2 * 2 * 24 + 2 * 4),  # Adam's two moments and steps are larger
+    (torch.float16, torch.bfloat16, "sgd", 4 * 20 + 4 * 20),  # float32 difference and torch's float32 copy of the entry
+    (torch.float32, torch.float32, "sgd", 0),  # the difference is the gradient
+], ids=["bf16 sgd", "bf16 adam", "f16-bf16 sgd", "f32 sgd"])
+def test_a_wider_average_reserves_one_difference_beside_the_gradients(
+    model: torch.dtype, average: torch.dtype, optimizer: str, extra: int
+) -> None:
+    m = torch.nn.Linear(5, 4).to(model)
+    avg = TensorDict({n: p.detach().to(average) for n, p in m.named_parameters()})
+    opt = optimizers.create_optimizer(optimizer, m)
+    grads = model.itemsize * 24
+    assert footprint.outer_step_bytes(opt, avg) == {"cpu": grads + extra}
 
 
 def test_the_gradients_held_before_are_put_back() -> None:

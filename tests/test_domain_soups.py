@@ -9,6 +9,7 @@ score, start from the best, keep a candidate uniform average only when it strict
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -81,6 +82,16 @@ def fine_tunes() -> tuple[training.Model, list[TensorDict]]:
     return model, ingredients
 
 
+def reference_rank(scores: list[float], metric: str = "accuracy") -> list[int]:
+    """The ranking of model-soups' main.py: sorted by score from worst to best with Python's stable
+    sort, then reversed, so tied ingredients come out last given first. (Its metric is accuracy; for
+    loss the score's negation plays that part.)"""
+    goodness = [s if metric == "accuracy" else -s for s in scores]
+    ranked = sorted(range(len(scores)), key=lambda i: goodness[i])
+    ranked.reverse()
+    return ranked
+
+
 def test_a_greedy_soup_of_fine_tuned_digit_models_is_at_least_as_accurate_as_its_best_ingredient(
     fine_tunes: tuple[training.Model, list[TensorDict]],
 ) -> None:
@@ -91,7 +102,7 @@ def test_a_greedy_soup_of_fine_tuned_digit_models_is_at_least_as_accurate_as_its
 
     alone = [accuracy(model, d) for d in ingredients]
     assert soup.scores == pytest.approx(alone, abs=1e-9)
-    assert soup.order == sorted(range(4), key=lambda i: (-alone[i], i))
+    assert soup.order == reference_rank(soup.scores)
     assert soup.score >= max(alone) and soup.kept[0] == soup.order[0]
     assert soup.score == pytest.approx(accuracy(model, soup.dictionary), abs=1e-9)
     # The soup is the uniform average of the ingredients kept.
@@ -117,7 +128,7 @@ def test_with_the_loss_metric_lower_is_better(fine_tunes: tuple[training.Model, 
     model, ingredients = fine_tunes
     soup = soups.greedy_soup(model, ingredients, soups.plan_soup(model, ingredients, [("metric", "loss")]))
     assert soup.metric == "loss"
-    assert soup.order == sorted(range(4), key=lambda i: (soup.scores[i], i))
+    assert soup.order == reference_rank(soup.scores, "loss")
     assert soup.score <= min(soup.scores)
 
 
@@ -139,9 +150,35 @@ def test_an_ingredient_that_only_ties_the_best_score_is_not_kept() -> None:
     perfect, also_perfect, wrong = weight([[1, 0], [0, 1]]), weight([[2, 0], [0, 2]]), weight([[-1, 0], [0, -1]])
     soup = soups.greedy_soup(model, [wrong, perfect, also_perfect], soups.plan_soup(model, [wrong, perfect, also_perfect]))
     assert soup.scores == [0.0, 100.0, 100.0]
-    assert soup.order == [1, 2, 0] and soup.kept == [1]  # 100 does not strictly beat 100
-    assert soup.tried == [100.0, 100.0, 50.0]  # averaged with `wrong` the weight is 0: argmax picks class 0, half right
-    assert torch.equal(soup.dictionary.entries["weight"], perfect.entries["weight"])
+    assert soup.order == [2, 1, 0] and soup.kept == [2]  # the later of the tied first; 100 does not strictly beat 100
+    assert soup.tried == [100.0, 100.0, 100.0]  # averaged with `wrong` the weight is 0.5 I, still all right
+    assert torch.equal(soup.dictionary.entries["weight"], also_perfect.entries["weight"])
+
+
+def test_tied_ingredients_are_ranked_last_given_first_as_model_soups_ranks_them() -> None:
+    """b and e tie at 75%. The reference's reversed stable sort puts e first, and the soup is that of
+    e and a (keeping the given order for ties made it that of b and a: another soup)."""
+    model = linear_model()
+    a, b, e = weight([[1, 0], [0, 0]]), weight([[0, 0], [0, 1]]), weight([[1, 0], [1, 1]])
+    soup = soups.greedy_soup(model, [a, b, e], soups.plan_soup(model, [a, b, e]))
+    assert soup.scores == [50.0, 75.0, 75.0]
+    assert soup.order == reference_rank(soup.scores) == [2, 1, 0]
+    assert soup.kept == [2, 0] and soup.tried == [75.0, 75.0, 100.0] and soup.score == 100.0
+    assert torch.equal(soup.dictionary.entries["weight"], torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+
+
+def test_with_the_loss_metric_ties_are_ranked_last_given_first_too() -> None:
+    """Three copies of one weight tie at any loss: the ranking is the given order reversed."""
+    model = linear_model()
+    ds = [weight([[1, 0], [0, 1]]) for _ in range(3)]
+    soup = soups.greedy_soup(model, ds, soups.plan_soup(model, ds, [("metric", "loss")]))
+    assert soup.scores[0] == soup.scores[1] == soup.scores[2]
+    assert soup.order == reference_rank(soup.scores, "loss") == [2, 1, 0]
+
+
+def test_nan_scores_rank_last_and_tie_like_the_others() -> None:
+    assert soups._rank("accuracy", [math.nan, 50.0, math.nan, 75.0, 50.0]) == [3, 4, 1, 2, 0]
+    assert soups._rank("loss", [math.nan, 0.5, 0.25, math.nan]) == [2, 1, 3, 0]
 
 
 def test_buffers_the_ingredients_hold_are_souped_and_integer_ones_skipped() -> None:

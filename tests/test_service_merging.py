@@ -191,6 +191,13 @@ def optimizer_and_average(s: Service) -> tuple[str, str]:
     return s.create_optimizer(q, "sgd", (0.5, 0.9), ()).id, s.copy_parameters(q).id
 
 
+def bfloat16_optimizer_and_float32_average(s: Service) -> tuple[str, str]:
+    q = linear(s)
+    s.move(q, "cpu", torch.bfloat16)
+    average = dictionary(s, weight=torch.zeros(CLASSES, FEATURES), bias=torch.zeros(CLASSES))
+    return s.create_optimizer(q, "sgd", (0.5, 0.9), ()).id, average
+
+
 def soup_setup(s: Service) -> tuple[str, list[str]]:
     m = model_with_test_data(s)
     return m, [s.copy_parameters(m).id, s.copy_parameters(m).id]
@@ -207,6 +214,10 @@ CAPS: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any], object]
      ENTRY + 4 * ENTRY + ROWS * FEATURES + ROWS * FEATURES * (F32 + 8), ENTRY),
     # A pseudo-gradient per parameter (freed) and SGD's momentum buffers (kept).
     ("first outer step with momentum", optimizer_and_average, lambda s, st: s.outer_step(*st), 2 * LAYER, LAYER),
+    # bfloat16 gradients (freed), then the larger of their momentum (kept) and the float32 difference of
+    # the weight, held while its gradient is cast.
+    ("first bfloat16 outer step to a float32 average", bfloat16_optimizer_and_float32_average,
+     lambda s, st: s.outer_step(*st), LAYER // 2 + CLASSES * FEATURES * F32, LAYER // 2),
     # The soup (kept) and a copy of the model's parameters to put back (freed).
     ("greedy soup", soup_setup, lambda s, st: s.soup(st[0], st[1], (), never), 2 * LAYER, LAYER),
 ]

@@ -1109,9 +1109,10 @@ class Client:
 
     @_rpc
     def soup(self, m: HandleLike, ingredients: Iterable[HandleLike], metric: str = "accuracy") -> Soup:
-        """A greedy soup of ingredient dictionaries, scored on the model's test data: ranked best first,
-        each kept only if averaging it in strictly improves the metric ("accuracy", higher is better,
-        or "loss", lower is better). The model's weights are put back afterwards.
+        """A greedy soup of ingredient dictionaries, scored on the model's test data: ranked best first
+        (tied ones last given first, as model-soups ranks them), each kept only if averaging it in
+        strictly improves the metric ("accuracy", higher is better, or "loss", lower is better). The
+        model's weights are put back afterwards.
 
         Example: s = c.soup(m, [d1, d2, d3]); c.copyparms(m, s.soup); s.kept, s.scores, s.score
         """

@@ -992,7 +992,7 @@ class Service:
         with self.store.mutate(entry, need=NOTHING, reading=(source,)) as reservation:
             mean = self._as_dictionary(source)
             outer.check_average(optimizer, mean)
-            self.store.grow(reservation, nbytes=footprint.outer_step_bytes(optimizer))
+            self.store.grow(reservation, nbytes=footprint.outer_step_bytes(optimizer, mean))
             return outer.outer_step(optimizer, mean)
 
     @_exactly_once

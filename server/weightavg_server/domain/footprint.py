@@ -191,10 +191,34 @@ def merge_bytes(plan: merging.Plan) -> Bytes:
     return add_bytes(result, {str(plan.device): scratch} if plan.device is not None else {})
 
 
-def outer_step_bytes(optimizer: optimizers.Optimizer) -> Bytes:
+def outer_step_bytes(optimizer: optimizers.Optimizer, average: TensorDict | None = None) -> Bytes:
     """Bytes an outer step holds at its widest: a pseudo-gradient per trainable parameter (freed after
-    the step) and the state the optimizer's first step allocates (kept)."""
-    return add_bytes(tensor_bytes(p for _, p in outer.trainable(optimizer)), step_bytes(optimizer))
+    the step) and the larger of the state the optimizer's first step allocates (kept) and, while the
+    gradients are made, one difference held in a wider dtype than its parameter's (freed; see
+    `outer.pseudo_gradient`). Without an average, as if every entry had its parameter's dtype."""
+    params = outer.trainable(optimizer)
+    state = step_bytes(optimizer)
+    wider = _difference_bytes(params, average) if average is not None else {}
+    larger = {device: max(state.get(device, 0), wider.get(device, 0)) for device in state.keys() | wider.keys()}
+    return add_bytes(tensor_bytes(p for _, p in params), larger)
+
+
+def _difference_bytes(params: Sequence[tuple[str, nn.Parameter]], average: TensorDict) -> Bytes:
+    """The largest difference an outer step holds apart from its gradient, by device: one in the
+    dtype a parameter and its (wider) average entry promote to, and where that is neither (float16
+    against bfloat16: float32) the copy of the entry torch makes to subtract it on the CPU."""
+    largest: Bytes = {}
+    for name, p in params:
+        entry = average.entries[name]
+        wide = torch.promote_types(p.dtype, entry.dtype)
+        if wide == p.dtype:
+            continue
+        nbytes = p.numel() * wide.itemsize
+        if wide != entry.dtype and p.device.type == "cpu":
+            nbytes += entry.numel() * wide.itemsize
+        device = device_name(p)
+        largest[device] = max(largest.get(device, 0), nbytes)
+    return largest
 
 
 def soup_bytes(plan: soups.SoupPlan) -> Bytes:

@@ -9,13 +9,14 @@ scratch buffer sized for the largest tensor's working set (`Slot.buffers`, `Slot
 before it writes anything, so running out of memory changes nothing either.
 
 Arithmetic happens in float32, or float64 where an entry is float64 (the slot's `work` dtype),
-whatever the entries' dtypes; the result is cast to the first dictionary's dtype (the base's, for
-methods with a base), or to the dtype of the entry it is written into. Where a sum is divided by the
-weights' sum, weights that would overflow or underflow it are first rescaled by a power of two
-(`normalizing`), which leaves the mean as it is. The running-average count
-'.n' takes no part. Integer and bool entries are never averaged: they must agree in dtype and shape,
-and the `integers` option picks the first dictionary's value ("first", the default; the base's for
-methods with a base) or the elementwise maximum ("max", e.g. for batchnorm's num_batches_tracked).
+whatever the entries' dtypes (slerp sums the norms and dot product of its angle in float64 either
+way); the result is cast to the first dictionary's dtype (the base's, for methods with a base), or
+to the dtype of the entry it is written into. Where a sum is divided by the weights' sum, weights
+that would overflow or underflow it are first rescaled by a power of two (`normalizing`), which
+leaves the mean as it is. The running-average count '.n' takes no part. Integer and bool entries are
+never averaged: they must agree in dtype and shape, and the `integers` option picks the first
+dictionary's value ("first", the default; the base's for methods with a base) or the elementwise
+maximum ("max", e.g. for batchnorm's num_batches_tracked).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from .options import (
 
 SLERP_EPS = 1e-8
 """A tensor whose norm is at most this is not normalised before SLERP's angle is taken."""
+
+SLERP_CHUNK = 1 << 16
+"""Elements per float64 chunk in which SLERP sums the norms and the dot product of its angle."""
 
 PerTensor = Sequence[tuple[str, Sequence[tuple[str, Value]]]]
 """Option overrides by entry-name pattern (fnmatch: '*', '?', '[ab]'), in order: the first pattern
@@ -451,7 +455,9 @@ def _scratch(
         cast = (work,) if kinds != {work} else ()
         return acc + cast, 0
     if method.name == "slerp":
-        return (work, work), 0
+        # _cosine casts a chunk of each tensor to float64 at a time (views when work is float64).
+        chunks = 0 if work == torch.float64 else 2 * min(numel, SLERP_CHUNK) * _size(torch.float64)
+        return (work, work), chunks
     consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
     normalize = bool_value(options, "normalize")
     base_cast = (work,) if has_base and tensors[0].dtype != work else ()
@@ -616,9 +622,7 @@ def _slerp(
     v0, v1 = scratch.take(slot.shape, slot.work), scratch.take(slot.shape, slot.work)
     v0.copy_(xs[0])
     v1.copy_(xs[1])
-    n0, n1 = float(torch.linalg.vector_norm(v0)), float(torch.linalg.vector_norm(v1))
-    dot = float(torch.dot(v0.view(-1), v1.view(-1)))
-    dot /= (n0 if n0 > SLERP_EPS else 1.0) * (n1 if n1 > SLERP_EPS else 1.0)
+    dot = _cosine(v0, v1)
     theta = math.acos(max(-1.0, min(1.0, dot))) if math.isfinite(dot) else 0.0
     sin_theta = math.sin(theta)
     # Also linear where the angle is unusable: no angle at all (threshold 1, exactly colinear) or
@@ -628,6 +632,27 @@ def _slerp(
     else:
         v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1, alpha=math.sin(t * theta) / sin_theta)
     out.copy_(v0)
+
+
+def _cosine(v0: torch.Tensor, v1: torch.Tensor) -> float:
+    """<v0, v1> / (|v0| |v1|) over the whole (contiguous) tensors, a norm of at most SLERP_EPS taken as 1.
+
+    The three sums are accumulated in float64, SLERP_CHUNK elements at a time so that the float64
+    copies stay small (two chunks, which the plan reserves; none in float64, where the chunks are
+    views): in float32, torch's CPU vector_norm is off by 2e-4 of the norm at 2^23 elements, which
+    moves the angle (and the result) by more than float32 rounding of the result."""
+    a, b = v0.view(-1), v1.view(-1)
+    n, f64 = a.numel(), torch.float64
+    buffers = None if v0.dtype == f64 else [torch.empty(min(n, SLERP_CHUNK), dtype=f64, device=v0.device) for _ in "xy"]
+    sums = torch.zeros(3, dtype=f64, device=v0.device)
+    for start in range(0, n, SLERP_CHUNK):
+        x, y = a[start:start + SLERP_CHUNK], b[start:start + SLERP_CHUNK]
+        if buffers is not None:
+            x, y = buffers[0][:x.numel()].copy_(x), buffers[1][:y.numel()].copy_(y)
+        sums += torch.stack((torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)))
+    aa, bb, ab = sums.tolist()
+    n0, n1 = math.sqrt(aa), math.sqrt(bb)
+    return float(ab / ((n0 if n0 > SLERP_EPS else 1.0) * (n1 if n1 > SLERP_EPS else 1.0)))
 
 
 def seed_for(seed: int, index: int, name: str) -> int:

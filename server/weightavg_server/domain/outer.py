@@ -1,7 +1,9 @@
 """The server-side outer step of federated and local-SGD training: `global - average` as a gradient.
 
 After a round, the clients' models are averaged (`merging`), and the global model's optimizer takes
-one step with the pseudo-gradient g = global - average. Which optimizer decides the algorithm:
+one step with the pseudo-gradient g = global - average, taken in the dtype the two promote to (a
+bfloat16 model steps by the float32 difference to a float32 average, cast once). Which optimizer
+decides the algorithm:
 
 - SGD with lr 1 and no momentum puts the average in place (plain FedAvg);
 - SGD with momentum beta and lr eta is FedAvgM (m = g in the first round, then beta m + g; w -= eta m);
@@ -51,6 +53,51 @@ def check_average(optimizer: Optimizer, average: TensorDict) -> None:
             )
 
 
+NORM_ROW = 4096
+"""Elements per row whose norm torch takes in one reduction (`sum_of_squares`)."""
+
+
+def sum_of_squares(t: torch.Tensor) -> float:
+    """The sum of the squares of t's elements, accurate at any size and without a copy of t.
+
+    torch's CPU float32 vector_norm accumulates long runs in float32 and is off by 2e-4 of the norm
+    at 2^23 elements; its error grows with the length reduced, so t is read as rows of NORM_ROW
+    elements (5e-9), each row's norm taken by torch and their squares summed in float64. The rows
+    are a view of t in memory order (any dense layout: contiguous, channels_last, transposed); the
+    row norms take numel / NORM_ROW floats.
+    """
+    dims = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    flat = t.permute(dims).reshape(-1)
+    whole = flat.numel() - flat.numel() % NORM_ROW
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_ROW), dim=1)
+    rest = torch.linalg.vector_norm(flat[whole:])
+    return float(rows.double().square().sum() + rest.double().square())
+
+
+def pseudo_gradient(p: torch.Tensor, average: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`p - average` as a gradient for p (its dtype and layout), and the sum of the difference's squares.
+
+    The difference is taken in the dtype the two promote to and cast to p's dtype once, as torch does
+    for `(p - average).to(p.dtype)`: copying a float32 average into a bfloat16 gradient first would
+    round it to bfloat16, and a bfloat16 model within half an ulp of its average would get a gradient
+    of exactly 0 and never move. Its norm is that of the wider difference. Where p's dtype is the
+    wider one the difference is the gradient itself; otherwise it is held in the wider dtype (what
+    `footprint.outer_step_bytes` reserves) until it is cast.
+    """
+    wide = torch.promote_types(p.dtype, average.dtype)
+    diff = torch.empty_like(p, dtype=wide)
+    if wide == p.dtype:
+        diff.copy_(average).neg_().add_(p)  # copy_ casts and broadcasts the average without a temporary
+    else:
+        # copy_ casts p; the average is already wide, except float16 against bfloat16 (float32), where
+        # torch subtracts a float32 copy of it on the CPU.
+        diff.copy_(p).sub_(average)
+    square = sum_of_squares(diff)
+    if wide == p.dtype:
+        return diff, square
+    return diff.to(p.dtype), square
+
+
 def outer_step(optimizer: Optimizer, average: TensorDict) -> float:
     """Step the optimizer once with the gradient `parameter - average` for every trainable parameter;
     returns that pseudo-gradient's L2 norm over all parameters.
@@ -70,11 +117,8 @@ def outer_step(optimizer: Optimizer, average: TensorDict) -> float:
     try:
         with torch.no_grad():
             for name, p in params:
-                g = torch.empty_like(p)
-                g.copy_(average.entries[name])
-                g.neg_().add_(p)
-                squares += float(torch.linalg.vector_norm(g)) ** 2
-                p.grad = g
+                p.grad, square = pseudo_gradient(p, average.entries[name])
+                squares += square
         optimizer.optim.step()
     finally:
         for p, grad in saved:

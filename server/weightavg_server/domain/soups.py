@@ -1,10 +1,11 @@
 """Greedy model soups: average fine-tuned ingredients one by one, keeping each that helps on held-out data.
 
-The ingredients are ranked by their score on the model's test data, best first; the soup starts as
-the best one, and each next ingredient is tried as the uniform average of the soup's ingredients
-and itself (soup * k/(k+1) + ingredient/(k+1)), kept only when it strictly improves the score. So the
-soup's score on that data is never worse than the best ingredient's. The model's own tensors serve
-as the workspace and are put back, bit for bit, afterwards (also on failure or cancellation).
+The ingredients are ranked by their score on the model's test data, best first (tied ones last given
+first, as model-soups' reversed stable sort leaves them); the soup starts as the best one, and each
+next ingredient is tried as the uniform average of the soup's ingredients and itself (soup * k/(k+1)
++ ingredient/(k+1)), kept only when it strictly improves the score. So the soup's score on that data
+is never worse than the best ingredient's. The model's own tensors serve as the workspace and are
+put back, bit for bit, afterwards (also on failure or cancellation).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Soup(Generic[D]):
     """A greedy soup and how it was made: its dictionary (here the tensors; the service's answer
     holds its handle instead), and every score on the way.
 
-    scores: each ingredient alone, in the order given. order: the ingredients by score, best first.
+    scores: each ingredient alone, in the order given. order: the ingredients by score, best first
+    (tied ones last given first).
     tried: the score of each soup tried, in that order (the first is the best ingredient alone).
     kept: the ingredients in the soup, in the order they joined. score: the soup's score.
     """
@@ -112,9 +114,16 @@ def _better(metric: str, a: float, b: float) -> bool:
 
 
 def _rank(metric: str, scores: list[float]) -> list[int]:
-    """Ingredient indices, best score first; ties keep the given order; NaN last."""
-    sign = -1.0 if metric == "accuracy" else 1.0
-    return sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), sign * scores[i], i))
+    """Ingredient indices, best score first and NaN last, ranked as model-soups' recipe ranks them: a
+    stable sort from worst to best, reversed. So tied ingredients come out last given first; ties are
+    common, an accuracy being a whole number of samples, and the first of the ranking starts the soup."""
+    sign = 1.0 if metric == "accuracy" else -1.0  # sign * score: higher is better
+
+    def worst_first(i: int) -> tuple[bool, float]:
+        nan = math.isnan(scores[i])
+        return not nan, 0.0 if nan else sign * scores[i]
+
+    return sorted(range(len(scores)), key=worst_first)[::-1]
 
 
 def greedy_soup(
