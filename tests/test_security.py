@@ -226,3 +226,19 @@ def test_mutual_tls_still_needs_the_token(mtls_server: Runtime, pki: Pki) -> Non
 def test_tls_needs_both_certificate_and_key(pki: Pki) -> None:
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
         create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tls_cert=str(pki.server_cert)))
+
+
+def test_an_open_server_off_loopback_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """Bound to every interface with no token, anyone who reaches the port owns the server: the
+    start-up log said so only at INFO ("no token"), found by review. Loopback stays quiet."""
+    import logging
+
+    from weightavg_server.ops.app import create_server
+    from weightavg_server.ops.config import ServerConfig
+
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="weightavg.server"):
+            server, _, _ = create_server(ServerConfig(host=host, port=0, device="cpu"))
+            server.stop(None)
+        assert ("with no token" in caplog.text) is warned, caplog.text

@@ -4489,7 +4489,9 @@ class BuildGreedySoupResponse(_message.Message):
 
     @_builtins.property
     def order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Ingredient indices (0-based, request order) from best score to worst: the order they were tried."""
+        """Ingredient indices (0-based, request order) from best score to worst: the order they were tried.
+        Tied scores come last given first, as the model-soups recipe ranks them.
+        """
 
     @_builtins.property
     def tried(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:

@@ -307,6 +307,11 @@ def create_runtime(
         # each also runs its kernel's one check against torch now, not in a first call
         lerp.native_state(), weighted_sum.native_state(),
     )
+    if not (config.tokens or config.token) and config.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning(
+            "serving on %s with no token: whoever reaches port %d can use and free every object; set "
+            "WEIGHTAVG_TOKEN or --tokens (docs/security.md), or bind 127.0.0.1", config.host, port,
+        )
     return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens, cluster)
 
 
