@@ -350,6 +350,14 @@ def test_modules_not_built_here_are_described_by_class() -> None:
             L("embed", args=(10, 3), options=(("padindex", 10),)),
             "embed: option 'padindex' must lie in [-10, 10), given 10",
         ),
+        (  # found by review: an epoch trained, then INTERNAL, and every listing after it failed
+            L("embed", args=(10, 3), options=(("sparse", True),)),
+            "embed: sparse gradients are not supported here; leave option 'sparse' false",
+        ),
+        (  # found by review: a forward answered INTERNAL on the pair
+            L("maxpool2d", args=(2,), options=(("indices", True),)),
+            "maxpool2d: indices=true returns (values, indices), which nothing here takes; leave it false",
+        ),
                 (
             L("conv2d", args=(3, 2, 3), options=(("groups", 2),)),
             "conv2d: option 'in' (3) must be divisible by option 'groups' (2)",

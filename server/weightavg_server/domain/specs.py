@@ -379,12 +379,24 @@ def _embed_elements(v: Values) -> int:
 
 
 def _embed_validate(t: str, v: Values) -> None:
-    """torch only asserts this, so check it here for a proper message."""
+    """torch only asserts the pad index, so check it here for a proper message; and refuse sparse
+    gradients, which the server's optimizers, accounting (tensors by storage) and snapshots do not
+    hold: a sparse embedding's epoch trained, then failed INTERNAL, and every listing after it
+    failed too (found by review)."""
     index, rows = v["padindex"], int_value(v, "rows")
     if isinstance(index, int) and not -rows <= index < rows:
         raise InvalidArgument(
             f"{t}: option 'padindex' must lie in [{-rows}, {rows}), given {index}"
         )
+    if v["sparse"] is True:
+        raise InvalidArgument(f"{t}: sparse gradients are not supported here; leave option 'sparse' false")
+
+
+def _maxpool_validate(t: str, v: Values) -> None:
+    """With indices the layer returns a pair, which no layer, loss or reply here takes (a forward
+    answered INTERNAL; found by review)."""
+    if v["indices"] is True:
+        raise InvalidArgument(f"{t}: indices=true returns (values, indices), which nothing here takes; leave it false")
 
 
 def _divisible(*names: str) -> Callable[[str, Values], None]:
@@ -520,7 +532,7 @@ def _maxpool(dims: int) -> LayerType:
         _bool_option("indices", "return_indices", False),
         _bool_option("ceiling", "ceil_mode", False),
     )
-    return LayerType(f"maxpool{dims}d", classes[dims - 1], options)
+    return LayerType(f"maxpool{dims}d", classes[dims - 1], options, validate=_maxpool_validate)
 
 
 def _avgpool(dims: int) -> LayerType:
