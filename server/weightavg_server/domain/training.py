@@ -425,7 +425,8 @@ class _Metrics:
         if self.needs_predict:
             predicted = output.argmax(-1)
             truth = target.argmax(-1) if target.is_floating_point() and target.dim() == output.dim() else target
-            self.predicted.append(predicted)
+            if "predict" in self.names:  # kept only to be returned; accuracy and matches keep counts
+                self.predicted.append(predicted)
             self.matches.append((predicted == truth).sum())
         if "output" in self.names:
             self.outputs.append(output.detach())
@@ -445,10 +446,16 @@ class _Metrics:
             elif name == "matches":
                 out.append((name, torch.tensor(matches, dtype=torch.int64)))
             elif name == "predict":
-                out.append((name, torch.cat(self.predicted).cpu()))
+                out.append((name, _joined(self.predicted).cpu()))
             else:
-                out.append((name, torch.cat(self.outputs).cpu()))
+                out.append((name, _joined(self.outputs).cpu()))
         return out
+
+
+def _joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-batch results as one tensor: a single piece as it is (torch.cat would copy it), several
+    concatenated. footprint.metrics_bytes and evaluate_bytes reserve what this keeps."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
 
 
 def _metric_names(options: dict[str, Value]) -> list[str]:
@@ -651,13 +658,19 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     return metrics.result()
 
 
-def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop) -> torch.Tensor:
-    """The module's outputs for x in eval mode without gradients, computed in test-batchsize pieces."""
+def evaluate_plan(model: Model, x: torch.Tensor) -> tuple[int, int, int]:
+    """(n, batch size, number of batches) evaluate(model, x) runs: test-batchsize pieces, the last partial."""
     if x.dim() == 0 or x.shape[0] == 0:
         raise InvalidArgument(f"evaluate needs at least one sample, given shape {list(x.shape)}")
     n = x.shape[0]
     w = min(int_value(model.test, "batchsize"), n)
-    nb = math.ceil(n / w)
+    return n, w, math.ceil(n / w)
+
+
+def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop) -> torch.Tensor:
+    """The module's outputs for x in eval mode without gradients, computed in test-batchsize pieces
+    (their memory is reserved by the caller: footprint.evaluate_bytes)."""
+    _, w, nb = evaluate_plan(model, x)
     dev = _device(model.module)
     dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
     outputs = []
@@ -667,7 +680,7 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
                 raise _stopped("evaluate", i, nb)
             with _torch_errors("evaluate"):
                 outputs.append(model.module(x[i * w:(i + 1) * w].to(dev, dtype)))
-    return torch.cat(outputs)
+    return _joined(outputs)
 
 
 FORWARD_MODES = {"forward": (True, True), "nforward": (True, False), "eforward": (False, False)}
