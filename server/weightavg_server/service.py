@@ -680,7 +680,8 @@ class Service:
 
     @_exactly_once
     def update_model(self, handle: str, parts: Sequence[str], *, request: RequestKey | None = None) -> Ref:
-        """Replace a model's module, loss and/or optimizer; the parts' handles become the model's."""
+        """Replace a model's module, loss and/or optimizer; the parts' handles become the model's.
+        Refused, nothing changed, when the new parts would not take the loaded data's dtypes."""
         entry, model = self._model(handle)
         given: dict[Kind, Entry] = {}
         for part_handle in parts:

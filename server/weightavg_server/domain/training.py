@@ -269,8 +269,12 @@ def target_dtype(model: Model, y: torch.Tensor, name: str = "y") -> torch.dtype:
     - mse, smoothl1, bce, bcelogits take either; integers become the parameters' dtype a batch at a
       time (`batch_targets`).
     """
-    loss = model.loss.type
-    expected = _parameter_dtype(model.module) or torch.float32
+    return _target_dtype(model.module, model.loss.type, y, name)
+
+
+def _target_dtype(module: nn.Module, loss: str, y: torch.Tensor, name: str) -> torch.dtype:
+    """target_dtype for a module and a loss type (the parts a model would have after UpdateModel)."""
+    expected = _parameter_dtype(module) or torch.float32
     if y.is_complex():
         raise InvalidArgument(
             f"{name} (targets) is {_name(y.dtype)}; the {loss} loss takes real targets: integer labels, or "
@@ -754,8 +758,9 @@ def replace_parts(
     data kept. The optimizer must update the model's module, the new one if given.
 
     Raises:
-        InvalidArgument: no part given, a new module without a new optimizer, or an optimizer over
-            another module.
+        InvalidArgument: no part given, a new module without a new optimizer, an optimizer over
+            another module, or new parts that would not take the loaded data in the dtypes they are
+            held in (`_check_held`).
 
     Example: replace_parts(m, optimizer=create_optimizer("adam", m.module)) switches SGD to Adam.
     """
@@ -782,6 +787,35 @@ def check_parts(
     if optimizer is not None and optimizer.module is not target:
         which = "the new module" if module is not None else "this model's module"
         raise InvalidArgument(f"the optimizer was built over a different module; build it over {which}")
+    if module is not None or loss is not None:
+        for split, data in (("train", model.train_data), ("test", model.test_data)):
+            if data is not None:
+                _check_held(target, (loss or model.loss).type, data, split)
+
+
+def _check_held(module: nn.Module, loss: str, data: Data, split: str) -> None:
+    """InvalidArgument unless data held for the model are already in the dtypes set_data would hold
+    them in for these parts: the dtypes are checked at upload, never first at run, so parts that
+    would take them otherwise (an embedding first, float64 parameters, a loss that wants integer
+    labels) are refused rather than leaving data the next run cannot use."""
+    for what, held in (("inputs", data.x), ("targets", data.y)):
+        try:
+            wanted = input_dtype(module, held) if what == "inputs" else _target_dtype(module, loss, held, "y")
+        except InvalidArgument as refused:
+            why = str(refused).removesuffix("; nothing loaded")
+        else:
+            if wanted == held.dtype:
+                continue
+            why = f"the new parts take {_name(wanted)}"
+        convert = (
+            f'convert the new module to {_name(held.dtype)} (to(q, dtype="{_name(held.dtype)}")), or '
+            if what == "inputs" and held.is_floating_point() and not _takes_indices(module) else ""
+        )
+        raise InvalidArgument(
+            f"the model holds {split}ing {what} in {_name(held.dtype)}, which the new parts do not take as they "
+            f"are ({why}); nothing changed: {convert}build a new model from these parts and send the data to it "
+            "again (their dtypes are checked and converted at upload)"
+        )
 
 
 # -- batchnorm recalculation ----------------------------------------------------------------------
