@@ -155,6 +155,19 @@ CASES = [
          ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     Case("forward over the model's own data", trained_model, lambda c, m: c.nforward(m),
          ROWS * CLASSES * F32, ROWS * CLASSES * F32),
+    # found by review: evaluate's output and the output/predict metrics went unreserved (an 8 MB
+    # evaluate under a 2 MB cap). Held for the call only: the pieces of each batch, and, with more
+    # than one batch, their concatenation (the test batchsize is 100, so ROWS rows are 3 batches).
+    Case("evaluate in one batch (its upload and output)", trained_model, lambda c, m: c.evaluate(m, x_rows(100)),
+         100 * FEATURES * F32 + 100 * CLASSES * F32, 0),
+    Case("evaluate in three batches (its upload, the pieces and their concatenation)", trained_model,
+         lambda c, m: c.evaluate(m, x_rows()), ROWS * FEATURES * F32 + 2 * ROWS * CLASSES * F32, 0),
+    Case("testrun keeping outputs and int64 predictions over three batches",
+         lambda c: (m := trained_model(c), c.test(m, x_rows(), labels()), c.test(m, metrics="output,predict"))[0],
+         lambda c, m: c.testrun(m), 2 * (ROWS * CLASSES * F32 + ROWS * 8), 0),
+    Case("epoch keeping outputs and predictions in one batch (copies of parameters and momentum)",
+         lambda c: (m := trained_model(c), c.run(m), c.train(m, batchsize=ROWS, metrics="output,predict"))[0],
+         lambda c, m: c.run(m), 3 * LAYER + ROWS * CLASSES * F32 + ROWS * 8, 0),
     Case("to() float64", lambda c: c.dict({"a": x_rows()}), lambda c, d: c.to(d, dtype="float64"),
          ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
     # found by review: "cpu:0" reserved under a name no tensor uses, so every such move passed the cap
@@ -232,7 +245,8 @@ HOLD_NOTHING_NEW = {
     "allreduce", "broadcast",
 }
 """Methods that make handles or change objects without new held memory (checked below) or that hold
-memory only while they run (reserved for the call: evaluate's upload, fetch's host copies)."""
+memory only while they run (reserved for the call, with rows in CASES: evaluate's upload and output,
+run_test's kept outputs and predictions; fetch's host copies)."""
 READ_ONLY = {
     "server_info", "device_usage", "describe_module", "parameter_names", "buffer_names", "size", "list_handles",
     "learning_rate", "describe_model", "model_options", "request_id_stats", "tenant_usage", "cluster_info",

@@ -106,6 +106,46 @@ def test_bad_replacements_change_nothing(client: Client, unchanged: Any) -> None
     assert {kept.id, other.id, shared.id, d.id, *(p.id for p in parts)} <= live  # nothing consumed
 
 
+def test_a_replacement_that_would_not_take_the_loaded_data_is_refused(client: Client, unchanged: Any) -> None:
+    """Found by review: UpdateModel kept data whose dtypes the new parts refuse, and the next run
+    failed with torch's own text ("Expected tensor for argument #1 'indices'", "mat1 and mat2 must
+    have the same dtype"). Dtypes are checked at upload, never first at run: the swap is refused."""
+    x, y = _data()
+    q = _module(client)
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q))
+    client.train(m, x, y)
+    client.test(m, x, y)
+    embedding = client.module(["sequential", ["embedding", "e", 10, 4], ["linear", "b", 4, 3]])
+    wide = _module(client, 2)
+    client.to(wide, dtype="float64")
+    mse = client.loss("mse")
+    over_embedding, over_wide = client.opt("sgd", embedding), client.opt("sgd", wide)
+    described = client.model(m)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match=r"holds training inputs in float32.*embedding.*nothing changed"):
+            client.model(m, embedding, over_embedding)
+        with pytest.raises(InvalidArgumentError, match=r'take float64\); nothing changed: convert the new module to '
+                           r'float32 \(to\(q, dtype="float32"\)\)'):
+            client.model(m, wide, over_wide)
+    assert client.model(m) == described
+    client.run(m)
+    client.testrun(m)
+
+    # float targets for mse, then a loss that takes class indices only
+    r = _module(client, 3)
+    reg = client.model(r, mse, client.opt("sgd", r))
+    client.train(reg, x, np.eye(3, dtype=np.float32)[y])
+    nll = client.loss("nll")
+    with unchanged(), pytest.raises(InvalidArgumentError, match="holds training targets in float32.*nll loss"):
+        client.model(reg, nll)
+    client.run(reg)
+
+    # parts that take the data as held still replace: a float32 module over the same data
+    other = _module(client, 4)
+    client.model(m, other, client.opt("sgd", other))
+    client.run(m)
+
+
 # -- run(m, x, y), testbatch, testrestore ----------------------------------------------------------
 
 

@@ -680,7 +680,8 @@ class Service:
 
     @_exactly_once
     def update_model(self, handle: str, parts: Sequence[str], *, request: RequestKey | None = None) -> Ref:
-        """Replace a model's module, loss and/or optimizer; the parts' handles become the model's."""
+        """Replace a model's module, loss and/or optimizer; the parts' handles become the model's.
+        Refused, nothing changed, when the new parts would not take the loaded data's dtypes."""
         entry, model = self._model(handle)
         given: dict[Kind, Entry] = {}
         for part_handle in parts:
@@ -751,26 +752,32 @@ class Service:
     def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
         """Train one epoch; the train metrics (a cluster's replicated model: each rank's). Reserved
         before it starts: the first epoch's gradients and optimizer state, the copies that put the
-        model back if the epoch fails, and a shuffled epoch's reordered data."""
+        model back if the epoch fails, a shuffled epoch's reordered data, and the outputs and
+        predictions the metrics keep."""
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=lambda: footprint.epoch_bytes(model)):
             return training.run_epoch(model, should_stop)
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
-        """Test over the test data; the test metrics (a cluster's replicated model: each rank's)."""
+        """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
+        The outputs and predictions the metrics keep are reserved for the call before it starts."""
         entry, model = self._model(handle)
         with self.store.reading(entry):
-            return training.test_epoch(model, should_stop)
+            with self.store.reserve(nbytes=footprint.metrics_bytes(model, "test")):
+                return training.test_epoch(model, should_stop)
 
     def evaluate(self, handle: str, upload: Upload, should_stop: StopCheck) -> torch.Tensor:
-        """The model's outputs for uploaded inputs (held only while the call runs)."""
+        """The model's outputs for uploaded inputs. The inputs (as they arrive) and the outputs
+        (before the model runs) are reserved for the length of the call."""
         entry, model = self._model(handle)
         with self.store.reserve() as reservation:
             tensors = self._receive(upload, reservation, self._on_host)
             if len(tensors) != 1:
                 raise InvalidArgument(f"EvaluateModel takes one input tensor, received {len(tensors)}")
+            x = tensors[0][1]
             with self.store.reading(entry):
-                return training.evaluate(model, tensors[0][1], should_stop)
+                self.store.grow(reservation, nbytes=footprint.evaluate_bytes(model, x))
+                return training.evaluate(model, x, should_stop)
 
     @_exactly_once
     def forward(

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
-from .options import Value
+from .options import Value, bool_value, int_value
 from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
 from .training import Model
 
@@ -29,23 +29,76 @@ def module_bytes(spec: specs.LayerSpec, device: torch.device, max_depth: int) ->
     return tensor_bytes(module_tensors(module), device)
 
 
-def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
-    """Bytes of the output of `module(x)`, on the module's device.
+def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`module(x)` run on meta copies of its parameters and buffers (and of x): the output's shape
+    and dtype without memory, or None when the pass fails on meta or gives no tensor.
 
-    The module runs on meta copies of its parameters and buffers, so nothing real changes (not
-    even batchnorm's running statistics). A forward pass that fails on meta reserves nothing here;
-    the real pass then fails with torch's own message, or the store checks what it really made.
-    """
+    Nothing real changes (not even batchnorm's running statistics)."""
     state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    device = next((t.device for t in module_tensors(module)), x.device)
     try:
         with torch.no_grad():
             output = functional_call(module, state, (x.to("meta"),))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+        return None
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:
+    return next((t.device for t in module_tensors(module)), x.device)
+
+
+def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
+    """Bytes of the output of `module(x)`, on the module's device.
+
+    A forward pass that fails on meta reserves nothing here; the real pass then fails with torch's
+    own message, or the store checks what it really made.
+    """
+    output = _meta_output(module, x)
+    return {} if output is None else tensor_bytes([output], _module_device(module, x))
+
+
+def _kept_bytes(pieces: int, batches: int, device: torch.device) -> Bytes:
+    """Bytes of per-batch results of `pieces` bytes in all, kept on `device` until the end: the pieces,
+    their concatenation when there are several (one piece is handed over as it is), and the host
+    copy the reply is made from when they are not on the host."""
+    if pieces == 0:
         return {}
-    if not isinstance(output, torch.Tensor):
+    kept = {str(device): pieces * (2 if batches > 1 else 1)}
+    return add_bytes(kept, {"cpu": pieces} if device.type != "cpu" else {})
+
+
+def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
+    """Bytes evaluate(model, x) allocates: the outputs of its test-batchsize pieces, kept until
+    they are joined into the one output (`_kept_bytes`). Raises what evaluate would for a dtype it
+    refuses, before anything is reserved."""
+    dtype = training.input_dtype(model.module, x)
+    n, _, nb = training.evaluate_plan(model, x)
+    output = _meta_output(model.module, torch.empty((n, *x.shape[1:]), dtype=dtype, device="meta"))
+    if output is None:
         return {}
-    return tensor_bytes([output], device)
+    return _kept_bytes(output.numel() * output.element_size(), nb, _module_device(model.module, x))
+
+
+def metrics_bytes(model: Model, split: str) -> Bytes:
+    """Bytes an epoch (`split` "train") or a test ("test") keeps for its `output` and `predict`
+    metrics: every batch's outputs, and the int64 class each row's output predicts, until they are
+    joined at the end (`_kept_bytes`). Nothing for other metrics, or without data."""
+    data = model.train_data if split == "train" else model.test_data
+    options = model.train if split == "train" else model.test
+    names = set(str(options["metrics"]).split(","))
+    if data is None or not names & {"output", "predict"}:
+        return {}
+    n = batching.full_size(data.x)
+    w = min(int_value(options, "batchsize"), n)
+    nb = training.batch_count(n, w, bool_value(options, "droplast"))
+    x = torch.empty((min(nb * w, n), *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
+    output = _meta_output(model.module, x)
+    if output is None:
+        return {}
+    pieces = output.numel() * output.element_size() if "output" in names else 0
+    if "predict" in names:
+        pieces += math.prod(output.shape[:-1]) * torch.empty((), dtype=torch.int64).element_size()
+    return _kept_bytes(pieces, nb, _module_device(model.module, data.x))
 
 
 def _meta_twin(params: Sequence[nn.Parameter]) -> nn.ParameterList:
@@ -137,9 +190,10 @@ def shuffle_bytes(model: Model) -> Bytes:
 
 def epoch_bytes(model: Model) -> Bytes:
     """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
-    (`training_bytes`), its copies to put the model back (`rollback_bytes`), and, shuffled, the
-    reordered data (`shuffle_bytes`)."""
-    return add_bytes(training_bytes(model), rollback_bytes(model), shuffle_bytes(model))
+    (`training_bytes`), its copies to put the model back (`rollback_bytes`), shuffled, the
+    reordered data (`shuffle_bytes`), and the outputs and predictions its metrics keep
+    (`metrics_bytes`)."""
+    return add_bytes(training_bytes(model), rollback_bytes(model), shuffle_bytes(model), metrics_bytes(model, "train"))
 
 
 def count_bytes(d: TensorDict) -> Bytes:

@@ -269,8 +269,12 @@ def target_dtype(model: Model, y: torch.Tensor, name: str = "y") -> torch.dtype:
     - mse, smoothl1, bce, bcelogits take either; integers become the parameters' dtype a batch at a
       time (`batch_targets`).
     """
-    loss = model.loss.type
-    expected = _parameter_dtype(model.module) or torch.float32
+    return _target_dtype(model.module, model.loss.type, y, name)
+
+
+def _target_dtype(module: nn.Module, loss: str, y: torch.Tensor, name: str) -> torch.dtype:
+    """target_dtype for a module and a loss type (the parts a model would have after UpdateModel)."""
+    expected = _parameter_dtype(module) or torch.float32
     if y.is_complex():
         raise InvalidArgument(
             f"{name} (targets) is {_name(y.dtype)}; the {loss} loss takes real targets: integer labels, or "
@@ -425,7 +429,8 @@ class _Metrics:
         if self.needs_predict:
             predicted = output.argmax(-1)
             truth = target.argmax(-1) if target.is_floating_point() and target.dim() == output.dim() else target
-            self.predicted.append(predicted)
+            if "predict" in self.names:  # kept only to be returned; accuracy and matches keep counts
+                self.predicted.append(predicted)
             self.matches.append((predicted == truth).sum())
         if "output" in self.names:
             self.outputs.append(output.detach())
@@ -445,10 +450,16 @@ class _Metrics:
             elif name == "matches":
                 out.append((name, torch.tensor(matches, dtype=torch.int64)))
             elif name == "predict":
-                out.append((name, torch.cat(self.predicted).cpu()))
+                out.append((name, _joined(self.predicted).cpu()))
             else:
-                out.append((name, torch.cat(self.outputs).cpu()))
+                out.append((name, _joined(self.outputs).cpu()))
         return out
+
+
+def _joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-batch results as one tensor: a single piece as it is (torch.cat would copy it), several
+    concatenated. footprint.metrics_bytes and evaluate_bytes reserve what this keeps."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
 
 
 def _metric_names(options: dict[str, Value]) -> list[str]:
@@ -651,13 +662,19 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     return metrics.result()
 
 
-def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop) -> torch.Tensor:
-    """The module's outputs for x in eval mode without gradients, computed in test-batchsize pieces."""
+def evaluate_plan(model: Model, x: torch.Tensor) -> tuple[int, int, int]:
+    """(n, batch size, number of batches) evaluate(model, x) runs: test-batchsize pieces, the last partial."""
     if x.dim() == 0 or x.shape[0] == 0:
         raise InvalidArgument(f"evaluate needs at least one sample, given shape {list(x.shape)}")
     n = x.shape[0]
     w = min(int_value(model.test, "batchsize"), n)
-    nb = math.ceil(n / w)
+    return n, w, math.ceil(n / w)
+
+
+def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop) -> torch.Tensor:
+    """The module's outputs for x in eval mode without gradients, computed in test-batchsize pieces
+    (their memory is reserved by the caller: footprint.evaluate_bytes)."""
+    _, w, nb = evaluate_plan(model, x)
     dev = _device(model.module)
     dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
     outputs = []
@@ -667,7 +684,7 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
                 raise _stopped("evaluate", i, nb)
             with _torch_errors("evaluate"):
                 outputs.append(model.module(x[i * w:(i + 1) * w].to(dev, dtype)))
-    return torch.cat(outputs)
+    return _joined(outputs)
 
 
 FORWARD_MODES = {"forward": (True, True), "nforward": (True, False), "eforward": (False, False)}
@@ -741,8 +758,9 @@ def replace_parts(
     data kept. The optimizer must update the model's module, the new one if given.
 
     Raises:
-        InvalidArgument: no part given, a new module without a new optimizer, or an optimizer over
-            another module.
+        InvalidArgument: no part given, a new module without a new optimizer, an optimizer over
+            another module, or new parts that would not take the loaded data in the dtypes they are
+            held in (`_check_held`).
 
     Example: replace_parts(m, optimizer=create_optimizer("adam", m.module)) switches SGD to Adam.
     """
@@ -769,6 +787,35 @@ def check_parts(
     if optimizer is not None and optimizer.module is not target:
         which = "the new module" if module is not None else "this model's module"
         raise InvalidArgument(f"the optimizer was built over a different module; build it over {which}")
+    if module is not None or loss is not None:
+        for split, data in (("train", model.train_data), ("test", model.test_data)):
+            if data is not None:
+                _check_held(target, (loss or model.loss).type, data, split)
+
+
+def _check_held(module: nn.Module, loss: str, data: Data, split: str) -> None:
+    """InvalidArgument unless data held for the model are already in the dtypes set_data would hold
+    them in for these parts: the dtypes are checked at upload, never first at run, so parts that
+    would take them otherwise (an embedding first, float64 parameters, a loss that wants integer
+    labels) are refused rather than leaving data the next run cannot use."""
+    for what, held in (("inputs", data.x), ("targets", data.y)):
+        try:
+            wanted = input_dtype(module, held) if what == "inputs" else _target_dtype(module, loss, held, "y")
+        except InvalidArgument as refused:
+            why = str(refused).removesuffix("; nothing loaded")
+        else:
+            if wanted == held.dtype:
+                continue
+            why = f"the new parts take {_name(wanted)}"
+        convert = (
+            f'convert the new module to {_name(held.dtype)} (to(q, dtype="{_name(held.dtype)}")), or '
+            if what == "inputs" and held.is_floating_point() and not _takes_indices(module) else ""
+        )
+        raise InvalidArgument(
+            f"the model holds {split}ing {what} in {_name(held.dtype)}, which the new parts do not take as they "
+            f"are ({why}); nothing changed: {convert}build a new model from these parts and send the data to it "
+            "again (their dtypes are checked and converted at upload)"
+        )
 
 
 # -- batchnorm recalculation ----------------------------------------------------------------------
