@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
-from .options import Value
+from .options import Value, int_value
 from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
 from .training import Model
 
@@ -33,7 +33,8 @@ def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
     """Bytes of the output of `module(x)`, on the module's device.
 
     The module runs on meta copies of its parameters and buffers, so nothing real changes (not
-    even batchnorm's running statistics). A forward pass that fails on meta reserves nothing here;
+    even batchnorm's running statistics). A module that writes its input in place (`inplace=True`)
+    also takes a copy of x, so x stays as it was. A forward pass that fails on meta reserves nothing here;
     the real pass then fails with torch's own message, or the store checks what it really made.
     """
     state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
@@ -45,7 +46,8 @@ def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
         return {}
     if not isinstance(output, torch.Tensor):
         return {}
-    return tensor_bytes([output], device)
+    copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if training.writes_inputs(module) else []
+    return tensor_bytes([output, *copy], device)
 
 
 def _meta_twin(params: Sequence[nn.Parameter]) -> nn.ParameterList:
@@ -135,11 +137,23 @@ def shuffle_bytes(model: Model) -> Bytes:
     return add_bytes(rows, tensor_bytes([index], "cpu"), moved)
 
 
+def batch_copy_bytes(model: Model) -> Bytes:
+    """Bytes of the copy of one batch of inputs an epoch gives a module that writes its input in
+    place (`training.writes_inputs`), so the held data stay as they were; nothing for other modules."""
+    data = model.train_data
+    if data is None or not training.writes_inputs(model.module):
+        return {}
+    n = batching.full_size(data.x)
+    w = min(int_value(model.train, "batchsize"), n)
+    return {device_name(data.x): w * math.prod(data.x.shape[1:]) * data.x.element_size()}
+
+
 def epoch_bytes(model: Model) -> Bytes:
     """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
-    (`training_bytes`), its copies to put the model back (`rollback_bytes`), and, shuffled, the
-    reordered data (`shuffle_bytes`)."""
-    return add_bytes(training_bytes(model), rollback_bytes(model), shuffle_bytes(model))
+    (`training_bytes`), its copies to put the model back (`rollback_bytes`), shuffled, the
+    reordered data (`shuffle_bytes`), and a module that writes its input in place, a copy of a
+    batch (`batch_copy_bytes`)."""
+    return add_bytes(training_bytes(model), rollback_bytes(model), shuffle_bytes(model), batch_copy_bytes(model))
 
 
 def count_bytes(d: TensorDict) -> Bytes:

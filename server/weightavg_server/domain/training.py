@@ -349,6 +349,18 @@ def _require(model: Model, split: str) -> Data:
 # -- helpers for forward passes -------------------------------------------------------------------
 
 
+def writes_inputs(module: nn.Module) -> bool:
+    """True when a layer of the module writes its input in place (`inplace=True`: relu, leakyrelu,
+    drop). Such a module is given a copy of each batch (`_batch`), since a batch of held data is a
+    view of them and, on the module's device, `.to` returns that same memory."""
+    return any(getattr(m, "inplace", False) is True for m in module.modules())
+
+
+def _batch(t: torch.Tensor, device: torch.device, fresh: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t on the device (in `dtype`, if given): a copy when `fresh`, else t itself where it already is."""
+    return t.to(device, dtype or t.dtype, copy=fresh)
+
+
 def _device(module: nn.Module) -> torch.device:
     """Where the module's first parameter or buffer lives, so batches are moved next to it."""
     for tensor in itertools.chain(module.parameters(), module.buffers()):
@@ -458,14 +470,15 @@ def _metric_names(options: dict[str, Value]) -> list[str]:
 # -- training and testing -------------------------------------------------------------------------
 
 
-def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> torch.Size:
+def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool) -> torch.Size:
     """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
     not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training.
-    Returns the output's shape, which says how many classes the module predicts."""
+    Returns the output's shape, which says how many classes the module predicts. `fresh`: the
+    module writes its input in place, so it is given a copy of xb."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
-            output: torch.Tensor = model.module(xb)
+            output: torch.Tensor = model.module(_batch(xb, dev, fresh))
             model.loss(output, batch_targets(model, yb))
     return output.shape
 
@@ -570,15 +583,15 @@ def _train_batches(
     backward, optimizer step. Cancelled when should_stop turns true before a batch."""
     metrics = _Metrics(_metric_names(model.train))
     optim = model.optimizer.optim
+    fresh = writes_inputs(model.module)
     with _flags(model.module, True):
         for i in range(nb):
             if should_stop():
                 raise _stopped("run", i, nb)
-            xb = order.x[i * w:(i + 1) * w].to(dev)
             yb = order.y[i * w:(i + 1) * w].to(dev)
             optim.zero_grad(set_to_none=True)
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
-                output = model.module(xb)
+                output = model.module(_batch(order.x[i * w:(i + 1) * w], dev, fresh))
                 loss = model.loss(output, batch_targets(model, yb))
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
@@ -615,7 +628,8 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
         n, w, nb = _plan(data, model.train)
         dev = _device(model.module)
         last = (nb - 1) * w
-        output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
+        fresh = writes_inputs(model.module)
+        output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh)
         with rollback.kept(model.module, model.optimizer.optim, model.generator):
             order, perm = _epoch_order(model, data, n)
             _check_indices(model, order, perm, output, min(nb * w, n), w)
@@ -638,14 +652,14 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     _, w, nb = _plan(data, model.test)
     dev = _device(model.module)
     metrics = _Metrics(_metric_names(model.test))
+    fresh = writes_inputs(model.module)
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("testrun", i, nb)
-            xb = data.x[i * w:(i + 1) * w].to(dev)
             yb = data.y[i * w:(i + 1) * w].to(dev)
             with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                output = model.module(xb)
+                output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
                 loss = model.loss(output, batch_targets(model, yb)) if metrics.needs_loss else None
             metrics.add(output, yb, loss)
     return metrics.result()
@@ -660,13 +674,14 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     nb = math.ceil(n / w)
     dev = _device(model.module)
     dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
+    fresh = writes_inputs(model.module)
     outputs = []
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("evaluate", i, nb)
             with _torch_errors("evaluate"):
-                outputs.append(model.module(x[i * w:(i + 1) * w].to(dev, dtype)))
+                outputs.append(model.module(_batch(x[i * w:(i + 1) * w], dev, fresh, dtype)))
     return torch.cat(outputs)
 
 
@@ -678,14 +693,15 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """Run the module on x with the mode's train flag and gradient setting; return the output detached.
 
     Each submodule's train flag is restored afterwards. In train mode batchnorm layers update their
-    running statistics; if the call fails, those are put back.
+    running statistics; if the call fails, those are put back. A module that writes its input in
+    place runs on a copy of x (reserved by the caller, footprint.forward_bytes), so x stays as it was.
     """
     if mode not in FORWARD_MODES:
         raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
     training, grad = FORWARD_MODES[mode]
     with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
         with _torch_errors(mode):
-            output: torch.Tensor = module(x.to(_device(module)))
+            output: torch.Tensor = module(_batch(x, _device(module), writes_inputs(module)))
     return output.detach()
 
 
@@ -803,6 +819,7 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
         for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
         if b is not None
     ]
+    fresh = writes_inputs(module)
     momenta = reset_batchnorm(module)
     try:
         with _flags(module, True), torch.no_grad():
@@ -810,7 +827,7 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
                 if should_stop():
                     raise _stopped("batchnorm", i, nb)
                 with _torch_errors(f"batchnorm (batch {i + 1} of {nb})"):
-                    module(data.x[i * w:(i + 1) * w].to(dev))
+                    module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
     except BaseException:
         _put_back(saved)
         raise
