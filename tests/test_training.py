@@ -575,3 +575,44 @@ def test_in_place_dropout_first_does_not_wear_the_data_away(client: Client) -> N
     for _ in range(3):
         client.run(m)
     np.testing.assert_array_equal(client.tensor(client.input(m)), np.ones((16, 3), np.float32))
+
+
+# -- metrics of outputs not shaped [N, C] ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_accuracy_of_per_position_classes_uses_the_class_dimension(client: Client, length: int) -> None:
+    rng = np.random.default_rng(length)
+    x = rng.standard_normal((8, 2, length)).astype(np.float32)
+    y = rng.integers(0, 3, (8, length)).astype(np.int64)
+    q = client.module(["conv1d", 2, 3, 1])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q, 0.1))
+    client.test(m, x, y)
+    client.test(m, batchsize=3, metrics="accuracy,matches,predict")
+    accuracy, matches, predict = client.testrun(m)
+    expected = client.evaluate(m, x).argmax(1)  # cross entropy's class dimension is 1
+    np.testing.assert_array_equal(predict, expected)
+    assert matches == int((expected == y).sum())
+    assert accuracy == pytest.approx(100 * matches / (8 * length))
+    client.train(m, x, y)
+    client.train(m, batchsize=3, metrics="accuracy,matches,predict")
+    accuracy, matches, predict = client.run(m)
+    assert predict.shape == (8, length) and matches == int((predict == y).sum())
+    assert accuracy == pytest.approx(100 * matches / (8 * length))
+
+
+def test_metrics_of_a_one_dimensional_output(client: Client) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((10, 4)).astype(np.float32)
+    y = rng.standard_normal(10).astype(np.float32)
+    q = client.module(["sequential", ["linear", 4, 1], ["flatten", 0]])
+    m = client.model(client.addref(q), client.loss("mse"), client.opt("sgd", q, 0.1))
+    client.train(m, x, y)
+    client.test(m, x, y)
+    client.train(m, batchsize=4, metrics="predict,accuracy,matches")
+    client.test(m, batchsize=4, metrics="predict,accuracy,matches")
+    # One value per sample and no class dimension: each sample's one output is its prediction 0,
+    # as for an output [N, 1].
+    for predict, accuracy, matches in (client.run(m), client.testrun(m)):
+        np.testing.assert_array_equal(predict, np.zeros(10, np.int64))
+        assert (accuracy, matches) == (100.0, 10)

@@ -418,11 +418,48 @@ def _stopped(what: str, done: int, total: int) -> Cancelled:
 # -- metrics --------------------------------------------------------------------------------------
 
 
+def class_dim(loss: str, output: torch.Tensor) -> int | None:
+    """The output's class dimension, as the loss reads it: for ce and nll dimension 1 ([N, C],
+    [N, C, d1, ...]), or 0 for an unbatched [C]; for the other losses the last of two or more
+    dimensions (one-hot regression targets). None where there is none: a 0-d output, or a 1-D
+    output of a regression loss, one value per sample."""
+    if output.dim() == 0:
+        return None
+    if loss in INDEX_LOSSES:
+        return 1 if output.dim() >= 2 else 0
+    return output.dim() - 1 if output.dim() >= 2 else None
+
+
+def predictions(loss: str, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, truth) of the same shape: the argmax over the class dimension (`class_dim`) and
+    the targets as class indices (a target with the output's dimensions, class probabilities or one-hot,
+    by its argmax too). Without a class dimension each value is its own only class, predicted 0.
+
+    Raises:
+        InvalidArgument: targets that do not compare with the predictions element for element.
+    """
+    dim = class_dim(loss, output)
+    predicted = (
+        torch.zeros(output.shape, dtype=torch.int64, device=output.device) if dim is None else output.argmax(dim)
+    )
+    if target.dim() == output.dim() and target.dim() > 0:
+        truth = torch.zeros_like(target, dtype=torch.int64) if dim is None else target.argmax(dim)
+    else:
+        truth = target
+    if truth.shape != predicted.shape:
+        raise InvalidArgument(
+            f"accuracy: predictions of shape {list(predicted.shape)} (the output {list(output.shape)} by its "
+            f"class dimension) do not compare with targets of shape {list(target.shape)}"
+        )
+    return predicted, truth
+
+
 class _Metrics:
     """Per-batch results gathered on the device, turned into named tensors once at the end."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], loss: str) -> None:
         self.names = list(names)
+        self.loss = loss
         self.needs_loss = bool({"loss", "batchloss"} & set(names))
         self.needs_predict = bool({"accuracy", "matches", "predict"} & set(names))
         self.losses: list[torch.Tensor] = []
@@ -435,13 +472,12 @@ class _Metrics:
         if loss is not None:
             self.losses.append(loss.detach())
         if self.needs_predict:
-            predicted = output.argmax(-1)
-            truth = target.argmax(-1) if target.is_floating_point() and target.dim() == output.dim() else target
-            self.predicted.append(predicted)
+            predicted, truth = predictions(self.loss, output, target)
+            self.predicted.append(predicted.reshape(-1) if predicted.dim() == 0 else predicted)
             self.matches.append((predicted == truth).sum())
+            self.count += predicted.numel()  # the elements compared: a prediction per sample and position
         if "output" in self.names:
-            self.outputs.append(output.detach())
-        self.count += output.shape[0]
+            self.outputs.append(output.detach().reshape(-1) if output.dim() == 0 else output.detach())
 
     def result(self) -> list[tuple[str, torch.Tensor]]:
         out: list[tuple[str, torch.Tensor]] = []
@@ -472,14 +508,16 @@ def _metric_names(options: dict[str, Value]) -> list[str]:
 
 def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool) -> torch.Size:
     """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
-    not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training.
-    Returns the output's shape, which says how many classes the module predicts. `fresh`: the
+    not fit (shapes, dtypes, a batch of one through batchnorm, targets the asked-for accuracy cannot
+    compare with) into InvalidArgument before training. Returns the output's shape, which says how many classes the module predicts. `fresh`: the
     module writes its input in place, so it is given a copy of xb."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
             output: torch.Tensor = model.module(_batch(xb, dev, fresh))
             model.loss(output, batch_targets(model, yb))
+        if _Metrics(_metric_names(model.train), model.loss.type).needs_predict:
+            predictions(model.loss.type, output, yb)
     return output.shape
 
 
@@ -581,7 +619,7 @@ def _train_batches(
 ) -> _Metrics:
     """Per batch of w rows of `order`: zero_grad(set_to_none), forward in train mode, loss,
     backward, optimizer step. Cancelled when should_stop turns true before a batch."""
-    metrics = _Metrics(_metric_names(model.train))
+    metrics = _Metrics(_metric_names(model.train), model.loss.type)
     optim = model.optimizer.optim
     fresh = writes_inputs(model.module)
     with _flags(model.module, True):
@@ -651,7 +689,7 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     data = _require(model, "test")
     _, w, nb = _plan(data, model.test)
     dev = _device(model.module)
-    metrics = _Metrics(_metric_names(model.test))
+    metrics = _Metrics(_metric_names(model.test), model.loss.type)
     fresh = writes_inputs(model.module)
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
