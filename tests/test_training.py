@@ -616,3 +616,27 @@ def test_metrics_of_a_one_dimensional_output(client: Client) -> None:
     for predict, accuracy, matches in (client.run(m), client.testrun(m)):
         np.testing.assert_array_equal(predict, np.zeros(10, np.int64))
         assert (accuracy, matches) == (100.0, 10)
+
+
+# -- regression targets must match the output -------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mse", "smoothl1", "bcelogits"])
+def test_regression_targets_of_another_shape_are_refused_before_training(
+    client: Client, unchanged: Any, loss: str
+) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    y = rng.random(20).astype(np.float32)
+    q = client.module(["linear", 4, 1])
+    m = client.model(client.addref(q), client.loss(loss), client.opt("sgd", q, 0.1))
+    client.train(m, x, y)  # torch would broadcast [20] with the output [20, 1] to [20, 20]
+    client.test(m, x, y)
+    message = r"targets of shape \[20\] do not match the output's \[20, 1\].*reshape y to \[N, 1\]"
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: {message}"):
+        client.run(m)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: testrun: {message}"):
+        client.testrun(m)
+    client.train(m, x, y.reshape(20, 1))
+    client.test(m, x, y.reshape(20, 1))
+    assert isinstance(client.run(m), float) and isinstance(client.testrun(m), float)

@@ -287,6 +287,25 @@ def target_dtype(model: Model, y: torch.Tensor, name: str = "y") -> torch.dtype:
     return expected
 
 
+ELEMENTWISE_LOSSES = frozenset({"mse", "smoothl1", "bce", "bcelogits"})
+"""Losses that compare output and target element for element. torch broadcasts targets of another
+shape for some of them with only a warning (mse, smoothl1), so `check_targets` requires the output's shape."""
+
+
+def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: str) -> None:
+    """InvalidArgument, saying the shapes and the fix, when an elementwise loss's targets do not have
+    the output's shape: a target [N] with an output [N, 1] would train on [N, N] differences."""
+    loss = model.loss.type
+    if loss not in ELEMENTWISE_LOSSES or yb.shape == output.shape:
+        return
+    fit = "[" + ", ".join(["N", *(str(d) for d in output.shape[1:])]) + "]" if output.dim() else "[]"
+    raise InvalidArgument(
+        f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} "
+        f"loss compares them element for element (torch would broadcast them); reshape y to {fit}; "
+        "nothing changed"
+    )
+
+
 def batch_targets(model: Model, yb: torch.Tensor) -> torch.Tensor:
     """A batch of targets as the loss takes them: integer targets of a regression loss (mse, bce, ...)
     in the parameters' dtype, everything else as held."""
@@ -515,6 +534,7 @@ def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool) -> tor
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
             output: torch.Tensor = model.module(_batch(xb, dev, fresh))
+            check_targets(model, output, yb, "run")
             model.loss(output, batch_targets(model, yb))
         if _Metrics(_metric_names(model.train), model.loss.type).needs_predict:
             predictions(model.loss.type, output, yb)
@@ -698,6 +718,9 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
             yb = data.y[i * w:(i + 1) * w].to(dev)
             with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                 output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+            if metrics.needs_loss:
+                check_targets(model, output, yb, "testrun")
+            with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                 loss = model.loss(output, batch_targets(model, yb)) if metrics.needs_loss else None
             metrics.add(output, yb, loss)
     return metrics.result()
