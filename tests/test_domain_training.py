@@ -695,3 +695,27 @@ def test_an_epoch_failing_midway_puts_back_everything_it_changed() -> None:
     assert_same(everything(failed), before)
     assert_same([t for _, t in training.run_epoch(failed)], [t for _, t in training.run_epoch(never)])
     assert_same(everything(failed), everything(never))
+
+
+@pytest.mark.parametrize(
+    "loss, output, target, predicted",
+    [
+        ("ce", torch.tensor([[0.0, 2.0, 1.0]]), torch.tensor([1]), torch.tensor([1])),
+        ("ce", torch.zeros(2, 3, 4).index_fill(1, torch.tensor([2]), 1.0), torch.full((2, 4), 2), torch.full((2, 4), 2)),
+        ("nll", torch.tensor([0.0, 2.0, 1.0]), torch.tensor(1), torch.tensor(1)),  # unbatched [C]
+        ("ce", torch.tensor([[0.0, 2.0]]), torch.tensor([[0.9, 0.1]]), torch.tensor([1])),  # probabilities
+        ("mse", torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([1])),  # one-hot
+        ("mse", torch.tensor([0.5, -1.0]), torch.tensor([0.5, 3.0]), torch.tensor([0, 0])),  # no class dim
+        ("mse", torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0)),
+    ],
+)
+def test_predictions_take_the_class_dimension_the_loss_reads(
+    loss: str, output: torch.Tensor, target: torch.Tensor, predicted: torch.Tensor
+) -> None:
+    got, truth = training.predictions(loss, output, target)
+    assert torch.equal(got, predicted) and got.shape == truth.shape
+
+
+def test_predictions_that_do_not_compare_with_the_targets_are_invalid() -> None:
+    with pytest.raises(InvalidArgument, match=r"predictions of shape \[2, 5\].*targets of shape \[2, 3\]"):
+        training.predictions("ce", torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64))

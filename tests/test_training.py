@@ -520,3 +520,123 @@ def test_input_restore_and_batch_share_the_models_data(client: Client) -> None:
     assert steps == 3 and client.size(xi) == (70, 8)
     with pytest.raises(InvalidArgumentError, match="train batchsize"):
         client.batch(m, 10)
+
+
+# -- layers that write their input in place ---------------------------------------------------------
+
+
+def _inplace_model(client: Client, first: Any) -> tuple[Any, Any, torch.nn.Module]:
+    """A model [first, linear 3 -> 2] with mse, and an in-process torch copy of its module."""
+    q = client.module(["sequential", first, ["linear", 3, 2]])
+    m = client.model(client.addref(q), client.loss("mse"), client.opt("sgd", q, 0.1))
+    params = client.dict(client.parms(q))
+    layer = torch.nn.LeakyReLU(first[1], True) if first[0] == "leakyrelu" else torch.nn.Dropout(first[1], True)
+    net = torch.nn.Sequential(layer, torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(net[1], name.rsplit(".", 1)[1]).copy_(torch.as_tensor(np.asarray(value)))
+    return q, m, net
+
+
+def test_in_place_layers_leave_the_held_data_as_they_were(client: Client) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    y = rng.standard_normal((8, 2)).astype(np.float32)
+    sent = x.copy()
+    q, m, net = _inplace_model(client, ["leakyrelu", 0.5, True])
+    client.train(m, batchsize=4)
+    client.train(m, x, y)
+    client.test(m, x, y)
+    first = client.testrun(m)
+    assert client.testrun(m) == first  # each testrun used to scale the negative inputs once more
+    np.testing.assert_array_equal(client.evaluate(m, x), client.evaluate(m, x))
+    held = client.input(m)
+    client.tensor(client.forward(m))
+    client.tensor(client.eforward(m, held))
+    np.testing.assert_array_equal(client.tensor(held), sent)
+    # An epoch equals the in-process torch loop on a copy of the data, bit for bit.
+    client.run(m)
+    optim = torch.optim.SGD(net.parameters(), 0.1)
+    for i in range(2):
+        optim.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(net(torch.tensor(sent[4 * i:4 * i + 4])), torch.tensor(y[4 * i:4 * i + 4]))
+        loss.backward()
+        optim.step()
+    for name, value in client.dict(client.parms(q)).items():
+        expected = getattr(net[1], name.rsplit(".", 1)[1]).detach().numpy()
+        np.testing.assert_array_equal(np.asarray(value), expected, err_msg=name)
+    np.testing.assert_array_equal(client.tensor(held), sent)
+
+
+def test_in_place_dropout_first_does_not_wear_the_data_away(client: Client) -> None:
+    x = np.ones((16, 3), np.float32)
+    q, m, _ = _inplace_model(client, ["drop", 0.5, True])
+    client.train(m, x, np.zeros((16, 2), np.float32))
+    for _ in range(3):
+        client.run(m)
+    np.testing.assert_array_equal(client.tensor(client.input(m)), np.ones((16, 3), np.float32))
+
+
+# -- metrics of outputs not shaped [N, C] ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_accuracy_of_per_position_classes_uses_the_class_dimension(client: Client, length: int) -> None:
+    rng = np.random.default_rng(length)
+    x = rng.standard_normal((8, 2, length)).astype(np.float32)
+    y = rng.integers(0, 3, (8, length)).astype(np.int64)
+    q = client.module(["conv1d", 2, 3, 1])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q, 0.1))
+    client.test(m, x, y)
+    client.test(m, batchsize=3, metrics="accuracy,matches,predict")
+    accuracy, matches, predict = client.testrun(m)
+    expected = client.evaluate(m, x).argmax(1)  # cross entropy's class dimension is 1
+    np.testing.assert_array_equal(predict, expected)
+    assert matches == int((expected == y).sum())
+    assert accuracy == pytest.approx(100 * matches / (8 * length))
+    client.train(m, x, y)
+    client.train(m, batchsize=3, metrics="accuracy,matches,predict")
+    accuracy, matches, predict = client.run(m)
+    assert predict.shape == (8, length) and matches == int((predict == y).sum())
+    assert accuracy == pytest.approx(100 * matches / (8 * length))
+
+
+def test_metrics_of_a_one_dimensional_output(client: Client) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((10, 4)).astype(np.float32)
+    y = rng.standard_normal(10).astype(np.float32)
+    q = client.module(["sequential", ["linear", 4, 1], ["flatten", 0]])
+    m = client.model(client.addref(q), client.loss("mse"), client.opt("sgd", q, 0.1))
+    client.train(m, x, y)
+    client.test(m, x, y)
+    client.train(m, batchsize=4, metrics="predict,accuracy,matches")
+    client.test(m, batchsize=4, metrics="predict,accuracy,matches")
+    # One value per sample and no class dimension: each sample's one output is its prediction 0,
+    # as for an output [N, 1].
+    for predict, accuracy, matches in (client.run(m), client.testrun(m)):
+        np.testing.assert_array_equal(predict, np.zeros(10, np.int64))
+        assert (accuracy, matches) == (100.0, 10)
+
+
+# -- regression targets must match the output -------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["mse", "smoothl1", "bcelogits"])
+def test_regression_targets_of_another_shape_are_refused_before_training(
+    client: Client, unchanged: Any, loss: str
+) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    y = rng.random(20).astype(np.float32)
+    q = client.module(["linear", 4, 1])
+    m = client.model(client.addref(q), client.loss(loss), client.opt("sgd", q, 0.1))
+    client.train(m, x, y)  # torch would broadcast [20] with the output [20, 1] to [20, 20]
+    client.test(m, x, y)
+    message = r"targets of shape \[20\] do not match the output's \[20, 1\].*reshape y to \[N, 1\]"
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: {message}"):
+        client.run(m)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: testrun: {message}"):
+        client.testrun(m)
+    client.train(m, x, y.reshape(20, 1))
+    client.test(m, x, y.reshape(20, 1))
+    assert isinstance(client.run(m), float) and isinstance(client.testrun(m), float)

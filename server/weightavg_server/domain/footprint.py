@@ -48,13 +48,17 @@ def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:
 
 
 def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
-    """Bytes of the output of `module(x)`, on the module's device.
+    """Bytes of the output of `module(x)`, on the module's device, and of a copy of x for a module
+    that writes its input in place (`inplace=True`), so that x stays as it was.
 
     A forward pass that fails on meta reserves nothing here; the real pass then fails with torch's
     own message, or the store checks what it really made.
     """
     output = _meta_output(module, x)
-    return {} if output is None else tensor_bytes([output], _module_device(module, x))
+    if output is None:
+        return {}
+    copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if training.writes_inputs(module) else []
+    return tensor_bytes([output, *copy], _module_device(module, x))
 
 
 def _kept_bytes(pieces: int, batches: int, device: torch.device) -> Bytes:
@@ -97,7 +101,9 @@ def metrics_bytes(model: Model, split: str) -> Bytes:
         return {}
     pieces = output.numel() * output.element_size() if "output" in names else 0
     if "predict" in names:
-        pieces += math.prod(output.shape[:-1]) * torch.empty((), dtype=torch.int64).element_size()
+        dim = training.class_dim(model.loss.type, output)
+        predicted = output.numel() if dim is None else output.numel() // max(output.shape[dim], 1)
+        pieces += predicted * torch.empty((), dtype=torch.int64).element_size()
     return _kept_bytes(pieces, nb, _module_device(model.module, data.x))
 
 
@@ -188,12 +194,27 @@ def shuffle_bytes(model: Model) -> Bytes:
     return add_bytes(rows, tensor_bytes([index], "cpu"), moved)
 
 
+def batch_copy_bytes(model: Model) -> Bytes:
+    """Bytes of the copy of one batch of inputs an epoch gives a module that writes its input in
+    place (`training.writes_inputs`), so the held data stay as they were; nothing for other modules."""
+    data = model.train_data
+    if data is None or not training.writes_inputs(model.module):
+        return {}
+    n = batching.full_size(data.x)
+    w = min(int_value(model.train, "batchsize"), n)
+    return {device_name(data.x): w * math.prod(data.x.shape[1:]) * data.x.element_size()}
+
+
 def epoch_bytes(model: Model) -> Bytes:
     """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
     (`training_bytes`), its copies to put the model back (`rollback_bytes`), shuffled, the
-    reordered data (`shuffle_bytes`), and the outputs and predictions its metrics keep
-    (`metrics_bytes`)."""
-    return add_bytes(training_bytes(model), rollback_bytes(model), shuffle_bytes(model), metrics_bytes(model, "train"))
+    reordered data (`shuffle_bytes`), the outputs and predictions its metrics keep
+    (`metrics_bytes`), and for a module that writes its input in place, a copy of a batch
+    (`batch_copy_bytes`)."""
+    return add_bytes(
+        training_bytes(model), rollback_bytes(model), shuffle_bytes(model), metrics_bytes(model, "train"),
+        batch_copy_bytes(model),
+    )
 
 
 def count_bytes(d: TensorDict) -> Bytes:

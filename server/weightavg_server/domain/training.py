@@ -291,6 +291,25 @@ def _target_dtype(module: nn.Module, loss: str, y: torch.Tensor, name: str) -> t
     return expected
 
 
+ELEMENTWISE_LOSSES = frozenset({"mse", "smoothl1", "bce", "bcelogits"})
+"""Losses that compare output and target element for element. torch broadcasts targets of another
+shape for some of them with only a warning (mse, smoothl1), so `check_targets` requires the output's shape."""
+
+
+def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: str) -> None:
+    """InvalidArgument, saying the shapes and the fix, when an elementwise loss's targets do not have
+    the output's shape: a target [N] with an output [N, 1] would train on [N, N] differences."""
+    loss = model.loss.type
+    if loss not in ELEMENTWISE_LOSSES or yb.shape == output.shape:
+        return
+    fit = "[" + ", ".join(["N", *(str(d) for d in output.shape[1:])]) + "]" if output.dim() else "[]"
+    raise InvalidArgument(
+        f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} "
+        f"loss compares them element for element (torch would broadcast them); reshape y to {fit}; "
+        "nothing changed"
+    )
+
+
 def batch_targets(model: Model, yb: torch.Tensor) -> torch.Tensor:
     """A batch of targets as the loss takes them: integer targets of a regression loss (mse, bce, ...)
     in the parameters' dtype, everything else as held."""
@@ -353,6 +372,18 @@ def _require(model: Model, split: str) -> Data:
 # -- helpers for forward passes -------------------------------------------------------------------
 
 
+def writes_inputs(module: nn.Module) -> bool:
+    """True when a layer of the module writes its input in place (`inplace=True`: relu, leakyrelu,
+    drop). Such a module is given a copy of each batch (`_batch`), since a batch of held data is a
+    view of them and, on the module's device, `.to` returns that same memory."""
+    return any(getattr(m, "inplace", False) is True for m in module.modules())
+
+
+def _batch(t: torch.Tensor, device: torch.device, fresh: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t on the device (in `dtype`, if given): a copy when `fresh`, else t itself where it already is."""
+    return t.to(device, dtype or t.dtype, copy=fresh)
+
+
 def _device(module: nn.Module) -> torch.device:
     """Where the module's first parameter or buffer lives, so batches are moved next to it."""
     for tensor in itertools.chain(module.parameters(), module.buffers()):
@@ -410,11 +441,48 @@ def _stopped(what: str, done: int, total: int) -> Cancelled:
 # -- metrics --------------------------------------------------------------------------------------
 
 
+def class_dim(loss: str, output: torch.Tensor) -> int | None:
+    """The output's class dimension, as the loss reads it: for ce and nll dimension 1 ([N, C],
+    [N, C, d1, ...]), or 0 for an unbatched [C]; for the other losses the last of two or more
+    dimensions (one-hot regression targets). None where there is none: a 0-d output, or a 1-D
+    output of a regression loss, one value per sample."""
+    if output.dim() == 0:
+        return None
+    if loss in INDEX_LOSSES:
+        return 1 if output.dim() >= 2 else 0
+    return output.dim() - 1 if output.dim() >= 2 else None
+
+
+def predictions(loss: str, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, truth) of the same shape: the argmax over the class dimension (`class_dim`) and
+    the targets as class indices (a target with the output's dimensions, class probabilities or one-hot,
+    by its argmax too). Without a class dimension each value is its own only class, predicted 0.
+
+    Raises:
+        InvalidArgument: targets that do not compare with the predictions element for element.
+    """
+    dim = class_dim(loss, output)
+    predicted = (
+        torch.zeros(output.shape, dtype=torch.int64, device=output.device) if dim is None else output.argmax(dim)
+    )
+    if target.dim() == output.dim() and target.dim() > 0:
+        truth = torch.zeros_like(target, dtype=torch.int64) if dim is None else target.argmax(dim)
+    else:
+        truth = target
+    if truth.shape != predicted.shape:
+        raise InvalidArgument(
+            f"accuracy: predictions of shape {list(predicted.shape)} (the output {list(output.shape)} by its "
+            f"class dimension) do not compare with targets of shape {list(target.shape)}"
+        )
+    return predicted, truth
+
+
 class _Metrics:
     """Per-batch results gathered on the device, turned into named tensors once at the end."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], loss: str) -> None:
         self.names = list(names)
+        self.loss = loss
         self.needs_loss = bool({"loss", "batchloss"} & set(names))
         self.needs_predict = bool({"accuracy", "matches", "predict"} & set(names))
         self.losses: list[torch.Tensor] = []
@@ -427,14 +495,13 @@ class _Metrics:
         if loss is not None:
             self.losses.append(loss.detach())
         if self.needs_predict:
-            predicted = output.argmax(-1)
-            truth = target.argmax(-1) if target.is_floating_point() and target.dim() == output.dim() else target
+            predicted, truth = predictions(self.loss, output, target)
             if "predict" in self.names:  # kept only to be returned; accuracy and matches keep counts
-                self.predicted.append(predicted)
+                self.predicted.append(predicted.reshape(-1) if predicted.dim() == 0 else predicted)
             self.matches.append((predicted == truth).sum())
+            self.count += predicted.numel()  # the elements compared: a prediction per sample and position
         if "output" in self.names:
-            self.outputs.append(output.detach())
-        self.count += output.shape[0]
+            self.outputs.append(output.detach().reshape(-1) if output.dim() == 0 else output.detach())
 
     def result(self) -> list[tuple[str, torch.Tensor]]:
         out: list[tuple[str, torch.Tensor]] = []
@@ -469,15 +536,19 @@ def _metric_names(options: dict[str, Value]) -> list[str]:
 # -- training and testing -------------------------------------------------------------------------
 
 
-def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor) -> torch.Size:
+def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool) -> torch.Size:
     """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
-    not fit (shapes, dtypes, a batch of one through batchnorm) into InvalidArgument before training.
-    Returns the output's shape, which says how many classes the module predicts."""
+    not fit (shapes, dtypes, a batch of one through batchnorm, targets the asked-for accuracy cannot
+    compare with) into InvalidArgument before training. Returns the output's shape, which says how many classes the module predicts. `fresh`: the
+    module writes its input in place, so it is given a copy of xb."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
-            output: torch.Tensor = model.module(xb)
+            output: torch.Tensor = model.module(_batch(xb, dev, fresh))
+            check_targets(model, output, yb, "run")
             model.loss(output, batch_targets(model, yb))
+        if _Metrics(_metric_names(model.train), model.loss.type).needs_predict:
+            predictions(model.loss.type, output, yb)
     return output.shape
 
 
@@ -579,17 +650,17 @@ def _train_batches(
 ) -> _Metrics:
     """Per batch of w rows of `order`: zero_grad(set_to_none), forward in train mode, loss,
     backward, optimizer step. Cancelled when should_stop turns true before a batch."""
-    metrics = _Metrics(_metric_names(model.train))
+    metrics = _Metrics(_metric_names(model.train), model.loss.type)
     optim = model.optimizer.optim
+    fresh = writes_inputs(model.module)
     with _flags(model.module, True):
         for i in range(nb):
             if should_stop():
                 raise _stopped("run", i, nb)
-            xb = order.x[i * w:(i + 1) * w].to(dev)
             yb = order.y[i * w:(i + 1) * w].to(dev)
             optim.zero_grad(set_to_none=True)
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
-                output = model.module(xb)
+                output = model.module(_batch(order.x[i * w:(i + 1) * w], dev, fresh))
                 loss = model.loss(output, batch_targets(model, yb))
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
@@ -626,7 +697,8 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
         n, w, nb = _plan(data, model.train)
         dev = _device(model.module)
         last = (nb - 1) * w
-        output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev))
+        fresh = writes_inputs(model.module)
+        output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh)
         with rollback.kept(model.module, model.optimizer.optim, model.generator):
             order, perm = _epoch_order(model, data, n)
             _check_indices(model, order, perm, output, min(nb * w, n), w)
@@ -648,15 +720,18 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     data = _require(model, "test")
     _, w, nb = _plan(data, model.test)
     dev = _device(model.module)
-    metrics = _Metrics(_metric_names(model.test))
+    metrics = _Metrics(_metric_names(model.test), model.loss.type)
+    fresh = writes_inputs(model.module)
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("testrun", i, nb)
-            xb = data.x[i * w:(i + 1) * w].to(dev)
             yb = data.y[i * w:(i + 1) * w].to(dev)
             with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                output = model.module(xb)
+                output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+            if metrics.needs_loss:
+                check_targets(model, output, yb, "testrun")
+            with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                 loss = model.loss(output, batch_targets(model, yb)) if metrics.needs_loss else None
             metrics.add(output, yb, loss)
     return metrics.result()
@@ -677,13 +752,14 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     _, w, nb = evaluate_plan(model, x)
     dev = _device(model.module)
     dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
+    fresh = writes_inputs(model.module)
     outputs = []
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("evaluate", i, nb)
             with _torch_errors("evaluate"):
-                outputs.append(model.module(x[i * w:(i + 1) * w].to(dev, dtype)))
+                outputs.append(model.module(_batch(x[i * w:(i + 1) * w], dev, fresh, dtype)))
     return _joined(outputs)
 
 
@@ -695,14 +771,15 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """Run the module on x with the mode's train flag and gradient setting; return the output detached.
 
     Each submodule's train flag is restored afterwards. In train mode batchnorm layers update their
-    running statistics; if the call fails, those are put back.
+    running statistics; if the call fails, those are put back. A module that writes its input in
+    place runs on a copy of x (reserved by the caller, footprint.forward_bytes), so x stays as it was.
     """
     if mode not in FORWARD_MODES:
         raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
     training, grad = FORWARD_MODES[mode]
     with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
         with _torch_errors(mode):
-            output: torch.Tensor = module(x.to(_device(module)))
+            output: torch.Tensor = module(_batch(x, _device(module), writes_inputs(module)))
     return output.detach()
 
 
@@ -850,6 +927,7 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
         for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
         if b is not None
     ]
+    fresh = writes_inputs(module)
     momenta = reset_batchnorm(module)
     try:
         with _flags(module, True), torch.no_grad():
@@ -857,7 +935,7 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
                 if should_stop():
                     raise _stopped("batchnorm", i, nb)
                 with _torch_errors(f"batchnorm (batch {i + 1} of {nb})"):
-                    module(data.x[i * w:(i + 1) * w].to(dev))
+                    module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
     except BaseException:
         _put_back(saved)
         raise
