@@ -104,6 +104,19 @@ def test_an_embedding_index_out_of_range_in_a_middle_batch_changes_nothing(
                               (bad, y), r"run: input 12 of sample 7 is out of range for the embedding's 10 rows")
 
 
+def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unchanged: Any) -> None:
+    """An embedding with max_norm renormalises the rows it reads, even without gradients: the
+    last-batch probe ran outside the rollback, so a refused epoch still changed them (found by
+    review)."""
+    net = ["sequential", ["embed", "e", 10, 4, {"maxnorm": 0.5}], ["flatten"], ["linear", "d", 8, 3]]
+    x, y = (np.arange(2 * N, dtype=np.int64) % 5).reshape(N, 2), labels(3)  # rows 0-4: renormalised by the first epoch
+    far, bad = x.copy(), y.copy()
+    far[N - W:] += 5  # the last batch, which the probe reads, reads rows 5-9: never renormalised yet
+    bad[N - 1] = 7  # and is refused after the probe ran
+    fails_and_changes_nothing(client, unchanged, twins(client, net, ("ce",), ("sgd", 0.5), False), (x, y), (far, bad),
+                              r"run: [Tt]arget 7 .*out of bounds")
+
+
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: Any, shuffle: bool) -> None:
     """bce takes probabilities: a linear output above 1 is refused by torch only when a batch makes

@@ -698,8 +698,10 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
         dev = _device(model.module)
         last = (nb - 1) * w
         fresh = writes_inputs(model.module)
-        output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh)
         with rollback.kept(model.module, model.optimizer.optim, model.generator):
+            # The probe inside: a forward can change weights too (an embedding with max_norm
+            # renormalises the rows it reads in place, gradients or not; found by review).
+            output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh)
             order, perm = _epoch_order(model, data, n)
             _check_indices(model, order, perm, output, min(nb * w, n), w)
             try:
