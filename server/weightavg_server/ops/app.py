@@ -264,9 +264,11 @@ def create_runtime(
     # audited. On a server with tokens, no tenant holds more than half the workers. Then the caller's
     # session. Last, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. The
     # five run as one interceptor: one pass through gRPC's pipeline per call.
+    # A tokens file names tenants; without one there is one tenant, and no share to keep.
+    shares = [TenantShares(tokens, config.max_workers)] if config.tokens else []
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
-        ObservingInterceptor(stats), TenantInterceptor(tokens, stats), TenantShares(tokens, config.max_workers),
-        SessionInterceptor(registry), DecodeGuard(SERVICE_NAME, config.max_message_bytes),
+        ObservingInterceptor(stats), TenantInterceptor(tokens, stats), *shares, SessionInterceptor(registry),
+        DecodeGuard(SERVICE_NAME, config.max_message_bytes),
     )]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="weightavg-rpc"),

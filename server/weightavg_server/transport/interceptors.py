@@ -24,6 +24,16 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Handler | None]"
 Metadata: TypeAlias = "Sequence[tuple[str, str | bytes]] | None"
 
 
+def same_kind(handler: Handler, behaviour: Callable[..., Any]) -> Handler:
+    """A handler of `handler`'s kind (its request and response streaming) that runs `behaviour`,
+    with its (de)serializers: what every layer that wraps a behaviour builds."""
+    if handler.response_streaming:
+        factory = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+    else:
+        factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return factory(behaviour, handler.request_deserializer, handler.response_serializer)
+
+
 def metadata_value(metadata: Metadata, key: str) -> str | None:
     """The value of a metadata key (a call's `context.invocation_metadata()`), as text; None when
     the call does not carry it."""
@@ -137,10 +147,7 @@ def _in_session(handler: Handler, registry: Registry) -> Handler:
                 CALLER_SESSION.reset(token)
                 registry.end_call(session)
 
-        factory = (
-            grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
-        )
-        return factory(stream, handler.request_deserializer, handler.response_serializer)
+        return same_kind(handler, stream)
 
     inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
     assert inner is not None  # grpc sets the behaviour that matches the flags
@@ -157,5 +164,4 @@ def _in_session(handler: Handler, registry: Registry) -> Handler:
             CALLER_SESSION.reset(token)
             registry.end_call(session)
 
-    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-    return factory(unary, handler.request_deserializer, handler.response_serializer)
+    return same_kind(handler, unary)

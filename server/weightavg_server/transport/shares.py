@@ -4,8 +4,8 @@ take at most half of the threads that serve calls, so another tenant is still se
 Every call holds a worker thread for as long as it runs, a client stream until its last message
 arrives. A review found one tenant holding every worker with uploads that sent their first message
 and nothing more: no other tenant's call (not even a Ping) was served until it let go. Admins are
-not counted against a share (they may need to act on a server a tenant has filled), and a server
-without tokens has one tenant: no share applies.
+not counted against a share (they may need to act on a server a tenant has filled). Only a server
+with a tokens file has this layer (ops/app.py): without one there is one tenant, and no share.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from ..store.tenants import CALLER
-from .interceptors import Handler
+from .interceptors import Handler, same_kind
 from .tenancy import OPEN_SERVICE_PREFIXES, Tokens
 
 
@@ -52,11 +52,7 @@ class TenantShares:
                 finally:
                     self._leave(tenant)
 
-            factory = (
-                grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return factory(stream, handler.request_deserializer, handler.response_serializer)
+            return same_kind(handler, stream)
 
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
         assert inner is not None  # grpc sets the behaviour that matches the flags
@@ -68,8 +64,7 @@ class TenantShares:
             finally:
                 self._leave(tenant)
 
-        factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-        return factory(unary, handler.request_deserializer, handler.response_serializer)
+        return same_kind(handler, unary)
 
     def _enter(self, context: grpc.ServicerContext) -> str | None:
         """Count the call against its tenant (None: not counted), or refuse it past the share."""

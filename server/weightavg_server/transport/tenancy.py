@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store.tenants import ANONYMOUS, CALLER, DEFAULT_TENANT, Caller, Quota, Role
-from .interceptors import SESSION_METADATA, Metadata, metadata_value
+from .interceptors import SESSION_METADATA, Metadata, metadata_value, same_kind
 from .observe import status_name
 from .stats import RpcStats
 
@@ -434,11 +434,7 @@ class TenantInterceptor(grpc.ServerInterceptor):
                     CALLER.reset(token)
                 finish(context, caller, session, call, start, None)
 
-            factory = (
-                grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return factory(stream, handler.request_deserializer, handler.response_serializer)
+            return same_kind(handler, stream)
 
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
         assert inner is not None  # grpc sets the behaviour that matches the flags
@@ -457,7 +453,4 @@ class TenantInterceptor(grpc.ServerInterceptor):
             finish(context, caller, session, call, start, None)
             return response
 
-        factory = (
-            grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-        )
-        return factory(unary, handler.request_deserializer, handler.response_serializer)
+        return same_kind(handler, unary)
