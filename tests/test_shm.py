@@ -163,6 +163,13 @@ def _allocate(memory: shared_memory.SharedMemory) -> None:
         os.close(fd)
 
 
+def assert_closed(mapped: shm.Region) -> None:
+    """No copy starts in a closed region: it says to register it again."""
+    with pytest.raises(FailedPrecondition, match="unregistered"):
+        with mapped.copying():
+            pass
+
+
 @pytest.fixture
 def region() -> Iterator[shared_memory.SharedMemory]:
     memory = shared_memory.SharedMemory(create=True, size=4096)
@@ -394,9 +401,7 @@ def test_locked_pages_are_unlocked_once_after_the_copies_in_progress_end(
         assert closer.is_alive() and len(calls) == 1  # waiting for the copy: the pages stay locked
     assert calls == [calls[0], ("unlock", calls[0][1], 4096, cuda)]
     assert mapped.locked_for is None and not mapped.reaches(cuda)
-    with pytest.raises(FailedPrecondition, match="unregistered"):
-        with mapped.copying():
-            pass
+    assert_closed(mapped)
     mapped.close()
     assert len(calls) == 2  # unlocked once
 
@@ -421,9 +426,7 @@ def test_a_session_ends_without_holding_the_store_while_its_region_finishes_a_co
         other.start()
         other.join(10)
         assert not other.is_alive() and len(store.shared) == 0  # the waiting close holds no lock
-    with pytest.raises(FailedPrecondition, match="unregistered"):
-        with mapped.copying():
-            pass
+    assert_closed(mapped)
 
 
 def test_ending_a_session_closes_every_region_even_if_one_fails(
@@ -446,9 +449,7 @@ def test_ending_a_session_closes_every_region_even_if_one_fails(
     with caplog.at_level(logging.ERROR, logger="weightavg.shm"):
         assert regions.end_session("s1") == 2
     assert "could not be closed" in caplog.text and len(regions) == 0
-    with pytest.raises(FailedPrecondition, match="unregistered"):
-        with mapped.copying():
-            pass
+    assert_closed(mapped)
 
 
 def test_a_cpu_server_locks_no_pages(shm_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -583,9 +584,7 @@ def test_a_region_registered_as_its_session_ends_is_refused_not_orphaned(region:
     with pytest.raises(NotFound, match="unknown session"):
         store.register_region(session, "r", mapped)
     assert len(store.shared) == 0
-    with pytest.raises(FailedPrecondition, match="unregistered"):
-        with mapped.copying():
-            pass
+    assert_closed(mapped)
 
 
 def test_the_server_holds_at_most_its_cap_of_regions(
@@ -611,9 +610,7 @@ def test_the_server_holds_at_most_its_cap_of_regions(
         refused = shm.Region(other.name, 64)
         with pytest.raises(shm.ResourceExhausted, match="cap of 2 shared memory regions"):
             regions.register("bob", "s2", "c", refused)
-        with pytest.raises(FailedPrecondition, match="unregistered"):
-            with refused.copying():
-                pass
+        assert_closed(refused)
         replaced = regions.register("alice", "s1", "a", shm.Region(region.name, 128))
         assert replaced is not None and replaced.byte_size == 4096 and len(regions) == 2
         replaced.close()
@@ -621,6 +618,45 @@ def test_the_server_holds_at_most_its_cap_of_regions(
     finally:
         other.close()
         other.unlink()
+
+
+def test_a_served_region_cap_leaves_descriptors_for_new_connections() -> None:
+    """The cap through a real server whose open-files limit is 256 (hard, so that the raise at
+    start cannot lift it): regions stop at 32 (an eighth), the next one is RESOURCE_EXHAUSTED, and a
+    new client still connects and is answered. Before the cap, a caller with many sessions took
+    every descriptor and new clients hung."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu", "--allow-shm"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
+    )
+    files = [shared_memory.SharedMemory(create=True, size=4096) for _ in range(3)]
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        with grpc.insecure_channel(address) as channel, contextlib.ExitStack() as sessions:
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            owners = [sessions.enter_context(Client(address, session=True, timeout=WAIT)) for _ in files]
+            for memory, owner in zip(files[:2], owners):
+                for i in range(16):  # a session's own cap; the same file under 16 names
+                    _register(stub, memory.name, 4096, owner.session, name=f"r{i}")
+            with pytest.raises(grpc.RpcError) as err:
+                _register(stub, files[2].name, 4096, owners[2].session)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "cap of 32 shared memory regions" in err.value.details()
+            with Client(address, timeout=WAIT) as newcomer:
+                newcomer.ping()
+    finally:
+        process.kill()
+        process.wait()
+        for memory in files:
+            memory.close()
+            memory.unlink()
 
 
 def test_store_regions_belong_to_one_tenant_and_session(region: shared_memory.SharedMemory) -> None:

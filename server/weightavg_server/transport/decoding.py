@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from ..domain.errors import InvalidArgument, ResourceExhausted
+from .interceptors import same_kind
 from .status import status_for
 
 # A string: grpc's RpcMethodHandler is generic only in its type stubs, not at run time.
@@ -64,14 +65,13 @@ def _checked(requests: Iterator[Any]) -> Iterator[Any]:
 def _guarded_stream(handler: Handler, safe: Callable[[bytes], Any]) -> Handler:
     """The client-streaming handler again, its requests decoded by `safe` and checked as they come."""
     behavior = handler.stream_stream if handler.response_streaming else handler.stream_unary
-    factory = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
     if behavior is None:  # not a handler grpc would call; nothing to guard
         return handler
 
     def streamed(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         return behavior(_checked(requests), context)
 
-    return factory(streamed, request_deserializer=safe, response_serializer=handler.response_serializer)
+    return same_kind(handler, streamed, safe)
 
 
 def _guarded_unary(handler: Handler, safe: Callable[[bytes], Any]) -> Handler:
@@ -80,7 +80,6 @@ def _guarded_unary(handler: Handler, safe: Callable[[bytes], Any]) -> Handler:
     Here no servicer method runs, so the status comes from status_for directly.
     """
     behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-    factory = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
     if behavior is None:  # not a handler grpc would call; nothing to guard
         return handler
 
@@ -89,7 +88,7 @@ def _guarded_unary(handler: Handler, safe: Callable[[bytes], Any]) -> Handler:
             context.abort(*status_for(request.error))
         return behavior(request, context)
 
-    return factory(unary, request_deserializer=safe, response_serializer=handler.response_serializer)
+    return same_kind(handler, unary, safe)
 
 
 class DecodeGuard(grpc.ServerInterceptor):

@@ -24,14 +24,18 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Handler | None]"
 Metadata: TypeAlias = "Sequence[tuple[str, str | bytes]] | None"
 
 
-def same_kind(handler: Handler, behaviour: Callable[..., Any]) -> Handler:
+def same_kind(
+    handler: Handler, behaviour: Callable[..., Any], request_deserializer: Callable[[bytes], Any] | None = None
+) -> Handler:
     """A handler of `handler`'s kind (its request and response streaming) that runs `behaviour`,
-    with its (de)serializers: what every layer that wraps a behaviour builds."""
+    with its (de)serializers (or `request_deserializer` in its place): what every layer that wraps a
+    behaviour builds."""
     if handler.response_streaming:
         factory = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
     else:
         factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-    return factory(behaviour, handler.request_deserializer, handler.response_serializer)
+    deserializer = request_deserializer or handler.request_deserializer
+    return factory(behaviour, deserializer, handler.response_serializer)
 
 
 def metadata_value(metadata: Metadata, key: str) -> str | None:
