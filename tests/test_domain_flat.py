@@ -19,7 +19,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from weightavg_server.domain import averaging, dictionaries, flat, modules
 from weightavg_server.domain.averaging import BufferMode
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
-from weightavg_server.domain.tensors import held_bytes, move
+from weightavg_server.domain.moves import move
+from weightavg_server.domain.tensors import held_bytes
 
 
 def make_net() -> torch.nn.Module:

@@ -20,6 +20,7 @@ from weightavg import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 
 BN_NET = ["sequential", ["linear", "a", 8, 16], ["batchnorm1d", "b", 16, 1e-5, 0.1], ["relu", "c"], ["linear", "d", 16, 4]]
@@ -640,3 +641,85 @@ def test_regression_targets_of_another_shape_are_refused_before_training(
     client.train(m, x, y.reshape(20, 1))
     client.test(m, x, y.reshape(20, 1))
     assert isinstance(client.run(m), float) and isinstance(client.testrun(m), float)
+
+
+# -- moving a model ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("named", ["model", "module", "optimizer"])
+def test_a_moved_model_trains_on_as_torch_does_after_the_same_move(client: Client, named: str) -> None:
+    """A module moves with its optimizers' state and its models' data, whichever handle is named;
+    training goes on in the new dtype as torch's loop does after `net.double()` and the optimizer's
+    state loaded back (torch casts floating state to the parameters' dtype, the step count stays).
+    Moving only the module had left Adam's state float32 (the next step failed) and the data too."""
+    x, y = data(48)
+    q = client.module(["linear", 8, 4])
+    o = client.opt("adam", q, 0.01)
+    handles = {"module": client.addref(q), "optimizer": client.addref(o)}
+    m = client.model(q, client.loss("ce"), o)
+    handles["model"] = m
+    net = local_copy(client, m)
+    local = torch.optim.Adam(net.parameters(), lr=0.01)
+    client.train(m, x, y)
+    client.train(m, batchsize=16, metrics="batchloss")
+
+    def epoch(dtype: torch.dtype) -> list[float]:
+        losses = []
+        for i in range(3):
+            local.zero_grad(set_to_none=True)
+            xb, yb = torch.from_numpy(x[i * 16:(i + 1) * 16]).to(dtype), torch.from_numpy(y[i * 16:(i + 1) * 16])
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            loss.backward()
+            local.step()
+            losses.append(loss.item())
+        return losses
+
+    assert client.run(m) == pytest.approx(epoch(torch.float32), rel=1e-6)
+    assert client.to(handles[named], dtype="float64") == handles[named]
+    net.double()
+    local.load_state_dict(local.state_dict())
+    assert client.run(m) == pytest.approx(epoch(torch.float64), rel=1e-12)
+    assert_state_close(client, m, net, atol=1e-12)  # also checks every parameter is float64
+    assert client.tensor(client.input(m)).dtype == np.float64
+
+
+def test_a_moved_model_keeps_its_batch_and_the_input_handle_sees_the_moved_data(client: Client) -> None:
+    x, y = data(48)
+    _, m = new_model(client)
+    client.train(m, x, y)
+    client.train(m, batchsize=16)
+    held = client.input(m)
+    assert client.batch(m) and client.batch(m)  # rows 16-31
+    client.to(m, dtype="float64")
+    np.testing.assert_array_equal(client.tensor(held), x[16:32].astype(np.float64))
+    assert client.restore(m) == 48
+    np.testing.assert_array_equal(client.tensor(held), x.astype(np.float64))
+    assert isinstance(client.run(m), float)  # the labels stayed int64, as the loss takes them
+
+
+def test_a_model_move_reserves_its_data_and_optimizer_state_and_is_refused_whole_over_the_cap(
+    start_server: Any,
+) -> None:
+    from conftest import assert_unchanged, snapshot
+
+    server = start_server(max_device_bytes=300_000)
+    with Client(server.address) as c:
+        x, y = data(4096)  # 131,072 bytes of float32 inputs, 32,768 of int64 labels
+        q = c.module(["linear", 8, 4])
+        m = c.model(q, c.loss("ce"), c.opt("adam", q))
+        c.train(m, x, y)
+        c.run(m)
+        before = snapshot(server.registry)
+        # float64 copies of the inputs (262,144 bytes) do not fit beside what is held; the module
+        # and Adam's state alone (about 900 bytes) would.
+        with pytest.raises(ResourceExhaustedError):
+            c.to(m, dtype="float64")
+        assert_unchanged(before, snapshot(server.registry))
+        assert isinstance(c.run(m), float)
+
+
+def test_a_model_holding_real_data_is_not_moved_to_a_complex_dtype(client: Client, unchanged: Any) -> None:
+    _, m = new_model(client)
+    client.train(m, *data(32))
+    with unchanged(), pytest.raises(InvalidArgumentError, match="real floating dtype"):
+        client.to(m, dtype="complex64")

@@ -1030,7 +1030,9 @@ class Client:
 
     @_rpc
     def to(self, h: HandleLike, device: str = "", dtype: str | None = None) -> Handle:
-        """Move a tensor, dictionary or module to a device ("cpu", "cuda", "cuda:1") and/or dtype."""
+        """Move a tensor, dictionary, module, optimizer or model to a device ("cpu", "cuda", "cuda:1")
+        and/or floating dtype, in place. A model or module moves with its optimizers' state and its
+        models' data, all or nothing."""
         code = _dtype_code(dtype)
         r = self._stub.MoveHandle(pb.MoveHandleRequest(handle=_id(h), device=device, dtype=code), timeout=self.timeout)
         return _handle(r.handle)

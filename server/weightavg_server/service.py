@@ -21,7 +21,7 @@ from torch import nn
 from . import __version__
 from .domain import cuda_ipc, pinned, reply_buffers, shm
 from .domain import (
-    averaging, batching, batchnorm, collectives, devices, dictionaries, flat, footprint, losses, modules, optimizers,
+    averaging, batching, batchnorm, collectives, devices, dictionaries, flat, footprint, losses, modules, moves, optimizers,
     specs, training,
 )
 from .domain.averaging import BufferMode
@@ -32,7 +32,7 @@ from .domain.dtypes import DTYPES
 from .domain.errors import FailedPrecondition, InvalidArgument
 from .domain.options import Value
 from .domain.tensors import (
-    HandleSummary, StorageKey, TensorHolder, host_copies, move, move_bytes, storage_bytes, storages, tensor_bytes,
+    HandleSummary, StorageKey, TensorHolder, host_copies, storage_bytes, storages, tensor_bytes,
     tensors_of,
 )
 from .domain import merging, outer, soups
@@ -365,7 +365,7 @@ class Service:
         """The module of a spec on the server's device, each dtype's parameters in one buffer
         (`flat`: averages over them are one kernel)."""
         module = flat.build_flat(lambda: specs.build_module(spec, max_depth=depth))
-        move(module, self.device, None)  # moves the parameters into one buffer per dtype there too
+        moves.move(module, self.device, None)  # moves the parameters into one buffer per dtype there too
         return module
 
     def describe_module(self, handle: str) -> list[specs.OptionRow]:
@@ -619,11 +619,17 @@ class Service:
 
     @_exactly_once
     def move(self, handle: str, device: str, dtype: torch.dtype | None, *, request: RequestKey | None = None) -> Ref:
-        """Move a tensor, dictionary or module to another device and/or floating dtype, in place."""
+        """Move a tensor, dictionary, module, optimizer or model to another device and/or floating
+        dtype, in place. A module moves with the state of its optimizers and its models' data
+        (`moves.group`), whichever of their handles is named."""
         entry = self.store.get(handle)
         target = devices.parse(device) if device else None
-        with self.store.mutate(entry, need=lambda: move_bytes(entry.obj, target, dtype)):
-            move(entry.obj, target, dtype)
+
+        def moving() -> moves.Group | None:
+            return moves.group(entry.obj, self.store.objects_sharing(entry.lock))
+
+        with self.store.mutate(entry, need=lambda: moves.move_bytes(entry.obj, target, dtype, moving())):
+            moves.move(entry.obj, target, dtype, moving())
         return Ref(handle, entry.kind)
 
     # -- losses, optimizers, models -----------------------------------------------------------------

@@ -2312,7 +2312,7 @@ class MoveHandleRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
-    """Tensor, dictionary or module handle id."""
+    """Tensor, dictionary, module, optimizer or model handle id."""
     device: _builtins.str
     """Target device, e.g. "cpu", "cuda", "cuda:1"; empty keeps the device."""
     dtype: Global___Dtype.ValueType

@@ -502,7 +502,9 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MoveHandle(self, request, context):
-        """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype).
+        """MoveHandle moves a tensor, dictionary, module, optimizer or model to another device (and
+        optionally dtype). A module moves with the state of every optimizer over it and the data of
+        every model over it, whichever of their handles is named.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -100,7 +100,10 @@ class WeightAveragingServiceStub:
     no session): kind, device, dtype, bytes and tenant.
     """
     MoveHandle: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]
-    """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+    """MoveHandle moves a tensor, dictionary, module, optimizer or model to another device (and
+    optionally dtype). A module moves with the state of every optimizer over it and the data of
+    every model over it, whichever of their handles is named.
+    """
     CreateLoss: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateLossRequest, _weightavg_pb2.CreateLossResponse]
     """---- Models and training ----
     CreateLoss builds a loss function (ce, mse, nll, bce, bcelogits, smoothl1) from positional and
@@ -305,7 +308,10 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     no session): kind, device, dtype, bytes and tenant.
     """
     MoveHandle: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MoveHandleRequest, _weightavg_pb2.MoveHandleResponse]  # type: ignore[assignment]
-    """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+    """MoveHandle moves a tensor, dictionary, module, optimizer or model to another device (and
+    optionally dtype). A module moves with the state of every optimizer over it and the data of
+    every model over it, whichever of their handles is named.
+    """
     CreateLoss: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateLossRequest, _weightavg_pb2.CreateLossResponse]  # type: ignore[assignment]
     """---- Models and training ----
     CreateLoss builds a loss function (ce, mse, nll, bce, bcelogits, smoothl1) from positional and
@@ -651,7 +657,10 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.MoveHandleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.MoveHandleResponse, _abc.Awaitable[_weightavg_pb2.MoveHandleResponse]]:
-        """MoveHandle moves a tensor, dictionary or module to another device (and optionally dtype)."""
+        """MoveHandle moves a tensor, dictionary, module, optimizer or model to another device (and
+        optionally dtype). A module moves with the state of every optimizer over it and the data of
+        every model over it, whichever of their handles is named.
+        """
 
     @_abc_1.abstractmethod
     def CreateLoss(

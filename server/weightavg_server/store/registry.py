@@ -436,6 +436,12 @@ class Registry:
                 for h, e in group.items() if not any(e is b for b in besides)
             ]
 
+    def objects_sharing(self, lock: threading.RLock) -> list[object]:
+        """The objects guarded by `lock`: those that stand on one module (its handles, optimizers,
+        models, views), which a move of the module must carry along (`domain.moves.group`)."""
+        with self._lock:
+            return [e.obj for e in self._groups.get(id(lock), {}).values()]
+
     def addref(self, handle: str) -> tuple[str, Kind]:
         """A second handle to the same object, sharing its lock, owned by the caller's session; never
         one to an object being freed."""
