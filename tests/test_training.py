@@ -723,3 +723,35 @@ def test_a_model_holding_real_data_is_not_moved_to_a_complex_dtype(client: Clien
     client.train(m, *data(32))
     with unchanged(), pytest.raises(InvalidArgumentError, match="real floating dtype"):
         client.to(m, dtype="complex64")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_moved_to_the_gpu_trains_on_as_torch_does_after_the_same_move(start_server: Any) -> None:
+    """Built and trained on the host, moved with `to(m, "cuda")`: parameters, Adam's moments and
+    the data go to the GPU, the step counts stay on the host (as torch keeps them), and the next
+    epoch follows torch's loop after `net.cuda()` and the state loaded back."""
+    x, y = data(48)
+    with Client(start_server(device="cpu").address) as c:
+        q = c.module(["linear", 8, 4])
+        m = c.model(q, c.loss("ce"), c.opt("adam", q, 0.01))
+        net = local_copy(c, m)
+        local = torch.optim.Adam(net.parameters(), lr=0.01)
+        c.train(m, x, y)
+        c.train(m, batchsize=48)
+        c.run(m)
+        local.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        local.step()
+        held = c.input(m)
+        c.to(m, "cuda")
+        assert next(i.device for i in c.handles() if i.handle == held) == "cuda:0"
+        net.cuda()
+        local.load_state_dict(local.state_dict())
+        local.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x).cuda()), torch.from_numpy(y).cuda())
+        loss.backward()
+        local.step()
+        assert c.run(m) == pytest.approx(loss.item(), rel=1e-5)
+        for name, value in c.dict(c.parms(m)).items():
+            np.testing.assert_allclose(np.asarray(value), net.state_dict()[name].cpu().numpy(), rtol=1e-5, atol=1e-6)
