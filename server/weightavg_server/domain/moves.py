@@ -200,13 +200,25 @@ def move(obj: object, device: torch.device | None, dtype: torch.dtype | None, g:
         return
     _check_group(g, dtype)
     with torch.no_grad():
-        states = [(state, key, _copied(state[key], to)) for state, key, to in _state_places(g, device, dtype)]
-        data = [(t, _full(t).to(*_data_place(g, t, device, dtype), copy=True)) for d in g.data for t in (d.x, d.y)]
+        states = [
+            (state, key, _copied(state[key], to)) for state, key, to in _state_places(g, device, dtype)
+            if not _stays(state[key], to)
+        ]
+        data = [
+            (t, _full(t).to(*_data_place(g, t, device, dtype), copy=True)) for d in g.data for t in (d.x, d.y)
+            if not _stays(t, _data_place(g, t, device, dtype))
+        ]
         _swap_module(g.module, device, dtype)  # the last allocation: nothing is replaced before it succeeds
         for state, key, new in states:
             state[key] = new
         for t, full in data:
             t.data = full.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def _stays(value: object, to: Place) -> bool:
+    """True when a tensor already has its target place: it is neither copied nor counted."""
+    assert isinstance(value, torch.Tensor)
+    return (value.device, value.dtype) == to
 
 
 def _copied(value: object, to: Place) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""Moves of a module's group (domain/moves.py) in process: what `move_bytes` promises is what the
+move allocates, and what stays in place is neither copied nor counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightavg_server.domain import losses, moves, optimizers, specs, training
+from weightavg_server.domain.specs import LayerSpec
+from weightavg_server.domain.tensors import tensors_of
+
+CPU = torch.device("cpu")
+NET = LayerSpec("sequential", children=(
+    LayerSpec("linear", "a", (3, 8)), LayerSpec("batchnorm1d", "b", (8,)), LayerSpec("linear", "d", (8, 2)),
+))
+
+
+def trained(kind: str) -> training.Model:
+    """A model with train and test data, its optimizer's state made by one epoch."""
+    torch.manual_seed(0)
+    module = specs.build_module(NET)
+    model = training.create_model(module, losses.create_loss("ce"), optimizers.create_optimizer(kind, module, (0.01,)))
+    x = torch.randn(40, 3)
+    training.set_options(model, "train", [("batchsize", 8)])
+    training.set_data(model, "train", x, (x[:, 0] > 0).long(), CPU)
+    training.set_data(model, "test", x[:16], (x[:16, 0] > 0).long(), CPU)
+    training.run_epoch(model)
+    return model
+
+
+def _storages(model: training.Model) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_of(model)}
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float32])
+def test_move_bytes_is_what_the_move_allocates(kind: str, dtype: torch.dtype) -> None:
+    model = trained(kind)
+    g = moves.group(model, ())
+    promised = moves.move_bytes(model, None, dtype, g)
+    before = _storages(model)
+    old = list(tensors_of(model))  # kept alive, so no new storage lands at a freed address
+    moves.move(model, None, dtype, g)
+    new = {ptr: n for ptr, n in _storages(model).items() if ptr not in before}
+    assert promised.get("cpu", 0) == sum(new.values())
+    assert old  # the old tensors lived through the comparison
+    if dtype == torch.float32:
+        assert promised == {}  # nothing changes place: nothing copied, nothing counted
+
+
+def test_labels_and_step_counts_stay_as_they_are() -> None:
+    model = trained("adam")
+    assert model.train_data is not None
+    labels, steps = model.train_data.y, [s["step"] for s in model.optimizer.optim.state.values()]
+    label_storage = labels.untyped_storage().data_ptr()
+    moves.move(model, None, torch.float64)
+    assert model.train_data.y is labels and labels.untyped_storage().data_ptr() == label_storage
+    assert [s["step"] for s in model.optimizer.optim.state.values()] == steps  # same objects, float32 on the host
+    assert all(s["exp_avg"].dtype == torch.float64 for s in model.optimizer.optim.state.values())
+    assert model.train_data.x.dtype == torch.float64 and model.test_data is not None
+    assert model.test_data.x.dtype == torch.float64 and model.test_data.y.dtype == torch.int64
