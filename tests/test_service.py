@@ -8,6 +8,7 @@ cap checks are in test_caps.py; these look at what only an in-process caller can
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from inprocess import (
-    RecordingUpload, assert_nothing_pending, assert_same_state, caller_session, f32, names, no_upload, state_of,
+    RecordingUpload, assert_nothing_pending, assert_same_state, caller_session, f32, fits, names, no_upload, state_of,
     upload, walked_bytes,
 )
 from weightavg_server.domain.averaging import BufferMode
@@ -411,13 +412,19 @@ def test_an_allocating_call_is_refused_one_byte_short_and_charged_exactly_at_the
     assert s.store.held_bytes() == walked_bytes(s.store)
 
 
+def _evaluated(block: contextlib.AbstractContextManager[torch.Tensor]) -> torch.Tensor:
+    """An evaluate's output, its block ended as the servicer ends it once the reply has streamed."""
+    with block as output:
+        return output
+
+
 UPLOADS: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any, RecordingUpload], object]]] = [
     ("create_dictionary", lambda s: None, lambda s, _, up: s.create_dictionary(up)),
     ("update_dictionary", lambda s: dictionary(s, a=torch.zeros(1)), lambda s, d, up: s.update_dictionary(d, up)),
     ("create_tensor", lambda s: None, lambda s, _, up: s.create_tensor(up)),
     ("set_parameter", lambda s: linear(s), lambda s, q, up: s.set_parameter(q, "weight", up)),
     ("set_model_data", model, lambda s, m, up: s.set_model_data(m, "train", up)),
-    ("evaluate", model, lambda s, m, up: s.evaluate(m, up, never)),
+    ("evaluate", model, lambda s, m, up: _evaluated(s.evaluate(m, up, never))),
     ("forward", lambda s: linear(s), lambda s, q, up: s.forward(q, "forward", "", up)),
 ]
 
@@ -664,3 +671,17 @@ def test_a_reply_streams_from_reused_memory_that_no_concurrent_reply_shares(serv
     with service.fetch(d, [], reused=True) as again:
         assert all(torch.equal(got, want[name]) for name, got in again)
     reply_buffers.clear()
+
+
+def test_evaluate_keeps_its_output_reserved_until_the_reply_has_streamed(service: Service) -> None:
+    """The output stays reserved while the servicer streams it (inside the block): it had been
+    released when the computation returned, so other calls could take its bytes meanwhile."""
+    s = service
+    m = model(s)
+    cap(s)
+    base = held(s)
+    with s.evaluate(m, upload(("x", torch.zeros(ROWS, FEATURES))), never) as output:
+        assert output.shape == (ROWS, CLASSES)
+        room = BIG - base
+        assert not fits(s.store, nbytes=room - output.numel() * F32 + 1)
+    assert_nothing_pending(s.store)

@@ -772,9 +772,12 @@ class Service:
             with self.store.reserve(nbytes=footprint.metrics_bytes(model, "test")):
                 return training.test_epoch(model, should_stop)
 
-    def evaluate(self, handle: str, upload: Upload, should_stop: StopCheck) -> torch.Tensor:
-        """The model's outputs for uploaded inputs. The inputs (as they arrive) and the outputs
-        (before the model runs) are reserved for the length of the call."""
+    @contextlib.contextmanager
+    def evaluate(self, handle: str, upload: Upload, should_stop: StopCheck) -> Iterator[torch.Tensor]:
+        """The model's outputs for uploaded inputs, for the length of the block (`with
+        service.evaluate(m, upload, stop) as output:`). The inputs (as they arrive) and the outputs
+        (before the model runs) stay reserved until the block ends, when the reply has streamed; the
+        model's lock is held only while it runs."""
         entry, model = self._model(handle)
         with self.store.reserve() as reservation:
             tensors = self._receive(upload, reservation, self._on_host)
@@ -783,7 +786,8 @@ class Service:
             x = tensors[0][1]
             with self.store.reading(entry):
                 self.store.grow(reservation, nbytes=footprint.evaluate_bytes(model, x))
-                return training.evaluate(model, x, should_stop)
+                output = training.evaluate(model, x, should_stop)
+            yield output
 
     @_exactly_once
     def forward(

@@ -391,12 +391,11 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request_iterator: Iterator[pb.EvaluateModelRequest], context: Context
     ) -> Iterator[pb.EvaluateModelResponse]:
         first = _first(request_iterator, "EvaluateModel")
-        with _stopping(context):
-            output = self.service.evaluate(
-                first.model, self._rest(first, request_iterator, context), _should_stop(context)
-            )
-        for chunk in self._chunks([("", output)]):
-            yield pb.EvaluateModelResponse(chunk=chunk)
+        with _stopping(context), self.service.evaluate(
+            first.model, self._rest(first, request_iterator, context), _should_stop(context)
+        ) as output:
+            for chunk in self._chunks([("", output)]):
+                yield pb.EvaluateModelResponse(chunk=chunk)
 
     @translate_errors
     def RunForward(self, request_iterator: Iterator[pb.RunForwardRequest], context: Context) -> pb.RunForwardResponse:
