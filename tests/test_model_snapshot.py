@@ -220,3 +220,26 @@ def test_a_model_without_data_and_a_lone_loss_restore(state_server: Runtime, tmp
             assert c2.model(m) == described
     finally:
         runtime.stop(None)
+
+
+def test_models_moved_to_float64_restore_and_train_on_bit_identically(state_server: Runtime, tmp_path: Path) -> None:
+    """A move carries the optimizer's state and the data (the SGD model's stand at their second
+    batch): a snapshot keeps the new dtypes, and the restored models train on as the original does."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        h = prepare(c)
+        c.to(h["sgd"], dtype="float64")
+        c.to(h["adam_opt"], dtype="float64")  # through the optimizer's own handle
+        c.snapshot()
+        reference = carry_on(c, h)
+    assert reference["batch"].dtype == np.float64 and reference["batch"].shape == (16, 6)
+    restored = Registry()
+    snapshot.load(restored, tmp_path / "d", torch.device("cpu"))
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=restored)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c2:
+            after = carry_on(c2, h)
+    finally:
+        runtime.stop(None)
+    assert after["adam_parms"] and all(p.dtype == np.float64 for p in after["adam_parms"].values())
+    assert_bit_identical(after, reference)
