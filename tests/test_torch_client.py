@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,3 +220,46 @@ def test_bad_arguments_are_refused_before_anything_is_sent(client: Client) -> No
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         RemoteAveragedModel(client, net(), dtype="int32")
     assert len(client.handles()) == before
+
+
+# -- a checkpoint, a changed model ------------------------------------------------------------------
+
+
+def width(n: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict(a=torch.nn.Linear(6, n), b=torch.nn.BatchNorm1d(n)))
+
+
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_model_of_another_shape_is_refused_and_changes_nothing(client: Client, unchanged: Any, mode: str) -> None:
+    model = width(8)
+    ours = RemoteAveragedModel(client, model, mode)
+    ours.update_parameters(model)
+    with unchanged():
+        with pytest.raises(ValueError, match=r"'a\.weight' has shape \[5, 6\] but the average's is \[8, 6\]"):
+            ours.update_parameters(width(5))
+    assert int(ours.n_averaged) == 1
+    ours.update_parameters(model)
+    assert int(ours.n_averaged) == 2
+    assert ours.module.b.running_mean.shape == (8,)
+
+
+def test_a_parameter_added_then_removed_is_refused_then_averaged_again(client: Client, unchanged: Any) -> None:
+    """A model that gained a parameter is refused with its name, changing nothing; once it is gone
+    again the updates go on (the values sent for it must not stay behind and block every update)."""
+    model = width(8)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.5)
+    ours.update_parameters(model)
+    model.extra = torch.nn.Parameter(torch.ones(2))
+    with unchanged():
+        with pytest.raises(ValueError, match="the model's 'extra' is not in the average"):
+            ours.update_parameters(model)
+    del model.extra
+    del model.a.bias
+    model.a.register_parameter("bias", None)
+    with unchanged():
+        with pytest.raises(ValueError, match="the average's 'a.bias' is not in the model"):
+            ours.update_parameters(model)
+    assert int(ours.n_averaged) == 1
+    ours.update_parameters(width(8))
+    assert int(ours.n_averaged) == 2

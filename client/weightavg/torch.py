@@ -118,6 +118,24 @@ def _state(model: torch.nn.Module, buffers: bool) -> list[tuple[str, torch.Tenso
     return named + list(model.named_buffers()) if buffers else named
 
 
+def _check_layout(model: torch.nn.Module, layout: Mapping[str, tuple[torch.Size, torch.dtype]]) -> None:
+    """ValueError, naming the first difference, unless the model has exactly the average's tensors
+    (names and shapes; dtypes may differ, the server casts). An update of another model would
+    fold in some tensors and not others, or replace buffers with ones of another shape."""
+    state = dict(_state(model, True))
+    fix = "nothing was sent; make a new RemoteAveragedModel for a model of another layout"
+    for name, t in state.items():
+        if name not in layout:
+            raise ValueError(f"the model's '{name}' is not in the average; {fix}")
+        if t.shape != layout[name][0]:
+            raise ValueError(
+                f"the model's '{name}' has shape {list(t.shape)} but the average's is {list(layout[name][0])}; {fix}"
+            )
+    for name in layout:
+        if name not in state:
+            raise ValueError(f"the average's '{name}' is not in the model; {fix}")
+
+
 class RemoteAveragedModel(torch.nn.Module):
     """`torch.optim.swa_utils.AveragedModel` as a training loop uses it, with the average on a server.
 
@@ -142,8 +160,13 @@ class RemoteAveragedModel(torch.nn.Module):
             average stalls); default: each tensor's own. The local copy keeps the model's dtypes.
         device: where the local copy lives (default: where the model is).
 
+    Raises:
+        ValueError: from update_parameters, for a model whose parameter and buffer names or shapes
+            differ from the one it was made with (nothing is sent, nothing changes).
+
     Differences from AveragedModel: integer buffers are copied, not averaged; nothing is averaged on
-    the model's device.
+    the model's device; a model of another layout is refused, where AveragedModel pairs tensors by
+    position and averages whatever lines up.
     """
 
     n_averaged: torch.Tensor
@@ -188,6 +211,8 @@ class RemoteAveragedModel(torch.nn.Module):
         self._calls = 0
         self._stale = False
         start = [(n, t.to(target) if target is not None and t.is_floating_point() else t) for n, t in _state(model, True)]
+        self._layout = {name: (t.shape, t.dtype) for name, t in start}
+        """The average's tensors as made: what every model sent must match."""
         if mode == "swa":
             start.append((".n", torch.tensor(0.0, dtype=torch.float64)))  # so the first update copies, as AveragedModel's
         self.average: Handle = push(client, start)
@@ -226,12 +251,9 @@ class RemoteAveragedModel(torch.nn.Module):
         self._calls += 1
         if self._calls % self.every:
             return
+        _check_layout(model, self._layout)
         sent = _state(model, self.use_buffers)
         self.source = push(self.client, sent, into=self.source)
-        if not self.use_buffers:
-            kept = list(model.named_buffers())
-            if kept:
-                push(self.client, kept, into=self.average)  # copied as they are, as AveragedModel does
         if self.mode == "swa":
             self.n_averaged.fill_(self.client.avgparms(self.source, self.average))
         else:
@@ -241,6 +263,12 @@ class RemoteAveragedModel(torch.nn.Module):
             )
             self.n_averaged += 1
         self._stale = True
+        if not self.use_buffers:
+            kept = list(model.named_buffers())
+            if kept:
+                # Copied as they are, as AveragedModel does; after the average, which the server
+                # checks, so a refused update has changed nothing.
+                push(self.client, kept, into=self.average)
 
     def pull(self) -> None:
         """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
