@@ -225,6 +225,36 @@ def test_bad_arguments_are_refused_before_anything_is_sent(client: Client) -> No
 # -- a checkpoint, a changed model ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_loaded_checkpoint_resumes_as_averaged_model_resumes(client: Client, mode: str) -> None:
+    """Save both averages halfway, load the checkpoints into fresh objects (a restarted job), train on:
+    ours must fold the rest into the loaded average and count on from n_averaged, as AveragedModel
+    does, not start a new average at the first update after the load."""
+    model = net()
+    oracle = oracle_for(model, mode, False, decay=0.9)
+    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    train(model, [oracle, ours])
+    saved, ours_saved = oracle.state_dict(), ours.state_dict()
+    resumed_oracle = oracle_for(net(seed=5), mode, False, decay=0.9)
+    resumed_oracle.load_state_dict(saved)
+    resumed = RemoteAveragedModel(client, net(seed=5), mode, decay=0.9)
+    resumed.load_state_dict(ours_saved)
+    assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
+    train(model, [resumed_oracle, resumed])
+    assert int(resumed.n_averaged) == int(resumed_oracle.n_averaged) == 2 * STEPS
+    assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
+
+
+def test_a_loaded_checkpoint_keeps_a_float32_average_in_float32(client: Client) -> None:
+    """The local copy (and so the checkpoint) holds the model's bfloat16; loading it must not turn the
+    server's float32 average into a bfloat16 one, which would stall."""
+    model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.999, dtype="float32")
+    ours.update_parameters(model)
+    ours.load_state_dict(ours.state_dict())
+    assert {str(v.dtype) for v in client.dict(ours.average).values()} == {"float32"}
+
+
 def width(n: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(OrderedDict(a=torch.nn.Linear(6, n), b=torch.nn.BatchNorm1d(n)))

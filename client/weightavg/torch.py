@@ -212,7 +212,7 @@ class RemoteAveragedModel(torch.nn.Module):
         self._stale = False
         start = [(n, t.to(target) if target is not None and t.is_floating_point() else t) for n, t in _state(model, True)]
         self._layout = {name: (t.shape, t.dtype) for name, t in start}
-        """The average's tensors as made: what every model sent must match."""
+        """The average's tensors as made: what every model sent must match, and what a load casts to."""
         if mode == "swa":
             start.append((".n", torch.tensor(0.0, dtype=torch.float64)))  # so the first update copies, as AveragedModel's
         self.average: Handle = push(client, start)
@@ -257,11 +257,12 @@ class RemoteAveragedModel(torch.nn.Module):
         if self.mode == "swa":
             self.n_averaged.fill_(self.client.avgparms(self.source, self.average))
         else:
-            self.client.ema(
+            # The step from n_averaged, so a loaded checkpoint's count carries on (load_state_dict).
+            self.n_averaged.fill_(self.client.ema(
                 self.source, self.average, decay=self.decay, warmup=self.warmup, warmup_gamma=self.warmup_gamma,
                 warmup_power=self.warmup_power, min_decay=self.min_decay, update_after_step=self.update_after_step,
-            )
-            self.n_averaged += 1
+                step=int(self.n_averaged) + 1,
+            ))
         self._stale = True
         if not self.use_buffers:
             kept = list(model.named_buffers())
@@ -269,6 +270,23 @@ class RemoteAveragedModel(torch.nn.Module):
                 # Copied as they are, as AveragedModel does; after the average, which the server
                 # checks, so a refused update has changed nothing.
                 push(self.client, kept, into=self.average)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load an AveragedModel (or RemoteAveragedModel) state dict, and the server's average with
+        it: the local copy's values (cast to the average's dtypes) and the count, so the next
+        update folds into the loaded average as AveragedModel's does, and an EMA's schedule goes on
+        from step n_averaged + 1."""
+        self._pull()  # entries a partial (strict=False) state dict leaves out are the server's
+        result = super().load_state_dict(state_dict, strict, assign)
+        local = self._local()
+        values = [
+            (name, t.detach().to(self._layout[name][1]))
+            for name, t in itertools.chain(local.named_parameters(), local.named_buffers()) if name in self._layout
+        ]
+        if self.mode == "swa":
+            values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
+        push(self.client, values, into=self.average)
+        return result
 
     def pull(self) -> None:
         """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
