@@ -293,3 +293,19 @@ def test_a_parameter_added_then_removed_is_refused_then_averaged_again(client: C
     assert int(ours.n_averaged) == 1
     ours.update_parameters(width(8))
     assert int(ours.n_averaged) == 2
+
+
+def test_a_freed_average_keeps_its_local_copy_and_refuses_updates_without_sending(client: Client) -> None:
+    """free() frees both dictionaries; the local copy keeps the last average; a later update is
+    refused here, before it can leave a new dictionary on the server."""
+    before = len(client.handles())
+    model = net()
+    ours = RemoteAveragedModel(client, model, "swa")
+    ours.update_parameters(model)
+    expected = fetch(client, ours.average)["a.weight"]
+    ours.free()
+    assert len(client.handles()) == before
+    with pytest.raises(RuntimeError, match=r"freed \(free\(\)\); make a new RemoteAveragedModel"):
+        ours.update_parameters(model)
+    assert len(client.handles()) == before
+    assert torch.equal(ours.module.a.weight, expected)

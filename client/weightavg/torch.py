@@ -210,6 +210,7 @@ class RemoteAveragedModel(torch.nn.Module):
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
         self._calls = 0
         self._stale = False
+        self._freed = False
         start = [(n, t.to(target) if target is not None and t.is_floating_point() else t) for n, t in _state(model, True)]
         self._layout = {name: (t.shape, t.dtype) for name, t in start}
         """The average's tensors as made: what every model sent must match, and what a load casts to."""
@@ -248,6 +249,7 @@ class RemoteAveragedModel(torch.nn.Module):
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
         """Fold the model into the server's average (every `every`-th call)."""
+        self._check_not_freed()
         self._calls += 1
         if self._calls % self.every:
             return
@@ -276,6 +278,7 @@ class RemoteAveragedModel(torch.nn.Module):
         it: the local copy's values (cast to the average's dtypes) and the count, so the next
         update folds into the loaded average as AveragedModel's does, and an EMA's schedule goes on
         from step n_averaged + 1."""
+        self._check_not_freed()
         self._pull()  # entries a partial (strict=False) state dict leaves out are the server's
         result = super().load_state_dict(state_dict, strict, assign)
         local = self._local()
@@ -290,13 +293,25 @@ class RemoteAveragedModel(torch.nn.Module):
 
     def pull(self) -> None:
         """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
+        self._check_not_freed()
         self._stale = True
         self._pull()
 
     def free(self) -> None:
-        """Free the server's dictionaries (the average and the last values sent)."""
+        """Free the server's dictionaries (the average and the last values sent). The local copy
+        keeps the average (pulled first if it changed); later updates, loads and pulls are refused."""
+        if self._freed:
+            return
+        self._pull()
         self.client.free(*[h for h in (self.average, self.source) if h is not None])
         self.source = None
+        self._freed = True
+
+    def _check_not_freed(self) -> None:
+        if self._freed:
+            raise RuntimeError(
+                "this RemoteAveragedModel's average was freed (free()); make a new RemoteAveragedModel to average again"
+            )
 
     @torch.no_grad()
     def _pull(self) -> None:
