@@ -219,6 +219,8 @@ def test_bad_arguments_are_refused_before_anything_is_sent(client: Client) -> No
         RemoteAveragedModel(client, net(), every=0)
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         RemoteAveragedModel(client, net(), dtype="int32")
+    with pytest.raises(ValueError, match="dtype must be a floating dtype such as 'float32', not 'float23'"):
+        RemoteAveragedModel(client, net(), dtype="float23")
     assert len(client.handles()) == before
 
 
@@ -309,3 +311,15 @@ def test_a_freed_average_keeps_its_local_copy_and_refuses_updates_without_sendin
         ours.update_parameters(model)
     assert len(client.handles()) == before
     assert torch.equal(ours.module.a.weight, expected)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32, torch.uint16, torch.uint64])
+def test_a_dtype_the_wire_cannot_carry_is_refused_by_name_before_anything_is_sent(client: Client, dtype: torch.dtype) -> None:
+    before = len(client.handles())
+    ok = torch.zeros(2)
+    with pytest.raises(TypeError, match=rf"tensor 'w' is {dtype}, which the wire cannot carry .*; cast it first"):
+        push(client, {"ok": ok, "w": torch.zeros(3).to(dtype)})
+    with pytest.raises(TypeError, match=rf"{dtype}, which the wire cannot carry"):
+        to_array(torch.zeros(3).to(dtype))
+    assert len(client.handles()) == before

@@ -42,11 +42,29 @@ from ._records import Handle
 __all__ = ["RemoteAveragedModel", "fetch", "from_array", "push", "to_array"]
 
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_SENDABLE = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16, torch.int32,
+    torch.int64, torch.bool, torch.complex64, torch.complex128,
+)
+"""The torch dtypes the wire carries (weightavg.wire's table); float8, complex32 and the wide
+unsigned integers have no wire dtype."""
+
+
+def _check_sendable(t: torch.Tensor, what: str) -> None:
+    """TypeError naming `what` and the fix unless the wire carries t's dtype (checked before any
+    conversion: numpy has no float8 or complex32 at all, and its error names neither)."""
+    if t.dtype not in _SENDABLE:
+        carried = ", ".join(str(d).removeprefix("torch.") for d in _SENDABLE)
+        raise TypeError(
+            f"{what} is {t.dtype}, which the wire cannot carry (it carries {carried}); cast it first, "
+            f"e.g. t.to(torch.float32)"
+        )
 
 
 def to_array(t: torch.Tensor) -> npt.NDArray[Any]:
     """A host numpy array with exactly t's values: bfloat16 as ml_dtypes.bfloat16, a CUDA tensor
     copied to the host. For a CPU tensor the array may share t's memory; send it before changing t."""
+    _check_sendable(t, "the tensor")
     host = t.detach().to("cpu").resolve_conj().resolve_neg()
     if host.dtype == torch.bfloat16:
         bits: npt.NDArray[Any] = host.contiguous().view(torch.int16).numpy()
@@ -72,9 +90,12 @@ def from_array(value: Any, device: torch.device | str | None = None) -> torch.Te
 def push(
     client: Client, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], into: HandleLike | None = None
 ) -> Handle:
-    """Send named tensors of any dtype and device: a new dictionary, or (`into`) entries set in one,
-    all or nothing. Returns the dictionary's handle."""
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    """Send named tensors of any device and of the wire's dtypes (float8, complex32 and uint16-64
+    are refused with a TypeError naming the tensor, before anything is sent): a new dictionary, or
+    (`into`) entries set in one, all or nothing. Returns the dictionary's handle."""
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    for name, t in items:
+        _check_sendable(t, f"tensor '{name}'")
     # CUDA tensors as they are: the client sends them through CUDA IPC where it can, else copies
     # them to the host as to_array does.
     arrays = {name: t.detach() if t.is_cuda else to_array(t) for name, t in items}
@@ -199,7 +220,7 @@ class RemoteAveragedModel(torch.nn.Module):
         self.every = every
         self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
         self.warmup_gamma, self.warmup_power, self.update_after_step = warmup_gamma, warmup_power, update_after_step
-        target = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        target = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a str: refused below
         if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point):
             raise ValueError(f"dtype must be a floating dtype such as 'float32', not {dtype!r}")
         local = copy.deepcopy(model)
