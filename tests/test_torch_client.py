@@ -323,3 +323,24 @@ def test_a_dtype_the_wire_cannot_carry_is_refused_by_name_before_anything_is_sen
     with pytest.raises(TypeError, match=rf"{dtype}, which the wire cannot carry"):
         to_array(torch.zeros(3).to(dtype))
     assert len(client.handles()) == before
+
+
+NAMES = ["a.b.c", "ünï©ødé/名前", "x" * 100_000, "a\x00b", "\n", "a/b\\c"]
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["stream", "shared-memory"])
+def test_names_of_any_text_round_trip_and_one_that_is_not_utf8_is_refused_before_any_call(
+    start_server: Any, shm: bool
+) -> None:
+    """Entry names are UTF-8 strings: dots, non-ASCII, control characters and 100,000 characters come
+    back as they went. A lone surrogate has no UTF-8 form: it used to fail inside gRPC's request
+    thread, UNKNOWN 'Exception iterating requests!'."""
+    server = start_server(allow_shm=True)
+    with Client(server.address, shm=shm, timeout=60) as c:
+        values = {name: torch.full((2,), float(i)) for i, name in enumerate(NAMES)}
+        back = fetch(c, push(c, values))
+        assert list(back) == NAMES and all(torch.equal(back[n], v) for n, v in values.items())
+        before = len(c.handles())
+        with pytest.raises(ValueError, match=r"name 'a\\ud800' is not valid UTF-8"):
+            push(c, {"ok": torch.ones(1), "a\ud800": torch.ones(1)})
+        assert len(c.handles()) == before
