@@ -344,3 +344,20 @@ def test_names_of_any_text_round_trip_and_one_that_is_not_utf8_is_refused_before
         with pytest.raises(ValueError, match=r"name 'a\\ud800' is not valid UTF-8"):
             push(c, {"ok": torch.ones(1), "a\ud800": torch.ones(1)})
         assert len(c.handles()) == before
+
+
+def test_copying_or_pickling_the_object_is_refused_with_what_to_do_instead(client: Client) -> None:
+    """It holds a connection and server handles (a copy would share, and free, the one average):
+    deepcopy and torch.save of the object used to fail deep inside gRPC's channel ('no default
+    __reduce__ due to non-trivial __cinit__'); its state dict and local copy copy as usual."""
+    import copy
+    import io
+
+    model = net()
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.5)
+    ours.update_parameters(model)
+    for action in (lambda: copy.deepcopy(ours), lambda: torch.save(ours, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*torch\.save\(ema\.state_dict\(\)"):
+            action()
+    assert torch.equal(copy.deepcopy(ours.module).a.weight, ours.module.a.weight)
+    torch.save(ours.state_dict(), io.BytesIO())

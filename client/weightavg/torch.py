@@ -294,6 +294,15 @@ class RemoteAveragedModel(torch.nn.Module):
                 # checks, so a refused update has changed nothing.
                 push(self.client, kept, into=self.average)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # deepcopy and pickle come here; without this they failed inside gRPC's channel with a
+        # message that named neither this object nor what to do.
+        raise TypeError(
+            "a RemoteAveragedModel holds a connection and server handles, so it cannot be copied or pickled "
+            "(a copy would share, and could free, the one average): save torch.save(ema.state_dict(), path) "
+            "and load it into a new RemoteAveragedModel, or copy ema.module"
+        )
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load an AveragedModel (or RemoteAveragedModel) state dict, and the server's average with
         it: the local copy's values (cast to the average's dtypes) and the count, so the next
