@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn, update_bn
 
 from weightavg import Client
 from weightavg.torch import RemoteAveragedModel, fetch, from_array, push, to_array
@@ -361,3 +361,25 @@ def test_copying_or_pickling_the_object_is_refused_with_what_to_do_instead(clien
             action()
     assert torch.equal(copy.deepcopy(ours.module).a.weight, ours.module.a.weight)
     torch.save(ours.state_dict(), io.BytesIO())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_the_average_is_bit_identical_to_averaged_models_foreach_lerp(client: Client, mode: str, dtype: torch.dtype) -> None:
+    """The server lerps as torch's `_foreach_lerp_` does: SWA equals AveragedModel with
+    get_swa_multi_avg_fn() (its default on CUDA; its CPU default divides instead, a few ulps off)
+    and EMA get_ema_multi_avg_fn, bit for bit, in the model's own dtype."""
+    model = net().to(dtype)
+    fn = get_ema_multi_avg_fn(0.9) if mode == "ema" else get_swa_multi_avg_fn()
+    oracle = AveragedModel(model, multi_avg_fn=fn)
+    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(dtype))
+        oracle.update_parameters(model)
+        ours.update_parameters(model)
+    theirs = oracle.state_dict()
+    for name, value in ours.state_dict().items():
+        assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
