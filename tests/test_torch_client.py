@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn, update_bn
 
-from weightavg import Client
+from weightavg import Client, NotFoundError
 from weightavg.torch import RemoteAveragedModel, fetch, from_array, push, to_array
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,3 +383,20 @@ def test_the_average_is_bit_identical_to_averaged_models_foreach_lerp(client: Cl
     theirs = oracle.state_dict()
     for name, value in ours.state_dict().items():
         assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
+
+
+def test_an_average_the_server_no_longer_holds_says_why_and_how_to_resume(start_server: Any) -> None:
+    """A server restarted without --state-dir holds none of the object's dictionaries: the update
+    and the pull say so and how to go on, where they said only "unknown handle 'dic_...' (never
+    created, or already freed)"."""
+    first = start_server()
+    model = net()
+    with Client(first.address, timeout=60) as c:
+        ours = RemoteAveragedModel(c, model, "ema", decay=0.5)
+        ours.update_parameters(model)
+        c.purge()  # what a restart without a state directory leaves: none of its handles
+        expected = r"the server no longer holds this RemoteAveragedModel's average .*restarted without --state-dir.*load_state_dict"
+        with pytest.raises(NotFoundError, match=expected):
+            ours.update_parameters(model)
+        with pytest.raises(NotFoundError, match=expected):
+            ours.pull()

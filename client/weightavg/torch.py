@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
     ) from exc
 
 from ._client import Client, HandleLike, _id
+from ._errors import NotFoundError
 from ._records import Handle
 
 __all__ = ["RemoteAveragedModel", "fetch", "from_array", "push", "to_array"]
@@ -275,6 +277,11 @@ class RemoteAveragedModel(torch.nn.Module):
         if self._calls % self.every:
             return
         _check_layout(model, self._layout)
+        with self._held():
+            self._update(model)
+
+    def _update(self, model: torch.nn.Module) -> None:
+        """Send a checked model and fold it in; the buffers copied after the average (see below)."""
         sent = _state(model, self.use_buffers)
         self.source = push(self.client, sent, into=self.source)
         if self.mode == "swa":
@@ -293,6 +300,19 @@ class RemoteAveragedModel(torch.nn.Module):
                 # Copied as they are, as AveragedModel does; after the average, which the server
                 # checks, so a refused update has changed nothing.
                 push(self.client, kept, into=self.average)
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """Calls on the object's dictionaries: NOT_FOUND, which can only mean the server lost them,
+        raised again saying so and how to go on."""
+        try:
+            yield
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"the server no longer holds this RemoteAveragedModel's average ({exc.message}): it restarted "
+                "without --state-dir, or the dictionaries were freed; make a new RemoteAveragedModel and "
+                "load_state_dict() your last checkpoint into it to go on"
+            ) from exc
 
     def __getstate__(self) -> dict[str, Any]:
         # deepcopy and pickle come here; without this they failed inside gRPC's channel with a
@@ -318,7 +338,8 @@ class RemoteAveragedModel(torch.nn.Module):
         ]
         if self.mode == "swa":
             values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
-        push(self.client, values, into=self.average)
+        with self._held():
+            push(self.client, values, into=self.average)
         return result
 
     def pull(self) -> None:
@@ -351,7 +372,8 @@ class RemoteAveragedModel(torch.nn.Module):
         devices = {t.device for t in itertools.chain(local.parameters(), local.buffers())}
         # A model on one GPU gets the average device to device where the client can (CUDA IPC).
         device = next(iter(devices)) if len(devices) == 1 and next(iter(devices)).type == "cuda" else None
-        values = fetch(self.client, self.average, device)
+        with self._held():
+            values = fetch(self.client, self.average, device)
         for name, t in itertools.chain(local.named_parameters(), local.named_buffers()):
             if name in values:
                 t.copy_(values[name])
