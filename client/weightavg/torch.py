@@ -166,7 +166,8 @@ class RemoteAveragedModel(torch.nn.Module):
     model's tensors and folds them in there (avgparms for "swa", the equal-weight mean; ema for
     "ema", with timm's schedule). `module`, `state_dict()` and calls pull the average into a local
     copy of the model first, so `update_bn(loader, swa.module)` (or on the object itself) works
-    on the pulled copy; a later update replaces it.
+    on the pulled copy; a later update replaces it. `load_state_dict` loads the server's average and
+    count too, so a job resumes from a checkpoint as it would with AveragedModel.
 
     Args:
         client: a connected weightavg Client.
@@ -186,6 +187,9 @@ class RemoteAveragedModel(torch.nn.Module):
     Raises:
         ValueError: from update_parameters, for a model whose parameter and buffer names or shapes
             differ from the one it was made with (nothing is sent, nothing changes).
+        NotFoundError: the server no longer holds the average (restarted without --state-dir).
+        RuntimeError: after free().
+        TypeError: from copy.deepcopy or pickle (save the state dict instead).
 
     Differences from AveragedModel: integer buffers are copied, not averaged; nothing is averaged on
     the model's device; a model of another layout is refused, where AveragedModel pairs tensors by
