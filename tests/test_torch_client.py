@@ -400,3 +400,42 @@ def test_an_average_the_server_no_longer_holds_says_why_and_how_to_resume(start_
             ours.update_parameters(model)
         with pytest.raises(NotFoundError, match=expected):
             ours.pull()
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel", "DistributedDataParallel"])
+def test_a_wrapped_model_updates_the_average_as_averaged_model_takes_it(
+    client: Client, wrap: str, tmp_path: Path
+) -> None:
+    """timm's and torch's recipes make the average of the bare model, then train it compiled or
+    wrapped for data parallelism, and update with the wrapper, whose parameter names carry
+    '_orig_mod.' or 'module.'. AveragedModel pairs tensors by position and takes it; ours refused
+    it as a model of another layout. The average is kept by the bare model's names."""
+    import torch.distributed as dist
+
+    model = net()
+    oracle = oracle_for(model, "ema", False, decay=0.9)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.9)
+    if wrap == "DistributedDataParallel":
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped: torch.nn.Module = (
+            torch.compile(model, backend="eager") if wrap == "compile"  # type: ignore[assignment]
+            else torch.nn.DataParallel(model) if wrap == "DataParallel"
+            else torch.nn.parallel.DistributedDataParallel(model)
+        )
+        assert all(name.startswith(("_orig_mod.", "module.")) for name, _ in wrapped.named_parameters())
+        train(model, [])
+        for average in (oracle, ours):
+            average.update_parameters(wrapped)
+        train(model, [])
+        for average in (oracle, ours):
+            average.update_parameters(model)  # the bare model again: the same average
+        wrapped_ours = RemoteAveragedModel(client, wrapped, "ema", decay=0.9)  # made from the wrapper
+        wrapped_ours.update_parameters(model)
+        wrapped_ours.update_parameters(wrapped)
+        assert list(wrapped_ours.state_dict()) == list(AveragedModel(wrapped).state_dict())
+    finally:
+        if wrap == "DistributedDataParallel":
+            dist.destroy_process_group()
+    assert int(ours.n_averaged) == 2
+    assert_same_floats(ours.state_dict(), oracle.state_dict())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -135,8 +136,26 @@ def fetch(
     return {name: from_array(value, device) for name, value in values.items()}
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile's and (Distributed)DataParallel's wrappers, whose tensors'
+    names carry '_orig_mod.' or 'module.': the average is kept by the model's own names, so the
+    wrapper and the bare model update one average (AveragedModel, pairing by position, takes both)."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        # torch.compile's wrapper; its module is loaded wherever a model was compiled.
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        inner = getattr(model, "_orig_mod", None)
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule) and isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        return model
+
+
 def _state(model: torch.nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
-    """A model's parameters, then (with `buffers`) its buffers, by dotted name."""
+    """A model's parameters, then (with `buffers`) its buffers, by dotted name (inside any wrapper)."""
+    model = _unwrapped(model)
     named = [(name, p.detach()) for name, p in model.named_parameters()]
     return named + list(model.named_buffers()) if buffers else named
 
@@ -299,7 +318,7 @@ class RemoteAveragedModel(torch.nn.Module):
             ))
         self._stale = True
         if not self.use_buffers:
-            kept = list(model.named_buffers())
+            kept = list(_unwrapped(model).named_buffers())
             if kept:
                 # Copied as they are, as AveragedModel does; after the average, which the server
                 # checks, so a refused update has changed nothing.
@@ -335,7 +354,7 @@ class RemoteAveragedModel(torch.nn.Module):
         self._check_not_freed()
         self._pull()  # entries a partial (strict=False) state dict leaves out are the server's
         result = super().load_state_dict(state_dict, strict, assign)
-        local = self._local()
+        local = _unwrapped(self._local())
         values = [
             (name, t.detach().to(self._layout[name][1]))
             for name, t in itertools.chain(local.named_parameters(), local.named_buffers()) if name in self._layout
@@ -378,7 +397,8 @@ class RemoteAveragedModel(torch.nn.Module):
         device = next(iter(devices)) if len(devices) == 1 and next(iter(devices)).type == "cuda" else None
         with self._held():
             values = fetch(self.client, self.average, device)
-        for name, t in itertools.chain(local.named_parameters(), local.named_buffers()):
+        named = _unwrapped(local)
+        for name, t in itertools.chain(named.named_parameters(), named.named_buffers()):
             if name in values:
                 t.copy_(values[name])
         self._stale = False
