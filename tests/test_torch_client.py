@@ -221,6 +221,8 @@ def test_bad_arguments_are_refused_before_anything_is_sent(client: Client) -> No
         RemoteAveragedModel(client, net(), dtype="int32")
     with pytest.raises(ValueError, match="dtype must be a floating dtype such as 'float32', not 'float23'"):
         RemoteAveragedModel(client, net(), dtype="float23")
+    with pytest.raises(ValueError, match="dtype must be a floating dtype such as 'float32', not 'float8_e4m3fn'"):
+        RemoteAveragedModel(client, net(), dtype="float8_e4m3fn")  # floating, but the wire has no float8
     assert len(client.handles()) == before
 
 

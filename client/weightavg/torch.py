@@ -246,8 +246,11 @@ class RemoteAveragedModel(torch.nn.Module):
         self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
         self.warmup_gamma, self.warmup_power, self.update_after_step = warmup_gamma, warmup_power, update_after_step
         target = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a str: refused below
-        if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point):
-            raise ValueError(f"dtype must be a floating dtype such as 'float32', not {dtype!r}")
+        if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point and target in _SENDABLE):
+            raise ValueError(
+                f"dtype must be a floating dtype such as 'float32', not {dtype!r} (the wire carries float32, "
+                "float64, float16 and bfloat16)"
+            )
         local = copy.deepcopy(model)
         if device is not None:
             local.to(device)
