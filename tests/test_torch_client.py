@@ -10,6 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -441,3 +442,16 @@ def test_a_wrapped_model_updates_the_average_as_averaged_model_takes_it(
             dist.destroy_process_group()
     assert int(ours.n_averaged) == 2
     assert_same_floats(ours.state_dict(), oracle.state_dict())
+
+
+def test_a_read_only_or_strided_array_converts_with_its_shape() -> None:
+    """from_array copies an array torch cannot share (read-only, as np.frombuffer's and
+    safetensors.numpy's are, or not C-contiguous); the copy turned a 0-dim array into shape [1]."""
+    scalar = np.frombuffer(np.float32(2.5).tobytes(), np.float32).reshape(())
+    assert not scalar.flags.writeable
+    t = from_array(scalar)
+    assert t.shape == () and t.dtype == torch.float32 and t.item() == 2.5
+    bf16 = np.frombuffer(np.array(1.5, ml_dtypes.bfloat16).tobytes(), ml_dtypes.bfloat16).reshape(())
+    assert from_array(bf16).shape == () and from_array(bf16).dtype == torch.bfloat16
+    fortran = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
+    assert torch.equal(from_array(fortran), torch.arange(6, dtype=torch.int16).reshape(2, 3))

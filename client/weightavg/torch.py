@@ -82,7 +82,7 @@ def from_array(value: Any, device: torch.device | str | None = None) -> torch.Te
     if not array.dtype.isnative:  # torch takes only the machine's byte order
         array = array.astype(array.dtype.newbyteorder("="))
     if not array.flags.writeable or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array).copy()
+        array = array.copy(order="C")  # not ascontiguousarray: it makes a 0-dim array 1-dim
     if array.dtype == _BFLOAT16:
         t = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     else:
