@@ -455,3 +455,15 @@ def test_a_read_only_or_strided_array_converts_with_its_shape() -> None:
     assert from_array(bf16).shape == () and from_array(bf16).dtype == torch.bfloat16
     fortran = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
     assert torch.equal(from_array(fortran), torch.arange(6, dtype=torch.int16).reshape(2, 3))
+
+
+def test_a_refused_update_does_not_count_towards_every(client: Client) -> None:
+    """A refused call leaves the object as it was, its count of calls included: with every=2 the
+    call after a refused second call is the second and is sent."""
+    model = width(8)
+    ours = RemoteAveragedModel(client, model, "swa", every=2)
+    ours.update_parameters(model)  # the first call: not sent
+    with pytest.raises(ValueError, match="has shape"):
+        ours.update_parameters(width(5))
+    ours.update_parameters(model)
+    assert int(ours.n_averaged) == 1

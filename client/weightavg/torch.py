@@ -299,10 +299,12 @@ class RemoteAveragedModel(torch.nn.Module):
     def update_parameters(self, model: torch.nn.Module) -> None:
         """Fold the model into the server's average (every `every`-th call)."""
         self._check_not_freed()
+        due = (self._calls + 1) % self.every == 0
+        if due:
+            _check_layout(model, self._layout)  # before the count: a refused call changes nothing
         self._calls += 1
-        if self._calls % self.every:
+        if not due:
             return
-        _check_layout(model, self._layout)
         with self._held():
             self._update(model)
 
