@@ -8,13 +8,15 @@ import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn, update_bn
 
-from weightavg import Client
+from weightavg import Client, NotFoundError
 from weightavg.torch import RemoteAveragedModel, fetch, from_array, push, to_array
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,4 +220,250 @@ def test_bad_arguments_are_refused_before_anything_is_sent(client: Client) -> No
         RemoteAveragedModel(client, net(), every=0)
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         RemoteAveragedModel(client, net(), dtype="int32")
+    with pytest.raises(ValueError, match="dtype must be a floating dtype such as 'float32', not 'float23'"):
+        RemoteAveragedModel(client, net(), dtype="float23")
+    with pytest.raises(ValueError, match="dtype must be a floating dtype such as 'float32', not 'float8_e4m3fn'"):
+        RemoteAveragedModel(client, net(), dtype="float8_e4m3fn")  # floating, but the wire has no float8
     assert len(client.handles()) == before
+
+
+# -- a checkpoint, a changed model ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_loaded_checkpoint_resumes_as_averaged_model_resumes(client: Client, mode: str) -> None:
+    """Save both averages halfway, load the checkpoints into fresh objects (a restarted job), train on:
+    ours must fold the rest into the loaded average and count on from n_averaged, as AveragedModel
+    does, not start a new average at the first update after the load."""
+    model = net()
+    oracle = oracle_for(model, mode, False, decay=0.9)
+    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    train(model, [oracle, ours])
+    saved, ours_saved = oracle.state_dict(), ours.state_dict()
+    resumed_oracle = oracle_for(net(seed=5), mode, False, decay=0.9)
+    resumed_oracle.load_state_dict(saved)
+    resumed = RemoteAveragedModel(client, net(seed=5), mode, decay=0.9)
+    resumed.load_state_dict(ours_saved)
+    assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
+    train(model, [resumed_oracle, resumed])
+    assert int(resumed.n_averaged) == int(resumed_oracle.n_averaged) == 2 * STEPS
+    assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
+
+
+def test_a_loaded_checkpoint_keeps_a_float32_average_in_float32(client: Client) -> None:
+    """The local copy (and so the checkpoint) holds the model's bfloat16; loading it must not turn the
+    server's float32 average into a bfloat16 one, which would stall."""
+    model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.999, dtype="float32")
+    ours.update_parameters(model)
+    ours.load_state_dict(ours.state_dict())
+    assert {str(v.dtype) for v in client.dict(ours.average).values()} == {"float32"}
+
+
+def width(n: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict(a=torch.nn.Linear(6, n), b=torch.nn.BatchNorm1d(n)))
+
+
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_model_of_another_shape_is_refused_and_changes_nothing(client: Client, unchanged: Any, mode: str) -> None:
+    model = width(8)
+    ours = RemoteAveragedModel(client, model, mode)
+    ours.update_parameters(model)
+    with unchanged():
+        with pytest.raises(ValueError, match=r"'a\.weight' has shape \[5, 6\] but the average's is \[8, 6\]"):
+            ours.update_parameters(width(5))
+    assert int(ours.n_averaged) == 1
+    ours.update_parameters(model)
+    assert int(ours.n_averaged) == 2
+    assert ours.module.b.running_mean.shape == (8,)
+
+
+def test_a_parameter_added_then_removed_is_refused_then_averaged_again(client: Client, unchanged: Any) -> None:
+    """A model that gained a parameter is refused with its name, changing nothing; once it is gone
+    again the updates go on (the values sent for it must not stay behind and block every update)."""
+    model = width(8)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.5)
+    ours.update_parameters(model)
+    model.extra = torch.nn.Parameter(torch.ones(2))
+    with unchanged():
+        with pytest.raises(ValueError, match="the model's 'extra' is not in the average"):
+            ours.update_parameters(model)
+    del model.extra
+    del model.a.bias
+    model.a.register_parameter("bias", None)
+    with unchanged():
+        with pytest.raises(ValueError, match="the average's 'a.bias' is not in the model"):
+            ours.update_parameters(model)
+    assert int(ours.n_averaged) == 1
+    ours.update_parameters(width(8))
+    assert int(ours.n_averaged) == 2
+
+
+def test_a_freed_average_keeps_its_local_copy_and_refuses_updates_without_sending(client: Client) -> None:
+    """free() frees both dictionaries; the local copy keeps the last average; a later update is
+    refused here, before it can leave a new dictionary on the server."""
+    before = len(client.handles())
+    model = net()
+    ours = RemoteAveragedModel(client, model, "swa")
+    ours.update_parameters(model)
+    expected = fetch(client, ours.average)["a.weight"]
+    ours.free()
+    assert len(client.handles()) == before
+    with pytest.raises(RuntimeError, match=r"freed \(free\(\)\); make a new RemoteAveragedModel"):
+        ours.update_parameters(model)
+    assert len(client.handles()) == before
+    assert torch.equal(ours.module.a.weight, expected)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32, torch.uint16, torch.uint64])
+def test_a_dtype_the_wire_cannot_carry_is_refused_by_name_before_anything_is_sent(client: Client, dtype: torch.dtype) -> None:
+    before = len(client.handles())
+    ok = torch.zeros(2)
+    with pytest.raises(TypeError, match=rf"tensor 'w' is {dtype}, which the wire cannot carry .*; cast it first"):
+        push(client, {"ok": ok, "w": torch.zeros(3).to(dtype)})
+    with pytest.raises(TypeError, match=rf"{dtype}, which the wire cannot carry"):
+        to_array(torch.zeros(3).to(dtype))
+    assert len(client.handles()) == before
+
+
+NAMES = ["a.b.c", "ünï©ødé/名前", "x" * 100_000, "a\x00b", "\n", "a/b\\c"]
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["stream", "shared-memory"])
+def test_names_of_any_text_round_trip_and_one_that_is_not_utf8_is_refused_before_any_call(
+    start_server: Any, shm: bool
+) -> None:
+    """Entry names are UTF-8 strings: dots, non-ASCII, control characters and 100,000 characters come
+    back as they went. A lone surrogate has no UTF-8 form: it used to fail inside gRPC's request
+    thread, UNKNOWN 'Exception iterating requests!'."""
+    server = start_server(allow_shm=True)
+    with Client(server.address, shm=shm, timeout=60) as c:
+        values = {name: torch.full((2,), float(i)) for i, name in enumerate(NAMES)}
+        back = fetch(c, push(c, values))
+        assert list(back) == NAMES and all(torch.equal(back[n], v) for n, v in values.items())
+        before = len(c.handles())
+        with pytest.raises(ValueError, match=r"name 'a\\ud800' is not valid UTF-8"):
+            push(c, {"ok": torch.ones(1), "a\ud800": torch.ones(1)})
+        assert len(c.handles()) == before
+
+
+def test_copying_or_pickling_the_object_is_refused_with_what_to_do_instead(client: Client) -> None:
+    """It holds a connection and server handles (a copy would share, and free, the one average):
+    deepcopy and torch.save of the object used to fail deep inside gRPC's channel ('no default
+    __reduce__ due to non-trivial __cinit__'); its state dict and local copy copy as usual."""
+    import copy
+    import io
+
+    model = net()
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.5)
+    ours.update_parameters(model)
+    for action in (lambda: copy.deepcopy(ours), lambda: torch.save(ours, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*torch\.save\(ema\.state_dict\(\)"):
+            action()
+    assert torch.equal(copy.deepcopy(ours.module).a.weight, ours.module.a.weight)
+    torch.save(ours.state_dict(), io.BytesIO())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_the_average_is_bit_identical_to_averaged_models_foreach_lerp(client: Client, mode: str, dtype: torch.dtype) -> None:
+    """The server lerps as torch's `_foreach_lerp_` does: SWA equals AveragedModel with
+    get_swa_multi_avg_fn() (its default on CUDA; its CPU default divides instead, a few ulps off)
+    and EMA get_ema_multi_avg_fn, bit for bit, in the model's own dtype."""
+    model = net().to(dtype)
+    fn = get_ema_multi_avg_fn(0.9) if mode == "ema" else get_swa_multi_avg_fn()
+    oracle = AveragedModel(model, multi_avg_fn=fn)
+    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(dtype))
+        oracle.update_parameters(model)
+        ours.update_parameters(model)
+    theirs = oracle.state_dict()
+    for name, value in ours.state_dict().items():
+        assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
+
+
+def test_an_average_the_server_no_longer_holds_says_why_and_how_to_resume(start_server: Any) -> None:
+    """A server restarted without --state-dir holds none of the object's dictionaries: the update
+    and the pull say so and how to go on, where they said only "unknown handle 'dic_...' (never
+    created, or already freed)"."""
+    first = start_server()
+    model = net()
+    with Client(first.address, timeout=60) as c:
+        ours = RemoteAveragedModel(c, model, "ema", decay=0.5)
+        ours.update_parameters(model)
+        c.purge()  # what a restart without a state directory leaves: none of its handles
+        expected = r"the server no longer holds this RemoteAveragedModel's average .*restarted without --state-dir.*load_state_dict"
+        with pytest.raises(NotFoundError, match=expected):
+            ours.update_parameters(model)
+        with pytest.raises(NotFoundError, match=expected):
+            ours.pull()
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel", "DistributedDataParallel"])
+def test_a_wrapped_model_updates_the_average_as_averaged_model_takes_it(
+    client: Client, wrap: str, tmp_path: Path
+) -> None:
+    """timm's and torch's recipes make the average of the bare model, then train it compiled or
+    wrapped for data parallelism, and update with the wrapper, whose parameter names carry
+    '_orig_mod.' or 'module.'. AveragedModel pairs tensors by position and takes it; ours refused
+    it as a model of another layout. The average is kept by the bare model's names."""
+    import torch.distributed as dist
+
+    model = net()
+    oracle = oracle_for(model, "ema", False, decay=0.9)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.9)
+    if wrap == "DistributedDataParallel":
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped: torch.nn.Module = (
+            torch.compile(model, backend="eager") if wrap == "compile"  # type: ignore[assignment]
+            else torch.nn.DataParallel(model) if wrap == "DataParallel"
+            else torch.nn.parallel.DistributedDataParallel(model)
+        )
+        assert all(name.startswith(("_orig_mod.", "module.")) for name, _ in wrapped.named_parameters())
+        train(model, [])
+        for average in (oracle, ours):
+            average.update_parameters(wrapped)
+        train(model, [])
+        for average in (oracle, ours):
+            average.update_parameters(model)  # the bare model again: the same average
+        wrapped_ours = RemoteAveragedModel(client, wrapped, "ema", decay=0.9)  # made from the wrapper
+        wrapped_ours.update_parameters(model)
+        wrapped_ours.update_parameters(wrapped)
+        assert list(wrapped_ours.state_dict()) == list(AveragedModel(wrapped).state_dict())
+    finally:
+        if wrap == "DistributedDataParallel":
+            dist.destroy_process_group()
+    assert int(ours.n_averaged) == 2
+    assert_same_floats(ours.state_dict(), oracle.state_dict())
+
+
+def test_a_read_only_or_strided_array_converts_with_its_shape() -> None:
+    """from_array copies an array torch cannot share (read-only, as np.frombuffer's and
+    safetensors.numpy's are, or not C-contiguous); the copy turned a 0-dim array into shape [1]."""
+    scalar = np.frombuffer(np.float32(2.5).tobytes(), np.float32).reshape(())
+    assert not scalar.flags.writeable
+    t = from_array(scalar)
+    assert t.shape == () and t.dtype == torch.float32 and t.item() == 2.5
+    bf16 = np.frombuffer(np.array(1.5, ml_dtypes.bfloat16).tobytes(), ml_dtypes.bfloat16).reshape(())
+    assert from_array(bf16).shape == () and from_array(bf16).dtype == torch.bfloat16
+    fortran = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
+    assert torch.equal(from_array(fortran), torch.arange(6, dtype=torch.int16).reshape(2, 3))
+
+
+def test_a_refused_update_does_not_count_towards_every(client: Client) -> None:
+    """A refused call leaves the object as it was, its count of calls included: with every=2 the
+    call after a refused second call is the second and is sent."""
+    model = width(8)
+    ours = RemoteAveragedModel(client, model, "swa", every=2)
+    ours.update_parameters(model)  # the first call: not sent
+    with pytest.raises(ValueError, match="has shape"):
+        ours.update_parameters(width(5))
+    ours.update_parameters(model)
+    assert int(ours.n_averaged) == 1

@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -37,16 +39,35 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
     ) from exc
 
 from ._client import Client, HandleLike, _id
+from ._errors import NotFoundError
 from ._records import Handle
 
 __all__ = ["RemoteAveragedModel", "fetch", "from_array", "push", "to_array"]
 
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_SENDABLE = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16, torch.int32,
+    torch.int64, torch.bool, torch.complex64, torch.complex128,
+)
+"""The torch dtypes the wire carries (weightavg.wire's table); float8, complex32 and the wide
+unsigned integers have no wire dtype."""
+
+
+def _check_sendable(t: torch.Tensor, what: str) -> None:
+    """TypeError naming `what` and the fix unless the wire carries t's dtype (checked before any
+    conversion: numpy has no float8 or complex32 at all, and its error names neither)."""
+    if t.dtype not in _SENDABLE:
+        carried = ", ".join(str(d).removeprefix("torch.") for d in _SENDABLE)
+        raise TypeError(
+            f"{what} is {t.dtype}, which the wire cannot carry (it carries {carried}); cast it first, "
+            f"e.g. t.to(torch.float32)"
+        )
 
 
 def to_array(t: torch.Tensor) -> npt.NDArray[Any]:
     """A host numpy array with exactly t's values: bfloat16 as ml_dtypes.bfloat16, a CUDA tensor
     copied to the host. For a CPU tensor the array may share t's memory; send it before changing t."""
+    _check_sendable(t, "the tensor")
     host = t.detach().to("cpu").resolve_conj().resolve_neg()
     if host.dtype == torch.bfloat16:
         bits: npt.NDArray[Any] = host.contiguous().view(torch.int16).numpy()
@@ -61,7 +82,7 @@ def from_array(value: Any, device: torch.device | str | None = None) -> torch.Te
     if not array.dtype.isnative:  # torch takes only the machine's byte order
         array = array.astype(array.dtype.newbyteorder("="))
     if not array.flags.writeable or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array).copy()
+        array = array.copy(order="C")  # not ascontiguousarray: it makes a 0-dim array 1-dim
     if array.dtype == _BFLOAT16:
         t = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     else:
@@ -72,9 +93,12 @@ def from_array(value: Any, device: torch.device | str | None = None) -> torch.Te
 def push(
     client: Client, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], into: HandleLike | None = None
 ) -> Handle:
-    """Send named tensors of any dtype and device: a new dictionary, or (`into`) entries set in one,
-    all or nothing. Returns the dictionary's handle."""
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    """Send named tensors of any device and of the wire's dtypes (float8, complex32 and uint16-64
+    are refused with a TypeError naming the tensor, before anything is sent): a new dictionary, or
+    (`into`) entries set in one, all or nothing. Returns the dictionary's handle."""
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    for name, t in items:
+        _check_sendable(t, f"tensor '{name}'")
     # CUDA tensors as they are: the client sends them through CUDA IPC where it can, else copies
     # them to the host as to_array does.
     arrays = {name: t.detach() if t.is_cuda else to_array(t) for name, t in items}
@@ -112,10 +136,46 @@ def fetch(
     return {name: from_array(value, device) for name, value in values.items()}
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile's and (Distributed)DataParallel's wrappers, whose tensors'
+    names carry '_orig_mod.' or 'module.': the average is kept by the model's own names, so the
+    wrapper and the bare model update one average (AveragedModel, pairing by position, takes both)."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        # torch.compile's wrapper; its module is loaded wherever a model was compiled.
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        inner = getattr(model, "_orig_mod", None)
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule) and isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        return model
+
+
 def _state(model: torch.nn.Module, buffers: bool) -> list[tuple[str, torch.Tensor]]:
-    """A model's parameters, then (with `buffers`) its buffers, by dotted name."""
+    """A model's parameters, then (with `buffers`) its buffers, by dotted name (inside any wrapper)."""
+    model = _unwrapped(model)
     named = [(name, p.detach()) for name, p in model.named_parameters()]
     return named + list(model.named_buffers()) if buffers else named
+
+
+def _check_layout(model: torch.nn.Module, layout: Mapping[str, tuple[torch.Size, torch.dtype]]) -> None:
+    """ValueError, naming the first difference, unless the model has exactly the average's tensors
+    (names and shapes; dtypes may differ, the server casts). An update of another model would
+    fold in some tensors and not others, or replace buffers with ones of another shape."""
+    state = dict(_state(model, True))
+    fix = "nothing was sent; make a new RemoteAveragedModel for a model of another layout"
+    for name, t in state.items():
+        if name not in layout:
+            raise ValueError(f"the model's '{name}' is not in the average; {fix}")
+        if t.shape != layout[name][0]:
+            raise ValueError(
+                f"the model's '{name}' has shape {list(t.shape)} but the average's is {list(layout[name][0])}; {fix}"
+            )
+    for name in layout:
+        if name not in state:
+            raise ValueError(f"the average's '{name}' is not in the model; {fix}")
 
 
 class RemoteAveragedModel(torch.nn.Module):
@@ -125,7 +185,8 @@ class RemoteAveragedModel(torch.nn.Module):
     model's tensors and folds them in there (avgparms for "swa", the equal-weight mean; ema for
     "ema", with timm's schedule). `module`, `state_dict()` and calls pull the average into a local
     copy of the model first, so `update_bn(loader, swa.module)` (or on the object itself) works
-    on the pulled copy; a later update replaces it.
+    on the pulled copy; a later update replaces it. `load_state_dict` loads the server's average and
+    count too, so a job resumes from a checkpoint as it would with AveragedModel.
 
     Args:
         client: a connected weightavg Client.
@@ -142,8 +203,16 @@ class RemoteAveragedModel(torch.nn.Module):
             average stalls); default: each tensor's own. The local copy keeps the model's dtypes.
         device: where the local copy lives (default: where the model is).
 
+    Raises:
+        ValueError: from update_parameters, for a model whose parameter and buffer names or shapes
+            differ from the one it was made with (nothing is sent, nothing changes).
+        NotFoundError: the server no longer holds the average (restarted without --state-dir).
+        RuntimeError: after free().
+        TypeError: from copy.deepcopy or pickle (save the state dict instead).
+
     Differences from AveragedModel: integer buffers are copied, not averaged; nothing is averaged on
-    the model's device.
+    the model's device; a model of another layout is refused, where AveragedModel pairs tensors by
+    position and averages whatever lines up.
     """
 
     n_averaged: torch.Tensor
@@ -176,9 +245,12 @@ class RemoteAveragedModel(torch.nn.Module):
         self.every = every
         self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
         self.warmup_gamma, self.warmup_power, self.update_after_step = warmup_gamma, warmup_power, update_after_step
-        target = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point):
-            raise ValueError(f"dtype must be a floating dtype such as 'float32', not {dtype!r}")
+        target = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a str: refused below
+        if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point and target in _SENDABLE):
+            raise ValueError(
+                f"dtype must be a floating dtype such as 'float32', not {dtype!r} (the wire carries float32, "
+                "float64, float16 and bfloat16)"
+            )
         local = copy.deepcopy(model)
         if device is not None:
             local.to(device)
@@ -187,7 +259,10 @@ class RemoteAveragedModel(torch.nn.Module):
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
         self._calls = 0
         self._stale = False
+        self._freed = False
         start = [(n, t.to(target) if target is not None and t.is_floating_point() else t) for n, t in _state(model, True)]
+        self._layout = {name: (t.shape, t.dtype) for name, t in start}
+        """The average's tensors as made: what every model sent must match, and what a load casts to."""
         if mode == "swa":
             start.append((".n", torch.tensor(0.0, dtype=torch.float64)))  # so the first update copies, as AveragedModel's
         self.average: Handle = push(client, start)
@@ -223,34 +298,99 @@ class RemoteAveragedModel(torch.nn.Module):
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
         """Fold the model into the server's average (every `every`-th call)."""
+        self._check_not_freed()
+        due = (self._calls + 1) % self.every == 0
+        if due:
+            _check_layout(model, self._layout)  # before the count: a refused call changes nothing
         self._calls += 1
-        if self._calls % self.every:
+        if not due:
             return
+        with self._held():
+            self._update(model)
+
+    def _update(self, model: torch.nn.Module) -> None:
+        """Send a checked model and fold it in; the buffers copied after the average (see below)."""
         sent = _state(model, self.use_buffers)
         self.source = push(self.client, sent, into=self.source)
-        if not self.use_buffers:
-            kept = list(model.named_buffers())
-            if kept:
-                push(self.client, kept, into=self.average)  # copied as they are, as AveragedModel does
         if self.mode == "swa":
             self.n_averaged.fill_(self.client.avgparms(self.source, self.average))
         else:
-            self.client.ema(
+            # The step from n_averaged, so a loaded checkpoint's count carries on (load_state_dict).
+            self.n_averaged.fill_(self.client.ema(
                 self.source, self.average, decay=self.decay, warmup=self.warmup, warmup_gamma=self.warmup_gamma,
                 warmup_power=self.warmup_power, min_decay=self.min_decay, update_after_step=self.update_after_step,
-            )
-            self.n_averaged += 1
+                step=int(self.n_averaged) + 1,
+            ))
         self._stale = True
+        if not self.use_buffers:
+            kept = list(_unwrapped(model).named_buffers())
+            if kept:
+                # Copied as they are, as AveragedModel does; after the average, which the server
+                # checks, so a refused update has changed nothing.
+                push(self.client, kept, into=self.average)
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """Calls on the object's dictionaries: NOT_FOUND, which can only mean the server lost them,
+        raised again saying so and how to go on."""
+        try:
+            yield
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"the server no longer holds this RemoteAveragedModel's average ({exc.message}): it restarted "
+                "without --state-dir, or the dictionaries were freed; make a new RemoteAveragedModel and "
+                "load_state_dict() your last checkpoint into it to go on"
+            ) from exc
+
+    def __getstate__(self) -> dict[str, Any]:
+        # deepcopy and pickle come here; without this they failed inside gRPC's channel with a
+        # message that named neither this object nor what to do.
+        raise TypeError(
+            "a RemoteAveragedModel holds a connection and server handles, so it cannot be copied or pickled "
+            "(a copy would share, and could free, the one average): save torch.save(ema.state_dict(), path) "
+            "and load it into a new RemoteAveragedModel, or copy ema.module"
+        )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load an AveragedModel (or RemoteAveragedModel) state dict, and the server's average with
+        it: the local copy's values (cast to the average's dtypes) and the count, so the next
+        update folds into the loaded average as AveragedModel's does, and an EMA's schedule goes on
+        from step n_averaged + 1."""
+        self._check_not_freed()
+        self._pull()  # entries a partial (strict=False) state dict leaves out are the server's
+        result = super().load_state_dict(state_dict, strict, assign)
+        local = _unwrapped(self._local())
+        values = [
+            (name, t.detach().to(self._layout[name][1]))
+            for name, t in itertools.chain(local.named_parameters(), local.named_buffers()) if name in self._layout
+        ]
+        if self.mode == "swa":
+            values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
+        with self._held():
+            push(self.client, values, into=self.average)
+        return result
 
     def pull(self) -> None:
         """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
+        self._check_not_freed()
         self._stale = True
         self._pull()
 
     def free(self) -> None:
-        """Free the server's dictionaries (the average and the last values sent)."""
+        """Free the server's dictionaries (the average and the last values sent). The local copy
+        keeps the average (pulled first if it changed); later updates, loads and pulls are refused."""
+        if self._freed:
+            return
+        self._pull()
         self.client.free(*[h for h in (self.average, self.source) if h is not None])
         self.source = None
+        self._freed = True
+
+    def _check_not_freed(self) -> None:
+        if self._freed:
+            raise RuntimeError(
+                "this RemoteAveragedModel's average was freed (free()); make a new RemoteAveragedModel to average again"
+            )
 
     @torch.no_grad()
     def _pull(self) -> None:
@@ -260,8 +400,10 @@ class RemoteAveragedModel(torch.nn.Module):
         devices = {t.device for t in itertools.chain(local.parameters(), local.buffers())}
         # A model on one GPU gets the average device to device where the client can (CUDA IPC).
         device = next(iter(devices)) if len(devices) == 1 and next(iter(devices)).type == "cuda" else None
-        values = fetch(self.client, self.average, device)
-        for name, t in itertools.chain(local.named_parameters(), local.named_buffers()):
+        with self._held():
+            values = fetch(self.client, self.average, device)
+        named = _unwrapped(local)
+        for name, t in itertools.chain(named.named_parameters(), named.named_buffers()):
             if name in values:
                 t.copy_(values[name])
         self._stale = False

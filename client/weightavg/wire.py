@@ -151,9 +151,14 @@ def string_fields(message_type: type[Message]) -> dict[int, str]:
 
 
 def entry_name(name: Any) -> str:
-    """A tensor's name in a stream, checked: a string (a dictionary with other keys cannot be sent)."""
+    """A tensor's name in a stream, checked: a string (a dictionary with other keys cannot be sent)
+    with a UTF-8 form, as protobuf strings need (a lone surrogate has none)."""
     if not isinstance(name, str):
         raise TypeError(f"dictionary keys must be strings, not {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"name {name!r} is not valid UTF-8 (it holds a lone surrogate); use a name of text") from None
     return name
 
 
