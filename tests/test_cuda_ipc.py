@@ -405,3 +405,16 @@ def test_a_cuda_registration_outside_its_allocation_is_refused_and_the_server_go
         from weightavg.torch import fetch, push
 
         assert torch.equal(fetch(c, push(c, {"x": x}), "cuda")["x"], x)  # the server's CUDA context is fine
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fetching_no_names_to_the_gpu_gives_nothing_as_on_the_host(cuda_server: str) -> None:
+    """names=[] asks for no entries: the wire's empty list means "all", so the CUDA path had sent it
+    on and returned every entry, where the host path returned none."""
+    from weightavg.torch import fetch, push
+
+    with Client(cuda_server, timeout=WAIT, shm=True) as c:
+        d = push(c, {"a": torch.ones(3, device="cuda")})
+        assert fetch(c, d, "cuda", names=[]) == {} == fetch(c, d, "cpu", names=[])
+        assert list(fetch(c, d, "cuda", names=["a"])) == ["a"]

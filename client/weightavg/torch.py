@@ -122,6 +122,8 @@ def fetch(
     Example: fetch(c, m, "cuda", names=["0.weight"])   # a parameter, on the GPU
     """
     wanted = list(names) if names is not None else []
+    if names is not None and not wanted:
+        return {}  # the wire's empty list means "every entry"
     target = torch.device(device) if device is not None else None
     if target is not None and target.type == "cuda":
         if target.index is None:
@@ -132,7 +134,7 @@ def fetch(
     if names is None:
         values = client.dict(d)
     else:
-        values = dict(zip(wanted, client.dict(d, wanted))) if wanted else {}
+        values = dict(zip(wanted, client.dict(d, wanted)))
     return {name: from_array(value, device) for name, value in values.items()}
 
 
