@@ -321,14 +321,15 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
     """Reduce on every rank: first agree on what is reduced (a control collective that completes even
     when a rank lacks the handle), so no rank is left waiting in a data collective."""
     try:
-        entry, tensors = service._reduced_tensors(handle)
+        entry, named = service._reduced_tensors(handle)
+        tensors = [t for _, t in named]
         scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
-        mine: Any = [(tuple(t.shape), str(t.dtype)) for t in tensors]
+        mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
         groups = collectives.adjacent_groups(tensors)
     except WeightavgError as exc:
         mine, error = None, exc
     # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
-    # whether this rank can take part, and digests of its shapes and dtypes and of its memory runs.
+    # whether this rank can take part, and digests of its names, shapes and dtypes and of its memory runs.
     state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
     gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
     dist.all_gather(gathered, state, group=fabric.control)
@@ -337,7 +338,7 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
     if any(int(g[0]) != 1 or int(g[1]) != int(state[1]) for g in gathered):
         raise FailedPrecondition(
             "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
-            "with rank= differ in shape or dtype. Set them alike, then allreduce again"
+            "with rank= differ in name, shape or dtype. Set them alike, then allreduce again; nothing changed"
         )
     if any(int(g[2]) != int(state[2]) for g in gathered):
         groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor

@@ -903,15 +903,16 @@ class Service:
         with self.store.reading(entry):
             return len(named)
 
-    def _reduced_tensors(self, handle: str) -> tuple[Entry, list[torch.Tensor]]:
+    def _reduced_tensors(self, handle: str) -> tuple[Entry, Named]:
         """What an all-reduce of the handle covers: a module's floating parameters or a dictionary's
-        floating entries, in name order (the same order on every rank)."""
+        floating entries with their names, in name order (the same order on every rank; the ranks
+        compare the names too, since equal shapes under other names must not be summed together)."""
         entry, source = self._source(handle)
         if isinstance(source, TensorDict):
             named = sorted(source.entries.items())
         else:
             named = sorted(source.named_parameters())
-        return entry, [t.data for _, t in named if t.is_floating_point()]
+        return entry, [(n, t.data) for n, t in named if t.is_floating_point()]
 
     @_exactly_once
     def allreduce(
