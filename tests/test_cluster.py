@@ -270,6 +270,48 @@ def test_a_copy_across_ranks_is_reserved_on_the_target_rank_first(tmp_path: Path
         cluster.stop()
 
 
+TOKENS = """
+[tenants.small]
+max_device_bytes = {quota}
+max_handles = 3
+
+[[tokens]]
+token = "small-user-token-0123456789"
+tenant = "small"
+role = "user"
+"""
+
+
+def test_tenant_quotas_hold_on_every_rank_and_follow_a_reload(tmp_path: Path) -> None:
+    """Only rank 0 read the tokens file, so a tenant's quota held on rank 0 alone: a user placed a
+    dictionary of twice its byte quota, and any number of handles, on rank 1 (found by review). Every
+    rank now reserves against the quotas rank 0 sends at start and after SIGHUP rereads the file."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS.format(quota=100_000))
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+    big = {"w": np.zeros(50_000, np.float32)}  # 200,000 bytes
+    try:
+        with Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1),
+                    token="small-user-token-0123456789") as c:
+            for placement in ({"rank": 1}, {"rank": 0}, {"replicate": True}):
+                with pytest.raises(ResourceExhaustedError, match="quota of tenant 'small'"):
+                    c.dict(big, **placement)
+            made = [c.dict({"w": np.zeros(1, np.float32)}, rank=1) for _ in range(3)]
+            with pytest.raises(ResourceExhaustedError, match="rank 1: tenant 'small' holds its quota of 3"):
+                c.dict({"w": np.zeros(1, np.float32)}, rank=1)
+            c.free(*made)
+            tokens.write_text(TOKENS.format(quota=500_000))  # (the fetch below reserves its copy too)
+            os.kill(cluster.rank_pid(0), signal.SIGHUP)
+            deadline = time.monotonic() + WAIT
+            while "tokens reloaded" not in cluster.out.read_text():
+                assert time.monotonic() < deadline, "no reload within 60 s of SIGHUP"
+                time.sleep(0.2)
+            d = c.dict(big, rank=1)
+            assert c.dict(d, "w", rank=1).shape == (50_000,)
+    finally:
+        cluster.stop()
+
+
 def test_a_replicated_model_runs_an_epoch_on_every_rank_with_its_own_data(shared: Cluster) -> None:
     """run and testrun answer each rank's metrics; each equals a one-rank model's on that rank's data."""
     gen = torch.Generator().manual_seed(1)

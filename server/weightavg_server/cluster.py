@@ -36,7 +36,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -62,7 +62,7 @@ from .store import snapshot
 from .store.snapshot import SnapshotResult
 from .store.registry import CALLER_SESSION, HANDLE_BITS, Entry, Kind, Registry
 from .store.requests import RequestKey
-from .store.tenants import CALLER, Caller
+from .store.tenants import CALLER, Caller, Quota
 
 log = logging.getLogger("weightavg.cluster")
 
@@ -521,6 +521,12 @@ def _commit(service: Service, fabric: Fabric, generation: int) -> None:
     prune(service.settings.state_dir, generation)
 
 
+def _quotas(service: Service, fabric: Fabric, quotas: dict[str, Quota]) -> None:
+    """Rank 0's tenant quotas (its tokens file), in force on this rank too: every rank reserves against
+    them, each for what its own devices hold."""
+    service.store.set_quotas(quotas)
+
+
 RANK_OPS: dict[str, Callable[..., Any]] = {
     "_ping": lambda service, fabric: None,
     "_fetch": _fetch,
@@ -531,6 +537,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_handles": _handles,
     "_snapshot": _snapshot,
     "_commit": _commit,
+    "_quotas": _quotas,
 }
 """Operations only ranks perform (rank 0 included), beside the Service methods."""
 
@@ -622,7 +629,14 @@ class ClusterService(Service):
                     self._placements[h] = ALL
                 elif ranks != [0]:
                     self._placements[h] = ranks[0]
+        self.set_quotas(self.store.quotas)
         self._pinger.start()
+
+    def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
+        """Tenant quotas on every rank (at start, and when SIGHUP rereads the tokens file): only rank 0
+        reads the tokens file, and a rank without them let a tenant place any amount beyond its quota
+        there (found by review)."""
+        self._call("_quotas", ALL, (dict(quotas),))
 
     def _ping(self) -> None:
         interval = max(0.5, min(5.0, self.fabric.timeout / 4))
