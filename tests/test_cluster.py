@@ -132,6 +132,28 @@ def test_sharded_local_sgd_equals_a_torch_distributed_script(shared: Cluster, tm
         assert np.abs(ours[name] - oracle[name].numpy()).max() <= 1e-6, name
 
 
+def test_sharded_data_that_some_rank_would_refuse_is_refused_before_any_rank_loads(shared: Cluster) -> None:
+    """One row over two ranks loaded rank 0's block, then rank 1 refused its empty one ('given shape
+    [0, 3]', for a call that gave one row) and rank 0 kept its data; inputs and targets of 4 and 3 rows
+    did the same, and a scalar failed in rank 0's split (found by review). All are refused first,
+    saying the fix, and no rank holds data afterwards."""
+    with client(shared.address) as c:
+        m = c.module(["linear", 3, 1], replicate=True)
+        model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.05))
+        refused = [
+            (np.ones((1, 3), np.float32), np.ones((1, 1), np.float32), "at least 2 rows"),
+            (np.ones((4, 3), np.float32), np.ones((3, 1), np.float32), "same number of rows"),
+            (np.float32(1.0), np.float32(1.0), "not scalars"),
+        ]
+        for x, y, fix in refused:
+            with pytest.raises(InvalidArgumentError, match=fix):
+                c.train(model, x, y, shard=True)
+            with pytest.raises(FailedPreconditionError, match="^FAILED_PRECONDITION: rank 0: no training data"):
+                c.run(model)
+        assert c.train(model, np.ones((2, 3), np.float32), np.ones((2, 1), np.float32), shard=True) == 1
+        c.free(model)
+
+
 def held(c: Client) -> list[tuple[int, int]]:
     """(handles, bytes) of each rank."""
     return [(r["handles"], r["bytes"]) for r in c.info()["ranks"]]

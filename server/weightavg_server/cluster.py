@@ -844,6 +844,7 @@ class ClusterService(Service):
                                      "module with replicate=True")
         named = upload(lambda n, b: None)
         world = self.fabric.world_size
+        _check_shardable(named, world)
         parts = [torch.tensor_split(t, world) for _, t in named]
         per_rank = {
             r: (handle, split, Replay([(n, p[r]) for (n, _), p in zip(named, parts)])) for r in range(world)
@@ -1049,6 +1050,32 @@ class ClusterService(Service):
             self._send(Command("_stop"))
         except WeightavgError as exc:
             log.error("cluster shutdown: %s", exc)
+
+
+def _check_shardable(named: Named, world: int) -> None:
+    """Refuse, before any rank loads its block, inputs and targets that some rank's block would refuse:
+    a rank left with no rows, or blocks of inputs and targets of different lengths, failed there after
+    the other ranks had loaded theirs (found by review: one row over two ranks loaded rank 0's block
+    and answered 'rank 1: ... given shape [0, 3]').
+
+    Raises:
+        InvalidArgument: a scalar, fewer rows than ranks, or inputs and targets of different row counts.
+    """
+    if len(named) != 2:
+        return  # every rank refuses the count alike, as on one server
+    if any(t.dim() == 0 for _, t in named):
+        raise InvalidArgument("shard=True splits inputs and targets by their first dimension; give tensors with rows, not scalars")
+    rows = [t.shape[0] for _, t in named]
+    if rows[0] != rows[1]:
+        raise InvalidArgument(
+            f"shard=True splits inputs and targets into blocks of rows, one per rank: give them the same number of "
+            f"rows (given {rows[0]} and {rows[1]})"
+        )
+    if rows[0] < world:
+        raise InvalidArgument(
+            f"shard=True gives each of the {world} ranks a block of rows: give at least {world} rows (given "
+            f"{rows[0]}), or load one rank's data with rank="
+        )
 
 
 def _route(name: str) -> Callable[..., Any]:
