@@ -505,6 +505,25 @@ def test_ranks_stop_when_their_torchrun_agent_is_killed(tmp_path: Path) -> None:
         cluster.stop()
 
 
+def test_a_clean_stop_snapshots_every_rank_and_logs_no_error(tmp_path: Path) -> None:
+    """SIGTERM: every rank writes the shutdown snapshot and rank 1 stops on rank 0's word. Rank 0 used to
+    send the stop as a command: it ran '_stop' itself (an ERROR with a traceback), then waited for
+    answers rank 1 never sends and logged 'cluster broken ... a remote worker crash' on every clean
+    stop (found by review)."""
+    state = tmp_path / "state"
+    cluster = Cluster(tmp_path, "--state-dir", str(state))
+    try:
+        with client(cluster.address) as c:
+            c.dict({"w": np.arange(3, dtype=np.float32)}, rank=1)
+    finally:
+        cluster.stop()
+    log = cluster.out.read_text()
+    assert "rank 1: stop from rank 0" in log
+    errors = [line for line in log.splitlines() if " ERROR weightavg" in line]
+    assert not errors, errors
+    assert cluster_generations(state / "rank-0") == cluster_generations(state / "rank-1") == [1]
+
+
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
     """--max-restarts 1 and periodic snapshots: after rank 1 is killed, torchrun restarts both ranks,
     every rank restores the same generation, and the same handles hold the same values on both ranks."""
