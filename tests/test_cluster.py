@@ -292,6 +292,40 @@ def test_a_copy_across_ranks_is_reserved_on_the_target_rank_first(tmp_path: Path
         cluster.stop()
 
 
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_an_upload_for_another_rank_is_reserved_before_any_rank_allocates_it(tmp_path: Path) -> None:
+    """An upload placed on rank 1 was received on rank 0 without a reservation, pickled into the command
+    and unpickled on every rank before rank 1 asked its cap: under a 300 MB cap, a 320 MB upload raised
+    rank 0's peak memory by about 1 GB and rank 1's by 1.3 GB before the refusal (found by review). Now
+    rank 0 reserves each tensor from its header as it relays it, and rank 1 reserves before any byte is
+    sent: a refusal on either allocates next to nothing anywhere."""
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(300 * mb))
+    try:
+        pids = [cluster.rank_pid(0), cluster.rank_pid(1)]
+        with client(cluster.address) as c:
+            before = [peak_rss(p) for p in pids]
+            with pytest.raises(ResourceExhaustedError, match="320000000 more tensor bytes"):
+                c.dict({"w": np.ones(320 * mb // 4, np.float32)}, rank=1)
+            grew = [peak_rss(p) - b for p, b in zip(pids, before)]
+            assert max(grew) < 100 * mb, grew
+            c.dict({"w": np.ones(200 * mb // 4, np.float32)}, rank=1)  # rank 1 holds 200 of its 300 MB
+            before = [peak_rss(p) for p in pids]
+            with pytest.raises(ResourceExhaustedError, match="rank 1: .* exceed the cap"):
+                c.dict({"w": np.ones(150 * mb // 4, np.float32)}, rank=1)
+            assert peak_rss(pids[1]) - before[1] < 50 * mb
+            assert [r["handles"] for r in c.info()["ranks"]] == [0, 1]
+    finally:
+        cluster.stop()
+
+
 TOKENS = """
 [tenants.small]
 max_device_bytes = {quota}

@@ -295,6 +295,102 @@ class Replay:
         return list(self.named)
 
 
+@dataclass
+class Relayed:
+    """An upload rank 0 received from a client, for other ranks to use: a command carries only its
+    headers; the bytes follow over the data backend once every receiving rank has reserved room for
+    them (`_received`). Pickled into the command whole, an upload was unpickled on every rank before
+    any cap was asked: a 300 MB upload to a rank under a 10 MB cap peaked at 1.2 GB there, and 0.9 GB
+    on rank 0, before the refusal (found by review)."""
+
+    headers: list[tuple[str, tuple[int, ...], torch.dtype]]
+    tensors: Named = field(default_factory=list)
+    """Rank 0's own tensors (never pickled: the other ranks receive them by `dist.send`)."""
+    held: contextlib.ExitStack | None = None
+    """Rank 0's reservation of the tensors while it relays them (never pickled)."""
+
+    @staticmethod
+    def of(named: Named, held: contextlib.ExitStack | None = None) -> Relayed:
+        return Relayed([(n, tuple(t.shape), t.dtype) for n, t in named], named, held)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"headers": self.headers, "tensors": [], "held": None}
+
+    def nbytes(self) -> int:
+        return sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in self.headers)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 tensor (a view): every dtype travels alike."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _received(service: Service, fabric: Fabric, command: Command) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """This rank's arguments of a command, with each relayed upload replaced by a Replay of its tensors.
+
+    Every rank takes part when the command relays an upload: the receiving ranks reserve the bytes and
+    allocate them, all ranks agree that every receiver could (one control exchange, so a refusal
+    anywhere stops every rank before any byte moves), then rank 0 sends each receiver its tensors. The
+    reservations end before the verb runs, which reserves the tensors it keeps as for any upload (the
+    other ranks change only through these commands, one at a time, so nothing takes the room between).
+
+    Raises:
+        WeightavgError: this rank could not take its part.
+        _Abandoned: another rank could not; nothing was received.
+    """
+    args = command.per_rank.get(fabric.rank, command.args) if command.per_rank else command.args
+    kwargs = command.kwargs
+    if not any(isinstance(v, Relayed) for v in (*args, *kwargs.values())):
+        return args, kwargs
+    targets = [r for r in range(1, fabric.world_size) if command.ranks is None or r in command.ranks]
+    receiving = fabric.rank in targets
+    error: WeightavgError | None = None
+    buffers: dict[int, list[torch.Tensor]] = {}
+    with contextlib.ExitStack() as held:
+        if receiving:
+            relayed = [v for v in (*args, *kwargs.values()) if isinstance(v, Relayed)]
+            try:
+                held.enter_context(service.store.reserve(nbytes={"cpu": sum(r.nbytes() for r in relayed)}))
+                buffers = {id(r): [torch.empty(shape, dtype=dtype) for _, shape, dtype in r.headers] for r in relayed}
+            except WeightavgError as exc:
+                error = exc
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # this rank must still answer the exchange
+                error = ResourceExhausted(f"rank {fabric.rank}: out of memory for an upload relayed by rank 0 ({exc})")
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks wait for this rank's answer
+                error = WeightavgError(f"rank {fabric.rank}: receiving an upload failed: {type(exc).__name__}: {exc}")
+        refusals: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(refusals, error is not None, group=fabric.control)
+        if any(refusals):
+            if error is not None:
+                raise error
+            raise _Abandoned()
+        for dst in targets:
+            if fabric.rank == 0:
+                theirs = command.per_rank.get(dst, command.args) if command.per_rank else command.args
+                for value in (*theirs, *kwargs.values()):
+                    if isinstance(value, Relayed):
+                        for _, t in value.tensors:
+                            if t.numel():
+                                dist.send(_as_bytes(t.contiguous()), dst=dst)
+            elif fabric.rank == dst:
+                for value in (*args, *kwargs.values()):
+                    if isinstance(value, Relayed):
+                        for t in buffers[id(value)]:
+                            if t.numel():
+                                dist.recv(_as_bytes(t), src=0)
+
+    def replay(value: Any) -> Any:
+        if not isinstance(value, Relayed):
+            return value
+        if value.held is not None:  # rank 0: the relay is done, the verb reserves what it keeps
+            value.held.close()
+        if fabric.rank == 0:
+            return Replay(value.tensors)
+        return Replay([(name, t) for (name, _, _), t in zip(value.headers, buffers.get(id(value), []))])
+
+    return tuple(replay(v) for v in args), {k: replay(v) for k, v in kwargs.items()}
+
+
 def never() -> bool:
     """The stop check of a command: every rank runs it to the end, so replicated objects stay alike."""
     return False
@@ -544,17 +640,20 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
 
 def execute(service: Service, fabric: Fabric, command: Command) -> Any:
     """Run a command on this rank: its result, a Failure, or None where this rank takes no part."""
-    if command.ranks is not None and fabric.rank not in command.ranks:
-        return None
-    args = command.per_rank.get(fabric.rank, command.args) if command.per_rank else command.args
     bits = HANDLE_BITS.set(seeded_bits(command.seed))
     caller = CALLER.set(command.caller) if command.caller is not None else None
     try:
+        try:
+            args, kwargs = _received(service, fabric, command)  # before the ranks check: rank 0 sends to them
+        except _Abandoned:
+            return None
+        if command.ranks is not None and fabric.rank not in command.ranks:
+            return None
         op = RANK_OPS.get(command.op)
         if op is not None:
-            return op(service, fabric, *args, **command.kwargs)
+            return op(service, fabric, *args, **kwargs)
         # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
-        return getattr(Service, command.op)(service, *args, **command.kwargs)
+        return getattr(Service, command.op)(service, *args, **kwargs)
     except WeightavgError as exc:
         return Failure(exc)
     except Exception as exc:  # noqa: BLE001 - a rank answers every command, or rank 0 waits for nothing
@@ -765,21 +864,35 @@ class ClusterService(Service):
             keyed = {"request": key} if key is not None else {}
             return getattr(Service, name)(self, *args, **keyed, **kwargs)
         bound = inspect.signature(getattr(Service, name)).bind(self, *args, **kwargs)
-        for pname, value in list(bound.arguments.items()):
-            if pname == "upload":
-                bound.arguments[pname] = Replay(value(lambda n, b: None))
-            elif pname == "should_stop":
-                bound.arguments[pname] = never
+        with contextlib.ExitStack() as held:
+            for pname, value in list(bound.arguments.items()):
+                if pname == "upload":
+                    bound.arguments[pname] = Relayed.of(self._relay_upload(value, held), held)
+                elif pname == "should_stop":
+                    bound.arguments[pname] = never
 
-        def run() -> Any:
-            values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs))
-            if every is not None:
-                return every(values)
-            value = values[0 if where == ALL else where]
-            self._record(value, where)
-            return value
+            def run() -> Any:
+                values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs))
+                if every is not None:
+                    return every(values)
+                value = values[0 if where == ALL else where]
+                self._record(value, where)
+                return value
 
-        return self._keyed(name, key, run)
+            return self._keyed(name, key, run)
+
+    def _relay_upload(self, upload: Upload, held: contextlib.ExitStack) -> Named:
+        """An upload for other ranks, received here first: each tensor reserved on rank 0 from its header,
+        before its buffer is allocated, for as long as `held` (until it has been sent on)."""
+        reservation = held.enter_context(self.store.reserve())
+
+        def on_header(name: str, nbytes: int) -> None:
+            try:
+                self.store.grow(reservation, nbytes={"cpu": nbytes})
+            except ResourceExhausted as exc:
+                raise ResourceExhausted(f"rank 0 (which receives every upload for the other ranks): {exc}") from None
+
+        return upload(on_header)
 
     # -- calls with a placement or a rank ------------------------------------------------------------
 
@@ -842,18 +955,20 @@ class ClusterService(Service):
         if where != ALL:
             raise FailedPrecondition("shard=True splits data across the ranks of a replicated model; create its "
                                      "module with replicate=True")
-        named = upload(lambda n, b: None)
-        world = self.fabric.world_size
-        _check_shardable(named, world)
-        parts = [torch.tensor_split(t, world) for _, t in named]
-        per_rank = {
-            r: (handle, split, Replay([(n, p[r]) for (n, _), p in zip(named, parts)])) for r in range(world)
-        }
+        with contextlib.ExitStack() as held:
+            named = self._relay_upload(upload, held)
+            world = self.fabric.world_size
+            _check_shardable(named, world)
+            parts = [torch.tensor_split(t, world) for _, t in named]
+            per_rank: dict[int, tuple[Any, ...]] = {
+                r: (handle, split, Relayed.of([(n, p[r]) for (n, _), p in zip(named, parts)], held))
+                for r in range(world)
+            }
 
-        def run() -> int:
-            return int(self._call("set_model_data", ALL, (handle, split, None), {}, per_rank)[0])
+            def run() -> int:
+                return int(self._call("set_model_data", ALL, (handle, split, None), {}, per_rank)[0])
 
-        return self._keyed("set_model_data", request, run)  # type: ignore[no-any-return]
+            return self._keyed("set_model_data", request, run)  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
     def fetch(
