@@ -303,14 +303,16 @@ def peak_rss(pid: int) -> int:
 def test_an_upload_for_another_rank_is_reserved_before_any_rank_allocates_it(tmp_path: Path) -> None:
     """An upload placed on rank 1 was received on rank 0 without a reservation, pickled into the command
     and unpickled on every rank before rank 1 asked its cap: under a 300 MB cap, a 320 MB upload raised
-    rank 0's peak memory by about 1 GB and rank 1's by 1.3 GB before the refusal (found by review). Now
-    rank 0 reserves each tensor from its header as it relays it, and rank 1 reserves before any byte is
-    sent: a refusal on either allocates next to nothing anywhere."""
+    rank 0's peak memory by about 1 GB and rank 1's by 1.3 GB before the refusal; and a replicated
+    entry set on every rank changed rank 0's copy while rank 1's cap refused its own (found by
+    review). Now rank 0 reserves each tensor from its header as it relays it, and rank 1 reserves
+    before any byte is sent: a refusal on either allocates next to nothing and changes no rank."""
     mb = 1_000_000
     cluster = Cluster(tmp_path, "--max-device-bytes", str(300 * mb))
     try:
         pids = [cluster.rank_pid(0), cluster.rank_pid(1)]
         with client(cluster.address) as c:
+            d = c.dict({"w": np.zeros(3, np.float32)}, replicate=True)
             before = [peak_rss(p) for p in pids]
             with pytest.raises(ResourceExhaustedError, match="320000000 more tensor bytes"):
                 c.dict({"w": np.ones(320 * mb // 4, np.float32)}, rank=1)
@@ -321,7 +323,11 @@ def test_an_upload_for_another_rank_is_reserved_before_any_rank_allocates_it(tmp
             with pytest.raises(ResourceExhaustedError, match="rank 1: .* exceed the cap"):
                 c.dict({"w": np.ones(150 * mb // 4, np.float32)}, rank=1)
             assert peak_rss(pids[1]) - before[1] < 50 * mb
-            assert [r["handles"] for r in c.info()["ranks"]] == [0, 1]
+            with pytest.raises(ResourceExhaustedError, match="rank 1: .* exceed the cap"):
+                c.dict(d, "w", np.ones(150 * mb // 4, np.float32))  # on every rank: rank 1 has no room
+            for r in range(2):
+                assert np.array_equal(c.dict(d, "w", rank=r), np.zeros(3, np.float32)), r
+            assert [r["handles"] for r in c.info()["ranks"]] == [1, 2]
     finally:
         cluster.stop()
 
