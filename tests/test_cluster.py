@@ -374,6 +374,64 @@ def test_tenant_quotas_hold_on_every_rank_and_follow_a_reload(tmp_path: Path) ->
         cluster.stop()
 
 
+TWO_TENANTS = """
+[[tokens]]
+token = "alice-user-token-0123456789"
+tenant = "alice"
+role = "user"
+
+[[tokens]]
+token = "bob-user-token-0123456789ab"
+tenant = "bob"
+role = "user"
+"""
+
+
+def test_another_tenants_handles_on_other_ranks_answer_as_ids_that_never_existed(tmp_path: Path) -> None:
+    """docs/security.md: another tenant's objects are NOT_FOUND, worded as for an id that never existed.
+    Calls on a handle of alice's placed on rank 1 answered bob 'rank 1: unknown handle', 'this object
+    lives on rank 1, not rank 0' and FAILED_PRECONDITION from allreduce and broadcast; a replicated one
+    'rank 0: unknown handle'; and free(his own, hers) freed his own while it said 'nothing freed'
+    (found by review). Every answer now equals the answer for an id that never existed."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TWO_TENANTS)
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+
+    def as_user(token: str) -> Client:
+        return Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1), token=token)
+
+    try:
+        with as_user("alice-user-token-0123456789") as alice, as_user("bob-user-token-0123456789ab") as bob:
+            value = {"w": np.ones(3, np.float32)}
+            hers = [alice.dict(value, rank=1).id, alice.dict(value, replicate=True).id]
+            mine = bob.dict(value, rank=0)
+            calls: dict[str, Callable[[str], Any]] = {
+                "read": lambda h: bob.dict(h, "w"),
+                "read rank 0": lambda h: bob.dict(h, "w", rank=0),
+                "read rank 1": lambda h: bob.dict(h, "w", rank=1),
+                "allreduce": lambda h: bob.allreduce(h),
+                "broadcast": lambda h: bob.broadcast(h),
+                "free": lambda h: bob.free(mine, h),
+            }
+
+            def answer(call: Callable[[str], Any], h: str) -> str:
+                try:
+                    call(h)
+                except Exception as exc:  # noqa: BLE001 - the answer is what is compared
+                    return f"{type(exc).__name__}: {exc}".replace(h, "<handle>")
+                return "no error"
+
+            for name, call in calls.items():
+                never = answer(call, "dic_" + "1" * 32)
+                assert never.startswith("NotFoundError"), (name, never)
+                for h in hers:
+                    assert answer(call, h) == never, name
+            assert np.array_equal(bob.dict(mine, "w"), value["w"])
+            assert np.array_equal(alice.dict(hers[0], "w"), value["w"])
+    finally:
+        cluster.stop()
+
+
 def test_a_replicated_model_runs_an_epoch_on_every_rank_with_its_own_data(shared: Cluster) -> None:
     """run and testrun answer each rank's metrics; each equals a one-rank model's on that rank's data."""
     gen = torch.Generator().manual_seed(1)

@@ -605,8 +605,9 @@ def _inventory(service: Service, fabric: Fabric) -> RankInfo:
     return RankInfo(fabric.rank, str(fabric.device), len(service.store), held_bytes(service))
 
 
-def _handles(service: Service, fabric: Fabric) -> list[str]:
-    return [h for h, _ in service.store.items()]
+def _handles(service: Service, fabric: Fabric) -> list[tuple[str, str]]:
+    """Every handle this rank holds, with its tenant."""
+    return [(h, entry.tenant) for h, entry in service.store.items()]
 
 
 def _snapshot(service: Service, fabric: Fabric, generation: int, copy: bool) -> snapshot.SnapshotResult:
@@ -702,6 +703,9 @@ class ClusterService(Service):
         self._channel = threading.Lock()
         self._placements: dict[str, int] = {}
         """Handles that live beyond rank 0 alone: ALL, or the one rank. Absent: rank 0."""
+        self._owners: dict[str, str] = {}
+        """The tenant of each handle in _placements: to a caller that may not see it, the handle is
+        unknown, routed to rank 0 like any id that never existed (`where`)."""
         self._placements_lock = threading.Lock()
         self._held = [0] * fabric.world_size
         """Bytes each rank held after the last command (another rank changes only through commands)."""
@@ -719,15 +723,20 @@ class ClusterService(Service):
         idle ranks' waits short with pings."""
         found = self._call("_handles", ALL, ())
         held: dict[str, list[int]] = {}
+        owners: dict[str, str] = {}
         for rank, handles in enumerate(found):
-            for h in handles:
+            for h, tenant in handles:
                 held.setdefault(h, []).append(rank)
+                owners[h] = tenant
         with self._placements_lock:
             for h, ranks in held.items():
                 if len(ranks) == self.fabric.world_size:
                     self._placements[h] = ALL
                 elif ranks != [0]:
                     self._placements[h] = ranks[0]
+                else:
+                    continue
+                self._owners[h] = owners[h]
         self.set_quotas(self.store.quotas)
         self._pinger.start()
 
@@ -803,11 +812,19 @@ class ClusterService(Service):
         if isinstance(value, Ref) and where != 0:
             with self._placements_lock:
                 self._placements[value.id] = where
+                self._owners[value.id] = CALLER.get().tenant
 
     def where(self, handle: str) -> int:
-        """Where a handle lives: ALL, or a rank (0 for rank 0's own and for unknown handles)."""
+        """Where a handle lives: ALL, or a rank (0 for rank 0's own and for unknown handles).
+
+        Another tenant's handle is unknown to the caller: it goes to rank 0 too, which answers NOT_FOUND
+        as for an id that never existed. Routed to its rank, it answered 'rank 1: unknown handle',
+        FAILED_PRECONDITION 'this object lives on rank 1', and so on, telling another tenant that the
+        handle exists and where (found by review)."""
         with self._placements_lock:
-            return self._placements.get(handle, 0)
+            where = self._placements.get(handle, 0)
+            owner = self._owners.get(handle, "")
+        return where if where == 0 or CALLER.get().may_see(owner) else 0
 
     def _where_of(self, values: Sequence[Any]) -> int:
         """Where a call on these arguments runs: the one rank its handles share (a replicated object
@@ -835,6 +852,14 @@ class ClusterService(Service):
         if where not in (ALL, rank):
             raise FailedPrecondition(f"this object lives on rank {where}, not rank {rank}; leave rank= out")
         return rank
+
+    def _handle_target(self, handle: str, rank: int | None) -> int:
+        """The rank(s) a per-rank call on a handle runs on; NOT_FOUND first for a handle rank 0 does not
+        know (FAILED_PRECONDITION 'lives on rank 0, not rank 1' answered rank=1 on an unknown id)."""
+        where = self.where(handle)
+        if where == 0 and rank:
+            self.store.get(handle)
+        return self._target(where, rank)
 
     def _placement(self, placement: Placement) -> int:
         if placement.replicate:
@@ -932,14 +957,14 @@ class ClusterService(Service):
         self, handle: str, name: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
     ) -> bool:
         self._check()
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         return self._routed("set_parameter", (handle, name, upload), {"request": request}, where)  # type: ignore[no-any-return]
 
     def update_dictionary(
         self, handle: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
     ) -> list[str]:
         self._check()
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         return self._routed("update_dictionary", (handle, upload), {"request": request}, where)  # type: ignore[no-any-return]
 
     def set_model_data(
@@ -949,7 +974,7 @@ class ClusterService(Service):
         self._check()
         if shard and rank is not None:
             raise InvalidArgument("shard=True gives every rank a part of the rows, rank= one rank all of them: give one")
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         if not shard:
             return self._routed("set_model_data", (handle, split, upload), {"request": request}, where)  # type: ignore[no-any-return]
         if where != ALL:
@@ -975,7 +1000,7 @@ class ClusterService(Service):
         self, handle: str, names: Sequence[str], *, rank: int | None = None, reused: bool = False
     ) -> Iterator[Named]:
         self._check()
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         if where in (0, ALL) and rank in (None, 0):
             with Service.fetch(self, handle, names, reused=reused) as copies:
                 yield copies
@@ -1111,7 +1136,10 @@ class ClusterService(Service):
             if purge or tenant:
                 counts = self._call("free", ALL, (list(handles), every, tenant, purge))
                 with self._placements_lock:
-                    self._placements.clear() if purge else None
+                    gone = list(self._placements) if purge else [h for h, o in self._owners.items() if o == tenant]
+                    for h in gone:
+                        self._placements.pop(h, None)
+                        self._owners.pop(h, None)
                 return int(sum(c for c in counts if isinstance(c, int)))
             by_rank: dict[int, list[str]] = {}
             for h in handles:
@@ -1122,6 +1150,7 @@ class ClusterService(Service):
                 with self._placements_lock:
                     for h in group:
                         self._placements.pop(h, None)
+                        self._owners.pop(h, None)
             return freed
 
         return self._keyed("free", request, run)  # type: ignore[no-any-return]
