@@ -332,6 +332,28 @@ def test_an_upload_for_another_rank_is_reserved_before_any_rank_allocates_it(tmp
         cluster.stop()
 
 
+def test_a_fetch_from_another_rank_is_reserved_on_rank_0_before_it_arrives(tmp_path: Path) -> None:
+    """A fetch's copies are reserved on the host until the reply has gone; one from rank 1 came back
+    pickled in the command's result, never reserved on rank 0: with rank 0 holding 250 of its 300 MB,
+    fetching 100 MB from rank 1 went through (raising rank 0's peak memory by about 470 MB) where the
+    same fetch of an object on rank 0 is refused (found by review)."""
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(300 * mb))
+    try:
+        rank0 = cluster.rank_pid(0)
+        with client(cluster.address) as c:
+            far = c.dict({"w": np.full(100 * mb // 4, 2.0, np.float32)}, rank=1)
+            near = c.dict({"w": np.ones(250 * mb // 4, np.float32)}, rank=0)
+            before = peak_rss(rank0)
+            with pytest.raises(ResourceExhaustedError, match="rank 0: 100000000 more tensor bytes .* fetches from rank 1"):
+                c.dict(far, "w")
+            assert peak_rss(rank0) - before < 50 * mb
+            c.free(near)
+            assert np.array_equal(c.dict(far, "w"), np.full(100 * mb // 4, 2.0, np.float32))
+    finally:
+        cluster.stop()
+
+
 TOKENS = """
 [tenants.small]
 max_device_bytes = {quota}
