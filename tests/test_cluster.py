@@ -332,24 +332,36 @@ def test_an_upload_for_another_rank_is_reserved_before_any_rank_allocates_it(tmp
         cluster.stop()
 
 
-def test_a_fetch_from_another_rank_is_reserved_on_rank_0_before_it_arrives(tmp_path: Path) -> None:
-    """A fetch's copies are reserved on the host until the reply has gone; one from rank 1 came back
-    pickled in the command's result, never reserved on rank 0: with rank 0 holding 250 of its 300 MB,
-    fetching 100 MB from rank 1 went through (raising rank 0's peak memory by about 470 MB) where the
-    same fetch of an object on rank 0 is refused (found by review)."""
+def test_tensors_from_another_rank_are_reserved_on_rank_0_before_they_arrive(tmp_path: Path) -> None:
+    """A fetch's copies are reserved on the host until the reply has gone, and evaluate's outputs for
+    the call; from rank 1 both came back pickled in the command's result, never reserved on rank 0:
+    with rank 0 holding 250 of its 300 MB, fetching 100 MB from rank 1, or evaluating a model there
+    into 100 MB of outputs, went through (raising rank 0's peak memory by about 470 MB each) where
+    the same calls on rank 0 are refused (found by review). Here rank 0 holds 260 MB."""
     mb = 1_000_000
     cluster = Cluster(tmp_path, "--max-device-bytes", str(300 * mb))
     try:
         rank0 = cluster.rank_pid(0)
         with client(cluster.address) as c:
-            far = c.dict({"w": np.full(100 * mb // 4, 2.0, np.float32)}, rank=1)
-            near = c.dict({"w": np.ones(250 * mb // 4, np.float32)}, rank=0)
+            far = c.dict({"w": np.full(50 * mb // 4, 2.0, np.float32)}, rank=1)
+            m = c.module(["linear", 10, 10_000], rank=1)
+            model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.1))
+            x = np.ones((2_500, 10), np.float32)  # 100 KB in, 100 MB out
+            near = c.dict({"w": np.ones(260 * mb // 4, np.float32)}, rank=0)
             before = peak_rss(rank0)
-            with pytest.raises(ResourceExhaustedError, match="rank 0: 100000000 more tensor bytes .* fetches from rank 1"):
+            with pytest.raises(ResourceExhaustedError, match="rank 0: 50000000 more tensor bytes .* fetches from rank 1"):
                 c.dict(far, "w")
+            with pytest.raises(ResourceExhaustedError, match="rank 0: 100000000 more tensor bytes .* answer of rank 1"):
+                c.evaluate(model, x)
             assert peak_rss(rank0) - before < 50 * mb
             c.free(near)
-            assert np.array_equal(c.dict(far, "w"), np.full(100 * mb // 4, 2.0, np.float32))
+            assert np.array_equal(c.dict(far, "w"), np.full(50 * mb // 4, 2.0, np.float32))
+            weight, bias = c.parm(model, "weight"), c.parm(model, "bias")
+            assert np.allclose(c.evaluate(model, x[:3]), x[:3] @ weight.T + bias, atol=1e-5)
+            r = c.module(["linear", 10, 3], replicate=True)  # rank 0 answers; the others' outputs are dropped
+            replicated = c.model(r, c.loss("mse"), c.opt("sgd", r, 0.1))
+            weight, bias = c.parm(replicated, "weight"), c.parm(replicated, "bias")
+            assert np.allclose(c.evaluate(replicated, x[:3]), x[:3] @ weight.T + bias, atol=1e-5)
     finally:
         cluster.stop()
 

@@ -260,6 +260,18 @@ def leave() -> None:
 # -- commands ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Sink:
+    """Where a fetch from another rank lands on rank 0: the tensors received, and the stack that holds
+    their reservation until the reply has gone (neither is pickled: only rank 0 uses them)."""
+
+    held: contextlib.ExitStack | None = None
+    named: Named = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"held": None, "named": []}
+
+
 @dataclass(frozen=True)
 class Command:
     """One operation for the ranks: a Service method (or a `RANK_OPS` entry) and its arguments."""
@@ -273,6 +285,13 @@ class Command:
     caller: Caller | None = None
     per_rank: dict[int, tuple[Any, ...]] | None = None
     """Arguments that differ by rank (a sharded upload), replacing `args` there."""
+    sink: Sink | None = None
+    """For a verb that answers a tensor (TENSOR_RESULTS): where rank 0 receives it (`_tensor_back`)."""
+
+
+TENSOR_RESULTS = frozenset({"evaluate"})
+"""Service methods whose answer is a tensor, received by rank 0 point to point after a reservation
+(`_tensor_back`) rather than pickled among the results."""
 
 
 @dataclass(frozen=True)
@@ -321,8 +340,14 @@ class Relayed:
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's memory as a flat uint8 tensor (a view): every dtype travels alike."""
+    """A contiguous host tensor's memory as a flat uint8 tensor (a view): every dtype travels alike."""
     return t.reshape(-1).view(torch.uint8)
+
+
+def _sent(t: torch.Tensor) -> torch.Tensor:
+    """What goes over the wire of a tensor: its bytes in host memory (gloo sends point to point only
+    from the host; a tensor decoded into a CUDA region or computed on a GPU is copied there first)."""
+    return _as_bytes(t.detach().cpu().contiguous())
 
 
 def _received(service: Service, fabric: Fabric, command: Command) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -371,7 +396,7 @@ def _received(service: Service, fabric: Fabric, command: Command) -> tuple[tuple
                     if isinstance(value, Relayed):
                         for _, t in value.tensors:
                             if t.numel():
-                                dist.send(_as_bytes(t.contiguous()), dst=dst)
+                                dist.send(_sent(t), dst=dst)
             elif fabric.rank == dst:
                 for value in (*args, *kwargs.values()):
                     if isinstance(value, Relayed):
@@ -400,18 +425,6 @@ def seeded_bits(seed: str) -> Callable[[], str]:
     """32 hex digits per handle, the same sequence on every rank for the same seed."""
     counter = itertools.count()
     return lambda: hashlib.sha256(f"{seed}:{next(counter)}".encode()).hexdigest()[:32]
-
-
-@dataclass
-class Sink:
-    """Where a fetch from another rank lands on rank 0: the tensors received, and the stack that holds
-    their reservation until the reply has gone (neither is pickled: only rank 0 uses them)."""
-
-    held: contextlib.ExitStack | None = None
-    named: Named = field(default_factory=list)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"held": None, "named": []}
 
 
 def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str], src: int, sink: Sink) -> None:
@@ -458,7 +471,7 @@ def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str], src:
             if not torch.Size(shape).numel():
                 continue
             if fabric.rank == src:
-                dist.send(_as_bytes(copies[i][1].contiguous()), dst=0)
+                dist.send(_sent(copies[i][1]), dst=0)
             elif fabric.rank == 0:
                 dist.recv(_as_bytes(received[i]), src=src)
     if fabric.rank == 0:
@@ -697,10 +710,8 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
 """Operations only ranks perform (rank 0 included), beside the Service methods."""
 
 
-def execute(service: Service, fabric: Fabric, command: Command) -> Any:
-    """Run a command on this rank: its result, a Failure, or None where this rank takes no part."""
-    bits = HANDLE_BITS.set(seeded_bits(command.seed))
-    caller = CALLER.set(command.caller) if command.caller is not None else None
+def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
+    """The command's result on this rank (None where it takes no part); errors raised."""
     try:
         args, kwargs = _received(service, fabric, command)  # before the ranks check: rank 0 sends to them
         if command.ranks is not None and fabric.rank not in command.ranks:
@@ -710,6 +721,63 @@ def execute(service: Service, fabric: Fabric, command: Command) -> Any:
             return op(service, fabric, *args, **kwargs)
         # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
         return getattr(Service, command.op)(service, *args, **kwargs)
+    except _Abandoned:
+        return None
+    except WeightavgError as exc:
+        return Failure(exc)
+    except Exception as exc:  # noqa: BLE001 - a rank answers every command, or rank 0 waits for nothing
+        log.exception("rank %d: %s failed", fabric.rank, command.op)
+        return Failure(WeightavgError(f"rank {fabric.rank}: {command.op} failed: {type(exc).__name__}: {exc}"))
+
+
+def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any) -> Any:
+    """A tensor answer of one other rank, brought to rank 0's `command.sink` (every rank takes part):
+    rank 0 reserves room for it first, and refuses (RESOURCE_EXHAUSTED) before any byte moves. Other
+    ranks' answers, which rank 0 does not use (a replicated model's: rank 0 answers), are dropped.
+    Pickled among the results, a 100 MB output of evaluate on rank 1 raised rank 0's peak memory by
+    470 MB, never reserved, while rank 0 held 250 of its 300 MB (found by review)."""
+    src = command.ranks[0] if command.ranks is not None and len(command.ranks) == 1 else None
+    if src is None or src == 0:
+        return result if fabric.rank == 0 or isinstance(result, Failure) else None
+    meta = (tuple(result.shape), result.dtype) if fabric.rank == src and isinstance(result, torch.Tensor) else None
+    metas: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(metas, meta, group=fabric.control)
+    if metas[src] is None:
+        return result  # a Failure, or no tensor: it goes back as it is
+    shape, dtype = metas[src]
+    error: WeightavgError | None = None
+    received: torch.Tensor | None = None
+    if fabric.rank == 0 and command.sink is not None and command.sink.held is not None:
+        try:
+            command.sink.held.enter_context(
+                service.store.reserve(nbytes={"cpu": torch.Size(shape).numel() * dtype.itemsize})
+            )
+            received = torch.empty(shape, dtype=dtype)
+        except WeightavgError as exc:
+            error = type(exc)(f"{exc} (rank 0 holds the answer of rank {src} while it replies)")
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
+            error = ResourceExhausted(f"out of memory for the answer of rank {src} ({exc})")
+    refusals: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(refusals, error is not None, group=fabric.control)
+    if any(refusals):
+        return Failure(error) if error is not None else None
+    if torch.Size(shape).numel():
+        if fabric.rank == src:
+            dist.send(_sent(result), dst=0)
+        elif fabric.rank == 0 and received is not None:
+            dist.recv(_as_bytes(received), src=src)
+    if fabric.rank == 0 and command.sink is not None and received is not None:
+        command.sink.named = [("", received)]
+    return None if fabric.rank == src else result
+
+
+def execute(service: Service, fabric: Fabric, command: Command) -> Any:
+    """Run a command on this rank: its result, a Failure, or None where this rank takes no part."""
+    bits = HANDLE_BITS.set(seeded_bits(command.seed))
+    caller = CALLER.set(command.caller) if command.caller is not None else None
+    try:
+        result = _executed(service, fabric, command)
+        return result if command.sink is None else _tensor_back(service, fabric, command, result)
     except _Abandoned:  # another rank refused its part of an exchange: this one has nothing to say
         return None
     except WeightavgError as exc:
@@ -842,12 +910,12 @@ class ClusterService(Service):
 
     def _call(
         self, op: str, where: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
-        per_rank: dict[int, tuple[Any, ...]] | None = None,
+        per_rank: dict[int, tuple[Any, ...]] | None = None, sink: Sink | None = None,
     ) -> list[Any]:
         """Every rank's result of a command on `where` (ALL or one rank); the first rank's error is raised
         after the handles the command created on the other ranks are freed again."""
         ranks = None if where == ALL else (where,)
-        command = Command(op, args, kwargs or {}, ranks, secrets.token_hex(16), CALLER.get(), per_rank)
+        command = Command(op, args, kwargs or {}, ranks, secrets.token_hex(16), CALLER.get(), per_rank, sink)
         results = self._send(command)
         failed = [(r, x.error) for r, x in enumerate(results) if isinstance(x, Failure)]
         if failed:
@@ -953,11 +1021,15 @@ class ClusterService(Service):
                 elif pname == "should_stop":
                     bound.arguments[pname] = never
 
+            sink = Sink(held) if name in TENSOR_RESULTS else None
+
             def run() -> Any:
-                values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs))
+                values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs), sink=sink)
                 if every is not None:
                     return every(values)
                 value = values[0 if where == ALL else where]
+                if sink is not None and where != ALL:
+                    value = sink.named[0][1]
                 self._record(value, where)
                 return value
 
