@@ -366,6 +366,22 @@ def test_tensors_from_another_rank_are_reserved_on_rank_0_before_they_arrive(tmp
         cluster.stop()
 
 
+def test_a_shared_memory_client_reads_objects_of_every_rank(tmp_path: Path) -> None:
+    """A client with shm=True fetches through its session's regions, which are rank 0's: the fetch of a
+    dictionary on rank 1, or of a replicated one, was sent to rank 1 and answered NOT_FOUND 'rank 1:
+    no shared memory region ...' (found by review)."""
+    cluster = Cluster(tmp_path, "--allow-shm")
+    try:
+        with Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1), shm=True, session=True) as c:
+            value = np.arange(300_000, dtype=np.float32)  # large enough to go through the region
+            for placement in ({"rank": 1}, {"replicate": True}, {"rank": 0}):
+                d = c.dict({"w": value}, **placement)
+                assert np.array_equal(c.dict(d, "w"), value), placement
+                assert np.array_equal(c.dict(d)["w"], value), placement
+    finally:
+        cluster.stop()
+
+
 TOKENS = """
 [tenants.small]
 max_device_bytes = {quota}

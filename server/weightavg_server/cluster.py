@@ -48,7 +48,7 @@ from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .domain import collectives, modules, specs
+from .domain import collectives, modules, shm, specs
 from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
@@ -1138,6 +1138,19 @@ class ClusterService(Service):
             sink = Sink(held)
             self._call("_fetch", ALL, (handle, list(names), where, sink))
             yield sink.named
+
+    def fetch_to_shared_memory(
+        self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0, overflow: str = ""
+    ) -> tuple[list[shm.Placement], int, str]:
+        """The session's regions are rank 0's: an object of another rank is fetched here first (reserved
+        as any fetch from another rank), then written. Routed to the object's rank(s), the call failed
+        there ('rank 1: no shared memory region ... is registered by this session') for every object
+        on another rank or replicated, so a client with shm=True could not read them (found by review)."""
+        self._check()
+        if self.where(handle) in (0, ALL):
+            return Service.fetch_to_shared_memory(self, handle, names, region, offset, max_bytes, overflow)
+        with self.fetch(handle, names) as named:
+            return self._write_shared(named, region, offset, max_bytes, overflow)
 
     def allreduce(
         self, handle: str, op: str, weights: Sequence[float], *, request: RequestKey | None = None
