@@ -154,6 +154,22 @@ def test_sharded_data_that_some_rank_would_refuse_is_refused_before_any_rank_loa
         c.free(model)
 
 
+def test_handles_lists_the_objects_of_every_rank_once(shared: Cluster) -> None:
+    """handles() listed rank 0's store alone: a dictionary on rank 1 was missing, so a client could not
+    find (or free) what the default placement had put there (found by review). Each handle is listed
+    once, a replicated one with rank 0's figures."""
+    with client(shared.address) as c:
+        value = {"w": np.zeros(10, np.float32)}
+        made = [c.dict(value, rank=0), c.dict(value, rank=1), c.dict(value, replicate=True)]
+        listed = [h.handle.id for h in c.handles()]
+        assert len(listed) == len(set(listed))
+        for d in made:
+            assert d.id in listed
+            assert [h.bytes for h in c.handles() if h.handle.id == d.id] == [40]
+        c.free(*made)
+        assert not {d.id for d in made} & {h.handle.id for h in c.handles()}
+
+
 def held(c: Client) -> list[tuple[int, int]]:
     """(handles, bytes) of each rank."""
     return [(r["handles"], r["bytes"]) for r in c.info()["ranks"]]

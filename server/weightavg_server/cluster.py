@@ -54,6 +54,7 @@ from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhauste
 from .domain.averaging import BufferMode
 from .domain.ema import ScheduleChange
 from .domain.options import Value
+from .domain.tensors import HandleSummary
 from .service import (
     NOTHING, EmaResult, Metrics, Named, Placement, RankInfo, RankMetrics, Reduced, Ref, Service, Settings, StopCheck,
     Upload, OnHeader,
@@ -672,6 +673,11 @@ def held_bytes(service: Service) -> int:
     return sum(service.store.held_bytes().values())
 
 
+def _listed(service: Service, fabric: Fabric, all_tenants: bool) -> list[tuple[Ref, HandleSummary]]:
+    """The caller's handles on this rank (none from rank 0, which lists its own in the calling thread)."""
+    return Service.list_handles(service, all_tenants) if fabric.rank else []
+
+
 def _inventory(service: Service, fabric: Fabric) -> RankInfo:
     return RankInfo(fabric.rank, str(fabric.device), len(service.store), held_bytes(service))
 
@@ -700,6 +706,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_fetch": _fetch,
     "_allreduce": _allreduce,
     "_inventory": _inventory,
+    "_listed": _listed,
     "_broadcast": _broadcast,
     "_across": _across,
     "_handles": _handles,
@@ -811,7 +818,7 @@ def follow(service: Service, fabric: Fabric) -> None:
 # -- rank 0 -----------------------------------------------------------------------------------------
 
 LOCAL_ONLY = frozenset({
-    "server_info", "device_usage", "request_id_stats", "list_handles", "tenant_usage", "create_session",
+    "server_info", "device_usage", "request_id_stats", "tenant_usage", "create_session",
     "keep_alive", "close_session", "create_tensor",
 })
 """Service methods that never leave rank 0."""
@@ -1299,6 +1306,20 @@ class ClusterService(Service):
             return freed
 
         return self._keyed("free", request, run)  # type: ignore[no-any-return]
+
+    def list_handles(self, all_tenants: bool = False) -> list[tuple[Ref, HandleSummary]]:
+        """The caller's handles on every rank, each once (a replicated one with rank 0's figures), rank 0's
+        first. Rank 0's store alone left out every object the default placement had put elsewhere
+        (found by review). A caller that may not list every tenant is refused here first."""
+        self._check()
+        listed = Service.list_handles(self, all_tenants)
+        seen = {ref.id for ref, _ in listed}
+        for rank, handles in enumerate(self._call("_listed", ALL, (all_tenants,))):
+            for ref, summary in handles if rank else []:
+                if ref.id not in seen:
+                    seen.add(ref.id)
+                    listed.append((ref, summary))
+        return listed
 
     def cluster_info(self) -> list[RankInfo]:
         """Each rank's device and what it holds; a caller that does not see server-wide figures gets
