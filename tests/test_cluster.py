@@ -630,6 +630,19 @@ def test_a_two_rank_cluster_on_gpus(tmp_path: Path) -> None:
     assert ("data backend nccl" if gpus >= 2 else "data backend gloo") in cluster.out.read_text()
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_a_cluster_timeout_that_is_not_a_positive_number_stops_the_start_saying_so(seconds: str) -> None:
+    """Under torchrun, 0 and -1 failed every rank inside c10d ('The client socket has timed out after
+    0ms ...', a C++ traceback) and NaN with 'cannot convert float NaN to integer' (found by review)."""
+    with pytest.raises(ValueError, match=f"--cluster-timeout-seconds must be a positive number of seconds.*given {seconds}"):
+        fabric.join("cpu", float(seconds))
+
+
+def test_a_cluster_started_with_a_zero_timeout_exits_saying_why(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="weightavg serve: --cluster-timeout-seconds must be a positive number"):
+        Cluster(tmp_path, "--cluster-timeout-seconds", "0")
+
+
 def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:
     with client(cluster.address) as c:
         m = c.module(["linear", 2, 2], replicate=True)

@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -132,7 +133,17 @@ def data_backend(backend: str) -> str:
 
 
 def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fabric | None:
-    """Join torchrun's process group (env://), or None when not under torchrun with several ranks."""
+    """Join torchrun's process group (env://), or None when not under torchrun with several ranks.
+
+    Raises:
+        ValueError: a timeout that is not a positive number of seconds (0 or less failed every rank in
+            c10d with 'timed out after 0ms', NaN with 'cannot convert float NaN to integer').
+    """
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(
+            f"--cluster-timeout-seconds must be a positive number of seconds (how long a rank waits for "
+            f"another), given {timeout}"
+        )
     place = world_from_env()
     if place is None:
         return None
