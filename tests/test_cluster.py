@@ -154,6 +154,24 @@ def test_sharded_data_that_some_rank_would_refuse_is_refused_before_any_rank_loa
         c.free(model)
 
 
+def test_a_replicated_epoch_with_a_rank_lacking_data_trains_no_rank(shared: Cluster) -> None:
+    """Data loaded on rank 0 alone (rank=0): run() answered 'rank 1: no training data' after rank 0 had
+    trained an epoch, so the ranks' weights parted (found by review). Every rank now checks first."""
+    with client(shared.address) as c:
+        m = c.module(["linear", 3, 1], replicate=True)
+        model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.1))
+        x, y = np.ones((4, 3), np.float32), np.ones((4, 1), np.float32)
+        c.train(model, x, y, rank=0)
+        before = [c.parm(model, "weight", rank=r) for r in range(2)]
+        with pytest.raises(FailedPreconditionError, match="rank 1: no training data"):
+            c.run(model)
+        for r in range(2):
+            assert np.array_equal(c.parm(model, "weight", rank=r), before[r]), r
+        c.train(model, x, y, rank=1)
+        assert len(c.run(model)) == 2
+        c.free(model)
+
+
 def test_handles_lists_the_objects_of_every_rank_once(shared: Cluster) -> None:
     """handles() listed rank 0's store alone: a dictionary on rank 1 was missing, so a client could not
     find (or free) what the default placement had put there (found by review). Each handle is listed

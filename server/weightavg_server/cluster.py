@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .domain import collectives, modules, shm, specs
+from .domain import collectives, modules, shm, specs, training
 from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
@@ -684,6 +684,26 @@ def held_bytes(service: Service) -> int:
     return sum(service.store.held_bytes().values())
 
 
+def _run_epoch(service: Service, fabric: Fabric, handle: str) -> Metrics:
+    """A replicated model's epoch on every rank, once every rank holds training data: a rank without
+    them failed while the others trained, leaving rank 0's weights one epoch on and rank 1's as they
+    were behind 'rank 1: no training data' (found by review). A refusal anywhere stops every rank
+    before any trains."""
+    error: WeightavgError | None = None
+    try:
+        _, model = service._model(handle)
+        training.require_data(model, "train")
+    except WeightavgError as exc:
+        error = exc
+    refusals: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(refusals, error is not None, group=fabric.control)
+    if any(refusals):
+        if error is not None:
+            raise error
+        raise _Abandoned()
+    return Service.run_epoch(service, handle, never)
+
+
 def _listed(service: Service, fabric: Fabric, all_tenants: bool) -> list[tuple[Ref, HandleSummary]]:
     """The caller's handles on this rank (none from rank 0, which lists its own in the calling thread)."""
     return Service.list_handles(service, all_tenants) if fabric.rank else []
@@ -718,6 +738,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_allreduce": _allreduce,
     "_inventory": _inventory,
     "_listed": _listed,
+    "_run_epoch": _run_epoch,
     "_broadcast": _broadcast,
     "_across": _across,
     "_handles": _handles,
@@ -1273,9 +1294,14 @@ class ClusterService(Service):
     # -- per-rank metrics ------------------------------------------------------------------------------
 
     def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
-        """On a replicated model every rank runs an epoch on its own data: each rank's metrics."""
+        """On a replicated model every rank runs an epoch on its own data: each rank's metrics, once
+        every rank holds training data (`_run_epoch`)."""
         self._check()
-        return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
+        if self.where(handle) != ALL:
+            return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
+        return self._keyed(  # type: ignore[no-any-return]
+            "run_epoch", request, lambda: RankMetrics(self._call("_run_epoch", ALL, (handle,)))
+        )
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
         """On a replicated model every rank tests its own data: each rank's metrics."""
