@@ -9,7 +9,11 @@ touch the process group, so a call on them runs as on a one-rank server. Replica
 same handle on every rank: rank 0 seeds each command's handle IDs with fresh random bits
 (`HANDLE_BITS`). A verb whose source lives on another rank than its target (avgparms, ema, average,
 copyparms into a module) moves the source's values to the target's rank inside one command
-(`_across`), where they stand in for the source for that call only.
+(`_across`), where they stand in for the source for that call only. An upload for other ranks
+(`Relayed`), a fetch from another rank (`_fetch`) and evaluate's outputs (`_tensor_back`) go point
+to point over the data backend, not pickled, after the ranks that receive them have reserved room
+(one control exchange, so a refusal stops every rank first); metrics, handles and counts travel
+pickled among the results.
 
 Commands go over a gloo group even when tensors move over NCCL: pickled commands are host data, and
 a control group of its own keeps its timeouts and ordering apart from the data collectives. When a
@@ -274,8 +278,9 @@ def leave() -> None:
 
 @dataclass
 class Sink:
-    """Where a fetch from another rank lands on rank 0: the tensors received, and the stack that holds
-    their reservation until the reply has gone (neither is pickled: only rank 0 uses them)."""
+    """Where tensors from another rank land on rank 0 (a fetch's copies, evaluate's outputs): the
+    tensors received, and the stack that holds their reservation until the reply has gone (neither
+    is pickled: only rank 0 uses them)."""
 
     held: contextlib.ExitStack | None = None
     named: Named = field(default_factory=list)
