@@ -461,6 +461,8 @@ def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str], src:
                 layout = [(n, tuple(t.shape), t.dtype) for n, t in copies]
             except WeightavgError as exc:
                 error = exc
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # rank 0 waits in the exchange below
+                error = ResourceExhausted(f"out of memory for the copies of '{handle}' ({exc})")
         layouts: list[Any] = [None] * fabric.world_size
         dist.all_gather_object(layouts, layout, group=fabric.control)
         layout = layouts[src]
