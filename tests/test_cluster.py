@@ -132,6 +132,62 @@ def test_sharded_local_sgd_equals_a_torch_distributed_script(shared: Cluster, tm
         assert np.abs(ours[name] - oracle[name].numpy()).max() <= 1e-6, name
 
 
+def test_sharded_data_that_some_rank_would_refuse_is_refused_before_any_rank_loads(shared: Cluster) -> None:
+    """One row over two ranks loaded rank 0's block, then rank 1 refused its empty one ('given shape
+    [0, 3]', for a call that gave one row) and rank 0 kept its data; inputs and targets of 4 and 3 rows
+    did the same, and a scalar failed in rank 0's split (found by review). All are refused first,
+    saying the fix, and no rank holds data afterwards."""
+    with client(shared.address) as c:
+        m = c.module(["linear", 3, 1], replicate=True)
+        model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.05))
+        refused = [
+            (np.ones((1, 3), np.float32), np.ones((1, 1), np.float32), "at least 2 rows"),
+            (np.ones((4, 3), np.float32), np.ones((3, 1), np.float32), "same number of rows"),
+            (np.float32(1.0), np.float32(1.0), "not scalars"),
+        ]
+        for x, y, fix in refused:
+            with pytest.raises(InvalidArgumentError, match=fix):
+                c.train(model, x, y, shard=True)
+            with pytest.raises(FailedPreconditionError, match="^FAILED_PRECONDITION: rank 0: no training data"):
+                c.run(model)
+        assert c.train(model, np.ones((2, 3), np.float32), np.ones((2, 1), np.float32), shard=True) == 1
+        c.free(model)
+
+
+def test_a_replicated_epoch_with_a_rank_lacking_data_trains_no_rank(shared: Cluster) -> None:
+    """Data loaded on rank 0 alone (rank=0): run() answered 'rank 1: no training data' after rank 0 had
+    trained an epoch, so the ranks' weights parted (found by review). Every rank now checks first."""
+    with client(shared.address) as c:
+        m = c.module(["linear", 3, 1], replicate=True)
+        model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.1))
+        x, y = np.ones((4, 3), np.float32), np.ones((4, 1), np.float32)
+        c.train(model, x, y, rank=0)
+        before = [c.parm(model, "weight", rank=r) for r in range(2)]
+        with pytest.raises(FailedPreconditionError, match="rank 1: no training data"):
+            c.run(model)
+        for r in range(2):
+            assert np.array_equal(c.parm(model, "weight", rank=r), before[r]), r
+        c.train(model, x, y, rank=1)
+        assert len(c.run(model)) == 2
+        c.free(model)
+
+
+def test_handles_lists_the_objects_of_every_rank_once(shared: Cluster) -> None:
+    """handles() listed rank 0's store alone: a dictionary on rank 1 was missing, so a client could not
+    find (or free) what the default placement had put there (found by review). Each handle is listed
+    once, a replicated one with rank 0's figures."""
+    with client(shared.address) as c:
+        value = {"w": np.zeros(10, np.float32)}
+        made = [c.dict(value, rank=0), c.dict(value, rank=1), c.dict(value, replicate=True)]
+        listed = [h.handle.id for h in c.handles()]
+        assert len(listed) == len(set(listed))
+        for d in made:
+            assert d.id in listed
+            assert [h.bytes for h in c.handles() if h.handle.id == d.id] == [40]
+        c.free(*made)
+        assert not {d.id for d in made} & {h.handle.id for h in c.handles()}
+
+
 def held(c: Client) -> list[tuple[int, int]]:
     """(handles, bytes) of each rank."""
     return [(r["handles"], r["bytes"]) for r in c.info()["ranks"]]
@@ -270,6 +326,196 @@ def test_a_copy_across_ranks_is_reserved_on_the_target_rank_first(tmp_path: Path
         cluster.stop()
 
 
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_an_upload_for_another_rank_is_reserved_before_any_rank_allocates_it(tmp_path: Path) -> None:
+    """An upload placed on rank 1 was received on rank 0 without a reservation, pickled into the command
+    and unpickled on every rank before rank 1 asked its cap: under a 300 MB cap, a 320 MB upload raised
+    rank 0's peak memory by about 1 GB and rank 1's by 1.3 GB before the refusal; and a replicated
+    entry set on every rank changed rank 0's copy while rank 1's cap refused its own (found by
+    review). Now rank 0 reserves each tensor from its header as it relays it, and rank 1 reserves
+    before any byte is sent: a refusal on either allocates next to nothing and changes no rank."""
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(300 * mb))
+    try:
+        pids = [cluster.rank_pid(0), cluster.rank_pid(1)]
+        with client(cluster.address) as c:
+            d = c.dict({"w": np.zeros(3, np.float32)}, replicate=True)
+            before = [peak_rss(p) for p in pids]
+            with pytest.raises(ResourceExhaustedError, match="320000000 more tensor bytes"):
+                c.dict({"w": np.ones(320 * mb // 4, np.float32)}, rank=1)
+            grew = [peak_rss(p) - b for p, b in zip(pids, before)]
+            assert max(grew) < 100 * mb, grew
+            c.dict({"w": np.ones(200 * mb // 4, np.float32)}, rank=1)  # rank 1 holds 200 of its 300 MB
+            before = [peak_rss(p) for p in pids]
+            with pytest.raises(ResourceExhaustedError, match="rank 1: .* exceed the cap"):
+                c.dict({"w": np.ones(150 * mb // 4, np.float32)}, rank=1)
+            assert peak_rss(pids[1]) - before[1] < 50 * mb
+            with pytest.raises(ResourceExhaustedError, match="rank 1: .* exceed the cap"):
+                c.dict(d, "w", np.ones(150 * mb // 4, np.float32))  # on every rank: rank 1 has no room
+            for r in range(2):
+                assert np.array_equal(c.dict(d, "w", rank=r), np.zeros(3, np.float32)), r
+            assert [r["handles"] for r in c.info()["ranks"]] == [1, 2]
+    finally:
+        cluster.stop()
+
+
+def test_tensors_from_another_rank_are_reserved_on_rank_0_before_they_arrive(tmp_path: Path) -> None:
+    """A fetch's copies are reserved on the host until the reply has gone, and evaluate's outputs for
+    the call; from rank 1 both came back pickled in the command's result, never reserved on rank 0:
+    with rank 0 holding 250 of its 300 MB, fetching 100 MB from rank 1, or evaluating a model there
+    into 100 MB of outputs, went through (raising rank 0's peak memory by about 470 MB each) where
+    the same calls on rank 0 are refused (found by review). Here rank 0 holds 260 MB."""
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(300 * mb))
+    try:
+        rank0 = cluster.rank_pid(0)
+        with client(cluster.address) as c:
+            far = c.dict({"w": np.full(50 * mb // 4, 2.0, np.float32)}, rank=1)
+            m = c.module(["linear", 10, 10_000], rank=1)
+            model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.1))
+            x = np.ones((2_500, 10), np.float32)  # 100 KB in, 100 MB out
+            near = c.dict({"w": np.ones(260 * mb // 4, np.float32)}, rank=0)
+            before = peak_rss(rank0)
+            with pytest.raises(ResourceExhaustedError, match="rank 0: 50000000 more tensor bytes .* fetches from rank 1"):
+                c.dict(far, "w")
+            with pytest.raises(ResourceExhaustedError, match="rank 0: 100000000 more tensor bytes .* answer of rank 1"):
+                c.evaluate(model, x)
+            assert peak_rss(rank0) - before < 50 * mb
+            c.free(near)
+            assert np.array_equal(c.dict(far, "w"), np.full(50 * mb // 4, 2.0, np.float32))
+            weight, bias = c.parm(model, "weight"), c.parm(model, "bias")
+            assert np.allclose(c.evaluate(model, x[:3]), x[:3] @ weight.T + bias, atol=1e-5)
+            r = c.module(["linear", 10, 3], replicate=True)  # rank 0 answers; the others' outputs are dropped
+            replicated = c.model(r, c.loss("mse"), c.opt("sgd", r, 0.1))
+            weight, bias = c.parm(replicated, "weight"), c.parm(replicated, "bias")
+            assert np.allclose(c.evaluate(replicated, x[:3]), x[:3] @ weight.T + bias, atol=1e-5)
+    finally:
+        cluster.stop()
+
+
+def test_a_shared_memory_client_reads_objects_of_every_rank(tmp_path: Path) -> None:
+    """A client with shm=True fetches through its session's regions, which are rank 0's: the fetch of a
+    dictionary on rank 1, or of a replicated one, was sent to rank 1 and answered NOT_FOUND 'rank 1:
+    no shared memory region ...' (found by review)."""
+    cluster = Cluster(tmp_path, "--allow-shm")
+    try:
+        with Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1), shm=True, session=True) as c:
+            value = np.arange(300_000, dtype=np.float32)  # large enough to go through the region
+            for placement in ({"rank": 1}, {"replicate": True}, {"rank": 0}):
+                d = c.dict({"w": value}, **placement)
+                assert np.array_equal(c.dict(d, "w"), value), placement
+                assert np.array_equal(c.dict(d)["w"], value), placement
+    finally:
+        cluster.stop()
+
+
+TOKENS = """
+[tenants.small]
+max_device_bytes = {quota}
+max_handles = 3
+
+[[tokens]]
+token = "small-user-token-0123456789"
+tenant = "small"
+role = "user"
+"""
+
+
+def test_tenant_quotas_hold_on_every_rank_and_follow_a_reload(tmp_path: Path) -> None:
+    """Only rank 0 read the tokens file, so a tenant's quota held on rank 0 alone: a user placed a
+    dictionary of twice its byte quota, and any number of handles, on rank 1 (found by review). Every
+    rank now reserves against the quotas rank 0 sends at start and after SIGHUP rereads the file."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS.format(quota=100_000))
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+    big = {"w": np.zeros(50_000, np.float32)}  # 200,000 bytes
+    try:
+        with Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1),
+                    token="small-user-token-0123456789") as c:
+            for placement in ({"rank": 1}, {"rank": 0}, {"replicate": True}):
+                with pytest.raises(ResourceExhaustedError, match="quota of tenant 'small'"):
+                    c.dict(big, **placement)
+            made = [c.dict({"w": np.zeros(1, np.float32)}, rank=1) for _ in range(3)]
+            with pytest.raises(ResourceExhaustedError, match="rank 1: tenant 'small' holds its quota of 3"):
+                c.dict({"w": np.zeros(1, np.float32)}, rank=1)
+            c.free(*made)
+            tokens.write_text(TOKENS.format(quota=500_000))  # (the fetch below reserves its copy too)
+            os.kill(cluster.rank_pid(0), signal.SIGHUP)
+            deadline = time.monotonic() + WAIT
+            while "tokens reloaded" not in cluster.out.read_text():
+                assert time.monotonic() < deadline, "no reload within 60 s of SIGHUP"
+                time.sleep(0.2)
+            d = c.dict(big, rank=1)
+            assert c.dict(d, "w", rank=1).shape == (50_000,)
+    finally:
+        cluster.stop()
+
+
+TWO_TENANTS = """
+[[tokens]]
+token = "alice-user-token-0123456789"
+tenant = "alice"
+role = "user"
+
+[[tokens]]
+token = "bob-user-token-0123456789ab"
+tenant = "bob"
+role = "user"
+"""
+
+
+def test_another_tenants_handles_on_other_ranks_answer_as_ids_that_never_existed(tmp_path: Path) -> None:
+    """docs/security.md: another tenant's objects are NOT_FOUND, worded as for an id that never existed.
+    Calls on a handle of alice's placed on rank 1 answered bob 'rank 1: unknown handle', 'this object
+    lives on rank 1, not rank 0' and FAILED_PRECONDITION from allreduce and broadcast; a replicated one
+    'rank 0: unknown handle'; and free(his own, hers) freed his own while it said 'nothing freed'
+    (found by review). Every answer now equals the answer for an id that never existed."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TWO_TENANTS)
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+
+    def as_user(token: str) -> Client:
+        return Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1), token=token)
+
+    try:
+        with as_user("alice-user-token-0123456789") as alice, as_user("bob-user-token-0123456789ab") as bob:
+            value = {"w": np.ones(3, np.float32)}
+            hers = [alice.dict(value, rank=1).id, alice.dict(value, replicate=True).id]
+            mine = bob.dict(value, rank=0)
+            calls: dict[str, Callable[[str], Any]] = {
+                "read": lambda h: bob.dict(h, "w"),
+                "read rank 0": lambda h: bob.dict(h, "w", rank=0),
+                "read rank 1": lambda h: bob.dict(h, "w", rank=1),
+                "allreduce": lambda h: bob.allreduce(h),
+                "broadcast": lambda h: bob.broadcast(h),
+                "free": lambda h: bob.free(mine, h),
+            }
+
+            def answer(call: Callable[[str], Any], h: str) -> str:
+                try:
+                    call(h)
+                except Exception as exc:  # noqa: BLE001 - the answer is what is compared
+                    return f"{type(exc).__name__}: {exc}".replace(h, "<handle>")
+                return "no error"
+
+            for name, call in calls.items():
+                never = answer(call, "dic_" + "1" * 32)
+                assert never.startswith("NotFoundError"), (name, never)
+                for h in hers:
+                    assert answer(call, h) == never, name
+            assert np.array_equal(bob.dict(mine, "w"), value["w"])
+            assert np.array_equal(alice.dict(hers[0], "w"), value["w"])
+    finally:
+        cluster.stop()
+
+
 def test_a_replicated_model_runs_an_epoch_on_every_rank_with_its_own_data(shared: Cluster) -> None:
     """run and testrun answer each rank's metrics; each equals a one-rank model's on that rank's data."""
     gen = torch.Generator().manual_seed(1)
@@ -402,6 +648,19 @@ def test_a_two_rank_cluster_on_gpus(tmp_path: Path) -> None:
     assert ("data backend nccl" if gpus >= 2 else "data backend gloo") in cluster.out.read_text()
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_a_cluster_timeout_that_is_not_a_positive_number_stops_the_start_saying_so(seconds: str) -> None:
+    """Under torchrun, 0 and -1 failed every rank inside c10d ('The client socket has timed out after
+    0ms ...', a C++ traceback) and NaN with 'cannot convert float NaN to integer' (found by review)."""
+    with pytest.raises(ValueError, match=f"--cluster-timeout-seconds must be a positive number of seconds.*given {seconds}"):
+        fabric.join("cpu", float(seconds))
+
+
+def test_a_cluster_started_with_a_zero_timeout_exits_saying_why(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="weightavg serve: --cluster-timeout-seconds must be a positive number"):
+        Cluster(tmp_path, "--cluster-timeout-seconds", "0")
+
+
 def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:
     with client(cluster.address) as c:
         m = c.module(["linear", 2, 2], replicate=True)
@@ -439,6 +698,25 @@ def test_ranks_stop_when_their_torchrun_agent_is_killed(tmp_path: Path) -> None:
         assert "torchrun agent" in cluster.out.read_text()
     finally:
         cluster.stop()
+
+
+def test_a_clean_stop_snapshots_every_rank_and_logs_no_error(tmp_path: Path) -> None:
+    """SIGTERM: every rank writes the shutdown snapshot and rank 1 stops on rank 0's word. Rank 0 used to
+    send the stop as a command: it ran '_stop' itself (an ERROR with a traceback), then waited for
+    answers rank 1 never sends and logged 'cluster broken ... a remote worker crash' on every clean
+    stop (found by review)."""
+    state = tmp_path / "state"
+    cluster = Cluster(tmp_path, "--state-dir", str(state))
+    try:
+        with client(cluster.address) as c:
+            c.dict({"w": np.arange(3, dtype=np.float32)}, rank=1)
+    finally:
+        cluster.stop()
+    log = cluster.out.read_text()
+    assert "rank 1: stop from rank 0" in log
+    errors = [line for line in log.splitlines() if " ERROR weightavg" in line]
+    assert not errors, errors
+    assert cluster_generations(state / "rank-0") == cluster_generations(state / "rank-1") == [1]
 
 
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:

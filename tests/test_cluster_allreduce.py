@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from weightavg import Client, FailedPreconditionError
+from weightavg import Client, FailedPreconditionError, InvalidArgumentError
 from weightavg_server.domain.collectives import INPLACE_BYTES
 
 from conftest import Cluster
@@ -72,3 +72,26 @@ def test_ranks_holding_different_shapes_refuse_and_keep_serving(cluster: Cluster
             assert np.array_equal(c.dict(d, "w", rank=r), np.full((4, 3), 2.0, np.float32))
             assert np.array_equal(c.dict(d, "b", rank=r), np.full(3, 2.0, np.float32))
         c.free(d)
+
+
+def test_refused_allreduces_leave_every_rank_as_it_was(cluster: Cluster) -> None:
+    """Two inputs that were accepted and overwrote every rank's values (found by review):
+    entries of other names but the same shapes on each rank (rank 0 'x', rank 1 'y') were summed
+    together, and a NaN or infinite weight made every value NaN. Both are now refused before any
+    data moves, and the values on both ranks stay as they were."""
+    with Client(cluster.address, timeout=60) as c:
+        d = c.dict({"a": np.ones(3, np.float32)}, replicate=True)
+        c.dict(d, "x", np.full(3, 10.0, np.float32), rank=0)
+        c.dict(d, "y", np.full(3, 20.0, np.float32), rank=1)
+        with pytest.raises(FailedPreconditionError, match="same tensor names, shapes and dtypes"):
+            c.allreduce(d)
+        assert np.array_equal(c.dict(d, "x", rank=0), np.full(3, 10.0, np.float32))
+        assert np.array_equal(c.dict(d, "y", rank=1), np.full(3, 20.0, np.float32))
+        e = c.dict({"w": np.arange(4, dtype=np.float32)}, replicate=True)
+        for weights in ([float("nan"), 1.0], [float("inf"), 1.0], [1e308, 1e308]):
+            with pytest.raises(InvalidArgumentError, match="finite"):
+                c.allreduce(e, weights=weights)
+        for r in range(2):
+            assert np.array_equal(c.dict(e, "w", rank=r), np.arange(4, dtype=np.float32)), r
+        assert c.allreduce(e, weights=[1, 3]) == 1
+        c.free(d, e)

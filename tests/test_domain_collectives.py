@@ -6,6 +6,7 @@ tensor, several buckets and two dtypes are covered in one group of two processes
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,14 @@ def test_rank_scales() -> None:
         collectives.rank_scale("mean", [1, 2, 3], 0, 2)
     with pytest.raises(InvalidArgument, match="unknown reduce op"):
         collectives.rank_scale("max", [], 0, 2)
+
+
+@pytest.mark.parametrize("weights", [[math.nan, 1.0], [math.inf, 1.0], [-math.inf, 1.0], [1e308, 1e308]])
+def test_rank_scales_refuse_weights_that_would_turn_every_rank_into_nan_or_zeros(weights: list[float]) -> None:
+    """NaN passed the sign and sum checks, and an infinite weight or sum gave NaN or 0 scales: every
+    rank's values were overwritten with NaN (found by review, through a real 2-rank cluster)."""
+    with pytest.raises(InvalidArgument, match="finite and non-negative"):
+        collectives.rank_scale("mean", weights, 0, 2)
 
 
 def test_adjacent_groups_find_a_flat_modules_tensors_in_any_listed_order() -> None:

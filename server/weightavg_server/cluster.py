@@ -9,7 +9,11 @@ touch the process group, so a call on them runs as on a one-rank server. Replica
 same handle on every rank: rank 0 seeds each command's handle IDs with fresh random bits
 (`HANDLE_BITS`). A verb whose source lives on another rank than its target (avgparms, ema, average,
 copyparms into a module) moves the source's values to the target's rank inside one command
-(`_across`), where they stand in for the source for that call only.
+(`_across`), where they stand in for the source for that call only. An upload for other ranks
+(`Relayed`), a fetch from another rank (`_fetch`) and evaluate's outputs (`_tensor_back`) go point
+to point over the data backend, not pickled, after the ranks that receive them have reserved room
+(one control exchange, so a refusal stops every rank first); metrics, handles and counts travel
+pickled among the results.
 
 Commands go over a gloo group even when tensors move over NCCL: pickled commands are host data, and
 a control group of its own keeps its timeouts and ordering apart from the data collectives. When a
@@ -30,13 +34,14 @@ import hashlib
 import inspect
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -48,12 +53,13 @@ from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .domain import collectives, modules, specs
+from .domain import collectives, modules, shm, specs, training
 from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
 from .domain.ema import ScheduleChange
 from .domain.options import Value
+from .domain.tensors import HandleSummary
 from .service import (
     NOTHING, EmaResult, Metrics, Named, Placement, RankInfo, RankMetrics, Reduced, Ref, Service, Settings, StopCheck,
     Upload, OnHeader,
@@ -62,7 +68,7 @@ from .store import snapshot
 from .store.snapshot import SnapshotResult
 from .store.registry import CALLER_SESSION, HANDLE_BITS, Entry, Kind, Registry
 from .store.requests import RequestKey
-from .store.tenants import CALLER, Caller
+from .store.tenants import CALLER, Caller, Quota
 
 log = logging.getLogger("weightavg.cluster")
 
@@ -131,7 +137,17 @@ def data_backend(backend: str) -> str:
 
 
 def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fabric | None:
-    """Join torchrun's process group (env://), or None when not under torchrun with several ranks."""
+    """Join torchrun's process group (env://), or None when not under torchrun with several ranks.
+
+    Raises:
+        ValueError: a timeout that is not a positive number of seconds (0 or less failed every rank in
+            c10d with 'timed out after 0ms', NaN with 'cannot convert float NaN to integer').
+    """
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(
+            f"--cluster-timeout-seconds must be a positive number of seconds (how long a rank waits for "
+            f"another), given {timeout}"
+        )
     place = world_from_env()
     if place is None:
         return None
@@ -260,6 +276,19 @@ def leave() -> None:
 # -- commands ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Sink:
+    """Where tensors from another rank land on rank 0 (a fetch's copies, evaluate's outputs): the
+    tensors received, and the stack that holds their reservation until the reply has gone (neither
+    is pickled: only rank 0 uses them)."""
+
+    held: contextlib.ExitStack | None = None
+    named: Named = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"held": None, "named": []}
+
+
 @dataclass(frozen=True)
 class Command:
     """One operation for the ranks: a Service method (or a `RANK_OPS` entry) and its arguments."""
@@ -273,6 +302,13 @@ class Command:
     caller: Caller | None = None
     per_rank: dict[int, tuple[Any, ...]] | None = None
     """Arguments that differ by rank (a sharded upload), replacing `args` there."""
+    sink: Sink | None = None
+    """For a verb that answers a tensor (TENSOR_RESULTS): where rank 0 receives it (`_tensor_back`)."""
+
+
+TENSOR_RESULTS = frozenset({"evaluate"})
+"""Service methods whose answer is a tensor, received by rank 0 point to point after a reservation
+(`_tensor_back`) rather than pickled among the results."""
 
 
 @dataclass(frozen=True)
@@ -295,6 +331,108 @@ class Replay:
         return list(self.named)
 
 
+@dataclass
+class Relayed:
+    """An upload rank 0 received from a client, for other ranks to use: a command carries only its
+    headers; the bytes follow over the data backend once every receiving rank has reserved room for
+    them (`_received`). Pickled into the command whole, an upload was unpickled on every rank before
+    any cap was asked: a 300 MB upload to a rank under a 10 MB cap peaked at 1.2 GB there, and 0.9 GB
+    on rank 0, before the refusal (found by review)."""
+
+    headers: list[tuple[str, tuple[int, ...], torch.dtype]]
+    tensors: Named = field(default_factory=list)
+    """Rank 0's own tensors (never pickled: the other ranks receive them by `dist.send`)."""
+    held: contextlib.ExitStack | None = None
+    """Rank 0's reservation of the tensors while it relays them (never pickled)."""
+
+    @staticmethod
+    def of(named: Named, held: contextlib.ExitStack | None = None) -> Relayed:
+        return Relayed([(n, tuple(t.shape), t.dtype) for n, t in named], named, held)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"headers": self.headers, "tensors": [], "held": None}
+
+    def nbytes(self) -> int:
+        return sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in self.headers)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous host tensor's memory as a flat uint8 tensor (a view): every dtype travels alike."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _sent(t: torch.Tensor) -> torch.Tensor:
+    """What goes over the wire of a tensor: its bytes in host memory (gloo sends point to point only
+    from the host; a tensor decoded into a CUDA region or computed on a GPU is copied there first)."""
+    return _as_bytes(t.detach().cpu().contiguous())
+
+
+def _received(service: Service, fabric: Fabric, command: Command) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """This rank's arguments of a command, with each relayed upload replaced by a Replay of its tensors.
+
+    Every rank takes part when the command relays an upload: the receiving ranks reserve the bytes and
+    allocate them, all ranks agree that every receiver could (one control exchange, so a refusal
+    anywhere stops every rank before any byte moves), then rank 0 sends each receiver its tensors. The
+    reservations end before the verb runs, which reserves the tensors it keeps as for any upload (the
+    other ranks change only through these commands, one at a time, so nothing takes the room between).
+
+    Raises:
+        WeightavgError: this rank could not take its part.
+        _Abandoned: another rank could not; nothing was received.
+    """
+    args = command.per_rank.get(fabric.rank, command.args) if command.per_rank else command.args
+    kwargs = command.kwargs
+    if not any(isinstance(v, Relayed) for v in (*args, *kwargs.values())):
+        return args, kwargs
+    targets = [r for r in range(1, fabric.world_size) if command.ranks is None or r in command.ranks]
+    receiving = fabric.rank in targets
+    error: WeightavgError | None = None
+    buffers: dict[int, list[torch.Tensor]] = {}
+    with contextlib.ExitStack() as held:
+        if receiving:
+            relayed = [v for v in (*args, *kwargs.values()) if isinstance(v, Relayed)]
+            try:
+                held.enter_context(service.store.reserve(nbytes={"cpu": sum(r.nbytes() for r in relayed)}))
+                buffers = {id(r): [torch.empty(shape, dtype=dtype) for _, shape, dtype in r.headers] for r in relayed}
+            except WeightavgError as exc:
+                error = exc
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # this rank must still answer the exchange
+                error = ResourceExhausted(f"rank {fabric.rank}: out of memory for an upload relayed by rank 0 ({exc})")
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks wait for this rank's answer
+                error = WeightavgError(f"rank {fabric.rank}: receiving an upload failed: {type(exc).__name__}: {exc}")
+        refusals: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(refusals, error is not None, group=fabric.control)
+        if any(refusals):
+            if error is not None:
+                raise error
+            raise _Abandoned()
+        for dst in targets:
+            if fabric.rank == 0:
+                theirs = command.per_rank.get(dst, command.args) if command.per_rank else command.args
+                for value in (*theirs, *kwargs.values()):
+                    if isinstance(value, Relayed):
+                        for _, t in value.tensors:
+                            if t.numel():
+                                dist.send(_sent(t), dst=dst)
+            elif fabric.rank == dst:
+                for value in (*args, *kwargs.values()):
+                    if isinstance(value, Relayed):
+                        for t in buffers[id(value)]:
+                            if t.numel():
+                                dist.recv(_as_bytes(t), src=0)
+
+    def replay(value: Any) -> Any:
+        if not isinstance(value, Relayed):
+            return value
+        if value.held is not None:  # rank 0: the relay is done, the verb reserves what it keeps
+            value.held.close()
+        if fabric.rank == 0:
+            return Replay(value.tensors)
+        return Replay([(name, t) for (name, _, _), t in zip(value.headers, buffers.get(id(value), []))])
+
+    return tuple(replay(v) for v in args), {k: replay(v) for k, v in kwargs.items()}
+
+
 def never() -> bool:
     """The stop check of a command: every rank runs it to the end, so replicated objects stay alike."""
     return False
@@ -306,9 +444,57 @@ def seeded_bits(seed: str) -> Callable[[], str]:
     return lambda: hashlib.sha256(f"{seed}:{next(counter)}".encode()).hexdigest()[:32]
 
 
-def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str]) -> Named:
-    with Service.fetch(service, handle, names) as copies:
-        return list(copies)
+def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str], src: int, sink: Sink) -> None:
+    """Rank src's host copies of what a fetch names, sent to rank 0 into `sink`. Every rank takes part
+    in two control exchanges (what the copies are; whether rank 0 could reserve room for them), so a
+    refusal on either side stops both before any byte moves. The copies used to come back pickled in
+    the command's results, never reserved on rank 0: a fetch from rank 1 went through where the same
+    fetch on rank 0 was refused by its cap, and raised rank 0's peak memory by 4.7 times the bytes
+    fetched (found by review)."""
+    error: WeightavgError | None = None
+    layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None
+    copies: Named = []
+    with contextlib.ExitStack() as copying:
+        if fabric.rank == src:
+            try:
+                copies = copying.enter_context(Service.fetch(service, handle, names))
+                layout = [(n, tuple(t.shape), t.dtype) for n, t in copies]
+            except WeightavgError as exc:
+                error = exc
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # rank 0 waits in the exchange below
+                error = ResourceExhausted(f"out of memory for the copies of '{handle}' ({exc})")
+        layouts: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(layouts, layout, group=fabric.control)
+        layout = layouts[src]
+        if layout is None:
+            if error is not None:
+                raise error
+            raise _Abandoned()
+        received: list[torch.Tensor] = []
+        if fabric.rank == 0 and sink.held is not None:
+            nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in layout)
+            try:
+                sink.held.enter_context(service.store.reserve(nbytes={"cpu": nbytes}))
+                received = [torch.empty(shape, dtype=dtype) for _, shape, dtype in layout]
+            except WeightavgError as exc:
+                error = type(exc)(f"{exc} (rank 0 holds a copy of what it fetches from rank {src} until the reply has gone)")
+            except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
+                error = ResourceExhausted(f"rank 0: out of memory for a fetch from rank {src} ({exc})")
+        refusals: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(refusals, error is not None, group=fabric.control)
+        if any(refusals):
+            if error is not None:
+                raise error
+            raise _Abandoned()
+        for i, (_, shape, _) in enumerate(layout):
+            if not torch.Size(shape).numel():
+                continue
+            if fabric.rank == src:
+                dist.send(_sent(copies[i][1]), dst=0)
+            elif fabric.rank == 0:
+                dist.recv(_as_bytes(received[i]), src=src)
+    if fabric.rank == 0:
+        sink.named = [(name, t) for (name, _, _), t in zip(layout, received)]
 
 
 def _digest(value: Any) -> int:
@@ -321,14 +507,15 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
     """Reduce on every rank: first agree on what is reduced (a control collective that completes even
     when a rank lacks the handle), so no rank is left waiting in a data collective."""
     try:
-        entry, tensors = service._reduced_tensors(handle)
+        entry, named = service._reduced_tensors(handle)
+        tensors = [t for _, t in named]
         scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
-        mine: Any = [(tuple(t.shape), str(t.dtype)) for t in tensors]
+        mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
         groups = collectives.adjacent_groups(tensors)
     except WeightavgError as exc:
         mine, error = None, exc
     # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
-    # whether this rank can take part, and digests of its shapes and dtypes and of its memory runs.
+    # whether this rank can take part, and digests of its names, shapes and dtypes and of its memory runs.
     state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
     gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
     dist.all_gather(gathered, state, group=fabric.control)
@@ -337,7 +524,7 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
     if any(int(g[0]) != 1 or int(g[1]) != int(state[1]) for g in gathered):
         raise FailedPrecondition(
             "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
-            "with rank= differ in shape or dtype. Set them alike, then allreduce again"
+            "with rank= differ in name, shape or dtype. Set them alike, then allreduce again; nothing changed"
         )
     if any(int(g[2]) != int(state[2]) for g in gathered):
         groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
@@ -504,12 +691,38 @@ def held_bytes(service: Service) -> int:
     return sum(service.store.held_bytes().values())
 
 
+def _run_epoch(service: Service, fabric: Fabric, handle: str) -> Metrics:
+    """A replicated model's epoch on every rank, once every rank holds training data: a rank without
+    them failed while the others trained, leaving rank 0's weights one epoch on and rank 1's as they
+    were behind 'rank 1: no training data' (found by review). A refusal anywhere stops every rank
+    before any trains."""
+    error: WeightavgError | None = None
+    try:
+        _, model = service._model(handle)
+        training.require_data(model, "train")
+    except WeightavgError as exc:
+        error = exc
+    refusals: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(refusals, error is not None, group=fabric.control)
+    if any(refusals):
+        if error is not None:
+            raise error
+        raise _Abandoned()
+    return Service.run_epoch(service, handle, never)
+
+
+def _listed(service: Service, fabric: Fabric, all_tenants: bool) -> list[tuple[Ref, HandleSummary]]:
+    """The caller's handles on this rank (none from rank 0, which lists its own in the calling thread)."""
+    return Service.list_handles(service, all_tenants) if fabric.rank else []
+
+
 def _inventory(service: Service, fabric: Fabric) -> RankInfo:
     return RankInfo(fabric.rank, str(fabric.device), len(service.store), held_bytes(service))
 
 
-def _handles(service: Service, fabric: Fabric) -> list[str]:
-    return [h for h, _ in service.store.items()]
+def _handles(service: Service, fabric: Fabric) -> list[tuple[str, str]]:
+    """Every handle this rank holds, with its tenant."""
+    return [(h, entry.tenant) for h, entry in service.store.items()]
 
 
 def _snapshot(service: Service, fabric: Fabric, generation: int, copy: bool) -> snapshot.SnapshotResult:
@@ -520,33 +733,99 @@ def _commit(service: Service, fabric: Fabric, generation: int) -> None:
     prune(service.settings.state_dir, generation)
 
 
+def _quotas(service: Service, fabric: Fabric, quotas: dict[str, Quota]) -> None:
+    """Rank 0's tenant quotas (its tokens file), in force on this rank too: every rank reserves against
+    them, each for what its own devices hold."""
+    service.store.set_quotas(quotas)
+
+
 RANK_OPS: dict[str, Callable[..., Any]] = {
     "_ping": lambda service, fabric: None,
     "_fetch": _fetch,
     "_allreduce": _allreduce,
     "_inventory": _inventory,
+    "_listed": _listed,
+    "_run_epoch": _run_epoch,
     "_broadcast": _broadcast,
     "_across": _across,
     "_handles": _handles,
     "_snapshot": _snapshot,
     "_commit": _commit,
+    "_quotas": _quotas,
 }
 """Operations only ranks perform (rank 0 included), beside the Service methods."""
 
 
+def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
+    """The command's result on this rank (None where it takes no part); errors raised."""
+    try:
+        args, kwargs = _received(service, fabric, command)  # before the ranks check: rank 0 sends to them
+        if command.ranks is not None and fabric.rank not in command.ranks:
+            return None
+        op = RANK_OPS.get(command.op)
+        if op is not None:
+            return op(service, fabric, *args, **kwargs)
+        # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
+        return getattr(Service, command.op)(service, *args, **kwargs)
+    except _Abandoned:
+        return None
+    except WeightavgError as exc:
+        return Failure(exc)
+    except Exception as exc:  # noqa: BLE001 - a rank answers every command, or rank 0 waits for nothing
+        log.exception("rank %d: %s failed", fabric.rank, command.op)
+        return Failure(WeightavgError(f"rank {fabric.rank}: {command.op} failed: {type(exc).__name__}: {exc}"))
+
+
+def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any) -> Any:
+    """A tensor answer of one other rank, brought to rank 0's `command.sink` (every rank takes part):
+    rank 0 reserves room for it first, and refuses (RESOURCE_EXHAUSTED) before any byte moves. Other
+    ranks' answers, which rank 0 does not use (a replicated model's: rank 0 answers), are dropped.
+    Pickled among the results, a 100 MB output of evaluate on rank 1 raised rank 0's peak memory by
+    470 MB, never reserved, while rank 0 held 250 of its 300 MB (found by review)."""
+    src = command.ranks[0] if command.ranks is not None and len(command.ranks) == 1 else None
+    if src is None or src == 0:
+        return result if fabric.rank == 0 or isinstance(result, Failure) else None
+    meta = (tuple(result.shape), result.dtype) if fabric.rank == src and isinstance(result, torch.Tensor) else None
+    metas: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(metas, meta, group=fabric.control)
+    if metas[src] is None:
+        return result  # a Failure, or no tensor: it goes back as it is
+    shape, dtype = metas[src]
+    error: WeightavgError | None = None
+    received: torch.Tensor | None = None
+    if fabric.rank == 0 and command.sink is not None and command.sink.held is not None:
+        try:
+            command.sink.held.enter_context(
+                service.store.reserve(nbytes={"cpu": torch.Size(shape).numel() * dtype.itemsize})
+            )
+            received = torch.empty(shape, dtype=dtype)
+        except WeightavgError as exc:
+            error = type(exc)(f"{exc} (rank 0 holds the answer of rank {src} while it replies)")
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
+            error = ResourceExhausted(f"out of memory for the answer of rank {src} ({exc})")
+    refusals: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(refusals, error is not None, group=fabric.control)
+    if any(refusals):
+        return Failure(error) if error is not None else None
+    if torch.Size(shape).numel():
+        if fabric.rank == src:
+            dist.send(_sent(result), dst=0)
+        elif fabric.rank == 0 and received is not None:
+            dist.recv(_as_bytes(received), src=src)
+    if fabric.rank == 0 and command.sink is not None and received is not None:
+        command.sink.named = [("", received)]
+    return None if fabric.rank == src else result
+
+
 def execute(service: Service, fabric: Fabric, command: Command) -> Any:
     """Run a command on this rank: its result, a Failure, or None where this rank takes no part."""
-    if command.ranks is not None and fabric.rank not in command.ranks:
-        return None
-    args = command.per_rank.get(fabric.rank, command.args) if command.per_rank else command.args
     bits = HANDLE_BITS.set(seeded_bits(command.seed))
     caller = CALLER.set(command.caller) if command.caller is not None else None
     try:
-        op = RANK_OPS.get(command.op)
-        if op is not None:
-            return op(service, fabric, *args, **command.kwargs)
-        # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
-        return getattr(Service, command.op)(service, *args, **command.kwargs)
+        result = _executed(service, fabric, command)
+        return result if command.sink is None else _tensor_back(service, fabric, command, result)
+    except _Abandoned:  # another rank refused its part of an exchange: this one has nothing to say
+        return None
     except WeightavgError as exc:
         return Failure(exc)
     except Exception as exc:  # noqa: BLE001 - a rank answers every command, or rank 0 waits for nothing
@@ -578,7 +857,7 @@ def follow(service: Service, fabric: Fabric) -> None:
 # -- rank 0 -----------------------------------------------------------------------------------------
 
 LOCAL_ONLY = frozenset({
-    "server_info", "device_usage", "request_id_stats", "list_handles", "tenant_usage", "create_session",
+    "server_info", "device_usage", "request_id_stats", "tenant_usage", "create_session",
     "keep_alive", "close_session", "create_tensor",
 })
 """Service methods that never leave rank 0."""
@@ -595,6 +874,9 @@ class ClusterService(Service):
         self._channel = threading.Lock()
         self._placements: dict[str, int] = {}
         """Handles that live beyond rank 0 alone: ALL, or the one rank. Absent: rank 0."""
+        self._owners: dict[str, str] = {}
+        """The tenant of each handle in _placements: to a caller that may not see it, the handle is
+        unknown, routed to rank 0 like any id that never existed (`where`)."""
         self._placements_lock = threading.Lock()
         self._held = [0] * fabric.world_size
         """Bytes each rank held after the last command (another rank changes only through commands)."""
@@ -612,16 +894,28 @@ class ClusterService(Service):
         idle ranks' waits short with pings."""
         found = self._call("_handles", ALL, ())
         held: dict[str, list[int]] = {}
+        owners: dict[str, str] = {}
         for rank, handles in enumerate(found):
-            for h in handles:
+            for h, tenant in handles:
                 held.setdefault(h, []).append(rank)
+                owners[h] = tenant
         with self._placements_lock:
             for h, ranks in held.items():
                 if len(ranks) == self.fabric.world_size:
                     self._placements[h] = ALL
                 elif ranks != [0]:
                     self._placements[h] = ranks[0]
+                else:
+                    continue
+                self._owners[h] = owners[h]
+        self.set_quotas(self.store.quotas)
         self._pinger.start()
+
+    def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
+        """Tenant quotas on every rank (at start, and when SIGHUP rereads the tokens file): only rank 0
+        reads the tokens file, and a rank without them let a tenant place any amount beyond its quota
+        there (found by review)."""
+        self._call("_quotas", ALL, (dict(quotas),))
 
     def _ping(self) -> None:
         interval = max(0.5, min(5.0, self.fabric.timeout / 4))
@@ -662,12 +956,12 @@ class ClusterService(Service):
 
     def _call(
         self, op: str, where: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
-        per_rank: dict[int, tuple[Any, ...]] | None = None,
+        per_rank: dict[int, tuple[Any, ...]] | None = None, sink: Sink | None = None,
     ) -> list[Any]:
         """Every rank's result of a command on `where` (ALL or one rank); the first rank's error is raised
         after the handles the command created on the other ranks are freed again."""
         ranks = None if where == ALL else (where,)
-        command = Command(op, args, kwargs or {}, ranks, secrets.token_hex(16), CALLER.get(), per_rank)
+        command = Command(op, args, kwargs or {}, ranks, secrets.token_hex(16), CALLER.get(), per_rank, sink)
         results = self._send(command)
         failed = [(r, x.error) for r, x in enumerate(results) if isinstance(x, Failure)]
         if failed:
@@ -689,11 +983,19 @@ class ClusterService(Service):
         if isinstance(value, Ref) and where != 0:
             with self._placements_lock:
                 self._placements[value.id] = where
+                self._owners[value.id] = CALLER.get().tenant
 
     def where(self, handle: str) -> int:
-        """Where a handle lives: ALL, or a rank (0 for rank 0's own and for unknown handles)."""
+        """Where a handle lives: ALL, or a rank (0 for rank 0's own and for unknown handles).
+
+        Another tenant's handle is unknown to the caller: it goes to rank 0 too, which answers NOT_FOUND
+        as for an id that never existed. Routed to its rank, it answered 'rank 1: unknown handle',
+        FAILED_PRECONDITION 'this object lives on rank 1', and so on, telling another tenant that the
+        handle exists and where (found by review)."""
         with self._placements_lock:
-            return self._placements.get(handle, 0)
+            where = self._placements.get(handle, 0)
+            owner = self._owners.get(handle, "")
+        return where if where == 0 or CALLER.get().may_see(owner) else 0
 
     def _where_of(self, values: Sequence[Any]) -> int:
         """Where a call on these arguments runs: the one rank its handles share (a replicated object
@@ -721,6 +1023,14 @@ class ClusterService(Service):
         if where not in (ALL, rank):
             raise FailedPrecondition(f"this object lives on rank {where}, not rank {rank}; leave rank= out")
         return rank
+
+    def _handle_target(self, handle: str, rank: int | None) -> int:
+        """The rank(s) a per-rank call on a handle runs on; NOT_FOUND first for a handle rank 0 does not
+        know (FAILED_PRECONDITION 'lives on rank 0, not rank 1' answered rank=1 on an unknown id)."""
+        where = self.where(handle)
+        if where == 0 and rank:
+            self.store.get(handle)
+        return self._target(where, rank)
 
     def _placement(self, placement: Placement) -> int:
         if placement.replicate:
@@ -750,21 +1060,39 @@ class ClusterService(Service):
             keyed = {"request": key} if key is not None else {}
             return getattr(Service, name)(self, *args, **keyed, **kwargs)
         bound = inspect.signature(getattr(Service, name)).bind(self, *args, **kwargs)
-        for pname, value in list(bound.arguments.items()):
-            if pname == "upload":
-                bound.arguments[pname] = Replay(value(lambda n, b: None))
-            elif pname == "should_stop":
-                bound.arguments[pname] = never
+        with contextlib.ExitStack() as held:
+            for pname, value in list(bound.arguments.items()):
+                if pname == "upload":
+                    bound.arguments[pname] = Relayed.of(self._relay_upload(value, held), held)
+                elif pname == "should_stop":
+                    bound.arguments[pname] = never
 
-        def run() -> Any:
-            values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs))
-            if every is not None:
-                return every(values)
-            value = values[0 if where == ALL else where]
-            self._record(value, where)
-            return value
+            sink = Sink(held) if name in TENSOR_RESULTS else None
 
-        return self._keyed(name, key, run)
+            def run() -> Any:
+                values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs), sink=sink)
+                if every is not None:
+                    return every(values)
+                value = values[0 if where == ALL else where]
+                if sink is not None and where != ALL:
+                    value = sink.named[0][1]
+                self._record(value, where)
+                return value
+
+            return self._keyed(name, key, run)
+
+    def _relay_upload(self, upload: Upload, held: contextlib.ExitStack) -> Named:
+        """An upload for other ranks, received here first: each tensor reserved on rank 0 from its header,
+        before its buffer is allocated, for as long as `held` (until it has been sent on)."""
+        reservation = held.enter_context(self.store.reserve())
+
+        def on_header(name: str, nbytes: int) -> None:
+            try:
+                self.store.grow(reservation, nbytes={"cpu": nbytes})
+            except ResourceExhausted as exc:
+                raise ResourceExhausted(f"rank 0 (which receives every upload for the other ranks): {exc}") from None
+
+        return upload(on_header)
 
     # -- calls with a placement or a rank ------------------------------------------------------------
 
@@ -804,14 +1132,14 @@ class ClusterService(Service):
         self, handle: str, name: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
     ) -> bool:
         self._check()
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         return self._routed("set_parameter", (handle, name, upload), {"request": request}, where)  # type: ignore[no-any-return]
 
     def update_dictionary(
         self, handle: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
     ) -> list[str]:
         self._check()
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         return self._routed("update_dictionary", (handle, upload), {"request": request}, where)  # type: ignore[no-any-return]
 
     def set_model_data(
@@ -821,35 +1149,54 @@ class ClusterService(Service):
         self._check()
         if shard and rank is not None:
             raise InvalidArgument("shard=True gives every rank a part of the rows, rank= one rank all of them: give one")
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         if not shard:
             return self._routed("set_model_data", (handle, split, upload), {"request": request}, where)  # type: ignore[no-any-return]
         if where != ALL:
             raise FailedPrecondition("shard=True splits data across the ranks of a replicated model; create its "
                                      "module with replicate=True")
-        named = upload(lambda n, b: None)
-        world = self.fabric.world_size
-        parts = [torch.tensor_split(t, world) for _, t in named]
-        per_rank = {
-            r: (handle, split, Replay([(n, p[r]) for (n, _), p in zip(named, parts)])) for r in range(world)
-        }
+        with contextlib.ExitStack() as held:
+            named = self._relay_upload(upload, held)
+            world = self.fabric.world_size
+            _check_shardable(named, world)
+            parts = [torch.tensor_split(t, world) for _, t in named]
+            per_rank: dict[int, tuple[Any, ...]] = {
+                r: (handle, split, Relayed.of([(n, p[r]) for (n, _), p in zip(named, parts)], held))
+                for r in range(world)
+            }
 
-        def run() -> int:
-            return int(self._call("set_model_data", ALL, (handle, split, None), {}, per_rank)[0])
+            def run() -> int:
+                return int(self._call("set_model_data", ALL, (handle, split, None), {}, per_rank)[0])
 
-        return self._keyed("set_model_data", request, run)  # type: ignore[no-any-return]
+            return self._keyed("set_model_data", request, run)  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
     def fetch(
         self, handle: str, names: Sequence[str], *, rank: int | None = None, reused: bool = False
     ) -> Iterator[Named]:
         self._check()
-        where = self._target(self.where(handle), rank)
+        where = self._handle_target(handle, rank)
         if where in (0, ALL) and rank in (None, 0):
             with Service.fetch(self, handle, names, reused=reused) as copies:
                 yield copies
             return
-        yield self._call("_fetch", where, (handle, list(names)))[where]
+        with contextlib.ExitStack() as held:  # the copies stay reserved on rank 0 until the reply has gone
+            sink = Sink(held)
+            self._call("_fetch", ALL, (handle, list(names), where, sink))
+            yield sink.named
+
+    def fetch_to_shared_memory(
+        self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0, overflow: str = ""
+    ) -> tuple[list[shm.Placement], int, str]:
+        """The session's regions are rank 0's: an object of another rank is fetched here first (reserved
+        as any fetch from another rank), then written. Routed to the object's rank(s), the call failed
+        there ('rank 1: no shared memory region ... is registered by this session') for every object
+        on another rank or replicated, so a client with shm=True could not read them (found by review)."""
+        self._check()
+        if self.where(handle) in (0, ALL):
+            return Service.fetch_to_shared_memory(self, handle, names, region, offset, max_bytes, overflow)
+        with self.fetch(handle, names) as named:
+            return self._write_shared(named, region, offset, max_bytes, overflow)
 
     def allreduce(
         self, handle: str, op: str, weights: Sequence[float], *, request: RequestKey | None = None
@@ -954,9 +1301,14 @@ class ClusterService(Service):
     # -- per-rank metrics ------------------------------------------------------------------------------
 
     def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
-        """On a replicated model every rank runs an epoch on its own data: each rank's metrics."""
+        """On a replicated model every rank runs an epoch on its own data: each rank's metrics, once
+        every rank holds training data (`_run_epoch`)."""
         self._check()
-        return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
+        if self.where(handle) != ALL:
+            return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
+        return self._keyed(  # type: ignore[no-any-return]
+            "run_epoch", request, lambda: RankMetrics(self._call("_run_epoch", ALL, (handle,)))
+        )
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
         """On a replicated model every rank tests its own data: each rank's metrics."""
@@ -980,7 +1332,10 @@ class ClusterService(Service):
             if purge or tenant:
                 counts = self._call("free", ALL, (list(handles), every, tenant, purge))
                 with self._placements_lock:
-                    self._placements.clear() if purge else None
+                    gone = list(self._placements) if purge else [h for h, o in self._owners.items() if o == tenant]
+                    for h in gone:
+                        self._placements.pop(h, None)
+                        self._owners.pop(h, None)
                 return int(sum(c for c in counts if isinstance(c, int)))
             by_rank: dict[int, list[str]] = {}
             for h in handles:
@@ -991,9 +1346,24 @@ class ClusterService(Service):
                 with self._placements_lock:
                     for h in group:
                         self._placements.pop(h, None)
+                        self._owners.pop(h, None)
             return freed
 
         return self._keyed("free", request, run)  # type: ignore[no-any-return]
+
+    def list_handles(self, all_tenants: bool = False) -> list[tuple[Ref, HandleSummary]]:
+        """The caller's handles on every rank, each once (a replicated one with rank 0's figures), rank 0's
+        first. Rank 0's store alone left out every object the default placement had put elsewhere
+        (found by review). A caller that may not list every tenant is refused here first."""
+        self._check()
+        listed = Service.list_handles(self, all_tenants)
+        seen = {ref.id for ref, _ in listed}
+        for rank, handles in enumerate(self._call("_listed", ALL, (all_tenants,))):
+            for ref, summary in handles if rank else []:
+                if ref.id not in seen:
+                    seen.add(ref.id)
+                    listed.append((ref, summary))
+        return listed
 
     def cluster_info(self) -> list[RankInfo]:
         """Each rank's device and what it holds; a caller that does not see server-wide figures gets
@@ -1031,9 +1401,46 @@ class ClusterService(Service):
         try:
             if save:
                 self.save_all(copy=False)
-            self._send(Command("_stop"))
+            self._stop_ranks()
         except WeightavgError as exc:
             log.error("cluster shutdown: %s", exc)
+
+    def _stop_ranks(self) -> None:
+        """Tell the other ranks to stop: a broadcast alone, since they leave without answering (sent as a
+        command, rank 0 ran '_stop' itself, logging a failure with its traceback, then waited for
+        answers that never came and declared the cluster broken on every clean stop)."""
+        with self._channel:
+            self._check()
+            try:
+                dist.broadcast_object_list([Command("_stop")], src=0, group=self.fabric.control)
+            except Exception as exc:  # noqa: BLE001 - a rank gone: nothing left to stop there
+                log.error("cluster shutdown: the stop did not reach every rank: %s", exc)
+
+
+def _check_shardable(named: Named, world: int) -> None:
+    """Refuse, before any rank loads its block, inputs and targets that some rank's block would refuse:
+    a rank left with no rows, or blocks of inputs and targets of different lengths, failed there after
+    the other ranks had loaded theirs (found by review: one row over two ranks loaded rank 0's block
+    and answered 'rank 1: ... given shape [0, 3]').
+
+    Raises:
+        InvalidArgument: a scalar, fewer rows than ranks, or inputs and targets of different row counts.
+    """
+    if len(named) != 2:
+        return  # every rank refuses the count alike, as on one server
+    if any(t.dim() == 0 for _, t in named):
+        raise InvalidArgument("shard=True splits inputs and targets by their first dimension; give tensors with rows, not scalars")
+    rows = [t.shape[0] for _, t in named]
+    if rows[0] != rows[1]:
+        raise InvalidArgument(
+            f"shard=True splits inputs and targets into blocks of rows, one per rank: give them the same number of "
+            f"rows (given {rows[0]} and {rows[1]})"
+        )
+    if rows[0] < world:
+        raise InvalidArgument(
+            f"shard=True gives each of the {world} ranks a block of rows: give at least {world} rows (given "
+            f"{rows[0]}), or load one rank's data with rank="
+        )
 
 
 def _route(name: str) -> Callable[..., Any]:

@@ -913,15 +913,16 @@ class Service:
         with self.store.reading(entry):
             return len(named)
 
-    def _reduced_tensors(self, handle: str) -> tuple[Entry, list[torch.Tensor]]:
+    def _reduced_tensors(self, handle: str) -> tuple[Entry, Named]:
         """What an all-reduce of the handle covers: a module's floating parameters or a dictionary's
-        floating entries, in name order (the same order on every rank)."""
+        floating entries with their names, in name order (the same order on every rank; the ranks
+        compare the names too, since equal shapes under other names must not be summed together)."""
         entry, source = self._source(handle)
         if isinstance(source, TensorDict):
             named = sorted(source.entries.items())
         else:
             named = sorted(source.named_parameters())
-        return entry, [t.data for _, t in named if t.is_floating_point()]
+        return entry, [(n, t.data) for n, t in named if t.is_floating_point()]
 
     @_exactly_once
     def allreduce(
@@ -1096,18 +1097,24 @@ class Service:
         `overflow` region from offset 0 if that is given and they fit it; else nothing is written:
         no placements, the bytes they would need from `offset`, and no region."""
         entry = self.store.get(handle)  # first, so another tenant's handle is unknown whatever the region
+        with self.store.reading(entry):
+            return self._write_shared(self._named(handle, entry, names), region, offset, max_bytes, overflow)
+
+    def _write_shared(
+        self, named: Named, region: str, offset: int, max_bytes: int, overflow: str
+    ) -> tuple[list[shm.Placement], int, str]:
+        """fetch_to_shared_memory's writing of tensors it has (a cluster's rank 0 also writes those it
+        fetched from another rank, where the session's regions are not)."""
         target = self._region(region)
         spill = self._region(overflow) if overflow else None
-        with self.store.reading(entry):
-            named = self._named(handle, entry, names)
-            placements, needed = shm.layout(named, offset)
-            if offset + needed > target.byte_size or 0 < max_bytes < needed:
-                if spill is None or needed > spill.byte_size:
-                    return [], needed, ""
-                placements, needed = shm.layout(named, 0)
-                target, region = spill, overflow
-            shm.write(target, placements, named)
-            return placements, needed, region
+        placements, needed = shm.layout(named, offset)
+        if offset + needed > target.byte_size or 0 < max_bytes < needed:
+            if spill is None or needed > spill.byte_size:
+                return [], needed, ""
+            placements, needed = shm.layout(named, 0)
+            target, region = spill, overflow
+        shm.write(target, placements, named)
+        return placements, needed, region
 
     @_exactly_once
     def create_dictionary_from_shared_memory(

@@ -798,7 +798,9 @@ Global___RankInfo: _TypeAlias = RankInfo  # noqa: Y015
 
 @_typing.final
 class Placement(_message.Message):
-    """Placement says where a new object lives in a cluster. Unset: rank 0, as on a one-rank server."""
+    """Placement says where a new object lives in a cluster. Unset: the rank holding the fewest bytes of
+    tensor storage, the lowest on a tie (docs/cluster.md); a one-rank server's one rank.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -845,8 +847,8 @@ class AllReduceRequest(_message.Message):
     """
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """MEAN only: one non-negative weight per rank (e.g. example counts), not all zero; empty for
-        equal weights.
+        """MEAN only: one finite, non-negative weight per rank (e.g. example counts), with a positive,
+        finite sum; empty for equal weights.
         """
 
     def __init__(
@@ -966,7 +968,7 @@ class CreateModuleRequest(_message.Message):
 
     @_builtins.property
     def placement(self) -> Global___Placement:
-        """Where the module lives in a cluster; unset: rank 0."""
+        """Where the module lives in a cluster; unset: the rank holding the fewest bytes (Placement)."""
 
     def __init__(
         self,
@@ -1714,7 +1716,9 @@ class CreateDictionaryRequest(_message.Message):
 
     @_builtins.property
     def placement(self) -> Global___Placement:
-        """Where the dictionary lives in a cluster; set on the first message; unset: rank 0."""
+        """Where the dictionary lives in a cluster; set on the first message; unset: the rank holding the
+        fewest bytes (Placement).
+        """
 
     def __init__(
         self,

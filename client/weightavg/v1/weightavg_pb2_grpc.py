@@ -777,7 +777,9 @@ class WeightAveragingServiceServicer:
 
         AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
         dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
-        are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+        back to back in one buffer on every rank go as one span, large ones alone, small ones in buckets
+        (docs/cluster.md). Every rank must hold the same names, shapes and dtypes; all or nothing. A
+        one-rank server leaves values unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

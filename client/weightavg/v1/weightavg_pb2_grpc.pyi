@@ -231,7 +231,9 @@ class WeightAveragingServiceStub:
 
     AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
     dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
-    are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+    back to back in one buffer on every rank go as one span, large ones alone, small ones in buckets
+    (docs/cluster.md). Every rank must hold the same names, shapes and dtypes; all or nothing. A
+    one-rank server leaves values unchanged.
     """
     Broadcast: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.BroadcastRequest, _weightavg_pb2.BroadcastResponse]
     """Broadcast gives every rank one rank's values of a replicated object: a module's parameters and
@@ -439,7 +441,9 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
 
     AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
     dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
-    are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+    back to back in one buffer on every rank go as one span, large ones alone, small ones in buckets
+    (docs/cluster.md). Every rank must hold the same names, shapes and dtypes; all or nothing. A
+    one-rank server leaves values unchanged.
     """
     Broadcast: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.BroadcastRequest, _weightavg_pb2.BroadcastResponse]  # type: ignore[assignment]
     """Broadcast gives every rank one rank's values of a replicated object: a module's parameters and
@@ -986,7 +990,9 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
 
         AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
         dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
-        are flattened into buckets with one collective each. A one-rank server leaves values unchanged.
+        back to back in one buffer on every rank go as one span, large ones alone, small ones in buckets
+        (docs/cluster.md). Every rank must hold the same names, shapes and dtypes; all or nothing. A
+        one-rank server leaves values unchanged.
         """
 
     @_abc_1.abstractmethod

@@ -9,6 +9,7 @@ mean is a SUM of pre-scaled values: each rank scales its values by its weight ov
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,8 @@ def rank_scale(op: str, weights: Sequence[float], rank: int, world: int) -> floa
     """What this rank multiplies its values by before a SUM, so that the SUM is the op's result.
 
     Raises:
-        InvalidArgument: an unknown op, weights with a sum, length or sign that cannot weigh ranks.
+        InvalidArgument: an unknown op, weights with a sum, length, sign or value (NaN, infinite) that
+            cannot weigh ranks.
     """
     if op not in OPS:
         raise InvalidArgument(f"unknown reduce op '{op}'; use one of {', '.join(OPS)}")
@@ -46,9 +48,15 @@ def rank_scale(op: str, weights: Sequence[float], rank: int, world: int) -> floa
         return 1.0 / world
     if len(weights) != world:
         raise InvalidArgument(f"give one weight per rank: {len(weights)} weight(s) for {world} rank(s)")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise InvalidArgument("weights must be non-negative with a positive sum (e.g. example counts per rank)")
-    return float(weights[rank]) / float(sum(weights))
+    total = float(sum(weights)) if all(math.isfinite(w) for w in weights) else math.nan
+    # NaN compares false with everything, and an infinite weight or sum turns the scales into NaN or 0:
+    # either would overwrite every rank's values with NaN or zeros.
+    if not math.isfinite(total) or any(w < 0 for w in weights) or total <= 0:
+        raise InvalidArgument(
+            f"weights must be finite and non-negative with a positive, finite sum (e.g. example counts per "
+            f"rank), given {list(weights)}"
+        )
+    return float(weights[rank]) / total
 
 
 def buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:

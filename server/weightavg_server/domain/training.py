@@ -361,6 +361,12 @@ def _loaded(model: Model, split: str) -> Data:
     return data
 
 
+def require_data(model: Model, split: str) -> None:
+    """FailedPrecondition, saying how to load them, unless the model holds data for the split (a
+    cluster asks every rank before a replicated model's epoch starts on any)."""
+    _loaded(model, split)
+
+
 def _require(model: Model, split: str) -> Data:
     """The train or test data, put back to full size."""
     data = _loaded(model, split)

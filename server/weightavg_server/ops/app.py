@@ -125,6 +125,11 @@ class Runtime:
             return False
         self.tokens.replace(table)
         self.registry.set_quotas(table.quotas)
+        if self.cluster is not None:  # the other ranks hold objects of the same tenants
+            try:
+                self.cluster.set_quotas(table.quotas)
+            except WeightavgError as exc:  # a broken cluster: its restart takes the quotas from rank 0 again
+                log.error("quotas not sent to the other ranks: %s", exc)
         log.info("tokens reloaded from %s: %d token(s), %d quota(s)", self.config.tokens,
                  len(table.callers), len(table.quotas))
         return True

@@ -179,6 +179,12 @@ class Registry:
 
     # -- tenants ------------------------------------------------------------------------------------
 
+    @property
+    def quotas(self) -> dict[str, Quota]:
+        """Each tenant's quota in force (a copy): what a cluster's rank 0 gives the other ranks."""
+        with self._lock:
+            return dict(self._quotas)
+
     def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
         """Each tenant's quota (tenants not named have none); what is held stays, new requests are
         checked against them. A tenant removed from the tokens file keeps its objects."""
