@@ -6,6 +6,7 @@ tensor, several buckets and two dtypes are covered in one group of two processes
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,9 @@ def test_rank_scales() -> None:
         collectives.rank_scale("mean", [1, 2, 3], 0, 2)
     with pytest.raises(InvalidArgument, match="unknown reduce op"):
         collectives.rank_scale("max", [], 0, 2)
+    for weights in ([math.nan, 1.0], [math.inf, 1.0], [-math.inf, math.inf], [1e308, 1e308]):
+        with pytest.raises(InvalidArgument, match="finite"):  # were NaN (every rank's values NaN) or 0.0
+            collectives.rank_scale("mean", weights, 0, 2)
 
 
 def test_adjacent_groups_find_a_flat_modules_tensors_in_any_listed_order() -> None:

@@ -362,6 +362,37 @@ def test_build_greedy_soup(fuzzed: Fuzzed, pool: Pool, model: object, ingredient
     check(fuzzed, lambda: fuzzed.stub.BuildGreedySoup(request, timeout=TIMEOUT))
 
 
+enum_values = st.one_of(st.integers(-1, 4), st.integers(-(2**31), 2**31 - 1))
+
+
+@FUZZ
+@given(handle=handle_refs, op=enum_values, weights=weight_lists, rank=st.integers(-(2**31), 2**31 - 1))
+def test_allreduce_and_broadcast(fuzzed: Fuzzed, pool: Pool, handle: object, op: int, weights: list[float],
+                                 rank: int) -> None:
+    pool.refresh()
+    h = pool.resolve(handle)
+    request = pb.AllReduceRequest(handle=h, op=op, weights=weights)
+    check(fuzzed, lambda: fuzzed.stub.AllReduce(request, timeout=TIMEOUT))
+    check(fuzzed, lambda: fuzzed.stub.Broadcast(pb.BroadcastRequest(handle=h, rank=rank), timeout=TIMEOUT))
+
+
+@pytest.mark.parametrize("request_", [
+    pb.AllReduceRequest(op=7),  # an op the contract does not define: was INTERNAL
+    pb.AllReduceRequest(weights=[float("nan")]),  # was OK here, and NaN on every rank of a cluster
+    pb.AllReduceRequest(weights=[float("inf")]),
+], ids=["unknown-op", "nan-weight", "inf-weight"])
+def test_allreduce_refuses_what_the_contract_does_not_define(
+    fuzzed: Fuzzed, pool: Pool, request_: pb.AllReduceRequest
+) -> None:
+    pool.refresh()
+    request = pb.AllReduceRequest(handle=pool.ids["net"])
+    request.MergeFrom(request_)
+    with pytest.raises(grpc.RpcError) as err:
+        fuzzed.stub.AllReduce(request, timeout=TIMEOUT)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "REDUCE_OP_MEAN" in err.value.details() or "finite" in err.value.details()
+
+
 @FUZZ
 @given(method=st.sampled_from([m.name for m in SERVICE.methods]), data=st.binary(max_size=200))
 def test_garbage_bytes_to_every_rpc(fuzzed: Fuzzed, method: str, data: bytes) -> None:

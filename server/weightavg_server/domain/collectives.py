@@ -9,6 +9,7 @@ mean is a SUM of pre-scaled values: each rank scales its values by its weight ov
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,9 @@ def rank_scale(op: str, weights: Sequence[float], rank: int, world: int) -> floa
     """What this rank multiplies its values by before a SUM, so that the SUM is the op's result.
 
     Raises:
-        InvalidArgument: an unknown op, weights with a sum, length or sign that cannot weigh ranks.
+        InvalidArgument: an unknown op, weights with a sum, length or sign that cannot weigh ranks,
+            or that are not finite (a NaN weight made every rank's values NaN, a sum that overflows
+            made them all zero).
     """
     if op not in OPS:
         raise InvalidArgument(f"unknown reduce op '{op}'; use one of {', '.join(OPS)}")
@@ -46,9 +49,14 @@ def rank_scale(op: str, weights: Sequence[float], rank: int, world: int) -> floa
         return 1.0 / world
     if len(weights) != world:
         raise InvalidArgument(f"give one weight per rank: {len(weights)} weight(s) for {world} rank(s)")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
+    total = float(sum(weights))
+    if not math.isfinite(total):  # NaN or infinite weights, or a sum past float's range
+        raise InvalidArgument(
+            f"weights must be finite numbers whose sum is finite (e.g. example counts per rank), given {list(weights)}"
+        )
+    if any(w < 0 for w in weights) or total <= 0:
         raise InvalidArgument("weights must be non-negative with a positive sum (e.g. example counts per rank)")
-    return float(weights[rank]) / float(sum(weights))
+    return float(weights[rank]) / total
 
 
 def buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:

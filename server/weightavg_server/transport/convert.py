@@ -148,6 +148,16 @@ def buffer_mode(value: pb.BufferMode.ValueType) -> BufferMode:
     return BUFFER_MODES[value]
 
 
+REDUCE_OPS = {pb.REDUCE_OP_UNSPECIFIED: "mean", pb.REDUCE_OP_MEAN: "mean", pb.REDUCE_OP_SUM: "sum"}
+
+
+def reduce_op(value: pb.ReduceOp.ValueType) -> str:
+    """How AllReduce combines ranks ("mean" when unset); an unknown value (a newer client's) is an error."""
+    if value not in REDUCE_OPS:
+        raise InvalidArgument(f"unknown reduce op {value}: set op to REDUCE_OP_MEAN or REDUCE_OP_SUM")
+    return REDUCE_OPS[value]
+
+
 def schedule_change(r: pb.UpdateMovingAverageRequest) -> ScheduleChange:
     """The schedule fields a request sets (unset ones keep the dictionary's)."""
     return ScheduleChange(

@@ -541,7 +541,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def AllReduce(self, request: pb.AllReduceRequest, context: Context) -> pb.AllReduceResponse:
         reduced = self.service.allreduce(
-            request.handle, _REDUCE_OPS[request.op], list(request.weights), request=ids.key(request)
+            request.handle, convert.reduce_op(request.op), list(request.weights), request=ids.key(request)
         )
         return pb.AllReduceResponse(tensors=reduced.tensors, buckets=reduced.buckets)
 
@@ -549,9 +549,6 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def Broadcast(self, request: pb.BroadcastRequest, context: Context) -> pb.BroadcastResponse:
         tensors = self.service.broadcast(request.handle, request.rank, request=ids.key(request))
         return pb.BroadcastResponse(tensors=tensors)
-
-
-_REDUCE_OPS = {pb.REDUCE_OP_UNSPECIFIED: "mean", pb.REDUCE_OP_MEAN: "mean", pb.REDUCE_OP_SUM: "sum"}
 
 
 # Upload streams' messages that hold only a chunk and strings arrive decoded by hand (codec.request_decoder),
