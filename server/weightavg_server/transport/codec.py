@@ -44,7 +44,8 @@ def torch_dtype(code: pb.Dtype.ValueType) -> torch.dtype:
     try:
         return DTYPES[code]
     except KeyError:
-        raise InvalidArgument(f"unsupported dtype code {code}; expected one of {sorted(DTYPES)}") from None
+        known = ", ".join(f"{pb.Dtype.Name(c)} ({c})" for c in sorted(DTYPES))
+        raise InvalidArgument(f"unsupported dtype code {code}: set dtype to one of {known}") from None
 
 
 def dtype_code(dtype: torch.dtype) -> pb.Dtype.ValueType:
