@@ -180,7 +180,7 @@ class _ReduceOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReduceOp.Val
     """The sum over ranks."""
 
 class ReduceOp(_ReduceOp, metaclass=_ReduceOpEnumTypeWrapper):
-    """ReduceOp is how AllReduce combines the ranks' values."""
+    """ReduceOp is how AllReduce combines the ranks' values; a value not listed here is INVALID_ARGUMENT."""
 
 REDUCE_OP_UNSPECIFIED: ReduceOp.ValueType  # 0
 """The default: MEAN."""
@@ -197,7 +197,10 @@ class _DataSplit:
 class _DataSplitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataSplit.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATA_SPLIT_UNSPECIFIED: _DataSplit.ValueType  # 0
-    """Never valid; present so an unset field is detectable."""
+    """Present so an unset field is detectable: INVALID_ARGUMENT where a split is required
+    (GetModelOptions, SetModelOptions, SetModelData); RestoreModelData and NextBatch read it as the
+    training data.
+    """
     DATA_SPLIT_TRAIN: _DataSplit.ValueType  # 1
     """The training data and train options (train, run, batchnorm)."""
     DATA_SPLIT_TEST: _DataSplit.ValueType  # 2
@@ -210,7 +213,10 @@ class DataSplit(_DataSplit, metaclass=_DataSplitEnumTypeWrapper):
     """
 
 DATA_SPLIT_UNSPECIFIED: DataSplit.ValueType  # 0
-"""Never valid; present so an unset field is detectable."""
+"""Present so an unset field is detectable: INVALID_ARGUMENT where a split is required
+(GetModelOptions, SetModelOptions, SetModelData); RestoreModelData and NextBatch read it as the
+training data.
+"""
 DATA_SPLIT_TRAIN: DataSplit.ValueType  # 1
 """The training data and train options (train, run, batchnorm)."""
 DATA_SPLIT_TEST: DataSplit.ValueType  # 2
@@ -845,8 +851,8 @@ class AllReduceRequest(_message.Message):
     """
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """MEAN only: one non-negative weight per rank (e.g. example counts), not all zero; empty for
-        equal weights.
+        """MEAN only: one non-negative, finite weight per rank (e.g. example counts), not all zero, with a
+        finite sum; empty for equal weights.
         """
 
     def __init__(
@@ -3446,7 +3452,10 @@ class CreateSessionRequest(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     lease_seconds: _builtins.float
-    """Lease in seconds: the session ends this long after its last call; 0 takes the server default."""
+    """Lease in seconds: the session ends this long after its last call; 0 takes the server default
+    (--session-lease-seconds, 60 by default). At most --max-session-lease-seconds (86400 by
+    default): a longer, negative or NaN lease is INVALID_ARGUMENT, not shortened.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md).
@@ -3477,7 +3486,7 @@ class CreateSessionResponse(_message.Message):
     session: _builtins.str
     """Opaque, unguessable session id."""
     lease_seconds: _builtins.float
-    """The lease granted, in seconds (the server may cap the one asked for)."""
+    """The lease granted, in seconds: the one asked for, or the server default for 0."""
     def __init__(
         self,
         *,
