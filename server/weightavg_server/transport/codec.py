@@ -175,6 +175,11 @@ class TensorAssembler:
         self._check = StreamCheck(InvalidArgument, DataLoss)
         self.tensors: list[tuple[str, torch.Tensor]] = []
 
+    @property
+    def declared(self) -> bool:
+        """Whether the stream declared what it carries (so `finish` knows whether it arrived whole)."""
+        return self._check.is_declared
+
     def feed(self, chunk: pb.TensorChunk | ChunkView) -> None:
         """Take one chunk; a chunk with a dtype starts a new tensor."""
         d = declared(chunk)
