@@ -4,7 +4,6 @@ encodes the result; errors become statuses through the one table in status.py.""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -66,6 +65,31 @@ def _first(requests: Iterator[R], what: str) -> R:
         raise InvalidArgument(f"empty {what} stream: the first message must name the target") from None
 
 
+def _stream_chunks(message_type: type[Message], first: R, requests: Iterator[R]) -> Iterator[pb.TensorChunk]:
+    """The chunks of a client stream whose first message has been read for its header fields (the
+    target, rank, placement, request ID...). Those belong on the first message: a later one may repeat
+    them unchanged, but one that sets them otherwise is refused, where it used to be ignored (a
+    request ID there gave no exactly-once call, another handle there was not the target)."""
+    header = _header_fields(first)
+    yield first.chunk
+    for n, request in enumerate(requests, start=2):
+        for name, value in _header_fields(request).items():
+            if header.get(name) != value:
+                raise InvalidArgument(
+                    f"message {n} of the {message_type.DESCRIPTOR.name} stream sets {name} otherwise than the "
+                    f"first message: set {name} on the first message only (later ones carry chunks)"
+                )
+        yield request.chunk
+
+
+def _header_fields(message: object) -> dict[str, object]:
+    """What a stream message sets besides its chunk: the set fields of a protobuf message, the
+    non-empty strings of one decoded by hand (codec.request_decoder)."""
+    if isinstance(message, Message):
+        return {field.name: value for field, value in message.ListFields() if field.name != "chunk"}
+    return {name: value for name, value in vars(message).items() if name != "chunk" and value}
+
+
 def _should_stop(context: Context) -> StopCheck:
     """True once the caller has gone: cancelled, disconnected or past its deadline."""
     return lambda: not context.is_active()
@@ -122,9 +146,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
         return receive
 
-    def _rest(self, first: R, requests: Iterator[R], context: Context) -> Upload:
+    def _rest(self, message_type: type[Message], first: R, requests: Iterator[R], context: Context) -> Upload:
         """The upload of a stream whose first message has been read for its header fields."""
-        return self._upload((r.chunk for r in itertools.chain([first], requests)), context)
+        return self._upload(_stream_chunks(message_type, first, requests), context)
 
     def _keyed(
         self, message_type: type[Message], first: K | None, requests: Iterator[K], context: Context
@@ -133,7 +157,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         its request key, whose digest hashes the upload as it is received."""
         if first is None:
             return self._upload(iter(()), context), None
-        chunks, key = ids.stream_key(first, message_type, (r.chunk for r in itertools.chain([first], requests)))
+        chunks, key = ids.stream_key(first, message_type, _stream_chunks(message_type, first, requests))
         return self._upload(chunks, context), key
 
     def _chunks(self, named: list[tuple[str, torch.Tensor]]) -> Iterator[pb.TensorChunk]:
@@ -410,7 +434,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         first = _first(request_iterator, "EvaluateModel")
         with _stopping(context):
             output = self.service.evaluate(
-                first.model, self._rest(first, request_iterator, context), _should_stop(context)
+                first.model, self._rest(pb.EvaluateModelRequest, first, request_iterator, context), _should_stop(context)
             )
         for chunk in self._chunks([("", output)]):
             yield pb.EvaluateModelResponse(chunk=chunk)
