@@ -82,6 +82,7 @@ class ServerInfo:
     dtypes: list[str]
     max_spec_depth: int
     cuda_memory_allocated: int
+    max_spec_layers: int = specs.MAX_SPEC_LAYERS
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ class Settings:
     state_dir: str = ""
     allow_shm: bool = False
     """Whether clients on this host may register shared memory regions (--allow-shm)."""
+    max_spec_layers: int = specs.MAX_SPEC_LAYERS
+    """Most layers one spec may hold (--max-spec-layers)."""
 
 
 @dataclass(frozen=True)
@@ -310,7 +313,7 @@ class Service:
         """Versions, device, and what the server accepts."""
         return ServerInfo(
             version=__version__, torch_version=torch.__version__, device=str(self.device), layer_types=list(specs.LAYER_TYPES), dtypes=list(DTYPES),
-            max_spec_depth=self.settings.max_spec_depth,
+            max_spec_depth=self.settings.max_spec_depth, max_spec_layers=self.settings.max_spec_layers,
             cuda_memory_allocated=devices.allocated(self.device) if self.sees_server_wide() else 0,
         )
 
@@ -356,6 +359,7 @@ class Service:
     ) -> Ref:
         """Build a module from a spec on the server's device (a one-rank server: rank 0 or replicated)."""
         self._one_rank(placement.rank)
+        specs.check_layer_count(spec, self.settings.max_spec_layers)  # before the footprint builds it once
         depth = self.settings.max_spec_depth
         need = footprint.module_bytes(spec, self.device, depth)
         handle = self.store.create(Kind.MODULE, need, lambda: self._built(spec, depth))

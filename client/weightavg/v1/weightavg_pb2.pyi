@@ -488,7 +488,8 @@ Global___Option: _TypeAlias = Option  # noqa: Y015
 @_typing.final
 class LayerSpec(_message.Message):
     """LayerSpec describes a module to build: a layer type from the server's allowlist, an optional
-    child name, positional options, keyword options and, for containers, children.
+    child name, positional options, keyword options and, for containers, children. A spec nests at
+    most GetServerInfoResponse.max_spec_depth levels and holds at most max_spec_layers layers.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -712,6 +713,7 @@ class GetServerInfoResponse(_message.Message):
     CUDA_MEMORY_ALLOCATED_FIELD_NUMBER: _builtins.int
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
+    MAX_SPEC_LAYERS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """weightavg version."""
     torch_version: _builtins.str
@@ -723,13 +725,17 @@ class GetServerInfoResponse(_message.Message):
     chunk_bytes: _builtins.int
     """Chunk size the server uses when streaming tensors, in bytes."""
     max_spec_depth: _builtins.int
-    """Deepest layer spec accepted."""
+    """Deepest layer spec accepted (the root is depth 0)."""
     grpc_version: _builtins.str
     """grpcio version."""
     cuda_memory_allocated: _builtins.int
     """Bytes of CUDA memory allocated by the server (0 on the CPU)."""
     world_size: _builtins.int
     """Ranks in the cluster (torchrun's WORLD_SIZE); 1 for a plain `weightavg serve`."""
+    max_spec_layers: _builtins.int
+    """Most layers one LayerSpec may hold (the root and its children at any depth); more is
+    INVALID_ARGUMENT (--max-spec-layers).
+    """
     @_builtins.property
     def layer_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Layer types accepted in a LayerSpec."""
@@ -757,10 +763,11 @@ class GetServerInfoResponse(_message.Message):
         cuda_memory_allocated: _builtins.int = ...,
         world_size: _builtins.int = ...,
         ranks: _abc.Iterable[Global___RankInfo] | None = ...,
+        max_spec_layers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "ranks", b"ranks", "torch_version", b"torch_version", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "max_spec_layers", b"max_spec_layers", "ranks", b"ranks", "torch_version", b"torch_version", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

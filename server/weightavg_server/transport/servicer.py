@@ -177,6 +177,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             device=info.device, layer_types=info.layer_types, dtypes=convert.dtype_codes(info.dtypes),
             max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes,
             max_spec_depth=info.max_spec_depth, cuda_memory_allocated=info.cuda_memory_allocated,
+            max_spec_layers=info.max_spec_layers,
             **_cluster_fields(self.service.cluster_info()),
         )
 
@@ -196,7 +197,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def CreateModule(self, request: pb.CreateModuleRequest, context: Context) -> pb.CreateModuleResponse:
-        spec = convert.layer_spec(request.spec, self.service.settings.max_spec_depth)
+        settings = self.service.settings
+        spec = convert.layer_spec(request.spec, settings.max_spec_depth, settings.max_spec_layers)
         ref = self.service.create_module(spec, placement=_placement(request), request=ids.key(request))
         return pb.CreateModuleResponse(module=_handle(ref))
 
