@@ -242,6 +242,22 @@ def test_a_header_field_set_otherwise_on_a_later_message_is_refused(
         getattr(stub, method)(iter([first, same]), timeout=30)
 
 
+def test_a_handle_field_left_unset_says_which_kind_it_takes(live_server: LiveServer, client: Client,
+                                                            unchanged: Any) -> None:
+    """A generated client that leaves a handle field unset sends an empty id. CreateModel takes three;
+    the answer was "no handle given" whichever was missing. Now it names the kind the empty one takes."""
+    m = client.module(["linear", 1, 2])
+    parts = {"module": m.id, "loss": client.loss("ce").id, "optimizer": client.opt("sgd", m).id}
+    channel, stub = _stub(live_server)
+    with channel:
+        for missing in parts:
+            request = pb.CreateModelRequest(**{k: v for k, v in parts.items() if k != missing})
+            with unchanged(), pytest.raises(grpc.RpcError) as err:
+                stub.CreateModel(request, timeout=30)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert f"no handle given: an empty id where the call takes a handle of kind {missing};" in err.value.details()
+
+
 def test_huge_declared_shape_is_refused_before_allocating(live_server: LiveServer, unchanged: Any) -> None:
     channel, stub = _stub(live_server)
     chunk = pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT64, shape=[1 << 40, 1 << 20])
