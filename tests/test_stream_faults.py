@@ -21,7 +21,7 @@ from conftest import LiveServer, assert_unchanged, snapshot
 from weightavg import Client, DataLossError
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
-from weightavg_server.transport import codec
+from weightavg_server.transport import codec, servicer
 
 import torch
 
@@ -178,6 +178,28 @@ def test_undeclared_uploads_the_client_abandons_change_nothing(
                 time.sleep(0.005)  # the server's side of the call finishes
             assert_unchanged(before, snapshot(live_server.registry))
     client.free(d)
+
+
+def test_only_undeclared_streams_of_tensors_wait_to_learn_how_they_ended(
+    start_server, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """The wait above (servicer.SETTLE_SECONDS, made 3 s here to be seen) is for an undeclared stream
+    that carried tensors. Declared uploads (the Python client's) and streams of no tensor (RunForward
+    on an input handle, on every training step) answer at once: a first version waited on those too,
+    20 ms a forward pass."""
+    monkeypatch.setattr(servicer, "SETTLE_SECONDS", 3.0)
+    server = start_server()
+    with Client(server.address, timeout=60) as c, grpc.insecure_channel(server.address) as ch:
+        q, x = c.module(["linear", 2, 1]), c.tensor(np.ones((1, 2), np.float32))
+        started = time.monotonic()
+        c.forward(q, x)
+        c.dict({"w": np.ones(2, np.float32)})
+        assert time.monotonic() - started < 2
+        chunk = pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT32, shape=[1], data=b"\0" * 4)  # undeclared
+        call = ch.stream_unary(f"/{SERVICE}/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString)
+        started = time.monotonic()
+        call(iter([pb.CreateDictionaryRequest(chunk=chunk).SerializeToString()]), timeout=60)
+        assert time.monotonic() - started >= 3
 
 
 def test_a_fetched_stream_cut_or_flipped_is_caught_by_the_client() -> None:

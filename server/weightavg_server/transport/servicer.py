@@ -54,7 +54,9 @@ the client ended it or went away. gRPC ends the server's request stream alike fo
 message and for a cancel or a deadline, and marks the call inactive only a moment later (0.03 to
 0.2 ms on loopback; in one of three cancels the stream ended first): without the wait, a cancelled
 undeclared upload committed what had arrived. A declared stream (every weightavg client's) says
-itself whether it is whole, and does not wait."""
+itself whether it is whole, and does not wait; nor does a stream of no tensor (RunForward on an
+input handle), whose end carries nothing that could be cut: it is the same late cancel as a unary
+call's."""
 
 
 def _first(requests: Iterator[R], what: str) -> R:
@@ -136,7 +138,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             for chunk in chunks:
                 assembler.feed(chunk)
             tensors = assembler.finish()
-            if not assembler.declared:
+            if tensors and not assembler.declared:
                 ended.wait(SETTLE_SECONDS)
             if not context.is_active():
                 # grpc ends the request stream quietly when it fails the call (a message over the size
