@@ -180,8 +180,8 @@ def test_undeclared_uploads_the_client_abandons_change_nothing(
     client.free(d)
 
 
-def test_only_undeclared_streams_of_tensors_wait_to_learn_how_they_ended(
-    start_server, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+def test_only_undeclared_streams_of_tensors_wait_to_learn_how_they_ended(  # type: ignore[no-untyped-def]
+    start_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The wait above (servicer.SETTLE_SECONDS, made 3 s here to be seen) is for an undeclared stream
     that carried tensors. Declared uploads (the Python client's) and streams of no tensor (RunForward
