@@ -437,9 +437,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> Iterator[pb.EvaluateModelResponse]:
         first = _first(request_iterator, "EvaluateModel")
         with _stopping(context):
-            output = self.service.evaluate(
-                first.model, self._rest(pb.EvaluateModelRequest, first, request_iterator, context), _should_stop(context)
-            )
+            upload = self._rest(pb.EvaluateModelRequest, first, request_iterator, context)
+            output = self.service.evaluate(first.model, upload, _should_stop(context))
         for chunk in self._chunks([("", output)]):
             yield pb.EvaluateModelResponse(chunk=chunk)
 
