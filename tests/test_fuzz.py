@@ -275,6 +275,30 @@ def test_update_dictionary(fuzzed: Fuzzed, pool: Pool, handle: object, stream: l
     check(fuzzed, lambda: fuzzed.stub.UpdateDictionary(iter(requests), timeout=TIMEOUT))
 
 
+splits = st.one_of(st.sampled_from(list(pb.DataSplit.values())), st.integers(-(2**31), 2**31 - 1))
+modes = st.one_of(st.sampled_from(list(pb.ForwardMode.values())), st.integers(-(2**31), 2**31 - 1))
+
+
+@FUZZ
+@given(model=handle_refs, split=splits, mode=modes, input_=st.one_of(st.just(""), handle_refs), stream=chunk_lists,
+       shard=st.booleans(), rank=st.one_of(st.none(), st.integers(-2, 2)), again=st.booleans())
+def test_model_streams(fuzzed: Fuzzed, pool: Pool, model: object, split: int, mode: int, input_: object,
+                       stream: list[pb.TensorChunk], shard: bool, rank: int | None, again: bool) -> None:
+    """SetModelData, RunForward and EvaluateModel with any header, any chunks, and (`again`) the header
+    fields set again on the second message, as a generated client may."""
+    pool.refresh()
+    m = pool.resolve(model)
+    data = [pb.SetModelDataRequest(model=m, split=split, shard=shard, rank=rank, chunk=stream[0] if stream else None),
+            *(pb.SetModelDataRequest(chunk=c, split=split if again else 0) for c in stream[1:])]
+    check(fuzzed, lambda: fuzzed.stub.SetModelData(iter(data), timeout=TIMEOUT))
+    forward = [pb.RunForwardRequest(handle=m, mode=mode, input=pool.resolve(input_), chunk=stream[0] if stream else None),
+               *(pb.RunForwardRequest(chunk=c, handle=m if again else "") for c in stream[1:])]
+    check(fuzzed, lambda: fuzzed.stub.RunForward(iter(forward), timeout=TIMEOUT))
+    evaluate = [pb.EvaluateModelRequest(model=m, chunk=stream[0] if stream else None),
+                *(pb.EvaluateModelRequest(chunk=c, model=m if again else "") for c in stream[1:])]
+    check(fuzzed, lambda: fuzzed.stub.EvaluateModel(iter(evaluate), timeout=TIMEOUT))
+
+
 @FUZZ
 @given(handle=handle_refs, keys=st.lists(names, max_size=4))
 def test_delete_and_fetch(fuzzed: Fuzzed, pool: Pool, handle: object, keys: list[str]) -> None:
