@@ -36,6 +36,7 @@ from .domain.tensors import (
     tensors_of,
 )
 from .domain import merging, outer, soups
+from .store import shm as store_shm
 from .store import snapshot
 from .store.accounting import Reservation
 from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage, describe
@@ -1063,6 +1064,7 @@ class Service:
             )
         if cuda is not None and key:
             raise InvalidArgument("a shared memory region is a /dev/shm key or a CUDA buffer, not both")
+        store_shm.check_name(name)  # before anything is mapped or opened
         if cuda is None:
             region: shm.Region = shm.Region(key, byte_size, proof=shm.proof(session))
         else:
