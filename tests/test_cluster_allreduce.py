@@ -4,10 +4,13 @@ the rest of the cluster's tests)."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
 from weightavg import Client, FailedPreconditionError, InvalidArgumentError
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.domain.collectives import INPLACE_BYTES
 
 from conftest import Cluster
@@ -95,3 +98,28 @@ def test_refused_allreduces_leave_every_rank_as_it_was(cluster: Cluster) -> None
             assert np.array_equal(c.dict(e, "w", rank=r), np.arange(4, dtype=np.float32)), r
         assert c.allreduce(e, weights=[1, 3]) == 1
         c.free(d, e)
+
+
+def test_weights_that_are_not_finite_and_unknown_ops_are_refused_and_change_nothing(cluster: Cluster) -> None:
+    """Raw requests, as a client generated from the .proto sends them (no Python client checks): a NaN
+    or infinite weight, weights whose sum overflows, and an op the contract does not define are each
+    INVALID_ARGUMENT naming the fix, and every rank's values stay as they were (a NaN weight used to
+    turn both ranks' parameters into NaN; an unknown op was INTERNAL)."""
+    with Client(cluster.address, timeout=60) as c, grpc.insecure_channel(cluster.address) as channel:
+        d = c.dict({"w": np.ones(3, np.float32)}, replicate=True)
+        c.dict(d, "w", np.full(3, 3.0, np.float32), rank=1)
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        refused = [
+            (pb.AllReduceRequest(handle=d.id, weights=[float("nan"), 1.0]), "finite"),
+            (pb.AllReduceRequest(handle=d.id, weights=[float("inf"), 1.0]), "finite"),
+            (pb.AllReduceRequest(handle=d.id, weights=[1e308, 1e308]), "finite"),
+            (pb.AllReduceRequest(handle=d.id, op=7), "REDUCE_OP_MEAN"),
+        ]
+        for request, fix in refused:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.AllReduce(request, timeout=60)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert fix in err.value.details()
+        assert np.array_equal(c.dict(d, "w", rank=0), np.ones(3, np.float32))
+        assert np.array_equal(c.dict(d, "w", rank=1), np.full(3, 3.0, np.float32))
+        c.free(d)

@@ -1,6 +1,7 @@
 """Tables in docs/ that restate a fact of the code, checked against that code so they cannot go
 stale: the options of `weightavg serve` (docs/ops.md) and the RPCs that take a request ID
-(docs/robust.md). Both drifted once: two flags missing from the first, ten RPCs from the second."""
+(docs/robust.md). Both drifted once: two flags missing from the first, ten RPCs from the second.
+Also the error table of docs/clients.md and comments of the .proto, against a real server."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ import fnmatch
 import re
 from pathlib import Path
 
+import grpc
+import pytest
+
+from weightavg import Client, wire
 from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.cli import OPTIONS, SWITCHES
-from weightavg_server.ops.config import ENV_PREFIX
+from weightavg_server.ops.config import (
+    DEFAULT_MAX_SESSION_LEASE_SECONDS, DEFAULT_SESSION_LEASE_SECONDS, ENV_PREFIX,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +77,67 @@ def test_the_request_id_field_number_the_docs_give_is_the_protos() -> None:
     for doc in ("clients.md", "robust.md"):
         text = " ".join((ROOT / "docs" / doc).read_text().split())
         assert "field 15" in text and "`UpdateMovingAverageRequest`" in text, doc
+
+
+def test_the_clients_error_table_gives_the_code_a_server_answers_for_bad_streams(client: Client) -> None:
+    """docs/clients.md's error table, for the two ways a declared tensor stream goes wrong, against a
+    real server fed raw messages: a stream short of what it declared is INVALID_ARGUMENT and a checksum
+    that does not match is DATA_LOSS, and each case is in that code's row and no other. The table once
+    put a declared size that does not match under DATA_LOSS."""
+    rows = {_names(code)[0]: text for code, text, _ in _table_rows("clients.md", "| code | when | what to do |")}
+    data = b"\0" * 4
+    crc = wire.crc32c(data, wire.tensor_crc("w", pb.DTYPE_FLOAT32, [1]))
+    cases = {  # keyword of the case in the table -> the stream
+        "fewer or more tensors or bytes than it declared": pb.TensorChunk(
+            name="w", dtype=pb.DTYPE_FLOAT32, shape=[1], data=data, tensor_count=2, total_bytes=8, crc32c=crc),
+        "CRC-32C does not match": pb.TensorChunk(
+            name="w", dtype=pb.DTYPE_FLOAT32, shape=[1], data=data, tensor_count=1, total_bytes=4, crc32c=crc ^ 1),
+    }
+    with grpc.insecure_channel(client.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        for keyword, chunk in cases.items():
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CreateDictionary(iter([pb.CreateDictionaryRequest(chunk=chunk)]), timeout=30)
+            code = err.value.code().name
+            assert [c for c, text in rows.items() if keyword in text] == [code], (keyword, err.value.details())
+
+
+def _proto_comment(block: str, field: str) -> str:
+    """The comment lines just above `field` (e.g. "double lease_seconds = 2;") inside the .proto's
+    `message`/`enum` block named `block`, joined into one line."""
+    text = (ROOT / "proto" / "weightavg" / "v1" / "weightavg.proto").read_text()
+    body = re.split(rf"^(?:message|enum) {block} {{\n", text, maxsplit=1, flags=re.M)[1].split("\n}", 1)[0]
+    lines = body.split(field, 1)[0].splitlines()
+    comment = []
+    for line in reversed(lines[:-1] if not lines[-1].strip() else lines):
+        if not line.strip().startswith("//"):
+            break
+        comment.insert(0, line.strip().removeprefix("//").strip())
+    return " ".join(comment)
+
+
+def test_proto_comments_on_leases_and_splits_say_what_the_server_does(client: Client) -> None:
+    """What a client generated from the .proto reads about defaults and limits is what a real server
+    does: a lease over the maximum is refused (the comment said the server may cap it), and an unset
+    DataSplit is refused by some calls and read as the training data by others (the comment said it
+    is never valid)."""
+    asked = _proto_comment("CreateSessionRequest", "double lease_seconds = 1;")
+    granted = _proto_comment("CreateSessionResponse", "double lease_seconds = 2;")
+    assert f"{DEFAULT_SESSION_LEASE_SECONDS:g}" in asked and f"{DEFAULT_MAX_SESSION_LEASE_SECONDS:g}" in asked
+    assert "INVALID_ARGUMENT" in asked and "cap" not in granted
+    unset = _proto_comment("DataSplit", "DATA_SPLIT_UNSPECIFIED = 0;")
+    assert "Never valid" not in unset and "RestoreModelData" in unset and "GetModelOptions" in unset
+    with grpc.insecure_channel(client.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        over = pb.CreateSessionRequest(lease_seconds=DEFAULT_MAX_SESSION_LEASE_SECONDS + 1)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateSession(over, timeout=30)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        reply = stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
+        assert reply.lease_seconds == DEFAULT_SESSION_LEASE_SECONDS
+        stub.CloseSession(pb.CloseSessionRequest(session=reply.session), timeout=30)
+        model = client.model(m := client.module(["linear", 1, 2]), client.loss("ce"), client.opt("sgd", m))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetModelOptions(pb.GetModelOptionsRequest(model=model.id), timeout=30)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert stub.RestoreModelData(pb.RestoreModelDataRequest(model=model.id), timeout=30).size == -1

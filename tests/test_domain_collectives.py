@@ -72,6 +72,9 @@ def test_rank_scales() -> None:
         collectives.rank_scale("mean", [1, 2, 3], 0, 2)
     with pytest.raises(InvalidArgument, match="unknown reduce op"):
         collectives.rank_scale("max", [], 0, 2)
+    for weights in ([math.nan, 1.0], [math.inf, 1.0], [-math.inf, math.inf], [1e308, 1e308]):
+        with pytest.raises(InvalidArgument, match="finite"):  # were NaN (every rank's values NaN) or 0.0
+            collectives.rank_scale("mean", weights, 0, 2)
 
 
 @pytest.mark.parametrize("weights", [[math.nan, 1.0], [math.inf, 1.0], [-math.inf, 1.0], [1e308, 1e308]])

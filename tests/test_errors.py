@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import grpc
@@ -200,6 +201,61 @@ def test_malformed_tensor_streams(live_server: LiveServer, client: Client, uncha
         stub.CreateDictionary(iter([pb.CreateDictionaryRequest(chunk=c) for c in chunks]), timeout=30)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
+
+
+def _later(method: str, client: Client) -> tuple[Any, Any, str]:
+    """A two-message upload of `method` as a generated client might send it: the first message names the
+    target; the second sets a header field again, to another value (the field's name is returned)."""
+    chunk = pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT32, shape=[1], data=b"\0" * 4)
+    if method == "SetParameter":
+        m = client.module(["linear", 1, 1])
+        return (pb.SetParameterRequest(handle=m.id, name="bias", chunk=chunk),
+                pb.SetParameterRequest(name="weight"), "name")
+    if method == "UpdateDictionary":
+        d = client.dict({"w": np.zeros(1, np.float32)})
+        return (pb.UpdateDictionaryRequest(dictionary=d.id, chunk=chunk),
+                pb.UpdateDictionaryRequest(dictionary=client.dict({"w": np.ones(1, np.float32)}).id), "dictionary")
+    if method == "CreateDictionary":
+        return (pb.CreateDictionaryRequest(chunk=chunk),
+                pb.CreateDictionaryRequest(request_id=str(uuid.uuid4())), "request_id")
+    return pb.CreateTensorRequest(chunk=chunk), pb.CreateTensorRequest(request_id=str(uuid.uuid4())), "request_id"
+
+
+@pytest.mark.parametrize("method", ["SetParameter", "UpdateDictionary", "CreateDictionary", "CreateTensor"])
+def test_a_header_field_set_otherwise_on_a_later_message_is_refused(
+    live_server: LiveServer, client: Client, unchanged: Any, method: str
+) -> None:
+    """Header fields go on a stream's first message. A later message that set them to another value
+    was ignored: a request ID there made no exactly-once call, another handle there was not the
+    target, and the call answered OK. Now INVALID_ARGUMENT naming the field; a later message that
+    repeats the first one's value is still taken."""
+    first, later, field = _later(method, client)
+    same = type(first)()
+    same.CopyFrom(first)
+    same.ClearField("chunk")
+    channel, stub = _stub(live_server)
+    with channel:
+        with unchanged(), pytest.raises(grpc.RpcError) as err:
+            getattr(stub, method)(iter([first, later]), timeout=30)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert f"message 2 of the {method}Request stream sets {field}" in err.value.details()
+        getattr(stub, method)(iter([first, same]), timeout=30)
+
+
+def test_a_handle_field_left_unset_says_which_kind_it_takes(live_server: LiveServer, client: Client,
+                                                            unchanged: Any) -> None:
+    """A generated client that leaves a handle field unset sends an empty id. CreateModel takes three;
+    the answer was "no handle given" whichever was missing. Now it names the kind the empty one takes."""
+    m = client.module(["linear", 1, 2])
+    parts = {"module": m.id, "loss": client.loss("ce").id, "optimizer": client.opt("sgd", m).id}
+    channel, stub = _stub(live_server)
+    with channel:
+        for missing in parts:
+            request = pb.CreateModelRequest(**{k: v for k, v in parts.items() if k != missing})
+            with unchanged(), pytest.raises(grpc.RpcError) as err:
+                stub.CreateModel(request, timeout=30)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert f"no handle given: an empty id where the call takes a handle of kind {missing};" in err.value.details()
 
 
 def test_huge_declared_shape_is_refused_before_allocating(live_server: LiveServer, unchanged: Any) -> None:

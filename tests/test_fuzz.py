@@ -275,6 +275,30 @@ def test_update_dictionary(fuzzed: Fuzzed, pool: Pool, handle: object, stream: l
     check(fuzzed, lambda: fuzzed.stub.UpdateDictionary(iter(requests), timeout=TIMEOUT))
 
 
+splits = st.one_of(st.sampled_from(list(pb.DataSplit.values())), st.integers(-(2**31), 2**31 - 1))
+modes = st.one_of(st.sampled_from(list(pb.ForwardMode.values())), st.integers(-(2**31), 2**31 - 1))
+
+
+@FUZZ
+@given(model=handle_refs, split=splits, mode=modes, input_=st.one_of(st.just(""), handle_refs), stream=chunk_lists,
+       shard=st.booleans(), rank=st.one_of(st.none(), st.integers(-2, 2)), again=st.booleans())
+def test_model_streams(fuzzed: Fuzzed, pool: Pool, model: object, split: int, mode: int, input_: object,
+                       stream: list[pb.TensorChunk], shard: bool, rank: int | None, again: bool) -> None:
+    """SetModelData, RunForward and EvaluateModel with any header, any chunks, and (`again`) the header
+    fields set again on the second message, as a generated client may."""
+    pool.refresh()
+    m = pool.resolve(model)
+    data = [pb.SetModelDataRequest(model=m, split=split, shard=shard, rank=rank, chunk=stream[0] if stream else None),
+            *(pb.SetModelDataRequest(chunk=c, split=split if again else 0) for c in stream[1:])]
+    check(fuzzed, lambda: fuzzed.stub.SetModelData(iter(data), timeout=TIMEOUT))
+    forward = [pb.RunForwardRequest(handle=m, mode=mode, input=pool.resolve(input_), chunk=stream[0] if stream else None),
+               *(pb.RunForwardRequest(chunk=c, handle=m if again else "") for c in stream[1:])]
+    check(fuzzed, lambda: fuzzed.stub.RunForward(iter(forward), timeout=TIMEOUT))
+    evaluate = [pb.EvaluateModelRequest(model=m, chunk=stream[0] if stream else None),
+                *(pb.EvaluateModelRequest(chunk=c, model=m if again else "") for c in stream[1:])]
+    check(fuzzed, lambda: fuzzed.stub.EvaluateModel(iter(evaluate), timeout=TIMEOUT))
+
+
 @FUZZ
 @given(handle=handle_refs, keys=st.lists(names, max_size=4))
 def test_delete_and_fetch(fuzzed: Fuzzed, pool: Pool, handle: object, keys: list[str]) -> None:
@@ -360,6 +384,37 @@ def test_build_greedy_soup(fuzzed: Fuzzed, pool: Pool, model: object, ingredient
         model=pool.resolve(model), ingredients=[pool.resolve(r) for r in ingredients], options=options
     )
     check(fuzzed, lambda: fuzzed.stub.BuildGreedySoup(request, timeout=TIMEOUT))
+
+
+enum_values = st.one_of(st.integers(-1, 4), st.integers(-(2**31), 2**31 - 1))
+
+
+@FUZZ
+@given(handle=handle_refs, op=enum_values, weights=weight_lists, rank=st.integers(-(2**31), 2**31 - 1))
+def test_allreduce_and_broadcast(fuzzed: Fuzzed, pool: Pool, handle: object, op: int, weights: list[float],
+                                 rank: int) -> None:
+    pool.refresh()
+    h = pool.resolve(handle)
+    request = pb.AllReduceRequest(handle=h, op=op, weights=weights)
+    check(fuzzed, lambda: fuzzed.stub.AllReduce(request, timeout=TIMEOUT))
+    check(fuzzed, lambda: fuzzed.stub.Broadcast(pb.BroadcastRequest(handle=h, rank=rank), timeout=TIMEOUT))
+
+
+@pytest.mark.parametrize("request_", [
+    pb.AllReduceRequest(op=7),  # an op the contract does not define: was INTERNAL
+    pb.AllReduceRequest(weights=[float("nan")]),  # was OK here, and NaN on every rank of a cluster
+    pb.AllReduceRequest(weights=[float("inf")]),
+], ids=["unknown-op", "nan-weight", "inf-weight"])
+def test_allreduce_refuses_what_the_contract_does_not_define(
+    fuzzed: Fuzzed, pool: Pool, request_: pb.AllReduceRequest
+) -> None:
+    pool.refresh()
+    request = pb.AllReduceRequest(handle=pool.ids["net"])
+    request.MergeFrom(request_)
+    with pytest.raises(grpc.RpcError) as err:
+        fuzzed.stub.AllReduce(request, timeout=TIMEOUT)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "REDUCE_OP_MEAN" in err.value.details() or "finite" in err.value.details()
 
 
 @FUZZ

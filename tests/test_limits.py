@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_unchanged, snapshot
+from conftest import LiveServer, assert_unchanged, snapshot
 from weightavg import Client, InvalidArgumentError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+from weightavg_server.domain import specs
 from weightavg_server.ops.cli import build_parser, config_from_args
 from weightavg_server.ops.config import ServerConfig
 
@@ -207,6 +209,41 @@ def test_spec_depth_cap(start_server) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(InvalidArgumentError, match="deeper than 3"):
             c.module(nested(4))
         assert len(server.registry) == 1
+
+
+def test_spec_layer_cap(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A spec is refused before anything is built once it holds more layers than the cap, at any depth,
+    and GetServerInfo says the cap. A bare LayerSpec message of many `relu` children, as a generated
+    client sends it, was built whatever its size: 0.4 ms and 2.5 KB a layer, out of any cap's sight, so
+    one 64 MiB request (eight million layers) could run the host out of memory."""
+    server = start_server(max_spec_layers=5)
+    spec = ["sequential", ["sequential", "s", ["relu", "a"], ["relu", "b"]], ["relu", "c"]]  # five layers
+    with Client(server.address, timeout=60) as c, grpc.insecure_channel(server.address) as channel:
+        assert c.info()["max_spec_layers"] == 5
+        c.module(spec)
+        with pytest.raises(InvalidArgumentError, match="more than 5 layers"):
+            c.module([*spec, ["relu", "e"]])
+        with pytest.raises(InvalidArgumentError, match="more than 5 layers"):
+            c.module(["sequential", ["sequential", "s", *(["relu"] for _ in range(5))]])
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        wide = pb.LayerSpec(type="sequential", children=[pb.LayerSpec(type="relu")] * 200_000)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateModule(pb.CreateModuleRequest(spec=wide), timeout=60)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "--max-spec-layers" in err.value.details()
+        assert time.monotonic() - started < 10  # refused on the count; building took about 80 s
+        assert len(server.registry) == 1
+
+
+def test_the_default_layer_cap_refuses_a_wide_spec_message_at_once(live_server: LiveServer) -> None:
+    """The same through the default cap of a server started with no flags."""
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        wide = pb.LayerSpec(type="sequential", children=[pb.LayerSpec(type="relu")] * specs.MAX_SPEC_LAYERS)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateModule(pb.CreateModuleRequest(spec=wide), timeout=60)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert f"more than {specs.MAX_SPEC_LAYERS} layers" in err.value.details()
 
 
 def test_upload_byte_cap_per_request(start_server) -> None:  # type: ignore[no-untyped-def]

@@ -168,6 +168,7 @@ def test_server_info_reports_versions_device_and_limits(ops_server: OpsServer, o
     assert info["max_message_bytes"] == ops_server.config.max_message_bytes
     assert info["chunk_bytes"] == ops_server.config.chunk_bytes
     assert info["max_spec_depth"] == ops_server.config.max_spec_depth
+    assert info["max_spec_layers"] == ops_server.config.max_spec_layers
 
 
 # -- per-RPC statistics ----------------------------------------------------------------------------

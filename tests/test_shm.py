@@ -206,6 +206,23 @@ def test_registration_is_checked_and_errors_never_name_the_key(
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize("name", ["", "a" * 65, "a/b", ".hidden"])
+def test_a_bad_region_name_is_named_as_the_mistake_whatever_the_key(
+    shm_server: LiveServer, region: shared_memory.SharedMemory, name: str
+) -> None:
+    """The region name is checked before the key is opened. With a key that did not open, a bad name
+    was reported as 'could not be opened' (FAILED_PRECONDITION), and only once the key was right did the
+    name's own INVALID_ARGUMENT come."""
+    with grpc.insecure_channel(shm_server.address) as channel, Client(shm_server.address, session=True) as owner:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        for key in (region.name, region.name + "-absent"):
+            with pytest.raises(grpc.RpcError) as err:
+                _register(stub, key, 4096, owner.session, name=name)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "region's name must be 1 to 64" in err.value.details()
+        assert len(shm_server.registry.shared) == 0
+
+
 def test_placements_outside_the_region_are_refused_and_create_nothing(
     shm_server: LiveServer, region: shared_memory.SharedMemory
 ) -> None:

@@ -440,3 +440,14 @@ def test_element_cap_counts_parameters_and_buffers() -> None:
     nested = L("sequential", children=(L("linear", "big", (100, 100)),))
     with pytest.raises(ResourceExhausted, match="linear: layer would allocate 10100"):
         build_module(nested, max_elements=10_000)
+
+
+def test_layer_count_cap_counts_every_layer_at_any_depth() -> None:
+    """check_layer_count stops a spec of more than max_layers layers (root included) before any build."""
+    from weightavg_server.domain.specs import check_layer_count
+
+    spec = LayerSpec("sequential", children=(LayerSpec("sequential", children=(LayerSpec("relu"),) * 3),))
+    check_layer_count(spec, 5)  # root, the inner sequential, three relus
+    with pytest.raises(InvalidArgument, match="more than 4 layers"):
+        check_layer_count(spec, 4)
+    check_layer_count(LayerSpec("relu"), 1)

@@ -65,6 +65,51 @@ def test_decode_reads_unpacked_shapes_and_negative_dimensions() -> None:
     assert view.shape == (2, -1)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return bytes(out + bytes([low]))
+        out.append(low | 0x80)
+
+
+# Varints a client in another language (or a hand-made message) may send: negatives in 10 bytes, values
+# past 32 bits in an enum, and a 10th byte with bits past 64.
+ODD_VARINTS = [0, 1, 99, 2**31, 2**32 - 1, 2**32 + 1, 2**63, 2**64 - 1, 2**64 + 5, 2**70 - 1]
+
+
+@pytest.mark.parametrize("value", ODD_VARINTS)
+def test_decode_reads_every_varint_as_protobuf_does(value: int) -> None:
+    """The hand decoder (CreateDictionary, UpdateDictionary, CreateTensor, fetches) and protobuf (every
+    other RPC) read the same bytes as the same dtype, shape and declaration: an int32 enum keeps its low
+    32 bits, an int64 its low 64. The dtype -1 used to read as 18446744073709551615."""
+    raw = b"".join(bytes([field << 3]) + _varint(value) for field in (2, 3, 5, 6))  # dtype, shape, count, total
+    expected = pb.TensorChunk.FromString(raw)
+    view = decode_fetch_response(b"\x0a" + _varint(len(raw)) + raw)
+    assert isinstance(view, ChunkView), "read by hand, not handed to protobuf"
+    assert (view.dtype, view.shape, view.tensor_count, view.total_bytes) == (
+        expected.dtype, tuple(expected.shape), expected.tensor_count, expected.total_bytes
+    )
+
+
+def test_an_unknown_dtype_is_named_as_sent_with_the_fix(client: Client, unchanged) -> None:  # type: ignore[no-untyped-def]
+    """A generated client's dtype -1 is reported as -1 by the hand-decoded uploads, as by the others."""
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(client.address))
+    chunk = pb.TensorChunk(name="w", dtype=-1, shape=[1], data=b"\0" * 4)  # type: ignore[arg-type]
+    module = client.module(["linear", 1, 1]).id
+    calls = [
+        lambda: stub.CreateDictionary(iter([pb.CreateDictionaryRequest(chunk=chunk)]), timeout=30),
+        lambda: stub.CreateTensor(iter([pb.CreateTensorRequest(chunk=chunk)]), timeout=30),
+        lambda: stub.SetParameter(iter([pb.SetParameterRequest(handle=module, name="weight", chunk=chunk)]), timeout=30),
+    ]
+    for call in calls:
+        with unchanged(), pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "dtype code -1: set dtype to one of DTYPE_FLOAT32 (1)" in err.value.details()
+
+
 def test_decode_falls_back_to_protobuf_on_unexpected_fields() -> None:
     message = pb.SetParameterRequest(handle="h", name="w")
     message.chunk.data = b"abc"

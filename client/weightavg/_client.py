@@ -415,6 +415,7 @@ class Client:
             "max_message_bytes": r.max_message_bytes,
             "chunk_bytes": r.chunk_bytes,
             "max_spec_depth": r.max_spec_depth,
+            "max_spec_layers": r.max_spec_layers,
             "cuda_memory_allocated": r.cuda_memory_allocated,
             # A server from before clusters sends neither: it is one rank.
             "world_size": r.world_size or 1,

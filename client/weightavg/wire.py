@@ -231,9 +231,12 @@ def _read_bytes(raw: memoryview, i: int) -> tuple[memoryview, int]:
     return raw[i:i + size], i + size
 
 
-def _signed(value: int) -> int:
-    """An int64 read as an unsigned varint, back to its sign (protobuf writes negatives in 10 bytes)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
+def _signed(value: int, bits: int = 64) -> int:
+    """An int64 (or, with bits=32, an int32 or enum) read as an unsigned varint, back to its sign,
+    as protobuf reads it: protobuf writes negatives in 10 bytes, and keeps the low `bits` bits of a
+    varint (so a dtype of 2**32 + 1 is 1, and one of -1 is -1, as every other RPC's decoder reads it)."""
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >= 1 << (bits - 1) else value
 
 
 def _decode_chunk(raw: memoryview) -> ChunkView:
@@ -249,7 +252,7 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
         if kind == _VARINT and field in (_DTYPE, _SHAPE, _COUNT, _TOTAL):
             value, i = _read_varint(raw, i)
             if field == _DTYPE:
-                dtype = pb.Dtype.ValueType(value)
+                dtype = pb.Dtype.ValueType(_signed(value, 32))
             elif field == _SHAPE:
                 shape.append(_signed(value))
             elif field == _COUNT:

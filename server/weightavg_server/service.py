@@ -36,6 +36,7 @@ from .domain.tensors import (
     tensors_of,
 )
 from .domain import merging, outer, soups
+from .store import shm as store_shm
 from .store import snapshot
 from .store.accounting import Reservation
 from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage, describe
@@ -82,6 +83,7 @@ class ServerInfo:
     dtypes: list[str]
     max_spec_depth: int
     cuda_memory_allocated: int
+    max_spec_layers: int = specs.MAX_SPEC_LAYERS
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ class Settings:
     state_dir: str = ""
     allow_shm: bool = False
     """Whether clients on this host may register shared memory regions (--allow-shm)."""
+    max_spec_layers: int = specs.MAX_SPEC_LAYERS
+    """Most layers one spec may hold (--max-spec-layers)."""
 
 
 @dataclass(frozen=True)
@@ -310,7 +314,7 @@ class Service:
         """Versions, device, and what the server accepts."""
         return ServerInfo(
             version=__version__, torch_version=torch.__version__, device=str(self.device), layer_types=list(specs.LAYER_TYPES), dtypes=list(DTYPES),
-            max_spec_depth=self.settings.max_spec_depth,
+            max_spec_depth=self.settings.max_spec_depth, max_spec_layers=self.settings.max_spec_layers,
             cuda_memory_allocated=devices.allocated(self.device) if self.sees_server_wide() else 0,
         )
 
@@ -356,6 +360,7 @@ class Service:
     ) -> Ref:
         """Build a module from a spec on the server's device (a one-rank server: rank 0 or replicated)."""
         self._one_rank(placement.rank)
+        specs.check_layer_count(spec, self.settings.max_spec_layers)  # before the footprint builds it once
         depth = self.settings.max_spec_depth
         need = footprint.module_bytes(spec, self.device, depth)
         handle = self.store.create(Kind.MODULE, need, lambda: self._built(spec, depth))
@@ -1070,6 +1075,7 @@ class Service:
             )
         if cuda is not None and key:
             raise InvalidArgument("a shared memory region is a /dev/shm key or a CUDA buffer, not both")
+        store_shm.check_name(name)  # before anything is mapped or opened
         if cuda is None:
             region: shm.Region = shm.Region(key, byte_size, proof=shm.proof(session))
         else:

@@ -180,7 +180,7 @@ class _ReduceOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReduceOp.Val
     """The sum over ranks."""
 
 class ReduceOp(_ReduceOp, metaclass=_ReduceOpEnumTypeWrapper):
-    """ReduceOp is how AllReduce combines the ranks' values."""
+    """ReduceOp is how AllReduce combines the ranks' values; a value not listed here is INVALID_ARGUMENT."""
 
 REDUCE_OP_UNSPECIFIED: ReduceOp.ValueType  # 0
 """The default: MEAN."""
@@ -197,7 +197,10 @@ class _DataSplit:
 class _DataSplitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataSplit.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATA_SPLIT_UNSPECIFIED: _DataSplit.ValueType  # 0
-    """Never valid; present so an unset field is detectable."""
+    """Present so an unset field is detectable: INVALID_ARGUMENT where a split is required
+    (GetModelOptions, SetModelOptions, SetModelData); RestoreModelData and NextBatch read it as the
+    training data.
+    """
     DATA_SPLIT_TRAIN: _DataSplit.ValueType  # 1
     """The training data and train options (train, run, batchnorm)."""
     DATA_SPLIT_TEST: _DataSplit.ValueType  # 2
@@ -210,7 +213,10 @@ class DataSplit(_DataSplit, metaclass=_DataSplitEnumTypeWrapper):
     """
 
 DATA_SPLIT_UNSPECIFIED: DataSplit.ValueType  # 0
-"""Never valid; present so an unset field is detectable."""
+"""Present so an unset field is detectable: INVALID_ARGUMENT where a split is required
+(GetModelOptions, SetModelOptions, SetModelData); RestoreModelData and NextBatch read it as the
+training data.
+"""
 DATA_SPLIT_TRAIN: DataSplit.ValueType  # 1
 """The training data and train options (train, run, batchnorm)."""
 DATA_SPLIT_TEST: DataSplit.ValueType  # 2
@@ -482,7 +488,8 @@ Global___Option: _TypeAlias = Option  # noqa: Y015
 @_typing.final
 class LayerSpec(_message.Message):
     """LayerSpec describes a module to build: a layer type from the server's allowlist, an optional
-    child name, positional options, keyword options and, for containers, children.
+    child name, positional options, keyword options and, for containers, children. A spec nests at
+    most GetServerInfoResponse.max_spec_depth levels and holds at most max_spec_layers layers.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -706,6 +713,7 @@ class GetServerInfoResponse(_message.Message):
     CUDA_MEMORY_ALLOCATED_FIELD_NUMBER: _builtins.int
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
+    MAX_SPEC_LAYERS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """weightavg version."""
     torch_version: _builtins.str
@@ -717,13 +725,17 @@ class GetServerInfoResponse(_message.Message):
     chunk_bytes: _builtins.int
     """Chunk size the server uses when streaming tensors, in bytes."""
     max_spec_depth: _builtins.int
-    """Deepest layer spec accepted."""
+    """Deepest layer spec accepted (the root is depth 0)."""
     grpc_version: _builtins.str
     """grpcio version."""
     cuda_memory_allocated: _builtins.int
     """Bytes of CUDA memory allocated by the server (0 on the CPU)."""
     world_size: _builtins.int
     """Ranks in the cluster (torchrun's WORLD_SIZE); 1 for a plain `weightavg serve`."""
+    max_spec_layers: _builtins.int
+    """Most layers one LayerSpec may hold (the root and its children at any depth); more is
+    INVALID_ARGUMENT (--max-spec-layers).
+    """
     @_builtins.property
     def layer_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Layer types accepted in a LayerSpec."""
@@ -751,10 +763,11 @@ class GetServerInfoResponse(_message.Message):
         cuda_memory_allocated: _builtins.int = ...,
         world_size: _builtins.int = ...,
         ranks: _abc.Iterable[Global___RankInfo] | None = ...,
+        max_spec_layers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "ranks", b"ranks", "torch_version", b"torch_version", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "max_spec_layers", b"max_spec_layers", "ranks", b"ranks", "torch_version", b"torch_version", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3450,7 +3463,10 @@ class CreateSessionRequest(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     lease_seconds: _builtins.float
-    """Lease in seconds: the session ends this long after its last call; 0 takes the server default."""
+    """Lease in seconds: the session ends this long after its last call; 0 takes the server default
+    (--session-lease-seconds, 60 by default). At most --max-session-lease-seconds (86400 by
+    default): a longer, negative or NaN lease is INVALID_ARGUMENT, not shortened.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md).
@@ -3481,7 +3497,7 @@ class CreateSessionResponse(_message.Message):
     session: _builtins.str
     """Opaque, unguessable session id."""
     lease_seconds: _builtins.float
-    """The lease granted, in seconds (the server may cap the one asked for)."""
+    """The lease granted, in seconds: the one asked for, or the server default for 0."""
     def __init__(
         self,
         *,

@@ -232,7 +232,7 @@ def settings(config: ServerConfig, device: torch.device) -> Settings:
     return Settings(
         device=device, max_spec_depth=config.max_spec_depth, session_lease_seconds=config.session_lease_seconds,
         max_session_lease_seconds=config.max_session_lease_seconds, state_dir=config.state_dir or "",
-        allow_shm=config.allow_shm,
+        allow_shm=config.allow_shm, max_spec_layers=config.max_spec_layers,
     )
 
 

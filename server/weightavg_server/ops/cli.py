@@ -40,6 +40,7 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ("--chunk-bytes", "chunk_bytes", int, "size of the pieces the server streams tensors in"),
     ("--max-upload-bytes", "max_upload_bytes", int, "most tensor bytes one request may upload"),
     ("--max-spec-depth", "max_spec_depth", int, "deepest layer spec accepted"),
+    ("--max-spec-layers", "max_spec_layers", int, "most layers one layer spec may hold, at any depth"),
     ("--grace-seconds", "grace_seconds", float,
      "on SIGTERM/SIGINT: report NOT_SERVING, refuse new calls, let in-flight calls run this long"),
     ("--keepalive-time-seconds", "keepalive_time_seconds", float,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from weightavg.wire import CHUNK_BYTES
 
 from ..domain import pinned
+from ..domain.specs import MAX_SPEC_LAYERS
 from ..store import requests
 from ..store.limits import Limits
 
@@ -20,6 +21,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_CHUNK_BYTES = CHUNK_BYTES
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 40
 DEFAULT_MAX_SPEC_DEPTH = 32
+DEFAULT_MAX_SPEC_LAYERS = MAX_SPEC_LAYERS
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_MAX_DEVICE_BYTES = 0
 """0: each device's own memory size (a CUDA device's total memory, the host's RAM for the CPU)."""
@@ -69,6 +71,7 @@ class ServerConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_spec_depth: int = DEFAULT_MAX_SPEC_DEPTH
+    max_spec_layers: int = DEFAULT_MAX_SPEC_LAYERS
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     max_device_bytes: int = DEFAULT_MAX_DEVICE_BYTES
     max_handles: int = DEFAULT_MAX_HANDLES

@@ -407,8 +407,11 @@ class Registry:
 
     def get(self, handle: str, *kinds: Kind) -> Entry:
         """The entry for handle; NotFound when unknown or freed, InvalidArgument when of the wrong kind."""
-        if not handle:
-            raise InvalidArgument("no handle given")
+        if not handle:  # a generated client's default for a field it did not set
+            takes = f"a handle of kind {' or '.join(k.value for k in kinds)}" if kinds else "a handle"
+            raise InvalidArgument(
+                f"no handle given: an empty id where the call takes {takes}; pass the id a call returned"
+            )
         entry = _LENT.get().get(handle)
         if entry is None:
             with self._lock:

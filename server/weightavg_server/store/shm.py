@@ -40,6 +40,16 @@ class _Registered:
     region: Region
 
 
+def check_name(name: str) -> None:
+    """Refuse a region name that is not 1 to 64 safe characters (the service checks it before it maps
+    anything, so a bad name is reported as such, not as a key that failed to open)."""
+    if not NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"a shared memory region's name must be 1 to 64 letters, digits, '_', '.' or '-', starting with a "
+            f"letter or digit; got {len(name)} characters"
+        )
+
+
 class SharedRegions:
     """Regions by (session, name). Only the registering tenant's session finds its regions."""
 
@@ -51,12 +61,11 @@ class SharedRegions:
         """Hold `region` as the session's `name`; the region it replaces, for the caller to close
         (`close_regions`) once it holds no lock. A refused region is closed here (it is new: no copy
         can be running in it). The caller checks that the session is live, under the store's lock."""
-        if not NAME.fullmatch(name):
+        try:
+            check_name(name)
+        except InvalidArgument:
             region.close()
-            raise InvalidArgument(
-                "a shared memory region's name must be 1 to 64 letters, digits, '_', '.' or '-', starting with a "
-                "letter or digit"
-            )
+            raise
         with self._lock:
             for (other_session, _), held in self._regions.items():
                 if held.region.identity == region.identity and other_session != session:

@@ -44,7 +44,8 @@ def torch_dtype(code: pb.Dtype.ValueType) -> torch.dtype:
     try:
         return DTYPES[code]
     except KeyError:
-        raise InvalidArgument(f"unsupported dtype code {code}; expected one of {sorted(DTYPES)}") from None
+        known = ", ".join(f"{pb.Dtype.Name(c)} ({c})" for c in sorted(DTYPES))
+        raise InvalidArgument(f"unsupported dtype code {code}: set dtype to one of {known}") from None
 
 
 def dtype_code(dtype: torch.dtype) -> pb.Dtype.ValueType:
@@ -173,6 +174,11 @@ class TensorAssembler:
         self._pending: _Pending | None = None
         self._check = StreamCheck(InvalidArgument, DataLoss)
         self.tensors: list[tuple[str, torch.Tensor]] = []
+
+    @property
+    def declared(self) -> bool:
+        """Whether the stream declared what it carries (so `finish` knows whether it arrived whole)."""
+        return self._check.is_declared
 
     def feed(self, chunk: pb.TensorChunk | ChunkView) -> None:
         """Take one chunk; a chunk with a dtype starts a new tensor."""

@@ -75,8 +75,20 @@ def option_message(value: specs.OptionValue) -> pb.OptionValue:
     return pb.OptionValue(int_list=pb.IntList(values=list(value)))
 
 
-def layer_spec(message: pb.LayerSpec, max_depth: int, depth: int = 0) -> specs.LayerSpec:
-    """A domain LayerSpec from its message, refusing nesting deeper than max_depth."""
+def layer_spec(message: pb.LayerSpec, max_depth: int, max_layers: int = specs.MAX_SPEC_LAYERS) -> specs.LayerSpec:
+    """A domain LayerSpec from its message, refusing more than max_layers layers before converting
+    any (a request's worth of children would otherwise all be made) and nesting deeper than max_depth."""
+    count, pending = 1, [message]
+    while pending:
+        children = pending.pop().children
+        count += len(children)
+        if count > max_layers:
+            raise specs.too_many_layers(max_layers)
+        pending.extend(children)
+    return _layer_spec(message, max_depth, 0)
+
+
+def _layer_spec(message: pb.LayerSpec, max_depth: int, depth: int) -> specs.LayerSpec:
     if depth > max_depth:
         raise InvalidArgument(f"layer spec nested deeper than {max_depth} levels")
     return specs.LayerSpec(
@@ -84,7 +96,7 @@ def layer_spec(message: pb.LayerSpec, max_depth: int, depth: int = 0) -> specs.L
         name=message.name or None,
         args=tuple(option_value(v) for v in message.args),
         options=tuple((o.name, option_value(o.value)) for o in message.options),
-        children=tuple(layer_spec(c, max_depth, depth + 1) for c in message.children),
+        children=tuple(_layer_spec(c, max_depth, depth + 1) for c in message.children),
     )
 
 
@@ -146,6 +158,16 @@ def buffer_mode(value: pb.BufferMode.ValueType) -> BufferMode:
     if value not in BUFFER_MODES:
         raise InvalidArgument(f"unknown buffer mode {value}: use BUFFER_MODE_EXCLUDE, _AVERAGE or _COPY")
     return BUFFER_MODES[value]
+
+
+REDUCE_OPS = {pb.REDUCE_OP_UNSPECIFIED: "mean", pb.REDUCE_OP_MEAN: "mean", pb.REDUCE_OP_SUM: "sum"}
+
+
+def reduce_op(value: pb.ReduceOp.ValueType) -> str:
+    """How AllReduce combines ranks ("mean" when unset); an unknown value (a newer client's) is an error."""
+    if value not in REDUCE_OPS:
+        raise InvalidArgument(f"unknown reduce op {value}: set op to REDUCE_OP_MEAN or REDUCE_OP_SUM")
+    return REDUCE_OPS[value]
 
 
 def schedule_change(r: pb.UpdateMovingAverageRequest) -> ScheduleChange:

@@ -4,7 +4,7 @@ encodes the result; errors become statuses through the one table in status.py.""
 from __future__ import annotations
 
 import contextlib
-import itertools
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -48,12 +48,48 @@ class _KeyedStream(_Streamed, Protocol):
 K = TypeVar("K", bound=_KeyedStream)
 
 
+SETTLE_SECONDS = 0.02
+"""How long an upload whose stream declared nothing waits, once its stream has ended, to learn whether
+the client ended it or went away. gRPC ends the server's request stream alike for the client's last
+message and for a cancel or a deadline, and marks the call inactive only a moment later (0.03 to
+0.2 ms on loopback; in one of three cancels the stream ended first): without the wait, a cancelled
+undeclared upload committed what had arrived. A declared stream (every weightavg client's) says
+itself whether it is whole, and does not wait; nor does a stream of no tensor (RunForward on an
+input handle), whose end carries nothing that could be cut: it is the same late cancel as a unary
+call's."""
+
+
 def _first(requests: Iterator[R], what: str) -> R:
     """The first message of a client stream, which carries the request's header fields."""
     try:
         return next(requests)
     except StopIteration:
         raise InvalidArgument(f"empty {what} stream: the first message must name the target") from None
+
+
+def _stream_chunks(message_type: type[Message], first: R, requests: Iterator[R]) -> Iterator[pb.TensorChunk]:
+    """The chunks of a client stream whose first message has been read for its header fields (the
+    target, rank, placement, request ID...). Those belong on the first message: a later one may repeat
+    them unchanged, but one that sets them otherwise is refused, where it used to be ignored (a
+    request ID there gave no exactly-once call, another handle there was not the target)."""
+    header = _header_fields(first)
+    yield first.chunk
+    for n, request in enumerate(requests, start=2):
+        for name, value in _header_fields(request).items():
+            if header.get(name) != value:
+                raise InvalidArgument(
+                    f"message {n} of the {message_type.DESCRIPTOR.name} stream sets {name} otherwise than the "
+                    f"first message: set {name} on the first message only (later ones carry chunks)"
+                )
+        yield request.chunk
+
+
+def _header_fields(message: object) -> dict[str, object]:
+    """What a stream message sets besides its chunk: the set fields of a protobuf message, the
+    non-empty strings of one decoded by hand (codec.request_decoder)."""
+    if isinstance(message, Message):
+        return {field.name: value for field, value in message.ListFields() if field.name != "chunk"}
+    return {name: value for name, value in vars(message).items() if name != "chunk" and value}
 
 
 def _should_stop(context: Context) -> StopCheck:
@@ -92,11 +128,18 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     def _upload(self, chunks: Iterable[pb.TensorChunk], context: Context) -> Upload:
         """An upload the service receives when it is ready, reserving as each header arrives."""
+        ended = threading.Event()
+        context.add_callback(ended.set)  # runs when the call ends: a cancel, a deadline, or the answer
 
         def receive(on_header: OnHeader) -> list[tuple[str, torch.Tensor]]:
-            tensors = codec.assemble(
-                chunks, self.max_upload_bytes, on_header, self.service.shared_region, self.service.staging_buffer
+            assembler = codec.TensorAssembler(
+                self.max_upload_bytes, on_header, self.service.shared_region, self.service.staging_buffer
             )
+            for chunk in chunks:
+                assembler.feed(chunk)
+            tensors = assembler.finish()
+            if tensors and not assembler.declared:
+                ended.wait(SETTLE_SECONDS)
             if not context.is_active():
                 # grpc ends the request stream quietly when it fails the call (a message over the size
                 # cap, the client gone): what arrived is incomplete and must change nothing.
@@ -105,9 +148,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
         return receive
 
-    def _rest(self, first: R, requests: Iterator[R], context: Context) -> Upload:
+    def _rest(self, message_type: type[Message], first: R, requests: Iterator[R], context: Context) -> Upload:
         """The upload of a stream whose first message has been read for its header fields."""
-        return self._upload((r.chunk for r in itertools.chain([first], requests)), context)
+        return self._upload(_stream_chunks(message_type, first, requests), context)
 
     def _keyed(
         self, message_type: type[Message], first: K | None, requests: Iterator[K], context: Context
@@ -116,7 +159,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         its request key, whose digest hashes the upload as it is received."""
         if first is None:
             return self._upload(iter(()), context), None
-        chunks, key = ids.stream_key(first, message_type, (r.chunk for r in itertools.chain([first], requests)))
+        chunks, key = ids.stream_key(first, message_type, _stream_chunks(message_type, first, requests))
         return self._upload(chunks, context), key
 
     def _chunks(self, named: list[tuple[str, torch.Tensor]]) -> Iterator[pb.TensorChunk]:
@@ -136,6 +179,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             device=info.device, layer_types=info.layer_types, dtypes=convert.dtype_codes(info.dtypes),
             max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes,
             max_spec_depth=info.max_spec_depth, cuda_memory_allocated=info.cuda_memory_allocated,
+            max_spec_layers=info.max_spec_layers,
             **_cluster_fields(self.service.cluster_info()),
         )
 
@@ -155,7 +199,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def CreateModule(self, request: pb.CreateModuleRequest, context: Context) -> pb.CreateModuleResponse:
-        spec = convert.layer_spec(request.spec, self.service.settings.max_spec_depth)
+        settings = self.service.settings
+        spec = convert.layer_spec(request.spec, settings.max_spec_depth, settings.max_spec_layers)
         ref = self.service.create_module(spec, placement=_placement(request), request=ids.key(request))
         return pb.CreateModuleResponse(module=_handle(ref))
 
@@ -391,9 +436,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request_iterator: Iterator[pb.EvaluateModelRequest], context: Context
     ) -> Iterator[pb.EvaluateModelResponse]:
         first = _first(request_iterator, "EvaluateModel")
-        with _stopping(context), self.service.evaluate(
-            first.model, self._rest(first, request_iterator, context), _should_stop(context)
-        ) as output:
+        upload = self._rest(pb.EvaluateModelRequest, first, request_iterator, context)
+        with _stopping(context), self.service.evaluate(first.model, upload, _should_stop(context)) as output:
             for chunk in self._chunks([("", output)]):
                 yield pb.EvaluateModelResponse(chunk=chunk)
 
@@ -540,7 +584,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def AllReduce(self, request: pb.AllReduceRequest, context: Context) -> pb.AllReduceResponse:
         reduced = self.service.allreduce(
-            request.handle, _REDUCE_OPS[request.op], list(request.weights), request=ids.key(request)
+            request.handle, convert.reduce_op(request.op), list(request.weights), request=ids.key(request)
         )
         return pb.AllReduceResponse(tensors=reduced.tensors, buckets=reduced.buckets)
 
@@ -548,9 +592,6 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def Broadcast(self, request: pb.BroadcastRequest, context: Context) -> pb.BroadcastResponse:
         tensors = self.service.broadcast(request.handle, request.rank, request=ids.key(request))
         return pb.BroadcastResponse(tensors=tensors)
-
-
-_REDUCE_OPS = {pb.REDUCE_OP_UNSPECIFIED: "mean", pb.REDUCE_OP_MEAN: "mean", pb.REDUCE_OP_SUM: "sum"}
 
 
 # Upload streams' messages that hold only a chunk and strings arrive decoded by hand (codec.request_decoder),
