@@ -412,19 +412,13 @@ def test_an_allocating_call_is_refused_one_byte_short_and_charged_exactly_at_the
     assert s.store.held_bytes() == walked_bytes(s.store)
 
 
-def _evaluated(block: contextlib.AbstractContextManager[torch.Tensor]) -> torch.Tensor:
-    """An evaluate's output, its block ended as the servicer ends it once the reply has streamed."""
-    with block as output:
-        return output
-
-
 UPLOADS: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any, RecordingUpload], object]]] = [
     ("create_dictionary", lambda s: None, lambda s, _, up: s.create_dictionary(up)),
     ("update_dictionary", lambda s: dictionary(s, a=torch.zeros(1)), lambda s, d, up: s.update_dictionary(d, up)),
     ("create_tensor", lambda s: None, lambda s, _, up: s.create_tensor(up)),
     ("set_parameter", lambda s: linear(s), lambda s, q, up: s.set_parameter(q, "weight", up)),
     ("set_model_data", model, lambda s, m, up: s.set_model_data(m, "train", up)),
-    ("evaluate", model, lambda s, m, up: _evaluated(s.evaluate(m, up, never))),
+    ("evaluate", model, lambda s, m, up: s.evaluate(m, up, never)),
     ("forward", lambda s: linear(s), lambda s, q, up: s.forward(q, "forward", "", up)),
 ]
 
@@ -680,7 +674,8 @@ def test_evaluate_keeps_its_output_reserved_until_the_reply_has_streamed(service
     m = model(s)
     cap(s)
     base = held(s)
-    with s.evaluate(m, upload(("x", torch.zeros(ROWS, FEATURES))), never) as output:
+    with contextlib.ExitStack() as replying:  # as the servicer holds it while the reply streams
+        output = s.evaluate(m, upload(("x", torch.zeros(ROWS, FEATURES))), never, replying)
         assert output.shape == (ROWS, CLASSES)
         room = BIG - base
         assert not fits(s.store, nbytes=room - output.numel() * F32 + 1)

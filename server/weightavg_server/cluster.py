@@ -1067,7 +1067,12 @@ class ClusterService(Service):
                 elif pname == "should_stop":
                     bound.arguments[pname] = never
 
-            sink = Sink(held) if name in TENSOR_RESULTS else None
+            # A caller's own `held` (the servicer's, open until the reply has streamed) keeps what rank 0
+            # reserves for another rank's answer; the ranks get None, as on a one-rank call.
+            outer = bound.arguments.get("held")
+            if "held" in bound.arguments:
+                bound.arguments["held"] = None
+            sink = Sink(outer if isinstance(outer, contextlib.ExitStack) else held) if name in TENSOR_RESULTS else None
 
             def run() -> Any:
                 values = self._call(name, where, tuple(bound.args[1:]), dict(bound.kwargs), sink=sink)

@@ -777,22 +777,23 @@ class Service:
             with self.store.reserve(nbytes=footprint.metrics_bytes(model, "test")):
                 return training.test_epoch(model, should_stop)
 
-    @contextlib.contextmanager
-    def evaluate(self, handle: str, upload: Upload, should_stop: StopCheck) -> Iterator[torch.Tensor]:
-        """The model's outputs for uploaded inputs, for the length of the block (`with
-        service.evaluate(m, upload, stop) as output:`). The inputs (as they arrive) and the outputs
-        (before the model runs) stay reserved until the block ends, when the reply has streamed; the
-        model's lock is held only while it runs."""
+    def evaluate(
+        self, handle: str, upload: Upload, should_stop: StopCheck, held: contextlib.ExitStack | None = None
+    ) -> torch.Tensor:
+        """The model's outputs for uploaded inputs. The inputs (as they arrive) and the outputs
+        (before the model runs) are reserved for the length of the call, or, given `held`, until it
+        closes: the servicer holds them so until the reply has streamed. The model's lock is held
+        only while it runs."""
         entry, model = self._model(handle)
-        with self.store.reserve() as reservation:
+        with contextlib.ExitStack() as call:
+            reservation = (held if held is not None else call).enter_context(self.store.reserve())
             tensors = self._receive(upload, reservation, self._on_host)
             if len(tensors) != 1:
                 raise InvalidArgument(f"EvaluateModel takes one input tensor, received {len(tensors)}")
             x = tensors[0][1]
             with self.store.reading(entry):
                 self.store.grow(reservation, nbytes=footprint.evaluate_bytes(model, x))
-                output = training.evaluate(model, x, should_stop)
-            yield output
+                return training.evaluate(model, x, should_stop)
 
     @_exactly_once
     def forward(

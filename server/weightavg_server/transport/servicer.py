@@ -437,7 +437,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> Iterator[pb.EvaluateModelResponse]:
         first = _first(request_iterator, "EvaluateModel")
         upload = self._rest(pb.EvaluateModelRequest, first, request_iterator, context)
-        with _stopping(context), self.service.evaluate(first.model, upload, _should_stop(context)) as output:
+        with _stopping(context), contextlib.ExitStack() as held:  # the output stays reserved as it streams
+            output = self.service.evaluate(first.model, upload, _should_stop(context), held)
             for chunk in self._chunks([("", output)]):
                 yield pb.EvaluateModelResponse(chunk=chunk)
 
