@@ -21,6 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weightavg import Client, UnauthenticatedError, UnavailableError
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.config import ServerConfig
 
@@ -151,6 +153,19 @@ def test_right_token_is_served(token_server: Runtime) -> None:
         assert c.dict(d, "a").tolist() == [1.0, 2.0]
         assert [h.handle for h in c.handles()] == [d]
         assert c.purge() == 1
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "Bearer  "])
+def test_the_bearer_scheme_is_read_without_regard_to_case(token_server: Runtime, scheme: str) -> None:
+    """RFC 7235: the scheme's name is case-insensitive; a client that sent `bearer <token>` (as
+    several HTTP libraries do) was refused as 'wrong bearer token'."""
+    with grpc.insecure_channel(_address(token_server)) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        stub.Ping(pb.PingRequest(), metadata=[("authorization", f"{scheme} {TOKEN}")], timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Ping(pb.PingRequest(), metadata=[("authorization", f"Basic {TOKEN}")], timeout=30)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "not a bearer token" in (err.value.details() or "")
 
 
 def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> None:

@@ -301,6 +301,17 @@ _UNAUDITED = _Call(False)
 `unary` look at `audited` first), so one serves them all."""
 
 
+
+def bearer_token(value: str | None) -> str | None:
+    """The token of an `authorization` value of the Bearer scheme, whose name is case-insensitive
+    (RFC 7235: `bearer x` and `BEARER x` are `Bearer x`); None for no value or another scheme."""
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    token = token.lstrip(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
 class TenantInterceptor(grpc.ServerInterceptor):
     """Authenticates each call's token to a tenant and role, authorizes the method, and serves the
     call as that caller: per-tenant statistics in `stats`, an audit line for calls that change
@@ -343,9 +354,14 @@ class TenantInterceptor(grpc.ServerInterceptor):
             caller = ANONYMOUS
         else:
             given = metadata_value(metadata, AUTHORIZATION_METADATA)
-            found = table.caller(given.removeprefix("Bearer ")) if given and given.startswith("Bearer ") else None
+            token = bearer_token(given)
+            found = table.caller(token) if token is not None else None
             if found is None:
-                reason = "no bearer token" if given is None else "wrong bearer token"
+                reason = (
+                    "no bearer token" if given is None
+                    else "wrong bearer token" if token is not None
+                    else "the authorization metadata is not a bearer token"
+                )
                 log.info("%s -> UNAUTHENTICATED: %s", method, reason)
                 if access.audited:
                     audit(method, None, "UNAUTHENTICATED", [], "", session, 0.0)
