@@ -144,6 +144,10 @@ def test_dictionary_and_parameter_lookups(client: Client, unchanged: Any) -> Non
             client.parmnames(m, "zz")
         with pytest.raises(NotFoundError, match="nothing freed"):
             client.free(p, "dic_nope")
+        # A repeated name was copied and streamed once per repeat (a million repeats of one name fit
+        # in a request: minutes of the server's work for one entry); the client kept one value.
+        with pytest.raises(InvalidArgumentError, match="'weight' is named twice"):
+            client.dict(p, ["weight", "bias", "weight"])
 
 
 def test_devices_that_do_not_exist(client: Client, unchanged: Any) -> None:

@@ -547,7 +547,13 @@ class Service:
             yield copies
 
     def _named(self, handle: str, entry: Entry, names: Sequence[str]) -> Named:
-        """What a fetch names: dictionary entries (all when no names), a tensor, or module parameters."""
+        """What a fetch names: dictionary entries (all when no names), a tensor, or module parameters,
+        each name once (a repeated name was copied and streamed once per repeat)."""
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise InvalidArgument(f"'{name}' is named twice; name each entry once per fetch")
+            seen.add(name)
         if entry.kind is Kind.DICTIONARY:
             return dictionaries.select(entry.obj, list(names))
         if entry.kind is Kind.TENSOR:
