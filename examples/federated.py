@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> list[Round]:
     cuts = np.cumsum([0, *range(1, args.clients + 1)]) * len(y) // (args.clients * (args.clients + 1) // 2)
     shards = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
     rounds: list[Round] = []
-    with serving(args.address) as address, Client(address) as c:
+    # A session: if a round fails, closing the client frees every handle made here, on any server.
+    with serving(args.address) as address, Client(address, session=True) as c:
         q = c.module(SPEC)
         kind, positional, named = OUTER[args.outer]
         g = c.model(q, c.loss("ce"), c.opt(kind, q, *positional, **named))

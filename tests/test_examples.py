@@ -38,6 +38,30 @@ def test_federated_rounds_improve_the_global_model(live_server: LiveServer, caps
     assert len(live_server.registry) == before  # the example frees what it made
 
 
+def test_a_federated_round_that_fails_leaves_no_handle_behind(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example's client holds a session, so a round that raises frees what the example made on
+    a server it does not own (before, the handles stayed until someone purged them)."""
+    pytest.importorskip("sklearn")
+    from weightavg import Client
+
+    before = len(live_server.registry)
+    run = Client.run
+
+    def failing_in_round_two(self: Client, *args: object, **kwargs: object) -> object:
+        if failing_in_round_two.calls == 3:  # type: ignore[attr-defined]
+            raise RuntimeError("a client machine went away")
+        failing_in_round_two.calls += 1  # type: ignore[attr-defined]
+        return run(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    failing_in_round_two.calls = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(Client, "run", failing_in_round_two)
+    with pytest.raises(RuntimeError, match="went away"):
+        example("federated").main(["--address", live_server.address, "--clients", "3", "--rounds", "3"])
+    assert len(live_server.registry) == before
+
+
 def test_a_greedy_soup_is_at_least_as_good_as_its_best_ingredient_on_the_held_out_digits(
     live_server: LiveServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
