@@ -395,3 +395,95 @@ def test_kinds_without_a_snapshot_format_are_skipped_and_reported(state_server: 
     restored = Registry()
     assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 1
     assert [h for h, _ in restored.items()] == [d.id]
+
+
+# -- the state directory ---------------------------------------------------------------------------------
+
+
+def test_the_state_directory_is_the_servers_users_alone(tmp_path: Path) -> None:
+    """--state-dir was created 0755 under the usual umask, so every user of the host could list it
+    (found by review): it and the parents the server makes for it are 0700, before any snapshot."""
+    state_dir = tmp_path / "var" / "weightavg"
+    old = os.umask(0o022)
+    try:
+        runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(state_dir)))
+    finally:
+        os.umask(old)
+    runtime.start()
+    try:
+        for folder in (state_dir, state_dir.parent):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
+            c.dict({"w": np.ones(3, np.float32)})
+            assert c.snapshot()["handles"] == 1
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    finally:
+        runtime.stop(None)
+
+
+def test_a_state_directory_other_users_may_write_is_refused(tmp_path: Path) -> None:
+    """Anyone who may write the directory could put in the snapshot the next start restores."""
+    state_dir = tmp_path / "shared"
+    state_dir.mkdir()
+    state_dir.chmod(0o777)
+    code, err = refused_start(state_dir)
+    assert code == 2
+    assert f"refusing to start: the state directory {state_dir} is writable by every user (mode 0777)" in err
+    assert f"chmod o-w {state_dir}" in err and "Traceback" not in err
+
+
+def test_a_state_directory_that_is_a_file_is_refused_at_start(tmp_path: Path) -> None:
+    """It started and served, and only the shutdown snapshot failed: every handle lost."""
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("")
+    code, err = refused_start(not_a_dir)
+    assert code == 2 and f"the state directory {not_a_dir} is not a directory" in err and "Traceback" not in err
+
+
+def test_a_first_snapshot_cut_short_by_kill_9_starts_empty(tmp_path: Path) -> None:
+    """kill -9 between the first snapshot's tensor file and its manifest left files without a
+    manifest, and the server refused every start after it ("refusing to guess"; found by review),
+    though there was no earlier snapshot to lose. The marker of the unfinished write says so now."""
+    state_dir = tmp_path / "s"
+    server = start_server(state_dir)
+    c = Client(server.address, timeout=120)
+    c.dict({"w": np.ones((64, 1 << 20), np.float32)})  # 256 MiB: the write takes long enough to land in it
+    outcome: list[BaseException] = []
+
+    def snapshot_now() -> None:
+        try:
+            c.snapshot()
+        except WeightavgError as exc:  # the server is killed under it
+            outcome.append(exc)
+
+    writer = threading.Thread(target=snapshot_now, daemon=True)
+    writer.start()
+    deadline = time.monotonic() + START_LIMIT
+    while not ((state_dir / "tensors-1.safetensors").exists() and not (state_dir / "manifest.json").exists()):
+        assert time.monotonic() < deadline and not (state_dir / "manifest.json").exists(), "missed the window"
+        time.sleep(0.001)
+    server.proc.kill()
+    server.proc.communicate(timeout=START_LIMIT)
+    writer.join(timeout=START_LIMIT)
+    c.close()
+    assert len(outcome) == 1
+    assert (state_dir / "tensors-1.safetensors").exists()
+    assert not (state_dir / "manifest.json").exists()
+
+    restarted = start_server(state_dir)
+    with Client(restarted.address, timeout=60) as again:
+        assert again.handles() == []
+        h = again.dict({"w": np.zeros(2, np.float32)})
+        again.snapshot()
+    code, err = restarted.terminate()
+    assert code == 0 and "a first snapshot that never finished (generation 1" in err
+    assert sorted(p.name for p in state_dir.iterdir()) == ["manifest.json", "state-3.json", "tensors-3.safetensors"]
+    assert h.id in json.loads((state_dir / "state-3.json").read_text())["handles"][0]["id"]
+
+
+def test_files_without_a_manifest_and_no_unfinished_write_are_still_refused(saved: Path) -> None:
+    """The marker only names an unfinished write: a whole snapshot whose manifest was lost is refused."""
+    (saved / "manifest.json").unlink()
+    (saved / ".writing-7").write_bytes(b"")  # another generation's marker does not excuse generation 1
+    code, err = refused_start(saved)
+    assert code == 2 and "no manifest.json" in err and "move" in err

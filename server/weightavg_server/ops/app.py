@@ -238,7 +238,9 @@ def create_runtime(
     """Build (but do not start) a server, restoring the snapshot in config.state_dir first if there is one.
 
     Raises:
-        snapshot.SnapshotError: the snapshot on disk is torn or modified; the server must not start.
+        snapshot.SnapshotError: the snapshot on disk is torn or modified, or the state directory is
+            not the server's to write (not a directory, not writable, or writable by other users);
+            the server must not start.
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
     device = fabric.device if fabric is not None else server_device(config.device)
@@ -251,6 +253,7 @@ def create_runtime(
     registry.set_quotas(tokens.table.quotas)
     registry.requests.configure(config.request_id_window_seconds, config.max_request_ids, config.max_request_id_bytes)
     if config.state_dir:
+        snapshot.prepare_directory(config.state_dir)  # 0700, or refused: before any call can change state
         # A cluster rank restores the generation every rank agreed on (cluster.agree_on_snapshot).
         source = cluster_restore_dir(config.state_dir) if fabric is not None else config.state_dir
         restored = snapshot.load(registry, source, device)

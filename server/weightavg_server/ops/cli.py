@@ -132,6 +132,8 @@ def serve(config: ServerConfig) -> None:
 
     Under torchrun with several ranks, every rank joins the process group first; rank 0 serves,
     the others execute its commands (docs/cluster.md), each with its own state directory."""
+    if config.state_dir:  # before the ranks meet: a directory the server cannot keep stops every rank alike
+        snapshot.prepare_directory(config.state_dir)
     fabric = cluster.join(config.device, config.cluster_timeout_seconds)
     if fabric is not None and config.state_dir:
         config = dataclasses.replace(config, state_dir=os.path.join(config.state_dir, f"rank-{fabric.rank}"))
