@@ -10,7 +10,7 @@ import resource
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -153,11 +153,8 @@ def serve(config: ServerConfig) -> None:
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc}") from exc
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    # SIGHUP rereads --tokens: removed tokens stop working with the next call, quotas change; a file
-    # that does not load leaves the tokens in force as they were.
-    signal.signal(signal.SIGHUP, lambda *_: runtime.reload_tokens())
+    signals = Signals()
+    signals.install()
     runtime.start()
     if fabric is not None:
         cluster.watch_agent(stop.set)  # torchrun's agent gone: drain and snapshot as on SIGTERM
@@ -165,7 +162,7 @@ def serve(config: ServerConfig) -> None:
     print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
     if metrics is not None:
         print(f"weightavg metrics on http://{metrics_host}:{metrics.port}/metrics", flush=True)
-    stop.wait()
+    signals.serve_until_stopped(stop, runtime.reload_tokens)
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
     try:
         runtime.stop(config.grace_seconds)
@@ -175,6 +172,50 @@ def serve(config: ServerConfig) -> None:
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+SIGNAL_POLL_SECONDS = 0.2
+"""How often the main thread looks at the signals that arrived: the longest a SIGTERM waits to start
+the drain, or a SIGHUP to reload the tokens file."""
+
+
+class Signals:
+    """SIGTERM and SIGINT (stop) and SIGHUP (reread --tokens) as they arrive, acted on by the main
+    thread between waits.
+
+    The handlers only set attributes. Python runs a handler on the main thread between any two of
+    its bytecodes, inside another handler too: the handlers called `Event.set()` and reloaded the
+    tokens, each taking a lock, and a signal arriving while one held it made the main thread wait
+    for itself forever (a burst of SIGTERMs hung the server without its shutdown snapshot; found
+    by review). Nothing here runs in a handler that takes a lock."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reloads = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop = True
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self.reloads += 1
+
+    def serve_until_stopped(self, stop: threading.Event, reload: Callable[[], object]) -> None:
+        """Wait for SIGTERM, SIGINT or `stop` (set by another thread), rereading the tokens file on
+        SIGHUP (a file that does not load leaves the tokens in force). Then ignore these signals:
+        the drain has begun, and a later one must neither run a handler during the shutdown
+        snapshot nor, once Python restores the default handlers at exit, kill the process."""
+        reloaded = 0
+        while not self.stop and not stop.wait(SIGNAL_POLL_SECONDS):
+            if self.reloads != reloaded:
+                reloaded = self.reloads
+                reload()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
