@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -263,6 +264,12 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     ({"WEIGHTAVG_DEVICE": "nonsense"}, "unknown device 'nonsense': Expected one of cpu, cuda, ipu, xpu, mkldnn, "
      "opengl, opencl, ideep, hip, ve, fpga, maia, xla, lazy, vulkan, mps, meta, hpu, mtia, privateuseone device type "
      "at start of device string: nonsense"),
+    # found by review: every fetch INTERNAL; no periodic snapshot (a traceback in its thread); no session at all
+    ({"WEIGHTAVG_CHUNK_BYTES": "0"}, "--chunk-bytes must be a whole number from 1 to 2147483647; got 0"),
+    ({"WEIGHTAVG_SNAPSHOT_EVERY": "inf"}, "--snapshot-every must be a number of seconds, 0 or more, at most "
+     "9.22337e+09; got inf"),
+    ({"WEIGHTAVG_MAX_SESSION_LEASE_SECONDS": "30"}, "--session-lease-seconds (60) is longer than "
+     "--max-session-lease-seconds (30): every session asking for the default would be refused"),
 ])
 def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
     result = subprocess.run(
@@ -271,6 +278,42 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"weightavg serve: {message}"
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("chunk_bytes", 0, "--chunk-bytes must be a whole number from 1"),  # every fetch: INTERNAL
+    ("chunk_bytes", -1, "--chunk-bytes must be a whole number from 1"),  # fetches answered with no entries
+    ("max_message_bytes", -1, "--max-message-bytes must be a whole number from 1"),  # every call refused
+    ("max_message_bytes", 1 << 31, "--max-message-bytes must be a whole number from 1 to 2147483647"),
+    ("max_workers", 0, "--max-workers must be a whole number from 1"),
+    ("max_spec_depth", -1, "--max-spec-depth must be a whole number from 1"),
+    ("max_upload_bytes", -1, "--max-upload-bytes must be 0 or more; got -1"),  # every upload refused
+    ("max_device_bytes", -1, "--max-device-bytes must be 0 or more; got -1"),  # silently no cap
+    ("max_handles", -1, "--max-handles must be 0 or more; got -1"),
+    ("max_sessions", -1, "--max-sessions must be 0 or more; got -1"),
+    ("grace_seconds", -5.0, "--grace-seconds must be a number of seconds, 0 or more"),
+    ("grace_seconds", float("nan"), "--grace-seconds must be a number of seconds, 0 or more"),
+    ("snapshot_every", float("inf"), "--snapshot-every must be a number of seconds, 0 or more"),
+    ("snapshot_every", -1.0, "--snapshot-every must be a number of seconds, 0 or more"),
+    ("session_lease_seconds", -5.0, "--session-lease-seconds must be a number of seconds, more than 0"),
+    ("max_session_lease_seconds", 30.0, "--session-lease-seconds (60) is longer than --max-session-lease-seconds"),
+    ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),
+    ("keepalive_timeout_seconds", 1e12, "--keepalive-timeout-seconds must be a number of seconds, more than 0, at most"),
+    ("cluster_timeout_seconds", float("nan"), "--cluster-timeout-seconds must be a number of seconds, more than 0"),
+])
+def test_a_setting_no_server_can_run_with_is_refused_naming_its_flag(setting: str, value: float, message: str) -> None:
+    """Each of these started a server that failed later, or never applied its cap (found by review)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu", **{setting: value}))
+
+
+def test_a_setting_at_its_limit_still_serves() -> None:
+    server, _, _ = create_server(ServerConfig(
+        host="127.0.0.1", port=0, device="cpu", chunk_bytes=1, max_message_bytes=2**31 - 1, max_workers=1,
+        max_upload_bytes=0, max_device_bytes=0, max_handles=0, max_sessions=0, grace_seconds=0.0, snapshot_every=0.0,
+        session_lease_seconds=1.0, max_session_lease_seconds=1.0, keepalive_time_seconds=2147483.0,
+    ))
+    server.stop(None)
 
 
 @pytest.mark.parametrize("port", [-5, 65536])

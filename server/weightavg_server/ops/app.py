@@ -243,6 +243,7 @@ def create_runtime(
             the server must not start.
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
+    config.check()
     device = fabric.device if fabric is not None else server_device(config.device)
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()

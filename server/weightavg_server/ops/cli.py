@@ -288,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise_file_limit()
     try:
         config = config_from_args(args)
+        config.check()  # before a torchrun cluster meets, so every rank refuses alike
         configure_logging(config)
     except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
         sys.exit(f"weightavg serve: {exc}")
