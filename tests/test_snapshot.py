@@ -487,3 +487,16 @@ def test_files_without_a_manifest_and_no_unfinished_write_are_still_refused(save
     (saved / ".writing-7").write_bytes(b"")  # another generation's marker does not excuse generation 1
     code, err = refused_start(saved)
     assert code == 2 and "no manifest.json" in err and "move" in err
+
+
+def test_a_snapshot_over_the_caps_of_the_next_start_says_what_the_operator_can_do(saved: Path) -> None:
+    """The refusal ended "free some handles first", which a server that has not started cannot do
+    (found by review): it names the cap and the two ways out."""
+    for flag, cap in (("--max-device-bytes", "1"), ("--max-handles", "1")):
+        proc = _start(saved, flag, cap)
+        out, err = proc.communicate(timeout=START_LIMIT)
+        assert proc.returncode == 1 and "weightavg serving on" not in out and "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"weightavg serve: the snapshot in {saved} does not fit this server's caps: ")
+        assert flag in line and "free some handles" not in line
+        assert line.endswith(f"Start with the cap raised, or move {saved} away to start empty")

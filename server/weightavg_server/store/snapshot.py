@@ -725,8 +725,9 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
     of handles restored.
 
     Raises:
-        SnapshotError: a file is missing, torn or modified (size or sha256 mismatch), or the state is
+        SnapshotError: a file is missing, torn or modified (size or sha256 mismatch), the state is
             not understood. Nothing is added to the registry then.
+        ResourceExhausted: the snapshot does not fit the registry's caps; the message names the cap.
     """
     root = Path(directory)
     manifest_path = root / MANIFEST
@@ -773,6 +774,14 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         return _restore(registry, state, tensors, device)
     except SnapshotError:
         raise
+    except ResourceExhausted as exc:
+        # The caps' own advice ("free some handles first") cannot be followed by a server that has
+        # not started (found by review): say what can.
+        cap = str(exc).removesuffix("; free some handles first")
+        raise ResourceExhausted(
+            f"the snapshot in {root} does not fit this server's caps: {cap}. Start with the cap raised, or move "
+            f"{root} away to start empty"
+        ) from None
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound) as exc:
         raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
 
