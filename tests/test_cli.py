@@ -270,6 +270,8 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
      "9.22337e+09; got inf"),
     ({"WEIGHTAVG_MAX_SESSION_LEASE_SECONDS": "30"}, "--session-lease-seconds (60) is longer than "
      "--max-session-lease-seconds (30): every session asking for the default would be refused"),
+    ({"WEIGHTAVG_AUDIT_LOG": "/nonexistent/dir/audit.log"},  # found by review: a traceback
+     "cannot open the audit log /nonexistent/dir/audit.log: No such file or directory"),
 ])
 def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
     result = subprocess.run(
@@ -314,6 +316,23 @@ def test_a_setting_at_its_limit_still_serves() -> None:
         session_lease_seconds=1.0, max_session_lease_seconds=1.0, keepalive_time_seconds=2147483.0,
     ))
     server.stop(None)
+
+
+def test_a_tls_key_that_is_not_pem_is_named_not_taken_for_a_port_in_use(tmp_path: Path) -> None:
+    """grpc only says that it could not serve: the message was "could not bind 127.0.0.1:0 (in use?)"
+    for a key that is not PEM (found by review)."""
+    garbage = tmp_path / "not.pem"
+    garbage.write_text("not a certificate\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--tls-cert", str(garbage), "--tls-key", str(garbage)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "weightavg serve: could not bind 127.0.0.1:0: the port is in use, or the host is not an address of this "
+        "machine, or --tls-cert/--tls-key are not a PEM certificate chain and its PEM private key"
+    )
 
 
 @pytest.mark.parametrize("port", [-5, 65536])

@@ -301,10 +301,10 @@ def create_runtime(
     credentials = server_credentials(config)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
-        raise OSError(f"could not bind {address} (in use?)") from exc
+    except RuntimeError as exc:  # grpcio raises RuntimeError when it cannot serve there, saying no more
+        raise OSError(bind_failure(address, tls=credentials is not None)) from exc
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(bind_failure(address, tls=credentials is not None))
     log.info(
         "weightavg server on %s:%d, device %s, %s, %s, CPU averages on %s, CPU merges on %s", config.host, port,
         device,
@@ -319,6 +319,15 @@ def create_runtime(
             "WEIGHTAVG_TOKEN or --tokens (docs/security.md), or bind 127.0.0.1", config.host, port,
         )
     return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens, cluster)
+
+
+def bind_failure(address: str, tls: bool) -> str:
+    """Why the address could not be served, as far as grpc lets us know: it says only that it failed
+    (a TLS key that is not PEM read "in use?"; found by review), so name every cause it may be."""
+    causes = "the port is in use, or the host is not an address of this machine"
+    if tls:
+        causes += ", or --tls-cert/--tls-key are not a PEM certificate chain and its PEM private key"
+    return f"could not bind {address}: {causes}"
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

@@ -260,8 +260,15 @@ def configure_logging(config: ServerConfig) -> None:
 
 
 def audit_to_file(path: str) -> None:
-    """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too)."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too).
+
+    Raises:
+        ValueError: the file cannot be opened for appending (the message names it and why).
+    """
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:  # printed a traceback (found by review)
+        raise ValueError(f"cannot open the audit log {path}: {exc.strerror or exc}") from None
     handler.setFormatter(logging.Formatter("%(message)s"))
     audit = logging.getLogger(AUDIT_LOGGER)
     audit.addHandler(handler)
