@@ -500,3 +500,37 @@ def test_a_snapshot_over_the_caps_of_the_next_start_says_what_the_operator_can_d
         assert line.startswith(f"weightavg serve: the snapshot in {saved} does not fit this server's caps: ")
         assert flag in line and "free some handles" not in line
         assert line.endswith(f"Start with the cap raised, or move {saved} away to start empty")
+
+
+def _peak_mib_over(run: Any) -> int:
+    """How far the process's peak resident memory rose above its resident memory while `run()` ran."""
+    import re
+
+    def field(name: str) -> int:
+        return int(re.search(rf"{name}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+    before = field("VmRSS")
+    run()
+    return field("VmHWM") - before
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_a_restore_over_the_cap_allocates_no_module_before_refusing(state_server: Runtime) -> None:
+    """A module was built from its spec for real, allocated and initialised whole, before any of its
+    saved bytes were reserved: a restore refused at a 1,000-byte cap first took the module's size
+    (+254 MiB here for a 256 MiB module; on a GPU server, device memory; found by review)."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        c.module(["linear", 8192, 8192])  # 256 MiB
+        c.snapshot()
+    from weightavg_server.domain.errors import ResourceExhausted
+    from weightavg_server.store.limits import Limits
+
+    capped = Registry(Limits(max_device_bytes=1000))
+
+    def restore() -> None:
+        with pytest.raises(ResourceExhausted, match="--max-device-bytes"):
+            snapshot.load(capped, state_server.config.state_dir, torch.device("cpu"))
+
+    assert _peak_mib_over(restore) < 64
+    assert len(capped) == 0
