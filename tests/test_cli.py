@@ -297,6 +297,7 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     ("grace_seconds", float("nan"), "--grace-seconds must be a number of seconds, 0 or more"),
     ("snapshot_every", float("inf"), "--snapshot-every must be a number of seconds, 0 or more"),
     ("snapshot_every", -1.0, "--snapshot-every must be a number of seconds, 0 or more"),
+    ("snapshot_every", 60.0, "--snapshot-every needs --state-dir"),  # silently no snapshot at all
     ("session_lease_seconds", -5.0, "--session-lease-seconds must be a number of seconds, more than 0"),
     ("max_session_lease_seconds", 30.0, "--session-lease-seconds (60) is longer than --max-session-lease-seconds"),
     ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),
@@ -422,3 +423,30 @@ def test_a_burst_of_signals_still_drains_snapshots_and_exits(tmp_path: Path) -> 
                 process.communicate()
         assert process.returncode == 0, err[-2000:]
         assert "saved 0 handle(s)" in err and (state / "manifest.json").exists()
+
+
+def test_a_tokens_file_every_user_can_read_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Plain tokens in a file other users of the host can read lend them every tenant's access; the
+    server read such a file without a word (found by review). Digests alone are no secret."""
+    import hashlib
+    import logging
+
+    from weightavg_server.ops.tokens import load_tokens
+
+    plain = tmp_path / "tokens.toml"
+    plain.write_text('[[tokens]]\ntoken = "a-token-long-enough-1"\ntenant = "a"\nrole = "user"\n')
+    digest = tmp_path / "digests.toml"
+    digest.write_text(f'[[tokens]]\nsha256 = "{hashlib.sha256(b"a-token-long-enough-1").hexdigest()}"\n'
+                      'tenant = "a"\nrole = "user"\n')
+    warnings = []
+    for path, mode in ((plain, 0o644), (plain, 0o600), (plain, 0o640), (digest, 0o644)):
+        path.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="weightavg.server"):
+            load_tokens(path)
+        warnings.append([r.getMessage() for r in caplog.records])
+    assert warnings[0] == [
+        f"the tokens file {plain} is readable by every user of this host (mode 0644): anyone here can read its "
+        f"tokens; chmod o-r {plain} (or 0600), or list the tokens by their sha256 instead"
+    ]
+    assert warnings[1:] == [[], [], []]

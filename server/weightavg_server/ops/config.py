@@ -154,6 +154,8 @@ class ServerConfig:
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= high):
                 least = "more than 0" if positive else "0 or more"
                 raise ValueError(f"{_flag_of(name)} must be a number of seconds, {least}, at most {high:g}; got {value}")
+        if self.snapshot_every and not self.state_dir:
+            raise ValueError("--snapshot-every needs --state-dir: without it no snapshot is ever written")
         if self.session_lease_seconds > self.max_session_lease_seconds:
             raise ValueError(
                 f"--session-lease-seconds ({self.session_lease_seconds:g}) is longer than --max-session-lease-seconds "
