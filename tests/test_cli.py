@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -450,3 +451,26 @@ def test_a_tokens_file_every_user_can_read_is_warned_about(tmp_path: Path, caplo
         f"tokens; chmod o-r {plain} (or 0600), or list the tokens by their sha256 instead"
     ]
     assert warnings[1:] == [[], [], []]
+
+
+def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> None:
+    """Each audit line names a tenant, its handles and the caller's address; the file was created
+    0644, readable by every user of the host (found by review). One that exists keeps its mode."""
+    from weightavg_server.ops import cli
+
+    created, existing = tmp_path / "audit.jsonl", tmp_path / "kept.jsonl"
+    existing.write_text("")
+    existing.chmod(0o640)
+    audit = logging.getLogger(cli.AUDIT_LOGGER)
+    before = list(audit.handlers), audit.propagate
+    old = os.umask(0o022)
+    try:
+        for path in (created, existing):
+            cli.audit_to_file(str(path))
+    finally:
+        os.umask(old)
+        for handler in audit.handlers[len(before[0]):]:
+            handler.close()
+        audit.handlers[:] = before[0]
+        audit.propagate = before[1]
+    assert (created.stat().st_mode & 0o777, existing.stat().st_mode & 0o777) == (0o600, 0o640)

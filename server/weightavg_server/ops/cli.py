@@ -244,6 +244,8 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
 
 
 AUDIT_LOGGER = "weightavg.audit"
+AUDIT_LOG_MODE = 0o600
+"""Mode of an --audit-log file the server creates."""
 
 
 def configure_logging(config: ServerConfig) -> None:
@@ -266,6 +268,10 @@ def audit_to_file(path: str) -> None:
         ValueError: the file cannot be opened for appending (the message names it and why).
     """
     try:
+        # A new file is the server's user's alone, like the snapshots: every line names a tenant, its
+        # handles and the peer's address (FileHandler made it 0644; found by review). An existing
+        # file keeps the mode its operator gave it.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_LOG_MODE))
         handler = logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:  # printed a traceback (found by review)
         raise ValueError(f"cannot open the audit log {path}: {exc.strerror or exc}") from None
