@@ -391,6 +391,29 @@ def test_the_metrics_endpoint_can_stay_on_a_trusted_interface() -> None:
         process.wait()
 
 
+@pytest.mark.parametrize("metrics_host, warned", [("", True), ("0.0.0.0", True), ("127.0.0.1", False)])
+def test_metrics_open_to_the_network_are_warned_about_even_with_a_token(metrics_host: str, warned: bool) -> None:
+    """A server with a token on 0.0.0.0 served every tenant's name and bytes on its metrics port without
+    a word, where a gRPC port open with no token is warned about (found by review)."""
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
+         "--metrics-port", "0", "--metrics-host", metrics_host],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, WEIGHTAVG_TOKEN="a-token-long-enough-1"),
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith("weightavg serving on ")
+        assert process.stdout.readline().startswith("weightavg metrics on ")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert ("have no token: whoever reaches that port reads every tenant's name" in err) is warned, err
+    assert "a-token-long-enough-1" not in err
+
+
 def test_a_burst_of_signals_still_drains_snapshots_and_exits(tmp_path: Path) -> None:
     """The handlers called Event.set() and reloaded the tokens file, taking locks inside a signal
     handler: a signal that arrived while another's handler held such a lock ran its handler on the

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
-from .config import ServerConfig
+from .config import LOOPBACK_HOSTS, ServerConfig
 from ..domain import lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
 from ..domain.errors import WeightavgError
@@ -313,7 +313,7 @@ def create_runtime(
         # each also runs its kernel's one check against torch now, not in a first call
         lerp.native_state(), weighted_sum.native_state(),
     )
-    if not (config.tokens or config.token) and config.host not in ("127.0.0.1", "::1", "localhost"):
+    if not (config.tokens or config.token) and config.host not in LOOPBACK_HOSTS:
         log.warning(
             "serving on %s with no token: whoever reaches port %d can use and free every object; set "
             "WEIGHTAVG_TOKEN or --tokens (docs/security.md), or bind 127.0.0.1", config.host, port,

@@ -21,7 +21,7 @@ from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
 from .app import create_runtime, settings
-from .config import ENV_PREFIX, ServerConfig
+from .config import ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig
 from ..domain.errors import WeightavgError
 from ..store.snapshot import SnapshotError
 
@@ -152,6 +152,13 @@ def serve(config: ServerConfig) -> None:
             metrics = start_metrics_server(metrics_host, config.metrics_port, runtime.stats, runtime.service)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc}") from exc
+        if metrics_host not in LOOPBACK_HOSTS:
+            # As the warning of a gRPC port open with no token: the endpoint has none, and names every
+            # tenant with what it holds (a server with tokens on 0.0.0.0 showed them silently; found by review).
+            log.warning(
+                "metrics on %s:%d have no token: whoever reaches that port reads every tenant's name, calls and "
+                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)", metrics_host, metrics.port,
+            )
     stop = threading.Event()
     signals = Signals()
     signals.install()

@@ -15,6 +15,8 @@ from ..store.limits import Limits
 
 ENV_PREFIX = "WEIGHTAVG_"
 DEFAULT_HOST = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+"""Addresses only this host reaches: a port bound elsewhere without a token is warned about."""
 DEFAULT_PORT = 50051
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_WORKERS = 32
