@@ -497,3 +497,34 @@ def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> N
         audit.handlers[:] = before[0]
         audit.propagate = before[1]
     assert (created.stat().st_mode & 0o777, existing.stat().st_mode & 0o777) == (0o600, 0o640)
+
+
+def test_sighup_for_a_cluster_goes_to_the_pid_rank_0_names_and_the_cluster_serves_on(tmp_path: Path) -> None:
+    """torchrun takes SIGHUP as a stop: `kill -HUP <torchrun>` ended every rank without a snapshot
+    (found by review). Rank 0 names its pid in its start line, where SIGHUP rereads the tokens file."""
+    import time
+
+    from conftest import Cluster
+
+    admin, later = "admin-token-long-enough", "a-later-token-long-enough"
+    tokens = tmp_path / "tokens.toml"
+    entry = '[[tokens]]\ntoken = "{}"\ntenant = "default"\nrole = "admin"\n'
+    tokens.write_text(entry.format(admin))
+    tokens.chmod(0o600)
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+    try:
+        found = re.search(r"weightavg serving on [\d.]+:\d+ \(rank 0 of 2, pid (\d+)\)", cluster.out.read_text())
+        assert found, cluster.out.read_text()[-2000:]
+        rank0 = int(found.group(1))
+        assert rank0 == cluster.rank_pid(0)
+        tokens.write_text(entry.format(admin) + entry.format(later))
+        os.kill(rank0, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "tokens reloaded" not in cluster.out.read_text():
+            assert time.monotonic() < deadline, cluster.out.read_text()[-2000:]
+            time.sleep(0.1)
+        with Client(cluster.address, token=later, timeout=30) as c:
+            assert c.dict(c.dict({"w": [1.0, 2.0]}), "w").tolist() == [1.0, 2.0]
+        assert cluster.proc.poll() is None
+    finally:
+        cluster.stop()

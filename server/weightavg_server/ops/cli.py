@@ -165,7 +165,9 @@ def serve(config: ServerConfig) -> None:
     runtime.start()
     if fabric is not None:
         cluster.watch_agent(stop.set)  # torchrun's agent gone: drain and snapshot as on SIGTERM
-    ranks = f" (rank 0 of {fabric.world_size})" if fabric is not None else ""
+    # Under torchrun the pid says where SIGHUP must go: torchrun takes SIGHUP as a stop and ends every
+    # rank without a snapshot (docs/cluster.md).
+    ranks = f" (rank 0 of {fabric.world_size}, pid {os.getpid()})" if fabric is not None else ""
     print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
     if metrics is not None:
         print(f"weightavg metrics on http://{metrics_host}:{metrics.port}/metrics", flush=True)
