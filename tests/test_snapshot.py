@@ -534,3 +534,18 @@ def test_a_restore_over_the_cap_allocates_no_module_before_refusing(state_server
 
     assert _peak_mib_over(restore) < 64
     assert len(capped) == 0
+
+
+def test_a_hand_edited_tensor_file_with_a_matching_manifest_is_refused_in_one_line(saved: Path) -> None:
+    """The checksums pass when the manifest was edited too; a tensor file that is not safetensors then
+    ended the start in a traceback (SafetensorError; found by review)."""
+    import hashlib
+
+    path = _files(saved)[".safetensors"]
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"][path.name] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    code, err = refused_start(saved)
+    assert code == 2 and "Traceback" not in err
+    assert f"refusing to start: snapshot in {saved} cannot be restored: SafetensorError: " in err

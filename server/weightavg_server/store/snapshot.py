@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -790,7 +791,10 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
             f"the snapshot in {root} does not fit this server's caps: {cap}. Start with the cap raised, or move "
             f"{root} away to start empty"
         ) from None
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound) as exc:
+    except (
+        ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound,
+        safetensors.SafetensorError,  # a tensor file that is not safetensors, its manifest made to match: a traceback
+    ) as exc:
         raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
 
 
