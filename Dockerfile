@@ -57,11 +57,16 @@ RUN --mount=type=secret,id=ca --mount=type=bind,target=/tmp/src,rw \
 FROM base
 COPY --from=build /opt/weightavg /opt/weightavg
 # A fixed numeric uid, so volume permissions and `docker run --user` are predictable.
-RUN (command -v useradd >/dev/null && useradd --system --uid 10001 --user-group --create-home \
+# /state: the state directory (--state-dir /state, as deploy/compose-cluster.yml runs it), the
+# server's alone. A named volume mounted there starts as a copy of it, owner and mode included;
+# without it in the image Docker makes the volume root's, 0755, where uid 10001 cannot write a
+# snapshot (the server refuses to start on it).
+RUN ( (command -v useradd >/dev/null && useradd --system --uid 10001 --user-group --create-home \
         --home-dir /home/weightavg --shell /usr/sbin/nologin weightavg) \
     || (echo 'weightavg:x:10001:10001::/home/weightavg:/usr/sbin/nologin' >> /etc/passwd \
         && echo 'weightavg:x:10001:' >> /etc/group && mkdir -p /home/weightavg \
-        && chown 10001:10001 /home/weightavg)
+        && chown 10001:10001 /home/weightavg)) \
+    && mkdir -m 0700 /state && chown 10001:10001 /state
 USER 10001:10001
 WORKDIR /home/weightavg
 

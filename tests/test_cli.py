@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -263,6 +265,14 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     ({"WEIGHTAVG_DEVICE": "nonsense"}, "unknown device 'nonsense': Expected one of cpu, cuda, ipu, xpu, mkldnn, "
      "opengl, opencl, ideep, hip, ve, fpga, maia, xla, lazy, vulkan, mps, meta, hpu, mtia, privateuseone device type "
      "at start of device string: nonsense"),
+    # found by review: every fetch INTERNAL; no periodic snapshot (a traceback in its thread); no session at all
+    ({"WEIGHTAVG_CHUNK_BYTES": "0"}, "--chunk-bytes must be a whole number from 1 to 2147483647; got 0"),
+    ({"WEIGHTAVG_SNAPSHOT_EVERY": "inf"}, "--snapshot-every must be a number of seconds, 0 or more, at most "
+     "9.22337e+09; got inf"),
+    ({"WEIGHTAVG_MAX_SESSION_LEASE_SECONDS": "30"}, "--session-lease-seconds (60) is longer than "
+     "--max-session-lease-seconds (30): every session asking for the default would be refused"),
+    ({"WEIGHTAVG_AUDIT_LOG": "/nonexistent/dir/audit.log"},  # found by review: a traceback
+     "cannot open the audit log /nonexistent/dir/audit.log: No such file or directory"),
 ])
 def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], message: str) -> None:
     result = subprocess.run(
@@ -271,6 +281,60 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"weightavg serve: {message}"
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("chunk_bytes", 0, "--chunk-bytes must be a whole number from 1"),  # every fetch: INTERNAL
+    ("chunk_bytes", -1, "--chunk-bytes must be a whole number from 1"),  # fetches answered with no entries
+    ("max_message_bytes", -1, "--max-message-bytes must be a whole number from 1"),  # every call refused
+    ("max_message_bytes", 1 << 31, "--max-message-bytes must be a whole number from 1 to 2147483647"),
+    ("max_workers", 0, "--max-workers must be a whole number from 1"),
+    ("max_spec_depth", -1, "--max-spec-depth must be a whole number from 1"),
+    ("max_upload_bytes", -1, "--max-upload-bytes must be 0 or more; got -1"),  # every upload refused
+    ("max_device_bytes", -1, "--max-device-bytes must be 0 or more; got -1"),  # silently no cap
+    ("max_handles", -1, "--max-handles must be 0 or more; got -1"),
+    ("max_sessions", -1, "--max-sessions must be 0 or more; got -1"),
+    ("grace_seconds", -5.0, "--grace-seconds must be a number of seconds, 0 or more"),
+    ("grace_seconds", float("nan"), "--grace-seconds must be a number of seconds, 0 or more"),
+    ("snapshot_every", float("inf"), "--snapshot-every must be a number of seconds, 0 or more"),
+    ("snapshot_every", -1.0, "--snapshot-every must be a number of seconds, 0 or more"),
+    ("snapshot_every", 60.0, "--snapshot-every needs --state-dir"),  # silently no snapshot at all
+    ("session_lease_seconds", -5.0, "--session-lease-seconds must be a number of seconds, more than 0"),
+    ("max_session_lease_seconds", 30.0, "--session-lease-seconds (60) is longer than --max-session-lease-seconds"),
+    ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),
+    ("keepalive_timeout_seconds", 1e12, "--keepalive-timeout-seconds must be a number of seconds, more than 0, at most"),
+    ("cluster_timeout_seconds", float("nan"), "--cluster-timeout-seconds must be a number of seconds, more than 0"),
+])
+def test_a_setting_no_server_can_run_with_is_refused_naming_its_flag(setting: str, value: float, message: str) -> None:
+    """Each of these started a server that failed later, or never applied its cap (found by review)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu", **{setting: value}))
+
+
+def test_a_setting_at_its_limit_still_serves() -> None:
+    server, _, _ = create_server(ServerConfig(
+        host="127.0.0.1", port=0, device="cpu", chunk_bytes=1, max_message_bytes=2**31 - 1, max_workers=1,
+        max_upload_bytes=0, max_device_bytes=0, max_handles=0, max_sessions=0, grace_seconds=0.0, snapshot_every=0.0,
+        session_lease_seconds=1.0, max_session_lease_seconds=1.0, keepalive_time_seconds=2147483.0,
+    ))
+    server.stop(None)
+
+
+def test_a_tls_key_that_is_not_pem_is_named_not_taken_for_a_port_in_use(tmp_path: Path) -> None:
+    """grpc only says that it could not serve: the message was "could not bind 127.0.0.1:0 (in use?)"
+    for a key that is not PEM (found by review)."""
+    garbage = tmp_path / "not.pem"
+    garbage.write_text("not a certificate\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--tls-cert", str(garbage), "--tls-key", str(garbage)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "weightavg serve: could not bind 127.0.0.1:0: the port is in use, or the host is not an address of this "
+        "machine, or --tls-cert/--tls-key are not a PEM certificate chain and its PEM private key"
+    )
 
 
 @pytest.mark.parametrize("port", [-5, 65536])
@@ -325,3 +389,142 @@ def test_the_metrics_endpoint_can_stay_on_a_trusted_interface() -> None:
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize("metrics_host, warned", [("", True), ("0.0.0.0", True), ("127.0.0.1", False)])
+def test_metrics_open_to_the_network_are_warned_about_even_with_a_token(metrics_host: str, warned: bool) -> None:
+    """A server with a token on 0.0.0.0 served every tenant's name and bytes on its metrics port without
+    a word, where a gRPC port open with no token is warned about (found by review)."""
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
+         "--metrics-port", "0", "--metrics-host", metrics_host],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, WEIGHTAVG_TOKEN="a-token-long-enough-1"),
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith("weightavg serving on ")
+        assert process.stdout.readline().startswith("weightavg metrics on ")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert ("have no token: whoever reaches that port reads every tenant's name" in err) is warned, err
+    assert "a-token-long-enough-1" not in err
+
+
+def test_a_burst_of_signals_still_drains_snapshots_and_exits(tmp_path: Path) -> None:
+    """The handlers called Event.set() and reloaded the tokens file, taking locks inside a signal
+    handler: a signal that arrived while another's handler held such a lock ran its handler on the
+    same thread, which waited for that lock forever. SIGTERMs sent at once (a wrapper and the
+    process group, `kill` twice) hung the server without its shutdown snapshot (found by review).
+    Now the handlers only record what arrived, and the main thread acts on it."""
+    import time
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[tokens]]\ntoken = "a-token-long-enough-1"\ntenant = "a"\nrole = "admin"\n')
+    for trial in range(3):  # each burst hung the unfixed server about one time in three
+        state = tmp_path / f"state-{trial}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "weightavg_server", "--port", "0", "--device", "cpu", "--tokens", str(tokens),
+             "--state-dir", str(state), "--grace-seconds", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        try:
+            assert process.stdout is not None and process.stdout.readline().startswith("weightavg serving on ")
+            for sig, seconds in ((signal.SIGHUP, 0.3), (signal.SIGTERM, 0.5)):
+                end = time.monotonic() + seconds
+                while time.monotonic() < end and process.poll() is None:
+                    try:
+                        process.send_signal(sig)
+                    except ProcessLookupError:
+                        break
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == 0, err[-2000:]
+        assert "saved 0 handle(s)" in err and (state / "manifest.json").exists()
+
+
+def test_a_tokens_file_every_user_can_read_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Plain tokens in a file other users of the host can read lend them every tenant's access; the
+    server read such a file without a word (found by review). Digests alone are no secret."""
+    import hashlib
+    import logging
+
+    from weightavg_server.ops.tokens import load_tokens
+
+    plain = tmp_path / "tokens.toml"
+    plain.write_text('[[tokens]]\ntoken = "a-token-long-enough-1"\ntenant = "a"\nrole = "user"\n')
+    digest = tmp_path / "digests.toml"
+    digest.write_text(f'[[tokens]]\nsha256 = "{hashlib.sha256(b"a-token-long-enough-1").hexdigest()}"\n'
+                      'tenant = "a"\nrole = "user"\n')
+    warnings = []
+    for path, mode in ((plain, 0o644), (plain, 0o600), (plain, 0o640), (digest, 0o644)):
+        path.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="weightavg.server"):
+            load_tokens(path)
+        warnings.append([r.getMessage() for r in caplog.records])
+    assert warnings[0] == [
+        f"the tokens file {plain} is readable by every user of this host (mode 0644): anyone here can read its "
+        f"tokens; chmod o-r {plain} (or 0600), or list the tokens by their sha256 instead"
+    ]
+    assert warnings[1:] == [[], [], []]
+
+
+def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> None:
+    """Each audit line names a tenant, its handles and the caller's address; the file was created
+    0644, readable by every user of the host (found by review). One that exists keeps its mode."""
+    from weightavg_server.ops import cli
+
+    created, existing = tmp_path / "audit.jsonl", tmp_path / "kept.jsonl"
+    existing.write_text("")
+    existing.chmod(0o640)
+    audit = logging.getLogger(cli.AUDIT_LOGGER)
+    before = list(audit.handlers), audit.propagate
+    old = os.umask(0o022)
+    try:
+        for path in (created, existing):
+            cli.audit_to_file(str(path))
+    finally:
+        os.umask(old)
+        for handler in audit.handlers[len(before[0]):]:
+            handler.close()
+        audit.handlers[:] = before[0]
+        audit.propagate = before[1]
+    assert (created.stat().st_mode & 0o777, existing.stat().st_mode & 0o777) == (0o600, 0o640)
+
+
+def test_sighup_for_a_cluster_goes_to_the_pid_rank_0_names_and_the_cluster_serves_on(tmp_path: Path) -> None:
+    """torchrun takes SIGHUP as a stop: `kill -HUP <torchrun>` ended every rank without a snapshot
+    (found by review). Rank 0 names its pid in its start line, where SIGHUP rereads the tokens file."""
+    import time
+
+    from conftest import Cluster
+
+    admin, later = "admin-token-long-enough", "a-later-token-long-enough"
+    tokens = tmp_path / "tokens.toml"
+    entry = '[[tokens]]\ntoken = "{}"\ntenant = "default"\nrole = "admin"\n'
+    tokens.write_text(entry.format(admin))
+    tokens.chmod(0o600)
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+    try:
+        found = re.search(r"weightavg serving on [\d.]+:\d+ \(rank 0 of 2, pid (\d+)\)", cluster.out.read_text())
+        assert found, cluster.out.read_text()[-2000:]
+        rank0 = int(found.group(1))
+        assert rank0 == cluster.rank_pid(0)
+        tokens.write_text(entry.format(admin) + entry.format(later))
+        os.kill(rank0, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "tokens reloaded" not in cluster.out.read_text():
+            assert time.monotonic() < deadline, cluster.out.read_text()[-2000:]
+            time.sleep(0.1)
+        with Client(cluster.address, token=later, timeout=30) as c:
+            assert c.dict(c.dict({"w": [1.0, 2.0]}), "w").tolist() == [1.0, 2.0]
+        assert cluster.proc.poll() is None
+    finally:
+        cluster.stop()

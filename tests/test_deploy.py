@@ -67,3 +67,17 @@ def test_the_compose_cluster_starts_two_nodes_meeting_at_node0() -> None:
         run, serve = check_torchrun(service["command"])
         assert (run.nnodes, run.rdzv_endpoint, run.local_addr) == ("2", "node0:29400", name)
         assert serve.device == "cpu" and serve.state_dir == "/state"
+
+
+def test_the_image_owns_every_state_directory_the_compose_cluster_mounts() -> None:
+    """A named volume mounted where the image has no folder is root's, 0755: the server (uid 10001)
+    could write no snapshot there, and refuses to start on it (found by review). Docker copies the
+    image's folder, owner and mode, into a new named volume."""
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    user = next(line.split()[1].split(":")[0] for line in dockerfile.splitlines() if line.startswith("USER "))
+    compose = yaml.safe_load((DEPLOY / "compose-cluster.yml").read_text())
+    for name, service in compose["services"].items():
+        _, serve = check_torchrun(service["command"])
+        mounts = {m.split(":")[1] for m in service["volumes"]}
+        assert serve.state_dir in mounts, name
+        assert f"mkdir -m 0700 {serve.state_dir} && chown {user}:{user} {serve.state_dir}" in dockerfile, name

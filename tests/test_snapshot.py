@@ -395,3 +395,157 @@ def test_kinds_without_a_snapshot_format_are_skipped_and_reported(state_server: 
     restored = Registry()
     assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 1
     assert [h for h, _ in restored.items()] == [d.id]
+
+
+# -- the state directory ---------------------------------------------------------------------------------
+
+
+def test_the_state_directory_is_the_servers_users_alone(tmp_path: Path) -> None:
+    """--state-dir was created 0755 under the usual umask, so every user of the host could list it
+    (found by review): it and the parents the server makes for it are 0700, before any snapshot."""
+    state_dir = tmp_path / "var" / "weightavg"
+    old = os.umask(0o022)
+    try:
+        runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(state_dir)))
+    finally:
+        os.umask(old)
+    runtime.start()
+    try:
+        for folder in (state_dir, state_dir.parent):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
+            c.dict({"w": np.ones(3, np.float32)})
+            assert c.snapshot()["handles"] == 1
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    finally:
+        runtime.stop(None)
+
+
+def test_a_state_directory_other_users_may_write_is_refused(tmp_path: Path) -> None:
+    """Anyone who may write the directory could put in the snapshot the next start restores."""
+    state_dir = tmp_path / "shared"
+    state_dir.mkdir()
+    state_dir.chmod(0o777)
+    code, err = refused_start(state_dir)
+    assert code == 2
+    assert f"refusing to start: the state directory {state_dir} is writable by every user (mode 0777)" in err
+    assert f"chmod o-w {state_dir}" in err and "Traceback" not in err
+
+
+def test_a_state_directory_that_is_a_file_is_refused_at_start(tmp_path: Path) -> None:
+    """It started and served, and only the shutdown snapshot failed: every handle lost."""
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("")
+    code, err = refused_start(not_a_dir)
+    assert code == 2 and f"the state directory {not_a_dir} is not a directory" in err and "Traceback" not in err
+
+
+def test_a_first_snapshot_cut_short_by_kill_9_starts_empty(tmp_path: Path) -> None:
+    """kill -9 between the first snapshot's tensor file and its manifest left files without a
+    manifest, and the server refused every start after it ("refusing to guess"; found by review),
+    though there was no earlier snapshot to lose. The marker of the unfinished write says so now."""
+    state_dir = tmp_path / "s"
+    server = start_server(state_dir)
+    c = Client(server.address, timeout=120)
+    c.dict({"w": np.ones((64, 1 << 20), np.float32)})  # 256 MiB: the write takes long enough to land in it
+    outcome: list[BaseException] = []
+
+    def snapshot_now() -> None:
+        try:
+            c.snapshot()
+        except WeightavgError as exc:  # the server is killed under it
+            outcome.append(exc)
+
+    writer = threading.Thread(target=snapshot_now, daemon=True)
+    writer.start()
+    deadline = time.monotonic() + START_LIMIT
+    while not ((state_dir / "tensors-1.safetensors").exists() and not (state_dir / "manifest.json").exists()):
+        assert time.monotonic() < deadline and not (state_dir / "manifest.json").exists(), "missed the window"
+        time.sleep(0.001)
+    server.proc.kill()
+    server.proc.communicate(timeout=START_LIMIT)
+    writer.join(timeout=START_LIMIT)
+    c.close()
+    assert len(outcome) == 1
+    assert (state_dir / "tensors-1.safetensors").exists()
+    assert not (state_dir / "manifest.json").exists()
+
+    restarted = start_server(state_dir)
+    with Client(restarted.address, timeout=60) as again:
+        assert again.handles() == []
+        h = again.dict({"w": np.zeros(2, np.float32)})
+        again.snapshot()
+    code, err = restarted.terminate()
+    assert code == 0 and "a first snapshot that never finished (generation 1" in err
+    assert sorted(p.name for p in state_dir.iterdir()) == ["manifest.json", "state-3.json", "tensors-3.safetensors"]
+    assert h.id in json.loads((state_dir / "state-3.json").read_text())["handles"][0]["id"]
+
+
+def test_files_without_a_manifest_and_no_unfinished_write_are_still_refused(saved: Path) -> None:
+    """The marker only names an unfinished write: a whole snapshot whose manifest was lost is refused."""
+    (saved / "manifest.json").unlink()
+    (saved / ".writing-7").write_bytes(b"")  # another generation's marker does not excuse generation 1
+    code, err = refused_start(saved)
+    assert code == 2 and "no manifest.json" in err and "move" in err
+
+
+def test_a_snapshot_over_the_caps_of_the_next_start_says_what_the_operator_can_do(saved: Path) -> None:
+    """The refusal ended "free some handles first", which a server that has not started cannot do
+    (found by review): it names the cap and the two ways out."""
+    for flag, cap in (("--max-device-bytes", "1"), ("--max-handles", "1")):
+        proc = _start(saved, flag, cap)
+        out, err = proc.communicate(timeout=START_LIMIT)
+        assert proc.returncode == 1 and "weightavg serving on" not in out and "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"weightavg serve: the snapshot in {saved} does not fit this server's caps: ")
+        assert flag in line and "free some handles" not in line
+        assert line.endswith(f"Start with the cap raised, or move {saved} away to start empty")
+
+
+def _peak_mib_over(run: Any) -> int:
+    """How far the process's peak resident memory rose above its resident memory while `run()` ran."""
+    import re
+
+    def field(name: str) -> int:
+        return int(re.search(rf"{name}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+    before = field("VmRSS")
+    run()
+    return field("VmHWM") - before
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_a_restore_over_the_cap_allocates_no_module_before_refusing(state_server: Runtime) -> None:
+    """A module was built from its spec for real, allocated and initialised whole, before any of its
+    saved bytes were reserved: a restore refused at a 1,000-byte cap first took the module's size
+    (+254 MiB here for a 256 MiB module; on a GPU server, device memory; found by review)."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        c.module(["linear", 8192, 8192])  # 256 MiB
+        c.snapshot()
+    from weightavg_server.domain.errors import ResourceExhausted
+    from weightavg_server.store.limits import Limits
+
+    capped = Registry(Limits(max_device_bytes=1000))
+
+    def restore() -> None:
+        with pytest.raises(ResourceExhausted, match="--max-device-bytes"):
+            snapshot.load(capped, state_server.config.state_dir, torch.device("cpu"))
+
+    assert _peak_mib_over(restore) < 64
+    assert len(capped) == 0
+
+
+def test_a_hand_edited_tensor_file_with_a_matching_manifest_is_refused_in_one_line(saved: Path) -> None:
+    """The checksums pass when the manifest was edited too; a tensor file that is not safetensors then
+    ended the start in a traceback (SafetensorError; found by review)."""
+    import hashlib
+
+    path = _files(saved)[".safetensors"]
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"][path.name] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    code, err = refused_start(saved)
+    assert code == 2 and "Traceback" not in err
+    assert f"refusing to start: snapshot in {saved} cannot be restored: SafetensorError: " in err

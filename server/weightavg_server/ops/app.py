@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
-from .config import ServerConfig
+from .config import LOOPBACK_HOSTS, ServerConfig
 from ..domain import lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
 from ..domain.errors import WeightavgError
@@ -243,9 +243,12 @@ def create_runtime(
     """Build (but do not start) a server, restoring the snapshot in config.state_dir first if there is one.
 
     Raises:
-        snapshot.SnapshotError: the snapshot on disk is torn or modified; the server must not start.
+        snapshot.SnapshotError: the snapshot on disk is torn or modified, or the state directory is
+            not the server's to write (not a directory, not writable, or writable by other users);
+            the server must not start.
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
+    config.check()
     device = fabric.device if fabric is not None else server_device(config.device)
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
@@ -256,6 +259,7 @@ def create_runtime(
     registry.set_quotas(tokens.table.quotas)
     registry.requests.configure(config.request_id_window_seconds, config.max_request_ids, config.max_request_id_bytes)
     if config.state_dir:
+        snapshot.prepare_directory(config.state_dir)  # 0700, or refused: before any call can change state
         # A cluster rank restores the generation every rank agreed on (cluster.agree_on_snapshot).
         source = cluster_restore_dir(config.state_dir) if fabric is not None else config.state_dir
         restored = snapshot.load(registry, source, device)
@@ -302,10 +306,10 @@ def create_runtime(
     credentials = server_credentials(config)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
-        raise OSError(f"could not bind {address} (in use?)") from exc
+    except RuntimeError as exc:  # grpcio raises RuntimeError when it cannot serve there, saying no more
+        raise OSError(bind_failure(address, tls=credentials is not None)) from exc
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(bind_failure(address, tls=credentials is not None))
     log.info(
         "weightavg server on %s:%d, device %s, %s, %s, CPU averages on %s, CPU merges on %s", config.host, port,
         device,
@@ -314,12 +318,21 @@ def create_runtime(
         # each also runs its kernel's one check against torch now, not in a first call
         lerp.native_state(), weighted_sum.native_state(),
     )
-    if not (config.tokens or config.token) and config.host not in ("127.0.0.1", "::1", "localhost"):
+    if not (config.tokens or config.token) and config.host not in LOOPBACK_HOSTS:
         log.warning(
             "serving on %s with no token: whoever reaches port %d can use and free every object; set "
             "WEIGHTAVG_TOKEN or --tokens (docs/security.md), or bind 127.0.0.1", config.host, port,
         )
     return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens, cluster)
+
+
+def bind_failure(address: str, tls: bool) -> str:
+    """Why the address could not be served, as far as grpc lets us know: it says only that it failed
+    (a TLS key that is not PEM read "in use?"; found by review), so name every cause it may be."""
+    causes = "the port is in use, or the host is not an address of this machine"
+    if tls:
+        causes += ", or --tls-cert/--tls-key are not a PEM certificate chain and its PEM private key"
+    return f"could not bind {address}: {causes}"
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:

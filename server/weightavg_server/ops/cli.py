@@ -10,7 +10,7 @@ import resource
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
 from .app import create_runtime, settings
-from .config import ENV_PREFIX, ServerConfig
+from .config import ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig
 from ..domain.errors import WeightavgError
 from ..store.snapshot import SnapshotError
 
@@ -133,6 +133,8 @@ def serve(config: ServerConfig) -> None:
 
     Under torchrun with several ranks, every rank joins the process group first; rank 0 serves,
     the others execute its commands (docs/cluster.md), each with its own state directory."""
+    if config.state_dir:  # before the ranks meet: a directory the server cannot keep stops every rank alike
+        snapshot.prepare_directory(config.state_dir)
     fabric = cluster.join(config.device, config.cluster_timeout_seconds)
     if fabric is not None and config.state_dir:
         config = dataclasses.replace(config, state_dir=os.path.join(config.state_dir, f"rank-{fabric.rank}"))
@@ -151,20 +153,26 @@ def serve(config: ServerConfig) -> None:
             metrics = start_metrics_server(metrics_host, config.metrics_port, runtime.stats, runtime.service)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc}") from exc
+        if metrics_host not in LOOPBACK_HOSTS:
+            # As the warning of a gRPC port open with no token: the endpoint has none, and names every
+            # tenant with what it holds (a server with tokens on 0.0.0.0 showed them silently; found by review).
+            log.warning(
+                "metrics on %s:%d have no token: whoever reaches that port reads every tenant's name, calls and "
+                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)", metrics_host, metrics.port,
+            )
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    # SIGHUP rereads --tokens: removed tokens stop working with the next call, quotas change; a file
-    # that does not load leaves the tokens in force as they were.
-    signal.signal(signal.SIGHUP, lambda *_: runtime.reload_tokens())
+    signals = Signals()
+    signals.install()
     runtime.start()
     if fabric is not None:
         cluster.watch_agent(stop.set)  # torchrun's agent gone: drain and snapshot as on SIGTERM
-    ranks = f" (rank 0 of {fabric.world_size})" if fabric is not None else ""
+    # Under torchrun the pid says where SIGHUP must go: torchrun takes SIGHUP as a stop and ends every
+    # rank without a snapshot (docs/cluster.md).
+    ranks = f" (rank 0 of {fabric.world_size}, pid {os.getpid()})" if fabric is not None else ""
     print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
     if metrics is not None:
         print(f"weightavg metrics on http://{metrics_host}:{metrics.port}/metrics", flush=True)
-    stop.wait()
+    signals.serve_until_stopped(stop, runtime.reload_tokens)
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
     try:
         runtime.stop(config.grace_seconds)
@@ -174,6 +182,50 @@ def serve(config: ServerConfig) -> None:
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+SIGNAL_POLL_SECONDS = 0.2
+"""How often the main thread looks at the signals that arrived: the longest a SIGTERM waits to start
+the drain, or a SIGHUP to reload the tokens file."""
+
+
+class Signals:
+    """SIGTERM and SIGINT (stop) and SIGHUP (reread --tokens) as they arrive, acted on by the main
+    thread between waits.
+
+    The handlers only set attributes. Python runs a handler on the main thread between any two of
+    its bytecodes, inside another handler too: the handlers called `Event.set()` and reloaded the
+    tokens, each taking a lock, and a signal arriving while one held it made the main thread wait
+    for itself forever (a burst of SIGTERMs hung the server without its shutdown snapshot; found
+    by review). Nothing here runs in a handler that takes a lock."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reloads = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop = True
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self.reloads += 1
+
+    def serve_until_stopped(self, stop: threading.Event, reload: Callable[[], object]) -> None:
+        """Wait for SIGTERM, SIGINT or `stop` (set by another thread), rereading the tokens file on
+        SIGHUP (a file that does not load leaves the tokens in force). Then ignore these signals:
+        the drain has begun, and a later one must neither run a handler during the shutdown
+        snapshot nor, once Python restores the default handlers at exit, kill the process."""
+        reloaded = 0
+        while not self.stop and not stop.wait(SIGNAL_POLL_SECONDS):
+            if self.reloads != reloaded:
+                reloaded = self.reloads
+                reload()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
@@ -202,6 +254,8 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
 
 
 AUDIT_LOGGER = "weightavg.audit"
+AUDIT_LOG_MODE = 0o600
+"""Mode of an --audit-log file the server creates."""
 
 
 def configure_logging(config: ServerConfig) -> None:
@@ -218,8 +272,19 @@ def configure_logging(config: ServerConfig) -> None:
 
 
 def audit_to_file(path: str) -> None:
-    """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too)."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too).
+
+    Raises:
+        ValueError: the file cannot be opened for appending (the message names it and why).
+    """
+    try:
+        # A new file is the server's user's alone, like the snapshots: every line names a tenant, its
+        # handles and the peer's address (FileHandler made it 0644; found by review). An existing
+        # file keeps the mode its operator gave it.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_LOG_MODE))
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:  # printed a traceback (found by review)
+        raise ValueError(f"cannot open the audit log {path}: {exc.strerror or exc}") from None
     handler.setFormatter(logging.Formatter("%(message)s"))
     audit = logging.getLogger(AUDIT_LOGGER)
     audit.addHandler(handler)
@@ -246,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise_file_limit()
     try:
         config = config_from_args(args)
+        config.check()  # before a torchrun cluster meets, so every rank refuses alike
         configure_logging(config)
     except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
         sys.exit(f"weightavg serve: {exc}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from dataclasses import dataclass, fields
 
 from weightavg.wire import CHUNK_BYTES
@@ -14,6 +16,8 @@ from ..store.limits import Limits
 
 ENV_PREFIX = "WEIGHTAVG_"
 DEFAULT_HOST = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+"""Addresses only this host reaches: a port bound elsewhere without a token is warned about."""
 DEFAULT_PORT = 50051
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_WORKERS = 32
@@ -45,6 +49,29 @@ DEFAULT_MAX_LOCKED_BYTES = pinned.LOCKED_BYTES
 DEFAULT_CLUSTER_TIMEOUT_SECONDS = 300.0
 """Under torchrun: how long a rank waits on another (a command, a result, a collective) before the
 cluster is declared broken; also the longest a call on replicated objects may run."""
+
+
+_INT32_MAX = 2**31 - 1
+_WHOLE_AT_LEAST = {"max_workers": 1, "max_message_bytes": 1, "chunk_bytes": 1, "max_spec_depth": 1}
+"""Settings that must be whole numbers from this low to what grpc and the codecs take (int32)."""
+_CAPS = ("max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions")
+"""Caps of 0 or more (0 means "none" or "the device's size" where the flag says so)."""
+_KEEPALIVE_MAX = _INT32_MAX / 1000
+"""grpc takes keepalive settings as int32 milliseconds."""
+_SECONDS: dict[str, tuple[bool, float]] = {
+    "grace_seconds": (False, threading.TIMEOUT_MAX),
+    "snapshot_every": (False, threading.TIMEOUT_MAX),
+    "session_lease_seconds": (True, threading.TIMEOUT_MAX),
+    "max_session_lease_seconds": (True, threading.TIMEOUT_MAX),
+    "keepalive_time_seconds": (True, _KEEPALIVE_MAX),
+    "keepalive_timeout_seconds": (True, _KEEPALIVE_MAX),
+    "cluster_timeout_seconds": (True, threading.TIMEOUT_MAX),
+}
+"""Durations: finite, (more than 0 when True, else 0 or more), at most what a wait or grpc takes."""
+
+
+def _flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -108,6 +135,37 @@ class ServerConfig:
     max_locked_bytes: int = DEFAULT_MAX_LOCKED_BYTES
     # The cluster under torchrun (docs/cluster.md).
     cluster_timeout_seconds: float = DEFAULT_CLUSTER_TIMEOUT_SECONDS
+
+    def check(self) -> None:
+        """Refuse a setting no server can run with, naming the flag and what it takes.
+
+        Before this, negative, zero, infinite or NaN values started a server that failed later:
+        --chunk-bytes 0 made every fetch INTERNAL and -1 answered fetches with nothing, a negative
+        --max-message-bytes refused every call, --snapshot-every inf ended the snapshot thread with
+        a traceback (no snapshot until shutdown), a negative cap meant none at all (found by review).
+
+        Raises:
+            ValueError: the first setting out of range.
+        """
+        for name, low in _WHOLE_AT_LEAST.items():
+            value = getattr(self, name)
+            if not low <= value <= _INT32_MAX:
+                raise ValueError(f"{_flag_of(name)} must be a whole number from {low} to {_INT32_MAX}; got {value}")
+        for name in _CAPS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag_of(name)} must be 0 or more; got {getattr(self, name)}")
+        for name, (positive, high) in _SECONDS.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= high):
+                least = "more than 0" if positive else "0 or more"
+                raise ValueError(f"{_flag_of(name)} must be a number of seconds, {least}, at most {high:g}; got {value}")
+        if self.snapshot_every and not self.state_dir:
+            raise ValueError("--snapshot-every needs --state-dir: without it no snapshot is ever written")
+        if self.session_lease_seconds > self.max_session_lease_seconds:
+            raise ValueError(
+                f"--session-lease-seconds ({self.session_lease_seconds:g}) is longer than --max-session-lease-seconds "
+                f"({self.max_session_lease_seconds:g}): every session asking for the default would be refused"
+            )
 
     def limits(self) -> Limits:
         """The registry's caps: handles, sessions and bytes per device."""

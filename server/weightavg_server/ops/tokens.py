@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from typing import Any
 from ..store.tenants import DEFAULT_TENANT, Caller, Quota, Role, check_tenant_name
 from ..transport.tenancy import TokenTable, token_digest
 from ..domain.errors import InvalidArgument
+
+log = logging.getLogger("weightavg.server")
 
 MIN_TOKEN_LENGTH = 16
 """Shorter tokens are refused: a token is a password; make one with
@@ -39,6 +43,23 @@ _QUOTA_KEYS = {"max_device_bytes", "max_handles", "max_sessions"}
 
 class TokensFileError(ValueError):
     """The tokens file cannot be read or is not valid; the message says where and why."""
+
+
+def _warn_if_others_can_read(path: Path, data: dict[str, Any]) -> None:
+    """A file of plain tokens that other users of the host can read lends them every tenant's access
+    (it was read without a word; found by review). Files of sha256 digests alone are no secret. A
+    warning, not a refusal: a Kubernetes secret volume is 0644 unless its defaultMode says otherwise."""
+    entries = data.get("tokens")
+    plain = isinstance(entries, list) and any(isinstance(e, dict) and "token" in e for e in entries)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if plain and mode & stat.S_IROTH:
+        log.warning(
+            "the tokens file %s is readable by every user of this host (mode %04o): anyone here can read its "
+            "tokens; chmod o-r %s (or 0600), or list the tokens by their sha256 instead", path, mode, path,
+        )
 
 
 def _parse(path: Path) -> dict[str, Any]:
@@ -59,6 +80,7 @@ def _parse(path: Path) -> dict[str, Any]:
         raise TokensFileError(f"{path} does not parse: {exc}") from None
     if not isinstance(data, dict):
         raise TokensFileError(f"{path}: expecting a table with 'tokens' (and optionally 'tenants')")
+    _warn_if_others_can_read(path, data)
     return data
 
 

@@ -10,7 +10,11 @@ Layout of the directory::
 
 Each file is written under a temporary name, fsynced and renamed, then the directory is fsynced;
 files of older generations are removed only once the new manifest is in place. A crash at any point
-therefore leaves either the previous snapshot or the new one, never a mix. Loading checks every
+therefore leaves either the previous snapshot or the new one, never a mix. While a generation is
+written a marker `.writing-<gen>` names it, so that the files of a first snapshot cut short by a
+crash (no manifest yet, no previous snapshot) read as what they are, nothing, rather than as a
+snapshot whose manifest was lost. The directory is created 0700 and refused when other users may
+write to it: they could put a snapshot of their choosing in the server's place. Loading checks every
 file's size and sha256 before building anything and raises SnapshotError on any mismatch: a torn or
 modified snapshot is refused, never half-loaded. Nothing is ever unpickled.
 
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -60,7 +66,12 @@ FILE_MODE = 0o600
 """Every snapshot file is readable by the server's user alone: the tensors are the weights, and the
 JSON lists tenant names and handle, session and request IDs (the JSON was written 0644 while
 safetensors wrote 0600; found by review)."""
+DIR_MODE = 0o700
+"""A state directory the server creates (and any missing parent) is its user's alone: it was 0755
+under the usual umask, so every user of the host could list it (found by review)."""
 _GENERATION_FILE = re.compile(r"^(state|tensors)-(\d+)\.(json|safetensors)$")
+_WRITING = re.compile(r"^\.writing-(\d+)$")
+"""The marker of a generation being written, removed once its manifest is in place."""
 _SAFETENSORS_DTYPES = {
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
     torch.int32, torch.int64, torch.bool, torch.complex64,
@@ -291,9 +302,14 @@ def _is_persistent(module: torch.nn.Module, dotted: str) -> bool:
 
 
 def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
-    """Rebuild a module from its spec (allowlisted layers only), then put back its saved state."""
-    module = specs.build_module(spec_from_json(data["spec"]), max_depth=10**6)
-    module.to(ctx.device)
+    """Rebuild a module from its spec (allowlisted layers only), then put back its saved state.
+
+    The spec is built on the meta device: the saved tensors replace every parameter and buffer, and
+    they are reserved as they are placed. Built for real, the module was allocated and initialised
+    whole before any of its bytes were reserved (a restore refused at a 1,000-byte cap peaked at
+    1.3 GB; found by review)."""
+    with torch.device("meta"):
+        module = specs.build_module(spec_from_json(data["spec"]), max_depth=10**6)
     for p in data["parameters"]:
         owner, leaf = _owner(module, p["name"])
         value = ctx.tensor(p["tensor"])
@@ -301,10 +317,13 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=p["requires_grad"])
         else:
             owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=p["requires_grad"]))
-    flat.flatten_parameters(module)  # as a new module's are, so its handles' sizes and speed survive a restart
     for b in data["buffers"]:
         owner, leaf = _owner(module, b["name"])
         owner.register_buffer(leaf, ctx.tensor(b["tensor"]), persistent=b["persistent"])
+    missing = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if missing:
+        raise SnapshotError(f"the snapshot holds no value for the module's {missing[0]!r}")
+    flat.flatten_parameters(module)  # as a new module's are, so its handles' sizes and speed survive a restart
     for row in data["modules"]:
         m = module.get_submodule(row["path"])
         m.training = bool(row["training"])
@@ -569,8 +588,9 @@ def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[st
     """Write the files of one generation, then the manifest, then drop older generations."""
     with _write_lock:
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            prepare_directory(root)
             generation = max(_generations(root), default=0) + 1
+            _mark_writing(root, generation)
             tensors_name = f"tensors-{generation}.safetensors"
             state_name = f"state-{generation}.json"
             _write_atomic(root / tensors_name, lambda tmp: safetensors.torch.save_file(ctx.tensors, tmp, {"format": FORMAT}))
@@ -584,7 +604,7 @@ def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[st
             _fsync_dir(root)
             for old in root.iterdir():
                 match = _GENERATION_FILE.match(old.name)
-                if (match and int(match.group(2)) != generation) or old.name.startswith(".tmp-"):
+                if (match and int(match.group(2)) != generation) or old.name.startswith((".tmp-", ".writing-")):
                     old.unlink(missing_ok=True)
         except OSError as exc:
             raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
@@ -621,6 +641,51 @@ def _collect(
     state = {"format": FORMAT, "version": VERSION, "sessions": sessions, "objects": ctx.objects, "handles": handles,
              "tensors": ctx.tensor_info, "requests": registry.requests.export(), "saved_at": time.time()}
     return state, ctx, skipped
+
+
+def prepare_directory(directory: str | os.PathLike[str]) -> Path:
+    """The state directory, created 0700 with any missing parent (as `mkdir -p`, but private), or an
+    existing one checked; called when the server starts and before every write.
+
+    Raises:
+        SnapshotError: the path is not a directory, the server's user cannot write it, or other
+            users can (anyone on the host could then put in a snapshot the next start restores, or
+            delete the one there); the message says the fix.
+    """
+    root = Path(directory)
+    missing = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        for folder in reversed(missing):
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        found = root.stat()
+    except OSError as exc:
+        raise SnapshotError(f"cannot create the state directory {root}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(found.st_mode):
+        raise SnapshotError(f"the state directory {root} is not a directory; give --state-dir a directory")
+    mode = stat.S_IMODE(found.st_mode)
+    if mode & stat.S_IWOTH:
+        raise SnapshotError(
+            f"the state directory {root} is writable by every user (mode {mode:04o}): anyone on this host "
+            f"could replace the snapshot this server restores; make it the server's own (chmod o-w {root}, "
+            "or chmod 0700)"
+        )
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise SnapshotError(
+            f"the state directory {root} is not writable by this server's user (uid {os.geteuid()}): no snapshot "
+            f"could be written; chown it to that user (mode 0700)"
+        )
+    return root
+
+
+def _mark_writing(root: Path, generation: int) -> None:
+    """Name the generation about to be written (see the module docstring), durably before its files."""
+    os.close(os.open(root / f".writing-{generation}", os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    _fsync_dir(root)
+
+
+def _unfinished(root: Path) -> set[int]:
+    """Generations whose write began and did not finish (their marker is still there)."""
+    return {int(m.group(1)) for p in root.iterdir() if (m := _WRITING.match(p.name))}
 
 
 def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
@@ -669,14 +734,26 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
     of handles restored.
 
     Raises:
-        SnapshotError: a file is missing, torn or modified (size or sha256 mismatch), or the state is
+        SnapshotError: a file is missing, torn or modified (size or sha256 mismatch), the state is
             not understood. Nothing is added to the registry then.
+        ResourceExhausted: the snapshot does not fit the registry's caps; the message names the cap.
     """
     root = Path(directory)
     manifest_path = root / MANIFEST
     if not manifest_path.exists():
-        if root.is_dir() and _generations(root):
-            raise SnapshotError(f"{root} holds snapshot files but no {MANIFEST}; refusing to guess which are whole")
+        held = set(_generations(root)) if root.is_dir() else set()
+        if held and held <= _unfinished(root):
+            # The first snapshot, cut short (kill -9, a full disk): there was nothing before it.
+            log.warning(
+                "%s holds only the files of a first snapshot that never finished (generation %s, no %s): "
+                "starting empty; the next snapshot replaces them", root, ", ".join(map(str, sorted(held))), MANIFEST,
+            )
+            return 0
+        if held:
+            raise SnapshotError(
+                f"{root} holds snapshot files but no {MANIFEST}; refusing to guess which are whole. Restore "
+                f"{MANIFEST}, or move {root} away to start empty"
+            )
         return 0
     try:
         manifest = json.loads(manifest_path.read_bytes())
@@ -706,7 +783,18 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         return _restore(registry, state, tensors, device)
     except SnapshotError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound) as exc:
+    except ResourceExhausted as exc:
+        # The caps' own advice ("free some handles first") cannot be followed by a server that has
+        # not started (found by review): say what can.
+        cap = str(exc).removesuffix("; free some handles first")
+        raise ResourceExhausted(
+            f"the snapshot in {root} does not fit this server's caps: {cap}. Start with the cap raised, or move "
+            f"{root} away to start empty"
+        ) from None
+    except (
+        ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound,
+        safetensors.SafetensorError,  # a tensor file that is not safetensors, its manifest made to match: a traceback
+    ) as exc:
         raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
 
 
