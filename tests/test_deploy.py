@@ -81,3 +81,13 @@ def test_the_image_owns_every_state_directory_the_compose_cluster_mounts() -> No
         mounts = {m.split(":")[1] for m in service["volumes"]}
         assert serve.state_dir in mounts, name
         assert f"mkdir -m 0700 {serve.state_dir} && chown {user}:{user} {serve.state_dir}" in dockerfile, name
+
+
+def test_the_statefulset_runs_as_a_user_that_cannot_gain_privileges() -> None:
+    """The image's user (uid 10001), enforced, with no way up: no escalation, no capabilities."""
+    (sts,) = by_kind("StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    (container,) = pod["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
