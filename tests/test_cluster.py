@@ -657,7 +657,7 @@ def test_a_cluster_timeout_that_is_not_a_positive_number_stops_the_start_saying_
 
 
 def test_a_cluster_started_with_a_zero_timeout_exits_saying_why(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="weightavg serve: --cluster-timeout-seconds must be a positive number"):
+    with pytest.raises(RuntimeError, match="weightavg serve: --cluster-timeout-seconds must be a number of seconds, more than 0"):
         Cluster(tmp_path, "--cluster-timeout-seconds", "0")
 
 
