@@ -400,12 +400,7 @@ def _received(service: Service, fabric: Fabric, command: Command) -> tuple[tuple
                 error = ResourceExhausted(f"rank {fabric.rank}: out of memory for an upload relayed by rank 0 ({exc})")
             except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks wait for this rank's answer
                 error = WeightavgError(f"rank {fabric.rank}: receiving an upload failed: {type(exc).__name__}: {exc}")
-        refusals: list[Any] = [None] * fabric.world_size
-        dist.all_gather_object(refusals, error is not None, group=fabric.control)
-        if any(refusals):
-            if error is not None:
-                raise error
-            raise _Abandoned()
+        _agree(fabric, error)
         for dst in targets:
             if fabric.rank == 0:
                 theirs = command.per_rank.get(dst, command.args) if command.per_rank else command.args
@@ -480,12 +475,7 @@ def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str], src:
                 error = type(exc)(f"{exc} (rank 0 holds a copy of what it fetches from rank {src} until the reply has gone)")
             except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
                 error = ResourceExhausted(f"rank 0: out of memory for a fetch from rank {src} ({exc})")
-        refusals: list[Any] = [None] * fabric.world_size
-        dist.all_gather_object(refusals, error is not None, group=fabric.control)
-        if any(refusals):
-            if error is not None:
-                raise error
-            raise _Abandoned()
+        _agree(fabric, error)
         for i, (_, shape, _) in enumerate(layout):
             if not torch.Size(shape).numel():
                 continue
@@ -577,6 +567,18 @@ class _Abandoned(Exception):
     """Another rank refused its part of a move: this rank stops too, having changed nothing."""
 
 
+def _agree(fabric: Fabric, error: WeightavgError | None) -> None:
+    """Every rank says whether it refuses its part (every rank must call this, refused or not):
+    this rank's own refusal is raised, and `_Abandoned` where only another rank refused, so no
+    rank goes on to move data that some rank will not take."""
+    refusals: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(refusals, error is not None, group=fabric.control)
+    if error is not None:
+        raise error
+    if any(refusals):
+        raise _Abandoned()
+
+
 def _layout(source: nn.Module | TensorDict, buffers: bool) -> tuple[Layout, Named]:
     """What a move sends of a source, and its tensors: a dictionary's entries, or a module's
     parameters (and with `buffers` its buffers), each row (name, role, shape, dtype, device type)."""
@@ -651,12 +653,7 @@ def _moved(service: Service, fabric: Fabric, move: Move, held: contextlib.ExitSt
                 error = exc
             except (torch.OutOfMemoryError, MemoryError) as exc:  # this rank must still answer the exchange below
                 error = ResourceExhausted(f"rank {fabric.rank}: out of memory for a copy of '{move.handle}' ({exc})")
-        refusals: list[Any] = [None] * fabric.world_size
-        dist.all_gather_object(refusals, error is not None, group=fabric.control)
-        if any(refusals):
-            if error is not None:
-                raise error
-            raise _Abandoned()
+        _agree(fabric, error)
         dst = None if move.dst == ALL else move.dst
         for i in range(len(layout.rows)):
             if fabric.rank == move.src:
@@ -702,12 +699,7 @@ def _run_epoch(service: Service, fabric: Fabric, handle: str) -> Metrics:
         training.require_data(model, "train")
     except WeightavgError as exc:
         error = exc
-    refusals: list[Any] = [None] * fabric.world_size
-    dist.all_gather_object(refusals, error is not None, group=fabric.control)
-    if any(refusals):
-        if error is not None:
-            raise error
-        raise _Abandoned()
+    _agree(fabric, error)
     return Service.run_epoch(service, handle, never)
 
 
@@ -803,10 +795,12 @@ def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any
             error = type(exc)(f"{exc} (rank 0 holds the answer of rank {src} while it replies)")
         except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
             error = ResourceExhausted(f"out of memory for the answer of rank {src} ({exc})")
-    refusals: list[Any] = [None] * fabric.world_size
-    dist.all_gather_object(refusals, error is not None, group=fabric.control)
-    if any(refusals):
-        return Failure(error) if error is not None else None
+    try:
+        _agree(fabric, error)
+    except WeightavgError as refused:
+        return Failure(refused)
+    except _Abandoned:
+        return None
     if torch.Size(shape).numel():
         if fabric.rank == src:
             dist.send(_sent(result), dst=0)
