@@ -83,6 +83,17 @@ def carry_on(c: Client, h: dict[str, Handle]) -> dict[str, Any]:
     return seen
 
 
+def carry_on_restored(registry: Registry, h: dict[str, Handle]) -> dict[str, Any]:
+    """`carry_on` through a new server over a registry restored from a snapshot."""
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=registry)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c:
+            return carry_on(c, h)
+    finally:
+        runtime.stop(None)
+
+
 def assert_bit_identical(a: Any, b: Any, where: str = "") -> None:
     if isinstance(a, dict):
         assert list(a) == list(b), where
@@ -121,13 +132,7 @@ def test_an_on_demand_snapshot_restores_models_that_train_on_bit_identically(
     assert len({id(entries[h[k].id].lock) for k in ("sgd", "sgd_q", "sgd_opt", "input")}) == 1
     assert entries[h["sgd"].id].lock is not entries[h["adam"].id].lock
     assert model.optimizer.optim.state  # momentum buffers came back
-    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=restored)
-    runtime.start()
-    try:
-        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c2:
-            after = carry_on(c2, h)
-    finally:
-        runtime.stop(None)
+    after = carry_on_restored(restored, h)
     assert after["batch"].shape == (16, 6) and after["more"] is True
     assert after["sgd_lr"] == 0.03 and after["sgd_count"] == 4
     assert_bit_identical(after, reference)
@@ -234,12 +239,6 @@ def test_models_moved_to_float64_restore_and_train_on_bit_identically(state_serv
     assert reference["batch"].dtype == np.float64 and reference["batch"].shape == (16, 6)
     restored = Registry()
     snapshot.load(restored, tmp_path / "d", torch.device("cpu"))
-    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=restored)
-    runtime.start()
-    try:
-        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c2:
-            after = carry_on(c2, h)
-    finally:
-        runtime.stop(None)
+    after = carry_on_restored(restored, h)
     assert after["adam_parms"] and all(p.dtype == np.float64 for p in after["adam_parms"].values())
     assert_bit_identical(after, reference)

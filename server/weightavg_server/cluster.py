@@ -748,24 +748,31 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
 """Operations only ranks perform (rank 0 included), beside the Service methods."""
 
 
-def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
-    """The command's result on this rank (None where it takes no part); errors raised."""
+def _answered(fabric: Fabric, op: str, run: Callable[[], Any]) -> Any:
+    """What this rank answers for one step of a command: run's result, a Failure in place of an
+    error (every rank answers, or rank 0 waits for nothing), or None where another rank refused its
+    part of an exchange."""
     try:
-        args, kwargs = _received(service, fabric, command)  # before the ranks check: rank 0 sends to them
-        if command.ranks is not None and fabric.rank not in command.ranks:
-            return None
-        op = RANK_OPS.get(command.op)
-        if op is not None:
-            return op(service, fabric, *args, **kwargs)
-        # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
-        return getattr(Service, command.op)(service, *args, **kwargs)
+        return run()
     except _Abandoned:
         return None
     except WeightavgError as exc:
         return Failure(exc)
     except Exception as exc:  # noqa: BLE001 - a rank answers every command, or rank 0 waits for nothing
-        log.exception("rank %d: %s failed", fabric.rank, command.op)
-        return Failure(WeightavgError(f"rank {fabric.rank}: {command.op} failed: {type(exc).__name__}: {exc}"))
+        log.exception("rank %d: %s failed", fabric.rank, op)
+        return Failure(WeightavgError(f"rank {fabric.rank}: {op} failed: {type(exc).__name__}: {exc}"))
+
+
+def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
+    """The command's result on this rank (None where it takes no part); errors raised."""
+    args, kwargs = _received(service, fabric, command)  # before the ranks check: rank 0 sends to them
+    if command.ranks is not None and fabric.rank not in command.ranks:
+        return None
+    op = RANK_OPS.get(command.op)
+    if op is not None:
+        return op(service, fabric, *args, **kwargs)
+    # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
+    return getattr(Service, command.op)(service, *args, **kwargs)
 
 
 def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any) -> Any:
@@ -795,12 +802,7 @@ def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any
             error = type(exc)(f"{exc} (rank 0 holds the answer of rank {src} while it replies)")
         except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
             error = ResourceExhausted(f"out of memory for the answer of rank {src} ({exc})")
-    try:
-        _agree(fabric, error)
-    except WeightavgError as refused:
-        return Failure(refused)
-    except _Abandoned:
-        return None
+    _agree(fabric, error)  # a refusal here: _answered makes it this rank's answer
     if torch.Size(shape).numel():
         if fabric.rank == src:
             dist.send(_sent(result), dst=0)
@@ -812,19 +814,15 @@ def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any
 
 
 def execute(service: Service, fabric: Fabric, command: Command) -> Any:
-    """Run a command on this rank: its result, a Failure, or None where this rank takes no part."""
+    """Run a command on this rank: its result, a Failure, or None where this rank takes no part.
+    A tensor answer's exchange (`_tensor_back`) runs even after a failure, as every rank takes part."""
     bits = HANDLE_BITS.set(seeded_bits(command.seed))
     caller = CALLER.set(command.caller) if command.caller is not None else None
     try:
-        result = _executed(service, fabric, command)
-        return result if command.sink is None else _tensor_back(service, fabric, command, result)
-    except _Abandoned:  # another rank refused its part of an exchange: this one has nothing to say
-        return None
-    except WeightavgError as exc:
-        return Failure(exc)
-    except Exception as exc:  # noqa: BLE001 - a rank answers every command, or rank 0 waits for nothing
-        log.exception("rank %d: %s failed", fabric.rank, command.op)
-        return Failure(WeightavgError(f"rank {fabric.rank}: {command.op} failed: {type(exc).__name__}: {exc}"))
+        result = _answered(fabric, command.op, lambda: _executed(service, fabric, command))
+        if command.sink is None:
+            return result
+        return _answered(fabric, command.op, lambda: _tensor_back(service, fabric, command, result))
     finally:
         if caller is not None:
             CALLER.reset(caller)
