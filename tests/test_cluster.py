@@ -193,6 +193,62 @@ def held(c: Client) -> list[tuple[int, int]]:
     return [(r["handles"], r["bytes"]) for r in c.info()["ranks"]]
 
 
+def test_closing_a_session_frees_what_it_made_on_every_rank(shared: Cluster) -> None:
+    """A session's objects on other ranks outlived it: closing the session freed rank 0's alone (and
+    rank 0's copy of a replicated one), so every client that used sessions leaked memory on the other
+    ranks. Closing (and free() of the session's handles) now frees them on every rank, counted once."""
+    with client(shared.address) as c:
+        before = held(c)
+        s = Client(shared.address, session=True, timeout=WAIT, retry=RetryPolicy(max_attempts=1))
+        placed = s.module(["linear", 4, 4], rank=1)
+        s.copyparms(placed)  # made from placed: on rank 1 too
+        s.dict({"w": np.ones(8, np.float32)}, replicate=True)
+        s.dict({"w": np.ones(8, np.float32)}, rank=0)
+        assert held(c)[1][0] == before[1][0] + 3
+        assert s.close_session() == 4
+        assert held(c) == before
+        s.close()
+
+        with Client(shared.address, session=True, timeout=WAIT, retry=RetryPolicy(max_attempts=1)) as s:
+            s.module(["linear", 4, 4], rank=1)
+            s.dict({"w": np.ones(8, np.float32)}, replicate=True)
+            kept = c.dict({"w": np.ones(8, np.float32)}, rank=1)  # no session: stays
+            assert s.free() == 2
+            assert held(c)[1][0] == before[1][0] + 1
+        assert c.free(kept) == 1
+        assert held(c) == before
+
+
+CLIENT_THAT_DIES = """
+import os, sys
+import numpy as np
+from weightavg import Client
+c = Client(sys.argv[1], session=True, lease=1.0)
+c.module(["linear", 4, 4], rank=1)
+c.dict({"w": np.ones(8, np.float32)}, replicate=True)
+print(c.session, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_dead_clients_objects_on_every_rank_are_freed_when_its_lease_runs_out(shared: Cluster) -> None:
+    """A client killed holding a session: once the lease runs out, its objects go on every rank, with
+    no further call (rank 0's reaper ends the session; the cluster's own thread frees the rest)."""
+    with client(shared.address) as c:
+        before = held(c)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT_THAT_DIES, shared.address],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    time.sleep(1.0)  # the lease, at least
+    deadline = time.monotonic() + WAIT
+    with client(shared.address) as c:
+        while held(c) != before:
+            assert time.monotonic() < deadline, f"still held {WAIT} s after the lease: {held(c)} against {before}"
+            time.sleep(0.5)
+
+
 def test_objects_without_a_placement_go_to_the_rank_holding_the_fewest_bytes(shared: Cluster) -> None:
     """The least-held rank (the lower on a tie) gets each new object; what is made from it follows it."""
     big = np.zeros(1 << 18, np.float32)  # 1 MiB: more than any difference the other tests leave

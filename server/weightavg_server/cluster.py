@@ -21,9 +21,13 @@ collective fails (a rank died: its sockets close; or it went silent past the tim
 is broken for good: health says NOT_SERVING and every call is answered UNAVAILABLE until torchrun
 restarts the group (--max-restarts) and every rank restores its snapshot.
 
-Known limits: handles on other ranks do not belong to sessions; a command that fails on some ranks
-after others changed state is undone only for the objects it created; a command may run at most the
-collective timeout (--cluster-timeout-seconds), as rank 0 waits that long for the others' results.
+A session's objects beyond rank 0 are rank 0's to track (`_sessions_of`): closing the session, or its
+lease running out on rank 0, frees them on every rank.
+
+Known limits: a handle placed on one other rank alone forgets its session across a restart; a command
+that fails on some ranks after others changed state is undone only for the objects it created; a
+command may run at most the collective timeout (--cluster-timeout-seconds), as rank 0 waits that long
+for the others' results.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from torch.distributed.rendezvous import rendezvous
 
 from .domain import collectives, modules, shm, specs, training
 from .domain.dictionaries import TensorDict
-from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, WeightavgError
+from .domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
 from .domain.ema import ScheduleChange
 from .domain.options import Value
@@ -725,6 +729,11 @@ def _commit(service: Service, fabric: Fabric, generation: int) -> None:
     prune(service.settings.state_dir, generation)
 
 
+def _release(service: Service, fabric: Fabric, handles: list[str]) -> list[str]:
+    """Free whichever of these handles this rank holds (an ended session's); the ones freed."""
+    return service.store.release(handles)
+
+
 def _quotas(service: Service, fabric: Fabric, quotas: dict[str, Quota]) -> None:
     """Rank 0's tenant quotas (its tokens file), in force on this rank too: every rank reserves against
     them, each for what its own devices hold."""
@@ -744,6 +753,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_snapshot": _snapshot,
     "_commit": _commit,
     "_quotas": _quotas,
+    "_release": _release,
 }
 """Operations only ranks perform (rank 0 included), beside the Service methods."""
 
@@ -869,6 +879,14 @@ class ClusterService(Service):
         self._owners: dict[str, str] = {}
         """The tenant of each handle in _placements: to a caller that may not see it, the handle is
         unknown, routed to rank 0 like any id that never existed (`where`)."""
+        self._sessions_of: dict[str, str] = {}
+        """The session that made each handle in _placements, where one did: when the session ends (closed,
+        or its lease ran out on rank 0), the handle is freed on every rank (`_take_session`)."""
+        self._expired: list[tuple[str, int]] = []
+        """Handles beyond rank 0 of sessions whose lease ran out, for the pinging thread to free: an
+        expiry runs inside any caller's call, which must not wait for the command channel."""
+        self._expiry_due = threading.Event()
+        store.on_expiry.append(self._session_expired)
         self._placements_lock = threading.Lock()
         self._held = [0] * fabric.world_size
         """Bytes each rank held after the last command (another rank changes only through commands)."""
@@ -891,10 +909,15 @@ class ClusterService(Service):
             for h, tenant in handles:
                 held.setdefault(h, []).append(rank)
                 owners[h] = tenant
+        # A replicated handle's session is known from rank 0's copy; one placed on another rank alone
+        # restores without its session (docs/cluster.md, "Limits").
+        sessions = {h: entry.session for h, entry in self.store.items() if entry.session is not None}
         with self._placements_lock:
             for h, ranks in held.items():
                 if len(ranks) == self.fabric.world_size:
                     self._placements[h] = ALL
+                    if h in sessions:
+                        self._sessions_of[h] = sessions[h]
                 elif ranks != [0]:
                     self._placements[h] = ranks[0]
                 else:
@@ -910,12 +933,60 @@ class ClusterService(Service):
         self._call("_quotas", ALL, (dict(quotas),))
 
     def _ping(self) -> None:
+        """Ping the idle ranks, and free on every rank what sessions whose lease ran out made there."""
         interval = max(0.5, min(5.0, self.fabric.timeout / 4))
-        while not self._stop.wait(interval):
-            if self._channel.acquire(blocking=False):  # a command in flight says as much as a ping
+        while True:
+            expired = self._expiry_due.wait(interval)
+            if self._stop.is_set():
+                return
+            if expired:
+                self._expiry_due.clear()
+                with self._placements_lock:
+                    handles, self._expired = self._expired, []
+                self._release(handles)
+            elif self._channel.acquire(blocking=False):  # a command in flight says as much as a ping
                 self._channel.release()
                 with contextlib.suppress(Unavailable):
                     self._send(Command("_ping"))
+
+    def _session_expired(self, session: str) -> None:
+        """A session's lease ran out on rank 0 (its handles there are freed): queue what it made on the
+        other ranks for the pinging thread."""
+        handles = self._take_session(session)
+        if handles:
+            with self._placements_lock:
+                self._expired.extend(handles)
+            self._expiry_due.set()
+
+    def _take_session(self, session: str | None) -> list[tuple[str, int]]:
+        """Forget the handles beyond rank 0 that `session` made; them, with where they live, to free."""
+        if session is None:
+            return []
+        with self._placements_lock:
+            handles = [(h, self._placements.get(h, 0)) for h, owner in self._sessions_of.items() if owner == session]
+            for h, _ in handles:
+                self._forget(h)
+        return handles
+
+    def _forget(self, handle: str) -> None:
+        """Drop a handle beyond rank 0 from rank 0's books (placements lock held)."""
+        self._placements.pop(handle, None)
+        self._owners.pop(handle, None)
+        self._sessions_of.pop(handle, None)
+
+    def _release(self, handles: list[tuple[str, int]]) -> int:
+        """Free these handles (with where they live) on every rank that holds one: the server's own
+        clean-up of an ended session's; how many of those placed on one other rank were freed (rank 0
+        counted the replicated ones with its own). A broken cluster frees nothing more: its restart
+        restores the last snapshot."""
+        if not handles:
+            return 0
+        try:
+            freed = self._call("_release", ALL, ([h for h, _ in handles],))
+        except Unavailable:
+            return 0
+        done = {h for rank, gone in enumerate(freed) if rank and isinstance(gone, list) for h in gone}
+        return sum(1 for h, where in handles if where != ALL and h in done)
 
     def _check(self) -> None:
         if self._broken:
@@ -972,10 +1043,23 @@ class ClusterService(Service):
         return self.store.requests.answer(key, name, CALLER_SESSION.get(), run, CALLER.get().tenant)
 
     def _record(self, value: Any, where: int) -> None:
-        if isinstance(value, Ref) and where != 0:
-            with self._placements_lock:
-                self._placements[value.id] = where
-                self._owners[value.id] = CALLER.get().tenant
+        """Note where a new handle beyond rank 0 lives, its tenant and its session.
+
+        Raises:
+            NotFound: the caller's session ended while the command ran; the handle is freed again, as
+                one server refuses to create an object for an ended session.
+        """
+        if not isinstance(value, Ref) or where == 0:
+            return
+        session = CALLER_SESSION.get()
+        with self._placements_lock:
+            self._placements[value.id] = where
+            self._owners[value.id] = CALLER.get().tenant
+            if session is not None:
+                self._sessions_of[value.id] = session
+        if session is not None and not self.store.has_session(session):
+            self._release(self._take_session(session))
+            raise NotFound(f"session '{session}' has ended (lease expired or closed); nothing created")
 
     def where(self, handle: str) -> int:
         """Where a handle lives: ALL, or a rank (0 for rank 0's own and for unknown handles).
@@ -1331,19 +1415,19 @@ class ClusterService(Service):
                 with self._placements_lock:
                     gone = list(self._placements) if purge else [h for h, o in self._owners.items() if o == tenant]
                     for h in gone:
-                        self._placements.pop(h, None)
-                        self._owners.pop(h, None)
+                        self._forget(h)
                 return int(sum(c for c in counts if isinstance(c, int)))
             by_rank: dict[int, list[str]] = {}
             for h in handles:
                 by_rank.setdefault(self.where(h), []).append(h)
             freed = Service.free(self, by_rank.pop(0, []), every) if (0 in by_rank or every) else 0
+            if every:  # the session's handles: those beyond rank 0 too
+                freed += self._release(self._take_session(CALLER_SESSION.get()))
             for where, group in by_rank.items():
                 freed += int(self._call("free", where, (group, False))[0 if where == ALL else where])
                 with self._placements_lock:
                     for h in group:
-                        self._placements.pop(h, None)
-                        self._owners.pop(h, None)
+                        self._forget(h)
             return freed
 
         return self._keyed("free", request, run)  # type: ignore[no-any-return]
@@ -1387,9 +1471,21 @@ class ClusterService(Service):
             self.generation = generation
             return result
 
+    def close_session(self, session: str, *, request: RequestKey | None = None) -> int:
+        """End the session on rank 0, then free what it made on the other ranks; how many handles."""
+        self._check()
+
+        def run() -> int:
+            sid = self._session(session)
+            freed = Service.close_session(self, sid)
+            return freed + self._release(self._take_session(sid))
+
+        return self._keyed("close_session", request, run)  # type: ignore[no-any-return]
+
     def shutdown(self, save: bool) -> None:
         """Stop pinging; unless broken, have every rank snapshot (with a state directory) and stop."""
         self._stop.set()
+        self._expiry_due.set()  # wakes the pinging thread
         if self._pinger.is_alive():
             self._pinger.join()
         if self._broken:

@@ -23,7 +23,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +161,9 @@ class Registry:
         """Live handles per tenant."""
         self.shared = SharedRegions()
         """Shared memory regions registered by sessions; each session's go when it ends (shm.py)."""
+        self.on_expiry: list[Callable[[str], None]] = []
+        """Called with the ID of each session whose lease ran out, after its handles here were freed
+        (outside the locks): a cluster frees what the session made on its other ranks."""
 
     @property
     def limits(self) -> Limits:
@@ -494,6 +497,23 @@ class Registry:
         CALLER.get().require_admin(what)
         return self._free_entries([(h, e) for h, e in self.items() if tenant is None or e.tenant == tenant])
 
+    def release(self, handles: Sequence[str]) -> list[str]:
+        """The server's own clean-up, asked for by no caller (a cluster rank freeing what an ended
+        session made there): free whichever of these handles exist, of any tenant, each once its calls
+        in flight have finished; the handles freed. Handles that are gone already are skipped."""
+        with self._lock:
+            entries = [(h, e) for h in dict.fromkeys(handles) if (e := self._entries.get(h)) is not None]
+        with locked(*(e for _, e in entries), check_live=False), self._lock:
+            live = [(h, e) for h, e in entries if self._entries.get(h) is e]
+            for h, e in live:
+                self._remove(h, e)
+        return [h for h, _ in live]
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether the session is still open (neither closed nor expired)."""
+        with self._lock:
+            return session_id in self._sessions
+
     def _free_entries(self, entries: list[tuple[str, Entry]]) -> int:
         with locked(*(e for _, e in entries), check_live=False), self._lock:
             live = [(h, e) for h, e in entries if self._entries.get(h) is e]
@@ -693,6 +713,8 @@ class Registry:
         close_regions(regions)  # outside the locks: closing waits for the regions' copies
         for sid, freed in ended:
             log.warning("session %s expired (no call for its lease); freed %d handle(s)", sid, freed)
+            for listener in self.on_expiry:
+                listener(sid)
         return ended
 
     def _live_session(self, session_id: str) -> Session:
