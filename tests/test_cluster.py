@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -773,6 +774,27 @@ def test_a_clean_stop_snapshots_every_rank_and_logs_no_error(tmp_path: Path) -> 
     errors = [line for line in log.splitlines() if " ERROR weightavg" in line]
     assert not errors, errors
     assert cluster_generations(state / "rank-0") == cluster_generations(state / "rank-1") == [1]
+
+
+def test_ranks_stop_on_rank_0s_word_when_the_shutdown_snapshot_fails(tmp_path: Path) -> None:
+    """A shutdown snapshot that a rank cannot write (its directory gone, a full disk) left the other
+    ranks unstopped: rank 0 logged the failure and skipped the stop, so rank 1 waited out the cluster
+    timeout and failed (found by review), and rank 0 exited 0 where one server exits 1. Every rank now
+    stops, then rank 0 says the snapshot failed and exits 1."""
+    state = tmp_path / "state"
+    cluster = Cluster(tmp_path, "--state-dir", str(state))
+    try:
+        with client(cluster.address) as c:
+            c.dict({"w": np.arange(3, dtype=np.float32)}, rank=1)
+        shutil.rmtree(state / "rank-1", ignore_errors=True)
+        (state / "rank-1").write_text("not a directory")  # where rank 1 writes its snapshot
+        started = time.monotonic()
+    finally:
+        cluster.stop()
+    log = cluster.out.read_text()
+    assert "shutdown snapshot failed, live handles are lost: rank 1:" in log  # and rank 0 exits 1, as one server
+    assert "rank 1: stop from rank 0" in log
+    assert time.monotonic() - started < 20, "the stop waited for the cluster timeout"
 
 
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:

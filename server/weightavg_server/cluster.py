@@ -69,7 +69,7 @@ from .service import (
     Upload, OnHeader,
 )
 from .store import snapshot
-from .store.snapshot import SnapshotResult
+from .store.snapshot import SnapshotError, SnapshotResult
 from .store.registry import CALLER_SESSION, HANDLE_BITS, Entry, Kind, Registry
 from .store.requests import RequestKey
 from .store.tenants import CALLER, Caller, Quota
@@ -1483,7 +1483,11 @@ class ClusterService(Service):
         return self._keyed("close_session", request, run)  # type: ignore[no-any-return]
 
     def shutdown(self, save: bool) -> None:
-        """Stop pinging; unless broken, have every rank snapshot (with a state directory) and stop."""
+        """Stop pinging; unless broken, have every rank snapshot (with a state directory) and stop.
+
+        Raises:
+            SnapshotError: some rank could not write the shutdown snapshot (every rank stopped all the same).
+        """
         self._stop.set()
         self._expiry_due.set()  # wakes the pinging thread
         if self._pinger.is_alive():
@@ -1491,12 +1495,18 @@ class ClusterService(Service):
         if self._broken:
             log.warning("cluster broken (%s): no shutdown snapshot, the last complete one stays", self._broken)
             return
-        try:
-            if save:
+        failed: WeightavgError | None = None
+        if save:
+            try:
                 self.save_all(copy=False)
+            except WeightavgError as exc:  # the ranks still stop: else they waited out the timeout, then failed
+                failed = exc
+        try:
             self._stop_ranks()
         except WeightavgError as exc:
             log.error("cluster shutdown: %s", exc)
+        if failed is not None:  # as on one server: `weightavg serve` says so and exits 1
+            raise failed if isinstance(failed, SnapshotError) else SnapshotError(str(failed))
 
     def _stop_ranks(self) -> None:
         """Tell the other ranks to stop: a broadcast alone, since they leave without answering (sent as a
