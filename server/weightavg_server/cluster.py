@@ -882,6 +882,8 @@ class ClusterService(Service):
         self._sessions_of: dict[str, str] = {}
         """The session that made each handle in _placements, where one did: when the session ends (closed,
         or its lease ran out on rank 0), the handle is freed on every rank (`_take_session`)."""
+        self._session_handles: dict[str, set[str]] = {}
+        """The same, by session: an ending session finds its handles without a walk of every handle."""
         self._expired: list[tuple[str, int]] = []
         """Handles beyond rank 0 of sessions whose lease ran out, for the pinging thread to free: an
         expiry runs inside any caller's call, which must not wait for the command channel."""
@@ -917,7 +919,7 @@ class ClusterService(Service):
                 if len(ranks) == self.fabric.world_size:
                     self._placements[h] = ALL
                     if h in sessions:
-                        self._sessions_of[h] = sessions[h]
+                        self._own(h, sessions[h])
                 elif ranks != [0]:
                     self._placements[h] = ranks[0]
                 else:
@@ -963,7 +965,7 @@ class ClusterService(Service):
         if session is None:
             return []
         with self._placements_lock:
-            handles = [(h, self._placements.get(h, 0)) for h, owner in self._sessions_of.items() if owner == session]
+            handles = [(h, self._placements.get(h, 0)) for h in self._session_handles.get(session, ())]
             for h, _ in handles:
                 self._forget(h)
         return handles
@@ -972,7 +974,17 @@ class ClusterService(Service):
         """Drop a handle beyond rank 0 from rank 0's books (placements lock held)."""
         self._placements.pop(handle, None)
         self._owners.pop(handle, None)
-        self._sessions_of.pop(handle, None)
+        session = self._sessions_of.pop(handle, None)
+        if session is not None:
+            owned = self._session_handles[session]
+            owned.discard(handle)
+            if not owned:
+                del self._session_handles[session]
+
+    def _own(self, handle: str, session: str) -> None:
+        """Note that `session` made a handle beyond rank 0 (placements lock held)."""
+        self._sessions_of[handle] = session
+        self._session_handles.setdefault(session, set()).add(handle)
 
     def _release(self, handles: list[tuple[str, int]]) -> int:
         """Free these handles (with where they live) on every rank that holds one: the server's own
@@ -1056,7 +1068,7 @@ class ClusterService(Service):
             self._placements[value.id] = where
             self._owners[value.id] = CALLER.get().tenant
             if session is not None:
-                self._sessions_of[value.id] = session
+                self._own(value.id, session)
         if session is not None and not self.store.has_session(session):
             self._release(self._take_session(session))
             raise NotFound(f"session '{session}' has ended (lease expired or closed); nothing created")
