@@ -797,6 +797,25 @@ def test_ranks_stop_on_rank_0s_word_when_the_shutdown_snapshot_fails(tmp_path: P
     assert time.monotonic() - started < 20, "the stop waited for the cluster timeout"
 
 
+def test_a_snapshot_reports_what_every_rank_wrote(tmp_path: Path) -> None:
+    """The Snapshot reply gave rank 0's own figures (its handles and bytes, its generation directory),
+    so a cluster whose objects live on other ranks reported a fraction of what it saved. It now
+    counts each handle once and the bytes every rank wrote, in the --state-dir."""
+    state = tmp_path / "state"
+    cluster = Cluster(tmp_path, "--state-dir", str(state))
+    try:
+        with client(cluster.address) as c:
+            c.dict({"w": np.zeros(4, np.float32)}, rank=0)
+            c.dict({"w": np.zeros(8, np.float32)}, rank=1)
+            c.dict({"w": np.zeros(16, np.float32)}, replicate=True)
+            result = c.snapshot()
+    finally:
+        cluster.stop()
+    assert result["directory"] == str(state)
+    assert result["handles"] == 3
+    assert result["tensor_bytes"] == 4 * (4 + 8 + 2 * 16)
+
+
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
     """--max-restarts 1 and periodic snapshots: after rank 1 is killed, torchrun restarts both ranks,
     every rank restores the same generation, and the same handles hold the same values on both ranks."""

@@ -1466,7 +1466,7 @@ class ClusterService(Service):
         return ranks if self.sees_server_wide() else [RankInfo(r.rank, r.device, 0, 0) for r in ranks]
 
     def snapshot(self) -> SnapshotResult:
-        """Every rank writes its own snapshot (its --state-dir/rank-N/gen-G); rank 0's result."""
+        """Every rank writes its own snapshot (its --state-dir/rank-N/gen-G); what they wrote together."""
         CALLER.get().require_admin("a snapshot")
         if not self.settings.state_dir:
             raise FailedPrecondition("this server was started without --state-dir; there is nowhere to write a snapshot")
@@ -1478,10 +1478,23 @@ class ClusterService(Service):
         commit), so the newest generation every rank holds is always a whole cluster snapshot."""
         with self._saving:
             generation = self.generation + 1
-            result: SnapshotResult = self._call("_snapshot", ALL, (generation, copy))[0]
+            results: list[SnapshotResult] = self._call("_snapshot", ALL, (generation, copy))
             self._call("_commit", ALL, (generation,))
             self.generation = generation
-            return result
+            return self._whole(results)
+
+    def _whole(self, results: list[SnapshotResult]) -> SnapshotResult:
+        """The cluster's snapshot as a client sees its objects: the state directory, each handle once (a
+        replicated one is saved by every rank), and the tensor bytes every rank wrote. Rank 0's own
+        figures undercounted a cluster whose objects mostly live on other ranks."""
+        with self._placements_lock:
+            replicated = sum(1 for where in self._placements.values() if where == ALL)
+        return SnapshotResult(
+            os.path.dirname(self.settings.state_dir),  # --state-dir: each rank's is its rank-N below it
+            sum(r.handles for r in results) - (len(results) - 1) * replicated,
+            sum(r.tensor_bytes for r in results),
+            sorted({item for r in results for item in r.skipped}),
+        )
 
     def close_session(self, session: str, *, request: RequestKey | None = None) -> int:
         """End the session on rank 0, then free what it made on the other ranks; how many handles."""
