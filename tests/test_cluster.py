@@ -12,16 +12,19 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from weightavg import (
@@ -814,6 +817,28 @@ def test_a_snapshot_reports_what_every_rank_wrote(tmp_path: Path) -> None:
     assert result["directory"] == str(state)
     assert result["handles"] == 3
     assert result["tensor_bytes"] == 4 * (4 + 8 + 2 * 16)
+
+
+def test_metrics_report_the_bytes_of_every_rank(tmp_path: Path) -> None:
+    """Rank 0 serves the metrics, and its per-device figures are its own store's: a cluster holding
+    everything on rank 1 showed nothing. weightavg_rank_tensor_bytes has every rank's bytes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cluster = Cluster(tmp_path, "--metrics-port", str(port))
+    try:
+        with client(cluster.address) as c:
+            c.dict({"w": np.zeros(8, np.float32)}, rank=1)
+            c.dict({"w": np.zeros(2, np.float32)}, replicate=True)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+                text = response.read().decode()
+    finally:
+        cluster.stop()
+    ranks = {
+        sample.labels["rank"]: sample.value for family in text_string_to_metric_families(text)
+        for sample in family.samples if sample.name == "weightavg_rank_tensor_bytes"
+    }
+    assert ranks == {"0": 8, "1": 40}
 
 
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:

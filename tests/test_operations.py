@@ -268,6 +268,7 @@ def test_metrics_endpoint_after_some_calls(ops_server: OpsServer, ops: Client) -
     # Live objects are read from the registry at scrape time: one dictionary of 4000 bytes.
     assert after[("weightavg_live_handles", (("device", "cpu"),))] == 1
     assert after[("weightavg_live_tensor_bytes", (("device", "cpu"),))] == 4000
+    assert after[("weightavg_rank_tensor_bytes", (("rank", "0"),))] == 4000  # one server: rank 0
     # Per tenant (an open server: everyone is the default tenant): calls, failures, what it holds.
     assert delta("weightavg_tenant_calls_total", (("tenant", "default"),)) == 6
     assert delta("weightavg_tenant_failures_total", (("tenant", "default"),)) == 1

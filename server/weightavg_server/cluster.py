@@ -1127,14 +1127,18 @@ class ClusterService(Service):
             return ALL
         return self._target(ALL, placement.rank) if placement.rank is not None else self.least_held()
 
-    def least_held(self) -> int:
-        """Where a new object without a placement goes: the rank holding the fewest bytes of tensor
-        storage now (the lowest such rank on a tie, so rank 0 while the ranks are even). Rank 0's
-        bytes are read live; the others' as their last command left them, which is exact, since
-        nothing else changes them."""
+    def rank_bytes(self) -> list[int]:
+        """Each rank's bytes without a command (a scrape must not wait behind an epoch): rank 0's read
+        live, the others' as their last command left them, which is exact (only commands change them)."""
         with self._placements_lock:
             held = list(self._held)
         held[0] = held_bytes(self)
+        return held
+
+    def least_held(self) -> int:
+        """Where a new object without a placement goes: the rank holding the fewest bytes of tensor
+        storage now (the lowest such rank on a tie, so rank 0 while the ranks are even; `rank_bytes`)."""
+        held = self.rank_bytes()
         return min(range(len(held)), key=lambda r: (held[r], r))
 
     def _routed(

@@ -347,6 +347,11 @@ class Service:
         nbytes = storage_bytes(seen)
         return {d: DeviceUsage(handles.get(d, 0), nbytes.get(d, 0)) for d in sorted(set(handles) | set(nbytes))}
 
+    def rank_bytes(self) -> list[int]:
+        """Bytes of tensor storage each rank holds, every tenant's, in rank order: here the one rank
+        (the operator's figure, for metrics; a cluster's: cluster.ClusterService)."""
+        return [sum(self.store.held_bytes().values())]
+
     def request_id_stats(self) -> RequestStats:
         """Request IDs remembered now, duplicates answered from them, and IDs dropped at the caps:
         server-wide figures, so none for a caller that does not see those (`sees_server_wide`)."""

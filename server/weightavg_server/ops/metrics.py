@@ -82,6 +82,16 @@ class WeightavgCollector(Collector):
                 nbytes.add_metric([device], usage.bytes)
         yield from (handles, nbytes)
 
+        ranks = GaugeMetricFamily(
+            "weightavg_rank_tensor_bytes",
+            "Bytes of tensor storage each rank holds (one rank: 0; a torchrun cluster: every rank, whose objects "
+            "the per-device figures above, rank 0's, leave out).",
+            labels=["rank"],
+        )
+        for rank, held_by_rank in enumerate(self.service.rank_bytes()):
+            ranks.add_metric([str(rank)], held_by_rank)
+        yield ranks
+
         ids = self.service.request_id_stats()
         remembered = GaugeMetricFamily(
             "weightavg_request_ids_remembered", "Request IDs whose first answer is remembered (exactly-once calls)."
