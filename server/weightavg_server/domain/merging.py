@@ -41,6 +41,14 @@ from .options import (
 SLERP_EPS = 1e-8
 """A tensor whose norm is at most this is not normalised before SLERP's angle is taken."""
 
+SLERP_COLINEAR = 2.0**-44
+"""A cosine within this of 1 in absolute value is taken as colinear tensors, where sin(theta) is 0 and
+SLERP falls back to the line whatever its threshold: the float64 cosine of two colinear tensors comes
+out a few ulps short of +-1 (up to 2.4e-15 for x and k x at 2^24 elements; 2^-44 is 5.7e-14). Near
+theta = pi the arc divides by sin(theta), 1e-16..1e-7 there (float64's pi has a sine of 1.2e-16), and
+with threshold 1 opposite tensors took an "arc" up to 5e16 times their size; near theta = 0 the arc
+and the line differ by under 1e-13 of the tensors' size."""
+
 SLERP_CHUNK = 1 << 16
 """Elements per float64 chunk in which SLERP sums the norms and the dot product of its angle."""
 
@@ -623,11 +631,12 @@ def _slerp(
     v0.copy_(xs[0])
     v1.copy_(xs[1])
     dot = _cosine(v0, v1)
-    theta = math.acos(max(-1.0, min(1.0, dot))) if math.isfinite(dot) else 0.0
+    cosine = max(-1.0, min(1.0, dot)) if math.isfinite(dot) else 1.0
+    theta = math.acos(cosine)
     sin_theta = math.sin(theta)
-    # Also linear where the angle is unusable: no angle at all (threshold 1, exactly colinear) or
-    # a cosine that is not a number (entries holding inf or NaN).
-    if not abs(dot) <= float_value(slot.options, "threshold") or sin_theta <= 0.0:
+    # Also linear where the angle is unusable (threshold 1 lets every finite cosine through): a cosine
+    # that is not a number (entries holding inf or NaN), or colinear tensors (`SLERP_COLINEAR`).
+    if not abs(dot) <= float_value(slot.options, "threshold") or abs(cosine) >= 1.0 - SLERP_COLINEAR:
         v0.lerp_(v1, t)
     else:
         v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1, alpha=math.sin(t * theta) / sin_theta)
