@@ -72,6 +72,12 @@ def _handle(message: pb.Handle) -> Handle:
     return Handle(message.id, _KIND_NAMES.get(message.kind, "unknown"))
 
 
+def _weights(weights: Iterable[float] | None) -> list[float]:
+    """Weights as floats, none when None. Not `weights or ()`: a numpy array or torch tensor of weights
+    (shard sizes, as FedAvg users hold them) has no truth value and raised ValueError before sending."""
+    return [] if weights is None else [float(w) for w in weights]
+
+
 _BUFFER_MODES: dict[Any, pb.BufferMode.ValueType] = {
     False: pb.BUFFER_MODE_UNSPECIFIED,
     True: pb.BUFFER_MODE_AVERAGE,
@@ -1061,7 +1067,7 @@ class Client:
         Example: avg = c.average([d1, d2, d3], weights=[600, 300, 100])
         """
         request = pb.AverageDictionariesRequest(
-            dictionaries=[_id(d) for d in dicts], weights=[float(w) for w in weights or ()],
+            dictionaries=[_id(d) for d in dicts], weights=_weights(weights),
             into=_id(into) if into is not None else "", options=[_option_message(k, v) for k, v in options.items()],
         )
         return _handle(self._stub.AverageDictionaries(request, timeout=self.timeout).dictionary)
@@ -1089,7 +1095,7 @@ class Client:
         """
         request = pb.MergeDictionariesRequest(
             method=method, dictionaries=[_id(d) for d in dicts], base=_id(base) if base is not None else "",
-            weights=[float(w) for w in weights or ()],
+            weights=_weights(weights),
             options=[_option_message(k, v) for k, v in options.items()],
             tensor_options=[
                 pb.TensorOptions(pattern=pattern, options=[_option_message(k, v) for k, v in values.items()])
