@@ -176,6 +176,37 @@ def test_ordinary_weights_keep_the_bits_of_torchs_float32_mean(client: Client, w
             np.testing.assert_array_equal(got.view(np.int32), want, err_msg=f"{method} {name}")
 
 
+def test_weights_in_a_numpy_array_or_a_torch_tensor_are_sent(client: Client) -> None:
+    """Shard sizes often come as an array: `weights or ()` asked the array for a truth value, and the
+    client raised ValueError (numpy) or RuntimeError (torch) before sending anything."""
+    import torch
+
+    x = client.dict({"w": np.array([1.0, 2.0], np.float32)})
+    y = client.dict({"w": np.array([3.0, 4.0], np.float32)})
+    for weights in (np.array([1, 3]), np.array([1.0, 3.0], np.float32), torch.tensor([1.0, 3.0])):
+        for made in (client.average([x, y], weights=weights), client.merge("linear", [x, y], weights=weights)):
+            np.testing.assert_allclose(client.dict(made, "w"), [2.5, 3.5], rtol=0, atol=TOL)
+    with pytest.raises(InvalidArgumentError, match="2 weights for 1 dictionaries"):
+        client.merge("linear", [x], weights=np.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.9995])
+@pytest.mark.parametrize("factor", [-1.0, -3.0])
+def test_slerp_of_opposite_tensors_takes_the_line_whatever_the_threshold(
+    client: Client, factor: float, threshold: float
+) -> None:
+    """Opposite tensors have no arc between them (sin(theta) = 0: docs/merging.md falls back to the
+    line). With threshold 1 the server divided by the sine of float64's pi, 1.2e-16, or of a cosine a
+    few ulps short of -1: 1000 values of size up to 3.9 came back as large as 5e16 (factor -3) or
+    five times the line (factor -1)."""
+    v = np.random.default_rng(11).standard_normal(1000).astype(np.float32)
+    a, b = client.dict({"w": v}), client.dict({"w": np.float32(factor) * v})
+    for t in (0.3, 0.9):
+        got = client.dict(client.merge("slerp", [a, b], t=t, threshold=threshold), "w")
+        line = (1 - t) * v.astype(np.float64) + t * factor * v.astype(np.float64)
+        np.testing.assert_allclose(got, line, rtol=0, atol=1e-5)
+
+
 def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:
     q = client.module(["linear", 4, 3])
     o = client.opt("sgd", q, 1.0)
