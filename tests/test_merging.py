@@ -71,6 +71,18 @@ def test_every_merge_method_answers_with_a_new_dictionary(client: Client) -> Non
     np.testing.assert_array_equal(client.dict(again, "w"), client.dict(made["dare"], "w"))
 
 
+def test_a_handle_given_twice_counts_as_two_inputs_also_when_it_is_into(client: Client) -> None:
+    """The contract allows a handle more than once: [a, a, b] is the mean with a weighted twice, and
+    writing it into a reads a's values before they are overwritten."""
+    values = arrays(2, seed=4)
+    a, b = client.dict(values[0]), client.dict(values[1])
+    want = (2 * values[0]["w"].astype(np.float64) + values[1]["w"]) / 3
+    np.testing.assert_allclose(client.dict(client.average([a, a, b]), "w"), want, rtol=0, atol=TOL)
+    np.testing.assert_allclose(client.dict(client.merge("linear", [a, b, a]), "w"), want, rtol=0, atol=TOL)
+    assert client.average([a, a, b], into=a) == a
+    np.testing.assert_allclose(client.dict(a, "w"), want, rtol=0, atol=TOL)
+
+
 def test_merge_errors_say_what_is_valid(client: Client) -> None:
     a, b = client.dict(arrays(1)[0]), client.dict(arrays(1, seed=3)[0])
     with pytest.raises(InvalidArgumentError, match=r"unknown option 'densty'; did you mean 'density'\? \(options: density, lam, normalize, integers\)"):
