@@ -219,6 +219,23 @@ def test_slerp_of_opposite_tensors_takes_the_line_whatever_the_threshold(
         np.testing.assert_allclose(got, line, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("consensus", [False, True])
+def test_a_dare_density_too_small_to_rescale_by_is_refused_instead_of_answering_nan(
+    client: Client, consensus: bool
+) -> None:
+    """Density 1e-46 is in (0, 1] but 0 in float32: dividing the dropped deltas by it made every
+    element 0 / 0 = NaN, answered OK. Refused now, with nothing made; without rescale it is the base."""
+    x = client.dict({"w": np.arange(1, 9, dtype=np.float32)})
+    base = client.dict({"w": np.full(8, 0.5, np.float32)})
+    held = {h.handle.id for h in client.handles()}
+    for density in (1e-46, 1e-39):
+        with pytest.raises(InvalidArgumentError, match=r"below float32's smallest normal number .* or rescale=False"):
+            client.merge("dare", [x], base=base, density=density, consensus=consensus, normalize=consensus)
+    assert {h.handle.id for h in client.handles()} == held
+    kept = client.merge("dare", [x], base=base, density=1e-46, rescale=False, consensus=consensus)
+    np.testing.assert_array_equal(client.dict(kept, "w"), np.full(8, 0.5, np.float32))
+
+
 def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:
     q = client.module(["linear", 4, 3])
     o = client.opt("sgd", q, 1.0)

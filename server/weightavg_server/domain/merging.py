@@ -207,7 +207,8 @@ def plan(
             one is needed), weights that do not fit the method, an unknown option or a bad value, a
             pattern that matches no entry, dictionaries whose names differ, shapes that do not
             broadcast, entries on different devices, complex entries, integer entries that differ
-            in dtype or shape, or an `into` dictionary without a fitting entry for every name.
+            in dtype or shape, an `into` dictionary without a fitting entry for every name, or a
+            DARE density too small to rescale by in the work dtype.
     """
     what = method.name
     if not dicts:
@@ -243,6 +244,7 @@ def plan(
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
                            read_by))
         _check_normalizable(method, options, checked, divisor, slots[-1])
+        _check_rescale(method, options, slots[-1])
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
@@ -328,6 +330,21 @@ def _check_normalizable(
             f"{method.name}: the weights sum to {total:.4g}, too near 0 against the largest ({largest:.4g}) to divide "
             f"by in {str(slot.work).removeprefix('torch.')}, so entry '{slot.name}' cannot be normalised; give "
             "normalize=False or other weights"
+        )
+
+
+def _check_rescale(method: Method, options: Values, slot: Slot) -> None:
+    """DARE's rescale divides each kept delta by `density` in the work dtype: a density below that
+    dtype's smallest normal number (1.2e-38 in float32) rounds to a subnormal or to 0 there, so every
+    dropped delta became 0 / 0 = NaN (the whole entry NaN, answered OK) and a kept one overflowed."""
+    if method.sparsify != "random" or slot.work is None or not bool_value(options, "rescale"):
+        return
+    density, tiny = float_value(options, "density"), torch.finfo(slot.work).tiny
+    if density < tiny:
+        work = str(slot.work).removeprefix("torch.")
+        raise InvalidArgument(
+            f"dare: density {density:.4g} is below {work}'s smallest normal number ({tiny:.4g}), so entry "
+            f"'{slot.name}' cannot be rescaled by 1/density in {work}; give a larger density, or rescale=False"
         )
 
 
