@@ -236,6 +236,25 @@ def test_a_dare_density_too_small_to_rescale_by_is_refused_instead_of_answering_
     np.testing.assert_array_equal(client.dict(kept, "w"), np.full(8, 0.5, np.float32))
 
 
+@pytest.mark.parametrize(("method", "options"), [
+    ("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare", {"density": 1.0}),
+])
+def test_a_lam_past_float32s_range_is_refused_instead_of_turning_unchanged_elements_nan(
+    client: Client, method: str, options: dict[str, float]
+) -> None:
+    """lam=1e39 is finite, but inf in a float32 merge: an element equal to the base's came back as
+    inf * 0 = NaN instead of the base's value, answered OK. Weights have the same bound."""
+    x = client.dict({"w": np.array([0.0, 1.0], np.float32)})
+    base = client.dict({"w": np.zeros(2, np.float32)})
+    held = {h.handle.id for h in client.handles()}
+    for lam in (1e39, -1e39):
+        with pytest.raises(InvalidArgumentError, match=r"lam .* past float32's range .* give a smaller lam"):
+            client.merge(method, [x], base=base, lam=lam, **options)
+    assert {h.handle.id for h in client.handles()} == held
+    got = client.dict(client.merge(method, [x], base=base, lam=3e38, **options), "w")
+    np.testing.assert_array_equal(got, np.array([0.0, 3e38], np.float32))
+
+
 def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:
     q = client.module(["linear", 4, 3])
     o = client.opt("sgd", q, 1.0)

@@ -208,7 +208,7 @@ def plan(
             pattern that matches no entry, dictionaries whose names differ, shapes that do not
             broadcast, entries on different devices, complex entries, integer entries that differ
             in dtype or shape, an `into` dictionary without a fitting entry for every name, or a
-            DARE density too small to rescale by in the work dtype.
+            `lam` or DARE density that is no number in the work dtype (`_check_factors`).
     """
     what = method.name
     if not dicts:
@@ -244,7 +244,7 @@ def plan(
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
                            read_by))
         _check_normalizable(method, options, checked, divisor, slots[-1])
-        _check_rescale(method, options, slots[-1])
+        _check_factors(method, options, slots[-1])
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
@@ -333,17 +333,28 @@ def _check_normalizable(
         )
 
 
-def _check_rescale(method: Method, options: Values, slot: Slot) -> None:
-    """DARE's rescale divides each kept delta by `density` in the work dtype: a density below that
-    dtype's smallest normal number (1.2e-38 in float32) rounds to a subnormal or to 0 there, so every
-    dropped delta became 0 / 0 = NaN (the whole entry NaN, answered OK) and a kept one overflowed."""
-    if method.sparsify != "random" or slot.work is None or not bool_value(options, "rescale"):
+def _check_factors(method: Method, options: Values, slot: Slot) -> None:
+    """The factors a task-vector merge scales a floating entry by, in its work dtype, must be numbers
+    there. `lam` past the dtype's largest value (3.4e38 in float32) is inf there, and lam * 0 made
+    every unchanged element NaN instead of the base's value. DARE's rescale divides each kept delta by
+    `density`: a density below the dtype's smallest normal number (1.2e-38 in float32) rounds to a
+    subnormal or to 0, so every dropped delta became 0 / 0 = NaN and a kept one overflowed. Either
+    came back as a merge full of NaN, answered OK."""
+    if slot.work is None or not method.base:
         return
-    density, tiny = float_value(options, "density"), torch.finfo(slot.work).tiny
-    if density < tiny:
-        work = str(slot.work).removeprefix("torch.")
+    work, info = str(slot.work).removeprefix("torch."), torch.finfo(slot.work)
+    lam = float_value(options, "lam")
+    if abs(lam) > info.max:
         raise InvalidArgument(
-            f"dare: density {density:.4g} is below {work}'s smallest normal number ({tiny:.4g}), so entry "
+            f"{method.name}: lam {lam:.4g} lies past {work}'s range (at most {info.max:.4g} in size), where entry "
+            f"'{slot.name}' is computed; give a smaller lam"
+        )
+    if method.sparsify != "random" or not bool_value(options, "rescale"):
+        return
+    density = float_value(options, "density")
+    if density < info.tiny:
+        raise InvalidArgument(
+            f"dare: density {density:.4g} is below {work}'s smallest normal number ({info.tiny:.4g}), so entry "
             f"'{slot.name}' cannot be rescaled by 1/density in {work}; give a larger density, or rescale=False"
         )
 
