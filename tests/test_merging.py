@@ -83,6 +83,21 @@ def test_a_handle_given_twice_counts_as_two_inputs_also_when_it_is_into(client: 
     np.testing.assert_allclose(client.dict(a, "w"), want, rtol=0, atol=TOL)
 
 
+def test_one_handle_given_where_a_list_is_taken_says_to_pass_a_list(client: Client) -> None:
+    """A bare id string was iterated by character and sent as handles 'd', 'i', 'c', ...: the server
+    answered NOT_FOUND for handle 'd'. Now the client refuses it (and a lone Handle) before sending."""
+    a = client.dict(arrays(1)[0])
+    m = client.module(["linear", 2, 2])
+    calls = [
+        lambda h: client.average(h), lambda h: client.merge("linear", h), lambda h: client.soup(m, h),
+    ]
+    for call in calls:
+        for given in (a, a.id):
+            with pytest.raises(TypeError, match=r"takes a list of handles, given one .*; pass \[h\]"):
+                call(given)
+    np.testing.assert_array_equal(client.dict(client.average([a.id]), "w"), arrays(1)[0]["w"])
+
+
 def test_merge_errors_say_what_is_valid(client: Client) -> None:
     a, b = client.dict(arrays(1)[0]), client.dict(arrays(1, seed=3)[0])
     with pytest.raises(InvalidArgumentError, match=r"unknown option 'densty'; did you mean 'density'\? \(options: density, lam, normalize, integers\)"):
