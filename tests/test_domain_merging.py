@@ -392,16 +392,18 @@ def test_slerp_just_under_the_threshold_takes_the_arc_and_just_over_it_the_line(
         assert_close(got.entries["x"], reference_slerp(x, y, 0.5))
 
 
-@pytest.mark.parametrize(("b", "threshold"), [
-    (torch.tensor([2.0, 0.0]), 1.0),  # exactly colinear with a threshold of 1: no angle to follow
-    (torch.tensor([math.nan, 1.0]), 0.9995),  # the cosine is NaN
-    (torch.tensor([0.0, 0.0]), 0.9995),  # a zero tensor: cosine 0, the arc to nowhere
-], ids=["colinear at threshold 1", "NaN", "zero"])
-def test_slerp_never_divides_by_a_zero_sine(b: torch.Tensor, threshold: float) -> None:
+@pytest.mark.parametrize(("b", "threshold", "line"), [
+    (torch.tensor([2.0, 0.0]), 1.0, [1.5, 0.0]),  # exactly colinear with a threshold of 1: no angle to follow
+    # Opposite: theta = pi, whose sine in float64 is 1.2e-16, not 0; the arc came out as -1.6e16.
+    (torch.tensor([-3.0, 0.0]), 1.0, [-1.0, 0.0]),
+    (torch.tensor([math.nan, 1.0]), 0.9995, None),  # the cosine is NaN
+    (torch.tensor([0.0, 0.0]), 0.9995, None),  # a zero tensor: cosine 0, the arc to nowhere
+], ids=["colinear at threshold 1", "opposite at threshold 1", "NaN", "zero"])
+def test_slerp_never_divides_by_a_zero_sine(b: torch.Tensor, threshold: float, line: list[float] | None) -> None:
     a = TensorDict({"x": torch.tensor([1.0, 0.0])})
     got = merged("slerp", [a, TensorDict({"x": b})], options={"t": 0.5, "threshold": threshold})
-    if threshold == 1.0:
-        assert got.entries["x"].tolist() == [1.5, 0.0]
+    if line is not None:
+        assert got.entries["x"].tolist() == line
     assert got.entries["x"].shape == (2,)
 
 

@@ -71,6 +71,33 @@ def test_every_merge_method_answers_with_a_new_dictionary(client: Client) -> Non
     np.testing.assert_array_equal(client.dict(again, "w"), client.dict(made["dare"], "w"))
 
 
+def test_a_handle_given_twice_counts_as_two_inputs_also_when_it_is_into(client: Client) -> None:
+    """The contract allows a handle more than once: [a, a, b] is the mean with a weighted twice, and
+    writing it into a reads a's values before they are overwritten."""
+    values = arrays(2, seed=4)
+    a, b = client.dict(values[0]), client.dict(values[1])
+    want = (2 * values[0]["w"].astype(np.float64) + values[1]["w"]) / 3
+    np.testing.assert_allclose(client.dict(client.average([a, a, b]), "w"), want, rtol=0, atol=TOL)
+    np.testing.assert_allclose(client.dict(client.merge("linear", [a, b, a]), "w"), want, rtol=0, atol=TOL)
+    assert client.average([a, a, b], into=a) == a
+    np.testing.assert_allclose(client.dict(a, "w"), want, rtol=0, atol=TOL)
+
+
+def test_one_handle_given_where_a_list_is_taken_says_to_pass_a_list(client: Client) -> None:
+    """A bare id string was iterated by character and sent as handles 'd', 'i', 'c', ...: the server
+    answered NOT_FOUND for handle 'd'. Now the client refuses it (and a lone Handle) before sending."""
+    a = client.dict(arrays(1)[0])
+    m = client.module(["linear", 2, 2])
+    calls = [
+        lambda h: client.average(h), lambda h: client.merge("linear", h), lambda h: client.soup(m, h),
+    ]
+    for call in calls:
+        for given in (a, a.id):
+            with pytest.raises(TypeError, match=r"takes a list of handles, given one .*; pass \[h\]"):
+                call(given)
+    np.testing.assert_array_equal(client.dict(client.average([a.id]), "w"), arrays(1)[0]["w"])
+
+
 def test_merge_errors_say_what_is_valid(client: Client) -> None:
     a, b = client.dict(arrays(1)[0]), client.dict(arrays(1, seed=3)[0])
     with pytest.raises(InvalidArgumentError, match=r"unknown option 'densty'; did you mean 'density'\? \(options: density, lam, normalize, integers\)"):
@@ -109,6 +136,29 @@ def test_an_average_of_more_dictionaries_than_one_native_sum_takes_is_torchs_wei
     expected.div_(sum(weights))
     got = client.dict(client.average(handles, weights=weights))["w"]
     np.testing.assert_array_equal(got.view(np.int32), expected.numpy().view(np.int32))
+
+
+def test_an_average_runs_when_torch_has_more_threads_than_one_native_call_takes(client: Client) -> None:
+    """On a machine of more than 256 cores (or with OMP_NUM_THREADS above 256) torch's intra-op count
+    exceeds the native kernel's MAX_THREADS, which refused the call with ValueError: every large CPU
+    average and linear merge answered INTERNAL. One dictionary of 170,000 float32 given 200 times
+    asks for 260 threads (the server runs in this process, so it sees this thread count)."""
+    import torch
+
+    from weightavg_server.domain import weighted_sum
+
+    if not weighted_sum.active():
+        pytest.skip("the native weighted sum is not built or is off here")
+    values = ((np.arange(170_000) % 64) / 8).astype(np.float32)  # sums of 200 stay exact in float32
+    d = client.dict({"w": values})
+    before = torch.get_num_threads()
+    torch.set_num_threads(300)
+    try:
+        made = {"average": client.average([d] * 200), "linear": client.merge("linear", [d] * 200)}
+    finally:
+        torch.set_num_threads(before)
+    for method, handle in made.items():
+        np.testing.assert_array_equal(client.dict(handle, "w"), values, err_msg=method)
 
 
 @pytest.mark.parametrize(("weights", "mean"), [([1e38, 1e38], [2.0, 3.0]), ([3e38, 3e38], [2.0, 3.0]),
@@ -174,6 +224,73 @@ def test_ordinary_weights_keep_the_bits_of_torchs_float32_mean(client: Client, w
             got = client.dict(handle, name)
             want = expected.numpy().view(np.int32)
             np.testing.assert_array_equal(got.view(np.int32), want, err_msg=f"{method} {name}")
+
+
+def test_weights_in_a_numpy_array_or_a_torch_tensor_are_sent(client: Client) -> None:
+    """Shard sizes often come as an array: `weights or ()` asked the array for a truth value, and the
+    client raised ValueError (numpy) or RuntimeError (torch) before sending anything."""
+    import torch
+
+    x = client.dict({"w": np.array([1.0, 2.0], np.float32)})
+    y = client.dict({"w": np.array([3.0, 4.0], np.float32)})
+    for weights in (np.array([1, 3]), np.array([1.0, 3.0], np.float32), torch.tensor([1.0, 3.0])):
+        for made in (client.average([x, y], weights=weights), client.merge("linear", [x, y], weights=weights)):
+            np.testing.assert_allclose(client.dict(made, "w"), [2.5, 3.5], rtol=0, atol=TOL)
+    with pytest.raises(InvalidArgumentError, match="2 weights for 1 dictionaries"):
+        client.merge("linear", [x], weights=np.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.9995])
+@pytest.mark.parametrize("factor", [-1.0, -3.0])
+def test_slerp_of_opposite_tensors_takes_the_line_whatever_the_threshold(
+    client: Client, factor: float, threshold: float
+) -> None:
+    """Opposite tensors have no arc between them (sin(theta) = 0: docs/merging.md falls back to the
+    line). With threshold 1 the server divided by the sine of float64's pi, 1.2e-16, or of a cosine a
+    few ulps short of -1: 1000 values of size up to 3.9 came back as large as 5e16 (factor -3) or
+    five times the line (factor -1)."""
+    v = np.random.default_rng(11).standard_normal(1000).astype(np.float32)
+    a, b = client.dict({"w": v}), client.dict({"w": np.float32(factor) * v})
+    for t in (0.3, 0.9):
+        got = client.dict(client.merge("slerp", [a, b], t=t, threshold=threshold), "w")
+        line = (1 - t) * v.astype(np.float64) + t * factor * v.astype(np.float64)
+        np.testing.assert_allclose(got, line, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+def test_a_dare_density_too_small_to_rescale_by_is_refused_instead_of_answering_nan(
+    client: Client, consensus: bool
+) -> None:
+    """Density 1e-46 is in (0, 1] but 0 in float32: dividing the dropped deltas by it made every
+    element 0 / 0 = NaN, answered OK. Refused now, with nothing made; without rescale it is the base."""
+    x = client.dict({"w": np.arange(1, 9, dtype=np.float32)})
+    base = client.dict({"w": np.full(8, 0.5, np.float32)})
+    held = {h.handle.id for h in client.handles()}
+    for density in (1e-46, 1e-39):
+        with pytest.raises(InvalidArgumentError, match=r"below float32's smallest normal number .* or rescale=False"):
+            client.merge("dare", [x], base=base, density=density, consensus=consensus, normalize=consensus)
+    assert {h.handle.id for h in client.handles()} == held
+    kept = client.merge("dare", [x], base=base, density=1e-46, rescale=False, consensus=consensus)
+    np.testing.assert_array_equal(client.dict(kept, "w"), np.full(8, 0.5, np.float32))
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("task_arithmetic", {}), ("ties", {"density": 1.0}), ("dare", {"density": 1.0}),
+])
+def test_a_lam_past_float32s_range_is_refused_instead_of_turning_unchanged_elements_nan(
+    client: Client, method: str, options: dict[str, float]
+) -> None:
+    """lam=1e39 is finite, but inf in a float32 merge: an element equal to the base's came back as
+    inf * 0 = NaN instead of the base's value, answered OK. Weights have the same bound."""
+    x = client.dict({"w": np.array([0.0, 1.0], np.float32)})
+    base = client.dict({"w": np.zeros(2, np.float32)})
+    held = {h.handle.id for h in client.handles()}
+    for lam in (1e39, -1e39):
+        with pytest.raises(InvalidArgumentError, match=r"lam .* past float32's range .* give a smaller lam"):
+            client.merge(method, [x], base=base, lam=lam, **options)
+    assert {h.handle.id for h in client.handles()} == held
+    got = client.dict(client.merge(method, [x], base=base, lam=3e38, **options), "w")
+    np.testing.assert_array_equal(got, np.array([0.0, 3e38], np.float32))
 
 
 def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client: Client) -> None:

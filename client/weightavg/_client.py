@@ -72,6 +72,20 @@ def _handle(message: pb.Handle) -> Handle:
     return Handle(message.id, _KIND_NAMES.get(message.kind, "unknown"))
 
 
+def _ids(handles: Iterable[HandleLike], what: str) -> list[str]:
+    """The ids of a list of handles. One handle given alone is refused: a Handle is not iterable, and
+    an id string iterated by character went out as handles 'd', 'i', 'c', ... (NOT_FOUND: 'd')."""
+    if isinstance(handles, (str, Handle)):
+        raise TypeError(f"{what} takes a list of handles, given one ({handles!r}); pass [h]")
+    return [_id(h) for h in handles]
+
+
+def _weights(weights: Iterable[float] | None) -> list[float]:
+    """Weights as floats, none when None. Not `weights or ()`: a numpy array or torch tensor of weights
+    (shard sizes, as FedAvg users hold them) has no truth value and raised ValueError before sending."""
+    return [] if weights is None else [float(w) for w in weights]
+
+
 _BUFFER_MODES: dict[Any, pb.BufferMode.ValueType] = {
     False: pb.BUFFER_MODE_UNSPECIFIED,
     True: pb.BUFFER_MODE_AVERAGE,
@@ -1061,7 +1075,7 @@ class Client:
         Example: avg = c.average([d1, d2, d3], weights=[600, 300, 100])
         """
         request = pb.AverageDictionariesRequest(
-            dictionaries=[_id(d) for d in dicts], weights=[float(w) for w in weights or ()],
+            dictionaries=_ids(dicts, "average"), weights=_weights(weights),
             into=_id(into) if into is not None else "", options=[_option_message(k, v) for k, v in options.items()],
         )
         return _handle(self._stub.AverageDictionaries(request, timeout=self.timeout).dictionary)
@@ -1088,8 +1102,8 @@ class Client:
         Example: c.merge("ties", [d1, d2], base=b, density=0.2); c.merge("slerp", [a, b], t=0.3)
         """
         request = pb.MergeDictionariesRequest(
-            method=method, dictionaries=[_id(d) for d in dicts], base=_id(base) if base is not None else "",
-            weights=[float(w) for w in weights or ()],
+            method=method, dictionaries=_ids(dicts, "merge"), base=_id(base) if base is not None else "",
+            weights=_weights(weights),
             options=[_option_message(k, v) for k, v in options.items()],
             tensor_options=[
                 pb.TensorOptions(pattern=pattern, options=[_option_message(k, v) for k, v in values.items()])
@@ -1120,7 +1134,7 @@ class Client:
         Example: s = c.soup(m, [d1, d2, d3]); c.copyparms(m, s.soup); s.kept, s.scores, s.score
         """
         request = pb.BuildGreedySoupRequest(
-            model=_id(m), ingredients=[_id(d) for d in ingredients], options=[_option_message("metric", metric)]
+            model=_id(m), ingredients=_ids(ingredients, "soup"), options=[_option_message("metric", metric)]
         )
         r = self._stub.BuildGreedySoup(request, timeout=self.timeout)
         return Soup(

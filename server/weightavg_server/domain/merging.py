@@ -41,6 +41,14 @@ from .options import (
 SLERP_EPS = 1e-8
 """A tensor whose norm is at most this is not normalised before SLERP's angle is taken."""
 
+SLERP_COLINEAR = 2.0**-44
+"""A cosine within this of 1 in absolute value is taken as colinear tensors, where sin(theta) is 0 and
+SLERP falls back to the line whatever its threshold: the float64 cosine of two colinear tensors comes
+out a few ulps short of +-1 (up to 2.4e-15 for x and k x at 2^24 elements; 2^-44 is 5.7e-14). Near
+theta = pi the arc divides by sin(theta), 1e-16..1e-7 there (float64's pi has a sine of 1.2e-16), and
+with threshold 1 opposite tensors took an "arc" up to 5e16 times their size; near theta = 0 the arc
+and the line differ by under 1e-13 of the tensors' size."""
+
 SLERP_CHUNK = 1 << 16
 """Elements per float64 chunk in which SLERP sums the norms and the dot product of its angle."""
 
@@ -199,7 +207,8 @@ def plan(
             one is needed), weights that do not fit the method, an unknown option or a bad value, a
             pattern that matches no entry, dictionaries whose names differ, shapes that do not
             broadcast, entries on different devices, complex entries, integer entries that differ
-            in dtype or shape, or an `into` dictionary without a fitting entry for every name.
+            in dtype or shape, an `into` dictionary without a fitting entry for every name, or a
+            `lam` or DARE density that is no number in the work dtype (`_check_factors`).
     """
     what = method.name
     if not dicts:
@@ -235,6 +244,7 @@ def plan(
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
                            read_by))
         _check_normalizable(method, options, checked, divisor, slots[-1])
+        _check_factors(method, options, slots[-1])
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
@@ -320,6 +330,32 @@ def _check_normalizable(
             f"{method.name}: the weights sum to {total:.4g}, too near 0 against the largest ({largest:.4g}) to divide "
             f"by in {str(slot.work).removeprefix('torch.')}, so entry '{slot.name}' cannot be normalised; give "
             "normalize=False or other weights"
+        )
+
+
+def _check_factors(method: Method, options: Values, slot: Slot) -> None:
+    """The factors a task-vector merge scales a floating entry by, in its work dtype, must be numbers
+    there. `lam` past the dtype's largest value (3.4e38 in float32) is inf there, and lam * 0 made
+    every unchanged element NaN instead of the base's value. DARE's rescale divides each kept delta by
+    `density`: a density below the dtype's smallest normal number (1.2e-38 in float32) rounds to a
+    subnormal or to 0, so every dropped delta became 0 / 0 = NaN and a kept one overflowed. Either
+    came back as a merge full of NaN, answered OK."""
+    if slot.work is None or not method.base:
+        return
+    work, info = str(slot.work).removeprefix("torch."), torch.finfo(slot.work)
+    lam = float_value(options, "lam")
+    if abs(lam) > info.max:
+        raise InvalidArgument(
+            f"{method.name}: lam {lam:.4g} lies past {work}'s range (at most {info.max:.4g} in size), where entry "
+            f"'{slot.name}' is computed; give a smaller lam"
+        )
+    if method.sparsify != "random" or not bool_value(options, "rescale"):
+        return
+    density = float_value(options, "density")
+    if density < info.tiny:
+        raise InvalidArgument(
+            f"dare: density {density:.4g} is below {work}'s smallest normal number ({info.tiny:.4g}), so entry "
+            f"'{slot.name}' cannot be rescaled by 1/density in {work}; give a larger density, or rescale=False"
         )
 
 
@@ -623,11 +659,12 @@ def _slerp(
     v0.copy_(xs[0])
     v1.copy_(xs[1])
     dot = _cosine(v0, v1)
-    theta = math.acos(max(-1.0, min(1.0, dot))) if math.isfinite(dot) else 0.0
+    cosine = max(-1.0, min(1.0, dot)) if math.isfinite(dot) else 1.0
+    theta = math.acos(cosine)
     sin_theta = math.sin(theta)
-    # Also linear where the angle is unusable: no angle at all (threshold 1, exactly colinear) or
-    # a cosine that is not a number (entries holding inf or NaN).
-    if not abs(dot) <= float_value(slot.options, "threshold") or sin_theta <= 0.0:
+    # Also linear where the angle is unusable (threshold 1 lets every finite cosine through): a cosine
+    # that is not a number (entries holding inf or NaN), or colinear tensors (`SLERP_COLINEAR`).
+    if not abs(dot) <= float_value(slot.options, "threshold") or abs(cosine) >= 1.0 - SLERP_COLINEAR:
         v0.lerp_(v1, t)
     else:
         v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1, alpha=math.sin(t * theta) / sin_theta)

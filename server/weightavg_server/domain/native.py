@@ -37,6 +37,17 @@ def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None, Copy | None
 
 LERP, WEIGHTED_SUM, _ADVISE, _COPY = _load()
 
+MAX_THREADS: Final = 256
+"""The most threads one kernel call runs: `_native.c` (its MAX_THREADS) refuses more with ValueError.
+torch's intra-op thread count, which callers start from, can exceed it (a machine of more than 256
+cores, or OMP_NUM_THREADS or torch.set_num_threads above it): take `capped(threads)`."""
+
+
+def capped(threads: int) -> int:
+    """A thread count one kernel call takes: from 1 to MAX_THREADS."""
+    return max(1, min(threads, MAX_THREADS))
+
+
 STREAM_MIN_BYTES: Final = 1 << 20
 """Copies from this size stream (`stream_copy`); a smaller one stays with memcpy, whose stores leave
 the bytes in cache for whatever reads them next."""
