@@ -80,6 +80,8 @@ def test_a_replicated_module_averages_across_ranks(shared: Cluster) -> None:
         c.dict(d, "a", np.array([3.0, 7.0], np.float32))  # every rank
         assert c.allreduce(d, weights=[1, 3]) == 1
         assert c.dict(d, "a", rank=1).tolist() == [3.0, 7.0]
+        assert c.allreduce(d, weights=np.array([600, 400])) == 1  # shard sizes as numpy holds them
+        assert c.dict(d, "a", rank=1).tolist() == [3.0, 7.0]
         for placement in ({"rank": 0}, {"rank": 1}):
             local = c.module(["linear", 3, 2], **placement)
             with pytest.raises(FailedPreconditionError, match="replicate=True"):

@@ -956,7 +956,7 @@ class Client:
         if op not in ops:
             raise ValueError(f"op must be one of {', '.join(ops)}; got {op!r}")
         request = pb.AllReduceRequest(
-            handle=_id(h), op=ops[op], weights=list(weights or []), request_id=new_request_id()
+            handle=_id(h), op=ops[op], weights=_weights(weights), request_id=new_request_id()
         )
         return int(self._stub.AllReduce(request, timeout=self.timeout).tensors)
 
