@@ -383,7 +383,6 @@ def test_average_parameters_accepts_exactly_the_shapes_torch_broadcasts_into(avg
         (torch.complex64, torch.float32, True),
         (torch.float32, torch.complex64, False),
         (torch.int64, torch.float32, False),
-        (torch.int32, torch.int32, False),
         (torch.bool, torch.float32, False),
     ],
     ids=str,
@@ -404,6 +403,24 @@ def test_average_parameters_dtype_rules(avg_dtype: torch.dtype, param_dtype: tor
         with pytest.raises(InvalidArgument, match="'w' holds"):
             averaging.average_parameters(module, d)
         assert torch.equal(d.entries["w"], torch.zeros(3, dtype=avg_dtype)) and COUNT_KEY not in d.entries
+
+
+def test_an_integer_parameter_is_copied_and_a_floating_one_into_an_integer_entry_refused() -> None:
+    """Integer tensors are copied, never averaged, whichever the source: a module's integer
+    parameter too (its copyparms copy keeps its dtype, and every average into it was refused)."""
+    module = torch.nn.Module()
+    module.register_parameter("k", torch.nn.Parameter(torch.full((3,), 2, dtype=torch.int32), requires_grad=False))
+    module.register_parameter("w", torch.nn.Parameter(torch.full((3,), 2.0)))
+    d = TensorDict({"k": torch.zeros(3, dtype=torch.int32), "w": torch.zeros(3)})
+    assert averaging.average_parameters(module, d) == 2
+    assert torch.equal(d.entries["k"], torch.full((3,), 2, dtype=torch.int32))
+    assert torch.equal(d.entries["w"], torch.ones(3))
+    d.entries["k"] = torch.zeros(3, dtype=torch.int32)
+    d.entries["w"] = torch.zeros(3, dtype=torch.int32)
+    d.changed()
+    with pytest.raises(InvalidArgument, match="'w' holds torch.int32; an average needs a floating-point entry"):
+        averaging.average_parameters(module, d)
+    assert not d.entries["k"].any() and d.entries[COUNT_KEY].item() == 2
 
 
 def test_broadcast_shape_matches_torch_broadcast_shapes() -> None:

@@ -405,7 +405,9 @@ def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -
             raise InvalidArgument(
                 f"parameter '{name}' not found in the dictionary, unable to compute average; nothing changed"
             )
-        averaged.append((name, i))
+        # An integer parameter (registered with parm) is copied as an integer buffer is: its copy
+        # keeps its dtype, and averaging one into it was refused on every call (found by review).
+        (averaged if _floating(index.tensors[i]) else copied).append((name, i))
     if buffers is BufferMode.EXCLUDE:
         return _joined(averaged, copied)
     for i in range(index.parameters, len(index.names)):
