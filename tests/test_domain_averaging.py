@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from weightavg_server.domain import averaging
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
@@ -449,3 +451,48 @@ def test_average_parameters_into_a_float64_copy_accumulates_in_float64() -> None
         mean = torch.stack([h.entries[name].double() for h in history]).mean(0)
         assert d.entries[name].dtype == torch.float64
         torch.testing.assert_close(d.entries[name], mean, rtol=0, atol=1e-12)
+
+
+class _FailingAllocation(TorchDispatchMode):
+    """Raises torch's CPU out-of-memory error at the k-th operation that allocates a tensor (an
+    `empty` or a dtype conversion), as a full device would; every other operation runs."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.left = k
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten._to_copy):
+            self.left -= 1
+            if self.left == 0:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes.")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["average", "ema"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_running_out_of_memory_for_a_cast_changes_nothing(kind: str, k: int) -> None:
+    """float16 values into float32 entries are cast before their lerp (torch's path: the native
+    kernel takes no float16). Each cast allocated its own piece as it came, so the k-th failing left
+    the pairs before it averaged and the count or EMA step as they were; now the casts share one
+    buffer made before the first write, and a failure at any allocation changes nothing."""
+    module = net()
+    module.half()
+    d = averaging.copy_parameters(module, torch.float32)
+    d.entries = {name: t.clone() for name, t in d.entries.items()}  # separate tensors: a cast per pair
+    d.changed()
+    averaging.average_parameters(module, d) if kind == "average" else averaging.ema_update(module, d)
+    perturb(module, seed=1)
+    before, ema = full_copy(d), d.ema
+    try:
+        with _FailingAllocation(k):
+            averaging.average_parameters(module, d) if kind == "average" else averaging.ema_update(module, d)
+    except RuntimeError:
+        assert_same(d, before)
+        assert d.ema == ema
+        return
+    expected = {name: t.clone() for name, t in before.items()}
+    weight = 1 / 3 if kind == "average" else 1 - d.ema.schedule.decay if d.ema is not None else 0.0
+    for name, p in module.named_parameters():
+        expected[name].lerp_(p.detach().float(), weight)
+        assert torch.equal(d.entries[name], expected[name]), name

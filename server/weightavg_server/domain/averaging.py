@@ -465,9 +465,11 @@ def _lerp_all(update: Update) -> None:
     CUDA one `_foreach_lerp_` launch replaces one launch per tensor for the pairs of one shape and
     dtype, below `FOREACH_MAX_ELEMENTS`; larger pairs get a `lerp_` each. A value of another dtype
     is cast `CAST_CHUNK` elements at a time just before their lerp (the whole value when it
-    broadcasts), so at most one such piece is alive (`Update.cast_bytes`).
+    broadcasts), into one buffer per device made before anything is written, so at most one such
+    piece is alive (`Update.cast_bytes`) and running out of memory for it changes nothing.
     """
     weight = update.weight
+    scratch = _cast_scratch(update.for_torch)  # before anything is written: see _cast_scratch
     if update.native is not None:
         lerp.run(update.native, weight)
         if not update.native.rest:
@@ -478,9 +480,9 @@ def _lerp_all(update: Update) -> None:
             if _chunked(a, p):
                 a_flat, p_flat = a.view(-1), p.view(-1)
                 for i in range(0, a.numel(), CAST_CHUNK):
-                    a_flat[i:i + CAST_CHUNK].lerp_(p_flat[i:i + CAST_CHUNK].to(a.dtype), weight)
+                    a_flat[i:i + CAST_CHUNK].lerp_(_cast(scratch, p_flat[i:i + CAST_CHUNK], a.dtype), weight)
             else:
-                a.lerp_(p.to(a.dtype), weight)
+                a.lerp_(_cast(scratch, p, a.dtype), weight)
         elif a.is_cuda and a.shape == p.shape and a.numel() < FOREACH_MAX_ELEMENTS:
             fused[0].append(a)
             fused[1].append(p)
@@ -488,6 +490,25 @@ def _lerp_all(update: Update) -> None:
             a.lerp_(p, weight)  # broadcasts p into a when their shapes differ
     if fused[0]:
         torch._foreach_lerp_(fused[0], fused[1], weight)
+
+
+def _cast_scratch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[torch.device, torch.Tensor]:
+    """One byte buffer per device for the values cast to their entry's dtype, as large as the largest
+    piece (`Update.cast_bytes`), made before the first write: running out of memory for a cast
+    then changes nothing. Each cast used to allocate its piece as it came, so a failed one (a full
+    GPU) left the pairs before it averaged and the count and EMA step as they were (found by review)."""
+    sizes: dict[torch.device, int] = {}
+    for a, p in pairs:
+        if p.dtype != a.dtype:
+            nbytes = (CAST_CHUNK if _chunked(a, p) else p.numel()) * a.element_size()
+            sizes[a.device] = max(sizes.get(a.device, 0), nbytes)
+    return {device: torch.empty(nbytes, dtype=torch.uint8, device=device) for device, nbytes in sizes.items()}
+
+
+def _cast(scratch: dict[torch.device, torch.Tensor], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """p converted to dtype in the device's scratch buffer (what `p.to(dtype)` gives, bit for bit)."""
+    piece = scratch[p.device][:p.numel() * dtype.itemsize].view(dtype).view(p.shape)
+    return piece.copy_(p)
 
 
 def _chunked(a: torch.Tensor, p: torch.Tensor) -> bool:
