@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 import torch
 
-from weightavg import Client
+from weightavg import Client, InvalidArgumentError
 
 NET = ["sequential", ["linear", 8, 6], ["linear", 6, 4]]
 
@@ -160,3 +161,20 @@ def test_an_integer_parameter_is_copied_as_an_integer_buffer_is(client: Client) 
         assert got["k"].dtype == np.int64
         np.testing.assert_array_equal(got["k"], [5, 6, 7])
     assert client.dict(d, "weight").dtype == np.float32
+
+
+def test_a_missing_or_integer_entry_is_refused_with_the_fix_and_nothing_changes(client: Client) -> None:
+    m = client.module(["linear", 3, 2])
+    d = client.copyparms(m)
+    client.delete(d, "bias")
+    before = fetch(client, d)
+    with pytest.raises(InvalidArgumentError, match=r"parameter 'bias' not found .* start the average from "
+                                                   r"copyparms\(m\), or set the entry with dict\(d, 'bias', value\)"):
+        client.avgparms(m, d)
+    client.dict(d, "bias", np.zeros(2, np.int32))
+    with pytest.raises(InvalidArgumentError, match="'bias' holds torch.int32; an average needs a floating-point entry: "
+                                                   "set it to a float32 or float64 tensor; nothing changed"):
+        client.ema(m, d)
+    after = fetch(client, d)
+    assert after.keys() == {*before, "bias"} and torch.equal(after["weight"], before["weight"])
+    assert client.size(d).get(".ema") is None

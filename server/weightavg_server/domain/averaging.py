@@ -168,7 +168,10 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
             f"'{name}' is on {avg.device} but the parameter is on {p.device}; move the dictionary"
         )
     if not (avg.is_floating_point() or avg.is_complex()):
-        raise InvalidArgument(f"'{name}' holds {avg.dtype}; an average needs a floating-point entry")
+        raise InvalidArgument(
+            f"'{name}' holds {avg.dtype}; an average needs a floating-point entry: set it to a float32 or float64 "
+            f"tensor; nothing changed"
+        )
     if not torch.can_cast(torch.promote_types(p.dtype, avg.dtype), avg.dtype):
         raise InvalidArgument(f"'{name}' holds {avg.dtype}, which cannot hold an average of {p.dtype}")
     try:
@@ -403,7 +406,8 @@ def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -
         name = index.names[i]
         if name not in d.entries:
             raise InvalidArgument(
-                f"parameter '{name}' not found in the dictionary, unable to compute average; nothing changed"
+                f"parameter '{name}' not found in the dictionary, unable to compute average; start the average "
+                f"from copyparms(m), or set the entry with dict(d, '{name}', value); nothing changed"
             )
         # An integer parameter (registered with parm) is copied as an integer buffer is: its copy
         # keeps its dtype, and averaging one into it was refused on every call (found by review).
