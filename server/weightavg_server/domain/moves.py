@@ -244,8 +244,9 @@ def _swap_module(module: nn.Module, device: torch.device | None, dtype: torch.dt
     changing = [t for t in tensors if id(t) in params and target(t) != (t.device, t.dtype)]
     new_params = dict(zip(map(id, changing), flat.flat_copies(changing, target)))
     moved = [new_params[id(t)] if id(t) in new_params else t.to(*target(t)) for t in tensors]
-    for t, new in zip(tensors, moved):
-        if new is not t:
-            t.data = new
-    flat.forget(module)
+    swapped = [(t, new) for t, new in zip(tensors, moved) if new is not t]
+    for t, new in swapped:
+        t.data = new
+    if swapped:  # a move to where the module is (every create_module's, on a CPU server) swaps nothing:
+        flat.forget(module)  # it ended every cached averaging plan on the server all the same
 
