@@ -96,7 +96,8 @@ def _call(
     assert _NATIVE is not None
     counts = tuple(out.numel() for out in outs)
     if threads is None:
-        threads = native.threads_for(min(torch.get_num_threads(), sum(counts) * (len(weights) + 1) // ELEMENTS_PER_THREAD))
+        share = sum(counts) * (len(weights) + 1) // ELEMENTS_PER_THREAD
+        threads = native.threads_for(min(torch.get_num_threads(), share))
     _NATIVE(kind, tuple(out.data_ptr() for out in outs), tuple(x.data_ptr() for xs in xss for x in xs),
             tuple(float(w) for w in weights), counts, divisor, threads)
 
