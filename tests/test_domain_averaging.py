@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from weightavg_server.domain import averaging
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
@@ -383,7 +385,6 @@ def test_average_parameters_accepts_exactly_the_shapes_torch_broadcasts_into(avg
         (torch.complex64, torch.float32, True),
         (torch.float32, torch.complex64, False),
         (torch.int64, torch.float32, False),
-        (torch.int32, torch.int32, False),
         (torch.bool, torch.float32, False),
     ],
     ids=str,
@@ -404,6 +405,24 @@ def test_average_parameters_dtype_rules(avg_dtype: torch.dtype, param_dtype: tor
         with pytest.raises(InvalidArgument, match="'w' holds"):
             averaging.average_parameters(module, d)
         assert torch.equal(d.entries["w"], torch.zeros(3, dtype=avg_dtype)) and COUNT_KEY not in d.entries
+
+
+def test_an_integer_parameter_is_copied_and_a_floating_one_into_an_integer_entry_refused() -> None:
+    """Integer tensors are copied, never averaged, whichever the source: a module's integer
+    parameter too (its copyparms copy keeps its dtype, and every average into it was refused)."""
+    module = torch.nn.Module()
+    module.register_parameter("k", torch.nn.Parameter(torch.full((3,), 2, dtype=torch.int32), requires_grad=False))
+    module.register_parameter("w", torch.nn.Parameter(torch.full((3,), 2.0)))
+    d = TensorDict({"k": torch.zeros(3, dtype=torch.int32), "w": torch.zeros(3)})
+    assert averaging.average_parameters(module, d) == 2
+    assert torch.equal(d.entries["k"], torch.full((3,), 2, dtype=torch.int32))
+    assert torch.equal(d.entries["w"], torch.ones(3))
+    d.entries["k"] = torch.zeros(3, dtype=torch.int32)
+    d.entries["w"] = torch.zeros(3, dtype=torch.int32)
+    d.changed()
+    with pytest.raises(InvalidArgument, match="'w' holds torch.int32; an average needs a floating-point entry"):
+        averaging.average_parameters(module, d)
+    assert not d.entries["k"].any() and d.entries[COUNT_KEY].item() == 2
 
 
 def test_broadcast_shape_matches_torch_broadcast_shapes() -> None:
@@ -432,3 +451,48 @@ def test_average_parameters_into_a_float64_copy_accumulates_in_float64() -> None
         mean = torch.stack([h.entries[name].double() for h in history]).mean(0)
         assert d.entries[name].dtype == torch.float64
         torch.testing.assert_close(d.entries[name], mean, rtol=0, atol=1e-12)
+
+
+class _FailingAllocation(TorchDispatchMode):
+    """Raises torch's CPU out-of-memory error at the k-th operation that allocates a tensor (an
+    `empty` or a dtype conversion), as a full device would; every other operation runs."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.left = k
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten._to_copy):
+            self.left -= 1
+            if self.left == 0:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes.")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["average", "ema"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_running_out_of_memory_for_a_cast_changes_nothing(kind: str, k: int) -> None:
+    """float16 values into float32 entries are cast before their lerp (torch's path: the native
+    kernel takes no float16). Each cast allocated its own piece as it came, so the k-th failing left
+    the pairs before it averaged and the count or EMA step as they were; now the casts share one
+    buffer made before the first write, and a failure at any allocation changes nothing."""
+    module = net()
+    module.half()
+    d = averaging.copy_parameters(module, torch.float32)
+    d.entries = {name: t.clone() for name, t in d.entries.items()}  # separate tensors: a cast per pair
+    d.changed()
+    averaging.average_parameters(module, d) if kind == "average" else averaging.ema_update(module, d)
+    perturb(module, seed=1)
+    before, ema = full_copy(d), d.ema
+    try:
+        with _FailingAllocation(k):
+            averaging.average_parameters(module, d) if kind == "average" else averaging.ema_update(module, d)
+    except RuntimeError:
+        assert_same(d, before)
+        assert d.ema == ema
+        return
+    expected = {name: t.clone() for name, t in before.items()}
+    weight = 1 / 3 if kind == "average" else 1 - d.ema.schedule.decay if d.ema is not None else 0.0
+    for name, p in module.named_parameters():
+        expected[name].lerp_(p.detach().float(), weight)
+        assert torch.equal(d.entries[name], expected[name]), name

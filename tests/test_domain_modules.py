@@ -3,8 +3,11 @@ set_parameter, on modules built from layer specs as the server builds them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from weightavg_server.domain import modules, specs
 from weightavg_server.domain.errors import InvalidArgument, NotFound
@@ -117,6 +120,31 @@ def test_set_parameter_registers_a_new_root_parameter(value: torch.Tensor, requi
     assert p.dtype == value.dtype and p.requires_grad is requires_grad and torch.equal(p, value)
     value.add_(1)  # the new parameter is a copy, not the caller's tensor
     assert not torch.equal(p, value)
+
+
+class _Allocations(TorchDispatchMode):
+    """The aten operations that make a new tensor's memory, as they run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.clone, torch.ops.aten.empty_like):
+            self.made.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_new_parameter_on_another_device_is_copied_there_once() -> None:
+    """The service reserves one copy of the value on the module's device. Registering moved the value
+    there and then cloned the moved tensor: two copies on a CUDA server's device for a moment. The
+    meta device stands in for the other device (no memory, the same operations)."""
+    with torch.device("meta"):
+        module = torch.nn.Linear(2, 2)
+    with _Allocations() as seen:
+        modules.set_parameter(module, "scale", torch.ones(3))
+    assert seen.made == ["_to_copy"]
+    assert module.scale.device.type == "meta"
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightavg_server.domain import losses, moves, optimizers, specs, training
+from weightavg_server.domain import averaging, flat, losses, moves, optimizers, specs, training
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.domain.tensors import tensors_of
 
@@ -60,3 +60,20 @@ def test_labels_and_step_counts_stay_as_they_are() -> None:
     assert all(s["exp_avg"].dtype == torch.float64 for s in model.optimizer.optim.state.values())
     assert model.train_data.x.dtype == torch.float64 and model.test_data is not None
     assert model.test_data.x.dtype == torch.float64 and model.test_data.y.dtype == torch.int64
+
+
+def test_a_move_that_changes_nothing_keeps_the_averaging_plans_and_one_that_does_ends_them() -> None:
+    """A plan is ended by any module's data swapped anywhere (`flat.swaps`), since a freed storage's
+    address may come back. A move to where a module already is swaps nothing, yet it ended every
+    plan on the server: the service moves each new module to its device, so every create_module on
+    a CPU server made every next average walk and check its pairs again."""
+    source = flat.build_flat(lambda: torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+    d = averaging.copy_parameters(source)
+    first = averaging.prepare_average(source, d)
+    other = torch.nn.Linear(2, 2)
+    moves.move(other, torch.device("cpu"), None)
+    moves.move(source, torch.device("cpu"), torch.float32)
+    assert averaging.prepare_average(source, d).runs is first.runs  # the plan, reused
+    moves.move(other, None, torch.float64)
+    again = averaging.prepare_average(source, d)
+    assert again.runs is not first.runs and again.runs == first.runs  # planned afresh, the same pairing

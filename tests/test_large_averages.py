@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from weightavg import Client
-from weightavg_server.domain import lerp
+from weightavg_server.domain import lerp, native, weighted_sum
 
 NET = ["sequential", ["linear", 512, 384], ["linear", 384, 256]]
 """Two weights of 196608 and 98304 elements, and two biases, in one flat buffer: enough for the
@@ -126,3 +126,39 @@ def test_a_large_average_of_dictionaries_is_torchs_weighted_mean_bit_for_bit(cli
         got = client.dict(client.average(dicts, weights=weights, into=into))
         for name, value in expected.items():
             np.testing.assert_array_equal(got[name].view(np.int32), value.numpy().view(np.int32), err_msg=name)
+
+
+def test_more_intra_op_threads_than_the_kernels_take_still_average_and_merge(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's thread count defaults to the host's cores, and the kernels take at most 256 threads: on
+    a host with more, every large average answered INTERNAL (the kernel's ValueError) and `average`
+    too. Here 300 threads, and shares of 64 elements (`ELEMENTS_PER_THREAD` lowered so a small model
+    asks for them all), give the same numbers as torch."""
+    monkeypatch.setattr(lerp, "ELEMENTS_PER_THREAD", 64)
+    monkeypatch.setattr(weighted_sum, "ELEMENTS_PER_THREAD", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(300)
+    try:
+        m = client.module(NET)
+        d = client.copyparms(m)
+        expected = params(client, m)
+        scramble(client, m, seed=5)
+        values = params(client, m)
+        for name, value in values.items():
+            expected[name].lerp_(value, 0.5)
+        assert client.avgparms(m, d) == 2
+        got = client.dict(d)
+        merged = client.dict(client.average([d, client.copyparms(m)], weights=[1.0, 3.0]))
+    finally:
+        torch.set_num_threads(before)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name].view(np.int32), value.numpy().view(np.int32), err_msg=name)
+        mean = torch.mul(value, 1.0).add_(values[name], alpha=3.0).div_(4.0)
+        np.testing.assert_array_equal(merged[name].view(np.int32), mean.numpy().view(np.int32), err_msg=name)
+
+
+def test_a_thread_count_above_the_kernels_limit_is_cut_to_it() -> None:
+    assert native.threads_for(1000) == native.MAX_THREADS == 256
+    assert native.threads_for(0) == 1
+    assert native.threads_for(7) == 7

@@ -755,3 +755,19 @@ def test_a_model_moved_to_the_gpu_trains_on_as_torch_does_after_the_same_move(st
         assert c.run(m) == pytest.approx(loss.item(), rel=1e-5)
         for name, value in c.dict(c.parms(m)).items():
             np.testing.assert_allclose(np.asarray(value), net.state_dict()[name].cpu().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_handle_on_the_models_inputs_moves_with_the_model_only(client: Client) -> None:
+    """Moved alone, the handle from input(m) became a copy: batching the model no longer batched it,
+    and the model trained on its own, unmoved data. Now it is refused as a live view is, and
+    moving the model moves the data the handle shows."""
+    q, m = new_model(client, ["linear", 8, 4])
+    x, y = data(12)
+    client.train(m, x, y)
+    client.train(m, batchsize=4)
+    xi = client.input(m)
+    with pytest.raises(InvalidArgumentError, match="a model's training inputs and moves with them: move the model"):
+        client.to(xi, dtype="float64")
+    client.to(m, dtype="float64")
+    assert client.tensor(xi).dtype == np.float64
+    assert client.batch(m) and client.size(xi) == (4, 8)

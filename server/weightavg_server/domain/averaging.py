@@ -168,7 +168,10 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
             f"'{name}' is on {avg.device} but the parameter is on {p.device}; move the dictionary"
         )
     if not (avg.is_floating_point() or avg.is_complex()):
-        raise InvalidArgument(f"'{name}' holds {avg.dtype}; an average needs a floating-point entry")
+        raise InvalidArgument(
+            f"'{name}' holds {avg.dtype}; an average needs a floating-point entry: set it to a float32 or float64 "
+            f"tensor; nothing changed"
+        )
     if not torch.can_cast(torch.promote_types(p.dtype, avg.dtype), avg.dtype):
         raise InvalidArgument(f"'{name}' holds {avg.dtype}, which cannot hold an average of {p.dtype}")
     try:
@@ -403,9 +406,12 @@ def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -
         name = index.names[i]
         if name not in d.entries:
             raise InvalidArgument(
-                f"parameter '{name}' not found in the dictionary, unable to compute average; nothing changed"
+                f"parameter '{name}' not found in the dictionary, unable to compute average; start the average "
+                f"from copyparms(m), or set the entry with dict(d, '{name}', value); nothing changed"
             )
-        averaged.append((name, i))
+        # An integer parameter (registered with parm) is copied as an integer buffer is: its copy
+        # keeps its dtype, and averaging one into it was refused on every call (found by review).
+        (averaged if _floating(index.tensors[i]) else copied).append((name, i))
     if buffers is BufferMode.EXCLUDE:
         return _joined(averaged, copied)
     for i in range(index.parameters, len(index.names)):
@@ -463,9 +469,11 @@ def _lerp_all(update: Update) -> None:
     CUDA one `_foreach_lerp_` launch replaces one launch per tensor for the pairs of one shape and
     dtype, below `FOREACH_MAX_ELEMENTS`; larger pairs get a `lerp_` each. A value of another dtype
     is cast `CAST_CHUNK` elements at a time just before their lerp (the whole value when it
-    broadcasts), so at most one such piece is alive (`Update.cast_bytes`).
+    broadcasts), into one buffer per device made before anything is written, so at most one such
+    piece is alive (`Update.cast_bytes`) and running out of memory for it changes nothing.
     """
     weight = update.weight
+    scratch = _cast_scratch(update.for_torch)  # before anything is written: see _cast_scratch
     if update.native is not None:
         lerp.run(update.native, weight)
         if not update.native.rest:
@@ -476,9 +484,9 @@ def _lerp_all(update: Update) -> None:
             if _chunked(a, p):
                 a_flat, p_flat = a.view(-1), p.view(-1)
                 for i in range(0, a.numel(), CAST_CHUNK):
-                    a_flat[i:i + CAST_CHUNK].lerp_(p_flat[i:i + CAST_CHUNK].to(a.dtype), weight)
+                    a_flat[i:i + CAST_CHUNK].lerp_(_cast(scratch, p_flat[i:i + CAST_CHUNK], a.dtype), weight)
             else:
-                a.lerp_(p.to(a.dtype), weight)
+                a.lerp_(_cast(scratch, p, a.dtype), weight)
         elif a.is_cuda and a.shape == p.shape and a.numel() < FOREACH_MAX_ELEMENTS:
             fused[0].append(a)
             fused[1].append(p)
@@ -486,6 +494,25 @@ def _lerp_all(update: Update) -> None:
             a.lerp_(p, weight)  # broadcasts p into a when their shapes differ
     if fused[0]:
         torch._foreach_lerp_(fused[0], fused[1], weight)
+
+
+def _cast_scratch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[torch.device, torch.Tensor]:
+    """One byte buffer per device for the values cast to their entry's dtype, as large as the largest
+    piece (`Update.cast_bytes`), made before the first write: running out of memory for a cast
+    then changes nothing. Each cast used to allocate its piece as it came, so a failed one (a full
+    GPU) left the pairs before it averaged and the count and EMA step as they were (found by review)."""
+    sizes: dict[torch.device, int] = {}
+    for a, p in pairs:
+        if p.dtype != a.dtype:
+            nbytes = (CAST_CHUNK if _chunked(a, p) else p.numel()) * a.element_size()
+            sizes[a.device] = max(sizes.get(a.device, 0), nbytes)
+    return {device: torch.empty(nbytes, dtype=torch.uint8, device=device) for device, nbytes in sizes.items()}
+
+
+def _cast(scratch: dict[torch.device, torch.Tensor], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """p converted to dtype in the device's scratch buffer (what `p.to(dtype)` gives, bit for bit)."""
+    piece = scratch[p.device][:p.numel() * dtype.itemsize].view(dtype).view(p.shape)
+    return piece.copy_(p)
 
 
 def _chunked(a: torch.Tensor, p: torch.Tensor) -> bool:

@@ -113,12 +113,12 @@ def batch(pairs: Sequence[Pair]) -> Batch | None:
 
 
 def run(b: Batch, weight: float) -> None:
-    """Lerp the batch's pairs: each call on up to torch's intra-op threads, at least
-    `ELEMENTS_PER_THREAD` elements each."""
+    """Lerp the batch's pairs: each call on up to torch's intra-op threads (at most
+    `native.MAX_THREADS`), at least `ELEMENTS_PER_THREAD` elements each."""
     assert _NATIVE is not None
     for c in b.calls:
         share = c.elements // ELEMENTS_PER_THREAD  # below two shares one thread, whatever torch's setting
-        threads = 1 if share < 2 else min(torch.get_num_threads(), share)
+        threads = 1 if share < 2 else native.threads_for(min(torch.get_num_threads(), share))
         _NATIVE(c.kind, c.avgs, c.values, c.counts, float(weight), threads)
 
 

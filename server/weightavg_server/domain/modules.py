@@ -71,8 +71,16 @@ def set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> bo
         raise InvalidArgument(f"cannot register parameter '{name}': the module already has an attribute of that name")
     device = next((p.device for p in module.parameters()), value.device)
     grad = value.is_floating_point() or value.is_complex()
-    module.register_parameter(name, torch.nn.Parameter(value.to(device).clone(), requires_grad=grad))
+    module.register_parameter(name, torch.nn.Parameter(_own_copy(value, device), requires_grad=grad))
     return True
+
+
+def _own_copy(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of value on `device` that nothing else holds: one copy, the one the caller reserved.
+    `value.to(device).clone()` made two on a CUDA server (the move, then its clone), so registering
+    a parameter held twice its reserved bytes on the device for a moment (found by review)."""
+    moved = value.to(device)
+    return moved if moved is not value else value.clone()
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -46,12 +46,22 @@ class Group:
 def group(obj: object, companions: Iterable[object]) -> Group | None:
     """The group of a module, or of the module of a model or an optimizer, given the objects that
     share its lock (its other handles, optimizers, models, views); None for an object that moves
-    on its own (a tensor, a dictionary)."""
+    on its own (a tensor, a dictionary).
+
+    Raises:
+        InvalidArgument: obj is a tensor handle on a model's data (GetModelInput): moved alone, it
+            became a copy, and batching it no longer batched the model's data (found by review).
+    """
     if isinstance(obj, (Model, Optimizer)):
         module = obj.module
     elif isinstance(obj, nn.Module):
         module = obj
     else:
+        if isinstance(obj, TensorHolder) and any(_holds_data(other, obj.tensor) for other in companions):
+            raise InvalidArgument(
+                "this tensor handle is a model's training inputs and moves with them: move the model "
+                "(its data follow its parameters' device and dtype), or fetch the tensor and upload a copy"
+            )
         return None
     optimizers: dict[int, Optimizer] = {}
     data: dict[int, Data] = {}
@@ -64,6 +74,13 @@ def group(obj: object, companions: Iterable[object]) -> Group | None:
         elif isinstance(other, Optimizer) and other.module is module:
             optimizers[id(other)] = other
     return Group(module, tuple(optimizers.values()), tuple(data.values()))
+
+
+def _holds_data(obj: object, t: torch.Tensor) -> bool:
+    """Whether obj is a model whose data include the tensor object t."""
+    if not isinstance(obj, Model):
+        return False
+    return any(held is not None and (held.x is t or held.y is t) for held in (obj.train_data, obj.test_data))
 
 
 def _check_target(dtype: torch.dtype | None) -> None:
@@ -244,8 +261,9 @@ def _swap_module(module: nn.Module, device: torch.device | None, dtype: torch.dt
     changing = [t for t in tensors if id(t) in params and target(t) != (t.device, t.dtype)]
     new_params = dict(zip(map(id, changing), flat.flat_copies(changing, target)))
     moved = [new_params[id(t)] if id(t) in new_params else t.to(*target(t)) for t in tensors]
-    for t, new in zip(tensors, moved):
-        if new is not t:
-            t.data = new
-    flat.forget(module)
+    swapped = [(t, new) for t, new in zip(tensors, moved) if new is not t]
+    for t, new in swapped:
+        t.data = new
+    if swapped:  # a move to where the module is (every create_module's, on a CPU server) swaps nothing:
+        flat.forget(module)  # it ended every cached averaging plan on the server all the same
 

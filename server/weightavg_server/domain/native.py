@@ -38,14 +38,15 @@ def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None, Copy | None
 LERP, WEIGHTED_SUM, _ADVISE, _COPY = _load()
 
 MAX_THREADS: Final = 256
-"""The most threads one kernel call runs: `_native.c` (its MAX_THREADS) refuses more with ValueError.
-torch's intra-op thread count, which callers start from, can exceed it (a machine of more than 256
-cores, or OMP_NUM_THREADS or torch.set_num_threads above it): take `capped(threads)`."""
+"""The most threads one kernel call takes (`MAX_THREADS` in `_native.c`, which refuses more)."""
 
 
-def capped(threads: int) -> int:
-    """A thread count one kernel call takes: from 1 to MAX_THREADS."""
-    return max(1, min(threads, MAX_THREADS))
+def threads_for(wanted: int) -> int:
+    """The threads a kernel call runs on: `wanted` (torch's intra-op setting, cut by the work's
+    size) within 1..`MAX_THREADS`. Torch's default is the machine's cores, and on a host with more
+    than 256 (or with OMP_NUM_THREADS above it) every large average failed with the kernel's
+    ValueError, an INTERNAL status to the client (found by review)."""
+    return max(1, min(wanted, MAX_THREADS))
 
 
 STREAM_MIN_BYTES: Final = 1 << 20
@@ -148,7 +149,7 @@ def stream_copies(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], threads: i
     if taken:
         total = sum(n for _, _, n in taken)
         _COPY(tuple(t for t, _, _ in taken), tuple(s for _, s, _ in taken), tuple(n for _, _, n in taken),
-              max(1, min(threads, total // STREAM_MIN_BYTES)))
+              threads_for(min(threads, total // STREAM_MIN_BYTES)))
     return left
 
 

@@ -95,8 +95,9 @@ def _call(
     """One kernel call: outs[e] := sum_k w_k xss[e][k] (divided by `divisor` unless it is 0)."""
     assert _NATIVE is not None
     counts = tuple(out.numel() for out in outs)
-    if threads is None:  # capped: torch may run more threads than one kernel call takes
-        threads = native.capped(min(torch.get_num_threads(), sum(counts) * (len(weights) + 1) // ELEMENTS_PER_THREAD))
+    if threads is None:
+        share = sum(counts) * (len(weights) + 1) // ELEMENTS_PER_THREAD
+        threads = native.threads_for(min(torch.get_num_threads(), share))
     _NATIVE(kind, tuple(out.data_ptr() for out in outs), tuple(x.data_ptr() for xs in xss for x in xs),
             tuple(float(w) for w in weights), counts, divisor, threads)
 
