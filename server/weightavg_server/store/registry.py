@@ -63,7 +63,7 @@ _PREFIXES = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     """One live handle: its kind, the object (shared by addref handles) and the object's lock.
 
@@ -71,6 +71,11 @@ class Entry:
     model's input) share one lock, so a call that changes one is never concurrent with a call on
     another. `freed` turns true, under the lock, when the handle is freed, so a call that was waiting
     for the lock answers NOT_FOUND instead of working on a freed object.
+
+    Entries compare by identity (eq=False): each is one handle, and two handles to equal-looking
+    objects are still two. Compared by value, ending a session whose handles changed while it
+    waited compared their objects, and a tensor's `==` is elementwise: `bool()` of it raised, and
+    CloseSession (or the expiry sweep of any call) answered INTERNAL (found by review).
     """
 
     kind: Kind
