@@ -10,7 +10,7 @@ from typing import Any, Protocol, TypeAlias
 
 import grpc
 
-from ..domain.errors import WeightavgError
+from ..domain.errors import NotFound, WeightavgError
 from ..store.registry import CALLER_SESSION, Registry
 from .status import status_for
 
@@ -113,26 +113,42 @@ class SessionInterceptor(grpc.ServerInterceptor):
         return None if handler is None else self.wrap(details.method, handler)
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        return _in_session(handler, self._registry)
+        return _in_session(handler, self._registry, ends_session=method.endswith(_CLOSE_SESSION))
 
 
-def _enter(registry: Registry, session: str, context: grpc.ServicerContext) -> contextvars.Token[str | None]:
-    """Start a call in a session (unknown or ended session: abort before any work)."""
+_CLOSE_SESSION = "/CloseSession"
+"""The method that ends the session it carries: a retry of it finds that session gone."""
+
+
+def _enter(
+    registry: Registry, session: str, context: grpc.ServicerContext, ends_session: bool
+) -> tuple[contextvars.Token[str | None], bool]:
+    """Start a call in a session, and whether it counts as one of the session's calls in flight
+    (then `end_call` must follow).
+
+    An unknown or ended session aborts the call before any work, except for CloseSession: its
+    retry, whose first attempt closed the session and lost the answer, must reach the request
+    table to get that answer (store/requests.py). It runs as the session's without counting; with
+    no remembered answer, closing the ended session answers NOT_FOUND as the abort would have.
+    """
     try:
         registry.begin_call(session)
     except WeightavgError as exc:
-        code, message = status_for(exc)
-        context.abort(code, message)
-    return CALLER_SESSION.set(session)
+        if not (ends_session and isinstance(exc, NotFound)):
+            code, message = status_for(exc)
+            context.abort(code, message)
+        return CALLER_SESSION.set(session), False
+    return CALLER_SESSION.set(session), True
 
 
-def _in_session(handler: Handler, registry: Registry) -> Handler:
+def _in_session(handler: Handler, registry: Registry, ends_session: bool = False) -> Handler:
     """Wrap a handler's behaviour so that a call carrying a session runs inside it and ends the call
     afterwards, and every call first ends the sessions whose lease has run out.
 
     This runs on the worker thread that serves the call (the interceptor itself runs on gRPC's
     polling thread, and a call refused for capacity never reaches a worker), so the in-flight count
     is raised only for calls that really run. Streamed replies stay in the session until they end.
+    `ends_session`: the method is CloseSession (see `_enter`).
     """
     if handler.response_streaming:
         inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
@@ -144,12 +160,13 @@ def _in_session(handler: Handler, registry: Registry) -> Handler:
             if session is None:
                 yield from inner_stream(request, context)
                 return
-            token = _enter(registry, session, context)
+            token, counted = _enter(registry, session, context, ends_session)
             try:
                 yield from inner_stream(request, context)
             finally:
                 CALLER_SESSION.reset(token)
-                registry.end_call(session)
+                if counted:
+                    registry.end_call(session)
 
         return same_kind(handler, stream)
 
@@ -161,11 +178,12 @@ def _in_session(handler: Handler, registry: Registry) -> Handler:
         session = metadata_value(context.invocation_metadata(), SESSION_METADATA)
         if session is None:
             return inner(request, context)
-        token = _enter(registry, session, context)
+        token, counted = _enter(registry, session, context, ends_session)
         try:
             return inner(request, context)
         finally:
             CALLER_SESSION.reset(token)
-            registry.end_call(session)
+            if counted:
+                registry.end_call(session)
 
     return same_kind(handler, unary)
