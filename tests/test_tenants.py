@@ -839,3 +839,47 @@ def test_one_tenant_cannot_hold_every_worker(tokens_file: Path) -> None:
             release.put(None)
         runtime.server.stop(None)
         runtime.reaper.stop()
+def test_a_tenant_whose_share_is_full_still_keeps_its_sessions_alive(tokens_file: Path) -> None:
+    """A refused KeepAliveSession costs more than the call: the session's lease runs out and every
+    handle it owns is freed, under a client that is alive and renewing. While Bob's other calls
+    (long epochs, stalled uploads) fill his share of the workers, his idle clients' keep-alives
+    must still be served (a review found them RESOURCE_EXHAUSTED, so their sessions expired)."""
+    import queue
+
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
+    runtime.start()
+    held: list[queue.Queue[None]] = [queue.Queue() for _ in range(2)]
+
+    def stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
+        yield pb.CreateDictionaryRequest()
+        release.get()
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel, connect(runtime, BOB) as b, \
+                connect(runtime, BOB, session=True, lease=600) as idle:
+            d = idle.dict({"x": [7.0]})
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            uploads = [stub.CreateDictionary.future(stalled(r), metadata=[("authorization", f"Bearer {BOB}")], timeout=60)
+                       for r in held]
+            deadline = time.monotonic() + 30
+            while True:  # until both uploads are running on their workers
+                try:
+                    b.ping()
+                except ResourceExhaustedError:
+                    break
+                assert time.monotonic() < deadline, "the stalled uploads never took their workers"
+                time.sleep(0.05)
+            assert idle.keepalive() == 600.0
+            with pytest.raises(ResourceExhaustedError, match="share"):
+                idle.dict(d, "x")  # other calls are still held to the share
+            for release in held:
+                release.put(None)
+            assert all(u.result(timeout=30).dictionary.id for u in uploads)
+            assert idle.dict(d, "x").tolist() == [7.0]
+    finally:
+        for release in held:
+            release.put(None)
+        runtime.server.stop(None)
+        runtime.reaper.stop()
+
+

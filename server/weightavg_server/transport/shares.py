@@ -18,7 +18,13 @@ import grpc
 
 from ..store.tenants import CALLER
 from .interceptors import Handler, same_kind
-from .tenancy import OPEN_SERVICE_PREFIXES, Tokens
+from .tenancy import OPEN_SERVICE_PREFIXES, SERVICE_PREFIX, Tokens
+
+UNSHARED = frozenset({SERVICE_PREFIX + "KeepAliveSession"})
+"""Methods not counted against a share: a keep-alive holds a worker for an instant, and refusing it
+costs the tenant more than the call, as its session's lease then runs out and every handle the
+session owns is freed under a client that is alive (found by review: a tenant's long epochs filled
+its share, and its idle clients' sessions expired)."""
 
 
 def tenant_share(max_workers: int) -> int:
@@ -38,8 +44,9 @@ class TenantShares:
         self._in_flight: dict[str, int] = {}
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler again, its calls counted against their tenant's share (open methods: as they are)."""
-        if method.startswith(OPEN_SERVICE_PREFIXES):
+        """The handler again, its calls counted against their tenant's share (open methods and
+        keep-alives: as they are)."""
+        if method.startswith(OPEN_SERVICE_PREFIXES) or method in UNSHARED:
             return handler
         if handler.response_streaming:
             inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
