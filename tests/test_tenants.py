@@ -627,9 +627,22 @@ def test_a_server_logging_only_warnings_still_writes_the_audit_trail(tmp_path: P
 
 
 def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:
-    """A session id of another tenant is unknown: it cannot be joined to create handles in it."""
+    """A session id of another tenant is unknown: it cannot be joined to create handles in it, nor
+    closed, whether named in the request or carried in the metadata (which CloseSession, unlike
+    other calls, takes past an unknown session, so that its retry reaches the request table)."""
     with pytest.raises(NotFoundError, match="unknown session"):
         connect(server, BOB, session=world.session)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        bob = ("authorization", f"Bearer {BOB}")
+        for request, metadata in (
+            (pb.CloseSessionRequest(session=world.session), [bob]),
+            (pb.CloseSessionRequest(), [bob, ("weightavg-session", world.session)]),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CloseSession(request, metadata=metadata, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert world.session in {s.id for s in server.registry.sessions()}
 
 
 # -- tokens file, SIGHUP, snapshots ---------------------------------------------------------------------
