@@ -726,3 +726,16 @@ def test_expiry_leaves_a_session_whose_handle_is_busy_for_a_later_sweep(store: R
     worker.join(10)
     assert store.expire(now=time.monotonic() + 120) == [(session, 1)]
     assert entry.freed and store.held_bytes() == {}
+
+
+def test_touch_renews_a_live_session_only_for_a_caller_that_may_see_it(store: Registry) -> None:
+    """A keep-alive renews its session where it arrives (SessionInterceptor.gate), before the
+    session's tenant is checked on a worker: another tenant's keep-alive must not renew it."""
+    with as_tenant("alice"):
+        session = store.create_session(60)
+    before = next(s.expires for s in store.sessions())
+    store.touch(session, Caller("bob", Role.USER))
+    store.touch("ses_unknown", Caller("alice", Role.USER))  # no error: it is refused on a worker later
+    assert next(s.expires for s in store.sessions()) == before
+    store.touch(session, Caller("alice", Role.USER))
+    assert next(s.expires for s in store.sessions()) > before

@@ -12,6 +12,7 @@ import grpc
 
 from ..domain.errors import NotFound, WeightavgError
 from ..store.registry import CALLER_SESSION, Registry
+from ..store.tenants import ANONYMOUS, Caller
 from .status import status_for
 
 SESSION_METADATA = "weightavg-session"
@@ -103,14 +104,39 @@ class InterceptorChain(grpc.ServerInterceptor):
 class SessionInterceptor(grpc.ServerInterceptor):
     """Serve each call carrying `weightavg-session` inside that session: the session is renewed and
     kept alive while the call runs, and handles the call creates belong to it. Every call also
-    ends sessions whose lease has run out, so an idle server without a reaper still frees them."""
+    ends sessions whose lease has run out, so an idle server without a reaper still frees them.
 
-    def __init__(self, registry: Registry) -> None:
+    A keep-alive renews its session as it arrives (`gate`, on gRPC's polling thread), not only once
+    a worker serves it: with every worker busy, a live client's keep-alives wait in gRPC's queue.
+
+    Args:
+        caller_of: the caller a call's metadata names (the tenant layer's `caller_of`), so that a
+            keep-alive renews only a session its caller may see; None: every caller is the one
+            admin of a server without tokens.
+    """
+
+    def __init__(self, registry: Registry, caller_of: Callable[[Metadata], Caller | None] | None = None) -> None:
         self._registry = registry
+        self._caller_of = caller_of
 
     def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
-        return None if handler is None else self.wrap(details.method, handler)
+        if handler is None:
+            return None
+        self.gate(details.method, details, handler)
+        return self.wrap(details.method, handler)
+
+    def gate(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None:
+        """Renew the session a keep-alive carries, as it arrives; never refuses a call (None)."""
+        if not method.endswith(_KEEP_ALIVE):
+            return None
+        metadata = details.invocation_metadata
+        session = metadata_value(metadata, SESSION_METADATA)
+        if session is not None:
+            caller = self._caller_of(metadata) if self._caller_of is not None else ANONYMOUS
+            if caller is not None:
+                self._registry.touch(session, caller)
+        return None
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         return _in_session(handler, self._registry, ends_session=method.endswith(_CLOSE_SESSION))
@@ -118,6 +144,8 @@ class SessionInterceptor(grpc.ServerInterceptor):
 
 _CLOSE_SESSION = "/CloseSession"
 """The method that ends the session it carries: a retry of it finds that session gone."""
+_KEEP_ALIVE = "/KeepAliveSession"
+"""The method that renews the session it carries as it arrives (`SessionInterceptor.gate`)."""
 
 
 def _enter(
