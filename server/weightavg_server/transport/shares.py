@@ -21,10 +21,11 @@ from .interceptors import Handler, same_kind
 from .tenancy import OPEN_SERVICE_PREFIXES, SERVICE_PREFIX, Tokens
 
 UNSHARED = frozenset({SERVICE_PREFIX + "KeepAliveSession"})
-"""Methods not counted against a share: a keep-alive holds a worker for an instant, and refusing it
-costs the tenant more than the call, as its session's lease then runs out and every handle the
-session owns is freed under a client that is alive (found by review: a tenant's long epochs filled
-its share, and its idle clients' sessions expired)."""
+"""Methods not counted against a share: a keep-alive holds a worker for an instant, and it is how a
+live client says so. A review found a tenant's long epochs filling its share and its idle clients'
+keep-alives refused, so that their sessions expired and their handles were freed. (Keep-alives now
+also renew their session as they arrive, interceptors.SessionInterceptor.gate; this layer answers
+them too, so that `Client.keepalive()` does not fail while the tenant's other calls run.)"""
 
 
 def tenant_share(max_workers: int) -> int:
