@@ -137,6 +137,35 @@ def test_a_lost_epoch_trains_once(proxy: CuttingProxy, server: LiveServer) -> No
             np.testing.assert_array_equal(c.parm(models[0], name), c.parm(models[1], name))
 
 
+def test_a_lost_close_session_answer_is_retried_and_answers_what_it_freed(
+    server: LiveServer, proxy: CuttingProxy, stub: pb_grpc.WeightAveragingServiceStub
+) -> None:
+    """CloseSession carries the session it ends in its metadata: the retry finds that session gone
+    and must still reach the request table for the first answer (it was NOT_FOUND before). Without
+    a remembered answer, a call in an ended session is still refused."""
+    c = Client(proxy.address, timeout=WAIT, session=True)
+    try:
+        session = c.session
+        c.dict({"a": np.ones(3)})
+        c.dict({"b": np.ones(3)})
+        proxy.arm()
+        assert c.close_session() == 2
+        assert proxy.cuts == 1 and method_count(c, "CloseSession") == 2
+        assert c.stats()["request_ids"]["duplicates_answered"] == 1
+        assert len(server.registry) == 0 and server.registry.sessions() == []
+    finally:
+        c.close()
+    in_ended = (("weightavg-session", str(session)),)
+    with pytest.raises(grpc.RpcError) as new_close:  # another close, not a retry: nothing to answer
+        stub.CloseSession(pb.CloseSessionRequest(request_id=OTHER), metadata=in_ended, timeout=WAIT)
+    with pytest.raises(grpc.RpcError) as create:  # other calls in the ended session: refused as before
+        stub.CreateTensor(iter([pb.CreateTensorRequest(request_id=ID)]), metadata=in_ended, timeout=WAIT)
+    for refused in (new_close, create):
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "unknown session" in str(refused.value.details())
+    assert len(server.registry) == 0
+
+
 def test_without_retries_a_lost_answer_is_an_error_although_the_call_ran(
     server: LiveServer, proxy: CuttingProxy
 ) -> None:

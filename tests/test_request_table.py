@@ -269,6 +269,31 @@ def test_the_byte_cap_counts_what_answers_hold(clock: Clock) -> None:
     assert table.stats() == RequestStats(2, 0, 1)
 
 
+def test_an_answer_over_the_whole_byte_cap_is_not_remembered_and_forgets_no_other(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An epoch whose metrics alone exceed the byte cap used to push out every other remembered ID
+    of its tenant, and then itself: the retry of an avgparms whose answer was lost ran twice."""
+    big = torch.zeros(10_000)
+    table = RequestTable(window_seconds=60.0, max_ids=100, max_bytes=answer_bytes(big) // 2, clock=clock)
+    op = Counter()
+    assert table.answer(key(), "average_parameters", None, op) == 1
+    epoch = Counter()
+
+    def run_epoch() -> list[tuple[str, torch.Tensor]]:
+        epoch()
+        return [("output", big)]
+
+    with caplog.at_level(logging.WARNING, logger="weightavg.requests"):
+        table.answer(key(OTHER), "run_epoch", None, run_epoch)
+    assert table.stats() == RequestStats(1, 0, 1)
+    assert "--max-request-id-bytes" in caplog.text
+    assert table.answer(key(), "average_parameters", None, op) == 1  # still remembered: not run again
+    assert op.runs == 1
+    table.answer(key(OTHER), "run_epoch", None, run_epoch)  # not remembered: its retry runs
+    assert epoch.runs == 2
+
+
 def test_a_window_or_cap_of_zero_remembers_nothing(clock: Clock) -> None:
     for window, cap in ((0.0, 10), (60.0, 0)):
         table = RequestTable(window_seconds=window, max_ids=cap, clock=clock)

@@ -224,3 +224,49 @@ def test_a_session_with_a_call_in_flight_does_not_expire() -> None:
     registry.end_call(session)
     assert registry.expire(now=time.monotonic() + 0.5) == []
     assert registry.expire(now=time.monotonic() + 1.5) == [(session, 0)]
+
+
+def test_a_keep_alive_waiting_for_a_worker_renews_its_session_on_arrival() -> None:
+    """Every worker thread busy (long epochs, stalled uploads of other clients): a live client's
+    keep-alives wait in gRPC's queue, and its session's lease used to run out there, the reaper
+    freeing its handles under it. A keep-alive renews the session when it arrives, before it waits."""
+    import queue
+
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=2))
+    runtime.start()
+    held: list[queue.Queue[None]] = [queue.Queue() for _ in range(2)]
+
+    def stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
+        yield pb.CreateDictionaryRequest()
+        release.get()
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel:
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            session = stub.CreateSession(pb.CreateSessionRequest(lease_seconds=600), timeout=30).session
+            uploads = [stub.CreateDictionary.future(stalled(r), timeout=2 * WAIT_LIMIT) for r in held]
+            _wait_until(lambda: _workers_busy(runtime))
+            before = _expiry(runtime.registry, session)
+            keep_alive = stub.KeepAliveSession.future(
+                pb.KeepAliveSessionRequest(), metadata=[("weightavg-session", session)], timeout=WAIT_LIMIT
+            )
+            _wait_until(lambda: _expiry(runtime.registry, session) > before)  # renewed while it waits
+            assert not keep_alive.done()
+            for release in held:
+                release.put(None)
+            assert keep_alive.result().lease_seconds == 600
+            assert all(u.result().dictionary.id for u in uploads)
+    finally:
+        for release in held:
+            release.put(None)
+        runtime.stop(None)
+
+
+def _expiry(registry: Registry, session: str) -> float:
+    return next(s.expires for s in registry.sessions() if s.id == session)
+
+
+def _workers_busy(runtime: Runtime) -> bool:
+    """Whether both stalled uploads are running on the server's two workers."""
+    uploads = runtime.stats.snapshot().get("/weightavg.v1.WeightAveragingService/CreateDictionary")
+    return uploads is not None and uploads.in_flight == 2

@@ -512,6 +512,66 @@ def test_closing_a_session_waits_for_a_call_in_flight_on_its_handles(store: Regi
     assert held_during_call == {"cpu": 40}
 
 
+class ContendedLock:
+    """An RLock that says when another thread has to wait for it (so a test knows a call is
+    waiting without sleeping)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.contended = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        self.contended.set()
+        return self._lock.acquire(blocking, timeout) if blocking else False
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_closing_a_session_whose_handles_change_while_it_waits_frees_the_new_set(store: Registry) -> None:
+    """While CloseSession waits for a busy object of its session, another call frees one of its
+    tensor handles and makes another: the close must take the new set, not fail comparing the two
+    sets' tensors by value (a RuntimeError, INTERNAL to the client, before entries compared by
+    identity)."""
+    session = store.create_session(60)
+    lock = ContendedLock()
+
+    def tensor(value: float) -> str:
+        with store.reserve(handles=1, nbytes={"cpu": 16}) as reservation:
+            return store.add(Kind.TENSOR, TensorHolder(torch.full((4,), value)), reservation, lock=lock)  # type: ignore[arg-type]
+
+    with caller_session(session):
+        tensor(0.0)
+        replaced = tensor(1.0)
+    outcome: list[object] = []
+    closer = threading.Thread(target=lambda: outcome.append(_outcome(lambda: store.close_session(session))))
+    with lock:  # a call in flight on the session's objects
+        closer.start()
+        assert lock.contended.wait(timeout=30), "close_session never waited for the busy objects"
+        store.free([replaced])
+        with caller_session(session):
+            tensor(2.0)
+    closer.join(timeout=30)
+    assert outcome == [2]
+    assert len(store) == 0 and store.held_bytes() == {}
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    """What a call returned, or the exception it raised."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the test compares it
+        return exc
+
+
 def test_handle_ids_are_unguessable_and_carry_their_kind(store: Registry) -> None:
     a, b = add_dict(store, a=torch.zeros(1)), add_dict(store, a=torch.zeros(1))
     assert a.startswith("dic_") and b.startswith("dic_") and a != b
@@ -666,3 +726,16 @@ def test_expiry_leaves_a_session_whose_handle_is_busy_for_a_later_sweep(store: R
     worker.join(10)
     assert store.expire(now=time.monotonic() + 120) == [(session, 1)]
     assert entry.freed and store.held_bytes() == {}
+
+
+def test_touch_renews_a_live_session_only_for_a_caller_that_may_see_it(store: Registry) -> None:
+    """A keep-alive renews its session where it arrives (SessionInterceptor.gate), before the
+    session's tenant is checked on a worker: another tenant's keep-alive must not renew it."""
+    with as_tenant("alice"):
+        session = store.create_session(60)
+    before = next(s.expires for s in store.sessions())
+    store.touch(session, Caller("bob", Role.USER))
+    store.touch("ses_unknown", Caller("alice", Role.USER))  # no error: it is refused on a worker later
+    assert next(s.expires for s in store.sessions()) == before
+    store.touch(session, Caller("alice", Role.USER))
+    assert next(s.expires for s in store.sessions()) > before

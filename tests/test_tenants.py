@@ -627,9 +627,22 @@ def test_a_server_logging_only_warnings_still_writes_the_audit_trail(tmp_path: P
 
 
 def test_sessions_are_a_tenants_own(server: Runtime, world: World) -> None:
-    """A session id of another tenant is unknown: it cannot be joined to create handles in it."""
+    """A session id of another tenant is unknown: it cannot be joined to create handles in it, nor
+    closed, whether named in the request or carried in the metadata (which CloseSession, unlike
+    other calls, takes past an unknown session, so that its retry reaches the request table)."""
     with pytest.raises(NotFoundError, match="unknown session"):
         connect(server, BOB, session=world.session)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        bob = ("authorization", f"Bearer {BOB}")
+        for request, metadata in (
+            (pb.CloseSessionRequest(session=world.session), [bob]),
+            (pb.CloseSessionRequest(), [bob, ("weightavg-session", world.session)]),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CloseSession(request, metadata=metadata, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert world.session in {s.id for s in server.registry.sessions()}
 
 
 # -- tokens file, SIGHUP, snapshots ---------------------------------------------------------------------
@@ -839,3 +852,47 @@ def test_one_tenant_cannot_hold_every_worker(tokens_file: Path) -> None:
             release.put(None)
         runtime.server.stop(None)
         runtime.reaper.stop()
+def test_a_tenant_whose_share_is_full_still_keeps_its_sessions_alive(tokens_file: Path) -> None:
+    """A refused KeepAliveSession costs more than the call: the session's lease runs out and every
+    handle it owns is freed, under a client that is alive and renewing. While Bob's other calls
+    (long epochs, stalled uploads) fill his share of the workers, his idle clients' keep-alives
+    must still be served (a review found them RESOURCE_EXHAUSTED, so their sessions expired)."""
+    import queue
+
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
+    runtime.start()
+    held: list[queue.Queue[None]] = [queue.Queue() for _ in range(2)]
+
+    def stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
+        yield pb.CreateDictionaryRequest()
+        release.get()
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel, connect(runtime, BOB) as b, \
+                connect(runtime, BOB, session=True, lease=600) as idle:
+            d = idle.dict({"x": [7.0]})
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            uploads = [stub.CreateDictionary.future(stalled(r), metadata=[("authorization", f"Bearer {BOB}")], timeout=60)
+                       for r in held]
+            deadline = time.monotonic() + 30
+            while True:  # until both uploads are running on their workers
+                try:
+                    b.ping()
+                except ResourceExhaustedError:
+                    break
+                assert time.monotonic() < deadline, "the stalled uploads never took their workers"
+                time.sleep(0.05)
+            assert idle.keepalive() == 600.0
+            with pytest.raises(ResourceExhaustedError, match="share"):
+                idle.dict(d, "x")  # other calls are still held to the share
+            for release in held:
+                release.put(None)
+            assert all(u.result(timeout=30).dictionary.id for u in uploads)
+            assert idle.dict(d, "x").tolist() == [7.0]
+    finally:
+        for release in held:
+            release.put(None)
+        runtime.server.stop(None)
+        runtime.reaper.stop()
+
+

@@ -275,8 +275,9 @@ def create_runtime(
     # five run as one interceptor: one pass through gRPC's pipeline per call.
     # A tokens file names tenants; without one there is one tenant, and no share to keep.
     shares = [TenantShares(tokens, config.max_workers)] if config.tokens else []
+    tenancy = TenantInterceptor(tokens, stats)
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
-        ObservingInterceptor(stats), TenantInterceptor(tokens, stats), *shares, SessionInterceptor(registry),
+        ObservingInterceptor(stats), tenancy, *shares, SessionInterceptor(registry, tenancy.caller_of),
         DecodeGuard(SERVICE_NAME, config.max_message_bytes),
     )]
     server = grpc.server(

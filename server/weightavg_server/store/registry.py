@@ -34,7 +34,7 @@ from .accounting import Ledger, Reservation
 from .limits import Limits
 from .requests import RequestTable, register_answer_type
 from .shm import SharedRegions, close_regions
-from .tenants import CALLER, DEFAULT_TENANT, Quota
+from .tenants import CALLER, DEFAULT_TENANT, Caller, Quota
 
 log = logging.getLogger("weightavg.sessions")
 
@@ -63,7 +63,7 @@ _PREFIXES = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     """One live handle: its kind, the object (shared by addref handles) and the object's lock.
 
@@ -71,6 +71,11 @@ class Entry:
     model's input) share one lock, so a call that changes one is never concurrent with a call on
     another. `freed` turns true, under the lock, when the handle is freed, so a call that was waiting
     for the lock answers NOT_FOUND instead of working on a freed object.
+
+    Entries compare by identity (eq=False): each is one handle, and two handles to equal-looking
+    objects are still two. Compared by value, ending a session whose handles changed while it
+    waited compared their objects, and a tensor's `==` is elementwise: `bool()` of it raised, and
+    CloseSession (or the expiry sweep of any call) answered INTERNAL (found by review).
     """
 
     kind: Kind
@@ -618,6 +623,19 @@ class Registry:
             session = self._live_session(session_id)
             session.expires = time.monotonic() + session.lease
             return session.lease
+
+    def touch(self, session_id: str, caller: Caller) -> None:
+        """Renew a session a full lease from now if it is live and `caller` may see it; nothing
+        otherwise (no error: this runs where a call arrives, before any check answers it).
+
+        A keep-alive renews its session here on arrival, on gRPC's polling thread, before it waits
+        for a worker: with every worker busy (long epochs) the keep-alives of a live client waited
+        in the queue while its lease ran out, and the reaper freed its handles (found by review).
+        """
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and caller.may_see(session.tenant):
+                session.expires = max(session.expires, time.monotonic() + session.lease)
 
     def begin_call(self, session_id: str) -> None:
         """A call carrying the session started: renew it and keep it alive until `end_call`."""

@@ -231,13 +231,28 @@ class RequestTable:
                 self._running.discard(rid)
                 self._wake()
             raise
+        nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
         with self._lock:  # remembered and released in one step, so a repeat never runs it again
-            nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
-            self._remember(rid, _Record(method, arguments, session, answer, self._clock(), nbytes, tenant))
-            self._evict()
+            if self._fits(rid, method, nbytes):
+                self._remember(rid, _Record(method, arguments, session, answer, self._clock(), nbytes, tenant))
+                self._evict()
             self._running.discard(rid)
             self._wake()
         return answer
+
+    def _fits(self, rid: str, method: str, nbytes: int) -> bool:
+        """Whether an answer of `nbytes` can be remembered at all (lock held); one larger than the
+        whole byte cap is counted as dropped and logged instead. Remembered, it made `_evict` forget
+        every other ID of its tenant (with one tenant, every ID) before itself: a review found one
+        large epoch's metrics making a retried avgparms count twice."""
+        if nbytes <= self.max_bytes:
+            return True
+        self._dropped += 1
+        log.warning(
+            "request ID %s of %s is not remembered: its answer holds about %d bytes, over the cap of %d "
+            "(--max-request-id-bytes); a retry of it would run again", rid, method, nbytes, self.max_bytes,
+        )
+        return False
 
     def _wait(self) -> None:
         """Wait for a call to end or a snapshot to finish (lock held)."""
@@ -362,6 +377,8 @@ class RequestTable:
                 if r.id in self._records:
                     self._forget(r.id)
                 nbytes = _RECORD_BYTES + answer_bytes(r.answer)
+                if not self._fits(r.id, r.method, nbytes):
+                    continue
                 self._remember(r.id, _Record(
                     r.method, r.digest, r.session, r.answer, now - r.age - max(elapsed, 0.0), nbytes, r.tenant
                 ))

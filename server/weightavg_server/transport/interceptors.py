@@ -10,8 +10,9 @@ from typing import Any, Protocol, TypeAlias
 
 import grpc
 
-from ..domain.errors import WeightavgError
+from ..domain.errors import NotFound, WeightavgError
 from ..store.registry import CALLER_SESSION, Registry
+from ..store.tenants import ANONYMOUS, Caller
 from .status import status_for
 
 SESSION_METADATA = "weightavg-session"
@@ -103,36 +104,79 @@ class InterceptorChain(grpc.ServerInterceptor):
 class SessionInterceptor(grpc.ServerInterceptor):
     """Serve each call carrying `weightavg-session` inside that session: the session is renewed and
     kept alive while the call runs, and handles the call creates belong to it. Every call also
-    ends sessions whose lease has run out, so an idle server without a reaper still frees them."""
+    ends sessions whose lease has run out, so an idle server without a reaper still frees them.
 
-    def __init__(self, registry: Registry) -> None:
+    A keep-alive renews its session as it arrives (`gate`, on gRPC's polling thread), not only once
+    a worker serves it: with every worker busy, a live client's keep-alives wait in gRPC's queue.
+
+    Args:
+        caller_of: the caller a call's metadata names (the tenant layer's `caller_of`), so that a
+            keep-alive renews only a session its caller may see; None: every caller is the one
+            admin of a server without tokens.
+    """
+
+    def __init__(self, registry: Registry, caller_of: Callable[[Metadata], Caller | None] | None = None) -> None:
         self._registry = registry
+        self._caller_of = caller_of
 
     def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
-        return None if handler is None else self.wrap(details.method, handler)
+        if handler is None:
+            return None
+        self.gate(details.method, details, handler)
+        return self.wrap(details.method, handler)
+
+    def gate(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None:
+        """Renew the session a keep-alive carries, as it arrives; never refuses a call (None)."""
+        if not method.endswith(_KEEP_ALIVE):
+            return None
+        metadata = details.invocation_metadata
+        session = metadata_value(metadata, SESSION_METADATA)
+        if session is not None:
+            caller = self._caller_of(metadata) if self._caller_of is not None else ANONYMOUS
+            if caller is not None:
+                self._registry.touch(session, caller)
+        return None
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        return _in_session(handler, self._registry)
+        return _in_session(handler, self._registry, ends_session=method.endswith(_CLOSE_SESSION))
 
 
-def _enter(registry: Registry, session: str, context: grpc.ServicerContext) -> contextvars.Token[str | None]:
-    """Start a call in a session (unknown or ended session: abort before any work)."""
+_CLOSE_SESSION = "/CloseSession"
+"""The method that ends the session it carries: a retry of it finds that session gone."""
+_KEEP_ALIVE = "/KeepAliveSession"
+"""The method that renews the session it carries as it arrives (`SessionInterceptor.gate`)."""
+
+
+def _enter(
+    registry: Registry, session: str, context: grpc.ServicerContext, ends_session: bool
+) -> tuple[contextvars.Token[str | None], bool]:
+    """Start a call in a session, and whether it counts as one of the session's calls in flight
+    (then `end_call` must follow).
+
+    An unknown or ended session aborts the call before any work, except for CloseSession: its
+    retry, whose first attempt closed the session and lost the answer, must reach the request
+    table to get that answer (store/requests.py). It runs as the session's without counting; with
+    no remembered answer, closing the ended session answers NOT_FOUND as the abort would have.
+    """
     try:
         registry.begin_call(session)
     except WeightavgError as exc:
-        code, message = status_for(exc)
-        context.abort(code, message)
-    return CALLER_SESSION.set(session)
+        if not (ends_session and isinstance(exc, NotFound)):
+            code, message = status_for(exc)
+            context.abort(code, message)
+        return CALLER_SESSION.set(session), False
+    return CALLER_SESSION.set(session), True
 
 
-def _in_session(handler: Handler, registry: Registry) -> Handler:
+def _in_session(handler: Handler, registry: Registry, ends_session: bool = False) -> Handler:
     """Wrap a handler's behaviour so that a call carrying a session runs inside it and ends the call
     afterwards, and every call first ends the sessions whose lease has run out.
 
     This runs on the worker thread that serves the call (the interceptor itself runs on gRPC's
     polling thread, and a call refused for capacity never reaches a worker), so the in-flight count
     is raised only for calls that really run. Streamed replies stay in the session until they end.
+    `ends_session`: the method is CloseSession (see `_enter`).
     """
     if handler.response_streaming:
         inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
@@ -144,12 +188,13 @@ def _in_session(handler: Handler, registry: Registry) -> Handler:
             if session is None:
                 yield from inner_stream(request, context)
                 return
-            token = _enter(registry, session, context)
+            token, counted = _enter(registry, session, context, ends_session)
             try:
                 yield from inner_stream(request, context)
             finally:
                 CALLER_SESSION.reset(token)
-                registry.end_call(session)
+                if counted:
+                    registry.end_call(session)
 
         return same_kind(handler, stream)
 
@@ -161,11 +206,12 @@ def _in_session(handler: Handler, registry: Registry) -> Handler:
         session = metadata_value(context.invocation_metadata(), SESSION_METADATA)
         if session is None:
             return inner(request, context)
-        token = _enter(registry, session, context)
+        token, counted = _enter(registry, session, context, ends_session)
         try:
             return inner(request, context)
         finally:
             CALLER_SESSION.reset(token)
-            registry.end_call(session)
+            if counted:
+                registry.end_call(session)
 
     return same_kind(handler, unary)

@@ -18,7 +18,14 @@ import grpc
 
 from ..store.tenants import CALLER
 from .interceptors import Handler, same_kind
-from .tenancy import OPEN_SERVICE_PREFIXES, Tokens
+from .tenancy import OPEN_SERVICE_PREFIXES, SERVICE_PREFIX, Tokens
+
+UNSHARED = frozenset({SERVICE_PREFIX + "KeepAliveSession"})
+"""Methods not counted against a share: a keep-alive holds a worker for an instant, and it is how a
+live client says so. A review found a tenant's long epochs filling its share and its idle clients'
+keep-alives refused, so that their sessions expired and their handles were freed. (Keep-alives now
+also renew their session as they arrive, interceptors.SessionInterceptor.gate; this layer answers
+them too, so that `Client.keepalive()` does not fail while the tenant's other calls run.)"""
 
 
 def tenant_share(max_workers: int) -> int:
@@ -38,8 +45,9 @@ class TenantShares:
         self._in_flight: dict[str, int] = {}
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler again, its calls counted against their tenant's share (open methods: as they are)."""
-        if method.startswith(OPEN_SERVICE_PREFIXES):
+        """The handler again, its calls counted against their tenant's share (open methods and
+        keep-alives: as they are)."""
+        if method.startswith(OPEN_SERVICE_PREFIXES) or method in UNSHARED:
             return handler
         if handler.response_streaming:
             inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream

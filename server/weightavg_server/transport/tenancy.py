@@ -344,6 +344,16 @@ class TenantInterceptor(grpc.ServerInterceptor):
         verdict = self._authorize(method, access_of(method), metadata, metadata_value(metadata, SESSION_METADATA))
         return refusal(handler, *verdict) if isinstance(verdict, tuple) else None
 
+    def caller_of(self, metadata: Metadata) -> Caller | None:
+        """The caller a call's token names (an open server's: its one admin), or None for no valid
+        token; nothing logged or audited. For layers after this one that act where a call arrives,
+        on gRPC's polling thread, once this layer's gate has let the call through."""
+        table = self.tokens.table
+        if table.open:
+            return ANONYMOUS
+        token = bearer_token(metadata_value(metadata, AUTHORIZATION_METADATA))
+        return table.caller(token) if token is not None else None
+
     def _authorize(
         self, method: str, access: Access, metadata: Metadata, session: str | None
     ) -> Caller | tuple[grpc.StatusCode, str]:
