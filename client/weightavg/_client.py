@@ -21,7 +21,8 @@ import numpy.typing as npt
 
 from . import _cuda, _objects, _shm, _specs, wire
 from ._errors import (
-    FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError, WeightavgError,
+    FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError,
+    UnimplementedError, WeightavgError,
     from_rpc_error,
 )
 from ._records import Handle, HandleInfo, ModuleRow, Soup
@@ -358,7 +359,8 @@ class Client:
         self._keepalive: threading.Thread | None = None
         self._shm: _shm.SharedRegion | None = _shm.SharedRegion() if shm else None
         self._cuda: _cuda.CudaRegion | None = _cuda.CudaRegion() if shm else None
-        self._shm_pool = _shm.FetchPool()
+        self._shm_names = _shm.RegionNames.new(_cuda.REGION_NAME)
+        self._shm_pool = _shm.FetchPool(self._shm_names.pool)
         self._shm_lock = threading.Lock()
         session = session or shm
         if session:
@@ -1166,6 +1168,9 @@ class Client:
         """End this client's session now, freeing every handle it owns in one call; returns how many."""
         self._stop_keepalive.set()
         freed = int(self._stub.CloseSession(pb.CloseSessionRequest(), timeout=self.timeout).freed)
+        # The session's regions ended with it, and a client without a session registers none: the
+        # stream from now on (calls naming the regions were refused NOT_FOUND).
+        self._close_shm(unregister=False)
         self._owns_session = False
         self._metadata.pairs.pop(SESSION_METADATA, None)
         self.session = None
@@ -1241,8 +1246,13 @@ class Client:
     # -- shared memory (Client(..., shm=True)) --------------------------------------------------------
 
     def _shm_refused(self, exc: grpc.RpcError) -> None:
-        """Raise the error unless it says the server takes no shared memory; then use the stream."""
+        """After a registration refused with `exc`: raise it unless it says the server takes no
+        shared memory (then the stream for good) or holds no more regions for now (its caps, e.g.
+        a session shared by several clients: RESOURCE_EXHAUSTED; then the stream for this call)."""
         error = from_rpc_error(exc)
+        if isinstance(error, ResourceExhaustedError):
+            log.info("no more shared memory regions for now, this call uses the stream: %s", error)
+            return
         if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
             raise exc
         log.info("shared memory refused, using the stream: %s", error)
@@ -1256,7 +1266,7 @@ class Client:
             return None
 
         def register(key: str, size: int) -> None:
-            request = pb.RegisterSharedMemoryRequest(name=_shm.REGION_NAME, key=key, byte_size=size)
+            request = pb.RegisterSharedMemoryRequest(name=self._shm_names.region, key=key, byte_size=size)
             self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
         try:
@@ -1287,7 +1297,7 @@ class Client:
             with self._shm_lock:
                 on_gpu = self._cuda_upload(items)
                 if on_gpu is not None:
-                    yield lambda: _shm.shared_chunks(on_gpu, message_type, _cuda.REGION_NAME)
+                    yield lambda: _shm.shared_chunks(on_gpu, message_type, self._shm_names.cuda)
                     return
             # Without CUDA IPC, GPU tensors go as host arrays, bit for bit.
             items = [(name, _cuda.host_array(value) if _cuda.is_cuda(value) else value) for name, value in items]
@@ -1312,7 +1322,7 @@ class Client:
             writing = _shm.Writing(buf, placed)
             del buf
             try:
-                yield lambda: writing.chunks(message_type, _shm.REGION_NAME)
+                yield lambda: writing.chunks(message_type, self._shm_names.region)
             finally:
                 writing.close()
 
@@ -1336,7 +1346,7 @@ class Client:
             return None
 
         def register(message: pb.CudaIpcRegion, size: int) -> None:
-            request = pb.RegisterSharedMemoryRequest(name=_cuda.REGION_NAME, byte_size=size, cuda=message)
+            request = pb.RegisterSharedMemoryRequest(name=self._shm_names.cuda, byte_size=size, cuda=message)
             self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
         try:
@@ -1365,7 +1375,7 @@ class Client:
         if buffer is None:
             return None
         _cuda.write(buffer, placed)
-        return [(m, _cuda.REGION_NAME) for m, _ in placed]
+        return [(m, self._shm_names.cuda) for m, _ in placed]
 
     def _fetch_to_device(self, handle: str, names: list[str], device: Any) -> list[tuple[str, Any]] | None:
         """A fetch into new CUDA tensors on `device` through the registered CUDA buffer (the server
@@ -1376,7 +1386,7 @@ class Client:
             if buffer is None:
                 return None
             while True:  # again if the object grew between the calls
-                request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_cuda.REGION_NAME)
+                request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=self._shm_names.cuda)
                 r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
                 if r.tensors or not r.needed_bytes:
                     return _cuda.read(buffer, r.tensors)
@@ -1399,13 +1409,13 @@ class Client:
             pool = self._shm_pool
             free = pool.largest_free()
             request = pb.FetchTensorsToSharedMemoryRequest(
-                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES,
+                handle=handle, names=names, region=self._shm_names.region, max_bytes=_shm.SMALL_FETCH_BYTES,
                 overflow_region=free[0] if free else "",
             )
             r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
             while True:  # again if the object grew between the calls
                 if r.tensors or not r.needed_bytes:
-                    if r.region and r.region != _shm.REGION_NAME:
+                    if r.region and r.region != self._shm_names.region:
                         return pool.lend(r.region, r.tensors)
                     return _shm.read(buf, r.tensors)
                 if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
@@ -1413,7 +1423,7 @@ class Client:
                     if buf is None:
                         return None
                     request = pb.FetchTensorsToSharedMemoryRequest(
-                        handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+                        handle=handle, names=names, region=self._shm_names.region, max_bytes=_shm.SMALL_FETCH_BYTES
                     )
                 else:
                     def register(name: str, key: str, size: int) -> None:
@@ -1431,19 +1441,25 @@ class Client:
                     request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=name)
                 r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
 
-    def _close_shm(self) -> None:
-        """Unmap the regions here (a lent one with its last array); the server unmaps them with the
-        session (or now, for a joined one). The CUDA buffer may go first: torch keeps an exported
-        buffer's memory out of reuse until the server has dropped its mapping."""
+    def _close_shm(self, unregister: bool = True) -> None:
+        """Unmap the regions here (a lent one with its last array) and use the stream from now on;
+        the server unmaps them with the session, or now, for a joined one (`unregister`: this
+        client's regions only, by name, since other clients of the session keep theirs). The CUDA
+        buffer may go first: torch keeps an exported buffer's memory out of reuse until the server
+        has dropped its mapping."""
         region, self._shm = self._shm, None
         cuda, self._cuda = self._cuda, None
-        self._shm_pool.unused()
-        registered = (region is not None and region.size > 0) or (cuda is not None and cuda.size > 0)
-        if registered and not self._owns_session:
-            try:
-                self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=""), timeout=10.0)
-            except grpc.RpcError as exc:
-                log.info("could not unregister shared memory: %s", from_rpc_error(exc))
+        names = self._shm_pool.unused()
+        if region is not None and region.size > 0:
+            names.append(self._shm_names.region)
+        if cuda is not None and cuda.size > 0:
+            names.append(self._shm_names.cuda)
+        if unregister and not self._owns_session:
+            for name in names:
+                try:
+                    self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=name), timeout=10.0)
+                except grpc.RpcError as exc:
+                    log.info("could not unregister shared memory region %s: %s", name, from_rpc_error(exc))
         if region is not None:
             region.close()
         if cuda is not None:

@@ -1,6 +1,6 @@
 """GPU tensors through CUDA IPC (Client(..., shm=True) and a server on this host with CUDA): one
 CUDA buffer a client exports once (torch's `UntypedStorage._share_cuda_()`, sent as plain
-protobuf fields, never a pickle) and registers as its region "cuda". An upload copies the tensors
+protobuf fields, never a pickle) and registers as its region "cuda.<tag>" (_shm.RegionNames). An upload copies the tensors
 into it device to device and names where they lie; a fetch has the server copy into it and clones
 out of it. The bytes never touch host memory.
 
@@ -30,7 +30,7 @@ from . import wire
 from .v1 import weightavg_pb2 as pb
 
 REGION_NAME = "cuda"
-"""The name the client's CUDA buffer is registered under (one per session)."""
+"""The base of the name the client's CUDA buffer is registered under (with the client's tag: _shm.RegionNames)."""
 ALIGN = 64
 MIN_BYTES = 1 << 20
 _TORCH_CODES = {
