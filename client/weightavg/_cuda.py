@@ -60,14 +60,7 @@ def is_cuda(value: Any) -> bool:
 def host_array(value: Any) -> npt.NDArray[Any]:
     """A CUDA tensor's values as a host array, bit for bit (bfloat16 as ml_dtypes.bfloat16): what
     the stream and host shared memory send."""
-    torch = _torch()
-
-    host = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-    if host.dtype == torch.bfloat16:
-        bits: npt.NDArray[Any] = host.view(torch.int16).numpy()
-        return bits.view(np.dtype(ml_dtypes.bfloat16))
-    array: npt.NDArray[Any] = host.numpy()
-    return array
+    return wire.torch_host_array(value)
 
 
 def as_tensor(value: Any) -> Any:

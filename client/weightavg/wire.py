@@ -162,9 +162,33 @@ def entry_name(name: Any) -> str:
     return name
 
 
+def torch_host_array(value: Any) -> npt.NDArray[Any]:
+    """A torch tensor's values (any device) as a host array, bit for bit: detached, conjugate and
+    negative views resolved, bfloat16 as ml_dtypes.bfloat16 (numpy has none, and np.asarray of a
+    bfloat16 tensor fails, as it does for a tensor that requires grad such as an nn.Parameter).
+    Uses the torch its caller loaded: the client never imports torch."""
+    torch = sys.modules["torch"]
+    host = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+    if host.dtype == torch.bfloat16:
+        bits: npt.NDArray[Any] = host.view(torch.int16).numpy()
+        return bits.view(np.dtype(ml_dtypes.bfloat16))
+    try:
+        array: npt.NDArray[Any] = host.numpy()
+    except TypeError:  # a dtype numpy lacks (float8, complex32...): named as to_array names the rest
+        raise TypeError(f"dtype {value.dtype} cannot be sent; use one of {sorted(str(d) for d in _CODES)}") from None
+    return array
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    """Whether `value` is a torch tensor (an nn.Parameter too), told without importing torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def to_array(value: Any) -> npt.NDArray[Any]:
-    """A contiguous little-endian array for a value: arrays as they are, Python ints int64, floats float64."""
-    array = np.asarray(value)
+    """A contiguous little-endian array for a value: arrays as they are, Python ints int64, floats
+    float64, torch tensors (on any device) bit for bit (`torch_host_array`)."""
+    array = torch_host_array(value) if _is_torch_tensor(value) else np.asarray(value)
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         array = array.astype(array.dtype.newbyteorder("<"))
     if array.dtype not in _CODES:
