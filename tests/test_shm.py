@@ -952,6 +952,29 @@ def test_a_session_out_of_regions_moves_the_calls_bytes_through_the_stream(
         assert fast._shm is not None and len(shm_server.registry.shared) == 1  # still used where it can be
 
 
+def test_a_client_whose_regions_the_server_lost_registers_them_again(shm_server: LiveServer) -> None:
+    """A server restarted from its --state-dir restores the session but not its regions (nor does
+    one whose regions were unregistered by another client of the session): every upload and fetch
+    of the client failed NOT_FOUND for good. The client registers them again and makes the call
+    once more (it was refused before it changed anything)."""
+    small, large = np.full(10_000, 2.0, np.float32), np.full(3 << 20, 3.0, np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"small": small, "large": large})
+        kept = fast.dict(d)  # a pool region, lent to these arrays
+        for lose in ("upload", "small fetch", "large fetch"):
+            fast._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=""), timeout=WAIT)
+            assert len(shm_server.registry.shared) == 0
+            if lose == "upload":
+                again = fast.dict({"small": small})
+                assert torch.equal(shm_server.registry.get(again.id).obj.entries["small"], torch.from_numpy(small))
+            elif lose == "small fetch":
+                assert same(fast.dict(d, "small"), small)
+            else:
+                assert same(fast.dict(d, "large"), large)
+            assert fast._shm is not None and len(shm_server.registry.shared) >= 1  # through shared memory again
+        assert same(kept["large"], large) and same(kept["small"], small)
+
+
 def test_a_client_whose_session_is_closed_goes_on_through_the_stream(shm_server: LiveServer) -> None:
     """The session's regions end with it: the client drops them and uses the stream (its calls
     named them and were refused NOT_FOUND)."""

@@ -509,8 +509,8 @@ class Client:
         if not value:
             return self._fetch(_id(m), [name], rank)[name]
         request_id = new_request_id()
-        with self._upload_chunks([("", value[0])], pb.SetParameterRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> None:
             def requests() -> Iterator[bytes]:
                 chunks = encoded()
                 # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
@@ -519,6 +519,8 @@ class Client:
                 yield from chunks
 
             self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
+
+        self._uploading([("", value[0])], pb.SetParameterRequest, send)
         return None
 
     @_rpc
@@ -794,14 +796,16 @@ class Client:
         self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any, shard: bool = False, rank: int | None = None
     ) -> int:
         request_id = new_request_id()
-        with self._upload_chunks([("x", x), ("y", y)], pb.SetModelDataRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> int:
             def requests() -> Iterator[bytes]:
                 first = pb.SetModelDataRequest(model=m, split=split, shard=shard, rank=rank, request_id=request_id)
                 yield first.SerializeToString()
                 yield from encoded()
 
             return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
+
+        return self._uploading([("x", x), ("y", y)], pb.SetModelDataRequest, send)
 
     @_rpc
     def run(self, m: HandleLike, *data: Any) -> Any:
@@ -826,14 +830,15 @@ class Client:
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
-        with self._upload_chunks([("", x)], pb.EvaluateModelRequest) as encoded:
-
+        def send(encoded: Callable[[], Iterator[bytes]]) -> npt.NDArray[Any]:
             def requests() -> Iterator[bytes]:
                 yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
                 yield from encoded()
 
             stream = self._evaluate_model_stream(Replayable(requests), timeout=self.timeout)  # retried as a read
             return wire.join_chunks(r.chunk for r in stream)[0][1]
+
+        return self._uploading([("", x)], pb.EvaluateModelRequest, send)
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
         """Forward pass in train mode with gradients; returns a tensor handle of the output.
@@ -959,13 +964,15 @@ class Client:
         if isinstance(x, (Handle, str)):  # no string can be sent as a tensor: a bare id
             return wire.plain(self._fetch_named(_id(x), [])[0][1])
         request_id = new_request_id()
-        with self._upload_chunks([("", x)], pb.CreateTensorRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> Handle:
             def requests() -> Iterator[bytes]:
                 yield pb.CreateTensorRequest(request_id=request_id).SerializeToString()
                 yield from encoded()
 
             return _handle(self._create_tensor_stream(Replayable(requests), timeout=self.timeout).tensor)
+
+        return self._uploading([("", x)], pb.CreateTensorRequest, send)
 
     @_rpc
     def size(self, h: HandleLike) -> Any:
@@ -1208,7 +1215,12 @@ class Client:
         self, handle: str, names: list[str], rank: int | None = None
     ) -> list[tuple[str, npt.NDArray[Any]]]:
         if self._shm is not None and rank is None:
-            fetched = self._shm_fetch(handle, names)
+            try:
+                fetched = self._shm_fetch(handle, names)
+            except grpc.RpcError as exc:
+                if not self._regions_lost(exc):
+                    raise
+                fetched = self._shm_fetch(handle, names)  # registered again
             if fetched is not None:
                 return fetched
         request = pb.FetchTensorsRequest(handle=handle, names=names, rank=rank)
@@ -1224,23 +1236,27 @@ class Client:
     ) -> Handle:
         request_id = new_request_id()
         placement = _placement(replicate, rank)
-        with self._upload_chunks(items, pb.CreateDictionaryRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> Handle:
             def requests() -> Iterator[bytes]:
                 yield pb.CreateDictionaryRequest(placement=placement, request_id=request_id).SerializeToString()
                 yield from encoded()
 
             return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
 
+        return self._uploading(items, pb.CreateDictionaryRequest, send)
+
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]], rank: int | None = None) -> None:
         request_id = new_request_id()
-        with self._upload_chunks(items, pb.UpdateDictionaryRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> None:
             def requests() -> Iterator[bytes]:
                 yield pb.UpdateDictionaryRequest(dictionary=d, rank=rank, request_id=request_id).SerializeToString()
                 yield from encoded()
 
             self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
+
+        self._uploading(items, pb.UpdateDictionaryRequest, send)
 
 
     # -- shared memory (Client(..., shm=True)) --------------------------------------------------------
@@ -1257,6 +1273,39 @@ class Client:
             raise exc
         log.info("shared memory refused, using the stream: %s", error)
         self._shm = None
+
+    def _regions_lost(self, exc: grpc.RpcError) -> bool:
+        """Whether a call failed because the server has no region of this client's that it named
+        (a server restarted from its --state-dir keeps the session, not its regions; another
+        client's UnregisterSharedMemory of the session's regions); then this client forgets its
+        regions, so that the call, made once more, registers them again."""
+        details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+        names = (self._shm_names.region, self._shm_names.cuda, *self._shm_names.pool)
+        if exc.code() != grpc.StatusCode.NOT_FOUND or not any(f"shared memory region '{n}'" in details for n in names):
+            return False
+        log.info("the server no longer has this client's shared memory regions; registering them again: %s", details)
+        with self._shm_lock:
+            self._shm_pool.unused()
+            if self._shm is not None:
+                self._shm.close()
+            if self._cuda is not None:
+                self._cuda.close()
+        return True
+
+    def _uploading(
+        self, items: list[tuple[str, Any]], message_type: type[Message], send: Callable[[Callable[[], Iterator[bytes]]], T]
+    ) -> T:
+        """`send(encoded)`, the call of one upload, with its stream's tensor messages (`_upload_chunks`);
+        once more, through regions registered again, when the server had lost this client's regions
+        (`_regions_lost`: the call was refused before it changed anything)."""
+        try:
+            with self._upload_chunks(items, message_type) as encoded:
+                return send(encoded)
+        except grpc.RpcError as exc:
+            if not self._regions_lost(exc):
+                raise
+        with self._upload_chunks(items, message_type) as encoded:
+            return send(encoded)
 
     def _shm_buffer(self, nbytes: int) -> memoryview | None:
         """The region's bytes (at least nbytes), registering a larger one as needed; None once the
@@ -1381,6 +1430,15 @@ class Client:
         """A fetch into new CUDA tensors on `device` through the registered CUDA buffer (the server
         copies device to device); None where the server takes no CUDA regions (the caller then
         fetches through the host)."""
+        try:
+            return self._device_fetch(handle, names, device)
+        except grpc.RpcError as exc:
+            if not self._regions_lost(exc):
+                raise
+        return self._device_fetch(handle, names, device)  # registered again
+
+    def _device_fetch(self, handle: str, names: list[str], device: Any) -> list[tuple[str, Any]] | None:
+        """`_fetch_to_device`, its CUDA buffer as this client holds it."""
         with self._shm_lock:
             buffer = self._cuda_buffer(0, device)
             if buffer is None:
