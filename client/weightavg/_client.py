@@ -307,7 +307,7 @@ class Client:
         address = target(address)
         self.address = address
         self.timeout = timeout
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = wire.checked_chunk_bytes(chunk_bytes)
         self.tls = bool(tls or tls_ca or client_cert or client_key)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),

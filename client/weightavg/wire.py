@@ -21,6 +21,7 @@ transfer.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "Declared",
     "StreamCheck",
     "array_chunks",
+    "checked_chunk_bytes",
     "chunk_field",
     "chunk_messages",
     "crc32c",
@@ -417,11 +419,25 @@ class _Piece(NamedTuple):
     crc: int | None
 
 
+def checked_chunk_bytes(chunk_bytes: int) -> int:
+    """`chunk_bytes` if it is a whole number of bytes above 0; ValueError otherwise. A size of 0 or
+    less failed inside gRPC's request thread (UNKNOWN "Exception iterating requests!"), or, below 0,
+    sent no chunk of a tensor at all: a dictionary was created without it, and no error."""
+    try:
+        n = operator.index(chunk_bytes)  # an int, or a numpy integer; not a float or a bool
+    except TypeError:
+        n = 0
+    if isinstance(chunk_bytes, bool) or n <= 0:
+        raise ValueError(f"chunk_bytes must be a whole number of bytes above 0, e.g. {CHUNK_BYTES}; got {chunk_bytes!r}")
+    return n
+
+
 def _pieces(
     name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int, declare: tuple[int, int] | None
 ) -> Iterator[_Piece]:
     """A tensor's chunks as fields: the header (with `declare`) first; the CRC32C, worked out piece
     by piece while each is hot in cache, on the last."""
+    checked_chunk_bytes(chunk_bytes)
     crc = tensor_crc(name, code, shape)
     size = len(raw)
     for start in range(0, max(size, 1), chunk_bytes):
