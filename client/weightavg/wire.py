@@ -543,7 +543,9 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
     """Named arrays from a stream of chunks, each filled into one preallocated buffer.
 
     A declared stream (every weightavg server's) is checked as it is read: DataLossError when a
-    tensor's CRC32C does not match or the stream carries other than it declared.
+    tensor's CRC32C does not match or the stream carries other than it declared, and for a stream
+    cut or garbled in ways that stop it being read (it ends or a header comes inside a tensor, a
+    header names a dtype code or shape no tensor has), as docs/clients.md promises.
     """
     check = StreamCheck(DataLossError, DataLossError)
     result: list[tuple[str, npt.NDArray[Any]]] = []
@@ -558,11 +560,21 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
         check.chunk(d)
         if chunk.dtype != pb.DTYPE_UNSPECIFIED:
             if dtype is not None:
-                raise ValueError(f"server stream broke off inside tensor '{name}'")
+                raise DataLossError(
+                    f"the server's stream broke off inside tensor '{name}' ({filled} of {buffer.size} bytes): "
+                    "it was cut or corrupted on the way"
+                )
+            if chunk.dtype not in _DTYPES or any(n < 0 for n in chunk.shape):
+                raise DataLossError(
+                    f"the server's stream has tensor '{chunk.name}' of dtype code {chunk.dtype} and shape "
+                    f"{list(chunk.shape)}, which no tensor of this client has: corrupted on the way, or from a "
+                    "server newer than this client"
+                )
             name, code, dtype, shape = chunk.name, chunk.dtype, _DTYPES[chunk.dtype], tuple(chunk.shape)
-            buffer = np.empty(math.prod(shape) * dtype.itemsize, np.uint8)
+            nbytes = math.prod(shape) * dtype.itemsize
+            check.header(name, chunk.dtype, shape, nbytes)  # before allocating what a garbled shape may ask
+            buffer = np.empty(nbytes, np.uint8)
             filled = 0
-            check.header(name, chunk.dtype, shape, buffer.size)
         data = chunk.data
         if data:
             if dtype is None or filled + len(data) > buffer.size:
@@ -578,7 +590,9 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
         elif d.crc32c is not None:
             check.stray_crc()
     if dtype is not None:
-        raise ValueError(f"server stream ended inside tensor '{name}'")
+        raise DataLossError(
+            f"the server's stream ended inside tensor '{name}' ({filled} of {buffer.size} bytes): it was cut on the way"
+        )
     check.finish()
     return result
 
