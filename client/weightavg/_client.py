@@ -1279,9 +1279,11 @@ class Client:
         (a server restarted from its --state-dir keeps the session, not its regions; another
         client's UnregisterSharedMemory of the session's regions); then this client forgets its
         regions, so that the call, made once more, registers them again."""
-        details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+        if not isinstance(exc, grpc.Call) or exc.code() != grpc.StatusCode.NOT_FOUND:
+            return False
+        details = exc.details() or ""
         names = (self._shm_names.region, self._shm_names.cuda, *self._shm_names.pool)
-        if exc.code() != grpc.StatusCode.NOT_FOUND or not any(f"shared memory region '{n}'" in details for n in names):
+        if not any(f"shared memory region '{n}'" in details for n in names):
             return False
         log.info("the server no longer has this client's shared memory regions; registering them again: %s", details)
         with self._shm_lock:
