@@ -134,3 +134,16 @@ def test_cpu_torch_tensors_go_bit_for_bit_through_every_upload_verb(client: Clie
     assert out.shape == (3, 4)
     with pytest.raises(TypeError, match="cannot be sent"):
         client.dict({"f8": torch.zeros(2, dtype=torch.float8_e4m3fn)})
+
+
+def test_an_empty_list_of_keys_fetches_nothing(client: Client) -> None:
+    """The wire's empty list of names means every entry: dict(d, []) fetched the whole dictionary
+    (a model's worth of bytes) to return []."""
+    def fetches() -> int:
+        return sum(int(m["count"]) for name, m in client.stats()["methods"].items() if name.endswith("/FetchTensors"))
+
+    d = client.dict({"a": np.ones(1000, np.float32)})
+    before = fetches()
+    assert client.dict(d, []) == [] and client.dict(d, ()) == []
+    assert fetches() == before
+    assert client.dict(d, ["a"])[0].shape == (1000,) and fetches() == before + 1  # counted, where one is made

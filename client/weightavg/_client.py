@@ -925,6 +925,8 @@ class Client:
         if key is None:
             return {name: wire.plain(a) for name, a in self._fetch_named(_id(x), [], rank)}
         if isinstance(key, (list, tuple)):
+            if not key:  # the wire's empty list of names means every entry: nothing to fetch here
+                return []
             values = self._fetch(_id(x), list(key), rank)
             return [values[k] for k in key]
         return self._fetch(_id(x), [key], rank)[key]
