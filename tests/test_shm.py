@@ -1010,6 +1010,33 @@ def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
         assert same(fast.dict(d, "big"), big) and fast._shm is not None
 
 
+def test_a_full_dev_shm_streams_only_the_uploads_that_do_not_fit(
+    shm_server: LiveServer, shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reused region grows to twice its size; where /dev/shm had no room for that, the client
+    used the stream for good, even for uploads the old region or a region of their own size holds.
+    It now registers just the size needed if twice does not fit, and streams only a call for which
+    nothing fits."""
+    from weightavg import _shm
+
+    room = 11 << 20
+    create = _shm._create
+
+    def tight(size: int, session: str) -> Any:
+        if size > room:
+            raise OSError(28, "No space left on device")
+        return create(size, session)
+
+    monkeypatch.setattr(_shm, "_create", tight)
+    values = {n: np.full(n << 18, float(n), np.float32) for n in (6, 10, 12, 1)}  # 6, 10, 12 and 1 MiB
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        handles = {n: fast.dict({f"v{n}": v}) for n, v in values.items()}
+        assert shared_uploads == ["v6", "v10", "v1"]  # 10 MiB: not 12, but 10; 12 MiB: streamed
+        assert fast._shm is not None and fast._shm.size == 10 << 20
+        for n, v in values.items():
+            assert same(fast.dict(handles[n], f"v{n}"), v)
+
+
 class _TensorRegion(shm.Region):
     """A region over a tensor's bytes (on any device), without /dev/shm: what the assembler reads."""
 

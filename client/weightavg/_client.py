@@ -1327,8 +1327,11 @@ class Client:
         except grpc.RpcError as exc:
             self._shm_refused(exc)
             return None
-        except OSError as exc:  # no /dev/shm here, or it is full
-            log.info("no shared memory region, using the stream: %s", exc)
+        except OSError as exc:
+            if _shm.full(exc):  # /dev/shm has no room now: this call streams, the region stays as it was
+                log.info("no room in /dev/shm for a larger region, this call uses the stream: %s", exc)
+                return None
+            log.info("no shared memory region, using the stream: %s", exc)  # no /dev/shm here
             self._shm = None
             return None
 

@@ -14,6 +14,7 @@ caller keeps are never written behind its back.
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -128,6 +129,15 @@ def _registered(size: int, register: Callable[[str, int], None], session: str) -
     return memory
 
 
+_FULL = frozenset({errno.ENOSPC, errno.ENOMEM})
+"""The errors of a region /dev/shm has no room for now (a smaller one, or a later one, may fit)."""
+
+
+def full(exc: OSError) -> bool:
+    """Whether `exc` says /dev/shm has no room for a region now, rather than that there is none."""
+    return exc.errno in _FULL
+
+
 class SharedRegion:
     """A region registered with the server; replaced by a larger one when a call needs more."""
 
@@ -136,10 +146,18 @@ class SharedRegion:
         self.size = 0
 
     def ensure(self, nbytes: int, register: Callable[[str, int], None], session: str) -> memoryview:
-        """The region's bytes, at least `nbytes` of them (registering a larger region if needed)."""
+        """The region's bytes, at least `nbytes` of them (registering a larger region if needed: twice
+        the old size, or just `nbytes` where /dev/shm has no room for that). OSError where it has
+        no room for `nbytes` either (the region stays as it was)."""
         if self._memory is None or self.size < nbytes:
             size = max(_aligned(nbytes), 2 * self.size, MIN_BYTES)
-            memory = _registered(size, register, session)
+            try:
+                memory = _registered(size, register, session)
+            except OSError as exc:
+                if not full(exc) or size == max(_aligned(nbytes), MIN_BYTES):
+                    raise
+                size = max(_aligned(nbytes), MIN_BYTES)
+                memory = _registered(size, register, session)
             self.close()
             self._memory, self.size = memory, size
         return memoryview(self._memory)
