@@ -58,6 +58,7 @@ __all__ = [
     "string_fields",
     "tensor_crc",
     "to_array",
+    "torch_host_array",
 ]
 
 CHUNK_BYTES = 4 << 20
