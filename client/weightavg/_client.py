@@ -249,7 +249,8 @@ class Client:
         address: "host:port" of the server; without a port, DEFAULT_PORT (50051, the server's
             default) is used, never gRPC's 443.
         timeout: default deadline of each call, in seconds.
-        chunk_bytes: size of the pieces tensors are streamed in.
+        chunk_bytes: size of the pieces tensors are streamed in, a whole number of bytes above 0
+            (ValueError otherwise, before anything is sent).
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
         tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
         tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
