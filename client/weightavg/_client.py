@@ -272,7 +272,10 @@ class Client:
             client keeps in a pool (no copy here; the region is reused once the arrays are garbage
             collected, and the arrays are the caller's until then). Where the server refuses the
             region (another host, no --allow-shm) the client falls back to the stream, with
-            identical results. GPU (torch CUDA) tensors, which every upload verb takes, go through
+            identical results; so it does for a call no region fits (/dev/shm full), and after
+            close_session(). Its regions have names of its own, so clients may share a session;
+            regions the server lost (a restart from its --state-dir) are registered again. GPU
+            (torch CUDA) tensors, which every upload verb takes, go through
             one CUDA buffer the client registers by CUDA IPC handle: copied device to device into
             it, and the torch helpers' `fetch(..., device="cuda")` copies out of it; a server without
             CUDA refuses it and they go through the host instead, with identical results. (Without
