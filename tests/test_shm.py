@@ -991,6 +991,40 @@ def test_a_client_whose_session_is_closed_goes_on_through_the_stream(shm_server:
         fast.free(kept)
 
 
+def test_a_client_closed_while_a_large_fetch_runs_raises_a_cancelled_error(shm_server: LiveServer) -> None:
+    """close() from another thread empties the pool while a fetch is in its call; the fetch then
+    found no region to lend its arrays from and failed with a bare AssertionError."""
+    from weightavg import CancelledError
+
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+        kept = fast.dict(d)  # a pool region, then free again once these arrays go
+        del kept
+        gc.collect()
+        stub = fast._stub
+
+        class ClosedMeanwhile:
+            def __getattr__(self, name: str) -> Any:
+                method = getattr(stub, name)
+                if name != "FetchTensorsToSharedMemory":
+                    return method
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    answer = method(*args, **kwargs)
+                    fast._close_shm()  # as close() from another thread does, between the call and the lending
+                    return answer
+
+                return call
+
+        fast._stub = ClosedMeanwhile()  # type: ignore[assignment]
+        try:
+            with pytest.raises(CancelledError, match="closed while this fetch ran"):
+                fast.dict(d)
+        finally:
+            fast._stub = stub
+
+
 def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
     shm_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,8 +21,8 @@ import numpy.typing as npt
 
 from . import _cuda, _objects, _shm, _specs, wire
 from ._errors import (
-    FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError,
-    UnimplementedError, WeightavgError,
+    CancelledError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
+    UnavailableError, UnimplementedError, WeightavgError,
     from_rpc_error,
 )
 from ._records import Handle, HandleInfo, ModuleRow, Soup
@@ -1485,7 +1485,10 @@ class Client:
             while True:  # again if the object grew between the calls
                 if r.tensors or not r.needed_bytes:
                     if r.region and r.region != self._shm_names.region:
-                        return pool.lend(r.region, r.tensors)
+                        lent = pool.lend(r.region, r.tensors)
+                        if lent is None:  # was a bare AssertionError
+                            raise CancelledError("the client was closed while this fetch ran", "CANCELLED")
+                        return lent
                     return _shm.read(buf, r.tensors)
                 if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
                     buf = self._shm_buffer(r.needed_bytes)

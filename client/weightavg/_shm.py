@@ -236,12 +236,14 @@ class FetchPool:
                 pass
         return slot.name
 
-    def lend(self, name: str, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:
+    def lend(self, name: str, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]] | None:
         """Arrays of the tensors the server wrote into region `name`, as views of it; the region is
-        lent to them until the last is garbage collected."""
+        lent to them until the last is garbage collected. None where the pool no longer has that
+        region free (`unused` emptied it: the client was closed from another thread meanwhile)."""
         with self._lock:
-            slot = next(s for s in self._slots if s.name == name)
-            assert slot.memory is not None and not slot.lent
+            slot = next((s for s in self._slots if s.name == name), None)
+            if slot is None or slot.memory is None or slot.lent:
+                return None
             whole = np.frombuffer(slot.memory, np.uint8)
             out = _views(whole, tensors)
             slot.lent = True
