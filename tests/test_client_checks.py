@@ -99,3 +99,51 @@ def test_from_array_takes_either_byte_order() -> None:
         array = np.arange(3).astype(dtype)
         t = from_array(array)
         assert torch.equal(t, torch.from_numpy(array.astype(array.dtype.newbyteorder("="))))
+
+
+def test_cpu_torch_tensors_go_bit_for_bit_through_every_upload_verb(client: Client) -> None:
+    """Every upload verb takes GPU tensors (copied to the host bit for bit); CPU ones went through
+    np.asarray, which fails for bfloat16 ("Got unsupported ScalarType BFloat16"), for a tensor that
+    requires grad (every nn.Parameter) and for a conjugate view."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    values = {
+        "bf16": torch.randn(5, 3, generator=g).to(torch.bfloat16),
+        "param": torch.nn.Parameter(torch.randn(3, 4, generator=g)),
+        "conj": torch.randn(4, dtype=torch.complex64, generator=g).conj(),
+        "neg": torch.randn(4, dtype=torch.complex128, generator=g).conj().imag,  # a negative view
+        "strided": torch.randn(4, 6, generator=g).t(),
+    }
+
+    def same(got: Any, want: Any) -> bool:
+        want = want.detach().resolve_conj().resolve_neg()
+        if want.dtype == torch.bfloat16:
+            return got.dtype == np.dtype(ml_dtypes.bfloat16) and torch.equal(
+                torch.from_numpy(np.ascontiguousarray(got).view(np.int16)), want.view(torch.int16))
+        return torch.equal(torch.from_numpy(np.ascontiguousarray(got)), want)
+
+    d = client.dict(values)
+    assert all(same(client.dict(d, k), v) for k, v in values.items())
+    client.dict(d, "bf16", values["param"])
+    assert same(client.dict(d, "bf16"), values["param"])
+    assert same(client.tensor(client.tensor(values["bf16"])), values["bf16"])
+    q = client.module(["linear", 3, 4])
+    client.parm(q, "weight", values["param"].detach().t().contiguous().requires_grad_())
+    assert same(client.parm(q, "weight"), values["param"].t())
+    out = client.tensor(client.eforward(q, values["param"][:, :3]))
+    assert out.shape == (3, 4)
+    with pytest.raises(TypeError, match="cannot be sent"):
+        client.dict({"f8": torch.zeros(2, dtype=torch.float8_e4m3fn)})
+
+
+def test_an_empty_list_of_keys_fetches_nothing(client: Client) -> None:
+    """The wire's empty list of names means every entry: dict(d, []) fetched the whole dictionary
+    (a model's worth of bytes) to return []."""
+    def fetches() -> int:
+        return sum(int(m["count"]) for name, m in client.stats()["methods"].items() if name.endswith("/FetchTensors"))
+
+    d = client.dict({"a": np.ones(1000, np.float32)})
+    before = fetches()
+    assert client.dict(d, []) == [] and client.dict(d, ()) == []
+    assert fetches() == before
+    assert client.dict(d, ["a"])[0].shape == (1000,) and fetches() == before + 1  # counted, where one is made

@@ -238,7 +238,7 @@ def test_a_server_without_cuda_refuses_the_region_and_gpu_tensors_come_through_t
     with Client(server.address, timeout=WAIT, shm=True) as fast, Client(server.address, timeout=WAIT) as slow:
         d_fast = fast.dict(dict(values))
         assert released == [ref_counter] and fast._cuda is None
-        assert set(shared_uploads) == {"client"} and len(server.registry.shared) == 1  # the host region only
+        assert set(shared_uploads) == {fast._shm_names.region} and len(server.registry.shared) == 1  # the host region only
         assert fast._fetch_to_device(d_fast.id, [], torch.device("cpu")) is None
         d_slow = slow.dict({k: _cuda.host_array(v) for k, v in values.items()})
         got, want = fast.dict(d_fast), slow.dict(d_slow)

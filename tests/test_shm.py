@@ -823,7 +823,7 @@ def test_shared_chunks_are_checked_like_regions(shm_server: LiveServer) -> None:
             body = pb.UpdateDictionaryRequest(chunk=chunk).SerializeToString()
             fast._update_dictionary_stream(iter([request.SerializeToString(), body]), timeout=WAIT)
 
-        def chunk(offset: int, region: str = _shm.REGION_NAME, **fields: Any) -> pb.TensorChunk:
+        def chunk(offset: int, region: str = fast._shm_names.region, **fields: Any) -> pb.TensorChunk:
             return pb.TensorChunk(name="a", dtype=pb.DTYPE_FLOAT32, shape=[4], tensor_count=1, total_bytes=16,
                                   shared=pb.SharedBytes(region=region, offset=offset), **fields)
 
@@ -915,6 +915,116 @@ def test_threads_sharing_one_shm_client_get_their_own_results(shm_server: LiveSe
     assert not errors, errors
 
 
+def test_clients_sharing_a_session_keep_their_own_regions(shm_server: LiveServer) -> None:
+    """Region names are per session, and a client may join another's session (Client(session=id)):
+    under shared names the second client's registration replaced the first's, so the server read
+    the first client's uploads from the second's memory (and wrote its fetches there), and the
+    second client's close unregistered the first's regions."""
+    small = {k: np.full(10_000, k, np.float32) for k in (1.0, 2.0, 3.0, 4.0)}  # 40 KB: the reused region
+    large = {k: np.full(3 << 20, k, np.float32) for k in (1.0, 2.0)}  # 12 MB: a pool region
+    with Client(shm_server.address, timeout=WAIT, shm=True) as first:
+        with Client(shm_server.address, timeout=WAIT, session=first.session, shm=True) as second:
+            d1 = first.dict({"x": small[1.0], "big": large[1.0]})
+            d2 = second.dict({"x": small[2.0], "big": large[2.0]})
+            d3 = first.dict({"x": small[3.0]})
+            for d, value in ((d1, 1.0), (d2, 2.0), (d3, 3.0)):
+                entries = shm_server.registry.get(d.id).obj.entries
+                assert torch.equal(entries["x"], torch.from_numpy(small[value]))
+            assert same(first.dict(d2, "big"), large[2.0]) and same(second.dict(d1, "big"), large[1.0])
+            assert same(first.dict(d2, "x"), small[2.0]) and same(second.dict(d1, "x"), small[1.0])
+        d4 = first.dict({"x": small[4.0]})  # the second's close left the first's regions registered
+        assert torch.equal(shm_server.registry.get(d4.id).obj.entries["x"], torch.from_numpy(small[4.0]))
+        assert same(first.dict(d1, "big"), large[1.0]) and same(first.dict(d4, "x"), small[4.0])
+
+
+def test_a_session_out_of_regions_moves_the_calls_bytes_through_the_stream(
+    shm_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registration refused for the server's caps (RESOURCE_EXHAUSTED: e.g. clients sharing a
+    session hold its 16 regions) sends that call's bytes through the stream; it used to fail the call."""
+    from weightavg_server.store import shm as store_shm
+
+    monkeypatch.setattr(store_shm, "MAX_REGIONS_PER_SESSION", 1)  # the reused region, and no pool region
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+        assert same(fast.dict(d, "big"), big) and same(fast.dict(d, "big"), big)
+        assert fast._shm is not None and len(shm_server.registry.shared) == 1  # still used where it can be
+
+
+def test_a_client_whose_regions_the_server_lost_registers_them_again(shm_server: LiveServer) -> None:
+    """A server restarted from its --state-dir restores the session but not its regions (nor does
+    one whose regions were unregistered by another client of the session): every upload and fetch
+    of the client failed NOT_FOUND for good. The client registers them again and makes the call
+    once more (it was refused before it changed anything)."""
+    small, large = np.full(10_000, 2.0, np.float32), np.full(3 << 20, 3.0, np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"small": small, "large": large})
+        kept = fast.dict(d)  # a pool region, lent to these arrays
+        for lose in ("upload", "small fetch", "large fetch"):
+            fast._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=""), timeout=WAIT)
+            assert len(shm_server.registry.shared) == 0
+            if lose == "upload":
+                again = fast.dict({"small": small})
+                assert torch.equal(shm_server.registry.get(again.id).obj.entries["small"], torch.from_numpy(small))
+            elif lose == "small fetch":
+                assert same(fast.dict(d, "small"), small)
+            else:
+                assert same(fast.dict(d, "large"), large)
+            assert fast._shm is not None and len(shm_server.registry.shared) >= 1  # through shared memory again
+        assert same(kept["large"], large) and same(kept["small"], small)
+
+
+def test_a_client_whose_session_is_closed_goes_on_through_the_stream(shm_server: LiveServer) -> None:
+    """The session's regions end with it: the client drops them and uses the stream (its calls
+    named them and were refused NOT_FOUND)."""
+    small, large = np.full(10_000, 2.0, np.float32), np.full(3 << 20, 3.0, np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"small": small, "large": large})
+        assert same(fast.dict(d, "large"), large)  # the reused region and a pool region are registered
+        fast.close_session()
+        kept = fast.dict({"small": small})  # fits the reused region, which the server no longer has
+        assert same(fast.dict(kept, "small"), small)
+        fast.dict(kept, "large", large)
+        assert same(fast.dict(kept, "large"), large)  # the pool region is gone too
+        assert fast._shm is None and len(shm_server.registry.shared) == 0
+        fast.free(kept)
+
+
+def test_a_client_closed_while_a_large_fetch_runs_raises_a_cancelled_error(shm_server: LiveServer) -> None:
+    """close() from another thread empties the pool while a fetch is in its call; the fetch then
+    found no region to lend its arrays from and failed with a bare AssertionError."""
+    from weightavg import CancelledError
+
+    big = np.arange(3 << 20, dtype=np.float32)
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"big": big})
+        kept = fast.dict(d)  # a pool region, then free again once these arrays go
+        del kept
+        gc.collect()
+        stub = fast._stub
+
+        class ClosedMeanwhile:
+            def __getattr__(self, name: str) -> Any:
+                method = getattr(stub, name)
+                if name != "FetchTensorsToSharedMemory":
+                    return method
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    answer = method(*args, **kwargs)
+                    fast._close_shm()  # as close() from another thread does, between the call and the lending
+                    return answer
+
+                return call
+
+        fast._stub = ClosedMeanwhile()  # type: ignore[assignment]
+        try:
+            with pytest.raises(CancelledError, match="closed while this fetch ran"):
+                fast.dict(d)
+        finally:
+            fast._stub = stub
+
+
 def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
     shm_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -932,6 +1042,33 @@ def test_a_region_that_cannot_be_created_leaves_the_fetch_to_the_stream(
         assert same(fast.dict(fast.dict({"more": big}), "more"), big)  # the reused region is big enough
         monkeypatch.undo()
         assert same(fast.dict(d, "big"), big) and fast._shm is not None
+
+
+def test_a_full_dev_shm_streams_only_the_uploads_that_do_not_fit(
+    shm_server: LiveServer, shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reused region grows to twice its size; where /dev/shm had no room for that, the client
+    used the stream for good, even for uploads the old region or a region of their own size holds.
+    It now registers just the size needed if twice does not fit, and streams only a call for which
+    nothing fits."""
+    from weightavg import _shm
+
+    room = 11 << 20
+    create = _shm._create
+
+    def tight(size: int, session: str) -> Any:
+        if size > room:
+            raise OSError(28, "No space left on device")
+        return create(size, session)
+
+    monkeypatch.setattr(_shm, "_create", tight)
+    values = {n: np.full(n << 18, float(n), np.float32) for n in (6, 10, 12, 1)}  # 6, 10, 12 and 1 MiB
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        handles = {n: fast.dict({f"v{n}": v}) for n, v in values.items()}
+        assert shared_uploads == ["v6", "v10", "v1"]  # 10 MiB: not 12, but 10; 12 MiB: streamed
+        assert fast._shm is not None and fast._shm.size == 10 << 20
+        for n, v in values.items():
+            assert same(fast.dict(handles[n], f"v{n}"), v)
 
 
 class _TensorRegion(shm.Region):

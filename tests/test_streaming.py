@@ -100,3 +100,34 @@ def test_fetches_at_once_from_reused_reply_memory_each_get_their_own_bytes(live_
             t.join(120)
         setup.free(*handles)
     assert errors == [] and not any(t.is_alive() for t in threads)
+
+
+def test_a_shape_numpy_cannot_hold_is_refused_and_every_one_taken_is_fetched(live_server: LiveServer) -> None:
+    """A tensor of no elements whose byte strides pass int64 ([0, 2**61] float64) was taken, since
+    torch counts strides in elements, but numpy refuses it ('array is too big'): any client could
+    send it, and no numpy client fetch it. Such a shape is refused as too many element strides are."""
+    import grpc
+
+    from weightavg import wire
+    from weightavg.v1 import weightavg_pb2 as pb
+
+    def create(shape: list[int], code: int) -> pb.CreateDictionaryResponse:
+        chunk = pb.TensorChunk(name="e", dtype=code, shape=shape, tensor_count=1, total_bytes=0,  # type: ignore[arg-type]
+                               crc32c=wire.tensor_crc("e", code, shape))
+        with grpc.insecure_channel(live_server.address) as channel:
+            call = channel.stream_unary(f"/{pb.DESCRIPTOR.services_by_name['WeightAveragingService'].full_name}/CreateDictionary",
+                                        response_deserializer=pb.CreateDictionaryResponse.FromString)
+            return call(iter([pb.CreateDictionaryRequest(chunk=chunk).SerializeToString()]), timeout=60)  # type: ignore[no-any-return]
+
+    before = len(live_server.registry)
+    for shape, code in (([0, 2**61], pb.DTYPE_FLOAT64), ([3, 0, 2**61], pb.DTYPE_FLOAT32), ([0, 2**62], pb.DTYPE_INT16)):
+        with pytest.raises(grpc.RpcError) as err:
+            create(shape, code)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "strides overflow int64" in err.value.details()
+    assert len(live_server.registry) == before
+    with Client(live_server.address, timeout=60) as c:
+        for shape, code, dtype in (([0, 2**63 - 1], pb.DTYPE_INT8, np.int8), ([0, 2**62 - 1], pb.DTYPE_INT16, np.int16)):
+            d = create(shape, code).dictionary
+            got = c.dict(d.id, "e")
+            assert got.dtype == dtype and got.shape == tuple(shape)
+            c.free(d.id)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import LiveServer
 from weightavg import Client, InvalidArgumentError
 from weightavg.wire import (
     ChunkView,
@@ -136,6 +137,24 @@ def test_client_chunks_split_at_chunk_bytes() -> None:
     encoded = encoded_chunks([("a", a), ("b", 1.5)], 12, pb.CreateDictionaryRequest)
     messages = [pb.CreateDictionaryRequest.FromString(m) for m in encoded]
     assert [(m.chunk.name, len(m.chunk.data)) for m in messages] == [("a", 12), ("", 12), ("", 12), ("", 4), ("b", 8)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, -5, 2.5, True, "4096"])
+def test_a_chunk_size_that_is_not_a_positive_whole_number_is_refused_before_anything_is_sent(
+    live_server: LiveServer, chunk_bytes: object
+) -> None:
+    """Below 0 no chunk of a tensor was sent (range() with a negative step is empty), and the server
+    created a dictionary without it; 0 failed in gRPC's request thread as UNKNOWN."""
+    before = len(live_server.registry)
+    with pytest.raises(ValueError, match="chunk_bytes must be a whole number of bytes above 0"):
+        Client(live_server.address, chunk_bytes=chunk_bytes)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_bytes must be"):
+        list(encoded_chunks([("a", np.arange(10, dtype=np.int32))], chunk_bytes, pb.CreateDictionaryRequest))  # type: ignore[arg-type]
+    assert len(live_server.registry) == before
+    with Client(live_server.address, chunk_bytes=np.int64(12)) as c:  # type: ignore[arg-type]
+        d = c.dict({"a": np.arange(10, dtype=np.int32)})
+        assert np.array_equal(c.dict(d, "a"), np.arange(10, dtype=np.int32))
+        c.free(d)
 
 
 CHUNK_MESSAGES = [

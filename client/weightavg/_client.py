@@ -21,7 +21,8 @@ import numpy.typing as npt
 
 from . import _cuda, _objects, _shm, _specs, wire
 from ._errors import (
-    FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError, WeightavgError,
+    CancelledError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
+    UnavailableError, UnimplementedError, WeightavgError,
     from_rpc_error,
 )
 from ._records import Handle, HandleInfo, ModuleRow, Soup
@@ -262,7 +263,8 @@ class Client:
         address: "host:port" of the server; without a port, DEFAULT_PORT (50051, the server's
             default) is used, never gRPC's 443.
         timeout: default deadline of each call, in seconds.
-        chunk_bytes: size of the pieces tensors are streamed in.
+        chunk_bytes: size of the pieces tensors are streamed in, a whole number of bytes above 0
+            (ValueError otherwise, before anything is sent).
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
         tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
         tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
@@ -284,7 +286,10 @@ class Client:
             client keeps in a pool (no copy here; the region is reused once the arrays are garbage
             collected, and the arrays are the caller's until then). Where the server refuses the
             region (another host, no --allow-shm) the client falls back to the stream, with
-            identical results. GPU (torch CUDA) tensors, which every upload verb takes, go through
+            identical results; so it does for a call no region fits (/dev/shm full), and after
+            close_session(). Its regions have names of its own, so clients may share a session;
+            regions the server lost (a restart from its --state-dir) are registered again. GPU
+            (torch CUDA) tensors, which every upload verb takes, go through
             one CUDA buffer the client registers by CUDA IPC handle: copied device to device into
             it, and the torch helpers' `fetch(..., device="cuda")` copies out of it; a server without
             CUDA refuses it and they go through the host instead, with identical results. (Without
@@ -320,7 +325,7 @@ class Client:
         address = target(address)
         self.address = address
         self.timeout = timeout
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = wire.checked_chunk_bytes(chunk_bytes)
         self.tls = bool(tls or tls_ca or client_cert or client_key)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -372,7 +377,8 @@ class Client:
         self._keepalive: threading.Thread | None = None
         self._shm: _shm.SharedRegion | None = _shm.SharedRegion() if shm else None
         self._cuda: _cuda.CudaRegion | None = _cuda.CudaRegion() if shm else None
-        self._shm_pool = _shm.FetchPool()
+        self._shm_names = _shm.RegionNames.new(_cuda.REGION_NAME)
+        self._shm_pool = _shm.FetchPool(self._shm_names.pool)
         self._shm_lock = threading.Lock()
         session = session or shm
         if session:
@@ -521,8 +527,8 @@ class Client:
         if not value:
             return self._fetch(_id(m), [name], rank)[name]
         request_id = new_request_id()
-        with self._upload_chunks([("", value[0])], pb.SetParameterRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> None:
             def requests() -> Iterator[bytes]:
                 chunks = encoded()
                 # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
@@ -531,6 +537,8 @@ class Client:
                 yield from chunks
 
             self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
+
+        self._uploading([("", value[0])], pb.SetParameterRequest, send)
         return None
 
     @_rpc
@@ -806,14 +814,16 @@ class Client:
         self, m: str, split: pb.DataSplit.ValueType, x: Any, y: Any, shard: bool = False, rank: int | None = None
     ) -> int:
         request_id = new_request_id()
-        with self._upload_chunks([("x", x), ("y", y)], pb.SetModelDataRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> int:
             def requests() -> Iterator[bytes]:
                 first = pb.SetModelDataRequest(model=m, split=split, shard=shard, rank=rank, request_id=request_id)
                 yield first.SerializeToString()
                 yield from encoded()
 
             return int(self._set_model_data_stream(Replayable(requests), timeout=self.timeout).batches)
+
+        return self._uploading([("x", x), ("y", y)], pb.SetModelDataRequest, send)
 
     @_rpc
     def run(self, m: HandleLike, *data: Any) -> Any:
@@ -838,14 +848,15 @@ class Client:
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
-        with self._upload_chunks([("", x)], pb.EvaluateModelRequest) as encoded:
-
+        def send(encoded: Callable[[], Iterator[bytes]]) -> npt.NDArray[Any]:
             def requests() -> Iterator[bytes]:
                 yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
                 yield from encoded()
 
             stream = self._evaluate_model_stream(Replayable(requests), timeout=self.timeout)  # retried as a read
             return wire.join_chunks(r.chunk for r in stream)[0][1]
+
+        return self._uploading([("", x)], pb.EvaluateModelRequest, send)
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
         """Forward pass in train mode with gradients; returns a tensor handle of the output.
@@ -932,6 +943,8 @@ class Client:
         if key is None:
             return {name: wire.plain(a) for name, a in self._fetch_named(_id(x), [], rank)}
         if isinstance(key, (list, tuple)):
+            if not key:  # the wire's empty list of names means every entry: nothing to fetch here
+                return []
             values = self._fetch(_id(x), list(key), rank)
             return [values[k] for k in key]
         return self._fetch(_id(x), [key], rank)[key]
@@ -971,13 +984,15 @@ class Client:
         if isinstance(x, (Handle, str)):  # no string can be sent as a tensor: a bare id
             return wire.plain(self._fetch_named(_id(x), [])[0][1])
         request_id = new_request_id()
-        with self._upload_chunks([("", x)], pb.CreateTensorRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> Handle:
             def requests() -> Iterator[bytes]:
                 yield pb.CreateTensorRequest(request_id=request_id).SerializeToString()
                 yield from encoded()
 
             return _handle(self._create_tensor_stream(Replayable(requests), timeout=self.timeout).tensor)
+
+        return self._uploading([("", x)], pb.CreateTensorRequest, send)
 
     @_rpc
     def size(self, h: HandleLike) -> Any:
@@ -1180,6 +1195,9 @@ class Client:
         """End this client's session now, freeing every handle it owns in one call; returns how many."""
         self._stop_keepalive.set()
         freed = int(self._stub.CloseSession(pb.CloseSessionRequest(), timeout=self.timeout).freed)
+        # The session's regions ended with it, and a client without a session registers none: the
+        # stream from now on (calls naming the regions were refused NOT_FOUND).
+        self._close_shm(unregister=False)
         self._owns_session = False
         self._metadata.pairs.pop(SESSION_METADATA, None)
         self.session = None
@@ -1217,7 +1235,12 @@ class Client:
         self, handle: str, names: list[str], rank: int | None = None
     ) -> list[tuple[str, npt.NDArray[Any]]]:
         if self._shm is not None and rank is None:
-            fetched = self._shm_fetch(handle, names)
+            try:
+                fetched = self._shm_fetch(handle, names)
+            except grpc.RpcError as exc:
+                if not self._regions_lost(exc):
+                    raise
+                fetched = self._shm_fetch(handle, names)  # registered again
             if fetched is not None:
                 return fetched
         request = pb.FetchTensorsRequest(handle=handle, names=names, rank=rank)
@@ -1233,34 +1256,78 @@ class Client:
     ) -> Handle:
         request_id = new_request_id()
         placement = _placement(replicate, rank)
-        with self._upload_chunks(items, pb.CreateDictionaryRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> Handle:
             def requests() -> Iterator[bytes]:
                 yield pb.CreateDictionaryRequest(placement=placement, request_id=request_id).SerializeToString()
                 yield from encoded()
 
             return _handle(self._create_dictionary_stream(Replayable(requests), timeout=self.timeout).dictionary)
 
+        return self._uploading(items, pb.CreateDictionaryRequest, send)
+
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]], rank: int | None = None) -> None:
         request_id = new_request_id()
-        with self._upload_chunks(items, pb.UpdateDictionaryRequest) as encoded:
 
+        def send(encoded: Callable[[], Iterator[bytes]]) -> None:
             def requests() -> Iterator[bytes]:
                 yield pb.UpdateDictionaryRequest(dictionary=d, rank=rank, request_id=request_id).SerializeToString()
                 yield from encoded()
 
             self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
 
+        self._uploading(items, pb.UpdateDictionaryRequest, send)
+
 
     # -- shared memory (Client(..., shm=True)) --------------------------------------------------------
 
     def _shm_refused(self, exc: grpc.RpcError) -> None:
-        """Raise the error unless it says the server takes no shared memory; then use the stream."""
+        """After a registration refused with `exc`: raise it unless it says the server takes no
+        shared memory (then the stream for good) or holds no more regions for now (its caps, e.g.
+        a session shared by several clients: RESOURCE_EXHAUSTED; then the stream for this call)."""
         error = from_rpc_error(exc)
+        if isinstance(error, ResourceExhaustedError):
+            log.info("no more shared memory regions for now, this call uses the stream: %s", error)
+            return
         if not isinstance(error, (FailedPreconditionError, UnimplementedError)):
             raise exc
         log.info("shared memory refused, using the stream: %s", error)
         self._shm = None
+
+    def _regions_lost(self, exc: grpc.RpcError) -> bool:
+        """Whether a call failed because the server has no region of this client's that it named
+        (a server restarted from its --state-dir keeps the session, not its regions; another
+        client's UnregisterSharedMemory of the session's regions); then this client forgets its
+        regions, so that the call, made once more, registers them again."""
+        if not isinstance(exc, grpc.Call) or exc.code() != grpc.StatusCode.NOT_FOUND:
+            return False
+        details = exc.details() or ""
+        names = (self._shm_names.region, self._shm_names.cuda, *self._shm_names.pool)
+        if not any(f"shared memory region '{n}'" in details for n in names):
+            return False
+        log.info("the server no longer has this client's shared memory regions; registering them again: %s", details)
+        with self._shm_lock:
+            self._shm_pool.unused()
+            if self._shm is not None:
+                self._shm.close()
+            if self._cuda is not None:
+                self._cuda.close()
+        return True
+
+    def _uploading(
+        self, items: list[tuple[str, Any]], message_type: type[Message], send: Callable[[Callable[[], Iterator[bytes]]], T]
+    ) -> T:
+        """`send(encoded)`, the call of one upload, with its stream's tensor messages (`_upload_chunks`);
+        once more, through regions registered again, when the server had lost this client's regions
+        (`_regions_lost`: the call was refused before it changed anything)."""
+        try:
+            with self._upload_chunks(items, message_type) as encoded:
+                return send(encoded)
+        except grpc.RpcError as exc:
+            if not self._regions_lost(exc):
+                raise
+        with self._upload_chunks(items, message_type) as encoded:
+            return send(encoded)
 
     def _shm_buffer(self, nbytes: int) -> memoryview | None:
         """The region's bytes (at least nbytes), registering a larger one as needed; None once the
@@ -1270,7 +1337,7 @@ class Client:
             return None
 
         def register(key: str, size: int) -> None:
-            request = pb.RegisterSharedMemoryRequest(name=_shm.REGION_NAME, key=key, byte_size=size)
+            request = pb.RegisterSharedMemoryRequest(name=self._shm_names.region, key=key, byte_size=size)
             self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
         try:
@@ -1278,8 +1345,11 @@ class Client:
         except grpc.RpcError as exc:
             self._shm_refused(exc)
             return None
-        except OSError as exc:  # no /dev/shm here, or it is full
-            log.info("no shared memory region, using the stream: %s", exc)
+        except OSError as exc:
+            if _shm.full(exc):  # /dev/shm has no room now: this call streams, the region stays as it was
+                log.info("no room in /dev/shm for a larger region, this call uses the stream: %s", exc)
+                return None
+            log.info("no shared memory region, using the stream: %s", exc)  # no /dev/shm here
             self._shm = None
             return None
 
@@ -1301,7 +1371,7 @@ class Client:
             with self._shm_lock:
                 on_gpu = self._cuda_upload(items)
                 if on_gpu is not None:
-                    yield lambda: _shm.shared_chunks(on_gpu, message_type, _cuda.REGION_NAME)
+                    yield lambda: _shm.shared_chunks(on_gpu, message_type, self._shm_names.cuda)
                     return
             # Without CUDA IPC, GPU tensors go as host arrays, bit for bit.
             items = [(name, _cuda.host_array(value) if _cuda.is_cuda(value) else value) for name, value in items]
@@ -1326,7 +1396,7 @@ class Client:
             writing = _shm.Writing(buf, placed)
             del buf
             try:
-                yield lambda: writing.chunks(message_type, _shm.REGION_NAME)
+                yield lambda: writing.chunks(message_type, self._shm_names.region)
             finally:
                 writing.close()
 
@@ -1350,7 +1420,7 @@ class Client:
             return None
 
         def register(message: pb.CudaIpcRegion, size: int) -> None:
-            request = pb.RegisterSharedMemoryRequest(name=_cuda.REGION_NAME, byte_size=size, cuda=message)
+            request = pb.RegisterSharedMemoryRequest(name=self._shm_names.cuda, byte_size=size, cuda=message)
             self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
         try:
@@ -1379,18 +1449,27 @@ class Client:
         if buffer is None:
             return None
         _cuda.write(buffer, placed)
-        return [(m, _cuda.REGION_NAME) for m, _ in placed]
+        return [(m, self._shm_names.cuda) for m, _ in placed]
 
     def _fetch_to_device(self, handle: str, names: list[str], device: Any) -> list[tuple[str, Any]] | None:
         """A fetch into new CUDA tensors on `device` through the registered CUDA buffer (the server
         copies device to device); None where the server takes no CUDA regions (the caller then
         fetches through the host)."""
+        try:
+            return self._device_fetch(handle, names, device)
+        except grpc.RpcError as exc:
+            if not self._regions_lost(exc):
+                raise
+        return self._device_fetch(handle, names, device)  # registered again
+
+    def _device_fetch(self, handle: str, names: list[str], device: Any) -> list[tuple[str, Any]] | None:
+        """`_fetch_to_device`, its CUDA buffer as this client holds it."""
         with self._shm_lock:
             buffer = self._cuda_buffer(0, device)
             if buffer is None:
                 return None
             while True:  # again if the object grew between the calls
-                request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=_cuda.REGION_NAME)
+                request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=self._shm_names.cuda)
                 r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
                 if r.tensors or not r.needed_bytes:
                     return _cuda.read(buffer, r.tensors)
@@ -1413,21 +1492,24 @@ class Client:
             pool = self._shm_pool
             free = pool.largest_free()
             request = pb.FetchTensorsToSharedMemoryRequest(
-                handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES,
+                handle=handle, names=names, region=self._shm_names.region, max_bytes=_shm.SMALL_FETCH_BYTES,
                 overflow_region=free[0] if free else "",
             )
             r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
             while True:  # again if the object grew between the calls
                 if r.tensors or not r.needed_bytes:
-                    if r.region and r.region != _shm.REGION_NAME:
-                        return pool.lend(r.region, r.tensors)
+                    if r.region and r.region != self._shm_names.region:
+                        lent = pool.lend(r.region, r.tensors)
+                        if lent is None:  # was a bare AssertionError
+                            raise CancelledError("the client was closed while this fetch ran", "CANCELLED")
+                        return lent
                     return _shm.read(buf, r.tensors)
                 if r.needed_bytes <= _shm.SMALL_FETCH_BYTES:
                     buf = self._shm_buffer(r.needed_bytes)
                     if buf is None:
                         return None
                     request = pb.FetchTensorsToSharedMemoryRequest(
-                        handle=handle, names=names, region=_shm.REGION_NAME, max_bytes=_shm.SMALL_FETCH_BYTES
+                        handle=handle, names=names, region=self._shm_names.region, max_bytes=_shm.SMALL_FETCH_BYTES
                     )
                 else:
                     def register(name: str, key: str, size: int) -> None:
@@ -1445,19 +1527,25 @@ class Client:
                     request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=name)
                 r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
 
-    def _close_shm(self) -> None:
-        """Unmap the regions here (a lent one with its last array); the server unmaps them with the
-        session (or now, for a joined one). The CUDA buffer may go first: torch keeps an exported
-        buffer's memory out of reuse until the server has dropped its mapping."""
+    def _close_shm(self, unregister: bool = True) -> None:
+        """Unmap the regions here (a lent one with its last array) and use the stream from now on;
+        the server unmaps them with the session, or now, for a joined one (`unregister`: this
+        client's regions only, by name, since other clients of the session keep theirs). The CUDA
+        buffer may go first: torch keeps an exported buffer's memory out of reuse until the server
+        has dropped its mapping."""
         region, self._shm = self._shm, None
         cuda, self._cuda = self._cuda, None
-        self._shm_pool.unused()
-        registered = (region is not None and region.size > 0) or (cuda is not None and cuda.size > 0)
-        if registered and not self._owns_session:
-            try:
-                self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=""), timeout=10.0)
-            except grpc.RpcError as exc:
-                log.info("could not unregister shared memory: %s", from_rpc_error(exc))
+        names = self._shm_pool.unused()
+        if region is not None and region.size > 0:
+            names.append(self._shm_names.region)
+        if cuda is not None and cuda.size > 0:
+            names.append(self._shm_names.cuda)
+        if unregister and not self._owns_session:
+            for name in names:
+                try:
+                    self._stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=name), timeout=10.0)
+                except grpc.RpcError as exc:
+                    log.info("could not unregister shared memory region %s: %s", name, from_rpc_error(exc))
         if region is not None:
             region.close()
         if cuda is not None:

@@ -1,6 +1,6 @@
 """GPU tensors through CUDA IPC (Client(..., shm=True) and a server on this host with CUDA): one
 CUDA buffer a client exports once (torch's `UntypedStorage._share_cuda_()`, sent as plain
-protobuf fields, never a pickle) and registers as its region "cuda". An upload copies the tensors
+protobuf fields, never a pickle) and registers as its region "cuda.<tag>" (_shm.RegionNames). An upload copies the tensors
 into it device to device and names where they lie; a fetch has the server copy into it and clones
 out of it. The bytes never touch host memory.
 
@@ -30,7 +30,7 @@ from . import wire
 from .v1 import weightavg_pb2 as pb
 
 REGION_NAME = "cuda"
-"""The name the client's CUDA buffer is registered under (one per session)."""
+"""The base of the name the client's CUDA buffer is registered under (with the client's tag: _shm.RegionNames)."""
 ALIGN = 64
 MIN_BYTES = 1 << 20
 _TORCH_CODES = {
@@ -60,14 +60,7 @@ def is_cuda(value: Any) -> bool:
 def host_array(value: Any) -> npt.NDArray[Any]:
     """A CUDA tensor's values as a host array, bit for bit (bfloat16 as ml_dtypes.bfloat16): what
     the stream and host shared memory send."""
-    torch = _torch()
-
-    host = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-    if host.dtype == torch.bfloat16:
-        bits: npt.NDArray[Any] = host.view(torch.int16).numpy()
-        return bits.view(np.dtype(ml_dtypes.bfloat16))
-    array: npt.NDArray[Any] = host.numpy()
-    return array
+    return wire.torch_host_array(value)
 
 
 def as_tensor(value: Any) -> Any:

@@ -14,6 +14,7 @@ caller keeps are never written behind its back.
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -32,12 +33,12 @@ from . import wire
 from .v1 import weightavg_pb2 as pb
 
 REGION_NAME = "client"
-"""The name this client registers its reused region under (regions are per session): uploads, and
-fetches that fit SMALL_FETCH_BYTES, which are copied out."""
+"""The name this client registers its reused region under (regions are per session), with the
+client's tag (`RegionNames`): uploads, and fetches that fit SMALL_FETCH_BYTES, which are copied out."""
 POOL_NAMES = ("pool0", "pool1", "pool2", "pool3")
-"""The names the pool's regions are registered under. Four: a caller that keeps the results of
-more large fetches than that alive makes the pool replace a lent region's registration (the server
-forgets it; its arrays keep their memory) with a new region, faulted afresh."""
+"""The names the pool's regions are registered under, with the client's tag. Four: a caller that
+keeps the results of more large fetches than that alive makes the pool replace a lent region's
+registration (the server forgets it; its arrays keep their memory) with a new region, faulted afresh."""
 SMALL_FETCH_BYTES = 4 << 20
 """Fetches up to this size go through the reused region and are copied out: one round trip."""
 ALIGN = 64
@@ -54,6 +55,28 @@ from the file to know that the caller could write it (docs/security.md). The ser
 prefix is weightavg_server.domain.shm.PROOF_PREFIX."""
 """Uploads of fewer bytes than this go in the stream's messages as they would without shared
 memory: one message either way, and no lock or region for a small call."""
+
+
+@dataclass(frozen=True)
+class RegionNames:
+    """The names one client registers its regions under: REGION_NAME, POOL_NAMES and the CUDA
+    buffer's name, each with a tag of this client's own.
+
+    Why a tag: region names are per session, and several clients may share a session
+    (Client(session=id) joins one). Under shared names each client's registration replaced the
+    other's, so the server read one client's uploads from, and wrote its fetches into, another
+    client's memory (wrong values, no error), and a joined client's close unregistered them all.
+    """
+
+    region: str
+    pool: tuple[str, ...]
+    cuda: str
+
+    @classmethod
+    def new(cls, cuda: str) -> RegionNames:
+        """Names with a new random tag (`cuda`: the CUDA buffer's base name, _cuda.REGION_NAME)."""
+        tag = secrets.token_hex(6)
+        return cls(f"{REGION_NAME}.{tag}", tuple(f"{name}.{tag}" for name in POOL_NAMES), f"{cuda}.{tag}")
 
 
 def _aligned(n: int) -> int:
@@ -106,6 +129,15 @@ def _registered(size: int, register: Callable[[str, int], None], session: str) -
     return memory
 
 
+_FULL = frozenset({errno.ENOSPC, errno.ENOMEM})
+"""The errors of a region /dev/shm has no room for now (a smaller one, or a later one, may fit)."""
+
+
+def full(exc: OSError) -> bool:
+    """Whether `exc` says /dev/shm has no room for a region now, rather than that there is none."""
+    return exc.errno in _FULL
+
+
 class SharedRegion:
     """A region registered with the server; replaced by a larger one when a call needs more."""
 
@@ -114,10 +146,18 @@ class SharedRegion:
         self.size = 0
 
     def ensure(self, nbytes: int, register: Callable[[str, int], None], session: str) -> memoryview:
-        """The region's bytes, at least `nbytes` of them (registering a larger region if needed)."""
+        """The region's bytes, at least `nbytes` of them (registering a larger region if needed: twice
+        the old size, or just `nbytes` where /dev/shm has no room for that). OSError where it has
+        no room for `nbytes` either (the region stays as it was)."""
         if self._memory is None or self.size < nbytes:
             size = max(_aligned(nbytes), 2 * self.size, MIN_BYTES)
-            memory = _registered(size, register, session)
+            try:
+                memory = _registered(size, register, session)
+            except OSError as exc:
+                if not full(exc) or size == max(_aligned(nbytes), MIN_BYTES):
+                    raise
+                size = max(_aligned(nbytes), MIN_BYTES)
+                memory = _registered(size, register, session)
             self.close()
             self._memory, self.size = memory, size
         return memoryview(self._memory)
@@ -148,11 +188,12 @@ class FetchPool:
     """Regions for large fetches, each either free (the next fetch may be written into it) or lent
     to the arrays of a fetch (until they are garbage collected)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Sequence[str] = POOL_NAMES) -> None:
         # Reentrant: a garbage collection inside a locked section may finalize a lent region's
         # arrays in this very thread, and _give_back then takes the lock again.
         self._lock = threading.RLock()
-        self._slots = [_Slot(name) for name in POOL_NAMES]
+        self._names = tuple(names)
+        self._slots = [_Slot(name) for name in self._names]
         self._wholes: dict[int, tuple[_Slot, int]] = {}
         """Lent regions' whole-region arrays (the base of every array a fetch returned), by id."""
 
@@ -195,12 +236,14 @@ class FetchPool:
                 pass
         return slot.name
 
-    def lend(self, name: str, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:
+    def lend(self, name: str, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]] | None:
         """Arrays of the tensors the server wrote into region `name`, as views of it; the region is
-        lent to them until the last is garbage collected."""
+        lent to them until the last is garbage collected. None where the pool no longer has that
+        region free (`unused` emptied it: the client was closed from another thread meanwhile)."""
         with self._lock:
-            slot = next(s for s in self._slots if s.name == name)
-            assert slot.memory is not None and not slot.lent
+            slot = next((s for s in self._slots if s.name == name), None)
+            if slot is None or slot.memory is None or slot.lent:
+                return None
             whole = np.frombuffer(slot.memory, np.uint8)
             out = _views(whole, tensors)
             slot.lent = True
@@ -229,11 +272,12 @@ class FetchPool:
             if slot.generation == generation:
                 slot.lent = False
 
-    def unused(self) -> None:
+    def unused(self) -> list[str]:
         """Forget every region (the client is closing): free ones are unmapped now, lent ones with
-        their last array."""
+        their last array. The names that had a region registered."""
         with self._lock:
-            slots, self._slots = self._slots, [_Slot(name) for name in POOL_NAMES]
+            slots, self._slots = self._slots, [_Slot(name) for name in self._names]
+        registered = [slot.name for slot in slots if slot.memory is not None]
         for slot in slots:
             slot.generation += 1
             if slot.memory is not None:
@@ -242,6 +286,7 @@ class FetchPool:
                 except BufferError:
                     pass
                 slot.memory = None
+        return registered
 
 
 def _views(whole: npt.NDArray[np.uint8], tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:

@@ -21,6 +21,7 @@ transfer.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "Declared",
     "StreamCheck",
     "array_chunks",
+    "checked_chunk_bytes",
     "chunk_field",
     "chunk_messages",
     "crc32c",
@@ -56,6 +58,7 @@ __all__ = [
     "string_fields",
     "tensor_crc",
     "to_array",
+    "torch_host_array",
 ]
 
 CHUNK_BYTES = 4 << 20
@@ -162,9 +165,33 @@ def entry_name(name: Any) -> str:
     return name
 
 
+def torch_host_array(value: Any) -> npt.NDArray[Any]:
+    """A torch tensor's values (any device) as a host array, bit for bit: detached, conjugate and
+    negative views resolved, bfloat16 as ml_dtypes.bfloat16 (numpy has none, and np.asarray of a
+    bfloat16 tensor fails, as it does for a tensor that requires grad such as an nn.Parameter).
+    Uses the torch its caller loaded: the client never imports torch."""
+    torch = sys.modules["torch"]
+    host = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+    if host.dtype == torch.bfloat16:
+        bits: npt.NDArray[Any] = host.view(torch.int16).numpy()
+        return bits.view(np.dtype(ml_dtypes.bfloat16))
+    try:
+        array: npt.NDArray[Any] = host.numpy()
+    except TypeError:  # a dtype numpy lacks (float8, complex32...): named as to_array names the rest
+        raise TypeError(f"dtype {value.dtype} cannot be sent; use one of {sorted(str(d) for d in _CODES)}") from None
+    return array
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    """Whether `value` is a torch tensor (an nn.Parameter too), told without importing torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def to_array(value: Any) -> npt.NDArray[Any]:
-    """A contiguous little-endian array for a value: arrays as they are, Python ints int64, floats float64."""
-    array = np.asarray(value)
+    """A contiguous little-endian array for a value: arrays as they are, Python ints int64, floats
+    float64, torch tensors (on any device) bit for bit (`torch_host_array`)."""
+    array = torch_host_array(value) if _is_torch_tensor(value) else np.asarray(value)
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         array = array.astype(array.dtype.newbyteorder("<"))
     if array.dtype not in _CODES:
@@ -393,11 +420,25 @@ class _Piece(NamedTuple):
     crc: int | None
 
 
+def checked_chunk_bytes(chunk_bytes: int) -> int:
+    """`chunk_bytes` if it is a whole number of bytes above 0; ValueError otherwise. A size of 0 or
+    less failed inside gRPC's request thread (UNKNOWN "Exception iterating requests!"), or, below 0,
+    sent no chunk of a tensor at all: a dictionary was created without it, and no error."""
+    try:
+        n = operator.index(chunk_bytes)  # an int, or a numpy integer; not a float or a bool
+    except TypeError:
+        n = 0
+    if isinstance(chunk_bytes, bool) or n <= 0:
+        raise ValueError(f"chunk_bytes must be a whole number of bytes above 0, e.g. {CHUNK_BYTES}; got {chunk_bytes!r}")
+    return n
+
+
 def _pieces(
     name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int, declare: tuple[int, int] | None
 ) -> Iterator[_Piece]:
     """A tensor's chunks as fields: the header (with `declare`) first; the CRC32C, worked out piece
     by piece while each is hot in cache, on the last."""
+    checked_chunk_bytes(chunk_bytes)
     crc = tensor_crc(name, code, shape)
     size = len(raw)
     for start in range(0, max(size, 1), chunk_bytes):
@@ -503,7 +544,9 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
     """Named arrays from a stream of chunks, each filled into one preallocated buffer.
 
     A declared stream (every weightavg server's) is checked as it is read: DataLossError when a
-    tensor's CRC32C does not match or the stream carries other than it declared.
+    tensor's CRC32C does not match or the stream carries other than it declared, and for a stream
+    cut or garbled in ways that stop it being read (it ends or a header comes inside a tensor, a
+    header names a dtype code or shape no tensor has), as docs/clients.md promises.
     """
     check = StreamCheck(DataLossError, DataLossError)
     result: list[tuple[str, npt.NDArray[Any]]] = []
@@ -518,11 +561,21 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
         check.chunk(d)
         if chunk.dtype != pb.DTYPE_UNSPECIFIED:
             if dtype is not None:
-                raise ValueError(f"server stream broke off inside tensor '{name}'")
+                raise DataLossError(
+                    f"the server's stream broke off inside tensor '{name}' ({filled} of {buffer.size} bytes): "
+                    "it was cut or corrupted on the way"
+                )
+            if chunk.dtype not in _DTYPES or any(n < 0 for n in chunk.shape):
+                raise DataLossError(
+                    f"the server's stream has tensor '{chunk.name}' of dtype code {chunk.dtype} and shape "
+                    f"{list(chunk.shape)}, which no tensor of this client has: corrupted on the way, or from a "
+                    "server newer than this client"
+                )
             name, code, dtype, shape = chunk.name, chunk.dtype, _DTYPES[chunk.dtype], tuple(chunk.shape)
-            buffer = np.empty(math.prod(shape) * dtype.itemsize, np.uint8)
+            nbytes = math.prod(shape) * dtype.itemsize
+            check.header(name, chunk.dtype, shape, nbytes)  # before allocating what a garbled shape may ask
+            buffer = np.empty(nbytes, np.uint8)
             filled = 0
-            check.header(name, chunk.dtype, shape, buffer.size)
         data = chunk.data
         if data:
             if dtype is None or filled + len(data) > buffer.size:
@@ -538,7 +591,9 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
         elif d.crc32c is not None:
             check.stray_crc()
     if dtype is not None:
-        raise ValueError(f"server stream ended inside tensor '{name}'")
+        raise DataLossError(
+            f"the server's stream ended inside tensor '{name}' ({filled} of {buffer.size} bytes): it was cut on the way"
+        )
     check.finish()
     return result
 

@@ -309,8 +309,8 @@ def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple
 
 def check(region: Region, p: Placement) -> None:
     """InvalidArgument unless `p` describes a tensor that lies inside the region, aligned."""
-    checked_shape(p.name, p.shape)
     size = element_size(p.dtype)
+    checked_shape(p.name, p.shape, size)
     if math.prod(p.shape) * size != p.nbytes:
         raise InvalidArgument(
             f"tensor '{p.name}' of shape {list(p.shape)} and {size}-byte elements has "

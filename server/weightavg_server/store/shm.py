@@ -14,12 +14,14 @@ from ..domain.shm import NAME, Region
 log = logging.getLogger("weightavg.shm")
 
 MAX_REGIONS_PER_SESSION = 16
-"""A client needs one or two (the client keeps one and grows it); the cap stops a runaway loop from
-holding thousands of mappings and file descriptors."""
+"""A client holds up to six (its reused region, four pooled ones, a CUDA buffer), each under names of
+its own, so two clients may share a session; a registration past the cap is answered
+RESOURCE_EXHAUSTED, and the client sends that call's bytes through the stream. The cap stops a
+runaway loop from holding thousands of mappings and file descriptors."""
 MAX_REGIONS = 4096
 """Most regions on the server at once, whatever its file descriptor limit (`region_cap`): each is
 also a mapping, and a process has 65,530 of them by default (vm.max_map_count), which torch's large
-allocations need too. A co-located client holds up to five (its region and four pooled ones)."""
+allocations need too. A co-located client holds up to six (its region, four pooled ones, a CUDA buffer)."""
 
 
 def region_cap() -> int:

@@ -220,8 +220,9 @@ class TensorAssembler:
             p = self._pending
             raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
         dtype = torch_dtype(chunk.dtype)
-        shape = checked_shape(chunk.name, chunk.shape)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = torch.empty((), dtype=dtype).element_size()
+        shape = checked_shape(chunk.name, chunk.shape, size)
+        nbytes = math.prod(shape) * size
         if self._total + nbytes > self._max_bytes:
             raise ResourceExhausted(
                 f"tensor '{chunk.name}' of shape {list(shape)} needs {nbytes} bytes; "
@@ -250,9 +251,10 @@ class TensorAssembler:
         if self._regions is None:
             raise InvalidArgument(f"tensor '{chunk.name}': this call takes no shared memory")
         region = self._regions(chunk.shared.region)
-        dtype, shape = torch_dtype(chunk.dtype), checked_shape(chunk.name, chunk.shape)
-        shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset,
-                                        math.prod(shape) * torch.empty((), dtype=dtype).element_size()))
+        dtype = torch_dtype(chunk.dtype)
+        size = shm.element_size(dtype)
+        shape = checked_shape(chunk.name, chunk.shape, size)
+        shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset, math.prod(shape) * size))
         self._start(chunk, region)
         p = self._pending
         assert p is not None
