@@ -3,8 +3,9 @@ real 2-rank CPU cluster under torchrun."""
 
 from __future__ import annotations
 
+import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from weightavg import Client
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime, create_server, set_serving
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.launch import LocalCluster
@@ -186,3 +189,33 @@ def streamed_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(native, "_COPY", counted)
     return sizes
+
+
+class StalledUploads:
+    """`count` CreateDictionary uploads that send their first message and then wait, each holding one
+    of the server's worker threads, until `release()` (also at the end of a `with` block, whatever
+    happened): how tests fill a server's workers or a tenant's share of them."""
+
+    def __init__(
+        self, stub: pb_grpc.WeightAveragingServiceStub, count: int, metadata: Sequence[tuple[str, str]] = (),
+        timeout: float = 60.0,
+    ) -> None:
+        self._held: list[queue.Queue[None]] = [queue.Queue() for _ in range(count)]
+        self.futures = [
+            stub.CreateDictionary.future(self._stalled(q), metadata=list(metadata), timeout=timeout) for q in self._held
+        ]
+
+    @staticmethod
+    def _stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
+        yield pb.CreateDictionaryRequest()
+        release.get()
+
+    def release(self) -> None:
+        for q in self._held:
+            q.put(None)
+
+    def __enter__(self) -> StalledUploads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -20,7 +20,7 @@ from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.store.registry import Registry
 
-from conftest import LiveServer
+from conftest import LiveServer, StalledUploads
 
 WAIT_LIMIT = 120.0
 """Upper bound on waiting for a lease to run out; never reached unless the feature is broken."""
@@ -230,21 +230,14 @@ def test_a_keep_alive_waiting_for_a_worker_renews_its_session_on_arrival() -> No
     """Every worker thread busy (long epochs, stalled uploads of other clients): a live client's
     keep-alives wait in gRPC's queue, and its session's lease used to run out there, the reaper
     freeing its handles under it. A keep-alive renews the session when it arrives, before it waits."""
-    import queue
-
     runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=2))
     runtime.start()
-    held: list[queue.Queue[None]] = [queue.Queue() for _ in range(2)]
-
-    def stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
-        yield pb.CreateDictionaryRequest()
-        release.get()
-
+    stalled: StalledUploads | None = None
     try:
         with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel:
             stub = pb_grpc.WeightAveragingServiceStub(channel)
             session = stub.CreateSession(pb.CreateSessionRequest(lease_seconds=600), timeout=30).session
-            uploads = [stub.CreateDictionary.future(stalled(r), timeout=2 * WAIT_LIMIT) for r in held]
+            stalled = StalledUploads(stub, 2, timeout=2 * WAIT_LIMIT)
             _wait_until(lambda: _workers_busy(runtime))
             before = _expiry(runtime.registry, session)
             keep_alive = stub.KeepAliveSession.future(
@@ -252,13 +245,12 @@ def test_a_keep_alive_waiting_for_a_worker_renews_its_session_on_arrival() -> No
             )
             _wait_until(lambda: _expiry(runtime.registry, session) > before)  # renewed while it waits
             assert not keep_alive.done()
-            for release in held:
-                release.put(None)
+            stalled.release()
             assert keep_alive.result().lease_seconds == 600
-            assert all(u.result().dictionary.id for u in uploads)
+            assert all(u.result().dictionary.id for u in stalled.futures)
     finally:
-        for release in held:
-            release.put(None)
+        if stalled is not None:
+            stalled.release()
         runtime.stop(None)
 
 

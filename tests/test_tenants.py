@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import LiveServer, assert_unchanged, snapshot
+from conftest import LiveServer, StalledUploads, assert_unchanged, snapshot
 from test_snapshot import start_server as start_process
 from weightavg import Client, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
 from weightavg import wire
@@ -815,83 +815,57 @@ def test_one_tenant_cannot_hold_every_worker(tokens_file: Path) -> None:
     Bob holding all of them with uploads that sent one message, and Alice not served at all. On a
     server with tokens a tenant has at most half the workers; past that its calls are
     RESOURCE_EXHAUSTED at once, and other tenants (and admins) are served."""
-    import queue
-
     runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
     runtime.start()
-    held: list[queue.Queue[None]] = [queue.Queue() for _ in range(2)]
-
-    def stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
-        yield pb.CreateDictionaryRequest()
-        release.get()
-
     try:
         with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel, connect(runtime, BOB) as b, \
-                connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin:
-            stub = pb_grpc.WeightAveragingServiceStub(channel)
-            uploads = [stub.CreateDictionary.future(stalled(r), metadata=[("authorization", f"Bearer {BOB}")], timeout=60)
-                       for r in held]
-            deadline = time.monotonic() + 30
-            while True:  # until both uploads are running on their workers
-                try:
-                    b.ping()
-                except ResourceExhaustedError as exc:
-                    assert "tenant 'bob' has 2 calls in flight" in exc.message
-                    break
-                assert time.monotonic() < deadline, "the stalled uploads never took their workers"
-                time.sleep(0.05)
+                connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin, \
+                StalledUploads(pb_grpc.WeightAveragingServiceStub(channel), 2, BOBS) as stalled:
+            assert "tenant 'bob' has 2 calls in flight" in _share_full(b).message
             a.ping()
             admin.ping()
             assert a.module(["linear", 2, 1]).kind == "module"
-            for release in held:
-                release.put(None)
-            assert all(u.result(timeout=30).dictionary.id for u in uploads)
+            stalled.release()
+            assert all(u.result(timeout=30).dictionary.id for u in stalled.futures)
             b.ping()
     finally:
-        for release in held:
-            release.put(None)
         runtime.server.stop(None)
         runtime.reaper.stop()
+
+
+BOBS = [("authorization", f"Bearer {BOB}")]
+
+
+def _share_full(b: Client) -> ResourceExhaustedError:
+    """Ping as Bob until his stalled uploads hold his share of the workers; the refusal."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            b.ping()
+        except ResourceExhaustedError as exc:
+            return exc
+        assert time.monotonic() < deadline, "the stalled uploads never took their workers"
+        time.sleep(0.05)
 def test_a_tenant_whose_share_is_full_still_keeps_its_sessions_alive(tokens_file: Path) -> None:
     """A refused KeepAliveSession costs more than the call: the session's lease runs out and every
     handle it owns is freed, under a client that is alive and renewing. While Bob's other calls
     (long epochs, stalled uploads) fill his share of the workers, his idle clients' keep-alives
     must still be served (a review found them RESOURCE_EXHAUSTED, so their sessions expired)."""
-    import queue
-
     runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
     runtime.start()
-    held: list[queue.Queue[None]] = [queue.Queue() for _ in range(2)]
-
-    def stalled(release: queue.Queue[None]) -> Iterator[pb.CreateDictionaryRequest]:
-        yield pb.CreateDictionaryRequest()
-        release.get()
-
     try:
         with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel, connect(runtime, BOB) as b, \
                 connect(runtime, BOB, session=True, lease=600) as idle:
             d = idle.dict({"x": [7.0]})
-            stub = pb_grpc.WeightAveragingServiceStub(channel)
-            uploads = [stub.CreateDictionary.future(stalled(r), metadata=[("authorization", f"Bearer {BOB}")], timeout=60)
-                       for r in held]
-            deadline = time.monotonic() + 30
-            while True:  # until both uploads are running on their workers
-                try:
-                    b.ping()
-                except ResourceExhaustedError:
-                    break
-                assert time.monotonic() < deadline, "the stalled uploads never took their workers"
-                time.sleep(0.05)
-            assert idle.keepalive() == 600.0
-            with pytest.raises(ResourceExhaustedError, match="share"):
-                idle.dict(d, "x")  # other calls are still held to the share
-            for release in held:
-                release.put(None)
-            assert all(u.result(timeout=30).dictionary.id for u in uploads)
+            with StalledUploads(pb_grpc.WeightAveragingServiceStub(channel), 2, BOBS) as stalled:
+                _share_full(b)
+                assert idle.keepalive() == 600.0
+                with pytest.raises(ResourceExhaustedError, match="share"):
+                    idle.dict(d, "x")  # other calls are still held to the share
+                stalled.release()
+                assert all(u.result(timeout=30).dictionary.id for u in stalled.futures)
             assert idle.dict(d, "x").tolist() == [7.0]
     finally:
-        for release in held:
-            release.put(None)
         runtime.server.stop(None)
         runtime.reaper.stop()
 
