@@ -18,6 +18,7 @@ from weightavg.wire import (
     encoded_chunks,
     join_chunks,
     string_fields,
+    to_array,
 )
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -109,6 +110,14 @@ def test_an_unknown_dtype_is_named_as_sent_with_the_fix(client: Client, unchange
             call()
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert "dtype code -1: set dtype to one of DTYPE_FLOAT32 (1)" in err.value.details()
+
+
+@pytest.mark.parametrize("value", [2**64, [1, "a"], [[1.0, 2.0], [3.0]]], ids=["int past int64", "mixed", "ragged"])
+def test_a_value_numpy_makes_an_object_array_of_is_refused_saying_why(value: object) -> None:
+    """Python values numpy holds only as objects were refused as 'dtype object cannot be sent', which
+    says nothing of what to change."""
+    with pytest.raises(TypeError, match="object array: a Python int past int64, values of mixed types, or rows"):
+        to_array(np.array(value, dtype=object) if isinstance(value, list) else value)
 
 
 def test_decode_falls_back_to_protobuf_on_unexpected_fields() -> None:

@@ -195,7 +195,11 @@ def to_array(value: Any) -> npt.NDArray[Any]:
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         array = array.astype(array.dtype.newbyteorder("<"))
     if array.dtype not in _CODES:
-        raise TypeError(f"dtype {array.dtype} cannot be sent; use one of {sorted(str(d) for d in _CODES)}")
+        hint = (
+            " (numpy made an object array: a Python int past int64, values of mixed types, or rows of different "
+            "lengths; give an array of one numeric dtype)" if array.dtype == np.dtype(object) else ""
+        )
+        raise TypeError(f"dtype {array.dtype} cannot be sent{hint}; use one of {sorted(str(d) for d in _CODES)}")
     return array if array.flags.c_contiguous else array.copy(order="C")
 
 
