@@ -104,6 +104,29 @@ def test_an_embedding_index_out_of_range_in_a_middle_batch_changes_nothing(
                               (bad, y), r"run: input 12 of sample 7 is out of range for the embedding's 10 rows")
 
 
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_a_bad_index_in_the_probed_last_batch_is_named_by_its_sample(
+    client: Client, unchanged: Any, shuffle: bool
+) -> None:
+    """The last batch goes through the module and loss before training (the probe): a bad label or
+    embedding input there got torch's "Target 9 is out of bounds." (which names no sample and, on
+    CUDA, is a device-side assert that ends the process's use of the GPU) instead of the message
+    docs/models.md quotes, which the indices are now checked for before the probe's loss and
+    forward see them. With one batch of data, every bad index was in it."""
+    bad_label = labels()
+    bad_label[N - 1] = 9
+    fails_and_changes_nothing(client, unchanged, twins(client, BN_NET, ("ce",), OPTIMIZERS[0], shuffle),
+                              (features(), labels()), (features(), bad_label),
+                              rf"run: target 9 of sample {N - 1} is out of bounds: the output has 4 classes")
+    net = ["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]]
+    x = np.arange(N, dtype=np.int64) % 10
+    bad_input = x.copy()
+    bad_input[N - 1] = 12
+    fails_and_changes_nothing(client, unchanged, twins(client, net, ("ce",), ("sgd", 0.1, 0.9), shuffle), (x, labels(3)),
+                              (bad_input, labels(3)),
+                              rf"run: input 12 of sample {N - 1} is out of range for the embedding's 10 rows")
+
+
 def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unchanged: Any) -> None:
     """An embedding with max_norm renormalises the rows it reads, even without gradients: the
     last-batch probe ran outside the rollback, so a refused epoch still changed them (found by
