@@ -925,8 +925,10 @@ class Client:
 
     @_rpc
     def dict(self, x: Any, key: Any = None, *value: Any, replicate: bool = False, rank: int | None = None) -> Any:
-        """dict({name: value}) creates a dictionary; dict(p) returns all values, dict(p, key) one,
-        dict(p, key, value) sets one (replacing it; a live view copies in place), dict(p, {k: v}) several.
+        """dict({name: value}) creates a dictionary; dict(p) returns all values as {name: value},
+        dict(p, key) one, dict(p, [k1, k2]) a list of them in that order; values are numpy arrays, 0-dim
+        ones Python scalars (the count '.n' a float). dict(p, key, value) sets one (replacing it; a live
+        view copies in place), dict(p, {k: v}) several.
         On a cluster, dict({...}, replicate=True) creates it on every rank, dict({...}, rank=r) on rank r;
         rank= reads or sets one rank's copy of a replicated dictionary (unset: reads rank 0's, sets every
         rank's)."""
@@ -980,7 +982,8 @@ class Client:
 
     @_rpc
     def tensor(self, x: Any) -> Any:
-        """tensor(array) creates a tensor handle; tensor(handle) returns its values."""
+        """tensor(array) creates a tensor handle; tensor(handle) returns its values: a numpy array, or a
+        Python scalar for a 0-dim tensor."""
         if isinstance(x, (Handle, str)):  # no string can be sent as a tensor: a bare id
             return wire.plain(self._fetch_named(_id(x), [])[0][1])
         request_id = new_request_id()
