@@ -1,18 +1,21 @@
 """Tables in docs/ that restate a fact of the code, checked against that code so they cannot go
 stale: the options of `weightavg serve` (docs/ops.md) and the RPCs that take a request ID
 (docs/robust.md). Both drifted once: two flags missing from the first, ten RPCs from the second.
-Also the error table of docs/clients.md and comments of the .proto, against a real server."""
+Also the error table of docs/clients.md, comments of the .proto and error messages the docs quote,
+against a real server."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
-from weightavg import Client, wire
+from weightavg import Client, InvalidArgumentError, wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.cli import OPTIONS, SWITCHES
@@ -141,3 +144,52 @@ def test_proto_comments_on_leases_and_splits_say_what_the_server_does(client: Cl
             stub.GetModelOptions(pb.GetModelOptionsRequest(model=model.id), timeout=30)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert stub.RestoreModelData(pb.RestoreModelDataRequest(model=model.id), timeout=30).size == -1
+
+
+def _doc_text(doc: str) -> str:
+    """A doc's prose, fenced blocks left out, with its line breaks folded to spaces, so a quote
+    wrapped over two lines still matches."""
+    return " ".join(re.sub(r"```.*?```", " ", (ROOT / "docs" / doc).read_text(), flags=re.S).split())
+
+
+def _quoted(doc: str, start: str) -> str:
+    """The backquoted message in `doc` that starts with `start`."""
+    found = [q for q in re.findall(r"`([^`]+)`", _doc_text(doc)) if q.startswith(start)]
+    assert len(found) == 1, (doc, start, found)
+    return found[0]
+
+
+def _matches(quote: str, message: str) -> bool:
+    """Whether `message` holds `quote`, where " ... " in the quote stands for any text."""
+    return re.search(".*".join(re.escape(part) for part in quote.split(" ... ")), message) is not None
+
+
+def test_error_messages_the_docs_quote_are_the_servers(client: Client) -> None:
+    """Messages docs/models.md and docs/merging.md quote, word for word, against a real server: the
+    merging doc's quote of an unknown option lacked the "did you mean" the server adds, and a bad
+    label in the batch run probes got torch's "Target 9 is out of bounds." instead of the quote."""
+    def refusal(call: Any) -> str:
+        with pytest.raises(InvalidArgumentError) as err:
+            call()
+        return str(err.value.message)
+
+    q = client.module(["linear", 3, 4])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q))
+    labels = np.zeros(20, dtype=np.int64)
+    labels[7] = 9
+    client.train(m, np.zeros((20, 3), dtype=np.float32), labels)  # one batch of 20: the probed one
+    q1 = client.module(["linear", 4, 1])
+    m1 = client.model(q1, client.loss("mse"), client.opt("sgd", q1))
+    d = client.copyparms(m)
+    cases = {
+        ("models.md", "y (targets) is float64"): lambda: client.train(m, np.zeros((60, 3)), np.zeros(60)),
+        ("models.md", "target 9 of sample 7"): lambda: client.run(m),
+        ("models.md", "run: targets of shape"): lambda: client.run(
+            m1, np.zeros((20, 4), dtype=np.float32), np.zeros(20, dtype=np.float32)),
+        ("models.md", "tensor size mismatch"): lambda: client.train(
+            m, np.zeros((100, 3), dtype=np.float32), np.zeros(10, dtype=np.int64)),
+        ("merging.md", "ties: unknown option"): lambda: client.merge("ties", [d, d], base=d, densty=0.2),
+    }
+    for (doc, start), call in cases.items():
+        quote, message = _quoted(doc, start), refusal(call)
+        assert _matches(quote, message), (doc, quote, message)
