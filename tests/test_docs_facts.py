@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import LiveServer
 from weightavg import Client, InvalidArgumentError, wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -193,3 +194,29 @@ def test_error_messages_the_docs_quote_are_the_servers(client: Client) -> None:
     for (doc, start), call in cases.items():
         quote, message = _quoted(doc, start), refusal(call)
         assert _matches(quote, message), (doc, quote, message)
+
+
+def test_the_sessions_convention_in_the_clients_doc_works_through_the_generated_stub(live_server: LiveServer) -> None:
+    """docs/clients.md tells authors in other languages how to use a session without the Python
+    client: CreateSession, its id as `weightavg-session` metadata, KeepAliveSession with an empty
+    session, FreeHandles with `all`, CloseSession. Done here with raw messages against a real server."""
+    text = _doc_text("clients.md")
+    for name in ("CreateSession", "`weightavg-session` metadata", "KeepAliveSession", "CloseSession", "`all`"):
+        assert name in text, name
+    spec = pb.LayerSpec(type="linear", args=[pb.OptionValue(int_value=2), pb.OptionValue(int_value=1)])
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        session = stub.CreateSession(pb.CreateSessionRequest(), timeout=30).session
+        meta = (("weightavg-session", session),)
+        kept = stub.CreateModule(pb.CreateModuleRequest(spec=spec), timeout=30, metadata=meta).module.id
+        freed = stub.CreateModule(pb.CreateModuleRequest(spec=spec), timeout=30, metadata=meta).module.id
+        outside = stub.CreateModule(pb.CreateModuleRequest(spec=spec), timeout=30).module.id
+        assert stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=30, metadata=meta).lease_seconds > 0
+        with pytest.raises(grpc.RpcError) as err:
+            stub.FreeHandles(pb.FreeHandlesRequest(all=True), timeout=30)
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert stub.FreeHandles(pb.FreeHandlesRequest(handles=[freed]), timeout=30, metadata=meta).freed == 1
+        assert stub.FreeHandles(pb.FreeHandlesRequest(all=True), timeout=30, metadata=meta).freed == 1
+        assert kept not in {h for h, _ in live_server.registry.items()}
+        stub.CloseSession(pb.CloseSessionRequest(), timeout=30, metadata=meta)
+        assert stub.FreeHandles(pb.FreeHandlesRequest(handles=[outside]), timeout=30).freed == 1
