@@ -1,7 +1,8 @@
 """Tables in docs/ that restate a fact of the code, checked against that code so they cannot go
 stale: the options of `weightavg serve` (docs/ops.md) and the RPCs that take a request ID
 (docs/robust.md). Both drifted once: two flags missing from the first, ten RPCs from the second.
-Also the error table of docs/clients.md, comments of the .proto and error messages the docs quote,
+Also the error table of docs/clients.md, comments of the .proto, error messages the docs quote and
+example blocks of docs/merging.md and docs/models.md,
 against a real server."""
 
 from __future__ import annotations
@@ -220,3 +221,40 @@ def test_the_sessions_convention_in_the_clients_doc_works_through_the_generated_
         assert kept not in {h for h, _ in live_server.registry.items()}
         stub.CloseSession(pb.CloseSessionRequest(), timeout=30, metadata=meta)
         assert stub.FreeHandles(pb.FreeHandlesRequest(handles=[outside]), timeout=30).freed == 1
+
+
+def _python_blocks(doc: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / doc).read_text(), re.S)
+
+
+def test_the_merging_docs_average_and_merge_calls_run_as_written(client: Client) -> None:
+    """docs/merging.md's `average` and `merge` blocks, run as they stand on dictionaries of one
+    two-layer model (its `head.*` and `*.bias` entries are what the per-tensor patterns name): every
+    call is accepted and makes a dictionary, and `into=g` writes the mean of g and two others into g."""
+    q = client.module(["sequential", ["linear", "body", 4, 3], ["linear", "head", 3, 2]])
+    names: dict[str, Any] = {"c": client}
+    for i, name in enumerate(["d1", "d2", "d3", "b", "a", "g"]):
+        names[name] = client.copyparms(q)
+        client.dict(names[name], "head.bias", np.full(2, float(i), dtype=np.float32))
+    average, merges = _python_blocks("merging.md")[:2]
+    exec(compile(average, "merging.md", "exec"), names)
+    assert client.dict(names["avg"], "head.bias").tolist() == [0.5, 0.5]  # (0 * 600 + 1 * 300 + 2 * 100) / 1000
+    assert client.dict(names["g"], "head.bias").tolist() == [2.0, 2.0]  # (5 + 0 + 1) / 3
+    lines = [line for line in merges.splitlines() if line.strip()]
+    assert len(lines) == 3
+    for line in lines:
+        merged = eval(line, names)  # each line is one call
+        assert client.size(merged).keys() >= {"body.weight", "head.bias"}, line
+
+
+def test_the_models_docs_objects_block_runs_and_frees_what_it_made(live_server: LiveServer, client: Client) -> None:
+    """docs/models.md's "Objects over the verbs" block, run as it stands: `average_into` returns the
+    count its comment gives, and the `with` block frees both handles."""
+    block = _python_blocks("models.md")[1]
+    assert block.startswith("with c.Module(")
+    body = block.replace("q.average_into(avg)", "counts.append(q.average_into(avg))", 1)
+    before = len(live_server.registry)
+    names: dict[str, Any] = {"c": client, "counts": []}
+    exec(compile(body, "models.md", "exec"), names)
+    assert names["counts"] == [2] and "-> 2" in block
+    assert len(live_server.registry) == before
