@@ -265,6 +265,10 @@ class Client:
         timeout: default deadline of each call, in seconds.
         chunk_bytes: size of the pieces tensors are streamed in, a whole number of bytes above 0
             (ValueError otherwise, before anything is sent).
+        max_message_bytes: largest gRPC message this client sends or receives (64 MiB, the server's
+            default --max-message-bytes); keep it at least chunk_bytes plus a little.
+        channel: a gRPC channel to use instead of one this client opens to address (the TLS
+            arguments, server_name and max_message_bytes then do not apply to it); close() closes it.
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
         tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
         tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
