@@ -297,12 +297,21 @@ shape for some of them with only a warning (mse, smoothl1), so `check_targets` r
 
 
 def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: str) -> None:
-    """InvalidArgument, saying the shapes and the fix, when an elementwise loss's targets do not have
-    the output's shape: a target [N] with an output [N, 1] would train on [N, N] differences."""
+    """InvalidArgument, saying the shapes and the fix, when targets that must have the output's shape
+    do not: an elementwise loss's (a target [N] with an output [N, 1] would train on [N, N]
+    differences), and ce's class probabilities (torch refuses them with "0D or 1D target tensor
+    expected, multi-target not supported", which names neither shape)."""
     loss = model.loss.type
-    if loss not in ELEMENTWISE_LOSSES or yb.shape == output.shape:
+    probabilities = loss == "ce" and yb.is_floating_point()
+    if (loss not in ELEMENTWISE_LOSSES and not probabilities) or yb.shape == output.shape:
         return
     fit = "[" + ", ".join(["N", *(str(d) for d in output.shape[1:])]) + "]" if output.dim() else "[]"
+    if probabilities:
+        raise InvalidArgument(
+            f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the ce "
+            f"loss takes class probabilities shaped as the output (one column per class), or integer class "
+            f"indices; send y of shape {fit}, or integer labels; nothing changed"
+        )
     raise InvalidArgument(
         f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} "
         f"loss compares them element for element (torch would broadcast them); reshape y to {fit}; "
