@@ -272,3 +272,17 @@ def test_the_messages_with_optional_fields_are_the_ones_the_clients_doc_counts()
     others = {7: "seven"}.get(len(having) - len(named), "(update docs/clients.md)")
     assert f"(in `Momentum`, `TensorChunk`, `UpdateMovingAverageRequest` and {others} other messages) need protoc 3.15" \
         in _doc_text("clients.md"), having
+
+
+def test_the_atomicity_cases_robust_md_lists_are_the_tests() -> None:
+    """docs/robust.md says which RPCs `test_failed_call_changes_nothing` fails and about how many
+    cases it runs; it said about 100 cases over 13 RPCs when there were 201 over 19."""
+    import test_atomicity
+
+    source = (ROOT / "tests" / "test_atomicity.py").read_text()
+    tested = set(re.findall(r'(?:unary|streamed)\("([A-Za-z]+)"', source))
+    text = _doc_text("robust.md")
+    sentence = text.split("`tests/test_atomicity.py::test_failed_call_changes_nothing` runs about ", 1)[1]
+    count, listed = sentence.split(" cases: ", 1)[0], sentence.split(" cases: ", 1)[1].split(", each with", 1)[0]
+    assert set(re.findall(r"[A-Z][A-Za-z]+", listed)) == tested
+    assert abs(int(count) - len(test_atomicity.CASES)) <= 0.25 * len(test_atomicity.CASES)
