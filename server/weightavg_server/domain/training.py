@@ -736,7 +736,9 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
             order, perm = _epoch_order(model, data, n)
             rows = min(nb * w, n)
             _check_inputs(model, order, perm, rows, w)
-            _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh,
+            # The epoch's own last batch, so the probe reads only rows the checks cover (with shuffle
+            # and droplast, the data's last rows as loaded may be rows the epoch leaves out).
+            _probe(model, order.x[last:last + w].to(dev), order.y[last:last + w].to(dev), fresh,
                    lambda output: _check_labels(model, order, perm, output, rows, w))
             try:
                 metrics = _train_batches(model, order, w, nb, dev, should_stop)
