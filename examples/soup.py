@@ -51,7 +51,8 @@ class Result:
 def main(argv: Sequence[str] | None = None) -> Result:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--address", help="a running server (default: an embedded one)")
-    p.add_argument("--ingredients", type=int, default=4, help=f"how many fine-tuned models (at most {len(RATES)})")
+    p.add_argument("--ingredients", type=int, default=4,
+                   help=f"how many fine-tuned models (their learning rates cycle through {len(RATES)} values)")
     p.add_argument("--pretrain", type=int, default=10, help="epochs of the model the ingredients start from")
     p.add_argument("--epochs", type=int, default=3, help="epochs of fine-tuning per ingredient")
     p.add_argument("--seed", type=int, default=0)

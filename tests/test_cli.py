@@ -262,9 +262,8 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     ({"WEIGHTAVG_MAX_LOCKED_BYTES": "-5"}, "--max-locked-bytes must be 0 (lock no shared memory region) or more; got -5"),
     # found by review: -5 served on 65531; a device that does not exist printed a traceback
     ({"WEIGHTAVG_METRICS_PORT": "-5"}, "the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not -5"),
-    ({"WEIGHTAVG_DEVICE": "nonsense"}, "unknown device 'nonsense': Expected one of cpu, cuda, ipu, xpu, mkldnn, "
-     "opengl, opencl, ideep, hip, ve, fpga, maia, xla, lazy, vulkan, mps, meta, hpu, mtia, privateuseone device type "
-     "at start of device string: nonsense"),
+    # torch's own message listed twenty device types, of which the server takes two
+    ({"WEIGHTAVG_DEVICE": "nonsense"}, "unknown device 'nonsense'; use cpu, cuda or cuda:N"),
     # found by review: every fetch INTERNAL; no periodic snapshot (a traceback in its thread); no session at all
     ({"WEIGHTAVG_CHUNK_BYTES": "0"}, "--chunk-bytes must be a whole number from 1 to 2147483647; got 0"),
     ({"WEIGHTAVG_SNAPSHOT_EVERY": "inf"}, "--snapshot-every must be a number of seconds, 0 or more, at most "

@@ -1,18 +1,23 @@
 """Tables in docs/ that restate a fact of the code, checked against that code so they cannot go
 stale: the options of `weightavg serve` (docs/ops.md) and the RPCs that take a request ID
 (docs/robust.md). Both drifted once: two flags missing from the first, ten RPCs from the second.
-Also the error table of docs/clients.md and comments of the .proto, against a real server."""
+Also the error table of docs/clients.md, comments of the .proto, error messages the docs quote and
+example blocks of docs/merging.md and docs/models.md,
+against a real server."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
-from weightavg import Client, wire
+from conftest import LiveServer
+from weightavg import Client, InvalidArgumentError, wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.cli import OPTIONS, SWITCHES
@@ -141,3 +146,143 @@ def test_proto_comments_on_leases_and_splits_say_what_the_server_does(client: Cl
             stub.GetModelOptions(pb.GetModelOptionsRequest(model=model.id), timeout=30)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert stub.RestoreModelData(pb.RestoreModelDataRequest(model=model.id), timeout=30).size == -1
+
+
+def _doc_text(doc: str) -> str:
+    """A doc's prose, fenced blocks left out, with its line breaks folded to spaces, so a quote
+    wrapped over two lines still matches."""
+    return " ".join(re.sub(r"```.*?```", " ", (ROOT / "docs" / doc).read_text(), flags=re.S).split())
+
+
+def _quoted(doc: str, start: str) -> str:
+    """The backquoted message in `doc` that starts with `start`."""
+    found = [q for q in re.findall(r"`([^`]+)`", _doc_text(doc)) if q.startswith(start)]
+    assert len(found) == 1, (doc, start, found)
+    return found[0]
+
+
+def _matches(quote: str, message: str) -> bool:
+    """Whether `message` holds `quote`, where " ... " in the quote stands for any text."""
+    return re.search(".*".join(re.escape(part) for part in quote.split(" ... ")), message) is not None
+
+
+def test_error_messages_the_docs_quote_are_the_servers(client: Client) -> None:
+    """Messages docs/models.md and docs/merging.md quote, word for word, against a real server: the
+    merging doc's quote of an unknown option lacked the "did you mean" the server adds, and a bad
+    label in the batch run probes got torch's "Target 9 is out of bounds." instead of the quote."""
+    def refusal(call: Any) -> str:
+        with pytest.raises(InvalidArgumentError) as err:
+            call()
+        return str(err.value.message)
+
+    q = client.module(["linear", 3, 4])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q))
+    labels = np.zeros(20, dtype=np.int64)
+    labels[7] = 9
+    client.train(m, np.zeros((20, 3), dtype=np.float32), labels)  # one batch of 20: the probed one
+    q1 = client.module(["linear", 4, 1])
+    m1 = client.model(q1, client.loss("mse"), client.opt("sgd", q1))
+    d = client.copyparms(m)
+    cases = {
+        ("models.md", "y (targets) is float64"): lambda: client.train(m, np.zeros((60, 3)), np.zeros(60)),
+        ("models.md", "target 9 of sample 7"): lambda: client.run(m),
+        ("models.md", "run: targets of shape"): lambda: client.run(
+            m1, np.zeros((20, 4), dtype=np.float32), np.zeros(20, dtype=np.float32)),
+        ("models.md", "tensor size mismatch"): lambda: client.train(
+            m, np.zeros((100, 3), dtype=np.float32), np.zeros(10, dtype=np.int64)),
+        ("merging.md", "ties: unknown option"): lambda: client.merge("ties", [d, d], base=d, densty=0.2),
+    }
+    for (doc, start), call in cases.items():
+        quote, message = _quoted(doc, start), refusal(call)
+        assert _matches(quote, message), (doc, quote, message)
+
+
+def test_the_sessions_convention_in_the_clients_doc_works_through_the_generated_stub(live_server: LiveServer) -> None:
+    """docs/clients.md tells authors in other languages how to use a session without the Python
+    client: CreateSession, its id as `weightavg-session` metadata, KeepAliveSession with an empty
+    session, FreeHandles with `all`, CloseSession. Done here with raw messages against a real server."""
+    text = _doc_text("clients.md")
+    for name in ("CreateSession", "`weightavg-session` metadata", "KeepAliveSession", "CloseSession", "`all`"):
+        assert name in text, name
+    spec = pb.LayerSpec(type="linear", args=[pb.OptionValue(int_value=2), pb.OptionValue(int_value=1)])
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        session = stub.CreateSession(pb.CreateSessionRequest(), timeout=30).session
+        meta = (("weightavg-session", session),)
+        kept = stub.CreateModule(pb.CreateModuleRequest(spec=spec), timeout=30, metadata=meta).module.id
+        freed = stub.CreateModule(pb.CreateModuleRequest(spec=spec), timeout=30, metadata=meta).module.id
+        outside = stub.CreateModule(pb.CreateModuleRequest(spec=spec), timeout=30).module.id
+        assert stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=30, metadata=meta).lease_seconds > 0
+        with pytest.raises(grpc.RpcError) as err:
+            stub.FreeHandles(pb.FreeHandlesRequest(all=True), timeout=30)
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert stub.FreeHandles(pb.FreeHandlesRequest(handles=[freed]), timeout=30, metadata=meta).freed == 1
+        assert stub.FreeHandles(pb.FreeHandlesRequest(all=True), timeout=30, metadata=meta).freed == 1
+        assert kept not in {h for h, _ in live_server.registry.items()}
+        stub.CloseSession(pb.CloseSessionRequest(), timeout=30, metadata=meta)
+        assert stub.FreeHandles(pb.FreeHandlesRequest(handles=[outside]), timeout=30).freed == 1
+
+
+def _python_blocks(doc: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / doc).read_text(), re.S)
+
+
+def test_the_merging_docs_average_and_merge_calls_run_as_written(client: Client) -> None:
+    """docs/merging.md's `average` and `merge` blocks, run as they stand on dictionaries of one
+    two-layer model (its `head.*` and `*.bias` entries are what the per-tensor patterns name): every
+    call is accepted and makes a dictionary, and `into=g` writes the mean of g and two others into g."""
+    q = client.module(["sequential", ["linear", "body", 4, 3], ["linear", "head", 3, 2]])
+    names: dict[str, Any] = {"c": client}
+    for i, name in enumerate(["d1", "d2", "d3", "b", "a", "g"]):
+        names[name] = client.copyparms(q)
+        client.dict(names[name], "head.bias", np.full(2, float(i), dtype=np.float32))
+    average, merges = _python_blocks("merging.md")[:2]
+    exec(compile(average, "merging.md", "exec"), names)
+    assert client.dict(names["avg"], "head.bias").tolist() == [0.5, 0.5]  # (0 * 600 + 1 * 300 + 2 * 100) / 1000
+    assert client.dict(names["g"], "head.bias").tolist() == [2.0, 2.0]  # (5 + 0 + 1) / 3
+    lines = [line for line in merges.splitlines() if line.strip()]
+    assert len(lines) == 3
+    for line in lines:
+        merged = eval(line, names)  # each line is one call
+        assert client.size(merged).keys() >= {"body.weight", "head.bias"}, line
+
+
+def test_the_models_docs_objects_block_runs_and_frees_what_it_made(live_server: LiveServer, client: Client) -> None:
+    """docs/models.md's "Objects over the verbs" block, run as it stands: `average_into` returns the
+    count its comment gives, and the `with` block frees both handles."""
+    block = _python_blocks("models.md")[1]
+    assert block.startswith("with c.Module(")
+    body = block.replace("q.average_into(avg)", "counts.append(q.average_into(avg))", 1)
+    before = len(live_server.registry)
+    names: dict[str, Any] = {"c": client, "counts": []}
+    exec(compile(body, "models.md", "exec"), names)
+    assert names["counts"] == [2] and "-> 2" in block
+    assert len(live_server.registry) == before
+
+
+def test_the_messages_with_optional_fields_are_the_ones_the_clients_doc_counts() -> None:
+    """docs/clients.md warns that proto3 `optional` fields need protoc 3.15; it named only `Momentum`
+    when ten messages had them."""
+    having = sorted(
+        message.name for message in pb.DESCRIPTOR.message_types_by_name.values()
+        if any(o.name.startswith("_") and len(o.fields) == 1 for o in message.oneofs)  # synthetic oneofs
+    )
+    named = ["Momentum", "TensorChunk", "UpdateMovingAverageRequest"]
+    assert set(named) <= set(having)
+    others = {7: "seven"}.get(len(having) - len(named), "(update docs/clients.md)")
+    assert f"(in `Momentum`, `TensorChunk`, `UpdateMovingAverageRequest` and {others} other messages) need protoc 3.15" \
+        in _doc_text("clients.md"), having
+
+
+def test_the_atomicity_cases_robust_md_lists_are_the_tests() -> None:
+    """docs/robust.md says which RPCs `test_failed_call_changes_nothing` fails and about how many
+    cases it runs; it said about 100 cases over 13 RPCs when there were 201 over 19."""
+    import test_atomicity
+
+    source = (ROOT / "tests" / "test_atomicity.py").read_text()
+    tested = set(re.findall(r'(?:unary|streamed)\("([A-Za-z]+)"', source))
+    text = _doc_text("robust.md")
+    sentence = text.split("`tests/test_atomicity.py::test_failed_call_changes_nothing` runs about ", 1)[1]
+    count, listed = sentence.split(" cases: ", 1)[0], sentence.split(" cases: ", 1)[1].split(", each with", 1)[0]
+    assert set(re.findall(r"[A-Z][A-Za-z]+", listed)) == tested
+    assert abs(int(count) - len(test_atomicity.CASES)) <= 0.25 * len(test_atomicity.CASES)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from weightavg import Client, InvalidArgumentError
 
@@ -104,6 +105,50 @@ def test_an_embedding_index_out_of_range_in_a_middle_batch_changes_nothing(
                               (bad, y), r"run: input 12 of sample 7 is out of range for the embedding's 10 rows")
 
 
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_a_bad_index_in_the_probed_last_batch_is_named_by_its_sample(
+    client: Client, unchanged: Any, shuffle: bool
+) -> None:
+    """The last batch goes through the module and loss before training (the probe): a bad label or
+    embedding input there got torch's "Target 9 is out of bounds." (which names no sample and, on
+    CUDA, is a device-side assert that ends the process's use of the GPU) instead of the message
+    docs/models.md quotes, which the indices are now checked for before the probe's loss and
+    forward see them. With one batch of data, every bad index was in it."""
+    bad_label = labels()
+    bad_label[N - 1] = 9
+    fails_and_changes_nothing(client, unchanged, twins(client, BN_NET, ("ce",), OPTIMIZERS[0], shuffle),
+                              (features(), labels()), (features(), bad_label),
+                              rf"run: target 9 of sample {N - 1} is out of bounds: the output has 4 classes")
+    net = ["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]]
+    x = np.arange(N, dtype=np.int64) % 10
+    bad_input = x.copy()
+    bad_input[N - 1] = 12
+    fails_and_changes_nothing(client, unchanged, twins(client, net, ("ce",), ("sgd", 0.1, 0.9), shuffle), (x, labels(3)),
+                              (bad_input, labels(3)),
+                              rf"run: input 12 of sample {N - 1} is out of range for the embedding's 10 rows")
+
+
+def test_a_bad_index_in_a_row_the_shuffled_epoch_drops_does_not_refuse_it(client: Client) -> None:
+    """With shuffle and droplast the epoch leaves out the rows its permutation puts last; the probe
+    read the last rows of the data as loaded instead of the epoch's last batch, so an embedding index
+    out of range in a row the epoch never trains refused the epoch with torch's "index out of range in
+    self" (on CUDA, a device-side assert). The probe now runs the epoch's own last batch."""
+    n, w = 22, 5  # four batches of five train; two rows are dropped
+    for seed in range(100):  # the server shuffles with randperm(n) from a generator seeded by `seed`
+        dropped = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[4 * w:].tolist()
+        loaded_last = [r for r in dropped if 3 * w <= r < 4 * w]  # where the old probe read
+        if loaded_last:
+            break
+    net = ["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]]
+    x = np.arange(n, dtype=np.int64) % 10
+    x[loaded_last[0]] = 12
+    q = client.module(net)
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q, 0.1))
+    client.train(m, batchsize=w, shuffle=True, droplast=True, seed=seed)
+    client.train(m, x, np.arange(n, dtype=np.int64) % 3)
+    assert np.isfinite(client.run(m))
+
+
 def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unchanged: Any) -> None:
     """An embedding with max_norm renormalises the rows it reads, even without gradients: the
     last-batch probe ran outside the rollback, so a refused epoch still changed them (found by
@@ -120,7 +165,8 @@ def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unch
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: Any, shuffle: bool) -> None:
     """bce takes probabilities: a linear output above 1 is refused by torch only when a batch makes
-    one, which no check before the epoch can foresee. Rows 5-9 make one; the last batch does not."""
+    one, which no check before the epoch can foresee. The epoch's second batch makes one (rows 5-9, or
+    shuffled the rows the permutation puts there); its last batch, which run probes, does not."""
     c = client
     failed, never = twins(c, ["linear", 1, 1], ("bce",), ("sgd", 0.1, 0.9), shuffle)
     x = np.linspace(0, 1, N, dtype=np.float32).reshape(N, 1)
@@ -130,10 +176,15 @@ def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: 
         c.parm(m, "bias", np.full(1, 0.5, np.float32))
         c.train(m, x, y)
         c.run(m)
+    rows = list(range(W, 2 * W))
+    if shuffle:  # the second epoch's permutation from the generator `twins` seeds with 3, as the server draws it
+        generator = torch.Generator().manual_seed(3)
+        torch.randperm(N, generator=generator)
+        rows = torch.randperm(N, generator=generator)[W:2 * W].tolist()
     far = x.copy()
-    far[5:10] = 100.0
+    far[rows] = 100.0
     c.train(failed, far, y)
-    with unchanged(), pytest.raises(InvalidArgumentError, match=r"run \(batch \d of 4\): all elements of input"):
+    with unchanged(), pytest.raises(InvalidArgumentError, match=r"run \(batch 2 of 4\): all elements of input"):
         c.run(failed)
     assert_same_epoch(c, failed, never, x, y)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LiveServer
+from weightavg import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,3 +43,15 @@ def test_the_training_example_runs_the_swa_recipe_and_frees_what_it_made(start_s
     last, averaged = float(lines[1]), float(lines[2])
     assert 80.0 < last <= 100.0 and 80.0 < averaged <= 100.0
     assert len(server.registry) == 0
+
+
+def test_the_objects_one_liner_frees_both_handles(live_server: LiveServer) -> None:
+    """The README's objects example says the block frees the handles; written as `d = m.copy()` inside
+    the block, it left the copy on the server."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    snippet = re.search(r"Objects sit on top of the verbs: `([^`]+)` frees both handles", text)
+    assert snippet is not None
+    with Client(live_server.address, timeout=120) as c:
+        before = len(live_server.registry)
+        exec(compile(snippet.group(1), "README.md", "exec"), {"c": c})
+        assert len(live_server.registry) == before

@@ -132,6 +132,9 @@ def test_no_token_is_unauthenticated_before_any_work(token_server: Runtime) -> N
         with pytest.raises(UnauthenticatedError) as err:
             c.dict({"a": [1.0, 2.0]})
         assert "no bearer token" in err.value.message
+        # It said "(Client(token=...) or WEIGHTAVG_TOKEN)", but the Python client never reads the variable.
+        assert err.value.message.endswith(
+            "metadata (the Python client: Client(token=...); the weightavg commands: --token or WEIGHTAVG_TOKEN)")
         with pytest.raises(UnauthenticatedError):
             c.handles()
     assert len(token_server.registry) == 0  # the streamed upload never reached the servicer

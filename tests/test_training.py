@@ -643,6 +643,25 @@ def test_regression_targets_of_another_shape_are_refused_before_training(
     assert isinstance(client.run(m), float) and isinstance(client.testrun(m), float)
 
 
+def test_class_probabilities_of_another_shape_are_refused_naming_both_shapes(client: Client, unchanged: Any) -> None:
+    """ce takes float targets as class probabilities, one column per class: two columns for a
+    three-class output got torch's "0D or 1D target tensor expected, multi-target not supported",
+    which names neither shape nor the fix."""
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    q = client.module(["linear", 4, 3])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q, 0.1))
+    client.train(m, x, np.full((8, 2), 0.5, dtype=np.float32))
+    client.test(m, x, np.full((8, 2), 0.5, dtype=np.float32))
+    message = (r"targets of shape \[8, 2\] do not match the output's \[8, 3\]: the ce loss takes class probabilities "
+               r"shaped as the output \(one column per class\), or integer class indices; send y of shape \[N, 3\]")
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: {message}"):
+        client.run(m)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: testrun: {message}"):
+        client.testrun(m)
+    client.train(m, x, np.full((8, 3), 1 / 3, dtype=np.float32))
+    assert isinstance(client.run(m), float)
+
+
 # -- moving a model ------------------------------------------------------------------------------
 
 

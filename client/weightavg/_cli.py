@@ -184,7 +184,8 @@ def _purge(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "run the server (needs weightavg[server]); weightavg serve --help lists every option"),
-    "demo": (_demo, "run the reference's weight-averaging examples against an embedded server"),
+    "demo": (_demo, "does weight averaging help? trains and compares, through an embedded server (--reference: the"
+             " reference's examples)"),
     "health": (_health, "print a server's health status; exit 0 when SERVING"),
     "info": (_info, "print a server's versions, device and limits as JSON"),
     "stats": (_stats, "print a server's per-RPC statistics and live objects as JSON"),

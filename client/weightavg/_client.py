@@ -265,6 +265,10 @@ class Client:
         timeout: default deadline of each call, in seconds.
         chunk_bytes: size of the pieces tensors are streamed in, a whole number of bytes above 0
             (ValueError otherwise, before anything is sent).
+        max_message_bytes: largest gRPC message this client sends or receives (64 MiB, the server's
+            default --max-message-bytes); keep it at least chunk_bytes plus a little.
+        channel: a gRPC channel to use instead of one this client opens to address (the TLS
+            arguments, server_name and max_message_bytes then do not apply to it); close() closes it.
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
         tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
         tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
@@ -925,8 +929,10 @@ class Client:
 
     @_rpc
     def dict(self, x: Any, key: Any = None, *value: Any, replicate: bool = False, rank: int | None = None) -> Any:
-        """dict({name: value}) creates a dictionary; dict(p) returns all values, dict(p, key) one,
-        dict(p, key, value) sets one (replacing it; a live view copies in place), dict(p, {k: v}) several.
+        """dict({name: value}) creates a dictionary; dict(p) returns all values as {name: value},
+        dict(p, key) one, dict(p, [k1, k2]) a list of them in that order; values are numpy arrays, 0-dim
+        ones Python scalars (the count '.n' a float). dict(p, key, value) sets one (replacing it; a live
+        view copies in place), dict(p, {k: v}) several.
         On a cluster, dict({...}, replicate=True) creates it on every rank, dict({...}, rank=r) on rank r;
         rank= reads or sets one rank's copy of a replicated dictionary (unset: reads rank 0's, sets every
         rank's)."""
@@ -980,7 +986,8 @@ class Client:
 
     @_rpc
     def tensor(self, x: Any) -> Any:
-        """tensor(array) creates a tensor handle; tensor(handle) returns its values."""
+        """tensor(array) creates a tensor handle; tensor(handle) returns its values: a numpy array, or a
+        Python scalar for a 0-dim tensor."""
         if isinstance(x, (Handle, str)):  # no string can be sent as a tensor: a bare id
             return wire.plain(self._fetch_named(_id(x), [])[0][1])
         request_id = new_request_id()
@@ -1205,7 +1212,9 @@ class Client:
 
     @_rpc
     def snapshot(self) -> Mapping[str, Any]:
-        """Ask the server to write every live handle to its --state-dir now."""
+        """Ask the server to write every live handle to its --state-dir now; returns {"directory",
+        "handles" (how many saved), "tensor_bytes", "skipped" (handles of a kind it cannot save)}.
+        FailedPreconditionError on a server without --state-dir."""
         r = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self.timeout)
         return {"directory": r.directory, "handles": r.handles, "tensor_bytes": r.tensor_bytes,
                 "skipped": list(r.skipped)}

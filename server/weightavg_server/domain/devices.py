@@ -14,8 +14,8 @@ def parse(name: str) -> torch.device:
     "cpu:0" went past every byte cap (found by review)."""
     try:
         dev = torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidArgument(f"unknown device '{name}': {exc}") from None
+    except RuntimeError:  # torch's message lists every device type it knows, most of which this server refuses
+        raise InvalidArgument(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgument(f"device '{name}' requested but this server has no CUDA device")

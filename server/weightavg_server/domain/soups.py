@@ -19,6 +19,7 @@ import torch
 
 from . import training
 from .dictionaries import COUNT_KEY, TensorDict
+from .dtypes import NAMES
 from .errors import FailedPrecondition, InvalidArgument
 from .options import Opt, Value, ValueType, Wording, resolve, str_value
 from .tensors import storage_key
@@ -100,12 +101,18 @@ def plan_soup(
             value = d.entries[n]
             if value.shape != t.shape or value.dtype != t.dtype or value.device != t.device:
                 raise InvalidArgument(
-                    f"soup: {label}'s '{n}' is {value.dtype} {list(value.shape)} on {value.device}, the model's is "
-                    f"{t.dtype} {list(t.shape)} on {t.device}"
+                    f"soup: {label}'s '{n}' is {_described(value)}, the model's is {_described(t)}: every "
+                    "ingredient needs the model's shapes, dtypes and device (copy them with copyparms(m), or "
+                    "move or convert them with to()); nothing changed"
                 )
             if storage_key(value) in own:
                 raise InvalidArgument(f"soup: {label} shares the model's own '{n}' (a live view); copy it with copyparms")
     return SoupPlan(tuple(names), tuple(targets), metric)
+
+
+def _described(t: torch.Tensor) -> str:
+    """A tensor's dtype (by the name clients send), shape and device, e.g. "float64 [2, 2] on cpu"."""
+    return f"{NAMES.get(t.dtype, str(t.dtype))} {list(t.shape)} on {t.device}"
 
 
 def _better(metric: str, a: float, b: float) -> bool:

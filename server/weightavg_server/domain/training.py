@@ -297,12 +297,21 @@ shape for some of them with only a warning (mse, smoothl1), so `check_targets` r
 
 
 def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: str) -> None:
-    """InvalidArgument, saying the shapes and the fix, when an elementwise loss's targets do not have
-    the output's shape: a target [N] with an output [N, 1] would train on [N, N] differences."""
+    """InvalidArgument, saying the shapes and the fix, when targets that must have the output's shape
+    do not: an elementwise loss's (a target [N] with an output [N, 1] would train on [N, N]
+    differences), and ce's class probabilities (torch refuses them with "0D or 1D target tensor
+    expected, multi-target not supported", which names neither shape)."""
     loss = model.loss.type
-    if loss not in ELEMENTWISE_LOSSES or yb.shape == output.shape:
+    probabilities = loss == "ce" and yb.is_floating_point()
+    if (loss not in ELEMENTWISE_LOSSES and not probabilities) or yb.shape == output.shape:
         return
     fit = "[" + ", ".join(["N", *(str(d) for d in output.shape[1:])]) + "]" if output.dim() else "[]"
+    if probabilities:
+        raise InvalidArgument(
+            f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the ce "
+            f"loss takes class probabilities shaped as the output (one column per class), or integer class "
+            f"indices; send y of shape {fit}, or integer labels; nothing changed"
+        )
     raise InvalidArgument(
         f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} "
         f"loss compares them element for element (torch would broadcast them); reshape y to {fit}; "
@@ -542,20 +551,25 @@ def _metric_names(options: dict[str, Value]) -> list[str]:
 # -- training and testing -------------------------------------------------------------------------
 
 
-def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool) -> torch.Size:
+def _probe(
+    model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool, check: Callable[[torch.Size], None]
+) -> None:
     """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
     not fit (shapes, dtypes, a batch of one through batchnorm, targets the asked-for accuracy cannot
-    compare with) into InvalidArgument before training. Returns the output's shape, which says how many classes the module predicts. `fresh`: the
-    module writes its input in place, so it is given a copy of xb."""
+    compare with) into InvalidArgument before training. `check` gets the output's shape, which says
+    how many classes the module predicts, before the loss sees any target: an out-of-range class
+    index gets the message that names its sample rather than torch's (and, on CUDA, never reaches
+    the loss kernel's device-side assert). `fresh`: the module writes its input in place, so it is
+    given a copy of xb."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
             output: torch.Tensor = model.module(_batch(xb, dev, fresh))
             check_targets(model, output, yb, "run")
+            check(output.shape)
             model.loss(output, batch_targets(model, yb))
         if _Metrics(_metric_names(model.train), model.loss.type).needs_predict:
             predictions(model.loss.type, output, yb)
-    return output.shape
 
 
 def _out_of_range(t: torch.Tensor, low: int, high: int, allowed: int | None, w: int) -> tuple[int, int] | None:
@@ -579,32 +593,44 @@ def _out_of_range(t: torch.Tensor, low: int, high: int, allowed: int | None, w: 
     return None
 
 
-def _check_indices(
-    model: Model, order: Data, perm: torch.Tensor | None, output: torch.Size, rows: int, w: int
-) -> None:
-    """Refuse indices torch would find out of range only at their batch, after the batches before it
-    had trained (and on CUDA with a device-side assert that ends the process's use of the GPU):
-    inputs to a first embedding layer beyond its rows, and class-index targets of ce and nll beyond
-    the output's classes other than the loss's ignore index. `order` holds the data in the order the
-    epoch trains them (`perm` made it from the data as loaded, if shuffled); its first `rows` are
-    trained, the rest droplast leaves out. A sample is named by its place in the data as loaded.
+def _sample(perm: torch.Tensor | None, row: int) -> int:
+    """The place in the data as loaded of the sample at `row` of the epoch's order."""
+    return int(perm[row]) if perm is not None else row
+
+
+def _check_inputs(model: Model, order: Data, perm: torch.Tensor | None, rows: int, w: int) -> None:
+    """Refuse inputs to a first embedding layer beyond its rows, which torch would find only at their
+    batch, after the batches before it had trained (and on CUDA with a device-side assert that ends
+    the process's use of the GPU). Called before any forward pass, the probe's included. `order`
+    holds the data in the order the epoch trains them (`perm` made it from the data as loaded, if
+    shuffled); its first `rows` are trained, the rest droplast leaves out. A sample is named by its
+    place in the data as loaded.
 
     Raises:
         InvalidArgument: the first out-of-range index, its value and sample.
     """
-
-    def sample(row: int) -> int:
-        return int(perm[row]) if perm is not None else row
-
     first = _first_layer(model.module)
     if isinstance(first, nn.Embedding):
         found = _out_of_range(order.x[:rows], 0, first.num_embeddings, None, w)
         if found is not None:
             row, value = found
             raise InvalidArgument(
-                f"run: input {value} of sample {sample(row)} is out of range for the embedding's "
+                f"run: input {value} of sample {_sample(perm, row)} is out of range for the embedding's "
                 f"{first.num_embeddings} rows (0-{first.num_embeddings - 1}); nothing changed"
             )
+
+
+def _check_labels(
+    model: Model, order: Data, perm: torch.Tensor | None, output: torch.Size, rows: int, w: int
+) -> None:
+    """Refuse class-index targets of ce and nll beyond the output's classes other than the loss's
+    ignore index, for the same reasons and with the same arguments as `_check_inputs`; `output` is
+    the module's output shape, which gives the number of classes. Called before the loss sees any
+    target, the probe's included.
+
+    Raises:
+        InvalidArgument: the first out-of-range index, its value and sample.
+    """
     if model.loss.type in INDEX_LOSSES and not order.y.is_floating_point():
         classes = output[1] if len(output) >= 2 else output[0]
         ignore = int_value(model.loss.options, "ignore")
@@ -612,7 +638,7 @@ def _check_indices(
         if found is not None:
             row, value = found
             raise InvalidArgument(
-                f"run: target {value} of sample {sample(row)} is out of bounds: the output has {classes} classes "
+                f"run: target {value} of sample {_sample(perm, row)} is out of bounds: the output has {classes} classes "
                 f"(0-{classes - 1}) and the loss ignores {ignore}; nothing changed"
             )
 
@@ -683,7 +709,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
     train mode, loss, backward, optimizer step. The train flags are restored at the end.
 
     All or nothing: before any batch trains, the last batch runs through the module and loss, and
-    every index the epoch will look up is checked (`_check_indices`). An epoch that still fails midway
+    every index the epoch will look up is checked (`_check_inputs`, `_check_labels`). An epoch that still fails midway
     (any error torch raises, out of memory included) puts back the parameters, gradients, buffers,
     optimizer state, generator and data, order and batch position, as they were (`rollback.kept`):
     their copies, and the reordered data, are reserved by the caller (footprint.epoch_bytes). When
@@ -707,9 +733,13 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
         with rollback.kept(model.module, model.optimizer.optim, model.generator):
             # The probe inside: a forward can change weights too (an embedding with max_norm
             # renormalises the rows it reads in place, gradients or not; found by review).
-            output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh)
             order, perm = _epoch_order(model, data, n)
-            _check_indices(model, order, perm, output, min(nb * w, n), w)
+            rows = min(nb * w, n)
+            _check_inputs(model, order, perm, rows, w)
+            # The epoch's own last batch, so the probe reads only rows the checks cover (with shuffle
+            # and droplast, the data's last rows as loaded may be rows the epoch leaves out).
+            _probe(model, order.x[last:last + w].to(dev), order.y[last:last + w].to(dev), fresh,
+                   lambda output: _check_labels(model, order, perm, output, rows, w))
             try:
                 metrics = _train_batches(model, order, w, nb, dev, should_stop)
             except Cancelled:

@@ -377,8 +377,8 @@ class TenantInterceptor(grpc.ServerInterceptor):
                     audit(method, None, "UNAUTHENTICATED", [], "", session, 0.0)
                 return (
                     grpc.StatusCode.UNAUTHENTICATED,
-                    f"{reason}: this server requires 'authorization: Bearer <token>' metadata "
-                    "(Client(token=...) or WEIGHTAVG_TOKEN)",
+                    f"{reason}: this server requires 'authorization: Bearer <token>' metadata (the Python "
+                    "client: Client(token=...); the weightavg commands: --token or WEIGHTAVG_TOKEN)",
                 )
             caller = found
         if not access.allows(caller.role):
