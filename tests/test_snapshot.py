@@ -549,3 +549,40 @@ def test_a_hand_edited_tensor_file_with_a_matching_manifest_is_refused_in_one_li
     code, err = refused_start(saved)
     assert code == 2 and "Traceback" not in err
     assert f"refusing to start: snapshot in {saved} cannot be restored: SafetensorError: " in err
+
+
+def _edit_state(saved: Path, edit: Any) -> None:
+    """Apply edit to the state file's JSON and make the manifest match, as a hand edit would."""
+    import hashlib
+
+    path = _files(saved)[".json"]
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"][path.name] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _huge_count(state: dict[str, Any]) -> None:
+    """A number out of every range: JSON's 1e400 reads as infinity, and int() of it overflows."""
+    for row in state["handles"]:
+        row["lock"] = 1e400
+
+
+@pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range"])
+def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edit: str) -> None:
+    """A manifest whose 'files' is not a mapping of records, or a state number out of range, ended the
+    start in a traceback (AttributeError, OverflowError; found by review) rather than the refusal."""
+    manifest = json.loads((saved / "manifest.json").read_text())
+    if edit == "files-as-a-list":
+        manifest["files"] = list(manifest["files"])
+    elif edit == "file-record-as-a-number":
+        manifest["files"] = {name: 1 for name in manifest["files"]}
+    if edit == "number-out-of-range":
+        _edit_state(saved, _huge_count)
+    else:
+        (saved / "manifest.json").write_text(json.dumps(manifest))
+    code, err = refused_start(saved)
+    assert code == 2 and "Traceback" not in err, err
+    assert "refusing to start: " in err and ("is unreadable" in err or "OverflowError" in err), err

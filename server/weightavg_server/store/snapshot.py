@@ -760,6 +760,9 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise SnapshotError(f"{manifest_path} is not a {FORMAT} version {VERSION} manifest")
         files: dict[str, dict[str, Any]] = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            # a hand-edited manifest ended the start in a traceback (AttributeError; found by review)
+            raise TypeError(f"'files' must map each file name to its sha256 and bytes, found {files!r:.80}")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SnapshotError(f"{manifest_path} is unreadable ({exc}); the snapshot is torn or was modified") from exc
     for name, expected in files.items():
@@ -793,6 +796,7 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         ) from None
     except (
         ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound,
+        ArithmeticError,  # an edited number out of range (int() of 1e400 read as infinity): a traceback
         safetensors.SafetensorError,  # a tensor file that is not safetensors, its manifest made to match: a traceback
     ) as exc:
         raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
