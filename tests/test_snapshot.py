@@ -586,3 +586,38 @@ def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edi
     code, err = refused_start(saved)
     assert code == 2 and "Traceback" not in err, err
     assert "refusing to start: " in err and ("is unreadable" in err or "OverflowError" in err), err
+
+
+def test_a_snapshot_cut_later_is_never_overwritten_by_one_cut_earlier(
+    state_server: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two snapshots at once (a periodic one and a Snapshot call): the one cut first stalls before its
+    write. The second, cut after a change, used to be written first and then overwritten by the older
+    cut, so a restart lost a change that the Snapshot call had reported saved (found by review)."""
+    cut, release = threading.Event(), threading.Event()
+    write = snapshot._write
+    stalled = []
+
+    def stall_first(*args: Any) -> snapshot.SnapshotResult:
+        if not stalled:  # the first snapshot, its cut taken, before any file is written
+            stalled.append(True)
+            cut.set()
+            release.wait(START_LIMIT)
+        return write(*args)
+
+    monkeypatch.setattr(snapshot, "_write", stall_first)
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        c.tensor(np.zeros(3, np.float32))
+        first = threading.Thread(target=snapshot.save, args=(state_server.registry, tmp_path / "d"))
+        first.start()
+        assert cut.wait(START_LIMIT)
+        late = c.tensor(np.ones(3, np.float32))  # acknowledged after the first cut
+        second = threading.Thread(target=c.snapshot)
+        second.start()
+        second.join(5.0)  # unfixed, the second snapshot is written meanwhile; fixed, it waits its turn
+        release.set()
+        first.join()
+        second.join()
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 2
+    assert late.id in dict(restored.items())

@@ -78,6 +78,7 @@ _SAFETENSORS_DTYPES = {
 }
 """Dtypes safetensors stores natively; others (complex128) are stored as their raw bytes."""
 _write_lock = threading.Lock()
+"""Held by a snapshot from its cut to its manifest, so generations are numbered in the order of their cuts."""
 _CPU_ALIGNMENT = 64
 """Bytes to which PyTorch's CPU allocator aligns every allocation."""
 
@@ -573,41 +574,45 @@ def save(registry: Registry, directory: str | os.PathLike[str], *, copy: bool = 
 
 def _save(registry: Registry, directory: str | os.PathLike[str], copy: bool) -> SnapshotResult:
     """`save`, its reservation made."""
-    # Calls with request IDs are held back while the cut is taken, so that it holds the ID of every
-    # such call whose change it holds, and no other (requests.py).
-    with registry.requests.paused():
-        items = registry.items()
-        with locked(*(entry for _, entry in items)):
-            state, ctx, skipped = _collect(registry, items, SaveContext(copy))
-            if not copy:
-                return _write(Path(directory), state, ctx, skipped)
-    return _write(Path(directory), state, ctx, skipped)
+    # One snapshot at a time from its cut to its manifest: two snapshots cut in one order but written
+    # in the other (a periodic one and a Snapshot call) left the older cut as the newest generation,
+    # so a restart lost changes the newer snapshot had already reported saved (found by review).
+    with _write_lock:
+        # Calls with request IDs are held back while the cut is taken, so that it holds the ID of
+        # every such call whose change it holds, and no other (requests.py).
+        with registry.requests.paused():
+            items = registry.items()
+            with locked(*(entry for _, entry in items)):
+                state, ctx, skipped = _collect(registry, items, SaveContext(copy))
+                if not copy:
+                    return _write(Path(directory), state, ctx, skipped)
+        return _write(Path(directory), state, ctx, skipped)
 
 
 def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[str]) -> SnapshotResult:
-    """Write the files of one generation, then the manifest, then drop older generations."""
-    with _write_lock:
-        try:
-            prepare_directory(root)
-            generation = max(_generations(root), default=0) + 1
-            _mark_writing(root, generation)
-            tensors_name = f"tensors-{generation}.safetensors"
-            state_name = f"state-{generation}.json"
-            _write_atomic(root / tensors_name, lambda tmp: safetensors.torch.save_file(ctx.tensors, tmp, {"format": FORMAT}))
-            _write_atomic(root / state_name, lambda tmp: tmp.write_bytes(json.dumps(state, indent=1).encode()))
-            manifest = {
-                "format": FORMAT, "version": VERSION, "generation": generation,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": {name: _digest(root / name) for name in (state_name, tensors_name)},
-            }
-            _write_atomic(root / MANIFEST, lambda tmp: tmp.write_bytes(json.dumps(manifest, indent=1).encode()))
-            _fsync_dir(root)
-            for old in root.iterdir():
-                match = _GENERATION_FILE.match(old.name)
-                if (match and int(match.group(2)) != generation) or old.name.startswith((".tmp-", ".writing-")):
-                    old.unlink(missing_ok=True)
-        except OSError as exc:
-            raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
+    """Write the files of one generation, then the manifest, then drop older generations (under
+    `_write_lock`, taken by the caller before its cut)."""
+    try:
+        prepare_directory(root)
+        generation = max(_generations(root), default=0) + 1
+        _mark_writing(root, generation)
+        tensors_name = f"tensors-{generation}.safetensors"
+        state_name = f"state-{generation}.json"
+        _write_atomic(root / tensors_name, lambda tmp: safetensors.torch.save_file(ctx.tensors, tmp, {"format": FORMAT}))
+        _write_atomic(root / state_name, lambda tmp: tmp.write_bytes(json.dumps(state, indent=1).encode()))
+        manifest = {
+            "format": FORMAT, "version": VERSION, "generation": generation,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": {name: _digest(root / name) for name in (state_name, tensors_name)},
+        }
+        _write_atomic(root / MANIFEST, lambda tmp: tmp.write_bytes(json.dumps(manifest, indent=1).encode()))
+        _fsync_dir(root)
+        for old in root.iterdir():
+            match = _GENERATION_FILE.match(old.name)
+            if (match and int(match.group(2)) != generation) or old.name.startswith((".tmp-", ".writing-")):
+                old.unlink(missing_ok=True)
+    except OSError as exc:
+        raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
     handles = len(state["handles"])
     log.info("snapshot %d: %d handle(s), %d tensor bytes in %s", generation, handles, ctx.nbytes, root)
     return SnapshotResult(str(root), handles, ctx.nbytes, skipped)
