@@ -621,3 +621,51 @@ def test_a_snapshot_cut_later_is_never_overwritten_by_one_cut_earlier(
     restored = Registry()
     assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 2
     assert late.id in dict(restored.items())
+
+
+def test_a_handle_freed_while_a_snapshot_waits_does_not_fail_the_snapshot(state_server: Runtime, tmp_path: Path) -> None:
+    """A snapshot waits for a busy object's lock (a long read holds it) while a client that sends no
+    request ID frees another handle: the cut failed with that handle's NOT_FOUND ("freed while this
+    call waited"), so periodic snapshots could fail again and again on a busy server (found by review).
+    It now takes its cut anew, without the freed handle."""
+    import grpc
+
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        made = [c.tensor(np.full(3, i, np.float32)) for i in range(12)]
+    entries = dict(state_server.registry.items())
+    # Locks are taken in the order of their ids: the snapshot holds `first`, then waits on `busy`,
+    # and has not reached `victim` when it is freed.
+    by_lock = sorted(made, key=lambda h: id(entries[h.id].lock))
+    first, busy = entries[by_lock[0].id], entries[by_lock[len(made) // 2].id]
+    victim_id = by_lock[-1].id
+    outcome: dict[str, Any] = {}
+
+    def save() -> None:
+        try:
+            outcome["result"] = snapshot.save(state_server.registry, tmp_path / "d")
+        except WeightavgError as exc:
+            outcome["error"] = exc
+
+    busy.lock.acquire()  # as a long evaluate or fetch would
+    saver = threading.Thread(target=save)
+    saver.start()
+    deadline = time.monotonic() + START_LIMIT
+    while first.lock.acquire(blocking=False):  # free until the snapshot's cut holds it
+        first.lock.release()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with grpc.insecure_channel(f"127.0.0.1:{state_server.port}") as channel:
+        freed = pb_grpc.WeightAveragingServiceStub(channel).FreeHandles(
+            pb.FreeHandlesRequest(handles=[victim_id]), timeout=60  # no request_id: not held back
+        )
+    assert freed.freed == 1
+    busy.lock.release()
+    saver.join()
+    assert "error" not in outcome, outcome
+    assert outcome["result"].handles == len(made) - 1
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == len(made) - 1
+    assert victim_id not in dict(restored.items())

@@ -578,15 +578,21 @@ def _save(registry: Registry, directory: str | os.PathLike[str], copy: bool) -> 
     # in the other (a periodic one and a Snapshot call) left the older cut as the newest generation,
     # so a restart lost changes the newer snapshot had already reported saved (found by review).
     with _write_lock:
-        # Calls with request IDs are held back while the cut is taken, so that it holds the ID of
-        # every such call whose change it holds, and no other (requests.py).
-        with registry.requests.paused():
-            items = registry.items()
-            with locked(*(entry for _, entry in items)):
-                state, ctx, skipped = _collect(registry, items, SaveContext(copy))
-                if not copy:
-                    return _write(Path(directory), state, ctx, skipped)
-        return _write(Path(directory), state, ctx, skipped)
+        while True:
+            # Calls with request IDs are held back while the cut is taken, so that it holds the ID of
+            # every such call whose change it holds, and no other (requests.py).
+            with registry.requests.paused():
+                items = registry.items()
+                with locked(*(entry for _, entry in items), check_live=False):
+                    if any(entry.freed for _, entry in items):
+                        # A handle went while the cut waited for a busy object (a free or a model
+                        # taking its parts, by a call without a request ID, or a session's expiry):
+                        # the cut failed with that handle's NotFound (found by review). Take it anew.
+                        continue
+                    state, ctx, skipped = _collect(registry, items, SaveContext(copy))
+                    if not copy:
+                        return _write(Path(directory), state, ctx, skipped)
+            return _write(Path(directory), state, ctx, skipped)
 
 
 def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[str]) -> SnapshotResult:
