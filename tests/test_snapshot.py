@@ -669,3 +669,44 @@ def test_a_handle_freed_while_a_snapshot_waits_does_not_fail_the_snapshot(state_
     restored = Registry()
     assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == len(made) - 1
     assert victim_id not in dict(restored.items())
+
+
+def test_the_shutdown_snapshot_writes_flat_objects_without_copying_them(state_server: Runtime, tmp_path: Path) -> None:
+    """A flat module's parameters and a copyparms dictionary's entries are views of one buffer. The
+    snapshot cloned every view after the first, so the shutdown snapshot (copy=False, "copies
+    nothing") held a second copy of nearly every module and dictionary, unreserved (+367 MB for a 384
+    MB module; found by review). Views whose bytes do not overlap are now stored as they are; bytes
+    that do overlap are still copied, as safetensors requires, and everything restores exactly."""
+    from weightavg_server.domain import flat
+    from weightavg_server.store.registry import Kind
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        q = c.module(BN_NET)
+        d = c.copyparms(q)
+        c.avgparms(q, d)
+        before = dump(c)
+    entries = dict(state_server.registry.items())
+    module, dictionary = entries[q.id].obj, entries[d.id].obj
+    parameters = list(module.parameters())
+    copies = [t for name, t in dictionary.entries.items() if name != ".n"]
+    assert flat.is_flat(parameters) and flat.is_flat(copies)
+    ctx = snapshot.SaveContext(copy=False)
+    ctx.ref(module, Kind.MODULE)
+    ctx.ref(dictionary, Kind.DICTIONARY)
+    stored = {t.data_ptr() for t in ctx.tensors.values()}
+    assert {p.data_ptr() for p in parameters} <= stored and {t.data_ptr() for t in copies} <= stored
+    whole = torch.arange(10.0)
+    overlapping = snapshot.SaveContext(copy=False)
+    overlapping.tensor(whole)
+    overlapping.tensor(whole[2:5])  # inside `whole`: copied
+    overlapping.tensor(torch.arange(3.0))
+    assert overlapping.tensors["t1"].untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+    assert overlapping.tensors["t1"].tolist() == [2.0, 3.0, 4.0]
+    state_server.stop(None)  # the shutdown snapshot
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c:
+            assert_same(dump(c), before)
+    finally:
+        runtime.stop(None)
