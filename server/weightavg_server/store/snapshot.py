@@ -212,12 +212,13 @@ class LoadContext:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
         placement = self._placement(info["device"])
         self._on_place(str(placement), data.numel() * data.element_size())
-        t = data.to(placement)
-        if t.device.type == "cpu" and t.data_ptr() % _CPU_ALIGNMENT:
-            # safetensors hands out tensors at their offsets in the file; vectorised CPU kernels split
-            # unaligned data differently, so sums would differ in the last bit from the saved server's
-            # (an epoch after a restart would not be bit-identical). A fresh allocation is aligned.
-            t = t.clone()
+        # Always a copy. safetensors hands out CPU tensors in a private mapping of the file: held by
+        # the restored objects, it kept the file's disk blocks after the next snapshot deleted it (a
+        # third snapshot's room while the server ran; found by review), and an edit of the file in
+        # place would reach live weights. A fresh allocation is also aligned: at their offsets in the
+        # file, vectorised CPU kernels split the data differently, and sums would differ in the last
+        # bit from the saved server's (an epoch after a restart would not be bit-identical).
+        t = data.to(placement, copy=True)
         self._loaded[key] = t
         return t
 
