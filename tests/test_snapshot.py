@@ -734,3 +734,42 @@ def test_restored_objects_do_not_keep_the_snapshot_file_mapped(state_server: Run
         assert mapped == []
     finally:
         runtime.stop(None)
+
+
+def _file_size_limit(limit: int) -> None:
+    """In the server's process before exec: files may not grow past `limit` bytes, and a write past it
+    fails (EFBIG, as a full disk fails with ENOSPC) rather than killing the process."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_snapshot_the_disk_cannot_hold_is_refused_cleanly_and_leaves_the_last_one(tmp_path: Path) -> None:
+    """safetensors reports a failed write (a full disk) as SafetensorError, not OSError: the Snapshot
+    call answered INTERNAL, the shutdown snapshot ended the server in a traceback, and the failed
+    generation's files stayed, taking the room the next try needed (found by review). Now: FAILED_
+    PRECONDITION, one line and exit 1 at shutdown, nothing left of the failed generation, and the
+    last complete snapshot restores."""
+    state_dir = tmp_path / "d"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weightavg_server", "--port", "0", "--device", "cpu", "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: _file_size_limit(1 << 20),
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    assert line.startswith("weightavg serving on "), line
+    with Client(line.removeprefix("weightavg serving on ").strip(), timeout=60) as c:
+        c.tensor(np.ones(1000, np.float32))
+        c.snapshot()
+        saved = sorted(os.listdir(state_dir))
+        c.tensor(np.ones(1 << 19, np.float32))  # 2 MiB: its tensor file cannot be written
+        with pytest.raises(FailedPreconditionError, match="cannot write a snapshot to .*File too large"):
+            c.snapshot()
+        assert sorted(os.listdir(state_dir)) == saved
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=START_LIMIT)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "shutdown snapshot failed, live handles are lost: cannot write a snapshot" in err
+    assert sorted(os.listdir(state_dir)) == saved
+    assert snapshot.load(Registry(), state_dir, torch.device("cpu")) == 1

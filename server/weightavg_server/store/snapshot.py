@@ -616,6 +616,8 @@ def _save(registry: Registry, directory: str | os.PathLike[str], copy: bool) -> 
 def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[str]) -> SnapshotResult:
     """Write the files of one generation, then the manifest, then drop older generations (under
     `_write_lock`, taken by the caller before its cut)."""
+    generation = 0
+    committed = False
     try:
         prepare_directory(root)
         generation = max(_generations(root), default=0) + 1
@@ -630,16 +632,32 @@ def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[st
             "files": {name: _digest(root / name) for name in (state_name, tensors_name)},
         }
         _write_atomic(root / MANIFEST, lambda tmp: tmp.write_bytes(json.dumps(manifest, indent=1).encode()))
+        committed = True
         _fsync_dir(root)
         for old in root.iterdir():
             match = _GENERATION_FILE.match(old.name)
             if (match and int(match.group(2)) != generation) or old.name.startswith((".tmp-", ".writing-")):
                 old.unlink(missing_ok=True)
-    except OSError as exc:
+    except (OSError, safetensors.SafetensorError) as exc:
+        # safetensors reports its own write errors (a full disk: "I/O error: No space left on device")
+        # as SafetensorError, which escaped as INTERNAL, and at shutdown as a traceback (found by review).
+        if generation and not committed:
+            _discard(root, generation)
         raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
     handles = len(state["handles"])
     log.info("snapshot %d: %d handle(s), %d tensor bytes in %s", generation, handles, ctx.nbytes, root)
     return SnapshotResult(str(root), handles, ctx.nbytes, skipped)
+
+
+def _discard(root: Path, generation: int) -> None:
+    """Remove what a generation that failed before its manifest wrote (best effort): a tensor file
+    left by a full disk took the room the next try needed, which then failed too, until a restart."""
+    for name in (f"tensors-{generation}.safetensors", f"state-{generation}.json"):
+        for path in (root / name, root / f".tmp-{name}"):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (root / f".writing-{generation}").unlink(missing_ok=True)
 
 
 def _collect(
