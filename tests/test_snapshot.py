@@ -549,3 +549,227 @@ def test_a_hand_edited_tensor_file_with_a_matching_manifest_is_refused_in_one_li
     code, err = refused_start(saved)
     assert code == 2 and "Traceback" not in err
     assert f"refusing to start: snapshot in {saved} cannot be restored: SafetensorError: " in err
+
+
+def _edit_state(saved: Path, edit: Any) -> None:
+    """Apply edit to the state file's JSON and make the manifest match, as a hand edit would."""
+    import hashlib
+
+    path = _files(saved)[".json"]
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"][path.name] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _huge_count(state: dict[str, Any]) -> None:
+    """A number out of every range: JSON's 1e400 reads as infinity, and int() of it overflows."""
+    for row in state["handles"]:
+        row["lock"] = 1e400
+
+
+@pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range"])
+def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edit: str) -> None:
+    """A manifest whose 'files' is not a mapping of records, or a state number out of range, ended the
+    start in a traceback (AttributeError, OverflowError; found by review) rather than the refusal."""
+    manifest = json.loads((saved / "manifest.json").read_text())
+    if edit == "files-as-a-list":
+        manifest["files"] = list(manifest["files"])
+    elif edit == "file-record-as-a-number":
+        manifest["files"] = {name: 1 for name in manifest["files"]}
+    if edit == "number-out-of-range":
+        _edit_state(saved, _huge_count)
+    else:
+        (saved / "manifest.json").write_text(json.dumps(manifest))
+    code, err = refused_start(saved)
+    assert code == 2 and "Traceback" not in err, err
+    assert "refusing to start: " in err and ("is unreadable" in err or "OverflowError" in err), err
+
+
+def test_a_snapshot_cut_later_is_never_overwritten_by_one_cut_earlier(
+    state_server: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two snapshots at once (a periodic one and a Snapshot call): the one cut first stalls before its
+    write. The second, cut after a change, used to be written first and then overwritten by the older
+    cut, so a restart lost a change that the Snapshot call had reported saved (found by review)."""
+    cut, release = threading.Event(), threading.Event()
+    write = snapshot._write
+    stalled = []
+
+    def stall_first(*args: Any) -> snapshot.SnapshotResult:
+        if not stalled:  # the first snapshot, its cut taken, before any file is written
+            stalled.append(True)
+            cut.set()
+            release.wait(START_LIMIT)
+        return write(*args)
+
+    monkeypatch.setattr(snapshot, "_write", stall_first)
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        c.tensor(np.zeros(3, np.float32))
+        first = threading.Thread(target=snapshot.save, args=(state_server.registry, tmp_path / "d"))
+        first.start()
+        assert cut.wait(START_LIMIT)
+        late = c.tensor(np.ones(3, np.float32))  # acknowledged after the first cut
+        second = threading.Thread(target=c.snapshot)
+        second.start()
+        second.join(5.0)  # unfixed, the second snapshot is written meanwhile; fixed, it waits its turn
+        release.set()
+        first.join()
+        second.join()
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 2
+    assert late.id in dict(restored.items())
+
+
+def test_a_handle_freed_while_a_snapshot_waits_does_not_fail_the_snapshot(state_server: Runtime, tmp_path: Path) -> None:
+    """A snapshot waits for a busy object's lock (a long read holds it) while a client that sends no
+    request ID frees another handle: the cut failed with that handle's NOT_FOUND ("freed while this
+    call waited"), so periodic snapshots could fail again and again on a busy server (found by review).
+    It now takes its cut anew, without the freed handle."""
+    import grpc
+
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        made = [c.tensor(np.full(3, i, np.float32)) for i in range(12)]
+    entries = dict(state_server.registry.items())
+    # Locks are taken in the order of their ids: the snapshot holds `first`, then waits on `busy`,
+    # and has not reached `victim` when it is freed.
+    by_lock = sorted(made, key=lambda h: id(entries[h.id].lock))
+    first, busy = entries[by_lock[0].id], entries[by_lock[len(made) // 2].id]
+    victim_id = by_lock[-1].id
+    outcome: dict[str, Any] = {}
+
+    def save() -> None:
+        try:
+            outcome["result"] = snapshot.save(state_server.registry, tmp_path / "d")
+        except WeightavgError as exc:
+            outcome["error"] = exc
+
+    busy.lock.acquire()  # as a long evaluate or fetch would
+    saver = threading.Thread(target=save)
+    saver.start()
+    deadline = time.monotonic() + START_LIMIT
+    while first.lock.acquire(blocking=False):  # free until the snapshot's cut holds it
+        first.lock.release()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with grpc.insecure_channel(f"127.0.0.1:{state_server.port}") as channel:
+        freed = pb_grpc.WeightAveragingServiceStub(channel).FreeHandles(
+            pb.FreeHandlesRequest(handles=[victim_id]), timeout=60  # no request_id: not held back
+        )
+    assert freed.freed == 1
+    busy.lock.release()
+    saver.join()
+    assert "error" not in outcome, outcome
+    assert outcome["result"].handles == len(made) - 1
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == len(made) - 1
+    assert victim_id not in dict(restored.items())
+
+
+def test_the_shutdown_snapshot_writes_flat_objects_without_copying_them(state_server: Runtime, tmp_path: Path) -> None:
+    """A flat module's parameters and a copyparms dictionary's entries are views of one buffer. The
+    snapshot cloned every view after the first, so the shutdown snapshot (copy=False, "copies
+    nothing") held a second copy of nearly every module and dictionary, unreserved (+367 MB for a 384
+    MB module; found by review). Views whose bytes do not overlap are now stored as they are; bytes
+    that do overlap are still copied, as safetensors requires, and everything restores exactly."""
+    from weightavg_server.domain import flat
+    from weightavg_server.store.registry import Kind
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        q = c.module(BN_NET)
+        d = c.copyparms(q)
+        c.avgparms(q, d)
+        before = dump(c)
+    entries = dict(state_server.registry.items())
+    module, dictionary = entries[q.id].obj, entries[d.id].obj
+    parameters = list(module.parameters())
+    copies = [t for name, t in dictionary.entries.items() if name != ".n"]
+    assert flat.is_flat(parameters) and flat.is_flat(copies)
+    ctx = snapshot.SaveContext(copy=False)
+    ctx.ref(module, Kind.MODULE)
+    ctx.ref(dictionary, Kind.DICTIONARY)
+    stored = {t.data_ptr() for t in ctx.tensors.values()}
+    assert {p.data_ptr() for p in parameters} <= stored and {t.data_ptr() for t in copies} <= stored
+    whole = torch.arange(10.0)
+    overlapping = snapshot.SaveContext(copy=False)
+    overlapping.tensor(whole)
+    overlapping.tensor(whole[2:5])  # inside `whole`: copied
+    overlapping.tensor(torch.arange(3.0))
+    assert overlapping.tensors["t1"].untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+    assert overlapping.tensors["t1"].tolist() == [2.0, 3.0, 4.0]
+    state_server.stop(None)  # the shutdown snapshot
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c:
+            assert_same(dump(c), before)
+    finally:
+        runtime.stop(None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_restored_objects_do_not_keep_the_snapshot_file_mapped(state_server: Runtime, tmp_path: Path) -> None:
+    """safetensors reads a file as a private mapping, and the restored objects were tensors in it: the
+    next snapshot deleted the file, but its disk blocks stayed taken while the server ran (a third
+    snapshot's room, where the docs promise two), and an edit of the file in place reached live
+    weights (found by review). Restored tensors are now copies of their own, with the same values."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        d = c.dict({"w": np.arange(4096, dtype=np.float32), "v": np.ones(3, np.float64)})
+        t = c.tensor(np.arange(6, dtype=np.int64).reshape(2, 3))
+        before = dump(c)
+    state_server.stop(None)  # the shutdown snapshot
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c:
+            c.snapshot()  # deletes the generation the server restored from
+            assert_same(dump(c), before)
+            assert {d.id, t.id} <= set(before)
+        mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path / "d") in line]
+        assert mapped == []
+    finally:
+        runtime.stop(None)
+
+
+def _file_size_limit(limit: int) -> None:
+    """In the server's process before exec: files may not grow past `limit` bytes, and a write past it
+    fails (EFBIG, as a full disk fails with ENOSPC) rather than killing the process."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_snapshot_the_disk_cannot_hold_is_refused_cleanly_and_leaves_the_last_one(tmp_path: Path) -> None:
+    """safetensors reports a failed write (a full disk) as SafetensorError, not OSError: the Snapshot
+    call answered INTERNAL, the shutdown snapshot ended the server in a traceback, and the failed
+    generation's files stayed, taking the room the next try needed (found by review). Now: FAILED_
+    PRECONDITION, one line and exit 1 at shutdown, nothing left of the failed generation, and the
+    last complete snapshot restores."""
+    state_dir = tmp_path / "d"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weightavg_server", "--port", "0", "--device", "cpu", "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: _file_size_limit(1 << 20),
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    assert line.startswith("weightavg serving on "), line
+    with Client(line.removeprefix("weightavg serving on ").strip(), timeout=60) as c:
+        c.tensor(np.ones(1000, np.float32))
+        c.snapshot()
+        saved = sorted(os.listdir(state_dir))
+        c.tensor(np.ones(1 << 19, np.float32))  # 2 MiB: its tensor file cannot be written
+        with pytest.raises(FailedPreconditionError, match="cannot write a snapshot to .*File too large"):
+            c.snapshot()
+        assert sorted(os.listdir(state_dir)) == saved
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=START_LIMIT)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "shutdown snapshot failed, live handles are lost: cannot write a snapshot" in err
+    assert sorted(os.listdir(state_dir)) == saved
+    assert snapshot.load(Registry(), state_dir, torch.device("cpu")) == 1

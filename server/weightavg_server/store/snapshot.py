@@ -78,6 +78,7 @@ _SAFETENSORS_DTYPES = {
 }
 """Dtypes safetensors stores natively; others (complex128) are stored as their raw bytes."""
 _write_lock = threading.Lock()
+"""Held by a snapshot from its cut to its manifest, so generations are numbered in the order of their cuts."""
 _CPU_ALIGNMENT = 64
 """Bytes to which PyTorch's CPU allocator aligns every allocation."""
 
@@ -94,7 +95,9 @@ class SaveContext:
         self.tensors: dict[str, torch.Tensor] = {}
         self.tensor_info: dict[str, dict[str, Any]] = {}
         self._keys: dict[int, str] = {}
-        self._storages: set[int] = set()
+        self._spans: dict[int, list[tuple[int, int]]] = {}
+        """The byte ranges stored so far, by storage: views of one storage that do not overlap (the
+        parameters of a flat module, the entries of a flat dictionary) are written as they are."""
         self._pinned: list[torch.Tensor] = []
         self._owners: dict[int, dict[str, Any]] = {}
         self.nbytes = 0
@@ -113,10 +116,15 @@ class SaveContext:
         self._keys[id(ident)] = key
         self._pinned.extend((t, ident))  # keeps the ids from being reused by other tensors during this save
         data = t.detach().to("cpu", copy=self._copy).contiguous()
-        if data.numel() and data.untyped_storage().data_ptr() in self._storages:
-            data = data.clone()  # safetensors refuses tensors that share memory (e.g. a slice of another)
         if data.numel():
-            self._storages.add(data.untyped_storage().data_ptr())
+            # safetensors refuses tensors whose bytes overlap, and only those: disjoint views of one
+            # buffer are written in place. Every view after a flat module's first was cloned, so the
+            # shutdown snapshot, which "copies nothing", held a second copy of nearly every module
+            # and copyparms dictionary, unreserved (found by review: +367 MB for a 384 MB module).
+            begin, end = _byte_span(data)
+            if any(begin < other_end and other_begin < end for other_begin, other_end in self._spans_of(data)):
+                data = data.clone()
+            self._spans_of(data).append(_byte_span(data))
         raw = data.dtype not in _SAFETENSORS_DTYPES
         self.tensor_info[key] = {
             "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "device": str(t.device), "raw": raw,
@@ -124,6 +132,10 @@ class SaveContext:
         self.tensors[key] = data.reshape(-1).view(torch.uint8) if raw else data
         self.nbytes += data.numel() * data.element_size()
         return key
+
+    def _spans_of(self, data: torch.Tensor) -> list[tuple[int, int]]:
+        """The byte ranges stored so far from data's storage."""
+        return self._spans.setdefault(data.untyped_storage().data_ptr(), [])
 
     def ref(self, obj: Any, kind: Kind) -> int:
         """The index of obj among the saved objects, saving it now (without a handle) if it is not yet
@@ -161,6 +173,12 @@ class SaveContext:
             self._owners[id(b)] = {"object": obj_index, "tensor": "buffer", "name": name}
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The [start, end) addresses of a contiguous tensor's bytes."""
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
 class LoadContext:
     """Handed to each kind's load function: reads tensors back and resolves references to other objects."""
 
@@ -194,12 +212,13 @@ class LoadContext:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
         placement = self._placement(info["device"])
         self._on_place(str(placement), data.numel() * data.element_size())
-        t = data.to(placement)
-        if t.device.type == "cpu" and t.data_ptr() % _CPU_ALIGNMENT:
-            # safetensors hands out tensors at their offsets in the file; vectorised CPU kernels split
-            # unaligned data differently, so sums would differ in the last bit from the saved server's
-            # (an epoch after a restart would not be bit-identical). A fresh allocation is aligned.
-            t = t.clone()
+        # Always a copy. safetensors hands out CPU tensors in a private mapping of the file: held by
+        # the restored objects, it kept the file's disk blocks after the next snapshot deleted it (a
+        # third snapshot's room while the server ran; found by review), and an edit of the file in
+        # place would reach live weights. A fresh allocation is also aligned: at their offsets in the
+        # file, vectorised CPU kernels split the data differently, and sums would differ in the last
+        # bit from the saved server's (an epoch after a restart would not be bit-identical).
+        t = data.to(placement, copy=True)
         self._loaded[key] = t
         return t
 
@@ -573,44 +592,72 @@ def save(registry: Registry, directory: str | os.PathLike[str], *, copy: bool = 
 
 def _save(registry: Registry, directory: str | os.PathLike[str], copy: bool) -> SnapshotResult:
     """`save`, its reservation made."""
-    # Calls with request IDs are held back while the cut is taken, so that it holds the ID of every
-    # such call whose change it holds, and no other (requests.py).
-    with registry.requests.paused():
-        items = registry.items()
-        with locked(*(entry for _, entry in items)):
-            state, ctx, skipped = _collect(registry, items, SaveContext(copy))
-            if not copy:
-                return _write(Path(directory), state, ctx, skipped)
-    return _write(Path(directory), state, ctx, skipped)
+    # One snapshot at a time from its cut to its manifest: two snapshots cut in one order but written
+    # in the other (a periodic one and a Snapshot call) left the older cut as the newest generation,
+    # so a restart lost changes the newer snapshot had already reported saved (found by review).
+    with _write_lock:
+        while True:
+            # Calls with request IDs are held back while the cut is taken, so that it holds the ID of
+            # every such call whose change it holds, and no other (requests.py).
+            with registry.requests.paused():
+                items = registry.items()
+                with locked(*(entry for _, entry in items), check_live=False):
+                    if any(entry.freed for _, entry in items):
+                        # A handle went while the cut waited for a busy object (a free or a model
+                        # taking its parts, by a call without a request ID, or a session's expiry):
+                        # the cut failed with that handle's NotFound (found by review). Take it anew.
+                        continue
+                    state, ctx, skipped = _collect(registry, items, SaveContext(copy))
+                    if not copy:
+                        return _write(Path(directory), state, ctx, skipped)
+            return _write(Path(directory), state, ctx, skipped)
 
 
 def _write(root: Path, state: dict[str, Any], ctx: SaveContext, skipped: list[str]) -> SnapshotResult:
-    """Write the files of one generation, then the manifest, then drop older generations."""
-    with _write_lock:
-        try:
-            prepare_directory(root)
-            generation = max(_generations(root), default=0) + 1
-            _mark_writing(root, generation)
-            tensors_name = f"tensors-{generation}.safetensors"
-            state_name = f"state-{generation}.json"
-            _write_atomic(root / tensors_name, lambda tmp: safetensors.torch.save_file(ctx.tensors, tmp, {"format": FORMAT}))
-            _write_atomic(root / state_name, lambda tmp: tmp.write_bytes(json.dumps(state, indent=1).encode()))
-            manifest = {
-                "format": FORMAT, "version": VERSION, "generation": generation,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": {name: _digest(root / name) for name in (state_name, tensors_name)},
-            }
-            _write_atomic(root / MANIFEST, lambda tmp: tmp.write_bytes(json.dumps(manifest, indent=1).encode()))
-            _fsync_dir(root)
-            for old in root.iterdir():
-                match = _GENERATION_FILE.match(old.name)
-                if (match and int(match.group(2)) != generation) or old.name.startswith((".tmp-", ".writing-")):
-                    old.unlink(missing_ok=True)
-        except OSError as exc:
-            raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
+    """Write the files of one generation, then the manifest, then drop older generations (under
+    `_write_lock`, taken by the caller before its cut)."""
+    generation = 0
+    committed = False
+    try:
+        prepare_directory(root)
+        generation = max(_generations(root), default=0) + 1
+        _mark_writing(root, generation)
+        tensors_name = f"tensors-{generation}.safetensors"
+        state_name = f"state-{generation}.json"
+        _write_atomic(root / tensors_name, lambda tmp: safetensors.torch.save_file(ctx.tensors, tmp, {"format": FORMAT}))
+        _write_atomic(root / state_name, lambda tmp: tmp.write_bytes(json.dumps(state, indent=1).encode()))
+        manifest = {
+            "format": FORMAT, "version": VERSION, "generation": generation,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": {name: _digest(root / name) for name in (state_name, tensors_name)},
+        }
+        _write_atomic(root / MANIFEST, lambda tmp: tmp.write_bytes(json.dumps(manifest, indent=1).encode()))
+        committed = True
+        _fsync_dir(root)
+        for old in root.iterdir():
+            match = _GENERATION_FILE.match(old.name)
+            if (match and int(match.group(2)) != generation) or old.name.startswith((".tmp-", ".writing-")):
+                old.unlink(missing_ok=True)
+    except (OSError, safetensors.SafetensorError) as exc:
+        # safetensors reports its own write errors (a full disk: "I/O error: No space left on device")
+        # as SafetensorError, which escaped as INTERNAL, and at shutdown as a traceback (found by review).
+        if generation and not committed:
+            _discard(root, generation)
+        raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
     handles = len(state["handles"])
     log.info("snapshot %d: %d handle(s), %d tensor bytes in %s", generation, handles, ctx.nbytes, root)
     return SnapshotResult(str(root), handles, ctx.nbytes, skipped)
+
+
+def _discard(root: Path, generation: int) -> None:
+    """Remove what a generation that failed before its manifest wrote (best effort): a tensor file
+    left by a full disk took the room the next try needed, which then failed too, until a restart."""
+    for name in (f"tensors-{generation}.safetensors", f"state-{generation}.json"):
+        for path in (root / name, root / f".tmp-{name}"):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (root / f".writing-{generation}").unlink(missing_ok=True)
 
 
 def _collect(
@@ -760,6 +807,9 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise SnapshotError(f"{manifest_path} is not a {FORMAT} version {VERSION} manifest")
         files: dict[str, dict[str, Any]] = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            # a hand-edited manifest ended the start in a traceback (AttributeError; found by review)
+            raise TypeError(f"'files' must map each file name to its sha256 and bytes, found {files!r:.80}")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SnapshotError(f"{manifest_path} is unreadable ({exc}); the snapshot is torn or was modified") from exc
     for name, expected in files.items():
@@ -793,6 +843,7 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         ) from None
     except (
         ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, InvalidArgument, NotFound,
+        ArithmeticError,  # an edited number out of range (int() of 1e400 read as infinity): a traceback
         safetensors.SafetensorError,  # a tensor file that is not safetensors, its manifest made to match: a traceback
     ) as exc:
         raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
