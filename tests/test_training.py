@@ -413,6 +413,32 @@ def test_run_checks_inputs_before_training(client: Client, unchanged: Any) -> No
     assert isinstance(client.run(m), float)
 
 
+def test_running_out_of_memory_in_a_forward_pass_is_resource_exhausted_and_changes_nothing(
+    client: Client, unchanged: Any
+) -> None:
+    """A module whose middle layer makes a 16 PB activation from a 4-sample input: torch's CPU
+    allocator refuses it with a plain RuntimeError ("can't allocate memory"), which every forward
+    pass answered INVALID_ARGUMENT, as if the inputs were wrong (found by review). The output and
+    the parameters are small, so no cap refuses the call first; the allocation fails at once, so the
+    test touches no real memory."""
+    q = client.module(
+        ["sequential", ["adaptavg3d", "p", [100000, 100000, 100000]], ["adaptavg3d", "a", [1, 1, 1]],
+         ["flatten", "f"], ["linear", "l", 1, 1]]
+    )
+    m = client.model(client.addref(q), client.loss("mse"), client.opt("sgd", q, 0.1, 0.9))
+    x, y = np.ones((4, 1, 1, 1, 1), np.float32), np.ones((4, 1), np.float32)
+    client.train(m, x, y)
+    client.test(m, x, y)
+    calls = {
+        "forward": lambda: client.forward(q, x), "nforward": lambda: client.nforward(m),
+        "eforward": lambda: client.eforward(m), "run": lambda: client.run(m), "testrun": lambda: client.testrun(m),
+        "evaluate": lambda: client.evaluate(m, x), "batchnorm": lambda: client.batchnorm(m),
+    }
+    for name, call in calls.items():
+        with unchanged(), pytest.raises(ResourceExhaustedError, match=rf"^RESOURCE_EXHAUSTED: {name}.*out of memory"):
+            call()
+
+
 def test_evaluate_and_forward_variants(client: Client, live_server: Any, unchanged: Any) -> None:
     q, m = new_model(client, BN_NET)
     x, y = data(50)

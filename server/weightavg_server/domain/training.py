@@ -20,7 +20,7 @@ from torch import nn
 
 from . import batching, rollback
 from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
-from .errors import Cancelled, FailedPrecondition, InvalidArgument, did_you_mean
+from .errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, did_you_mean
 from .losses import Loss
 from .optimizers import Optimizer
 from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, int_value
@@ -409,15 +409,27 @@ def _flags(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """True for an allocator running out of memory: CUDA's OutOfMemoryError, Python's MemoryError,
+    and torch's CPU allocator, which reports it as a plain RuntimeError ("can't allocate memory")."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
 @contextlib.contextmanager
 def _torch_errors(what: str) -> Iterator[None]:
-    """Errors torch raises for inputs that do not fit the module become InvalidArgument."""
+    """Errors torch raises for inputs that do not fit the module become InvalidArgument; running out
+    of memory (for activations, which the byte cap does not count) becomes ResourceExhausted, as the
+    transport answers it elsewhere, rather than a complaint about the inputs."""
     try:
         yield
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except (RuntimeError, ValueError, IndexError, TypeError, MemoryError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if out_of_memory(exc):
+            raise ResourceExhausted(
+                f"{what}: out of memory ({first}); fewer samples per batch or per call need less"
+            ) from None
         raise InvalidArgument(f"{what}: {first}") from None
 
 
