@@ -119,8 +119,9 @@ def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unch
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: Any, shuffle: bool) -> None:
-    """bce takes probabilities: a linear output above 1 is refused by torch only when a batch makes
-    one, which no check before the epoch can foresee. Rows 5-9 make one; the last batch does not."""
+    """bce takes probabilities: a linear output above 1 is refused only when a batch makes one (before
+    the loss, since on CUDA torch's own check is a device-side assert), which no check before the
+    epoch can foresee. Rows 5-9 make one; the last batch does not."""
     c = client
     failed, never = twins(c, ["linear", 1, 1], ("bce",), ("sgd", 0.1, 0.9), shuffle)
     x = np.linspace(0, 1, N, dtype=np.float32).reshape(N, 1)
@@ -133,7 +134,10 @@ def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: 
     far = x.copy()
     far[5:10] = 100.0
     c.train(failed, far, y)
-    with unchanged(), pytest.raises(InvalidArgumentError, match=r"run \(batch \d of 4\): all elements of input"):
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=r"run \(batch \d of 4\): the bce loss takes probabilities in \[0, 1\], and the "
+        r"output holds [\d.]+: end the module with a sigmoid, or use the bcelogits loss"
+    ):
         c.run(failed)
     assert_same_epoch(c, failed, never, x, y)
 
@@ -172,3 +176,34 @@ def test_labels_the_loss_ignores_and_rows_droplast_drops_are_not_refused(client:
     tail[-1] = 9  # sample 17: in the last batch, which droplast leaves out of 18 rows in batches of 5
     c.train(m, droplast=True)
     assert isinstance(c.run(m, features()[:N - 2], tail), float)
+
+
+@pytest.mark.parametrize("bad_target", [2.0, -1.0])
+def test_a_bce_target_outside_0_1_in_a_middle_batch_is_refused_before_the_loss(
+    client: Client, unchanged: Any, bad_target: float
+) -> None:
+    """torch checks bce targets inside the loss: on the CPU with an error, but on CUDA with a
+    device-side assert that ends the server's use of the GPU. So they are checked before each
+    batch's loss (found by review): row 7, in the second batch, holds a label bce cannot take; a
+    NaN there is refused too (`unchanged` cannot compare data holding NaN: the epoch after shows
+    that nothing changed)."""
+    c = client
+    net = ["sequential", ["linear", "a", 3, 1], ["sigmoid", "s"]]
+    failed, never = twins(c, net, ("bce",), ("adam", 0.01), True)
+    x, y = features(), (np.arange(N) % 2).astype(np.float32).reshape(N, 1)
+    bad = y.copy()
+    bad[7] = bad_target
+    fails_and_changes_nothing(
+        c, unchanged, (failed, never), (x, y), (x, bad),
+        rf"run \(batch \d of 4\): the bce loss takes probabilities in \[0, 1\], and the targets hold {bad_target}: "
+        "send labels",
+    )
+    bad[7] = np.nan
+    c.train(failed, x, bad)
+    with pytest.raises(InvalidArgumentError, match=r"run \(batch \d of 4\): .* targets hold nan"):
+        c.run(failed)
+    assert_same_epoch(c, failed, never, x, y)
+    bad[7] = bad_target
+    c.test(never, x, bad)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"testrun \(batch 1 of 1\): .* targets hold {bad_target}"):
+        c.testrun(never)

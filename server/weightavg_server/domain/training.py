@@ -318,6 +318,29 @@ def batch_targets(model: Model, yb: torch.Tensor) -> torch.Tensor:
     return yb.to(_parameter_dtype(model.module) or torch.float32)
 
 
+def check_probabilities(model: Model, output: torch.Tensor, target: torch.Tensor, what: str) -> None:
+    """InvalidArgument, saying the fix, unless the bce loss's inputs and targets all lie in [0, 1].
+
+    torch refuses others on the CPU with an error, but on CUDA with a device-side assert, which ends
+    the server process's use of the GPU (every model on it): a module without a final sigmoid, a
+    diverged one (NaN), or a label 2 must never reach the kernel. Checked before each batch's loss,
+    on every device alike (one reduction and one synchronisation per batch, bce only)."""
+    if model.loss.type != "bce":
+        return
+    for name, t, fix in (
+        ("output holds", output, "end the module with a sigmoid, or use the bcelogits loss on its raw output"),
+        ("targets hold", target, "send labels 0 and 1, or probabilities"),
+    ):
+        with torch.no_grad():
+            bad = ~((t >= 0) & (t <= 1))  # NaN too
+            if bool(bad.any()):
+                value = float(t[bad].reshape(-1)[0])
+                raise InvalidArgument(
+                    f"{what}: the bce loss takes probabilities in [0, 1], and the {name} {value}: {fix}; "
+                    "nothing changed"
+                )
+
+
 def data_dtypes(model: Model, x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y")) -> tuple[torch.dtype, torch.dtype]:
     """The dtypes set_data will hold x and y in (InvalidArgument when it would refuse them)."""
     return input_dtype(model.module, x, names[0]), target_dtype(model, y, names[1])
@@ -564,7 +587,9 @@ def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool) -> tor
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
             output: torch.Tensor = model.module(_batch(xb, dev, fresh))
             check_targets(model, output, yb, "run")
-            model.loss(output, batch_targets(model, yb))
+            targets = batch_targets(model, yb)
+            check_probabilities(model, output, targets, "run")
+            model.loss(output, targets)
         if _Metrics(_metric_names(model.train), model.loss.type).needs_predict:
             predictions(model.loss.type, output, yb)
     return output.shape
@@ -679,7 +704,9 @@ def _train_batches(
             optim.zero_grad(set_to_none=True)
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
                 output = model.module(_batch(order.x[i * w:(i + 1) * w], dev, fresh))
-                loss = model.loss(output, batch_targets(model, yb))
+                targets = batch_targets(model, yb)
+                check_probabilities(model, output, targets, f"run (batch {i + 1} of {nb})")
+                loss = model.loss(output, targets)
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
             metrics.add(output.detach(), yb, loss)
@@ -749,10 +776,13 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
             yb = data.y[i * w:(i + 1) * w].to(dev)
             with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                 output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+            loss = None
             if metrics.needs_loss:
                 check_targets(model, output, yb, "testrun")
-            with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                loss = model.loss(output, batch_targets(model, yb)) if metrics.needs_loss else None
+                targets = batch_targets(model, yb)
+                check_probabilities(model, output, targets, f"testrun (batch {i + 1} of {nb})")
+                with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
+                    loss = model.loss(output, targets)
             metrics.add(output, yb, loss)
     return metrics.result()
 
