@@ -633,25 +633,51 @@ def _check_indices(
     def sample(row: int) -> int:
         return int(perm[row]) if perm is not None else row
 
-    first = _first_layer(model.module)
-    if isinstance(first, nn.Embedding):
-        found = _out_of_range(order.x[:rows], 0, first.num_embeddings, None, w)
-        if found is not None:
-            row, value = found
-            raise InvalidArgument(
-                f"run: input {value} of sample {sample(row)} is out of range for the embedding's "
-                f"{first.num_embeddings} rows (0-{first.num_embeddings - 1}); nothing changed"
-            )
-    if model.loss.type in INDEX_LOSSES and not order.y.is_floating_point():
-        classes = output[1] if len(output) >= 2 else output[0]
-        ignore = int_value(model.loss.options, "ignore")
-        found = _out_of_range(order.y[:rows], 0, classes, ignore, w)
-        if found is not None:
-            row, value = found
-            raise InvalidArgument(
-                f"run: target {value} of sample {sample(row)} is out of bounds: the output has {classes} classes "
-                f"(0-{classes - 1}) and the loss ignores {ignore}; nothing changed"
-            )
+    check_embedding_inputs(model.module, order.x[:rows], w, "run", sample)
+    check_classes(model, output, order.y[:rows], w, "run", sample)
+
+
+def _as_loaded(row: int) -> int:
+    return row
+
+
+def check_embedding_inputs(
+    module: nn.Module, x: torch.Tensor, w: int, what: str, sample: Callable[[int], int] = _as_loaded
+) -> None:
+    """InvalidArgument unless every integer input x holds for a module whose first layer is an
+    embedding names one of its rows. torch finds one out of range only inside the lookup, on CUDA
+    with a device-side assert that ends the process's use of the GPU, so every pass over such a
+    module (run, testrun, evaluate, forward, batchnorm) checks its inputs first. `sample` turns a row
+    of x into the sample named in the message; x is scanned w rows at a time."""
+    first = _first_layer(module)
+    if not isinstance(first, nn.Embedding) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        return
+    found = _out_of_range(x.reshape(1) if x.dim() == 0 else x, 0, first.num_embeddings, None, max(w, 1))
+    if found is not None:
+        row, value = found
+        raise InvalidArgument(
+            f"{what}: input {value} of sample {sample(row)} is out of range for the embedding's "
+            f"{first.num_embeddings} rows (0-{first.num_embeddings - 1}); nothing changed"
+        )
+
+
+def check_classes(
+    model: Model, output: torch.Size, y: torch.Tensor, w: int, what: str, sample: Callable[[int], int] = _as_loaded
+) -> None:
+    """InvalidArgument unless every class-index target in y of a ce or nll loss names one of the
+    output's classes (an output of shape `output`) or is the loss's ignore index: torch checks them
+    inside the loss, on CUDA with a device-side assert. Named and scanned as check_embedding_inputs."""
+    if model.loss.type not in INDEX_LOSSES or y.is_floating_point():
+        return
+    classes = output[1] if len(output) >= 2 else output[0]
+    ignore = int_value(model.loss.options, "ignore")
+    found = _out_of_range(y, 0, classes, ignore, max(w, 1))
+    if found is not None:
+        row, value = found
+        raise InvalidArgument(
+            f"{what}: target {value} of sample {sample(row)} is out of bounds: the output has {classes} classes "
+            f"(0-{classes - 1}) and the loss ignores {ignore}; nothing changed"
+        )
 
 
 @contextlib.contextmanager
@@ -765,10 +791,11 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     The loss is computed only when loss or batchloss is asked for. Nothing changes on failure.
     """
     data = _require(model, "test")
-    _, w, nb = _plan(data, model.test)
+    n, w, nb = _plan(data, model.test)
     dev = _device(model.module)
     metrics = _Metrics(_metric_names(model.test), model.loss.type)
     fresh = writes_inputs(model.module)
+    check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
     with _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
@@ -779,6 +806,7 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
             loss = None
             if metrics.needs_loss:
                 check_targets(model, output, yb, "testrun")
+                check_classes(model, output.shape, yb, w, "testrun", lambda row: i * w + row)
                 targets = batch_targets(model, yb)
                 check_probabilities(model, output, targets, f"testrun (batch {i + 1} of {nb})")
                 with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
@@ -802,6 +830,7 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     _, w, nb = evaluate_plan(model, x)
     dev = _device(model.module)
     dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
+    check_embedding_inputs(model.module, x, w, "evaluate")
     fresh = writes_inputs(model.module)
     outputs = []
     with _flags(model.module, False), torch.no_grad():
@@ -827,6 +856,7 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     if mode not in FORWARD_MODES:
         raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
     training, grad = FORWARD_MODES[mode]
+    check_embedding_inputs(module, x, x.shape[0] if x.dim() else 1, mode)
     with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
         with _torch_errors(mode):
             output: torch.Tensor = module(_batch(x, _device(module), writes_inputs(module)))
@@ -968,9 +998,10 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
     b.num_batches_tracked equal to the number of batches.
     """
     data = _require(model, "train")
-    _, w, nb = _plan(data, model.train)
+    n, w, nb = _plan(data, model.train)
     module = model.module
     dev = _device(module)
+    check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
     saved = [
         (b, b.detach().clone())
         for _, bn in batchnorm_layers(module)
