@@ -117,6 +117,34 @@ def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unch
                               r"run: [Tt]arget 7 .*out of bounds")
 
 
+def test_failed_passes_put_back_the_rows_a_max_norm_embedding_renormalised(client: Client, unchanged: Any) -> None:
+    """An embedding with max_norm renormalises the rows it reads in eval mode and without gradients
+    too. testrun, evaluate, forward and batchnorm(m) that failed after a batch had read some left
+    those rows renormalised though nothing was to change (found by review); now put back."""
+    c = client
+    net = ["sequential", ["embed", "e", 10, 4, {"maxnorm": 0.5}], ["flatten"], ["batchnorm1d", "b", 8], ["linear", "d", 8, 3]]
+    q = c.module(net)
+    m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.1))
+    x, y = (np.arange(2 * N, dtype=np.int64) % 10).reshape(N, 2), labels(3)
+    bad = y.copy()
+    bad[12] = 7  # the third test batch: the first two have read rows 0-9 by then
+    c.train(m, batchsize=W)
+    c.test(m, batchsize=W)
+    c.test(m, x, bad)
+    c.train(m, np.concatenate([x, x[:1]]), np.concatenate([y, y[:1]]))  # a last batch of one: batchnorm fails there
+    wrong = c.module(["sequential", ["embed", "e", 10, 4, {"maxnorm": 0.5}], ["flatten"], ["linear", "d", 5, 3]])
+    for name, call in {
+        "testrun": lambda: c.testrun(m), "batchnorm": lambda: c.batchnorm(m),
+        "eforward": lambda: c.eforward(wrong, x), "forward": lambda: c.forward(wrong, x),
+    }.items():
+        with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: {name}"):
+            call()
+    m2 = c.model(c.addref(wrong), c.loss("ce"), c.opt("sgd", wrong))
+    c.test(m2, batchsize=W)
+    with unchanged(), pytest.raises(InvalidArgumentError, match="^INVALID_ARGUMENT: evaluate"):
+        c.evaluate(m2, x)
+
+
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: Any, shuffle: bool) -> None:
     """bce takes probabilities: a linear output above 1 is refused only when a batch makes one (before

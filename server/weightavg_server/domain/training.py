@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import batching, rollback
-from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
+from .batchnorm import Momenta, reset_batchnorm, restore_momentum
 from .errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, did_you_mean
 from .losses import Loss
 from .optimizers import Optimizer
@@ -456,10 +456,19 @@ def _torch_errors(what: str) -> Iterator[None]:
         raise InvalidArgument(f"{what}: {first}") from None
 
 
+def _written_by_forward(module: nn.Module) -> list[torch.Tensor]:
+    """What a forward pass may write in place, gradients or not: every buffer (batchnorm statistics,
+    in train mode) and the weight of each embedding with max_norm, which renormalises the rows it
+    reads in eval mode too."""
+    renormed = [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
+    return [*module.buffers(), *renormed]
+
+
 @contextlib.contextmanager
 def _buffers_kept(module: nn.Module, always: bool = False) -> Iterator[None]:
-    """Copy every buffer (batchnorm statistics) back to its value at entry: on error, or always."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    """Copy what a forward pass may write in place (`_written_by_forward`: batchnorm statistics, the
+    rows a max_norm embedding renormalises) back to its value at entry: on error, or always."""
+    saved = [(b, b.detach().clone()) for b in _written_by_forward(module)]
     try:
         yield
     except BaseException:
@@ -796,7 +805,7 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     metrics = _Metrics(_metric_names(model.test), model.loss.type)
     fresh = writes_inputs(model.module)
     check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
-    with _flags(model.module, False), torch.no_grad():
+    with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("testrun", i, nb)
@@ -833,7 +842,7 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     check_embedding_inputs(model.module, x, w, "evaluate")
     fresh = writes_inputs(model.module)
     outputs = []
-    with _flags(model.module, False), torch.no_grad():
+    with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("evaluate", i, nb)
@@ -1002,12 +1011,7 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
     module = model.module
     dev = _device(module)
     check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
-    saved = [
-        (b, b.detach().clone())
-        for _, bn in batchnorm_layers(module)
-        for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-        if b is not None
-    ]
+    saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
     fresh = writes_inputs(module)
     momenta = reset_batchnorm(module)
     try:
