@@ -104,6 +104,33 @@ def test_an_embedding_index_out_of_range_in_a_middle_batch_changes_nothing(
                               (bad, y), r"run: input 12 of sample 7 is out of range for the embedding's 10 rows")
 
 
+def test_an_index_out_of_range_in_the_last_batch_is_refused_before_the_probe_looks_it_up(
+    client: Client, unchanged: Any
+) -> None:
+    """run probes the last batch (forward and loss) before checking every index of the epoch, so a
+    bad label or embedding index there reached torch's own check first: on the CPU an error without
+    the sample, on CUDA a device-side assert that ends the server's use of the GPU (found by
+    review). The probe checks its batch first."""
+    c = client
+    net = ["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]]
+    q = c.module(net)
+    m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.1))
+    c.train(m, batchsize=W)
+    x, y = np.arange(N, dtype=np.int64) % 10, labels(3)
+    bad_x, bad_y = x.copy(), y.copy()
+    bad_x[N - 2], bad_y[N - 1] = 12, 3
+    c.train(m, bad_x, y)
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: input 12 of sample {N - 2} is out of range for the embedding"
+    ):
+        c.run(m)
+    c.train(m, x, bad_y)
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: target 3 of sample {N - 1} is out of bounds: the output has 3"
+    ):
+        c.run(m)
+
+
 def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unchanged: Any) -> None:
     """An embedding with max_norm renormalises the rows it reads, even without gradients: the
     last-batch probe ran outside the rollback, so a refused epoch still changed them (found by

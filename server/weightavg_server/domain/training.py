@@ -586,16 +586,22 @@ def _metric_names(options: dict[str, Value]) -> list[str]:
 # -- training and testing -------------------------------------------------------------------------
 
 
-def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool) -> torch.Size:
+def _probe(model: Model, xb: torch.Tensor, yb: torch.Tensor, fresh: bool, first_row: int) -> torch.Size:
     """Run the forward pass and loss on one batch without changing anything, to turn inputs that do
     not fit (shapes, dtypes, a batch of one through batchnorm, targets the asked-for accuracy cannot
-    compare with) into InvalidArgument before training. Returns the output's shape, which says how many classes the module predicts. `fresh`: the
-    module writes its input in place, so it is given a copy of xb."""
+    compare with) into InvalidArgument before training. Returns the output's shape, which says how
+    many classes the module predicts. `fresh`: the module writes its input in place, so it is given a
+    copy of xb. The batch's embedding indices and labels are checked before torch looks them up, as
+    every batch's are (`_check_indices`): on CUDA torch's own check is a device-side assert. The
+    batch starts at sample `first_row` of the data, which names a sample in a refusal."""
     dev = xb.device
+    w = max(xb.shape[0], 1)
+    check_embedding_inputs(model.module, xb, w, "run", lambda row: first_row + row)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
             output: torch.Tensor = model.module(_batch(xb, dev, fresh))
             check_targets(model, output, yb, "run")
+            check_classes(model, output.shape, yb, w, "run", lambda row: first_row + row)
             targets = batch_targets(model, yb)
             check_probabilities(model, output, targets, "run")
             model.loss(output, targets)
@@ -781,7 +787,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
         with rollback.kept(model.module, model.optimizer.optim, model.generator):
             # The probe inside: a forward can change weights too (an embedding with max_norm
             # renormalises the rows it reads in place, gradients or not; found by review).
-            output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh)
+            output = _probe(model, data.x[last:last + w].to(dev), data.y[last:last + w].to(dev), fresh, last)
             order, perm = _epoch_order(model, data, n)
             _check_indices(model, order, perm, output, min(nb * w, n), w)
             try:
