@@ -456,12 +456,17 @@ def _torch_errors(what: str) -> Iterator[None]:
         raise InvalidArgument(f"{what}: {first}") from None
 
 
+def renormalised(module: nn.Module) -> list[torch.Tensor]:
+    """The weight of each embedding with max_norm, which renormalises the rows it reads in place, in
+    eval mode and without gradients too: a pass that fails puts it back from a copy (reserved by the
+    caller: footprint.renorm_copy_bytes)."""
+    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
+
+
 def _written_by_forward(module: nn.Module) -> list[torch.Tensor]:
     """What a forward pass may write in place, gradients or not: every buffer (batchnorm statistics,
-    in train mode) and the weight of each embedding with max_norm, which renormalises the rows it
-    reads in eval mode too."""
-    renormed = [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
-    return [*module.buffers(), *renormed]
+    in train mode) and the weights `renormalised` names."""
+    return [*module.buffers(), *renormalised(module)]
 
 
 @contextlib.contextmanager
