@@ -86,6 +86,25 @@ def bf16_average(c: Client) -> tuple[Any, Any]:
 ENTRY = ROWS * FEATURES * F32
 """Bytes of one float32 ROWS x FEATURES dictionary entry."""
 
+EMBED_ROWS = 50
+RENORMED = EMBED_ROWS * CLASSES * F32
+"""Bytes of a 50 x 5 embedding's weight, which a pass over it with max_norm may renormalise: kept
+as a copy for the pass, to put back if it fails."""
+
+
+def indices(n: int = ROWS) -> np.ndarray:
+    return np.random.default_rng(3).integers(0, EMBED_ROWS, n).astype(np.int64)
+
+
+def max_norm_model(c: Client) -> Any:
+    """An embedding with max_norm classifying its indices (one row of CLASSES logits each), trained on
+    ROWS of them; its test data the same."""
+    q = c.module(["sequential", ["embed", "e", EMBED_ROWS, CLASSES, {"maxnorm": 1.0}]])
+    m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
+    c.train(m, indices(), labels())
+    c.test(m, indices(), labels())
+    return m
+
 
 def dicts(c: Client, count: int) -> list[Any]:
     """Dictionaries of one ROWS x FEATURES entry each, with different values."""
@@ -168,6 +187,17 @@ CASES = [
     Case("epoch keeping outputs and predictions in one batch (copies of parameters and momentum)",
          lambda c: (m := trained_model(c), c.run(m), c.train(m, batchsize=ROWS, metrics="output,predict"))[0],
          lambda c, m: c.run(m), 3 * LAYER + ROWS * CLASSES * F32 + ROWS * 8, 0),
+    # found by review: a failed pass over an embedding with max_norm left the rows it renormalised;
+    # each pass now keeps a copy of its weight to put back, reserved for the call.
+    Case("evaluate over a max_norm embedding (its upload, output, a copy of the weight)", max_norm_model,
+         lambda c, m: c.evaluate(m, indices(100)), 100 * 8 + 100 * CLASSES * F32 + RENORMED, 0),
+    Case("testrun over a max_norm embedding (a copy of the weight)", max_norm_model, lambda c, m: c.testrun(m),
+         RENORMED, 0),
+    Case("batchnorm(m) over a max_norm embedding (a copy of the weight)", max_norm_model,
+         lambda c, m: c.batchnorm(m), RENORMED, 0),
+    Case("forward over a max_norm embedding (its output, a copy of the weight)",
+         lambda c: (max_norm_model(c), c.tensor(indices(100))), lambda c, s: c.eforward(*s),
+         100 * CLASSES * F32 + RENORMED, 100 * CLASSES * F32),
     Case("to() float64", lambda c: c.dict({"a": x_rows()}), lambda c, d: c.to(d, dtype="float64"),
          ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
     # found by review: "cpu:0" reserved under a name no tensor uses, so every such move passed the cap

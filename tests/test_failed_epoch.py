@@ -149,6 +149,33 @@ def test_a_bad_index_in_a_row_the_shuffled_epoch_drops_does_not_refuse_it(client
     assert np.isfinite(client.run(m))
 
 
+def test_an_index_out_of_range_in_the_last_batch_is_refused_before_the_probe_looks_it_up(
+    client: Client, unchanged: Any
+) -> None:
+    """run probes the last batch (forward and loss) before checking every index of the epoch, so a
+    bad label or embedding index there reached torch's own check first: on the CPU an error without
+    the sample, on CUDA a device-side assert that ends the server's use of the GPU (found by
+    review). The probe checks its batch first."""
+    c = client
+    net = ["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]]
+    q = c.module(net)
+    m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.1))
+    c.train(m, batchsize=W)
+    x, y = np.arange(N, dtype=np.int64) % 10, labels(3)
+    bad_x, bad_y = x.copy(), y.copy()
+    bad_x[N - 2], bad_y[N - 1] = 12, 3
+    c.train(m, bad_x, y)
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: input 12 of sample {N - 2} is out of range for the embedding"
+    ):
+        c.run(m)
+    c.train(m, x, bad_y)
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: target 3 of sample {N - 1} is out of bounds: the output has 3"
+    ):
+        c.run(m)
+
+
 def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unchanged: Any) -> None:
     """An embedding with max_norm renormalises the rows it reads, even without gradients: the
     last-batch probe ran outside the rollback, so a refused epoch still changed them (found by
@@ -162,11 +189,40 @@ def test_a_probe_that_renormalises_an_embedding_is_put_back(client: Client, unch
                               r"run: [Tt]arget 7 .*out of bounds")
 
 
+def test_failed_passes_put_back_the_rows_a_max_norm_embedding_renormalised(client: Client, unchanged: Any) -> None:
+    """An embedding with max_norm renormalises the rows it reads in eval mode and without gradients
+    too. testrun, evaluate, forward and batchnorm(m) that failed after a batch had read some left
+    those rows renormalised though nothing was to change (found by review); now put back."""
+    c = client
+    net = ["sequential", ["embed", "e", 10, 4, {"maxnorm": 0.5}], ["flatten"], ["batchnorm1d", "b", 8], ["linear", "d", 8, 3]]
+    q = c.module(net)
+    m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.1))
+    x, y = (np.arange(2 * N, dtype=np.int64) % 10).reshape(N, 2), labels(3)
+    bad = y.copy()
+    bad[12] = 7  # the third test batch: the first two have read rows 0-9 by then
+    c.train(m, batchsize=W)
+    c.test(m, batchsize=W)
+    c.test(m, x, bad)
+    c.train(m, np.concatenate([x, x[:1]]), np.concatenate([y, y[:1]]))  # a last batch of one: batchnorm fails there
+    wrong = c.module(["sequential", ["embed", "e", 10, 4, {"maxnorm": 0.5}], ["flatten"], ["linear", "d", 5, 3]])
+    for name, call in {
+        "testrun": lambda: c.testrun(m), "batchnorm": lambda: c.batchnorm(m),
+        "eforward": lambda: c.eforward(wrong, x), "forward": lambda: c.forward(wrong, x),
+    }.items():
+        with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: {name}"):
+            call()
+    m2 = c.model(c.addref(wrong), c.loss("ce"), c.opt("sgd", wrong))
+    c.test(m2, batchsize=W)
+    with unchanged(), pytest.raises(InvalidArgumentError, match="^INVALID_ARGUMENT: evaluate"):
+        c.evaluate(m2, x)
+
+
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
 def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: Any, shuffle: bool) -> None:
-    """bce takes probabilities: a linear output above 1 is refused by torch only when a batch makes
-    one, which no check before the epoch can foresee. The epoch's second batch makes one (rows 5-9, or
-    shuffled the rows the permutation puts there); its last batch, which run probes, does not."""
+    """bce takes probabilities: a linear output above 1 is refused only when a batch makes one (before
+    the loss, since on CUDA torch's own check is a device-side assert), which no check before the
+    epoch can foresee. The epoch's second batch makes one (rows 5-9, or shuffled the rows the
+    permutation puts there); its last batch, which run probes, does not."""
     c = client
     failed, never = twins(c, ["linear", 1, 1], ("bce",), ("sgd", 0.1, 0.9), shuffle)
     x = np.linspace(0, 1, N, dtype=np.float32).reshape(N, 1)
@@ -184,7 +240,10 @@ def test_an_error_torch_raises_midway_is_rolled_back(client: Client, unchanged: 
     far = x.copy()
     far[rows] = 100.0
     c.train(failed, far, y)
-    with unchanged(), pytest.raises(InvalidArgumentError, match=r"run \(batch 2 of 4\): all elements of input"):
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=r"run \(batch 2 of 4\): the bce loss takes probabilities in \[0, 1\], and the "
+        r"output holds -?[\d.]+: end the module with a sigmoid, or use the bcelogits loss"
+    ):
         c.run(failed)
     assert_same_epoch(c, failed, never, x, y)
 
@@ -223,3 +282,34 @@ def test_labels_the_loss_ignores_and_rows_droplast_drops_are_not_refused(client:
     tail[-1] = 9  # sample 17: in the last batch, which droplast leaves out of 18 rows in batches of 5
     c.train(m, droplast=True)
     assert isinstance(c.run(m, features()[:N - 2], tail), float)
+
+
+@pytest.mark.parametrize("bad_target", [2.0, -1.0])
+def test_a_bce_target_outside_0_1_in_a_middle_batch_is_refused_before_the_loss(
+    client: Client, unchanged: Any, bad_target: float
+) -> None:
+    """torch checks bce targets inside the loss: on the CPU with an error, but on CUDA with a
+    device-side assert that ends the server's use of the GPU. So they are checked before each
+    batch's loss (found by review): row 7, in the second batch, holds a label bce cannot take; a
+    NaN there is refused too (`unchanged` cannot compare data holding NaN: the epoch after shows
+    that nothing changed)."""
+    c = client
+    net = ["sequential", ["linear", "a", 3, 1], ["sigmoid", "s"]]
+    failed, never = twins(c, net, ("bce",), ("adam", 0.01), True)
+    x, y = features(), (np.arange(N) % 2).astype(np.float32).reshape(N, 1)
+    bad = y.copy()
+    bad[7] = bad_target
+    fails_and_changes_nothing(
+        c, unchanged, (failed, never), (x, y), (x, bad),
+        rf"run \(batch \d of 4\): the bce loss takes probabilities in \[0, 1\], and the targets hold {bad_target}: "
+        "send labels",
+    )
+    bad[7] = np.nan
+    c.train(failed, x, bad)
+    with pytest.raises(InvalidArgumentError, match=r"run \(batch \d of 4\): .* targets hold nan"):
+        c.run(failed)
+    assert_same_epoch(c, failed, never, x, y)
+    bad[7] = bad_target
+    c.test(never, x, bad)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"testrun \(batch 1 of 1\): .* targets hold {bad_target}"):
+        c.testrun(never)

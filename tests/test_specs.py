@@ -358,6 +358,14 @@ def test_modules_not_built_here_are_described_by_class() -> None:
             L("maxpool2d", args=(2,), options=(("indices", True),)),
             "maxpool2d: indices=true returns (values, indices), which nothing here takes; leave it false",
         ),
+        # found by review: torch's CPU max_pool1d spins without end on a kernel over 2**31 - 1,
+        # holding a server thread and the module's lock; the other pools overflow 32-bit ints.
+        (L("maxpool1d", args=(2**31,)), "maxpool1d: positive (at most 2147483647) kernel size required, given size="),
+        (L("maxpool1d", args=(2, 2**40)), "maxpool1d: positive (at most 2147483647) 'stride' required"),
+        (L("maxpool2d", args=(2,), options=(("pad", 2**40),)), "maxpool2d: non-negative (at most 2147483647) 'pad'"),
+        (L("maxpool3d", args=(2,), options=(("dilate", 2**62),)), "maxpool3d: positive (at most 2147483647) 'dilate'"),
+        (L("avgpool1d", args=(2**32,)), "avgpool1d: positive (at most 2147483647) kernel size required"),
+        (L("avgpool2d", args=(2, (1, 2**31))), "avgpool2d: positive (at most 2147483647) 'stride' required"),
                 (
             L("conv2d", args=(3, 2, 3), options=(("groups", 2),)),
             "conv2d: option 'in' (3) must be divisible by option 'groups' (2)",

@@ -413,6 +413,68 @@ def test_run_checks_inputs_before_training(client: Client, unchanged: Any) -> No
     assert isinstance(client.run(m), float)
 
 
+def test_running_out_of_memory_in_a_forward_pass_is_resource_exhausted_and_changes_nothing(
+    client: Client, unchanged: Any
+) -> None:
+    """A module whose middle layer makes a 16 PB activation from a 4-sample input: torch's CPU
+    allocator refuses it with a plain RuntimeError ("can't allocate memory"), which every forward
+    pass answered INVALID_ARGUMENT, as if the inputs were wrong (found by review). The output and
+    the parameters are small, so no cap refuses the call first; the allocation fails at once, so the
+    test touches no real memory."""
+    q = client.module(
+        ["sequential", ["adaptavg3d", "p", [100000, 100000, 100000]], ["adaptavg3d", "a", [1, 1, 1]],
+         ["flatten", "f"], ["linear", "l", 1, 1]]
+    )
+    m = client.model(client.addref(q), client.loss("mse"), client.opt("sgd", q, 0.1, 0.9))
+    x, y = np.ones((4, 1, 1, 1, 1), np.float32), np.ones((4, 1), np.float32)
+    client.train(m, x, y)
+    client.test(m, x, y)
+    calls = {
+        "forward": lambda: client.forward(q, x), "nforward": lambda: client.nforward(m),
+        "eforward": lambda: client.eforward(m), "run": lambda: client.run(m), "testrun": lambda: client.testrun(m),
+        "evaluate": lambda: client.evaluate(m, x), "batchnorm": lambda: client.batchnorm(m),
+    }
+    for name, call in calls.items():
+        with unchanged(), pytest.raises(ResourceExhaustedError, match=rf"^RESOURCE_EXHAUSTED: {name}.*out of memory"):
+            call()
+
+
+def test_indices_out_of_range_are_refused_before_any_forward_pass_or_loss_sees_them(
+    client: Client, unchanged: Any
+) -> None:
+    """run checks every embedding input and class label before it trains, since torch finds one out
+    of range only inside the lookup or the loss, and on CUDA with a device-side assert that ends the
+    server's use of the GPU. testrun, evaluate, forward, eforward and batchnorm(m) passed theirs
+    straight to torch (found by review): each now refuses them first, naming the sample."""
+    c = client
+    q = c.module(["sequential", ["embed", "e", 10, 4], ["linear", "d", 4, 3]])
+    m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.1))
+    x, y = np.arange(20, dtype=np.int64) % 10, np.arange(20, dtype=np.int64) % 3
+    bad_x, bad_y = x.copy(), y.copy()
+    bad_x[7], bad_y[13] = 12, 5
+    c.train(m, x, y)
+    c.run(m)
+    c.test(m, batchsize=5)
+    embedding = r"input 12 of sample 7 is out of range for the embedding's 10 rows \(0-9\); nothing changed"
+    c.test(m, bad_x, y)
+    c.train(m, bad_x, y)
+    for name, call in {
+        "testrun": lambda: c.testrun(m), "evaluate": lambda: c.evaluate(m, bad_x),
+        "forward": lambda: c.forward(q, bad_x.astype(np.int32)), "nforward": lambda: c.nforward(m),
+        "eforward": lambda: c.eforward(m), "batchnorm": lambda: c.batchnorm(m),
+    }.items():
+        with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: {name}: {embedding}"):
+            call()
+    c.test(m, x, bad_y)
+    with unchanged(), pytest.raises(
+        InvalidArgumentError, match=r"^INVALID_ARGUMENT: testrun: target 5 of sample 13 is out of bounds: the output has "
+        r"3 classes \(0-2\) and the loss ignores -100"
+    ):
+        c.testrun(m)
+    c.test(m, metrics="accuracy")  # no loss, nothing for the loss to look up
+    assert c.testrun(m) == pytest.approx(100 * np.mean(c.evaluate(m, x).argmax(1) == bad_y))
+
+
 def test_evaluate_and_forward_variants(client: Client, live_server: Any, unchanged: Any) -> None:
     q, m = new_model(client, BN_NET)
     x, y = data(50)

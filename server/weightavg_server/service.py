@@ -32,7 +32,7 @@ from .domain.dtypes import DTYPES
 from .domain.errors import FailedPrecondition, InvalidArgument
 from .domain.options import Value
 from .domain.tensors import (
-    HandleSummary, StorageKey, TensorHolder, host_copies, storage_bytes, storages, tensor_bytes,
+    HandleSummary, StorageKey, TensorHolder, add_bytes, host_copies, storage_bytes, storages, tensor_bytes,
     tensors_of,
 )
 from .domain import merging, outer, soups
@@ -782,10 +782,12 @@ class Service:
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
-        The outputs and predictions the metrics keep are reserved for the call before it starts."""
+        The outputs and predictions the metrics keep, and the copy of what a max_norm embedding
+        renormalises, are reserved for the call before it starts."""
         entry, model = self._model(handle)
         with self.store.reading(entry):
-            with self.store.reserve(nbytes=footprint.metrics_bytes(model, "test")):
+            need = add_bytes(footprint.metrics_bytes(model, "test"), footprint.renorm_copy_bytes(model.module))
+            with self.store.reserve(nbytes=need):
                 return training.test_epoch(model, should_stop)
 
     def evaluate(
@@ -864,7 +866,7 @@ class Service:
         self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None,
     ) -> Momenta:
         entry, model = self._model(handle)
-        with self.store.mutate(entry, need=NOTHING):
+        with self.store.mutate(entry, need=lambda: footprint.renorm_copy_bytes(model.module)):
             return training.recalculate_batchnorm(model, should_stop)
 
     # -- sessions and snapshots ---------------------------------------------------------------------

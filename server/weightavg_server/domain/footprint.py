@@ -58,7 +58,14 @@ def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
     if output is None:
         return {}
     copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if training.writes_inputs(module) else []
-    return tensor_bytes([output, *copy], _module_device(module, x))
+    return add_bytes(tensor_bytes([output, *copy], _module_device(module, x)), renorm_copy_bytes(module))
+
+
+def renorm_copy_bytes(module: nn.Module) -> Bytes:
+    """Bytes of the copy a forward pass (forward, testrun, evaluate, batchnorm(m), run's probe) keeps
+    of the weight of each embedding with max_norm, which it renormalises in place and puts back if
+    the pass fails (`training.renormalised`); nothing for other modules."""
+    return tensor_bytes(training.renormalised(module))
 
 
 def _kept_bytes(pieces: int, batches: int, device: torch.device) -> Bytes:
@@ -80,7 +87,8 @@ def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     output = _meta_output(model.module, torch.empty((n, *x.shape[1:]), dtype=dtype, device="meta"))
     if output is None:
         return {}
-    return _kept_bytes(output.numel() * output.element_size(), nb, _module_device(model.module, x))
+    kept = _kept_bytes(output.numel() * output.element_size(), nb, _module_device(model.module, x))
+    return add_bytes(kept, renorm_copy_bytes(model.module))
 
 
 def metrics_bytes(model: Model, split: str) -> Bytes:
@@ -209,11 +217,12 @@ def epoch_bytes(model: Model) -> Bytes:
     """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
     (`training_bytes`), its copies to put the model back (`rollback_bytes`), shuffled, the
     reordered data (`shuffle_bytes`), the outputs and predictions its metrics keep
-    (`metrics_bytes`), and for a module that writes its input in place, a copy of a batch
-    (`batch_copy_bytes`)."""
+    (`metrics_bytes`), for a module that writes its input in place, a copy of a batch
+    (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding renormalises
+    (`renorm_copy_bytes`, held before training starts: counted on top, at most too much)."""
     return add_bytes(
         training_bytes(model), rollback_bytes(model), shuffle_bytes(model), metrics_bytes(model, "train"),
-        batch_copy_bytes(model),
+        batch_copy_bytes(model), renorm_copy_bytes(model.module),
     )
 
 

@@ -104,6 +104,14 @@ def _reshape_ok(value: OptionValue) -> bool:
 
 RESHAPE = Check(_reshape_ok, "of positive sizes with at most one -1", trailing=True)
 
+POOL_MAX = 2**31 - 1
+"""The largest pooling kernel size, stride, padding or dilation: torch's 2-d and 3-d pools and its
+average pools convert them to 32-bit ints ("value cannot be converted to type int without
+overflow"), and its CPU max_pool1d with a larger kernel spins without end instead, holding a server
+thread and the module's lock for good (found by review)."""
+POOL_POSITIVE = Check(lambda v: all(0 < x <= POOL_MAX for x in numbers(v)), f"positive (at most {POOL_MAX})")
+POOL_NON_NEGATIVE = Check(lambda v: all(0 <= x <= POOL_MAX for x in numbers(v)), f"non-negative (at most {POOL_MAX})")
+
 
 @dataclass(frozen=True)
 class LayerOption:
@@ -480,9 +488,9 @@ def _required_size(
     return LayerOption(opt, attr)
 
 
-def _nullable_size(name: str, attr: str, dims: int) -> LayerOption:
+def _nullable_size(name: str, attr: str, dims: int, check: Check = POSITIVE) -> LayerOption:
     """Positive sizes or None, such as a pooling stride that defaults to the kernel size."""
-    return LayerOption(Opt(name, ValueType.SIZE, None, POSITIVE, nullable=True, dims=dims), attr)
+    return LayerOption(Opt(name, ValueType.SIZE, None, check, nullable=True, dims=dims), attr)
 
 
 _PAD_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -554,10 +562,10 @@ def _convtranspose(dims: int) -> LayerType:
 def _maxpool(dims: int) -> LayerType:
     classes = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
     options = (
-        _required_size("size", "kernel_size", dims, "kernel size"),
-        _nullable_size("stride", "stride", dims),
-        _size_option("pad", "padding", dims, 0, NON_NEGATIVE),
-        _size_option("dilate", "dilation", dims, 1),
+        _required_size("size", "kernel_size", dims, "kernel size", POOL_POSITIVE),
+        _nullable_size("stride", "stride", dims, POOL_POSITIVE),
+        _size_option("pad", "padding", dims, 0, POOL_NON_NEGATIVE),
+        _size_option("dilate", "dilation", dims, 1, POOL_POSITIVE),
         _bool_option("indices", "return_indices", False),
         _bool_option("ceiling", "ceil_mode", False),
     )
@@ -568,9 +576,9 @@ def _avgpool(dims: int) -> LayerType:
     """AvgPool1d has no divisor override in torch, so avgpool1d has no divisor option."""
     classes = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
     options: tuple[LayerOption, ...] = (
-        _required_size("size", "kernel_size", dims, "kernel size"),
-        _nullable_size("stride", "stride", dims),
-        _size_option("pad", "padding", dims, 0, NON_NEGATIVE),
+        _required_size("size", "kernel_size", dims, "kernel size", POOL_POSITIVE),
+        _nullable_size("stride", "stride", dims, POOL_POSITIVE),
+        _size_option("pad", "padding", dims, 0, POOL_NON_NEGATIVE),
         _bool_option("ceiling", "ceil_mode", False),
         _bool_option("countpad", "count_include_pad", True),
     )

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import batching, rollback
-from .batchnorm import Momenta, batchnorm_layers, reset_batchnorm, restore_momentum
-from .errors import Cancelled, FailedPrecondition, InvalidArgument, did_you_mean
+from .batchnorm import Momenta, reset_batchnorm, restore_momentum
+from .errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, did_you_mean
 from .losses import Loss
 from .optimizers import Optimizer
 from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, int_value
@@ -327,6 +327,29 @@ def batch_targets(model: Model, yb: torch.Tensor) -> torch.Tensor:
     return yb.to(_parameter_dtype(model.module) or torch.float32)
 
 
+def check_probabilities(model: Model, output: torch.Tensor, target: torch.Tensor, what: str) -> None:
+    """InvalidArgument, saying the fix, unless the bce loss's inputs and targets all lie in [0, 1].
+
+    torch refuses others on the CPU with an error, but on CUDA with a device-side assert, which ends
+    the server process's use of the GPU (every model on it): a module without a final sigmoid, a
+    diverged one (NaN), or a label 2 must never reach the kernel. Checked before each batch's loss,
+    on every device alike (one reduction and one synchronisation per batch, bce only)."""
+    if model.loss.type != "bce":
+        return
+    for name, t, fix in (
+        ("output holds", output, "end the module with a sigmoid, or use the bcelogits loss on its raw output"),
+        ("targets hold", target, "send labels 0 and 1, or probabilities"),
+    ):
+        with torch.no_grad():
+            bad = ~((t >= 0) & (t <= 1))  # NaN too
+            if bool(bad.any()):
+                value = float(t[bad].reshape(-1)[0])
+                raise InvalidArgument(
+                    f"{what}: the bce loss takes probabilities in [0, 1], and the {name} {value}: {fix}; "
+                    "nothing changed"
+                )
+
+
 def data_dtypes(model: Model, x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y")) -> tuple[torch.dtype, torch.dtype]:
     """The dtypes set_data will hold x and y in (InvalidArgument when it would refuse them)."""
     return input_dtype(model.module, x, names[0]), target_dtype(model, y, names[1])
@@ -418,22 +441,48 @@ def _flags(module: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """True for an allocator running out of memory: CUDA's OutOfMemoryError, Python's MemoryError,
+    and torch's CPU allocator, which reports it as a plain RuntimeError ("can't allocate memory")."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
 @contextlib.contextmanager
 def _torch_errors(what: str) -> Iterator[None]:
-    """Errors torch raises for inputs that do not fit the module become InvalidArgument."""
+    """Errors torch raises for inputs that do not fit the module become InvalidArgument; running out
+    of memory (for activations, which the byte cap does not count) becomes ResourceExhausted, as the
+    transport answers it elsewhere, rather than a complaint about the inputs."""
     try:
         yield
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except (RuntimeError, ValueError, IndexError, TypeError, MemoryError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if out_of_memory(exc):
+            raise ResourceExhausted(
+                f"{what}: out of memory ({first}); fewer samples per batch or per call need less"
+            ) from None
         raise InvalidArgument(f"{what}: {first}") from None
+
+
+def renormalised(module: nn.Module) -> list[torch.Tensor]:
+    """The weight of each embedding with max_norm, which renormalises the rows it reads in place, in
+    eval mode and without gradients too: a pass that fails puts it back from a copy (reserved by the
+    caller: footprint.renorm_copy_bytes)."""
+    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
+
+
+def _written_by_forward(module: nn.Module) -> list[torch.Tensor]:
+    """What a forward pass may write in place, gradients or not: every buffer (batchnorm statistics,
+    in train mode) and the weights `renormalised` names."""
+    return [*module.buffers(), *renormalised(module)]
 
 
 @contextlib.contextmanager
 def _buffers_kept(module: nn.Module, always: bool = False) -> Iterator[None]:
-    """Copy every buffer (batchnorm statistics) back to its value at entry: on error, or always."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    """Copy what a forward pass may write in place (`_written_by_forward`: batchnorm statistics, the
+    rows a max_norm embedding renormalises) back to its value at entry: on error, or always."""
+    saved = [(b, b.detach().clone()) for b in _written_by_forward(module)]
     try:
         yield
     except BaseException:
@@ -559,15 +608,18 @@ def _probe(
     compare with) into InvalidArgument before training. `check` gets the output's shape, which says
     how many classes the module predicts, before the loss sees any target: an out-of-range class
     index gets the message that names its sample rather than torch's (and, on CUDA, never reaches
-    the loss kernel's device-side assert). `fresh`: the module writes its input in place, so it is
-    given a copy of xb."""
+    the loss kernel's device-side assert); bce's outputs and targets are checked to lie in [0, 1]
+    first (`check_probabilities`). The caller has checked the batch's embedding inputs
+    (`_check_inputs`). `fresh`: the module writes its input in place, so it is given a copy of xb."""
     dev = xb.device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         with _buffers_kept(model.module, always=True), _flags(model.module, True), _torch_errors("run"):
             output: torch.Tensor = model.module(_batch(xb, dev, fresh))
             check_targets(model, output, yb, "run")
             check(output.shape)
-            model.loss(output, batch_targets(model, yb))
+            targets = batch_targets(model, yb)
+            check_probabilities(model, output, targets, "run")
+            model.loss(output, targets)
         if _Metrics(_metric_names(model.train), model.loss.type).needs_predict:
             predictions(model.loss.type, output, yb)
 
@@ -609,15 +661,7 @@ def _check_inputs(model: Model, order: Data, perm: torch.Tensor | None, rows: in
     Raises:
         InvalidArgument: the first out-of-range index, its value and sample.
     """
-    first = _first_layer(model.module)
-    if isinstance(first, nn.Embedding):
-        found = _out_of_range(order.x[:rows], 0, first.num_embeddings, None, w)
-        if found is not None:
-            row, value = found
-            raise InvalidArgument(
-                f"run: input {value} of sample {_sample(perm, row)} is out of range for the embedding's "
-                f"{first.num_embeddings} rows (0-{first.num_embeddings - 1}); nothing changed"
-            )
+    check_embedding_inputs(model.module, order.x[:rows], w, "run", lambda row: _sample(perm, row))
 
 
 def _check_labels(
@@ -631,16 +675,50 @@ def _check_labels(
     Raises:
         InvalidArgument: the first out-of-range index, its value and sample.
     """
-    if model.loss.type in INDEX_LOSSES and not order.y.is_floating_point():
-        classes = output[1] if len(output) >= 2 else output[0]
-        ignore = int_value(model.loss.options, "ignore")
-        found = _out_of_range(order.y[:rows], 0, classes, ignore, w)
-        if found is not None:
-            row, value = found
-            raise InvalidArgument(
-                f"run: target {value} of sample {_sample(perm, row)} is out of bounds: the output has {classes} classes "
-                f"(0-{classes - 1}) and the loss ignores {ignore}; nothing changed"
-            )
+    check_classes(model, output, order.y[:rows], w, "run", lambda row: _sample(perm, row))
+
+
+def _as_loaded(row: int) -> int:
+    return row
+
+
+def check_embedding_inputs(
+    module: nn.Module, x: torch.Tensor, w: int, what: str, sample: Callable[[int], int] = _as_loaded
+) -> None:
+    """InvalidArgument unless every integer input x holds for a module whose first layer is an
+    embedding names one of its rows. torch finds one out of range only inside the lookup, on CUDA
+    with a device-side assert that ends the process's use of the GPU, so every pass over such a
+    module (run, testrun, evaluate, forward, batchnorm) checks its inputs first. `sample` turns a row
+    of x into the sample named in the message; x is scanned w rows at a time."""
+    first = _first_layer(module)
+    if not isinstance(first, nn.Embedding) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        return
+    found = _out_of_range(x.reshape(1) if x.dim() == 0 else x, 0, first.num_embeddings, None, max(w, 1))
+    if found is not None:
+        row, value = found
+        raise InvalidArgument(
+            f"{what}: input {value} of sample {sample(row)} is out of range for the embedding's "
+            f"{first.num_embeddings} rows (0-{first.num_embeddings - 1}); nothing changed"
+        )
+
+
+def check_classes(
+    model: Model, output: torch.Size, y: torch.Tensor, w: int, what: str, sample: Callable[[int], int] = _as_loaded
+) -> None:
+    """InvalidArgument unless every class-index target in y of a ce or nll loss names one of the
+    output's classes (an output of shape `output`) or is the loss's ignore index: torch checks them
+    inside the loss, on CUDA with a device-side assert. Named and scanned as check_embedding_inputs."""
+    if model.loss.type not in INDEX_LOSSES or y.is_floating_point():
+        return
+    classes = output[1] if len(output) >= 2 else output[0]
+    ignore = int_value(model.loss.options, "ignore")
+    found = _out_of_range(y, 0, classes, ignore, max(w, 1))
+    if found is not None:
+        row, value = found
+        raise InvalidArgument(
+            f"{what}: target {value} of sample {sample(row)} is out of bounds: the output has {classes} classes "
+            f"(0-{classes - 1}) and the loss ignores {ignore}; nothing changed"
+        )
 
 
 @contextlib.contextmanager
@@ -693,7 +771,9 @@ def _train_batches(
             optim.zero_grad(set_to_none=True)
             with _torch_errors(f"run (batch {i + 1} of {nb})"):
                 output = model.module(_batch(order.x[i * w:(i + 1) * w], dev, fresh))
-                loss = model.loss(output, batch_targets(model, yb))
+                targets = batch_targets(model, yb)
+                check_probabilities(model, output, targets, f"run (batch {i + 1} of {nb})")
+                loss = model.loss(output, targets)
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 optim.step()
             metrics.add(output.detach(), yb, loss)
@@ -756,21 +836,26 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     The loss is computed only when loss or batchloss is asked for. Nothing changes on failure.
     """
     data = _require(model, "test")
-    _, w, nb = _plan(data, model.test)
+    n, w, nb = _plan(data, model.test)
     dev = _device(model.module)
     metrics = _Metrics(_metric_names(model.test), model.loss.type)
     fresh = writes_inputs(model.module)
-    with _flags(model.module, False), torch.no_grad():
+    check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
+    with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("testrun", i, nb)
             yb = data.y[i * w:(i + 1) * w].to(dev)
             with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                 output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+            loss = None
             if metrics.needs_loss:
                 check_targets(model, output, yb, "testrun")
-            with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                loss = model.loss(output, batch_targets(model, yb)) if metrics.needs_loss else None
+                check_classes(model, output.shape, yb, w, "testrun", lambda row: i * w + row)
+                targets = batch_targets(model, yb)
+                check_probabilities(model, output, targets, f"testrun (batch {i + 1} of {nb})")
+                with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
+                    loss = model.loss(output, targets)
             metrics.add(output, yb, loss)
     return metrics.result()
 
@@ -790,9 +875,10 @@ def evaluate(model: Model, x: torch.Tensor, should_stop: StopCheck = never_stop)
     _, w, nb = evaluate_plan(model, x)
     dev = _device(model.module)
     dtype = input_dtype(model.module, x)  # converted a batch at a time, as set_data converts
+    check_embedding_inputs(model.module, x, w, "evaluate")
     fresh = writes_inputs(model.module)
     outputs = []
-    with _flags(model.module, False), torch.no_grad():
+    with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
         for i in range(nb):
             if should_stop():
                 raise _stopped("evaluate", i, nb)
@@ -815,6 +901,7 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     if mode not in FORWARD_MODES:
         raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
     training, grad = FORWARD_MODES[mode]
+    check_embedding_inputs(module, x, x.shape[0] if x.dim() else 1, mode)
     with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
         with _torch_errors(mode):
             output: torch.Tensor = module(_batch(x, _device(module), writes_inputs(module)))
@@ -956,15 +1043,11 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
     b.num_batches_tracked equal to the number of batches.
     """
     data = _require(model, "train")
-    _, w, nb = _plan(data, model.train)
+    n, w, nb = _plan(data, model.train)
     module = model.module
     dev = _device(module)
-    saved = [
-        (b, b.detach().clone())
-        for _, bn in batchnorm_layers(module)
-        for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-        if b is not None
-    ]
+    check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
+    saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
     fresh = writes_inputs(module)
     momenta = reset_batchnorm(module)
     try:
