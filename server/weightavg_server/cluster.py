@@ -941,15 +941,21 @@ class ClusterService(Service):
             expired = self._expiry_due.wait(interval)
             if self._stop.is_set():
                 return
-            if expired:
+            if expired and self._channel.locked():  # a long command runs: try again soon, never block a stop
+                self._stop.wait(0.5)
+            elif expired:
                 self._expiry_due.clear()
-                with self._placements_lock:
-                    handles, self._expired = self._expired, []
-                self._release(handles)
+                self._release_expired()
             elif self._channel.acquire(blocking=False):  # a command in flight says as much as a ping
                 self._channel.release()
                 with contextlib.suppress(Unavailable):
                     self._send(Command("_ping"))
+
+    def _release_expired(self) -> None:
+        """Free on every rank what the sessions whose lease ran out made there (`_session_expired`)."""
+        with self._placements_lock:
+            handles, self._expired = self._expired, []
+        self._release(handles)
 
     def _session_expired(self, session: str) -> None:
         """A session's lease ran out on rank 0 (its handles there are freed): queue what it made on the
@@ -1524,6 +1530,7 @@ class ClusterService(Service):
         if self._broken:
             log.warning("cluster broken (%s): no shutdown snapshot, the last complete one stays", self._broken)
             return
+        self._release_expired()  # before the snapshot, which would keep them with no session to end them
         failed: WeightavgError | None = None
         if save:
             try:
