@@ -225,6 +225,21 @@ def test_closing_a_session_frees_what_it_made_on_every_rank(shared: Cluster) -> 
         assert held(c) == before
 
 
+def test_moving_another_sessions_object_on_another_rank_leaves_it_that_sessions(shared: Cluster) -> None:
+    """`to` answers the handle it was given: rank 0 booked it as the mover's, so closing the mover's
+    session freed the maker's object on rank 1 (as on one server, only the maker's close frees it)."""
+    with client(shared.address) as c:
+        before = held(c)
+        with Client(shared.address, session=True, timeout=WAIT, retry=RetryPolicy(max_attempts=1)) as maker:
+            h = maker.dict({"w": np.ones(8, np.float32)}, rank=1)
+            with Client(shared.address, session=True, timeout=WAIT, retry=RetryPolicy(max_attempts=1)) as mover:
+                mover.to(h, "cpu")
+                assert mover.close_session() == 0
+            assert maker.size(h)  # still there
+            assert maker.close_session() == 1
+        assert held(c) == before
+
+
 CLIENT_THAT_DIES = """
 import os, sys
 import numpy as np

@@ -1071,6 +1071,11 @@ class ClusterService(Service):
             return
         session = CALLER_SESSION.get()
         with self._placements_lock:
+            if value.id in self._placements:
+                # A verb that answers the handle it was given (move, update_model): it keeps its tenant and
+                # session. Taken over by the caller's, closing the caller's session freed another
+                # session's object on its rank, and an admin's move hid a tenant's handle from it.
+                return
             self._placements[value.id] = where
             self._owners[value.id] = CALLER.get().tenant
             if session is not None:
