@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from weightavg import (
-    Client, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError,
+    Client, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError,
 )
 from weightavg._retry import RetryPolicy
 from weightavg_server import cluster as fabric
@@ -237,6 +237,28 @@ def test_moving_another_sessions_object_on_another_rank_leaves_it_that_sessions(
                 assert mover.close_session() == 0
             assert maker.size(h)  # still there
             assert maker.close_session() == 1
+        assert held(c) == before
+
+
+def test_a_model_on_one_rank_takes_its_replicated_loss_off_every_rank(shared: Cluster) -> None:
+    """Losses are made on every rank and a model takes its parts' handles: a model made on rank 1
+    took rank 1's copy of its loss alone, so every c.model(m, c.loss(..), o) left a loss handle on rank 0
+    (held against the caps, listed by handles()), and free() of it failed NOT_FOUND on rank 1 after
+    rank 0 had freed its copy."""
+    with client(shared.address) as c:
+        before = held(c)
+        m = c.module(["linear", 4, 4], rank=1)
+        loss = c.loss("mse")
+        model = c.model(m, loss, c.opt("sgd", m, 0.1))
+        assert held(c)[0][0] == before[0][0]
+        assert str(loss) not in {str(h.handle) for h in c.handles()}
+        with pytest.raises(NotFoundError):
+            c.free(loss)
+        assert c.free(model) == 1
+        on_0 = c.module(["linear", 4, 4], rank=0)
+        model = c.model(on_0, c.loss("mse"), c.opt("sgd", on_0, 0.1))
+        assert held(c)[1][0] == before[1][0]
+        assert c.free(model) == 1
         assert held(c) == before
 
 

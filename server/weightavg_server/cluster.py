@@ -1406,6 +1406,39 @@ class ClusterService(Service):
             "average", (list(handles), weights, into, list(options)), request, target, list(handles)
         )
 
+    # -- verbs that take their parts' handles -------------------------------------------------------------
+
+    def create_model(self, module: str, loss: str, optimizer: str, *, request: RequestKey | None = None) -> Ref:
+        """The model takes its parts' handles; a replicated part (a loss) taken on one rank goes on every rank."""
+        self._check()
+        return self._taking("create_model", (module, loss, optimizer), request, [module, loss, optimizer])  # type: ignore[no-any-return]
+
+    def update_model(self, handle: str, parts: Sequence[str], *, request: RequestKey | None = None) -> Ref:
+        """The model takes the new parts' handles; a replicated one taken on one rank goes on every rank."""
+        self._check()
+        return self._taking("update_model", (handle, list(parts)), request, [handle, *parts])  # type: ignore[no-any-return]
+
+    def _taking(self, name: str, args: tuple[Any, ...], request: RequestKey | None, handles: list[str]) -> Any:
+        """Run a verb that frees the part handles it is given (create_model, update_model) where they live.
+        On one rank, it freed that rank's copy of a replicated part alone: the others' copies stayed,
+        counted against the handle caps and listed by handles() for good (every c.model(m, c.loss(..), o)
+        of a module beyond rank 0 left a loss on rank 0), and free() of the handle then failed on the
+        rank that had none after the others had freed theirs. Those copies now go too."""
+        where = self._where_of(handles)
+        taken = [h for h in dict.fromkeys(handles[1:] if name == "update_model" else handles) if self.where(h) == ALL]
+        if where == ALL or not taken:
+            return self._routed(name, args, {"request": request}, where)
+
+        def run() -> Any:
+            value = self._routed(name, args, {}, where)
+            with self._placements_lock:
+                for h in taken:
+                    self._forget(h)
+            self._release([(h, ALL) for h in taken])
+            return value
+
+        return self._keyed(name, request, run)
+
     # -- per-rank metrics ------------------------------------------------------------------------------
 
     def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
