@@ -425,6 +425,24 @@ def test_a_copy_across_ranks_is_reserved_on_the_target_rank_first(tmp_path: Path
         cluster.stop()
 
 
+def test_a_move_refused_on_one_rank_keeps_the_replicated_object(tmp_path: Path) -> None:
+    """A command that failed on some rank freed the handles its results named, to undo what it made;
+    `to` answers the handle it was given, so a move refused on rank 1 (no room there for float64) freed
+    the replicated object on every rank. Only handles the command made are freed now."""
+    cluster = Cluster(tmp_path, "--max-device-bytes", "150000")
+    try:
+        with client(cluster.address) as c:
+            h = c.dict({"w": np.ones(8000, np.float32)}, replicate=True)  # 32000 bytes on each rank
+            filler = c.dict({"x": np.zeros(25000, np.float32)}, rank=1)  # rank 1: 132000 of 150000
+            with pytest.raises(ResourceExhaustedError, match="rank 1"):
+                c.to(h, "", "float64")
+            assert c.size(h) == {"w": (8000,)}
+            assert [r["handles"] for r in c.info()["ranks"]] == [1, 2]
+            assert c.free(h, filler) == 2
+    finally:
+        cluster.stop()
+
+
 def peak_rss(pid: int) -> int:
     """A process's peak resident memory so far (VmHWM), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

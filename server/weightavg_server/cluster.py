@@ -1046,7 +1046,10 @@ class ClusterService(Service):
         results = self._send(command)
         failed = [(r, x.error) for r, x in enumerate(results) if isinstance(x, Failure)]
         if failed:
-            made = sorted({x.id for x in results if isinstance(x, Ref)})
+            # A verb may answer a handle it was given (move, update_model): that one existed before, so
+            # it stays (freed, a move refused on one rank destroyed the object on every rank).
+            given = set(_handles_among(args, kwargs))
+            made = sorted({x.id for x in results if isinstance(x, Ref)} - given)
             if made:
                 with contextlib.suppress(Unavailable):
                     self._send(Command("free", (made, False), {}, ranks, "", CALLER.get()))
@@ -1592,6 +1595,17 @@ class ClusterService(Service):
                 dist.broadcast_object_list([Command("_stop")], src=0, group=self.fabric.control)
             except Exception as exc:  # noqa: BLE001 - a rank gone: nothing left to stop there
                 log.error("cluster shutdown: the stop did not reach every rank: %s", exc)
+
+
+def _handles_among(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[str]:
+    """The handle IDs among a command's arguments (also inside lists, and an `_across` verb's own)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, str) and _HANDLE.match(value):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _handles_among(value, {})
+        elif isinstance(value, dict):
+            yield from _handles_among((), value)
 
 
 def _check_shardable(named: Named, world: int) -> None:
