@@ -1048,7 +1048,7 @@ class ClusterService(Service):
         if failed:
             # A verb may answer a handle it was given (move, update_model): that one existed before, so
             # it stays (freed, a move refused on one rank destroyed the object on every rank).
-            given = set(_handles_among(args, kwargs))
+            given = set(_handles_among(args, kwargs or {}))
             made = sorted({x.id for x in results if isinstance(x, Ref)} - given)
             if made:
                 with contextlib.suppress(Unavailable):
