@@ -262,6 +262,22 @@ def test_a_model_on_one_rank_takes_its_replicated_loss_off_every_rank(shared: Cl
         assert held(c) == before
 
 
+def test_freeing_a_part_a_model_took_frees_nothing(shared: Cluster) -> None:
+    """A model's parts stayed in rank 0's books as live handles of their ranks: free(h, part) freed h
+    on rank 0, then answered NOT_FOUND for the part from the other ranks. As on one server, it frees
+    nothing now."""
+    with client(shared.address) as c:
+        before = held(c)
+        for placement in ({"replicate": True}, {"rank": 1}):
+            m = c.module(["linear", 4, 4], **placement)
+            model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.1))
+            kept = c.dict({"w": np.ones(8, np.float32)}, rank=0)
+            with pytest.raises(NotFoundError):
+                c.free(kept, m)
+            assert c.free(kept, model) == 2
+        assert held(c) == before
+
+
 CLIENT_THAT_DIES = """
 import os, sys
 import numpy as np

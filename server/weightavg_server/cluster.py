@@ -1426,18 +1426,21 @@ class ClusterService(Service):
         On one rank, it freed that rank's copy of a replicated part alone: the others' copies stayed,
         counted against the handle caps and listed by handles() for good (every c.model(m, c.loss(..), o)
         of a module beyond rank 0 left a loss on rank 0), and free() of the handle then failed on the
-        rank that had none after the others had freed theirs. Those copies now go too."""
+        rank that had none after the others had freed theirs. Those copies now go too, and the parts leave
+        rank 0's books (left there, a replicated model's parts counted as replicated handles in a snapshot's
+        reply, and free(h, part) freed h before answering NOT_FOUND for the part)."""
         where = self._where_of(handles)
-        taken = [h for h in dict.fromkeys(handles[1:] if name == "update_model" else handles) if self.where(h) == ALL]
-        if where == ALL or not taken:
+        parts = [h for h in dict.fromkeys(handles[1:] if name == "update_model" else handles) if self.where(h) != 0]
+        elsewhere = [h for h in parts if self.where(h) == ALL] if where != ALL else []
+        if not parts:
             return self._routed(name, args, {"request": request}, where)
 
         def run() -> Any:
             value = self._routed(name, args, {}, where)
-            with self._placements_lock:
-                for h in taken:
+            with self._placements_lock:  # gone where the verb ran: a later free() of one is NOT_FOUND on rank 0
+                for h in parts:
                     self._forget(h)
-            self._release([(h, ALL) for h in taken])
+            self._release([(h, ALL) for h in elsewhere])
             return value
 
         return self._keyed(name, request, run)
