@@ -278,6 +278,18 @@ def test_freeing_a_part_a_model_took_frees_nothing(shared: Cluster) -> None:
         assert held(c) == before
 
 
+def test_a_purge_counts_each_handle_once(shared: Cluster) -> None:
+    """Every rank counted its copy of a replicated handle, so purge() answered one more per replicated
+    handle and rank beyond rank 0 than it freed, where free() and closing a session count it once."""
+    with client(shared.address) as c:
+        c.dict({"w": np.ones(8, np.float32)}, replicate=True)
+        c.dict({"w": np.ones(8, np.float32)}, rank=1)
+        c.dict({"w": np.ones(8, np.float32)}, rank=0)
+        listed = len(c.handles(all_tenants=True))
+        assert c.purge() == listed
+        assert held(c) == [(0, 0), (0, 0)]
+
+
 CLIENT_THAT_DIES = """
 import os, sys
 import numpy as np
@@ -885,11 +897,15 @@ def test_a_snapshot_reports_what_every_rank_wrote(tmp_path: Path) -> None:
             c.dict({"w": np.zeros(8, np.float32)}, rank=1)
             c.dict({"w": np.zeros(16, np.float32)}, replicate=True)
             result = c.snapshot()
+            m = c.module(["linear", 4, 4], replicate=True)  # its model takes its three handles
+            c.model(m, c.loss("mse"), c.opt("sgd", m, 0.1))
+            with_model = c.snapshot()
     finally:
         cluster.stop()
     assert result["directory"] == str(state)
     assert result["handles"] == 3
     assert result["tensor_bytes"] == 4 * (4 + 8 + 2 * 16)
+    assert with_model["handles"] == 4  # the parts counted as replicated handles: 1
 
 
 def test_metrics_report_the_bytes_of_every_rank(tmp_path: Path) -> None:

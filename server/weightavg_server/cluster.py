@@ -1480,9 +1480,11 @@ class ClusterService(Service):
                 counts = self._call("free", ALL, (list(handles), every, tenant, purge))
                 with self._placements_lock:
                     gone = list(self._placements) if purge else [h for h, o in self._owners.items() if o == tenant]
+                    copies = sum(1 for h in gone if self._placements.get(h) == ALL) * (self.fabric.world_size - 1)
                     for h in gone:
                         self._forget(h)
-                return int(sum(c for c in counts if isinstance(c, int)))
+                # Each rank counted its copy of a replicated handle: the handle counts once, as in free().
+                return int(sum(c for c in counts if isinstance(c, int))) - copies
             by_rank: dict[int, list[str]] = {}
             for h in handles:
                 by_rank.setdefault(self.where(h), []).append(h)
