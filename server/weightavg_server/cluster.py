@@ -1533,6 +1533,9 @@ class ClusterService(Service):
         """Every rank writes the next generation; once all have, each removes the older ones (the
         commit), so the newest generation every rank holds is always a whole cluster snapshot."""
         with self._saving:
+            # Expired sessions' handles still queued for the pinging thread first: saved, rank 0 having freed
+            # its copies, a restart found them on the other ranks alone and kept them with no session.
+            self._release_expired()
             generation = self.generation + 1
             results: list[SnapshotResult] = self._call("_snapshot", ALL, (generation, copy))
             self._call("_commit", ALL, (generation,))
