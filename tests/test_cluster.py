@@ -290,6 +290,22 @@ def test_a_purge_counts_each_handle_once(shared: Cluster) -> None:
         assert held(c) == [(0, 0), (0, 0)]
 
 
+def test_handles_lists_a_sessions_own_objects_on_every_rank(shared: Cluster) -> None:
+    """The other ranks know no sessions: handles() listed every object of the caller's tenant they held,
+    other sessions' too, where one server lists the caller's session's (without a session: those of
+    no session)."""
+    with client(shared.address) as c, \
+            Client(shared.address, session=True, timeout=WAIT, retry=RetryPolicy(max_attempts=1)) as s:
+        mine = {s.dict({"w": np.ones(8, np.float32)}, rank=1).id, s.dict({"w": np.ones(8, np.float32)}, replicate=True).id}
+        theirs = {c.dict({"w": np.ones(8, np.float32)}, rank=1).id, c.dict({"w": np.ones(8, np.float32)}, replicate=True).id}
+        listed_s = {h.handle.id for h in s.handles()}
+        listed_c = {h.handle.id for h in c.handles()}
+        assert mine <= listed_s and not theirs & listed_s
+        assert theirs <= listed_c and not mine & listed_c
+        assert mine | theirs <= {h.handle.id for h in c.handles(all_tenants=True)}
+        assert c.free(*theirs) == 2
+
+
 CLIENT_THAT_DIES = """
 import os, sys
 import numpy as np

@@ -1507,9 +1507,15 @@ class ClusterService(Service):
         self._check()
         listed = Service.list_handles(self, all_tenants)
         seen = {ref.id for ref, _ in listed}
+        session = CALLER_SESSION.get()
         for rank, handles in enumerate(self._call("_listed", ALL, (all_tenants,))):
             for ref, summary in handles if rank else []:
-                if ref.id not in seen:
+                # The other ranks know no sessions (rank 0 keeps their handles' `_sessions_of`): they listed
+                # every handle of the caller's tenant, other sessions' too, where one server lists the
+                # caller's session's (or, without one, those of no session).
+                with self._placements_lock:
+                    owner = self._sessions_of.get(ref.id)
+                if ref.id not in seen and (all_tenants or owner == session):
                     seen.add(ref.id)
                     listed.append((ref, summary))
         return listed
