@@ -6,6 +6,7 @@ the middle of a loop of averaging calls, and restarts it on the same --state-dir
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -124,6 +125,19 @@ def assert_same(a: Any, b: Any) -> None:
         assert a.tobytes() == b.tobytes()
     else:
         assert type(a) is type(b) and (a == b or (a != a and b != b)), (a, b)
+
+
+@contextlib.contextmanager
+def restarted(config: ServerConfig, registry: Registry | None = None, timeout: float = 120) -> Iterator[Client]:
+    """A client of a new server from `config` (restoring its --state-dir, or serving `registry`),
+    stopped after the block: how a test looks at what a restart brought back."""
+    runtime = create_runtime(config, registry=registry)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=timeout) as c:
+            yield c
+    finally:
+        runtime.stop(None)
 
 
 # -- SIGTERM mid-run -------------------------------------------------------------------------------------
@@ -356,13 +370,8 @@ def test_weightavg_snapshot_command_writes_a_snapshot_that_restores(state_server
         c.dict(p, "a.weight", 0.0)  # changes after the snapshot are not in it
     restored = Registry()
     assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 3
-    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu"), registry=restored)
-    runtime.start()
-    try:
-        with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
-            assert_same(dump(c), before)
-    finally:
-        runtime.stop(None)
+    with restarted(ServerConfig(host="127.0.0.1", port=0, device="cpu"), restored) as c:
+        assert_same(dump(c), before)
 
 
 def test_snapshot_needs_a_state_dir(client: Client) -> None:
@@ -703,13 +712,8 @@ def test_the_shutdown_snapshot_writes_flat_objects_without_copying_them(state_se
     assert overlapping.tensors["t1"].untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
     assert overlapping.tensors["t1"].tolist() == [2.0, 3.0, 4.0]
     state_server.stop(None)  # the shutdown snapshot
-    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
-    runtime.start()
-    try:
-        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c:
-            assert_same(dump(c), before)
-    finally:
-        runtime.stop(None)
+    with restarted(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d"))) as c:
+        assert_same(dump(c), before)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
@@ -723,17 +727,12 @@ def test_restored_objects_do_not_keep_the_snapshot_file_mapped(state_server: Run
         t = c.tensor(np.arange(6, dtype=np.int64).reshape(2, 3))
         before = dump(c)
     state_server.stop(None)  # the shutdown snapshot
-    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")))
-    runtime.start()
-    try:
-        with Client(f"127.0.0.1:{runtime.port}", timeout=120) as c:
-            c.snapshot()  # deletes the generation the server restored from
-            assert_same(dump(c), before)
-            assert {d.id, t.id} <= set(before)
+    with restarted(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d"))) as c:
+        c.snapshot()  # deletes the generation the server restored from
+        assert_same(dump(c), before)
+        assert {d.id, t.id} <= set(before)
         mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path / "d") in line]
         assert mapped == []
-    finally:
-        runtime.stop(None)
 
 
 def _file_size_limit(limit: int) -> None:
