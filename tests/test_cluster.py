@@ -328,6 +328,7 @@ def test_a_dead_clients_objects_on_every_rank_are_freed_when_its_lease_runs_out(
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.stdout.strip().startswith("ses_"), proc.stderr  # it made its objects, then died
     time.sleep(1.0)  # the lease, at least
     deadline = time.monotonic() + WAIT
     with client(shared.address) as c:
