@@ -384,6 +384,8 @@ class Client:
         self._shm_names = _shm.RegionNames.new(_cuda.REGION_NAME)
         self._shm_pool = _shm.FetchPool(self._shm_names.pool)
         self._shm_lock = threading.Lock()
+        self._server_packs: bool | None = None
+        """Whether the server reads packed chunks (GetServerInfoResponse.packed_chunks); asked once."""
         session = session or shm
         if session:
             try:
@@ -440,6 +442,7 @@ class Client:
             "chunk_bytes": r.chunk_bytes,
             "max_spec_depth": r.max_spec_depth,
             "max_spec_layers": r.max_spec_layers,
+            "packed_chunks": r.packed_chunks,
             "cuda_memory_allocated": r.cuda_memory_allocated,
             # A server from before clusters sends neither: it is one rank.
             "world_size": r.world_size or 1,
@@ -1252,7 +1255,7 @@ class Client:
                 fetched = self._shm_fetch(handle, names)  # registered again
             if fetched is not None:
                 return fetched
-        request = pb.FetchTensorsRequest(handle=handle, names=names, rank=rank)
+        request = pb.FetchTensorsRequest(handle=handle, names=names, rank=rank, packed_chunks=True)
         stream = self._fetch_tensors(request, timeout=self.timeout)
         return wire.join_chunks(stream)
 
@@ -1374,7 +1377,8 @@ class Client:
         bytes again. Otherwise the messages carry the bytes, as without shared memory.
         """
         def streamed() -> Iterator[bytes]:
-            return wire.encoded_chunks(items, self.chunk_bytes, message_type)
+            messages = wire.encoded_chunks(items, self.chunk_bytes, message_type)
+            return wire.packed_stream(messages, self.chunk_bytes) if pack else messages
 
         if any(_cuda.is_cuda(value) for _, value in items):
             with self._shm_lock:
@@ -1388,6 +1392,7 @@ class Client:
         # cannot be sent, found inside gRPC's request thread, failed the call as UNKNOWN "Exception
         # iterating requests!" after its first message had gone (and a create could still succeed).
         items = [(wire.entry_name(name), wire.to_array(value)) for name, value in items]
+        pack = len(items) > 1 and self._packs()
         if self._shm is None:
             yield streamed
             return
@@ -1405,9 +1410,22 @@ class Client:
             writing = _shm.Writing(buf, placed)
             del buf
             try:
-                yield lambda: writing.chunks(message_type, self._shm_names.region)
+                yield lambda: writing.chunks(message_type, self._shm_names.region, pack)
             finally:
                 writing.close()
+
+    def _packs(self) -> bool:
+        """Whether this upload may pack small chunks into one message (TensorChunk.packed): the
+        server says so in GetServerInfo, asked on the first upload of several tensors. A server
+        from before packing ignores the field and would lose the packed tensors (its declared
+        stream check refuses the call), so without its answer nothing is packed."""
+        if self._server_packs is None:
+            try:
+                r = self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
+            except grpc.RpcError:  # asked again next time; this upload goes unpacked
+                return False
+            self._server_packs = r.packed_chunks
+        return self._server_packs
 
     def _cuda_refused(self, exc: grpc.RpcError) -> None:
         """Raise the error unless the server refused the CUDA region; then GPU tensors go through

@@ -370,16 +370,23 @@ class Writing:
         self._placed = list(placed)
         self._lock = threading.Lock()
 
-    def chunks(self, message_type: type[Message], region: str) -> Iterator[bytes]:
-        """The stream's messages (see shared_chunks), each array copied in just before its header."""
-        messages = shared_chunks([(p.message, p.region) for p in self._placed], message_type, region)
+    def chunks(self, message_type: type[Message], region: str, pack: bool = False) -> Iterator[bytes]:
+        """The stream's messages (see shared_chunks), each array copied in just before its header;
+        with `pack`, headers of small arrays packed into one message (`wire.packed`, each header
+        standing for its array's bytes, so the copies stay a message ahead of the server's)."""
+        messages = self._written(shared_chunks([(p.message, p.region) for p in self._placed], message_type, region))
+        return wire.packed(messages) if pack else (message for message, _ in messages)
+
+    def _written(self, messages: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
+        """Each header with the bytes of its array, the array copied in just before it is given."""
         for p, message in zip(self._placed, messages):
             with self._lock:
                 if self._buf is None:
                     return
                 write(self._buf, [p])
-            yield message
-        yield from messages  # the one empty header of a stream without tensors
+            yield message, p.array.nbytes
+        for message in messages:  # the one empty header of a stream without tensors
+            yield message, 0
 
     def close(self) -> None:
         with self._lock:

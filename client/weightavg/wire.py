@@ -46,6 +46,7 @@ __all__ = [
     "checked_chunk_bytes",
     "chunk_field",
     "chunk_messages",
+    "chunk_data_bytes",
     "crc32c",
     "declared",
     "decode_chunk_message",
@@ -54,10 +55,13 @@ __all__ = [
     "encode_tensor",
     "encoded_chunks",
     "join_chunks",
+    "packed",
+    "packed_stream",
     "plain",
     "string_fields",
     "tensor_crc",
     "to_array",
+    "unpacked",
     "torch_host_array",
 ]
 
@@ -85,10 +89,20 @@ _VARINT, _LEN = 0, 2
 """Protobuf wire types: varint (dtype, unpacked shape) and length-delimited (strings, bytes, messages)."""
 _I32 = 5
 """Protobuf wire type of fixed32 fields (crc32c)."""
-_NAME, _DTYPE, _SHAPE, _DATA, _COUNT, _TOTAL, _CRC = (
+_NAME, _DTYPE, _SHAPE, _DATA, _COUNT, _TOTAL, _CRC, _PACKED = (
     pb.TensorChunk.DESCRIPTOR.fields_by_name[name].number
-    for name in ("name", "dtype", "shape", "data", "tensor_count", "total_bytes", "crc32c")
+    for name in ("name", "dtype", "shape", "data", "tensor_count", "total_bytes", "crc32c", "packed")
 )
+
+PACK_BYTES = 1 << 20
+"""At most this many tensor bytes (or, for chunks whose bytes lie in shared memory, bytes they
+stand for) go in one message of chunks packed together (`packed`); a chunk as large goes alone, as
+before. Each message of a gRPC stream costs a round of the transport (about 0.1-0.2 ms in Python
+on this project's machines), so a model's many small tensors cost more in messages than in bytes;
+1 MiB amortises that and stays far below any message cap."""
+
+PACK_COUNT = 4096
+"""At most this many chunks in one packed message, so a message of empty tensors stays small."""
 
 
 def crc32c(data: bytes | memoryview, value: int = 0) -> int:
@@ -238,6 +252,8 @@ class ChunkView:
     tensor_count: int | None = None
     total_bytes: int | None = None
     crc32c: int | None = None
+    packed: tuple[ChunkView, ...] = ()
+    """The further chunks this message carries (TensorChunk.packed), in order."""
 
 
 def _read_varint(raw: memoryview, i: int) -> tuple[int, int]:
@@ -276,11 +292,15 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
     count: int | None = None
     total: int | None = None
     crc: int | None = None
+    packed: list[ChunkView] = []
     i, end = 0, len(raw)
     while i < end:
         key, i = _read_varint(raw, i)
         field, kind = key >> 3, key & 7
-        if kind == _VARINT and field in (_DTYPE, _SHAPE, _COUNT, _TOTAL):
+        if kind == _LEN and field == _PACKED:
+            body, i = _read_bytes(raw, i)
+            packed.append(_decode_chunk(body))
+        elif kind == _VARINT and field in (_DTYPE, _SHAPE, _COUNT, _TOTAL):
             value, i = _read_varint(raw, i)
             if field == _DTYPE:
                 dtype = pb.Dtype.ValueType(_signed(value, 32))
@@ -309,7 +329,76 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
                     shape.append(_signed(value))
         else:
             raise ValueError(f"unexpected field {field} of wire type {kind}")
-    return ChunkView(name, dtype, tuple(shape), data, count, total, crc)
+    return ChunkView(name, dtype, tuple(shape), data, count, total, crc, tuple(packed))
+
+
+def unpacked(
+    chunks: Iterable[pb.TensorChunk | ChunkView], error: type[Exception]
+) -> Iterator[pb.TensorChunk | ChunkView]:
+    """Every chunk of a stream in order: each message's chunk, then the chunks packed after it
+    (TensorChunk.packed), as if each had come in a message of its own. `error(message)` for a
+    packed chunk that packs chunks of its own (the .proto forbids it)."""
+    for chunk in chunks:
+        yield chunk
+        for inner in chunk.packed:
+            if inner.packed:
+                raise error(
+                    "a packed chunk (TensorChunk.packed) carries packed chunks of its own: put every chunk of a "
+                    "message in its first chunk's packed list"
+                )
+            yield inner
+
+
+def chunk_data_bytes(chunk: pb.TensorChunk | ChunkView) -> int:
+    """Tensor bytes one message's chunk carries, its packed chunks' included."""
+    return len(chunk.data) + sum(len(inner.data) for inner in chunk.packed)
+
+
+def packed(messages: Iterable[tuple[bytes, int]], budget: int = PACK_BYTES) -> Iterator[bytes]:
+    """Stream messages with small chunks packed together (TensorChunk.packed), in order.
+
+    `messages` are (encoded message, bytes it stands for) pairs, each message holding one chunk in
+    the same field and nothing else (as `encode_chunk` and the shared-memory headers make them); the
+    bytes are its data, or for a chunk whose bytes lie in shared memory the tensor's size, so that
+    the copies into the region keep running a message ahead of the server's copies out. Consecutive
+    messages go into one while they stand for at most `budget` bytes together and number at most
+    `PACK_COUNT`; a message alone is passed on unchanged (a large chunk is not copied again).
+    """
+    group: list[bytes] = []
+    weight = 0
+    for message, nbytes in messages:
+        if group and (weight + nbytes > budget or len(group) >= PACK_COUNT):
+            yield _joined(group)
+            group, weight = [], 0
+        group.append(message)
+        weight += nbytes
+    if group:
+        yield _joined(group)
+
+
+def packed_stream(messages: Iterable[bytes], chunk_bytes: int) -> Iterator[bytes]:
+    """Encoded stream messages (`encode_tensor`'s) packed as `packed` does, each message standing
+    for its own size, in messages of at most `PACK_BYTES` and `chunk_bytes` (the sender's own
+    bound on a message, which the receiver's cap allows)."""
+    return packed(((message, len(message)) for message in messages), min(PACK_BYTES, chunk_bytes))
+
+
+def _joined(group: list[bytes]) -> bytes:
+    """One message whose chunk is the first message's, the others' chunks packed after it."""
+    if len(group) == 1:
+        return group[0]
+    raw = memoryview(group[0])
+    key, i = _read_varint(raw, 0)
+    first, _ = _read_bytes(raw, i)
+    tag = _varint(_PACKED << 3 | _LEN)
+    parts: list[bytes | memoryview] = [first]
+    for message in group[1:]:
+        view = memoryview(message)
+        _, j = _read_varint(view, 0)
+        inner, _ = _read_bytes(view, j)
+        parts += (tag, _varint(len(inner)), inner)
+    body = b"".join(parts)
+    return b"".join((_varint(key), _varint(len(body)), body))
 
 
 def decode_chunk_message(message: bytes, chunk_field: int, string_fields: Mapping[int, str]) -> dict[str, Any]:
@@ -560,7 +649,7 @@ def join_chunks(chunks: Iterable[pb.TensorChunk | ChunkView]) -> list[tuple[str,
     shape: tuple[int, ...] = ()
     buffer = np.empty(0, np.uint8)
     filled = 0
-    for chunk in chunks:
+    for chunk in unpacked(chunks, DataLossError):
         d = declared(chunk)
         check.chunk(d)
         if chunk.dtype != pb.DTYPE_UNSPECIFIED:

@@ -302,6 +302,7 @@ class TensorChunk(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     CRC32C_FIELD_NUMBER: _builtins.int
     SHARED_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Entry name, set on the header chunk (empty for a lone tensor)."""
     dtype: Global___Dtype.ValueType
@@ -330,6 +331,16 @@ class TensorChunk(_message.Message):
         network carries them). The server copies them out before the call answers.
         """
 
+    @_builtins.property
+    def packed(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """More chunks of the same stream, carried in this message after this one, in order: a receiver
+        takes them exactly as if each had come in a message of its own (they may not carry packed
+        chunks of their own: INVALID_ARGUMENT). Lets a sender put many small tensors in one message,
+        since each message of a stream costs a round of the transport. The server reads them in every
+        upload stream (GetServerInfoResponse.packed_chunks says so); it sends them only to a caller
+        that asked (FetchTensorsRequest.packed_chunks).
+        """
+
     def __init__(
         self,
         *,
@@ -341,10 +352,11 @@ class TensorChunk(_message.Message):
         total_bytes: _builtins.int | None = ...,
         crc32c: _builtins.int | None = ...,
         shared: Global___SharedBytes | None = ...,
+        packed: _abc.Iterable[Global___TensorChunk] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "shared", b"shared", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "data", b"data", "dtype", b"dtype", "name", b"name", "shape", b"shape", "shared", b"shared", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "_tensor_count", b"_tensor_count", "_total_bytes", b"_total_bytes", "crc32c", b"crc32c", "data", b"data", "dtype", b"dtype", "name", b"name", "packed", b"packed", "shape", b"shape", "shared", b"shared", "tensor_count", b"tensor_count", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
     _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
@@ -714,6 +726,7 @@ class GetServerInfoResponse(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
     MAX_SPEC_LAYERS_FIELD_NUMBER: _builtins.int
+    PACKED_CHUNKS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """weightavg version."""
     torch_version: _builtins.str
@@ -736,6 +749,8 @@ class GetServerInfoResponse(_message.Message):
     """Most layers one LayerSpec may hold (the root and its children at any depth); more is
     INVALID_ARGUMENT (--max-spec-layers).
     """
+    packed_chunks: _builtins.bool
+    """The server reads TensorChunk.packed in every upload stream: a client may pack small chunks."""
     @_builtins.property
     def layer_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Layer types accepted in a LayerSpec."""
@@ -764,10 +779,11 @@ class GetServerInfoResponse(_message.Message):
         world_size: _builtins.int = ...,
         ranks: _abc.Iterable[Global___RankInfo] | None = ...,
         max_spec_layers: _builtins.int = ...,
+        packed_chunks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "max_spec_layers", b"max_spec_layers", "ranks", b"ranks", "torch_version", b"torch_version", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "cuda_memory_allocated", b"cuda_memory_allocated", "device", b"device", "dtypes", b"dtypes", "grpc_version", b"grpc_version", "layer_types", b"layer_types", "max_message_bytes", b"max_message_bytes", "max_spec_depth", b"max_spec_depth", "max_spec_layers", b"max_spec_layers", "packed_chunks", b"packed_chunks", "ranks", b"ranks", "torch_version", b"torch_version", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1955,10 +1971,13 @@ class FetchTensorsRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    PACKED_CHUNKS_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Dictionary, tensor, or module/model/optimizer handle id."""
     rank: _builtins.int
     """Of a replicated object: read this rank's values; unset: rank 0's."""
+    packed_chunks: _builtins.bool
+    """The caller reads TensorChunk.packed: the server may carry several small chunks in one message."""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Entry or parameter names; empty means all entries (dictionary) or the tensor itself. Required
@@ -1971,10 +1990,11 @@ class FetchTensorsRequest(_message.Message):
         handle: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
         rank: _builtins.int | None = ...,
+        packed_chunks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "handle", b"handle", "names", b"names", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "handle", b"handle", "names", b"names", "packed_chunks", b"packed_chunks", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from weightavg.wire import decode_fetch_response
+from weightavg.wire import chunk_data_bytes, decode_fetch_response
 from weightavg.v1 import weightavg_pb2 as pb
 
 from .stats import RpcStats
@@ -26,20 +26,20 @@ _CHUNKED = tuple(
 
 
 def _chunk_bytes(message: object) -> int:
-    """Tensor bytes in one message (0 for messages that carry none): one isinstance and one len.
+    """Tensor bytes in one message (0 for messages that carry none), its packed chunks' included.
 
     The tensor streams' hand codecs (servicer.add_to_server) pass FetchTensors replies as encoded
     bytes and upload requests as objects whose `chunk.data` is a memoryview; both count the same.
     """
     if isinstance(message, _CHUNKED):
-        return len(message.chunk.data)
+        return chunk_data_bytes(message.chunk)
     if isinstance(message, bytes):
         try:
-            return len(decode_fetch_response(message).data)
+            return chunk_data_bytes(decode_fetch_response(message))
         except Exception:  # noqa: BLE001 - not an encoded chunk: counting must never fail a call
             return 0
     chunk = getattr(message, "chunk", None)
-    return len(chunk.data) if chunk is not None else 0
+    return chunk_data_bytes(chunk) if chunk is not None else 0
 
 
 def _no_bytes(message: object) -> int:

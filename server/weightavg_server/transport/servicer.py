@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+from weightavg.wire import ChunkView, packed_stream, unpacked
 
 from ..domain.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from .stats import RpcStats
@@ -67,11 +68,20 @@ def _first(requests: Iterator[R], what: str) -> R:
         raise InvalidArgument(f"empty {what} stream: the first message must name the target") from None
 
 
-def _stream_chunks(message_type: type[Message], first: R, requests: Iterator[R]) -> Iterator[pb.TensorChunk]:
+def _stream_chunks(
+    message_type: type[Message], first: R, requests: Iterator[R]
+) -> Iterator[pb.TensorChunk | ChunkView]:
     """The chunks of a client stream whose first message has been read for its header fields (the
-    target, rank, placement, request ID...). Those belong on the first message: a later one may repeat
+    target, rank, placement, request ID...), each message's packed chunks after its own
+    (TensorChunk.packed). Header fields belong on the first message: a later one may repeat
     them unchanged, but one that sets them otherwise is refused, where it used to be ignored (a
     request ID there gave no exactly-once call, another handle there was not the target)."""
+    return unpacked(_message_chunks(message_type, first, requests), InvalidArgument)
+
+
+def _message_chunks(
+    message_type: type[Message], first: R, requests: Iterator[R]
+) -> Iterator[pb.TensorChunk | ChunkView]:
     header = _header_fields(first)
     yield first.chunk
     for n, request in enumerate(requests, start=2):
@@ -126,7 +136,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self.max_upload_bytes = max_upload_bytes
         self.stats = stats if stats is not None else RpcStats()
 
-    def _upload(self, chunks: Iterable[pb.TensorChunk], context: Context) -> Upload:
+    def _upload(self, chunks: Iterable[pb.TensorChunk | ChunkView], context: Context) -> Upload:
         """An upload the service receives when it is ready, reserving as each header arrives."""
         ended = threading.Event()
         context.add_callback(ended.set)  # runs when the call ends: a cancel, a deadline, or the answer
@@ -179,7 +189,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             device=info.device, layer_types=info.layer_types, dtypes=convert.dtype_codes(info.dtypes),
             max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes,
             max_spec_depth=info.max_spec_depth, cuda_memory_allocated=info.cuda_memory_allocated,
-            max_spec_layers=info.max_spec_layers,
+            max_spec_layers=info.max_spec_layers, packed_chunks=True,
             **_cluster_fields(self.service.cluster_info()),
         )
 
@@ -325,7 +335,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
         # reused: the copies are read only while the reply is encoded, inside the block
         with self.service.fetch(request.handle, list(request.names), rank=_rank(request), reused=True) as copies:
-            yield from codec.encoded_chunks(copies, self.chunk_bytes)
+            messages = codec.encoded_chunks(copies, self.chunk_bytes)
+            yield from packed_stream(messages, self.chunk_bytes) if request.packed_chunks else messages
 
     @translate_errors
     def GetSize(self, request: pb.GetSizeRequest, context: Context) -> pb.GetSizeResponse:
