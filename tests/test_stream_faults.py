@@ -41,9 +41,11 @@ TENSORS = [
 CHUNK = 4096
 
 
-def messages(message_type: type) -> list[bytes]:
-    """The stream a client sends: encoded messages, declared, a CRC32C per tensor."""
-    return list(wire.encoded_chunks(TENSORS, CHUNK, message_type))
+def messages(message_type: type, pack: bool = False) -> list[bytes]:
+    """The stream a client sends: encoded messages, declared, a CRC32C per tensor; with `pack`,
+    small chunks packed together as the client packs them for a server that reads packed chunks."""
+    encoded = wire.encoded_chunks(TENSORS, CHUNK, message_type)
+    return list(wire.packed_stream(encoded, CHUNK) if pack else encoded)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +93,13 @@ def offsets(stream: list[bytes], r: random.Random) -> list[int]:
     return sorted(set(bounds) | {r.randrange(1, total) for _ in range(CUTS)})
 
 
+@pytest.mark.parametrize("pack", [False, True])
 def test_cut_and_flipped_dictionary_uploads_are_refused_whole_uploads_never(
-    live_server: LiveServer, channel: grpc.Channel, client: Client
+    live_server: LiveServer, channel: grpc.Channel, client: Client, pack: bool
 ) -> None:
-    stream = messages(pb.CreateDictionaryRequest)
-    assert len(stream) > len(TENSORS)  # several chunks a tensor: cuts inside tensors and between them
+    stream = messages(pb.CreateDictionaryRequest, pack)
+    assert len(stream) > (3 if pack else len(TENSORS))  # several chunks a tensor: cuts inside tensors and between them
+    assert pack == any(pb.CreateDictionaryRequest.FromString(m).chunk.packed for m in stream)
     r = random.Random(15)
     faults = [cut(stream, o) for o in offsets(stream, r)] + [flip(stream, r) for _ in range(FLIPS)]
     for n, faulty in enumerate(faults):
@@ -202,9 +206,11 @@ def test_only_undeclared_streams_of_tensors_wait_to_learn_how_they_ended(  # typ
         assert time.monotonic() - started >= 3
 
 
-def test_a_fetched_stream_cut_or_flipped_is_caught_by_the_client() -> None:
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_fetched_stream_cut_or_flipped_is_caught_by_the_client(pack: bool) -> None:
     named = [(name, torch.from_numpy(np.array(value))) for name, value in TENSORS]
-    stream = list(codec.encoded_chunks(named, CHUNK))
+    stream = [encoded.message for encoded in codec.encoded_chunks(named, CHUNK, pack=pack)]
+    assert len(stream) > 1
     whole = wire.join_chunks(wire.decode_fetch_response(m) for m in stream)
     assert [name for name, _ in whole] == [name for name, _ in TENSORS]
     r = random.Random(17)

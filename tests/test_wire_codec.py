@@ -134,7 +134,7 @@ def test_decode_falls_back_to_protobuf_on_unexpected_fields() -> None:
 
 def test_server_chunks_decode_with_plain_protobuf() -> None:
     t = torch.arange(10, dtype=torch.float32).reshape(2, 5)
-    messages = [pb.FetchTensorsResponse.FromString(m) for m in wire.encoded_chunks([("t", t)], 16)]
+    messages = [pb.FetchTensorsResponse.FromString(m.message) for m in wire.encoded_chunks([("t", t)], 16)]
     assert [len(m.chunk.data) for m in messages] == [16, 16, 8]
     assert (messages[0].chunk.name, list(messages[0].chunk.shape)) == ("t", [2, 5])
     assert b"".join(m.chunk.data for m in messages) == t.numpy().tobytes()
@@ -229,8 +229,9 @@ def test_server_decoder_reads_every_upload_by_its_descriptor(message_type) -> No
 
 def test_server_encoding_follows_the_message_type() -> None:
     t = torch.arange(3, dtype=torch.int16)
-    (raw,) = wire.encoded_chunks([("t", t)], 1 << 20, pb.EvaluateModelResponse)
-    message = pb.EvaluateModelResponse.FromString(raw)
+    (encoded,) = wire.encoded_chunks([("t", t)], 1 << 20, pb.EvaluateModelResponse)
+    message = pb.EvaluateModelResponse.FromString(encoded.message)
+    assert encoded.data_bytes == 6
     assert (message.chunk.name, list(message.chunk.shape), message.chunk.data) == ("t", [3], t.numpy().tobytes())
 
 

@@ -53,9 +53,11 @@ __all__ = [
     "decode_fetch_response",
     "encode_chunk",
     "encode_tensor",
+    "encode_tensor_sized",
     "encoded_chunks",
     "join_chunks",
     "packed",
+    "packed_sized",
     "packed_stream",
     "plain",
     "string_fields",
@@ -364,16 +366,25 @@ def packed(messages: Iterable[tuple[bytes, int]], budget: int = PACK_BYTES) -> I
     messages go into one while they stand for at most `budget` bytes together and number at most
     `PACK_COUNT`; a message alone is passed on unchanged (a large chunk is not copied again).
     """
+    for message, _ in packed_sized(((message, nbytes, 0) for message, nbytes in messages), budget):
+        yield message
+
+
+def packed_sized(messages: Iterable[tuple[bytes, int, int]], budget: int = PACK_BYTES) -> Iterator[tuple[bytes, int]]:
+    """`packed` for (message, bytes it stands for, a size to add up) triples: each packed message
+    with the sum of its messages' sizes (a server counts the tensor bytes it sends so, without
+    parsing its own messages again)."""
     group: list[bytes] = []
-    weight = 0
-    for message, nbytes in messages:
+    weight = size = 0
+    for message, nbytes, n in messages:
         if group and (weight + nbytes > budget or len(group) >= PACK_COUNT):
-            yield _joined(group)
-            group, weight = [], 0
+            yield _joined(group), size
+            group, weight, size = [], 0, 0
         group.append(message)
         weight += nbytes
+        size += n
     if group:
-        yield _joined(group)
+        yield _joined(group), size
 
 
 def packed_stream(messages: Iterable[bytes], chunk_bytes: int) -> Iterator[bytes]:
@@ -499,9 +510,18 @@ def encode_tensor(
     data chunks, each at most `chunk_bytes` of `raw` (its row-major little-endian bytes); the last
     carries the tensor's CRC32C. `declare` (tensor count, total bytes) goes on the header of a
     stream's first tensor."""
+    for message, _ in encode_tensor_sized(field, name, code, shape, raw, chunk_bytes, declare=declare):
+        yield message
+
+
+def encode_tensor_sized(
+    field: int, name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int, *,
+    declare: tuple[int, int] | None = None,
+) -> Iterator[tuple[bytes, int]]:
+    """`encode_tensor`'s messages, each with the tensor bytes it carries."""
     for p in _pieces(name, code, shape, raw, chunk_bytes, declare):
         count, total = p.declare if p.declare is not None else (None, None)
-        yield encode_chunk(field, p.name, p.code, p.shape, p.data, tensor_count=count, total_bytes=total, crc=p.crc)
+        yield encode_chunk(field, p.name, p.code, p.shape, p.data, tensor_count=count, total_bytes=total, crc=p.crc), len(p.data)
 
 
 class _Piece(NamedTuple):

@@ -13,15 +13,15 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from google.protobuf.message import Message
 
 from weightavg.wire import (
-    CHUNK_BYTES, ChunkView, StreamCheck, chunk_field, chunk_messages, crc32c, declared, decode_chunk_message, encode_chunk,
-    encode_tensor, string_fields, tensor_crc,
+    CHUNK_BYTES, PACK_BYTES, ChunkView, StreamCheck, chunk_field, chunk_messages, crc32c, declared, decode_chunk_message,
+    encode_chunk, encode_tensor_sized, packed_sized, string_fields, tensor_crc,
 )
 from weightavg.v1 import weightavg_pb2 as pb
 
@@ -64,26 +64,49 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return flat.contiguous().view(torch.uint8).numpy().data
 
 
+class Encoded(NamedTuple):
+    """A pre-encoded reply message and the tensor bytes it carries (what the statistics count as
+    sent, known here without parsing the message again)."""
+
+    message: bytes
+    data_bytes: int
+
+
 def encoded_chunks(
     named: Sequence[tuple[str, torch.Tensor]],
     chunk_bytes: int,
     message_type: type[Message] = pb.FetchTensorsResponse,
-) -> Iterator[bytes]:
+    *,
+    pack: bool = False,
+) -> Iterator[Encoded]:
     """Pre-encoded `message_type` stream messages, each holding one TensorChunk of the named tensors,
     as one declared stream (its first chunk says how many tensors and bytes; each tensor's last
-    chunk carries its CRC32C)."""
-    field = chunk_field(message_type)
+    chunk carries its CRC32C). With `pack`, small chunks share messages (TensorChunk.packed), at
+    most `PACK_BYTES` and `chunk_bytes` of messages together."""
+    messages = _encoded(named, chunk_bytes, chunk_field(message_type))
+    if not pack:
+        yield from (Encoded(message, n) for message, n in messages)
+        return
+    triples = ((message, len(message), n) for message, n in messages)
+    yield from (Encoded(message, n) for message, n in packed_sized(triples, min(PACK_BYTES, chunk_bytes)))
+
+
+def _encoded(named: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int, field: int) -> Iterator[tuple[bytes, int]]:
     raws = [_raw(tensor) for _, tensor in named]
     declare: tuple[int, int] | None = (len(raws), sum(len(raw) for raw in raws))
     if not raws:
-        yield encode_chunk(field, "", 0, (), memoryview(b""), tensor_count=0, total_bytes=0)
+        yield encode_chunk(field, "", 0, (), memoryview(b""), tensor_count=0, total_bytes=0), 0
     for (name, tensor), raw in zip(named, raws):
-        yield from encode_tensor(field, name, dtype_code(tensor.dtype), tensor.shape, raw, chunk_bytes, declare=declare)
+        yield from encode_tensor_sized(
+            field, name, dtype_code(tensor.dtype), tensor.shape, raw, chunk_bytes, declare=declare
+        )
         declare = None
 
 
-def serialize(message: Message | bytes) -> bytes:
+def serialize(message: Message | Encoded | bytes) -> bytes:
     """A response serializer that passes pre-encoded messages through and serializes the rest."""
+    if isinstance(message, Encoded):
+        return message.message
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 

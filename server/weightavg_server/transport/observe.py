@@ -28,11 +28,15 @@ _CHUNKED = tuple(
 def _chunk_bytes(message: object) -> int:
     """Tensor bytes in one message (0 for messages that carry none), its packed chunks' included.
 
-    The tensor streams' hand codecs (servicer.add_to_server) pass FetchTensors replies as encoded
-    bytes and upload requests as objects whose `chunk.data` is a memoryview; both count the same.
+    The tensor streams' hand codecs (servicer.add_to_server) pass FetchTensors replies encoded, with
+    their tensor bytes beside them, and upload requests as objects whose `chunk.data` is a
+    memoryview; both count the same.
     """
     if isinstance(message, _CHUNKED):
         return chunk_data_bytes(message.chunk)
+    data_bytes = getattr(message, "data_bytes", None)  # a pre-encoded reply (codec.Encoded) says itself
+    if isinstance(data_bytes, int):
+        return data_bytes
     if isinstance(message, bytes):
         try:
             return chunk_data_bytes(decode_fetch_response(message))

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg.wire import ChunkView, packed_stream, unpacked
+from weightavg.wire import ChunkView, unpacked
 
 from ..domain.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from .stats import RpcStats
@@ -326,17 +326,16 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> Iterator[pb.FetchTensorsResponse]:
         """The generated signature, for a server that registers only the generated handlers: the
         encoded messages parsed back (a copy more than the path `add_to_server` registers)."""
-        for message in self.FetchTensorsEncoded(request, context):
-            yield pb.FetchTensorsResponse.FromString(message)
+        for encoded in self.FetchTensorsEncoded(request, context):
+            yield pb.FetchTensorsResponse.FromString(encoded.message)
 
     @translate_errors
-    def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[bytes]:
+    def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[codec.Encoded]:
         """FetchTensors, answered with pre-encoded FetchTensorsResponse messages (one copy a byte):
         `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
         # reused: the copies are read only while the reply is encoded, inside the block
         with self.service.fetch(request.handle, list(request.names), rank=_rank(request), reused=True) as copies:
-            messages = codec.encoded_chunks(copies, self.chunk_bytes)
-            yield from packed_stream(messages, self.chunk_bytes) if request.packed_chunks else messages
+            yield from codec.encoded_chunks(copies, self.chunk_bytes, pack=request.packed_chunks)
 
     @translate_errors
     def GetSize(self, request: pb.GetSizeRequest, context: Context) -> pb.GetSizeResponse:
