@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,9 @@ import grpc
 import numpy as np
 import torch
 
-from weightavg import Client, Handle
+from weightavg import Client, Handle, wire
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.launch import LocalCluster
 
 from ._harness import Row, Skip, at_least, at_most, bench_server, in_blocks, interleaved, median, row, timed
@@ -310,6 +312,58 @@ def shared_memory(ctx: Context) -> list[Row | Skip]:
 
 
 # -- transfer ----------------------------------------------------------------------------------------
+
+
+SMALL_TENSORS, SMALL_FLOATS = 2000, 64
+
+
+def small_tensors(ctx: Context) -> list[Row | Skip]:
+    """A dictionary of many small tensors (2,000 x 64 float32), uploaded and fetched by the client
+    (packed chunks: TensorChunk.packed) against the same streams one chunk a message (what a client
+    that does not pack sends, and what one that does not set FetchTensorsRequest.packed_chunks gets)."""
+    c = ctx.client
+    count = SMALL_TENSORS // 4 if ctx.quick else SMALL_TENSORS
+    rng = np.random.default_rng(0)
+    values = {f"block{i}.weight": rng.standard_normal(SMALL_FLOATS, dtype=np.float32) for i in range(count)}
+    d = c.dict(values)
+    channel = grpc.insecure_channel(ctx.address)  # the bench's server is open: no token, no session
+    stub = pb_grpc.WeightAveragingServiceStub(channel)
+    create = channel.stream_unary(
+        "/weightavg.v1.WeightAveragingService/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString,
+    )
+
+    def fetch_unpacked() -> None:
+        reply = stub.FetchTensors(pb.FetchTensorsRequest(handle=d.id), timeout=600)
+        assert len(wire.join_chunks(r.chunk for r in reply)) == count
+
+    def upload_unpacked() -> None:
+        def requests() -> Iterator[bytes]:
+            yield pb.CreateDictionaryRequest().SerializeToString()
+            yield from wire.encoded_chunks(values.items(), wire.CHUNK_BYTES, pb.CreateDictionaryRequest)
+
+        c.free(Handle(create(requests(), timeout=600).dictionary.id, "dictionary"))
+
+    times = interleaved(
+        {
+            "fetch": lambda: c.dict(d),
+            "fetch unpacked": fetch_unpacked,
+            "upload": lambda: c.free(c.dict(values)),
+            "upload unpacked": upload_unpacked,
+        },
+        ctx.reps(7, 2),
+    )
+    per = {k: [t / count for t in v] for k, v in times.items()}
+    channel.close()
+    c.free(d)
+    what = f"{count} tensors of {SMALL_FLOATS} float32"
+    return [
+        row("small tensors", f"fetch {what}, packed", "one chunk a message", per, "fetch", "fetch unpacked",
+            unit="us/tensor", scale=1e6, target=">= 2x faster", check=at_least(2.0), invert=True,
+            note="ratio = speedup"),
+        row("small tensors", f"upload {what}, packed", "one chunk a message", per, "upload", "upload unpacked",
+            unit="us/tensor", scale=1e6, target=">= 2x faster", check=at_least(2.0), invert=True,
+            note="ratio = speedup"),
+    ]
 
 
 def transfer(ctx: Context) -> list[Row | Skip]:
@@ -874,6 +928,7 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "small": small_call,
     "sessions": many_sessions,
     "transfer": transfer,
+    "smalltensors": small_tensors,
     "shm": shared_memory,
     "training": training,
     "batchnorm": batchnorm,
