@@ -503,8 +503,14 @@ def test_evaluate_and_forward_variants(client: Client, live_server: Any, unchang
     view = client.parms(q)
     broken = client.module(["sequential", ["linear", "a", 8, 6], ["batchnorm1d", "b", 6], ["linear", "d", 5, 2]])
     with unchanged():
-        with pytest.raises(InvalidArgumentError, match="nforward: mat1 and mat2"):
+        with pytest.raises(InvalidArgumentError, match="nforward: mat1 and mat2") as err:
             client.nforward(q, x[:, :3])
+        assert "send x as" not in str(err.value)  # a shape error: no dtype hint
+        # forward converts no inputs (the reference's neither): the refusal says what to send
+        with pytest.raises(InvalidArgumentError, match=r"x is float64 and the module's parameters are float32: send x as float32"):
+            client.eforward(q, x.astype(np.float64))
+        with pytest.raises(InvalidArgumentError, match=r"x is int64 .*send x as float32"):
+            client.forward(q, np.ones((2, 8), np.int64))
         with pytest.raises(InvalidArgumentError, match="needs an input"):
             client.nforward(q)
         with pytest.raises(InvalidArgumentError, match="evaluate"):

@@ -450,10 +450,11 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _torch_errors(what: str) -> Iterator[None]:
-    """Errors torch raises for inputs that do not fit the module become InvalidArgument; running out
-    of memory (for activations, which the byte cap does not count) becomes ResourceExhausted, as the
-    transport answers it elsewhere, rather than a complaint about the inputs."""
+def _torch_errors(what: str, hint: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """Errors torch raises for inputs that do not fit the module become InvalidArgument (with
+    `hint()`, the fix where the caller can tell it); running out of memory (for activations, which
+    the byte cap does not count) becomes ResourceExhausted, as the transport answers it elsewhere,
+    rather than a complaint about the inputs."""
     try:
         yield
     except (RuntimeError, ValueError, IndexError, TypeError, MemoryError) as exc:
@@ -462,7 +463,22 @@ def _torch_errors(what: str) -> Iterator[None]:
             raise ResourceExhausted(
                 f"{what}: out of memory ({first}); fewer samples per batch or per call need less"
             ) from None
-        raise InvalidArgument(f"{what}: {first}") from None
+        raise InvalidArgument(f"{what}: {first}{hint()}") from None
+
+
+def _input_dtype_hint(module: nn.Module, x: torch.Tensor) -> Callable[[], str]:
+    """The fix for a forward input whose dtype is not the module's: forward, as the reference's,
+    converts no inputs (torch's own message names neither the input nor what to send)."""
+    def hint() -> str:
+        held = _parameter_dtype(module)
+        if held is None or x.dtype == held or _takes_indices(module):
+            return ""
+        return (
+            f" (x is {_name(x.dtype)} and the module's parameters are {_name(held)}: send x as "
+            f"{_name(held)}; forward converts no inputs, evaluate and the model's data do)"
+        )
+
+    return hint
 
 
 def renormalised(module: nn.Module) -> list[torch.Tensor]:
@@ -903,7 +919,7 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     training, grad = FORWARD_MODES[mode]
     check_embedding_inputs(module, x, x.shape[0] if x.dim() else 1, mode)
     with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
-        with _torch_errors(mode):
+        with _torch_errors(mode, _input_dtype_hint(module, x)):
             output: torch.Tensor = module(_batch(x, _device(module), writes_inputs(module)))
     return output.detach()
 
