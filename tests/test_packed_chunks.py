@@ -202,3 +202,31 @@ def test_many_small_tensors_through_shared_memory_packed(start_server: Callable[
         back = c.dict(d)
         assert list(back) == list(values) and all(same(back[n], v) for n, v in values.items())
         assert c.stats()["methods"][f"{SERVICE}/CreateDictionary"]["bytes_received"] == 0  # nothing streamed
+
+
+def test_chunks_packed_deeper_than_protobuf_allows_are_refused_without_a_crash(live_server: LiveServer) -> None:
+    """A crafted message nesting packed chunks thousands deep (a few bytes a level) is read by the
+    hand decoder one level deep only; protobuf's depth limit refuses the rest: INVALID_ARGUMENT,
+    where unbounded recursion would exhaust the interpreter's stack."""
+    body = pb.TensorChunk(name="x", dtype=pb.DTYPE_FLOAT32, shape=[0]).SerializeToString()
+    tag = bytes([9 << 3 | 2])
+    for _ in range(5000):
+        body = tag + wire_varint(len(body)) + body
+    message = bytes([1 << 3 | 2]) + wire_varint(len(body)) + body  # CreateDictionaryRequest.chunk
+    with grpc.insecure_channel(live_server.address) as channel:
+        create = channel.stream_unary(f"{SERVICE}/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            create(iter([message]), timeout=WAIT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(Exception) as fetched:
+        wire.join_chunks([wire.decode_fetch_response(message)])
+    assert not isinstance(fetched.value, RecursionError)
+
+
+def wire_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return bytes(out + bytes([low]))
+        out.append(low | 0x80)

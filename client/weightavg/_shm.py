@@ -384,9 +384,9 @@ class Writing:
                 if self._buf is None:
                     return
                 write(self._buf, [p])
-            yield message, p.array.nbytes
+            yield message, p.array.nbytes + len(message)  # the headers' own bytes bound a message too
         for message in messages:  # the one empty header of a stream without tensors
-            yield message, 0
+            yield message, len(message)
 
     def close(self) -> None:
         with self._lock:

@@ -288,8 +288,10 @@ def _signed(value: int, bits: int = 64) -> int:
     return value - (1 << bits) if value >= 1 << (bits - 1) else value
 
 
-def _decode_chunk(raw: memoryview) -> ChunkView:
-    """A serialized TensorChunk's fields; ValueError on anything else, so the caller can fall back to protobuf."""
+def _decode_chunk(raw: memoryview, nested: bool = False) -> ChunkView:
+    """A serialized TensorChunk's fields; ValueError on anything else, so the caller can fall back to
+    protobuf. Packed chunks are read one level deep (`nested`): deeper ones, which the .proto
+    forbids, go to protobuf, whose depth limit bounds the recursion a crafted message could ask."""
     name, dtype, shape, data = "", pb.Dtype.ValueType(0), [], memoryview(b"")
     count: int | None = None
     total: int | None = None
@@ -299,9 +301,9 @@ def _decode_chunk(raw: memoryview) -> ChunkView:
     while i < end:
         key, i = _read_varint(raw, i)
         field, kind = key >> 3, key & 7
-        if kind == _LEN and field == _PACKED:
+        if kind == _LEN and field == _PACKED and not nested:
             body, i = _read_bytes(raw, i)
-            packed.append(_decode_chunk(body))
+            packed.append(_decode_chunk(body, nested=True))
         elif kind == _VARINT and field in (_DTYPE, _SHAPE, _COUNT, _TOTAL):
             value, i = _read_varint(raw, i)
             if field == _DTYPE:
