@@ -250,6 +250,44 @@ def test_a_loaded_checkpoint_resumes_as_averaged_model_resumes(client: Client, m
     assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
 
 
+def broken_checkpoint(saved: dict[str, Any], fault: str) -> dict[str, Any]:
+    """A checkpoint torch's load_state_dict refuses only after copying every other entry: all values
+    changed (count included), with one key missing or one tensor of another shape."""
+    broken = {name: (t + 100 if t.is_floating_point() else t + 7) for name, t in saved.items()}
+    if fault == "missing":
+        del broken["module.c.bias"]
+    else:
+        broken["module.c.bias"] = torch.zeros(5)
+    return broken
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copied", "assigned"])
+@pytest.mark.parametrize("fault", ["missing", "shape"])
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_refused_checkpoint_changes_neither_the_local_copy_nor_the_count(
+    client: Client, unchanged: Any, mode: str, fault: str, assign: bool
+) -> None:
+    """torch's load_state_dict copies every entry it can before it raises; ours then pushed nothing,
+    so the local copy and n_averaged held the refused checkpoint while the server kept its average,
+    and an EMA went on at the checkpoint's step. Now a refused load changes nothing, and the
+    training goes on exactly as AveragedModel's that never saw it."""
+    model = net()
+    oracle = oracle_for(model, mode, False, decay=0.9)
+    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    train(model, [oracle, ours])
+    saved = ours.state_dict(keep_vars=True)
+    kept = {name: t.detach().clone() for name, t in saved.items()}
+    with unchanged():
+        with pytest.raises(RuntimeError, match="Missing key|size mismatch"):
+            ours.load_state_dict(broken_checkpoint(saved, fault), assign=assign)
+    after = ours.state_dict(keep_vars=True)
+    assert all(torch.equal(after[name], t) for name, t in kept.items())
+    assert all(after[name] is saved[name] for name in saved)  # the same tensors, not others like them
+    train(model, [oracle, ours])
+    assert int(ours.n_averaged) == int(oracle.n_averaged) == 2 * STEPS
+    assert_same_floats(ours.state_dict(), oracle.state_dict())
+
+
 def test_a_loaded_checkpoint_keeps_a_float32_average_in_float32(client: Client) -> None:
     """The local copy (and so the checkpoint) holds the model's bfloat16; loading it must not turn the
     server's float32 average into a bfloat16 one, which would stall."""

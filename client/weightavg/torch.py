@@ -24,7 +24,7 @@ import contextlib
 import copy
 import itertools
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -357,20 +357,53 @@ class RemoteAveragedModel(torch.nn.Module):
         """Load an AveragedModel (or RemoteAveragedModel) state dict, and the server's average with
         it: the local copy's values (cast to the average's dtypes) and the count, so the next
         update folds into the loaded average as AveragedModel's does, and an EMA's schedule goes on
-        from step n_averaged + 1."""
+        from step n_averaged + 1. A refused load (torch's RuntimeError for a missing, unexpected or
+        ill-shaped entry, or the server's error) changes nothing, here or on the server, where
+        torch's leaves the entries it copied before it raised."""
         self._check_not_freed()
         self._pull()  # entries a partial (strict=False) state dict leaves out are the server's
-        result = super().load_state_dict(state_dict, strict, assign)
-        local = _unwrapped(self._local())
-        values = [
-            (name, t.detach().to(self._layout[name][1]))
-            for name, t in itertools.chain(local.named_parameters(), local.named_buffers()) if name in self._layout
-        ]
-        if self.mode == "swa":
-            values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
-        with self._held():
-            push(self.client, values, into=self.average)
+        restore = self._restorer()
+        try:
+            result = super().load_state_dict(state_dict, strict, assign)
+            local = _unwrapped(self._local())
+            values = [
+                (name, t.detach().to(self._layout[name][1]))
+                for name, t in itertools.chain(local.named_parameters(), local.named_buffers()) if name in self._layout
+            ]
+            if self.mode == "swa":
+                values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
+            with self._held():
+                push(self.client, values, into=self.average)
+        except BaseException:
+            restore()
+            raise
         return result
+
+    @torch.no_grad()
+    def _restorer(self) -> Callable[[], None]:
+        """A function that puts back this object's tensors (the local copy's and n_averaged) as they
+        are now: the same tensor objects holding the same values.
+
+        torch's load_state_dict copies every entry it can before it raises for a missing, unexpected
+        or ill-shaped one, and a refused push changes nothing on the server; without this a failed
+        load left the local copy and n_averaged loaded and the server's average not, so an EMA went
+        on from the failed checkpoint's step (found by review). It holds one copy of the local
+        model while the load runs."""
+        kept: list[tuple[dict[str, Any], str, torch.Tensor, torch.Tensor]] = []
+        copies: dict[int, torch.Tensor] = {}  # tied tensors are copied once
+        for module in torch.nn.Module.modules(self):
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is not None:
+                        kept.append((table, name, t, copies.setdefault(id(t), t.detach().clone())))
+
+        @torch.no_grad()
+        def restore() -> None:
+            for table, name, t, copy in kept:
+                table[name] = t  # load_state_dict(assign=True) replaces the objects themselves
+                t.detach().copy_(copy)
+
+        return restore
 
     def pull(self) -> None:
         """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
