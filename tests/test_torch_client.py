@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn, update_bn
 
-from weightavg import Client, NotFoundError
+from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.torch import RemoteAveragedModel, fetch, from_array, push, to_array
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -505,3 +505,22 @@ def test_a_refused_update_does_not_count_towards_every(client: Client) -> None:
         ours.update_parameters(width(5))
     ours.update_parameters(model)
     assert int(ours.n_averaged) == 1
+
+
+def test_an_update_the_server_refuses_does_not_count_towards_every(start_server: Any) -> None:
+    """As a call refused here, one the server refuses (its cap of handles reached when the first
+    update makes the dictionary of values sent) leaves the count of calls as it was: the call after
+    it is sent. The call used to be counted before it was sent, so with every=2 the next call was
+    skipped and the average fell a step behind."""
+    server = start_server(max_handles=2)
+    with Client(server.address, timeout=60) as c:
+        model = width(8)
+        ours = RemoteAveragedModel(c, model, "swa", every=2)  # the average: one handle
+        other = c.dict({"x": np.ones(1, np.float32)})  # the cap's second
+        ours.update_parameters(model)  # the first call: not sent
+        with pytest.raises(ResourceExhaustedError, match="--max-handles"):
+            ours.update_parameters(model)
+        c.free(other)
+        ours.update_parameters(model)
+        assert int(ours.n_averaged) == 1
+        assert float(c.dict(ours.average)[".n"]) == 1.0

@@ -301,28 +301,32 @@ class RemoteAveragedModel(torch.nn.Module):
     def update_parameters(self, model: torch.nn.Module) -> None:
         """Fold the model into the server's average (every `every`-th call)."""
         self._check_not_freed()
-        due = (self._calls + 1) % self.every == 0
-        if due:
-            _check_layout(model, self._layout)  # before the count: a refused call changes nothing
-        self._calls += 1
-        if not due:
+        if (self._calls + 1) % self.every != 0:
+            self._calls += 1
             return
+        _check_layout(model, self._layout)
         with self._held():
             self._update(model)
 
     def _update(self, model: torch.nn.Module) -> None:
-        """Send a checked model and fold it in; the buffers copied after the average (see below)."""
+        """Send a checked model and fold it in; the buffers copied after the average (see below).
+
+        The call is counted (towards `every`) once the server has folded it in: a call the server
+        refuses (a cap reached, say) changes nothing, so the next call is the one sent. Counted
+        before, a refused call with every=k made the next k - 1 calls skip (found by review)."""
         sent = _state(model, self.use_buffers)
         self.source = push(self.client, sent, into=self.source)
         if self.mode == "swa":
-            self.n_averaged.fill_(self.client.avgparms(self.source, self.average))
+            count = self.client.avgparms(self.source, self.average)
         else:
             # The step from n_averaged, so a loaded checkpoint's count carries on (load_state_dict).
-            self.n_averaged.fill_(self.client.ema(
+            count = self.client.ema(
                 self.source, self.average, decay=self.decay, warmup=self.warmup, warmup_gamma=self.warmup_gamma,
                 warmup_power=self.warmup_power, min_decay=self.min_decay, update_after_step=self.update_after_step,
                 step=int(self.n_averaged) + 1,
-            ))
+            )
+        self.n_averaged.fill_(count)
+        self._calls += 1
         self._stale = True
         if not self.use_buffers:
             kept = list(_unwrapped(model).named_buffers())
