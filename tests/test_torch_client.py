@@ -250,6 +250,40 @@ def test_a_loaded_checkpoint_resumes_as_averaged_model_resumes(client: Client, m
     assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
 
 
+class Trainer(torch.nn.Module):
+    """A training module that keeps its average as an attribute (as Lightning modules and many
+    training loops keep their AveragedModel), checkpointed and loaded as one module."""
+
+    def __init__(self, model: torch.nn.Module, average: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.average = average
+
+
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_checkpoint_loaded_through_a_parent_module_resumes_as_averaged_model_resumes(
+    client: Client, mode: str
+) -> None:
+    """The parent's load_state_dict loads its children through torch's internals, not through ours:
+    the local copy took the checkpoint, the server's average did not, and the next update folded
+    into the server's fresh average instead (its values far from AveragedModel's)."""
+    model = net()
+    oracle = Trainer(model, oracle_for(model, mode, False, decay=0.9))
+    ours = Trainer(model, RemoteAveragedModel(client, model, mode, decay=0.9))
+    train(model, [oracle.average, ours.average])
+    saved, ours_saved = oracle.state_dict(), ours.state_dict()
+    fresh = net(seed=5)
+    resumed_oracle = Trainer(fresh, oracle_for(fresh, mode, False, decay=0.9))
+    resumed_oracle.load_state_dict(saved)
+    fresh = net(seed=5)
+    resumed = Trainer(fresh, RemoteAveragedModel(client, fresh, mode, decay=0.9))
+    resumed.load_state_dict(ours_saved)
+    train(resumed.model, [resumed.average])
+    train(resumed_oracle.model, [resumed_oracle.average])
+    assert int(resumed.average.n_averaged) == int(resumed_oracle.average.n_averaged) == 2 * STEPS
+    assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
+
+
 def broken_checkpoint(saved: dict[str, Any], fault: str) -> dict[str, Any]:
     """A checkpoint torch's load_state_dict refuses only after copying every other entry: all values
     changed (count included), with one key missing or one tensor of another shape."""

@@ -262,6 +262,10 @@ class RemoteAveragedModel(torch.nn.Module):
         self._calls = 0
         self._stale = False
         self._freed = False
+        self._loading = False
+        """Within this object's own load_state_dict, which pushes what it loaded once it succeeded."""
+        self._unpushed = False
+        """Whether a parent module's load put values in the local copy that the server lacks."""
         start = [(n, t.to(target) if target is not None and t.is_floating_point() else t) for n, t in _state(model, True)]
         self._layout = {name: (t.shape, t.dtype) for name, t in start}
         """The average's tensors as made: what every model sent must match, and what a load casts to."""
@@ -305,6 +309,7 @@ class RemoteAveragedModel(torch.nn.Module):
             self._calls += 1
             return
         _check_layout(model, self._layout)
+        self._sync()
         with self._held():
             self._update(model)
 
@@ -367,21 +372,53 @@ class RemoteAveragedModel(torch.nn.Module):
         self._check_not_freed()
         self._pull()  # entries a partial (strict=False) state dict leaves out are the server's
         restore = self._restorer()
+        self._loading = True
         try:
             result = super().load_state_dict(state_dict, strict, assign)
-            local = _unwrapped(self._local())
-            values = [
-                (name, t.detach().to(self._layout[name][1]))
-                for name, t in itertools.chain(local.named_parameters(), local.named_buffers()) if name in self._layout
-            ]
-            if self.mode == "swa":
-                values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
-            with self._held():
-                push(self.client, values, into=self.average)
+            self._push_local()
+            self._unpushed = False
         except BaseException:
             restore()
             raise
+        finally:
+            self._loading = False
         return result
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """torch calls this on every module a load reaches, before their children, also when the
+        load is a parent module's (an object kept as an attribute of the training module, as
+        Lightning and many training loops keep their AveragedModel): the entries the state dict
+        leaves out are the server's, and what such a load puts in the local copy goes to the server
+        before the next update or pull. It used to stay in the local copy alone, and the next
+        update folded into the server's old average instead of the checkpoint's (found by review)."""
+        self._check_not_freed()
+        self._pull()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if not self._loading:  # a parent's load: its children are loaded after this returns
+            self._unpushed = True
+
+    def _sync(self) -> None:
+        """Put what a parent module's load put in the local copy on the server (see _load_from_state_dict)."""
+        if self._unpushed:
+            self._push_local()
+            self._unpushed = False
+
+    def _push_local(self) -> None:
+        """Set the server's average to the local copy (cast to the average's dtypes) and its count."""
+        local = _unwrapped(self._local())
+        values = [
+            (name, t.detach().to(self._layout[name][1]))
+            for name, t in itertools.chain(local.named_parameters(), local.named_buffers()) if name in self._layout
+        ]
+        if self.mode == "swa":
+            values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
+        with self._held():
+            push(self.client, values, into=self.average)
 
     @torch.no_grad()
     def _restorer(self) -> Callable[[], None]:
@@ -410,8 +447,10 @@ class RemoteAveragedModel(torch.nn.Module):
         return restore
 
     def pull(self) -> None:
-        """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
+        """Copy the server's average into the local copy now (module, state_dict() and calls do it),
+        after sending what a parent module's load put in the local copy."""
         self._check_not_freed()
+        self._sync()
         self._stale = True
         self._pull()
 
