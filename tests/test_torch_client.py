@@ -558,3 +558,11 @@ def test_an_update_the_server_refuses_does_not_count_towards_every(start_server:
         ours.update_parameters(model)
         assert int(ours.n_averaged) == 1
         assert float(c.dict(ours.average)[".n"]) == 1.0
+
+
+def test_fetch_takes_one_name_as_a_string_as_client_dict_does(client: Client) -> None:
+    """fetch(c, d, names="a.weight") walked the string as a list of names and asked for the entry
+    '.', NOT_FOUND; Client.dict(d, "a.weight") takes a string as one name, and so does fetch now."""
+    d = push(client, {"a.weight": torch.ones(2), "a": torch.zeros(1)})
+    got = fetch(client, d, names="a.weight")
+    assert list(got) == ["a.weight"] and torch.equal(got["a.weight"], torch.ones(2))

@@ -112,8 +112,8 @@ def push(
 def fetch(
     client: Client, d: HandleLike, device: torch.device | str | None = None, names: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Every entry of a dictionary (or the `names` given; of a module, model or optimizer: those
-    parameters or buffers) as a tensor in its own dtype (bfloat16 included), on `device`.
+    """Every entry of a dictionary (or the `names` given, a list or one name; of a module, model or
+    optimizer: those parameters or buffers) as a tensor in its own dtype (bfloat16 included), on `device`.
 
     On a CUDA device, with Client(..., shm=True) and a server on this host with CUDA, the server
     copies into the client's registered CUDA buffer (CUDA IPC) and the tensors are cloned from it
@@ -121,7 +121,8 @@ def fetch(
 
     Example: fetch(c, m, "cuda", names=["0.weight"])   # a parameter, on the GPU
     """
-    wanted = list(names) if names is not None else []
+    # A string is one name, as Client.dict takes it: list("a.weight") asked for the entries 'a', '.', ...
+    wanted = [names] if isinstance(names, str) else list(names) if names is not None else []
     if names is not None and not wanted:
         return {}  # the wire's empty list means "every entry"
     target = torch.device(device) if device is not None else None
