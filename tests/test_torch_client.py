@@ -400,6 +400,29 @@ def test_a_dtype_the_wire_cannot_carry_is_refused_by_name_before_anything_is_sen
     assert len(client.handles()) == before
 
 
+def test_a_value_that_is_not_a_tensor_is_refused_as_such(client: Client) -> None:
+    """A numpy array's float64 was refused as a dtype the wire cannot carry, in a message that listed
+    float64 among the dtypes it carries."""
+    before = len(client.handles())
+    with pytest.raises(TypeError, match=r"tensor 'a' is a numpy\.ndarray, not a torch tensor; convert it with torch\.as_tensor"):
+        push(client, {"a": np.ones(2)})
+    with pytest.raises(TypeError, match="the tensor is a builtins.list, not a torch tensor"):
+        to_array([1.0])  # type: ignore[arg-type]
+    assert len(client.handles()) == before
+
+
+def test_a_name_given_twice_is_refused_before_anything_is_sent(client: Client) -> None:
+    """push takes (name, tensor) pairs; a name given twice kept the last value and dropped the other
+    without a word."""
+    d = push(client, {"a": torch.ones(1)})
+    before = len(client.handles())
+    for into in (None, d):
+        with pytest.raises(ValueError, match="tensor 'a' is named twice"):
+            push(client, [("a", torch.full((1,), 5.0)), ("b", torch.ones(1)), ("a", torch.zeros(1))], into=into)
+    assert len(client.handles()) == before
+    assert torch.equal(fetch(client, d)["a"], torch.ones(1))
+
+
 NAMES = ["a.b.c", "ünï©ødé/名前", "x" * 100_000, "a\x00b", "\n", "a/b\\c"]
 
 

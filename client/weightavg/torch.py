@@ -55,7 +55,14 @@ unsigned integers have no wire dtype."""
 
 def _check_sendable(t: torch.Tensor, what: str) -> None:
     """TypeError naming `what` and the fix unless the wire carries t's dtype (checked before any
-    conversion: numpy has no float8 or complex32 at all, and its error names neither)."""
+    conversion: numpy has no float8 or complex32 at all, and its error names neither). Anything but
+    a tensor is refused too: a numpy array's float64 was refused as a dtype the wire cannot carry,
+    in a message that listed float64 among those it carries."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"{what} is a {type(t).__module__}.{type(t).__qualname__}, not a torch tensor; convert it with "
+            "torch.as_tensor(value), or send numpy arrays with Client.dict"
+        )
     if t.dtype not in _SENDABLE:
         carried = ", ".join(str(d).removeprefix("torch.") for d in _SENDABLE)
         raise TypeError(
@@ -94,11 +101,16 @@ def push(
     client: Client, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], into: HandleLike | None = None
 ) -> Handle:
     """Send named tensors of any device and of the wire's dtypes (float8, complex32 and uint16-64
-    are refused with a TypeError naming the tensor, before anything is sent): a new dictionary, or
-    (`into`) entries set in one, all or nothing. Returns the dictionary's handle."""
+    are refused with a TypeError naming the tensor, a name given twice with a ValueError, before
+    anything is sent): a new dictionary, or (`into`) entries set in one, all or nothing. Returns
+    the dictionary's handle."""
     items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    seen: set[str] = set()
     for name, t in items:
         _check_sendable(t, f"tensor '{name}'")
+        if name in seen:  # the dict below kept the last of them and sent it without a word
+            raise ValueError(f"tensor '{name}' is named twice; name each tensor once (nothing was sent)")
+        seen.add(name)
     # CUDA tensors as they are: the client sends them through CUDA IPC where it can, else copies
     # them to the host as to_array does.
     arrays = {name: t.detach() if t.is_cuda else to_array(t) for name, t in items}
