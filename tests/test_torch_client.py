@@ -284,6 +284,23 @@ def test_a_checkpoint_loaded_through_a_parent_module_resumes_as_averaged_model_r
     assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
 
 
+def test_a_parent_load_without_the_averages_entries_leaves_the_server_average_alone(client: Client) -> None:
+    """A parent's partial load (strict=False) that holds none of the average's entries must not send
+    the local copy: for a float32 average of a bfloat16 model that would round it to bfloat16."""
+    model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    parent = Trainer(model, RemoteAveragedModel(client, model, "ema", decay=0.9, dtype="float32"))
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(0.01)
+        parent.average.update_parameters(model)
+    before = client.dict(parent.average.average)
+    parent.load_state_dict({"model.weight": model.weight.detach().clone()}, strict=False)
+    parent.average.pull()
+    after = client.dict(parent.average.average)
+    assert before.keys() == after.keys()
+    assert all(before[name].dtype == after[name].dtype and before[name].tobytes() == after[name].tobytes() for name in before)
+
+
 def broken_checkpoint(saved: dict[str, Any], fault: str) -> dict[str, Any]:
     """A checkpoint torch's load_state_dict refuses only after copying every other entry: all values
     changed (count included), with one key missing or one tensor of another shape."""

@@ -412,7 +412,10 @@ class RemoteAveragedModel(torch.nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if not self._loading:  # a parent's load: its children are loaded after this returns
+        # A parent's load (its children are loaded after this returns) that has entries for this object:
+        # one without them leaves the server's average alone (a float32 one of a bfloat16 model is
+        # not rounded to the local copy's bfloat16).
+        if not self._loading and any(key.startswith(prefix) for key in state_dict):
             self._unpushed = True
 
     def _sync(self) -> None:
