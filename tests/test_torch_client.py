@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn, update_bn
 
-from weightavg import Client, NotFoundError
+from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.torch import RemoteAveragedModel, fetch, from_array, push, to_array
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +250,95 @@ def test_a_loaded_checkpoint_resumes_as_averaged_model_resumes(client: Client, m
     assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
 
 
+class Trainer(torch.nn.Module):
+    """A training module that keeps its average as an attribute (as Lightning modules and many
+    training loops keep their AveragedModel), checkpointed and loaded as one module."""
+
+    def __init__(self, model: torch.nn.Module, average: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.average = average
+
+
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_checkpoint_loaded_through_a_parent_module_resumes_as_averaged_model_resumes(
+    client: Client, mode: str
+) -> None:
+    """The parent's load_state_dict loads its children through torch's internals, not through ours:
+    the local copy took the checkpoint, the server's average did not, and the next update folded
+    into the server's fresh average instead (its values far from AveragedModel's)."""
+    model = net()
+    oracle = Trainer(model, oracle_for(model, mode, False, decay=0.9))
+    ours = Trainer(model, RemoteAveragedModel(client, model, mode, decay=0.9))
+    train(model, [oracle.average, ours.average])
+    saved, ours_saved = oracle.state_dict(), ours.state_dict()
+    fresh = net(seed=5)
+    resumed_oracle = Trainer(fresh, oracle_for(fresh, mode, False, decay=0.9))
+    resumed_oracle.load_state_dict(saved)
+    fresh = net(seed=5)
+    resumed = Trainer(fresh, RemoteAveragedModel(client, fresh, mode, decay=0.9))
+    resumed.load_state_dict(ours_saved)
+    train(resumed.model, [resumed.average])
+    train(resumed_oracle.model, [resumed_oracle.average])
+    assert int(resumed.average.n_averaged) == int(resumed_oracle.average.n_averaged) == 2 * STEPS
+    assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
+
+
+def test_a_parent_load_without_the_averages_entries_leaves_the_server_average_alone(client: Client) -> None:
+    """A parent's partial load (strict=False) that holds none of the average's entries must not send
+    the local copy: for a float32 average of a bfloat16 model that would round it to bfloat16."""
+    model = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    parent = Trainer(model, RemoteAveragedModel(client, model, "ema", decay=0.9, dtype="float32"))
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(0.01)
+        parent.average.update_parameters(model)
+    before = client.dict(parent.average.average)
+    parent.load_state_dict({"model.weight": model.weight.detach().clone()}, strict=False)
+    parent.average.pull()
+    after = client.dict(parent.average.average)
+    assert before.keys() == after.keys()
+    assert all(before[name].dtype == after[name].dtype and before[name].tobytes() == after[name].tobytes() for name in before)
+
+
+def broken_checkpoint(saved: dict[str, Any], fault: str) -> dict[str, Any]:
+    """A checkpoint torch's load_state_dict refuses only after copying every other entry: all values
+    changed (count included), with one key missing or one tensor of another shape."""
+    broken = {name: (t + 100 if t.is_floating_point() else t + 7) for name, t in saved.items()}
+    if fault == "missing":
+        del broken["module.c.bias"]
+    else:
+        broken["module.c.bias"] = torch.zeros(5)
+    return broken
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copied", "assigned"])
+@pytest.mark.parametrize("fault", ["missing", "shape"])
+@pytest.mark.parametrize("mode", ["swa", "ema"])
+def test_a_refused_checkpoint_changes_neither_the_local_copy_nor_the_count(
+    client: Client, unchanged: Any, mode: str, fault: str, assign: bool
+) -> None:
+    """torch's load_state_dict copies every entry it can before it raises; ours then pushed nothing,
+    so the local copy and n_averaged held the refused checkpoint while the server kept its average,
+    and an EMA went on at the checkpoint's step. Now a refused load changes nothing, and the
+    training goes on exactly as AveragedModel's that never saw it."""
+    model = net()
+    oracle = oracle_for(model, mode, False, decay=0.9)
+    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    train(model, [oracle, ours])
+    saved = ours.state_dict(keep_vars=True)
+    kept = {name: t.detach().clone() for name, t in saved.items()}
+    with unchanged():
+        with pytest.raises(RuntimeError, match="Missing key|size mismatch"):
+            ours.load_state_dict(broken_checkpoint(saved, fault), assign=assign)
+    after = ours.state_dict(keep_vars=True)
+    assert all(torch.equal(after[name], t) for name, t in kept.items())
+    assert all(after[name] is saved[name] for name in saved)  # the same tensors, not others like them
+    train(model, [oracle, ours])
+    assert int(ours.n_averaged) == int(oracle.n_averaged) == 2 * STEPS
+    assert_same_floats(ours.state_dict(), oracle.state_dict())
+
+
 def test_a_loaded_checkpoint_keeps_a_float32_average_in_float32(client: Client) -> None:
     """The local copy (and so the checkpoint) holds the model's bfloat16; loading it must not turn the
     server's float32 average into a bfloat16 one, which would stall."""
@@ -326,6 +415,29 @@ def test_a_dtype_the_wire_cannot_carry_is_refused_by_name_before_anything_is_sen
     with pytest.raises(TypeError, match=rf"{dtype}, which the wire cannot carry"):
         to_array(torch.zeros(3).to(dtype))
     assert len(client.handles()) == before
+
+
+def test_a_value_that_is_not_a_tensor_is_refused_as_such(client: Client) -> None:
+    """A numpy array's float64 was refused as a dtype the wire cannot carry, in a message that listed
+    float64 among the dtypes it carries."""
+    before = len(client.handles())
+    with pytest.raises(TypeError, match=r"tensor 'a' is a numpy\.ndarray, not a torch tensor; convert it with torch\.as_tensor"):
+        push(client, {"a": np.ones(2)})
+    with pytest.raises(TypeError, match="the tensor is a builtins.list, not a torch tensor"):
+        to_array([1.0])  # type: ignore[arg-type]
+    assert len(client.handles()) == before
+
+
+def test_a_name_given_twice_is_refused_before_anything_is_sent(client: Client) -> None:
+    """push takes (name, tensor) pairs; a name given twice kept the last value and dropped the other
+    without a word."""
+    d = push(client, {"a": torch.ones(1)})
+    before = len(client.handles())
+    for into in (None, d):
+        with pytest.raises(ValueError, match="tensor 'a' is named twice"):
+            push(client, [("a", torch.full((1,), 5.0)), ("b", torch.ones(1)), ("a", torch.zeros(1))], into=into)
+    assert len(client.handles()) == before
+    assert torch.equal(fetch(client, d)["a"], torch.ones(1))
 
 
 NAMES = ["a.b.c", "ünï©ødé/名前", "x" * 100_000, "a\x00b", "\n", "a/b\\c"]
@@ -467,3 +579,30 @@ def test_a_refused_update_does_not_count_towards_every(client: Client) -> None:
         ours.update_parameters(width(5))
     ours.update_parameters(model)
     assert int(ours.n_averaged) == 1
+
+
+def test_an_update_the_server_refuses_does_not_count_towards_every(start_server: Any) -> None:
+    """As a call refused here, one the server refuses (its cap of handles reached when the first
+    update makes the dictionary of values sent) leaves the count of calls as it was: the call after
+    it is sent. The call used to be counted before it was sent, so with every=2 the next call was
+    skipped and the average fell a step behind."""
+    server = start_server(max_handles=2)
+    with Client(server.address, timeout=60) as c:
+        model = width(8)
+        ours = RemoteAveragedModel(c, model, "swa", every=2)  # the average: one handle
+        other = c.dict({"x": np.ones(1, np.float32)})  # the cap's second
+        ours.update_parameters(model)  # the first call: not sent
+        with pytest.raises(ResourceExhaustedError, match="--max-handles"):
+            ours.update_parameters(model)
+        c.free(other)
+        ours.update_parameters(model)
+        assert int(ours.n_averaged) == 1
+        assert float(c.dict(ours.average)[".n"]) == 1.0
+
+
+def test_fetch_takes_one_name_as_a_string_as_client_dict_does(client: Client) -> None:
+    """fetch(c, d, names="a.weight") walked the string as a list of names and asked for the entry
+    '.', NOT_FOUND; Client.dict(d, "a.weight") takes a string as one name, and so does fetch now."""
+    d = push(client, {"a.weight": torch.ones(2), "a": torch.zeros(1)})
+    got = fetch(client, d, names="a.weight")
+    assert list(got) == ["a.weight"] and torch.equal(got["a.weight"], torch.ones(2))

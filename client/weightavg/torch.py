@@ -24,7 +24,7 @@ import contextlib
 import copy
 import itertools
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -55,7 +55,14 @@ unsigned integers have no wire dtype."""
 
 def _check_sendable(t: torch.Tensor, what: str) -> None:
     """TypeError naming `what` and the fix unless the wire carries t's dtype (checked before any
-    conversion: numpy has no float8 or complex32 at all, and its error names neither)."""
+    conversion: numpy has no float8 or complex32 at all, and its error names neither). Anything but
+    a tensor is refused too: a numpy array's float64 was refused as a dtype the wire cannot carry,
+    in a message that listed float64 among those it carries."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"{what} is a {type(t).__module__}.{type(t).__qualname__}, not a torch tensor; convert it with "
+            "torch.as_tensor(value), or send numpy arrays with Client.dict"
+        )
     if t.dtype not in _SENDABLE:
         carried = ", ".join(str(d).removeprefix("torch.") for d in _SENDABLE)
         raise TypeError(
@@ -94,11 +101,16 @@ def push(
     client: Client, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], into: HandleLike | None = None
 ) -> Handle:
     """Send named tensors of any device and of the wire's dtypes (float8, complex32 and uint16-64
-    are refused with a TypeError naming the tensor, before anything is sent): a new dictionary, or
-    (`into`) entries set in one, all or nothing. Returns the dictionary's handle."""
+    are refused with a TypeError naming the tensor, a name given twice with a ValueError, before
+    anything is sent): a new dictionary, or (`into`) entries set in one, all or nothing. Returns
+    the dictionary's handle."""
     items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    seen: set[str] = set()
     for name, t in items:
         _check_sendable(t, f"tensor '{name}'")
+        if name in seen:  # the dict below kept the last of them and sent it without a word
+            raise ValueError(f"tensor '{name}' is named twice; name each tensor once (nothing was sent)")
+        seen.add(name)
     # CUDA tensors as they are: the client sends them through CUDA IPC where it can, else copies
     # them to the host as to_array does.
     arrays = {name: t.detach() if t.is_cuda else to_array(t) for name, t in items}
@@ -112,8 +124,8 @@ def push(
 def fetch(
     client: Client, d: HandleLike, device: torch.device | str | None = None, names: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Every entry of a dictionary (or the `names` given; of a module, model or optimizer: those
-    parameters or buffers) as a tensor in its own dtype (bfloat16 included), on `device`.
+    """Every entry of a dictionary (or the `names` given, a list or one name; of a module, model or
+    optimizer: those parameters or buffers) as a tensor in its own dtype (bfloat16 included), on `device`.
 
     On a CUDA device, with Client(..., shm=True) and a server on this host with CUDA, the server
     copies into the client's registered CUDA buffer (CUDA IPC) and the tensors are cloned from it
@@ -121,7 +133,8 @@ def fetch(
 
     Example: fetch(c, m, "cuda", names=["0.weight"])   # a parameter, on the GPU
     """
-    wanted = list(names) if names is not None else []
+    # A string is one name, as Client.dict takes it: list("a.weight") asked for the entries 'a', '.', ...
+    wanted = [names] if isinstance(names, str) else list(names) if names is not None else []
     if names is not None and not wanted:
         return {}  # the wire's empty list means "every entry"
     target = torch.device(device) if device is not None else None
@@ -262,6 +275,10 @@ class RemoteAveragedModel(torch.nn.Module):
         self._calls = 0
         self._stale = False
         self._freed = False
+        self._loading = False
+        """Within this object's own load_state_dict, which pushes what it loaded once it succeeded."""
+        self._unpushed = False
+        """Whether a parent module's load put values in the local copy that the server lacks."""
         start = [(n, t.to(target) if target is not None and t.is_floating_point() else t) for n, t in _state(model, True)]
         self._layout = {name: (t.shape, t.dtype) for name, t in start}
         """The average's tensors as made: what every model sent must match, and what a load casts to."""
@@ -301,28 +318,33 @@ class RemoteAveragedModel(torch.nn.Module):
     def update_parameters(self, model: torch.nn.Module) -> None:
         """Fold the model into the server's average (every `every`-th call)."""
         self._check_not_freed()
-        due = (self._calls + 1) % self.every == 0
-        if due:
-            _check_layout(model, self._layout)  # before the count: a refused call changes nothing
-        self._calls += 1
-        if not due:
+        if (self._calls + 1) % self.every != 0:
+            self._calls += 1
             return
+        _check_layout(model, self._layout)
+        self._sync()
         with self._held():
             self._update(model)
 
     def _update(self, model: torch.nn.Module) -> None:
-        """Send a checked model and fold it in; the buffers copied after the average (see below)."""
+        """Send a checked model and fold it in; the buffers copied after the average (see below).
+
+        The call is counted (towards `every`) once the server has folded it in: a call the server
+        refuses (a cap reached, say) changes nothing, so the next call is the one sent. Counted
+        before, a refused call with every=k made the next k - 1 calls skip (found by review)."""
         sent = _state(model, self.use_buffers)
         self.source = push(self.client, sent, into=self.source)
         if self.mode == "swa":
-            self.n_averaged.fill_(self.client.avgparms(self.source, self.average))
+            count = self.client.avgparms(self.source, self.average)
         else:
             # The step from n_averaged, so a loaded checkpoint's count carries on (load_state_dict).
-            self.n_averaged.fill_(self.client.ema(
+            count = self.client.ema(
                 self.source, self.average, decay=self.decay, warmup=self.warmup, warmup_gamma=self.warmup_gamma,
                 warmup_power=self.warmup_power, min_decay=self.min_decay, update_after_step=self.update_after_step,
                 step=int(self.n_averaged) + 1,
-            ))
+            )
+        self.n_averaged.fill_(count)
+        self._calls += 1
         self._stale = True
         if not self.use_buffers:
             kept = list(_unwrapped(model).named_buffers())
@@ -357,10 +379,53 @@ class RemoteAveragedModel(torch.nn.Module):
         """Load an AveragedModel (or RemoteAveragedModel) state dict, and the server's average with
         it: the local copy's values (cast to the average's dtypes) and the count, so the next
         update folds into the loaded average as AveragedModel's does, and an EMA's schedule goes on
-        from step n_averaged + 1."""
+        from step n_averaged + 1. A refused load (torch's RuntimeError for a missing, unexpected or
+        ill-shaped entry, or the server's error) changes nothing, here or on the server, where
+        torch's leaves the entries it copied before it raised."""
         self._check_not_freed()
         self._pull()  # entries a partial (strict=False) state dict leaves out are the server's
-        result = super().load_state_dict(state_dict, strict, assign)
+        restore = self._restorer()
+        self._loading = True
+        try:
+            result = super().load_state_dict(state_dict, strict, assign)
+            self._push_local()
+            self._unpushed = False
+        except BaseException:
+            restore()
+            raise
+        finally:
+            self._loading = False
+        return result
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """torch calls this on every module a load reaches, before their children, also when the
+        load is a parent module's (an object kept as an attribute of the training module, as
+        Lightning and many training loops keep their AveragedModel): the entries the state dict
+        leaves out are the server's, and what such a load puts in the local copy goes to the server
+        before the next update or pull. It used to stay in the local copy alone, and the next
+        update folded into the server's old average instead of the checkpoint's (found by review)."""
+        self._check_not_freed()
+        self._pull()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A parent's load (its children are loaded after this returns) that has entries for this object:
+        # one without them leaves the server's average alone (a float32 one of a bfloat16 model is
+        # not rounded to the local copy's bfloat16).
+        if not self._loading and any(key.startswith(prefix) for key in state_dict):
+            self._unpushed = True
+
+    def _sync(self) -> None:
+        """Put what a parent module's load put in the local copy on the server (see _load_from_state_dict)."""
+        if self._unpushed:
+            self._push_local()
+            self._unpushed = False
+
+    def _push_local(self) -> None:
+        """Set the server's average to the local copy (cast to the average's dtypes) and its count."""
         local = _unwrapped(self._local())
         values = [
             (name, t.detach().to(self._layout[name][1]))
@@ -370,11 +435,38 @@ class RemoteAveragedModel(torch.nn.Module):
             values.append((".n", torch.tensor(float(self.n_averaged), dtype=torch.float64)))
         with self._held():
             push(self.client, values, into=self.average)
-        return result
+
+    @torch.no_grad()
+    def _restorer(self) -> Callable[[], None]:
+        """A function that puts back this object's tensors (the local copy's and n_averaged) as they
+        are now: the same tensor objects holding the same values.
+
+        torch's load_state_dict copies every entry it can before it raises for a missing, unexpected
+        or ill-shaped one, and a refused push changes nothing on the server; without this a failed
+        load left the local copy and n_averaged loaded and the server's average not, so an EMA went
+        on from the failed checkpoint's step (found by review). It holds one copy of the local
+        model while the load runs."""
+        kept: list[tuple[dict[str, Any], str, torch.Tensor, torch.Tensor]] = []
+        copies: dict[int, torch.Tensor] = {}  # tied tensors are copied once
+        for module in torch.nn.Module.modules(self):
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is not None:
+                        kept.append((table, name, t, copies.setdefault(id(t), t.detach().clone())))
+
+        @torch.no_grad()
+        def restore() -> None:
+            for table, name, t, copy in kept:
+                table[name] = t  # load_state_dict(assign=True) replaces the objects themselves
+                t.detach().copy_(copy)
+
+        return restore
 
     def pull(self) -> None:
-        """Copy the server's average into the local copy now (module, state_dict() and calls do it)."""
+        """Copy the server's average into the local copy now (module, state_dict() and calls do it),
+        after sending what a parent module's load put in the local copy."""
         self._check_not_freed()
+        self._sync()
         self._stale = True
         self._pull()
 
