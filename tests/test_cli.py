@@ -303,6 +303,15 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),
     ("keepalive_timeout_seconds", 1e12, "--keepalive-timeout-seconds must be a number of seconds, more than 0, at most"),
     ("cluster_timeout_seconds", float("nan"), "--cluster-timeout-seconds must be a number of seconds, more than 0"),
+    # every spec refused as having "more than 0 (-1) layers"; GetServerInfo INTERNAL past int64
+    ("max_spec_layers", 0, "--max-spec-layers must be a whole number from 1 to 2147483647; got 0"),
+    ("max_spec_layers", -1, "--max-spec-layers must be a whole number from 1 to 2147483647; got -1"),
+    ("max_spec_layers", 2**63, "--max-spec-layers must be a whole number from 1 to 2147483647"),
+    # refused by the store without naming a flag, and under torchrun by rank 0 alone after the ranks met
+    ("max_request_ids", -1, "--max-request-ids must be 0 or more; got -1"),
+    ("max_request_id_bytes", -1, "--max-request-id-bytes must be 0 or more; got -1"),
+    ("request_id_window_seconds", float("nan"), "--request-id-window-seconds must be a number of seconds, 0 or more"),
+    ("request_id_window_seconds", -1.0, "--request-id-window-seconds must be a number of seconds, 0 or more"),
 ])
 def test_a_setting_no_server_can_run_with_is_refused_naming_its_flag(setting: str, value: float, message: str) -> None:
     """Each of these started a server that failed later, or never applied its cap (found by review)."""

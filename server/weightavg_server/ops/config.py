@@ -52,10 +52,14 @@ cluster is declared broken; also the longest a call on replicated objects may ru
 
 
 _INT32_MAX = 2**31 - 1
-_WHOLE_AT_LEAST = {"max_workers": 1, "max_message_bytes": 1, "chunk_bytes": 1, "max_spec_depth": 1}
-"""Settings that must be whole numbers from this low to what grpc and the codecs take (int32)."""
-_CAPS = ("max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions")
-"""Caps of 0 or more (0 means "none" or "the device's size" where the flag says so)."""
+_WHOLE_AT_LEAST = {
+    "max_workers": 1, "max_message_bytes": 1, "chunk_bytes": 1, "max_spec_depth": 1, "max_spec_layers": 1,
+}
+"""Settings that must be whole numbers from this low to what grpc and the codecs take (int32).
+--max-spec-layers 0 or -1 served a server that refused every spec ("more than -1 layers"), and one
+past int64 made every GetServerInfo INTERNAL (found by review)."""
+_CAPS = ("max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions", "max_request_ids", "max_request_id_bytes")
+"""Caps of 0 or more (0 means "none", "remember none" or "the device's size" where the flag says so)."""
 _KEEPALIVE_MAX = _INT32_MAX / 1000
 """grpc takes keepalive settings as int32 milliseconds."""
 _SECONDS: dict[str, tuple[bool, float]] = {
@@ -66,6 +70,7 @@ _SECONDS: dict[str, tuple[bool, float]] = {
     "keepalive_time_seconds": (True, _KEEPALIVE_MAX),
     "keepalive_timeout_seconds": (True, _KEEPALIVE_MAX),
     "cluster_timeout_seconds": (True, threading.TIMEOUT_MAX),
+    "request_id_window_seconds": (False, threading.TIMEOUT_MAX),
 }
 """Durations: finite, (more than 0 when True, else 0 or more), at most what a wait or grpc takes."""
 
@@ -143,6 +148,8 @@ class ServerConfig:
         --chunk-bytes 0 made every fetch INTERNAL and -1 answered fetches with nothing, a negative
         --max-message-bytes refused every call, --snapshot-every inf ended the snapshot thread with
         a traceback (no snapshot until shutdown), a negative cap meant none at all (found by review).
+The request ID settings were refused later, by the store, in words that named no flag, and under
+torchrun by rank 0 alone, after the cluster had met (found by review).
 
         Raises:
             ValueError: the first setting out of range.
