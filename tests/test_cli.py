@@ -181,6 +181,37 @@ def test_an_address_with_a_bad_port_is_refused_and_one_without_gets_the_default(
     assert code == 1 and "(could not reach 127.0.0.1:50051 over plaintext" in err  # never gRPC's 443
 
 
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "1e300", "soon"])
+def test_a_timeout_grpc_cannot_wait_is_refused_not_sent(
+    live_server: LiveServer, timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was sent as given, and grpc answered DEADLINE_EXCEEDED at once, as if the server were too
+    slow (0 waited without a deadline); found by review."""
+    code, out, err = run_main(["health", live_server.address, "--timeout", timeout], capsys)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1].startswith("weightavg health: error: argument --timeout: ")
+    assert "Deadline" not in err
+    code, out, _ = run_main(["health", live_server.address, "--timeout", "1e9"], capsys)  # the longest: served
+    assert (code, out) == (0, "SERVING\n")
+
+
+@pytest.mark.parametrize("token", ["s3cret-token-0123456789\n", "sécret-token-0123456789", " s3cret-token-0123456789"])
+def test_a_token_grpc_metadata_cannot_carry_is_refused_without_showing_it(
+    live_server: LiveServer, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It failed as "INTERNAL: Invalid metadata" under a line of grpc's log (found by review); from the
+    variable as from the flag, and the message never shows it."""
+    for argv, env in ((["--token", token], None), ([], token)):
+        if env is None:
+            monkeypatch.delenv("WEIGHTAVG_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("WEIGHTAVG_TOKEN", env)
+        code, out, err = run_main(["info", live_server.address, *argv], capsys)
+        assert (code, out) == (2, "")
+        assert "gRPC metadata cannot carry" in err and "INTERNAL" not in err
+        assert token.strip() not in err
+
+
 # -- the real process: serve, metrics, logs, SIGTERM -----------------------------------------------
 
 
