@@ -301,6 +301,10 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
      "9.22337e+09; got inf"),
     ({"WEIGHTAVG_MAX_SESSION_LEASE_SECONDS": "30"}, "--session-lease-seconds (60) is longer than "
      "--max-session-lease-seconds (30): every session asking for the default would be refused"),
+    # found by review: served, refusing every call, while each client failed with INTERNAL: Invalid metadata
+    ({"WEIGHTAVG_TOKEN": "a-token-long-enough-1\n"}, "--token (WEIGHTAVG_TOKEN) has surrounding spaces or a character "
+     "other than printable ASCII: no client could send it, so every call would be refused; is it the whole token and "
+     "only it?"),
     ({"WEIGHTAVG_AUDIT_LOG": "/nonexistent/dir/audit.log"},  # found by review: a traceback
      "cannot open the audit log /nonexistent/dir/audit.log: No such file or directory"),
 ])

@@ -79,6 +79,14 @@ def _flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def sendable_token(token: str) -> bool:
+    """Whether a client can send `token` at all: gRPC metadata values are printable ASCII, and
+    surrounding spaces do not survive the `Bearer` header. A server given another (a trailing
+    newline from a secret file, a non-ASCII character) refused every call as a wrong token, while
+    every client failed locally with INTERNAL: Invalid metadata (found by review)."""
+    return token == token.strip() and all(" " <= c <= "~" for c in token)
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -166,6 +174,11 @@ torchrun by rank 0 alone, after the cluster had met (found by review).
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= high):
                 least = "more than 0" if positive else "0 or more"
                 raise ValueError(f"{_flag_of(name)} must be a number of seconds, {least}, at most {high:g}; got {value}")
+        if self.token and not sendable_token(self.token):  # never the token itself: it would reach the log
+            raise ValueError(
+                f"--token ({ENV_PREFIX}TOKEN) has surrounding spaces or a character other than printable ASCII: no "
+                "client could send it, so every call would be refused; is it the whole token and only it?"
+            )
         if self.snapshot_every and not self.state_dir:
             raise ValueError("--snapshot-every needs --state-dir: without it no snapshot is ever written")
         if self.session_lease_seconds > self.max_session_lease_seconds:

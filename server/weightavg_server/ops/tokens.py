@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import sendable_token
 from ..store.tenants import DEFAULT_TENANT, Caller, Quota, Role, check_tenant_name
 from ..transport.tenancy import TokenTable, token_digest
 from ..domain.errors import InvalidArgument
@@ -136,10 +137,11 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
             raise TokensFileError(f"{where}: give exactly one of 'token' and 'sha256'")
         if "token" in entry:
             secret = entry["token"]
-            if not isinstance(secret, str) or len(secret) < MIN_TOKEN_LENGTH or secret != secret.strip():
+            # Printable ASCII too: a token of other characters was loaded, and no client could send it.
+            if not isinstance(secret, str) or len(secret) < MIN_TOKEN_LENGTH or not sendable_token(secret):
                 raise TokensFileError(
-                    f"{where}: a token must be a string of at least {MIN_TOKEN_LENGTH} characters without surrounding "
-                    "spaces (e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
+                    f"{where}: a token must be a string of at least {MIN_TOKEN_LENGTH} characters, printable ASCII "
+                    "without surrounding spaces (e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
                 )
             digest = token_digest(secret)
         else:
