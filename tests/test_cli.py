@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from weightavg import Client
+from weightavg import Client, UnauthenticatedError
 from weightavg._cli import COMMANDS, main
 from weightavg_server.domain import lerp, weighted_sum
 from weightavg_server.ops.app import SERVICE_NAME, create_server, set_serving
@@ -517,6 +517,35 @@ def test_a_tokens_file_every_user_can_read_is_warned_about(tmp_path: Path, caplo
         f"tokens; chmod o-r {plain} (or 0600), or list the tokens by their sha256 instead"
     ]
     assert warnings[1:] == [[], [], []]
+
+
+def test_a_tokens_file_every_user_can_write_is_refused_at_start_and_on_sighup(tmp_path: Path) -> None:
+    """Anyone on the host could add an admin token of their own to it, digests or plain tokens, and
+    the server took it at the next start or SIGHUP (found by review)."""
+    from weightavg_server.ops.app import create_runtime
+    from weightavg_server.ops.tokens import TokensFileError
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[tokens]]\ntoken = "a-token-long-enough-1"\ntenant = "a"\nrole = "user"\n')
+    tokens.chmod(0o666)
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens))
+    refusal = f"the tokens file {tokens} is writable by every user of this host (mode 0666)"
+    with pytest.raises(TokensFileError, match=re.escape(refusal)):
+        create_runtime(config)
+    tokens.chmod(0o644)
+    runtime = create_runtime(config)
+    runtime.start()
+    try:
+        tokens.write_text('[[tokens]]\ntoken = "an-intruders-token-01"\ntenant = "a"\nrole = "admin"\n')
+        tokens.chmod(0o646)
+        assert runtime.reload_tokens() is False  # the tokens in force stay
+        with Client(f"127.0.0.1:{runtime.port}", token="an-intruders-token-01", timeout=30) as c:
+            with pytest.raises(UnauthenticatedError):
+                c.info()
+        with Client(f"127.0.0.1:{runtime.port}", token="a-token-long-enough-1", timeout=30) as c:
+            assert c.info()["device"] == "cpu"
+    finally:
+        runtime.stop(None)
 
 
 def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> None:
