@@ -571,6 +571,33 @@ def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> N
     assert (created.stat().st_mode & 0o777, existing.stat().st_mode & 0o777) == (0o600, 0o640)
 
 
+def test_an_audit_log_moved_away_by_a_rotation_is_made_again_its_users_alone(tmp_path: Path) -> None:
+    """logrotate renames the file and expects the next line in a new one at the path: the server kept
+    writing the renamed file, so the trail went wherever rotation sent it and, at the last rotation,
+    was deleted (found by review). The new file is 0600 as the first was."""
+    audit = tmp_path / "audit.jsonl"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--audit-log", str(audit)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        env=dict(os.environ, WEIGHTAVG_METRICS_PORT="-1"),
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        with Client(address, timeout=60) as c:
+            c.free(c.module(["linear", 2, 1]))
+            audit.rename(tmp_path / "audit.jsonl.1")  # as logrotate does, without copytruncate
+            c.free(c.module(["linear", 3, 1]))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    rotated = [json.loads(line)["method"] for line in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    assert rotated == ["CreateModule", "FreeHandles"]
+    assert [json.loads(line)["method"] for line in audit.read_text().splitlines()] == ["CreateModule", "FreeHandles"]
+    assert audit.stat().st_mode & 0o777 == 0o600
+
+
 def test_sighup_for_a_cluster_goes_to_the_pid_rank_0_names_and_the_cluster_serves_on(tmp_path: Path) -> None:
     """torchrun takes SIGHUP as a stop: `kill -HUP <torchrun>` ended every rank without a snapshot
     (found by review). Rank 0 names its pid in its start line, where SIGHUP rereads the tokens file."""

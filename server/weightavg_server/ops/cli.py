@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -271,6 +273,20 @@ def configure_logging(config: ServerConfig) -> None:
         audit_to_file(config.audit_log)
 
 
+class AuditFileHandler(logging.handlers.WatchedFileHandler):
+    """The audit file, opened again at its path when it was moved or removed (logrotate renames it
+    and expects the next line in a new file: FileHandler kept writing the renamed one, whose trail
+    the last rotation deleted; found by review).
+
+    A file it creates is the server's user's alone, like the snapshots: every line names a tenant,
+    its handles and the peer's address (FileHandler made it 0644; found by review). An existing
+    file keeps the mode its operator gave it."""
+
+    def _open(self) -> io.TextIOWrapper:
+        os.close(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_LOG_MODE))
+        return super()._open()
+
+
 def audit_to_file(path: str) -> None:
     """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too).
 
@@ -278,11 +294,7 @@ def audit_to_file(path: str) -> None:
         ValueError: the file cannot be opened for appending (the message names it and why).
     """
     try:
-        # A new file is the server's user's alone, like the snapshots: every line names a tenant, its
-        # handles and the peer's address (FileHandler made it 0644; found by review). An existing
-        # file keeps the mode its operator gave it.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_LOG_MODE))
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = AuditFileHandler(path, encoding="utf-8")
     except OSError as exc:  # printed a traceback (found by review)
         raise ValueError(f"cannot open the audit log {path}: {exc.strerror or exc}") from None
     handler.setFormatter(logging.Formatter("%(message)s"))
