@@ -412,6 +412,47 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
         process.wait()
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_serves_prints_addresses_that_work_and_is_loopback(host: str) -> None:
+    """`--host ::1` could not bind (gRPC read "::1:0" as ::0.1.0.0 on port 443); `[::1]` bound, was
+    warned about as an open interface and could not serve metrics (found by review)."""
+    import urllib.request
+
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--host", host, "--port", "0", "--device", "cpu",
+         "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        url = process.stdout.readline().strip().removeprefix("weightavg metrics on ")
+        assert re.fullmatch(r"\[::1\]:\d+", address) and re.fullmatch(r"http://\[::1\]:\d+/metrics", url), (address, url)
+        assert subprocess.run(
+            [str(Path(sys.executable).parent / "weightavg"), "health", address], capture_output=True, text=True,
+            timeout=60, cwd=ROOT,
+        ).stdout == "SERVING\n"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            assert b"weightavg_build_info" in reply.read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "WARNING" not in err  # loopback: neither the API nor the metrics are warned about
+
+
 def test_the_metrics_endpoint_can_stay_on_a_trusted_interface() -> None:
     """/metrics has no token: a server on 0.0.0.0 showed every tenant's name and bytes to the
     network (found by review). --metrics-host binds it elsewhere."""

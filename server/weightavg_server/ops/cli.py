@@ -23,7 +23,7 @@ from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
 from .app import create_runtime, settings
-from .config import ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig
+from .config import ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
 from ..domain.errors import WeightavgError
 from ..store.snapshot import SnapshotError
 
@@ -147,20 +147,20 @@ def serve(config: ServerConfig) -> None:
     runtime = create_runtime(config, fabric=fabric)
     torch.zeros(1, device=runtime.device)  # the device must really work before health says SERVING
     metrics = None
-    metrics_host = config.metrics_host or config.host
+    metrics_host = bare_host(config.metrics_host or config.host)  # the HTTP server binds [::1] as ::1
     if config.metrics_port >= 0:
         from .metrics import start_metrics_server  # prometheus-client is only needed with metrics on
 
         try:
             metrics = start_metrics_server(metrics_host, config.metrics_port, runtime.stats, runtime.service)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc}") from exc
+            raise OSError(f"cannot serve metrics on {host_port(metrics_host, config.metrics_port)}: {exc}") from exc
         if metrics_host not in LOOPBACK_HOSTS:
             # As the warning of a gRPC port open with no token: the endpoint has none, and names every
             # tenant with what it holds (a server with tokens on 0.0.0.0 showed them silently; found by review).
             log.warning(
-                "metrics on %s:%d have no token: whoever reaches that port reads every tenant's name, calls and "
-                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)", metrics_host, metrics.port,
+                "metrics on %s have no token: whoever reaches that port reads every tenant's name, calls and "
+                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)", host_port(metrics_host, metrics.port),
             )
     stop = threading.Event()
     signals = Signals()
@@ -171,9 +171,9 @@ def serve(config: ServerConfig) -> None:
     # Under torchrun the pid says where SIGHUP must go: torchrun takes SIGHUP as a stop and ends every
     # rank without a snapshot (docs/cluster.md).
     ranks = f" (rank 0 of {fabric.world_size}, pid {os.getpid()})" if fabric is not None else ""
-    print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
+    print(f"weightavg serving on {host_port(config.host, runtime.port)}{ranks}", flush=True)
     if metrics is not None:
-        print(f"weightavg metrics on http://{metrics_host}:{metrics.port}/metrics", flush=True)
+        print(f"weightavg metrics on http://{host_port(metrics_host, metrics.port)}/metrics", flush=True)
     signals.serve_until_stopped(stop, runtime.reload_tokens)
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
     try:

@@ -19,6 +19,19 @@ DEFAULT_HOST = "127.0.0.1"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 """Addresses only this host reaches: a port bound elsewhere without a token is warned about."""
 DEFAULT_PORT = 50051
+
+
+def bare_host(host: str) -> str:
+    """The host without the brackets of `[::1]`: what sockets bind and LOOPBACK_HOSTS lists."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC targets and URLs write it, an IPv6 address in brackets: gRPC read
+    `--host ::1` as "::1:0", the address ::0.1.0.0 on port 443, and could not bind, while `[::1]`
+    bound but was warned about as an open interface and could not serve metrics (found by review)."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
