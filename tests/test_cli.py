@@ -324,6 +324,11 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     ("max_message_bytes", 1 << 31, "--max-message-bytes must be a whole number from 1 to 2147483647"),
     ("max_workers", 0, "--max-workers must be a whole number from 1"),
     ("max_spec_depth", -1, "--max-spec-depth must be a whole number from 1"),
+    # every fetch of a tensor over the message cap: RESOURCE_EXHAUSTED, "Sent message larger than max"
+    ("max_message_bytes", 1 << 20, "--chunk-bytes (4194304) leaves no room in --max-message-bytes (1048576) for a "
+     "chunk's name and shape (1024 bytes): every tensor the server sends in chunks would be refused; give "
+     "--chunk-bytes 1047552 or less"),
+    ("max_message_bytes", 1000, "raise --max-message-bytes above 1024"),
     ("max_upload_bytes", -1, "--max-upload-bytes must be 0 or more; got -1"),  # every upload refused
     ("max_device_bytes", -1, "--max-device-bytes must be 0 or more; got -1"),  # silently no cap
     ("max_handles", -1, "--max-handles must be 0 or more; got -1"),
@@ -352,6 +357,21 @@ def test_a_setting_no_server_can_run_with_is_refused_naming_its_flag(setting: st
     """Each of these started a server that failed later, or never applied its cap (found by review)."""
     with pytest.raises(ValueError, match=re.escape(message)):
         create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu", **{setting: value}))
+
+
+def test_chunks_as_large_as_the_setting_allows_fetch_a_tensor_over_the_message_cap(start_server) -> None:  # type: ignore[no-untyped-def]
+    """The largest --chunk-bytes the check lets through for a message cap still sends every chunk; one
+    byte short of the header room, 4 KiB chunks under a 4 KiB cap, failed every fetch (found by review)."""
+    import numpy as np
+
+    from weightavg_server.ops.config import CHUNK_HEADER_ROOM
+
+    cap = 8192
+    server = start_server(max_message_bytes=cap, chunk_bytes=cap - CHUNK_HEADER_ROOM)
+    with Client(server.address, timeout=60, chunk_bytes=1024, session=True) as c:
+        values = np.arange(10_000, dtype=np.float32)  # 40 KB: five chunks of the server's
+        named = "layer." * 100 + "weight"  # a 606-character name rides in the header chunk
+        assert np.array_equal(c.dict(c.dict({named: values}), named), values)
 
 
 def test_a_setting_at_its_limit_still_serves() -> None:
