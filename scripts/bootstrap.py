@@ -37,6 +37,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+MIN_PYTHON = (3, 10)
+"""pyproject.toml's requires-python (tests/test_bootstrap.py checks they agree)."""
+if sys.version_info < MIN_PYTHON:
+    # Before anything else: Python 3.8 failed on the next lines with a TypeError traceback, and 3.9
+    # made a venv and then failed in pip's resolver on torch (found by review).
+    raise SystemExit(
+        f"weightavg setup: weightavg needs Python {'.'.join(map(str, MIN_PYTHON))} or later, and "
+        f"{sys.executable} is {platform.python_version()}; run with a newer one, e.g. PYTHON=python3.11 scripts/demo"
+    )
+
 TORCH = "torch==2.13.0"
 """The pin of pyproject.toml's server extra (tests/test_bootstrap.py checks they agree)."""
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"

@@ -10,6 +10,7 @@ import http.server
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,6 +44,32 @@ bootstrap = _load()
 
 def test_the_pin_is_the_server_extra_s() -> None:
     assert f'"{bootstrap.TORCH}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_python_floor_is_the_package_s() -> None:
+    floor = ".".join(map(str, bootstrap.MIN_PYTHON))
+    assert f'requires-python = ">={floor}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_an_older_python_is_refused_in_one_line_before_anything_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.8 printed a TypeError traceback; 3.9 made the venv, then failed in pip's resolver on
+    torch (found by review). The real interpreter where this machine has one, else this one made to
+    say it is 3.9."""
+    venv = tmp_path / "venv"
+    older = [found for found in map(shutil.which, ("python3.8", "python3.9")) if found]
+    for python in older:
+        run = subprocess.run([python, str(SCRIPT), "--venv", str(venv)], capture_output=True, text=True, timeout=60)
+        if "is not available" in run.stderr or "command exists in these Python versions" in run.stderr:
+            continue  # a pyenv shim without that version selected
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.startswith("weightavg setup: weightavg needs Python 3.10 or later")
+    monkeypatch.setitem(sys.modules, "bootstrap", bootstrap)  # _load() replaces it; the other tests use this one
+    monkeypatch.setattr(sys, "version_info", (3, 9, 18, "final", 0))
+    with pytest.raises(SystemExit, match=r"^weightavg setup: weightavg needs Python 3\.10 or later, and .* is "):
+        _load()
+    assert not venv.exists()
 
 
 @pytest.mark.parametrize(

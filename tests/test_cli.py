@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from weightavg import Client
+from weightavg import Client, UnauthenticatedError
 from weightavg._cli import COMMANDS, main
 from weightavg_server.domain import lerp, weighted_sum
 from weightavg_server.ops.app import SERVICE_NAME, create_server, set_serving
@@ -181,6 +181,37 @@ def test_an_address_with_a_bad_port_is_refused_and_one_without_gets_the_default(
     assert code == 1 and "(could not reach 127.0.0.1:50051 over plaintext" in err  # never gRPC's 443
 
 
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "1e300", "soon"])
+def test_a_timeout_grpc_cannot_wait_is_refused_not_sent(
+    live_server: LiveServer, timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was sent as given, and grpc answered DEADLINE_EXCEEDED at once, as if the server were too
+    slow (0 waited without a deadline); found by review."""
+    code, out, err = run_main(["health", live_server.address, "--timeout", timeout], capsys)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1].startswith("weightavg health: error: argument --timeout: ")
+    assert "Deadline" not in err
+    code, out, _ = run_main(["health", live_server.address, "--timeout", "1e9"], capsys)  # the longest: served
+    assert (code, out) == (0, "SERVING\n")
+
+
+@pytest.mark.parametrize("token", ["s3cret-token-0123456789\n", "sécret-token-0123456789", " s3cret-token-0123456789"])
+def test_a_token_grpc_metadata_cannot_carry_is_refused_without_showing_it(
+    live_server: LiveServer, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It failed as "INTERNAL: Invalid metadata" under a line of grpc's log (found by review); from the
+    variable as from the flag, and the message never shows it."""
+    for argv, env in ((["--token", token], None), ([], token)):
+        if env is None:
+            monkeypatch.delenv("WEIGHTAVG_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("WEIGHTAVG_TOKEN", env)
+        code, out, err = run_main(["info", live_server.address, *argv], capsys)
+        assert (code, out) == (2, "")
+        assert "gRPC metadata cannot carry" in err and "INTERNAL" not in err
+        assert token.strip() not in err
+
+
 # -- the real process: serve, metrics, logs, SIGTERM -----------------------------------------------
 
 
@@ -270,6 +301,10 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
      "9.22337e+09; got inf"),
     ({"WEIGHTAVG_MAX_SESSION_LEASE_SECONDS": "30"}, "--session-lease-seconds (60) is longer than "
      "--max-session-lease-seconds (30): every session asking for the default would be refused"),
+    # found by review: served, refusing every call, while each client failed with INTERNAL: Invalid metadata
+    ({"WEIGHTAVG_TOKEN": "a-token-long-enough-1\n"}, "--token (WEIGHTAVG_TOKEN) has surrounding spaces or a character "
+     "other than printable ASCII: no client could send it, so every call would be refused; is it the whole token and "
+     "only it?"),
     ({"WEIGHTAVG_AUDIT_LOG": "/nonexistent/dir/audit.log"},  # found by review: a traceback
      "cannot open the audit log /nonexistent/dir/audit.log: No such file or directory"),
 ])
@@ -289,6 +324,11 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     ("max_message_bytes", 1 << 31, "--max-message-bytes must be a whole number from 1 to 2147483647"),
     ("max_workers", 0, "--max-workers must be a whole number from 1"),
     ("max_spec_depth", -1, "--max-spec-depth must be a whole number from 1"),
+    # every fetch of a tensor over the message cap: RESOURCE_EXHAUSTED, "Sent message larger than max"
+    ("max_message_bytes", 1 << 20, "--chunk-bytes (4194304) leaves no room in --max-message-bytes (1048576) for a "
+     "chunk's name and shape (1024 bytes): every tensor the server sends in chunks would be refused; give "
+     "--chunk-bytes 1047552 or less"),
+    ("max_message_bytes", 1000, "raise --max-message-bytes above 1024"),
     ("max_upload_bytes", -1, "--max-upload-bytes must be 0 or more; got -1"),  # every upload refused
     ("max_device_bytes", -1, "--max-device-bytes must be 0 or more; got -1"),  # silently no cap
     ("max_handles", -1, "--max-handles must be 0 or more; got -1"),
@@ -303,11 +343,35 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),
     ("keepalive_timeout_seconds", 1e12, "--keepalive-timeout-seconds must be a number of seconds, more than 0, at most"),
     ("cluster_timeout_seconds", float("nan"), "--cluster-timeout-seconds must be a number of seconds, more than 0"),
+    # every spec refused as having "more than 0 (-1) layers"; GetServerInfo INTERNAL past int64
+    ("max_spec_layers", 0, "--max-spec-layers must be a whole number from 1 to 2147483647; got 0"),
+    ("max_spec_layers", -1, "--max-spec-layers must be a whole number from 1 to 2147483647; got -1"),
+    ("max_spec_layers", 2**63, "--max-spec-layers must be a whole number from 1 to 2147483647"),
+    # refused by the store without naming a flag, and under torchrun by rank 0 alone after the ranks met
+    ("max_request_ids", -1, "--max-request-ids must be 0 or more; got -1"),
+    ("max_request_id_bytes", -1, "--max-request-id-bytes must be 0 or more; got -1"),
+    ("request_id_window_seconds", float("nan"), "--request-id-window-seconds must be a number of seconds, 0 or more"),
+    ("request_id_window_seconds", -1.0, "--request-id-window-seconds must be a number of seconds, 0 or more"),
 ])
 def test_a_setting_no_server_can_run_with_is_refused_naming_its_flag(setting: str, value: float, message: str) -> None:
     """Each of these started a server that failed later, or never applied its cap (found by review)."""
     with pytest.raises(ValueError, match=re.escape(message)):
         create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu", **{setting: value}))
+
+
+def test_chunks_as_large_as_the_setting_allows_fetch_a_tensor_over_the_message_cap(start_server) -> None:  # type: ignore[no-untyped-def]
+    """The largest --chunk-bytes the check lets through for a message cap still sends every chunk; one
+    byte short of the header room, 4 KiB chunks under a 4 KiB cap, failed every fetch (found by review)."""
+    import numpy as np
+
+    from weightavg_server.ops.config import CHUNK_HEADER_ROOM
+
+    cap = 8192
+    server = start_server(max_message_bytes=cap, chunk_bytes=cap - CHUNK_HEADER_ROOM)
+    with Client(server.address, timeout=60, chunk_bytes=1024, session=True) as c:
+        values = np.arange(10_000, dtype=np.float32)  # 40 KB: five chunks of the server's
+        named = "layer." * 100 + "weight"  # a 606-character name rides in the header chunk
+        assert np.array_equal(c.dict(c.dict({named: values}), named), values)
 
 
 def test_a_setting_at_its_limit_still_serves() -> None:
@@ -366,6 +430,47 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_serves_prints_addresses_that_work_and_is_loopback(host: str) -> None:
+    """`--host ::1` could not bind (gRPC read "::1:0" as ::0.1.0.0 on port 443); `[::1]` bound, was
+    warned about as an open interface and could not serve metrics (found by review)."""
+    import urllib.request
+
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--host", host, "--port", "0", "--device", "cpu",
+         "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        url = process.stdout.readline().strip().removeprefix("weightavg metrics on ")
+        assert re.fullmatch(r"\[::1\]:\d+", address) and re.fullmatch(r"http://\[::1\]:\d+/metrics", url), (address, url)
+        assert subprocess.run(
+            [str(Path(sys.executable).parent / "weightavg"), "health", address], capture_output=True, text=True,
+            timeout=60, cwd=ROOT,
+        ).stdout == "SERVING\n"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            assert b"weightavg_build_info" in reply.read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "WARNING" not in err  # loopback: neither the API nor the metrics are warned about
 
 
 def test_the_metrics_endpoint_can_stay_on_a_trusted_interface() -> None:
@@ -475,6 +580,35 @@ def test_a_tokens_file_every_user_can_read_is_warned_about(tmp_path: Path, caplo
     assert warnings[1:] == [[], [], []]
 
 
+def test_a_tokens_file_every_user_can_write_is_refused_at_start_and_on_sighup(tmp_path: Path) -> None:
+    """Anyone on the host could add an admin token of their own to it, digests or plain tokens, and
+    the server took it at the next start or SIGHUP (found by review)."""
+    from weightavg_server.ops.app import create_runtime
+    from weightavg_server.ops.tokens import TokensFileError
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[tokens]]\ntoken = "a-token-long-enough-1"\ntenant = "a"\nrole = "user"\n')
+    tokens.chmod(0o666)
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens))
+    refusal = f"the tokens file {tokens} is writable by every user of this host (mode 0666)"
+    with pytest.raises(TokensFileError, match=re.escape(refusal)):
+        create_runtime(config)
+    tokens.chmod(0o644)
+    runtime = create_runtime(config)
+    runtime.start()
+    try:
+        tokens.write_text('[[tokens]]\ntoken = "an-intruders-token-01"\ntenant = "a"\nrole = "admin"\n')
+        tokens.chmod(0o646)
+        assert runtime.reload_tokens() is False  # the tokens in force stay
+        with Client(f"127.0.0.1:{runtime.port}", token="an-intruders-token-01", timeout=30) as c:
+            with pytest.raises(UnauthenticatedError):
+                c.info()
+        with Client(f"127.0.0.1:{runtime.port}", token="a-token-long-enough-1", timeout=30) as c:
+            assert c.info()["device"] == "cpu"
+    finally:
+        runtime.stop(None)
+
+
 def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> None:
     """Each audit line names a tenant, its handles and the caller's address; the file was created
     0644, readable by every user of the host (found by review). One that exists keeps its mode."""
@@ -496,6 +630,33 @@ def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> N
         audit.handlers[:] = before[0]
         audit.propagate = before[1]
     assert (created.stat().st_mode & 0o777, existing.stat().st_mode & 0o777) == (0o600, 0o640)
+
+
+def test_an_audit_log_moved_away_by_a_rotation_is_made_again_its_users_alone(tmp_path: Path) -> None:
+    """logrotate renames the file and expects the next line in a new one at the path: the server kept
+    writing the renamed file, so the trail went wherever rotation sent it and, at the last rotation,
+    was deleted (found by review). The new file is 0600 as the first was."""
+    audit = tmp_path / "audit.jsonl"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--audit-log", str(audit)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        env=dict(os.environ, WEIGHTAVG_METRICS_PORT="-1"),
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        with Client(address, timeout=60) as c:
+            c.free(c.module(["linear", 2, 1]))
+            audit.rename(tmp_path / "audit.jsonl.1")  # as logrotate does, without copytruncate
+            c.free(c.module(["linear", 3, 1]))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    rotated = [json.loads(line)["method"] for line in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    assert rotated == ["CreateModule", "FreeHandles"]
+    assert [json.loads(line)["method"] for line in audit.read_text().splitlines()] == ["CreateModule", "FreeHandles"]
+    assert audit.stat().st_mode & 0o777 == 0o600
 
 
 def test_sighup_for_a_cluster_goes_to_the_pid_rank_0_names_and_the_cluster_serves_on(tmp_path: Path) -> None:

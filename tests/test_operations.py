@@ -330,7 +330,9 @@ def test_keepalive_and_message_limits_reach_the_grpc_options() -> None:
 
 
 def test_a_message_over_the_cap_is_resource_exhausted() -> None:
-    server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_message_bytes=1 << 20))
+    server, port, _ = create_server(
+        ServerConfig(host="127.0.0.1", port=0, device="cpu", max_message_bytes=1 << 20, chunk_bytes=512 << 10)
+    )
     server.start()
     try:
         # 2 MiB chunks exceed the 1 MiB cap; 512 KiB chunks of the same tensor pass.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.config import ServerConfig
+from weightavg_server.ops.tokens import TokensFileError
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -181,6 +183,23 @@ def test_token_comes_from_the_environment_and_stays_out_of_reprs() -> None:
     config = ServerConfig.from_env({"WEIGHTAVG_TOKEN": TOKEN, "WEIGHTAVG_STATE_DIR": "/tmp/x"})
     assert config.token == TOKEN and config.state_dir == "/tmp/x"
     assert TOKEN not in repr(config) and "token='***'" in repr(config)
+
+
+@pytest.mark.parametrize("token", [TOKEN + "\n", "\t" + TOKEN, TOKEN.replace("e", "é")],
+                         ids=["newline", "tab", "non-ASCII"])
+def test_a_token_no_client_can_send_is_refused_at_start_without_echoing_it(token: str, tmp_path: Path) -> None:
+    """A trailing newline (a secret read from a file), a tab or a non-ASCII letter: the server took it,
+    then refused every call as a wrong token, while every client failed locally with INTERNAL:
+    Invalid metadata (found by review). Refused for --token and in a tokens file alike."""
+    with pytest.raises(ValueError, match="printable ASCII") as refused:
+        create_runtime(ServerConfig.from_env({"WEIGHTAVG_TOKEN": token}, host="127.0.0.1", port=0, device="cpu"))
+    assert token.strip() not in str(refused.value)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"token": token, "tenant": "a", "role": "user"}]}))
+    tokens.chmod(0o600)
+    with pytest.raises(TokensFileError, match=r"tokens\[0\]: a token must be .* printable ASCII") as refused:
+        create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens)))
+    assert token.strip() not in str(refused.value)
 
 
 # -- TLS --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,37 @@ def _address(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+MAX_TIMEOUT = 1e9
+"""Longest --timeout, in seconds (about 31 years): grpc keeps a deadline as nanoseconds since the
+epoch in 64 bits, and answered DEADLINE_EXCEEDED at once for one past about 7.4e9 s from now."""
+
+
+def _timeout(value: str) -> float:
+    """argparse's type for --timeout: seconds, more than 0 and at most MAX_TIMEOUT. A negative, NaN,
+    infinite or too large one was sent as given, and grpc answered DEADLINE_EXCEEDED at once, which
+    read as a server too slow to answer (found by review)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of seconds more than 0, at most {MAX_TIMEOUT:g}")
+    return seconds
+
+
+def _token(value: str) -> str:
+    """argparse's type for --token (and WEIGHTAVG_TOKEN, its default): a token gRPC metadata can
+    carry, printable ASCII without surrounding spaces. Another (a newline from a secret file, say)
+    failed as "INTERNAL: Invalid metadata", with a line of grpc's own log above it (found by
+    review). The message never shows the token."""
+    if value and (value != value.strip() or not all(" " <= c <= "~" for c in value)):
+        raise argparse.ArgumentTypeError(
+            "the token (--token or WEIGHTAVG_TOKEN) has surrounding spaces or a character other than printable "
+            "ASCII, which gRPC metadata cannot carry; is it the whole token and only it?"
+        )
+    return value
+
+
 T = TypeVar("T")
 
 
@@ -64,8 +96,8 @@ def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT)
     p = argparse.ArgumentParser(prog=f"weightavg {name}", description=description)
     p.add_argument("address", type=_address,
                    help=f"host:port of the server, e.g. 127.0.0.1:{DEFAULT_PORT} (the port defaults to {DEFAULT_PORT})")
-    p.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for the answer (default {timeout})")
-    p.add_argument("--token", default=os.environ.get("WEIGHTAVG_TOKEN"),
+    p.add_argument("--timeout", type=_timeout, default=timeout, help=f"seconds to wait for the answer (default {timeout})")
+    p.add_argument("--token", type=_token, default=os.environ.get("WEIGHTAVG_TOKEN"),
                    help="bearer token (default: $WEIGHTAVG_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
     p.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies --tls)")

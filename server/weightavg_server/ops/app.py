@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
-from .config import LOOPBACK_HOSTS, ServerConfig
+from .config import LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
 from ..domain import lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
 from ..domain.errors import WeightavgError
@@ -299,7 +299,7 @@ def create_runtime(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    address = f"{config.host}:{config.port}"
+    address = host_port(config.host, config.port)
     if not 0 <= config.port <= 65535:  # grpc bound -5 as 65531
         raise ValueError(f"the port must be 0 to 65535 (0 picks a free one), not {config.port}")
     if not -1 <= config.metrics_port <= 65535:
@@ -312,14 +312,14 @@ def create_runtime(
     if port == 0:
         raise OSError(bind_failure(address, tls=credentials is not None))
     log.info(
-        "weightavg server on %s:%d, device %s, %s, %s, CPU averages on %s, CPU merges on %s", config.host, port,
+        "weightavg server on %s, device %s, %s, %s, CPU averages on %s, CPU merges on %s", host_port(config.host, port),
         device,
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
         f"tokens from {config.tokens}" if config.tokens else "token required" if config.token else "no token",
         # each also runs its kernel's one check against torch now, not in a first call
         lerp.native_state(), weighted_sum.native_state(),
     )
-    if not (config.tokens or config.token) and config.host not in LOOPBACK_HOSTS:
+    if not (config.tokens or config.token) and bare_host(config.host) not in LOOPBACK_HOSTS:
         log.warning(
             "serving on %s with no token: whoever reaches port %d can use and free every object; set "
             "WEIGHTAVG_TOKEN or --tokens (docs/security.md), or bind 127.0.0.1", config.host, port,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -21,7 +23,7 @@ from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
 from .app import create_runtime, settings
-from .config import ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig
+from .config import ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
 from ..domain.errors import WeightavgError
 from ..store.snapshot import SnapshotError
 
@@ -145,20 +147,20 @@ def serve(config: ServerConfig) -> None:
     runtime = create_runtime(config, fabric=fabric)
     torch.zeros(1, device=runtime.device)  # the device must really work before health says SERVING
     metrics = None
-    metrics_host = config.metrics_host or config.host
+    metrics_host = bare_host(config.metrics_host or config.host)  # the HTTP server binds [::1] as ::1
     if config.metrics_port >= 0:
         from .metrics import start_metrics_server  # prometheus-client is only needed with metrics on
 
         try:
             metrics = start_metrics_server(metrics_host, config.metrics_port, runtime.stats, runtime.service)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {exc}") from exc
+            raise OSError(f"cannot serve metrics on {host_port(metrics_host, config.metrics_port)}: {exc}") from exc
         if metrics_host not in LOOPBACK_HOSTS:
             # As the warning of a gRPC port open with no token: the endpoint has none, and names every
             # tenant with what it holds (a server with tokens on 0.0.0.0 showed them silently; found by review).
             log.warning(
-                "metrics on %s:%d have no token: whoever reaches that port reads every tenant's name, calls and "
-                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)", metrics_host, metrics.port,
+                "metrics on %s have no token: whoever reaches that port reads every tenant's name, calls and "
+                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)", host_port(metrics_host, metrics.port),
             )
     stop = threading.Event()
     signals = Signals()
@@ -169,9 +171,9 @@ def serve(config: ServerConfig) -> None:
     # Under torchrun the pid says where SIGHUP must go: torchrun takes SIGHUP as a stop and ends every
     # rank without a snapshot (docs/cluster.md).
     ranks = f" (rank 0 of {fabric.world_size}, pid {os.getpid()})" if fabric is not None else ""
-    print(f"weightavg serving on {config.host}:{runtime.port}{ranks}", flush=True)
+    print(f"weightavg serving on {host_port(config.host, runtime.port)}{ranks}", flush=True)
     if metrics is not None:
-        print(f"weightavg metrics on http://{metrics_host}:{metrics.port}/metrics", flush=True)
+        print(f"weightavg metrics on http://{host_port(metrics_host, metrics.port)}/metrics", flush=True)
     signals.serve_until_stopped(stop, runtime.reload_tokens)
     log.info("stopping: draining for up to %.1f s", config.grace_seconds)
     try:
@@ -271,6 +273,20 @@ def configure_logging(config: ServerConfig) -> None:
         audit_to_file(config.audit_log)
 
 
+class AuditFileHandler(logging.handlers.WatchedFileHandler):
+    """The audit file, opened again at its path when it was moved or removed (logrotate renames it
+    and expects the next line in a new file: FileHandler kept writing the renamed one, whose trail
+    the last rotation deleted; found by review).
+
+    A file it creates is the server's user's alone, like the snapshots: every line names a tenant,
+    its handles and the peer's address (FileHandler made it 0644; found by review). An existing
+    file keeps the mode its operator gave it."""
+
+    def _open(self) -> io.TextIOWrapper:
+        os.close(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_LOG_MODE))
+        return super()._open()
+
+
 def audit_to_file(path: str) -> None:
     """Send the audit trail to `path` as bare JSON lines (appended; not in the server's log too).
 
@@ -278,11 +294,7 @@ def audit_to_file(path: str) -> None:
         ValueError: the file cannot be opened for appending (the message names it and why).
     """
     try:
-        # A new file is the server's user's alone, like the snapshots: every line names a tenant, its
-        # handles and the peer's address (FileHandler made it 0644; found by review). An existing
-        # file keeps the mode its operator gave it.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_LOG_MODE))
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = AuditFileHandler(path, encoding="utf-8")
     except OSError as exc:  # printed a traceback (found by review)
         raise ValueError(f"cannot open the audit log {path}: {exc.strerror or exc}") from None
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -19,6 +19,19 @@ DEFAULT_HOST = "127.0.0.1"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 """Addresses only this host reaches: a port bound elsewhere without a token is warned about."""
 DEFAULT_PORT = 50051
+
+
+def bare_host(host: str) -> str:
+    """The host without the brackets of `[::1]`: what sockets bind and LOOPBACK_HOSTS lists."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC targets and URLs write it, an IPv6 address in brackets: gRPC read
+    `--host ::1` as "::1:0", the address ::0.1.0.0 on port 443, and could not bind, while `[::1]`
+    bound but was warned about as an open interface and could not serve metrics (found by review)."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -52,10 +65,18 @@ cluster is declared broken; also the longest a call on replicated objects may ru
 
 
 _INT32_MAX = 2**31 - 1
-_WHOLE_AT_LEAST = {"max_workers": 1, "max_message_bytes": 1, "chunk_bytes": 1, "max_spec_depth": 1}
-"""Settings that must be whole numbers from this low to what grpc and the codecs take (int32)."""
-_CAPS = ("max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions")
-"""Caps of 0 or more (0 means "none" or "the device's size" where the flag says so)."""
+_WHOLE_AT_LEAST = {
+    "max_workers": 1, "max_message_bytes": 1, "chunk_bytes": 1, "max_spec_depth": 1, "max_spec_layers": 1,
+}
+"""Settings that must be whole numbers from this low to what grpc and the codecs take (int32).
+--max-spec-layers 0 or -1 served a server that refused every spec ("more than -1 layers"), and one
+past int64 made every GetServerInfo INTERNAL (found by review)."""
+CHUNK_HEADER_ROOM = 1024
+"""Bytes of each message the server keeps free of --chunk-bytes for a chunk's name, shape, counts,
+checksum and protobuf framing (about 30 bytes with a parameter's usual name; names of several
+hundred characters fit)."""
+_CAPS = ("max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions", "max_request_ids", "max_request_id_bytes")
+"""Caps of 0 or more (0 means "none", "remember none" or "the device's size" where the flag says so)."""
 _KEEPALIVE_MAX = _INT32_MAX / 1000
 """grpc takes keepalive settings as int32 milliseconds."""
 _SECONDS: dict[str, tuple[bool, float]] = {
@@ -66,12 +87,21 @@ _SECONDS: dict[str, tuple[bool, float]] = {
     "keepalive_time_seconds": (True, _KEEPALIVE_MAX),
     "keepalive_timeout_seconds": (True, _KEEPALIVE_MAX),
     "cluster_timeout_seconds": (True, threading.TIMEOUT_MAX),
+    "request_id_window_seconds": (False, threading.TIMEOUT_MAX),
 }
 """Durations: finite, (more than 0 when True, else 0 or more), at most what a wait or grpc takes."""
 
 
 def _flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def sendable_token(token: str) -> bool:
+    """Whether a client can send `token` at all: gRPC metadata values are printable ASCII, and
+    surrounding spaces do not survive the `Bearer` header. A server given another (a trailing
+    newline from a secret file, a non-ASCII character) refused every call as a wrong token, while
+    every client failed locally with INTERNAL: Invalid metadata (found by review)."""
+    return token == token.strip() and all(" " <= c <= "~" for c in token)
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -143,6 +173,8 @@ class ServerConfig:
         --chunk-bytes 0 made every fetch INTERNAL and -1 answered fetches with nothing, a negative
         --max-message-bytes refused every call, --snapshot-every inf ended the snapshot thread with
         a traceback (no snapshot until shutdown), a negative cap meant none at all (found by review).
+The request ID settings were refused later, by the store, in words that named no flag, and under
+torchrun by rank 0 alone, after the cluster had met (found by review).
 
         Raises:
             ValueError: the first setting out of range.
@@ -151,6 +183,17 @@ class ServerConfig:
             value = getattr(self, name)
             if not low <= value <= _INT32_MAX:
                 raise ValueError(f"{_flag_of(name)} must be a whole number from {low} to {_INT32_MAX}; got {value}")
+        room = self.max_message_bytes - CHUNK_HEADER_ROOM
+        if self.chunk_bytes > room:
+            # Every fetch of a tensor larger than the message cap failed RESOURCE_EXHAUSTED ("Sent message
+            # larger than max"), which no client could fix: --max-message-bytes 1 MiB alone did it, with
+            # the default 4 MiB chunks (found by review).
+            fix = f"give --chunk-bytes {room} or less" if room > 0 else f"raise --max-message-bytes above {CHUNK_HEADER_ROOM}"
+            raise ValueError(
+                f"--chunk-bytes ({self.chunk_bytes}) leaves no room in --max-message-bytes ({self.max_message_bytes}) "
+                f"for a chunk's name and shape ({CHUNK_HEADER_ROOM} bytes): every tensor the server sends in "
+                f"chunks would be refused; {fix}"
+            )
         for name in _CAPS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag_of(name)} must be 0 or more; got {getattr(self, name)}")
@@ -159,6 +202,11 @@ class ServerConfig:
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= high):
                 least = "more than 0" if positive else "0 or more"
                 raise ValueError(f"{_flag_of(name)} must be a number of seconds, {least}, at most {high:g}; got {value}")
+        if self.token and not sendable_token(self.token):  # never the token itself: it would reach the log
+            raise ValueError(
+                f"--token ({ENV_PREFIX}TOKEN) has surrounding spaces or a character other than printable ASCII: no "
+                "client could send it, so every call would be refused; is it the whole token and only it?"
+            )
         if self.snapshot_every and not self.state_dir:
             raise ValueError("--snapshot-every needs --state-dir: without it no snapshot is ever written")
         if self.session_lease_seconds > self.max_session_lease_seconds:

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import sendable_token
 from ..store.tenants import DEFAULT_TENANT, Caller, Quota, Role, check_tenant_name
 from ..transport.tenancy import TokenTable, token_digest
 from ..domain.errors import InvalidArgument
@@ -62,7 +63,23 @@ def _warn_if_others_can_read(path: Path, data: dict[str, Any]) -> None:
         )
 
 
+def _refuse_if_others_can_write(path: Path) -> None:
+    """A tokens file every user of the host can write lets any of them add an admin token of their
+    own, taken at the next SIGHUP or start (it was read without a word; found by review), digests
+    and plain tokens alike. Refused, as a state directory every user can write is."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return  # reading it says why
+    if mode & stat.S_IWOTH:
+        raise TokensFileError(
+            f"the tokens file {path} is writable by every user of this host (mode {mode:04o}): anyone here could "
+            f"give themselves an admin token; chmod o-w {path} (or 0600)"
+        )
+
+
 def _parse(path: Path) -> dict[str, Any]:
+    _refuse_if_others_can_write(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -136,10 +153,11 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
             raise TokensFileError(f"{where}: give exactly one of 'token' and 'sha256'")
         if "token" in entry:
             secret = entry["token"]
-            if not isinstance(secret, str) or len(secret) < MIN_TOKEN_LENGTH or secret != secret.strip():
+            # Printable ASCII too: a token of other characters was loaded, and no client could send it.
+            if not isinstance(secret, str) or len(secret) < MIN_TOKEN_LENGTH or not sendable_token(secret):
                 raise TokensFileError(
-                    f"{where}: a token must be a string of at least {MIN_TOKEN_LENGTH} characters without surrounding "
-                    "spaces (e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
+                    f"{where}: a token must be a string of at least {MIN_TOKEN_LENGTH} characters, printable ASCII "
+                    "without surrounding spaces (e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
                 )
             digest = token_digest(secret)
         else:
