@@ -4,11 +4,13 @@ the rest of the cluster's tests)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
 
-from weightavg import Client, FailedPreconditionError, InvalidArgumentError
+from weightavg import Client, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.domain.collectives import INPLACE_BYTES
@@ -123,3 +125,32 @@ def test_weights_that_are_not_finite_and_unknown_ops_are_refused_and_change_noth
         assert np.array_equal(c.dict(d, "w", rank=0), np.ones(3, np.float32))
         assert np.array_equal(c.dict(d, "w", rank=1), np.full(3, 3.0, np.float32))
         c.free(d)
+
+
+def test_the_buckets_copies_are_reserved_under_the_cap_on_every_rank_before_any_data_moves(tmp_path: Path) -> None:
+    """Small entries are reduced through a flat copy per bucket, as many bytes again as they hold.
+    Under a 12 MB cap, 8 MB of small entries on each rank took an unreserved 8 MB bucket there and
+    went through (found by review): now RESOURCE_EXHAUSTED, saying which cap, with every rank as it
+    was; 4 MB of them (4 + 4 MB at the peak) still reduce, and the cluster serves on."""
+    entries = 10_000 * 4
+    assert entries < INPLACE_BYTES  # each entry goes through a bucket
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(12_000_000))
+    try:
+        with Client(cluster.address, timeout=120) as c:
+            big = c.dict({f"e{i:03d}": np.full(10_000, float(i), np.float32) for i in range(200)}, replicate=True)
+            c.dict(big, "e000", np.full(10_000, 2.0, np.float32), rank=1)
+            with pytest.raises(ResourceExhaustedError, match="--max-device-bytes"):
+                c.allreduce(big)
+            assert np.array_equal(c.dict(big, "e000", rank=0), np.zeros(10_000, np.float32))
+            assert np.array_equal(c.dict(big, "e000", rank=1), np.full(10_000, 2.0, np.float32))
+            assert np.array_equal(c.dict(big, "e199", rank=1), np.full(10_000, 199.0, np.float32))
+            c.free(big)
+            small = c.dict({f"e{i:03d}": np.full(10_000, float(i), np.float32) for i in range(100)}, replicate=True)
+            c.dict(small, "e000", np.full(10_000, 2.0, np.float32), rank=1)
+            assert c.allreduce(small) == 100
+            for r in range(2):
+                assert np.array_equal(c.dict(small, "e000", rank=r), np.ones(10_000, np.float32)), r
+                assert np.array_equal(c.dict(small, "e099", rank=r), np.full(10_000, 99.0, np.float32)), r
+            c.free(small)
+    finally:
+        cluster.stop()

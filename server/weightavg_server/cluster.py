@@ -498,34 +498,44 @@ def _digest(value: Any) -> int:
 
 
 def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: list[float]) -> Reduced:
-    """Reduce on every rank: first agree on what is reduced (a control collective that completes even
-    when a rank lacks the handle), so no rank is left waiting in a data collective."""
-    try:
-        entry, named = service._reduced_tensors(handle)
-        tensors = [t for _, t in named]
-        scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
-        mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
-        groups = collectives.adjacent_groups(tensors)
-    except WeightavgError as exc:
-        mine, error = None, exc
-    # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
-    # whether this rank can take part, and digests of its names, shapes and dtypes and of its memory runs.
-    state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
-    gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
-    dist.all_gather(gathered, state, group=fabric.control)
-    if mine is None:
-        raise error
-    if any(int(g[0]) != 1 or int(g[1]) != int(state[1]) for g in gathered):
-        raise FailedPrecondition(
-            "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
-            "with rank= differ in name, shape or dtype. Set them alike, then allreduce again; nothing changed"
-        )
-    if any(int(g[2]) != int(state[2]) for g in gathered):
-        groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
-    with service.store.mutate(entry, need=NOTHING):
-        # One collective per flat buffer where every rank holds the tensors back to back alike (a
-        # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
-        issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
+    """Reduce on every rank: first agree on what is reduced and that every rank could reserve the
+    reduction's copies (a control collective that completes even when a rank lacks the handle or the
+    room), so no rank is left waiting in a data collective and a refusal anywhere changes nothing.
+    A rank that could take part, where another could not, answers nothing (`_Abandoned`): the error
+    the client sees is the refusing rank's own."""
+    with contextlib.ExitStack() as held:
+        try:
+            entry, named = service._reduced_tensors(handle)
+            tensors = [t for _, t in named]
+            scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
+            mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
+            groups = collectives.adjacent_groups(tensors)
+            # The layouts are compared below, so reserve for either way of reducing (joined or tensor by tensor).
+            joined, alone = collectives.reduce_bytes(collectives.joined(tensors, groups)), collectives.reduce_bytes(tensors)
+            need = {device: max(joined.get(device, 0), alone.get(device, 0)) for device in {*joined, *alone}}
+            held.enter_context(service.store.reserve(nbytes=need))
+        except WeightavgError as exc:
+            mine, error = None, exc
+        # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
+        # whether this rank can take part, and digests of its names, shapes and dtypes and of its memory runs.
+        state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
+        gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
+        dist.all_gather(gathered, state, group=fabric.control)
+        if mine is None:
+            raise error
+        if any(int(g[0]) != 1 for g in gathered):
+            raise _Abandoned()
+        if any(int(g[1]) != int(state[1]) for g in gathered):
+            raise FailedPrecondition(
+                "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
+                "with rank= differ in name, shape or dtype. Set them alike, then allreduce again; nothing changed"
+            )
+        if any(int(g[2]) != int(state[2]) for g in gathered):
+            groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
+        with service.store.mutate(entry, need=NOTHING):
+            # One collective per flat buffer where every rank holds the tensors back to back alike (a
+            # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
+            issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
     return Reduced(len(tensors), issued)
 
 
