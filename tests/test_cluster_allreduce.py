@@ -131,7 +131,9 @@ def test_the_buckets_copies_are_reserved_under_the_cap_on_every_rank_before_any_
     """Small entries are reduced through a flat copy per bucket, as many bytes again as they hold.
     Under a 12 MB cap, 8 MB of small entries on each rank took an unreserved 8 MB bucket there and
     went through (found by review): now RESOURCE_EXHAUSTED, saying which cap, with every rank as it
-    was; 4 MB of them (4 + 4 MB at the peak) still reduce, and the cluster serves on."""
+    was; 4 MB of them (4 + 4 MB at the peak) still reduce, and the cluster serves on. Where only rank 1
+    lacks the room, the client hears rank 1's RESOURCE_EXHAUSTED (it heard rank 0's 'same tensor names,
+    shapes and dtypes', which were the same)."""
     entries = 10_000 * 4
     assert entries < INPLACE_BYTES  # each entry goes through a bucket
     cluster = Cluster(tmp_path, "--max-device-bytes", str(12_000_000))
@@ -151,6 +153,12 @@ def test_the_buckets_copies_are_reserved_under_the_cap_on_every_rank_before_any_
             for r in range(2):
                 assert np.array_equal(c.dict(small, "e000", rank=r), np.ones(10_000, np.float32)), r
                 assert np.array_equal(c.dict(small, "e099", rank=r), np.full(10_000, 99.0, np.float32)), r
-            c.free(small)
+            # Rank 1 alone has no room (5 MB more there): its refusal, not another rank's, reaches the client.
+            placed = c.dict({"p": np.zeros(1_250_000, np.float32)}, rank=1)
+            with pytest.raises(ResourceExhaustedError, match="^RESOURCE_EXHAUSTED: rank 1: .*--max-device-bytes"):
+                c.allreduce(small)
+            for r in range(2):
+                assert np.array_equal(c.dict(small, "e000", rank=r), np.ones(10_000, np.float32)), r
+            c.free(small, placed)
     finally:
         cluster.stop()
