@@ -137,20 +137,22 @@ def reduce_bytes(
     replicated dictionary of 8 MB of small entries under a 12 MB cap took an unreserved 8 MB bucket on
     each rank (found by review)."""
     peak: Bytes = {}
-    small: list[torch.Tensor] = []
+    largest: Bytes = {}
+    filling: dict[tuple[torch.device, torch.dtype], int] = {}  # the bytes of each kind's bucket being filled
     for t in tensors:
         nbytes = t.numel() * t.element_size()
-        if nbytes < inplace_bytes:
-            small.append(t)
-        elif not t.is_contiguous():
-            peak[device_name(t)] = peak.get(device_name(t), 0) + nbytes
-    largest: Bytes = {}
-    for bucket in buckets(small, bucket_bytes):
-        device = device_name(bucket[0])
-        largest[device] = max(largest.get(device, 0), sum(t.numel() * t.element_size() for t in bucket))
+        if nbytes >= inplace_bytes:
+            if not t.is_contiguous():
+                peak[device_name(t)] = peak.get(device_name(t), 0) + nbytes
+            continue
+        kind = (t.device, t.dtype)  # as `buckets` fills them, without building the lists
+        size = filling.get(kind, 0)
+        size = nbytes if size and size + nbytes > bucket_bytes else size + nbytes
+        filling[kind] = size
+        largest[device_name(t)] = max(largest.get(device_name(t), 0), size)
     for device, nbytes in largest.items():
         peak[device] = peak.get(device, 0) + nbytes
-    return peak
+    return {device: nbytes for device, nbytes in peak.items() if nbytes}
 
 
 @torch.no_grad()
