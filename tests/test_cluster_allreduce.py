@@ -1,6 +1,6 @@
-"""allreduce through a real 2-rank cluster on tensors of both paths of domain/collectives.py: a weight
-large enough to be reduced in place and a bias small enough for a bucket (tests/test_cluster.py has
-the rest of the cluster's tests)."""
+"""allreduce through a real 2-rank cluster on tensors of both paths of domain/collectives.py (a weight
+large enough to be reduced in place and a bias small enough for a bucket), and the outer step that
+follows an average in DiLoCo; tests/test_cluster.py has the rest of the cluster's tests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from weightavg import Client, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
@@ -160,5 +161,36 @@ def test_the_buckets_copies_are_reserved_under_the_cap_on_every_rank_before_any_
             for r in range(2):
                 assert np.array_equal(c.dict(small, "e000", rank=r), np.ones(10_000, np.float32)), r
             c.free(small, placed)
+    finally:
+        cluster.stop()
+
+
+def test_an_outer_step_refused_by_one_ranks_cap_steps_no_rank(tmp_path: Path) -> None:
+    """DiLoCo's outer step on a replicated optimizer: rank 1, fuller than rank 0, has no room for the
+    step's momentum and pseudo-gradients (8 MB). Rank 0 used to step anyway while rank 1 answered
+    RESOURCE_EXHAUSTED, and the copies of the replicated model differed from then on (found by
+    review). Now no rank steps; with the room back, both step alike, as torch's SGD does."""
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(20_000_000))
+    try:
+        with Client(cluster.address, timeout=120) as c:
+            m = c.module(["linear", 1000, 1000], replicate=True)
+            opt = c.opt("sgd", m, 0.7, 0.9, nesterov=True)
+            average = c.copyparms(m)
+            c.dict(average, "bias", np.full(1000, 5.0, np.float32))
+            placed = c.dict({"p": np.zeros(1_250_000, np.float32)}, rank=1)  # rank 1: 13 MB held, 8 more needed
+            start = {name: c.parm(m, name, rank=0) for name in ("weight", "bias")}
+            with pytest.raises(ResourceExhaustedError, match="^RESOURCE_EXHAUSTED: rank 1: .*--max-device-bytes"):
+                c.outer_step(opt, average)
+            for r in range(2):
+                for name, value in start.items():
+                    assert np.array_equal(c.parm(m, name, rank=r), value), (r, name)
+            c.free(placed)
+            c.outer_step(opt, average)
+            p = torch.nn.Parameter(torch.from_numpy(start["bias"].copy()))
+            p.grad = p.detach() - 5.0
+            torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True).step()
+            for r in range(2):
+                assert np.array_equal(c.parm(m, "bias", rank=r), p.detach().numpy()), r
+            c.free(m, opt, average)
     finally:
         cluster.stop()

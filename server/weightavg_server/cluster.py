@@ -717,6 +717,21 @@ def _run_epoch(service: Service, fabric: Fabric, handle: str) -> Metrics:
     return Service.run_epoch(service, handle, never)
 
 
+def _outer_step(service: Service, fabric: Fabric, handle: str, average: str) -> float:
+    """A replicated optimizer's outer step on every rank, once every rank has checked the average and
+    reserved the step's memory: a rank whose cap refused the step answered RESOURCE_EXHAUSTED while
+    rank 0 had stepped, and the copies of the 'replicated' model differed from then on (found by
+    review). A refusal anywhere stops every rank before any steps."""
+    with contextlib.ExitStack() as ready:
+        try:
+            step = ready.enter_context(service._outer_step_ready(handle, average))
+        except WeightavgError as exc:
+            _agree(fabric, exc)  # raises it, once every rank has heard that this rank refuses
+            raise
+        _agree(fabric, None)
+        return step()
+
+
 def _listed(service: Service, fabric: Fabric, all_tenants: bool) -> list[tuple[Ref, HandleSummary]]:
     """The caller's handles on this rank (none from rank 0, which lists its own in the calling thread)."""
     return Service.list_handles(service, all_tenants) if fabric.rank else []
@@ -757,6 +772,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_inventory": _inventory,
     "_listed": _listed,
     "_run_epoch": _run_epoch,
+    "_outer_step": _outer_step,
     "_broadcast": _broadcast,
     "_across": _across,
     "_handles": _handles,
@@ -1465,6 +1481,17 @@ class ClusterService(Service):
             return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
         return self._keyed(  # type: ignore[no-any-return]
             "run_epoch", request, lambda: RankMetrics(self._call("_run_epoch", ALL, (handle,)))
+        )
+
+    def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
+        """On a replicated optimizer (and a replicated average) every rank steps, once every rank can
+        (`_outer_step`); elsewhere the step runs where its handles live."""
+        self._check()
+        where = self._where_of([handle, average])
+        if where != ALL:
+            return self._routed("outer_step", (handle, average), {"request": request}, where)  # type: ignore[no-any-return]
+        return self._keyed(  # type: ignore[no-any-return]
+            "outer_step", request, lambda: self._call("_outer_step", ALL, (handle, average))[0]
         )
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:

@@ -1020,17 +1020,29 @@ class Service:
             )
         return Ref(made, Kind.DICTIONARY)
 
-    @_exactly_once
-    def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
-        """Step an optimizer (or a model's) with the gradient `parameters - average`; the gradient's
-        norm. Its first step's state is reserved before it is allocated."""
+    @contextlib.contextmanager
+    def _outer_step_ready(self, handle: str, average: str) -> Iterator[Callable[[], float]]:
+        """An outer step checked and its memory reserved, under the locks, with nothing changed yet: the
+        step itself, to run inside the block. A cluster's ranks each get this far before any steps
+        (cluster.py, `_outer_step`), so that a refusal on one rank changes no rank.
+
+        Raises:
+            WeightavgError: the handles, the average or the room do not allow the step; nothing changed.
+        """
         entry, optimizer = self._optimizer(handle)
         source = self.store.get(average, Kind.DICTIONARY, *MODULE_KINDS)
         with self.store.mutate(entry, need=NOTHING, reading=(source,)) as reservation:
             mean = self._as_dictionary(source)
             outer.check_average(optimizer, mean)
             self.store.grow(reservation, nbytes=footprint.outer_step_bytes(optimizer, mean))
-            return outer.outer_step(optimizer, mean)
+            yield lambda: outer.outer_step(optimizer, mean)
+
+    @_exactly_once
+    def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
+        """Step an optimizer (or a model's) with the gradient `parameters - average`; the gradient's
+        norm. Its first step's state is reserved before it is allocated."""
+        with self._outer_step_ready(handle, average) as step:
+            return step()
 
     @_exactly_once
     def soup(
