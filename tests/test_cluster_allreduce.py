@@ -194,3 +194,31 @@ def test_an_outer_step_refused_by_one_ranks_cap_steps_no_rank(tmp_path: Path) ->
             c.free(m, opt, average)
     finally:
         cluster.stop()
+
+
+def test_a_local_sgd_epoch_refused_by_one_ranks_cap_trains_no_rank(tmp_path: Path) -> None:
+    """`run` on a replicated model, each rank on its shard: rank 1, fuller than rank 0, has no room
+    for the epoch's gradients and the copies that put the model back (8 MB). Rank 0 used to train
+    anyway while rank 1 answered RESOURCE_EXHAUSTED, leaving the copies one epoch apart (found by
+    review). Now no rank trains; with the room back, both do, and an allreduce joins them."""
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(20_000_000))
+    try:
+        with Client(cluster.address, timeout=120) as c:
+            m = c.module(["linear", 1000, 1000], replicate=True)
+            model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.01))
+            c.train(model, np.ones((8, 1000), np.float32), np.ones((8, 1000), np.float32), shard=True)
+            placed = c.dict({"p": np.zeros(2_250_000, np.float32)}, rank=1)  # rank 1: 13 MB held, 8 more needed
+            start = c.parm(model, "bias", rank=0)
+            with pytest.raises(ResourceExhaustedError, match="^RESOURCE_EXHAUSTED: rank 1: .*--max-device-bytes"):
+                c.run(model)
+            for r in range(2):
+                assert np.array_equal(c.parm(model, "bias", rank=r), start), r
+            c.free(placed)
+            assert len(c.run(model)) == 2
+            for r in range(2):
+                assert not np.array_equal(c.parm(model, "bias", rank=r), start), r
+            c.allreduce(model)
+            assert np.array_equal(c.parm(model, "bias", rank=0), c.parm(model, "bias", rank=1))
+            c.free(model)
+    finally:
+        cluster.stop()

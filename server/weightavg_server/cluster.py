@@ -703,18 +703,19 @@ def held_bytes(service: Service) -> int:
 
 
 def _run_epoch(service: Service, fabric: Fabric, handle: str) -> Metrics:
-    """A replicated model's epoch on every rank, once every rank holds training data: a rank without
-    them failed while the others trained, leaving rank 0's weights one epoch on and rank 1's as they
-    were behind 'rank 1: no training data' (found by review). A refusal anywhere stops every rank
-    before any trains."""
-    error: WeightavgError | None = None
-    try:
-        _, model = service._model(handle)
-        training.require_data(model, "train")
-    except WeightavgError as exc:
-        error = exc
-    _agree(fabric, error)
-    return Service.run_epoch(service, handle, never)
+    """A replicated model's epoch on every rank, once every rank holds training data and has reserved
+    the epoch's memory: a rank without data failed while the others trained, leaving rank 0's weights
+    one epoch on and rank 1's as they were behind 'rank 1: no training data', and so did a rank whose
+    cap refused the epoch (both found by review). A refusal anywhere stops every rank before any trains."""
+    with contextlib.ExitStack() as ready:
+        try:
+            model = ready.enter_context(service._epoch_ready(handle))
+            training.require_data(model, "train")
+        except WeightavgError as exc:
+            _agree(fabric, exc)  # raises it, once every rank has heard that this rank refuses
+            raise
+        _agree(fabric, None)
+        return training.run_epoch(model, never)
 
 
 def _outer_step(service: Service, fabric: Fabric, handle: str, average: str) -> float:

@@ -776,9 +776,21 @@ class Service:
         before it starts: the first epoch's gradients and optimizer state, the copies that put the
         model back if the epoch fails, a shuffled epoch's reordered data, and the outputs and
         predictions the metrics keep."""
+        with self._epoch_ready(handle) as model:
+            return training.run_epoch(model, should_stop)
+
+    @contextlib.contextmanager
+    def _epoch_ready(self, handle: str) -> Iterator[training.Model]:
+        """A model locked and an epoch's memory reserved, nothing changed yet: train it inside the
+        block. A cluster's ranks each get this far before any trains (cluster.py, `_run_epoch`), so
+        that a refusal on one rank changes no rank.
+
+        Raises:
+            WeightavgError: the handle or the room do not allow an epoch; nothing changed.
+        """
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=lambda: footprint.epoch_bytes(model)):
-            return training.run_epoch(model, should_stop)
+            yield model
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
