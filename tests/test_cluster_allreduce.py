@@ -222,3 +222,25 @@ def test_a_local_sgd_epoch_refused_by_one_ranks_cap_trains_no_rank(tmp_path: Pat
             c.free(model)
     finally:
         cluster.stop()
+
+
+def test_an_outer_step_of_a_replicated_optimizer_with_an_average_of_one_rank_steps_every_rank(cluster: Cluster) -> None:
+    """The average of a round often lives on one rank (c.average of models placed there). Routed to
+    that rank, the step changed its copy of the replicated model alone and answered as if it had
+    stepped every copy (found by review). The average now goes to every rank first, as avgparms sends a
+    source to a replicated target, and every copy steps alike, as torch's SGD with Nesterov momentum."""
+    with Client(cluster.address, timeout=60) as c:
+        m = c.module(["linear", 3, 2], replicate=True)
+        opt = c.opt("sgd", m, 0.7, 0.9, nesterov=True)
+        p = torch.nn.Parameter(torch.from_numpy(c.parm(m, "bias", rank=0).copy()))
+        sgd = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+        for rank, value in ((1, 7.0), (0, -3.0)):
+            average = c.dict({"weight": np.full((2, 3), value, np.float32), "bias": np.full(2, value, np.float32)},
+                             rank=rank)
+            c.outer_step(opt, average)
+            p.grad = p.detach() - value
+            sgd.step()
+            for r in range(2):
+                assert np.array_equal(c.parm(m, "bias", rank=r), p.detach().numpy()), (rank, r)
+            c.free(average)
+        c.free(m, opt)

@@ -694,6 +694,9 @@ def _across(
             return None
         if where not in (ALL, fabric.rank):
             return None
+        rank_op = RANK_OPS.get(op)  # a verb whose ranks agree before any changes (`_outer_step`)
+        if rank_op is not None:
+            return rank_op(service, fabric, *args, **kwargs)
         return getattr(Service, op)(service, *args, **kwargs)
 
 
@@ -1485,14 +1488,19 @@ class ClusterService(Service):
         )
 
     def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
-        """On a replicated optimizer (and a replicated average) every rank steps, once every rank can
-        (`_outer_step`); elsewhere the step runs where its handles live."""
+        """On a replicated optimizer every rank steps, once every rank can (`_outer_step`), with an
+        average that lives on one rank sent to the others first (as avgparms does for a replicated
+        target): routed to the average's rank, the step changed that rank's copy of the model alone,
+        and answered as if it had stepped them all (found by review). Elsewhere the step runs where its
+        handles live."""
         self._check()
-        where = self._where_of([handle, average])
-        if where != ALL:
+        if self.where(handle) != ALL:
+            where = self._where_of([handle, average])
             return self._routed("outer_step", (handle, average), {"request": request}, where)  # type: ignore[no-any-return]
+        src = self.where(average)
+        moves = [] if src == ALL else [Move(average, src, ALL)]
         return self._keyed(  # type: ignore[no-any-return]
-            "outer_step", request, lambda: self._call("_outer_step", ALL, (handle, average))[0]
+            "outer_step", request, lambda: self._call("_across", ALL, ("_outer_step", (handle, average), {}, ALL, moves))[0]
         )
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
