@@ -1,14 +1,17 @@
-"""allreduce through a real 2-rank cluster on tensors of both paths of domain/collectives.py: a weight
-large enough to be reduced in place and a bias small enough for a bucket (tests/test_cluster.py has
-the rest of the cluster's tests)."""
+"""allreduce through a real 2-rank cluster on tensors of both paths of domain/collectives.py (a weight
+large enough to be reduced in place and a bias small enough for a bucket), and the outer step that
+follows an average in DiLoCo; tests/test_cluster.py has the rest of the cluster's tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
 
-from weightavg import Client, FailedPreconditionError, InvalidArgumentError
+from weightavg import Client, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.domain.collectives import INPLACE_BYTES
@@ -123,3 +126,121 @@ def test_weights_that_are_not_finite_and_unknown_ops_are_refused_and_change_noth
         assert np.array_equal(c.dict(d, "w", rank=0), np.ones(3, np.float32))
         assert np.array_equal(c.dict(d, "w", rank=1), np.full(3, 3.0, np.float32))
         c.free(d)
+
+
+def test_the_buckets_copies_are_reserved_under_the_cap_on_every_rank_before_any_data_moves(tmp_path: Path) -> None:
+    """Small entries are reduced through a flat copy per bucket, as many bytes again as they hold.
+    Under a 12 MB cap, 8 MB of small entries on each rank took an unreserved 8 MB bucket there and
+    went through (found by review): now RESOURCE_EXHAUSTED, saying which cap, with every rank as it
+    was; 4 MB of them (4 + 4 MB at the peak) still reduce, and the cluster serves on. Where only rank 1
+    lacks the room, the client hears rank 1's RESOURCE_EXHAUSTED (it heard rank 0's 'same tensor names,
+    shapes and dtypes', which were the same)."""
+    entries = 10_000 * 4
+    assert entries < INPLACE_BYTES  # each entry goes through a bucket
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(12_000_000))
+    try:
+        with Client(cluster.address, timeout=120) as c:
+            big = c.dict({f"e{i:03d}": np.full(10_000, float(i), np.float32) for i in range(200)}, replicate=True)
+            c.dict(big, "e000", np.full(10_000, 2.0, np.float32), rank=1)
+            with pytest.raises(ResourceExhaustedError, match="--max-device-bytes"):
+                c.allreduce(big)
+            assert np.array_equal(c.dict(big, "e000", rank=0), np.zeros(10_000, np.float32))
+            assert np.array_equal(c.dict(big, "e000", rank=1), np.full(10_000, 2.0, np.float32))
+            assert np.array_equal(c.dict(big, "e199", rank=1), np.full(10_000, 199.0, np.float32))
+            c.free(big)
+            small = c.dict({f"e{i:03d}": np.full(10_000, float(i), np.float32) for i in range(100)}, replicate=True)
+            c.dict(small, "e000", np.full(10_000, 2.0, np.float32), rank=1)
+            assert c.allreduce(small) == 100
+            for r in range(2):
+                assert np.array_equal(c.dict(small, "e000", rank=r), np.ones(10_000, np.float32)), r
+                assert np.array_equal(c.dict(small, "e099", rank=r), np.full(10_000, 99.0, np.float32)), r
+            # Rank 1 alone has no room (5 MB more there): its refusal, not another rank's, reaches the client.
+            placed = c.dict({"p": np.zeros(1_250_000, np.float32)}, rank=1)
+            with pytest.raises(ResourceExhaustedError, match="^RESOURCE_EXHAUSTED: rank 1: .*--max-device-bytes"):
+                c.allreduce(small)
+            for r in range(2):
+                assert np.array_equal(c.dict(small, "e000", rank=r), np.ones(10_000, np.float32)), r
+            c.free(small, placed)
+    finally:
+        cluster.stop()
+
+
+def test_an_outer_step_refused_by_one_ranks_cap_steps_no_rank(tmp_path: Path) -> None:
+    """DiLoCo's outer step on a replicated optimizer: rank 1, fuller than rank 0, has no room for the
+    step's momentum and pseudo-gradients (8 MB). Rank 0 used to step anyway while rank 1 answered
+    RESOURCE_EXHAUSTED, and the copies of the replicated model differed from then on (found by
+    review). Now no rank steps; with the room back, both step alike, as torch's SGD does."""
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(20_000_000))
+    try:
+        with Client(cluster.address, timeout=120) as c:
+            m = c.module(["linear", 1000, 1000], replicate=True)
+            opt = c.opt("sgd", m, 0.7, 0.9, nesterov=True)
+            average = c.copyparms(m)
+            c.dict(average, "bias", np.full(1000, 5.0, np.float32))
+            placed = c.dict({"p": np.zeros(1_250_000, np.float32)}, rank=1)  # rank 1: 13 MB held, 8 more needed
+            start = {name: c.parm(m, name, rank=0) for name in ("weight", "bias")}
+            with pytest.raises(ResourceExhaustedError, match="^RESOURCE_EXHAUSTED: rank 1: .*--max-device-bytes"):
+                c.outer_step(opt, average)
+            for r in range(2):
+                for name, value in start.items():
+                    assert np.array_equal(c.parm(m, name, rank=r), value), (r, name)
+            c.free(placed)
+            c.outer_step(opt, average)
+            p = torch.nn.Parameter(torch.from_numpy(start["bias"].copy()))
+            p.grad = p.detach() - 5.0
+            torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True).step()
+            for r in range(2):
+                assert np.array_equal(c.parm(m, "bias", rank=r), p.detach().numpy()), r
+            c.free(m, opt, average)
+    finally:
+        cluster.stop()
+
+
+def test_a_local_sgd_epoch_refused_by_one_ranks_cap_trains_no_rank(tmp_path: Path) -> None:
+    """`run` on a replicated model, each rank on its shard: rank 1, fuller than rank 0, has no room
+    for the epoch's gradients and the copies that put the model back (8 MB). Rank 0 used to train
+    anyway while rank 1 answered RESOURCE_EXHAUSTED, leaving the copies one epoch apart (found by
+    review). Now no rank trains; with the room back, both do, and an allreduce joins them."""
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(20_000_000))
+    try:
+        with Client(cluster.address, timeout=120) as c:
+            m = c.module(["linear", 1000, 1000], replicate=True)
+            model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.01))
+            c.train(model, np.ones((8, 1000), np.float32), np.ones((8, 1000), np.float32), shard=True)
+            placed = c.dict({"p": np.zeros(2_250_000, np.float32)}, rank=1)  # rank 1: 13 MB held, 8 more needed
+            start = c.parm(model, "bias", rank=0)
+            with pytest.raises(ResourceExhaustedError, match="^RESOURCE_EXHAUSTED: rank 1: .*--max-device-bytes"):
+                c.run(model)
+            for r in range(2):
+                assert np.array_equal(c.parm(model, "bias", rank=r), start), r
+            c.free(placed)
+            assert len(c.run(model)) == 2
+            for r in range(2):
+                assert not np.array_equal(c.parm(model, "bias", rank=r), start), r
+            c.allreduce(model)
+            assert np.array_equal(c.parm(model, "bias", rank=0), c.parm(model, "bias", rank=1))
+            c.free(model)
+    finally:
+        cluster.stop()
+
+
+def test_an_outer_step_of_a_replicated_optimizer_with_an_average_of_one_rank_steps_every_rank(cluster: Cluster) -> None:
+    """The average of a round often lives on one rank (c.average of models placed there). Routed to
+    that rank, the step changed its copy of the replicated model alone and answered as if it had
+    stepped every copy (found by review). The average now goes to every rank first, as avgparms sends a
+    source to a replicated target, and every copy steps alike, as torch's SGD with Nesterov momentum."""
+    with Client(cluster.address, timeout=60) as c:
+        m = c.module(["linear", 3, 2], replicate=True)
+        opt = c.opt("sgd", m, 0.7, 0.9, nesterov=True)
+        p = torch.nn.Parameter(torch.from_numpy(c.parm(m, "bias", rank=0).copy()))
+        sgd = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+        for rank, value in ((1, 7.0), (0, -3.0)):
+            average = c.dict({"weight": np.full((2, 3), value, np.float32), "bias": np.full(2, value, np.float32)},
+                             rank=rank)
+            c.outer_step(opt, average)
+            p.grad = p.detach() - value
+            sgd.step()
+            for r in range(2):
+                assert np.array_equal(c.parm(m, "bias", rank=r), p.detach().numpy()), (rank, r)
+            c.free(average)
+        c.free(m, opt)

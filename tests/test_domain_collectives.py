@@ -115,3 +115,16 @@ def test_adjacent_groups_keep_separate_and_odd_tensors_alone() -> None:
     joined = collectives.joined(tensors, groups)
     assert joined[0].shape == (10,) and joined[0].data_ptr() == buffer.data_ptr()
     assert joined[1:] == tensors[2:]
+
+
+def test_reduce_bytes_is_the_largest_bucket_plus_the_large_non_contiguous_copies() -> None:
+    """What a cluster reserves before an all-reduce: buckets go one at a time (the largest counts),
+    a large contiguous tensor is reduced where it lies (nothing), a large non-contiguous one through a
+    copy held until the end (all of them count)."""
+    small = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(5, dtype=torch.float64)]
+    large = [torch.zeros(100), torch.zeros(10, 10).t(), torch.zeros(20, 10).t()]
+    assert collectives.reduce_bytes(small + large, bucket_bytes=120, inplace_bytes=400) == {
+        "cpu": 120 + 400 + 800  # buckets of 80, 120 and 40 bytes; copies of 400 and 800 bytes
+    }
+    assert collectives.reduce_bytes([torch.zeros(100)], inplace_bytes=400) == {}
+    assert collectives.reduce_bytes([]) == {}

@@ -498,34 +498,44 @@ def _digest(value: Any) -> int:
 
 
 def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: list[float]) -> Reduced:
-    """Reduce on every rank: first agree on what is reduced (a control collective that completes even
-    when a rank lacks the handle), so no rank is left waiting in a data collective."""
-    try:
-        entry, named = service._reduced_tensors(handle)
-        tensors = [t for _, t in named]
-        scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
-        mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
-        groups = collectives.adjacent_groups(tensors)
-    except WeightavgError as exc:
-        mine, error = None, exc
-    # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
-    # whether this rank can take part, and digests of its names, shapes and dtypes and of its memory runs.
-    state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
-    gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
-    dist.all_gather(gathered, state, group=fabric.control)
-    if mine is None:
-        raise error
-    if any(int(g[0]) != 1 or int(g[1]) != int(state[1]) for g in gathered):
-        raise FailedPrecondition(
-            "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
-            "with rank= differ in name, shape or dtype. Set them alike, then allreduce again; nothing changed"
-        )
-    if any(int(g[2]) != int(state[2]) for g in gathered):
-        groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
-    with service.store.mutate(entry, need=NOTHING):
-        # One collective per flat buffer where every rank holds the tensors back to back alike (a
-        # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
-        issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
+    """Reduce on every rank: first agree on what is reduced and that every rank could reserve the
+    reduction's copies (a control collective that completes even when a rank lacks the handle or the
+    room), so no rank is left waiting in a data collective and a refusal anywhere changes nothing.
+    A rank that could take part, where another could not, answers nothing (`_Abandoned`): the error
+    the client sees is the refusing rank's own."""
+    with contextlib.ExitStack() as held:
+        try:
+            entry, named = service._reduced_tensors(handle)
+            tensors = [t for _, t in named]
+            scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
+            mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
+            groups = collectives.adjacent_groups(tensors)
+            # The layouts are compared below, so reserve for either way of reducing (joined or tensor by tensor).
+            joined, alone = collectives.reduce_bytes(collectives.joined(tensors, groups)), collectives.reduce_bytes(tensors)
+            need = {device: max(joined.get(device, 0), alone.get(device, 0)) for device in {*joined, *alone}}
+            held.enter_context(service.store.reserve(nbytes=need))
+        except WeightavgError as exc:
+            mine, error = None, exc
+        # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
+        # whether this rank can take part, and digests of its names, shapes and dtypes and of its memory runs.
+        state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
+        gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
+        dist.all_gather(gathered, state, group=fabric.control)
+        if mine is None:
+            raise error
+        if any(int(g[0]) != 1 for g in gathered):
+            raise _Abandoned()
+        if any(int(g[1]) != int(state[1]) for g in gathered):
+            raise FailedPrecondition(
+                "allreduce needs the same tensor names, shapes and dtypes on every rank; per-rank values set "
+                "with rank= differ in name, shape or dtype. Set them alike, then allreduce again; nothing changed"
+            )
+        if any(int(g[2]) != int(state[2]) for g in gathered):
+            groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
+        with service.store.mutate(entry, need=NOTHING):
+            # One collective per flat buffer where every rank holds the tensors back to back alike (a
+            # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
+            issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
     return Reduced(len(tensors), issued)
 
 
@@ -684,6 +694,9 @@ def _across(
             return None
         if where not in (ALL, fabric.rank):
             return None
+        rank_op = RANK_OPS.get(op)  # a verb whose ranks agree before any changes (`_outer_step`)
+        if rank_op is not None:
+            return rank_op(service, fabric, *args, **kwargs)
         return getattr(Service, op)(service, *args, **kwargs)
 
 
@@ -693,18 +706,34 @@ def held_bytes(service: Service) -> int:
 
 
 def _run_epoch(service: Service, fabric: Fabric, handle: str) -> Metrics:
-    """A replicated model's epoch on every rank, once every rank holds training data: a rank without
-    them failed while the others trained, leaving rank 0's weights one epoch on and rank 1's as they
-    were behind 'rank 1: no training data' (found by review). A refusal anywhere stops every rank
-    before any trains."""
-    error: WeightavgError | None = None
-    try:
-        _, model = service._model(handle)
-        training.require_data(model, "train")
-    except WeightavgError as exc:
-        error = exc
-    _agree(fabric, error)
-    return Service.run_epoch(service, handle, never)
+    """A replicated model's epoch on every rank, once every rank holds training data and has reserved
+    the epoch's memory: a rank without data failed while the others trained, leaving rank 0's weights
+    one epoch on and rank 1's as they were behind 'rank 1: no training data', and so did a rank whose
+    cap refused the epoch (both found by review). A refusal anywhere stops every rank before any trains."""
+    with contextlib.ExitStack() as ready:
+        try:
+            model = ready.enter_context(service._epoch_ready(handle))
+            training.require_data(model, "train")
+        except WeightavgError as exc:
+            _agree(fabric, exc)  # raises it, once every rank has heard that this rank refuses
+            raise
+        _agree(fabric, None)
+        return training.run_epoch(model, never)
+
+
+def _outer_step(service: Service, fabric: Fabric, handle: str, average: str) -> float:
+    """A replicated optimizer's outer step on every rank, once every rank has checked the average and
+    reserved the step's memory: a rank whose cap refused the step answered RESOURCE_EXHAUSTED while
+    rank 0 had stepped, and the copies of the 'replicated' model differed from then on (found by
+    review). A refusal anywhere stops every rank before any steps."""
+    with contextlib.ExitStack() as ready:
+        try:
+            step = ready.enter_context(service._outer_step_ready(handle, average))
+        except WeightavgError as exc:
+            _agree(fabric, exc)  # raises it, once every rank has heard that this rank refuses
+            raise
+        _agree(fabric, None)
+        return step()
 
 
 def _listed(service: Service, fabric: Fabric, all_tenants: bool) -> list[tuple[Ref, HandleSummary]]:
@@ -747,6 +776,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_inventory": _inventory,
     "_listed": _listed,
     "_run_epoch": _run_epoch,
+    "_outer_step": _outer_step,
     "_broadcast": _broadcast,
     "_across": _across,
     "_handles": _handles,
@@ -1455,6 +1485,22 @@ class ClusterService(Service):
             return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
         return self._keyed(  # type: ignore[no-any-return]
             "run_epoch", request, lambda: RankMetrics(self._call("_run_epoch", ALL, (handle,)))
+        )
+
+    def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
+        """On a replicated optimizer every rank steps, once every rank can (`_outer_step`), with an
+        average that lives on one rank sent to the others first (as avgparms does for a replicated
+        target): routed to the average's rank, the step changed that rank's copy of the model alone,
+        and answered as if it had stepped them all (found by review). Elsewhere the step runs where its
+        handles live."""
+        self._check()
+        if self.where(handle) != ALL:
+            where = self._where_of([handle, average])
+            return self._routed("outer_step", (handle, average), {"request": request}, where)  # type: ignore[no-any-return]
+        src = self.where(average)
+        moves = [] if src == ALL else [Move(average, src, ALL)]
+        return self._keyed(  # type: ignore[no-any-return]
+            "outer_step", request, lambda: self._call("_across", ALL, ("_outer_step", (handle, average), {}, ALL, moves))[0]
         )
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:

@@ -776,9 +776,21 @@ class Service:
         before it starts: the first epoch's gradients and optimizer state, the copies that put the
         model back if the epoch fails, a shuffled epoch's reordered data, and the outputs and
         predictions the metrics keep."""
+        with self._epoch_ready(handle) as model:
+            return training.run_epoch(model, should_stop)
+
+    @contextlib.contextmanager
+    def _epoch_ready(self, handle: str) -> Iterator[training.Model]:
+        """A model locked and an epoch's memory reserved, nothing changed yet: train it inside the
+        block. A cluster's ranks each get this far before any trains (cluster.py, `_run_epoch`), so
+        that a refusal on one rank changes no rank.
+
+        Raises:
+            WeightavgError: the handle or the room do not allow an epoch; nothing changed.
+        """
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=lambda: footprint.epoch_bytes(model)):
-            return training.run_epoch(model, should_stop)
+            yield model
 
     def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
@@ -1020,17 +1032,29 @@ class Service:
             )
         return Ref(made, Kind.DICTIONARY)
 
-    @_exactly_once
-    def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
-        """Step an optimizer (or a model's) with the gradient `parameters - average`; the gradient's
-        norm. Its first step's state is reserved before it is allocated."""
+    @contextlib.contextmanager
+    def _outer_step_ready(self, handle: str, average: str) -> Iterator[Callable[[], float]]:
+        """An outer step checked and its memory reserved, under the locks, with nothing changed yet: the
+        step itself, to run inside the block. A cluster's ranks each get this far before any steps
+        (cluster.py, `_outer_step`), so that a refusal on one rank changes no rank.
+
+        Raises:
+            WeightavgError: the handles, the average or the room do not allow the step; nothing changed.
+        """
         entry, optimizer = self._optimizer(handle)
         source = self.store.get(average, Kind.DICTIONARY, *MODULE_KINDS)
         with self.store.mutate(entry, need=NOTHING, reading=(source,)) as reservation:
             mean = self._as_dictionary(source)
             outer.check_average(optimizer, mean)
             self.store.grow(reservation, nbytes=footprint.outer_step_bytes(optimizer, mean))
-            return outer.outer_step(optimizer, mean)
+            yield lambda: outer.outer_step(optimizer, mean)
+
+    @_exactly_once
+    def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
+        """Step an optimizer (or a model's) with the gradient `parameters - average`; the gradient's
+        norm. Its first step's state is reserved before it is allocated."""
+        with self._outer_step_ready(handle, average) as step:
+            return step()
 
     @_exactly_once
     def soup(
