@@ -598,6 +598,47 @@ def test_a_call_waiting_for_a_model_works_on_the_parts_it_has_once_it_runs(servi
     assert s.learning_rate(m) == 0.25
 
 
+def test_update_model_never_leaves_the_new_parts_bytes_uncharged(service: Service) -> None:
+    """UpdateModel frees the new parts' handles once the model holds them. Freed before the model
+    was recharged, the new module's bytes were counted nowhere for a moment (24 bytes held while
+    40,400 were reached), room a concurrent call could take past the cap (found by review). The
+    update is paused as its free returns, and the ledger is read there."""
+    s = service
+    q = linear(s, 2, 2)
+    m = s.create_model(q, s.create_loss("mse", (), ()).id, s.create_optimizer(q, "sgd", (0.1,), ()).id).id
+    n = linear(s, 100, 100)
+    o = s.create_optimizer(n, "sgd", (0.1,), ()).id
+    freed, resume = threading.Event(), threading.Event()
+    seen: list[tuple[dict[str, int], dict[str, int]]] = []
+
+    def pause_after_free(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code.co_name == "free" and frame.f_code.co_filename.endswith("registry.py"):
+            def on_return(frame: Any, event: str, arg: Any) -> None:
+                if event == "return":
+                    freed.set()
+                    resume.wait(timeout=30)
+            return on_return
+        return None
+
+    def update() -> None:
+        sys.settrace(pause_after_free)
+        try:
+            s.update_model(m, [n, o])
+        finally:
+            sys.settrace(None)
+            freed.set()
+
+    thread = threading.Thread(target=update)
+    thread.start()
+    freed.wait(timeout=30)
+    seen.append((s.store.held_bytes(), walked_bytes(s.store)))
+    resume.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert seen == [({"cpu": 40_400}, {"cpu": 40_400})]
+    assert held(s) == 40_400
+
+
 # -- device usage -----------------------------------------------------------------------------------
 
 

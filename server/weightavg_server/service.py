@@ -726,6 +726,9 @@ class Service:
                         f"the new module has other handles ({', '.join(others)}); free them first, or build a new model"
                     )
             training.replace_parts(model, *new)
+            # Charged to the model before the parts' handles go: freed first, the new parts' bytes
+            # counted nowhere until the mutation's recharge, and a concurrent call could take them.
+            self.store.recharge(entry)
             self.store.free(list(parts))
         return Ref(handle, Kind.MODEL)
 
