@@ -260,3 +260,23 @@ def test_mixed_load_ends_consistent(live_server: LiveServer, client: Client) -> 
     live = {h.handle.id for h in client.handles()}
     assert live == kept  # no temporary survived, the victim is gone
     assert len(live_server.registry) == len(kept)
+
+
+def test_a_forward_output_is_its_own_tensor_whatever_the_module(live_server: LiveServer, client: Client) -> None:
+    """A module that only reshapes returns a view of its input; its output handle, under a lock of
+    its own, must not share the input's storage, or a shuffled epoch that reorders the model's
+    inputs in place (under the model's lock) rewrote the output too (found by review)."""
+    m = client.module(["sequential", ["linear", 4, 2]])
+    model = client.model(m, client.loss("mse"), client.opt("sgd", m))
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    client.train(model, x, np.ones((8, 2), np.float32))
+    client.train(model, shuffle=True, batchsize=4)
+    inputs = client.input(model)
+    outputs = [
+        verb(client.module(spec), inputs) for spec in (["identity"], ["flatten"]) for verb in (client.eforward, client.nforward)
+    ]
+    outputs.append(client.eforward(client.module(["drop", 0.5]), inputs))  # eval mode: x itself
+    client.run(model)
+    assert not np.array_equal(client.tensor(inputs), x)  # the epoch did reorder the inputs in place
+    for out in outputs:
+        np.testing.assert_array_equal(client.tensor(out), x)

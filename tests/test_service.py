@@ -9,6 +9,7 @@ cap checks are in test_caps.py; these look at what only an in-process caller can
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -539,6 +540,103 @@ def test_concurrent_averages_of_one_pair_count_every_sample_and_give_the_exact_m
     assert got[".n"].item() == n
     for name in p1:
         torch.testing.assert_close(got[name], (p0[name] + (n - 1) * p1[name]) / n, rtol=1e-12, atol=1e-12)
+
+
+def _waiting_for_a_lock(thread: threading.Thread) -> bool:
+    """Whether the thread is inside the store's `locked` (waiting there for an object's lock)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "__enter__" and frame.f_code.co_filename.endswith("registry.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _while_waiting(s: Service, model_handle: str, call: Callable[[], object], meanwhile: Callable[[], None]) -> None:
+    """Run `call` on a thread while this one holds the model's lock; once the call waits for that
+    lock, run `meanwhile` (which may take the lock again: it is reentrant), then let the call go."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with s.store.get(model_handle).lock:
+        thread = threading.Thread(target=run)
+        thread.start()
+        while not _waiting_for_a_lock(thread):
+            thread.join(0.001)
+            assert thread.is_alive(), errors
+        meanwhile()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and errors == []
+
+
+def test_a_call_waiting_for_a_model_works_on_the_parts_it_has_once_it_runs(service: Service) -> None:
+    """A load into a model and a learning-rate change wait for the busy model while UpdateModel gives
+    it another module and optimizer: they change the model's new parts. Resolved before the lock, they
+    changed the parts it had lost, answered success, and the model never saw them (found by review)."""
+    s = service
+    m = model(s)
+    sevens = s.create_dictionary(
+        upload(("weight", torch.full((CLASSES, FEATURES), 7.0)), ("bias", torch.full((CLASSES,), 7.0)))
+    ).id
+
+    def new_module() -> None:
+        q = linear(s)
+        s.update_model(m, [q, s.create_optimizer(q, "sgd", (0.1,), ()).id])
+
+    _while_waiting(s, m, lambda: s.load_parameters(m, sevens), new_module)
+    assert torch.equal(fetched(s, m, "weight", "bias")["bias"], torch.full((CLASSES,), 7.0))
+
+    def new_optimizer() -> None:
+        s.update_model(m, [s.create_optimizer(m, "sgd", (0.1,), ()).id])
+
+    _while_waiting(s, m, lambda: s.set_learning_rate(m, 0.25), new_optimizer)
+    assert s.learning_rate(m) == 0.25
+
+
+def test_update_model_never_leaves_the_new_parts_bytes_uncharged(service: Service) -> None:
+    """UpdateModel frees the new parts' handles once the model holds them. Freed before the model
+    was recharged, the new module's bytes were counted nowhere for a moment (24 bytes held while
+    40,400 were reached), room a concurrent call could take past the cap (found by review). The
+    update is paused as its free returns, and the ledger is read there."""
+    s = service
+    q = linear(s, 2, 2)
+    m = s.create_model(q, s.create_loss("mse", (), ()).id, s.create_optimizer(q, "sgd", (0.1,), ()).id).id
+    n = linear(s, 100, 100)
+    o = s.create_optimizer(n, "sgd", (0.1,), ()).id
+    freed, resume = threading.Event(), threading.Event()
+    seen: list[tuple[dict[str, int], dict[str, int]]] = []
+
+    def pause_after_free(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code.co_name == "free" and frame.f_code.co_filename.endswith("registry.py"):
+            def on_return(frame: Any, event: str, arg: Any) -> None:
+                if event == "return":
+                    freed.set()
+                    resume.wait(timeout=30)
+            return on_return
+        return None
+
+    def update() -> None:
+        sys.settrace(pause_after_free)
+        try:
+            s.update_model(m, [n, o])
+        finally:
+            sys.settrace(None)
+            freed.set()
+
+    thread = threading.Thread(target=update)
+    thread.start()
+    freed.wait(timeout=30)
+    seen.append((s.store.held_bytes(), walked_bytes(s.store)))
+    resume.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert seen == [({"cpu": 40_400}, {"cpu": 40_400})]
+    assert held(s) == 40_400
 
 
 # -- device usage -----------------------------------------------------------------------------------

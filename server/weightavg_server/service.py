@@ -255,27 +255,23 @@ class Service:
 
     # -- lookups ------------------------------------------------------------------------------------
 
-    def _module(self, handle: str) -> tuple[Entry, nn.Module]:
-        """A module, model or optimizer handle and the module it stands for."""
-        entry = self.store.get(handle, *MODULE_KINDS)
-        module: nn.Module = entry.obj if entry.kind is Kind.MODULE else entry.obj.module
-        return entry, module
+    def _module(self, handle: str) -> Entry:
+        """A module, model or optimizer handle's entry; under its lock, `module_of` is its module."""
+        return self.store.get(handle, *MODULE_KINDS)
 
     def _source(self, handle: str) -> tuple[Entry, nn.Module | TensorDict]:
-        """What an average folds in: a module (a model's, an optimizer's) or a dictionary's entries."""
+        """What an average folds in: a module (a model's, an optimizer's) or a dictionary's entries,
+        as they are now (under the entry's lock, `source_of` says what they are then)."""
         entry = self.store.get(handle, *MODULE_KINDS, Kind.DICTIONARY)
-        source: nn.Module | TensorDict = entry.obj
-        if entry.kind is Kind.DICTIONARY or entry.kind is Kind.MODULE:
-            return entry, source
-        return entry, entry.obj.module  # a model's or an optimizer's module, as _module resolves it
+        return entry, source_of(entry)
 
     def _model(self, handle: str) -> tuple[Entry, training.Model]:
         entry = self.store.get(handle, Kind.MODEL)
         return entry, entry.obj
 
-    def _optimizer(self, handle: str) -> tuple[Entry, optimizers.Optimizer]:
-        entry = self.store.get(handle, Kind.OPTIMIZER, Kind.MODEL)
-        return entry, entry.obj if entry.kind is Kind.OPTIMIZER else entry.obj.optimizer
+    def _optimizer(self, handle: str) -> Entry:
+        """An optimizer or model handle's entry; under its lock, `optimizer_of` is its optimizer."""
+        return self.store.get(handle, Kind.OPTIMIZER, Kind.MODEL)
 
     def _receive(self, upload: Upload, reservation: Reservation, where: Callable[[str], torch.device]) -> Named:
         """An upload's tensors, each reserved on the device it will be held on (`where(name)`) from
@@ -380,19 +376,19 @@ class Service:
 
     def describe_module(self, handle: str) -> list[specs.OptionRow]:
         """The module's options table, one row per layer."""
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         with self.store.reading(entry):
-            return specs.describe_module(module)
+            return specs.describe_module(module_of(entry))
 
     def parameter_names(self, handle: str, child: str) -> list[str]:
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         with self.store.reading(entry):
-            return modules.parameter_names(module, child)
+            return modules.parameter_names(module_of(entry), child)
 
     def buffer_names(self, handle: str, child: str) -> list[str]:
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         with self.store.reading(entry):
-            return modules.buffer_names(module, child)
+            return modules.buffer_names(module_of(entry), child)
 
     @_exactly_once
     def set_parameter(
@@ -400,16 +396,19 @@ class Service:
     ) -> bool:
         """Copy an uploaded tensor into a parameter, or register a new one; True when registered."""
         self._one_rank(rank)
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         return self._change_with_upload(
             entry, upload, 1, "SetParameter takes exactly one tensor",
-            lambda tensors: modules.set_parameter(module, name, tensors[0][1]),
+            lambda tensors: modules.set_parameter(module_of(entry), name, tensors[0][1]),
         )
 
     def _view(self, handle: str, make: Callable[[nn.Module, str], TensorDict], child: str) -> Ref:
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         with self.store.reading(entry):
-            return Ref(self.store.create(Kind.DICTIONARY, NOTHING, lambda: make(module, child), share=entry), Kind.DICTIONARY)
+            return Ref(
+                self.store.create(Kind.DICTIONARY, NOTHING, lambda: make(module_of(entry), child), share=entry),
+                Kind.DICTIONARY,
+            )
 
     @_exactly_once
     def view_parameters(self, handle: str, child: str, *, request: RequestKey | None = None) -> Ref:
@@ -428,9 +427,10 @@ class Service:
     ) -> Ref:
         """A new dictionary holding copies of the module's parameters (and buffers), floating ones
         converted to `dtype` when given."""
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         averaging.check_copy_dtype(dtype)
         with self.store.reading(entry):
+            module = module_of(entry)
             need = footprint.copy_bytes(module, dtype, buffers)
             copy = self.store.create(
                 Kind.DICTIONARY, need, lambda: averaging.copy_parameters(module, dtype, buffers)
@@ -440,10 +440,10 @@ class Service:
     @_exactly_once
     def load_parameters(self, handle: str, dictionary: str, *, request: RequestKey | None = None) -> dict[str, bool]:
         """Copy a dictionary's values into the module's parameters; per-name success."""
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         source = self.store.get(dictionary, Kind.DICTIONARY)
         with self.store.mutate(entry, need=NOTHING, reading=(source,), in_place=_copied_in_place):
-            return averaging.load_parameters(module, source.obj)
+            return averaging.load_parameters(module_of(entry), source.obj)
 
     @_exactly_once
     def average_parameters(
@@ -452,9 +452,9 @@ class Service:
     ) -> int:
         """Fold the module's parameters (or a dictionary's entries) into the dictionary's running
         average; the new count."""
-        entry, source = self._source(handle)
+        entry, _ = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        update = _Prepared(lambda: averaging.prepare_average(source, target.obj, buffers), target.obj)
+        update = _Prepared(lambda: averaging.prepare_average(source_of(entry), target.obj, buffers), target.obj)
         with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place):
             averaging.apply(update.update, target.obj)
         return int(update.update.count or 0.0)
@@ -466,24 +466,26 @@ class Service:
     ) -> EmaResult:
         """One exponential-moving-average update of the dictionary from the module (or a dictionary's
         entries), with the dictionary's schedule changed by `change`; the step and decay used."""
-        entry, source = self._source(handle)
+        entry, _ = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
-        update = _Prepared(lambda: averaging.prepare_ema(source, target.obj, change, step, buffers), target.obj)
+        update = _Prepared(
+            lambda: averaging.prepare_ema(source_of(entry), target.obj, change, step, buffers), target.obj
+        )
         with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place):
             averaging.apply(update.update, target.obj)
         return EmaResult(averaging.used_step(update.update), update.update.decay)
 
     @_exactly_once
     def reset_batchnorm(self, handle: str, *, request: RequestKey | None = None) -> Momenta:
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         with self.store.mutate(entry, need=NOTHING):
-            return batchnorm.reset_batchnorm(module)
+            return batchnorm.reset_batchnorm(module_of(entry))
 
     @_exactly_once
     def restore_momentum(self, handle: str, momenta: Momenta, *, request: RequestKey | None = None) -> None:
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         with self.store.mutate(entry, need=NOTHING):
-            batchnorm.restore_momentum(module, momenta)
+            batchnorm.restore_momentum(module_of(entry), momenta)
 
     # -- dictionaries and tensors -------------------------------------------------------------------
 
@@ -565,7 +567,7 @@ class Service:
             if names:
                 raise InvalidArgument("a tensor handle has no names; fetch it without names")
             return [("", entry.obj.tensor)]
-        _, module = self._module(handle)
+        module = module_of(self._module(handle))  # a loss has no parameters: INVALID_ARGUMENT
         if not names:
             raise InvalidArgument("name the parameters to fetch from a module")
         return [(name, modules.parameter(module, name).detach()) for name in names]
@@ -578,8 +580,7 @@ class Service:
                 return Size(entries=dictionaries.sizes(entry.obj), ema=entry.obj.ema)
             if entry.kind is Kind.TENSOR:
                 return Size(shape=tuple(entry.obj.tensor.shape))
-            _, module = self._module(handle)
-            return Size(parameter_count=modules.parameter_count(module))
+            return Size(parameter_count=modules.parameter_count(module_of(self._module(handle))))
 
     @_exactly_once
     def free(
@@ -666,10 +667,11 @@ class Service:
         *, request: RequestKey | None = None,
     ) -> Ref:
         """An optimizer over a module's (or model's module's) parameters."""
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         if entry.kind is Kind.OPTIMIZER:
             raise InvalidArgument("build an optimizer over a module or model, not over another optimizer")
         with self.store.reading(entry):
+            module = module_of(entry)
             need = footprint.optimizer_bytes(type_name, module, args, kwargs)
             handle_id = self.store.create(
                 Kind.OPTIMIZER, need, lambda: optimizers.create_optimizer(type_name, module, args, kwargs), share=entry
@@ -677,15 +679,15 @@ class Service:
         return Ref(handle_id, Kind.OPTIMIZER)
 
     def learning_rate(self, handle: str) -> float:
-        entry, optimizer = self._optimizer(handle)
+        entry = self._optimizer(handle)
         with self.store.reading(entry):
-            return optimizers.get_lr(optimizer)
+            return optimizers.get_lr(optimizer_of(entry))
 
     @_exactly_once
     def set_learning_rate(self, handle: str, lr: float, *, request: RequestKey | None = None) -> None:
-        entry, optimizer = self._optimizer(handle)
+        entry = self._optimizer(handle)
         with self.store.mutate(entry, need=NOTHING):
-            optimizers.set_lr(optimizer, lr)
+            optimizers.set_lr(optimizer_of(entry), lr)
 
     @_exactly_once
     def create_model(self, module: str, loss: str, optimizer: str, *, request: RequestKey | None = None) -> Ref:
@@ -724,6 +726,9 @@ class Service:
                         f"the new module has other handles ({', '.join(others)}); free them first, or build a new model"
                     )
             training.replace_parts(model, *new)
+            # Charged to the model before the parts' handles go: freed first, the new parts' bytes
+            # counted nowhere until the mutation's recharge, and a concurrent call could take them.
+            self.store.recharge(entry)
             self.store.free(list(parts))
         return Ref(handle, Kind.MODEL)
 
@@ -826,13 +831,14 @@ class Service:
     ) -> Ref:
         """Run a module (or a model's module) on a tensor handle, an uploaded tensor, or the model's
         own data; the output is kept as a new tensor handle."""
-        entry, module = self._module(handle)
+        entry = self._module(handle)
         with self.store.reserve(handles=1) as reservation:
             tensors = self._receive(upload, reservation, self._on_host)
             if len(tensors) > 1 or (tensors and input_handle):
                 raise InvalidArgument("RunForward takes one input: a tensor handle or one streamed tensor")
             source = self.store.get(input_handle, Kind.TENSOR) if input_handle else None
             with self.store.mutate(entry, need=NOTHING, reading=(source,) if source is not None else ()):
+                module = module_of(entry)
                 if source is not None:
                     x = source.obj.tensor
                 elif tensors:
@@ -983,8 +989,7 @@ class Service:
         if entry.kind is Kind.DICTIONARY:
             dictionary: TensorDict = entry.obj
             return dictionary
-        module: nn.Module = entry.obj if entry.kind is Kind.MODULE else entry.obj.module
-        return modules.view_parameters(module)
+        return modules.view_parameters(module_of(entry))
 
     @_exactly_once
     def average(
@@ -1041,9 +1046,10 @@ class Service:
         Raises:
             WeightavgError: the handles, the average or the room do not allow the step; nothing changed.
         """
-        entry, optimizer = self._optimizer(handle)
+        entry = self._optimizer(handle)
         source = self.store.get(average, Kind.DICTIONARY, *MODULE_KINDS)
         with self.store.mutate(entry, need=NOTHING, reading=(source,)) as reservation:
+            optimizer = optimizer_of(entry)
             mean = self._as_dictionary(source)
             outer.check_average(optimizer, mean)
             self.store.grow(reservation, nbytes=footprint.outer_step_bytes(optimizer, mean))
@@ -1167,6 +1173,30 @@ class Service:
         """`create_dictionary` of tensors copied out of the session's region."""
         source = self._region(region)
         return self.create_dictionary(lambda on_header: shm.read(source, placements, on_header))
+
+
+def module_of(entry: Entry) -> nn.Module:
+    """The module a module, model or optimizer entry stands for; read under the entry's lock, since
+    UpdateModel gives a model another module: resolved before the lock, a call waiting for a busy
+    model worked on the module it had lost, and a load into it answered success and changed nothing
+    (found by review)."""
+    module: nn.Module = entry.obj if entry.kind is Kind.MODULE else entry.obj.module
+    return module
+
+
+def optimizer_of(entry: Entry) -> optimizers.Optimizer:
+    """The optimizer of an optimizer or model entry; read under the entry's lock (see `module_of`)."""
+    optimizer: optimizers.Optimizer = entry.obj if entry.kind is Kind.OPTIMIZER else entry.obj.optimizer
+    return optimizer
+
+
+def source_of(entry: Entry) -> nn.Module | TensorDict:
+    """What an average folds in from an entry: a dictionary, or the module a module, model or
+    optimizer stands for; read under the entry's lock (see `module_of`)."""
+    if entry.kind is Kind.DICTIONARY:
+        dictionary: TensorDict = entry.obj
+        return dictionary
+    return module_of(entry)
 
 
 def _placed(loss: losses.Loss, device: torch.device) -> losses.Loss:

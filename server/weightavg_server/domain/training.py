@@ -913,6 +913,12 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     Each submodule's train flag is restored afterwards. In train mode batchnorm layers update their
     running statistics; if the call fails, those are put back. A module that writes its input in
     place runs on a copy of x (reserved by the caller, footprint.forward_bytes), so x stays as it was.
+
+    The output owns its storage: a module that only reshapes (identity, flatten, reshape, dropout in
+    eval mode) returns a view of x, and the output becomes a handle of its own, under its own lock.
+    Sharing x's storage, it changed when x did (a shuffled epoch reorders a model's inputs in
+    place), and was read under one lock while written under another (found by review). The copy is
+    the output's size, which footprint.forward_bytes reserves.
     """
     if mode not in FORWARD_MODES:
         raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
@@ -921,7 +927,13 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
         with _torch_errors(mode, _input_dtype_hint(module, x)):
             output: torch.Tensor = module(_batch(x, _device(module), writes_inputs(module)))
-    return output.detach()
+    output = output.detach()
+    return output.clone() if _same_storage(output, x) else output
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of one allocation."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def default_input(model: Model, mode: str) -> torch.Tensor:

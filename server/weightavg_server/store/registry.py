@@ -305,6 +305,12 @@ class Registry:
         with self.reserve(handles=1, nbytes=need) as reservation:
             return self.add(kind, build(), reservation, lock=share.lock if share is not None else None)
 
+    def recharge(self, *entries: Entry) -> None:
+        """Recharge now, before `mutate` does on its way out, every object guarded by these entries'
+        locks (the caller holds them): for a change that then frees handles whose objects the changed
+        one took over (UpdateModel), so that their bytes are never counted nowhere in between."""
+        self._recharge({id(e.lock) for e in entries})
+
     def _recharge(self, lock_ids: set[int]) -> None:
         """Recharge every object guarded by one of these locks (their holders hold the locks), in the
         server's ledger and in the ledger of each tenant with a handle to it."""
