@@ -54,3 +54,18 @@ def test_the_grpcurl_session_in_the_clients_doc_runs(start_server) -> None:  # t
     assert weight.shape == (2,) and np.all(np.abs(weight - 5.0) <= 0.5 / np.sqrt(2) + 1e-6)
     assert np.frombuffer(base64.b64decode(chunks[".n"]["data"]), "<f8").tolist() == [2.0]
     assert len(server.registry) == 0  # the session frees what it made
+
+
+def test_the_worked_bytes_checksum_is_the_one_the_client_sends() -> None:
+    """The worked SetParameter example gives the CRC32C's input and its value, so that an implementer in
+    another language can check their CRC (and the header layout) before talking to a server."""
+    from weightavg.wire import array_chunks, crc32c
+
+    text = " ".join((ROOT / "docs" / "clients.md").read_text().split())
+    covered = re.search(r"crc32c: CRC32C\(([0-9a-f |]+)\)", text)
+    value = re.search(r"That checksum is `0x([0-9A-F]{8})` \((\d+)\)", text)
+    assert covered and value
+    worked = bytes.fromhex(covered.group(1).replace("|", "").replace(" ", ""))
+    assert crc32c(worked) == int(value.group(1), 16) == int(value.group(2))
+    [chunk] = array_chunks("", np.float32(10.0))
+    assert chunk.crc32c == int(value.group(2)) and chunk.data == worked[-4:] and list(chunk.shape) == []
