@@ -92,3 +92,36 @@ def test_none_through_grpcurl_is_the_null_value_enum_name(start_server) -> None:
     assert made.returncode == 0, made.stderr
     [(_, entry)] = server.registry.items()
     assert entry.obj.momentum is None
+
+
+def test_a_replicated_models_metrics_are_one_declared_stream_per_rank(cluster) -> None:  # type: ignore[no-untyped-def]
+    """clients.md: a replicated model's RunEpoch reply carries each rank's metrics as a declared stream
+    of its own, told apart by `rank`; grouped by rank, each group reads and checks as one stream (and
+    the whole reply, read as one, does not: its second rank declares again)."""
+    import grpc
+
+    from weightavg import Client, DataLossError
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+    from weightavg.wire import join_chunks
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.integers(0, 2, 40)
+    with Client(cluster.address, timeout=120) as c:
+        m = c.module(["linear", 3, 2], replicate=True)
+        model = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+        c.train(model, x, y, shard=True)
+        c.train(model, metrics=["loss", "accuracy"])
+        stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(cluster.address))
+        replies = list(stub.RunEpoch(pb.RunEpochRequest(model=model.id), timeout=120))
+        c.free(model)
+    ranks: dict[int, list[pb.TensorChunk]] = {}
+    for reply in replies:
+        assert reply.HasField("rank")
+        ranks.setdefault(reply.rank, []).append(reply.chunk)
+    assert sorted(ranks) == [0, 1] and [r.rank for r in replies] == sorted(r.rank for r in replies)
+    for chunks in ranks.values():
+        assert chunks[0].HasField("tensor_count") and chunks[0].tensor_count == 2
+        assert [name for name, _ in join_chunks(chunks)] == ["loss", "accuracy"]
+    with pytest.raises(DataLossError, match="declares its tensor count and bytes on its first chunk only"):
+        join_chunks([reply.chunk for reply in replies])
