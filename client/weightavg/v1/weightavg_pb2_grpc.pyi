@@ -139,7 +139,8 @@ class WeightAveragingServiceStub:
     """
     EvaluateModel: _grpc.StreamStreamMultiCallable[_weightavg_pb2.EvaluateModelRequest, _weightavg_pb2.EvaluateModelResponse]
     """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
-    streams the outputs back.
+    streams the outputs back. The output comes once the client has closed its side of the stream
+    (half-close): a client that waits for it before closing waits until its deadline.
     """
     RunForward: _grpc.StreamUnaryMultiCallable[_weightavg_pb2.RunForwardRequest, _weightavg_pb2.RunForwardResponse]
     """RunForward runs a module (or a model's module) on an input and returns the output as a new
@@ -349,7 +350,8 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """
     EvaluateModel: _aio.StreamStreamMultiCallable[_weightavg_pb2.EvaluateModelRequest, _weightavg_pb2.EvaluateModelResponse]  # type: ignore[assignment]
     """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
-    streams the outputs back.
+    streams the outputs back. The output comes once the client has closed its side of the stream
+    (half-close): a client that waits for it before closing waits until its deadline.
     """
     RunForward: _aio.StreamUnaryMultiCallable[_weightavg_pb2.RunForwardRequest, _weightavg_pb2.RunForwardResponse]  # type: ignore[assignment]
     """RunForward runs a module (or a model's module) on an input and returns the output as a new
@@ -772,7 +774,8 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_weightavg_pb2.EvaluateModelResponse], _abc.AsyncIterator[_weightavg_pb2.EvaluateModelResponse]]:
         """EvaluateModel runs a model's module in eval mode without gradients on streamed inputs and
-        streams the outputs back.
+        streams the outputs back. The output comes once the client has closed its side of the stream
+        (half-close): a client that waits for it before closing waits until its deadline.
         """
 
     @_abc_1.abstractmethod

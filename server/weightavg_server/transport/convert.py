@@ -42,8 +42,18 @@ def metrics_by_rank(metrics: Metrics) -> list[tuple[int | None, Named]]:
     return [(None, metrics)]
 
 
-def option_value(value: pb.OptionValue) -> specs.OptionValue:
-    """A Python option value from its message; unset is an error, not a silent None."""
+_VALUE_FIELDS = ", ".join(field.name for field in pb.OptionValue.DESCRIPTOR.oneofs_by_name["kind"].fields)
+"""The fields of OptionValue's one-of, named in the refusal of a value that sets none of them."""
+
+
+def option_value(value: pb.OptionValue, where: str = "option") -> specs.OptionValue:
+    """A Python option value from its message; unset is an error, not a silent None.
+
+    `where` names the value in the refusal ("linear: args[1]", "option 'lr'"): an OptionValue with
+    nothing set is what a client gets from a default-constructed message (Go's `&OptionValue{}`,
+    JSON's `"value": {}`) or from an Option whose value it forgot, so the message says which one and
+    what to set.
+    """
     which = value.WhichOneof("kind")
     if which == "null_value":
         return None
@@ -57,7 +67,7 @@ def option_value(value: pb.OptionValue) -> specs.OptionValue:
         return value.string_value
     if which == "int_list":
         return tuple(value.int_list.values)
-    raise InvalidArgument("option value has no value set")
+    raise InvalidArgument(f"{where} has no value: set one of OptionValue's fields ({_VALUE_FIELDS})")
 
 
 def option_message(value: specs.OptionValue) -> pb.OptionValue:
@@ -94,8 +104,8 @@ def _layer_spec(message: pb.LayerSpec, max_depth: int, depth: int) -> specs.Laye
     return specs.LayerSpec(
         type=message.type,
         name=message.name or None,
-        args=tuple(option_value(v) for v in message.args),
-        options=tuple((o.name, option_value(o.value)) for o in message.options),
+        args=tuple(option_value(v, f"{message.type}: args[{i}]") for i, v in enumerate(message.args)),
+        options=tuple((o.name, option_value(o.value, f"{message.type}: option '{o.name}'")) for o in message.options),
         children=tuple(_layer_spec(c, max_depth, depth + 1) for c in message.children),
     )
 
@@ -195,12 +205,18 @@ def option_args(
     args: Iterable[pb.OptionValue], options: Iterable[pb.Option]
 ) -> tuple[tuple[specs.OptionValue, ...], tuple[tuple[str, specs.OptionValue], ...]]:
     """Positional and keyword option values from their messages."""
-    return tuple(option_value(a) for a in args), tuple((o.name, option_value(o.value)) for o in options)
+    return (
+        tuple(option_value(a, f"args[{i}]") for i, a in enumerate(args)),
+        tuple((o.name, option_value(o.value, f"option '{o.name}'")) for o in options),
+    )
 
 
 def tensor_options(messages: Iterable[pb.TensorOptions]) -> list[tuple[str, tuple[tuple[str, specs.OptionValue], ...]]]:
     """Per-entry option overrides of a merge: (pattern, named values), in order."""
-    return [(m.pattern, tuple((o.name, option_value(o.value)) for o in m.options)) for m in messages]
+    return [
+        (m.pattern, tuple((o.name, option_value(o.value, f"tensor_options[{i}] option '{o.name}'")) for o in m.options))
+        for i, m in enumerate(messages)
+    ]
 
 
 def options_message(values: Mapping[str, specs.OptionValue]) -> list[pb.Option]:
