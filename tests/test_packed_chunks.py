@@ -230,3 +230,40 @@ def wire_varint(n: int) -> bytes:
         if not n:
             return bytes(out + bytes([low]))
         out.append(low | 0x80)
+
+
+def test_the_client_packs_only_for_a_server_that_says_it_reads_packed_chunks(
+    start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server from before packing would drop the packed chunks (protobuf skips a field it does not
+    know): the client packs only after GetServerInfo said packed_chunks, here answered false."""
+    from weightavg_server.transport import servicer
+
+    seen: list[bool] = []
+    unpacked = servicer.unpacked
+
+    def watched(chunks: Any, error: type[Exception]) -> Iterator[Any]:
+        for chunk in unpacked(chunks, error):
+            seen.append(bool(chunk.packed))
+            yield chunk
+
+    monkeypatch.setattr(servicer, "unpacked", watched)
+    values = small_tensors(50)
+    old_info = servicer.WeightAveragingServicer.GetServerInfo
+
+    def info_of_an_older_server(self: Any, request: Any, context: Any) -> pb.GetServerInfoResponse:
+        reply: pb.GetServerInfoResponse = old_info(self, request, context)
+        reply.packed_chunks = False
+        return reply
+
+    monkeypatch.setattr(servicer.WeightAveragingServicer, "GetServerInfo", info_of_an_older_server)
+    server = start_server()
+    with Client(server.address, timeout=WAIT) as c:
+        d = c.dict(values)
+        assert seen and not any(seen)
+        assert all(same(c.dict(d)[n], v) for n, v in values.items())
+    monkeypatch.setattr(servicer.WeightAveragingServicer, "GetServerInfo", old_info)
+    seen.clear()
+    with Client(start_server().address, timeout=WAIT) as c:  # a server that says so (handlers bind at start)
+        c.dict(values)
+        assert any(seen)
