@@ -312,8 +312,7 @@ def broken_checkpoint(saved: dict[str, Any], fault: str) -> dict[str, Any]:
     return broken
 
 
-@pytest.mark.parametrize("assign", [False, True], ids=["copied", "assigned"])
-@pytest.mark.parametrize("fault", ["missing", "shape"])
+@pytest.mark.parametrize(("fault", "assign"), [("missing", False), ("shape", True)], ids=["missing-copied", "shape-assigned"])
 @pytest.mark.parametrize("mode", ["swa", "ema"])
 def test_a_refused_checkpoint_changes_neither_the_local_copy_nor_the_count(
     client: Client, unchanged: Any, mode: str, fault: str, assign: bool
