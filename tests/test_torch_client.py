@@ -4,6 +4,7 @@ torch's AveragedModel for SWA and EMA, with and without buffers, update_bn inclu
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -227,6 +228,27 @@ def test_bad_arguments_are_refused_before_anything_is_sent(client: Client) -> No
     assert len(client.handles()) == before
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("decay", 1.5, "decay must be between 0 and 1, not 1.5"),
+    ("decay", float("nan"), "decay must be between 0 and 1, not nan"),
+    ("min_decay", -0.1, "min_decay must be between 0 and 1"),
+    ("warmup_gamma", 0.0, "warmup_gamma must be a finite number greater than 0"),
+    ("warmup_power", float("inf"), "warmup_power must be a finite number greater than 0"),
+    ("update_after_step", -1, "update_after_step must be 0 or more"),
+])
+def test_an_ema_schedule_out_of_range_is_refused_when_the_object_is_made(
+    client: Client, field: str, value: float, message: str
+) -> None:
+    """As torch's get_ema_multi_avg_fn refuses a decay outside [0, 1] when it is made; ours was
+    refused by the server at the first update sent, which with every=1000 came 1000 calls into the
+    training, after a dictionary had been made for it."""
+    before = len(client.handles())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RemoteAveragedModel(client, net(), "ema", every=1000, **{field: value})
+    assert len(client.handles()) == before
+    RemoteAveragedModel(client, net(), "swa", **{field: value}).free()  # SWA has no schedule: ignored
+
+
 # -- a checkpoint, a changed model ------------------------------------------------------------------
 
 
@@ -312,8 +334,7 @@ def broken_checkpoint(saved: dict[str, Any], fault: str) -> dict[str, Any]:
     return broken
 
 
-@pytest.mark.parametrize("assign", [False, True], ids=["copied", "assigned"])
-@pytest.mark.parametrize("fault", ["missing", "shape"])
+@pytest.mark.parametrize(("fault", "assign"), [("missing", False), ("shape", True)], ids=["missing-copied", "shape-assigned"])
 @pytest.mark.parametrize("mode", ["swa", "ema"])
 def test_a_refused_checkpoint_changes_neither_the_local_copy_nor_the_count(
     client: Client, unchanged: Any, mode: str, fault: str, assign: bool

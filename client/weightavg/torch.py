@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -193,6 +194,23 @@ def _check_layout(model: torch.nn.Module, layout: Mapping[str, tuple[torch.Size,
             raise ValueError(f"the average's '{name}' is not in the model; {fix}")
 
 
+def _check_schedule(
+    decay: float, min_decay: float, warmup_gamma: float, warmup_power: float, update_after_step: int
+) -> None:
+    """ValueError, naming the field, for an EMA schedule the server refuses (its checks, in
+    weightavg_server.domain.ema.EmaSchedule.check): when the object is made, as torch's
+    get_ema_multi_avg_fn refuses a decay outside [0, 1], rather than at the first update sent,
+    `every` calls into training, after a dictionary was made for it (found by review)."""
+    for name, value in (("decay", decay), ("min_decay", min_decay)):
+        if not 0.0 <= value <= 1.0:  # also refuses NaN
+            raise ValueError(f"{name} must be between 0 and 1, not {value}; nothing was sent")
+    for name, value in (("warmup_gamma", warmup_gamma), ("warmup_power", warmup_power)):
+        if not (value > 0.0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number greater than 0, not {value}; nothing was sent")
+    if update_after_step < 0:
+        raise ValueError(f"update_after_step must be 0 or more, not {update_after_step}; nothing was sent")
+
+
 class RemoteAveragedModel(torch.nn.Module):
     """`torch.optim.swa_utils.AveragedModel` as a training loop uses it, with the average on a server.
 
@@ -219,8 +237,9 @@ class RemoteAveragedModel(torch.nn.Module):
         device: where the local copy lives (default: where the model is).
 
     Raises:
-        ValueError: from update_parameters, for a model whose parameter and buffer names or shapes
-            differ from the one it was made with (nothing is sent, nothing changes).
+        ValueError: a mode, `every`, dtype or EMA schedule field out of range (nothing is sent); from
+            update_parameters, for a model whose parameter and buffer names or shapes differ from
+            the one it was made with (nothing is sent, nothing changes).
         NotFoundError: the server no longer holds the average (restarted without --state-dir).
         RuntimeError: after free().
         TypeError: from copy.deepcopy or pickle (save the state dict instead).
@@ -254,6 +273,8 @@ class RemoteAveragedModel(torch.nn.Module):
             raise ValueError(f"mode must be 'swa' or 'ema', not {mode!r}")
         if every < 1:
             raise ValueError(f"every must be at least 1, not {every}")
+        if mode == "ema":
+            _check_schedule(decay, min_decay, warmup_gamma, warmup_power, update_after_step)
         self.client = client
         self.mode = mode
         self.use_buffers = use_buffers
