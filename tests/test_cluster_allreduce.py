@@ -249,7 +249,7 @@ def test_an_outer_step_of_a_replicated_optimizer_with_an_average_of_one_rank_ste
 def test_a_flat_module_near_the_cap_reduces_in_place_without_room_for_buckets(tmp_path: Path) -> None:
     """A module of small layers is built flat: its 4 MB of parameters are reduced as one span, in place,
     allocating nothing. Reserving the buckets a tensor-by-tensor reduction would take (4 MB more, needed
-    only where the ranks' layouts differ) refused it at 17 of 20 MB held (found by review). A flat copy
+    only where the ranks' layouts differ) outright refused it at 17 of 20 MB held. A flat copy
     whose entry was replaced on rank 1 alone does need them: refused, unchanged, until there is room."""
     layers = [["linear", f"l{i}", 100, 100] for i in range(100)]  # 40 KB weights: each alone would go in a bucket
     cluster = Cluster(tmp_path, "--max-device-bytes", str(20_000_000))
