@@ -506,7 +506,7 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
 
     Each rank reserves the copies of reducing its memory runs as they lie (none for a module built
     flat), and tries to reserve the more that going tensor by tensor takes, which the ranks need only
-    where their layouts differ: reserved outright (as b1a0839 first did), it refused a flat module's
+    where their layouts differ: reserved outright, it refused a flat module's
     allreduce, which copies nothing, near the cap."""
     with contextlib.ExitStack() as held:
         spare: WeightavgError | None = None
