@@ -244,3 +244,34 @@ def test_an_outer_step_of_a_replicated_optimizer_with_an_average_of_one_rank_ste
                 assert np.array_equal(c.parm(m, "bias", rank=r), p.detach().numpy()), (rank, r)
             c.free(average)
         c.free(m, opt)
+
+
+def test_a_flat_module_near_the_cap_reduces_in_place_without_room_for_buckets(tmp_path: Path) -> None:
+    """A module of small layers is built flat: its 4 MB of parameters are reduced as one span, in place,
+    allocating nothing. Reserving the buckets a tensor-by-tensor reduction would take (4 MB more, needed
+    only where the ranks' layouts differ) outright refused it at 17 of 20 MB held. A flat copy
+    whose entry was replaced on rank 1 alone does need them: refused, unchanged, until there is room."""
+    layers = [["linear", f"l{i}", 100, 100] for i in range(100)]  # 40 KB weights: each alone would go in a bucket
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(20_000_000))
+    try:
+        with Client(cluster.address, timeout=120) as c:
+            m = c.module(["sequential", *layers], replicate=True)
+            d = c.copyparms(m)  # flat too
+            filler = c.dict({"f": np.zeros(2_250_000, np.float32)}, replicate=True)  # 4 + 4 + 9 MB held per rank
+            c.parm(m, "l0.bias", np.full(100, 4.0, np.float32), rank=1)
+            before = c.parm(m, "l0.bias", rank=0)
+            assert c.allreduce(m, weights=[1, 3]) == 200
+            for r in range(2):
+                assert np.array_equal(c.parm(m, "l0.bias", rank=r), before * 0.25 + 3.0), r
+            c.dict(d, "l0.bias", np.full(100, 8.0, np.float32), rank=1)  # a new tensor: rank 1 laid out otherwise
+            entries = [c.dict(d, "l0.bias", rank=r) for r in range(2)]
+            with pytest.raises(ResourceExhaustedError, match="--max-device-bytes"):
+                c.allreduce(d)
+            assert all(np.array_equal(c.dict(d, "l0.bias", rank=r), entries[r]) for r in range(2))
+            c.free(filler)
+            assert c.allreduce(d) == 200
+            for r in range(2):
+                assert np.array_equal(c.dict(d, "l0.bias", rank=r), (entries[0] + entries[1]) / 2), r
+            c.free(m, d)
+    finally:
+        cluster.stop()

@@ -502,23 +502,34 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
     reduction's copies (a control collective that completes even when a rank lacks the handle or the
     room), so no rank is left waiting in a data collective and a refusal anywhere changes nothing.
     A rank that could take part, where another could not, answers nothing (`_Abandoned`): the error
-    the client sees is the refusing rank's own."""
+    the client sees is the refusing rank's own.
+
+    Each rank reserves the copies of reducing its memory runs as they lie (none for a module built
+    flat), and tries to reserve the more that going tensor by tensor takes, which the ranks need only
+    where their layouts differ: reserved outright, it refused a flat module's
+    allreduce, which copies nothing, near the cap."""
     with contextlib.ExitStack() as held:
+        spare: WeightavgError | None = None
         try:
             entry, named = service._reduced_tensors(handle)
             tensors = [t for _, t in named]
             scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
             mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
             groups = collectives.adjacent_groups(tensors)
-            # The layouts are compared below, so reserve for either way of reducing (joined or tensor by tensor).
-            joined, alone = collectives.reduce_bytes(collectives.joined(tensors, groups)), collectives.reduce_bytes(tensors)
-            need = {device: max(joined.get(device, 0), alone.get(device, 0)) for device in {*joined, *alone}}
-            held.enter_context(service.store.reserve(nbytes=need))
+            joined = collectives.reduce_bytes(collectives.joined(tensors, groups))
+            held.enter_context(service.store.reserve(nbytes=joined))
+            alone = collectives.reduce_bytes(tensors)
+            try:
+                held.enter_context(service.store.reserve(nbytes={d: n - joined.get(d, 0) for d, n in alone.items()}))
+            except WeightavgError as exc:
+                spare = exc
         except WeightavgError as exc:
             mine, error = None, exc
         # One fixed-size tensor collective (not an object one: no pickling, one collective instead of two):
-        # whether this rank can take part, and digests of its names, shapes and dtypes and of its memory runs.
-        state = torch.tensor([0, 0, 0] if mine is None else [1, _digest(mine), _digest(groups)], dtype=torch.int64)
+        # whether this rank can take part, digests of its names, shapes and dtypes and of its memory runs,
+        # and whether it could also reduce tensor by tensor.
+        ok = [1, _digest(mine), _digest(groups), int(spare is None)] if mine is not None else [0, 0, 0, 0]
+        state = torch.tensor(ok, dtype=torch.int64)
         gathered = [torch.empty_like(state) for _ in range(fabric.world_size)]
         dist.all_gather(gathered, state, group=fabric.control)
         if mine is None:
@@ -531,6 +542,10 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
                 "with rank= differ in name, shape or dtype. Set them alike, then allreduce again; nothing changed"
             )
         if any(int(g[2]) != int(state[2]) for g in gathered):
+            if spare is not None:
+                raise spare
+            if any(int(g[3]) != 1 for g in gathered):
+                raise _Abandoned()
             groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
         with service.store.mutate(entry, need=NOTHING):
             # One collective per flat buffer where every rank holds the tensors back to back alike (a
