@@ -662,6 +662,35 @@ def test_device_usage_matches_the_held_bytes_and_the_handles(service: Service) -
     assert usage["cpu"].handles + usage[""].handles == len(s.store) == 8
 
 
+def test_listings_and_device_usage_never_see_a_footprint_s_meta_tensors(service: Service) -> None:
+    """A forward's footprint runs the module on meta tensors under the module's lock; listings and
+    device usage read a busy object without it. Given the module itself, the meta pass swapped its
+    parameters for meta ones meanwhile, and the readers saw a "meta" device and the wrong bytes
+    (found by review). Paused inside the meta pass (a forward pre-hook that waits when its input is
+    on meta), the readers see the module as it is."""
+    s = service
+    q = linear(s)
+    in_meta_pass, resume = threading.Event(), threading.Event()
+
+    def pause_in_meta_pass(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if args[0].device.type == "meta":
+            in_meta_pass.set()
+            resume.wait(timeout=30)
+
+    s.store.get(q).obj.register_forward_pre_hook(pause_in_meta_pass)
+    thread = threading.Thread(target=lambda: s.forward(q, "eforward", "", upload(("", x_rows()))))
+    thread.start()
+    assert in_meta_pass.wait(timeout=30)
+    try:
+        usage = s.device_usage()
+        listed = {ref.id: summary for ref, summary in s.list_handles()}
+    finally:
+        resume.set()
+        thread.join(timeout=30)
+    assert set(usage) == {"cpu"} and usage["cpu"].bytes == LAYER
+    assert listed[q].device == "cpu" and listed[q].nbytes == LAYER
+
+
 def test_device_usage_of_an_empty_store_is_empty(service: Service) -> None:
     assert service.device_usage() == {}
 
