@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import LiveServer
-from weightavg import Client, NotFoundError
+from inprocess import assert_no_handle_pending, assert_nothing_pending, walked_bytes
+from weightavg import (
+    Client, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
+)
 
 TIMEOUT = 60.0
 
@@ -280,3 +283,84 @@ def test_a_forward_output_is_its_own_tensor_whatever_the_module(live_server: Liv
     assert not np.array_equal(client.tensor(inputs), x)  # the epoch did reorder the inputs in place
     for out in outputs:
         np.testing.assert_array_equal(client.tensor(out), x)
+
+
+def test_concurrent_mixed_calls_leave_the_books_exactly_at_zero(start_server: Callable[..., LiveServer]) -> None:
+    """10 threads mix every kind of call on shared handles (creates, copies, views, addrefs, averages
+    into and out of modules and models, loads, moves, forwards, epochs, part swaps, listings, stats,
+    frees), near the byte and handle caps. Only NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION and
+    RESOURCE_EXHAUSTED may answer; the charge equals a walk of every object, and once everything is
+    freed nothing is held, reserved or listed."""
+    server = start_server(max_device_bytes=400_000, max_handles=120)
+    spec = ["sequential", ["linear", "a", 16, 8], ["batchnorm1d", "b", 8], ["relu"], ["linear", "c", 8, 4]]
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    y = np.arange(32) % 4
+    pool: list[Any] = []
+    pool_lock = threading.Lock()
+    allowed = (NotFoundError, InvalidArgumentError, FailedPreconditionError, ResourceExhaustedError)
+
+    def pick(rng: random.Random, n: int = 1) -> list[Any] | None:
+        with pool_lock:
+            return rng.sample(pool, n) if len(pool) >= n else None
+
+    def keep(*handles: Any) -> None:
+        with pool_lock:
+            pool.extend(handles)
+
+    def step(c: Client, rng: random.Random) -> None:
+        op = rng.randrange(16)
+        h = pick(rng, 2)
+        if op == 0 or h is None:
+            keep(c.module(spec))
+        elif op == 1:
+            m = c.module(spec)
+            model = c.model(c.addref(m), c.loss("ce"), c.opt(rng.choice(["sgd", "adam"]), m))
+            keep(m, model)
+            c.train(model, x, y)
+            c.train(model, batchsize=8, shuffle=True)
+        elif op == 2:
+            c.run(h[0])
+        elif op == 3:
+            keep(c.copyparms(h[0]))
+        elif op == 4:
+            keep(rng.choice([c.parms, c.addref, c.input])(h[0]))
+        elif op == 5:
+            c.avgparms(h[0], h[1])
+        elif op == 6:
+            c.copyparms(h[0], h[1])
+        elif op == 7:
+            c.to(h[0], dtype=rng.choice(["float32", "float64"]))
+        elif op == 8:
+            keep(c.average(h))
+        elif op == 9:
+            keep(c.forward(h[0], x), c.eforward(c.module(["identity"]), h[1]))
+        elif op == 10 and h[0].kind == "model":
+            c.model(h[0], c.opt("sgd", h[0]))
+        elif op == 11:
+            c.dict(h[0], "a.bias", np.ones(8, np.float32))
+        elif op == 12:
+            c.handles()
+            c.stats()
+        else:
+            with pool_lock:
+                gone = pool.pop(rng.randrange(len(pool))) if pool else None
+            if gone is not None:
+                c.free(gone)
+
+    def work(i: int) -> None:
+        rng = random.Random(i)
+        with Client(server.address, timeout=TIMEOUT) as c:
+            for _ in range(60):
+                try:
+                    step(c, rng)
+                except allowed:
+                    pass
+
+    run_threads(10, work)
+    assert server.registry.held_bytes() == walked_bytes(server.registry)
+    with Client(server.address, timeout=TIMEOUT) as c:
+        c.purge()
+        assert c.stats()["devices"] == {} and c.handles() == []
+    assert server.registry.held_bytes() == {} and len(server.registry) == 0
+    assert_nothing_pending(server.registry)
+    assert_no_handle_pending(server.registry)

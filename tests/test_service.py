@@ -662,6 +662,67 @@ def test_device_usage_matches_the_held_bytes_and_the_handles(service: Service) -
     assert usage["cpu"].handles + usage[""].handles == len(s.store) == 8
 
 
+def test_a_forward_s_footprint_leaves_the_module_s_own_tensors_in_place(service: Service) -> None:
+    """A forward's footprint runs the module on meta tensors. Given the module itself, the meta pass
+    swapped its parameters for meta ones meanwhile, and what read the module without its lock (a
+    listing, a stats scrape) saw a "meta" device and the wrong bytes (found by review). Paused
+    inside the meta pass (a forward pre-hook that waits when its input is on meta), the module still
+    holds its own parameters."""
+    s = service
+    q = linear(s)
+    module = s.store.get(q).obj
+    weight = module.weight
+    in_meta_pass, resume = threading.Event(), threading.Event()
+
+    def pause_in_meta_pass(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if args[0].device.type == "meta":
+            in_meta_pass.set()
+            resume.wait(timeout=30)
+
+    module.register_forward_pre_hook(pause_in_meta_pass)
+    thread = threading.Thread(target=lambda: s.forward(q, "eforward", "", upload(("", x_rows()))))
+    thread.start()
+    assert in_meta_pass.wait(timeout=30)
+    try:
+        seen = module.weight
+    finally:
+        resume.set()
+        thread.join(timeout=30)
+    assert seen is weight and seen.device.type == "cpu"
+
+
+def test_a_busy_object_is_listed_and_counted_from_its_charge_without_touching_its_tensors(
+    service: Service,
+) -> None:
+    """Listings and device usage never wait for a busy object, and never walk its tensors: the call
+    in flight changes them without the GIL (a backward pass sets gradients), and a stats scrape that
+    read a gradient as it was replaced crashed the server (SIGSEGV, found by review). While another
+    thread holds the module busy and gives it a gradient, both report what the store charged it."""
+    s = service
+    q = linear(s)
+    entry = s.store.get(q)
+    busy, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with entry.lock:
+            entry.obj.weight.grad = torch.ones_like(entry.obj.weight)  # as a backward pass would, unrecharged
+            busy.set()
+            done.wait(timeout=30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert busy.wait(timeout=30)
+    try:
+        usage = s.device_usage()
+        listed = {ref.id: summary for ref, summary in s.list_handles()}
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert usage["cpu"].bytes == LAYER and usage["cpu"].handles == 1
+    assert listed[q].device == "cpu" and listed[q].nbytes == LAYER
+    entry.obj.weight.grad = None  # the fixture compares the charge with a walk
+
+
 def test_device_usage_of_an_empty_store_is_empty(service: Service) -> None:
     assert service.device_usage() == {}
 

@@ -39,7 +39,7 @@ from .domain import merging, outer, soups
 from .store import shm as store_shm
 from .store import snapshot
 from .store.accounting import Reservation
-from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage, describe
+from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage
 from .store.requests import RequestKey, RequestStats, register_answer_type
 from .store.tenants import CALLER
 
@@ -324,8 +324,11 @@ class Service:
     def device_usage(self) -> dict[str, DeviceUsage]:
         """Handles and distinct tensor bytes per device ("" for handles holding no tensor), by device.
 
-        Counted by walking every live object, apart from the store's ledger, so the two can be
-        compared. Reads take no object lock: a scrape must never wait behind a long call.
+        Counted by walking every idle live object, apart from the store's ledger, so the two can be
+        compared; a busy one counts what the store charged it at its last recharge. A scrape never
+        waits behind a long call, and never touches a busy object's tensors: the call in flight
+        changes them without the GIL, and a scrape that walked a training module read a gradient as
+        the backward pass replaced it and crashed the server (found by review).
         """
         handles: dict[str, int] = {}
         seen: set[StorageKey] = set()
@@ -333,15 +336,25 @@ class Service:
         for _, entry in self.store.items():
             if not caller.is_admin and entry.tenant != caller.tenant:  # a user sees its tenant's objects
                 continue
-            try:
-                tensors = list(tensors_of(entry.obj))
-            except RuntimeError:  # the object's tensor dict changed while being read; skip it this time
+            keys = self._walked(entry)
+            if keys is None:  # freed since the listing began
                 continue
-            for device in sorted({str(t.device) for t in tensors}) or [""]:
+            for device in sorted({device for device, _, _ in keys}) or [""]:
                 handles[device] = handles.get(device, 0) + 1
-            seen |= storages(tensors)
+            seen |= keys
         nbytes = storage_bytes(seen)
         return {d: DeviceUsage(handles.get(d, 0), nbytes.get(d, 0)) for d in sorted(set(handles) | set(nbytes))}
+
+    def _walked(self, entry: Entry) -> frozenset[StorageKey] | None:
+        """The allocations an object reaches: walked under its lock if it is free now, else (busy)
+        those the store charged it (`Registry.charged`); None once its handle is freed."""
+        if not entry.lock.acquire(blocking=False):
+            keys = self.store.charged(entry)
+            return None if entry.freed else keys
+        try:
+            return None if entry.freed else frozenset(storages(tensors_of(entry.obj)))
+        finally:
+            entry.lock.release()
 
     def rank_bytes(self) -> list[int]:
         """Bytes of tensor storage each rank holds, every tenant's, in rank order: here the one rank
@@ -623,7 +636,7 @@ class Service:
         hold and their tenant, oldest first."""
         listed = []
         for handle_id, entry in self.store.visible_items(all_tenants):
-            summary = describe(entry)
+            summary = self.store.describe(entry)
             if summary is not None:  # else freed since the listing began
                 listed.append((Ref(handle_id, entry.kind, entry.tenant), summary))
         return listed

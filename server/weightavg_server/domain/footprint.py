@@ -8,6 +8,7 @@ device, which computes shapes and dtypes without memory; the answer is exact, no
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -33,14 +34,30 @@ def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """`module(x)` run on meta copies of its parameters and buffers (and of x): the output's shape
     and dtype without memory, or None when the pass fails on meta or gives no tensor.
 
-    Nothing real changes (not even batchnorm's running statistics)."""
+    Nothing real changes (not even batchnorm's running statistics), and nothing real is touched:
+    `functional_call` puts the meta tensors into the module it is given for the length of the pass,
+    so it is given a shadow of the module (`_shadow`). Given the module itself, a listing or a stats
+    scrape, which read a busy object without its lock, saw its parameters on the meta device for that
+    moment (GetServerStats listed a "meta" device, ListHandles a 665,600-byte module as 16,640 bytes;
+    found by review)."""
     state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
     try:
         with torch.no_grad():
-            output = functional_call(module, state, (x.to("meta"),))
+            output = functional_call(_shadow(module), state, (x.to("meta"),))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
         return None
     return output if isinstance(output, torch.Tensor) else None
+
+
+def _shadow(module: nn.Module) -> nn.Module:
+    """A shallow copy of the module tree whose own tables of parameters, buffers and submodules are
+    copies: what `functional_call` swaps in them leaves the real module as it is. Everything else
+    (the tensors, hooks, options) is shared, and nothing is allocated."""
+    shadow = copy.copy(module)
+    shadow._parameters = dict(module._parameters)
+    shadow._buffers = dict(module._buffers)
+    shadow._modules = {name: None if m is None else _shadow(m) for name, m in module._modules.items()}
+    return shadow
 
 
 def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:

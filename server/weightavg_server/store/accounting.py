@@ -140,6 +140,11 @@ class Ledger:
             self._set_keys(holder, keys)
         holder.refs += 1
 
+    def keys_of(self, obj: object) -> frozenset[StorageKey]:
+        """The allocations a held object was charged for at its last recharge (none if not held)."""
+        holder = self._holders.get(id(obj))
+        return holder.keys if holder is not None else frozenset()
+
     def is_held(self, obj: object) -> bool:
         """Whether a live handle keeps `obj` alive."""
         return id(obj) in self._holders

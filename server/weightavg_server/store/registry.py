@@ -29,7 +29,7 @@ from typing import Any
 
 from ..domain.errors import InvalidArgument, NotFound, ResourceExhausted
 from ..domain.shm import Region
-from ..domain.tensors import EMPTY_SUMMARY, Bytes, HandleSummary, storages, summarize, tensors_of
+from ..domain.tensors import Bytes, HandleSummary, StorageKey, storage_bytes, storages, summarize, tensors_of
 from .accounting import Ledger, Reservation
 from .limits import Limits
 from .requests import RequestTable, register_answer_type
@@ -549,6 +549,35 @@ class Registry:
         self._tenant(entry.tenant).unhold(entry.obj)
         self._owned[entry.tenant] -= 1
 
+    def describe(self, entry: Entry) -> HandleSummary | None:
+        """A summary for a listing, without waiting for a busy object; None once the handle is freed.
+
+        An idle object is summarized under its lock. A busy one (say, training) is described by what
+        the store charges it (its devices and bytes as of its last recharge; no dtype or tensor
+        count), and none of its tensors is touched: the call in flight changes them without the GIL
+        (autograd sets gradients, batching narrows data in place), and a listing that walked them
+        read a gradient as a backward pass replaced it and crashed the server (found by review).
+        """
+        if entry.lock.acquire(blocking=False):
+            try:
+                return None if entry.freed else summarize(entry.obj)
+            finally:
+                entry.lock.release()
+        keys = self.charged(entry)
+        if entry.freed:
+            return None
+        return HandleSummary(
+            device=",".join(sorted({device for device, _, _ in keys})), dtype=None,
+            nbytes=sum(storage_bytes(keys).values()), tensor_count=0,
+            ema=entry.obj.ema if entry.kind is Kind.DICTIONARY else None,
+        )
+
+    def charged(self, entry: Entry) -> frozenset[StorageKey]:
+        """The allocations the entry's object was charged for at its last recharge: what a reader
+        that may not wait for the object's lock (a listing, a stats scrape) reports of a busy one."""
+        with self._lock:
+            return self._ledger.keys_of(entry.obj)
+
     def items(self) -> list[tuple[str, Entry]]:
         """A snapshot of every live handle, oldest first."""
         with self._lock:
@@ -881,26 +910,6 @@ class _Mutation:
             self._locks.__exit__()
 
 
-def describe(entry: Entry) -> HandleSummary | None:
-    """A summary for a listing, without waiting for a busy object; None once the handle is freed.
-
-    An idle object is summarized under its lock. A busy one (say, training) is summarized without
-    it, since the call in flight only changes values in place or, rarely, the set of tensors; a
-    summary that races such a change is retried and, failing that, left empty.
-    """
-    if entry.lock.acquire(blocking=False):
-        try:
-            return None if entry.freed else summarize(entry.obj)
-        finally:
-            entry.lock.release()
-    for _ in range(3):
-        if entry.freed:
-            return None
-        try:
-            return summarize(entry.obj)
-        except RuntimeError:  # a dictionary changed size during iteration
-            continue
-    return EMPTY_SUMMARY
 
 
 def _holds_room(reservation: Reservation) -> bool:
