@@ -101,10 +101,18 @@ def _parse(path: Path) -> dict[str, Any]:
     return data
 
 
+MAX_QUOTA = 2**63 - 1
+"""Largest quota: GetServerStats reports each tenant's quotas as int64 (one above it was loaded, and
+made every GetServerStats that showed the tenant INTERNAL; found by review)."""
+
+
 def _whole(value: Any, where: str) -> int:
     """A quota's value, checked; the error says what was given by its type alone, never the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        given = "a negative number" if isinstance(value, int) and not isinstance(value, bool) else type(value).__name__
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUOTA:
+        given = (
+            type(value).__name__ if isinstance(value, bool) or not isinstance(value, int)
+            else "a negative number" if value < 0 else f"a number over {MAX_QUOTA}"
+        )
         raise TokensFileError(f"{where} must be a whole number of 0 or more (0: no quota), not {given}")
     return value
 
