@@ -609,6 +609,42 @@ def test_a_tokens_file_every_user_can_write_is_refused_at_start_and_on_sighup(tm
         runtime.stop(None)
 
 
+def test_a_sighup_whose_reload_fails_keeps_serving_and_the_shutdown_snapshot(tmp_path: Path) -> None:
+    """A tokens file of arrays nested thousands deep raised RecursionError out of the reload and ended
+    the server with a traceback, without its shutdown snapshot (found by review): refused like any
+    bad file, the tokens in force stay, and SIGTERM still saves every handle."""
+    token = "a-token-long-enough-1"
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"token": token, "tenant": "a", "role": "admin"}]}))
+    tokens.chmod(0o600)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--tokens", str(tokens), "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, WEIGHTAVG_METRICS_PORT="-1"),
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        with Client(address, timeout=60, token=token) as c:
+            c.module(["linear", 2, 1])
+            tokens.write_text('{"tokens": ' + "[" * 100_000 + "]" * 100_000 + "}")
+            process.send_signal(signal.SIGHUP)
+            assert process.stderr is not None
+            seen = []  # the server's log up to the reload's outcome, before SIGTERM may overtake it
+            while not seen or not any(mark in seen[-1] for mark in ("nest too deeply", "Traceback")):
+                line = process.stderr.readline()
+                assert line, "".join(seen)  # the server ended
+                seen.append(line)
+            assert "tokens file not reloaded, the tokens in force stay" in seen[-1], "".join(seen)
+            assert len(c.handles()) == 1  # served on, with the tokens in force
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "saved 1 handle(s)" in err
+
+
 def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> None:
     """Each audit line names a tenant, its handles and the caller's address; the file was created
     0644, readable by every user of the host (found by review). One that exists keeps its mode."""

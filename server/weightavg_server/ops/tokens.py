@@ -95,6 +95,8 @@ def _parse(path: Path) -> dict[str, Any]:
             data = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
         raise TokensFileError(f"{path} does not parse: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep: it escaped the reload and ended the server unsaved
+        raise TokensFileError(f"{path} does not parse: its arrays or tables nest too deeply") from None
     if not isinstance(data, dict):
         raise TokensFileError(f"{path}: expecting a table with 'tokens' (and optionally 'tenants')")
     _warn_if_others_can_read(path, data)
