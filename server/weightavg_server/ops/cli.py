@@ -160,7 +160,8 @@ def serve(config: ServerConfig) -> None:
             # tenant with what it holds (a server with tokens on 0.0.0.0 showed them silently; found by review).
             log.warning(
                 "metrics on %s have no token: whoever reaches that port reads every tenant's name, calls and "
-                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)", host_port(metrics_host, metrics.port),
+                "bytes; bind them to a trusted interface (--metrics-host 127.0.0.1)",
+                host_port(metrics_host, metrics.port),
             )
     stop = threading.Event()
     signals = Signals()

@@ -62,7 +62,9 @@ CHUNK_HEADER_ROOM = 1024
 """Bytes of each message the server keeps free of --chunk-bytes for a chunk's name, shape, counts,
 checksum and protobuf framing (about 30 bytes with a parameter's usual name; names of several
 hundred characters fit)."""
-_CAPS = ("max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions", "max_request_ids", "max_request_id_bytes")
+_CAPS = (
+    "max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions", "max_request_ids", "max_request_id_bytes",
+)
 """Caps of 0 or more (0 means "none", "remember none" or "the device's size" where the flag says so)."""
 _KEEPALIVE_MAX = _INT32_MAX / 1000
 """grpc takes keepalive settings as int32 milliseconds."""
@@ -188,7 +190,10 @@ class ServerConfig:
             # Every fetch of a tensor larger than the message cap failed RESOURCE_EXHAUSTED ("Sent message
             # larger than max"), which no client could fix: --max-message-bytes 1 MiB alone did it, with
             # the default 4 MiB chunks (found by review).
-            fix = f"give --chunk-bytes {room} or less" if room > 0 else f"raise --max-message-bytes above {CHUNK_HEADER_ROOM}"
+            fix = (
+                f"give --chunk-bytes {room} or less" if room > 0
+                else f"raise --max-message-bytes above {CHUNK_HEADER_ROOM}"
+            )
             raise ValueError(
                 f"--chunk-bytes ({self.chunk_bytes}) leaves no room in --max-message-bytes ({self.max_message_bytes}) "
                 f"for a chunk's name and shape ({CHUNK_HEADER_ROOM} bytes): every tensor the server sends in "

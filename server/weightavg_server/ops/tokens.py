@@ -167,7 +167,8 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
             if not isinstance(secret, str) or len(secret) < MIN_TOKEN_LENGTH or not sendable_token(secret):
                 raise TokensFileError(
                     f"{where}: a token must be a string of at least {MIN_TOKEN_LENGTH} characters, printable ASCII "
-                    "without surrounding spaces (e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
+                    "without surrounding spaces "
+                    "(e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
                 )
             digest = token_digest(secret)
         else:
