@@ -169,6 +169,31 @@ def test_a_tls_file_that_cannot_be_read_is_one_line_not_a_traceback(
     assert err == f"weightavg {command}: [Errno 2] No such file or directory: '{missing}'\n"
 
 
+@pytest.mark.parametrize("given", ["--client-cert", "--client-key"])
+def test_a_client_certificate_without_its_key_is_refused_not_a_crash(given: str, tmp_path: Path) -> None:
+    """gRPC's C core aborted the process (SIGABRT, a core dump) on either of the pair alone, in the
+    command and in any program making such a Client (found by review). Real processes: an abort
+    would end the test run itself."""
+    pem = tmp_path / "one.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "info", "127.0.0.1:1", given, str(pem)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "weightavg info: error: --client-cert and --client-key go together: give both or neither"
+    )
+    keyword = given.removeprefix("--").replace("-", "_")
+    library = subprocess.run(
+        [sys.executable, "-c", f"from weightavg import Client\nClient('127.0.0.1:1', {keyword}={str(pem)!r})"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert library.returncode == 1 and library.stderr.splitlines()[-1] == (
+        "ValueError: client_cert and client_key go together: give both (the certificate and its key) or neither"
+    ), library.stderr
+
+
 def test_an_address_with_a_bad_port_is_refused_and_one_without_gets_the_default(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
