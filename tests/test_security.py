@@ -283,6 +283,20 @@ def test_mutual_tls_still_needs_the_token(mtls_server: Runtime, pki: Pki) -> Non
             c.ping()
 
 
+def test_a_client_ca_that_is_not_pem_is_named_among_the_causes(pki: Pki, tmp_path: Path) -> None:
+    """grpc only says that it could not serve: the message named the port, the host, the certificate
+    and the key, never the client CA that was at fault (found by review)."""
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    config = ServerConfig(
+        host="127.0.0.1", port=0, device="cpu", tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+        tls_client_ca=str(garbage),
+    )
+    with pytest.raises(OSError, match="or --tls-client-ca is not a PEM bundle of CA certificates$"):
+        create_runtime(config)
+    create_runtime(dataclasses.replace(config, tls_client_ca=str(pki.ca))).server.stop(None)  # the fix named: it binds
+
+
 def test_tls_needs_both_certificate_and_key(pki: Pki) -> None:
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
         create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tls_cert=str(pki.server_cert)))
