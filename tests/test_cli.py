@@ -169,6 +169,31 @@ def test_a_tls_file_that_cannot_be_read_is_one_line_not_a_traceback(
     assert err == f"weightavg {command}: [Errno 2] No such file or directory: '{missing}'\n"
 
 
+@pytest.mark.parametrize("given", ["--client-cert", "--client-key"])
+def test_a_client_certificate_without_its_key_is_refused_not_a_crash(given: str, tmp_path: Path) -> None:
+    """gRPC's C core aborted the process (SIGABRT, a core dump) on either of the pair alone, in the
+    command and in any program making such a Client (found by review). Real processes: an abort
+    would end the test run itself."""
+    pem = tmp_path / "one.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "info", "127.0.0.1:1", given, str(pem)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "weightavg info: error: --client-cert and --client-key go together: give both or neither"
+    )
+    keyword = given.removeprefix("--").replace("-", "_")
+    library = subprocess.run(
+        [sys.executable, "-c", f"from weightavg import Client\nClient('127.0.0.1:1', {keyword}={str(pem)!r})"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert library.returncode == 1 and library.stderr.splitlines()[-1] == (
+        "ValueError: client_cert and client_key go together: give both (the certificate and its key) or neither"
+    ), library.stderr
+
+
 def test_an_address_with_a_bad_port_is_refused_and_one_without_gets_the_default(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -607,6 +632,42 @@ def test_a_tokens_file_every_user_can_write_is_refused_at_start_and_on_sighup(tm
             assert c.info()["device"] == "cpu"
     finally:
         runtime.stop(None)
+
+
+def test_a_sighup_whose_reload_fails_keeps_serving_and_the_shutdown_snapshot(tmp_path: Path) -> None:
+    """A tokens file of arrays nested thousands deep raised RecursionError out of the reload and ended
+    the server with a traceback, without its shutdown snapshot (found by review): refused like any
+    bad file, the tokens in force stay, and SIGTERM still saves every handle."""
+    token = "a-token-long-enough-1"
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"token": token, "tenant": "a", "role": "admin"}]}))
+    tokens.chmod(0o600)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--tokens", str(tokens), "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, WEIGHTAVG_METRICS_PORT="-1"),
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        with Client(address, timeout=60, token=token) as c:
+            c.module(["linear", 2, 1])
+            tokens.write_text('{"tokens": ' + "[" * 100_000 + "]" * 100_000 + "}")
+            process.send_signal(signal.SIGHUP)
+            assert process.stderr is not None
+            seen = []  # the server's log up to the reload's outcome, before SIGTERM may overtake it
+            while not seen or not any(mark in seen[-1] for mark in ("nest too deeply", "Traceback")):
+                line = process.stderr.readline()
+                assert line, "".join(seen)  # the server ended
+                seen.append(line)
+            assert "tokens file not reloaded, the tokens in force stay" in seen[-1], "".join(seen)
+            assert len(c.handles()) == 1  # served on, with the tokens in force
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "saved 1 handle(s)" in err
 
 
 def test_an_audit_log_the_server_creates_is_its_users_alone(tmp_path: Path) -> None:

@@ -202,6 +202,29 @@ def test_a_token_no_client_can_send_is_refused_at_start_without_echoing_it(token
     assert token.strip() not in str(refused.value)
 
 
+def test_a_quota_past_int64_is_refused_and_the_largest_is_reported(tmp_path: Path) -> None:
+    """A quota of 2**63 loaded, then every GetServerStats showing its tenant was INTERNAL (the stats
+    carry quotas as int64); found by review. The largest one serves, and one above it is refused at
+    start and at SIGHUP (the quotas in force stay), never quoting the value."""
+    tokens = tmp_path / "tokens.toml"
+    table = '[tenants.a]\nmax_device_bytes = {}\n[[tokens]]\ntoken = "' + TOKEN + '"\ntenant = "a"\nrole = "admin"\n'
+    tokens.write_text(table.format(2**63))
+    tokens.chmod(0o600)
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens))
+    with pytest.raises(TokensFileError, match=r"tenants\.a\.max_device_bytes must be .*, not a number over 9223372036854775807$"):
+        create_runtime(config)
+    tokens.write_text(table.format(2**63 - 1))
+    runtime = create_runtime(config)
+    runtime.start()
+    try:
+        tokens.write_text(table.format(2**64))
+        assert runtime.reload_tokens() is False
+        with Client(_address(runtime), timeout=30, token=TOKEN) as c:
+            assert c.stats()["tenants"]["a"]["max_device_bytes"] == 2**63 - 1
+    finally:
+        runtime.stop(None)
+
+
 # -- TLS --------------------------------------------------------------------------------------------------
 
 
@@ -258,6 +281,20 @@ def test_mutual_tls_still_needs_the_token(mtls_server: Runtime, pki: Pki) -> Non
     ) as c:
         with pytest.raises(UnauthenticatedError):
             c.ping()
+
+
+def test_a_client_ca_that_is_not_pem_is_named_among_the_causes(pki: Pki, tmp_path: Path) -> None:
+    """grpc only says that it could not serve: the message named the port, the host, the certificate
+    and the key, never the client CA that was at fault (found by review)."""
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    config = ServerConfig(
+        host="127.0.0.1", port=0, device="cpu", tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+        tls_client_ca=str(garbage),
+    )
+    with pytest.raises(OSError, match="or --tls-client-ca is not a PEM bundle of CA certificates$"):
+        create_runtime(config)
+    create_runtime(dataclasses.replace(config, tls_client_ca=str(pki.ca))).server.stop(None)  # the fix named: it binds
 
 
 def test_tls_needs_both_certificate_and_key(pki: Pki) -> None:

@@ -106,6 +106,15 @@ def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT)
     return p
 
 
+def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The arguments of a client command, refusing a client certificate without its key or a key
+    without its certificate (gRPC aborted the process on either, with a core dump; found by review)."""
+    args = p.parse_args(argv)
+    if bool(args.client_cert) != bool(args.client_key):
+        p.error("--client-cert and --client-key go together: give both or neither")
+    return args
+
+
 class _CliClient(Client):
     """A client whose hints name this command line's flags instead of Client's keywords."""
 
@@ -138,7 +147,7 @@ def _health(argv: list[str]) -> int:
     )
     p.add_argument("--service", default="",
                    help="service to ask about, e.g. weightavg.v1.WeightAveragingService (default: the whole server)")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     try:
         with _client(args) as client:
             try:
@@ -165,7 +174,7 @@ def _one_call(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
     """Parse ADDRESS and the client options, make one call, print what it answered (or its failure)."""
-    args = _probe_parser(name, description, timeout=timeout).parse_args(argv)
+    args = _parse(_probe_parser(name, description, timeout=timeout), argv)
     try:
         with _client(args) as client:
             result = call(client)

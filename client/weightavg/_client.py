@@ -273,7 +273,7 @@ class Client:
         tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
         tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
         client_cert, client_key: this client's certificate and key (PEM bytes or paths), for servers
-            that require client certificates (mutual TLS).
+            that require client certificates (mutual TLS); both or neither (ValueError otherwise).
         server_name: the name to check the server's certificate against, when it differs from the
             address's host.
         retry: how calls that fail UNAVAILABLE are retried (RetryPolicy(max_attempts=1): never).
@@ -342,6 +342,12 @@ class Client:
         if server_name:
             # Check the certificate against this name instead of the address's host.
             options.append(("grpc.ssl_target_name_override", server_name))
+        if channel is None and bool(client_cert) != bool(client_key):
+            # gRPC's C core aborts the whole process on one without the other (a failed CHECK: the
+            # training job that made this client died with SIGABRT; found by review).
+            raise ValueError(
+                "client_cert and client_key go together: give both (the certificate and its key) or neither"
+            )
         if channel is None and self.tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(tls_ca), private_key=_pem(client_key), certificate_chain=_pem(client_cert)

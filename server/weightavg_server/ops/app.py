@@ -308,9 +308,9 @@ def create_runtime(
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpcio raises RuntimeError when it cannot serve there, saying no more
-        raise OSError(bind_failure(address, tls=credentials is not None)) from exc
+        raise OSError(bind_failure(address, credentials is not None, bool(config.tls_client_ca))) from exc
     if port == 0:
-        raise OSError(bind_failure(address, tls=credentials is not None))
+        raise OSError(bind_failure(address, credentials is not None, bool(config.tls_client_ca)))
     log.info(
         "weightavg server on %s, device %s, %s, %s, CPU averages on %s, CPU merges on %s", host_port(config.host, port),
         device,
@@ -327,12 +327,15 @@ def create_runtime(
     return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens, cluster)
 
 
-def bind_failure(address: str, tls: bool) -> str:
+def bind_failure(address: str, tls: bool, client_ca: bool = False) -> str:
     """Why the address could not be served, as far as grpc lets us know: it says only that it failed
-    (a TLS key that is not PEM read "in use?"; found by review), so name every cause it may be."""
+    (a TLS key that is not PEM read "in use?"; a client CA that is not PEM blamed the certificate
+    and key alone; found by review), so name every cause it may be."""
     causes = "the port is in use, or the host is not an address of this machine"
     if tls:
         causes += ", or --tls-cert/--tls-key are not a PEM certificate chain and its PEM private key"
+    if client_ca:
+        causes += ", or --tls-client-ca is not a PEM bundle of CA certificates"
     return f"could not bind {address}: {causes}"
 
 

@@ -19,19 +19,6 @@ DEFAULT_HOST = "127.0.0.1"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 """Addresses only this host reaches: a port bound elsewhere without a token is warned about."""
 DEFAULT_PORT = 50051
-
-
-def bare_host(host: str) -> str:
-    """The host without the brackets of `[::1]`: what sockets bind and LOOPBACK_HOSTS lists."""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def host_port(host: str, port: int) -> str:
-    """host:port as gRPC targets and URLs write it, an IPv6 address in brackets: gRPC read
-    `--host ::1` as "::1:0", the address ::0.1.0.0 on port 443, and could not bind, while `[::1]`
-    bound but was warned about as an open interface and could not serve metrics (found by review)."""
-    host = bare_host(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -75,7 +62,9 @@ CHUNK_HEADER_ROOM = 1024
 """Bytes of each message the server keeps free of --chunk-bytes for a chunk's name, shape, counts,
 checksum and protobuf framing (about 30 bytes with a parameter's usual name; names of several
 hundred characters fit)."""
-_CAPS = ("max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions", "max_request_ids", "max_request_id_bytes")
+_CAPS = (
+    "max_upload_bytes", "max_device_bytes", "max_handles", "max_sessions", "max_request_ids", "max_request_id_bytes",
+)
 """Caps of 0 or more (0 means "none", "remember none" or "the device's size" where the flag says so)."""
 _KEEPALIVE_MAX = _INT32_MAX / 1000
 """grpc takes keepalive settings as int32 milliseconds."""
@@ -94,6 +83,19 @@ _SECONDS: dict[str, tuple[bool, float]] = {
 
 def _flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def bare_host(host: str) -> str:
+    """The host without the brackets of `[::1]`: what sockets bind and LOOPBACK_HOSTS lists."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC targets and URLs write it, an IPv6 address in brackets: gRPC read
+    `--host ::1` as "::1:0", the address ::0.1.0.0 on port 443, and could not bind, while `[::1]`
+    bound but was warned about as an open interface and could not serve metrics (found by review)."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def sendable_token(token: str) -> bool:
@@ -173,8 +175,8 @@ class ServerConfig:
         --chunk-bytes 0 made every fetch INTERNAL and -1 answered fetches with nothing, a negative
         --max-message-bytes refused every call, --snapshot-every inf ended the snapshot thread with
         a traceback (no snapshot until shutdown), a negative cap meant none at all (found by review).
-The request ID settings were refused later, by the store, in words that named no flag, and under
-torchrun by rank 0 alone, after the cluster had met (found by review).
+        The request ID settings were refused later, by the store, in words that named no flag, and
+        under torchrun by rank 0 alone, after the cluster had met (found by review).
 
         Raises:
             ValueError: the first setting out of range.
@@ -188,7 +190,10 @@ torchrun by rank 0 alone, after the cluster had met (found by review).
             # Every fetch of a tensor larger than the message cap failed RESOURCE_EXHAUSTED ("Sent message
             # larger than max"), which no client could fix: --max-message-bytes 1 MiB alone did it, with
             # the default 4 MiB chunks (found by review).
-            fix = f"give --chunk-bytes {room} or less" if room > 0 else f"raise --max-message-bytes above {CHUNK_HEADER_ROOM}"
+            fix = (
+                f"give --chunk-bytes {room} or less" if room > 0
+                else f"raise --max-message-bytes above {CHUNK_HEADER_ROOM}"
+            )
             raise ValueError(
                 f"--chunk-bytes ({self.chunk_bytes}) leaves no room in --max-message-bytes ({self.max_message_bytes}) "
                 f"for a chunk's name and shape ({CHUNK_HEADER_ROOM} bytes): every tensor the server sends in "

@@ -95,16 +95,26 @@ def _parse(path: Path) -> dict[str, Any]:
             data = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
         raise TokensFileError(f"{path} does not parse: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep: it escaped the reload and ended the server unsaved
+        raise TokensFileError(f"{path} does not parse: its arrays or tables nest too deeply") from None
     if not isinstance(data, dict):
         raise TokensFileError(f"{path}: expecting a table with 'tokens' (and optionally 'tenants')")
     _warn_if_others_can_read(path, data)
     return data
 
 
+MAX_QUOTA = 2**63 - 1
+"""Largest quota: GetServerStats reports each tenant's quotas as int64 (one above it was loaded, and
+made every GetServerStats that showed the tenant INTERNAL; found by review)."""
+
+
 def _whole(value: Any, where: str) -> int:
     """A quota's value, checked; the error says what was given by its type alone, never the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        given = "a negative number" if isinstance(value, int) and not isinstance(value, bool) else type(value).__name__
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUOTA:
+        given = (
+            type(value).__name__ if isinstance(value, bool) or not isinstance(value, int)
+            else "a negative number" if value < 0 else f"a number over {MAX_QUOTA}"
+        )
         raise TokensFileError(f"{where} must be a whole number of 0 or more (0: no quota), not {given}")
     return value
 
@@ -157,7 +167,8 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
             if not isinstance(secret, str) or len(secret) < MIN_TOKEN_LENGTH or not sendable_token(secret):
                 raise TokensFileError(
                     f"{where}: a token must be a string of at least {MIN_TOKEN_LENGTH} characters, printable ASCII "
-                    "without surrounding spaces (e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
+                    "without surrounding spaces "
+                    "(e.g. from python -c \"import secrets; print(secrets.token_urlsafe(32))\")"
                 )
             digest = token_digest(secret)
         else:
