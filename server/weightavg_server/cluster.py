@@ -66,7 +66,7 @@ from .domain.options import Value
 from .domain.tensors import HandleSummary
 from .service import (
     NOTHING, EmaResult, Metrics, Named, Placement, RankInfo, RankMetrics, Reduced, Ref, Service, Settings, StopCheck,
-    Upload, OnHeader,
+    Upload, OnHeader, source_of,
 )
 from .store import snapshot
 from .store.snapshot import SnapshotError, SnapshotResult
@@ -511,7 +511,10 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
     with contextlib.ExitStack() as held:
         spare: WeightavgError | None = None
         try:
-            entry, named = service._reduced_tensors(handle)
+            entry, _ = service._source(handle)
+            # Locked before its tensors are read: a rank-local call (rank=) may change them until then.
+            held.enter_context(service.store.mutate(entry, need=NOTHING))
+            named = service._reduced_of(entry)
             tensors = [t for _, t in named]
             scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
             mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
@@ -547,37 +550,39 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
             if any(int(g[3]) != 1 for g in gathered):
                 raise _Abandoned()
             groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
-        with service.store.mutate(entry, need=NOTHING):
-            # One collective per flat buffer where every rank holds the tensors back to back alike (a
-            # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
-            issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
+        # One collective per flat buffer where every rank holds the tensors back to back alike (a
+        # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
+        issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
     return Reduced(len(tensors), issued)
 
 
 def _broadcast(service: Service, fabric: Fabric, handle: str, src: int = 0) -> int:
     """Every rank takes rank src's parameters and buffers (a module) or entries (a dictionary) of a
     replicated object. As for _allreduce, the ranks first agree over the control group that they all
-    hold the same names, shapes and dtypes, so that a refusal changes nothing anywhere."""
-    try:
-        entry, named = service._replicated_tensors(handle)
-        mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
-    except WeightavgError as exc:
-        mine, error = None, exc
-    signatures: list[Any] = [None] * fabric.world_size
-    dist.all_gather_object(signatures, mine, group=fabric.control)
-    if mine is None:
-        raise error
-    differing = [r for r, s in enumerate(signatures) if s != mine]
-    if differing:
-        raise FailedPrecondition(
-            f"broadcast needs the same tensor names, shapes and dtypes on every rank; rank {differing[0]} holds "
-            f"other ones (per-rank values set with rank= differ in shape or dtype, or entries differ). Set them "
-            "alike on every rank, then broadcast again; nothing changed"
-        )
-    with service.store.mutate(entry, need=NOTHING):
+    hold the same names, shapes and dtypes, so that a refusal changes nothing anywhere. Each rank
+    locks its copy before it reads the tensors, as `_allreduce` does."""
+    with contextlib.ExitStack() as held:
+        try:
+            entry, _ = service._source(handle)
+            held.enter_context(service.store.mutate(entry, need=NOTHING))
+            named = service._replicated_of(entry)
+            mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
+        except WeightavgError as exc:
+            mine, error = None, exc
+        signatures: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(signatures, mine, group=fabric.control)
+        if mine is None:
+            raise error
+        differing = [r for r, s in enumerate(signatures) if s != mine]
+        if differing:
+            raise FailedPrecondition(
+                f"broadcast needs the same tensor names, shapes and dtypes on every rank; rank {differing[0]} holds "
+                f"other ones (per-rank values set with rank= differ in shape or dtype, or entries differ). Set them "
+                "alike on every rank, then broadcast again; nothing changed"
+            )
         for _, t in named:
             collectives.broadcast_(t, src)
-    return len(named)
+        return len(named)
 
 
 @dataclass(frozen=True)
@@ -654,9 +659,9 @@ def _moved(service: Service, fabric: Fabric, move: Move, held: contextlib.ExitSt
     with contextlib.ExitStack() as reading:
         if fabric.rank == move.src:
             try:
-                entry, source = service._source(move.handle)
+                entry, _ = service._source(move.handle)
                 reading.enter_context(service.store.reading(entry))
-                layout, named = _layout(source, move.buffers)
+                layout, named = _layout(source_of(entry), move.buffers)  # read under the lock
             except WeightavgError as exc:
                 error = exc
         layouts: list[Any] = [None] * fabric.world_size
@@ -1360,7 +1365,7 @@ class ClusterService(Service):
         self._check()
         where = self.where(handle)
         if where == 0:
-            self._reduced_tensors(handle)  # NOT_FOUND or INVALID_ARGUMENT first, if it is that
+            self._source(handle)  # NOT_FOUND or INVALID_ARGUMENT first, if it is that
         if where != ALL:  # (one placed on another rank is not in rank 0's store: not NOT_FOUND)
             raise FailedPrecondition("allreduce averages an object across ranks: create it with replicate=True")
         collectives.rank_scale(op, weights, 0, self.fabric.world_size)  # refuse bad weights before any rank acts
@@ -1374,7 +1379,7 @@ class ClusterService(Service):
             raise InvalidArgument(f"rank {rank} does not exist: the cluster has ranks 0 to {self.fabric.world_size - 1}")
         where = self.where(handle)
         if where == 0:
-            self._replicated_tensors(handle)  # NOT_FOUND or INVALID_ARGUMENT first, if it is that
+            self._source(handle)  # NOT_FOUND or INVALID_ARGUMENT first, if it is that
         if where != ALL:
             raise FailedPrecondition(
                 f"broadcast copies one rank's values to the other ranks' copies of a replicated object; this one "

@@ -946,33 +946,35 @@ class Service:
         held = (usage.handles, sum(usage.nbytes.values())) if usage is not None else (0, 0)
         return [RankInfo(0, str(self.device), *held)]
 
-    def _replicated_tensors(self, handle: str) -> tuple[Entry, Named]:
+    def _replicated_of(self, entry: Entry) -> Named:
         """What a broadcast copies: a module's parameters then buffers (module order), or a
-        dictionary's entries (name order); the same order on every rank."""
-        entry, source = self._source(handle)
+        dictionary's entries (name order); the same order on every rank. Read under the entry's lock
+        (a model's module may be replaced while a call waits for it: `source_of`)."""
+        source = source_of(entry)
         if isinstance(source, TensorDict):
-            return entry, sorted(source.entries.items())
-        return entry, [(n, t.data) for n, t in source.named_parameters()] + list(source.named_buffers())
+            return sorted(source.entries.items())
+        return [(n, t.data) for n, t in source.named_parameters()] + list(source.named_buffers())
 
     @_exactly_once
     def broadcast(self, handle: str, rank: int, *, request: RequestKey | None = None) -> int:
         """Give every rank `rank`'s values of a replicated object; how many tensors. On one rank
         there is nothing to copy: the values stay as they are."""
         self._one_rank(rank)
-        entry, named = self._replicated_tensors(handle)
+        entry, _ = self._source(handle)
         with self.store.reading(entry):
-            return len(named)
+            return len(self._replicated_of(entry))
 
-    def _reduced_tensors(self, handle: str) -> tuple[Entry, Named]:
-        """What an all-reduce of the handle covers: a module's floating parameters or a dictionary's
+    def _reduced_of(self, entry: Entry) -> Named:
+        """What an all-reduce of the entry covers: a module's floating parameters or a dictionary's
         floating entries with their names, in name order (the same order on every rank; the ranks
-        compare the names too, since equal shapes under other names must not be summed together)."""
-        entry, source = self._source(handle)
+        compare the names too, since equal shapes under other names must not be summed together).
+        Read under the entry's lock, as `_replicated_of`."""
+        source = source_of(entry)
         if isinstance(source, TensorDict):
             named = sorted(source.entries.items())
         else:
             named = sorted(source.named_parameters())
-        return entry, [(n, t.data) for n, t in named if t.is_floating_point()]
+        return [(n, t.data) for n, t in named if t.is_floating_point()]
 
     @_exactly_once
     def allreduce(
@@ -980,9 +982,9 @@ class Service:
     ) -> Reduced:
         """Average (or sum) a replicated object over the ranks: on one rank, the values stay as they are."""
         collectives.rank_scale(op, weights, 0, 1)
-        entry, tensors = self._reduced_tensors(handle)
+        entry, _ = self._source(handle)
         with self.store.reading(entry):
-            return Reduced(len(tensors), 0)
+            return Reduced(len(self._reduced_of(entry)), 0)
 
     def snapshot(self) -> snapshot.SnapshotResult:
         """Write every live handle to the state directory (admins only: it spans every tenant)."""
