@@ -243,7 +243,7 @@ class TensorAssembler:
             p = self._pending
             raise InvalidArgument(f"tensor '{p.name}' ended early: got {p.filled} of {p.nbytes} bytes")
         dtype = torch_dtype(chunk.dtype)
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         shape = checked_shape(chunk.name, chunk.shape, size)
         nbytes = math.prod(shape) * size
         if self._total + nbytes > self._max_bytes:
