@@ -305,3 +305,22 @@ def test_cuda_out_of_memory_is_resource_exhausted_and_the_server_serves_on(start
         copies.append(c.copyparms(m))
         c.purge()
     torch.cuda.empty_cache()  # the in-process server's allocator keeps the GPU otherwise: later tests' servers need it
+
+
+def test_a_forward_whose_output_overflows_int64_is_refused_not_run(live_server: LiveServer) -> None:
+    """A conv2d with dilation 2**32+1 and padding 2**32 has a [1, 1, 2**32+1, 2**32+1] output for a
+    2x2 input: more bytes than int64 counts, which meta refuses. The pass answered a [1, 1, 1, 1]
+    tensor (torch's CPU convolution counts those sizes in 32 bits), and with padding 2**30 an
+    INVALID_ARGUMENT saying the output was too small; both are now RESOURCE_EXHAUSTED, nothing run."""
+    with Client(live_server.address, timeout=60) as c:
+        q = c.module(["conv2d", 1, 1, 2, {"dilate": 2**32 + 1, "pad": 2**32}])
+        wide = c.module(["conv2d", 1, 1, 1, {"pad": 2**30}])
+        before = snapshot(live_server.registry)
+        for module, shape in ((q, (1, 1, 2, 2)), (wide, (1, 1, 3, 3))):
+            for verb in (c.forward, c.eforward):
+                with pytest.raises(ResourceExhaustedError, match="larger than any memory"):
+                    verb(module, np.ones(shape, np.float32))
+        assert_unchanged(before, snapshot(live_server.registry))
+        sane = c.module(["conv2d", 1, 1, 2, {"dilate": 2, "pad": 1}])
+        assert c.size(c.forward(sane, np.ones((1, 1, 2, 2), np.float32))) == (1, 1, 2, 2)  # it serves on
+        c.free(q, wide, sane)

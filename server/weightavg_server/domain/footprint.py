@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
+from .errors import ResourceExhausted
 from .options import Value, bool_value, int_value
 from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
 from .training import Model
@@ -33,14 +34,33 @@ def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """`module(x)` run on meta copies of its parameters and buffers (and of x): the output's shape
     and dtype without memory, or None when the pass fails on meta or gives no tensor.
 
-    Nothing real changes (not even batchnorm's running statistics)."""
+    Nothing real changes (not even batchnorm's running statistics).
+
+    Raises:
+        ResourceExhausted: the output (or a tensor made on the way) would have more bytes than int64
+            counts, which meta refuses; no real pass may run then (see `_overflowed`).
+    """
     state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
     try:
         with torch.no_grad():
             output = functional_call(module, state, (x.to("meta"),))
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+        if _overflowed(exc):
+            raise ResourceExhausted(
+                f"the module's output for an input of shape {list(x.shape)} would be larger than any memory "
+                f"({exc}); check its layers' padding, dilation and output sizes"
+            ) from None
         return None
     return output if isinstance(output, torch.Tensor) else None
+
+
+def _overflowed(exc: Exception) -> bool:
+    """Whether a pass failed on meta because a tensor's size overflows int64. Reserving nothing and
+    letting the real pass fail is wrong there: torch's CPU convolution computes such sizes in 32 bits,
+    so a conv2d with dilation 2**32+1 and padding 2**32 answered a [1, 1, 1, 1] output where the true
+    one is [1, 1, 2**32+1, 2**32+1], and padding 2**31-1 tried to allocate 34 GB, unreserved (found by
+    review)."""
+    return isinstance(exc, RuntimeError) and "Storage size calculation overflowed" in str(exc)
 
 
 def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:
