@@ -383,6 +383,9 @@ def test_modules_not_built_here_are_described_by_class() -> None:
             "convtranspose2d: option 'padmode' must be one of zeros, given 'reflect'",
         ),
         (L("linear", args=(4, 3), children=(L("relu"),)), "linear: only container types take"),
+        # A weight of 33 dimensions no input reaches (inputs have at most 32) and no client sends back.
+        (L("layernorm", args=((1,) * 33,)), "layernorm: option 'shape' takes at most 32 sizes"),
+        (L("reshape", args=((1,) * 33,)), "reshape: option 'size' takes at most 32 sizes"),
         (L("sequential", children=(L("relu", ""),)), "sequential: child name must not be empty"),
         (
             L("sequential", children=(L("relu", "a.b"),)),
@@ -459,3 +462,11 @@ def test_layer_count_cap_counts_every_layer_at_any_depth() -> None:
     with pytest.raises(InvalidArgument, match="more than 4 layers"):
         check_layer_count(spec, 4)
     check_layer_count(LayerSpec("relu"), 1)
+
+
+def test_a_shape_option_takes_as_many_sizes_as_a_tensor_has_dimensions() -> None:
+    """32 sizes, the most a sent tensor has dimensions (shapes.MAX_DIMS), build and run."""
+    norm = build_module(L("layernorm", args=((1,) * 31 + (2,),)))
+    assert norm.weight.shape == (1,) * 31 + (2,)
+    x = torch.arange(2.0).reshape((1,) * 31 + (2,))
+    assert build_module(L("reshape", args=((1,) * 30 + (2, 1),)))(x).shape == (1,) * 30 + (2, 1)
