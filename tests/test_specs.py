@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from weightavg_server.domain import footprint
 from weightavg_server.domain.errors import InvalidArgument, ResourceExhausted
 from weightavg_server.domain.specs import (
     LAYER_TYPES,
@@ -470,3 +471,13 @@ def test_a_shape_option_takes_as_many_sizes_as_a_tensor_has_dimensions() -> None
     assert norm.weight.shape == (1,) * 31 + (2,)
     x = torch.arange(2.0).reshape((1,) * 31 + (2,))
     assert build_module(L("reshape", args=((1,) * 30 + (2, 1),)))(x).shape == (1,) * 30 + (2, 1)
+
+
+def test_a_module_for_a_gpu_is_reserved_on_the_host_too_where_it_is_built_first() -> None:
+    """CreateModule builds and initialises the module on the CPU, then moves it (Service._built): on
+    a GPU server the host held all of it, unreserved, until the move ended. Its footprint now counts
+    it on both (sized on meta: no GPU needed)."""
+    spec = L("sequential", children=(L("linear", "a", (10, 10)), L("batchnorm1d", "b", (10,))))
+    nbytes = (110 + 20) * 4 + 20 * 4 + 8  # linear, affine; running mean and var (float32), the count (int64)
+    assert footprint.module_bytes(spec, torch.device("cpu"), 32) == {"cpu": nbytes}
+    assert footprint.module_bytes(spec, torch.device("cuda:0"), 32) == {"cuda:0": nbytes, "cpu": nbytes}

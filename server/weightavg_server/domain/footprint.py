@@ -24,10 +24,15 @@ from .training import Model
 
 
 def module_bytes(spec: specs.LayerSpec, device: torch.device, max_depth: int) -> Bytes:
-    """Bytes of the parameters and buffers of the module `spec` builds, once moved to `device`."""
+    """Bytes of the parameters and buffers of the module `spec` builds, once moved to `device`; on
+    a device other than the CPU, also on the CPU: the module is built and initialised there first,
+    then moved (`Service._built`), so the host holds all of it until the move ends (it was not
+    reserved; found by review)."""
     with torch.device("meta"):
         module = specs.build_module(spec, max_depth=max_depth)
-    return tensor_bytes(module_tensors(module), device)
+    tensors = list(module_tensors(module))
+    host = tensor_bytes(tensors, "cpu") if torch.device(device).type != "cpu" else {}
+    return add_bytes(tensor_bytes(tensors, device), host)
 
 
 def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
