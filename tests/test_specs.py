@@ -379,6 +379,10 @@ def test_modules_not_built_here_are_described_by_class() -> None:
             L("groupnorm", args=(3, 4)),
             "groupnorm: option 'channels' (4) must be divisible by option 'groups' (3)",
         ),
+        (  # torch refuses it only at a forward pass: the module could never run
+            L("convtranspose2d", args=(1, 2, 3), options=(("stride", (2, 1)), ("outpad", (1, 1)))),
+            "convtranspose2d: option 'outpad' (1) must be smaller than option 'stride' (1) or option 'dilate' (1)",
+        ),
         (
             L("convtranspose2d", args=(1, 2, 3), options=(("padmode", "reflect"),)),
             "convtranspose2d: option 'padmode' must be one of zeros, given 'reflect'",
@@ -481,3 +485,11 @@ def test_a_module_for_a_gpu_is_reserved_on_the_host_too_where_it_is_built_first(
     nbytes = (110 + 20) * 4 + 20 * 4 + 8  # linear, affine; running mean and var (float32), the count (int64)
     assert footprint.module_bytes(spec, torch.device("cpu"), 32) == {"cpu": nbytes}
     assert footprint.module_bytes(spec, torch.device("cuda:0"), 32) == {"cuda:0": nbytes, "cpu": nbytes}
+
+
+def test_a_transposed_convolution_pads_its_output_below_its_stride_or_dilation() -> None:
+    """The output paddings torch's kernel takes build and run, each dimension on its own."""
+    x = torch.randn(1, 1, 4, 4)
+    for options in ((("stride", (2, 1)), ("outpad", (1, 0))), (("dilate", 2), ("outpad", 1))):
+        m = build_module(L("convtranspose2d", args=(1, 1, 3), options=options))
+        assert m(x).dim() == 4

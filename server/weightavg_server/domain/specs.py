@@ -451,6 +451,19 @@ def _divisible(*names: str) -> Callable[[str, Values], None]:
     return validate
 
 
+def _convtranspose_validate(t: str, v: Values) -> None:
+    """Channels divisible by groups, and each output padding below its stride or its dilation, as
+    torch's kernel requires: it checks only at the first forward pass, so a module that could never
+    run was built, and each forward refused (found by review)."""
+    _divisible("in", "out")(t, v)
+    for pad, stride, dilate in zip(size_value(v, "outpad"), size_value(v, "stride"), size_value(v, "dilate")):
+        if pad >= stride and pad >= dilate:
+            raise InvalidArgument(
+                f"{t}: option 'outpad' ({pad}) must be smaller than option 'stride' ({stride}) or "
+                f"option 'dilate' ({dilate}) in each dimension"
+            )
+
+
 def _int_option(name: str, attr: str, label: str) -> LayerOption:
     """A required positive integer, the usual shape of a size option."""
     return LayerOption(Opt(name, ValueType.INT, check=POSITIVE, required=True, label=label), attr)
@@ -555,7 +568,7 @@ def _convtranspose(dims: int) -> LayerType:
         classes[dims - 1],
         options,
         _convtranspose_elements,
-        _divisible("in", "out"),
+        _convtranspose_validate,
     )
 
 
