@@ -326,6 +326,10 @@ def test_modules_not_built_here_are_described_by_class() -> None:
         (L("batchnorm1d", args=(4, "x")), "batchnorm1d: option 'eps' expects a number, given str"),
         (L("batchnorm1d", args=(4, True)), "batchnorm1d: option 'eps' expects a number, given"),
         (L("batchnorm1d", args=(4, float("nan"))), "batchnorm1d: option 'eps' must be finite"),
+        (  # ktorch's 0n for a cumulative average: here None, which the refusal says
+            L("batchnorm1d", args=(4, 1e-5, float("nan"))),
+            "batchnorm1d: option 'momentum' must be finite, given nan (for none, give None: a null value)",
+        ),
         (L("gelu", args=(1,)), "gelu: option 'approximate' expects a string, given int 1"),
         (L("conv2d", args=(1, 2, "3")), "conv2d: option 'size' expects an integer or a tuple"),
         (L("conv2d", args=(1, 2, (3, True))), "conv2d: option 'size' expects an integer or"),

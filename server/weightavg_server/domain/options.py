@@ -229,7 +229,9 @@ def _finite(what: str, opt: Opt, value: int | float) -> float:
     """The value as a float, refused if it is infinite or NaN."""
     result = float(value)
     if not math.isfinite(result):
-        raise InvalidArgument(f"{what}: option '{opt.name}' must be finite, given {value!r}")
+        # ktorch writes a missing value as a NaN (batchnorm's momentum 0n); here it is None.
+        none = " (for none, give None: a null value)" if opt.nullable else ""
+        raise InvalidArgument(f"{what}: option '{opt.name}' must be finite, given {value!r}{none}")
     return result
 
 
