@@ -147,3 +147,17 @@ def test_an_empty_list_of_keys_fetches_nothing(client: Client) -> None:
     assert client.dict(d, []) == [] and client.dict(d, ()) == []
     assert fetches() == before
     assert client.dict(d, ["a"])[0].shape == (1000,) and fetches() == before + 1  # counted, where one is made
+
+
+def test_a_list_of_numpy_or_torch_integers_is_a_size_list(client: Client) -> None:
+    """A size such as ``list(np.array([3, 3]))`` holds numpy ints: the array passed, its list was
+    refused TypeError. Bools and floats in a list are still refused before any call."""
+    torch = pytest.importorskip("torch")
+    for size in ([np.int64(3), np.int64(3)], (torch.tensor(3), 3)):
+        q = client.module(["conv2d", 1, 1, size])
+        assert client.module(q)[0].options["size"] == (3, 3)
+    before = len(client.handles())
+    for bad in ([3, np.bool_(True)], [np.float64(3.0), 3]):
+        with pytest.raises(TypeError, match="list of ints"):
+            client.module(["conv2d", 1, 1, bad])
+    assert len(client.handles()) == before

@@ -222,3 +222,17 @@ def test_a_soup_needs_test_data_and_a_known_metric() -> None:
         soups.plan_soup(model, [weight([[1, 0], [0, 1]])])
     with pytest.raises(InvalidArgument, match="must be one of accuracy, loss"):
         soups.plan_soup(linear_model(), [weight([[1, 0], [0, 1]])], [("metric", "f1")])
+
+
+def test_a_kept_soup_is_the_uniform_average_even_where_scoring_renormalises_weights() -> None:
+    """An embedding with max_norm renormalises the rows it reads in place, in eval mode too. The soup
+    copied its candidate back from the model after scoring it, so it kept the renormalised rows
+    ([[0.97, 0.24], [0, 1]]) where model-soups keeps the candidate it built, the uniform average."""
+    module = torch.nn.Sequential(torch.nn.Embedding(2, 2, max_norm=1.0))
+    model = model_of(module)
+    training.set_data(model, "test", torch.tensor([0, 1]), torch.tensor([0, 1]), CPU)
+    a, b = weight([[4, 0], [4, 0]]), weight([[0, 1], [-4, 8]])  # each 50%; their average 100%
+    a, b = (TensorDict({"0.weight": d.entries["weight"]}) for d in (a, b))
+    soup = soups.greedy_soup(model, [a, b], soups.plan_soup(model, [a, b]))
+    assert soup.scores == [50.0, 50.0] and soup.kept == [1, 0] and soup.score == 100.0
+    assert torch.equal(soup.dictionary.entries["0.weight"], torch.tensor([[2.0, 0.5], [0.0, 4.0]]))

@@ -5,6 +5,7 @@ INVALID_ARGUMENT for depth), refused before allocating, changes nothing, and the
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -305,3 +306,42 @@ def test_cuda_out_of_memory_is_resource_exhausted_and_the_server_serves_on(start
         copies.append(c.copyparms(m))
         c.purge()
     torch.cuda.empty_cache()  # the in-process server's allocator keeps the GPU otherwise: later tests' servers need it
+
+
+def test_a_forward_whose_output_overflows_int64_is_refused_not_run(live_server: LiveServer) -> None:
+    """An adaptive pool to 2**40 x 2**40 has more output bytes than int64 counts, which meta refuses:
+    the sizing pass reserved nothing then and let the real pass run, which for a convolution answered
+    a wrong, tiny output (torch's CPU convolution counts those sizes in 32 bits; see the next test).
+    It is RESOURCE_EXHAUSTED now, before the module runs."""
+    with Client(live_server.address, timeout=60) as c:
+        q = c.module(["adaptavg2d", [2**40, 2**40]])
+        before = snapshot(live_server.registry)
+        for verb in (c.forward, c.eforward):
+            with pytest.raises(ResourceExhaustedError, match="larger than any memory"):
+                verb(q, np.ones((1, 1, 3, 3), np.float32))
+        assert_unchanged(before, snapshot(live_server.registry))
+        c.free(q)
+
+
+@pytest.mark.parametrize(
+    "options, output",
+    [
+        ({"dilate": 2, "pad": 2**32}, "[8589934592]"),  # answered an empty [1, 1, 0] output
+        ({"dilate": 2**32 + 1, "pad": 2**32}, "[4294967297]"),  # answered [1, 1, 1]
+        ({"pad": 2**31}, "[4294967297]"),  # tried to allocate 34 GB, unreserved
+    ],
+)
+def test_a_convolution_whose_output_torch_would_count_wrongly_is_refused(start_server, options, output) -> None:  # type: ignore[no-untyped-def]
+    """torch's CPU convolution computes output sizes in 32 bits, the meta pass that reserves them in
+    64: on a server whose cap holds the true output (a big host's memory; here a 1 TiB cap, nothing of
+    it allocated), the pass answered a wrong, tiny tensor. Refused INVALID_ARGUMENT before it runs."""
+    server = start_server(max_device_bytes=2**40)
+    with Client(server.address, timeout=60) as c:
+        q = c.module(["conv1d", 1, 1, 2, options])
+        before = snapshot(server.registry)
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"output of spatial size {output}; torch's convolutions")):
+            c.forward(q, np.ones((1, 1, 2), np.float32))
+        assert_unchanged(before, snapshot(server.registry))
+        assert server.registry.held_bytes() == {"cpu": 12}  # the weight (2) and bias (1), nothing left reserved
+        sane = c.module(["conv1d", 1, 1, 2, {"dilate": 2, "pad": 2}])
+        assert c.size(c.forward(sane, np.ones((1, 1, 2), np.float32))) == (1, 1, 4)  # it serves on

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from weightavg_server.domain import footprint
 from weightavg_server.domain.errors import InvalidArgument, ResourceExhausted
 from weightavg_server.domain.specs import (
     LAYER_TYPES,
@@ -325,6 +326,10 @@ def test_modules_not_built_here_are_described_by_class() -> None:
         (L("batchnorm1d", args=(4, "x")), "batchnorm1d: option 'eps' expects a number, given str"),
         (L("batchnorm1d", args=(4, True)), "batchnorm1d: option 'eps' expects a number, given"),
         (L("batchnorm1d", args=(4, float("nan"))), "batchnorm1d: option 'eps' must be finite"),
+        (  # ktorch's 0n for a cumulative average: here None, which the refusal says
+            L("batchnorm1d", args=(4, 1e-5, float("nan"))),
+            "batchnorm1d: option 'momentum' must be finite, given nan (for none, give None: a null value)",
+        ),
         (L("gelu", args=(1,)), "gelu: option 'approximate' expects a string, given int 1"),
         (L("conv2d", args=(1, 2, "3")), "conv2d: option 'size' expects an integer or a tuple"),
         (L("conv2d", args=(1, 2, (3, True))), "conv2d: option 'size' expects an integer or"),
@@ -378,11 +383,18 @@ def test_modules_not_built_here_are_described_by_class() -> None:
             L("groupnorm", args=(3, 4)),
             "groupnorm: option 'channels' (4) must be divisible by option 'groups' (3)",
         ),
+        (  # torch refuses it only at a forward pass: the module could never run
+            L("convtranspose2d", args=(1, 2, 3), options=(("stride", (2, 1)), ("outpad", (1, 1)))),
+            "convtranspose2d: option 'outpad' (1) must be smaller than option 'stride' (1) or option 'dilate' (1)",
+        ),
         (
             L("convtranspose2d", args=(1, 2, 3), options=(("padmode", "reflect"),)),
             "convtranspose2d: option 'padmode' must be one of zeros, given 'reflect'",
         ),
         (L("linear", args=(4, 3), children=(L("relu"),)), "linear: only container types take"),
+        # A weight of 33 dimensions no input reaches (inputs have at most 32) and no client sends back.
+        (L("layernorm", args=((1,) * 33,)), "layernorm: option 'shape' takes at most 32 sizes"),
+        (L("reshape", args=((1,) * 33,)), "reshape: option 'size' takes at most 32 sizes"),
         (L("sequential", children=(L("relu", ""),)), "sequential: child name must not be empty"),
         (
             L("sequential", children=(L("relu", "a.b"),)),
@@ -459,3 +471,29 @@ def test_layer_count_cap_counts_every_layer_at_any_depth() -> None:
     with pytest.raises(InvalidArgument, match="more than 4 layers"):
         check_layer_count(spec, 4)
     check_layer_count(LayerSpec("relu"), 1)
+
+
+def test_a_shape_option_takes_as_many_sizes_as_a_tensor_has_dimensions() -> None:
+    """32 sizes, the most a sent tensor has dimensions (shapes.MAX_DIMS), build and run."""
+    norm = build_module(L("layernorm", args=((1,) * 31 + (2,),)))
+    assert norm.weight.shape == (1,) * 31 + (2,)
+    x = torch.arange(2.0).reshape((1,) * 31 + (2,))
+    assert build_module(L("reshape", args=((1,) * 30 + (2, 1),)))(x).shape == (1,) * 30 + (2, 1)
+
+
+def test_a_module_for_a_gpu_is_reserved_on_the_host_too_where_it_is_built_first() -> None:
+    """CreateModule builds and initialises the module on the CPU, then moves it (Service._built): on
+    a GPU server the host held all of it, unreserved, until the move ended. Its footprint now counts
+    it on both (sized on meta: no GPU needed)."""
+    spec = L("sequential", children=(L("linear", "a", (10, 10)), L("batchnorm1d", "b", (10,))))
+    nbytes = (110 + 20) * 4 + 20 * 4 + 8  # linear, affine; running mean and var (float32), the count (int64)
+    assert footprint.module_bytes(spec, torch.device("cpu"), 32) == {"cpu": nbytes}
+    assert footprint.module_bytes(spec, torch.device("cuda:0"), 32) == {"cuda:0": nbytes, "cpu": nbytes}
+
+
+def test_a_transposed_convolution_pads_its_output_below_its_stride_or_dilation() -> None:
+    """The output paddings torch's kernel takes build and run, each dimension on its own."""
+    x = torch.randn(1, 1, 4, 4)
+    for options in ((("stride", (2, 1)), ("outpad", (1, 0))), (("dilate", 2), ("outpad", 1))):
+        m = build_module(L("convtranspose2d", args=(1, 1, 3), options=options))
+        assert m(x).dim() == 4

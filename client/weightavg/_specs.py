@@ -35,9 +35,17 @@ def option_message(value: Any) -> pb.OptionValue:
         return pb.OptionValue(float_value=float(value))
     if isinstance(value, str):
         return pb.OptionValue(string_value=value)
-    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return pb.OptionValue(int_list=pb.IntList(values=list(value)))
+    if isinstance(value, Sequence) and all(_is_integer(v) for v in value):
+        return pb.OptionValue(int_list=pb.IntList(values=[int(v) for v in value]))
     raise TypeError(f"option value {value!r} is not None, a bool, a number, a string or a list of ints")
+
+
+def _is_integer(value: Any) -> bool:
+    """An int, or a numpy or torch integer scalar, but no bool: a size list such as
+    ``list(np.array([3, 3]))`` holds numpy ints, which an array of them already passed as."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # numpy bools and torch bool scalars give bools here, refused below
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def option_value(message: pb.OptionValue) -> Any:

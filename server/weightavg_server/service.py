@@ -1089,7 +1089,9 @@ class Service:
         with self.store.mutate(entry, need=NOTHING, reading=tuple(inputs)) as reservation:
             dicts = [self._as_dictionary(e) for e in inputs]
             plan = soups.plan_soup(model, dicts, options)
-            self.store.grow(reservation, handles=1, nbytes=footprint.soup_bytes(plan))
+            # Scoring is a test pass: it keeps a copy of what a max_norm embedding renormalises, as run_test does.
+            need = add_bytes(footprint.soup_bytes(plan), footprint.renorm_copy_bytes(model.module))
+            self.store.grow(reservation, handles=1, nbytes=need)
             made = soups.greedy_soup(model, dicts, plan, should_stop)
             handle_id = self.store.add(Kind.DICTIONARY, made.dictionary, reservation)
         return made.holding(Ref(handle_id, Kind.DICTIONARY))

@@ -18,16 +18,22 @@ from torch.func import functional_call
 
 from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
+from .errors import ResourceExhausted
 from .options import Value, bool_value, int_value
 from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
 from .training import Model
 
 
 def module_bytes(spec: specs.LayerSpec, device: torch.device, max_depth: int) -> Bytes:
-    """Bytes of the parameters and buffers of the module `spec` builds, once moved to `device`."""
+    """Bytes of the parameters and buffers of the module `spec` builds, once moved to `device`; on
+    a device other than the CPU, also on the CPU: the module is built and initialised there first,
+    then moved (`Service._built`), so the host holds all of it until the move ends (it was not
+    reserved; found by review)."""
     with torch.device("meta"):
         module = specs.build_module(spec, max_depth=max_depth)
-    return tensor_bytes(module_tensors(module), device)
+    tensors = list(module_tensors(module))
+    host = tensor_bytes(tensors, "cpu") if torch.device(device).type != "cpu" else {}
+    return add_bytes(tensor_bytes(tensors, device), host)
 
 
 def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -39,12 +45,22 @@ def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     so it is given a shadow of the module (`_shadow`). Given the module itself, a listing or a stats
     scrape, which read a busy object without its lock, saw its parameters on the meta device for that
     moment (GetServerStats listed a "meta" device, ListHandles a 665,600-byte module as 16,640 bytes;
-    found by review)."""
+    found by review).
+
+    Raises:
+        ResourceExhausted: the output (or a tensor made on the way) would have more bytes than int64
+            counts, which meta refuses; no real pass may run then (see `_overflowed`).
+    """
     state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
     try:
         with torch.no_grad():
             output = functional_call(_shadow(module), state, (x.to("meta"),))
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+        if _overflowed(exc):
+            raise ResourceExhausted(
+                f"the module's output for an input of shape {list(x.shape)} would be larger than any memory "
+                f"({exc}); check its layers' padding, dilation and output sizes"
+            ) from None
         return None
     return output if isinstance(output, torch.Tensor) else None
 
@@ -58,6 +74,15 @@ def _shadow(module: nn.Module) -> nn.Module:
     shadow._buffers = dict(module._buffers)
     shadow._modules = {name: None if m is None else _shadow(m) for name, m in module._modules.items()}
     return shadow
+
+
+def _overflowed(exc: Exception) -> bool:
+    """Whether a pass failed on meta because a tensor's size overflows int64. Reserving nothing and
+    letting the real pass fail is wrong there: torch's CPU convolution computes such sizes in 32 bits,
+    so a conv2d with dilation 2**32+1 and padding 2**32 answered a [1, 1, 1, 1] output where the true
+    one is [1, 1, 2**32+1, 2**32+1], and padding 2**31-1 tried to allocate 34 GB, unreserved (found by
+    review)."""
+    return isinstance(exc, RuntimeError) and "Storage size calculation overflowed" in str(exc)
 
 
 def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:

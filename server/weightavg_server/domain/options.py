@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeAlias, TypeGuard, TypeVar
 
 from .errors import InvalidArgument, did_you_mean
+from .shapes import MAX_DIMS
 
 Value: TypeAlias = None | bool | int | float | str | tuple[int, ...]
 Values: TypeAlias = Mapping[str, Value]
@@ -228,7 +229,9 @@ def _finite(what: str, opt: Opt, value: int | float) -> float:
     """The value as a float, refused if it is infinite or NaN."""
     result = float(value)
     if not math.isfinite(result):
-        raise InvalidArgument(f"{what}: option '{opt.name}' must be finite, given {value!r}")
+        # ktorch writes a missing value as a NaN (batchnorm's momentum 0n); here it is None.
+        none = " (for none, give None: a null value)" if opt.nullable else ""
+        raise InvalidArgument(f"{what}: option '{opt.name}' must be finite, given {value!r}{none}")
     return result
 
 
@@ -253,6 +256,14 @@ def _sizes(
         raise InvalidArgument(f"{what}: option '{opt.name}' expects {opt.dims} sizes, given {count}")
     if not value:
         raise InvalidArgument(f"{what}: option '{opt.name}' expects at least one size")
+    if len(value) > MAX_DIMS:
+        # A shape, not per-dimension sizes: layernorm's shape of 33 ones built a 33-dimension weight no
+        # input could reach (inputs have at most MAX_DIMS) that a client could not send back (found by review).
+        count = len(value)
+        raise InvalidArgument(
+            f"{what}: option '{opt.name}' takes at most {MAX_DIMS} sizes (a tensor here has at most "
+            f"{MAX_DIMS} dimensions), given {count}"
+        )
     return value
 
 

@@ -166,9 +166,8 @@ def greedy_soup(
                 load(d)
                 scores.append(score())
             order = _rank(plan.metric, scores)
-            load(ingredients[order[0]])
-            for n, t in zip(plan.names, targets):
-                soup.entries[n].copy_(t)
+            for n in plan.names:
+                soup.entries[n].copy_(ingredients[order[0]].entries[n])
             kept, best, tried = [order[0]], scores[order[0]], [scores[order[0]]]
             for i in order[1:]:
                 weight = 1.0 / (len(kept) + 1)
@@ -177,8 +176,10 @@ def greedy_soup(
                 candidate = score()
                 tried.append(candidate)
                 if _better(plan.metric, candidate, best):
-                    for n, t in zip(plan.names, targets):
-                        soup.entries[n].copy_(t)
+                    # The same lerp on the soup itself, not a copy of the model's tensors: scoring may
+                    # have changed those in place (a max_norm embedding renormalises the rows it reads).
+                    for n in plan.names:
+                        soup.entries[n].lerp_(ingredients[i].entries[n], weight)
                     kept.append(i)
                     best = candidate
     finally:

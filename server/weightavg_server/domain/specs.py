@@ -113,6 +113,38 @@ POOL_POSITIVE = Check(lambda v: all(0 < x <= POOL_MAX for x in numbers(v)), f"po
 POOL_NON_NEGATIVE = Check(lambda v: all(0 <= x <= POOL_MAX for x in numbers(v)), f"non-negative (at most {POOL_MAX})")
 
 
+CONV_MAX_SIZE = 2**31 - 1
+"""The largest spatial size a convolution here takes or makes. torch's CPU convolution computes its
+output sizes in 32 bits while the meta pass that sizes them does not: a conv1d of kernel 2 with
+padding 2**32 and dilation 2 answered an empty [1, 1, 0] output for a 2-wide input, where the true
+one is 2**33 wide, and dilation 2**32+1 a [1, 1, 1] one (found by review)."""
+
+
+def _check_conv_sizes(conv: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of every convolution built here: refuse an input or output spatial size over
+    CONV_MAX_SIZE before torch computes it wrongly. A ValueError, which a pass answers
+    INVALID_ARGUMENT (and the meta pass that sizes the output leaves to the real one)."""
+    x = args[0] if args else None
+    if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(x, torch.Tensor):
+        return
+    dims = len(conv.kernel_size)
+    sizes = [int(n) for n in x.shape[-dims:]]
+    for i, n in enumerate(list(sizes)):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        p = conv.padding[i] if isinstance(conv.padding, tuple) else 0
+        if conv.transposed:
+            sizes.append((n - 1) * s - 2 * p + d * (k - 1) + conv.output_padding[i] + 1)
+        else:
+            sizes.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    if max(sizes) > CONV_MAX_SIZE:
+        name = getattr(conv, _TYPE_ATTR, type(conv).__name__.lower())
+        raise ValueError(
+            f"{name}: an input of spatial size {sizes[:dims]} makes an output of spatial size {sizes[dims:]}; "
+            f"torch's convolutions take and make at most {CONV_MAX_SIZE} per dimension: use less padding "
+            "or dilation, or a smaller input"
+        )
+
+
 @dataclass(frozen=True)
 class LayerOption:
     """One option of a layer type: its declaration, and where torch takes and keeps it.
@@ -306,6 +338,8 @@ def _build(spec: LayerSpec, depth: int, max_depth: int, max_elements: int) -> nn
     else:
         _check_elements(layer, values, max_elements)
         module = _construct(layer, values)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            module.register_forward_pre_hook(_check_conv_sizes)
     setattr(module, _TYPE_ATTR, layer.name)
     return module
 
@@ -451,6 +485,19 @@ def _divisible(*names: str) -> Callable[[str, Values], None]:
     return validate
 
 
+def _convtranspose_validate(t: str, v: Values) -> None:
+    """Channels divisible by groups, and each output padding below its stride or its dilation, as
+    torch's kernel requires: it checks only at the first forward pass, so a module that could never
+    run was built, and each forward refused (found by review)."""
+    _divisible("in", "out")(t, v)
+    for pad, stride, dilate in zip(size_value(v, "outpad"), size_value(v, "stride"), size_value(v, "dilate")):
+        if pad >= stride and pad >= dilate:
+            raise InvalidArgument(
+                f"{t}: option 'outpad' ({pad}) must be smaller than option 'stride' ({stride}) or "
+                f"option 'dilate' ({dilate}) in each dimension"
+            )
+
+
 def _int_option(name: str, attr: str, label: str) -> LayerOption:
     """A required positive integer, the usual shape of a size option."""
     return LayerOption(Opt(name, ValueType.INT, check=POSITIVE, required=True, label=label), attr)
@@ -555,7 +602,7 @@ def _convtranspose(dims: int) -> LayerType:
         classes[dims - 1],
         options,
         _convtranspose_elements,
-        _divisible("in", "out"),
+        _convtranspose_validate,
     )
 
 
