@@ -211,8 +211,8 @@ def test_chunks_packed_deeper_than_protobuf_allows_are_refused_without_a_crash(l
     body = pb.TensorChunk(name="x", dtype=pb.DTYPE_FLOAT32, shape=[0]).SerializeToString()
     tag = bytes([9 << 3 | 2])
     for _ in range(5000):
-        body = tag + wire_varint(len(body)) + body
-    message = bytes([1 << 3 | 2]) + wire_varint(len(body)) + body  # CreateDictionaryRequest.chunk
+        body = tag + wire._varint(len(body)) + body
+    message = bytes([1 << 3 | 2]) + wire._varint(len(body)) + body  # CreateDictionaryRequest.chunk
     with grpc.insecure_channel(live_server.address) as channel:
         create = channel.stream_unary(f"{SERVICE}/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString)
         with pytest.raises(grpc.RpcError) as err:
@@ -221,15 +221,6 @@ def test_chunks_packed_deeper_than_protobuf_allows_are_refused_without_a_crash(l
     with pytest.raises(Exception) as fetched:
         wire.join_chunks([wire.decode_fetch_response(message)])
     assert not isinstance(fetched.value, RecursionError)
-
-
-def wire_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            return bytes(out + bytes([low]))
-        out.append(low | 0x80)
 
 
 def test_the_client_packs_only_for_a_server_that_says_it_reads_packed_chunks(
