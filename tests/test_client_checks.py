@@ -161,3 +161,13 @@ def test_a_list_of_numpy_or_torch_integers_is_a_size_list(client: Client) -> Non
         with pytest.raises(TypeError, match="list of ints"):
             client.module(["conv2d", 1, 1, bad])
     assert len(client.handles()) == before
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), float("inf"), 1e300, True, "soon"])
+def test_a_timeout_grpc_cannot_wait_is_refused_when_the_client_is_made(live_server: LiveServer, timeout: Any) -> None:
+    """The commands refused these (found by review); the library took them, and every call then
+    answered DEADLINE_EXCEEDED at once, as if the server were too slow."""
+    with pytest.raises(ValueError, match="timeout"):
+        Client(live_server.address, timeout=timeout)
+    with Client(live_server.address, timeout=1e9) as c:  # the longest: served
+        c.ping()

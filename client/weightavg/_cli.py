@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from . import __version__
-from ._client import DEFAULT_PORT, Client, target
+from ._client import DEFAULT_PORT, MAX_TIMEOUT, Client, checked_timeout, target
 from ._errors import NotFoundError, WeightavgError
 
 DEFAULT_TIMEOUT = 10.0
@@ -57,22 +56,17 @@ def _address(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-MAX_TIMEOUT = 1e9
-"""Longest --timeout, in seconds (about 31 years): grpc keeps a deadline as nanoseconds since the
-epoch in 64 bits, and answered DEADLINE_EXCEEDED at once for one past about 7.4e9 s from now."""
-
-
 def _timeout(value: str) -> float:
-    """argparse's type for --timeout: seconds, more than 0 and at most MAX_TIMEOUT. A negative, NaN,
-    infinite or too large one was sent as given, and grpc answered DEADLINE_EXCEEDED at once, which
-    read as a server too slow to answer (found by review)."""
+    """argparse's type for --timeout: seconds, more than 0 and at most MAX_TIMEOUT (the Client's own
+    check, `checked_timeout`)."""
     try:
         seconds = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
-        raise argparse.ArgumentTypeError(f"{value!r}: give a number of seconds more than 0, at most {MAX_TIMEOUT:g}")
-    return seconds
+    try:
+        return checked_timeout(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of seconds more than 0, at most {MAX_TIMEOUT:g}") from None
 
 
 def _token(value: str) -> str:

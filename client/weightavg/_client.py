@@ -8,6 +8,7 @@ import contextlib
 import difflib
 import functools
 import logging
+import math
 import os
 import re
 import threading
@@ -256,13 +257,33 @@ def _pem(value: str | bytes | os.PathLike[str] | None) -> bytes | None:
         return f.read()
 
 
+MAX_TIMEOUT = 1e9
+"""Longest call deadline, in seconds (about 31 years): grpc keeps a deadline as nanoseconds since the
+epoch in 64 bits, and answered DEADLINE_EXCEEDED at once for one past about 7.4e9 s from now."""
+
+
+def checked_timeout(timeout: float) -> float:
+    """`timeout` if it is a number of seconds more than 0 and at most MAX_TIMEOUT; ValueError
+    otherwise. A negative, NaN, infinite or too large deadline was sent as given, and every call
+    answered DEADLINE_EXCEEDED at once, which read as a server too slow to answer (found by review,
+    for the commands; the library took it as well)."""
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        raise ValueError(f"timeout must be a number of seconds, not {timeout!r}") from None
+    if isinstance(timeout, bool) or not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise ValueError(f"timeout {timeout!r}: give a number of seconds more than 0, at most {MAX_TIMEOUT:g}")
+    return seconds
+
+
 class Client:
     """A connection to a weightavg server.
 
     Args:
         address: "host:port" of the server; without a port, DEFAULT_PORT (50051, the server's
             default) is used, never gRPC's 443.
-        timeout: default deadline of each call, in seconds.
+        timeout: default deadline of each call, in seconds: more than 0, at most MAX_TIMEOUT (ValueError
+            otherwise, before anything is sent).
         chunk_bytes: size of the pieces tensors are streamed in, a whole number of bytes above 0
             (ValueError otherwise, before anything is sent).
         max_message_bytes: largest gRPC message this client sends or receives (64 MiB, the server's
@@ -328,7 +349,7 @@ class Client:
     ) -> None:
         address = target(address)
         self.address = address
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self.chunk_bytes = wire.checked_chunk_bytes(chunk_bytes)
         self.tls = bool(tls or tls_ca or client_cert or client_key)
         options: list[tuple[str, Any]] = [
