@@ -235,6 +235,8 @@ def test_the_first_step_reserves_the_pseudo_gradients_and_the_optimizer_state() 
     (lambda d: d.entries.__setitem__("2.bias", torch.zeros(3, dtype=torch.int64)), "holds torch.int64"),
     (lambda d: d.entries.__setitem__("2.bias", torch.zeros(4)), r"size of tensor a \(3\)"),
     (lambda d: d.entries.__setitem__("2.bias", torch.zeros(2, 3)), "does not fit parameter of shape"),
+    (lambda d: d.entries["0.weight"].__setitem__((1, 2), float("nan")), "'0.weight' of the average holds NaN"),
+    (lambda d: d.entries["2.bias"].__setitem__(0, float("-inf")), "'2.bias' of the average holds NaN or infinite"),
 ])
 def test_an_average_that_does_not_fit_is_refused_and_changes_nothing(change, message) -> None:  # type: ignore[no-untyped-def]
     m = module()

@@ -306,6 +306,14 @@ def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client
     for name in before:
         np.testing.assert_allclose(client.parm(q, name), target[name], atol=TOL)
     assert norm == pytest.approx(np.sqrt(sum(((before[n] - target[n]) ** 2).sum() for n in before)), rel=1e-5)
+    # a round whose average went NaN (a diverged worker) is refused before the global module or the
+    # optimizer's state moves
+    diverged = client.dict({"weight": np.full((3, 4), np.nan, np.float32), "bias": np.zeros(3, np.float32)})
+    kept = {name: client.parm(q, name) for name in ("weight", "bias")}
+    with pytest.raises(InvalidArgumentError, match="'weight' of the average holds NaN"):
+        client.outer_step(o, diverged)
+    for name, value in kept.items():
+        np.testing.assert_array_equal(client.parm(q, name), value)
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

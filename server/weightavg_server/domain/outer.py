@@ -30,7 +30,7 @@ def trainable(optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
 
 def check_average(optimizer: Optimizer, average: TensorDict) -> None:
     """Raise InvalidArgument unless the average has a floating entry for every trainable parameter, on
-    the parameter's device, whose shape broadcasts to the parameter's."""
+    the parameter's device, whose shape broadcasts to the parameter's, and whose values are finite."""
     for name, p in trainable(optimizer):
         value = average.entries.get(name)
         if value is None:
@@ -50,6 +50,13 @@ def check_average(optimizer: Optimizer, average: TensorDict) -> None:
         if shape != tuple(p.shape):
             raise InvalidArgument(
                 f"outer step: entry '{name}' of shape {list(value.shape)} does not fit parameter of shape {list(p.shape)}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            # Stepping on it would make the global model and the optimizer's momentum NaN for good: a
+            # worker that diverged is better left out of the average (found by review).
+            raise InvalidArgument(
+                f"outer step: entry '{name}' of the average holds NaN or infinite values (a worker that diverged?); "
+                "average again without it; nothing changed"
             )
 
 
