@@ -191,17 +191,50 @@ def test_a_request_id_names_the_same_upload_however_it_was_packed(live_server: L
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs POSIX shared memory in /dev/shm")
-def test_many_small_tensors_through_shared_memory_packed(start_server: Callable[..., LiveServer]) -> None:
+def watch_packing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each chunk the server's upload streams read came packed (a spy on its unpacking)."""
+    from weightavg_server.transport import servicer
+
+    seen: list[bool] = []
+    unpacked = servicer.unpacked
+
+    def watched(chunks: Any, error: type[Exception]) -> Iterator[Any]:
+        for chunk in unpacked(chunks, error):
+            seen.append(bool(chunk.packed))
+            yield chunk
+
+    monkeypatch.setattr(servicer, "unpacked", watched)
+    return seen
+
+
+def test_many_small_tensors_through_shared_memory_packed(
+    start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Shared-memory uploads pack their headers too (each standing for its tensor's bytes), the
     arrays copied into the region before the message that names them goes."""
+    seen = watch_packing(monkeypatch)
     server = start_server(allow_shm=True)
     values = small_tensors(2000)
     assert sum(v.nbytes for v in values.values()) > 16 << 10  # past the client's shared-memory floor
     with Client(server.address, timeout=WAIT, shm=True) as c:
         d = c.dict(values)
+        assert any(seen)
         back = c.dict(d)
         assert list(back) == list(values) and all(same(back[n], v) for n, v in values.items())
         assert c.stats()["methods"][f"{SERVICE}/CreateDictionary"]["bytes_received"] == 0  # nothing streamed
+
+
+def test_packed_shared_memory_headers_stay_within_a_small_message_cap(start_server: Callable[..., LiveServer]) -> None:
+    """A server capped at 64 KiB messages takes a client's 32 KiB chunks; packed shared-memory headers
+    are bounded by the client's chunk size too (bounded by 1 MiB of the tensors they stand for, 2,000
+    headers made one message over the cap: RESOURCE_EXHAUSTED)."""
+    server = start_server(allow_shm=True, max_message_bytes=64 << 10, chunk_bytes=32 << 10)
+    values = {f"a.rather.long.entry.name.of.a.deep.model.block{i}.weight": np.full(8, i, np.float32) for i in range(4000)}
+    with Client(server.address, timeout=WAIT, shm=True, chunk_bytes=32 << 10) as c:
+        d = c.dict(values)
+        with Client(server.address, timeout=WAIT, chunk_bytes=32 << 10) as streamed:  # packed replies fit too
+            back = streamed.dict(d)
+        assert all(same(back[n], v) for n, v in values.items())
 
 
 def test_chunks_packed_deeper_than_protobuf_allows_are_refused_without_a_crash(live_server: LiveServer) -> None:
@@ -230,15 +263,7 @@ def test_the_client_packs_only_for_a_server_that_says_it_reads_packed_chunks(
     know): the client packs only after GetServerInfo said packed_chunks, here answered false."""
     from weightavg_server.transport import servicer
 
-    seen: list[bool] = []
-    unpacked = servicer.unpacked
-
-    def watched(chunks: Any, error: type[Exception]) -> Iterator[Any]:
-        for chunk in unpacked(chunks, error):
-            seen.append(bool(chunk.packed))
-            yield chunk
-
-    monkeypatch.setattr(servicer, "unpacked", watched)
+    seen = watch_packing(monkeypatch)
     values = small_tensors(50)
     old_info = servicer.WeightAveragingServicer.GetServerInfo
 

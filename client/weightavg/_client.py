@@ -1437,7 +1437,8 @@ class Client:
             writing = _shm.Writing(buf, placed)
             del buf
             try:
-                yield lambda: writing.chunks(message_type, self._shm_names.region, pack)
+                pack_bytes = min(wire.PACK_BYTES, self.chunk_bytes) if pack else 0
+                yield lambda: writing.chunks(message_type, self._shm_names.region, pack_bytes)
             finally:
                 writing.close()
 

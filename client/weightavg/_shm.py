@@ -370,12 +370,13 @@ class Writing:
         self._placed = list(placed)
         self._lock = threading.Lock()
 
-    def chunks(self, message_type: type[Message], region: str, pack: bool = False) -> Iterator[bytes]:
+    def chunks(self, message_type: type[Message], region: str, pack_bytes: int = 0) -> Iterator[bytes]:
         """The stream's messages (see shared_chunks), each array copied in just before its header;
-        with `pack`, headers of small arrays packed into one message (`wire.packed`, each header
-        standing for its array's bytes, so the copies stay a message ahead of the server's)."""
+        with `pack_bytes`, headers packed into messages standing for at most that many bytes
+        (`wire.packed`: each header counts its array's bytes and its own, so the copies stay a
+        message ahead of the server's and no message outgrows the sender's chunk size)."""
         messages = self._written(shared_chunks([(p.message, p.region) for p in self._placed], message_type, region))
-        return wire.packed(messages) if pack else (message for message, _ in messages)
+        return wire.packed(messages, pack_bytes) if pack_bytes else (message for message, _ in messages)
 
     def _written(self, messages: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
         """Each header with the bytes of its array, the array copied in just before it is given."""

@@ -63,8 +63,8 @@ __all__ = [
     "string_fields",
     "tensor_crc",
     "to_array",
-    "unpacked",
     "torch_host_array",
+    "unpacked",
 ]
 
 CHUNK_BYTES = 4 << 20
@@ -97,9 +97,9 @@ _NAME, _DTYPE, _SHAPE, _DATA, _COUNT, _TOTAL, _CRC, _PACKED = (
 )
 
 PACK_BYTES = 1 << 20
-"""At most this many tensor bytes (or, for chunks whose bytes lie in shared memory, bytes they
-stand for) go in one message of chunks packed together (`packed`); a chunk as large goes alone, as
-before. Each message of a gRPC stream costs a round of the transport (about 0.1-0.2 ms in Python
+"""At most this many bytes of messages (for chunks whose bytes lie in shared memory, the bytes they
+stand for too) go into one message of chunks packed together (`packed`); a message as large goes
+alone, as before. Each message of a gRPC stream costs a round of the transport (about 0.1-0.2 ms in Python
 on this project's machines), so a model's many small tensors cost more in messages than in bytes;
 1 MiB amortises that and stays far below any message cap."""
 

@@ -1068,7 +1068,7 @@ class Service:
             mean = self._as_dictionary(source)
             outer.check_average(optimizer, mean)
             self.store.grow(reservation, nbytes=footprint.outer_step_bytes(optimizer, mean))
-            yield lambda: outer.outer_step(optimizer, mean)
+            yield lambda: outer.outer_step(optimizer, mean, checked=True)
 
     @_exactly_once
     def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:

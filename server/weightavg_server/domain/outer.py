@@ -105,19 +105,21 @@ def pseudo_gradient(p: torch.Tensor, average: torch.Tensor) -> tuple[torch.Tenso
     return diff.to(p.dtype), square
 
 
-def outer_step(optimizer: Optimizer, average: TensorDict) -> float:
+def outer_step(optimizer: Optimizer, average: TensorDict, *, checked: bool = False) -> float:
     """Step the optimizer once with the gradient `parameter - average` for every trainable parameter;
     returns that pseudo-gradient's L2 norm over all parameters.
 
     The gradients the parameters held before (from training, or None) are put back afterwards, so an
-    outer step never disturbs an inner loop. Everything is checked before anything changes.
+    outer step never disturbs an inner loop. Everything is checked before anything changes, unless
+    the caller did (`checked`: `check_average` passed under the same locks).
 
     Raises:
-        InvalidArgument: a parameter without a fitting floating entry in the average.
+        InvalidArgument: a parameter without a fitting, finite, floating entry in the average.
 
     Example: with SGD(lr=1) and no momentum the parameters become the average.
     """
-    check_average(optimizer, average)
+    if not checked:  # the service checks before it reserves (`check_average` reads every value once)
+        check_average(optimizer, average)
     params = trainable(optimizer)
     saved = [(p, p.grad) for _, p in params]
     squares = 0.0

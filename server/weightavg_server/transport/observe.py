@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 
-from weightavg.wire import chunk_data_bytes, decode_fetch_response
+from weightavg.wire import chunk_data_bytes
 from weightavg.v1 import weightavg_pb2 as pb
 
+from .codec import Encoded
 from .stats import RpcStats
 
 log = logging.getLogger("weightavg.rpc")
@@ -34,14 +35,8 @@ def _chunk_bytes(message: object) -> int:
     """
     if isinstance(message, _CHUNKED):
         return chunk_data_bytes(message.chunk)
-    data_bytes = getattr(message, "data_bytes", None)  # a pre-encoded reply (codec.Encoded) says itself
-    if isinstance(data_bytes, int):
-        return data_bytes
-    if isinstance(message, bytes):
-        try:
-            return chunk_data_bytes(decode_fetch_response(message))
-        except Exception:  # noqa: BLE001 - not an encoded chunk: counting must never fail a call
-            return 0
+    if isinstance(message, Encoded):  # a pre-encoded reply says itself: no parsing it again
+        return message.data_bytes
     chunk = getattr(message, "chunk", None)
     return chunk_data_bytes(chunk) if chunk is not None else 0
 
