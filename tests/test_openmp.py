@@ -62,3 +62,109 @@ def test_every_server_entry_sets_it_before_torch_loads(module: str) -> None:
 def test_an_operator_policy_reaches_libgomp_unchanged() -> None:
     seen = _environment_when_torch_loads("weightavg_server.ops.cli", OMP_WAIT_POLICY="ACTIVE")
     assert seen == {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "ACTIVE"}
+
+
+# -- teams ----------------------------------------------------------------------------------------
+
+# Counts the process's threads that are neither Python's nor gRPC's (gRPC names its own): OpenMP
+# team threads, which take the name of the thread that starts them. numpy's OpenBLAS threads would
+# count too, and are turned off. argv[1] is what to do: "release" (one thread, its team given back)
+# or "server" (a real server's workers, each running a parallel region through real calls).
+_TEAMS = """
+import json, os, sys, threading
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+import torch
+torch.set_num_threads(2)  # a team of two even on a one-CPU runner: one thread beside the caller
+
+def team_threads():
+    python = {t.native_id for t in threading.enumerate()}
+    own = open("/proc/self/comm").read()
+    tasks = os.listdir("/proc/self/task")
+    return sum(1 for t in tasks if int(t) not in python and _comm(t) == own)
+
+def _comm(task):
+    try:
+        return open(f"/proc/self/task/{task}/comm").read()
+    except OSError:  # it exited since the listing
+        return None
+
+def settled(expected):  # a released team's threads exit just after the release returns
+    import time
+    deadline = time.monotonic() + 10
+    while team_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return team_threads()
+
+def parallel():  # relu over 4M elements: an ATen parallel_for, so a team for the calling thread
+    torch.relu(torch.ones(1 << 22))
+
+from weightavg_server.ops import openmp
+seen = {"before": team_threads()}
+if sys.argv[1] == "release":
+    done, go = threading.Event(), threading.Event()
+    def work():
+        parallel()
+        seen["kept"] = team_threads()
+        openmp.release_team()
+        seen["released"] = settled(seen["before"])
+        parallel()
+        seen["again"] = team_threads()
+        try:
+            openmp.returning_team(lambda: (parallel(), 1 / 0))
+        except ZeroDivisionError:
+            seen["after_raise"] = settled(seen["before"])
+    thread = threading.Thread(target=work)
+    thread.start(); thread.join()
+else:
+    import numpy as np
+    from weightavg import Client
+    from weightavg_server.ops.app import create_server
+    from weightavg_server.ops.config import ServerConfig
+    server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=4))
+    server.start()
+    seen["started"] = team_threads()
+    barrier = threading.Barrier(3)
+    def client():
+        with Client(f"127.0.0.1:{port}") as c:
+            relu = c.module(["relu"])
+            barrier.wait()  # three calls at once: three workers, each running relu over 4M elements
+            c.forward(relu, np.ones(1 << 22, np.float32))
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for t in clients: t.start()
+    for t in clients: t.join()
+    seen["served"] = settled(seen["before"])  # the workers give their teams back after answering
+    server.stop(grace=None)
+print(json.dumps(seen))
+"""
+
+
+def _team_threads(what: str) -> dict[str, int]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SERVER), str(SERVER.parent / "client"), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _TEAMS, what], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return seen
+
+
+libgomp_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="libgomp's per-thread teams: torch's Linux builds"
+)
+
+
+@libgomp_only
+def test_a_thread_gives_its_team_back() -> None:
+    seen = _team_threads("release")
+    assert seen["kept"] == seen["before"] + 1  # the thread's team: itself and one more
+    assert seen["released"] == seen["before"]
+    assert seen["again"] == seen["before"] + 1  # a parallel region after the release starts a new team
+    assert seen["after_raise"] == seen["before"]  # returning_team gives it back when the work raises
+
+
+@libgomp_only
+def test_a_server_keeps_no_team_between_calls() -> None:
+    """Three workers each ran a parallel region; none keeps its team once its call is answered, nor
+    does the thread that started the server (which ran the kernels' checks). Kept teams made every
+    epoch beside them 27-41% slower (docs/perf.md, "Teams kept by idle threads")."""
+    seen = _team_threads("server")
+    assert seen["started"] == seen["before"]
+    assert seen["served"] == seen["before"]

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from weightavg.v1 import weightavg_pb2 as pb
 
 from ..store import snapshot
+from .openmp import TeamReturningExecutor, release_team, returning_team
 from .config import LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
 from ..domain import lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
@@ -180,7 +180,7 @@ class Periodic:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._work()
+                returning_team(self._work)  # a snapshot runs torch; the thread then sleeps a while
             except Exception:  # noqa: BLE001 - see the class docstring
                 log.exception("%s failed", self._name)
 
@@ -281,7 +281,9 @@ def create_runtime(
         DecodeGuard(SERVICE_NAME, config.max_message_bytes),
     )]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="weightavg-rpc"),
+        # Its workers give back their OpenMP teams after each call (ops.openmp): idle ones kept slowed
+        # every epoch run beside them.
+        TeamReturningExecutor(max_workers=config.max_workers, thread_name_prefix="weightavg-rpc"),
         options=server_options(config),
         interceptors=interceptors,
         # Beyond this many calls in flight, new ones get RESOURCE_EXHAUSTED rather than queueing forever.
@@ -324,6 +326,7 @@ def create_runtime(
             "serving on %s with no token: whoever reaches port %d can use and free every object; set "
             "WEIGHTAVG_TOKEN or --tokens (docs/security.md), or bind 127.0.0.1", config.host, port,
         )
+    release_team()  # the kernels' checks and the restore ran torch here; this thread now only waits
     return Runtime(server, port, health_servicer, registry, config, stats, device, service, tokens, cluster)
 
 
