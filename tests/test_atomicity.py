@@ -399,3 +399,27 @@ def client_handle(handle_id: str):  # type: ignore[no-untyped-def]
     from weightavg import Handle
 
     return Handle(handle_id, "module")
+
+
+def test_a_move_that_would_lose_values_is_refused_and_a_lossless_one_is_not(client: Client, unchanged) -> None:  # type: ignore[no-untyped-def]
+    """Found by review: a module with a complex parameter moved to float64 kept only the real parts
+    (torch's ComplexWarning went to the server's log), and an int64 tensor of 70000 and 2**40 moved
+    to float16 held inf. Both are refused, changing nothing; conversions that keep every value run."""
+    from weightavg import InvalidArgumentError
+
+    m = client.module(["linear", 2, 2])
+    client.parm(m, "z", np.array([1 + 2j, 3 - 4j], np.complex64))
+    t = client.tensor(np.array([70000, 3, 2**40], np.int64))
+    c = client.tensor(np.array([1 + 1j], np.complex64))
+    for handle, dtype, match in [(m, "float64", "imaginary"), (m, "float32", "imaginary"), (c, "float32", "imaginary"),
+                                 (t, "float16", "cannot hold"), (t, "float32", "cannot hold")]:
+        with unchanged(), pytest.raises(InvalidArgumentError, match=match):
+            client.to(handle, dtype=dtype)
+    client.to(m, dtype="complex128")
+    np.testing.assert_array_equal(client.parm(m, "z"), np.array([1 + 2j, 3 - 4j]))
+    assert client.parm(m, "weight").dtype == np.complex128
+    client.to(t, dtype="float64")  # 2**40 fits float64's 53 bits
+    np.testing.assert_array_equal(client.tensor(t), np.array([70000, 3, 2**40], np.float64))
+    small = client.tensor(np.array([-2048, 2048], np.int16))
+    client.to(small, dtype="float16")
+    np.testing.assert_array_equal(client.tensor(small), np.array([-2048, 2048], np.float16))

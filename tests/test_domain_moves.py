@@ -8,7 +8,8 @@ import torch
 
 from weightavg_server.domain import averaging, flat, losses, moves, optimizers, specs, training
 from weightavg_server.domain.specs import LayerSpec
-from weightavg_server.domain.tensors import tensors_of
+from weightavg_server.domain.errors import InvalidArgument
+from weightavg_server.domain.tensors import TensorHolder, tensors_of
 
 CPU = torch.device("cpu")
 NET = LayerSpec("sequential", children=(
@@ -77,3 +78,20 @@ def test_a_move_that_changes_nothing_keeps_the_averaging_plans_and_one_that_does
     moves.move(other, None, torch.float64)
     again = averaging.prepare_average(source, d)
     assert again.runs is not first.runs and again.runs == first.runs  # planned afresh, the same pairing
+
+
+def test_a_move_that_would_drop_imaginary_parts_or_round_integers_is_refused_before_it_counts() -> None:
+    """move_bytes (asked first, for the caps) and move both refuse, and nothing is replaced."""
+    module = torch.nn.Linear(2, 2)
+    module.register_parameter("z", torch.nn.Parameter(torch.tensor([1 + 2j], dtype=torch.complex64)))
+    before = module.z
+    for call in (moves.move_bytes, moves.move):
+        with pytest.raises(InvalidArgument, match="imaginary"):
+            call(module, None, torch.float64)
+    assert module.z is before and module.z.dtype == torch.complex64 and module.weight.dtype == torch.float32
+    holder = TensorHolder(torch.tensor([2**24 + 1], dtype=torch.int32))
+    for call in (moves.move_bytes, moves.move):
+        with pytest.raises(InvalidArgument, match="cannot hold"):
+            call(holder, None, torch.float32)
+    assert holder.tensor.dtype == torch.int32
+    assert moves.move_bytes(holder, None, torch.float64) == {"cpu": 8}

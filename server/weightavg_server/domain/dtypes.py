@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import InvalidArgument
@@ -30,3 +32,13 @@ def by_name(name: str) -> torch.dtype:
     except KeyError:
         raise InvalidArgument(f"unsupported dtype '{name}'; expected one of {', '.join(DTYPES)}") from None
 
+
+
+def holds_exactly(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every value of the integer (or bool) tensor t converts to the floating (or complex)
+    `dtype` exactly: its magnitude fits the dtype's significand (int16 always fits float32, 70000
+    does not fit float16, which holds it as inf)."""
+    digits = 1 - int(math.log2(torch.finfo(dtype).eps))  # significand bits: 24 for float32
+    if t.dtype == torch.bool or (torch.iinfo(t.dtype).bits <= digits and t.dtype != torch.int64):
+        return True
+    return t.numel() == 0 or max(abs(int(t.min())), abs(int(t.max()))) <= 2**digits

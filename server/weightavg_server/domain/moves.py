@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import batching, dictionaries, flat
+from . import batching, dictionaries, dtypes, flat
 from .errors import InvalidArgument
 from .optimizers import Optimizer
 from .tensors import Bytes, TensorHolder, module_tensors
@@ -92,6 +92,26 @@ def _check_target(dtype: torch.dtype | None) -> None:
             f"a move converts floating-point tensors, so its dtype must be floating or complex, not {dtype}; "
             "leave dtype unset to move only the device"
         )
+
+
+def _check_kept(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None, what: str) -> None:
+    """InvalidArgument unless converting each of these tensors to `dtype` keeps every value: a
+    complex tensor into a real dtype (its imaginary part dropped, with only a warning in the server's
+    log), or an integer or bool tensor with values the floating dtype cannot hold (70000 into float16
+    became inf), as uploads of a model's data are refused (`training.input_dtype`; found by review)."""
+    if dtype is None:
+        return
+    for t in tensors:
+        if t.is_complex() and not dtype.is_complex:
+            raise InvalidArgument(
+                f"{what} holds complex values ({dtypes.NAMES.get(t.dtype, t.dtype)}) and {dtypes.NAMES.get(dtype, dtype)} "
+                "would drop their imaginary parts: move it to complex64 or complex128, or leave dtype unset; nothing moved"
+            )
+        if not (t.is_floating_point() or t.is_complex()) and not dtypes.holds_exactly(t, dtype):
+            raise InvalidArgument(
+                f"{what} holds {dtypes.NAMES.get(t.dtype, t.dtype)} values that {dtypes.NAMES.get(dtype, dtype)} cannot hold "
+                "exactly: move it to float64 (or a dtype wide enough), or leave dtype unset; nothing moved"
+            )
 
 
 def _converts(t: torch.Tensor) -> bool:
@@ -175,10 +195,12 @@ def move_bytes(obj: object, device: torch.device | None, dtype: torch.dtype | No
 
     if g is None:
         converts = dictionaries.converts if isinstance(obj, dictionaries.TensorDict) else (lambda t: True)
+        _check_kept([t for t in _movable(obj) if converts(t)], dtype, _what(obj))
         for t in _movable(obj):
             add(t.numel(), (device or t.device, dtype if dtype is not None and converts(t) else t.dtype), (t.device, t.dtype))
         return totals
     _check_group(g, dtype)
+    _check_kept(_converted(g.module), dtype, "the module")
     for t in _unique(module_tensors(g.module)):
         add(t.numel(), _place(t, device, dtype), (t.device, t.dtype))
     for state, key, to in _state_places(g, device, dtype):
@@ -189,6 +211,17 @@ def move_bytes(obj: object, device: torch.device | None, dtype: torch.dtype | No
         for t in (d.x, d.y):
             add(_full(t).numel(), _data_place(g, t, device, dtype), (t.device, t.dtype))
     return totals
+
+
+def _what(obj: object) -> str:
+    """How a refusal names an object that moves on its own."""
+    return "the tensor" if isinstance(obj, TensorHolder) else "the dictionary"
+
+
+def _converted(module: nn.Module) -> list[torch.Tensor]:
+    """The module's tensors that a move with a dtype converts (floating and complex ones, as
+    Module.to does); the state of its optimizers follows them, so checking these checks that too."""
+    return [t for t in _unique(module_tensors(module)) if _converts(t)]
 
 
 def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -210,12 +243,14 @@ def move(obj: object, device: torch.device | None, dtype: torch.dtype | None, g:
     if g is None:
         _movable(obj)
         if isinstance(obj, TensorHolder):
+            _check_kept([obj.tensor], dtype, _what(obj))
             obj.tensor = obj.tensor.to(device=device or obj.tensor.device, dtype=dtype or obj.tensor.dtype)
         else:
             assert isinstance(obj, dictionaries.TensorDict)
             dictionaries.move(obj, device, dtype)
         return
     _check_group(g, dtype)
+    _check_kept(_converted(g.module), dtype, "the module")
     with torch.no_grad():
         states = [
             (state, key, _copied(state[key], to)) for state, key, to in _state_places(g, device, dtype)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import batching, rollback
+from . import batching, dtypes, rollback
 from .batchnorm import Momenta, reset_batchnorm, restore_momentum
 from .errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, did_you_mean
 from .losses import Loss
@@ -219,14 +219,6 @@ def _takes_indices(module: nn.Module) -> bool:
     return isinstance(_first_layer(module), nn.Embedding)
 
 
-def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """True when every value of the integer (or bool) tensor t converts to the floating `dtype` exactly."""
-    digits = 1 - int(math.log2(torch.finfo(dtype).eps))  # significand bits: 24 for float32
-    if t.dtype == torch.bool or (torch.iinfo(t.dtype).bits <= digits and t.dtype != torch.int64):
-        return True
-    return t.numel() == 0 or max(abs(int(t.min())), abs(int(t.max()))) <= 2**digits
-
-
 def input_dtype(module: nn.Module, x: torch.Tensor, name: str = "x") -> torch.dtype:
     """The dtype inputs x are held in for this module, or InvalidArgument saying what to send.
 
@@ -251,7 +243,7 @@ def input_dtype(module: nn.Module, x: torch.Tensor, name: str = "x") -> torch.dt
             f"{name} (inputs) is {_name(x.dtype)}; the model's parameters are {_name(expected)}: send real "
             f"{_name(expected)} values (integers and other float widths are converted); nothing loaded"
         )
-    if not x.is_floating_point() and not _exact_in(x, expected):
+    if not x.is_floating_point() and not dtypes.holds_exactly(x, expected):
         raise InvalidArgument(
             f"{name} (inputs) is {_name(x.dtype)} with values that {_name(expected)} cannot hold exactly; "
             f"send {_name(expected)}; nothing loaded"
