@@ -423,3 +423,15 @@ def test_a_move_that_would_lose_values_is_refused_and_a_lossless_one_is_not(clie
     small = client.tensor(np.array([-2048, 2048], np.int16))
     client.to(small, dtype="float16")
     np.testing.assert_array_equal(client.tensor(small), np.array([-2048, 2048], np.float16))
+
+
+def test_free_with_handles_and_all_is_refused_rather_than_freeing_the_whole_session(live_server: LiveServer, unchanged) -> None:  # type: ignore[no-untyped-def]
+    """Found by review: FreeHandles(handles=[one], all=True) ignored the handles and freed every
+    handle of the caller's session. The generated stub lets a client set both; now nothing is freed."""
+    with Client(live_server.address, timeout=60, session=True) as s:
+        keep, named = s.dict({"x": np.ones(3)}), s.tensor(np.ones(2, np.float32))
+        with unchanged(), pytest.raises(grpc.RpcError) as err:
+            s._stub.FreeHandles(pb.FreeHandlesRequest(handles=[named.id], all=True), timeout=60)
+        assert err.value.code() is IA and "nothing freed" in (err.value.details() or "")
+        assert {i.handle.id for i in s.handles()} == {keep.id, named.id}
+        assert s.free(named) == 1 and s.free() == 1

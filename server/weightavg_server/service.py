@@ -602,7 +602,7 @@ class Service:
     ) -> int:
         """Free the handles (all or nothing), every handle of the caller's session (`every`), every
         handle of `tenant` (admins), or every handle on the server (`purge`, admins: an operator's
-        clean-up); how many.
+        clean-up); how many. Each of these takes no handles: given some, nothing is freed.
 
         `every` without a session is refused: such a caller cannot tell its handles from other
         clients', and freeing all handles of no session took theirs too.
@@ -617,6 +617,10 @@ class Service:
             return self.store.purge(tenant)
         if not every:
             return self.store.free(list(handles))
+        if handles:  # found by review: the handles were ignored and every handle of the session freed
+            raise InvalidArgument(
+                "free the handles given, or all of your session's handles (all): one at a time; nothing freed"
+            )
         if CALLER_SESSION.get() is None:
             raise FailedPrecondition(
                 "free() without handles frees your session's handles, and this call has no session; nothing freed. "

@@ -2127,7 +2127,8 @@ class FreeHandlesRequest(_message.Message):
     PURGE_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
     """Free every live handle of the caller's session instead; refused (FAILED_PRECONDITION) for a
-    call without a session, which cannot tell its handles from other clients'.
+    call without a session, which cannot tell its handles from other clients'. Give no handles
+    with it (INVALID_ARGUMENT, nothing freed).
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
