@@ -33,7 +33,6 @@ def by_name(name: str) -> torch.dtype:
         raise InvalidArgument(f"unsupported dtype '{name}'; expected one of {', '.join(DTYPES)}") from None
 
 
-
 def holds_exactly(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """True when every value of the integer (or bool) tensor t converts to the floating (or complex)
     `dtype` exactly: its magnitude fits the dtype's significand (int16 always fits float32, 70000

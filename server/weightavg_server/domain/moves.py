@@ -110,7 +110,7 @@ def _check_kept(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None, what
         if not (t.is_floating_point() or t.is_complex()) and not dtypes.holds_exactly(t, dtype):
             raise InvalidArgument(
                 f"{what} holds {dtypes.NAMES.get(t.dtype, t.dtype)} values that {dtypes.NAMES.get(dtype, dtype)} cannot hold "
-                "exactly: move it to float64 (or a dtype wide enough), or leave dtype unset; nothing moved"
+                "exactly: move it to a wider dtype (float64 holds integers up to 2**53), or leave dtype unset; nothing moved"
             )
 
 
