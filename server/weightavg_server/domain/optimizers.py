@@ -27,6 +27,7 @@ from .options import (
     float_value,
     resolve,
 )
+from .tensors import module_tensors
 
 
 def _non_negative(name: str, default: float) -> Opt:
@@ -143,7 +144,20 @@ class Optimizer:
     optim: torch.optim.Optimizer
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """The optimizer's own state (momentum buffers, moment estimates); the module is its own handle."""
+        """Everything the optimizer keeps alive: its module's tensors, then its own state.
+
+        Its parameter groups hold the module's parameters, so the module lives as long as the
+        optimizer does, whether or not a module or model handle still reaches it. Listed here, the
+        module stays charged to the caps after those handles are freed (counted once while they
+        share it, as allocations are): leaving it out let `opt(q)`, `free(q)` keep the whole module
+        alive uncharged, as did an optimizer left over a model whose module `model(m, q2, o2)`
+        replaced (found by review).
+        """
+        yield from module_tensors(self.module)
+        yield from self.state_tensors()
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """The optimizer's own state (momentum buffers, moment estimates), without the module."""
         for state in self.optim.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):

@@ -82,7 +82,7 @@ class Model:
     def tensors(self) -> Iterator[torch.Tensor]:
         """Parameters, their gradients, buffers, optimizer state, and the train and test data."""
         yield from module_tensors(self.module)
-        yield from self.optimizer.tensors()
+        yield from self.optimizer.state_tensors()
         yield from self.loss.tensors()
         for data in (self.train_data, self.test_data):
             if data is not None:
