@@ -212,6 +212,21 @@ def test_opt_errors(client: Client, unchanged: Any) -> None:
             client.opt("sgd", "mod_nonexistent")
 
 
+def test_optimizer_options_torch_would_fail_on_or_train_to_nan_with_are_refused(client: Client, unchanged: Any) -> None:
+    q = client.module(["linear", 8, 4])
+    with unchanged():
+        # Adagrad fills its sums with `init` as it is built: torch's overflow there answered INTERNAL.
+        with pytest.raises(InvalidArgumentError, match=r"adagrad: option 'init' must fit the parameters' dtype \(float32"):
+            client.opt("adagrad", q, init=1e39)
+        # RMSprop's alpha over 1 weighs the new squared gradient negatively: NaN after the first step.
+        with pytest.raises(InvalidArgumentError, match="rmsprop: option 'alpha' must be between 0 and 1, given 1.5"):
+            client.opt("rmsprop", q, 0.01, 1.5)
+    client.to(q, "cpu", "float16")
+    with unchanged(), pytest.raises(InvalidArgumentError, match=r"float16 holds at most 65504\), given 70000"):
+        client.opt("adagrad", q, init=7e4)
+    assert client.lr(client.opt("adagrad", q, init=65504.0)) == 0.01  # the largest that fits is taken
+
+
 # -- models -----------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from .errors import InvalidArgument, did_you_mean
 from .options import (
     BELOW_ONE,
     NON_NEGATIVE,
+    UNIT_INTERVAL,
     Opt,
     Value,
     Values,
@@ -86,8 +87,30 @@ def _rmsprop(p: Params, o: Values) -> torch.optim.Optimizer:
     )
 
 
+def _largest(dtype: torch.dtype) -> float:
+    """The largest value a tensor of this dtype holds (bool: 1)."""
+    if dtype is torch.bool:
+        return 1.0
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.finfo(dtype).max
+    return float(torch.iinfo(dtype).max)
+
+
+def _check_fill(what: str, p: Params, name: str, value: float) -> None:
+    """InvalidArgument unless every parameter's dtype holds `value`: Adagrad fills a state tensor
+    like each parameter with its `init` as it is built, and torch's overflow there was a RuntimeError
+    (INTERNAL) for `init=1e39` over float32, or 70000 over float16."""
+    for dtype in dict.fromkeys(t.dtype for t in p):
+        if value > _largest(dtype):
+            raise InvalidArgument(
+                f"{what}: option '{name}' must fit the parameters' dtype ({str(dtype).removeprefix('torch.')} holds at "
+                f"most {_largest(dtype):g}), given {value!r}: give a smaller value"
+            )
+
+
 def _adagrad(p: Params, o: Values) -> torch.optim.Optimizer:
     lr, lrdecay, decay, init, eps = _floats(o, "lr", "lrdecay", "decay", "init", "eps")
+    _check_fill("adagrad", p, "init", init)
     return torch.optim.Adagrad(
         p, lr=lr, lr_decay=lrdecay, weight_decay=decay, initial_accumulator_value=init, eps=eps
     )
@@ -122,7 +145,11 @@ OPTIMIZER_TYPES: dict[str, OptimizerType] = {
         ),
         OptimizerType(
             "rmsprop",
-            (_LR, _non_negative("alpha", 0.99), _EPS, _DECAY, _non_negative("momentum", 0.0), _switch("centered")),
+            # alpha weighs the old average of squared gradients against the new one: over 1 the new
+            # one counts negatively, and the first step's square root made every parameter NaN,
+            # silently (torch checks only alpha >= 0; found by review).
+            (_LR, Opt("alpha", ValueType.FLOAT, 0.99, UNIT_INTERVAL), _EPS, _DECAY, _non_negative("momentum", 0.0),
+             _switch("centered")),
             _rmsprop,
         ),
         OptimizerType(
