@@ -221,6 +221,10 @@ def test_optimizer_options_torch_would_fail_on_or_train_to_nan_with_are_refused(
         # RMSprop's alpha over 1 weighs the new squared gradient negatively: NaN after the first step.
         with pytest.raises(InvalidArgumentError, match="rmsprop: option 'alpha' must be between 0 and 1, given 1.5"):
             client.opt("rmsprop", q, 0.01, 1.5)
+        # eps 0 divides 0 by 0 wherever a gradient has an exact zero (a dead ReLU unit): NaN weights.
+        for kind in ("adam", "adamw", "rmsprop", "adagrad"):
+            with pytest.raises(InvalidArgumentError, match=f"{kind}: option 'eps' must be positive, given 0"):
+                client.opt(kind, q, eps=0)
     client.to(q, "cpu", "float16")
     with unchanged(), pytest.raises(InvalidArgumentError, match=r"float16 holds at most 65504\), given 70000"):
         client.opt("adagrad", q, init=7e4)

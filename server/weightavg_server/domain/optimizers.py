@@ -18,6 +18,7 @@ from .errors import InvalidArgument, did_you_mean
 from .options import (
     BELOW_ONE,
     NON_NEGATIVE,
+    POSITIVE,
     UNIT_INTERVAL,
     Opt,
     Value,
@@ -43,7 +44,16 @@ def _switch(name: str) -> Opt:
 
 _LR = _non_negative("lr", 0.01)
 _DECAY = _non_negative("decay", 0.0)
-_EPS = _non_negative("eps", 1e-8)
+
+
+def _eps(default: float) -> Opt:
+    """The term added to a denominator of square roots: 0 made every parameter whose gradient has an
+    exact zero NaN at its first step (0/0; a dead ReLU unit's weights), without a word, where torch
+    takes 0 (found by review)."""
+    return Opt("eps", ValueType.FLOAT, default, POSITIVE)
+
+
+_EPS = _eps(1e-8)
 _ADAM = (
     _non_negative("lr", 0.001),
     Opt("beta1", ValueType.FLOAT, 0.9, BELOW_ONE),
@@ -154,7 +164,7 @@ OPTIMIZER_TYPES: dict[str, OptimizerType] = {
         ),
         OptimizerType(
             "adagrad",
-            (_LR, _non_negative("lrdecay", 0.0), _DECAY, _non_negative("init", 0.0), _non_negative("eps", 1e-10)),
+            (_LR, _non_negative("lrdecay", 0.0), _DECAY, _non_negative("init", 0.0), _eps(1e-10)),
             _adagrad,
         ),
     )
