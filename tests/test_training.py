@@ -176,6 +176,12 @@ def test_opt_defaults_options_and_lr(client: Client) -> None:
     }
     client.lr(m, 0.04)
     assert client.lr(m) == 0.04
+    client.lr(m, np.float32(0.5))  # numpy numbers are numbers
+    assert client.lr(m) == pytest.approx(0.5)
+    for wrong in (True, np.bool_(True), "0.3"):  # float() took these as 1.0 and 0.3; opt() refuses them
+        with pytest.raises(TypeError, match="the learning rate must be a number"):
+            client.lr(m, wrong)
+    assert client.lr(m) == pytest.approx(0.5)
     q2 = client.module(["linear", 8, 4])
     defaults = {
         "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "decay": 0.0, "amsgrad": False},
