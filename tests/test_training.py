@@ -231,10 +231,29 @@ def test_optimizer_options_torch_would_fail_on_or_train_to_nan_with_are_refused(
         for kind in ("adam", "adamw", "rmsprop", "adagrad"):
             with pytest.raises(InvalidArgumentError, match=f"{kind}: option 'eps' must be positive, given 0"):
                 client.opt(kind, q, eps=0)
+        # An eps that rounds to 0 in the parameters' dtype adds nothing to the denominator: as eps 0.
+        with pytest.raises(InvalidArgumentError, match=r"adam: option 'eps' is 0 in the parameters' dtype float32"):
+            client.opt("adam", q, eps=1e-300)
     client.to(q, "cpu", "float16")
-    with unchanged(), pytest.raises(InvalidArgumentError, match=r"float16 holds at most 65504\), given 70000"):
-        client.opt("adagrad", q, init=7e4)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match=r"float16 holds at most 65504\), given 70000"):
+            client.opt("adagrad", q, init=7e4)
+        # Adam's default eps, 1e-8, is 0 in float16: a weight whose gradient is exactly 0 became NaN.
+        with pytest.raises(InvalidArgumentError, match=r"adamw: option 'eps' is 0 in the parameters' dtype float16, given 1e-08: give at least"):
+            client.opt("adamw", q)
     assert client.lr(client.opt("adagrad", q, init=65504.0)) == 0.01  # the largest that fits is taken
+    assert client.lr(client.opt("adam", q, eps=1e-4)) == 0.001
+
+
+def test_a_model_moved_to_float16_after_its_optimizer_was_made_still_trains(client: Client) -> None:
+    # The check on a new optimizer's eps looks at the dtype it is made over, not at a later move: the
+    # first step after one sizes its state with a twin built as the optimizer was, unchecked.
+    q = client.module(["linear", 8, 4])
+    m = client.model(q, client.loss("mse"), client.opt("adam", q, 0.01))
+    client.to(m, "cpu", "float16")
+    x = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float16)
+    client.train(m, x, np.zeros((8, 4), np.float16))
+    assert np.isfinite(client.run(m))
 
 
 # -- models -----------------------------------------------------------------------------------------

@@ -97,6 +97,13 @@ def _rmsprop(p: Params, o: Values) -> torch.optim.Optimizer:
     )
 
 
+def _adagrad(p: Params, o: Values) -> torch.optim.Optimizer:
+    lr, lrdecay, decay, init, eps = _floats(o, "lr", "lrdecay", "decay", "init", "eps")
+    return torch.optim.Adagrad(
+        p, lr=lr, lr_decay=lrdecay, weight_decay=decay, initial_accumulator_value=init, eps=eps
+    )
+
+
 def _largest(dtype: torch.dtype) -> float:
     """The largest value a tensor of this dtype holds (bool: 1)."""
     if dtype is torch.bool:
@@ -118,12 +125,29 @@ def _check_fill(what: str, p: Params, name: str, value: float) -> None:
             )
 
 
-def _adagrad(p: Params, o: Values) -> torch.optim.Optimizer:
-    lr, lrdecay, decay, init, eps = _floats(o, "lr", "lrdecay", "decay", "init", "eps")
-    _check_fill("adagrad", p, "init", init)
-    return torch.optim.Adagrad(
-        p, lr=lr, lr_decay=lrdecay, weight_decay=decay, initial_accumulator_value=init, eps=eps
-    )
+def _check_eps(what: str, p: Params, eps: float) -> None:
+    """InvalidArgument when eps rounds to 0 in a floating parameter's dtype: added to a denominator in
+    that dtype, it then adds nothing, and every weight whose gradient is exactly 0 became NaN (0/0) at
+    its first step, as with eps 0: 1e-300 over float32, or Adam's default 1e-8 over float16."""
+    for dtype in dict.fromkeys(t.dtype for t in p if t.is_floating_point()):
+        if eps > 0 and torch.tensor(eps, dtype=dtype).item() == 0:
+            smallest = torch.finfo(dtype).smallest_normal
+            raise InvalidArgument(
+                f"{what}: option 'eps' is 0 in the parameters' dtype {str(dtype).removeprefix('torch.')}, given "
+                f"{eps!r}: give at least {smallest:g} (1e-4 is usual for float16)"
+            )
+
+
+def _check_dtypes(type_name: str, p: Params, options: Values) -> None:
+    """What the resolved options must be in the parameters' dtypes (the rules in `OPTIMIZER_TYPES` are
+    dtype-blind). Checked when an optimizer is made, not when a snapshot rebuilds one it held."""
+    if type_name == "adagrad":
+        init = float_value(options, "init")
+        _check_fill(type_name, p, "init", init)
+        if init > 0:
+            return  # its sums start above 0, so an eps that rounds to 0 never divides 0 by 0
+    if "eps" in options:
+        _check_eps(type_name, p, float_value(options, "eps"))
 
 
 @dataclass(frozen=True)
@@ -232,6 +256,7 @@ def create_optimizer(
     params = list(module.parameters())
     if not params:
         raise InvalidArgument(f"{type_name}: the module has no parameters to optimize")
+    _check_dtypes(type_name, params, options)
     try:
         optim = opt_type.build(params, options)
     except ValueError as exc:
