@@ -245,6 +245,23 @@ def test_optimizer_options_torch_would_fail_on_or_train_to_nan_with_are_refused(
     assert client.lr(client.opt("adam", q, eps=1e-4)) == 0.001
 
 
+def test_a_step_whose_lr_or_decay_overflows_the_parameters_dtype_names_them_and_changes_nothing(
+    client: Client, unchanged: Any
+) -> None:
+    # torch said only "value cannot be converted to type float without overflow".
+    q = client.module(["linear", 8, 4])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q, 1e300))
+    client.train(m, *data(16))
+    with unchanged(), pytest.raises(
+        InvalidArgumentError,
+        match=r"run \(batch 1 of 1\): the sgd optimizer's lr 1e\+300 and decay 0 overflow float32 in its step: "
+        r"give a smaller learning rate \(lr\(m, value\)\) or build the optimizer with a smaller decay; nothing changed",
+    ):
+        client.run(m)
+    client.lr(m, 0.1)
+    assert np.isfinite(client.run(m))
+
+
 def test_a_model_moved_to_float16_after_its_optimizer_was_made_still_trains(client: Client) -> None:
     # The check on a new optimizer's eps looks at the dtype it is made over, not at a later move: the
     # first step after one sizes its state with a twin built as the optimizer was, unchecked.
