@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from weightavg import Client, FailedPreconditionError, Handle, InvalidArgumentError
+from weightavg import Client, FailedPreconditionError, Handle, InvalidArgumentError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
@@ -43,6 +43,43 @@ def _trained(c: Client, loss: Handle, opt: Any) -> Handle:
     c.train(m, *_data())
     c.run(m)
     return m
+
+
+# -- what an optimizer keeps alive -----------------------------------------------------------------
+
+_MIB = ["linear", 512, 512]  # 1,050,624 bytes of float32 parameters
+
+
+def test_an_optimizer_keeps_its_module_charged_after_the_module_handle_is_freed(start_server: Any) -> None:
+    # The optimizer's parameter groups hold the module: freeing the module handle frees no memory.
+    # Its bytes were charged to nothing after the free, so module, opt, free repeated held any amount
+    # under a 3 MiB cap.
+    server = start_server(max_device_bytes=3 << 20)
+    with Client(server.address) as c:
+        kept = []
+        for _ in range(2):
+            q = c.module(_MIB)
+            kept.append(c.opt("sgd", q, 0.1))
+            c.free(q)
+        assert server.registry.held_bytes() == {"cpu": 2 * 1_050_624}
+        with pytest.raises(ResourceExhaustedError):
+            c.module(_MIB)
+
+
+def test_an_optimizer_left_over_a_replaced_module_keeps_that_module_charged(start_server: Any) -> None:
+    # opt(m) made but not given to the model: after model(m, q2, o2) it alone holds the old module.
+    server = start_server(max_device_bytes=3 << 20)
+    with Client(server.address) as c:
+        q = c.module(_MIB)
+        m = c.model(q, c.loss("mse"), c.opt("sgd", q, 0.1))
+        spare = c.opt("adam", m)
+        q2 = c.module(_MIB)
+        c.model(m, q2, c.opt("sgd", q2, 0.1))
+        assert server.registry.held_bytes() == {"cpu": 2 * 1_050_624}
+        with pytest.raises(ResourceExhaustedError):
+            c.module(_MIB)
+        c.free(spare)
+        assert server.registry.held_bytes() == {"cpu": 1_050_624}
 
 
 # -- model(m, part...) ---------------------------------------------------------------------------

@@ -206,6 +206,27 @@ def test_a_restored_optimizer_keeps_every_state_tensor(state_server: Runtime, tm
         assert back[m.id].obj.optimizer.options == live[m.id].obj.optimizer.options
 
 
+def test_an_adagrad_whose_init_no_longer_fits_its_moved_parameters_restores(state_server: Runtime, tmp_path: Path) -> None:
+    """Adagrad's sums are filled with `init` when it is built; after a move to float16, init 1e5 does not
+    fit, and the restore's rebuild raised torch's overflow: the state directory could not be restored."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        q = c.module(["linear", 6, 3])
+        m = c.model(q, c.loss("mse"), c.opt("adagrad", q, 0.1, init=1e5))
+        c.to(m, "cpu", "float16")
+        c.snapshot()
+    live = state_server.registry.get(m.id).obj.optimizer
+    restored = Registry()
+    assert snapshot.load(restored, tmp_path / "d", torch.device("cpu")) == 1
+    back = restored.get(m.id).obj.optimizer
+    assert back.options == live.options and back.options["init"] == 1e5
+    assert back.optim.param_groups[0]["initial_accumulator_value"] == 1e5
+    old, new = live.optim.state_dict()["state"], back.optim.state_dict()["state"]
+    assert old.keys() == new.keys() and old
+    for i in old:
+        assert new[i]["sum"].dtype == torch.float16 and torch.equal(new[i]["sum"], old[i]["sum"])
+        assert torch.equal(new[i]["step"], old[i]["step"])
+
+
 def test_a_model_without_data_and_a_lone_loss_restore(state_server: Runtime, tmp_path: Path) -> None:
     with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
         q = c.module(["linear", 2, 2])

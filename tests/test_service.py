@@ -651,14 +651,14 @@ def test_device_usage_matches_the_held_bytes_and_the_handles(service: Service) -
     s.view_parameters(q, "")
     s.model_input(m)
     s.create_loss("mse", (), ())
-    s.create_optimizer(q, "sgd", (0.1,), ())  # no state before its first step: holds no tensor
+    s.create_optimizer(q, "sgd", (0.1,), ())  # no state yet, but it keeps its module: on the module's device
     dictionary(s, a=x_rows())
 
     usage = s.device_usage()
     assert set(usage) == {"", "cpu"}
     assert usage["cpu"].bytes == s.store.held_bytes()["cpu"]
     assert usage[""].bytes == 0
-    assert usage[""].handles == 2  # the loss and the optimizer
+    assert usage[""].handles == 1  # the loss
     assert usage["cpu"].handles + usage[""].handles == len(s.store) == 8
 
 

@@ -176,6 +176,12 @@ def test_opt_defaults_options_and_lr(client: Client) -> None:
     }
     client.lr(m, 0.04)
     assert client.lr(m) == 0.04
+    client.lr(m, np.float32(0.5))  # numpy numbers are numbers
+    assert client.lr(m) == pytest.approx(0.5)
+    for wrong in (True, np.bool_(True), "0.3"):  # float() took these as 1.0 and 0.3; opt() refuses them
+        with pytest.raises(TypeError, match="the learning rate must be a number"):
+            client.lr(m, wrong)
+    assert client.lr(m) == pytest.approx(0.5)
     q2 = client.module(["linear", 8, 4])
     defaults = {
         "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "decay": 0.0, "amsgrad": False},
@@ -210,6 +216,61 @@ def test_opt_errors(client: Client, unchanged: Any) -> None:
             client.lr(o, -0.5)
         with pytest.raises(NotFoundError):
             client.opt("sgd", "mod_nonexistent")
+
+
+def test_optimizer_options_torch_would_fail_on_or_train_to_nan_with_are_refused(client: Client, unchanged: Any) -> None:
+    q = client.module(["linear", 8, 4])
+    with unchanged():
+        # Adagrad fills its sums with `init` as it is built: torch's overflow there answered INTERNAL.
+        with pytest.raises(InvalidArgumentError, match=r"adagrad: option 'init' must fit the parameters' dtype \(float32"):
+            client.opt("adagrad", q, init=1e39)
+        # RMSprop's alpha over 1 weighs the new squared gradient negatively: NaN after the first step.
+        with pytest.raises(InvalidArgumentError, match="rmsprop: option 'alpha' must be between 0 and 1, given 1.5"):
+            client.opt("rmsprop", q, 0.01, 1.5)
+        # eps 0 divides 0 by 0 wherever a gradient has an exact zero (a dead ReLU unit): NaN weights.
+        for kind in ("adam", "adamw", "rmsprop", "adagrad"):
+            with pytest.raises(InvalidArgumentError, match=f"{kind}: option 'eps' must be positive, given 0"):
+                client.opt(kind, q, eps=0)
+        # An eps that rounds to 0 in the parameters' dtype adds nothing to the denominator: as eps 0.
+        with pytest.raises(InvalidArgumentError, match=r"adam: option 'eps' is 0 in the parameters' dtype float32"):
+            client.opt("adam", q, eps=1e-300)
+    client.to(q, "cpu", "float16")
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match=r"float16 holds at most 65504\), given 70000"):
+            client.opt("adagrad", q, init=7e4)
+        # Adam's default eps, 1e-8, is 0 in float16: a weight whose gradient is exactly 0 became NaN.
+        with pytest.raises(InvalidArgumentError, match=r"adamw: option 'eps' is 0 in the parameters' dtype float16, given 1e-08: give at least"):
+            client.opt("adamw", q)
+    assert client.lr(client.opt("adagrad", q, init=65504.0)) == 0.01  # the largest that fits is taken
+    assert client.lr(client.opt("adam", q, eps=1e-4)) == 0.001
+
+
+def test_a_step_whose_lr_or_decay_overflows_the_parameters_dtype_names_them_and_changes_nothing(
+    client: Client, unchanged: Any
+) -> None:
+    # torch said only "value cannot be converted to type float without overflow".
+    q = client.module(["linear", 8, 4])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q, 1e300))
+    client.train(m, *data(16))
+    with unchanged(), pytest.raises(
+        InvalidArgumentError,
+        match=r"run \(batch 1 of 1\): the sgd optimizer's lr 1e\+300 and decay 0 overflow float32 in its step: "
+        r"give a smaller learning rate \(lr\(m, value\)\) or build the optimizer with a smaller decay; nothing changed",
+    ):
+        client.run(m)
+    client.lr(m, 0.1)
+    assert np.isfinite(client.run(m))
+
+
+def test_a_model_moved_to_float16_after_its_optimizer_was_made_still_trains(client: Client) -> None:
+    # The check on a new optimizer's eps looks at the dtype it is made over, not at a later move: the
+    # first step after one sizes its state with a twin built as the optimizer was, unchecked.
+    q = client.module(["linear", 8, 4])
+    m = client.model(q, client.loss("mse"), client.opt("adam", q, 0.01))
+    client.to(m, "cpu", "float16")
+    x = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float16)
+    client.train(m, x, np.zeros((8, 4), np.float16))
+    assert np.isfinite(client.run(m))
 
 
 # -- models -----------------------------------------------------------------------------------------

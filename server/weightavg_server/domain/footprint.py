@@ -259,11 +259,11 @@ def step_bytes(optimizer: optimizers.Optimizer) -> Bytes:
     twins = _meta_twin(real)
     for t in twins:
         t.grad = torch.empty_like(t)
-    holder = nn.Module()
-    holder.params = twins
-    twin = optimizers.create_optimizer(optimizer.type, holder, (), tuple(optimizer.options.items()))
-    twin.optim.step()
-    return _state_bytes(twin.optim, real, list(twins))
+    # Built as the optimizer was, without create_optimizer's checks on new optimizers: those look at
+    # the parameters' dtypes now, which a move may have changed since it was made.
+    twin = optimizers.OPTIMIZER_TYPES[optimizer.type].build(list(twins), optimizer.options)
+    twin.step()
+    return _state_bytes(twin, real, list(twins))
 
 
 def gradient_bytes(module: nn.Module) -> Bytes:

@@ -18,6 +18,8 @@ from .errors import InvalidArgument, did_you_mean
 from .options import (
     BELOW_ONE,
     NON_NEGATIVE,
+    POSITIVE,
+    UNIT_INTERVAL,
     Opt,
     Value,
     Values,
@@ -27,6 +29,7 @@ from .options import (
     float_value,
     resolve,
 )
+from .tensors import module_tensors
 
 
 def _non_negative(name: str, default: float) -> Opt:
@@ -41,7 +44,16 @@ def _switch(name: str) -> Opt:
 
 _LR = _non_negative("lr", 0.01)
 _DECAY = _non_negative("decay", 0.0)
-_EPS = _non_negative("eps", 1e-8)
+
+
+def _eps(default: float) -> Opt:
+    """The term added to a denominator of square roots: 0 made every parameter whose gradient has an
+    exact zero NaN at its first step (0/0; a dead ReLU unit's weights), without a word, where torch
+    takes 0 (found by review)."""
+    return Opt("eps", ValueType.FLOAT, default, POSITIVE)
+
+
+_EPS = _eps(1e-8)
 _ADAM = (
     _non_negative("lr", 0.001),
     Opt("beta1", ValueType.FLOAT, 0.9, BELOW_ONE),
@@ -92,6 +104,52 @@ def _adagrad(p: Params, o: Values) -> torch.optim.Optimizer:
     )
 
 
+def _largest(dtype: torch.dtype) -> float:
+    """The largest value a tensor of this dtype holds (bool: 1)."""
+    if dtype is torch.bool:
+        return 1.0
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.finfo(dtype).max
+    return float(torch.iinfo(dtype).max)
+
+
+def _check_fill(what: str, p: Params, name: str, value: float) -> None:
+    """InvalidArgument unless every parameter's dtype holds `value`: Adagrad fills a state tensor
+    like each parameter with its `init` as it is built, and torch's overflow there was a RuntimeError
+    (INTERNAL) for `init=1e39` over float32, or 70000 over float16."""
+    for dtype in dict.fromkeys(t.dtype for t in p):
+        if value > _largest(dtype):
+            raise InvalidArgument(
+                f"{what}: option '{name}' must fit the parameters' dtype ({str(dtype).removeprefix('torch.')} holds at "
+                f"most {_largest(dtype):g}), given {value!r}: give a smaller value"
+            )
+
+
+def _check_eps(what: str, p: Params, eps: float) -> None:
+    """InvalidArgument when eps rounds to 0 in a floating parameter's dtype: added to a denominator in
+    that dtype, it then adds nothing, and every weight whose gradient is exactly 0 became NaN (0/0) at
+    its first step, as with eps 0: 1e-300 over float32, or Adam's default 1e-8 over float16."""
+    for dtype in dict.fromkeys(t.dtype for t in p if t.is_floating_point()):
+        if eps > 0 and torch.tensor(eps, dtype=dtype).item() == 0:
+            smallest = torch.finfo(dtype).smallest_normal
+            raise InvalidArgument(
+                f"{what}: option 'eps' is 0 in the parameters' dtype {str(dtype).removeprefix('torch.')}, given "
+                f"{eps!r}: give at least {smallest:g} (1e-4 is usual for float16)"
+            )
+
+
+def _check_dtypes(type_name: str, p: Params, options: Values) -> None:
+    """What the resolved options must be in the parameters' dtypes (the rules in `OPTIMIZER_TYPES` are
+    dtype-blind). Checked when an optimizer is made, not when a snapshot rebuilds one it held."""
+    if type_name == "adagrad":
+        init = float_value(options, "init")
+        _check_fill(type_name, p, "init", init)
+        if init > 0:
+            return  # its sums start above 0, so an eps that rounds to 0 never divides 0 by 0
+    if "eps" in options:
+        _check_eps(type_name, p, float_value(options, "eps"))
+
+
 @dataclass(frozen=True)
 class OptimizerType:
     """An optimizer type: its options in order and how to build the torch optimizer from them."""
@@ -121,12 +179,16 @@ OPTIMIZER_TYPES: dict[str, OptimizerType] = {
         ),
         OptimizerType(
             "rmsprop",
-            (_LR, _non_negative("alpha", 0.99), _EPS, _DECAY, _non_negative("momentum", 0.0), _switch("centered")),
+            # alpha weighs the old average of squared gradients against the new one: over 1 the new
+            # one counts negatively, and the first step's square root made every parameter NaN,
+            # silently (torch checks only alpha >= 0; found by review).
+            (_LR, Opt("alpha", ValueType.FLOAT, 0.99, UNIT_INTERVAL), _EPS, _DECAY, _non_negative("momentum", 0.0),
+             _switch("centered")),
             _rmsprop,
         ),
         OptimizerType(
             "adagrad",
-            (_LR, _non_negative("lrdecay", 0.0), _DECAY, _non_negative("init", 0.0), _non_negative("eps", 1e-10)),
+            (_LR, _non_negative("lrdecay", 0.0), _DECAY, _non_negative("init", 0.0), _eps(1e-10)),
             _adagrad,
         ),
     )
@@ -143,7 +205,20 @@ class Optimizer:
     optim: torch.optim.Optimizer
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """The optimizer's own state (momentum buffers, moment estimates); the module is its own handle."""
+        """Everything the optimizer keeps alive: its module's tensors, then its own state.
+
+        Its parameter groups hold the module's parameters, so the module lives as long as the
+        optimizer does, whether or not a module or model handle still reaches it. Listed here, the
+        module stays charged to the caps after those handles are freed (counted once while they
+        share it, as allocations are): leaving it out let `opt(q)`, `free(q)` keep the whole module
+        alive uncharged, as did an optimizer left over a model whose module `model(m, q2, o2)`
+        replaced (found by review).
+        """
+        yield from module_tensors(self.module)
+        yield from self.state_tensors()
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """The optimizer's own state (momentum buffers, moment estimates), without the module."""
         for state in self.optim.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):
@@ -181,6 +256,7 @@ def create_optimizer(
     params = list(module.parameters())
     if not params:
         raise InvalidArgument(f"{type_name}: the module has no parameters to optimize")
+    _check_dtypes(type_name, params, options)
     try:
         optim = opt_type.build(params, options)
     except ValueError as exc:

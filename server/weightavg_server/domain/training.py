@@ -22,8 +22,8 @@ from . import batching, dtypes, rollback
 from .batchnorm import Momenta, reset_batchnorm, restore_momentum
 from .errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, did_you_mean
 from .losses import Loss
-from .optimizers import Optimizer
-from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, int_value
+from .optimizers import Optimizer, get_lr
+from .options import NON_NEGATIVE, POSITIVE, Opt, Value, Values, ValueType, Wording, coerce, float_value, int_value
 from .tensors import module_tensors
 
 StopCheck = Callable[[], bool]
@@ -82,7 +82,7 @@ class Model:
     def tensors(self) -> Iterator[torch.Tensor]:
         """Parameters, their gradients, buffers, optimizer state, and the train and test data."""
         yield from module_tensors(self.module)
-        yield from self.optimizer.tensors()
+        yield from self.optimizer.state_tensors()
         yield from self.loss.tensors()
         for data in (self.train_data, self.test_data):
             if data is not None:
@@ -783,9 +783,27 @@ def _train_batches(
                 check_probabilities(model, output, targets, f"run (batch {i + 1} of {nb})")
                 loss = model.loss(output, targets)
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
-                optim.step()
+                _step(model.optimizer, f"run (batch {i + 1} of {nb})")
             metrics.add(output.detach(), yb, loss)
     return metrics
+
+
+def _step(optimizer: Optimizer, what: str) -> None:
+    """optim.step(), naming the fix when a setting overflows the parameters' dtype: torch multiplies
+    by lr and decay in that dtype and says only "value cannot be converted to type float without
+    overflow" for an lr of 1e300 (or 1e5 once the module is float16), found by review."""
+    try:
+        optimizer.optim.step()
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        held = _parameter_dtype(optimizer.module)
+        dtype = _name(held) if held is not None else "parameters'"
+        settings = f"lr {get_lr(optimizer):g} and decay {float_value(optimizer.options, 'decay'):g}"
+        raise InvalidArgument(
+            f"{what}: the {optimizer.type} optimizer's {settings} overflow {dtype} in its step: give a "
+            "smaller learning rate (lr(m, value)) or build the optimizer with a smaller decay; nothing changed"
+        ) from None
 
 
 def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:

@@ -491,7 +491,11 @@ def load_optimizer(data: dict[str, Any], ctx: LoadContext) -> Optimizer:
     opt_type = optimizers.OPTIMIZER_TYPES[str(data["type"])]
     options = dict(_options(data["options"]))
     params = [module.get_parameter(n) for g in data["groups"] for n in g["params"]]
-    optim = opt_type.build(params, options)
+    # The state loaded below replaces what the build fills in. Adagrad fills its sums with `init`,
+    # which need not fit the parameters' dtype any more: after a move to float16, init 1e5 made the
+    # snapshot impossible to restore (torch's overflow while filling; found by review). Built from 0,
+    # the saved sums and the group's saved initial_accumulator_value come back all the same.
+    optim = opt_type.build(params, {**options, "init": 0.0} if "init" in options else options)
     if len(optim.param_groups) != len(data["groups"]):
         raise SnapshotError(f"optimizer has {len(optim.param_groups)} parameter groups; the snapshot {len(data['groups'])}")
     groups = []
