@@ -6,8 +6,11 @@ import json
 import logging
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg_server.ops.app import SERVICE_NAME, create_runtime, create_server, receive_ceiling, server_options, set_serving
 from weightavg_server.ops.config import ServerConfig
+from weightavg_server.ops import metrics
 from weightavg_server.ops.metrics import MetricsServer, start_metrics_server
 from weightavg_server.store.registry import Registry
 from weightavg_server.transport.stats import LATENCY_BUCKETS, RpcStats
@@ -284,6 +288,46 @@ def test_metrics_endpoint_after_some_calls(ops_server: OpsServer, ops: Client) -
     )) in after
     ops.free(d)
     assert scrape(ops_server.metrics_url).get(("weightavg_live_handles", (("device", "cpu"),))) is None
+
+
+def _scrape_threads() -> int:
+    """Threads serving a metrics connection (socketserver names them after process_request_thread)."""
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_idle_metrics_connections_take_a_bounded_number_of_threads(ops_server: OpsServer) -> None:
+    # prometheus_client's own server started a thread per connection, without limit or timeout: a
+    # client holding connections open without sending a request held as many threads of the server.
+    port = int(ops_server.metrics_url.split(":")[2].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(metrics.SCRAPES_AT_ONCE + 30)]
+    try:
+        for s in idle:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # the headers never end
+        last = idle[-1]
+        last.settimeout(60)
+        answer = last.recv(4096)  # past the limit: answered at once, before any slot frees
+        assert answer.startswith(b"HTTP/1.0 503") and b"too many metrics scrapes" in answer
+        assert _scrape_threads() <= metrics.SCRAPES_AT_ONCE
+    finally:
+        for s in idle:
+            s.close()
+    while True:  # the slots come back as the server sees the connections close
+        try:
+            scraped = scrape(ops_server.metrics_url)
+            break
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+    assert any(name == "weightavg_build_info" for name, _ in scraped)  # a whole page again
+
+
+def test_a_silent_metrics_connection_is_closed_after_the_timeout(
+    ops_server: OpsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics._ScrapeHandler, "timeout", 0.2)
+    port = int(ops_server.metrics_url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.settimeout(60)
+        assert silent.recv(4096) == b""  # the server closed it: its slot is free again
 
 
 # -- logs ------------------------------------------------------------------------------------------
