@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import weightavg
 from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import SERVICE_NAME, create_runtime, create_server, receive_ceiling, server_options, set_serving
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops import metrics
@@ -212,6 +214,32 @@ def test_server_stats_count_calls_codes_and_tensor_bytes(ops: Client) -> None:
     # The stats call itself is in flight while it answers.
     assert _method(after, "GetServerStats")["in_flight"] == 1
     assert after["uptime_seconds"] >= before["uptime_seconds"]
+
+
+def test_a_call_that_ends_after_its_deadline_counts_as_deadline_exceeded(ops_server: OpsServer, ops: Client) -> None:
+    # The handler finished without an error, but the client had already got DEADLINE_EXCEEDED: the
+    # statistics counted it OK, so calls past their deadline never showed as failures.
+    d = ops.dict({"w": np.ones(10, np.float32)})
+    entry = dict(ops_server.registry.items())[d.id]
+    method = METHOD + "AverageDictionaries"
+
+    def finished() -> tuple[int, int]:
+        s = ops_server.stats.snapshot().get(method)
+        tenant = ops_server.stats.tenants().get("default")
+        return (s.finished if s else 0), (tenant.failures if tenant else 0)
+
+    (before, tenant_failures), codes = finished(), dict(getattr(ops_server.stats.snapshot().get(method), "codes", {}))
+    with grpc.insecure_channel(ops_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        with entry.lock:  # the call waits for the dictionary until its client has given up
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.AverageDictionaries(pb.AverageDictionariesRequest(dictionaries=[d.id]), timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        while finished()[0] == before:  # the handler runs to its end once the lock is free
+            time.sleep(0.01)
+    after = ops_server.stats.snapshot()[method].codes
+    assert {c: n - codes.get(c, 0) for c, n in after.items() if n != codes.get(c, 0)} == {"DEADLINE_EXCEEDED": 1}
+    assert finished()[1] == tenant_failures + 1  # the tenant's failures count it too
 
 
 def test_server_stats_count_live_handles_and_shared_bytes_once(ops: Client) -> None:
