@@ -128,17 +128,22 @@ def status_name(context: grpc.ServicerContext, exc: BaseException | None) -> str
     if exc is None:
         # A handler that returned after its deadline passed (or after the client cancelled) did its
         # work, but the client got DEADLINE_EXCEEDED or CANCELLED, not the answer: counted as OK, a
-        # review's 25 calls past their deadline showed as 24 OK and no failure.
-        return "OK" if context.is_active() else _gone(context)
+        # review's 25 calls past their deadline showed as 24 OK and no failure. The deadline is read
+        # too: grpc may learn that the call was cut off only after the handler has returned.
+        return "OK" if context.is_active() and not _past_deadline(context) else _gone(context)
     if isinstance(exc, GeneratorExit):  # the client went away in the middle of a response stream
         return _gone(context)
     return "UNKNOWN"  # grpc answers UNKNOWN for an exception nobody translated
 
 
+def _past_deadline(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 def _gone(context: grpc.ServicerContext) -> str:
     """The status of a call whose client stopped waiting: its deadline passed, or it cancelled."""
-    remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
 
 
 class ObservingInterceptor(grpc.ServerInterceptor):
