@@ -216,9 +216,13 @@ def test_server_stats_count_calls_codes_and_tensor_bytes(ops: Client) -> None:
     assert after["uptime_seconds"] >= before["uptime_seconds"]
 
 
-def test_a_call_that_ends_after_its_deadline_counts_as_deadline_exceeded(ops_server: OpsServer, ops: Client) -> None:
+def test_a_call_that_ends_after_its_deadline_counts_as_deadline_exceeded(
+    ops_server: OpsServer, ops: Client, caplog: pytest.LogCaptureFixture
+) -> None:
     # The handler finished without an error, but the client had already got DEADLINE_EXCEEDED: the
-    # statistics counted it OK, so calls past their deadline never showed as failures.
+    # statistics counted it OK, so calls past their deadline never showed as failures. The audit
+    # line still says OK: the change was made.
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
     d = ops.dict({"w": np.ones(10, np.float32)})
     entry = dict(ops_server.registry.items())[d.id]
     method = METHOD + "AverageDictionaries"
@@ -240,6 +244,8 @@ def test_a_call_that_ends_after_its_deadline_counts_as_deadline_exceeded(ops_ser
     after = ops_server.stats.snapshot()[method].codes
     assert {c: n - codes.get(c, 0) for c, n in after.items() if n != codes.get(c, 0)} == {"DEADLINE_EXCEEDED": 1}
     assert finished()[1] == tenant_failures + 1  # the tenant's failures count it too
+    audited = [json.loads(r.getMessage()) for r in caplog.records if r.name == "weightavg.audit"]
+    assert [line["outcome"] for line in audited if line["method"] == "AverageDictionaries"] == ["OK"]
 
 
 def test_server_stats_count_live_handles_and_shared_bytes_once(ops: Client) -> None:
