@@ -6,8 +6,12 @@ import json
 import logging
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import weightavg
 from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import SERVICE_NAME, create_runtime, create_server, receive_ceiling, server_options, set_serving
 from weightavg_server.ops.config import ServerConfig
+from weightavg_server.ops import metrics
 from weightavg_server.ops.metrics import MetricsServer, start_metrics_server
 from weightavg_server.store.registry import Registry
 from weightavg_server.transport.stats import LATENCY_BUCKETS, RpcStats
@@ -210,6 +216,38 @@ def test_server_stats_count_calls_codes_and_tensor_bytes(ops: Client) -> None:
     assert after["uptime_seconds"] >= before["uptime_seconds"]
 
 
+def test_a_call_that_ends_after_its_deadline_counts_as_deadline_exceeded(
+    ops_server: OpsServer, ops: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The handler finished without an error, but the client had already got DEADLINE_EXCEEDED: the
+    # statistics counted it OK, so calls past their deadline never showed as failures. The audit
+    # line still says OK: the change was made.
+    caplog.set_level(logging.INFO, logger="weightavg.audit")
+    d = ops.dict({"w": np.ones(10, np.float32)})
+    entry = dict(ops_server.registry.items())[d.id]
+    method = METHOD + "AverageDictionaries"
+
+    def finished() -> tuple[int, int]:
+        s = ops_server.stats.snapshot().get(method)
+        tenant = ops_server.stats.tenants().get("default")
+        return (s.finished if s else 0), (tenant.failures if tenant else 0)
+
+    (before, tenant_failures), codes = finished(), dict(getattr(ops_server.stats.snapshot().get(method), "codes", {}))
+    with grpc.insecure_channel(ops_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        with entry.lock:  # the call waits for the dictionary until its client has given up
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.AverageDictionaries(pb.AverageDictionariesRequest(dictionaries=[d.id]), timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        while finished()[0] == before:  # the handler runs to its end once the lock is free
+            time.sleep(0.01)
+    after = ops_server.stats.snapshot()[method].codes
+    assert {c: n - codes.get(c, 0) for c, n in after.items() if n != codes.get(c, 0)} == {"DEADLINE_EXCEEDED": 1}
+    assert finished()[1] == tenant_failures + 1  # the tenant's failures count it too
+    audited = [json.loads(r.getMessage()) for r in caplog.records if r.name == "weightavg.audit"]
+    assert [line["outcome"] for line in audited if line["method"] == "AverageDictionaries"] == ["OK"]
+
+
 def test_server_stats_count_live_handles_and_shared_bytes_once(ops: Client) -> None:
     d = ops.dict({"a": np.zeros(256, np.float32)})  # 1024 bytes
     ops.addref(d)  # a second handle to the same storage
@@ -284,6 +322,46 @@ def test_metrics_endpoint_after_some_calls(ops_server: OpsServer, ops: Client) -
     )) in after
     ops.free(d)
     assert scrape(ops_server.metrics_url).get(("weightavg_live_handles", (("device", "cpu"),))) is None
+
+
+def _scrape_threads() -> int:
+    """Threads serving a metrics connection (socketserver names them after process_request_thread)."""
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_idle_metrics_connections_take_a_bounded_number_of_threads(ops_server: OpsServer) -> None:
+    # prometheus_client's own server started a thread per connection, without limit or timeout: a
+    # client holding connections open without sending a request held as many threads of the server.
+    port = int(ops_server.metrics_url.split(":")[2].split("/")[0])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(metrics.SCRAPES_AT_ONCE + 30)]
+    try:
+        for s in idle:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # the headers never end
+        last = idle[-1]
+        last.settimeout(60)
+        answer = last.recv(4096)  # past the limit: answered at once, before any slot frees
+        assert answer.startswith(b"HTTP/1.0 503") and b"too many metrics scrapes" in answer
+        assert _scrape_threads() <= metrics.SCRAPES_AT_ONCE
+    finally:
+        for s in idle:
+            s.close()
+    while True:  # the slots come back as the server sees the connections close
+        try:
+            scraped = scrape(ops_server.metrics_url)
+            break
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+    assert any(name == "weightavg_build_info" for name, _ in scraped)  # a whole page again
+
+
+def test_a_silent_metrics_connection_is_closed_after_the_timeout(
+    ops_server: OpsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics._ScrapeHandler, "timeout", 0.2)
+    port = int(ops_server.metrics_url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.settimeout(60)
+        assert silent.recv(4096) == b""  # the server closed it: its slot is free again
 
 
 # -- logs ------------------------------------------------------------------------------------------

@@ -296,6 +296,37 @@ def test_a_repeat_sent_while_the_first_runs_waits_and_gets_its_answer(
         assert c.stats()["request_ids"]["duplicates_answered"] == 1
 
 
+def test_a_repeat_whose_deadline_passes_while_the_first_runs_frees_its_worker(
+    server: LiveServer, stub: pb_grpc.WeightAveragingServiceStub
+) -> None:
+    # A repeat cut off by its deadline kept waiting for the first call on a server worker thread
+    # until that call ended: every retry of a long epoch cut off so held one more worker.
+    method = "/weightavg.v1.WeightAveragingService/AverageParameters"
+    with Client(server.address, timeout=WAIT) as c:
+        m = c.module(NET)
+        p = c.copyparms(m)
+        answers: list[int] = []
+        first = threading.Thread(target=lambda: answers.append(average(stub, m, p, ID).count), daemon=True)
+
+        def in_flight() -> int:
+            return int(c.stats()["methods"].get(method, {}).get("in_flight", 0))
+
+        with server.registry.get(p.id).lock:  # the first call holds the ID and waits for the dictionary
+            first.start()
+            wait_for(lambda: in_flight() == 1, "the first call to be in flight")
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as cut:
+                    stub.AverageParameters(
+                        pb.AverageParametersRequest(handle=m.id, dictionary=p.id, request_id=ID), timeout=0.2
+                    )
+                assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_for(lambda: in_flight() == 1, "the repeats to stop waiting once their clients had gone")
+            assert count_of(server, p) == 1
+        first.join(WAIT)
+        assert answers == [2] and count_of(server, p) == 2
+        assert average(stub, m, p, ID).count == 2 and count_of(server, p) == 2  # a later retry: the answer
+
+
 def test_an_id_is_forgotten_after_the_window(start_server: Callable[..., LiveServer]) -> None:
     server = start_server(request_id_window_seconds=0.2)
     with Client(server.address, timeout=WAIT) as c, grpc.insecure_channel(server.address) as channel:

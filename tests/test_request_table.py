@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from inprocess import caller_session, f32, upload
-from weightavg_server.domain.errors import InvalidArgument, NotFound
+from weightavg_server.domain.errors import Cancelled, InvalidArgument, NotFound
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Ref, Service, Settings
 from weightavg_server.store.limits import Limits
 from weightavg_server.store.registry import Kind, Registry
+from weightavg_server.store import requests
 from weightavg_server.store.requests import (
-    RequestKey, RequestStats, RequestTable, answer_bytes, comparable, decode, encode, parse_saved, scheme,
+    CALL_ACTIVE, RequestKey, RequestStats, RequestTable, answer_bytes, comparable, decode, encode, parse_saved, scheme,
 )
 
 ID = "3f0c6d1e-8a2b-4c5d-9e7f-0123456789ab"
@@ -192,6 +193,41 @@ def test_a_repeat_in_flight_waits_for_the_first_and_gets_its_answer(table: Reque
     repeat.join(JOIN)
     assert first_out == [1] and repeat_out == [1] and op.runs == 1
     assert table.stats().duplicates_answered == 1
+
+
+def test_a_repeat_whose_client_is_gone_stops_waiting_and_the_first_still_answers(
+    table: RequestTable, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A repeat waited for its first call however long that ran, after its own client had gone: each
+    # retry cut off during a long epoch held a server worker thread until the epoch ended.
+    monkeypatch.setattr(requests, "WAIT_CHECK_SECONDS", 0.01)
+    op, release, client_there = Counter(), threading.Event(), threading.Event()
+    client_there.set()
+
+    def slow() -> int:
+        assert release.wait(JOIN)
+        return op()
+
+    def repeat_call() -> int:
+        CALL_ACTIVE.set(client_there.is_set)  # as the transport sets it: the call's context.is_active
+        return table.answer(key(), "average_parameters", None, op)
+
+    first, first_out = in_thread(lambda: table.answer(key(), "average_parameters", None, slow))
+    claimed = clock.watch(first)
+    first.start()
+    assert claimed.wait(JOIN)
+    repeat, repeat_out = in_thread(repeat_call)
+    arrived = clock.watch(repeat)
+    repeat.start()
+    assert arrived.wait(JOIN)  # the repeat is waiting
+    client_there.clear()  # its client is gone (cancelled, or past its deadline)
+    repeat.join(JOIN)
+    assert not repeat.is_alive(), "the repeat still waits for the first call"
+    assert isinstance(repeat_out[0], Cancelled) and "retry with the same ID" in str(repeat_out[0])
+    release.set()
+    first.join(JOIN)
+    assert first_out == [1] and op.runs == 1
+    assert table.answer(key(), "average_parameters", None, op) == 1  # a later retry gets the answer
 
 
 def test_a_repeat_waiting_for_a_first_call_that_fails_runs_in_its_place(table: RequestTable, clock: Clock) -> None:

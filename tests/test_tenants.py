@@ -870,3 +870,29 @@ def test_a_tenant_whose_share_is_full_still_keeps_its_sessions_alive(tokens_file
         runtime.reaper.stop()
 
 
+
+
+def test_a_tenant_that_holds_nothing_still_shows_its_calls_and_failures(tmp_path: Path) -> None:
+    # GetServerStats listed a tenant only once it held something (or had a quota or a session): the
+    # calls and failures of one that only made failing calls were in the metrics, not in the stats.
+    dave, admin_token = "dave-token-" + "d" * 32, "admin-token-" + "a" * 32
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        f'[[tokens]]\ntoken = "{dave}"\ntenant = "dave"\nrole = "user"\n\n'
+        f'[[tokens]]\ntoken = "{admin_token}"\ntenant = "ops"\nrole = "admin"\n'
+    )
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens)))
+    runtime.start()
+    try:
+        with connect(runtime, dave) as d, connect(runtime, admin_token) as admin:
+            d.ping()
+            with pytest.raises(NotFoundError):
+                d.free("no-such-handle")
+            mine = d.stats()["tenants"]
+            assert set(mine) == {"dave"}
+            assert mine["dave"]["calls"] >= 2 and mine["dave"]["failures"] == 1 and mine["dave"]["handles"] == 0
+            everyone = admin.stats()["tenants"]
+            assert everyone["dave"]["failures"] == 1 and everyone["dave"]["calls"] >= 3
+    finally:
+        runtime.server.stop(None)
+        runtime.reaper.stop()

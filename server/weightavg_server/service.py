@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
@@ -41,7 +41,7 @@ from .store import snapshot
 from .store.accounting import Reservation
 from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage
 from .store.requests import RequestKey, RequestStats, register_answer_type
-from .store.tenants import CALLER
+from .store.tenants import CALLER, Quota
 
 OnHeader = Callable[[str, int], "torch.device | None"]
 """Called with each uploaded tensor's name and byte size once its header is read, before its buffer
@@ -645,11 +645,17 @@ class Service:
                 listed.append((Ref(handle_id, entry.kind, entry.tenant), summary))
         return listed
 
-    def tenant_usage(self) -> dict[str, TenantUsage]:
-        """Per tenant, what it holds and its quota: every tenant for an admin, else the caller's own."""
+    def tenant_usage(self, named: Iterable[str] = ()) -> dict[str, TenantUsage]:
+        """Per tenant, what it holds and its quota: every tenant for an admin, else the caller's own;
+        sorted. `named` tenants (those that made calls) are listed too, holding nothing if the store
+        knows nothing of them: a tenant that never held anything was missing from GetServerStats,
+        its calls and failures with it, while the metrics showed them (found by review)."""
         usage = self.store.tenant_usage()
+        for name in named:
+            if name not in usage:
+                usage[name] = TenantUsage(0, {}, Quota())
         caller = CALLER.get()
-        return usage if caller.is_admin else {name: u for name, u in usage.items() if name == caller.tenant}
+        return {name: u for name, u in sorted(usage.items()) if caller.is_admin or name == caller.tenant}
 
     @_exactly_once
     def move(self, handle: str, device: str, dtype: torch.dtype | None, *, request: RequestKey | None = None) -> Ref:

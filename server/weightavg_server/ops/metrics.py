@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import socketserver
 import threading
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..service import Service
 from ..transport.stats import LATENCY_BUCKETS, RpcStats
+
+log = logging.getLogger("weightavg.metrics")
+
+SCRAPES_AT_ONCE = 8
+"""Connections the endpoint serves at once; one more is answered 503 and closed. prometheus_client's
+own server starts a thread per connection with no limit and no timeout: a review held 300 idle
+connections open and the server process had 300 threads more, for as long as they stayed open."""
+SCRAPE_TIMEOUT_SECONDS = 10.0
+"""How long a scrape's connection may stay silent (sending its request, reading the reply) before it
+is closed, so that a client that connects and sends nothing does not hold a slot for ever."""
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -146,6 +160,64 @@ class WeightavgCollector(Collector):
             yield cuda
 
 
+class _ScrapeHandler(WSGIRequestHandler):
+    """One scrape: silent (no access log), its socket timing out after `SCRAPE_TIMEOUT_SECONDS`."""
+
+    timeout = SCRAPE_TIMEOUT_SECONDS  # socketserver.StreamRequestHandler sets it on the socket
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing: a scrape every few seconds would fill the log."""
+
+
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most `SCRAPES_AT_ONCE` at once: a connection past them is
+    answered 503 and closed on the accepting thread, without starting one."""
+
+    daemon_threads = True  # a scrape in progress does not hold the process up at exit
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler], scrapes: int) -> None:
+        self._slots = threading.BoundedSemaphore(scrapes)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics scrape from %s refused: %d scrapes already served", client_address, SCRAPES_AT_ONCE)
+            _refuse(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: it will never give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scrape that failed (timed out, went away) is the scraper's problem: one debug line,
+        not socketserver's traceback on stderr."""
+        log.debug("metrics scrape from %s ended early", client_address, exc_info=True)
+
+
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    b"too many metrics scrapes at once; scrape again later\n"
+)
+
+
+def _refuse(request: socket.socket) -> None:
+    """Say 503 on a connection past the limit, without waiting: the accepting thread sends it."""
+    try:
+        request.setblocking(False)
+        request.send(_BUSY)
+    except OSError:  # its buffer full or the client gone: closing says enough
+        pass
+
+
 class MetricsServer:
     """The HTTP endpoint serving /metrics (any path answers) on its own thread."""
 
@@ -167,9 +239,19 @@ def start_metrics_server(
     """Serve the metrics over HTTP on host:port (0 picks a free port; see MetricsServer.port).
 
     A private CollectorRegistry keeps several servers in one process (tests) from sharing metrics.
+    prometheus_client's WSGI app serves it, from a server of our own rather than its
+    `start_http_server`, whose threads have no limit and connections no timeout (`SCRAPES_AT_ONCE`).
     """
     collectors = CollectorRegistry()
     collectors.register(WeightavgCollector(stats, service))
     ProcessCollector(registry=collectors)
-    httpd, thread = start_http_server(port, addr=host, registry=collectors)
+    family, _, _, _, bound = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(_BoundedServer):
+        address_family = family  # an IPv6 host binds an IPv6 socket
+
+    httpd = Server((str(bound[0]), port), _ScrapeHandler, SCRAPES_AT_ONCE)
+    httpd.set_app(make_wsgi_app(collectors))
+    thread = threading.Thread(target=httpd.serve_forever, name="weightavg-metrics", daemon=True)
+    thread.start()
     return MetricsServer(httpd, thread)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import logging
@@ -33,7 +34,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 import torch
 
 from ..domain.dtypes import DTYPES, NAMES
-from ..domain.errors import InvalidArgument
+from ..domain.errors import Cancelled, InvalidArgument
 from .tenants import DEFAULT_TENANT
 
 log = logging.getLogger("weightavg.requests")
@@ -47,6 +48,16 @@ DEFAULT_MAX_IDS = 100_000
 DEFAULT_MAX_BYTES = 256 << 20
 """What remembered answers may hold: most are a count or a handle, but a training epoch's metrics
 can be tensors."""
+
+CALL_ACTIVE: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "weightavg_call_active", default=None
+)
+"""Whether the call being served still has its client (not cancelled, disconnected or past its
+deadline); set by the transport for each call. A repeat waiting for its first call gives up once
+it is false: a review saw five retries cut off by their deadlines hold five worker threads until
+the first call (a long epoch) ended."""
+WAIT_CHECK_SECONDS = 1.0
+"""How often a waiting repeat looks whether its client is still there."""
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _NIL = "00000000-0000-0000-0000-000000000000"
@@ -204,6 +215,7 @@ class RequestTable:
         if key is None:
             return run()
         rid = canonical_id(key.id)
+        active = CALL_ACTIVE.get()
         with self._lock:
             enabled = self._enabled
             record = None
@@ -215,7 +227,7 @@ class RequestTable:
                 if rid not in self._running and not self._paused:
                     self._running.add(rid)
                     break
-                self._wait()
+                self._wait(active)
         if not enabled:
             return run()
         if record is not None:
@@ -254,11 +266,21 @@ class RequestTable:
         )
         return False
 
-    def _wait(self) -> None:
-        """Wait for a call to end or a snapshot to finish (lock held)."""
+    def _wait(self, active: Callable[[], bool] | None = None) -> None:
+        """Wait for a call to end or a snapshot to finish (lock held).
+
+        Raises:
+            Cancelled: `active` (the waiting call's client is still there) turned false; nothing ran.
+        """
         self._waiting += 1
         try:
-            self._cond.wait()
+            if active is None:
+                self._cond.wait()
+            elif not self._cond.wait(WAIT_CHECK_SECONDS) and not active():
+                raise Cancelled(
+                    "the call ended (cancelled, or past its deadline) while it waited for the first call with "
+                    "its request ID; nothing ran: retry with the same ID to get that call's answer"
+                )
         finally:
             self._waiting -= 1
 

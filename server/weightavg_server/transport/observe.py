@@ -118,19 +118,33 @@ def _text(details: str | bytes | None) -> str:
     return details or ""
 
 
-def status_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
-    """The status code name the client receives."""
+def status_name(context: grpc.ServicerContext, exc: BaseException | None, *, as_client: bool = True) -> str:
+    """The status code name the client receives; with `as_client=False`, "OK" for a handler that
+    returned, though its client had stopped waiting (the audit trail's outcome: the change was made)."""
     # ServicerContext.code()/details() exist since grpcio 1.38 (marked experimental) but are missing
     # from types-grpcio's stubs.
     code = context.code()  # type: ignore[attr-defined]
     if code is not None:  # set by abort() (translate_errors) or set_code() (the health service)
         return str(code.name)
     if exc is None:
-        return "OK"
+        # A handler that returned after its deadline passed (or after the client cancelled) did its
+        # work, but the client got DEADLINE_EXCEEDED or CANCELLED, not the answer: counted as OK, a
+        # review's 25 calls past their deadline showed as 24 OK and no failure. The deadline is read
+        # too: grpc may learn that the call was cut off only after the handler has returned.
+        return "OK" if not as_client or (context.is_active() and not _past_deadline(context)) else _gone(context)
     if isinstance(exc, GeneratorExit):  # the client went away in the middle of a response stream
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        return _gone(context)
     return "UNKNOWN"  # grpc answers UNKNOWN for an exception nobody translated
+
+
+def _past_deadline(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _gone(context: grpc.ServicerContext) -> str:
+    """The status of a call whose client stopped waiting: its deadline passed, or it cancelled."""
+    return "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
 
 
 class ObservingInterceptor(grpc.ServerInterceptor):

@@ -196,13 +196,14 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def GetServerStats(self, request: pb.GetServerStatsRequest, context: Context) -> pb.GetServerStatsResponse:
         usage = self.service.device_usage()
+        calls = self.stats.tenants()
         return pb.GetServerStatsResponse(
             uptime_seconds=self.stats.uptime(),
             methods=[convert.method_stats(name, s) for name, s in self.stats.snapshot().items()]
             if self.service.sees_server_wide() else [],
             devices=[pb.DeviceUsage(device=d, handles=u.handles, bytes=u.bytes) for d, u in usage.items()],
             request_ids=convert.request_id_stats(self.service.request_id_stats()),
-            tenants=convert.tenant_stats(self.service.tenant_usage(), self.stats.tenants()),
+            tenants=convert.tenant_stats(self.service.tenant_usage(calls), calls),
         )
 
     # -- modules ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -12,6 +13,7 @@ import grpc
 import torch
 
 from ..domain.errors import WeightavgError
+from ..store.requests import CALL_ACTIVE
 
 log = logging.getLogger("weightavg.rpc")
 
@@ -73,18 +75,25 @@ def translate_errors(method: F) -> F:
 
         @functools.wraps(method)
         def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            active = CALL_ACTIVE.set(context.is_active)
             try:
                 yield from method(self, request, context)
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
                 _abort(context, name, exc)
+            finally:
+                with contextlib.suppress(ValueError):  # closed in another context: a dropped stream collected there
+                    CALL_ACTIVE.reset(active)
 
         return stream  # type: ignore[return-value]
 
     @functools.wraps(method)
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        active = CALL_ACTIVE.set(context.is_active)  # a repeat waiting for its first call watches it
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, name, exc)
+        finally:
+            CALL_ACTIVE.reset(active)
 
     return unary  # type: ignore[return-value]

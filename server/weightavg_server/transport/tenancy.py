@@ -417,10 +417,11 @@ class TenantInterceptor(grpc.ServerInterceptor):
             context: grpc.ServicerContext, caller: Caller, session: str | None, call: _Call, start: float,
             exc: BaseException | None,
         ) -> None:
-            outcome = status_name(context, exc)
-            stats.tenant_finish(caller.tenant, outcome)
+            stats.tenant_finish(caller.tenant, status_name(context, exc))
             if call.audited:
                 acted_on = call.session or session  # CloseSession(session=X) closes X, whatever the metadata says
+                # A call that ended after its client stopped waiting still made its change: OK here.
+                outcome = status_name(context, exc, as_client=False)
                 audit(method, caller, outcome, call.handles, call.rid, acted_on, time.perf_counter() - start)
 
         def enter(context: grpc.ServicerContext) -> tuple[Caller, str | None, _Call, float, contextvars.Token[Caller]]:
