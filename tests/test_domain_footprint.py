@@ -17,13 +17,13 @@ from torch import nn
 from weightavg_server.domain import footprint
 
 
-def _fresh(module: nn.Module, x: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype] | None:
-    output = footprint._meta_pass(module, x)
+def _fresh(module: nn.Module, x: torch.Tensor, train: bool = True) -> tuple[tuple[int, ...], torch.dtype] | None:
+    output = footprint._meta_pass(module, x, train)
     return None if output is None else (tuple(output.shape), output.dtype)
 
 
-def _kept(module: nn.Module, x: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype] | None:
-    output = footprint._meta_output(module, x)
+def _kept(module: nn.Module, x: torch.Tensor, train: bool = True) -> tuple[tuple[int, ...], torch.dtype] | None:
+    output = footprint._meta_output(module, x, train)
     return None if output is None else (tuple(output.shape), output.dtype)
 
 
@@ -34,34 +34,34 @@ def _mlp() -> nn.Sequential:
 @pytest.mark.parametrize("rows", [2, 5, 100])
 def test_a_kept_pass_answers_what_a_fresh_one_does(rows: int) -> None:
     module, x = _mlp(), torch.randn(rows, 12)
-    first = footprint.forward_bytes(module, x)
+    first = footprint.forward_bytes(module, x, True)
     assert first == {"cpu": rows * 3 * 4}
-    assert footprint.forward_bytes(module, x) == first  # from the kept pass
+    assert footprint.forward_bytes(module, x, True) == first  # from the kept pass
     assert _kept(module, x) == _fresh(module, x) == ((rows, 3), torch.float32)
 
 
 def test_each_input_shape_and_dtype_has_its_own_pass() -> None:
     module = nn.Sequential(nn.Flatten(), nn.Identity())
-    assert footprint.forward_bytes(module, torch.zeros(2, 3, 4)) == {"cpu": 2 * 12 * 4}
-    assert footprint.forward_bytes(module, torch.zeros(2, 3, 5)) == {"cpu": 2 * 15 * 4}
-    assert footprint.forward_bytes(module, torch.zeros(2, 3, 4, dtype=torch.float64)) == {"cpu": 2 * 12 * 8}
+    assert footprint.forward_bytes(module, torch.zeros(2, 3, 4), True) == {"cpu": 2 * 12 * 4}
+    assert footprint.forward_bytes(module, torch.zeros(2, 3, 5), True) == {"cpu": 2 * 15 * 4}
+    assert footprint.forward_bytes(module, torch.zeros(2, 3, 4, dtype=torch.float64), True) == {"cpu": 2 * 12 * 8}
 
 
 def test_a_module_moved_to_another_dtype_is_sized_afresh() -> None:
     module, x = _mlp(), torch.randn(4, 12)
-    assert footprint.forward_bytes(module, x) == {"cpu": 4 * 3 * 4}
+    assert footprint.forward_bytes(module, x, True) == {"cpu": 4 * 3 * 4}
     module.to(torch.float64)
     assert _kept(module, x) == _fresh(module, x)  # the same float32 input, answered afresh
-    assert footprint.forward_bytes(module, x.double()) == {"cpu": 4 * 3 * 8}
+    assert footprint.forward_bytes(module, x.double(), True) == {"cpu": 4 * 3 * 8}
     assert _kept(module, x.double()) == _fresh(module, x.double())
 
 
 def test_a_tensor_of_another_shape_is_sized_afresh() -> None:
     module, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4)
-    assert footprint.forward_bytes(module, x) == {"cpu": 2 * 3 * 4}
+    assert footprint.forward_bytes(module, x, True) == {"cpu": 2 * 3 * 4}
     module[0].weight = nn.Parameter(torch.zeros(7, 4))  # what a load of another shape would leave
     module[0].bias = nn.Parameter(torch.zeros(7))
-    assert footprint.forward_bytes(module, x) == {"cpu": 2 * 7 * 4}
+    assert footprint.forward_bytes(module, x, True) == {"cpu": 2 * 7 * 4}
 
 
 def test_an_option_changed_in_place_is_sized_afresh() -> None:
@@ -79,12 +79,12 @@ def test_a_failed_pass_is_kept_as_failed_and_an_overflow_is_raised_every_time() 
     conv = nn.Sequential(nn.Conv2d(1, 1, 2, dilation=2**32 + 1, padding=2**32))
     for _ in range(2):
         with pytest.raises(footprint.ResourceExhausted):
-            footprint.forward_bytes(conv, torch.zeros(1, 1, 1, 1))
+            footprint.forward_bytes(conv, torch.zeros(1, 1, 1, 1), True)
 
 
 def test_a_freed_module_takes_its_passes_with_it() -> None:
     module = _mlp()
-    footprint.forward_bytes(module, torch.randn(2, 12))
+    footprint.forward_bytes(module, torch.randn(2, 12), True)
     assert module in footprint._MetaOutputs._seen
     gone = weakref.ref(module)
     del module
@@ -95,5 +95,15 @@ def test_a_freed_module_takes_its_passes_with_it() -> None:
 def test_a_module_keeps_its_last_inputs_only() -> None:
     module = nn.Sequential(nn.Identity())
     for rows in range(1, footprint._MetaOutputs.ENTRIES + 5):
-        footprint.forward_bytes(module, torch.zeros(rows))
+        footprint.forward_bytes(module, torch.zeros(rows), True)
     assert len(footprint._MetaOutputs._seen[module]) == footprint._MetaOutputs.ENTRIES
+
+
+def test_the_pass_runs_in_the_real_pass_mode_and_each_mode_is_kept_apart() -> None:
+    """A batch of one through batchnorm fails in train mode only: sized with the module's own flag
+    (on between calls), an eval-mode pass of one row reserved nothing for the output it then made."""
+    module, x = _mlp(), torch.randn(1, 12)
+    assert _kept(module, x, train=True) is None  # the real train-mode pass fails too
+    assert _kept(module, x, train=False) == _fresh(module, x, train=False) == ((1, 3), torch.float32)
+    assert footprint.forward_bytes(module, x, False) == {"cpu": 1 * 3 * 4}
+    assert all(m.training for m in module.modules())  # the module's own flags are left as they were

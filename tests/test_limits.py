@@ -345,3 +345,20 @@ def test_a_convolution_whose_output_torch_would_count_wrongly_is_refused(start_s
         assert server.registry.held_bytes() == {"cpu": 12}  # the weight (2) and bias (1), nothing left reserved
         sane = c.module(["conv1d", 1, 1, 2, {"dilate": 2, "pad": 2}])
         assert c.size(c.forward(sane, np.ones((1, 1, 2), np.float32))) == (1, 1, 4)  # it serves on
+
+
+@pytest.mark.parametrize("call", ["evaluate", "eforward"])
+def test_an_eval_pass_of_one_row_through_batchnorm_reserves_its_output(start_server, call: str) -> None:  # type: ignore[no-untyped-def]
+    """The output was sized with the module's own train flag (on between calls), where a batch of one
+    through batchnorm fails: nothing was reserved, and an eval-mode pass of one row made its output
+    past the cap (evaluate's reply is never a handle, so no later check caught it; found by review)."""
+    n = 1000
+    module_bytes, row_bytes = 4 * n * 4 + 8, n * 4  # weight, bias, running mean and var; the batch count
+    server = start_server(max_device_bytes=module_bytes + 2 * row_bytes - 1)  # the row's upload fits, its output not
+    with Client(server.address, timeout=60) as c:
+        q = c.module(["batchnorm1d", n])
+        m = c.model(q, c.loss("mse"), c.opt("sgd", q, 0.1))
+        x = np.ones((1, n), np.float32)
+        message = refused(server, lambda: c.evaluate(m, x) if call == "evaluate" else c.eforward(m, x))
+        assert f"{row_bytes} more tensor bytes" in message
+        assert server.registry.held_bytes() == {"cpu": module_bytes}

@@ -68,8 +68,9 @@ def test_an_operator_policy_reaches_libgomp_unchanged() -> None:
 
 # Counts the process's threads that are neither Python's nor gRPC's (gRPC names its own): OpenMP
 # team threads, which take the name of the thread that starts them. numpy's OpenBLAS threads would
-# count too, and are turned off. argv[1] is what to do: "release" (one thread, its team given back)
-# or "server" (a real server's workers, each running a parallel region through real calls).
+# count too, and are turned off. argv[1] is what to do: "release" (one thread, its team given back),
+# "server" (a real server's workers, each running a parallel region through real calls) or "stalled"
+# (three streamed replies whose readers stall after the first message).
 _TEAMS = """
 import json, os, sys, threading
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
@@ -115,6 +116,31 @@ if sys.argv[1] == "release":
             seen["after_raise"] = settled(seen["before"])
     thread = threading.Thread(target=work)
     thread.start(); thread.join()
+elif sys.argv[1] == "stalled":
+    import grpc, numpy as np
+    from weightavg import Client, wire
+    from weightavg.v1 import weightavg_pb2 as pb, weightavg_pb2_grpc as pb_grpc
+    from weightavg_server.ops.app import create_server
+    from weightavg_server.ops.config import ServerConfig
+    server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=4))
+    server.start()
+    with Client(f"127.0.0.1:{port}") as c:
+        q = c.module(["linear", 8, 4096])
+        model = c.model(q, c.loss("mse"), c.opt("sgd", q, 0.1)).id
+    x = np.ones((4096, 8), np.float32)  # a 64 MiB output, streamed far past the transport's windows
+    def requests():
+        yield pb.EvaluateModelRequest(model=model)
+        for chunk in wire.array_chunks("", x, 1 << 20):
+            yield pb.EvaluateModelRequest(chunk=chunk)
+    channels, replies = [], []
+    for _ in range(3):  # three readers that take the first message of the reply, then stall
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
+        reply = pb_grpc.WeightAveragingServiceStub(channel).EvaluateModel(requests(), timeout=120)
+        next(reply)  # the model has run (a parallel region on the worker); the rest waits on the reader
+        channels.append(channel); replies.append(reply)
+    seen["stalled"] = settled(seen["before"])
+    for reply in replies: reply.cancel()
+    server.stop(grace=None)
 else:
     import numpy as np
     from weightavg import Client
@@ -168,3 +194,12 @@ def test_a_server_keeps_no_team_between_calls() -> None:
     seen = _team_threads("server")
     assert seen["started"] == seen["before"]
     assert seen["served"] == seen["before"]
+
+
+@libgomp_only
+def test_a_reply_stalled_by_its_reader_keeps_no_team() -> None:
+    """A streamed reply runs at its reader's pace, its worker blocked between messages: the team of
+    the evaluation it streams is given back before the first message goes out, not when the call
+    ends (three stalled readers kept three idle teams; found by review)."""
+    seen = _team_threads("stalled")
+    assert seen["stalled"] == seen["before"]

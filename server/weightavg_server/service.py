@@ -870,7 +870,7 @@ class Service:
                     x = training.default_input(entry.obj, mode)
                 else:
                     raise InvalidArgument("RunForward needs an input: a tensor handle or a streamed tensor")
-                self.store.grow(reservation, nbytes=footprint.forward_bytes(module, x))
+                self.store.grow(reservation, nbytes=footprint.forward_bytes(module, x, training.forward_flags(mode)[0]))
                 output = training.forward(module, x, mode)
             return Ref(self.store.add(Kind.TENSOR, TensorHolder(output), reservation), Kind.TENSOR)
 

@@ -38,9 +38,15 @@ def module_bytes(spec: specs.LayerSpec, device: torch.device, max_depth: int) ->
     return add_bytes(tensor_bytes(tensors, device), host)
 
 
-def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`module(x)` run on meta copies of its parameters and buffers (and of x): the output's shape
-    and dtype without memory, or None when the pass fails on meta or gives no tensor.
+def _meta_output(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor | None:
+    """`module(x)` run on meta copies of its parameters and buffers (and of x), with every layer's
+    train flag `train` (the flag of the real pass it sizes): the output's shape and dtype
+    without memory, or None when the pass fails on meta or gives no tensor.
+
+    The flag is the real pass's, not the module's own (which is on between calls): a batch of one
+    through batchnorm fails in train mode only, so an eval-mode pass (evaluate, eforward, a test)
+    of one row was sized in train mode, failed there, and reserved nothing for an output the real
+    pass then made (found by review).
 
     Nothing real changes (not even batchnorm's running statistics), and nothing real is touched:
     `functional_call` puts the meta tensors into the module it is given for the length of the pass,
@@ -56,21 +62,21 @@ def _meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             counts, which meta refuses; no real pass may run then (see `_overflowed`). Raised every
             time, never kept.
     """
-    key = (_structure(module), tuple(x.shape), x.dtype)
+    key = (_structure(module), tuple(x.shape), x.dtype, train)
     seen, known = _MetaOutputs.get(module, key)
     if seen:
         return None if known is None else torch.empty(known[0], dtype=known[1], device="meta")
-    output = _meta_pass(module, x)
+    output = _meta_pass(module, x, train)
     _MetaOutputs.put(module, key, None if output is None else (tuple(output.shape), output.dtype))
     return output
 
 
-def _meta_pass(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def _meta_pass(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor | None:
     """The pass of `_meta_output` itself, uncached."""
     state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
     try:
         with torch.no_grad():
-            output = functional_call(_shadow(module), state, (x.to("meta"),))
+            output = functional_call(_shadow(module, train), state, (x.to("meta"),))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
         if _overflowed(exc):
             raise ResourceExhausted(
@@ -121,14 +127,16 @@ class _MetaOutputs:
                 del known[next(iter(known))]
 
 
-def _shadow(module: nn.Module) -> nn.Module:
+def _shadow(module: nn.Module, train: bool) -> nn.Module:
     """A shallow copy of the module tree whose own tables of parameters, buffers and submodules are
-    copies: what `functional_call` swaps in them leaves the real module as it is. Everything else
-    (the tensors, hooks, options) is shared, and nothing is allocated."""
+    copies: what `functional_call` swaps in them leaves the real module as it is. Every layer of it
+    has the train flag `train` (the real module's flags stay as they are). Everything else (the
+    tensors, hooks, options) is shared, and nothing is allocated."""
     shadow = copy.copy(module)
+    shadow.training = train
     shadow._parameters = dict(module._parameters)
     shadow._buffers = dict(module._buffers)
-    shadow._modules = {name: None if m is None else _shadow(m) for name, m in module._modules.items()}
+    shadow._modules = {name: None if m is None else _shadow(m, train) for name, m in module._modules.items()}
     return shadow
 
 
@@ -145,14 +153,15 @@ def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:
     return next((t.device for t in module_tensors(module)), x.device)
 
 
-def forward_bytes(module: nn.Module, x: torch.Tensor) -> Bytes:
-    """Bytes of the output of `module(x)`, on the module's device, and of a copy of x for a module
-    that writes its input in place (`inplace=True`), so that x stays as it was.
+def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
+    """Bytes of the output of `module(x)` with every layer's train flag `train` (the pass's
+    mode, `training.forward_flags`), on the module's device, and of a copy of x for a module that
+    writes its input in place (`inplace=True`), so that x stays as it was.
 
     A forward pass that fails on meta reserves nothing here; the real pass then fails with torch's
     own message, or the store checks what it really made.
     """
-    output = _meta_output(module, x)
+    output = _meta_output(module, x, train)
     if output is None:
         return {}
     copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if training.writes_inputs(module) else []
@@ -182,7 +191,7 @@ def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     refuses, before anything is reserved."""
     dtype = training.input_dtype(model.module, x)
     n, _, nb = training.evaluate_plan(model, x)
-    output = _meta_output(model.module, torch.empty((n, *x.shape[1:]), dtype=dtype, device="meta"))
+    output = _meta_output(model.module, torch.empty((n, *x.shape[1:]), dtype=dtype, device="meta"), train=False)
     if output is None:
         return {}
     kept = _kept_bytes(output.numel() * output.element_size(), nb, _module_device(model.module, x))
@@ -202,7 +211,7 @@ def metrics_bytes(model: Model, split: str) -> Bytes:
     w = min(int_value(options, "batchsize"), n)
     nb = training.batch_count(n, w, bool_value(options, "droplast"))
     x = torch.empty((min(nb * w, n), *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
-    output = _meta_output(model.module, x)
+    output = _meta_output(model.module, x, train=split == "train")
     if output is None:
         return {}
     pieces = output.numel() * output.element_size() if "output" in names else 0

@@ -917,6 +917,17 @@ FORWARD_MODES = {"forward": (True, True), "nforward": (True, False), "eforward":
 """Mode -> (train flag, gradients), as the reference's forward, nforward and eforward."""
 
 
+def forward_flags(mode: str) -> tuple[bool, bool]:
+    """(train flag, gradients) of a forward mode, for the pass and for the sizing of its output.
+
+    Raises:
+        InvalidArgument: not a mode of FORWARD_MODES.
+    """
+    if mode not in FORWARD_MODES:
+        raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
+    return FORWARD_MODES[mode]
+
+
 def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """Run the module on x with the mode's train flag and gradient setting; return the output detached.
 
@@ -930,9 +941,7 @@ def forward(module: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     place), and was read under one lock while written under another (found by review). The copy is
     the output's size, which footprint.forward_bytes reserves.
     """
-    if mode not in FORWARD_MODES:
-        raise InvalidArgument(f"unknown forward mode '{mode}' (one of {', '.join(FORWARD_MODES)})")
-    training, grad = FORWARD_MODES[mode]
+    training, grad = forward_flags(mode)
     check_embedding_inputs(module, x, x.shape[0] if x.dim() else 1, mode)
     with _buffers_kept(module), _flags(module, training), torch.set_grad_enabled(grad):
         with _torch_errors(mode, _input_dtype_hint(module, x)):

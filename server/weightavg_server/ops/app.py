@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -26,7 +27,7 @@ from ..service import Service, Settings
 from ..cluster import ClusterService, Fabric
 from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
-from ..transport.interceptors import InterceptorChain, SessionInterceptor
+from ..transport.interceptors import Handler, InterceptorChain, SessionInterceptor, same_kind
 from ..transport.shares import TenantShares
 from ..transport.tenancy import TenantInterceptor, Tokens
 from .tokens import TokensFileError, token_table
@@ -189,6 +190,27 @@ REAP_INTERVAL = 1.0
 """Seconds between sweeps that end expired sessions, freeing their handles."""
 
 
+class TeamReturningStreams:
+    """The innermost layer of the interceptor chain: a streamed reply gives back its thread's OpenMP
+    team (`release_team`) before each message goes out. The executor gives it back only when the
+    call ends, and a reply streams at its reader's pace: three stalled readers of EvaluateModel kept
+    three teams, idle, for as long as they stalled (tests/test_openmp.py; found by review). A thread
+    without a team pays one call into libgomp per message; a reply that runs a parallel region
+    between messages starts a team again (tens of microseconds)."""
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        behaviour = handler.unary_stream or handler.stream_stream
+        if not handler.response_streaming or behaviour is None:
+            return handler
+
+        def returning(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            for response in behaviour(request, context):
+                release_team()
+                yield response
+
+        return same_kind(handler, returning)
+
+
 def reaper(registry: Registry) -> Periodic:
     """Ends expired sessions once a second, freeing their handles, even on an idle server."""
     return Periodic("reaper", REAP_INTERVAL, registry.expire)
@@ -271,14 +293,15 @@ def create_runtime(
     # Next: nothing runs for an unauthenticated or unauthorized call; every call after it runs as its
     # token's tenant (open servers: the default tenant's admin), and calls that change something are
     # audited. On a server with tokens, no tenant holds more than half the workers. Then the caller's
-    # session. Last, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. The
-    # five run as one interceptor: one pass through gRPC's pipeline per call.
+    # session. Then, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. Last,
+    # a streamed reply gives back its OpenMP team before each message (`TeamReturningStreams`). They
+    # run as one interceptor: one pass through gRPC's pipeline per call.
     # A tokens file names tenants; without one there is one tenant, and no share to keep.
     shares = [TenantShares(tokens, config.max_workers)] if config.tokens else []
     tenancy = TenantInterceptor(tokens, stats)
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
         ObservingInterceptor(stats), tenancy, *shares, SessionInterceptor(registry, tenancy.caller_of),
-        DecodeGuard(SERVICE_NAME, config.max_message_bytes),
+        DecodeGuard(SERVICE_NAME, config.max_message_bytes), TeamReturningStreams(),
     )]
     server = grpc.server(
         # Its workers give back their OpenMP teams after each call (ops.openmp): idle ones kept slowed
