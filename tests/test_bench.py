@@ -1,14 +1,20 @@
-"""The benchmark measures what its rows say: the same work on both sides of a ratio.
+"""The benchmark measures what its rows say: the same work on both sides of a ratio, no target
+claimed from a `--quick` run, and docs/perf.md's "Latest table" the table of docs/bench-results.json.
 No timing is asserted: these check what each side does, against a real server."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 
 from bench import cases
+from bench.__main__ import main
+from bench._harness import QUICK_NOTE, Row, Skip, table
 from conftest import LiveServer
 from weightavg import Client, wire
 
@@ -35,3 +41,34 @@ def test_the_small_tensors_baseline_reads_the_stream_as_the_client_does(live_ser
             np.testing.assert_array_equal(fetched[name], array)
     finally:
         client.free(d)
+
+
+def test_a_quick_run_checks_no_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--quick` keeps ratios and targets but leaves `met` empty, with the reason in the note."""
+    monkeypatch.chdir(ROOT)  # the bench's server runs `python -m bench._server` from here
+    out = tmp_path / "quick.json"
+    assert main(["--quick", "--cases", "small", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = [r for r in result["rows"] if r["kind"] == "row"]
+    assert result["quick"] and rows
+    assert all(r["target"] for r in rows)
+    assert [r["met"] for r in rows] == [None] * len(rows)
+    assert all(QUICK_NOTE in r["note"] for r in rows)
+
+
+def _rows(result: dict[str, Any]) -> list[Row | Skip]:
+    return [Row(**{k: v for k, v in r.items() if k != "kind"}) if r["kind"] == "row"
+            else Skip(r["case"], r["reason"]) for r in result["rows"]]
+
+
+def test_the_latest_table_is_the_table_of_the_saved_json() -> None:
+    """Every line of docs/bench-results.json's table stands in docs/perf.md's "Latest table", and the
+    section names the run's start, so neither can move without the other."""
+    result = json.loads((ROOT / "docs" / "bench-results.json").read_text())
+    assert not result["quick"]
+    doc = (ROOT / "docs" / "perf.md").read_text()
+    start = doc.index("## Latest table")
+    section = doc[start:doc.index("\n### ", start)]
+    assert result["started"] in section
+    missing = [line for line in table(_rows(result)).splitlines() if line not in section]
+    assert not missing, missing
