@@ -52,16 +52,57 @@ def torch_linears(count: int, width: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(count)))
 
 
+@dataclass
+class Local:
+    """Where a case's in-process baseline runs (the server's device kind), and how each side waits
+    for its work: on CUDA both queue kernels and return, so a timed call must end with a sync or it
+    measures the launches alone."""
+
+    device: torch.device
+    marker: Handle | None = None
+    """A one-element server tensor: fetching it waits for the averages queued before it."""
+
+    def served(self, c: Client, fn: Callable[[], Any]) -> Callable[[], None]:
+        """`fn` (a server call), then, on CUDA, a fetch that waits for its queued kernels."""
+        def call() -> None:
+            fn()
+            if self.marker is not None:
+                c.tensor(self.marker)
+        return call
+
+    def here(self, fn: Callable[[], Any]) -> Callable[[], None]:
+        """`fn` (in-process torch work), then, on CUDA, a device sync."""
+        def call() -> None:
+            fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return call
+
+
+def local_device(ctx: Context, case: str) -> Local | Skip:
+    """The baseline's device for a case comparing a server call with torch in this process: the
+    server's kind (cuda when it runs on CUDA), else a Skip. A CPU loop against a CUDA server compares
+    other work (the H200 run of 2026-11-26 read "0.38x the loop" from exactly that)."""
+    if not ctx.device.startswith("cuda"):
+        return Local(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        return Skip(case, "the server runs on CUDA and this process has none: an in-process baseline would run on the CPU")
+    return Local(torch.device(ctx.device), ctx.client.tensor(np.zeros(1, np.float32)))
+
+
 # -- averaging ---------------------------------------------------------------------------------------
 
 
 def average_large(ctx: Context) -> list[Row | Skip]:
     """avgparms on 25.6M float32 parameters in 160 tensors, against in-process PyTorch on the same shapes."""
     c, count, width = ctx.client, 160, 400
+    local = local_device(ctx, "average, large")
+    if isinstance(local, Skip):
+        return [local]
     m = c.module(linears(count, width))
     p = c.copyparms(m)
     torch.manual_seed(0)
-    model = torch_linears(count, width)
+    model = torch_linears(count, width).to(local.device)
     params = [q.detach() for q in model.parameters()]
     avgs = [q.clone() for q in params]
     big_a, big_b = torch.cat([a.reshape(-1) for a in avgs]), torch.cat([q.reshape(-1) for q in params])
@@ -78,17 +119,17 @@ def average_large(ctx: Context) -> list[Row | Skip]:
 
     times = interleaved(
         {
-            "avgparms": lambda: c.avgparms(m, p),
-            "lerp_": lerp_loop,
-            "AveragedModel": lambda: swa.update_parameters(model),
-            "add_": lambda: big_a.add_(big_b),
+            "avgparms": local.served(c, lambda: c.avgparms(m, p)),
+            "lerp_": local.here(lerp_loop),
+            "AveragedModel": local.here(lambda: swa.update_parameters(model)),
+            "add_": local.here(lambda: big_a.add_(big_b)),
         },
         ctx.reps(15, 5),
     )
     nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
-    neighbour = _neighbour(lambda: c.avgparms(m, p), lerp_loop, ctx.reps(15, 5))
-    c.free(m, p)
+    neighbour = _neighbour(local.served(c, lambda: c.avgparms(m, p)), local.here(lerp_loop), ctx.reps(15, 5))
+    c.free(m, p, *([local.marker] if local.marker is not None else []))
     return [
         row("average, large", "avgparms 25.6M fp32 / 160 tensors", "lerp_ loop in-process", times, "avgparms", "lerp_",
             target="<= 1.0x", check=at_most(1.0)),
@@ -126,6 +167,9 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
     and a bfloat16 module into a float32 EMA (each parameter cast, then lerped)."""
     c, count, width = ctx.client, 160, 400
     w = 1.0 - EMA_DECAY
+    local = local_device(ctx, "ema, large")
+    if isinstance(local, Skip):
+        return [local]
     m = c.module(linears(count, width))
     other = c.module(linears(count, width))
     e = c.copyparms(other)  # starts away from m, so every lerp has a distance to cover
@@ -134,7 +178,7 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
     e32 = c.copyparms(other, dtype="float32")
     c.free(other)
     torch.manual_seed(0)
-    model = torch_linears(count, width)
+    model = torch_linears(count, width).to(local.device)
     params = [q.detach() for q in model.parameters()]
     avgs = [torch.randn_like(q) for q in params]
     avgs_foreach = [a.clone() for a in avgs]
@@ -156,19 +200,19 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
 
     times = interleaved(
         {
-            "ema": lambda: c.ema(m, e, decay=EMA_DECAY, step=EMA_STEP),
-            "lerp_": lerp_loop,
-            "foreach": lambda: torch._foreach_lerp_(avgs_foreach, params, w),
-            "AveragedModel": lambda: swa.update_parameters(model),
-            "add_": lambda: big_a.add_(big_b),
-            "ema bf16": lambda: c.ema(low, e32, decay=EMA_DECAY, step=EMA_STEP),
-            "cast lerp_": cast_loop,
+            "ema": local.served(c, lambda: c.ema(m, e, decay=EMA_DECAY, step=EMA_STEP)),
+            "lerp_": local.here(lerp_loop),
+            "foreach": local.here(lambda: torch._foreach_lerp_(avgs_foreach, params, w)),
+            "AveragedModel": local.here(lambda: swa.update_parameters(model)),
+            "add_": local.here(lambda: big_a.add_(big_b)),
+            "ema bf16": local.served(c, lambda: c.ema(low, e32, decay=EMA_DECAY, step=EMA_STEP)),
+            "cast lerp_": local.here(cast_loop),
         },
         ctx.reps(15, 5),
     )
     nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
-    c.free(m, e, low, e32)
+    c.free(m, e, low, e32, *([local.marker] if local.marker is not None else []))
     return [
         row("ema, large", "ema 25.6M fp32 / 160 tensors", "lerp_ loop in-process, same decay", times, "ema", "lerp_",
             target="<= 1.0x", check=at_most(1.0)),
@@ -524,23 +568,26 @@ def training(ctx: Context) -> list[Row | Skip]:
     why = _models_client(c)
     if why:
         return [Skip("training", why)]
+    local = local_device(ctx, "training")
+    if isinstance(local, Skip):
+        return [local]
     n = 3000 if ctx.quick else 60000
     x, y, model = _mnist_model(c, n)
-    net = _torch_mnist_net()
+    net = _torch_mnist_net().to(local.device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     loss_fn = torch.nn.CrossEntropyLoss()
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    tx, ty = torch.from_numpy(x).to(local.device), torch.from_numpy(y).to(local.device)
 
     def local_epoch() -> None:
         net.train()
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=local.device)
         for i in range(0, n, 100):
             idx = perm[i:i + 100]
             opt.zero_grad()
             loss_fn(net(tx[idx]), ty[idx]).backward()
             opt.step()
 
-    times = interleaved({"run": lambda: c.run(model), "torch": local_epoch}, ctx.reps(5, 2))  # type: ignore[attr-defined]
+    times = interleaved({"run": local.served(c, lambda: c.run(model)), "torch": local.here(local_epoch)}, ctx.reps(5, 2))
     c.purge()
     return [row("training", f"run: one epoch of {n} MNIST-sized rows, batch 100", "same loop in-process",
                 times, "run", "torch", target="<= 1.05x", check=at_most(1.05))]
@@ -552,12 +599,16 @@ def batchnorm(ctx: Context) -> list[Row | Skip]:
     why = _models_client(c)
     if why:
         return [Skip("batchnorm", why)]
+    local = local_device(ctx, "batchnorm")
+    if isinstance(local, Skip):
+        return [local]
     n = 6000 if ctx.quick else 60000
     x, y, model = _mnist_model(c, n)
-    net = _torch_mnist_net()
-    loader = [torch.from_numpy(x[i:i + 100]) for i in range(0, n, 100)]
+    net = _torch_mnist_net().to(local.device)
+    loader = [torch.from_numpy(x[i:i + 100]).to(local.device) for i in range(0, n, 100)]
     times = interleaved(
-        {"batchnorm": lambda: c.batchnorm(model), "update_bn": lambda: torch.optim.swa_utils.update_bn(loader, net)},
+        {"batchnorm": local.served(c, lambda: c.batchnorm(model)),
+         "update_bn": local.here(lambda: torch.optim.swa_utils.update_bn(loader, net))},
         ctx.reps(5, 2),
     )
     c.purge()
@@ -738,10 +789,13 @@ def average_many(ctx: Context) -> list[Row | Skip]:
     same weighted sums in process (8 x 102 MB read and 102 MB written per call)."""
     c, count, tensors, width = ctx.client, 8, 160, 400
     weights = [float(w) for w in range(1, count + 1)]
+    where = local_device(ctx, "average, 8 models")
+    if isinstance(where, Skip):
+        return [where]
     remote = _server_dicts(c, count, tensors, width)
     into = _server_dicts(c, 1, tensors, width)[0]
-    local = _local_dicts(count, tensors, width)
-    out = [torch.empty(width, width) for _ in range(tensors)]
+    local = [[t.to(where.device) for t in d] for d in _local_dicts(count, tensors, width)]
+    out = [torch.empty(width, width, device=where.device) for _ in range(tensors)]
     total = sum(weights)
 
     def loop_into() -> None:  # what the server's kernel does: per tensor, the first term, add the rest, divide
@@ -764,11 +818,11 @@ def average_many(ctx: Context) -> list[Row | Skip]:
         c.free(c.average(remote, weights=weights))
 
     times = interleaved(
-        {"into": lambda: c.average(remote, weights=weights, into=into), "loop": loop_into,
-         "new": average_new, "loop_new": loop_new},
+        {"into": where.served(c, lambda: c.average(remote, weights=weights, into=into)), "loop": where.here(loop_into),
+         "new": where.served(c, average_new), "loop_new": where.here(loop_new)},
         ctx.reps(10, 3),
     )
-    c.free(*remote, into)
+    c.free(*remote, into, *([where.marker] if where.marker is not None else []))
     return [
         row("average, 8 models", "average(8 x 25.6M fp32, into=d)", "same sums in-process, in place", times,
             "into", "loop", target="<= 1.1x", check=at_most(1.1)),

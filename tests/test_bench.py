@@ -11,10 +11,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from bench import cases
 from bench.__main__ import main
 from bench._harness import QUICK_NOTE, Row, Skip, table
+from bench._raw import RawClient
 from conftest import LiveServer
 from weightavg import Client, wire
 
@@ -99,3 +101,29 @@ def test_the_cases_table_gives_the_targets_the_bench_checks() -> None:
         comparison = " ".join(r["target"].split()[:2]).rstrip("x,")
         assert cells, f"no row of 'The cases' for {r['case']!r}"
         assert any(comparison in cell for cell in cells), (r["case"], r["target"], cells)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a process without CUDA")
+@pytest.mark.parametrize("case", ["average", "ema", "average8", "training", "batchnorm"])
+def test_a_case_against_a_cuda_server_never_times_its_baseline_on_the_cpu(live_server: LiveServer, client: Client,
+                                                                         case: str) -> None:
+    """A case comparing a server call with torch in this process runs its baseline on the server's
+    device kind, synced on both sides; without CUDA here it says skipped. It used to time a CPU loop
+    against a CUDA server (the H200 run's "avgparms 0.38x the loop") and the server's queued kernels
+    without waiting for them."""
+    with grpc.insecure_channel(live_server.address) as channel:
+        ctx = cases.Context(live_server.address, True, client, RawClient(channel), {}, device="cuda")
+        rows = cases.CASES[case](ctx)
+    assert len(rows) == 1 and isinstance(rows[0], Skip), rows
+    assert "CUDA" in rows[0].reason
+
+
+def test_a_cpu_server_s_baselines_run_on_the_cpu_with_no_sync(client: Client) -> None:
+    """On the CPU nothing waits: no marker tensor is made on the server, and the wrappers only call."""
+    ctx = cases.Context("", True, client, None, {})  # type: ignore[arg-type]
+    local = cases.local_device(ctx, "average, large")
+    assert isinstance(local, cases.Local) and local.device == torch.device("cpu") and local.marker is None
+    calls: list[int] = []
+    local.here(lambda: calls.append(1))()
+    local.served(client, lambda: calls.append(2))()
+    assert calls == [1, 2]
