@@ -499,12 +499,16 @@ def sweep(ctx: Context) -> list[Row | Skip]:
         ctx.sweep.setdefault("transfer", []).append(
             {"bytes": nbytes, **{k: nbytes / median(v) / GB for k, v in times.items()}}
         )
-    # avgparms over tensors of one size, about 100 MB in all (fewer tensors at the small end)
+    # avgparms over tensors of one size, about 100 MB in all (fewer tensors at the small end), against
+    # the loop on the server's device kind (none drawn when the server is on CUDA and this process is not)
+    local = local_device(ctx, "sweep")
+    if isinstance(local, Skip):
+        return []
     for width in ([256] if ctx.quick else [32, 64, 128, 256, 512, 1024, 2048, 4096]):
         count = max(1, min(400, 25_600_000 // (width * width)))
         m = c.module(linears(count, width))
         p = c.copyparms(m)
-        params = [torch.randn(width, width) for _ in range(count)]
+        params = [torch.randn(width, width, device=local.device) for _ in range(count)]
         avgs = [q.clone() for q in params]
         calls = [1]
 
@@ -513,12 +517,15 @@ def sweep(ctx: Context) -> list[Row | Skip]:
             for a, q in zip(avgs, params):
                 a.lerp_(q, 1.0 / calls[0])
 
-        times = interleaved({"avgparms": lambda: c.avgparms(m, p), "lerp_": loop}, 3 if ctx.quick else 7)
+        times = interleaved({"avgparms": local.served(c, lambda: c.avgparms(m, p)), "lerp_": local.here(loop)},
+                            3 if ctx.quick else 7)
         c.free(m, p)
         moved = 3 * 4 * count * width * width
         ctx.sweep.setdefault("average", []).append(
             {"bytes": 4 * width * width, "count": count, **{k: moved / median(v) / GB for k, v in times.items()}}
         )
+    if local.marker is not None:
+        c.free(local.marker)
     return []
 
 
