@@ -14,7 +14,7 @@ import torch
 from weightavg import Client
 
 from . import cases
-from ._harness import Row, Skip, as_json, bench_server, machine, table, unchecked
+from ._harness import QUICK_NOTE, Row, Skip, as_json, bench_server, machine, table, unchecked
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = unchecked(rows)
 
     print(table(rows))
+    if args.quick:
+        print(f"\n(met left empty: {QUICK_NOTE})")
     result = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
