@@ -5,6 +5,7 @@ No timing is asserted: these check what each side does, against a real server.""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,13 @@ def test_a_cpu_server_s_baselines_run_on_the_cpu_with_no_sync(client: Client) ->
     local.here(lambda: calls.append(1))()
     local.served(client, lambda: calls.append(2))()
     assert calls == [1, 2]
+
+
+def test_many_clients_counts_a_client_that_cannot_start_instead_of_hanging() -> None:
+    """A client thread whose set-up fails (here: nothing listens) is counted as an error and still
+    reaches the start barrier; before, the bench waited at that barrier for ever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    rate, errors = cases._calls_per_second(f"127.0.0.1:{port}", 2, 0.01)
+    assert (rate, errors) == (0.0, 2)
