@@ -325,6 +325,7 @@ def shared_memory(ctx: Context) -> list[Row | Skip]:
         fast.dict(warm)
         fast.free(warm)
         if fast._shm is None:
+            c.free(m, kept)  # the later cases share this server
             return [Skip("shared memory", "the server refused shared memory (start it with --allow-shm)")]
 
         def check(values: dict[str, Any]) -> None:
