@@ -20,7 +20,6 @@ import torch
 
 from weightavg import Client, Handle, wire
 from weightavg.v1 import weightavg_pb2 as pb
-from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.launch import LocalCluster
 
 from ._harness import Row, Skip, at_least, at_most, bench_server, in_blocks, interleaved, median, row, timed
@@ -53,16 +52,57 @@ def torch_linears(count: int, width: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(count)))
 
 
+@dataclass
+class Local:
+    """Where a case's in-process baseline runs (the server's device kind), and how each side waits
+    for its work: on CUDA both queue kernels and return, so a timed call must end with a sync or it
+    measures the launches alone."""
+
+    device: torch.device
+    marker: Handle | None = None
+    """A one-element server tensor: fetching it waits for the averages queued before it."""
+
+    def served(self, c: Client, fn: Callable[[], Any]) -> Callable[[], None]:
+        """`fn` (a server call), then, on CUDA, a fetch that waits for its queued kernels."""
+        def call() -> None:
+            fn()
+            if self.marker is not None:
+                c.tensor(self.marker)
+        return call
+
+    def here(self, fn: Callable[[], Any]) -> Callable[[], None]:
+        """`fn` (in-process torch work), then, on CUDA, a device sync."""
+        def call() -> None:
+            fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return call
+
+
+def local_device(ctx: Context, case: str) -> Local | Skip:
+    """The baseline's device for a case comparing a server call with torch in this process: the
+    server's kind (cuda when it runs on CUDA), else a Skip. A CPU loop against a CUDA server compares
+    other work (the H200 run of 2026-11-26 read "0.38x the loop" from exactly that)."""
+    if not ctx.device.startswith("cuda"):
+        return Local(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        return Skip(case, "the server runs on CUDA and this process has none: an in-process baseline would run on the CPU")
+    return Local(torch.device(ctx.device), ctx.client.tensor(np.zeros(1, np.float32)))
+
+
 # -- averaging ---------------------------------------------------------------------------------------
 
 
 def average_large(ctx: Context) -> list[Row | Skip]:
     """avgparms on 25.6M float32 parameters in 160 tensors, against in-process PyTorch on the same shapes."""
     c, count, width = ctx.client, 160, 400
+    local = local_device(ctx, "average, large")
+    if isinstance(local, Skip):
+        return [local]
     m = c.module(linears(count, width))
     p = c.copyparms(m)
     torch.manual_seed(0)
-    model = torch_linears(count, width)
+    model = torch_linears(count, width).to(local.device)
     params = [q.detach() for q in model.parameters()]
     avgs = [q.clone() for q in params]
     big_a, big_b = torch.cat([a.reshape(-1) for a in avgs]), torch.cat([q.reshape(-1) for q in params])
@@ -79,17 +119,17 @@ def average_large(ctx: Context) -> list[Row | Skip]:
 
     times = interleaved(
         {
-            "avgparms": lambda: c.avgparms(m, p),
-            "lerp_": lerp_loop,
-            "AveragedModel": lambda: swa.update_parameters(model),
-            "add_": lambda: big_a.add_(big_b),
+            "avgparms": local.served(c, lambda: c.avgparms(m, p)),
+            "lerp_": local.here(lerp_loop),
+            "AveragedModel": local.here(lambda: swa.update_parameters(model)),
+            "add_": local.here(lambda: big_a.add_(big_b)),
         },
         ctx.reps(15, 5),
     )
     nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
-    neighbour = _neighbour(lambda: c.avgparms(m, p), lerp_loop, ctx.reps(15, 5))
-    c.free(m, p)
+    neighbour = _neighbour(local.served(c, lambda: c.avgparms(m, p)), local.here(lerp_loop), ctx.reps(15, 5))
+    c.free(m, p, *([local.marker] if local.marker is not None else []))
     return [
         row("average, large", "avgparms 25.6M fp32 / 160 tensors", "lerp_ loop in-process", times, "avgparms", "lerp_",
             target="<= 1.0x", check=at_most(1.0)),
@@ -127,6 +167,9 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
     and a bfloat16 module into a float32 EMA (each parameter cast, then lerped)."""
     c, count, width = ctx.client, 160, 400
     w = 1.0 - EMA_DECAY
+    local = local_device(ctx, "ema, large")
+    if isinstance(local, Skip):
+        return [local]
     m = c.module(linears(count, width))
     other = c.module(linears(count, width))
     e = c.copyparms(other)  # starts away from m, so every lerp has a distance to cover
@@ -135,7 +178,7 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
     e32 = c.copyparms(other, dtype="float32")
     c.free(other)
     torch.manual_seed(0)
-    model = torch_linears(count, width)
+    model = torch_linears(count, width).to(local.device)
     params = [q.detach() for q in model.parameters()]
     avgs = [torch.randn_like(q) for q in params]
     avgs_foreach = [a.clone() for a in avgs]
@@ -157,19 +200,19 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
 
     times = interleaved(
         {
-            "ema": lambda: c.ema(m, e, decay=EMA_DECAY, step=EMA_STEP),
-            "lerp_": lerp_loop,
-            "foreach": lambda: torch._foreach_lerp_(avgs_foreach, params, w),
-            "AveragedModel": lambda: swa.update_parameters(model),
-            "add_": lambda: big_a.add_(big_b),
-            "ema bf16": lambda: c.ema(low, e32, decay=EMA_DECAY, step=EMA_STEP),
-            "cast lerp_": cast_loop,
+            "ema": local.served(c, lambda: c.ema(m, e, decay=EMA_DECAY, step=EMA_STEP)),
+            "lerp_": local.here(lerp_loop),
+            "foreach": local.here(lambda: torch._foreach_lerp_(avgs_foreach, params, w)),
+            "AveragedModel": local.here(lambda: swa.update_parameters(model)),
+            "add_": local.here(lambda: big_a.add_(big_b)),
+            "ema bf16": local.served(c, lambda: c.ema(low, e32, decay=EMA_DECAY, step=EMA_STEP)),
+            "cast lerp_": local.here(cast_loop),
         },
         ctx.reps(15, 5),
     )
     nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
-    c.free(m, e, low, e32)
+    c.free(m, e, low, e32, *([local.marker] if local.marker is not None else []))
     return [
         row("ema, large", "ema 25.6M fp32 / 160 tensors", "lerp_ loop in-process, same decay", times, "ema", "lerp_",
             target="<= 1.0x", check=at_most(1.0)),
@@ -282,6 +325,7 @@ def shared_memory(ctx: Context) -> list[Row | Skip]:
         fast.dict(warm)
         fast.free(warm)
         if fast._shm is None:
+            c.free(m, kept)  # the later cases share this server
             return [Skip("shared memory", "the server refused shared memory (start it with --allow-shm)")]
 
         def check(values: dict[str, Any]) -> None:
@@ -327,14 +371,12 @@ def small_tensors(ctx: Context) -> list[Row | Skip]:
     values = {f"block{i}.weight": rng.standard_normal(SMALL_FLOATS, dtype=np.float32) for i in range(count)}
     d = c.dict(values)
     channel = grpc.insecure_channel(ctx.address)  # the bench's server is open: no token, no session
-    stub = pb_grpc.WeightAveragingServiceStub(channel)
     create = channel.stream_unary(
         "/weightavg.v1.WeightAveragingService/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString,
     )
 
     def fetch_unpacked() -> None:
-        reply = stub.FetchTensors(pb.FetchTensorsRequest(handle=d.id), timeout=600)
-        assert len(wire.join_chunks(r.chunk for r in reply)) == count
+        assert len(unpacked_fetch(channel, d.id)) == count
 
     def upload_unpacked() -> None:
         def requests() -> Iterator[bytes]:
@@ -364,6 +406,24 @@ def small_tensors(ctx: Context) -> list[Row | Skip]:
             unit="us/tensor", scale=1e6, target=">= 2x faster", check=at_least(2.0), invert=True,
             note="ratio = speedup"),
     ]
+
+
+def unpacked_chunks(channel: grpc.Channel, handle: str) -> Iterator[wire.ChunkView | pb.TensorChunk]:
+    """The chunks of a dictionary fetched one chunk a message (FetchTensorsRequest.packed_chunks unset),
+    each message read as `Client.dict` reads its own: with the zero-copy `wire.decode_fetch_response`.
+    Parsing each message with protobuf instead (the generated stub's way) copies every chunk twice,
+    which the client never pays, and made the small-tensors row's baseline slower than packing alone."""
+    stream = channel.unary_stream(
+        "/weightavg.v1.WeightAveragingService/FetchTensors",
+        request_serializer=pb.FetchTensorsRequest.SerializeToString,
+        response_deserializer=wire.decode_fetch_response,
+    )
+    return iter(stream(pb.FetchTensorsRequest(handle=handle), timeout=600))
+
+
+def unpacked_fetch(channel: grpc.Channel, handle: str) -> dict[str, Any]:
+    """`Client.dict(handle)` one chunk a message: the same decode, `join_chunks` and `wire.plain`."""
+    return {name: wire.plain(a) for name, a in wire.join_chunks(unpacked_chunks(channel, handle))}
 
 
 def transfer(ctx: Context) -> list[Row | Skip]:
@@ -440,12 +500,16 @@ def sweep(ctx: Context) -> list[Row | Skip]:
         ctx.sweep.setdefault("transfer", []).append(
             {"bytes": nbytes, **{k: nbytes / median(v) / GB for k, v in times.items()}}
         )
-    # avgparms over tensors of one size, about 100 MB in all (fewer tensors at the small end)
+    # avgparms over tensors of one size, about 100 MB in all (fewer tensors at the small end), against
+    # the loop on the server's device kind (none drawn when the server is on CUDA and this process is not)
+    local = local_device(ctx, "sweep")
+    if isinstance(local, Skip):
+        return []
     for width in ([256] if ctx.quick else [32, 64, 128, 256, 512, 1024, 2048, 4096]):
         count = max(1, min(400, 25_600_000 // (width * width)))
         m = c.module(linears(count, width))
         p = c.copyparms(m)
-        params = [torch.randn(width, width) for _ in range(count)]
+        params = [torch.randn(width, width, device=local.device) for _ in range(count)]
         avgs = [q.clone() for q in params]
         calls = [1]
 
@@ -454,12 +518,15 @@ def sweep(ctx: Context) -> list[Row | Skip]:
             for a, q in zip(avgs, params):
                 a.lerp_(q, 1.0 / calls[0])
 
-        times = interleaved({"avgparms": lambda: c.avgparms(m, p), "lerp_": loop}, 3 if ctx.quick else 7)
+        times = interleaved({"avgparms": local.served(c, lambda: c.avgparms(m, p)), "lerp_": local.here(loop)},
+                            3 if ctx.quick else 7)
         c.free(m, p)
         moved = 3 * 4 * count * width * width
         ctx.sweep.setdefault("average", []).append(
             {"bytes": 4 * width * width, "count": count, **{k: moved / median(v) / GB for k, v in times.items()}}
         )
+    if local.marker is not None:
+        c.free(local.marker)
     return []
 
 
@@ -509,23 +576,26 @@ def training(ctx: Context) -> list[Row | Skip]:
     why = _models_client(c)
     if why:
         return [Skip("training", why)]
+    local = local_device(ctx, "training")
+    if isinstance(local, Skip):
+        return [local]
     n = 3000 if ctx.quick else 60000
     x, y, model = _mnist_model(c, n)
-    net = _torch_mnist_net()
+    net = _torch_mnist_net().to(local.device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     loss_fn = torch.nn.CrossEntropyLoss()
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    tx, ty = torch.from_numpy(x).to(local.device), torch.from_numpy(y).to(local.device)
 
     def local_epoch() -> None:
         net.train()
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=local.device)
         for i in range(0, n, 100):
             idx = perm[i:i + 100]
             opt.zero_grad()
             loss_fn(net(tx[idx]), ty[idx]).backward()
             opt.step()
 
-    times = interleaved({"run": lambda: c.run(model), "torch": local_epoch}, ctx.reps(5, 2))  # type: ignore[attr-defined]
+    times = interleaved({"run": local.served(c, lambda: c.run(model)), "torch": local.here(local_epoch)}, ctx.reps(5, 2))
     c.purge()
     return [row("training", f"run: one epoch of {n} MNIST-sized rows, batch 100", "same loop in-process",
                 times, "run", "torch", target="<= 1.05x", check=at_most(1.05))]
@@ -537,12 +607,16 @@ def batchnorm(ctx: Context) -> list[Row | Skip]:
     why = _models_client(c)
     if why:
         return [Skip("batchnorm", why)]
+    local = local_device(ctx, "batchnorm")
+    if isinstance(local, Skip):
+        return [local]
     n = 6000 if ctx.quick else 60000
     x, y, model = _mnist_model(c, n)
-    net = _torch_mnist_net()
-    loader = [torch.from_numpy(x[i:i + 100]) for i in range(0, n, 100)]
+    net = _torch_mnist_net().to(local.device)
+    loader = [torch.from_numpy(x[i:i + 100]).to(local.device) for i in range(0, n, 100)]
     times = interleaved(
-        {"batchnorm": lambda: c.batchnorm(model), "update_bn": lambda: torch.optim.swa_utils.update_bn(loader, net)},
+        {"batchnorm": local.served(c, lambda: c.batchnorm(model)),
+         "update_bn": local.here(lambda: torch.optim.swa_utils.update_bn(loader, net))},
         ctx.reps(5, 2),
     )
     c.purge()
@@ -561,9 +635,15 @@ def _calls_per_second(address: str, clients: int, seconds: float) -> tuple[float
     errors = [0] * clients
 
     def work(i: int) -> None:
-        with Client(address, timeout=60) as c:
-            m = c.module(["linear", 2, 1])
-            p = c.copyparms(m)
+        with contextlib.ExitStack() as stack:
+            try:
+                c = stack.enter_context(Client(address, timeout=60))
+                m = c.module(["linear", 2, 1])
+                p = c.copyparms(m)
+            except Exception:  # an error too; and the others must not wait at the barrier for this thread
+                errors[i] += 1
+                start.wait()
+                return
             start.wait()
             while not stop.is_set():
                 try:
@@ -723,10 +803,13 @@ def average_many(ctx: Context) -> list[Row | Skip]:
     same weighted sums in process (8 x 102 MB read and 102 MB written per call)."""
     c, count, tensors, width = ctx.client, 8, 160, 400
     weights = [float(w) for w in range(1, count + 1)]
+    where = local_device(ctx, "average, 8 models")
+    if isinstance(where, Skip):
+        return [where]
     remote = _server_dicts(c, count, tensors, width)
     into = _server_dicts(c, 1, tensors, width)[0]
-    local = _local_dicts(count, tensors, width)
-    out = [torch.empty(width, width) for _ in range(tensors)]
+    local = [[t.to(where.device) for t in d] for d in _local_dicts(count, tensors, width)]
+    out = [torch.empty(width, width, device=where.device) for _ in range(tensors)]
     total = sum(weights)
 
     def loop_into() -> None:  # what the server's kernel does: per tensor, the first term, add the rest, divide
@@ -749,11 +832,11 @@ def average_many(ctx: Context) -> list[Row | Skip]:
         c.free(c.average(remote, weights=weights))
 
     times = interleaved(
-        {"into": lambda: c.average(remote, weights=weights, into=into), "loop": loop_into,
-         "new": average_new, "loop_new": loop_new},
+        {"into": where.served(c, lambda: c.average(remote, weights=weights, into=into)), "loop": where.here(loop_into),
+         "new": where.served(c, average_new), "loop_new": where.here(loop_new)},
         ctx.reps(10, 3),
     )
-    c.free(*remote, into)
+    c.free(*remote, into, *([where.marker] if where.marker is not None else []))
     return [
         row("average, 8 models", "average(8 x 25.6M fp32, into=d)", "same sums in-process, in place", times,
             "into", "loop", target="<= 1.1x", check=at_most(1.1)),
