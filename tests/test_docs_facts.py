@@ -22,7 +22,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.cli import OPTIONS, SWITCHES
 from weightavg_server.ops.config import (
-    DEFAULT_MAX_SESSION_LEASE_SECONDS, DEFAULT_SESSION_LEASE_SECONDS, ENV_PREFIX,
+    DEFAULT_MAX_SESSION_LEASE_SECONDS, DEFAULT_SESSION_LEASE_SECONDS, ENV_PREFIX, ServerConfig,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,23 @@ def test_every_serve_option_is_in_the_ops_table_with_its_variable() -> None:
     names = [(flag, name) for flag, name, *_ in OPTIONS] + [(flag, name) for flag, name, _ in SWITCHES]
     expected = {flag: f"{ENV_PREFIX}{name.upper()}" for flag, name in names}
     assert documented == expected
+
+
+def test_every_default_in_the_ops_table_is_the_configs() -> None:
+    """The default column of docs/ops.md's options table, against `ServerConfig()`: a number or
+    name in backquotes is the field's value, "none"/"off" an empty or false one, and `--host` the
+    metrics host that follows the gRPC host. The flags were checked, their defaults were not."""
+    config = ServerConfig()
+    for flags, _, default, *_ in _table_rows("ops.md", "| flag | variable | default | meaning |"):
+        for flag in _names(flags):
+            value = getattr(config, flag[2:].replace("-", "_"))
+            quoted = _names(default)
+            if not quoted:
+                assert default.split(" ")[0] in ("none", "off") and not value, (flag, default, value)
+            elif quoted[0].startswith("--"):
+                assert (flag, quoted[0], value) == ("--metrics-host", "--host", ""), flag
+            else:
+                assert type(value)(quoted[0]) == value, (flag, default, value)
 
 
 def test_the_request_id_table_lists_every_rpc_once_on_the_right_side() -> None:
@@ -286,3 +303,19 @@ def test_the_atomicity_cases_robust_md_lists_are_the_tests() -> None:
     count, listed = sentence.split(" cases: ", 1)[0], sentence.split(" cases: ", 1)[1].split(", each with", 1)[0]
     assert set(re.findall(r"[A-Z][A-Za-z]+", listed)) == tested
     assert abs(int(count) - len(test_atomicity.CASES)) <= 0.25 * len(test_atomicity.CASES)
+
+
+def test_the_architecture_diagram_names_every_module_of_each_layer() -> None:
+    """docs/architecture.md's diagram lists the modules of `transport/`, `store/`, `domain/` and `ops/`
+    inside that layer's box: a module added to a layer without a word in the diagram fails here, as
+    does a name left behind by a module that is gone."""
+    diagram = re.findall(r"```\n(.*?)```", (ROOT / "docs" / "architecture.md").read_text(), re.S)[0]
+    boxes = re.split(r"^\s*[├└].*$", diagram, flags=re.M)
+    package = ROOT / "server" / "weightavg_server"
+    for layer in ("transport", "store", "domain", "ops"):
+        [box] = [b for b in boxes if re.search(rf"^\s*│? ?{layer}/", b, re.M)]
+        words = set(re.findall(r"[a-z_]+", box.replace(f"{layer}/", " ")))
+        modules = {p.stem for p in (package / layer).glob("*.py") if p.stem != "__init__"}
+        assert modules <= words, (layer, sorted(modules - words))
+    for word in ("cluster", "service"):
+        assert (package / f"{word}.py").exists() and f"{word}.py" in (ROOT / "docs" / "architecture.md").read_text()
