@@ -319,3 +319,38 @@ def test_the_architecture_diagram_names_every_module_of_each_layer() -> None:
         assert modules <= words, (layer, sorted(modules - words))
     for word in ("cluster", "service"):
         assert (package / f"{word}.py").exists() and f"{word}.py" in (ROOT / "docs" / "architecture.md").read_text()
+
+
+def test_the_move_dtype_comment_says_what_a_real_server_converts(client: Client) -> None:
+    """MoveHandleRequest.dtype said "for floating-point tensors": a tensor handle of integers is
+    converted too, a complex target is taken, and a move that would lose values is refused. What the
+    comment now says, against a real server."""
+    comment = _proto_comment("MoveHandleRequest", "Dtype dtype = 3;")
+    for claim in ("floating or complex", "A tensor handle converts whatever its dtype", "a dictionary its floating entries",
+                  "INVALID_ARGUMENT, nothing moved"):
+        assert claim in comment, claim
+    t = client.tensor(np.arange(3, dtype=np.int64))
+    client.to(t, dtype="float32")
+    assert client.tensor(t).dtype == np.float32
+    d = client.dict({"i": np.arange(3, dtype=np.int64), "f": np.ones(2, np.float32)})
+    client.to(d, dtype="complex64")
+    assert {k: v.dtype for k, v in client.dict(d).items() if k != ".n"} == {"i": np.int64, "f": np.complex64}
+    big = client.tensor(np.array([70000], dtype=np.int64))
+    for dtype in ("int32", "float16"):
+        with pytest.raises(InvalidArgumentError, match="nothing moved" if dtype == "float16" else "floating or complex"):
+            client.to(big, dtype=dtype)
+    assert client.tensor(big).tolist() == [70000]
+
+
+def test_the_clients_error_table_has_a_row_for_every_code_the_server_answers_and_the_client_maps() -> None:
+    """docs/clients.md's error table against the code: every status a domain error names
+    (`domain/errors.py`), UNAUTHENTICATED (the token interceptor), and every code the Python client
+    has an exception for, except UNIMPLEMENTED (grpc's own answer to a method it lacks), has a row;
+    and no row names a code nothing answers."""
+    from weightavg import _errors
+    from weightavg_server.domain import errors
+
+    rows = {code for cell, *_ in _table_rows("clients.md", "| code | when | what to do |") for code in _names(cell)}
+    raised = {c.code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.WeightavgError)}
+    mapped = set(_errors._BY_CODE) - {"UNIMPLEMENTED"}
+    assert rows == raised | {"UNAUTHENTICATED"} == mapped
