@@ -354,3 +354,18 @@ def test_the_clients_error_table_has_a_row_for_every_code_the_server_answers_and
     raised = {c.code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.WeightavgError)}
     mapped = set(_errors._BY_CODE) - {"UNIMPLEMENTED"}
     assert rows == raised | {"UNAUTHENTICATED"} == mapped
+
+
+def test_the_readmes_install_lines_name_what_pip_installs() -> None:
+    """README.md's `pip install weightavg` comment lists the thin client's dependencies, and the
+    server line the torch it pins: it left out grpcio-health-checking, which `weightavg health` uses."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    install = (ROOT / "README.md").read_text().split("## Install", 1)[1].split("## ", 1)[0]
+    client_line = " ".join(install.split("pip install 'weightavg[server]'", 1)[0].split())
+    for requirement in project["dependencies"]:
+        name = re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0]
+        assert re.search(rf"[ :,]{re.escape(name)}[,) ]", client_line), name
+    [torch] = [r for r in project["optional-dependencies"]["server"] if r.startswith("torch")]
+    assert torch in install and f"torch {torch.split('==')[1]}" in install
