@@ -369,3 +369,20 @@ def test_the_readmes_install_lines_name_what_pip_installs() -> None:
         assert re.search(rf"[ :,]{re.escape(name)}[,) ]", client_line), name
     [torch] = [r for r in project["optional-dependencies"]["server"] if r.startswith("torch")]
     assert torch in install and f"torch {torch.split('==')[1]}" in install
+
+
+def test_the_limits_table_of_robust_md_gives_the_configs_defaults() -> None:
+    """docs/robust.md's limits table writes defaults for people ("64 MiB", "1,000,000"): each is
+    the `ServerConfig()` default of the flag in its row, and each flag's variable is the right one."""
+    config = ServerConfig()
+    units = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    rows = _table_rows("robust.md", "| Cap | Flag / variable | Default | Over it |")
+    assert len(rows) >= 7
+    for _, flags, default, _ in rows:
+        flag, variable = _names(flags)[:2]
+        name = flag[2:].replace("-", "_")
+        assert variable == f"{ENV_PREFIX}{name.upper()}", flag
+        match = re.match(r"([\d,]+) ?(KiB|MiB|GiB|TiB)?", default)
+        assert match, (flag, default)
+        number, unit = match.groups()
+        assert int(number.replace(",", "")) * units[unit or ""] == getattr(config, name), (flag, default)
