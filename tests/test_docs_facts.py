@@ -386,3 +386,27 @@ def test_the_limits_table_of_robust_md_gives_the_configs_defaults() -> None:
         assert match, (flag, default)
         number, unit = match.groups()
         assert int(number.replace(",", "")) * units[unit or ""] == getattr(config, name), (flag, default)
+
+
+def test_the_ops_docs_numbers_are_the_codes_constants() -> None:
+    """Figures docs/ops.md gives in prose, each beside the constant it restates: the metrics
+    endpoint's connections and socket timeout, the histogram's range, the host memory kept for
+    replies and staging, the locked-region cap, and the calls in flight per worker."""
+    from weightavg_server.domain import pinned, reply_buffers
+    from weightavg_server.ops import metrics
+    from weightavg_server.transport.stats import LATENCY_BUCKETS
+
+    text = _doc_text("ops.md")
+    gib = 1 << 30
+    facts = [
+        f"It serves {metrics.SCRAPES_AT_ONCE} connections at once (`metrics.SCRAPES_AT_ONCE`",
+        f"closes a connection silent for {metrics.SCRAPE_TIMEOUT_SECONDS:g} s",
+        f"buckets {LATENCY_BUCKETS[0] * 1000:g} ms … {LATENCY_BUCKETS[-1]:g} s",
+        f"at most {reply_buffers.CACHE_BYTES // gib} GiB of them while idle (`reply_buffers.CACHE_BYTES`",
+        f"`--pinned-cache-bytes` ({pinned.CACHE_BYTES // gib} GiB by default",
+        f"({pinned.LOCKED_BYTES // gib} GiB by default, `pinned.LOCKED_BYTES`)",
+    ]
+    assert [fact for fact in facts if fact not in text] == []
+    app = (ROOT / "server" / "weightavg_server" / "ops" / "app.py").read_text()
+    times = re.search(r"maximum_concurrent_rpcs=config\.max_workers \* (\d+)", app)
+    assert times and f"beyond {times.group(1)}x this many calls in flight" in text
