@@ -410,3 +410,24 @@ def test_the_ops_docs_numbers_are_the_codes_constants() -> None:
     app = (ROOT / "server" / "weightavg_server" / "ops" / "app.py").read_text()
     times = re.search(r"maximum_concurrent_rpcs=config\.max_workers \* (\d+)", app)
     assert times and f"beyond {times.group(1)}x this many calls in flight" in text
+
+
+def test_the_merging_docs_outer_step_round_runs_as_written(client: Client) -> None:
+    """docs/merging.md's round of federated training (two clients' models trained on the server, their
+    average stepped into the global model by DiLoCo's outer optimizer), run as it stands for two
+    rounds: it called testrun on a global model given no test data, FAILED_PRECONDITION."""
+    block = _python_blocks("merging.md")[2]
+    assert "for round in range(10):" in block
+    spec = ["sequential", ["linear", "a", 4, 8], "relu", ["linear", "d", 8, 3]]
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 4), dtype=np.float32), rng.integers(0, 3, 60)
+    models = []
+    for i in range(2):
+        q = client.module(spec)
+        models.append(m := client.model(q, client.loss("ce"), client.opt("sgd", q, 0.05)))
+        client.train(m, x[i * 30:(i + 1) * 30], y[i * 30:(i + 1) * 30])
+    names: dict[str, Any] = {
+        "c": client, "q": client.module(spec), "client_models": models, "shard_sizes": [30, 30], "X": x, "Y": y,
+    }
+    exec(compile(block.replace("range(10)", "range(2)"), "merging.md", "exec"), names)
+    assert client.testrun(names["g"]) >= 0
