@@ -431,3 +431,14 @@ def test_the_merging_docs_outer_step_round_runs_as_written(client: Client) -> No
     }
     exec(compile(block.replace("range(10)", "range(2)"), "merging.md", "exec"), names)
     assert client.testrun(names["g"]) >= 0
+
+
+def test_the_cluster_docs_allreduce_sizes_are_the_collectives_constants() -> None:
+    """docs/cluster.md's allreduce: the size from which a tensor is reduced in place and the bucket
+    size of smaller ones, against `domain/collectives.py` (the bucket was quoted as 25 MB: 25 MiB)."""
+    from weightavg_server.domain import collectives
+
+    text = _doc_text("cluster.md")
+    assert f"a tensor of {collectives.INPLACE_BYTES >> 10} KiB or more is reduced in place" in text
+    assert f"flattened into {collectives.BUCKET_BYTES >> 20} MiB buckets" in text
+    assert collectives.INPLACE_BYTES % (1 << 10) == collectives.BUCKET_BYTES % (1 << 20) == 0
