@@ -442,3 +442,21 @@ def test_the_cluster_docs_allreduce_sizes_are_the_collectives_constants() -> Non
     assert f"a tensor of {collectives.INPLACE_BYTES >> 10} KiB or more is reduced in place" in text
     assert f"flattened into {collectives.BUCKET_BYTES >> 20} MiB buckets" in text
     assert collectives.INPLACE_BYTES % (1 << 10) == collectives.BUCKET_BYTES % (1 << 20) == 0
+
+
+def test_the_shared_memory_figures_of_security_md_are_the_constants() -> None:
+    """docs/security.md's shared memory section: the upload size from which bytes go through a region,
+    the fetch size from which a pooled region is lent, the regions one session may hold (it was not
+    documented) and the server's cap on regions, against the client's and the store's constants."""
+    from weightavg import _shm
+    from weightavg_server.store import shm
+
+    text = _doc_text("security.md")
+    facts = [
+        f"from {_shm.MIN_UPLOAD_BYTES >> 10} KiB) then carries only headers",
+        f"A fetch over {_shm.SMALL_FETCH_BYTES >> 20} MiB is written into one of the client's pooled regions",
+        f"(`pool0.<tag>`..`pool{len(_shm.POOL_NAMES) - 1}.<tag>`)",
+        f"A session holds at most {shm.MAX_REGIONS_PER_SESSION} regions (`MAX_REGIONS_PER_SESSION`",
+        f"an eighth of its open-files limit in regions (each keeps two descriptors), and {shm.MAX_REGIONS:,}",
+    ]
+    assert [fact for fact in facts if fact not in text] == []
