@@ -460,3 +460,30 @@ def test_the_shared_memory_figures_of_security_md_are_the_constants() -> None:
         f"an eighth of its open-files limit in regions (each keeps two descriptors), and {shm.MAX_REGIONS:,}",
     ]
     assert [fact for fact in facts if fact not in text] == []
+
+
+def test_the_free_handles_comments_name_every_combination_a_server_refuses(live_server: LiveServer) -> None:
+    """FreeHandlesRequest's comments say which of handles, `all`, `tenant` and `purge` go together:
+    none do. Every pair is INVALID_ARGUMENT with nothing freed, on a real server and in a session (the
+    purge comment did not name the tenant)."""
+    for field, others in {"bool all = 2;": ["handles"], "string tenant = 20;": ["handles", "`all`"],
+                          "bool purge = 3;": ["handles", "`all`", "tenant"]}.items():
+        comment = _proto_comment("FreeHandlesRequest", field)
+        assert "INVALID_ARGUMENT, nothing freed" in comment and all(o in comment for o in others), field
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        session = stub.CreateSession(pb.CreateSessionRequest(), timeout=30).session
+        meta = (("weightavg-session", session),)
+        kept = stub.CreateTensor(iter([pb.CreateTensorRequest(chunk=pb.TensorChunk(
+            dtype=pb.DTYPE_FLOAT32, shape=[1], data=b"\0" * 4))]), timeout=30, metadata=meta).tensor.id
+        parts: dict[str, dict[str, Any]] = {
+            "handles": {"handles": [kept]}, "all": {"all": True}, "tenant": {"tenant": "default"}, "purge": {"purge": True},
+        }
+        names = list(parts)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.FreeHandles(pb.FreeHandlesRequest(**parts[first], **parts[second]), timeout=30, metadata=meta)
+                assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (first, second, err.value.details())
+        assert kept in {h for h, _ in live_server.registry.items()}
+        stub.CloseSession(pb.CloseSessionRequest(), timeout=30, metadata=meta)

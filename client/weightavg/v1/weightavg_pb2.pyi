@@ -2137,11 +2137,13 @@ class FreeHandlesRequest(_message.Message):
     """
     tenant: _builtins.str
     """Admin tokens only: free every handle of this tenant instead, in every session (a purge, e.g.
-    of a tenant whose tokens were removed). Numbered from 20 with the other tenancy fields.
+    of a tenant whose tokens were removed). Give no handles and not `all` with it (INVALID_ARGUMENT,
+    nothing freed). Numbered from 20 with the other tenancy fields.
     """
     purge: _builtins.bool
     """Free every live handle on the server, of every session and of none: an operator's clean-up
-    (`weightavg purge`). Give no handles and not `all` with it.
+    (`weightavg purge`). Give no handles, not `all` and no tenant with it (INVALID_ARGUMENT,
+    nothing freed).
     """
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
