@@ -487,3 +487,37 @@ def test_the_free_handles_comments_name_every_combination_a_server_refuses(live_
                 assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (first, second, err.value.details())
         assert kept in {h for h, _ in live_server.registry.items()}
         stub.CloseSession(pb.CloseSessionRequest(), timeout=30, metadata=meta)
+
+
+def _option_text(option: Any) -> str:
+    """An option as the layer table of docs/models.md writes it: its name, then its default if any."""
+    default = option.opt.default
+    if option.opt.required:
+        return str(option.opt.name)
+    if isinstance(default, bool):
+        default = "true" if default else "false"
+    elif default is None:
+        default = "none"
+    elif isinstance(default, tuple):
+        default = list(default)
+    elif isinstance(default, str):
+        default = f'"{default}"'  # gelu's "none" is a string, not None
+    return f"{option.opt.name} {default}"
+
+
+def test_the_layer_table_of_models_md_is_the_servers_allowlist_with_its_options(client: Client) -> None:
+    """docs/models.md's layer types, against the spec registry (type, torch class, options in
+    positional order with their defaults) and against what a real server lists: no document listed
+    the layer types or their options at all."""
+    from weightavg_server.domain import specs
+
+    rows = _table_rows("models.md", "| type | torch class | options (default) |")
+    expected = [
+        [f"`{t.name}`", f"`{t.module_class.__name__}`", ", ".join(_option_text(o) for o in t.options) or "(none)"]
+        for t in specs._TYPES
+    ]
+    assert rows == expected
+    assert sorted(_names(row[0])[0] for row in rows) == sorted(client.info()["layer_types"])
+    text = _doc_text("models.md")
+    for alias, name in specs._ALIASES.items():
+        assert f"`{alias}` is taken for `{name}`" in text
