@@ -521,3 +521,27 @@ def test_the_layer_table_of_models_md_is_the_servers_allowlist_with_its_options(
     text = _doc_text("models.md")
     for alias, name in specs._ALIASES.items():
         assert f"`{alias}` is taken for `{name}`" in text
+
+
+def test_the_buffer_modes_follow_averaged_model_as_the_docs_say(client: Client) -> None:
+    """BufferMode's COPY comment and docs/averaging.md's "copy" row name AveragedModel's
+    use_buffers=False, which copies the source's buffers at every update; the default leaves them
+    as they are (the table once gave use_buffers=False alone for it). Checked with torch's
+    AveragedModel in process and the same updates on a real server."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    assert "use_buffers=False" in _proto_comment("BufferMode", "BUFFER_MODE_COPY = 3;")
+    rows = {_names(mode)[0]: like for mode, _, _, like in _table_rows("averaging.md", "| `buffers=` |")}
+    assert "use_buffers=False)` before `update_bn`" in rows['"copy"'] and "once `update_bn` has run" in rows["False"]
+    local = torch.nn.BatchNorm1d(2)
+    averaged = AveragedModel(local, use_buffers=False)
+    local.running_mean.fill_(5.0)
+    averaged.update_parameters(local)
+    q = client.module(["batchnorm1d", 2])
+    default, copied = client.copyparms(q, buffers=True), client.copyparms(q, buffers=True)
+    client.dict(client.buffers(q), "running_mean", 5.0)
+    client.avgparms(q, default)
+    client.avgparms(q, copied, buffers="copy")
+    assert client.dict(copied, "running_mean").tolist() == averaged.module.running_mean.tolist() == [5.0, 5.0]
+    assert client.dict(default, "running_mean").tolist() == [0.0, 0.0]
