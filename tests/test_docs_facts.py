@@ -545,3 +545,29 @@ def test_the_buffer_modes_follow_averaged_model_as_the_docs_say(client: Client) 
     client.avgparms(q, copied, buffers="copy")
     assert client.dict(copied, "running_mean").tolist() == averaged.module.running_mean.tolist() == [5.0, 5.0]
     assert client.dict(default, "running_mean").tolist() == [0.0, 0.0]
+
+
+def test_the_metrics_table_of_ops_md_lists_what_the_collector_serves() -> None:
+    """docs/ops.md's metrics table against one scrape's families from the server's own collector (on
+    a CPU service, which has no CUDA gauge): every family it yields, with its Prometheus type and
+    labels, has a row, and every row but the CUDA gauge and `process_*` is a family it yields."""
+    import torch
+
+    from weightavg_server.ops.metrics import WeightavgCollector
+    from weightavg_server.service import Service, Settings
+    from weightavg_server.store.registry import Registry
+    from weightavg_server.transport.stats import RpcStats
+
+    service = Service(Registry(), Settings(
+        device=torch.device("cpu"), max_spec_depth=32, session_lease_seconds=60.0, max_session_lease_seconds=86400.0))
+    families = {f"{m.name}_total" if m.type == "counter" else m.name: m for m in WeightavgCollector(RpcStats(), service).collect()}
+    documented = {}
+    table = (ROOT / "docs" / "ops.md").read_text().split("| metric | type | labels | what |\n|---|---|---|---|\n", 1)[1]
+    for line in table.split("\n\n", 1)[0].splitlines():  # cells may be empty: split by hand
+        names, kind, labels = [cell.strip() for cell in line.strip().strip("|").split("|")][:3]
+        for name in _names(names):
+            documented[name] = (kind.split(" ")[0], sorted(label.strip() for label in labels.split(",") if label.strip()))
+    assert documented.keys() - families.keys() == {"process_*", "weightavg_cuda_memory_allocated_bytes"}
+    for name, family in families.items():
+        labels = sorted({key for sample in family.samples for key in sample.labels} - {"le"})
+        assert documented[name][0] == family.type and (not family.samples or documented[name][1] == labels), name
