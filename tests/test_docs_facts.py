@@ -571,3 +571,17 @@ def test_the_metrics_table_of_ops_md_lists_what_the_collector_serves() -> None:
     for name, family in families.items():
         labels = sorted({key for sample in family.samples for key in sample.labels} - {"le"})
         assert documented[name][0] == family.type and (not family.samples or documented[name][1] == labels), name
+
+
+def test_the_streaming_table_of_clients_md_lists_every_streaming_rpc_with_its_direction() -> None:
+    """docs/clients.md's "How each RPC uses it" table against the service: every RPC that streams
+    has a row whose direction is the proto's, and no row names a unary RPC."""
+    directions = {(True, False): "client stream", (False, True): "server stream", (True, True): "bidirectional"}
+    streaming = {
+        m.name: directions[m.client_streaming, m.server_streaming]
+        for m in pb.DESCRIPTOR.services_by_name["WeightAveragingService"].methods
+        if m.client_streaming or m.server_streaming
+    }
+    documented = {name: row[1] for row in _table_rows("clients.md", "| RPC | direction | stream content |")
+                  for name in _names(row[0])}
+    assert documented == streaming
