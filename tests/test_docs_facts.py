@@ -3,7 +3,8 @@ stale: the options of `weightavg serve` (docs/ops.md) and the RPCs that take a r
 (docs/robust.md). Both drifted once: two flags missing from the first, ten RPCs from the second.
 Also the error table of docs/clients.md, comments of the .proto, error messages the docs quote and
 example blocks of docs/merging.md and docs/models.md,
-against a real server."""
+against a real server; and defaults, limits, sizes, metric families, layer types and module lists
+the docs restate, against the constants and registries they come from."""
 
 from __future__ import annotations
 
