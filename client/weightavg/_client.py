@@ -1106,8 +1106,11 @@ class Client:
     @_rpc
     def to(self, h: HandleLike, device: str = "", dtype: str | None = None) -> Handle:
         """Move a tensor, dictionary, module, optimizer or model to a device ("cpu", "cuda", "cuda:1")
-        and/or floating dtype, in place. A model or module moves with its optimizers' state and its
-        models' data, all or nothing."""
+        and/or a floating or complex dtype, in place. A model or module moves with its optimizers'
+        state and its models' data, all or nothing. A tensor handle converts whatever its dtype, a
+        dictionary its floating entries, a module its floating and complex tensors; a move that would
+        lose values (complex to real, integers the dtype cannot hold exactly) raises
+        InvalidArgumentError and moves nothing."""
         code = _dtype_code(dtype)
         r = self._stub.MoveHandle(pb.MoveHandleRequest(handle=_id(h), device=device, dtype=code), timeout=self.timeout)
         return _handle(r.handle)

@@ -140,6 +140,7 @@ class Module(Remote):
         return rows
 
     def parameter_names(self) -> list[str]:
+        """The names of the module's parameters, in registration order, as parmnames(q)."""
         return self.client.parmnames(self.handle)
 
     def parameters(self) -> dict[str, npt.NDArray[Any]]:

@@ -2137,11 +2137,13 @@ class FreeHandlesRequest(_message.Message):
     """
     tenant: _builtins.str
     """Admin tokens only: free every handle of this tenant instead, in every session (a purge, e.g.
-    of a tenant whose tokens were removed). Numbered from 20 with the other tenancy fields.
+    of a tenant whose tokens were removed). Give no handles and not `all` with it (INVALID_ARGUMENT,
+    nothing freed). Numbered from 20 with the other tenancy fields.
     """
     purge: _builtins.bool
     """Free every live handle on the server, of every session and of none: an operator's clean-up
-    (`weightavg purge`). Give no handles and not `all` with it.
+    (`weightavg purge`). Give no handles, not `all` and no tenant with it (INVALID_ARGUMENT,
+    nothing freed).
     """
     @_builtins.property
     def handles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -2354,7 +2356,12 @@ class MoveHandleRequest(_message.Message):
     device: _builtins.str
     """Target device, e.g. "cpu", "cuda", "cuda:1"; empty keeps the device."""
     dtype: Global___Dtype.ValueType
-    """Target dtype for floating-point tensors; DTYPE_UNSPECIFIED keeps it."""
+    """Target dtype, floating or complex (another is INVALID_ARGUMENT); DTYPE_UNSPECIFIED keeps every
+    dtype. A tensor handle converts whatever its dtype; a dictionary its floating entries; a module
+    its floating and complex tensors (with its optimizers' state and its models' data). A move that
+    would lose values (complex to real, integers the dtype cannot hold exactly) is INVALID_ARGUMENT,
+    nothing moved.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md).

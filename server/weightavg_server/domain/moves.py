@@ -89,7 +89,7 @@ def _check_target(dtype: torch.dtype | None) -> None:
     them (a dictionary moved to bool held only True; found by review)."""
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
         raise InvalidArgument(
-            f"a move converts floating-point tensors, so its dtype must be floating or complex, not {dtype}; "
+            f"a move converts floating-point tensors, so its dtype must be floating or complex, not {dtypes.NAMES.get(dtype, dtype)}; "
             "leave dtype unset to move only the device"
         )
 
