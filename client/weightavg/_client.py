@@ -257,10 +257,19 @@ def target(address: str) -> str:
     return f"{host}:{port}"
 
 
+_PEM_MARK = "-----BEGIN "
+"""How every PEM block starts; no file name a user gives does."""
+
+
 def _pem(value: str | bytes | os.PathLike[str] | None) -> bytes | None:
-    """PEM bytes given directly, or read from a path."""
+    """PEM bytes given directly, PEM text given as a str (what `open(f).read()` or an environment
+    variable holds), or read from a path. PEM text was taken for a path: the call failed with
+    "No such file or directory" (or "File name too long") and a message that quoted the whole
+    text, a private key included, into the caller's logs (found by review)."""
     if value is None or isinstance(value, bytes):
         return value
+    if isinstance(value, str) and _PEM_MARK in value:
+        return value.encode("ascii", errors="replace")
     with open(value, "rb") as f:
         return f.read()
 
@@ -300,8 +309,8 @@ class Client:
             arguments, server_name and max_message_bytes then do not apply to it); close() closes it.
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
         tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
-        tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
-        client_cert, client_key: this client's certificate and key (PEM bytes or paths), for servers
+        tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or text, or a path).
+        client_cert, client_key: this client's certificate and key (PEM bytes or text, or paths), for servers
             that require client certificates (mutual TLS); both or neither (ValueError otherwise).
         server_name: the name to check the server's certificate against, when it differs from the
             address's host.
