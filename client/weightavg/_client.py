@@ -1523,10 +1523,13 @@ class Client:
         _cuda.write(buffer, placed)
         return [(m, self._shm_names.cuda) for m, _ in placed]
 
+    @_rpc
     def _fetch_to_device(self, handle: str, names: list[str], device: Any) -> list[tuple[str, Any]] | None:
         """A fetch into new CUDA tensors on `device` through the registered CUDA buffer (the server
         copies device to device); None where the server takes no CUDA regions (the caller then
-        fetches through the host)."""
+        fetches through the host). Its failures are the client's exceptions (`_rpc`): the torch
+        helpers' `fetch(..., device="cuda")` calls it, and a raw grpc.RpcError (NOT_FOUND for a
+        freed handle) escaped there, which no `except WeightavgError` caught (found by review)."""
         try:
             return self._device_fetch(handle, names, device)
         except grpc.RpcError as exc:
