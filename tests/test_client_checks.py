@@ -171,3 +171,31 @@ def test_a_timeout_grpc_cannot_wait_is_refused_when_the_client_is_made(live_serv
         Client(live_server.address, timeout=timeout)
     with Client(live_server.address, timeout=1e9) as c:  # the longest: served
         c.ping()
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, d: c.dict(d, 1), lambda c, d: c.dict(d, ["w", 1]), lambda c, d: c.dict(d, b"w"),
+    lambda c, d: c.delete(d, 1), lambda c, d: c.size(5),
+    lambda c, d: c.free(d.id.encode()), lambda c, d: c.parm(7, "w"),
+], ids=["key int", "key in list", "key bytes", "delete int", "size int", "free bytes", "parm int"])
+def test_a_name_or_handle_that_is_not_a_string_is_a_clear_type_error(client: Client, call: Any) -> None:
+    """An int failed inside protobuf as "bad argument type for built-in operation", and a bytes key
+    was fetched under its decoded name and then looked up as bytes: KeyError b'w'."""
+    d = client.dict({"w": np.ones(2, np.float32)})
+    with pytest.raises(TypeError, match=r"^(names are strings|a handle is a Handle or its id string), not "):
+        call(client, d)
+    assert np.array_equal(client.dict(d, "w"), np.ones(2))  # the dictionary is as it was
+
+
+def test_a_setter_given_more_than_one_value_sets_nothing(client: Client) -> None:
+    """dict(p, key, value) and parm(m, name, value) dropped any value after the first without a
+    word: dict(p, "a", x, "b", y) set 'a' alone."""
+    d = client.dict({"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)})
+    q = client.module(["linear", 2, 1])
+    weight = client.parm(q, "weight")
+    with pytest.raises(TypeError, match=r"takes one value, given 3"):
+        client.dict(d, "a", np.ones(2), "b", np.ones(2))
+    with pytest.raises(TypeError, match=r"takes one value, given 2"):
+        client.parm(q, "weight", np.ones((1, 2)), np.ones((1, 2)))
+    assert not client.dict(d, "a").any() and not client.dict(d, "b").any()
+    assert np.array_equal(client.parm(q, "weight"), weight)

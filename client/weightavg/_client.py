@@ -75,7 +75,30 @@ def _learning_rate(value: Any) -> float:
 
 
 def _id(handle: HandleLike) -> str:
-    return handle.id if isinstance(handle, Handle) else handle
+    """A handle's id. Anything but a Handle or an id string is a TypeError that says so: an int or
+    None failed inside protobuf as "bad argument type for built-in operation" (found by review)."""
+    if isinstance(handle, Handle):
+        return handle.id
+    if not isinstance(handle, str):
+        raise TypeError(f"a handle is a Handle or its id string, not {type(handle).__name__} {handle!r}")
+    return handle
+
+
+def _name(name: Any) -> str:
+    """An entry or parameter name, checked: a string. An int failed inside protobuf ("bad argument
+    type for built-in operation"), and bytes were fetched under the decoded name and then looked up
+    under the bytes (KeyError b'a'), found by review."""
+    if not isinstance(name, str):
+        raise TypeError(f"names are strings, not {type(name).__name__} {name!r}")
+    return name
+
+
+def _one_value(value: tuple[Any, ...], call: str) -> Any:
+    """The one value of a setter call such as dict(p, key, value): a second one was dropped without
+    a word, so dict(p, "a", x, "b", y) set 'a' alone (found by review)."""
+    if len(value) > 1:
+        raise TypeError(f"{call} takes one value, given {len(value)}; set several entries with a mapping")
+    return value[0]
 
 
 def _handle(message: pb.Handle) -> Handle:
@@ -575,8 +598,10 @@ class Client:
         """parm(m, name) returns a parameter's values; parm(m, name, value) sets it in place
         (broadcasting a scalar), or registers a new parameter when the name is new. On a replicated
         module, rank=r reads or sets rank r's copy (unset: reads rank 0's, sets every rank's)."""
+        name = _name(name)
         if not value:
             return self._fetch(_id(m), [name], rank)[name]
+        one = _one_value(value, "parm(m, name, value)")
         request_id = new_request_id()
 
         def send(encoded: Callable[[], Iterator[bytes]]) -> None:
@@ -589,7 +614,7 @@ class Client:
 
             self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
 
-        self._uploading([("", value[0])], pb.SetParameterRequest, send)
+        self._uploading([("", one)], pb.SetParameterRequest, send)
         return None
 
     @_rpc
@@ -988,7 +1013,7 @@ class Client:
                 raise TypeError("dict() takes a mapping of name -> value, or a dictionary handle")
             return self._create_dictionary(list(x.items()), replicate, rank)
         if value:
-            self._update_dictionary(_id(x), [(key, value[0])], rank)
+            self._update_dictionary(_id(x), [(key, _one_value(value, "dict(p, key, value)"))], rank)
             return None
         if isinstance(key, Mapping):
             self._update_dictionary(_id(x), list(key.items()), rank)
@@ -998,9 +1023,10 @@ class Client:
         if isinstance(key, (list, tuple)):
             if not key:  # the wire's empty list of names means every entry: nothing to fetch here
                 return []
-            values = self._fetch(_id(x), list(key), rank)
-            return [values[k] for k in key]
-        return self._fetch(_id(x), [key], rank)[key]
+            keys = [_name(k) for k in key]
+            values = self._fetch(_id(x), keys, rank)
+            return [values[k] for k in keys]
+        return self._fetch(_id(x), [_name(key)], rank)[key]
 
     @_rpc
     def broadcast(self, h: HandleLike, rank: int = 0) -> int:
@@ -1029,7 +1055,8 @@ class Client:
     @_rpc
     def delete(self, d: HandleLike, *names: str) -> None:
         """Remove keys from a dictionary, all or nothing."""
-        self._stub.DeleteEntries(pb.DeleteEntriesRequest(dictionary=_id(d), names=list(names)), timeout=self.timeout)
+        request = pb.DeleteEntriesRequest(dictionary=_id(d), names=[_name(n) for n in names])
+        self._stub.DeleteEntries(request, timeout=self.timeout)
 
     @_rpc
     def tensor(self, x: Any) -> Any:
