@@ -91,6 +91,14 @@ def test_a_bare_tensor_id_fetches_the_tensor(client: Client) -> None:
     np.testing.assert_array_equal(client.tensor(t.id), np.arange(3, dtype=np.float32))
 
 
+def test_a_bare_tensor_id_is_a_forward_input_as_its_handle_is(client: Client) -> None:
+    """forward(q, t.id) sent the id string as a tensor and failed: "dtype <U36 cannot be sent"."""
+    q = client.module(["linear", 2, 1])
+    t = client.tensor(np.arange(6, dtype=np.float32).reshape(3, 2))
+    for forward in (client.forward, client.nforward, client.eforward):
+        np.testing.assert_array_equal(client.tensor(forward(q, t.id)), client.tensor(forward(q, t)))
+
+
 def test_from_array_takes_either_byte_order() -> None:
     torch = pytest.importorskip("torch")
     from weightavg.torch import from_array

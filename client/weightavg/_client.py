@@ -936,7 +936,7 @@ class Client:
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
         """Forward pass in train mode with gradients; returns a tensor handle of the output.
-        x is an array or a tensor handle; a model without x uses its training inputs."""
+        x is an array or a tensor handle (a Handle or its id); a model without x uses its training inputs."""
         return self._forward(q, x, pb.FORWARD_MODE_TRAIN)
 
     def nforward(self, q: HandleLike, x: Any = None) -> Handle:
@@ -950,12 +950,14 @@ class Client:
     @_rpc
     def _forward(self, q: HandleLike, x: Any, mode: pb.ForwardMode.ValueType) -> Handle:
         request_id = new_request_id()
-        if x is not None and not isinstance(x, Handle):
+        # A bare id string is a tensor handle, as everywhere else (no string can be sent as a tensor):
+        # it went to to_array and failed as "dtype <U36 cannot be sent" (found by review).
+        if x is not None and not isinstance(x, (Handle, str)):
             x = wire.to_array(x)  # checked before the call, as every upload is (`_upload_chunks`)
 
         def requests() -> Iterator[pb.RunForwardRequest]:
-            if isinstance(x, Handle):
-                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=x.id, request_id=request_id)
+            if isinstance(x, (Handle, str)):
+                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=_id(x), request_id=request_id)
                 return
             yield pb.RunForwardRequest(handle=_id(q), mode=mode, request_id=request_id)
             if x is not None:
