@@ -99,6 +99,17 @@ def test_a_bare_tensor_id_is_a_forward_input_as_its_handle_is(client: Client) ->
         np.testing.assert_array_equal(client.tensor(forward(q, t.id)), client.tensor(forward(q, t)))
 
 
+def test_a_sparse_torch_tensor_is_refused_naming_the_fix(client: Client) -> None:
+    """Client.dict of a sparse tensor failed inside torch as "unsupported memory format option
+    Contiguous", which named neither the tensor's layout nor what to send instead."""
+    torch = pytest.importorskip("torch")
+    before = len(client.handles())
+    for sparse in (torch.eye(3).to_sparse(), torch.eye(3).to_sparse_csr()):
+        with pytest.raises(TypeError, match=r"layout torch\.sparse_\w+ cannot be sent; send t\.to_dense\(\)"):
+            client.dict({"w": sparse})
+    assert len(client.handles()) == before
+
+
 def test_from_array_takes_either_byte_order() -> None:
     torch = pytest.importorskip("torch")
     from weightavg.torch import from_array

@@ -187,6 +187,8 @@ def torch_host_array(value: Any) -> npt.NDArray[Any]:
     bfloat16 tensor fails, as it does for a tensor that requires grad such as an nn.Parameter).
     Uses the torch its caller loaded: the client never imports torch."""
     torch = sys.modules["torch"]
+    if value.layout != torch.strided:  # .contiguous() failed: "unsupported memory format option Contiguous"
+        raise TypeError(f"a tensor of layout {value.layout} cannot be sent; send t.to_dense()")
     host = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
     if host.dtype == torch.bfloat16:
         bits: npt.NDArray[Any] = host.view(torch.int16).numpy()
