@@ -110,6 +110,17 @@ def test_a_sparse_torch_tensor_is_refused_naming_the_fix(client: Client) -> None
     assert len(client.handles()) == before
 
 
+def test_a_masked_array_with_masked_entries_is_refused_and_one_without_is_sent(client: Client) -> None:
+    """np.asarray drops a mask: the values under it were stored as if they were data, silently."""
+    before = len(client.handles())
+    masked = np.ma.array([1.0, 99.0], mask=[False, True])
+    with pytest.raises(TypeError, match=r"masked entries cannot be sent .* value\.filled\(fill_value\)"):
+        client.dict({"w": masked})
+    assert len(client.handles()) == before
+    d = client.dict({"w": np.ma.array([1.0, 2.0], mask=[False, False]), "f": masked.filled(0.0)})
+    assert client.dict(d, "w").tolist() == [1.0, 2.0] and client.dict(d, "f").tolist() == [1.0, 0.0]
+
+
 def test_from_array_takes_either_byte_order() -> None:
     torch = pytest.importorskip("torch")
     from weightavg.torch import from_array
