@@ -229,3 +229,21 @@ def test_a_setter_given_more_than_one_value_sets_nothing(client: Client) -> None
         client.parm(q, "weight", np.ones((1, 2)), np.ones((1, 2)))
     assert not client.dict(d, "a").any() and not client.dict(d, "b").any()
     assert np.array_equal(client.parm(q, "weight"), weight)
+
+
+def test_a_session_client_dropped_without_close_is_collected_and_stops_renewing(live_server: LiveServer) -> None:
+    """The keep-alive thread held the client through a bound method: a session client dropped
+    without close() was never garbage collected and renewed its lease, holding its handles on the
+    server, until the process ended."""
+    import gc
+    import weakref
+
+    c = Client(live_server.address, timeout=60, session=True)
+    c.dict({"w": np.ones(2, np.float32)})
+    thread, collected = c._keepalive, weakref.ref(c)
+    assert thread is not None and thread.is_alive()
+    del c
+    gc.collect()
+    assert collected() is None
+    thread.join(60)  # a bound on a hang, not a timing: the collected client's finalizer stopped it
+    assert not thread.is_alive()

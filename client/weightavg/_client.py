@@ -12,6 +12,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -341,8 +342,9 @@ class Client:
             Calls that change state carry a request ID, the same on every attempt, so the server
             runs each once however often it is sent (docs/robust.md).
         session: True starts a session: every handle this client creates belongs to it, a background
-            thread renews its lease, and close() ends it, freeing those handles. If the client dies,
-            the server frees them once the lease runs out. A session id string joins that session
+            thread renews its lease, and close() ends it, freeing those handles. If the client dies
+            (or is garbage collected without close()), the server frees them once the lease runs
+            out. A session id string joins that session
             (e.g. after a server restart); close() then leaves it open.
         lease: session lease in seconds; 0 takes the server's default.
         shm: move tensor bytes of every upload (from 16 KiB) and every fetch through POSIX shared
@@ -1252,21 +1254,15 @@ class Client:
             r = self._stub.CreateSession(pb.CreateSessionRequest(lease_seconds=lease), timeout=self.timeout)
             self.session, self.lease, self._owns_session = r.session, r.lease_seconds, True
             self._metadata.pairs[SESSION_METADATA] = r.session
-        self._keepalive = threading.Thread(target=self._renew, name="weightavg-keepalive", daemon=True)
+        # The thread holds the client weakly, and stops once it is garbage collected: it held it
+        # through a bound method, so a session client dropped without close() was never collected
+        # and renewed its lease (holding its handles on the server) until the process ended.
+        self._keepalive = threading.Thread(
+            target=_renew, args=(weakref.ref(self), self._stub, self._stop_keepalive, self.lease, self.session),
+            name="weightavg-keepalive", daemon=True,
+        )
+        weakref.finalize(self, self._stop_keepalive.set)
         self._keepalive.start()
-
-    def _renew(self) -> None:
-        """Renew the lease three times per lease period until close(); stop if the session has ended."""
-        interval = max(self.lease / 3.0, 0.05)
-        while not self._stop_keepalive.wait(interval):
-            try:
-                self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=interval)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if isinstance(error, NotFoundError):
-                    log.warning("session %s has ended on the server: %s", self.session, error)
-                    return
-                log.info("session keep-alive failed (will retry): %s", error)
 
     @_rpc
     def keepalive(self) -> float:
@@ -1654,6 +1650,25 @@ class Client:
             region.close()
         if cuda is not None:
             cuda.close()
+
+
+def _renew(
+    client: weakref.ref[Client], stub: pb_grpc.WeightAveragingServiceStub, stop: threading.Event, lease: float,
+    session: str | None,
+) -> None:
+    """Renew a session's lease three times per lease period until the client is closed or garbage
+    collected (`stop`); stop if the session has ended. Then, as when a client dies, the server frees
+    the session's handles once the lease runs out."""
+    interval = max(lease / 3.0, 0.05)
+    while not stop.wait(interval) and client() is not None:
+        try:
+            stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=interval)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            if isinstance(error, NotFoundError):
+                log.warning("session %s has ended on the server: %s", session, error)
+                return
+            log.info("session keep-alive failed (will retry): %s", error)
 
 
 def _placement(replicate: bool, rank: int | None) -> pb.Placement:
