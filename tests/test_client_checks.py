@@ -247,3 +247,20 @@ def test_a_session_client_dropped_without_close_is_collected_and_stops_renewing(
     assert collected() is None
     thread.join(60)  # a bound on a hang, not a timing: the collected client's finalizer stopped it
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("settings", [
+    {"chunk_bytes": 80 << 20}, {"max_message_bytes": 1 << 20}, {"chunk_bytes": 1, "max_message_bytes": 1000},
+], ids=["chunks over the default cap", "cap under the default chunks", "cap under the header room"])
+def test_chunks_that_cannot_fit_the_message_cap_are_refused_when_the_client_is_made(
+    live_server: LiveServer, settings: dict[str, int]
+) -> None:
+    """Such a client was made, and every upload of a tensor larger than its cap then failed
+    RESOURCE_EXHAUSTED "CLIENT: Sent message larger than max"."""
+    with pytest.raises(ValueError, match=r"leaves no room in max_message_bytes .*; (give chunk_bytes=\d+ or less|raise max_message_bytes above 1024)$"):
+        Client(live_server.address, **settings)  # type: ignore[arg-type]
+    value = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: two full chunks and a rest
+    with Client(live_server.address, chunk_bytes=(1 << 20) - 1024, max_message_bytes=1 << 20, timeout=60) as c:
+        d = c.dict({"x": value})  # the largest chunks that fit the cap go up
+    with Client(live_server.address, timeout=60) as c:  # the server's chunks may be larger than 1 MiB
+        np.testing.assert_array_equal(c.dict(d, "x"), value)

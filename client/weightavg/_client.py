@@ -41,6 +41,23 @@ _SCHEMES = ("unix:", "unix-abstract:", "vsock:", "dns:", "ipv4:", "ipv6:")
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 """Same cap as the server's default; tensors stream in 4 MiB chunks, so only runaway messages hit it."""
 
+CHUNK_HEADER_ROOM = 1024
+"""Bytes of a stream message beside its chunk of data (name, shape, framing), as the server's
+config reserves them (weightavg_server.ops.config.CHUNK_HEADER_ROOM)."""
+
+
+def _checked_message_cap(chunk_bytes: int, max_message_bytes: int) -> None:
+    """ValueError unless a chunk and its header fit this client's message cap (gRPC's -1: none).
+    A chunk_bytes over it made every upload of a tensor larger than the cap fail RESOURCE_EXHAUSTED
+    "CLIENT: Sent message larger than max", after the client was made (found by review)."""
+    room = max_message_bytes - CHUNK_HEADER_ROOM
+    if max_message_bytes >= 0 and chunk_bytes > room:
+        fix = f"give chunk_bytes={room} or less" if room > 0 else f"raise max_message_bytes above {CHUNK_HEADER_ROOM}"
+        raise ValueError(
+            f"chunk_bytes ({chunk_bytes}) leaves no room in max_message_bytes ({max_message_bytes}) for a chunk's "
+            f"name and shape ({CHUNK_HEADER_ROOM} bytes): uploads of larger tensors would be refused; {fix}"
+        )
+
 _KIND_NAMES = {
     pb.HANDLE_KIND_MODULE: "module",
     pb.HANDLE_KIND_MODEL: "model",
@@ -328,7 +345,8 @@ class Client:
         chunk_bytes: size of the pieces tensors are streamed in, a whole number of bytes above 0
             (ValueError otherwise, before anything is sent).
         max_message_bytes: largest gRPC message this client sends or receives (64 MiB, the server's
-            default --max-message-bytes); keep it at least chunk_bytes plus a little.
+            default --max-message-bytes); at least chunk_bytes plus CHUNK_HEADER_ROOM (ValueError
+            otherwise, before anything is sent).
         channel: a gRPC channel to use instead of one this client opens to address (the TLS
             arguments, server_name and max_message_bytes then do not apply to it); close() closes it.
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
@@ -405,6 +423,8 @@ class Client:
         if server_name:
             # Check the certificate against this name instead of the address's host.
             options.append(("grpc.ssl_target_name_override", server_name))
+        if channel is None:
+            _checked_message_cap(self.chunk_bytes, max_message_bytes)
         if channel is None and bool(client_cert) != bool(client_key):
             # gRPC's C core aborts the whole process on one without the other (a failed CHECK: the
             # training job that made this client died with SIGABRT; found by review).
