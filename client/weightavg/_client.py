@@ -23,8 +23,8 @@ import numpy.typing as npt
 
 from . import _cuda, _objects, _shm, _specs, wire
 from ._errors import (
-    CancelledError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
-    UnavailableError, UnimplementedError, WeightavgError,
+    CancelledError, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
+    ResourceExhaustedError, UnavailableError, UnimplementedError, WeightavgError,
     from_rpc_error,
 )
 from ._records import Handle, HandleInfo, ModuleRow, Soup
@@ -314,6 +314,10 @@ def _pem(value: str | bytes | os.PathLike[str] | None) -> bytes | None:
     with open(value, "rb") as f:
         return f.read()
 
+
+_GRPC_DEADLINE = "Deadline Exceeded"
+"""The details gRPC gives a call whose deadline passed on this side (the server's own
+DEADLINE_EXCEEDED answers say more)."""
 
 MAX_TIMEOUT = 1e9
 """Longest call deadline, in seconds (about 31 years): grpc keeps a deadline as nanoseconds since the
@@ -1321,7 +1325,13 @@ class Client:
         error = from_rpc_error(exc)
         if isinstance(error, UnavailableError):
             error.message = re.sub(r"; last error: [A-Z_]+: ", ": ", error.message) + self._unavailable_hint()
+        elif isinstance(error, DeadlineExceededError) and error.message == _GRPC_DEADLINE:
+            # gRPC's own words, which named neither the deadline nor where it is set (found by review).
+            error.message += self._deadline_hint()
         return error
+
+    def _deadline_hint(self) -> str:
+        return f" (no answer within this client's timeout of {self.timeout:g} s; give a longer Client(..., timeout=...))"
 
     def _unavailable_hint(self) -> str:
         if self.tls:
