@@ -206,8 +206,8 @@ def test_a_timeout_grpc_cannot_wait_is_refused_when_the_client_is_made(live_serv
 @pytest.mark.parametrize("call", [
     lambda c, d: c.dict(d, 1), lambda c, d: c.dict(d, ["w", 1]), lambda c, d: c.dict(d, b"w"),
     lambda c, d: c.delete(d, 1), lambda c, d: c.size(5),
-    lambda c, d: c.free(d.id.encode()), lambda c, d: c.parm(7, "w"),
-], ids=["key int", "key in list", "key bytes", "delete int", "size int", "free bytes", "parm int"])
+    lambda c, d: c.free(d.id.encode()), lambda c, d: c.parm(7, "w"), lambda c, d: c.size(c.Dictionary({"v": 1.0})),
+], ids=["key int", "key in list", "key bytes", "delete int", "size int", "free bytes", "parm int", "object"])
 def test_a_name_or_handle_that_is_not_a_string_is_a_clear_type_error(client: Client, call: Any) -> None:
     """An int failed inside protobuf as "bad argument type for built-in operation", and a bytes key
     was fetched under its decoded name and then looked up as bytes: KeyError b'w'."""

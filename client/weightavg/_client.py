@@ -98,7 +98,8 @@ def _id(handle: HandleLike) -> str:
     if isinstance(handle, Handle):
         return handle.id
     if not isinstance(handle, str):
-        raise TypeError(f"a handle is a Handle or its id string, not {type(handle).__name__} {handle!r}")
+        hint = "; pass the object's .handle" if isinstance(handle, _objects.Remote) else ""
+        raise TypeError(f"a handle is a Handle or its id string, not {type(handle).__name__} {handle!r}{hint}")
     return handle
 
 
