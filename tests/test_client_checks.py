@@ -91,6 +91,36 @@ def test_a_bare_tensor_id_fetches_the_tensor(client: Client) -> None:
     np.testing.assert_array_equal(client.tensor(t.id), np.arange(3, dtype=np.float32))
 
 
+def test_a_bare_tensor_id_is_a_forward_input_as_its_handle_is(client: Client) -> None:
+    """forward(q, t.id) sent the id string as a tensor and failed: "dtype <U36 cannot be sent"."""
+    q = client.module(["linear", 2, 1])
+    t = client.tensor(np.arange(6, dtype=np.float32).reshape(3, 2))
+    for forward in (client.forward, client.nforward, client.eforward):
+        np.testing.assert_array_equal(client.tensor(forward(q, t.id)), client.tensor(forward(q, t)))
+
+
+def test_a_sparse_torch_tensor_is_refused_naming_the_fix(client: Client) -> None:
+    """Client.dict of a sparse tensor failed inside torch as "unsupported memory format option
+    Contiguous", which named neither the tensor's layout nor what to send instead."""
+    torch = pytest.importorskip("torch")
+    before = len(client.handles())
+    for sparse in (torch.eye(3).to_sparse(), torch.eye(3).to_sparse_csr()):
+        with pytest.raises(TypeError, match=r"layout torch\.sparse_\w+ cannot be sent; send t\.to_dense\(\)"):
+            client.dict({"w": sparse})
+    assert len(client.handles()) == before
+
+
+def test_a_masked_array_with_masked_entries_is_refused_and_one_without_is_sent(client: Client) -> None:
+    """np.asarray drops a mask: the values under it were stored as if they were data, silently."""
+    before = len(client.handles())
+    masked = np.ma.array([1.0, 99.0], mask=[False, True])
+    with pytest.raises(TypeError, match=r"masked entries cannot be sent .* value\.filled\(fill_value\)"):
+        client.dict({"w": masked})
+    assert len(client.handles()) == before
+    d = client.dict({"w": np.ma.array([1.0, 2.0], mask=[False, False]), "f": masked.filled(0.0)})
+    assert client.dict(d, "w").tolist() == [1.0, 2.0] and client.dict(d, "f").tolist() == [1.0, 0.0]
+
+
 def test_from_array_takes_either_byte_order() -> None:
     torch = pytest.importorskip("torch")
     from weightavg.torch import from_array
@@ -171,3 +201,66 @@ def test_a_timeout_grpc_cannot_wait_is_refused_when_the_client_is_made(live_serv
         Client(live_server.address, timeout=timeout)
     with Client(live_server.address, timeout=1e9) as c:  # the longest: served
         c.ping()
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, d: c.dict(d, 1), lambda c, d: c.dict(d, ["w", 1]), lambda c, d: c.dict(d, b"w"),
+    lambda c, d: c.delete(d, 1), lambda c, d: c.size(5),
+    lambda c, d: c.free(d.id.encode()), lambda c, d: c.parm(7, "w"), lambda c, d: c.size(c.Dictionary({"v": 1.0})),
+], ids=["key int", "key in list", "key bytes", "delete int", "size int", "free bytes", "parm int", "object"])
+def test_a_name_or_handle_that_is_not_a_string_is_a_clear_type_error(client: Client, call: Any) -> None:
+    """An int failed inside protobuf as "bad argument type for built-in operation", and a bytes key
+    was fetched under its decoded name and then looked up as bytes: KeyError b'w'."""
+    d = client.dict({"w": np.ones(2, np.float32)})
+    with pytest.raises(TypeError, match=r"^(names are strings|a handle is a Handle or its id string), not "):
+        call(client, d)
+    assert np.array_equal(client.dict(d, "w"), np.ones(2))  # the dictionary is as it was
+
+
+def test_a_setter_given_more_than_one_value_sets_nothing(client: Client) -> None:
+    """dict(p, key, value) and parm(m, name, value) dropped any value after the first without a
+    word: dict(p, "a", x, "b", y) set 'a' alone."""
+    d = client.dict({"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)})
+    q = client.module(["linear", 2, 1])
+    weight = client.parm(q, "weight")
+    with pytest.raises(TypeError, match=r"takes one value, given 3"):
+        client.dict(d, "a", np.ones(2), "b", np.ones(2))
+    with pytest.raises(TypeError, match=r"takes one value, given 2"):
+        client.parm(q, "weight", np.ones((1, 2)), np.ones((1, 2)))
+    assert not client.dict(d, "a").any() and not client.dict(d, "b").any()
+    assert np.array_equal(client.parm(q, "weight"), weight)
+
+
+def test_a_session_client_dropped_without_close_is_collected_and_stops_renewing(live_server: LiveServer) -> None:
+    """The keep-alive thread held the client through a bound method: a session client dropped
+    without close() was never garbage collected and renewed its lease, holding its handles on the
+    server, until the process ended."""
+    import gc
+    import weakref
+
+    c = Client(live_server.address, timeout=60, session=True)
+    c.dict({"w": np.ones(2, np.float32)})
+    thread, collected = c._keepalive, weakref.ref(c)
+    assert thread is not None and thread.is_alive()
+    del c
+    gc.collect()
+    assert collected() is None
+    thread.join(60)  # a bound on a hang, not a timing: the collected client's finalizer stopped it
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("settings", [
+    {"chunk_bytes": 80 << 20}, {"max_message_bytes": 1 << 20}, {"chunk_bytes": 1, "max_message_bytes": 1000},
+], ids=["chunks over the default cap", "cap under the default chunks", "cap under the header room"])
+def test_chunks_that_cannot_fit_the_message_cap_are_refused_when_the_client_is_made(
+    live_server: LiveServer, settings: dict[str, int]
+) -> None:
+    """Such a client was made, and every upload of a tensor larger than its cap then failed
+    RESOURCE_EXHAUSTED "CLIENT: Sent message larger than max"."""
+    with pytest.raises(ValueError, match=r"leaves no room in max_message_bytes .*; (give chunk_bytes=\d+ or less|raise max_message_bytes above 1024)$"):
+        Client(live_server.address, **settings)  # type: ignore[arg-type]
+    value = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: two full chunks and a rest
+    with Client(live_server.address, chunk_bytes=(1 << 20) - 1024, max_message_bytes=1 << 20, timeout=60) as c:
+        d = c.dict({"x": value})  # the largest chunks that fit the cap go up
+    with Client(live_server.address, timeout=60) as c:  # the server's chunks may be larger than 1 MiB
+        np.testing.assert_array_equal(c.dict(d, "x"), value)

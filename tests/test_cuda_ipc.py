@@ -418,3 +418,22 @@ def test_fetching_no_names_to_the_gpu_gives_nothing_as_on_the_host(cuda_server: 
         d = push(c, {"a": torch.ones(3, device="cuda")})
         assert fetch(c, d, "cuda", names=[]) == {} == fetch(c, d, "cpu", names=[])
         assert list(fetch(c, d, "cuda", names=["a"])) == ["a"]
+
+
+def test_a_failed_fetch_to_the_gpu_raises_the_clients_exception(
+    start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """weightavg.torch.fetch(..., device="cuda") fetches through the client's CUDA buffer by a
+    private method that was not behind the client's error boundary: a freed handle escaped as a raw
+    grpc.RpcError, past every `except WeightavgError` (found by review). Without a GPU here a CPU
+    tensor stands in for the registered buffer; the fetch itself is real gRPC to a real server."""
+    from weightavg import NotFoundError
+    from weightavg.torch import fetch
+
+    monkeypatch.setattr(_cuda.CudaRegion, "ensure", lambda self, nbytes, device, register: torch.empty(0, dtype=torch.uint8))
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        d = c.dict({"w": np.ones(2, np.float32)})
+        c.free(d)
+        with pytest.raises(NotFoundError, match="unknown handle"):
+            fetch(c, d, torch.device("cuda", 0))

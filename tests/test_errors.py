@@ -308,3 +308,36 @@ def test_a_message_echoing_a_huge_name_is_cut_so_the_status_arrives(live_server:
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
             details = err.value.details()
             assert len(details) <= 1000 and details.startswith("unknown handle") and "more characters)" in details
+
+
+
+def test_a_call_past_the_clients_timeout_names_the_timeout_and_where_to_set_it() -> None:
+    """gRPC's own "Deadline Exceeded" named neither the deadline nor the setting: it read as a server
+    fault. The server's one worker is held by a stalled upload, so the call cannot be answered in time."""
+    import time
+
+    from conftest import StalledUploads
+    from weightavg import DeadlineExceededError
+    from weightavg._cli import _CliClient
+    from weightavg_server.ops.app import create_runtime
+    from weightavg_server.ops.config import ServerConfig
+
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=1))
+    runtime.start()
+    address = f"127.0.0.1:{runtime.port}"
+    uploads = "/weightavg.v1.WeightAveragingService/CreateDictionary"
+    try:
+        with grpc.insecure_channel(address) as channel, StalledUploads(pb_grpc.WeightAveragingServiceStub(channel), 1):
+            deadline = time.monotonic() + 60  # a bound on a hang, not a timing
+            while getattr(runtime.stats.snapshot().get(uploads), "in_flight", 0) != 1:
+                assert time.monotonic() < deadline, "the stalled upload never reached the server's worker"
+                time.sleep(0.05)
+            with Client(address, timeout=0.5) as c, pytest.raises(DeadlineExceededError) as err:
+                c.ping()
+            assert err.value.message == (
+                "Deadline Exceeded (no answer within this client's timeout of 0.5 s; give a longer Client(..., timeout=...))"
+            )
+            with _CliClient(address, timeout=0.5) as cli, pytest.raises(DeadlineExceededError, match="--timeout 0.5 s"):
+                cli.ping()
+    finally:
+        runtime.stop(None)

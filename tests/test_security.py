@@ -260,6 +260,16 @@ def test_mutual_tls_with_a_trusted_client_certificate(mtls_server: Runtime, pki:
         assert c.handles() == []
 
 
+def test_mutual_tls_takes_pem_text_as_well_as_paths(mtls_server: Runtime, pki: Pki) -> None:
+    """PEM read into a str (a secret store, an environment variable) was taken for a path: the client
+    failed with "File name too long" and an error that quoted the private key (found by review)."""
+    with Client(
+        _address(mtls_server), timeout=30, tls_ca=pki.ca.read_text(), client_cert=pki.client_cert.read_text(),
+        client_key=pki.client_key.read_text(), token=TOKEN,
+    ) as c:
+        c.ping()
+
+
 def test_mutual_tls_refuses_an_untrusted_client_certificate(mtls_server: Runtime, pki: Pki) -> None:
     with Client(
         _address(mtls_server), timeout=30, tls_ca=pki.ca, client_cert=pki.stranger_cert,

@@ -119,6 +119,9 @@ class _CliClient(Client):
         return (f" (could not reach {self.address} over plaintext: is the server running there, and does it use TLS? "
                 "then add --tls-ca FILE)")
 
+    def _deadline_hint(self) -> str:
+        return f" (no answer within --timeout {self.timeout:g} s; give a longer --timeout)"
+
 
 def _client(args: argparse.Namespace) -> Client:
     return _CliClient(

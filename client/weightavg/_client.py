@@ -12,6 +12,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -22,8 +23,8 @@ import numpy.typing as npt
 
 from . import _cuda, _objects, _shm, _specs, wire
 from ._errors import (
-    CancelledError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
-    UnavailableError, UnimplementedError, WeightavgError,
+    CancelledError, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
+    ResourceExhaustedError, UnavailableError, UnimplementedError, WeightavgError,
     from_rpc_error,
 )
 from ._records import Handle, HandleInfo, ModuleRow, Soup
@@ -39,6 +40,23 @@ _SCHEMES = ("unix:", "unix-abstract:", "vsock:", "dns:", "ipv4:", "ipv6:")
 """gRPC target schemes, passed through as they are."""
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 """Same cap as the server's default; tensors stream in 4 MiB chunks, so only runaway messages hit it."""
+
+CHUNK_HEADER_ROOM = 1024
+"""Bytes of a stream message beside its chunk of data (name, shape, framing), as the server's
+config reserves them (weightavg_server.ops.config.CHUNK_HEADER_ROOM)."""
+
+
+def _checked_message_cap(chunk_bytes: int, max_message_bytes: int) -> None:
+    """ValueError unless a chunk and its header fit this client's message cap (gRPC's -1: none).
+    A chunk_bytes over it made every upload of a tensor larger than the cap fail RESOURCE_EXHAUSTED
+    "CLIENT: Sent message larger than max", after the client was made (found by review)."""
+    room = max_message_bytes - CHUNK_HEADER_ROOM
+    if max_message_bytes >= 0 and chunk_bytes > room:
+        fix = f"give chunk_bytes={room} or less" if room > 0 else f"raise max_message_bytes above {CHUNK_HEADER_ROOM}"
+        raise ValueError(
+            f"chunk_bytes ({chunk_bytes}) leaves no room in max_message_bytes ({max_message_bytes}) for a chunk's "
+            f"name and shape ({CHUNK_HEADER_ROOM} bytes): uploads of larger tensors would be refused; {fix}"
+        )
 
 _KIND_NAMES = {
     pb.HANDLE_KIND_MODULE: "module",
@@ -75,7 +93,31 @@ def _learning_rate(value: Any) -> float:
 
 
 def _id(handle: HandleLike) -> str:
-    return handle.id if isinstance(handle, Handle) else handle
+    """A handle's id. Anything but a Handle or an id string is a TypeError that says so: an int or
+    None failed inside protobuf as "bad argument type for built-in operation" (found by review)."""
+    if isinstance(handle, Handle):
+        return handle.id
+    if not isinstance(handle, str):
+        hint = "; pass the object's .handle" if isinstance(handle, _objects.Remote) else ""
+        raise TypeError(f"a handle is a Handle or its id string, not {type(handle).__name__} {handle!r}{hint}")
+    return handle
+
+
+def _name(name: Any) -> str:
+    """An entry or parameter name, checked: a string. An int failed inside protobuf ("bad argument
+    type for built-in operation"), and bytes were fetched under the decoded name and then looked up
+    under the bytes (KeyError b'a'), found by review."""
+    if not isinstance(name, str):
+        raise TypeError(f"names are strings, not {type(name).__name__} {name!r}")
+    return name
+
+
+def _one_value(value: tuple[Any, ...], call: str) -> Any:
+    """The one value of a setter call such as dict(p, key, value): a second one was dropped without
+    a word, so dict(p, "a", x, "b", y) set 'a' alone (found by review)."""
+    if len(value) > 1:
+        raise TypeError(f"{call} takes one value, given {len(value)}; set several entries with a mapping")
+    return value[0]
 
 
 def _handle(message: pb.Handle) -> Handle:
@@ -257,13 +299,26 @@ def target(address: str) -> str:
     return f"{host}:{port}"
 
 
+_PEM_MARK = "-----BEGIN "
+"""How every PEM block starts; no file name a user gives does."""
+
+
 def _pem(value: str | bytes | os.PathLike[str] | None) -> bytes | None:
-    """PEM bytes given directly, or read from a path."""
+    """PEM bytes given directly, PEM text given as a str (what `open(f).read()` or an environment
+    variable holds), or read from a path. PEM text was taken for a path: the call failed with
+    "No such file or directory" (or "File name too long") and a message that quoted the whole
+    text, a private key included, into the caller's logs (found by review)."""
     if value is None or isinstance(value, bytes):
         return value
+    if isinstance(value, str) and _PEM_MARK in value:
+        return value.encode("ascii", errors="replace")
     with open(value, "rb") as f:
         return f.read()
 
+
+_GRPC_DEADLINE = "Deadline Exceeded"
+"""The details gRPC gives a call whose deadline passed on this side (the server's own
+DEADLINE_EXCEEDED answers say more)."""
 
 MAX_TIMEOUT = 1e9
 """Longest call deadline, in seconds (about 31 years): grpc keeps a deadline as nanoseconds since the
@@ -295,13 +350,14 @@ class Client:
         chunk_bytes: size of the pieces tensors are streamed in, a whole number of bytes above 0
             (ValueError otherwise, before anything is sent).
         max_message_bytes: largest gRPC message this client sends or receives (64 MiB, the server's
-            default --max-message-bytes); keep it at least chunk_bytes plus a little.
+            default --max-message-bytes); at least chunk_bytes plus CHUNK_HEADER_ROOM (ValueError
+            otherwise, before anything is sent).
         channel: a gRPC channel to use instead of one this client opens to address (the TLS
             arguments, server_name and max_message_bytes then do not apply to it); close() closes it.
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
         tls: use TLS; implied by any of the next four. Without tls_ca the system's roots are trusted.
-        tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or a path).
-        client_cert, client_key: this client's certificate and key (PEM bytes or paths), for servers
+        tls_ca: CA certificate(s) that signed the server's certificate (PEM bytes or text, or a path).
+        client_cert, client_key: this client's certificate and key (PEM bytes or text, or paths), for servers
             that require client certificates (mutual TLS); both or neither (ValueError otherwise).
         server_name: the name to check the server's certificate against, when it differs from the
             address's host.
@@ -309,8 +365,9 @@ class Client:
             Calls that change state carry a request ID, the same on every attempt, so the server
             runs each once however often it is sent (docs/robust.md).
         session: True starts a session: every handle this client creates belongs to it, a background
-            thread renews its lease, and close() ends it, freeing those handles. If the client dies,
-            the server frees them once the lease runs out. A session id string joins that session
+            thread renews its lease, and close() ends it, freeing those handles. If the client dies
+            (or is garbage collected without close()), the server frees them once the lease runs
+            out. A session id string joins that session
             (e.g. after a server restart); close() then leaves it open.
         lease: session lease in seconds; 0 takes the server's default.
         shm: move tensor bytes of every upload (from 16 KiB) and every fetch through POSIX shared
@@ -371,6 +428,8 @@ class Client:
         if server_name:
             # Check the certificate against this name instead of the address's host.
             options.append(("grpc.ssl_target_name_override", server_name))
+        if channel is None:
+            _checked_message_cap(self.chunk_bytes, max_message_bytes)
         if channel is None and bool(client_cert) != bool(client_key):
             # gRPC's C core aborts the whole process on one without the other (a failed CHECK: the
             # training job that made this client died with SIGABRT; found by review).
@@ -566,8 +625,10 @@ class Client:
         """parm(m, name) returns a parameter's values; parm(m, name, value) sets it in place
         (broadcasting a scalar), or registers a new parameter when the name is new. On a replicated
         module, rank=r reads or sets rank r's copy (unset: reads rank 0's, sets every rank's)."""
+        name = _name(name)
         if not value:
             return self._fetch(_id(m), [name], rank)[name]
+        one = _one_value(value, "parm(m, name, value)")
         request_id = new_request_id()
 
         def send(encoded: Callable[[], Iterator[bytes]]) -> None:
@@ -580,7 +641,7 @@ class Client:
 
             self._set_parameter_stream(Replayable(requests), timeout=self.timeout)
 
-        self._uploading([("", value[0])], pb.SetParameterRequest, send)
+        self._uploading([("", one)], pb.SetParameterRequest, send)
         return None
 
     @_rpc
@@ -902,7 +963,7 @@ class Client:
 
     def forward(self, q: HandleLike, x: Any = None) -> Handle:
         """Forward pass in train mode with gradients; returns a tensor handle of the output.
-        x is an array or a tensor handle; a model without x uses its training inputs."""
+        x is an array or a tensor handle (a Handle or its id); a model without x uses its training inputs."""
         return self._forward(q, x, pb.FORWARD_MODE_TRAIN)
 
     def nforward(self, q: HandleLike, x: Any = None) -> Handle:
@@ -916,12 +977,14 @@ class Client:
     @_rpc
     def _forward(self, q: HandleLike, x: Any, mode: pb.ForwardMode.ValueType) -> Handle:
         request_id = new_request_id()
-        if x is not None and not isinstance(x, Handle):
+        # A bare id string is a tensor handle, as everywhere else (no string can be sent as a tensor):
+        # it went to to_array and failed as "dtype <U36 cannot be sent" (found by review).
+        if x is not None and not isinstance(x, (Handle, str)):
             x = wire.to_array(x)  # checked before the call, as every upload is (`_upload_chunks`)
 
         def requests() -> Iterator[pb.RunForwardRequest]:
-            if isinstance(x, Handle):
-                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=x.id, request_id=request_id)
+            if isinstance(x, (Handle, str)):
+                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=_id(x), request_id=request_id)
                 return
             yield pb.RunForwardRequest(handle=_id(q), mode=mode, request_id=request_id)
             if x is not None:
@@ -979,7 +1042,7 @@ class Client:
                 raise TypeError("dict() takes a mapping of name -> value, or a dictionary handle")
             return self._create_dictionary(list(x.items()), replicate, rank)
         if value:
-            self._update_dictionary(_id(x), [(key, value[0])], rank)
+            self._update_dictionary(_id(x), [(key, _one_value(value, "dict(p, key, value)"))], rank)
             return None
         if isinstance(key, Mapping):
             self._update_dictionary(_id(x), list(key.items()), rank)
@@ -989,9 +1052,10 @@ class Client:
         if isinstance(key, (list, tuple)):
             if not key:  # the wire's empty list of names means every entry: nothing to fetch here
                 return []
-            values = self._fetch(_id(x), list(key), rank)
-            return [values[k] for k in key]
-        return self._fetch(_id(x), [key], rank)[key]
+            keys = [_name(k) for k in key]
+            values = self._fetch(_id(x), keys, rank)
+            return [values[k] for k in keys]
+        return self._fetch(_id(x), [_name(key)], rank)[key]
 
     @_rpc
     def broadcast(self, h: HandleLike, rank: int = 0) -> int:
@@ -1020,7 +1084,8 @@ class Client:
     @_rpc
     def delete(self, d: HandleLike, *names: str) -> None:
         """Remove keys from a dictionary, all or nothing."""
-        self._stub.DeleteEntries(pb.DeleteEntriesRequest(dictionary=_id(d), names=list(names)), timeout=self.timeout)
+        request = pb.DeleteEntriesRequest(dictionary=_id(d), names=[_name(n) for n in names])
+        self._stub.DeleteEntries(request, timeout=self.timeout)
 
     @_rpc
     def tensor(self, x: Any) -> Any:
@@ -1217,21 +1282,15 @@ class Client:
             r = self._stub.CreateSession(pb.CreateSessionRequest(lease_seconds=lease), timeout=self.timeout)
             self.session, self.lease, self._owns_session = r.session, r.lease_seconds, True
             self._metadata.pairs[SESSION_METADATA] = r.session
-        self._keepalive = threading.Thread(target=self._renew, name="weightavg-keepalive", daemon=True)
+        # The thread holds the client weakly, and stops once it is garbage collected: it held it
+        # through a bound method, so a session client dropped without close() was never collected
+        # and renewed its lease (holding its handles on the server) until the process ended.
+        self._keepalive = threading.Thread(
+            target=_renew, args=(weakref.ref(self), self._stub, self._stop_keepalive, self.lease, self.session),
+            name="weightavg-keepalive", daemon=True,
+        )
+        weakref.finalize(self, self._stop_keepalive.set)
         self._keepalive.start()
-
-    def _renew(self) -> None:
-        """Renew the lease three times per lease period until close(); stop if the session has ended."""
-        interval = max(self.lease / 3.0, 0.05)
-        while not self._stop_keepalive.wait(interval):
-            try:
-                self._stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=interval)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if isinstance(error, NotFoundError):
-                    log.warning("session %s has ended on the server: %s", self.session, error)
-                    return
-                log.info("session keep-alive failed (will retry): %s", error)
 
     @_rpc
     def keepalive(self) -> float:
@@ -1270,7 +1329,13 @@ class Client:
         error = from_rpc_error(exc)
         if isinstance(error, UnavailableError):
             error.message = re.sub(r"; last error: [A-Z_]+: ", ": ", error.message) + self._unavailable_hint()
+        elif isinstance(error, DeadlineExceededError) and error.message == _GRPC_DEADLINE:
+            # gRPC's own words, which named neither the deadline nor where it is set (found by review).
+            error.message += self._deadline_hint()
         return error
+
+    def _deadline_hint(self) -> str:
+        return f" (no answer within this client's timeout of {self.timeout:g} s; give a longer Client(..., timeout=...))"
 
     def _unavailable_hint(self) -> str:
         if self.tls:
@@ -1517,10 +1582,13 @@ class Client:
         _cuda.write(buffer, placed)
         return [(m, self._shm_names.cuda) for m, _ in placed]
 
+    @_rpc
     def _fetch_to_device(self, handle: str, names: list[str], device: Any) -> list[tuple[str, Any]] | None:
         """A fetch into new CUDA tensors on `device` through the registered CUDA buffer (the server
         copies device to device); None where the server takes no CUDA regions (the caller then
-        fetches through the host)."""
+        fetches through the host). Its failures are the client's exceptions (`_rpc`): the torch
+        helpers' `fetch(..., device="cuda")` calls it, and a raw grpc.RpcError (NOT_FOUND for a
+        freed handle) escaped there, which no `except WeightavgError` caught (found by review)."""
         try:
             return self._device_fetch(handle, names, device)
         except grpc.RpcError as exc:
@@ -1616,6 +1684,25 @@ class Client:
             region.close()
         if cuda is not None:
             cuda.close()
+
+
+def _renew(
+    client: weakref.ref[Client], stub: pb_grpc.WeightAveragingServiceStub, stop: threading.Event, lease: float,
+    session: str | None,
+) -> None:
+    """Renew a session's lease three times per lease period until the client is closed or garbage
+    collected (`stop`); stop if the session has ended. Then, as when a client dies, the server frees
+    the session's handles once the lease runs out."""
+    interval = max(lease / 3.0, 0.05)
+    while not stop.wait(interval) and client() is not None:
+        try:
+            stub.KeepAliveSession(pb.KeepAliveSessionRequest(), timeout=interval)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            if isinstance(error, NotFoundError):
+                log.warning("session %s has ended on the server: %s", session, error)
+                return
+            log.info("session keep-alive failed (will retry): %s", error)
 
 
 def _placement(replicate: bool, rank: int | None) -> pb.Placement:

@@ -187,6 +187,8 @@ def torch_host_array(value: Any) -> npt.NDArray[Any]:
     bfloat16 tensor fails, as it does for a tensor that requires grad such as an nn.Parameter).
     Uses the torch its caller loaded: the client never imports torch."""
     torch = sys.modules["torch"]
+    if value.layout != torch.strided:  # .contiguous() failed: "unsupported memory format option Contiguous"
+        raise TypeError(f"a tensor of layout {value.layout} cannot be sent; send t.to_dense()")
     host = value.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
     if host.dtype == torch.bfloat16:
         bits: npt.NDArray[Any] = host.view(torch.int16).numpy()
@@ -206,7 +208,14 @@ def _is_torch_tensor(value: Any) -> bool:
 
 def to_array(value: Any) -> npt.NDArray[Any]:
     """A contiguous little-endian array for a value: arrays as they are, Python ints int64, floats
-    float64, torch tensors (on any device) bit for bit (`torch_host_array`)."""
+    float64, torch tensors (on any device) bit for bit (`torch_host_array`). A masked array with
+    masked entries is a TypeError: the wire carries no mask."""
+    if isinstance(value, np.ma.MaskedArray) and np.ma.is_masked(value):
+        # np.asarray drops the mask: the values under it went as if they were data (found by review).
+        raise TypeError(
+            "a masked array with masked entries cannot be sent (the wire has no mask); send "
+            "value.filled(fill_value) with the value that stands for a missing entry"
+        )
     array = torch_host_array(value) if _is_torch_tensor(value) else np.asarray(value)
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         array = array.astype(array.dtype.newbyteorder("<"))
