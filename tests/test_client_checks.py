@@ -13,6 +13,8 @@ import pytest
 
 from conftest import LiveServer
 from weightavg import Client
+from weightavg._client import dtype_label
+from weightavg.v1 import weightavg_pb2 as pb
 
 NET = ["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3], ["linear", "d", 3, 2]]
 
@@ -264,3 +266,25 @@ def test_chunks_that_cannot_fit_the_message_cap_are_refused_when_the_client_is_m
         d = c.dict({"x": value})  # the largest chunks that fit the cap go up
     with Client(live_server.address, timeout=60) as c:  # the server's chunks may be larger than 1 MiB
         np.testing.assert_array_equal(c.dict(d, "x"), value)
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), 1e10, True, "soon"])
+def test_a_timeout_set_after_the_client_is_made_is_checked_as_the_constructor_s(bad: object) -> None:
+    """`c.timeout = -1` was taken as it was, and every later call then answered DEADLINE_EXCEEDED at once."""
+    client = Client("127.0.0.1:1", timeout=5.0)
+    try:
+        with pytest.raises(ValueError, match="timeout"):
+            client.timeout = bad  # type: ignore[assignment]
+        assert client.timeout == 5.0  # a refused value changes nothing
+        client.timeout = 7
+        assert client.timeout == 7.0
+    finally:
+        client.close()
+
+
+def test_a_listed_dtype_this_client_does_not_know_is_named_not_raised() -> None:
+    """A newer server may list a dtype this protocol lacks: `handles()` and `info()` raised
+    ValueError from protobuf's enum lookup for the whole listing."""
+    assert dtype_label(pb.DTYPE_FLOAT32) == "float32"
+    assert dtype_label(pb.DTYPE_BFLOAT16) == "bfloat16"
+    assert dtype_label(999) == "unknown dtype 999"  # type: ignore[arg-type]

@@ -325,6 +325,15 @@ MAX_TIMEOUT = 1e9
 epoch in 64 bits, and answered DEADLINE_EXCEEDED at once for one past about 7.4e9 s from now."""
 
 
+def dtype_label(number: "pb.Dtype.ValueType") -> str:
+    """A listed dtype's name as the client writes dtypes ("float32"), or "unknown dtype N" for one
+    this client's protocol does not know (a newer server's): a listing must not fail on it."""
+    try:
+        return pb.Dtype.Name(number).removeprefix("DTYPE_").lower()
+    except ValueError:
+        return f"unknown dtype {number}"
+
+
 def checked_timeout(timeout: float) -> float:
     """`timeout` if it is a number of seconds more than 0 and at most MAX_TIMEOUT; ValueError
     otherwise. A negative, NaN, infinite or too large deadline was sent as given, and every call
@@ -414,7 +423,7 @@ class Client:
     ) -> None:
         address = target(address)
         self.address = address
-        self.timeout = checked_timeout(timeout)
+        self.timeout = timeout  # checked by the property
         self.chunk_bytes = wire.checked_chunk_bytes(chunk_bytes)
         self.tls = bool(tls or tls_ca or client_cert or client_key)
         options: list[tuple[str, Any]] = [
@@ -492,6 +501,16 @@ class Client:
         """A client-streaming call whose requests are sent pre-encoded (one copy a byte)."""
         return self._channel.stream_unary(f"/{_SERVICE}/{method}", response_deserializer=response.FromString)
 
+    @property
+    def timeout(self) -> float:
+        """Each call's default deadline, in seconds; set it like the constructor's `timeout`, checked
+        the same way (a ValueError for 0, a negative, NaN, infinite or over MAX_TIMEOUT)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._timeout = checked_timeout(seconds)
+
     def close(self) -> None:
         """Stop renewing the session and end it if this client started it (freeing its handles),
         then close the channel. Handles created without a session stay until freed."""
@@ -531,7 +550,7 @@ class Client:
             "grpc_version": r.grpc_version,
             "device": r.device,
             "layer_types": list(r.layer_types),
-            "dtypes": [pb.Dtype.Name(d).removeprefix("DTYPE_").lower() for d in r.dtypes],
+            "dtypes": [dtype_label(d) for d in r.dtypes],
             "max_message_bytes": r.max_message_bytes,
             "chunk_bytes": r.chunk_bytes,
             "max_spec_depth": r.max_spec_depth,
@@ -1161,7 +1180,7 @@ class Client:
         return [
             HandleInfo(
                 _handle(i.handle), i.device,
-                pb.Dtype.Name(i.dtype).removeprefix("DTYPE_").lower() if i.dtype else None,
+                dtype_label(i.dtype) if i.dtype else None,
                 i.bytes, i.tensor_count,
                 _schedule(i.moving_average) if i.HasField("moving_average") else None, i.tenant,
             )
