@@ -72,7 +72,7 @@ def test_a_client_with_a_1_mib_limit_fetches_large_and_packed_small_tensors_and_
     client: Client, small_limit: Client
 ) -> None:
     """Many small tensors (packed replies) around large ones, and a name of 3,000 bytes, whose header
-    travels with a full chunk of data: the client leaves room for it below its limit."""
+    goes alone, its data after it: with a full chunk it went over the limit."""
     rng = np.random.default_rng(1)
     values: dict[str, np.ndarray] = {f"b{i}": rng.standard_normal(1 + i % 300).astype(np.float32) for i in range(500)}
     values["big"] = rng.standard_normal((1000, 700))  # 5.6 MB of float64
@@ -135,8 +135,35 @@ def test_the_client_asks_for_its_chunk_bytes_within_its_receive_limit(live_serve
 
     address = live_server.address
     assert asked(Client(address)) == SERVER_CHUNK
-    assert asked(Client(address, max_message_bytes=MIB, chunk_bytes=MIB - 1024)) == MIB - (5 << 10)
+    assert asked(Client(address, max_message_bytes=MIB, chunk_bytes=MIB - 1024)) == MIB - 1024
     assert asked(Client(address, chunk_bytes=100)) == 1024
     assert asked(Client(address, max_message_bytes=-1, chunk_bytes=8 * MIB)) == 8 * MIB
     with grpc.insecure_channel(address) as channel:
         assert asked(Client(address, channel=channel, chunk_bytes=2 * MIB)) == 2 * MIB
+
+
+LONG = "n" * 3000
+"""An entry name of 3,000 bytes: a header over the wire's 512 bytes of header room, under its old 4 KiB."""
+
+
+def test_a_long_named_tensor_goes_up_through_a_limit_that_keeps_1_kib_of_room(
+    client: Client, small_limit: Client
+) -> None:
+    """Its header went up with a full chunk (1 MiB less 1 KiB plus 3,000 bytes): RESOURCE_EXHAUSTED
+    "CLIENT: Sent message larger than max" from a client whose chunk_bytes its own check allowed."""
+    x = np.random.default_rng(4).integers(0, 255, 3 * MIB, dtype=np.uint8)
+    d = small_limit.dict({LONG: x})
+    assert same(client.dict(d, LONG), x)
+
+
+def test_a_server_at_its_own_cap_sends_a_long_named_tensor(start_server: Any) -> None:
+    """--chunk-bytes at --max-message-bytes less 1024, as the server's config allows: the header of a
+    long name with a full chunk went over the server's own send cap (RESOURCE_EXHAUSTED "SERVER:
+    Sent message larger than max"), to every client, whatever it asked."""
+    server = start_server(max_message_bytes=MIB, chunk_bytes=MIB - 1024)
+    x = np.random.default_rng(5).integers(0, 255, 3 * MIB, dtype=np.uint8)
+    with Client(server.address, timeout=120, chunk_bytes=64 << 10) as c:
+        d = c.dict({LONG: x})
+        assert same(c.dict(d, LONG), x)
+        chunks = chunks_of(raw_fetch(server.address, pb.FetchTensorsRequest(handle=d.id)))  # the server's chunks
+        assert same(dict(wire.join_chunks(chunks))[LONG], x)

@@ -59,10 +59,6 @@ def _checked_message_cap(chunk_bytes: int, max_message_bytes: int) -> None:
         )
 
 
-REPLY_HEADER_ROOM = 5 << 10
-"""Bytes a fetch leaves in this client's receive limit beside a reply chunk's data: up to 4 KiB of
-name and shape travel with data on a header chunk (a longer header goes alone; docs/clients.md),
-and CHUNK_HEADER_ROOM more for the framing."""
 MIN_REPLY_CHUNK_BYTES = 1 << 10
 """The smallest FetchTensorsRequest.max_chunk_bytes a server takes (INVALID_ARGUMENT below it)."""
 
@@ -75,7 +71,7 @@ def _reply_chunk_bytes(chunk_bytes: int, max_message_bytes: int | None) -> int:
     message larger than max")."""
     if max_message_bytes is None or max_message_bytes < 0:
         return max(MIN_REPLY_CHUNK_BYTES, chunk_bytes)
-    return max(MIN_REPLY_CHUNK_BYTES, min(chunk_bytes, max_message_bytes - REPLY_HEADER_ROOM))
+    return max(MIN_REPLY_CHUNK_BYTES, min(chunk_bytes, max_message_bytes - CHUNK_HEADER_ROOM))
 
 
 _KIND_NAMES = {

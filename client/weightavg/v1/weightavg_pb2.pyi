@@ -1984,7 +1984,7 @@ class FetchTensorsRequest(_message.Message):
     the server's chunk size (GetServerInfoResponse.chunk_bytes): the server cuts each tensor's data
     into chunks of at most the smaller of the two, and packs (packed_chunks) no more than that into a
     message. A message adds a header to its data (the entry name and shape, a few bytes of framing;
-    a header over 4 KiB goes alone): leave that much room below the receive limit. 0 (unset): the
+    a header over 512 bytes goes alone): leave 1 KiB below the receive limit. 0 (unset): the
     server's own chunk size. At least 1024 (INVALID_ARGUMENT otherwise, before anything is read).
     """
     @_builtins.property
