@@ -58,6 +58,22 @@ def _checked_message_cap(chunk_bytes: int, max_message_bytes: int) -> None:
             f"name and shape ({CHUNK_HEADER_ROOM} bytes): uploads of larger tensors would be refused; {fix}"
         )
 
+
+MIN_REPLY_CHUNK_BYTES = 1 << 10
+"""The smallest FetchTensorsRequest.max_chunk_bytes a server takes (INVALID_ARGUMENT below it)."""
+
+
+def _reply_chunk_bytes(chunk_bytes: int, max_message_bytes: int | None) -> int:
+    """FetchTensorsRequest.max_chunk_bytes for a client: its chunk_bytes, less where its receive limit
+    (None: a channel of the caller's, whose limit it does not know; gRPC's -1: none) leaves less room,
+    never below the server's floor. Without it the server sent its own --chunk-bytes, and a client
+    whose limit was below them fetched no tensor larger than the limit (RESOURCE_EXHAUSTED "Received
+    message larger than max")."""
+    if max_message_bytes is None or max_message_bytes < 0:
+        return max(MIN_REPLY_CHUNK_BYTES, chunk_bytes)
+    return max(MIN_REPLY_CHUNK_BYTES, min(chunk_bytes, max_message_bytes - CHUNK_HEADER_ROOM))
+
+
 _KIND_NAMES = {
     pb.HANDLE_KIND_MODULE: "module",
     pb.HANDLE_KIND_MODEL: "model",
@@ -360,7 +376,9 @@ class Client:
             (ValueError otherwise, before anything is sent).
         max_message_bytes: largest gRPC message this client sends or receives (64 MiB, the server's
             default --max-message-bytes); at least chunk_bytes plus CHUNK_HEADER_ROOM (ValueError
-            otherwise, before anything is sent).
+            otherwise, before anything is sent). Every fetch asks the server for chunks of at most
+            chunk_bytes that fit this limit with their header (FetchTensorsRequest.max_chunk_bytes),
+            so a limit below the server's --chunk-bytes still fetches tensors of any size.
         channel: a gRPC channel to use instead of one this client opens to address (the TLS
             arguments, server_name and max_message_bytes then do not apply to it); close() closes it.
         token: bearer token, sent as "authorization: Bearer <token>" on every call.
@@ -439,6 +457,8 @@ class Client:
             options.append(("grpc.ssl_target_name_override", server_name))
         if channel is None:
             _checked_message_cap(self.chunk_bytes, max_message_bytes)
+        self._reply_chunk_bytes = _reply_chunk_bytes(self.chunk_bytes, max_message_bytes if channel is None else None)
+        """What each fetch asks the server to cut tensors into (FetchTensorsRequest.max_chunk_bytes)."""
         if channel is None and bool(client_cert) != bool(client_key):
             # gRPC's C core aborts the whole process on one without the other (a failed CHECK: the
             # training job that made this client died with SIGABRT; found by review).
@@ -1377,7 +1397,9 @@ class Client:
                 fetched = self._shm_fetch(handle, names)  # registered again
             if fetched is not None:
                 return fetched
-        request = pb.FetchTensorsRequest(handle=handle, names=names, rank=rank, packed_chunks=True)
+        request = pb.FetchTensorsRequest(
+            handle=handle, names=names, rank=rank, packed_chunks=True, max_chunk_bytes=self._reply_chunk_bytes
+        )
         stream = self._fetch_tensors(request, timeout=self.timeout)
         return wire.join_chunks(stream)
 

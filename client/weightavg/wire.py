@@ -557,12 +557,15 @@ def checked_chunk_bytes(chunk_bytes: int) -> int:
     return n
 
 
-_HEADER_ROOM = 4 << 10
+_HEADER_ROOM = 512
 """Bytes of name and shape a header chunk may add to a full chunk of data. A header longer than this
 (a long entry name) goes alone, its data in the chunks after it, so that no message of a stream is
 more than chunk_bytes plus _HEADER_ROOM (plus a few bytes of framing) or its header alone: a peer
 whose message cap fits its chunks also takes a tensor of a long name (before, its header and first
-chunk together went over the cap: uploaded, RESOURCE_EXHAUSTED; stored, never fetched)."""
+chunk together went over the cap: uploaded, RESOURCE_EXHAUSTED; stored, never fetched). It and the
+framing stay within the 1024 bytes of room that client and server keep in their message caps
+(CHUNK_HEADER_ROOM): at 4 KiB, a name of 3,000 bytes with a full chunk still went over a cap that
+kept exactly that room (RESOURCE_EXHAUSTED "Sent message larger than max", on either side)."""
 
 
 def _header_bytes(name: str, shape: Sequence[int]) -> int:

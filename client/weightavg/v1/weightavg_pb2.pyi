@@ -1972,12 +1972,21 @@ class FetchTensorsRequest(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     PACKED_CHUNKS_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Dictionary, tensor, or module/model/optimizer handle id."""
     rank: _builtins.int
     """Of a replicated object: read this rank's values; unset: rank 0's."""
     packed_chunks: _builtins.bool
     """The caller reads TensorChunk.packed: the server may carry several small chunks in one message."""
+    max_chunk_bytes: _builtins.int
+    """The most tensor bytes the caller takes in one message, for a caller whose receive limit is below
+    the server's chunk size (GetServerInfoResponse.chunk_bytes): the server cuts each tensor's data
+    into chunks of at most the smaller of the two, and packs (packed_chunks) no more than that into a
+    message. A message adds a header to its data (the entry name and shape, a few bytes of framing;
+    a header over 512 bytes goes alone): leave 1 KiB below the receive limit. 0 (unset): the
+    server's own chunk size. At least 1024 (INVALID_ARGUMENT otherwise, before anything is read).
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Entry or parameter names; empty means all entries (dictionary) or the tensor itself. Required
@@ -1991,10 +2000,11 @@ class FetchTensorsRequest(_message.Message):
         names: _abc.Iterable[_builtins.str] | None = ...,
         rank: _builtins.int | None = ...,
         packed_chunks: _builtins.bool = ...,
+        max_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "handle", b"handle", "names", b"names", "packed_chunks", b"packed_chunks", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "handle", b"handle", "max_chunk_bytes", b"max_chunk_bytes", "names", b"names", "packed_chunks", b"packed_chunks", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015

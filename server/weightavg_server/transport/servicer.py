@@ -334,9 +334,10 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsEncoded(self, request: pb.FetchTensorsRequest, context: Context) -> Iterator[codec.Encoded]:
         """FetchTensors, answered with pre-encoded FetchTensorsResponse messages (one copy a byte):
         `add_to_server` registers it under FetchTensors with the serializer that passes them on."""
+        chunk_bytes = reply_chunk_bytes(request.max_chunk_bytes, self.chunk_bytes)
         # reused: the copies are read only while the reply is encoded, inside the block
         with self.service.fetch(request.handle, list(request.names), rank=_rank(request), reused=True) as copies:
-            yield from codec.encoded_chunks(copies, self.chunk_bytes, pack=request.packed_chunks)
+            yield from codec.encoded_chunks(copies, chunk_bytes, pack=request.packed_chunks)
 
     @translate_errors
     def GetSize(self, request: pb.GetSizeRequest, context: Context) -> pb.GetSizeResponse:
@@ -615,6 +616,27 @@ def _placement(request: Any) -> Placement:
     if p is None:
         return Placement()
     return Placement(replicate=p.replicate, rank=p.rank if p.HasField("rank") else None)
+
+
+MIN_REPLY_CHUNK_BYTES = 1 << 10
+"""The smallest FetchTensorsRequest.max_chunk_bytes taken: smaller chunks would multiply a reply's
+messages (a 1 GB tensor in a million of them) for no receive limit any gRPC library has."""
+
+
+def reply_chunk_bytes(requested: int, server_chunk_bytes: int) -> int:
+    """The chunk size of a FetchTensors reply: the server's own, or the caller's max_chunk_bytes where
+    that is smaller (0: none given). Without it, a caller whose receive limit was below the server's
+    --chunk-bytes could fetch no tensor larger than that limit (RESOURCE_EXHAUSTED "Received message
+    larger than max" on its side, every time). InvalidArgument below MIN_REPLY_CHUNK_BYTES."""
+    if requested == 0:
+        return server_chunk_bytes
+    if requested < MIN_REPLY_CHUNK_BYTES:
+        raise InvalidArgument(
+            f"max_chunk_bytes ({requested}) is below the smallest chunk the server sends "
+            f"({MIN_REPLY_CHUNK_BYTES} bytes): give at least {MIN_REPLY_CHUNK_BYTES}, or 0 for the server's own "
+            f"chunk size ({server_chunk_bytes})"
+        )
+    return min(requested, server_chunk_bytes)
 
 
 def _rank(request: Any) -> int | None:
