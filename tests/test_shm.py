@@ -647,15 +647,23 @@ def test_a_served_region_cap_leaves_descriptors_for_new_connections() -> None:
     import sys
     from pathlib import Path
 
+    import tempfile
+
+    errors = tempfile.TemporaryFile(mode="w+")  # why the server did not start, if it does not (seen once under load)
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu", "--allow-shm"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=errors, text=True,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
     )
     files = [shared_memory.SharedMemory(create=True, size=4096) for _ in range(3)]
     try:
         assert process.stdout is not None
-        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        line = process.stdout.readline()
+        if "serving on" not in line:
+            process.wait(timeout=30)
+            errors.seek(0)
+            pytest.fail(f"the server did not start (exit {process.returncode}, stdout {line!r}):\n{errors.read()[-4000:]}")
+        address = line.strip().removeprefix("weightavg serving on ")
         with grpc.insecure_channel(address) as channel, contextlib.ExitStack() as sessions:
             stub = pb_grpc.WeightAveragingServiceStub(channel)
             owners = [sessions.enter_context(Client(address, session=True, timeout=WAIT)) for _ in files]
@@ -671,6 +679,7 @@ def test_a_served_region_cap_leaves_descriptors_for_new_connections() -> None:
     finally:
         process.kill()
         process.wait()
+        errors.close()
         for memory in files:
             memory.close()
             memory.unlink()
