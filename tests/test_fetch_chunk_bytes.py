@@ -167,3 +167,54 @@ def test_a_server_at_its_own_cap_sends_a_long_named_tensor(start_server: Any) ->
         assert same(c.dict(d, LONG), x)
         chunks = chunks_of(raw_fetch(server.address, pb.FetchTensorsRequest(handle=d.id)))  # the server's chunks
         assert same(dict(wire.join_chunks(chunks))[LONG], x)
+
+
+# -- the other streamed replies: RunEpoch, RunTest, EvaluateModel ------------------------------------
+
+WIDE = ["sequential", ["linear", "a", 8, 1024]]
+"""Outputs of 4 KiB a row: 600 rows make 2.4 MB, over the small client's 1 MiB."""
+
+
+def _wide_model(c: Client, rows: int = 600) -> tuple[Any, Any, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((rows, 8), dtype=np.float32), rng.integers(0, 1024, rows).astype(np.int64)
+    q = c.module(WIDE)
+    m = c.model(c.addref(q), c.loss("ce"), c.opt("sgd", q, 0.01))  # q stays the module's handle too
+    c.train(m, x, y)
+    c.test(m, x, y)
+    return q, m, x
+
+
+def test_epoch_test_and_evaluate_replies_fit_a_small_receive_limit(live_server: LiveServer, small_limit: Client) -> None:
+    """Each used to fail at the client with "Received message larger than max" once its output
+    metric or output passed the client's limit: the server cut them at its own 4 MiB."""
+    with Client(live_server.address, timeout=120) as wide:
+        q, m, x = _wide_model(wide)
+        expected = wide.evaluate(m, x)
+        assert expected.nbytes > 2 * MIB
+        assert same(small_limit.evaluate(m, x), expected)
+        small_limit.test(m, metrics="output")
+        assert same(small_limit.testrun(m), wide.testrun(m))
+        small_limit.train(m, metrics="output")
+        output = small_limit.run(m)
+        assert output.shape == (600, 1024) and np.isfinite(output).all()
+
+
+@pytest.mark.parametrize("method", ["RunEpoch", "RunTest"])
+def test_a_too_small_reply_chunk_is_refused_before_the_epoch_or_test_runs(live_server: LiveServer, method: str) -> None:
+    with Client(live_server.address, timeout=120) as c:
+        q, m, _ = _wide_model(c, rows=40)
+        view = c.parms(q)
+        before = c.dict(view)
+        request = (pb.RunEpochRequest if method == "RunEpoch" else pb.RunTestRequest)(model=m.id, max_chunk_bytes=1)
+        with grpc.insecure_channel(live_server.address) as channel:
+            call = channel.unary_stream(
+                f"/weightavg.v1.WeightAveragingService/{method}", request_serializer=type(request).SerializeToString,
+                response_deserializer=lambda b: b,
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(request, timeout=120))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_chunk_bytes (1)" in (err.value.details() or "")
+        after = c.dict(view)
+        assert all(same(before[k], after[k]) for k in before)  # nothing trained

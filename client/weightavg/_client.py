@@ -458,7 +458,8 @@ class Client:
         if channel is None:
             _checked_message_cap(self.chunk_bytes, max_message_bytes)
         self._reply_chunk_bytes = _reply_chunk_bytes(self.chunk_bytes, max_message_bytes if channel is None else None)
-        """What each fetch asks the server to cut tensors into (FetchTensorsRequest.max_chunk_bytes)."""
+        """What each fetch, epoch, test and evaluate asks the server to cut its reply's tensors into
+        (max_chunk_bytes of FetchTensorsRequest, RunEpochRequest, RunTestRequest, EvaluateModelRequest)."""
         if channel is None and bool(client_cert) != bool(client_key):
             # gRPC's C core aborts the whole process on one without the other (a failed CHECK: the
             # training job that made this client died with SIGABRT; found by review).
@@ -979,20 +980,20 @@ class Client:
             if len(data) != 2:
                 raise TypeError("run(m) or run(m, x, y)")
             self._model_data(_id(m), pb.DATA_SPLIT_TRAIN, data[0], data[1])
-        return _metrics(self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m)), timeout=self.timeout))
+        return _metrics(self._stub.RunEpoch(pb.RunEpochRequest(model=_id(m), max_chunk_bytes=self._reply_chunk_bytes), timeout=self.timeout))
 
     @_rpc
     def testrun(self, m: HandleLike) -> Any:
         """Evaluate over the test data; returns the test metrics (e.g. accuracy in percent). On a
         cluster, a replicated model tests on every rank: a list of each rank's metrics, by rank."""
-        return _metrics(self._stub.RunTest(pb.RunTestRequest(model=_id(m)), timeout=self.timeout))
+        return _metrics(self._stub.RunTest(pb.RunTestRequest(model=_id(m), max_chunk_bytes=self._reply_chunk_bytes), timeout=self.timeout))
 
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
         def send(encoded: Callable[[], Iterator[bytes]]) -> npt.NDArray[Any]:
             def requests() -> Iterator[bytes]:
-                yield pb.EvaluateModelRequest(model=_id(m)).SerializeToString()
+                yield pb.EvaluateModelRequest(model=_id(m), max_chunk_bytes=self._reply_chunk_bytes).SerializeToString()
                 yield from encoded()
 
             stream = self._evaluate_model_stream(Replayable(requests), timeout=self.timeout)  # retried as a read

@@ -3010,6 +3010,7 @@ class RunEpochRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
     request_id: _builtins.str
@@ -3017,15 +3018,20 @@ class RunEpochRequest(_message.Message):
     the first call's answer instead of running again (docs/robust.md).
     Field 15 in every message but UpdateMovingAverageRequest (11).
     """
+    max_chunk_bytes: _builtins.int
+    """The most tensor bytes the caller takes in one message of the reply, as
+    FetchTensorsRequest.max_chunk_bytes says (0: the server's own chunk size; at least 1024).
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        max_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3071,16 +3077,22 @@ class RunTestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id."""
+    max_chunk_bytes: _builtins.int
+    """The most tensor bytes the caller takes in one message of the reply, as
+    FetchTensorsRequest.max_chunk_bytes says (0: the server's own chunk size; at least 1024).
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        max_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3127,8 +3139,13 @@ class EvaluateModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model handle id; set on the first message."""
+    max_chunk_bytes: _builtins.int
+    """The most tensor bytes the caller takes in one message of the reply (set on the first message), as
+    FetchTensorsRequest.max_chunk_bytes says (0: the server's own chunk size; at least 1024).
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of the one input tensor."""
@@ -3138,10 +3155,11 @@ class EvaluateModelRequest(_message.Message):
         *,
         model: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
+        max_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "max_chunk_bytes", b"max_chunk_bytes", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -172,8 +172,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         chunks, key = ids.stream_key(first, message_type, _stream_chunks(message_type, first, requests))
         return self._upload(chunks, context), key
 
-    def _chunks(self, named: list[tuple[str, torch.Tensor]]) -> Iterator[pb.TensorChunk]:
-        return codec.tensors_chunks(named, self.chunk_bytes)
+    def _chunks(self, named: list[tuple[str, torch.Tensor]], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+        return codec.tensors_chunks(named, chunk_bytes)
 
     # -- the server ---------------------------------------------------------------------------------
 
@@ -429,18 +429,20 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def RunEpoch(self, request: pb.RunEpochRequest, context: Context) -> Iterator[pb.RunEpochResponse]:
+        chunk_bytes = reply_chunk_bytes(request.max_chunk_bytes, self.chunk_bytes)  # refused before the epoch
         with _stopping(context):
             metrics = self.service.run_epoch(request.model, _should_stop(context), request=ids.key(request))
         for rank, named in convert.metrics_by_rank(metrics):
-            for chunk in self._chunks(named):
+            for chunk in self._chunks(named, chunk_bytes):
                 yield pb.RunEpochResponse(chunk=chunk, rank=rank)
 
     @translate_errors
     def RunTest(self, request: pb.RunTestRequest, context: Context) -> Iterator[pb.RunTestResponse]:
+        chunk_bytes = reply_chunk_bytes(request.max_chunk_bytes, self.chunk_bytes)
         with _stopping(context):
             metrics = self.service.run_test(request.model, _should_stop(context))
         for rank, named in convert.metrics_by_rank(metrics):
-            for chunk in self._chunks(named):
+            for chunk in self._chunks(named, chunk_bytes):
                 yield pb.RunTestResponse(chunk=chunk, rank=rank)
 
     @translate_errors
@@ -448,10 +450,11 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request_iterator: Iterator[pb.EvaluateModelRequest], context: Context
     ) -> Iterator[pb.EvaluateModelResponse]:
         first = _first(request_iterator, "EvaluateModel")
+        chunk_bytes = reply_chunk_bytes(first.max_chunk_bytes, self.chunk_bytes)
         upload = self._rest(pb.EvaluateModelRequest, first, request_iterator, context)
         with _stopping(context), contextlib.ExitStack() as held:  # the output stays reserved as it streams
             output = self.service.evaluate(first.model, upload, _should_stop(context), held)
-            for chunk in self._chunks([("", output)]):
+            for chunk in self._chunks([("", output)], chunk_bytes):
                 yield pb.EvaluateModelResponse(chunk=chunk)
 
     @translate_errors
@@ -619,12 +622,12 @@ def _placement(request: Any) -> Placement:
 
 
 MIN_REPLY_CHUNK_BYTES = 1 << 10
-"""The smallest FetchTensorsRequest.max_chunk_bytes taken: smaller chunks would multiply a reply's
+"""The smallest max_chunk_bytes taken (FetchTensors, RunEpoch, RunTest, EvaluateModel): smaller chunks would multiply a reply's
 messages (a 1 GB tensor in a million of them) for no receive limit any gRPC library has."""
 
 
 def reply_chunk_bytes(requested: int, server_chunk_bytes: int) -> int:
-    """The chunk size of a FetchTensors reply: the server's own, or the caller's max_chunk_bytes where
+    """The chunk size of a streamed reply (FetchTensors, RunEpoch, RunTest, EvaluateModel): the server's own, or the caller's max_chunk_bytes where
     that is smaller (0: none given). Without it, a caller whose receive limit was below the server's
     --chunk-bytes could fetch no tensor larger than that limit (RESOURCE_EXHAUSTED "Received message
     larger than max" on its side, every time). InvalidArgument below MIN_REPLY_CHUNK_BYTES."""
