@@ -197,6 +197,40 @@ def test_a_bfloat16_module_into_a_float32_average_casts_in_pieces_with_the_same_
         assert torch.equal(fd.entries[name], ref[name].lerp_(p.detach().float(), w))
 
 
+def test_a_cast_off_the_cpu_goes_in_larger_pieces_and_is_reserved_as_such() -> None:
+    """On CUDA a piece costs two kernel launches, so pieces there are DEVICE_CAST_CHUNK elements
+    (about 9x faster on an H200 for a 25.6M span); the reservation follows. Meta tensors stand for
+    a device that is not the CPU: the plan and its bytes are worked out without running anything."""
+    numel = 2 * averaging.DEVICE_CAST_CHUNK + 3
+    net = torch.nn.Linear(numel, 1, bias=False, device="meta", dtype=torch.bfloat16)
+    d = TensorDict({"weight": torch.empty(1, numel, device="meta")})
+    update = averaging.prepare_average(net, d)
+    assert update.cast_bytes() == {"meta": averaging.DEVICE_CAST_CHUNK * 4}
+    small = torch.nn.Linear(averaging.DEVICE_CAST_CHUNK // 2, 1, bias=False, device="meta", dtype=torch.bfloat16)
+    whole = averaging.prepare_average(small, TensorDict({"weight": torch.empty(1, averaging.DEVICE_CAST_CHUNK // 2, device="meta")}))
+    assert whole.cast_bytes() == {"meta": averaging.DEVICE_CAST_CHUNK // 2 * 4}  # one piece: the whole value
+    cpu = torch.empty(averaging.CAST_CHUNK + 1)
+    assert averaging.cast_chunk(cpu) == averaging.CAST_CHUNK < averaging.cast_chunk(net.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_bfloat16_module_into_a_float32_average_on_cuda_casts_in_device_pieces_with_the_cast_then_lerp_bits() -> None:
+    net = flat.build_flat(lambda: torch.nn.Sequential(torch.nn.Linear(3000, 1500), torch.nn.Linear(1500, 7)))
+    move(net, torch.device("cuda"), torch.bfloat16)
+    d = averaging.copy_parameters(net, torch.float32)
+    update = averaging.prepare_ema(net, d, step=10**6)
+    assert update.cast_bytes() == {"cuda:0": averaging.DEVICE_CAST_CHUNK * 4}  # 4.5M elements: two pieces
+    ref = {n: t.clone() for n, t in d.entries.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    averaging.ema_update(net, d, step=10**6)
+    w = 1.0 - 0.9999
+    for name, p in net.named_parameters():
+        assert torch.equal(d.entries[name], ref[name].lerp_(p.detach().float(), w)), name
+
+
 def test_ema_flat_equals_per_tensor_and_torch_ema() -> None:
     flat_net, plain = twins(3)
     fd, pd = averaging.copy_parameters(flat_net), plain_copy(plain)

@@ -751,3 +751,110 @@ def test_on_cuda_a_merge_allocates_no_more_than_its_plan_reserves() -> None:
         merging.run(p, ds, base=kw.get("base"))  # type: ignore[arg-type]
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - start <= footprint.merge_bytes(p)["cuda:0"] + (1 << 20), method
+
+
+# -- flat dictionaries summed as spans (every merge on CUDA; the CPU's without the native kernel) --------------
+
+
+def flat_dicts(count: int, seed: int = 0, shapes: dict[str, tuple[int, ...]] = SHAPES) -> list[TensorDict]:
+    """Dictionaries laid out as copyparms makes them: each one's entries back to back in one buffer."""
+    out = []
+    for d in dicts(count, seed, shapes=shapes):
+        copies = flat.flat_copies(list(d.entries.values()), lambda t: (t.device, t.dtype))
+        out.append(TensorDict(dict(zip(d.entries, copies))))
+    assert all(flat.is_flat(list(d.entries.values())) for d in out)
+    return out
+
+
+def entry_by_entry(ds: Sequence[TensorDict], weights: Sequence[float], divisor: float | None) -> dict[str, torch.Tensor]:
+    """torch's operations one entry at a time, in separate tensors: what the server did before spans."""
+    want = {}
+    for name in ds[0].entries:
+        acc = torch.empty_like(ds[0].entries[name]).clone()
+        weighted_sum.by_torch(acc, [d.entries[name].clone() for d in ds], weights, divisor)
+        want[name] = acc
+    return want
+
+
+@pytest.fixture
+def sum_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Merges on torch's operations (as on CUDA), counting the weighted sums they run: one per span or entry."""
+    monkeypatch.setattr(weighted_sum, "_NATIVE", None)
+    calls: list[int] = []
+    real = weighted_sum.by_torch
+
+    def counted(acc: torch.Tensor, *args: object, **kwargs: object) -> None:
+        calls.append(acc.numel())
+        real(acc, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(weighted_sum, "by_torch", counted)
+    return calls
+
+
+ODD_SHAPES = {f"l{i}.weight": (7 + i, 13) for i in range(12)} | {"last.bias": (5,)}
+"""Odd sizes, so spans and entries split into vector lanes differently: the bits must not notice."""
+
+
+@pytest.mark.parametrize(("method", "options", "weights", "divides"), [
+    ("average", {}, [1.0, 2.0, 3.5], True), ("average", {}, [3e38, 2e38, 1e-3], True),
+    ("linear", {"normalize": False}, [0.3, -1.25, 2.0], False), ("linear", {}, [0.3, 1.25, 2.0], True),
+])
+def test_a_flat_merge_is_one_weighted_sum_per_span_with_each_entrys_bits(
+    sum_calls: list[int], method: str, options: dict[str, object], weights: list[float], divides: bool
+) -> None:
+    ds = flat_dicts(3, shapes=ODD_SHAPES)
+    scaled = merging.normalizing(tuple(weights))[0] if divides else tuple(weights)
+    want = entry_by_entry(ds, scaled, sum(scaled) if divides else None)
+    sum_calls.clear()
+    got = merged(method, ds, weights=weights, options=options)
+    assert sum_calls == [sum(math.prod(s) for s in ODD_SHAPES.values())]  # one span, not 13 entries
+    for name, t in want.items():
+        assert torch.equal(got.entries[name], t), name
+    into = flat_dicts(1, seed=5, shapes=ODD_SHAPES)[0]
+    sum_calls.clear()
+    merged(method, ds, weights=weights, options=options, into=into)
+    assert len(sum_calls) == 1
+    for name, t in want.items():
+        assert torch.equal(into.entries[name], t), name
+
+
+def test_into_one_of_its_flat_inputs_goes_entry_by_entry_and_reads_before_writing(sum_calls: list[int]) -> None:
+    """A span would write the result's first term over an input it still has to read."""
+    ds = flat_dicts(3)
+    want = {n: (ds[0].entries[n] + 2 * ds[1].entries[n] + ds[2].entries[n]) / 4 for n in SHAPES}
+    merged("average", ds, weights=[1.0, 2.0, 1.0], into=ds[1])
+    assert len(sum_calls) == len(SHAPES)
+    for name in SHAPES:
+        assert_close(ds[1].entries[name], want[name])
+
+
+def test_flat_inputs_of_another_dtype_or_shape_go_entry_by_entry(sum_calls: list[int]) -> None:
+    low = flat_dicts(2)
+    low[1] = TensorDict({n: t.bfloat16() for n, t in low[1].entries.items()})  # back to back, in bfloat16
+    got = merged("average", low)
+    assert len(sum_calls) == len(SHAPES)
+    for name in SHAPES:
+        assert_close(got.entries[name], (low[0].entries[name] + low[1].entries[name].float()) / 2)
+    sum_calls.clear()
+    rows = flat_dicts(2, shapes={"a": (4, 3), "b": (4, 3)})
+    wide = rows[1]
+    wide.entries["a"] = wide.entries["a"][:1]  # broadcast from one row: the run breaks there
+    got = merged("average", rows)
+    assert len(sum_calls) == 2
+    assert_close(got.entries["a"], (rows[0].entries["a"] + wide.entries["a"]) / 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_flat_merge_on_cuda_is_one_span_with_each_entrys_bits(sum_calls: list[int]) -> None:
+    shapes = {f"l{i}.weight": (400, 400) for i in range(16)} | {"odd": (7, 13)}
+    ds = [TensorDict({n: t.cuda() for n, t in d.entries.items()}) for d in flat_dicts(8, shapes=shapes)]
+    ds = [TensorDict(dict(zip(d.entries, flat.flat_copies(list(d.entries.values()), lambda t: (t.device, t.dtype)))))
+          for d in ds]
+    weights = [float(w) for w in range(1, 9)]
+    want = entry_by_entry(ds, weights, sum(weights))
+    sum_calls.clear()
+    got = merged("average", ds, weights=weights)
+    assert len(sum_calls) == 1
+    for name, t in want.items():
+        assert got.entries[name].is_cuda and torch.equal(got.entries[name], t), name

@@ -225,7 +225,7 @@ class Update:
         return flat.spans(self.pairs, [self.runs[i] for i in self.native.rest])
 
     def cast_bytes(self) -> Bytes:
-        """The most a lerp holds at once beyond the dictionary: one value (or `CAST_CHUNK` elements
+        """The most a lerp holds at once beyond the dictionary: one value (or `cast_chunk` elements
         of it) cast to its entry's dtype (values are cast one at a time, and a full copy casts none).
         Counted for every run of two dtypes, the kernel's (which casts nothing) too: a bound."""
         if self.weight == 1.0:
@@ -235,8 +235,8 @@ class Update:
             avg, p = self.pairs[start]
             if p.dtype != avg.dtype:
                 device = device_name(avg)
-                chunked = _chunked(avg, p) if stop - start == 1 else numel > CAST_CHUNK
-                pieces = CAST_CHUNK if chunked else (p.numel() if stop - start == 1 else numel)
+                chunked = _chunked(avg, p) if stop - start == 1 else numel > cast_chunk(avg)
+                pieces = cast_chunk(avg) if chunked else (p.numel() if stop - start == 1 else numel)
                 peak[device] = max(peak.get(device, 0), pieces * avg.element_size())
         return peak
 
@@ -445,8 +445,20 @@ def _check(name: str, entry: torch.Tensor, value: torch.Tensor, average: bool) -
 
 
 CAST_CHUNK = 1 << 18
-"""Elements cast at a time when a value's dtype differs from its entry's (a bfloat16 module into a
-float32 average): 1 MiB of float32, small enough to stay in cache between the cast and the lerp."""
+"""Elements cast at a time on the CPU when a value's dtype differs from its entry's (a bfloat16
+module into a float32 average): 1 MiB of float32, small enough to stay in cache between the cast
+and the lerp."""
+
+DEVICE_CAST_CHUNK = 1 << 22
+"""Elements cast at a time elsewhere (CUDA), where each piece costs two kernel launches and no cache
+is kept warm between them: on an H200 a bfloat16 span of 25.6M elements lerped into float32 took
+1975 us in pieces of `CAST_CHUNK`, 232 us in pieces of 2^22 and 214 us in one piece, the same bits
+each time (docs/perf.md, "GPU"). At most 16 MiB of float32 scratch per device."""
+
+
+def cast_chunk(t: torch.Tensor) -> int:
+    """How many elements of a value are cast at a time into t's dtype on t's device."""
+    return CAST_CHUNK if t.is_cpu else DEVICE_CAST_CHUNK
 
 
 FOREACH_MAX_ELEMENTS = 1 << 20
@@ -468,7 +480,7 @@ def _lerp_all(update: Update) -> None:
     "kernels" row of `python -m bench`). On
     CUDA one `_foreach_lerp_` launch replaces one launch per tensor for the pairs of one shape and
     dtype, below `FOREACH_MAX_ELEMENTS`; larger pairs get a `lerp_` each. A value of another dtype
-    is cast `CAST_CHUNK` elements at a time just before their lerp (the whole value when it
+    is cast `cast_chunk` elements at a time just before their lerp (the whole value when it
     broadcasts), into one buffer per device made before anything is written, so at most one such
     piece is alive (`Update.cast_bytes`) and running out of memory for it changes nothing.
     """
@@ -482,9 +494,9 @@ def _lerp_all(update: Update) -> None:
     for a, p in update.for_torch:
         if p.dtype != a.dtype:
             if _chunked(a, p):
-                a_flat, p_flat = a.view(-1), p.view(-1)
-                for i in range(0, a.numel(), CAST_CHUNK):
-                    a_flat[i:i + CAST_CHUNK].lerp_(_cast(scratch, p_flat[i:i + CAST_CHUNK], a.dtype), weight)
+                a_flat, p_flat, chunk = a.view(-1), p.view(-1), cast_chunk(a)
+                for i in range(0, a.numel(), chunk):
+                    a_flat[i:i + chunk].lerp_(_cast(scratch, p_flat[i:i + chunk], a.dtype), weight)
             else:
                 a.lerp_(_cast(scratch, p, a.dtype), weight)
         elif a.is_cuda and a.shape == p.shape and a.numel() < FOREACH_MAX_ELEMENTS:
@@ -504,7 +516,7 @@ def _cast_scratch(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[torch.
     sizes: dict[torch.device, int] = {}
     for a, p in pairs:
         if p.dtype != a.dtype:
-            nbytes = (CAST_CHUNK if _chunked(a, p) else p.numel()) * a.element_size()
+            nbytes = (cast_chunk(a) if _chunked(a, p) else p.numel()) * a.element_size()
             sizes[a.device] = max(sizes.get(a.device, 0), nbytes)
     return {device: torch.empty(nbytes, dtype=torch.uint8, device=device) for device, nbytes in sizes.items()}
 
@@ -517,7 +529,7 @@ def _cast(scratch: dict[torch.device, torch.Tensor], p: torch.Tensor, dtype: tor
 
 def _chunked(a: torch.Tensor, p: torch.Tensor) -> bool:
     """Whether a cast lerp goes piece by piece: same shape, both contiguous, more than one piece."""
-    return a.numel() > CAST_CHUNK and a.shape == p.shape and a.is_contiguous() and p.is_contiguous()
+    return a.numel() > cast_chunk(a) and a.shape == p.shape and a.is_contiguous() and p.is_contiguous()
 
 
 def apply(update: Update, d: TensorDict) -> None:
