@@ -140,36 +140,53 @@ def fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[Run]:
 def fuse_groups(groups: Sequence[Sequence[torch.Tensor]]) -> list[Run]:
     """`fuse` for groups of any one size (a result and its inputs, say): maximal runs in which each
     position's tensor lies right after that position's previous one in one storage, with one dtype
-    and device per position and one shape across the group; a lone group is a run of one."""
+    and device per position and one shape across the group; a lone group is a run of one.
+
+    A merge plans over thousands of tensors (8 dictionaries of 160 entries and the result: 1,440),
+    so each is read once, in a plain loop, the address first: that is what ends a run."""
     runs: list[Run] = []
     start = numel = 0
     ends: list[int] = []
     bases: list[int] = []
-    kind: tuple[object, ...] | None = None
+    kinds: list[tuple[torch.dtype, torch.device]] = []
+    open_run = False
+    """Whether the run that starts at `start` can take the next group."""
     for i, group in enumerate(groups):
         first = group[0]
-        joinable = all(t.shape == first.shape and t.is_contiguous() for t in group)
-        this = tuple((t.dtype, t.device) for t in group)
-        if (
-            joinable and i > start and this == kind
-            and all(t.data_ptr() == end for t, end in zip(group, ends))
-            and all(t.untyped_storage().data_ptr() == base for t, base in zip(group, bases))
-        ):
-            ends = [end + t.numel() * t.element_size() for t, end in zip(group, ends)]
+        shape = first.shape
+        if open_run and _extends(group, shape, ends, bases, kinds):
             numel += first.numel()
             continue
         if i > start:
             runs.append((start, i, numel))
         start, numel = i, first.numel()
-        if joinable:
-            kind = this
-            ends = [t.data_ptr() + t.numel() * t.element_size() for t in group]
+        open_run = all(t.shape == shape and t.is_contiguous() for t in group)
+        if open_run:
+            kinds = [(t.dtype, t.device) for t in group]
+            ends = [t.data_ptr() + t.nbytes for t in group]
             bases = [t.untyped_storage().data_ptr() for t in group]
-        else:
-            kind = None
     if len(groups) > start:
         runs.append((start, len(groups), numel))
     return runs
+
+
+def _extends(
+    group: Sequence[torch.Tensor], shape: torch.Size, ends: list[int], bases: list[int],
+    kinds: list[tuple[torch.dtype, torch.device]],
+) -> bool:
+    """Whether each of group's tensors starts where its position's run ends, in the same storage,
+    dtype and device, contiguous and of `shape`; if so the run's ends move past them."""
+    if len(group) != len(ends):
+        return False
+    for t, end, base, (dtype, device) in zip(group, ends, bases, kinds):
+        if (
+            t.data_ptr() != end or t.shape != shape or not t.is_contiguous() or t.dtype != dtype
+            or t.untyped_storage().data_ptr() != base or t.device != device
+        ):
+            return False
+    for j, t in enumerate(group):
+        ends[j] += t.nbytes
+    return True
 
 
 def spans(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], runs: Sequence[Run]) -> list[tuple[torch.Tensor, torch.Tensor]]:
