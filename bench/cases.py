@@ -78,6 +78,15 @@ class Local:
                 torch.cuda.synchronize(self.device)
         return call
 
+    def served_queue(self, c: Client, fn: Callable[[], Any], calls: int) -> Callable[[], None]:
+        """`calls` server calls back to back, then one wait for them all: how a training loop issues
+        its averages, never waiting on each one's kernel."""
+        return self.served(c, lambda: [fn() for _ in range(calls)])
+
+    def here_queue(self, fn: Callable[[], Any], calls: int) -> Callable[[], None]:
+        """`calls` runs of in-process work back to back, then one device sync."""
+        return self.here(lambda: [fn() for _ in range(calls)])
+
 
 def local_device(ctx: Context, case: str) -> Local | Skip:
     """The baseline's device for a case comparing a server call with torch in this process: the
@@ -129,6 +138,12 @@ def average_large(ctx: Context) -> list[Row | Skip]:
     nbytes = 3 * 4 * count * width * width  # read average and parameter, write average
     gbps = {k: [nbytes / t / GB for t in v] for k, v in times.items()}
     neighbour = _neighbour(local.served(c, lambda: c.avgparms(m, p)), local.here(lerp_loop), ctx.reps(15, 5))
+    queued = interleaved(
+        {"avgparms": local.served_queue(c, lambda: c.avgparms(m, p), QUEUED_CALLS),
+         "lerp_": local.here_queue(lerp_loop, QUEUED_CALLS)},
+        ctx.reps(7, 3),
+    )
+    per_call = {k: [t / QUEUED_CALLS for t in v] for k, v in queued.items()}
     c.free(m, p, *([local.marker] if local.marker is not None else []))
     return [
         row("average, large", "avgparms 25.6M fp32 / 160 tensors", "lerp_ loop in-process", times, "avgparms", "lerp_",
@@ -139,9 +154,18 @@ def average_large(ctx: Context) -> list[Row | Skip]:
             unit="GB/s", scale=1.0, target=">= 0.85", check=at_least(0.85)),
         row("average, floor (info)", "lerp_ loop in-process GB/s", "one large add_ GB/s", gbps, "lerp_", "add_",
             unit="GB/s", scale=1.0, note="what 160 separate in-place kernels reach without any server"),
+        row("average, queued (info)", f"{QUEUED_CALLS} avgparms, then one wait, per call",
+            f"{QUEUED_CALLS} lerp_ loops, then one sync, per loop", per_call, "avgparms", "lerp_",
+            note="as a training loop issues averages; on CUDA the rows above wait for each call's kernel"),
         row("average, neighbour (info)", "lerp_ loop right after an avgparms", "the loop 50 ms after one", neighbour,
             "after", "later", note="what the server's idle threads take from the job beside it (ops/openmp.py)"),
     ]
+
+
+QUEUED_CALLS = 10
+"""Calls per timed block in the "average, queued" row: one wait (a marker fetch on CUDA) per block.
+On an H200 a served avgparms and the fetch that waits for its kernel are two round trips (2.8 ms,
+4.2 ms after a pause), ten calls and one fetch 1.27 ms a call (docs/perf.md, "GPU", 2026-11-27)."""
 
 
 def _neighbour(call: Callable[[], Any], job: Callable[[], Any], repeats: int) -> dict[str, list[float]]:
