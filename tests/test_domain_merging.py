@@ -220,6 +220,26 @@ def test_integers_max_into_a_later_input_still_sees_every_value() -> None:
     assert ds[1].entries["b.num_batches_tracked"].item() == 9
 
 
+@pytest.mark.parametrize(("integers", "want"), [("first", [5, 1, 9, 2]), ("max", [5, 3, 9, 3])])
+def test_an_integer_entry_of_into_one_element_on_in_an_inputs_storage_gets_what_a_new_dictionary_gets(
+    integers: str, want: list[int]
+) -> None:
+    """An `into` entry that overlaps its input without being it: "max" left that input out as if
+    `into` held its values, and took into's own old elements instead ([3, 9, 3, 3]); "first" failed
+    in `copy_` with a RuntimeError (INTERNAL on a server) after the float entries were written. The
+    value is now made in a scratch buffer the plan reserves, as for a float entry, and copied in."""
+    storage = torch.tensor([5, 1, 9, 2, 0])
+    ds = [TensorDict({"w": torch.ones(3), "n": storage[0:4]}), TensorDict({"w": torch.zeros(3), "n": torch.full((4,), 3)})]
+    into = TensorDict({"w": torch.empty(3), "n": storage[1:5]})
+    p = plan_of("average", ds, into=into, options={"integers": integers})
+    merging.run(p, ds, into=into)
+    assert into.entries["n"].tolist() == want
+    assert into.entries["w"].tolist() == [0.5] * 3
+    assert footprint.merge_bytes(p) == {"cpu": 4 * 8}  # the integer entry's aside; the float one is direct
+    exact = plan_of("average", ds, into=ds[0], options={"integers": integers})
+    assert footprint.merge_bytes(exact)["cpu"] == 3 * 4  # into one of the inputs itself: no aside for "n"
+
+
 def test_integer_entries_that_differ_in_dtype_are_refused() -> None:
     ds = with_counts(dicts(2), [1, 2])
     ds[1].entries["b.num_batches_tracked"] = torch.tensor(2, dtype=torch.int32)
