@@ -9,6 +9,7 @@ allocations and a dictionary of separate copies, so nothing there can fuse.
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 from collections import OrderedDict
 
@@ -449,3 +450,104 @@ def test_flat_entries_and_parameters_can_be_written_in_place_with_grad_mode_on()
     update = averaging.prepare_average(net, d)
     for a, p in update.averaged:
         a.add_(p)
+
+
+# -- fuse_groups against the implementation it replaced ------------------------------------------------------
+
+
+def fuse_groups_before(groups: list[list[torch.Tensor]]) -> list[flat.Run]:
+    """`flat.fuse_groups` as it was before it was rewritten to read each tensor once (commit
+    1b3c319), verbatim: the oracle for the split into runs, which the rewrite must not change."""
+    runs: list[flat.Run] = []
+    start = numel = 0
+    ends: list[int] = []
+    bases: list[int] = []
+    kind: tuple[object, ...] | None = None
+    for i, group in enumerate(groups):
+        first = group[0]
+        joinable = all(t.shape == first.shape and t.is_contiguous() for t in group)
+        this = tuple((t.dtype, t.device) for t in group)
+        if (
+            joinable and i > start and this == kind
+            and all(t.data_ptr() == end for t, end in zip(group, ends))
+            and all(t.untyped_storage().data_ptr() == base for t, base in zip(group, bases))
+        ):
+            ends = [end + t.numel() * t.element_size() for t, end in zip(group, ends)]
+            numel += first.numel()
+            continue
+        if i > start:
+            runs.append((start, i, numel))
+        start, numel = i, first.numel()
+        if joinable:
+            kind = this
+            ends = [t.data_ptr() + t.numel() * t.element_size() for t in group]
+            bases = [t.untyped_storage().data_ptr() for t in group]
+        else:
+            kind = None
+    if len(groups) > start:
+        runs.append((start, len(groups), numel))
+    return runs
+
+
+class _Cursor:
+    """Where one position's next tensor goes: usually right after its previous one in the same
+    buffer, sometimes after a gap, in another buffer of the same or another dtype or device, or a
+    tensor of its own, an empty one, a non-contiguous view or a reshaped one."""
+
+    def __init__(self, rng: torch.Generator) -> None:
+        self.rng = rng
+        self.buffer = self._new()
+        self.at = 0
+
+    def _pick(self, n: int) -> int:
+        return int(torch.randint(n, (), generator=self.rng))
+
+    def _new(self) -> torch.Tensor:
+        dtype = (torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.int64)[self._pick(5)]
+        device = "meta" if self._pick(6) == 0 else "cpu"
+        return torch.empty(4096, dtype=dtype, device=device)
+
+    def next(self, shape: tuple[int, ...]) -> torch.Tensor:
+        move = self._pick(14)
+        if move == 0:
+            self.at += 1 + self._pick(3)  # a gap
+        elif move == 1:
+            self.buffer, self.at = self._new(), self._pick(3)  # another storage
+        elif move == 2:
+            return torch.empty(shape, dtype=self.buffer.dtype)  # a tensor of its own
+        elif move == 3:
+            return self.buffer[self.at:self.at]  # an empty view where the run goes on
+        elif move == 4:
+            return torch.empty(0, dtype=self.buffer.dtype)  # an empty tensor of its own
+        numel = math.prod(shape)
+        if self.at + numel > self.buffer.numel():
+            self.buffer, self.at = self._new(), 0
+        t = self.buffer[self.at:self.at + numel]
+        self.at += numel
+        if move == 5 and len(shape) == 2 and shape[0] > 1 and shape[1] > 1:
+            return t.view(shape[::-1]).t()  # non-contiguous, of the same shape and span
+        if move == 6:
+            return t.view(numel)  # the same span in another shape
+        return t.view(shape)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fuse_groups_splits_every_layout_into_the_runs_it_did_before_its_rewrite(seed: int) -> None:
+    """Random layouts of groups (a result and its inputs, or an average's pairs): back to back
+    mostly, with gaps, storages shared across positions, dtype and device (meta) changes, empty
+    and non-contiguous tensors, shapes that differ within a group and groups of differing length."""
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(25):
+        width = 1 + int(torch.randint(4, (), generator=rng))
+        cursors = [_Cursor(rng) for _ in range(width + 1)]
+        if int(torch.randint(3, (), generator=rng)) == 0:
+            cursors[1] = cursors[0]  # two positions in one storage: a result written into an input's buffer
+        groups: list[list[torch.Tensor]] = []
+        for _ in range(int(torch.randint(1, 30, (), generator=rng))):
+            shape = ((2, 3), (5,), (3, 2), (1,), (0,), (4, 4), ())[int(torch.randint(7, (), generator=rng))]
+            size = width + (1 if int(torch.randint(12, (), generator=rng)) == 0 else 0)  # groups of differing length
+            group = [c.next(shape) for c in cursors[:size]]
+            if size > 1 and int(torch.randint(12, (), generator=rng)) == 0:
+                group[-1] = group[-1].reshape(-1)[:1]  # a value that broadcasts
+            groups.append(group)
+        assert flat.fuse_groups(groups) == fuse_groups_before(groups)

@@ -220,6 +220,26 @@ def test_integers_max_into_a_later_input_still_sees_every_value() -> None:
     assert ds[1].entries["b.num_batches_tracked"].item() == 9
 
 
+@pytest.mark.parametrize(("integers", "want"), [("first", [5, 1, 9, 2]), ("max", [5, 3, 9, 3])])
+def test_an_integer_entry_of_into_one_element_on_in_an_inputs_storage_gets_what_a_new_dictionary_gets(
+    integers: str, want: list[int]
+) -> None:
+    """An `into` entry that overlaps its input without being it: "max" left that input out as if
+    `into` held its values, and took into's own old elements instead ([3, 9, 3, 3]); "first" failed
+    in `copy_` with a RuntimeError (INTERNAL on a server) after the float entries were written. The
+    value is now made in a scratch buffer the plan reserves, as for a float entry, and copied in."""
+    storage = torch.tensor([5, 1, 9, 2, 0])
+    ds = [TensorDict({"w": torch.ones(3), "n": storage[0:4]}), TensorDict({"w": torch.zeros(3), "n": torch.full((4,), 3)})]
+    into = TensorDict({"w": torch.empty(3), "n": storage[1:5]})
+    p = plan_of("average", ds, into=into, options={"integers": integers})
+    merging.run(p, ds, into=into)
+    assert into.entries["n"].tolist() == want
+    assert into.entries["w"].tolist() == [0.5] * 3
+    assert footprint.merge_bytes(p) == {"cpu": 4 * 8}  # the integer entry's aside; the float one is direct
+    exact = plan_of("average", ds, into=ds[0], options={"integers": integers})
+    assert footprint.merge_bytes(exact)["cpu"] == 3 * 4  # into one of the inputs itself: no aside for "n"
+
+
 def test_integer_entries_that_differ_in_dtype_are_refused() -> None:
     ds = with_counts(dicts(2), [1, 2])
     ds[1].entries["b.num_batches_tracked"] = torch.tensor(2, dtype=torch.int32)
@@ -858,3 +878,113 @@ def test_a_flat_merge_on_cuda_is_one_span_with_each_entrys_bits(sum_calls: list[
     assert len(sum_calls) == 1
     for name, t in want.items():
         assert got.entries[name].is_cuda and torch.equal(got.entries[name], t), name
+
+
+def random_layout(seed: int) -> tuple[list[TensorDict], TensorDict | None, str, list[float], list[tuple[str, object]]]:
+    """Dictionaries laid out at random, the same for a seed: each one flat (in the names' order or
+    another), flat with gaps, or a tensor per entry, in float32 or float64 (now and then one bfloat16
+    or transposed entry), odd and empty shapes, a dictionary given twice; `into` none, a flat
+    dictionary of its own, one of the inputs, or one that shares an input's storage one element on
+    (refused, or summed through scratch where it overlaps only its own name); weights that need
+    rescaling, negative ones for linear without normalize."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(n: int) -> int:
+        return int(torch.randint(n, (), generator=g))
+
+    names = [f"e{i}" for i in range(2 + pick(5))]
+    shapes = {n: ((5, 3), (17,), (0,), (1,), (2, 9), ())[pick(6)] for n in names}
+    dtype = (torch.float32, torch.float64)[pick(2)]
+
+    def layout() -> TensorDict:
+        kind = dtype if pick(6) else (torch.float32, torch.float64, torch.bfloat16)[pick(3)]
+        values = {n: torch.randn(shapes[n], generator=g, dtype=torch.float64).to(kind) for n in names}
+        mode = (0, 0, 0, 1, 2, 3)[pick(6)]
+        if mode == 3:
+            return TensorDict(values)  # a tensor per entry
+        order = names if mode == 0 else [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
+        gaps = [pick(3) if mode == 2 else 0 for _ in order]
+        buffer = torch.randn(1 + sum(gaps) + sum(math.prod(shapes[n]) for n in order), generator=g).to(kind)
+        at, entries = 1, {}
+        for n, gap in zip(order, gaps):
+            at += gap
+            entries[n] = buffer[at:at + math.prod(shapes[n])].view(shapes[n]).copy_(values[n])
+            at += math.prod(shapes[n])
+        if pick(8) == 0:
+            odd = names[pick(len(names))]
+            entries[odd] = entries[odd].bfloat16() if pick(2) else entries[odd].t().contiguous().t()
+        return TensorDict({n: entries[n] for n in names})
+
+    ds = [layout() for _ in range(1 + pick(4))]
+    if len(ds) > 1 and pick(3) == 0:
+        ds[1] = ds[0]
+    into: TensorDict | None = None
+    choice = (0, 1, 1, 2, 2, 3)[pick(6)]
+    if choice == 1:
+        into = TensorDict(dict(zip(names, flat.flat_copies([layout().entries[n] for n in names]))))
+    elif choice == 2:
+        into = ds[pick(len(ds))]
+    elif choice == 3:
+        source = ds[pick(len(ds))].entries
+        into = TensorDict({
+            n: torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset() + 1, t.shape, t.stride())
+            if t.is_contiguous() and t.numel() and (t.storage_offset() + 1 + t.numel()) * t.element_size()
+            <= t.untyped_storage().nbytes() else torch.zeros(t.shape, dtype=t.dtype)
+            for n, t in source.items()
+        })
+    method = ("average", "linear")[pick(2)]
+    scale = (1.0, 3e38, 1e-30)[pick(3)]
+    weights = [scale * (1.0 + pick(4)) * (-1.0 if method == "linear" and pick(3) == 0 else 1.0) for _ in ds]
+    options: list[tuple[str, object]] = [("normalize", bool(pick(2)))] if method == "linear" else []
+    if method == "linear" and options[0][1] and sum(weights) == 0:
+        weights[0] *= 2
+    return ds, into, method, weights, options
+
+
+def run_layout(seed: int) -> tuple[dict[str, torch.Tensor] | str, list[dict[str, torch.Tensor]]]:
+    """A random layout merged: the result (or the refusal) and every input afterwards."""
+    ds, into, method, weights, options = random_layout(seed)
+    try:
+        p = merging.plan(merging.METHODS[method], ds, weights=weights, into=into, kwargs=options)  # type: ignore[arg-type]
+    except InvalidArgument as exc:
+        return str(exc), []
+    out = merging.run(p, ds, into=into)
+    return {n: t.clone() for n, t in out.entries.items()}, unchanged(ds)
+
+
+def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(-1).view(torch.uint8) if t.numel() else t
+
+    return a.keys() == b.keys() and all(a[n].dtype == b[n].dtype and torch.equal(raw(a[n]), raw(b[n])) for n in a)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+def test_spans_give_every_random_layout_the_bits_and_refusals_it_gets_entry_by_entry(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """Spans against the same merges with `_span_sums` off (entry by entry, as before spans) over
+    random layouts: the same refusals, the same bits in the result and every input, whether the
+    result is new, flat `into`, an input, or shares an input's storage."""
+    if not native:
+        monkeypatch.setattr(weighted_sum, "_NATIVE", None)
+    spanned = 0
+    real = merging._span_sums
+
+    def counted(*args: object) -> set[int]:
+        nonlocal spanned
+        taken = real(*args)  # type: ignore[arg-type]
+        spanned += bool(taken)
+        return taken
+
+    for seed in range(200):
+        monkeypatch.setattr(merging, "_span_sums", counted)
+        got, inputs = run_layout(seed)
+        monkeypatch.setattr(merging, "_span_sums", lambda *args: set())
+        want, inputs_want = run_layout(seed)
+        if isinstance(want, str) or isinstance(got, str):
+            assert got == want, seed
+            continue
+        assert same_bits(got, want), seed
+        assert all(same_bits(a, b) for a, b in zip(inputs, inputs_want)), seed
+    assert spanned >= (10 if not native else 0)  # the layouts do reach the span path

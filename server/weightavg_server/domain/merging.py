@@ -443,13 +443,24 @@ def _slot(
                     f"{what} is {first.dtype} {list(first.shape)} in {labels[0]} but {t.dtype} {list(t.shape)} in "
                     f"{label}; integer entries are not averaged and must agree"
                 )
-        return Slot(name, method.name, shape, dtype, first.device, options, None)
+        aside = (dtype,) if out is not None and name in readers and _overlaps_unlike(out, tensors) else ()
+        return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=aside)
     wide = torch.float64 in kinds or dtype == torch.float64
     work = torch.float64 if wide else torch.float32
     shared = name in readers
     direct = dtype == work and not shared
     buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, math.prod(shape))
     return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal)
+
+
+def _overlaps_unlike(out: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether `out` shares memory with one of the tensors without being the very same view of it
+    (an `into` entry one element on in an input's storage): writing it then changes elements of that
+    input still to be read, so its value is made aside first (`_integer`)."""
+    return any(
+        _shares(out, t) and (t.data_ptr(), t.shape, t.stride()) != (out.data_ptr(), out.shape, out.stride())
+        for t in tensors
+    )
 
 
 def _check_into(what: str, out: torch.Tensor | None, shape: tuple[int, ...], floating: bool, dtype: torch.dtype) -> None:
@@ -561,7 +572,7 @@ def run(
             xs = [d.entries[slot.name] for d in dicts]
             b = base.entries[slot.name] if base is not None else None
             if slot.work is None:
-                _integer(slot, xs if b is None else [b, *xs], out)
+                _integer(slot, xs if b is None else [b, *xs], out, scratch)
             else:
                 kernel(slot, xs, b, p.weights, out, scratch)
     return result
@@ -646,9 +657,22 @@ def _terms(slot: Slot, weights: tuple[float, ...]) -> tuple[tuple[float, ...], f
     return scaled, sum(scaled)
 
 
-def _integer(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+def _integer(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor, scratch: Scratch) -> None:
     """Integer entries: the first's value, or the elementwise maximum. `out` may be one of the
-    inputs (averaging into one of them), so it is never overwritten before it has been read."""
+    inputs (averaging into one of them), so it is never overwritten before it has been read. Where
+    it overlaps an input without being it (the plan gave the slot a buffer: `_overlaps_unlike`) the
+    value is made in the scratch and copied in: excluding that input from the maximum, as for one that
+    `out` is, took out's own old elements in its place, and `copy_` refused the overlap (a RuntimeError)."""
+    if slot.buffers:
+        aside = scratch.take(slot.shape, slot.dtype)
+        _combine_integers(slot, tensors, aside)
+        out.copy_(aside)
+        return
+    _combine_integers(slot, tensors, out)
+
+
+def _combine_integers(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+    """`_integer` into an `out` that each input either is or does not touch."""
     if str_value(slot.options, "integers") == "first":
         out.copy_(tensors[0])
         return
