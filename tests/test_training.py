@@ -919,3 +919,35 @@ def test_a_handle_on_the_models_inputs_moves_with_the_model_only(client: Client)
     client.to(m, dtype="float64")
     assert client.tensor(xi).dtype == np.float64
     assert client.batch(m) and client.size(xi) == (4, 8)
+
+
+@pytest.mark.parametrize("verb", ["run", "testrun"])
+def test_output_metrics_stay_reserved_while_their_reply_streams(start_server: Any, verb: str) -> None:
+    """An epoch's or a test's `output` metric stays reserved until its reply has streamed, as
+    evaluate's output does: it was released with the model's lock, so while a slow reader held
+    20 MB of outputs another call took those bytes under the cap (found by review)."""
+    import grpc
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    mb = 1_000_000
+    server = start_server(max_device_bytes=50 * mb)
+    with Client(server.address, timeout=120) as c, grpc.insecure_channel(server.address) as channel:
+        q = c.module(["linear", 10, 5_000])
+        m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
+        x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 20 MB of outputs
+        load = c.train if verb == "run" else c.test
+        load(m, batchsize=1_000, metrics="output")
+        load(m, x, y)
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        call = (
+            stub.RunEpoch(pb.RunEpochRequest(model=m.id, max_chunk_bytes=1 << 20), timeout=120) if verb == "run"
+            else stub.RunTest(pb.RunTestRequest(model=m.id, max_chunk_bytes=1 << 20), timeout=120)
+        )
+        first = next(call)  # the rest waits on the server, as for a reader that stalls
+        assert first.chunk.name == "output" and list(first.chunk.shape) == [1_000, 5_000]
+        with pytest.raises(ResourceExhaustedError, match="would exceed the cap"):
+            c.dict({"w": np.zeros(35 * mb // 4, np.float32)})
+        rest = list(call)  # the reply ends only once the server's generator has returned
+        assert len(rest) == 19
+        c.free(c.dict({"w": np.zeros(35 * mb // 4, np.float32)}))

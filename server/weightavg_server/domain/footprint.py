@@ -321,15 +321,16 @@ def batch_copy_bytes(model: Model) -> Bytes:
 
 
 def epoch_bytes(model: Model) -> Bytes:
-    """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
-    (`training_bytes`), its copies to put the model back (`rollback_bytes`), shuffled, the
-    reordered data (`shuffle_bytes`), the outputs and predictions its metrics keep
-    (`metrics_bytes`), for a module that writes its input in place, a copy of a batch
-    (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding renormalises
-    (`renorm_copy_bytes`, held before training starts: counted on top, at most too much)."""
+    """Bytes an epoch needs at its widest beyond what the model holds, for as long as it runs: what
+    it leaves allocated (`training_bytes`), its copies to put the model back (`rollback_bytes`),
+    shuffled, the reordered data (`shuffle_bytes`), for a module that writes its input in place, a
+    copy of a batch (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding
+    renormalises (`renorm_copy_bytes`, held before training starts: counted on top, at most too
+    much). The outputs and predictions its metrics keep (`metrics_bytes`) are not here: they outlive
+    the epoch until its reply has streamed, so the caller reserves them for that long."""
     return add_bytes(
-        training_bytes(model), rollback_bytes(model), shuffle_bytes(model), metrics_bytes(model, "train"),
-        batch_copy_bytes(model), renorm_copy_bytes(model.module),
+        training_bytes(model), rollback_bytes(model), shuffle_bytes(model), batch_copy_bytes(model),
+        renorm_copy_bytes(model.module),
     )
 
 
