@@ -951,3 +951,30 @@ def test_output_metrics_stay_reserved_while_their_reply_streams(start_server: An
         rest = list(call)  # the reply ends only once the server's generator has returned
         assert len(rest) == 19
         c.free(c.dict({"w": np.zeros(35 * mb // 4, np.float32)}))
+
+
+def test_refused_testrun_and_batchnorm_keep_the_batch_the_data_stood_at(client: Client, unchanged: Any) -> None:
+    """testrun and batchnorm(m) put the data back to full size before they start; refused (an index
+    out of range) or failing midway (a last batch of one through batchnorm), they left them there
+    after `testbatch`/`batch` had stepped them, while saying nothing changed (found by review)."""
+    q = client.module(["sequential", ["embed", 5, 3], ["flatten"], ["linear", 6, 2]])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q, 0.1))
+    x, y = np.array([[0, 1]] * 9 + [[7, 1]]), np.zeros(10, np.int64)  # sample 9 is out of range
+    client.train(m, batchsize=4)
+    client.test(m, batchsize=4)
+    client.train(m, x, y)
+    client.test(m, x, y)
+    assert client.testbatch(m) and client.batch(m)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="testrun: input 7 of sample 9 is out of range"):
+            client.testrun(m)
+        with pytest.raises(InvalidArgumentError, match="batchnorm: input 7 of sample 9 is out of range"):
+            client.batchnorm(m)
+    bn = client.module(["sequential", ["linear", 2, 4], ["batchnorm1d", 4]])
+    m2 = client.model(bn, client.loss("mse"), client.opt("sgd", bn, 0.1))
+    client.train(m2, batchsize=4)
+    client.train(m2, np.ones((9, 2), np.float32), np.ones((9, 4), np.float32))  # batches of 4, 4, 1
+    assert client.batch(m2)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match=r"batchnorm \(batch 3 of 3\): Expected more than 1 value"):
+            client.batchnorm(m2)

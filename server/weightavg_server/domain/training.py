@@ -391,12 +391,18 @@ def require_data(model: Model, split: str) -> None:
     _loaded(model, split)
 
 
-def _require(model: Model, split: str) -> Data:
-    """The train or test data, put back to full size."""
+@contextlib.contextmanager
+def _from_start(model: Model, split: str) -> Iterator[Data]:
+    """The train or test data put back to full size for a pass over all of them (run, testrun,
+    batchnorm(m)), or FailedPrecondition saying how to load them. A pass that fails, refused before
+    it starts included, puts them back at the batch they stood at (`_batch_kept`): testrun and
+    batchnorm(m) refused an out-of-range embedding index after `testbatch`/`batch` had stepped the
+    data, said nothing changed, and left the data at full size (found by review)."""
     data = _loaded(model, split)
-    batching.restore(data.x)
-    batching.restore(data.y)
-    return data
+    with _batch_kept(data):
+        batching.restore(data.x)
+        batching.restore(data.y)
+        yield data
 
 
 # -- helpers for forward passes -------------------------------------------------------------------
@@ -828,10 +834,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
             torch refused a batch.
         Cancelled: should_stop turned true.
     """
-    data = _loaded(model, "train")
-    with _batch_kept(data):
-        batching.restore(data.x)
-        batching.restore(data.y)
+    with _from_start(model, "train") as data:
         n, w, nb = _plan(data, model.train)
         dev = _device(model.module)
         last = (nb - 1) * w
@@ -859,31 +862,33 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
 def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
     """Evaluate over the test data in eval mode without gradients and return the test metrics.
 
-    The loss is computed only when loss or batchloss is asked for. Nothing changes on failure.
+    The loss is computed only when loss or batchloss is asked for. It covers the data from the
+    start; on success or when stopped they are left at full size. Nothing changes on failure: the
+    data stay at the batch they stood at (`_from_start`).
     """
-    data = _require(model, "test")
-    n, w, nb = _plan(data, model.test)
-    dev = _device(model.module)
-    metrics = _Metrics(_metric_names(model.test), model.loss.type)
-    fresh = writes_inputs(model.module)
-    check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
-    with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
-        for i in range(nb):
-            if should_stop():
-                raise _stopped("testrun", i, nb)
-            yb = data.y[i * w:(i + 1) * w].to(dev)
-            with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
-            loss = None
-            if metrics.needs_loss:
-                check_targets(model, output, yb, "testrun")
-                check_classes(model, output.shape, yb, w, "testrun", lambda row: i * w + row)
-                targets = batch_targets(model, yb)
-                check_probabilities(model, output, targets, f"testrun (batch {i + 1} of {nb})")
+    with _from_start(model, "test") as data:
+        n, w, nb = _plan(data, model.test)
+        dev = _device(model.module)
+        metrics = _Metrics(_metric_names(model.test), model.loss.type)
+        fresh = writes_inputs(model.module)
+        check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
+        with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
+            for i in range(nb):
+                if should_stop():
+                    raise _stopped("testrun", i, nb)
+                yb = data.y[i * w:(i + 1) * w].to(dev)
                 with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                    loss = model.loss(output, targets)
-            metrics.add(output, yb, loss)
-    return metrics.result()
+                    output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+                loss = None
+                if metrics.needs_loss:
+                    check_targets(model, output, yb, "testrun")
+                    check_classes(model, output.shape, yb, w, "testrun", lambda row: i * w + row)
+                    targets = batch_targets(model, yb)
+                    check_probabilities(model, output, targets, f"testrun (batch {i + 1} of {nb})")
+                    with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
+                        loss = model.loss(output, targets)
+                metrics.add(output, yb, loss)
+        return metrics.result()
 
 
 def evaluate_plan(model: Model, x: torch.Tensor) -> tuple[int, int, int]:
@@ -1079,7 +1084,8 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
     flag put back. Returns {layer path: momentum}.
 
     Unlike the reference, nothing is reset without training data, and a forward pass that fails or
-    is stopped midway puts back the statistics, momenta and train flags before the error.
+    is stopped midway puts back the statistics, momenta and train flags before the error, and one
+    that fails (not one stopped) the data's batch position (`_from_start`).
 
     Raises:
         FailedPrecondition: no training data.
@@ -1089,24 +1095,24 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
     Example: for the reference's network with batchnorm child 'b' this returns {'b': 0.1} and leaves
     b.num_batches_tracked equal to the number of batches.
     """
-    data = _require(model, "train")
-    n, w, nb = _plan(data, model.train)
-    module = model.module
-    dev = _device(module)
-    check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
-    saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
-    fresh = writes_inputs(module)
-    momenta = reset_batchnorm(module)
-    try:
-        with _flags(module, True), torch.no_grad():
-            for i in range(nb):
-                if should_stop():
-                    raise _stopped("batchnorm", i, nb)
-                with _torch_errors(f"batchnorm (batch {i + 1} of {nb})"):
-                    module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
-    except BaseException:
-        _put_back(saved)
-        raise
-    finally:
-        restore_momentum(module, momenta)
-    return momenta
+    with _from_start(model, "train") as data:
+        n, w, nb = _plan(data, model.train)
+        module = model.module
+        dev = _device(module)
+        check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
+        saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
+        fresh = writes_inputs(module)
+        momenta = reset_batchnorm(module)
+        try:
+            with _flags(module, True), torch.no_grad():
+                for i in range(nb):
+                    if should_stop():
+                        raise _stopped("batchnorm", i, nb)
+                    with _torch_errors(f"batchnorm (batch {i + 1} of {nb})"):
+                        module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+        except BaseException:
+            _put_back(saved)
+            raise
+        finally:
+            restore_momentum(module, momenta)
+        return momenta
