@@ -791,6 +791,34 @@ def test_class_probabilities_of_another_shape_are_refused_naming_both_shapes(cli
     assert isinstance(client.run(m), float)
 
 
+@pytest.mark.parametrize("loss", ["ce", "nll"])
+@pytest.mark.parametrize(
+    ("labels", "module", "fit"),
+    [
+        ((8, 1), ["linear", 4, 3], r"\[N\] \(y.reshape\(-1\) for a column of labels\)"),  # a column of labels
+        ((8, 3, 2), ["linear", 4, 3], r"\[N\]"),
+        ((8,), ["sequential", ["linear", 4, 6], ["reshape", [-1, 3, 2]]], r"\[N, 2\]"),  # per position
+    ],
+)
+def test_class_indices_of_another_shape_are_refused_saying_the_shape_to_send(
+    client: Client, unchanged: Any, loss: str, labels: tuple[int, ...], module: list[Any], fit: str
+) -> None:
+    """Integer targets of ce and nll must have the output's shape without its class dimension: labels
+    sent as a column [N, 1] (the commonest slip) got torch's "0D or 1D target tensor expected,
+    multi-target not supported", which names neither shape nor the fix (found by review)."""
+    x = np.random.default_rng(4).standard_normal((8, 4)).astype(np.float32)
+    y = np.zeros(labels, np.int64)
+    q = client.module(module)
+    m = client.model(q, client.loss(loss), client.opt("sgd", q, 0.1))
+    client.train(m, x, y)
+    client.test(m, x, y)
+    message = rf"targets of shape \[{', '.join(map(str, labels))}\] do not match the output's .* send y of shape {fit}"
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: {message}.*nothing changed"):
+        client.run(m)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: testrun: {message}"):
+        client.testrun(m)
+
+
 # -- moving a model ------------------------------------------------------------------------------
 
 

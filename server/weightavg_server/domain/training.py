@@ -294,6 +294,9 @@ def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: st
     differences), and ce's class probabilities (torch refuses them with "0D or 1D target tensor
     expected, multi-target not supported", which names neither shape)."""
     loss = model.loss.type
+    if loss in INDEX_LOSSES and not yb.is_floating_point():
+        _check_index_shape(loss, output, yb, what)
+        return
     probabilities = loss == "ce" and yb.is_floating_point()
     if (loss not in ELEMENTWISE_LOSSES and not probabilities) or yb.shape == output.shape:
         return
@@ -308,6 +311,23 @@ def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: st
         f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} "
         f"loss compares them element for element (torch would broadcast them); reshape y to {fit}; "
         "nothing changed"
+    )
+
+
+def _check_index_shape(loss: str, output: torch.Tensor, yb: torch.Tensor, what: str) -> None:
+    """InvalidArgument, saying the shape to send, unless class-index targets of ce or nll have the
+    output's shape without its class dimension ([N] for [N, C], [N, L] for [N, C, L]). torch refuses
+    others with "0D or 1D target tensor expected, multi-target not supported", which names neither
+    shape nor the fix, for the commonest slip of all: labels sent as a column [N, 1] (found by review)."""
+    if output.dim() < 2 or yb.shape == output.shape[:1] + output.shape[2:]:
+        return  # an unbatched output: torch's own message
+    fit = "[" + ", ".join(["N", *(str(d) for d in output.shape[2:])]) + "]"
+    column = " (y.reshape(-1) for a column of labels)" if yb.dim() == 2 and yb.shape[1] == 1 and output.dim() == 2 else ""
+    also = ", or class probabilities shaped as the output" if loss == "ce" else ""
+    raise InvalidArgument(
+        f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} loss "
+        f"takes one class index per sample{' and position' if output.dim() > 2 else ''}, shaped as the output "
+        f"without its class dimension 1; send y of shape {fit}{column}{also}; nothing changed"
     )
 
 
