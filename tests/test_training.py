@@ -1006,3 +1006,50 @@ def test_refused_testrun_and_batchnorm_keep_the_batch_the_data_stood_at(client: 
     with unchanged():
         with pytest.raises(InvalidArgumentError, match=r"batchnorm \(batch 3 of 3\): Expected more than 1 value"):
             client.batchnorm(m2)
+
+
+def test_replies_cut_at_exactly_1_kib_carry_every_metric_and_a_smaller_cut_is_refused(client: Client, live_server: Any) -> None:
+    """max_chunk_bytes at its floor (1024): six metrics of an epoch and a test (a 4-d output, 3-d
+    predictions, 0-d and 1-d values) and an evaluate's output larger than a chunk come back equal to
+    the replies cut at the server's own size; 1023 on EvaluateModel is refused before the model runs,
+    as on RunEpoch and RunTest (tests/test_fetch_chunk_bytes.py)."""
+    import grpc
+    from weightavg import wire
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(5)
+    x, y = rng.random((50, 6), dtype=np.float32), rng.integers(0, 3, (50, 4, 5))
+    q = client.module(["sequential", ["linear", 6, 60], ["reshape", [-1, 3, 4, 5]]])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q, 0.0))  # lr 0: epochs alike
+    every = "loss,batchloss,accuracy,matches,predict,output"
+    client.train(m, batchsize=7, metrics=every)
+    client.test(m, batchsize=7, metrics=every)
+    client.train(m, x, y)
+    client.test(m, x, y)
+
+    def evaluate(cut: int) -> Any:
+        yield pb.EvaluateModelRequest(model=m.id, max_chunk_bytes=cut)
+        for chunk in wire.array_chunks("", x, 1 << 20):
+            yield pb.EvaluateModelRequest(chunk=chunk)
+
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        for cut_at, expected in (
+            (lambda cut: stub.RunEpoch(pb.RunEpochRequest(model=m.id, max_chunk_bytes=cut)), client.run(m)),
+            (lambda cut: stub.RunTest(pb.RunTestRequest(model=m.id, max_chunk_bytes=cut)), client.testrun(m)),
+            (lambda cut: stub.EvaluateModel(evaluate(cut)), [client.evaluate(m, x)]),
+        ):
+            chunks = [r.chunk for r in cut_at(1024)]
+            assert max(len(c.data) for c in chunks) <= 1024 and len(chunks) > len(expected)
+            got = [value for _, value in wire.join_chunks(chunks)]
+            assert len(got) == len(expected)
+            for a, b in zip(got, expected):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        before = client.dict(client.buffers(q)) | client.dict(client.parms(q))
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.EvaluateModel(evaluate(1023)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_chunk_bytes (1023)" in (refused.value.details() or "")
+        after = client.dict(client.buffers(q)) | client.dict(client.parms(q))
+        assert all(np.array_equal(before[k], after[k]) for k in before)
