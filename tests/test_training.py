@@ -1078,3 +1078,39 @@ def test_replies_cut_at_exactly_1_kib_carry_every_metric_and_a_smaller_cut_is_re
         assert "max_chunk_bytes (1023)" in (refused.value.details() or "")
         after = client.dict(client.buffers(q)) | client.dict(client.parms(q))
         assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_the_copies_of_input_batches_are_reserved_in_evaluate_testrun_and_batchnorm(start_server: Any) -> None:
+    """evaluate converts each piece of its inputs to the parameters' dtype, and testrun and
+    batchnorm(m) give a module with an in-place layer a copy of each batch: none of those copies was
+    reserved, so with the batch size at the data's size a 10 MB uint8 upload became 40 MB of float32
+    under a 40 MB cap, and a 10 MB batch was copied with 5 MB of room (found by review). Each is
+    refused now, changing nothing, and runs once there is room."""
+    mb = 1_000_000
+    server = start_server(max_device_bytes=40 * mb)
+    with Client(server.address, timeout=120) as c:
+        q = c.module(["linear", 500, 1])
+        m = c.model(q, c.loss("mse"), c.opt("sgd", q, 0.1))
+        c.test(m, batchsize=20_000)
+        images = np.ones((20_000, 500), np.uint8)  # 10 MB sent, 40 MB as float32
+        with pytest.raises(ResourceExhaustedError, match="40080000 more tensor bytes"):
+            c.evaluate(m, images)
+        assert c.evaluate(m, images[:2_000]).shape == (2_000, 1)  # 4 MB converted: room enough
+        c.free(m)
+        rq = c.module(["sequential", ["relu", True], ["linear", 500, 1]])
+        rm = c.model(rq, c.loss("mse"), c.opt("sgd", rq, 0.1))
+        x = np.ones((5_000, 500), np.float32)  # 10 MB, held once as train and once as test data
+        c.train(rm, batchsize=5_000)
+        c.test(rm, batchsize=5_000)
+        c.train(rm, x, np.ones((5_000, 1), np.float32))
+        c.test(rm, x, np.ones((5_000, 1), np.float32))
+        ballast = c.dict({"w": np.zeros(15 * mb // 4, np.float32)})  # 35 MB held: no room for a 10 MB copy
+        from conftest import assert_unchanged, snapshot
+
+        for verb in (c.testrun, c.batchnorm):
+            before = snapshot(server.registry)
+            with pytest.raises(ResourceExhaustedError, match="10000000 more tensor bytes"):
+                verb(rm)
+            assert_unchanged(before, snapshot(server.registry))
+        c.free(ballast)
+        assert isinstance(c.testrun(rm), float) and c.batchnorm(rm) == {}

@@ -834,13 +834,17 @@ class Service:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
         The outputs and predictions the metrics keep are reserved before it starts, for the call or,
         given `held`, until it closes (the servicer's: until the reply has streamed); the copy of
-        what a max_norm embedding renormalises, for the call."""
+        what a max_norm embedding renormalises and, for a module that writes its input in place,
+        the copy of a batch it is given, for the call."""
         entry, model = self._model(handle)
         with contextlib.ExitStack() as call:
             kept = (held if held is not None else call).enter_context(self.store.reserve())
             with self.store.reading(entry):
                 self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "test"))
-                with self.store.reserve(nbytes=footprint.renorm_copy_bytes(model.module)):
+                copies = add_bytes(
+                    footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test")
+                )
+                with self.store.reserve(nbytes=copies):
                     return training.test_epoch(model, should_stop)
 
     def evaluate(
@@ -920,7 +924,9 @@ class Service:
         self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None,
     ) -> Momenta:
         entry, model = self._model(handle)
-        with self.store.mutate(entry, need=lambda: footprint.renorm_copy_bytes(model.module)):
+        with self.store.mutate(
+            entry, need=lambda: add_bytes(footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model))
+        ):
             return training.recalculate_batchnorm(model, should_stop)
 
     # -- sessions and snapshots ---------------------------------------------------------------------

@@ -187,15 +187,22 @@ def _kept_bytes(pieces: int, batches: int, device: torch.device) -> Bytes:
 
 def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     """Bytes evaluate(model, x) allocates: the outputs of its test-batchsize pieces, kept until
-    they are joined into the one output (`_kept_bytes`). Raises what evaluate would for a dtype it
-    refuses, before anything is reserved."""
+    they are joined into the one output (`_kept_bytes`), and the piece of x each pass takes when it
+    is a copy: converted to the parameters' dtype (uint8 images become float32, four times their
+    upload), moved to the module's device, or copied for a module that writes its input in place.
+    That copy was not reserved: with the test batchsize at the data's size, a 10 MB uint8 upload
+    became 40 MB of float32 under a 30 MB cap (found by review). Raises what evaluate would for a
+    dtype it refuses, before anything is reserved."""
     dtype = training.input_dtype(model.module, x)
-    n, _, nb = training.evaluate_plan(model, x)
+    n, w, nb = training.evaluate_plan(model, x)
+    device = _module_device(model.module, x)
+    copied = dtype != x.dtype or device != x.device or training.writes_inputs(model.module)
+    piece = tensor_bytes([torch.empty((w, *x.shape[1:]), dtype=dtype, device="meta")], device) if copied else {}
     output = _meta_output(model.module, torch.empty((n, *x.shape[1:]), dtype=dtype, device="meta"), train=False)
     if output is None:
-        return {}
-    kept = _kept_bytes(output.numel() * output.element_size(), nb, _module_device(model.module, x))
-    return add_bytes(kept, renorm_copy_bytes(model.module))
+        return piece
+    kept = _kept_bytes(output.numel() * output.element_size(), nb, device)
+    return add_bytes(kept, renorm_copy_bytes(model.module), piece)
 
 
 def metrics_bytes(model: Model, split: str) -> Bytes:
@@ -309,14 +316,16 @@ def shuffle_bytes(model: Model) -> Bytes:
     return add_bytes(rows, tensor_bytes([index], "cpu"), moved)
 
 
-def batch_copy_bytes(model: Model) -> Bytes:
-    """Bytes of the copy of one batch of inputs an epoch gives a module that writes its input in
-    place (`training.writes_inputs`), so the held data stay as they were; nothing for other modules."""
-    data = model.train_data
+def batch_copy_bytes(model: Model, split: str = "train") -> Bytes:
+    """Bytes of the copy of one batch of inputs a pass over the model's data (an epoch, batchnorm(m)
+    on "train", a test on "test") gives a module that writes its input in place
+    (`training.writes_inputs`), so the held data stay as they were; nothing for other modules. A
+    test's and batchnorm(m)'s copies were not reserved (found by review)."""
+    data = model.train_data if split == "train" else model.test_data
     if data is None or not training.writes_inputs(model.module):
         return {}
     n = batching.full_size(data.x)
-    w = min(int_value(model.train, "batchsize"), n)
+    w = min(int_value(model.train if split == "train" else model.test, "batchsize"), n)
     return {device_name(data.x): w * math.prod(data.x.shape[1:]) * data.x.element_size()}
 
 
