@@ -149,14 +149,18 @@ def _overflowed(exc: Exception) -> bool:
     return isinstance(exc, RuntimeError) and "Storage size calculation overflowed" in str(exc)
 
 
-def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:
-    return next((t.device for t in module_tensors(module)), x.device)
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a pass of the module runs, as `training._device` places it: by its first tensor, on
+    the CPU for a module with none (x is moved there, and its output made there)."""
+    return next((t.device for t in module_tensors(module)), torch.device("cpu"))
 
 
 def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
     """Bytes of the output of `module(x)` with every layer's train flag `train` (the pass's
-    mode, `training.forward_flags`), on the module's device, and of a copy of x for a module that
-    writes its input in place (`inplace=True`), so that x stays as it was.
+    mode, `training.forward_flags`), on the module's device, and of the copy of x the pass takes
+    there: for a module that writes its input in place (`inplace=True`), so that x stays as it
+    was, and for x on another device (an upload, received on the host, into a module on a GPU: a
+    copy of x on the GPU that was not reserved; found by review).
 
     A forward pass that fails on meta reserves nothing here; the real pass then fails with torch's
     own message, or the store checks what it really made.
@@ -164,8 +168,9 @@ def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
     output = _meta_output(module, x, train)
     if output is None:
         return {}
-    copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if training.writes_inputs(module) else []
-    return add_bytes(tensor_bytes([output, *copy], _module_device(module, x)), renorm_copy_bytes(module))
+    copied = training.writes_inputs(module) or x.device != _module_device(module)
+    copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if copied else []
+    return add_bytes(tensor_bytes([output, *copy], _module_device(module)), renorm_copy_bytes(module))
 
 
 def renorm_copy_bytes(module: nn.Module) -> Bytes:
@@ -195,7 +200,7 @@ def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     dtype it refuses, before anything is reserved."""
     dtype = training.input_dtype(model.module, x)
     n, w, nb = training.evaluate_plan(model, x)
-    device = _module_device(model.module, x)
+    device = _module_device(model.module)
     copied = dtype != x.dtype or device != x.device or training.writes_inputs(model.module)
     piece = tensor_bytes([torch.empty((w, *x.shape[1:]), dtype=dtype, device="meta")], device) if copied else {}
     output = _meta_output(model.module, torch.empty((n, *x.shape[1:]), dtype=dtype, device="meta"), train=False)
@@ -226,7 +231,7 @@ def metrics_bytes(model: Model, split: str) -> Bytes:
         dim = training.class_dim(model.loss.type, output)
         predicted = output.numel() if dim is None else output.numel() // max(output.shape[dim], 1)
         pieces += predicted * torch.empty((), dtype=torch.int64).element_size()
-    return _kept_bytes(pieces, nb, _module_device(model.module, data.x))
+    return _kept_bytes(pieces, nb, _module_device(model.module))
 
 
 def _meta_twin(params: Sequence[nn.Parameter]) -> nn.ParameterList:
