@@ -822,26 +822,31 @@ def test_class_indices_of_another_shape_are_refused_saying_the_shape_to_send(
 @pytest.mark.parametrize(
     ("loss", "y"),
     [
-        ("ce", np.zeros((10, 1), np.int64)),  # labels as a column: all read as class 0
-        ("ce", np.full((10, 2), 0.5, np.float32)),  # class probabilities of two classes for three
-        ("mse", np.eye(2, dtype=np.float32)[np.arange(10) % 2]),  # one-hot rows two wide for three
+        ("ce", np.arange(10).reshape(10, 1) % 3),  # labels as a column, read as all class 0
+        ("nll", np.arange(10).reshape(10, 1) % 3),
+        ("mse", (np.arange(10).reshape(10, 1) % 3).astype(np.float32)),
     ],
 )
-def test_accuracy_refuses_targets_it_would_read_as_the_wrong_classes(
+def test_accuracy_refuses_a_column_of_labels_it_would_read_as_class_0(
     client: Client, unchanged: Any, loss: str, y: np.ndarray
 ) -> None:
     """Targets with as many dimensions as the output are read by their argmax (one-hot rows, class
-    probabilities); of another shape, a testrun asking for no loss gave a plausible, wrong accuracy
-    (80% for a column of labels, read as all class 0) where it should say what to send (found by review)."""
+    probabilities), so a column of labels [N, 1] read as class 0 throughout: a testrun asking for no
+    loss gave a plausible, wrong accuracy (the share of samples predicted 0) where it should say what
+    to send (found by review). One-hot rows of another width still name classes, and are taken."""
     x = np.random.default_rng(6).standard_normal((10, 4)).astype(np.float32)
     q = client.module(["linear", 4, 3])
     m = client.model(q, client.loss(loss), client.opt("sgd", q, 0.1))
     client.test(m, x, y)
     for metrics in ("accuracy", "matches", "predict"):
         client.test(m, metrics=metrics)
-        message = rf"^INVALID_ARGUMENT: accuracy: targets of shape \[{', '.join(map(str, y.shape))}\] do not compare"
-        with unchanged(), pytest.raises(InvalidArgumentError, match=message + r".*send y of shape \[N, 3\], or class indices of shape \[N\]"):
+        message = r"^INVALID_ARGUMENT: accuracy: targets of shape \[10, 1\] hold one column where the output \[10, 3\]"
+        with unchanged(), pytest.raises(InvalidArgumentError, match=message + r".*send class indices of shape \[N\]"):
             client.testrun(m)
+    client.test(m, x, y.reshape(-1))
+    client.test(m, metrics="matches")
+    predicted = client.evaluate(m, x).argmax(1)
+    assert client.testrun(m) == int((predicted == y.reshape(-1)).sum())
 
 
 # -- moving a model ------------------------------------------------------------------------------

@@ -564,18 +564,18 @@ def predictions(loss: str, output: torch.Tensor, target: torch.Tensor) -> tuple[
         torch.zeros(output.shape, dtype=torch.int64, device=output.device) if dim is None else output.argmax(dim)
     )
     if target.dim() == output.dim() and target.dim() > 0:
-        if target.shape != output.shape:
-            # Read by their argmax, such targets must have the output's columns: labels sent as a
-            # column [N, 1] were all read as class 0, and one-hot rows of the wrong width compared
-            # column numbers of two different things, both giving a plausible, wrong accuracy
-            # (testrun asks for no loss to refuse them; found by review).
-            rows = "[" + ", ".join(["N", *(str(d) for d in output.shape[1:])]) + "]"
+        if dim is not None and target.shape[dim] == 1 < output.shape[dim]:
+            # Read by their argmax, one-hot rows or class probabilities of any width name classes,
+            # but a single column names none: labels sent as a column [N, 1] were all read as class
+            # 0, a plausible, wrong accuracy (80% for a 3-class model; testrun asks for no loss to
+            # refuse them; found by review).
             indices = "[" + ", ".join(["N", *(str(d) for d in predicted.shape[1:])]) + "]"
             raise InvalidArgument(
-                f"accuracy: targets of shape {list(target.shape)} do not compare with the output's "
-                f"{list(output.shape)}: targets with as many dimensions as the output are one-hot rows or class "
-                f"probabilities, read by their argmax, and must have its shape; send y of shape {rows}, or class "
-                f"indices of shape {indices}; nothing changed"
+                f"accuracy: targets of shape {list(target.shape)} hold one column where the output "
+                f"{list(output.shape)} has {output.shape[dim]} classes: targets with as many dimensions as the "
+                f"output are one-hot rows or class probabilities, read by their argmax, so a column of labels "
+                f"reads as class 0 throughout; send class indices of shape {indices}, or one column per class; "
+                "nothing changed"
             )
         truth = torch.zeros_like(target, dtype=torch.int64) if dim is None else target.argmax(dim)
     else:
