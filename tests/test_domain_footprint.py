@@ -107,3 +107,18 @@ def test_the_pass_runs_in_the_real_pass_mode_and_each_mode_is_kept_apart() -> No
     assert _kept(module, x, train=False) == _fresh(module, x, train=False) == ((1, 3), torch.float32)
     assert footprint.forward_bytes(module, x, False) == {"cpu": 1 * 3 * 4}
     assert all(m.training for m in module.modules())  # the module's own flags are left as they were
+
+
+def test_a_forward_reserves_the_copy_of_an_input_on_another_device_than_the_module() -> None:
+    """The pass moves x next to the module (`training._batch`): an upload, received on the host,
+    into a module on a GPU is copied there, and that copy was not reserved (found by review). The
+    meta device stands in here for a GPU: the copy is counted where the module lives."""
+    x = torch.zeros(10, 4)
+    on_host = nn.Linear(4, 3)
+    assert footprint.forward_bytes(on_host, x, train=False) == {"cpu": 10 * 3 * 4}
+    elsewhere = nn.Linear(4, 3, device="meta")
+    assert footprint.forward_bytes(elsewhere, x, train=False) == {"meta": 10 * 3 * 4 + 10 * 4 * 4}
+    # A module without tensors runs on the CPU (`training._device`): an x held elsewhere is copied
+    # there and the output made there, where they were counted on x's device.
+    away = torch.zeros(10, 4, device="meta")
+    assert footprint.forward_bytes(nn.ReLU(), away, train=False) == {"cpu": 2 * 10 * 4 * 4}

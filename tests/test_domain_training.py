@@ -719,3 +719,9 @@ def test_predictions_take_the_class_dimension_the_loss_reads(
 def test_predictions_that_do_not_compare_with_the_targets_are_invalid() -> None:
     with pytest.raises(InvalidArgument, match=r"predictions of shape \[2, 5\].*targets of shape \[2, 3\]"):
         training.predictions("ce", torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(InvalidArgument, match=r"targets of shape \[2, 1\] hold one column where the output \[2, 3\]"):
+        training.predictions("ce", torch.zeros(2, 3), torch.ones(2, 1, dtype=torch.int64))  # a column of labels
+    with pytest.raises(InvalidArgument, match=r"targets of shape \[2, 1\] hold one column where the output \[2, 3\]"):
+        training.predictions("mse", torch.zeros(2, 3), torch.ones(2, 1))
+    _, truth = training.predictions("mse", torch.zeros(2, 3), torch.eye(2))  # one-hot rows of another width name classes
+    assert torch.equal(truth, torch.tensor([0, 1]))

@@ -791,6 +791,64 @@ def test_class_probabilities_of_another_shape_are_refused_naming_both_shapes(cli
     assert isinstance(client.run(m), float)
 
 
+@pytest.mark.parametrize("loss", ["ce", "nll"])
+@pytest.mark.parametrize(
+    ("labels", "module", "fit"),
+    [
+        ((8, 1), ["linear", 4, 3], r"\[N\] \(y.reshape\(-1\) for a column of labels\)"),  # a column of labels
+        ((8, 3, 2), ["linear", 4, 3], r"\[N\]"),
+        ((8,), ["sequential", ["linear", 4, 6], ["reshape", [-1, 3, 2]]], r"\[N, 2\]"),  # per position
+    ],
+)
+def test_class_indices_of_another_shape_are_refused_saying_the_shape_to_send(
+    client: Client, unchanged: Any, loss: str, labels: tuple[int, ...], module: list[Any], fit: str
+) -> None:
+    """Integer targets of ce and nll must have the output's shape without its class dimension: labels
+    sent as a column [N, 1] (the commonest slip) got torch's "0D or 1D target tensor expected,
+    multi-target not supported", which names neither shape nor the fix (found by review)."""
+    x = np.random.default_rng(4).standard_normal((8, 4)).astype(np.float32)
+    y = np.zeros(labels, np.int64)
+    q = client.module(module)
+    m = client.model(q, client.loss(loss), client.opt("sgd", q, 0.1))
+    client.train(m, x, y)
+    client.test(m, x, y)
+    message = rf"targets of shape \[{', '.join(map(str, labels))}\] do not match the output's .* send y of shape {fit}"
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: run: {message}.*nothing changed"):
+        client.run(m)
+    with unchanged(), pytest.raises(InvalidArgumentError, match=rf"^INVALID_ARGUMENT: testrun: {message}"):
+        client.testrun(m)
+
+
+@pytest.mark.parametrize(
+    ("loss", "y"),
+    [
+        ("ce", np.arange(10).reshape(10, 1) % 3),  # labels as a column, read as all class 0
+        ("nll", np.arange(10).reshape(10, 1) % 3),
+        ("mse", (np.arange(10).reshape(10, 1) % 3).astype(np.float32)),
+    ],
+)
+def test_accuracy_refuses_a_column_of_labels_it_would_read_as_class_0(
+    client: Client, unchanged: Any, loss: str, y: np.ndarray
+) -> None:
+    """Targets with as many dimensions as the output are read by their argmax (one-hot rows, class
+    probabilities), so a column of labels [N, 1] read as class 0 throughout: a testrun asking for no
+    loss gave a plausible, wrong accuracy (the share of samples predicted 0) where it should say what
+    to send (found by review). One-hot rows of another width still name classes, and are taken."""
+    x = np.random.default_rng(6).standard_normal((10, 4)).astype(np.float32)
+    q = client.module(["linear", 4, 3])
+    m = client.model(q, client.loss(loss), client.opt("sgd", q, 0.1))
+    client.test(m, x, y)
+    for metrics in ("accuracy", "matches", "predict"):
+        client.test(m, metrics=metrics)
+        message = r"^INVALID_ARGUMENT: accuracy: targets of shape \[10, 1\] hold one column where the output \[10, 3\]"
+        with unchanged(), pytest.raises(InvalidArgumentError, match=message + r".*send class indices of shape \[N\]"):
+            client.testrun(m)
+    client.test(m, x, y.reshape(-1))
+    client.test(m, metrics="matches")
+    predicted = client.evaluate(m, x).argmax(1)
+    assert client.testrun(m) == int((predicted == y.reshape(-1)).sum())
+
+
 # -- moving a model ------------------------------------------------------------------------------
 
 
@@ -919,3 +977,145 @@ def test_a_handle_on_the_models_inputs_moves_with_the_model_only(client: Client)
     client.to(m, dtype="float64")
     assert client.tensor(xi).dtype == np.float64
     assert client.batch(m) and client.size(xi) == (4, 8)
+
+
+@pytest.mark.parametrize("verb", ["run", "testrun"])
+def test_output_metrics_stay_reserved_while_their_reply_streams(start_server: Any, verb: str) -> None:
+    """An epoch's or a test's `output` metric stays reserved until its reply has streamed, as
+    evaluate's output does: it was released with the model's lock, so while a slow reader held
+    20 MB of outputs another call took those bytes under the cap (found by review)."""
+    import grpc
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    mb = 1_000_000
+    server = start_server(max_device_bytes=50 * mb)
+    with Client(server.address, timeout=120) as c, grpc.insecure_channel(server.address) as channel:
+        q = c.module(["linear", 10, 5_000])
+        m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
+        x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 20 MB of outputs
+        load = c.train if verb == "run" else c.test
+        load(m, batchsize=1_000, metrics="output")
+        load(m, x, y)
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        call = (
+            stub.RunEpoch(pb.RunEpochRequest(model=m.id, max_chunk_bytes=1 << 20), timeout=120) if verb == "run"
+            else stub.RunTest(pb.RunTestRequest(model=m.id, max_chunk_bytes=1 << 20), timeout=120)
+        )
+        first = next(call)  # the rest waits on the server, as for a reader that stalls
+        assert first.chunk.name == "output" and list(first.chunk.shape) == [1_000, 5_000]
+        with pytest.raises(ResourceExhaustedError, match="would exceed the cap"):
+            c.dict({"w": np.zeros(35 * mb // 4, np.float32)})
+        rest = list(call)  # the reply ends only once the server's generator has returned
+        assert len(rest) == 19
+        c.free(c.dict({"w": np.zeros(35 * mb // 4, np.float32)}))
+
+
+def test_refused_testrun_and_batchnorm_keep_the_batch_the_data_stood_at(client: Client, unchanged: Any) -> None:
+    """testrun and batchnorm(m) put the data back to full size before they start; refused (an index
+    out of range) or failing midway (a last batch of one through batchnorm), they left them there
+    after `testbatch`/`batch` had stepped them, while saying nothing changed (found by review)."""
+    q = client.module(["sequential", ["embed", 5, 3], ["flatten"], ["linear", 6, 2]])
+    m = client.model(q, client.loss("ce"), client.opt("sgd", q, 0.1))
+    x, y = np.array([[0, 1]] * 9 + [[7, 1]]), np.zeros(10, np.int64)  # sample 9 is out of range
+    client.train(m, batchsize=4)
+    client.test(m, batchsize=4)
+    client.train(m, x, y)
+    client.test(m, x, y)
+    assert client.testbatch(m) and client.batch(m)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match="testrun: input 7 of sample 9 is out of range"):
+            client.testrun(m)
+        with pytest.raises(InvalidArgumentError, match="batchnorm: input 7 of sample 9 is out of range"):
+            client.batchnorm(m)
+    bn = client.module(["sequential", ["linear", 2, 4], ["batchnorm1d", 4]])
+    m2 = client.model(bn, client.loss("mse"), client.opt("sgd", bn, 0.1))
+    client.train(m2, batchsize=4)
+    client.train(m2, np.ones((9, 2), np.float32), np.ones((9, 4), np.float32))  # batches of 4, 4, 1
+    assert client.batch(m2)
+    with unchanged():
+        with pytest.raises(InvalidArgumentError, match=r"batchnorm \(batch 3 of 3\): Expected more than 1 value"):
+            client.batchnorm(m2)
+
+
+def test_replies_cut_at_exactly_1_kib_carry_every_metric_and_a_smaller_cut_is_refused(client: Client, live_server: Any) -> None:
+    """max_chunk_bytes at its floor (1024): six metrics of an epoch and a test (a 4-d output, 3-d
+    predictions, 0-d and 1-d values) and an evaluate's output larger than a chunk come back equal to
+    the replies cut at the server's own size; 1023 on EvaluateModel is refused before the model runs,
+    as on RunEpoch and RunTest (tests/test_fetch_chunk_bytes.py)."""
+    import grpc
+    from weightavg import wire
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(5)
+    x, y = rng.random((50, 6), dtype=np.float32), rng.integers(0, 3, (50, 4, 5))
+    q = client.module(["sequential", ["linear", 6, 60], ["reshape", [-1, 3, 4, 5]]])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q, 0.0))  # lr 0: epochs alike
+    every = "loss,batchloss,accuracy,matches,predict,output"
+    client.train(m, batchsize=7, metrics=every)
+    client.test(m, batchsize=7, metrics=every)
+    client.train(m, x, y)
+    client.test(m, x, y)
+
+    def evaluate(cut: int) -> Any:
+        yield pb.EvaluateModelRequest(model=m.id, max_chunk_bytes=cut)
+        for chunk in wire.array_chunks("", x, 1 << 20):
+            yield pb.EvaluateModelRequest(chunk=chunk)
+
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        for cut_at, expected in (
+            (lambda cut: stub.RunEpoch(pb.RunEpochRequest(model=m.id, max_chunk_bytes=cut)), client.run(m)),
+            (lambda cut: stub.RunTest(pb.RunTestRequest(model=m.id, max_chunk_bytes=cut)), client.testrun(m)),
+            (lambda cut: stub.EvaluateModel(evaluate(cut)), [client.evaluate(m, x)]),
+        ):
+            chunks = [r.chunk for r in cut_at(1024)]
+            assert max(len(c.data) for c in chunks) <= 1024 and len(chunks) > len(expected)
+            got = [value for _, value in wire.join_chunks(chunks)]
+            assert len(got) == len(expected)
+            for a, b in zip(got, expected):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        before = client.dict(client.buffers(q)) | client.dict(client.parms(q))
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.EvaluateModel(evaluate(1023)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_chunk_bytes (1023)" in (refused.value.details() or "")
+        after = client.dict(client.buffers(q)) | client.dict(client.parms(q))
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_the_copies_of_input_batches_are_reserved_in_evaluate_testrun_and_batchnorm(start_server: Any) -> None:
+    """evaluate converts each piece of its inputs to the parameters' dtype, and testrun and
+    batchnorm(m) give a module with an in-place layer a copy of each batch: none of those copies was
+    reserved, so with the batch size at the data's size a 10 MB uint8 upload became 40 MB of float32
+    under a 40 MB cap, and a 10 MB batch was copied with 5 MB of room (found by review). Each is
+    refused now, changing nothing, and runs once there is room."""
+    mb = 1_000_000
+    server = start_server(max_device_bytes=40 * mb)
+    with Client(server.address, timeout=120) as c:
+        q = c.module(["linear", 500, 1])
+        m = c.model(q, c.loss("mse"), c.opt("sgd", q, 0.1))
+        c.test(m, batchsize=20_000)
+        images = np.ones((20_000, 500), np.uint8)  # 10 MB sent, 40 MB as float32
+        with pytest.raises(ResourceExhaustedError, match="40080000 more tensor bytes"):
+            c.evaluate(m, images)
+        assert c.evaluate(m, images[:2_000]).shape == (2_000, 1)  # 4 MB converted: room enough
+        c.free(m)
+        rq = c.module(["sequential", ["relu", True], ["linear", 500, 1]])
+        rm = c.model(rq, c.loss("mse"), c.opt("sgd", rq, 0.1))
+        x = np.ones((5_000, 500), np.float32)  # 10 MB, held once as train and once as test data
+        c.train(rm, batchsize=5_000)
+        c.test(rm, batchsize=5_000)
+        c.train(rm, x, np.ones((5_000, 1), np.float32))
+        c.test(rm, x, np.ones((5_000, 1), np.float32))
+        ballast = c.dict({"w": np.zeros(15 * mb // 4, np.float32)})  # 35 MB held: no room for a 10 MB copy
+        from conftest import assert_unchanged, snapshot
+
+        for verb in (c.testrun, c.batchnorm):
+            before = snapshot(server.registry)
+            with pytest.raises(ResourceExhaustedError, match="10000000 more tensor bytes"):
+                verb(rm)
+            assert_unchanged(before, snapshot(server.registry))
+        c.free(ballast)
+        assert isinstance(c.testrun(rm), float) and c.batchnorm(rm) == {}

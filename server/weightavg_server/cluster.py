@@ -1497,12 +1497,16 @@ class ClusterService(Service):
 
     # -- per-rank metrics ------------------------------------------------------------------------------
 
-    def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
+    def run_epoch(
+        self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None,
+        held: contextlib.ExitStack | None = None,
+    ) -> Metrics:
         """On a replicated model every rank runs an epoch on its own data: each rank's metrics, once
-        every rank holds training data (`_run_epoch`)."""
+        every rank holds training data (`_run_epoch`). `held` keeps rank 0's own model's metrics
+        reserved as Service.run_epoch says."""
         self._check()
         if self.where(handle) != ALL:
-            return self._per_rank("run_epoch", (handle, should_stop), {"request": request})  # type: ignore[no-any-return]
+            return self._per_rank("run_epoch", (handle, should_stop), {"request": request, "held": held})  # type: ignore[no-any-return]
         return self._keyed(  # type: ignore[no-any-return]
             "run_epoch", request, lambda: RankMetrics(self._call("_run_epoch", ALL, (handle,)))
         )
@@ -1523,10 +1527,11 @@ class ClusterService(Service):
             "outer_step", request, lambda: self._call("_across", ALL, ("_outer_step", (handle, average), {}, ALL, moves))[0]
         )
 
-    def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
-        """On a replicated model every rank tests its own data: each rank's metrics."""
+    def run_test(self, handle: str, should_stop: StopCheck, held: contextlib.ExitStack | None = None) -> Metrics:
+        """On a replicated model every rank tests its own data: each rank's metrics. `held` keeps rank
+        0's own model's metrics reserved as Service.run_test says."""
         self._check()
-        return self._per_rank("run_test", (handle, should_stop), {})  # type: ignore[no-any-return]
+        return self._per_rank("run_test", (handle, should_stop), {"held": held})  # type: ignore[no-any-return]
 
     def _per_rank(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         where = self.where(args[0])

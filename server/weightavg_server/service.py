@@ -799,36 +799,53 @@ class Service:
                 return training.set_data(model, split, x, y, self.device, names)
 
     @_exactly_once
-    def run_epoch(self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None) -> Metrics:
+    def run_epoch(
+        self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None,
+        held: contextlib.ExitStack | None = None,
+    ) -> Metrics:
         """Train one epoch; the train metrics (a cluster's replicated model: each rank's). Reserved
         before it starts: the first epoch's gradients and optimizer state, the copies that put the
         model back if the epoch fails, a shuffled epoch's reordered data, and the outputs and
-        predictions the metrics keep."""
-        with self._epoch_ready(handle) as model:
+        predictions the metrics keep. Those last stay reserved for the call or, given `held`, until
+        it closes: the servicer holds them so until the reply has streamed."""
+        with self._epoch_ready(handle, held) as model:
             return training.run_epoch(model, should_stop)
 
     @contextlib.contextmanager
-    def _epoch_ready(self, handle: str) -> Iterator[training.Model]:
+    def _epoch_ready(self, handle: str, held: contextlib.ExitStack | None = None) -> Iterator[training.Model]:
         """A model locked and an epoch's memory reserved, nothing changed yet: train it inside the
-        block. A cluster's ranks each get this far before any trains (cluster.py, `_run_epoch`), so
+        block. The metrics' outputs and predictions are reserved apart, for as long as `held` (or the
+        block) lasts: they outlive the epoch until its reply has streamed, and were released with
+        the lock, so other calls could take their bytes while a slow reader held them (found by
+        review). A cluster's ranks each get this far before any trains (cluster.py, `_run_epoch`), so
         that a refusal on one rank changes no rank.
 
         Raises:
             WeightavgError: the handle or the room do not allow an epoch; nothing changed.
         """
         entry, model = self._model(handle)
-        with self.store.mutate(entry, need=lambda: footprint.epoch_bytes(model)):
-            yield model
+        with contextlib.ExitStack() as call:
+            kept = (held if held is not None else call).enter_context(self.store.reserve())
+            with self.store.mutate(entry, need=lambda: footprint.epoch_bytes(model)):
+                self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "train"))
+                yield model
 
-    def run_test(self, handle: str, should_stop: StopCheck) -> Metrics:
+    def run_test(self, handle: str, should_stop: StopCheck, held: contextlib.ExitStack | None = None) -> Metrics:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
-        The outputs and predictions the metrics keep, and the copy of what a max_norm embedding
-        renormalises, are reserved for the call before it starts."""
+        The outputs and predictions the metrics keep are reserved before it starts, for the call or,
+        given `held`, until it closes (the servicer's: until the reply has streamed); the copy of
+        what a max_norm embedding renormalises and, for a module that writes its input in place,
+        the copy of a batch it is given, for the call."""
         entry, model = self._model(handle)
-        with self.store.reading(entry):
-            need = add_bytes(footprint.metrics_bytes(model, "test"), footprint.renorm_copy_bytes(model.module))
-            with self.store.reserve(nbytes=need):
-                return training.test_epoch(model, should_stop)
+        with contextlib.ExitStack() as call:
+            kept = (held if held is not None else call).enter_context(self.store.reserve())
+            with self.store.reading(entry):
+                self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "test"))
+                copies = add_bytes(
+                    footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test")
+                )
+                with self.store.reserve(nbytes=copies):
+                    return training.test_epoch(model, should_stop)
 
     def evaluate(
         self, handle: str, upload: Upload, should_stop: StopCheck, held: contextlib.ExitStack | None = None
@@ -907,7 +924,9 @@ class Service:
         self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None,
     ) -> Momenta:
         entry, model = self._model(handle)
-        with self.store.mutate(entry, need=lambda: footprint.renorm_copy_bytes(model.module)):
+        with self.store.mutate(
+            entry, need=lambda: add_bytes(footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model))
+        ):
             return training.recalculate_batchnorm(model, should_stop)
 
     # -- sessions and snapshots ---------------------------------------------------------------------

@@ -149,14 +149,18 @@ def _overflowed(exc: Exception) -> bool:
     return isinstance(exc, RuntimeError) and "Storage size calculation overflowed" in str(exc)
 
 
-def _module_device(module: nn.Module, x: torch.Tensor) -> torch.device:
-    return next((t.device for t in module_tensors(module)), x.device)
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a pass of the module runs, as `training._device` places it: by its first tensor, on
+    the CPU for a module with none (x is moved there, and its output made there)."""
+    return next((t.device for t in module_tensors(module)), torch.device("cpu"))
 
 
 def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
     """Bytes of the output of `module(x)` with every layer's train flag `train` (the pass's
-    mode, `training.forward_flags`), on the module's device, and of a copy of x for a module that
-    writes its input in place (`inplace=True`), so that x stays as it was.
+    mode, `training.forward_flags`), on the module's device, and of the copy of x the pass takes
+    there: for a module that writes its input in place (`inplace=True`), so that x stays as it
+    was, and for x on another device (an upload, received on the host, into a module on a GPU: a
+    copy of x on the GPU that was not reserved; found by review).
 
     A forward pass that fails on meta reserves nothing here; the real pass then fails with torch's
     own message, or the store checks what it really made.
@@ -164,8 +168,9 @@ def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
     output = _meta_output(module, x, train)
     if output is None:
         return {}
-    copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if training.writes_inputs(module) else []
-    return add_bytes(tensor_bytes([output, *copy], _module_device(module, x)), renorm_copy_bytes(module))
+    copied = training.writes_inputs(module) or x.device != _module_device(module)
+    copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if copied else []
+    return add_bytes(tensor_bytes([output, *copy], _module_device(module)), renorm_copy_bytes(module))
 
 
 def renorm_copy_bytes(module: nn.Module) -> Bytes:
@@ -187,15 +192,22 @@ def _kept_bytes(pieces: int, batches: int, device: torch.device) -> Bytes:
 
 def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     """Bytes evaluate(model, x) allocates: the outputs of its test-batchsize pieces, kept until
-    they are joined into the one output (`_kept_bytes`). Raises what evaluate would for a dtype it
-    refuses, before anything is reserved."""
+    they are joined into the one output (`_kept_bytes`), and the piece of x each pass takes when it
+    is a copy: converted to the parameters' dtype (uint8 images become float32, four times their
+    upload), moved to the module's device, or copied for a module that writes its input in place.
+    That copy was not reserved: with the test batchsize at the data's size, a 10 MB uint8 upload
+    became 40 MB of float32 under a 30 MB cap (found by review). Raises what evaluate would for a
+    dtype it refuses, before anything is reserved."""
     dtype = training.input_dtype(model.module, x)
-    n, _, nb = training.evaluate_plan(model, x)
+    n, w, nb = training.evaluate_plan(model, x)
+    device = _module_device(model.module)
+    copied = dtype != x.dtype or device != x.device or training.writes_inputs(model.module)
+    piece = tensor_bytes([torch.empty((w, *x.shape[1:]), dtype=dtype, device="meta")], device) if copied else {}
     output = _meta_output(model.module, torch.empty((n, *x.shape[1:]), dtype=dtype, device="meta"), train=False)
     if output is None:
-        return {}
-    kept = _kept_bytes(output.numel() * output.element_size(), nb, _module_device(model.module, x))
-    return add_bytes(kept, renorm_copy_bytes(model.module))
+        return piece
+    kept = _kept_bytes(output.numel() * output.element_size(), nb, device)
+    return add_bytes(kept, renorm_copy_bytes(model.module), piece)
 
 
 def metrics_bytes(model: Model, split: str) -> Bytes:
@@ -219,7 +231,7 @@ def metrics_bytes(model: Model, split: str) -> Bytes:
         dim = training.class_dim(model.loss.type, output)
         predicted = output.numel() if dim is None else output.numel() // max(output.shape[dim], 1)
         pieces += predicted * torch.empty((), dtype=torch.int64).element_size()
-    return _kept_bytes(pieces, nb, _module_device(model.module, data.x))
+    return _kept_bytes(pieces, nb, _module_device(model.module))
 
 
 def _meta_twin(params: Sequence[nn.Parameter]) -> nn.ParameterList:
@@ -309,27 +321,30 @@ def shuffle_bytes(model: Model) -> Bytes:
     return add_bytes(rows, tensor_bytes([index], "cpu"), moved)
 
 
-def batch_copy_bytes(model: Model) -> Bytes:
-    """Bytes of the copy of one batch of inputs an epoch gives a module that writes its input in
-    place (`training.writes_inputs`), so the held data stay as they were; nothing for other modules."""
-    data = model.train_data
+def batch_copy_bytes(model: Model, split: str = "train") -> Bytes:
+    """Bytes of the copy of one batch of inputs a pass over the model's data (an epoch, batchnorm(m)
+    on "train", a test on "test") gives a module that writes its input in place
+    (`training.writes_inputs`), so the held data stay as they were; nothing for other modules. A
+    test's and batchnorm(m)'s copies were not reserved (found by review)."""
+    data = model.train_data if split == "train" else model.test_data
     if data is None or not training.writes_inputs(model.module):
         return {}
     n = batching.full_size(data.x)
-    w = min(int_value(model.train, "batchsize"), n)
+    w = min(int_value(model.train if split == "train" else model.test, "batchsize"), n)
     return {device_name(data.x): w * math.prod(data.x.shape[1:]) * data.x.element_size()}
 
 
 def epoch_bytes(model: Model) -> Bytes:
-    """Bytes an epoch needs at its widest beyond what the model holds: what it leaves allocated
-    (`training_bytes`), its copies to put the model back (`rollback_bytes`), shuffled, the
-    reordered data (`shuffle_bytes`), the outputs and predictions its metrics keep
-    (`metrics_bytes`), for a module that writes its input in place, a copy of a batch
-    (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding renormalises
-    (`renorm_copy_bytes`, held before training starts: counted on top, at most too much)."""
+    """Bytes an epoch needs at its widest beyond what the model holds, for as long as it runs: what
+    it leaves allocated (`training_bytes`), its copies to put the model back (`rollback_bytes`),
+    shuffled, the reordered data (`shuffle_bytes`), for a module that writes its input in place, a
+    copy of a batch (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding
+    renormalises (`renorm_copy_bytes`, held before training starts: counted on top, at most too
+    much). The outputs and predictions its metrics keep (`metrics_bytes`) are not here: they outlive
+    the epoch until its reply has streamed, so the caller reserves them for that long."""
     return add_bytes(
-        training_bytes(model), rollback_bytes(model), shuffle_bytes(model), metrics_bytes(model, "train"),
-        batch_copy_bytes(model), renorm_copy_bytes(model.module),
+        training_bytes(model), rollback_bytes(model), shuffle_bytes(model), batch_copy_bytes(model),
+        renorm_copy_bytes(model.module),
     )
 
 

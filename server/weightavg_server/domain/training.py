@@ -294,6 +294,9 @@ def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: st
     differences), and ce's class probabilities (torch refuses them with "0D or 1D target tensor
     expected, multi-target not supported", which names neither shape)."""
     loss = model.loss.type
+    if loss in INDEX_LOSSES and not yb.is_floating_point():
+        _check_index_shape(loss, output, yb, what)
+        return
     probabilities = loss == "ce" and yb.is_floating_point()
     if (loss not in ELEMENTWISE_LOSSES and not probabilities) or yb.shape == output.shape:
         return
@@ -308,6 +311,23 @@ def check_targets(model: Model, output: torch.Tensor, yb: torch.Tensor, what: st
         f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} "
         f"loss compares them element for element (torch would broadcast them); reshape y to {fit}; "
         "nothing changed"
+    )
+
+
+def _check_index_shape(loss: str, output: torch.Tensor, yb: torch.Tensor, what: str) -> None:
+    """InvalidArgument, saying the shape to send, unless class-index targets of ce or nll have the
+    output's shape without its class dimension ([N] for [N, C], [N, L] for [N, C, L]). torch refuses
+    others with "0D or 1D target tensor expected, multi-target not supported", which names neither
+    shape nor the fix, for the commonest slip of all: labels sent as a column [N, 1] (found by review)."""
+    if output.dim() < 2 or yb.shape == output.shape[:1] + output.shape[2:]:
+        return  # an unbatched output: torch's own message
+    fit = "[" + ", ".join(["N", *(str(d) for d in output.shape[2:])]) + "]"
+    column = " (y.reshape(-1) for a column of labels)" if yb.dim() == 2 and yb.shape[1] == 1 and output.dim() == 2 else ""
+    also = ", or class probabilities shaped as the output" if loss == "ce" else ""
+    raise InvalidArgument(
+        f"{what}: targets of shape {list(yb.shape)} do not match the output's {list(output.shape)}: the {loss} loss "
+        f"takes one class index per sample{' and position' if output.dim() > 2 else ''}, shaped as the output "
+        f"without its class dimension 1; send y of shape {fit}{column}{also}; nothing changed"
     )
 
 
@@ -391,12 +411,18 @@ def require_data(model: Model, split: str) -> None:
     _loaded(model, split)
 
 
-def _require(model: Model, split: str) -> Data:
-    """The train or test data, put back to full size."""
+@contextlib.contextmanager
+def _from_start(model: Model, split: str) -> Iterator[Data]:
+    """The train or test data put back to full size for a pass over all of them (run, testrun,
+    batchnorm(m)), or FailedPrecondition saying how to load them. A pass that fails, refused before
+    it starts included, puts them back at the batch they stood at (`_batch_kept`): testrun and
+    batchnorm(m) refused an out-of-range embedding index after `testbatch`/`batch` had stepped the
+    data, said nothing changed, and left the data at full size (found by review)."""
     data = _loaded(model, split)
-    batching.restore(data.x)
-    batching.restore(data.y)
-    return data
+    with _batch_kept(data):
+        batching.restore(data.x)
+        batching.restore(data.y)
+        yield data
 
 
 # -- helpers for forward passes -------------------------------------------------------------------
@@ -538,6 +564,19 @@ def predictions(loss: str, output: torch.Tensor, target: torch.Tensor) -> tuple[
         torch.zeros(output.shape, dtype=torch.int64, device=output.device) if dim is None else output.argmax(dim)
     )
     if target.dim() == output.dim() and target.dim() > 0:
+        if dim is not None and target.shape[dim] == 1 < output.shape[dim]:
+            # Read by their argmax, one-hot rows or class probabilities of any width name classes,
+            # but a single column names none: labels sent as a column [N, 1] were all read as class
+            # 0, a plausible, wrong accuracy (80% for a 3-class model; testrun asks for no loss to
+            # refuse them; found by review).
+            indices = "[" + ", ".join(["N", *(str(d) for d in predicted.shape[1:])]) + "]"
+            raise InvalidArgument(
+                f"accuracy: targets of shape {list(target.shape)} hold one column where the output "
+                f"{list(output.shape)} has {output.shape[dim]} classes: targets with as many dimensions as the "
+                f"output are one-hot rows or class probabilities, read by their argmax, so a column of labels "
+                f"reads as class 0 throughout; send class indices of shape {indices}, or one column per class; "
+                "nothing changed"
+            )
         truth = torch.zeros_like(target, dtype=torch.int64) if dim is None else target.argmax(dim)
     else:
         truth = target
@@ -828,10 +867,7 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
             torch refused a batch.
         Cancelled: should_stop turned true.
     """
-    data = _loaded(model, "train")
-    with _batch_kept(data):
-        batching.restore(data.x)
-        batching.restore(data.y)
+    with _from_start(model, "train") as data:
         n, w, nb = _plan(data, model.train)
         dev = _device(model.module)
         last = (nb - 1) * w
@@ -859,31 +895,33 @@ def run_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[s
 def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[str, torch.Tensor]]:
     """Evaluate over the test data in eval mode without gradients and return the test metrics.
 
-    The loss is computed only when loss or batchloss is asked for. Nothing changes on failure.
+    The loss is computed only when loss or batchloss is asked for. It covers the data from the
+    start; on success or when stopped they are left at full size. Nothing changes on failure: the
+    data stay at the batch they stood at (`_from_start`).
     """
-    data = _require(model, "test")
-    n, w, nb = _plan(data, model.test)
-    dev = _device(model.module)
-    metrics = _Metrics(_metric_names(model.test), model.loss.type)
-    fresh = writes_inputs(model.module)
-    check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
-    with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
-        for i in range(nb):
-            if should_stop():
-                raise _stopped("testrun", i, nb)
-            yb = data.y[i * w:(i + 1) * w].to(dev)
-            with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
-            loss = None
-            if metrics.needs_loss:
-                check_targets(model, output, yb, "testrun")
-                check_classes(model, output.shape, yb, w, "testrun", lambda row: i * w + row)
-                targets = batch_targets(model, yb)
-                check_probabilities(model, output, targets, f"testrun (batch {i + 1} of {nb})")
+    with _from_start(model, "test") as data:
+        n, w, nb = _plan(data, model.test)
+        dev = _device(model.module)
+        metrics = _Metrics(_metric_names(model.test), model.loss.type)
+        fresh = writes_inputs(model.module)
+        check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
+        with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():
+            for i in range(nb):
+                if should_stop():
+                    raise _stopped("testrun", i, nb)
+                yb = data.y[i * w:(i + 1) * w].to(dev)
                 with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
-                    loss = model.loss(output, targets)
-            metrics.add(output, yb, loss)
-    return metrics.result()
+                    output = model.module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+                loss = None
+                if metrics.needs_loss:
+                    check_targets(model, output, yb, "testrun")
+                    check_classes(model, output.shape, yb, w, "testrun", lambda row: i * w + row)
+                    targets = batch_targets(model, yb)
+                    check_probabilities(model, output, targets, f"testrun (batch {i + 1} of {nb})")
+                    with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
+                        loss = model.loss(output, targets)
+                metrics.add(output, yb, loss)
+        return metrics.result()
 
 
 def evaluate_plan(model: Model, x: torch.Tensor) -> tuple[int, int, int]:
@@ -1079,7 +1117,8 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
     flag put back. Returns {layer path: momentum}.
 
     Unlike the reference, nothing is reset without training data, and a forward pass that fails or
-    is stopped midway puts back the statistics, momenta and train flags before the error.
+    is stopped midway puts back the statistics, momenta and train flags before the error, and one
+    that fails (not one stopped) the data's batch position (`_from_start`).
 
     Raises:
         FailedPrecondition: no training data.
@@ -1089,24 +1128,24 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
     Example: for the reference's network with batchnorm child 'b' this returns {'b': 0.1} and leaves
     b.num_batches_tracked equal to the number of batches.
     """
-    data = _require(model, "train")
-    n, w, nb = _plan(data, model.train)
-    module = model.module
-    dev = _device(module)
-    check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
-    saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
-    fresh = writes_inputs(module)
-    momenta = reset_batchnorm(module)
-    try:
-        with _flags(module, True), torch.no_grad():
-            for i in range(nb):
-                if should_stop():
-                    raise _stopped("batchnorm", i, nb)
-                with _torch_errors(f"batchnorm (batch {i + 1} of {nb})"):
-                    module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
-    except BaseException:
-        _put_back(saved)
-        raise
-    finally:
-        restore_momentum(module, momenta)
-    return momenta
+    with _from_start(model, "train") as data:
+        n, w, nb = _plan(data, model.train)
+        module = model.module
+        dev = _device(module)
+        check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
+        saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
+        fresh = writes_inputs(module)
+        momenta = reset_batchnorm(module)
+        try:
+            with _flags(module, True), torch.no_grad():
+                for i in range(nb):
+                    if should_stop():
+                        raise _stopped("batchnorm", i, nb)
+                    with _torch_errors(f"batchnorm (batch {i + 1} of {nb})"):
+                        module(_batch(data.x[i * w:(i + 1) * w], dev, fresh))
+        except BaseException:
+            _put_back(saved)
+            raise
+        finally:
+            restore_momentum(module, momenta)
+        return momenta

@@ -430,20 +430,24 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def RunEpoch(self, request: pb.RunEpochRequest, context: Context) -> Iterator[pb.RunEpochResponse]:
         chunk_bytes = reply_chunk_bytes(request.max_chunk_bytes, self.chunk_bytes)  # refused before the epoch
-        with _stopping(context):
-            metrics = self.service.run_epoch(request.model, _should_stop(context), request=ids.key(request))
-        for rank, named in convert.metrics_by_rank(metrics):
-            for chunk in self._chunks(named, chunk_bytes):
-                yield pb.RunEpochResponse(chunk=chunk, rank=rank)
+        with contextlib.ExitStack() as held:  # the metrics' outputs stay reserved as they stream
+            with _stopping(context):
+                metrics = self.service.run_epoch(
+                    request.model, _should_stop(context), request=ids.key(request), held=held
+                )
+            for rank, named in convert.metrics_by_rank(metrics):
+                for chunk in self._chunks(named, chunk_bytes):
+                    yield pb.RunEpochResponse(chunk=chunk, rank=rank)
 
     @translate_errors
     def RunTest(self, request: pb.RunTestRequest, context: Context) -> Iterator[pb.RunTestResponse]:
         chunk_bytes = reply_chunk_bytes(request.max_chunk_bytes, self.chunk_bytes)
-        with _stopping(context):
-            metrics = self.service.run_test(request.model, _should_stop(context))
-        for rank, named in convert.metrics_by_rank(metrics):
-            for chunk in self._chunks(named, chunk_bytes):
-                yield pb.RunTestResponse(chunk=chunk, rank=rank)
+        with contextlib.ExitStack() as held:  # the metrics' outputs stay reserved as they stream
+            with _stopping(context):
+                metrics = self.service.run_test(request.model, _should_stop(context), held)
+            for rank, named in convert.metrics_by_rank(metrics):
+                for chunk in self._chunks(named, chunk_bytes):
+                    yield pb.RunTestResponse(chunk=chunk, rank=rank)
 
     @translate_errors
     def EvaluateModel(
