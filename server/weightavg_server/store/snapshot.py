@@ -46,7 +46,7 @@ import safetensors.torch
 import torch
 
 from ..domain import batching, flat, losses, optimizers, specs, training
-from ..domain.dictionaries import TensorDict
+from ..domain.dictionaries import COUNT_KEY, TensorDict
 from ..domain.dtypes import DTYPES
 from ..domain.ema import EmaSchedule, EmaState
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -198,6 +198,41 @@ class LoadContext:
         the server's device. A key used twice gives the same tensor object."""
         if key in self._loaded:
             return self._loaded[key]
+        data, placement = self._source(key)
+        self._on_place(str(placement), data.numel() * data.element_size())
+        # Always a copy. safetensors hands out CPU tensors in a private mapping of the file: held by
+        # the restored objects, it kept the file's disk blocks after the next snapshot deleted it (a
+        # third snapshot's room while the server ran; found by review), and an edit of the file in
+        # place would reach live weights. A fresh allocation is also aligned: at their offsets in the
+        # file, vectorised CPU kernels split the data differently, and sums would differ in the last
+        # bit from the saved server's (an epoch after a restart would not be bit-identical).
+        t = data.to(placement, copy=True)
+        self._loaded[key] = t
+        return t
+
+    def flat_tensors(self, keys: list[str]) -> list[torch.Tensor]:
+        """The tensors stored under keys, as `tensor` gives them, except that those not loaded yet are
+        placed back to back in one new buffer per device and dtype (`flat.flat_empty`), reserved before
+        it is allocated: how flat modules and dictionaries come back flat.
+
+        Placed one by one and then flattened, a module's parameters were allocated twice, the second
+        time unreserved, and the first copies lived until the whole restore ended: a snapshot that fit
+        the caps could need twice its modules' bytes to restore (found by review).
+        """
+        fresh = [key for key in dict.fromkeys(keys) if key not in self._loaded]
+        sources = [self._source(key) for key in fresh]
+        for data, placement in sources:
+            self._on_place(str(placement), data.numel() * data.element_size())
+        views = flat.flat_empty([(tuple(data.shape), (placement, data.dtype)) for data, placement in sources])
+        with torch.no_grad():
+            for key, view, (data, _) in zip(fresh, views, sources):
+                view.copy_(data)
+                self._loaded[key] = view
+        return [self._loaded[key] for key in keys]
+
+    def _source(self, key: str) -> tuple[torch.Tensor, torch.device]:
+        """The tensor stored under key as read from the file (checked against the state's dtype and
+        shape), and the device it goes to."""
         info = self._info[key]
         dtype = DTYPES[info["dtype"]]
         data = self._tensors[key]
@@ -210,17 +245,7 @@ class LoadContext:
             data = data.view(dtype).reshape(info["shape"])
         if data.dtype != dtype or list(data.shape) != info["shape"]:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
-        placement = self._placement(info["device"])
-        self._on_place(str(placement), data.numel() * data.element_size())
-        # Always a copy. safetensors hands out CPU tensors in a private mapping of the file: held by
-        # the restored objects, it kept the file's disk blocks after the next snapshot deleted it (a
-        # third snapshot's room while the server ran; found by review), and an edit of the file in
-        # place would reach live weights. A fresh allocation is also aligned: at their offsets in the
-        # file, vectorised CPU kernels split the data differently, and sums would differ in the last
-        # bit from the saved server's (an epoch after a restart would not be bit-identical).
-        t = data.to(placement, copy=True)
-        self._loaded[key] = t
-        return t
+        return data, self._placement(info["device"])
 
     def host_tensor(self, key: str) -> torch.Tensor:
         """The tensor stored under key as read from the file, for host-side state that no object
@@ -329,9 +354,10 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
     1.3 GB; found by review)."""
     with torch.device("meta"):
         module = specs.build_module(spec_from_json(data["spec"]), max_depth=10**6)
-    for p in data["parameters"]:
+    # Flat, as a new module's parameters are (`flat.build_flat`), so its handles' sizes and speed survive a restart.
+    values = ctx.flat_tensors([p["tensor"] for p in data["parameters"]])
+    for p, value in zip(data["parameters"], values):
         owner, leaf = _owner(module, p["name"])
-        value = ctx.tensor(p["tensor"])
         if leaf in owner._parameters and owner._parameters[leaf] is not None:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=p["requires_grad"])
         else:
@@ -342,7 +368,6 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
     missing = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if missing:
         raise SnapshotError(f"the snapshot holds no value for the module's {missing[0]!r}")
-    flat.flatten_parameters(module)  # as a new module's are, so its handles' sizes and speed survive a restart
     for row in data["modules"]:
         m = module.get_submodule(row["path"])
         m.training = bool(row["training"])
@@ -353,12 +378,16 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
 
 def save_dictionary(d: TensorDict, ctx: SaveContext) -> dict[str, Any]:
     """Entries in order; a live view's entries that are a saved module's own tensors are references;
-    an exponential moving average's schedule and last step."""
+    whether the entries are flat (`flat.is_flat_by_group`, the '.n' count aside); an exponential
+    moving average's schedule and last step."""
     entries: list[dict[str, Any]] = []
     for name, t in d.entries.items():
         ref = ctx.owned(t) if d.live else None
         entries.append({"name": name, "ref": ref} if ref is not None else {"name": name, "tensor": ctx.tensor(t)})
     saved: dict[str, Any] = {"live": d.live, "entries": entries}
+    values = [t for name, t in d.entries.items() if name != COUNT_KEY]
+    if not d.live and len(values) > 1 and flat.is_flat_by_group(values):
+        saved["flat"] = True
     if d.ema is not None:
         s = d.ema.schedule
         saved["ema"] = {
@@ -382,7 +411,11 @@ def _ema_state(data: dict[str, Any] | None) -> EmaState | None:
 
 
 def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
-    """Rebuild a dictionary; references become the restored module's own tensors again (a live view)."""
+    """Rebuild a dictionary; references become the restored module's own tensors again (a live view).
+    A flat dictionary (a copy of a module's parameters, an EMA, a merge's result) comes back flat:
+    restored entry by entry, later averages into it no longer fused and ran several times slower."""
+    if data.get("flat"):
+        ctx.flat_tensors([e["tensor"] for e in data["entries"] if "tensor" in e and e["name"] != COUNT_KEY])
     entries: dict[str, torch.Tensor] = {}
     for e in data["entries"]:
         if "ref" in e:
