@@ -29,6 +29,9 @@ class Reservation:
     """The tenant whose quota the room also counts against; None outside the registry."""
     quota: Reservation | None = None
     """The same room in that tenant's ledger."""
+    tenant_quota: bool = True
+    """False for a snapshot's restore: the room counts against the server's caps alone, since the
+    objects were held before and `Registry.add` charges each to its own tenant."""
 
 
 @dataclass

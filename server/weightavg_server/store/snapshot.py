@@ -908,7 +908,9 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
         return built[index]
 
     # Restored tensors count against the caps like any other: each is reserved before it is placed.
-    with registry.reserve(handles=len(state["handles"])) as reservation:
+    # Against the server's caps alone: a restore admits every saved handle even where its tenant's
+    # quota is now lower (docs/security.md), and each object is charged to its own tenant by `add`.
+    with registry.reserve(handles=len(state["handles"]), tenant_quota=False) as reservation:
         ctx = LoadContext(
             tensors, state["tensors"], device, load_object,
             on_place=lambda where, nbytes: registry.grow(reservation, nbytes={where: nbytes}),
