@@ -636,6 +636,30 @@ def _huge_count(state: dict[str, Any]) -> None:
         row["lock"] = 1e400
 
 
+def _second_handle(field: str, value: Any) -> Any:
+    def edit(state: dict[str, Any]) -> None:
+        state["handles"][1][field] = value if value is not None else state["handles"][0][field]
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    _second_handle("tenant", "not a tenant name"),
+    _second_handle("id", None),  # the first handle's ID again
+    _second_handle("session", "ses_0123456789abcdef0123456789abcdef"),  # a session the state does not hold
+])
+def test_a_refused_restore_leaves_no_session_handle_or_charge(saved: Path, edit: Any) -> None:
+    """The state's sessions and handles were checked one by one as they were registered: a bad second
+    handle left the first registered and charged, and every session, in a restore that was refused
+    (found by review). Every record is now checked before anything is registered."""
+    assert snapshot.load(Registry(), saved, torch.device("cpu")) == 2
+    _edit_state(saved, lambda state: state["sessions"].append({"id": "ses_a", "lease": 60.0, "tenant": "default"}))
+    _edit_state(saved, edit)
+    registry = Registry()
+    with pytest.raises(snapshot.SnapshotError, match="cannot be restored"):
+        snapshot.load(registry, saved, torch.device("cpu"))
+    assert len(registry) == 0 and registry.sessions() == [] and registry.held_bytes() == {}
+
+
 @pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range"])
 def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edit: str) -> None:
     """A manifest whose 'files' is not a mapping of records, or a state number out of range, ended the

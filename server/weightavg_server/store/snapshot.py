@@ -886,6 +886,54 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class _HandleRecord:
+    """One saved handle, checked: what `Registry.add` is given for it."""
+
+    id: str
+    kind: Kind
+    object: int
+    lock: int
+    session: str | None
+    tenant: str
+
+
+def _records(state: dict[str, Any], objects: list[dict[str, Any]]) -> tuple[list[tuple[str, float, str]], list[_HandleRecord]]:
+    """The saved sessions (id, lease, tenant) and handles, every field checked before any is registered.
+
+    A record that does not hold (a tenant name, a handle ID given twice, a session that is not
+    saved) was found only as it was registered: the sessions and handles before it stayed in the
+    registry, charged, while the restore was refused (found by review).
+
+    Raises:
+        InvalidArgument, ValueError, KeyError, TypeError: a record is not one a server writes
+            (`load` reports each as a SnapshotError naming the directory).
+    """
+    # Snapshots written before tenants existed have no "tenant": their objects are the default
+    # tenant's, as they were on the server that wrote them.
+    sessions = [
+        (str(s["id"]), float(s["lease"]), check_tenant_name(s.get("tenant", DEFAULT_TENANT))) for s in state["sessions"]
+    ]
+    session_ids = {session_id for session_id, _, _ in sessions}
+    if len(session_ids) != len(sessions):
+        raise ValueError("the state names a session twice")
+    handles = []
+    for h in state["handles"]:
+        index = int(h["object"])
+        if not 0 <= index < len(objects):
+            raise ValueError(f"handle {h['id']!r} refers to object {index}, which the state does not hold")
+        session = None if h["session"] is None else str(h["session"])
+        if session is not None and session not in session_ids:
+            raise ValueError(f"handle {h['id']!r} belongs to a session the state does not hold")
+        handles.append(_HandleRecord(
+            str(h["id"]), Kind(objects[index]["kind"]), index, int(h["lock"]), session,
+            check_tenant_name(h.get("tenant", DEFAULT_TENANT)),
+        ))
+    if len({h.id for h in handles}) != len(handles):
+        raise ValueError("the state names a handle twice")
+    return sessions, handles
+
+
 def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> int:
     """Build every object first, then register sessions and handles, so a failure adds nothing."""
     if state.get("format") != FORMAT or state.get("version") != VERSION:
@@ -907,10 +955,11 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
             built[index] = fmt.load(record["data"], ctx)
         return built[index]
 
+    sessions, handles = _records(state, objects)
     # Restored tensors count against the caps like any other: each is reserved before it is placed.
     # Against the server's caps alone: a restore admits every saved handle even where its tenant's
     # quota is now lower (docs/security.md), and each object is charged to its own tenant by `add`.
-    with registry.reserve(handles=len(state["handles"]), tenant_quota=False) as reservation:
+    with registry.reserve(handles=len(handles), tenant_quota=False) as reservation:
         ctx = LoadContext(
             tensors, state["tensors"], device, load_object,
             on_place=lambda where, nbytes: registry.grow(reservation, nbytes={where: nbytes}),
@@ -918,18 +967,12 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
         for index in range(len(objects)):
             load_object(index)
         locks: dict[int, threading.RLock] = {}
-        # Snapshots written before tenants existed have no "tenant": their objects are the default
-        # tenant's, as they were on the server that wrote them.
-        for s in state["sessions"]:
-            registry.create_session(
-                float(s["lease"]), session_id=str(s["id"]), tenant=check_tenant_name(s.get("tenant", DEFAULT_TENANT))
-            )
-        for h in state["handles"]:
-            record = objects[int(h["object"])]
-            lock = locks.setdefault(int(h["lock"]), threading.RLock())
+        for session_id, lease, tenant in sessions:
+            registry.create_session(lease, session_id=session_id, tenant=tenant)
+        for h in handles:
+            lock = locks.setdefault(h.lock, threading.RLock())
             registry.add(
-                Kind(record["kind"]), built[int(h["object"])], reservation, lock=lock, handle_id=str(h["id"]),
-                session=h["session"], tenant=check_tenant_name(h.get("tenant", DEFAULT_TENANT)),
+                h.kind, built[h.object], reservation, lock=lock, handle_id=h.id, session=h.session, tenant=h.tenant,
             )
     remembered = registry.requests.restore(answers, elapsed=down)
     log.info(
