@@ -235,9 +235,10 @@ class Registry:
         """Set aside room for a call, checked against the caps before it allocates anything.
 
         `add` spends the reservation; whatever is left is released on exit. With tenant_quota=False
-        (a snapshot's restore only) the room is checked against the server's caps alone: the restore
-        runs as the default tenant, whose quota paid for every tenant's restored objects, so a
-        `default` tenant with a quota in the tokens file stopped a restore that fit (found by review).
+        (a snapshot's copies and restore only) the room is checked against the server's caps alone:
+        both span every tenant and run as one (the default tenant, or the admin's), whose quota
+        paid for all of them, so a `default` tenant with a quota in the tokens file stopped every
+        periodic snapshot and a restore that fit (found by review).
 
         Raises:
             ResourceExhausted: the handles or bytes would not fit.

@@ -634,10 +634,13 @@ def save(registry: Registry, directory: str | os.PathLike[str], *, copy: bool = 
     # Every held tensor is copied to the host for the cut (a CUDA one as well): reserved first, or
     # a snapshot could take the host past its cap (found by review: +97 MB with 1,000 bytes left).
     # Objects made between this count and the cut are copied unreserved: a call's worth at most.
+    # Against the server's cap alone: the copies are every tenant's, and the caller's tenant (the
+    # default one for a periodic snapshot) paid for them in its quota, so a `default` tenant with a
+    # quota below what all tenants held made every periodic snapshot fail (found by review).
     copies = sum(registry.held_bytes().values())
     with contextlib.ExitStack() as reserved:
         try:
-            reserved.enter_context(registry.reserve(nbytes={"cpu": copies}))
+            reserved.enter_context(registry.reserve(nbytes={"cpu": copies}, tenant_quota=False))
         except ResourceExhausted as exc:
             raise ResourceExhausted(f"a snapshot copies every tensor to the host first ({copies} bytes): {exc}") from None
         return _save(registry, directory, copy)
