@@ -251,6 +251,43 @@ def test_an_adagrad_model_restores_without_a_second_set_of_sums(state_server: Ru
     assert restored.held_bytes() == {"cpu": 2 * (4096 * 8192 + 8192) * 4 + 2 * 4}
 
 
+def test_a_snapshot_saved_on_cuda_restores_on_a_cpu_server_and_trains_on(
+    state_server: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CUDA server writes each tensor's device ("cuda:0") into the state; a server without that
+    device places the tensors on its own. Written here by editing a CPU snapshot's devices (no GPU):
+    the models train on bit-identically to the server that wrote it, and the log says so once per
+    missing device (it said so once per tensor: 64 lines for these two small models, thousands for
+    a real one; found by review)."""
+    import hashlib
+    import json
+    import logging
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        h = prepare(c)
+        c.snapshot()
+        reference = carry_on(c, h)
+    directory = tmp_path / "d"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    name = next(n for n in manifest["files"] if n.startswith("state-"))
+    state = json.loads((directory / name).read_text())
+    for info in state["tensors"].values():
+        info["device"] = "cuda:0" if info["device"] == "cpu" else info["device"]
+    raw = json.dumps(state).encode()
+    (directory / name).write_bytes(raw)
+    manifest["files"][name] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    if torch.cuda.is_available():
+        pytest.skip("the server has cuda:0, so the tensors would go there")
+    restored = Registry()
+    with caplog.at_level(logging.WARNING, logger="weightavg.snapshot"):
+        assert snapshot.load(restored, directory, torch.device("cpu")) == len(h)
+    assert [r.getMessage() for r in caplog.records if r.name == "weightavg.snapshot"] == [
+        "snapshot tensors were on cuda:0, which this server lacks; placing them on cpu"
+    ]
+    assert_bit_identical(carry_on_restored(restored, h), reference)
+
+
 def test_a_model_without_data_and_a_lone_loss_restore(state_server: Runtime, tmp_path: Path) -> None:
     with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
         q = c.module(["linear", 2, 2])

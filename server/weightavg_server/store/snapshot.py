@@ -192,6 +192,8 @@ class LoadContext:
         self._info = info
         self._load_object = load_object
         self._loaded: dict[str, torch.Tensor] = {}
+        self._missing: set[str] = set()
+        """Saved devices this server lacks, warned about once each (a line per tensor was thousands)."""
 
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor stored under key, on the device it was saved from when this server has it, else on
@@ -262,7 +264,9 @@ class LoadContext:
             return dev
         if dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
             return dev
-        log.warning("snapshot tensor was on %s, which this server lacks; placing it on %s", saved, self.device)
+        if saved not in self._missing:
+            self._missing.add(saved)
+            log.warning("snapshot tensors were on %s, which this server lacks; placing them on %s", saved, self.device)
         return self.device
 
 
