@@ -660,10 +660,11 @@ def test_a_refused_restore_leaves_no_session_handle_or_charge(saved: Path, edit:
     assert len(registry) == 0 and registry.sessions() == [] and registry.held_bytes() == {}
 
 
-@pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range"])
+@pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range", "nested-deeply"])
 def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edit: str) -> None:
-    """A manifest whose 'files' is not a mapping of records, or a state number out of range, ended the
-    start in a traceback (AttributeError, OverflowError; found by review) rather than the refusal."""
+    """A manifest whose 'files' is not a mapping of records, or is nested past Python's recursion
+    limit, or a state number out of range, ended the start in a traceback (AttributeError,
+    RecursionError, OverflowError; found by review) rather than the refusal."""
     manifest = json.loads((saved / "manifest.json").read_text())
     if edit == "files-as-a-list":
         manifest["files"] = list(manifest["files"])
@@ -671,6 +672,8 @@ def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edi
         manifest["files"] = {name: 1 for name in manifest["files"]}
     if edit == "number-out-of-range":
         _edit_state(saved, _huge_count)
+    elif edit == "nested-deeply":  # past Python's recursion limit: RecursionError, a traceback
+        (saved / "manifest.json").write_text('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
     else:
         (saved / "manifest.json").write_text(json.dumps(manifest))
     code, err = refused_start(saved)

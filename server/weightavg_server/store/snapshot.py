@@ -870,7 +870,8 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
             # a hand-edited manifest ended the start in a traceback (AttributeError; found by review)
             raise TypeError(f"'files' must map each file name to its sha256 and bytes, found {files!r:.80}")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # RecursionError: JSON nested past Python's recursion limit ended the start in a traceback (found by review)
         raise SnapshotError(f"{manifest_path} is unreadable ({exc}); the snapshot is torn or was modified") from exc
     for name, expected in files.items():
         path = root / name
