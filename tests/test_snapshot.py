@@ -660,6 +660,27 @@ def test_a_refused_restore_leaves_no_session_handle_or_charge(saved: Path, edit:
     assert len(registry) == 0 and registry.sessions() == [] and registry.held_bytes() == {}
 
 
+def test_an_ema_step_out_of_range_in_the_state_is_refused(state_server: Runtime) -> None:
+    """The EMA's schedule was checked on a restore as a request's is, its last step not: a state
+    saying 2**62 + 1 restored, and the dictionary's next EMA update then failed on a step the client
+    never sent (found by review). A server writes no such step; an edited state is refused whole."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
+        q = c.module(["linear", 3, 2])
+        c.ema(q, c.copyparms(q), decay=0.9)
+        c.snapshot()
+    saved = Path(state_server.config.state_dir)
+
+    def step_past_the_last(state: dict[str, Any]) -> None:
+        (row,) = [o for o in state["objects"] if "ema" in o["data"]]
+        row["data"]["ema"]["step"] = 2**62 + 1
+
+    _edit_state(saved, step_past_the_last)
+    registry = Registry()
+    with pytest.raises(snapshot.SnapshotError, match="the EMA's last step must be between 0 and"):
+        snapshot.load(registry, saved, torch.device("cpu"))
+    assert len(registry) == 0 and registry.held_bytes() == {}
+
+
 @pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range", "nested-deeply"])
 def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edit: str) -> None:
     """A manifest whose 'files' is not a mapping of records, or is nested past Python's recursion

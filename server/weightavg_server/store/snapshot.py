@@ -48,7 +48,7 @@ import torch
 from ..domain import batching, flat, losses, optimizers, specs, training
 from ..domain.dictionaries import COUNT_KEY, TensorDict
 from ..domain.dtypes import DTYPES
-from ..domain.ema import EmaSchedule, EmaState
+from ..domain.ema import MAX_STEP, EmaSchedule, EmaState
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..domain.losses import Loss
 from ..domain.optimizers import Optimizer
@@ -411,7 +411,10 @@ def _ema_state(data: dict[str, Any] | None) -> EmaState | None:
         update_after_step=int(data["update_after_step"]),
     )
     schedule.check()
-    return EmaState(schedule, int(data["step"]))
+    step = int(data["step"])
+    if not 0 <= step <= MAX_STEP:  # the next update would refuse it, naming a step the client never sent
+        raise InvalidArgument(f"the EMA's last step must be between 0 and {MAX_STEP}, got {step}")
+    return EmaState(schedule, step)
 
 
 def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
