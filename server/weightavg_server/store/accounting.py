@@ -30,8 +30,9 @@ class Reservation:
     quota: Reservation | None = None
     """The same room in that tenant's ledger."""
     tenant_quota: bool = True
-    """False for a snapshot's restore: the room counts against the server's caps alone, since the
-    objects were held before and `Registry.add` charges each to its own tenant."""
+    """False for a snapshot's host copies and its restore, which span every tenant: the room counts
+    against the server's caps alone (`Registry.add` still charges each restored object to its own
+    tenant)."""
 
 
 @dataclass

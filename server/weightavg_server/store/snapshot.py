@@ -925,7 +925,9 @@ class _HandleRecord:
     tenant: str
 
 
-def _records(state: dict[str, Any], objects: list[dict[str, Any]]) -> tuple[list[tuple[str, float, str]], list[_HandleRecord]]:
+def _records(
+    state: dict[str, Any], objects: list[dict[str, Any]],
+) -> tuple[list[tuple[str, float, str]], list[_HandleRecord]]:
     """The saved sessions (id, lease, tenant) and handles, every field checked before any is registered.
 
     A record that does not hold (a tenant name, a handle ID given twice, a session that is not
