@@ -8,6 +8,7 @@ floating-point operations in the same order: equality is bit for bit.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from weightavg_server.ops.config import ServerConfig
 from weightavg_server.store.registry import Kind, Registry
 
 from conftest import LiveServer
-from test_snapshot import start_server as start_subprocess
+from test_snapshot import _peak_mib_over, start_server as start_subprocess
 
 NET = ["sequential", ["linear", "a", 6, 8], ["batchnorm1d", "b", 8], ["relu", "c"], ["linear", "d", 8, 3]]
 
@@ -225,6 +226,66 @@ def test_an_adagrad_whose_init_no_longer_fits_its_moved_parameters_restores(stat
     for i in old:
         assert new[i]["sum"].dtype == torch.float16 and torch.equal(new[i]["sum"], old[i]["sum"])
         assert torch.equal(new[i]["step"], old[i]["step"])
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_an_adagrad_model_restores_without_a_second_set_of_sums(state_server: Runtime, tmp_path: Path) -> None:
+    """Adagrad fills its sums when it is built: the restore's rebuild allocated them, a copy of the
+    module's bytes that nothing reserved, and held them until the saved sums replaced them (a
+    restore peaked 5x the module's bytes for a 128 MiB module, where 4x are needed: the file's
+    module and sums, the module, the sums; found by review). The rebuild is made over meta twins."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        q = c.module(["linear", 4096, 8192])  # 128 MiB
+        m = c.model(q, c.loss("mse"), c.opt("adagrad", q, 0.1, init=0.5))
+        c.snapshot()
+    restored = Registry()
+    peak = _peak_mib_over(lambda: snapshot.load(restored, tmp_path / "d", torch.device("cpu")))
+    assert peak < 128 * 4.5
+    live, back = state_server.registry.get(m.id).obj.optimizer.optim, restored.get(m.id).obj.optimizer.optim
+    assert back.param_groups[0]["params"] == list(restored.get(m.id).obj.module.parameters())
+    assert back.param_groups[0]["initial_accumulator_value"] == 0.5
+    old, new = live.state_dict()["state"], back.state_dict()["state"]
+    assert old.keys() == new.keys() == {0, 1}
+    for i in old:
+        assert torch.equal(new[i]["sum"], old[i]["sum"]) and torch.equal(new[i]["step"], old[i]["step"])
+    assert restored.held_bytes() == {"cpu": 2 * (4096 * 8192 + 8192) * 4 + 2 * 4}
+
+
+def test_a_snapshot_saved_on_cuda_restores_on_a_cpu_server_and_trains_on(
+    state_server: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CUDA server writes each tensor's device ("cuda:0") into the state; a server without that
+    device places the tensors on its own. Written here by editing a CPU snapshot's devices (no GPU):
+    the models train on bit-identically to the server that wrote it, and the log says so once per
+    missing device (it said so once per tensor: 64 lines for these two small models, thousands for
+    a real one; found by review)."""
+    import hashlib
+    import json
+    import logging
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        h = prepare(c)
+        c.snapshot()
+        reference = carry_on(c, h)
+    directory = tmp_path / "d"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    name = next(n for n in manifest["files"] if n.startswith("state-"))
+    state = json.loads((directory / name).read_text())
+    for info in state["tensors"].values():
+        info["device"] = "cuda:0" if info["device"] == "cpu" else info["device"]
+    raw = json.dumps(state).encode()
+    (directory / name).write_bytes(raw)
+    manifest["files"][name] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    if torch.cuda.is_available():
+        pytest.skip("the server has cuda:0, so the tensors would go there")
+    restored = Registry()
+    with caplog.at_level(logging.WARNING, logger="weightavg.snapshot"):
+        assert snapshot.load(restored, directory, torch.device("cpu")) == len(h)
+    assert [r.getMessage() for r in caplog.records if r.name == "weightavg.snapshot"] == [
+        "snapshot tensors were on cuda:0, which this server lacks; placing them on cpu"
+    ]
+    assert_bit_identical(carry_on_restored(restored, h), reference)
 
 
 def test_a_model_without_data_and_a_lone_loss_restore(state_server: Runtime, tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.store.registry import Registry
 
+from inprocess import walked_bytes
+
 BN_NET = ["sequential", ["linear", "a", 6, 5], ["batchnorm1d", "b", 5], ["relu", "c"], ["linear", "d", 5, 3]]
 START_LIMIT = 120.0
 """Seconds a server subprocess may take to print its address (importing torch dominates)."""
@@ -545,6 +547,61 @@ def test_a_restore_over_the_cap_allocates_no_module_before_refusing(state_server
     assert len(capped) == 0
 
 
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_a_restore_allocates_each_module_once(state_server: Runtime) -> None:
+    """A module's parameters were placed one by one, then copied into a flat buffer: the second copy
+    was allocated unreserved while the first lived on until the whole restore ended, so a restore
+    took three times the module's bytes (the file's pages, the placed copies, the flat ones; +389
+    MiB for a 128 MiB module) where two are needed (found by review). The parameters now go
+    straight into their flat buffer, reserved first, and the module comes back flat as it was."""
+    from weightavg_server.domain import flat
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        q = c.module(["linear", 4096, 8192])  # 128 MiB
+        c.snapshot()
+    restored = Registry()
+    peak = _peak_mib_over(lambda: snapshot.load(restored, state_server.config.state_dir, torch.device("cpu")))
+    assert peak < 128 * 2.5  # the file's pages and the module: 2 x 128 MiB, where it was 3 x
+    module = restored.get(q.id).obj
+    assert flat.is_flat(list(module.parameters()))
+    for before, after in zip(state_server.registry.get(q.id).obj.parameters(), module.parameters()):
+        assert torch.equal(before, after)
+    assert restored.held_bytes() == {"cpu": 4096 * 8192 * 4 + 8192 * 4}
+
+
+def test_flat_dictionaries_restore_flat(state_server: Runtime) -> None:
+    """A copy of a module's parameters, an EMA and a moved dictionary hold their entries back to back
+    in one buffer per dtype, so averages into them run as one kernel. They came back entry by entry,
+    and every later average took the per-tensor path (found by review). Now they come back flat
+    (with the same values, the '.n' count apart), and a dictionary that was not flat stays as it was."""
+    from weightavg_server.domain import flat
+
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        q = c.module(BN_NET)
+        avg = c.copyparms(q)
+        c.avgparms(q, avg)
+        ema = c.copyparms(q)
+        c.ema(q, ema, decay=0.9)
+        mixed = c.dict({"a": np.ones(3, np.float32), "b": np.ones(2, np.float64), "c": np.zeros(4, np.float32)})
+        c.to(mixed, dtype="float16")
+        upload = c.dict({"x": np.ones((3, 3), np.float32), "y": np.ones(4, np.float32)})
+        c.snapshot()
+    restored = Registry()
+    snapshot.load(restored, state_server.config.state_dir, torch.device("cpu"))
+
+    def values(registry: Registry, handle: Any) -> list[torch.Tensor]:
+        return [t for name, t in registry.get(handle.id).obj.entries.items() if name != ".n"]
+
+    for d in (avg, ema, mixed):
+        assert flat.is_flat_by_group(values(state_server.registry, d))
+        assert flat.is_flat_by_group(values(restored, d)), d
+        for before, after in zip(values(state_server.registry, d), values(restored, d), strict=True):
+            assert before.dtype == after.dtype and torch.equal(before, after)
+    assert not flat.is_flat(values(state_server.registry, upload)) and not flat.is_flat(values(restored, upload))
+    assert restored.get(avg.id).obj.entries[".n"].item() == 2.0
+    assert restored.held_bytes() == walked_bytes(restored)
+
+
 def test_a_hand_edited_tensor_file_with_a_matching_manifest_is_refused_in_one_line(saved: Path) -> None:
     """The checksums pass when the manifest was edited too; a tensor file that is not safetensors then
     ended the start in a traceback (SafetensorError; found by review)."""
@@ -579,10 +636,56 @@ def _huge_count(state: dict[str, Any]) -> None:
         row["lock"] = 1e400
 
 
-@pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range"])
+def _second_handle(field: str, value: Any) -> Any:
+    def edit(state: dict[str, Any]) -> None:
+        state["handles"][1][field] = value if value is not None else state["handles"][0][field]
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    _second_handle("tenant", "not a tenant name"),
+    _second_handle("id", None),  # the first handle's ID again
+    _second_handle("session", "ses_0123456789abcdef0123456789abcdef"),  # a session the state does not hold
+])
+def test_a_refused_restore_leaves_no_session_handle_or_charge(saved: Path, edit: Any) -> None:
+    """The state's sessions and handles were checked one by one as they were registered: a bad second
+    handle left the first registered and charged, and every session, in a restore that was refused
+    (found by review). Every record is now checked before anything is registered."""
+    assert snapshot.load(Registry(), saved, torch.device("cpu")) == 2
+    _edit_state(saved, lambda state: state["sessions"].append({"id": "ses_a", "lease": 60.0, "tenant": "default"}))
+    _edit_state(saved, edit)
+    registry = Registry()
+    with pytest.raises(snapshot.SnapshotError, match="cannot be restored"):
+        snapshot.load(registry, saved, torch.device("cpu"))
+    assert len(registry) == 0 and registry.sessions() == [] and registry.held_bytes() == {}
+
+
+def test_an_ema_step_out_of_range_in_the_state_is_refused(state_server: Runtime) -> None:
+    """The EMA's schedule was checked on a restore as a request's is, its last step not: a state
+    saying 2**62 + 1 restored, and the dictionary's next EMA update then failed on a step the client
+    never sent (found by review). A server writes no such step; an edited state is refused whole."""
+    with Client(f"127.0.0.1:{state_server.port}", timeout=60) as c:
+        q = c.module(["linear", 3, 2])
+        c.ema(q, c.copyparms(q), decay=0.9)
+        c.snapshot()
+    saved = Path(state_server.config.state_dir)
+
+    def step_past_the_last(state: dict[str, Any]) -> None:
+        (row,) = [o for o in state["objects"] if "ema" in o["data"]]
+        row["data"]["ema"]["step"] = 2**62 + 1
+
+    _edit_state(saved, step_past_the_last)
+    registry = Registry()
+    with pytest.raises(snapshot.SnapshotError, match="the EMA's last step must be between 0 and"):
+        snapshot.load(registry, saved, torch.device("cpu"))
+    assert len(registry) == 0 and registry.held_bytes() == {}
+
+
+@pytest.mark.parametrize("edit", ["files-as-a-list", "file-record-as-a-number", "number-out-of-range", "nested-deeply"])
 def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edit: str) -> None:
-    """A manifest whose 'files' is not a mapping of records, or a state number out of range, ended the
-    start in a traceback (AttributeError, OverflowError; found by review) rather than the refusal."""
+    """A manifest whose 'files' is not a mapping of records, or is nested past Python's recursion
+    limit, or a state number out of range, ended the start in a traceback (AttributeError,
+    RecursionError, OverflowError; found by review) rather than the refusal."""
     manifest = json.loads((saved / "manifest.json").read_text())
     if edit == "files-as-a-list":
         manifest["files"] = list(manifest["files"])
@@ -590,6 +693,8 @@ def test_a_hand_edited_manifest_or_state_is_refused_in_one_line(saved: Path, edi
         manifest["files"] = {name: 1 for name in manifest["files"]}
     if edit == "number-out-of-range":
         _edit_state(saved, _huge_count)
+    elif edit == "nested-deeply":  # past Python's recursion limit: RecursionError, a traceback
+        (saved / "manifest.json").write_text('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
     else:
         (saved / "manifest.json").write_text(json.dumps(manifest))
     code, err = refused_start(saved)

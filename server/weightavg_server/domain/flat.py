@@ -113,6 +113,15 @@ def is_flat(tensors: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+def is_flat_by_group(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the tensors of each device and dtype lie back to back in one storage, in order, as
+    `flat_copies` makes them (a copy of a module with float32 and float16 parameters, say)."""
+    groups: dict[GroupKey, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return all(is_flat(group) for group in groups.values())
+
+
 # -- runs: pairs that are one kernel -----------------------------------------------------------------
 
 
@@ -278,8 +287,9 @@ def flatten_parameters(module: torch.nn.Module) -> None:
     """Copy the module's parameters into one new buffer per device and dtype and point each
     Parameter's data at its slice (the Parameter objects stay, so optimizers and views keep them).
 
-    This allocates the parameters' bytes again while the old storages are alive; use it where
-    that is affordable (a snapshot's restore), and `build_flat` or a move where it is not.
+    This allocates the parameters' bytes again while the old storages are alive, unreserved by any
+    caller: the server itself builds flat (`build_flat`), moves flat, and restores snapshots flat
+    (`snapshot.LoadContext.flat_tensors`) instead.
     """
     params = list(module.parameters())
     if is_flat(params):

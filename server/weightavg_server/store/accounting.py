@@ -29,6 +29,10 @@ class Reservation:
     """The tenant whose quota the room also counts against; None outside the registry."""
     quota: Reservation | None = None
     """The same room in that tenant's ledger."""
+    tenant_quota: bool = True
+    """False for a snapshot's host copies and its restore, which span every tenant: the room counts
+    against the server's caps alone (`Registry.add` still charges each restored object to its own
+    tenant)."""
 
 
 @dataclass

@@ -46,9 +46,9 @@ import safetensors.torch
 import torch
 
 from ..domain import batching, flat, losses, optimizers, specs, training
-from ..domain.dictionaries import TensorDict
+from ..domain.dictionaries import COUNT_KEY, TensorDict
 from ..domain.dtypes import DTYPES
-from ..domain.ema import EmaSchedule, EmaState
+from ..domain.ema import MAX_STEP, EmaSchedule, EmaState
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..domain.losses import Loss
 from ..domain.optimizers import Optimizer
@@ -192,12 +192,49 @@ class LoadContext:
         self._info = info
         self._load_object = load_object
         self._loaded: dict[str, torch.Tensor] = {}
+        self._missing: set[str] = set()
+        """Saved devices this server lacks, warned about once each (a line per tensor was thousands)."""
 
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor stored under key, on the device it was saved from when this server has it, else on
         the server's device. A key used twice gives the same tensor object."""
         if key in self._loaded:
             return self._loaded[key]
+        data, placement = self._source(key)
+        self._on_place(str(placement), data.numel() * data.element_size())
+        # Always a copy. safetensors hands out CPU tensors in a private mapping of the file: held by
+        # the restored objects, it kept the file's disk blocks after the next snapshot deleted it (a
+        # third snapshot's room while the server ran; found by review), and an edit of the file in
+        # place would reach live weights. A fresh allocation is also aligned: at their offsets in the
+        # file, vectorised CPU kernels split the data differently, and sums would differ in the last
+        # bit from the saved server's (an epoch after a restart would not be bit-identical).
+        t = data.to(placement, copy=True)
+        self._loaded[key] = t
+        return t
+
+    def flat_tensors(self, keys: list[str]) -> list[torch.Tensor]:
+        """The tensors stored under keys, as `tensor` gives them, except that those not loaded yet are
+        placed back to back in one new buffer per device and dtype (`flat.flat_empty`), reserved before
+        it is allocated: how flat modules and dictionaries come back flat.
+
+        Placed one by one and then flattened, a module's parameters were allocated twice, the second
+        time unreserved, and the first copies lived until the whole restore ended: a snapshot that fit
+        the caps could need twice its modules' bytes to restore (found by review).
+        """
+        fresh = [key for key in dict.fromkeys(keys) if key not in self._loaded]
+        sources = [self._source(key) for key in fresh]
+        for data, placement in sources:
+            self._on_place(str(placement), data.numel() * data.element_size())
+        views = flat.flat_empty([(tuple(data.shape), (placement, data.dtype)) for data, placement in sources])
+        with torch.no_grad():
+            for key, view, (data, _) in zip(fresh, views, sources):
+                view.copy_(data)
+                self._loaded[key] = view
+        return [self._loaded[key] for key in keys]
+
+    def _source(self, key: str) -> tuple[torch.Tensor, torch.device]:
+        """The tensor stored under key as read from the file (checked against the state's dtype and
+        shape), and the device it goes to."""
         info = self._info[key]
         dtype = DTYPES[info["dtype"]]
         data = self._tensors[key]
@@ -210,17 +247,7 @@ class LoadContext:
             data = data.view(dtype).reshape(info["shape"])
         if data.dtype != dtype or list(data.shape) != info["shape"]:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
-        placement = self._placement(info["device"])
-        self._on_place(str(placement), data.numel() * data.element_size())
-        # Always a copy. safetensors hands out CPU tensors in a private mapping of the file: held by
-        # the restored objects, it kept the file's disk blocks after the next snapshot deleted it (a
-        # third snapshot's room while the server ran; found by review), and an edit of the file in
-        # place would reach live weights. A fresh allocation is also aligned: at their offsets in the
-        # file, vectorised CPU kernels split the data differently, and sums would differ in the last
-        # bit from the saved server's (an epoch after a restart would not be bit-identical).
-        t = data.to(placement, copy=True)
-        self._loaded[key] = t
-        return t
+        return data, self._placement(info["device"])
 
     def host_tensor(self, key: str) -> torch.Tensor:
         """The tensor stored under key as read from the file, for host-side state that no object
@@ -237,7 +264,9 @@ class LoadContext:
             return dev
         if dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
             return dev
-        log.warning("snapshot tensor was on %s, which this server lacks; placing it on %s", saved, self.device)
+        if saved not in self._missing:
+            self._missing.add(saved)
+            log.warning("snapshot tensors were on %s, which this server lacks; placing them on %s", saved, self.device)
         return self.device
 
 
@@ -329,9 +358,10 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
     1.3 GB; found by review)."""
     with torch.device("meta"):
         module = specs.build_module(spec_from_json(data["spec"]), max_depth=10**6)
-    for p in data["parameters"]:
+    # Flat, as a new module's parameters are (`flat.build_flat`), so its handles' sizes and speed survive a restart.
+    values = ctx.flat_tensors([p["tensor"] for p in data["parameters"]])
+    for p, value in zip(data["parameters"], values):
         owner, leaf = _owner(module, p["name"])
-        value = ctx.tensor(p["tensor"])
         if leaf in owner._parameters and owner._parameters[leaf] is not None:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=p["requires_grad"])
         else:
@@ -342,7 +372,6 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
     missing = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if missing:
         raise SnapshotError(f"the snapshot holds no value for the module's {missing[0]!r}")
-    flat.flatten_parameters(module)  # as a new module's are, so its handles' sizes and speed survive a restart
     for row in data["modules"]:
         m = module.get_submodule(row["path"])
         m.training = bool(row["training"])
@@ -353,12 +382,16 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
 
 def save_dictionary(d: TensorDict, ctx: SaveContext) -> dict[str, Any]:
     """Entries in order; a live view's entries that are a saved module's own tensors are references;
-    an exponential moving average's schedule and last step."""
+    whether the entries are flat (`flat.is_flat_by_group`, the '.n' count aside); an exponential
+    moving average's schedule and last step."""
     entries: list[dict[str, Any]] = []
     for name, t in d.entries.items():
         ref = ctx.owned(t) if d.live else None
         entries.append({"name": name, "ref": ref} if ref is not None else {"name": name, "tensor": ctx.tensor(t)})
     saved: dict[str, Any] = {"live": d.live, "entries": entries}
+    values = [t for name, t in d.entries.items() if name != COUNT_KEY]
+    if not d.live and len(values) > 1 and flat.is_flat_by_group(values):
+        saved["flat"] = True
     if d.ema is not None:
         s = d.ema.schedule
         saved["ema"] = {
@@ -378,11 +411,18 @@ def _ema_state(data: dict[str, Any] | None) -> EmaState | None:
         update_after_step=int(data["update_after_step"]),
     )
     schedule.check()
-    return EmaState(schedule, int(data["step"]))
+    step = int(data["step"])
+    if not 0 <= step <= MAX_STEP:  # the next update would refuse it, naming a step the client never sent
+        raise InvalidArgument(f"the EMA's last step must be between 0 and {MAX_STEP}, got {step}")
+    return EmaState(schedule, step)
 
 
 def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
-    """Rebuild a dictionary; references become the restored module's own tensors again (a live view)."""
+    """Rebuild a dictionary; references become the restored module's own tensors again (a live view).
+    A flat dictionary (a copy of a module's parameters, an EMA, a merge's result) comes back flat:
+    restored entry by entry, later averages into it no longer fused and ran several times slower."""
+    if data.get("flat"):
+        ctx.flat_tensors([e["tensor"] for e in data["entries"] if "tensor" in e and e["name"] != COUNT_KEY])
     entries: dict[str, torch.Tensor] = {}
     for e in data["entries"]:
         if "ref" in e:
@@ -483,6 +523,22 @@ def save_optimizer(optimizer: Optimizer, ctx: SaveContext) -> dict[str, Any]:
     }
 
 
+def _build_over_meta(
+    opt_type: optimizers.OptimizerType, params: list[torch.nn.Parameter], options: dict[str, Any],
+) -> torch.optim.Optimizer:
+    """The torch optimizer over params, built over meta twins of them and then pointed at them, with
+    no state: the state a build fills in (Adagrad's sums, the module's size again) was allocated
+    unreserved and held until the saved state replaced it (found by review: a restore of an
+    Adagrad model peaked one module's bytes higher than it reserved)."""
+    twins = [torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in params]
+    optim = opt_type.build(twins, options)
+    optim.state.clear()
+    real = iter(params)
+    for group in optim.param_groups:
+        group["params"] = [next(real) for _ in group["params"]]
+    return optim
+
+
 def load_optimizer(data: dict[str, Any], ctx: LoadContext) -> Optimizer:
     """Rebuild the torch optimizer over the restored module's named parameters, then load its groups and
     state with `load_state_dict` (which keeps the values bit for bit: they already have the parameters'
@@ -495,7 +551,7 @@ def load_optimizer(data: dict[str, Any], ctx: LoadContext) -> Optimizer:
     # which need not fit the parameters' dtype any more: after a move to float16, init 1e5 made the
     # snapshot impossible to restore (torch's overflow while filling; found by review). Built from 0,
     # the saved sums and the group's saved initial_accumulator_value come back all the same.
-    optim = opt_type.build(params, {**options, "init": 0.0} if "init" in options else options)
+    optim = _build_over_meta(opt_type, params, {**options, "init": 0.0} if "init" in options else options)
     if len(optim.param_groups) != len(data["groups"]):
         raise SnapshotError(f"optimizer has {len(optim.param_groups)} parameter groups; the snapshot {len(data['groups'])}")
     groups = []
@@ -585,10 +641,13 @@ def save(registry: Registry, directory: str | os.PathLike[str], *, copy: bool = 
     # Every held tensor is copied to the host for the cut (a CUDA one as well): reserved first, or
     # a snapshot could take the host past its cap (found by review: +97 MB with 1,000 bytes left).
     # Objects made between this count and the cut are copied unreserved: a call's worth at most.
+    # Against the server's cap alone: the copies are every tenant's, and the caller's tenant (the
+    # default one for a periodic snapshot) paid for them in its quota, so a `default` tenant with a
+    # quota below what all tenants held made every periodic snapshot fail (found by review).
     copies = sum(registry.held_bytes().values())
     with contextlib.ExitStack() as reserved:
         try:
-            reserved.enter_context(registry.reserve(nbytes={"cpu": copies}))
+            reserved.enter_context(registry.reserve(nbytes={"cpu": copies}, tenant_quota=False))
         except ResourceExhausted as exc:
             raise ResourceExhausted(f"a snapshot copies every tensor to the host first ({copies} bytes): {exc}") from None
         return _save(registry, directory, copy)
@@ -814,7 +873,8 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
             # a hand-edited manifest ended the start in a traceback (AttributeError; found by review)
             raise TypeError(f"'files' must map each file name to its sha256 and bytes, found {files!r:.80}")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # RecursionError: JSON nested past Python's recursion limit ended the start in a traceback (found by review)
         raise SnapshotError(f"{manifest_path} is unreadable ({exc}); the snapshot is torn or was modified") from exc
     for name, expected in files.items():
         path = root / name
@@ -853,6 +913,56 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
         raise SnapshotError(f"snapshot in {root} cannot be restored: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class _HandleRecord:
+    """One saved handle, checked: what `Registry.add` is given for it."""
+
+    id: str
+    kind: Kind
+    object: int
+    lock: int
+    session: str | None
+    tenant: str
+
+
+def _records(
+    state: dict[str, Any], objects: list[dict[str, Any]],
+) -> tuple[list[tuple[str, float, str]], list[_HandleRecord]]:
+    """The saved sessions (id, lease, tenant) and handles, every field checked before any is registered.
+
+    A record that does not hold (a tenant name, a handle ID given twice, a session that is not
+    saved) was found only as it was registered: the sessions and handles before it stayed in the
+    registry, charged, while the restore was refused (found by review).
+
+    Raises:
+        InvalidArgument, ValueError, KeyError, TypeError: a record is not one a server writes
+            (`load` reports each as a SnapshotError naming the directory).
+    """
+    # Snapshots written before tenants existed have no "tenant": their objects are the default
+    # tenant's, as they were on the server that wrote them.
+    sessions = [
+        (str(s["id"]), float(s["lease"]), check_tenant_name(s.get("tenant", DEFAULT_TENANT))) for s in state["sessions"]
+    ]
+    session_ids = {session_id for session_id, _, _ in sessions}
+    if len(session_ids) != len(sessions):
+        raise ValueError("the state names a session twice")
+    handles = []
+    for h in state["handles"]:
+        index = int(h["object"])
+        if not 0 <= index < len(objects):
+            raise ValueError(f"handle {h['id']!r} refers to object {index}, which the state does not hold")
+        session = None if h["session"] is None else str(h["session"])
+        if session is not None and session not in session_ids:
+            raise ValueError(f"handle {h['id']!r} belongs to a session the state does not hold")
+        handles.append(_HandleRecord(
+            str(h["id"]), Kind(objects[index]["kind"]), index, int(h["lock"]), session,
+            check_tenant_name(h.get("tenant", DEFAULT_TENANT)),
+        ))
+    if len({h.id for h in handles}) != len(handles):
+        raise ValueError("the state names a handle twice")
+    return sessions, handles
+
+
 def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> int:
     """Build every object first, then register sessions and handles, so a failure adds nothing."""
     if state.get("format") != FORMAT or state.get("version") != VERSION:
@@ -874,8 +984,11 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
             built[index] = fmt.load(record["data"], ctx)
         return built[index]
 
+    sessions, handles = _records(state, objects)
     # Restored tensors count against the caps like any other: each is reserved before it is placed.
-    with registry.reserve(handles=len(state["handles"])) as reservation:
+    # Against the server's caps alone: a restore admits every saved handle even where its tenant's
+    # quota is now lower (docs/security.md), and each object is charged to its own tenant by `add`.
+    with registry.reserve(handles=len(handles), tenant_quota=False) as reservation:
         ctx = LoadContext(
             tensors, state["tensors"], device, load_object,
             on_place=lambda where, nbytes: registry.grow(reservation, nbytes={where: nbytes}),
@@ -883,18 +996,12 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
         for index in range(len(objects)):
             load_object(index)
         locks: dict[int, threading.RLock] = {}
-        # Snapshots written before tenants existed have no "tenant": their objects are the default
-        # tenant's, as they were on the server that wrote them.
-        for s in state["sessions"]:
-            registry.create_session(
-                float(s["lease"]), session_id=str(s["id"]), tenant=check_tenant_name(s.get("tenant", DEFAULT_TENANT))
-            )
-        for h in state["handles"]:
-            record = objects[int(h["object"])]
-            lock = locks.setdefault(int(h["lock"]), threading.RLock())
+        for session_id, lease, tenant in sessions:
+            registry.create_session(lease, session_id=session_id, tenant=tenant)
+        for h in handles:
+            lock = locks.setdefault(h.lock, threading.RLock())
             registry.add(
-                Kind(record["kind"]), built[int(h["object"])], reservation, lock=lock, handle_id=str(h["id"]),
-                session=h["session"], tenant=check_tenant_name(h.get("tenant", DEFAULT_TENANT)),
+                h.kind, built[h.object], reservation, lock=lock, handle_id=h.id, session=h.session, tenant=h.tenant,
             )
     remembered = registry.requests.restore(answers, elapsed=down)
     log.info(
