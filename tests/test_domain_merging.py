@@ -988,3 +988,31 @@ def test_spans_give_every_random_layout_the_bits_and_refusals_it_gets_entry_by_e
         assert same_bits(got, want), seed
         assert all(same_bits(a, b) for a, b in zip(inputs, inputs_want)), seed
     assert spanned >= (10 if not native else 0)  # the layouts do reach the span path
+
+
+def test_a_division_off_the_cpu_is_by_a_device_scalar_not_a_cpu_float() -> None:
+    """CUDA divides by a CPU scalar as a multiplication by its reciprocal, one bit off the CPU's
+    quotient; a 0-dim tensor on the device is divided by. Meta stands for a device here."""
+    on_meta = weighted_sum.true_divisor(torch.empty(3, device="meta"), 36.0)
+    assert isinstance(on_meta, torch.Tensor)
+    assert on_meta.device.type == "meta" and on_meta.dim() == 0 and on_meta.dtype == torch.float32
+    assert weighted_sum.true_divisor(torch.empty(3, dtype=torch.float64), 36.0) == 36.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("flat_inputs", [True, False], ids=["flat", "per-entry"])
+def test_a_mean_on_cuda_has_the_cpus_bits(monkeypatch: pytest.MonkeyPatch, flat_inputs: bool) -> None:
+    """The CPU's torch path (no native kernel) and CUDA compute the same mul, add_ and true division."""
+    monkeypatch.setattr(weighted_sum, "_NATIVE", None)
+    shapes = {f"l{i}.weight": (300, 7 + i) for i in range(8)}
+    cpu = flat_dicts(8, shapes=shapes) if flat_inputs else dicts(8, shapes=shapes)
+    gpu = [TensorDict({n: t.cuda() for n, t in d.entries.items()}) for d in cpu]
+    if flat_inputs:  # laid out as copyparms lays them on the device: one span for the whole merge
+        gpu = [TensorDict(dict(zip(d.entries, flat.flat_copies(list(d.entries.values()), lambda t: (t.device, t.dtype)))))
+               for d in gpu]
+    weights = [float(w) for w in range(1, 9)]  # a sum of 36: 1/36 is not exact
+    want, got = merged("average", cpu, weights=weights), merged("average", gpu, weights=weights)
+    for name, t in want.entries.items():
+        differ = int((got.entries[name].cpu() != t).sum())
+        assert differ == 0, f"{name}: {differ} of {t.numel()} elements differ from the CPU's"

@@ -822,7 +822,7 @@ def _task_vectors(
             aside.bernoulli_(density, generator=generator)
             delta.mul_(aside)
             if bool_value(options, "rescale"):
-                delta.div_(density)
+                delta.div_(weighted_sum.true_divisor(delta, density))
         delta.mul_(weights[i])
 
     acc.zero_()

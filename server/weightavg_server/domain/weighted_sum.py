@@ -131,7 +131,18 @@ def by_torch(
         else:
             acc.add_(x, alpha=w)
     if divisor is not None:
-        acc.div_(divisor)
+        acc.div_(true_divisor(acc, divisor))
+
+
+def true_divisor(t: torch.Tensor, value: float) -> float | torch.Tensor:
+    """What `t.div_` takes to divide by `value` with the quotient the CPU gives: the float itself on
+    the CPU; elsewhere a 0-dim tensor of t's dtype on t's device. CUDA divides by a CPU scalar as a
+    multiplication by its reciprocal, which can be one bit off the true quotient (torch's
+    BinaryDivTrueKernel.cu says so): a mean of 8 models on CUDA differed from the CPU's in the last
+    bit (found by review). A device scalar is divided by, element by element."""
+    if t.is_cpu:
+        return value
+    return torch.full((), value, dtype=t.dtype, device=t.device)
 
 
 CHECK_COUNTS: Final = (1, 3, 8)
