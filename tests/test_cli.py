@@ -435,6 +435,32 @@ def test_a_port_outside_0_to_65535_is_refused(port: int) -> None:
         create_server(ServerConfig(host="127.0.0.1", port=port, device="cpu"))
 
 
+
+def test_a_bad_port_or_tls_file_is_refused_before_the_state_directory_is_made_or_restored(
+    state_server, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The ports were checked, and the TLS files read, only after the state directory had been made
+    and its snapshot restored (minutes for a large one), and under torchrun on rank 0 alone after
+    the ranks met (found by review)."""
+    serve = [str(Path(sys.executable).parent / "weightavg"), "serve", "--device", "cpu"]
+    for flag, port in [("--port", "70000"), ("--metrics-port", "-5")]:
+        fresh = tmp_path / f"state{flag}"
+        result = subprocess.run([*serve, "--port", "0", flag, port, "--state-dir", str(fresh)],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert result.returncode == 1 and "port must be" in result.stderr, result.stderr
+        assert not fresh.exists()
+    with Client(f"127.0.0.1:{state_server.port}") as c:
+        c.dict({"w": 1.0})
+        c.snapshot()
+    missing = str(tmp_path / "missing.pem")
+    result = subprocess.run(
+        [*serve, "--port", "0", "--state-dir", state_server.config.state_dir, "--tls-cert", missing, "--tls-key", missing],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 1 and "restored" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"weightavg serve: cannot read TLS key {missing}: No such file or directory"
+
+
 def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     """Connections and shared memory regions take descriptors; the usual soft limit of 1024 is low
     for a server, and a client's regions could take them all (docs/security.md)."""

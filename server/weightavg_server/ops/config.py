@@ -199,6 +199,13 @@ class ServerConfig:
                 f"for a chunk's name and shape ({CHUNK_HEADER_ROOM} bytes): every tensor the server sends in "
                 f"chunks would be refused; {fix}"
             )
+        # Ports here, with the other settings: create_runtime refused them after the state directory
+        # was made and its snapshot restored, and under torchrun on rank 0 alone, after the ranks met
+        # (found by review).
+        if not 0 <= self.port <= 65535:  # grpc bound -5 as 65531
+            raise ValueError(f"the port must be 0 to 65535 (0 picks a free one), not {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not {self.metrics_port}")
         for name in _CAPS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag_of(name)} must be 0 or more; got {getattr(self, name)}")
