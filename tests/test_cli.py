@@ -92,6 +92,20 @@ def test_console_script_is_installed() -> None:
     assert result.stdout.strip() == "weightavg 0.1.0"
 
 
+
+def test_every_option_of_the_client_commands_is_in_ops_md(capsys: pytest.CaptureFixture[str]) -> None:
+    """The operator commands' options, read from their --help, each named in docs/ops.md: the serve
+    options have their table (tests/test_docs_facts.py); --timeout was documented for health alone."""
+    text = (ROOT / "docs" / "ops.md").read_text()
+    client = [name for name in COMMANDS if name not in ("serve", "demo")]
+    assert client == ["health", "info", "stats", "snapshot", "purge"]
+    for name in client:
+        code, out, _ = run_main([name, "--help"], capsys)
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", out)) - {"--help"}
+        assert "--timeout" in options and "--token" in options, (name, options)
+        assert sorted(o for o in options if f"`{o}`" not in text and f"[{o} " not in text) == [], name
+
+
 # -- health, info, stats ---------------------------------------------------------------------------
 
 

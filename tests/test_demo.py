@@ -121,6 +121,19 @@ def test_demo_command_runs_both_examples_on_digits() -> None:
 
 
 
+
+def test_every_demo_option_is_in_models_md_with_its_default() -> None:
+    """`weightavg demo`'s options against docs/models.md, which listed five of its fifteen."""
+    text = " ".join((ROOT / "docs" / "models.md").read_text().split())
+    parser = demo.build_parser()
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+        for flag in flags:
+            assert f"`{flag}" in text, flag
+            if isinstance(action.default, (int, float)) and not isinstance(action.default, bool):
+                assert f"`{flag}` ({action.default:g}" in text, (flag, action.default)
+
+
 # -- failures it can name, and a server at --address ---------------------------------------------------
 
 
