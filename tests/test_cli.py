@@ -475,6 +475,39 @@ def test_a_bad_port_or_tls_file_is_refused_before_the_state_directory_is_made_or
     assert result.stderr.strip() == f"weightavg serve: cannot read TLS key {missing}: No such file or directory"
 
 
+
+def test_ctrl_c_stops_a_command_with_one_line_and_status_130(tmp_path: Path) -> None:
+    """Ctrl-C on a client command waiting for its answer, or on `serve` before it serves (importing
+    torch, restoring a snapshot), printed a traceback (found by review). Each waits on something the
+    test holds, so the signal lands mid-command without a sleep: a port that accepts connections
+    but never answers, and a tokens file that is a pipe no one has written yet."""
+    import socket
+
+    weightavg = str(Path(sys.executable).parent / "weightavg")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(120)
+        command = subprocess.Popen([weightavg, "info", f"127.0.0.1:{silent.getsockname()[1]}", "--timeout", "300"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        connection, _ = silent.accept()  # the command is in its call
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=120)
+        connection.close()
+    assert (command.returncode, out, err) == (130, "", "weightavg info: interrupted\n")
+
+    pipe = tmp_path / "tokens.toml"
+    os.mkfifo(pipe, 0o600)
+    for serve in ([weightavg, "serve"], [sys.executable, "-m", "weightavg_server"]):
+        server = subprocess.Popen([*serve, "--port", "0", "--device", "cpu", "--tokens", str(pipe)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        with open(pipe, "w"):  # returns once the server opened it: it is starting, blocked reading its tokens
+            server.send_signal(signal.SIGINT)
+            out, err = server.communicate(timeout=120)
+        assert (server.returncode, out) == (130, ""), err
+        assert err.strip().splitlines()[-1] == "weightavg serve: interrupted" and "Traceback" not in err
+
+
 def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     """Connections and shared memory regions take descriptors; the usual soft limit of 1024 is low
     for a server, and a client's regions could take them all (docs/security.md)."""

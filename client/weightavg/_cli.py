@@ -254,7 +254,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         print(f"weightavg: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return command[0](args[1:])
+    try:
+        return command[0](args[1:])
+    except KeyboardInterrupt:
+        return interrupted(args[0])
+
+
+INTERRUPTED = 128 + 2
+"""The exit status of a command stopped by Ctrl-C (SIGINT), as a shell gives one."""
+
+
+def interrupted(name: str) -> int:
+    """One line for a command stopped by Ctrl-C, and its exit status: a client command waiting on
+    its answer, or `serve` before it serves (importing torch, restoring a snapshot; once serving,
+    SIGINT drains it), printed a traceback (found by review)."""
+    print(f"weightavg {name}: interrupted", file=sys.stderr)
+    return INTERRUPTED
 
 
 if __name__ == "__main__":
