@@ -168,8 +168,39 @@ def test_every_client_command_on_an_unreachable_server_names_the_code_once_and_h
     )
     code, _, err = run_main([command, f"127.0.0.1:{port}", "--timeout", "5", "--tls"], capsys)
     assert code == 1 and err.count("UNAVAILABLE") == 1 and err.endswith(
-        f"(TLS connection to 127.0.0.1:{port} failed: check that --tls-ca signed the server's certificate, and "
-        "add --client-cert and --client-key if the server requires client certificates)\n"
+        f"(TLS connection to 127.0.0.1:{port} failed: is the server running there with TLS (without it, leave out "
+        "--tls and --tls-ca)? check that --tls-ca signed the server's certificate, and add --client-cert and "
+        "--client-key if the server requires client certificates)\n"
+    )
+
+
+def test_tls_to_a_plaintext_server_hints_that_it_may_not_serve_tls(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--tls` against a server without TLS blamed the CA alone, one that was never given (found by review)."""
+    code, out, err = run_main(["info", live_server.address, "--tls", "--timeout", "10"], capsys)
+    assert (code, out) == (1, "") and err.startswith("weightavg info: UNAVAILABLE: ")
+    assert "is the server running there with TLS (without it, leave out --tls and --tls-ca)?" in err
+
+
+@pytest.mark.parametrize("flag", ["--tls-ca", "--client-cert", "--client-key"])
+def test_a_tls_file_that_is_not_pem_is_refused_before_any_connection(flag: str, tmp_path: Path) -> None:
+    """gRPC failed every connection with "Failed to create security handshaker" under two lines of its
+    own log, and a hint about which CA signed what (found by review). A real process: grpc's log goes
+    to the process's stderr."""
+    der = tmp_path / "ca.der"
+    der.write_bytes(b"\x30\x82\x01\x0a not PEM")
+    pem = tmp_path / "other.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    pair = {"--client-cert": ["--client-key", str(pem)], "--client-key": ["--client-cert", str(pem)]}.get(flag, [])
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "info", "127.0.0.1:1", flag, str(der), *pair],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"weightavg info: error: {flag} {der} is not PEM (no '-----BEGIN' line): give the PEM file, not DER or "
+        "another format"
     )
 
 

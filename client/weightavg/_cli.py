@@ -106,7 +106,22 @@ def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.client_cert) != bool(args.client_key):
         p.error("--client-cert and --client-key go together: give both or neither")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--client-cert", args.client_cert), ("--client-key", args.client_key)):
+        if path and not _is_pem(path):
+            # gRPC took it and failed every connection with "Failed to create security handshaker", two lines
+            # of its own log above, and a hint about which CA signed what (found by review).
+            p.error(f"{flag} {path} is not PEM (no '-----BEGIN' line): give the PEM file, not DER or another format")
     return args
+
+
+def _is_pem(path: str) -> bool:
+    """Whether the file at `path` holds PEM; True when it cannot be read, which the client reports
+    with the reason when it opens it."""
+    try:
+        with open(path, "rb") as f:
+            return b"-----BEGIN " in f.read()
+    except OSError:
+        return True
 
 
 class _CliClient(Client):
@@ -114,7 +129,9 @@ class _CliClient(Client):
 
     def _unavailable_hint(self) -> str:
         if self.tls:
-            return (f" (TLS connection to {self.address} failed: check that --tls-ca signed the server's certificate, "
+            # A server without TLS answered --tls with "check that --tls-ca signed ..." alone (found by review).
+            return (f" (TLS connection to {self.address} failed: is the server running there with TLS (without it, "
+                    "leave out --tls and --tls-ca)? check that --tls-ca signed the server's certificate, "
                     "and add --client-cert and --client-key if the server requires client certificates)")
         return (f" (could not reach {self.address} over plaintext: is the server running there, and does it use TLS? "
                 "then add --tls-ca FILE)")
