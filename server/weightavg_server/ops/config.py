@@ -115,7 +115,7 @@ def _flag(raw: str) -> bool:
         return True
     if raw.strip().lower() in _FALSE:
         return False
-    raise ValueError(f"{raw!r} is not a switch: use 1 or 0")
+    raise ValueError(f"{raw!r} is not a switch: use 1 or 0 (or true/false, yes/no, on/off)")
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,9 @@ class ServerConfig:
                 kind = type(getattr(cls, f.name))
                 try:
                     values[f.name] = _flag(raw) if kind is bool else kind(raw)
-                except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+                except ValueError as exc:
+                    # A switch says what it takes: "is not a valid bool" named no value that is (found by review).
+                    what = str(exc) if kind is bool else f"is not a valid {kind.__name__}"
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} {what.removeprefix(repr(raw) + ' ')}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
