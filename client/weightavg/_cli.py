@@ -115,11 +115,12 @@ def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
 
 
 def _is_pem(path: str) -> bool:
-    """Whether the file at `path` holds PEM; True when it cannot be read, which the client reports
-    with the reason when it opens it."""
+    """Whether the file at `path` holds PEM (a BEGIN line in its first MiB: text such as `openssl x509
+    -text` writes may come first; /dev/zero is not read without end); True when it cannot be read,
+    which the client reports with the reason when it opens it."""
     try:
         with open(path, "rb") as f:
-            return b"-----BEGIN " in f.read()
+            return b"-----BEGIN " in f.read(1 << 20)
     except OSError:
         return True
 
