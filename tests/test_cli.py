@@ -541,6 +541,38 @@ def test_ctrl_c_stops_a_command_with_one_line_and_status_130(tmp_path: Path) -> 
         assert err.strip().splitlines()[-1] == "weightavg serve: interrupted" and "Traceback" not in err
 
 
+
+def test_a_sighup_while_the_server_starts_is_kept_for_when_it_serves(tmp_path: Path) -> None:
+    """SIGHUP's default action ended a server that was still starting (restoring its snapshot, say),
+    without a word (found by review); it rereads the tokens once it serves. The tokens file is a
+    pipe: the signal lands while the server waits to read it, and the reload is seen reading it again."""
+    pipe = tmp_path / "tokens.toml"
+    os.mkfifo(pipe, 0o600)
+    tokens = '[[tokens]]\ntoken = "a-token-long-enough-1"\ntenant = "t"\nrole = "admin"\n'
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu", "--tokens", str(pipe)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        with open(pipe, "w") as start:  # returns once the server opened it: it is starting
+            server.send_signal(signal.SIGHUP)
+            start.write(tokens)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("weightavg serving on "), server.communicate(timeout=60)
+        with open(pipe, "w") as reload:  # returns once the server opens it again: the SIGHUP's reload
+            reload.write(tokens)
+        with Client(line.split()[-1], token="a-token-long-enough-1") as c:
+            c.ping()
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, err
+    assert "tokens reloaded from" in err and "Traceback" not in err
+
+
 def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     """Connections and shared memory regions take descriptors; the usual soft limit of 1024 is low
     for a server, and a client's regions could take them all (docs/security.md)."""
