@@ -92,6 +92,20 @@ def test_console_script_is_installed() -> None:
     assert result.stdout.strip() == "weightavg 0.1.0"
 
 
+
+def test_every_option_of_the_client_commands_is_in_ops_md(capsys: pytest.CaptureFixture[str]) -> None:
+    """The operator commands' options, read from their --help, each named in docs/ops.md: the serve
+    options have their table (tests/test_docs_facts.py); --timeout was documented for health alone."""
+    text = (ROOT / "docs" / "ops.md").read_text()
+    client = [name for name in COMMANDS if name not in ("serve", "demo")]
+    assert client == ["health", "info", "stats", "snapshot", "purge"]
+    for name in client:
+        code, out, _ = run_main([name, "--help"], capsys)
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", out)) - {"--help"}
+        assert "--timeout" in options and "--token" in options, (name, options)
+        assert sorted(o for o in options if f"`{o}`" not in text and f"[{o} " not in text) == [], name
+
+
 # -- health, info, stats ---------------------------------------------------------------------------
 
 
@@ -154,8 +168,39 @@ def test_every_client_command_on_an_unreachable_server_names_the_code_once_and_h
     )
     code, _, err = run_main([command, f"127.0.0.1:{port}", "--timeout", "5", "--tls"], capsys)
     assert code == 1 and err.count("UNAVAILABLE") == 1 and err.endswith(
-        f"(TLS connection to 127.0.0.1:{port} failed: check that --tls-ca signed the server's certificate, and "
-        "add --client-cert and --client-key if the server requires client certificates)\n"
+        f"(TLS connection to 127.0.0.1:{port} failed: is the server running there with TLS (without it, leave out "
+        "--tls and --tls-ca)? check that --tls-ca signed the server's certificate, and add --client-cert and "
+        "--client-key if the server requires client certificates)\n"
+    )
+
+
+def test_tls_to_a_plaintext_server_hints_that_it_may_not_serve_tls(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--tls` against a server without TLS blamed the CA alone, one that was never given (found by review)."""
+    code, out, err = run_main(["info", live_server.address, "--tls", "--timeout", "10"], capsys)
+    assert (code, out) == (1, "") and err.startswith("weightavg info: UNAVAILABLE: ")
+    assert "is the server running there with TLS (without it, leave out --tls and --tls-ca)?" in err
+
+
+@pytest.mark.parametrize("flag", ["--tls-ca", "--client-cert", "--client-key"])
+def test_a_tls_file_that_is_not_pem_is_refused_before_any_connection(flag: str, tmp_path: Path) -> None:
+    """gRPC failed every connection with "Failed to create security handshaker" under two lines of its
+    own log, and a hint about which CA signed what (found by review). A real process: grpc's log goes
+    to the process's stderr."""
+    der = tmp_path / "ca.der"
+    der.write_bytes(b"\x30\x82\x01\x0a not PEM")
+    pem = tmp_path / "other.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    pair = {"--client-cert": ["--client-key", str(pem)], "--client-key": ["--client-cert", str(pem)]}.get(flag, [])
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "info", "127.0.0.1:1", flag, str(der), *pair],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"weightavg info: error: {flag} {der} is not PEM (no '-----BEGIN' line): give the PEM file, not DER or "
+        "another format"
     )
 
 
@@ -313,6 +358,8 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
 
 @pytest.mark.parametrize("env, message", [
     ({"WEIGHTAVG_PORT": "abc"}, "WEIGHTAVG_PORT='abc' is not a valid int"),
+    # found by review: "is not a valid bool", naming no value that is
+    ({"WEIGHTAVG_ALLOW_SHM": "maybe"}, "WEIGHTAVG_ALLOW_SHM='maybe' is not a switch: use 1 or 0 (or true/false, yes/no, on/off)"),
     ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
     ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "--pinned-cache-bytes must be 0 (no pinned staging) or more; got -1"),
     ({"WEIGHTAVG_MAX_LOCKED_BYTES": "-5"}, "--max-locked-bytes must be 0 (lock no shared memory region) or more; got -5"),
@@ -433,6 +480,97 @@ def test_a_port_outside_0_to_65535_is_refused(port: int) -> None:
 
     with pytest.raises(ValueError, match=f"the port must be 0 to 65535 \\(0 picks a free one\\), not {port}"):
         create_server(ServerConfig(host="127.0.0.1", port=port, device="cpu"))
+
+
+
+def test_a_bad_port_or_tls_file_is_refused_before_the_state_directory_is_made_or_restored(
+    state_server, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The ports were checked, and the TLS files read, only after the state directory had been made
+    and its snapshot restored (minutes for a large one), and under torchrun on rank 0 alone after
+    the ranks met (found by review)."""
+    serve = [str(Path(sys.executable).parent / "weightavg"), "serve", "--device", "cpu"]
+    for flag, port in [("--port", "70000"), ("--metrics-port", "-5")]:
+        fresh = tmp_path / f"state{flag}"
+        result = subprocess.run([*serve, "--port", "0", flag, port, "--state-dir", str(fresh)],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert result.returncode == 1 and "port must be" in result.stderr, result.stderr
+        assert not fresh.exists()
+    with Client(f"127.0.0.1:{state_server.port}") as c:
+        c.dict({"w": 1.0})
+        c.snapshot()
+    missing = str(tmp_path / "missing.pem")
+    result = subprocess.run(
+        [*serve, "--port", "0", "--state-dir", state_server.config.state_dir, "--tls-cert", missing, "--tls-key", missing],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 1 and "restored" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"weightavg serve: cannot read TLS key {missing}: No such file or directory"
+
+
+
+def test_ctrl_c_stops_a_command_with_one_line_and_status_130(tmp_path: Path) -> None:
+    """Ctrl-C on a client command waiting for its answer, or on `serve` before it serves (importing
+    torch, restoring a snapshot), printed a traceback (found by review). Each waits on something the
+    test holds, so the signal lands mid-command without a sleep: a port that accepts connections
+    but never answers, and a tokens file that is a pipe no one has written yet."""
+    import socket
+
+    weightavg = str(Path(sys.executable).parent / "weightavg")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(120)
+        command = subprocess.Popen([weightavg, "info", f"127.0.0.1:{silent.getsockname()[1]}", "--timeout", "300"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        connection, _ = silent.accept()  # the command is in its call
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=120)
+        connection.close()
+    assert (command.returncode, out, err) == (130, "", "weightavg info: interrupted\n")
+
+    pipe = tmp_path / "tokens.toml"
+    os.mkfifo(pipe, 0o600)
+    for serve in ([weightavg, "serve"], [sys.executable, "-m", "weightavg_server"]):
+        server = subprocess.Popen([*serve, "--port", "0", "--device", "cpu", "--tokens", str(pipe)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        with open(pipe, "w"):  # returns once the server opened it: it is starting, blocked reading its tokens
+            server.send_signal(signal.SIGINT)
+            out, err = server.communicate(timeout=120)
+        assert (server.returncode, out) == (130, ""), err
+        assert err.strip().splitlines()[-1] == "weightavg serve: interrupted" and "Traceback" not in err
+
+
+
+def test_a_sighup_while_the_server_starts_is_kept_for_when_it_serves(tmp_path: Path) -> None:
+    """SIGHUP's default action ended a server that was still starting (restoring its snapshot, say),
+    without a word (found by review); it rereads the tokens once it serves. The tokens file is a
+    pipe: the signal lands while the server waits to read it, and the reload is seen reading it again."""
+    pipe = tmp_path / "tokens.toml"
+    os.mkfifo(pipe, 0o600)
+    tokens = '[[tokens]]\ntoken = "a-token-long-enough-1"\ntenant = "t"\nrole = "admin"\n'
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu", "--tokens", str(pipe)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        with open(pipe, "w") as start:  # returns once the server opened it: it is starting
+            server.send_signal(signal.SIGHUP)
+            start.write(tokens)
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("weightavg serving on "), server.communicate(timeout=60)
+        with open(pipe, "w") as reload:  # returns once the server opens it again: the SIGHUP's reload
+            reload.write(tokens)
+        with Client(line.split()[-1], token="a-token-long-enough-1") as c:
+            c.ping()
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, err
+    assert "tokens reloaded from" in err and "Traceback" not in err
 
 
 def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:

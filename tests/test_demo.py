@@ -120,6 +120,55 @@ def test_demo_command_runs_both_examples_on_digits() -> None:
     assert re.search(r"^\s+4\s+\d+\.\d\d%\s+\d+\.\d\d%\s+4\s+\d+\.\d\d%\s+0\.603$", out, re.MULTILINE), out
 
 
+
+
+def test_every_demo_option_is_in_models_md_with_its_default() -> None:
+    """`weightavg demo`'s options against docs/models.md, which listed five of its fifteen."""
+    text = " ".join((ROOT / "docs" / "models.md").read_text().split())
+    parser = demo.build_parser()
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+        for flag in flags:
+            assert f"`{flag}" in text, flag
+            if isinstance(action.default, (int, float)) and not isinstance(action.default, bool):
+                assert f"`{flag}` ({action.default:g}" in text, (flag, action.default)
+
+
+# -- failures it can name, and a server at --address ---------------------------------------------------
+
+
+def test_a_demo_that_cannot_run_says_why_in_one_line_not_a_traceback() -> None:
+    """A device this machine lacks, a server that is not there, a setting the server refuses: each
+    printed a traceback (found by review)."""
+    for args, line in [
+        (["--device", "nosuch"], "weightavg demo: unknown device 'nosuch'; use cpu, cuda or cuda:N"),
+        (["--address", "127.0.0.1:1"], "weightavg demo: UNAVAILABLE: "),
+        (["--lr", "nan", "--seeds", "1", "--epochs", "1", "--swa-epochs", "1"],
+         "weightavg demo: INVALID_ARGUMENT: sgd: option 'lr' must be finite, given nan"),
+    ]:
+        result = _demo(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.splitlines()[-1].startswith(line), result.stderr
+
+
+def test_the_demo_runs_against_a_server_with_a_token(
+    start_server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """`weightavg demo --address` had no way to send a token, while UNAUTHENTICATED told it to use
+    --token or WEIGHTAVG_TOKEN (found by review): it takes both now, as the operator commands do."""
+    pytest.importorskip("sklearn")
+    server = start_server(token="sekret")
+    quick = ["--address", server.address, "--seeds", "1", "--epochs", "1", "--swa-epochs", "1", "--hidden", "8"]
+    with pytest.raises(SystemExit, match="^weightavg demo: UNAUTHENTICATED: no bearer token"):
+        demo.main(quick)
+    demo.main([*quick, "--token", "sekret"])
+    assert "(remote)" in capsys.readouterr().out
+    monkeypatch.setenv("WEIGHTAVG_TOKEN", "sekret")
+    demo.main(quick)
+    assert "averaging" in capsys.readouterr().out
+    assert len(server.registry) == 0  # its session freed what it made
+
+
 def _idx(path: Path, array: np.ndarray, gz: bool) -> None:
     header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     raw = header + array.astype(np.uint8).tobytes()

@@ -106,7 +106,23 @@ def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.client_cert) != bool(args.client_key):
         p.error("--client-cert and --client-key go together: give both or neither")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--client-cert", args.client_cert), ("--client-key", args.client_key)):
+        if path and not _is_pem(path):
+            # gRPC took it and failed every connection with "Failed to create security handshaker", two lines
+            # of its own log above, and a hint about which CA signed what (found by review).
+            p.error(f"{flag} {path} is not PEM (no '-----BEGIN' line): give the PEM file, not DER or another format")
     return args
+
+
+def _is_pem(path: str) -> bool:
+    """Whether the file at `path` holds PEM (a BEGIN line in its first MiB: text such as `openssl x509
+    -text` writes may come first; /dev/zero is not read without end); True when it cannot be read,
+    which the client reports with the reason when it opens it."""
+    try:
+        with open(path, "rb") as f:
+            return b"-----BEGIN " in f.read(1 << 20)
+    except OSError:
+        return True
 
 
 class _CliClient(Client):
@@ -114,7 +130,9 @@ class _CliClient(Client):
 
     def _unavailable_hint(self) -> str:
         if self.tls:
-            return (f" (TLS connection to {self.address} failed: check that --tls-ca signed the server's certificate, "
+            # A server without TLS answered --tls with "check that --tls-ca signed ..." alone (found by review).
+            return (f" (TLS connection to {self.address} failed: is the server running there with TLS (without it, "
+                    "leave out --tls and --tls-ca)? check that --tls-ca signed the server's certificate, "
                     "and add --client-cert and --client-key if the server requires client certificates)")
         return (f" (could not reach {self.address} over plaintext: is the server running there, and does it use TLS? "
                 "then add --tls-ca FILE)")
@@ -254,7 +272,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         print(f"weightavg: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return command[0](args[1:])
+    try:
+        return command[0](args[1:])
+    except KeyboardInterrupt:
+        return interrupted(args[0])
+
+
+INTERRUPTED = 128 + 2
+"""The exit status of a command stopped by Ctrl-C (SIGINT), as a shell gives one."""
+
+
+def interrupted(name: str) -> int:
+    """One line for a command stopped by Ctrl-C, and its exit status: a client command waiting on
+    its answer, or `serve` before it serves (importing torch, restoring a snapshot; once serving,
+    SIGINT drains it), printed a traceback (found by review)."""
+    print(f"weightavg {name}: interrupted", file=sys.stderr)
+    return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
 import sys
 
-from .ops.cli import main
+from weightavg._cli import interrupted
 
-# `serve` may be named, as in `weightavg serve` and torchrun's `-m weightavg_server serve --port P`.
-main(sys.argv[2:] if sys.argv[1:2] == ["serve"] else None)
+try:
+    from .ops.cli import main  # imports torch: seconds, during which Ctrl-C must not print a traceback
+
+    # `serve` may be named, as in `weightavg serve` and torchrun's `-m weightavg_server serve --port P`.
+    main(sys.argv[2:] if sys.argv[1:2] == ["serve"] else None)
+except KeyboardInterrupt:
+    sys.exit(interrupted("serve"))

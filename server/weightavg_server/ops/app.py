@@ -271,6 +271,9 @@ def create_runtime(
         OSError, ValueError: the address cannot be bound, or TLS files are missing or incomplete.
     """
     config.check()
+    # The TLS files are read before the restore: a missing key was refused only after every handle
+    # of the snapshot had been loaded, minutes for a large one (found by review).
+    credentials = server_credentials(config)
     device = fabric.device if fabric is not None else server_device(config.device)
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
@@ -325,11 +328,6 @@ def create_runtime(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = host_port(config.host, config.port)
-    if not 0 <= config.port <= 65535:  # grpc bound -5 as 65531
-        raise ValueError(f"the port must be 0 to 65535 (0 picks a free one), not {config.port}")
-    if not -1 <= config.metrics_port <= 65535:
-        raise ValueError(f"the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not {config.metrics_port}")
-    credentials = server_credentials(config)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpcio raises RuntimeError when it cannot serve there, saying no more

@@ -115,7 +115,7 @@ def _flag(raw: str) -> bool:
         return True
     if raw.strip().lower() in _FALSE:
         return False
-    raise ValueError(f"{raw!r} is not a switch: use 1 or 0")
+    raise ValueError(f"{raw!r} is not a switch: use 1 or 0 (or true/false, yes/no, on/off)")
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,13 @@ class ServerConfig:
                 f"for a chunk's name and shape ({CHUNK_HEADER_ROOM} bytes): every tensor the server sends in "
                 f"chunks would be refused; {fix}"
             )
+        # Ports here, with the other settings: create_runtime refused them after the state directory
+        # was made and its snapshot restored, and under torchrun on rank 0 alone, after the ranks met
+        # (found by review).
+        if not 0 <= self.port <= 65535:  # grpc bound -5 as 65531
+            raise ValueError(f"the port must be 0 to 65535 (0 picks a free one), not {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not {self.metrics_port}")
         for name in _CAPS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag_of(name)} must be 0 or more; got {getattr(self, name)}")
@@ -240,7 +247,9 @@ class ServerConfig:
                 kind = type(getattr(cls, f.name))
                 try:
                     values[f.name] = _flag(raw) if kind is bool else kind(raw)
-                except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+                except ValueError as exc:
+                    # A switch says what it takes: "is not a valid bool" named no value that is (found by review).
+                    what = str(exc) if kind is bool else f"is not a valid {kind.__name__}"
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} {what.removeprefix(repr(raw) + ' ')}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import struct
 import sys
 import time
@@ -32,8 +33,11 @@ from typing import Any
 import numpy as np
 
 from weightavg import Client
+from weightavg import WeightavgError as CallFailed
+from weightavg._cli import _address, _token
 
 from ..domain.ema import EmaSchedule
+from ..domain.errors import WeightavgError
 from . import demo_swa
 from .app import create_server, set_serving
 from .config import ServerConfig
@@ -306,12 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-epochs", type=int, default=30,
                    help="--reference: epochs of example 3, one run averaged by SWA and by EMA (default 30)")
     p.add_argument("--device", default="cpu", help="server device: cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--address", help="use a running server at HOST:PORT instead of an embedded one")
+    p.add_argument("--address", type=_address, help="use a running server at HOST:PORT instead of an embedded one")
+    p.add_argument("--token", type=_token, default=os.environ.get("WEIGHTAVG_TOKEN"),
+                   help="--address: bearer token of that server (default: $WEIGHTAVG_TOKEN)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `weightavg demo`."""
+    """Entry point of `weightavg demo`: one line on stderr and exit status 1 for a failure it can
+    name (a --device this machine lacks, a server at --address that is not there, wants a token
+    or refuses a setting such as --lr nan); each printed a traceback (found by review)."""
     args = build_parser().parse_args(argv)
     mode = REFERENCE if args.reference else {"epochs": SWA.epochs, "hidden": SWA.hidden}
     args.epochs = mode["epochs"] if args.epochs is None else args.epochs
@@ -320,6 +328,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     dataset = load_mnist(args.mnist) if args.mnist else load_digits()
+    try:
+        run(args, dataset)
+    except (WeightavgError, CallFailed) as exc:  # the embedded server's refusal, or the client's
+        raise SystemExit(f"weightavg demo: {exc}") from None
+
+
+def run(args: argparse.Namespace, dataset: Dataset) -> None:
+    """The demo on `dataset` against --address, or against an embedded server it starts and stops."""
     server = None
     address = args.address
     if address is None:
@@ -329,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         address = f"127.0.0.1:{port}"
     started = time.monotonic()
     try:
-        with Client(address, timeout=3600, session=True) as c:  # the session frees what the demo made
+        # The session frees what the demo made; the token is only for a server at --address.
+        with Client(address, timeout=3600, session=True, token=args.token if server is None else None) as c:
             info = c.info()
             what = "the reference's weight-averaging examples" if args.reference else "stochastic weight averaging"
             print(f"weightavg demo: {what} on {dataset.name}, {len(dataset.x)} train / {len(dataset.X)} test")
