@@ -606,7 +606,7 @@ class Client:
                     "count": m.count,
                     "in_flight": m.in_flight,
                     "failures": m.failures,
-                    "codes": dict(m.codes),
+                    "codes": dict(sorted(m.codes.items())),  # a map field has no order: print one
                     "total_seconds": m.total_seconds,
                     "max_seconds": m.max_seconds,
                     "bytes_received": m.bytes_received,
@@ -622,7 +622,7 @@ class Client:
             },
             "tenants": {
                 t.tenant: {
-                    "calls": t.calls, "failures": t.failures, "handles": t.handles, "bytes": dict(t.bytes),
+                    "calls": t.calls, "failures": t.failures, "handles": t.handles, "bytes": dict(sorted(t.bytes.items())),
                     "max_device_bytes": t.max_device_bytes, "max_handles": t.max_handles,
                     "sessions": t.sessions, "max_sessions": t.max_sessions,
                 }
