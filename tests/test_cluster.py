@@ -562,6 +562,56 @@ def test_tensors_from_another_rank_are_reserved_on_rank_0_before_they_arrive(tmp
         cluster.stop()
 
 
+def test_metrics_from_another_rank_are_reserved_on_rank_0_before_any_rank_runs(tmp_path: Path) -> None:
+    """RunEpoch's and RunTest's metrics from a model on rank 1, or from the other ranks of a replicated
+    model, come back to rank 0, which holds them until the reply has streamed; they were never
+    reserved there: under a 30 MB cap, with rank 0 holding 15 MB, 20 MB of `output` from rank 1 went
+    through, as did a replicated model's 20 MB from each rank (found by review). Now rank 0 reserves
+    them before any rank runs: refused, no rank has trained; fitting, they come back."""
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(30 * mb))
+    try:
+        with client(cluster.address) as c:
+            x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 20 MB of outputs
+
+            def model(**placement: Any) -> Any:
+                m = c.module(["linear", 10, 5_000], **placement)
+                made = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+                c.train(made, batchsize=1_000, metrics="output")
+                c.test(made, batchsize=1_000, metrics="output")
+                return made
+
+            far = model(rank=1)
+            c.train(far, x, y)
+            c.test(far, x, y)
+            weight = c.parm(far, "weight")
+            near = c.dict({"w": np.zeros(15 * mb // 4, np.float32)}, rank=0)
+            for verb in (c.run, c.testrun):
+                with pytest.raises(ResourceExhaustedError, match="rank 0: .* receives the metrics of the other ranks"):
+                    verb(far)
+            assert np.array_equal(c.parm(far, "weight"), weight)  # nothing trained
+            c.free(near)
+            assert np.asarray(c.run(far)).shape == (1_000, 5_000)
+            assert not np.array_equal(c.parm(far, "weight"), weight)
+            assert np.asarray(c.testrun(far)).shape == (1_000, 5_000)
+            c.free(far)
+
+            rep = model(replicate=True)  # rank 0's own 20 MB and rank 1's 20 MB
+            for r in range(2):
+                c.train(rep, x, y, rank=r)
+            weights = [c.parm(rep, "weight", rank=r) for r in range(2)]
+            with pytest.raises(ResourceExhaustedError, match="rank 0: .* receives the metrics of the other ranks"):
+                c.run(rep)
+            for r in range(2):
+                assert np.array_equal(c.parm(rep, "weight", rank=r), weights[r]), r  # no rank trained
+            for r in range(2):
+                c.train(rep, x[:500], y[:500], rank=r)  # 10 MB each: fits
+            outputs = c.run(rep)
+            assert [np.asarray(o).shape for o in outputs] == [(500, 5_000)] * 2
+    finally:
+        cluster.stop()
+
+
 def test_a_shared_memory_client_reads_objects_of_every_rank(tmp_path: Path) -> None:
     """A client with shm=True fetches through its session's regions, which are rank 0's: the fetch of a
     dictionary on rank 1, or of a replicated one, was sent to rank 1 and answered NOT_FOUND 'rank 1:
