@@ -670,6 +670,32 @@ def test_tenant_quotas_hold_on_every_rank_and_follow_a_reload(tmp_path: Path) ->
         cluster.stop()
 
 
+def test_metrics_from_another_rank_count_against_the_tenants_quota_on_rank_0(tmp_path: Path) -> None:
+    """The metrics rank 0 receives from a model on rank 1 are reserved against the caller's tenant
+    quota there too: a tenant holding 10 MB of its 25 MB on rank 0 got 20 MB of `output` from rank 1
+    (found by review). Refused, nothing trained; with the room back, the epoch runs."""
+    mb = 1_000_000
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS.format(quota=25 * mb).replace("max_handles = 3", "max_handles = 20"))
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+    try:
+        with Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1),
+                    token="small-user-token-0123456789") as c:
+            m = c.module(["linear", 10, 5_000], rank=1)
+            far = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+            c.train(far, batchsize=1_000, metrics="output")
+            c.train(far, np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64))
+            weight = c.parm(far, "weight")
+            near = c.dict({"w": np.zeros(10 * mb // 4, np.float32)}, rank=0)
+            with pytest.raises(ResourceExhaustedError, match="rank 0: .*quota of tenant 'small'.* receives the metrics"):
+                c.run(far)
+            assert np.array_equal(c.parm(far, "weight"), weight)
+            c.free(near)
+            assert np.asarray(c.run(far)).shape == (1_000, 5_000)
+    finally:
+        cluster.stop()
+
+
 TWO_TENANTS = """
 [[tokens]]
 token = "alice-user-token-0123456789"
