@@ -670,6 +670,54 @@ def test_tenant_quotas_hold_on_every_rank_and_follow_a_reload(tmp_path: Path) ->
         cluster.stop()
 
 
+def test_rank_0_holds_what_it_answers_for_other_ranks_reserved_until_the_reply_has_streamed(tmp_path: Path) -> None:
+    """What rank 0 answers for a model on rank 1 or a replicated one (RunEpoch's metrics, evaluate's
+    output) stays reserved on rank 0 while the reply streams, as on one server: a replicated model's
+    output and metrics, and a rank-1 model's metrics, were released when the command returned, so
+    another call took their bytes under the cap while a slow reader held them (found by review)."""
+    import grpc
+    from weightavg import wire
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(100 * mb))
+    try:
+        with client(cluster.address) as c, grpc.insecure_channel(cluster.address) as channel:
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            x, y = np.ones((2_000, 10), np.float32), np.zeros(2_000, np.int64)
+
+            def model(rows: int, **placement: Any) -> Any:
+                m = c.module(["linear", 10, 5_000], **placement)
+                made = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+                c.train(made, batchsize=2_000, metrics="output")
+                c.train(made, x[:rows], y[:rows])
+                return made
+
+            def evaluate(m: Any) -> Iterator[pb.EvaluateModelRequest]:
+                yield pb.EvaluateModelRequest(model=m.id, max_chunk_bytes=1 << 20)
+                for chunk in wire.array_chunks("", x, 1 << 20):
+                    yield pb.EvaluateModelRequest(chunk=chunk)
+
+            far, rep = model(2_000, rank=1), model(1_000, replicate=True)  # 40 MB of outputs each; 20 MB a rank
+            calls = [
+                ("rank 1's run", lambda: stub.RunEpoch(pb.RunEpochRequest(model=far.id, max_chunk_bytes=1 << 20), timeout=WAIT)),
+                ("replicated run", lambda: stub.RunEpoch(pb.RunEpochRequest(model=rep.id, max_chunk_bytes=1 << 20), timeout=WAIT)),
+                ("replicated evaluate", lambda: stub.EvaluateModel(evaluate(rep), timeout=WAIT)),
+            ]
+            for what, start in calls:
+                call = start()
+                first = next(call)  # the rest waits on the server, as for a reader that stalls
+                assert first.chunk.name in ("output", ""), what
+                with pytest.raises(ResourceExhaustedError, match="would exceed the cap"):
+                    c.dict({"w": np.zeros(70 * mb // 4, np.float32)}, rank=0)
+                rest = list(call)  # the reply ends once the server's generator has returned
+                assert len(first.chunk.data) + sum(len(r.chunk.data) for r in rest) == 40 * mb, what
+                c.free(c.dict({"w": np.zeros(70 * mb // 4, np.float32)}, rank=0))
+    finally:
+        cluster.stop()
+
+
 def test_metrics_from_another_rank_count_against_the_tenants_quota_on_rank_0(tmp_path: Path) -> None:
     """The metrics rank 0 receives from a model on rank 1 are reserved against the caller's tenant
     quota there too: a tenant holding 10 MB of its 25 MB on rank 0 got 20 MB of `output` from rank 1

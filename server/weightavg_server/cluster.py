@@ -875,7 +875,24 @@ def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
     if op is not None:
         return op(service, fabric, *args, **kwargs)
     # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
+    if fabric.rank == 0 and command.sink is not None and command.sink.held is not None:
+        args, kwargs = _holding(command.op, args, kwargs, command.sink.held)
     return getattr(Service, command.op)(service, *args, **kwargs)
+
+
+def _holding(
+    op: str, args: tuple[Any, ...], kwargs: dict[str, Any], held: contextlib.ExitStack
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Rank 0's arguments of a verb with a tensor answer, its `held` set to the caller's (the
+    servicer's, open until the reply has streamed): on a replicated model rank 0 answers its own
+    output, which the command's `held=None` released when the verb returned, before the reply had
+    streamed (found by review)."""
+    signature = inspect.signature(getattr(Service, op))
+    if "held" not in signature.parameters:
+        return args, kwargs
+    bound = signature.bind(None, *args, **kwargs)
+    bound.arguments["held"] = held
+    return tuple(bound.args[1:]), dict(bound.kwargs)
 
 
 def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any) -> Any:
