@@ -284,7 +284,8 @@ def leave() -> None:
 class Sink:
     """Where tensors from another rank land on rank 0 (a fetch's copies, evaluate's outputs): the
     tensors received, and the stack that holds their reservation until the reply has gone (neither
-    is pickled: only rank 0 uses them)."""
+    is pickled: only rank 0 uses them). An epoch's or a test's metrics (`_rank_metrics`) and a
+    replicated model's evaluate (`_holding`) keep rank 0's reservations in `held` too."""
 
     held: contextlib.ExitStack | None = None
     named: Named = field(default_factory=list)
@@ -732,9 +733,9 @@ def _rank_metrics(service: Service, fabric: Fabric, split: str, handle: str, whe
     epoch: its training data too) and (2) rank 0 has reserved, in `sink.held` (the servicer's: until
     the reply has streamed), the metric tensors it will receive from the other running ranks
     (`footprint.metrics_reply_bytes`). A refusal anywhere stops every rank before any trains or tests.
-    Those metrics came back to rank 0 unreserved: a 2-rank cluster's replicated model or a model on
-    rank 1 returned 20 MB of `output` under a 10 MB cap on rank 0, and held it until the reply had
-    streamed (found by review). Before that, a rank without data, or whose cap refused the epoch,
+    Those metrics came back to rank 0 unreserved: under a 30 MB cap, with rank 0 holding 15 MB, a
+    model on rank 1 returned 20 MB of `output` there, held until the reply had streamed, and so did
+    each rank of a replicated model (found by review). Before that, a rank without data, or whose cap refused the epoch,
     failed while the others trained, leaving the copies of a replicated model apart (found by review)."""
     runs = where in (ALL, fabric.rank)
     with contextlib.ExitStack() as ready:
