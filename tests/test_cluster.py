@@ -562,6 +562,56 @@ def test_tensors_from_another_rank_are_reserved_on_rank_0_before_they_arrive(tmp
         cluster.stop()
 
 
+def test_metrics_from_another_rank_are_reserved_on_rank_0_before_any_rank_runs(tmp_path: Path) -> None:
+    """RunEpoch's and RunTest's metrics from a model on rank 1, or from the other ranks of a replicated
+    model, come back to rank 0, which holds them until the reply has streamed; they were never
+    reserved there: under a 30 MB cap, with rank 0 holding 15 MB, 20 MB of `output` from rank 1 went
+    through, as did a replicated model's 20 MB from each rank (found by review). Now rank 0 reserves
+    them before any rank runs: refused, no rank has trained; fitting, they come back."""
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(30 * mb))
+    try:
+        with client(cluster.address) as c:
+            x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 20 MB of outputs
+
+            def model(**placement: Any) -> Any:
+                m = c.module(["linear", 10, 5_000], **placement)
+                made = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+                c.train(made, batchsize=1_000, metrics="output")
+                c.test(made, batchsize=1_000, metrics="output")
+                return made
+
+            far = model(rank=1)
+            c.train(far, x, y)
+            c.test(far, x, y)
+            weight = c.parm(far, "weight")
+            near = c.dict({"w": np.zeros(15 * mb // 4, np.float32)}, rank=0)
+            for verb in (c.run, c.testrun):
+                with pytest.raises(ResourceExhaustedError, match="rank 0: .* receives the metrics of the other ranks"):
+                    verb(far)
+            assert np.array_equal(c.parm(far, "weight"), weight)  # nothing trained
+            c.free(near)
+            assert np.asarray(c.run(far)).shape == (1_000, 5_000)
+            assert not np.array_equal(c.parm(far, "weight"), weight)
+            assert np.asarray(c.testrun(far)).shape == (1_000, 5_000)
+            c.free(far)
+
+            rep = model(replicate=True)  # rank 0's own 20 MB and rank 1's 20 MB
+            for r in range(2):
+                c.train(rep, x, y, rank=r)
+            weights = [c.parm(rep, "weight", rank=r) for r in range(2)]
+            with pytest.raises(ResourceExhaustedError, match="rank 0: .* receives the metrics of the other ranks"):
+                c.run(rep)
+            for r in range(2):
+                assert np.array_equal(c.parm(rep, "weight", rank=r), weights[r]), r  # no rank trained
+            for r in range(2):
+                c.train(rep, x[:500], y[:500], rank=r)  # 10 MB each: fits
+            outputs = c.run(rep)
+            assert [np.asarray(o).shape for o in outputs] == [(500, 5_000)] * 2
+    finally:
+        cluster.stop()
+
+
 def test_a_shared_memory_client_reads_objects_of_every_rank(tmp_path: Path) -> None:
     """A client with shm=True fetches through its session's regions, which are rank 0's: the fetch of a
     dictionary on rank 1, or of a replicated one, was sent to rank 1 and answered NOT_FOUND 'rank 1:
@@ -616,6 +666,80 @@ def test_tenant_quotas_hold_on_every_rank_and_follow_a_reload(tmp_path: Path) ->
                 time.sleep(0.2)
             d = c.dict(big, rank=1)
             assert c.dict(d, "w", rank=1).shape == (50_000,)
+    finally:
+        cluster.stop()
+
+
+def test_rank_0_holds_what_it_answers_for_other_ranks_reserved_until_the_reply_has_streamed(tmp_path: Path) -> None:
+    """What rank 0 answers for a model on rank 1 or a replicated one (RunEpoch's metrics, evaluate's
+    output) stays reserved on rank 0 while the reply streams, as on one server: a replicated model's
+    output and metrics, and a rank-1 model's metrics, were released when the command returned, so
+    another call took their bytes under the cap while a slow reader held them (found by review)."""
+    import grpc
+    from weightavg import wire
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+
+    mb = 1_000_000
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(100 * mb))
+    try:
+        with client(cluster.address) as c, grpc.insecure_channel(cluster.address) as channel:
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            x, y = np.ones((2_000, 10), np.float32), np.zeros(2_000, np.int64)
+
+            def model(rows: int, **placement: Any) -> Any:
+                m = c.module(["linear", 10, 5_000], **placement)
+                made = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+                c.train(made, batchsize=2_000, metrics="output")
+                c.train(made, x[:rows], y[:rows])
+                return made
+
+            def evaluate(m: Any) -> Iterator[pb.EvaluateModelRequest]:
+                yield pb.EvaluateModelRequest(model=m.id, max_chunk_bytes=1 << 20)
+                for chunk in wire.array_chunks("", x, 1 << 20):
+                    yield pb.EvaluateModelRequest(chunk=chunk)
+
+            far, rep = model(2_000, rank=1), model(1_000, replicate=True)  # 40 MB of outputs each; 20 MB a rank
+            calls = [
+                ("rank 1's run", lambda: stub.RunEpoch(pb.RunEpochRequest(model=far.id, max_chunk_bytes=1 << 20), timeout=WAIT)),
+                ("replicated run", lambda: stub.RunEpoch(pb.RunEpochRequest(model=rep.id, max_chunk_bytes=1 << 20), timeout=WAIT)),
+                ("replicated evaluate", lambda: stub.EvaluateModel(evaluate(rep), timeout=WAIT)),
+            ]
+            for what, start in calls:
+                call = start()
+                first = next(call)  # the rest waits on the server, as for a reader that stalls
+                assert first.chunk.name in ("output", ""), what
+                with pytest.raises(ResourceExhaustedError, match="would exceed the cap"):
+                    c.dict({"w": np.zeros(70 * mb // 4, np.float32)}, rank=0)
+                rest = list(call)  # the reply ends once the server's generator has returned
+                assert len(first.chunk.data) + sum(len(r.chunk.data) for r in rest) == 40 * mb, what
+                c.free(c.dict({"w": np.zeros(70 * mb // 4, np.float32)}, rank=0))
+    finally:
+        cluster.stop()
+
+
+def test_metrics_from_another_rank_count_against_the_tenants_quota_on_rank_0(tmp_path: Path) -> None:
+    """The metrics rank 0 receives from a model on rank 1 are reserved against the caller's tenant
+    quota there too: a tenant holding 10 MB of its 25 MB on rank 0 got 20 MB of `output` from rank 1
+    (found by review). Refused, nothing trained; with the room back, the epoch runs."""
+    mb = 1_000_000
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS.format(quota=25 * mb).replace("max_handles = 3", "max_handles = 20"))
+    cluster = Cluster(tmp_path, "--tokens", str(tokens))
+    try:
+        with Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1),
+                    token="small-user-token-0123456789") as c:
+            m = c.module(["linear", 10, 5_000], rank=1)
+            far = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
+            c.train(far, batchsize=1_000, metrics="output")
+            c.train(far, np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64))
+            weight = c.parm(far, "weight")
+            near = c.dict({"w": np.zeros(10 * mb // 4, np.float32)}, rank=0)
+            with pytest.raises(ResourceExhaustedError, match="rank 0: .*quota of tenant 'small'.* receives the metrics"):
+                c.run(far)
+            assert np.array_equal(c.parm(far, "weight"), weight)
+            c.free(near)
+            assert np.asarray(c.run(far)).shape == (1_000, 5_000)
     finally:
         cluster.stop()
 

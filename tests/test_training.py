@@ -1119,3 +1119,26 @@ def test_the_copies_of_input_batches_are_reserved_in_evaluate_testrun_and_batchn
             assert_unchanged(before, snapshot(server.registry))
         c.free(ballast)
         assert isinstance(c.testrun(rm), float) and c.batchnorm(rm) == {}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize(
+    "metrics", ["loss", "output", "predict", "batchloss", "loss,batchloss,accuracy,matches,predict,output"]
+)
+@pytest.mark.parametrize("rows,batchsize,droplast", [(10, 4, False), (10, 4, True), (3, 8, False)])
+def test_metrics_reply_bytes_are_the_bytes_of_the_metrics_answered(
+    split: str, metrics: str, rows: int, batchsize: int, droplast: bool
+) -> None:
+    """A cluster's rank 0 reserves footprint.metrics_reply_bytes for each other rank's metrics before
+    any rank runs (cluster.py, `_rank_metrics`): it must be what the epoch or the test answers."""
+    from weightavg_server.domain import footprint, losses, optimizers, training
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 5))
+    model = training.create_model(module, losses.create_loss("ce"), optimizers.create_optimizer("sgd", module))
+    training.set_options(model, split, [("metrics", metrics), ("batchsize", batchsize), ("droplast", droplast)])
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, 3, generator=gen), torch.randint(0, 5, (rows,), generator=gen)
+    training.set_data(model, split, x, y, torch.device("cpu"))
+    expected = footprint.metrics_reply_bytes(model, split)
+    answered = training.run_epoch(model) if split == "train" else training.test_epoch(model)
+    assert expected == sum(t.numel() * t.element_size() for _, t in answered)

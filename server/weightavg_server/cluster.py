@@ -57,7 +57,7 @@ from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .domain import collectives, modules, shm, specs, training
+from .domain import collectives, footprint, modules, shm, specs, training
 from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
@@ -284,7 +284,8 @@ def leave() -> None:
 class Sink:
     """Where tensors from another rank land on rank 0 (a fetch's copies, evaluate's outputs): the
     tensors received, and the stack that holds their reservation until the reply has gone (neither
-    is pickled: only rank 0 uses them)."""
+    is pickled: only rank 0 uses them). An epoch's or a test's metrics (`_rank_metrics`) and a
+    replicated model's evaluate (`_holding`) keep rank 0's reservations in `held` too."""
 
     held: contextlib.ExitStack | None = None
     named: Named = field(default_factory=list)
@@ -725,20 +726,63 @@ def held_bytes(service: Service) -> int:
     return sum(service.store.held_bytes().values())
 
 
-def _run_epoch(service: Service, fabric: Fabric, handle: str) -> Metrics:
-    """A replicated model's epoch on every rank, once every rank holds training data and has reserved
-    the epoch's memory: a rank without data failed while the others trained, leaving rank 0's weights
-    one epoch on and rank 1's as they were behind 'rank 1: no training data', and so did a rank whose
-    cap refused the epoch (both found by review). A refusal anywhere stops every rank before any trains."""
+def _rank_metrics(service: Service, fabric: Fabric, split: str, handle: str, where: int, sink: Sink) -> Metrics | None:
+    """An epoch (`split` "train") or a test ("test") of a model on rank `where`, or on every rank of a
+    replicated one (ALL): its metrics there, None elsewhere. Every rank takes part, so that nothing
+    runs before (1) each running rank holds its model's lock and has reserved the run's memory (an
+    epoch: its training data too) and (2) rank 0 has reserved, in `sink.held` (the servicer's: until
+    the reply has streamed), the metric tensors it will receive from the other running ranks
+    (`footprint.metrics_reply_bytes`). A refusal anywhere stops every rank before any trains or tests.
+    Those metrics came back to rank 0 unreserved: under a 30 MB cap, with rank 0 holding 15 MB, a
+    model on rank 1 returned 20 MB of `output` there, held until the reply had streamed, and so did
+    each rank of a replicated model (found by review). Before that, a rank without data, or whose cap refused the epoch,
+    failed while the others trained, leaving the copies of a replicated model apart (found by review)."""
+    runs = where in (ALL, fabric.rank)
     with contextlib.ExitStack() as ready:
-        try:
-            model = ready.enter_context(service._epoch_ready(handle))
-            training.require_data(model, "train")
-        except WeightavgError as exc:
-            _agree(fabric, exc)  # raises it, once every rank has heard that this rank refuses
-            raise
-        _agree(fabric, None)
-        return training.run_epoch(model, never)
+        error: WeightavgError | None = None
+        nbytes = 0
+        model: training.Model | None = None
+        if runs:
+            held = sink.held if fabric.rank == 0 else None  # rank 0's own metrics: kept as long as its reply
+            try:
+                if split == "train":
+                    model = ready.enter_context(service._epoch_ready(handle, held))
+                    training.require_data(model, "train")
+                else:
+                    model = ready.enter_context(service._test_ready(handle, held))
+                nbytes = footprint.metrics_reply_bytes(model, split)
+            except WeightavgError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks wait for this rank's answer
+                error = WeightavgError(f"rank {fabric.rank}: preparing the {split} run failed: {type(exc).__name__}: {exc}")
+        sizes: list[Any] = [None] * fabric.world_size
+        dist.all_gather_object(sizes, None if error is not None else nbytes, group=fabric.control)
+        if error is not None:
+            raise error
+        if any(n is None for n in sizes):
+            raise _Abandoned()
+        if fabric.rank == 0:
+            error = _reserve_metrics(service, sink, {r: n for r, n in enumerate(sizes) if r and n})
+        _agree(fabric, error)
+        if model is None:
+            return None
+        return training.run_epoch(model, never) if split == "train" else training.test_epoch(model, never)
+
+
+def _reserve_metrics(service: Service, sink: Sink, nbytes: dict[int, int]) -> WeightavgError | None:
+    """Rank 0's reservation of the metrics the other ranks (`nbytes`: their bytes by rank) will send
+    it, kept in `sink.held` until the reply has streamed; the refusal, if it does not fit."""
+    if not nbytes or sink.held is None:
+        return None
+    try:
+        sink.held.enter_context(service.store.reserve(nbytes={"cpu": sum(nbytes.values())}))
+    except WeightavgError as exc:
+        ranks = ", ".join(f"rank {r}: {n} bytes" for r, n in nbytes.items())
+        return type(exc)(
+            f"{exc} (rank 0 receives the metrics of the other ranks and holds them until the reply has "
+            f"streamed: {ranks}; ask for fewer per-sample metrics such as output or predict, or raise the cap)"
+        )
+    return None
 
 
 def _outer_step(service: Service, fabric: Fabric, handle: str, average: str) -> float:
@@ -795,7 +839,7 @@ RANK_OPS: dict[str, Callable[..., Any]] = {
     "_allreduce": _allreduce,
     "_inventory": _inventory,
     "_listed": _listed,
-    "_run_epoch": _run_epoch,
+    "_rank_metrics": _rank_metrics,
     "_outer_step": _outer_step,
     "_broadcast": _broadcast,
     "_across": _across,
@@ -832,7 +876,24 @@ def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
     if op is not None:
         return op(service, fabric, *args, **kwargs)
     # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
+    if fabric.rank == 0 and command.sink is not None and command.sink.held is not None:
+        args, kwargs = _holding(command.op, args, kwargs, command.sink.held)
     return getattr(Service, command.op)(service, *args, **kwargs)
+
+
+def _holding(
+    op: str, args: tuple[Any, ...], kwargs: dict[str, Any], held: contextlib.ExitStack
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Rank 0's arguments of a verb with a tensor answer, its `held` set to the caller's (the
+    servicer's, open until the reply has streamed): on a replicated model rank 0 answers its own
+    output, which the command's `held=None` released when the verb returned, before the reply had
+    streamed (found by review)."""
+    signature = inspect.signature(getattr(Service, op))
+    if "held" not in signature.parameters:
+        return args, kwargs
+    bound = signature.bind(None, *args, **kwargs)
+    bound.arguments["held"] = held
+    return tuple(bound.args[1:]), dict(bound.kwargs)
 
 
 def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any) -> Any:
@@ -1502,14 +1563,10 @@ class ClusterService(Service):
         held: contextlib.ExitStack | None = None,
     ) -> Metrics:
         """On a replicated model every rank runs an epoch on its own data: each rank's metrics, once
-        every rank holds training data (`_run_epoch`). `held` keeps rank 0's own model's metrics
-        reserved as Service.run_epoch says."""
+        every rank holds training data (`_rank_metrics`). `held` keeps the metrics reserved on rank 0
+        (its own, and those it receives from the other ranks) until it closes."""
         self._check()
-        if self.where(handle) != ALL:
-            return self._per_rank("run_epoch", (handle, should_stop), {"request": request, "held": held})  # type: ignore[no-any-return]
-        return self._keyed(  # type: ignore[no-any-return]
-            "run_epoch", request, lambda: RankMetrics(self._call("_run_epoch", ALL, (handle,)))
-        )
+        return self._per_rank("train", handle, should_stop, held, request)
 
     def outer_step(self, handle: str, average: str, *, request: RequestKey | None = None) -> float:
         """On a replicated optimizer every rank steps, once every rank can (`_outer_step`), with an
@@ -1528,16 +1585,33 @@ class ClusterService(Service):
         )
 
     def run_test(self, handle: str, should_stop: StopCheck, held: contextlib.ExitStack | None = None) -> Metrics:
-        """On a replicated model every rank tests its own data: each rank's metrics. `held` keeps rank
-        0's own model's metrics reserved as Service.run_test says."""
+        """On a replicated model every rank tests its own data: each rank's metrics. `held` keeps the
+        metrics reserved on rank 0 (its own, and those it receives from the other ranks) until it
+        closes."""
         self._check()
-        return self._per_rank("run_test", (handle, should_stop), {"held": held})  # type: ignore[no-any-return]
+        return self._per_rank("test", handle, should_stop, held)
 
-    def _per_rank(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        where = self.where(args[0])
-        if where != ALL:
-            return self._routed(name, args, kwargs, where)
-        return self._routed(name, args, kwargs, ALL, every=RankMetrics)
+    def _per_rank(
+        self, split: str, handle: str, should_stop: StopCheck, held: contextlib.ExitStack | None,
+        request: RequestKey | None = None,
+    ) -> Metrics:
+        """An epoch or a test where the model lives: rank 0's own as on one server; on another rank, or
+        replicated, through `_rank_metrics`, which reserves on rank 0 the metrics it will receive
+        before any rank runs, and keeps them reserved for as long as `held` (else the call) lasts."""
+        where = self.where(handle)
+        if where == 0:
+            keyed = {"request": request} if request is not None else {}
+            if split == "train":
+                return Service.run_epoch(self, handle, should_stop, held=held, **keyed)
+            return Service.run_test(self, handle, should_stop, held)
+
+        def run() -> Metrics:
+            with contextlib.ExitStack() as call:
+                sink = Sink(held if held is not None else call)
+                values = self._call("_rank_metrics", ALL, (split, handle, where, sink))
+            return RankMetrics(values) if where == ALL else values[where]
+
+        return self._keyed("run_epoch", request, run) if split == "train" else run()
 
     def free(
         self, handles: Sequence[str], every: bool, tenant: str = "", purge: bool = False, *,

@@ -817,7 +817,7 @@ class Service:
         block. The metrics' outputs and predictions are reserved apart, for as long as `held` (or the
         block) lasts: they outlive the epoch until its reply has streamed, and were released with
         the lock, so other calls could take their bytes while a slow reader held them (found by
-        review). A cluster's ranks each get this far before any trains (cluster.py, `_run_epoch`), so
+        review). A cluster's ranks each get this far before any trains (cluster.py, `_rank_metrics`), so
         that a refusal on one rank changes no rank.
 
         Raises:
@@ -836,6 +836,18 @@ class Service:
         given `held`, until it closes (the servicer's: until the reply has streamed); the copy of
         what a max_norm embedding renormalises and, for a module that writes its input in place,
         the copy of a batch it is given, for the call."""
+        with self._test_ready(handle, held) as model:
+            return training.test_epoch(model, should_stop)
+
+    @contextlib.contextmanager
+    def _test_ready(self, handle: str, held: contextlib.ExitStack | None = None) -> Iterator[training.Model]:
+        """A model read-locked and a test's memory reserved, nothing run yet: test it inside the block
+        (the metrics' outputs and predictions reserved for as long as `held`, or the block, lasts). A
+        cluster's ranks each get this far before any tests (cluster.py, `_rank_metrics`).
+
+        Raises:
+            WeightavgError: the handle or the room do not allow a test; nothing changed.
+        """
         entry, model = self._model(handle)
         with contextlib.ExitStack() as call:
             kept = (held if held is not None else call).enter_context(self.store.reserve())
@@ -845,7 +857,7 @@ class Service:
                     footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test")
                 )
                 with self.store.reserve(nbytes=copies):
-                    return training.test_epoch(model, should_stop)
+                    yield model
 
     def evaluate(
         self, handle: str, upload: Upload, should_stop: StopCheck, held: contextlib.ExitStack | None = None

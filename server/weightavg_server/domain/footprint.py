@@ -214,24 +214,49 @@ def metrics_bytes(model: Model, split: str) -> Bytes:
     """Bytes an epoch (`split` "train") or a test ("test") keeps for its `output` and `predict`
     metrics: every batch's outputs, and the int64 class each row's output predicts, until they are
     joined at the end (`_kept_bytes`). Nothing for other metrics, or without data."""
+    pieces, nb = _kept_metrics(model, split)
+    return _kept_bytes(pieces, nb, _module_device(model.module))
+
+
+def metrics_reply_bytes(model: Model, split: str) -> int:
+    """Host bytes of the metric tensors an epoch or a test answers: the joined `output` and
+    `predict` (`_kept_metrics`), the float32 `batchloss` (one value a batch) and the 0-d scalars.
+    On a cluster, rank 0 receives another rank's metrics and holds them until the reply has
+    streamed: it reserves this much for each such rank before any rank runs (cluster.py,
+    `_rank_metrics`). Nothing without data, as the epoch then answers nothing."""
+    data = model.train_data if split == "train" else model.test_data
+    if data is None:
+        return 0
+    options = model.train if split == "train" else model.test
+    names = str(options["metrics"]).split(",")
+    pieces, nb = _kept_metrics(model, split)
+    scalars = sum(8 for name in names if name in ("loss", "accuracy", "matches"))  # float64, int64
+    return pieces + scalars + (4 * nb if "batchloss" in names else 0)
+
+
+def _kept_metrics(model: Model, split: str) -> tuple[int, int]:
+    """The bytes of the joined `output` and `predict` metrics of an epoch or a test, and its batch
+    count (0, 0 without data or without either metric)."""
     data = model.train_data if split == "train" else model.test_data
     options = model.train if split == "train" else model.test
     names = set(str(options["metrics"]).split(","))
-    if data is None or not names & {"output", "predict"}:
-        return {}
+    if data is None:
+        return 0, 0
     n = batching.full_size(data.x)
     w = min(int_value(options, "batchsize"), n)
     nb = training.batch_count(n, w, bool_value(options, "droplast"))
+    if not names & {"output", "predict"}:
+        return 0, nb
     x = torch.empty((min(nb * w, n), *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
     output = _meta_output(model.module, x, train=split == "train")
     if output is None:
-        return {}
+        return 0, nb
     pieces = output.numel() * output.element_size() if "output" in names else 0
     if "predict" in names:
         dim = training.class_dim(model.loss.type, output)
         predicted = output.numel() if dim is None else output.numel() // max(output.shape[dim], 1)
         pieces += predicted * torch.empty((), dtype=torch.int64).element_size()
-    return _kept_bytes(pieces, nb, _module_device(model.module))
+    return pieces, nb
 
 
 def _meta_twin(params: Sequence[nn.Parameter]) -> nn.ParameterList:
