@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import ipaddress
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from weightavg import Client, UnauthenticatedError, UnavailableError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg_server.ops.app import Runtime, create_runtime
+from weightavg_server.ops.app import Runtime, create_runtime, set_serving
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.tokens import TokensFileError
 
@@ -177,6 +178,48 @@ def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> Non
     with grpc.insecure_channel(_address(token_server)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_watch_streams_without_a_token_hold_no_worker_and_are_bounded() -> None:
+    """Health is open to callers without a token, and a Watch stream stays open until its client
+    cancels. The interceptors' wrappers made grpc serve each on a worker thread for as long as it
+    was open: as many Watch streams as workers, sent without a token, and no tenant's call was
+    served (found by review). They hold no worker now, and at most `--max-workers` are open at once
+    (they count against the server's limit of calls in flight)."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=2))
+    try:
+        with grpc.insecure_channel(_address(runtime)) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=120) for _ in range(2)]
+            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
+            with Client(_address(runtime), timeout=20, token=TOKEN) as c:
+                c.ping()  # both workers free: it was DEADLINE_EXCEEDED
+                d = c.dict({"a": [1.0, 2.0]})
+                assert c.dict(d, "a").tolist() == [1.0, 2.0]
+            extra = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=120)
+            with pytest.raises(grpc.RpcError) as err:
+                next(extra)
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Watch: this server has 2 such streams open" in (err.value.details() or "")
+            set_serving(runtime.health, False)  # the open streams still hear of changes
+            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+            set_serving(runtime.health, True)
+            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
+            watches.pop().cancel()
+            for _ in range(200):  # the slot comes back once grpc has ended the cancelled call
+                again = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=120)
+                try:
+                    assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    threading.Event().wait(0.05)
+            else:
+                pytest.fail("a cancelled Watch stream never gave its slot back")
+            for w in [*watches, again]:
+                w.cancel()
+    finally:
+        next(gen, None)
 
 
 def test_token_comes_from_the_environment_and_stays_out_of_reprs() -> None:

@@ -73,7 +73,8 @@ def create_server(
     Returns the server, the port it bound and its health servicer (SERVING once started by `serve`
     or by the caller; NOT_SERVING while draining). Expired sessions are freed on the next call;
     `create_runtime` adds a reaper thread that frees them on an idle server too. Every call,
-    health and reflection included, is recorded in `stats` (pass one to read it from outside).
+    health and reflection included (but for health's Watch streams: `InterceptorChain`), is recorded
+    in `stats` (pass one to read it from outside).
     """
     runtime = create_runtime(config, registry, stats)
     return runtime.server, runtime.port, runtime.health
@@ -302,6 +303,9 @@ def create_runtime(
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
         ObservingInterceptor(stats), tenancy, *shares, SessionInterceptor(registry, tenancy.caller_of),
         DecodeGuard(SERVICE_NAME, config.max_message_bytes), TeamReturningStreams(),
+        # Health's Watch streams (open without a token) hold no worker but count against
+        # maximum_concurrent_rpcs below: at most a quarter of it.
+        open_streams=config.max_workers,
     )]
     server = grpc.server(
         # Its workers give back their OpenMP teams after each call (ops.openmp): idle ones kept slowed

@@ -5,6 +5,7 @@ tenancy.py)."""
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -62,6 +63,49 @@ class Gate(Protocol):
     def __call__(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None: ...
 
 
+def non_blocking(handler: Handler) -> bool:
+    """Whether `handler` answers a response stream without a worker: its behaviour takes grpc's
+    send callback and returns at once (`experimental_non_blocking`, as health's Watch does)."""
+    behaviour = handler.unary_stream or handler.stream_stream
+    return bool(getattr(behaviour, "experimental_non_blocking", False))
+
+
+class OpenStreams:
+    """Bounds the non-blocking response streams open at once (health's Watch: open to callers without
+    a token, and open until the client cancels).
+
+    Such a stream holds no worker, but it counts against the server's `maximum_concurrent_rpcs` for
+    as long as it stays open, so without a bound a caller without any token could fill that limit
+    with idle Watch streams and every other call would be refused. Past the bound a new one is
+    RESOURCE_EXHAUSTED; a stream's slot is given back when it ends (grpc's termination callback).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler again, still non-blocking, each call taking a slot for as long as it is open."""
+        # Typed (in grpc's stubs) as taking a request and a context; a non-blocking one takes the callback too.
+        behaviour: Callable[..., Any] | None = handler.unary_stream or handler.stream_stream
+        assert behaviour is not None  # non_blocking(handler) was checked
+        slots, limit = self._slots, self.limit
+
+        def bounded(request: Any, context: grpc.ServicerContext, send_response_callback: Callable[[Any], None]) -> Any:
+            if not slots.acquire(blocking=False):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{method.rsplit('/', 1)[-1]}: this server has {limit} such streams open, its cap; close "
+                    "streams you no longer read, or poll with Check instead",
+                )
+            if not context.add_callback(slots.release):  # the call ended already: no callback will come
+                slots.release()
+            return behaviour(request, context, send_response_callback)
+
+        bounded.experimental_non_blocking = True  # type: ignore[attr-defined]  # grpc reads this attribute
+        return same_kind(handler, bounded)
+
+
 class InterceptorChain(grpc.ServerInterceptor):
     """Several interceptors as one pass: each method's handler is wrapped by every layer once, on
     its first call, and every later call costs gRPC's interceptor pipeline one dictionary lookup
@@ -73,9 +117,17 @@ class InterceptorChain(grpc.ServerInterceptor):
     a handler built per call: about 20 us of a small call on the development machine (docs/perf.md).
     The first layer is outermost. A method's handler is fixed once the server has started, so the
     cache never goes stale.
+
+    A non-blocking response stream (health's Watch) is not given to the layers: each layer's
+    wrapper is a plain behaviour, with which grpc serves the stream on a worker thread for as long as
+    it stays open. A review held every worker of a server with tokens with as many Watch streams,
+    sent without a token, and no tenant's call was served. Such streams are bounded by
+    `open_streams` instead (`OpenStreams`), and left out of the per-method statistics; the gates
+    still see them (a refusal is a plain handler, wrapped as any other).
     """
 
-    def __init__(self, *layers: Layer) -> None:
+    def __init__(self, *layers: Layer, open_streams: int = 1) -> None:
+        self._open_streams = OpenStreams(max(1, open_streams))
         self._layers = layers
         self._gates: list[tuple[int, Gate]] = [
             (i, gate) for i, layer in enumerate(layers) if (gate := getattr(layer, "gate", None)) is not None
@@ -89,8 +141,11 @@ class InterceptorChain(grpc.ServerInterceptor):
             handler = continuation(details)
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
                 return None
-            for layer in reversed(self._layers):
-                handler = layer.wrap(method, handler)
+            if non_blocking(handler):  # holds no worker while open: bounded, not wrapped (see above)
+                handler = self._open_streams.wrap(method, handler)
+            else:
+                for layer in reversed(self._layers):
+                    handler = layer.wrap(method, handler)
             self._handlers[method] = handler  # two first calls at once wrap twice, alike
         for i, gate in self._gates:
             refused = gate(method, details, handler)
