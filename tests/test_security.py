@@ -12,6 +12,7 @@ import ipaddress
 import json
 import threading
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -219,6 +220,93 @@ def test_health_watch_streams_without_a_token_hold_no_worker_and_are_bounded() -
             for w in [*watches, again]:
                 w.cancel()
     finally:
+        next(gen, None)
+
+
+class HalfOpenCalls:
+    """Calls that send their headers and never their request message (each method called as a
+    stream whose requests never come), on one channel without a token."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._release = threading.Event()
+        self.calls: list[Any] = []
+
+    def _never(self) -> Iterator[Any]:
+        self._release.wait()
+        return
+        yield  # pragma: no cover - a generator that sends nothing
+
+    def open(self, method: str, n: int) -> list[Any]:
+        opened = [self._channel.stream_stream(method)(self._never(), timeout=30) for _ in range(n)]
+        self.calls.extend(opened)
+        return opened
+
+    def close(self) -> None:
+        self._release.set()
+        for call in self.calls:
+            call.cancel()
+        self._channel.close()
+
+
+def _status_of(call: Any) -> grpc.StatusCode:
+    """The status a half-open call ended with (it ends without its request being read, or is cancelled)."""
+    with pytest.raises(grpc.RpcError) as err:
+        next(call)
+    code: grpc.StatusCode = err.value.code()
+    return code
+
+
+def test_calls_without_a_token_are_refused_before_their_request_message_arrives() -> None:
+    """grpc reads a single request on the worker thread before the behaviour runs: the refusal of a
+    call without a token waited there for a message that never came, so as many such calls as
+    workers (headers sent, no message) stopped every tenant's calls (found by review)."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=2))
+    half_open = HalfOpenCalls(_address(runtime))
+    try:
+        calls = half_open.open("/weightavg.v1.WeightAveragingService/Ping", 2)
+        calls += half_open.open("/weightavg.v1.WeightAveragingService/FetchTensors", 2)
+        assert [_status_of(call) for call in calls] == [grpc.StatusCode.UNAUTHENTICATED] * 4
+        with Client(_address(runtime), timeout=20, token=TOKEN) as c:
+            c.ping()  # it was DEADLINE_EXCEEDED: both workers waited for messages
+    finally:
+        half_open.close()
+        next(gen, None)
+
+
+def test_health_checks_waiting_for_their_request_hold_at_most_a_quarter_of_the_workers() -> None:
+    """Health is open to callers without a token: Check calls that sent no request message held
+    every worker (found by review). At most a quarter of --max-workers (at least one) wait at once;
+    the next is RESOURCE_EXHAUSTED at once, and tenants' calls are served."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=4))
+    half_open = HalfOpenCalls(_address(runtime))
+    try:
+        calls = half_open.open("/grpc.health.v1.Health/Check", 4)
+        ended = threading.Semaphore(0)
+        for call in calls:
+            call.add_done_callback(lambda _: ended.release())
+        assert all(ended.acquire(timeout=60) for _ in range(3)), "the calls past the cap were not refused"
+        refused = [call for call in calls if call.done()]
+        assert [call.code() for call in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+        assert "calls open to callers without a token are waiting" in (refused[0].details() or "")
+        with Client(_address(runtime), timeout=20, token=TOKEN) as c:
+            c.ping()  # it was DEADLINE_EXCEEDED: all four workers waited for Check requests
+        waiting = [call for call in calls if not call.done()]
+        assert len(waiting) == 1
+        waiting[0].cancel()
+        with grpc.insecure_channel(_address(runtime)) as channel:
+            for _ in range(200):  # the slot comes back once the cancelled call's read ends
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    threading.Event().wait(0.05)
+            else:
+                pytest.fail("a cancelled Check never gave its slot back")
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        half_open.close()
         next(gen, None)
 
 

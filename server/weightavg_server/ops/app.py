@@ -29,7 +29,7 @@ from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import Handler, InterceptorChain, SessionInterceptor, same_kind
 from ..transport.shares import TenantShares
-from ..transport.tenancy import TenantInterceptor, Tokens
+from ..transport.tenancy import OPEN_SERVICE_PREFIXES, TenantInterceptor, Tokens
 from .tokens import TokensFileError, token_table
 from ..transport.observe import ObservingInterceptor
 from ..store.registry import Registry
@@ -306,6 +306,8 @@ def create_runtime(
         # Health's Watch streams (open without a token) hold no worker but count against
         # maximum_concurrent_rpcs below: at most a quarter of it.
         open_streams=config.max_workers,
+        # Health's Check (open without a token) waiting for its request holds a worker: at most a quarter.
+        open_methods=OPEN_SERVICE_PREFIXES, open_reads=config.max_workers // 4,
     )]
     server = grpc.server(
         # Its workers give back their OpenMP teams after each call (ops.openmp): idle ones kept slowed

@@ -106,6 +106,52 @@ class OpenStreams:
         return same_kind(handler, bounded)
 
 
+class OpenReads:
+    """Bounds the calls of methods open to callers without a token (health's Check) that wait for
+    their request message, and reads it where the bound is kept.
+
+    grpc reads a single request on the worker thread, before any behaviour runs, for as long as the
+    client takes to send it: a review held every worker with Check calls that sent their headers and
+    never their message, and no tenant's call was served. Such a method's handler takes its request
+    as a stream here (the same bytes on the wire), so that it is read inside a slot of this bound;
+    past the bound a call is RESOURCE_EXHAUSTED at once. A sent request is read at once, so honest
+    callers hold a slot for an instant.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...], limit: int) -> None:
+        self.prefixes = prefixes
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def applies(self, method: str, handler: Handler) -> bool:
+        return method.startswith(self.prefixes) and not handler.request_streaming
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The single-request handler again, as one that reads its request within a slot."""
+        behaviour: Callable[..., Any] | None = handler.unary_stream or handler.unary_unary
+        assert behaviour is not None  # `applies` checked it takes a single request
+        slots, limit, name = self._slots, self.limit, method.rsplit("/", 1)[-1]
+
+        def read(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            if not slots.acquire(blocking=False):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{name}: {limit} calls open to callers without a token are waiting for their request "
+                    "message, this server's cap; send the request with the call",
+                )
+            try:
+                request = next(iter(requests), None)
+            finally:
+                slots.release()
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message; none was sent")
+            return behaviour(request, context)
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(read, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(read, handler.request_deserializer, handler.response_serializer)
+
+
 class InterceptorChain(grpc.ServerInterceptor):
     """Several interceptors as one pass: each method's handler is wrapped by every layer once, on
     its first call, and every later call costs gRPC's interceptor pipeline one dictionary lookup
@@ -123,11 +169,16 @@ class InterceptorChain(grpc.ServerInterceptor):
     it stays open. A review held every worker of a server with tokens with as many Watch streams,
     sent without a token, and no tenant's call was served. Such streams are bounded by
     `open_streams` instead (`OpenStreams`), and left out of the per-method statistics; the gates
-    still see them (a refusal is a plain handler, wrapped as any other).
+    still see them (a refusal is a plain handler, wrapped as any other). The single-request methods
+    of `open_methods` (prefixes: health's Check) read their request within a bound of `open_reads`
+    calls at once (`OpenReads`), inside the layers.
     """
 
-    def __init__(self, *layers: Layer, open_streams: int = 1) -> None:
+    def __init__(
+        self, *layers: Layer, open_streams: int = 1, open_methods: tuple[str, ...] = (), open_reads: int = 1
+    ) -> None:
         self._open_streams = OpenStreams(max(1, open_streams))
+        self._open_reads = OpenReads(open_methods, max(1, open_reads))
         self._layers = layers
         self._gates: list[tuple[int, Gate]] = [
             (i, gate) for i, layer in enumerate(layers) if (gate := getattr(layer, "gate", None)) is not None
@@ -144,6 +195,8 @@ class InterceptorChain(grpc.ServerInterceptor):
             if non_blocking(handler):  # holds no worker while open: bounded, not wrapped (see above)
                 handler = self._open_streams.wrap(method, handler)
             else:
+                if self._open_reads.applies(method, handler):
+                    handler = self._open_reads.wrap(method, handler)
                 for layer in reversed(self._layers):
                     handler = layer.wrap(method, handler)
             self._handlers[method] = handler  # two first calls at once wrap twice, alike
