@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import HalfOpenCalls
 from weightavg import Client, UnauthenticatedError, UnavailableError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -181,34 +182,34 @@ def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> Non
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_health_watch_streams_without_a_token_hold_no_worker_and_are_bounded() -> None:
-    """Health is open to callers without a token, and a Watch stream stays open until its client
-    cancels. The interceptors' wrappers made grpc serve each on a worker thread for as long as it
-    was open: as many Watch streams as workers, sent without a token, and no tenant's call was
-    served (found by review). They hold no worker now, and at most `--max-workers` are open at once
-    (they count against the server's limit of calls in flight)."""
-    runtime = next(gen := _serve(token=TOKEN, max_workers=2))
+def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_workers() -> None:
+    """Health is open to callers without a token, and a Watch stream holds a worker until its client
+    cancels: as many Watch streams as workers, sent without a token, and no tenant's call was served
+    (found by review). At most a quarter of --max-workers (at least one) such calls are open at
+    once; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its place back."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=4))
     try:
         with grpc.insecure_channel(_address(runtime)) as channel:
             health_stub = health_pb2_grpc.HealthStub(channel)
-            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=120) for _ in range(2)]
-            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
+            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
+            ended = threading.Semaphore(0)
+            for w in watches:
+                w.add_done_callback(lambda _: ended.release())
+            assert all(ended.acquire(timeout=60) for _ in range(3)), "the streams past the cap were not refused"
+            refused = [w for w in watches if w.done()]
+            assert [w.code() for w in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+            assert "calls that no tenant's share counts" in (refused[0].details() or "")
+            (open_one,) = [w for w in watches if not w.done()]
+            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
             with Client(_address(runtime), timeout=20, token=TOKEN) as c:
-                c.ping()  # both workers free: it was DEADLINE_EXCEEDED
-                d = c.dict({"a": [1.0, 2.0]})
-                assert c.dict(d, "a").tolist() == [1.0, 2.0]
-            extra = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=120)
-            with pytest.raises(grpc.RpcError) as err:
-                next(extra)
-            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "Watch: this server has 2 such streams open" in (err.value.details() or "")
-            set_serving(runtime.health, False)  # the open streams still hear of changes
-            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+                c.ping()  # it was DEADLINE_EXCEEDED: the four streams held all four workers
+            set_serving(runtime.health, False)  # the open stream still hears of changes
+            assert next(open_one).status == health_pb2.HealthCheckResponse.NOT_SERVING
             set_serving(runtime.health, True)
-            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
-            watches.pop().cancel()
-            for _ in range(200):  # the slot comes back once grpc has ended the cancelled call
-                again = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=120)
+            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
+            open_one.cancel()
+            for _ in range(200):  # the slot comes back once the cancelled stream has ended on the server
+                again = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
                 try:
                     assert next(again).status == health_pb2.HealthCheckResponse.SERVING
                     break
@@ -217,36 +218,9 @@ def test_health_watch_streams_without_a_token_hold_no_worker_and_are_bounded() -
                     threading.Event().wait(0.05)
             else:
                 pytest.fail("a cancelled Watch stream never gave its slot back")
-            for w in [*watches, again]:
-                w.cancel()
+            again.cancel()
     finally:
         next(gen, None)
-
-
-class HalfOpenCalls:
-    """Calls that send their headers and never their request message (each method called as a
-    stream whose requests never come), on one channel without a token."""
-
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address)
-        self._release = threading.Event()
-        self.calls: list[Any] = []
-
-    def _never(self) -> Iterator[Any]:
-        self._release.wait()
-        return
-        yield  # pragma: no cover - a generator that sends nothing
-
-    def open(self, method: str, n: int) -> list[Any]:
-        opened = [self._channel.stream_stream(method)(self._never(), timeout=30) for _ in range(n)]
-        self.calls.extend(opened)
-        return opened
-
-    def close(self) -> None:
-        self._release.set()
-        for call in self.calls:
-            call.cancel()
-        self._channel.close()
 
 
 def _status_of(call: Any) -> grpc.StatusCode:
@@ -288,7 +262,7 @@ def test_health_checks_waiting_for_their_request_hold_at_most_a_quarter_of_the_w
         assert all(ended.acquire(timeout=60) for _ in range(3)), "the calls past the cap were not refused"
         refused = [call for call in calls if call.done()]
         assert [call.code() for call in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
-        assert "calls open to callers without a token are waiting" in (refused[0].details() or "")
+        assert "calls that no tenant's share counts" in (refused[0].details() or "")
         with Client(_address(runtime), timeout=20, token=TOKEN) as c:
             c.ping()  # it was DEADLINE_EXCEEDED: all four workers waited for Check requests
         waiting = [call for call in calls if not call.done()]

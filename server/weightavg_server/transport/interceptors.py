@@ -63,92 +63,89 @@ class Gate(Protocol):
     def __call__(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None: ...
 
 
-def non_blocking(handler: Handler) -> bool:
-    """Whether `handler` answers a response stream without a worker: its behaviour takes grpc's
-    send callback and returns at once (`experimental_non_blocking`, as health's Watch does)."""
-    behaviour = handler.unary_stream or handler.stream_stream
-    return bool(getattr(behaviour, "experimental_non_blocking", False))
-
-
-class OpenStreams:
-    """Bounds the non-blocking response streams open at once (health's Watch: open to callers without
-    a token, and open until the client cancels).
-
-    Such a stream holds no worker, but it counts against the server's `maximum_concurrent_rpcs` for
-    as long as it stays open, so without a bound a caller without any token could fill that limit
-    with idle Watch streams and every other call would be refused. Past the bound a new one is
-    RESOURCE_EXHAUSTED; a stream's slot is given back when it ends (grpc's termination callback).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
-
-    def wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler again, still non-blocking, each call taking a slot for as long as it is open."""
-        # Typed (in grpc's stubs) as taking a request and a context; a non-blocking one takes the callback too.
-        behaviour: Callable[..., Any] | None = handler.unary_stream or handler.stream_stream
-        assert behaviour is not None  # non_blocking(handler) was checked
-        slots, limit = self._slots, self.limit
-
-        def bounded(request: Any, context: grpc.ServicerContext, send_response_callback: Callable[[Any], None]) -> Any:
-            if not slots.acquire(blocking=False):
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{method.rsplit('/', 1)[-1]}: this server has {limit} such streams open, its cap; close "
-                    "streams you no longer read, or poll with Check instead",
-                )
-            if not context.add_callback(slots.release):  # the call ended already: no callback will come
-                slots.release()
-            return behaviour(request, context, send_response_callback)
-
-        bounded.experimental_non_blocking = True  # type: ignore[attr-defined]  # grpc reads this attribute
-        return same_kind(handler, bounded)
-
-
-class OpenReads:
-    """Bounds the calls of methods open to callers without a token (health's Check) that wait for
-    their request message, and reads it where the bound is kept.
+class SingleRequests:
+    """Reads a single-request method's request inside the layers, where a call is already counted
+    against its caller's share, instead of letting grpc wait for it before any layer runs.
 
     grpc reads a single request on the worker thread, before any behaviour runs, for as long as the
-    client takes to send it: a review held every worker with Check calls that sent their headers and
-    never their message, and no tenant's call was served. Such a method's handler takes its request
-    as a stream here (the same bytes on the wire), so that it is read inside a slot of this bound;
-    past the bound a call is RESOURCE_EXHAUSTED at once. A sent request is read at once, so honest
-    callers hold a slot for an instant.
+    client takes to send it: a review held every worker with calls that sent their headers and never
+    their message, Check calls without a token and, on a server with tenants, Pings with a reader's
+    token, which no share counted (a share counts a call once its behaviour runs), and no other
+    tenant's call was served. As a layer of the chain inside the shares, it makes such a method's
+    handler take its request as a stream (the same bytes on the wire), read as this layer's behaviour
+    runs: after the share has counted the call (the layers inside it, the session's and the
+    decoding's, see the single request as before), and, for the
+    methods no share counts (`unshared`: health, open to callers without a token; keep-alives),
+    within a bound of `limit` calls at once, past which a call is RESOURCE_EXHAUSTED at once (a
+    keep-alive has renewed its session as it arrived, `SessionInterceptor.gate`). A sent request is
+    read at once, so honest callers hold a slot for an instant. A streamed reply of such a method
+    (health's Watch, open until its client cancels, on a worker all along) keeps its slot to its end:
+    a review held every worker with Watch streams sent without a token. (grpc_health's non-blocking
+    Watch would hold no worker, but it waits for a message to go out while holding the lock that the
+    end of another Watch takes on grpc's polling thread: a test of it hung once in review, which that
+    deadlock would explain.)
+
+    Args:
+        unshared: whether a method's calls are outside every share (health, keep-alives).
+        limit: most calls of those methods waiting for their request at once.
+        every: read every single request this way (a server with tenants' shares), not only the
+            unshared methods' (a server whose callers all share one tenant has no share to keep).
     """
 
-    def __init__(self, prefixes: tuple[str, ...], limit: int) -> None:
-        self.prefixes = prefixes
+    def __init__(self, unshared: Callable[[str], bool], limit: int, every: bool = False) -> None:
+        self.unshared = unshared
         self.limit = limit
+        self.every = every
         self._slots = threading.BoundedSemaphore(limit)
 
-    def applies(self, method: str, handler: Handler) -> bool:
-        return method.startswith(self.prefixes) and not handler.request_streaming
-
     def wrap(self, method: str, handler: Handler) -> Handler:
-        """The single-request handler again, as one that reads its request within a slot."""
+        """A single-request handler again, as one that reads its request in its behaviour (for an
+        unshared method, within a slot of the bound); other handlers as they are."""
+        if handler.request_streaming or not (self.every or self.unshared(method)):
+            return handler
         behaviour: Callable[..., Any] | None = handler.unary_stream or handler.unary_unary
-        assert behaviour is not None  # `applies` checked it takes a single request
-        slots, limit, name = self._slots, self.limit, method.rsplit("/", 1)[-1]
+        assert behaviour is not None  # grpc sets the behaviour that matches the flags
+        slots = self._slots if self.unshared(method) else None
+        limit, name = self.limit, method.rsplit("/", 1)[-1]
 
-        def read(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            if not slots.acquire(blocking=False):
+        def take_slot(context: grpc.ServicerContext) -> None:
+            if slots is not None and not slots.acquire(blocking=False):
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{name}: {limit} calls open to callers without a token are waiting for their request "
-                    "message, this server's cap; send the request with the call",
+                    f"{name}: {limit} calls that no tenant's share counts (health checks and Watch streams, "
+                    "keep-alives) are waiting for their request message or streaming, this server's cap; send "
+                    "the request with the call, and close Watch streams you no longer read",
                 )
-            try:
-                request = next(iter(requests), None)
-            finally:
-                slots.release()
+
+        def one(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            request = next(iter(requests), None)  # undecodable bytes: the inner DecodeGuard's stand-in
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message; none was sent")
+            return request
+
+        def read(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            take_slot(context)
+            try:
+                request = one(requests, context)
+            finally:
+                if slots is not None:
+                    slots.release()
             return behaviour(request, context)
 
+        def read_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            """A streamed reply keeps its slot to its end: a health Watch stays open until its client
+            cancels, holding its worker all along."""
+            take_slot(context)
+            try:
+                yield from behaviour(one(requests, context), context)
+            finally:
+                if slots is not None:
+                    slots.release()
+
         if handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(read, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(
+                read_stream, handler.request_deserializer, handler.response_serializer
+            )
         return grpc.stream_unary_rpc_method_handler(read, handler.request_deserializer, handler.response_serializer)
 
 
@@ -164,21 +161,9 @@ class InterceptorChain(grpc.ServerInterceptor):
     The first layer is outermost. A method's handler is fixed once the server has started, so the
     cache never goes stale.
 
-    A non-blocking response stream (health's Watch) is not given to the layers: each layer's
-    wrapper is a plain behaviour, with which grpc serves the stream on a worker thread for as long as
-    it stays open. A review held every worker of a server with tokens with as many Watch streams,
-    sent without a token, and no tenant's call was served. Such streams are bounded by
-    `open_streams` instead (`OpenStreams`), and left out of the per-method statistics; the gates
-    still see them (a refusal is a plain handler, wrapped as any other). The single-request methods
-    of `open_methods` (prefixes: health's Check) read their request within a bound of `open_reads`
-    calls at once (`OpenReads`), inside the layers.
     """
 
-    def __init__(
-        self, *layers: Layer, open_streams: int = 1, open_methods: tuple[str, ...] = (), open_reads: int = 1
-    ) -> None:
-        self._open_streams = OpenStreams(max(1, open_streams))
-        self._open_reads = OpenReads(open_methods, max(1, open_reads))
+    def __init__(self, *layers: Layer) -> None:
         self._layers = layers
         self._gates: list[tuple[int, Gate]] = [
             (i, gate) for i, layer in enumerate(layers) if (gate := getattr(layer, "gate", None)) is not None
@@ -192,13 +177,8 @@ class InterceptorChain(grpc.ServerInterceptor):
             handler = continuation(details)
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
                 return None
-            if non_blocking(handler):  # holds no worker while open: bounded, not wrapped (see above)
-                handler = self._open_streams.wrap(method, handler)
-            else:
-                if self._open_reads.applies(method, handler):
-                    handler = self._open_reads.wrap(method, handler)
-                for layer in reversed(self._layers):
-                    handler = layer.wrap(method, handler)
+            for layer in reversed(self._layers):
+                handler = layer.wrap(method, handler)
             self._handlers[method] = handler  # two first calls at once wrap twice, alike
         for i, gate in self._gates:
             refused = gate(method, details, handler)
