@@ -69,14 +69,14 @@ class SingleRequests:
 
     grpc reads a single request on the worker thread, before any behaviour runs, for as long as the
     client takes to send it: a review held every worker with calls that sent their headers and never
-    their message, Check calls without a token and, on a server with tenants, Pings with a reader's
-    token, which no share counted (a share counts a call once its behaviour runs), and no other
-    tenant's call was served. As a layer of the chain inside the shares, it makes such a method's
-    handler take its request as a stream (the same bytes on the wire), read as this layer's behaviour
-    runs: after the share has counted the call (the layers inside it, the session's and the
-    decoding's, see the single request as before), and, for the
-    methods no share counts (`unshared`: health, open to callers without a token; keep-alives),
-    within a bound of `limit` calls at once, past which a call is RESOURCE_EXHAUSTED at once (a
+    their message, Check calls without a token and, on a server with tenants, Pings with one
+    tenant's token, which no share counted (a share counts a call once its behaviour runs), and no
+    other tenant's call was served. As a layer of the chain inside the shares, it makes such a
+    method's handler take its request as a stream (the same bytes on the wire), read as this layer's
+    behaviour runs: after the share has counted the call (the layers inside it, the session's and
+    the decoding's, see the single request as before), and, for the methods no share counts
+    (`unshared`: health, open to callers without a token; keep-alives), within a bound of `limit`
+    calls at once, past which a call is RESOURCE_EXHAUSTED at once (a
     keep-alive has renewed its session as it arrived, `SessionInterceptor.gate`). A sent request is
     read at once, so honest callers hold a slot for an instant. A streamed reply of such a method
     (health's Watch, open until its client cancels, on a worker all along) keeps its slot to its end:
@@ -160,7 +160,6 @@ class InterceptorChain(grpc.ServerInterceptor):
     a handler built per call: about 20 us of a small call on the development machine (docs/perf.md).
     The first layer is outermost. A method's handler is fixed once the server has started, so the
     cache never goes stale.
-
     """
 
     def __init__(self, *layers: Layer) -> None:
