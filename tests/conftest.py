@@ -4,12 +4,14 @@ real 2-rank CPU cluster under torchrun."""
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -219,3 +221,33 @@ class StalledUploads:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class HalfOpenCalls:
+    """Calls that send their headers and never their request message (each method called as a
+    stream whose requests never come), on one channel, with `metadata` (say, a token) or none. They
+    end by the server's answer, their 30 s deadline, or `close()`."""
+
+    def __init__(self, address: str, metadata: list[tuple[str, str]] | None = None) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._metadata = metadata
+        self._release = threading.Event()
+        self.calls: list[Any] = []
+
+    def _never(self) -> Iterator[Any]:
+        self._release.wait()
+        return
+        yield  # pragma: no cover - a generator that sends nothing
+
+    def open(self, method: str, n: int) -> list[Any]:
+        opened = [
+            self._channel.stream_stream(method)(self._never(), metadata=self._metadata, timeout=30) for _ in range(n)
+        ]
+        self.calls.extend(opened)
+        return opened
+
+    def close(self) -> None:
+        self._release.set()
+        for call in self.calls:
+            call.cancel()
+        self._channel.close()

@@ -10,7 +10,9 @@ import dataclasses
 import datetime
 import ipaddress
 import json
+import threading
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -21,10 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import HalfOpenCalls
 from weightavg import Client, UnauthenticatedError, UnavailableError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
-from weightavg_server.ops.app import Runtime, create_runtime
+from weightavg_server.ops.app import Runtime, create_runtime, set_serving
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.tokens import TokensFileError
 
@@ -177,6 +180,108 @@ def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> Non
     with grpc.insecure_channel(_address(token_server)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_workers() -> None:
+    """Health is open to callers without a token, and a Watch stream holds a worker until its client
+    cancels: as many Watch streams as workers, sent without a token, and no tenant's call was served
+    (found by review). At most a quarter of --max-workers (at least one) such calls are open at
+    once; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its place back."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=4))
+    try:
+        with grpc.insecure_channel(_address(runtime)) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
+            ended = threading.Semaphore(0)
+            for w in watches:
+                w.add_done_callback(lambda _: ended.release())
+            assert all(ended.acquire(timeout=60) for _ in range(3)), "the streams past the cap were not refused"
+            refused = [w for w in watches if w.done()]
+            assert [w.code() for w in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+            assert "calls that no tenant's share counts" in (refused[0].details() or "")
+            (open_one,) = [w for w in watches if not w.done()]
+            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
+            with Client(_address(runtime), timeout=20, token=TOKEN) as c:
+                c.ping()  # it was DEADLINE_EXCEEDED: the four streams held all four workers
+            set_serving(runtime.health, False)  # the open stream still hears of changes
+            assert next(open_one).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            set_serving(runtime.health, True)
+            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
+            open_one.cancel()
+            for _ in range(200):  # the slot comes back once the cancelled stream has ended on the server
+                again = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                try:
+                    assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    threading.Event().wait(0.05)
+            else:
+                pytest.fail("a cancelled Watch stream never gave its slot back")
+            again.cancel()
+    finally:
+        next(gen, None)
+
+
+def _status_of(call: Any) -> grpc.StatusCode:
+    """The status a half-open call ended with (it ends without its request being read, or is cancelled)."""
+    with pytest.raises(grpc.RpcError) as err:
+        next(call)
+    code: grpc.StatusCode = err.value.code()
+    return code
+
+
+def test_calls_without_a_token_are_refused_before_their_request_message_arrives() -> None:
+    """grpc reads a single request on the worker thread before the behaviour runs: the refusal of a
+    call without a token waited there for a message that never came, so as many such calls as
+    workers (headers sent, no message) stopped every tenant's calls (found by review)."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=2))
+    half_open = HalfOpenCalls(_address(runtime))
+    try:
+        calls = half_open.open("/weightavg.v1.WeightAveragingService/Ping", 2)
+        calls += half_open.open("/weightavg.v1.WeightAveragingService/FetchTensors", 2)
+        assert [_status_of(call) for call in calls] == [grpc.StatusCode.UNAUTHENTICATED] * 4
+        with Client(_address(runtime), timeout=20, token=TOKEN) as c:
+            c.ping()  # it was DEADLINE_EXCEEDED: both workers waited for messages
+    finally:
+        half_open.close()
+        next(gen, None)
+
+
+def test_health_checks_waiting_for_their_request_hold_at_most_a_quarter_of_the_workers() -> None:
+    """Health is open to callers without a token: Check calls that sent no request message held
+    every worker (found by review). At most a quarter of --max-workers (at least one) wait at once;
+    the next is RESOURCE_EXHAUSTED at once, and tenants' calls are served."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=4))
+    half_open = HalfOpenCalls(_address(runtime))
+    try:
+        calls = half_open.open("/grpc.health.v1.Health/Check", 4)
+        ended = threading.Semaphore(0)
+        for call in calls:
+            call.add_done_callback(lambda _: ended.release())
+        assert all(ended.acquire(timeout=60) for _ in range(3)), "the calls past the cap were not refused"
+        refused = [call for call in calls if call.done()]
+        assert [call.code() for call in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+        assert "calls that no tenant's share counts" in (refused[0].details() or "")
+        with Client(_address(runtime), timeout=20, token=TOKEN) as c:
+            c.ping()  # it was DEADLINE_EXCEEDED: all four workers waited for Check requests
+        waiting = [call for call in calls if not call.done()]
+        assert len(waiting) == 1
+        waiting[0].cancel()
+        with grpc.insecure_channel(_address(runtime)) as channel:
+            for _ in range(200):  # the slot comes back once the cancelled call's read ends
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    threading.Event().wait(0.05)
+            else:
+                pytest.fail("a cancelled Check never gave its slot back")
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        half_open.close()
+        next(gen, None)
 
 
 def test_token_comes_from_the_environment_and_stays_out_of_reprs() -> None:

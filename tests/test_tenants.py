@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import LiveServer, StalledUploads, assert_unchanged, snapshot
+from conftest import HalfOpenCalls, LiveServer, StalledUploads, assert_unchanged, snapshot
 from test_snapshot import start_server as start_process
 from weightavg import Client, NotFoundError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
 from weightavg import wire
@@ -834,6 +835,36 @@ def test_one_tenant_cannot_hold_every_worker(tokens_file: Path) -> None:
 
 
 BOBS = [("authorization", f"Bearer {BOB}")]
+
+
+def test_calls_that_never_send_their_request_count_against_the_tenants_share(tokens_file: Path) -> None:
+    """grpc reads a single request on the worker thread before any behaviour runs, and a share
+    counted a call only once its behaviour ran: a review held every worker with Pings (and
+    keep-alives) of Bob's token that sent their headers and never their message, and Alice was not
+    served. Such calls are now counted while their request is awaited: two of Bob's four wait (his
+    share of four workers), one keep-alive of four (a quarter of the workers: no share counts
+    keep-alives), the rest RESOURCE_EXHAUSTED at once, and Alice is served."""
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
+    runtime.start()
+    half_open = HalfOpenCalls(f"127.0.0.1:{runtime.port}", BOBS)
+    try:
+        calls = half_open.open("/weightavg.v1.WeightAveragingService/Ping", 4)
+        calls += half_open.open("/weightavg.v1.WeightAveragingService/KeepAliveSession", 4)
+        ended = threading.Semaphore(0)
+        for call in calls:
+            call.add_done_callback(lambda _: ended.release())
+        assert all(ended.acquire(timeout=60) for _ in range(5)), "the calls past the share were not refused"
+        refused = [call.details() for call in calls if call.done()]
+        assert sum("tenant 'bob' has 2 calls in flight" in (d or "") for d in refused) == 2
+        assert sum("KeepAliveSession: 1 calls that no tenant's share counts" in (d or "") for d in refused) == 3
+        assert all(call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED for call in calls if call.done())
+        with connect(runtime, ALICE) as a:
+            a.ping()  # it was DEADLINE_EXCEEDED: Bob's calls held all four workers
+            assert a.module(["linear", 2, 1]).kind == "module"
+    finally:
+        half_open.close()
+        runtime.server.stop(None)
+        runtime.reaper.stop()
 
 
 def _share_full(b: Client) -> ResourceExhaustedError:

@@ -27,8 +27,8 @@ from ..service import Service, Settings
 from ..cluster import ClusterService, Fabric
 from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
-from ..transport.interceptors import Handler, InterceptorChain, SessionInterceptor, same_kind
-from ..transport.shares import TenantShares
+from ..transport.interceptors import Handler, InterceptorChain, SessionInterceptor, SingleRequests, same_kind
+from ..transport.shares import TenantShares, unshared
 from ..transport.tenancy import TenantInterceptor, Tokens
 from .tokens import TokensFileError, token_table
 from ..transport.observe import ObservingInterceptor
@@ -295,15 +295,21 @@ def create_runtime(
     # first so that refused calls are counted too.
     # Next: nothing runs for an unauthenticated or unauthorized call; every call after it runs as its
     # token's tenant (open servers: the default tenant's admin), and calls that change something are
-    # audited. On a server with tokens, no tenant holds more than half the workers. Then the caller's
-    # session. Then, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. Last,
+    # audited. On a server with tokens, no tenant holds more than half the workers. Then a single
+    # request message is read (`SingleRequests`), so that a call waiting for it is counted. Then the
+    # caller's session. Then, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. Last,
     # a streamed reply gives back its OpenMP team before each message (`TeamReturningStreams`). They
     # run as one interceptor: one pass through gRPC's pipeline per call.
     # A tokens file names tenants; without one there is one tenant, and no share to keep.
     shares = [TenantShares(tokens, config.max_workers)] if config.tokens else []
     tenancy = TenantInterceptor(tokens, stats)
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
-        ObservingInterceptor(stats), tenancy, *shares, SessionInterceptor(registry, tenancy.caller_of),
+        ObservingInterceptor(stats), tenancy, *shares,
+        # A call waiting for its single request message holds a worker: read inside the shares (with
+        # tenants), and calls no share counts (health, open without a token; keep-alives) at most a
+        # quarter of the workers at once, health's Watch streams for as long as they are open.
+        SingleRequests(unshared, max(1, config.max_workers // 4), every=bool(shares)),
+        SessionInterceptor(registry, tenancy.caller_of),
         DecodeGuard(SERVICE_NAME, config.max_message_bytes), TeamReturningStreams(),
     )]
     server = grpc.server(
@@ -322,7 +328,10 @@ def create_runtime(
         max_upload_bytes=config.max_upload_bytes, stats=stats,
     )
     add_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    # Blocking Watch streams (each on a worker, bounded by SingleRequests): the non-blocking ones wait
+    # for a send under the servicer's lock, which the end of another Watch takes on grpc's polling
+    # thread (a test of them hung once in review, which that deadlock would explain).
+    health_servicer = health.HealthServicer(experimental_non_blocking=False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

@@ -5,6 +5,7 @@ tenancy.py)."""
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -60,6 +61,92 @@ class Gate(Protocol):
     that refuses the call, or None to let it through."""
 
     def __call__(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None: ...
+
+
+class SingleRequests:
+    """Reads a single-request method's request inside the layers, where a call is already counted
+    against its caller's share, instead of letting grpc wait for it before any layer runs.
+
+    grpc reads a single request on the worker thread, before any behaviour runs, for as long as the
+    client takes to send it: a review held every worker with calls that sent their headers and never
+    their message, Check calls without a token and, on a server with tenants, Pings with one
+    tenant's token, which no share counted (a share counts a call once its behaviour runs), and no
+    other tenant's call was served. As a layer of the chain inside the shares, it makes such a
+    method's handler take its request as a stream (the same bytes on the wire), read as this layer's
+    behaviour runs: after the share has counted the call (the layers inside it, the session's and
+    the decoding's, see the single request as before), and, for the methods no share counts
+    (`unshared`: health, open to callers without a token; keep-alives), within a bound of `limit`
+    calls at once, past which a call is RESOURCE_EXHAUSTED at once (a
+    keep-alive has renewed its session as it arrived, `SessionInterceptor.gate`). A sent request is
+    read at once, so honest callers hold a slot for an instant. A streamed reply of such a method
+    (health's Watch, open until its client cancels, on a worker all along) keeps its slot to its end:
+    a review held every worker with Watch streams sent without a token. (grpc_health's non-blocking
+    Watch would hold no worker, but it waits for a message to go out while holding the lock that the
+    end of another Watch takes on grpc's polling thread: a test of it hung once in review, which that
+    deadlock would explain.)
+
+    Args:
+        unshared: whether a method's calls are outside every share (health, keep-alives).
+        limit: most calls of those methods waiting for their request at once.
+        every: read every single request this way (a server with tenants' shares), not only the
+            unshared methods' (a server whose callers all share one tenant has no share to keep).
+    """
+
+    def __init__(self, unshared: Callable[[str], bool], limit: int, every: bool = False) -> None:
+        self.unshared = unshared
+        self.limit = limit
+        self.every = every
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """A single-request handler again, as one that reads its request in its behaviour (for an
+        unshared method, within a slot of the bound); other handlers as they are."""
+        if handler.request_streaming or not (self.every or self.unshared(method)):
+            return handler
+        behaviour: Callable[..., Any] | None = handler.unary_stream or handler.unary_unary
+        assert behaviour is not None  # grpc sets the behaviour that matches the flags
+        slots = self._slots if self.unshared(method) else None
+        limit, name = self.limit, method.rsplit("/", 1)[-1]
+
+        def take_slot(context: grpc.ServicerContext) -> None:
+            if slots is not None and not slots.acquire(blocking=False):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{name}: {limit} calls that no tenant's share counts (health checks and Watch streams, "
+                    "keep-alives) are waiting for their request message or streaming, this server's cap; send "
+                    "the request with the call, and close Watch streams you no longer read",
+                )
+
+        def one(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            request = next(iter(requests), None)  # undecodable bytes: the inner DecodeGuard's stand-in
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message; none was sent")
+            return request
+
+        def read(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            take_slot(context)
+            try:
+                request = one(requests, context)
+            finally:
+                if slots is not None:
+                    slots.release()
+            return behaviour(request, context)
+
+        def read_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            """A streamed reply keeps its slot to its end: a health Watch stays open until its client
+            cancels, holding its worker all along."""
+            take_slot(context)
+            try:
+                yield from behaviour(one(requests, context), context)
+            finally:
+                if slots is not None:
+                    slots.release()
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                read_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_unary_rpc_method_handler(read, handler.request_deserializer, handler.response_serializer)
 
 
 class InterceptorChain(grpc.ServerInterceptor):

@@ -28,6 +28,11 @@ also renew their session as they arrive, interceptors.SessionInterceptor.gate; t
 them too, so that `Client.keepalive()` does not fail while the tenant's other calls run.)"""
 
 
+def unshared(method: str) -> bool:
+    """Whether no share counts a method's calls: open methods (health) and keep-alives."""
+    return method.startswith(OPEN_SERVICE_PREFIXES) or method in UNSHARED
+
+
 def tenant_share(max_workers: int) -> int:
     """Calls one tenant may have in flight: half the workers, at least one."""
     return max(1, max_workers // 2)
@@ -47,7 +52,7 @@ class TenantShares:
     def wrap(self, method: str, handler: Handler) -> Handler:
         """The handler again, its calls counted against their tenant's share (open methods and
         keep-alives: as they are)."""
-        if method.startswith(OPEN_SERVICE_PREFIXES) or method in UNSHARED:
+        if unshared(method):
             return handler
         if handler.response_streaming:
             inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream

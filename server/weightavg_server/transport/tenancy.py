@@ -152,22 +152,24 @@ class Tokens:
 
 
 def refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
-    """A handler of the same shape as `handler` that answers `code` without reading the request."""
+    """A handler that answers `code` without reading the request, streaming replies as `handler`.
 
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+    It takes the request as a stream whatever the method's kind (the same bytes on the wire): for a
+    single request grpc waits on the worker thread for the message before it calls the behaviour,
+    so a caller without a token that sent a call's headers and never its message held a worker for
+    as long as it liked, and as many such calls as workers stopped every tenant's calls (found by
+    review). A stream's messages are read only when asked for, and this handler never asks."""
+
+    def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    def refuse_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def refuse_stream(requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         context.abort(code, message)
         yield  # pragma: no cover - abort raises
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 # -- the audit line -----------------------------------------------------------------------------------
