@@ -822,7 +822,7 @@ def test_one_tenant_cannot_hold_every_worker(tokens_file: Path) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel, connect(runtime, BOB) as b, \
                 connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin, \
                 StalledUploads(pb_grpc.WeightAveragingServiceStub(channel), 2, BOBS) as stalled:
-            assert "tenant 'bob' has 2 calls in flight" in _share_full(b).message
+            assert "tenant 'bob' has 2 calls in flight" in _share_full(runtime, b).message
             a.ping()
             admin.ping()
             assert a.module(["linear", 2, 1]).kind == "module"
@@ -867,16 +867,22 @@ def test_calls_that_never_send_their_request_count_against_the_tenants_share(tok
         runtime.reaper.stop()
 
 
-def _share_full(b: Client) -> ResourceExhaustedError:
-    """Ping as Bob until his stalled uploads hold his share of the workers; the refusal."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            b.ping()
-        except ResourceExhaustedError as exc:
-            return exc
-        assert time.monotonic() < deadline, "the stalled uploads never took their workers"
-        time.sleep(0.05)
+UPLOADS = "/weightavg.v1.WeightAveragingService/CreateDictionary"
+
+
+def _share_full(runtime: Runtime, b: Client) -> ResourceExhaustedError:
+    """Once Bob's two stalled uploads are in flight (as an admin's stats show), a Ping of his: the
+    refusal. Pinging while the uploads were still arriving raced them: a Ping that took a slot of
+    his share for an instant got one upload refused in its place, and the share never filled (the
+    test failed now and then under load)."""
+    with connect(runtime, ADMIN) as admin:
+        deadline = time.monotonic() + 30
+        while admin.stats()["methods"].get(UPLOADS, {}).get("in_flight", 0) < 2:
+            assert time.monotonic() < deadline, "the stalled uploads never arrived"
+            time.sleep(0.02)
+    with pytest.raises(ResourceExhaustedError) as refused:
+        b.ping()
+    return refused.value
 def test_a_tenant_whose_share_is_full_still_keeps_its_sessions_alive(tokens_file: Path) -> None:
     """A refused KeepAliveSession costs more than the call: the session's lease runs out and every
     handle it owns is freed, under a client that is alive and renewing. While Bob's other calls
@@ -889,7 +895,7 @@ def test_a_tenant_whose_share_is_full_still_keeps_its_sessions_alive(tokens_file
                 connect(runtime, BOB, session=True, lease=600) as idle:
             d = idle.dict({"x": [7.0]})
             with StalledUploads(pb_grpc.WeightAveragingServiceStub(channel), 2, BOBS) as stalled:
-                _share_full(b)
+                _share_full(runtime, b)
                 assert idle.keepalive() == 600.0
                 with pytest.raises(ResourceExhaustedError, match="share"):
                     idle.dict(d, "x")  # other calls are still held to the share
