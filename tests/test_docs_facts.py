@@ -586,3 +586,41 @@ def test_the_streaming_table_of_clients_md_lists_every_streaming_rpc_with_its_di
     documented = {name: row[1] for row in _table_rows("clients.md", "| RPC | direction | stream content |")
                   for name in _names(row[0])}
     assert documented == streaming
+
+
+def _cited_tests() -> set[str]:
+    """Every `test_...` name docs/*.md and README.md give, with its `.py` or `::` part if it has one;
+    a name followed by `*` (a family of files, as in `test_domain_*`) is left out."""
+    texts = [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))] + [(ROOT / "README.md").read_text()]
+    cited = set()
+    for text in texts:
+        cited |= {m.group(0) for m in re.finditer(r"\btest_\w+(?:\.py(?:::\w+)?)?(?!\*)\b", text)
+                  if not text[m.end():].startswith("*")}
+    return cited
+
+
+def _defined_tests() -> dict[str, set[str]]:
+    """The test functions and classes each file of tests/ defines, by file name."""
+    return {p.name: set(re.findall(r"^\s*(?:async )?(?:def|class) (test_\w+|Test\w+)", p.read_text(), re.M))
+            for p in (ROOT / "tests").glob("*.py")}
+
+
+def test_every_test_name_the_docs_cite_exists() -> None:
+    """A doc that backs a claim with a test name must name a test that is there: a file of tests/,
+    a test in the file it is cited with (`file.py::name`), or, cited alone, a test in some file.
+    A renamed or deleted test would otherwise leave the claim with nothing behind it."""
+    defined = _defined_tests()
+    everywhere = set().union(*defined.values())
+    missing = []
+    for name in sorted(_cited_tests()):
+        file, _, test = name.partition("::")
+        if test:
+            ok = test in defined.get(file, set())
+        elif file.endswith(".py"):
+            ok = file in defined
+        else:
+            ok = f"{file}.py" in defined or file in everywhere
+        if not ok:
+            missing.append(name)
+    assert not missing, missing
+    assert len(_cited_tests()) > 100
