@@ -624,3 +624,26 @@ def test_every_test_name_the_docs_cite_exists() -> None:
             missing.append(name)
     assert not missing, missing
     assert len(_cited_tests()) > 100
+
+
+def test_the_stats_of_ops_md_count_health_watch_streams_as_the_server_does(live_server: LiveServer) -> None:
+    """docs/ops.md says which calls `GetServerStats` records. It still left health's `Watch` streams
+    out, as they were while they ran non-blocking, outside the interceptors; blocking again, they go
+    through every layer, and a real server records one once it ends."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    text = _doc_text("ops.md")
+    sentence = text.split("`GetServerStats` (`weightavg stats`, `Client.stats()`) reports, per full method name", 1)[1]
+    sentence = sentence.split(": finished calls", 1)[0]
+    assert "health and reflection included" in sentence and "but for" not in sentence, sentence
+    watch = "/grpc.health.v1.Health/Watch"
+    with Client(live_server.address, timeout=60) as c, grpc.insecure_channel(live_server.address) as channel:
+        before = c.stats()["methods"].get(watch, {}).get("count", 0)
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        stream.cancel()
+        for _ in range(600):  # the server records the call once its end reaches it: wait for that, no timing
+            if c.stats()["methods"].get(watch, {}).get("count", 0) > before:
+                break
+            c.ping()
+        assert c.stats()["methods"][watch]["count"] == before + 1
