@@ -1,10 +1,12 @@
 """The benchmark measures what its rows say: the same work on both sides of a ratio, no target
-claimed from a `--quick` run, and docs/perf.md's "Latest table" the table of docs/bench-results.json.
+claimed from a `--quick` run, docs/perf.md's "Latest table" the table of docs/bench-results.json, and
+README.md's summary of the runs ranges that hold that run's ratios.
 No timing is asserted: these check what each side does, against a real server."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,54 @@ def test_the_latest_table_is_the_table_of_the_saved_json() -> None:
     assert result["started"] in section
     missing = [line for line in table(_rows(result)).splitlines() if line not in section]
     assert not missing, missing
+
+
+# The README's summary of the CPU runs: each figure (a range "lo-hi", or one figure, where {N} stands)
+# and the row of docs/bench-results.json it summarises: its case, how its measured side begins, its baseline.
+README_FIGURES: list[tuple[str, str, str, str]] = [
+    (r"`avgparms` {N}x an in-process `lerp_` loop", "average, large", "avgparms", "lerp_ loop in-process"),
+    (r"and {N} of one `add_` over the same bytes", "average, floor", "avgparms", "one large add_ GB/s"),
+    (r"{N}x faster than `AveragedModel`", "average, large", "avgparms", "AveragedModel.update_parameters"),
+    (r"a small `avgparms` {N}x a bare health Check", "small call", "avgparms", "grpc.health.v1 Check p50 (same server)"),
+    (r"10,000 idle sessions {N}x", "many sessions", "health", "health p50, a server holding none"),
+    (r"10,000 idle sessions {N}x", "many sessions", "avgparms", "avgparms p50, a server holding none"),
+    (r"shared memory fetched {N}x", "shared memory", "fetch", "fetch through the gRPC stream"),
+    (r"shared memory fetched [-\d.]+x and uploaded {N}x", "shared memory", "upload", "upload through the gRPC stream"),
+    (r"small tensors fetched {N}x", "small tensors", "fetch", "one chunk a message"),
+    (r"small tensors fetched [-\d.]+x and uploaded {N}x", "small tensors", "upload", "one chunk a message"),
+    (r"16 clients {N}x", "many clients", "16 clients", "1 client calls/s"),
+    (r"`average` of 8 models {N}x", "average, 8 models", "average", "same sums in-process, in place"),
+    (r"`allreduce` {N}x", "allreduce", "allreduce", "bare torch.distributed script: one flat 100 MB tensor, all_reduce + div_"),
+    (r"training epoch {N}x the same loop in-process", "training", "run", "same loop in-process"),
+    (r"`batchnorm` {N}x", "batchnorm", "batchnorm", "swa_utils.update_bn in-process"),
+]
+FIGURE = r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?"
+
+
+def _within(ratio: float, lo: str, hi: str | None) -> bool:
+    """Whether `ratio`, rounded as the README rounds its figures, lies in the range they give."""
+    hi = hi or lo
+    decimals = max(len(f.partition(".")[2]) for f in (lo, hi))
+    return float(lo) <= round(ratio, decimals) <= float(hi)
+
+
+def test_the_readmes_summary_of_the_bench_holds_the_latest_run() -> None:
+    """README.md sums the latest CPU runs up in ranges; each must hold the ratio docs/bench-results.json
+    (the "Latest table") gives its row, rounded as the README rounds. A new run left two behind:
+    10,000 idle sessions at 1.01-1.04x where it gave 0.961 and 0.973, and small tensors 4.4x / 3.8x
+    where it gave 4.78 and 3.59."""
+    result = json.loads((ROOT / "docs" / "bench-results.json").read_text())
+    rows = [r for r in result["rows"] if r["kind"] == "row"]
+    readme = (ROOT / "README.md").read_text()
+    summary = " ".join(readme.split("`python -m bench`", 1)[1].split("On an NVIDIA", 1)[0].split())
+    stale = []
+    for phrase, case, measured, baseline in README_FIGURES:
+        found = re.search(phrase.replace("{N}", FIGURE), summary)
+        assert found is not None, phrase
+        [row] = [r for r in rows if r["case"] == case and r["measured"].startswith(measured) and r["baseline"] == baseline]
+        if not _within(row["ratio"], found.group(1), found.group(2)):
+            stale.append((found.group(0), round(row["ratio"], 3)))
+    assert not stale, stale
 
 
 def _cases_table() -> list[list[str]]:
