@@ -331,7 +331,8 @@ def create_runtime(
         max_upload_bytes=config.max_upload_bytes, stats=stats,
     )
     add_to_server(servicer, server)
-    # Blocking Watch streams (each on a worker, bounded by SingleRequests): the non-blocking ones wait
+    # Blocking Watch streams (each on a worker; bounded by SingleRequests where a token is required, as
+    # an open server bounds no caller): the non-blocking ones wait
     # for a send under the servicer's lock, which the end of another Watch takes on grpc's polling
     # thread (a test of them hung once in review, which that deadlock would explain).
     health_servicer = health.HealthServicer(experimental_non_blocking=False)
