@@ -332,9 +332,9 @@ def create_runtime(
     )
     add_to_server(servicer, server)
     # Blocking Watch streams (each on a worker; bounded by SingleRequests where a token is required, as
-    # an open server bounds no caller): the non-blocking ones wait
-    # for a send under the servicer's lock, which the end of another Watch takes on grpc's polling
-    # thread (a test of them hung once in review, which that deadlock would explain).
+    # an open server bounds no caller): the non-blocking ones wait for a send under the servicer's
+    # lock, which the end of another Watch takes on grpc's polling thread (a test of them hung once
+    # in review, which that deadlock would explain).
     health_servicer = health.HealthServicer(experimental_non_blocking=False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
