@@ -368,10 +368,13 @@ class RemoteAveragedModel(torch.nn.Module):
         self._calls += 1
         self._stale = True
         if not self.use_buffers:
-            kept = list(_unwrapped(model).named_buffers())
+            # In the average's dtypes: sent as they were, a bfloat16 model's buffers replaced the
+            # float32 entries of a dtype="float32" average with bfloat16 ones (found by review).
+            kept = [(name, t.to(self._layout[name][1])) for name, t in _unwrapped(model).named_buffers()]
             if kept:
                 # Copied as they are, as AveragedModel does; after the average, which the server
-                # checks, so a refused update has changed nothing.
+                # checks, so a refused average has changed nothing. (This push itself can still be
+                # refused, by a byte cap, after the average was folded in: see docs/averaging.md.)
                 push(self.client, kept, into=self.average)
 
     @contextlib.contextmanager
