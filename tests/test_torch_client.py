@@ -700,3 +700,25 @@ def test_fetch_takes_one_name_as_a_string_as_client_dict_does(client: Client) ->
     d = push(client, {"a.weight": torch.ones(2), "a": torch.zeros(1)})
     got = fetch(client, d, names="a.weight")
     assert list(got) == ["a.weight"] and torch.equal(got["a.weight"], torch.ones(2))
+
+
+def test_a_refused_copy_of_the_buffers_says_the_update_was_folded_in(start_server: Any) -> None:
+    """With use_buffers=False the buffers go to the average by a call after it, which a byte cap can
+    refuse alone (it holds the buffers' bytes while it runs; here a buffer fifty times the
+    parameters). The update has then been folded in and counted: the error says so and not to
+    repeat it, where it used to read as a refused update (a caller who repeated it folded the
+    model in twice)."""
+    class WithTable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.register_buffer("table", torch.zeros(1000))
+
+    server = start_server(max_device_bytes=6000)  # the average (4080 bytes) and the values sent (80) fit
+    with Client(server.address, timeout=60) as c:
+        model = WithTable()
+        ours = RemoteAveragedModel(c, model, "ema", decay=0.5)
+        with pytest.raises(ResourceExhaustedError, match=r"was folded into the average \(n_averaged is now 1\).*"
+                           r"--max-device-bytes.*do not repeat this one"):
+            ours.update_parameters(model)
+        assert int(ours.n_averaged) == 1 and c.size(ours.average)[".ema"]["step"] == 1
