@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from weightavg_server.domain import averaging
 from weightavg_server.domain.averaging import BufferMode
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
-from weightavg_server.domain.ema import EmaSchedule, EmaState, ScheduleChange
+from weightavg_server.domain.ema import MAX_STEP, EmaSchedule, EmaState, ScheduleChange
 from weightavg_server.domain.errors import InvalidArgument
 
 STEPS = 50
@@ -138,6 +138,19 @@ def test_a_negative_step_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="step must be between 0"):
         averaging.ema_update(module, d, step=-1)
     assert d.ema is None
+
+
+def test_an_implicit_step_past_the_largest_says_to_give_one_and_changes_nothing() -> None:
+    """After an update at the largest step, an update without a step is refused saying so and how
+    to go on (it used to name 2**62 + 1, a step the caller never sent); an explicit step goes on."""
+    module = net()
+    d = averaging.copy_parameters(module)
+    averaging.ema_update(module, d, ScheduleChange(decay=0.5), step=MAX_STEP)
+    kept, before = d.ema, {k: v.clone() for k, v in d.entries.items()}
+    with pytest.raises(InvalidArgument, match=r"last step is already 4611686018427387904.*give the step to use"):
+        averaging.ema_update(module, d)
+    assert d.ema == kept and all(torch.equal(d.entries[k], v) for k, v in before.items())
+    assert averaging.ema_update(module, d, step=1) == (1, 0.0)
 
 
 # -- steps and the kept schedule -----------------------------------------------------------------

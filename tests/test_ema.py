@@ -186,3 +186,42 @@ def test_an_ema_survives_a_snapshot_and_continues_bit_identically(state_server: 
     assert step == reference[0] == 4
     for name, value in reference[1].items():
         assert value.dtype == values[name].dtype and value.tobytes() == values[name].tobytes(), name
+
+
+def timm_decay(step: int, decay: float, gamma: float, power: float, least: float, after: int) -> float:
+    """timm ModelEmaV3.get_decay with warm-up (the reference file's transcription), the oracle below."""
+    since = max(0, step - after - 1)
+    if since <= 0:
+        return 0.0
+    return max(least, min(decay, 1.0 - (1.0 + since / gamma) ** -power))
+
+
+def test_explicit_steps_out_of_order_and_the_extremes_follow_timms_schedule_and_torchs_lerp(client: Client) -> None:
+    """Steps given explicitly and out of order (a resumed or replayed job), step 0, the largest
+    step, and the implicit steps after them, with warm-up: each update uses timm's decay at that
+    step and lerps as torch does (NaN and infinities in the weights included), and the next
+    implicit step is one past the last used."""
+    schedule = dict(decay=0.9, warmup=True, warmup_gamma=1.5, warmup_power=0.75, min_decay=0.2, update_after_step=2)
+    values = [np.array([1.0, -2.0, 0.5], np.float32), np.array([3.0, np.nan, -1.0], np.float32),
+              np.array([np.inf, 4.0, 2.0], np.float32), np.array([-5.0, 1.0, 7.0], np.float32)]
+    e = client.dict({"w": values[0]})
+    expected = torch.from_numpy(values[0].copy())
+    steps: list[int | None] = [7, 3, 3, 0, None, 2**62, 20, None, None]
+    last = 0
+    for k, step in enumerate(steps):
+        source = client.dict({"w": values[k % len(values)]})
+        used = client.ema(source, e, step=step, **schedule)  # type: ignore[arg-type]
+        want = step if step is not None else last + 1
+        assert used == want
+        decay = timm_decay(want, 0.9, 1.5, 0.75, 0.2, 2)
+        value = torch.from_numpy(values[k % len(values)])
+        if decay == 0.0:
+            expected.copy_(value)  # a full copy, exact even over a non-finite average
+        else:
+            expected.lerp_(value, 1.0 - decay)
+        got = torch.from_numpy(np.asarray(client.dict(e, "w")))
+        assert torch.equal(got.isnan(), expected.isnan()), (step, got, expected)
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expected)), (step, got, expected)
+        assert client.size(e)[".ema"]["step"] == want
+        last = want
+        client.free(source)

@@ -178,6 +178,79 @@ def test_updates_every_k_steps_equal_averaged_model_updated_every_k_steps(client
     assert client.size(ours.average)[".ema"]["step"] == STEPS // 3
 
 
+class TimmStyleEma:
+    """The oracle for an EMA with timm's full schedule: ModelEmaV3's `get_decay` and `update`
+    (timm/utils/model_ema.py, transcribed in /work/shared/reference/averaging-methods.md) on a
+    float32 copy of the model's state, so a bfloat16 model is averaged in float32 as
+    `dtype="float32"` asks: floating tensors `lerp_(value.float(), 1 - d)` (buffers too unless
+    `exclude_buffers`, then copied), integer ones copied. timm itself does not install beside the
+    pinned torch; its real ModelEmaV3 gave the same bits in a review's probe."""
+
+    def __init__(self, model: torch.nn.Module, exclude_buffers: bool, **schedule: Any) -> None:
+        self.ema = {k: v.detach().to(torch.float32, copy=True) if v.is_floating_point() else v.detach().clone()
+                    for k, v in model.state_dict().items()}
+        self.parameters = {name for name, _ in model.named_parameters()}
+        self.exclude_buffers, self.schedule, self.step = exclude_buffers, schedule, 0
+
+    def decay(self, step: int) -> float:
+        s = self.schedule
+        since = max(0, step - s["update_after_step"] - 1)
+        if since <= 0:
+            return 0.0
+        if not s["warmup"]:
+            return float(s["decay"])
+        warm = 1.0 - (1.0 + since / s["warmup_gamma"]) ** -s["warmup_power"]
+        return float(max(min(warm, s["decay"]), s["min_decay"]))
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        self.step += 1
+        decay = self.decay(self.step)
+        for name, value in model.state_dict().items():
+            averaged = value.is_floating_point() and (name in self.parameters or not self.exclude_buffers)
+            if averaged:
+                self.ema[name].lerp_(value.float(), 1.0 - decay)
+            else:
+                self.ema[name].copy_(value)
+
+
+def train_in(dtype: torch.dtype, model: torch.nn.Module, averages: list[Any]) -> None:
+    """`train` for a model of any floating dtype: the same fixed batches cast to it, the loss in float32."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in data():
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
+        opt.step()
+        for average in averages:
+            average.update_parameters(model)
+
+
+@pytest.mark.parametrize("use_buffers", [False, True], ids=["buffers-copied", "buffers-averaged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_remote_ema_with_timms_full_schedule_equals_timms_update_in_a_training_loop(
+    client: Client, dtype: torch.dtype, use_buffers: bool
+) -> None:
+    """Warm-up, min_decay above the warm-up's first decays, copies until update_after_step + 1, a
+    bfloat16 model into a float32 average, batchnorm statistics averaged or copied: the server's
+    average holds timm ModelEmaV3's numbers bit for bit after every step of a training loop (both
+    sides lerp the same float32 values with the same weight), and its count is the model's."""
+    schedule: dict[str, Any] = dict(
+        decay=0.85, warmup=True, warmup_gamma=2.0, warmup_power=0.75, min_decay=0.3, update_after_step=3
+    )
+    model = net().to(dtype)
+    oracle = TimmStyleEma(model, exclude_buffers=not use_buffers, **schedule)
+    ours = RemoteAveragedModel(client, model, "ema", use_buffers=use_buffers, dtype="float32", **schedule)
+    train_in(dtype, model, [oracle, ours])
+    assert [oracle.decay(k) for k in (1, 4, 5, 6)] == [0.0, 0.0, 0.3, pytest.approx(1 - 2 ** -0.75)]
+    assert oracle.decay(20) < 0.85 == oracle.decay(STEPS)  # the warm-up reaches the decay within the run
+    got = fetch(client, ours.average)
+    assert got.keys() == oracle.ema.keys()
+    for name, value in oracle.ema.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+    assert int(got["b.num_batches_tracked"]) == STEPS
+    assert int(ours.n_averaged) == STEPS and client.size(ours.average)[".ema"]["step"] == STEPS
+
+
 def test_update_bn_on_the_object_keeps_its_statistics_until_the_next_update(client: Client) -> None:
     model = net()
     oracle = oracle_for(model, "swa", True, decay=0.0)
@@ -627,3 +700,25 @@ def test_fetch_takes_one_name_as_a_string_as_client_dict_does(client: Client) ->
     d = push(client, {"a.weight": torch.ones(2), "a": torch.zeros(1)})
     got = fetch(client, d, names="a.weight")
     assert list(got) == ["a.weight"] and torch.equal(got["a.weight"], torch.ones(2))
+
+
+def test_a_refused_copy_of_the_buffers_says_the_update_was_folded_in(start_server: Any) -> None:
+    """With use_buffers=False the buffers go to the average by a call after it, which a byte cap can
+    refuse alone (it holds the buffers' bytes while it runs; here a buffer fifty times the
+    parameters). The update has then been folded in and counted: the error says so and not to
+    repeat it, where it used to read as a refused update (a caller who repeated it folded the
+    model in twice)."""
+    class WithTable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.register_buffer("table", torch.zeros(1000))
+
+    server = start_server(max_device_bytes=6000)  # the average (4080 bytes) and the values sent (80) fit
+    with Client(server.address, timeout=60) as c:
+        model = WithTable()
+        ours = RemoteAveragedModel(c, model, "ema", decay=0.5)
+        with pytest.raises(ResourceExhaustedError, match=r"was folded into the average \(n_averaged is now 1\).*"
+                           r"--max-device-bytes.*do not repeat this one"):
+            ours.update_parameters(model)
+        assert int(ours.n_averaged) == 1 and c.size(ours.average)[".ema"]["step"] == 1

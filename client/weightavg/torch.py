@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
     ) from exc
 
 from ._client import Client, HandleLike, _id
-from ._errors import NotFoundError
+from ._errors import NotFoundError, WeightavgError
 from ._records import Handle
 
 __all__ = ["RemoteAveragedModel", "fetch", "from_array", "push", "to_array"]
@@ -368,11 +368,28 @@ class RemoteAveragedModel(torch.nn.Module):
         self._calls += 1
         self._stale = True
         if not self.use_buffers:
-            kept = list(_unwrapped(model).named_buffers())
+            # In the average's dtypes: sent as they were, a bfloat16 model's buffers replaced the
+            # float32 entries of a dtype="float32" average with bfloat16 ones (found by review).
+            kept = [(name, t.to(self._layout[name][1])) for name, t in _unwrapped(model).named_buffers()]
             if kept:
                 # Copied as they are, as AveragedModel does; after the average, which the server
-                # checks, so a refused update has changed nothing.
-                push(self.client, kept, into=self.average)
+                # checks, so a refused average has changed nothing.
+                self._copy_buffers(kept)
+
+    def _copy_buffers(self, kept: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy the model's buffers into the average, after its parameters were folded in. A byte cap
+        can refuse this call alone (it holds the buffers' bytes while it runs); its error used to
+        read as if the update had been refused, so a caller who repeated it folded the model in
+        twice (found by review). It now says the update counted and what to do."""
+        try:
+            push(self.client, kept, into=self.average)
+        except WeightavgError as exc:
+            raise type(exc)(
+                f"the update was folded into the average (n_averaged is now {int(self.n_averaged)}), but copying "
+                f"the model's buffers into it was refused: {exc.message}. The next update copies them; do not "
+                "repeat this one",
+                exc.code,
+            ) from exc
 
     @contextlib.contextmanager
     def _held(self) -> Iterator[None]:

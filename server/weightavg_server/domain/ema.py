@@ -98,6 +98,12 @@ def next_step(kept: EmaState | None, step: int | None) -> int:
     Raises:
         InvalidArgument: the step is negative or absurdly large.
     """
+    if step is None and kept is not None and kept.step >= MAX_STEP:
+        # The caller gave no step: "step must be between 0 and ..., got 2**62 + 1" named a value it never sent.
+        raise InvalidArgument(
+            f"the dictionary's last step is already {kept.step}, the largest allowed; give the step to use "
+            f"(between 0 and {MAX_STEP}), which also re-bases the count"
+        )
     used = step if step is not None else (kept.step + 1 if kept is not None else 1)
     if not 0 <= used <= MAX_STEP:
         raise InvalidArgument(f"step must be between 0 and {MAX_STEP}, got {used}")
