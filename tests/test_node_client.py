@@ -39,6 +39,11 @@ def test_node_client_avgparms_walk_through(live_server: LiveServer, node_example
     # The figures the reference prints, as the Node program saw them.
     assert "FAIL" not in done.stdout
     assert "count after ten more: 12 vs 12" in done.stdout
+    # A reader with a small receive limit (max_chunk_bytes): 1 KiB pieces that join to the values set,
+    # and a limit below 1 KiB refused with INVALID_ARGUMENT.
+    assert "ok   largest chunk under max_chunk_bytes 1024: true vs true" in done.stdout
+    assert "ok   weight fetched in 1 KiB pieces equals what was set: true vs true" in done.stdout
+    assert 'ok   max_chunk_bytes 1000 refused: "INVALID_ARGUMENT" vs "INVALID_ARGUMENT"' in done.stdout
     # Every handle it made was freed: the walk-through leaves the server as it found it.
     assert {handle_id for handle_id, _ in live_server.registry.items()} == before
 

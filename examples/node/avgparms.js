@@ -119,9 +119,13 @@ const isSet = (value) => value !== undefined && value !== null;
 // (DTYPE_UNSPECIFIED) append bytes to it. The first chunk declares how many tensors and bytes the
 // stream carries, and the chunk that completes each tensor its CRC32C: both are checked here, and a
 // mismatch rejects with a DATA_LOSS error. Returns {name: {dtype, shape, values}}.
-function fetchTensors(client, handle, names = []) {
+// maxChunkBytes: the most tensor bytes a reply message may carry, for a reader with a small receive
+// limit (0: the server's own chunk size; at least 1024). The largest chunk seen is returned as
+// `largestChunk` beside the tensors.
+function fetchTensors(client, handle, names = [], maxChunkBytes = 0) {
   return new Promise((resolve, reject) => {
     const tensors = {};
+    let largestChunk = 0;
     let current = null;
     let declared = null;
     let failure = null;
@@ -130,8 +134,9 @@ function fetchTensors(client, handle, names = []) {
     const fail = (message) => {
       failure = failure || Object.assign(new Error(`DATA_LOSS: ${message}`), { details: message });
     };
-    const call = client.FetchTensors({ handle, names }, { deadline: Date.now() + 30_000 });
+    const call = client.FetchTensors({ handle, names, maxChunkBytes }, { deadline: Date.now() + 30_000 });
     call.on("data", ({ chunk }) => {
+      largestChunk = Math.max(largestChunk, chunk.data.length);
       if (declared === null && isSet(chunk.tensorCount)) {
         declared = { count: Number(chunk.tensorCount), bytes: Number(chunk.totalBytes) };
       }
@@ -164,6 +169,7 @@ function fetchTensors(client, handle, names = []) {
       for (const [name, t] of Object.entries(tensors)) {
         out[name] = { dtype: t.dtype, shape: t.shape, values: decode(t.dtype, Buffer.concat(t.parts)) };
       }
+      Object.defineProperty(out, "largestChunk", { value: largestChunk, enumerable: false });
       resolve(out);
     });
   });
@@ -232,9 +238,22 @@ async function main(address) {
     expectClose("weight average of 12", values.weight.values, [9.126033, 9.136288], 5e-7);
     expectEqual(".n after ten more", values[".n"].values, [12]);
 
-    expectEqual("every fetched tensor carried a matching CRC32C", verified, 7);
+    // A reader with a small receive limit: max_chunk_bytes cuts a 4000-byte weight into messages of
+    // at most 1024 tensor bytes, and the pieces join to the same values; below 1024 is refused.
+    const { module: wide } = await unary(client, "CreateModule", {
+      spec: { type: "linear", args: [{ intValue: 1000 }, { intValue: 1 }] },
+    });
+    const ramp = Array.from({ length: 1000 }, (_, i) => i / 8);
+    await setParameter(client, wide.id, "weight", [1, 1000], ramp);
+    const small = await fetchTensors(client, wide.id, ["weight"], 1024);
+    expectEqual("largest chunk under max_chunk_bytes 1024", small.largestChunk <= 1024 && small.largestChunk > 0, true);
+    expectEqual("weight fetched in 1 KiB pieces equals what was set", JSON.stringify(small.weight.values) === JSON.stringify(ramp), true);
+    const refused = await fetchTensors(client, wide.id, ["weight"], 1000).then(() => null, (err) => err);
+    expectEqual("max_chunk_bytes 1000 refused", refused && grpc.status[refused.code], "INVALID_ARGUMENT");
 
-    await unary(client, "FreeHandles", { handles: [m.id, p.id] });
+    expectEqual("every fetched tensor carried a matching CRC32C", verified, 8);
+
+    await unary(client, "FreeHandles", { handles: [m.id, p.id, wide.id] });
   } finally {
     client.close();
   }
