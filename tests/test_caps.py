@@ -334,23 +334,30 @@ def test_snapshot_restore_is_refused_one_byte_short(state_server: Any, tmp_path:
     assert exact.held_bytes() == {"cpu": need} == walked_bytes(exact)
 
 
+def _alices_dictionaries(registry: Registry, count: int) -> None:
+    """`count` dictionaries of 4000 bytes (1000 float32 zeros) held by tenant alice."""
+    from weightavg_server.domain.dictionaries import TensorDict
+    from weightavg_server.store.registry import Kind
+    from weightavg_server.store.tenants import CALLER, Caller, Role
+
+    as_alice = CALLER.set(Caller("alice", Role.USER))
+    try:
+        for _ in range(count):
+            with registry.reserve(handles=1, nbytes={"cpu": 4000}) as reservation:
+                registry.add(Kind.DICTIONARY, TensorDict({"a": torch.zeros(1000)}), reservation)
+    finally:
+        CALLER.reset(as_alice)
+
+
 def test_a_restore_is_held_to_the_servers_caps_not_to_the_default_tenants_quota(tmp_path: Path) -> None:
     """A restore runs as the default tenant, and its reservation counted every tenant's restored
     handles and bytes against that tenant's quota: with `default` given `max_handles = 1` in the
     tokens file, three handles of alice's made the snapshot impossible to restore (found by review).
     A restore admits what was held (docs/security.md) and charges each object to its own tenant."""
-    from weightavg_server.domain.dictionaries import TensorDict
-    from weightavg_server.store.registry import Kind
-    from weightavg_server.store.tenants import CALLER, Caller, Quota, Role
+    from weightavg_server.store.tenants import Quota
 
     saved = Registry()
-    as_alice = CALLER.set(Caller("alice", Role.USER))
-    try:
-        for _ in range(3):
-            with saved.reserve(handles=1, nbytes={"cpu": 4000}) as reservation:
-                saved.add(Kind.DICTIONARY, TensorDict({"a": torch.zeros(1000)}), reservation)
-    finally:
-        CALLER.reset(as_alice)
+    _alices_dictionaries(saved, 3)
     snapshots.save(saved, tmp_path / "d")
     quotas = {"default": Quota(max_device_bytes=100, max_handles=1), "alice": Quota(max_handles=2)}
 
@@ -376,19 +383,11 @@ def test_a_snapshot_s_host_copies_are_held_to_the_servers_cap_not_to_the_callers
     """A snapshot's host copies were reserved against the quota of the tenant that took it, though
     they are every tenant's: with `default` given 100 bytes in the tokens file, every periodic
     snapshot (which runs as `default`) failed once other tenants held more (found by review)."""
-    from weightavg_server.domain.dictionaries import TensorDict
-    from weightavg_server.store.registry import Kind
-    from weightavg_server.store.tenants import CALLER, Caller, Quota, Role
+    from weightavg_server.store.tenants import Quota
 
     registry = Registry(Limits(max_device_bytes=24000))
     registry.set_quotas({"default": Quota(max_device_bytes=100)})
-    as_alice = CALLER.set(Caller("alice", Role.USER))
-    try:
-        for _ in range(3):
-            with registry.reserve(handles=1, nbytes={"cpu": 4000}) as reservation:
-                registry.add(Kind.DICTIONARY, TensorDict({"a": torch.zeros(1000)}), reservation)
-    finally:
-        CALLER.reset(as_alice)
+    _alices_dictionaries(registry, 3)
     assert snapshots.save(registry, tmp_path / "d").tensor_bytes == 12000
     assert registry.held_bytes() == {"cpu": 12000} and registry.tenant_usage()["default"].nbytes == {}
     registry.set_limits(Limits(max_device_bytes=23999))  # the server's cap still counts the copies

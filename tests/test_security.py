@@ -182,6 +182,19 @@ def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> Non
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _refused_past_the_quarter(calls: list[Any], kept: int) -> list[Any]:
+    """Wait until every call past the first `kept` (the quarter of the workers kept for calls no share
+    counts) has ended RESOURCE_EXHAUSTED, saying why; the calls still open."""
+    ended = threading.Semaphore(0)
+    for call in calls:
+        call.add_done_callback(lambda _: ended.release())
+    assert all(ended.acquire(timeout=60) for _ in range(len(calls) - kept)), "the calls past the cap were not refused"
+    refused = [call for call in calls if call.done()]
+    assert [call.code() for call in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (len(calls) - kept)
+    assert "calls that no tenant's share counts" in (refused[0].details() or "")
+    return [call for call in calls if not call.done()]
+
+
 def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_workers() -> None:
     """Health is open to callers without a token, and a Watch stream holds a worker until its client
     cancels: as many Watch streams as workers, sent without a token, and no tenant's call was served
@@ -192,14 +205,7 @@ def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_work
         with grpc.insecure_channel(_address(runtime)) as channel:
             health_stub = health_pb2_grpc.HealthStub(channel)
             watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
-            ended = threading.Semaphore(0)
-            for w in watches:
-                w.add_done_callback(lambda _: ended.release())
-            assert all(ended.acquire(timeout=60) for _ in range(3)), "the streams past the cap were not refused"
-            refused = [w for w in watches if w.done()]
-            assert [w.code() for w in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
-            assert "calls that no tenant's share counts" in (refused[0].details() or "")
-            (open_one,) = [w for w in watches if not w.done()]
+            (open_one,) = _refused_past_the_quarter(watches, 1)
             assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
             with Client(_address(runtime), timeout=20, token=TOKEN) as c:
                 c.ping()  # it was DEADLINE_EXCEEDED: the four streams held all four workers
@@ -256,13 +262,7 @@ def test_health_checks_waiting_for_their_request_hold_at_most_a_quarter_of_the_w
     half_open = HalfOpenCalls(_address(runtime))
     try:
         calls = half_open.open("/grpc.health.v1.Health/Check", 4)
-        ended = threading.Semaphore(0)
-        for call in calls:
-            call.add_done_callback(lambda _: ended.release())
-        assert all(ended.acquire(timeout=60) for _ in range(3)), "the calls past the cap were not refused"
-        refused = [call for call in calls if call.done()]
-        assert [call.code() for call in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
-        assert "calls that no tenant's share counts" in (refused[0].details() or "")
+        _refused_past_the_quarter(calls, 1)
         with Client(_address(runtime), timeout=20, token=TOKEN) as c:
             c.ping()  # it was DEADLINE_EXCEEDED: all four workers waited for Check requests
         waiting = [call for call in calls if not call.done()]
