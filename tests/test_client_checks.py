@@ -288,3 +288,23 @@ def test_a_listed_dtype_this_client_does_not_know_is_named_not_raised() -> None:
     assert dtype_label(pb.DTYPE_FLOAT32) == "float32"
     assert dtype_label(pb.DTYPE_BFLOAT16) == "bfloat16"
     assert dtype_label(999) == "unknown dtype 999"  # type: ignore[arg-type]
+
+
+def test_a_numpy_or_torch_dtype_is_taken_where_a_dtype_name_is(client: Client) -> None:
+    """copyparms(m, dtype=torch.float32), what a torch user writes first, failed in the client as
+    "'torch.dtype' object has no attribute 'lower'" (np.float32 the same way), before any call."""
+    torch = pytest.importorskip("torch")
+    m = client.module(["linear", 3, 2])
+    for dtype, name in ((np.float64, "float64"), (np.dtype("float16"), "float16"), (ml_dtypes.bfloat16, "bfloat16"),
+                        (torch.float64, "float64"), (torch.bfloat16, "bfloat16")):
+        copy = client.copyparms(m, dtype=dtype)
+        assert {info.dtype for info in client.handles() if info.handle.id == copy.id} == {name}
+        client.free(copy)
+    client.to(m, dtype=torch.float64)
+    assert client.parm(m, "weight").dtype == np.float64
+    before = _calls(client) + 1  # the count is read inside the stats call
+    with pytest.raises(TypeError, match=r"^dtype must be a name such as 'float32', a numpy dtype or a torch dtype, not int 3$"):
+        client.copyparms(m, dtype=3)
+    with pytest.raises(ValueError, match=r"^unknown dtype 'float8_e4m3fn'"):
+        client.to(m, dtype=torch.float8_e4m3fn)
+    assert _calls(client) == before  # no call but the first stats()

@@ -98,6 +98,9 @@ log = logging.getLogger("weightavg.client")
 
 
 HandleLike = Handle | str
+DtypeLike = Any
+"""A dtype: its name ("float32", "bfloat16"), a numpy dtype or scalar type (np.float32,
+ml_dtypes.bfloat16), or a torch dtype (torch.float32); Any, since the client does not import torch."""
 
 
 def _learning_rate(value: Any) -> float:
@@ -169,10 +172,28 @@ def _buffer_mode(buffers: bool | str) -> pb.BufferMode.ValueType:
         raise ValueError(f"buffers must be False (parameters only), True (average them) or 'copy', not {buffers!r}") from None
 
 
-def _dtype_code(dtype: str | None) -> pb.Dtype.ValueType:
-    """The wire code of a dtype name ("float32", "bfloat16", ...); unset for None."""
-    if not dtype:
+def _dtype_name(dtype: DtypeLike) -> str:
+    """A dtype's name as the wire spells it: a name as it is, numpy's dtype name for a numpy dtype or
+    scalar type (np.float32, ml_dtypes.bfloat16), "float32" for torch.float32 (torch is not imported).
+    A numpy or torch dtype, what a torch user writes first, failed as "'torch.dtype' object has no
+    attribute 'lower'" (found by a new user's walk-through)."""
+    if isinstance(dtype, str):
+        return dtype
+    if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
+        return str(dtype).removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        raise TypeError(
+            f"dtype must be a name such as 'float32', a numpy dtype or a torch dtype, not {type(dtype).__name__} {dtype!r}"
+        ) from None
+
+
+def _dtype_code(dtype: DtypeLike | None) -> pb.Dtype.ValueType:
+    """The wire code of a dtype ("float32", np.float32, torch.bfloat16, ...); unset for None."""
+    if dtype is None or (isinstance(dtype, str) and not dtype):
         return pb.DTYPE_UNSPECIFIED
+    dtype = _dtype_name(dtype)
     names = [n.removeprefix("DTYPE_").lower() for n in pb.Dtype.keys() if n != "DTYPE_UNSPECIFIED"]
     if dtype.lower() not in names:
         raise ValueError(f"unknown dtype '{dtype}'{_did_you_mean(dtype, names)} (one of {', '.join(names)})")
@@ -700,12 +721,13 @@ class Client:
 
     @_rpc
     def copyparms(
-        self, m: HandleLike, d: HandleLike | None = None, *, dtype: str | None = None, buffers: bool = False
+        self, m: HandleLike, d: HandleLike | None = None, *, dtype: DtypeLike | None = None, buffers: bool = False
     ) -> Any:
         """copyparms(m): a new dictionary of parameter copies. copyparms(m, d): copy d into m's
         parameters, all or nothing; returns {parameter: True if d had it}.
 
-        A new copy takes `dtype` (any floating dtype: "float32" for the average of a bfloat16 module)
+        A new copy takes `dtype` (any floating dtype, by name or as a numpy or torch dtype: "float32"
+        or torch.float32 for the average of a bfloat16 module)
         instead of each parameter's own, and with buffers=True holds the buffers too, under their
         dotted names (integer buffers keep their dtype). On a cluster copyparms(m, d) takes a d that
         lives on another rank than m: its values are sent to m's rank(s).
@@ -1209,9 +1231,9 @@ class Client:
         ]
 
     @_rpc
-    def to(self, h: HandleLike, device: str = "", dtype: str | None = None) -> Handle:
+    def to(self, h: HandleLike, device: str = "", dtype: DtypeLike | None = None) -> Handle:
         """Move a tensor, dictionary, module, optimizer or model to a device ("cpu", "cuda", "cuda:1")
-        and/or a floating or complex dtype, in place. A model or module moves with its optimizers'
+        and/or a floating or complex dtype (a name, or a numpy or torch dtype), in place. A model or module moves with its optimizers'
         state and its models' data, all or nothing. A tensor handle converts whatever its dtype, a
         dictionary its floating entries, a module its floating and complex tensors; a move that would
         lose values (complex to real, integers the dtype cannot hold exactly) raises
