@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from weightavg import Client, InvalidArgumentError
+from weightavg import Client, InvalidArgumentError, NotFoundError
 
 from conftest import LiveServer
 
@@ -95,6 +95,37 @@ def test_unknown_names_suggest_the_closest_valid_ones(
     made = setup(client) if setup else None
     with unchanged(), pytest.raises(InvalidArgumentError) as err:
         call(client, made)
+    assert err.value.message == message
+
+
+NET = ["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3]]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c, q, d: c.parm(q, "a.weigth"), "parameter 'a.weigth' not found; did you mean 'a.weight' or 'b.weight'?"),
+        (lambda c, q, d: c.parm(q, "b.running_mean"),
+         "parameter 'b.running_mean' not found: it is a buffer; read buffers through a view, "
+         "dict(buffers(m), 'b.running_mean'), or a copy, copyparms(m, buffers=True)"),
+        (lambda c, q, d: c.parmnames(q, "bb"), "module has no child 'bb'; did you mean 'b'?"),
+        (lambda c, q, d: c.dict(d, "a.wieght"), "dictionary has no entry 'a.wieght'; did you mean 'a.weight' or 'b.weight'?"),
+        (lambda c, q, d: c.delete(d, "a.bais"),
+         "dictionary has no entry 'a.bais'; nothing deleted; did you mean 'a.bias' or 'b.bias'?"),
+        (lambda c, q, d: c.parm(q, "zzz"), "parameter 'zzz' not found"),  # nothing close: nothing suggested
+    ],
+    ids=["parameter", "buffer", "child", "entry", "delete", "nothing-close"],
+)
+def test_tensor_and_child_names_not_found_suggest_the_closest_ones(
+    client: Client, unchanged: Any, call: Any, message: str
+) -> None:
+    """A misspelt parameter, entry or child name was answered NOT_FOUND naming it alone, and a buffer
+    asked for as a parameter (torch.fetch's docstring promised buffers) with no word of where
+    buffers are read; layer, loss and option names already suggested the closest valid ones."""
+    q = client.module(NET)
+    d = client.copyparms(q)
+    with unchanged(), pytest.raises(NotFoundError) as err:
+        call(client, q, d)
     assert err.value.message == message
 
 

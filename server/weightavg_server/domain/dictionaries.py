@@ -8,7 +8,7 @@ import torch
 
 from . import flat
 from .ema import EmaState
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, did_you_mean
 
 COUNT_KEY = ".n"
 """The running average's sample count; '.' cannot start a parameter name, so it never clashes."""
@@ -140,7 +140,7 @@ def delete_entries(d: TensorDict, names: list[str]) -> None:
         raise InvalidArgument("cannot delete entries of a live view of a module's tensors")
     for name in names:
         if name not in d.entries:
-            raise NotFound(f"dictionary has no entry '{name}'; nothing deleted")
+            raise NotFound(f"dictionary has no entry '{name}'; nothing deleted{did_you_mean(name, d.entries)}")
     for name in dict.fromkeys(names):
         del d.entries[name]
     d.changed()
@@ -152,7 +152,7 @@ def select(d: TensorDict, names: list[str]) -> list[tuple[str, torch.Tensor]]:
         return list(d.entries.items())
     for name in names:
         if name not in d.entries:
-            raise NotFound(f"dictionary has no entry '{name}'")
+            raise NotFound(f"dictionary has no entry '{name}'{did_you_mean(name, d.entries)}")
     return [(name, d.entries[name]) for name in names]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .dictionaries import TensorDict, check_copyable, does_not_fit
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, did_you_mean
 
 
 def child(module: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -15,7 +15,8 @@ def child(module: torch.nn.Module, path: str) -> torch.nn.Module:
     try:
         return module.get_submodule(path)
     except AttributeError:
-        raise NotFound(f"module has no child '{path}'") from None
+        children = [name for name, _ in module.named_modules() if name]
+        raise NotFound(f"module has no child '{path}'{did_you_mean(path, children)}") from None
 
 
 def parameter_names(module: torch.nn.Module, path: str = "") -> list[str]:
@@ -39,10 +40,21 @@ def view_buffers(module: torch.nn.Module, path: str = "") -> TensorDict:
 
 
 def parameter(module: torch.nn.Module, name: str) -> torch.Tensor:
-    """The parameter with a dotted name."""
+    """The parameter with a dotted name.
+
+    Raises:
+        NotFound: no such parameter; the message names the closest parameters, or says the name is a
+            buffer's and how to read it (a bare "parameter 'b.running_mean' not found" left a user
+            who had just read it in buffernames(m) without a way on).
+    """
     params = dict(module.named_parameters())
     if name not in params:
-        raise NotFound(f"parameter '{name}' not found")
+        if name in dict(module.named_buffers()):
+            raise NotFound(
+                f"parameter '{name}' not found: it is a buffer; read buffers through a view, dict(buffers(m), "
+                f"'{name}'), or a copy, copyparms(m, buffers=True)"
+            )
+        raise NotFound(f"parameter '{name}' not found{did_you_mean(name, params)}")
     return params[name]
 
 
