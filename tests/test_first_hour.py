@@ -129,6 +129,18 @@ def test_tensor_and_child_names_not_found_suggest_the_closest_ones(
     assert err.value.message == message
 
 
+def test_a_required_merge_option_left_out_says_it_is_required(client: Client, unchanged: Any) -> None:
+    """"ties: option 'density' not defined" read as if ties had no option density."""
+    base = client.dict({"w": np.zeros(4, np.float32)})
+    tuned = [client.dict({"w": np.full(4, v, np.float32)}) for v in (1.0, -2.0)]
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        client.merge("ties", tuned, base=base)
+    assert err.value.message == "ties: option 'density' is required and was not given"
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        client.merge("slerp", tuned)
+    assert err.value.message == "slerp: option 't' is required and was not given"
+
+
 def test_client_side_names_suggest_too(client: Client) -> None:
     m = classifier(client)
     with pytest.raises(KeyError) as key:

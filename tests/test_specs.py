@@ -318,7 +318,7 @@ def test_modules_not_built_here_are_described_by_class() -> None:
         ),
         (L("batchnorm1d"), "batchnorm1d: number of input features not defined (option 'in')"),
         (L("linear", args=(4,)), "linear: output size not defined (option 'out')"),
-        (L("softmax"), "softmax: option 'dim' not defined"),
+        (L("softmax"), "softmax: option 'dim' is required and was not given"),
         (L("linear", args=(True, 3)), "linear: option 'in' expects an integer, given bool True"),
         (L("linear", args=(4.0, 3)), "linear: option 'in' expects an integer, given float 4.0"),
         (L("linear", args=(4, 3, 1)), "linear: option 'bias' expects a boolean, given int 1"),

@@ -180,10 +180,12 @@ def _given_or_default(what: str, opt: Opt, given: Mapping[str, Value], wording: 
 
 
 def _missing(opt: Opt) -> str:
-    """ktorch's wording where it has one, e.g. 'number of input features not defined'."""
+    """ktorch's wording where it has one, e.g. 'number of input features not defined'; else that the
+    option is required. "ties: option 'density' not defined" read as if ties had no such option,
+    the opposite of the fix (found by a new user's walk-through)."""
     if opt.label:
         return f"{opt.label} not defined (option '{opt.name}')"
-    return f"option '{opt.name}' not defined"
+    return f"option '{opt.name}' is required and was not given"
 
 
 def coerce(what: str, opt: Opt, value: Value, wording: Wording) -> Value:
