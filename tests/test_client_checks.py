@@ -308,3 +308,25 @@ def test_a_numpy_or_torch_dtype_is_taken_where_a_dtype_name_is(client: Client) -
     with pytest.raises(ValueError, match=r"^unknown dtype 'float8_e4m3fn'"):
         client.to(m, dtype=torch.float8_e4m3fn)
     assert _calls(client) == before  # no call but the first stats()
+
+
+def test_values_given_where_a_handle_goes_are_named_briefly_with_the_upload_to_do(client: Client) -> None:
+    """merge(..., base=model.state_dict()) raised a TypeError holding the repr of every tensor of the
+    state dict, and nothing of the fix: values are uploaded first (c.dict, push), then passed by handle."""
+    torch = pytest.importorskip("torch")
+    tuned = [client.dict({"w": np.ones(3, np.float32)}) for _ in range(2)]
+    state = torch.nn.Linear(300, 200).state_dict()
+    before = _calls(client) + 1  # the count is read inside the stats call
+    with pytest.raises(TypeError) as err:
+        client.merge("ties", tuned, base=state, density=0.5)
+    assert str(err.value) == (
+        "a handle is a Handle or its id string, not OrderedDict of 2 entries; upload named values first: "
+        "c.dict(values) (weightavg.torch.push(c, state_dict) for tensors) returns a handle"
+    )
+    with pytest.raises(TypeError) as err:
+        client.average([tuned[0], np.zeros((200, 300), np.float32)])
+    assert str(err.value) == (
+        "a handle is a Handle or its id string, not ndarray of shape [200, 300]; upload an array or tensor first: "
+        "c.tensor(x) returns a handle"
+    )
+    assert _calls(client) == before  # no call but the first stats()

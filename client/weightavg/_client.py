@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -117,9 +118,26 @@ def _id(handle: HandleLike) -> str:
     if isinstance(handle, Handle):
         return handle.id
     if not isinstance(handle, str):
-        hint = "; pass the object's .handle" if isinstance(handle, _objects.Remote) else ""
-        raise TypeError(f"a handle is a Handle or its id string, not {type(handle).__name__} {handle!r}{hint}")
+        raise TypeError(f"a handle is a Handle or its id string, not {_not_a_handle(handle)}")
     return handle
+
+
+def _not_a_handle(value: object) -> str:
+    """A value given where a handle goes, described briefly, with what to do: values themselves (a
+    state dict as a merge's base, say) are uploaded first. A state dict's whole repr went into the
+    error, every tensor of it, and said nothing of the upload (found by a new user's walk-through)."""
+    kind = type(value).__name__
+    if isinstance(value, _objects.Remote):
+        return f"{kind} {value!r}; pass the object's .handle"
+    if isinstance(value, Mapping):
+        return (
+            f"{kind} of {len(value)} entries; upload named values first: c.dict(values) "
+            "(weightavg.torch.push(c, state_dict) for tensors) returns a handle"
+        )
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"{kind} of shape {list(shape)}; upload an array or tensor first: c.tensor(x) returns a handle"
+    return f"{kind} {reprlib.repr(value)}"
 
 
 def _name(name: Any) -> str:
