@@ -141,6 +141,32 @@ def test_a_required_merge_option_left_out_says_it_is_required(client: Client, un
     assert err.value.message == "slerp: option 't' is required and was not given"
 
 
+@pytest.mark.parametrize(
+    ("call", "hint"),
+    [
+        (lambda c, q, d: c.train(q, IMAGES[:, :4].astype(np.float32), LABELS),
+         "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr))"),
+        (lambda c, q, d: c.lr(q, 0.1),
+         "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer))"),
+        (lambda c, q, d: c.avgparms(d, q),  # the arguments swapped
+         "; copyparms(m) copies a module's parameters into a dictionary (averages take the module first and the "
+         "dictionary second: avgparms(m, d), ema(m, e))"),
+        (lambda c, q, d: c.ema(q, q), "; copyparms(m) copies a module's parameters into a dictionary"),
+    ],
+    ids=["train-a-module", "lr-of-a-module", "avgparms-swapped", "ema-into-a-module"],
+)
+def test_a_handle_of_the_wrong_kind_says_how_to_make_the_right_one(
+    client: Client, unchanged: Any, call: Any, hint: str
+) -> None:
+    """"expecting model handle, given module handle" named both kinds and not the way from one to
+    the other, which a user who has only made modules and dictionaries does not know yet."""
+    q = client.module(["linear", "a", 4, 2])
+    d = client.copyparms(q)
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        call(client, q, d)
+    assert err.value.message.startswith("expecting ") and hint in err.value.message
+
+
 def test_client_side_names_suggest_too(client: Client) -> None:
     m = classifier(client)
     with pytest.raises(KeyError) as key:

@@ -57,6 +57,23 @@ class Kind(enum.Enum):
 MODULE_KINDS = (Kind.MODULE, Kind.MODEL, Kind.OPTIMIZER)
 """Kinds that stand for a module: a model means its module, an optimizer the module it was built from."""
 
+def _kind_hint(wanted: tuple[Kind, ...], given: Kind) -> str:
+    """How to make a handle of the wanted kind from the one given, for the mistakes a new user makes
+    first: training a bare module (a model wraps it with a loss and an optimizer), averaging into a
+    module (the average is a dictionary, made by copyparms). "expecting model handle, given module
+    handle" alone named the kinds but not the way from one to the other."""
+    if given is Kind.MODULE and Kind.MODULE not in wanted and (Kind.MODEL in wanted or Kind.OPTIMIZER in wanted):
+        if Kind.OPTIMIZER in wanted:
+            return "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer))"
+        return "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr))"
+    if wanted == (Kind.DICTIONARY,) and given in MODULE_KINDS:
+        return (
+            "; copyparms(m) copies a module's parameters into a dictionary (averages take the module first and "
+            "the dictionary second: avgparms(m, d), ema(m, e))"
+        )
+    return ""
+
+
 _PREFIXES = {
     Kind.MODULE: "mod", Kind.MODEL: "mdl", Kind.OPTIMIZER: "opt",
     Kind.LOSS: "los", Kind.DICTIONARY: "dic", Kind.TENSOR: "ten",
@@ -443,7 +460,9 @@ class Registry:
             raise NotFound(f"unknown handle '{handle}' (never created, or already freed)")
         if kinds and entry.kind not in kinds:
             wanted = " or ".join(k.value for k in kinds)
-            raise InvalidArgument(f"expecting {wanted} handle, given {entry.kind.value} handle '{handle}'")
+            raise InvalidArgument(
+                f"expecting {wanted} handle, given {entry.kind.value} handle '{handle}'{_kind_hint(kinds, entry.kind)}"
+            )
         return entry
 
     @contextlib.contextmanager
