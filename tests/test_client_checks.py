@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import LiveServer
-from weightavg import Client
+from weightavg import Client, InvalidArgumentError
 from weightavg._client import dtype_label
 from weightavg.v1 import weightavg_pb2 as pb
 
@@ -91,6 +91,23 @@ def test_a_bare_model_id_recalculates_batchnorm_as_its_handle_does(client: Clien
 def test_a_bare_tensor_id_fetches_the_tensor(client: Client) -> None:
     t = client.tensor(np.arange(3, dtype=np.float32))
     np.testing.assert_array_equal(client.tensor(t.id), np.arange(3, dtype=np.float32))
+
+
+def test_a_bare_module_id_describes_the_module_as_its_handle_does(client: Client) -> None:
+    """module(q.id) sent the id as a one-layer spec: "unrecognized module type: 'mod_...'" and every
+    layer type. A string that is neither a layer type nor a handle keeps the server's refusal."""
+    q = client.module(NET)
+    assert client.module(q.id) == client.module(q)
+    q2 = client.module(NET)
+    m = client.model(q2, client.loss("ce"), client.opt("sgd", q2, 0.1))
+    assert client.module(m.id) == client.module(m) == client.module(q)
+    assert client.module(m.id)[1].module == "linear"
+    handles = len(client.handles())
+    assert client.module("relu").kind == "module"  # a string that is a layer type still builds one
+    with pytest.raises(InvalidArgumentError) as err:
+        client.module("relux")
+    assert err.value.message.startswith("unrecognized module type: 'relux'; did you mean 'relu'")
+    assert len(client.handles()) == handles + 1
 
 
 def test_a_bare_tensor_id_is_a_forward_input_as_its_handle_is(client: Client) -> None:

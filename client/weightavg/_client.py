@@ -673,19 +673,35 @@ class Client:
 
     @_rpc
     def module(self, spec: Any, *, replicate: bool = False, rank: int | None = None) -> Any:
-        """Build a module from a spec and return its handle; given a handle, return its options table.
+        """Build a module from a spec and return its handle; given a handle (or its id), return its
+        options table.
 
         Specs are nested lists: ["linear", 64, 10], ["sequential", ["linear", "a", 784, 800], ...].
         On a cluster (torchrun), replicate=True builds it on every rank under one handle, rank=r on rank r.
         """
         if isinstance(spec, Handle):
-            r = self._stub.DescribeModule(pb.DescribeModuleRequest(handle=spec.id), timeout=self.timeout)
-            return [
-                ModuleRow(row.depth, row.module, row.name, {o.name: _specs.option_value(o.value) for o in row.options})
-                for row in r.rows
-            ]
+            return self._describe_module(spec.id)
         request = pb.CreateModuleRequest(spec=_specs.layer_spec(spec), placement=_placement(replicate, rank))
-        return _handle(self._stub.CreateModule(request, timeout=self.timeout).module)
+        try:
+            return _handle(self._stub.CreateModule(request, timeout=self.timeout).module)
+        except grpc.RpcError as exc:
+            # A string is a one-layer spec ("relu") or a bare handle id, as every other verb takes one:
+            # an id went out as a layer type, "unrecognized module type: 'mod_...'" (found by a new
+            # user's walk-through). Asked only once the server has refused it as a spec.
+            if not isinstance(spec, str) or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            try:
+                return self._describe_module(spec)
+            except grpc.RpcError:
+                raise exc from None
+
+    def _describe_module(self, handle: str) -> list[ModuleRow]:
+        """The options table of a module, model or optimizer: a row per layer."""
+        r = self._stub.DescribeModule(pb.DescribeModuleRequest(handle=handle), timeout=self.timeout)
+        return [
+            ModuleRow(row.depth, row.module, row.name, {o.name: _specs.option_value(o.value) for o in row.options})
+            for row in r.rows
+        ]
 
     @_rpc
     def parmnames(self, m: HandleLike, child: str = "") -> list[str]:
