@@ -167,6 +167,19 @@ def test_a_handle_of_the_wrong_kind_says_how_to_make_the_right_one(
     assert err.value.message.startswith("expecting ") and hint in err.value.message
 
 
+def test_fetching_a_whole_module_says_how_to(client: Client, unchanged: Any) -> None:
+    """dict(m) on a module, a user's first try at its weights, was refused "name the parameters to
+    fetch from a module", with no word of the view or copy that fetch them all."""
+    q = client.module(NET)
+    with unchanged(), pytest.raises(InvalidArgumentError) as err:
+        client.dict(q)
+    assert err.value.message == (
+        "name the parameters to fetch from a module, or fetch them all through a view: dict(parms(m)) (and its "
+        "buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True)"
+    )
+    assert list(client.dict(client.parms(q))) == client.parmnames(q)
+
+
 def test_client_side_names_suggest_too(client: Client) -> None:
     m = classifier(client)
     with pytest.raises(KeyError) as key:

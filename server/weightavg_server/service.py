@@ -582,7 +582,11 @@ class Service:
             return [("", entry.obj.tensor)]
         module = module_of(self._module(handle))  # a loss has no parameters: INVALID_ARGUMENT
         if not names:
-            raise InvalidArgument("name the parameters to fetch from a module")
+            # What to do instead, since "all" is what a user fetching a model's weights asks first.
+            raise InvalidArgument(
+                "name the parameters to fetch from a module, or fetch them all through a view: dict(parms(m)) "
+                "(and its buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True)"
+            )
         return [(name, modules.parameter(module, name).detach()) for name in names]
 
     def size(self, handle: str) -> Size:
