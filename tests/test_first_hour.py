@@ -255,3 +255,17 @@ def test_an_address_without_a_port_gets_the_server_s_default_never_443(live_serv
     assert str(err.value) == "address 'localhost:grpc': the port must be a number from 1 to 65535, e.g. 'localhost:50051'"
     with Client(live_server.address) as c:
         c.ping()
+
+
+@pytest.mark.parametrize(("scheme", "tls"), [("http", ""), ("grpc", ""), ("HTTPS", " (TLS is chosen with tls=True or tls_ca=..., not by the scheme)")])
+def test_an_address_written_as_a_url_is_refused_with_the_host_and_port(live_server: LiveServer, scheme: str, tls: str) -> None:
+    """Client("http://host:port") went to gRPC as a host name to look up: UNAVAILABLE "Misformatted
+    domain name ... is the server running?", as if the server were down."""
+    with pytest.raises(ValueError) as err:
+        Client(f"{scheme}://{live_server.address}/")
+    assert str(err.value) == (
+        f"address '{scheme}://{live_server.address}/': a gRPC address has no {scheme}:// scheme; give host:port, "
+        f"e.g. '{live_server.address}'{tls}"
+    )
+    with Client(f"dns:///{live_server.address}") as c:  # gRPC's own URI schemes pass through
+        c.ping()

@@ -327,9 +327,17 @@ def target(address: str) -> str:
     "::1" -> "[::1]:50051"); gRPC target schemes (unix:, dns:, ...) pass through unchanged.
 
     Raises:
-        ValueError: an empty address, or a port that is not a number from 1 to 65535.
+        ValueError: an empty address, a port that is not a number from 1 to 65535, or a web URL
+            (http://, https://, grpc://, grpcs://), which gRPC took for a host name to look up.
     """
     address = address.strip()
+    web = re.match(r"(?i)(https?|grpcs?)://", address)
+    if web:
+        # gRPC has no such scheme: it looked the whole URL up as a host name, UNAVAILABLE "Misformatted
+        # domain name", read as a server that is down (found by a new user's walk-through).
+        bare = address[web.end():].rstrip("/")
+        tls = " (TLS is chosen with tls=True or tls_ca=..., not by the scheme)" if web.group(1).lower().endswith("s") else ""
+        raise ValueError(f"address {address!r}: a gRPC address has no {web.group(1)}:// scheme; give host:port, e.g. {bare!r}{tls}")
     if address.startswith(_SCHEMES) or "://" in address:
         return address
     if address.startswith("["):  # [IPv6] or [IPv6]:port
