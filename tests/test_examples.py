@@ -96,3 +96,22 @@ def test_local_sgd_on_a_two_rank_cluster_learns_and_leaves_the_ranks_alike(
     assert "2 ranks, shards of [1200, 1200] rows" in capsys.readouterr().out
     with Client(cluster.address) as c:
         assert [r["handles"] for r in c.info()["ranks"]] == before  # the example frees what it made, on every rank
+
+
+def test_remote_swa_and_ema_of_a_local_torch_model_match_averaged_model_and_load_into_plain_networks(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job most users come for: a model that trains in their own process, its SWA and EMA kept on
+    the server (RemoteAveragedModel), batchnorm recomputed with torch's update_bn, the averages loaded
+    into plain networks. The SWA equals torch's AveragedModel of the same models to float32 rounding
+    (a few ulps of values near 1: the CPU AveragedModel computes avg + (p - avg) / (n + 1), the server
+    lerps)."""
+    pytest.importorskip("sklearn")
+    before = len(live_server.registry)
+    result = example("averaged_torch").main(["--address", live_server.address, "--epochs", "3", "--swa-start", "1"])
+    assert result.samples == 2
+    assert result.swa_vs_torch <= 1e-6
+    assert min(result.last, result.swa, result.ema) > 60.0  # ten classes: chance is 10%
+    out = capsys.readouterr().out
+    assert "SWA of 2 epochs, EMA of every step (decay 0.999, warm-up)" in out
+    assert len(live_server.registry) == before  # the session freed both averages
