@@ -522,6 +522,23 @@ def test_a_value_that_is_not_a_tensor_is_refused_as_such(client: Client) -> None
     assert len(client.handles()) == before
 
 
+def test_a_module_or_unnamed_tensors_given_to_push_are_refused_saying_what_to_pass(client: Client) -> None:
+    """push(c, model) failed as "cannot unpack non-iterable Linear object" (a Sequential iterates its
+    layers), and push(c, [t]) alike: neither said that push takes named tensors."""
+    before = len(client.handles())
+    with pytest.raises(TypeError) as err:
+        push(client, torch.nn.Sequential(torch.nn.Linear(2, 1)))  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "push takes named tensors, not a Sequential module: pass model.state_dict() (parameters and buffers) or "
+        "dict(model.named_parameters()); nothing was sent"
+    )
+    with pytest.raises(TypeError, match=r"given an item that is a Tensor; name each tensor, e\.g\. \{'weight': t\}"):
+        push(client, [torch.ones(2)])  # type: ignore[list-item]
+    assert len(client.handles()) == before
+    pairs = push(client, [["a", torch.ones(1)], ("b", torch.zeros(1))])  # type: ignore[list-item]
+    assert sorted(client.dict(pairs)) == ["a", "b"]
+
+
 def test_a_name_given_twice_is_refused_before_anything_is_sent(client: Client) -> None:
     """push takes (name, tensor) pairs; a name given twice kept the last value and dropped the other
     without a word."""

@@ -105,7 +105,7 @@ def push(
     are refused with a TypeError naming the tensor, a name given twice with a ValueError, before
     anything is sent): a new dictionary, or (`into`) entries set in one, all or nothing. Returns
     the dictionary's handle."""
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    items = _named_items(tensors)
     seen: set[str] = set()
     for name, t in items:
         _check_sendable(t, f"tensor '{name}'")
@@ -120,6 +120,29 @@ def push(
         return handle
     client.dict(into, arrays)
     return into if isinstance(into, Handle) else Handle(into, "dictionary")
+
+
+def _named_items(tensors: object) -> list[tuple[str, torch.Tensor]]:
+    """push's tensors as (name, tensor) pairs, or a TypeError that says what to pass: a module itself
+    failed as "cannot unpack non-iterable Linear object" (a Sequential iterates its layers), a list of
+    tensors alike (found by a new user's walk-through)."""
+    if isinstance(tensors, torch.nn.Module):
+        raise TypeError(
+            f"push takes named tensors, not a {type(tensors).__name__} module: pass model.state_dict() (parameters "
+            "and buffers) or dict(model.named_parameters()); nothing was sent"
+        )
+    if isinstance(tensors, Mapping):
+        return list(tensors.items())
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        raise TypeError(f"push takes a mapping of name -> tensor or (name, tensor) pairs, not {type(tensors).__name__}")
+    items = list(tensors)
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(
+                f"push takes a mapping of name -> tensor or (name, tensor) pairs, given an item that is a "
+                f"{type(item).__name__}; name each tensor, e.g. {{'weight': t}}; nothing was sent"
+            )
+    return items
 
 
 def fetch(
