@@ -115,3 +115,20 @@ def test_remote_swa_and_ema_of_a_local_torch_model_match_averaged_model_and_load
     out = capsys.readouterr().out
     assert "SWA of 2 epochs, EMA of every step (decay 0.999, warm-up)" in out
     assert len(live_server.registry) == before  # the session freed both averages
+
+
+def test_merged_checkpoints_load_into_plain_networks_and_the_average_is_the_mean(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fine-tuned torch checkpoints pushed once, merged on the server by average, task arithmetic,
+    TIES and DARE, each fetched into a plain network (load_state_dict, strict) and tested."""
+    pytest.importorskip("sklearn")
+    before = len(live_server.registry)
+    result = example("merge_checkpoints").main(["--address", live_server.address, "--models", "2", "--pretrain", "1",
+                                               "--epochs", "1"])
+    assert len(result.tuned) == 2
+    assert sorted(result.merged) == ["average", "dare density .5", "task_arithmetic lam .5", "ties density .3"]
+    assert all(10.0 < score <= 100.0 for score in result.merged.values())
+    assert result.merged["average"] > 60.0  # ten classes: chance is 10%; the mean of two close models
+    assert "2 models fine-tuned from one base (1 epochs) for 1 epochs each" in capsys.readouterr().out
+    assert len(live_server.registry) == before  # the session freed every dictionary
