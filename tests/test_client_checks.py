@@ -347,3 +347,18 @@ def test_values_given_where_a_handle_goes_are_named_briefly_with_the_upload_to_d
         "c.tensor(x) returns a handle"
     )
     assert _calls(client) == before  # no call but the first stats()
+
+
+def test_an_integer_count_set_in_a_dictionary_is_sent_as_the_float64_the_server_counts_in(client: Client) -> None:
+    """dict(p, ".n", 5) stored an int64 count, and the next avgparms refused the dictionary ("'.n' must
+    be a 0-dim float64 count"), one call after the one that set it. Other entries keep their dtype."""
+    q = client.module(["linear", 2, 1])
+    for n in (5, np.int64(5), np.array(5, np.int32)):
+        p = client.copyparms(q)
+        client.dict(p, ".n", n)
+        assert client.avgparms(q, p) == 6
+        client.dict(p, {".n": n, "k": n})
+        assert client.avgparms(q, p) == 6 and client.dict(p, "k") == 5
+        assert client.dict(client.dict({".n": n, "w": np.ones(1)}), ".n") == 5.0
+    kept = client.dict(client.dict({"k": 5}), "k")
+    assert kept == 5 and isinstance(kept, int)  # another entry's integer stays an integer

@@ -255,6 +255,21 @@ def _did_you_mean(given: str, valid: Iterable[str]) -> str:
     return "; did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?"
 
 
+COUNT_KEY = ".n"
+"""The entry holding a running average's sample count, a 0-dim float64 (the server's COUNT_KEY)."""
+
+
+def _count_value(name: str, value: Any) -> Any:
+    """An integer given for the count '.n' as the float64 the server counts in, else the value as it
+    is. dict(p, ".n", 5) was stored as int64 and the next avgparms refused the dictionary ("'.n' must
+    be a 0-dim float64 count"), one call after the one that set it (found by a new user's walk-through)."""
+    if name != COUNT_KEY or isinstance(value, (bool, np.bool_)):
+        return value
+    if isinstance(value, (int, np.integer)) or (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu"):
+        return np.float64(value)
+    return value
+
+
 def _single_or_list(named: list[tuple[str, Any]]) -> Any:
     values = [wire.plain(a) for _, a in named]
     return values[0] if len(values) == 1 else values
@@ -1137,7 +1152,8 @@ class Client:
         """dict({name: value}) creates a dictionary; dict(p) returns all values as {name: value},
         dict(p, key) one, dict(p, [k1, k2]) a list of them in that order; values are numpy arrays, 0-dim
         ones Python scalars (the count '.n' a float). dict(p, key, value) sets one (replacing it; a live
-        view copies in place), dict(p, {k: v}) several.
+        view copies in place), dict(p, {k: v}) several; an integer given for '.n' is sent as the
+        float64 count the server keeps.
         On a cluster, dict({...}, replicate=True) creates it on every rank, dict({...}, rank=r) on rank r;
         rank= reads or sets one rank's copy of a replicated dictionary (unset: reads rank 0's, sets every
         rank's)."""
@@ -1475,6 +1491,7 @@ class Client:
     def _create_dictionary(
         self, items: list[tuple[str, Any]], replicate: bool = False, rank: int | None = None
     ) -> Handle:
+        items = [(name, _count_value(name, value)) for name, value in items]
         request_id = new_request_id()
         placement = _placement(replicate, rank)
 
@@ -1488,6 +1505,7 @@ class Client:
         return self._uploading(items, pb.CreateDictionaryRequest, send)
 
     def _update_dictionary(self, d: str, items: list[tuple[str, Any]], rank: int | None = None) -> None:
+        items = [(name, _count_value(name, value)) for name, value in items]
         request_id = new_request_id()
 
         def send(encoded: Callable[[], Iterator[bytes]]) -> None:
