@@ -362,3 +362,21 @@ def test_an_integer_count_set_in_a_dictionary_is_sent_as_the_float64_the_server_
         assert client.dict(client.dict({".n": n, "w": np.ones(1)}), ".n") == 5.0
     kept = client.dict(client.dict({"k": 5}), "k")
     assert kept == 5 and isinstance(kept, int)  # another entry's integer stays an integer
+
+
+def test_a_call_after_the_with_block_says_the_client_was_closed(live_server: LiveServer) -> None:
+    """A call on a closed client failed inside gRPC as "ValueError: Cannot invoke RPC on closed
+    channel!", naming neither the client nor the usual cause, a call after the with block."""
+    with Client(live_server.address, session=True) as c:
+        q = c.module(["linear", 2, 1])
+    with pytest.raises(RuntimeError) as err:
+        c.parm(q, "weight")
+    assert str(err.value) == (
+        "this Client was closed (close(), or the end of its with block) and its session's handles were freed; "
+        "make the call inside the block, or make a new Client"
+    )
+    with Client(live_server.address) as plain:
+        pass
+    plain.close()  # a second close is harmless
+    with pytest.raises(RuntimeError, match=r"^this Client was closed \(close\(\), or the end of its with block\); make"):
+        plain.ping()

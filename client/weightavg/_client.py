@@ -292,6 +292,14 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def call(self: Client, *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            # gRPC's own "ValueError: Cannot invoke RPC on closed channel!" named neither the client nor
+            # the usual cause, a call after the with block (found by a new user's walk-through).
+            freed = " and its session's handles were freed" if self._freed_session else ""
+            raise RuntimeError(
+                f"this Client was closed (close(), or the end of its with block){freed}; make the call inside "
+                "the block, or make a new Client"
+            )
         try:
             return method(self, *args, **kwargs)
         except grpc.RpcError as exc:
@@ -563,6 +571,10 @@ class Client:
         self.session: str | None = None
         self.lease = 0.0
         self._owns_session = False
+        self._closed = False
+        """Set by close(): calls after it are refused by _rpc, saying so."""
+        self._freed_session = False
+        """Whether close() ended a session this client started (freeing its handles)."""
         self._stop_keepalive = threading.Event()
         self._keepalive: threading.Thread | None = None
         self._shm: _shm.SharedRegion | None = _shm.SharedRegion() if shm else None
@@ -607,7 +619,9 @@ class Client:
             except grpc.RpcError as exc:  # the server is gone or the lease already ran out: nothing to free
                 log.info("could not close session %s: %s", self.session, from_rpc_error(exc))
             self._owns_session = False
+            self._freed_session = True
         self._raw_channel.close()
+        self._closed = True
 
     def __enter__(self) -> Client:
         return self
