@@ -150,9 +150,10 @@ def fetch(
 ) -> dict[str, torch.Tensor]:
     """Every entry of a dictionary (or the `names` given, a list or one name; of a module, model or
     optimizer: those parameters, which must be named) as a tensor in its own dtype (bfloat16
-    included), on `device`. A module's buffers are read through a view, `fetch(c, c.buffers(m))`,
-    its parameters all at once through `fetch(c, c.parms(m))`. An SWA average's count '.n' is an
-    entry too: drop it before `model.load_state_dict`, which refuses a key the model lacks.
+    included), on `device`. A module's buffers are read through a view, `fetch(c, v := c.buffers(m))`,
+    its parameters all at once through `fetch(c, v := c.parms(m))` (a view is a handle: `c.free(v)`
+    after, unless the client's session frees it). An SWA average's count '.n' is an entry too: drop
+    it before `model.load_state_dict`, which refuses a key the model lacks.
 
     On a CUDA device, with Client(..., shm=True) and a server on this host with CUDA, the server
     copies into the client's registered CUDA buffer (CUDA IPC) and the tensors are cloned from it
