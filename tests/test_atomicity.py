@@ -43,6 +43,18 @@ class World:
     model: str = ""  # a linear 4 -> 3 model without test data
 
 
+def _set_as_sent(client: Client, dictionary: str, name: str, value: np.ndarray) -> None:
+    """Set an entry through the bare stub, as another language's client may send it: the Python
+    client sends an integer count '.n' as the float64 the server counts in."""
+    messages = [
+        pb.UpdateDictionaryRequest.FromString(m)
+        for m in wire.encoded_chunks([(name, value)], 1 << 20, pb.UpdateDictionaryRequest)
+    ]
+    messages[0].dictionary = dictionary
+    with grpc.insecure_channel(client.address) as channel:
+        pb_grpc.WeightAveragingServiceStub(channel).UpdateDictionary(iter(messages), timeout=30)
+
+
 @pytest.fixture
 def world(client: Client) -> World:
     net = client.module(["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3], ["linear", "d", 3, 2]])
@@ -51,7 +63,7 @@ def world(client: Client) -> World:
     client.parm(net, "a.weight", 0.5)
     client.avgparms(net, avg)
     bad_n = client.copyparms(net)
-    client.dict(bad_n, ".n", np.array(3, np.int64))
+    _set_as_sent(client, bad_n.id, ".n", np.array(3, np.int64))
     small = client.dict({name: np.ones((7,), np.float32) for name in client.parmnames(net)})
     return World(
         net=net.id, ref=client.addref(net).id, copy=client.copyparms(net).id, avg=avg.id,
