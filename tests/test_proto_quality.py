@@ -111,7 +111,7 @@ def test_committed_stubs_match_the_proto() -> None:
 
 
 def test_client_server_examples_and_bench_are_mypy_strict_clean() -> None:
-    # Configuration (strict; files: client/weightavg, server/weightavg_server, examples, bench) lives in pyproject.toml.
+    # Configuration (strict; files: client/weightavg, server/weightavg_server, examples, bench, two scripts) lives in pyproject.toml.
     result = subprocess.run(
         [sys.executable, "-m", "mypy"], capture_output=True, text=True, timeout=600, cwd=ROOT
     )
