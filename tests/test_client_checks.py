@@ -288,3 +288,24 @@ def test_a_listed_dtype_this_client_does_not_know_is_named_not_raised() -> None:
     assert dtype_label(pb.DTYPE_FLOAT32) == "float32"
     assert dtype_label(pb.DTYPE_BFLOAT16) == "bfloat16"
     assert dtype_label(999) == "unknown dtype 999"  # type: ignore[arg-type]
+
+
+def test_a_call_on_a_closed_client_says_to_make_a_new_one(live_server: LiveServer) -> None:
+    c = Client(live_server.address)
+    d = c.dict({"w": np.ones(3, np.float32)})
+    c.close()
+    c.close()  # closing twice does nothing more
+    calls = {
+        "ping": lambda: c.ping(),
+        "upload": lambda: c.dict({"w": np.ones(3, np.float32)}),
+        "fetch": lambda: c.dict(d, "w"),
+        "module": lambda: c.module(["linear", 2, 1]),
+        "average": lambda: c.average([d, d]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="this Client is closed") as caught:
+            call()
+        assert "Client(address)" in str(caught.value), name
+    with Client(live_server.address) as other:  # the server and its handles are untouched
+        assert other.dict(d, "w").tolist() == [1.0, 1.0, 1.0]
+        other.free(d)

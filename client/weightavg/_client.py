@@ -233,15 +233,25 @@ def _metrics(stream: Iterable[pb.RunEpochResponse | pb.RunTestResponse]) -> Any:
     return [_single_or_list(wire.join_chunks(ranks[r])) for r in sorted(ranks)]
 
 
+CLOSED = "this Client is closed (by close() or the end of its with-block): make a new Client(address) to call again"
+"""What a call on a closed client raises (as a RuntimeError), rather than grpc's ValueError about a channel."""
+
+
 def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     """Turn grpc.RpcError into the client's own exceptions, once, at the boundary."""
 
     @functools.wraps(method)
     def call(self: Client, *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise RuntimeError(CLOSED)
         try:
             return method(self, *args, **kwargs)
         except grpc.RpcError as exc:
             raise self._translate(exc) from exc
+        except ValueError as exc:  # grpc's "Cannot invoke RPC on closed channel!", for a call racing close()
+            if self._closed:
+                raise RuntimeError(CLOSED) from exc
+            raise
 
     return call
 
@@ -474,6 +484,7 @@ class Client:
         elif channel is None:
             channel = grpc.insecure_channel(address, options=options)
         self._raw_channel = channel
+        self._closed = False
         self._metadata = _AddMetadata({"authorization": f"Bearer {token}"} if token else {})
         self.retry = retry
         # Retries outermost, so that each attempt passes the metadata interceptor afresh.
@@ -534,7 +545,10 @@ class Client:
 
     def close(self) -> None:
         """Stop renewing the session and end it if this client started it (freeing its handles),
-        then close the channel. Handles created without a session stay until freed."""
+        then close the channel. Handles created without a session stay until freed. Closing twice
+        does nothing more; any call after it raises RuntimeError."""
+        if self._closed:
+            return
         self._stop_keepalive.set()
         if self._keepalive is not None:
             self._keepalive.join()
@@ -545,6 +559,7 @@ class Client:
             except grpc.RpcError as exc:  # the server is gone or the lease already ran out: nothing to free
                 log.info("could not close session %s: %s", self.session, from_rpc_error(exc))
             self._owns_session = False
+        self._closed = True
         self._raw_channel.close()
 
     def __enter__(self) -> Client:
