@@ -506,6 +506,12 @@ def renormalised(module: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
 
 
+def writes_in_eval(module: nn.Module) -> bool:
+    """Whether a forward pass in eval mode, without gradients, writes the module: only an embedding with
+    max_norm does (`renormalised`); batchnorm statistics change in train mode alone."""
+    return bool(renormalised(module))
+
+
 def _written_by_forward(module: nn.Module) -> list[torch.Tensor]:
     """What a forward pass may write in place, gradients or not: every buffer (batchnorm statistics,
     in train mode) and the weights `renormalised` names."""
