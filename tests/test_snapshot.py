@@ -602,6 +602,74 @@ def test_flat_dictionaries_restore_flat(state_server: Runtime) -> None:
     assert restored.held_bytes() == walked_bytes(restored)
 
 
+def _averaged(
+    c: Client, steps: range, m: Any = None, d: Any = None, walks: list[set[int]] | None = None,
+) -> tuple[Any, Any, int]:
+    """A linear(4, 3) whose weight is weight(i) at step i, averaged into d over `steps` (made with
+    copyparms at step 0 when m and d are None): the same sequence on every server. Also how many of
+    the store's `walks` the averages made (`_counted_walks`)."""
+    made = 0
+    if m is None:
+        m = c.module(["linear", 4, 3])
+        c.parm(m, "bias", np.linspace(-1, 1, 3, dtype=np.float32))
+    for i in steps:
+        c.parm(m, "weight", weight(i) / 7.0)  # sevenths: averages that round in the last bit
+        if i == 0:
+            d = c.copyparms(m)
+        else:
+            before = len(walks or ())
+            c.avgparms(m, d)
+            made += len(walks or ()) - before
+    return m, d, made
+
+
+def _counted_walks(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> list[set[int]]:
+    """The store's recharge walks from now on (a change that replaced a tensor walks; one written in place does not)."""
+    walks: list[set[int]] = []
+    recharge = registry._recharge
+
+    def counted(locks: set[int]) -> None:
+        walks.append(locks)
+        recharge(locks)
+
+    monkeypatch.setattr(registry, "_recharge", counted)
+    return walks
+
+
+@pytest.mark.parametrize("old_snapshot", [False, True], ids=["count-saved-as-own", "snapshot-without-count"])
+def test_a_restored_running_average_continues_as_an_uninterrupted_one(
+    state_server: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_snapshot: bool
+) -> None:
+    """Average 3 steps, stop (the shutdown snapshot), restart, average 4 more: the same bits and the
+    same '.n' as a server that never stopped. The count an average made came back as a plain '.n'
+    entry, so the next average replaced it with a new tensor it had not reserved and walked the
+    dictionary to recharge it, where an uninterrupted server writes its count in place (found by review).
+    It now comes back as the dictionary's own count. A snapshot written before the count was marked
+    ("count" absent) still restores, and its '.n' is replaced by the next average, as an upload's is."""
+    steps, split = 8, 4
+    with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
+        m, d, _ = _averaged(c, range(split))
+    state_server.stop(None)  # the shutdown snapshot
+    if old_snapshot:
+        _edit_state(tmp_path / "d", lambda state: [o["data"].pop("count") for o in state["objects"] if "count" in o["data"]])
+    registry = Registry()
+    with restarted(ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(tmp_path / "d")), registry) as c:
+        restored = registry.get(d.id).obj
+        count = restored.entries[".n"]
+        assert count.item() == split
+        walks = _counted_walks(registry, monkeypatch)
+        _, _, replaced = _averaged(c, range(split, steps), m, d, walks)
+        assert (restored.entries[".n"] is count) is not old_snapshot  # written in place, as without the restart
+        assert replaced == int(old_snapshot)  # the old snapshot's count: replaced once, then its own
+        assert registry.held_bytes() == walked_bytes(registry)
+        resumed = c.dict(d)
+    with restarted(ServerConfig(host="127.0.0.1", port=0, device="cpu")) as c:
+        _, fresh, _ = _averaged(c, range(steps))
+        uninterrupted = c.dict(fresh)
+    assert uninterrupted[".n"] == steps
+    assert_same(resumed, uninterrupted)
+
+
 def test_a_hand_edited_tensor_file_with_a_matching_manifest_is_refused_in_one_line(saved: Path) -> None:
     """The checksums pass when the manifest was edited too; a tensor file that is not safetensors then
     ended the start in a traceback (SafetensorError; found by review)."""

@@ -46,7 +46,7 @@ import safetensors.torch
 import torch
 
 from ..domain import batching, flat, losses, optimizers, specs, training
-from ..domain.dictionaries import COUNT_KEY, TensorDict
+from ..domain.dictionaries import COUNT_KEY, Count, TensorDict
 from ..domain.dtypes import DTYPES
 from ..domain.ema import MAX_STEP, EmaSchedule, EmaState
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -249,6 +249,19 @@ class LoadContext:
             raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
         return data, self._placement(info["device"])
 
+    def count(self, key: str) -> Count:
+        """A running average's own count (`TensorDict.own_count`) holding the value stored under key: a
+        new 0-dim float64 on the CPU, reserved before it is made, as an average makes one.
+
+        Raises:
+            SnapshotError: the stored value is not a 0-dim float64.
+        """
+        data, _ = self._source(key)
+        if data.dim() != 0 or data.dtype != torch.float64:
+            raise SnapshotError(f"tensor {key} is a dictionary's count but is {data.dtype} {list(data.shape)}")
+        self._on_place("cpu", data.element_size())
+        return Count(float(data))
+
     def host_tensor(self, key: str) -> torch.Tensor:
         """The tensor stored under key as read from the file, for host-side state that no object
         holds (a generator's state): neither placed on a device nor reserved."""
@@ -382,13 +395,16 @@ def load_module(data: dict[str, Any], ctx: LoadContext) -> torch.nn.Module:
 
 def save_dictionary(d: TensorDict, ctx: SaveContext) -> dict[str, Any]:
     """Entries in order; a live view's entries that are a saved module's own tensors are references;
-    whether the entries are flat (`flat.is_flat_by_group`, the '.n' count aside); an exponential
-    moving average's schedule and last step."""
+    whether the entries are flat (`flat.is_flat_by_group`, the '.n' count aside); whether '.n' is the
+    count a running average made (`"count": "own"`); an exponential moving average's schedule and
+    last step."""
     entries: list[dict[str, Any]] = []
     for name, t in d.entries.items():
         ref = ctx.owned(t) if d.live else None
         entries.append({"name": name, "ref": ref} if ref is not None else {"name": name, "tensor": ctx.tensor(t)})
     saved: dict[str, Any] = {"live": d.live, "entries": entries}
+    if d.own_count is not None and d.entries.get(COUNT_KEY) is d.own_count.tensor:
+        saved["count"] = "own"
     values = [t for name, t in d.entries.items() if name != COUNT_KEY]
     if not d.live and len(values) > 1 and flat.is_flat_by_group(values):
         saved["flat"] = True
@@ -420,19 +436,28 @@ def _ema_state(data: dict[str, Any] | None) -> EmaState | None:
 def load_dictionary(data: dict[str, Any], ctx: LoadContext) -> TensorDict:
     """Rebuild a dictionary; references become the restored module's own tensors again (a live view).
     A flat dictionary (a copy of a module's parameters, an EMA, a merge's result) comes back flat:
-    restored entry by entry, later averages into it no longer fused and ran several times slower."""
+    restored entry by entry, later averages into it no longer fused and ran several times slower.
+    A count a running average made comes back as the dictionary's own (`TensorDict.own_count`), so
+    the next average writes it in place as it would have without the restart: restored as a plain
+    entry, the next average replaced it with a count it had not reserved and walked the dictionary
+    to recharge it (found by review). Snapshots written before "count" restore '.n' as a plain
+    entry, which the next average replaces, as it replaces an uploaded count."""
     if data.get("flat"):
         ctx.flat_tensors([e["tensor"] for e in data["entries"] if "tensor" in e and e["name"] != COUNT_KEY])
     entries: dict[str, torch.Tensor] = {}
+    own: Count | None = None
     for e in data["entries"]:
-        if "ref" in e:
+        if e["name"] == COUNT_KEY and "tensor" in e and data.get("count") == "own":
+            own = ctx.count(e["tensor"])
+            entries[e["name"]] = own.tensor
+        elif "ref" in e:
             ref = e["ref"]
             module = ctx.object(int(ref["object"]))
             get = module.get_parameter if ref["tensor"] == "parameter" else module.get_buffer
             entries[e["name"]] = get(ref["name"])
         else:
             entries[e["name"]] = ctx.tensor(e["tensor"])
-    return TensorDict(entries, live=bool(data["live"]), ema=_ema_state(data.get("ema")))
+    return TensorDict(entries, live=bool(data["live"]), ema=_ema_state(data.get("ema")), own_count=own)
 
 
 def save_batchable(t: torch.Tensor, ctx: SaveContext) -> dict[str, Any]:
