@@ -229,6 +229,29 @@ def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_work
         next(gen, None)
 
 
+def test_health_checks_are_served_while_watch_streams_without_a_token_fill_their_bound() -> None:
+    """Watch streams sent without a token once took every place of the bound that health Checks
+    shared (a quarter of the workers), so a liveness probe's Check was RESOURCE_EXHAUSTED for as long
+    as they stayed open (found by review). Watch streams have a bound of their own now (an eighth of
+    the workers, at least one): with four workers one stays open, the rest are refused, and a Check
+    without a token is still answered SERVING (four workers keep one for Checks and keep-alives)."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=4))
+    try:
+        with grpc.insecure_channel(_address(runtime)) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
+            (open_one,) = _refused_past_the_quarter(watches, 1)
+            refused = [watch for watch in watches if watch.done()]
+            assert all("(health Watch streams) are open" in (watch.details() or "") for watch in refused)
+            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING  # it holds its slot now
+            for _ in range(3):  # it was RESOURCE_EXHAUSTED: the open streams held the Checks' places
+                reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            open_one.cancel()
+    finally:
+        next(gen, None)
+
+
 def _status_of(call: Any) -> grpc.StatusCode:
     """The status a half-open call ended with (it ends without its request being read, or is cancelled)."""
     with pytest.raises(grpc.RpcError) as err:

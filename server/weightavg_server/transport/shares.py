@@ -1,11 +1,14 @@
 """A tenant's share of the server's workers: on a server with tokens, one tenant's calls in flight
-take at most half of the threads that serve calls, so another tenant is still served.
+take at most half of the threads that serve calls, so another tenant is still served, and all
+tenants' calls together never take the workers kept for health checks and keep-alives.
 
 Every call holds a worker thread for as long as it runs, a client stream until its last message
 arrives. A review found one tenant holding every worker with uploads that sent their first message
-and nothing more: no other tenant's call (not even a Ping) was served until it let go. Admins are
-not counted against a share (they may need to act on a server a tenant has filled). Only a server
-with a tokens file has this layer (ops/app.py): without one there is one tenant, and no share.
+and nothing more: no other tenant's call (not even a Ping) was served until it let go; another found
+two tenants, each within its half, holding every worker together, so that a liveness probe's health
+Check waited for a worker until its deadline. Admins are not counted (they may need to act on a
+server the tenants have filled). Only a server with a tokens file has this layer (ops/app.py):
+without one there is one tenant, and no share.
 """
 
 from __future__ import annotations
@@ -38,20 +41,47 @@ def tenant_share(max_workers: int) -> int:
     return max(1, max_workers // 2)
 
 
+def kept_for_unshared(max_workers: int) -> int:
+    """Workers kept for single-request calls no share counts (health Checks, keep-alives) while they
+    wait for their request message: a quarter of the workers, at least one."""
+    return max(1, max_workers // 4)
+
+
+def open_streams(max_workers: int) -> int:
+    """Health Watch streams open at once (each holds a worker until its client cancels): an eighth of
+    the workers, at least one; a bound of their own, so that they never take a Check's place."""
+    return max(1, max_workers // 8)
+
+
+def tenants_total(max_workers: int) -> int:
+    """Calls all tenants together (and open Watch streams) may have in flight: every worker but those
+    `kept_for_unshared`, at least one (a server of one or two workers has none to spare)."""
+    return max(1, max_workers - kept_for_unshared(max_workers))
+
+
 class TenantShares:
     """Counts each tenant's calls in flight, on the worker threads that serve them (inside the
-    tenancy layer, which names the caller), and refuses a call past the tenant's share with
-    RESOURCE_EXHAUSTED before it does anything."""
+    tenancy layer, which names the caller), and refuses a call past the tenant's share, or past the
+    `tenants_total` of all tenants' calls together, with RESOURCE_EXHAUSTED before it does anything.
+
+    Open health Watch streams are counted in that total too (not against any tenant): each holds a
+    worker for as long as it is open, so the workers kept for Checks stay free of them."""
 
     def __init__(self, tokens: Tokens, max_workers: int) -> None:
         self._tokens = tokens
         self.share = tenant_share(max_workers)
+        self.total = tenants_total(max_workers)
+        self.workers = max_workers
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
+        self._total_held = 0
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler again, its calls counted against their tenant's share (open methods and
+        """The handler again, its calls counted against their tenant's share and the tenants' total
+        (open streamed replies, health's Watch: against the total alone; other open methods and
         keep-alives: as they are)."""
+        if method.startswith(OPEN_SERVICE_PREFIXES) and handler.response_streaming:
+            return self._in_total(handler)
         if unshared(method):
             return handler
         if handler.response_streaming:
@@ -88,27 +118,66 @@ class TenantShares:
             return None
         with self._lock:
             held = self._in_flight.get(caller.tenant, 0)
-            if held < self.share:
+            if held < self.share and self._total_held < self.total:
                 self._in_flight[caller.tenant] = held + 1
+                self._total_held += 1
                 return caller.tenant
+        if held >= self.share:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tenant '{caller.tenant}' has {held} calls in flight, its share of this server's workers (half of "
+                "them, so other tenants are served); wait for some to finish, or end uploads it has stopped sending",
+            )
+        self._refuse_past_total(context)
+        return None  # not reached: abort raises
+
+    def _refuse_past_total(self, context: grpc.ServicerContext) -> None:
+        """Abort a call that finds the tenants' total taken (RESOURCE_EXHAUSTED)."""
         context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"tenant '{caller.tenant}' has {held} calls in flight, its share of this server's workers (half of "
-            "them, so other tenants are served); wait for some to finish, or end uploads it has stopped sending",
+            f"tenants' calls (and health Watch streams) have {self.total} of this server's {self.workers} workers "
+            "in flight, all they may take together (the rest are kept for health checks and keep-alives); wait "
+            "for some to finish, or end uploads that have stopped sending",
         )
-        return None  # not reached: abort raises
 
     def _leave(self, tenant: str | None) -> None:
         if tenant is None:
             return
         with self._lock:
+            self._total_held -= 1
             left = self._in_flight[tenant] - 1
             if left:
                 self._in_flight[tenant] = left
             else:
                 del self._in_flight[tenant]
 
+    def _in_total(self, handler: Handler) -> Handler:
+        """A streamed reply of an open method (health's Watch, sent without a token as often as with
+        one), counted in the tenants' total for as long as it is open, against no tenant."""
+        inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        assert inner_stream is not None  # grpc sets the behaviour that matches the flags
+
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with self._lock:
+                taken = self._total_held < self.total
+                if taken:
+                    self._total_held += 1
+            if not taken:
+                self._refuse_past_total(context)
+            try:
+                yield from inner_stream(request, context)
+            finally:
+                with self._lock:
+                    self._total_held -= 1
+
+        return same_kind(handler, stream)
+
     def in_flight(self) -> dict[str, int]:
         """Calls in flight by tenant, of the tenants that have some (tests, metrics)."""
         with self._lock:
             return dict(self._in_flight)
+
+    def total_in_flight(self) -> int:
+        """Calls counted in the tenants' total now: tenants' calls and open Watch streams (tests)."""
+        with self._lock:
+            return self._total_held
