@@ -917,7 +917,8 @@ def test_tenants_together_leave_the_workers_kept_for_health_checks(tokens_file: 
     token) waited for a worker until its deadline (found by review). All tenants' calls together (and
     health Watch streams) now take at most the workers but the quarter kept for Checks and
     keep-alives: Alice's second upload, and then a Watch, are RESOURCE_EXHAUSTED at once, the Check
-    is answered, an admin is still served, and once the uploads end everyone is served again."""
+    is answered, an admin is still served, and once the uploads end everyone is served again. An
+    open Watch counts in the total; one past the Watch streams' own bound is refused by that bound."""
     runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
     runtime.start()
     try:
@@ -949,7 +950,17 @@ def test_tenants_together_leave_the_workers_kept_for_health_checks(tokens_file: 
                     assert [u for u in alices.futures if u is not refused][0].result(timeout=30).dictionary.id
             a.ping()
             b.ping()
-            assert next(health.Watch(HealthCheckRequest(), timeout=30)).status == HealthCheckResponse.SERVING
+            watch_open = health.Watch(HealthCheckRequest(), timeout=60)
+            assert next(watch_open).status == HealthCheckResponse.SERVING  # its own slot, and a place of the total
+            with StalledUploads(stub, 2, BOBS):
+                _share_full(runtime, b)  # the total is full too: the Watch and Bob's two
+                # A Watch past its own bound is refused there, never counting in the total on its way: a
+                # flood of them took the total's last place for an instant each, refusing tenants' calls.
+                with pytest.raises(grpc.RpcError) as watch:
+                    next(health.Watch(HealthCheckRequest(), timeout=30))
+                assert "(health Watch streams) are open" in (watch.value.details() or "")
+                assert health.Check(HealthCheckRequest(), timeout=30).status == HealthCheckResponse.SERVING
+            watch_open.cancel()
     finally:
         runtime.server.stop(None)
         runtime.reaper.stop()

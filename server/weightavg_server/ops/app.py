@@ -314,6 +314,7 @@ def create_runtime(
         # and its health Check stays the bare call the bench's small-call row measures against.
         *([SingleRequests(
             unshared, kept_for_unshared(config.max_workers), open_streams(config.max_workers), every=bool(shares),
+            total=shares[0] if shares else None,
         )] if config.token or config.tokens else []),
         SessionInterceptor(registry, tenancy.caller_of),
         DecodeGuard(SERVICE_NAME, config.max_message_bytes), TeamReturningStreams(),

@@ -63,6 +63,22 @@ class Gate(Protocol):
     def __call__(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None: ...
 
 
+class Total(Protocol):
+    """A count of workers that several layers' calls share (the tenants' total, shares.TenantShares)."""
+
+    def take(self) -> bool:
+        """Count one call; False, counting nothing, when the count is full."""
+        ...
+
+    def give(self) -> None:
+        """Give back a place `take` counted."""
+        ...
+
+    def refusal(self) -> str:
+        """The message of a call refused for a full count."""
+        ...
+
+
 class SingleRequests:
     """Reads a single-request method's request inside the layers, where a call is already counted
     against its caller's share, instead of letting grpc wait for it before any layer runs.
@@ -93,13 +109,19 @@ class SingleRequests:
         streams: most streamed-reply calls of those methods (health Watch streams) open at once.
         every: read every single request this way (a server with tenants' shares), not only the
             unshared methods' (a server whose callers all share one tenant has no share to keep).
+        total: where streamed replies of those methods are counted too, once they have their own
+            slot (the tenants' total, on a server with tenants' shares), or None.
     """
 
-    def __init__(self, unshared: Callable[[str], bool], limit: int, streams: int = 1, every: bool = False) -> None:
+    def __init__(
+        self, unshared: Callable[[str], bool], limit: int, streams: int = 1, every: bool = False,
+        total: Total | None = None,
+    ) -> None:
         self.unshared = unshared
         self.limit = limit
         self.streams = streams
         self.every = every
+        self.total = total
         self._slots = threading.BoundedSemaphore(limit)
         self._stream_slots = threading.BoundedSemaphore(streams)
 
@@ -143,13 +165,22 @@ class SingleRequests:
                     slots.release()
             return behaviour(request, context)
 
+        total = self.total if unshared else None
+
         def read_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            """A streamed reply keeps its slot to its end: a health Watch stays open until its client
-            cancels, holding its worker all along."""
+            """A streamed reply keeps its slot (and its place in the `total`) to its end: a health
+            Watch stays open until its client cancels, holding its worker all along."""
             take_slot(context)
+            counted: Total | None = None  # the total this stream holds a place in, to give it back
             try:
+                if total is not None:
+                    if not total.take():
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, total.refusal())
+                    counted = total
                 yield from behaviour(one(requests, context), context)
             finally:
+                if counted is not None:
+                    counted.give()
                 if slots is not None:
                     slots.release()
 

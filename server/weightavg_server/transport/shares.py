@@ -64,8 +64,11 @@ class TenantShares:
     tenancy layer, which names the caller), and refuses a call past the tenant's share, or past the
     `tenants_total` of all tenants' calls together, with RESOURCE_EXHAUSTED before it does anything.
 
-    Open health Watch streams are counted in that total too (not against any tenant): each holds a
-    worker for as long as it is open, so the workers kept for Checks stay free of them."""
+    Open health Watch streams are counted in that total too, against no tenant (`take`, `give`, by
+    `interceptors.SingleRequests` once a stream has its own slot): each holds a worker for as long
+    as it is open, so the workers kept for Checks stay free of them. Counting a Watch only after its
+    own slot keeps a flood of Watch streams, all refused there, from taking the total's last place
+    for an instant each and so refusing a tenant's call."""
 
     def __init__(self, tokens: Tokens, max_workers: int) -> None:
         self._tokens = tokens
@@ -78,10 +81,7 @@ class TenantShares:
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         """The handler again, its calls counted against their tenant's share and the tenants' total
-        (open streamed replies, health's Watch: against the total alone; other open methods and
-        keep-alives: as they are)."""
-        if method.startswith(OPEN_SERVICE_PREFIXES) and handler.response_streaming:
-            return self._in_total(handler)
+        (open methods and keep-alives: as they are)."""
         if unshared(method):
             return handler
         if handler.response_streaming:
@@ -133,12 +133,7 @@ class TenantShares:
 
     def _refuse_past_total(self, context: grpc.ServicerContext) -> None:
         """Abort a call that finds the tenants' total taken (RESOURCE_EXHAUSTED)."""
-        context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"tenants' calls (and health Watch streams) have {self.total} of this server's {self.workers} workers "
-            "in flight, all they may take together (the rest are kept for health checks and keep-alives); wait "
-            "for some to finish, or end uploads that have stopped sending",
-        )
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.refusal())
 
     def _leave(self, tenant: str | None) -> None:
         if tenant is None:
@@ -151,26 +146,27 @@ class TenantShares:
             else:
                 del self._in_flight[tenant]
 
-    def _in_total(self, handler: Handler) -> Handler:
-        """A streamed reply of an open method (health's Watch, sent without a token as often as with
-        one), counted in the tenants' total for as long as it is open, against no tenant."""
-        inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
-        assert inner_stream is not None  # grpc sets the behaviour that matches the flags
+    def take(self) -> bool:
+        """Count a call in the tenants' total against no tenant (an open Watch stream); False, and
+        nothing counted, when the total is taken."""
+        with self._lock:
+            if self._total_held >= self.total:
+                return False
+            self._total_held += 1
+            return True
 
-        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with self._lock:
-                taken = self._total_held < self.total
-                if taken:
-                    self._total_held += 1
-            if not taken:
-                self._refuse_past_total(context)
-            try:
-                yield from inner_stream(request, context)
-            finally:
-                with self._lock:
-                    self._total_held -= 1
+    def give(self) -> None:
+        """Give back a place `take` counted."""
+        with self._lock:
+            self._total_held -= 1
 
-        return same_kind(handler, stream)
+    def refusal(self) -> str:
+        """Why a call finds the tenants' total taken, and what to do."""
+        return (
+            f"tenants' calls (and health Watch streams) have {self.total} of this server's {self.workers} workers "
+            "in flight, all they may take together (the rest are kept for health checks and keep-alives); wait "
+            "for some to finish, or end uploads that have stopped sending"
+        )
 
     def in_flight(self) -> dict[str, int]:
         """Calls in flight by tenant, of the tenants that have some (tests, metrics)."""
