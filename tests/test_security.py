@@ -183,8 +183,8 @@ def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> Non
 
 
 def _refused_past_the_quarter(calls: list[Any], kept: int) -> list[Any]:
-    """Wait until every call past the first `kept` (the quarter of the workers kept for calls no share
-    counts) has ended RESOURCE_EXHAUSTED, saying why; the calls still open."""
+    """Wait until every call past the first `kept` (the bound of the calls no share counts: Checks and
+    keep-alives, or Watch streams) has ended RESOURCE_EXHAUSTED, saying why; the calls still open."""
     ended = threading.Semaphore(0)
     for call in calls:
         call.add_done_callback(lambda _: ended.release())
@@ -195,11 +195,12 @@ def _refused_past_the_quarter(calls: list[Any], kept: int) -> list[Any]:
     return [call for call in calls if not call.done()]
 
 
-def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_workers() -> None:
+def test_health_watch_streams_without_a_token_take_at_most_an_eighth_of_the_workers() -> None:
     """Health is open to callers without a token, and a Watch stream holds a worker until its client
     cancels: as many Watch streams as workers, sent without a token, and no tenant's call was served
-    (found by review). At most a quarter of --max-workers (at least one) such calls are open at
-    once; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its place back."""
+    (found by review). At most an eighth of --max-workers (at least one) such calls are open at
+    once, a bound of their own; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its
+    place back."""
     runtime = next(gen := _serve(token=TOKEN, max_workers=4))
     try:
         with grpc.insecure_channel(_address(runtime)) as channel:
