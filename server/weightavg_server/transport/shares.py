@@ -55,7 +55,7 @@ def open_streams(max_workers: int) -> int:
 
 def tenants_total(max_workers: int) -> int:
     """Calls all tenants together (and open Watch streams) may have in flight: every worker but those
-    `kept_for_unshared`, at least one (a server of one or two workers has none to spare)."""
+    `kept_for_unshared`, at least one (a server of one worker has none to keep)."""
     return max(1, max_workers - kept_for_unshared(max_workers))
 
 
@@ -128,12 +128,8 @@ class TenantShares:
                 f"tenant '{caller.tenant}' has {held} calls in flight, its share of this server's workers (half of "
                 "them, so other tenants are served); wait for some to finish, or end uploads it has stopped sending",
             )
-        self._refuse_past_total(context)
-        return None  # not reached: abort raises
-
-    def _refuse_past_total(self, context: grpc.ServicerContext) -> None:
-        """Abort a call that finds the tenants' total taken (RESOURCE_EXHAUSTED)."""
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.refusal())
+        return None  # not reached: abort raises
 
     def _leave(self, tenant: str | None) -> None:
         if tenant is None:
@@ -172,8 +168,3 @@ class TenantShares:
         """Calls in flight by tenant, of the tenants that have some (tests, metrics)."""
         with self._lock:
             return dict(self._in_flight)
-
-    def total_in_flight(self) -> int:
-        """Calls counted in the tenants' total now: tenants' calls and open Watch streams (tests)."""
-        with self._lock:
-            return self._total_held
