@@ -28,7 +28,7 @@ from ..cluster import ClusterService, Fabric
 from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import Handler, InterceptorChain, SessionInterceptor, SingleRequests, same_kind
-from ..transport.shares import TenantShares, unshared
+from ..transport.shares import TenantShares, kept_for_unshared, open_streams, unshared
 from ..transport.tenancy import TenantInterceptor, Tokens
 from .tokens import TokensFileError, token_table
 from ..transport.observe import ObservingInterceptor
@@ -295,7 +295,8 @@ def create_runtime(
     # first so that refused calls are counted too.
     # Next: nothing runs for an unauthenticated or unauthorized call; every call after it runs as its
     # token's tenant (open servers: the default tenant's admin), and calls that change something are
-    # audited. On a server with tokens, no tenant holds more than half the workers. Then a single
+    # audited. On a server with tokens, no tenant holds more than half the workers, and all tenants
+    # together (with health's Watch streams) never the quarter kept for health Checks. Then a single
     # request message is read (`SingleRequests`), so that a call waiting for it is counted. Then the
     # caller's session. Then, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. Last,
     # a streamed reply gives back its OpenMP team before each message (`TeamReturningStreams`). They
@@ -306,12 +307,15 @@ def create_runtime(
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
         ObservingInterceptor(stats), tenancy, *shares,
         # A call waiting for its single request message holds a worker: read inside the shares (with
-        # tenants), and calls no share counts (health, open without a token; keep-alives) at most a
-        # quarter of the workers at once, health's Watch streams for as long as they are open. Only
-        # where a token is required: on an open server any caller may hold every worker anyway (a
-        # Ping would do), and its health Check stays the bare call the bench's small-call row
-        # measures against.
-        *([SingleRequests(unshared, max(1, config.max_workers // 4), every=bool(shares))] if config.token or config.tokens else []),
+        # tenants), and calls no share counts (health's Check, open without a token; keep-alives) at
+        # most a quarter of the workers at once; health's Watch streams, for as long as they are open,
+        # an eighth, a bound of their own so that they never take a Check's place. Only where a token
+        # is required: on an open server any caller may hold every worker anyway (a Ping would do),
+        # and its health Check stays the bare call the bench's small-call row measures against.
+        *([SingleRequests(
+            unshared, kept_for_unshared(config.max_workers), open_streams(config.max_workers), every=bool(shares),
+            total=shares[0] if shares else None,
+        )] if config.token or config.tokens else []),
         SessionInterceptor(registry, tenancy.caller_of),
         DecodeGuard(SERVICE_NAME, config.max_message_bytes), TeamReturningStreams(),
     )]
