@@ -361,8 +361,13 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     # found by review: "is not a valid bool", naming no value that is
     ({"WEIGHTAVG_ALLOW_SHM": "maybe"}, "WEIGHTAVG_ALLOW_SHM='maybe' is not a switch: use 1 or 0 (or true/false, yes/no, on/off)"),
     ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
-    ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "--pinned-cache-bytes must be 0 (no pinned staging) or more; got -1"),
-    ({"WEIGHTAVG_MAX_LOCKED_BYTES": "-5"}, "--max-locked-bytes must be 0 (lock no shared memory region) or more; got -5"),
+    # sizes take units (tests/test_cli_sizes.py); a negative one is refused as it is read
+    ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "WEIGHTAVG_PINNED_CACHE_BYTES='-1' is negative; give a whole number of "
+     "bytes, optionally with a unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), KB, MB, GB, TB (powers of "
+     "1000), any case, e.g. 67108864, 64MiB, 64M, 1.5GiB, 500MB"),
+    ({"WEIGHTAVG_MAX_LOCKED_BYTES": "0.3K"}, "WEIGHTAVG_MAX_LOCKED_BYTES='0.3K' is 307.2 bytes, not a whole number; "
+     "give a whole number of bytes, optionally with a unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), KB, "
+     "MB, GB, TB (powers of 1000), any case, e.g. 67108864, 64MiB, 64M, 1.5GiB, 500MB"),
     # found by review: -5 served on 65531; a device that does not exist printed a traceback
     ({"WEIGHTAVG_METRICS_PORT": "-5"}, "the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not -5"),
     # torch's own message listed twenty device types, of which the server takes two
