@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weightavg import Client, UnauthenticatedError
@@ -371,7 +372,8 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     # found by review: -5 served on 65531; a device that does not exist printed a traceback
     ({"WEIGHTAVG_METRICS_PORT": "-5"}, "the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not -5"),
     # torch's own message listed twenty device types, of which the server takes two
-    ({"WEIGHTAVG_DEVICE": "nonsense"}, "unknown device 'nonsense'; use cpu, cuda or cuda:N"),
+    ({"WEIGHTAVG_DEVICE": "nonsense"}, "--device nonsense: unknown device 'nonsense'; use cpu, cuda or cuda:N, or auto "
+     "(CUDA when there is one, else the CPU)"),
     # found by review: every fetch INTERNAL; no periodic snapshot (a traceback in its thread); no session at all
     ({"WEIGHTAVG_CHUNK_BYTES": "0"}, "--chunk-bytes must be a whole number from 1 to 2147483647; got 0"),
     ({"WEIGHTAVG_SNAPSHOT_EVERY": "inf"}, "--snapshot-every must be a number of seconds, 0 or more, at most "
@@ -392,6 +394,32 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"weightavg serve: {message}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+@pytest.mark.parametrize("device, problem", [
+    ("cuda", f"device 'cuda' requested but this server has no CUDA device (torch {torch.__version__} is built "
+     "without CUDA); use cpu" if torch.version.cuda is None else "requested but this server has no CUDA device ("),
+    ("cuda:0", "device 'cuda:0' requested but this server has no CUDA device ("),
+    ("cuda:x", "unknown device 'cuda:x'; use cpu, cuda or cuda:N"),
+    ("gpu", "unknown device 'gpu'; use cpu, cuda or cuda:N"),
+])
+def test_serve_on_a_device_this_machine_lacks_is_one_line_naming_the_flag_and_the_fix(
+    device: str, problem: str, tmp_path: Path,
+) -> None:
+    """The message named no flag ("device 'cuda' requested but this server has no CUDA device"), and
+    came after the state directory was made; under torchrun a device that was not one served anyway,
+    on the GPUs or the CPU (found by review)."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", device,
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"weightavg serve: --device {device}: {problem}"), result.stderr
+    assert result.stderr.rstrip().endswith(", or auto (CUDA when there is one, else the CPU)")
+    assert not (tmp_path / "state").exists()  # refused before anything was made
 
 
 @pytest.mark.parametrize("setting, value, message", [

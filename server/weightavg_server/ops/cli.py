@@ -22,7 +22,7 @@ from ..domain import optimizers
 from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
-from .app import create_runtime, settings
+from .app import check_device, create_runtime, settings
 from .config import (
     BYTE_SIZE_FORMS, BYTE_SIZES, ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig, bare_host, host_port, parse_bytes, value_parser,
 )
@@ -352,8 +352,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = config_from_args(args)
         config.check()  # before a torchrun cluster meets, so every rank refuses alike
+        # And before the state directory is made and the ranks meet: under torchrun a device string that
+        # was not one (`cuda:x`) served on the GPUs, and `gpu` on a machine without CUDA on the CPU.
+        check_device(config.device)
         configure_logging(config)
-    except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
+    except (ValueError, WeightavgError) as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
         sys.exit(f"weightavg serve: {exc}")
     try:
         serve(config)
