@@ -606,6 +606,59 @@ def test_a_sighup_while_the_server_starts_is_kept_for_when_it_serves(tmp_path: P
     assert "tokens reloaded from" in err and "Traceback" not in err
 
 
+TORCH_GATE = """
+import os, sys
+
+class _TorchGate:
+    \"\"\"Holds the first import of torch until the test closes the pipe at $WEIGHTAVG_TEST_TORCH_GATE.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            with open(os.environ["WEIGHTAVG_TEST_TORCH_GATE"]) as gate:
+                gate.read()
+        return None
+
+sys.meta_path.insert(0, _TorchGate())
+"""
+"""A sitecustomize for the server process: its import of torch waits on a pipe the test holds."""
+
+
+@pytest.mark.parametrize("serve", [["weightavg", "serve"], ["python", "-m", "weightavg_server"]])
+def test_a_sighup_while_torch_loads_is_kept_for_when_the_server_serves(serve: list[str], tmp_path: Path) -> None:
+    """SIGHUP was kept only from serve() on, after torch's import: one sent right after the start
+    ended the process without a word (found by review). The server's import of torch is held on a
+    pipe, so the signal lands inside it without a sleep; the kept SIGHUP's reload logs its line."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(TORCH_GATE)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate, 0o600)
+    path = os.pathsep.join([str(hook), str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")])
+    command = [str(Path(sys.executable).parent / serve[0]), *serve[1:]]
+    server = subprocess.Popen(
+        [*command, "--port", "0", "--device", "cpu", "--metrics-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=path, WEIGHTAVG_TEST_TORCH_GATE=str(gate)),
+    )
+    try:
+        with open(gate, "w"):  # returns once the server opened it: it is importing torch
+            server.send_signal(signal.SIGHUP)
+        assert server.stdout is not None and server.stderr is not None
+        line = server.stdout.readline()
+        assert line.startswith("weightavg serving on "), (server.wait(60), server.stderr.read())
+        for logged in server.stderr:  # the kept SIGHUP's reload, once the server serves (no --tokens here)
+            if "SIGHUP: no --tokens file to reload" in logged:
+                break
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0 and "Traceback" not in err, err
+
+
 def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     """Connections and shared memory regions take descriptors; the usual soft limit of 1024 is low
     for a server, and a client's regions could take them all (docs/security.md)."""

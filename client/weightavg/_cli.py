@@ -26,9 +26,11 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds health, info and stats wait for an answer: they are probes, not work."""
 
 
-def _server_command(module: str, extra: str, argv: list[str]) -> int:
+def _server_command(module: str, extra: str, argv: list[str], *, keep_sighup: bool = False) -> int:
     # Imported lazily: the server needs torch, which a client-only install does not have.
     try:
+        if keep_sighup:  # before torch loads (seconds): a SIGHUP meanwhile is kept for when the server serves
+            importlib.import_module("weightavg_server.ops.startup").keep_sighup()
         command = importlib.import_module(module)
     except ImportError as exc:
         print(
@@ -41,7 +43,7 @@ def _server_command(module: str, extra: str, argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    return _server_command("weightavg_server.ops.cli", "server", argv)
+    return _server_command("weightavg_server.ops.cli", "server", argv, keep_sighup=True)
 
 
 def _demo(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ from ..domain import optimizers
 from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
+from . import startup
 from .app import check_device, create_runtime, settings
 from .config import (
     BYTE_SIZE_FORMS, BYTE_SIZES, ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig, bare_host, host_port, parse_bytes, value_parser,
@@ -224,8 +225,10 @@ class Signals:
         self.reloads = 0
 
     def install_reload(self) -> None:
-        """Record SIGHUP from now on; the tokens are reread once the server serves."""
+        """Record SIGHUP from now on; the tokens are reread once the server serves. SIGHUPs that came
+        while torch loaded (startup.keep_sighup) count too."""
         signal.signal(signal.SIGHUP, self._on_reload)
+        self.reloads += startup.take_sighups()  # after the handler: one arriving between lands in either count
 
     def install(self) -> None:
         """Record SIGTERM and SIGINT (a drain) and SIGHUP from now on."""
@@ -264,6 +267,9 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
     # rank at once, so the others wait for rank 0's stop, or fail when it is gone.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    # SIGHUP rereads rank 0's tokens; this rank has none, and ends on it as before (startup.keep_sighup
+    # kept one only while torch loaded).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     registry = Registry()
     registry.set_limits(config.limits())
     optimizers.prepare()
