@@ -110,3 +110,27 @@ def test_serve_with_sizes_in_units_serves_with_those_sizes() -> None:
         process.terminate()
         _, err = process.communicate(timeout=120)
     assert process.returncode == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("quota, size", [('"8GiB"', 8 * GI), ('"8GB"', 8 * 10**9), ('"512 MiB"', 512 * MI), ("1024", KI)])
+def test_a_tokens_files_byte_quota_takes_sizes_as_the_flags_do(quota: str, size: int, tmp_path: Path) -> None:
+    """The tokens file's max_device_bytes took whole numbers only, while the flags now take units."""
+    from weightavg_server.ops.tokens import load_tokens
+
+    path = tmp_path / "tokens.toml"
+    path.write_text(f'[tenants.a]\nmax_device_bytes = {quota}\n[[tokens]]\ntoken = "a-token-long-enough-1"\n'
+                    'tenant = "a"\nrole = "user"\n')
+    path.chmod(0o600)
+    assert load_tokens(path).quotas["a"].max_device_bytes == size
+
+
+@pytest.mark.parametrize("quota", ['"a-token-long-enough-2"', '"-1G"', '"0.3K"', '"8PiB"'])
+def test_a_byte_quota_that_is_no_size_is_refused_without_quoting_it(quota: str, tmp_path: Path) -> None:
+    from weightavg_server.ops.tokens import TokensFileError, load_tokens
+
+    path = tmp_path / "tokens.toml"
+    path.write_text(f'[tenants.a]\nmax_device_bytes = {quota}\n')
+    path.chmod(0o600)
+    with pytest.raises(TokensFileError, match=r"tenants\.a\.max_device_bytes must be a whole number of bytes") as info:
+        load_tokens(path)
+    assert quota.strip('"') not in str(info.value)
