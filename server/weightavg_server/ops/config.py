@@ -109,14 +109,14 @@ def sendable_token(token: str) -> bool:
     return token == token.strip() and all(" " <= c <= "~" for c in token)
 
 
-BYTE_UNITS: dict[str, int] = {"": 1, "b": 1}
+BYTE_UNITS: dict[str, int] = {"": 1, "b": 1} | {
+    prefix + suffix: (1000 if suffix == "b" else 1024) ** power
+    for power, prefix in enumerate("kmgt", start=1) for suffix in ("", "i", "ib", "b")
+}
 """Unit suffixes of a byte size (lower case; matched case-insensitively) -> bytes. KiB, Ki and a bare
 K are powers of 1024, as in docker's --memory, Java's -Xmx, GNU dd and Kubernetes' Ki; KB is a power of
 1000 (SI), so 1GB is 10**9 bytes and 1G, 1Gi and 1GiB are 2**30. Case does not matter: 1mb is 1MB
 (never megabits)."""
-for _power, _prefix in enumerate("kmgt", start=1):
-    BYTE_UNITS[_prefix] = BYTE_UNITS[_prefix + "i"] = BYTE_UNITS[_prefix + "ib"] = 1024**_power
-    BYTE_UNITS[_prefix + "b"] = 1000**_power
 MAX_BYTE_SIZE = 2**63 - 1
 """The largest byte size any setting takes (int64, as the wire and the caps carry it); each flag's own
 range is checked by ServerConfig.check."""
