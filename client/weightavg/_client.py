@@ -1368,7 +1368,7 @@ class Client:
     @_rpc
     def snapshot(self) -> Mapping[str, Any]:
         """Ask the server to write every live handle to its --state-dir now; returns {"directory",
-        "handles" (how many saved), "tensor_bytes", "skipped" (handles of a kind it cannot save)}.
+        "handles" (how many saved), "tensor_bytes", "skipped" (handles not saved, as "id (kind): why")}.
         FailedPreconditionError on a server without --state-dir."""
         r = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self.timeout)
         return {"directory": r.directory, "handles": r.handles, "tensor_bytes": r.tensor_bytes,

@@ -20,9 +20,9 @@ from weightavg.v1 import weightavg_pb2 as pb
 from ..store import snapshot
 from .openmp import TeamReturningExecutor, release_team, returning_team
 from .config import LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
-from ..domain import lerp, optimizers, pinned, weighted_sum
+from ..domain import devices, lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
-from ..domain.errors import WeightavgError
+from ..domain.errors import InvalidArgument, WeightavgError
 from ..service import Service, Settings
 from ..cluster import ClusterService, Fabric
 from ..cluster import restore_dir as cluster_restore_dir
@@ -258,6 +258,25 @@ def settings(config: ServerConfig, device: torch.device) -> Settings:
     )
 
 
+def check_device(name: str) -> str:
+    """`name` (--device), once this machine has that device; no CUDA context is made (devices.check).
+    `weightavg serve` checks it before the state directory and the ranks; create_runtime, for the
+    demo and in-process servers, again.
+
+    Raises:
+        InvalidArgument: naming --device and what to give instead (its message started with torch's
+            or the store's words and named no flag: 'device 'cuda' requested but this server has no
+            CUDA device'; found by review).
+    """
+    if name == "auto":
+        return name
+    try:
+        devices.check(name)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"--device {name}: {exc}, or auto (CUDA when there is one, else the CPU)") from None
+    return name
+
+
 def create_runtime(
     config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None,
     fabric: Fabric | None = None,
@@ -274,7 +293,7 @@ def create_runtime(
     # The TLS files are read before the restore: a missing key was refused only after every handle
     # of the snapshot had been loaded, minutes for a large one (found by review).
     credentials = server_credentials(config)
-    device = fabric.device if fabric is not None else server_device(config.device)
+    device = fabric.device if fabric is not None else server_device(check_device(config.device))
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
     pinned.set_cache_bytes(config.pinned_cache_bytes)
