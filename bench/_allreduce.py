@@ -68,12 +68,15 @@ def main(count: int, width: int, device: str) -> None:
         for work in works:
             work.wait()
 
+    world_group = dist.group.WORLD
+    assert world_group is not None  # the default group exists once init_process_group has run
+
     @torch.no_grad()
     def flat_mean() -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(world)
 
-    ways: list[Callable[[], None]] = [flat_mean, each, bucketed, lambda: average_parameters(iter(params), None)]
+    ways: list[Callable[[], None]] = [flat_mean, each, bucketed, lambda: average_parameters(iter(params), world_group)]
     names = ["flat", "tensors", "buckets", "average_parameters"]
     code = torch.zeros(1, dtype=torch.int64, device=device if backend == "nccl" else "cpu")
     if rank == 0:

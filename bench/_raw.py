@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -31,12 +32,12 @@ def pieces(data: bytes, chunk_bytes: int) -> Iterator[bytes]:
 class _RawHandler(grpc.GenericRpcHandler):
     def __init__(self) -> None:
         self._payload = b""
-        self._handlers = {
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             DOWNLOAD: grpc.unary_stream_rpc_method_handler(self._download),
             UPLOAD: grpc.stream_unary_rpc_method_handler(self._upload),
         }
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         return self._handlers.get(handler_call_details.method)
 
     def _download(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -58,8 +59,8 @@ class RawClient:
     """Calls the raw service over a channel built with the weightavg client's options."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self._download = channel.unary_stream(DOWNLOAD)
-        self._upload = channel.stream_unary(UPLOAD)
+        self._download: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(DOWNLOAD)
+        self._upload: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(UPLOAD)
 
     def download(self, total: int, chunk_bytes: int) -> int:
         """Stream `total` bytes from the server; returns the bytes received."""

@@ -209,7 +209,7 @@ def ema_large(ctx: Context) -> list[Row | Skip]:
     params16 = [q.to(torch.bfloat16) for q in params]
     avgs32 = [a.clone() for a in avgs]
     big_a, big_b = torch.cat([a.reshape(-1) for a in avgs]), torch.cat([q.reshape(-1) for q in params])
-    swa = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY))
+    swa = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY))  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     swa.update_parameters(model)  # the first call only copies; later ones lerp
 
     def lerp_loop() -> None:
@@ -284,7 +284,9 @@ def small_call(ctx: Context) -> list[Row | Skip]:
     p = c.copyparms(m)
     health = health_pb2_grpc.HealthStub(c._raw_channel)  # the same channel, without the client's interceptors
     check = health_pb2.HealthCheckRequest()
-    calls = {"avgparms": lambda: c.avgparms(m, p), "Ping": c.ping, "health": lambda: health.Check(check, timeout=60)}
+    calls: dict[str, Callable[[], Any]] = {
+        "avgparms": lambda: c.avgparms(m, p), "Ping": c.ping, "health": lambda: health.Check(check, timeout=60),
+    }
     times = in_blocks(calls, ctx.reps(40, 10))
     c.free(m, p)
     r = row("small call", "avgparms p50, linear 2->1", "Ping p50 (same server)", times, "avgparms", "Ping",
@@ -395,7 +397,7 @@ def small_tensors(ctx: Context) -> list[Row | Skip]:
     values = {f"block{i}.weight": rng.standard_normal(SMALL_FLOATS, dtype=np.float32) for i in range(count)}
     d = c.dict(values)
     channel = grpc.insecure_channel(ctx.address)  # the bench's server is open: no token, no session
-    create = channel.stream_unary(
+    create: grpc.StreamUnaryMultiCallable[bytes, pb.CreateDictionaryResponse] = channel.stream_unary(
         "/weightavg.v1.WeightAveragingService/CreateDictionary", response_deserializer=pb.CreateDictionaryResponse.FromString,
     )
 

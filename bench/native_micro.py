@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -58,7 +58,7 @@ def lerps(reps: int) -> dict[str, float]:
     }, reps)
 
 
-def many(reps: int, shapes: list[tuple[int, ...]]) -> dict[str, float]:
+def many(reps: int, shapes: Sequence[tuple[int, ...]]) -> dict[str, float]:
     pairs = [(torch.randn(shape), torch.randn(shape)) for shape in shapes]
     decided = lerp.batch(pairs)
     assert decided is not None and not decided.rest

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weightavg import Client, UnauthenticatedError
@@ -361,12 +362,18 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     # found by review: "is not a valid bool", naming no value that is
     ({"WEIGHTAVG_ALLOW_SHM": "maybe"}, "WEIGHTAVG_ALLOW_SHM='maybe' is not a switch: use 1 or 0 (or true/false, yes/no, on/off)"),
     ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
-    ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "--pinned-cache-bytes must be 0 (no pinned staging) or more; got -1"),
-    ({"WEIGHTAVG_MAX_LOCKED_BYTES": "-5"}, "--max-locked-bytes must be 0 (lock no shared memory region) or more; got -5"),
+    # sizes take units (tests/test_cli_sizes.py); a negative one is refused as it is read
+    ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "WEIGHTAVG_PINNED_CACHE_BYTES='-1' is negative; give a whole number of "
+     "bytes, optionally with a unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), KB, MB, GB, TB (powers of "
+     "1000), any case, e.g. 67108864, 64MiB, 64M, 1.5GiB, 500MB"),
+    ({"WEIGHTAVG_MAX_LOCKED_BYTES": "0.3K"}, "WEIGHTAVG_MAX_LOCKED_BYTES='0.3K' is 307.2 bytes, not a whole number; "
+     "give a whole number of bytes, optionally with a unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), KB, "
+     "MB, GB, TB (powers of 1000), any case, e.g. 67108864, 64MiB, 64M, 1.5GiB, 500MB"),
     # found by review: -5 served on 65531; a device that does not exist printed a traceback
     ({"WEIGHTAVG_METRICS_PORT": "-5"}, "the metrics port must be -1 (off) or 0 to 65535 (0 picks a free one), not -5"),
     # torch's own message listed twenty device types, of which the server takes two
-    ({"WEIGHTAVG_DEVICE": "nonsense"}, "unknown device 'nonsense'; use cpu, cuda or cuda:N"),
+    ({"WEIGHTAVG_DEVICE": "nonsense"}, "--device nonsense: unknown device 'nonsense'; use cpu, cuda or cuda:N, or auto "
+     "(CUDA when there is one, else the CPU)"),
     # found by review: every fetch INTERNAL; no periodic snapshot (a traceback in its thread); no session at all
     ({"WEIGHTAVG_CHUNK_BYTES": "0"}, "--chunk-bytes must be a whole number from 1 to 2147483647; got 0"),
     ({"WEIGHTAVG_SNAPSHOT_EVERY": "inf"}, "--snapshot-every must be a number of seconds, 0 or more, at most "
@@ -387,6 +394,32 @@ def test_serve_with_a_bad_setting_exits_with_a_message(env: dict[str, str], mess
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"weightavg serve: {message}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+@pytest.mark.parametrize("device, problem", [
+    ("cuda", f"device 'cuda' requested but this server has no CUDA device (torch {torch.__version__} is built "
+     "without CUDA); use cpu" if torch.version.cuda is None else "requested but this server has no CUDA device ("),
+    ("cuda:0", "device 'cuda:0' requested but this server has no CUDA device ("),
+    ("cuda:x", "unknown device 'cuda:x'; use cpu, cuda or cuda:N"),
+    ("gpu", "unknown device 'gpu'; use cpu, cuda or cuda:N"),
+])
+def test_serve_on_a_device_this_machine_lacks_is_one_line_naming_the_flag_and_the_fix(
+    device: str, problem: str, tmp_path: Path,
+) -> None:
+    """The message named no flag ("device 'cuda' requested but this server has no CUDA device"), and
+    came after the state directory was made; under torchrun a device that was not one served anyway,
+    on the GPUs or the CPU (found by review)."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", device,
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"weightavg serve: --device {device}: {problem}"), result.stderr
+    assert result.stderr.rstrip().endswith(", or auto (CUDA when there is one, else the CPU)")
+    assert not (tmp_path / "state").exists()  # refused before anything was made
 
 
 @pytest.mark.parametrize("setting, value, message", [
@@ -571,6 +604,59 @@ def test_a_sighup_while_the_server_starts_is_kept_for_when_it_serves(tmp_path: P
             server.kill()
     assert server.returncode == 0, err
     assert "tokens reloaded from" in err and "Traceback" not in err
+
+
+TORCH_GATE = """
+import os, sys
+
+class _TorchGate:
+    \"\"\"Holds the first import of torch until the test closes the pipe at $WEIGHTAVG_TEST_TORCH_GATE.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            with open(os.environ["WEIGHTAVG_TEST_TORCH_GATE"]) as gate:
+                gate.read()
+        return None
+
+sys.meta_path.insert(0, _TorchGate())
+"""
+"""A sitecustomize for the server process: its import of torch waits on a pipe the test holds."""
+
+
+@pytest.mark.parametrize("serve", [["weightavg", "serve"], ["python", "-m", "weightavg_server"]])
+def test_a_sighup_while_torch_loads_is_kept_for_when_the_server_serves(serve: list[str], tmp_path: Path) -> None:
+    """SIGHUP was kept only from serve() on, after torch's import: one sent right after the start
+    ended the process without a word (found by review). The server's import of torch is held on a
+    pipe, so the signal lands inside it without a sleep; the kept SIGHUP's reload logs its line."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(TORCH_GATE)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate, 0o600)
+    path = os.pathsep.join([str(hook), str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")])
+    command = [str(Path(sys.executable).parent / serve[0]), *serve[1:]]
+    server = subprocess.Popen(
+        [*command, "--port", "0", "--device", "cpu", "--metrics-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=path, WEIGHTAVG_TEST_TORCH_GATE=str(gate)),
+    )
+    try:
+        with open(gate, "w"):  # returns once the server opened it: it is importing torch
+            server.send_signal(signal.SIGHUP)
+        assert server.stdout is not None and server.stderr is not None
+        line = server.stdout.readline()
+        assert line.startswith("weightavg serving on "), (server.wait(60), server.stderr.read())
+        for logged in server.stderr:  # the kept SIGHUP's reload, once the server serves (no --tokens here)
+            if "SIGHUP: no --tokens file to reload" in logged:
+                break
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0 and "Traceback" not in err, err
 
 
 def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:

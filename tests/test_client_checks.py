@@ -372,11 +372,32 @@ def test_a_call_after_the_with_block_says_the_client_was_closed(live_server: Liv
     with pytest.raises(RuntimeError) as err:
         c.parm(q, "weight")
     assert str(err.value) == (
-        "this Client was closed (close(), or the end of its with block) and its session's handles were freed; "
-        "make the call inside the block, or make a new Client"
+        "this Client is closed (by close(), or the end of its with block) and its session's handles were freed: "
+        "make the call inside the block, or make a new Client(address)"
     )
     with Client(live_server.address) as plain:
         pass
     plain.close()  # a second close is harmless
-    with pytest.raises(RuntimeError, match=r"^this Client was closed \(close\(\), or the end of its with block\); make"):
+    with pytest.raises(RuntimeError, match=r"^this Client is closed \(by close\(\), or the end of its with block\): make"):
         plain.ping()
+
+
+def test_a_call_on_a_closed_client_says_to_make_a_new_one(live_server: LiveServer) -> None:
+    c = Client(live_server.address)
+    d = c.dict({"w": np.ones(3, np.float32)})
+    c.close()
+    c.close()  # closing twice does nothing more
+    calls = {
+        "ping": lambda: c.ping(),
+        "upload": lambda: c.dict({"w": np.ones(3, np.float32)}),
+        "fetch": lambda: c.dict(d, "w"),
+        "module": lambda: c.module(["linear", 2, 1]),
+        "average": lambda: c.average([d, d]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="this Client is closed") as caught:
+            call()
+        assert "Client(address)" in str(caught.value), name
+    with Client(live_server.address) as other:  # the server and its handles are untouched
+        assert other.dict(d, "w").tolist() == [1.0, 1.0, 1.0]
+        other.free(d)

@@ -179,6 +179,56 @@ def test_reads_never_see_a_half_applied_load(live_server: LiveServer, client: Cl
     assert seen <= {0.0, 1.0}
 
 
+
+def test_copies_never_see_a_test_or_evaluation_half_way_through_renormalising(
+    live_server: LiveServer, client: Client
+) -> None:
+    """An embedding with max_norm renormalises the rows it reads in place, in eval mode too, so
+    testrun and evaluate change the module batch by batch. Writers put back rows of norm 10 while
+    testruns and evaluations (16 batches each, over every row) and copies run at once: each copy
+    sees every row at norm 10 or every row renormalised, never a pass half done, and every testrun
+    sees the whole test data from its start (the same matches: renormalising keeps each row's argmax).
+    testrun and such an evaluate change the model, so they are serialised with every other call on it."""
+    rows, cols = 256, 32
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((rows, cols)).astype(np.float32)
+    weight *= 10 / np.linalg.norm(weight, axis=1, keepdims=True)
+    q = client.module(["sequential", ["embed", "e", rows, cols, {"maxnorm": 1.0}]])
+    full = client.dict({"e.weight": weight})
+    client.copyparms(q, full)
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q))
+    x, y = np.arange(rows, dtype=np.int64), rng.integers(0, cols, rows).astype(np.int64)
+    client.test(m, x, y)
+    client.test(m, batchsize=16, metrics="matches")
+    expected = int(np.sum(weight.argmax(1) == y))
+
+    def norms_of(values: np.ndarray) -> float:
+        norms = np.linalg.norm(values, axis=1)
+        assert np.allclose(norms, 10, rtol=1e-4) or np.allclose(norms, 1, rtol=1e-4), "a pass half done"
+        return 10.0 if norms[0] > 5 else 1.0
+
+    def work(i: int) -> set[Any]:
+        seen: set[Any] = set()
+        with Client(live_server.address, timeout=TIMEOUT) as c:
+            for k in range(20):
+                if i < 2:
+                    c.copyparms(q, full)
+                elif i < 4:
+                    seen.add(("matches", int(c.testrun(m))))
+                elif i < 5:
+                    seen.add(("argmax", tuple(np.asarray(c.evaluate(m, x)).argmax(1))))
+                else:
+                    copy = c.copyparms(q)
+                    seen.add(("norms", norms_of(np.asarray(c.dict(copy)["e.weight"]))))
+                    c.free(copy)
+        return seen
+
+    seen = set().union(*run_threads(6, work))
+    assert {v for k, v in seen if k == "matches"} == {expected}
+    assert {v for k, v in seen if k == "argmax"} == {tuple(weight.argmax(1))}
+    assert {v for k, v in seen if k == "norms"} <= {10.0, 1.0}
+
+
 def test_mixed_load_ends_consistent(live_server: LiveServer, client: Client) -> None:
     """12 threads mix copy, average, batchnorm, dictionary updates, addref, free and listings.
 

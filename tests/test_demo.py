@@ -141,7 +141,7 @@ def test_a_demo_that_cannot_run_says_why_in_one_line_not_a_traceback() -> None:
     """A device this machine lacks, a server that is not there, a setting the server refuses: each
     printed a traceback (found by review)."""
     for args, line in [
-        (["--device", "nosuch"], "weightavg demo: unknown device 'nosuch'; use cpu, cuda or cuda:N"),
+        (["--device", "nosuch"], "weightavg demo: --device nosuch: unknown device 'nosuch'; use cpu, cuda or cuda:N"),
         (["--address", "127.0.0.1:1"], "weightavg demo: UNAVAILABLE: "),
         (["--lr", "nan", "--seeds", "1", "--epochs", "1", "--swa-epochs", "1"],
          "weightavg demo: INVALID_ARGUMENT: sgd: option 'lr' must be finite, given nan"),

@@ -110,8 +110,8 @@ def test_committed_stubs_match_the_proto() -> None:
     assert gen_protos.stale_files() == [], "run: python scripts/gen_protos.py"
 
 
-def test_client_server_and_examples_are_mypy_strict_clean() -> None:
-    # Configuration (strict; files: client/weightavg, server/weightavg_server, examples) lives in pyproject.toml.
+def test_client_server_examples_and_bench_are_mypy_strict_clean() -> None:
+    # Configuration (strict; files: client/weightavg, server/weightavg_server, examples, bench, two scripts) lives in pyproject.toml.
     result = subprocess.run(
         [sys.executable, "-m", "mypy"], capture_output=True, text=True, timeout=600, cwd=ROOT
     )

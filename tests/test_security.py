@@ -183,8 +183,8 @@ def test_health_checks_stay_open_without_the_token(token_server: Runtime) -> Non
 
 
 def _refused_past_the_quarter(calls: list[Any], kept: int) -> list[Any]:
-    """Wait until every call past the first `kept` (the quarter of the workers kept for calls no share
-    counts) has ended RESOURCE_EXHAUSTED, saying why; the calls still open."""
+    """Wait until every call past the first `kept` (the bound of the calls no share counts: Checks and
+    keep-alives, or Watch streams) has ended RESOURCE_EXHAUSTED, saying why; the calls still open."""
     ended = threading.Semaphore(0)
     for call in calls:
         call.add_done_callback(lambda _: ended.release())
@@ -195,11 +195,12 @@ def _refused_past_the_quarter(calls: list[Any], kept: int) -> list[Any]:
     return [call for call in calls if not call.done()]
 
 
-def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_workers() -> None:
+def test_health_watch_streams_without_a_token_take_at_most_an_eighth_of_the_workers() -> None:
     """Health is open to callers without a token, and a Watch stream holds a worker until its client
     cancels: as many Watch streams as workers, sent without a token, and no tenant's call was served
-    (found by review). At most a quarter of --max-workers (at least one) such calls are open at
-    once; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its place back."""
+    (found by review). At most an eighth of --max-workers (at least one) such calls are open at
+    once, a bound of their own; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its
+    place back."""
     runtime = next(gen := _serve(token=TOKEN, max_workers=4))
     try:
         with grpc.insecure_channel(_address(runtime)) as channel:
@@ -225,6 +226,29 @@ def test_health_watch_streams_without_a_token_take_at_most_a_quarter_of_the_work
             else:
                 pytest.fail("a cancelled Watch stream never gave its slot back")
             again.cancel()
+    finally:
+        next(gen, None)
+
+
+def test_health_checks_are_served_while_watch_streams_without_a_token_fill_their_bound() -> None:
+    """Watch streams sent without a token once took every place of the bound that health Checks
+    shared (a quarter of the workers), so a liveness probe's Check was RESOURCE_EXHAUSTED for as long
+    as they stayed open (found by review). Watch streams have a bound of their own now (an eighth of
+    the workers, at least one): with four workers one stays open, the rest are refused, and a Check
+    without a token is still answered SERVING (four workers keep one for Checks and keep-alives)."""
+    runtime = next(gen := _serve(token=TOKEN, max_workers=4))
+    try:
+        with grpc.insecure_channel(_address(runtime)) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
+            (open_one,) = _refused_past_the_quarter(watches, 1)
+            refused = [watch for watch in watches if watch.done()]
+            assert all("(health Watch streams) are open" in (watch.details() or "") for watch in refused)
+            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING  # it holds its slot now
+            for _ in range(3):  # it was RESOURCE_EXHAUSTED: the open streams held the Checks' places
+                reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            open_one.cancel()
     finally:
         next(gen, None)
 

@@ -24,11 +24,14 @@ from inprocess import (
 )
 from weightavg_server.domain.averaging import BufferMode
 from weightavg_server.domain.ema import EmaSchedule, EmaState, ScheduleChange
-from weightavg_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from weightavg_server.domain.errors import (
+    FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
+)
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Ref, Service, Settings
 from weightavg_server.store.limits import Limits
 from weightavg_server.store.registry import Kind, Registry
+from weightavg_server.store.tenants import CALLER, DEFAULT_TENANT, Caller, Role
 
 F32, I64 = 4, 8
 ROWS, FEATURES, CLASSES = 30, 20, 5
@@ -839,3 +842,58 @@ def test_evaluate_keeps_its_output_reserved_until_the_reply_has_streamed(service
         room = BIG - base
         assert not fits(s.store, nbytes=room - output.numel() * F32 + 1)
     assert_nothing_pending(s.store)
+
+
+# -- tests and evaluations that change the model --------------------------------------------------
+
+
+@contextlib.contextmanager
+def as_reader() -> Iterator[None]:
+    """Serve the block as a call made with a reader token of the default tenant (what the tenancy
+    interceptor sets); a reader's change is refused by the store itself, whatever the transport lets by."""
+    token = CALLER.set(Caller(DEFAULT_TENANT, Role.READER))
+    try:
+        yield
+    finally:
+        CALLER.reset(token)
+
+
+def max_norm_model(s: Service) -> tuple[str, torch.Tensor]:
+    """A model whose module is an embedding with max_norm 1 and rows of norm 10 (each forward
+    renormalises the rows it reads, in place), with test indices loaded; the model and the weight."""
+    q = s.create_module(LayerSpec("embed", args=(ROWS, CLASSES), options=(("maxnorm", 1.0),))).id
+    weight = s.store.get(q).obj.weight
+    with torch.no_grad():
+        weight.copy_(torch.nn.functional.normalize(torch.randn(ROWS, CLASSES), dim=1) * 10)
+    m = s.create_model(q, s.create_loss("ce", (), ()).id, s.create_optimizer(q, "sgd", (0.1,), ()).id).id
+    s.set_model_data(m, "test", upload(("x", torch.arange(ROWS)), ("y", labels())))
+    return m, weight
+
+
+def test_testrun_and_evaluate_take_the_write_path_where_they_change_the_model(service: Service) -> None:
+    """testrun puts the test data back to full size, and a pass over a max_norm embedding
+    renormalises the rows it reads: both changes, in place, so both calls go through `mutate` (the
+    store's way for changes: a reader token is refused there too) rather than a read, which let a
+    reader's call change the model (found by review). An evaluation that writes nothing stays a read."""
+    s = service
+    m, weight = max_norm_model(s)
+    s.set_model_options(m, "test", (("batchsize", 10),))
+    assert s.next_batch(m, "test", 0)  # the test data stand at their first batch of 10
+    data = s.store.get(m).obj.test_data
+    before = weight.detach().clone()
+    with as_reader():
+        with pytest.raises(PermissionDenied):
+            s.run_test(m, never)
+        with pytest.raises(PermissionDenied):
+            s.evaluate(m, upload(("x", torch.arange(ROWS))), never)
+    assert data.x.shape[0] == data.y.shape[0] == 10  # still at the batch they stood at
+    assert torch.equal(weight, before)  # no row renormalised
+    assert_nothing_pending(s.store)
+    # The same calls with a user's token: the rows read are renormalised (as torch does, in eval mode
+    # too) and the data put back to full size.
+    s.run_test(m, never)
+    assert data.x.shape[0] == ROWS
+    assert torch.allclose(weight.norm(dim=1), torch.ones(ROWS))
+    plain = model(s)
+    with as_reader():  # an evaluation that writes nothing is a read, open to any caller the transport lets by
+        assert s.evaluate(plain, upload(("x", x_rows())), never).shape == (ROWS, CLASSES)

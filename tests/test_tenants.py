@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from conftest import HalfOpenCalls, LiveServer, StalledUploads, assert_unchanged, snapshot
 from test_snapshot import start_server as start_process
@@ -907,6 +909,61 @@ def test_a_tenant_whose_share_is_full_still_keeps_its_sessions_alive(tokens_file
         runtime.reaper.stop()
 
 
+
+
+def test_tenants_together_leave_the_workers_kept_for_health_checks(tokens_file: Path) -> None:
+    """Each tenant's share is half the workers, but two tenants together could hold them all: with
+    four workers, Bob's two stalled uploads and two of Alice's, a liveness probe's health Check (no
+    token) waited for a worker until its deadline (found by review). All tenants' calls together (and
+    health Watch streams) now take at most the workers but the quarter kept for Checks and
+    keep-alives: Alice's second upload, and then a Watch, are RESOURCE_EXHAUSTED at once, the Check
+    is answered, an admin is still served, and once the uploads end everyone is served again. An
+    open Watch counts in the total; one past the Watch streams' own bound is refused by that bound."""
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens_file), max_workers=4))
+    runtime.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{runtime.port}") as channel, connect(runtime, BOB) as b, \
+                connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin:
+            stub = pb_grpc.WeightAveragingServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            with StalledUploads(stub, 2, BOBS) as bobs:
+                _share_full(runtime, b)
+                with StalledUploads(stub, 2, [("authorization", f"Bearer {ALICE}")]) as alices:
+                    ended = threading.Semaphore(0)
+                    for upload in alices.futures:
+                        upload.add_done_callback(lambda _: ended.release())
+                    assert ended.acquire(timeout=60), "neither of Alice's uploads was refused"
+                    (refused,) = [upload for upload in alices.futures if upload.done()]
+                    assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "have 3 of this server's 4 workers in flight" in (refused.details() or "")
+                    with pytest.raises(grpc.RpcError) as watch:
+                        next(health.Watch(HealthCheckRequest(), timeout=30))
+                    assert watch.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    # It was DEADLINE_EXCEEDED: four uploads held all four workers.
+                    assert health.Check(HealthCheckRequest(), timeout=30).status == HealthCheckResponse.SERVING
+                    with pytest.raises(ResourceExhaustedError, match="all they may take together"):
+                        a.ping()
+                    admin.ping()
+                    bobs.release()
+                    alices.release()
+                    assert all(u.result(timeout=30).dictionary.id for u in bobs.futures)
+                    assert [u for u in alices.futures if u is not refused][0].result(timeout=30).dictionary.id
+            a.ping()
+            b.ping()
+            watch_open = health.Watch(HealthCheckRequest(), timeout=60)
+            assert next(watch_open).status == HealthCheckResponse.SERVING  # its own slot, and a place of the total
+            with StalledUploads(stub, 2, BOBS):
+                _share_full(runtime, b)  # the total is full too: the Watch and Bob's two
+                # A Watch past its own bound is refused there, never counting in the total on its way: a
+                # flood of them took the total's last place for an instant each, refusing tenants' calls.
+                with pytest.raises(grpc.RpcError) as watch:
+                    next(health.Watch(HealthCheckRequest(), timeout=30))
+                assert "(health Watch streams) are open" in (watch.value.details() or "")
+                assert health.Check(HealthCheckRequest(), timeout=30).status == HealthCheckResponse.SERVING
+            watch_open.cancel()
+    finally:
+        runtime.server.stop(None)
+        runtime.reaper.stop()
 
 
 def test_a_tenant_that_holds_nothing_still_shows_its_calls_and_failures(tmp_path: Path) -> None:

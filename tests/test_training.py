@@ -6,6 +6,7 @@ checks that the failed call changed nothing.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -729,6 +730,64 @@ def test_accuracy_of_per_position_classes_uses_the_class_dimension(client: Clien
     accuracy, matches, predict = client.run(m)
     assert predict.shape == (8, length) and matches == int((predict == y).sum())
     assert accuracy == pytest.approx(100 * matches / (8 * length))
+
+
+
+@pytest.mark.parametrize(("kind", "ignore"), [("ce", None), ("nll", 2), ("ce", 0)])
+def test_accuracy_leaves_out_the_targets_the_loss_ignores(client: Client, kind: str, ignore: int | None) -> None:
+    """Targets equal to the loss's ignore index (-100 unless set) are left out of accuracy and
+    matches, total and hits alike, as torch's loss leaves them out and torchmetrics' ignore_index
+    does; they were counted as misses (found by review). Checked against a hand computation in torch
+    on the server's own outputs, in testrun and run, with every third target ignored and a whole
+    batch of them (no division by zero); an ignore index that is a class (2, 0) leaves out targets
+    the model may well predict right."""
+    ignored = -100 if ignore is None else ignore
+    x, y = data(90)
+    y[::3] = ignored
+    y[60:75] = ignored  # the fifth batch of 15: nothing in it is scored
+    q = client.module(["linear", 8, 4])
+    loss = client.loss(kind) if ignore is None else client.loss(kind, ignore=ignore)
+    m = client.model(client.addref(q), loss, client.opt("sgd", q, 0.1))
+    target = torch.as_tensor(y)
+    scored = target != ignored
+    client.test(m, x, y)
+    client.test(m, batchsize=15, metrics="accuracy,matches")
+    accuracy, matches = client.testrun(m)
+    hits = int((torch.as_tensor(client.evaluate(m, x)).argmax(1)[scored] == target[scored]).sum())
+    assert matches == hits
+    assert accuracy == pytest.approx(100 * hits / int(scored.sum()), abs=1e-12)
+    client.train(m, x, y)
+    client.train(m, batchsize=15, metrics="accuracy,matches,predict")
+    accuracy, matches, predict = client.run(m)
+    hits = int((torch.as_tensor(predict)[scored] == target[scored]).sum())
+    assert matches == hits
+    assert accuracy == pytest.approx(100 * hits / int(scored.sum()), abs=1e-12)
+
+
+def test_accuracy_leaves_out_ignored_positions_and_is_nan_with_nothing_scored(client: Client) -> None:
+    """Per-position classes ([N, C, L] outputs, padding positions ignored) are scored position by
+    position; with every target ignored accuracy is NaN, as the mean loss is, and matches 0 (it
+    read 0.0, a model that is always wrong)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 2, 5)).astype(np.float32)
+    y = rng.integers(0, 3, (8, 5)).astype(np.int64)
+    y[:, 3:] = -100  # padding at the end of each sequence
+    q = client.module(["conv1d", 2, 3, 1])
+    m = client.model(client.addref(q), client.loss("ce"), client.opt("sgd", q, 0.1))
+    client.test(m, x, y)
+    client.test(m, batchsize=3, metrics="accuracy,matches")
+    accuracy, matches = client.testrun(m)
+    predicted = torch.as_tensor(client.evaluate(m, x)).argmax(1)
+    hits = int((predicted[:, :3] == torch.as_tensor(y[:, :3])).sum())
+    assert (matches, accuracy) == (hits, pytest.approx(100 * hits / 24, abs=1e-12))
+    client.test(m, x, np.full((8, 5), -100, np.int64))
+    client.test(m, metrics="accuracy,matches,loss")
+    accuracy, matches, mean_loss = client.testrun(m)
+    assert math.isnan(accuracy) and matches == 0 and math.isnan(mean_loss)
+    client.train(m, x, np.full((8, 5), -100, np.int64))
+    client.train(m, batchsize=3, metrics="accuracy,matches")
+    accuracy, matches = client.run(m)
+    assert math.isnan(accuracy) and matches == 0
 
 
 def test_metrics_of_a_one_dimensional_output(client: Client) -> None:

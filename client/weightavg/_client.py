@@ -293,17 +293,15 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def call(self: Client, *args: Any, **kwargs: Any) -> T:
         if self._closed:
-            # gRPC's own "ValueError: Cannot invoke RPC on closed channel!" named neither the client nor
-            # the usual cause, a call after the with block (found by a new user's walk-through).
-            freed = " and its session's handles were freed" if self._freed_session else ""
-            raise RuntimeError(
-                f"this Client was closed (close(), or the end of its with block){freed}; make the call inside "
-                "the block, or make a new Client"
-            )
+            raise self._closed_error()
         try:
             return method(self, *args, **kwargs)
         except grpc.RpcError as exc:
             raise self._translate(exc) from exc
+        except ValueError as exc:  # grpc's "Cannot invoke RPC on closed channel!", for a call racing close()
+            if self._closed:
+                raise self._closed_error() from exc
+            raise
 
     return call
 
@@ -606,9 +604,22 @@ class Client:
     def timeout(self, seconds: float) -> None:
         self._timeout = checked_timeout(seconds)
 
+    def _closed_error(self) -> RuntimeError:
+        """What a call on a closed client raises. gRPC's own "ValueError: Cannot invoke RPC on closed
+        channel!" named neither the client nor the usual cause, a call after the with block (found by a
+        new user's walk-through)."""
+        freed = " and its session's handles were freed" if self._freed_session else ""
+        return RuntimeError(
+            f"this Client is closed (by close(), or the end of its with block){freed}: make the call inside "
+            "the block, or make a new Client(address)"
+        )
+
     def close(self) -> None:
         """Stop renewing the session and end it if this client started it (freeing its handles),
-        then close the channel. Handles created without a session stay until freed."""
+        then close the channel. Handles created without a session stay until freed. Closing twice
+        does nothing more; any call after it raises RuntimeError."""
+        if self._closed:
+            return
         self._stop_keepalive.set()
         if self._keepalive is not None:
             self._keepalive.join()
@@ -620,8 +631,8 @@ class Client:
                 log.info("could not close session %s: %s", self.session, from_rpc_error(exc))
             self._owns_session = False
             self._freed_session = True
+        self._closed = True  # before the channel closes: a call racing it then says the client is closed
         self._raw_channel.close()
-        self._closed = True
 
     def __enter__(self) -> Client:
         return self
@@ -1447,7 +1458,7 @@ class Client:
     @_rpc
     def snapshot(self) -> Mapping[str, Any]:
         """Ask the server to write every live handle to its --state-dir now; returns {"directory",
-        "handles" (how many saved), "tensor_bytes", "skipped" (handles of a kind it cannot save)}.
+        "handles" (how many saved), "tensor_bytes", "skipped" (handles not saved, as "id (kind): why")}.
         FailedPreconditionError on a server without --state-dir."""
         r = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self.timeout)
         return {"directory": r.directory, "handles": r.handles, "tensor_bytes": r.tensor_bytes,

@@ -2,7 +2,11 @@
 
 import sys
 
-from weightavg._cli import interrupted
+from .ops.startup import keep_sighup
+
+keep_sighup()  # torch loads next: a SIGHUP meanwhile is kept for when the server serves, not fatal
+
+from weightavg._cli import interrupted  # noqa: E402
 
 try:
     from .ops.cli import main  # imports torch: seconds, during which Ctrl-C must not print a traceback

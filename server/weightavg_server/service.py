@@ -216,7 +216,8 @@ class _Prepared:
 
 def _copied_in_place() -> bool:
     """For `mutate(in_place=...)`: a change that only copies values into tensors the object already
-    holds (`load_parameters`), so no allocation it reaches changes."""
+    holds (`load_parameters`; a test or an evaluation: rows a max_norm embedding renormalises, test
+    data narrowed back to full size on their own storage), so no allocation it reaches changes."""
     return True
 
 
@@ -845,9 +846,13 @@ class Service:
 
     @contextlib.contextmanager
     def _test_ready(self, handle: str, held: contextlib.ExitStack | None = None) -> Iterator[training.Model]:
-        """A model read-locked and a test's memory reserved, nothing run yet: test it inside the block
-        (the metrics' outputs and predictions reserved for as long as `held`, or the block, lasts). A
-        cluster's ranks each get this far before any tests (cluster.py, `_rank_metrics`).
+        """A model locked for a change and a test's memory reserved, nothing run yet: test it inside
+        the block (the metrics' outputs and predictions reserved for as long as `held`, or the block,
+        lasts). A cluster's ranks each get this far before any tests (cluster.py, `_rank_metrics`).
+
+        A test changes the model, so it takes the way changes go (`mutate`), not a read: it puts the
+        test data back to full size (a `testbatch` position) and a max_norm embedding renormalises
+        the rows it reads, both in place (`_copied_in_place`).
 
         Raises:
             WeightavgError: the handle or the room do not allow a test; nothing changed.
@@ -855,7 +860,7 @@ class Service:
         entry, model = self._model(handle)
         with contextlib.ExitStack() as call:
             kept = (held if held is not None else call).enter_context(self.store.reserve())
-            with self.store.reading(entry):
+            with self.store.mutate(entry, need=NOTHING, in_place=_copied_in_place):
                 self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "test"))
                 copies = add_bytes(
                     footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test")
@@ -877,9 +882,22 @@ class Service:
             if len(tensors) != 1:
                 raise InvalidArgument(f"EvaluateModel takes one input tensor, received {len(tensors)}")
             x = tensors[0][1]
-            with self.store.reading(entry):
+            with self._eval_locked(entry, model):
                 self.store.grow(reservation, nbytes=footprint.evaluate_bytes(model, x))
                 return training.evaluate(model, x, should_stop)
+
+    @contextlib.contextmanager
+    def _eval_locked(self, entry: Entry, model: training.Model) -> Iterator[None]:
+        """The model locked for a pass in eval mode: as a change (`mutate`) where the pass writes the
+        module (`training.writes_in_eval`: a max_norm embedding renormalises the rows it reads, in
+        place), else as a read. Decided once the lock is held: `model(m, part, ...)` may replace the
+        module while the call waits for it."""
+        with self.store.reading(entry):
+            if not training.writes_in_eval(model.module):
+                yield
+                return
+            with self.store.mutate(entry, need=NOTHING, in_place=_copied_in_place):  # the same lock, taken again
+                yield
 
     @_exactly_once
     def forward(

@@ -3700,7 +3700,9 @@ class SnapshotResponse(_message.Message):
     """Bytes of tensor data written."""
     @_builtins.property
     def skipped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Handles that could not be saved (kinds without a snapshot format yet), as "id (kind)"."""
+        """Handles that could not be saved, as "id (kind): reason" (the format of the kind refused the
+        object, e.g. a module not built from a spec); they are missing from the snapshot.
+        """
 
     def __init__(
         self,

@@ -54,8 +54,9 @@ class TensorDict:
     own_count: Count | None = field(default=None, compare=False, repr=False)
     """The '.n' a running average made for this dictionary (`averaging.apply`): while its tensor is
     still the entry, later averages write the count into it in place rather than replacing it, so
-    the change reaches no new storage. A '.n' set from outside (an upload, a snapshot) is replaced
-    by the first average, never written, since its memory may be shared with the bytes it came from."""
+    the change reaches no new storage. A '.n' set from outside (an upload) is replaced by the first
+    average, never written, since its memory may be shared with the bytes it came from. A snapshot
+    restores an average's own count as a new one (`store.snapshot.load_dictionary`)."""
 
     def changed(self) -> None:
         """Record that entries were added, removed or replaced: every cached plan is stale."""

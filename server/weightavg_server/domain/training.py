@@ -506,6 +506,12 @@ def renormalised(module: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
 
 
+def writes_in_eval(module: nn.Module) -> bool:
+    """Whether a forward pass in eval mode, without gradients, writes the module: only an embedding with
+    max_norm does (`renormalised`); batchnorm statistics change in train mode alone."""
+    return bool(renormalised(module))
+
+
 def _written_by_forward(module: nn.Module) -> list[torch.Tensor]:
     """What a forward pass may write in place, gradients or not: every buffer (batchnorm statistics,
     in train mode) and the weights `renormalised` names."""
@@ -588,12 +594,30 @@ def predictions(loss: str, output: torch.Tensor, target: torch.Tensor) -> tuple[
     return predicted, truth
 
 
-class _Metrics:
-    """Per-batch results gathered on the device, turned into named tensors once at the end."""
+def scored(loss: str, output: torch.Tensor, target: torch.Tensor, ignore: int | None) -> torch.Tensor | None:
+    """The positions accuracy scores, as a bool mask of the predictions' shape, or None for all of them:
+    of class-index targets of ce and nll, those other than the loss's ignore index, which torch's loss
+    leaves out (an unlabelled or padding position); torchmetrics' `ignore_index` leaves them out of
+    accuracy the same way. Counted as misses, 10 ignored of 40 samples read 75% for a perfect model
+    (found by review). Class probabilities and one-hot rows (read by their argmax) have no ignore index."""
+    if ignore is None or loss not in INDEX_LOSSES or target.is_floating_point():
+        return None
+    if target.dim() == output.dim() and target.dim() > 0:
+        return None
+    return target != ignore
 
-    def __init__(self, names: Sequence[str], loss: str) -> None:
+
+class _Metrics:
+    """Per-batch results gathered on the device, turned into named tensors once at the end.
+
+    `ignore` is the loss's ignore index (ce, nll): targets equal to it count in neither the matches
+    nor the total of accuracy (`scored`). With no position scored at all, accuracy is NaN, as the
+    loss's mean over them is: no prediction was compared."""
+
+    def __init__(self, names: Sequence[str], loss: str, ignore: int | None = None) -> None:
         self.names = list(names)
         self.loss = loss
+        self.ignore = ignore
         self.needs_loss = bool({"loss", "batchloss"} & set(names))
         self.needs_predict = bool({"accuracy", "matches", "predict"} & set(names))
         self.losses: list[torch.Tensor] = []
@@ -601,6 +625,7 @@ class _Metrics:
         self.matches: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
         self.count = 0
+        self.counts: list[torch.Tensor] = []  # positions scored where some are ignored, summed once at the end
 
     def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | None) -> None:
         if loss is not None:
@@ -609,8 +634,14 @@ class _Metrics:
             predicted, truth = predictions(self.loss, output, target)
             if "predict" in self.names:  # kept only to be returned; accuracy and matches keep counts
                 self.predicted.append(predicted.reshape(-1) if predicted.dim() == 0 else predicted)
-            self.matches.append((predicted == truth).sum())
-            self.count += predicted.numel()  # the elements compared: a prediction per sample and position
+            hits = predicted == truth
+            mask = scored(self.loss, output, target, self.ignore)
+            if mask is None:
+                self.matches.append(hits.sum())
+                self.count += predicted.numel()  # the elements compared: a prediction per sample and position
+            else:
+                self.matches.append((hits & mask).sum())
+                self.counts.append(mask.sum())  # kept on the device: no synchronisation per batch
         if "output" in self.names:
             self.outputs.append(output.detach().reshape(-1) if output.dim() == 0 else output.detach())
 
@@ -618,13 +649,14 @@ class _Metrics:
         out: list[tuple[str, torch.Tensor]] = []
         losses = torch.stack(self.losses).cpu() if self.losses else torch.empty(0)
         matches = int(torch.stack(self.matches).sum()) if self.matches else 0
+        count = self.count + (int(torch.stack(self.counts).sum()) if self.counts else 0)
         for name in self.names:
             if name == "loss":
                 out.append((name, losses.double().mean()))
             elif name == "batchloss":
                 out.append((name, losses))
             elif name == "accuracy":
-                out.append((name, torch.tensor(100.0 * matches / max(self.count, 1), dtype=torch.float64)))
+                out.append((name, torch.tensor(100.0 * matches / count if count else math.nan, dtype=torch.float64)))
             elif name == "matches":
                 out.append((name, torch.tensor(matches, dtype=torch.int64)))
             elif name == "predict":
@@ -642,6 +674,12 @@ def _joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _metric_names(options: dict[str, Value]) -> list[str]:
     return str(options["metrics"]).split(",")
+
+
+def _gathered(model: Model, options: dict[str, Value]) -> _Metrics:
+    """The metrics a run or testrun with these options gathers, with the loss's ignore index (ce, nll)."""
+    ignore = int_value(model.loss.options, "ignore") if model.loss.type in INDEX_LOSSES else None
+    return _Metrics(_metric_names(options), model.loss.type, ignore)
 
 
 # -- training and testing -------------------------------------------------------------------------
@@ -667,7 +705,7 @@ def _probe(
             targets = batch_targets(model, yb)
             check_probabilities(model, output, targets, "run")
             model.loss(output, targets)
-        if _Metrics(_metric_names(model.train), model.loss.type).needs_predict:
+        if _gathered(model, model.train).needs_predict:
             predictions(model.loss.type, output, yb)
 
 
@@ -807,7 +845,7 @@ def _train_batches(
 ) -> _Metrics:
     """Per batch of w rows of `order`: zero_grad(set_to_none), forward in train mode, loss,
     backward, optimizer step. Cancelled when should_stop turns true before a batch."""
-    metrics = _Metrics(_metric_names(model.train), model.loss.type)
+    metrics = _gathered(model, model.train)
     optim = model.optimizer.optim
     fresh = writes_inputs(model.module)
     with _flags(model.module, True):
@@ -902,7 +940,7 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
     with _from_start(model, "test") as data:
         n, w, nb = _plan(data, model.test)
         dev = _device(model.module)
-        metrics = _Metrics(_metric_names(model.test), model.loss.type)
+        metrics = _gathered(model, model.test)
         fresh = writes_inputs(model.module)
         check_embedding_inputs(model.module, data.x[:min(nb * w, n)], w, "testrun")
         with _buffers_kept(model.module), _flags(model.module, False), torch.no_grad():

@@ -20,15 +20,15 @@ from weightavg.v1 import weightavg_pb2 as pb
 from ..store import snapshot
 from .openmp import TeamReturningExecutor, release_team, returning_team
 from .config import LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
-from ..domain import lerp, optimizers, pinned, weighted_sum
+from ..domain import devices, lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
-from ..domain.errors import WeightavgError
+from ..domain.errors import InvalidArgument, WeightavgError
 from ..service import Service, Settings
 from ..cluster import ClusterService, Fabric
 from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import Handler, InterceptorChain, SessionInterceptor, SingleRequests, same_kind
-from ..transport.shares import TenantShares, unshared
+from ..transport.shares import TenantShares, kept_for_unshared, open_streams, unshared
 from ..transport.tenancy import TenantInterceptor, Tokens
 from .tokens import TokensFileError, token_table
 from ..transport.observe import ObservingInterceptor
@@ -258,6 +258,25 @@ def settings(config: ServerConfig, device: torch.device) -> Settings:
     )
 
 
+def check_device(name: str) -> str:
+    """`name` (--device), once this machine has that device; no CUDA context is made (devices.check).
+    `weightavg serve` checks it before the state directory and the ranks; create_runtime, for the
+    demo and in-process servers, again.
+
+    Raises:
+        InvalidArgument: naming --device and what to give instead (its message started with torch's
+            or the store's words and named no flag: 'device 'cuda' requested but this server has no
+            CUDA device'; found by review).
+    """
+    if name == "auto":
+        return name
+    try:
+        devices.check(name)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"--device {name}: {exc}, or auto (CUDA when there is one, else the CPU)") from None
+    return name
+
+
 def create_runtime(
     config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None,
     fabric: Fabric | None = None,
@@ -274,7 +293,7 @@ def create_runtime(
     # The TLS files are read before the restore: a missing key was refused only after every handle
     # of the snapshot had been loaded, minutes for a large one (found by review).
     credentials = server_credentials(config)
-    device = fabric.device if fabric is not None else server_device(config.device)
+    device = fabric.device if fabric is not None else server_device(check_device(config.device))
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
     pinned.set_cache_bytes(config.pinned_cache_bytes)
@@ -295,7 +314,8 @@ def create_runtime(
     # first so that refused calls are counted too.
     # Next: nothing runs for an unauthenticated or unauthorized call; every call after it runs as its
     # token's tenant (open servers: the default tenant's admin), and calls that change something are
-    # audited. On a server with tokens, no tenant holds more than half the workers. Then a single
+    # audited. On a server with tokens, no tenant holds more than half the workers, and all tenants
+    # together (with health's Watch streams) never the quarter kept for health Checks. Then a single
     # request message is read (`SingleRequests`), so that a call waiting for it is counted. Then the
     # caller's session. Then, requests that do not parse get INVALID_ARGUMENT rather than grpc's INTERNAL. Last,
     # a streamed reply gives back its OpenMP team before each message (`TeamReturningStreams`). They
@@ -306,12 +326,15 @@ def create_runtime(
     interceptors: list[grpc.ServerInterceptor] = [InterceptorChain(
         ObservingInterceptor(stats), tenancy, *shares,
         # A call waiting for its single request message holds a worker: read inside the shares (with
-        # tenants), and calls no share counts (health, open without a token; keep-alives) at most a
-        # quarter of the workers at once, health's Watch streams for as long as they are open. Only
-        # where a token is required: on an open server any caller may hold every worker anyway (a
-        # Ping would do), and its health Check stays the bare call the bench's small-call row
-        # measures against.
-        *([SingleRequests(unshared, max(1, config.max_workers // 4), every=bool(shares))] if config.token or config.tokens else []),
+        # tenants), and calls no share counts (health's Check, open without a token; keep-alives) at
+        # most a quarter of the workers at once; health's Watch streams, for as long as they are open,
+        # an eighth, a bound of their own so that they never take a Check's place. Only where a token
+        # is required: on an open server any caller may hold every worker anyway (a Ping would do),
+        # and its health Check stays the bare call the bench's small-call row measures against.
+        *([SingleRequests(
+            unshared, kept_for_unshared(config.max_workers), open_streams(config.max_workers), every=bool(shares),
+            total=shares[0] if shares else None,
+        )] if config.token or config.tokens else []),
         SessionInterceptor(registry, tenancy.caller_of),
         DecodeGuard(SERVICE_NAME, config.max_message_bytes), TeamReturningStreams(),
     )]

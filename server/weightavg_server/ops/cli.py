@@ -22,78 +22,82 @@ from ..domain import optimizers
 from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
-from .app import create_runtime, settings
-from .config import ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
+from . import startup
+from .app import check_device, create_runtime, settings
+from .config import (
+    BYTE_SIZE_FORMS, BYTE_SIZES, ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig, bare_host, host_port, parse_bytes, value_parser,
+)
 from ..domain.errors import WeightavgError
 from ..store.snapshot import SnapshotError
 
 log = logging.getLogger("weightavg.server")
 
 
-# (flag, config field, type, help); each option's help gains its WEIGHTAVG_* variable and default.
-OPTIONS: list[tuple[str, str, type, str]] = [
-    ("--host", "host", str, "address to bind; 0.0.0.0 for every interface"),
-    ("--port", "port", int, "gRPC port to bind; 0 picks a free one (printed on start)"),
-    ("--device", "device", str, "where objects live: auto (CUDA when available, else cpu), cpu, cuda or cuda:N"),
-    ("--max-workers", "max_workers", int,
+# (flag, config field, help); each option's help gains its WEIGHTAVG_* variable and default. A flag
+# takes what its variable takes (config.value_parser): sizes with units, numbers, strings.
+OPTIONS: list[tuple[str, str, str]] = [
+    ("--host", "host", "address to bind; 0.0.0.0 for every interface"),
+    ("--port", "port", "gRPC port to bind; 0 picks a free one (printed on start)"),
+    ("--device", "device", "where objects live: auto (CUDA when available, else cpu), cpu, cuda or cuda:N"),
+    ("--max-workers", "max_workers",
      "threads serving calls; 4x this many calls may be in flight before new ones get RESOURCE_EXHAUSTED"),
-    ("--max-message-bytes", "max_message_bytes", int,
+    ("--max-message-bytes", "max_message_bytes",
      "largest single gRPC message in either direction; tensors stream in --chunk-bytes pieces below it"),
-    ("--chunk-bytes", "chunk_bytes", int, "size of the pieces the server streams tensors in"),
-    ("--max-upload-bytes", "max_upload_bytes", int, "most tensor bytes one request may upload"),
-    ("--max-spec-depth", "max_spec_depth", int, "deepest layer spec accepted"),
-    ("--max-spec-layers", "max_spec_layers", int, "most layers one layer spec may hold, at any depth"),
-    ("--grace-seconds", "grace_seconds", float,
+    ("--chunk-bytes", "chunk_bytes", "size of the pieces the server streams tensors in"),
+    ("--max-upload-bytes", "max_upload_bytes", "most tensor bytes one request may upload"),
+    ("--max-spec-depth", "max_spec_depth", "deepest layer spec accepted"),
+    ("--max-spec-layers", "max_spec_layers", "most layers one layer spec may hold, at any depth"),
+    ("--grace-seconds", "grace_seconds",
      "on SIGTERM/SIGINT: report NOT_SERVING, refuse new calls, let in-flight calls run this long"),
-    ("--keepalive-time-seconds", "keepalive_time_seconds", float,
+    ("--keepalive-time-seconds", "keepalive_time_seconds",
      "ping a client after this long without activity, to notice peers that vanished"),
-    ("--keepalive-timeout-seconds", "keepalive_timeout_seconds", float,
+    ("--keepalive-timeout-seconds", "keepalive_timeout_seconds",
      "close a connection whose keepalive ping is unanswered this long"),
-    ("--metrics-port", "metrics_port", int,
+    ("--metrics-port", "metrics_port",
      "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics on --metrics-host; -1 turns it off, 0 picks a "
      "free port"),
-    ("--metrics-host", "metrics_host", str,
+    ("--metrics-host", "metrics_host",
      "address the metrics endpoint binds (it has no token: keep it on a trusted interface); empty: --host"),
-    ("--max-device-bytes", "max_device_bytes", int,
+    ("--max-device-bytes", "max_device_bytes",
      "most tensor bytes held on any one device; calls that would exceed it get RESOURCE_EXHAUSTED before "
      "allocating (0: the device's memory size)"),
-    ("--max-handles", "max_handles", int, "most live handles; 0 for no cap"),
-    ("--max-sessions", "max_sessions", int,
+    ("--max-handles", "max_handles", "most live handles; 0 for no cap"),
+    ("--max-sessions", "max_sessions",
      "most sessions open at once (a tenant's own cap is its quota's max_sessions); 0 for no cap"),
-    ("--token", "token", str,
+    ("--token", "token",
      f"bearer token every call must carry (prefer the variable {ENV_PREFIX}TOKEN: flags show in ps); "
      "health checks stay open"),
-    ("--tokens", "tokens", str,
+    ("--tokens", "tokens",
      "TOML or JSON file mapping tokens to tenants, roles (admin, user, reader) and quotas (docs/security.md); "
      "reloaded on SIGHUP; --token, if also given, is the default tenant's admin token"),
-    ("--audit-log", "audit_log", str,
+    ("--audit-log", "audit_log",
      "append the audit trail (one JSON line per call that changes something) to this file instead of the log"),
-    ("--tls-cert", "tls_cert", str, "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
-    ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
-    ("--tls-client-ca", "tls_client_ca", str, "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
-    ("--state-dir", "state_dir", str,
+    ("--tls-cert", "tls_cert", "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
+    ("--tls-key", "tls_key", "PEM private key of --tls-cert"),
+    ("--tls-client-ca", "tls_client_ca", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    ("--state-dir", "state_dir",
      "directory for snapshots: restored on start (torn or modified ones are refused), written on "
      "SIGTERM/SIGINT and by `weightavg snapshot`"),
-    ("--snapshot-every", "snapshot_every", float,
+    ("--snapshot-every", "snapshot_every",
      "with --state-dir: also write a snapshot every this many seconds (0: only on shutdown and on request)"),
-    ("--session-lease-seconds", "session_lease_seconds", float, "lease of a session that asks for the default (0)"),
-    ("--max-session-lease-seconds", "max_session_lease_seconds", float, "longest lease a session may ask for"),
-    ("--request-id-window-seconds", "request_id_window_seconds", float,
+    ("--session-lease-seconds", "session_lease_seconds", "lease of a session that asks for the default (0)"),
+    ("--max-session-lease-seconds", "max_session_lease_seconds", "longest lease a session may ask for"),
+    ("--request-id-window-seconds", "request_id_window_seconds",
      "remember each request ID's answer this long, so a retried call runs once; 0 remembers none"),
-    ("--max-request-ids", "max_request_ids", int, "most request IDs remembered; the oldest go first"),
-    ("--max-request-id-bytes", "max_request_id_bytes", int,
+    ("--max-request-ids", "max_request_ids", "most request IDs remembered; the oldest go first"),
+    ("--max-request-id-bytes", "max_request_id_bytes",
      "most bytes remembered answers may hold (an epoch's metrics can be tensors); the oldest go first"),
-    ("--pinned-cache-bytes", "pinned_cache_bytes", int,
+    ("--pinned-cache-bytes", "pinned_cache_bytes",
      "on a CUDA device: most page-locked host memory kept for staging copies between the GPU and the host "
      "(torch's caching host allocator); 0 stages them through pageable memory"),
-    ("--max-locked-bytes", "max_locked_bytes", int,
+    ("--max-locked-bytes", "max_locked_bytes",
      "on a CUDA device, with --allow-shm: most host memory of clients' shared memory regions page-locked in "
      "place, so copies to and from the GPU run as DMA; regions past it stay pageable (same results, staged); "
      "0 locks none"),
-    ("--cluster-timeout-seconds", "cluster_timeout_seconds", float,
+    ("--cluster-timeout-seconds", "cluster_timeout_seconds",
      "under torchrun: how long a rank waits on another before the cluster is declared broken (health "
      "NOT_SERVING, calls UNAVAILABLE); also the longest a call on replicated objects may run"),
-    ("--log-level", "log_level", str, "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
+    ("--log-level", "log_level", "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
 ]
 
 # (flag, config field, help): switches, off unless given (or WEIGHTAVG_<FIELD>=1).
@@ -103,6 +107,15 @@ SWITCHES: list[tuple[str, str, str]] = [
 ]
 
 
+def _byte_size(text: str) -> int:
+    """argparse's type for the *-bytes flags: config.parse_bytes, its refusal as argparse's error
+    (`argument --max-device-bytes: '1.5' is 1.5 bytes, not a whole number; give ...`, exit 2)."""
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The serve command's options; defaults come from WEIGHTAVG_* variables, then built-in values."""
     defaults = ServerConfig()
@@ -110,11 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="weightavg serve",
         description="Serve the weightavg gRPC API (with grpc.health.v1 and server reflection). Every option "
         f"can also be set with the environment variable shown, e.g. {ENV_PREFIX}PORT=50051; a flag wins "
-        "over the variable, the variable over the default.",
+        "over the variable, the variable over the default. Sizes (the *-bytes options): "
+        f"{BYTE_SIZE_FORMS}.",
     )
-    for flag, name, kind, text in OPTIONS:
+    for flag, name, text in OPTIONS:
         p.add_argument(
-            flag, dest=name, type=kind, metavar=name.upper(),
+            flag, dest=name, type=_byte_size if name in BYTE_SIZES else value_parser(name), metavar=name.upper(),
             help=f"{text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
         )
     for flag, name, text in SWITCHES:
@@ -125,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Merge flags over environment variables over defaults."""
-    names = [name for _, name, _, _ in OPTIONS] + [name for _, name, _ in SWITCHES]
+    names = [name for _, name, _ in OPTIONS + SWITCHES]
     return ServerConfig.from_env(**{name: getattr(args, name) for name in names})
 
 
@@ -211,8 +225,10 @@ class Signals:
         self.reloads = 0
 
     def install_reload(self) -> None:
-        """Record SIGHUP from now on; the tokens are reread once the server serves."""
+        """Record SIGHUP from now on; the tokens are reread once the server serves. SIGHUPs that came
+        while torch loaded (startup.keep_sighup) count too."""
         signal.signal(signal.SIGHUP, self._on_reload)
+        self.reloads += startup.take_sighups()  # after the handler: one arriving between lands in either count
 
     def install(self) -> None:
         """Record SIGTERM and SIGINT (a drain) and SIGHUP from now on."""
@@ -251,6 +267,9 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
     # rank at once, so the others wait for rank 0's stop, or fail when it is gone.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    # SIGHUP rereads rank 0's tokens; this rank has none, and ends on it as before (startup.keep_sighup
+    # kept one only while torch loaded).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     registry = Registry()
     registry.set_limits(config.limits())
     optimizers.prepare()
@@ -339,8 +358,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = config_from_args(args)
         config.check()  # before a torchrun cluster meets, so every rank refuses alike
+        # And before the state directory is made and the ranks meet: under torchrun a device string that
+        # was not one (`cuda:x`) served on the GPUs, and `gpu` on a machine without CUDA on the CPU.
+        check_device(config.device)
         configure_logging(config)
-    except ValueError as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
+    except (ValueError, WeightavgError) as exc:  # a WEIGHTAVG_* variable that is not a number, an unknown log level
         sys.exit(f"weightavg serve: {exc}")
     try:
         serve(config)

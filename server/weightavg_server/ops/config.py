@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from fractions import Fraction
 
 from weightavg.wire import CHUNK_BYTES
 
@@ -104,6 +107,50 @@ def sendable_token(token: str) -> bool:
     newline from a secret file, a non-ASCII character) refused every call as a wrong token, while
     every client failed locally with INTERNAL: Invalid metadata (found by review)."""
     return token == token.strip() and all(" " <= c <= "~" for c in token)
+
+
+BYTE_UNITS: dict[str, int] = {"": 1, "b": 1} | {
+    prefix + suffix: (1000 if suffix == "b" else 1024) ** power
+    for power, prefix in enumerate("kmgt", start=1) for suffix in ("", "i", "ib", "b")
+}
+"""Unit suffixes of a byte size (lower case; matched case-insensitively) -> bytes. KiB, Ki and a bare
+K are powers of 1024, as in docker's --memory, Java's -Xmx, GNU dd and Kubernetes' Ki; KB is a power of
+1000 (SI), so 1GB is 10**9 bytes and 1G, 1Gi and 1GiB are 2**30. Case does not matter: 1mb is 1MB
+(never megabits)."""
+MAX_BYTE_SIZE = 2**63 - 1
+"""The largest byte size any setting takes (int64, as the wire and the caps carry it); each flag's own
+range is checked by ServerConfig.check."""
+BYTE_SIZE_FORMS = (
+    "a whole number of bytes, optionally with a unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), "
+    "KB, MB, GB, TB (powers of 1000), any case, e.g. 67108864, 64MiB, 64M, 1.5GiB, 500MB"
+)
+"""What a byte-size setting takes, for its help and the messages that refuse one."""
+_BYTE_SIZE = re.compile(r"\+?(\d+(?:_\d+)*)(?:\.(\d+))?\s*([a-z]*)", re.ASCII | re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """A byte size from a flag or a WEIGHTAVG_* variable: a plain integer as before (67108864), or a
+    number with a unit of BYTE_UNITS (64MiB, 64M, 1.5G, 500MB, 1 GiB). Only plain integers were
+    taken: `--max-device-bytes 1GiB` stopped the start with "invalid int value".
+
+    Raises:
+        ValueError: negative, not a whole number of bytes (1.5 or 0.3K), above MAX_BYTE_SIZE, or
+            not a size at all; the message starts with repr(text) and lists the accepted forms.
+    """
+    shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}..."  # never a whole runaway value
+    match = _BYTE_SIZE.fullmatch(text.strip())
+    unit = BYTE_UNITS.get(match.group(3).lower()) if match else None
+    if match is None or unit is None:
+        problem = "is negative" if text.strip().startswith("-") else "is not a size"
+        raise ValueError(f"{shown} {problem}; give {BYTE_SIZE_FORMS}")
+    whole, fraction = match.group(1).replace("_", ""), match.group(2) or ""
+    # More digits than any size has: int() refuses past 4300 with a message of its own.
+    size = Fraction(int(whole + fraction), 10 ** len(fraction)) * unit if len(whole + fraction) <= 40 else None
+    if size is not None and size.denominator != 1:
+        raise ValueError(f"{shown} is {float(size):g} bytes, not a whole number; give {BYTE_SIZE_FORMS}")
+    if size is None or size > MAX_BYTE_SIZE:
+        raise ValueError(f"{shown} is more than {MAX_BYTE_SIZE} bytes (8 EiB), the most any size setting takes")
+    return int(size)
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -245,11 +292,27 @@ class ServerConfig:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 kind = type(getattr(cls, f.name))
+                parse = value_parser(f.name)
                 try:
-                    values[f.name] = _flag(raw) if kind is bool else kind(raw)
+                    values[f.name] = parse(raw)
                 except ValueError as exc:
-                    # A switch says what it takes: "is not a valid bool" named no value that is (found by review).
-                    what = str(exc) if kind is bool else f"is not a valid {kind.__name__}"
+                    # A switch or a size says what it takes: "is not a valid bool" named no value that is
+                    # (found by review).
+                    what = f"is not a valid {kind.__name__}" if parse is kind else str(exc)
                     raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} {what.removeprefix(repr(raw) + ' ')}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+BYTE_SIZES = frozenset(f.name for f in fields(ServerConfig) if f.name.endswith("_bytes"))
+"""Settings measured in bytes (every --*-bytes flag, every WEIGHTAVG_*_BYTES variable): they take
+units (parse_bytes). The name says it, so a new size setting takes them without another list."""
+
+
+def value_parser(name: str) -> Callable[[str], object]:
+    """How the WEIGHTAVG_* variable of setting `name` is read: a size with its units, a switch, or
+    the type of its default (int, float, str). `weightavg serve`'s flags take the same forms."""
+    if name in BYTE_SIZES:
+        return parse_bytes
+    kind: type = type(getattr(ServerConfig, name))
+    return _flag if kind is bool else kind

@@ -4,7 +4,7 @@ TOML (or JSON, for a name ending in .json)::
 
     # Reloaded on SIGHUP: removed tokens stop working at once; their tenants' objects stay.
     [tenants.vision]                 # quotas; a tenant without a table has none
-    max_device_bytes = 8_000_000_000 # tensor bytes its handles may reach on any one device
+    max_device_bytes = 8_000_000_000 # tensor bytes its handles may reach on any one device ("8GB" too)
     max_handles = 10_000             # live handles it may own
     max_sessions = 100               # sessions it may hold open at once
 
@@ -15,7 +15,8 @@ TOML (or JSON, for a name ending in .json)::
 
 Every mistake is refused with where it is and the rule it breaks, never the value that breaks it (a
 token put in the wrong field would land in the log): an unknown key, a role or a tenant name that is
-not valid, a quota that is not a whole number, a token given twice.
+not valid, a quota that is not a whole number (max_device_bytes also takes a size string, "8GiB"),
+a token given twice.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import sendable_token
+from .config import parse_bytes, sendable_token
 from ..store.tenants import DEFAULT_TENANT, Caller, Quota, Role, check_tenant_name
 from ..transport.tenancy import TokenTable, token_digest
 from ..domain.errors import InvalidArgument
@@ -119,6 +120,21 @@ def _whole(value: Any, where: str) -> int:
     return value
 
 
+def _size(value: Any, where: str) -> Any:
+    """A byte quota: a number, or a string with a unit as the --*-bytes flags take (`"8GiB"`,
+    `"500GB"`; config.parse_bytes), so the file and the flags read sizes alike. Other values go on
+    to `_whole` as they are. The error never quotes the string (a misplaced token would land in the log)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_bytes(value)
+    except ValueError:
+        raise TokensFileError(
+            f"{where} must be a whole number of bytes of 0 or more (0: no quota) or a size string such as \"8GiB\" "
+            "(K, M, G, T, KiB... powers of 1024; KB, MB, GB, TB powers of 1000), not a str that is none of these"
+        ) from None
+
+
 def load_tokens(path: str | Path, token: str = "") -> TokenTable:
     """The token table of a tokens file, plus `token` (the single --token) as the default tenant's
     admin when given.
@@ -144,7 +160,8 @@ def load_tokens(path: str | Path, token: str = "") -> TokenTable:
         if not isinstance(table, dict) or set(table) - _QUOTA_KEYS:
             raise TokensFileError(f"{where} may set only {sorted(_QUOTA_KEYS)}")
         quotas[name] = Quota(
-            max_device_bytes=_whole(table.get("max_device_bytes", 0), f"{where}.max_device_bytes"),
+            max_device_bytes=_whole(_size(table.get("max_device_bytes", 0), f"{where}.max_device_bytes"),
+                                    f"{where}.max_device_bytes"),
             max_handles=_whole(table.get("max_handles", 0), f"{where}.max_handles"),
             max_sessions=_whole(table.get("max_sessions", 0), f"{where}.max_sessions"),
         )

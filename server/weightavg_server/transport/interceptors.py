@@ -63,6 +63,22 @@ class Gate(Protocol):
     def __call__(self, method: str, details: grpc.HandlerCallDetails, handler: Handler) -> Handler | None: ...
 
 
+class Total(Protocol):
+    """A count of workers that several layers' calls share (the tenants' total, shares.TenantShares)."""
+
+    def take(self) -> bool:
+        """Count one call; False, counting nothing, when the count is full."""
+        ...
+
+    def give(self) -> None:
+        """Give back a place `take` counted."""
+        ...
+
+    def refusal(self) -> str:
+        """The message of a call refused for a full count."""
+        ...
+
+
 class SingleRequests:
     """Reads a single-request method's request inside the layers, where a call is already counted
     against its caller's share, instead of letting grpc wait for it before any layer runs.
@@ -76,27 +92,38 @@ class SingleRequests:
     behaviour runs: after the share has counted the call (the layers inside it, the session's and
     the decoding's, see the single request as before), and, for the methods no share counts
     (`unshared`: health, open to callers without a token; keep-alives), within a bound of `limit`
-    calls at once, past which a call is RESOURCE_EXHAUSTED at once (a
-    keep-alive has renewed its session as it arrived, `SessionInterceptor.gate`). A sent request is
-    read at once, so honest callers hold a slot for an instant. A streamed reply of such a method
-    (health's Watch, open until its client cancels, on a worker all along) keeps its slot to its end:
-    a review held every worker with Watch streams sent without a token. (grpc_health's non-blocking
-    Watch would hold no worker, but it waits for a message to go out while holding the lock that the
-    end of another Watch takes on grpc's polling thread: a test of it hung once in review, which that
-    deadlock would explain.)
+    calls at once, past which a call is RESOURCE_EXHAUSTED at once (a keep-alive has renewed its
+    session as it arrived, `SessionInterceptor.gate`). A sent request is read at once, so honest
+    callers hold a slot for an instant. A streamed reply of such a method (health's Watch, open until
+    its client cancels, on a worker all along) takes a slot of a bound of its own, `streams`, and
+    keeps it to its end: a review held every worker with Watch streams sent without a token, and
+    once they were bounded, the same streams took every place of the bound that Checks shared, so a
+    liveness probe's Check was RESOURCE_EXHAUSTED. (grpc_health's non-blocking Watch would hold no
+    worker, but it waits for a message to go out while holding the lock that the end of another
+    Watch takes on grpc's polling thread: a test of it hung once in review, which that deadlock would
+    explain.)
 
     Args:
         unshared: whether a method's calls are outside every share (health, keep-alives).
-        limit: most calls of those methods waiting for their request at once.
+        limit: most single-reply calls of those methods waiting for their request at once.
+        streams: most streamed-reply calls of those methods (health Watch streams) open at once.
         every: read every single request this way (a server with tenants' shares), not only the
             unshared methods' (a server whose callers all share one tenant has no share to keep).
+        total: where streamed replies of those methods are counted too, once they have their own
+            slot (the tenants' total, on a server with tenants' shares), or None.
     """
 
-    def __init__(self, unshared: Callable[[str], bool], limit: int, every: bool = False) -> None:
+    def __init__(
+        self, unshared: Callable[[str], bool], limit: int, streams: int = 1, every: bool = False,
+        total: Total | None = None,
+    ) -> None:
         self.unshared = unshared
         self.limit = limit
+        self.streams = streams
         self.every = every
+        self.total = total
         self._slots = threading.BoundedSemaphore(limit)
+        self._stream_slots = threading.BoundedSemaphore(streams)
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         """A single-request handler again, as one that reads its request in its behaviour (for an
@@ -105,17 +132,23 @@ class SingleRequests:
             return handler
         behaviour: Callable[..., Any] | None = handler.unary_stream or handler.unary_unary
         assert behaviour is not None  # grpc sets the behaviour that matches the flags
-        slots = self._slots if self.unshared(method) else None
-        limit, name = self.limit, method.rsplit("/", 1)[-1]
+        unshared = self.unshared(method)
+        slots = (self._stream_slots if handler.response_streaming else self._slots) if unshared else None
+        name = method.rsplit("/", 1)[-1]
+        if handler.response_streaming:
+            full = (
+                f"{name}: {self.streams} calls that no tenant's share counts (health Watch streams) are open, "
+                "this server's cap; close Watch streams you no longer read, or probe with Check"
+            )
+        else:
+            full = (
+                f"{name}: {self.limit} calls that no tenant's share counts (health checks, keep-alives) are "
+                "waiting for their request message, this server's cap; send the request with the call"
+            )
 
         def take_slot(context: grpc.ServicerContext) -> None:
             if slots is not None and not slots.acquire(blocking=False):
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{name}: {limit} calls that no tenant's share counts (health checks and Watch streams, "
-                    "keep-alives) are waiting for their request message or streaming, this server's cap; send "
-                    "the request with the call, and close Watch streams you no longer read",
-                )
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
 
         def one(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             request = next(iter(requests), None)  # undecodable bytes: the inner DecodeGuard's stand-in
@@ -132,13 +165,22 @@ class SingleRequests:
                     slots.release()
             return behaviour(request, context)
 
+        total = self.total if unshared else None
+
         def read_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            """A streamed reply keeps its slot to its end: a health Watch stays open until its client
-            cancels, holding its worker all along."""
+            """A streamed reply keeps its slot (and its place in the `total`) to its end: a health
+            Watch stays open until its client cancels, holding its worker all along."""
             take_slot(context)
+            counted: Total | None = None  # the total this stream holds a place in, to give it back
             try:
+                if total is not None:
+                    if not total.take():
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, total.refusal())
+                    counted = total
                 yield from behaviour(one(requests, context), context)
             finally:
+                if counted is not None:
+                    counted.give()
                 if slots is not None:
                     slots.release()
 

@@ -1,11 +1,14 @@
 """A tenant's share of the server's workers: on a server with tokens, one tenant's calls in flight
-take at most half of the threads that serve calls, so another tenant is still served.
+take at most half of the threads that serve calls, so another tenant is still served, and all
+tenants' calls together never take the workers kept for health checks and keep-alives.
 
 Every call holds a worker thread for as long as it runs, a client stream until its last message
 arrives. A review found one tenant holding every worker with uploads that sent their first message
-and nothing more: no other tenant's call (not even a Ping) was served until it let go. Admins are
-not counted against a share (they may need to act on a server a tenant has filled). Only a server
-with a tokens file has this layer (ops/app.py): without one there is one tenant, and no share.
+and nothing more: no other tenant's call (not even a Ping) was served until it let go; another found
+two tenants, each within its half, holding every worker together, so that a liveness probe's health
+Check waited for a worker until its deadline. Admins are not counted (they may need to act on a
+server the tenants have filled). Only a server with a tokens file has this layer (ops/app.py):
+without one there is one tenant, and no share.
 """
 
 from __future__ import annotations
@@ -38,20 +41,47 @@ def tenant_share(max_workers: int) -> int:
     return max(1, max_workers // 2)
 
 
+def kept_for_unshared(max_workers: int) -> int:
+    """Workers kept for single-request calls no share counts (health Checks, keep-alives) while they
+    wait for their request message: a quarter of the workers, at least one."""
+    return max(1, max_workers // 4)
+
+
+def open_streams(max_workers: int) -> int:
+    """Health Watch streams open at once (each holds a worker until its client cancels): an eighth of
+    the workers, at least one; a bound of their own, so that they never take a Check's place."""
+    return max(1, max_workers // 8)
+
+
+def tenants_total(max_workers: int) -> int:
+    """Calls all tenants together (and open Watch streams) may have in flight: every worker but those
+    `kept_for_unshared`, at least one (a server of one worker has none to keep)."""
+    return max(1, max_workers - kept_for_unshared(max_workers))
+
+
 class TenantShares:
     """Counts each tenant's calls in flight, on the worker threads that serve them (inside the
-    tenancy layer, which names the caller), and refuses a call past the tenant's share with
-    RESOURCE_EXHAUSTED before it does anything."""
+    tenancy layer, which names the caller), and refuses a call past the tenant's share, or past the
+    `tenants_total` of all tenants' calls together, with RESOURCE_EXHAUSTED before it does anything.
+
+    Open health Watch streams are counted in that total too, against no tenant (`take`, `give`, by
+    `interceptors.SingleRequests` once a stream has its own slot): each holds a worker for as long
+    as it is open, so the workers kept for Checks stay free of them. Counting a Watch only after its
+    own slot keeps a flood of Watch streams, all refused there, from taking the total's last place
+    for an instant each and so refusing a tenant's call."""
 
     def __init__(self, tokens: Tokens, max_workers: int) -> None:
         self._tokens = tokens
         self.share = tenant_share(max_workers)
+        self.total = tenants_total(max_workers)
+        self.workers = max_workers
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
+        self._total_held = 0
 
     def wrap(self, method: str, handler: Handler) -> Handler:
-        """The handler again, its calls counted against their tenant's share (open methods and
-        keep-alives: as they are)."""
+        """The handler again, its calls counted against their tenant's share and the tenants' total
+        (open methods and keep-alives: as they are)."""
         if unshared(method):
             return handler
         if handler.response_streaming:
@@ -88,25 +118,51 @@ class TenantShares:
             return None
         with self._lock:
             held = self._in_flight.get(caller.tenant, 0)
-            if held < self.share:
+            if held < self.share and self._total_held < self.total:
                 self._in_flight[caller.tenant] = held + 1
+                self._total_held += 1
                 return caller.tenant
-        context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"tenant '{caller.tenant}' has {held} calls in flight, its share of this server's workers (half of "
-            "them, so other tenants are served); wait for some to finish, or end uploads it has stopped sending",
-        )
+        if held >= self.share:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tenant '{caller.tenant}' has {held} calls in flight, its share of this server's workers (half of "
+                "them, so other tenants are served); wait for some to finish, or end uploads it has stopped sending",
+            )
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.refusal())
         return None  # not reached: abort raises
 
     def _leave(self, tenant: str | None) -> None:
         if tenant is None:
             return
         with self._lock:
+            self._total_held -= 1
             left = self._in_flight[tenant] - 1
             if left:
                 self._in_flight[tenant] = left
             else:
                 del self._in_flight[tenant]
+
+    def take(self) -> bool:
+        """Count a call in the tenants' total against no tenant (an open Watch stream); False, and
+        nothing counted, when the total is taken."""
+        with self._lock:
+            if self._total_held >= self.total:
+                return False
+            self._total_held += 1
+            return True
+
+    def give(self) -> None:
+        """Give back a place `take` counted."""
+        with self._lock:
+            self._total_held -= 1
+
+    def refusal(self) -> str:
+        """Why a call finds the tenants' total taken, and what to do."""
+        return (
+            f"tenants' calls (and health Watch streams) have {self.total} of this server's {self.workers} workers "
+            "in flight, all they may take together (the rest are kept for health checks and keep-alives); wait "
+            "for some to finish, or end uploads that have stopped sending"
+        )
 
     def in_flight(self) -> dict[str, int]:
         """Calls in flight by tenant, of the tenants that have some (tests, metrics)."""
