@@ -128,6 +128,12 @@ def train(model: torch.nn.Module, averages: list[torch.nn.Module], every: int = 
                 average.update_parameters(model)  # type: ignore[operator]
 
 
+def averaged(client: Client, model: torch.nn.Module, mode: str, **options: Any) -> RemoteAveragedModel:
+    """RemoteAveragedModel in `mode`, with the decay the oracles' EMA uses (0.9) where mode is "ema"
+    ("swa" refuses a decay)."""
+    return RemoteAveragedModel(client, model, mode, **({"decay": 0.9} if mode == "ema" else {}), **options)
+
+
 def oracle_for(model: torch.nn.Module, mode: str, use_buffers: bool, decay: float) -> AveragedModel:
     fn = get_ema_multi_avg_fn(decay) if mode == "ema" else None
     return AveragedModel(model, multi_avg_fn=fn, use_buffers=use_buffers)
@@ -148,7 +154,7 @@ def test_remote_averaged_model_equals_averaged_model_in_a_training_loop(
 ) -> None:
     model = net()
     oracle = oracle_for(model, mode, use_buffers, decay=0.9)
-    ours = RemoteAveragedModel(client, model, mode, decay=0.9, use_buffers=use_buffers)
+    ours = averaged(client, model, mode, use_buffers=use_buffers)
     train(model, [oracle, ours])
     assert int(ours.n_averaged) == int(oracle.n_averaged) == STEPS
     assert_same_floats(ours.state_dict(), oracle.state_dict())
@@ -319,7 +325,9 @@ def test_an_ema_schedule_out_of_range_is_refused_when_the_object_is_made(
     with pytest.raises(ValueError, match=re.escape(message)):
         RemoteAveragedModel(client, net(), "ema", every=1000, **{field: value})
     assert len(client.handles()) == before
-    RemoteAveragedModel(client, net(), "swa", **{field: value}).free()  # SWA has no schedule: ignored
+    with pytest.raises(ValueError, match=f"^{field} is an EMA schedule setting"):  # SWA has no schedule
+        RemoteAveragedModel(client, net(), "swa", **{field: value})
+    assert len(client.handles()) == before
 
 
 # -- a checkpoint, a changed model ------------------------------------------------------------------
@@ -332,12 +340,12 @@ def test_a_loaded_checkpoint_resumes_as_averaged_model_resumes(client: Client, m
     does, not start a new average at the first update after the load."""
     model = net()
     oracle = oracle_for(model, mode, False, decay=0.9)
-    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    ours = averaged(client, model, mode)
     train(model, [oracle, ours])
     saved, ours_saved = oracle.state_dict(), ours.state_dict()
     resumed_oracle = oracle_for(net(seed=5), mode, False, decay=0.9)
     resumed_oracle.load_state_dict(saved)
-    resumed = RemoteAveragedModel(client, net(seed=5), mode, decay=0.9)
+    resumed = averaged(client, net(seed=5), mode)
     resumed.load_state_dict(ours_saved)
     assert_same_floats(resumed.state_dict(), resumed_oracle.state_dict())
     train(model, [resumed_oracle, resumed])
@@ -364,14 +372,14 @@ def test_a_checkpoint_loaded_through_a_parent_module_resumes_as_averaged_model_r
     into the server's fresh average instead (its values far from AveragedModel's)."""
     model = net()
     oracle = Trainer(model, oracle_for(model, mode, False, decay=0.9))
-    ours = Trainer(model, RemoteAveragedModel(client, model, mode, decay=0.9))
+    ours = Trainer(model, averaged(client, model, mode))
     train(model, [oracle.average, ours.average])
     saved, ours_saved = oracle.state_dict(), ours.state_dict()
     fresh = net(seed=5)
     resumed_oracle = Trainer(fresh, oracle_for(fresh, mode, False, decay=0.9))
     resumed_oracle.load_state_dict(saved)
     fresh = net(seed=5)
-    resumed = Trainer(fresh, RemoteAveragedModel(client, fresh, mode, decay=0.9))
+    resumed = Trainer(fresh, averaged(client, fresh, mode))
     resumed.load_state_dict(ours_saved)
     train(resumed.model, [resumed.average])
     train(resumed_oracle.model, [resumed_oracle.average])
@@ -418,7 +426,7 @@ def test_a_refused_checkpoint_changes_neither_the_local_copy_nor_the_count(
     training goes on exactly as AveragedModel's that never saw it."""
     model = net()
     oracle = oracle_for(model, mode, False, decay=0.9)
-    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    ours = averaged(client, model, mode)
     train(model, [oracle, ours])
     saved = ours.state_dict(keep_vars=True)
     kept = {name: t.detach().clone() for name, t in saved.items()}
@@ -598,7 +606,7 @@ def test_the_average_is_bit_identical_to_averaged_models_foreach_lerp(client: Cl
     model = net().to(dtype)
     fn = get_ema_multi_avg_fn(0.9) if mode == "ema" else get_swa_multi_avg_fn()
     oracle = AveragedModel(model, multi_avg_fn=fn)
-    ours = RemoteAveragedModel(client, model, mode, decay=0.9)
+    ours = averaged(client, model, mode)
     g = torch.Generator().manual_seed(0)
     for _ in range(12):
         with torch.no_grad():
@@ -739,3 +747,17 @@ def test_a_refused_copy_of_the_buffers_says_the_update_was_folded_in(start_serve
                            r"--max-device-bytes.*do not repeat this one"):
             ours.update_parameters(model)
         assert int(ours.n_averaged) == 1 and c.size(ours.average)[".ema"]["step"] == 1
+
+
+def test_an_ema_setting_given_without_mode_ema_is_refused_saying_to_pass_it(client: Client) -> None:
+    """RemoteAveragedModel(c, model, decay=0.999) made an equal-weight mean and dropped the decay
+    without a word; now it says to pass mode="ema", and nothing is sent."""
+    before = len(client.handles())
+    with pytest.raises(ValueError, match=r"^decay is an EMA schedule setting: pass mode='ema'"):
+        RemoteAveragedModel(client, net(), decay=0.999)
+    with pytest.raises(ValueError, match=r"^decay, warmup are EMA schedule settings: pass mode='ema'"):
+        RemoteAveragedModel(client, net(), "swa", decay=0.999, warmup=True)
+    assert len(client.handles()) == before
+    ema = RemoteAveragedModel(client, net(), "ema", warmup=True)  # the fields left out take EMA_DEFAULTS
+    assert (ema.decay, ema.warmup, ema.min_decay) == (0.9999, True, 0.0)
+    ema.free()

@@ -26,7 +26,7 @@ import itertools
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -238,6 +238,19 @@ def _check_schedule(
         raise ValueError(f"update_after_step must be 0 or more, not {update_after_step}; nothing was sent")
 
 
+class _EmaDefaults(NamedTuple):
+    decay: float = 0.9999
+    warmup: bool = False
+    warmup_gamma: float = 1.0
+    warmup_power: float = 2 / 3
+    min_decay: float = 0.0
+    update_after_step: int = 0
+
+
+EMA_DEFAULTS = _EmaDefaults()
+"""RemoteAveragedModel's EMA schedule where mode="ema" leaves a field out (timm's ModelEmaV3 defaults)."""
+
+
 class RemoteAveragedModel(torch.nn.Module):
     """`torch.optim.swa_utils.AveragedModel` as a training loop uses it, with the average on a server.
 
@@ -253,7 +266,8 @@ class RemoteAveragedModel(torch.nn.Module):
         model: the model to average; it is deep-copied for the local copy, as AveragedModel does.
         mode: "swa" (equal-weight running mean) or "ema" (exponential moving average).
         decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step: the EMA schedule
-            (Client.ema's); ignored for "swa".
+            (Client.ema's) for "ema", each left out taking `EMA_DEFAULTS`; refused for "swa", which
+            has no schedule (a decay given without mode="ema" is a mistake, not an equal-weight mean).
         use_buffers: average floating buffers with the parameters (integer buffers such as
             num_batches_tracked are copied, never averaged); False copies every buffer at each
             update, as AveragedModel does.
@@ -264,7 +278,8 @@ class RemoteAveragedModel(torch.nn.Module):
         device: where the local copy lives (default: where the model is).
 
     Raises:
-        ValueError: a mode, `every`, dtype or EMA schedule field out of range (nothing is sent); from
+        ValueError: a mode, `every`, dtype or EMA schedule field out of range, or a schedule field
+            given for "swa" (nothing is sent); from
             update_parameters, for a model whose parameter and buffer names or shapes differ from
             the one it was made with (nothing is sent, nothing changes).
         NotFoundError: the server no longer holds the average (restarted without --state-dir).
@@ -284,12 +299,12 @@ class RemoteAveragedModel(torch.nn.Module):
         model: torch.nn.Module,
         mode: str = "swa",
         *,
-        decay: float = 0.9999,
-        warmup: bool = False,
-        warmup_gamma: float = 1.0,
-        warmup_power: float = 2 / 3,
-        min_decay: float = 0.0,
-        update_after_step: int = 0,
+        decay: float | None = None,
+        warmup: bool | None = None,
+        warmup_gamma: float | None = None,
+        warmup_power: float | None = None,
+        min_decay: float | None = None,
+        update_after_step: int | None = None,
         use_buffers: bool = False,
         every: int = 1,
         dtype: str | torch.dtype | None = None,
@@ -300,6 +315,23 @@ class RemoteAveragedModel(torch.nn.Module):
             raise ValueError(f"mode must be 'swa' or 'ema', not {mode!r}")
         if every < 1:
             raise ValueError(f"every must be at least 1, not {every}")
+        schedule = {"decay": decay, "warmup": warmup, "warmup_gamma": warmup_gamma, "warmup_power": warmup_power,
+                    "min_decay": min_decay, "update_after_step": update_after_step}
+        given = [name for name, value in schedule.items() if value is not None]
+        if mode == "swa" and given:
+            # RemoteAveragedModel(c, model, decay=0.999) made an equal-weight mean and dropped the decay
+            # without a word (found by a new user's walk-through).
+            raise ValueError(
+                f"{', '.join(given)} {'is an' if len(given) == 1 else 'are'} EMA schedule setting"
+                f"{'' if len(given) == 1 else 's'}: pass mode='ema' for an exponential moving average (mode "
+                "'swa', the default, is the equal-weight running mean, which has no schedule)"
+            )
+        decay = EMA_DEFAULTS.decay if decay is None else decay
+        warmup = EMA_DEFAULTS.warmup if warmup is None else warmup
+        warmup_gamma = EMA_DEFAULTS.warmup_gamma if warmup_gamma is None else warmup_gamma
+        warmup_power = EMA_DEFAULTS.warmup_power if warmup_power is None else warmup_power
+        min_decay = EMA_DEFAULTS.min_decay if min_decay is None else min_decay
+        update_after_step = EMA_DEFAULTS.update_after_step if update_after_step is None else update_after_step
         if mode == "ema":
             _check_schedule(decay, min_decay, warmup_gamma, warmup_power, update_after_step)
         self.client = client
