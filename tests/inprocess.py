@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import pytest
 import torch
 
 from weightavg_server.domain.dictionaries import TensorDict
@@ -140,3 +141,17 @@ def no_upload() -> RecordingUpload:
 
 def names(named: Sequence[tuple[str, Any]]) -> list[str]:
     return [name for name, _ in named]
+
+
+def counted_walks(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> list[set[int]]:
+    """The store's recharge walks from now on (a change that replaced a tensor walks; one written in
+    place does not): each walk's set of locks, appended as it happens."""
+    walks: list[set[int]] = []
+    recharge = registry._recharge
+
+    def counted(locks: set[int]) -> None:
+        walks.append(locks)
+        recharge(locks)
+
+    monkeypatch.setattr(registry, "_recharge", counted)
+    return walks

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import LiveServer, assert_unchanged, snapshot
+from inprocess import counted_walks
 from weightavg import Client, ResourceExhaustedError
 from weightavg_server.domain.errors import ResourceExhausted
 from weightavg_server.domain.tensors import storage_bytes, storages, tensors_of
@@ -436,14 +437,7 @@ def test_averages_written_in_place_skip_the_recharge_and_keep_the_charge_exact(
     tensor's storage: the store skips its walk (`mutate(in_place=...)`), and the charge must still
     equal a fresh walk. A count set from outside is replaced, not written, so that call walks again."""
     registry = server.registry
-    walks: list[set[int]] = []
-    recharge = registry._recharge
-
-    def counted(locks: set[int]) -> None:
-        walks.append(locks)
-        recharge(locks)
-
-    monkeypatch.setattr(registry, "_recharge", counted)
+    walks = counted_walks(registry, monkeypatch)
     with Client(server.address, timeout=60) as c:
         q, other = linear(c), linear(c)
         d, e = c.copyparms(q), c.copyparms(q)

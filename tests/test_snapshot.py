@@ -32,7 +32,7 @@ from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.store.registry import Registry
 
-from inprocess import walked_bytes
+from inprocess import counted_walks, walked_bytes
 
 BN_NET = ["sequential", ["linear", "a", 6, 5], ["batchnorm1d", "b", 5], ["relu", "c"], ["linear", "d", 5, 3]]
 START_LIMIT = 120.0
@@ -355,7 +355,6 @@ def test_a_good_snapshot_loads_and_an_empty_directory_starts_empty(saved: Path, 
 # -- on demand -------------------------------------------------------------------------------------------
 
 
-
 def test_weightavg_snapshot_command_writes_a_snapshot_that_restores(state_server: Runtime, tmp_path: Path) -> None:
     address = f"127.0.0.1:{state_server.port}"
     with Client(address, timeout=60) as c:
@@ -635,7 +634,7 @@ def _averaged(
 ) -> tuple[Any, Any, int]:
     """A linear(4, 3) whose weight is weight(i) at step i, averaged into d over `steps` (made with
     copyparms at step 0 when m and d are None): the same sequence on every server. Also how many of
-    the store's `walks` the averages made (`_counted_walks`)."""
+    the store's `walks` the averages made (`counted_walks`)."""
     made = 0
     if m is None:
         m = c.module(["linear", 4, 3])
@@ -649,19 +648,6 @@ def _averaged(
             c.avgparms(m, d)
             made += len(walks or ()) - before
     return m, d, made
-
-
-def _counted_walks(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> list[set[int]]:
-    """The store's recharge walks from now on (a change that replaced a tensor walks; one written in place does not)."""
-    walks: list[set[int]] = []
-    recharge = registry._recharge
-
-    def counted(locks: set[int]) -> None:
-        walks.append(locks)
-        recharge(locks)
-
-    monkeypatch.setattr(registry, "_recharge", counted)
-    return walks
 
 
 @pytest.mark.parametrize("old_snapshot", [False, True], ids=["count-saved-as-own", "snapshot-without-count"])
@@ -685,7 +671,7 @@ def test_a_restored_running_average_continues_as_an_uninterrupted_one(
         restored = registry.get(d.id).obj
         count = restored.entries[".n"]
         assert count.item() == split
-        walks = _counted_walks(registry, monkeypatch)
+        walks = counted_walks(registry, monkeypatch)
         _, _, replaced = _averaged(c, range(split, steps), m, d, walks)
         assert (restored.entries[".n"] is count) is not old_snapshot  # written in place, as without the restart
         assert replaced == int(old_snapshot)  # the old snapshot's count: replaced once, then its own

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import math
 import sys
@@ -239,16 +240,19 @@ def _check_schedule(
 
 
 class _EmaDefaults(NamedTuple):
-    decay: float = 0.9999
-    warmup: bool = False
-    warmup_gamma: float = 1.0
-    warmup_power: float = 2 / 3
-    min_decay: float = 0.0
-    update_after_step: int = 0
+    decay: float
+    warmup: bool
+    warmup_gamma: float
+    warmup_power: float
+    min_decay: float
+    update_after_step: int
 
 
-EMA_DEFAULTS = _EmaDefaults()
-"""RemoteAveragedModel's EMA schedule where mode="ema" leaves a field out (timm's ModelEmaV3 defaults)."""
+EMA_DEFAULTS = _EmaDefaults(
+    **{name: inspect.signature(Client.ema).parameters[name].default for name in _EmaDefaults._fields}
+)
+"""RemoteAveragedModel's EMA schedule where mode="ema" leaves a field out: `Client.ema`'s defaults (timm's
+ModelEmaV3's), read from its signature so that the client keeps them in one place."""
 
 
 class RemoteAveragedModel(torch.nn.Module):
