@@ -1057,6 +1057,40 @@ def test_the_shutdown_snapshot_streams_through_one_reserved_host_buffer(
     assert torch.equal(restored.get(handle).obj.tensor, big)
 
 
+def test_a_copy_that_fails_during_the_streamed_write_is_a_snapshot_error_leaving_the_last_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device-to-host copy that torch fails while the tensor file streams (on a GPU: a CUDA error,
+    out of memory; both RuntimeError) escaped `_write`, which turned only OSError into SnapshotError:
+    the shutdown ended in a traceback and the failed generation's files stayed (found by review). Here
+    the CPU path's copy of a strided tensor fails the same way."""
+    from weightavg_server.domain.tensors import TensorHolder
+    from weightavg_server.store.registry import Kind
+
+    registry = Registry()
+    strided = torch.randn(64, 32, generator=torch.Generator().manual_seed(2)).t()
+    with registry.reserve(handles=1, nbytes={"cpu": strided.numel() * 4}) as reservation:
+        handle = registry.add(Kind.TENSOR, TensorHolder(strided), reservation)
+    directory = tmp_path / "d"
+    snapshot.save(registry, directory, copy=False)
+    saved = sorted(os.listdir(directory))
+    pieces = snapshot.host_pieces
+
+    def failing(t: torch.Tensor, buffer: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        if buffer is not None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield from pieces(t, buffer)
+
+    monkeypatch.setattr(snapshot, "host_pieces", failing)
+    with pytest.raises(snapshot.SnapshotError, match="cannot write a snapshot to .*CUDA error"):
+        snapshot.save(registry, directory, copy=False)
+    assert sorted(os.listdir(directory)) == saved
+    monkeypatch.setattr(snapshot, "host_pieces", pieces)
+    restored = Registry()
+    assert snapshot.load(restored, directory, torch.device("cpu")) == 1
+    assert torch.equal(restored.get(handle).obj.tensor, strided)
+
+
 def test_a_snapshot_whose_tensor_file_safetensors_save_file_wrote_still_restores(tmp_path: Path) -> None:
     """Snapshots written before `write_tensors` hold a tensor file from safetensors' save_file (its own
     layout: a raw complex128 may sit right after an odd-length bool, misaligned). Such a generation

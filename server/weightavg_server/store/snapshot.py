@@ -840,9 +840,12 @@ def _write(
             match = _GENERATION_FILE.match(old.name)
             if (match and int(match.group(2)) != generation) or old.name.startswith((".tmp-", ".writing-")):
                 old.unlink(missing_ok=True)
-    except OSError as exc:
-        # A full disk. (While safetensors wrote the tensor file, it reported its write errors as
-        # SafetensorError, which escaped as INTERNAL, and at shutdown as a traceback; found by review.)
+    except (OSError, RuntimeError) as exc:
+        # A full disk (OSError). (While safetensors wrote the tensor file, it reported its write errors
+        # as SafetensorError, which escaped as INTERNAL, and at shutdown as a traceback; found by
+        # review.) Or torch failing a device-to-host copy of the streamed write (a CUDA error, out of
+        # memory: RuntimeError), which escaped the same way and left the generation's files behind
+        # (found by review).
         if generation and not committed:
             _discard(root, generation)
         raise SnapshotError(f"cannot write a snapshot to {root}: {exc}") from exc
