@@ -72,3 +72,17 @@ def test_keys_and_count_read_sizes_not_tensors(client: Client) -> None:
         d[".n"] = np.float64(3.0)
         assert d.count == 3 and d.keys() == [*large, ".n"]
         assert _fetched(client) == (calls + 1, sent + 8)  # '.n' alone: one float64
+
+
+def test_a_modules_parameters_come_in_one_fetch(client: Client) -> None:
+    """Module.parameters() reads every parameter at once through a view (the values of one moment),
+    not one call per parameter: the same values as parm(m, name), in registration order."""
+    with client.Module(NET) as q:
+        names = q.parameter_names()
+        calls, sent = _fetched(client)
+        values = q.parameters()
+        assert list(values) == names
+        assert _fetched(client) == (calls + 1, sent + sum(v.nbytes for v in values.values()))  # not one per name
+        for name in names:
+            np.testing.assert_array_equal(values[name], client.parm(q.handle, name))
+        assert {i.handle.kind for i in client.handles()} == {"module"}  # the view was freed

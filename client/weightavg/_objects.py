@@ -11,7 +11,6 @@ from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
-import numpy as np
 import numpy.typing as npt
 
 from ._errors import NotFoundError
@@ -30,6 +29,8 @@ class Verbs(Protocol):
     def parmnames(self, m: Handle) -> list[str]: ...
 
     def parm(self, m: Handle, name: str, *value: Any) -> Any: ...
+
+    def parms(self, m: Handle) -> Handle: ...
 
     def buffers(self, m: Handle) -> Handle: ...
 
@@ -144,8 +145,11 @@ class Module(Remote):
         return self.client.parmnames(self.handle)
 
     def parameters(self) -> dict[str, npt.NDArray[Any]]:
-        """Every parameter's value as a numpy array, by name."""
-        return {name: np.asarray(self.client.parm(self.handle, name)) for name in self.parameter_names()}
+        """Every parameter's value as a numpy array, by name, in registration order: read through a
+        view in one fetch (as `buffers`), so the values are of one moment, not one call per
+        parameter with averages landing between them."""
+        with Dictionary(self.client, self.client.parms(self.handle)) as view:
+            return view.to_dict()
 
     def buffers(self) -> dict[str, npt.NDArray[Any]]:
         """Every buffer's value (batchnorm statistics), by name."""
