@@ -58,7 +58,7 @@ def test_every_bytes_setting_takes_sizes_and_every_size_setting_says_bytes() -> 
     fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
     assert BYTE_SIZES == {
         "max_message_bytes", "chunk_bytes", "max_upload_bytes", "max_device_bytes", "max_request_id_bytes",
-        "pinned_cache_bytes", "max_locked_bytes",
+        "pinned_cache_bytes", "max_locked_bytes", "host_cache_bytes",
     }
     assert all(fields[name].type in (int, "int") for name in BYTE_SIZES)
     assert {name for flag, name, _ in OPTIONS if flag.endswith("-bytes")} == BYTE_SIZES

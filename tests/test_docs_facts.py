@@ -393,7 +393,7 @@ def test_the_ops_docs_numbers_are_the_codes_constants() -> None:
     """Figures docs/ops.md gives in prose, each beside the constant it restates: the metrics
     endpoint's connections and socket timeout, the histogram's range, the host memory kept for
     replies and staging, the locked-region cap, and the calls in flight per worker."""
-    from weightavg_server.domain import pinned, reply_buffers
+    from weightavg_server.domain import hostcache, pinned
     from weightavg_server.ops import metrics
     from weightavg_server.transport.stats import LATENCY_BUCKETS
 
@@ -403,7 +403,8 @@ def test_the_ops_docs_numbers_are_the_codes_constants() -> None:
         f"It serves {metrics.SCRAPES_AT_ONCE} connections at once (`metrics.SCRAPES_AT_ONCE`",
         f"closes a connection silent for {metrics.SCRAPE_TIMEOUT_SECONDS:g} s",
         f"buckets {LATENCY_BUCKETS[0] * 1000:g} ms … {LATENCY_BUCKETS[-1]:g} s",
-        f"at most {reply_buffers.CACHE_BYTES // gib} GiB of them while idle (`reply_buffers.CACHE_BYTES`",
+        f"`--host-cache-bytes` ({hostcache.CACHE_BYTES // gib} GiB by default",
+        f"idle for {hostcache.IDLE_SECONDS:g} s",
         f"`--pinned-cache-bytes` ({pinned.CACHE_BYTES // gib} GiB by default",
         f"({pinned.LOCKED_BYTES // gib} GiB by default, `pinned.LOCKED_BYTES`)",
     ]

@@ -29,7 +29,7 @@ def test_a_storage_key_names_the_device_the_allocation_and_its_size() -> None:
     assert storage_key(t[2:]) == ("cpu", t.untyped_storage().data_ptr(), 32) == storage_key(t)
 
 
-# -- host copies for replies, in reused blocks (domain/reply_buffers.py) ------------------------------
+# -- host copies for replies, in reused blocks (domain/hostcache.py) ----------------------------------
 
 
 def _mixed() -> list[tuple[str, torch.Tensor]]:
@@ -48,12 +48,13 @@ def _mixed() -> list[tuple[str, torch.Tensor]]:
 
 
 def test_host_copies_into_one_reused_block_are_the_tensors_bit_for_bit() -> None:
-    from weightavg_server.domain import reply_buffers
+    from weightavg_server.domain import hostcache
     from weightavg_server.domain.tensors import host_copies
 
     named = _mixed()
-    reply_buffers.clear()
-    with reply_buffers.lending() as lend:
+    cache = hostcache.cache()
+    cache.clear()
+    with hostcache.lending() as lend:
         copies = host_copies(named, lend)
         assert [n for n, _ in copies] == [n for n, _ in named]
         for (_, got), (_, want) in zip(copies, named):
@@ -62,53 +63,30 @@ def test_host_copies_into_one_reused_block_are_the_tensors_bit_for_bit() -> None
         blocks = {got.untyped_storage().data_ptr() for _, got in copies if got.numel()}
         assert len(blocks) == 1  # one block, packed with no padding
         first = next(iter(blocks))
-    assert reply_buffers.cached_bytes() == sum(t.numel() * t.element_size() for _, t in named)
-    with reply_buffers.lending() as lend:  # the next reply of that size gets the same memory
+    del copies, got
+    assert cache.stats().idle_bytes == sum(t.numel() * t.element_size() for _, t in named)  # kept when they went
+    with hostcache.lending() as lend:  # the next reply of that size gets the same memory
         again = host_copies(named, lend)
         assert {got.untyped_storage().data_ptr() for _, got in again if got.numel()} == {first}
     small = [("x", torch.arange(4.0))]  # under MIN_BYTES: a plain copy
-    with reply_buffers.lending() as lend:
+    with hostcache.lending() as lend:
         (_, x), = host_copies(small, lend)
         assert torch.equal(x, small[0][1]) and x.untyped_storage().data_ptr() != first
-    reply_buffers.clear()
+    cache.clear()
 
 
 def test_host_copies_stream_the_large_contiguous_tensors_and_copy_the_rest(streamed_copies: list[int]) -> None:
     """A reply's block is read only as the reply streams, so its large contiguous copies go with
     streaming stores on the threads (`native.stream_copies`); a strided, conjugated or small tensor
     takes torch's copy. Every copy equals its tensor."""
-    from weightavg_server.domain import native, reply_buffers
+    from weightavg_server.domain import hostcache, native
     from weightavg_server.domain.tensors import host_copies
 
     g = torch.Generator().manual_seed(1)
     big = native.STREAM_MIN_BYTES
     named = [*_mixed(), ("conj", torch.randn(big // 8 + 1, dtype=torch.complex64, generator=g).conj()),
              ("wide", torch.randn(3, big // 4, generator=g)), ("strided", torch.randn(1024, 300, generator=g).t())]
-    reply_buffers.clear()
-    with reply_buffers.lending() as lend:
+    with hostcache.lending() as lend:
         copies = host_copies(named, lend)
         assert sorted(streamed_copies) == sorted(t.numel() * t.element_size() for n, t in named if n in ("f32", "wide"))
         assert all(torch.equal(got.resolve_conj(), want.resolve_conj()) for (_, got), (_, want) in zip(copies, named))
-    reply_buffers.clear()
-
-
-def test_reply_blocks_are_reused_within_twice_the_size_and_the_cache_keeps_to_its_bound(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from weightavg_server.domain import reply_buffers
-
-    reply_buffers.clear()
-    monkeypatch.setattr(reply_buffers, "CACHE_BYTES", 10 << 20)
-    block = reply_buffers.take(4 << 20)
-    reply_buffers.give_back(block)
-    assert reply_buffers.take(3 << 20).data_ptr() == block.data_ptr()  # 4 MiB serves 3 MiB
-    reply_buffers.give_back(block)
-    assert reply_buffers.take(1 << 20).data_ptr() != block.data_ptr()  # over twice the size: a new one
-    assert reply_buffers.take(5 << 20).data_ptr() != block.data_ptr()  # too small
-    reply_buffers.give_back(reply_buffers.take(6 << 20))
-    assert reply_buffers.cached_bytes() == (10 << 20)  # 4 + 6 MiB: at the bound, both kept
-    reply_buffers.give_back(reply_buffers.take(8 << 20))
-    assert reply_buffers.cached_bytes() == (10 << 20)  # 4 + 6 + 8 MiB is over it: the largest went
-    reply_buffers.give_back(reply_buffers.take(16 << 20))  # alone over the bound: not kept
-    assert reply_buffers.cached_bytes() == (10 << 20)
-    reply_buffers.clear()

@@ -809,24 +809,26 @@ def test_refs_name_their_kinds(service: Service) -> None:
 
 
 def test_a_reply_streams_from_reused_memory_that_no_concurrent_reply_shares(service: Service) -> None:
-    """fetch(reused=True), as the servicer asks: the copies lie in a block from reply_buffers, given
-    back when the block ends; a second reply while the first streams gets its own, and the first's
-    copies stay its own. Without `reused` (the cluster's gather keeps its copies) nothing is lent."""
-    from weightavg_server.domain import reply_buffers
+    """fetch(reused=True), as the servicer asks: the copies lie in a block from the host cache, kept
+    when the reply's copies go; a second reply while the first streams gets its own, and the first's
+    copies stay its own."""
+    from weightavg_server.domain import hostcache
 
-    reply_buffers.clear()
+    cache = hostcache.cache()
+    cache.clear()
     d = service.create_dictionary(upload(("a", f32(512, 600)), ("b", f32(3, start=7.0)))).id
     want = fetched(service, d)
-    assert reply_buffers.cached_bytes() == 0
+    idle = cache.stats().idle_bytes
     with service.fetch(d, [], reused=True) as first:
         with service.fetch(d, [], reused=True) as second:
             assert first[0][1].data_ptr() != second[0][1].data_ptr()
             second[0][1].fill_(-1.0)  # what a reused block's next reply would write
         assert all(torch.equal(got, want[name]) for name, got in first)
-    assert reply_buffers.cached_bytes() == 2 * (512 * 600 + 3) * 4  # both blocks kept for the next replies
+    del first, second
+    assert cache.stats().idle_bytes == idle + 2 * (512 * 600 + 3) * 4  # both blocks kept for the next replies
     with service.fetch(d, [], reused=True) as again:
         assert all(torch.equal(got, want[name]) for name, got in again)
-    reply_buffers.clear()
+    cache.clear()
 
 
 def test_evaluate_keeps_its_output_reserved_until_the_reply_has_streamed(service: Service) -> None:

@@ -69,7 +69,7 @@ def test_300_megabyte_dictionary_round_trips(client: Client) -> None:
 
 
 def test_fetches_at_once_from_reused_reply_memory_each_get_their_own_bytes(live_server: LiveServer) -> None:
-    """A fetch streams from copies in memory that later fetches reuse (domain/reply_buffers.py):
+    """A fetch streams from copies in memory that later fetches reuse (domain/hostcache.py):
     clients fetching different dictionaries at once, over and over, each get exactly theirs, in every
     element size (the copies are packed largest elements first, whatever the entries' order)."""
     import threading

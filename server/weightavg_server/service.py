@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .domain import cuda_ipc, pinned, reply_buffers, shm
+from .domain import cuda_ipc, hostcache, pinned, shm
 from .domain import (
     averaging, batching, batchnorm, collectives, devices, dictionaries, flat, footprint, losses, modules, moves, optimizers,
     specs, training,
@@ -556,7 +556,7 @@ class Service:
         and reserved on the host until the block ends (the reply has streamed). All of them are
         there at once, so the reply can declare how many tensors and bytes it carries. With `reused`
         (for a caller that reads the copies only inside the block, as a reply does) the CPU copies
-        lie in memory that later replies reuse (`reply_buffers`): it must not be kept past the block.
+        lie in kept host memory that later replies reuse (`hostcache.lending`).
         """
         self._one_rank(rank)
         entry = self.store.get(handle)
@@ -564,7 +564,7 @@ class Service:
             with self.store.reading(entry):
                 named = self._named(handle, entry, names)
                 held.enter_context(self.store.reserve(nbytes=tensor_bytes((t for _, t in named), "cpu")))
-                copies = host_copies(named, held.enter_context(reply_buffers.lending()) if reused else None)
+                copies = host_copies(named, held.enter_context(hostcache.lending()) if reused else None)
             yield copies
 
     def _named(self, handle: str, entry: Entry, names: Sequence[str]) -> Named:
@@ -1174,8 +1174,11 @@ class Service:
         return self.store.shared.get(CALLER.get().tenant, CALLER_SESSION.get(), name)
 
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
-        """A CPU buffer of nbytes for an upload's tensor on its way to the device: pinned on a CUDA
-        server where `pinned.empty` has room (a fast, non-faulting copy to the device), else pageable."""
+        """A CPU buffer of nbytes for an upload's tensor: on a CUDA server, on its way to the device,
+        pinned where `pinned.empty` has room (a fast, non-faulting copy to the device), else pageable;
+        on a CPU server, the tensor's own memory, from the kept blocks of freed ones (`hostcache`)."""
+        if self.device.type != "cuda":
+            return hostcache.empty(nbytes)
         return pinned.empty((nbytes,), torch.uint8, self.device)
 
     def shared_region(self, name: str) -> shm.Region:

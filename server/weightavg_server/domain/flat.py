@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import native
+from . import hostcache
 
 GroupKey = tuple[torch.device, torch.dtype]
 
@@ -58,11 +58,13 @@ def group_sizes(tensors: Iterable[torch.Tensor]) -> dict[GroupKey, int]:
 
 
 def new_buffer(numel: int, key: GroupKey) -> torch.Tensor:
-    """An uninitialised 1-D buffer for a group's tensors; a large CPU one on huge pages where the
-    system grants them (`native.advise_huge_pages`): averages stream these buffers whole."""
-    buffer = torch.empty(numel, dtype=key[1], device=key[0])
-    native.advise_huge_pages(buffer)
-    return buffer
+    """An uninitialised 1-D buffer for a group's tensors. A CPU one comes from the kept blocks of
+    freed ones (`hostcache`: a repeated copy does not fault its memory in again), a new large one
+    on huge pages where the system grants them (`native.advise_huge_pages`): averages stream these
+    buffers whole."""
+    if key[0].type == "cpu":
+        return hostcache.empty_as(numel, key[1])
+    return torch.empty(numel, dtype=key[1], device=key[0])
 
 
 def flat_empty(shapes: Sequence[tuple[tuple[int, ...], GroupKey]]) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from . import dictionaries, flat, native, pinned, reply_buffers
+from . import dictionaries, flat, hostcache, native, pinned
 from .ema import EmaState
 from .errors import InvalidArgument
 
@@ -161,8 +161,8 @@ def host_copies(
     reader never holds up writers to the object; the price is host memory for the copies while
     the reply streams. A CUDA tensor goes into a pinned block where `pinned.empty` gives one, without
     blocking; the streams copied on are waited for once, before this returns. With `buffer` (a
-    uint8 CPU block of at least the bytes asked: `reply_buffers.lending`), CPU tensors of at least
-    `reply_buffers.MIN_BYTES` in all are copied into views of one such block, packed with no
+    uint8 CPU block of at least the bytes asked: `hostcache.lending`), CPU tensors of at least
+    `hostcache.MIN_BYTES` in all are copied into views of one such block, packed with no
     padding (largest elements first, so every view is aligned), instead of into new tensors; the
     contiguous ones in one call with streaming stores on the server's threads
     (`native.stream_copies`: nothing reads the block before the reply streams it).
@@ -202,7 +202,7 @@ def _packed(named: list[tuple[str, torch.Tensor]]) -> dict[int, tuple[int, int]]
     back in order of element size, largest first, so every offset is a multiple of its element size
     (sizes are powers of two); empty when there are too few bytes to be worth a block."""
     cpu = [(i, t) for i, (_, t) in enumerate(named) if not t.is_cuda and t.numel()]
-    if sum(t.numel() * t.element_size() for _, t in cpu) < reply_buffers.MIN_BYTES:
+    if sum(t.numel() * t.element_size() for _, t in cpu) < hostcache.MIN_BYTES:
         return {}
     places: dict[int, tuple[int, int]] = {}
     at = 0

@@ -20,7 +20,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 from ..store import snapshot
 from .openmp import TeamReturningExecutor, release_team, returning_team
 from .config import LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
-from ..domain import devices, lerp, optimizers, pinned, weighted_sum
+from ..domain import devices, hostcache, lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
 from ..domain.errors import InvalidArgument, WeightavgError
 from ..service import Service, Settings
@@ -212,8 +212,14 @@ class TeamReturningStreams:
 
 
 def reaper(registry: Registry) -> Periodic:
-    """Ends expired sessions once a second, freeing their handles, even on an idle server."""
-    return Periodic("reaper", REAP_INTERVAL, registry.expire)
+    """Ends expired sessions once a second, freeing their handles, and gives back the host memory
+    kept idle too long (`hostcache`), even on an idle server."""
+
+    def reap() -> None:
+        registry.expire()
+        hostcache.cache().trim()
+
+    return Periodic("reaper", REAP_INTERVAL, reap)
 
 
 def snapshotter(save: Callable[[], object], interval: float) -> Periodic:
@@ -298,6 +304,7 @@ def create_runtime(
     optimizers.prepare()
     pinned.set_cache_bytes(config.pinned_cache_bytes)
     pinned.set_locked_bytes(config.max_locked_bytes)
+    hostcache.cache().configure(config.host_cache_bytes)
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(config.limits())
     registry.set_quotas(tokens.table.quotas)

@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from .. import cluster
-from ..domain import optimizers
+from ..domain import hostcache, optimizers
 from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
@@ -90,6 +90,9 @@ OPTIONS: list[tuple[str, str, str]] = [
     ("--pinned-cache-bytes", "pinned_cache_bytes",
      "on a CUDA device: most page-locked host memory kept for staging copies between the GPU and the host "
      "(torch's caching host allocator); 0 stages them through pageable memory"),
+    ("--host-cache-bytes", "host_cache_bytes",
+     "most freed host memory kept for the next upload or copy of the same size, so it is not faulted in "
+     f"again (given back after {hostcache.IDLE_SECONDS:g} s idle); 0 keeps none"),
     ("--max-locked-bytes", "max_locked_bytes",
      "on a CUDA device, with --allow-shm: most host memory of clients' shared memory regions page-locked in "
      "place, so copies to and from the GPU run as DMA; regions past it stay pageable (same results, staged); "

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 from weightavg.wire import CHUNK_BYTES
 
-from ..domain import pinned
+from ..domain import hostcache, pinned
 from ..domain.specs import MAX_SPEC_LAYERS
 from ..store import requests
 from ..store.limits import Limits
@@ -48,6 +48,7 @@ DEFAULT_REQUEST_ID_WINDOW_SECONDS = requests.DEFAULT_WINDOW_SECONDS
 DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
 DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
 DEFAULT_PINNED_CACHE_BYTES = pinned.CACHE_BYTES
+DEFAULT_HOST_CACHE_BYTES = hostcache.CACHE_BYTES
 DEFAULT_MAX_LOCKED_BYTES = pinned.LOCKED_BYTES
 DEFAULT_CLUSTER_TIMEOUT_SECONDS = 300.0
 """Under torchrun: how long a rank waits on another (a command, a result, a collective) before the
@@ -210,6 +211,8 @@ class ServerConfig:
     allow_shm: bool = False
     # A CUDA server's staging of copies to and from the host (docs/ops.md): page-locked memory kept.
     pinned_cache_bytes: int = DEFAULT_PINNED_CACHE_BYTES
+    # Freed blocks of host memory kept for the next tensor of their size (docs/ops.md), up to this many bytes.
+    host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
     # A CUDA server page-locks its clients' shared memory regions in place, up to this many bytes.
     max_locked_bytes: int = DEFAULT_MAX_LOCKED_BYTES
     # The cluster under torchrun (docs/cluster.md).

@@ -25,7 +25,7 @@ from weightavg.wire import (
 )
 from weightavg.v1 import weightavg_pb2 as pb
 
-from ..domain import dtypes, native, shm
+from ..domain import dtypes, hostcache, native, shm
 from ..domain.errors import DataLoss, InvalidArgument, ResourceExhausted
 from ..domain.shapes import checked_shape
 
@@ -149,8 +149,9 @@ class _Pending:
     dtype: torch.dtype
     shape: tuple[int, ...]
     buffer: torch.Tensor
-    """Flat uint8 storage from torch.empty: pages are only touched as data arrives, so a header
-    that declares a big tensor and sends nothing costs address space, not memory."""
+    """Flat uint8 storage (`hostcache.empty`: a kept block, or a new one whose pages are only
+    touched as data arrives, so a header that declares a big tensor and sends nothing costs
+    address space, not memory)."""
     filled: int = 0
     code: int = 0
     """The dtype's wire code, which the tensor's CRC32C covers."""
@@ -161,7 +162,7 @@ class _Pending:
 
 
 def _new_buffer(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8)
+    return hostcache.empty(nbytes)
 
 
 class TensorAssembler:

@@ -1,0 +1,215 @@
+"""Host memory kept for reuse: the blocks under the large CPU tensors the server allocates (uploads,
+flat copies, a fetch's copies), taken back into a bounded cache when the last tensor over them is
+freed.
+
+Why: a first touch of new memory faults every page in and zeroes it. On the project's VM, 256 MB
+copied into 16 new tensors took 135-155 ms, into tensors over kept memory 16-20 ms (docs/perf.md,
+"Kept host memory"; for replies, "Reply buffers"). The C allocator gives large blocks back to the
+system when they are freed (each from an mmap of its own, or a heap trimmed at its top), so every
+upload of the same tensors, every copy of the same module and every fetch faulted its memory in
+anew.
+
+How: a block is a uint8 CPU tensor. A caller gets a tensor over a numpy view of it
+(`torch.from_numpy`), whose storage holds that view; when the storage goes (the last tensor over
+it freed, by whatever path), a finalizer on the view hands the block back. Idle blocks are kept by
+size, the newest reused first, within a bound in bytes (`--host-cache-bytes`: the oldest go first)
+and in time (`trim`, every second from the server: a block idle for `IDLE_SECONDS` goes), so a
+quiet server gives its memory back. Tensors that objects keep take a block of their exact size; a
+fetch's copies, which live only while the reply streams, may take one up to twice their size
+(`lending`).
+
+What it does not change: values (a new tensor's bytes are uninitialised either way, as
+torch.empty's) and accounting (the store counts a tensor's storage, exactly the bytes asked,
+reserved by the caller before `empty`). An idle block belongs to no tenant, as the pinned cache's
+blocks do (pinned.py); the bound is what it may add to the server's memory beside its caps.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from . import native
+
+MIN_BYTES: Final = 1 << 20
+"""Smaller blocks take torch.empty as they are: the C allocator keeps small blocks itself."""
+
+CACHE_BYTES: Final = 1 << 30
+"""By default, the most bytes of idle blocks kept (the server's --host-cache-bytes)."""
+
+IDLE_SECONDS: Final = 30.0
+"""A block idle this long goes back to the system at the next `trim`."""
+
+Block = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the cache holds and has done since the server started."""
+
+    idle_bytes: int
+    idle_blocks: int
+    reused: int
+    """Tensors made over a kept block."""
+    allocated: int
+    """Tensors (from MIN_BYTES) made over a new block."""
+
+
+class HostCache:
+    """Blocks of CPU memory kept for reuse (see the module docstring). Thread-safe: finalizers hand
+    blocks back from whichever thread frees the last tensor, through a deque (no lock, so a
+    finalizer that runs inside a locked section, at a garbage collection, cannot deadlock)."""
+
+    def __init__(
+        self, capacity: int = CACHE_BYTES, idle_seconds: float = IDLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._capacity = capacity
+        self._idle_seconds = idle_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._returned: collections.deque[Block] = collections.deque()
+        self._idle: dict[int, list[tuple[float, Block]]] = {}
+        """Idle blocks by size, each list oldest first."""
+        self._idle_bytes = 0
+        self._reused = 0
+        self._allocated = 0
+
+    def configure(self, capacity: int, idle_seconds: float = IDLE_SECONDS) -> None:
+        """Set the bounds (0 bytes: keep nothing; blocks lent now are dropped when they come back).
+
+        Raises:
+            ValueError: a negative capacity or a non-positive idle time.
+        """
+        if capacity < 0:
+            raise ValueError(f"--host-cache-bytes must be 0 (keep no freed host memory) or more; got {capacity}")
+        if not idle_seconds > 0:
+            raise ValueError(f"the host cache's idle time must be positive; got {idle_seconds}")
+        with self._lock:
+            self._capacity, self._idle_seconds = capacity, idle_seconds
+            dropped = self._settle()
+        del dropped
+
+    def empty(self, nbytes: int, up_to: int = 0) -> torch.Tensor:
+        """An uninitialised 1-D uint8 CPU tensor of nbytes: over a kept block of that size (or, with
+        `up_to`, the smallest kept one of at most up_to bytes) where the cache has one, else over a
+        new block (on huge pages where large: `native.advise_huge_pages`)."""
+        if nbytes < MIN_BYTES or nbytes > self._capacity:
+            return _new_block(nbytes)
+        with self._lock:
+            dropped = self._settle()
+            sizes = [size for size in self._idle if nbytes <= size <= max(up_to, nbytes)]
+            block = None
+            if sizes:
+                size = min(sizes)
+                kept = self._idle[size]
+                block = kept.pop()[1]
+                if not kept:
+                    del self._idle[size]
+                self._idle_bytes -= size
+                self._reused += 1
+            else:
+                self._allocated += 1
+        del dropped
+        if block is None:
+            block = _new_block(nbytes).numpy()
+        return self._lend(block, nbytes)
+
+    def trim(self) -> int:
+        """Drop the blocks idle for `IDLE_SECONDS` or more; the bytes dropped."""
+        with self._lock:
+            dropped = self._settle()
+            horizon = self._clock() - self._idle_seconds
+            for size in list(self._idle):
+                kept = self._idle[size]
+                while kept and kept[0][0] <= horizon:
+                    dropped.append(kept.pop(0)[1])
+                    self._idle_bytes -= size
+                if not kept:
+                    del self._idle[size]
+        return sum(block.nbytes for block in dropped)
+
+    def clear(self) -> None:
+        """Drop every idle block (blocks lent now come back later, and are kept again)."""
+        with self._lock:
+            dropped = self._settle()
+            dropped += [block for kept in self._idle.values() for _, block in kept]
+            self._idle.clear()
+            self._idle_bytes = 0
+        del dropped
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            dropped = self._settle()
+            stats = CacheStats(
+                self._idle_bytes, sum(map(len, self._idle.values())), self._reused, self._allocated
+            )
+        del dropped
+        return stats
+
+    def _lend(self, block: Block, nbytes: int) -> torch.Tensor:
+        """A tensor over the block's first nbytes whose storage, when freed, hands the block back."""
+        view = block[:nbytes]
+        finalizer = weakref.finalize(view, self._returned.append, block)
+        finalizer.atexit = False
+        return torch.from_numpy(view)
+
+    def _settle(self) -> list[Block]:
+        """Under the lock: take the blocks handed back into the idle lists, then drop the oldest idle
+        blocks past the bound. Returns the dropped blocks, for the caller to let go of after the lock."""
+        now = self._clock()
+        dropped: list[Block] = []
+        while self._returned:
+            block = self._returned.popleft()
+            self._idle.setdefault(block.nbytes, []).append((now, block))
+            self._idle_bytes += block.nbytes
+        while self._idle_bytes > self._capacity:
+            size = min(self._idle, key=lambda s: self._idle[s][0][0])
+            kept = self._idle[size]
+            dropped.append(kept.pop(0)[1])
+            self._idle_bytes -= size
+            if not kept:
+                del self._idle[size]
+        return dropped
+
+
+def _new_block(nbytes: int) -> torch.Tensor:
+    block = torch.empty(nbytes, dtype=torch.uint8)
+    native.advise_huge_pages(block)
+    return block
+
+
+_cache = HostCache()
+
+
+def cache() -> HostCache:
+    """This process's cache (one, as the server is one per process; configured by the server)."""
+    return _cache
+
+
+def empty(nbytes: int) -> torch.Tensor:
+    """`HostCache.empty` of this process's cache."""
+    return _cache.empty(nbytes)
+
+
+def empty_as(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised 1-D CPU tensor of numel elements of dtype, from this process's cache."""
+    return _cache.empty(numel * dtype.itemsize).view(dtype)
+
+
+@contextlib.contextmanager
+def lending() -> Iterator[Callable[[int], torch.Tensor]]:
+    """For copies that live only as long as a reply streams: blocks of at least the bytes asked, a
+    kept one of up to twice that where there is one (fetches of about the same size reuse one
+    another's memory). Each comes back when the last tensor over it goes, in the block or after."""
+    yield lambda nbytes: _cache.empty(nbytes, up_to=2 * nbytes)

@@ -1,0 +1,188 @@
+"""The host cache: blocks of freed large CPU tensors kept for the next tensor of their size, within a
+bound in bytes and in time (domain/hostcache.py), and the server's uploads and copies that use it."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import LiveServer
+from weightavg import Client
+from weightavg_server.domain import hostcache
+from weightavg_server.domain.hostcache import MIN_BYTES, HostCache
+
+MB = 1 << 20
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_freed_tensors_block_is_the_next_one_of_its_size() -> None:
+    cache = HostCache(capacity=64 * MB)
+    t = cache.empty(4 * MB).view(torch.float32).reshape(1024, 1024)
+    address = t.data_ptr()
+    t.fill_(1.5)
+    assert cache.stats().idle_blocks == 0
+    del t
+    assert cache.stats().idle_bytes == 4 * MB
+    again = cache.empty(4 * MB)
+    assert again.data_ptr() == address and again.numel() == 4 * MB and again.dtype is torch.uint8
+    assert cache.stats().reused == 1 and cache.stats().idle_bytes == 0
+    other = cache.empty(8 * MB)  # another size takes a new block
+    assert other.data_ptr() != address and cache.stats().allocated == 2
+
+
+def test_a_block_stays_lent_while_any_tensor_over_it_lives() -> None:
+    """Views, reshapes and Parameters share the storage; the block comes back with the last of them."""
+    cache = HostCache(capacity=64 * MB)
+    base = cache.empty(2 * MB)
+    param = torch.nn.Parameter(base.view(torch.float32).reshape(512, 1024))
+    row = param[3]
+    del base
+    gc.collect()
+    assert cache.stats().idle_blocks == 0
+    del param
+    assert cache.stats().idle_blocks == 0  # the row still reaches the storage
+    del row
+    assert cache.stats().idle_blocks == 1
+
+
+def test_small_tensors_and_a_cache_of_no_bytes_keep_nothing() -> None:
+    cache = HostCache(capacity=64 * MB)
+    small = cache.empty(MIN_BYTES - 1)
+    del small
+    assert cache.stats() == hostcache.CacheStats(0, 0, 0, 0)
+    cache.configure(0)
+    big = cache.empty(4 * MB)
+    del big
+    assert cache.stats().idle_bytes == 0
+    lent = HostCache(capacity=64 * MB)
+    held = lent.empty(4 * MB)
+    lent.configure(0)  # a block lent before the bound fell is dropped when it comes back
+    del held
+    assert lent.stats().idle_bytes == 0
+
+
+def test_the_oldest_idle_blocks_go_first_past_the_bound() -> None:
+    clock = Clock()
+    cache = HostCache(capacity=10 * MB, clock=clock)
+    first, second = cache.empty(4 * MB), cache.empty(4 * MB)
+    first_address, second_address = first.data_ptr(), second.data_ptr()
+    del first
+    cache.stats()  # settled at 100
+    clock.now = 101.0
+    del second
+    assert cache.stats().idle_bytes == 8 * MB
+    third = cache.empty(6 * MB)  # a new block; kept when freed, which drops the oldest to stay within 10 MB
+    del third
+    stats = cache.stats()
+    assert stats.idle_bytes == 10 * MB and stats.idle_blocks == 2
+    assert cache.empty(4 * MB).data_ptr() == second_address != first_address
+
+
+def test_trim_gives_back_blocks_idle_too_long() -> None:
+    clock = Clock()
+    cache = HostCache(capacity=64 * MB, idle_seconds=30.0, clock=clock)
+    old, young = cache.empty(2 * MB), cache.empty(3 * MB)
+    del old
+    cache.stats()
+    clock.now += 20
+    del young
+    cache.stats()
+    clock.now += 15  # old idle 35 s, young 15 s
+    assert cache.trim() == 2 * MB
+    assert cache.stats().idle_bytes == 3 * MB
+    clock.now += 30
+    assert cache.trim() == 3 * MB and cache.stats().idle_blocks == 0
+
+
+def test_a_transient_copy_takes_a_kept_block_of_up_to_twice_its_size() -> None:
+    """`up_to` (what `lending` asks for a reply's copies): the smallest kept block that fits within it;
+    the tensor has the bytes asked, and the whole block comes back with it."""
+    cache = HostCache(capacity=64 * MB)
+    four = cache.empty(4 * MB)
+    address = four.data_ptr()
+    del four
+    three = cache.empty(3 * MB, up_to=6 * MB)
+    assert three.data_ptr() == address and three.numel() == 3 * MB
+    del three
+    assert cache.stats().idle_bytes == 4 * MB  # the whole block is back
+    assert cache.empty(MB, up_to=2 * MB).data_ptr() != address  # more than twice the size: a new block
+    assert cache.empty(5 * MB, up_to=10 * MB).data_ptr() != address  # too small
+    assert cache.empty(3 * MB).data_ptr() != address  # a kept tensor takes only its exact size
+
+
+def test_lending_gives_blocks_from_the_processs_cache(kept: HostCache) -> None:
+    with hostcache.lending() as lend:
+        block = lend(2 * MB)
+        address = block.data_ptr()
+    del block
+    with hostcache.lending() as lend:
+        assert lend(2 * MB - 100).data_ptr() == address
+
+
+def test_the_bounds_are_checked() -> None:
+    cache = HostCache()
+    with pytest.raises(ValueError, match="--host-cache-bytes must be 0"):
+        cache.configure(-1)
+    with pytest.raises(ValueError, match="idle time must be positive"):
+        cache.configure(MB, 0.0)
+
+
+def test_empty_as_gives_the_dtype_and_elements_asked_for() -> None:
+    t = hostcache.empty_as(MB, torch.float64)
+    assert t.dtype is torch.float64 and t.shape == (MB,) and t.is_contiguous()
+    assert t.untyped_storage().nbytes() == 8 * MB  # what the store counts: the tensor's own bytes
+
+
+# -- served: uploads and copies reuse the memory of freed ones ------------------------------------------------
+
+
+@pytest.fixture
+def kept() -> Iterator[HostCache]:
+    """The process's cache (one, as the server's), emptied around the test."""
+    cache = hostcache.cache()
+    cache.clear()
+    yield cache
+    cache.clear()
+
+
+def _addresses(server: LiveServer, handle: str) -> set[int]:
+    entries = server.registry.get(handle).obj.entries
+    return {t.untyped_storage().data_ptr() for t in entries.values()}
+
+
+def test_an_upload_after_a_free_lands_in_the_freed_memory(live_server: LiveServer, client: Client, kept: HostCache) -> None:
+    rng = np.random.default_rng(0)
+    first = {f"w{i}": rng.standard_normal((512, 1024)).astype(np.float32) for i in range(3)}
+    d = client.dict(first)
+    used = _addresses(live_server, d.id)
+    client.free(d)
+    second = {name: value + 1 for name, value in first.items()}
+    d = client.dict(second)
+    assert _addresses(live_server, d.id) == used  # no new memory to fault in
+    got = client.dict(d)
+    for name, value in second.items():
+        np.testing.assert_array_equal(got[name], value)
+    assert kept.stats().reused >= 3
+
+
+def test_a_copy_after_a_free_lands_in_the_freed_memory(live_server: LiveServer, client: Client, kept: HostCache) -> None:
+    m = client.module(["sequential", ["linear", "a", 1024, 512], ["linear", "b", 512, 256]])
+    d = client.copyparms(m)
+    used = _addresses(live_server, d.id)
+    client.free(d)
+    again = client.copyparms(m)
+    assert _addresses(live_server, again.id) == used
+    values = client.dict(again)
+    for name in client.parmnames(m):
+        np.testing.assert_array_equal(values[name], client.parm(m, name))
