@@ -8,6 +8,7 @@ the first answer, with the call applied once. Calls with chosen IDs go through t
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -25,11 +26,13 @@ from weightavg import Client, Handle, NotFoundError, RetryPolicy, UnavailableErr
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+from weightavg_server.domain import shm
 from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.cli import build_parser, config_from_args
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.store import snapshot
 from weightavg_server.store.registry import Registry
+from weightavg_server.transport.requests import UPLOAD_DIGEST_TAG
 
 ID = "5b1d8f2a-3c4e-4f60-8a7b-9c0d1e2f3a4b"
 OTHER = "6c2e9a3b-4d5f-4a71-9b8c-0d1e2f3a4b5c"
@@ -254,6 +257,80 @@ def test_an_upload_repeated_with_other_bytes_is_invalid(server: LiveServer) -> N
         np.testing.assert_array_equal(c.dict(d, "w"), value)
 
 
+needs_shm = pytest.mark.skipif(not os.path.isdir(shm.SHM_DIRECTORY), reason="needs POSIX shared memory in /dev/shm")
+
+
+def region_floats(c: Client, offset: int, count: int) -> np.ndarray:
+    """`count` float32s at `offset` of the client's registered upload region, written in place."""
+    buffer = c._shm_buffer(1 << 16)
+    assert buffer is not None, "the server took no shared memory"
+    return np.frombuffer(buffer, dtype=np.float32, count=count, offset=offset)
+
+
+def shared_update(c: Client, d: Handle, request_id: str, offset: int) -> pb.UpdateDictionaryResponse:
+    """UpdateDictionary of entry "w" (4 float32s) whose bytes lie in the client's region at `offset`."""
+    first = pb.UpdateDictionaryRequest(dictionary=d.id, request_id=request_id).SerializeToString()
+    chunk = pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT32, shape=[4], tensor_count=1, total_bytes=16,
+                           shared=pb.SharedBytes(region=c._shm_names.region, offset=offset))
+    body = pb.UpdateDictionaryRequest(chunk=chunk).SerializeToString()
+    response: pb.UpdateDictionaryResponse = c._update_dictionary_stream(iter([first, body]), timeout=WAIT)
+    return response
+
+
+@needs_shm
+def test_an_upload_repeated_with_other_bytes_in_shared_memory_is_invalid(
+    start_server: Callable[..., LiveServer]
+) -> None:
+    """The bytes of a tensor in the caller's region are arguments as much as streamed bytes are: a
+    repeat with other bytes there is refused (until 2026-11-28 it got the first answer, and the
+    update applied zero times). The same bytes are the same call wherever they lie: at another
+    offset, or sent in the stream (a retry that could not use the region)."""
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        d = c.dict({"w": np.zeros(4, np.float32)})
+        region_floats(c, 4096, 4)[:] = [1, 2, 3, 4]
+        assert list(shared_update(c, d, ID, 4096).names) == ["w"]
+        region_floats(c, 4096, 4)[:] = [9, 9, 9, 9]
+        with pytest.raises(grpc.RpcError) as err:
+            shared_update(c, d, ID, 4096)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "other arguments" in str(err.value.details())
+        np.testing.assert_array_equal(c.dict(d, "w"), [1, 2, 3, 4])
+
+        region_floats(c, 8192, 4)[:] = [1, 2, 3, 4]
+        assert list(shared_update(c, d, ID, 8192).names) == ["w"]  # the same bytes elsewhere: answered
+        inline = updates(d, ID, np.array([1, 2, 3, 4], np.float32))
+        assert list(c._update_dictionary_stream(inline, timeout=WAIT).names) == ["w"]  # and in the stream
+        assert c.stats()["request_ids"]["duplicates_answered"] == 2
+        np.testing.assert_array_equal(c.dict(d, "w"), [1, 2, 3, 4])
+
+
+@needs_shm
+def test_a_dictionary_from_shared_memory_repeated_with_other_bytes_is_invalid(
+    start_server: Callable[..., LiveServer]
+) -> None:
+    """CreateDictionaryFromSharedMemory's digest covers the bytes its tensors have in the region:
+    a repeat with other bytes there made no second dictionary but answered the first, holding
+    the first bytes (until 2026-11-28)."""
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        request = pb.CreateDictionaryFromSharedMemoryRequest(
+            region=c._shm_names.region, request_id=ID,
+            tensors=[pb.SharedTensor(name="w", dtype=pb.DTYPE_FLOAT32, shape=[4], offset=4096, byte_size=16)],
+        )
+        region_floats(c, 4096, 4)[:] = [1, 2, 3, 4]
+        first = c._stub.CreateDictionaryFromSharedMemory(request, timeout=WAIT)
+        assert c._stub.CreateDictionaryFromSharedMemory(request, timeout=WAIT) == first  # the same bytes
+        handles = len(c.handles())
+        region_floats(c, 4096, 4)[:] = [9, 9, 9, 9]
+        with pytest.raises(grpc.RpcError) as err:
+            c._stub.CreateDictionaryFromSharedMemory(request, timeout=WAIT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "other arguments" in str(err.value.details())
+        assert len(c.handles()) == handles
+        np.testing.assert_array_equal(c.dict(first.dictionary.id, "w"), [1, 2, 3, 4])
+
+
 @pytest.mark.parametrize(
     "request_id", ["00000000-0000-0000-0000-000000000000", "not-a-uuid", ID.replace("-", ""), ID + "x"]
 )
@@ -401,11 +478,15 @@ def test_request_ids_survive_a_snapshot_and_restart(state_server: Runtime, tmp_p
         restarted.stop(None)
 
 
-def test_an_upload_remembered_by_an_older_server_is_answered_after_a_restart(state_server: Runtime, tmp_path: Path) -> None:
-    """A server before the CRC-32C upload digest saved its digests untagged (zlib's CRC-32 inside).
-    Restarted from its snapshot, this server cannot check a repeat against such a digest, so a
-    retry of that upload gets the remembered answer rather than INVALID_ARGUMENT, and runs no
-    second time (store/requests.comparable)."""
+@pytest.mark.parametrize("older", ["5f" * 32, "crc32c:" + "5f" * 32])
+def test_an_upload_remembered_by_an_older_server_is_answered_after_a_restart(
+    state_server: Runtime, tmp_path: Path, older: str
+) -> None:
+    """A server before the CRC-32C upload digest saved its digests untagged (zlib's CRC-32 inside);
+    one before shared memory bytes were hashed tagged them "crc32c:". Restarted from its snapshot,
+    this server cannot check a repeat against such a digest, so a retry of that upload gets the
+    remembered answer rather than INVALID_ARGUMENT, and runs no second time
+    (store/requests.comparable)."""
     value = np.arange(100.0)
     with Client(f"127.0.0.1:{state_server.port}", timeout=WAIT) as c, grpc.insecure_channel(f"127.0.0.1:{state_server.port}") as channel:
         update = channel.stream_unary(
@@ -420,8 +501,8 @@ def test_an_upload_remembered_by_an_older_server_is_answered_after_a_restart(sta
     state_name = next(n for n in manifest["files"] if n.endswith(".json"))
     state = json.loads((root / state_name).read_text())
     record = next(r for r in state["requests"] if r["id"] == ID)
-    assert record["digest"].startswith("crc32c:")
-    record["digest"] = "5f" * 32  # what the older server wrote: a SHA-256 hex, no scheme
+    assert record["digest"].startswith(UPLOAD_DIGEST_TAG)
+    record["digest"] = older  # what the older server wrote
     (root / state_name).write_text(json.dumps(state))
     manifest["files"][state_name] = snapshot._digest(root / state_name)
     (root / snapshot.MANIFEST).write_text(json.dumps(manifest))
