@@ -22,7 +22,7 @@ import torch
 
 from conftest import LiveServer
 from faults import CuttingProxy
-from weightavg import Client, Handle, NotFoundError, RetryPolicy, UnavailableError
+from weightavg import Client, FailedPreconditionError, Handle, NotFoundError, RetryPolicy, UnavailableError
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -136,6 +136,30 @@ def test_a_lost_epoch_trains_once(proxy: CuttingProxy, server: LiveServer) -> No
         assert proxy.cuts == 1 and c.stats()["request_ids"]["duplicates_answered"] == 1
         once = c.run(models[1])
         np.testing.assert_array_equal(lost, once)
+        for name in c.parmnames(models[0]):
+            np.testing.assert_array_equal(c.parm(models[0], name), c.parm(models[1], name))
+
+
+def test_a_lost_epoch_whose_answer_is_too_large_to_remember_trains_once(start_server: Callable[..., LiveServer]) -> None:
+    """An epoch's `output` metric over the byte cap is not remembered; until 2026-11-28 nothing
+    was, so the client's retry of a lost answer trained a second epoch. Now the retry is refused
+    FAILED_PRECONDITION, naming the flag, and the model holds one epoch's training."""
+    server = start_server(max_request_id_bytes=4096)
+    x = np.random.default_rng(0).standard_normal((400, 4), dtype=np.float32)
+    y = np.random.default_rng(1).integers(0, 2, 400)
+    with CuttingProxy(server.address) as proxy, Client(proxy.address, timeout=WAIT) as c:
+        models = []
+        for _ in range(2):
+            q = c.module(NET)
+            models.append(c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1, 0.9)))
+            c.train(models[-1], x, y)
+            c.train(models[-1], metrics=["loss", "output"])  # 400 x 2 float32 outputs: 3200 bytes
+        c.copyparms(models[1], c.copyparms(models[0]))
+        proxy.arm()
+        with pytest.raises(FailedPreconditionError, match="ran and succeeded.*--max-request-id-bytes"):
+            c.run(models[0])
+        assert proxy.cuts == 1 and method_count(c, "RunEpoch") == 2
+        c.run(models[1])
         for name in c.parmnames(models[0]):
             np.testing.assert_array_equal(c.parm(models[0], name), c.parm(models[1], name))
 
