@@ -22,7 +22,7 @@ import torch
 
 from conftest import LiveServer
 from faults import CuttingProxy
-from weightavg import Client, FailedPreconditionError, Handle, NotFoundError, RetryPolicy, UnavailableError
+from weightavg import Client, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -327,6 +327,27 @@ def test_an_upload_repeated_with_other_bytes_in_shared_memory_is_invalid(
         assert list(c._update_dictionary_stream(inline, timeout=WAIT).names) == ["w"]  # and in the stream
         assert c.stats()["request_ids"]["duplicates_answered"] == 2
         np.testing.assert_array_equal(c.dict(d, "w"), [1, 2, 3, 4])
+
+
+@needs_shm
+def test_a_client_reusing_an_id_for_other_arrays_through_shared_memory_is_refused(
+    start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python client's own shared memory upload (arrays copied into its region, small ones
+    packed), its request ID made constant as a buggy client's would be: other arrays under the
+    same ID are refused, not answered with the first call's names while the entries keep the
+    first arrays."""
+    import weightavg._client
+
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        d = c.dict({"a": np.zeros(10_000, np.float32), "b": np.zeros(5_000, np.float32), "s": np.float32(0)})
+        monkeypatch.setattr(weightavg._client, "new_request_id", lambda: ID)
+        c.dict(d, {"a": np.ones(10_000, np.float32), "b": np.ones(5_000, np.float32), "s": np.float32(1)})
+        assert c._shm is not None and c._shm.size  # the upload went through the region
+        with pytest.raises(InvalidArgumentError, match="other arguments"):
+            c.dict(d, {"a": np.full(10_000, 2, np.float32), "b": np.ones(5_000, np.float32), "s": np.float32(1)})
+        np.testing.assert_array_equal(c.dict(d, "a"), np.ones(10_000, np.float32))
 
 
 @needs_shm
