@@ -22,7 +22,7 @@ import torch
 
 from conftest import LiveServer
 from faults import CuttingProxy
-from weightavg import Client, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError
+from weightavg import Client, DeadlineExceededError, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -73,6 +73,21 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.02)
+
+
+def server_calls_ended(method: str) -> bool:
+    """Whether this process's gRPC server sees every call of `method` it still runs as ended
+    (cancelled, or past its deadline): what `context.is_active()` tells its handler. A client's
+    DEADLINE_EXCEEDED comes from the client's own timer, a moment before the server's call is
+    marked, so a test that then frees what the handler waits for must wait for the server too.
+    Read from grpc's server contexts (internal, but plain attributes), since no API lists them."""
+    import gc
+    import grpc._server
+
+    contexts = [o for o in gc.get_objects() if type(o) is grpc._server._Context]  # no isinstance: torch warns
+    return all(
+        not ctx.is_active() for ctx in contexts if ctx._rpc_event.call_details.method.decode().endswith("/" + method)
+    )
 
 
 def average(stub: pb_grpc.WeightAveragingServiceStub, m: Handle, p: Handle, request_id: str) -> pb.AverageParametersResponse:
@@ -416,6 +431,24 @@ def test_a_repeat_sent_while_the_first_runs_waits_and_gets_its_answer(
             t.join(WAIT)
         assert answers == [2, 2] and count_of(server, p) == 2
         assert c.stats()["request_ids"]["duplicates_answered"] == 1
+
+
+def test_a_change_whose_deadline_passed_while_it_waited_for_a_busy_object_is_not_made(server: LiveServer) -> None:
+    """A client whose avgparms waits for a busy object gets DEADLINE_EXCEEDED; until 2026-11-28
+    the server made the change anyway once the object was free, so the caller's retry of the
+    update (a new call, a new ID) counted the sample twice. Now a change whose caller has gone by
+    the time it gets its objects is not made. (The test holds the object's lock itself.)"""
+    with Client(server.address, timeout=WAIT) as c, Client(server.address, timeout=0.5) as quick:
+        m = c.module(NET)
+        p = c.copyparms(m)
+        lock = server.registry.get(p.id).lock
+        with lock:
+            with pytest.raises(DeadlineExceededError):
+                quick.avgparms(m, p)
+            wait_for(lambda: server_calls_ended("AverageParameters"), "the server to see the deadline pass")
+        wait_for(lambda: method_count(c, "AverageParameters") == 1, "the waiting avgparms to end")
+        assert count_of(server, p) == 1  # not averaged in
+        assert c.avgparms(m, p) == 2  # the caller's retry counts it once
 
 
 def test_a_repeat_whose_deadline_passes_while_the_first_runs_frees_its_worker(
