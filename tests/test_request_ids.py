@@ -335,6 +335,11 @@ def test_an_upload_repeated_with_other_bytes_in_shared_memory_is_invalid(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "other arguments" in str(err.value.details())
         np.testing.assert_array_equal(c.dict(d, "w"), [1, 2, 3, 4])
+        size = c._shm.size if c._shm is not None else 0
+        with pytest.raises(grpc.RpcError) as err:  # a repeat's chunks are checked too, though not received
+            shared_update(c, d, ID, size - 8)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "outside the region" in str(err.value.details())
 
         region_floats(c, 8192, 4)[:] = [1, 2, 3, 4]
         assert list(shared_update(c, d, ID, 8192).names) == ["w"]  # the same bytes elsewhere: answered
