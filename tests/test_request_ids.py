@@ -22,7 +22,7 @@ import torch
 
 from conftest import LiveServer
 from faults import CuttingProxy
-from weightavg import Client, DeadlineExceededError, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError
+from weightavg import Client, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -438,22 +438,33 @@ def test_a_repeat_sent_while_the_first_runs_waits_and_gets_its_answer(
         assert c.stats()["request_ids"]["duplicates_answered"] == 1
 
 
-def test_a_change_whose_deadline_passed_while_it_waited_for_a_busy_object_is_not_made(server: LiveServer) -> None:
-    """A client whose avgparms waits for a busy object gets DEADLINE_EXCEEDED; until 2026-11-28
-    the server made the change anyway once the object was free, so the caller's retry of the
-    update (a new call, a new ID) counted the sample twice. Now a change whose caller has gone by
-    the time it gets its objects is not made. (The test holds the object's lock itself.)"""
-    with Client(server.address, timeout=WAIT) as c, Client(server.address, timeout=0.5) as quick:
+def test_a_change_whose_client_went_while_it_waited_for_a_busy_object_is_not_made(
+    server: LiveServer, stub: pb_grpc.WeightAveragingServiceStub
+) -> None:
+    """A client that gives up on an avgparms waiting for a busy object (its deadline passes, or it
+    cancels) was told the call failed, yet until 2026-11-28 the server made the change once the
+    object was free, so the caller's retry of the update (a new call, a new ID) counted the sample
+    twice. Now a change whose client has gone by the time it gets its objects is not made, nor
+    remembered: a retry with the same ID runs once. (The test holds the object's lock itself and
+    cancels once the call is in flight: a deadline ends the call the same way, `is_active()`.)"""
+    method = "/weightavg.v1.WeightAveragingService/AverageParameters"
+    with Client(server.address, timeout=WAIT) as c:
         m = c.module(NET)
         p = c.copyparms(m)
-        lock = server.registry.get(p.id).lock
-        with lock:
-            with pytest.raises(DeadlineExceededError):
-                quick.avgparms(m, p)
-            wait_for(lambda: server_calls_ended("AverageParameters"), "the server to see the deadline pass")
-        wait_for(lambda: method_count(c, "AverageParameters") == 1, "the waiting avgparms to end")
+
+        def in_flight() -> int:
+            return int(c.stats()["methods"].get(method, {}).get("in_flight", 0))
+
+        with server.registry.get(p.id).lock:
+            request = pb.AverageParametersRequest(handle=m.id, dictionary=p.id, request_id=ID)
+            call = stub.AverageParameters.future(request, timeout=WAIT)
+            wait_for(lambda: in_flight() == 1, "the avgparms to wait for the dictionary")
+            call.cancel()
+            wait_for(lambda: server_calls_ended("AverageParameters"), "the server to see the call cancelled")
+        wait_for(lambda: in_flight() == 0, "the cancelled avgparms to end")
         assert count_of(server, p) == 1  # not averaged in
-        assert c.avgparms(m, p) == 2  # the caller's retry counts it once
+        assert average(stub, m, p, ID).count == 2  # the retry runs, once
+        assert count_of(server, p) == 2
 
 
 def test_a_repeat_whose_deadline_passes_while_the_first_runs_frees_its_worker(
