@@ -22,7 +22,9 @@ import torch
 
 from conftest import LiveServer
 from faults import CuttingProxy
-from weightavg import Client, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError
+from weightavg import (
+    Client, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError,
+)
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -155,7 +157,9 @@ def test_a_lost_epoch_trains_once(proxy: CuttingProxy, server: LiveServer) -> No
             np.testing.assert_array_equal(c.parm(models[0], name), c.parm(models[1], name))
 
 
-def test_a_lost_epoch_whose_answer_is_too_large_to_remember_trains_once(start_server: Callable[..., LiveServer]) -> None:
+def test_a_lost_epoch_whose_answer_is_too_large_to_remember_trains_once(
+    start_server: Callable[..., LiveServer]
+) -> None:
     """An epoch's `output` metric over the byte cap is not remembered; until 2026-11-28 nothing
     was, so the client's retry of a lost answer trained a second epoch. Now the retry is refused
     FAILED_PRECONDITION, naming the flag, and the model holds one epoch's training."""

@@ -213,7 +213,9 @@ def shared_key(
     if not request.request_id:
         return None
     chunks = (
-        pb.TensorChunk(name=t.name, dtype=t.dtype, shape=t.shape, shared=pb.SharedBytes(region=request.region, offset=t.offset))
+        pb.TensorChunk(
+            name=t.name, dtype=t.dtype, shape=t.shape, shared=pb.SharedBytes(region=request.region, offset=t.offset)
+        )
         for t in request.tensors
     )
     digest = StreamDigest(_fields(request, type(request)), chunks, regions).digest()
