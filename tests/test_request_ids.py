@@ -8,6 +8,7 @@ the first answer, with the call applied once. Calls with chosen IDs go through t
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -21,15 +22,19 @@ import torch
 
 from conftest import LiveServer
 from faults import CuttingProxy
-from weightavg import Client, Handle, NotFoundError, RetryPolicy, UnavailableError
+from weightavg import (
+    Client, FailedPreconditionError, Handle, InvalidArgumentError, NotFoundError, RetryPolicy, UnavailableError,
+)
 from weightavg import wire
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
+from weightavg_server.domain import shm
 from weightavg_server.ops.app import Runtime, create_runtime
 from weightavg_server.ops.cli import build_parser, config_from_args
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.store import snapshot
 from weightavg_server.store.registry import Registry
+from weightavg_server.transport.requests import UPLOAD_DIGEST_TAG
 
 ID = "5b1d8f2a-3c4e-4f60-8a7b-9c0d1e2f3a4b"
 OTHER = "6c2e9a3b-4d5f-4a71-9b8c-0d1e2f3a4b5c"
@@ -70,6 +75,21 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.02)
+
+
+def server_calls_ended(method: str) -> bool:
+    """Whether this process's gRPC server sees every call of `method` it still runs as ended
+    (cancelled, or past its deadline): what `context.is_active()` tells its handler. A client's
+    DEADLINE_EXCEEDED comes from the client's own timer, a moment before the server's call is
+    marked, so a test that then frees what the handler waits for must wait for the server too.
+    Read from grpc's server contexts (internal, but plain attributes), since no API lists them."""
+    import gc
+    import grpc._server
+
+    contexts = [o for o in gc.get_objects() if type(o) is grpc._server._Context]  # no isinstance: torch warns
+    return all(
+        not ctx.is_active() for ctx in contexts if ctx._rpc_event.call_details.method.decode().endswith("/" + method)
+    )
 
 
 def average(stub: pb_grpc.WeightAveragingServiceStub, m: Handle, p: Handle, request_id: str) -> pb.AverageParametersResponse:
@@ -133,6 +153,32 @@ def test_a_lost_epoch_trains_once(proxy: CuttingProxy, server: LiveServer) -> No
         assert proxy.cuts == 1 and c.stats()["request_ids"]["duplicates_answered"] == 1
         once = c.run(models[1])
         np.testing.assert_array_equal(lost, once)
+        for name in c.parmnames(models[0]):
+            np.testing.assert_array_equal(c.parm(models[0], name), c.parm(models[1], name))
+
+
+def test_a_lost_epoch_whose_answer_is_too_large_to_remember_trains_once(
+    start_server: Callable[..., LiveServer]
+) -> None:
+    """An epoch's `output` metric over the byte cap is not remembered; until 2026-11-28 nothing
+    was, so the client's retry of a lost answer trained a second epoch. Now the retry is refused
+    FAILED_PRECONDITION, naming the flag, and the model holds one epoch's training."""
+    server = start_server(max_request_id_bytes=4096)
+    x = np.random.default_rng(0).standard_normal((400, 4), dtype=np.float32)
+    y = np.random.default_rng(1).integers(0, 2, 400)
+    with CuttingProxy(server.address) as proxy, Client(proxy.address, timeout=WAIT) as c:
+        models = []
+        for _ in range(2):
+            q = c.module(NET)
+            models.append(c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1, 0.9)))
+            c.train(models[-1], x, y)
+            c.train(models[-1], metrics=["loss", "output"])  # 400 x 2 float32 outputs: 3200 bytes
+        c.copyparms(models[1], c.copyparms(models[0]))
+        proxy.arm()
+        with pytest.raises(FailedPreconditionError, match="ran and succeeded.*--max-request-id-bytes"):
+            c.run(models[0])
+        assert proxy.cuts == 1 and method_count(c, "RunEpoch") == 2
+        c.run(models[1])
         for name in c.parmnames(models[0]):
             np.testing.assert_array_equal(c.parm(models[0], name), c.parm(models[1], name))
 
@@ -254,6 +300,106 @@ def test_an_upload_repeated_with_other_bytes_is_invalid(server: LiveServer) -> N
         np.testing.assert_array_equal(c.dict(d, "w"), value)
 
 
+needs_shm = pytest.mark.skipif(not os.path.isdir(shm.SHM_DIRECTORY), reason="needs POSIX shared memory in /dev/shm")
+
+
+def region_floats(c: Client, offset: int, count: int) -> np.ndarray:
+    """`count` float32s at `offset` of the client's registered upload region, written in place."""
+    buffer = c._shm_buffer(1 << 16)
+    assert buffer is not None, "the server took no shared memory"
+    return np.frombuffer(buffer, dtype=np.float32, count=count, offset=offset)
+
+
+def shared_update(c: Client, d: Handle, request_id: str, offset: int) -> pb.UpdateDictionaryResponse:
+    """UpdateDictionary of entry "w" (4 float32s) whose bytes lie in the client's region at `offset`."""
+    first = pb.UpdateDictionaryRequest(dictionary=d.id, request_id=request_id).SerializeToString()
+    chunk = pb.TensorChunk(name="w", dtype=pb.DTYPE_FLOAT32, shape=[4], tensor_count=1, total_bytes=16,
+                           shared=pb.SharedBytes(region=c._shm_names.region, offset=offset))
+    body = pb.UpdateDictionaryRequest(chunk=chunk).SerializeToString()
+    response: pb.UpdateDictionaryResponse = c._update_dictionary_stream(iter([first, body]), timeout=WAIT)
+    return response
+
+
+@needs_shm
+def test_an_upload_repeated_with_other_bytes_in_shared_memory_is_invalid(
+    start_server: Callable[..., LiveServer]
+) -> None:
+    """The bytes of a tensor in the caller's region are arguments as much as streamed bytes are: a
+    repeat with other bytes there is refused (until 2026-11-28 it got the first answer, and the
+    update applied zero times). The same bytes are the same call wherever they lie: at another
+    offset, or sent in the stream (a retry that could not use the region)."""
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        d = c.dict({"w": np.zeros(4, np.float32)})
+        region_floats(c, 4096, 4)[:] = [1, 2, 3, 4]
+        assert list(shared_update(c, d, ID, 4096).names) == ["w"]
+        region_floats(c, 4096, 4)[:] = [9, 9, 9, 9]
+        with pytest.raises(grpc.RpcError) as err:
+            shared_update(c, d, ID, 4096)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "other arguments" in str(err.value.details())
+        np.testing.assert_array_equal(c.dict(d, "w"), [1, 2, 3, 4])
+        size = c._shm.size if c._shm is not None else 0
+        with pytest.raises(grpc.RpcError) as err:  # a repeat's chunks are checked too, though not received
+            shared_update(c, d, ID, size - 8)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "outside the region" in str(err.value.details())
+
+        region_floats(c, 8192, 4)[:] = [1, 2, 3, 4]
+        assert list(shared_update(c, d, ID, 8192).names) == ["w"]  # the same bytes elsewhere: answered
+        inline = updates(d, ID, np.array([1, 2, 3, 4], np.float32))
+        assert list(c._update_dictionary_stream(inline, timeout=WAIT).names) == ["w"]  # and in the stream
+        assert c.stats()["request_ids"]["duplicates_answered"] == 2
+        np.testing.assert_array_equal(c.dict(d, "w"), [1, 2, 3, 4])
+
+
+@needs_shm
+def test_a_client_reusing_an_id_for_other_arrays_through_shared_memory_is_refused(
+    start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python client's own shared memory upload (arrays copied into its region, small ones
+    packed), its request ID made constant as a buggy client's would be: other arrays under the
+    same ID are refused, not answered with the first call's names while the entries keep the
+    first arrays."""
+    import weightavg._client
+
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        d = c.dict({"a": np.zeros(10_000, np.float32), "b": np.zeros(5_000, np.float32), "s": np.float32(0)})
+        monkeypatch.setattr(weightavg._client, "new_request_id", lambda: ID)
+        c.dict(d, {"a": np.ones(10_000, np.float32), "b": np.ones(5_000, np.float32), "s": np.float32(1)})
+        assert c._shm is not None and c._shm.size  # the upload went through the region
+        with pytest.raises(InvalidArgumentError, match="other arguments"):
+            c.dict(d, {"a": np.full(10_000, 2, np.float32), "b": np.ones(5_000, np.float32), "s": np.float32(1)})
+        np.testing.assert_array_equal(c.dict(d, "a"), np.ones(10_000, np.float32))
+
+
+@needs_shm
+def test_a_dictionary_from_shared_memory_repeated_with_other_bytes_is_invalid(
+    start_server: Callable[..., LiveServer]
+) -> None:
+    """CreateDictionaryFromSharedMemory's digest covers the bytes its tensors have in the region:
+    a repeat with other bytes there made no second dictionary but answered the first, holding
+    the first bytes (until 2026-11-28)."""
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        request = pb.CreateDictionaryFromSharedMemoryRequest(
+            region=c._shm_names.region, request_id=ID,
+            tensors=[pb.SharedTensor(name="w", dtype=pb.DTYPE_FLOAT32, shape=[4], offset=4096, byte_size=16)],
+        )
+        region_floats(c, 4096, 4)[:] = [1, 2, 3, 4]
+        first = c._stub.CreateDictionaryFromSharedMemory(request, timeout=WAIT)
+        assert c._stub.CreateDictionaryFromSharedMemory(request, timeout=WAIT) == first  # the same bytes
+        handles = len(c.handles())
+        region_floats(c, 4096, 4)[:] = [9, 9, 9, 9]
+        with pytest.raises(grpc.RpcError) as err:
+            c._stub.CreateDictionaryFromSharedMemory(request, timeout=WAIT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "other arguments" in str(err.value.details())
+        assert len(c.handles()) == handles
+        np.testing.assert_array_equal(c.dict(first.dictionary.id, "w"), [1, 2, 3, 4])
+
+
 @pytest.mark.parametrize(
     "request_id", ["00000000-0000-0000-0000-000000000000", "not-a-uuid", ID.replace("-", ""), ID + "x"]
 )
@@ -294,6 +440,35 @@ def test_a_repeat_sent_while_the_first_runs_waits_and_gets_its_answer(
             t.join(WAIT)
         assert answers == [2, 2] and count_of(server, p) == 2
         assert c.stats()["request_ids"]["duplicates_answered"] == 1
+
+
+def test_a_change_whose_client_went_while_it_waited_for_a_busy_object_is_not_made(
+    server: LiveServer, stub: pb_grpc.WeightAveragingServiceStub
+) -> None:
+    """A client that gives up on an avgparms waiting for a busy object (its deadline passes, or it
+    cancels) was told the call failed, yet until 2026-11-28 the server made the change once the
+    object was free, so the caller's retry of the update (a new call, a new ID) counted the sample
+    twice. Now a change whose client has gone by the time it gets its objects is not made, nor
+    remembered: a retry with the same ID runs once. (The test holds the object's lock itself and
+    cancels once the call is in flight: a deadline ends the call the same way, `is_active()`.)"""
+    method = "/weightavg.v1.WeightAveragingService/AverageParameters"
+    with Client(server.address, timeout=WAIT) as c:
+        m = c.module(NET)
+        p = c.copyparms(m)
+
+        def in_flight() -> int:
+            return int(c.stats()["methods"].get(method, {}).get("in_flight", 0))
+
+        with server.registry.get(p.id).lock:
+            request = pb.AverageParametersRequest(handle=m.id, dictionary=p.id, request_id=ID)
+            call = stub.AverageParameters.future(request, timeout=WAIT)
+            wait_for(lambda: in_flight() == 1, "the avgparms to wait for the dictionary")
+            call.cancel()
+            wait_for(lambda: server_calls_ended("AverageParameters"), "the server to see the call cancelled")
+        wait_for(lambda: in_flight() == 0, "the cancelled avgparms to end")
+        assert count_of(server, p) == 1  # not averaged in
+        assert average(stub, m, p, ID).count == 2  # the retry runs, once
+        assert count_of(server, p) == 2
 
 
 def test_a_repeat_whose_deadline_passes_while_the_first_runs_frees_its_worker(
@@ -401,11 +576,15 @@ def test_request_ids_survive_a_snapshot_and_restart(state_server: Runtime, tmp_p
         restarted.stop(None)
 
 
-def test_an_upload_remembered_by_an_older_server_is_answered_after_a_restart(state_server: Runtime, tmp_path: Path) -> None:
-    """A server before the CRC-32C upload digest saved its digests untagged (zlib's CRC-32 inside).
-    Restarted from its snapshot, this server cannot check a repeat against such a digest, so a
-    retry of that upload gets the remembered answer rather than INVALID_ARGUMENT, and runs no
-    second time (store/requests.comparable)."""
+@pytest.mark.parametrize("older", ["5f" * 32, "crc32c:" + "5f" * 32])
+def test_an_upload_remembered_by_an_older_server_is_answered_after_a_restart(
+    state_server: Runtime, tmp_path: Path, older: str
+) -> None:
+    """A server before the CRC-32C upload digest saved its digests untagged (zlib's CRC-32 inside);
+    one before shared memory bytes were hashed tagged them "crc32c:". Restarted from its snapshot,
+    this server cannot check a repeat against such a digest, so a retry of that upload gets the
+    remembered answer rather than INVALID_ARGUMENT, and runs no second time
+    (store/requests.comparable)."""
     value = np.arange(100.0)
     with Client(f"127.0.0.1:{state_server.port}", timeout=WAIT) as c, grpc.insecure_channel(f"127.0.0.1:{state_server.port}") as channel:
         update = channel.stream_unary(
@@ -420,8 +599,8 @@ def test_an_upload_remembered_by_an_older_server_is_answered_after_a_restart(sta
     state_name = next(n for n in manifest["files"] if n.endswith(".json"))
     state = json.loads((root / state_name).read_text())
     record = next(r for r in state["requests"] if r["id"] == ID)
-    assert record["digest"].startswith("crc32c:")
-    record["digest"] = "5f" * 32  # what the older server wrote: a SHA-256 hex, no scheme
+    assert record["digest"].startswith(UPLOAD_DIGEST_TAG)
+    record["digest"] = older  # what the older server wrote
     (root / state_name).write_text(json.dumps(state))
     manifest["files"][state_name] = snapshot._digest(root / state_name)
     (root / snapshot.MANIFEST).write_text(json.dumps(manifest))

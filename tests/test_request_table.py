@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from inprocess import caller_session, f32, upload
-from weightavg_server.domain.errors import Cancelled, InvalidArgument, NotFound
+from weightavg_server.domain.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Ref, Service, Settings
 from weightavg_server.store.limits import Limits
 from weightavg_server.store.registry import Kind, Registry
 from weightavg_server.store import requests
 from weightavg_server.store.requests import (
-    CALL_ACTIVE, RequestKey, RequestStats, RequestTable, answer_bytes, comparable, decode, encode, parse_saved, scheme,
+    CALL_ACTIVE, AnswerNotKept, RequestKey, RequestStats, RequestTable, answer_bytes, comparable, decode, encode,
+    parse_saved, scheme,
 )
 
 ID = "3f0c6d1e-8a2b-4c5d-9e7f-0123456789ab"
@@ -309,7 +310,9 @@ def test_an_answer_over_the_whole_byte_cap_is_not_remembered_and_forgets_no_othe
     clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An epoch whose metrics alone exceed the byte cap used to push out every other remembered ID
-    of its tenant, and then itself: the retry of an avgparms whose answer was lost ran twice."""
+    of its tenant, and then itself: the retry of an avgparms whose answer was lost ran twice. Then
+    it was not remembered at all, so its own retry trained a second epoch (until 2026-11-28): now
+    the table keeps that it ran, and a repeat is refused FAILED_PRECONDITION, naming the flag."""
     big = torch.zeros(10_000)
     table = RequestTable(window_seconds=60.0, max_ids=100, max_bytes=answer_bytes(big) // 2, clock=clock)
     op = Counter()
@@ -322,12 +325,24 @@ def test_an_answer_over_the_whole_byte_cap_is_not_remembered_and_forgets_no_othe
 
     with caplog.at_level(logging.WARNING, logger="weightavg.requests"):
         table.answer(key(OTHER), "run_epoch", None, run_epoch)
-    assert table.stats() == RequestStats(1, 0, 1)
+    assert table.stats() == RequestStats(2, 0, 1)  # the epoch's answer dropped, that it ran kept
     assert "--max-request-id-bytes" in caplog.text
     assert table.answer(key(), "average_parameters", None, op) == 1  # still remembered: not run again
     assert op.runs == 1
-    table.answer(key(OTHER), "run_epoch", None, run_epoch)  # not remembered: its retry runs
-    assert epoch.runs == 2
+    with pytest.raises(FailedPrecondition, match="ran and succeeded.*--max-request-id-bytes"):
+        table.answer(key(OTHER), "run_epoch", None, run_epoch)  # its answer was not kept: refused, not run
+    assert epoch.runs == 1
+    with pytest.raises(InvalidArgument, match="other arguments"):
+        table.answer(key(OTHER, "other"), "run_epoch", None, run_epoch)  # still checked as any repeat
+    saved = table.export()
+    restored = RequestTable(window_seconds=60.0, max_ids=100, max_bytes=answer_bytes(big) // 2, clock=clock)
+    assert restored.restore(parse_saved(saved)) == 2
+    with pytest.raises(FailedPrecondition):
+        restored.answer(key(OTHER), "run_epoch", None, run_epoch)  # after a restart too
+    assert epoch.runs == 1
+    tiny = RequestTable(window_seconds=60.0, max_ids=100, max_bytes=100, clock=clock)
+    tiny.answer(key(OTHER), "run_epoch", None, run_epoch)  # a cap below a bare record keeps nothing
+    assert tiny.stats() == RequestStats(0, 0, 1)
 
 
 def test_a_window_or_cap_of_zero_remembers_nothing(clock: Clock) -> None:
@@ -388,7 +403,7 @@ def test_a_snapshot_pause_waits_for_the_calls_running(table: RequestTable, clock
 ANSWERS: list[Any] = [
     None, True, False, 0, 7, -(2**62), 1.5, -0.0, "names", [], ["a.weight", "a.bias"], (), ("ses_x", 60.0),
     {"a.weight": True, "b": False}, {"bn": None, "bn2": 0.1}, {"batchsize": 32, "metrics": "loss", "shape": (1, 2)},
-    Ref("dic_0123", Kind.DICTIONARY), Kind.MODEL,
+    Ref("dic_0123", Kind.DICTIONARY), Kind.MODEL, AnswerNotKept(1 << 40),
     [("loss", torch.tensor([0.5, 0.25])), ("accuracy", torch.tensor(97.5, dtype=torch.float64))],
     [("x", torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)), ("b", torch.tensor([True, False])),
      ("e", torch.empty(0, 3)), ("c", torch.tensor([1 + 2j], dtype=torch.complex128))],

@@ -27,12 +27,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..domain.errors import InvalidArgument, NotFound, ResourceExhausted
+from ..domain.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted
 from ..domain.shm import Region
 from ..domain.tensors import Bytes, HandleSummary, StorageKey, storage_bytes, storages, summarize, tensors_of
 from .accounting import Ledger, Reservation
 from .limits import Limits
-from .requests import RequestTable, register_answer_type
+from .requests import CALL_ACTIVE, RequestTable, register_answer_type
 from .shm import SharedRegions, close_regions
 from .tenants import CALLER, DEFAULT_TENANT, Caller, Quota
 
@@ -843,12 +843,14 @@ class _Locked:
     """What `locked` returns: a context manager written out rather than a generator, since every
     call takes one (a generator-based one costs several times as many Python steps)."""
 
-    __slots__ = ("_entries", "_check_live", "_taken")
+    __slots__ = ("_entries", "_check_live", "_taken", "waited")
 
     def __init__(self, entries: tuple[Entry, ...], check_live: bool) -> None:
         self._entries = entries
         self._check_live = check_live
         self._taken: list[threading.RLock] = []
+        self.waited = False
+        """Whether a lock was held by another thread, so that this call waited for it."""
 
     def __enter__(self) -> None:
         entries = self._entries
@@ -862,7 +864,9 @@ class _Locked:
         taken = self._taken
         try:
             for lock in locks:
-                lock.acquire()
+                if not lock.acquire(False):  # busy: wait for it (a lock this thread holds never is)
+                    self.waited = True
+                    lock.acquire()
                 taken.append(lock)
             if self._check_live:
                 for e in entries:
@@ -913,6 +917,8 @@ class _Mutation:
         caller.require_writer("changing an object")
         self._locks.__enter__()
         try:
+            if self._locks.waited:
+                _refuse_if_caller_gone()
             reservation = Reservation(tenant=caller.tenant)  # its quota's record is made if it grows
             need = self._need
             wanted = need() if callable(need) else need
@@ -938,6 +944,23 @@ class _Mutation:
             self._locks.__exit__()
 
 
+
+
+def _refuse_if_caller_gone() -> None:
+    """Cancelled when the call's client has gone (cancelled, or past its deadline; `CALL_ACTIVE`).
+
+    Asked once a change has waited for a busy object, before it changes anything: the client that
+    gave up has been answered DEADLINE_EXCEEDED or CANCELLED, and a change made after that was a
+    trap: the caller's retry (a new call, a new request ID) made it twice (found by review; an
+    avgparms counted its sample twice). A change that gets its objects at once is made: its client
+    was there a moment ago, and the change itself stops for no one.
+    """
+    active = CALL_ACTIVE.get()
+    if active is not None and not active():
+        raise Cancelled(
+            "the call ended (cancelled, or past its deadline) while it waited for an object another call held; "
+            "nothing changed"
+        )
 
 
 def _holds_room(reservation: Reservation) -> bool:

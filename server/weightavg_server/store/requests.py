@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 import torch
 
 from ..domain.dtypes import DTYPES, NAMES
-from ..domain.errors import Cancelled, InvalidArgument
+from ..domain.errors import Cancelled, FailedPrecondition, InvalidArgument
 from .tenants import DEFAULT_TENANT
 
 log = logging.getLogger("weightavg.requests")
@@ -234,6 +234,8 @@ class RequestTable:
             self._check(rid, record, method, session, tenant, key.digest())  # outside the lock: may read an upload
             with self._lock:
                 self._duplicates += 1
+            if isinstance(record.answer, AnswerNotKept):
+                raise record.answer.refusal(rid, method, self.max_bytes)
             return cast(T, record.answer)  # remembered by this method, so of the type it returns
         try:
             answer = run()
@@ -245,26 +247,33 @@ class RequestTable:
             raise
         nbytes = _RECORD_BYTES + answer_bytes(answer) + (key.kept_bytes or 0)
         with self._lock:  # remembered and released in one step, so a repeat never runs it again
-            if self._fits(rid, method, nbytes):
-                self._remember(rid, _Record(method, arguments, session, answer, self._clock(), nbytes, tenant))
+            kept = self._kept(rid, method, answer, nbytes, _RECORD_BYTES + (key.kept_bytes or 0))
+            if kept is not None:
+                self._remember(rid, _Record(method, arguments, session, kept[0], self._clock(), kept[1], tenant))
                 self._evict()
             self._running.discard(rid)
             self._wake()
         return answer
 
-    def _fits(self, rid: str, method: str, nbytes: int) -> bool:
-        """Whether an answer of `nbytes` can be remembered at all (lock held); one larger than the
-        whole byte cap is counted as dropped and logged instead. Remembered, it made `_evict` forget
-        every other ID of its tenant (with one tenant, every ID) before itself: a review found one
-        large epoch's metrics making a retried avgparms count twice."""
+    def _kept(self, rid: str, method: str, answer: object, nbytes: int, bare: int) -> tuple[object, int] | None:
+        """What to remember of an answer holding `nbytes` (`bare`: its record without the answer),
+        and the bytes that holds (lock held). An answer larger than the whole byte cap is dropped
+        (counted and logged), and only that the call ran is kept (`AnswerNotKept`); None when even
+        that does not fit.
+
+        Remembered whole, such an answer made `_evict` forget every other ID of its tenant (with one
+        tenant, every ID) before itself: a review found one large epoch's metrics making a retried
+        avgparms count twice. Forgotten whole, its own retry ran again: an epoch whose answer was
+        lost trained twice (review, 2026-11-28)."""
         if nbytes <= self.max_bytes:
-            return True
+            return answer, nbytes
         self._dropped += 1
         log.warning(
-            "request ID %s of %s is not remembered: its answer holds about %d bytes, over the cap of %d "
-            "(--max-request-id-bytes); a retry of it would run again", rid, method, nbytes, self.max_bytes,
+            "request ID %s of %s: its answer, about %d bytes, is over the cap of %d (--max-request-id-bytes) and "
+            "is not remembered; a retry of it gets FAILED_PRECONDITION and is not run again",
+            rid, method, nbytes, self.max_bytes,
         )
-        return False
+        return (AnswerNotKept(nbytes), bare) if bare <= self.max_bytes else None
 
     def _wait(self, active: Callable[[], bool] | None = None) -> None:
         """Wait for a call to end or a snapshot to finish (lock held).
@@ -398,11 +407,11 @@ class RequestTable:
             for r in sorted(saved, key=lambda r: -r.age):
                 if r.id in self._records:
                     self._forget(r.id)
-                nbytes = _RECORD_BYTES + answer_bytes(r.answer)
-                if not self._fits(r.id, r.method, nbytes):
+                kept = self._kept(r.id, r.method, r.answer, _RECORD_BYTES + answer_bytes(r.answer), _RECORD_BYTES)
+                if kept is None:
                     continue
                 self._remember(r.id, _Record(
-                    r.method, r.digest, r.session, r.answer, now - r.age - max(elapsed, 0.0), nbytes, r.tenant
+                    r.method, r.digest, r.session, kept[0], now - r.age - max(elapsed, 0.0), kept[1], r.tenant
                 ))
             self._expire()
             self._evict()
@@ -459,6 +468,28 @@ def register_answer_type(cls: type[T]) -> type[T]:
     that they survive a snapshot. Types are known by their class name."""
     _TYPES[cls.__name__] = cls
     return cls
+
+
+@register_answer_type
+@dataclass(frozen=True)
+class AnswerNotKept:
+    """What is remembered of a call whose answer was larger than the whole byte cap: that it ran.
+
+    A repeat is refused rather than run again (an epoch would train twice) or answered (there is
+    no answer to give); it is counted as dropped, and snapshots keep it as any answer.
+    """
+
+    nbytes: int
+    """About what the answer held."""
+
+    def refusal(self, rid: str, method: str, max_bytes: int) -> FailedPrecondition:
+        """The error a repeat gets."""
+        return FailedPrecondition(
+            f"request_id {rid}: the first call of {method} with this ID ran and succeeded, but its answer (about "
+            f"{self.nbytes} bytes) was over the {max_bytes} bytes the server keeps for repeats "
+            "(--max-request-id-bytes), so it is neither sent again nor run again: read what the call changed "
+            "instead (fetch the model or dictionary), or ask for a smaller answer (fewer metrics)"
+        )
 
 
 def answer_bytes(value: object) -> int:

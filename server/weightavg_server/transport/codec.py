@@ -274,11 +274,7 @@ class TensorAssembler:
             )
         if self._regions is None:
             raise InvalidArgument(f"tensor '{chunk.name}': this call takes no shared memory")
-        region = self._regions(chunk.shared.region)
-        dtype = torch_dtype(chunk.dtype)
-        size = shm.element_size(dtype)
-        shape = checked_shape(chunk.name, chunk.shape, size)
-        shm.check(region, shm.Placement(chunk.name, dtype, shape, chunk.shared.offset, math.prod(shape) * size))
+        region, _ = shared_placement(chunk, self._regions)
         self._start(chunk, region)
         p = self._pending
         assert p is not None
@@ -326,6 +322,19 @@ class TensorAssembler:
             raise InvalidArgument(f"tensor '{p.name}' is bool but holds bytes other than 0 and 1")
         self.tensors.append((p.name, tensor))
         self._pending = None
+
+
+def shared_placement(chunk: pb.TensorChunk, regions: Callable[[str], shm.Region]) -> tuple[shm.Region, shm.Placement]:
+    """The caller's region that a header chunk's bytes lie in (TensorChunk.shared) and where they
+    lie, checked: a known dtype, a valid shape, inside the region and aligned (InvalidArgument), in
+    a region of the caller's session (NotFound)."""
+    region = regions(chunk.shared.region)
+    dtype = torch_dtype(chunk.dtype)
+    size = shm.element_size(dtype)
+    shape = checked_shape(chunk.name, chunk.shape, size)
+    placement = shm.Placement(chunk.name, dtype, shape, chunk.shared.offset, math.prod(shape) * size)
+    shm.check(region, placement)
+    return region, placement
 
 
 def assemble(

@@ -169,7 +169,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         its request key, whose digest hashes the upload as it is received."""
         if first is None:
             return self._upload(iter(()), context), None
-        chunks, key = ids.stream_key(first, message_type, _stream_chunks(message_type, first, requests))
+        chunks, key = ids.stream_key(
+            first, message_type, _stream_chunks(message_type, first, requests), self.service.shared_region
+        )
         return self._upload(chunks, context), key
 
     def _chunks(self, named: list[tuple[str, torch.Tensor]], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
@@ -596,7 +598,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request: pb.CreateDictionaryFromSharedMemoryRequest, context: Context
     ) -> pb.CreateDictionaryFromSharedMemoryResponse:
         placements = [convert.placement(t) for t in request.tensors]
-        ref = self.service.create_dictionary_from_shared_memory(request.region, placements, request=ids.key(request))
+        key = ids.shared_key(request, self.service.shared_region)
+        ref = self.service.create_dictionary_from_shared_memory(request.region, placements, request=key)
         return pb.CreateDictionaryFromSharedMemoryResponse(dictionary=_handle(ref))
 
     # -- the cluster ----------------------------------------------------------------------------------
