@@ -375,6 +375,49 @@ def test_a_client_reusing_an_id_for_other_arrays_through_shared_memory_is_refuse
 
 
 @needs_shm
+def test_a_large_tensor_reused_under_an_id_with_other_values_is_refused_by_its_sample(
+    start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tensor from SAMPLED_FROM bytes adds a sample of its region bytes to the digest (reading all
+    of them cost a third of a 256 MB upload): other values under the same ID (a training step's,
+    which change every weight) are refused; the same values again are answered."""
+    import weightavg._client
+    from weightavg_server.transport.requests import SAMPLED_FROM
+
+    n = SAMPLED_FROM  # 4 MiB of float32
+    server = start_server(allow_shm=True)
+    with Client(server.address, timeout=WAIT, shm=True) as c:
+        d = c.dict({"w": np.zeros(n, np.float32)})
+        monkeypatch.setattr(weightavg._client, "new_request_id", lambda: ID)
+        first = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+        c.dict(d, {"w": first})
+        assert c._shm is not None and c._shm.size  # the upload went through the region
+        c.dict(d, {"w": first.copy()})  # the same bytes: the first answer
+        assert c.stats()["request_ids"]["duplicates_answered"] == 1
+        with pytest.raises(InvalidArgumentError, match="other arguments"):
+            c.dict(d, {"w": first * 0.999})
+        np.testing.assert_array_equal(c.dict(d, "w"), first)
+
+
+def test_the_sample_of_a_large_tensor_reads_a_line_of_every_64_kib() -> None:
+    from weightavg_server.transport.requests import SAMPLE_EVERY, SAMPLE_LINE, SAMPLED_FROM, sample
+
+    small = bytes(range(256)) * 100
+    assert sample(memoryview(small)) == small  # under SAMPLED_FROM: every byte
+    data = bytearray(SAMPLED_FROM + 1000)
+    lines = SAMPLED_FROM // SAMPLE_EVERY
+    assert len(sample(memoryview(data))) == (lines + 1) * SAMPLE_LINE
+    before = sample(memoryview(data))
+    data[5 * SAMPLE_EVERY + 3] = 1  # in a sampled line
+    assert sample(memoryview(data)) != before
+    data[-1] = 7  # the last line
+    changed = sample(memoryview(data))
+    assert changed != before
+    data[7 * SAMPLE_EVERY + SAMPLE_LINE] = 9  # between lines: not seen (docs/robust.md's known limit)
+    assert sample(memoryview(data)) == changed
+
+
+@needs_shm
 def test_a_dictionary_from_shared_memory_repeated_with_other_bytes_is_invalid(
     start_server: Callable[..., LiveServer]
 ) -> None:
