@@ -145,13 +145,15 @@ def test_a_required_merge_option_left_out_says_it_is_required(client: Client, un
     ("call", "hint"),
     [
         (lambda c, q, d: c.train(q, IMAGES[:, :4].astype(np.float32), LABELS),
-         "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr))"),
+         "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr)) (CreateModel)"),
         (lambda c, q, d: c.lr(q, 0.1),
-         "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer))"),
+         "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer)) "
+         "(CreateOptimizer; CreateModel)"),
         (lambda c, q, d: c.avgparms(d, q),  # the arguments swapped
-         "; copyparms(m) copies a module's parameters into a dictionary (averages take the module first and the "
-         "dictionary second: avgparms(m, d), ema(m, e))"),
-        (lambda c, q, d: c.ema(q, q), "; copyparms(m) copies a module's parameters into a dictionary"),
+         "; copyparms(m) (CopyParameters) copies a module's parameters into a dictionary (averages take the module "
+         "first and the dictionary second: avgparms(m, d), ema(m, e); on the wire, the module in handle and the "
+         "dictionary in dictionary)"),
+        (lambda c, q, d: c.ema(q, q), "; copyparms(m) (CopyParameters) copies a module's parameters into a dictionary"),
     ],
     ids=["train-a-module", "lr-of-a-module", "avgparms-swapped", "ema-into-a-module"],
 )
@@ -175,7 +177,8 @@ def test_fetching_a_whole_module_says_how_to(client: Client, unchanged: Any) -> 
         client.dict(q)
     assert err.value.message == (
         "name the parameters to fetch from a module, or fetch them all through a view: dict(parms(m)) (and its "
-        "buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True)"
+        "buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True); on the wire: set FetchTensorsRequest.names, "
+        "or fetch the dictionary that ViewParameters, ViewBuffers or CopyParameters (with buffers) returns"
     )
     assert list(client.dict(client.parms(q))) == client.parmnames(q)
 

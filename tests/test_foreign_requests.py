@@ -71,3 +71,70 @@ def test_an_option_value_with_nothing_set_is_named_with_the_fields_to_set(
         call(stub, module)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert err.value.details() == f"{where}: set one of OptionValue's fields ({VALUE_FIELDS})"
+
+
+WIRE_FIXES: dict[str, tuple[Callable[[pb_grpc.WeightAveragingServiceStub, str, str], object], grpc.StatusCode, tuple[str, ...]]] = {
+    # A request that names a module where its parameters are wanted: FetchTensors without names.
+    "fetch a whole module": (
+        lambda stub, m, d: list(stub.FetchTensors(pb.FetchTensorsRequest(handle=m), timeout=30)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("FetchTensorsRequest.names", "ViewParameters, ViewBuffers or CopyParameters (with buffers)"),
+    ),
+    "free all without a session": (
+        lambda stub, m, d: stub.FreeHandles(pb.FreeHandlesRequest(all=True), timeout=30),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ("FreeHandlesRequest.all", "FreeHandlesRequest.handles", "CreateSession's id in 'weightavg-session' metadata"),
+    ),
+    "average into a module": (
+        lambda stub, m, d: stub.AverageParameters(pb.AverageParametersRequest(handle=d, dictionary=m), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("copyparms(m) (CopyParameters)", "the module in handle and the dictionary in dictionary"),
+    ),
+    "train a module": (
+        lambda stub, m, d: list(stub.RunEpoch(pb.RunEpochRequest(model=m), timeout=30)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("(CreateModel)",),
+    ),
+    "learning rate of a module": (
+        lambda stub, m, d: stub.GetLearningRate(pb.GetLearningRateRequest(handle=m), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("(CreateOptimizer; CreateModel)",),
+    ),
+    "shared memory on a server without it": (
+        lambda stub, m, d: stub.RegisterSharedMemory(
+            pb.RegisterSharedMemoryRequest(name="r", key="k", byte_size=64), timeout=30
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ("move tensors through the streams (FetchTensors, and uploads whose TensorChunk carries data, not shared",),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WIRE_FIXES))
+def test_a_mistake_whose_fix_is_a_client_verb_also_names_the_fix_on_the_wire(
+    case: str, live_server: LiveServer, client: Client, unchanged  # type: ignore[no-untyped-def]
+) -> None:
+    """The messages named only the Python client's way out ("Name the handles (free(h1, h2)), use a
+    session (Client(address, session=True))", "fetch them all through a view: dict(parms(m))"),
+    which a client generated from the .proto cannot follow: each now names the fields or RPCs too."""
+    call, code, fixes = WIRE_FIXES[case]
+    module = client.module(["linear", 2, 1]).id
+    dictionary = client.copyparms(module).id
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(live_server.address))
+    with unchanged(), pytest.raises(grpc.RpcError) as err:
+        call(stub, module, dictionary)
+    assert err.value.code() is code, err.value.details()
+    for fix in fixes:
+        assert fix in err.value.details(), err.value.details()
+
+
+def test_a_shared_memory_region_without_a_session_names_the_session_metadata(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Regions belong to a session; the refusal said "Client(..., session=True)" only."""
+    server = start_server(allow_shm=True)
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(server.address))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RegisterSharedMemory(pb.RegisterSharedMemoryRequest(name="r", key="k", byte_size=64), timeout=30)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert "call with a session (CreateSession's id in 'weightavg-session' metadata; the Python client: " in (
+        err.value.details()
+    )
