@@ -107,7 +107,8 @@ NET = ["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3]]
         (lambda c, q, d: c.parm(q, "a.weigth"), "parameter 'a.weigth' not found; did you mean 'a.weight' or 'b.weight'?"),
         (lambda c, q, d: c.parm(q, "b.running_mean"),
          "parameter 'b.running_mean' not found: it is a buffer; read buffers through a view, "
-         "dict(buffers(m), 'b.running_mean'), or a copy, copyparms(m, buffers=True)"),
+         "dict(buffers(m), 'b.running_mean') (ViewBuffers), or a copy, copyparms(m, buffers=True) (CopyParameters "
+         "with buffers)"),
         (lambda c, q, d: c.parmnames(q, "bb"), "module has no child 'bb'; did you mean 'b'?"),
         (lambda c, q, d: c.dict(d, "a.wieght"), "dictionary has no entry 'a.wieght'; did you mean 'a.weight' or 'b.weight'?"),
         (lambda c, q, d: c.delete(d, "a.bais"),

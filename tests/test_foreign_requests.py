@@ -138,3 +138,20 @@ def test_a_shared_memory_region_without_a_session_names_the_session_metadata(sta
     assert "call with a session (CreateSession's id in 'weightavg-session' metadata; the Python client: " in (
         err.value.details()
     )
+
+
+def test_model_data_missing_names_set_model_data_and_its_split(
+    live_server: LiveServer, client: Client, unchanged  # type: ignore[no-untyped-def]
+) -> None:
+    """"load it with train(m, x, y)" is the Python client's verb; SetModelData and the split do it on the wire."""
+    q = client.module(["linear", 2, 1])
+    model = client.model(q, client.loss("mse"), client.opt("sgd", q, 0.1)).id
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(live_server.address))
+    for call, split in (
+        (lambda: list(stub.RunEpoch(pb.RunEpochRequest(model=model), timeout=30)), "TRAIN"),
+        (lambda: list(stub.RunTest(pb.RunTestRequest(model=model), timeout=30)), "TEST"),
+    ):
+        with unchanged(), pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert f"(SetModelData, split DATA_SPLIT_{split})" in err.value.details(), err.value.details()

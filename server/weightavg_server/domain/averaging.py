@@ -407,7 +407,8 @@ def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -
         if name not in d.entries:
             raise InvalidArgument(
                 f"parameter '{name}' not found in the dictionary, unable to compute average; start the average "
-                f"from copyparms(m), or set the entry with dict(d, '{name}', value); nothing changed"
+                f"from copyparms(m) (CopyParameters), or set the entry with dict(d, '{name}', value) (UpdateDictionary); "
+                "nothing changed"
             )
         # An integer parameter (registered with parm) is copied as an integer buffer is: its copy
         # keeps its dtype, and averaging one into it was refused on every call (found by review).
@@ -418,7 +419,8 @@ def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -
         name = index.names[i]
         if name not in d.entries:
             raise InvalidArgument(
-                f"buffer '{name}' not found in the dictionary; copy the buffers in with copyparms(m, buffers=True), "
+                f"buffer '{name}' not found in the dictionary; copy the buffers in with copyparms(m, buffers=True) "
+                "(CopyParameters with buffers), "
                 f"or leave buffers out; nothing changed"
             )
         average = buffers is BufferMode.AVERAGE and _floating(index.tensors[i])
