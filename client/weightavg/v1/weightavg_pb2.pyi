@@ -286,11 +286,11 @@ class TensorChunk(_message.Message):
     A declared stream says what it carries, so that a stream cut short or corrupted is refused as a
     whole: its first chunk sets tensor_count and total_bytes (a stream of no tensor is that one chunk
     alone; a first message with no chunk, or an empty one, does not count), and the chunk that
-    completes each tensor sets crc32c. Every weightavg client and server
-    declares its streams. A receiver refuses a declared stream that ends with fewer tensors or bytes
-    than declared, or carries more (INVALID_ARGUMENT), and a tensor whose checksum does not match
-    (DATA_LOSS); the server then changes nothing. Streams without a declaration (older clients) are
-    still accepted, and a crc32c they carry is still checked.
+    completes each tensor sets crc32c. Every weightavg client and server declares its streams. A
+    receiver refuses a declared stream that ends with fewer tensors or bytes than declared, or
+    carries more (INVALID_ARGUMENT), and a tensor whose checksum does not match (DATA_LOSS); the
+    server then changes nothing. Streams without a declaration (older clients) are still accepted,
+    and a crc32c they carry is still checked.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
