@@ -155,3 +155,22 @@ def test_model_data_missing_names_set_model_data_and_its_split(
             call()
         assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
         assert f"(SetModelData, split DATA_SPLIT_{split})" in err.value.details(), err.value.details()
+
+
+def test_a_refused_dtype_is_named_as_the_wire_names_it_not_as_torch_prints_it(
+    live_server: LiveServer, client: Client, unchanged  # type: ignore[no-untyped-def]
+) -> None:
+    """CopyParameters with DTYPE_INT64 answered "... not torch.int64", and a complex move of a model with
+    data "... not torch.complex64": torch's spelling, which no client sends."""
+    q = client.module(["linear", 2, 1])
+    model = client.model(q, client.loss("mse"), client.opt("sgd", q, 0.1))
+    client.train(model, [[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0]])
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(live_server.address))
+    for call, name in (
+        (lambda: stub.CopyParameters(pb.CopyParametersRequest(handle=model.id, dtype=pb.DTYPE_INT64), timeout=30), "int64"),
+        (lambda: stub.MoveHandle(pb.MoveHandleRequest(handle=model.id, dtype=pb.DTYPE_COMPLEX64), timeout=30), "complex64"),
+    ):
+        with unchanged(), pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert err.value.details().endswith(f", not {name}") and "torch." not in err.value.details()

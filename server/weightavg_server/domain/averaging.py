@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import flat, lerp
+from . import dtypes, flat, lerp
 from .dictionaries import COUNT_KEY, Count, TensorDict, check_copyable, does_not_fit
 from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
@@ -47,10 +47,12 @@ MAX_COUNT = 2.0**53
 
 
 def check_copy_dtype(dtype: torch.dtype | None) -> None:
-    """InvalidArgument unless `dtype` is None or a floating dtype a copy can convert to."""
+    """InvalidArgument unless `dtype` is None or a floating dtype a copy can convert to; the dtype named
+    as the table names it ("int64"), not as torch prints it ("torch.int64"), which no client sends."""
     if dtype is not None and not dtype.is_floating_point:
         raise InvalidArgument(
-            f"a copy converts to a floating dtype (float32, float64, float16 or bfloat16), not {dtype}"
+            f"a copy converts to a floating dtype (float32, float64, float16 or bfloat16), not "
+            f"{dtypes.NAMES.get(dtype, dtype)}"
         )
 
 
