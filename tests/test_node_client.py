@@ -77,8 +77,8 @@ def test_node_client_uploads_a_declared_checksummed_dictionary(live_server: Live
     for line in (
         "ok   worked-bytes checksum: 3214553959 vs 3214553959",
         "ok   every tensor back bit for bit, with its dtype and shape: true vs true",
-        "ok   every fetched tensor carried a matching CRC32C: 5 vs 5",
-        "ok   packed reply: messages for 5 tensors: 1 vs 1",
+        "ok   every fetched tensor carried a matching CRC32C: 6 vs 6",
+        "ok   packed reply: messages for 6 tensors: 1 vs 1",
         "ok   a corrupted tensor: \"DATA_LOSS\" vs \"DATA_LOSS\"",
         "ok   a stream cut short: \"INVALID_ARGUMENT\" vs \"INVALID_ARGUMENT\"",
         "ok   tensorCount set on a later chunk: \"INVALID_ARGUMENT\" vs \"INVALID_ARGUMENT\"",

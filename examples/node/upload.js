@@ -113,13 +113,16 @@ async function main(address) {
     expectEqual("CRC32C check value of '123456789'", crc32c(Buffer.from("123456789")), 0xe3069283);
 
     // One dictionary of several dtypes: a float32 matrix, bfloat16, a 0-dim int64 (one element), an
-    // empty tensor (no bytes: its header completes it and carries its crc32c), bool, a UTF-8 name.
+    // empty tensor (no bytes: its header completes it and carries its crc32c), bool, a UTF-8 name,
+    // float16 (1.0 and -2.0) under a long name.
     const sent = [
       { name: "layer.weight", dtype: "DTYPE_FLOAT32", shape: [2, 3], data: float32Bytes([0.5, -1, 2, 3.25, -4, 5]) },
       { name: "layer.bias", dtype: "DTYPE_BFLOAT16", shape: [3], data: bfloat16Bytes([1, -2, 0.5]) },
       { name: "steps", dtype: "DTYPE_INT64", shape: [], data: int64Bytes([-7]) },
       { name: "empty", dtype: "DTYPE_FLOAT32", shape: [0, 4], data: Buffer.alloc(0) },
       { name: "maske\u0301", dtype: "DTYPE_BOOL", shape: [3], data: Buffer.from([1, 0, 1]) },
+      // A name over 512 bytes: its header goes without data (wire.js), the data in the next chunks.
+      { name: `${"long.".repeat(110)}weight`, dtype: "DTYPE_FLOAT16", shape: [2], data: Buffer.from([0x00, 0x3c, 0x00, 0xc0]) },
     ];
     // Chunks of 5 bytes: cut inside elements, as any byte boundary may be. The request_id goes on the
     // first message; a retry sends the same tensors with the same ID.
@@ -136,7 +139,8 @@ async function main(address) {
     expectEqual("a retry with the same request_id gets the first answer", retried.dictionary.id, dictionary.id);
 
     const fetched = await fetchTensors(client, dictionary.id);
-    expectEqual("names fetched", Object.keys(fetched.tensors), sent.map((t) => t.name));
+    const short = (name) => (name.length > 24 ? `${name.slice(0, 10)}...${name.slice(-6)}` : name);
+    expectEqual("names fetched, in order", Object.keys(fetched.tensors).map(short), sent.map((t) => short(t.name)));
     expectEqual(
       "every tensor back bit for bit, with its dtype and shape",
       sent.every((t) => {
@@ -145,8 +149,8 @@ async function main(address) {
       }),
       true,
     );
-    expectEqual("packed reply: messages for 5 tensors", fetched.messages, 1);
-    expectEqual("every fetched tensor carried a matching CRC32C", fetched.verified, 5);
+    expectEqual("packed reply: messages for 6 tensors", fetched.messages, 1);
+    expectEqual("every fetched tensor carried a matching CRC32C", fetched.verified, 6);
 
     // A byte changed on the way (the checksum is the original's): DATA_LOSS, and nothing created.
     const before = (await unary(client, "ListHandles", {})).handles.length;
@@ -155,8 +159,8 @@ async function main(address) {
     corrupt[0].data[3] ^= 0x01;
     expectEqual("a corrupted tensor", await failed(upload(client, "CreateDictionary", corrupt.map((chunk) => ({ chunk })))), "DATA_LOSS");
     // A stream that declares two tensors and carries one (cut short): INVALID_ARGUMENT.
-    const short = tensorChunks(sent.slice(0, 2), 1 << 20).slice(0, 1);
-    expectEqual("a stream cut short", await failed(upload(client, "CreateDictionary", short.map((chunk) => ({ chunk })))), "INVALID_ARGUMENT");
+    const cut = tensorChunks(sent.slice(0, 2), 1 << 20).slice(0, 1);
+    expectEqual("a stream cut short", await failed(upload(client, "CreateDictionary", cut.map((chunk) => ({ chunk })))), "INVALID_ARGUMENT");
     // The declaration belongs on the first chunk only: a later chunk that sets it, even to 0, is refused.
     const redeclared = tensorChunks(sent.slice(0, 1), 8).map((chunk, i) => (i === 1 ? { ...chunk, tensorCount: 0, totalBytes: 0 } : chunk));
     expectEqual("tensorCount set on a later chunk", await failed(upload(client, "CreateDictionary", redeclared.map((chunk) => ({ chunk })))), "INVALID_ARGUMENT");

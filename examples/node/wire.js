@@ -65,24 +65,27 @@ function headerCrc(name, dtype, shape) {
 // The chunks of a declared stream of tensors ({name, dtype, shape, data: Buffer}), each tensor's data
 // cut every `chunkBytes` bytes (any byte boundary will do, inside an element too). The stream's first
 // chunk declares tensorCount and totalBytes (alone, for a stream of no tensor); each tensor's header
-// chunk carries name, dtype, shape and its first bytes; the chunk that completes a tensor (the header
-// itself when the tensor has no more bytes than fit) carries its crc32c. Later chunks leave dtype
-// unset (DTYPE_UNSPECIFIED) and never set tensorCount or totalBytes, not even to 0.
+// chunk carries name, dtype, shape and its first bytes, unless its name and shape take more than 512
+// bytes (each dimension counted as 10, a varint's most), so that no message is over a chunk plus 512
+// bytes; the chunk that completes a tensor (the header of an empty one) carries its crc32c. Later
+// chunks leave dtype unset (DTYPE_UNSPECIFIED) and never set tensorCount or totalBytes, not even to 0.
 function tensorChunks(tensors, chunkBytes) {
   const totalBytes = tensors.reduce((n, t) => n + t.data.length, 0);
   if (tensors.length === 0) return [{ tensorCount: 0, totalBytes: 0 }];
   const chunks = [];
   for (const t of tensors) {
     const crc = crc32c(t.data, headerCrc(t.name, t.dtype, t.shape));
-    let at = 0;
-    do {
-      const chunk = { data: t.data.subarray(at, at + chunkBytes) };
-      if (at === 0) Object.assign(chunk, { name: t.name, dtype: t.dtype, shape: t.shape });
+    const pieces = [];
+    if (t.data.length > 0 && Buffer.byteLength(t.name, "utf8") + 10 * t.shape.length > 512) pieces.push(t.data.subarray(0, 0));
+    for (let at = 0; at < t.data.length; at += chunkBytes) pieces.push(t.data.subarray(at, at + chunkBytes));
+    if (pieces.length === 0) pieces.push(t.data); // an empty tensor: its header alone
+    pieces.forEach((data, i) => {
+      const chunk = { data };
+      if (i === 0) Object.assign(chunk, { name: t.name, dtype: t.dtype, shape: t.shape });
       if (chunks.length === 0) Object.assign(chunk, { tensorCount: tensors.length, totalBytes });
-      at += chunk.data.length;
-      if (at === t.data.length) chunk.crc32c = crc;
+      if (i === pieces.length - 1) chunk.crc32c = crc;
       chunks.push(chunk);
-    } while (at < t.data.length);
+    });
   }
   return chunks;
 }
