@@ -174,3 +174,22 @@ def test_a_refused_dtype_is_named_as_the_wire_names_it_not_as_torch_prints_it(
             call()
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert err.value.details().endswith(f", not {name}") and "torch." not in err.value.details()
+
+
+def test_a_name_in_another_unicode_form_is_told_apart_from_the_one_held(
+    live_server: LiveServer, client: Client, unchanged  # type: ignore[no-untyped-def]
+) -> None:
+    """A dictionary holding 'maské' spelled e + combining acute (NFD, as macOS file names and some
+    platforms' strings have it), asked for with a precomposed é (NFC): the refusal said "dictionary
+    has no entry 'maské'; did you mean 'maské'?", two names that print alike. It now spells both out."""
+    held, given = "maske\u0301", "mask\u00e9"
+    d = client.dict({held: [1.0], "other": [2.0]})
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(live_server.address))
+    with unchanged(), pytest.raises(grpc.RpcError) as err:
+        list(stub.FetchTensors(pb.FetchTensorsRequest(handle=d.id, names=[given]), timeout=30))
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND, err.value.details()
+    assert err.value.details() == (
+        f"dictionary has no entry '{given}'; did you mean '{held}'? It is the name given in another Unicode "
+        "normalization form ('mask\\u00e9' given, 'maske\\u0301' held): names match code point for code point, "
+        "never normalized"
+    )
