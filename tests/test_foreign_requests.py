@@ -193,3 +193,17 @@ def test_a_name_in_another_unicode_form_is_told_apart_from_the_one_held(
         "normalization form ('mask\\u00e9' given, 'maske\\u0301' held): names match code point for code point, "
         "never normalized"
     )
+
+
+def test_a_tensor_sent_more_bytes_than_its_shape_names_its_wire_dtype(
+    live_server: LiveServer, unchanged  # type: ignore[no-untyped-def]
+) -> None:
+    """Bytes past a tensor's size were refused naming "dtype torch.bfloat16", torch's spelling, to a
+    client that had sent DTYPE_BFLOAT16."""
+    stub = pb_grpc.WeightAveragingServiceStub(grpc.insecure_channel(live_server.address))
+    header = pb.TensorChunk(name="x", dtype=pb.DTYPE_BFLOAT16, shape=[2], data=bytes(2))
+    requests = [pb.CreateDictionaryRequest(chunk=header), pb.CreateDictionaryRequest(chunk=pb.TensorChunk(data=bytes(4)))]
+    with unchanged(), pytest.raises(grpc.RpcError) as err:
+        stub.CreateDictionary(iter(requests), timeout=30)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details() == "tensor 'x' of shape [2] and dtype DTYPE_BFLOAT16 holds 4 bytes; received at least 6"
