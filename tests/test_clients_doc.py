@@ -69,6 +69,8 @@ def test_the_worked_bytes_checksum_is_the_one_the_client_sends() -> None:
     assert crc32c(worked) == int(value.group(1), 16) == int(value.group(2))
     [chunk] = array_chunks("", np.float32(10.0))
     assert chunk.crc32c == int(value.group(2)) and chunk.data == worked[-4:] and list(chunk.shape) == []
+    # The grpcurl session sends this very tensor as a declared stream, with this checksum.
+    assert re.findall(r'\\"crc32c\\": (\d+)', _session_block()) == [value.group(2)]
 
 
 def test_none_through_grpcurl_is_the_null_value_enum_name(start_server) -> None:  # type: ignore[no-untyped-def]
