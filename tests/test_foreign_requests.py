@@ -150,6 +150,11 @@ def test_model_data_missing_names_set_model_data_and_its_split(
     for call, split in (
         (lambda: list(stub.RunEpoch(pb.RunEpochRequest(model=model), timeout=30)), "TRAIN"),
         (lambda: list(stub.RunTest(pb.RunTestRequest(model=model), timeout=30)), "TEST"),
+        # A forward without an input said only "no input given and the model has no training data".
+        (lambda: stub.RunForward(iter([pb.RunForwardRequest(handle=model, mode=pb.FORWARD_MODE_TRAIN)]), timeout=30),
+         "TRAIN"),
+        (lambda: stub.RunForward(iter([pb.RunForwardRequest(handle=model, mode=pb.FORWARD_MODE_EVAL)]), timeout=30),
+         "TEST"),
     ):
         with unchanged(), pytest.raises(grpc.RpcError) as err:
             call()

@@ -1042,7 +1042,10 @@ def default_input(model: Model, mode: str) -> torch.Tensor:
     split = "test" if mode == "eforward" else "train"
     data = model.test_data if split == "test" else model.train_data
     if data is None:
-        raise FailedPrecondition(f"no input given and the model has no {split}ing data")
+        raise FailedPrecondition(
+            f"no input given and the model has no {split}ing data: give an input (a tensor handle or a streamed "
+            f"tensor), or load the data with {_load_hint(split)}"
+        )
     return data.x
 
 
