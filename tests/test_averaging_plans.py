@@ -169,7 +169,8 @@ def test_a_missing_or_integer_entry_is_refused_with_the_fix_and_nothing_changes(
     client.delete(d, "bias")
     before = fetch(client, d)
     with pytest.raises(InvalidArgumentError, match=r"parameter 'bias' not found .* start the average from "
-                                                   r"copyparms\(m\), or set the entry with dict\(d, 'bias', value\)"):
+                                                   r"copyparms\(m\) \(CopyParameters\), or set the entry with "
+                                                   r"dict\(d, 'bias', value\) \(UpdateDictionary\)"):
         client.avgparms(m, d)
     client.dict(d, "bias", np.zeros(2, np.int32))
     with pytest.raises(InvalidArgumentError, match="'bias' holds torch.int32; an average needs a floating-point entry: "

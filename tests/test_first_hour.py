@@ -107,7 +107,8 @@ NET = ["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3]]
         (lambda c, q, d: c.parm(q, "a.weigth"), "parameter 'a.weigth' not found; did you mean 'a.weight' or 'b.weight'?"),
         (lambda c, q, d: c.parm(q, "b.running_mean"),
          "parameter 'b.running_mean' not found: it is a buffer; read buffers through a view, "
-         "dict(buffers(m), 'b.running_mean'), or a copy, copyparms(m, buffers=True)"),
+         "dict(buffers(m), 'b.running_mean') (ViewBuffers), or a copy, copyparms(m, buffers=True) (CopyParameters "
+         "with buffers)"),
         (lambda c, q, d: c.parmnames(q, "bb"), "module has no child 'bb'; did you mean 'b'?"),
         (lambda c, q, d: c.dict(d, "a.wieght"), "dictionary has no entry 'a.wieght'; did you mean 'a.weight' or 'b.weight'?"),
         (lambda c, q, d: c.delete(d, "a.bais"),
@@ -145,13 +146,15 @@ def test_a_required_merge_option_left_out_says_it_is_required(client: Client, un
     ("call", "hint"),
     [
         (lambda c, q, d: c.train(q, IMAGES[:, :4].astype(np.float32), LABELS),
-         "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr))"),
+         "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr)) (CreateModel)"),
         (lambda c, q, d: c.lr(q, 0.1),
-         "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer))"),
+         "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer)) "
+         "(CreateOptimizer; CreateModel)"),
         (lambda c, q, d: c.avgparms(d, q),  # the arguments swapped
-         "; copyparms(m) copies a module's parameters into a dictionary (averages take the module first and the "
-         "dictionary second: avgparms(m, d), ema(m, e))"),
-        (lambda c, q, d: c.ema(q, q), "; copyparms(m) copies a module's parameters into a dictionary"),
+         "; copyparms(m) (CopyParameters) copies a module's parameters into a dictionary (averages take the module "
+         "first and the dictionary second: avgparms(m, d), ema(m, e); on the wire, the module in handle and the "
+         "dictionary in dictionary)"),
+        (lambda c, q, d: c.ema(q, q), "; copyparms(m) (CopyParameters) copies a module's parameters into a dictionary"),
     ],
     ids=["train-a-module", "lr-of-a-module", "avgparms-swapped", "ema-into-a-module"],
 )
@@ -175,7 +178,8 @@ def test_fetching_a_whole_module_says_how_to(client: Client, unchanged: Any) -> 
         client.dict(q)
     assert err.value.message == (
         "name the parameters to fetch from a module, or fetch them all through a view: dict(parms(m)) (and its "
-        "buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True)"
+        "buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True); on the wire: set FetchTensorsRequest.names, "
+        "or fetch the dictionary that ViewParameters, ViewBuffers or CopyParameters (with buffers) returns"
     )
     assert list(client.dict(client.parms(q))) == client.parmnames(q)
 

@@ -65,10 +65,10 @@ def test_a_second_client_s_free_leaves_the_first_client_s_objects_alive(live_ser
         with unchanged(), pytest.raises(FailedPreconditionError) as err:
             second.free()
         assert str(err.value) == (
-            "FAILED_PRECONDITION: free() without handles frees your session's handles, and this call has no "
-            "session; nothing freed. Name the handles (free(h1, h2)), use a session (Client(address, session=True): "
-            "closing it frees what it made), or, as the server's operator, free every handle on it "
-            "(weightavg purge ADDRESS)"
+            "FAILED_PRECONDITION: free() without handles (FreeHandlesRequest.all) frees your session's handles, and "
+            "this call has no session; nothing freed. Name the handles (free(h1, h2); FreeHandlesRequest.handles), use "
+            "a session (Client(address, session=True), or CreateSession's id in 'weightavg-session' metadata: closing "
+            "it frees what it made), or, as the server's operator, free every handle on it (weightavg purge ADDRESS)"
         )
         assert first.avgparms(m, p) == 2  # both still alive
         assert third.free() == 1 and first.size(p) == {"weight": (1, 2), "bias": (1,), ".n": ()}

@@ -256,7 +256,8 @@ def test_a_step_whose_lr_or_decay_overflows_the_parameters_dtype_names_them_and_
     with unchanged(), pytest.raises(
         InvalidArgumentError,
         match=r"run \(batch 1 of 1\): the sgd optimizer's lr 1e\+300 and decay 0 overflow float32 in its step: "
-        r"give a smaller learning rate \(lr\(m, value\)\) or build the optimizer with a smaller decay; nothing changed",
+        r"give a smaller learning rate \(lr\(m, value\); SetLearningRate\) or build the optimizer with a smaller decay; "
+        r"nothing changed",
     ):
         client.run(m)
     client.lr(m, 0.1)

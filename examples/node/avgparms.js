@@ -9,61 +9,8 @@
 // figure matches, 1 on a mismatch, 2 when a call fails.
 "use strict";
 
-const path = require("node:path");
-const grpc = require("@grpc/grpc-js");
-const protoLoader = require("@grpc/proto-loader");
-
-const PROTO_ROOT = path.resolve(__dirname, "..", "..", "proto");
-
-// keepCase: false gives camelCase field names (intValue, chunkBytes), the protobuf JS convention.
-// longs: Number is safe here: counts and shapes are far below 2^53. enums: String gives
-// "DTYPE_FLOAT32" rather than 1 in replies. google/protobuf/struct.proto (imported for NullValue)
-// is not in proto/: proto-loader ships the well-known types and resolves them itself.
-const definition = protoLoader.loadSync("weightavg/v1/weightavg.proto", {
-  includeDirs: [PROTO_ROOT],
-  keepCase: false,
-  longs: Number,
-  enums: String,
-  defaults: true,
-  oneofs: true,
-});
-const weightavg = grpc.loadPackageDefinition(definition).weightavg.v1;
-// Dtype names to their wire codes, which a tensor's checksum covers.
-const DTYPE_CODES = Object.fromEntries(
-  definition["weightavg.v1.Dtype"].type.value.map(({ name, number }) => [name, number]),
-);
-
-// CRC32C (Castagnoli, reflected polynomial 0x82F63B78), continuing from `crc` (a previous result).
-// A table-driven loop: plenty for this walk-through's few bytes (a native package would be faster).
-const CRC32C_TABLE = (() => {
-  const table = new Uint32Array(256);
-  for (let n = 0; n < 256; n += 1) {
-    let c = n;
-    for (let k = 0; k < 8; k += 1) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
-    table[n] = c >>> 0;
-  }
-  return table;
-})();
-
-function crc32c(bytes, crc = 0) {
-  let c = ~crc >>> 0;
-  for (let i = 0; i < bytes.length; i += 1) c = CRC32C_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
-  return ~c >>> 0;
-}
-
-// A tensor's checksum covers its header, then its data (TensorChunk in the .proto): the name's UTF-8
-// length (4 bytes little-endian), the name, the dtype code (4 bytes), the number of dimensions
-// (4 bytes), each dimension (8 bytes, signed).
-function headerCrc(name, dtype, shape) {
-  const nameBytes = Buffer.from(name, "utf8");
-  const head = Buffer.alloc(12 + nameBytes.length + 8 * shape.length);
-  let at = head.writeUInt32LE(nameBytes.length, 0);
-  at += nameBytes.copy(head, at);
-  at = head.writeUInt32LE(DTYPE_CODES[dtype], at);
-  at = head.writeUInt32LE(shape.length, at);
-  for (const d of shape) at = head.writeBigInt64LE(BigInt(d), at);
-  return crc32c(head);
-}
+// The .proto loaded with @grpc/proto-loader, CRC32C and the stream reader: wire.js.
+const { grpc, weightavg, crc32c, headerCrc, StreamReader } = require("./wire");
 
 // Bytes on the wire are little-endian, row-major; float32 is 4 bytes per element.
 function float32Bytes(values) {
@@ -112,64 +59,33 @@ function setParameter(client, handle, name, shape, values) {
 // Tensors whose checksum matched, over every fetch.
 let verified = 0;
 
-// Whether a reply set an optional (proto3 `optional`) field: proto-loader leaves absent ones null.
-const isSet = (value) => value !== undefined && value !== null;
-
 // FetchTensors is server-streaming: a chunk with a dtype starts a named tensor, chunks without one
 // (DTYPE_UNSPECIFIED) append bytes to it. The first chunk declares how many tensors and bytes the
-// stream carries, and the chunk that completes each tensor its CRC32C: both are checked here, and a
-// mismatch rejects with a DATA_LOSS error. Returns {name: {dtype, shape, values}}.
+// stream carries, and the chunk that completes each tensor its CRC32C: both are checked here
+// (StreamReader), and a mismatch rejects with a DATA_LOSS error. Returns {name: {dtype, shape, values}}.
 // maxChunkBytes: the most tensor bytes a reply message may carry, for a reader with a small receive
 // limit (0: the server's own chunk size; at least 1024). The largest chunk seen is returned as
 // `largestChunk` beside the tensors.
 function fetchTensors(client, handle, names = [], maxChunkBytes = 0) {
   return new Promise((resolve, reject) => {
-    const tensors = {};
-    let largestChunk = 0;
-    let current = null;
-    let declared = null;
-    let failure = null;
-    let count = 0;
-    let bytes = 0;
-    const fail = (message) => {
-      failure = failure || Object.assign(new Error(`DATA_LOSS: ${message}`), { details: message });
-    };
+    const reader = new StreamReader();
     const call = client.FetchTensors({ handle, names, maxChunkBytes }, { deadline: Date.now() + 30_000 });
-    call.on("data", ({ chunk }) => {
-      largestChunk = Math.max(largestChunk, chunk.data.length);
-      if (declared === null && isSet(chunk.tensorCount)) {
-        declared = { count: Number(chunk.tensorCount), bytes: Number(chunk.totalBytes) };
-      }
-      if (chunk.dtype !== "DTYPE_UNSPECIFIED") {
-        const shape = chunk.shape.map(Number);
-        current = { name: chunk.name, dtype: chunk.dtype, shape, parts: [], crc: headerCrc(chunk.name, chunk.dtype, shape) };
-        tensors[chunk.name] = current;
-      }
-      if (current === null) return;
-      current.parts.push(chunk.data);
-      current.crc = crc32c(chunk.data, current.crc);
-      if (isSet(chunk.crc32c)) {
-        // The chunk that completes a tensor: its checksum must match what arrived.
-        count += 1;
-        bytes += current.parts.reduce((n, part) => n + part.length, 0);
-        if (chunk.crc32c >>> 0 !== current.crc) fail(`tensor '${current.name}' arrived corrupted (CRC32C mismatch)`);
-        verified += 1;
-      }
-    });
+    call.on("data", ({ chunk }) => reader.feed(chunk));
     call.on("error", reject);
     call.on("end", () => {
-      if (declared !== null && (count !== declared.count || bytes !== declared.bytes)) {
-        fail(`the stream declared ${declared.count} tensor(s) and ${declared.bytes} bytes but carried ${count} and ${bytes}`);
-      }
-      if (failure !== null) {
-        reject(failure);
+      let tensors;
+      try {
+        tensors = reader.finish();
+      } catch (err) {
+        reject(err);
         return;
       }
+      verified += reader.verified;
       const out = {};
       for (const [name, t] of Object.entries(tensors)) {
-        out[name] = { dtype: t.dtype, shape: t.shape, values: decode(t.dtype, Buffer.concat(t.parts)) };
+        out[name] = { dtype: t.dtype, shape: t.shape, values: decode(t.dtype, t.data) };
       }
-      Object.defineProperty(out, "largestChunk", { value: largestChunk, enumerable: false });
+      Object.defineProperty(out, "largestChunk", { value: reader.largestChunk, enumerable: false });
       resolve(out);
     });
   });

@@ -1220,8 +1220,9 @@ class ClusterService(Service):
         if len(ranks) > 1:
             raise FailedPrecondition(
                 f"the handles of this call live on different ranks ({sorted(ranks)}); create them on one rank "
-                "(rank=) or replicated (replicate=True), or bring one's values over first: copyparms, avgparms, "
-                "ema and average take handles on different ranks"
+                "(rank=) or replicated (replicate=True; Placement's fields), or bring one's values over first: "
+                "copyparms, avgparms, ema and average (CopyParameters, AverageParameters, UpdateMovingAverage, "
+                "AverageDictionaries) take handles on different ranks"
             )
         if ranks:
             return ranks.pop()
@@ -1444,8 +1445,8 @@ class ClusterService(Service):
         if where != ALL:
             raise FailedPrecondition(
                 f"broadcast copies one rank's values to the other ranks' copies of a replicated object; this one "
-                f"lives on rank {where} alone. Create it with replicate=True, or bring its values to another "
-                "rank's object with copyparms or average"
+                f"lives on rank {where} alone. Create it with replicate=True (Placement.replicate), or bring its "
+                "values to another rank's object with copyparms or average (CopyParameters, AverageDictionaries)"
             )
         return self._keyed(  # type: ignore[no-any-return]
             "broadcast", request, lambda: self._call("_broadcast", ALL, (handle, rank))[0]

@@ -583,10 +583,13 @@ class Service:
             return [("", entry.obj.tensor)]
         module = module_of(self._module(handle))  # a loss has no parameters: INVALID_ARGUMENT
         if not names:
-            # What to do instead, since "all" is what a user fetching a model's weights asks first.
+            # What to do instead, since "all" is what a user fetching a model's weights asks first; in
+            # the client's verbs and, for a client generated from the .proto, in the contract's.
             raise InvalidArgument(
                 "name the parameters to fetch from a module, or fetch them all through a view: dict(parms(m)) "
-                "(and its buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True)"
+                "(and its buffers: dict(buffers(m))), or a copy: copyparms(m, buffers=True); on the wire: set "
+                "FetchTensorsRequest.names, or fetch the dictionary that ViewParameters, ViewBuffers or "
+                "CopyParameters (with buffers) returns"
             )
         return [(name, modules.parameter(module, name).detach()) for name in names]
 
@@ -628,9 +631,10 @@ class Service:
             )
         if CALLER_SESSION.get() is None:
             raise FailedPrecondition(
-                "free() without handles frees your session's handles, and this call has no session; nothing freed. "
-                "Name the handles (free(h1, h2)), use a session (Client(address, session=True): closing it frees "
-                "what it made), or, as the server's operator, free every handle on it (weightavg purge ADDRESS)"
+                "free() without handles (FreeHandlesRequest.all) frees your session's handles, and this call has no "
+                "session; nothing freed. Name the handles (free(h1, h2); FreeHandlesRequest.handles), use a session "
+                "(Client(address, session=True), or CreateSession's id in 'weightavg-session' metadata: closing it "
+                "frees what it made), or, as the server's operator, free every handle on it (weightavg purge ADDRESS)"
             )
         return self.store.free_all()
 
@@ -1165,7 +1169,8 @@ class Service:
         if not self.settings.allow_shm:
             raise FailedPrecondition(
                 "this server does not accept shared memory: start it with --allow-shm (WEIGHTAVG_ALLOW_SHM=1), "
-                "or use the stream (Client(..., shm=False))"
+                "or move tensors through the streams (FetchTensors, and uploads whose TensorChunk carries data, not "
+                "shared; the Python client: Client(..., shm=False))"
             )
 
     def _region(self, name: str) -> shm.Region:
@@ -1198,7 +1203,8 @@ class Service:
         if not session:
             raise FailedPrecondition(
                 "shared memory regions belong to a session, so that they are unregistered when it ends: call "
-                "with a session (Client(..., session=True); Client(..., shm=True) opens one)"
+                "with a session (CreateSession's id in 'weightavg-session' metadata; the Python client: "
+                "Client(..., session=True), or Client(..., shm=True), which opens one)"
             )
         if cuda is not None and key:
             raise InvalidArgument("a shared memory region is a /dev/shm key or a CUDA buffer, not both")

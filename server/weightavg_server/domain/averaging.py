@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import flat, lerp
+from . import dtypes, flat, lerp
 from .dictionaries import COUNT_KEY, Count, TensorDict, check_copyable, does_not_fit
 from .ema import EmaState, ScheduleChange, next_step
 from .errors import InvalidArgument
@@ -47,10 +47,12 @@ MAX_COUNT = 2.0**53
 
 
 def check_copy_dtype(dtype: torch.dtype | None) -> None:
-    """InvalidArgument unless `dtype` is None or a floating dtype a copy can convert to."""
+    """InvalidArgument unless `dtype` is None or a floating dtype a copy can convert to; the dtype named
+    as the table names it ("int64"), not as torch prints it ("torch.int64"), which no client sends."""
     if dtype is not None and not dtype.is_floating_point:
         raise InvalidArgument(
-            f"a copy converts to a floating dtype (float32, float64, float16 or bfloat16), not {dtype}"
+            f"a copy converts to a floating dtype (float32, float64, float16 or bfloat16), not "
+            f"{dtypes.NAMES.get(dtype, dtype)}"
         )
 
 
@@ -407,7 +409,8 @@ def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -
         if name not in d.entries:
             raise InvalidArgument(
                 f"parameter '{name}' not found in the dictionary, unable to compute average; start the average "
-                f"from copyparms(m), or set the entry with dict(d, '{name}', value); nothing changed"
+                f"from copyparms(m) (CopyParameters), or set the entry with dict(d, '{name}', value) (UpdateDictionary); "
+                "nothing changed"
             )
         # An integer parameter (registered with parm) is copied as an integer buffer is: its copy
         # keeps its dtype, and averaging one into it was refused on every call (found by review).
@@ -418,7 +421,8 @@ def _choose(source: Source, index: _Index, d: TensorDict, buffers: BufferMode) -
         name = index.names[i]
         if name not in d.entries:
             raise InvalidArgument(
-                f"buffer '{name}' not found in the dictionary; copy the buffers in with copyparms(m, buffers=True), "
+                f"buffer '{name}' not found in the dictionary; copy the buffers in with copyparms(m, buffers=True) "
+                "(CopyParameters with buffers), "
                 f"or leave buffers out; nothing changed"
             )
         average = buffers is BufferMode.AVERAGE and _floating(index.tensors[i])

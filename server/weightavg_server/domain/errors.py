@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Iterable
 
 
@@ -66,14 +67,36 @@ def did_you_mean(given: str, valid: Iterable[str]) -> str:
     or "" when none is close; refusals of unknown names append it.
 
     Example: did_you_mean("batchnorm", LAYER_TYPES) is
-    "; did you mean 'batchnorm1d', 'batchnorm2d' or 'batchnorm3d'?".
+    "; did you mean 'batchnorm1d', 'batchnorm2d' or 'batchnorm3d'?". A valid name that is `given` in
+    another Unicode normalization form (a client on another platform or in another language may send
+    'é' as e and a combining accent) is named alone, with both spelled out in escapes: otherwise the
+    suggestion looks exactly like the name refused.
     """
-    matches = difflib.get_close_matches(given, list(valid), n=3, cutoff=0.6)
+    names = list(valid)
+    twin = next((name for name in names if name != given and _nfc(name) == _nfc(given)), None)
+    if twin is not None:
+        # "did you mean 'maské'?" for 'maské' read as a wrong suggestion: the two differ only in code points.
+        return (
+            f"; did you mean '{twin}'? It is the name given in another Unicode normalization form ("
+            f"'{_escaped(given)}' given, '{_escaped(twin)}' held): names match code point for code point, never "
+            "normalized"
+        )
+    matches = difflib.get_close_matches(given, names, n=3, cutoff=0.6)
     matches.sort(key=lambda name: (-difflib.SequenceMatcher(None, name, given).ratio(), name))  # ties in order
     close = [f"'{name}'" for name in matches]
     if not close:
         return ""
     return "; did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?"
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _escaped(name: str) -> str:
+    """The name with its non-ASCII characters as escapes ('mask\\u00e9'), so that two forms that
+    look alike in a message can be told apart."""
+    return "".join(c if c.isascii() else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}" for c in name)
 
 
 class Unavailable(WeightavgError):

@@ -52,7 +52,7 @@ def parameter(module: torch.nn.Module, name: str) -> torch.Tensor:
         if name in dict(module.named_buffers()):
             raise NotFound(
                 f"parameter '{name}' not found: it is a buffer; read buffers through a view, dict(buffers(m), "
-                f"'{name}'), or a copy, copyparms(m, buffers=True)"
+                f"'{name}') (ViewBuffers), or a copy, copyparms(m, buffers=True) (CopyParameters with buffers)"
             )
         raise NotFound(f"parameter '{name}' not found{did_you_mean(name, params)}")
     return params[name]

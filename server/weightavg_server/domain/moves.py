@@ -163,7 +163,8 @@ def _check_group(g: Group, dtype: torch.dtype | None) -> None:
     """InvalidArgument for a complex dtype when a model holds floating data: models train on real values."""
     if dtype is not None and dtype.is_complex and any(d.x.is_floating_point() or d.y.is_floating_point() for d in g.data):
         raise InvalidArgument(
-            f"a model holds real-valued data and trains on real values: move it to a real floating dtype, not {dtype}"
+            "a model holds real-valued data and trains on real values: move it to a real floating dtype, not "
+            f"{dtypes.NAMES.get(dtype, dtype)}"
         )
 
 

@@ -80,7 +80,10 @@ def plan_soup(
     if not ingredients:
         raise InvalidArgument("soup: give at least one ingredient")
     if training.data_size(model, "test") < 0:
-        raise FailedPrecondition("soup: the model has no test data to score ingredients on; load it with test(m, X, Y)")
+        raise FailedPrecondition(
+            "soup: the model has no test data to score ingredients on; load it with test(m, X, Y) "
+            "(SetModelData, split DATA_SPLIT_TEST)"
+        )
     params = dict(model.module.named_parameters())
     buffers = dict(model.module.named_buffers())
     first = [n for n in ingredients[0].entries if n != COUNT_KEY]
@@ -102,11 +105,11 @@ def plan_soup(
             if value.shape != t.shape or value.dtype != t.dtype or value.device != t.device:
                 raise InvalidArgument(
                     f"soup: {label}'s '{n}' is {_described(value)}, the model's is {_described(t)}: every "
-                    "ingredient needs the model's shapes, dtypes and device (copy them with copyparms(m), or "
-                    "move or convert them with to()); nothing changed"
+                    "ingredient needs the model's shapes, dtypes and device (copy them with copyparms(m) "
+                    "(CopyParameters), or move or convert them with to() (MoveHandle)); nothing changed"
                 )
             if storage_key(value) in own:
-                raise InvalidArgument(f"soup: {label} shares the model's own '{n}' (a live view); copy it with copyparms")
+                raise InvalidArgument(f"soup: {label} shares the model's own '{n}' (a live view); copy it with copyparms (CopyParameters)")
     return SoupPlan(tuple(names), tuple(targets), metric)
 
 

@@ -396,12 +396,17 @@ def set_data(
     return batches(model, split)
 
 
+def _load_hint(split: str) -> str:
+    """How to load a split's data: the client's verb and, for a client generated from the .proto, the RPC."""
+    verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
+    return f"{verb} (SetModelData, split DATA_SPLIT_{split.upper()})"
+
+
 def _loaded(model: Model, split: str) -> Data:
     """The train or test data, standing where they are, or FailedPrecondition saying how to load them."""
     data = model.train_data if split == "train" else model.test_data
     if data is None:
-        verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
-        raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
+        raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {_load_hint(split)}")
     return data
 
 
@@ -879,7 +884,8 @@ def _step(optimizer: Optimizer, what: str) -> None:
         settings = f"lr {get_lr(optimizer):g} and decay {float_value(optimizer.options, 'decay'):g}"
         raise InvalidArgument(
             f"{what}: the {optimizer.type} optimizer's {settings} overflow {dtype} in its step: give a "
-            "smaller learning rate (lr(m, value)) or build the optimizer with a smaller decay; nothing changed"
+            "smaller learning rate (lr(m, value); SetLearningRate) or build the optimizer with a smaller decay; "
+            "nothing changed"
         ) from None
 
 
@@ -1036,7 +1042,10 @@ def default_input(model: Model, mode: str) -> torch.Tensor:
     split = "test" if mode == "eforward" else "train"
     data = model.test_data if split == "test" else model.train_data
     if data is None:
-        raise FailedPrecondition(f"no input given and the model has no {split}ing data")
+        raise FailedPrecondition(
+            f"no input given and the model has no {split}ing data: give an input (a tensor handle or a streamed "
+            f"tensor), or load the data with {_load_hint(split)}"
+        )
     return data.x
 
 
@@ -1046,7 +1055,7 @@ def default_input(model: Model, mode: str) -> torch.Tensor:
 def input_tensor(model: Model) -> torch.Tensor:
     """The model's training input tensor itself (same object: batching one batches the other)."""
     if model.train_data is None:
-        raise FailedPrecondition("no training data loaded for the model; load it with train(m, x, y)")
+        raise FailedPrecondition(f"no training data loaded for the model; load it with {_load_hint('train')}")
     return model.train_data.x
 
 
@@ -1066,8 +1075,7 @@ def next_model_batch(model: Model, split: str = "train") -> bool:
     _split(split)
     data = model.train_data if split == "train" else model.test_data
     if data is None:
-        verb = "train(m, x, y)" if split == "train" else "test(m, x, y)"
-        raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {verb}")
+        raise FailedPrecondition(f"no {split}ing data loaded for the model; load it with {_load_hint(split)}")
     w = int_value(model.train if split == "train" else model.test, "batchsize")
     batching.check_size(data.x, w)
     batching.check_size(data.y, w)

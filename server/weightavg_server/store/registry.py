@@ -61,15 +61,20 @@ def _kind_hint(wanted: tuple[Kind, ...], given: Kind) -> str:
     """How to make a handle of the wanted kind from the one given, for the mistakes a new user makes
     first: training a bare module (a model wraps it with a loss and an optimizer), averaging into a
     module (the average is a dictionary, made by copyparms). "expecting model handle, given module
-    handle" alone named the kinds but not the way from one to the other."""
+    handle" alone named the kinds but not the way from one to the other. The client's verbs come with
+    the RPCs they call, for a client generated from the .proto, which has no copyparms."""
     if given is Kind.MODULE and Kind.MODULE not in wanted and (Kind.MODEL in wanted or Kind.OPTIMIZER in wanted):
         if Kind.OPTIMIZER in wanted:
-            return "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer))"
-        return "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr))"
+            return (
+                "; make an optimizer over the module first: opt('sgd', m, lr) (or a model: model(m, loss, optimizer))"
+                " (CreateOptimizer; CreateModel)"
+            )
+        return "; make a model of the module first: model(m, loss('ce'), opt('sgd', m, lr)) (CreateModel)"
     if wanted == (Kind.DICTIONARY,) and given in MODULE_KINDS:
         return (
-            "; copyparms(m) copies a module's parameters into a dictionary (averages take the module first and "
-            "the dictionary second: avgparms(m, d), ema(m, e))"
+            "; copyparms(m) (CopyParameters) copies a module's parameters into a dictionary (averages take the "
+            "module first and the dictionary second: avgparms(m, d), ema(m, e); on the wire, the module in "
+            "handle and the dictionary in dictionary)"
         )
     return ""
 

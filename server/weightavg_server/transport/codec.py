@@ -294,9 +294,10 @@ class TensorAssembler:
         if data:
             end = p.filled + len(data)
             if end > p.nbytes:
+                # The dtype as the header sent it (DTYPE_FLOAT32), not as torch prints it (torch.float32).
                 raise InvalidArgument(
-                    f"tensor '{p.name}' of shape {list(p.shape)} and dtype {p.dtype} holds {p.nbytes} bytes; "
-                    f"received at least {end}"
+                    f"tensor '{p.name}' of shape {list(p.shape)} and dtype {pb.Dtype.Name(pb.Dtype.ValueType(p.code))} holds {p.nbytes} "
+                    f"bytes; received at least {end}"
                 )
             source = np.frombuffer(data, dtype=np.uint8)  # a 4 MiB chunk streams (see native.stream_copy)
             if len(data) < native.STREAM_MIN_BYTES or not native.stream_bytes(
