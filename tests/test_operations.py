@@ -324,6 +324,28 @@ def test_metrics_endpoint_after_some_calls(ops_server: OpsServer, ops: Client) -
     assert scrape(ops_server.metrics_url).get(("weightavg_live_handles", (("device", "cpu"),))) is None
 
 
+def test_metrics_show_the_host_memory_kept_and_reused(ops_server: OpsServer, ops: Client) -> None:
+    """An upload of 4 MiB freed leaves its block idle in the host cache; the next of that size reuses it."""
+    from weightavg_server.domain import hostcache
+
+    hostcache.cache().clear()
+    before = scrape(ops_server.metrics_url)
+    values = {"w": np.ones(1 << 20, np.float32)}
+    ops.free(ops.dict(values))
+    kept = scrape(ops_server.metrics_url)
+    assert kept[("weightavg_host_cache_idle_bytes", ())] == 4 << 20
+    ops.free(ops.dict(values))
+    after = scrape(ops_server.metrics_url)
+
+    def delta(block: str) -> float:
+        key = ("weightavg_host_cache_blocks_total", (("block", block),))
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("new") == 1 and delta("kept") == 1
+    assert after[("weightavg_host_cache_idle_bytes", ())] == 4 << 20
+    hostcache.cache().clear()
+
+
 def _scrape_threads() -> int:
     """Threads serving a metrics connection (socketserver names them after process_request_thread)."""
     return sum("process_request_thread" in t.name for t in threading.enumerate())

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .. import __version__
+from ..domain import hostcache
 from ..service import Service
 from ..transport.stats import LATENCY_BUCKETS, RpcStats
 
@@ -144,6 +145,20 @@ class WeightavgCollector(Collector):
             for device, n in sorted(u.nbytes.items()) if u else []:
                 held.add_metric([tenant, device], n)
         yield from (calls, failures, owned, sessions, held)
+
+        kept = hostcache.cache().stats()
+        idle = GaugeMetricFamily(
+            "weightavg_host_cache_idle_bytes",
+            "Bytes of freed host memory kept for the next tensor of their size (--host-cache-bytes), held by no object.",
+        )
+        idle.add_metric([], kept.idle_bytes)
+        taken = CounterMetricFamily(
+            "weightavg_host_cache_blocks", "Large host tensors made, by whether over a kept block or a new one.",
+            labels=["block"],
+        )
+        taken.add_metric(["kept"], kept.reused)
+        taken.add_metric(["new"], kept.allocated)
+        yield from (idle, taken)
 
         info = GaugeMetricFamily(
             "weightavg_build_info", "Versions and device of this server (value always 1).",
