@@ -54,3 +54,19 @@ def test_a_view_charges_the_gradients_its_parameters_keep(server: LiveServer) ->
         assert_books_exact(server.registry)
         c.purge()
     assert server.registry.held_bytes() == {} == referenced_bytes(server.registry)
+
+
+def test_a_running_average_s_count_goes_with_its_entry(server: LiveServer) -> None:
+    """An average keeps its own '.n' to write counts into; deleted, or replaced by an upload, the
+    entry was gone but the dictionary still kept the old tensor alive, uncharged (found by review)."""
+    with Client(server.address, timeout=60) as c:
+        q = c.module(["linear", 20, 5])
+        d = c.copyparms(q)
+        assert c.avgparms(q, d) == 2 and c.avgparms(q, d) == 3
+        c.delete(d, ".n")
+        assert_books_exact(server.registry)
+        assert c.avgparms(q, d) == 2
+        c.dict(d, ".n", 7.0)
+        assert_books_exact(server.registry)
+        assert c.avgparms(q, d) == 8
+        assert_books_exact(server.registry)
