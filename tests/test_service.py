@@ -897,3 +897,34 @@ def test_testrun_and_evaluate_take_the_write_path_where_they_change_the_model(se
     plain = model(s)
     with as_reader():  # an evaluation that writes nothing is a read, open to any caller the transport lets by
         assert s.evaluate(plain, upload(("x", x_rows())), never).shape == (ROWS, CLASSES)
+
+
+def transport_upload(s: Service, *named: tuple[str, Any]) -> Callable[[Any], list[tuple[str, torch.Tensor]]]:
+    """An upload received as the transport receives one: the real chunk codec, each tensor's buffer
+    from the service's `staging_buffer` once its header is reserved."""
+    from weightavg import wire
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg_server.transport import codec
+
+    chunks = [pb.CreateDictionaryRequest.FromString(m).chunk
+              for m in wire.encoded_chunks(named, 1 << 20, pb.CreateDictionaryRequest)]
+    return lambda on_header: codec.assemble(chunks, 1 << 30, on_header, allocate=s.staging_buffer)
+
+
+def test_an_upload_staged_on_the_host_for_a_gpu_reserves_its_host_buffer_too() -> None:
+    """On a CUDA server each uploaded tensor is received into a host buffer (`staging_buffer`) and
+    placed on the GPU after: for the length of the call the host holds a copy as large as the
+    tensor. It was reserved on the GPU only, so uploads could fill the host past its cap (found by
+    review). Refused at the host's cap before the buffer exists, so nothing here needs a GPU: a
+    count ('.n', 8 bytes) held on the CPU leaves 56 bytes of the host's 64, and the 60-byte entry
+    fits the GPU's room but not its staging the host's."""
+    import numpy as np
+
+    s = Service(Registry(Limits(max_device_bytes=64)), settings("cuda:0"))
+    s.create_dictionary(transport_upload(s, (".n", np.float64(1.0))))
+    assert s.store.held_bytes() == {"cpu": 8}
+    with pytest.raises(ResourceExhausted, match=r"60 more tensor bytes on cpu .*\(8 already held or reserved"):
+        s.create_dictionary(transport_upload(s, ("a", np.zeros(15, np.float32))))
+    assert len(s.store) == 1 and s.store.held_bytes() == {"cpu": 8}
+    assert_nothing_pending(s.store, "cpu")
+    assert_nothing_pending(s.store, "cuda:0")
