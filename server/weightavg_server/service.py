@@ -1285,7 +1285,9 @@ class Service:
     ) -> Ref:
         """`create_dictionary` of tensors copied out of the session's region."""
         source = self._region(region)
-        return self.create_dictionary(lambda on_header: shm.read(source, placements, on_header))
+        return self.create_dictionary(
+            lambda on_header: shm.read(source, placements, on_header, self.staging_buffer)
+        )
 
 
 def module_of(entry: Entry) -> nn.Module:
