@@ -31,7 +31,8 @@ def assert_books_exact(registry: Registry) -> None:
     registry.set_limits(Limits(max_device_bytes=ROOM))
     held = registry.held_bytes()
     assert held == walked_bytes(registry) == referenced_bytes(registry)
-    assert registry.tenant_usage().get("default") is None or registry.tenant_usage()["default"].nbytes == held
+    usage = registry.tenant_usage().get("default")
+    assert (usage.nbytes if usage is not None else {}) == held
     assert_nothing_pending(registry)
 
 
