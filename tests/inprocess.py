@@ -7,6 +7,8 @@ test that uses them checks behaviour, not the ledger's private fields.
 from __future__ import annotations
 
 import contextlib
+import gc
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +25,43 @@ from weightavg_server.store.registry import CALLER_SESSION, Kind, Registry
 def walked_bytes(store: Registry) -> dict[str, int]:
     """Bytes of distinct storage reachable from every live object, found apart from the ledger."""
     keys = set().union(*(storages(tensors_of(entry.obj)) for _, entry in store.items()))
+    return {device: n for device, n in storage_bytes(keys).items() if n}
+
+
+_NOT_STATE = (
+    type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.CodeType,
+    str, bytes, int, float, torch.device, torch.dtype, torch.Generator,
+)
+"""What the reference walk does not go into: code and types (whose globals reach every module's
+state), and values that hold no tensor."""
+
+
+def referenced_tensors(obj: object) -> list[torch.Tensor]:
+    """Every tensor that Python references from `obj` keep alive (with each one's `.grad`), found by
+    following `gc.get_referents` rather than by asking the object what it holds (`tensors_of`): a
+    tensor an object keeps without listing it (a view's gradients, a count no entry holds) shows here
+    and not in the store's charge."""
+    seen: set[int] = set()
+    found: list[torch.Tensor] = []
+    stack: list[object] = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, _NOT_STATE):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+            if o.grad is not None:
+                found.append(o.grad)
+            continue
+        stack.extend(gc.get_referents(o))
+    return found
+
+
+def referenced_bytes(store: Registry) -> dict[str, int]:
+    """Bytes of distinct storage that the live objects keep alive through any reference, by device:
+    what the store's charge must equal."""
+    keys = set().union(*(storages(referenced_tensors(entry.obj)) for _, entry in store.items()))
     return {device: n for device, n in storage_bytes(keys).items() if n}
 
 

@@ -284,7 +284,7 @@ READ_ONLY = {
     "shared_region", "staging_buffer", "sees_server_wide",
 }
 """Methods that change no object. `staging_buffer` gives an upload's transient buffer, reserved as the
-tensor it carries."""
+tensor it carries (and, for a tensor bound for a GPU, on the host too, for the call)."""
 
 
 def test_every_service_method_is_classified() -> None:

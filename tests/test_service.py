@@ -899,3 +899,72 @@ def test_testrun_and_evaluate_take_the_write_path_where_they_change_the_model(se
     plain = model(s)
     with as_reader():  # an evaluation that writes nothing is a read, open to any caller the transport lets by
         assert s.evaluate(plain, upload(("x", x_rows())), never).shape == (ROWS, CLASSES)
+
+
+def transport_upload(s: Service, *named: tuple[str, Any]) -> Callable[[Any], list[tuple[str, torch.Tensor]]]:
+    """An upload received as the transport receives one: the real chunk codec, each tensor's buffer
+    from the service's `staging_buffer` once its header is reserved."""
+    from weightavg import wire
+    from weightavg.v1 import weightavg_pb2 as pb
+    from weightavg_server.transport import codec
+
+    chunks = [pb.CreateDictionaryRequest.FromString(m).chunk
+              for m in wire.encoded_chunks(named, 1 << 20, pb.CreateDictionaryRequest)]
+    return lambda on_header: codec.assemble(chunks, 1 << 30, on_header, allocate=s.staging_buffer)
+
+
+def test_an_upload_staged_on_the_host_for_a_gpu_reserves_its_host_buffer_too() -> None:
+    """On a CUDA server each uploaded tensor is received into a host buffer (`staging_buffer`) and
+    placed on the GPU after: for the length of the call the host holds a copy as large as the
+    tensor. It was reserved on the GPU only, so uploads could fill the host past its cap (found by
+    review). Refused at the host's cap before the buffer exists, so nothing here needs a GPU: a
+    count ('.n', 8 bytes) held on the CPU leaves 56 bytes of the host's 64, and the 60-byte entry
+    fits the GPU's room but not its staging the host's."""
+    import numpy as np
+
+    s = Service(Registry(Limits(max_device_bytes=64)), settings("cuda:0"))
+    s.create_dictionary(transport_upload(s, (".n", np.float64(1.0))))
+    assert s.store.held_bytes() == {"cpu": 8}
+    with pytest.raises(ResourceExhausted, match=r"60 more tensor bytes on cpu .*\(8 already held or reserved"):
+        s.create_dictionary(transport_upload(s, ("a", np.zeros(15, np.float32))))
+    assert len(s.store) == 1 and s.store.held_bytes() == {"cpu": 8}
+    assert_nothing_pending(s.store, "cpu")
+    assert_nothing_pending(s.store, "cuda:0")
+
+
+def test_a_shared_memory_upload_staged_on_the_host_for_a_gpu_reserves_its_host_copy_too() -> None:
+    """The same through a shared memory region that does not reach the GPU (not page-locked for
+    it): each tensor is copied out of the region into a new host tensor and placed on the GPU after,
+    and that host tensor went unreserved too (found by review)."""
+    import dataclasses
+
+    from inprocess import caller_session
+    from weightavg_server.domain import shm
+
+    class HostRegion(shm.Region):
+        """A region over a CPU tensor's bytes, without /dev/shm; locked for no device."""
+
+        def __init__(self, data: torch.Tensor) -> None:  # no super().__init__: nothing is mapped
+            self.data, self.byte_size, self.device = data, data.numel(), data.device
+            self._init_copies()
+
+        def check_size(self) -> None:
+            pass
+
+        def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
+            return self.data[offset:offset + nbytes]
+
+        def settle(self) -> None:
+            pass
+
+    s = Service(Registry(Limits(max_device_bytes=64)), dataclasses.replace(settings("cuda:0"), allow_shm=True))
+    session = s.store.create_session(60.0)
+    with caller_session(session):
+        s.store.register_region(session, "r", HostRegion(torch.zeros(64, dtype=torch.uint8)))
+        s.create_dictionary_from_shared_memory("r", [shm.Placement(".n", torch.float64, (), 0, 8)])
+        assert s.store.held_bytes() == {"cpu": 8}
+        with pytest.raises(ResourceExhausted, match=r"60 more tensor bytes on cpu .*\(8 already held or reserved"):
+            s.create_dictionary_from_shared_memory("r", [shm.Placement("a", torch.float32, (15,), 0, 60)])
+        assert len(s.store) == 1 and s.store.held_bytes() == {"cpu": 8}
+    assert_nothing_pending(s.store, "cpu")
+    assert_nothing_pending(s.store, "cuda:0")

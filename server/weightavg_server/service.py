@@ -10,6 +10,7 @@ requests into these calls and encodes their results; nothing here knows about gR
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -214,6 +215,20 @@ class _Prepared:
         return self.update.in_place
 
 
+@dataclass
+class _Receiving:
+    """An upload being received: its reservation, and where the tensor whose header came last will
+    be held (`Service._receive`), so that `Service.staging_buffer` can reserve a host buffer for it."""
+
+    reservation: Reservation
+    device: torch.device | None = None
+
+
+_RECEIVING: contextvars.ContextVar[_Receiving | None] = contextvars.ContextVar("weightavg_receiving", default=None)
+"""The upload the calling thread is receiving (the transport asks for each tensor's buffer in the
+thread that receives it), or None."""
+
+
 def _copied_in_place() -> bool:
     """For `mutate(in_place=...)`: a change that only copies values into tensors the object already
     holds (`load_parameters`; a test or an evaluation: rows a max_norm embedding renormalises, test
@@ -277,12 +292,19 @@ class Service:
     def _receive(self, upload: Upload, reservation: Reservation, where: Callable[[str], torch.device]) -> Named:
         """An upload's tensors, each reserved on the device it will be held on (`where(name)`) from
         its header, before its buffer is allocated."""
+        receiving = _Receiving(reservation)
+
         def reserve(name: str, nbytes: int) -> torch.device:
             device = where(name)
             self.store.grow(reservation, nbytes={str(device): nbytes})
+            receiving.device = device
             return device
 
-        return upload(reserve)
+        token = _RECEIVING.set(receiving)
+        try:
+            return upload(reserve)
+        finally:
+            _RECEIVING.reset(token)
 
     def _change_with_upload(
         self, entry: Entry, upload: Upload, count: int, wrong_count: str, change: Callable[[Named], T]
@@ -1179,11 +1201,22 @@ class Service:
         return self.store.shared.get(CALLER.get().tenant, CALLER_SESSION.get(), name)
 
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
-        """A CPU buffer of nbytes for an upload's tensor: on a CUDA server, on its way to the device,
-        pinned where `pinned.empty` has room (a fast, non-faulting copy to the device), else pageable;
-        on a CPU server, the tensor's own memory, from the kept blocks of freed ones (`hostcache`)."""
+        """A CPU buffer of nbytes for an upload's tensor: on a CPU server, the tensor's own memory, from
+        the kept blocks of freed ones (`hostcache`); on a CUDA server, on its way to the device, pinned
+        where `pinned.empty` has room (a fast, non-faulting copy to the device), else pageable.
+
+        For a tensor that will be held on another device than the CPU, the buffer is a second copy,
+        on the host, that lives until the call ends: its bytes are reserved on the CPU first, in the
+        upload's reservation (refused: ResourceExhausted, nothing allocated). Reserved on the GPU
+        only, uploads to a GPU server held host memory past the CPU's cap (found by review). A tensor
+        held on the CPU is received into its own buffer, reserved already from its header; one whose
+        bytes come from a region that reaches its device never asks for a buffer here.
+        """
         if self.device.type != "cuda":
             return hostcache.empty(nbytes)
+        receiving = _RECEIVING.get()
+        if receiving is not None and receiving.device is not None and receiving.device.type != "cpu":
+            self.store.grow(receiving.reservation, nbytes={"cpu": nbytes})
         return pinned.empty((nbytes,), torch.uint8, self.device)
 
     def shared_region(self, name: str) -> shm.Region:
@@ -1261,7 +1294,9 @@ class Service:
     ) -> Ref:
         """`create_dictionary` of tensors copied out of the session's region."""
         source = self._region(region)
-        return self.create_dictionary(lambda on_header: shm.read(source, placements, on_header))
+        return self.create_dictionary(
+            lambda on_header: shm.read(source, placements, on_header, self.staging_buffer)
+        )
 
 
 def module_of(entry: Entry) -> nn.Module:

@@ -59,9 +59,17 @@ class TensorDict:
     restores an average's own count as a new one (`store.snapshot.load_dictionary`)."""
 
     def changed(self) -> None:
-        """Record that entries were added, removed or replaced: every cached plan is stale."""
+        """Record that entries were added, removed or replaced: every cached plan is stale, and an
+        own count that is no longer the '.n' entry (deleted, or replaced by an upload) is let go.
+
+        Kept, that count's tensor stayed alive with no entry reaching it, so the store, which charges
+        what the entries reach, held it uncharged until the dictionary was freed (found by review:
+        8 bytes per dictionary, but memory the caps did not see all the same).
+        """
         self.version += 1
         self.plans.clear()
+        if self.own_count is not None and self.entries.get(COUNT_KEY) is not self.own_count.tensor:
+            self.own_count = None
 
 
 def check_copyable(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -326,14 +326,17 @@ def check(region: Region, p: Placement) -> None:
 def read(
     region: Region, placements: Sequence[Placement],
     on_header: Callable[[str, int], torch.device | None] | None = None,
+    allocate: Callable[[int], torch.Tensor] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """New tensors holding copies of the placed bytes (the client may reuse its region at once).
 
     Every placement is checked before anything is allocated; `on_header(name, nbytes)` runs before
     each tensor's allocation (the store reserves there), as for a streamed upload, and names the
     device the tensor will be held on: one the region reaches gets it straight (queued, and waited
-    for once); the rest are new CPU tensors. `on_header` runs outside `region.copying()`: it may
-    wait for the store, whose session end waits for the region's copies.
+    for once); the rest are new CPU tensors, from `allocate(nbytes)` when given (a uint8 CPU
+    buffer: the server's `staging_buffer`, which reserves on the host a copy bound for a GPU, as for a
+    streamed upload). `on_header` runs outside `region.copying()`: it may wait for the store, whose
+    session end waits for the region's copies.
     """
     region.check_size()
     for p in placements:
@@ -342,7 +345,12 @@ def read(
     for p in placements:
         held_on = on_header(p.name, p.nbytes) if on_header is not None else None
         direct = region.reaches(held_on)
-        t = torch.empty(p.shape, dtype=p.dtype, device=held_on if direct and held_on is not None else None)
+        if direct and held_on is not None:
+            t = torch.empty(p.shape, dtype=p.dtype, device=held_on)
+        elif allocate is not None:
+            t = allocate(p.nbytes).view(p.dtype).reshape(p.shape)
+        else:
+            t = torch.empty(p.shape, dtype=p.dtype)
         if p.nbytes:
             with region.copying():
                 copy_bytes(t.view(-1).view(torch.uint8), region.bytes_at(p.offset, p.nbytes, f"tensor '{p.name}'"),
