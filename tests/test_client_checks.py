@@ -236,6 +236,17 @@ def test_a_name_or_handle_that_is_not_a_string_is_a_clear_type_error(client: Cli
     assert np.array_equal(client.dict(d, "w"), np.ones(2))  # the dictionary is as it was
 
 
+@pytest.mark.parametrize("call", [
+    lambda c, x: c.evaluate(None, x), lambda c, x: c.forward(None, x), lambda c, x: c.eforward(7, x),
+    lambda c, x: c.parm(None, "w", x), lambda c, x: c.forward(None, None),
+], ids=["evaluate", "forward", "eforward int", "parm set", "forward no input"])
+def test_a_streamed_call_given_no_handle_is_a_clear_type_error(client: Client, call: Any) -> None:
+    """Checked inside the request stream, the TypeError was swallowed by gRPC and the caller got
+    UNKNOWN "Exception iterating requests!" (found by review)."""
+    with pytest.raises(TypeError, match=r"^a handle is a Handle or its id string, not "):
+        call(client, np.ones((2, 3), np.float32))
+
+
 def test_a_setter_given_more_than_one_value_sets_nothing(client: Client) -> None:
     """dict(p, key, value) and parm(m, name, value) dropped any value after the first without a
     word: dict(p, "a", x, "b", y) set 'a' alone."""

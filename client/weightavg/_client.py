@@ -772,13 +772,14 @@ class Client:
         if not value:
             return self._fetch(_id(m), [name], rank)[name]
         one = _one_value(value, "parm(m, name, value)")
+        handle = _id(m)  # checked here: raised in the request stream, a TypeError reached the caller as UNKNOWN
         request_id = new_request_id()
 
         def send(encoded: Callable[[], Iterator[bytes]]) -> None:
             def requests() -> Iterator[bytes]:
                 chunks = encoded()
                 # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
-                first = pb.SetParameterRequest(handle=_id(m), name=name, rank=rank, request_id=request_id).SerializeToString()
+                first = pb.SetParameterRequest(handle=handle, name=name, rank=rank, request_id=request_id).SerializeToString()
                 yield first + next(chunks)
                 yield from chunks
 
@@ -1095,9 +1096,11 @@ class Client:
     @_rpc
     def evaluate(self, m: HandleLike, x: Any) -> npt.NDArray[Any]:
         """The model's outputs for inputs x, in eval mode without gradients, as an array."""
+        model = _id(m)  # checked before the stream, as parm's handle
+
         def send(encoded: Callable[[], Iterator[bytes]]) -> npt.NDArray[Any]:
             def requests() -> Iterator[bytes]:
-                yield pb.EvaluateModelRequest(model=_id(m), max_chunk_bytes=self._reply_chunk_bytes).SerializeToString()
+                yield pb.EvaluateModelRequest(model=model, max_chunk_bytes=self._reply_chunk_bytes).SerializeToString()
                 yield from encoded()
 
             stream = self._evaluate_model_stream(Replayable(requests), timeout=self.timeout)  # retried as a read
@@ -1125,12 +1128,14 @@ class Client:
         # it went to to_array and failed as "dtype <U36 cannot be sent" (found by review).
         if x is not None and not isinstance(x, (Handle, str)):
             x = wire.to_array(x)  # checked before the call, as every upload is (`_upload_chunks`)
+        handle = _id(q)  # checked before the stream, as parm's handle
+        given = _id(x) if isinstance(x, (Handle, str)) else None
 
         def requests() -> Iterator[pb.RunForwardRequest]:
-            if isinstance(x, (Handle, str)):
-                yield pb.RunForwardRequest(handle=_id(q), mode=mode, input=_id(x), request_id=request_id)
+            if given is not None:
+                yield pb.RunForwardRequest(handle=handle, mode=mode, input=given, request_id=request_id)
                 return
-            yield pb.RunForwardRequest(handle=_id(q), mode=mode, request_id=request_id)
+            yield pb.RunForwardRequest(handle=handle, mode=mode, request_id=request_id)
             if x is not None:
                 for chunk in wire.array_chunks("", x, self.chunk_bytes):
                     yield pb.RunForwardRequest(chunk=chunk)
