@@ -154,6 +154,9 @@ def serve(config: ServerConfig) -> None:
     fabric = cluster.join(config.device, config.cluster_timeout_seconds)
     if fabric is not None and config.state_dir:
         config = dataclasses.replace(config, state_dir=os.path.join(config.state_dir, f"rank-{fabric.rank}"))
+    if config.state_dir:  # one server per directory (a rank: its rank-N), held until this process exits
+        snapshot.hold_directory(config.state_dir)
+    if fabric is not None and config.state_dir:
         cluster.agree_on_snapshot(fabric, config.state_dir)  # every rank restores the same generation
     if fabric is not None and fabric.rank != 0:
         follow_rank(config, fabric)
