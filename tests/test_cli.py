@@ -361,7 +361,8 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     ({"WEIGHTAVG_PORT": "abc"}, "WEIGHTAVG_PORT='abc' is not a valid int"),
     # found by review: "is not a valid bool", naming no value that is
     ({"WEIGHTAVG_ALLOW_SHM": "maybe"}, "WEIGHTAVG_ALLOW_SHM='maybe' is not a switch: use 1 or 0 (or true/false, yes/no, on/off)"),
-    ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
+    # found by review: logging's "Unknown level: 'LOUD'", naming neither the flag nor a level it takes
+    ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL; got 'loud'"),
     # sizes take units (tests/test_cli_sizes.py); a negative one is refused as it is read
     ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "WEIGHTAVG_PINNED_CACHE_BYTES='-1' is negative; give a whole number of "
      "bytes, optionally with a unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), KB, MB, GB, TB (powers of "
