@@ -444,6 +444,7 @@ def test_serve_on_a_device_this_machine_lacks_is_one_line_naming_the_flag_and_th
     ("snapshot_every", float("inf"), "--snapshot-every must be a number of seconds, 0 or more"),
     ("snapshot_every", -1.0, "--snapshot-every must be a number of seconds, 0 or more"),
     ("snapshot_every", 60.0, "--snapshot-every needs --state-dir"),  # silently no snapshot at all
+    ("metrics_host", "0.0.0.0", "--metrics-host needs --metrics-port"),  # silently no metrics at all
     ("session_lease_seconds", -5.0, "--session-lease-seconds must be a number of seconds, more than 0"),
     ("max_session_lease_seconds", 30.0, "--session-lease-seconds (60) is longer than --max-session-lease-seconds"),
     ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),

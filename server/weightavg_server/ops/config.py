@@ -273,6 +273,9 @@ class ServerConfig:
             raise ValueError(f"--log-level must be {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}; got {self.log_level!r}")
         if self.snapshot_every and not self.state_dir:
             raise ValueError("--snapshot-every needs --state-dir: without it no snapshot is ever written")
+        if self.metrics_host and self.metrics_port < 0:
+            # It served no metrics without a word: the operator who chose where they bind expects them (found by review)
+            raise ValueError("--metrics-host needs --metrics-port: without it no metrics endpoint is served")
         if self.session_lease_seconds > self.max_session_lease_seconds:
             raise ValueError(
                 f"--session-lease-seconds ({self.session_lease_seconds:g}) is longer than --max-session-lease-seconds "
