@@ -979,12 +979,12 @@ def hold_directory(directory: str | os.PathLike[str]) -> None:
 
 def _lock_holder(root: Path) -> int | None:
     """The pid holding an flock on `root`, as /proc/locks lists it; None where it does not say."""
-    found = root.stat()
-    inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
     try:
+        found = root.stat()
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return None
+    inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
     for line in lines:
         parts = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:3623383 0 EOF"
         if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == inode and parts[4].isdigit():
