@@ -361,7 +361,8 @@ def test_serve_on_a_taken_port_exits_with_a_message(flag: str, message: str) -> 
     ({"WEIGHTAVG_PORT": "abc"}, "WEIGHTAVG_PORT='abc' is not a valid int"),
     # found by review: "is not a valid bool", naming no value that is
     ({"WEIGHTAVG_ALLOW_SHM": "maybe"}, "WEIGHTAVG_ALLOW_SHM='maybe' is not a switch: use 1 or 0 (or true/false, yes/no, on/off)"),
-    ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "Unknown level: 'LOUD'"),
+    # found by review: logging's "Unknown level: 'LOUD'", naming neither the flag nor a level it takes
+    ({"WEIGHTAVG_LOG_LEVEL": "loud"}, "--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL; got 'loud'"),
     # sizes take units (tests/test_cli_sizes.py); a negative one is refused as it is read
     ({"WEIGHTAVG_PINNED_CACHE_BYTES": "-1"}, "WEIGHTAVG_PINNED_CACHE_BYTES='-1' is negative; give a whole number of "
      "bytes, optionally with a unit: K, M, G, T or KiB, MiB, GiB, TiB (powers of 1024), KB, MB, GB, TB (powers of "
@@ -443,6 +444,7 @@ def test_serve_on_a_device_this_machine_lacks_is_one_line_naming_the_flag_and_th
     ("snapshot_every", float("inf"), "--snapshot-every must be a number of seconds, 0 or more"),
     ("snapshot_every", -1.0, "--snapshot-every must be a number of seconds, 0 or more"),
     ("snapshot_every", 60.0, "--snapshot-every needs --state-dir"),  # silently no snapshot at all
+    ("metrics_host", "0.0.0.0", "--metrics-host needs --metrics-port"),  # silently no metrics at all
     ("session_lease_seconds", -5.0, "--session-lease-seconds must be a number of seconds, more than 0"),
     ("max_session_lease_seconds", 30.0, "--session-lease-seconds (60) is longer than --max-session-lease-seconds"),
     ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),
@@ -942,6 +944,46 @@ def test_an_audit_log_moved_away_by_a_rotation_is_made_again_its_users_alone(tmp
     assert rotated == ["CreateModule", "FreeHandles"]
     assert [json.loads(line)["method"] for line in audit.read_text().splitlines()] == ["CreateModule", "FreeHandles"]
     assert audit.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_audit_log_that_cannot_be_written_is_one_error_line_and_the_calls_go_on(tmp_path: Path) -> None:
+    """A full disk under --audit-log printed logging's 40-line "--- Logging error ---" traceback on
+    stderr for every changing call (found by review). Now: one ERROR line, every call served, and
+    once lines can be written again (here: logrotate moved the full file away) one line saying how
+    many could not be. The disk is full as far as the server knows: files may not grow past 1000
+    bytes (RLIMIT_FSIZE; a write past it fails with EFBIG, as a full disk's with ENOSPC)."""
+    import resource
+
+    def small_files() -> None:  # in the server's process before exec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    audit = tmp_path / "audit.jsonl"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+         "--audit-log", str(audit)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=small_files,
+        env=dict(os.environ, WEIGHTAVG_METRICS_PORT="-1"),
+    )
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        with Client(address, timeout=60) as c:
+            for _ in range(6):  # about 260 bytes a line: the fourth and later cannot be written
+                c.free(c.module(["linear", 2, 1]))
+            audit.rename(tmp_path / "audit.jsonl.1")
+            c.free(c.module(["linear", 3, 1]))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Logging error" not in err and "Traceback" not in err, err
+    failed = [line for line in err.splitlines() if "cannot write an audit line" in line]
+    assert len(failed) == 1 and f"ERROR weightavg.server audit log {audit}: cannot write an audit line (File too " \
+        "large); the calls go on" in failed[0], err
+    again = [line for line in err.splitlines() if "written again" in line]
+    assert len(again) == 1 and re.search(r"written again; [1-9][0-9]* line\(s\) before this one could not be", again[0])
+    assert [json.loads(line)["method"] for line in audit.read_text().splitlines()] == ["CreateModule", "FreeHandles"]
 
 
 def test_sighup_for_a_cluster_goes_to_the_pid_rank_0_names_and_the_cluster_serves_on(tmp_path: Path) -> None:

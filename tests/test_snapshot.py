@@ -478,6 +478,38 @@ def test_a_state_directory_that_is_a_file_is_refused_at_start(tmp_path: Path) ->
     assert code == 2 and f"the state directory {not_a_dir} is not a directory" in err and "Traceback" not in err
 
 
+def test_a_second_server_on_a_state_directory_in_use_is_refused_and_leaves_the_first_s_snapshot(
+    tmp_path: Path,
+) -> None:
+    """Two servers on one --state-dir each restored it and wrote their own snapshots into it: the
+    second one's shutdown snapshot (empty) replaced the first's, and snapshots of both at once
+    failed, each removing the other's temporary files (found by review). The second is refused now
+    (exit 2, naming the first's pid), touching nothing; once the first has stopped, a server starts
+    there and restores its snapshot."""
+    state_dir = tmp_path / "s"
+    first = start_server(state_dir)
+    try:
+        with Client(first.address, timeout=60) as c:
+            kept = c.dict({"w": np.arange(5, dtype=np.float32)})
+            c.snapshot()
+        before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
+        code, err = refused_start(state_dir)
+        assert code == 2, err
+        assert (f"refusing to start: the state directory {state_dir} is in use by another weightavg server "
+                f"(pid {first.proc.pid})") in err
+        assert "its own --state-dir" in err and "Traceback" not in err
+        assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before
+    finally:
+        code, err = first.terminate()
+    assert code == 0, err
+    again = start_server(state_dir)  # the kernel let go of the directory with the first process
+    try:
+        with Client(again.address, timeout=60) as c:
+            assert [h.handle.id for h in c.handles()] == [kept.id]
+    finally:
+        assert again.terminate()[0] == 0
+
+
 def test_a_first_snapshot_cut_short_by_kill_9_starts_empty(tmp_path: Path) -> None:
     """kill -9 between the first snapshot's tensor file and its manifest left files without a
     manifest, and the server refused every start after it ("refusing to guess"; found by review),

@@ -157,6 +157,9 @@ def serve(config: ServerConfig) -> None:
     fabric = cluster.join(config.device, config.cluster_timeout_seconds)
     if fabric is not None and config.state_dir:
         config = dataclasses.replace(config, state_dir=os.path.join(config.state_dir, f"rank-{fabric.rank}"))
+    if config.state_dir:  # one server per directory (a rank: its rank-N), held until this process exits
+        snapshot.hold_directory(config.state_dir)
+    if fabric is not None and config.state_dir:
         cluster.agree_on_snapshot(fabric, config.state_dir)  # every rank restores the same generation
     if fabric is not None and fabric.rank != 0:
         follow_rank(config, fabric)
@@ -317,11 +320,46 @@ class AuditFileHandler(logging.handlers.WatchedFileHandler):
 
     A file it creates is the server's user's alone, like the snapshots: every line names a tenant,
     its handles and the peer's address (FileHandler made it 0644; found by review). An existing
-    file keeps the mode its operator gave it."""
+    file keeps the mode its operator gave it.
+
+    A line that cannot be written (a full disk, the file's directory gone) is one ERROR line in the
+    server's log, not a traceback per line: logging printed 40 lines of "--- Logging error ---" on
+    stderr for every changing call, and a rotation while the disk was full raised out of the audit
+    into the call (found by review). The calls go on (the trail is not a gate: the product's
+    choice); the first line written again logs how many could not be. After a failure the file is
+    opened anew for the next line, so a line left half in the stream's buffer is not written later."""
+
+    unwritten = 0
+    """Lines that could not be written since the last one that was."""
 
     def _open(self) -> io.TextIOWrapper:
         os.close(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, AUDIT_LOG_MODE))
         return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        before = self.unwritten
+        try:
+            super().emit(record)  # its write errors come to handleError; reopening the file's do not
+        except Exception:  # noqa: BLE001 - an audit line must never fail the call it records
+            self.handleError(record)
+        if before and self.unwritten == before:
+            log.warning("audit log %s: written again; %d line(s) before this one could not be", self.baseFilename, before)
+            self.unwritten = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Count the line, say so once, and drop the stream (with whatever it holds unwritten)."""
+        self.unwritten += 1
+        why = sys.exc_info()[1]
+        if self.stream is not None:
+            stream, self.stream = self.stream, None  # FileHandler.emit opens it again for the next line
+            try:
+                stream.close()
+            except (OSError, ValueError):  # its unwritten buffer fails the flush once more: dropped with it
+                pass
+        if self.unwritten == 1:
+            reason = getattr(why, "strerror", None) or why
+            log.error("audit log %s: cannot write an audit line (%s); the calls go on, and their audit lines are "
+                      "lost until the file can be written (free room on its disk)", self.baseFilename, reason)
 
 
 def audit_to_file(path: str) -> None:

@@ -44,6 +44,8 @@ DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 20.0
 DEFAULT_METRICS_PORT = -1
 """-1: no metrics endpoint; 0 picks a free port; anything else is the port."""
 DEFAULT_LOG_LEVEL = "INFO"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""What --log-level takes, in any case (logging's own spellings WARN and FATAL too)."""
 DEFAULT_REQUEST_ID_WINDOW_SECONDS = requests.DEFAULT_WINDOW_SECONDS
 DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
 DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
@@ -269,8 +271,14 @@ class ServerConfig:
                 f"--token ({ENV_PREFIX}TOKEN) has surrounding spaces or a character other than printable ASCII: no "
                 "client could send it, so every call would be refused; is it the whole token and only it?"
             )
+        if self.log_level.upper() not in (*LOG_LEVELS, "WARN", "FATAL"):
+            # logging's "Unknown level: 'VERBOSE'" named neither the flag nor a level it takes (found by review)
+            raise ValueError(f"--log-level must be {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}; got {self.log_level!r}")
         if self.snapshot_every and not self.state_dir:
             raise ValueError("--snapshot-every needs --state-dir: without it no snapshot is ever written")
+        if self.metrics_host and self.metrics_port < 0:
+            # It served no metrics without a word: the operator who chose where they bind expects them (found by review)
+            raise ValueError("--metrics-host needs --metrics-port: without it no metrics endpoint is served")
         if self.session_lease_seconds > self.max_session_lease_seconds:
             raise ValueError(
                 f"--session-lease-seconds ({self.session_lease_seconds:g}) is longer than --max-session-lease-seconds "

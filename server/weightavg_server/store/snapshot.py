@@ -15,7 +15,9 @@ therefore leaves either the previous snapshot or the new one, never a mix. While
 written a marker `.writing-<gen>` names it, so that the files of a first snapshot cut short by a
 crash (no manifest yet, no previous snapshot) read as what they are, nothing, rather than as a
 snapshot whose manifest was lost. The directory is created 0700 and refused when other users may
-write to it: they could put a snapshot of their choosing in the server's place. Loading checks every
+write to it: they could put a snapshot of their choosing in the server's place. A `weightavg serve`
+process holds its directory (`hold_directory`, an flock on it) for as long as it runs, so a second
+server started on the same directory is refused rather than writing over the first's snapshots. Loading checks every
 file's size and sha256 before building anything and raises SnapshotError on any mismatch: a torn or
 modified snapshot is refused, never half-loaded. Nothing is ever unpickled.
 
@@ -29,6 +31,8 @@ by the Snapshot RPC) rather than failing the whole snapshot.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -931,6 +935,61 @@ def prepare_directory(directory: str | os.PathLike[str]) -> Path:
             f"could be written; chown it to that user (mode 0700)"
         )
     return root
+
+
+_held: dict[Path, int] = {}
+"""State directories this process holds, with the descriptor whose flock holds each (open until exit)."""
+
+
+def hold_directory(directory: str | os.PathLike[str]) -> None:
+    """Hold the state directory for this process until it exits, made or checked first
+    (`prepare_directory`): an exclusive flock on the directory itself, which the kernel releases
+    when the process ends, however it ends (kill -9 included), so nothing is left to clean up.
+
+    Two servers started on one directory (a second `weightavg serve` by mistake, a new container
+    started before the old one stopped) each restored it and then wrote their own snapshots into
+    it: the one that wrote last replaced the other's (an empty server's shutdown snapshot replaced
+    a busy one's), and writes at once removed each other's temporary files and failed (found by
+    review). A filesystem without flock (some network filesystems) is served with a WARNING, as before.
+
+    Raises:
+        SnapshotError: another process holds the directory (the message names its pid where
+            /proc/locks tells it), or the directory is refused by `prepare_directory`.
+    """
+    root = prepare_directory(directory).resolve()
+    if root in _held:
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            log.warning("cannot lock the state directory %s (%s): nothing stops a second server from writing its "
+                        "snapshots there; give each server its own --state-dir", root, exc.strerror or exc)
+            return
+        holder = _lock_holder(root)
+        by = f" (pid {holder})" if holder else ""
+        raise SnapshotError(
+            f"the state directory {root} is in use by another weightavg server{by}: two servers writing one "
+            "directory replace each other's snapshots; stop that server first, or give this one its own --state-dir"
+        ) from None
+    _held[root] = fd
+
+
+def _lock_holder(root: Path) -> int | None:
+    """The pid holding an flock on `root`, as /proc/locks lists it; None where it does not say."""
+    try:
+        found = root.stat()
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    inode = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
+    for line in lines:
+        parts = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:3623383 0 EOF"
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == inode and parts[4].isdigit():
+            return int(parts[4])
+    return None
 
 
 def _mark_writing(root: Path, generation: int) -> None:
