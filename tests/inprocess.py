@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from weightavg_server.domain import shm
 from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.errors import ResourceExhausted
 from weightavg_server.domain.tensors import storage_bytes, storages, tensors_of
@@ -194,3 +195,21 @@ def counted_walks(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> list[s
 
     monkeypatch.setattr(registry, "_recharge", counted)
     return walks
+
+
+class TensorRegion(shm.Region):
+    """A shared memory region over a tensor's bytes (on any device), without /dev/shm: what the
+    assembler and the service read; `settled` counts the waits for queued copies."""
+
+    def __init__(self, data: torch.Tensor) -> None:  # no super().__init__: nothing is mapped
+        self.data, self.byte_size, self.device, self.settled = data, data.numel(), data.device, 0
+        self._init_copies()
+
+    def check_size(self) -> None:
+        pass
+
+    def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
+        return self.data[offset:offset + nbytes]
+
+    def settle(self) -> None:
+        self.settled += 1

@@ -938,29 +938,13 @@ def test_a_shared_memory_upload_staged_on_the_host_for_a_gpu_reserves_its_host_c
     and that host tensor went unreserved too (found by review)."""
     import dataclasses
 
-    from inprocess import caller_session
+    from inprocess import TensorRegion, caller_session
     from weightavg_server.domain import shm
-
-    class HostRegion(shm.Region):
-        """A region over a CPU tensor's bytes, without /dev/shm; locked for no device."""
-
-        def __init__(self, data: torch.Tensor) -> None:  # no super().__init__: nothing is mapped
-            self.data, self.byte_size, self.device = data, data.numel(), data.device
-            self._init_copies()
-
-        def check_size(self) -> None:
-            pass
-
-        def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
-            return self.data[offset:offset + nbytes]
-
-        def settle(self) -> None:
-            pass
 
     s = Service(Registry(Limits(max_device_bytes=64)), dataclasses.replace(settings("cuda:0"), allow_shm=True))
     session = s.store.create_session(60.0)
     with caller_session(session):
-        s.store.register_region(session, "r", HostRegion(torch.zeros(64, dtype=torch.uint8)))
+        s.store.register_region(session, "r", TensorRegion(torch.zeros(64, dtype=torch.uint8)))
         s.create_dictionary_from_shared_memory("r", [shm.Placement(".n", torch.float64, (), 0, 8)])
         assert s.store.held_bytes() == {"cpu": 8}
         with pytest.raises(ResourceExhausted, match=r"60 more tensor bytes on cpu .*\(8 already held or reserved"):

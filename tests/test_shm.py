@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import LiveServer
+from inprocess import TensorRegion
 from weightavg import Client, FailedPreconditionError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
@@ -453,7 +454,7 @@ def test_ending_a_session_closes_every_region_even_if_one_fails(
     unlocked) is logged, and the session's other regions are closed all the same."""
     import logging
 
-    class Broken(_TensorRegion):
+    class Broken(TensorRegion):
         identity = ("broken",)
 
         def close(self) -> None:
@@ -1080,23 +1081,6 @@ def test_a_full_dev_shm_streams_only_the_uploads_that_do_not_fit(
             assert same(fast.dict(handles[n], f"v{n}"), v)
 
 
-class _TensorRegion(shm.Region):
-    """A region over a tensor's bytes (on any device), without /dev/shm: what the assembler reads."""
-
-    def __init__(self, data: torch.Tensor) -> None:  # no super().__init__: nothing is mapped
-        self.data, self.byte_size, self.device, self.settled = data, data.numel(), data.device, 0
-        self._init_copies()
-
-    def check_size(self) -> None:
-        pass
-
-    def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
-        return self.data[offset:offset + nbytes]
-
-    def settle(self) -> None:
-        self.settled += 1
-
-
 def _received(region: shm.Region, held_on: torch.device | None) -> list[tuple[str, torch.Tensor]]:
     """Two float32 tensors whose bytes lie in `region`, assembled as a header stream names them."""
     from weightavg_server.transport import codec
@@ -1116,7 +1100,7 @@ def _received(region: shm.Region, held_on: torch.device | None) -> list[tuple[st
 
 def test_shared_bytes_on_the_host_go_through_the_staging_buffer() -> None:
     values = torch.arange(32, dtype=torch.float32)
-    region = _TensorRegion(values.view(torch.uint8))
+    region = TensorRegion(values.view(torch.uint8))
     (_, staged), (_, a), (_, b) = _received(region, torch.device("cpu"))
     assert staged.tolist() == [16, 16] and region.settled == 0
     assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and b.tolist() == [16.0, 17.0, 18.0, 19.0]
@@ -1128,7 +1112,7 @@ def test_shared_bytes_in_a_cuda_region_are_received_on_that_device() -> None:
     """Held on the region's device: device to device, no host buffer, the copies waited for once;
     held elsewhere (an input kept on the host): through the host buffer as before."""
     values = torch.arange(32, dtype=torch.float32, device="cuda")
-    region = _TensorRegion(values.view(torch.uint8))
+    region = TensorRegion(values.view(torch.uint8))
     (_, staged), (_, a), (_, b) = _received(region, torch.device("cuda", 0))
     assert staged.tolist() == [] and a.is_cuda and b.is_cuda and region.settled == 1
     assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and b.tolist() == [16.0, 17.0, 18.0, 19.0]

@@ -10,7 +10,7 @@
 "use strict";
 
 // The .proto loaded with @grpc/proto-loader, CRC32C and the stream reader: wire.js.
-const { grpc, weightavg, crc32c, headerCrc, StreamReader } = require("./wire");
+const { grpc, weightavg, crc32c, headerCrc, StreamReader, expectEqual, expectClose, run } = require("./wire");
 
 // Bytes on the wire are little-endian, row-major; float32 is 4 bytes per element.
 function float32Bytes(values) {
@@ -91,23 +91,7 @@ function fetchTensors(client, handle, names = [], maxChunkBytes = 0) {
   });
 }
 
-let failures = 0;
-
-// The reference prints float32 values to 7 significant digits; allow that much relative error.
-function expectClose(label, actual, expected, rtol) {
-  const ok =
-    actual.length === expected.length &&
-    actual.every((a, i) => Math.abs(a - expected[i]) <= rtol * Math.abs(expected[i]));
-  console.log(`${ok ? "ok  " : "FAIL"} ${label}: ${JSON.stringify(actual)} vs ${JSON.stringify(expected)}`);
-  if (!ok) failures += 1;
-}
-
-function expectEqual(label, actual, expected) {
-  const ok = JSON.stringify(actual) === JSON.stringify(expected);
-  console.log(`${ok ? "ok  " : "FAIL"} ${label}: ${JSON.stringify(actual)} vs ${JSON.stringify(expected)}`);
-  if (!ok) failures += 1;
-}
-
+// The reference prints float32 values to 7 significant digits; checks allow that much relative error.
 async function main(address) {
   // The server streams tensors in chunks of up to 4 MiB plus a small header, just over grpc-js's
   // default 4 MiB receive limit; allow the server's own cap (64 MiB) both ways, as the Python client does.
@@ -173,18 +157,6 @@ async function main(address) {
   } finally {
     client.close();
   }
-  if (failures > 0) {
-    console.error(`${failures} check(s) failed`);
-    process.exitCode = 1;
-  } else {
-    console.log("all checks passed");
-  }
 }
 
-const address = process.argv[2] || process.env.WEIGHTAVG_ADDRESS || "127.0.0.1:50051";
-main(address).catch((err) => {
-  // A gRPC error carries the status code (err.code, a grpc.status number) and the server's message.
-  const code = err.code === undefined ? "" : ` (${grpc.status[err.code]})`;
-  console.error(`call failed${code}: ${err.details || err.message}`);
-  process.exitCode = 2;
-});
+run(main);

@@ -148,4 +148,41 @@ class StreamReader {
   }
 }
 
-module.exports = { grpc, weightavg, DTYPE_CODES, crc32c, headerCrc, tensorChunks, StreamReader };
+// The examples' checks: each prints one line, ok or FAIL, and counts the failures.
+let failures = 0;
+
+function expectEqual(label, actual, expected) {
+  report(label, JSON.stringify(actual) === JSON.stringify(expected), actual, expected);
+}
+
+// Within `tol` of each expected value, relative to it; relative to at least `floor` (1: absolute below 1).
+function expectClose(label, actual, expected, tol, floor = 0) {
+  const ok = actual.length === expected.length && actual.every((a, i) => Math.abs(a - expected[i]) <= tol * Math.max(floor, Math.abs(expected[i])));
+  report(label, ok, actual, expected);
+}
+
+function report(label, ok, actual, expected) {
+  console.log(`${ok ? "ok  " : "FAIL"} ${label}: ${JSON.stringify(actual)} vs ${JSON.stringify(expected)}`);
+  if (!ok) failures += 1;
+}
+
+// Run an example's main(address) against the address on the command line (or WEIGHTAVG_ADDRESS):
+// exit 1 when a check failed, 2 when a call failed.
+function run(main) {
+  const address = process.argv[2] || process.env.WEIGHTAVG_ADDRESS || "127.0.0.1:50051";
+  main(address).then(() => {
+    if (failures > 0) {
+      console.error(`${failures} check(s) failed`);
+      process.exitCode = 1;
+    } else {
+      console.log("all checks passed");
+    }
+  }, (err) => {
+    // A gRPC error carries the status code (err.code, a grpc.status number) and the server's message.
+    const code = err.code === undefined ? "" : ` (${grpc.status[err.code]})`;
+    console.error(`call failed${code}: ${err.details || err.message}`);
+    process.exitCode = 2;
+  });
+}
+
+module.exports = { grpc, weightavg, DTYPE_CODES, crc32c, headerCrc, tensorChunks, StreamReader, expectEqual, expectClose, run };
