@@ -25,6 +25,8 @@ import numpy as np
 from weightavg import Client
 from weightavg_server.ops.app import serving
 
+from digits import shuffled  # examples/digits.py, beside this file
+
 SPEC = ["sequential", ["linear", "a", 64, 32], ["relu", "r"], ["linear", "b", 32, 10]]
 OUTER = {
     "fedavg": ("sgd", (1.0,), {}),
@@ -36,12 +38,8 @@ OUTER = {
 
 
 def digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 digits, shuffled: 1,400 to train on, the rest to test."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    x, y = (x[order] / 16.0).astype(np.float32), y[order].astype(np.int64)
+    """The digits (examples/digits.py), shuffled: 1,400 to train on, the rest to test."""
+    x, y = shuffled(seed)
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 

@@ -19,7 +19,6 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,17 +26,15 @@ from weightavg import Client, Handle
 from weightavg.torch import fetch, push
 from weightavg_server.ops.app import serving
 
+from digits import shuffled  # examples/digits.py, beside this file
+
 RATES = (0.05, 0.1, 0.02, 0.08)
 
 
 def digits(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """scikit-learn's bundled digits, shuffled: 1,400 to train, the rest to test."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    xs, ys = torch.from_numpy(x[order] / 16.0).float(), torch.from_numpy(y[order]).long()
-    return (xs[:1400], ys[:1400]), (xs[1400:], ys[1400:])
+    """The digits (examples/digits.py), shuffled: 1,400 to train, the rest to test."""
+    x, y = (torch.from_numpy(a) for a in shuffled(seed))
+    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
 
 
 def network() -> nn.Module:

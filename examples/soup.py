@@ -23,17 +23,15 @@ import numpy as np
 from weightavg import Client
 from weightavg_server.ops.app import serving
 
+from digits import shuffled  # examples/digits.py, beside this file
+
 SPEC = ["sequential", ["linear", "a", 64, 64], ["relu", "r"], ["linear", "b", 64, 10]]
 RATES = (0.03, 0.02, 0.05, 0.04, 0.03, 0.02, 0.05, 0.04)
 
 
 def digits(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """scikit-learn's bundled digits, shuffled: 1,000 to train, 400 held out to choose, the rest to test."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    x, y = (x[order] / 16.0).astype(np.float32), y[order].astype(np.int64)
+    """The digits (examples/digits.py), shuffled: 1,000 to train, 400 held out to choose, the rest to test."""
+    x, y = shuffled(seed)
     return (x[:1000], y[:1000]), (x[1000:1400], y[1000:1400]), (x[1400:], y[1400:])
 
 

@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import json
 import threading
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 from pathlib import Path
@@ -195,39 +196,47 @@ def _refused_past_the_quarter(calls: list[Any], kept: int) -> list[Any]:
     return [call for call in calls if not call.done()]
 
 
-def test_health_watch_streams_without_a_token_take_at_most_an_eighth_of_the_workers() -> None:
-    """Health is open to callers without a token, and a Watch stream holds a worker until its client
-    cancels: as many Watch streams as workers, sent without a token, and no tenant's call was served
-    (found by review). At most an eighth of --max-workers (at least one) such calls are open at
-    once, a bound of their own; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its
-    place back."""
+@contextlib.contextmanager
+def _watches_with_one_open() -> Iterator[tuple[Runtime, Any, list[Any], Any]]:
+    """A server with a token and four workers, and four health Watch streams sent to it without a
+    token: (the runtime, a health stub, the four calls, the one left open by its bound)."""
     runtime = next(gen := _serve(token=TOKEN, max_workers=4))
     try:
         with grpc.insecure_channel(_address(runtime)) as channel:
             health_stub = health_pb2_grpc.HealthStub(channel)
             watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
             (open_one,) = _refused_past_the_quarter(watches, 1)
-            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
-            with Client(_address(runtime), timeout=20, token=TOKEN) as c:
-                c.ping()  # it was DEADLINE_EXCEEDED: the four streams held all four workers
-            set_serving(runtime.health, False)  # the open stream still hears of changes
-            assert next(open_one).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            set_serving(runtime.health, True)
-            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
-            open_one.cancel()
-            for _ in range(200):  # the slot comes back once the cancelled stream has ended on the server
-                again = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
-                try:
-                    assert next(again).status == health_pb2.HealthCheckResponse.SERVING
-                    break
-                except grpc.RpcError as exc:
-                    assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                    threading.Event().wait(0.05)
-            else:
-                pytest.fail("a cancelled Watch stream never gave its slot back")
-            again.cancel()
+            yield runtime, health_stub, watches, open_one
     finally:
         next(gen, None)
+
+
+def test_health_watch_streams_without_a_token_take_at_most_an_eighth_of_the_workers() -> None:
+    """Health is open to callers without a token, and a Watch stream holds a worker until its client
+    cancels: as many Watch streams as workers, sent without a token, and no tenant's call was served
+    (found by review). At most an eighth of --max-workers (at least one) such calls are open at
+    once, a bound of their own; the next is RESOURCE_EXHAUSTED at once, and a cancelled one gives its
+    place back."""
+    with _watches_with_one_open() as (runtime, health_stub, _, open_one):
+        assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
+        with Client(_address(runtime), timeout=20, token=TOKEN) as c:
+            c.ping()  # it was DEADLINE_EXCEEDED: the four streams held all four workers
+        set_serving(runtime.health, False)  # the open stream still hears of changes
+        assert next(open_one).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        set_serving(runtime.health, True)
+        assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING
+        open_one.cancel()
+        for _ in range(200):  # the slot comes back once the cancelled stream has ended on the server
+            again = health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            try:
+                assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                threading.Event().wait(0.05)
+        else:
+            pytest.fail("a cancelled Watch stream never gave its slot back")
+        again.cancel()
 
 
 def test_health_checks_are_served_while_watch_streams_without_a_token_fill_their_bound() -> None:
@@ -236,21 +245,14 @@ def test_health_checks_are_served_while_watch_streams_without_a_token_fill_their
     as they stayed open (found by review). Watch streams have a bound of their own now (an eighth of
     the workers, at least one): with four workers one stays open, the rest are refused, and a Check
     without a token is still answered SERVING (four workers keep one for Checks and keep-alives)."""
-    runtime = next(gen := _serve(token=TOKEN, max_workers=4))
-    try:
-        with grpc.insecure_channel(_address(runtime)) as channel:
-            health_stub = health_pb2_grpc.HealthStub(channel)
-            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
-            (open_one,) = _refused_past_the_quarter(watches, 1)
-            refused = [watch for watch in watches if watch.done()]
-            assert all("(health Watch streams) are open" in (watch.details() or "") for watch in refused)
-            assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING  # it holds its slot now
-            for _ in range(3):  # it was RESOURCE_EXHAUSTED: the open streams held the Checks' places
-                reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            open_one.cancel()
-    finally:
-        next(gen, None)
+    with _watches_with_one_open() as (_, health_stub, watches, open_one):
+        refused = [watch for watch in watches if watch.done()]
+        assert all("(health Watch streams) are open" in (watch.details() or "") for watch in refused)
+        assert next(open_one).status == health_pb2.HealthCheckResponse.SERVING  # it holds its slot now
+        for _ in range(3):  # it was RESOURCE_EXHAUSTED: the open streams held the Checks' places
+            reply = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        open_one.cancel()
 
 
 def _status_of(call: Any) -> grpc.StatusCode:
