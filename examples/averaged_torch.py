@@ -27,23 +27,11 @@ from weightavg import Client
 from weightavg.torch import RemoteAveragedModel
 from weightavg_server.ops.app import serving
 
-from digits import shuffled  # examples/digits.py, beside this file
-
-
-def digits(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The digits (examples/digits.py), shuffled: 1,400 to train, the rest to test."""
-    x, y = (torch.from_numpy(a) for a in shuffled(seed))
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+from digits import accuracy, torch_split  # examples/digits.py, beside this file
 
 
 def network() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean()) * 100
 
 
 @dataclass
@@ -69,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    (x, y), (xt, yt) = digits(args.seed)
+    (x, y), (xt, yt) = torch_split(args.seed)
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, len(y), 32)]
     model = network()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)

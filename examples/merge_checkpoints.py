@@ -26,15 +26,9 @@ from weightavg import Client, Handle
 from weightavg.torch import fetch, push
 from weightavg_server.ops.app import serving
 
-from digits import shuffled  # examples/digits.py, beside this file
+from digits import accuracy, torch_split  # examples/digits.py, beside this file
 
 RATES = (0.05, 0.1, 0.02, 0.08)
-
-
-def digits(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The digits (examples/digits.py), shuffled: 1,400 to train, the rest to test."""
-    x, y = (torch.from_numpy(a) for a in shuffled(seed))
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
 
 
 def network() -> nn.Module:
@@ -55,12 +49,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
             opt.step()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean()) * 100
-
-
 @dataclass
 class Result:
     base: float
@@ -79,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    (x, y), (xt, yt) = digits(args.seed)
+    (x, y), (xt, yt) = torch_split(args.seed)
     base = network()
     train(base, x, y, args.pretrain, 0.05, args.seed)
     tuned = []
