@@ -51,14 +51,14 @@ SAMPLE_LINE: Final = 64
 """The sample: the first SAMPLE_LINE bytes of every SAMPLE_EVERY, and the last SAMPLE_LINE bytes."""
 
 
-def sample(data: memoryview) -> bytes:
+def sample(data: memoryview) -> bytes | memoryview:
     """What a digest reads of a tensor's bytes in shared memory: all of them under `SAMPLED_FROM`,
     else one 64-byte line of every 64 KiB and the last line (16 KiB of a 16 MiB tensor). Other
     arrays sent again under a request ID by mistake differ almost everywhere (a training step
     changes every weight), so the sample tells them apart; a change confined to the bytes between
     its lines (a few rows of an embedding) is not seen, and the repeat gets the first answer."""
     if len(data) < SAMPLED_FROM:
-        return bytes(data)
+        return data  # hashed where it lies, not copied
     values = np.frombuffer(data, np.uint8)
     whole = len(values) - len(values) % SAMPLE_EVERY
     lines = values[:whole].reshape(-1, SAMPLE_EVERY)[:, :SAMPLE_LINE]
