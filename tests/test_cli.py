@@ -967,7 +967,9 @@ def test_an_audit_log_that_cannot_be_written_is_one_error_line_and_the_calls_go_
     )
     try:
         assert process.stdout is not None
-        address = process.stdout.readline().strip().removeprefix("weightavg serving on ")
+        line = process.stdout.readline()
+        assert line.startswith("weightavg serving on "), (line, process.communicate(timeout=60)[1][-4000:])
+        address = line.strip().removeprefix("weightavg serving on ")
         with Client(address, timeout=60) as c:
             for _ in range(6):  # about 260 bytes a line: the fourth and later cannot be written
                 c.free(c.module(["linear", 2, 1]))
