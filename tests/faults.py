@@ -1,6 +1,7 @@
-"""A TCP proxy on loopback that loses one answer after the server has applied the call.
+"""Faults the tests inject on the wire: a client that stalls on a reply, and a proxy that loses one.
 
-Bytes pass unchanged both ways. Once armed, the proxy reads the server's HTTP/2 frames and, at the
+`stalling_channel` opens a channel whose reader holds back a streamed reply. `CuttingProxy` is a
+TCP proxy on loopback that loses one answer after the server has applied the call. Bytes pass unchanged both ways. Once armed, the proxy reads the server's HTTP/2 frames and, at the
 first HEADERS frame of a call (stream id > 0), closes both connections without passing it on. gRPC's
 Python server sends a call's response headers only with its answer, once the handler has returned,
 so the server has applied the call and the client sees the connection drop: UNAVAILABLE. The
@@ -18,11 +19,26 @@ import threading
 import time
 from types import TracebackType
 
+import grpc
+
 _HEADERS = 0x1
 _FRAME_HEADER = 9
 _POLL = 0.2
 """Seconds between checks whether the proxy should stop."""
 _SEND_TIMEOUT = 30.0
+
+
+def stalling_channel(address: str) -> grpc.Channel:
+    """A channel on which a streamed reply the caller stops reading stays on the server.
+
+    gRPC's default flow control probes the link and grows its windows to megabytes on loopback, so
+    a client that reads one chunk and waits still takes the whole of a 20 MB reply into its buffers
+    within a second or two, and the server's handler returns as for a reader that kept up. Without
+    the probe the window stays at 64 KiB: the server's generator waits at its next chunk, as it does
+    for a reader that has stalled. (A test of what stays held while a reply streams read "refused"
+    or not by chance: CI once found it released.)
+    """
+    return grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
 
 
 class CuttingProxy:

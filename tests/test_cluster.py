@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from faults import stalling_channel
 from prometheus_client.parser import text_string_to_metric_families
 import torch
 
@@ -683,7 +684,7 @@ def test_rank_0_holds_what_it_answers_for_other_ranks_reserved_until_the_reply_h
     mb = 1_000_000
     cluster = Cluster(tmp_path, "--max-device-bytes", str(100 * mb))
     try:
-        with client(cluster.address) as c, grpc.insecure_channel(cluster.address) as channel:
+        with client(cluster.address) as c, stalling_channel(cluster.address) as channel:
             stub = pb_grpc.WeightAveragingServiceStub(channel)
             x, y = np.ones((2_000, 10), np.float32), np.zeros(2_000, np.int64)
 

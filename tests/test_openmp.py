@@ -127,14 +127,15 @@ elif sys.argv[1] == "stalled":
     with Client(f"127.0.0.1:{port}") as c:
         q = c.module(["linear", 8, 4096])
         model = c.model(q, c.loss("mse"), c.opt("sgd", q, 0.1)).id
-    x = np.ones((4096, 8), np.float32)  # a 64 MiB output, streamed far past the transport's windows
+    x = np.ones((4096, 8), np.float32)  # a 64 MiB output, far past the transport's windows
     def requests():
         yield pb.EvaluateModelRequest(model=model)
         for chunk in wire.array_chunks("", x, 1 << 20):
             yield pb.EvaluateModelRequest(chunk=chunk)
     channels, replies = [], []
     for _ in range(3):  # three readers that take the first message of the reply, then stall
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20),
+                                                                    ("grpc.http2.bdp_probe", 0)])  # windows stay 64 KiB (faults.stalling_channel)
         reply = pb_grpc.WeightAveragingServiceStub(channel).EvaluateModel(requests(), timeout=120)
         next(reply)  # the model has run (a parallel region on the worker); the rest waits on the reader
         channels.append(channel); replies.append(reply)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import module_of
+from faults import stalling_channel
 import torch
 
 from weightavg import (
@@ -1050,7 +1051,7 @@ def test_output_metrics_stay_reserved_while_their_reply_streams(start_server: An
 
     mb = 1_000_000
     server = start_server(max_device_bytes=50 * mb)
-    with Client(server.address, timeout=120) as c, grpc.insecure_channel(server.address) as channel:
+    with Client(server.address, timeout=120) as c, stalling_channel(server.address) as channel:
         q = c.module(["linear", 10, 5_000])
         m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
         x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 20 MB of outputs
