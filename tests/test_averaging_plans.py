@@ -145,7 +145,7 @@ def test_the_count_replaced_or_deleted_by_the_client_weights_the_next_sample(cli
 def test_an_integer_parameter_is_copied_as_an_integer_buffer_is(client: Client) -> None:
     """The rule for every source: floating tensors are averaged, integer ones copied. A module's
     integer parameter (registered with parm) kept its dtype in copyparms, and every average into
-    that copy was then refused ("'k' holds torch.int64; an average needs a floating-point entry")."""
+    that copy was then refused ("'k' holds int64; an average needs a floating-point entry")."""
     m = client.module(["linear", 3, 2])
     client.parm(m, "k", np.arange(3, dtype=np.int64))
     d = client.copyparms(m)
@@ -173,7 +173,7 @@ def test_a_missing_or_integer_entry_is_refused_with_the_fix_and_nothing_changes(
                                                    r"dict\(d, 'bias', value\) \(UpdateDictionary\)"):
         client.avgparms(m, d)
     client.dict(d, "bias", np.zeros(2, np.int32))
-    with pytest.raises(InvalidArgumentError, match="'bias' holds torch.int32; an average needs a floating-point entry: "
+    with pytest.raises(InvalidArgumentError, match="'bias' holds int32; an average needs a floating-point entry: "
                                                    "set it to a float32 or float64 tensor; nothing changed"):
         client.ema(m, d)
     after = fetch(client, d)

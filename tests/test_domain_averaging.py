@@ -307,7 +307,7 @@ def _break_dtype(d: TensorDict) -> None:
         (_break_missing, r"parameter 'c.weight' not found in the dictionary"),
         (_break_shape, r"The size of tensor a \(4\) must match the size of tensor b \(5\)"),
         (_break_scalar, r"output with shape \[\] doesn't match the broadcast shape \[3, 4\]"),
-        (_break_dtype, r"holds torch.int64; an average needs a floating-point entry"),
+        (_break_dtype, r"holds int64; an average needs a floating-point entry"),
     ],
     ids=["missing", "wrong-shape", "scalar", "integer"],
 )
@@ -420,7 +420,7 @@ def test_an_integer_parameter_is_copied_and_a_floating_one_into_an_integer_entry
     d.entries["k"] = torch.zeros(3, dtype=torch.int32)
     d.entries["w"] = torch.zeros(3, dtype=torch.int32)
     d.changed()
-    with pytest.raises(InvalidArgument, match="'w' holds torch.int32; an average needs a floating-point entry"):
+    with pytest.raises(InvalidArgument, match="'w' holds int32; an average needs a floating-point entry"):
         averaging.average_parameters(module, d)
     assert not d.entries["k"].any() and d.entries[COUNT_KEY].item() == 2
 

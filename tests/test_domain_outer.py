@@ -232,7 +232,7 @@ def test_the_first_step_reserves_the_pseudo_gradients_and_the_optimizer_state() 
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d.entries.pop("2.bias"), "no entry '2.bias'"),
-    (lambda d: d.entries.__setitem__("2.bias", torch.zeros(3, dtype=torch.int64)), "holds torch.int64"),
+    (lambda d: d.entries.__setitem__("2.bias", torch.zeros(3, dtype=torch.int64)), "holds int64"),
     (lambda d: d.entries.__setitem__("2.bias", torch.zeros(4)), r"size of tensor a \(3\)"),
     (lambda d: d.entries.__setitem__("2.bias", torch.zeros(2, 3)), "does not fit parameter of shape"),
     (lambda d: d.entries["0.weight"].__setitem__((1, 2), float("nan")), "'0.weight' of the average holds NaN"),

@@ -103,7 +103,7 @@ def test_bad_count_entry_is_refused(client: Client, unchanged: Any) -> None:
     # A float32 count (an integer one the client sends as float64: test_client_checks.py); the
     # server's check is for every client.
     client.dict(p, ".n", np.float32(5))
-    with unchanged(), pytest.raises(InvalidArgumentError, match="'.n' must be a 0-dim float64 count, found torch.float32"):
+    with unchanged(), pytest.raises(InvalidArgumentError, match="'.n' must be a 0-dim float64 count, found float32"):
         client.avgparms(m, p)
     client.dict(p, ".n", 5.0)
     assert client.avgparms(m, p) == 6
@@ -343,3 +343,24 @@ def test_a_call_past_the_clients_timeout_names_the_timeout_and_where_to_set_it()
                 cli.ping()
     finally:
         runtime.stop(None)
+
+
+def test_entries_already_held_are_named_by_the_dtypes_clients_send(
+    client: Client, unchanged: Any
+) -> None:
+    """Refusals about a tensor the server holds printed torch's spelling ("'w' holds torch.int32",
+    "'into' holds torch.int64, the inputs torch.int32"), a name no client sends: they now print the
+    table's ("int32"), as `to(q, dtype=...)` and the client's arrays name it."""
+    q = client.module(["linear", 2, 1])
+    ints = client.dict({"weight": np.zeros((1, 2), np.int32), "bias": np.zeros(1, np.int32)})
+    a, b = client.dict({"w": np.ones(2, np.int32)}), client.dict({"w": np.ones(2, np.int32)})
+    into = client.dict({"w": np.zeros(2, np.int64)})
+    opt = client.opt("sgd", q, 0.1)
+    for call, message in (
+        (lambda: client.avgparms(q, ints), "'weight' holds int32; an average needs a floating-point entry"),
+        (lambda: client.average([a, b], into=into), "'into' holds int64, the inputs int32; integer entries must agree"),
+        (lambda: client.outer_step(opt, ints), "outer step: entry 'weight' holds int32; an average needs floating values"),
+    ):
+        with unchanged(), pytest.raises(InvalidArgumentError) as err:
+            call()
+        assert message in str(err.value) and "torch." not in str(err.value), str(err.value)

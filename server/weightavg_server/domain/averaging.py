@@ -52,7 +52,7 @@ def check_copy_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and not dtype.is_floating_point:
         raise InvalidArgument(
             f"a copy converts to a floating dtype (float32, float64, float16 or bfloat16), not "
-            f"{dtypes.NAMES.get(dtype, dtype)}"
+            f"{dtypes.name(dtype)}"
         )
 
 
@@ -121,7 +121,7 @@ def _count(d: TensorDict) -> tuple[float, Count | None]:
         own = None
         if n.dim() != 0 or n.dtype != torch.float64 or not n.is_cpu:  # is_cpu: no torch.device built per call
             raise InvalidArgument(
-                f"'{COUNT_KEY}' must be a 0-dim float64 count, found {n.dtype} of shape {list(n.shape)}; "
+                f"'{COUNT_KEY}' must be a 0-dim float64 count, found {dtypes.name(n.dtype)} of shape {list(n.shape)}; "
                 f"set it with a float or delete it"
             )
         count = float(n.item())
@@ -171,11 +171,11 @@ def _check_averageable(name: str, avg: torch.Tensor, p: torch.Tensor) -> None:
         )
     if not (avg.is_floating_point() or avg.is_complex()):
         raise InvalidArgument(
-            f"'{name}' holds {avg.dtype}; an average needs a floating-point entry: set it to a float32 or float64 "
+            f"'{name}' holds {dtypes.name(avg.dtype)}; an average needs a floating-point entry: set it to a float32 or float64 "
             f"tensor; nothing changed"
         )
     if not torch.can_cast(torch.promote_types(p.dtype, avg.dtype), avg.dtype):
-        raise InvalidArgument(f"'{name}' holds {avg.dtype}, which cannot hold an average of {p.dtype}")
+        raise InvalidArgument(f"'{name}' holds {dtypes.name(avg.dtype)}, which cannot hold an average of {dtypes.name(p.dtype)}")
     try:
         shape = broadcast_shape(tuple(p.shape), tuple(avg.shape))
     except InvalidArgument as exc:

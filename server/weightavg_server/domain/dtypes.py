@@ -25,6 +25,12 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
+def name(dtype: torch.dtype) -> str:
+    """The dtype as messages name it: the table's name ("int64"), which is what a client sends, not
+    torch's ("torch.int64"); a dtype outside the table without torch's prefix."""
+    return NAMES.get(dtype) or str(dtype).removeprefix("torch.")
+
+
 def by_name(name: str) -> torch.dtype:
     """The dtype called `name`; InvalidArgument naming the valid ones otherwise."""
     try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import flat, weighted_sum
+from . import dtypes, flat, weighted_sum
 from .averaging import broadcast_shape
 from .dictionaries import COUNT_KEY, TensorDict
 from .errors import InvalidArgument
@@ -407,11 +407,11 @@ def _slot(
     """Check one entry across the sources and plan its computation."""
     what = f"{method.name}: entry '{name}'"
     first = tensors[0]
-    dtypes = [t.dtype for t in tensors]
-    kinds = set(dtypes)  # usually one dtype: each test below runs once per distinct dtype
+    held = [t.dtype for t in tensors]
+    kinds = set(held)  # usually one dtype: each test below runs once per distinct dtype
     if any(d.is_complex for d in kinds):
         raise InvalidArgument(f"{what} is complex; only real entries can be merged: delete it or convert it")
-    floating = [d.is_floating_point for d in dtypes] if len(kinds) > 1 else [first.is_floating_point()] * len(dtypes)
+    floating = [d.is_floating_point for d in held] if len(kinds) > 1 else [first.is_floating_point()] * len(held)
     if len(kinds) > 1 and any(floating) and not all(floating):
         label = labels[floating.index(not floating[0])]
         raise InvalidArgument(f"{what} is floating in {labels[0]} but not in {label}; give every dictionary the same kinds")
@@ -440,7 +440,7 @@ def _slot(
         for t, label in zip(tensors[1:], labels[1:]):
             if t.dtype != first.dtype or t.shape != first.shape:
                 raise InvalidArgument(
-                    f"{what} is {first.dtype} {list(first.shape)} in {labels[0]} but {t.dtype} {list(t.shape)} in "
+                    f"{what} is {dtypes.name(first.dtype)} {list(first.shape)} in {labels[0]} but {dtypes.name(t.dtype)} {list(t.shape)} in "
                     f"{label}; integer entries are not averaged and must agree"
                 )
         aside = (dtype,) if out is not None and name in readers and _overlaps_unlike(out, tensors) else ()
@@ -472,9 +472,9 @@ def _check_into(what: str, out: torch.Tensor | None, shape: tuple[int, ...], flo
     if 0 in out.stride() and any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
         raise InvalidArgument(f"{what}: 'into' shares memory between its elements (an expanded tensor); set it to a full tensor")
     if floating and not out.is_floating_point():
-        raise InvalidArgument(f"{what}: 'into' holds {out.dtype}; a merged entry needs a floating-point entry")
+        raise InvalidArgument(f"{what}: 'into' holds {dtypes.name(out.dtype)}; a merged entry needs a floating-point entry")
     if not floating and out.dtype != dtype:
-        raise InvalidArgument(f"{what}: 'into' holds {out.dtype}, the inputs {dtype}; integer entries must agree")
+        raise InvalidArgument(f"{what}: 'into' holds {dtypes.name(out.dtype)}, the inputs {dtypes.name(dtype)}; integer entries must agree")
 
 
 def _readers(names: Sequence[str], sources: Sequence[TensorDict], into: TensorDict) -> dict[int, list[tuple[int, int, str]]]:

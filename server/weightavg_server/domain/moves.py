@@ -89,7 +89,7 @@ def _check_target(dtype: torch.dtype | None) -> None:
     them (a dictionary moved to bool held only True; found by review)."""
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
         raise InvalidArgument(
-            f"a move converts floating-point tensors, so its dtype must be floating or complex, not {dtypes.NAMES.get(dtype, dtype)}; "
+            f"a move converts floating-point tensors, so its dtype must be floating or complex, not {dtypes.name(dtype)}; "
             "leave dtype unset to move only the device"
         )
 
@@ -104,12 +104,12 @@ def _check_kept(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None, what
     for t in tensors:
         if t.is_complex() and not dtype.is_complex:
             raise InvalidArgument(
-                f"{what} holds complex values ({dtypes.NAMES.get(t.dtype, t.dtype)}) and {dtypes.NAMES.get(dtype, dtype)} "
+                f"{what} holds complex values ({dtypes.name(t.dtype)}) and {dtypes.name(dtype)} "
                 "would drop their imaginary parts: move it to complex64 or complex128, or leave dtype unset; nothing moved"
             )
         if not (t.is_floating_point() or t.is_complex()) and not dtypes.holds_exactly(t, dtype):
             raise InvalidArgument(
-                f"{what} holds {dtypes.NAMES.get(t.dtype, t.dtype)} values that {dtypes.NAMES.get(dtype, dtype)} cannot hold "
+                f"{what} holds {dtypes.name(t.dtype)} values that {dtypes.name(dtype)} cannot hold "
                 "exactly: move it to a wider dtype (float64 holds integers up to 2**53), or leave dtype unset; nothing moved"
             )
 
@@ -164,7 +164,7 @@ def _check_group(g: Group, dtype: torch.dtype | None) -> None:
     if dtype is not None and dtype.is_complex and any(d.x.is_floating_point() or d.y.is_floating_point() for d in g.data):
         raise InvalidArgument(
             "a model holds real-valued data and trains on real values: move it to a real floating dtype, not "
-            f"{dtypes.NAMES.get(dtype, dtype)}"
+            f"{dtypes.name(dtype)}"
         )
 
 

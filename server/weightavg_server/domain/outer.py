@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from . import dtypes
 from .averaging import broadcast_shape
 from .dictionaries import TensorDict
 from .errors import InvalidArgument
@@ -38,7 +39,7 @@ def check_average(optimizer: Optimizer, average: TensorDict) -> None:
                 f"outer step: the average has no entry '{name}' (a parameter of the optimizer's module); nothing changed"
             )
         if not value.is_floating_point():
-            raise InvalidArgument(f"outer step: entry '{name}' holds {value.dtype}; an average needs floating values")
+            raise InvalidArgument(f"outer step: entry '{name}' holds {dtypes.name(value.dtype)}; an average needs floating values")
         if value.device != p.device:
             raise InvalidArgument(
                 f"outer step: entry '{name}' is on {value.device}, the parameter on {p.device}; move the dictionary"

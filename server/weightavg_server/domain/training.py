@@ -200,10 +200,6 @@ INDEX_LOSSES = frozenset({"ce", "nll"})
 """Losses whose targets are class indices (cross entropy also takes class probabilities)."""
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype of the module's first floating-point parameter, or None when it has none."""
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
@@ -231,7 +227,7 @@ def input_dtype(module: nn.Module, x: torch.Tensor, name: str = "x") -> torch.dt
     if _takes_indices(module):
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise InvalidArgument(
-                f"{name} (inputs) is {_name(x.dtype)}; the model's first layer is an embedding, which takes "
+                f"{name} (inputs) is {dtypes.name(x.dtype)}; the model's first layer is an embedding, which takes "
                 "integer indices: send an integer dtype (it is widened to int64); nothing loaded"
             )
         return torch.int64
@@ -240,13 +236,13 @@ def input_dtype(module: nn.Module, x: torch.Tensor, name: str = "x") -> torch.dt
         return x.dtype
     if x.is_complex():
         raise InvalidArgument(
-            f"{name} (inputs) is {_name(x.dtype)}; the model's parameters are {_name(expected)}: send real "
-            f"{_name(expected)} values (integers and other float widths are converted); nothing loaded"
+            f"{name} (inputs) is {dtypes.name(x.dtype)}; the model's parameters are {dtypes.name(expected)}: send real "
+            f"{dtypes.name(expected)} values (integers and other float widths are converted); nothing loaded"
         )
     if not x.is_floating_point() and not dtypes.holds_exactly(x, expected):
         raise InvalidArgument(
-            f"{name} (inputs) is {_name(x.dtype)} with values that {_name(expected)} cannot hold exactly; "
-            f"send {_name(expected)}; nothing loaded"
+            f"{name} (inputs) is {dtypes.name(x.dtype)} with values that {dtypes.name(expected)} cannot hold exactly; "
+            f"send {dtypes.name(expected)}; nothing loaded"
         )
     return expected
 
@@ -269,15 +265,15 @@ def _target_dtype(module: nn.Module, loss: str, y: torch.Tensor, name: str) -> t
     expected = _parameter_dtype(module) or torch.float32
     if y.is_complex():
         raise InvalidArgument(
-            f"{name} (targets) is {_name(y.dtype)}; the {loss} loss takes real targets: integer labels, or "
-            f"{_name(expected)} values (other float widths are converted); nothing loaded"
+            f"{name} (targets) is {dtypes.name(y.dtype)}; the {loss} loss takes real targets: integer labels, or "
+            f"{dtypes.name(expected)} values (other float widths are converted); nothing loaded"
         )
     if not y.is_floating_point():
         return torch.int64
     if loss in INDEX_LOSSES and not (loss == "ce" and y.dim() >= 2):
         also = " or class probabilities (floating, one column per class)" if loss == "ce" else ""
         raise InvalidArgument(
-            f"{name} (targets) is {_name(y.dtype)} of shape {list(y.shape)}; the {loss} loss takes integer class "
+            f"{name} (targets) is {dtypes.name(y.dtype)} of shape {list(y.shape)}; the {loss} loss takes integer class "
             f"indices (any integer dtype, widened to int64){also}: send integer labels; nothing loaded"
         )
     return expected
@@ -497,8 +493,8 @@ def _input_dtype_hint(module: nn.Module, x: torch.Tensor) -> Callable[[], str]:
         if held is None or x.dtype == held or _takes_indices(module):
             return ""
         return (
-            f" (x is {_name(x.dtype)} and the module's parameters are {_name(held)}: send x as "
-            f"{_name(held)}; forward converts no inputs, evaluate and the model's data do)"
+            f" (x is {dtypes.name(x.dtype)} and the module's parameters are {dtypes.name(held)}: send x as "
+            f"{dtypes.name(held)}; forward converts no inputs, evaluate and the model's data do)"
         )
 
     return hint
@@ -880,7 +876,7 @@ def _step(optimizer: Optimizer, what: str) -> None:
         if "without overflow" not in str(exc):
             raise
         held = _parameter_dtype(optimizer.module)
-        dtype = _name(held) if held is not None else "parameters'"
+        dtype = dtypes.name(held) if held is not None else "parameters'"
         settings = f"lr {get_lr(optimizer):g} and decay {float_value(optimizer.options, 'decay'):g}"
         raise InvalidArgument(
             f"{what}: the {optimizer.type} optimizer's {settings} overflow {dtype} in its step: give a "
@@ -1139,13 +1135,13 @@ def _check_held(module: nn.Module, loss: str, data: Data, split: str) -> None:
         else:
             if wanted == held.dtype:
                 continue
-            why = f"the new parts take {_name(wanted)}"
+            why = f"the new parts take {dtypes.name(wanted)}"
         convert = (
-            f'convert the new module to {_name(held.dtype)} (to(q, dtype="{_name(held.dtype)}")), or '
+            f'convert the new module to {dtypes.name(held.dtype)} (to(q, dtype="{dtypes.name(held.dtype)}")), or '
             if what == "inputs" and held.is_floating_point() and not _takes_indices(module) else ""
         )
         raise InvalidArgument(
-            f"the model holds {split}ing {what} in {_name(held.dtype)}, which the new parts do not take as they "
+            f"the model holds {split}ing {what} in {dtypes.name(held.dtype)}, which the new parts do not take as they "
             f"are ({why}); nothing changed: {convert}build a new model from these parts and send the data to it "
             "again (their dtypes are checked and converted at upload)"
         )

@@ -50,7 +50,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..domain import batching, flat, losses, optimizers, specs, training
+from ..domain import batching, dtypes, flat, losses, optimizers, specs, training
 from ..domain.dictionaries import COUNT_KEY, Count, TensorDict
 from ..domain.dtypes import DTYPES
 from ..domain.ema import MAX_STEP, EmaSchedule, EmaState
@@ -242,7 +242,7 @@ class LoadContext:
                 data = data.clone()
             data = data.view(dtype).reshape(info["shape"])
         if data.dtype != dtype or list(data.shape) != info["shape"]:
-            raise SnapshotError(f"tensor {key} is {data.dtype} {list(data.shape)}; state says {dtype} {info['shape']}")
+            raise SnapshotError(f"tensor {key} is {dtypes.name(data.dtype)} {list(data.shape)}; state says {dtypes.name(dtype)} {info['shape']}")
         return data, self._placement(info["device"])
 
     def count(self, key: str) -> Count:
@@ -254,7 +254,7 @@ class LoadContext:
         """
         data, _ = self._source(key)
         if data.dim() != 0 or data.dtype != torch.float64:
-            raise SnapshotError(f"tensor {key} is a dictionary's count but is {data.dtype} {list(data.shape)}")
+            raise SnapshotError(f"tensor {key} is a dictionary's count but is {dtypes.name(data.dtype)} {list(data.shape)}")
         self._on_place("cpu", data.element_size())
         return Count(float(data))
 

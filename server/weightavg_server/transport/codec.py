@@ -53,7 +53,7 @@ def dtype_code(dtype: torch.dtype) -> pb.Dtype.ValueType:
     try:
         return CODES[dtype]
     except KeyError:
-        raise InvalidArgument(f"dtype {dtype} cannot be sent over the wire") from None
+        raise InvalidArgument(f"dtype {dtypes.name(dtype)} cannot be sent over the wire") from None
 
 
 def _raw(tensor: torch.Tensor) -> memoryview:
