@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,73 @@ def test_snapshot_every_writes_snapshots_while_serving(tmp_path: Path) -> None:
         runtime.stop(None)
     restored = Registry()
     assert snapshot.load(restored, tmp_path / "s", torch.device("cpu")) == 1 and m.id in dict(restored.items())
+
+
+def _generation(state_dir: Path) -> int:
+    """The generation of the newest complete snapshot in state_dir (0: none)."""
+    manifest = state_dir / "manifest.json"
+    return int(json.loads(manifest.read_text())["generation"]) if manifest.exists() else 0
+
+
+def _next_snapshot(state_dir: Path, after: int, holds: Callable[[Registry], bool]) -> tuple[int, Registry]:
+    """Wait for a complete snapshot newer than generation `after` whose restore `holds` what is asked."""
+    deadline = time.monotonic() + 30
+    while True:
+        generation = _generation(state_dir)
+        if generation > after:
+            restored = Registry()
+            snapshot.load(restored, state_dir, torch.device("cpu"))
+            if holds(restored):
+                return generation, restored
+        assert time.monotonic() < deadline, f"no snapshot after generation {after} within 30 s"
+        time.sleep(0.05)
+
+
+def _count(registry: Registry, handle: str) -> float | None:
+    """The running-average count ('.n') of a restored dictionary, None before its first average."""
+    n = dict(registry.items())[handle].obj.entries.get(".n")
+    return None if n is None else float(n)
+
+
+def test_a_periodic_snapshot_of_a_server_that_changed_nothing_is_not_written_again(tmp_path: Path) -> None:
+    """--snapshot-every rewrote every tensor at each interval, on a server no call had changed since
+    the last one: an idle server with 10 GB held wrote 10 GB a minute. A periodic snapshot is now
+    skipped while nothing changed since the newest complete one (or the one restored at start);
+    every kind of change (in place, a free, a handle made) is in the next one; a Snapshot call is
+    always written."""
+    state = tmp_path / "s"
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", state_dir=str(state), snapshot_every=0.1)
+    runtime = create_runtime(config)
+    runtime.start()
+    try:
+        with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
+            m = c.module(["linear", 3, 2])
+            d = c.copyparms(m)
+            first, _ = _next_snapshot(state, 0, lambda r: len(r) == 2)
+            time.sleep(1.0)  # ten intervals, nothing changed
+            assert _generation(state) == first
+            assert c.avgparms(m, d) == 2  # in place: the copy counted as the first sample
+            second, restored = _next_snapshot(state, first, lambda r: _count(r, d.id) == 2.0)
+            time.sleep(0.5)
+            assert _generation(state) == second
+            c.free(d)
+            third, restored = _next_snapshot(state, second, lambda r: d.id not in dict(r.items()))
+            assert m.id in dict(restored.items())
+            c.snapshot()  # asked for: written though nothing changed
+            assert _generation(state) == third + 1
+    finally:
+        runtime.stop(None)
+    stopped = _generation(state)
+    again = create_runtime(config)  # restores the snapshot the stop wrote
+    again.start()
+    try:
+        time.sleep(1.0)
+        assert _generation(state) == stopped
+        with Client(f"127.0.0.1:{again.port}", timeout=60) as c:
+            made = c.module(["linear", 2, 2])
+            _next_snapshot(state, stopped, lambda r: made.id in dict(r.items()))
+    finally:
+        again.stop(None)
 
 
 # -- damaged snapshots -----------------------------------------------------------------------------------

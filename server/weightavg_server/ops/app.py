@@ -104,13 +104,22 @@ class Runtime:
     def __post_init__(self) -> None:
         self.reaper = reaper(self.registry)
         if self.config.state_dir and self.config.snapshot_every > 0:
-            self.snapshotter = snapshotter(self._save, self.config.snapshot_every)
+            self.snapshotter = snapshotter(self._save_if_changed, self.config.snapshot_every)
 
     def _save(self) -> snapshot.SnapshotResult:
         """One snapshot while serving: of every rank under torchrun, else of this server."""
         if self.cluster is not None:
             return self.cluster.save_all()
         return snapshot.save(self.registry, self.config.state_dir)
+
+    def _save_if_changed(self) -> None:
+        """A periodic snapshot: written unless this server changed nothing since the newest complete
+        one (a Snapshot call's, the last periodic one's, or the one it restored at start), which
+        holds the same state; a cluster's is always written (its other ranks count their own)."""
+        if self.cluster is None and not self.registry.changes.unsaved():
+            log.debug("periodic snapshot skipped: nothing changed since the last one")
+            return
+        self._save()
 
     def reload_tokens(self) -> bool:
         """Reread the tokens file (SIGHUP): the new table replaces the old whole, so a removed token

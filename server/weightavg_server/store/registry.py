@@ -154,6 +154,44 @@ Need = Mapping[str, int] | Callable[[], Mapping[str, int]]
 """Bytes a call will allocate, by device, or a function that works them out once the locks are held."""
 
 
+class Changes:
+    """A count of the changes to what a snapshot holds (objects, handles, sessions, remembered
+    answers), and the count the last complete snapshot held: so a periodic snapshot of a server that
+    changed nothing since is not written again (`--snapshot-every` on an idle server rewrote every
+    tensor at each interval).
+
+    A change is counted once made, before its locks are released; a snapshot reads the count
+    before it takes its cut (`snapshot.save`), so every change counted after that read may be
+    missing from the snapshot and leaves the count above the one it saved."""
+
+    __slots__ = ("_lock", "_count", "_saved")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._saved: int | None = None
+
+    def note(self) -> None:
+        """One more change made."""
+        with self._lock:
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def saved(self, count: int) -> None:
+        """A snapshot that read `count` before its cut is complete on disk (or was just loaded)."""
+        with self._lock:
+            if self._saved is None or count > self._saved:
+                self._saved = count
+
+    def unsaved(self) -> bool:
+        """Whether anything changed since the newest complete snapshot (True before any)."""
+        with self._lock:
+            return self._saved is None or self._count != self._saved
+
+
 class Registry:
     """Maps handle IDs to entries and session IDs to leases, and accounts for handles and tensor
     bytes against the caps. A handle created while serving a call that carries a session
@@ -179,7 +217,9 @@ class Registry:
         looks. Expiries only move later, so a stale read of it is a lower bound still (see `expire`)."""
         self._lock = threading.Lock()
         self._ledger = Ledger(limits or Limits())
-        self.requests = RequestTable()
+        self.changes = Changes()
+        """Changes to what a snapshot holds, so that a periodic one of an unchanged server is skipped."""
+        self.requests = RequestTable(on_remember=self.changes.note)
         """Answers remembered by request ID, so a retried call changes state once (requests.py)."""
         self._quotas: dict[str, Quota] = {}
         self._tenants: dict[str, Ledger] = {}
@@ -444,6 +484,7 @@ class Registry:
             self._groups.setdefault(id(entry.lock), {})[handle] = entry
             for old in replacing:
                 self._remove(self._handle_of(old), old)
+            self.changes.note()
         return handle
 
     def _handle_of(self, entry: Entry) -> str:
@@ -581,6 +622,7 @@ class Registry:
         self._ledger.unhold(entry.obj)
         self._tenant(entry.tenant).unhold(entry.obj)
         self._owned[entry.tenant] -= 1
+        self.changes.note()
 
     def describe(self, entry: Entry) -> HandleSummary | None:
         """A summary for a listing, without waiting for a busy object; None once the handle is freed.
@@ -654,6 +696,7 @@ class Registry:
             self._sessions[sid] = session
             self._open_sessions[owner] = self._open_sessions.get(owner, 0) + 1
             self._due_from = min(self._due_from, session.expires)
+            self.changes.note()
         return sid
 
     def _check_session_room(self, tenant: str) -> None:
@@ -674,6 +717,7 @@ class Registry:
     def _forget_session(self, session_id: str) -> None:
         """Drop an ended session's record (lock held)."""
         tenant = self._sessions.pop(session_id).tenant
+        self.changes.note()
         left = self._open_sessions[tenant] - 1
         if left:
             self._open_sessions[tenant] = left
@@ -946,6 +990,7 @@ class _Mutation:
                 if reservation is not None and _holds_room(reservation):  # the body may have grown it
                     self._registry._release(reservation)
         finally:
+            self._registry.changes.note()  # made or not (a change may fail midway): counted under its locks
             self._locks.__exit__()
 
 

@@ -148,6 +148,7 @@ class RequestTable:
         max_ids: most IDs remembered; 0 remembers none.
         max_bytes: most bytes remembered answers may hold (an estimate, see `answer_bytes`).
         clock: seconds, monotonic (tests pass their own).
+        on_remember: called for each answer remembered (the registry counts it as a change).
     """
 
     def __init__(
@@ -156,8 +157,11 @@ class RequestTable:
         max_ids: int = DEFAULT_MAX_IDS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
+        on_remember: Callable[[], None] = lambda: None,
     ) -> None:
         self._lock = threading.Lock()  # never taken twice by one thread
+        self._on_remember = on_remember
+        """Called (lock held) for each answer remembered: a snapshot holds the answers (`Registry.changes`)."""
         """Taken directly (`with self._lock`, a C call) by every call; `_cond` waits and wakes on it."""
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
@@ -341,6 +345,7 @@ class RequestTable:
             share = self._by_tenant[record.tenant] = _TenantShare()
         share.ids[rid] = None
         share.nbytes += record.nbytes
+        self._on_remember()
 
     def _forget(self, rid: str) -> None:
         record = self._records.pop(rid)

@@ -776,6 +776,7 @@ def _save(registry: Registry, directory: str | os.PathLike[str], copy: bool) -> 
     # so a restart lost changes the newer snapshot had already reported saved (found by review).
     with _write_lock:
         while True:
+            changes = registry.changes.count  # before the cut: a change counted later may be missing
             # Calls with request IDs are held back while the cut is taken, so that it holds the ID of
             # every such call whose change it holds, and no other (requests.py).
             with registry.requests.paused():
@@ -789,8 +790,12 @@ def _save(registry: Registry, directory: str | os.PathLike[str], copy: bool) -> 
                     state, ctx, skipped = _collect(registry, items, SaveContext(copy))
                     if not copy:
                         with _host_buffer(registry, ctx.tensors) as buffer:
-                            return _write(Path(directory), state, ctx, skipped, buffer)
-            return _write(Path(directory), state, ctx, skipped, None)  # host copies: written as they are
+                            result = _write(Path(directory), state, ctx, skipped, buffer)
+                        registry.changes.saved(changes)
+                        return result
+            result = _write(Path(directory), state, ctx, skipped, None)  # host copies: written as they are
+            registry.changes.saved(changes)
+            return result
 
 
 @contextlib.contextmanager
@@ -1099,7 +1104,9 @@ def load(registry: Registry, directory: str | os.PathLike[str], device: torch.de
     try:
         state = json.loads((root / state_name).read_bytes())
         tensors = safetensors.torch.load_file(str(root / tensors_name))
-        return _restore(registry, state, tensors, device)
+        restored = _restore(registry, state, tensors, device)
+        registry.changes.saved(registry.changes.count)  # what it holds now is on disk
+        return restored
     except SnapshotError:
         raise
     except ResourceExhausted as exc:
