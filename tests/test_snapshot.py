@@ -334,6 +334,27 @@ def saved(tmp_path: Path) -> Path:
     return tmp_path / "s"
 
 
+def test_a_server_on_a_taken_port_fails_before_it_restores_its_snapshot(saved: Path) -> None:
+    """The port was bound after the restore: a second server started on a taken port loaded its whole
+    snapshot (minutes for a large one) only to fail to bind. It now fails first, having restored
+    nothing."""
+    import socket
+
+    registry = Registry()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServerConfig(host="127.0.0.1", port=taken.getsockname()[1], device="cpu", state_dir=str(saved))
+        with pytest.raises(OSError, match="could not bind"):
+            create_runtime(config, registry)
+    assert len(registry) == 0
+    runtime = create_runtime(dataclasses.replace(config, port=0), registry)  # a free port: restored
+    try:
+        assert len(registry) == 2
+    finally:
+        runtime.stop(None)
+
+
 def _files(state_dir: Path) -> dict[str, Path]:
     manifest = json.loads((state_dir / "manifest.json").read_text())
     return {Path(name).suffix: state_dir / name for name in manifest["files"]}

@@ -296,7 +296,8 @@ def create_runtime(
     config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None,
     fabric: Fabric | None = None,
 ) -> Runtime:
-    """Build (but do not start) a server, restoring the snapshot in config.state_dir first if there is one.
+    """Build (but do not start) a server: its port bound, then the snapshot in config.state_dir restored
+    if there is one.
 
     Raises:
         snapshot.SnapshotError: the snapshot on disk is torn or modified, or the state directory is
@@ -320,11 +321,6 @@ def create_runtime(
     registry.requests.configure(config.request_id_window_seconds, config.max_request_ids, config.max_request_id_bytes)
     if config.state_dir:
         snapshot.prepare_directory(config.state_dir)  # 0700, or refused: before any call can change state
-        # A cluster rank restores the generation every rank agreed on (cluster.agree_on_snapshot).
-        source = cluster_restore_dir(config.state_dir) if fabric is not None else config.state_dir
-        restored = snapshot.load(registry, source, device)
-        if restored:
-            log.info("restored %d handle(s) from %s", restored, config.state_dir)
     stats = stats if stats is not None else RpcStats()
     # One place times, counts and logs every call (per-RPC statistics, metrics, the RPC log); it is
     # first so that refused calls are counted too.
@@ -386,6 +382,15 @@ def create_runtime(
         raise OSError(bind_failure(address, credentials is not None, bool(config.tls_client_ca))) from exc
     if port == 0:
         raise OSError(bind_failure(address, credentials is not None, bool(config.tls_client_ca)))
+    # The restore comes once the port is bound, not before: a server started on a taken port loaded
+    # its whole snapshot (minutes for a large one) only to fail. Nothing is served until `start`.
+    if config.state_dir:
+        # A cluster rank restores the generation every rank agreed on (cluster.agree_on_snapshot);
+        # rank 0 learns where the restored handles live when it starts (ClusterService.start).
+        source = cluster_restore_dir(config.state_dir) if fabric is not None else config.state_dir
+        restored = snapshot.load(registry, source, device)
+        if restored:
+            log.info("restored %d handle(s) from %s", restored, config.state_dir)
     log.info(
         "weightavg server on %s, device %s, %s, %s, CPU averages on %s, CPU merges on %s", host_port(config.host, port),
         device,
