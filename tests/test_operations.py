@@ -216,6 +216,18 @@ def test_server_stats_count_calls_codes_and_tensor_bytes(ops: Client) -> None:
     assert after["uptime_seconds"] >= before["uptime_seconds"]
 
 
+def test_every_call_started_counts_toward_the_reapers_sign_of_activity(ops_server: OpsServer, ops: Client) -> None:
+    """`RpcStats.calls`, which tells the reaper the server is not idle (`hostcache.IdleRelease`),
+    counts each call started, of any method, refused ones and health's too."""
+    before = ops_server.stats.calls
+    ops.ping()
+    with pytest.raises(NotFoundError):
+        ops.free("mod_" + "0" * 32)
+    with grpc.insecure_channel(ops_server.address) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert ops_server.stats.calls == before + 3
+
+
 def test_a_call_that_ends_after_its_deadline_counts_as_deadline_exceeded(
     ops_server: OpsServer, ops: Client, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -102,7 +102,7 @@ class Runtime:
     snapshotter: Periodic | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.reaper = reaper(self.registry)
+        self.reaper = reaper(self.registry, self.stats)
         if self.config.state_dir and self.config.snapshot_every > 0:
             self.snapshotter = snapshotter(self._save_if_changed, self.config.snapshot_every)
 
@@ -220,13 +220,15 @@ class TeamReturningStreams:
         return same_kind(handler, returning)
 
 
-def reaper(registry: Registry) -> Periodic:
+def reaper(registry: Registry, stats: RpcStats) -> Periodic:
     """Ends expired sessions once a second, freeing their handles, and gives back the host memory
-    kept idle too long (`hostcache`), even on an idle server."""
+    kept idle too long (`hostcache`), even on an idle server; once the server has been idle as long,
+    the memory the C allocator holds freed too (`hostcache.IdleRelease`)."""
+    idle = hostcache.IdleRelease(lambda: stats.calls)
 
     def reap() -> None:
         registry.expire()
-        hostcache.cache().trim()
+        idle.tick(dropped=hostcache.cache().trim())
 
     return Periodic("reaper", REAP_INTERVAL, reap)
 

@@ -66,6 +66,7 @@ class RpcStats:
         self._methods: dict[str, MethodStats] = {}
         self._tenants: dict[str, TenantCalls] = {}
         self._started_at = time.monotonic()
+        self._calls = 0
 
     def tenant_finish(self, tenant: str, code: str) -> None:
         """A call made with a token of `tenant` ended with status `code`."""
@@ -89,6 +90,12 @@ class RpcStats:
             if stats is None:
                 stats = self._methods[method] = MethodStats()
             stats.started += 1
+            self._calls += 1
+
+    @property
+    def calls(self) -> int:
+        """Calls started, every method together (the reaper's sign of activity)."""
+        return self._calls
 
     def finish(self, method: str, code: str, seconds: float, bytes_received: int = 0, bytes_sent: int = 0) -> None:
         """A call to `method` (already started) ended with status `code` after `seconds`."""
