@@ -18,7 +18,9 @@ import errno
 import math
 import mmap
 import os
+import re
 import secrets
+import time
 import threading
 import weakref
 from dataclasses import dataclass
@@ -88,11 +90,65 @@ def proof(session: str) -> bytes:
     return PROOF_PREFIX + session.encode()
 
 
+ORPHAN_SECONDS = 600.0
+"""How long a region file must have gone unchanged before `sweep_orphans` may unlink it, beside its
+creator being gone: a file is named for the few calls between its creation and its registration,
+so an older one is no live client's, even one whose process this one cannot see (another PID
+namespace sharing /dev/shm)."""
+_KEY = re.compile(r"wa_([0-9]+)_[0-9a-f]{24}")
+"""A region file's name: `wa_<creator's pid>_<random>`, the pid telling `sweep_orphans` whose it is."""
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts: it is not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans(directory: str = SHM_DIRECTORY) -> int:
+    """Unlink the region files that clients of this user killed while naming them left behind; how many.
+
+    A region's file has a name only between its creation and its registration (`_registered`
+    unlinks it then). A client killed in that window (SIGKILL during an upload or fetch: a review
+    left one 80 MB file in /dev/shm in 16 kills) leaves the file for good: its memory stays taken
+    until the machine restarts, and nothing else knows the name. Every new region therefore first
+    sweeps files named for a process that is gone, owned by this user and unchanged for
+    `ORPHAN_SECONDS`. Errors (a file another sweep took first, an unreadable directory) are skipped.
+    """
+    swept = 0
+    uid = os.getuid()
+    stale = time.time() - ORPHAN_SECONDS
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        found = _KEY.fullmatch(entry.name)
+        if found is None or int(found.group(1)) == os.getpid():
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if info.st_uid != uid or info.st_mtime > stale or _alive(int(found.group(1))):
+                continue
+            os.unlink(entry.path)
+            swept += 1
+        except OSError:
+            continue
+    return swept
+
+
 def _create(size: int, session: str) -> tuple[str, mmap.mmap]:
     """A new file of `size` bytes in /dev/shm, mapped here, starting with the session's `proof`:
     its name (the key the server opens) and the mapping. Only this user may open it; the caller
-    unlinks it once the server has mapped it."""
-    key = f"wa_{secrets.token_hex(12)}"
+    unlinks it once the server has mapped it. Files that killed clients left first go
+    (`sweep_orphans`); the name carries this process's id for a later sweep to judge."""
+    sweep_orphans()
+    key = f"wa_{os.getpid()}_{secrets.token_hex(12)}"
     path = os.path.join(SHM_DIRECTORY, key)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
