@@ -461,11 +461,14 @@ def watching(fabric: Fabric, token: str, should_stop: StopCheck) -> Iterator[Non
         return
     done = threading.Event()
 
+    told: list[bool] = []
+
     def watch() -> None:
         while not done.wait(STOP_POLL_SECONDS):
             if should_stop():
                 with contextlib.suppress(Exception):  # a store gone with its agent: the command ends anyway
                     fabric.store.set(_stop_key(token), "1")
+                    told.append(True)
                 return
 
     thread = threading.Thread(target=watch, name="weightavg-stop-watch", daemon=True)
@@ -475,6 +478,9 @@ def watching(fabric: Fabric, token: str, should_stop: StopCheck) -> Iterator[Non
     finally:
         done.set()
         thread.join()
+        if told:  # the command has ended on every rank: nobody reads the key again
+            with contextlib.suppress(Exception):
+                fabric.store.delete_key(_stop_key(token))
 
 
 def remote_stop(fabric: Fabric, token: str) -> StopCheck:
