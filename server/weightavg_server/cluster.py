@@ -103,7 +103,7 @@ class Fabric:
     timeout: float
     store: Any = None
     """The rendezvous store of this attempt (a `dist.Store`): where rank 0 tells the ranks running a
-    command that its caller has gone (`RemoteStop`); None where there is none (a stop then never comes)."""
+    command that its caller has gone (`watching`, `remote_stop`); None where there is none (a stop then never comes)."""
 
 
 def world_from_env(environ: dict[str, str] | None = None) -> tuple[int, int, int, int] | None:
@@ -481,6 +481,22 @@ def watching(fabric: Fabric, token: str, should_stop: StopCheck) -> Iterator[Non
         if told:  # the command has ended on every rank: nobody reads the key again
             with contextlib.suppress(Exception):
                 fabric.store.delete_key(_stop_key(token))
+
+
+@dataclass(frozen=True)
+class RemoteStop:
+    """Stands for a caller's stop check in a command routed to one other rank: that rank checks the
+    command's stop key (`remote_stop`) where the caller's call checked `should_stop` (evaluate,
+    batchnorm)."""
+
+    token: str
+
+
+def _stopping(fabric: Fabric, values: Any) -> Any:
+    """`values` (args or kwargs) with each RemoteStop replaced by its stop check on this rank."""
+    if isinstance(values, dict):
+        return {k: remote_stop(fabric, v.token) if isinstance(v, RemoteStop) else v for k, v in values.items()}
+    return tuple(remote_stop(fabric, v.token) if isinstance(v, RemoteStop) else v for v in values)
 
 
 def remote_stop(fabric: Fabric, token: str) -> StopCheck:
@@ -944,6 +960,7 @@ def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
     op = RANK_OPS.get(command.op)
     if op is not None:
         return op(service, fabric, *args, **kwargs)
+    args, kwargs = _stopping(fabric, args), _stopping(fabric, kwargs)
     # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
     if fabric.rank == 0 and command.sink is not None and command.sink.held is not None:
         args, kwargs = _holding(command.op, args, kwargs, command.sink.held)
@@ -1351,8 +1368,12 @@ class ClusterService(Service):
             for pname, value in list(bound.arguments.items()):
                 if pname == "upload":
                     bound.arguments[pname] = Relayed.of(self._relay_upload(value, held), held)
-                elif pname == "should_stop":
-                    bound.arguments[pname] = never
+                elif pname == "should_stop" and where == ALL:
+                    bound.arguments[pname] = never  # every copy of a replicated object runs to the end alike
+                elif pname == "should_stop":  # one other rank stops once the caller has gone
+                    token = secrets.token_hex(16)
+                    bound.arguments[pname] = RemoteStop(token)
+                    held.enter_context(watching(self.fabric, token, value))
 
             # A caller's own `held` (the servicer's, open until the reply has streamed) keeps what rank 0
             # reserves for another rank's answer; the ranks get None, as on a one-rank call.
