@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from weightavg import (
-    Client, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError,
+    Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError,
 )
 from weightavg._retry import RetryPolicy
 from weightavg_server import cluster as fabric
@@ -960,6 +960,54 @@ def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> No
             except UnavailableError:
                 break
             time.sleep(0.5)
+
+
+def test_an_epoch_on_another_rank_stops_there_when_its_client_has_gone(cluster: Cluster) -> None:
+    """A model on rank 1, an epoch far longer than the cluster's 20 s timeout, a client that gives up
+    after 2 s: rank 1 stops between batches, as one server does, and the cluster serves on. Rank 1
+    ran its epoch to the end whatever the client did, holding the command channel, and past the
+    timeout rank 0 declared the cluster broken: every later call UNAVAILABLE (found by review)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((1_000_000, 4), dtype=np.float32)
+    y = rng.random((1_000_000, 1), dtype=np.float32)
+    with client(cluster.address) as c:
+        m = c.module(["linear", 4, 1], rank=1)
+        model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.01))
+        c.train(model, x, y)
+        c.train(model, batchsize=1)
+        c.timeout = 2.0
+        with pytest.raises(DeadlineExceededError):
+            c.run(model)
+        c.timeout = WAIT
+        c.train(model, batchsize=1_000_000)
+        assert np.isfinite(c.run(model))
+        assert c.info()["ranks"][1]["handles"] == 1
+
+
+def test_a_batchnorm_pass_on_another_rank_stops_there_when_its_client_has_gone(cluster: Cluster) -> None:
+    """As for an epoch: batchnorm(model) on a model of rank 1, far longer than the cluster's timeout,
+    stops there between batches once its client gives up, and the model's statistics are put back.
+    Routed calls (batchnorm, evaluate, soup) ran to the end on the other rank whatever the client did,
+    and past the timeout the cluster was broken (found by review)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((1_000_000, 4), dtype=np.float32)
+    y = rng.random((1_000_000, 2), dtype=np.float32)
+    with client(cluster.address) as c:
+        m = c.module(["sequential", ["linear", "a", 4, 3], ["batchnorm1d", "b", 3], ["linear", "d", 3, 2]], rank=1)
+        model = c.model(m, c.loss("mse"), c.opt("sgd", m, 0.01))
+        c.train(model, x, y)
+        c.train(model, batchsize=2)
+        def stats() -> Any:
+            return c.dict(c.copyparms(model, buffers=True), "b.running_mean")
+
+        before = stats()
+        c.timeout = 2.0
+        with pytest.raises(DeadlineExceededError):
+            c.batchnorm(model)
+        c.timeout = WAIT
+        np.testing.assert_array_equal(stats(), before)
+        c.train(model, batchsize=1_000_000)
+        assert np.isfinite(c.run(model))
 
 
 def running(pid: int) -> bool:

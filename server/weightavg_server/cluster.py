@@ -101,6 +101,9 @@ class Fabric:
     control: Any
     """A gloo group for commands and results (a `dist.ProcessGroup`)."""
     timeout: float
+    store: Any = None
+    """The rendezvous store of this attempt (a `dist.Store`): where rank 0 tells the ranks running a
+    command that its caller has gone (`watching`, `remote_stop`); None where there is none (a stop then never comes)."""
 
 
 def world_from_env(environ: dict[str, str] | None = None) -> tuple[int, int, int, int] | None:
@@ -173,7 +176,7 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     devices: list[Any] = [None] * world
     dist.all_gather_object(devices, str(device), group=control)
     log.info("rank %d of %d joined on %s (data backend %s)", rank, world, device, backend)
-    return Fabric(rank, world, device, tuple(str(d) for d in devices), backend, control, timeout)
+    return Fabric(rank, world, device, tuple(str(d) for d in devices), backend, control, timeout, store)
 
 
 # -- snapshots ------------------------------------------------------------------------------------------
@@ -436,6 +439,85 @@ def _received(service: Service, fabric: Fabric, command: Command) -> tuple[tuple
 def never() -> bool:
     """The stop check of a command: every rank runs it to the end, so replicated objects stay alike."""
     return False
+
+
+STOP_POLL_SECONDS = 0.25
+"""How often rank 0 asks whether a caller has gone, and a rank running its epoch whether rank 0 said so."""
+
+
+def _stop_key(token: str) -> str:
+    return f"stop/{token}"
+
+
+@contextlib.contextmanager
+def watching(fabric: Fabric, token: str, should_stop: StopCheck) -> Iterator[None]:
+    """On rank 0, while a command on another rank runs: once `should_stop` turns true (the caller
+    cancelled, or its deadline passed), set the command's stop key in the store, which `remote_stop`
+    reads on the running rank. Without it an epoch of a model on rank 1 ran to its end after its client
+    had gone, holding the command channel meanwhile (and, longer than --cluster-timeout-seconds,
+    breaking the cluster), while the same epoch on one server stops between batches (found by review)."""
+    if fabric.store is None:
+        yield
+        return
+    done = threading.Event()
+
+    told: list[bool] = []
+
+    def watch() -> None:
+        while not done.wait(STOP_POLL_SECONDS):
+            if should_stop():
+                with contextlib.suppress(Exception):  # a store gone with its agent: the command ends anyway
+                    fabric.store.set(_stop_key(token), "1")
+                    told.append(True)
+                return
+
+    thread = threading.Thread(target=watch, name="weightavg-stop-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if told:  # the command has ended on every rank: nobody reads the key again
+            with contextlib.suppress(Exception):
+                fabric.store.delete_key(_stop_key(token))
+
+
+@dataclass(frozen=True)
+class RemoteStop:
+    """Stands for a caller's stop check in a command routed to one other rank: that rank checks the
+    command's stop key (`remote_stop`) where the caller's call checked `should_stop` (evaluate,
+    batchnorm)."""
+
+    token: str
+
+
+def _stopping(fabric: Fabric, values: Any) -> Any:
+    """`values` (args or kwargs) with each RemoteStop replaced by its stop check on this rank."""
+    if isinstance(values, dict):
+        return {k: remote_stop(fabric, v.token) if isinstance(v, RemoteStop) else v for k, v in values.items()}
+    return tuple(remote_stop(fabric, v.token) if isinstance(v, RemoteStop) else v for v in values)
+
+
+def remote_stop(fabric: Fabric, token: str) -> StopCheck:
+    """The stop check of a command on a rank other than 0: true once rank 0 set the command's stop key
+    (`watching`), read at most every STOP_POLL_SECONDS (a store round trip per batch cost more than a
+    small batch)."""
+    if fabric.store is None or not token:
+        return never
+    key = _stop_key(token)
+    last = [time.monotonic()]
+    stopped = [False]
+
+    def check() -> bool:
+        now = time.monotonic()
+        if not stopped[0] and now - last[0] >= STOP_POLL_SECONDS:
+            last[0] = now
+            with contextlib.suppress(Exception):  # an unreachable store stops nothing
+                stopped[0] = bool(fabric.store.check([key]))
+        return stopped[0]
+
+    return check
 
 
 def seeded_bits(seed: str) -> Callable[[], str]:
@@ -726,7 +808,9 @@ def held_bytes(service: Service) -> int:
     return sum(service.store.held_bytes().values())
 
 
-def _rank_metrics(service: Service, fabric: Fabric, split: str, handle: str, where: int, sink: Sink) -> Metrics | None:
+def _rank_metrics(
+    service: Service, fabric: Fabric, split: str, handle: str, where: int, sink: Sink, stop: str = "",
+) -> Metrics | None:
     """An epoch (`split` "train") or a test ("test") of a model on rank `where`, or on every rank of a
     replicated one (ALL): its metrics there, None elsewhere. Every rank takes part, so that nothing
     runs before (1) each running rank holds its model's lock and has reserved the run's memory (an
@@ -766,7 +850,8 @@ def _rank_metrics(service: Service, fabric: Fabric, split: str, handle: str, whe
         _agree(fabric, error)
         if model is None:
             return None
-        return training.run_epoch(model, never) if split == "train" else training.test_epoch(model, never)
+        check = remote_stop(fabric, stop) if where not in (ALL, 0) else never
+        return training.run_epoch(model, check) if split == "train" else training.test_epoch(model, check)
 
 
 def _reserve_metrics(service: Service, sink: Sink, nbytes: dict[int, int]) -> WeightavgError | None:
@@ -875,6 +960,7 @@ def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
     op = RANK_OPS.get(command.op)
     if op is not None:
         return op(service, fabric, *args, **kwargs)
+    args, kwargs = _stopping(fabric, args), _stopping(fabric, kwargs)
     # The plain Service method, also on rank 0 (whose ClusterService method routed it here).
     if fabric.rank == 0 and command.sink is not None and command.sink.held is not None:
         args, kwargs = _holding(command.op, args, kwargs, command.sink.held)
@@ -1282,8 +1368,12 @@ class ClusterService(Service):
             for pname, value in list(bound.arguments.items()):
                 if pname == "upload":
                     bound.arguments[pname] = Relayed.of(self._relay_upload(value, held), held)
-                elif pname == "should_stop":
-                    bound.arguments[pname] = never
+                elif pname == "should_stop" and where == ALL:
+                    bound.arguments[pname] = never  # every copy of a replicated object runs to the end alike
+                elif pname == "should_stop":  # one other rank stops once the caller has gone
+                    token = secrets.token_hex(16)
+                    bound.arguments[pname] = RemoteStop(token)
+                    held.enter_context(watching(self.fabric, token, value))
 
             # A caller's own `held` (the servicer's, open until the reply has streamed) keeps what rank 0
             # reserves for another rank's answer; the ranks get None, as on a one-rank call.
@@ -1609,7 +1699,10 @@ class ClusterService(Service):
         def run() -> Metrics:
             with contextlib.ExitStack() as call:
                 sink = Sink(held if held is not None else call)
-                values = self._call("_rank_metrics", ALL, (split, handle, where, sink))
+                token = secrets.token_hex(16) if where != ALL else ""
+                stopping = watching(self.fabric, token, should_stop) if token else contextlib.nullcontext()
+                with stopping:
+                    values = self._call("_rank_metrics", ALL, (split, handle, where, sink, token))
             return RankMetrics(values) if where == ALL else values[where]
 
         return self._keyed("run_epoch", request, run) if split == "train" else run()
