@@ -6,12 +6,15 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from conftest import LiveServer
-from weightavg import Client
+from weightavg import Client, wire
+from weightavg.v1 import weightavg_pb2 as pb
+from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.domain import hostcache
 from weightavg_server.domain.hostcache import MIN_BYTES, HostCache
 
@@ -187,6 +190,30 @@ def test_a_copy_after_a_free_lands_in_the_freed_memory(live_server: LiveServer, 
     for name in client.parmnames(m):
         np.testing.assert_array_equal(values[name], client.parm(m, name))
 
+
+
+def test_a_reply_streaming_to_a_stalled_reader_keeps_its_bytes_while_its_object_is_freed_and_its_memory_reused(
+    live_server: LiveServer, client: Client, kept: HostCache
+) -> None:
+    """The worst failure of kept memory: a block handed back while a reply still streams from it, so
+    the next upload overwrites what the stalled reader has yet to get. The reply's copies hold their
+    block until the reply ends, whatever happens to the object meanwhile."""
+    n = 8 << 20  # 32 MB of float32: far more than the 64 KiB windows of a channel without BDP probing
+    d = client.dict({"w": np.full(n, 1.0, np.float32)})
+    channel = grpc.insecure_channel(live_server.address, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                                  ("grpc.http2.bdp_probe", 0)])
+    with channel:
+        reply = pb_grpc.WeightAveragingServiceStub(channel).FetchTensors(
+            pb.FetchTensorsRequest(handle=d.id, packed_chunks=True), timeout=120
+        )
+        first = next(reply)  # the copies are made; the rest waits on this reader
+        client.free(d)
+        others = [client.dict({"w": np.full(n, float(k), np.float32)}) for k in range(2, 5)]
+        got = dict(wire.join_chunks(m.chunk for m in [first, *reply]))
+    assert np.count_nonzero(got["w"] != 1.0) == 0
+    for k, other in enumerate(others, start=2):
+        assert np.all(client.dict(other)["w"] == k)
+    client.free(*others)
 
 # -- freed memory given back when idle -------------------------------------------------------------------
 
