@@ -568,15 +568,17 @@ def test_metrics_from_another_rank_are_reserved_on_rank_0_before_any_rank_runs(t
     model, come back to rank 0, which holds them until the reply has streamed; they were never
     reserved there: under a 30 MB cap, with rank 0 holding 15 MB, 20 MB of `output` from rank 1 went
     through, as did a replicated model's 20 MB from each rank (found by review). Now rank 0 reserves
-    them before any rank runs: refused, no rank has trained; fitting, they come back."""
+    them before any rank runs: refused, no rank has trained; fitting, they come back. Sizes: 4 MB of
+    outputs a rank; an epoch of one batch also holds that batch's pass, five times its outputs
+    (logits, log_softmax, their gradients, a margin): 24 MB on the rank that trains, under 26."""
     mb = 1_000_000
-    cluster = Cluster(tmp_path, "--max-device-bytes", str(30 * mb))
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(26 * mb))
     try:
         with client(cluster.address) as c:
-            x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 20 MB of outputs
+            x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 4 MB of outputs
 
             def model(**placement: Any) -> Any:
-                m = c.module(["linear", 10, 5_000], **placement)
+                m = c.module(["linear", 10, 1_000], **placement)
                 made = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
                 c.train(made, batchsize=1_000, metrics="output")
                 c.test(made, batchsize=1_000, metrics="output")
@@ -586,18 +588,18 @@ def test_metrics_from_another_rank_are_reserved_on_rank_0_before_any_rank_runs(t
             c.train(far, x, y)
             c.test(far, x, y)
             weight = c.parm(far, "weight")
-            near = c.dict({"w": np.zeros(15 * mb // 4, np.float32)}, rank=0)
+            near = c.dict({"w": np.zeros(23 * mb // 4, np.float32)}, rank=0)
             for verb in (c.run, c.testrun):
                 with pytest.raises(ResourceExhaustedError, match="rank 0: .* receives the metrics of the other ranks"):
                     verb(far)
             assert np.array_equal(c.parm(far, "weight"), weight)  # nothing trained
             c.free(near)
-            assert np.asarray(c.run(far)).shape == (1_000, 5_000)
+            assert np.asarray(c.run(far)).shape == (1_000, 1_000)
             assert not np.array_equal(c.parm(far, "weight"), weight)
-            assert np.asarray(c.testrun(far)).shape == (1_000, 5_000)
+            assert np.asarray(c.testrun(far)).shape == (1_000, 1_000)
             c.free(far)
 
-            rep = model(replicate=True)  # rank 0's own 20 MB and rank 1's 20 MB
+            rep = model(replicate=True)  # rank 0's own epoch (24 MB) and rank 1's 4 MB of outputs
             for r in range(2):
                 c.train(rep, x, y, rank=r)
             weights = [c.parm(rep, "weight", rank=r) for r in range(2)]
@@ -606,9 +608,9 @@ def test_metrics_from_another_rank_are_reserved_on_rank_0_before_any_rank_runs(t
             for r in range(2):
                 assert np.array_equal(c.parm(rep, "weight", rank=r), weights[r]), r  # no rank trained
             for r in range(2):
-                c.train(rep, x[:500], y[:500], rank=r)  # 10 MB each: fits
+                c.train(rep, x[:500], y[:500], rank=r)  # half of each: fits
             outputs = c.run(rep)
-            assert [np.asarray(o).shape for o in outputs] == [(500, 5_000)] * 2
+            assert [np.asarray(o).shape for o in outputs] == [(500, 1_000)] * 2
     finally:
         cluster.stop()
 
@@ -682,7 +684,7 @@ def test_rank_0_holds_what_it_answers_for_other_ranks_reserved_until_the_reply_h
     from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
     mb = 1_000_000
-    cluster = Cluster(tmp_path, "--max-device-bytes", str(100 * mb))
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(110 * mb))
     try:
         with client(cluster.address) as c, stalling_channel(cluster.address) as channel:
             stub = pb_grpc.WeightAveragingServiceStub(channel)
@@ -691,7 +693,9 @@ def test_rank_0_holds_what_it_answers_for_other_ranks_reserved_until_the_reply_h
             def model(rows: int, **placement: Any) -> Any:
                 m = c.module(["linear", 10, 5_000], **placement)
                 made = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
-                c.train(made, batchsize=2_000, metrics="output")
+                # Batches of 200 rows: each one's pass (20 MB) fits beside the kept outputs (40 MB
+                # with their concatenation on rank 1; 40 on rank 0 with the 20 MB it receives).
+                c.train(made, batchsize=200, metrics="output")
                 c.train(made, x[:rows], y[:rows])
                 return made
 
@@ -711,10 +715,10 @@ def test_rank_0_holds_what_it_answers_for_other_ranks_reserved_until_the_reply_h
                 first = next(call)  # the rest waits on the server, as for a reader that stalls
                 assert first.chunk.name in ("output", ""), what
                 with pytest.raises(ResourceExhaustedError, match="would exceed the cap"):
-                    c.dict({"w": np.zeros(70 * mb // 4, np.float32)}, rank=0)
+                    c.dict({"w": np.zeros(80 * mb // 4, np.float32)}, rank=0)
                 rest = list(call)  # the reply ends once the server's generator has returned
                 assert len(first.chunk.data) + sum(len(r.chunk.data) for r in rest) == 40 * mb, what
-                c.free(c.dict({"w": np.zeros(70 * mb // 4, np.float32)}, rank=0))
+                c.free(c.dict({"w": np.zeros(80 * mb // 4, np.float32)}, rank=0))
     finally:
         cluster.stop()
 
@@ -722,7 +726,8 @@ def test_rank_0_holds_what_it_answers_for_other_ranks_reserved_until_the_reply_h
 def test_metrics_from_another_rank_count_against_the_tenants_quota_on_rank_0(tmp_path: Path) -> None:
     """The metrics rank 0 receives from a model on rank 1 are reserved against the caller's tenant
     quota there too: a tenant holding 10 MB of its 25 MB on rank 0 got 20 MB of `output` from rank 1
-    (found by review). Refused, nothing trained; with the room back, the epoch runs."""
+    (found by review). Refused, nothing trained; with the room back, the epoch runs. Here 4 MB of
+    outputs, whose epoch takes 24 MB of the quota on rank 1 (the batch's pass: five times them)."""
     mb = 1_000_000
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(TOKENS.format(quota=25 * mb).replace("max_handles = 3", "max_handles = 20"))
@@ -730,17 +735,17 @@ def test_metrics_from_another_rank_count_against_the_tenants_quota_on_rank_0(tmp
     try:
         with Client(cluster.address, timeout=WAIT, retry=RetryPolicy(max_attempts=1),
                     token="small-user-token-0123456789") as c:
-            m = c.module(["linear", 10, 5_000], rank=1)
+            m = c.module(["linear", 10, 1_000], rank=1)
             far = c.model(m, c.loss("ce"), c.opt("sgd", m, 0.1))
             c.train(far, batchsize=1_000, metrics="output")
             c.train(far, np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64))
             weight = c.parm(far, "weight")
-            near = c.dict({"w": np.zeros(10 * mb // 4, np.float32)}, rank=0)
+            near = c.dict({"w": np.zeros(22 * mb // 4, np.float32)}, rank=0)
             with pytest.raises(ResourceExhaustedError, match="rank 0: .*quota of tenant 'small'.* receives the metrics"):
                 c.run(far)
             assert np.array_equal(c.parm(far, "weight"), weight)
             c.free(near)
-            assert np.asarray(c.run(far)).shape == (1_000, 5_000)
+            assert np.asarray(c.run(far)).shape == (1_000, 1_000)
     finally:
         cluster.stop()
 

@@ -1,4 +1,4 @@
-"""The forward's sizing pass on meta tensors, and the passes it keeps (`footprint._MetaOutputs`).
+"""The forward's sizing pass on meta tensors, and the passes it keeps (`footprint._OUTPUTS`).
 
 A kept pass must answer exactly what a fresh one would, and a module changed in any way the pass
 reads (dtype, a tensor's shape, an option) must be looked up afresh: a stale answer would reserve
@@ -7,6 +7,7 @@ the wrong bytes before a real forward allocates them.
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from weightavg_server.domain import footprint
+from weightavg_server.domain import footprint, losses, optimizers, specs, training
 
 
 def _fresh(module: nn.Module, x: torch.Tensor, train: bool = True) -> tuple[tuple[int, ...], torch.dtype] | None:
@@ -85,7 +86,7 @@ def test_a_failed_pass_is_kept_as_failed_and_an_overflow_is_raised_every_time() 
 def test_a_freed_module_takes_its_passes_with_it() -> None:
     module = _mlp()
     footprint.forward_bytes(module, torch.randn(2, 12), True)
-    assert module in footprint._MetaOutputs._seen
+    assert module in footprint._OUTPUTS._seen
     gone = weakref.ref(module)
     del module
     gc.collect()
@@ -94,9 +95,9 @@ def test_a_freed_module_takes_its_passes_with_it() -> None:
 
 def test_a_module_keeps_its_last_inputs_only() -> None:
     module = nn.Sequential(nn.Identity())
-    for rows in range(1, footprint._MetaOutputs.ENTRIES + 5):
+    for rows in range(1, footprint._OUTPUTS.ENTRIES + 5):
         footprint.forward_bytes(module, torch.zeros(rows), True)
-    assert len(footprint._MetaOutputs._seen[module]) == footprint._MetaOutputs.ENTRIES
+    assert len(footprint._OUTPUTS._seen[module]) == footprint._OUTPUTS.ENTRIES
 
 
 def test_the_pass_runs_in_the_real_pass_mode_and_each_mode_is_kept_apart() -> None:
@@ -122,3 +123,98 @@ def test_a_forward_reserves_the_copy_of_an_input_on_another_device_than_the_modu
     # there and the output made there, where they were counted on x's device.
     away = torch.zeros(10, 4, device="meta")
     assert footprint.forward_bytes(nn.ReLU(), away, train=False) == {"cpu": 2 * 10 * 4 * 4}
+
+
+# -- one training batch's pass (`batch_pass_bytes`), measured on meta ------------------------------------
+
+def _seq(*layers: tuple[str, tuple[object, ...]]) -> specs.LayerSpec:
+    return specs.LayerSpec("sequential", children=tuple(
+        specs.LayerSpec(kind, f"l{i}", args) for i, (kind, args) in enumerate(layers)  # type: ignore[arg-type]
+    ))
+
+
+def _targets(n: int, classes: int) -> torch.Tensor:
+    return torch.arange(n) % classes
+
+
+PASSES = {
+    "mlp": (_seq(("linear", (20, 64)), ("relu", ()), ("linear", (64, 64)), ("gelu", ()), ("linear", (64, 5))),
+            torch.randn(48, 20), _targets(48, 5), "ce"),
+    "batchnorm, dropout, in-place relu": (
+        _seq(("linear", (20, 32)), ("batchnorm1d", (32,)), ("relu", (True,)), ("drop", (0.3,)), ("linear", (32, 5))),
+        torch.randn(48, 20), _targets(48, 5), "ce"),
+    "conv, pools": (
+        _seq(("conv2d", (1, 8, 3)), ("relu", ()), ("maxpool2d", (2,)), ("conv2d", (8, 4, 3)), ("avgpool2d", (2,)),
+             ("flatten", ()), ("linear", (4 * 2 * 2, 3))),
+        torch.randn(16, 1, 14, 14), _targets(16, 3), "ce"),
+    "embedding, layernorm": (
+        _seq(("embed", (50, 16)), ("layernorm", (16,)), ("flatten", ()), ("linear", (16 * 6, 1)), ("sigmoid", ())),
+        torch.arange(60).reshape(10, 6) % 50, (torch.arange(10) % 2).float().reshape(10, 1), "bce"),
+    "regression": (_seq(("linear", (8, 32)), ("tanh", ()), ("linear", (32, 2))), torch.randn(64, 8),
+                   torch.randn(64, 2), "mse"),
+}
+
+
+def _model(spec: specs.LayerSpec, x: torch.Tensor, y: torch.Tensor, loss: str, batchsize: int) -> training.Model:
+    module = specs.build_module(spec)
+    model = training.create_model(module, losses.create_loss(loss), optimizers.create_optimizer("sgd", module, (0.1,)))
+    training.set_data(model, "train", x, y, torch.device("cpu"))
+    training.set_options(model, "train", [("batchsize", batchsize)])
+    return model
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_a_training_batch_allocates_on_the_cpu_what_its_pass_on_meta_says(name: str) -> None:
+    """The bytes reserved for one batch's forward, loss and backward are at least what the same batch
+    really allocates on the CPU at its widest (live storages, counted the same way), gradients left out,
+    and at most one output more (the margin for a device kernel's own temporaries)."""
+    spec, x, y, loss = PASSES[name]
+    batchsize = x.shape[0] // 2
+    model = _model(spec, x, y, loss, batchsize)
+    reserved = footprint.batch_pass_bytes(model)
+
+    real = copy.deepcopy(model.module).train()
+    meter = footprint._PeakBytes()
+    with meter:
+        output = real(x[:batchsize])
+        torch.autograd.backward(model.loss(output, training.batch_targets(model, y[:batchsize])))
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in real.parameters() if p.grad is not None)
+    out = output.numel() * output.element_size()
+    assert grads > 0
+    assert meter.peak - grads <= reserved["cpu"] <= meter.peak - grads + out
+    assert meter.peak - grads > 2 * out  # the activations saved for backward, beyond the output and the loss
+    assert all(p.grad is None for p in model.module.parameters())  # the pass on meta touched nothing real
+
+
+def test_the_meter_counts_storages_ops_make_not_views_of_their_inputs() -> None:
+    """A view (a linear's `weight.t()`, a batch sliced from the data) or an in-place op makes no memory;
+    counting their storages counted a whole weight, or the whole data set, for each view."""
+    data, weight = torch.randn(100, 10), torch.randn(10, 10)
+    meter = footprint._PeakBytes()
+    with meter:
+        view, batch = weight.t(), data[:10]
+        batch.mul_(1.0)
+        assert meter.peak == 0
+        made = view + 1
+        assert meter.live == meter.peak == 400
+        del made
+        assert meter.live == 0
+    assert meter.peak == 400
+
+
+def test_a_batch_that_does_not_fit_the_module_reserves_nothing_for_its_pass() -> None:
+    """The real pass then fails with torch's own message (the epoch's probe turns it into INVALID_ARGUMENT)."""
+    spec, x, y, loss = PASSES["mlp"]
+    model = _model(spec, torch.randn(48, 7), y, loss, 24)
+    assert footprint.batch_pass_bytes(model) == {}
+
+
+def test_the_pass_is_kept_per_batch_size_and_measured_afresh_for_a_new_one() -> None:
+    spec, x, y, loss = PASSES["mlp"]
+    model = _model(spec, x, y, loss, 8)
+    small = footprint.batch_pass_bytes(model)
+    training.set_options(model, "train", [("batchsize", 32)])
+    large = footprint.batch_pass_bytes(model)
+    assert large["cpu"] > 3 * small["cpu"]
+    training.set_options(model, "train", [("batchsize", 8)])
+    assert footprint.batch_pass_bytes(model) == small

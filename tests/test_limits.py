@@ -362,3 +362,25 @@ def test_an_eval_pass_of_one_row_through_batchnorm_reserves_its_output(start_ser
         message = refused(server, lambda: c.evaluate(m, x) if call == "evaluate" else c.eforward(m, x))
         assert f"{row_bytes} more tensor bytes" in message
         assert server.registry.held_bytes() == {"cpu": module_bytes}
+
+
+def test_an_epoch_whose_batches_need_more_room_than_the_cap_leaves_is_refused_before_it_trains(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A batch's activations (what autograd saves for backward, and the gradients flowing back) were
+    never reserved: an epoch of wide batches under a cap its module and data fit ran into the host's
+    memory (or the GPU's) instead of the cap. Now one batch's pass is sized on meta before the epoch:
+    over the cap RESOURCE_EXHAUSTED naming the batch size, nothing trained; smaller batches train."""
+    server = start_server(max_device_bytes=4_000_000)
+    with Client(server.address, timeout=60) as c:
+        q = c.module(["sequential", ["linear", 4, 2048], ["relu"], ["linear", 2048, 2]])
+        m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
+        rng = np.random.default_rng(0)
+        c.train(m, rng.standard_normal((1000, 4)).astype(np.float32), rng.integers(0, 2, 1000))
+        c.train(m, batchsize=1000)  # 1000 x 2048 float32 activations, several of them: over 16 MB
+        weights = c.dict(c.copyparms(m))
+        message = refused(server, lambda: c.run(m))
+        assert "train on smaller batches: a batch of 1000 rows takes" in message
+        assert "train(m, batchsize=w)" in message
+        np.testing.assert_array_equal(c.dict(c.copyparms(m))["0.weight"], weights["0.weight"])
+        c.train(m, batchsize=50)
+        c.run(m)
+        assert not np.array_equal(c.dict(c.copyparms(m))["0.weight"], weights["0.weight"])

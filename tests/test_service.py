@@ -36,6 +36,10 @@ from weightavg_server.store.tenants import CALLER, DEFAULT_TENANT, Caller, Role
 F32, I64 = 4, 8
 ROWS, FEATURES, CLASSES = 30, 20, 5
 LAYER = (FEATURES * CLASSES + CLASSES) * F32
+BATCH_PASS = 5 * ROWS * CLASSES * F32 + 2 * F32 - LAYER
+"""One training batch (all ROWS rows) through the linear and ce at its widest, as tests/test_caps.py's
+`batch_pass` works it out: logits, log_softmax and both gradients, loss and total weight, one more logits
+of margin, less the gradients reserved on their own. A pass without gradients holds its output again."""
 """Bytes of a 20 -> 5 linear layer's float32 weight and bias."""
 BIG = 10**9
 """A byte cap far above anything here, so that leftover reservations can be measured against it."""
@@ -359,12 +363,12 @@ CAP_CASES = [
     CapCase("set_model_data", model, lambda s, m, up: s.set_model_data(m, "train", up),
             (("x", x_rows()), ("y", labels())), ROWS * FEATURES * F32 + ROWS * I64, ROWS * FEATURES * F32 + ROWS * I64),
     CapCase("run_epoch's first step (gradients and momentum; a copy of the parameters to put back on failure)",
-            trained_model, lambda s, m, up: s.run_epoch(m, never), (), 3 * LAYER, 2 * LAYER),
+            trained_model, lambda s, m, up: s.run_epoch(m, never), (), 3 * LAYER + BATCH_PASS, 2 * LAYER),
     CapCase("forward on a tensor handle, output kept", _tensor_input,
-            lambda s, st, up: s.forward(st[0], "eforward", st[1], up), (), ROWS * CLASSES * F32, ROWS * CLASSES * F32),
+            lambda s, st, up: s.forward(st[0], "eforward", st[1], up), (), 2 * ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     CapCase("forward on an uploaded input, output kept", lambda s: linear(s),
             lambda s, q, up: s.forward(q, "eforward", "", up), (("", x_rows()),),
-            ROWS * FEATURES * F32 + ROWS * CLASSES * F32, ROWS * CLASSES * F32),
+            ROWS * FEATURES * F32 + 2 * ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     CapCase("move of a dictionary to float64", lambda s: dictionary(s, x=x_rows()),
             lambda s, d, up: s.move(d, "", torch.float64), (), ROWS * FEATURES * 8, ROWS * FEATURES * (8 - F32)),
     CapCase("first average (its count)", lambda s: (q := linear(s), s.copy_parameters(q).id),

@@ -6,13 +6,14 @@ checks that the failed call changed nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import module_of
+from conftest import LiveServer, module_of
 from faults import stalling_channel
 import torch
 
@@ -478,13 +479,14 @@ def test_run_checks_inputs_before_training(client: Client, unchanged: Any) -> No
 
 
 def test_running_out_of_memory_in_a_forward_pass_is_resource_exhausted_and_changes_nothing(
-    client: Client, unchanged: Any
+    live_server: LiveServer, client: Client, unchanged: Any
 ) -> None:
     """A module whose middle layer makes a 16 PB activation from a 4-sample input: torch's CPU
     allocator refuses it with a plain RuntimeError ("can't allocate memory"), which every forward
-    pass answered INVALID_ARGUMENT, as if the inputs were wrong (found by review). The output and
-    the parameters are small, so no cap refuses the call first; the allocation fails at once, so the
-    test touches no real memory."""
+    pass answered INVALID_ARGUMENT, as if the inputs were wrong (found by review). Each pass is now
+    sized on meta first, so the server's cap (the host's memory) refuses it before it runs; with the
+    cap raised past any memory, torch's own refusal is RESOURCE_EXHAUSTED too. The allocation fails
+    at once, so the test touches no real memory."""
     q = client.module(
         ["sequential", ["adaptavg3d", "p", [100000, 100000, 100000]], ["adaptavg3d", "a", [1, 1, 1]],
          ["flatten", "f"], ["linear", "l", 1, 1]]
@@ -499,8 +501,16 @@ def test_running_out_of_memory_in_a_forward_pass_is_resource_exhausted_and_chang
         "evaluate": lambda: client.evaluate(m, x), "batchnorm": lambda: client.batchnorm(m),
     }
     for name, call in calls.items():
-        with unchanged(), pytest.raises(ResourceExhaustedError, match=rf"^RESOURCE_EXHAUSTED: {name}.*out of memory"):
+        with unchanged(), pytest.raises(ResourceExhaustedError, match="would exceed the cap.*--max-device-bytes"):
             call()
+    limits = live_server.registry.limits
+    live_server.registry.set_limits(dataclasses.replace(limits, max_device_bytes=1 << 62))
+    try:
+        for name, call in calls.items():
+            with unchanged(), pytest.raises(ResourceExhaustedError, match=rf"^RESOURCE_EXHAUSTED: {name}.*out of memory"):
+                call()
+    finally:
+        live_server.registry.set_limits(limits)
 
 
 def test_indices_out_of_range_are_refused_before_any_forward_pass_or_loss_sees_them(
@@ -1050,13 +1060,15 @@ def test_output_metrics_stay_reserved_while_their_reply_streams(start_server: An
     from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
     mb = 1_000_000
-    server = start_server(max_device_bytes=50 * mb)
+    server = start_server(max_device_bytes=60 * mb)
     with Client(server.address, timeout=120) as c, stalling_channel(server.address) as channel:
         q = c.module(["linear", 10, 5_000])
         m = c.model(q, c.loss("ce"), c.opt("sgd", q, 0.1))
-        x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)  # 20 MB of outputs
+        # 20 MB of outputs in 10 batches, kept with their concatenation (40 MB) until the reply has
+        # streamed; a batch's pass (10 MB with its gradients on the way back) fits beside them.
+        x, y = np.ones((1_000, 10), np.float32), np.zeros(1_000, np.int64)
         load = c.train if verb == "run" else c.test
-        load(m, batchsize=1_000, metrics="output")
+        load(m, batchsize=100, metrics="output")
         load(m, x, y)
         stub = pb_grpc.WeightAveragingServiceStub(channel)
         call = (
@@ -1175,7 +1187,8 @@ def test_the_copies_of_input_batches_are_reserved_in_evaluate_testrun_and_batchn
 
         for verb in (c.testrun, c.batchnorm):
             before = snapshot(server.registry)
-            with pytest.raises(ResourceExhaustedError, match="10000000 more tensor bytes"):
+            # The 10 MB copy of a batch, and the pass's output while it runs (5,000 float32 rows)
+            with pytest.raises(ResourceExhaustedError, match="10020000 more tensor bytes"):
                 verb(rm)
             assert_unchanged(before, snapshot(server.registry))
         c.free(ballast)

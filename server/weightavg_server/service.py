@@ -30,10 +30,10 @@ from .domain.batchnorm import Momenta
 from .domain.dictionaries import TensorDict
 from .domain.ema import EmaState, ScheduleChange
 from .domain.dtypes import DTYPES
-from .domain.errors import FailedPrecondition, InvalidArgument
-from .domain.options import Value
+from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from .domain.options import Value, int_value
 from .domain.tensors import (
-    HandleSummary, StorageKey, TensorHolder, add_bytes, host_copies, storage_bytes, storages, tensor_bytes,
+    Bytes, HandleSummary, StorageKey, TensorHolder, add_bytes, host_copies, storage_bytes, storages, tensor_bytes,
     tensors_of,
 )
 from .domain import merging, outer, soups
@@ -227,6 +227,19 @@ class _Receiving:
 _RECEIVING: contextvars.ContextVar[_Receiving | None] = contextvars.ContextVar("weightavg_receiving", default=None)
 """The upload the calling thread is receiving (the transport asks for each tensor's buffer in the
 thread that receives it), or None."""
+
+
+def _smaller_batch_hint(sized: Sequence[tuple[int, int]]) -> str:
+    """What an epoch refused for room can change besides freeing handles: its batch size, where one
+    batch's forward and backward pass take room (`footprint.batch_pass_bytes`; `sized`: the batch
+    size and those bytes, as the refused reservation read them)."""
+    if not sized or not sized[-1][1]:
+        return ""
+    rows, nbytes = sized[-1]
+    return (
+        f", or train on smaller batches: a batch of {rows} rows takes {nbytes} bytes for its forward and "
+        "backward pass (train(m, batchsize=w))"
+    )
 
 
 def _copied_in_place() -> bool:
@@ -857,9 +870,18 @@ class Service:
         entry, model = self._model(handle)
         with contextlib.ExitStack() as call:
             kept = (held if held is not None else call).enter_context(self.store.reserve())
-            with self.store.mutate(entry, need=lambda: footprint.epoch_bytes(model)):
-                self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "train"))
-                yield model
+            sized: list[tuple[int, int]] = []  # one batch's rows and pass bytes, read under the lock
+
+            def need() -> Bytes:
+                sized.append((int_value(model.train, "batchsize"), sum(footprint.batch_pass_bytes(model).values())))
+                return footprint.epoch_bytes(model)
+
+            try:
+                call.enter_context(self.store.mutate(entry, need=need))
+            except ResourceExhausted as exc:
+                raise ResourceExhausted(f"{exc}{_smaller_batch_hint(sized)}") from None
+            self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "train"))
+            yield model
 
     def run_test(self, handle: str, should_stop: StopCheck, held: contextlib.ExitStack | None = None) -> Metrics:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
@@ -889,7 +911,8 @@ class Service:
             with self.store.mutate(entry, need=NOTHING, in_place=_copied_in_place):
                 self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "test"))
                 copies = add_bytes(
-                    footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test")
+                    footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
+                    footprint.data_pass_bytes(model, "test"),
                 )
                 with self.store.reserve(nbytes=copies):
                     yield model
@@ -910,7 +933,8 @@ class Service:
             x = tensors[0][1]
             with self._eval_locked(entry, model):
                 self.store.grow(reservation, nbytes=footprint.evaluate_bytes(model, x))
-                return training.evaluate(model, x, should_stop)
+                with self.store.reserve(nbytes=footprint.evaluate_pass_bytes(model, x)):
+                    return training.evaluate(model, x, should_stop)
 
     @contextlib.contextmanager
     def _eval_locked(self, entry: Entry, model: training.Model) -> Iterator[None]:
@@ -947,8 +971,10 @@ class Service:
                     x = training.default_input(entry.obj, mode)
                 else:
                     raise InvalidArgument("RunForward needs an input: a tensor handle or a streamed tensor")
-                self.store.grow(reservation, nbytes=footprint.forward_bytes(module, x, training.forward_flags(mode)[0]))
-                output = training.forward(module, x, mode)
+                train = training.forward_flags(mode)[0]
+                self.store.grow(reservation, nbytes=footprint.forward_bytes(module, x, train))
+                with self.store.reserve(nbytes=footprint.pass_bytes(module, x, train)):
+                    output = training.forward(module, x, mode)
             return Ref(self.store.add(Kind.TENSOR, TensorHolder(output), reservation), Kind.TENSOR)
 
     @_exactly_once
@@ -984,9 +1010,10 @@ class Service:
         self, handle: str, should_stop: StopCheck, *, request: RequestKey | None = None,
     ) -> Momenta:
         entry, model = self._model(handle)
-        with self.store.mutate(
-            entry, need=lambda: add_bytes(footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model))
-        ):
+        with self.store.mutate(entry, need=lambda: add_bytes(
+            footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model),
+            footprint.data_pass_bytes(model, "train"),
+        )):
             return training.recalculate_batchnorm(model, should_stop)
 
     # -- sessions and snapshots ---------------------------------------------------------------------

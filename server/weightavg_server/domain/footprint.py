@@ -8,15 +8,19 @@ device, which computes shapes and dtypes without memory; the answer is exact, no
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
@@ -55,28 +59,38 @@ def _meta_output(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tenso
     moment (GetServerStats listed a "meta" device, ListHandles a 665,600-byte module as 16,640 bytes;
     found by review).
 
-    A pass already run for the same structure and input is answered from `_MetaOutputs`.
+    A pass already run for the same structure and input is answered from `_OUTPUTS`.
 
     Raises:
         ResourceExhausted: the output (or a tensor made on the way) would have more bytes than int64
             counts, which meta refuses; no real pass may run then (see `_overflowed`). Raised every
             time, never kept.
     """
+    return _meta_result(module, x, train)[0]
+
+
+def _meta_result(module: nn.Module, x: torch.Tensor, train: bool) -> tuple[torch.Tensor | None, int]:
+    """`_meta_output`'s output, and the bytes its pass allocated at its widest, output included
+    (`_PeakBytes`; 0 where it failed), from `_OUTPUTS` where the same pass ran before."""
     key = (_structure(module), tuple(x.shape), x.dtype, train)
-    seen, known = _MetaOutputs.get(module, key)
+    seen, known = _OUTPUTS.get(module, key)
     if seen:
-        return None if known is None else torch.empty(known[0], dtype=known[1], device="meta")
-    output = _meta_pass(module, x, train)
-    _MetaOutputs.put(module, key, None if output is None else (tuple(output.shape), output.dtype))
-    return output
+        return (None, 0) if known is None else (torch.empty(known[0], dtype=known[1], device="meta"), known[2])
+    meter = _PeakBytes()
+    output = _meta_pass(module, x, train, meter)
+    _OUTPUTS.put(module, key, None if output is None else (tuple(output.shape), output.dtype, meter.peak))
+    return output, meter.peak if output is not None else 0
 
 
-def _meta_pass(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor | None:
-    """The pass of `_meta_output` itself, uncached."""
+def _meta_pass(
+    module: nn.Module, x: torch.Tensor, train: bool, meter: _PeakBytes | None = None
+) -> torch.Tensor | None:
+    """The pass of `_meta_output` itself, uncached; under `meter`, which then holds its widest point."""
     state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    shadow, x = _shadow(module, train), x.to("meta")
     try:
-        with torch.no_grad():
-            output = functional_call(_shadow(module, train), state, (x.to("meta"),))
+        with torch.no_grad(), meter if meter is not None else contextlib.nullcontext():
+            output = functional_call(shadow, state, (x,))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
         if _overflowed(exc):
             raise ResourceExhausted(
@@ -96,35 +110,44 @@ def _structure(module: nn.Module) -> Hashable:
     return layers, tensors
 
 
-OutputShape = tuple[tuple[int, ...], torch.dtype] | None
-"""A meta pass's output: its shape and dtype, or None where the pass failed or gave no tensor."""
+OutputShape = tuple[tuple[int, ...], torch.dtype, int] | None
+"""A meta pass's output, its shape and dtype, and the bytes the pass allocated at its widest; or None
+where the pass failed or gave no tensor."""
+
+V = TypeVar("V")
 
 
-class _MetaOutputs:
-    """The meta passes already run, per module (weakly: a freed module's go with it) and per
-    structure and input: a forward of the bench's MLP spent 3.1 ms in its meta pass (torch's Python
-    decomposition of `addmm` on meta) against 0.5 ms in the forward itself (docs/perf.md). The key
+class _Kept(Generic[V]):
+    """Meta passes already run, per module (weakly: a freed module's go with it) and per structure
+    and input: a forward of the bench's MLP spent 3.1 ms in its meta pass (torch's Python
+    decomposition of `addmm` on meta) against 0.5 ms in the forward itself (docs/perf.md). A key
     holds the module's whole structure (`_structure`), so a module changed by `to()`, a load or an
-    option is looked up afresh; a module's last `ENTRIES` inputs are kept."""
+    option is looked up afresh; a module's last `ENTRIES` keys are kept."""
 
     ENTRIES = 16
-    _lock = threading.Lock()
-    _seen: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, OutputShape]] = weakref.WeakKeyDictionary()
 
-    @classmethod
-    def get(cls, module: nn.Module, key: Hashable) -> tuple[bool, OutputShape]:
-        """Whether the pass was seen, and its output."""
-        with cls._lock:
-            known = cls._seen.get(module, {})
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, V]] = weakref.WeakKeyDictionary()
+
+    def get(self, module: nn.Module, key: Hashable) -> tuple[bool, V | None]:
+        """Whether the pass was seen, and what it gave."""
+        with self._lock:
+            known = self._seen.get(module, {})
             return (True, known[key]) if key in known else (False, None)
 
-    @classmethod
-    def put(cls, module: nn.Module, key: Hashable, output: OutputShape) -> None:
-        with cls._lock:
-            known = cls._seen.setdefault(module, {})
-            known[key] = output
-            while len(known) > cls.ENTRIES:  # dicts keep insertion order: the oldest goes first
+    def put(self, module: nn.Module, key: Hashable, value: V) -> None:
+        with self._lock:
+            known = self._seen.setdefault(module, {})
+            known[key] = value
+            while len(known) > self.ENTRIES:  # dicts keep insertion order: the oldest goes first
                 del known[next(iter(known))]
+
+
+_OUTPUTS: _Kept[OutputShape] = _Kept()
+"""Forward passes without gradients (`_meta_result`)."""
+_BATCH_PASSES: _Kept[int | None] = _Kept()
+"""Training batches' passes (`batch_pass_bytes`)."""
 
 
 def _shadow(module: nn.Module, train: bool) -> nn.Module:
@@ -171,6 +194,36 @@ def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
     copied = training.writes_inputs(module) or x.device != _module_device(module)
     copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if copied else []
     return add_bytes(tensor_bytes([output, *copy], _module_device(module)), renorm_copy_bytes(module))
+
+
+def pass_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
+    """Bytes a pass of `module(x)` without gradients allocates at its widest on the module's device,
+    its output included: each layer's output lives until the next layer has made its own, so a
+    convolution net's feature maps can take many times its output (they were not reserved). For
+    the length of the pass, beside the output's own reservation, which outlives it: the output is
+    counted twice while the pass runs, the margin for a device kernel's own temporaries. Measured
+    on meta (`_meta_result`, with every layer's train flag `train`); nothing where that pass fails."""
+    peak = _meta_result(module, x, train)[1]
+    return {str(_module_device(module)): peak} if peak else {}
+
+
+def data_pass_bytes(model: Model, split: str) -> Bytes:
+    """`pass_bytes` of one batch of the model's `split` data ("train": batchnorm(m)'s passes, in
+    train mode; "test": a test's, in eval mode); nothing without data."""
+    data = model.train_data if split == "train" else model.test_data
+    if data is None:
+        return {}
+    n = batching.full_size(data.x)
+    w = min(int_value(model.train if split == "train" else model.test, "batchsize"), n)
+    x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
+    return pass_bytes(model.module, x, train=split == "train")
+
+
+def evaluate_pass_bytes(model: Model, x: torch.Tensor) -> Bytes:
+    """`pass_bytes` of one of the test-batchsize pieces evaluate(model, x) runs, in eval mode."""
+    dtype = training.input_dtype(model.module, x)
+    _, w, _ = training.evaluate_plan(model, x)
+    return pass_bytes(model.module, torch.empty((w, *x.shape[1:]), dtype=dtype, device="meta"), train=False)
 
 
 def renorm_copy_bytes(module: nn.Module) -> Bytes:
@@ -317,6 +370,112 @@ def gradient_bytes(module: nn.Module) -> Bytes:
     return tensor_bytes(p for p in module.parameters() if p.requires_grad and p.grad is None)
 
 
+class _PeakBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """The bytes of the storages that the ops run under it make, while they live, and the most that
+    lived at once: what a pass allocates at its widest (a storage an op returns that none of its
+    inputs had is new). Run on meta, where no byte is real, it gives
+    what the same pass on a real device allocates, op for op (the same torch code makes the same
+    storages; tests/test_domain_footprint.py checks it against a CPU pass). A storage is counted
+    when an op returns it and uncounted when it is freed (a finalizer on the storage, whose Python
+    object torch keeps while the storage lives), so views and in-place ops count nothing, and an
+    activation freed once backward has used it stops counting then. Temporaries inside one kernel
+    (never a storage) are not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()
+
+    def __torch_dispatch__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        given = {leaf.untyped_storage()._cdata for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)}
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._count(leaf, given)
+        return out
+
+    def _count(self, t: torch.Tensor, given: set[int]) -> None:
+        """Count t's storage if the op made it: not one of its inputs' (a view, an in-place or `out=`
+        op: a parameter's `weight.t()` counted its whole weight again) and not counted already."""
+        storage = t.untyped_storage()
+        key, nbytes = storage._cdata, storage.nbytes()
+        if key in given or key in self._counted or not nbytes:
+            return
+        self._counted.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, nbytes)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._counted.discard(key)
+        self.live -= nbytes
+
+
+def batch_pass_bytes(model: Model) -> Bytes:
+    """Bytes one training batch allocates at its widest on the module's device beyond the gradients
+    (`gradient_bytes`): the activations autograd saves for backward, the output and the loss, and
+    the gradients flowing back through the layers. Before, none of it was reserved: a batch size
+    whose activations did not fit ran into the host's or the GPU's memory instead of the cap
+    (RESOURCE_EXHAUSTED from torch, or the server killed by the kernel's OOM killer).
+
+    Measured by running the forward pass in train mode, the loss and backward over one full batch on
+    meta copies of the module's tensors, in a shadow of it (`_shadow`: nothing real changes), under
+    `_PeakBytes`. The peak counts the parameters' gradients made on the way, which the module's
+    charge or `gradient_bytes` already holds: they are taken off. A device's own kernels may make
+    what meta's do not (the CPU's `mse_loss` keeps its unreduced loss, a tensor the size of the
+    output, where meta's makes a scalar): the output's bytes are added for that, so the reservation
+    is at least what the CPU allocates and at most one output more. Kept per module for its structure,
+    batch shape and loss (`_BATCH_PASSES`); nothing without training data, and
+    nothing where the pass fails on meta (the real pass then fails with torch's own message)."""
+    data = model.train_data
+    if data is None:
+        return {}
+    n = batching.full_size(data.x)
+    w = min(int_value(model.train, "batchsize"), n)
+    if w <= 0:
+        return {}
+    x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
+    y = torch.empty((w, *data.y.shape[1:]), dtype=data.y.dtype, device="meta")
+    key = (_structure(model.module), tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, model.loss.type,
+           repr(sorted(model.loss.options.items())))
+    seen, peak = _BATCH_PASSES.get(model.module, key)
+    if not seen:
+        peak = _batch_pass_peak(model, x, y)
+        _BATCH_PASSES.put(model.module, key, peak)
+    return {str(_module_device(model.module)): peak} if peak else {}
+
+
+def _batch_pass_peak(model: Model, x: torch.Tensor, y: torch.Tensor) -> int | None:
+    """The pass of `batch_pass_bytes` itself, uncached: its peak less the gradients it made, plus the
+    output's bytes, or None where it fails on meta.
+
+    Raises:
+        ResourceExhausted: a tensor of the pass would have more bytes than int64 counts.
+    """
+    module = model.module
+    state = {name: p.detach().to("meta").requires_grad_(p.requires_grad) for name, p in module.named_parameters()}
+    state.update({name: b.to("meta") for name, b in module.named_buffers()})
+    meter = _PeakBytes()
+    try:
+        with torch.enable_grad(), meter:
+            output = functional_call(_shadow(module, True), state, (x,))
+            loss = model.loss(output, training.batch_targets(model, y))
+            torch.autograd.backward(loss)
+    except Exception as exc:  # any failure on meta (torch's own asserts included): the real pass decides
+        if _overflowed(exc):
+            raise ResourceExhausted(
+                f"a training batch of shape {list(x.shape)} would need more memory than any machine has "
+                f"({exc}); lower the batch size (train(m, batchsize=w)) or check the layers' sizes"
+            ) from None
+        return None
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in state.values() if t.grad is not None)
+    margin = output.numel() * output.element_size() if isinstance(output, torch.Tensor) else 0
+    return max(meter.peak - grads, 0) + margin
+
+
 def training_bytes(model: Model) -> Bytes:
     """Bytes an epoch leaves allocated beyond what the model holds: gradients and first-step state."""
     return add_bytes(gradient_bytes(model.module), step_bytes(model.optimizer))
@@ -365,11 +524,12 @@ def epoch_bytes(model: Model) -> Bytes:
     shuffled, the reordered data (`shuffle_bytes`), for a module that writes its input in place, a
     copy of a batch (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding
     renormalises (`renorm_copy_bytes`, held before training starts: counted on top, at most too
-    much). The outputs and predictions its metrics keep (`metrics_bytes`) are not here: they outlive
-    the epoch until its reply has streamed, so the caller reserves them for that long."""
+    much), and what one batch's forward, loss and backward allocate at their widest
+    (`batch_pass_bytes`). The outputs and predictions its metrics keep (`metrics_bytes`) are not here:
+    they outlive the epoch until its reply has streamed, so the caller reserves them for that long."""
     return add_bytes(
         training_bytes(model), rollback_bytes(model), shuffle_bytes(model), batch_copy_bytes(model),
-        renorm_copy_bytes(model.module),
+        renorm_copy_bytes(model.module), batch_pass_bytes(model),
     )
 
 
