@@ -61,6 +61,11 @@ class Ledger:
         self._pending: Bytes = {}
         self.pending_handles = 0
 
+    def idle(self) -> bool:
+        """Whether the ledger counts nothing: no object held, nothing reserved (a tenant's ledger
+        that may be dropped, and made afresh when the tenant next reserves or holds something)."""
+        return not self._holders and self.pending_handles == 0 and not any(self._pending.values())
+
     def held(self) -> Bytes:
         """Bytes of distinct allocations held by live objects, by device."""
         return {device: n for device, n in self._held.items() if n}

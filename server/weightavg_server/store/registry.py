@@ -257,17 +257,25 @@ class Registry:
 
     def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
         """Each tenant's quota (tenants not named have none); what is held stays, new requests are
-        checked against them. A tenant removed from the tokens file keeps its objects."""
+        checked against them. A tenant removed from the tokens file keeps its objects and sessions.
+        The ledgers of tenants that hold and reserve nothing are dropped here (a tenant's next
+        reservation makes its ledger afresh): one was kept for every tenant that ever held
+        anything, so the tables grew with every tenant a reload renamed (found by review)."""
         with self._lock:
             self._quotas = dict(quotas)
+            for name in [name for name, ledger in self._tenants.items() if ledger.idle()]:
+                del self._tenants[name]
             for name, ledger in self._tenants.items():
                 ledger.limits = _quota_limits(self._quotas.get(name, Quota()))
 
     def tenant_usage(self) -> dict[str, TenantUsage]:
-        """Per tenant that holds something (or a session open) or has a quota: its live handles, the
-        bytes of distinct storage they reach by device, its quota and its open sessions; sorted by tenant."""
+        """Per tenant that holds something (a handle, a reservation or a session open) or has a quota:
+        its live handles, the bytes of distinct storage they reach by device, its quota and its open
+        sessions; sorted by tenant. A tenant that once held something and now holds nothing is not
+        listed (its ledger may stay until the next `set_quotas`)."""
         with self._lock:
-            names = sorted(set(self._tenants) | set(self._quotas) | set(self._open_sessions))
+            held = {name for name, ledger in self._tenants.items() if not ledger.idle()}
+            names = sorted(held | set(self._quotas) | set(self._open_sessions))
             return {
                 name: TenantUsage(
                     self._owned.get(name, 0),
@@ -621,7 +629,11 @@ class Registry:
         entry.freed = True
         self._ledger.unhold(entry.obj)
         self._tenant(entry.tenant).unhold(entry.obj)
-        self._owned[entry.tenant] -= 1
+        left = self._owned[entry.tenant] - 1
+        if left:
+            self._owned[entry.tenant] = left
+        else:
+            del self._owned[entry.tenant]
         self.changes.note()
 
     def describe(self, entry: Entry) -> HandleSummary | None:
