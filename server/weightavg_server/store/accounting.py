@@ -8,6 +8,7 @@ ledger has no lock of its own: the registry calls it under its internal lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..domain.errors import ResourceExhausted
@@ -33,6 +34,10 @@ class Reservation:
     """False for a snapshot's host copies and its restore, which span every tenant: the room counts
     against the server's caps alone (`Registry.add` still charges each restored object to its own
     tenant)."""
+    active: Callable[[], bool] | None = None
+    """Whether the call that holds the room still has its client (`requests.CALL_ACTIVE` when the
+    room was set aside; None outside a call): the room of a call that has ended is about to be given
+    back, and a call refused for want of it waits for it (`Registry.grow`)."""
 
 
 @dataclass
@@ -76,11 +81,14 @@ class Ledger:
 
     # -- caps ---------------------------------------------------------------------------------------
 
-    def check(self, live_handles: int, handles: int, nbytes: Bytes, released: Bytes | None = None) -> None:
+    def check(
+        self, live_handles: int, handles: int, nbytes: Bytes, released: Bytes | None = None, released_handles: int = 0,
+    ) -> None:
         """Raise ResourceExhausted unless `handles` more handles and `nbytes` more bytes fit, counting
-        what is held and reserved, less `released` (a reservation about to be spent)."""
+        what is held and reserved, less `released` bytes and `released_handles` (a reservation about
+        to be spent, or reservations about to be given back)."""
         cap = self.limits.max_handles
-        if handles > 0 and cap > 0 and live_handles + self.pending_handles + handles > cap:
+        if handles > 0 and cap > 0 and live_handles + self.pending_handles - released_handles + handles > cap:
             if self.tenant is not None:
                 raise ResourceExhausted(
                     f"tenant '{self.tenant}' holds its quota of {cap} live handles (max_handles in the tokens file); "
