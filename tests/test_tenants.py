@@ -1027,8 +1027,10 @@ def test_a_reload_drops_the_series_of_the_tenants_it_removed(tmp_path: Path) -> 
     metrics = start_metrics_server("127.0.0.1", 0, runtime.stats, runtime.service)
     url = f"http://127.0.0.1:{metrics.port}/metrics"
     try:
-        with connect(runtime, BOB) as b, connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin:
+        with connect(runtime, BOB) as b, connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin, \
+                connect(runtime, BOB, session=True, lease=600) as in_session:
             kept = b.tensor(np.ones(250, np.float32))
+            in_session.tensor(np.ones(2, np.float32))
             a.free(a.tensor(np.ones(4, np.float32)))  # Alice held something once, and nothing now
             before = _tenant_series(url)
             assert {"weightavg_tenant_calls_total", "weightavg_tenant_handles"} <= before["bob"]
@@ -1040,13 +1042,18 @@ def test_a_reload_drops_the_series_of_the_tenants_it_removed(tmp_path: Path) -> 
             assert runtime.reload_tokens()
             with pytest.raises(UnauthenticatedError):
                 b.ping()
+            with pytest.raises(UnauthenticatedError):
+                in_session.keepalive()  # its session is no longer renewed: it ends with its lease
             after = _tenant_series(url)
             assert "alice" not in after
             assert after["bob"] == {"weightavg_tenant_handles", "weightavg_tenant_sessions", "weightavg_tenant_tensor_bytes"}
             stats = admin.stats()["tenants"]
-            assert "alice" not in stats and stats["bob"]["handles"] == 1 and stats["bob"]["bytes"] == {"cpu": 1000}
+            assert "alice" not in stats
+            assert (stats["bob"]["handles"], stats["bob"]["sessions"], stats["bob"]["bytes"]) == (2, 1, {"cpu": 1008})
 
             assert admin.tensor(kept).tolist() == [1.0] * 250  # the objects stay, for an admin to read or purge
+            with connect(runtime, ADMIN, session=in_session.session) as joined:
+                assert joined.close_session() == 1  # an admin may end the session now
             assert admin.purge("bob") == 1
             assert "bob" not in _tenant_series(url) and "bob" not in admin.stats()["tenants"]
 
