@@ -1081,3 +1081,24 @@ def test_a_reload_drops_the_series_of_the_tenants_it_removed(tmp_path: Path) -> 
         metrics.stop()
         runtime.server.stop(None)
         runtime.reaper.stop()
+
+
+def test_a_reservation_spent_in_a_ledger_a_reload_dropped_is_given_back_cleanly() -> None:
+    """A reload drops the ledgers of tenants that hold and reserve nothing. An upload whose bytes
+    were all spent on its new handle, that handle freed by another call and a reload coming before
+    the upload's reservation was given back: the release went to a ledger made afresh, which knew
+    nothing of the device, and failed with a KeyError (found in review of the dropping itself)."""
+    import torch
+
+    from weightavg_server.domain.tensors import TensorHolder
+    from weightavg_server.store.registry import Kind, Registry
+
+    registry = Registry()
+    with registry.reserve(handles=1, nbytes={"cpu": 12}) as reservation:
+        handle = registry.add(Kind.TENSOR, TensorHolder(torch.ones(3)), reservation)
+        assert registry.free([handle]) == 1
+        registry.set_quotas({})
+    assert registry.tenant_usage() == {} and registry.held_bytes() == {}
+    with registry.reserve(handles=1, nbytes={"cpu": 12}) as reservation:  # the tenant's ledger, made again
+        registry.add(Kind.TENSOR, TensorHolder(torch.ones(3)), reservation)
+    assert registry.tenant_usage()["default"].nbytes == {"cpu": 12}

@@ -128,9 +128,12 @@ class Ledger:
             self._pending[device] = self._pending.get(device, 0) + n
 
     def release_bytes(self, reservation: Reservation) -> None:
-        """Give back a reservation's bytes (spent or not)."""
+        """Give back a reservation's bytes (spent or not). A device whose bytes were all spent is
+        skipped: the tenant ledger they were spent in may have been dropped since (`idle`), and the
+        one made afresh in its place has never heard of the device."""
         for device, n in reservation.nbytes.items():
-            self._pending[device] -= n
+            if n:
+                self._pending[device] -= n
         reservation.nbytes = {}
 
     def spend(self, reservation: Reservation, nbytes: Bytes) -> None:
