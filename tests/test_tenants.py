@@ -733,6 +733,8 @@ def test_sighup_reloads_the_tokens_file_revoking_a_token_mid_run(tmp_path: Path)
                 d.size(kept)
         with Client(proc.address, token=ADMIN, timeout=30) as admin:
             assert {(h.handle.id, h.tenant) for h in admin.handles(all_tenants=True)} >= {(kept.id, "bob")}
+            bob = admin.stats()["tenants"]["bob"]  # his calls forgotten with his tokens, his handle still listed
+            assert (bob["calls"], bob["handles"]) == (0, 1)
             tokens.write_text("tokens = [")  # a broken file: the tokens in force stay
             proc.proc.send_signal(signal.SIGHUP)
             time.sleep(0.5)  # not an assertion on time: SIGHUP is asynchronous, the next calls must pass anyway
