@@ -733,6 +733,8 @@ def test_sighup_reloads_the_tokens_file_revoking_a_token_mid_run(tmp_path: Path)
                 d.size(kept)
         with Client(proc.address, token=ADMIN, timeout=30) as admin:
             assert {(h.handle.id, h.tenant) for h in admin.handles(all_tenants=True)} >= {(kept.id, "bob")}
+            bob = admin.stats()["tenants"]["bob"]  # his calls forgotten with his tokens, his handle still listed
+            assert (bob["calls"], bob["handles"]) == (0, 1)
             tokens.write_text("tokens = [")  # a broken file: the tokens in force stay
             proc.proc.send_signal(signal.SIGHUP)
             time.sleep(0.5)  # not an assertion on time: SIGHUP is asynchronous, the next calls must pass anyway
@@ -990,3 +992,115 @@ def test_a_tenant_that_holds_nothing_still_shows_its_calls_and_failures(tmp_path
     finally:
         runtime.server.stop(None)
         runtime.reaper.stop()
+
+
+def _tenant_series(url: str) -> dict[str, set[str]]:
+    """Each tenant a scrape of /metrics names, with the names of its series."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "tenant" in sample.labels:
+                found.setdefault(sample.labels["tenant"], set()).add(sample.name)
+    return found
+
+
+def test_a_reload_drops_the_series_of_the_tenants_it_removed(tmp_path: Path) -> None:
+    """/metrics and GetServerStats kept every tenant a tokens file had ever named (their call
+    counters, and an empty row for every tenant that had once held something), so each SIGHUP that
+    renamed tenants added rows for good (found by review). Now a reload forgets the calls of the
+    tenants it removed: one that holds nothing disappears; one that still holds objects keeps its
+    handle and byte series (what an admin has to purge) without call counters, until it is purged;
+    renaming tenants again and again leaves only the current ones; a tenant named again starts
+    from zero. A removed tenant's objects stay, its token is UNAUTHENTICATED, and an admin still
+    reads and frees them."""
+    from weightavg_server.ops.metrics import start_metrics_server
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS)
+    tokens.chmod(0o600)
+    runtime = create_runtime(ServerConfig(host="127.0.0.1", port=0, device="cpu", tokens=str(tokens)))
+    runtime.start()
+    metrics = start_metrics_server("127.0.0.1", 0, runtime.stats, runtime.service)
+    url = f"http://127.0.0.1:{metrics.port}/metrics"
+    try:
+        with connect(runtime, BOB) as b, connect(runtime, ALICE) as a, connect(runtime, ADMIN) as admin, \
+                connect(runtime, BOB, session=True, lease=600) as in_session:
+            kept = b.tensor(np.ones(250, np.float32))
+            in_session.tensor(np.ones(2, np.float32))
+            a.free(a.tensor(np.ones(4, np.float32)))  # Alice held something once, and nothing now
+            before = _tenant_series(url)
+            assert {"weightavg_tenant_calls_total", "weightavg_tenant_handles"} <= before["bob"]
+            assert {"weightavg_tenant_calls_total", "weightavg_tenant_handles"} <= before["alice"]
+
+            tokens.write_text(TOKENS.replace(f'tenant = "bob"', 'tenant = "ops"').replace(BOB, "x" * 24)
+                              .replace('tenant = "alice"', 'tenant = "ops"').replace(ALICE, "y" * 24)
+                              .replace(ALICE_READER, "z" * 24))
+            assert runtime.reload_tokens()
+            with pytest.raises(UnauthenticatedError):
+                b.ping()
+            with pytest.raises(UnauthenticatedError):
+                in_session.keepalive()  # its session is no longer renewed: it ends with its lease
+            after = _tenant_series(url)
+            assert "alice" not in after
+            assert after["bob"] == {"weightavg_tenant_handles", "weightavg_tenant_sessions", "weightavg_tenant_tensor_bytes"}
+            stats = admin.stats()["tenants"]
+            assert "alice" not in stats
+            assert (stats["bob"]["handles"], stats["bob"]["sessions"], stats["bob"]["bytes"]) == (2, 1, {"cpu": 1008})
+
+            assert admin.tensor(kept).tolist() == [1.0] * 250  # the objects stay, for an admin to read or purge
+            with connect(runtime, ADMIN, session=in_session.session) as joined:
+                assert joined.close_session() == 1  # an admin may end the session now
+            assert admin.purge("bob") == 1
+            assert "bob" not in _tenant_series(url) and "bob" not in admin.stats()["tenants"]
+
+        for generation in range(3):  # tenants renamed at each reload: only the current ones are listed
+            names = [f"team{generation}-{i}" for i in range(3)]
+            entries = "".join(
+                f'\n[[tokens]]\ntoken = "{name}-token-0000000"\ntenant = "{name}"\nrole = "user"\n' for name in names
+            )
+            tokens.write_text(TOKENS + entries)
+            assert runtime.reload_tokens()
+            for name in names:
+                with connect(runtime, f"{name}-token-0000000") as c:
+                    c.free(c.tensor(np.ones(2, np.float32)))
+            named = set(_tenant_series(url))
+            assert named - {"ops", "carol"} == set(names), named
+
+        tokens.write_text(TOKENS)  # Bob and Alice again: their counters start from zero
+        assert runtime.reload_tokens()
+        with connect(runtime, ALICE) as a:
+            a.ping()
+        with connect(runtime, ADMIN) as admin:
+            stats = admin.stats()["tenants"]
+        assert stats["alice"]["calls"] == 1 and "bob" not in stats
+    finally:
+        metrics.stop()
+        runtime.server.stop(None)
+        runtime.reaper.stop()
+
+
+def test_a_reservation_spent_in_a_ledger_a_reload_dropped_is_given_back_cleanly() -> None:
+    """A reload drops the ledgers of tenants that hold and reserve nothing. An upload whose bytes
+    were all spent on its new handle, that handle freed by another call and a reload coming before
+    the upload's reservation was given back: the release went to a ledger made afresh, which knew
+    nothing of the device, and failed with a KeyError (found in review of the dropping itself)."""
+    import torch
+
+    from weightavg_server.domain.tensors import TensorHolder
+    from weightavg_server.store.registry import Kind, Registry
+
+    registry = Registry()
+    with registry.reserve(handles=1, nbytes={"cpu": 12}) as reservation:
+        handle = registry.add(Kind.TENSOR, TensorHolder(torch.ones(3)), reservation)
+        assert registry.free([handle]) == 1
+        registry.set_quotas({})
+    assert registry.tenant_usage() == {} and registry.held_bytes() == {}
+    with registry.reserve(handles=1, nbytes={"cpu": 12}) as reservation:  # the tenant's ledger, made again
+        registry.add(Kind.TENSOR, TensorHolder(torch.ones(3)), reservation)
+    assert registry.tenant_usage()["default"].nbytes == {"cpu": 12}

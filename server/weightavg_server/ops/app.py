@@ -123,7 +123,8 @@ class Runtime:
 
     def reload_tokens(self) -> bool:
         """Reread the tokens file (SIGHUP): the new table replaces the old whole, so a removed token
-        is refused from the next call on, and quotas change; the objects of removed tenants stay.
+        is refused from the next call on, and quotas change; the objects and sessions of removed
+        tenants stay (an admin may purge them), and their call counters go (docs/ops.md, "Metrics").
         A file that does not load is logged and changes nothing. True when reloaded."""
         if not self.config.tokens:
             log.warning("SIGHUP: no --tokens file to reload")
@@ -133,6 +134,8 @@ class Runtime:
         except TokensFileError as exc:
             log.error("tokens file not reloaded, the tokens in force stay: %s", exc)
             return False
+        # The counters first: a call of a removed tenant that ends between the two is not counted.
+        self.stats.keep_tenants(table.tenants)
         self.tokens.replace(table)
         self.registry.set_quotas(table.quotas)
         if self.cluster is not None:  # the other ranks hold objects of the same tenants
@@ -324,6 +327,7 @@ def create_runtime(
     if config.state_dir:
         snapshot.prepare_directory(config.state_dir)  # 0700, or refused: before any call can change state
     stats = stats if stats is not None else RpcStats()
+    stats.keep_tenants(tokens.table.tenants)
     # One place times, counts and logs every call (per-RPC statistics, metrics, the RPC log); it is
     # first so that refused calls are counted too.
     # Next: nothing runs for an unauthenticated or unauthorized call; every call after it runs as its

@@ -137,8 +137,9 @@ class WeightavgCollector(Collector):
         tenant_calls = self.stats.tenants()
         for tenant in sorted(set(by_tenant) | set(tenant_calls)):
             c = tenant_calls.get(tenant)
-            calls.add_metric([tenant], c.calls if c else 0)
-            failures.add_metric([tenant], c.failures if c else 0)
+            if c is not None or self.stats.counts(tenant):  # not a removed tenant that still holds objects
+                calls.add_metric([tenant], c.calls if c else 0)
+                failures.add_metric([tenant], c.failures if c else 0)
             u = by_tenant.get(tenant)
             owned.add_metric([tenant], u.handles if u else 0)
             sessions.add_metric([tenant], u.sessions if u else 0)

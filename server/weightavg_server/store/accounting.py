@@ -8,6 +8,7 @@ ledger has no lock of its own: the registry calls it under its internal lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..domain.errors import ResourceExhausted
@@ -33,6 +34,10 @@ class Reservation:
     """False for a snapshot's host copies and its restore, which span every tenant: the room counts
     against the server's caps alone (`Registry.add` still charges each restored object to its own
     tenant)."""
+    active: Callable[[], bool] | None = None
+    """Whether the call that holds the room still has its client (`requests.CALL_ACTIVE` when the
+    room was set aside; None outside a call): the room of a call that has ended is about to be given
+    back, and a call refused for want of it waits for it (`Registry.grow`)."""
 
 
 @dataclass
@@ -61,6 +66,11 @@ class Ledger:
         self._pending: Bytes = {}
         self.pending_handles = 0
 
+    def idle(self) -> bool:
+        """Whether the ledger counts nothing: no object held, nothing reserved (a tenant's ledger
+        that may be dropped, and made afresh when the tenant next reserves or holds something)."""
+        return not self._holders and self.pending_handles == 0 and not any(self._pending.values())
+
     def held(self) -> Bytes:
         """Bytes of distinct allocations held by live objects, by device."""
         return {device: n for device, n in self._held.items() if n}
@@ -71,11 +81,14 @@ class Ledger:
 
     # -- caps ---------------------------------------------------------------------------------------
 
-    def check(self, live_handles: int, handles: int, nbytes: Bytes, released: Bytes | None = None) -> None:
+    def check(
+        self, live_handles: int, handles: int, nbytes: Bytes, released: Bytes | None = None, released_handles: int = 0,
+    ) -> None:
         """Raise ResourceExhausted unless `handles` more handles and `nbytes` more bytes fit, counting
-        what is held and reserved, less `released` (a reservation about to be spent)."""
+        what is held and reserved, less `released` bytes and `released_handles` (a reservation about
+        to be spent, or reservations about to be given back)."""
         cap = self.limits.max_handles
-        if handles > 0 and cap > 0 and live_handles + self.pending_handles + handles > cap:
+        if handles > 0 and cap > 0 and live_handles + self.pending_handles - released_handles + handles > cap:
             if self.tenant is not None:
                 raise ResourceExhausted(
                     f"tenant '{self.tenant}' holds its quota of {cap} live handles (max_handles in the tokens file); "
@@ -115,9 +128,12 @@ class Ledger:
             self._pending[device] = self._pending.get(device, 0) + n
 
     def release_bytes(self, reservation: Reservation) -> None:
-        """Give back a reservation's bytes (spent or not)."""
+        """Give back a reservation's bytes (spent or not). A device whose bytes were all spent is
+        skipped: the tenant ledger they were spent in may have been dropped since (`idle`), and the
+        one made afresh in its place has never heard of the device."""
         for device, n in reservation.nbytes.items():
-            self._pending[device] -= n
+            if n:
+                self._pending[device] -= n
         reservation.nbytes = {}
 
     def spend(self, reservation: Reservation, nbytes: Bytes) -> None:

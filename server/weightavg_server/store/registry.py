@@ -23,13 +23,16 @@ import math
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..domain.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted
 from ..domain.shm import Region
-from ..domain.tensors import Bytes, HandleSummary, StorageKey, storage_bytes, storages, summarize, tensors_of
+from ..domain.tensors import (
+    Bytes, HandleSummary, StorageKey, add_bytes, storage_bytes, storages, summarize, tensors_of,
+)
 from .accounting import Ledger, Reservation
 from .limits import Limits
 from .requests import CALL_ACTIVE, RequestTable, register_answer_type
@@ -40,6 +43,16 @@ log = logging.getLogger("weightavg.sessions")
 
 CALLER_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("weightavg_caller_session", default=None)
 """The session of the call being served (set by the session interceptor from call metadata), or None."""
+
+ENDED_CALLS_WAIT_SECONDS = 2.0
+"""How long, at most, a call refused for want of room waits for the room that calls which have ended
+still hold (`Registry.grow`). gRPC closes the reply of a stream its client cancelled (or broke) on
+the stream's worker thread, a moment after the client has gone, and the fetch's copies stay reserved
+until then: a fetch sent straight after a cancelled one was refused RESOURCE_EXHAUSTED now and then
+(4 of 30 in review, under a cap with room for one fetch). Closing takes milliseconds; a reply still
+open after this long is one gRPC left to the garbage collector, and the call is refused."""
+WAIT_SLICE_SECONDS = 0.05
+"""How often a waiting call looks whether its own client is still there (gone: it is refused at once)."""
 
 
 @register_answer_type  # answers holding handles name their kinds, and survive a snapshot
@@ -216,6 +229,10 @@ class Registry:
         under the lock as a session is made or its last call ends, and set afresh by each sweep that
         looks. Expiries only move later, so a stale read of it is a lower bound still (see `expire`)."""
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
+        """Notified whenever room is given back (`_release`), for calls waiting on ended calls' room."""
+        self._watched: weakref.WeakValueDictionary[int, Reservation] = weakref.WeakValueDictionary()
+        """Reservations made for calls (their `active` set), by id: whose room an ended call still holds."""
         self._ledger = Ledger(limits or Limits())
         self.changes = Changes()
         """Changes to what a snapshot holds, so that a periodic one of an unchanged server is skipped."""
@@ -257,17 +274,25 @@ class Registry:
 
     def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
         """Each tenant's quota (tenants not named have none); what is held stays, new requests are
-        checked against them. A tenant removed from the tokens file keeps its objects."""
+        checked against them. A tenant removed from the tokens file keeps its objects and sessions.
+        The ledgers of tenants that hold and reserve nothing are dropped here (a tenant's next
+        reservation makes its ledger afresh): one was kept for every tenant that ever held
+        anything, so the tables grew with every tenant a reload renamed (found by review)."""
         with self._lock:
             self._quotas = dict(quotas)
+            for name in [name for name, ledger in self._tenants.items() if ledger.idle()]:
+                del self._tenants[name]
             for name, ledger in self._tenants.items():
                 ledger.limits = _quota_limits(self._quotas.get(name, Quota()))
 
     def tenant_usage(self) -> dict[str, TenantUsage]:
-        """Per tenant that holds something (or a session open) or has a quota: its live handles, the
-        bytes of distinct storage they reach by device, its quota and its open sessions; sorted by tenant."""
+        """Per tenant that holds something (a handle, a reservation or a session open) or has a quota:
+        its live handles, the bytes of distinct storage they reach by device, its quota and its open
+        sessions; sorted by tenant. A tenant that once held something and now holds nothing is not
+        listed (its ledger may stay until the next `set_quotas`)."""
         with self._lock:
-            names = sorted(set(self._tenants) | set(self._quotas) | set(self._open_sessions))
+            held = {name for name, ledger in self._tenants.items() if not ledger.idle()}
+            names = sorted(held | set(self._quotas) | set(self._open_sessions))
             return {
                 name: TenantUsage(
                     self._owned.get(name, 0),
@@ -305,7 +330,9 @@ class Registry:
         Raises:
             ResourceExhausted: the handles or bytes would not fit.
         """
-        reservation = Reservation(tenant=CALLER.get().tenant, quota=Reservation(), tenant_quota=tenant_quota)
+        reservation = Reservation(
+            tenant=CALLER.get().tenant, quota=Reservation(), tenant_quota=tenant_quota, active=CALL_ACTIVE.get(),
+        )
         try:
             self.grow(reservation, handles, nbytes)
             yield reservation
@@ -318,24 +345,82 @@ class Registry:
             self._ledger.release(reservation)
             if reservation.tenant is not None and reservation.quota is not None:
                 self._tenant(reservation.tenant).release(reservation.quota)
+            self._released.notify_all()
 
     def grow(self, reservation: Reservation, handles: int = 0, nbytes: Mapping[str, int] | None = None) -> None:
         """Add to a reservation (e.g. as each tensor's header of an upload arrives), checked against
-        the server's caps and the tenant's quota; a refusal by either sets nothing aside."""
+        the server's caps and the tenant's quota; a refusal by either sets nothing aside.
+
+        Where the room is missing only because calls that have ended (their clients cancelled or
+        their replies finished; `Reservation.active`) have not given theirs back yet, it waits for
+        that room, at most `ENDED_CALLS_WAIT_SECONDS` and never once its own client has gone; a
+        refusal that such room would not cure comes at once."""
         wanted = {device: n for device, n in (nbytes or {}).items() if n > 0}
+        until: float | None = None
+        while True:
+            try:
+                with self._lock:
+                    self._grow(reservation, handles, wanted)
+                return
+            except ResourceExhausted:
+                until = until if until is not None else time.monotonic() + ENDED_CALLS_WAIT_SECONDS
+                if not self._wait_for_ended_calls(reservation, handles, wanted, until):
+                    raise
+
+    def _wait_for_ended_calls(self, reservation: Reservation, handles: int, wanted: Bytes, until: float) -> bool:
+        """Wait a moment for the room of calls that have ended, if giving it back would let `reservation`
+        grow: True to try again, False to refuse now (no such room would do, `until` has passed, or
+        this call's own client has gone)."""
+        own = CALL_ACTIVE.get()
         with self._lock:
-            if reservation.tenant is None:
-                reservation.tenant = CALLER.get().tenant
-            if reservation.quota is None:
-                reservation.quota = Reservation()
-            tenant = self._tenant(reservation.tenant)
-            owned = self._owned.get(reservation.tenant, 0)
-            self._ledger.check(len(self._entries), handles, wanted)
+            holding = [r for r in list(self._watched.values()) if r is not reservation and _holds_room(r)]
+        # gRPC's is_active takes the call's own lock: asked outside the store's lock
+        ended = [r for r in holding if r.active is not None and not r.active()]
+        if not ended or time.monotonic() >= until or (own is not None and not own()):
+            return False
+        with self._lock:
+            ended = [r for r in ended if _holds_room(r)]
+            if not ended:
+                return True  # given back meanwhile
+            if not self._fits_without(ended, reservation, handles, wanted):
+                return False
+            self._released.wait(max(0.0, min(WAIT_SLICE_SECONDS, until - time.monotonic())))
+        return True
+
+    def _fits_without(self, ended: list[Reservation], reservation: Reservation, handles: int, wanted: Bytes) -> bool:
+        """Whether `handles` and `wanted` would fit in `reservation` once the `ended` reservations are
+        given back, under the server's caps and its tenant's quota (internal lock held)."""
+        name = reservation.tenant if reservation.tenant is not None else CALLER.get().tenant
+        quotas = [r.quota for r in ended if r.tenant == name and r.quota is not None]
+        try:
+            self._ledger.check(
+                len(self._entries), handles, wanted, add_bytes(*(r.nbytes for r in ended)), sum(r.handles for r in ended),
+            )
             if reservation.tenant_quota:
-                tenant.check(owned, handles, wanted)
-            self._ledger.reserve(reservation, len(self._entries), handles, wanted)
-            if reservation.tenant_quota:
-                tenant.reserve(reservation.quota, owned, handles, wanted)
+                self._tenant(name).check(
+                    self._owned.get(name, 0), handles, wanted, add_bytes(*(q.nbytes for q in quotas)),
+                    sum(q.handles for q in quotas),
+                )
+        except ResourceExhausted:
+            return False
+        return True
+
+    def _grow(self, reservation: Reservation, handles: int, wanted: Bytes) -> None:
+        """`grow` once, refused or not (internal lock held)."""
+        if reservation.tenant is None:
+            reservation.tenant = CALLER.get().tenant
+        if reservation.quota is None:
+            reservation.quota = Reservation()
+        tenant = self._tenant(reservation.tenant)
+        owned = self._owned.get(reservation.tenant, 0)
+        self._ledger.check(len(self._entries), handles, wanted)
+        if reservation.tenant_quota:
+            tenant.check(owned, handles, wanted)
+        self._ledger.reserve(reservation, len(self._entries), handles, wanted)
+        if reservation.tenant_quota:
+            tenant.reserve(reservation.quota, owned, handles, wanted)
+        if reservation.active is not None:
+            self._watched[id(reservation)] = reservation
 
     def mutate(
         self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = (), in_place: Callable[[], bool] | None = None,
@@ -621,7 +706,11 @@ class Registry:
         entry.freed = True
         self._ledger.unhold(entry.obj)
         self._tenant(entry.tenant).unhold(entry.obj)
-        self._owned[entry.tenant] -= 1
+        left = self._owned[entry.tenant] - 1
+        if left:
+            self._owned[entry.tenant] = left
+        else:
+            del self._owned[entry.tenant]
         self.changes.note()
 
     def describe(self, entry: Entry) -> HandleSummary | None:
@@ -968,7 +1057,7 @@ class _Mutation:
         try:
             if self._locks.waited:
                 _refuse_if_caller_gone()
-            reservation = Reservation(tenant=caller.tenant)  # its quota's record is made if it grows
+            reservation = Reservation(tenant=caller.tenant, active=CALL_ACTIVE.get())  # its quota's record: if it grows
             need = self._need
             wanted = need() if callable(need) else need
             if wanted:  # most changes allocate nothing: no trip through the caps for an empty need

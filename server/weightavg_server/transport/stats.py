@@ -65,12 +65,33 @@ class RpcStats:
         self._lock = threading.Lock()
         self._methods: dict[str, MethodStats] = {}
         self._tenants: dict[str, TenantCalls] = {}
+        self._named: frozenset[str] | None = None
+        """The tenants whose calls are counted (`keep_tenants`); None: every tenant."""
         self._started_at = time.monotonic()
         self._calls = 0
 
-    def tenant_finish(self, tenant: str, code: str) -> None:
-        """A call made with a token of `tenant` ended with status `code`."""
+    def keep_tenants(self, named: frozenset[str]) -> None:
+        """Count calls of the `named` tenants alone from now on (those the tokens in force name), and
+        forget the calls of every other tenant: a SIGHUP that removed a tenant's tokens ends its
+        counters, which the metrics then stop exporting, and a tenant named again starts from zero.
+        Every tenant ever named was kept, so /metrics and GetServerStats listed removed tenants for
+        good, a row more for each tenant ever renamed (found by review). A call of a removed
+        tenant that was in flight at the reload is not counted when it ends."""
         with self._lock:
+            self._named = named
+            self._tenants = {name: calls for name, calls in self._tenants.items() if name in named}
+
+    def counts(self, tenant: str) -> bool:
+        """Whether calls of `tenant` are counted (the tokens in force name it)."""
+        named = self._named
+        return named is None or tenant in named
+
+    def tenant_finish(self, tenant: str, code: str) -> None:
+        """A call made with a token of `tenant` ended with status `code` (not counted for a tenant
+        the tokens in force no longer name: `keep_tenants`)."""
+        with self._lock:
+            if self._named is not None and tenant not in self._named:
+                return
             calls = self._tenants.get(tenant)
             if calls is None:
                 calls = self._tenants[tenant] = TenantCalls()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import hashlib
 import json
 import contextvars
@@ -125,6 +126,14 @@ class TokenTable:
     @property
     def open(self) -> bool:
         return not self.callers
+
+    @functools.cached_property
+    def tenants(self) -> frozenset[str]:
+        """The tenants this table names (by a token or a quota; an open table: the default tenant,
+        whose admin every caller is): those whose calls are counted (`RpcStats.keep_tenants`)."""
+        if self.open:
+            return frozenset({DEFAULT_TENANT})
+        return frozenset(c.tenant for c in self.callers.values()) | frozenset(self.quotas)
 
     @classmethod
     def single(cls, token: str) -> TokenTable:
