@@ -456,7 +456,8 @@ def test_a_fetch_sent_as_a_cancelled_one_ends_waits_for_its_room_and_a_live_ones
     another (after its first chunk) or broke its connection was refused RESOURCE_EXHAUSTED now and
     then (4 of 30 in review): gRPC gives the cancelled reply's copies back only once it has closed the
     reply on its worker thread. The second fetch now waits for the room of calls that have ended,
-    and only for theirs: while the first fetch's client still reads, the second is refused at once.
+    and only for theirs: while the first fetch's client still reads, the second is refused (after half
+    a second, `CANCEL_SEEN_SECONDS`, in which a cancel just sent is given time to reach the server).
     The wait's bound is raised to a minute here, so a refusal that waited for it would come as the
     client's DEADLINE_EXCEEDED, not RESOURCE_EXHAUSTED. BDP probes off: the first reply stalls
     after its first chunks, as over a slow link."""

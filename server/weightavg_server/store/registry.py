@@ -51,6 +51,10 @@ the stream's worker thread, a moment after the client has gone, and the fetch's 
 until then: a fetch sent straight after a cancelled one was refused RESOURCE_EXHAUSTED now and then
 (4 of 30 in review, under a cap with room for one fetch). Closing takes milliseconds; a reply still
 open after this long is one gRPC left to the garbage collector, and the call is refused."""
+CANCEL_SEEN_SECONDS = 0.5
+"""How long a refused call also waits for the room of calls that still look live: one its client has
+just cancelled is marked so only once gRPC has read the cancel (`_wait_for_ended_calls`). A refusal
+for room a live reader holds comes after this long."""
 WAIT_SLICE_SECONDS = 0.05
 """How often a waiting call looks whether its own client is still there (gone: it is refused at once)."""
 
@@ -356,27 +360,32 @@ class Registry:
         that room, at most `ENDED_CALLS_WAIT_SECONDS` and never once its own client has gone; a
         refusal that such room would not cure comes at once."""
         wanted = {device: n for device, n in (nbytes or {}).items() if n > 0}
-        until: float | None = None
+        refused: float | None = None
         while True:
             try:
                 with self._lock:
                     self._grow(reservation, handles, wanted)
                 return
             except ResourceExhausted:
-                until = until if until is not None else time.monotonic() + ENDED_CALLS_WAIT_SECONDS
-                if not self._wait_for_ended_calls(reservation, handles, wanted, until):
+                refused = refused if refused is not None else time.monotonic()
+                if not self._wait_for_ended_calls(reservation, handles, wanted, refused):
                     raise
 
-    def _wait_for_ended_calls(self, reservation: Reservation, handles: int, wanted: Bytes, until: float) -> bool:
+    def _wait_for_ended_calls(self, reservation: Reservation, handles: int, wanted: Bytes, refused: float) -> bool:
         """Wait a moment for the room of calls that have ended, if giving it back would let `reservation`
-        grow: True to try again, False to refuse now (no such room would do, `until` has passed, or
-        this call's own client has gone)."""
+        grow: True to try again, False to refuse now (no such room would do, `ENDED_CALLS_WAIT_SECONDS`
+        have passed since the first refusal at `refused`, or this call's own client has gone). For
+        the first `CANCEL_SEEN_SECONDS`, the room of calls that still look live counts too: a cancel
+        reaches the server a moment after the client sent it, and a fetch sent straight after one
+        found the cancelled call live and was refused at once (1 in 5 runs of the test below)."""
         own = CALL_ACTIVE.get()
         with self._lock:
             holding = [r for r in list(self._watched.values()) if r is not reservation and _holds_room(r)]
         # gRPC's is_active takes the call's own lock: asked outside the store's lock
-        ended = [r for r in holding if r.active is not None and not r.active()]
-        if not ended or time.monotonic() >= until or (own is not None and not own()):
+        calls = [r for r in holding if r.active is not None]
+        waited = time.monotonic() - refused
+        ended = calls if waited < CANCEL_SEEN_SECONDS else [r for r in calls if r.active is not None and not r.active()]
+        if not ended or waited >= ENDED_CALLS_WAIT_SECONDS or (own is not None and not own()):
             return False
         with self._lock:
             ended = [r for r in ended if _holds_room(r)]
@@ -384,7 +393,7 @@ class Registry:
                 return True  # given back meanwhile
             if not self._fits_without(ended, reservation, handles, wanted):
                 return False
-            self._released.wait(max(0.0, min(WAIT_SLICE_SECONDS, until - time.monotonic())))
+            self._released.wait(max(0.0, min(WAIT_SLICE_SECONDS, refused + ENDED_CALLS_WAIT_SECONDS - time.monotonic())))
         return True
 
     def _fits_without(self, ended: list[Reservation], reservation: Reservation, handles: int, wanted: Bytes) -> bool:
