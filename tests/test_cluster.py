@@ -8,6 +8,7 @@ what they make beyond rank 0, and never assume where earlier tests' objects went
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -946,6 +947,47 @@ def test_a_cluster_timeout_that_is_not_a_positive_number_stops_the_start_saying_
 def test_a_cluster_started_with_a_zero_timeout_exits_saying_why(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="weightavg serve: --cluster-timeout-seconds must be a number of seconds, more than 0"):
         Cluster(tmp_path, "--cluster-timeout-seconds", "0")
+
+
+def test_a_rank_lost_past_the_timeout_is_reported_with_the_flag_and_its_value() -> None:
+    """What torch says of a silent rank ('Timed out waiting 6000ms ...') named no flag: an operator whose
+    call on another rank ran past --cluster-timeout-seconds read 'the cluster lost a rank' and could
+    not tell what to raise (found by review). A rank that gave up waiting first exits, so rank 0 reads
+    'Connection closed by peer': past the timeout since rank 0 sent the command, that is a timeout
+    too; sooner, a crash, and the flag is not blamed."""
+    waited = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 6000ms for send operation to complete")
+    closed = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:42385.\nmore")
+    assert fabric.lost_rank("_ping", waited, 6.0, 6.0) == (
+        "_ping: RuntimeError: [../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 6000ms for send "
+        "operation to complete; a rank waited on another longer than --cluster-timeout-seconds (6 s): where one "
+        "call on objects of other ranks (an epoch, say) runs that long, restart the cluster with a higher "
+        "--cluster-timeout-seconds"
+    )
+    assert "--cluster-timeout-seconds (300 s)" in fabric.lost_rank("_rank_metrics", closed, 300.5, 300.0)
+    crashed = fabric.lost_rank("_inventory", closed, 0.2, 300.0)
+    assert crashed == "_inventory: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:42385."
+
+
+def test_a_rank_silent_past_the_timeout_breaks_the_cluster_saying_which_flag_to_raise(tmp_path: Path) -> None:
+    """Rank 1 stopped (SIGSTOP) past a 10 s --cluster-timeout-seconds: the call that waited for it,
+    and every later one, is UNAVAILABLE naming the flag and its value."""
+    cluster = Cluster(tmp_path, "--cluster-timeout-seconds", "10")
+    follower = cluster.rank_pid(1)
+    try:
+        with client(cluster.address) as c:
+            c.dict({"w": np.zeros(4, np.float32)}, rank=1)
+            os.kill(follower, signal.SIGSTOP)
+            for _ in range(2):  # the call that waited, then one refused at once
+                with pytest.raises(UnavailableError, match=re.escape(
+                    "a rank waited on another longer than --cluster-timeout-seconds (10 s): where one call on "
+                    "objects of other ranks (an epoch, say) runs that long, restart the cluster with a higher "
+                    "--cluster-timeout-seconds); torchrun restarts it"
+                )):
+                    c.info()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(follower, signal.SIGCONT)
+        cluster.stop()
 
 
 def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:

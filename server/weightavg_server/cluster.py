@@ -280,6 +280,31 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def lost_rank(op: str, exc: BaseException, elapsed: float, timeout: float) -> str:
+    """Why the cluster broke, for rank 0's UNAVAILABLE answers and logs: the failed command and what
+    torch said, and, where a rank went silent past --cluster-timeout-seconds, the flag and its value
+    in force, so that an operator whose call ran that long knows what to raise. torch says only
+    'Timed out waiting 6000ms for send operation to complete' (found by review). A rank that times out
+    first exits, and rank 0 then reads 'Connection closed by peer': a command that failed `elapsed`
+    seconds after it was sent, as long as the timeout or longer, counts as timed out too (the other
+    ranks start waiting after rank 0 sends it)."""
+    said = str(exc).splitlines()[0] if str(exc) else ""
+    reason = f"{op}: {type(exc).__name__}: {said}"
+    if "timed out" in said.lower() or elapsed >= timeout:
+        reason += f"; {silent_past(timeout)}"
+    return reason
+
+
+def silent_past(timeout: float) -> str:
+    """What to do when a rank waited on another past the timeout (`lost_rank`; a rank that gave up on
+    rank 0 says it in its log)."""
+    return (
+        f"a rank waited on another longer than --cluster-timeout-seconds ({timeout:g} s): where one call on "
+        "objects of other ranks (an epoch, say) runs that long, restart the cluster with a higher "
+        "--cluster-timeout-seconds"
+    )
+
+
 # -- commands ---------------------------------------------------------------------------------------
 
 
@@ -1216,13 +1241,14 @@ class ClusterService(Service):
         when a collective fails."""
         with self._channel:
             self._check()
+            sent = time.monotonic()
             try:
                 dist.broadcast_object_list([command], src=0, group=self.fabric.control)
                 mine = execute(self, self.fabric, command)
                 replies: list[Any] = [None] * self.fabric.world_size
                 dist.gather_object((mine, held_bytes(self)), replies, dst=0, group=self.fabric.control)
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
-                self._broken = f"{command.op}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self._broken = lost_rank(command.op, exc, time.monotonic() - sent, self.fabric.timeout)
                 log.error("cluster broken: %s", self._broken)
                 self.on_broken(self._broken)
                 self._check()

@@ -289,7 +289,9 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
     try:
         cluster.follow(service, fabric)
     except RuntimeError as exc:
-        log.error("rank %d: lost rank 0 (%s); exiting so that torchrun restarts the group", fabric.rank, exc)
+        # A wait past the timeout says so with the flag (rank 0 silent: hung, or busy with its part of a command).
+        silent = f"; {cluster.silent_past(fabric.timeout)}" if "timed out" in str(exc).lower() else ""
+        log.error("rank %d: lost rank 0 (%s)%s; exiting so that torchrun restarts the group", fabric.rank, exc, silent)
         raise SystemExit(1) from None
     finally:
         cluster.leave()
