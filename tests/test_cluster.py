@@ -1162,6 +1162,51 @@ def test_metrics_report_the_bytes_of_every_rank(tmp_path: Path) -> None:
     assert ranks == {"0": 8, "1": 40}
 
 
+def resident_bytes(pid: int) -> int:
+    """A process's resident set (VmRSS), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_a_follower_gives_the_memory_of_freed_objects_back_once_idle(tmp_path: Path) -> None:
+    """Ranks other than 0 had no reaper and ignored --host-cache-bytes: a rank that had held large
+    objects kept the memory of freed ones for good, up to the default 1 GiB of idle blocks (found by
+    review). On rank 1, with --host-cache-bytes 48MiB and a 3 s idle time: a freed 40 MiB module's
+    flat buffer is kept (the 64 MiB one, over the bound, is not), then given back once the rank has
+    had nothing but rank 0's pings for 3 s; its resident memory falls with it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # A 10 s timeout: rank 0 pings an idle rank every 2.5 s, which brings its figures back.
+    cluster = Cluster(tmp_path, "--metrics-port", str(port), "--host-cache-bytes", "48MiB",
+                      "--host-cache-idle-seconds", "3", "--cluster-timeout-seconds", "10")
+
+    def kept() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+            text = response.read().decode()
+        return {sample.labels["rank"]: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "weightavg_rank_host_cache_idle_bytes"}
+
+    try:
+        follower = cluster.rank_pid(1)
+        with client(cluster.address) as c:
+            kept_module = c.module(["linear", 1024, 10240], rank=1)  # one flat buffer of 41,984,000 bytes
+            large = c.module(["linear", 4096, 4096], rank=1)  # 64 MiB: more than the cache may keep
+            c.free(kept_module, large)
+            assert kept()["1"] == 41_984_000  # the free's answer brings rank 1's figure
+            held = resident_bytes(follower)
+            deadline = time.monotonic() + 30
+            while kept()["1"]:
+                assert time.monotonic() < deadline, f"rank 1 still keeps {kept()['1']:.0f} bytes 30 s after the free"
+                time.sleep(0.5)
+            assert resident_bytes(follower) <= held - (32 << 20)
+            assert c.info()["ranks"][1]["handles"] == 0
+    finally:
+        cluster.stop()
+
+
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:
     """--max-restarts 1 and periodic snapshots: after rank 1 is killed, torchrun restarts both ranks,
     every rank restores the same generation, and the same handles hold the same values on both ranks."""

@@ -57,7 +57,7 @@ from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .domain import collectives, footprint, modules, shm, specs, training
+from .domain import collectives, footprint, hostcache, modules, shm, specs, training
 from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
@@ -1061,8 +1061,15 @@ def execute(service: Service, fabric: Fabric, command: Command) -> Any:
         HANDLE_BITS.reset(bits)
 
 
-def follow(service: Service, fabric: Fabric) -> None:
-    """A rank other than 0: execute rank 0's commands in order until it says stop.
+HOUSEKEEPING = frozenset({"_ping", "_snapshot", "_commit"})
+"""Commands rank 0 sends of its own accord while no client calls: its pings to idle ranks and its
+periodic snapshots. A rank counts every other command as use (`ops.app.FollowerReaper`)."""
+
+
+def follow(service: Service, fabric: Fabric, between: Callable[[str], object] = lambda op: None) -> None:
+    """A rank other than 0: execute rank 0's commands in order until it says stop, calling
+    `between(op)` after each (the rank's reaper: it runs between commands, never beside one). Each
+    answer carries the bytes this rank holds and its host cache keeps idle (rank 0's metrics).
 
     Raises:
         RuntimeError: rank 0 is gone, or silent past the timeout (it pings while idle).
@@ -1075,7 +1082,14 @@ def follow(service: Service, fabric: Fabric) -> None:
             log.info("rank %d: stop from rank 0", fabric.rank)
             return
         result = execute(service, fabric, command)
-        dist.gather_object((result, held_bytes(service)), None, dst=0, group=fabric.control)
+        dist.gather_object((result, held_bytes(service), kept_bytes()), None, dst=0, group=fabric.control)
+        del result, box  # what the command answered or brought is freed before the reaper looks
+        between(command.op)
+
+
+def kept_bytes() -> int:
+    """Bytes of freed host memory this rank's host cache keeps idle (`hostcache`)."""
+    return hostcache.cache().stats().idle_bytes
 
 
 # -- rank 0 -----------------------------------------------------------------------------------------
@@ -1114,6 +1128,9 @@ class ClusterService(Service):
         self._placements_lock = threading.Lock()
         self._held = [0] * fabric.world_size
         """Bytes each rank held after the last command (another rank changes only through commands)."""
+        self._kept = [0] * fabric.world_size
+        """Bytes each rank's host cache kept idle after the last command (its reaper runs after each:
+        while idle, the pings bring the figure every few seconds)."""
         self._broken = ""
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping, name="weightavg-cluster-ping", daemon=True)
@@ -1246,16 +1263,17 @@ class ClusterService(Service):
                 dist.broadcast_object_list([command], src=0, group=self.fabric.control)
                 mine = execute(self, self.fabric, command)
                 replies: list[Any] = [None] * self.fabric.world_size
-                dist.gather_object((mine, held_bytes(self)), replies, dst=0, group=self.fabric.control)
+                dist.gather_object((mine, held_bytes(self), 0), replies, dst=0, group=self.fabric.control)
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
                 self._broken = lost_rank(command.op, exc, time.monotonic() - sent, self.fabric.timeout)
                 log.error("cluster broken: %s", self._broken)
                 self.on_broken(self._broken)
                 self._check()
                 raise
-            results = [result for result, _ in replies]
+            results = [result for result, _, _ in replies]
             with self._placements_lock:
-                self._held = [held for _, held in replies]
+                self._held = [held for _, held, _ in replies]
+                self._kept = [kept for _, _, kept in replies]
             return results
 
     def _call(
@@ -1372,6 +1390,14 @@ class ClusterService(Service):
             held = list(self._held)
         held[0] = held_bytes(self)
         return held
+
+    def rank_kept_bytes(self) -> list[int]:
+        """Each rank's freed host memory kept idle (`hostcache`), without a command: rank 0's read live,
+        the others' as of their last answer (a ping's at most a few seconds ago while idle)."""
+        with self._placements_lock:
+            kept = list(self._kept)
+        kept[0] = kept_bytes()
+        return kept
 
     def least_held(self) -> int:
         """Where a new object without a placement goes: the rank holding the fewest bytes of tensor
