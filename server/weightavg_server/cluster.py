@@ -26,8 +26,10 @@ lease running out on rank 0, frees them on every rank.
 
 Known limits: a handle placed on one other rank alone forgets its session across a restart; a command
 that fails on some ranks after others changed state is undone only for the objects it created; a
-command may run at most the collective timeout (--cluster-timeout-seconds), as rank 0 waits that long
-for the others' results.
+rank may wait on another at most the collective timeout (--cluster-timeout-seconds): a command on
+objects of one other rank may run that long (rank 0 waits for its result all along), and the ranks'
+parts of a command on replicated objects may end that far apart (a 44 s replicated epoch under an
+8 s timeout ran through, its ranks alike; ranks with data of different sizes did not).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ ALL = -1
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 """How long a rank waits on a collective (a command, its results, a bucket) before the cluster is
-declared broken; also the longest one command may run on the other ranks."""
+declared broken; also the longest a command on objects of one other rank may run (rank 0 waits for
+it all along), and how far apart the ranks' parts of one command may end."""
 
 _HANDLE = re.compile(r"^[a-z]+_[0-9a-f]{32}$")
 """The shape of a handle ID (store/registry.py): what routing takes for a handle among the arguments."""
@@ -299,8 +302,9 @@ def silent_past(timeout: float) -> str:
     """What to do when a rank waited on another past the timeout (`lost_rank`; a rank that gave up on
     rank 0 says it in its log)."""
     return (
-        f"a rank waited on another longer than --cluster-timeout-seconds ({timeout:g} s): where one call on "
-        "objects of other ranks (an epoch, say) runs that long, restart the cluster with a higher "
+        f"a rank waited on another longer than --cluster-timeout-seconds ({timeout:g} s): if a call on objects "
+        "of another rank (an epoch, say) runs that long, or the ranks' parts of a call on replicated objects "
+        "(epochs on data of different sizes) end that far apart, restart the cluster with a higher "
         "--cluster-timeout-seconds"
     )
 

@@ -102,7 +102,8 @@ OPTIONS: list[tuple[str, str, str]] = [
      "0 locks none"),
     ("--cluster-timeout-seconds", "cluster_timeout_seconds",
      "under torchrun: how long a rank waits on another before the cluster is declared broken (health "
-     "NOT_SERVING, calls UNAVAILABLE); also the longest a call on replicated objects may run"),
+     "NOT_SERVING, calls UNAVAILABLE); also the longest a call on objects of another rank may run, and how far "
+     "apart the ranks' parts of a call on replicated objects may end"),
     ("--log-level", "log_level", "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
 ]
 

@@ -55,7 +55,8 @@ DEFAULT_HOST_CACHE_IDLE_SECONDS = hostcache.IDLE_SECONDS
 DEFAULT_MAX_LOCKED_BYTES = pinned.LOCKED_BYTES
 DEFAULT_CLUSTER_TIMEOUT_SECONDS = 300.0
 """Under torchrun: how long a rank waits on another (a command, a result, a collective) before the
-cluster is declared broken; also the longest a call on replicated objects may run."""
+cluster is declared broken; also the longest a call on objects of another rank may run, and how far
+apart the ranks' parts of a call on replicated objects may end."""
 
 
 _INT32_MAX = 2**31 - 1
