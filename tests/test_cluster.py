@@ -992,6 +992,16 @@ def test_a_rank_silent_past_the_timeout_breaks_the_cluster_saying_which_flag_to_
         cluster.stop()
 
 
+def test_ranks_that_do_not_meet_within_the_timeout_stop_the_start_naming_the_flag(tmp_path: Path) -> None:
+    """No two ranks start within 1 ms of each other: the start failed with torch's traceback, 'DistStoreError:
+    wait timeout after 1ms, keys: ...', naming no flag (found by review). Each rank that gives up says
+    which flag bounds the wait, and its value, in one line."""
+    with pytest.raises(RuntimeError, match=re.escape("weightavg serve: rank ") + r"\d: " + re.escape(
+        "the ranks did not all meet within --cluster-timeout-seconds (0.001 s) ("
+    )):
+        Cluster(tmp_path, "--cluster-timeout-seconds", "0.001")
+
+
 def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:
     with client(cluster.address) as c:
         m = c.module(["linear", 2, 2], replicate=True)

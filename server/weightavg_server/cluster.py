@@ -152,6 +152,7 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     Raises:
         ValueError: a timeout that is not a positive number of seconds (0 or less failed every rank in
             c10d with 'timed out after 0ms', NaN with 'cannot convert float NaN to integer').
+        TimeoutError: the ranks did not all meet within the timeout (naming --cluster-timeout-seconds).
     """
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(
@@ -166,18 +167,29 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait = timedelta(seconds=timeout)
-    store, _, _ = next(rendezvous("env://", timeout=wait))
-    # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
-    # writes its keys (each rank's gloo address) under the same names every round: after a restart the
-    # new ranks would read the dead ranks' addresses and time out in gloo's connectFullMesh. Every
-    # attempt gets keys of its own; all ranks of a round share its restart count.
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    store = PrefixStore(f"weightavg/attempt-{attempt}", store)
-    backend = agree_backend(store, rank, world, backend)
-    dist.init_process_group(backend=data_backend(backend), store=store, rank=rank, world_size=world, timeout=wait)
-    control = dist.new_group(backend="gloo", timeout=wait)
-    devices: list[Any] = [None] * world
-    dist.all_gather_object(devices, str(device), group=control)
+    try:
+        store, _, _ = next(rendezvous("env://", timeout=wait))
+        # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
+        # writes its keys (each rank's gloo address) under the same names every round: after a restart the
+        # new ranks would read the dead ranks' addresses and time out in gloo's connectFullMesh. Every
+        # attempt gets keys of its own; all ranks of a round share its restart count.
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        store = PrefixStore(f"weightavg/attempt-{attempt}", store)
+        backend = agree_backend(store, rank, world, backend)
+        dist.init_process_group(backend=data_backend(backend), store=store, rank=rank, world_size=world, timeout=wait)
+        control = dist.new_group(backend="gloo", timeout=wait)
+        devices: list[Any] = [None] * world
+        dist.all_gather_object(devices, str(device), group=control)
+    except RuntimeError as exc:  # torch's DistStoreError and DistBackendError are RuntimeErrors
+        said = str(exc).splitlines()[0] if str(exc) else ""
+        if not timed_out(said):
+            raise
+        # A traceback ending in 'DistStoreError: wait timeout after 1ms, keys: ...', naming no flag (found by review).
+        raise TimeoutError(
+            f"rank {rank}: the ranks did not all meet within --cluster-timeout-seconds ({timeout:g} s) ({said}); "
+            "start every rank within that time of the others (each imports torch first, and on a GPU starts "
+            "CUDA), or raise --cluster-timeout-seconds"
+        ) from None
     log.info("rank %d of %d joined on %s (data backend %s)", rank, world, device, backend)
     return Fabric(rank, world, device, tuple(str(d) for d in devices), backend, control, timeout, store)
 
@@ -293,9 +305,16 @@ def lost_rank(op: str, exc: BaseException, elapsed: float, timeout: float) -> st
     ranks start waiting after rank 0 sends it)."""
     said = str(exc).splitlines()[0] if str(exc) else ""
     reason = f"{op}: {type(exc).__name__}: {said}"
-    if "timed out" in said.lower() or elapsed >= timeout:
+    if timed_out(said) or elapsed >= timeout:
         reason += f"; {silent_past(timeout)}"
     return reason
+
+
+def timed_out(said: str) -> bool:
+    """Whether torch's words say a wait ran past its timeout: gloo's 'Timed out waiting 6000ms', the
+    store's 'wait timeout after 1ms' and 'Timed out after 4 seconds waiting for clients'."""
+    said = said.lower()
+    return "timed out" in said or "timeout" in said
 
 
 def silent_past(timeout: float) -> str:

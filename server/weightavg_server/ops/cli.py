@@ -295,7 +295,7 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
         cluster.follow(service, fabric, FollowerReaper(config.host_cache_idle_seconds))
     except RuntimeError as exc:
         # A wait past the timeout says so with the flag (rank 0 silent: hung, or busy with its part of a command).
-        silent = f"; {cluster.silent_past(fabric.timeout)}" if "timed out" in str(exc).lower() else ""
+        silent = f"; {cluster.silent_past(fabric.timeout)}" if cluster.timed_out(str(exc)) else ""
         log.error("rank %d: lost rank 0 (%s)%s; exiting so that torchrun restarts the group", fabric.rank, exc, silent)
         raise SystemExit(1) from None
     finally:
