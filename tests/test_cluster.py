@@ -959,10 +959,10 @@ def test_a_rank_lost_past_the_timeout_is_reported_with_the_flag_and_its_value() 
     closed = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:42385.\nmore")
     assert fabric.lost_rank("_ping", waited, 6.0, 6.0) == (
         "_ping: RuntimeError: [../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 6000ms for send "
-        "operation to complete; a rank waited on another longer than --cluster-timeout-seconds (6 s): if a call "
-        "on objects of another rank (an epoch, say) runs that long, or the ranks' parts of a call on replicated "
-        "objects (epochs on data of different sizes) end that far apart, restart the cluster with a higher "
-        "--cluster-timeout-seconds"
+        "operation to complete; a rank waited on another longer than --cluster-timeout-seconds (6 s): where one "
+        "rank's part of a command outlasts another's by that much (an epoch of a model on another rank; epochs "
+        "of a replicated model on data of different sizes; a larger snapshot to restore at start), restart the "
+        "cluster with a higher --cluster-timeout-seconds"
     )
     assert "--cluster-timeout-seconds (300 s)" in fabric.lost_rank("_rank_metrics", closed, 300.5, 300.0)
     crashed = fabric.lost_rank("_inventory", closed, 0.2, 300.0)
@@ -980,10 +980,10 @@ def test_a_rank_silent_past_the_timeout_breaks_the_cluster_saying_which_flag_to_
             os.kill(follower, signal.SIGSTOP)
             for _ in range(2):  # the call that waited, then one refused at once
                 with pytest.raises(UnavailableError, match=re.escape(
-                    "a rank waited on another longer than --cluster-timeout-seconds (10 s): if a call on objects "
-                    "of another rank (an epoch, say) runs that long, or the ranks' parts of a call on replicated "
-                    "objects (epochs on data of different sizes) end that far apart, restart the cluster with a "
-                    "higher --cluster-timeout-seconds); torchrun restarts it"
+                    "a rank waited on another longer than --cluster-timeout-seconds (10 s): where one rank's part "
+                    "of a command outlasts another's by that much (an epoch of a model on another rank; epochs of a "
+                    "replicated model on data of different sizes; a larger snapshot to restore at start), restart "
+                    "the cluster with a higher --cluster-timeout-seconds); torchrun restarts it"
                 )):
                     c.info()
     finally:

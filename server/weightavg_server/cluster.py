@@ -321,10 +321,10 @@ def silent_past(timeout: float) -> str:
     """What to do when a rank waited on another past the timeout (`lost_rank`; a rank that gave up on
     rank 0 says it in its log)."""
     return (
-        f"a rank waited on another longer than --cluster-timeout-seconds ({timeout:g} s): if a call on objects "
-        "of another rank (an epoch, say) runs that long, or the ranks' parts of a call on replicated objects "
-        "(epochs on data of different sizes) end that far apart, restart the cluster with a higher "
-        "--cluster-timeout-seconds"
+        f"a rank waited on another longer than --cluster-timeout-seconds ({timeout:g} s): where one rank's part "
+        "of a command outlasts another's by that much (an epoch of a model on another rank; epochs of a "
+        "replicated model on data of different sizes; a larger snapshot to restore at start), restart the "
+        "cluster with a higher --cluster-timeout-seconds"
     )
 
 
