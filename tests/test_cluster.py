@@ -992,6 +992,28 @@ def test_a_rank_silent_past_the_timeout_breaks_the_cluster_saying_which_flag_to_
         cluster.stop()
 
 
+def test_a_rank_that_gives_up_on_a_silent_rank_0_names_the_flag_in_its_log(tmp_path: Path) -> None:
+    """Rank 0 stopped (SIGSTOP: hung, or busy with its own part of a command) past a 10 s
+    --cluster-timeout-seconds: rank 1 stops waiting for its next command and says, before it exits,
+    which flag bounded the wait and its value (it logged torch's 'Timed out waiting 10000ms' alone)."""
+    cluster = Cluster(tmp_path, "--cluster-timeout-seconds", "10")
+    leader = cluster.rank_pid(0)
+    follower = cluster.rank_pid(1)
+    try:
+        os.kill(leader, signal.SIGSTOP)
+        deadline = time.monotonic() + WAIT
+        while running(follower):
+            assert time.monotonic() < deadline, "rank 1 still waits 60 s after rank 0 stopped"
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGCONT)
+        cluster.stop()
+    lost = [line for line in cluster.out.read_text().splitlines() if "rank 1: lost rank 0 (" in line]
+    assert len(lost) == 1 and "imed out" in lost[0], lost
+    assert "; a rank waited on another longer than --cluster-timeout-seconds (10 s): " in lost[0]
+
+
 def test_ranks_that_do_not_meet_within_the_timeout_stop_the_start_naming_the_flag(tmp_path: Path) -> None:
     """No two ranks start within 1 ms of each other: the start failed with torch's traceback, 'DistStoreError:
     wait timeout after 1ms, keys: ...', naming no flag (found by review). Each rank that gives up says
