@@ -450,6 +450,8 @@ def test_serve_on_a_device_this_machine_lacks_is_one_line_naming_the_flag_and_th
     ("keepalive_time_seconds", 0.0, "--keepalive-time-seconds must be a number of seconds, more than 0"),
     ("keepalive_timeout_seconds", 1e12, "--keepalive-timeout-seconds must be a number of seconds, more than 0, at most"),
     ("cluster_timeout_seconds", float("nan"), "--cluster-timeout-seconds must be a number of seconds, more than 0"),
+    # the host cache refused it only as it was configured, naming no flag ("idle time must be positive")
+    ("host_cache_idle_seconds", 0.0, "--host-cache-idle-seconds must be a number of seconds, more than 0"),
     # every spec refused as having "more than 0 (-1) layers"; GetServerInfo INTERNAL past int64
     ("max_spec_layers", 0, "--max-spec-layers must be a whole number from 1 to 2147483647; got 0"),
     ("max_spec_layers", -1, "--max-spec-layers must be a whole number from 1 to 2147483647; got -1"),

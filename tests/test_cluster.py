@@ -8,6 +8,7 @@ what they make beyond rank 0, and never assume where earlier tests' objects went
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -953,6 +954,81 @@ def test_a_cluster_started_with_a_zero_timeout_exits_saying_why(tmp_path: Path) 
         Cluster(tmp_path, "--cluster-timeout-seconds", "0")
 
 
+def test_a_rank_lost_past_the_timeout_is_reported_with_the_flag_and_its_value() -> None:
+    """What torch says of a silent rank ('Timed out waiting 6000ms ...') named no flag: an operator whose
+    call on another rank ran past --cluster-timeout-seconds read 'the cluster lost a rank' and could
+    not tell what to raise (found by review). A rank that gave up waiting first exits, so rank 0 reads
+    'Connection closed by peer': past the timeout since rank 0 sent the command, that is a timeout
+    too; sooner, a crash, and the flag is not blamed."""
+    waited = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 6000ms for send operation to complete")
+    closed = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:42385.\nmore")
+    assert fabric.lost_rank("_ping", waited, 6.0, 6.0) == (
+        "_ping: RuntimeError: [../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 6000ms for send "
+        "operation to complete; a rank waited on another longer than --cluster-timeout-seconds (6 s): where one "
+        "rank's part of a command outlasts another's by that much (an epoch of a model on another rank; epochs "
+        "of a replicated model on data of different sizes; a larger snapshot to restore at start), restart the "
+        "cluster with a higher --cluster-timeout-seconds"
+    )
+    assert "--cluster-timeout-seconds (300 s)" in fabric.lost_rank("_rank_metrics", closed, 300.5, 300.0)
+    crashed = fabric.lost_rank("_inventory", closed, 0.2, 300.0)
+    assert crashed == "_inventory: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:42385."
+
+
+def test_a_rank_silent_past_the_timeout_breaks_the_cluster_saying_which_flag_to_raise(tmp_path: Path) -> None:
+    """Rank 1 stopped (SIGSTOP) past a 10 s --cluster-timeout-seconds: the call that waited for it,
+    and every later one, is UNAVAILABLE naming the flag and its value."""
+    cluster = Cluster(tmp_path, "--cluster-timeout-seconds", "10")
+    follower = cluster.rank_pid(1)
+    try:
+        with client(cluster.address) as c:
+            c.dict({"w": np.zeros(4, np.float32)}, rank=1)
+            os.kill(follower, signal.SIGSTOP)
+            for _ in range(2):  # the call that waited, then one refused at once
+                with pytest.raises(UnavailableError, match=re.escape(
+                    "a rank waited on another longer than --cluster-timeout-seconds (10 s): where one rank's part "
+                    "of a command outlasts another's by that much (an epoch of a model on another rank; epochs of a "
+                    "replicated model on data of different sizes; a larger snapshot to restore at start), restart "
+                    "the cluster with a higher --cluster-timeout-seconds); torchrun restarts it"
+                )):
+                    c.info()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(follower, signal.SIGCONT)
+        cluster.stop()
+
+
+def test_a_rank_that_gives_up_on_a_silent_rank_0_names_the_flag_in_its_log(tmp_path: Path) -> None:
+    """Rank 0 stopped (SIGSTOP: hung, or busy with its own part of a command) past a 10 s
+    --cluster-timeout-seconds: rank 1 stops waiting for its next command and says, before it exits,
+    which flag bounded the wait and its value (it logged torch's 'Timed out waiting 10000ms' alone)."""
+    cluster = Cluster(tmp_path, "--cluster-timeout-seconds", "10")
+    leader = cluster.rank_pid(0)
+    follower = cluster.rank_pid(1)
+    try:
+        os.kill(leader, signal.SIGSTOP)
+        deadline = time.monotonic() + WAIT
+        while running(follower):
+            assert time.monotonic() < deadline, "rank 1 still waits 60 s after rank 0 stopped"
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGCONT)
+        cluster.stop()
+    lost = [line for line in cluster.out.read_text().splitlines() if "rank 1: lost rank 0 (" in line]
+    assert len(lost) == 1 and "imed out" in lost[0], lost
+    assert "; a rank waited on another longer than --cluster-timeout-seconds (10 s): " in lost[0]
+
+
+def test_ranks_that_do_not_meet_within_the_timeout_stop_the_start_naming_the_flag(tmp_path: Path) -> None:
+    """No two ranks start within 1 ms of each other: the start failed with torch's traceback, 'DistStoreError:
+    wait timeout after 1ms, keys: ...', naming no flag (found by review). Each rank that gives up says
+    which flag bounds the wait, and its value, in one line."""
+    with pytest.raises(RuntimeError, match=re.escape("weightavg serve: rank ") + r"\d: " + re.escape(
+        "the ranks did not all meet within --cluster-timeout-seconds (0.001 s) ("
+    )):
+        Cluster(tmp_path, "--cluster-timeout-seconds", "0.001")
+
+
 def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:
     with client(cluster.address) as c:
         m = c.module(["linear", 2, 2], replicate=True)
@@ -1123,6 +1199,51 @@ def test_metrics_report_the_bytes_of_every_rank(tmp_path: Path) -> None:
         for sample in family.samples if sample.name == "weightavg_rank_tensor_bytes"
     }
     assert ranks == {"0": 8, "1": 40}
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident set (VmRSS), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_a_follower_gives_the_memory_of_freed_objects_back_once_idle(tmp_path: Path) -> None:
+    """Ranks other than 0 had no reaper and ignored --host-cache-bytes: a rank that had held large
+    objects kept the memory of freed ones for good, up to the default 1 GiB of idle blocks (found by
+    review). On rank 1, with --host-cache-bytes 48MiB and a 3 s idle time: a freed 40 MiB module's
+    flat buffer is kept (the 64 MiB one, over the bound, is not), then given back once the rank has
+    had nothing but rank 0's pings for 3 s; its resident memory falls with it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # A 10 s timeout: rank 0 pings an idle rank every 2.5 s, which brings its figures back.
+    cluster = Cluster(tmp_path, "--metrics-port", str(port), "--host-cache-bytes", "48MiB",
+                      "--host-cache-idle-seconds", "3", "--cluster-timeout-seconds", "10")
+
+    def kept() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+            text = response.read().decode()
+        return {sample.labels["rank"]: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "weightavg_rank_host_cache_idle_bytes"}
+
+    try:
+        follower = cluster.rank_pid(1)
+        with client(cluster.address) as c:
+            kept_module = c.module(["linear", 1024, 10240], rank=1)  # one flat buffer of 41,984,000 bytes
+            large = c.module(["linear", 4096, 4096], rank=1)  # 64 MiB: more than the cache may keep
+            c.free(kept_module, large)
+            assert kept()["1"] == 41_984_000  # the free's answer brings rank 1's figure
+            held = resident_bytes(follower)
+            deadline = time.monotonic() + 30
+            while kept()["1"]:
+                assert time.monotonic() < deadline, f"rank 1 still keeps {kept()['1']:.0f} bytes 30 s after the free"
+                time.sleep(0.5)
+            assert resident_bytes(follower) <= held - (32 << 20)
+            assert c.info()["ranks"][1]["handles"] == 0
+    finally:
+        cluster.stop()
 
 
 def test_a_restarted_cluster_serves_the_snapshot(tmp_path: Path) -> None:

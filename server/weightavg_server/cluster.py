@@ -26,8 +26,10 @@ lease running out on rank 0, frees them on every rank.
 
 Known limits: a handle placed on one other rank alone forgets its session across a restart; a command
 that fails on some ranks after others changed state is undone only for the objects it created; a
-command may run at most the collective timeout (--cluster-timeout-seconds), as rank 0 waits that long
-for the others' results.
+rank may wait on another at most the collective timeout (--cluster-timeout-seconds): a command on
+objects of one other rank may run that long (rank 0 waits for its result all along), and the ranks'
+parts of a command on replicated objects may end that far apart (a 44 s replicated epoch under an
+8 s timeout ran through, its ranks alike; ranks with data of different sizes did not).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
-from .domain import collectives, footprint, modules, shm, specs, training
+from .domain import collectives, footprint, hostcache, modules, shm, specs, training
 from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeightavgError
 from .domain.averaging import BufferMode
@@ -81,7 +83,8 @@ ALL = -1
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 """How long a rank waits on a collective (a command, its results, a bucket) before the cluster is
-declared broken; also the longest one command may run on the other ranks."""
+declared broken; also the longest a command on objects of one other rank may run (rank 0 waits for
+it all along), and how far apart the ranks' parts of one command may end."""
 
 _HANDLE = re.compile(r"^[a-z]+_[0-9a-f]{32}$")
 """The shape of a handle ID (store/registry.py): what routing takes for a handle among the arguments."""
@@ -149,6 +152,7 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     Raises:
         ValueError: a timeout that is not a positive number of seconds (0 or less failed every rank in
             c10d with 'timed out after 0ms', NaN with 'cannot convert float NaN to integer').
+        TimeoutError: the ranks did not all meet within the timeout (naming --cluster-timeout-seconds).
     """
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(
@@ -163,18 +167,29 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait = timedelta(seconds=timeout)
-    store, _, _ = next(rendezvous("env://", timeout=wait))
-    # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
-    # writes its keys (each rank's gloo address) under the same names every round: after a restart the
-    # new ranks would read the dead ranks' addresses and time out in gloo's connectFullMesh. Every
-    # attempt gets keys of its own; all ranks of a round share its restart count.
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    store = PrefixStore(f"weightavg/attempt-{attempt}", store)
-    backend = agree_backend(store, rank, world, backend)
-    dist.init_process_group(backend=data_backend(backend), store=store, rank=rank, world_size=world, timeout=wait)
-    control = dist.new_group(backend="gloo", timeout=wait)
-    devices: list[Any] = [None] * world
-    dist.all_gather_object(devices, str(device), group=control)
+    try:
+        store, _, _ = next(rendezvous("env://", timeout=wait))
+        # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
+        # writes its keys (each rank's gloo address) under the same names every round: after a restart the
+        # new ranks would read the dead ranks' addresses and time out in gloo's connectFullMesh. Every
+        # attempt gets keys of its own; all ranks of a round share its restart count.
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        store = PrefixStore(f"weightavg/attempt-{attempt}", store)
+        backend = agree_backend(store, rank, world, backend)
+        dist.init_process_group(backend=data_backend(backend), store=store, rank=rank, world_size=world, timeout=wait)
+        control = dist.new_group(backend="gloo", timeout=wait)
+        devices: list[Any] = [None] * world
+        dist.all_gather_object(devices, str(device), group=control)
+    except RuntimeError as exc:  # torch's DistStoreError and DistBackendError are RuntimeErrors
+        said = str(exc).splitlines()[0] if str(exc) else ""
+        if not timed_out(said):
+            raise
+        # A traceback ending in 'DistStoreError: wait timeout after 1ms, keys: ...', naming no flag (found by review).
+        raise TimeoutError(
+            f"rank {rank}: the ranks did not all meet within --cluster-timeout-seconds ({timeout:g} s) ({said}); "
+            "start every rank within that time of the others (each imports torch first, and on a GPU starts "
+            "CUDA), or raise --cluster-timeout-seconds"
+        ) from None
     log.info("rank %d of %d joined on %s (data backend %s)", rank, world, device, backend)
     return Fabric(rank, world, device, tuple(str(d) for d in devices), backend, control, timeout, store)
 
@@ -278,6 +293,39 @@ def exit_after(seconds: float) -> None:
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def lost_rank(op: str, exc: BaseException, elapsed: float, timeout: float) -> str:
+    """Why the cluster broke, for rank 0's UNAVAILABLE answers and logs: the failed command and what
+    torch said, and, where a rank went silent past --cluster-timeout-seconds, the flag and its value
+    in force, so that an operator whose call ran that long knows what to raise. torch says only
+    'Timed out waiting 6000ms for send operation to complete' (found by review). A rank that times out
+    first exits, and rank 0 then reads 'Connection closed by peer': a command that failed `elapsed`
+    seconds after it was sent, as long as the timeout or longer, counts as timed out too (the other
+    ranks start waiting after rank 0 sends it)."""
+    said = str(exc).splitlines()[0] if str(exc) else ""
+    reason = f"{op}: {type(exc).__name__}: {said}"
+    if timed_out(said) or elapsed >= timeout:
+        reason += f"; {silent_past(timeout)}"
+    return reason
+
+
+def timed_out(said: str) -> bool:
+    """Whether torch's words say a wait ran past its timeout: gloo's 'Timed out waiting 6000ms', the
+    store's 'wait timeout after 1ms' and 'Timed out after 4 seconds waiting for clients'."""
+    said = said.lower()
+    return "timed out" in said or "timeout" in said
+
+
+def silent_past(timeout: float) -> str:
+    """What to do when a rank waited on another past the timeout (`lost_rank`; a rank that gave up on
+    rank 0 says it in its log)."""
+    return (
+        f"a rank waited on another longer than --cluster-timeout-seconds ({timeout:g} s): where one rank's part "
+        "of a command outlasts another's by that much (an epoch of a model on another rank; epochs of a "
+        "replicated model on data of different sizes; a larger snapshot to restore at start), restart the "
+        "cluster with a higher --cluster-timeout-seconds"
+    )
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -1036,8 +1084,15 @@ def execute(service: Service, fabric: Fabric, command: Command) -> Any:
         HANDLE_BITS.reset(bits)
 
 
-def follow(service: Service, fabric: Fabric) -> None:
-    """A rank other than 0: execute rank 0's commands in order until it says stop.
+HOUSEKEEPING = frozenset({"_ping", "_snapshot", "_commit"})
+"""Commands rank 0 sends of its own accord while no client calls: its pings to idle ranks and its
+periodic snapshots. A rank counts every other command as use (`ops.app.FollowerReaper`)."""
+
+
+def follow(service: Service, fabric: Fabric, between: Callable[[str], object] = lambda op: None) -> None:
+    """A rank other than 0: execute rank 0's commands in order until it says stop, calling
+    `between(op)` after each (the rank's reaper: it runs between commands, never beside one). Each
+    answer carries the bytes this rank holds and its host cache keeps idle (rank 0's metrics).
 
     Raises:
         RuntimeError: rank 0 is gone, or silent past the timeout (it pings while idle).
@@ -1050,7 +1105,14 @@ def follow(service: Service, fabric: Fabric) -> None:
             log.info("rank %d: stop from rank 0", fabric.rank)
             return
         result = execute(service, fabric, command)
-        dist.gather_object((result, held_bytes(service)), None, dst=0, group=fabric.control)
+        dist.gather_object((result, held_bytes(service), kept_bytes()), None, dst=0, group=fabric.control)
+        del result, box  # what the command answered or brought is freed before the reaper looks
+        between(command.op)
+
+
+def kept_bytes() -> int:
+    """Bytes of freed host memory this rank's host cache keeps idle (`hostcache`)."""
+    return hostcache.cache().stats().idle_bytes
 
 
 # -- rank 0 -----------------------------------------------------------------------------------------
@@ -1089,6 +1151,9 @@ class ClusterService(Service):
         self._placements_lock = threading.Lock()
         self._held = [0] * fabric.world_size
         """Bytes each rank held after the last command (another rank changes only through commands)."""
+        self._kept = [0] * fabric.world_size
+        """Bytes each rank's host cache kept idle after the last command (its reaper runs after each:
+        while idle, the pings bring the figure every few seconds)."""
         self._broken = ""
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping, name="weightavg-cluster-ping", daemon=True)
@@ -1216,20 +1281,22 @@ class ClusterService(Service):
         when a collective fails."""
         with self._channel:
             self._check()
+            sent = time.monotonic()
             try:
                 dist.broadcast_object_list([command], src=0, group=self.fabric.control)
                 mine = execute(self, self.fabric, command)
                 replies: list[Any] = [None] * self.fabric.world_size
-                dist.gather_object((mine, held_bytes(self)), replies, dst=0, group=self.fabric.control)
+                dist.gather_object((mine, held_bytes(self), 0), replies, dst=0, group=self.fabric.control)
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
-                self._broken = f"{command.op}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self._broken = lost_rank(command.op, exc, time.monotonic() - sent, self.fabric.timeout)
                 log.error("cluster broken: %s", self._broken)
                 self.on_broken(self._broken)
                 self._check()
                 raise
-            results = [result for result, _ in replies]
+            results = [result for result, _, _ in replies]
             with self._placements_lock:
-                self._held = [held for _, held in replies]
+                self._held = [held for _, held, _ in replies]
+                self._kept = [kept for _, _, kept in replies]
             return results
 
     def _call(
@@ -1346,6 +1413,14 @@ class ClusterService(Service):
             held = list(self._held)
         held[0] = held_bytes(self)
         return held
+
+    def rank_kept_bytes(self) -> list[int]:
+        """Each rank's freed host memory kept idle (`hostcache`), without a command: rank 0's read live,
+        the others' as of their last answer (a ping's at most a few seconds ago while idle)."""
+        with self._placements_lock:
+            kept = list(self._kept)
+        kept[0] = kept_bytes()
+        return kept
 
     def least_held(self) -> int:
         """Where a new object without a placement goes: the rank holding the fewest bytes of tensor

@@ -397,6 +397,11 @@ class Service:
         (the operator's figure, for metrics; a cluster's: cluster.ClusterService)."""
         return [sum(self.store.held_bytes().values())]
 
+    def rank_kept_bytes(self) -> list[int]:
+        """Freed host memory each rank's host cache keeps idle, in rank order: here the one rank
+        (for metrics; a cluster's: cluster.ClusterService)."""
+        return [hostcache.cache().stats().idle_bytes]
+
     def request_id_stats(self) -> RequestStats:
         """Request IDs remembered now, duplicates answered from them, and IDs dropped at the caps:
         server-wide figures, so none for a caller that does not see those (`sees_server_wide`)."""

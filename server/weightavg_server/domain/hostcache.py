@@ -13,8 +13,9 @@ How: a block is a uint8 CPU tensor. A caller gets a tensor over a numpy view of 
 (`torch.from_numpy`), whose storage holds that view; when the storage goes (the last tensor over
 it freed, by whatever path), a finalizer on the view hands the block back. Idle blocks are kept by
 size, the newest reused first, within a bound in bytes (`--host-cache-bytes`: the oldest go first)
-and in time (`trim`, every second from the server: a block idle for `IDLE_SECONDS` goes), so a
-quiet server gives its memory back. Tensors that objects keep take a block of their exact size; a
+and in time (`trim`, every second from the server, and under torchrun from each other rank between
+its commands: a block idle for `IDLE_SECONDS`, --host-cache-idle-seconds, goes), so a quiet server
+gives its memory back. Tensors that objects keep take a block of their exact size; a
 fetch's copies, which live only while the reply streams, may take one up to twice their size
 (`lending`).
 
@@ -251,7 +252,8 @@ class IdleRelease:
     """Calls `release` once each time the server has been idle (no call started) for
     `idle_seconds`, and again in that idle spell whenever the cache drops idle blocks (which, up to
     glibc's mmap threshold of 32 MiB, go back to its heaps, not to the system): `tick` runs once a
-    second from the server's reaper. Not on every tick, since a trim walks every arena (milliseconds
+    second from the server's reaper (under torchrun, each other rank's `FollowerReaper`, whose calls
+    are the commands it executed). Not on every tick, since a trim walks every arena (milliseconds
     for gigabytes) and an idle server frees nothing else."""
 
     def __init__(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..domain import devices, hostcache, lerp, optimizers, pinned, weighted_sum
 from ..domain.devices import server_device
 from ..domain.errors import InvalidArgument, WeightavgError
 from ..service import Service, Settings
-from ..cluster import ClusterService, Fabric
+from ..cluster import HOUSEKEEPING, ClusterService, Fabric
 from ..cluster import restore_dir as cluster_restore_dir
 from ..transport.decoding import DecodeGuard
 from ..transport.interceptors import Handler, InterceptorChain, SessionInterceptor, SingleRequests, same_kind
@@ -102,7 +103,7 @@ class Runtime:
     snapshotter: Periodic | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.reaper = reaper(self.registry, self.stats)
+        self.reaper = reaper(self.registry, self.stats, self.config.host_cache_idle_seconds)
         if self.config.state_dir and self.config.snapshot_every > 0:
             self.snapshotter = snapshotter(self._save_if_changed, self.config.snapshot_every)
 
@@ -223,17 +224,59 @@ class TeamReturningStreams:
         return same_kind(handler, returning)
 
 
-def reaper(registry: Registry, stats: RpcStats) -> Periodic:
+def reaper(registry: Registry, stats: RpcStats, idle_seconds: float = hostcache.IDLE_SECONDS) -> Periodic:
     """Ends expired sessions once a second, freeing their handles, and gives back the host memory
-    kept idle too long (`hostcache`), even on an idle server; once the server has been idle as long,
-    the memory the C allocator holds freed too (`hostcache.IdleRelease`)."""
-    idle = hostcache.IdleRelease(lambda: stats.calls)
+    kept idle too long (`hostcache`), even on an idle server; once the server has been idle as long
+    (`idle_seconds`, --host-cache-idle-seconds), the memory the C allocator holds freed too
+    (`hostcache.IdleRelease`). Under torchrun the other ranks run `FollowerReaper` instead."""
+    idle = hostcache.IdleRelease(lambda: stats.calls, idle_seconds)
 
     def reap() -> None:
         registry.expire()
         idle.tick(dropped=hostcache.cache().trim())
 
     return Periodic("reaper", REAP_INTERVAL, reap)
+
+
+class FollowerReaper:
+    """The reaper of a rank other than 0, which `cluster.follow` calls after each command: at most once
+    every REAP_INTERVAL, it gives back the host cache's blocks idle too long and, once the rank has had
+    no command for `idle_seconds`, the memory the C allocator holds freed (`hostcache.IdleRelease`), as
+    rank 0's `reaper` does. Those ranks had no reaper: one that had held large objects kept their
+    memory after they were freed, for good, idle blocks in its cache and freed memory in glibc's
+    arenas alike (found by review).
+
+    It runs on the rank's one command thread, between commands: never beside a command or a
+    collective of this rank, so a trim cannot race one (a command that arrives meanwhile waits the
+    trim's milliseconds). An idle rank still hears from rank 0, which pings it every few seconds (the
+    reaper's clock: it gives memory back within one ping of the idle time) and writes periodic
+    snapshots: those commands (`cluster.HOUSEKEEPING`) are not use, as rank 0's own reaper and
+    snapshots count no call, or the rank would never be idle."""
+
+    def __init__(
+        self, idle_seconds: float = hostcache.IDLE_SECONDS, clock: Callable[[], float] = time.monotonic,
+        release: Callable[[], bool] = hostcache.release_freed_memory, cache: hostcache.HostCache | None = None,
+    ) -> None:
+        self._commands = 0
+        self._clock = clock
+        self._cache = cache if cache is not None else hostcache.cache()
+        self._idle = hostcache.IdleRelease(lambda: self._commands, idle_seconds, clock, release)
+        self._due = clock()
+
+    def __call__(self, op: str) -> bool:
+        """After a command `op` (its name): whether freed memory was given back to the system now. A
+        failure is logged, never raised: the rank must go on following rank 0."""
+        if op not in HOUSEKEEPING:
+            self._commands += 1
+        now = self._clock()
+        if now < self._due:
+            return False
+        self._due = now + REAP_INTERVAL
+        try:
+            return self._idle.tick(dropped=self._cache.trim())
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("reaper failed")
+            return False
 
 
 def snapshotter(save: Callable[[], object], interval: float) -> Periodic:
@@ -297,6 +340,16 @@ def check_device(name: str) -> str:
     return name
 
 
+def configure_host_memory(config: ServerConfig) -> None:
+    """The process's bounds on host memory kept beside the caps: the pinned staging cache, the locked
+    shared memory regions and the host cache (its bytes and idle time). Every rank applies its own
+    (`create_runtime`, and `cli.follow_rank` for the other ranks): the other ranks kept the default
+    1 GiB host cache whatever --host-cache-bytes said, 0 included (found by review)."""
+    pinned.set_cache_bytes(config.pinned_cache_bytes)
+    pinned.set_locked_bytes(config.max_locked_bytes)
+    hostcache.cache().configure(config.host_cache_bytes, config.host_cache_idle_seconds)
+
+
 def create_runtime(
     config: ServerConfig, registry: Registry | None = None, stats: RpcStats | None = None,
     fabric: Fabric | None = None,
@@ -317,9 +370,7 @@ def create_runtime(
     device = fabric.device if fabric is not None else server_device(check_device(config.device))
     tokens = Tokens(token_table(config.tokens, config.token))  # a bad tokens file stops the start here
     optimizers.prepare()
-    pinned.set_cache_bytes(config.pinned_cache_bytes)
-    pinned.set_locked_bytes(config.max_locked_bytes)
-    hostcache.cache().configure(config.host_cache_bytes)
+    configure_host_memory(config)
     registry = registry if registry is not None else Registry()  # an empty Registry is falsy
     registry.set_limits(config.limits())
     registry.set_quotas(tokens.table.quotas)

@@ -18,12 +18,12 @@ import torch
 
 from .. import __version__
 from .. import cluster
-from ..domain import hostcache, optimizers
+from ..domain import optimizers
 from ..service import Service
 from ..store import snapshot
 from ..store.registry import Registry
 from . import startup
-from .app import check_device, create_runtime, settings
+from .app import FollowerReaper, check_device, configure_host_memory, create_runtime, settings
 from .config import (
     BYTE_SIZE_FORMS, BYTE_SIZES, ENV_PREFIX, LOOPBACK_HOSTS, ServerConfig, bare_host, host_port, parse_bytes, value_parser,
 )
@@ -92,14 +92,18 @@ OPTIONS: list[tuple[str, str, str]] = [
      "(torch's caching host allocator); 0 stages them through pageable memory"),
     ("--host-cache-bytes", "host_cache_bytes",
      "most freed host memory kept for the next upload or copy of the same size, so it is not faulted in "
-     f"again (given back after {hostcache.IDLE_SECONDS:g} s idle); 0 keeps none"),
+     "again (given back after --host-cache-idle-seconds idle); 0 keeps none"),
+    ("--host-cache-idle-seconds", "host_cache_idle_seconds",
+     "a kept block of freed host memory idle this long is given back; once the server has had no call this "
+     "long (under torchrun, each rank no command), so is the memory the C allocator holds freed (malloc_trim)"),
     ("--max-locked-bytes", "max_locked_bytes",
      "on a CUDA device, with --allow-shm: most host memory of clients' shared memory regions page-locked in "
      "place, so copies to and from the GPU run as DMA; regions past it stay pageable (same results, staged); "
      "0 locks none"),
     ("--cluster-timeout-seconds", "cluster_timeout_seconds",
      "under torchrun: how long a rank waits on another before the cluster is declared broken (health "
-     "NOT_SERVING, calls UNAVAILABLE); also the longest a call on replicated objects may run"),
+     "NOT_SERVING, calls UNAVAILABLE); also the longest a call on objects of another rank may run, and how far "
+     "apart the ranks' parts of a call on replicated objects may end"),
     ("--log-level", "log_level", "DEBUG (adds one line per call), INFO (one line per failed call), WARNING or ERROR"),
 ]
 
@@ -278,6 +282,7 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     registry = Registry()
     registry.set_limits(config.limits())
+    configure_host_memory(config)  # this rank's own host cache and pinned memory, as rank 0's
     optimizers.prepare()
     if config.state_dir:
         restored = snapshot.load(registry, cluster.restore_dir(config.state_dir), fabric.device)
@@ -287,9 +292,11 @@ def follow_rank(config: ServerConfig, fabric: cluster.Fabric) -> None:
     # that (rank 0 elsewhere or gone), it exits on its own.
     cluster.watch_agent(lambda: cluster.exit_after(fabric.timeout + 30.0))
     try:
-        cluster.follow(service, fabric)
+        cluster.follow(service, fabric, FollowerReaper(config.host_cache_idle_seconds))
     except RuntimeError as exc:
-        log.error("rank %d: lost rank 0 (%s); exiting so that torchrun restarts the group", fabric.rank, exc)
+        # A wait past the timeout says so with the flag (rank 0 silent: hung, or busy with its part of a command).
+        silent = f"; {cluster.silent_past(fabric.timeout)}" if cluster.timed_out(str(exc)) else ""
+        log.error("rank %d: lost rank 0 (%s)%s; exiting so that torchrun restarts the group", fabric.rank, exc, silent)
         raise SystemExit(1) from None
     finally:
         cluster.leave()

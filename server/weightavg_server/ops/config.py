@@ -51,10 +51,12 @@ DEFAULT_MAX_REQUEST_IDS = requests.DEFAULT_MAX_IDS
 DEFAULT_MAX_REQUEST_ID_BYTES = requests.DEFAULT_MAX_BYTES
 DEFAULT_PINNED_CACHE_BYTES = pinned.CACHE_BYTES
 DEFAULT_HOST_CACHE_BYTES = hostcache.CACHE_BYTES
+DEFAULT_HOST_CACHE_IDLE_SECONDS = hostcache.IDLE_SECONDS
 DEFAULT_MAX_LOCKED_BYTES = pinned.LOCKED_BYTES
 DEFAULT_CLUSTER_TIMEOUT_SECONDS = 300.0
 """Under torchrun: how long a rank waits on another (a command, a result, a collective) before the
-cluster is declared broken; also the longest a call on replicated objects may run."""
+cluster is declared broken; also the longest a call on objects of another rank may run, and how far
+apart the ranks' parts of a call on replicated objects may end."""
 
 
 _INT32_MAX = 2**31 - 1
@@ -82,6 +84,7 @@ _SECONDS: dict[str, tuple[bool, float]] = {
     "keepalive_time_seconds": (True, _KEEPALIVE_MAX),
     "keepalive_timeout_seconds": (True, _KEEPALIVE_MAX),
     "cluster_timeout_seconds": (True, threading.TIMEOUT_MAX),
+    "host_cache_idle_seconds": (True, threading.TIMEOUT_MAX),
     "request_id_window_seconds": (False, threading.TIMEOUT_MAX),
 }
 """Durations: finite, (more than 0 when True, else 0 or more), at most what a wait or grpc takes."""
@@ -215,6 +218,9 @@ class ServerConfig:
     pinned_cache_bytes: int = DEFAULT_PINNED_CACHE_BYTES
     # Freed blocks of host memory kept for the next tensor of their size (docs/ops.md), up to this many bytes.
     host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
+    # How long freed host memory stays idle before it is given back: a kept block, and (idle this long,
+    # no call started; under torchrun on every rank) what the C allocator holds freed.
+    host_cache_idle_seconds: float = DEFAULT_HOST_CACHE_IDLE_SECONDS
     # A CUDA server page-locks its clients' shared memory regions in place, up to this many bytes.
     max_locked_bytes: int = DEFAULT_MAX_LOCKED_BYTES
     # The cluster under torchrun (docs/cluster.md).

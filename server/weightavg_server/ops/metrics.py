@@ -159,7 +159,15 @@ class WeightavgCollector(Collector):
         )
         taken.add_metric(["kept"], kept.reused)
         taken.add_metric(["new"], kept.allocated)
-        yield from (idle, taken)
+        by_rank = GaugeMetricFamily(
+            "weightavg_rank_host_cache_idle_bytes",
+            "Freed host memory each rank's host cache keeps idle (one rank: 0; a torchrun cluster: every rank, "
+            "the others' as of their last answer to rank 0).",
+            labels=["rank"],
+        )
+        for rank, kept_by_rank in enumerate(self.service.rank_kept_bytes()):
+            by_rank.add_metric([str(rank)], kept_by_rank)
+        yield from (idle, taken, by_rank)
 
         info = GaugeMetricFamily(
             "weightavg_build_info", "Versions and device of this server (value always 1).",
