@@ -984,6 +984,9 @@ def test_a_rank_silent_past_the_timeout_breaks_the_cluster_saying_which_flag_to_
             c.dict({"w": np.zeros(4, np.float32)}, rank=1)
             os.kill(follower, signal.SIGSTOP)
             for _ in range(2):  # the call that waited, then one refused at once
+                with pytest.raises(UnavailableError, match=r"once health reports SERVING$") as broken:
+                    c.info()
+                assert "could not reach" not in broken.value.message  # the server's answer, not a connection's failure
                 with pytest.raises(UnavailableError, match=re.escape(
                     "a rank waited on another longer than --cluster-timeout-seconds (10 s): where one rank's part "
                     "of a command outlasts another's by that much (an epoch of a model on another rank; epochs of a "

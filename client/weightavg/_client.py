@@ -93,6 +93,9 @@ EMA_KEY = ".ema"
 """Where size() shows an exponential moving average's schedule; like '.n', no parameter can have the name."""
 
 SESSION_METADATA = "weightavg-session"
+ANSWERED_METADATA = "weightavg-answered"
+"""Trailing metadata the server puts on every status its handlers send (the server's
+transport/status.py): such an UNAVAILABLE is the server's own answer, not a failure to reach it."""
 """Metadata key that carries the session id on every call of a session client."""
 
 log = logging.getLogger("weightavg.client")
@@ -155,6 +158,14 @@ def _one_value(value: tuple[Any, ...], call: str) -> Any:
     if len(value) > 1:
         raise TypeError(f"{call} takes one value, given {len(value)}; set several entries with a mapping")
     return value[0]
+
+
+def _answered(exc: grpc.RpcError) -> bool:
+    """Whether a handler of the server sent this status (`ANSWERED_METADATA`), rather than gRPC for a
+    call that never reached one."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    pairs = trailing() if callable(trailing) else None
+    return any(key == ANSWERED_METADATA for key, _ in pairs or ())
 
 
 def _handle(message: pb.Handle) -> Handle:
@@ -1470,14 +1481,15 @@ class Client:
                 "skipped": list(r.skipped)}
 
     def _translate(self, exc: grpc.RpcError) -> WeightavgError:
-        """The client's exception for a failed call; UNAVAILABLE gets a hint on what to check.
+        """The client's exception for a failed call; an UNAVAILABLE the server did not answer itself
+        (`_answered`: a refused connection, say) gets a hint on what to check.
 
         gRPC's connection failures embed a second status name ("failed to connect to all addresses;
         last error: UNKNOWN: ipv4:...: Connection refused"); it is dropped so the message names
         one code, the call's.
         """
         error = from_rpc_error(exc)
-        if isinstance(error, UnavailableError):
+        if isinstance(error, UnavailableError) and not _answered(exc):
             error.message = re.sub(r"; last error: [A-Z_]+: ", ": ", error.message) + self._unavailable_hint()
         elif isinstance(error, DeadlineExceededError) and error.message == _GRPC_DEADLINE:
             # gRPC's own words, which named neither the deadline nor where it is set (found by review).

@@ -53,6 +53,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
 
 
+ANSWERED_METADATA = "weightavg-answered"
+"""Trailing metadata on every status a handler of the server sends (value "1"): a client tells by it
+a status the server answered from one gRPC made up for a call that never reached a handler (a refused
+connection, a server that is not running), and gives its hint on where to connect to the second only.
+A broken cluster's UNAVAILABLE, which names the flag to raise, ended with "could not reach ... is the
+server running" (found by review). Clients in other languages may read it the same way."""
+
+
 def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn:
     code, message = status_for(exc)
     if not context.is_active():
@@ -65,6 +73,7 @@ def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> NoReturn
         log.exception("%s failed unexpectedly", name)
     else:  # the interceptor (observe.py) logs every failed call at INFO with its code and message
         log.debug("%s -> %s: %s", name, code.name, message)
+    context.set_trailing_metadata(((ANSWERED_METADATA, "1"),))
     context.abort(code, message)
 
 
