@@ -249,18 +249,25 @@ def release_freed_memory() -> bool:
 
 
 class IdleRelease:
-    """Calls `release` once each time the server has been idle (no call started) for
+    """Calls `release` once each time the server has been idle (no call started, none running) for
     `idle_seconds`, and again in that idle spell whenever the cache drops idle blocks (which, up to
     glibc's mmap threshold of 32 MiB, go back to its heaps, not to the system): `tick` runs once a
     second from the server's reaper (under torchrun, each other rank's `FollowerReaper`, whose calls
     are the commands it executed). Not on every tick, since a trim walks every arena (milliseconds
-    for gigabytes) and an idle server frees nothing else."""
+    for gigabytes) and an idle server frees nothing else.
+
+    `calls` counts the calls started, `running` the calls not yet finished (none, by default: a
+    `FollowerReaper` ticks between commands only). A spell starts only once none runs: counting starts alone, a server busy with one long call (an epoch of minutes, a reply
+    streaming to a slow reader) counted as idle 30 s after it began, and was trimmed under it (found
+    by review)."""
 
     def __init__(
         self, calls: Callable[[], int], idle_seconds: float = IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic, release: Callable[[], bool] = release_freed_memory,
+        running: Callable[[], int] = lambda: 0,
     ) -> None:
         self._calls = calls
+        self._running = running
         self._idle_seconds = idle_seconds
         self._clock = clock
         self._release = release
@@ -273,7 +280,7 @@ class IdleRelease:
         cache last dropped blocks (`dropped`: the bytes its `trim` gave up this tick); whether it
         released."""
         now, calls = self._clock(), self._calls()
-        if calls != self._seen:
+        if calls != self._seen or self._running():
             self._seen, self._since, self._released = calls, now, False
             return False
         if dropped:
