@@ -75,6 +75,20 @@ def test_small_tensors_and_a_cache_of_no_bytes_keep_nothing() -> None:
     assert lent.stats().idle_bytes == 0
 
 
+def test_every_large_tensor_made_over_new_memory_counts_as_new_whatever_the_bound() -> None:
+    """`weightavg_host_cache_blocks_total{block="new"}`: with --host-cache-bytes 0, or for a tensor
+    larger than the bound, every large tensor was made over new memory and none was counted, so the
+    metric read as though the server had made no large tensor at all (found by review)."""
+    cache = HostCache(capacity=0)
+    made = [cache.empty(2 * MB), cache.empty(3 * MB, up_to=6 * MB)]
+    assert cache.stats() == hostcache.CacheStats(idle_bytes=0, idle_blocks=0, reused=0, allocated=2)
+    bounded = HostCache(capacity=4 * MB)
+    made += [bounded.empty(8 * MB), bounded.empty(MIN_BYTES - 1)]  # larger than the bound; small (not counted)
+    assert bounded.stats().allocated == 1
+    del made
+    assert cache.stats().idle_bytes == bounded.stats().idle_bytes == 0
+
+
 def test_the_oldest_idle_blocks_go_first_past_the_bound() -> None:
     clock = Clock()
     cache = HostCache(capacity=10 * MB, clock=clock)

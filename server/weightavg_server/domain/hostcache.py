@@ -110,7 +110,11 @@ class HostCache:
         """An uninitialised 1-D uint8 CPU tensor of nbytes: over a kept block of that size (or, with
         `up_to`, the smallest kept one of at most up_to bytes) where the cache has one, else over a
         new block (on huge pages where large: `native.advise_huge_pages`)."""
-        if nbytes < MIN_BYTES or nbytes > self._capacity:
+        if nbytes < MIN_BYTES:
+            return _new_block(nbytes)
+        if nbytes > self._capacity:  # never kept (a bound of 0 keeps none), but a new large block all the same
+            with self._lock:
+                self._allocated += 1
             return _new_block(nbytes)
         with self._lock:
             dropped = self._settle()
