@@ -138,6 +138,28 @@ def test_a_transient_copy_takes_a_kept_block_of_up_to_twice_its_size() -> None:
     assert cache.empty(3 * MB).data_ptr() != address  # a kept tensor takes only its exact size
 
 
+def test_the_bytes_a_lent_block_holds_beyond_its_tensor_count_within_the_bound() -> None:
+    """An 8 MiB block lent to a 5 MiB reply holds 3 MiB that no cap counts (the reservation is the
+    reply's 5 MiB): they count within --host-cache-bytes with the idle blocks, so the process holds at
+    most the bound beside what the caps count, as ops.md says. Idle blocks filled the whole bound
+    beside it (found by review)."""
+    clock = Clock()
+    cache = HostCache(capacity=8 * MB, clock=clock)
+    first = cache.empty(8 * MB)
+    address = first.data_ptr()
+    del first
+    reply = cache.empty(5 * MB, up_to=10 * MB)
+    assert reply.data_ptr() == address
+    clock.now += 1
+    uploads = [cache.empty(4 * MB), cache.empty(4 * MB)]
+    del uploads
+    assert cache.stats().idle_bytes == 4 * MB  # 4 MB idle and 3 MB spare: one 4 MB block had to go
+    clock.now += 1
+    del reply  # the whole 8 MB block is idle again, and the older 4 MB one goes
+    assert cache.stats().idle_bytes == 8 * MB
+    assert cache.empty(8 * MB).data_ptr() == address
+
+
 def test_lending_gives_blocks_from_the_processs_cache(kept: HostCache) -> None:
     with hostcache.lending() as lend:
         block = lend(2 * MB)
