@@ -75,6 +75,20 @@ def test_small_tensors_and_a_cache_of_no_bytes_keep_nothing() -> None:
     assert lent.stats().idle_bytes == 0
 
 
+def test_every_large_tensor_made_over_new_memory_counts_as_new_whatever_the_bound() -> None:
+    """`weightavg_host_cache_blocks_total{block="new"}`: with --host-cache-bytes 0, or for a tensor
+    larger than the bound, every large tensor was made over new memory and none was counted, so the
+    metric read as though the server had made no large tensor at all (found by review)."""
+    cache = HostCache(capacity=0)
+    made = [cache.empty(2 * MB), cache.empty(3 * MB, up_to=6 * MB)]
+    assert cache.stats() == hostcache.CacheStats(idle_bytes=0, idle_blocks=0, reused=0, allocated=2)
+    bounded = HostCache(capacity=4 * MB)
+    made += [bounded.empty(8 * MB), bounded.empty(MIN_BYTES - 1)]  # larger than the bound; small (not counted)
+    assert bounded.stats().allocated == 1
+    del made
+    assert cache.stats().idle_bytes == bounded.stats().idle_bytes == 0
+
+
 def test_the_oldest_idle_blocks_go_first_past_the_bound() -> None:
     clock = Clock()
     cache = HostCache(capacity=10 * MB, clock=clock)
@@ -122,6 +136,28 @@ def test_a_transient_copy_takes_a_kept_block_of_up_to_twice_its_size() -> None:
     assert cache.empty(MB, up_to=2 * MB).data_ptr() != address  # more than twice the size: a new block
     assert cache.empty(5 * MB, up_to=10 * MB).data_ptr() != address  # too small
     assert cache.empty(3 * MB).data_ptr() != address  # a kept tensor takes only its exact size
+
+
+def test_the_bytes_a_lent_block_holds_beyond_its_tensor_count_within_the_bound() -> None:
+    """An 8 MiB block lent to a 5 MiB reply holds 3 MiB that no cap counts (the reservation is the
+    reply's 5 MiB): they count within --host-cache-bytes with the idle blocks, so the process holds at
+    most the bound beside what the caps count, as ops.md says. Idle blocks filled the whole bound
+    beside it (found by review)."""
+    clock = Clock()
+    cache = HostCache(capacity=8 * MB, clock=clock)
+    first = cache.empty(8 * MB)
+    address = first.data_ptr()
+    del first
+    reply = cache.empty(5 * MB, up_to=10 * MB)
+    assert reply.data_ptr() == address
+    clock.now += 1
+    uploads = [cache.empty(4 * MB), cache.empty(4 * MB)]
+    del uploads
+    assert cache.stats().idle_bytes == 4 * MB  # 4 MB idle and 3 MB spare: one 4 MB block had to go
+    clock.now += 1
+    del reply  # the whole 8 MB block is idle again, and the older 4 MB one goes
+    assert cache.stats().idle_bytes == 8 * MB
+    assert cache.empty(8 * MB).data_ptr() == address
 
 
 def test_lending_gives_blocks_from_the_processs_cache(kept: HostCache) -> None:

@@ -32,13 +32,16 @@ from weightavg import Client, NotFoundError, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import (
-    SERVICE_NAME, FollowerReaper, create_runtime, create_server, receive_ceiling, server_options, set_serving,
+    SERVICE_NAME, FollowerReaper, create_runtime, create_server, idle_release, receive_ceiling, server_options,
+    set_serving,
 )
 from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops import metrics
 from weightavg_server.ops.metrics import MetricsServer, start_metrics_server
 from weightavg_server.store.registry import Registry
 from weightavg_server.transport.stats import LATENCY_BUCKETS, RpcStats
+
+from conftest import StalledUploads
 
 METHOD = f"/{SERVICE_NAME}/"
 
@@ -228,6 +231,41 @@ def test_every_call_started_counts_toward_the_reapers_sign_of_activity(ops_serve
     with grpc.insecure_channel(ops_server.address) as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert ops_server.stats.calls == before + 3
+
+
+def _until(done: Any, what: str) -> None:
+    """Wait for done() (a server-side change a call makes as it starts or ends), at most 30 s."""
+    for _ in range(3000):
+        if done():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"never {what}")
+
+
+def test_a_server_running_one_long_call_is_not_idle_for_the_reapers_release(ops_server: OpsServer, ops: Client) -> None:
+    """The reaper gives freed memory back (malloc_trim) once no call has started for 30 s: it counted
+    calls started only, so a server busy with one long call (an epoch of minutes, a reply to a slow
+    reader) was trimmed under it 30 s after it began. A spell begins once no call runs (found by review)."""
+    now, released = [0.0], []
+    idle = idle_release(ops_server.stats, clock=lambda: now[0], release=lambda: released.append(now[0]) is None)
+
+    def at(t: float) -> bool:
+        now[0] = t
+        return idle.tick()
+
+    with grpc.insecure_channel(ops_server.address) as channel:
+        with StalledUploads(pb_grpc.WeightAveragingServiceStub(channel), 1) as upload:
+            _until(lambda: ops_server.stats.running >= 1, "saw the upload start")
+            assert [at(t) for t in (1.0, 31.0, 100.0)] == [False, False, False]  # busy all along
+        try:
+            made = upload.futures[0].result().dictionary.id  # an empty dictionary, once its stream ends
+        except grpc.RpcError:
+            made = ""
+    _until(lambda: ops_server.stats.running == 0, "saw the upload end")
+    assert not at(101.0) and not at(129.0)
+    assert at(130.0) and released == [130.0]  # 30 s after the last tick that saw it busy
+    if made:
+        ops.free(made)
 
 
 def test_a_call_that_ends_after_its_deadline_counts_as_deadline_exceeded(

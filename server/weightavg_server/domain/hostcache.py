@@ -12,7 +12,8 @@ anew.
 How: a block is a uint8 CPU tensor. A caller gets a tensor over a numpy view of it
 (`torch.from_numpy`), whose storage holds that view; when the storage goes (the last tensor over
 it freed, by whatever path), a finalizer on the view hands the block back. Idle blocks are kept by
-size, the newest reused first, within a bound in bytes (`--host-cache-bytes`: the oldest go first)
+size, the newest reused first, within a bound in bytes (`--host-cache-bytes`: the oldest go first;
+the bound also counts the bytes of lent blocks that their tensors do not use, see `lending`)
 and in time (`trim`, every second from the server, and under torchrun from each other rank between
 its commands: a block idle for `IDLE_SECONDS`, --host-cache-idle-seconds, goes), so a quiet server
 gives its memory back. Tensors that objects keep take a block of their exact size; a
@@ -84,10 +85,16 @@ class HostCache:
         self._idle_seconds = idle_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._returned: collections.deque[Block] = collections.deque()
+        self._returned: collections.deque[tuple[Block, int]] = collections.deque()
+        """Blocks handed back, each with the bytes its tensor had asked."""
         self._idle: dict[int, list[tuple[float, Block]]] = {}
         """Idle blocks by size, each list oldest first."""
         self._idle_bytes = 0
+        self._spare = 0
+        """Bytes of lent blocks beyond what their tensors asked (a reply's copies in a kept block of up to
+        twice their size: `up_to`). No cap counts them, so they count within the bound with the idle
+        blocks: an 8 MiB block lent to a 5 MiB reply held 3 MiB past a bound of 8 MiB, idle blocks
+        filling it beside (found by review)."""
         self._reused = 0
         self._allocated = 0
 
@@ -110,7 +117,11 @@ class HostCache:
         """An uninitialised 1-D uint8 CPU tensor of nbytes: over a kept block of that size (or, with
         `up_to`, the smallest kept one of at most up_to bytes) where the cache has one, else over a
         new block (on huge pages where large: `native.advise_huge_pages`)."""
-        if nbytes < MIN_BYTES or nbytes > self._capacity:
+        if nbytes < MIN_BYTES:
+            return _new_block(nbytes)
+        if nbytes > self._capacity:  # never kept (a bound of 0 keeps none), but a new large block all the same
+            with self._lock:
+                self._allocated += 1
             return _new_block(nbytes)
         with self._lock:
             dropped = self._settle()
@@ -123,6 +134,7 @@ class HostCache:
                 if not kept:
                     del self._idle[size]
                 self._idle_bytes -= size
+                self._spare += size - nbytes  # idle + spare falls by nbytes: still within the bound
                 self._reused += 1
             else:
                 self._allocated += 1
@@ -166,20 +178,21 @@ class HostCache:
     def _lend(self, block: Block, nbytes: int) -> torch.Tensor:
         """A tensor over the block's first nbytes whose storage, when freed, hands the block back."""
         view = block[:nbytes]
-        finalizer = weakref.finalize(view, self._returned.append, block)
+        finalizer = weakref.finalize(view, self._returned.append, (block, nbytes))
         finalizer.atexit = False
         return torch.from_numpy(view)
 
     def _settle(self) -> list[Block]:
         """Under the lock: take the blocks handed back into the idle lists, then drop the oldest idle
-        blocks past the bound. Returns the dropped blocks, for the caller to let go of after the lock."""
+        blocks past the bound (idle bytes and lent blocks' spare bytes together). Returns the dropped blocks, for the caller to let go of after the lock."""
         now = self._clock()
         dropped: list[Block] = []
         while self._returned:
-            block = self._returned.popleft()
+            block, asked = self._returned.popleft()
             self._idle.setdefault(block.nbytes, []).append((now, block))
             self._idle_bytes += block.nbytes
-        while self._idle_bytes > self._capacity:
+            self._spare -= block.nbytes - asked
+        while self._idle and self._idle_bytes + self._spare > self._capacity:
             size = min(self._idle, key=lambda s: self._idle[s][0][0])
             kept = self._idle[size]
             dropped.append(kept.pop(0)[1])
@@ -217,7 +230,8 @@ def empty_as(numel: int, dtype: torch.dtype) -> torch.Tensor:
 def lending() -> Iterator[Callable[[int], torch.Tensor]]:
     """For copies that live only as long as a reply streams: blocks of at least the bytes asked, a
     kept one of up to twice that where there is one (fetches of about the same size reuse one
-    another's memory). Each comes back when the last tensor over it goes, in the block or after."""
+    another's memory). Each comes back when the last tensor over it goes, in the block or after;
+    while lent, its bytes beyond those asked count within the cache's bound."""
     yield lambda nbytes: _cache.empty(nbytes, up_to=2 * nbytes)
 
 
@@ -249,18 +263,25 @@ def release_freed_memory() -> bool:
 
 
 class IdleRelease:
-    """Calls `release` once each time the server has been idle (no call started) for
+    """Calls `release` once each time the server has been idle (no call started, none running) for
     `idle_seconds`, and again in that idle spell whenever the cache drops idle blocks (which, up to
     glibc's mmap threshold of 32 MiB, go back to its heaps, not to the system): `tick` runs once a
     second from the server's reaper (under torchrun, each other rank's `FollowerReaper`, whose calls
     are the commands it executed). Not on every tick, since a trim walks every arena (milliseconds
-    for gigabytes) and an idle server frees nothing else."""
+    for gigabytes) and an idle server frees nothing else.
+
+    `calls` counts the calls started, `running` the calls not yet finished (none, by default: a
+    `FollowerReaper` ticks between commands only). A spell starts only once none runs: counting starts alone, a server busy with one long call (an epoch of minutes, a reply
+    streaming to a slow reader) counted as idle 30 s after it began, and was trimmed under it (found
+    by review)."""
 
     def __init__(
         self, calls: Callable[[], int], idle_seconds: float = IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic, release: Callable[[], bool] = release_freed_memory,
+        running: Callable[[], int] = lambda: 0,
     ) -> None:
         self._calls = calls
+        self._running = running
         self._idle_seconds = idle_seconds
         self._clock = clock
         self._release = release
@@ -273,7 +294,7 @@ class IdleRelease:
         cache last dropped blocks (`dropped`: the bytes its `trim` gave up this tick); whether it
         released."""
         now, calls = self._clock(), self._calls()
-        if calls != self._seen:
+        if calls != self._seen or self._running():
             self._seen, self._since, self._released = calls, now, False
             return False
         if dropped:

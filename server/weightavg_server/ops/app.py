@@ -224,12 +224,24 @@ class TeamReturningStreams:
         return same_kind(handler, returning)
 
 
+def idle_release(
+    stats: RpcStats, idle_seconds: float = hostcache.IDLE_SECONDS, clock: Callable[[], float] | None = None,
+    release: Callable[[], bool] | None = None,
+) -> hostcache.IdleRelease:
+    """The reaper's `hostcache.IdleRelease`, idle while no call starts and none runs (by `stats`);
+    `clock` and `release` replace time.monotonic and malloc_trim (tests)."""
+    return hostcache.IdleRelease(
+        lambda: stats.calls, idle_seconds, clock or time.monotonic, release or hostcache.release_freed_memory,
+        running=lambda: stats.running,
+    )
+
+
 def reaper(registry: Registry, stats: RpcStats, idle_seconds: float = hostcache.IDLE_SECONDS) -> Periodic:
     """Ends expired sessions once a second, freeing their handles, and gives back the host memory
     kept idle too long (`hostcache`), even on an idle server; once the server has been idle as long
     (`idle_seconds`, --host-cache-idle-seconds), the memory the C allocator holds freed too
     (`hostcache.IdleRelease`). Under torchrun the other ranks run `FollowerReaper` instead."""
-    idle = hostcache.IdleRelease(lambda: stats.calls, idle_seconds)
+    idle = idle_release(stats, idle_seconds)
 
     def reap() -> None:
         registry.expire()

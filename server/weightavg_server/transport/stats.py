@@ -69,6 +69,7 @@ class RpcStats:
         """The tenants whose calls are counted (`keep_tenants`); None: every tenant."""
         self._started_at = time.monotonic()
         self._calls = 0
+        self._running = 0
 
     def keep_tenants(self, named: frozenset[str]) -> None:
         """Count calls of the `named` tenants alone from now on (those the tokens in force name), and
@@ -112,11 +113,18 @@ class RpcStats:
                 stats = self._methods[method] = MethodStats()
             stats.started += 1
             self._calls += 1
+            self._running += 1
 
     @property
     def calls(self) -> int:
         """Calls started, every method together (the reaper's sign of activity)."""
         return self._calls
+
+    @property
+    def running(self) -> int:
+        """Calls started and not yet finished, every method together: a server running one long call
+        (an epoch, a reply streaming to a slow reader) is busy, though no call starts."""
+        return self._running
 
     def finish(self, method: str, code: str, seconds: float, bytes_received: int = 0, bytes_sent: int = 0) -> None:
         """A call to `method` (already started) ended with status `code` after `seconds`."""
@@ -124,6 +132,7 @@ class RpcStats:
         with self._lock:
             stats = self._methods[method]
             stats.finished += 1
+            self._running -= 1
             stats.codes[code] += 1
             stats.seconds_total += seconds
             stats.seconds_max = max(stats.seconds_max, seconds)
