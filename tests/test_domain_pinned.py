@@ -86,6 +86,19 @@ def test_small_buffers_and_host_tensors_never_ask_the_allocator(monkeypatch: pyt
     assert (small.dtype, small.shape, large.shape) == (torch.float32, (pinned.MIN_BYTES // 4 - 1,), (MB,))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host that cannot pin: here torch's pinned allocator fails for real")
+def test_a_staging_buffer_the_host_will_not_pin_is_pageable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocator's statistics say there is room, and torch's pinned allocation then fails (here
+    for want of CUDA, on a GPU server when cudaHostAlloc is refused): the fetch or upload staging
+    through it failed INTERNAL; a pageable buffer gives the same bytes."""
+    Allocator(monkeypatch, held=0, active=0)
+    assert pinned._room(MB)
+    with pytest.raises(RuntimeError):
+        torch.empty((MB,), dtype=torch.float32, pin_memory=True)
+    buffer = pinned.empty((MB,), torch.float32, CUDA)
+    assert (buffer.device.type, buffer.shape, buffer.is_pinned()) == ("cpu", (MB,), False)
+
+
 def test_host_copies_of_cpu_tensors_are_copies() -> None:
     t = torch.arange(12.0).reshape(3, 4).t()  # not contiguous
     (name, copy), = host_copies([("w", t)])
