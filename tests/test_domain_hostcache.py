@@ -89,6 +89,20 @@ def test_every_large_tensor_made_over_new_memory_counts_as_new_whatever_the_boun
     assert cache.stats().idle_bytes == bounded.stats().idle_bytes == 0
 
 
+def test_a_block_the_host_has_no_memory_for_gives_the_idle_blocks_back_before_it_is_refused() -> None:
+    """A large tensor the host could not allocate was refused ("server out of memory") while the
+    cache kept up to its bound idle; the idle blocks now go first, and it is tried once more. 1 PB:
+    torch's CPU allocator refuses it at once, both times, touching no memory."""
+    cache = HostCache(capacity=64 * MB)
+    for nbytes in (2 * MB, 4 * MB):
+        t = cache.empty(nbytes)
+        del t
+    assert cache.stats().idle_bytes == 6 * MB
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        cache.empty(1 << 50)
+    assert cache.stats().idle_bytes == 0
+
+
 def test_the_oldest_idle_blocks_go_first_past_the_bound() -> None:
     clock = Clock()
     cache = HostCache(capacity=10 * MB, clock=clock)

@@ -122,7 +122,7 @@ class HostCache:
         if nbytes > self._capacity:  # never kept (a bound of 0 keeps none), but a new large block all the same
             with self._lock:
                 self._allocated += 1
-            return _new_block(nbytes)
+            return self._new_block(nbytes)
         with self._lock:
             dropped = self._settle()
             sizes = [size for size in self._idle if nbytes <= size <= max(up_to, nbytes)]
@@ -140,8 +140,26 @@ class HostCache:
                 self._allocated += 1
         del dropped
         if block is None:
-            block = _new_block(nbytes).numpy()
+            block = self._new_block(nbytes).numpy()
         return self._lend(block, nbytes)
+
+    def _new_block(self, nbytes: int) -> torch.Tensor:
+        """A new block of nbytes; where the host has no memory for it, the idle blocks are given back
+        (and the C allocator's freed memory with them) and it is tried once more. Memory this cache
+        keeps for reuse must never be why a call runs out: such a call was answered "server out of
+        memory" with up to --host-cache-bytes idle here (found by review).
+
+        Raises:
+            RuntimeError: torch's "can't allocate memory" still (the server answers RESOURCE_EXHAUSTED).
+        """
+        try:
+            return _new_block(nbytes)
+        except RuntimeError as exc:
+            if "can't allocate memory" not in str(exc):
+                raise
+        self.clear()
+        release_freed_memory()
+        return _new_block(nbytes)
 
     def trim(self) -> int:
         """Drop the blocks idle for `IDLE_SECONDS` or more; the bytes dropped."""
