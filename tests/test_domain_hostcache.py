@@ -242,6 +242,20 @@ def test_a_copy_after_a_free_lands_in_the_freed_memory(live_server: LiveServer, 
 
 
 
+def test_a_snapshot_copies_into_the_memory_the_last_one_freed(start_server, tmp_path, kept: HostCache) -> None:  # type: ignore[no-untyped-def]
+    """A snapshot's host copies (a periodic one on a changing server) took new memory every time, every
+    page faulted in; they now come from the host cache, and a restart restores the same values."""
+    server = start_server(state_dir=str(tmp_path))
+    weights = np.arange(1 << 20, dtype=np.float32).reshape(1024, 1024)  # 4 MiB
+    with Client(server.address, timeout=60) as c:
+        d = c.dict({"w": weights})
+        c.snapshot()
+        reused = kept.stats().reused
+        c.snapshot()
+        assert kept.stats().reused == reused + 1
+        np.testing.assert_array_equal(c.dict(d)["w"], weights)
+
+
 def test_a_reply_streaming_to_a_stalled_reader_keeps_its_bytes_while_its_object_is_freed_and_its_memory_reused(
     live_server: LiveServer, client: Client, kept: HostCache
 ) -> None:

@@ -50,7 +50,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..domain import batching, dtypes, flat, losses, optimizers, specs, training
+from ..domain import batching, dtypes, flat, hostcache, losses, optimizers, specs, training
 from ..domain.dictionaries import COUNT_KEY, Count, TensorDict
 from ..domain.dtypes import DTYPES
 from ..domain.ema import MAX_STEP, EmaSchedule, EmaState
@@ -130,7 +130,9 @@ class SaveContext:
         self._pinned.extend((t, ident))  # keeps the ids from being reused by other tensors during this save
         data = t.detach()
         if self._copy:
-            data = torch.empty(data.shape, dtype=data.dtype).copy_(data)  # one contiguous host copy, whatever t's layout
+            # One contiguous host copy, whatever t's layout, in memory the host cache kept (a large one):
+            # each periodic snapshot of a changing server faulted every page of its copies in anew.
+            data = hostcache.empty_as(data.numel(), data.dtype).reshape(data.shape).copy_(data)
         raw = data.dtype not in _SAFETENSORS_DTYPES
         self.tensor_info[key] = {
             "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "device": str(t.device), "raw": raw,
