@@ -384,3 +384,20 @@ def test_an_epoch_whose_batches_need_more_room_than_the_cap_leaves_is_refused_be
         c.train(m, batchsize=50)
         c.run(m)
         assert not np.array_equal(c.dict(c.copyparms(m))["0.weight"], weights["0.weight"])
+
+
+def test_a_forward_with_gradients_reserves_what_autograd_keeps_for_backward(start_server) -> None:  # type: ignore[no-untyped-def]
+    """forward (train mode, gradients on) keeps every relu's output and every linear's input for a
+    backward pass until it ends, most of the layers' outputs at once; its pass was sized without
+    gradients, the widest point of eforward and nforward, and allocated twice what it had reserved
+    (found by review). Under a cap that eforward and nforward fit, forward is now refused, nothing
+    changed, with the fix: a pass without gradients."""
+    server = start_server(max_device_bytes=7_000_000)
+    with Client(server.address, timeout=60) as c:
+        q = c.module(["sequential", ["linear", 4, 256], ["relu"], ["linear", 256, 256], ["relu"],
+                      ["linear", 256, 256], ["relu"], ["linear", 256, 2]])
+        x = c.tensor(np.random.default_rng(0).standard_normal((2000, 4)).astype(np.float32))
+        for fits in (c.eforward, c.nforward):  # 2000 x 256 float32 activations: two of them at once
+            c.free(fits(q, x))
+        message = refused(server, lambda: c.forward(q, x))  # three saved for backward, and one being made
+        assert "run it without gradients" in message and "nforward and eforward" in message

@@ -242,6 +242,18 @@ def _smaller_batch_hint(sized: Sequence[tuple[int, int]]) -> str:
     )
 
 
+def _without_gradients_hint(grad: bool) -> str:
+    """What a forward refused for room can change besides freeing handles: with gradients, its pass
+    keeps each layer's activations for a backward pass (`footprint.pass_bytes`); a pass without
+    gradients keeps none of them."""
+    if not grad:
+        return ""
+    return (
+        ", or run it without gradients: forward keeps each layer's activations for a backward pass, "
+        "nforward and eforward (FORWARD_MODE_TRAIN_NO_GRAD, FORWARD_MODE_EVAL) keep none"
+    )
+
+
 def _copied_in_place() -> bool:
     """For `mutate(in_place=...)`: a change that only copies values into tensors the object already
     holds (`load_parameters`; a test or an evaluation: rows a max_norm embedding renormalises, test
@@ -976,9 +988,13 @@ class Service:
                     x = training.default_input(entry.obj, mode)
                 else:
                     raise InvalidArgument("RunForward needs an input: a tensor handle or a streamed tensor")
-                train = training.forward_flags(mode)[0]
+                train, grad = training.forward_flags(mode)
                 self.store.grow(reservation, nbytes=footprint.forward_bytes(module, x, train))
-                with self.store.reserve(nbytes=footprint.pass_bytes(module, x, train)):
+                with contextlib.ExitStack() as running:
+                    try:
+                        running.enter_context(self.store.reserve(nbytes=footprint.pass_bytes(module, x, train, grad)))
+                    except ResourceExhausted as exc:
+                        raise ResourceExhausted(f"{exc}{_without_gradients_hint(grad)}") from None
                     output = training.forward(module, x, mode)
             return Ref(self.store.add(Kind.TENSOR, TensorHolder(output), reservation), Kind.TENSOR)
 

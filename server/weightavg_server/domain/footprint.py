@@ -69,27 +69,35 @@ def _meta_output(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tenso
     return _meta_result(module, x, train)[0]
 
 
-def _meta_result(module: nn.Module, x: torch.Tensor, train: bool) -> tuple[torch.Tensor | None, int]:
+def _meta_result(
+    module: nn.Module, x: torch.Tensor, train: bool, grad: bool = False
+) -> tuple[torch.Tensor | None, int]:
     """`_meta_output`'s output, and the bytes its pass allocated at its widest, output included
-    (`_PeakBytes`; 0 where it failed), from `_OUTPUTS` where the same pass ran before."""
-    key = (_structure(module), tuple(x.shape), x.dtype, train)
+    (`_PeakBytes`; 0 where it failed), from `_OUTPUTS` where the same pass ran before. With `grad`,
+    the pass records autograd's graph as the real pass does (see `pass_bytes`)."""
+    key = (_structure(module), tuple(x.shape), x.dtype, train, grad)
     seen, known = _OUTPUTS.get(module, key)
     if seen:
         return (None, 0) if known is None else (torch.empty(known[0], dtype=known[1], device="meta"), known[2])
     meter = _PeakBytes()
-    output = _meta_pass(module, x, train, meter)
+    output = _meta_pass(module, x, train, meter, grad)
     _OUTPUTS.put(module, key, None if output is None else (tuple(output.shape), output.dtype, meter.peak))
     return output, meter.peak if output is not None else 0
 
 
 def _meta_pass(
-    module: nn.Module, x: torch.Tensor, train: bool, meter: _PeakBytes | None = None
+    module: nn.Module, x: torch.Tensor, train: bool, meter: _PeakBytes | None = None, grad: bool = False
 ) -> torch.Tensor | None:
-    """The pass of `_meta_output` itself, uncached; under `meter`, which then holds its widest point."""
-    state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    """The pass of `_meta_output` itself, uncached; under `meter`, which then holds its widest point.
+    Without gradients unless `grad`: then each parameter's meta copy requires a gradient where the
+    parameter does, so autograd saves what the real pass saves."""
+    state = {
+        name: t.detach().to("meta").requires_grad_(grad and t.requires_grad)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+    }
     shadow, x = _shadow(module, train), x.to("meta")
     try:
-        with torch.no_grad(), meter if meter is not None else contextlib.nullcontext():
+        with torch.set_grad_enabled(grad), meter if meter is not None else contextlib.nullcontext():
             output = functional_call(shadow, state, (x,))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
         if _overflowed(exc):
@@ -196,14 +204,18 @@ def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
     return add_bytes(tensor_bytes([output, *copy], _module_device(module)), renorm_copy_bytes(module))
 
 
-def pass_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
-    """Bytes a pass of `module(x)` without gradients allocates at its widest on the module's device,
-    its output included: each layer's output lives until the next layer has made its own, so a
-    convolution net's feature maps can take many times its output (they were not reserved). For
-    the length of the pass, beside the output's own reservation, which outlives it: the output is
-    counted twice while the pass runs, the margin for a device kernel's own temporaries. Measured
-    on meta (`_meta_result`, with every layer's train flag `train`); nothing where that pass fails."""
-    peak = _meta_result(module, x, train)[1]
+def pass_bytes(module: nn.Module, x: torch.Tensor, train: bool, grad: bool = False) -> Bytes:
+    """Bytes a pass of `module(x)` allocates at its widest on the module's device, its output
+    included: without gradients, each layer's output lives until the next layer has made its own,
+    so a convolution net's feature maps can take many times its output (they were not reserved);
+    with gradients (`grad`: RunForward's "forward" mode), autograd keeps what backward would need
+    (each linear's input, each activation's output) until the pass ends, most of the layers'
+    outputs at once: sized without them, a forward with gradients allocated twice what was reserved
+    (found by review). For the length of the pass, beside the output's own reservation, which
+    outlives it: the output is counted twice while the pass runs, the margin for a device kernel's
+    own temporaries. Measured on meta (`_meta_result`, with every layer's train flag `train` and
+    gradients as `grad`); nothing where that pass fails."""
+    peak = _meta_result(module, x, train, grad)[1]
     return {str(_module_device(module)): peak} if peak else {}
 
 
