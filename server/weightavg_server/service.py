@@ -904,8 +904,8 @@ class Service:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
         The outputs and predictions the metrics keep are reserved before it starts, for the call or,
         given `held`, until it closes (the servicer's: until the reply has streamed); the copy of
-        what a max_norm embedding renormalises and, for a module that writes its input in place,
-        the copy of a batch it is given, for the call."""
+        what a pass writes in place (buffers, a max_norm embedding's weight), its widest point and,
+        for a module that writes its input in place, the copy of a batch it is given, for the call."""
         with self._test_ready(handle, held) as model:
             return training.test_epoch(model, should_stop)
 
@@ -928,7 +928,7 @@ class Service:
             with self.store.mutate(entry, need=NOTHING, in_place=_copied_in_place):
                 self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "test"))
                 copies = add_bytes(
-                    footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
+                    footprint.forward_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
                     footprint.data_pass_bytes(model, "test"),
                 )
                 with self.store.reserve(nbytes=copies):
@@ -1032,7 +1032,7 @@ class Service:
     ) -> Momenta:
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=lambda: add_bytes(
-            footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model),
+            footprint.forward_copy_bytes(model.module), footprint.batch_copy_bytes(model),
             footprint.data_pass_bytes(model, "train"),
         )):
             return training.recalculate_batchnorm(model, should_stop)
@@ -1226,8 +1226,8 @@ class Service:
         with self.store.mutate(entry, need=NOTHING, reading=tuple(inputs)) as reservation:
             dicts = [self._as_dictionary(e) for e in inputs]
             plan = soups.plan_soup(model, dicts, options)
-            # Scoring is a test pass: it keeps a copy of what a max_norm embedding renormalises, as run_test does.
-            need = add_bytes(footprint.soup_bytes(plan), footprint.renorm_copy_bytes(model.module))
+            # Scoring is a test pass: it keeps a copy of what a pass writes in place, as run_test does.
+            need = add_bytes(footprint.soup_bytes(plan), footprint.forward_copy_bytes(model.module))
             self.store.grow(reservation, handles=1, nbytes=need)
             made = soups.greedy_soup(model, dicts, plan, should_stop)
             handle_id = self.store.add(Kind.DICTIONARY, made.dictionary, reservation)

@@ -201,7 +201,7 @@ def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
         return {}
     copied = training.writes_inputs(module) or x.device != _module_device(module)
     copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if copied else []
-    return add_bytes(tensor_bytes([output, *copy], _module_device(module)), renorm_copy_bytes(module))
+    return add_bytes(tensor_bytes([output, *copy], _module_device(module)), forward_copy_bytes(module))
 
 
 def pass_bytes(module: nn.Module, x: torch.Tensor, train: bool, grad: bool = False) -> Bytes:
@@ -238,11 +238,14 @@ def evaluate_pass_bytes(model: Model, x: torch.Tensor) -> Bytes:
     return pass_bytes(model.module, torch.empty((w, *x.shape[1:]), dtype=dtype, device="meta"), train=False)
 
 
-def renorm_copy_bytes(module: nn.Module) -> Bytes:
-    """Bytes of the copy a forward pass (forward, testrun, evaluate, batchnorm(m), run's probe) keeps
-    of the weight of each embedding with max_norm, which it renormalises in place and puts back if
-    the pass fails (`training.renormalised`); nothing for other modules."""
-    return tensor_bytes(training.renormalised(module))
+def forward_copy_bytes(module: nn.Module) -> Bytes:
+    """Bytes of the copy a forward pass (forward, testrun, evaluate, batchnorm(m), run's probe, a
+    soup's scoring) keeps of what it may write in place, to put it back if the pass fails
+    (`training.written_by_forward`): the weight of each embedding with max_norm, which it
+    renormalises, and every buffer (batchnorm's running statistics). The buffers' copies were not
+    reserved: a forward with gradients through a batchnorm allocated more than it reserved (found
+    by review)."""
+    return tensor_bytes(training.written_by_forward(module))
 
 
 def _kept_bytes(pieces: int, batches: int, device: torch.device) -> Bytes:
@@ -272,7 +275,7 @@ def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     if output is None:
         return piece
     kept = _kept_bytes(output.numel() * output.element_size(), nb, device)
-    return add_bytes(kept, renorm_copy_bytes(model.module), piece)
+    return add_bytes(kept, forward_copy_bytes(model.module), piece)
 
 
 def metrics_bytes(model: Model, split: str) -> Bytes:
@@ -534,14 +537,15 @@ def epoch_bytes(model: Model) -> Bytes:
     """Bytes an epoch needs at its widest beyond what the model holds, for as long as it runs: what
     it leaves allocated (`training_bytes`), its copies to put the model back (`rollback_bytes`),
     shuffled, the reordered data (`shuffle_bytes`), for a module that writes its input in place, a
-    copy of a batch (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding
-    renormalises (`renorm_copy_bytes`, held before training starts: counted on top, at most too
-    much), and what one batch's forward, loss and backward allocate at their widest
+    copy of a batch (`batch_copy_bytes`), and the probe's copy of what a pass writes in place (a
+    max_norm embedding's weight, the buffers: `forward_copy_bytes`, held before training starts:
+    counted on top, at most too much), and what one batch's forward, loss and backward allocate at
+    their widest
     (`batch_pass_bytes`). The outputs and predictions its metrics keep (`metrics_bytes`) are not here:
     they outlive the epoch until its reply has streamed, so the caller reserves them for that long."""
     return add_bytes(
         training_bytes(model), rollback_bytes(model), shuffle_bytes(model), batch_copy_bytes(model),
-        renorm_copy_bytes(model.module), batch_pass_bytes(model),
+        forward_copy_bytes(model.module), batch_pass_bytes(model),
     )
 
 

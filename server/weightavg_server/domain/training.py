@@ -513,17 +513,18 @@ def writes_in_eval(module: nn.Module) -> bool:
     return bool(renormalised(module))
 
 
-def _written_by_forward(module: nn.Module) -> list[torch.Tensor]:
+def written_by_forward(module: nn.Module) -> list[torch.Tensor]:
     """What a forward pass may write in place, gradients or not: every buffer (batchnorm statistics,
-    in train mode) and the weights `renormalised` names."""
+    in train mode) and the weights `renormalised` names. Each pass keeps a copy of them to put back
+    (`_buffers_kept`; reserved by the caller: footprint.forward_copy_bytes)."""
     return [*module.buffers(), *renormalised(module)]
 
 
 @contextlib.contextmanager
 def _buffers_kept(module: nn.Module, always: bool = False) -> Iterator[None]:
-    """Copy what a forward pass may write in place (`_written_by_forward`: batchnorm statistics, the
+    """Copy what a forward pass may write in place (`written_by_forward`: batchnorm statistics, the
     rows a max_norm embedding renormalises) back to its value at entry: on error, or always."""
-    saved = [(b, b.detach().clone()) for b in _written_by_forward(module)]
+    saved = [(b, b.detach().clone()) for b in written_by_forward(module)]
     try:
         yield
     except BaseException:
@@ -1175,7 +1176,7 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
         module = model.module
         dev = _device(module)
         check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
-        saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
+        saved = [(t, t.detach().clone()) for t in written_by_forward(module)]  # before the reset
         fresh = writes_inputs(module)
         momenta = reset_batchnorm(module)
         try:
