@@ -234,8 +234,9 @@ CASES = [
          5 * ENTRY + ROWS * FEATURES + ROWS * FEATURES * (F32 + 8), ENTRY),
         # A pseudo-gradient per parameter (freed) and SGD's momentum buffers (kept).
         ("first outer step with momentum", optimizer_and_average, lambda c, st: c.outer_step(*st), 2 * LAYER, LAYER),
-        # The soup (kept) and a copy of the model's parameters to put back (freed).
-        ("greedy soup", soup_setup, lambda c, st: c.soup(*st), 2 * LAYER, LAYER),
+        # The soup (kept), a copy of the model's parameters to put back (freed), and its scoring's
+        # test pass at its widest, one test batch's logits (found by review: not reserved).
+        ("greedy soup", soup_setup, lambda c, st: c.soup(*st), 2 * LAYER + logits(100), LAYER),
     )],
 ]
 

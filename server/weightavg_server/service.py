@@ -1226,8 +1226,13 @@ class Service:
         with self.store.mutate(entry, need=NOTHING, reading=tuple(inputs)) as reservation:
             dicts = [self._as_dictionary(e) for e in inputs]
             plan = soups.plan_soup(model, dicts, options)
-            # Scoring is a test pass: it keeps a copy of what a pass writes in place, as run_test does.
-            need = add_bytes(footprint.soup_bytes(plan), footprint.forward_copy_bytes(model.module))
+            # Scoring is a test pass: it keeps a copy of what a pass writes in place, a copy of each batch
+            # for a module that writes its input in place, and makes its layers' outputs, as run_test
+            # does (the last two were not reserved; found by review). Its metric is the plan's alone.
+            need = add_bytes(
+                footprint.soup_bytes(plan), footprint.forward_copy_bytes(model.module),
+                footprint.batch_copy_bytes(model, "test"), footprint.data_pass_bytes(model, "test"),
+            )
             self.store.grow(reservation, handles=1, nbytes=need)
             made = soups.greedy_soup(model, dicts, plan, should_stop)
             handle_id = self.store.add(Kind.DICTIONARY, made.dictionary, reservation)
