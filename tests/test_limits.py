@@ -381,6 +381,9 @@ def test_an_epoch_whose_batches_need_more_room_than_the_cap_leaves_is_refused_be
         message = refused(server, lambda: c.run(m))
         assert "train on smaller batches: a batch of 1000 rows takes" in message
         assert "train(m, batchsize=w)" in message
+        c.train(m, batchsize=5000)  # larger than the data: a batch is their 1000 rows, and says so
+        again = refused(server, lambda: c.run(m))
+        assert again.split("a batch of")[1] == message.split("a batch of")[1]
         np.testing.assert_array_equal(c.dict(c.copyparms(m))["0.weight"], weights["0.weight"])
         c.train(m, batchsize=50)
         c.run(m)

@@ -31,7 +31,7 @@ from .domain.dictionaries import TensorDict
 from .domain.ema import EmaState, ScheduleChange
 from .domain.dtypes import DTYPES
 from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from .domain.options import Value, int_value
+from .domain.options import Value
 from .domain.tensors import (
     Bytes, HandleSummary, StorageKey, TensorHolder, add_bytes, host_copies, storage_bytes, storages, tensor_bytes,
     tensors_of,
@@ -231,8 +231,11 @@ thread that receives it), or None."""
 
 def _smaller_batch_hint(sized: Sequence[tuple[int, int]]) -> str:
     """What an epoch refused for room can change besides freeing handles: its batch size, where one
-    batch's forward and backward pass take room (`footprint.batch_pass_bytes`; `sized`: the batch
-    size and those bytes, as the refused reservation read them)."""
+    batch's forward and backward pass take room (`footprint.batch_pass_bytes`; `sized`: the rows of
+    a batch, the batch size at most the data's rows, and those bytes, as the refused reservation
+    read them). A batch size above the data's rows once named itself as the batch's rows, where the
+    bytes were a batch of the data's rows: lowering it to the data's rows changed nothing (found by
+    review)."""
     if not sized or not sized[-1][1]:
         return ""
     rows, nbytes = sized[-1]
@@ -890,7 +893,7 @@ class Service:
             sized: list[tuple[int, int]] = []  # one batch's rows and pass bytes, read under the lock
 
             def need() -> Bytes:
-                sized.append((int_value(model.train, "batchsize"), sum(footprint.batch_pass_bytes(model).values())))
+                sized.append((footprint.train_batch_rows(model), sum(footprint.batch_pass_bytes(model).values())))
                 return footprint.epoch_bytes(model)
 
             try:

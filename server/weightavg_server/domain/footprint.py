@@ -429,6 +429,12 @@ class _PeakBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.live -= nbytes
 
 
+def train_batch_rows(model: Model) -> int:
+    """Rows of one training batch: the batchsize, at most the training data's rows (0 without data)."""
+    data = model.train_data
+    return 0 if data is None else min(int_value(model.train, "batchsize"), batching.full_size(data.x))
+
+
 def batch_pass_bytes(model: Model) -> Bytes:
     """Bytes one training batch allocates at its widest on the module's device beyond the gradients
     (`gradient_bytes`): the activations autograd saves for backward, the output and the loss, and
@@ -445,12 +451,8 @@ def batch_pass_bytes(model: Model) -> Bytes:
     is at least what the CPU allocates and at most one output more. Kept per module for its structure,
     batch shape and loss (`_BATCH_PASSES`); nothing without training data, and
     nothing where the pass fails on meta (the real pass then fails with torch's own message)."""
-    data = model.train_data
-    if data is None:
-        return {}
-    n = batching.full_size(data.x)
-    w = min(int_value(model.train, "batchsize"), n)
-    if w <= 0:
+    data, w = model.train_data, train_batch_rows(model)
+    if data is None or w <= 0:
         return {}
     x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
     y = torch.empty((w, *data.y.shape[1:]), dtype=data.y.dtype, device="meta")
