@@ -231,6 +231,37 @@ def data_pass_bytes(model: Model, split: str) -> Bytes:
     return pass_bytes(model.module, x, train=split == "train")
 
 
+SCALARS_PER_BATCH = 48
+"""Bytes a test or an epoch keeps per batch for its loss and accuracy metrics until it ends: the
+batch's loss, its count of matches and of positions scored (a 0-dim tensor each, 8 bytes at most),
+and their stack at the end."""
+
+_SCORED = frozenset({"loss", "batchloss", "accuracy", "matches", "predict"})
+"""Metrics a test computes from each batch's output beyond the output itself (the loss, predictions)."""
+
+
+def test_pass_bytes(model: Model, metrics: str | None = None) -> Bytes:
+    """Bytes a test over the model's test data (RunTest; a soup's scoring, with `metrics` its own)
+    allocates at its widest beyond the outputs and predictions its metrics keep (`metrics_bytes`):
+    one batch's pass (`data_pass_bytes`) and, where it computes the loss or predictions, what they
+    make beside the batch's output: one output more (ce's log_softmax, the CPU's unreduced mse) and
+    the scalars its metrics keep (`SCALARS_PER_BATCH`). Those were not reserved: a test of three
+    batches with the ce loss allocated twice its pass (found by review)."""
+    base = data_pass_bytes(model, "test")
+    names = set(str(model.test["metrics"] if metrics is None else metrics).split(","))
+    data = model.test_data
+    if data is None or not base or not names & _SCORED:
+        return base
+    n = batching.full_size(data.x)
+    w = min(int_value(model.test, "batchsize"), n)
+    output = _meta_output(model.module, torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta"), False)
+    if output is None:
+        return base
+    nb = training.batch_count(n, w, bool_value(model.test, "droplast"))
+    scored = output.numel() * output.element_size() + nb * SCALARS_PER_BATCH
+    return add_bytes(base, {str(_module_device(model.module)): scored})
+
+
 def evaluate_pass_bytes(model: Model, x: torch.Tensor) -> Bytes:
     """`pass_bytes` of one of the test-batchsize pieces evaluate(model, x) runs, in eval mode."""
     dtype = training.input_dtype(model.module, x)

@@ -972,6 +972,9 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
                     with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                         loss = model.loss(output, targets)
                 metrics.add(output, yb, loss)
+                # Dropped before the next batch's pass, which would otherwise run beside this one's output
+                # (`footprint.test_pass_bytes` reserves one batch's).
+                del output, loss
         return metrics.result()
 
 
