@@ -56,7 +56,7 @@ def batch_pass(rows: int) -> int:
 
 SCORED = 100 * CLASSES * F32 + 3 * footprint.SCALARS_PER_BATCH
 """What a test over ROWS rows in three batches of 100 makes beside each batch's output while it
-computes the loss or predictions (`footprint.test_pass_bytes`): one output more (ce's log_softmax)
+computes the loss or predictions (`footprint.testing_pass_bytes`): one output more (ce's log_softmax)
 and the scalars its metrics keep per batch (found by review: not reserved)."""
 
 

@@ -393,14 +393,14 @@ def test_a_test_allocates_no_more_than_it_reserves(loss: str, metrics: str) -> N
     output (ce's log_softmax, the CPU's unreduced mse), and each batch's output lived on while the next
     batch's pass ran: a test of three batches allocated twice what it reserved (found by review). Now
     each batch's output is dropped before the next pass, and the loss's output and the per-batch scalars
-    are reserved (`test_pass_bytes`)."""
+    are reserved (`testing_pass_bytes`)."""
     rows, classes, batches = 100, 50, 3
     module = specs.build_module(_seq(("linear", (20, classes))))
     model = training.create_model(module, losses.create_loss(loss), optimizers.create_optimizer("sgd", module, (0.1,)))
     y = _targets(rows * batches, classes) if loss == "ce" else torch.rand(rows * batches, classes)
     training.set_data(model, "test", torch.randn(rows * batches, 20), y, torch.device("cpu"))
     training.set_options(model, "test", [("batchsize", rows), ("metrics", metrics)])
-    reserved = footprint.add_bytes(footprint.metrics_bytes(model, "test"), footprint.test_pass_bytes(model))["cpu"]
+    reserved = footprint.add_bytes(footprint.metrics_bytes(model, "test"), footprint.testing_pass_bytes(model))["cpu"]
     meter = footprint._PeakBytes()
     with meter:
         training.test_epoch(model)

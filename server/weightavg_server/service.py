@@ -932,7 +932,7 @@ class Service:
                 self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "test"))
                 copies = add_bytes(
                     footprint.forward_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
-                    footprint.test_pass_bytes(model),
+                    footprint.testing_pass_bytes(model),
                 )
                 with self.store.reserve(nbytes=copies):
                     yield model
@@ -1234,7 +1234,7 @@ class Service:
             # does (the last two were not reserved; found by review). Its metric is the plan's alone.
             need = add_bytes(
                 footprint.soup_bytes(plan), footprint.forward_copy_bytes(model.module),
-                footprint.batch_copy_bytes(model, "test"), footprint.test_pass_bytes(model, plan.metric),
+                footprint.batch_copy_bytes(model, "test"), footprint.testing_pass_bytes(model, plan.metric),
             )
             self.store.grow(reservation, handles=1, nbytes=need)
             made = soups.greedy_soup(model, dicts, plan, should_stop)

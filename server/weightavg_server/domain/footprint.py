@@ -240,7 +240,7 @@ _SCORED = frozenset({"loss", "batchloss", "accuracy", "matches", "predict"})
 """Metrics a test computes from each batch's output beyond the output itself (the loss, predictions)."""
 
 
-def test_pass_bytes(model: Model, metrics: str | None = None) -> Bytes:
+def testing_pass_bytes(model: Model, metrics: str | None = None) -> Bytes:
     """Bytes a test over the model's test data (RunTest; a soup's scoring, with `metrics` its own)
     allocates at its widest beyond the outputs and predictions its metrics keep (`metrics_bytes`):
     one batch's pass (`data_pass_bytes`) and, where it computes the loss or predictions, what they

@@ -973,7 +973,7 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
                         loss = model.loss(output, targets)
                 metrics.add(output, yb, loss)
                 # Dropped before the next batch's pass, which would otherwise run beside this one's output
-                # (`footprint.test_pass_bytes` reserves one batch's).
+                # (`footprint.testing_pass_bytes` reserves one batch's).
                 del output, loss
         return metrics.result()
 
