@@ -360,7 +360,8 @@ def test_an_eval_pass_of_one_row_through_batchnorm_reserves_its_output(start_ser
         m = c.model(q, c.loss("mse"), c.opt("sgd", q, 0.1))
         x = np.ones((1, n), np.float32)
         message = refused(server, lambda: c.evaluate(m, x) if call == "evaluate" else c.eforward(m, x))
-        assert f"{row_bytes} more tensor bytes" in message
+        kept = 2 * n * 4 + 8  # the copy of the buffers the pass keeps to put them back (`forward_copy_bytes`)
+        assert f"{row_bytes + kept} more tensor bytes" in message
         assert server.registry.held_bytes() == {"cpu": module_bytes}
 
 
@@ -380,7 +381,27 @@ def test_an_epoch_whose_batches_need_more_room_than_the_cap_leaves_is_refused_be
         message = refused(server, lambda: c.run(m))
         assert "train on smaller batches: a batch of 1000 rows takes" in message
         assert "train(m, batchsize=w)" in message
+        c.train(m, batchsize=5000)  # larger than the data: a batch is their 1000 rows, and says so
+        again = refused(server, lambda: c.run(m))
+        assert again.split("a batch of")[1] == message.split("a batch of")[1]
         np.testing.assert_array_equal(c.dict(c.copyparms(m))["0.weight"], weights["0.weight"])
         c.train(m, batchsize=50)
         c.run(m)
         assert not np.array_equal(c.dict(c.copyparms(m))["0.weight"], weights["0.weight"])
+
+
+def test_a_forward_with_gradients_reserves_what_autograd_keeps_for_backward(start_server) -> None:  # type: ignore[no-untyped-def]
+    """forward (train mode, gradients on) keeps every relu's output and every linear's input for a
+    backward pass until it ends, most of the layers' outputs at once; its pass was sized without
+    gradients, the widest point of eforward and nforward, and allocated twice what it had reserved
+    (found by review). Under a cap that eforward and nforward fit, forward is now refused, nothing
+    changed, with the fix: a pass without gradients."""
+    server = start_server(max_device_bytes=7_000_000)
+    with Client(server.address, timeout=60) as c:
+        q = c.module(["sequential", ["linear", 4, 256], ["relu"], ["linear", 256, 256], ["relu"],
+                      ["linear", 256, 256], ["relu"], ["linear", 256, 2]])
+        x = c.tensor(np.random.default_rng(0).standard_normal((2000, 4)).astype(np.float32))
+        for fits in (c.eforward, c.nforward):  # 2000 x 256 float32 activations: two of them at once
+            c.free(fits(q, x))
+        message = refused(server, lambda: c.forward(q, x))  # three saved for backward, and one being made
+        assert "run it without gradients" in message and "nforward and eforward" in message

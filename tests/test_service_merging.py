@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from inprocess import assert_nothing_pending, assert_same_state, state_of, upload, walked_bytes
+from weightavg_server.domain import footprint
 from weightavg_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Service, Settings
@@ -218,8 +219,10 @@ CAPS: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any], object]
     # the weight, held while its gradient is cast.
     ("first bfloat16 outer step to a float32 average", bfloat16_optimizer_and_float32_average,
      lambda s, st: s.outer_step(*st), LAYER // 2 + CLASSES * FEATURES * F32, LAYER // 2),
-    # The soup (kept) and a copy of the model's parameters to put back (freed).
-    ("greedy soup", soup_setup, lambda s, st: s.soup(st[0], st[1], (), never), 2 * LAYER, LAYER),
+    # The soup (kept), a copy of the model's parameters to put back (freed), and its scoring's test
+    # pass over one batch of ROWS: the logits, its loss's log_softmax and the batch's metric scalars.
+    ("greedy soup", soup_setup, lambda s, st: s.soup(st[0], st[1], (), never),
+     2 * LAYER + 2 * ROWS * CLASSES * F32 + footprint.SCALARS_PER_BATCH, LAYER),
 ]
 
 

@@ -31,7 +31,7 @@ from .domain.dictionaries import TensorDict
 from .domain.ema import EmaState, ScheduleChange
 from .domain.dtypes import DTYPES
 from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from .domain.options import Value, int_value
+from .domain.options import Value
 from .domain.tensors import (
     Bytes, HandleSummary, StorageKey, TensorHolder, add_bytes, host_copies, storage_bytes, storages, tensor_bytes,
     tensors_of,
@@ -231,14 +231,29 @@ thread that receives it), or None."""
 
 def _smaller_batch_hint(sized: Sequence[tuple[int, int]]) -> str:
     """What an epoch refused for room can change besides freeing handles: its batch size, where one
-    batch's forward and backward pass take room (`footprint.batch_pass_bytes`; `sized`: the batch
-    size and those bytes, as the refused reservation read them)."""
+    batch's forward and backward pass take room (`footprint.batch_pass_bytes`; `sized`: the rows of
+    a batch, the batch size at most the data's rows, and those bytes, as the refused reservation
+    read them). A batch size above the data's rows once named itself as the batch's rows, where the
+    bytes were a batch of the data's rows: lowering it to the data's rows changed nothing (found by
+    review)."""
     if not sized or not sized[-1][1]:
         return ""
     rows, nbytes = sized[-1]
     return (
         f", or train on smaller batches: a batch of {rows} rows takes {nbytes} bytes for its forward and "
         "backward pass (train(m, batchsize=w))"
+    )
+
+
+def _without_gradients_hint(grad: bool) -> str:
+    """What a forward refused for room can change besides freeing handles: with gradients, its pass
+    keeps each layer's activations for a backward pass (`footprint.pass_bytes`); a pass without
+    gradients keeps none of them."""
+    if not grad:
+        return ""
+    return (
+        ", or run it without gradients: forward keeps each layer's activations for a backward pass, "
+        "nforward and eforward (FORWARD_MODE_TRAIN_NO_GRAD, FORWARD_MODE_EVAL) keep none"
     )
 
 
@@ -878,7 +893,7 @@ class Service:
             sized: list[tuple[int, int]] = []  # one batch's rows and pass bytes, read under the lock
 
             def need() -> Bytes:
-                sized.append((int_value(model.train, "batchsize"), sum(footprint.batch_pass_bytes(model).values())))
+                sized.append((footprint.train_batch_rows(model), sum(footprint.batch_pass_bytes(model).values())))
                 return footprint.epoch_bytes(model)
 
             try:
@@ -892,8 +907,8 @@ class Service:
         """Test over the test data; the test metrics (a cluster's replicated model: each rank's).
         The outputs and predictions the metrics keep are reserved before it starts, for the call or,
         given `held`, until it closes (the servicer's: until the reply has streamed); the copy of
-        what a max_norm embedding renormalises and, for a module that writes its input in place,
-        the copy of a batch it is given, for the call."""
+        what a pass writes in place (buffers, a max_norm embedding's weight), its widest point and,
+        for a module that writes its input in place, the copy of a batch it is given, for the call."""
         with self._test_ready(handle, held) as model:
             return training.test_epoch(model, should_stop)
 
@@ -916,8 +931,8 @@ class Service:
             with self.store.mutate(entry, need=NOTHING, in_place=_copied_in_place):
                 self.store.grow(kept, nbytes=footprint.metrics_bytes(model, "test"))
                 copies = add_bytes(
-                    footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
-                    footprint.data_pass_bytes(model, "test"),
+                    footprint.forward_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
+                    footprint.testing_pass_bytes(model),
                 )
                 with self.store.reserve(nbytes=copies):
                     yield model
@@ -976,9 +991,13 @@ class Service:
                     x = training.default_input(entry.obj, mode)
                 else:
                     raise InvalidArgument("RunForward needs an input: a tensor handle or a streamed tensor")
-                train = training.forward_flags(mode)[0]
+                train, grad = training.forward_flags(mode)
                 self.store.grow(reservation, nbytes=footprint.forward_bytes(module, x, train))
-                with self.store.reserve(nbytes=footprint.pass_bytes(module, x, train)):
+                with contextlib.ExitStack() as running:
+                    try:
+                        running.enter_context(self.store.reserve(nbytes=footprint.pass_bytes(module, x, train, grad)))
+                    except ResourceExhausted as exc:
+                        raise ResourceExhausted(f"{exc}{_without_gradients_hint(grad)}") from None
                     output = training.forward(module, x, mode)
             return Ref(self.store.add(Kind.TENSOR, TensorHolder(output), reservation), Kind.TENSOR)
 
@@ -1016,7 +1035,7 @@ class Service:
     ) -> Momenta:
         entry, model = self._model(handle)
         with self.store.mutate(entry, need=lambda: add_bytes(
-            footprint.renorm_copy_bytes(model.module), footprint.batch_copy_bytes(model),
+            footprint.forward_copy_bytes(model.module), footprint.batch_copy_bytes(model),
             footprint.data_pass_bytes(model, "train"),
         )):
             return training.recalculate_batchnorm(model, should_stop)
@@ -1210,8 +1229,13 @@ class Service:
         with self.store.mutate(entry, need=NOTHING, reading=tuple(inputs)) as reservation:
             dicts = [self._as_dictionary(e) for e in inputs]
             plan = soups.plan_soup(model, dicts, options)
-            # Scoring is a test pass: it keeps a copy of what a max_norm embedding renormalises, as run_test does.
-            need = add_bytes(footprint.soup_bytes(plan), footprint.renorm_copy_bytes(model.module))
+            # Scoring is a test pass: it keeps a copy of what a pass writes in place, a copy of each batch
+            # for a module that writes its input in place, and makes its layers' outputs, as run_test
+            # does (the last two were not reserved; found by review). Its metric is the plan's alone.
+            need = add_bytes(
+                footprint.soup_bytes(plan), footprint.forward_copy_bytes(model.module),
+                footprint.batch_copy_bytes(model, "test"), footprint.testing_pass_bytes(model, plan.metric),
+            )
             self.store.grow(reservation, handles=1, nbytes=need)
             made = soups.greedy_soup(model, dicts, plan, should_stop)
             handle_id = self.store.add(Kind.DICTIONARY, made.dictionary, reservation)

@@ -69,27 +69,35 @@ def _meta_output(module: nn.Module, x: torch.Tensor, train: bool) -> torch.Tenso
     return _meta_result(module, x, train)[0]
 
 
-def _meta_result(module: nn.Module, x: torch.Tensor, train: bool) -> tuple[torch.Tensor | None, int]:
+def _meta_result(
+    module: nn.Module, x: torch.Tensor, train: bool, grad: bool = False
+) -> tuple[torch.Tensor | None, int]:
     """`_meta_output`'s output, and the bytes its pass allocated at its widest, output included
-    (`_PeakBytes`; 0 where it failed), from `_OUTPUTS` where the same pass ran before."""
-    key = (_structure(module), tuple(x.shape), x.dtype, train)
+    (`_PeakBytes`; 0 where it failed), from `_OUTPUTS` where the same pass ran before. With `grad`,
+    the pass records autograd's graph as the real pass does (see `pass_bytes`)."""
+    key = (_structure(module), tuple(x.shape), x.dtype, train, grad)
     seen, known = _OUTPUTS.get(module, key)
     if seen:
         return (None, 0) if known is None else (torch.empty(known[0], dtype=known[1], device="meta"), known[2])
     meter = _PeakBytes()
-    output = _meta_pass(module, x, train, meter)
+    output = _meta_pass(module, x, train, meter, grad)
     _OUTPUTS.put(module, key, None if output is None else (tuple(output.shape), output.dtype, meter.peak))
     return output, meter.peak if output is not None else 0
 
 
 def _meta_pass(
-    module: nn.Module, x: torch.Tensor, train: bool, meter: _PeakBytes | None = None
+    module: nn.Module, x: torch.Tensor, train: bool, meter: _PeakBytes | None = None, grad: bool = False
 ) -> torch.Tensor | None:
-    """The pass of `_meta_output` itself, uncached; under `meter`, which then holds its widest point."""
-    state = {name: t.to("meta") for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    """The pass of `_meta_output` itself, uncached; under `meter`, which then holds its widest point.
+    Without gradients unless `grad`: then each parameter's meta copy requires a gradient where the
+    parameter does, so autograd saves what the real pass saves."""
+    state = {
+        name: t.detach().to("meta").requires_grad_(grad and t.requires_grad)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+    }
     shadow, x = _shadow(module, train), x.to("meta")
     try:
-        with torch.no_grad(), meter if meter is not None else contextlib.nullcontext():
+        with torch.set_grad_enabled(grad), meter if meter is not None else contextlib.nullcontext():
             output = functional_call(shadow, state, (x,))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
         if _overflowed(exc):
@@ -193,17 +201,21 @@ def forward_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
         return {}
     copied = training.writes_inputs(module) or x.device != _module_device(module)
     copy = [torch.empty(x.shape, dtype=x.dtype, device="meta")] if copied else []
-    return add_bytes(tensor_bytes([output, *copy], _module_device(module)), renorm_copy_bytes(module))
+    return add_bytes(tensor_bytes([output, *copy], _module_device(module)), forward_copy_bytes(module))
 
 
-def pass_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> Bytes:
-    """Bytes a pass of `module(x)` without gradients allocates at its widest on the module's device,
-    its output included: each layer's output lives until the next layer has made its own, so a
-    convolution net's feature maps can take many times its output (they were not reserved). For
-    the length of the pass, beside the output's own reservation, which outlives it: the output is
-    counted twice while the pass runs, the margin for a device kernel's own temporaries. Measured
-    on meta (`_meta_result`, with every layer's train flag `train`); nothing where that pass fails."""
-    peak = _meta_result(module, x, train)[1]
+def pass_bytes(module: nn.Module, x: torch.Tensor, train: bool, grad: bool = False) -> Bytes:
+    """Bytes a pass of `module(x)` allocates at its widest on the module's device, its output
+    included: without gradients, each layer's output lives until the next layer has made its own,
+    so a convolution net's feature maps can take many times its output (they were not reserved);
+    with gradients (`grad`: RunForward's "forward" mode), autograd keeps what backward would need
+    (each linear's input, each activation's output) until the pass ends, most of the layers'
+    outputs at once: sized without them, a forward with gradients allocated twice what was reserved
+    (found by review). For the length of the pass, beside the output's own reservation, which
+    outlives it: the output is counted twice while the pass runs, the margin for a device kernel's
+    own temporaries. Measured on meta (`_meta_result`, with every layer's train flag `train` and
+    gradients as `grad`); nothing where that pass fails."""
+    peak = _meta_result(module, x, train, grad)[1]
     return {str(_module_device(module)): peak} if peak else {}
 
 
@@ -219,6 +231,37 @@ def data_pass_bytes(model: Model, split: str) -> Bytes:
     return pass_bytes(model.module, x, train=split == "train")
 
 
+SCALARS_PER_BATCH = 48
+"""Bytes a test or an epoch keeps per batch for its loss and accuracy metrics until it ends: the
+batch's loss, its count of matches and of positions scored (a 0-dim tensor each, 8 bytes at most),
+and their stack at the end."""
+
+_SCORED = frozenset({"loss", "batchloss", "accuracy", "matches", "predict"})
+"""Metrics a test computes from each batch's output beyond the output itself (the loss, predictions)."""
+
+
+def testing_pass_bytes(model: Model, metrics: str | None = None) -> Bytes:
+    """Bytes a test over the model's test data (RunTest; a soup's scoring, with `metrics` its own)
+    allocates at its widest beyond the outputs and predictions its metrics keep (`metrics_bytes`):
+    one batch's pass (`data_pass_bytes`) and, where it computes the loss or predictions, what they
+    make beside the batch's output: one output more (ce's log_softmax, the CPU's unreduced mse) and
+    the scalars its metrics keep (`SCALARS_PER_BATCH`). Those were not reserved: a test of three
+    batches with the ce loss allocated twice its pass (found by review)."""
+    base = data_pass_bytes(model, "test")
+    names = set(str(model.test["metrics"] if metrics is None else metrics).split(","))
+    data = model.test_data
+    if data is None or not base or not names & _SCORED:
+        return base
+    n = batching.full_size(data.x)
+    w = min(int_value(model.test, "batchsize"), n)
+    output = _meta_output(model.module, torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta"), False)
+    if output is None:
+        return base
+    nb = training.batch_count(n, w, bool_value(model.test, "droplast"))
+    scored = output.numel() * output.element_size() + nb * SCALARS_PER_BATCH
+    return add_bytes(base, {str(_module_device(model.module)): scored})
+
+
 def evaluate_pass_bytes(model: Model, x: torch.Tensor) -> Bytes:
     """`pass_bytes` of one of the test-batchsize pieces evaluate(model, x) runs, in eval mode."""
     dtype = training.input_dtype(model.module, x)
@@ -226,11 +269,14 @@ def evaluate_pass_bytes(model: Model, x: torch.Tensor) -> Bytes:
     return pass_bytes(model.module, torch.empty((w, *x.shape[1:]), dtype=dtype, device="meta"), train=False)
 
 
-def renorm_copy_bytes(module: nn.Module) -> Bytes:
-    """Bytes of the copy a forward pass (forward, testrun, evaluate, batchnorm(m), run's probe) keeps
-    of the weight of each embedding with max_norm, which it renormalises in place and puts back if
-    the pass fails (`training.renormalised`); nothing for other modules."""
-    return tensor_bytes(training.renormalised(module))
+def forward_copy_bytes(module: nn.Module) -> Bytes:
+    """Bytes of the copy a forward pass (forward, testrun, evaluate, batchnorm(m), run's probe, a
+    soup's scoring) keeps of what it may write in place, to put it back if the pass fails
+    (`training.written_by_forward`): the weight of each embedding with max_norm, which it
+    renormalises, and every buffer (batchnorm's running statistics). The buffers' copies were not
+    reserved: a forward with gradients through a batchnorm allocated more than it reserved (found
+    by review)."""
+    return tensor_bytes(training.written_by_forward(module))
 
 
 def _kept_bytes(pieces: int, batches: int, device: torch.device) -> Bytes:
@@ -260,7 +306,7 @@ def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     if output is None:
         return piece
     kept = _kept_bytes(output.numel() * output.element_size(), nb, device)
-    return add_bytes(kept, renorm_copy_bytes(model.module), piece)
+    return add_bytes(kept, forward_copy_bytes(model.module), piece)
 
 
 def metrics_bytes(model: Model, split: str) -> Bytes:
@@ -414,6 +460,12 @@ class _PeakBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.live -= nbytes
 
 
+def train_batch_rows(model: Model) -> int:
+    """Rows of one training batch: the batchsize, at most the training data's rows (0 without data)."""
+    data = model.train_data
+    return 0 if data is None else min(int_value(model.train, "batchsize"), batching.full_size(data.x))
+
+
 def batch_pass_bytes(model: Model) -> Bytes:
     """Bytes one training batch allocates at its widest on the module's device beyond the gradients
     (`gradient_bytes`): the activations autograd saves for backward, the output and the loss, and
@@ -430,12 +482,8 @@ def batch_pass_bytes(model: Model) -> Bytes:
     is at least what the CPU allocates and at most one output more. Kept per module for its structure,
     batch shape and loss (`_BATCH_PASSES`); nothing without training data, and
     nothing where the pass fails on meta (the real pass then fails with torch's own message)."""
-    data = model.train_data
-    if data is None:
-        return {}
-    n = batching.full_size(data.x)
-    w = min(int_value(model.train, "batchsize"), n)
-    if w <= 0:
+    data, w = model.train_data, train_batch_rows(model)
+    if data is None or w <= 0:
         return {}
     x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
     y = torch.empty((w, *data.y.shape[1:]), dtype=data.y.dtype, device="meta")
@@ -522,14 +570,15 @@ def epoch_bytes(model: Model) -> Bytes:
     """Bytes an epoch needs at its widest beyond what the model holds, for as long as it runs: what
     it leaves allocated (`training_bytes`), its copies to put the model back (`rollback_bytes`),
     shuffled, the reordered data (`shuffle_bytes`), for a module that writes its input in place, a
-    copy of a batch (`batch_copy_bytes`), and the probe's copy of what a max_norm embedding
-    renormalises (`renorm_copy_bytes`, held before training starts: counted on top, at most too
-    much), and what one batch's forward, loss and backward allocate at their widest
+    copy of a batch (`batch_copy_bytes`), and the probe's copy of what a pass writes in place (a
+    max_norm embedding's weight, the buffers: `forward_copy_bytes`, held before training starts:
+    counted on top, at most too much), and what one batch's forward, loss and backward allocate at
+    their widest
     (`batch_pass_bytes`). The outputs and predictions its metrics keep (`metrics_bytes`) are not here:
     they outlive the epoch until its reply has streamed, so the caller reserves them for that long."""
     return add_bytes(
         training_bytes(model), rollback_bytes(model), shuffle_bytes(model), batch_copy_bytes(model),
-        renorm_copy_bytes(model.module), batch_pass_bytes(model),
+        forward_copy_bytes(model.module), batch_pass_bytes(model),
     )
 
 

@@ -513,17 +513,18 @@ def writes_in_eval(module: nn.Module) -> bool:
     return bool(renormalised(module))
 
 
-def _written_by_forward(module: nn.Module) -> list[torch.Tensor]:
+def written_by_forward(module: nn.Module) -> list[torch.Tensor]:
     """What a forward pass may write in place, gradients or not: every buffer (batchnorm statistics,
-    in train mode) and the weights `renormalised` names."""
+    in train mode) and the weights `renormalised` names. Each pass keeps a copy of them to put back
+    (`_buffers_kept`; reserved by the caller: footprint.forward_copy_bytes)."""
     return [*module.buffers(), *renormalised(module)]
 
 
 @contextlib.contextmanager
 def _buffers_kept(module: nn.Module, always: bool = False) -> Iterator[None]:
-    """Copy what a forward pass may write in place (`_written_by_forward`: batchnorm statistics, the
+    """Copy what a forward pass may write in place (`written_by_forward`: batchnorm statistics, the
     rows a max_norm embedding renormalises) back to its value at entry: on error, or always."""
-    saved = [(b, b.detach().clone()) for b in _written_by_forward(module)]
+    saved = [(b, b.detach().clone()) for b in written_by_forward(module)]
     try:
         yield
     except BaseException:
@@ -608,6 +609,16 @@ def scored(loss: str, output: torch.Tensor, target: torch.Tensor, ignore: int | 
     return target != ignore
 
 
+def _own_scalar(loss: torch.Tensor) -> torch.Tensor:
+    """A batch's loss as the metrics keep it until the epoch or test ends: detached, in a storage of
+    its own (a copy on its device, no synchronisation). torch's CPU mse and smoothl1 losses return
+    their mean as a view into the unreduced loss, a buffer the size of the output: kept as it was,
+    every batch's loss held an output's bytes until the end, unreserved, 400 MB for an epoch of
+    2,000 batches of 200 KB outputs (found by review)."""
+    kept = loss.detach()
+    return kept.clone() if kept.untyped_storage().nbytes() > kept.numel() * kept.element_size() else kept
+
+
 class _Metrics:
     """Per-batch results gathered on the device, turned into named tensors once at the end.
 
@@ -630,7 +641,7 @@ class _Metrics:
 
     def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | None) -> None:
         if loss is not None:
-            self.losses.append(loss.detach())
+            self.losses.append(_own_scalar(loss))
         if self.needs_predict:
             predicted, truth = predictions(self.loss, output, target)
             if "predict" in self.names:  # kept only to be returned; accuracy and matches keep counts
@@ -961,6 +972,9 @@ def test_epoch(model: Model, should_stop: StopCheck = never_stop) -> list[tuple[
                     with _torch_errors(f"testrun (batch {i + 1} of {nb})"):
                         loss = model.loss(output, targets)
                 metrics.add(output, yb, loss)
+                # Dropped before the next batch's pass, which would otherwise run beside this one's output
+                # (`footprint.testing_pass_bytes` reserves one batch's).
+                del output, loss
         return metrics.result()
 
 
@@ -1175,7 +1189,7 @@ def recalculate_batchnorm(model: Model, should_stop: StopCheck = never_stop) -> 
         module = model.module
         dev = _device(module)
         check_embedding_inputs(module, data.x[:min(nb * w, n)], w, "batchnorm")
-        saved = [(t, t.detach().clone()) for t in _written_by_forward(module)]  # before the reset
+        saved = [(t, t.detach().clone()) for t in written_by_forward(module)]  # before the reset
         fresh = writes_inputs(module)
         momenta = reset_batchnorm(module)
         try:
