@@ -1217,7 +1217,8 @@ def test_a_follower_gives_the_memory_of_freed_objects_back_once_idle(tmp_path: P
     objects kept the memory of freed ones for good, up to the default 1 GiB of idle blocks (found by
     review). On rank 1, with --host-cache-bytes 48MiB and a 3 s idle time: a freed 40 MiB module's
     flat buffer is kept (the 64 MiB one, over the bound, is not), then given back once the rank has
-    had nothing but rank 0's pings for 3 s; its resident memory falls with it."""
+    had nothing but rank 0's pings for 3 s; its resident memory falls with it. A 4 MiB upload relayed
+    to rank 1 leaves its block kept there once freed."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -1245,6 +1246,10 @@ def test_a_follower_gives_the_memory_of_freed_objects_back_once_idle(tmp_path: P
                 time.sleep(0.5)
             assert resident_bytes(follower) <= held - (32 << 20)
             assert c.info()["ranks"][1]["handles"] == 0
+            # An upload relayed to rank 1 is received into its host cache too (it took new memory each time)
+            d = c.dict({"w": np.ones(1 << 20, np.float32)}, rank=1)
+            c.free(d)
+            assert kept()["1"] == 4 << 20
     finally:
         cluster.stop()
 

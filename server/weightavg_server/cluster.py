@@ -449,7 +449,7 @@ def _received(service: Service, fabric: Fabric, command: Command) -> tuple[tuple
             relayed = [v for v in (*args, *kwargs.values()) if isinstance(v, Relayed)]
             try:
                 held.enter_context(service.store.reserve(nbytes={"cpu": sum(r.nbytes() for r in relayed)}))
-                buffers = {id(r): [torch.empty(shape, dtype=dtype) for _, shape, dtype in r.headers] for r in relayed}
+                buffers = {id(r): [_host_empty(shape, dtype) for _, shape, dtype in r.headers] for r in relayed}
             except WeightavgError as exc:
                 error = exc
             except (torch.OutOfMemoryError, MemoryError) as exc:  # this rank must still answer the exchange
@@ -605,7 +605,7 @@ def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str], src:
             nbytes = sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in layout)
             try:
                 sink.held.enter_context(service.store.reserve(nbytes={"cpu": nbytes}))
-                received = [torch.empty(shape, dtype=dtype) for _, shape, dtype in layout]
+                received = [_host_empty(shape, dtype) for _, shape, dtype in layout]
             except WeightavgError as exc:
                 error = type(exc)(f"{exc} (rank 0 holds a copy of what it fetches from rank {src} until the reply has gone)")
             except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
@@ -730,6 +730,13 @@ class Move:
 
 class _Abandoned(Exception):
     """Another rank refused its part of a move: this rank stops too, having changed nothing."""
+
+
+def _host_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor to receive a tensor from another rank into, from this rank's host cache (a
+    large one over memory a freed tensor left): uploads relayed to the other ranks, and what rank 0
+    fetches from them, took new memory each time and faulted every page in (left open by review)."""
+    return hostcache.empty_as(math.prod(shape), dtype).reshape(tuple(shape))
 
 
 def _agree(fabric: Fabric, error: WeightavgError | None) -> None:
@@ -1052,7 +1059,7 @@ def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any
             command.sink.held.enter_context(
                 service.store.reserve(nbytes={"cpu": torch.Size(shape).numel() * dtype.itemsize})
             )
-            received = torch.empty(shape, dtype=dtype)
+            received = _host_empty(shape, dtype)
         except WeightavgError as exc:
             error = type(exc)(f"{exc} (rank 0 holds the answer of rank {src} while it replies)")
         except (torch.OutOfMemoryError, MemoryError) as exc:  # rank src must still hear of it
