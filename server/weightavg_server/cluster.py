@@ -59,6 +59,7 @@ from torch import nn
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
+from . import control_wire
 from .domain import collectives, footprint, hostcache, modules, shm, specs, training
 from .domain.dictionaries import TensorDict
 from .domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeightavgError
@@ -167,6 +168,7 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait = timedelta(seconds=timeout)
+    control_wire.install()  # before the first object collective: the ranks unpickle only what they send
     try:
         store, _, _ = next(rendezvous("env://", timeout=wait))
         # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
