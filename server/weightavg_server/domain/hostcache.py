@@ -202,7 +202,8 @@ class HostCache:
 
     def _settle(self) -> list[Block]:
         """Under the lock: take the blocks handed back into the idle lists, then drop the oldest idle
-        blocks past the bound (idle bytes and lent blocks' spare bytes together). Returns the dropped blocks, for the caller to let go of after the lock."""
+        blocks past the bound (idle bytes and lent blocks' spare bytes together). Returns the dropped
+        blocks, for the caller to let go of after the lock."""
         now = self._clock()
         dropped: list[Block] = []
         while self._returned:
@@ -289,9 +290,9 @@ class IdleRelease:
     for gigabytes) and an idle server frees nothing else.
 
     `calls` counts the calls started, `running` the calls not yet finished (none, by default: a
-    `FollowerReaper` ticks between commands only). A spell starts only once none runs: counting starts alone, a server busy with one long call (an epoch of minutes, a reply
-    streaming to a slow reader) counted as idle 30 s after it began, and was trimmed under it (found
-    by review)."""
+    `FollowerReaper` ticks between commands only). A spell starts only once none runs: counting
+    starts alone, a server busy with one long call (an epoch of minutes, a reply streaming to a slow
+    reader) counted as idle 30 s after it began, and was trimmed under it (found by review)."""
 
     def __init__(
         self, calls: Callable[[], int], idle_seconds: float = IDLE_SECONDS,

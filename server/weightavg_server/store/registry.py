@@ -393,7 +393,8 @@ class Registry:
                 return True  # given back meanwhile
             if not self._fits_without(ended, reservation, handles, wanted):
                 return False
-            self._released.wait(max(0.0, min(WAIT_SLICE_SECONDS, refused + ENDED_CALLS_WAIT_SECONDS - time.monotonic())))
+            left = refused + ENDED_CALLS_WAIT_SECONDS - time.monotonic()
+            self._released.wait(max(0.0, min(WAIT_SLICE_SECONDS, left)))
         return True
 
     def _fits_without(self, ended: list[Reservation], reservation: Reservation, handles: int, wanted: Bytes) -> bool:
@@ -403,7 +404,8 @@ class Registry:
         quotas = [r.quota for r in ended if r.tenant == name and r.quota is not None]
         try:
             self._ledger.check(
-                len(self._entries), handles, wanted, add_bytes(*(r.nbytes for r in ended)), sum(r.handles for r in ended),
+                len(self._entries), handles, wanted, add_bytes(*(r.nbytes for r in ended)),
+                sum(r.handles for r in ended),
             )
             if reservation.tenant_quota:
                 self._tenant(name).check(
