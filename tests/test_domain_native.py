@@ -11,6 +11,7 @@ built wherever this machine could build it, so a broken build cannot hide behind
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shutil
 import sysconfig
@@ -608,3 +609,21 @@ def test_without_the_native_module_every_copy_is_left_to_the_caller(monkeypatch:
     assert not native.stream_copy(target, big) and not native.stream_bytes(target.data_ptr(), big.data_ptr(), big.numel())
     assert native.stream_copies([(target, big), (target[:8], big[:8])], 2) == [0, 1]
     assert not target.any()
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a Linux process allowed on at least two CPUs")
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_kernels_extra_threads_start_on_other_cpus_than_their_creators(threads: int) -> None:
+    """Linux starts a new thread on its creator's CPU, where it waits while the creator works: in a
+    2-vCPU VM a two-thread average ran on one core for its first 1-2 ms after a pause, or whole
+    ("Threads that started on their creator's CPU" in docs/perf.md). Every kernel's extra threads
+    start on the process's other CPUs, then may go anywhere it may."""
+    from weightavg_server.domain._native import start_cpus
+
+    for _ in range(20):
+        here, cpus = start_cpus(threads)
+        assert here in os.sched_getaffinity(0) and len(cpus) == threads
+        assert all(cpu != here and cpu in os.sched_getaffinity(0) for cpu in cpus[1:])
+    assert start_cpus(1)[0] == -1  # one thread starts nothing

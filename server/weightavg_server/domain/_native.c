@@ -26,10 +26,12 @@
  * bytes, a stream's chunks) and a fetch's copies into the client's region (native.py).
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* sched_getcpu, the CPU sets and pthread_attr_setaffinity_np */
 #include <Python.h>
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -151,16 +153,115 @@ static void *take_blocks(void *arg) {
     return NULL;
 }
 
+#if defined(__linux__)
+/* Where a call's extra threads start. Linux puts a new thread on its creator's CPU, and a thread woken
+ * after the process slept there too; in the project's 2-vCPU VMs (kernel 6.18) the other CPU, idle,
+ * did not pull it, so the thread ran only once the creator had taken every block and waited in
+ * pthread_join: a "two-thread" average ran on one core after a pause (docs/perf.md, "Threads that
+ * started on their creator's CPU"). The extra threads therefore start on the CPUs this thread may
+ * use other than its own, and take the whole set back once running, so that the scheduler may still
+ * move them. Nothing changes where the set holds one CPU, or cannot be read. */
+typedef struct {
+    void *(*work)(void *);
+    void *arg;
+    int here; /* the creator's CPU when it started them */
+    cpu_set_t allowed;
+} Start;
+
+static void *start_elsewhere(void *arg) {
+    Start *s = (Start *)arg;
+    pthread_setaffinity_np(pthread_self(), sizeof s->allowed, &s->allowed);
+    return s->work(s->arg);
+}
+
+/* The attributes that start a thread away from this one's CPU, into `elsewhere`; 0 where there is no
+ * other CPU to start on (then the threads start as the system places them). */
+static int away_from_here(Start *start, pthread_attr_t *elsewhere) {
+    if (sched_getaffinity(0, sizeof start->allowed, &start->allowed) != 0) return 0;
+    start->here = sched_getcpu();
+    if (start->here < 0 || start->here >= CPU_SETSIZE || !CPU_ISSET(start->here, &start->allowed)) return 0;
+    cpu_set_t others = start->allowed;
+    CPU_CLR(start->here, &others);
+    if (CPU_COUNT(&others) == 0 || pthread_attr_init(elsewhere) != 0) return 0;
+    if (pthread_attr_setaffinity_np(elsewhere, sizeof others, &others) != 0) {
+        pthread_attr_destroy(elsewhere);
+        return 0;
+    }
+    return 1;
+}
+#endif
+
 /* Run `work(arg)` on the calling thread and threads - 1 more (fewer when one cannot be started), each
- * taking blocks from the same counter until none is left; both kernels go through here. */
-static void run_threads(void *(*work)(void *), void *arg, int threads) {
+ * taking blocks from the same counter until none is left; every kernel goes through here. The creator's
+ * CPU where the extra threads were started away from it, else -1, into *here (may be NULL). */
+static void run_threads_from(void *(*work)(void *), void *arg, int threads, int *here) {
     pthread_t ids[MAX_THREADS];
     int started = 0;
+    void *(*entry)(void *) = work;
+    void *entry_arg = arg;
+    pthread_attr_t *attr = NULL;
+#if defined(__linux__)
+    Start start = {.work = work, .arg = arg, .here = -1};
+    pthread_attr_t elsewhere;
+    if (threads > 1 && away_from_here(&start, &elsewhere)) {
+        entry = start_elsewhere;
+        entry_arg = &start;
+        attr = &elsewhere;
+        if (here != NULL) *here = start.here;
+    }
+#endif
     for (int k = 1; k < threads; k++) {
-        if (pthread_create(&ids[started], NULL, work, arg) == 0) started++;
+        if (pthread_create(&ids[started], attr, entry, entry_arg) == 0) started++;
     }
     work(arg);
     for (int k = 0; k < started; k++) pthread_join(ids[k], NULL);
+    if (attr != NULL) pthread_attr_destroy(attr);
+}
+
+static void run_threads(void *(*work)(void *), void *arg, int threads) { run_threads_from(work, arg, threads, NULL); }
+
+/* start_cpus: where run_threads' threads begin, for the tests. */
+typedef struct {
+    pthread_t creator;
+    int cpus[MAX_THREADS]; /* the creator's first, then the others' in the order they ran */
+    atomic_int others;
+} Seen;
+
+static void *note_cpu(void *arg) {
+    Seen *seen = (Seen *)arg;
+    const int k = pthread_equal(pthread_self(), seen->creator) ? 0 : 1 + atomic_fetch_add(&seen->others, 1);
+#if defined(__linux__)
+    seen->cpus[k] = sched_getcpu();
+#else
+    seen->cpus[k] = -1;
+#endif
+    return NULL;
+}
+
+PyDoc_STRVAR(start_cpus_doc,
+             "start_cpus(threads) -> (int, tuple[int, ...])\n\n"
+             "Start threads - 1 threads as the kernels do and return the creator's CPU when it started them (-1\n"
+             "where they were started as the system places them) and the CPU each thread first ran on: the\n"
+             "creator's first, then the threads it started. For the tests.");
+
+static PyObject *start_cpus(PyObject *self, PyObject *args) {
+    (void)self;
+    int threads;
+    if (!PyArg_ParseTuple(args, "i", &threads)) return NULL;
+    if (threads < 1 || threads > MAX_THREADS)
+        return PyErr_Format(PyExc_ValueError, "threads %d is outside 1..%d", threads, MAX_THREADS);
+    Seen seen;
+    seen.creator = pthread_self();
+    atomic_init(&seen.others, 0);
+    int here = -1;
+    Py_BEGIN_ALLOW_THREADS
+    run_threads_from(note_cpu, &seen, threads, &here);
+    Py_END_ALLOW_THREADS
+    const int count = 1 + atomic_load(&seen.others);
+    PyObject *cpus = PyTuple_New(count);
+    if (cpus == NULL) return NULL;
+    for (int k = 0; k < count; k++) PyTuple_SET_ITEM(cpus, k, PyLong_FromLong(seen.cpus[k]));
+    return Py_BuildValue("(iN)", here, cpus);
 }
 
 /* Pairs of addresses (`firsts`, `seconds`) with their element counts, three tuples of one length, read
@@ -480,6 +581,7 @@ static PyMethodDef methods[] = {
     {"weighted_sum", weighted_sum, METH_VARARGS, weighted_sum_doc},
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS, advise_doc},
     {"copy", copy, METH_VARARGS, copy_doc},
+    {"start_cpus", start_cpus, METH_VARARGS, start_cpus_doc},
     {NULL, NULL, 0, NULL},
 };
 
