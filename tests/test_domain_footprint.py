@@ -405,3 +405,16 @@ def test_a_test_allocates_no_more_than_it_reserves(loss: str, metrics: str) -> N
     with meter:
         training.test_epoch(model)
     assert meter.peak <= reserved <= meter.peak + rows * classes * 4 + batches * footprint.SCALARS_PER_BATCH
+
+
+def test_a_parameter_frozen_or_thawed_is_sized_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a parameter takes a gradient changes what a training batch's pass saves for backward;
+    the kept pass is keyed on it (the key lacked it until a review noted it)."""
+    spec, x, y, loss = PASSES["mlp"]
+    model = _model(spec, x, y, loss, 8)
+    thawed = footprint.batch_pass_bytes(model)
+    for p in model.module.parameters():
+        p.requires_grad_(False)
+    frozen = footprint.batch_pass_bytes(model)
+    monkeypatch.setattr(footprint, "_BATCH_PASSES", type(footprint._BATCH_PASSES)())  # measured with nothing kept
+    assert frozen == footprint.batch_pass_bytes(model) and frozen != thawed

@@ -111,10 +111,15 @@ def _meta_pass(
 
 def _structure(module: nn.Module) -> Hashable:
     """Everything of the module that a meta pass reads: each submodule's type and options (as its
-    `extra_repr` shows them) and each parameter's and buffer's name, shape and dtype. Equal
-    structures give equal outputs for equal inputs; values and devices do not matter on meta."""
+    `extra_repr` shows them) and each parameter's and buffer's name, shape, dtype and whether it
+    takes a gradient (a frozen layer saves nothing for backward, so a training batch's pass is
+    narrower). Equal structures give equal outputs and peaks for equal inputs; values and devices do
+    not matter on meta."""
     layers = tuple((name, type(m), m.extra_repr()) for name, m in module.named_modules())
-    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in [*module.named_parameters(), *module.named_buffers()])
+    tensors = tuple(
+        (name, tuple(t.shape), t.dtype, t.requires_grad)
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+    )
     return layers, tensors
 
 
