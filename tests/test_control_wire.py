@@ -185,6 +185,27 @@ def test_names_outside_the_table_are_refused(module: str, name: str) -> None:
         control_wire.ControlUnpickler(io.BytesIO(b"")).find_class(module, name)
 
 
+def _tensor_stream(dtype: object, shape: object, device: object, data: object) -> bytes:
+    return pickle.dumps(_Calls(control_wire._tensor, dtype, shape, device, data))
+
+
+@pytest.mark.parametrize("args, said", [
+    (("float32", (2, 3), "cpu", bytes(20)), "with 20 bytes, not its 24"),  # short: read past the bytes
+    (("float32", (2, 3), "cpu", bytes(28)), "with 28 bytes, not its 24"),
+    (("float32", (1 << 40, 1 << 40), "cpu", b""), "not its"),
+    (("float32", (-1,), "cpu", bytes(4)), "not sizes"), (("float32", (True,), "cpu", bytes(4)), "not sizes"),
+    (("float32", [1], "cpu", bytes(4)), "not sizes"), (("float32", (1,), "cpu", "abcd"), "with str bytes"),
+    (("_dynamo", (1,), "cpu", bytes(4)), "dtype '_dynamo'"), (("Tensor", (1,), "cpu", bytes(4)), "dtype 'Tensor'"),
+    ((torch.float32, (1,), "cpu", bytes(4)), "dtype torch.float32"),
+    (("float32", (1,), "cuda:99", bytes(4)), "device 'cuda:99'"),
+    (("float32", (1,), "meta", bytes(4)), "device 'meta'"),
+    (("float32", (1,), "nowhere", bytes(4)), "device 'nowhere'"), (("float32", (1,), 0, bytes(4)), "device 0"),
+])
+def test_a_tensor_whose_values_are_not_a_tensors_is_refused(args: tuple[object, ...], said: str) -> None:
+    with pytest.raises(pickle.UnpicklingError, match=said):
+        control_wire.ControlUnpickler(io.BytesIO(_tensor_stream(*args))).load()
+
+
 def _all_subclasses(cls: type) -> Iterator[type]:
     for sub in cls.__subclasses__():
         yield sub

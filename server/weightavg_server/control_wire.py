@@ -28,6 +28,7 @@ the collective.
 
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any, Final
 
@@ -72,14 +73,42 @@ the module's own attributes: `getattr(torch, name)` imports torch's lazy submodu
 
 
 def _tensor(dtype: str, shape: tuple[int, ...], device: str, data: bytes) -> torch.Tensor:
-    """A tensor rebuilt from what `ControlPickler` wrote (a torch dtype by name), its bytes copied."""
+    """A tensor rebuilt from what `ControlPickler` wrote (a torch dtype by name), its bytes copied.
+
+    Raises:
+        pickle.UnpicklingError: the values are not a tensor's: an unknown dtype, a shape that is not
+            whole numbers of at least 0, bytes that are not the shape's elements, or a device that
+            is not a CPU or an existing CUDA device.
+    """
     kind = DTYPES.get(dtype) if isinstance(dtype, str) else None
     if kind is None:
         raise pickle.UnpicklingError(f"the cluster's control plane does not build a tensor of dtype {dtype!r}")
-    flat = (
-        torch.frombuffer(bytearray(data), dtype=torch.uint8).view(kind) if data else torch.empty(0, dtype=kind)
-    )
-    return flat.reshape(shape).to(device)
+    if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError(f"the cluster's control plane got a tensor of shape {shape!r}: not sizes")
+    if not isinstance(data, bytes) or len(data) != math.prod(shape) * kind.itemsize:
+        raise pickle.UnpicklingError(
+            f"the cluster's control plane got a {dtype} tensor of shape {list(shape)} with "
+            f"{len(data) if isinstance(data, bytes) else type(data).__name__} bytes, not its "
+            f"{math.prod(shape) * kind.itemsize}"
+        )
+    where = _device(device)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(kind) if data else torch.empty(0, dtype=kind)
+    return flat.reshape(shape).to(where)
+
+
+def _device(name: str) -> torch.device:
+    """The device a tensor travelled from: the CPU or a CUDA device this process has (any other name
+    would start a backend, or fail deep inside torch)."""
+    try:
+        device = torch.device(name) if isinstance(name, str) else None
+    except RuntimeError:
+        device = None
+    if device is None or not (
+        device.type == "cpu"
+        or (device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count())
+    ):
+        raise pickle.UnpicklingError(f"the cluster's control plane does not build a tensor on device {name!r}")
+    return device
 
 
 class ControlPickler(pickle.Pickler):
