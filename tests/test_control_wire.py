@@ -8,9 +8,16 @@ tests/test_cluster.py runs every command through real torchrun clusters with the
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import inspect
 import io
 import os
 import pickle
+import subprocess
+import sys
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +25,12 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 
 from weightavg_server import cluster, control_wire
-from weightavg_server.domain.errors import ResourceExhausted
+from weightavg_server.domain.errors import ResourceExhausted, WeightavgError
 from weightavg_server.domain.specs import LayerSpec
+from weightavg_server.service import Service
 from weightavg_server.store.registry import Kind
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _round_trip(obj: object) -> object:
@@ -78,7 +88,7 @@ def test_what_the_ranks_send_one_another_round_trips() -> None:
     sent = {
         "spec": LayerSpec("sequential", children=(LayerSpec("linear", "a", (2, 3)),)), "kind": Kind.MODULE,
         "error": ResourceExhausted("rank 1: no room"), "dtype": torch.bfloat16, "size": torch.Size([2, 3]),
-        "device": torch.device("cpu"), "stop": cluster.never, "kept": {1, 2}, "exc": ValueError("x"),
+        "device": torch.device("cpu"), "stop": cluster.never, "kept": {1, 2},
     }
     back = _round_trip(sent)
     assert isinstance(back, dict)
@@ -94,3 +104,176 @@ def test_install_makes_torchs_object_collectives_use_them(monkeypatch: pytest.Mo
     assert c10d._pickler is control_wire.ControlPickler and c10d._unpickler is control_wire.ControlUnpickler
     tensor, size = c10d._object_to_tensor({"w": torch.ones(2)}, torch.device("cpu"), None)
     assert torch.equal(c10d._tensor_to_object(tensor, size, None)["w"], torch.ones(2))
+
+
+class _Calls:
+    """A stand-in for a hostile stream that calls `target(*args)` when unpickled (REDUCE)."""
+
+    def __init__(self, target: object, *args: object) -> None:
+        self.target, self.args = target, args
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return self.target, self.args
+
+
+def test_a_class_of_this_package_that_starts_processes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every class of the package was allowed: a stream calling `LocalCluster(1)` started a torchrun
+    of the server in the rank (found by review)."""
+    from weightavg_server.ops import launch
+
+    started: list[object] = []
+
+    def popen(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise OSError("not started by this test")
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    hostile = pickle.dumps(_Calls(launch.LocalCluster, 1))
+    with pytest.raises(pickle.UnpicklingError, match="does not build weightavg_server.ops.launch.LocalCluster"):
+        control_wire.ControlUnpickler(io.BytesIO(hostile)).load()
+    assert started == []
+
+
+def test_a_class_of_this_package_that_maps_a_file_is_refused(tmp_path: Path) -> None:
+    """`domain.shm.Region(key, size, directory)` opened, allocated and mapped any file of the server's
+    user in any directory."""
+    from weightavg_server.domain import shm
+
+    (tmp_path / "victim").write_bytes(b"\0" * 4096)
+    hostile = pickle.dumps(_Calls(shm.Region, "victim", 4096, str(tmp_path)))
+    with pytest.raises(pickle.UnpicklingError, match="does not build weightavg_server.domain.shm.Region"):
+        control_wire.ControlUnpickler(io.BytesIO(hostile)).load()
+
+
+def test_naming_the_servers_main_module_neither_imports_nor_runs_it() -> None:
+    """Importing `weightavg_server.__main__` runs the server's command line with the rank's own
+    arguments: a 60-byte stream started a second, plaintext gRPC server inside the rank (found by
+    review). Run in a process of its own, with `--version` for arguments, where that prints and exits."""
+    script = (
+        "import io, pickle, sys\n"
+        "sys.argv = ['weightavg_server', '--version']\n"
+        "from weightavg_server import control_wire\n"
+        "stream = b'\\x80\\x04cweightavg_server.__main__\\nmain\\n.'\n"
+        "try:\n"
+        "    control_wire.ControlUnpickler(io.BytesIO(stream)).load()\n"
+        "except pickle.UnpicklingError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('imported' if 'weightavg_server.__main__' in sys.modules else 'not imported')\n"
+    )
+    path = os.pathsep.join([str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "refused: the cluster's control plane does not build weightavg_server.__main__.main" in result.stdout
+    assert result.stdout.strip().endswith("not imported")
+
+
+@pytest.mark.parametrize("module, name", [
+    ("weightavg_server.ops.metrics", "_BoundedServer"),  # binds a port
+    ("weightavg_server.domain.flat", "_Arena"),  # allocates buffers of the sizes it is given
+    ("weightavg_server.service", "Service"), ("weightavg_server.ops.app", "Periodic"),  # threads
+    ("weightavg_server.cluster", "Command.__init__"), ("weightavg_server.cluster", "os.system"),  # dotted walks
+    ("weightavg_server.cluster", "Fabric"), ("weightavg_server.control_wire", "ControlUnpickler"),
+    ("weightavg_server", "cluster"), ("weightavg_server_extra", "Command"),
+    ("builtins", "bytearray"), ("builtins", "SystemExit"), ("builtins", "ValueError"),
+    ("collections", "OrderedDict"), ("torch", "_dynamo"), ("torch", "load"), ("torch", "Tensor"),
+])
+def test_names_outside_the_table_are_refused(module: str, name: str) -> None:
+    with pytest.raises(pickle.UnpicklingError, match="only what the server's ranks send one another"):
+        control_wire.ControlUnpickler(io.BytesIO(b"")).find_class(module, name)
+
+
+def _tensor_stream(dtype: object, shape: object, device: object, data: object) -> bytes:
+    return pickle.dumps(_Calls(control_wire._tensor, dtype, shape, device, data))
+
+
+@pytest.mark.parametrize("args, said", [
+    (("float32", (2, 3), "cpu", bytes(20)), "with 20 bytes, not its 24"),  # short: read past the bytes
+    (("float32", (2, 3), "cpu", bytes(28)), "with 28 bytes, not its 24"),
+    (("float32", (1 << 40, 1 << 40), "cpu", b""), "not its"),
+    (("float32", (-1,), "cpu", bytes(4)), "not sizes"), (("float32", (True,), "cpu", bytes(4)), "not sizes"),
+    (("float32", [1], "cpu", bytes(4)), "not sizes"), (("float32", (1,), "cpu", "abcd"), "with str bytes"),
+    (("_dynamo", (1,), "cpu", bytes(4)), "dtype '_dynamo'"), (("Tensor", (1,), "cpu", bytes(4)), "dtype 'Tensor'"),
+    ((torch.float32, (1,), "cpu", bytes(4)), "dtype torch.float32"),
+    (("float32", (1,), "cuda:99", bytes(4)), "device 'cuda:99'"),
+    (("float32", (1,), "meta", bytes(4)), "device 'meta'"),
+    (("float32", (1,), "nowhere", bytes(4)), "device 'nowhere'"), (("float32", (1,), 0, bytes(4)), "device 0"),
+])
+def test_a_tensor_whose_values_are_not_a_tensors_is_refused(args: tuple[object, ...], said: str) -> None:
+    with pytest.raises(pickle.UnpicklingError, match=said):
+        control_wire.ControlUnpickler(io.BytesIO(_tensor_stream(*args))).load()
+
+
+def _all_subclasses(cls: type) -> Iterator[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def test_every_error_a_failure_can_carry_is_in_the_table() -> None:
+    """A rank answers any WeightavgError it raises as a Failure (cluster._answered)."""
+    missing = {
+        (c.__module__, c.__qualname__) for c in [WeightavgError, *_all_subclasses(WeightavgError)]
+        if c.__module__.startswith("weightavg_server.")
+    } - control_wire.SENT
+    assert not missing, f"add them to control_wire.SENT: {sorted(missing)}"
+
+
+KEPT_ON_RANK_0 = {
+    ("weightavg_server.service", "Placement"),  # ClusterService._placement reads it on rank 0
+    ("weightavg_server.store.requests", "RequestKey"),  # _routed keeps request IDs on rank 0
+    # shared memory is registered on rank 0, beside the gRPC client: its verbs never route elsewhere
+    ("weightavg_server.domain.shm", "Region"), ("weightavg_server.domain.shm", "Placement"),
+    ("weightavg_server.domain.cuda_ipc", "CudaIpc"),
+}
+
+
+def _package_classes(hint: object, seen: set[type]) -> Iterator[type]:
+    """The classes of this package a value of type `hint` can hold, dataclasses' fields included."""
+    if typing.get_origin(hint) is not None:
+        for arg in typing.get_args(hint):
+            yield from _package_classes(arg, seen)
+    elif isinstance(hint, type) and hint.__module__.startswith("weightavg_server.") and hint not in seen:
+        seen.add(hint)
+        yield hint
+        if dataclasses.is_dataclass(hint):
+            for hinted in typing.get_type_hints(hint).values():
+                yield from _package_classes(hinted, seen)
+
+
+def test_what_the_routed_verbs_take_and_answer_is_in_the_table() -> None:
+    """Every class among the arguments and answers of the Service verbs a ClusterService routes to
+    other ranks, and of the operations only ranks perform (RANK_OPS), may travel: a class missing from
+    SENT would fail that verb's collective, and so the cluster, the first time it ran."""
+    seen: set[type] = set()
+    where: dict[tuple[str, str], str] = {}
+    verbs = [(n, f) for n, f in inspect.getmembers(Service, inspect.isfunction) if not n.startswith("_")]
+    for name, function in [*verbs, *cluster.RANK_OPS.items()]:
+        if name in cluster.LOCAL_ONLY:
+            continue
+        for parameter, hint in typing.get_type_hints(function).items():
+            if parameter not in ("service", "fabric"):
+                for found in _package_classes(hint, seen):
+                    where.setdefault((found.__module__, found.__qualname__), f"{name}({parameter})")
+    missing = {key: said for key, said in where.items() if key not in control_wire.SENT | KEPT_ON_RANK_0}
+    assert not missing, f"add them to control_wire.SENT, or to KEPT_ON_RANK_0 saying why: {missing}"
+    assert ("weightavg_server.cluster", "Command") in control_wire.SENT  # the walk found something to check
+    assert len(where) > 10
+
+
+@pytest.mark.parametrize("module, name", sorted(control_wire.SENT))
+def test_every_name_in_the_table_is_plain_data(module: str, name: str) -> None:
+    """What the table names is built with no code of its own: a dataclass, an enum, one of the
+    errors, or one of the functions (so a stream cannot use one to open, start or allocate anything)."""
+    found = control_wire.ControlUnpickler(io.BytesIO(b"")).find_class(module, name)
+    if not isinstance(found, type):
+        assert found in (cluster.never, control_wire._tensor)
+    elif module == "torch":
+        assert found in (torch.Size, torch.device)
+    else:
+        assert dataclasses.is_dataclass(found) or issubclass(found, (enum.Enum, WeightavgError)), found
+        hooks = {"__setstate__", "__post_init__", "__del__", "__new__", "__reduce__", "__reduce_ex__"}
+        own = {h for c in found.__mro__ if c.__module__.startswith("weightavg_server") for h in vars(c)}
+        assert not (hooks & own) or issubclass(found, enum.Enum), (found, hooks & own)
