@@ -14,6 +14,7 @@ import inspect
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import typing
@@ -25,7 +26,7 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 
 from weightavg_server import cluster, control_wire
-from weightavg_server.domain.errors import ResourceExhausted, WeightavgError
+from weightavg_server.domain.errors import InvalidArgument, ResourceExhausted, WeightavgError
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Service
 from weightavg_server.store.registry import Kind
@@ -277,3 +278,32 @@ def test_every_name_in_the_table_is_plain_data(module: str, name: str) -> None:
         hooks = {"__setstate__", "__post_init__", "__del__", "__new__", "__reduce__", "__reduce_ex__"}
         own = {h for c in found.__mro__ if c.__module__.startswith("weightavg_server") for h in vars(c)}
         assert not (hooks & own) or issubclass(found, enum.Enum), (found, hooks & own)
+
+
+@pytest.mark.parametrize("op, runs", [
+    ("free", True), ("average_parameters", True), ("_ping", True), ("_across", True),
+    ("_module", False), ("__init__", False), ("_exactly_once", False), ("store", False), ("nothing", False),
+])
+def test_a_command_runs_only_the_clusters_operations(op: str, runs: bool) -> None:
+    """A stream forged from allowed classes is still a Command: a rank runs only RANK_OPS and Service's
+    public methods, never a private helper or an attribute it names."""
+    assert cluster.runnable(op) is runs
+
+
+def test_a_forged_command_is_refused_before_anything_runs() -> None:
+    class _Rank:
+        rank = 1
+
+    with pytest.raises(InvalidArgument, match="'_module', which is no operation"):
+        cluster._executed(None, _Rank(), cluster.Command("_module", ("m_" + "0" * 32,)))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="'__init__', which is no operation"):
+        cluster._across(None, _Rank(), "__init__", (), {}, cluster.ALL, [])  # type: ignore[arg-type]
+
+
+def test_every_operation_the_cluster_sends_is_runnable() -> None:
+    """The op names ClusterService and rank 0's housekeeping put in commands (read from cluster.py's
+    source), each one the ranks will run."""
+    source = Path(cluster.__file__).read_text()
+    sent = (set(re.findall(r'_call\("(\w+)"', source)) | set(re.findall(r'Command\("(\w+)"', source))) - {"_stop"}
+    assert {"free", "_ping", "_snapshot", "_across", "set_model_data"} <= sent
+    assert [op for op in sent if not cluster.runnable(op)] == []

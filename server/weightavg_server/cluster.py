@@ -844,6 +844,8 @@ def _across(
     """A verb whose sources live on other ranks than its target (`where`): each source's values are
     moved to the target's rank(s), where they stand in for it under its own handle (`Registry.lend`),
     and the verb runs there as on one rank; the copies go when it ends."""
+    if not runnable(op):
+        raise InvalidArgument(f"rank {fabric.rank} was sent {op!r}, which is no operation of the cluster's")
     with contextlib.ExitStack() as held:
         try:
             for move in moves:
@@ -1009,8 +1011,17 @@ def _answered(fabric: Fabric, op: str, run: Callable[[], Any]) -> Any:
         return Failure(WeightavgError(f"rank {fabric.rank}: {op} failed: {type(exc).__name__}: {exc}"))
 
 
+def runnable(op: str) -> bool:
+    """Whether a command may name `op`: a `RANK_OPS` entry or a public method of Service. A rank runs
+    what its command names, so a stream forged from allowed classes (control_wire.SENT) could
+    otherwise have called any attribute of Service, its private helpers included (found by review)."""
+    return op in RANK_OPS or (not op.startswith("_") and inspect.isfunction(vars(Service).get(op)))
+
+
 def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
     """The command's result on this rank (None where it takes no part); errors raised."""
+    if not runnable(command.op):
+        raise InvalidArgument(f"rank {fabric.rank} was sent {command.op!r}, which is no operation of the cluster's")
     args, kwargs = _received(service, fabric, command)  # before the ranks check: rank 0 sends to them
     if command.ranks is not None and fabric.rank not in command.ranks:
         return None
