@@ -3,7 +3,8 @@ domain/lerp.py): torch's `lerp_` is the oracle, bit for bit, for every kind, bot
 formulas, thread splits, odd lengths and many pairs in one call; the pairs it must leave to torch
 (and pairs that share memory, which all go to torch); its guard; averaging with it off. Huge-page
 advice for large flat buffers (domain/native.py): what it advises, and that values and accounting
-do not change.
+do not change. TIES's radix selection (domain/selection.py): torch.kthvalue's value for every rank,
+special values and ties, and a TIES merge with the same bits as without it.
 
 The extension is optional at install (no C compiler: torch does the work). One test insists it was
 built wherever this machine could build it, so a broken build cannot hide behind the skips."""
@@ -11,6 +12,7 @@ built wherever this machine could build it, so a broken build cannot hide behind
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import shutil
@@ -24,7 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightavg_server.domain import averaging, flat, lerp, merging, native, weighted_sum
+from weightavg_server.domain import averaging, flat, lerp, merging, native, selection, weighted_sum
 from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.tensors import held_bytes
 
@@ -627,3 +629,167 @@ def test_a_kernels_extra_threads_start_on_other_cpus_than_their_creators(threads
         assert here in os.sched_getaffinity(0) and len(cpus) == threads
         assert all(cpu != here and cpu in os.sched_getaffinity(0) for cpu in cpus[1:])
     assert start_cpus(1)[0] == -1  # one thread starts nothing
+
+
+# -- TIES's radix selection (domain/selection.py) -----------------------------------------------------
+
+SELECT_BUILT = selection.active()
+needs_native_select = pytest.mark.skipif(not SELECT_BUILT, reason=f"thresholds run on {selection.native_state()}")
+
+
+def kthvalue_largest(magnitudes: torch.Tensor, k: int) -> float:
+    """The oracle: the k-th largest by torch's kthvalue (the (n - k + 1)-th smallest, NaN counted largest)."""
+    return float(torch.kthvalue(magnitudes.reshape(-1), magnitudes.numel() - k + 1).values)
+
+
+def same_value(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)
+
+
+def magnitudes(n: int, dtype: torch.dtype, seed: int, nans: int = 0) -> torch.Tensor:
+    """|x| of many scales (subnormal to near the dtype's limit), with repeats, zeros, inf and `nans` NaNs."""
+    g = torch.Generator().manual_seed(seed)
+    info = torch.finfo(dtype)
+    exponents = torch.randint(int(math.log2(info.tiny)) - 10, int(math.log2(info.max)), (n,), generator=g)
+    values = torch.rand(n, generator=g, dtype=torch.float64).add_(1).mul_(torch.pow(2.0, exponents.double())).to(dtype)
+    values[torch.randperm(n, generator=g)[: n // 4]] = float(values[0])  # ties: a quarter of them one value
+    values[torch.randperm(n, generator=g)[: n // 10]] = 0.0
+    values[torch.randperm(n, generator=g)[: n // 50]] = math.inf
+    values[torch.randperm(n, generator=g)[:nans]] = math.nan
+    return values
+
+
+@needs_native_select
+@pytest.mark.parametrize("dtype", list(selection.KINDS), ids=str)
+@pytest.mark.parametrize("n", [1, 7, 1000, 3 * N + 5])
+@pytest.mark.parametrize("nans", [0, 3])
+def test_the_selection_gives_kthvalues_value_at_every_rank(dtype: torch.dtype, n: int, nans: int) -> None:
+    values = magnitudes(n, dtype, seed=n, nans=min(nans, n))
+    for k in sorted({1, 2, 3, 4, n // 5, n // 5 + 1, n // 2, n - 3, n - 1, n}):
+        if 1 <= k <= n:
+            assert same_value(selection.kth_largest(values, k), kthvalue_largest(values, k)), k
+
+
+@needs_native_select
+@given(values=st.lists(st.one_of(st.floats(min_value=0, allow_infinity=True, width=32), st.just(math.nan)),
+                       min_size=1, max_size=60),
+       rank=st.floats(0, 1), wide=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_any_magnitudes_and_rank_give_kthvalues_value(values: list[float], rank: float, wide: bool) -> None:
+    t = torch.tensor(values, dtype=torch.float64 if wide else torch.float32)
+    k = 1 + int(rank * (len(values) - 1))
+    assert same_value(selection.kth_largest(t, k), kthvalue_largest(t, k))
+
+
+@needs_native_select
+def test_the_selection_takes_the_sign_bit_off_and_counts_a_negative_nan_largest() -> None:
+    """abs() clears the sign bit, so a merge never hands the kernel a -0.0 or a NaN with its sign set;
+    the kernel orders them as their magnitudes all the same (torch.abs(-0.0) is 0.0)."""
+    t = torch.tensor([-0.0, 1.0, 0.5, -math.nan])
+    assert [selection.kth_largest(t, k) for k in (2, 3, 4)] == [1.0, 0.5, 0.0]
+    assert math.isnan(selection.kth_largest(t, 1))
+
+
+@pytest.mark.parametrize("case", ["float16", "bfloat16", "strided", "off"])
+def test_thresholds_outside_the_kernel_are_kthvalues(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = selection._NATIVE
+
+    def counted(*args: int) -> float:
+        calls.append(args[2])
+        assert real is not None
+        return real(*args)
+
+    monkeypatch.setattr(selection, "_NATIVE", None if case == "off" or real is None else counted)
+    values = magnitudes(4 * N, torch.float32, seed=5, nans=2)
+    if case in ("float16", "bfloat16"):
+        values = values.to(getattr(torch, case))
+    elif case == "strided":
+        values = values[::2]
+    for k in (1, values.numel() // 3, values.numel()):
+        assert same_value(selection.kth_largest(values, k), kthvalue_largest(values, k))
+    assert not calls
+
+
+@needs_native_select
+def test_the_selection_guard_turns_off_a_kernel_that_differs_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel one rank off (the k-th smallest's mirror taken one place early) must be caught by the
+    check run at first use."""
+    real = selection._NATIVE
+    assert real is not None
+
+    def one_rank_off(kind: int, address: int, count: int, k: int) -> float:
+        return real(kind, address, count, min(k + 1, count))
+
+    monkeypatch.setattr(selection, "_NATIVE", one_rank_off)
+    assert not selection._agrees_with_torch.__wrapped__()
+    monkeypatch.setattr(selection, "_NATIVE", real)
+    assert selection._agrees_with_torch.__wrapped__()
+
+
+@pytest.mark.parametrize("bad", [(2, 8, 1), (0, 8, 0), (0, 8, 9), (0, 0, 1), (1, -1, 1)])
+def test_the_extension_refuses_selections_it_cannot_run(bad: tuple[int, int, int]) -> None:
+    if selection._NATIVE is None:
+        pytest.skip("the kernel is not built here")
+    kind, count, k = bad
+    t = torch.zeros(8, dtype=torch.float64)
+    with pytest.raises(ValueError):
+        selection._NATIVE(kind, t.data_ptr(), count, k)
+    with pytest.raises(ValueError):
+        selection._NATIVE(0, 0, 8, 1)  # a null address
+
+
+def ties_inputs(dtype: torch.dtype) -> tuple[TensorDict, list[TensorDict]]:
+    """A base and three models whose deltas hold ties at the threshold, zeros, signed zeros, inf and
+    NaN, in entries large and small."""
+    g = torch.Generator().manual_seed(9)
+    shapes = {"big": (400, 400), "odd": (37, 3), "one": (1,), "row": (1000,)}
+    base = TensorDict({n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in shapes.items()})
+    models = []
+    for i in range(3):
+        entries = {}
+        for n, b in base.entries.items():
+            x = b + torch.randn(b.shape, generator=g, dtype=torch.float64).mul_(0.01).round_(decimals=3).to(dtype)
+            flat_x, flat_b = x.view(-1), b.view(-1)
+            if flat_x.numel() > 20:
+                flat_x[:5] = flat_b[:5]  # zero deltas
+                flat_b[5] = -0.0 if i == 0 else flat_b[5]
+                flat_x[6] = math.inf if i == 1 else flat_x[6]
+                flat_x[7] = math.nan if i == 2 else flat_x[7]
+            entries[n] = x
+        models.append(TensorDict(entries))
+    return base, models
+
+
+@needs_native_select
+@pytest.mark.parametrize("dtype", list(selection.KINDS), ids=str)
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.999])
+def test_a_ties_merge_has_the_same_bits_with_the_selection_on_and_off(
+    dtype: torch.dtype, density: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every bit of the merge, NaNs included, with the radix selection and with torch.kthvalue; and the
+    kernel did select every threshold of the first (one per model and entry of two elements or more)."""
+    base, models = ties_inputs(dtype)
+    real = selection._NATIVE
+    assert real is not None
+    calls: list[int] = []
+
+    def counted(*args: int) -> float:
+        calls.append(args[2])
+        return real(*args)
+
+    def merge() -> dict[str, torch.Tensor]:
+        p = merging.plan(merging.METHODS["ties"], models, base=base, weights=[1.0, 0.7, 1.3],
+                         kwargs=[("density", density)])
+        return merging.run(p, models, base=base).entries
+
+    monkeypatch.setattr(selection, "_NATIVE", counted)
+    on = merge()
+    monkeypatch.setattr(selection, "_NATIVE", None)
+    off = merge()
+    sizes = [t.numel() for t in base.entries.values() if 0 < int(density * t.numel()) < t.numel()]
+    assert sorted(calls) == sorted(sizes * 3)
+    assert on.keys() == off.keys()
+    for name in on:
+        assert torch.equal(bits(on[name]), bits(off[name])), name
+    assert bool(on["big"].isnan().any()) and bool(on["big"].isinf().any())  # the special values got through

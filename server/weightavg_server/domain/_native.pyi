@@ -1,4 +1,5 @@
-"""Types of the C extension built from _native.c (see there, lerp.py, weighted_sum.py and native.py)."""
+"""Types of the C extension built from _native.c (see there, lerp.py, weighted_sum.py, selection.py and
+native.py)."""
 
 def lerp(
     kind: int, avg_addresses: tuple[int, ...], value_addresses: tuple[int, ...], counts: tuple[int, ...], weight: float,
@@ -13,3 +14,4 @@ def copy(
     target_addresses: tuple[int, ...], source_addresses: tuple[int, ...], sizes: tuple[int, ...], threads: int, /,
 ) -> None: ...
 def start_cpus(threads: int, /) -> tuple[int, tuple[int, ...]]: ...
+def kth_largest_magnitude(kind: int, address: int, count: int, k: int, /) -> float: ...

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dtypes, flat, weighted_sum
+from . import dtypes, flat, selection, weighted_sum
 from .averaging import broadcast_shape
 from .dictionaries import COUNT_KEY, TensorDict
 from .errors import InvalidArgument
@@ -517,7 +517,8 @@ def _scratch(
     divisor = (work,) if consensus and normalize else ()
     trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
     mask = (torch.bool,) if consensus or trims else ()
-    # torch.kthvalue copies the values and keeps an int64 index per element while it selects.
+    # torch.kthvalue copies the values and keeps an int64 index per element while it selects (on the CPU the
+    # native selection takes its place and allocates nothing, but it may be off, and CUDA takes kthvalue).
     internal = numel * (_size(work) + 8) if trims else 0
     return acc + (work,) + base_cast + aside + election + divisor + mask, internal
 
@@ -858,14 +859,15 @@ def _task_vectors(
 
 def _threshold(magnitudes: torch.Tensor, density: float) -> float:
     """The k-th largest magnitude, k = int(density * numel): entries at or above it are kept (ties
-    at the threshold all stay); with k = 0 nothing is kept."""
+    at the threshold all stay); with k = 0 nothing is kept. On the CPU the native radix selection
+    finds it, elsewhere torch.kthvalue: the same value (`selection`)."""
     n = magnitudes.numel()
     k = int(density * n)
     if k <= 0:
         return math.inf
     if k >= n:
         return -math.inf
-    return float(torch.kthvalue(magnitudes.view(-1), n - k + 1).values)
+    return selection.kth_largest(magnitudes, k)
 
 
 _KERNELS: dict[str, Kernel] = {
