@@ -631,31 +631,42 @@ def test_a_kernels_extra_threads_start_on_other_cpus_than_their_creators(threads
     assert start_cpus(1)[0] == -1  # one thread starts nothing
 
 
-# -- TIES's radix selection (domain/selection.py) -----------------------------------------------------
+# -- TIES's trim: radix selection and zero_below (domain/selection.py) -----------------------------------
 
 SELECT_BUILT = selection.active()
-needs_native_select = pytest.mark.skipif(not SELECT_BUILT, reason=f"thresholds run on {selection.native_state()}")
+needs_native_select = pytest.mark.skipif(not SELECT_BUILT, reason=f"TIES trims run on {selection.native_state()}")
 
 
-def kthvalue_largest(magnitudes: torch.Tensor, k: int) -> float:
-    """The oracle: the k-th largest by torch's kthvalue (the (n - k + 1)-th smallest, NaN counted largest)."""
-    return float(torch.kthvalue(magnitudes.reshape(-1), magnitudes.numel() - k + 1).values)
+def kthvalue_largest(values: torch.Tensor, k: int) -> float:
+    """The oracle: the k-th largest |x| by torch's kthvalue (the (n - k + 1)-th smallest, NaN counted largest)."""
+    return float(torch.kthvalue(values.abs().reshape(-1), values.numel() - k + 1).values)
+
+
+def masked_fill_below(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The oracle: a copy of values with +0 where |x| < threshold, by abs, lt and masked_fill_."""
+    return values.masked_fill(values.abs() < threshold, 0)
 
 
 def same_value(a: float, b: float) -> bool:
     return a == b or (a != a and b != b)
 
 
-def magnitudes(n: int, dtype: torch.dtype, seed: int, nans: int = 0) -> torch.Tensor:
-    """|x| of many scales (subnormal to near the dtype's limit), with repeats, zeros, inf and `nans` NaNs."""
+def signed_values(n: int, dtype: torch.dtype, seed: int, nans: int = 0) -> torch.Tensor:
+    """Values of both signs and many scales (subnormal to near the dtype's limit), with repeated
+    magnitudes, signed zeros, infinities and `nans` NaNs (one with its sign bit set)."""
     g = torch.Generator().manual_seed(seed)
     info = torch.finfo(dtype)
     exponents = torch.randint(int(math.log2(info.tiny)) - 10, int(math.log2(info.max)), (n,), generator=g)
-    values = torch.rand(n, generator=g, dtype=torch.float64).add_(1).mul_(torch.pow(2.0, exponents.double())).to(dtype)
-    values[torch.randperm(n, generator=g)[: n // 4]] = float(values[0])  # ties: a quarter of them one value
+    values = torch.rand(n, generator=g, dtype=torch.float64).add_(1).mul_(torch.pow(2.0, exponents.double()))
+    values = values.mul_(torch.randint(0, 2, (n,), generator=g).mul_(2).sub_(1)).to(dtype)
+    tied = torch.randperm(n, generator=g)[: n // 4]
+    values[tied] = abs(float(values[0])) * torch.randint(0, 2, (len(tied),), generator=g).mul_(2).sub_(1).to(dtype)
     values[torch.randperm(n, generator=g)[: n // 10]] = 0.0
-    values[torch.randperm(n, generator=g)[: n // 50]] = math.inf
+    values[torch.randperm(n, generator=g)[: n // 20]] = -0.0
+    values[torch.randperm(n, generator=g)[: n // 50]] = -math.inf
     values[torch.randperm(n, generator=g)[:nans]] = math.nan
+    if nans:
+        values[-1] = -math.nan
     return values
 
 
@@ -664,79 +675,117 @@ def magnitudes(n: int, dtype: torch.dtype, seed: int, nans: int = 0) -> torch.Te
 @pytest.mark.parametrize("n", [1, 7, 1000, 3 * N + 5])
 @pytest.mark.parametrize("nans", [0, 3])
 def test_the_selection_gives_kthvalues_value_at_every_rank(dtype: torch.dtype, n: int, nans: int) -> None:
-    values = magnitudes(n, dtype, seed=n, nans=min(nans, n))
+    values = signed_values(n, dtype, seed=n, nans=min(nans, n))
+    aside = torch.full_like(values, 7.0)
     for k in sorted({1, 2, 3, 4, n // 5, n // 5 + 1, n // 2, n - 3, n - 1, n}):
         if 1 <= k <= n:
-            assert same_value(selection.kth_largest(values, k), kthvalue_largest(values, k)), k
+            assert same_value(selection.kth_largest_magnitude(values, k, aside), kthvalue_largest(values, k)), k
+    assert bool((aside == 7.0).all())  # the kernel needs no scratch
 
 
 @needs_native_select
-@given(values=st.lists(st.one_of(st.floats(min_value=0, allow_infinity=True, width=32), st.just(math.nan)),
-                       min_size=1, max_size=60),
+@given(values=st.lists(st.one_of(st.floats(allow_infinity=True, width=32), st.just(math.nan)), min_size=1, max_size=60),
        rank=st.floats(0, 1), wide=st.booleans())
 @settings(max_examples=300, deadline=None)
-def test_any_magnitudes_and_rank_give_kthvalues_value(values: list[float], rank: float, wide: bool) -> None:
+def test_any_values_and_rank_give_kthvalues_value_and_masked_fills_trim(
+    values: list[float], rank: float, wide: bool
+) -> None:
     t = torch.tensor(values, dtype=torch.float64 if wide else torch.float32)
     k = 1 + int(rank * (len(values) - 1))
-    assert same_value(selection.kth_largest(t, k), kthvalue_largest(t, k))
+    threshold = selection.kth_largest_magnitude(t, k, torch.empty_like(t))
+    assert same_value(threshold, kthvalue_largest(t, k))
+    expected = masked_fill_below(t, threshold)
+    selection.zero_below(t, threshold, torch.empty_like(t), torch.empty(t.shape, dtype=torch.bool))
+    assert torch.equal(bits(t), bits(expected))
 
 
 @needs_native_select
-def test_the_selection_takes_the_sign_bit_off_and_counts_a_negative_nan_largest() -> None:
-    """abs() clears the sign bit, so a merge never hands the kernel a -0.0 or a NaN with its sign set;
-    the kernel orders them as their magnitudes all the same (torch.abs(-0.0) is 0.0)."""
-    t = torch.tensor([-0.0, 1.0, 0.5, -math.nan])
-    assert [selection.kth_largest(t, k) for k in (2, 3, 4)] == [1.0, 0.5, 0.0]
-    assert math.isnan(selection.kth_largest(t, 1))
+@pytest.mark.parametrize("dtype", list(selection.KINDS), ids=str)
+@pytest.mark.parametrize("threshold", [0.0, -0.0, 1e-40, 0.1, 1.0, 3e38, math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("n", [5, 3 * N + 5])
+def test_zero_below_gives_masked_fills_bits(dtype: torch.dtype, threshold: float, n: int) -> None:
+    values = signed_values(n, dtype, seed=3, nans=2)
+    expected = masked_fill_below(values, threshold)
+    selection.zero_below(values, threshold, torch.empty_like(values), torch.empty(n, dtype=torch.bool))
+    assert torch.equal(bits(values), bits(expected))
 
 
 @pytest.mark.parametrize("case", ["float16", "bfloat16", "strided", "off"])
-def test_thresholds_outside_the_kernel_are_kthvalues(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = selection._NATIVE
+def test_trims_outside_the_kernels_are_torchs(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    select, zero = selection._SELECT, selection._ZERO_BELOW
 
-    def counted(*args: int) -> float:
-        calls.append(args[2])
-        assert real is not None
-        return real(*args)
+    def counted_select(*args: Any) -> float:
+        calls.append("select")
+        assert select is not None
+        return select(*args)
 
-    monkeypatch.setattr(selection, "_NATIVE", None if case == "off" or real is None else counted)
-    values = magnitudes(4 * N, torch.float32, seed=5, nans=2)
+    def counted_zero(*args: Any) -> None:
+        calls.append("zero")
+        assert zero is not None
+        zero(*args)
+
+    off = case == "off" or select is None or zero is None
+    monkeypatch.setattr(selection, "_SELECT", None if off else counted_select)
+    monkeypatch.setattr(selection, "_ZERO_BELOW", None if off else counted_zero)
+    values = signed_values(4 * N, torch.float32, seed=5, nans=2)
     if case in ("float16", "bfloat16"):
         values = values.to(getattr(torch, case))
     elif case == "strided":
         values = values[::2]
+    aside, mask = torch.empty_like(values), torch.empty(values.shape, dtype=torch.bool)
     for k in (1, values.numel() // 3, values.numel()):
-        assert same_value(selection.kth_largest(values, k), kthvalue_largest(values, k))
+        threshold = selection.kth_largest_magnitude(values, k, aside)
+        assert same_value(threshold, kthvalue_largest(values, k))
+    expected = masked_fill_below(values, threshold)
+    selection.zero_below(values, threshold, aside, mask)
+    assert torch.equal(bits(values), bits(expected))
     assert not calls
 
 
 @needs_native_select
-def test_the_selection_guard_turns_off_a_kernel_that_differs_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel one rank off (the k-th smallest's mirror taken one place early) must be caught by the
-    check run at first use."""
-    real = selection._NATIVE
-    assert real is not None
+@pytest.mark.parametrize("broken", ["one rank off", "writes -0 below the threshold", "zeroes at the threshold"])
+def test_the_trim_guard_turns_off_kernels_that_differ_from_torch(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A selection one rank off, a trim that writes -0 for a negative value, or one that zeroes a value
+    equal to the threshold must each be caught by the check run at first use."""
+    select, zero = selection._SELECT, selection._ZERO_BELOW
+    assert select is not None and zero is not None
 
     def one_rank_off(kind: int, address: int, count: int, k: int) -> float:
-        return real(kind, address, count, min(k + 1, count))
+        return select(kind, address, count, min(k + 1, count))
 
-    monkeypatch.setattr(selection, "_NATIVE", one_rank_off)
+    def wrong_trim(kind: int, address: int, count: int, threshold: float) -> None:
+        dtype = np.float32 if kind == 0 else np.float64
+        array = np.frombuffer((ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(address), dtype=dtype)
+        with np.errstate(invalid="ignore"):
+            if broken == "writes -0 below the threshold":
+                array[np.abs(array) < threshold] *= 0  # -x * 0 is -0
+            else:
+                array[np.abs(array) <= threshold] = 0
+
+    if broken == "one rank off":
+        monkeypatch.setattr(selection, "_SELECT", one_rank_off)
+    else:
+        monkeypatch.setattr(selection, "_ZERO_BELOW", wrong_trim)
     assert not selection._agrees_with_torch.__wrapped__()
-    monkeypatch.setattr(selection, "_NATIVE", real)
+    monkeypatch.setattr(selection, "_SELECT", select)
+    monkeypatch.setattr(selection, "_ZERO_BELOW", zero)
     assert selection._agrees_with_torch.__wrapped__()
 
 
 @pytest.mark.parametrize("bad", [(2, 8, 1), (0, 8, 0), (0, 8, 9), (0, 0, 1), (1, -1, 1)])
 def test_the_extension_refuses_selections_it_cannot_run(bad: tuple[int, int, int]) -> None:
-    if selection._NATIVE is None:
-        pytest.skip("the kernel is not built here")
+    if selection._SELECT is None or selection._ZERO_BELOW is None:
+        pytest.skip("the kernels are not built here")
     kind, count, k = bad
     t = torch.zeros(8, dtype=torch.float64)
     with pytest.raises(ValueError):
-        selection._NATIVE(kind, t.data_ptr(), count, k)
+        selection._SELECT(kind, t.data_ptr(), count, k)
     with pytest.raises(ValueError):
-        selection._NATIVE(0, 0, 8, 1)  # a null address
+        selection._SELECT(0, 0, 8, 1)  # a null address
+    for kind, address, count in [(2, t.data_ptr(), 8), (0, t.data_ptr(), -1), (0, 0, 8)]:
+        with pytest.raises(ValueError):
+            selection._ZERO_BELOW(kind, address, count, 1.0)
 
 
 def ties_inputs(dtype: torch.dtype) -> tuple[TensorDict, list[TensorDict]]:
@@ -764,31 +813,40 @@ def ties_inputs(dtype: torch.dtype) -> tuple[TensorDict, list[TensorDict]]:
 @needs_native_select
 @pytest.mark.parametrize("dtype", list(selection.KINDS), ids=str)
 @pytest.mark.parametrize("density", [0.2, 0.5, 0.999])
-def test_a_ties_merge_has_the_same_bits_with_the_selection_on_and_off(
+def test_a_ties_merge_has_the_same_bits_with_the_kernels_on_and_off(
     dtype: torch.dtype, density: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every bit of the merge, NaNs included, with the radix selection and with torch.kthvalue; and the
-    kernel did select every threshold of the first (one per model and entry of two elements or more)."""
+    """Every bit of the merge, NaNs and signed zeros included, with the native trim and with torch's
+    kthvalue, abs, lt and masked_fill_; the kernels selected every threshold of the first (one per
+    model and entry that keeps some but not all) and trimmed every delta twice (once to elect the
+    signs, once to sum)."""
     base, models = ties_inputs(dtype)
-    real = selection._NATIVE
-    assert real is not None
-    calls: list[int] = []
+    select, zero = selection._SELECT, selection._ZERO_BELOW
+    assert select is not None and zero is not None
+    selected: list[int] = []
+    trimmed: list[int] = []
 
-    def counted(*args: int) -> float:
-        calls.append(args[2])
-        return real(*args)
+    def counted_select(*args: Any) -> float:
+        selected.append(args[2])
+        return select(*args)
+
+    def counted_zero(*args: Any) -> None:
+        trimmed.append(args[2])
+        zero(*args)
 
     def merge() -> dict[str, torch.Tensor]:
         p = merging.plan(merging.METHODS["ties"], models, base=base, weights=[1.0, 0.7, 1.3],
                          kwargs=[("density", density)])
         return merging.run(p, models, base=base).entries
 
-    monkeypatch.setattr(selection, "_NATIVE", counted)
+    monkeypatch.setattr(selection, "_SELECT", counted_select)
+    monkeypatch.setattr(selection, "_ZERO_BELOW", counted_zero)
     on = merge()
-    monkeypatch.setattr(selection, "_NATIVE", None)
+    monkeypatch.setattr(selection, "_SELECT", None)
     off = merge()
     sizes = [t.numel() for t in base.entries.values() if 0 < int(density * t.numel()) < t.numel()]
-    assert sorted(calls) == sorted(sizes * 3)
+    assert sorted(selected) == sorted(sizes * 3)
+    assert sorted(trimmed) == sorted([t.numel() for t in base.entries.values()] * 6)
     assert on.keys() == off.keys()
     for name in on:
         assert torch.equal(bits(on[name]), bits(off[name])), name

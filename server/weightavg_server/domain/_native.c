@@ -630,6 +630,46 @@ static PyObject *kth_largest_magnitude(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(value);
 }
 
+/* zero_below: TIES's trim, x[i] = +0 where |x[i]| < threshold, in one pass: torch's way is abs into a
+ * buffer, lt into a bool mask, then masked_fill_, whose loop over a bool mask ran at about 1.4 G elements
+ * a second on two threads (0.14 ms of every 160K-element delta, twice per model and entry). A NaN is not
+ * below anything and stays as it is, as masked_fill_ leaves it. */
+#define DEFINE_ZERO_BELOW(NAME, T, ABS)                                                                      \
+    CLONES static void NAME(T *x, int64_t n, T threshold) {                                                  \
+        for (int64_t i = 0; i < n; i++) x[i] = ABS(x[i]) < threshold ? (T)0 : x[i];                          \
+    }
+
+DEFINE_ZERO_BELOW(zero_below_f32, float, fabsf)
+DEFINE_ZERO_BELOW(zero_below_f64, double, fabs)
+
+PyDoc_STRVAR(zero_below_doc,
+             "zero_below(kind, address, count, threshold) -> None\n\n"
+             "x[i] = +0.0 wherever |x[i]| < threshold for the count contiguous elements at address (NaN stays);\n"
+             "kind 0 is float32 (the threshold rounded to float32), 1 float64. The GIL is released for a large\n"
+             "tensor.");
+
+static PyObject *zero_below(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind;
+    unsigned long long address;
+    long long n;
+    double threshold;
+    if (!PyArg_ParseTuple(args, "iKLd", &kind, &address, &n, &threshold)) return NULL;
+    if (kind != KIND_F32 && kind != KIND_F64) return PyErr_Format(PyExc_ValueError, "kind %d is not 0 or 1", kind);
+    if (n < 0 || (n > 0 && address == 0)) return PyErr_Format(PyExc_ValueError, "a negative count or a null address");
+    void *x = (void *)(uintptr_t)address;
+    if (n < GIL_KEPT_ELEMENTS) {
+        if (kind == KIND_F32) zero_below_f32((float *)x, (int64_t)n, (float)threshold);
+        else zero_below_f64((double *)x, (int64_t)n, threshold);
+        Py_RETURN_NONE;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == KIND_F32) zero_below_f32((float *)x, (int64_t)n, (float)threshold);
+    else zero_below_f64((double *)x, (int64_t)n, threshold);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 #define HUGE_PAGE ((uintptr_t)2 << 20)
 
 PyDoc_STRVAR(advise_doc,
@@ -657,6 +697,7 @@ static PyMethodDef methods[] = {
     {"copy", copy, METH_VARARGS, copy_doc},
     {"start_cpus", start_cpus, METH_VARARGS, start_cpus_doc},
     {"kth_largest_magnitude", kth_largest_magnitude, METH_VARARGS, kth_largest_magnitude_doc},
+    {"zero_below", zero_below, METH_VARARGS, zero_below_doc},
     {NULL, NULL, 0, NULL},
 };
 

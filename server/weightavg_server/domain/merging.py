@@ -812,11 +812,9 @@ def _task_vectors(
         delta.sub_(base)
         if method == "ties" and trims:
             assert aside is not None and mask is not None
-            torch.abs(delta, out=aside)
             if i not in thresholds:
-                thresholds[i] = _threshold(aside, density)
-            torch.lt(aside, thresholds[i], out=mask)
-            delta.masked_fill_(mask, 0)
+                thresholds[i] = _threshold(delta, density, aside)
+            selection.zero_below(delta, thresholds[i], aside, mask)
         elif method == "dare":
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
@@ -857,17 +855,17 @@ def _task_vectors(
     _finish(acc, out)
 
 
-def _threshold(magnitudes: torch.Tensor, density: float) -> float:
-    """The k-th largest magnitude, k = int(density * numel): entries at or above it are kept (ties
-    at the threshold all stay); with k = 0 nothing is kept. On the CPU the native radix selection
-    finds it, elsewhere torch.kthvalue: the same value (`selection`)."""
-    n = magnitudes.numel()
+def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> float:
+    """The k-th largest |delta|, k = int(density * numel): entries at or above it are kept (ties at
+    the threshold all stay); with k = 0 nothing is kept. On the CPU a native radix selection finds
+    it, elsewhere torch.kthvalue over |delta| in `aside`: the same value (`selection`)."""
+    n = delta.numel()
     k = int(density * n)
     if k <= 0:
         return math.inf
     if k >= n:
         return -math.inf
-    return selection.kth_largest(magnitudes, k)
+    return selection.kth_largest_magnitude(delta, k, aside)
 
 
 _KERNELS: dict[str, Kernel] = {

@@ -30,16 +30,19 @@ KthLargest = Callable[[int, int, int, int], float]
 """kth_largest_magnitude(kind, address, count, k): the k-th largest |x| of a contiguous tensor, NaN
 counted largest (see `_native.c`)."""
 
+ZeroBelow = Callable[[int, int, int, float], None]
+"""zero_below(kind, address, count, threshold): x = +0 where |x| < threshold (see `_native.c`)."""
 
-def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None, Copy | None, KthLargest | None]:
+
+def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None, Copy | None, KthLargest | None, ZeroBelow | None]:
     try:
-        from ._native import advise_huge_pages, copy, kth_largest_magnitude, lerp, weighted_sum
+        from ._native import advise_huge_pages, copy, kth_largest_magnitude, lerp, weighted_sum, zero_below
     except ImportError:  # not built: no C compiler or Python headers at install (setup.py)
-        return None, None, None, None, None
-    return lerp, weighted_sum, advise_huge_pages, copy, kth_largest_magnitude
+        return None, None, None, None, None, None
+    return lerp, weighted_sum, advise_huge_pages, copy, kth_largest_magnitude, zero_below
 
 
-LERP, WEIGHTED_SUM, _ADVISE, _COPY, KTH_LARGEST = _load()
+LERP, WEIGHTED_SUM, _ADVISE, _COPY, KTH_LARGEST, ZERO_BELOW = _load()
 
 MAX_THREADS: Final = 256
 """The most threads one kernel call takes (`MAX_THREADS` in `_native.c`, which refuses more)."""
