@@ -17,6 +17,10 @@
  * over them instead of one pass per input, with torch's sequence of roundings (weighted_sum.py checks
  * it); one call takes every entry of a merge, as lerp takes every pair.
  *
+ * kth_largest_magnitude and zero_below: TIES's trim of a delta, its threshold by a radix selection on the
+ * bits and the zeroing below it in one pass (selection.py checks both against torch.kthvalue and
+ * masked_fill_).
+ *
  * advise_huge_pages: madvise(MADV_HUGEPAGE) over the 2 MiB pages that lie wholly inside a new,
  * untouched buffer (flat.py), so a kernel streaming it takes a TLB miss per 2 MiB instead of per
  * 4 KiB where the kernel's transparent huge pages are set to `madvise` (docs/perf.md).
@@ -564,7 +568,7 @@ static PyObject *copy(PyObject *self, PyObject *args) {
  * over a float64 one, each a plain read of the tensor. torch.kthvalue over a 1-D tensor runs quickselect on
  * one thread over a copy of the values and an int64 index per element; a TIES merge of 3 x 160 entries of
  * 160K float32 spent 0.72 of its 1.05 s there (docs/perf.md, "TIES"). The counts live on the stack
- * (SELECT_BINS int64, 16 KiB): the call allocates nothing. merging.py checks it against torch.kthvalue at
+ * (SELECT_BINS int64, 16 KiB): the call allocates nothing. selection.py checks it against torch.kthvalue at
  * first use, as the other kernels are checked. */
 #define SELECT_DIGIT 11
 #define SELECT_BINS (1 << SELECT_DIGIT)
