@@ -603,6 +603,20 @@ static PyObject *copy(PyObject *self, PyObject *args) {
 DEFINE_SELECT(select_u32, uint32_t, 31)
 DEFINE_SELECT(select_u64, uint64_t, 63)
 
+/* The k-th largest |x| as a double: the float32 value widened exactly, or the float64 value. */
+static double select_value(int kind, const void *x, int64_t n, int64_t k) {
+    if (kind == KIND_F32) {
+        const uint32_t bits = select_u32((const uint32_t *)x, n, k);
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return (double)f;
+    }
+    const uint64_t bits = select_u64((const uint64_t *)x, n, k);
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
 PyDoc_STRVAR(kth_largest_magnitude_doc,
              "kth_largest_magnitude(kind, address, count, k) -> float\n\n"
              "The k-th largest |x| (1 <= k <= count) of the count contiguous elements at address, NaN counted\n"
@@ -620,17 +634,13 @@ static PyObject *kth_largest_magnitude(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "need a tensor of at least one element and 1 <= k <= count");
     const void *x = (const void *)(uintptr_t)address;
     double value;
-    Py_BEGIN_ALLOW_THREADS
-    if (kind == KIND_F32) {
-        const uint32_t bits = select_u32((const uint32_t *)x, (int64_t)n, (int64_t)k);
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        value = (double)f;
+    if (n < GIL_KEPT_ELEMENTS) {
+        value = select_value(kind, x, (int64_t)n, (int64_t)k);
     } else {
-        const uint64_t bits = select_u64((const uint64_t *)x, (int64_t)n, (int64_t)k);
-        memcpy(&value, &bits, sizeof value);
+        Py_BEGIN_ALLOW_THREADS
+        value = select_value(kind, x, (int64_t)n, (int64_t)k);
+        Py_END_ALLOW_THREADS
     }
-    Py_END_ALLOW_THREADS
     return PyFloat_FromDouble(value);
 }
 
