@@ -1,5 +1,5 @@
 """The one compiled part of weightavg: the server's native CPU kernels (fused lerp, weighted sum,
-huge-page advice: server/weightavg_server/domain/_native.c). Everything else is declared in
+TIES selection, huge-page advice: server/weightavg_server/domain/_native.c). Everything else is declared in
 pyproject.toml.
 
 Optional on purpose: where no C compiler or Python headers exist (a slim container, Windows), the

@@ -3,7 +3,8 @@ domain/lerp.py): torch's `lerp_` is the oracle, bit for bit, for every kind, bot
 formulas, thread splits, odd lengths and many pairs in one call; the pairs it must leave to torch
 (and pairs that share memory, which all go to torch); its guard; averaging with it off. Huge-page
 advice for large flat buffers (domain/native.py): what it advises, and that values and accounting
-do not change.
+do not change. TIES's radix selection (domain/selection.py): torch.kthvalue's value for every rank,
+special values and ties, and a TIES merge with the same bits as without it.
 
 The extension is optional at install (no C compiler: torch does the work). One test insists it was
 built wherever this machine could build it, so a broken build cannot hide behind the skips."""
@@ -11,6 +12,7 @@ built wherever this machine could build it, so a broken build cannot hide behind
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import shutil
@@ -24,7 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightavg_server.domain import averaging, flat, lerp, merging, native, weighted_sum
+from weightavg_server.domain import averaging, flat, lerp, merging, native, selection, weighted_sum
 from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.tensors import held_bytes
 
@@ -627,3 +629,225 @@ def test_a_kernels_extra_threads_start_on_other_cpus_than_their_creators(threads
         assert here in os.sched_getaffinity(0) and len(cpus) == threads
         assert all(cpu != here and cpu in os.sched_getaffinity(0) for cpu in cpus[1:])
     assert start_cpus(1)[0] == -1  # one thread starts nothing
+
+
+# -- TIES's trim: radix selection and zero_below (domain/selection.py) -----------------------------------
+
+SELECT_BUILT = selection.active()
+needs_native_select = pytest.mark.skipif(not SELECT_BUILT, reason=f"TIES trims run on {selection.native_state()}")
+
+
+def kthvalue_largest(values: torch.Tensor, k: int) -> float:
+    """The oracle: the k-th largest |x| by torch's kthvalue (the (n - k + 1)-th smallest, NaN counted largest)."""
+    return float(torch.kthvalue(values.abs().reshape(-1), values.numel() - k + 1).values)
+
+
+def masked_fill_below(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The oracle: a copy of values with +0 where |x| < threshold, by abs, lt and masked_fill_."""
+    return values.masked_fill(values.abs() < threshold, 0)
+
+
+def same_value(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)
+
+
+def signed_values(n: int, dtype: torch.dtype, seed: int, nans: int = 0) -> torch.Tensor:
+    """Values of both signs and many scales (subnormal to near the dtype's limit), with repeated
+    magnitudes, signed zeros, infinities and `nans` NaNs (one with its sign bit set)."""
+    g = torch.Generator().manual_seed(seed)
+    info = torch.finfo(dtype)
+    exponents = torch.randint(int(math.log2(info.tiny)) - 10, int(math.log2(info.max)), (n,), generator=g)
+    values = torch.rand(n, generator=g, dtype=torch.float64).add_(1).mul_(torch.pow(2.0, exponents.double()))
+    values = values.mul_(torch.randint(0, 2, (n,), generator=g).mul_(2).sub_(1)).to(dtype)
+    tied = torch.randperm(n, generator=g)[: n // 4]
+    values[tied] = abs(float(values[0])) * torch.randint(0, 2, (len(tied),), generator=g).mul_(2).sub_(1).to(dtype)
+    values[torch.randperm(n, generator=g)[: n // 10]] = 0.0
+    values[torch.randperm(n, generator=g)[: n // 20]] = -0.0
+    values[torch.randperm(n, generator=g)[: n // 50]] = -math.inf
+    values[torch.randperm(n, generator=g)[:nans]] = math.nan
+    if nans:
+        values[-1] = -math.nan
+    return values
+
+
+@needs_native_select
+@pytest.mark.parametrize("dtype", list(selection.KINDS), ids=str)
+@pytest.mark.parametrize("n", [1, 7, 1000, 3 * N + 5])
+@pytest.mark.parametrize("nans", [0, 3])
+def test_the_selection_gives_kthvalues_value_at_every_rank(dtype: torch.dtype, n: int, nans: int) -> None:
+    values = signed_values(n, dtype, seed=n, nans=min(nans, n))
+    aside = torch.full_like(values, 7.0)
+    for k in sorted({1, 2, 3, 4, n // 5, n // 5 + 1, n // 2, n - 3, n - 1, n}):
+        if 1 <= k <= n:
+            assert same_value(selection.kth_largest_magnitude(values, k, aside), kthvalue_largest(values, k)), k
+    assert bool((aside == 7.0).all())  # the kernel needs no scratch
+
+
+@needs_native_select
+@given(values=st.lists(st.one_of(st.floats(allow_infinity=True, width=32), st.just(math.nan)), min_size=1, max_size=60),
+       rank=st.floats(0, 1), wide=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_any_values_and_rank_give_kthvalues_value_and_masked_fills_trim(
+    values: list[float], rank: float, wide: bool
+) -> None:
+    t = torch.tensor(values, dtype=torch.float64 if wide else torch.float32)
+    k = 1 + int(rank * (len(values) - 1))
+    threshold = selection.kth_largest_magnitude(t, k, torch.empty_like(t))
+    assert same_value(threshold, kthvalue_largest(t, k))
+    expected = masked_fill_below(t, threshold)
+    selection.zero_below(t, threshold, torch.empty_like(t), torch.empty(t.shape, dtype=torch.bool))
+    assert torch.equal(bits(t), bits(expected))
+
+
+@needs_native_select
+@pytest.mark.parametrize("dtype", list(selection.KINDS), ids=str)
+@pytest.mark.parametrize("threshold", [0.0, -0.0, 1e-40, 0.1, 1.0, 3e38, math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("n", [5, 3 * N + 5])
+def test_zero_below_gives_masked_fills_bits(dtype: torch.dtype, threshold: float, n: int) -> None:
+    values = signed_values(n, dtype, seed=3, nans=2)
+    expected = masked_fill_below(values, threshold)
+    selection.zero_below(values, threshold, torch.empty_like(values), torch.empty(n, dtype=torch.bool))
+    assert torch.equal(bits(values), bits(expected))
+
+
+@pytest.mark.parametrize("case", ["float16", "bfloat16", "strided", "off"])
+def test_trims_outside_the_kernels_are_torchs(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    select, zero = selection._SELECT, selection._ZERO_BELOW
+
+    def counted_select(*args: Any) -> float:
+        calls.append("select")
+        assert select is not None
+        return select(*args)
+
+    def counted_zero(*args: Any) -> None:
+        calls.append("zero")
+        assert zero is not None
+        zero(*args)
+
+    off = case == "off" or select is None or zero is None
+    monkeypatch.setattr(selection, "_SELECT", None if off else counted_select)
+    monkeypatch.setattr(selection, "_ZERO_BELOW", None if off else counted_zero)
+    values = signed_values(4 * N, torch.float32, seed=5, nans=2)
+    if case in ("float16", "bfloat16"):
+        values = values.to(getattr(torch, case))
+    elif case == "strided":
+        values = values[::2]
+    aside, mask = torch.empty_like(values), torch.empty(values.shape, dtype=torch.bool)
+    for k in (1, values.numel() // 3, values.numel()):
+        threshold = selection.kth_largest_magnitude(values, k, aside)
+        assert same_value(threshold, kthvalue_largest(values, k))
+    expected = masked_fill_below(values, threshold)
+    selection.zero_below(values, threshold, aside, mask)
+    assert torch.equal(bits(values), bits(expected))
+    assert not calls
+
+
+@needs_native_select
+@pytest.mark.parametrize("broken", ["one rank off", "writes -0 below the threshold", "zeroes at the threshold"])
+def test_the_trim_guard_turns_off_kernels_that_differ_from_torch(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A selection one rank off, a trim that writes -0 for a negative value, or one that zeroes a value
+    equal to the threshold must each be caught by the check run at first use."""
+    select, zero = selection._SELECT, selection._ZERO_BELOW
+    assert select is not None and zero is not None
+
+    def one_rank_off(kind: int, address: int, count: int, k: int) -> float:
+        return select(kind, address, count, min(k + 1, count))
+
+    def wrong_trim(kind: int, address: int, count: int, threshold: float) -> None:
+        dtype = np.float32 if kind == 0 else np.float64
+        array = np.frombuffer((ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(address), dtype=dtype)
+        with np.errstate(invalid="ignore"):
+            if broken == "writes -0 below the threshold":
+                array[np.abs(array) < threshold] *= 0  # -x * 0 is -0
+            else:
+                array[np.abs(array) <= threshold] = 0
+
+    if broken == "one rank off":
+        monkeypatch.setattr(selection, "_SELECT", one_rank_off)
+    else:
+        monkeypatch.setattr(selection, "_ZERO_BELOW", wrong_trim)
+    assert not selection._agrees_with_torch.__wrapped__()
+    monkeypatch.setattr(selection, "_SELECT", select)
+    monkeypatch.setattr(selection, "_ZERO_BELOW", zero)
+    assert selection._agrees_with_torch.__wrapped__()
+
+
+@pytest.mark.parametrize("bad", [(2, 8, 1), (0, 8, 0), (0, 8, 9), (0, 0, 1), (1, -1, 1)])
+def test_the_extension_refuses_selections_it_cannot_run(bad: tuple[int, int, int]) -> None:
+    if selection._SELECT is None or selection._ZERO_BELOW is None:
+        pytest.skip("the kernels are not built here")
+    kind, count, k = bad
+    t = torch.zeros(8, dtype=torch.float64)
+    with pytest.raises(ValueError):
+        selection._SELECT(kind, t.data_ptr(), count, k)
+    with pytest.raises(ValueError):
+        selection._SELECT(0, 0, 8, 1)  # a null address
+    for kind, address, count in [(2, t.data_ptr(), 8), (0, t.data_ptr(), -1), (0, 0, 8)]:
+        with pytest.raises(ValueError):
+            selection._ZERO_BELOW(kind, address, count, 1.0)
+
+
+def ties_inputs(dtype: torch.dtype) -> tuple[TensorDict, list[TensorDict]]:
+    """A base and three models whose deltas hold ties at the threshold, zeros, signed zeros, inf and
+    NaN, in entries large and small."""
+    g = torch.Generator().manual_seed(9)
+    shapes = {"big": (400, 400), "odd": (37, 3), "one": (1,), "row": (1000,)}
+    base = TensorDict({n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in shapes.items()})
+    models = []
+    for i in range(3):
+        entries = {}
+        for n, b in base.entries.items():
+            x = b + torch.randn(b.shape, generator=g, dtype=torch.float64).mul_(0.01).round_(decimals=3).to(dtype)
+            flat_x, flat_b = x.view(-1), b.view(-1)
+            if flat_x.numel() > 20:
+                flat_x[:5] = flat_b[:5]  # zero deltas
+                flat_b[5] = -0.0 if i == 0 else flat_b[5]
+                flat_x[6] = math.inf if i == 1 else flat_x[6]
+                flat_x[7] = math.nan if i == 2 else flat_x[7]
+            entries[n] = x
+        models.append(TensorDict(entries))
+    return base, models
+
+
+@needs_native_select
+@pytest.mark.parametrize("dtype", list(selection.KINDS), ids=str)
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.999])
+def test_a_ties_merge_has_the_same_bits_with_the_kernels_on_and_off(
+    dtype: torch.dtype, density: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every bit of the merge, NaNs and signed zeros included, with the native trim and with torch's
+    kthvalue, abs, lt and masked_fill_; the kernels selected every threshold of the first (one per
+    model and entry that keeps some but not all) and trimmed every delta twice (once to elect the
+    signs, once to sum)."""
+    base, models = ties_inputs(dtype)
+    select, zero = selection._SELECT, selection._ZERO_BELOW
+    assert select is not None and zero is not None
+    selected: list[int] = []
+    trimmed: list[int] = []
+
+    def counted_select(*args: Any) -> float:
+        selected.append(args[2])
+        return select(*args)
+
+    def counted_zero(*args: Any) -> None:
+        trimmed.append(args[2])
+        zero(*args)
+
+    def merge() -> dict[str, torch.Tensor]:
+        p = merging.plan(merging.METHODS["ties"], models, base=base, weights=[1.0, 0.7, 1.3],
+                         kwargs=[("density", density)])
+        return merging.run(p, models, base=base).entries
+
+    monkeypatch.setattr(selection, "_SELECT", counted_select)
+    monkeypatch.setattr(selection, "_ZERO_BELOW", counted_zero)
+    on = merge()
+    monkeypatch.setattr(selection, "_SELECT", None)
+    off = merge()
+    sizes = [t.numel() for t in base.entries.values() if 0 < int(density * t.numel()) < t.numel()]
+    assert sorted(selected) == sorted(sizes * 3)
+    assert sorted(trimmed) == sorted([t.numel() for t in base.entries.values()] * 6)
+    assert on.keys() == off.keys()
+    for name in on:
+        assert torch.equal(bits(on[name]), bits(off[name])), name
+    assert bool(on["big"].isnan().any()) and bool(on["big"].isinf().any())  # the special values got through

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dtypes, flat, weighted_sum
+from . import dtypes, flat, selection, weighted_sum
 from .averaging import broadcast_shape
 from .dictionaries import COUNT_KEY, TensorDict
 from .errors import InvalidArgument
@@ -517,7 +517,8 @@ def _scratch(
     divisor = (work,) if consensus and normalize else ()
     trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
     mask = (torch.bool,) if consensus or trims else ()
-    # torch.kthvalue copies the values and keeps an int64 index per element while it selects.
+    # torch.kthvalue copies the values and keeps an int64 index per element while it selects (on the CPU the
+    # native selection takes its place and allocates nothing, but it may be off, and CUDA takes kthvalue).
     internal = numel * (_size(work) + 8) if trims else 0
     return acc + (work,) + base_cast + aside + election + divisor + mask, internal
 
@@ -811,11 +812,9 @@ def _task_vectors(
         delta.sub_(base)
         if method == "ties" and trims:
             assert aside is not None and mask is not None
-            torch.abs(delta, out=aside)
             if i not in thresholds:
-                thresholds[i] = _threshold(aside, density)
-            torch.lt(aside, thresholds[i], out=mask)
-            delta.masked_fill_(mask, 0)
+                thresholds[i] = _threshold(delta, density, aside)
+            selection.zero_below(delta, thresholds[i], aside, mask)
         elif method == "dare":
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
@@ -856,16 +855,17 @@ def _task_vectors(
     _finish(acc, out)
 
 
-def _threshold(magnitudes: torch.Tensor, density: float) -> float:
-    """The k-th largest magnitude, k = int(density * numel): entries at or above it are kept (ties
-    at the threshold all stay); with k = 0 nothing is kept."""
-    n = magnitudes.numel()
+def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> float:
+    """The k-th largest |delta|, k = int(density * numel): entries at or above it are kept (ties at
+    the threshold all stay); with k = 0 nothing is kept. On the CPU a native radix selection finds
+    it, elsewhere torch.kthvalue over |delta| in `aside`: the same value (`selection`)."""
+    n = delta.numel()
     k = int(density * n)
     if k <= 0:
         return math.inf
     if k >= n:
         return -math.inf
-    return float(torch.kthvalue(magnitudes.view(-1), n - k + 1).values)
+    return selection.kth_largest_magnitude(delta, k, aside)
 
 
 _KERNELS: dict[str, Kernel] = {

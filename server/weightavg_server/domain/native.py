@@ -1,8 +1,8 @@
 """The server's compiled helpers (`_native.c`), when the install could build them: the fused CPU
-lerp and the one-pass weighted sum (used through lerp.py and weighted_sum.py, which check each
-against torch), and huge-page advice for large CPU buffers. Without a C compiler at install none
-exists, and the server does the same work with torch alone: the same numbers, slower on large CPU
-averages and merges (setup.py)."""
+lerp, the one-pass weighted sum and TIES's radix selection (used through lerp.py, weighted_sum.py
+and selection.py, which check each against torch), and huge-page advice for large CPU buffers.
+Without a C compiler at install none exists, and the server does the same work with torch alone:
+the same numbers, slower on large CPU averages and merges (setup.py)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,23 @@ Copy = Callable[[tuple[int, ...], tuple[int, ...], tuple[int, ...], int], None]
 """copy(target addresses, source addresses, sizes, threads): memcpys with streaming stores, on
 threads sharing 1 MiB blocks, without the GIL (see `_native.c`)."""
 
+KthLargest = Callable[[int, int, int, int], float]
+"""kth_largest_magnitude(kind, address, count, k): the k-th largest |x| of a contiguous tensor, NaN
+counted largest (see `_native.c`)."""
 
-def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None, Copy | None]:
+ZeroBelow = Callable[[int, int, int, float], None]
+"""zero_below(kind, address, count, threshold): x = +0 where |x| < threshold (see `_native.c`)."""
+
+
+def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None, Copy | None, KthLargest | None, ZeroBelow | None]:
     try:
-        from ._native import advise_huge_pages, copy, lerp, weighted_sum
+        from ._native import advise_huge_pages, copy, kth_largest_magnitude, lerp, weighted_sum, zero_below
     except ImportError:  # not built: no C compiler or Python headers at install (setup.py)
-        return None, None, None, None
-    return lerp, weighted_sum, advise_huge_pages, copy
+        return None, None, None, None, None, None
+    return lerp, weighted_sum, advise_huge_pages, copy, kth_largest_magnitude, zero_below
 
 
-LERP, WEIGHTED_SUM, _ADVISE, _COPY = _load()
+LERP, WEIGHTED_SUM, _ADVISE, _COPY, KTH_LARGEST, ZERO_BELOW = _load()
 
 MAX_THREADS: Final = 256
 """The most threads one kernel call takes (`MAX_THREADS` in `_native.c`, which refuses more)."""

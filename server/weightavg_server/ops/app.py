@@ -21,7 +21,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 from ..store import snapshot
 from .openmp import TeamReturningExecutor, release_team, returning_team
 from .config import LOOPBACK_HOSTS, ServerConfig, bare_host, host_port
-from ..domain import devices, hostcache, lerp, optimizers, pinned, weighted_sum
+from ..domain import devices, hostcache, lerp, optimizers, pinned, selection, weighted_sum
 from ..domain.devices import server_device
 from ..domain.errors import InvalidArgument, WeightavgError
 from ..service import Service, Settings
@@ -461,12 +461,13 @@ def create_runtime(
         if restored:
             log.info("restored %d handle(s) from %s", restored, config.state_dir)
     log.info(
-        "weightavg server on %s, device %s, %s, %s, CPU averages on %s, CPU merges on %s", host_port(config.host, port),
+        "weightavg server on %s, device %s, %s, %s, CPU averages on %s, CPU merges on %s, CPU TIES thresholds on %s",
+        host_port(config.host, port),
         device,
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if credentials else "plaintext",
         f"tokens from {config.tokens}" if config.tokens else "token required" if config.token else "no token",
         # each also runs its kernel's one check against torch now, not in a first call
-        lerp.native_state(), weighted_sum.native_state(),
+        lerp.native_state(), weighted_sum.native_state(), selection.native_state(),
     )
     if not (config.tokens or config.token) and bare_host(config.host) not in LOOPBACK_HOSTS:
         log.warning(
