@@ -26,7 +26,7 @@ import torch
 import torch.distributed.distributed_c10d as c10d
 
 from weightavg_server import cluster, control_wire
-from weightavg_server.domain.errors import InvalidArgument, ResourceExhausted, WeightavgError
+from weightavg_server.domain.errors import InvalidArgument, ResourceExhausted, Unavailable, WeightavgError
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Service
 from weightavg_server.store.registry import Kind
@@ -307,3 +307,24 @@ def test_every_operation_the_cluster_sends_is_runnable() -> None:
     sent = (set(re.findall(r'_call\("(\w+)"', source)) | set(re.findall(r'Command\("(\w+)"', source))) - {"_stop"}
     assert {"free", "_ping", "_snapshot", "_across", "set_model_data"} <= sent
     assert [op for op in sent if not cluster.runnable(op)] == []
+
+
+@pytest.mark.parametrize("error, expected, said", [
+    (ResourceExhausted("no room"), ResourceExhausted, "rank 1: no room"),
+    (cluster.Command("free"), Unavailable, "rank 1 answered a Command in place of an error"),
+])
+def test_rank_0_raises_a_ranks_failure_only_when_it_carries_an_error(
+    error: object, expected: type[Exception], said: str
+) -> None:
+    """A Failure from another rank is re-raised as its own class; one carrying anything else (only a
+    stream forged from the table's data classes could) is UNAVAILABLE, not a TypeError from calling a
+    class that is no error."""
+
+    class _Fabric:
+        world_size = 2
+
+    service = object.__new__(cluster.ClusterService)
+    service.fabric = _Fabric()  # type: ignore[assignment]
+    service._send = lambda command: [None, cluster.Failure(error)]  # type: ignore[method-assign, arg-type]
+    with pytest.raises(expected, match=said):
+        service._call("average_parameters", cluster.ALL, ("m", "d"))

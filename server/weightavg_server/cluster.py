@@ -1338,6 +1338,11 @@ class ClusterService(Service):
                 with contextlib.suppress(Unavailable):
                     self._send(Command("free", (made, False), {}, ranks, "", CALLER.get()))
             rank, error = failed[0]
+            if not isinstance(error, WeightavgError):  # what only a stream not from a rank would carry
+                raise Unavailable(
+                    f"rank {rank} answered a {type(error).__name__} in place of an error: the process group's "
+                    "network must admit only the server's ranks (docs/cluster.md, \"Security\")"
+                )
             raise type(error)(f"rank {rank}: {error}") if self.fabric.world_size > 1 else error
         return results
 
