@@ -11,11 +11,11 @@ same handle on every rank: rank 0 seeds each command's handle IDs with fresh ran
 copyparms into a module) moves the source's values to the target's rank inside one command
 (`_across`), where they stand in for the source for that call only. An upload for other ranks
 (`Relayed`), a fetch from another rank (`_fetch`) and evaluate's outputs (`_tensor_back`) go point
-to point over the data backend, not pickled, after the ranks that receive them have reserved room
-(one control exchange, so a refusal stops every rank first); metrics, handles and counts travel
-pickled among the results.
+to point over the data backend, not among the results, after the ranks that receive them have reserved
+room (one control exchange, so a refusal stops every rank first); metrics, handles and counts travel
+among the results (encoded by `control_wire`, never pickled).
 
-Commands go over a gloo group even when tensors move over NCCL: pickled commands are host data, and
+Commands go over a gloo group even when tensors move over NCCL: encoded commands are host data, and
 a control group of its own keeps its timeouts and ordering apart from the data collectives. When a
 collective fails (a rank died: its sockets close; or it went silent past the timeout), the cluster
 is broken for good: health says NOT_SERVING and every call is answered UNAVAILABLE until torchrun
@@ -168,7 +168,7 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
     if device.type == "cuda":
         torch.cuda.set_device(device)
     wait = timedelta(seconds=timeout)
-    control_wire.install()  # before the first object collective: the ranks unpickle only what they send
+    control_wire.install()  # before the first object collective: the ranks' own format, no pickle
     try:
         store, _, _ = next(rendezvous("env://", timeout=wait))
         # torchrun (2.4 and later) keeps one TCPStore for all rounds of its rendezvous, and init_process_group
@@ -337,7 +337,7 @@ def silent_past(timeout: float) -> str:
 class Sink:
     """Where tensors from another rank land on rank 0 (a fetch's copies, evaluate's outputs): the
     tensors received, and the stack that holds their reservation until the reply has gone (neither
-    is pickled: only rank 0 uses them). An epoch's or a test's metrics (`_rank_metrics`) and a
+    is sent: only rank 0 uses them). An epoch's or a test's metrics (`_rank_metrics`) and a
     replicated model's evaluate (`_holding`) keep rank 0's reservations in `held` too."""
 
     held: contextlib.ExitStack | None = None
@@ -366,7 +366,7 @@ class Command:
 
 TENSOR_RESULTS = frozenset({"evaluate"})
 """Service methods whose answer is a tensor, received by rank 0 point to point after a reservation
-(`_tensor_back`) rather than pickled among the results."""
+(`_tensor_back`) rather than among the encoded results."""
 
 
 @dataclass(frozen=True)
@@ -393,15 +393,15 @@ class Replay:
 class Relayed:
     """An upload rank 0 received from a client, for other ranks to use: a command carries only its
     headers; the bytes follow over the data backend once every receiving rank has reserved room for
-    them (`_received`). Pickled into the command whole, an upload was unpickled on every rank before
+    them (`_received`). Encoded into the command whole, an upload was decoded on every rank before
     any cap was asked: a 300 MB upload to a rank under a 10 MB cap peaked at 1.2 GB there, and 0.9 GB
     on rank 0, before the refusal (found by review)."""
 
     headers: list[tuple[str, tuple[int, ...], torch.dtype]]
     tensors: Named = field(default_factory=list)
-    """Rank 0's own tensors (never pickled: the other ranks receive them by `dist.send`)."""
+    """Rank 0's own tensors (never encoded: the other ranks receive them by `dist.send`)."""
     held: contextlib.ExitStack | None = None
-    """Rank 0's reservation of the tensors while it relays them (never pickled)."""
+    """Rank 0's reservation of the tensors while it relays them (never encoded)."""
 
     @staticmethod
     def of(named: Named, held: contextlib.ExitStack | None = None) -> Relayed:
