@@ -170,10 +170,13 @@ typedef struct {
     void *arg;
     int here; /* the creator's CPU when it started them */
     cpu_set_t allowed;
+    int *started_on;  /* where each extra thread began, before it took the whole set back; NULL but in tests */
+    atomic_int count; /* how many of started_on are set */
 } Start;
 
 static void *start_elsewhere(void *arg) {
     Start *s = (Start *)arg;
+    if (s->started_on != NULL) s->started_on[atomic_fetch_add(&s->count, 1)] = sched_getcpu();
     pthread_setaffinity_np(pthread_self(), sizeof s->allowed, &s->allowed);
     return s->work(s->arg);
 }
@@ -196,16 +199,18 @@ static int away_from_here(Start *start, pthread_attr_t *elsewhere) {
 #endif
 
 /* Run `work(arg)` on the calling thread and threads - 1 more (fewer when one cannot be started), each
- * taking blocks from the same counter until none is left; every kernel goes through here. The creator's
- * CPU where the extra threads were started away from it, else -1, into *here (may be NULL). */
-static void run_threads_from(void *(*work)(void *), void *arg, int threads, int *here) {
+ * taking blocks from the same counter until none is left; every kernel goes through here. For the tests
+ * (both may be NULL): the creator's CPU where the extra threads were started away from it, else -1,
+ * into *here, and the CPU each of them began on, before taking the whole set back, into started_on. */
+static void run_threads_from(void *(*work)(void *), void *arg, int threads, int *here, int *started_on) {
     pthread_t ids[MAX_THREADS];
     int started = 0;
     void *(*entry)(void *) = work;
     void *entry_arg = arg;
     pthread_attr_t *attr = NULL;
 #if defined(__linux__)
-    Start start = {.work = work, .arg = arg, .here = -1};
+    Start start = {.work = work, .arg = arg, .here = -1, .started_on = started_on};
+    atomic_init(&start.count, 0);
     pthread_attr_t elsewhere;
     if (threads > 1 && away_from_here(&start, &elsewhere)) {
         entry = start_elsewhere;
@@ -222,7 +227,7 @@ static void run_threads_from(void *(*work)(void *), void *arg, int threads, int 
     if (attr != NULL) pthread_attr_destroy(attr);
 }
 
-static void run_threads(void *(*work)(void *), void *arg, int threads) { run_threads_from(work, arg, threads, NULL); }
+static void run_threads(void *(*work)(void *), void *arg, int threads) { run_threads_from(work, arg, threads, NULL, NULL); }
 
 /* start_cpus: where run_threads' threads begin, for the tests. */
 typedef struct {
@@ -258,10 +263,16 @@ static PyObject *start_cpus(PyObject *self, PyObject *args) {
     seen.creator = pthread_self();
     atomic_init(&seen.others, 0);
     int here = -1;
+    int started_on[MAX_THREADS];
     Py_BEGIN_ALLOW_THREADS
-    run_threads_from(note_cpu, &seen, threads, &here);
+    run_threads_from(note_cpu, &seen, threads, &here, started_on);
     Py_END_ALLOW_THREADS
     const int count = 1 + atomic_load(&seen.others);
+    /* A thread started elsewhere is noted where it began: once it holds the whole set again the scheduler
+     * may move it anywhere before note_cpu runs (three threads on two CPUs: onto the creator's, idle in
+     * pthread_join), which is what the set is given back for. */
+    if (here >= 0)
+        for (int k = 1; k < count; k++) seen.cpus[k] = started_on[k - 1];
     PyObject *cpus = PyTuple_New(count);
     if (cpus == NULL) return NULL;
     for (int k = 0; k < count; k++) PyTuple_SET_ITEM(cpus, k, PyLong_FromLong(seen.cpus[k]));
