@@ -27,12 +27,13 @@ import pytest
 import torch
 import torch.distributed.distributed_c10d as c10d
 
-from weightavg_server import cluster, control_wire
+from weightavg_server import cluster, control_wire, service
 from weightavg_server.control_wire import ControlDecodeError, decode, encode
 from weightavg_server.domain.errors import InvalidArgument, ResourceExhausted, Unavailable, WeightavgError
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Service
 from weightavg_server.store.registry import Kind
+from weightavg_server.store.tenants import Caller, Role
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,7 +206,11 @@ def _shape(*sizes: object) -> bytes:
 @pytest.mark.parametrize("args, said", [
     (("float32", _shape(2, 3), "cpu", bytes(20)), "with 20 bytes, not its 24"),  # short: read past the bytes
     (("float32", _shape(2, 3), "cpu", bytes(28)), "with 28 bytes, not its 24"),
-    (("float32", _shape(1 << 40, 1 << 40), "cpu", b""), "not its"),
+    (("float32", _shape(1 << 20, 1 << 20), "cpu", b""), "not its"),  # huge, its bytes short: nothing allocated
+    (("float32", _shape(1 << 40, 1 << 40), "cpu", b""), "past torch's sizes"),
+    (("float32", _shape(0, 1 << 62, 1 << 62), "cpu", b""), "past torch's sizes"),  # torch's strides overflow
+    (("float32", _shape(0, 1 << 64), "cpu", b""), "past torch's sizes"),  # was a TypeError from reshape
+    (("qint8", _shape(2), "cpu", bytes(2)), "dtype 'qint8'"),  # its scale is not among its bytes
     (("float32", _shape(-1), "cpu", bytes(4)), "not sizes"), (("float32", _shape(True), "cpu", bytes(4)), "not sizes"),
     (("float32", encode([1])[len(control_wire.MAGIC):], "cpu", bytes(4)), "not sizes"),
     (("_dynamo", _shape(1), "cpu", bytes(4)), "dtype '_dynamo'"), (("Tensor", _shape(1), "cpu", bytes(4)), "dtype 'Tensor'"),
@@ -337,3 +342,171 @@ def test_rank_0_raises_a_ranks_failure_only_when_it_carries_an_error(
     service._send = lambda command: [None, cluster.Failure(error)]  # type: ignore[method-assign, arg-type]
     with pytest.raises(expected, match=said):
         service._call("average_parameters", cluster.ALL, ("m", "d"))
+
+
+# -- found by review (2026-11-28): each of these raised something other than ControlDecodeError --------
+
+_M = control_wire.MAGIC
+
+
+def _body(obj: object) -> bytes:
+    return encode(obj)[len(_M):]
+
+
+@pytest.mark.parametrize("stream, said", [
+    # a length past what the platform indexes was an OverflowError from BytesIO.read
+    (_M + control_wire.STR + struct.pack("<Q", 2**64 - 1), "truncated"),
+    (_M + control_wire.BYTES + struct.pack("<Q", 2**63), "truncated"),
+    (_M + control_wire.LIST + struct.pack("<Q", 2**60), "truncated"),
+    # int() of what str.isdigit took: ValueErrors, and quadratic time past Python's digit limit
+    (_M + control_wire.BIGINT + _text("²"), "for an integer"), (_M + control_wire.BIGINT + _text("--5"), "for an integer"),
+    (_M + control_wire.BIGINT + _text("9" * 5000), "for an integer"),
+    (_M + control_wire.BIGINT + _text("9" * 10**6), "for an integer"),
+    # unhashable keys and members were TypeErrors; a key given twice was silently dropped
+    (_M + control_wire.DICT + struct.pack("<Q", 1) + _body([1]) + _body(1), "keys that cannot be keys"),
+    (_M + control_wire.SET + struct.pack("<Q", 1) + _body(cluster.Sink()), "members that cannot be members"),
+    (_M + control_wire.FROZENSET + struct.pack("<Q", 1) + _body(cluster.Command("free", ([1],))), "cannot be members"),
+    (_M + control_wire.DICT + struct.pack("<Q", 2) + _body("a") + _body(1) + _body("a") + _body(2), "keys given twice"),
+    (_M + control_wire.SET + struct.pack("<Q", 2) + _body(1) + _body(1), "members given twice"),
+    (_M + control_wire.SIZE + _body((2**64,)), "past torch's sizes"),  # was a ValueError from torch.Size
+], ids=lambda value: "" if isinstance(value, bytes) else None)
+def test_counts_integers_keys_and_sizes_that_are_not_the_format_are_refused(stream: bytes, said: str) -> None:
+    with pytest.raises(ControlDecodeError, match=said):
+        decode(stream)
+
+
+def _command(state: dict[str, object]) -> bytes:
+    full = {"op": "free", "args": (), "kwargs": {}, "ranks": None, "seed": "", "caller": None, "per_rank": None,
+            "sink": None}
+    return _named(control_wire.DATA, "weightavg_server.cluster", "Command", _body({**full, **state}))
+
+
+@pytest.mark.parametrize("stream, said", [
+    # missing fields made an object whose every use was an AttributeError (UNKNOWN), in the rank that used it
+    (_named(control_wire.DATA, "weightavg_server.cluster", "Command", _body({})), r"Command without its fields"),
+    (_command({"op": 5}), r"Command.op holding a int"),  # runnable(5): 'int' has no attribute 'startswith'
+    (_command({"ranks": [1]}), r"Command.ranks holding a list"),
+    (_command({"caller": "admin"}), r"Command.caller holding a str"),
+    (_command({"kwargs": {1: 2}}), r"Command.kwargs holding a dict"),
+    (_command({"per_rank": {"1": ()}}), r"Command.per_rank"),
+    (_named(control_wire.DATA, "weightavg_server.cluster", "Failure", _body({"error": None})), r"Failure.error"),
+    (_named(control_wire.DATA, "weightavg_server.domain.specs", "LayerSpec",
+            _body({"type": "linear", "name": None, "args": ([2],), "options": (), "children": ()})), "LayerSpec.args"),
+    # an error's state hid its class's code
+    (_named(control_wire.ERROR, "weightavg_server.domain.errors", "InvalidArgument", _body(("x",)), _body({"code": 5})),
+     r"attributes \['code'\] would hide"),
+])
+def test_a_data_class_gets_every_field_each_of_its_type(stream: bytes, said: str) -> None:
+    with pytest.raises(ControlDecodeError, match=said):
+        decode(stream)
+
+
+def test_the_writer_refuses_a_data_class_whose_fields_are_not_their_types() -> None:
+    """On the sending rank: the others would refuse it."""
+    with pytest.raises(control_wire.ControlEncodeError, match="Command.op holding a int"):
+        encode(cluster.Command(5))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Failure.error"):
+        encode(cluster.Failure(RuntimeError("x")))  # type: ignore[arg-type]
+
+
+def _nested_spec(levels: int) -> LayerSpec:
+    spec = LayerSpec("linear", "a", (2, 3))
+    for _ in range(levels):
+        spec = LayerSpec("sequential", children=(spec,))
+    return spec
+
+
+def test_what_the_writer_writes_the_reader_reads_however_deep() -> None:
+    """A command carrying a spec nested 65 layers deep (--max-spec-depth allows any depth) was written
+    by rank 0 and refused by every other rank as nested over 200 deep, which stops the rank; the
+    writer now refuses it first, on the sending rank."""
+    caller = Caller("t", Role.ADMIN)
+    deepest = cluster.Command("create_module", (_nested_spec(64),), {"request": None}, None, "ab", caller)
+    assert decode(encode(deepest)) == deepest
+    with pytest.raises(control_wire.ControlEncodeError, match="nested over 200 deep"):
+        encode(cluster.Command("create_module", (_nested_spec(65),), {"request": None}, None, "ab", caller))
+    nested: list[object] = []
+    for _ in range(control_wire.MAX_DEPTH):
+        nested = [nested]
+    assert decode(encode(nested)) == nested
+    with pytest.raises(control_wire.ControlEncodeError, match="nested over"):
+        encode([nested])
+
+
+@pytest.mark.parametrize("made, said", [
+    (lambda: 10**5000, "over 4300 digits"), (lambda: -(10**4300), "over 4300 digits"),
+    (lambda: torch.eye(2).to_sparse(), "layout torch.sparse_coo"), (lambda: torch.empty(2, device="meta"), "on meta"),
+    (lambda: torch.quantize_per_tensor(torch.ones(2), 0.5, 1, torch.qint8), "torch.qint8"),
+    (lambda: torch.qint8, "dtype qint8"),
+], ids=["long int", "long negative int", "sparse", "meta", "quantized", "quantized dtype"])
+def test_the_writer_refuses_what_the_reader_would_not_build(made: typing.Callable[[], object], said: str) -> None:
+    value = made()
+    with pytest.raises(control_wire.ControlEncodeError, match=said):
+        encode(value)
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.ones(1, 3)[:, 1],  # one element of stride 3: the writer's view as bytes was a RuntimeError
+    torch.arange(4.0)[::2][:1], torch.tensor([1 + 2j]).conj(), torch.tensor([1 + 2j]).conj().imag,
+    torch.arange(6.0).reshape(2, 3)[:, ::2],
+], ids=["column of one row", "stepped single", "conjugate", "negative view", "stepped"])
+def test_strided_and_lazily_resolved_tensors_travel_as_their_values(tensor: torch.Tensor) -> None:
+    back = decode(encode(tensor))
+    assert back.dtype == tensor.dtype and torch.equal(back, tensor.resolve_conj().resolve_neg())
+
+
+def test_integers_travel_up_to_their_digit_limit() -> None:
+    for value in (2**63, -(2**63) - 1, 10**4300 - 1, -(10**4300 - 1)):
+        assert decode(encode(value)) == value
+
+
+def _samples() -> list[object]:
+    """One of each data class the table names, as the ranks build them."""
+    from weightavg_server.domain import ema, specs, tensors
+    from weightavg_server.domain.averaging import BufferMode
+    from weightavg_server.store import snapshot, tenants
+
+    schedule = ema.EmaSchedule(0.99, True, 1.0, 0.75, 0.0, 10)
+    state = ema.EmaState(schedule, 3)
+    return [
+        cluster.Command("free", (["m"], False), {"request": None}, (1,), "ab", Caller("t", Role.USER), {1: ("x",)},
+                        cluster.Sink()),
+        cluster.Failure(InvalidArgument("rank 1: no")), cluster.Sink(named=[("w", torch.ones(1))]),
+        cluster.Relayed([("w", (2, 3), torch.float32)], [("w", torch.ones(2, 3))]), cluster.RemoteStop("ab"),
+        cluster.Move("h", 1, -1, True), cluster.Layout("module", [("w", "parameter", (2,), torch.float16, "cpu")]),
+        tenants.Quota(1, 2, 3), specs.LayerSpec("linear", "a", (2, 3, None, 1.5, True, "x", (1, 2)), (("bias", False),)),
+        specs.OptionRow(1, "linear", "a", (("in_features", 2),)), BufferMode.COPY,
+        ema.ScheduleChange(decay=0.5, warmup=None, update_after_step=3), state,
+        tensors.HandleSummary("cpu", torch.float32, 8, 2, state), tensors.HandleSummary("", None, 0, 0),
+        snapshot.SnapshotResult("/s", 2, 10, ["x"]), service.Ref("h", Kind.MODEL, "t"), service.RankInfo(1, "cpu", 2, 3),
+        service.RankMetrics([[("loss", torch.tensor(0.5))], []]), service.Reduced(1, 2),
+        service.Size(entries=[("w", (2,))], ema=state), service.Size(shape=(2, 3)), service.Size(parameter_count=4),
+        service.EmaResult(3, 0.99), Caller("t", Role.READER), ema.EmaSchedule(1, False, 1, 1, 0, 0),  # ints as floats
+        service.ModelDescription([specs.OptionRow(0, "relu", "", ())], "mse", {}, "sgd", {"lr": 0.1, "x": (1,)},
+                                 {"batch_size": 2}, {}, 4, 0),
+        snapshot.SnapshotError("torn"),
+    ]
+
+
+def test_one_of_each_data_class_the_ranks_send_round_trips() -> None:
+    """The field checks take what the ranks really build (a float field given an int included)."""
+    samples = _samples()
+    sent_dataclasses = {
+        key for key in control_wire.SENT
+        if isinstance(found := control_wire._sent(*key), type) and dataclasses.is_dataclass(found)
+    }
+    assert sent_dataclasses <= {(type(s).__module__, type(s).__qualname__) for s in samples}
+    for sample in samples:
+        back = decode(encode(sample))
+        if isinstance(sample, BaseException):
+            assert type(back) is type(sample) and back.args == sample.args
+        elif isinstance(sample, cluster.Failure):
+            assert type(back.error) is type(sample.error) and back.error.args == sample.error.args
+        elif isinstance(sample, cluster.Sink):
+            assert back == cluster.Sink()
+        elif isinstance(sample, cluster.Relayed):
+            assert back.headers == sample.headers and back.tensors == []
+        elif isinstance(sample, service.RankMetrics):
+            assert len(back.ranks) == 2 and torch.equal(back.ranks[0][0][1], sample.ranks[0][0][1])
+        else:
+            assert back == sample, sample

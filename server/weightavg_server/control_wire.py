@@ -20,8 +20,16 @@ binary format (`MAGIC`, then a tree of tagged values):
 The reader builds nothing else: a name outside `SENT` is refused before anything is imported or
 looked up, a dataclass gets only its own fields (no constructor runs), and bytes that are not the
 format (a pickle, a truncated stream, a tensor whose bytes are not its dtype times its shape) are
-`ControlDecodeError`. The writer refuses what it cannot encode (TypeError) on the sending rank, so
-a class missing from `SENT` fails where it is sent, with its name.
+`ControlDecodeError`. The writer refuses what it cannot encode (`ControlEncodeError`, a TypeError)
+on the sending rank, so a class missing from `SENT` fails where it is sent, with its name. Both sides
+apply the same bounds (nesting, an integer's digits, a tensor's sizes, each data class's field types),
+so whatever the writer writes, the reader reads: a value past them fails where it is sent, not on
+every other rank.
+
+Every count and length is checked against the bytes actually there before anything is built, so a
+stream claiming 2**60 items or bytes costs nothing; a data class's fields are checked against its
+annotations, so a forged Command whose `op` is a number or whose `caller` is a string is refused here
+instead of failing later, deep in a rank, as something other than a clear error.
 
 The server's ranks still trust one another with what they send (docs/cluster.md, "Security"); this
 bounds what a stream that is not theirs can do to a rank: nothing but fail the collective.
@@ -29,12 +37,18 @@ bounds what a stream that is not theirs can do to a rank: nothing but fail the c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import functools
 import importlib
 import io
 import math
+import re
 import struct
+import sys
+import types
+import typing
 from collections.abc import Callable
 from typing import IO, Any, Final
 
@@ -70,20 +84,42 @@ SENT: Final = frozenset({
 another: all a stream may name. Logged from the cluster tests' every object sent, then completed from
 the Service verbs' signatures; a class added to what the ranks send must be added here."""
 
-DTYPES: Final = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+QUANTIZED: Final = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+"""Quantized dtypes: their bytes alone are not the tensor (its scale and zero point live beside them),
+and a uint8 buffer viewed as one is a tensor torch cannot even print. The ranks never send them."""
+
+DTYPES: Final = {
+    name: v
+    for name, v in ((str(v).removeprefix("torch."), v) for v in vars(torch).values() if isinstance(v, torch.dtype))
+    if name not in QUANTIZED
+}
 """torch's dtypes by name, read from the module's own attributes (`getattr(torch, name)` imports
-torch's lazy submodules for some names)."""
+torch's lazy submodules for some names), less the quantized ones."""
 
 MAGIC: Final = b"WACTL1"
 """The first bytes of every encoded object: a stream without them (a pickle) is refused at once."""
 
 MAX_DEPTH: Final = 200
-"""Nesting the reader follows (LayerSpec trees are the deepest the ranks send): a stream nested deeper
-is refused instead of exhausting the stack."""
+"""Nesting the reader follows and the writer writes (LayerSpec trees are the deepest the ranks send:
+a command carries one nested 64 layers deep, three levels each): a stream nested deeper is refused
+instead of exhausting the stack, and a value nested deeper is refused on the rank that sends it."""
+
+MAX_INT_DIGITS: Final = 4300
+"""Decimal digits of an integer past 64 bits (Python's own default `int_max_str_digits`): int() of a
+longer digit string takes quadratic time, and past Python's limit raises a ValueError."""
+
+_INT_TEXT: Final = re.compile(rf"-?[0-9]{{1,{MAX_INT_DIGITS}}}")
+_MAX_INT_BITS: Final = math.ceil(MAX_INT_DIGITS * math.log2(10))
+_INT64_END: Final = 2**63
+"""A tensor's sizes, and the product of its non-zero sizes (its strides), stay below this (torch's int64)."""
 
 
 class ControlDecodeError(ValueError):
     """Bytes that are not an object the ranks send one another."""
+
+
+class ControlEncodeError(TypeError):
+    """A value the control plane cannot send (raised on the sending rank, before any byte moves)."""
 
 
 # -- tags: one byte before each value -----------------------------------------------------------------
@@ -114,6 +150,64 @@ def _sent(module: str, name: str) -> Any:
     return found
 
 
+# -- what a data class's fields may hold ---------------------------------------------------------------
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """A `SENT` dataclass's fields and their annotations (resolved once per class)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def conforms(value: object, hint: Any) -> bool:  # noqa: C901 - one branch per kind of annotation
+    """Whether `value` is what the annotation `hint` says (the annotations `SENT`'s dataclasses use:
+    Any, None, unions, tuples, lists, sets, dicts, callables and classes). A float field takes an int,
+    as Python's typing does; a data class inside is checked where it was itself built, not again."""
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(conforms(value, arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(conforms(item, args[0]) for item in value)
+        return len(value) == len(args) and all(conforms(item, arg) for item, arg in zip(value, args))
+    if origin in (list, set, frozenset):
+        return isinstance(value, origin) and all(conforms(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items())
+    if origin is not None:
+        return isinstance(value, origin)  # Callable[..., bool] and the like: the class alone
+    if hint is float:
+        return isinstance(value, (float, int))
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def _misfit(cls: type, state: dict[str, Any]) -> str | None:
+    """What is wrong with `state` as the fields of the dataclass `cls`, or None: it must name every
+    field, no other, each holding what its annotation says."""
+    fields = field_types(cls)
+    unknown, missing = sorted(state.keys() - fields.keys()), sorted(fields.keys() - state.keys())
+    if unknown:
+        return f"{cls.__qualname__} with fields {unknown} it does not know"
+    if missing:
+        return f"{cls.__qualname__} without its fields {missing}"
+    for name, hint in fields.items():
+        if not conforms(state[name], hint):
+            return f"{cls.__qualname__}.{name} holding a {type(state[name]).__qualname__}, not {hint}"
+    return None
+
+
+def _shadowed(cls: type, state: dict[str, Any]) -> list[str]:
+    """The names in an error's state that would hide its class's own attributes (its `code`)."""
+    return sorted(name for name in state if hasattr(cls, name))
+
+
 # -- writing ------------------------------------------------------------------------------------------
 
 
@@ -125,7 +219,7 @@ class ControlWriter:
 
     def dump(self, obj: Any) -> None:
         self._out.write(MAGIC)
-        self._value(obj)
+        self._value(obj, 0)
 
     def _raw(self, data: bytes) -> None:
         self._out.write(struct.pack("<Q", len(data)))
@@ -134,7 +228,12 @@ class ControlWriter:
     def _text(self, text: str) -> None:
         self._raw(text.encode())
 
-    def _value(self, obj: Any) -> None:  # noqa: C901 - one branch per tag, in the order subclasses need
+    def _value(self, obj: Any, depth: int) -> None:  # noqa: C901 - one branch per tag, in the order subclasses need
+        if depth > MAX_DEPTH:
+            raise ControlEncodeError(
+                f"the cluster's control plane does not send objects nested over {MAX_DEPTH} deep (the other ranks "
+                "would refuse them)"
+            )
         kind = type(obj)
         w = self._out.write
         if obj is None:
@@ -144,13 +243,13 @@ class ControlWriter:
         elif isinstance(obj, enum.Enum):
             w(ENUM)
             self._name(kind)
-            self._value(obj.value)
+            self._value(obj.value, depth + 1)
         elif kind is int:
-            if -(2**63) <= obj < 2**63:
+            if -_INT64_END <= obj < _INT64_END:
                 w(INT + struct.pack("<q", obj))
             else:
                 w(BIGINT)
-                self._text(str(obj))
+                self._text(_int_text(obj))
         elif kind is float:
             w(FLOAT + struct.pack("<d", obj))
         elif kind is str:
@@ -160,41 +259,49 @@ class ControlWriter:
             w(BYTES)
             self._raw(obj)
         elif isinstance(obj, torch.Tensor):
-            self._tensor(obj)
+            self._tensor(obj, depth)
         elif kind is torch.dtype:
             w(DTYPE)
-            self._text(str(obj).removeprefix("torch."))
+            self._text(_dtype_name(obj))
         elif kind is torch.Size:
             w(SIZE)
-            self._value(tuple(int(n) for n in obj))
+            self._value(tuple(int(n) for n in obj), depth + 1)
         elif kind is torch.device:
             w(DEVICE)
             self._text(str(obj))
         elif kind in _SEQUENCES:
             w(_SEQUENCES[kind] + struct.pack("<Q", len(obj)))
             for item in obj:
-                self._value(item)
+                self._value(item, depth + 1)
         elif kind is dict:
             w(DICT + struct.pack("<Q", len(obj)))
             for k, v in obj.items():
-                self._value(k)
-                self._value(v)
+                self._value(k, depth + 1)
+                self._value(v, depth + 1)
         elif isinstance(obj, BaseException):
+            state = dict(vars(obj))
+            if _shadowed(kind, state):
+                raise ControlEncodeError(f"the cluster's control plane does not send a {kind.__qualname__} whose "
+                                         f"attributes {_shadowed(kind, state)} hide its class's")
             w(ERROR)
             self._name(kind)
-            self._value(tuple(obj.args))
-            self._value(dict(vars(obj)))
+            self._value(tuple(obj.args), depth + 1)
+            self._value(state, depth + 1)
         elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             w(DATA)
             self._name(kind)
             custom = getattr(kind, "__getstate__", None) is not object.__getstate__
-            state: Any = obj.__getstate__() if custom else vars(obj)
-            self._value(dict(state))
+            given: Any = obj.__getstate__() if custom else vars(obj)
+            fields = dict(given)
+            misfit = _misfit(kind, fields)
+            if misfit is not None:
+                raise ControlEncodeError(f"the cluster's control plane does not send a {misfit}")
+            self._value(fields, depth + 1)
         elif callable(obj) and not isinstance(obj, type) and _key(obj) in SENT:
             w(FUNCTION)
             self._name(obj)
         else:
-            raise TypeError(
+            raise ControlEncodeError(
                 f"the cluster's control plane does not send a {kind.__module__}.{kind.__qualname__}: "
                 "add it to control_wire.SENT if it is plain data"
             )
@@ -202,17 +309,49 @@ class ControlWriter:
     def _name(self, obj: Any) -> None:
         module, name = _key(obj)
         if (module, name) not in SENT:
-            raise TypeError(f"the cluster's control plane does not send {module}.{name}: add it to control_wire.SENT")
+            raise ControlEncodeError(
+                f"the cluster's control plane does not send {module}.{name}: add it to control_wire.SENT"
+            )
         self._text(module)
         self._text(name)
 
-    def _tensor(self, t: torch.Tensor) -> None:
+    def _tensor(self, t: torch.Tensor, depth: int) -> None:
+        if t.layout != torch.strided or t.is_nested or t.is_quantized or t.device.type == "meta":
+            raise ControlEncodeError(
+                f"the cluster's control plane sends dense tensors with their data, not a {t.dtype} tensor of "
+                f"layout {t.layout} on {t.device}{' (nested)' if t.is_nested else ''}"
+            )
         t = t.detach()
         self._out.write(TENSOR)
-        self._text(str(t.dtype).removeprefix("torch."))
-        self._value(tuple(t.shape))
+        self._text(_dtype_name(t.dtype))
+        self._value(tuple(t.shape), depth + 1)
         self._text(str(t.device))
-        self._raw(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # a conjugate or negative view holds its values unresolved: its bytes alone are not them
+        flat = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+        if flat.numel() and flat.stride(0) != 1:  # one element of any stride counts as contiguous (x[:, 0])
+            flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+        self._raw(flat.view(torch.uint8).numpy().tobytes())
+
+
+def _int_text(value: int) -> str:
+    """An integer past 64 bits as its decimal digits, refused past `MAX_INT_DIGITS` (its bits are
+    checked first: str() of a huge integer takes quadratic time, or raises past Python's limit)."""
+    text = ""
+    if value.bit_length() <= _MAX_INT_BITS:
+        with contextlib.suppress(ValueError):
+            text = str(value)
+    if not _INT_TEXT.fullmatch(text):
+        raise ControlEncodeError(
+            f"the cluster's control plane does not send an integer of over {MAX_INT_DIGITS} digits"
+        )
+    return text
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ControlEncodeError(f"the cluster's control plane does not send a tensor or dtype {name}")
+    return name
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -234,7 +373,8 @@ class ControlReader:
         return obj
 
     def _exactly(self, n: int) -> bytes:
-        data = self._in.read(n)
+        # a length past what the platform can index (2**64 - 1) is past the bytes there as surely
+        data = self._in.read(n) if n <= sys.maxsize else b""
         if len(data) != n:
             raise ControlDecodeError("the cluster's control plane got a truncated object")
         return data
@@ -262,7 +402,7 @@ class ControlReader:
         if tag == INT:
             return struct.unpack("<q", self._exactly(8))[0]
         if tag == BIGINT:
-            return self._int(self._text())
+            return _int(self._text())
         if tag == FLOAT:
             return struct.unpack("<d", self._exactly(8))[0]
         if tag == STR:
@@ -270,9 +410,13 @@ class ControlReader:
         if tag == BYTES:
             return self._raw()
         if tag in _BUILD:
-            return _BUILD[tag]([self._value(depth + 1) for _ in range(self._count())])
+            count = self._count()  # each item takes a byte at least: a false count runs out of bytes
+            items = [self._value(depth + 1) for _ in range(count)]
+            return _hashed(lambda: _BUILD[tag](items), count, "members")
         if tag == DICT:
-            return {self._value(depth + 1): self._value(depth + 1) for _ in range(self._count())}
+            count = self._count()
+            pairs = [(self._value(depth + 1), self._value(depth + 1)) for _ in range(count)]
+            return _hashed(lambda: dict(pairs), count, "keys")
         if tag == TENSOR:
             return _tensor(self._text(), self._value(depth + 1), self._text(), self._raw())
         if tag == DTYPE:
@@ -285,11 +429,6 @@ class ControlReader:
             return self._sent(tag, depth)
         raise ControlDecodeError(f"the cluster's control plane got an unknown tag {tag!r}")
 
-    def _int(self, text: str) -> int:
-        if not text.lstrip("-").isdigit():
-            raise ControlDecodeError(f"the cluster's control plane got {text[:40]!r} for an integer")
-        return int(text)
-
     def _sent(self, tag: bytes, depth: int) -> Any:
         """An enum, dataclass, error or function of `SENT`, checked to be of the kind its tag says."""
         found = _sent(self._text(), self._text())
@@ -301,27 +440,55 @@ class ControlReader:
             except ValueError as exc:
                 raise ControlDecodeError(f"the cluster's control plane got no {found.__qualname__}: {exc}") from exc
         if tag == ERROR and isinstance(found, type) and issubclass(found, Exception):
-            args, state = self._value(depth + 1), self._value(depth + 1)
-            if not (isinstance(args, tuple) and isinstance(state, dict)):
+            args, state = self._value(depth + 1), _named_values(self._value(depth + 1))
+            if not isinstance(args, tuple):
                 raise ControlDecodeError("the cluster's control plane got an error without arguments")
+            hidden = _shadowed(found, state)
+            if hidden:
+                raise ControlDecodeError(
+                    f"the cluster's control plane got a {found.__qualname__} whose attributes {hidden} would hide "
+                    "its class's"
+                )
             error = found(*args)
-            _restore(error, state, None)
+            vars(error).update(state)
             return error
         if tag == DATA and dataclasses.is_dataclass(found) and isinstance(found, type):
-            state = self._value(depth + 1)
+            state = _named_values(self._value(depth + 1))
+            misfit = _misfit(found, state)
+            if misfit is not None:
+                raise ControlDecodeError(f"the cluster's control plane got a {misfit}")
             obj = object.__new__(found)  # a dataclass gets its fields; no constructor runs
-            _restore(obj, state, {f.name for f in dataclasses.fields(found)})
+            vars(obj).update(state)
             return obj
         raise ControlDecodeError(f"the cluster's control plane got {found.__qualname__} for a tag {tag!r}")
 
 
-def _restore(obj: object, state: object, fields: set[str] | None) -> None:
-    """Set `obj`'s attributes from `state`: names only (of `fields` where given)."""
+def _int(text: str) -> int:
+    """An integer past 64 bits from its decimal digits: ASCII digits only (str.isdigit takes '²', which
+    int() refuses), at most `MAX_INT_DIGITS` of them."""
+    if not _INT_TEXT.fullmatch(text):
+        raise ControlDecodeError(
+            f"the cluster's control plane got {text[:40]!r} for an integer (at most {MAX_INT_DIGITS} ASCII digits)"
+        )
+    return int(text)
+
+
+def _hashed(build: Callable[[], Any], count: int, what: str) -> Any:
+    """A dict or set built from decoded items: each must be hashable (a list or a mutable data class as
+    a key is a TypeError) and given once (a writer never writes one twice)."""
+    try:
+        built = build()
+    except (TypeError, ValueError, RuntimeError) as exc:  # unhashable; a tensor's == has no single truth
+        raise ControlDecodeError(f"the cluster's control plane got {what} that cannot be {what}: {exc}") from exc
+    if not isinstance(built, (list, tuple)) and len(built) != count:
+        raise ControlDecodeError(f"the cluster's control plane got {what} given twice")
+    return built
+
+
+def _named_values(state: object) -> dict[str, Any]:
     if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
         raise ControlDecodeError("the cluster's control plane got an object's state that is not named values")
-    if fields is not None and not state.keys() <= fields:
-        raise ControlDecodeError(f"the cluster's control plane got fields {sorted(state.keys() - fields)} it does not know")
-    vars(obj).update(state)
+    return state
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -332,8 +499,12 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _shape(shape: object) -> tuple[int, ...]:
+    """Sizes of a tensor: whole numbers of at least 0 whose non-zero ones multiply to below 2**63, as
+    torch allows (past it, its stride calculation overflows, and 2**64 fails as a ValueError)."""
     if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
         raise ControlDecodeError(f"the cluster's control plane got a tensor of shape {shape!r}: not sizes")
+    if math.prod(n for n in shape if n) >= _INT64_END:
+        raise ControlDecodeError(f"the cluster's control plane got a tensor of shape {list(shape)}: past torch's sizes")
     return shape
 
 
