@@ -15,6 +15,7 @@ import enum
 import inspect
 import os
 import pickle
+import random
 import re
 import struct
 import subprocess
@@ -375,6 +376,22 @@ def test_counts_integers_keys_and_sizes_that_are_not_the_format_are_refused(stre
         decode(stream)
 
 
+_P = 2**61 - 1  # Python hashes an integer modulo this
+
+
+@pytest.mark.parametrize("tag", [control_wire.DICT, control_wire.SET, control_wire.FROZENSET])
+def test_keys_built_to_share_a_hash_are_refused(tag: bytes) -> None:
+    """Integers equal modulo 2**61 - 1 share a hash: 160,000 of them as keys (6 MB) held a rank inside
+    one dict's construction for two minutes, quadratic in their number."""
+    keys = [(k + 1) * _P for k in range(2000)]
+    assert len({hash(k) for k in keys}) == 1
+    items = b"".join(_body(k) + (_body(0) if tag == control_wire.DICT else b"") for k in keys)
+    with pytest.raises(ControlDecodeError, match="2000 (keys|members) of one hash"):
+        decode(_M + tag + struct.pack("<Q", len(keys)) + items)
+    few = {(k + 1) * _P: k for k in range(control_wire.MAX_SHARED_HASH)} | {-1: "a", -2: "b"}  # -1 hashes as -2
+    assert decode(encode(few)) == few
+
+
 def _command(state: dict[str, object]) -> bytes:
     full = {"op": "free", "args": (), "kwargs": {}, "ranks": None, "seed": "", "caller": None, "per_rank": None,
             "sink": None}
@@ -510,3 +527,44 @@ def test_one_of_each_data_class_the_ranks_send_round_trips() -> None:
             assert len(back.ranks) == 2 and torch.equal(back.ranks[0][0][1], sample.ranks[0][0][1])
         else:
             assert back == sample, sample
+
+
+def _mutated(rng: random.Random, data: bytes, others: list[bytes]) -> bytes:
+    """`data` with one random corruption: a bit flipped, a byte replaced, a count made huge, cut short,
+    or a piece of another valid encoding spliced in."""
+    at = rng.randrange(len(control_wire.MAGIC), len(data))
+    how = rng.randrange(6)
+    if how == 0:
+        return data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1:]
+    if how == 1:
+        return data[:at] + bytes([rng.randrange(256)]) + data[at + 1:]
+    if how == 2:
+        return data[:at] + struct.pack("<Q", rng.choice([2**64 - 1, 2**63, 2**60, 2**32, 7])) + data[at + 8:]
+    if how == 3:
+        return data[:at]
+    other = rng.choice(others)
+    start = rng.randrange(len(control_wire.MAGIC), len(other))
+    piece = other[start:start + rng.randrange(1, 64)]
+    return data[:at] + piece + (data[at:] if how == 4 else data[at + len(piece):])
+
+
+def test_corrupted_encodings_decode_to_a_value_or_a_control_decode_error() -> None:
+    """Thousands of seeded corruptions of valid encodings: each decodes to a value the writer can send
+    again, or fails as ControlDecodeError; never another exception, never a hang."""
+    rng = random.Random(20261128)
+    valid = [encode(sample) for sample in _samples()] + [encode({
+        "ints": [0, -1, 2**63, -(2**70)], "floats": (0.5, float("nan")), "s": "é", "b": b"\0\1", "set": {1, "a"},
+        "frozen": frozenset({(1, 2)}), "t": torch.arange(6, dtype=torch.int16).reshape(2, 3), "dtype": torch.float16,
+        "size": torch.Size([2, 0]), "device": torch.device("cpu"), "stop": cluster.never, "kind": Kind.TENSOR,
+    })]
+    decoded = refused = 0
+    for _ in range(20000):
+        stream = _mutated(rng, rng.choice(valid), valid)
+        try:
+            value = decode(stream)
+        except ControlDecodeError:
+            refused += 1
+            continue
+        decoded += 1
+        decode(encode(value))  # whatever the reader built is what a rank sends
+    assert refused > 15000 and decoded > 200  # the corruptions reached past the first checks

@@ -37,6 +37,7 @@ bounds what a stream that is not theirs can do to a rank: nothing but fail the c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -107,6 +108,10 @@ instead of exhausting the stack, and a value nested deeper is refused on the ran
 MAX_INT_DIGITS: Final = 4300
 """Decimal digits of an integer past 64 bits (Python's own default `int_max_str_digits`): int() of a
 longer digit string takes quadratic time, and past Python's limit raises a ValueError."""
+
+MAX_SHARED_HASH: Final = 16
+"""Keys of one dict (members of one set) that may share a hash: a stream of keys built to collide would
+otherwise take quadratic time to build (`_hashed`)."""
 
 _INT_TEXT: Final = re.compile(rf"-?[0-9]{{1,{MAX_INT_DIGITS}}}")
 _MAX_INT_BITS: Final = math.ceil(MAX_INT_DIGITS * math.log2(10))
@@ -412,11 +417,13 @@ class ControlReader:
         if tag in _BUILD:
             count = self._count()  # each item takes a byte at least: a false count runs out of bytes
             items = [self._value(depth + 1) for _ in range(count)]
-            return _hashed(lambda: _BUILD[tag](items), count, "members")
+            if tag in (LIST, TUPLE):
+                return _BUILD[tag](items)
+            return _hashed(items, lambda: _BUILD[tag](items), "members")
         if tag == DICT:
             count = self._count()
             pairs = [(self._value(depth + 1), self._value(depth + 1)) for _ in range(count)]
-            return _hashed(lambda: dict(pairs), count, "keys")
+            return _hashed([k for k, _ in pairs], lambda: dict(pairs), "keys")
         if tag == TENSOR:
             return _tensor(self._text(), self._value(depth + 1), self._text(), self._raw())
         if tag == DTYPE:
@@ -473,14 +480,22 @@ def _int(text: str) -> int:
     return int(text)
 
 
-def _hashed(build: Callable[[], Any], count: int, what: str) -> Any:
-    """A dict or set built from decoded items: each must be hashable (a list or a mutable data class as
-    a key is a TypeError) and given once (a writer never writes one twice)."""
+def _hashed(keys: list[Any], build: Callable[[], Any], what: str) -> Any:
+    """A dict or set built from decoded `keys`: each must be hashable (a list or a mutable data class as
+    a key is a TypeError), given once (a writer never writes one twice), and few may share a hash.
+    Integers equal modulo 2**61 - 1 share theirs, so 160,000 such keys (6 MB) held a rank inside one
+    dict's construction for two minutes, quadratic in their number; distinct values the ranks send share
+    a hash by chance alone (-1 and -2 do)."""
     try:
-        built = build()
+        shared = max(collections.Counter(hash(k) for k in keys).values(), default=0)
+        built = build() if shared <= MAX_SHARED_HASH else None
     except (TypeError, ValueError, RuntimeError) as exc:  # unhashable; a tensor's == has no single truth
         raise ControlDecodeError(f"the cluster's control plane got {what} that cannot be {what}: {exc}") from exc
-    if not isinstance(built, (list, tuple)) and len(built) != count:
+    if built is None:
+        raise ControlDecodeError(
+            f"the cluster's control plane got {shared} {what} of one hash (built in quadratic time)"
+        )
+    if len(built) != len(keys):
         raise ControlDecodeError(f"the cluster's control plane got {what} given twice")
     return built
 
