@@ -568,3 +568,34 @@ def test_corrupted_encodings_decode_to_a_value_or_a_control_decode_error() -> No
         decoded += 1
         decode(encode(value))  # whatever the reader built is what a rank sends
     assert refused > 15000 and decoded > 200  # the corruptions reached past the first checks
+
+
+def test_a_command_rank_0_cannot_encode_is_refused_without_breaking_the_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create_module whose spec nests 65 layers deep (allowed with --max-spec-depth 65 or more) is
+    refused by the writer on rank 0 before any byte moves: INVALID_ARGUMENT naming the nesting, and the
+    cluster serves on. It was UNAVAILABLE for good, as if a rank had died. A one-rank gloo group runs
+    torch's real broadcast."""
+    import threading
+
+    import torch.distributed as dist
+
+    class _Fabric:
+        world_size, rank, timeout = 1, 0, 30.0
+        control = None
+
+    service = object.__new__(cluster.ClusterService)
+    service.fabric = _Fabric()  # type: ignore[assignment]
+    service._channel = threading.Lock()
+    service._broken = ""
+    service.on_broken = lambda reason: None
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(c10d, "_pickler", control_wire.ControlWriter)
+    monkeypatch.setattr(c10d, "_unpickler", control_wire.ControlReader)
+    try:
+        with pytest.raises(InvalidArgument, match="rank 0 cannot send create_module .* nested over 200 deep"):
+            service._send(cluster.Command("create_module", (_nested_spec(65),)))
+    finally:
+        dist.destroy_process_group()
+    assert service._broken == ""

@@ -1304,20 +1304,33 @@ class ClusterService(Service):
             sent = time.monotonic()
             try:
                 dist.broadcast_object_list([command], src=0, group=self.fabric.control)
+            except control_wire.ControlEncodeError as exc:
+                # The source encodes before any byte moves (torch encodes every object first): the other
+                # ranks still wait for a command, and nothing ran. A spec nested past what they read
+                # (--max-spec-depth over 64) used to break the cluster for good.
+                raise InvalidArgument(f"rank 0 cannot send {command.op} to the other ranks: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
+                self._lost(command, exc, sent)
+                raise
+            try:
                 mine = execute(self, self.fabric, command)
                 replies: list[Any] = [None] * self.fabric.world_size
                 dist.gather_object((mine, held_bytes(self), 0), replies, dst=0, group=self.fabric.control)
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
-                self._broken = lost_rank(command.op, exc, time.monotonic() - sent, self.fabric.timeout)
-                log.error("cluster broken: %s", self._broken)
-                self.on_broken(self._broken)
-                self._check()
+                self._lost(command, exc, sent)
                 raise
             results = [result for result, _, _ in replies]
             with self._placements_lock:
                 self._held = [held for _, held, _ in replies]
                 self._kept = [kept for _, _, kept in replies]
             return results
+
+    def _lost(self, command: Command, exc: BaseException, sent: float) -> None:
+        """The cluster is broken for good: a collective of `command` failed (raises UNAVAILABLE)."""
+        self._broken = lost_rank(command.op, exc, time.monotonic() - sent, self.fabric.timeout)
+        log.error("cluster broken: %s", self._broken)
+        self.on_broken(self._broken)
+        self._check()
 
     def _call(
         self, op: str, where: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
