@@ -744,10 +744,13 @@ def test_trims_outside_the_kernels_are_torchs(case: str, monkeypatch: pytest.Mon
 
 
 @needs_native_select
-@pytest.mark.parametrize("broken", ["one rank off", "writes -0 below the threshold", "zeroes at the threshold"])
+@pytest.mark.parametrize("broken", [
+    "one rank off", "writes -0 below the threshold", "zeroes at the threshold", "zeroes a negative NaN",
+])
 def test_the_trim_guard_turns_off_kernels_that_differ_from_torch(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A selection one rank off, a trim that writes -0 for a negative value, or one that zeroes a value
-    equal to the threshold must each be caught by the check run at first use."""
+    """A selection one rank off, a trim that writes -0 for a negative value, one that zeroes a value
+    equal to the threshold, or one that zeroes a NaN with its sign bit set must each be caught by the
+    check run at first use."""
     select, zero = selection._SELECT, selection._ZERO_BELOW
     assert select is not None and zero is not None
 
@@ -760,6 +763,8 @@ def test_the_trim_guard_turns_off_kernels_that_differ_from_torch(broken: str, mo
         with np.errstate(invalid="ignore"):
             if broken == "writes -0 below the threshold":
                 array[np.abs(array) < threshold] *= 0  # -x * 0 is -0
+            elif broken == "zeroes a negative NaN":
+                array[(np.abs(array) < threshold) | (np.isnan(array) & np.signbit(array))] = 0
             else:
                 array[np.abs(array) <= threshold] = 0
 
