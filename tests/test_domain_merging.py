@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightavg_server.domain import flat, footprint, merging, weighted_sum
+from weightavg_server.domain import flat, footprint, merging, selection, weighted_sum
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
 from weightavg_server.domain.errors import InvalidArgument
 
@@ -510,6 +510,43 @@ def test_ties_keeps_nothing_of_a_tensor_too_small_for_one_element() -> None:
     base, ds = fine_tuned(2, shapes={"bias": (4,), "weight": (10, 10)})
     got = merged("ties", ds, base=base, options={"density": 0.2})  # int(0.2 * 4) = 0 of the bias
     assert torch.equal(got.entries["bias"], base.entries["bias"])
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_ties_keeps_neither_infinities_nor_nans_where_it_keeps_nothing(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int(0.2 * 4) = 0: nothing of the delta is kept, not its inf or NaN either (a threshold of inf
+    kept them: |inf| < inf is false)."""
+    if kernels == "torch":
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base = TensorDict({"x": torch.zeros(4)})
+    x = TensorDict({"x": torch.tensor([math.inf, math.nan, -math.inf, 3.0])})
+    got = merged("ties", [x], base=base, options={"density": 0.2})
+    assert bits32(got.entries["x"]) == bits32(torch.zeros(4))
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_ties_keeps_only_the_nans_of_a_delta_with_k_of_them(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k-th largest |delta| counts NaN largest, so with k NaNs the top k are the NaNs, and the
+    numbers go as they do beside an inf (the threshold NaN, which nothing is below, kept them all)."""
+    if kernels == "torch":
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base = TensorDict({"x": torch.zeros(10)})
+    numbers = [1.0, -2.0, 3.0, 4.0, 5.0, 6.0, 7.0, -8.0, 9.0]
+    for first, density in ((math.nan, 0.1), (math.inf, 0.1), (math.nan, 0.2)):
+        got = merged("ties", [TensorDict({"x": torch.tensor([first, *numbers])})], base=base, options={"density": density})
+        kept = torch.tensor([first] + [0.0] * 8 + [9.0 if density == 0.2 else 0.0])
+        assert same_bits_but_nan_payloads(got.entries["x"], kept), (first, density, got.entries["x"])
+
+
+def bits32(t: torch.Tensor) -> list[int]:
+    return t.contiguous().view(torch.int32).tolist()
+
+
+def same_bits_but_nan_payloads(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """NaN where want has one (of any sign and payload: the merge's arithmetic may flip a NaN's sign),
+    every bit elsewhere, signed zeros included."""
+    numbers = ~want.isnan()
+    return torch.equal(got.isnan(), want.isnan()) and bits32(got[numbers]) == bits32(want[numbers])
 
 
 def dare_keep(seed: int, index: int, name: str, shape: tuple[int, ...], density: float) -> torch.Tensor:

@@ -805,7 +805,7 @@ def _task_vectors(
     density = float_value(options, "density") if method != "task_arithmetic" else 1.0
     trims = method == "ties" and density < 1
     mask = scratch.take(shape, torch.bool) if consensus or trims else None
-    thresholds: dict[int, float] = {}
+    thresholds: dict[int, float | None] = {}
 
     def make_delta(i: int) -> None:
         delta.copy_(xs[i])
@@ -814,7 +814,7 @@ def _task_vectors(
             assert aside is not None and mask is not None
             if i not in thresholds:
                 thresholds[i] = _threshold(delta, density, aside)
-            selection.zero_below(delta, thresholds[i], aside, mask)
+            _trim(delta, thresholds[i], aside, mask)
         elif method == "dare":
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
@@ -855,17 +855,33 @@ def _task_vectors(
     _finish(acc, out)
 
 
-def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> float:
-    """The k-th largest |delta|, k = int(density * numel): entries at or above it are kept (ties at
-    the threshold all stay); with k = 0 nothing is kept. On the CPU a native radix selection finds
-    it, elsewhere torch.kthvalue over |delta| in `aside`: the same value (`selection`)."""
+def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> float | None:
+    """The k-th largest |delta|, k = int(density * numel), NaN counted largest: entries at or above it
+    are kept (ties at the threshold all stay, `_trim`); None where k = 0, when nothing is kept. On
+    the CPU a native radix selection finds it, elsewhere torch.kthvalue over |delta| in `aside`: the
+    same value (`selection`)."""
     n = delta.numel()
     k = int(density * n)
     if k <= 0:
-        return math.inf
+        return None
     if k >= n:
         return -math.inf
     return selection.kth_largest_magnitude(delta, k, aside)
+
+
+def _trim(delta: torch.Tensor, threshold: float | None, aside: torch.Tensor, mask: torch.Tensor) -> None:
+    """delta := +0 wherever |delta| is below `threshold` in the selection's order, NaN above inf: the
+    whole delta where it is None (k = 0), every number where it is a NaN (k NaNs or more: only the NaNs
+    are kept), elsewhere what `selection.zero_below` zeroes. The threshold inf (k = 0 as it was
+    before) kept the delta's infinities and NaNs, and `|delta| < NaN`, false everywhere, kept every
+    entry of a delta with k NaNs (found by review)."""
+    if threshold is None:
+        delta.zero_()
+    elif math.isnan(threshold):
+        torch.eq(delta, delta, out=mask)  # the numbers: a NaN is not equal to itself
+        delta.masked_fill_(mask, 0)
+    else:
+        selection.zero_below(delta, threshold, aside, mask)
 
 
 _KERNELS: dict[str, Kernel] = {
