@@ -748,7 +748,8 @@ F32 = 4
     ("linear", {"options": {"normalize": False}}, 0, 0),
     ("slerp", {"options": {"t": 0.5}}, 2, 2 * 8),  # v0, v1; a float64 chunk of each for the angle
     ("task_arithmetic", {"base": True}, 1, 0),  # the delta
-    ("ties", {"base": True, "options": {"density": 0.5}}, 4, F32 + 8),  # delta, |delta|, election, divisor; kthvalue
+    # delta, |delta|, election, divisor; kthvalue's copy and index, where the native selection is off
+    ("ties", {"base": True, "options": {"density": 0.5}}, 4, 0 if selection.active() else F32 + 8),
     ("dare", {"base": True, "options": {"density": 0.5}}, 2, 0),  # delta, mask
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_plan_reserves_the_result_and_the_largest_entrys_scratch(
@@ -763,6 +764,24 @@ def test_a_plan_reserves_the_result_and_the_largest_entrys_scratch(
     bool_mask = largest if method == "ties" else 0
     assert p.buffer_bytes() == buffers * largest * F32 + bool_mask
     assert footprint.merge_bytes(p) == {"cpu": total * F32 + buffers * largest * F32 + bool_mask + internal * largest}
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native selection", "kthvalue"])
+def test_a_ties_plan_reserves_kthvalues_copy_and_index_only_where_kthvalue_selects(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the native selection, which allocates nothing, takes kthvalue's place wherever it is
+    on: the plan reserved kthvalue's copy of the values and int64 index there too (found by review)."""
+    if native and not selection.active():
+        pytest.skip(f"TIES trims run on {selection.native_state()}")
+    if not native:
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base, ds = fine_tuned(3)
+    p = plan_of("ties", ds, base=base, options={"density": 0.5})
+    largest = max(math.prod(s) for s in SHAPES.values())
+    assert max(slot.internal for slot in p.slots) == (0 if native else largest * (F32 + 8))
+    kept = plan_of("ties", ds, base=base, options={"density": 1.0})  # no trim: nothing selected either way
+    assert max(slot.internal for slot in kept.slots) == 0
 
 
 @pytest.mark.parametrize(("numel", "dtype", "chunks"), [

@@ -449,7 +449,8 @@ def _slot(
     work = torch.float64 if wide else torch.float32
     shared = name in readers
     direct = dtype == work and not shared
-    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, math.prod(shape))
+    numel = math.prod(shape)
+    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, numel, first.device)
     return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal)
 
 
@@ -496,7 +497,7 @@ def _readers(names: Sequence[str], sources: Sequence[TensorDict], into: TensorDi
 
 def _scratch(
     method: Method, options: Values, work: torch.dtype, direct: bool, tensors: list[torch.Tensor],
-    kinds: set[torch.dtype], has_base: bool, numel: int,
+    kinds: set[torch.dtype], has_base: bool, numel: int, device: torch.device,
 ) -> tuple[tuple[torch.dtype, ...], int]:
     """The scratch tensors (each of the result's shape) a slot's kernel takes, in the order it takes
     them (every work-dtype buffer before the bool one, so each view is aligned), and the bytes torch
@@ -517,9 +518,12 @@ def _scratch(
     divisor = (work,) if consensus and normalize else ()
     trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
     mask = (torch.bool,) if consensus or trims else ()
-    # torch.kthvalue copies the values and keeps an int64 index per element while it selects (on the CPU the
-    # native selection takes its place and allocates nothing, but it may be off, and CUDA takes kthvalue).
-    internal = numel * (_size(work) + 8) if trims else 0
+    # torch.kthvalue copies the values and keeps an int64 index per element while it selects. On the CPU,
+    # where the native selection is on, it takes kthvalue's place (the work dtype is one of its kinds and
+    # the delta a contiguous scratch view) and allocates nothing; CUDA, and a CPU where it is off, take
+    # kthvalue.
+    selects_natively = device.type == "cpu" and selection.active()
+    internal = numel * (_size(work) + 8) if trims and not selects_natively else 0
     return acc + (work,) + base_cast + aside + election + divisor + mask, internal
 
 
