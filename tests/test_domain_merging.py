@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightavg_server.domain import flat, footprint, merging, weighted_sum
+from weightavg_server.domain import flat, footprint, merging, selection, weighted_sum
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
 from weightavg_server.domain.errors import InvalidArgument
 
@@ -512,6 +512,43 @@ def test_ties_keeps_nothing_of_a_tensor_too_small_for_one_element() -> None:
     assert torch.equal(got.entries["bias"], base.entries["bias"])
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_ties_keeps_neither_infinities_nor_nans_where_it_keeps_nothing(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int(0.2 * 4) = 0: nothing of the delta is kept, not its inf or NaN either (a threshold of inf
+    kept them: |inf| < inf is false)."""
+    if kernels == "torch":
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base = TensorDict({"x": torch.zeros(4)})
+    x = TensorDict({"x": torch.tensor([math.inf, math.nan, -math.inf, 3.0])})
+    got = merged("ties", [x], base=base, options={"density": 0.2})
+    assert bits32(got.entries["x"]) == bits32(torch.zeros(4))
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_ties_keeps_only_the_nans_of_a_delta_with_k_of_them(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k-th largest |delta| counts NaN largest, so with k NaNs the top k are the NaNs, and the
+    numbers go as they do beside an inf (the threshold NaN, which nothing is below, kept them all)."""
+    if kernels == "torch":
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base = TensorDict({"x": torch.zeros(10)})
+    numbers = [1.0, -2.0, 3.0, 4.0, 5.0, 6.0, 7.0, -8.0, 9.0]
+    for first, density in ((math.nan, 0.1), (math.inf, 0.1), (math.nan, 0.2)):
+        got = merged("ties", [TensorDict({"x": torch.tensor([first, *numbers])})], base=base, options={"density": density})
+        kept = torch.tensor([first] + [0.0] * 8 + [9.0 if density == 0.2 else 0.0])
+        assert same_bits_but_nan_payloads(got.entries["x"], kept), (first, density, got.entries["x"])
+
+
+def bits32(t: torch.Tensor) -> list[int]:
+    return t.contiguous().view(torch.int32).tolist()
+
+
+def same_bits_but_nan_payloads(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """NaN where want has one (of any sign and payload: the merge's arithmetic may flip a NaN's sign),
+    every bit elsewhere, signed zeros included."""
+    numbers = ~want.isnan()
+    return torch.equal(got.isnan(), want.isnan()) and bits32(got[numbers]) == bits32(want[numbers])
+
+
 def dare_keep(seed: int, index: int, name: str, shape: tuple[int, ...], density: float) -> torch.Tensor:
     """DARE's mask as docs/merging.md documents it: a CPU generator seeded with the first 8 bytes of
     sha256("{seed}/{index}/{name}") (big-endian, top bit cleared), then bernoulli_(density) into a
@@ -711,7 +748,8 @@ F32 = 4
     ("linear", {"options": {"normalize": False}}, 0, 0),
     ("slerp", {"options": {"t": 0.5}}, 2, 2 * 8),  # v0, v1; a float64 chunk of each for the angle
     ("task_arithmetic", {"base": True}, 1, 0),  # the delta
-    ("ties", {"base": True, "options": {"density": 0.5}}, 4, F32 + 8),  # delta, |delta|, election, divisor; kthvalue
+    # delta, |delta|, election, divisor; kthvalue's copy and index, where the native selection is off
+    ("ties", {"base": True, "options": {"density": 0.5}}, 4, 0 if selection.active() else F32 + 8),
     ("dare", {"base": True, "options": {"density": 0.5}}, 2, 0),  # delta, mask
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_plan_reserves_the_result_and_the_largest_entrys_scratch(
@@ -726,6 +764,24 @@ def test_a_plan_reserves_the_result_and_the_largest_entrys_scratch(
     bool_mask = largest if method == "ties" else 0
     assert p.buffer_bytes() == buffers * largest * F32 + bool_mask
     assert footprint.merge_bytes(p) == {"cpu": total * F32 + buffers * largest * F32 + bool_mask + internal * largest}
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native selection", "kthvalue"])
+def test_a_ties_plan_reserves_kthvalues_copy_and_index_only_where_kthvalue_selects(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the native selection, which allocates nothing, takes kthvalue's place wherever it is
+    on: the plan reserved kthvalue's copy of the values and int64 index there too (found by review)."""
+    if native and not selection.active():
+        pytest.skip(f"TIES trims run on {selection.native_state()}")
+    if not native:
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base, ds = fine_tuned(3)
+    p = plan_of("ties", ds, base=base, options={"density": 0.5})
+    largest = max(math.prod(s) for s in SHAPES.values())
+    assert max(slot.internal for slot in p.slots) == (0 if native else largest * (F32 + 8))
+    kept = plan_of("ties", ds, base=base, options={"density": 1.0})  # no trim: nothing selected either way
+    assert max(slot.internal for slot in kept.slots) == 0
 
 
 @pytest.mark.parametrize(("numel", "dtype", "chunks"), [

@@ -744,10 +744,13 @@ def test_trims_outside_the_kernels_are_torchs(case: str, monkeypatch: pytest.Mon
 
 
 @needs_native_select
-@pytest.mark.parametrize("broken", ["one rank off", "writes -0 below the threshold", "zeroes at the threshold"])
+@pytest.mark.parametrize("broken", [
+    "one rank off", "writes -0 below the threshold", "zeroes at the threshold", "zeroes a negative NaN",
+])
 def test_the_trim_guard_turns_off_kernels_that_differ_from_torch(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A selection one rank off, a trim that writes -0 for a negative value, or one that zeroes a value
-    equal to the threshold must each be caught by the check run at first use."""
+    """A selection one rank off, a trim that writes -0 for a negative value, one that zeroes a value
+    equal to the threshold, or one that zeroes a NaN with its sign bit set must each be caught by the
+    check run at first use."""
     select, zero = selection._SELECT, selection._ZERO_BELOW
     assert select is not None and zero is not None
 
@@ -760,6 +763,8 @@ def test_the_trim_guard_turns_off_kernels_that_differ_from_torch(broken: str, mo
         with np.errstate(invalid="ignore"):
             if broken == "writes -0 below the threshold":
                 array[np.abs(array) < threshold] *= 0  # -x * 0 is -0
+            elif broken == "zeroes a negative NaN":
+                array[(np.abs(array) < threshold) | (np.isnan(array) & np.signbit(array))] = 0
             else:
                 array[np.abs(array) <= threshold] = 0
 
@@ -818,8 +823,8 @@ def test_a_ties_merge_has_the_same_bits_with_the_kernels_on_and_off(
 ) -> None:
     """Every bit of the merge, NaNs and signed zeros included, with the native trim and with torch's
     kthvalue, abs, lt and masked_fill_; the kernels selected every threshold of the first (one per
-    model and entry that keeps some but not all) and trimmed every delta twice (once to elect the
-    signs, once to sum)."""
+    model and entry that keeps some but not all) and trimmed every delta that keeps any twice (once
+    to elect the signs, once to sum)."""
     base, models = ties_inputs(dtype)
     select, zero = selection._SELECT, selection._ZERO_BELOW
     assert select is not None and zero is not None
@@ -846,7 +851,8 @@ def test_a_ties_merge_has_the_same_bits_with_the_kernels_on_and_off(
     off = merge()
     sizes = [t.numel() for t in base.entries.values() if 0 < int(density * t.numel()) < t.numel()]
     assert sorted(selected) == sorted(sizes * 3)
-    assert sorted(trimmed) == sorted([t.numel() for t in base.entries.values()] * 6)
+    kept = [t.numel() for t in base.entries.values() if int(density * t.numel()) > 0]  # k = 0 drops the delta
+    assert sorted(trimmed) == sorted(kept * 6)
     assert on.keys() == off.keys()
     for name in on:
         assert torch.equal(bits(on[name]), bits(off[name])), name

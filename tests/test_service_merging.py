@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from inprocess import assert_nothing_pending, assert_same_state, state_of, upload, walked_bytes
-from weightavg_server.domain import footprint
+from weightavg_server.domain import footprint, selection
 from weightavg_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Service, Settings
@@ -209,10 +209,11 @@ CAPS: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any], object]
     ("average into a new dictionary", three, lambda s, ds: s.average(ds, [1.0, 2.0, 3.0], ""), ENTRY, ENTRY),
     # Into one of its inputs: an accumulator per entry, nothing kept.
     ("average into one of its inputs", three, lambda s, ds: s.average(ds, None, ds[0]), ENTRY, 0),
-    # The result; delta, |delta|, elected sign, divisor (4 float32) and a bool mask; kthvalue's copy and int64 index.
+    # The result; delta, |delta|, elected sign, divisor (4 float32) and a bool mask; kthvalue's copy and int64
+    # index where the native selection, which allocates nothing, is off.
     ("ties", lambda s: (dictionary(s, x=rows(9)), three(s)),
      lambda s, st: s.merge("ties", st[1], st[0], None, (("density", 0.5),)),
-     ENTRY + 4 * ENTRY + ROWS * FEATURES + ROWS * FEATURES * (F32 + 8), ENTRY),
+     ENTRY + 4 * ENTRY + ROWS * FEATURES + (0 if selection.active() else ROWS * FEATURES * (F32 + 8)), ENTRY),
     # A pseudo-gradient per parameter (freed) and SGD's momentum buffers (kept).
     ("first outer step with momentum", optimizer_and_average, lambda s, st: s.outer_step(*st), 2 * LAYER, LAYER),
     # bfloat16 gradients (freed), then the larger of their momentum (kept) and the float32 difference of

@@ -449,7 +449,8 @@ def _slot(
     work = torch.float64 if wide else torch.float32
     shared = name in readers
     direct = dtype == work and not shared
-    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, math.prod(shape))
+    numel = math.prod(shape)
+    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, numel, first.device)
     return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal)
 
 
@@ -496,7 +497,7 @@ def _readers(names: Sequence[str], sources: Sequence[TensorDict], into: TensorDi
 
 def _scratch(
     method: Method, options: Values, work: torch.dtype, direct: bool, tensors: list[torch.Tensor],
-    kinds: set[torch.dtype], has_base: bool, numel: int,
+    kinds: set[torch.dtype], has_base: bool, numel: int, device: torch.device,
 ) -> tuple[tuple[torch.dtype, ...], int]:
     """The scratch tensors (each of the result's shape) a slot's kernel takes, in the order it takes
     them (every work-dtype buffer before the bool one, so each view is aligned), and the bytes torch
@@ -517,9 +518,12 @@ def _scratch(
     divisor = (work,) if consensus and normalize else ()
     trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
     mask = (torch.bool,) if consensus or trims else ()
-    # torch.kthvalue copies the values and keeps an int64 index per element while it selects (on the CPU the
-    # native selection takes its place and allocates nothing, but it may be off, and CUDA takes kthvalue).
-    internal = numel * (_size(work) + 8) if trims else 0
+    # torch.kthvalue copies the values and keeps an int64 index per element while it selects. On the CPU,
+    # where the native selection is on, it takes kthvalue's place (the work dtype is one of its kinds and
+    # the delta a contiguous scratch view) and allocates nothing; CUDA, and a CPU where it is off, take
+    # kthvalue.
+    selects_natively = device.type == "cpu" and selection.active()
+    internal = numel * (_size(work) + 8) if trims and not selects_natively else 0
     return acc + (work,) + base_cast + aside + election + divisor + mask, internal
 
 
@@ -805,7 +809,7 @@ def _task_vectors(
     density = float_value(options, "density") if method != "task_arithmetic" else 1.0
     trims = method == "ties" and density < 1
     mask = scratch.take(shape, torch.bool) if consensus or trims else None
-    thresholds: dict[int, float] = {}
+    thresholds: dict[int, float | None] = {}
 
     def make_delta(i: int) -> None:
         delta.copy_(xs[i])
@@ -814,7 +818,7 @@ def _task_vectors(
             assert aside is not None and mask is not None
             if i not in thresholds:
                 thresholds[i] = _threshold(delta, density, aside)
-            selection.zero_below(delta, thresholds[i], aside, mask)
+            _trim(delta, thresholds[i], aside, mask)
         elif method == "dare":
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
@@ -855,17 +859,33 @@ def _task_vectors(
     _finish(acc, out)
 
 
-def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> float:
-    """The k-th largest |delta|, k = int(density * numel): entries at or above it are kept (ties at
-    the threshold all stay); with k = 0 nothing is kept. On the CPU a native radix selection finds
-    it, elsewhere torch.kthvalue over |delta| in `aside`: the same value (`selection`)."""
+def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> float | None:
+    """The k-th largest |delta|, k = int(density * numel), NaN counted largest: entries at or above it
+    are kept (ties at the threshold all stay, `_trim`); None where k = 0, when nothing is kept. On
+    the CPU a native radix selection finds it, elsewhere torch.kthvalue over |delta| in `aside`: the
+    same value (`selection`)."""
     n = delta.numel()
     k = int(density * n)
     if k <= 0:
-        return math.inf
+        return None
     if k >= n:
         return -math.inf
     return selection.kth_largest_magnitude(delta, k, aside)
+
+
+def _trim(delta: torch.Tensor, threshold: float | None, aside: torch.Tensor, mask: torch.Tensor) -> None:
+    """delta := +0 wherever |delta| is below `threshold` in the selection's order, NaN above inf: the
+    whole delta where it is None (k = 0), every number where it is a NaN (k NaNs or more: only the NaNs
+    are kept), elsewhere what `selection.zero_below` zeroes. The threshold inf (k = 0 as it was
+    before) kept the delta's infinities and NaNs, and `|delta| < NaN`, false everywhere, kept every
+    entry of a delta with k NaNs (found by review)."""
+    if threshold is None:
+        delta.zero_()
+    elif math.isnan(threshold):
+        torch.eq(delta, delta, out=mask)  # the numbers: a NaN is not equal to itself
+        delta.masked_fill_(mask, 0)
+    else:
+        selection.zero_below(delta, threshold, aside, mask)
 
 
 _KERNELS: dict[str, Kernel] = {
