@@ -570,13 +570,10 @@ def test_corrupted_encodings_decode_to_a_value_or_a_control_decode_error() -> No
     assert refused > 15000 and decoded > 200  # the corruptions reached past the first checks
 
 
-def test_a_command_rank_0_cannot_encode_is_refused_without_breaking_the_cluster(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A create_module whose spec nests 65 layers deep (allowed with --max-spec-depth 65 or more) is
-    refused by the writer on rank 0 before any byte moves: INVALID_ARGUMENT naming the nesting, and the
-    cluster serves on. It was UNAVAILABLE for good, as if a rank had died. A one-rank gloo group runs
-    torch's real broadcast."""
+@pytest.fixture
+def rank_0_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[cluster.ClusterService]:
+    """Rank 0's `_send` in a one-rank gloo group: torch's real broadcast and gather, through
+    control_wire's writer and reader, with nothing of the service built but what `_send` uses."""
     import threading
 
     import torch.distributed as dist
@@ -594,8 +591,46 @@ def test_a_command_rank_0_cannot_encode_is_refused_without_breaking_the_cluster(
     monkeypatch.setattr(c10d, "_pickler", control_wire.ControlWriter)
     monkeypatch.setattr(c10d, "_unpickler", control_wire.ControlReader)
     try:
-        with pytest.raises(InvalidArgument, match="rank 0 cannot send create_module .* nested over 200 deep"):
-            service._send(cluster.Command("create_module", (_nested_spec(65),)))
+        yield service
     finally:
         dist.destroy_process_group()
-    assert service._broken == ""
+
+
+def test_a_command_rank_0_cannot_encode_is_refused_without_breaking_the_cluster(
+    rank_0_alone: cluster.ClusterService,
+) -> None:
+    """A create_module whose spec nests 65 layers deep (allowed with --max-spec-depth 65 or more) is
+    refused by the writer on rank 0 before any byte moves: INVALID_ARGUMENT naming the nesting, and the
+    cluster serves on. It was UNAVAILABLE for good, as if a rank had died."""
+    with pytest.raises(InvalidArgument, match="rank 0 cannot send create_module .* nested over 200 deep"):
+        rank_0_alone._send(cluster.Command("create_module", (_nested_spec(65),)))
+    assert rank_0_alone._broken == ""
+
+
+@pytest.mark.parametrize(
+    "held, said",
+    [("12", "byte counts that are not non-negative integers"), (-1, "byte counts"), (True, "byte counts")],
+)
+def test_a_reply_that_is_not_a_ranks_breaks_the_cluster_with_unavailable(
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, held: object, said: str
+) -> None:
+    """A reply that decodes but is not what `follow` sends (a result, then two byte counts) was
+    unpacked by rank 0 into a TypeError or ValueError: INTERNAL to the client, and the cluster went on
+    with a rank answering what this code never sends. It is UNAVAILABLE naming the rank, the cluster
+    broken as when a rank is lost. The reply here is rank 0's own, through torch's real gather."""
+    monkeypatch.setattr(cluster, "execute", lambda service, fabric, command: None)
+    monkeypatch.setattr(cluster, "held_bytes", lambda service: held)
+    with pytest.raises(Unavailable, match=f"the cluster lost a rank .*_ping: ValueError: rank 0 answered {said}"):
+        rank_0_alone._send(cluster.Command("_ping"))
+    assert rank_0_alone._broken
+    with pytest.raises(Unavailable):  # for good: the next call is refused before it is sent
+        rank_0_alone._send(cluster.Command("_ping"))
+
+
+def test_a_gathered_reply_of_another_shape_is_named() -> None:
+    """`_malformed_reply` names the first rank whose reply is not a (result, held, kept) triple."""
+    assert cluster._malformed_reply([(None, 0, 0), ({"a": 1}, 5, 7)]) is None
+    listed = cluster._malformed_reply([(None, 0, 0), [None, 0, 0]])
+    assert listed == "rank 1 answered a list, not a (result, held, kept) triple"
+    assert cluster._malformed_reply([(None, 0)]) == "rank 0 answered a tuple, not a (result, held, kept) triple"
+    assert cluster._malformed_reply([(None, 0, 1.5)]) is not None

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -1130,6 +1130,18 @@ def follow(service: Service, fabric: Fabric, between: Callable[[str], object] = 
         between(command.op)
 
 
+def _malformed_reply(replies: list[Any]) -> str | None:
+    """What is wrong with the first gathered reply that is not `follow`'s (result, held bytes, kept
+    bytes), or None: a stream that decodes (the control plane's reader checks only its own format)
+    but was not sent by a rank running this code, which rank 0 must not unpack into a TypeError."""
+    for rank, reply in enumerate(replies):
+        if not (isinstance(reply, tuple) and len(reply) == 3):
+            return f"rank {rank} answered a {type(reply).__name__}, not a (result, held, kept) triple"
+        if not all(type(n) is int and n >= 0 for n in reply[1:]):
+            return f"rank {rank} answered byte counts that are not non-negative integers"
+    return None
+
+
 def kept_bytes() -> int:
     """Bytes of freed host memory this rank's host cache keeps idle (`hostcache`)."""
     return hostcache.cache().stats().idle_bytes
@@ -1311,26 +1323,29 @@ class ClusterService(Service):
                 raise InvalidArgument(f"rank 0 cannot send {command.op} to the other ranks: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
                 self._lost(command, exc, sent)
-                raise
             try:
                 mine = execute(self, self.fabric, command)
                 replies: list[Any] = [None] * self.fabric.world_size
                 dist.gather_object((mine, held_bytes(self), 0), replies, dst=0, group=self.fabric.control)
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
                 self._lost(command, exc, sent)
-                raise
+            malformed = _malformed_reply(replies)
+            if malformed is not None:
+                self._lost(command, ValueError(malformed), sent)
             results = [result for result, _, _ in replies]
             with self._placements_lock:
                 self._held = [held for _, held, _ in replies]
                 self._kept = [kept for _, _, kept in replies]
             return results
 
-    def _lost(self, command: Command, exc: BaseException, sent: float) -> None:
-        """The cluster is broken for good: a collective of `command` failed (raises UNAVAILABLE)."""
+    def _lost(self, command: Command, exc: BaseException, sent: float) -> NoReturn:
+        """The cluster is broken for good: a collective of `command` failed, or a rank answered what
+        this code never sends. Raises UNAVAILABLE."""
         self._broken = lost_rank(command.op, exc, time.monotonic() - sent, self.fabric.timeout)
         log.error("cluster broken: %s", self._broken)
         self.on_broken(self._broken)
         self._check()
+        raise AssertionError("unreachable: _check raises once the cluster is broken")
 
     def _call(
         self, op: str, where: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
