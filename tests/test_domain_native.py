@@ -53,10 +53,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-def test_the_kernel_is_built_wherever_a_compiler_and_headers_exist() -> None:
+def test_the_kernels_are_built_and_on_wherever_a_compiler_and_headers_exist() -> None:
+    """Each kernel's tests skip where it is off, so a kernel built but turned off by its first-use check
+    against torch (the weighted sum's or the selection's, not only the lerp's) would pass the suite
+    unseen: here it fails, naming the kernel."""
     if not can_build_here():
         pytest.skip("no C compiler or Python headers here: the install leaves the kernel out by design")
     assert BUILT, lerp.native_state()
+    assert weighted_sum.native_state() == "native weighted sum"
+    assert selection.native_state() == "native selection"
 
 
 @needs_native
