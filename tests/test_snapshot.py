@@ -272,6 +272,21 @@ def _next_snapshot(state_dir: Path, after: int, holds: Callable[[Registry], bool
         time.sleep(0.05)
 
 
+def _settled(runtime: Runtime, state_dir: Path) -> int:
+    """The generation on disk once the periodic snapshots have caught up with every change made.
+
+    A snapshot reads the change count before its cut, so a change made between the two is in the
+    cut but not in the count it saves (`registry.Changes`): the next interval then writes the same
+    state again, a legitimate write that a test waiting for "a snapshot holding X" could see after
+    it started asserting that nothing more is written. The manifest is on disk before the count is
+    saved, so once nothing is unsaved the newest generation is final until the next change."""
+    deadline = time.monotonic() + 30
+    while runtime.registry.changes.unsaved():
+        assert time.monotonic() < deadline, "the periodic snapshots never caught up within 30 s"
+        time.sleep(0.05)
+    return _generation(state_dir)
+
+
 def _count(registry: Registry, handle: str) -> float | None:
     """The running-average count ('.n') of a restored dictionary, None before its first average."""
     n = dict(registry.items())[handle].obj.entries.get(".n")
@@ -292,16 +307,19 @@ def test_a_periodic_snapshot_of_a_server_that_changed_nothing_is_not_written_aga
         with Client(f"127.0.0.1:{runtime.port}", timeout=60) as c:
             m = c.module(["linear", 3, 2])
             d = c.copyparms(m)
-            first, _ = _next_snapshot(state, 0, lambda r: len(r) == 2)
+            _next_snapshot(state, 0, lambda r: len(r) == 2)
+            first = _settled(runtime, state)
             time.sleep(1.0)  # ten intervals, nothing changed
             assert _generation(state) == first
             assert c.avgparms(m, d) == 2  # in place: the copy counted as the first sample
-            second, restored = _next_snapshot(state, first, lambda r: _count(r, d.id) == 2.0)
+            _next_snapshot(state, first, lambda r: _count(r, d.id) == 2.0)
+            second = _settled(runtime, state)
             time.sleep(0.5)
             assert _generation(state) == second
             c.free(d)
-            third, restored = _next_snapshot(state, second, lambda r: d.id not in dict(r.items()))
+            _, restored = _next_snapshot(state, second, lambda r: d.id not in dict(r.items()))
             assert m.id in dict(restored.items())
+            third = _settled(runtime, state)
             c.snapshot()  # asked for: written though nothing changed
             assert _generation(state) == third + 1
     finally:
