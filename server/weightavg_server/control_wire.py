@@ -513,12 +513,21 @@ def _dtype(name: str) -> torch.dtype:
     return kind
 
 
+def shape_fits(shape: object) -> bool:
+    """Whether `shape` is sizes torch can allocate: a tuple of whole numbers of at least 0 whose non-zero
+    ones multiply to below 2**63 (past it, its stride calculation overflows, and 2**64 fails as a
+    ValueError). The ranks check the shapes they exchange as plain tuples with it too (`cluster`)."""
+    return (
+        isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+        and math.prod(n for n in shape if n) < _INT64_END
+    )
+
+
 def _shape(shape: object) -> tuple[int, ...]:
-    """Sizes of a tensor: whole numbers of at least 0 whose non-zero ones multiply to below 2**63, as
-    torch allows (past it, its stride calculation overflows, and 2**64 fails as a ValueError)."""
+    """Sizes of a tensor, as torch allows them (`shape_fits`)."""
     if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
         raise ControlDecodeError(f"the cluster's control plane got a tensor of shape {shape!r}: not sizes")
-    if math.prod(n for n in shape if n) >= _INT64_END:
+    if not shape_fits(shape):
         raise ControlDecodeError(f"the cluster's control plane got a tensor of shape {list(shape)}: past torch's sizes")
     return shape
 
