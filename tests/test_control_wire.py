@@ -10,6 +10,7 @@ torchrun clusters with it installed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import inspect
@@ -607,12 +608,9 @@ def test_a_command_rank_0_cannot_encode_is_refused_without_breaking_the_cluster(
     assert rank_0_alone._broken == ""
 
 
-@pytest.mark.parametrize(
-    "held, said",
-    [("12", "byte counts that are not non-negative integers"), (-1, "byte counts"), (True, "byte counts")],
-)
+@pytest.mark.parametrize("held", ["12", -1, True])
 def test_a_reply_that_is_not_a_ranks_breaks_the_cluster_with_unavailable(
-    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, held: object, said: str
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, held: object
 ) -> None:
     """A reply that decodes but is not what `follow` sends (a result, then two byte counts) was
     unpacked by rank 0 into a TypeError or ValueError: INTERNAL to the client, and the cluster went on
@@ -620,7 +618,8 @@ def test_a_reply_that_is_not_a_ranks_breaks_the_cluster_with_unavailable(
     broken as when a rank is lost. The reply here is rank 0's own, through torch's real gather."""
     monkeypatch.setattr(cluster, "execute", lambda service, fabric, command: None)
     monkeypatch.setattr(cluster, "held_bytes", lambda service: held)
-    with pytest.raises(Unavailable, match=f"the cluster lost a rank .*_ping: ValueError: rank 0 answered {said}"):
+    said = r"rank 0 sent a tuple where follow's \(result, held bytes, kept bytes\) was expected"
+    with pytest.raises(Unavailable, match=f"the cluster lost a rank .*_ping: MalformedExchange: {said}"):
         rank_0_alone._send(cluster.Command("_ping"))
     assert rank_0_alone._broken
     with pytest.raises(Unavailable):  # for good: the next call is refused before it is sent
@@ -628,9 +627,230 @@ def test_a_reply_that_is_not_a_ranks_breaks_the_cluster_with_unavailable(
 
 
 def test_a_gathered_reply_of_another_shape_is_named() -> None:
-    """`_malformed_reply` names the first rank whose reply is not a (result, held, kept) triple."""
-    assert cluster._malformed_reply([(None, 0, 0), ({"a": 1}, 5, 7)]) is None
-    listed = cluster._malformed_reply([(None, 0, 0), [None, 0, 0]])
-    assert listed == "rank 1 answered a list, not a (result, held, kept) triple"
-    assert cluster._malformed_reply([(None, 0)]) == "rank 0 answered a tuple, not a (result, held, kept) triple"
-    assert cluster._malformed_reply([(None, 0, 1.5)]) is not None
+    """Rank 0 names the first rank whose reply is not a (result, held, kept) triple."""
+    replies = [(None, 0, 0), ({"a": 1}, 5, 7)]
+    assert cluster._as_sent(replies, cluster._is_reply, "a reply") is replies
+    with pytest.raises(cluster.MalformedExchange, match="^rank 1 sent a list where a reply was expected"):
+        cluster._as_sent([(None, 0, 0), [None, 0, 0]], cluster._is_reply, "a reply")
+    for reply in [(None, 0), (None, 0, 1.5), (None, True, 0), (None, 0, -1)]:
+        with pytest.raises(cluster.MalformedExchange, match="^rank 0 sent a tuple where a reply was expected"):
+            cluster._as_sent([reply], cluster._is_reply, "a reply")
+
+
+# -- what a rank receives from another, checked before use (review 2026-11-28) ---------------------------
+# Every value a rank receives in an object collective decodes (control_wire's own checks) and then must be
+# what cluster.py sends there: otherwise a MalformedExchange, which stops the ranks (rank 0: UNAVAILABLE),
+# never a TypeError turned INTERNAL with the ranks out of step, nor snapshots deleted.
+
+
+def _sending(monkeypatch: pytest.MonkeyPatch, value: object) -> None:
+    """This rank sends `value` in place of its own in its next all_gather_object, through torch's real
+    collective and control_wire's writer and reader (a one-rank group: `rank_0_alone`)."""
+    import torch.distributed as dist
+
+    real = dist.all_gather_object
+    calls = iter(range(2**31))
+
+    def forged(out: list[object], obj: object, *args: object, **kwargs: object) -> None:
+        real(out, value if next(calls) == 0 else obj, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dist, "all_gather_object", forged)
+
+
+def _peer_sends(monkeypatch: pytest.MonkeyPatch, me: int, peer: int, values: list[object]) -> None:
+    """A two-rank exchange in one process: in each all_gather_object, this rank (`me`) gets back what
+    it sent and `peer` sends the next of `values`, each through control_wire's writer and reader."""
+    import torch.distributed as dist
+
+    pending = list(values)
+
+    def gathered(out: list[object], obj: object, group: object = None) -> None:
+        out[me], out[peer] = decode(encode(obj)), decode(encode(pending.pop(0)))
+
+    monkeypatch.setattr(dist, "all_gather_object", gathered)
+
+
+def _fabric(rank: int, world_size: int) -> cluster.Fabric:
+    return cluster.Fabric(rank, world_size, torch.device("cpu"), ("cpu",) * world_size, "gloo", None, 30.0)
+
+
+@pytest.fixture
+def rank_service() -> Service:
+    """A rank's service on the CPU, under a cap of 1 MB, holding a dictionary of one entry 'w'."""
+    from weightavg_server.store.limits import Limits
+    from weightavg_server.store.registry import Registry
+
+    s = Service(Registry(Limits(max_device_bytes=2**20)), service.Settings(
+        device=torch.device("cpu"), max_spec_depth=32, session_lease_seconds=60.0, max_session_lease_seconds=60.0,
+    ))
+    s.create_dictionary(cluster.Replay([("w", torch.ones(4))]))
+    return s
+
+
+def _held(s: Service) -> str:
+    """The handle of the one object `s` holds."""
+    [(handle, _)] = s.store.items()
+    return handle
+
+
+@pytest.mark.parametrize("sent", [7, None, ["cpu"]])
+def test_a_device_that_is_not_a_name_stops_every_rank_at_join(
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, sent: object
+) -> None:
+    """At join each rank's device name: anything else was made a str and kept as that rank's device.
+    A MalformedExchange is a ValueError: `weightavg serve: rank 0 sent ...`, before serving."""
+    assert cluster._gathered_devices(None, 1, torch.device("cpu")) == ("cpu",)
+    _sending(monkeypatch, sent)
+    with pytest.raises(ValueError, match="^rank 0 sent a .* where its device's name \\(a str\\) was expected"):
+        cluster._gathered_devices(None, 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sent", ["3", {3: 1}, [3, -1], [3.0]])
+def test_snapshot_generations_that_are_not_numbers_stop_the_start_and_delete_nothing(
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sent: object
+) -> None:
+    """A rank's generations in place of a list of ints: the string "3" made generation "3", which no
+    directory's int equals, so every rank deleted every snapshot it held (gen-3 included) and started
+    empty. It stops the start now, before anything is removed."""
+    from weightavg_server.store import snapshot
+
+    (tmp_path / "gen-3").mkdir()
+    (tmp_path / "gen-3" / snapshot.MANIFEST).write_text("{}")
+    _sending(monkeypatch, sent)
+    with pytest.raises(cluster.MalformedExchange, match="^rank 0 sent a .* where the snapshot generations"):
+        cluster.agree_on_snapshot(_fabric(0, 1), str(tmp_path))
+    assert cluster.generations(str(tmp_path)) == [3]
+
+
+def test_a_refusal_that_is_not_a_bool_breaks_the_cluster_with_unavailable(
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank's refusal (`_agree`) that is a tensor of two values: `any()` of it was a RuntimeError that
+    rank 0 answered as its own failure (INTERNAL to the client) with the other ranks out of step. It
+    breaks the cluster now, through torch's real collectives, as a lost rank does."""
+    monkeypatch.setattr(cluster, "execute", lambda s, fabric, command: cluster._answered(
+        fabric, command.op, lambda: cluster._agree(fabric, None)))
+    monkeypatch.setattr(cluster, "held_bytes", lambda s: 0)
+    _sending(monkeypatch, torch.ones(2))
+    said = "_ping: MalformedExchange: rank 0 sent a Tensor where whether it refuses its part"
+    with pytest.raises(Unavailable, match=f"the cluster lost a rank .*{said}"):
+        rank_0_alone._send(cluster.Command("_ping"))
+    assert rank_0_alone._broken
+
+
+@pytest.mark.parametrize("layout", [
+    "w", {"w": (4,)}, [("w", (4,))], [("w", (-4,), torch.float32)], [("w", (2**40, 2**40), torch.float32)],
+    [("w", (4,), "float32")],
+])
+def test_a_fetch_layout_of_another_shape_stops_before_rank_0_reserves(
+    rank_service: Service, monkeypatch: pytest.MonkeyPatch, layout: object
+) -> None:
+    """Rank 1's layout of what rank 0 fetches from it: a str or rows of another shape were a ValueError
+    or TypeError, a negative size a RuntimeError from torch.empty, sizes past torch's (whose numel
+    overflowed to 0, so nothing was reserved) a TypeError: INTERNAL to the client, with rank 1 by
+    then in the next exchange (`_agree`) and rank 0 in the gather of replies."""
+    _peer_sends(monkeypatch, 0, 1, [layout, False])
+    with contextlib.ExitStack() as held:
+        with pytest.raises(cluster.MalformedExchange, match="^rank 1 sent a .* where a fetch's layout"):
+            cluster._fetch(rank_service, _fabric(0, 2), "x", ["w"], 1, cluster.Sink(held))
+
+
+@pytest.mark.parametrize("signature", [
+    [("w", (torch.ones(2),), "torch.float32")], torch.ones(2), "w", [("w", (4,), torch.float32)],
+    [("w", [4], "torch.float32")],
+])
+def test_a_broadcast_signature_of_another_shape_stops_the_ranks(
+    rank_service: Service, monkeypatch: pytest.MonkeyPatch, signature: object
+) -> None:
+    """Rank 1's signature for a broadcast: a tensor among a row's sizes made every rank's comparison a
+    RuntimeError (INTERNAL); anything else was FAILED_PRECONDITION telling the client to set per-rank
+    values alike, which no client can do about a rank that sends no signature."""
+    monkeypatch.setattr(rank_service, "_replicated_of", lambda entry: [("w", torch.ones(4))])
+    _peer_sends(monkeypatch, 0, 1, [signature])
+    with pytest.raises(cluster.MalformedExchange, match="^rank 1 sent a .* where a broadcast's signature"):
+        cluster._broadcast(rank_service, _fabric(0, 2), _held(rank_service))
+
+
+_ROW = ("w", "entry", (4,), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("layout", [
+    "w", [_ROW], cluster.Layout("dictionary", [("w", "entry", (-4,), torch.float32, "cpu")]),
+    cluster.Layout("tree", [_ROW]), cluster.Layout("module", [_ROW]),
+    cluster.Layout("dictionary", [("w", "buffer", (4,), torch.float32, "cpu")]),
+])
+def test_a_move_layout_of_another_shape_stops_the_receiving_rank_before_it_reserves(
+    rank_service: Service, monkeypatch: pytest.MonkeyPatch, layout: object
+) -> None:
+    """The layout rank 0 sends of a source it moves to rank 1: a str or list had no rows (AttributeError),
+    a negative size failed in torch.empty (RuntimeError), while rank 0 went on to `_agree` and to send;
+    a kind or role that `_layout` never makes built a stand-in without the rows' tensors."""
+    _peer_sends(monkeypatch, 1, 0, [layout, False])
+    with contextlib.ExitStack() as held:
+        with pytest.raises(cluster.MalformedExchange, match="^rank 0 sent a .* where a move's layout"):
+            cluster._moved(rank_service, _fabric(1, 2), cluster.Move("x", 0, 1), held)
+
+
+@pytest.mark.parametrize("size", [-2**20, "5", 2.5, True, [5]])
+def test_a_metrics_size_that_is_not_a_byte_count_stops_before_rank_0_reserves(
+    rank_service: Service, monkeypatch: pytest.MonkeyPatch, size: object
+) -> None:
+    """Rank 1's bytes of the metrics it will send rank 0 (`_rank_metrics`): a str or a list was a
+    TypeError in rank 0's sum (INTERNAL, rank 1 by then in `_agree`); a negative count or a float went
+    through (reserving nothing, or a fraction of a byte)."""
+    _peer_sends(monkeypatch, 0, 1, [size, False])
+    with contextlib.ExitStack() as held:
+        with pytest.raises(cluster.MalformedExchange, match="^rank 1 sent a .* where the bytes of its metrics"):
+            cluster._rank_metrics(rank_service, _fabric(0, 2), "test", "m", 1, cluster.Sink(held))
+
+
+@pytest.mark.parametrize("meta", [
+    ((-3,), torch.float32), ((3,), "float32"), ((3,), torch.float32, 1), "3", [(3,), torch.float32],
+    ((2**62, 4), torch.float32),
+])
+def test_a_tensor_answers_meta_of_another_shape_stops_before_rank_0_reserves(
+    rank_service: Service, monkeypatch: pytest.MonkeyPatch, meta: object
+) -> None:
+    """Rank 1's (shape, dtype) of its tensor answer (`_tensor_back`): a negative size failed in the
+    allocation, a dtype's name had no itemsize, a 3-tuple or a str failed to unpack: INTERNAL, with
+    rank 1 by then in `_agree`."""
+    _peer_sends(monkeypatch, 0, 1, [meta, False])
+    with contextlib.ExitStack() as held:
+        command = cluster.Command("evaluate", ranks=(1,), sink=cluster.Sink(held))
+        with pytest.raises(cluster.MalformedExchange, match="^rank 1 sent a .* where a tensor answer's"):
+            cluster._tensor_back(rank_service, _fabric(0, 2), command, None)
+
+
+@pytest.mark.parametrize("sent", ["_stop", None, [cluster.Command("_stop")], cluster.Command("_ping", ranks=(7,))])
+def test_a_follower_stops_on_what_is_no_command_of_this_cluster_saying_so(
+    monkeypatch: pytest.MonkeyPatch, sent: object
+) -> None:
+    """What rank 1 receives from rank 0 in place of a command: anything but a Command was taken for
+    rank 0's stop (logged 'stop from rank 0', exit status 0, so torchrun did not restart the group);
+    a command for rank 7 of two ranks was taken for one. It stops now with a MalformedExchange
+    (`weightavg serve: rank 0 sent ...`, exit status 1)."""
+    import torch.distributed as dist
+
+    boxes = [sent, cluster.Command("_stop")]
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src, group: box.__setitem__(
+        0, decode(encode(boxes.pop(0)))))
+    monkeypatch.setattr(dist, "gather_object", lambda *args, **kwargs: None)
+    with pytest.raises(cluster.MalformedExchange, match="^rank 0 sent a .* where a command was expected"):
+        cluster.follow(object.__new__(Service), _fabric(1, 2))
+
+
+def test_what_the_ranks_send_one_another_is_what_they_expect(rank_service: Service) -> None:
+    """The checks take what this code sends at each exchange (so none stops a healthy cluster)."""
+    entry = rank_service.store.get(_held(rank_service))
+    layout, _ = cluster._layout(cluster.source_of(entry), buffers=False)
+    sent = [
+        (cluster._is_generations, [[], [1, 2]]),
+        (cluster._is_fetch_layout, [None, [("w", (4,), torch.float32), ("s", (), torch.int64)]]),
+        (cluster._is_signature, [None, [("w", (4,), "torch.float32")]]),
+        (cluster._is_move_layout, [None, layout, cluster._layout(torch.nn.Linear(2, 3), buffers=True)[0]]),
+        (cluster._is_tensor_meta, [None, ((0, 3), torch.float16), ((), torch.bool)]),
+        (cluster._is_reply, [(None, 0, 0), ([1, "a"], 2**40, 7)]),
+        (lambda v: cluster._is_command(v, 2), [cluster.Command("_stop"), cluster.Command("free", ranks=(1,))]),
+    ]
+    for fits, values in sent:
+        assert all(fits(decode(encode(v))) for v in values), fits

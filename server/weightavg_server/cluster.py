@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.distributed as dist
@@ -180,8 +180,7 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
         backend = agree_backend(store, rank, world, backend)
         dist.init_process_group(backend=data_backend(backend), store=store, rank=rank, world_size=world, timeout=wait)
         control = dist.new_group(backend="gloo", timeout=wait)
-        devices: list[Any] = [None] * world
-        dist.all_gather_object(devices, str(device), group=control)
+        devices = _gathered_devices(control, world, device)
     except RuntimeError as exc:  # torch's DistStoreError and DistBackendError are RuntimeErrors
         said = str(exc).splitlines()[0] if str(exc) else ""
         if not timed_out(said):
@@ -193,7 +192,18 @@ def join(requested_device: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Fab
             "CUDA), or raise --cluster-timeout-seconds"
         ) from None
     log.info("rank %d of %d joined on %s (data backend %s)", rank, world, device, backend)
-    return Fabric(rank, world, device, tuple(str(d) for d in devices), backend, control, timeout, store)
+    return Fabric(rank, world, device, devices, backend, control, timeout, store)
+
+
+def _gathered_devices(control: Any, world: int, device: torch.device) -> tuple[str, ...]:
+    """Each rank's device, in rank order (at join: a malformed one stops every rank before serving).
+
+    Raises:
+        MalformedExchange: a rank sent something other than its device's name.
+    """
+    devices: list[Any] = [None] * world
+    dist.all_gather_object(devices, str(device), group=control)
+    return tuple(_as_sent(devices, lambda v: type(v) is str, "its device's name (a str)"))
 
 
 # -- snapshots ------------------------------------------------------------------------------------------
@@ -256,7 +266,7 @@ def agree_on_snapshot(fabric: Fabric, directory: str) -> int:
     """Before any rank restores: the generation all restore (0: none), the others removed on every rank."""
     held: list[Any] = [None] * fabric.world_size
     dist.all_gather_object(held, generations(directory), group=fabric.control)
-    generation = common_generation(held)
+    generation = common_generation(_as_sent(held, _is_generations, "the snapshot generations it holds (ints)"))
     prune(directory, generation)
     if generation:
         log.info("rank %d restores snapshot generation %d", fabric.rank, generation)
@@ -328,6 +338,94 @@ def silent_past(timeout: float) -> str:
         "replicated model on data of different sizes; a larger snapshot to restore at start), restart the "
         "cluster with a higher --cluster-timeout-seconds"
     )
+
+
+# -- what the ranks receive from one another ----------------------------------------------------------
+
+
+class MalformedExchange(ValueError):
+    """A value a rank received in a control exchange decodes (`control_wire` checks its own format and
+    a data class's field types) but is not what this code sends there: a rank running other code, or a
+    stream not from a rank. Unchecked, it failed the receiving code as a TypeError, IndexError or
+    KeyError: INTERNAL to a client on rank 0 while the other ranks went on to the next exchange, out
+    of step. It is never a rank's answer (`_answered` lets it through): rank 0 breaks the cluster with
+    UNAVAILABLE (`ClusterService._send`, as for a lost rank); a rank before serving, or another rank
+    in a command, stops with it as a ValueError ("weightavg serve: rank 1 sent ...", exit status 1,
+    `ops.cli.main`), so that torchrun restarts the group."""
+
+
+def _as_sent(values: list[Any], fits: Callable[[Any], bool], what: str) -> list[Any]:
+    """`values`, one per rank in rank order as an object collective leaves them, once each `fits` what
+    this code sends at that point (`what`, for the message). One check per rank: the row-by-row checks
+    of a layout walk the rows the receiving code walks next anyway.
+
+    Raises:
+        MalformedExchange: naming the first rank whose value does not fit.
+    """
+    for rank, value in enumerate(values):
+        if not fits(value):
+            raise MalformedExchange(
+                f"rank {rank} sent a {type(value).__name__} where {what} was expected: every rank must run the "
+                "same weightavg, and the process group's network admit only the server's ranks "
+                "(docs/cluster.md, \"Security\")"
+            )
+    return values
+
+
+def _is_generations(value: object) -> bool:
+    """`generations`' answer: the generation numbers a rank holds."""
+    return type(value) is list and all(type(g) is int and g >= 0 for g in value)
+
+
+def _is_fetch_layout(value: object) -> bool:
+    """`_fetch`'s layout: None, or a (name, shape, dtype) row per tensor, each shape one torch allocates."""
+    return value is None or (
+        control_wire.conforms(value, list[tuple[str, tuple[int, ...], torch.dtype]])
+        and all(control_wire.shape_fits(row[1]) for row in cast(list[tuple[Any, ...]], value))
+    )
+
+
+def _is_signature(value: object) -> bool:
+    """`_broadcast`'s signature: None, or a (name, shape, dtype name) row per tensor."""
+    return value is None or control_wire.conforms(value, list[tuple[str, tuple[int, ...], str]])
+
+
+_ROLES = {"dictionary": frozenset({"entry"}), "module": frozenset({"parameter", "buffer"})}
+"""The roles of a move's rows (`_layout`), by the source's kind."""
+
+
+def _is_move_layout(value: object) -> bool:
+    """`_moved`'s layout: None, or a Layout of a kind `_layout` makes, each row's role one of that
+    kind's and its shape one torch allocates (the decoder already checked the rows' types)."""
+    if value is None:
+        return True
+    if type(value) is not Layout or value.kind not in _ROLES:
+        return False
+    roles = _ROLES[value.kind]
+    return all(role in roles and control_wire.shape_fits(shape) for _, role, shape, _, _ in value.rows)
+
+
+def _is_byte_count(value: object) -> bool:
+    """A number of bytes (not a bool, never below 0)."""
+    return type(value) is int and value >= 0
+
+
+def _is_tensor_meta(value: object) -> bool:
+    """`_tensor_back`'s meta: None, or a tensor answer's (shape, dtype)."""
+    return value is None or (
+        type(value) is tuple and len(value) == 2 and control_wire.shape_fits(value[0])
+        and isinstance(value[1], torch.dtype)
+    )
+
+
+def _is_command(value: object, world_size: int) -> bool:
+    """A Command (the decoder checked its fields' types) whose ranks are ranks of this cluster."""
+    return type(value) is Command and (value.ranks is None or all(0 <= r < world_size for r in value.ranks))
+
+
+def _is_reply(value: object) -> bool:
+    """`follow`'s reply: (result, held bytes, kept bytes)."""
+    return type(value) is tuple and len(value) == 3 and _is_byte_count(value[1]) and _is_byte_count(value[2])
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -597,7 +695,7 @@ def _fetch(service: Service, fabric: Fabric, handle: str, names: list[str], src:
                 error = ResourceExhausted(f"out of memory for the copies of '{handle}' ({exc})")
         layouts: list[Any] = [None] * fabric.world_size
         dist.all_gather_object(layouts, layout, group=fabric.control)
-        layout = layouts[src]
+        layout = _as_sent(layouts, _is_fetch_layout, "a fetch's layout (None or [(name, shape, dtype)])")[src]
         if layout is None:
             if error is not None:
                 raise error
@@ -704,6 +802,7 @@ def _broadcast(service: Service, fabric: Fabric, handle: str, src: int = 0) -> i
             mine, error = None, exc
         signatures: list[Any] = [None] * fabric.world_size
         dist.all_gather_object(signatures, mine, group=fabric.control)
+        _as_sent(signatures, _is_signature, "a broadcast's signature (None or [(name, shape, dtype name)])")
         if mine is None:
             raise error
         differing = [r for r, s in enumerate(signatures) if s != mine]
@@ -747,6 +846,7 @@ def _agree(fabric: Fabric, error: WeightavgError | None) -> None:
     rank goes on to move data that some rank will not take."""
     refusals: list[Any] = [None] * fabric.world_size
     dist.all_gather_object(refusals, error is not None, group=fabric.control)
+    _as_sent(refusals, lambda v: type(v) is bool, "whether it refuses its part (a bool)")
     if error is not None:
         raise error
     if any(refusals):
@@ -806,7 +906,7 @@ def _moved(service: Service, fabric: Fabric, move: Move, held: contextlib.ExitSt
                 error = exc
         layouts: list[Any] = [None] * fabric.world_size
         dist.all_gather_object(layouts, layout, group=fabric.control)
-        layout = layouts[move.src]
+        layout = _as_sent(layouts, _is_move_layout, "a move's layout (None or a Layout)")[move.src]
         if layout is None:
             if error is not None:
                 raise error
@@ -900,6 +1000,7 @@ def _rank_metrics(
                 error = WeightavgError(f"rank {fabric.rank}: preparing the {split} run failed: {type(exc).__name__}: {exc}")
         sizes: list[Any] = [None] * fabric.world_size
         dist.all_gather_object(sizes, None if error is not None else nbytes, group=fabric.control)
+        _as_sent(sizes, lambda v: v is None or _is_byte_count(v), "the bytes of its metrics (None or an int >= 0)")
         if error is not None:
             raise error
         if any(n is None for n in sizes):
@@ -1006,6 +1107,8 @@ def _answered(fabric: Fabric, op: str, run: Callable[[], Any]) -> Any:
         return None
     except WeightavgError as exc:
         return Failure(exc)
+    except MalformedExchange:  # every rank of the exchange saw it, or only this one: the cluster stops
+        raise
     except Exception as exc:  # noqa: BLE001 - a rank answers every command, or rank 0 waits for nothing
         log.exception("rank %d: %s failed", fabric.rank, op)
         return Failure(WeightavgError(f"rank {fabric.rank}: {op} failed: {type(exc).__name__}: {exc}"))
@@ -1062,6 +1165,7 @@ def _tensor_back(service: Service, fabric: Fabric, command: Command, result: Any
     meta = (tuple(result.shape), result.dtype) if fabric.rank == src and isinstance(result, torch.Tensor) else None
     metas: list[Any] = [None] * fabric.world_size
     dist.all_gather_object(metas, meta, group=fabric.control)
+    _as_sent(metas, _is_tensor_meta, "a tensor answer's (shape, dtype) or None")
     if metas[src] is None:
         return result  # a Failure, or no tensor: it goes back as it is
     shape, dtype = metas[src]
@@ -1116,30 +1220,21 @@ def follow(service: Service, fabric: Fabric, between: Callable[[str], object] = 
 
     Raises:
         RuntimeError: rank 0 is gone, or silent past the timeout (it pings while idle).
+        MalformedExchange: rank 0 sent something other than a command (anything but a Command was
+            taken for a stop, logged as one), or a rank sent what this code never sends in a command's
+            exchange: this rank stops, and rank 0 breaks the cluster.
     """
     while True:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=fabric.control)
-        command = box[0]
-        if not isinstance(command, Command) or command.op == "_stop":
+        command = _as_sent(box, lambda v: _is_command(v, fabric.world_size), "a command")[0]
+        if command.op == "_stop":
             log.info("rank %d: stop from rank 0", fabric.rank)
             return
         result = execute(service, fabric, command)
         dist.gather_object((result, held_bytes(service), kept_bytes()), None, dst=0, group=fabric.control)
         del result, box  # what the command answered or brought is freed before the reaper looks
         between(command.op)
-
-
-def _malformed_reply(replies: list[Any]) -> str | None:
-    """What is wrong with the first gathered reply that is not `follow`'s (result, held bytes, kept
-    bytes), or None: a stream that decodes (the control plane's reader checks only its own format)
-    but was not sent by a rank running this code, which rank 0 must not unpack into a TypeError."""
-    for rank, reply in enumerate(replies):
-        if not (isinstance(reply, tuple) and len(reply) == 3):
-            return f"rank {rank} answered a {type(reply).__name__}, not a (result, held, kept) triple"
-        if not all(type(n) is int and n >= 0 for n in reply[1:]):
-            return f"rank {rank} answered byte counts that are not non-negative integers"
-    return None
 
 
 def kept_bytes() -> int:
@@ -1327,11 +1422,9 @@ class ClusterService(Service):
                 mine = execute(self, self.fabric, command)
                 replies: list[Any] = [None] * self.fabric.world_size
                 dist.gather_object((mine, held_bytes(self), 0), replies, dst=0, group=self.fabric.control)
+                _as_sent(replies, _is_reply, "follow's (result, held bytes, kept bytes)")
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
                 self._lost(command, exc, sent)
-            malformed = _malformed_reply(replies)
-            if malformed is not None:
-                self._lost(command, ValueError(malformed), sent)
             results = [result for result, _, _ in replies]
             with self._placements_lock:
                 self._held = [held for _, held, _ in replies]
