@@ -1142,7 +1142,11 @@ def test_ranks_stop_on_rank_0s_word_when_the_shutdown_snapshot_fails(tmp_path: P
     """A shutdown snapshot that a rank cannot write (its directory gone, a full disk) left the other
     ranks unstopped: rank 0 logged the failure and skipped the stop, so rank 1 waited out the cluster
     timeout and failed (found by review), and rank 0 exited 0 where one server exits 1. Every rank now
-    stops, then rank 0 says the snapshot failed and exits 1."""
+    stops, then rank 0 says the snapshot failed and exits 1.
+
+    What shows the stop did not wait out the cluster timeout is in the log, not a clock (a bound on
+    the stop's seconds could fail on a loaded machine): rank 1 answered the snapshot with its own
+    reason, it took rank 0's stop, and no rank lost the other."""
     state = tmp_path / "state"
     cluster = Cluster(tmp_path, "--state-dir", str(state))
     try:
@@ -1150,13 +1154,13 @@ def test_ranks_stop_on_rank_0s_word_when_the_shutdown_snapshot_fails(tmp_path: P
             c.dict({"w": np.arange(3, dtype=np.float32)}, rank=1)
         shutil.rmtree(state / "rank-1", ignore_errors=True)
         (state / "rank-1").write_text("not a directory")  # where rank 1 writes its snapshot
-        started = time.monotonic()
     finally:
         cluster.stop()
     log = cluster.out.read_text()
-    assert "shutdown snapshot failed, live handles are lost: rank 1:" in log  # and rank 0 exits 1, as one server
+    # and rank 0 exits 1, as one server
+    assert f"shutdown snapshot failed, live handles are lost: rank 1: cannot create the state directory {state}" in log
     assert "rank 1: stop from rank 0" in log
-    assert time.monotonic() - started < 20, "the stop waited for the cluster timeout"
+    assert "lost rank 0" not in log and "no stop from rank 0" not in log
 
 
 def test_a_snapshot_reports_what_every_rank_wrote(tmp_path: Path) -> None:
