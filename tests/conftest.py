@@ -4,6 +4,7 @@ real 2-rank CPU cluster under torchrun."""
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime, create_server, set_serving
 from weightavg_server.ops.config import ServerConfig
-from weightavg_server.ops.launch import LocalCluster
+from weightavg_server.ops.launch import START_SECONDS, LocalCluster
 from weightavg_server.domain.tensors import tensors_of
 from weightavg_server.store.registry import Kind, Registry
 
@@ -132,6 +133,9 @@ def state_server(tmp_path: Path) -> Iterator[Runtime]:
     runtime.reaper.stop()
 
 
+_METRICS_LINE = re.compile(r"weightavg metrics on (http://[\d.]+:\d+/metrics)")
+
+
 class Cluster(LocalCluster):
     """Two CPU ranks (gloo on loopback) with short timeouts, their output in tmp; `flags` are serve flags,
     and torchrun's --max-restarts=K. Tests of the cluster (tests/test_cluster.py) and of the examples
@@ -148,6 +152,16 @@ class Cluster(LocalCluster):
     @property
     def out(self) -> Path:
         return self.log
+
+    def metrics_url(self) -> str:
+        """Rank 0's metrics URL, for a cluster started with `--metrics-port 0`: rank 0 binds a free port
+        itself and prints it after its serving line. (A port picked here, closed and passed on was
+        free only until rank 0 bound it seconds later: anything on the machine could take it first.)"""
+        deadline = time.monotonic() + START_SECONDS
+        while (found := _METRICS_LINE.search(self.log.read_text())) is None:
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-4000:]
+            time.sleep(0.1)
+        return found.group(1)
 
     def rank_pid(self, rank: int) -> int:
         """The pid of a worker by its RANK, among the children of torchrun."""

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -1189,15 +1188,13 @@ def test_a_snapshot_reports_what_every_rank_wrote(tmp_path: Path) -> None:
 def test_metrics_report_the_bytes_of_every_rank(tmp_path: Path) -> None:
     """Rank 0 serves the metrics, and its per-device figures are its own store's: a cluster holding
     everything on rank 1 showed nothing. weightavg_rank_tensor_bytes has every rank's bytes."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cluster = Cluster(tmp_path, "--metrics-port", str(port))
+    cluster = Cluster(tmp_path, "--metrics-port", "0")
     try:
+        metrics = cluster.metrics_url()
         with client(cluster.address) as c:
             c.dict({"w": np.zeros(8, np.float32)}, rank=1)
             c.dict({"w": np.zeros(2, np.float32)}, replicate=True)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+            with urllib.request.urlopen(metrics, timeout=WAIT) as response:
                 text = response.read().decode()
     finally:
         cluster.stop()
@@ -1223,15 +1220,12 @@ def test_a_follower_gives_the_memory_of_freed_objects_back_once_idle(tmp_path: P
     flat buffer is kept (the 64 MiB one, over the bound, is not), then given back once the rank has
     had nothing but rank 0's pings for 3 s; its resident memory falls with it. A 4 MiB upload relayed
     to rank 1 leaves its block kept there once freed."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # A 10 s timeout: rank 0 pings an idle rank every 2.5 s, which brings its figures back.
-    cluster = Cluster(tmp_path, "--metrics-port", str(port), "--host-cache-bytes", "48MiB",
+    cluster = Cluster(tmp_path, "--metrics-port", "0", "--host-cache-bytes", "48MiB",
                       "--host-cache-idle-seconds", "3", "--cluster-timeout-seconds", "10")
 
     def kept() -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+        with urllib.request.urlopen(cluster.metrics_url(), timeout=WAIT) as response:
             text = response.read().decode()
         return {sample.labels["rank"]: sample.value for family in text_string_to_metric_families(text)
                 for sample in family.samples if sample.name == "weightavg_rank_host_cache_idle_bytes"}
