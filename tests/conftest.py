@@ -3,8 +3,10 @@ real 2-rank CPU cluster under torchrun."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +26,15 @@ from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.launch import START_SECONDS, LocalCluster
 from weightavg_server.domain.tensors import tensors_of
 from weightavg_server.store.registry import Kind, Registry
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the block: bound, never listening. (A port bound,
+    closed and then used was free for anything on the machine to take before the test connected.)"""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
 
 
 @dataclass
