@@ -4,6 +4,7 @@ real 2-rank CPU cluster under torchrun."""
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
 
 from weightavg import Client
 from weightavg.v1 import weightavg_pb2 as pb
@@ -26,6 +28,15 @@ from weightavg_server.ops.config import ServerConfig
 from weightavg_server.ops.launch import START_SECONDS, LocalCluster
 from weightavg_server.domain.tensors import tensors_of
 from weightavg_server.store.registry import Kind, Registry
+
+
+# Hypothesis draws the same examples on every run: the suite blocks on any failure, so a failure must
+# come from a change, not from the draw. No example is timed (hypothesis's default 200 ms deadline is
+# a timed assertion that a loaded machine fails). WEIGHTAVG_HYPOTHESIS=explore draws fresh examples on
+# each run, for a search by hand (docs/robust.md).
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, deadline=None)
+hypothesis_settings.register_profile("explore", derandomize=False, database=None, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("WEIGHTAVG_HYPOTHESIS", "repeatable"))
 
 
 @contextlib.contextmanager
