@@ -3,9 +3,14 @@ real 2-rank CPU cluster under torchrun."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import re
+import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +19,43 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
 
 from weightavg import Client
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.ops.app import Runtime, create_runtime, create_server, set_serving
 from weightavg_server.ops.config import ServerConfig
-from weightavg_server.ops.launch import LocalCluster
+from weightavg_server.ops.launch import START_SECONDS, LocalCluster
 from weightavg_server.domain.tensors import tensors_of
 from weightavg_server.store.registry import Kind, Registry
+
+
+# Hypothesis draws the same examples on every run: the suite blocks on any failure, so a failure must
+# come from a change, not from the draw. No example is timed (hypothesis's default 200 ms deadline is
+# a timed assertion that a loaded machine fails). WEIGHTAVG_HYPOTHESIS=explore draws fresh examples on
+# each run, for a search by hand (docs/robust.md).
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, deadline=None)
+hypothesis_settings.register_profile("explore", derandomize=False, database=None, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("WEIGHTAVG_HYPOTHESIS", "repeatable"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch(request: pytest.FixtureRequest) -> None:
+    """Each test starts torch's generator from a seed of its own id. Unseeded draws (random data, a
+    module's initial weights, also those the in-process servers make) came from one generator that
+    every earlier test in the process had drawn from: a test's data changed with the tests run
+    before it, so a tolerance on them could fail after an unrelated test was added or left out."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the block: bound, never listening. (A port bound,
+    closed and then used was free for anything on the machine to take before the test connected.)"""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
 
 
 @dataclass
@@ -132,6 +165,9 @@ def state_server(tmp_path: Path) -> Iterator[Runtime]:
     runtime.reaper.stop()
 
 
+_METRICS_LINE = re.compile(r"weightavg metrics on (http://[\d.]+:\d+/metrics)")
+
+
 class Cluster(LocalCluster):
     """Two CPU ranks (gloo on loopback) with short timeouts, their output in tmp; `flags` are serve flags,
     and torchrun's --max-restarts=K. Tests of the cluster (tests/test_cluster.py) and of the examples
@@ -148,6 +184,16 @@ class Cluster(LocalCluster):
     @property
     def out(self) -> Path:
         return self.log
+
+    def metrics_url(self) -> str:
+        """Rank 0's metrics URL, for a cluster started with `--metrics-port 0`: rank 0 binds a free port
+        itself and prints it after its serving line. (A port picked here, closed and passed on was
+        free only until rank 0 bound it seconds later: anything on the machine could take it first.)"""
+        deadline = time.monotonic() + START_SECONDS
+        while (found := _METRICS_LINE.search(self.log.read_text())) is None:
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-4000:]
+            time.sleep(0.1)
+        return found.group(1)
 
     def rank_pid(self, rank: int) -> int:
         """The pid of a worker by its RANK, among the children of torchrun."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from bench import cases
 from bench.__main__ import main
 from bench._harness import QUICK_NOTE, Row, Skip, table
 from bench._raw import RawClient
-from conftest import LiveServer
+from conftest import LiveServer, refused_port
 from weightavg import Client, wire
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,8 +182,6 @@ def test_a_cpu_server_s_baselines_run_on_the_cpu_with_no_sync(client: Client) ->
 def test_many_clients_counts_a_client_that_cannot_start_instead_of_hanging() -> None:
     """A client thread whose set-up fails (here: nothing listens) is counted as an error and still
     reaches the start barrier; before, the bench waited at that barrier for ever."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    rate, errors = cases._calls_per_second(f"127.0.0.1:{port}", 2, 0.01)
+    with refused_port() as port:
+        rate, errors = cases._calls_per_second(f"127.0.0.1:{port}", 2, 0.01)
     assert (rate, errors) == (0.0, 2)

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from conftest import refused_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bootstrap.py"
@@ -175,12 +176,6 @@ def _served(folder: Path) -> Iterator[str]:
         server.server_close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def indexes(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """("PyPI", "PyTorch CPU index") on loopback: torch 2.13.0 (the CUDA build, as on PyPI) and 2.13.0+cpu."""
@@ -229,7 +224,8 @@ def test_with_a_gpu_pip_would_fetch_the_configured_index_s_cuda_build(tmp_path: 
 @no_gpu_here
 def test_without_the_cpu_index_pip_falls_back_to_the_configured_one(tmp_path: Path, indexes: tuple[str, str]) -> None:
     pypi, _ = indexes
-    result = _dry_run(tmp_path, pypi, f"http://127.0.0.1:{_closed_port()}/", gpu=False)
+    with refused_port() as port:
+        result = _dry_run(tmp_path, pypi, f"http://127.0.0.1:{port}/", gpu=False)
     assert result.returncode == 0, result.stderr
     assert f"torch would come from: {pypi}/torch/torch-2.13.0-py3-none-any.whl" in result.stdout
     assert "weightavg setup: warning: could not reach" in result.stderr
@@ -267,10 +263,11 @@ def _fake_venv(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _run_setup(venv: Path, extras: str, torch: str = "cpu") -> subprocess.CompletedProcess[str]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTAVG_")},
-           "WEIGHTAVG_TORCH": torch, "WEIGHTAVG_TORCH_CPU_INDEX": f"http://127.0.0.1:{_closed_port()}/"}
-    return subprocess.run([sys.executable, str(SCRIPT), "--venv", str(venv), "--extras", extras], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    with refused_port() as port:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("WEIGHTAVG_")},
+               "WEIGHTAVG_TORCH": torch, "WEIGHTAVG_TORCH_CPU_INDEX": f"http://127.0.0.1:{port}/"}
+        return subprocess.run([sys.executable, str(SCRIPT), "--venv", str(venv), "--extras", extras], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_a_stamped_venv_installs_nothing_and_a_new_extra_installs_the_union(tmp_path: Path) -> None:

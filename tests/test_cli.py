@@ -24,7 +24,7 @@ from weightavg_server.domain import lerp, weighted_sum
 from weightavg_server.ops.app import SERVICE_NAME, create_server, set_serving
 from weightavg_server.ops.config import ENV_PREFIX, ServerConfig
 
-from conftest import LiveServer
+from conftest import LiveServer, refused_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,27 +148,20 @@ def test_stats_command_prints_server_stats_as_json(live_server: LiveServer, caps
     assert stats["methods"][f"/{SERVICE_NAME}/Ping"]["count"] >= 1
 
 
-def _gone_port() -> int:
-    server, port, _ = create_server(ServerConfig(host="127.0.0.1", port=0, device="cpu"))
-    server.start()
-    server.stop(grace=None)  # gone: nothing answers on the port any more
-    return port
-
-
 @pytest.mark.parametrize("command", ["health", "info", "stats", "snapshot", "purge"])
 def test_every_client_command_on_an_unreachable_server_names_the_code_once_and_hints_in_flags(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = _gone_port()
-    code, out, err = run_main([command, f"127.0.0.1:{port}", "--timeout", "5"], capsys)
+    with refused_port() as port:
+        code, out, err = run_main([command, f"127.0.0.1:{port}", "--timeout", "5"], capsys)
+        code_tls, _, err_tls = run_main([command, f"127.0.0.1:{port}", "--timeout", "5", "--tls"], capsys)
     assert (code, out) == (1, "")
     assert err == (
         f"weightavg {command}: UNAVAILABLE: failed to connect to all addresses: ipv4:127.0.0.1:{port}: Failed to "
         f"connect to remote host: Connection refused (could not reach 127.0.0.1:{port} over plaintext: is the "
         "server running there, and does it use TLS? then add --tls-ca FILE)\n"
     )
-    code, _, err = run_main([command, f"127.0.0.1:{port}", "--timeout", "5", "--tls"], capsys)
-    assert code == 1 and err.count("UNAVAILABLE") == 1 and err.endswith(
+    assert code_tls == 1 and err_tls.count("UNAVAILABLE") == 1 and err_tls.endswith(
         f"(TLS connection to 127.0.0.1:{port} failed: is the server running there with TLS (without it, leave out "
         "--tls and --tls-ca)? check that --tls-ca signed the server's certificate, and add --client-cert and "
         "--client-key if the server requires client certificates)\n"

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -1142,7 +1141,11 @@ def test_ranks_stop_on_rank_0s_word_when_the_shutdown_snapshot_fails(tmp_path: P
     """A shutdown snapshot that a rank cannot write (its directory gone, a full disk) left the other
     ranks unstopped: rank 0 logged the failure and skipped the stop, so rank 1 waited out the cluster
     timeout and failed (found by review), and rank 0 exited 0 where one server exits 1. Every rank now
-    stops, then rank 0 says the snapshot failed and exits 1."""
+    stops, then rank 0 says the snapshot failed and exits 1.
+
+    What shows the stop did not wait out the cluster timeout is in the log, not a clock (a bound on
+    the stop's seconds could fail on a loaded machine): rank 1 answered the snapshot with its own
+    reason, it took rank 0's stop, and no rank lost the other."""
     state = tmp_path / "state"
     cluster = Cluster(tmp_path, "--state-dir", str(state))
     try:
@@ -1150,13 +1153,13 @@ def test_ranks_stop_on_rank_0s_word_when_the_shutdown_snapshot_fails(tmp_path: P
             c.dict({"w": np.arange(3, dtype=np.float32)}, rank=1)
         shutil.rmtree(state / "rank-1", ignore_errors=True)
         (state / "rank-1").write_text("not a directory")  # where rank 1 writes its snapshot
-        started = time.monotonic()
     finally:
         cluster.stop()
     log = cluster.out.read_text()
-    assert "shutdown snapshot failed, live handles are lost: rank 1:" in log  # and rank 0 exits 1, as one server
+    # and rank 0 exits 1, as one server
+    assert f"shutdown snapshot failed, live handles are lost: rank 1: cannot create the state directory {state}" in log
     assert "rank 1: stop from rank 0" in log
-    assert time.monotonic() - started < 20, "the stop waited for the cluster timeout"
+    assert "lost rank 0" not in log and "no stop from rank 0" not in log
 
 
 def test_a_snapshot_reports_what_every_rank_wrote(tmp_path: Path) -> None:
@@ -1185,15 +1188,13 @@ def test_a_snapshot_reports_what_every_rank_wrote(tmp_path: Path) -> None:
 def test_metrics_report_the_bytes_of_every_rank(tmp_path: Path) -> None:
     """Rank 0 serves the metrics, and its per-device figures are its own store's: a cluster holding
     everything on rank 1 showed nothing. weightavg_rank_tensor_bytes has every rank's bytes."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cluster = Cluster(tmp_path, "--metrics-port", str(port))
+    cluster = Cluster(tmp_path, "--metrics-port", "0")
     try:
+        metrics = cluster.metrics_url()
         with client(cluster.address) as c:
             c.dict({"w": np.zeros(8, np.float32)}, rank=1)
             c.dict({"w": np.zeros(2, np.float32)}, replicate=True)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+            with urllib.request.urlopen(metrics, timeout=WAIT) as response:
                 text = response.read().decode()
     finally:
         cluster.stop()
@@ -1219,15 +1220,12 @@ def test_a_follower_gives_the_memory_of_freed_objects_back_once_idle(tmp_path: P
     flat buffer is kept (the 64 MiB one, over the bound, is not), then given back once the rank has
     had nothing but rank 0's pings for 3 s; its resident memory falls with it. A 4 MiB upload relayed
     to rank 1 leaves its block kept there once freed."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # A 10 s timeout: rank 0 pings an idle rank every 2.5 s, which brings its figures back.
-    cluster = Cluster(tmp_path, "--metrics-port", str(port), "--host-cache-bytes", "48MiB",
+    cluster = Cluster(tmp_path, "--metrics-port", "0", "--host-cache-bytes", "48MiB",
                       "--host-cache-idle-seconds", "3", "--cluster-timeout-seconds", "10")
 
     def kept() -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as response:
+        with urllib.request.urlopen(cluster.metrics_url(), timeout=WAIT) as response:
             text = response.read().decode()
         return {sample.labels["rank"]: sample.value for family in text_string_to_metric_families(text)
                 for sample in family.samples if sample.name == "weightavg_rank_host_cache_idle_bytes"}
