@@ -1022,12 +1022,15 @@ def test_a_rank_that_gives_up_on_a_silent_rank_0_names_the_flag_in_its_log(tmp_p
 
 
 def test_ranks_that_do_not_meet_within_the_timeout_stop_the_start_naming_the_flag(tmp_path: Path) -> None:
-    """No two ranks start within 1 ms of each other: the start failed with torch's traceback, 'DistStoreError:
-    wait timeout after 1ms, keys: ...', naming no flag (found by review). Each rank that gives up says
-    which flag bounds the wait, and its value, in one line."""
-    with pytest.raises(RuntimeError, match=re.escape("weightavg serve: rank ") + r"\d: " + re.escape(
-        "the ranks did not all meet within --cluster-timeout-seconds (0.001 s) ("
-    )):
+    """Two ranks rarely start within 1 ms of each other: the start failed with torch's traceback,
+    'DistStoreError: wait timeout after 1ms, keys: ...', naming no flag (found by review). Each rank that
+    gives up says which flag bounds the wait, and its value, in one line. Where the ranks did meet in
+    time (once in CI), rank 0's first exchange outlasts the millisecond instead, and its one line names
+    the flag and value the same way."""
+    flag = re.escape("--cluster-timeout-seconds (0.001 s)")
+    did_not_meet = r"rank \d: the ranks did not all meet within " + flag + r" \("
+    met_then_waited = r"the cluster lost a rank \(.*a rank waited on another longer than " + flag
+    with pytest.raises(RuntimeError, match=f"weightavg serve: (?:{did_not_meet}|{met_then_waited})"):
         Cluster(tmp_path, "--cluster-timeout-seconds", "0.001")
 
 
