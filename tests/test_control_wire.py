@@ -854,3 +854,13 @@ def test_what_the_ranks_send_one_another_is_what_they_expect(rank_service: Servi
     ]
     for fits, values in sent:
         assert all(fits(decode(encode(v))) for v in values), fits
+
+
+def test_every_sent_name_is_in_the_table_the_reader_looks_names_up_in() -> None:
+    """The reader finds a stream's class in a table built from modules imported in control_wire's own
+    code, never by importing what the stream names: every `SENT` entry must be there, as the object
+    its module holds under that name (one left out would fail only when a rank first sent it)."""
+    table = control_wire._table()
+    assert set(table) == set(control_wire.SENT)
+    for (module, name), found in table.items():
+        assert (found.__module__, found.__qualname__) == (module, name)

@@ -17,14 +17,15 @@ binary format (`MAGIC`, then a tree of tagged values):
 - the package's own data classes the ranks send (`SENT`): a dataclass by its fields, an enum by its
   value, an error by its arguments, and the one function a command carries (the stop check).
 
-The reader builds nothing else: a name outside `SENT` is refused before anything is imported or
-looked up, a dataclass gets only its own fields (no constructor runs), and bytes that are not the
-format (a pickle, a truncated stream, a tensor whose bytes are not its dtype times its shape) are
+The reader builds nothing else: a name outside `SENT` is refused, a name in it only indexes a table
+of the classes this module imports itself (`_table`: nothing a stream names is imported), a
+dataclass gets only its own fields (no constructor runs), and bytes that are not the format (a
+pickle, a truncated stream, a tensor whose bytes are not its dtype times its shape) are
 `ControlDecodeError`. The writer refuses what it cannot encode (`ControlEncodeError`, a TypeError)
-on the sending rank, so a class missing from `SENT` fails where it is sent, with its name. Both sides
-apply the same bounds (nesting, an integer's digits, a tensor's sizes, each data class's field types),
-so whatever the writer writes, the reader reads: a value past them fails where it is sent, not on
-every other rank.
+on the sending rank, so a class missing from `SENT` fails where it is sent, with its name. Both
+sides apply the same bounds (nesting, an integer's digits, a tensor's sizes, each data class's field
+types), so whatever the writer writes, the reader reads: a value past them fails where it is sent,
+not on every other rank.
 
 Every count and length is checked against the bytes actually there before anything is built, so a
 stream claiming 2**60 items or bytes costs nothing; a data class's fields are checked against its
@@ -42,7 +43,6 @@ import contextlib
 import dataclasses
 import enum
 import functools
-import importlib
 import io
 import math
 import re
@@ -142,16 +142,34 @@ def _key(obj: Any) -> tuple[str, str]:
     return str(getattr(obj, "__module__", "")), str(getattr(obj, "__qualname__", ""))
 
 
+@functools.cache
+def _table() -> dict[tuple[str, str], Any]:
+    """`SENT`'s classes and functions by (module, qualified name), looked up once, from modules this
+    function imports by name in its own code: a stream's names only index this table, so nothing a
+    stream says is ever imported. (Imported here, not at the top, since those modules import this one.)"""
+    from . import cluster, service
+    from .domain import averaging, ema, errors, specs, tensors
+    from .store import registry, snapshot, tenants
+
+    modules = {m.__name__: m for m in (cluster, service, averaging, ema, errors, specs, tensors, registry, snapshot,
+                                       tenants)}
+    table: dict[tuple[str, str], Any] = {}
+    for module, name in SENT:
+        found: Any = modules[module]
+        for part in name.split("."):
+            found = getattr(found, part)
+        table[(module, name)] = found
+    return table
+
+
 def _sent(module: str, name: str) -> Any:
-    """The class or function `SENT` names, imported only once the name is found there."""
-    if (module, name) not in SENT:
+    """The class or function `SENT` names; a name outside it is refused."""
+    found = _table().get((module, name)) if (module, name) in SENT else None
+    if found is None:
         raise ControlDecodeError(
             f"the cluster's control plane does not build {module}.{name}: only what the server's ranks send "
             "one another (control_wire.SENT)"
         )
-    found: Any = importlib.import_module(module)
-    for part in name.split("."):
-        found = getattr(found, part)
     return found
 
 
