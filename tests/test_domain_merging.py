@@ -1072,3 +1072,93 @@ def test_a_mean_on_cuda_has_the_cpus_bits(monkeypatch: pytest.MonkeyPatch, flat_
     for name, t in want.entries.items():
         differ = int((got.entries[name].cpu() != t).sum())
         assert differ == 0, f"{name}: {differ} of {t.numel()} elements differ from the CPU's"
+
+
+# -- kept plans ------------------------------------------------------------------------------------------
+
+
+def test_the_same_call_over_unchanged_dictionaries_reuses_its_plan_and_its_runs() -> None:
+    ds, into = dicts(3, seed=40), dicts(1, seed=41)[0]
+    first = plan_of("average", ds, weights=[1.0, 2.0, 3.0], into=into)
+    merging.run(first, ds, into=into)
+    assert len(first.fused) == 1  # the runs over `into` and the inputs, found once
+    again = plan_of("average", ds, weights=[1.0, 2.0, 3.0], into=into)
+    assert again is first
+    for d in ds:  # values written in place change no plan, and the kept one sums the new values
+        for t in d.entries.values():
+            t.mul_(-2.0)
+    merging.run(plan_of("average", ds, weights=[1.0, 2.0, 3.0], into=into), ds, into=into)
+    assert len(first.fused) == 1
+    for name in SHAPES:
+        want = sum(w * d.entries[name] for w, d in zip([1.0, 2.0, 3.0], ds)) / 6.0
+        assert_close(into.entries[name], want)
+
+
+@pytest.mark.parametrize("change", ["weights", "option", "into", "order", "base"])
+def test_another_call_makes_another_plan(change: str) -> None:
+    base, ds = fine_tuned(2, seed=42)
+    into, other = dicts(2, seed=43)
+    kw: dict[str, object] = {"weights": [1.0, 2.0], "into": into}
+    method = "ties" if change == "base" else "linear"
+    if method == "ties":
+        kw = {"base": base, "options": {"density": 0.5}}
+    first = plan_of(method, ds, **dict(kw))
+    changed = dict(kw)
+    if change == "weights":
+        changed["weights"] = [2.0, 1.0]
+    elif change == "option":
+        changed["options"] = {"normalize": False}
+    elif change == "into":
+        changed["into"] = other
+    elif change == "order":
+        ds = [ds[0], ds[0]]
+    else:
+        changed["base"] = fine_tuned(2, seed=44)[0]
+    assert plan_of(method, ds, **changed) is not first
+
+
+def test_a_changed_dictionary_is_checked_again_and_a_bad_change_refused() -> None:
+    ds, into = dicts(2, seed=45), dicts(1, seed=46)[0]
+    first = plan_of("average", ds, into=into)
+    ds[1].entries["a.bias"] = torch.zeros(7)  # the entry replaced as an upload replaces it
+    ds[1].changed()
+    with pytest.raises(InvalidArgument, match="a.bias"):
+        plan_of("average", ds, into=into)
+    ds[1].entries["a.bias"] = torch.zeros(6)
+    ds[1].changed()
+    second = plan_of("average", ds, into=into)
+    assert second is not first
+    merging.run(second, ds, into=into)
+    assert_close(into.entries["a.bias"], ds[0].entries["a.bias"] / 2)
+
+
+def test_an_entry_moved_without_a_new_version_is_checked_again() -> None:
+    """The data pointers guard what the version does not: a tensor whose data was swapped in place,
+    or an entry replaced without `changed()`, makes a new plan whose runs are found afresh."""
+    ds, into = dicts(2, seed=47), dicts(1, seed=48)[0]
+    first = plan_of("average", ds, into=into)
+    merging.run(first, ds, into=into)
+    into.entries["c.weight"].data = torch.zeros(3, 6)  # same tensor object, other memory, same version
+    second = plan_of("average", ds, into=into)
+    assert second is not first and not second.fused
+    merging.run(second, ds, into=into)
+    assert_close(into.entries["c.weight"], (ds[0].entries["c.weight"] + ds[1].entries["c.weight"]) / 2)
+    ds[0].entries["a.weight"] = torch.ones(6, 5)  # replaced behind the version's back
+    assert plan_of("average", ds, into=into) is not second
+
+
+def test_a_freed_dictionary_ends_the_plan_kept_with_it() -> None:
+    ds, into = dicts(2, seed=49), dicts(1, seed=50)[0]
+    first = plan_of("average", ds, into=into)
+    del into
+    into = dicts(1, seed=50)[0]  # perhaps at the same address, but another object
+    assert plan_of("average", ds, into=into) is not first
+
+
+def test_live_views_are_checked_on_every_call() -> None:
+    module = torch.nn.Linear(5, 6)
+    view = TensorDict(dict(module.named_parameters()), live=True)
+    ds = dicts(2, seed=51, shapes={"weight": (6, 5), "bias": (6,)})
+    first = plan_of("average", ds, into=view)
+    assert plan_of("average", ds, into=view) is not first
+    assert merging.plan is not merging.check and plan_of("average", [view, *ds]) is not plan_of("average", [view, *ds])

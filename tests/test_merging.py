@@ -371,3 +371,24 @@ def test_a_soup_needs_test_data(client: Client) -> None:
 def test_every_new_request_carries_a_request_id_as_field_15(message: str) -> None:
     field = getattr(pb, message).DESCRIPTOR.fields_by_name["request_id"]
     assert field.number == 15 and field.type == field.TYPE_STRING
+
+
+def test_repeated_averages_follow_every_change_to_their_inputs(client: Client) -> None:
+    """A server keeps the plan of a repeated average (the same call over unchanged dictionaries); a
+    value set in an input between rounds is averaged, and an entry replaced by one of another shape
+    is refused as on a first call, with `into` unchanged."""
+    values = arrays(3, seed=7)
+    handles = [client.dict({k: v for k, v in d.items() if k != "n"}) for d in values]
+    into = client.dict({"w": np.zeros((64, 33), np.float32), "b": np.zeros(33, np.float32)})
+    for _ in range(2):
+        client.average(handles, weights=[1, 2, 3], into=into)
+    client.dict(handles[2], "w", values[2]["w"] * 4)
+    client.average(handles, weights=[1, 2, 3], into=into)
+    want = (values[0]["w"] + 2 * values[1]["w"] + 12 * values[2]["w"]) / 6
+    np.testing.assert_allclose(client.dict(into, "w"), want, rtol=0, atol=1e-5)
+    before = client.dict(into)
+    client.dict(handles[1], "b", np.zeros(34, np.float32))
+    with pytest.raises(InvalidArgumentError, match="'b'"):
+        client.average(handles, weights=[1, 2, 3], into=into)
+    after = client.dict(into)
+    assert all(np.array_equal(before[k], after[k]) for k in before)

@@ -50,7 +50,8 @@ class TensorDict:
     version: int = field(default=0, compare=False, repr=False)
     """Bumped by every change to which tensors the entries are (`changed`); not by in-place writes."""
     plans: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
-    """Checked averaging plans with a source, valid while neither side's tensors change (`averaging`)."""
+    """Checked averaging plans with a source, valid while neither side's tensors change (`averaging`),
+    and the last merge plan made with this dictionary first (`merging.plan`)."""
     own_count: Count | None = field(default=None, compare=False, repr=False)
     """The '.n' a running average made for this dictionary (`averaging.apply`): while its tensor is
     still the entry, later averages write the count into it in place rather than replacing it, so
