@@ -21,6 +21,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -864,3 +865,81 @@ def test_every_sent_name_is_in_the_table_the_reader_looks_names_up_in() -> None:
     assert set(table) == set(control_wire.SENT)
     for (module, name), found in table.items():
         assert (found.__module__, found.__qualname__) == (module, name)
+
+
+# -- each verb's answer from another rank, checked against what the verb answers ------------------------
+
+
+def _with_rank_1_answering(
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, answer: object
+) -> None:
+    """Rank 0 of a two-rank cluster whose rank 1 replies `answer` for every command: torch's real
+    gather runs over the one-rank group (rank 0's own reply, through control_wire), and rank 1's reply
+    is put beside it, encoded and decoded as it would arrive."""
+    real = cluster.dist.gather_object
+    rank_0_alone.fabric.world_size = 2  # type: ignore[misc]
+    rank_0_alone._placements_lock = threading.Lock()  # what `_send` takes to note each rank's bytes
+
+    def gather(obj: object, replies: list[object], dst: int, group: object) -> None:
+        mine: list[object] = [None]
+        real(obj, mine, dst=dst, group=group)
+        replies[0], replies[1] = mine[0], decode(encode((answer, 0, 0)))
+
+    monkeypatch.setattr(cluster.dist, "gather_object", gather)
+    monkeypatch.setattr(cluster, "execute", lambda service, fabric, command: None)
+    monkeypatch.setattr(cluster, "held_bytes", lambda service: 0)
+
+
+@pytest.mark.parametrize(("op", "args", "forged"), [
+    ("average_parameters", (), "12"),  # an int answer: a count
+    ("load_parameters", (), {"w": "yes"}),  # dict[str, bool]
+    ("update_dictionary", (), ("w",)),  # list[str], a tuple
+    ("create_module", (), ("h", 1)),  # a Ref
+    ("_release", (), [1, 2]),  # list[str], rank 1's freed handles
+    ("_across", ("average_parameters", (), {}, 1, []), [3]),  # the verb _across runs answers an int
+])
+def test_an_answer_of_another_rank_that_is_not_what_the_verb_answers_breaks_the_cluster(
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, op: str, args: tuple[object, ...],
+    forged: object,
+) -> None:
+    """A reply that is a (result, held, kept) triple but whose result is not what the verb answers
+    reached the caller: `_handles` unpacked as pairs (TypeError: INTERNAL), a count or copy map
+    turned into a reply field by the servicer, or a wrong value answered as right. Rank 0 now checks
+    every other rank's result against the verb's annotated answer: UNAVAILABLE naming the rank and
+    the verb, the cluster broken as for a lost rank."""
+    _with_rank_1_answering(rank_0_alone, monkeypatch, forged)
+    said = rf"rank 1 sent a {type(forged).__name__} where what {op} answers"
+    with pytest.raises(Unavailable, match=f"the cluster lost a rank .*MalformedExchange: {said}"):
+        rank_0_alone._send(cluster.Command(op, args))
+    assert rank_0_alone._broken
+
+
+@pytest.mark.parametrize(("op", "args", "answer"), [
+    ("average_parameters", (), 12),
+    ("load_parameters", (), {"w": True, "b": False}),
+    ("update_dictionary", (), ["w"]),
+    ("create_module", (), service.Ref("h", Kind.MODULE)),
+    ("reset_batchnorm", (), {"bn.running_mean": 0.1, "other": None}),
+    ("_release", (), ["a", "b"]),
+    ("_across", ("average_parameters", (), {}, 1, []), 3),
+    ("average_parameters", (), None),  # a rank that took no part
+    ("average_parameters", (), cluster.Failure(InvalidArgument("no"))),
+    ("_ping", (), None),
+])
+def test_what_a_verb_answers_passes_rank_0s_check(
+    rank_0_alone: cluster.ClusterService, monkeypatch: pytest.MonkeyPatch, op: str, args: tuple[object, ...],
+    answer: object,
+) -> None:
+    _with_rank_1_answering(rank_0_alone, monkeypatch, answer)
+    results = rank_0_alone._send(cluster.Command(op, args))
+    assert repr(results[1]) == repr(answer) and not rank_0_alone._broken  # errors compare by identity
+
+
+def test_every_verb_a_rank_runs_says_what_it_answers() -> None:
+    """The check reads each verb's answer from its return annotation: every Service method and rank
+    operation a command may name has one that resolves (a verb added without one would be checked
+    against Any, so this test names it); only `_ping` (answers nothing) and `_across` (answers the
+    verb it runs) are Any."""
+    ops = list(cluster.RANK_OPS) + [n for n in vars(Service) if cluster.runnable(n)]
+    hints = {op: cluster.answer_hint(op) for op in ops}
+    assert sorted(op for op, hint in hints.items() if hint is typing.Any) == ["_across", "_ping"]

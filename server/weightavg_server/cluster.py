@@ -47,6 +47,7 @@ import secrets
 import shutil
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -1121,6 +1122,27 @@ def runnable(op: str) -> bool:
     return op in RANK_OPS or (not op.startswith("_") and inspect.isfunction(vars(Service).get(op)))
 
 
+@functools.cache
+def answer_hint(op: str) -> Any:
+    """What a rank answers for `op` when it succeeds: the annotation of the Service method's return,
+    or of the `RANK_OPS` function's (Any where it has none). One table for every verb, read from the
+    code that answers, so a new verb is checked without a line here."""
+    answer = RANK_OPS.get(op) or getattr(Service, op)
+    return typing.get_type_hints(answer).get("return", Any)
+
+
+def is_answer(command: Command, value: object) -> bool:
+    """Whether `value` is what a rank may answer for `command`: None (it took no part, or sent its
+    tensor answer apart: `_tensor_back`), a Failure, or a value of the verb's annotated result (for
+    `_across`, the verb it runs: its first argument, which rank 0 itself put there)."""
+    if value is None or type(value) is Failure:
+        return True
+    op = command.op
+    if op == "_across" and command.args and isinstance(command.args[0], str) and runnable(command.args[0]):
+        op = command.args[0]
+    return control_wire.conforms(value, answer_hint(op))
+
+
 def _executed(service: Service, fabric: Fabric, command: Command) -> Any:
     """The command's result on this rank (None where it takes no part); errors raised."""
     if not runnable(command.op):
@@ -1423,6 +1445,10 @@ class ClusterService(Service):
                 replies: list[Any] = [None] * self.fabric.world_size
                 dist.gather_object((mine, held_bytes(self), 0), replies, dst=0, group=self.fabric.control)
                 _as_sent(replies, _is_reply, "follow's (result, held bytes, kept bytes)")
+                # Rank 0's own result is what this code made; each other rank's must be what the verb answers,
+                # or a forged one reaches the caller's reply as INTERNAL, or as a wrong value.
+                _as_sent([None, *(r[0] for r in replies[1:])], lambda v: is_answer(command, v),
+                         f"what {command.op} answers ({answer_hint(command.op)}), a Failure or None")
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError subclasses, or whatever gloo says
                 self._lost(command, exc, sent)
             results = [result for result, _, _ in replies]
