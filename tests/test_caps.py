@@ -309,10 +309,11 @@ run_test's kept outputs and predictions; fetch's host copies)."""
 READ_ONLY = {
     "server_info", "device_usage", "describe_module", "parameter_names", "buffer_names", "size", "list_handles",
     "learning_rate", "describe_model", "model_options", "request_id_stats", "rank_bytes", "rank_kept_bytes",
-    "tenant_usage", "cluster_info", "shared_region", "staging_buffer", "sees_server_wide",
+    "tenant_usage", "cluster_info", "shared_region", "staging_buffer", "upload_arena", "sees_server_wide",
 }
 """Methods that change no object. `staging_buffer` gives an upload's transient buffer, reserved as the
-tensor it carries (and, for a tensor bound for a GPU, on the host too, for the call)."""
+tensor it carries (and, for a tensor bound for a GPU, on the host too, for the call); `upload_arena`
+the one buffer of a dictionary upload's entries, reserved whole with its first tensor."""
 
 
 def test_every_service_method_is_classified() -> None:

@@ -749,7 +749,9 @@ def test_flat_dictionaries_restore_flat(state_server: Runtime) -> None:
         c.ema(q, ema, decay=0.9)
         mixed = c.dict({"a": np.ones(3, np.float32), "b": np.ones(2, np.float64), "c": np.zeros(4, np.float32)})
         c.to(mixed, dtype="float16")
-        upload = c.dict({"x": np.ones((3, 3), np.float32), "y": np.ones(4, np.float32)})
+        uploaded = c.dict({"x": np.ones((3, 3), np.float32), "y": np.ones(4, np.float32)})  # one buffer, too
+        upload = c.dict({"x": np.ones((3, 3), np.float32)})
+        c.dict(upload, "y", np.ones(4, np.float32))  # entries set one call each: each its own storage
         c.snapshot()
     restored = Registry()
     snapshot.load(restored, state_server.config.state_dir, torch.device("cpu"))
@@ -757,7 +759,7 @@ def test_flat_dictionaries_restore_flat(state_server: Runtime) -> None:
     def values(registry: Registry, handle: Any) -> list[torch.Tensor]:
         return [t for name, t in registry.get(handle.id).obj.entries.items() if name != ".n"]
 
-    for d in (avg, ema, mixed):
+    for d in (avg, ema, mixed, uploaded):
         assert flat.is_flat_by_group(values(state_server.registry, d))
         assert flat.is_flat_by_group(values(restored, d)), d
         for before, after in zip(values(state_server.registry, d), values(restored, d), strict=True):

@@ -215,6 +215,11 @@ class _Prepared:
         return self.update.in_place
 
 
+def _plain_block(nbytes: int) -> torch.Tensor:
+    """A host-cache block whose new pages are not advised for huge pages (`Service.upload_arena`)."""
+    return hostcache.empty(nbytes, huge=False)
+
+
 @dataclass
 class _Receiving:
     """An upload being received: its reservation, and where the tensor whose header came last will
@@ -222,6 +227,11 @@ class _Receiving:
 
     reservation: Reservation
     device: torch.device | None = None
+    arena: bool = False
+    """Whether its tensors may lie back to back in one buffer (`Service.upload_arena`): a dictionary's
+    entries, which every verb reads as views (copyparms' flat copies are such views too). Training
+    data and parameters stay tensors of their own: batching views a data tensor from its storage's
+    start."""
 
 
 _RECEIVING: contextvars.ContextVar[_Receiving | None] = contextvars.ContextVar("weightavg_receiving", default=None)
@@ -317,10 +327,13 @@ class Service:
         """An optimizer or model handle's entry; under its lock, `optimizer_of` is its optimizer."""
         return self.store.get(handle, Kind.OPTIMIZER, Kind.MODEL)
 
-    def _receive(self, upload: Upload, reservation: Reservation, where: Callable[[str], torch.device]) -> Named:
+    def _receive(
+        self, upload: Upload, reservation: Reservation, where: Callable[[str], torch.device], *, arena: bool = False
+    ) -> Named:
         """An upload's tensors, each reserved on the device it will be held on (`where(name)`) from
-        its header, before its buffer is allocated."""
-        receiving = _Receiving(reservation)
+        its header, before its buffer is allocated; with `arena`, a dictionary's entries, back to back
+        in one buffer on a CPU server (`upload_arena`)."""
+        receiving = _Receiving(reservation, arena=arena)
 
         def reserve(name: str, nbytes: int) -> torch.device:
             device = where(name)
@@ -565,7 +578,7 @@ class Service:
         """A new dictionary of the uploaded tensors ('.n' on the CPU, the rest on the device)."""
         self._one_rank(placement.rank)
         with self.store.reserve(handles=1) as reservation:
-            tensors = self._receive(upload, reservation, self._entry_placement)
+            tensors = self._receive(upload, reservation, self._entry_placement, arena=True)
             d = TensorDict()
             dictionaries.set_entries(d, tensors, self.device)
             return Ref(self.store.add(Kind.DICTIONARY, d, reservation), Kind.DICTIONARY)
@@ -580,7 +593,7 @@ class Service:
         entry = self.store.get(handle, Kind.DICTIONARY)
         with self.store.reserve() as reservation:
             # Counted as additions: the old values are still held while the new ones arrive.
-            tensors = self._receive(upload, reservation, self._entry_placement)
+            tensors = self._receive(upload, reservation, self._entry_placement, arena=not entry.obj.live)
             with self.store.mutate(entry, need=NOTHING):
                 return dictionaries.set_entries(entry.obj, tensors, self.device)
 
@@ -1274,6 +1287,18 @@ class Service:
         if receiving is not None and receiving.device is not None and receiving.device.type != "cpu":
             self.store.grow(receiving.reservation, nbytes={"cpu": nbytes})
         return pinned.empty((nbytes,), torch.uint8, self.device)
+
+    def upload_arena(self) -> Callable[[int], torch.Tensor] | None:
+        """Where the upload being received lays its tensors back to back (`codec.TensorAssembler`'s
+        arena): for a dictionary's entries on a CPU server, one block from the host cache, so averages
+        and merges over uploaded dictionaries run over spans; None otherwise (a CUDA server stages
+        tensor by tensor on the way to the GPU). A new block is not advised for huge pages: where the
+        kernel must compact memory to grant them, the first touch of an advised 102 MB block took
+        about three times as long, and the spans gain as much on 4 KiB pages (docs/perf.md)."""
+        receiving = _RECEIVING.get()
+        if receiving is None or not receiving.arena or self.device.type == "cuda":
+            return None
+        return _plain_block
 
     def shared_region(self, name: str) -> shm.Region:
         """The caller's region `name`, for an upload whose tensors' bytes lie in it (TensorChunk.shared)."""

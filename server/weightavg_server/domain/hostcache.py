@@ -113,16 +113,16 @@ class HostCache:
             dropped = self._settle()
         del dropped
 
-    def empty(self, nbytes: int, up_to: int = 0) -> torch.Tensor:
+    def empty(self, nbytes: int, up_to: int = 0, *, huge: bool = True) -> torch.Tensor:
         """An uninitialised 1-D uint8 CPU tensor of nbytes: over a kept block of that size (or, with
         `up_to`, the smallest kept one of at most up_to bytes) where the cache has one, else over a
-        new block (on huge pages where large: `native.advise_huge_pages`)."""
+        new block (on huge pages where large and `huge`: `native.advise_huge_pages`)."""
         if nbytes < MIN_BYTES:
-            return _new_block(nbytes)
+            return _new_block(nbytes, huge)
         if nbytes > self._capacity:  # never kept (a bound of 0 keeps none), but a new large block all the same
             with self._lock:
                 self._allocated += 1
-            return self._new_block(nbytes)
+            return self._new_block(nbytes, huge)
         with self._lock:
             dropped = self._settle()
             sizes = [size for size in self._idle if nbytes <= size <= max(up_to, nbytes)]
@@ -140,10 +140,10 @@ class HostCache:
                 self._allocated += 1
         del dropped
         if block is None:
-            block = self._new_block(nbytes).numpy()
+            block = self._new_block(nbytes, huge).numpy()
         return self._lend(block, nbytes)
 
-    def _new_block(self, nbytes: int) -> torch.Tensor:
+    def _new_block(self, nbytes: int, huge: bool = True) -> torch.Tensor:
         """A new block of nbytes; where the host has no memory for it, the idle blocks are given back
         (and the C allocator's freed memory with them) and it is tried once more. Memory this cache
         keeps for reuse must never be why a call runs out: such a call was answered "server out of
@@ -153,13 +153,13 @@ class HostCache:
             RuntimeError: torch's "can't allocate memory" still (the server answers RESOURCE_EXHAUSTED).
         """
         try:
-            return _new_block(nbytes)
+            return _new_block(nbytes, huge)
         except RuntimeError as exc:
             if "can't allocate memory" not in str(exc):
                 raise
         self.clear()
         release_freed_memory()
-        return _new_block(nbytes)
+        return _new_block(nbytes, huge)
 
     def trim(self) -> int:
         """Drop the blocks idle for `IDLE_SECONDS` or more; the bytes dropped."""
@@ -221,9 +221,10 @@ class HostCache:
         return dropped
 
 
-def _new_block(nbytes: int) -> torch.Tensor:
+def _new_block(nbytes: int, huge: bool = True) -> torch.Tensor:
     block = torch.empty(nbytes, dtype=torch.uint8)
-    native.advise_huge_pages(block)
+    if huge:
+        native.advise_huge_pages(block)
     return block
 
 
@@ -235,9 +236,9 @@ def cache() -> HostCache:
     return _cache
 
 
-def empty(nbytes: int) -> torch.Tensor:
+def empty(nbytes: int, *, huge: bool = True) -> torch.Tensor:
     """`HostCache.empty` of this process's cache."""
-    return _cache.empty(nbytes)
+    return _cache.empty(nbytes, huge=huge)
 
 
 def empty_as(numel: int, dtype: torch.dtype) -> torch.Tensor:

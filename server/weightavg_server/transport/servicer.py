@@ -143,7 +143,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
         def receive(on_header: OnHeader) -> list[tuple[str, torch.Tensor]]:
             assembler = codec.TensorAssembler(
-                self.max_upload_bytes, on_header, self.service.shared_region, self.service.staging_buffer
+                self.max_upload_bytes, on_header, self.service.shared_region, self.service.staging_buffer,
+                self.service.upload_arena(),
             )
             for chunk in chunks:
                 assembler.feed(chunk)
