@@ -240,6 +240,11 @@ CASES = [
         # where the native selection (the server's build is this process's) is off.
         ("merge by ties", lambda c: dicts(c, 4), lambda c, ds: c.merge("ties", ds[1:], base=ds[0], density=0.5),
          5 * ENTRY + ROWS * FEATURES + (0 if selection.active() else ROWS * FEATURES * (F32 + 8)), ENTRY),
+        # Without normalize no divisor, and no |delta| either where the native selection trims (found by
+        # review: reserved all the same, so a merge that fitted was refused).
+        ("merge by ties without normalize", lambda c: dicts(c, 4),
+         lambda c, ds: c.merge("ties", ds[1:], base=ds[0], density=0.5, normalize=False),
+         3 * ENTRY + ROWS * FEATURES + (0 if selection.active() else ENTRY + ROWS * FEATURES * (F32 + 8)), ENTRY),
         # A pseudo-gradient per parameter (freed) and SGD's momentum buffers (kept).
         ("first outer step with momentum", optimizer_and_average, lambda c, st: c.outer_step(*st), 2 * LAYER, LAYER),
         # The soup (kept), a copy of the model's parameters to put back (freed), and its scoring's

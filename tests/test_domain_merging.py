@@ -784,6 +784,44 @@ def test_a_ties_plan_reserves_kthvalues_copy_and_index_only_where_kthvalue_selec
     assert max(slot.internal for slot in kept.slots) == 0
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native selection", "kthvalue"])
+@pytest.mark.parametrize(("density", "normalize", "aside"), [
+    (0.5, False, "kthvalue"),  # |delta| for kthvalue and the torch trim; the native kernels need none
+    (1.0, False, ""),  # no trim, no divisor: nothing ever goes aside
+    (0.5, True, "always"),  # each delta's sign, for the divisor
+    (1.0, True, "always"),
+], ids=["trim", "no trim", "trim, normalized", "no trim, normalized"])
+def test_a_ties_plan_reserves_the_aside_buffer_only_where_its_kernel_takes_it(
+    native: bool, density: float, normalize: bool, aside: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIES without normalize on the native selection reserved a work-dtype buffer of its largest entry
+    for |delta| that only torch's selection and trim use: a merge that fitted was refused (found by
+    review). The kernel carves exactly the buffers
+    the plan reserved (its results: `test_ties_trims_elects_signs_and_averages_the_agreeing_deltas`)."""
+    if native and not selection.active():
+        pytest.skip(f"TIES trims run on {selection.native_state()}")
+    if not native:
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base, ds = fine_tuned(3)
+    options = {"density": density, "normalize": normalize}
+    p = plan_of("ties", ds, base=base, options=options)
+    largest = max(math.prod(s) for s in SHAPES.values())
+    takes = aside == "always" or (aside == "kthvalue" and not native)
+    buffers = 2 + normalize + takes  # delta, election, the divisor with normalize, and aside
+    assert p.buffer_bytes() == buffers * largest * F32 + largest  # and the bool mask
+    carved: list[int] = []
+    real_take = merging.Scratch.take
+
+    def take(self: merging.Scratch, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        view = real_take(self, shape, dtype)
+        carved.append(self.offset)
+        return view
+
+    monkeypatch.setattr(merging.Scratch, "take", take)
+    merging.run(p, ds, base=base)
+    assert max(carved) == p.buffer_bytes()  # every buffer the plan reserved, and no byte past them
+
+
 @pytest.mark.parametrize(("numel", "dtype", "chunks"), [
     (2 * merging.SLERP_CHUNK, torch.float32, 2 * merging.SLERP_CHUNK * 8),  # one float64 chunk each, not the whole
     (30, torch.float64, 0),  # the chunks are views of the float64 work tensors

@@ -597,18 +597,32 @@ def _scratch(
     consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
     normalize = bool_value(options, "normalize")
     base_cast = (work,) if has_base and tensors[0].dtype != work else ()
-    aside = (work,) if method.sparsify or (consensus and normalize) else ()
+    trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
+    aside = (work,) if _takes_aside(method.name, consensus, normalize, trims, device) else ()
     election = (work,) if consensus else ()
     divisor = (work,) if consensus and normalize else ()
-    trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
     mask = (torch.bool,) if consensus or trims else ()
     # torch.kthvalue copies the values and keeps an int64 index per element while it selects. On the CPU,
-    # where the native selection is on, it takes kthvalue's place (the work dtype is one of its kinds and
-    # the delta a contiguous scratch view) and allocates nothing; CUDA, and a CPU where it is off, take
-    # kthvalue.
-    selects_natively = device.type == "cpu" and selection.active()
-    internal = numel * (_size(work) + 8) if trims and not selects_natively else 0
+    # where the native selection is on, it takes kthvalue's place and allocates nothing (`_selects_natively`);
+    # CUDA, and a CPU where it is off, take kthvalue.
+    internal = numel * (_size(work) + 8) if trims and not _selects_natively(device) else 0
     return acc + (work,) + base_cast + aside + election + divisor + mask, internal
+
+
+def _selects_natively(device: torch.device) -> bool:
+    """Whether TIES's threshold and trim run on the native kernels (`selection`), which need no
+    scratch: on the CPU where they are on (the work dtype is always one of their kinds and the delta
+    a contiguous scratch view, so every slot there takes them)."""
+    return device.type == "cpu" and selection.active()
+
+
+def _takes_aside(method: str, consensus: bool, normalize: bool, trims: bool, device: torch.device) -> bool:
+    """Whether a task-vector slot (`_task_vectors`) takes the work-dtype buffer `aside`: DARE's
+    drop mask, each delta's sign where consensus and normalize make the divisor, and |delta| where a
+    TIES trim runs on torch's path. The plan and the kernel both ask here, so the buffers it carves
+    are the ones the plan reserved. TIES without normalize on the native path took it unused: a
+    buffer the size of the largest entry, reserved for nothing (a merge that fitted was refused)."""
+    return method == "dare" or (consensus and normalize) or (trims and not _selects_natively(device))
 
 
 # -- running a plan ------------------------------------------------------------------------------------
@@ -892,11 +906,11 @@ def _task_vectors(
     if b.dtype != work:
         base = scratch.take(shape, work)
         base.copy_(b)
-    aside = scratch.take(shape, work) if method != "task_arithmetic" or (consensus and normalize) else None
-    election = scratch.take(shape, work) if consensus else None
-    divisor = scratch.take(shape, work) if consensus and normalize else None
     density = float_value(options, "density") if method != "task_arithmetic" else 1.0
     trims = method == "ties" and density < 1
+    aside = scratch.take(shape, work) if _takes_aside(method, consensus, normalize, trims, slot.device) else None
+    election = scratch.take(shape, work) if consensus else None
+    divisor = scratch.take(shape, work) if consensus and normalize else None
     mask = scratch.take(shape, torch.bool) if consensus or trims else None
     thresholds: dict[int, float | None] = {}
 
@@ -904,7 +918,7 @@ def _task_vectors(
         delta.copy_(xs[i])
         delta.sub_(base)
         if method == "ties" and trims:
-            assert aside is not None and mask is not None
+            assert mask is not None
             if i not in thresholds:
                 thresholds[i] = _threshold(delta, density, aside)
             _trim(delta, thresholds[i], aside, mask)
@@ -919,7 +933,7 @@ def _task_vectors(
 
     acc.zero_()
     if consensus:
-        assert election is not None and mask is not None and aside is not None
+        assert election is not None and mask is not None
         election.zero_()
         for i in range(len(xs)):
             make_delta(i)
@@ -932,6 +946,7 @@ def _task_vectors(
             make_delta(i)
             delta.mul_(election).clamp_(min=0)  # |w delta| where its sign is the elected one, else 0
             if divisor is not None:
+                assert aside is not None
                 torch.sign(delta, out=aside)
                 divisor.add_(aside, alpha=weights[i])
             acc.add_(delta.mul_(election))
@@ -948,11 +963,11 @@ def _task_vectors(
     _finish(acc, out)
 
 
-def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> float | None:
+def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor | None) -> float | None:
     """The k-th largest |delta|, k = int(density * numel), NaN counted largest: entries at or above it
     are kept (ties at the threshold all stay, `_trim`); None where k = 0, when nothing is kept. On
-    the CPU a native radix selection finds it, elsewhere torch.kthvalue over |delta| in `aside`: the
-    same value (`selection`)."""
+    the CPU a native radix selection finds it, elsewhere torch.kthvalue over |delta| in `aside` (None
+    where the plan found the native selection on: `_takes_aside`): the same value (`selection`)."""
     n = delta.numel()
     k = int(density * n)
     if k <= 0:
@@ -962,7 +977,7 @@ def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor) -> floa
     return selection.kth_largest_magnitude(delta, k, aside)
 
 
-def _trim(delta: torch.Tensor, threshold: float | None, aside: torch.Tensor, mask: torch.Tensor) -> None:
+def _trim(delta: torch.Tensor, threshold: float | None, aside: torch.Tensor | None, mask: torch.Tensor) -> None:
     """delta := +0 wherever |delta| is below `threshold` in the selection's order, NaN above inf: the
     whole delta where it is None (k = 0), every number where it is a NaN (k NaNs or more: only the NaNs
     are kept), elsewhere what `selection.zero_below` zeroes. The threshold inf (k = 0 as it was

@@ -33,25 +33,29 @@ KINDS: Final[dict[torch.dtype, int]] = {torch.float32: 0, torch.float64: 1}
 """The dtypes the kernels work in; others (and every device but the CPU) take torch's path."""
 
 
-def kth_largest_magnitude(values: torch.Tensor, k: int, aside: torch.Tensor) -> float:
+def kth_largest_magnitude(values: torch.Tensor, k: int, aside: torch.Tensor | None) -> float:
     """The k-th largest |x| (1 <= k <= numel) of `values`, NaN counted largest, as
     `torch.kthvalue(|values|, numel - k + 1)` gives it (a NaN for a NaN). `aside` (values' shape and
-    dtype) takes |values| on torch's path; the kernel needs none."""
+    dtype) takes |values| on torch's path; the kernel needs none, and a caller that planned for the
+    kernel (`active()`) gives None."""
     assert 1 <= k <= values.numel()
     if _fits(values) and _agrees_with_torch():
         assert _SELECT is not None
         return _SELECT(KINDS[values.dtype], values.data_ptr(), values.numel(), k)
+    assert aside is not None, "torch's selection needs the scratch a plan for the kernel left out"
     torch.abs(values, out=aside)
     return by_torch(aside, k)
 
 
-def zero_below(values: torch.Tensor, threshold: float, aside: torch.Tensor, mask: torch.Tensor) -> None:
+def zero_below(values: torch.Tensor, threshold: float, aside: torch.Tensor | None, mask: torch.Tensor) -> None:
     """values := +0 wherever |values| < threshold (in values' dtype); a NaN stays. `aside` (values'
-    shape and dtype) and `mask` (bool) are torch's scratch; the kernel needs neither."""
+    shape and dtype) and `mask` (bool) are torch's scratch; the kernel needs neither (`aside` None
+    where the caller planned for it)."""
     if _fits(values) and _agrees_with_torch():
         assert _ZERO_BELOW is not None
         _ZERO_BELOW(KINDS[values.dtype], values.data_ptr(), values.numel(), threshold)
         return
+    assert aside is not None, "torch's trim needs the scratch a plan for the kernel left out"
     zero_below_by_torch(values, threshold, aside, mask)
 
 
