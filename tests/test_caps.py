@@ -23,7 +23,7 @@ import torch
 from conftest import LiveServer, assert_unchanged, snapshot
 from inprocess import counted_walks
 from weightavg import Client, ResourceExhaustedError
-from weightavg_server.domain import footprint, selection
+from weightavg_server.domain import selection
 from weightavg_server.domain.errors import ResourceExhausted
 from weightavg_server.domain.tensors import storage_bytes, storages, tensors_of
 from weightavg_server.store import snapshot as snapshots
@@ -54,10 +54,26 @@ def batch_pass(rows: int) -> int:
     return 4 * logits(rows) + 2 * F32 + logits(rows) - LAYER
 
 
-SCORED = 100 * CLASSES * F32 + 3 * footprint.SCALARS_PER_BATCH
+def scalars(batches: int, loss: bool = False, counted: bool = False, answered: int = 0) -> int:
+    """What a run's or a test's scalar metrics hold at their widest (`footprint.scalar_metrics_bytes`):
+    with the loss metric, each batch's float32 loss, their stack, and at the end its float64 copy and
+    mean; `counted` (accuracy, matches, predict; ce's class indices, masked by its ignore index), each
+    batch's int64 matches and positions scored, and at the end the stack of one of them and its sum;
+    the `answered` 0-dim float64 or int64 accuracy and matches. Not reserved for an epoch, and a test's
+    by a bound of 48 bytes a batch (found by review)."""
+    kept = batches * ((2 * F32 if loss else 0) + (16 if counted else 0))
+    summed = batches * 8 + 8 if counted else 0
+    mean = batches * 8 + 8 if loss else 0
+    return kept + max(summed, mean) + 8 * answered
+
+
+EPOCH = scalars(10, loss=True)
+"""An epoch's scalars with the default metrics ("loss"), ROWS rows in batches of BATCH: ten batches."""
+
+SCORED = 100 * CLASSES * F32
 """What a test over ROWS rows in three batches of 100 makes beside each batch's output while it
 computes the loss or predictions (`footprint.testing_pass_bytes`): one output more (ce's log_softmax)
-and the scalars its metrics keep per batch (found by review: not reserved)."""
+(found by review: not reserved)."""
 
 
 def x_rows(n: int = ROWS) -> np.ndarray:
@@ -184,17 +200,18 @@ CASES = [
     # optimizer state) and the gradients it replaces, to put them back if it fails midway, and room
     # for one batch's forward and backward pass (`batch_pass`).
     Case("first optimizer step (gradients and momentum; a copy of the parameters)", trained_model,
-         lambda c, m: c.run(m), 3 * LAYER + batch_pass(BATCH), 2 * LAYER),
+         lambda c, m: c.run(m), 3 * LAYER + batch_pass(BATCH) + EPOCH, 2 * LAYER),
     Case("first adam step (gradients, two moments, steps; a copy of the parameters)",
          lambda c: (m := model(c, "adam"), c.train(m, x_rows(), labels()))[0],
-         lambda c, m: c.run(m), 4 * LAYER + 2 * STEP + batch_pass(BATCH), 3 * LAYER + 2 * STEP),
+         lambda c, m: c.run(m), 4 * LAYER + 2 * STEP + batch_pass(BATCH) + EPOCH, 3 * LAYER + 2 * STEP),
     Case("second epoch (copies of the parameters and momentum, the old gradients held)",
-         lambda c: (m := trained_model(c), c.run(m))[0], lambda c, m: c.run(m), 3 * LAYER + batch_pass(BATCH), 0),
+         lambda c: (m := trained_model(c), c.run(m))[0], lambda c, m: c.run(m), 3 * LAYER + batch_pass(BATCH) + EPOCH,
+         0),
     # Shuffled, it trains on a reordered copy of the data (written over them at the end) and holds
     # the int64 permutation that made it.
     Case("shuffled epoch (a reordered copy of the data, its permutation)",
          lambda c: (m := trained_model(c), c.train(m, shuffle=True))[0], lambda c, m: c.run(m),
-         3 * LAYER + ROWS * FEATURES * F32 + ROWS * 8 + ROWS * 8 + batch_pass(BATCH), 2 * LAYER),
+         3 * LAYER + ROWS * FEATURES * F32 + ROWS * 8 + ROWS * 8 + batch_pass(BATCH) + EPOCH, 2 * LAYER),
     # A pass without gradients also holds, while it runs, what it makes at its widest: for one linear
     # layer its output again (`logits`; the margin for a kernel's own temporaries).
     Case("forward output kept", lambda c: (linear(c), c.tensor(x_rows())), lambda c, s: c.eforward(*s),
@@ -210,16 +227,18 @@ CASES = [
          lambda c, m: c.evaluate(m, x_rows()), ROWS * FEATURES * F32 + 2 * logits(ROWS) + logits(100), 0),
     Case("testrun keeping outputs and int64 predictions over three batches",
          lambda c: (m := trained_model(c), c.test(m, x_rows(), labels()), c.test(m, metrics="output,predict"))[0],
-         lambda c, m: c.testrun(m), 2 * (logits(ROWS) + ROWS * 8) + logits(100) + SCORED, 0),
+         lambda c, m: c.testrun(m), 2 * (logits(ROWS) + ROWS * 8) + logits(100) + SCORED + scalars(3, counted=True),
+         0),
     Case("epoch keeping outputs and predictions in one batch (copies of parameters and momentum)",
          lambda c: (m := trained_model(c), c.run(m), c.train(m, batchsize=ROWS, metrics="output,predict"))[0],
-         lambda c, m: c.run(m), 3 * LAYER + ROWS * CLASSES * F32 + ROWS * 8 + batch_pass(ROWS), 0),
+         lambda c, m: c.run(m), 3 * LAYER + ROWS * CLASSES * F32 + ROWS * 8 + batch_pass(ROWS) + scalars(1, counted=True),
+         0),
     # found by review: a failed pass over an embedding with max_norm left the rows it renormalised;
     # each pass now keeps a copy of its weight to put back, reserved for the call.
     Case("evaluate over a max_norm embedding (its upload, output, a copy of the weight)", max_norm_model,
          lambda c, m: c.evaluate(m, indices(100)), 100 * 8 + 2 * logits(100) + RENORMED, 0),
     Case("testrun over a max_norm embedding (a copy of the weight)", max_norm_model, lambda c, m: c.testrun(m),
-         RENORMED + logits(100) + SCORED, 0),
+         RENORMED + logits(100) + SCORED + scalars(3, loss=True), 0),
     Case("batchnorm(m) over a max_norm embedding (a copy of the weight)", max_norm_model,
          lambda c, m: c.batchnorm(m), RENORMED + logits(BATCH), 0),
     Case("forward over a max_norm embedding (its output, a copy of the weight)",
@@ -249,7 +268,8 @@ CASES = [
         ("first outer step with momentum", optimizer_and_average, lambda c, st: c.outer_step(*st), 2 * LAYER, LAYER),
         # The soup (kept), a copy of the model's parameters to put back (freed), and its scoring's
         # test pass at its widest, one test batch's logits (found by review: not reserved).
-        ("greedy soup", soup_setup, lambda c, st: c.soup(*st), 2 * LAYER + logits(100) + SCORED, LAYER),
+        ("greedy soup", soup_setup, lambda c, st: c.soup(*st),
+         2 * LAYER + logits(100) + SCORED + scalars(3, counted=True, answered=1), LAYER),
     )],
 ]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from inprocess import assert_nothing_pending, assert_same_state, state_of, upload, walked_bytes
-from weightavg_server.domain import footprint, selection
+from weightavg_server.domain import selection
 from weightavg_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from weightavg_server.domain.specs import LayerSpec
 from weightavg_server.service import Service, Settings
@@ -221,9 +221,10 @@ CAPS: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any], object]
     ("first bfloat16 outer step to a float32 average", bfloat16_optimizer_and_float32_average,
      lambda s, st: s.outer_step(*st), LAYER // 2 + CLASSES * FEATURES * F32, LAYER // 2),
     # The soup (kept), a copy of the model's parameters to put back (freed), and its scoring's test
-    # pass over one batch of ROWS: the logits, its loss's log_softmax and the batch's metric scalars.
+    # pass over one batch of ROWS: the logits, its loss's log_softmax and its accuracy's scalars: the
+    # batch's int64 matches and positions scored, the stack of one and its sum, the accuracy answered.
     ("greedy soup", soup_setup, lambda s, st: s.soup(st[0], st[1], (), never),
-     2 * LAYER + 2 * ROWS * CLASSES * F32 + footprint.SCALARS_PER_BATCH, LAYER),
+     2 * LAYER + 2 * ROWS * CLASSES * F32 + (2 * 8 + 8 + 8) + 8, LAYER),
 ]
 
 

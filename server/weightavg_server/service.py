@@ -1244,10 +1244,12 @@ class Service:
             plan = soups.plan_soup(model, dicts, options)
             # Scoring is a test pass: it keeps a copy of what a pass writes in place, a copy of each batch
             # for a module that writes its input in place, and makes its layers' outputs, as run_test
-            # does (the last two were not reserved; found by review). Its metric is the plan's alone.
+            # does (the last two were not reserved; found by review), and its metric's scalars. Its
+            # metric is the plan's alone.
             need = add_bytes(
                 footprint.soup_bytes(plan), footprint.forward_copy_bytes(model.module),
                 footprint.batch_copy_bytes(model, "test"), footprint.testing_pass_bytes(model, plan.metric),
+                footprint.metrics_bytes(model, "test", plan.metric),
             )
             self.store.grow(reservation, handles=1, nbytes=need)
             made = soups.greedy_soup(model, dicts, plan, should_stop)

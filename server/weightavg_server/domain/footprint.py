@@ -236,11 +236,6 @@ def data_pass_bytes(model: Model, split: str) -> Bytes:
     return pass_bytes(model.module, x, train=split == "train")
 
 
-SCALARS_PER_BATCH = 48
-"""Bytes a test or an epoch keeps per batch for its loss and accuracy metrics until it ends: the
-batch's loss, its count of matches and of positions scored (a 0-dim tensor each, 8 bytes at most),
-and their stack at the end."""
-
 _SCORED = frozenset({"loss", "batchloss", "accuracy", "matches", "predict"})
 """Metrics a test computes from each batch's output beyond the output itself (the loss, predictions)."""
 
@@ -249,9 +244,9 @@ def testing_pass_bytes(model: Model, metrics: str | None = None) -> Bytes:
     """Bytes a test over the model's test data (RunTest; a soup's scoring, with `metrics` its own)
     allocates at its widest beyond the outputs and predictions its metrics keep (`metrics_bytes`):
     one batch's pass (`data_pass_bytes`) and, where it computes the loss or predictions, what they
-    make beside the batch's output: one output more (ce's log_softmax, the CPU's unreduced mse) and
-    the scalars its metrics keep (`SCALARS_PER_BATCH`). Those were not reserved: a test of three
-    batches with the ce loss allocated twice its pass (found by review)."""
+    make beside the batch's output: one output more (ce's log_softmax, the CPU's unreduced mse);
+    that were not reserved: a test of three batches with the ce loss allocated twice its pass (found by
+    review). The scalars its metrics keep per batch are `metrics_bytes`'."""
     base = data_pass_bytes(model, "test")
     names = set(str(model.test["metrics"] if metrics is None else metrics).split(","))
     data = model.test_data
@@ -262,9 +257,7 @@ def testing_pass_bytes(model: Model, metrics: str | None = None) -> Bytes:
     output = _meta_output(model.module, torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta"), False)
     if output is None:
         return base
-    nb = training.batch_count(n, w, bool_value(model.test, "droplast"))
-    scored = output.numel() * output.element_size() + nb * SCALARS_PER_BATCH
-    return add_bytes(base, {str(_module_device(model.module)): scored})
+    return add_bytes(base, {str(_module_device(model.module)): output.numel() * output.element_size()})
 
 
 def evaluate_pass_bytes(model: Model, x: torch.Tensor) -> Bytes:
@@ -314,12 +307,50 @@ def evaluate_bytes(model: Model, x: torch.Tensor) -> Bytes:
     return add_bytes(kept, forward_copy_bytes(model.module), piece)
 
 
-def metrics_bytes(model: Model, split: str) -> Bytes:
-    """Bytes an epoch (`split` "train") or a test ("test") keeps for its `output` and `predict`
-    metrics: every batch's outputs, and the int64 class each row's output predicts, until they are
-    joined at the end (`_kept_bytes`). Nothing for other metrics, or without data."""
-    pieces, nb = _kept_metrics(model, split)
-    return _kept_bytes(pieces, nb, _module_device(model.module))
+def metrics_bytes(model: Model, split: str, metrics: str | None = None) -> Bytes:
+    """Bytes an epoch (`split` "train") or a test ("test") keeps for its metrics (the split's, or
+    `metrics`: a soup's scoring): for `output` and `predict`, every batch's outputs and the int64
+    class each row's output predicts, until they are joined at the end (`_kept_bytes`); and the
+    scalars the others keep per batch, with what they make at the end (`scalar_metrics_bytes`).
+    Nothing without data."""
+    pieces, nb = _kept_metrics(model, split, metrics)
+    return add_bytes(_kept_bytes(pieces, nb, _module_device(model.module)), scalar_metrics_bytes(model, split, metrics))
+
+
+def scalar_metrics_bytes(model: Model, split: str, metrics: str | None = None) -> Bytes:
+    """Bytes an epoch or a test holds at its widest for its scalar metrics (`training._Metrics`), on
+    the module's device and the host: per batch, for `loss` and `batchloss` the batch's loss (a 0-dim
+    tensor in the output's dtype), for `accuracy`, `matches` and `predict` its int64 count of matches
+    and, where the loss's ignore index masks the targets (`training.masks_scored`), of positions
+    scored; at the end, the losses stacked (copied to the host from a GPU), the stack of the counts
+    and their sum (one list at a time), the float64 copy of float32 losses and their mean, and the
+    0-dim accuracy and matches answered. An epoch's were not reserved at all (about 30 bytes a batch,
+    every batch's loss kept even without a loss metric), a test's by a bound of 48 bytes a batch
+    (found by review). The last two steps are counted as if at once (at most 16 bytes over); exact
+    elsewhere. Nothing without data or without these metrics."""
+    data = model.train_data if split == "train" else model.test_data
+    options = model.train if split == "train" else model.test
+    names = str(options["metrics"] if metrics is None else metrics).split(",")
+    losses, counted = bool({"loss", "batchloss"} & set(names)), bool({"accuracy", "matches", "predict"} & set(names))
+    if data is None or not (losses or counted):
+        return {}
+    n = batching.full_size(data.x)
+    w = min(int_value(options, "batchsize"), n)
+    nb = training.batch_count(n, w, bool_value(options, "droplast"))
+    x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
+    output = _meta_output(model.module, x, train=split == "train")
+    size = output.element_size() if output is not None else 8  # a loss's dtype is its output's
+    masked = counted and (output is None or training.masks_scored(
+        model.loss.type, output.dim(), data.y.dim(), data.y.is_floating_point()))
+    per_batch = nb * ((size if losses else 0) + (8 if counted else 0) + (8 if masked else 0))
+    stacked = nb * size if losses else 0
+    summed = nb * 8 + 8 if counted else 0  # a stack of counts and its sum
+    mean = (nb * 8 if size != 8 else 0) + 8 if "loss" in names else 0  # the float64 losses and their mean
+    answered = 8 * len({"accuracy", "matches"} & set(names))
+    device = _module_device(model.module)
+    if device.type == "cpu":
+        return {"cpu": per_batch + stacked + max(summed, mean) + answered}
+    return add_bytes({str(device): per_batch + max(stacked, summed)}, {"cpu": stacked + mean + answered})
 
 
 def metrics_reply_bytes(model: Model, split: str) -> int:
@@ -338,12 +369,12 @@ def metrics_reply_bytes(model: Model, split: str) -> int:
     return pieces + scalars + (4 * nb if "batchloss" in names else 0)
 
 
-def _kept_metrics(model: Model, split: str) -> tuple[int, int]:
-    """The bytes of the joined `output` and `predict` metrics of an epoch or a test, and its batch
-    count (0, 0 without data or without either metric)."""
+def _kept_metrics(model: Model, split: str, metrics: str | None = None) -> tuple[int, int]:
+    """The bytes of the joined `output` and `predict` metrics of an epoch or a test (the split's
+    metrics, or `metrics`), and its batch count (0, 0 without data or without either metric)."""
     data = model.train_data if split == "train" else model.test_data
     options = model.train if split == "train" else model.test
-    names = set(str(options["metrics"]).split(","))
+    names = set(str(options["metrics"] if metrics is None else metrics).split(","))
     if data is None:
         return 0, 0
     n = batching.full_size(data.x)

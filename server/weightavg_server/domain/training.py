@@ -602,11 +602,16 @@ def scored(loss: str, output: torch.Tensor, target: torch.Tensor, ignore: int | 
     leaves out (an unlabelled or padding position); torchmetrics' `ignore_index` leaves them out of
     accuracy the same way. Counted as misses, 10 ignored of 40 samples read 75% for a perfect model
     (found by review). Class probabilities and one-hot rows (read by their argmax) have no ignore index."""
-    if ignore is None or loss not in INDEX_LOSSES or target.is_floating_point():
-        return None
-    if target.dim() == output.dim() and target.dim() > 0:
+    if ignore is None or not masks_scored(loss, output.dim(), target.dim(), target.is_floating_point()):
         return None
     return target != ignore
+
+
+def masks_scored(loss: str, output_dim: int, target_dim: int, floating: bool) -> bool:
+    """Whether `scored` gives a mask for a loss's output and targets of these dimensions (its targets
+    floating or not), given the loss's ignore index: only class indices of ce and nll, which lack the
+    output's class dimension. An accuracy so masked keeps a count per batch beside its matches."""
+    return loss in INDEX_LOSSES and not floating and not (target_dim == output_dim and target_dim > 0)
 
 
 def _own_scalar(loss: torch.Tensor) -> torch.Tensor:
@@ -873,7 +878,8 @@ def _train_batches(
                 loss = model.loss(output, targets)
                 torch.autograd.backward(loss)  # loss.backward(), through torch's typed entry point
                 _step(model.optimizer, f"run (batch {i + 1} of {nb})")
-            metrics.add(output.detach(), yb, loss)
+            # Its loss is kept only for the loss metrics: every batch's was, a scalar a batch, unreserved.
+            metrics.add(output.detach(), yb, loss if metrics.needs_loss else None)
     return metrics
 
 
