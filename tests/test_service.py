@@ -352,18 +352,24 @@ class CapCase:
     delta: int
 
 
+EPOCH_LOSS = F32 + F32 + 8 + 8
+"""The loss metric of an epoch of one batch (`footprint.scalar_metrics_bytes`): the batch's float32 loss,
+its stack, and their float64 copy and mean."""
+
+
 def _tensor_input(s: Service) -> tuple[str, str]:
     return linear(s), s.create_tensor(upload(("", x_rows()))).id
 
 
 CAP_CASES = [
-    CapCase("create_module", lambda s: None, lambda s, _, up: linear(s), (), LAYER, LAYER),
+    # The weight is also built in a storage of its own before it is copied into the module's buffer.
+    CapCase("create_module", lambda s: None, lambda s, _, up: linear(s), (), LAYER + FEATURES * CLASSES * F32, LAYER),
     CapCase("create_dictionary", lambda s: None, lambda s, _, up: s.create_dictionary(up),
             (("x", x_rows()), ("y", labels())), ROWS * FEATURES * F32 + ROWS * I64, ROWS * FEATURES * F32 + ROWS * I64),
     CapCase("set_model_data", model, lambda s, m, up: s.set_model_data(m, "train", up),
             (("x", x_rows()), ("y", labels())), ROWS * FEATURES * F32 + ROWS * I64, ROWS * FEATURES * F32 + ROWS * I64),
     CapCase("run_epoch's first step (gradients and momentum; a copy of the parameters to put back on failure)",
-            trained_model, lambda s, m, up: s.run_epoch(m, never), (), 3 * LAYER + BATCH_PASS, 2 * LAYER),
+            trained_model, lambda s, m, up: s.run_epoch(m, never), (), 3 * LAYER + BATCH_PASS + EPOCH_LOSS, 2 * LAYER),
     CapCase("forward on a tensor handle, output kept", _tensor_input,
             lambda s, st, up: s.forward(st[0], "eforward", st[1], up), (), 2 * ROWS * CLASSES * F32, ROWS * CLASSES * F32),
     CapCase("forward on an uploaded input, output kept", lambda s: linear(s),

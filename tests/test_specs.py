@@ -493,11 +493,13 @@ def test_a_shape_option_takes_as_many_sizes_as_a_tensor_has_dimensions() -> None
 def test_a_module_for_a_gpu_is_reserved_on_the_host_too_where_it_is_built_first() -> None:
     """CreateModule builds and initialises the module on the CPU, then moves it (Service._built): on
     a GPU server the host held all of it, unreserved, until the move ended. Its footprint now counts
-    it on both (sized on meta: no GPU needed)."""
+    it on both (sized on meta: no GPU needed). On the host, while it is built, its largest parameter
+    (the linear's weight) once more: made in a storage of its own, then copied into the module's buffer."""
     spec = L("sequential", children=(L("linear", "a", (10, 10)), L("batchnorm1d", "b", (10,))))
     nbytes = (110 + 20) * 4 + 20 * 4 + 8  # linear, affine; running mean and var (float32), the count (int64)
-    assert footprint.module_bytes(spec, torch.device("cpu"), 32) == {"cpu": nbytes}
-    assert footprint.module_bytes(spec, torch.device("cuda:0"), 32) == {"cuda:0": nbytes, "cpu": nbytes}
+    weight = 100 * 4
+    assert footprint.module_bytes(spec, torch.device("cpu"), 32) == {"cpu": nbytes + weight}
+    assert footprint.module_bytes(spec, torch.device("cuda:0"), 32) == {"cuda:0": nbytes, "cpu": nbytes + weight}
 
 
 def test_a_transposed_convolution_pads_its_output_below_its_stride_or_dilation() -> None:
