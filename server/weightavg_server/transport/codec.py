@@ -169,40 +169,63 @@ class _Arena:
     """One buffer of exactly the bytes a declared stream declared, for its tensors back to back (a
     dictionary's entries on a CPU server: `Service.upload_arena`).
 
-    A tensor goes in at the next offset when its element size divides it (torch views a dtype only at
-    such an offset), so tensors of one dtype lie back to back and averages and merges over them run
-    over spans; one that would not be aligned there gets a buffer of its own, and the next tensors go
-    on where it would have started. Nothing is padded, so once the stream is whole (`storage`) the
-    tensors in the buffer are views of one storage of exactly their bytes: the store charges what
-    they hold, as for separate tensors or a restored snapshot, never the buffer's unused tail (the
-    bytes of the tensors that went elsewhere, untouched where the block is new).
+    Each tensor starts at an offset its element size divides (torch views a dtype only there). They
+    go in from the front in order, so tensors of one dtype lie back to back and averages and merges
+    over them run over spans; one-byte tensors (bool masks, int8) go in from the back, where they fit
+    at any offset and leave the front's offsets as its wider tensors keep them (a bool mask of odd
+    length first no longer leaves every float32 after it unaligned). A tensor that fits neither way
+    unpadded is padded out of the room the tensors that went apart left, never out of the room of
+    those still to come (`spot`); one that fits no way gets a buffer of its own.
+
+    The tensors in it are views of the whole buffer, which the store charges whole: the stream
+    reserved exactly that (the declared bytes with its first tensor, each tensor apart with its own),
+    and the buffer is held whole while any of them lives. Where every tensor went in unpadded (any
+    dictionary of one element size, one-byte tensors beside any other) it is exactly their bytes, as
+    separate tensors or a restored snapshot are charged; where some went apart, its tail unused is
+    charged too (a restored snapshot holds less).
 
     Why: tensors received one by one were each an allocation of their own, under 1 MiB on 4 KiB
     pages: a merge of 8 uploaded dictionaries of 160 entries took 30 ms where the same values in
-    flat copies took 22 (the weighted sum's nine streams over 4 KiB pages; docs/perf.md)."""
+    flat copies took 22 (the weighted sum's nine streams over 4 KiB pages; docs/perf.md). Rebased
+    onto a storage of the bytes in use, the entries left the buffer's unused tail held uncharged (a
+    bool mask then float32 weights: about twice the charge), and with nothing padded one odd-sized
+    float16 first sent every float32 after it apart (both found by review)."""
 
     def __init__(self, buffer: torch.Tensor) -> None:
         self.buffer = buffer
-        self.used = 0
-        self.placed: list[tuple[int, int, int]] = []
-        """(index among the stream's tensors, start, end) of each tensor in the buffer."""
+        self.front = 0
+        """Where the next tensor from the front may start."""
+        self.back = int(buffer.numel())
+        """Where the last tensor from the back ends."""
 
-    def fits(self, nbytes: int, size: int) -> bool:
-        """Whether a tensor of nbytes and element size `size` goes in next: aligned, and within the
-        declared bytes (StreamCheck.header refuses a tensor past them first)."""
-        return self.used % size == 0 and self.used + nbytes <= self.buffer.numel()
+    def spot(self, nbytes: int, size: int, to_come: int) -> tuple[int, bool] | None:
+        """Where a tensor of nbytes and element size `size` goes, leaving room for the `to_come`
+        declared bytes of the tensors after it: (start, whether from the back), or None where it
+        does not fit. Unpadded before padded, then the side its size prefers, then the smaller pad."""
+        front = _aligned(self.front, size)
+        back = (self.back - nbytes) // size * size
+        spots = []
+        if front + nbytes + to_come <= self.back:
+            spots.append((front - self.front, size == 1, front, False))
+        if back >= self.front + to_come:
+            spots.append((self.back - nbytes - back, size != 1, back, True))
+        if not spots:
+            return None
+        _, _, start, at_back = min(spots)
+        return start, at_back
 
-    def take(self, index: int, nbytes: int) -> torch.Tensor:
-        start, self.used = self.used, self.used + nbytes
-        self.placed.append((index, start, self.used))
-        return self.buffer[start:self.used]
+    def take(self, start: int, nbytes: int, at_back: bool) -> torch.Tensor:
+        """The bytes of a tensor at a `spot`."""
+        if at_back:
+            self.back = start
+        else:
+            self.front = start + nbytes
+        return self.buffer[start:start + nbytes]
 
-    def storage(self) -> torch.Tensor:
-        """The bytes in use as a tensor over one storage of exactly that size, sharing the buffer's
-        memory (the block goes back to the host cache when the last tensor over it is freed)."""
-        if not self.used:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.from_numpy(self.buffer.numpy()[:self.used])
+
+def _aligned(offset: int, size: int) -> int:
+    """The first offset from `offset` on that `size` divides."""
+    return -(-offset // size) * size
 
 
 class TensorAssembler:
@@ -285,17 +308,8 @@ class TensorAssembler:
         self._check.finish()
         for region in self._unsettled.values():
             region.settle()  # copies queued out of the region to the device: done before the call answers
-        if self._arena is not None:
-            self._rebased(self._arena)
-            self._arena = None
+        self._arena = None
         return self.tensors
-
-    def _rebased(self, arena: _Arena) -> None:
-        """The tensors in the arena as views of one storage of exactly the bytes they hold."""
-        storage = arena.storage()
-        for index, start, end in arena.placed:
-            name, tensor = self.tensors[index]
-            self.tensors[index] = (name, storage[start:end].view(tensor.dtype).reshape(tensor.shape))
 
     def _start(self, chunk: pb.TensorChunk | ChunkView, region: shm.Region | None = None) -> None:
         if self._pending is not None:
@@ -312,18 +326,21 @@ class TensorAssembler:
             )
         self._check.header(chunk.name, chunk.dtype, shape, nbytes)
         opens_arena = self._arena is None and not self.tensors and self._arena_fits()
-        in_arena = opens_arena or (self._arena is not None and self._arena.fits(nbytes, size))
-        # An arena is reserved whole with its first tensor: the declared bytes, which it holds exactly.
-        reserved = (self._check.total or 0) if opens_arena else 0 if in_arena else nbytes
+        to_come = (self._check.total or 0) - self._total - nbytes  # declared bytes of the tensors after it
+        spot = self._arena.spot(nbytes, size, to_come) if self._arena is not None else None
+        # An arena is reserved whole with its first tensor (the declared bytes); a tensor apart on its own.
+        reserved = (self._check.total or 0) if opens_arena else 0 if spot is not None else nbytes
         held_on = self._on_header(chunk.name, reserved) if self._on_header is not None else None
         try:
             if region is not None and held_on is not None and region.reaches(held_on):  # indexed devices both
                 buffer = torch.empty(nbytes, dtype=torch.uint8, device=held_on)
-            elif in_arena:
-                if self._arena is None:
+            elif opens_arena or spot is not None:
+                if opens_arena:
                     assert self._new_arena is not None and self._check.total is not None
                     self._arena = _Arena(self._new_arena(self._check.total))
-                buffer = self._arena.take(len(self.tensors), nbytes)
+                    spot = self._arena.spot(nbytes, size, to_come)  # the first: it always fits
+                assert self._arena is not None and spot is not None
+                buffer = self._arena.take(spot[0], nbytes, spot[1])
             else:
                 buffer = self._allocate(nbytes)
         except RuntimeError as exc:  # the CPU allocator's out-of-memory
