@@ -182,10 +182,12 @@ def test_the_pseudo_gradient_is_taken_in_the_promoted_dtype_as_torch_takes_it(
 
 
 @pytest.mark.parametrize(("model", "average", "optimizer", "extra"), [
-    (torch.bfloat16, torch.float32, "sgd", 4 * 20),  # the float32 difference of the 4x5 weight
-    (torch.bfloat16, torch.float32, "adam", 2 * 2 * 24 + 2 * 4),  # Adam's two moments and steps are larger
-    (torch.float16, torch.bfloat16, "sgd", 4 * 20 + 4 * 20),  # float32 difference and torch's float32 copy of the entry
-    (torch.float32, torch.float32, "sgd", 0),  # the difference is the gradient
+    # the float32 difference of the 4x5 weight, and its norm's scalars (outer.sum_of_squares_bytes: 48)
+    (torch.bfloat16, torch.float32, "sgd", 4 * 20 + 48),
+    # Adam's two moments and steps, and its step's temporaries (two of the weight's size), are larger
+    (torch.bfloat16, torch.float32, "adam", 2 * 2 * 24 + 2 * 4 + 2 * 2 * 20),
+    (torch.float16, torch.bfloat16, "sgd", 4 * 20 + 4 * 20 + 48),  # float32 difference, torch's float32 copy of the entry
+    (torch.float32, torch.float32, "sgd", 48),  # the difference is the gradient
 ], ids=["bf16 sgd", "bf16 adam", "f16-bf16 sgd", "f32 sgd"])
 def test_a_wider_average_reserves_one_difference_beside_the_gradients(
     model: torch.dtype, average: torch.dtype, optimizer: str, extra: int
@@ -218,16 +220,48 @@ def test_frozen_parameters_are_neither_needed_nor_moved() -> None:
     outer.outer_step(opt, avg)
     assert torch.equal(frozen, before)
     assert close({"2.weight": m[2].weight.detach()}, {"2.weight": avg.entries["2.weight"]})
-    assert footprint.outer_step_bytes(opt) == {"cpu": 4 * (4 * 5 + 3 * 4 + 3)}  # SGD without momentum: no state
+    squares = outer.sum_of_squares_bytes(4 * 5, torch.float32)  # the norm's temporaries, one gradient at a time
+    assert footprint.outer_step_bytes(opt) == {"cpu": 4 * (4 * 5 + 3 * 4 + 3) + squares}  # SGD without momentum: no state
 
 
 def test_the_first_step_reserves_the_pseudo_gradients_and_the_optimizer_state() -> None:
     m = module()
     params = 4 * (4 * 5 + 4 + 3 * 4 + 3)
     adam = optimizers.create_optimizer("adam", m)
-    assert footprint.outer_step_bytes(adam) == {"cpu": params + 2 * params + 4 * 4}  # grads, two moments, 4 steps
+    temporaries = 2 * 4 * 4 * 5  # Adam's root of its second moment, then divided: the largest parameter's twice
+    squares = outer.sum_of_squares_bytes(4 * 5, torch.float32)
+    assert squares < temporaries
+    assert footprint.outer_step_bytes(adam) == {"cpu": params + 2 * params + 4 * 4 + temporaries}  # grads, moments, steps
     outer.outer_step(adam, drifted(m, averages(m, 1)[0]))
-    assert footprint.outer_step_bytes(adam) == {"cpu": params}  # the state exists now
+    assert footprint.outer_step_bytes(adam) == {"cpu": params + temporaries}  # the state exists now
+
+
+@pytest.mark.parametrize(("dtype", "average_dtype"), [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float32),
+    (torch.float16, torch.bfloat16),
+])
+@pytest.mark.parametrize(("name", "options"), [
+    ("sgd", ()), ("sgd", (("momentum", 0.9), ("nesterov", True))), ("adam", (("eps", 1e-3),)),
+    ("rmsprop", (("centered", True), ("eps", 1e-3))),
+])
+def test_an_outer_step_allocates_no_more_than_it_reserves(
+    name: str, options: tuple[tuple[str, float | bool], ...], dtype: torch.dtype, average_dtype: torch.dtype
+) -> None:
+    """Its check, its pseudo-gradients and their norms, and the optimizer's step, over several rounds,
+    within what `footprint.outer_step_bytes` reserves. An Adam step allocated 6,520 bytes where 3,968
+    were reserved: its temporaries, the check's |x| and masks, the norms' rows (found by review)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3)).to(dtype)
+    opt = optimizers.create_optimizer(name, m, (0.5,), options)
+    for _ in range(3):
+        avg = TensorDict({n: (p.detach() + 0.01).to(average_dtype) for n, p in m.named_parameters()})
+        outer.check_average(opt, avg)
+        reserved = footprint.outer_step_bytes(opt, avg)["cpu"]
+        meter = footprint._PeakBytes()
+        with meter:
+            outer.check_average(opt, avg)
+            outer.outer_step(opt, avg, checked=True)
+        assert meter.peak <= reserved <= meter.peak + 300 * 40 * 8, (reserved, meter.peak)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -217,14 +217,16 @@ CAPS: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any], object]
     # A pseudo-gradient per parameter (freed) and SGD's momentum buffers (kept).
     ("first outer step with momentum", optimizer_and_average, lambda s, st: s.outer_step(*st), 2 * LAYER, LAYER),
     # bfloat16 gradients (freed), then the larger of their momentum (kept) and the float32 difference of
-    # the weight, held while its gradient is cast.
+    # the weight, held while its gradient is cast, with its norm's scalars (outer.sum_of_squares_bytes).
     ("first bfloat16 outer step to a float32 average", bfloat16_optimizer_and_float32_average,
-     lambda s, st: s.outer_step(*st), LAYER // 2 + CLASSES * FEATURES * F32, LAYER // 2),
+     lambda s, st: s.outer_step(*st), LAYER // 2 + CLASSES * FEATURES * F32 + 48, LAYER // 2),
     # The soup (kept), a copy of the model's parameters to put back (freed), and its scoring's test
     # pass over one batch of ROWS: the logits, its loss's log_softmax and its accuracy's scalars: the
-    # batch's int64 matches and positions scored, the stack of one and its sum, the accuracy answered.
+    # batch's int64 matches and positions scored, the stack of one and its sum, the accuracy answered;
+    # and what scoring the batch makes and frees (footprint.scoring_bytes): ce's int64 class per row,
+    # the bool hits, the ignore index's mask and the masked hits, two sums.
     ("greedy soup", soup_setup, lambda s, st: s.soup(st[0], st[1], (), never),
-     2 * LAYER + 2 * ROWS * CLASSES * F32 + (2 * 8 + 8 + 8) + 8, LAYER),
+     2 * LAYER + 2 * ROWS * CLASSES * F32 + (2 * 8 + 8 + 8) + 8 + ROWS * (8 + 3) + 16, LAYER),
 ]
 
 
