@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightavg_server.domain import flat, footprint, merging, selection, weighted_sum
+from weightavg_server.domain import flat, footprint, lerp, merging, selection, weighted_sum
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
 from weightavg_server.domain.errors import InvalidArgument
 
@@ -832,7 +832,7 @@ def test_slerp_reserves_a_float64_chunk_of_each_tensor_for_its_angle(
     ds = [TensorDict({"x": torch.zeros(numel, dtype=dtype)}) for _ in range(2)]
     p = plan_of("slerp", ds, options={"t": 0.5})
     size = dtype.itemsize * numel
-    assert footprint.merge_bytes(p) == {"cpu": size + 2 * size + chunks}
+    assert footprint.merge_bytes(p) == {"cpu": size + 2 * size + chunks + merging.SLERP_SUMS}  # and its sums' scalars
 
 
 def test_averaging_bfloat16_reserves_an_accumulator_and_a_cast_buffer() -> None:
@@ -848,6 +848,31 @@ def test_into_reserves_only_scratch() -> None:
     ds = dicts(2)
     p = plan_of("average", ds, into=ds[0])
     assert footprint.merge_bytes(p) == {"cpu": 30 * F32}  # each entry's accumulator, apart from the input it overwrites
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("method", "options"), [
+    ("average", {}), ("linear", {}), ("slerp", {"t": 0.3}), ("task_arithmetic", {}), ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "normalize": True}), ("dare", {"density": 0.5, "seed": 1}),
+    ("dare", {"density": 0.5, "consensus": True, "normalize": True, "seed": 1}),
+])
+def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
+    method: str, options: dict[str, object], dtype: torch.dtype
+) -> None:
+    """Every storage a merge makes, under torch's dispatch (`footprint._PeakBytes`), within its plan:
+    slerp's sums and dot products were 72 bytes over (found by review)."""
+    for kernel in (lerp, weighted_sum, selection):
+        kernel.native_state()  # each kernel's one check against torch, which a server runs as it starts
+    for shapes in ({"w": (300, 200), "b": (300,)}, {"w": (3, 4), "b": (7,)}):
+        base, ds = fine_tuned(2 if method == "slerp" else 3, shapes=shapes)
+        cast = lambda d: TensorDict({n: t.to(dtype) for n, t in d.entries.items()})  # noqa: E731
+        base, ds = cast(base), [cast(d) for d in ds]
+        with_base = base if method in ("task_arithmetic", "ties", "dare") else None
+        p = plan_of(method, ds, base=with_base, options=options)
+        meter = footprint._PeakBytes()
+        with meter:
+            merging.run(p, ds, base=with_base)
+        assert meter.peak <= footprint.merge_bytes(p)["cpu"], shapes
 
 
 @pytest.mark.gpu

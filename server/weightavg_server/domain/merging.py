@@ -53,6 +53,10 @@ and the line differ by under 1e-13 of the tensors' size."""
 SLERP_CHUNK = 1 << 16
 """Elements per float64 chunk in which SLERP sums the norms and the dot product of its angle."""
 
+SLERP_SUMS = 3 * 3 * 8
+"""Bytes `_cosine` allocates beside its chunks: the three float64 sums, and a chunk's three dot
+products and their stack (left out of the plan before: 72 bytes over, found by review)."""
+
 PerTensor = Sequence[tuple[str, Sequence[tuple[str, Value]]]]
 """Option overrides by entry-name pattern (fnmatch: '*', '?', '[ab]'), in order: the first pattern
 that matches an entry's name gives its overrides."""
@@ -593,7 +597,7 @@ def _scratch(
     if method.name == "slerp":
         # _cosine casts a chunk of each tensor to float64 at a time (views when work is float64).
         chunks = 0 if work == torch.float64 else 2 * min(numel, SLERP_CHUNK) * _size(torch.float64)
-        return (work, work), chunks
+        return (work, work), chunks + SLERP_SUMS
     consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
     normalize = bool_value(options, "normalize")
     base_cast = (work,) if has_base and tensors[0].dtype != work else ()
