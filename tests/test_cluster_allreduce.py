@@ -167,17 +167,18 @@ def test_the_buckets_copies_are_reserved_under_the_cap_on_every_rank_before_any_
 
 def test_an_outer_step_refused_by_one_ranks_cap_steps_no_rank(tmp_path: Path) -> None:
     """DiLoCo's outer step on a replicated optimizer: rank 1, fuller than rank 0, has no room for the
-    step's momentum and pseudo-gradients (8 MB). Rank 0 used to step anyway while rank 1 answered
-    RESOURCE_EXHAUSTED, and the copies of the replicated model differed from then on (found by
-    review). Now no rank steps; with the room back, both step alike, as torch's SGD does."""
-    cluster = Cluster(tmp_path, "--max-device-bytes", str(20_000_000))
+    step's momentum, pseudo-gradients and Nesterov's gradient plus momentum (12 MB). Rank 0 used to
+    step anyway while rank 1 answered RESOURCE_EXHAUSTED, and the copies of the replicated model
+    differed from then on (found by review). Now no rank steps; with the room back, both step alike,
+    as torch's SGD does."""
+    cluster = Cluster(tmp_path, "--max-device-bytes", str(24_000_000))
     try:
         with Client(cluster.address, timeout=120) as c:
             m = c.module(["linear", 1000, 1000], replicate=True)
             opt = c.opt("sgd", m, 0.7, 0.9, nesterov=True)
             average = c.copyparms(m)
             c.dict(average, "bias", np.full(1000, 5.0, np.float32))
-            placed = c.dict({"p": np.zeros(1_250_000, np.float32)}, rank=1)  # rank 1: 13 MB held, 8 more needed
+            placed = c.dict({"p": np.zeros(1_250_000, np.float32)}, rank=1)  # rank 1: 13 MB held, 12 more needed
             start = {name: c.parm(m, name, rank=0) for name in ("weight", "bias")}
             with pytest.raises(ResourceExhaustedError, match="^RESOURCE_EXHAUSTED: rank 1: .*--max-device-bytes"):
                 c.outer_step(opt, average)
