@@ -67,11 +67,12 @@ def scalars(batches: int, loss: bool = False, counted: bool = False, answered: i
     return kept + max(summed, mean) + 8 * answered
 
 
-def scoring(rows: int) -> int:
+def scoring(rows: int, kept: bool = False) -> int:
     """What one batch of `rows` makes to score its predictions, freed before the next batch
-    (`footprint.scoring_bytes`): ce's int64 class per row, the bool hits, its ignore index's mask and
-    the masked hits, and the two sums. Not reserved before (found by review)."""
-    return rows * (8 + 3) + 16
+    (`footprint.scoring_bytes`): ce's int64 class per row (unless `predict` keeps them: `kept`), the
+    bool hits, its ignore index's mask and the masked hits, and the two sums. Not reserved before
+    (found by review)."""
+    return rows * ((0 if kept else 8) + 3) + 16
 
 
 ADAM_STEP = 2 * FEATURES * CLASSES * F32
@@ -243,12 +244,12 @@ CASES = [
     Case("testrun keeping outputs and int64 predictions over three batches",
          lambda c: (m := trained_model(c), c.test(m, x_rows(), labels()), c.test(m, metrics="output,predict"))[0],
          lambda c, m: c.testrun(m),
-         2 * (logits(ROWS) + ROWS * 8) + logits(100) + SCORED + scalars(3, counted=True) + scoring(100),
+         2 * (logits(ROWS) + ROWS * 8) + logits(100) + SCORED + scalars(3, counted=True) + scoring(100, kept=True),
          0),
     Case("epoch keeping outputs and predictions in one batch (copies of parameters and momentum)",
          lambda c: (m := trained_model(c), c.run(m), c.train(m, batchsize=ROWS, metrics="output,predict"))[0],
          lambda c, m: c.run(m),
-         3 * LAYER + ROWS * CLASSES * F32 + ROWS * 8 + batch_pass(ROWS) + scalars(1, counted=True) + scoring(ROWS),
+         3 * LAYER + ROWS * CLASSES * F32 + ROWS * 8 + batch_pass(ROWS) + scalars(1, counted=True) + scoring(ROWS, kept=True),
          0),
     # found by review: a failed pass over an embedding with max_norm left the rows it renormalised;
     # each pass now keeps a copy of its weight to put back, reserved for the call.

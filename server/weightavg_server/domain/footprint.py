@@ -277,7 +277,8 @@ def scoring_bytes(model: Model, split: str, metrics: str | None = None) -> Bytes
     metrics, or `metrics`): the int64 class predicted per row and position (or a zero per value where
     the output has no class dimension), the targets' int64 argmax where they are one-hot rows or
     probabilities, the bool hits and, where an ignore index masks the targets, the mask and the
-    masked hits; freed before the next batch (the predictions `predict` keeps are `metrics_bytes`').
+    masked hits; freed before the next batch (the predictions `predict` keeps are `metrics_bytes`',
+    not counted here).
     Not reserved before: a test with accuracy over single-column outputs allocated 1,260 bytes over
     its reservation for batches of 100 (its int64 predictions and targets are twice the float32
     output; found by review). Nothing without data or these metrics."""
@@ -298,7 +299,8 @@ def scoring_bytes(model: Model, split: str, metrics: str | None = None) -> Bytes
     truth = predicted * 8 if argmax else 0
     masked = training.masks_scored(model.loss.type, output.dim(), y.dim(), y.is_floating_point())
     masks = predicted * (3 if masked else 1)  # the hits; with a mask, it and the masked hits
-    return {str(_module_device(model.module)): predicted * 8 + truth + masks + 16}  # and the two sums
+    made = 0 if "predict" in names else predicted * 8  # `predict` keeps them: metrics_bytes has them
+    return {str(_module_device(model.module)): made + truth + masks + 16}  # and the two sums
 
 
 def evaluate_pass_bytes(model: Model, x: torch.Tensor) -> Bytes:
