@@ -530,3 +530,17 @@ def test_scoring_a_batch_allocates_no_more_than_it_reserves(split: str, loss: st
     with meter:
         run(model)
     assert meter.peak <= reserved
+
+
+def test_a_step_that_fails_on_meta_reserves_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's step failing on meta must not fail the call (the real step decides): its temporaries
+    are reserved at `STEP_TEMPORARIES_BOUND` times the trainable parameters' bytes."""
+    module = nn.Sequential(nn.Linear(30, 40), nn.Linear(40, 5))
+    optimizer = optimizers.create_optimizer("adam", module, (0.01,))
+
+    def fails(self: torch.optim.Optimizer, closure: object = None) -> None:
+        raise RuntimeError("not on meta")
+
+    monkeypatch.setattr(torch.optim.Adam, "step", fails)
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert footprint.step_temporaries(optimizer) == {"cpu": footprint.STEP_TEMPORARIES_BOUND * params}
