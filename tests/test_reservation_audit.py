@@ -9,7 +9,9 @@ below runs one call on a CPU Service with room to spare and measures two things:
   once (`footprint._PeakBytes`, real CPU storages only: the footprints' own meta passes make meta
   ones), the call's results included.
 
-allocated <= reserved for every case. Reviews found each of the gaps this catches one at a time (an
+allocated <= reserved for every case. A case's setup makes its tensors and uploads: the call then
+counts only what the service makes, the uploads' received copies (`inprocess.RecordingUpload` clones
+each tensor after its header, as the transport allocates its buffer) among them. Reviews found each of the gaps this catches one at a time (an
 optimizer step's temporaries, a batch's scoring, slerp's sums, a module's build, epoch scalars); a new
 verb, kernel or metric that allocates past its reservation fails here. Blocks taken from the host
 cache (numpy memory under `torch.from_numpy`: uploads, flat copies) are reserved before they are
@@ -93,6 +95,12 @@ def _never() -> bool:
     return False
 
 
+def _fetched(s: Service, handle: str) -> int:
+    """A fetch's host copies, held as a reply holds them while it streams."""
+    with s.fetch(handle, []) as copies:
+        return len(copies)
+
+
 Setup = Callable[[Service], Any]
 Call = Callable[[Service, Any], object]
 
@@ -167,6 +175,19 @@ CASES: dict[str, tuple[Setup, Call]] = {
         lambda s, st: s.outer_step(*st)),
     "outer step, adam": (lambda s: (q := _linear(s), s.create_optimizer(q, "adam", (), ()).id, s.copy_parameters(q).id)[1:],
                          lambda s, st: s.outer_step(*st)),
+    "set_parameter": (lambda s: (_linear(s), upload(("", _rows(5, CLASSES)))),
+                      lambda s, st: s.set_parameter(st[0], "weight", st[1])),
+    "update_dictionary, a new entry and a replaced one": (
+        lambda s: (_dictionary(s, 0), upload(("a", _rows(6, ROWS, 2 * FEATURES)), ("c", _rows(7)))),
+        lambda s, st: s.update_dictionary(*st)),
+    "create_tensor": (lambda s: upload(("", _rows(8))), lambda s, u: s.create_tensor(u)),
+    "load_parameters from float64": (lambda s: (q := _linear(s), s.copy_parameters(q, torch.float64).id),
+                                     lambda s, st: s.load_parameters(*st)),
+    "set_model_data": (lambda s: (_model(s), upload(("x", _rows(1, 300)), ("y", torch.zeros(300, dtype=torch.int64)))),
+                       lambda s, st: s.set_model_data(st[0], "train", st[1])),
+    "move a model to float64": (lambda s: _with_data(s, _model(s, optimizer="adam", args=()), "train"),
+                                lambda s, m: s.move(m, "cpu", torch.float64)),
+    "fetch": (lambda s: _dictionary(s, 0), lambda s, d: _fetched(s, d)),
     "greedy soup": (lambda s: (m := _with_data(s, _model(s), "test"), [s.copy_parameters(m).id, s.copy_parameters(m).id]),
                     lambda s, st: s.soup(st[0], st[1], (), _never)),
 }
@@ -201,6 +222,7 @@ def test_a_call_allocates_no_more_than_it_reserved(case: str, monkeypatch: pytes
         assert meter.peak > 0  # the call allocates: a case that does not measures nothing
 
 
-IN_PLACE = {"update_moving_average of bfloat16 into float32"}
+IN_PLACE = {"update_moving_average of bfloat16 into float32", "load_parameters from float64"}
 """Cases that may allocate nothing: the native lerp casts each bfloat16 value as it reads it (torch's
-path, without the native module, makes a float32 copy of a tensor at a time, which is reserved)."""
+path, without the native module, makes a float32 copy of a tensor at a time, which is reserved), and
+`copy_` casts float64 into float32 parameters as it copies."""
