@@ -544,3 +544,30 @@ def test_a_step_that_fails_on_meta_reserves_the_bound(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.optim.Adam, "step", fails)
     params = sum(p.numel() * p.element_size() for p in module.parameters())
     assert footprint.step_temporaries(optimizer) == {"cpu": footprint.STEP_TEMPORARIES_BOUND * params}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("name", "options"), [
+    ("sgd", (("momentum", 0.9), ("nesterov", True), ("decay", 0.01))), ("adam", (("amsgrad", True), ("decay", 0.1))),
+    ("adamw", ()), ("rmsprop", (("centered", True), ("momentum", 0.5))), ("adagrad", (("decay", 0.1),)),
+])
+def test_on_cuda_an_optimizer_step_allocates_no_more_than_it_reserves(
+    name: str, options: tuple[tuple[str, float | bool], ...]
+) -> None:
+    """On CUDA torch steps with its multi-tensor kernels, whose temporaries span every parameter at
+    once (Adam's roots of all its second moments): `step_temporaries` measures them on a twin that
+    takes the same path. Checked against the caching allocator's peak (64 KiB for its rounding)."""
+    module = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 10)).cuda()
+    optimizer = optimizers.create_optimizer(name, module, (0.01,), options)
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    for step in range(3):
+        reserved = footprint.step_bytes(optimizer).get("cuda:0", 0)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        optimizer.optim.step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+        assert peak <= reserved + (64 << 10), (step, peak, reserved)
