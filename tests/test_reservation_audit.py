@@ -143,6 +143,10 @@ CASES: dict[str, tuple[Setup, Call]] = {
     "epoch, adam with decay": (
         lambda s: _with_data(s, _model(s, optimizer="adam", args=(), options=(("decay", 0.1),)), "train"),
         lambda s, m: s.run_epoch(m, _never)),
+    "epoch, adam with decay, a wide layer in batches of 4 (its steps outgrow its passes)": (
+        lambda s: _with_data(s, _model(s, _linear(s, 1024), optimizer="adam", args=(), options=(("decay", 0.1),)),
+                             "train", rows=40, batchsize=4),
+        lambda s, m: s.run_epoch(m, _never)),
     "epoch, batchnorm, accuracy and batch losses": (
         lambda s: _with_data(s, _model(s, _mlp(s)), "train", metrics="loss,accuracy,batchloss"),
         lambda s, m: s.run_epoch(m, _never)),
