@@ -1,0 +1,99 @@
+"""Epochs and tests of drawn models against what they reserve, in process.
+
+tests/test_reservation_audit.py checks one call of each kind; here hypothesis draws the model (an
+MLP of drawn widths, with batchnorm or dropout), the loss, the optimizer and its options, the metrics,
+the rows, batch size, shuffle and droplast, and each draw's epoch and test must allocate no more than
+`footprint.epoch_bytes` / `testing_pass_bytes` and `metrics_bytes` reserve, measured by
+`footprint._PeakBytes` as the storages torch makes. The combinations a review checked one at a time
+(an optimizer's temporaries beside a batch's scoring over single-column outputs, say) meet here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from weightavg_server.domain import footprint, losses, optimizers, specs, training
+from weightavg_server.domain.errors import InvalidArgument
+
+DRAWS = settings(
+    max_examples=int(os.environ.get("WEIGHTAVG_RESERVATION_EXAMPLES", "60")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+OPTIMIZERS = {
+    "sgd": st.fixed_dictionaries({}, optional={"momentum": st.sampled_from([0.0, 0.9]), "nesterov": st.booleans(),
+                                               "decay": st.sampled_from([0.0, 0.01])}),
+    "adam": st.fixed_dictionaries({}, optional={"amsgrad": st.booleans(), "decay": st.sampled_from([0.0, 0.1])}),
+    "adamw": st.fixed_dictionaries({}, optional={"amsgrad": st.booleans()}),
+    "rmsprop": st.fixed_dictionaries({}, optional={"centered": st.booleans(), "momentum": st.sampled_from([0.0, 0.5]),
+                                                   "decay": st.sampled_from([0.0, 0.1])}),
+    "adagrad": st.fixed_dictionaries({}, optional={"decay": st.sampled_from([0.0, 0.1])}),
+}
+METRICS = ("loss", "batchloss", "accuracy", "matches", "predict", "output")
+
+
+@st.composite
+def models(draw: st.DrawFn) -> tuple[training.Model, str]:
+    """A model with train and test data of the drawn shapes, and the split's metrics."""
+    features = draw(st.integers(1, 24))
+    hidden = draw(st.integers(1, 48))
+    loss = draw(st.sampled_from(["ce", "nll", "mse", "smoothl1", "bcelogits"]))
+    classes = draw(st.integers(1, 12)) if loss != "nll" else draw(st.integers(2, 12))
+    middle = draw(st.sampled_from([(), (("batchnorm1d", (hidden,)),), (("drop", (0.2,)),), (("relu", ()),)]))
+    layers = (("linear", (features, hidden)), *middle, ("linear", (hidden, classes)))
+    if loss == "nll":
+        layers = (*layers, ("logsoftmax", (1,)))
+    module = specs.build_module(specs.LayerSpec("sequential", children=tuple(
+        specs.LayerSpec(kind, f"l{i}", args) for i, (kind, args) in enumerate(layers)  # type: ignore[arg-type]
+    )))
+    name = draw(st.sampled_from(sorted(OPTIMIZERS)))
+    options = draw(OPTIMIZERS[name])
+    if options.get("nesterov"):
+        options["momentum"] = 0.9
+    optimizer = optimizers.create_optimizer(name, module, (0.01,), tuple(options.items()))
+    model = training.create_model(module, losses.create_loss(loss), optimizer)
+    rows = draw(st.integers(1, 300))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if loss in ("ce", "nll"):
+        y = torch.randint(0, classes, (rows,), generator=g)
+    else:
+        y = torch.randint(0, 2, (rows, classes), generator=g).float()
+    metrics = draw(st.lists(st.sampled_from(METRICS), min_size=1, max_size=4, unique=True))
+    options_of_split = [("batchsize", draw(st.integers(1, 120))), ("metrics", ",".join(metrics)),
+                        ("droplast", draw(st.booleans()))]
+    for split in ("train", "test"):
+        training.set_data(model, split, torch.randn(rows, features, generator=g), y.clone(), torch.device("cpu"))
+        training.set_options(model, split, options_of_split + ([("shuffle", draw(st.booleans()))] if split == "train" else []))
+    return model, ",".join(metrics)
+
+
+def _within(run: object, reserved: int) -> None:
+    meter = footprint._PeakBytes()
+    try:
+        with meter:
+            run()  # type: ignore[operator]
+    except InvalidArgument:
+        return  # a draw the call refuses (a metric that does not fit the loss's targets): nothing to measure
+    assert meter.peak <= reserved, (meter.peak, reserved)
+
+
+@DRAWS
+@given(models())
+def test_a_drawn_epoch_allocates_no_more_than_it_reserves(drawn: tuple[training.Model, str]) -> None:
+    model, _ = drawn
+    reserved = footprint.add_bytes(footprint.epoch_bytes(model), footprint.metrics_bytes(model, "train"))
+    _within(lambda: training.run_epoch(model), reserved.get("cpu", 0))
+
+
+@DRAWS
+@given(models())
+def test_a_drawn_test_allocates_no_more_than_it_reserves(drawn: tuple[training.Model, str]) -> None:
+    model, _ = drawn
+    reserved = footprint.add_bytes(
+        footprint.testing_pass_bytes(model), footprint.metrics_bytes(model, "test"),
+        footprint.forward_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
+    )
+    _within(lambda: training.test_epoch(model), reserved.get("cpu", 0))
