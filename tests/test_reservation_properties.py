@@ -1,4 +1,4 @@
-"""Epochs and tests of drawn models against what they reserve, in process.
+"""Epochs, tests and merges of drawn inputs against what they reserve, in process.
 
 tests/test_reservation_audit.py checks one call of each kind; here hypothesis draws the model (an
 MLP of drawn widths, with batchnorm or dropout), the loss, the optimizer and its options, the metrics,
@@ -16,7 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from weightavg_server.domain import footprint, losses, optimizers, specs, training
+from weightavg_server.domain import footprint, lerp, losses, merging, optimizers, selection, specs, training, weighted_sum
+from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.errors import InvalidArgument
 
 DRAWS = settings(
@@ -97,3 +98,54 @@ def test_a_drawn_test_allocates_no_more_than_it_reserves(drawn: tuple[training.M
         footprint.forward_copy_bytes(model.module), footprint.batch_copy_bytes(model, "test"),
     )
     _within(lambda: training.test_epoch(model), reserved.get("cpu", 0))
+
+
+MERGE_OPTIONS = {
+    "average": st.just({}),
+    "linear": st.fixed_dictionaries({}, optional={"normalize": st.booleans()}),
+    "slerp": st.fixed_dictionaries({"t": st.sampled_from([0.0, 0.3, 1.0])}),
+    "task_arithmetic": st.fixed_dictionaries({}, optional={"lam": st.sampled_from([0.5, 1.0]), "normalize": st.booleans()}),
+    "ties": st.fixed_dictionaries({"density": st.sampled_from([0.0, 0.2, 1.0])}, optional={"normalize": st.booleans()}),
+    "dare": st.fixed_dictionaries({"seed": st.integers(0, 9), "density": st.sampled_from([0.2, 0.9])}, optional={
+        "rescale": st.booleans(), "consensus": st.booleans(), "normalize": st.booleans()}),
+}
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@st.composite
+def merges(draw: st.DrawFn) -> tuple[str, list[TensorDict], TensorDict | None, dict[str, object], bool]:
+    """A merge method, its dictionaries (drawn shapes, each entry's dtype drawn per dictionary), a base
+    where the method takes one, its options, and whether it writes into the first dictionary."""
+    method = draw(st.sampled_from(sorted(MERGE_OPTIONS)))
+    count = 2 if method == "slerp" else draw(st.integers(1, 4))
+    shapes = draw(st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=3), min_size=1, max_size=4))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+
+    def dictionary() -> TensorDict:
+        return TensorDict({f"e{i}": torch.randn(shape, generator=g).to(draw(st.sampled_from(FLOATS)))
+                           for i, shape in enumerate(shapes)})
+
+    dicts = [dictionary() for _ in range(count)]
+    base = dictionary() if merging.METHODS[method].base else None
+    into = method in ("average", "linear") and draw(st.booleans())
+    return method, dicts, base, draw(MERGE_OPTIONS[method]), into
+
+
+@DRAWS
+@given(merges())
+def test_a_drawn_merge_allocates_no_more_than_its_plan_reserves(
+    drawn: tuple[str, list[TensorDict], TensorDict | None, dict[str, object], bool]
+) -> None:
+    method, dicts, base, options, into = drawn
+    for kernel in (lerp, weighted_sum, selection):
+        kernel.native_state()  # each kernel's one check against torch, which a server runs as it starts
+    target = dicts[0] if into else None
+    try:
+        plan = merging.plan(merging.METHODS[method], dicts, base=base, into=target,
+                            kwargs=list(options.items()))  # type: ignore[arg-type]
+    except InvalidArgument:
+        return  # a draw the merge refuses (dtypes it will not mix, say): nothing allocated
+    meter = footprint._PeakBytes()
+    with meter:
+        merging.run(plan, dicts, base=base, into=target)
+    assert meter.peak <= footprint.merge_bytes(plan).get("cpu", 0)

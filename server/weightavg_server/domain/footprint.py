@@ -789,14 +789,16 @@ def data_bytes(
 
 def merge_bytes(plan: merging.Plan) -> Bytes:
     """Bytes an average or merge holds at its widest: the new result's tensors (none when it writes
-    into an existing dictionary) and the scratch of its largest entry: the buffers its kernel takes
-    (`Slot.buffers`, each the size of the entry in its dtype) and what torch allocates inside an
-    operation (TIES's selection)."""
+    into an existing dictionary), the one scratch buffer `run` takes for every entry (`Plan.buffer_bytes`:
+    the largest entry's buffers, `Slot.buffers`) and the most any entry allocates inside an operation
+    beside it (`Slot.internal`: TIES's selection, slerp's float64 chunks and sums). The largest of each
+    slot's buffers and internal bytes together fell short where two entries differ: a float64 entry's
+    buffers with a float32 one's float64 chunks (found by a drawn merge, tests/test_reservation_properties.py)."""
     result: Bytes = {}
     if not plan.into:
         for s in plan.slots:
             result = add_bytes(result, {str(s.device): s.nbytes})
-    scratch = max((s.scratch_bytes for s in plan.slots), default=0)
+    scratch = plan.buffer_bytes() + max((s.internal for s in plan.slots), default=0)
     return add_bytes(result, {str(plan.device): scratch} if plan.device is not None else {})
 
 

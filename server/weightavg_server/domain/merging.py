@@ -127,11 +127,6 @@ class Slot:
         return math.prod(self.shape)
 
     @property
-    def scratch_bytes(self) -> int:
-        """Bytes of this slot's scratch: its buffers and what torch allocates inside an operation."""
-        return sum(self.numel * _size(d) for d in self.buffers) + self.internal
-
-    @property
     def nbytes(self) -> int:
         """Bytes of the result's tensor for this slot."""
         return self.numel * _size(self.dtype)
