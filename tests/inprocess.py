@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import gc
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 import torch
 
-from weightavg_server.domain import shm
+from weightavg_server.domain import footprint, shm
 from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.errors import ResourceExhausted
-from weightavg_server.domain.tensors import storage_bytes, storages, tensors_of
+from weightavg_server.domain.tensors import Bytes, storage_bytes, storages, tensors_of
 from weightavg_server.service import OnHeader
+from weightavg_server.store import accounting
 from weightavg_server.store.registry import CALLER_SESSION, Kind, Registry
 
 
@@ -213,3 +214,41 @@ class TensorRegion(shm.Region):
 
     def settle(self) -> None:
         self.settled += 1
+
+
+class CpuPeak(footprint._PeakBytes):
+    """`footprint._PeakBytes` of real CPU storages alone (a footprint's own meta passes inside the
+    measured call make meta ones)."""
+
+    def _count(self, t: torch.Tensor, given: set[int]) -> None:
+        if t.device.type == "cpu":
+            super()._count(t, given)
+
+
+class LedgerPeak:
+    """The most the store's ledger was asked to hold at once on the CPU (held, pending reservations
+    and the bytes asked for, at every check), from `start()` on: what a call reserved at its widest.
+    It wraps `accounting.Ledger.check`, which it calls through unchanged."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.most = 0
+        real_check = accounting.Ledger.check
+
+        def check(ledger: accounting.Ledger, live_handles: int, handles: int, nbytes: Bytes,
+                  released: Bytes | None = None, released_handles: int = 0) -> None:
+            n = nbytes.get("cpu", 0)
+            if ledger.tenant is None and n > 0:
+                held = ledger._held.get("cpu", 0) + ledger._pending.get("cpu", 0) - (released or {}).get("cpu", 0)
+                self.most = max(self.most, held + n)
+            real_check(ledger, live_handles, handles, nbytes, released, released_handles)
+
+        monkeypatch.setattr(accounting.Ledger, "check", check)
+
+    def measure(self, store: Registry, call: Callable[[], object]) -> tuple[int, int]:
+        """(bytes reserved at the widest, bytes of CPU storages torch made at the widest) over `call`."""
+        before = store.held_bytes().get("cpu", 0)
+        self.most = before
+        meter = CpuPeak()
+        with meter:
+            call()
+        return self.most - before, meter.peak

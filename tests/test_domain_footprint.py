@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from inprocess import CpuPeak
 from weightavg_server.domain import flat, footprint, losses, optimizers, specs, tensors, training
 from weightavg_server.domain.errors import InvalidArgument
 
@@ -422,14 +423,6 @@ def test_a_test_allocates_no_more_than_it_reserves(loss: str, metrics: str, batc
     assert meter.peak <= reserved <= meter.peak + one_pass + 16 + joined_after_the_counts + scoring
 
 
-class _CpuPeak(footprint._PeakBytes):
-    """`_PeakBytes` of real CPU storages alone (a meta pass inside the measured call makes meta ones)."""
-
-    def _count(self, t: torch.Tensor, given: set[int]) -> None:
-        if t.device.type == "cpu":
-            super()._count(t, given)
-
-
 @pytest.mark.parametrize("spec", [
     _seq(("linear", (200, 300)), ("batchnorm1d", (300,)), ("linear", (300, 10))),
     _seq(("embed", (500, 64)), ("linear", (64, 8))),
@@ -440,7 +433,7 @@ def test_building_a_module_allocates_no_more_than_it_reserves(spec: specs.LayerS
     moment. Only the module's own bytes were reserved: a 200 x 300 weight's 240 KB went unreserved
     (found by review)."""
     reserved = footprint.module_bytes(spec, torch.device("cpu"), 32)["cpu"]
-    meter = _CpuPeak()
+    meter = CpuPeak()
     with meter:
         module = flat.build_flat(lambda: specs.build_module(spec, max_depth=32))
     held = sum(t.numel() * t.element_size() for t in tensors.module_tensors(module))

@@ -26,26 +26,15 @@ from typing import Any
 import pytest
 import torch
 
-from inprocess import no_upload, upload
-from weightavg_server.domain import footprint
+from inprocess import LedgerPeak, no_upload, upload
 from weightavg_server.domain.averaging import BufferMode
 from weightavg_server.domain.ema import ScheduleChange
 from weightavg_server.domain.specs import LayerSpec
-from weightavg_server.domain.tensors import Bytes
 from weightavg_server.service import Service, Settings
-from weightavg_server.store import accounting
 from weightavg_server.store.limits import Limits
 from weightavg_server.store.registry import Registry
 
 ROWS, FEATURES, CLASSES = 64, 32, 10
-
-
-class _CpuPeak(footprint._PeakBytes):
-    """`_PeakBytes` of real CPU storages alone."""
-
-    def _count(self, t: torch.Tensor, given: set[int]) -> None:
-        if t.device.type == "cpu":
-            super()._count(t, given)
 
 
 def _service() -> Service:
@@ -199,31 +188,15 @@ CASES: dict[str, tuple[Setup, Call]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_call_allocates_no_more_than_it_reserved(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    asked = [0]  # the most the ledger was asked to hold at once, on the CPU
-    real_check = accounting.Ledger.check
-
-    def check(self: accounting.Ledger, live_handles: int, handles: int, nbytes: Bytes,
-              released: Bytes | None = None, released_handles: int = 0) -> None:
-        n = nbytes.get("cpu", 0)
-        if self.tenant is None and n > 0:
-            held = self._held.get("cpu", 0) + self._pending.get("cpu", 0) - (released or {}).get("cpu", 0)
-            asked[0] = max(asked[0], held + n)
-        real_check(self, live_handles, handles, nbytes, released, released_handles)
-
-    monkeypatch.setattr(accounting.Ledger, "check", check)
+    ledger = LedgerPeak(monkeypatch)
     setup, call = CASES[case]
     for _ in range(2):  # the first run warms what is made once per process (kernels' checks, kept passes)
         s = _service()
         state = setup(s)
-        before = s.store.held_bytes().get("cpu", 0)
-        asked[0] = before
-        meter = _CpuPeak()
-        with meter:
-            call(s, state)
-    reserved = asked[0] - before
-    assert meter.peak <= reserved, f"{case}: allocated {meter.peak} bytes, reserved {reserved}"
+        reserved, allocated = ledger.measure(s.store, lambda: call(s, state))
+    assert allocated <= reserved, f"{case}: allocated {allocated} bytes, reserved {reserved}"
     if case not in IN_PLACE:
-        assert meter.peak > 0  # the call allocates: a case that does not measures nothing
+        assert allocated > 0  # the call allocates: a case that does not measures nothing
 
 
 IN_PLACE = {"update_moving_average of bfloat16 into float32", "load_parameters from float64"}

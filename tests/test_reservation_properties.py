@@ -1,4 +1,4 @@
-"""Epochs, tests and merges of drawn inputs against what they reserve, in process.
+"""Epochs, tests, merges and forward passes of drawn inputs against what they reserve, in process.
 
 tests/test_reservation_audit.py checks one call of each kind; here hypothesis draws the model (an
 MLP of drawn widths, with batchnorm or dropout), the loss, the optimizer and its options, the metrics,
@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from inprocess import LedgerPeak, no_upload, upload
 from weightavg_server.domain import footprint, lerp, losses, merging, optimizers, selection, specs, training, weighted_sum
 from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.errors import InvalidArgument
+from weightavg_server.service import Service, Settings
+from weightavg_server.store.limits import Limits
+from weightavg_server.store.registry import Registry
 
 DRAWS = settings(
     max_examples=int(os.environ.get("WEIGHTAVG_RESERVATION_EXAMPLES", "60")), deadline=None,
@@ -149,3 +154,55 @@ def test_a_drawn_merge_allocates_no_more_than_its_plan_reserves(
     with meter:
         merging.run(plan, dicts, base=base, into=target)
     assert meter.peak <= footprint.merge_bytes(plan).get("cpu", 0)
+
+
+ACTIVATIONS = [("relu", ()), ("relu", (True,)), ("gelu", ()), ("silu", ()), ("tanh", ()), ("sigmoid", ()),
+               ("leakyrelu", ()), ("softmax", (1,)), ("logsoftmax", (1,)), ("identity", ())]
+
+
+@st.composite
+def forwards(draw: st.DrawFn) -> tuple[specs.LayerSpec, torch.Tensor, str]:
+    """A stack of allowlisted layers, dense or convolutional, an input for it and a forward mode."""
+    rows = draw(st.integers(1, 16))
+    act = draw(st.sampled_from(ACTIVATIONS))
+    if draw(st.booleans()):  # dense: [N, F]
+        features, hidden, out = draw(st.integers(1, 32)), draw(st.integers(1, 64)), draw(st.integers(1, 16))
+        norm = draw(st.sampled_from([(), (("batchnorm1d", (hidden,)),), (("layernorm", (hidden,)),), (("drop", (0.3,)),)]))
+        layers = (("linear", (features, hidden)), act, *norm, ("linear", (hidden, out)))
+        x = torch.randn(rows, features)
+    else:  # convolutional: [N, C, S, S]
+        channels, maps, kernel = draw(st.integers(1, 4)), draw(st.integers(1, 8)), draw(st.integers(1, 3))
+        size = draw(st.integers(kernel + 1, 16))
+        norm = draw(st.sampled_from([(), (("batchnorm2d", (maps,)),), (("instancenorm2d", (maps,)),),
+                                     (("groupnorm", (1, maps)),)]))
+        pool = draw(st.sampled_from([(), (("maxpool2d", (2,)),), (("avgpool2d", (2,)),), (("adaptavg2d", (1,)),)]))
+        layers = (("conv2d", (channels, maps, kernel)), *norm, act, *pool, ("flatten", ()))
+        x = torch.randn(rows, channels, size, size)
+    spec = specs.LayerSpec("sequential", children=tuple(
+        specs.LayerSpec(kind, f"l{i}", args) for i, (kind, args) in enumerate(layers)  # type: ignore[arg-type]
+    ))
+    return spec, x, draw(st.sampled_from(["forward", "nforward", "eforward"]))
+
+
+@DRAWS
+@given(drawn=forwards())
+def test_a_drawn_forward_allocates_no_more_than_it_reserves(drawn: tuple[specs.LayerSpec, torch.Tensor, str]) -> None:
+    """Through the service, as RunForward runs: the output kept as a new handle, and the pass."""
+    with pytest.MonkeyPatch.context() as patch:
+        _forward_within(*drawn, LedgerPeak(patch))
+
+
+def _forward_within(spec: specs.LayerSpec, x: torch.Tensor, mode: str, ledger: LedgerPeak) -> None:
+    s = Service(Registry(Limits(max_device_bytes=10**10)), Settings(
+        device=torch.device("cpu"), max_spec_depth=32, session_lease_seconds=60.0, max_session_lease_seconds=86400.0,
+    ))
+    try:
+        module = s.create_module(spec).id
+    except InvalidArgument:
+        return
+    source = s.create_tensor(upload(("", x))).id
+    try:
+        reserved, allocated = ledger.measure(s.store, lambda: s.forward(module, mode, source, no_upload()))
+    except InvalidArgument:
+        return  # a drawn input the module refuses (a batch of one through batchnorm in train mode, say)
+    assert allocated <= reserved
