@@ -1,4 +1,4 @@
-"""Epochs, tests, merges and forward passes of drawn inputs against what they reserve, in process.
+"""Epochs, tests, merges, forward passes and averages of drawn inputs against what they reserve, in process.
 
 tests/test_reservation_audit.py checks one call of each kind; here hypothesis draws the model (an
 MLP of drawn widths, with batchnorm or dropout), the loss, the optimizer and its options, the metrics,
@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from inprocess import LedgerPeak, no_upload, upload
 from weightavg_server.domain import footprint, lerp, losses, merging, optimizers, selection, specs, training, weighted_sum
+from weightavg_server.domain.averaging import BufferMode
 from weightavg_server.domain.dictionaries import TensorDict
+from weightavg_server.domain.ema import ScheduleChange
 from weightavg_server.domain.errors import InvalidArgument
 from weightavg_server.service import Service, Settings
 from weightavg_server.store.limits import Limits
@@ -192,10 +194,14 @@ def test_a_drawn_forward_allocates_no_more_than_it_reserves(drawn: tuple[specs.L
         _forward_within(*drawn, LedgerPeak(patch))
 
 
-def _forward_within(spec: specs.LayerSpec, x: torch.Tensor, mode: str, ledger: LedgerPeak) -> None:
-    s = Service(Registry(Limits(max_device_bytes=10**10)), Settings(
+def _service() -> Service:
+    return Service(Registry(Limits(max_device_bytes=10**10)), Settings(
         device=torch.device("cpu"), max_spec_depth=32, session_lease_seconds=60.0, max_session_lease_seconds=86400.0,
     ))
+
+
+def _forward_within(spec: specs.LayerSpec, x: torch.Tensor, mode: str, ledger: LedgerPeak) -> None:
+    s = _service()
     try:
         module = s.create_module(spec).id
     except InvalidArgument:
@@ -206,3 +212,49 @@ def _forward_within(spec: specs.LayerSpec, x: torch.Tensor, mode: str, ledger: L
     except InvalidArgument:
         return  # a drawn input the module refuses (a batch of one through batchnorm in train mode, say)
     assert allocated <= reserved
+
+
+@st.composite
+def averages(draw: st.DrawFn) -> tuple[specs.LayerSpec, torch.dtype, torch.dtype | None, bool, BufferMode, str]:
+    """A module (linear layers, a batchnorm between), its dtype, the dtype of its copy (None: its
+    own), whether the copy holds buffers, the buffer mode and the call: copyparms, then avgparms or ema."""
+    width, hidden = draw(st.integers(1, 64)), draw(st.integers(1, 64))
+    spec = specs.LayerSpec("sequential", children=(
+        specs.LayerSpec("linear", "a", (width, hidden)), specs.LayerSpec("batchnorm1d", "n", (hidden,)),
+        specs.LayerSpec("linear", "b", (hidden, draw(st.integers(1, 8)))),
+    ))
+    dtype = draw(st.sampled_from(FLOATS))
+    copied = draw(st.sampled_from([None, *FLOATS]))
+    with_buffers = draw(st.booleans())
+    return spec, dtype, copied, with_buffers, draw(st.sampled_from(list(BufferMode))), draw(st.sampled_from(["avg", "ema"]))
+
+
+@DRAWS
+@given(drawn=averages())
+def test_a_drawn_average_allocates_no_more_than_it_reserves(
+    drawn: tuple[specs.LayerSpec, torch.dtype, torch.dtype | None, bool, BufferMode, str]
+) -> None:
+    """copyparms of a module of a drawn dtype into a dictionary of another, then avgparms or ema over
+    it in a drawn buffer mode, twice (the first makes a running average's count), each call within
+    what it reserved."""
+    spec, dtype, copied, with_buffers, mode, verb = drawn
+    for kernel in (lerp, weighted_sum, selection):
+        kernel.native_state()  # each kernel's one check against torch, which a server runs as it starts
+    with pytest.MonkeyPatch.context() as patch:
+        ledger = LedgerPeak(patch)
+        s = _service()
+        module = s.create_module(spec).id
+        s.move(module, "cpu", dtype)
+        made: list[str] = []
+        reserved, allocated = ledger.measure(s.store, lambda: made.append(s.copy_parameters(module, copied, with_buffers).id))
+        assert allocated <= reserved
+        for _ in range(2):
+            if verb == "avg":
+                step = lambda: s.average_parameters(module, made[0], mode)  # noqa: E731
+            else:
+                step = lambda: s.update_moving_average(module, made[0], ScheduleChange(decay=0.9), None, mode)  # noqa: E731
+            try:
+                reserved, allocated = ledger.measure(s.store, step)
+            except InvalidArgument:
+                return  # a buffer mode the copy does not fit (buffers averaged into a copy without them)
+            assert allocated <= reserved
