@@ -15,8 +15,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import LiveServer
+from inprocess import LedgerPeak
 from weightavg import Client, Handle, ResourceExhaustedError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg_server.domain import flat, hostcache
@@ -268,3 +271,51 @@ def test_a_shared_memory_upload_lies_as_a_streamed_one(start_server: Callable[..
         got = fast.dict(shared)
         for name, value in MIXED.items():
             assert got[name].tobytes() == value.tobytes(), name
+
+
+DRAWN_DTYPES = [np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64, np.float16, np.float32, np.float64,
+                ml_dtypes.bfloat16, np.complex64]
+
+
+@st.composite
+def _drawn_dictionaries(draw: st.DrawFn) -> dict[str, np.ndarray]:
+    """Up to eight entries of drawn dtypes and shapes (empty ones too), in a drawn order."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    out: dict[str, np.ndarray] = {}
+    for i in range(draw(st.integers(2, 8))):
+        shape = tuple(draw(st.lists(st.integers(0, 9), max_size=3)))
+        dtype = draw(st.sampled_from(DRAWN_DTYPES))
+        raw = rng.integers(0, 256, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize, dtype=np.uint8)
+        value = raw.view(dtype).reshape(shape) if dtype is not np.bool_ else (raw % 2).astype(np.bool_).reshape(shape)
+        out[f"e{i}"] = value
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=_drawn_dictionaries())
+def test_a_drawn_dictionary_arrives_bit_identical_aligned_and_charged_what_it_holds(
+    client: Client, live_server: LiveServer, values: dict[str, np.ndarray]
+) -> None:
+    """Whatever the dtypes, sizes and order, the block's front-and-back placement (`codec._Arena`)
+    gives every entry an offset its element size divides, every byte as sent (NaN payloads included:
+    compared as raw bytes), a charge equal to what the entries keep alive and to what the upload
+    reserved as it arrived; freed, nothing held."""
+    registry = live_server.registry
+    before = registry.held_bytes().get("cpu", 0)
+    with pytest.MonkeyPatch.context() as patch:
+        ledger = LedgerPeak(patch)
+        ledger.most = before
+        d = client.dict(values)
+    charged = registry.held_bytes().get("cpu", 0) - before
+    assert ledger.most - before == charged  # reserved as it arrived exactly what it is charged
+    for name, t in _entries(registry, d).items():
+        assert t.data_ptr() % t.element_size() == 0, name
+    got = client.dict(d)
+    for name, value in values.items():
+        # 0-dim entries come back as scalars (`wire.plain`: Python's own where it holds them exactly)
+        back = np.asarray(got[name], dtype=value.dtype) if value.ndim == 0 else got[name]
+        assert back.dtype == value.dtype and back.shape == value.shape, name
+        assert back.tobytes() == value.tobytes(), name
+    assert registry.held_bytes() == _walked(registry)
+    client.free(d)
+    assert registry.held_bytes().get("cpu", 0) == before
