@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 from . import averaging, batching, merging, optimizers, outer, rollback, soups, specs, training
 from .dictionaries import COUNT_KEY, TensorDict
 from .errors import ResourceExhausted
-from .options import Value, bool_value, int_value
+from .options import Value, Values, bool_value, int_value
 from .tensors import Bytes, add_bytes, device_name, module_tensors, tensor_bytes
 from .training import Model
 
@@ -230,16 +230,45 @@ def pass_bytes(module: nn.Module, x: torch.Tensor, train: bool, grad: bool = Fal
     return {str(_module_device(module)): peak} if peak else {}
 
 
+def _split(model: Model, split: str) -> tuple[training.Data | None, Values]:
+    """The data and options of a model's split ("train" or "test")."""
+    return (model.train_data, model.train) if split == "train" else (model.test_data, model.test)
+
+
+def _metric_names(model: Model, split: str, metrics: str | None = None) -> set[str]:
+    """The metrics an epoch or a test computes: the split's, or `metrics` (a soup's scoring)."""
+    return set(str(_split(model, split)[1]["metrics"] if metrics is None else metrics).split(","))
+
+
+def _meta_batch(model: Model, split: str) -> torch.Tensor | None:
+    """A meta stand-in for one full batch of the split's inputs (its batch size, at most the rows);
+    None without data."""
+    data, options = _split(model, split)
+    if data is None:
+        return None
+    w = min(int_value(options, "batchsize"), batching.full_size(data.x))
+    return torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
+
+
+def _batch_output(model: Model, split: str) -> torch.Tensor | None:
+    """The meta output of one full batch of the split's data, in the split's mode; None without
+    data, or where the pass fails on meta."""
+    x = _meta_batch(model, split)
+    return None if x is None else _meta_output(model.module, x, train=split == "train")
+
+
 def data_pass_bytes(model: Model, split: str) -> Bytes:
     """`pass_bytes` of one batch of the model's `split` data ("train": batchnorm(m)'s passes, in
     train mode; "test": a test's, in eval mode); nothing without data."""
-    data = model.train_data if split == "train" else model.test_data
-    if data is None:
-        return {}
-    n = batching.full_size(data.x)
-    w = min(int_value(model.train if split == "train" else model.test, "batchsize"), n)
-    x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
-    return pass_bytes(model.module, x, train=split == "train")
+    x = _meta_batch(model, split)
+    return {} if x is None else pass_bytes(model.module, x, train=split == "train")
+
+
+def _predicted(loss: str, output: torch.Tensor) -> int:
+    """How many classes an output predicts: one per row and position along its class dimension
+    (`training.class_dim`), or one per value where it has none."""
+    dim = training.class_dim(loss, output)
+    return output.numel() if dim is None else output.numel() // max(output.shape[dim], 1)
 
 
 _SCORED = frozenset({"loss", "batchloss", "accuracy", "matches", "predict"})
@@ -254,13 +283,9 @@ def testing_pass_bytes(model: Model, metrics: str | None = None) -> Bytes:
     that were not reserved: a test of three batches with the ce loss allocated twice its pass (found by
     review). The scalars its metrics keep per batch are `metrics_bytes`'."""
     base = data_pass_bytes(model, "test")
-    names = set(str(model.test["metrics"] if metrics is None else metrics).split(","))
-    data = model.test_data
-    if data is None or not base or not names & _SCORED:
+    if not base or not _metric_names(model, "test", metrics) & _SCORED:
         return base
-    n = batching.full_size(data.x)
-    w = min(int_value(model.test, "batchsize"), n)
-    output = _meta_output(model.module, torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta"), False)
+    output = _batch_output(model, "test")
     if output is None:
         return base
     beside = {str(_module_device(model.module)): output.numel() * output.element_size()}
@@ -282,22 +307,15 @@ def scoring_bytes(model: Model, split: str, metrics: str | None = None) -> Bytes
     Not reserved before: a test with accuracy over single-column outputs allocated 1,260 bytes over
     its reservation for batches of 100 (its int64 predictions and targets are twice the float32
     output; found by review). Nothing without data or these metrics."""
-    data = model.train_data if split == "train" else model.test_data
-    options = model.train if split == "train" else model.test
-    names = set(str(options["metrics"] if metrics is None else metrics).split(","))
-    if data is None or not names & _PREDICTED:
+    data, _ = _split(model, split)
+    names = _metric_names(model, split, metrics)
+    output = _batch_output(model, split) if names & _PREDICTED else None
+    if data is None or output is None:
         return {}
-    w = min(int_value(options, "batchsize"), batching.full_size(data.x))
-    x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
-    output = _meta_output(model.module, x, train=split == "train")
-    if output is None:
-        return {}
-    y = torch.empty((w, *data.y.shape[1:]), dtype=data.y.dtype, device="meta")
-    dim = training.class_dim(model.loss.type, output)
-    predicted = output.numel() if dim is None else output.numel() // max(output.shape[dim], 1)
-    argmax = y.dim() == output.dim() and y.dim() > 0  # one-hot rows or probabilities: read by their argmax
+    predicted = _predicted(model.loss.type, output)
+    argmax = data.y.dim() == output.dim() and data.y.dim() > 0  # one-hot rows or probabilities: read by their argmax
     truth = predicted * 8 if argmax else 0
-    masked = training.masks_scored(model.loss.type, output.dim(), y.dim(), y.is_floating_point())
+    masked = training.masks_scored(model.loss.type, output.dim(), data.y.dim(), data.y.is_floating_point())
     masks = predicted * (3 if masked else 1)  # the hits; with a mask, it and the masked hits
     made = 0 if "predict" in names else predicted * 8  # `predict` keeps them: metrics_bytes has them
     return {str(_module_device(model.module)): made + truth + masks + 16}  # and the two sums
@@ -371,17 +389,14 @@ def scalar_metrics_bytes(model: Model, split: str, metrics: str | None = None) -
     every batch's loss kept even without a loss metric), a test's by a bound of 48 bytes a batch
     (found by review). The last two steps are counted as if at once (at most 16 bytes over); exact
     elsewhere. Nothing without data or without these metrics."""
-    data = model.train_data if split == "train" else model.test_data
-    options = model.train if split == "train" else model.test
-    names = str(options["metrics"] if metrics is None else metrics).split(",")
-    losses, counted = bool({"loss", "batchloss"} & set(names)), bool({"accuracy", "matches", "predict"} & set(names))
+    data, options = _split(model, split)
+    names = _metric_names(model, split, metrics)
+    losses, counted = bool({"loss", "batchloss"} & names), bool(_PREDICTED & names)
     if data is None or not (losses or counted):
         return {}
     n = batching.full_size(data.x)
-    w = min(int_value(options, "batchsize"), n)
-    nb = training.batch_count(n, w, bool_value(options, "droplast"))
-    x = torch.empty((w, *data.x.shape[1:]), dtype=data.x.dtype, device="meta")
-    output = _meta_output(model.module, x, train=split == "train")
+    nb = training.batch_count(n, min(int_value(options, "batchsize"), n), bool_value(options, "droplast"))
+    output = _batch_output(model, split)
     size = output.element_size() if output is not None else 8  # a loss's dtype is its output's
     masked = counted and (output is None or training.masks_scored(
         model.loss.type, output.dim(), data.y.dim(), data.y.is_floating_point()))
@@ -389,7 +404,7 @@ def scalar_metrics_bytes(model: Model, split: str, metrics: str | None = None) -
     stacked = nb * size if losses else 0
     summed = nb * 8 + 8 if counted else 0  # a stack of counts and its sum
     mean = (nb * 8 if size != 8 else 0) + 8 if "loss" in names else 0  # the float64 losses and their mean
-    answered = 8 * len({"accuracy", "matches"} & set(names))
+    answered = 8 * len({"accuracy", "matches"} & names)
     device = _module_device(model.module)
     if device.type == "cpu":
         return {"cpu": per_batch + stacked + max(summed, mean) + answered}
@@ -402,11 +417,9 @@ def metrics_reply_bytes(model: Model, split: str) -> int:
     On a cluster, rank 0 receives another rank's metrics and holds them until the reply has
     streamed: it reserves this much for each such rank before any rank runs (cluster.py,
     `_rank_metrics`). Nothing without data, as the epoch then answers nothing."""
-    data = model.train_data if split == "train" else model.test_data
-    if data is None:
+    if _split(model, split)[0] is None:
         return 0
-    options = model.train if split == "train" else model.test
-    names = str(options["metrics"]).split(",")
+    names = _metric_names(model, split)
     pieces, nb = _kept_metrics(model, split)
     scalars = sum(8 for name in names if name in ("loss", "accuracy", "matches"))  # float64, int64
     return pieces + scalars + (4 * nb if "batchloss" in names else 0)
@@ -415,9 +428,8 @@ def metrics_reply_bytes(model: Model, split: str) -> int:
 def _kept_metrics(model: Model, split: str, metrics: str | None = None) -> tuple[int, int]:
     """The bytes of the joined `output` and `predict` metrics of an epoch or a test (the split's
     metrics, or `metrics`), and its batch count (0, 0 without data or without either metric)."""
-    data = model.train_data if split == "train" else model.test_data
-    options = model.train if split == "train" else model.test
-    names = set(str(options["metrics"] if metrics is None else metrics).split(","))
+    data, options = _split(model, split)
+    names = _metric_names(model, split, metrics)
     if data is None:
         return 0, 0
     n = batching.full_size(data.x)
@@ -431,8 +443,7 @@ def _kept_metrics(model: Model, split: str, metrics: str | None = None) -> tuple
         return 0, nb
     pieces = output.numel() * output.element_size() if "output" in names else 0
     if "predict" in names:
-        dim = training.class_dim(model.loss.type, output)
-        predicted = output.numel() if dim is None else output.numel() // max(output.shape[dim], 1)
+        predicted = _predicted(model.loss.type, output)
         pieces += predicted * torch.empty((), dtype=torch.int64).element_size()
     return pieces, nb
 
@@ -679,18 +690,15 @@ def batch_or_step_bytes(model: Model) -> Bytes:
     """The wider, on each device, of a training batch's forward, loss and backward
     (`batch_pass_bytes`) and its optimizer step's temporaries (`step_temporaries`) beside the batch's
     output and loss: by the step, backward has freed what the pass saved, and only those (and the
-    gradients, counted apart) are left (a drawn epoch found the loss: tests/test_reservation_properties.py). Summed, an Adam epoch over a 32 -> 10 linear layer reserved 38%
-    more than it allocated."""
+    gradients, counted apart) are left (a drawn epoch found the loss still alive there:
+    tests/test_reservation_properties.py). Summed, an Adam epoch over a 32 -> 10 linear layer
+    reserved 38% more than it allocated."""
     passed = batch_pass_bytes(model)
     temporaries = step_temporaries(model.optimizer)
     if not temporaries:
         return passed
     device = _module_device(model.module)
-    rows = train_batch_rows(model)
-    output = None
-    if model.train_data is not None and rows > 0:
-        x = torch.empty((rows, *model.train_data.x.shape[1:]), dtype=model.train_data.x.dtype, device="meta")
-        output = _meta_output(model.module, x, train=True)
+    output = _batch_output(model, "train") if train_batch_rows(model) > 0 else None
     # The output, and the loss: on the CPU mse and smoothl1 keep their unreduced, output-sized loss
     # under the mean (the pass's own margin is that output more), and a scalar elsewhere.
     beside = {str(device): 2 * output.numel() * output.element_size() + 16} if output is not None else {}
@@ -727,12 +735,10 @@ def batch_copy_bytes(model: Model, split: str = "train") -> Bytes:
     on "train", a test on "test") gives a module that writes its input in place
     (`training.writes_inputs`), so the held data stay as they were; nothing for other modules. A
     test's and batchnorm(m)'s copies were not reserved (found by review)."""
-    data = model.train_data if split == "train" else model.test_data
-    if data is None or not training.writes_inputs(model.module):
+    data, x = _split(model, split)[0], _meta_batch(model, split)
+    if data is None or x is None or not training.writes_inputs(model.module):
         return {}
-    n = batching.full_size(data.x)
-    w = min(int_value(model.train if split == "train" else model.test, "batchsize"), n)
-    return {device_name(data.x): w * math.prod(data.x.shape[1:]) * data.x.element_size()}
+    return {device_name(data.x): x.numel() * x.element_size()}
 
 
 def epoch_bytes(model: Model) -> Bytes:
