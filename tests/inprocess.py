@@ -19,8 +19,9 @@ from weightavg_server.domain import footprint, shm
 from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.errors import ResourceExhausted
 from weightavg_server.domain.tensors import Bytes, storage_bytes, storages, tensors_of
-from weightavg_server.service import OnHeader
+from weightavg_server.service import OnHeader, Service, Settings
 from weightavg_server.store import accounting
+from weightavg_server.store.limits import Limits
 from weightavg_server.store.registry import CALLER_SESSION, Kind, Registry
 
 
@@ -238,7 +239,7 @@ class LedgerPeak:
                   released: Bytes | None = None, released_handles: int = 0) -> None:
             n = nbytes.get("cpu", 0)
             if ledger.tenant is None and n > 0:
-                held = ledger._held.get("cpu", 0) + ledger._pending.get("cpu", 0) - (released or {}).get("cpu", 0)
+                held = ledger.in_use("cpu") - (released or {}).get("cpu", 0)
                 self.most = max(self.most, held + n)
             real_check(ledger, live_handles, handles, nbytes, released, released_handles)
 
@@ -252,3 +253,10 @@ class LedgerPeak:
         with meter:
             call()
         return self.most - before, meter.peak
+
+
+def cpu_service(max_device_bytes: int = 10**10) -> Service:
+    """A Service on the CPU over a fresh store, with room to spare unless told otherwise."""
+    return Service(Registry(Limits(max_device_bytes=max_device_bytes)), Settings(
+        device=torch.device("cpu"), max_spec_depth=32, session_lease_seconds=60.0, max_session_lease_seconds=86400.0,
+    ))

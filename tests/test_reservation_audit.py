@@ -26,21 +26,13 @@ from typing import Any
 import pytest
 import torch
 
-from inprocess import LedgerPeak, no_upload, upload
+from inprocess import LedgerPeak, cpu_service, no_upload, upload
 from weightavg_server.domain.averaging import BufferMode
 from weightavg_server.domain.ema import ScheduleChange
 from weightavg_server.domain.specs import LayerSpec
-from weightavg_server.service import Service, Settings
-from weightavg_server.store.limits import Limits
-from weightavg_server.store.registry import Registry
+from weightavg_server.service import Service
 
 ROWS, FEATURES, CLASSES = 64, 32, 10
-
-
-def _service() -> Service:
-    return Service(Registry(Limits(max_device_bytes=10**10)), Settings(
-        device=torch.device("cpu"), max_spec_depth=32, session_lease_seconds=60.0, max_session_lease_seconds=86400.0,
-    ))
 
 
 def _rows(seed: int, rows: int = ROWS, features: int = FEATURES) -> torch.Tensor:
@@ -191,7 +183,7 @@ def test_a_call_allocates_no_more_than_it_reserved(case: str, monkeypatch: pytes
     ledger = LedgerPeak(monkeypatch)
     setup, call = CASES[case]
     for _ in range(2):  # the first run warms what is made once per process (kernels' checks, kept passes)
-        s = _service()
+        s = cpu_service()
         state = setup(s)
         reserved, allocated = ledger.measure(s.store, lambda: call(s, state))
     assert allocated <= reserved, f"{case}: allocated {allocated} bytes, reserved {reserved}"

@@ -17,15 +17,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inprocess import LedgerPeak, no_upload, upload
+from inprocess import LedgerPeak, cpu_service, no_upload, upload
 from weightavg_server.domain import footprint, lerp, losses, merging, optimizers, selection, specs, training, weighted_sum
 from weightavg_server.domain.averaging import BufferMode
 from weightavg_server.domain.dictionaries import TensorDict
 from weightavg_server.domain.ema import ScheduleChange
 from weightavg_server.domain.errors import InvalidArgument
-from weightavg_server.service import Service, Settings
-from weightavg_server.store.limits import Limits
-from weightavg_server.store.registry import Registry
 
 DRAWS = settings(
     max_examples=int(os.environ.get("WEIGHTAVG_RESERVATION_EXAMPLES", "60")), deadline=None,
@@ -194,14 +191,8 @@ def test_a_drawn_forward_allocates_no_more_than_it_reserves(drawn: tuple[specs.L
         _forward_within(*drawn, LedgerPeak(patch))
 
 
-def _service() -> Service:
-    return Service(Registry(Limits(max_device_bytes=10**10)), Settings(
-        device=torch.device("cpu"), max_spec_depth=32, session_lease_seconds=60.0, max_session_lease_seconds=86400.0,
-    ))
-
-
 def _forward_within(spec: specs.LayerSpec, x: torch.Tensor, mode: str, ledger: LedgerPeak) -> None:
-    s = _service()
+    s = cpu_service()
     try:
         module = s.create_module(spec).id
     except InvalidArgument:
@@ -242,7 +233,7 @@ def test_a_drawn_average_allocates_no_more_than_it_reserves(
         kernel.native_state()  # each kernel's one check against torch, which a server runs as it starts
     with pytest.MonkeyPatch.context() as patch:
         ledger = LedgerPeak(patch)
-        s = _service()
+        s = cpu_service()
         module = s.create_module(spec).id
         s.move(module, "cpu", dtype)
         made: list[str] = []

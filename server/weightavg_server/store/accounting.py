@@ -75,6 +75,10 @@ class Ledger:
         """Bytes of distinct allocations held by live objects, by device."""
         return {device: n for device, n in self._held.items() if n}
 
+    def in_use(self, device: str) -> int:
+        """Bytes held and reserved on a device: what a new reservation there is checked on top of."""
+        return self._held.get(device, 0) + self._pending.get(device, 0)
+
     def new_bytes(self, keys: frozenset[StorageKey]) -> Bytes:
         """Bytes of the allocations among `keys` that no live object holds yet."""
         return storage_bytes(k for k in keys if k not in self._storages)
@@ -100,7 +104,7 @@ class Ledger:
         for device, n in nbytes.items():
             if n <= 0:
                 continue
-            held = self._held.get(device, 0) + self._pending.get(device, 0) - (released or {}).get(device, 0)
+            held = self.in_use(device) - (released or {}).get(device, 0)
             if self.tenant is not None:
                 limit = self.limits.max_device_bytes
                 if limit > 0 and held + n > limit:
