@@ -4,7 +4,7 @@ Several clients (threads, each with its own connection) train their own models o
 of scikit-learn's digits, on the server. After each round the server averages the clients' weights,
 weighted by shard size (FedAvg), and applies `global - average` as a gradient to the global model's
 optimizer (the outer step: SGD with Nesterov momentum is DiLoCo's, plain SGD with lr 1 is FedAvg,
-Adam an adaptive server optimizer). The global model's test accuracy is printed per round. No tensor
+Adam an adaptive server optimizer; fedadam, fedyogi and fedadagrad Flower's strategies). The global model's test accuracy is printed per round. No tensor
 crosses the wire after the data are loaded: clients start each round from a live view of the
 global weights, and the average and the outer step run on the server.
 
@@ -33,6 +33,9 @@ OUTER = {
     "fedavgm": ("sgd", (1.0, 0.5), {}),
     "nesterov": ("sgd", (0.7, 0.9), {"nesterov": True}),
     "adam": ("adam", (0.05,), {}),
+    "fedadam": ("fedadam", (0.05,), {}),
+    "fedyogi": ("fedyogi", (0.05,), {}),
+    "fedadagrad": ("fedadagrad", (0.1,), {}),
 }
 """Outer optimizers by name: (type, positional options, keyword options) for Client.opt."""
 

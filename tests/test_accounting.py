@@ -85,7 +85,7 @@ SPECS = [
 OPTIMIZERS: list[tuple[str, tuple[float, ...], dict[str, object]]] = [
     ("sgd", (0.1,), {}), ("sgd", (0.1, 0.9), {"nesterov": True}), ("adam", (0.01,), {}),
     ("adamw", (0.01,), {"amsgrad": True}), ("rmsprop", (0.01,), {"momentum": 0.5, "centered": True}),
-    ("adagrad", (0.1,), {}),
+    ("adagrad", (0.1,), {}), ("fedyogi", (), {}),
 ]
 SEVERAL_CALLS = {"module", "model", "optimizer", "update model"}
 """Steps made of more than one call: a refusal may come after an earlier call of the step succeeded."""

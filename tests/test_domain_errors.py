@@ -171,7 +171,7 @@ def test_the_domain_imports_no_grpc() -> None:
         (lambda: losses.create_loss("ce", (), (("smoothng", 0.1),)),
          "ce: unknown option 'smoothng'; did you mean 'smoothing'? (options: ignore, smoothing, reduce)"),
         (lambda: optimizers.create_optimizer("adamm", specs.build_module(LayerSpec("linear", args=(2, 1)))),
-         "unrecognized optimizer: 'adamm'; did you mean 'adam' or 'adamw'? (one of sgd, adam, adamw, rmsprop, adagrad)"),
+         "unrecognized optimizer: 'adamm'; did you mean 'adam', 'adamw' or 'fedadam'? (one of sgd, adam, adamw, rmsprop, adagrad, fedadam, fedyogi, fedadagrad)"),
         (lambda: training.set_options(_model(), "train", [("metrics", "accuracy,los")]),
          "metrics: unrecognized metric 'los'; did you mean 'loss'? (one of loss, batchloss, accuracy, matches, "
          "predict, output)"),

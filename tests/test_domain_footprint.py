@@ -460,6 +460,7 @@ def test_a_parameter_frozen_or_thawed_is_sized_afresh(monkeypatch: pytest.Monkey
     ("sgd", ()), ("sgd", (("momentum", 0.9), ("nesterov", True), ("decay", 0.01))),
     ("adam", ()), ("adam", (("amsgrad", True), ("decay", 0.1))), ("adamw", ()),
     ("rmsprop", (("centered", True), ("momentum", 0.5), ("decay", 0.1))), ("adagrad", (("decay", 0.1),)),
+    ("fedadam", (("tau", 1e-3),)), ("fedyogi", ()), ("fedadagrad", (("tau", 1e-3),)),
 ])
 def test_an_optimizer_step_allocates_no_more_than_it_reserves(
     name: str, options: tuple[tuple[str, float | bool], ...], dtype: torch.dtype
@@ -544,6 +545,7 @@ def test_a_step_that_fails_on_meta_reserves_the_bound(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize(("name", "options"), [
     ("sgd", (("momentum", 0.9), ("nesterov", True), ("decay", 0.01))), ("adam", (("amsgrad", True), ("decay", 0.1))),
     ("adamw", ()), ("rmsprop", (("centered", True), ("momentum", 0.5))), ("adagrad", (("decay", 0.1),)),
+    ("fedyogi", ()),
 ])
 def test_on_cuda_an_optimizer_step_allocates_no_more_than_it_reserves(
     name: str, options: tuple[tuple[str, float | bool], ...]

@@ -34,7 +34,7 @@ def _storages(model: training.Model) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_of(model)}
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop", "adagrad", "fedyogi", "fedadagrad"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float32])
 def test_move_bytes_is_what_the_move_allocates(kind: str, dtype: torch.dtype) -> None:
     model = trained(kind)

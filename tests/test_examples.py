@@ -26,16 +26,19 @@ def example(name: str) -> ModuleType:
     return module
 
 
-def test_federated_rounds_improve_the_global_model(live_server: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("outer", ["fedavg", "fedadagrad"])
+def test_federated_rounds_improve_the_global_model(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str], outer: str
+) -> None:
     pytest.importorskip("sklearn")
     before = len(live_server.registry)
     rounds = example("federated").main(["--address", live_server.address, "--clients", "3", "--rounds", "3",
-                                        "--outer", "fedavg"])
+                                        "--outer", outer])
     assert [r.number for r in rounds] == [1, 2, 3]
     assert all(r.gradient_norm > 0 for r in rounds)
     assert rounds[-1].accuracy > rounds[0].accuracy and rounds[-1].accuracy > 60.0  # ten classes: chance is 10%
     out = capsys.readouterr().out
-    assert "3 clients, shards of [233, 467, 700] digits; outer step: fedavg" in out
+    assert f"3 clients, shards of [233, 467, 700] digits; outer step: {outer}" in out
     assert "round  test accuracy" in out
     assert len(live_server.registry) == before  # the example frees what it made
 

@@ -76,7 +76,7 @@ def test_float_labels_are_refused_at_upload_naming_y(client: Client, unchanged: 
         (None, lambda c, _: c.loss("cross_entropy"), "unrecognized loss: 'cross_entropy' (one of ce, nll, mse, bce, "
          "bcelogits, smoothl1)"),
         (linear, lambda c, q: c.opt("sdg", q),
-         "unrecognized optimizer: 'sdg'; did you mean 'sgd'? (one of sgd, adam, adamw, rmsprop, adagrad)"),
+         "unrecognized optimizer: 'sdg'; did you mean 'sgd'? (one of sgd, adam, adamw, rmsprop, adagrad, fedadam, fedyogi, fedadagrad)"),
         (linear, lambda c, q: c.opt("sgd", q, moment=0.9),
          "sgd: unknown option 'moment'; did you mean 'momentum'? (options: lr, momentum, dampening, decay, "
          "nesterov)"),

@@ -13,6 +13,8 @@ import pytest
 from weightavg import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError, Soup
 from weightavg.v1 import weightavg_pb2 as pb
 
+from fedopt_oracle import FLOWER_DEFAULTS, flower_rounds
+
 TOL = 1e-6
 
 
@@ -314,6 +316,36 @@ def test_outer_step_with_sgd_lr_1_puts_the_average_into_the_global_module(client
         client.outer_step(o, diverged)
     for name, value in kept.items():
         np.testing.assert_array_equal(client.parm(q, name), value)
+
+
+@pytest.mark.parametrize("kind", list(FLOWER_DEFAULTS))
+def test_flowers_adaptive_strategies_as_outer_steps_give_flowers_weights(client: Client, kind: str) -> None:
+    """A global model stepped by `opt(kind)` towards each of four rounds' averages (three clients'
+    dictionaries averaged on the server, weighted by their examples) holds what Flower's strategy of the
+    same name and defaults gives from the same averages (tests/fedopt_oracle.py), and a refused round
+    changes neither the weights nor the strategy's moments."""
+    q = client.module(["linear", 5, 3])
+    o = client.opt(kind, q)
+    start = {name: client.parm(q, name) for name in ("weight", "bias")}
+    rng = np.random.default_rng(7)
+    rounds = []
+    for _ in range(4):
+        handles = [client.dict({n: a + 0.3 * rng.standard_normal(a.shape).astype(np.float32) for n, a in start.items()})
+                   for _ in range(3)]
+        mean = client.average(handles, weights=[50, 20, 30])
+        rounds.append(client.dict(mean))
+        if len(rounds) == 2:  # a diverged round first: refused, nothing moves
+            kept = {name: client.parm(q, name) for name in start}
+            with pytest.raises(InvalidArgumentError, match="holds NaN"):
+                client.outer_step(o, client.dict({"weight": np.full((3, 5), np.nan, np.float32), "bias": start["bias"]}))
+            for name, value in kept.items():
+                np.testing.assert_array_equal(client.parm(q, name), value)
+        client.outer_step(o, mean)
+    want = flower_rounds(kind, start, rounds, **FLOWER_DEFAULTS[kind])
+    for name in start:
+        assert np.abs(want[name] - start[name]).max() > 0.01
+        np.testing.assert_allclose(client.parm(q, name), want[name], rtol=0, atol=1e-5)
+    assert client.lr(o) == pytest.approx(FLOWER_DEFAULTS[kind]["lr"])  # lr is the strategy's eta
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

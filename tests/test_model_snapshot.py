@@ -173,7 +173,7 @@ def test_a_restored_optimizer_keeps_every_state_tensor(state_server: Runtime, tm
     its dtype and value; nothing is re-initialised."""
     kinds: dict[str, tuple[Any, ...]] = {
         "sgd": (0.1, 0.9), "adam": (0.01, 0.9, 0.99, 1e-8, 0.0, True), "adamw": (0.01,), "rmsprop": (0.01, 0.9, 1e-8, 0.0, 0.5, True),
-        "adagrad": (0.1,),
+        "adagrad": (0.1,), "fedadam": (0.1, 0.9, 0.99, 1e-3), "fedyogi": (), "fedadagrad": (0.1,),
     }
     with Client(f"127.0.0.1:{state_server.port}", timeout=120) as c:
         handles = {}

@@ -36,6 +36,9 @@ OPTIMIZERS = {
     "rmsprop": st.fixed_dictionaries({}, optional={"centered": st.booleans(), "momentum": st.sampled_from([0.0, 0.5]),
                                                    "decay": st.sampled_from([0.0, 0.1])}),
     "adagrad": st.fixed_dictionaries({}, optional={"decay": st.sampled_from([0.0, 0.1])}),
+    "fedadam": st.fixed_dictionaries({}, optional={"beta1": st.sampled_from([0.0, 0.9]), "tau": st.sampled_from([1e-3, 1e-2])}),
+    "fedyogi": st.fixed_dictionaries({}, optional={"beta2": st.sampled_from([0.5, 0.99])}),
+    "fedadagrad": st.fixed_dictionaries({}, optional={"tau": st.sampled_from([1e-3, 1e-2])}),
 }
 METRICS = ("loss", "batchloss", "accuracy", "matches", "predict", "output")
 

@@ -944,10 +944,12 @@ class Client:
 
     @_rpc
     def opt(self, kind: str, module: HandleLike, *args: Any, **options: Any) -> Handle:
-        """An optimizer over a module's (or model's) parameters: sgd, adam, adamw, rmsprop or adagrad.
+        """An optimizer over a module's (or model's) parameters: sgd, adam, adamw, rmsprop or adagrad,
+        or one of Flower's adaptive server strategies for `outer_step`: fedadam, fedyogi, fedadagrad.
 
         Positional options follow the reference's order (sgd: lr .01, momentum, dampening, decay,
-        nesterov). Example: c.opt("sgd", q, .05, .9, nesterov=True).
+        nesterov; fedadam and fedyogi: lr, beta1, beta2, tau, Flower's eta, beta_1, beta_2, tau).
+        Example: c.opt("sgd", q, .05, .9, nesterov=True), c.opt("fedyogi", q).
         """
         request = pb.CreateOptimizerRequest(
             type=kind, module=_id(module), args=[_specs.option_message(a) for a in args],
@@ -1406,7 +1408,8 @@ class Client:
         """Step an optimizer (or a model's) once with the gradient `parameters - average`: the outer
         step of a federated or local-SGD round, on the server. SGD(lr=1) puts the average in place
         (FedAvg); SGD with momentum is FedAvgM; with nesterov=True, DiLoCo's outer step (lr .7,
-        momentum .9); Adam an adaptive server optimizer (FedAdam-style). Returns the gradient's norm.
+        momentum .9); fedadam, fedyogi and fedadagrad Flower's adaptive strategies, number for number.
+        Returns the gradient's norm.
 
         Example: g = c.opt("sgd", global_module, 0.7, 0.9, nesterov=True); c.outer_step(g, c.average(ds))
         """

@@ -2502,7 +2502,7 @@ class CreateOptimizerRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     type: _builtins.str
-    """Optimizer type: sgd, adam, adamw, rmsprop or adagrad."""
+    """Optimizer type: sgd, adam, adamw, rmsprop, adagrad, fedadam, fedyogi or fedadagrad."""
     module: _builtins.str
     """Module or model handle id whose parameters the optimizer updates."""
     request_id: _builtins.str

@@ -520,8 +520,9 @@ class WeightAveragingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateOptimizer(self, request, context):
-        """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
-        a module or model, with positional and keyword options.
+        """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad; fedadam, fedyogi,
+        fedadagrad for outer steps) over the parameters of a module or model, with positional and
+        keyword options.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

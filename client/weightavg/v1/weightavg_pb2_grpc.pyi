@@ -110,8 +110,9 @@ class WeightAveragingServiceStub:
     keyword options.
     """
     CreateOptimizer: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.CreateOptimizerRequest, _weightavg_pb2.CreateOptimizerResponse]
-    """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
-    a module or model, with positional and keyword options.
+    """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad; fedadam, fedyogi,
+    fedadagrad for outer steps) over the parameters of a module or model, with positional and
+    keyword options.
     """
     GetLearningRate: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.GetLearningRateRequest, _weightavg_pb2.GetLearningRateResponse]
     """GetLearningRate returns the learning rate of an optimizer or of a model's optimizer."""
@@ -321,8 +322,9 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     keyword options.
     """
     CreateOptimizer: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.CreateOptimizerRequest, _weightavg_pb2.CreateOptimizerResponse]  # type: ignore[assignment]
-    """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
-    a module or model, with positional and keyword options.
+    """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad; fedadam, fedyogi,
+    fedadagrad for outer steps) over the parameters of a module or model, with positional and
+    keyword options.
     """
     GetLearningRate: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.GetLearningRateRequest, _weightavg_pb2.GetLearningRateResponse]  # type: ignore[assignment]
     """GetLearningRate returns the learning rate of an optimizer or of a model's optimizer."""
@@ -685,8 +687,9 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _weightavg_pb2.CreateOptimizerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.CreateOptimizerResponse, _abc.Awaitable[_weightavg_pb2.CreateOptimizerResponse]]:
-        """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad) over the parameters of
-        a module or model, with positional and keyword options.
+        """CreateOptimizer builds an optimizer (sgd, adam, adamw, rmsprop, adagrad; fedadam, fedyogi,
+        fedadagrad for outer steps) over the parameters of a module or model, with positional and
+        keyword options.
         """
 
     @_abc_1.abstractmethod

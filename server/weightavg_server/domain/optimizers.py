@@ -1,4 +1,6 @@
-"""Optimizers by the reference's names (sgd, adam, adamw, rmsprop, adagrad), options and defaults.
+"""Optimizers by the reference's names (sgd, adam, adamw, rmsprop, adagrad), options and defaults, and
+the adaptive server optimizers of federated learning (fedadam, fedyogi, fedadagrad: domain/fedopt.py)
+with Flower's defaults.
 
 Options are given by position (in the order listed) or by name, e.g. sgd takes lr, momentum,
 dampening, decay, nesterov, so `opt("sgd", q, .05, .9, nesterov=True)` is SGD(lr=.05, momentum=.9,
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fedopt
 from .errors import InvalidArgument, did_you_mean
 from .options import (
     BELOW_ONE,
@@ -104,6 +107,30 @@ def _adagrad(p: Params, o: Values) -> torch.optim.Optimizer:
     )
 
 
+def _fedopt(cls: type[fedopt.FedAdam] | type[fedopt.FedYogi]) -> Callable[[Params, Values], torch.optim.Optimizer]:
+    """FedAdam and FedYogi take the same settings; only their defaults differ."""
+
+    def build(p: Params, o: Values) -> torch.optim.Optimizer:
+        return cls(p, *_floats(o, "lr", "beta1", "beta2", "tau"))
+
+    return build
+
+
+def _fedadagrad(p: Params, o: Values) -> torch.optim.Optimizer:
+    return fedopt.FedAdagrad(p, *_floats(o, "lr", "tau"))
+
+
+def _fedopt_options(lr: float, beta1: float, beta2: float, tau: float) -> tuple[Opt, ...]:
+    """A FedOpt strategy's server-side settings in Flower's order, with its defaults: eta (here lr),
+    beta_1, beta_2, tau (the term added to the root of the second moment, > 0 as eps is)."""
+    return (
+        _non_negative("lr", lr),
+        Opt("beta1", ValueType.FLOAT, beta1, BELOW_ONE),
+        Opt("beta2", ValueType.FLOAT, beta2, BELOW_ONE),
+        Opt("tau", ValueType.FLOAT, tau, POSITIVE),
+    )
+
+
 def _largest(dtype: torch.dtype) -> float:
     """The largest value a tensor of this dtype holds (bool: 1)."""
     if dtype is torch.bool:
@@ -125,15 +152,15 @@ def _check_fill(what: str, p: Params, name: str, value: float) -> None:
             )
 
 
-def _check_eps(what: str, p: Params, eps: float) -> None:
-    """InvalidArgument when eps rounds to 0 in a floating parameter's dtype: added to a denominator in
+def _check_eps(what: str, p: Params, eps: float, name: str = "eps") -> None:
+    """InvalidArgument when eps (or FedOpt's tau, `name`) rounds to 0 in a floating parameter's dtype: added to a denominator in
     that dtype, it then adds nothing, and every weight whose gradient is exactly 0 became NaN (0/0) at
     its first step, as with eps 0: 1e-300 over float32, or Adam's default 1e-8 over float16."""
     for dtype in dict.fromkeys(t.dtype for t in p if t.is_floating_point()):
         if eps > 0 and torch.tensor(eps, dtype=dtype).item() == 0:
             smallest = torch.finfo(dtype).smallest_normal
             raise InvalidArgument(
-                f"{what}: option 'eps' is 0 in the parameters' dtype {str(dtype).removeprefix('torch.')}, given "
+                f"{what}: option '{name}' is 0 in the parameters' dtype {str(dtype).removeprefix('torch.')}, given "
                 f"{eps!r}: give at least {smallest:g} (1e-4 is usual for float16)"
             )
 
@@ -146,8 +173,9 @@ def _check_dtypes(type_name: str, p: Params, options: Values) -> None:
         _check_fill(type_name, p, "init", init)
         if init > 0:
             return  # its sums start above 0, so an eps that rounds to 0 never divides 0 by 0
-    if "eps" in options:
-        _check_eps(type_name, p, float_value(options, "eps"))
+    for name in ("eps", "tau"):
+        if name in options:
+            _check_eps(type_name, p, float_value(options, name), name)
 
 
 @dataclass(frozen=True)
@@ -191,6 +219,9 @@ OPTIMIZER_TYPES: dict[str, OptimizerType] = {
             (_LR, _non_negative("lrdecay", 0.0), _DECAY, _non_negative("init", 0.0), _eps(1e-10)),
             _adagrad,
         ),
+        OptimizerType("fedadam", _fedopt_options(0.1, 0.9, 0.99, 1e-9), _fedopt(fedopt.FedAdam)),
+        OptimizerType("fedyogi", _fedopt_options(0.01, 0.9, 0.99, 1e-3), _fedopt(fedopt.FedYogi)),
+        OptimizerType("fedadagrad", (_non_negative("lr", 0.1), Opt("tau", ValueType.FLOAT, 1e-9, POSITIVE)), _fedadagrad),
     )
 }
 

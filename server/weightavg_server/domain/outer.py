@@ -8,7 +8,9 @@ decides the algorithm:
 - SGD with lr 1 and no momentum puts the average in place (plain FedAvg);
 - SGD with momentum beta and lr eta is FedAvgM (m = g in the first round, then beta m + g; w -= eta m);
 - SGD with Nesterov momentum is DiLoCo's outer step (lr 0.7, momentum 0.9 in its paper);
-- Adam is an adaptive server optimizer in the manner of FedAdam (torch's bias correction and eps).
+- Adam is an adaptive server optimizer in the manner of FedAdam (torch's bias correction and eps);
+- fedadam, fedyogi and fedadagrad are Flower's FedAdam, FedYogi and FedAdagrad, as Flower computes
+  them (domain/fedopt.py).
 """
 
 from __future__ import annotations
