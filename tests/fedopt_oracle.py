@@ -9,11 +9,13 @@ import math
 import numpy as np
 
 FLOWER_DEFAULTS = {
-    "fedadam": {"lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-9},
+    "fedadam": {"lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
     "fedyogi": {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
-    "fedadagrad": {"lr": 0.1, "beta1": 0.0, "beta2": 0.0, "tau": 1e-9},
+    "fedadagrad": {"lr": 0.1, "beta1": 0.0, "beta2": 0.0, "tau": 1e-3},
 }
-"""Each strategy's server-side defaults in Flower (eta, beta_1, beta_2, tau; FedAdagrad fixes the betas at 0)."""
+"""Each strategy's server-side defaults in Flower's message API, flwr.serverapp.strategy (eta, beta_1,
+beta_2, tau; FedAdagrad fixes the betas at 0). The older flwr.server.strategy classes had tau 1e-9 for
+FedAdam and FedAdagrad."""
 
 
 def flower_rounds(kind: str, start: dict[str, np.ndarray], rounds: list[dict[str, np.ndarray]], lr: float,

@@ -219,9 +219,11 @@ OPTIMIZER_TYPES: dict[str, OptimizerType] = {
             (_LR, _non_negative("lrdecay", 0.0), _DECAY, _non_negative("init", 0.0), _eps(1e-10)),
             _adagrad,
         ),
-        OptimizerType("fedadam", _fedopt_options(0.1, 0.9, 0.99, 1e-9), _fedopt(fedopt.FedAdam)),
+        # Flower's message-API strategies' defaults (flwr.serverapp.strategy); its older
+        # flwr.server.strategy classes took tau 1e-9 for FedAdam and FedAdagrad.
+        OptimizerType("fedadam", _fedopt_options(0.1, 0.9, 0.99, 1e-3), _fedopt(fedopt.FedAdam)),
         OptimizerType("fedyogi", _fedopt_options(0.01, 0.9, 0.99, 1e-3), _fedopt(fedopt.FedYogi)),
-        OptimizerType("fedadagrad", (_non_negative("lr", 0.1), Opt("tau", ValueType.FLOAT, 1e-9, POSITIVE)), _fedadagrad),
+        OptimizerType("fedadagrad", (_non_negative("lr", 0.1), Opt("tau", ValueType.FLOAT, 1e-3, POSITIVE)), _fedadagrad),
     )
 }
 
