@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from weightavg import (
-    Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError,
+    AbortedError, Client, DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError,
 )
 from weightavg._retry import RetryPolicy
 from weightavg_server import cluster as fabric
@@ -103,6 +103,27 @@ def test_a_placed_dictionary_lives_on_its_rank(shared: Cluster) -> None:
             c.dict(d, "w", rank=0)
         assert c.free(d) == 1
         assert [r["handles"] for r in c.info()["ranks"]] == before
+
+
+def test_etags_are_kept_for_objects_on_rank_0_alone(shared: Cluster) -> None:
+    """A dictionary on rank 0 takes conditional changes as on one server; a replicated one or one on
+    rank 1 reads no etag, and a change conditional on one is refused before any rank changes
+    (each rank counts its own versions: rank 0's would not see rank 1's own changes)."""
+    with client(shared.address) as c:
+        here = c.dict({"w": np.zeros(2, np.float32)}, rank=0)
+        values, tag = c.dict(here, with_etag=True)
+        assert tag and tag == c.etag(here)
+        c.dict(here, "w", values["w"] + 1, etag=tag)
+        with pytest.raises(AbortedError):
+            c.dict(here, "w", values["w"], etag=tag)
+        for d in (c.dict({"w": np.zeros(2, np.float32)}, replicate=True), c.dict({"w": np.zeros(2, np.float32)}, rank=1)):
+            assert c.dict(d, with_etag=True)[1] == "" and c.etag(d) == ""
+            for change in (lambda: c.dict(d, "w", np.ones(2, np.float32), etag=tag),
+                           lambda: c.avgparms(here, d, etag=tag), lambda: c.delete(d, "w", etag=tag)):
+                with pytest.raises(FailedPreconditionError, match="held on rank 0 alone"):
+                    change()
+            assert c.dict(d, "w").tolist() == [0.0, 0.0]
+        c.free(here)
 
 
 def test_sharded_local_sgd_equals_a_torch_distributed_script(shared: Cluster, tmp_path: Path) -> None:

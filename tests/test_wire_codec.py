@@ -192,10 +192,10 @@ def test_field_numbers_come_from_the_descriptors(message_type) -> None:  # type:
     }
 
 
-def test_string_fields_are_the_handle_fields_and_the_request_id() -> None:
+def test_string_fields_are_the_handle_fields_the_etag_and_the_request_id() -> None:
     fields = pb.UpdateDictionaryRequest.DESCRIPTOR.fields_by_name
     assert string_fields(pb.UpdateDictionaryRequest) == {
-        fields["dictionary"].number: "dictionary", fields["request_id"].number: "request_id"
+        fields["dictionary"].number: "dictionary", fields["etag"].number: "etag", fields["request_id"].number: "request_id"
     }
     assert string_fields(pb.CreateDictionaryRequest) == {15: "request_id"}
 

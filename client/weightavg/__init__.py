@@ -5,6 +5,7 @@ from ._objects import Dictionary, Module, Remote
 from ._records import Handle, HandleInfo, ModuleRow, Soup
 from ._retry import RetryPolicy
 from ._errors import (
+    AbortedError,
     CancelledError,
     DataLossError,
     DeadlineExceededError,
@@ -23,6 +24,7 @@ from ._errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbortedError",
     "CancelledError",
     "Client",
     "DataLossError",

@@ -152,6 +152,17 @@ def _name(name: Any) -> str:
     return name
 
 
+def _check_etag_use(writes: bool, with_etag: bool, etag: str) -> None:
+    """TypeError for with_etag on a change (a read returns the etag) or etag on a read (a change is
+    made conditional on it), and for an etag that is not a string."""
+    if not isinstance(etag, str):
+        raise TypeError(f"etag must be the string a read gave (with_etag=True or etag(h)), not {type(etag).__name__}")
+    if writes and with_etag:
+        raise TypeError("with_etag=True reads the etag with the values; to make a change conditional, pass etag=...")
+    if etag and not writes:
+        raise TypeError("etag=... makes a change conditional; to read the etag, pass with_etag=True")
+
+
 def _one_value(value: tuple[Any, ...], call: str) -> Any:
     """The one value of a setter call such as dict(p, key, value): a second one was dropped without
     a word, so dict(p, "a", x, "b", y) set 'a' alone (found by review)."""
@@ -569,6 +580,11 @@ class Client:
             request_serializer=pb.FetchTensorsRequest.SerializeToString,
             response_deserializer=wire.decode_fetch_response,
         )
+        self._fetch_tensors_etag: grpc.UnaryStreamMultiCallable[pb.FetchTensorsRequest, Any] = self._channel.unary_stream(
+            f"/{_SERVICE}/FetchTensors",
+            request_serializer=pb.FetchTensorsRequest.SerializeToString,
+            response_deserializer=wire.decode_fetch_response_with_etag,
+        )
         self._create_dictionary_stream = self._stream_unary("CreateDictionary", pb.CreateDictionaryResponse)
         self._update_dictionary_stream = self._stream_unary("UpdateDictionary", pb.UpdateDictionaryResponse)
         self._set_parameter_stream = self._stream_unary("SetParameter", pb.SetParameterResponse)
@@ -775,12 +791,22 @@ class Client:
         return list(r.names)
 
     @_rpc
-    def parm(self, m: HandleLike, name: str, *value: Any, rank: int | None = None) -> Any:
+    def parm(
+        self, m: HandleLike, name: str, *value: Any, rank: int | None = None, with_etag: bool = False, etag: str = "",
+    ) -> Any:
         """parm(m, name) returns a parameter's values; parm(m, name, value) sets it in place
         (broadcasting a scalar), or registers a new parameter when the name is new. On a replicated
-        module, rank=r reads or sets rank r's copy (unset: reads rank 0's, sets every rank's)."""
+        module, rank=r reads or sets rank r's copy (unset: reads rank 0's, sets every rank's).
+
+        with_etag=True reads (values, etag): the module's etag read with the values; etag=... sets the
+        value only if the module has not changed since that etag was read (AbortedError otherwise,
+        nothing changed; docs/robust.md, "Conditional changes")."""
         name = _name(name)
+        _check_etag_use(bool(value), with_etag, etag)
         if not value:
+            if with_etag:
+                named, tag = self._fetch_with_etag(_id(m), [name], rank)
+                return wire.plain(named[0][1]), tag
             return self._fetch(_id(m), [name], rank)[name]
         one = _one_value(value, "parm(m, name, value)")
         handle = _id(m)  # checked here: raised in the request stream, a TypeError reached the caller as UNKNOWN
@@ -790,7 +816,9 @@ class Client:
             def requests() -> Iterator[bytes]:
                 chunks = encoded()
                 # Serialized protobuf messages concatenate into their merge: handle and name, then the chunk.
-                first = pb.SetParameterRequest(handle=handle, name=name, rank=rank, request_id=request_id).SerializeToString()
+                first = pb.SetParameterRequest(
+                    handle=handle, name=name, rank=rank, etag=etag, request_id=request_id
+                ).SerializeToString()
                 yield first + next(chunks)
                 yield from chunks
 
@@ -815,7 +843,8 @@ class Client:
 
     @_rpc
     def copyparms(
-        self, m: HandleLike, d: HandleLike | None = None, *, dtype: DtypeLike | None = None, buffers: bool = False
+        self, m: HandleLike, d: HandleLike | None = None, *, dtype: DtypeLike | None = None, buffers: bool = False,
+        etag: str = "",
     ) -> Any:
         """copyparms(m): a new dictionary of parameter copies. copyparms(m, d): copy d into m's
         parameters, all or nothing; returns {parameter: True if d had it}.
@@ -824,33 +853,37 @@ class Client:
         or torch.float32 for the average of a bfloat16 module)
         instead of each parameter's own, and with buffers=True holds the buffers too, under their
         dotted names (integer buffers keep their dtype). On a cluster copyparms(m, d) takes a d that
-        lives on another rank than m: its values are sent to m's rank(s).
+        lives on another rank than m: its values are sent to m's rank(s). etag=... loads d only if m has
+        not changed since that etag was read (AbortedError otherwise).
         """
         if d is None:
+            if etag:
+                raise TypeError("etag makes a load conditional: copyparms(m, d, etag=...); a new copy changes nothing")
             request = pb.CopyParametersRequest(handle=_id(m), dtype=_dtype_code(dtype), buffers=buffers)
             r = self._stub.CopyParameters(request, timeout=self.timeout)
             return _handle(r.dictionary)
         if dtype is not None or buffers:
             raise TypeError("dtype and buffers shape a new copy: copyparms(m, dtype=..., buffers=True)")
         loaded = self._stub.LoadParameters(
-            pb.LoadParametersRequest(handle=_id(m), dictionary=_id(d)), timeout=self.timeout
+            pb.LoadParametersRequest(handle=_id(m), dictionary=_id(d), etag=etag), timeout=self.timeout
         )
         return {name: loaded.copied[name] for name in loaded.names}
 
     @_rpc
-    def avgparms(self, m: HandleLike, d: HandleLike, buffers: bool | str = False) -> int:
+    def avgparms(self, m: HandleLike, d: HandleLike, buffers: bool | str = False, *, etag: str = "") -> int:
         """Fold m's parameters into the running average in d; returns the new count (d's '.n').
 
         Each parameter is cast to its entry's dtype first. buffers=True also averages the floating
         buffers (AveragedModel's use_buffers=True), buffers="copy" copies every buffer; integer
         buffers are always copied. m may be a dictionary: its entries (but '.n') are folded in by
         name, floating ones averaged and others copied. On a cluster m and d may live on different
-        ranks: m's values are sent to d's rank(s) for the call (docs/cluster.md).
+        ranks: m's values are sent to d's rank(s) for the call (docs/cluster.md). etag=... folds m in
+        only if d has not changed since that etag was read (AbortedError otherwise).
         """
         # The ID set here rather than on a copy of the request (_retry.with_request_id): the call
         # most clients make every step.
         request = pb.AverageParametersRequest(
-            handle=_id(m), dictionary=_id(d), buffers=_buffer_mode(buffers), request_id=new_request_id()
+            handle=_id(m), dictionary=_id(d), buffers=_buffer_mode(buffers), etag=etag, request_id=new_request_id()
         )
         return int(self._stub.AverageParameters(request, timeout=self.timeout).count)
 
@@ -867,6 +900,8 @@ class Client:
         update_after_step: int = 0,
         step: int | None = None,
         buffers: bool | str = False,
+        *,
+        etag: str = "",
     ) -> int:
         """One exponential-moving-average update of dictionary e from module or model m; returns the step used.
 
@@ -875,8 +910,8 @@ class Client:
         ModelEmaV3's: 0 (a full copy) up to step update_after_step + 1, then `decay`, or with warmup
         max(min_decay, min(decay, 1 - (1 + k / warmup_gamma) ** -warmup_power)), k the steps since.
         Without `step` the k-th update of e uses step k. The schedule is kept with e (c.size(e)
-        shows it under '.ema'). buffers: as for avgparms. On a cluster m and e may live on different
-        ranks, as for avgparms.
+        shows it under '.ema'). buffers and etag: as for avgparms. On a cluster m and e may live on
+        different ranks, as for avgparms.
 
         Example:
             >>> e = c.copyparms(m, dtype="float32")
@@ -886,7 +921,7 @@ class Client:
         request = pb.UpdateMovingAverageRequest(
             handle=_id(m), dictionary=_id(e), decay=decay, warmup=warmup, warmup_gamma=warmup_gamma,
             warmup_power=warmup_power, min_decay=min_decay, update_after_step=update_after_step,
-            buffers=_buffer_mode(buffers), request_id=new_request_id(),  # as avgparms: no copy to set it
+            buffers=_buffer_mode(buffers), etag=etag, request_id=new_request_id(),  # as avgparms: no copy to set it
         )
         if step is not None:
             request.step = step
@@ -1191,7 +1226,10 @@ class Client:
     # -- dictionaries and tensors -----------------------------------------------------------------
 
     @_rpc
-    def dict(self, x: Any, key: Any = None, *value: Any, replicate: bool = False, rank: int | None = None) -> Any:
+    def dict(
+        self, x: Any, key: Any = None, *value: Any, replicate: bool = False, rank: int | None = None,
+        with_etag: bool = False, etag: str = "",
+    ) -> Any:
         """dict({name: value}) creates a dictionary; dict(p) returns all values as {name: value},
         dict(p, key) one, dict(p, [k1, k2]) a list of them in that order; values are numpy arrays, 0-dim
         ones Python scalars (the count '.n' a float). dict(p, key, value) sets one (replacing it; a live
@@ -1199,17 +1237,27 @@ class Client:
         float64 count the server keeps.
         On a cluster, dict({...}, replicate=True) creates it on every rank, dict({...}, rank=r) on rank r;
         rank= reads or sets one rank's copy of a replicated dictionary (unset: reads rank 0's, sets every
-        rank's)."""
+        rank's).
+        Conditional changes (docs/robust.md): a read with with_etag=True returns (values, etag), the
+        dictionary's etag read with the values; a change given etag=... is made only if nothing changed
+        the dictionary since (AbortedError otherwise, nothing changed):
+            values, tag = c.dict(p, with_etag=True); c.dict(p, "w", values["w"] * 0.5, etag=tag)"""
         if not isinstance(x, (Handle, str)):
             if not isinstance(x, Mapping):
                 raise TypeError("dict() takes a mapping of name -> value, or a dictionary handle")
+            if with_etag or etag:
+                raise TypeError("a new dictionary has no etag yet: read it with dict(p, with_etag=True)")
             return self._create_dictionary(list(x.items()), replicate, rank)
+        writes = bool(value) or isinstance(key, Mapping)
+        _check_etag_use(writes, with_etag, etag)
         if value:
-            self._update_dictionary(_id(x), [(key, _one_value(value, "dict(p, key, value)"))], rank)
+            self._update_dictionary(_id(x), [(key, _one_value(value, "dict(p, key, value)"))], rank, etag)
             return None
         if isinstance(key, Mapping):
-            self._update_dictionary(_id(x), list(key.items()), rank)
+            self._update_dictionary(_id(x), list(key.items()), rank, etag)
             return None
+        if with_etag:
+            return self._read_with_etag(_id(x), key, rank)
         if key is None:
             return {name: wire.plain(a) for name, a in self._fetch_named(_id(x), [], rank)}
         if isinstance(key, (list, tuple)):
@@ -1219,6 +1267,29 @@ class Client:
             values = self._fetch(_id(x), keys, rank)
             return [values[k] for k in keys]
         return self._fetch(_id(x), [_name(key)], rank)[key]
+
+    def _read_with_etag(self, d: str, key: Any, rank: int | None) -> tuple[Any, str]:
+        """dict(p, key, with_etag=True): what dict(p, key) returns, and the etag read with it."""
+        if isinstance(key, (list, tuple)) and not key:
+            return [], self.etag(d)
+        keys = [] if key is None else [_name(k) for k in key] if isinstance(key, (list, tuple)) else [_name(key)]
+        named, tag = self._fetch_with_etag(d, keys, rank)
+        values = {name: wire.plain(a) for name, a in named}
+        if key is None:
+            return values, tag
+        if isinstance(key, (list, tuple)):
+            return [values[k] for k in keys], tag
+        return values[keys[0]], tag
+
+    @_rpc
+    def etag(self, h: HandleLike) -> str:
+        """The object's etag now (AIP-154): it changes whenever a call may have changed the object or
+        one sharing its lock (a module's model, optimizers and views). Give it to a change (etag=...)
+        to make the change only if nothing changed since; "" on a cluster for an object not held on
+        rank 0 alone. To change what you read, read the values and the etag together instead
+        (dict(p, with_etag=True), parm(m, name, with_etag=True)): one read after the other may see two
+        states."""
+        return str(self._stub.GetSize(pb.GetSizeRequest(handle=_id(h)), timeout=self.timeout).etag)
 
     @_rpc
     def broadcast(self, h: HandleLike, rank: int = 0) -> int:
@@ -1245,9 +1316,10 @@ class Client:
         return int(self._stub.AllReduce(request, timeout=self.timeout).tensors)
 
     @_rpc
-    def delete(self, d: HandleLike, *names: str) -> None:
-        """Remove keys from a dictionary, all or nothing."""
-        request = pb.DeleteEntriesRequest(dictionary=_id(d), names=[_name(n) for n in names])
+    def delete(self, d: HandleLike, *names: str, etag: str = "") -> None:
+        """Remove keys from a dictionary, all or nothing; with etag=..., only if the dictionary has not
+        changed since that etag was read (AbortedError otherwise)."""
+        request = pb.DeleteEntriesRequest(dictionary=_id(d), names=[_name(n) for n in names], etag=etag)
         self._stub.DeleteEntries(request, timeout=self.timeout)
 
     @_rpc
@@ -1348,7 +1420,7 @@ class Client:
     @_rpc
     def average(
         self, dicts: Iterable[HandleLike], weights: Iterable[float] | None = None, into: HandleLike | None = None,
-        **options: Any,
+        *, etag: str = "", **options: Any,
     ) -> Handle:
         """The weighted mean of dictionaries, computed on the server one tensor at a time.
 
@@ -1357,6 +1429,8 @@ class Client:
             weights: one non-negative weight each, e.g. example counts (Flower's FedAvg); equal if None.
             into: write the mean into this dictionary (or module's parameters) in place; it must hold
                 every entry with the mean's shape and may be one of `dicts`. None: a new dictionary.
+            etag: with `into`, write the mean only if `into` has not changed since that etag was read
+                (AbortedError otherwise).
             options: integers="first" (default) or "max": how integer entries are combined.
 
         Returns the dictionary holding the mean. All or nothing: on an error nothing changes. On a
@@ -1368,6 +1442,7 @@ class Client:
         request = pb.AverageDictionariesRequest(
             dictionaries=_ids(dicts, "average"), weights=_weights(weights),
             into=_id(into) if into is not None else "", options=[_option_message(k, v) for k, v in options.items()],
+            etag=etag,
         )
         return _handle(self._stub.AverageDictionaries(request, timeout=self.timeout).dictionary)
 
@@ -1529,6 +1604,35 @@ class Client:
         stream = self._fetch_tensors(request, timeout=self.timeout)
         return wire.join_chunks(stream)
 
+    def _fetch_with_etag(
+        self, handle: str, names: list[str], rank: int | None = None
+    ) -> tuple[list[tuple[str, npt.NDArray[Any]]], str]:
+        """What `_fetch_named` returns, and the object's etag read with it (shared memory or the stream)."""
+        if self._shm is not None and rank is None:
+            etag: list[str] = []
+            try:
+                fetched = self._shm_fetch(handle, names, etag)
+            except grpc.RpcError as exc:
+                if not self._regions_lost(exc):
+                    raise
+                fetched = self._shm_fetch(handle, names, etag)  # registered again
+            if fetched is not None:
+                return fetched, etag[-1] if etag else ""
+        request = pb.FetchTensorsRequest(
+            handle=handle, names=names, rank=rank, packed_chunks=True, max_chunk_bytes=self._reply_chunk_bytes,
+            with_etag=True,
+        )
+        tags: list[str] = []
+
+        def chunks() -> Iterator[Any]:
+            for chunk, tag in self._fetch_tensors_etag(request, timeout=self.timeout):
+                if tag:
+                    tags.append(tag)
+                yield chunk
+
+        named = wire.join_chunks(chunks())
+        return named, tags[0] if tags else ""
+
     def _fetch(self, handle: str, names: list[str], rank: int | None = None) -> builtins.dict[str, Any]:
         # builtins.dict: inside the class, `dict` names the Client.dict method.
         return {name: wire.plain(a) for name, a in self._fetch_named(handle, names, rank)}
@@ -1549,13 +1653,15 @@ class Client:
 
         return self._uploading(items, pb.CreateDictionaryRequest, send)
 
-    def _update_dictionary(self, d: str, items: list[tuple[str, Any]], rank: int | None = None) -> None:
+    def _update_dictionary(self, d: str, items: list[tuple[str, Any]], rank: int | None = None, etag: str = "") -> None:
         items = [(name, _count_value(name, value)) for name, value in items]
         request_id = new_request_id()
 
         def send(encoded: Callable[[], Iterator[bytes]]) -> None:
             def requests() -> Iterator[bytes]:
-                yield pb.UpdateDictionaryRequest(dictionary=d, rank=rank, request_id=request_id).SerializeToString()
+                yield pb.UpdateDictionaryRequest(
+                    dictionary=d, rank=rank, etag=etag, request_id=request_id
+                ).SerializeToString()
                 yield from encoded()
 
             self._update_dictionary_stream(Replayable(requests), timeout=self.timeout)
@@ -1780,8 +1886,11 @@ class Client:
                 if buffer is None:
                     return None
 
-    def _shm_fetch(self, handle: str, names: list[str]) -> list[tuple[str, npt.NDArray[Any]]] | None:
-        """A fetch through shared memory, None where the server refuses it.
+    def _shm_fetch(
+        self, handle: str, names: list[str], etag: list[str] | None = None
+    ) -> list[tuple[str, npt.NDArray[Any]]] | None:
+        """A fetch through shared memory, None where the server refuses it; the object's etag, read
+        with the values, is appended to `etag` when given.
 
         One call names the reused region (small fetches, copied out) and the largest free region of
         the pool as its overflow (large fetches, returned as views of it: no copy here, and its
@@ -1801,6 +1910,8 @@ class Client:
             r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
             while True:  # again if the object grew between the calls
                 if r.tensors or not r.needed_bytes:
+                    if etag is not None:
+                        etag.append(r.etag)
                     if r.region and r.region != self._shm_names.region:
                         lent = pool.lend(r.region, r.tensors)
                         if lent is None:  # was a bare AssertionError

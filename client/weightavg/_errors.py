@@ -81,6 +81,13 @@ class DataLossError(WeightavgError):
     code = "DATA_LOSS"
 
 
+class AbortedError(WeightavgError):
+    """A change given an etag found its object changed since that etag was read (another client's
+    change came first); nothing changed. Read the object again (with its etag) and retry."""
+
+    code = "ABORTED"
+
+
 class InternalError(WeightavgError):
     """The server failed unexpectedly; its log has the details."""
 
@@ -98,7 +105,7 @@ _BY_CODE: dict[str, type[WeightavgError]] = {
     for cls in (
         InvalidArgumentError, NotFoundError, FailedPreconditionError, ResourceExhaustedError,
         UnavailableError, DeadlineExceededError, CancelledError, UnauthenticatedError,
-        PermissionDeniedError, DataLossError, InternalError, UnimplementedError,
+        PermissionDeniedError, DataLossError, AbortedError, InternalError, UnimplementedError,
     )
 }
 

@@ -465,6 +465,20 @@ def decode_fetch_response(message: bytes) -> ChunkView | pb.TensorChunk:
         return pb.FetchTensorsResponse.FromString(message).chunk
 
 
+_FETCH_ETAG_FIELD = pb.FetchTensorsResponse.DESCRIPTOR.fields_by_name["etag"].number
+
+
+def decode_fetch_response_with_etag(message: bytes) -> tuple[ChunkView | pb.TensorChunk, str]:
+    """`decode_fetch_response`, with the etag the first message carries when the fetch asked for it
+    (FetchTensorsRequest.with_etag; "" on the other messages)."""
+    try:
+        fields = decode_chunk_message(message, _FETCH_CHUNK_FIELD, {_FETCH_ETAG_FIELD: "etag"})
+        return fields["chunk"], str(fields.get("etag", ""))
+    except (ValueError, IndexError, UnicodeDecodeError, KeyError):
+        parsed = pb.FetchTensorsResponse.FromString(message)
+        return parsed.chunk, parsed.etag
+
+
 def _varint(n: int) -> bytes:
     """The varint encoding of a non-negative int."""
     out = bytearray()

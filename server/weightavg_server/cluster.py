@@ -49,7 +49,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -69,12 +69,13 @@ from .domain.ema import ScheduleChange
 from .domain.options import Value
 from .domain.tensors import HandleSummary
 from .service import (
-    NOTHING, EmaResult, Metrics, Named, Placement, RankInfo, RankMetrics, Reduced, Ref, Service, Settings, StopCheck,
-    Upload, OnHeader, source_of,
+    NOTHING, EmaResult, Fetched, Metrics, Named, Placement, RankInfo, RankMetrics, Reduced, Ref, Service, Settings,
+    Size, StopCheck, Upload, OnHeader, source_of,
 )
 from .store import snapshot
 from .store.snapshot import SnapshotError, SnapshotResult
 from .store.registry import CALLER_SESSION, HANDLE_BITS, Entry, Kind, Registry
+from .store.versions import GroupLock
 from .store.requests import RequestKey
 from .store.tenants import CALLER, Caller, Quota
 
@@ -885,7 +886,7 @@ class Layout:
             obj = modules.skeleton([(n, t) for n, r, t in named if r == "parameter"],
                                    [(n, t) for n, r, t in named if r == "buffer"])
             kind = Kind.MODULE
-        return Entry(kind, obj, threading.RLock(), tenant=CALLER.get().tenant)
+        return Entry(kind, obj, GroupLock(), tenant=CALLER.get().tenant)
 
 
 def _moved(service: Service, fabric: Fabric, move: Move, held: contextlib.ExitStack) -> Entry | None:
@@ -1689,18 +1690,26 @@ class ClusterService(Service):
         return self._routed("create_loss", args, kwargs, ALL)  # type: ignore[no-any-return]
 
     def set_parameter(
-        self, handle: str, name: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
+        self, handle: str, name: str, upload: Upload, *, rank: int | None = None, etag: str = "",
+        request: RequestKey | None = None,
     ) -> bool:
         self._check()
         where = self._handle_target(handle, rank)
-        return self._routed("set_parameter", (handle, name, upload), {"request": request}, where)  # type: ignore[no-any-return]
+        self._conditional(etag, where)
+        return self._routed(  # type: ignore[no-any-return]
+            "set_parameter", (handle, name, upload), {"request": request, "etag": etag}, where
+        )
 
     def update_dictionary(
-        self, handle: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
+        self, handle: str, upload: Upload, *, rank: int | None = None, etag: str = "",
+        request: RequestKey | None = None,
     ) -> list[str]:
         self._check()
         where = self._handle_target(handle, rank)
-        return self._routed("update_dictionary", (handle, upload), {"request": request}, where)  # type: ignore[no-any-return]
+        self._conditional(etag, where)
+        return self._routed(  # type: ignore[no-any-return]
+            "update_dictionary", (handle, upload), {"request": request, "etag": etag}, where
+        )
 
     def set_model_data(
         self, handle: str, split: str, upload: Upload, *, shard: bool = False, rank: int | None = None,
@@ -1733,30 +1742,59 @@ class ClusterService(Service):
     @contextlib.contextmanager
     def fetch(
         self, handle: str, names: Sequence[str], *, rank: int | None = None, reused: bool = False
-    ) -> Iterator[Named]:
+    ) -> Iterator[Fetched]:
+        """With an etag only for an object held on rank 0 alone (`_etag_kept`)."""
         self._check()
         where = self._handle_target(handle, rank)
         if where in (0, ALL) and rank in (None, 0):
             with Service.fetch(self, handle, names, reused=reused) as copies:
-                yield copies
+                yield copies if self._etag_kept(handle) else Fetched.of(copies, "")
             return
         with contextlib.ExitStack() as held:  # the copies stay reserved on rank 0 until the reply has gone
             sink = Sink(held)
             self._call("_fetch", ALL, (handle, list(names), where, sink))
-            yield sink.named
+            yield Fetched.of(sink.named, "")
 
     def fetch_to_shared_memory(
         self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0, overflow: str = ""
-    ) -> tuple[list[shm.Placement], int, str]:
+    ) -> tuple[list[shm.Placement], int, str, str]:
         """The session's regions are rank 0's: an object of another rank is fetched here first (reserved
         as any fetch from another rank), then written. Routed to the object's rank(s), the call failed
         there ('rank 1: no shared memory region ... is registered by this session') for every object
         on another rank or replicated, so a client with shm=True could not read them (found by review)."""
         self._check()
         if self.where(handle) in (0, ALL):
-            return Service.fetch_to_shared_memory(self, handle, names, region, offset, max_bytes, overflow)
+            placements, needed, target, etag = Service.fetch_to_shared_memory(
+                self, handle, names, region, offset, max_bytes, overflow
+            )
+            return placements, needed, target, etag if self._etag_kept(handle) else ""
         with self.fetch(handle, names) as named:
-            return self._write_shared(named, region, offset, max_bytes, overflow)
+            placements, needed, target = self._write_shared(named, region, offset, max_bytes, overflow)
+            return placements, needed, target, ""
+
+    def size(self, handle: str) -> Size:
+        """Routed as any call on one handle; its etag only where it is kept (`_etag_kept`)."""
+        self._check()
+        s: Size = self._routed("size", (handle,), {}, self._where_of([handle]))
+        return s if self._etag_kept(handle) else replace(s, etag="")
+
+    # -- etags (store/versions.py) ----------------------------------------------------------------------
+
+    def _etag_kept(self, handle: str) -> bool:
+        """Whether the handle's etag stands for its values: only for an object held on rank 0 alone.
+        Each rank's store counts its own versions, and a replicated object's copy on another rank
+        changes by calls addressed to that rank alone, which rank 0's version does not see."""
+        return self.where(handle) == 0
+
+    @staticmethod
+    def _conditional(etag: str, where: int, moves: Sequence[Move] = ()) -> None:
+        """FAILED_PRECONDITION for a change made conditional on an etag (`etag` given) that would not
+        run on rank 0 alone, over objects held there (`_etag_kept`), before anything runs."""
+        if etag and (where != 0 or moves):
+            raise FailedPrecondition(
+                "a change conditional on an etag needs an object held on rank 0 alone: this one is replicated "
+                "or held by another rank, whose versions rank 0 does not keep; make the change without etag"
+            )
 
     def allreduce(
         self, handle: str, op: str, weights: Sequence[float], *, request: RequestKey | None = None
@@ -1793,17 +1831,19 @@ class ClusterService(Service):
 
     def _across_ranks(
         self, name: str, args: tuple[Any, ...], request: RequestKey | None, target: int, sources: Sequence[str],
-        buffers: bool = False,
+        buffers: bool = False, etag: str = "",
     ) -> Any:
         """Run a verb on `target` (a rank, or ALL) with its sources' values brought there: a source on
         another rank is sent over (collectives.transfer_) and stands in under its handle for the
-        verb's length (`_across`); replicated sources are used where they are."""
+        verb's length (`_across`); replicated sources are used where they are. An `etag` only where
+        it runs on rank 0 alone (`_conditional`)."""
         moves = [
             Move(h, src, target, buffers) for h in dict.fromkeys(sources)
             if isinstance(h, str) and (src := self.where(h)) not in (ALL, target)
         ]
+        self._conditional(etag, target, moves)
         if not moves:
-            return self._routed(name, args, {"request": request}, target)
+            return self._routed(name, args, {"request": request, **({"etag": etag} if etag else {})}, target)
 
         def run() -> Any:
             value = self._call("_across", ALL, (name, args, {}, target, moves))[0 if target == ALL else target]
@@ -1813,37 +1853,39 @@ class ClusterService(Service):
         return self._keyed(name, request, run)
 
     def average_parameters(
-        self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE, *,
+        self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE, *, etag: str = "",
         request: RequestKey | None = None,
     ) -> int:
         """The dictionary (the target) may live on another rank than the source."""
         self._check()
         return self._across_ranks(  # type: ignore[no-any-return]
             "average_parameters", (handle, dictionary, buffers), request, self.where(dictionary), [handle],
-            buffers is not BufferMode.EXCLUDE,
+            buffers is not BufferMode.EXCLUDE, etag,
         )
 
     def update_moving_average(
         self, handle: str, dictionary: str, change: ScheduleChange, step: int | None,
-        buffers: BufferMode = BufferMode.EXCLUDE, *, request: RequestKey | None = None,
+        buffers: BufferMode = BufferMode.EXCLUDE, *, etag: str = "", request: RequestKey | None = None,
     ) -> EmaResult:
         """The dictionary (the target) may live on another rank than the source."""
         self._check()
         return self._across_ranks(  # type: ignore[no-any-return]
             "update_moving_average", (handle, dictionary, change, step, buffers), request, self.where(dictionary),
-            [handle], buffers is not BufferMode.EXCLUDE,
+            [handle], buffers is not BufferMode.EXCLUDE, etag,
         )
 
-    def load_parameters(self, handle: str, dictionary: str, *, request: RequestKey | None = None) -> dict[str, bool]:
+    def load_parameters(
+        self, handle: str, dictionary: str, *, etag: str = "", request: RequestKey | None = None
+    ) -> dict[str, bool]:
         """The module (the target) may live on another rank than the dictionary."""
         self._check()
         return self._across_ranks(  # type: ignore[no-any-return]
-            "load_parameters", (handle, dictionary), request, self.where(handle), [dictionary]
+            "load_parameters", (handle, dictionary), request, self.where(handle), [dictionary], etag=etag
         )
 
     def average(
         self, handles: Sequence[str], weights: Sequence[float] | None, into: str,
-        options: Sequence[tuple[str, Value]] = (), *, request: RequestKey | None = None,
+        options: Sequence[tuple[str, Value]] = (), *, etag: str = "", request: RequestKey | None = None,
     ) -> Ref:
         """The inputs may live on several ranks: the mean is made where `into` lives, else (a new
         dictionary) on the rank of the first input that lives on one rank (every rank when all
@@ -1855,7 +1897,7 @@ class ClusterService(Service):
             placed = [w for w in (self.where(h) for h in handles) if w != ALL]
             target = placed[0] if placed else (ALL if handles else 0)
         return self._across_ranks(  # type: ignore[no-any-return]
-            "average", (list(handles), weights, into, list(options)), request, target, list(handles)
+            "average", (list(handles), weights, into, list(options)), request, target, list(handles), etag=etag
         )
 
     # -- verbs that take their parts' handles -------------------------------------------------------------
@@ -2140,7 +2182,9 @@ def _route(name: str) -> Callable[..., Any]:
     @functools.wraps(base)
     def call(self: ClusterService, *args: Any, **kwargs: Any) -> Any:
         self._check()
-        return self._routed(name, args, kwargs, self._where_of(list(args) + list(kwargs.values())))
+        where = self._where_of(list(args) + list(kwargs.values()))
+        self._conditional(kwargs.get("etag", ""), where)
+        return self._routed(name, args, kwargs, where)
 
     return call
 

@@ -43,6 +43,7 @@ from .store.accounting import Reservation
 from .store.registry import CALLER_SESSION, MODULE_KINDS, Entry, Kind, Registry, TenantUsage
 from .store.requests import RequestKey, RequestStats, register_answer_type
 from .store.tenants import CALLER, Quota
+from .store import versions
 
 OnHeader = Callable[[str, int], "torch.device | None"]
 """Called with each uploaded tensor's name and byte size once its header is read, before its buffer
@@ -58,6 +59,20 @@ StopCheck = Callable[[], bool]
 """True once the caller has gone (cancelled or past its deadline): long loops stop between batches."""
 
 Named = list[tuple[str, torch.Tensor]]
+
+
+class Fetched(Named):
+    """What a fetch yields: the host copies, and the object's etag read under the same lock (the
+    state the copies are of; `store/versions.py`), or "" where none is kept (a cluster's object
+    beyond rank 0)."""
+
+    etag: str = ""
+
+    @classmethod
+    def of(cls, copies: Named, etag: str) -> Fetched:
+        fetched = cls(copies)
+        fetched.etag = etag
+        return fetched
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -96,6 +111,8 @@ class Size:
     shape: tuple[int, ...] | None = None
     parameter_count: int | None = None
     ema: EmaState | None = None
+    etag: str = ""
+    """The object's etag now (`store/versions.py`)."""
 
 
 @register_answer_type  # a repeated EMA update answers with the step and decay of the first
@@ -348,15 +365,17 @@ class Service:
             _RECEIVING.reset(token)
 
     def _change_with_upload(
-        self, entry: Entry, upload: Upload, count: int, wrong_count: str, change: Callable[[Named], T]
+        self, entry: Entry, upload: Upload, count: int, wrong_count: str, change: Callable[[Named], T], etag: str = "",
     ) -> T:
         """Receive `count` tensors (each reserved on the device from its header), then apply `change`
-        to them under the entry's lock, recharging it afterwards."""
+        to them under the entry's lock, recharging it afterwards. A stale `etag` is refused before the
+        upload is received, and again under the lock."""
+        versions.check(entry.lock, etag, entry.kind.value)
         with self.store.reserve() as reservation:
             tensors = self._receive(upload, reservation, self._on_device)
             if len(tensors) != count:
                 raise InvalidArgument(f"{wrong_count}; received {len(tensors)}")
-            with self.store.mutate(entry, need=NOTHING):
+            with self.store.mutate(entry, need=NOTHING, etag=etag):
                 return change(tensors)
 
     def _on_device(self, name: str) -> torch.device:
@@ -474,14 +493,16 @@ class Service:
 
     @_exactly_once
     def set_parameter(
-        self, handle: str, name: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
+        self, handle: str, name: str, upload: Upload, *, rank: int | None = None, etag: str = "",
+        request: RequestKey | None = None,
     ) -> bool:
-        """Copy an uploaded tensor into a parameter, or register a new one; True when registered."""
+        """Copy an uploaded tensor into a parameter, or register a new one; True when registered. With
+        `etag`, only if the module's group is still at that etag (ABORTED otherwise)."""
         self._one_rank(rank)
         entry = self._module(handle)
         return self._change_with_upload(
             entry, upload, 1, "SetParameter takes exactly one tensor",
-            lambda tensors: modules.set_parameter(module_of(entry), name, tensors[0][1]),
+            lambda tensors: modules.set_parameter(module_of(entry), name, tensors[0][1]), etag,
         )
 
     def _view(self, handle: str, make: Callable[[nn.Module, str], TensorDict], child: str) -> Ref:
@@ -520,40 +541,44 @@ class Service:
         return Ref(copy, Kind.DICTIONARY)
 
     @_exactly_once
-    def load_parameters(self, handle: str, dictionary: str, *, request: RequestKey | None = None) -> dict[str, bool]:
-        """Copy a dictionary's values into the module's parameters; per-name success."""
+    def load_parameters(
+        self, handle: str, dictionary: str, *, etag: str = "", request: RequestKey | None = None
+    ) -> dict[str, bool]:
+        """Copy a dictionary's values into the module's parameters; per-name success. With `etag`, only
+        if the module's group is still at that etag."""
         entry = self._module(handle)
         source = self.store.get(dictionary, Kind.DICTIONARY)
-        with self.store.mutate(entry, need=NOTHING, reading=(source,), in_place=_copied_in_place):
+        with self.store.mutate(entry, need=NOTHING, reading=(source,), in_place=_copied_in_place, etag=etag):
             return averaging.load_parameters(module_of(entry), source.obj)
 
     @_exactly_once
     def average_parameters(
-        self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE, *,
+        self, handle: str, dictionary: str, buffers: BufferMode = BufferMode.EXCLUDE, *, etag: str = "",
         request: RequestKey | None = None,
     ) -> int:
         """Fold the module's parameters (or a dictionary's entries) into the dictionary's running
-        average; the new count."""
+        average; the new count. With `etag`, only if the dictionary is still at that etag."""
         entry, _ = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
         update = _Prepared(lambda: averaging.prepare_average(source_of(entry), target.obj, buffers), target.obj)
-        with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place):
+        with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place, etag=etag):
             averaging.apply(update.update, target.obj)
         return int(update.update.count or 0.0)
 
     @_exactly_once
     def update_moving_average(
         self, handle: str, dictionary: str, change: ScheduleChange, step: int | None,
-        buffers: BufferMode = BufferMode.EXCLUDE, *, request: RequestKey | None = None,
+        buffers: BufferMode = BufferMode.EXCLUDE, *, etag: str = "", request: RequestKey | None = None,
     ) -> EmaResult:
         """One exponential-moving-average update of the dictionary from the module (or a dictionary's
-        entries), with the dictionary's schedule changed by `change`; the step and decay used."""
+        entries), with the dictionary's schedule changed by `change`; the step and decay used. With
+        `etag`, only if the dictionary is still at that etag."""
         entry, _ = self._source(handle)
         target = self.store.get(dictionary, Kind.DICTIONARY)
         update = _Prepared(
             lambda: averaging.prepare_ema(source_of(entry), target.obj, change, step, buffers), target.obj
         )
-        with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place):
+        with self.store.mutate(target, need=update.need, reading=(entry,), in_place=update.in_place, etag=etag):
             averaging.apply(update.update, target.obj)
         return EmaResult(averaging.used_step(update.update), update.update.decay)
 
@@ -585,22 +610,28 @@ class Service:
 
     @_exactly_once
     def update_dictionary(
-        self, handle: str, upload: Upload, *, rank: int | None = None, request: RequestKey | None = None
+        self, handle: str, upload: Upload, *, rank: int | None = None, etag: str = "",
+        request: RequestKey | None = None,
     ) -> list[str]:
         """Set entries of a dictionary from an upload, all or nothing; the names set. In a cluster,
-        `rank` sets one rank's entries of a replicated dictionary."""
+        `rank` sets one rank's entries of a replicated dictionary. With `etag`, only if the dictionary
+        is still at that etag (checked before the upload is received, and under the lock)."""
         self._one_rank(rank)
         entry = self.store.get(handle, Kind.DICTIONARY)
+        versions.check(entry.lock, etag, entry.kind.value)
         with self.store.reserve() as reservation:
             # Counted as additions: the old values are still held while the new ones arrive.
             tensors = self._receive(upload, reservation, self._entry_placement, arena=not entry.obj.live)
-            with self.store.mutate(entry, need=NOTHING):
+            with self.store.mutate(entry, need=NOTHING, etag=etag):
                 return dictionaries.set_entries(entry.obj, tensors, self.device)
 
     @_exactly_once
-    def delete_entries(self, handle: str, names: Sequence[str], *, request: RequestKey | None = None) -> None:
+    def delete_entries(
+        self, handle: str, names: Sequence[str], *, etag: str = "", request: RequestKey | None = None
+    ) -> None:
+        """Remove entries, all or nothing; with `etag`, only if the dictionary is still at that etag."""
         entry = self.store.get(handle, Kind.DICTIONARY)
-        with self.store.mutate(entry, need=NOTHING):
+        with self.store.mutate(entry, need=NOTHING, etag=etag):
             dictionaries.delete_entries(entry.obj, list(names))
 
     @_exactly_once
@@ -616,9 +647,10 @@ class Service:
     @contextlib.contextmanager
     def fetch(
         self, handle: str, names: Sequence[str], *, rank: int | None = None, reused: bool = False
-    ) -> Iterator[Named]:
+    ) -> Iterator[Fetched]:
         """Host copies of a dictionary's entries (all, or the named), a tensor, or named parameters,
-        for the length of the block (`with service.fetch(h, names) as copies:`).
+        for the length of the block (`with service.fetch(h, names) as copies:`), with the object's
+        etag as of the copies (`copies.etag`).
 
         The copies are taken together under the object's lock, so the reply is one consistent cut,
         and reserved on the host until the block ends (the reply has streamed). All of them are
@@ -633,7 +665,8 @@ class Service:
                 named = self._named(handle, entry, names)
                 held.enter_context(self.store.reserve(nbytes=tensor_bytes((t for _, t in named), "cpu")))
                 copies = host_copies(named, held.enter_context(hostcache.lending()) if reused else None)
-            yield copies
+                etag = versions.etag(entry.lock)
+            yield Fetched.of(copies, etag)
 
     def _named(self, handle: str, entry: Entry, names: Sequence[str]) -> Named:
         """What a fetch names: dictionary entries (all when no names), a tensor, or module parameters,
@@ -665,11 +698,12 @@ class Service:
         """Entry shapes of a dictionary, a tensor's shape, or a module's parameter count."""
         entry = self.store.get(handle)
         with self.store.reading(entry):
+            etag = versions.etag(entry.lock)
             if entry.kind is Kind.DICTIONARY:
-                return Size(entries=dictionaries.sizes(entry.obj), ema=entry.obj.ema)
+                return Size(entries=dictionaries.sizes(entry.obj), ema=entry.obj.ema, etag=etag)
             if entry.kind is Kind.TENSOR:
-                return Size(shape=tuple(entry.obj.tensor.shape))
-            return Size(parameter_count=modules.parameter_count(module_of(self._module(handle))))
+                return Size(shape=tuple(entry.obj.tensor.shape), etag=etag)
+            return Size(parameter_count=modules.parameter_count(module_of(self._module(handle))), etag=etag)
 
     @_exactly_once
     def free(
@@ -1162,12 +1196,15 @@ class Service:
     @_exactly_once
     def average(
         self, handles: Sequence[str], weights: Sequence[float] | None, into: str,
-        options: Sequence[tuple[str, Value]] = (), *, request: RequestKey | None = None,
+        options: Sequence[tuple[str, Value]] = (), *, etag: str = "", request: RequestKey | None = None,
     ) -> Ref:
         """The weighted mean of dictionaries (weights such as example counts; equal when none), into a
-        new dictionary or into `into` (a dictionary, or a module's parameters), all or nothing."""
+        new dictionary or into `into` (a dictionary, or a module's parameters), all or nothing. With
+        `etag`, only if `into` is still at that etag."""
         method = merging.METHODS["average"]
         inputs = self._sources(handles)
+        if etag and not into:
+            raise InvalidArgument("an etag makes a change to `into` conditional: give `into`, or no etag")
         if not into:
             with self.store.reading(*inputs):
                 dicts = [self._as_dictionary(e) for e in inputs]
@@ -1175,7 +1212,7 @@ class Service:
                 made = self.store.create(Kind.DICTIONARY, footprint.merge_bytes(plan), lambda: merging.run(plan, dicts))
             return Ref(made, Kind.DICTIONARY)
         target = self.store.get(into, Kind.DICTIONARY, *MODULE_KINDS)
-        with self.store.mutate(target, need=NOTHING, reading=tuple(inputs)) as reservation:
+        with self.store.mutate(target, need=NOTHING, reading=tuple(inputs), etag=etag) as reservation:
             dicts = [self._as_dictionary(e) for e in inputs]
             out = self._as_dictionary(target)
             plan = merging.plan(method, dicts, weights=weights, into=out, kwargs=options)
@@ -1345,15 +1382,16 @@ class Service:
 
     def fetch_to_shared_memory(
         self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0, overflow: str = ""
-    ) -> tuple[list[shm.Placement], int, str]:
+    ) -> tuple[list[shm.Placement], int, str, str]:
         """What `fetch` returns, written into the session's region from `offset` under the object's
-        lock (one consistent cut, no host copies held); where each tensor went, the bytes used and
-        the region written. When they do not fit (or take over `max_bytes`, if > 0) they go to the
-        `overflow` region from offset 0 if that is given and they fit it; else nothing is written:
-        no placements, the bytes they would need from `offset`, and no region."""
+        lock (one consistent cut, no host copies held); where each tensor went, the bytes used, the
+        region written and the object's etag. When they do not fit (or take over `max_bytes`, if > 0)
+        they go to the `overflow` region from offset 0 if that is given and they fit it; else nothing
+        is written: no placements, the bytes they would need from `offset`, and no region."""
         entry = self.store.get(handle)  # first, so another tenant's handle is unknown whatever the region
         with self.store.reading(entry):
-            return self._write_shared(self._named(handle, entry, names), region, offset, max_bytes, overflow)
+            written = self._write_shared(self._named(handle, entry, names), region, offset, max_bytes, overflow)
+            return (*written, versions.etag(entry.lock))
 
     def _write_shared(
         self, named: Named, region: str, offset: int, max_bytes: int, overflow: str

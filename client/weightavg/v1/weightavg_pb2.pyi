@@ -1202,6 +1202,7 @@ class SetParameterRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id; set on the first message."""
@@ -1209,6 +1210,11 @@ class SetParameterRequest(_message.Message):
     """Dotted parameter name; set on the first message. A new undotted name registers a parameter."""
     rank: _builtins.int
     """Of a replicated module: set it on this rank only (set on the first message); unset: every rank."""
+    etag: _builtins.str
+    """Optional etag (AIP-154) of the module (the lock group it shares: its model, optimizers, views), as a read gave it
+    (FetchTensorsResponse.etag, GetSizeResponse.etag): the change is made only if it has not
+    changed since; otherwise ABORTED and nothing changes. Empty: unconditional. Set on the first message.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 15 in every message but
@@ -1225,11 +1231,12 @@ class SetParameterRequest(_message.Message):
         name: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
         rank: _builtins.int | None = ...,
+        etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "handle", b"handle", "name", b"name", "rank", b"rank", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "etag", b"etag", "handle", b"handle", "name", b"name", "rank", b"rank", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
@@ -1444,11 +1451,17 @@ class LoadParametersRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     DICTIONARY_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id."""
     dictionary: _builtins.str
     """Dictionary handle id."""
+    etag: _builtins.str
+    """Optional etag (AIP-154) of the module loaded into (its lock group), as a read gave it
+    (FetchTensorsResponse.etag, GetSizeResponse.etag): the change is made only if it has not
+    changed since; otherwise ABORTED and nothing changes. Empty: unconditional.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md).
@@ -1459,11 +1472,12 @@ class LoadParametersRequest(_message.Message):
         *,
         handle: _builtins.str = ...,
         dictionary: _builtins.str = ...,
+        etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "etag", b"etag", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1528,6 +1542,7 @@ class AverageParametersRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     DICTIONARY_FIELD_NUMBER: _builtins.int
     BUFFERS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id; or a dictionary, whose entries (all but ".n") are the
@@ -1537,6 +1552,11 @@ class AverageParametersRequest(_message.Message):
     """Dictionary handle id."""
     buffers: Global___BufferMode.ValueType
     """What to do with the module's buffers; unspecified leaves them out."""
+    etag: _builtins.str
+    """Optional etag (AIP-154) of the dictionary that holds the average, as a read gave it
+    (FetchTensorsResponse.etag, GetSizeResponse.etag): the change is made only if it has not
+    changed since; otherwise ABORTED and nothing changes. Empty: unconditional.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md).
@@ -1548,11 +1568,12 @@ class AverageParametersRequest(_message.Message):
         handle: _builtins.str = ...,
         dictionary: _builtins.str = ...,
         buffers: Global___BufferMode.ValueType = ...,
+        etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dictionary", b"dictionary", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "dictionary", b"dictionary", "etag", b"etag", "handle", b"handle", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1805,12 +1826,18 @@ class UpdateDictionaryRequest(_message.Message):
     DICTIONARY_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     dictionary: _builtins.str
     """Dictionary handle id; set on the first message."""
     rank: _builtins.int
     """Of a replicated dictionary: set the entries on this rank only (set on the first message); unset:
     every rank.
+    """
+    etag: _builtins.str
+    """Optional etag (AIP-154) of the dictionary, as a read gave it
+    (FetchTensorsResponse.etag, GetSizeResponse.etag): the change is made only if it has not
+    changed since; otherwise ABORTED and nothing changes. Empty: unconditional. Set on the first message.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -1827,11 +1854,12 @@ class UpdateDictionaryRequest(_message.Message):
         dictionary: _builtins.str = ...,
         chunk: Global___TensorChunk | None = ...,
         rank: _builtins.int | None = ...,
+        etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "dictionary", b"dictionary", "rank", b"rank", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "chunk", b"chunk", "dictionary", b"dictionary", "etag", b"etag", "rank", b"rank", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
@@ -1871,9 +1899,15 @@ class DeleteEntriesRequest(_message.Message):
 
     DICTIONARY_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     dictionary: _builtins.str
     """Dictionary handle id."""
+    etag: _builtins.str
+    """Optional etag (AIP-154) of the dictionary, as a read gave it
+    (FetchTensorsResponse.etag, GetSizeResponse.etag): the change is made only if it has not
+    changed since; otherwise ABORTED and nothing changes. Empty: unconditional.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md).
@@ -1888,11 +1922,12 @@ class DeleteEntriesRequest(_message.Message):
         *,
         dictionary: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
+        etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "names", b"names", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "etag", b"etag", "names", b"names", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1981,6 +2016,7 @@ class FetchTensorsRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     PACKED_CHUNKS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    WITH_ETAG_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Dictionary, tensor, or module/model/optimizer handle id."""
     rank: _builtins.int
@@ -1994,6 +2030,10 @@ class FetchTensorsRequest(_message.Message):
     message. A message adds a header to its data (the entry name and shape, a few bytes of framing;
     a header over 512 bytes goes alone): leave 1 KiB below the receive limit. 0 (unset): the
     server's own chunk size. At least 1024 (INVALID_ARGUMENT otherwise, before anything is read).
+    """
+    with_etag: _builtins.bool
+    """Answer with the object's etag (FetchTensorsResponse.etag on the first message), for a change made
+    conditional on it (AIP-154).
     """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -2009,10 +2049,11 @@ class FetchTensorsRequest(_message.Message):
         rank: _builtins.int | None = ...,
         packed_chunks: _builtins.bool = ...,
         max_chunk_bytes: _builtins.int = ...,
+        with_etag: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "handle", b"handle", "max_chunk_bytes", b"max_chunk_bytes", "names", b"names", "packed_chunks", b"packed_chunks", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "handle", b"handle", "max_chunk_bytes", b"max_chunk_bytes", "names", b"names", "packed_chunks", b"packed_chunks", "rank", b"rank", "with_etag", b"with_etag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
@@ -2027,6 +2068,12 @@ class FetchTensorsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """On the first message when FetchTensorsRequest.with_etag: the object's etag, read with the values
+    sent (one state of it). Give it to a change (its `etag` field) to make the change only if nothing
+    changed the object since. Empty in a cluster for an object not held on rank 0 alone.
+    """
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
         """Part of a tensor; headers carry the entry name."""
@@ -2035,10 +2082,11 @@ class FetchTensorsResponse(_message.Message):
         self,
         *,
         chunk: Global___TensorChunk | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "etag", b"etag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2075,8 +2123,13 @@ class GetSizeResponse(_message.Message):
     DICTIONARY_FIELD_NUMBER: _builtins.int
     TENSOR_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     parameter_count: _builtins.int
     """For a module, model or optimizer: the number of parameter tensors."""
+    etag: _builtins.str
+    """The object's etag now (see FetchTensorsResponse.etag): it changes whenever a call may have changed
+    the object or anything sharing its lock (a module's model, optimizers and views).
+    """
     @_builtins.property
     def dictionary(self) -> Global___DictionarySizes:
         """For a dictionary: every entry's shape, in order."""
@@ -2091,10 +2144,11 @@ class GetSizeResponse(_message.Message):
         dictionary: Global___DictionarySizes | None = ...,
         tensor: Global___Shape | None = ...,
         parameter_count: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "parameter_count", b"parameter_count", "size", b"size", "tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "parameter_count", b"parameter_count", "size", b"size", "tensor", b"tensor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionary", b"dictionary", "etag", b"etag", "parameter_count", b"parameter_count", "size", b"size", "tensor", b"tensor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_size: _TypeAlias = _typing.Literal["dictionary", "tensor", "parameter_count"]  # noqa: Y015
     _WhichOneofArgType_size: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
@@ -4148,6 +4202,7 @@ class UpdateMovingAverageRequest(_message.Message):
     UPDATE_AFTER_STEP_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     BUFFERS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Module, model or optimizer handle id; or a dictionary, whose entries (all but ".n") are the
@@ -4173,6 +4228,11 @@ class UpdateMovingAverageRequest(_message.Message):
     """
     buffers: Global___BufferMode.ValueType
     """What to do with the module's buffers; unspecified leaves them out."""
+    etag: _builtins.str
+    """Optional etag (AIP-154) of the dictionary that holds the average, as a read gave it
+    (FetchTensorsResponse.etag, GetSizeResponse.etag): the change is made only if it has not
+    changed since; otherwise ABORTED and nothing changes. Empty: unconditional.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md). Field 11 here, 15 elsewhere.
@@ -4190,11 +4250,12 @@ class UpdateMovingAverageRequest(_message.Message):
         update_after_step: _builtins.int | None = ...,
         step: _builtins.int | None = ...,
         buffers: Global___BufferMode.ValueType = ...,
+        etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_decay", b"_decay", "_min_decay", b"_min_decay", "_step", b"_step", "_update_after_step", b"_update_after_step", "_warmup", b"_warmup", "_warmup_gamma", b"_warmup_gamma", "_warmup_power", b"_warmup_power", "decay", b"decay", "min_decay", b"min_decay", "step", b"step", "update_after_step", b"update_after_step", "warmup", b"warmup", "warmup_gamma", b"warmup_gamma", "warmup_power", b"warmup_power"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_decay", b"_decay", "_min_decay", b"_min_decay", "_step", b"_step", "_update_after_step", b"_update_after_step", "_warmup", b"_warmup", "_warmup_gamma", b"_warmup_gamma", "_warmup_power", b"_warmup_power", "buffers", b"buffers", "decay", b"decay", "dictionary", b"dictionary", "handle", b"handle", "min_decay", b"min_decay", "request_id", b"request_id", "step", b"step", "update_after_step", b"update_after_step", "warmup", b"warmup", "warmup_gamma", b"warmup_gamma", "warmup_power", b"warmup_power"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_decay", b"_decay", "_min_decay", b"_min_decay", "_step", b"_step", "_update_after_step", b"_update_after_step", "_warmup", b"_warmup", "_warmup_gamma", b"_warmup_gamma", "_warmup_power", b"_warmup_power", "buffers", b"buffers", "decay", b"decay", "dictionary", b"dictionary", "etag", b"etag", "handle", b"handle", "min_decay", b"min_decay", "request_id", b"request_id", "step", b"step", "update_after_step", b"update_after_step", "warmup", b"warmup", "warmup_gamma", b"warmup_gamma", "warmup_power", b"warmup_power"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__decay: _TypeAlias = _typing.Literal["decay"]  # noqa: Y015
     _WhichOneofArgType__decay: _TypeAlias = _typing.Literal["_decay", b"_decay"]  # noqa: Y015
@@ -4266,10 +4327,16 @@ class AverageDictionariesRequest(_message.Message):
     WEIGHTS_FIELD_NUMBER: _builtins.int
     INTO_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     into: _builtins.str
     """Dictionary (or module, model, optimizer) handle id to write the mean into, in place: it must hold
     every entry with the mean's shape, and may be one of the inputs. Empty: a new dictionary.
+    """
+    etag: _builtins.str
+    """Optional etag (AIP-154) of `into`, as a read gave it
+    (FetchTensorsResponse.etag, GetSizeResponse.etag): the change is made only if it has not
+    changed since; otherwise ABORTED and nothing changes. Empty: unconditional.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -4299,11 +4366,12 @@ class AverageDictionariesRequest(_message.Message):
         weights: _abc.Iterable[_builtins.float] | None = ...,
         into: _builtins.str = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        etag: _builtins.str = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionaries", b"dictionaries", "into", b"into", "options", b"options", "request_id", b"request_id", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dictionaries", b"dictionaries", "etag", b"etag", "into", b"into", "options", b"options", "request_id", b"request_id", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4899,12 +4967,15 @@ class FetchTensorsToSharedMemoryResponse(_message.Message):
     TENSORS_FIELD_NUMBER: _builtins.int
     NEEDED_BYTES_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     needed_bytes: _builtins.int
     """Bytes from offset that the tensors take (64-byte aligned each)."""
     region: _builtins.str
     """The region written: the request's region, or its overflow_region (then the offsets count from
     0 in it). Empty when nothing was written.
     """
+    etag: _builtins.str
+    """The object's etag, read with the values written (see FetchTensorsResponse.etag)."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedTensor]:
         """Where each tensor lies, in order."""
@@ -4915,10 +4986,11 @@ class FetchTensorsToSharedMemoryResponse(_message.Message):
         tensors: _abc.Iterable[Global___SharedTensor] | None = ...,
         needed_bytes: _builtins.int = ...,
         region: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["needed_bytes", b"needed_bytes", "region", b"region", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "needed_bytes", b"needed_bytes", "region", b"region", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,13 @@ class DeadlineExceeded(WeightavgError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Aborted(WeightavgError):
+    """A conditional change found its object changed since the client read it (an etag that is no
+    longer the object's, AIP-154): read again and retry."""
+
+    code = "ABORTED"
+
+
 class PermissionDenied(WeightavgError):
     """The caller's token does not allow the call (a reader changing something, a user asking for
     what only an admin may do)."""

@@ -37,7 +37,9 @@ from .accounting import Ledger, Reservation
 from .limits import Limits
 from .requests import CALL_ACTIVE, RequestTable, register_answer_type
 from .shm import SharedRegions, close_regions
+from . import versions
 from .tenants import CALLER, DEFAULT_TENANT, Caller, Quota
+from .versions import GroupLock
 
 log = logging.getLogger("weightavg.sessions")
 
@@ -119,7 +121,7 @@ class Entry:
 
     kind: Kind
     obj: Any
-    lock: threading.RLock
+    lock: GroupLock
     created: float = field(default_factory=time.monotonic)
     freed: bool = False
     session: str | None = None
@@ -435,11 +437,13 @@ class Registry:
 
     def mutate(
         self, *entries: Entry, need: Need, reading: tuple[Entry, ...] = (), in_place: Callable[[], bool] | None = None,
+        etag: str = "",
     ) -> contextlib.AbstractContextManager[Reservation]:
         """The one way to change held objects: lock them (and `reading`, objects the change only
-        reads), reserve what the change will allocate (`need`, worked out under the locks when it is
-        a function), and afterwards, failed or not, recharge every object that shares the locks of
-        `entries` from the allocations it really reaches.
+        reads), check `etag` (when given) against the first entry's, reserve what the change will
+        allocate (`need`, worked out under the locks when it is a function), and afterwards, failed
+        or not, recharge every object that shares the locks of `entries` from the allocations it
+        really reaches, and give their groups new versions (`versions`).
 
         `in_place`, asked on the way out, says that the change only wrote into tensors the objects
         already held (no tensor added, removed or replaced, so every object still reaches the same
@@ -449,10 +453,11 @@ class Registry:
 
         Raises:
             NotFound: a handle was freed while this call waited for its lock.
+            Aborted: `etag` is not the first entry's current one; nothing was changed.
             ResourceExhausted: the change would not fit under the caps; nothing was changed.
             PermissionDenied: the caller's token is a reader's.
         """
-        return _Mutation(self, entries, need, reading, in_place)
+        return _Mutation(self, entries, need, reading, in_place, etag)
 
     def reading(self, *entries: Entry) -> contextlib.AbstractContextManager[None]:
         """Lock objects for a call that changes nothing they hold.
@@ -508,7 +513,7 @@ class Registry:
         obj: Any,
         reservation: Reservation,
         *,
-        lock: threading.RLock | None = None,
+        lock: GroupLock | None = None,
         replacing: tuple[Entry, ...] = (),
         handle_id: str | None = None,
         session: str | None = None,
@@ -540,7 +545,7 @@ class Registry:
         if reservation.quota is None:
             reservation.quota = Reservation()
         paid_by = tenant if tenant is not None else reservation.tenant
-        entry = Entry(kind, obj, lock if lock is not None else threading.RLock(), session=owner, tenant=paid_by)
+        entry = Entry(kind, obj, lock if lock is not None else GroupLock(), session=owner, tenant=paid_by)
         handle = handle_id or new_handle_id(kind)
         keys = frozenset(storages(tensors_of(obj)))
         with self._lock:
@@ -619,7 +624,7 @@ class Registry:
         finally:
             _LENT.reset(token)
 
-    def handles_sharing(self, lock: threading.RLock, besides: tuple[Entry, ...] = ()) -> list[str]:
+    def handles_sharing(self, lock: GroupLock, besides: tuple[Entry, ...] = ()) -> list[str]:
         """Handles whose objects are guarded by `lock`, other than `besides` (another tenant's, which
         the caller may not learn, as "a handle of another tenant")."""
         with self._lock:
@@ -629,7 +634,7 @@ class Registry:
                 for h, e in group.items() if not any(e is b for b in besides)
             ]
 
-    def objects_sharing(self, lock: threading.RLock) -> list[object]:
+    def objects_sharing(self, lock: GroupLock) -> list[object]:
         """The objects guarded by `lock`: those that stand on one module (its handles, optimizers,
         models, views), which a move of the module must carry along (`domain.moves.group`)."""
         with self._lock:
@@ -997,7 +1002,7 @@ class _Locked:
     def __init__(self, entries: tuple[Entry, ...], check_live: bool) -> None:
         self._entries = entries
         self._check_live = check_live
-        self._taken: list[threading.RLock] = []
+        self._taken: list[GroupLock] = []
         self.waited = False
         """Whether a lock was held by another thread, so that this call waited for it."""
 
@@ -1048,16 +1053,17 @@ class _Mutation:
     then the reservation; on the way out, failed or not, the recharge, the reservation's release
     and the locks'."""
 
-    __slots__ = ("_registry", "_entries", "_need", "_in_place", "_locks", "_reservation")
+    __slots__ = ("_registry", "_entries", "_need", "_in_place", "_etag", "_locks", "_reservation")
 
     def __init__(
         self, registry: Registry, entries: tuple[Entry, ...], need: Need, reading: tuple[Entry, ...],
-        in_place: Callable[[], bool] | None,
+        in_place: Callable[[], bool] | None, etag: str,
     ) -> None:
         self._registry = registry
         self._entries = entries
         self._need = need
         self._in_place = in_place
+        self._etag = etag
         self._locks = _Locked(entries + reading, True)
         self._reservation: Reservation | None = None
 
@@ -1068,6 +1074,8 @@ class _Mutation:
         try:
             if self._locks.waited:
                 _refuse_if_caller_gone()
+            if self._etag:
+                versions.check(self._entries[0].lock, self._etag, self._entries[0].kind.value)
             reservation = Reservation(tenant=caller.tenant, active=CALL_ACTIVE.get())  # its quota's record: if it grows
             need = self._need
             wanted = need() if callable(need) else need
@@ -1091,6 +1099,9 @@ class _Mutation:
                     self._registry._release(reservation)
         finally:
             self._registry.changes.note()  # made or not (a change may fail midway): counted under its locks
+            if self._reservation is not None:  # the change ran (made or not): new versions
+                for e in self._entries:
+                    versions.changed(e.lock)
             self._locks.__exit__()
 
 

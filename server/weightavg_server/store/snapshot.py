@@ -60,6 +60,7 @@ from ..domain.optimizers import Optimizer
 from ..domain.tensors import TensorHolder
 from . import requests
 from .registry import Entry, Kind, Registry, locked
+from .versions import GroupLock
 from .tenants import DEFAULT_TENANT, check_tenant_name
 
 log = logging.getLogger("weightavg.snapshot")
@@ -1209,11 +1210,11 @@ def _restore(registry: Registry, state: dict[str, Any], tensors: dict[str, torch
         )
         for index in range(len(objects)):
             load_object(index)
-        locks: dict[int, threading.RLock] = {}
+        locks: dict[int, GroupLock] = {}
         for session_id, lease, tenant in sessions:
             registry.create_session(lease, session_id=session_id, tenant=tenant)
         for h in handles:
-            lock = locks.setdefault(h.lock, threading.RLock())
+            lock = locks.setdefault(h.lock, GroupLock())
             registry.add(
                 h.kind, built[h.object], reservation, lock=lock, handle_id=h.id, session=h.session, tenant=h.tenant,
             )

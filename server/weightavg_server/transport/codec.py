@@ -78,17 +78,30 @@ def encoded_chunks(
     message_type: type[Message] = pb.FetchTensorsResponse,
     *,
     pack: bool = False,
+    lead: bytes = b"",
 ) -> Iterator[Encoded]:
     """Pre-encoded `message_type` stream messages, each holding one TensorChunk of the named tensors,
     as one declared stream (its first chunk says how many tensors and bytes; each tensor's last
     chunk carries its CRC32C). With `pack`, small chunks share messages (TensorChunk.packed), at
-    most `PACK_BYTES` and `chunk_bytes` of messages together."""
+    most `PACK_BYTES` and `chunk_bytes` of messages together. `lead`, other fields of the message
+    type encoded (a fetch's etag), goes before the first message's chunk: a protobuf parser merges
+    them into that message."""
     messages = _encoded(named, chunk_bytes, chunk_field(message_type))
-    if not pack:
-        yield from (Encoded(message, n) for message, n in messages)
-        return
-    triples = ((message, len(message), n) for message, n in messages)
-    yield from (Encoded(message, n) for message, n in packed_sized(triples, min(PACK_BYTES, chunk_bytes)))
+    if pack:
+        triples = ((message, len(message), n) for message, n in messages)
+        messages = packed_sized(triples, min(PACK_BYTES, chunk_bytes))
+    if lead:
+        messages = _led(lead, messages)
+    yield from (Encoded(message, n) for message, n in messages)
+
+
+def _led(lead: bytes, messages: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]]:
+    """`messages` with `lead` before the first (a copy of that message: one chunk at most), once they
+    are packed (packing reads each message's chunk field first)."""
+    first = next(messages, None)
+    if first is not None:
+        yield lead + first[0], first[1]
+    yield from messages
 
 
 def _encoded(named: Sequence[tuple[str, torch.Tensor]], chunk_bytes: int, field: int) -> Iterator[tuple[bytes, int]]:

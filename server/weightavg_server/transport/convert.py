@@ -249,10 +249,10 @@ def size_message(size: Size) -> pb.GetSizeResponse:
         sizes = pb.DictionarySizes(entries=entries)
         if size.ema is not None:
             sizes.moving_average.CopyFrom(moving_average(size.ema))
-        return pb.GetSizeResponse(dictionary=sizes)
+        return pb.GetSizeResponse(dictionary=sizes, etag=size.etag)
     if size.shape is not None:
-        return pb.GetSizeResponse(tensor=pb.Shape(dims=size.shape))
-    return pb.GetSizeResponse(parameter_count=size.parameter_count or 0)
+        return pb.GetSizeResponse(tensor=pb.Shape(dims=size.shape), etag=size.etag)
+    return pb.GetSizeResponse(parameter_count=size.parameter_count or 0, etag=size.etag)
 
 
 def handle_info(handle_message: pb.Handle, summary: HandleSummary, tenant: str = "") -> pb.HandleInfo:

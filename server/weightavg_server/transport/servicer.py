@@ -238,7 +238,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.SetParameterResponse:
         first = _first(request_iterator, "SetParameter")
         upload, key = self._keyed(pb.SetParameterRequest, first, request_iterator, context)
-        created = self.service.set_parameter(first.handle, first.name, upload, rank=_rank(first), request=key)
+        created = self.service.set_parameter(
+            first.handle, first.name, upload, rank=_rank(first), etag=first.etag, request=key
+        )
         return pb.SetParameterResponse(created=created)
 
     @translate_errors
@@ -259,7 +261,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
 
     @translate_errors
     def LoadParameters(self, request: pb.LoadParametersRequest, context: Context) -> pb.LoadParametersResponse:
-        copied = self.service.load_parameters(request.handle, request.dictionary, request=ids.key(request))
+        copied = self.service.load_parameters(
+            request.handle, request.dictionary, etag=request.etag, request=ids.key(request)
+        )
         return pb.LoadParametersResponse(copied=copied, names=list(copied))
 
     @translate_errors
@@ -267,7 +271,9 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         self, request: pb.AverageParametersRequest, context: Context
     ) -> pb.AverageParametersResponse:
         buffers = convert.buffer_mode(request.buffers)
-        count = self.service.average_parameters(request.handle, request.dictionary, buffers, request=ids.key(request))
+        count = self.service.average_parameters(
+            request.handle, request.dictionary, buffers, etag=request.etag, request=ids.key(request)
+        )
         return pb.AverageParametersResponse(count=count)
 
     @translate_errors
@@ -277,7 +283,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         result = self.service.update_moving_average(
             request.handle, request.dictionary, convert.schedule_change(request),
             request.step if request.HasField("step") else None, convert.buffer_mode(request.buffers),
-            request=ids.key(request),
+            etag=request.etag, request=ids.key(request),
         )
         return pb.UpdateMovingAverageResponse(step=result.step, decay=result.decay)
 
@@ -310,12 +316,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.UpdateDictionaryResponse:
         first = _first(request_iterator, "UpdateDictionary")
         upload, key = self._keyed(pb.UpdateDictionaryRequest, first, request_iterator, context)
-        names = self.service.update_dictionary(first.dictionary, upload, rank=_rank(first), request=key)
+        names = self.service.update_dictionary(first.dictionary, upload, rank=_rank(first), etag=first.etag, request=key)
         return pb.UpdateDictionaryResponse(names=names)
 
     @translate_errors
     def DeleteEntries(self, request: pb.DeleteEntriesRequest, context: Context) -> pb.DeleteEntriesResponse:
-        self.service.delete_entries(request.dictionary, list(request.names), request=ids.key(request))
+        self.service.delete_entries(request.dictionary, list(request.names), etag=request.etag, request=ids.key(request))
         return pb.DeleteEntriesResponse()
 
     @translate_errors
@@ -340,7 +346,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         chunk_bytes = reply_chunk_bytes(request.max_chunk_bytes, self.chunk_bytes)
         # reused: the copies are read only while the reply is encoded, inside the block
         with self.service.fetch(request.handle, list(request.names), rank=_rank(request), reused=True) as copies:
-            yield from codec.encoded_chunks(copies, chunk_bytes, pack=request.packed_chunks)
+            lead = pb.FetchTensorsResponse(etag=copies.etag).SerializeToString() if request.with_etag else b""
+            yield from codec.encoded_chunks(copies, chunk_bytes, pack=request.packed_chunks, lead=lead)
 
     @translate_errors
     def GetSize(self, request: pb.GetSizeRequest, context: Context) -> pb.GetSizeResponse:
@@ -531,7 +538,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.AverageDictionariesResponse:
         _, options = convert.option_args((), request.options)
         ref = self.service.average(
-            list(request.dictionaries), list(request.weights), request.into, options, request=ids.key(request)
+            list(request.dictionaries), list(request.weights), request.into, options, etag=request.etag,
+            request=ids.key(request),
         )
         return pb.AverageDictionariesResponse(dictionary=_handle(ref))
 
@@ -586,12 +594,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     def FetchTensorsToSharedMemory(
         self, request: pb.FetchTensorsToSharedMemoryRequest, context: Context
     ) -> pb.FetchTensorsToSharedMemoryResponse:
-        placements, needed, region = self.service.fetch_to_shared_memory(
+        placements, needed, region, etag = self.service.fetch_to_shared_memory(
             request.handle, list(request.names), request.region, request.offset, request.max_bytes,
             request.overflow_region,
         )
         return pb.FetchTensorsToSharedMemoryResponse(
-            tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed, region=region
+            tensors=[convert.shared_tensor(p) for p in placements], needed_bytes=needed, region=region, etag=etag
         )
 
     @translate_errors
