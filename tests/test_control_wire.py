@@ -247,6 +247,9 @@ KEPT_ON_RANK_0 = {
     # shared memory is registered on rank 0, beside the gRPC client: its verbs never route elsewhere
     ("weightavg_server.domain.shm", "Region"), ("weightavg_server.domain.shm", "Placement"),
     ("weightavg_server.domain.cuda_ipc", "CudaIpc"),
+    # a fetch's answer is read where it was fetched: another rank's copies come to rank 0 through a
+    # Sink (their layout, then the tensors point to point), never as the Fetched list itself
+    ("weightavg_server.service", "Fetched"),
 }
 
 

@@ -31,6 +31,7 @@ CODES = {
     errors.PermissionDenied: "PERMISSION_DENIED",
     errors.DataLoss: "DATA_LOSS",
     errors.Unavailable: "UNAVAILABLE",
+    errors.Aborted: "ABORTED",
 }
 
 

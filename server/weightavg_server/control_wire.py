@@ -79,6 +79,7 @@ SENT: Final = frozenset({
     ("weightavg_server.domain.errors", "ResourceExhausted"), ("weightavg_server.domain.errors", "Cancelled"),
     ("weightavg_server.domain.errors", "DeadlineExceeded"), ("weightavg_server.domain.errors", "PermissionDenied"),
     ("weightavg_server.domain.errors", "DataLoss"), ("weightavg_server.domain.errors", "Unavailable"),
+    ("weightavg_server.domain.errors", "Aborted"),
     ("weightavg_server.store.snapshot", "SnapshotError"),
 })
 """The (module, qualified name) of every class and function of this package the ranks send one

@@ -69,7 +69,7 @@ def finite(t: torch.Tensor) -> bool:
     |t| and two masks of t's size before the outer step's memory was reserved (found by review)."""
     if t.numel() == 0:
         return True
-    smallest, largest = torch.aminmax(t)
+    smallest, largest = torch.aminmax(t.detach())  # a module given as the average: its parameters require grad
     return math.isfinite(float(smallest)) and math.isfinite(float(largest))
 
 
