@@ -5,6 +5,7 @@ changed. Through a real server (the stream and shared memory), and the store's v
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -180,3 +181,37 @@ def test_the_client_says_which_of_etag_and_with_etag_goes_where(client: Client) 
         client.dict({"a": 1}, with_etag=True)
     with pytest.raises(TypeError, match="not int"):
         client.dict(p, "w", 1.0, etag=3)  # type: ignore[arg-type]
+
+
+def test_clients_that_retry_on_aborted_lose_no_increment(live_server: LiveServer, client: Client) -> None:
+    """Four clients each add 1 to a shared counter ten times by read, compute, write back with the etag
+    read, reading again whenever they are ABORTED: the counter ends at exactly 40, however their calls
+    interleave. Unconditional writes from the same reads lose increments when two clients read the
+    same value (checked below with writes that race by design)."""
+    p = client.dict({"count": np.zeros(1, np.float64)})
+
+    def add_ones(times: int, conditional: bool, aborted: list[int]) -> None:
+        with Client(live_server.address, timeout=60) as c:
+            for _ in range(times):
+                while True:
+                    value, tag = c.dict(p, "count", with_etag=True)
+                    try:
+                        c.dict(p, "count", value + 1, etag=tag if conditional else "")
+                        break
+                    except AbortedError:
+                        aborted.append(1)
+
+    aborted: list[int] = []
+    threads = [threading.Thread(target=add_ones, args=(10, True, aborted)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert client.dict(p, "count").tolist() == [40.0]
+
+    # the same reads and writes without the etag, two clients made to read the same value first
+    client.dict(p, "count", np.zeros(1, np.float64))
+    read = [client.dict(p, "count"), client.dict(p, "count")]
+    for value in read:
+        client.dict(p, "count", value + 1)
+    assert client.dict(p, "count").tolist() == [1.0]  # one increment lost
