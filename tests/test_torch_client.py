@@ -761,3 +761,35 @@ def test_an_ema_setting_given_without_mode_ema_is_refused_saying_to_pass_it(clie
     ema = RemoteAveragedModel(client, net(), "ema", warmup=True)  # the fields left out take EMA_DEFAULTS
     assert (ema.decay, ema.warmup, ema.min_decay) == (0.9999, True, 0.0)
     ema.free()
+
+
+@pytest.mark.parametrize(("mode", "use_buffers", "every"), [("swa", False, 1), ("ema", True, 1), ("ema", False, 3)])
+def test_asynchronous_updates_fold_in_what_the_model_held_when_they_were_made(
+    client: Client, mode: str, use_buffers: bool, every: int
+) -> None:
+    """Training goes on while an update is sent: an asynchronous average ends bit for bit where a
+    synchronous one does, the model changed in place right after each update_parameters returned."""
+    model = net()
+    synchronous = averaged(client, model, mode, use_buffers=use_buffers, every=every)
+    background = averaged(client, model, mode, use_buffers=use_buffers, every=every, asynchronous=True)
+    train(model, [synchronous, background])
+    background.wait()
+    assert int(background.n_averaged) == int(synchronous.n_averaged) == STEPS // every
+    theirs, ours = synchronous.state_dict(), background.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    background.free()
+    synchronous.free()
+
+
+def test_an_asynchronous_update_the_server_refuses_is_raised_by_the_next_call(client: Client) -> None:
+    model = net()
+    ours = averaged(client, model, "ema", asynchronous=True)
+    ours.update_parameters(model)
+    ours.wait()
+    client.free(ours.average)  # the server loses the average behind the object's back
+    ours.update_parameters(model)  # returns at once; the background update is refused
+    with pytest.raises(NotFoundError, match="in the background by an earlier update_parameters failed: the server no "
+                                            "longer holds this RemoteAveragedModel's average"):
+        ours.update_parameters(model)
+    assert int(ours.n_averaged) == 1  # the refused update did not count
+    ours.wait()  # raised once; nothing in flight now

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import inspect
@@ -255,6 +256,17 @@ EMA_DEFAULTS = _EmaDefaults(
 ModelEmaV3's), read from its signature so that the client keeps them in one place."""
 
 
+def _copies_done(tensors: Iterable[torch.Tensor]) -> list[Any]:
+    """A CUDA event recorded on the current stream of each CUDA device among `tensors`, after the copies
+    queued there: another thread that waits on them reads the copies made, whatever stream it uses."""
+    events = []
+    for device in {t.device for t in tensors if t.is_cuda}:
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+    return events
+
+
 class RemoteAveragedModel(torch.nn.Module):
     """`torch.optim.swa_utils.AveragedModel` as a training loop uses it, with the average on a server.
 
@@ -280,6 +292,12 @@ class RemoteAveragedModel(torch.nn.Module):
         dtype: the server average's floating dtype ("float32" for a bfloat16 model: a bfloat16
             average stalls); default: each tensor's own. The local copy keeps the model's dtypes.
         device: where the local copy lives (default: where the model is).
+        asynchronous: update_parameters copies the model's tensors (on their device) and returns;
+            a background thread sends them and folds them in while training goes on. One update
+            is in flight at a time: the next update_parameters, a pull (module, state_dict(),
+            calls), a load, free() and wait() first wait for it, and raise its error there if the
+            server refused it (that update then did not count). n_averaged counts an update once
+            it is folded in: call wait() before reading it.
 
     Raises:
         ValueError: a mode, `every`, dtype or EMA schedule field out of range, or a schedule field
@@ -313,6 +331,7 @@ class RemoteAveragedModel(torch.nn.Module):
         every: int = 1,
         dtype: str | torch.dtype | None = None,
         device: torch.device | str | None = None,
+        asynchronous: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("swa", "ema"):
@@ -342,6 +361,10 @@ class RemoteAveragedModel(torch.nn.Module):
         self.mode = mode
         self.use_buffers = use_buffers
         self.every = every
+        self.asynchronous = asynchronous
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future[None] | None = None
+        """The update in flight (asynchronous): waited for, and its error raised, by `wait`."""
         self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
         self.warmup_gamma, self.warmup_power, self.update_after_step = warmup_gamma, warmup_power, update_after_step
         target = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a str: refused below
@@ -400,23 +423,58 @@ class RemoteAveragedModel(torch.nn.Module):
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
-        """Fold the model into the server's average (every `every`-th call)."""
+        """Fold the model into the server's average (every `every`-th call); with `asynchronous`,
+        in the background from copies of its tensors taken now."""
         self._check_not_freed()
+        self.wait()
         if (self._calls + 1) % self.every != 0:
             self._calls += 1
             return
         _check_layout(model, self._layout)
         self._sync()
-        with self._held():
-            self._update(model)
+        sent = _state(model, self.use_buffers)
+        kept = [] if self.use_buffers else [(name, t) for name, t in _unwrapped(model).named_buffers()]
+        if not self.asynchronous:
+            with self._held():
+                self._update(sent, kept)
+            return
+        # Copies, since training changes the model in place once this returns; on the model's device.
+        sent = [(name, t.detach().clone()) for name, t in sent]
+        kept = [(name, t.detach().clone()) for name, t in kept]
+        copied = _copies_done(t for _, t in itertools.chain(sent, kept))
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightavg-average")
+        self._pending = self._worker.submit(self._update_held, sent, kept, copied)
 
-    def _update(self, model: torch.nn.Module) -> None:
-        """Send a checked model and fold it in; the buffers copied after the average (see below).
+    def wait(self) -> None:
+        """Wait for the update in flight (asynchronous=True) to be folded in; raise its error if the
+        server refused it (the update then did not count). Does nothing when none is in flight."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except WeightavgError as exc:
+            raise type(exc)(f"the update sent in the background by an earlier update_parameters failed: {exc.message}",
+                            exc.code) from exc
+
+    def _update_held(
+        self, sent: list[tuple[str, torch.Tensor]], kept: list[tuple[str, torch.Tensor]], copied: list[Any]
+    ) -> None:
+        """The background half of an asynchronous update: once the copies are made (CUDA events
+        recorded after them on the caller's streams), send and fold them in."""
+        for event in copied:
+            event.synchronize()
+        with torch.no_grad(), self._held():
+            self._update(sent, kept)
+
+    def _update(self, sent: list[tuple[str, torch.Tensor]], kept: list[tuple[str, torch.Tensor]]) -> None:
+        """Send a checked model's tensors (`sent`) and fold them in; its buffers (`kept`, where they
+        are copied rather than averaged) copied after the average (see below).
 
         The call is counted (towards `every`) once the server has folded it in: a call the server
         refuses (a cap reached, say) changes nothing, so the next call is the one sent. Counted
         before, a refused call with every=k made the next k - 1 calls skip (found by review)."""
-        sent = _state(model, self.use_buffers)
         self.source = push(self.client, sent, into=self.source)
         if self.mode == "swa":
             count = self.client.avgparms(self.source, self.average)
@@ -430,14 +488,12 @@ class RemoteAveragedModel(torch.nn.Module):
         self.n_averaged.fill_(count)
         self._calls += 1
         self._stale = True
-        if not self.use_buffers:
+        if kept:
             # In the average's dtypes: sent as they were, a bfloat16 model's buffers replaced the
             # float32 entries of a dtype="float32" average with bfloat16 ones (found by review).
-            kept = [(name, t.to(self._layout[name][1])) for name, t in _unwrapped(model).named_buffers()]
-            if kept:
-                # Copied as they are, as AveragedModel does; after the average, which the server
-                # checks, so a refused average has changed nothing.
-                self._copy_buffers(kept)
+            # Copied as they are, as AveragedModel does; after the average, which the server
+            # checks, so a refused average has changed nothing.
+            self._copy_buffers([(name, t.to(self._layout[name][1])) for name, t in kept])
 
     def _copy_buffers(self, kept: list[tuple[str, torch.Tensor]]) -> None:
         """Copy the model's buffers into the average, after its parameters were folded in. A byte cap
@@ -567,6 +623,7 @@ class RemoteAveragedModel(torch.nn.Module):
         """Copy the server's average into the local copy now (module, state_dict() and calls do it),
         after sending what a parent module's load put in the local copy."""
         self._check_not_freed()
+        self.wait()
         self._sync()
         self._stale = True
         self._pull()
@@ -576,7 +633,12 @@ class RemoteAveragedModel(torch.nn.Module):
         keeps the average (pulled first if it changed); later updates, loads and pulls are refused."""
         if self._freed:
             return
-        self._pull()
+        try:
+            self._pull()  # waits for an update in flight
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
         self.client.free(*[h for h in (self.average, self.source) if h is not None])
         self.source = None
         self._freed = True
@@ -589,6 +651,7 @@ class RemoteAveragedModel(torch.nn.Module):
 
     @torch.no_grad()
     def _pull(self) -> None:
+        self.wait()  # every pull, load and local read comes here: the update in flight first
         if not self._stale:
             return
         local = self._local()
