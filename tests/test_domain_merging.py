@@ -267,7 +267,7 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("linear weights summing to nearly 0", "linear", {"ds": dicts(3), "weights": [1.0, -1.0, 1e-300]},
      r"sum to 1e-300, too near 0 against the largest \(1\) to divide by in float32"),
     ("an unknown option", "average", {"options": {"integer": "max"}}, r"unknown option 'integer'; did you mean 'integers'\? \(options: integers\)"),
-    ("an unknown integer rule", "average", {"options": {"integers": "mean"}}, "must be one of first, max"),
+    ("an unknown integer rule", "average", {"options": {"integers": "median"}}, "must be one of first, max, mean"),
     ("slerp of three", "slerp", {"ds": dicts(3), "options": {"t": 0.5}}, "exactly 2 dictionaries"),
     ("slerp with weights", "slerp", {"weights": [1.0, 2.0], "options": {"t": 0.5}}, "takes no weights"),
     ("slerp without t", "slerp", {}, "option 't' is required and was not given"),

@@ -9,6 +9,7 @@ from functools import reduce
 
 import numpy as np
 import pytest
+import torch
 
 from weightavg import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError, Soup
 from weightavg.v1 import weightavg_pb2 as pb
@@ -42,6 +43,30 @@ def test_average_over_the_wire_equals_fedavg(client: Client) -> None:
     assert np.abs(got["w"] - want[0]).max() <= TOL and np.abs(got["b"] - want[1]).max() <= TOL
     assert got["n"] == 0  # integer entries are the first's by default
     assert client.dict(client.average(handles, integers="max"), "n") == 4
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["new", "into the first"])
+def test_integers_mean_is_flowers_fedavg_of_integer_entries_as_a_torch_client_loads_it(client: Client, into: bool) -> None:
+    """Flower's aggregate (sum of value * examples over the examples, float64) of integer and bool
+    entries, written as torch's copy_ writes it into an integer buffer: truncated toward zero
+    (negative means too), bools true where non-zero. The floating entries are the usual mean."""
+    rng = np.random.default_rng(5)
+    values = [{"w": rng.standard_normal(4).astype(np.float32), "count": np.array(rng.integers(0, 10**6), np.int64),
+               "v": rng.integers(-50, 50, 7).astype(np.int32), "u": rng.integers(0, 255, 5).astype(np.uint8),
+               "mask": rng.integers(0, 2, 6).astype(bool)} for _ in range(4)]
+    counts = [120, 30, 300, 7]
+    handles = [client.dict(v) for v in values]
+    mean = client.average(handles, weights=counts, into=handles[0] if into else None, integers="mean")
+    got = client.dict(mean)
+    for name in ("count", "v", "u", "mask"):
+        # Flower's aggregate in float64 (its own numpy arithmetic keeps a uint8 array's products in
+        # uint8, where 3 * 120 wraps and numpy 2 refuses 300 outright: weightavg computes in float64)
+        flower = sum(v[name].astype(np.float64) * n for v, n in zip(values, counts)) / sum(counts)
+        loaded = torch.zeros(np.shape(values[0][name]), dtype=torch.from_numpy(np.asarray(values[0][name])).dtype)
+        loaded.copy_(torch.from_numpy(np.asarray(flower, np.float64)))  # what load_state_dict puts in the buffer
+        np.testing.assert_array_equal(np.asarray(got[name]), loaded.numpy(), err_msg=name)
+    assert (np.asarray(got["v"]) < 0).any() and np.asarray(got["mask"]).dtype == bool
+    np.testing.assert_allclose(got["w"], fedavg([[v["w"]] for v in values], counts)[0], atol=TOL)
 
 
 def test_average_into_a_dictionary_returns_it_and_changes_only_it(client: Client) -> None:

@@ -134,8 +134,15 @@ def merges(draw: st.DrawFn) -> tuple[str, list[TensorDict], TensorDict | None, d
 
     dicts = [dictionary() for _ in range(count)]
     base = dictionary() if merging.METHODS[method].base else None
+    options = draw(MERGE_OPTIONS[method])
+    if draw(st.booleans()):  # an integer entry too, combined by a drawn rule
+        shape = draw(st.lists(st.integers(1, 40), min_size=0, max_size=2))
+        dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.bool]))
+        for d in [*dicts, *([base] if base is not None else [])]:
+            d.entries["k"] = torch.randint(0, 2 if dtype is torch.bool else 100, shape, generator=g).to(dtype)
+        options = {**options, "integers": draw(st.sampled_from(["first", "max", "mean"]))}
     into = method in ("average", "linear") and draw(st.booleans())
-    return method, dicts, base, draw(MERGE_OPTIONS[method]), into
+    return method, dicts, base, options, into
 
 
 @DRAWS

@@ -1431,7 +1431,8 @@ class Client:
                 every entry with the mean's shape and may be one of `dicts`. None: a new dictionary.
             etag: with `into`, write the mean only if `into` has not changed since that etag was read
                 (AbortedError otherwise).
-            options: integers="first" (default) or "max": how integer entries are combined.
+            options: integers="first" (default), "max" or "mean" (Flower's FedAvg of them, truncated toward
+                zero: docs/merging.md): how integer entries are combined.
 
         Returns the dictionary holding the mean. All or nothing: on an error nothing changes. On a
         cluster the inputs may live on different ranks: the mean is made where `into` lives (or, new,
@@ -1458,7 +1459,7 @@ class Client:
             method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
-                normalize=False, lam=1). Every method takes integers="first" or "max".
+                normalize=False, lam=1). Every method takes integers="first", "max" or "mean".
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
             base: the model the others were fine-tuned from (task_arithmetic, ties, dare).
             weights: one weight per dictionary; 1 each if None.

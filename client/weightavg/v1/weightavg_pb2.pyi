@@ -4357,7 +4357,7 @@ class AverageDictionariesRequest(_message.Message):
 
     @_builtins.property
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
-        """Options by name: "integers" ("first" or "max"), how integer entries are combined."""
+        """Options by name: "integers" ("first", "max" or "mean"), how integer entries are combined."""
 
     def __init__(
         self,

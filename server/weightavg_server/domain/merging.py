@@ -61,7 +61,9 @@ PerTensor = Sequence[tuple[str, Sequence[tuple[str, Value]]]]
 """Option overrides by entry-name pattern (fnmatch: '*', '?', '[ab]'), in order: the first pattern
 that matches an entry's name gives its overrides."""
 
-_INTEGERS = Opt("integers", ValueType.STR, "first", choices=("first", "max"))
+_INTEGERS = Opt("integers", ValueType.STR, "first", choices=("first", "max", "mean"))
+"""How integer (and bool) entries combine: the first input's value, the elementwise maximum (what most
+libraries keep of num_batches_tracked), or Flower's FedAvg of them (`_integer_mean`)."""
 _DENSITY = Opt(
     "density", ValueType.FLOAT, required=True,
     check=Check(lambda v: isinstance(v, float) and 0 < v <= 1, "in (0, 1]", trailing=True),
@@ -328,6 +330,12 @@ def check(
                            read_by))
         _check_normalizable(method, options, checked, divisor, slots[-1])
         _check_factors(method, options, slots[-1])
+        if slots[-1].work is None and method.weights and str_value(options, "integers") == "mean" \
+                and not math.fsum(checked) > 0:
+            raise InvalidArgument(
+                f"{what}: entry '{name}': integers='mean' divides by the sum of the weights, which is 0; give a "
+                "positive weight, or integers='first' or 'max'"
+            )
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
 
 
@@ -526,6 +534,8 @@ def _slot(
                     f"{what} is {dtypes.name(first.dtype)} {list(first.shape)} in {labels[0]} but {dtypes.name(t.dtype)} {list(t.shape)} in "
                     f"{label}; integer entries are not averaged and must agree"
                 )
+        if str_value(options, "integers") == "mean":  # a float64 sum and one input cast at a time
+            return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=(torch.float64,) * 2)
         aside = (dtype,) if out is not None and name in readers and _overlaps_unlike(out, tensors) else ()
         return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=aside)
     wide = torch.float64 in kinds or dtype == torch.float64
@@ -678,7 +688,9 @@ def run(
             out = result.entries[slot.name]
             xs = [d.entries[slot.name] for d in dicts]
             b = base.entries[slot.name] if base is not None else None
-            if slot.work is None:
+            if slot.work is None and str_value(slot.options, "integers") == "mean":
+                _integer_mean(slot, xs, p.weights if p.method.weights else (1.0,) * len(xs), out, scratch)
+            elif slot.work is None:
                 _integer(slot, xs if b is None else [b, *xs], out, scratch)
             else:
                 kernel(slot, xs, b, p.weights, out, scratch)
@@ -776,6 +788,25 @@ def _integer(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor, scratch
         out.copy_(aside)
         return
     _combine_integers(slot, tensors, out)
+
+
+def _integer_mean(
+    slot: Slot, tensors: list[torch.Tensor], weights: tuple[float, ...], out: torch.Tensor, scratch: Scratch
+) -> None:
+    """Integer entries as Flower's FedAvg combines them (`aggregate`: sum of value * weight over the sum
+    of the weights, in float64), written into the entry's integer dtype as torch's `copy_` writes
+    Flower's float64 result into a model's integer buffer (`load_state_dict`): truncated toward
+    zero. Every input is read before `out` is written, so `out` may be one of them. The inputs (not
+    a merge's base) with the call's weights; equal ones where the method takes none (slerp)."""
+    total = math.fsum(weights)  # > 0: `check` refuses a mean over weights summing to 0
+    acc = scratch.take(slot.shape, torch.float64)
+    cast = scratch.take(slot.shape, torch.float64)
+    acc.zero_()
+    for t, w in zip(tensors, weights):
+        cast.copy_(t)
+        acc.add_(cast, alpha=w)
+    acc.div_(total)
+    out.copy_(acc)
 
 
 def _combine_integers(slot: Slot, tensors: list[torch.Tensor], out: torch.Tensor) -> None:
