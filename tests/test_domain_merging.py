@@ -21,6 +21,7 @@ import torch
 from weightavg_server.domain import flat, footprint, lerp, merging, selection, weighted_sum
 from weightavg_server.domain.dictionaries import COUNT_KEY, TensorDict
 from weightavg_server.domain.errors import InvalidArgument
+from weightavg_server.domain.options import float_value
 
 TOL = 1e-6
 SHAPES = {"a.weight": (6, 5), "a.bias": (6,), "c.weight": (3, 6)}
@@ -1226,3 +1227,48 @@ def test_live_views_are_checked_on_every_call() -> None:
     first = plan_of("average", ds, into=view)
     assert plan_of("average", ds, into=view) is not first
     assert merging.plan is not merging.check and plan_of("average", [view, *ds]) is not plan_of("average", [view, *ds])
+
+
+# -- gradients (mergekit's lists of values over the layers) ----------------------------------------------
+
+
+def mergekit_value(values: list[float], t: float) -> float:
+    """mergekit's evaluate_setting for a list of numbers at t (config.py), transcribed."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def test_layer_fractions_place_entries_as_mergekits_planner_does() -> None:
+    """Layer i of n at i / (n - 1); what comes before the layers at 0 and after them at 1 (mergekit's
+    pre- and post-weights); layers numbered with gaps count in order."""
+    names = ["model.embed.weight", *[f"model.layers.{i}.{k}.weight" for i in (0, 1, 2, 5) for k in ("q", "mlp")],
+             "model.norm.weight", "lm_head.weight"]
+    got = merging.layer_fractions(names)
+    assert got["model.embed.weight"] == 0.0 and got["model.norm.weight"] == got["lm_head.weight"] == 1.0
+    assert [got[f"model.layers.{i}.q.weight"] for i in (0, 1, 2, 5)] == [0.0, 1 / 3, 2 / 3, 1.0]
+    assert merging.layer_fractions(["0.weight", "0.bias", "2.weight"]) == {"0.weight": 0.0, "0.bias": 0.0, "2.weight": 1.0}
+    assert merging.layer_fractions(["layers.3.w", "head"]) == {"layers.3.w": 1.0, "head": 1.0}  # one layer: t = 1
+    assert merging.layer_fractions(["a", "b"]) == {"a": 0.0, "b": 0.0}
+
+
+@pytest.mark.parametrize("values", [[0.0, 0.5, 0.3, 0.7, 1.0], [0.2], [1.0, 0.0], [0.1, 0.9, 0.4]])
+def test_a_gradients_value_is_mergekits(values: list[float]) -> None:
+    for t in [0.0, 1.0, *torch.rand(50, generator=torch.Generator().manual_seed(3)).tolist()]:
+        assert merging.at_fraction(tuple(values), t) == pytest.approx(mergekit_value(values, t), abs=1e-15)
+
+
+def test_a_gradient_option_gives_each_entry_its_layers_value() -> None:
+    names = ["embed", *[f"layers.{i}.w" for i in range(4)], "head"]
+    dicts = [TensorDict({n: torch.randn(5) for n in names}) for _ in range(2)]
+    gradient = (0.0, 0.5, 0.3, 0.7, 1.0)
+    plan = merging.check(merging.METHODS["slerp"], dicts, kwargs=[("t", gradient)])
+    fractions = [0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0]
+    assert [float_value(s.options, "t") for s in plan.slots] == pytest.approx(
+        [mergekit_value(list(gradient), f) for f in fractions])
+    with pytest.raises(InvalidArgument, match="'t' must be between 0 and 1"):
+        merging.check(merging.METHODS["slerp"], dicts, kwargs=[("t", (0.0, 1.5))])
+    with pytest.raises(InvalidArgument, match="option 'threshold' expects float"):  # a list only where mergekit takes one
+        merging.check(merging.METHODS["slerp"], dicts, kwargs=[("t", 0.5), ("threshold", (0.5, 0.9))])

@@ -373,6 +373,37 @@ def test_flowers_adaptive_strategies_as_outer_steps_give_flowers_weights(client:
     assert client.lr(o) == pytest.approx(FLOWER_DEFAULTS[kind]["lr"])  # lr is the strategy's eta
 
 
+def test_a_slerp_with_mergekits_gradients_merges_each_entry_at_its_layers_t(client: Client) -> None:
+    """A popular mergekit slerp config (t a gradient for attention, its mirror for the MLPs, 0.5 for
+    the rest) over a transformer's names: each entry equals the slerp at the t mergekit gives its
+    layer (embeddings at 0, layer i of 4 at i / 3, the final norm and head at 1)."""
+    names = ["embed.weight", *[f"layers.{i}.{k}.weight" for i in range(4) for k in ("self_attn", "mlp", "ln")],
+             "norm.weight", "lm_head.weight"]
+    rng = np.random.default_rng(8)
+    a, b = ({n: rng.standard_normal(12).astype(np.float32) for n in names} for _ in range(2))
+    ha, hb = client.dict(a), client.dict(b)
+    attn, mlp = [0.0, 0.5, 0.3, 0.7, 1.0], [1.0, 0.5, 0.7, 0.3, 0.0]
+    merged = client.dict(client.merge("slerp", [ha, hb], t=0.5, per_tensor={"*self_attn*": {"t": attn},
+                                                                             "*mlp*": {"t": mlp}}))
+
+    def mergekit_t(values: list[float], fraction: float) -> float:  # mergekit's evaluate_setting
+        scaled = fraction * (len(values) - 1)
+        low = int(scaled)
+        share = scaled - low
+        return (1 - share) * values[low] + share * values[min(len(values) - 1, low + 1)]
+
+    for name in names:
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        fraction = 0.0 if name == "embed.weight" else 1.0 if layer is None else layer / 3
+        t = mergekit_t(attn, fraction) if "self_attn" in name else mergekit_t(mlp, fraction) if "mlp" in name else 0.5
+        alone = client.dict(client.merge("slerp", [ha, hb], t=t), name)
+        np.testing.assert_array_equal(merged[name], alone, err_msg=name)
+    np.testing.assert_array_equal(merged["layers.0.self_attn.weight"], a["layers.0.self_attn.weight"])  # t = 0
+    np.testing.assert_array_equal(merged["layers.0.mlp.weight"], b["layers.0.mlp.weight"])  # t = 1
+    with pytest.raises(InvalidArgumentError, match="'t' must be between 0 and 1"):
+        client.merge("slerp", [ha, hb], t=[0.0, 1.5])
+
+
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     sklearn = pytest.importorskip("sklearn.datasets")
     x, y = sklearn.load_digits(return_X_y=True)

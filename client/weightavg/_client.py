@@ -1459,7 +1459,8 @@ class Client:
             method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
-                normalize=False, lam=1). Every method takes integers="first", "max" or "mean".
+                normalize=False, lam=1). Every method takes integers="first", "max" or "mean". t, density
+                and lam also take mergekit's gradients: a list of values over the layers, e.g. t=[0, 0.5, 1].
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
             base: the model the others were fine-tuned from (task_arithmetic, ties, dare).
             weights: one weight per dictionary; 1 each if None.

@@ -37,7 +37,17 @@ def option_message(value: Any) -> pb.OptionValue:
         return pb.OptionValue(string_value=value)
     if isinstance(value, Sequence) and all(_is_integer(v) for v in value):
         return pb.OptionValue(int_list=pb.IntList(values=[int(v) for v in value]))
-    raise TypeError(f"option value {value!r} is not None, a bool, a number, a string or a list of ints")
+    if isinstance(value, Sequence) and value and all(_is_real(v) for v in value):
+        # a merge option's gradient, e.g. t=[0, 0.5, 1]
+        return pb.OptionValue(float_list=pb.FloatList(values=[float(v) for v in value]))
+    raise TypeError(f"option value {value!r} is not None, a bool, a number, a string or a list of numbers")
+
+
+def _is_real(value: Any) -> bool:
+    """An int or float (numpy and torch scalars too), but no bool."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_integer(value: Any) -> bool:
@@ -53,6 +63,8 @@ def option_value(message: pb.OptionValue) -> Any:
     which = message.WhichOneof("kind")
     if which == "int_list":
         return tuple(message.int_list.values)
+    if which == "float_list":
+        return tuple(message.float_list.values)
     if which in (None, "null_value"):
         return None
     return getattr(message, which)

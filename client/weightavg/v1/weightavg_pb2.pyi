@@ -432,6 +432,32 @@ class IntList(_message.Message):
 Global___IntList: _TypeAlias = IntList  # noqa: Y015
 
 @_typing.final
+class FloatList(_message.Message):
+    """FloatList is a list of numbers used as an option value: a merge option's gradient (mergekit's),
+    interpolated over the entries' layers (docs/merging.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The numbers, in order."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FloatList: _TypeAlias = FloatList  # noqa: Y015
+
+@_typing.final
 class OptionValue(_message.Message):
     """OptionValue is one layer option: None, a bool, an integer, a float, a string or an integer list."""
 
@@ -443,6 +469,7 @@ class OptionValue(_message.Message):
     FLOAT_VALUE_FIELD_NUMBER: _builtins.int
     STRING_VALUE_FIELD_NUMBER: _builtins.int
     INT_LIST_FIELD_NUMBER: _builtins.int
+    FLOAT_LIST_FIELD_NUMBER: _builtins.int
     null_value: _struct_pb2.NullValue.ValueType
     """PyTorch's None (for example a batchnorm momentum of None)."""
     bool_value: _builtins.bool
@@ -457,6 +484,10 @@ class OptionValue(_message.Message):
     def int_list(self) -> Global___IntList:
         """An integer list (for example a kernel size or a shape)."""
 
+    @_builtins.property
+    def float_list(self) -> Global___FloatList:
+        """A list of numbers (a merge option's gradient over the layers: t, density, lam)."""
+
     def __init__(
         self,
         *,
@@ -466,12 +497,13 @@ class OptionValue(_message.Message):
         float_value: _builtins.float = ...,
         string_value: _builtins.str = ...,
         int_list: Global___IntList | None = ...,
+        float_list: Global___FloatList | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_value", b"float_value", "int_list", b"int_list", "int_value", b"int_value", "kind", b"kind", "null_value", b"null_value", "string_value", b"string_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_list", b"float_list", "float_value", b"float_value", "int_list", b"int_list", "int_value", b"int_value", "kind", b"kind", "null_value", b"null_value", "string_value", b"string_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_value", b"float_value", "int_list", b"int_list", "int_value", b"int_value", "kind", b"kind", "null_value", b"null_value", "string_value", b"string_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_list", b"float_list", "float_value", b"float_value", "int_list", b"int_list", "int_value", b"int_value", "kind", b"kind", "null_value", b"null_value", "string_value", b"string_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["null_value", "bool_value", "int_value", "float_value", "string_value", "int_list"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["null_value", "bool_value", "int_value", "float_value", "string_value", "int_list", "float_list"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -36,7 +36,7 @@ from .dictionaries import COUNT_KEY, TensorDict
 from .errors import InvalidArgument
 from .options import (
     UNIT_INTERVAL, Check, NON_NEGATIVE, Opt, Value, Values, ValueType, Wording, bool_value, float_value, int_value,
-    resolve, str_value,
+    numbers, resolve, str_value,
 )
 
 SLERP_EPS = 1e-8
@@ -66,9 +66,9 @@ _INTEGERS = Opt("integers", ValueType.STR, "first", choices=("first", "max", "me
 libraries keep of num_batches_tracked), or Flower's FedAvg of them (`_integer_mean`)."""
 _DENSITY = Opt(
     "density", ValueType.FLOAT, required=True,
-    check=Check(lambda v: isinstance(v, float) and 0 < v <= 1, "in (0, 1]", trailing=True),
+    check=Check(lambda v: all(0 < x <= 1 for x in numbers(v)), "in (0, 1]", trailing=True), gradient=True,
 )
-_LAM = Opt("lam", ValueType.FLOAT, 1.0)
+_LAM = Opt("lam", ValueType.FLOAT, 1.0, gradient=True)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("average", (_INTEGERS,)),
         Method("linear", (Opt("normalize", ValueType.BOOL, True), _INTEGERS)),
-        Method("slerp", (Opt("t", ValueType.FLOAT, check=UNIT_INTERVAL, required=True),
+        Method("slerp", (Opt("t", ValueType.FLOAT, check=UNIT_INTERVAL, required=True, gradient=True),
                          Opt("threshold", ValueType.FLOAT, 0.9995, UNIT_INTERVAL), _INTEGERS),
                weights=False, count=2),
         Method("task_arithmetic", (_LAM, Opt("normalize", ValueType.BOOL, False), _INTEGERS), base=True),
@@ -323,9 +323,11 @@ def check(
         raise InvalidArgument(f"{what}: the entries are on {listed}; move the dictionaries to one device with to()")
     read_by = _readers(names, sources, into) if into is not None else {}
     divisor = sum(normalizing(checked)[0])  # what a normalised sum divides by, once for every entry
+    fractions = layer_fractions(names)
     slots = []
     for name in names:
         options = next((o for pattern, o in overrides if fnmatch.fnmatchcase(name, pattern)), values)
+        options = {k: at_fraction(v, fractions[name]) if isinstance(v, tuple) else v for k, v in options.items()}
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
                            read_by))
         _check_normalizable(method, options, checked, divisor, slots[-1])
@@ -337,6 +339,39 @@ def check(
                 "positive weight, or integers='first' or 'max'"
             )
     return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
+
+
+def layer_fractions(names: Sequence[str]) -> dict[str, float]:
+    """Where each entry lies in the model, from 0 to 1, as mergekit places a tensor for a gradient: a
+    layer's tensors at i / (layers - 1) (1 when there is one layer), what comes before the first
+    layer (embeddings) at 0 and what comes after it (a final norm, the head) at 1. An entry's layer
+    is the first all-digit part of its dotted name ('model.layers.7.mlp.w' is in layer 7, a
+    sequential's '2.weight' in layer 2); the layers are the distinct such numbers, in order, so gaps
+    (a sequential's parameterless activations) do not count. mergekit reads the layers from the
+    model's architecture; here the names are all there is."""
+    index = {name: next((int(part) for part in name.split(".") if part.isdigit()), None) for name in names}
+    layers = sorted({i for i in index.values() if i is not None})
+    rank = {layer: r for r, layer in enumerate(layers)}
+    first = next((n for n in names if index[n] is not None), None)
+    before = set(names[:names.index(first)]) if first is not None else set(names)
+    out = {}
+    for name in names:
+        i = index[name]
+        if i is None:
+            out[name] = 0.0 if name in before else 1.0
+        else:
+            out[name] = rank[i] / (len(layers) - 1) if len(layers) > 1 else 1.0
+    return out
+
+
+def at_fraction(gradient: tuple[float, ...], fraction: float) -> float:
+    """mergekit's value of a gradient (a list of numbers spread evenly from the first layer to the
+    last) at `fraction`: linear between the two nearest of them."""
+    scaled = fraction * (len(gradient) - 1)
+    low = int(scaled)
+    high = min(len(gradient) - 1, low + 1)
+    share = scaled - low
+    return (1 - share) * float(gradient[low]) + share * float(gradient[high])
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max

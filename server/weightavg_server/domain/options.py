@@ -19,7 +19,7 @@ from typing import TypeAlias, TypeGuard, TypeVar
 from .errors import InvalidArgument, did_you_mean
 from .shapes import MAX_DIMS
 
-Value: TypeAlias = None | bool | int | float | str | tuple[int, ...]
+Value: TypeAlias = None | bool | int | float | str | tuple[int, ...] | tuple[float, ...]
 Values: TypeAlias = Mapping[str, Value]
 
 _T = TypeVar("_T", bool, int, float, str)
@@ -92,6 +92,9 @@ class Opt:
     nullable: bool = False
     dims: int = 0
     label: str = ""
+    gradient: bool = False
+    """A FLOAT option that also takes a list of numbers: mergekit's gradient, a value per layer
+    interpolated from them (`domain/merging.py`, `at_fraction`)."""
 
     @property
     def what(self) -> str:
@@ -214,11 +217,15 @@ def _typed(what: str, opt: Opt, value: Value, wording: Wording) -> Value:
     elif opt.type is ValueType.FLOAT:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return _finite(what, opt, value)
+        if opt.gradient and isinstance(value, tuple) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(_finite(what, opt, v) for v in value)
     elif opt.type is ValueType.STR:
         if isinstance(value, str):
             return _choice(what, opt, value)
-    elif isinstance(value, tuple) or _is_int(value):  # ValueType.SIZE, the one type left
-        return _sizes(what, opt, value, wording)
+    elif isinstance(value, tuple) or _is_int(value):  # ValueType.SIZE, the one type left: each size checked there
+        return _sizes(what, opt, value, wording)  # type: ignore[arg-type]
     raise wording.wrong_type(what, opt, value)
 
 
@@ -300,6 +307,6 @@ def str_value(values: Values, name: str) -> str:
 def size_value(values: Values, name: str) -> tuple[int, ...]:
     """A resolved SIZE option."""
     value = values[name]
-    if not isinstance(value, tuple):
+    if not isinstance(value, tuple) or not all(_is_int(v) for v in value):
         raise TypeError(f"option '{name}' holds {value!r}, not a size tuple")
-    return value
+    return value  # type: ignore[return-value]

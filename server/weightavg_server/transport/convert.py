@@ -67,6 +67,8 @@ def option_value(value: pb.OptionValue, where: str = "option") -> specs.OptionVa
         return value.string_value
     if which == "int_list":
         return tuple(value.int_list.values)
+    if which == "float_list":
+        return tuple(value.float_list.values)
     raise InvalidArgument(f"{where} has no value: set one of OptionValue's fields ({_VALUE_FIELDS})")
 
 
@@ -82,7 +84,9 @@ def option_message(value: specs.OptionValue) -> pb.OptionValue:
         return pb.OptionValue(float_value=value)
     if isinstance(value, str):
         return pb.OptionValue(string_value=value)
-    return pb.OptionValue(int_list=pb.IntList(values=list(value)))
+    if any(isinstance(v, float) for v in value):
+        return pb.OptionValue(float_list=pb.FloatList(values=[float(v) for v in value]))
+    return pb.OptionValue(int_list=pb.IntList(values=[int(v) for v in value]))
 
 
 def layer_spec(message: pb.LayerSpec, max_depth: int, max_layers: int = specs.MAX_SPEC_LAYERS) -> specs.LayerSpec:
