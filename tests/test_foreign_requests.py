@@ -14,7 +14,7 @@ from weightavg import Client
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
-VALUE_FIELDS = "null_value, bool_value, int_value, float_value, string_value, int_list"
+VALUE_FIELDS = "null_value, bool_value, int_value, float_value, string_value, int_list, float_list"
 """OptionValue's one-of, which a refusal of an empty OptionValue lists."""
 
 
