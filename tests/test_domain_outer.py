@@ -243,6 +243,7 @@ def test_the_first_step_reserves_the_pseudo_gradients_and_the_optimizer_state() 
 @pytest.mark.parametrize(("name", "options"), [
     ("sgd", ()), ("sgd", (("momentum", 0.9), ("nesterov", True))), ("adam", (("eps", 1e-3),)),
     ("rmsprop", (("centered", True), ("eps", 1e-3))),
+    ("fedadam", (("tau", 1e-2),)), ("fedyogi", ()), ("fedadagrad", (("tau", 1e-2),)),  # domain/fedopt.py
 ])
 def test_an_outer_step_allocates_no_more_than_it_reserves(
     name: str, options: tuple[tuple[str, float | bool], ...], dtype: torch.dtype, average_dtype: torch.dtype
