@@ -22,7 +22,10 @@ from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 
 IA, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
+AB = grpc.StatusCode.ABORTED
 UNKNOWN_ID = "dic_" + "0" * 32
+STALE = "00000000-1"
+"""An etag that is no object's: a change conditional on it is ABORTED (docs/robust.md, "Conditional changes")."""
 
 
 @dataclass
@@ -367,6 +370,23 @@ CASES = [
         ("average lacking parameters", IA, lambda w: pb.ApplyOuterStepRequest(optimizer=w.model, average=w.copy)),
         ("average that is a tensor", IA, lambda w: pb.ApplyOuterStepRequest(optimizer=w.opt, average=w.tensor)),
     )],
+    # Conditional changes (etags): each request is a valid change but for its stale etag
+    Case("etag/set parameter", AB, streamed("SetParameter", lambda w: [
+        pb.SetParameterRequest(handle=w.net, name="a.weight", chunk=W3, etag=STALE)])),
+    Case("etag/update dictionary", AB, streamed("UpdateDictionary", lambda w: [
+        pb.UpdateDictionaryRequest(dictionary=w.plain, etag=STALE), pb.UpdateDictionaryRequest(chunk=GOOD)])),
+    Case("etag/delete entries", AB, unary("DeleteEntries", lambda w: pb.DeleteEntriesRequest(
+        dictionary=w.plain, names=["i"], etag=STALE))),
+    Case("etag/load parameters", AB, unary("LoadParameters", lambda w: pb.LoadParametersRequest(
+        handle=w.net, dictionary=w.copy, etag=STALE))),
+    Case("etag/average parameters", AB, unary("AverageParameters", lambda w: pb.AverageParametersRequest(
+        handle=w.net, dictionary=w.avg, etag=STALE))),
+    Case("etag/moving average", AB, unary("UpdateMovingAverage", lambda w: pb.UpdateMovingAverageRequest(
+        handle=w.net, dictionary=w.avg, decay=0.5, etag=STALE))),
+    Case("etag/average into", AB, unary("AverageDictionaries", lambda w: pb.AverageDictionariesRequest(
+        dictionaries=[w.copy, w.copy], into=w.avg, etag=STALE))),
+    Case("etag/without into", IA, unary("AverageDictionaries", lambda w: pb.AverageDictionariesRequest(
+        dictionaries=[w.copy, w.copy], etag=STALE))),
     # BuildGreedySoup
     *[Case(f"soup/{k}", code, unary("BuildGreedySoup", make)) for k, code, make in (
         ("unknown model", NF, lambda w: pb.BuildGreedySoupRequest(model=UNKNOWN_ID, ingredients=[w.copy])),

@@ -1589,29 +1589,11 @@ class Client:
     # -- streaming helpers --------------------------------------------------------------------------
 
     def _fetch_named(
-        self, handle: str, names: list[str], rank: int | None = None
+        self, handle: str, names: list[str], rank: int | None = None, etag: list[str] | None = None
     ) -> list[tuple[str, npt.NDArray[Any]]]:
+        """Named arrays through shared memory where it is on, else the stream; with `etag`, the
+        object's etag read with them is appended to it (FetchTensorsRequest.with_etag)."""
         if self._shm is not None and rank is None:
-            try:
-                fetched = self._shm_fetch(handle, names)
-            except grpc.RpcError as exc:
-                if not self._regions_lost(exc):
-                    raise
-                fetched = self._shm_fetch(handle, names)  # registered again
-            if fetched is not None:
-                return fetched
-        request = pb.FetchTensorsRequest(
-            handle=handle, names=names, rank=rank, packed_chunks=True, max_chunk_bytes=self._reply_chunk_bytes
-        )
-        stream = self._fetch_tensors(request, timeout=self.timeout)
-        return wire.join_chunks(stream)
-
-    def _fetch_with_etag(
-        self, handle: str, names: list[str], rank: int | None = None
-    ) -> tuple[list[tuple[str, npt.NDArray[Any]]], str]:
-        """What `_fetch_named` returns, and the object's etag read with it (shared memory or the stream)."""
-        if self._shm is not None and rank is None:
-            etag: list[str] = []
             try:
                 fetched = self._shm_fetch(handle, names, etag)
             except grpc.RpcError as exc:
@@ -1619,21 +1601,29 @@ class Client:
                     raise
                 fetched = self._shm_fetch(handle, names, etag)  # registered again
             if fetched is not None:
-                return fetched, etag[-1] if etag else ""
+                return fetched
         request = pb.FetchTensorsRequest(
             handle=handle, names=names, rank=rank, packed_chunks=True, max_chunk_bytes=self._reply_chunk_bytes,
-            with_etag=True,
+            with_etag=etag is not None,
         )
-        tags: list[str] = []
+        if etag is None:
+            return wire.join_chunks(self._fetch_tensors(request, timeout=self.timeout))
 
         def chunks() -> Iterator[Any]:
             for chunk, tag in self._fetch_tensors_etag(request, timeout=self.timeout):
                 if tag:
-                    tags.append(tag)
+                    etag.append(tag)
                 yield chunk
 
-        named = wire.join_chunks(chunks())
-        return named, tags[0] if tags else ""
+        return wire.join_chunks(chunks())
+
+    def _fetch_with_etag(
+        self, handle: str, names: list[str], rank: int | None = None
+    ) -> tuple[list[tuple[str, npt.NDArray[Any]]], str]:
+        """What `_fetch_named` returns, and the object's etag read with it."""
+        tags: list[str] = []
+        named = self._fetch_named(handle, names, rank, tags)
+        return named, tags[-1] if tags else ""
 
     def _fetch(self, handle: str, names: list[str], rank: int | None = None) -> builtins.dict[str, Any]:
         # builtins.dict: inside the class, `dict` names the Client.dict method.

@@ -323,11 +323,13 @@ def check(
         raise InvalidArgument(f"{what}: the entries are on {listed}; move the dictionaries to one device with to()")
     read_by = _readers(names, sources, into) if into is not None else {}
     divisor = sum(normalizing(checked)[0])  # what a normalised sum divides by, once for every entry
-    fractions = layer_fractions(names)
+    graded = any(isinstance(v, tuple) for o in (values, *(o for _, o in overrides)) for v in o.values())
+    fractions = layer_fractions(names) if graded else {}  # only where a gradient was given
     slots = []
     for name in names:
         options = next((o for pattern, o in overrides if fnmatch.fnmatchcase(name, pattern)), values)
-        options = {k: at_fraction(v, fractions[name]) if isinstance(v, tuple) else v for k, v in options.items()}
+        if graded:
+            options = {k: at_fraction(v, fractions[name]) if isinstance(v, tuple) else v for k, v in options.items()}
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
                            read_by))
         _check_normalizable(method, options, checked, divisor, slots[-1])
