@@ -7,8 +7,14 @@ The test accuracy is printed after every round; at the end each rank's weights a
 the ranks agree. The data are MNIST's idx files when given (the first 8,000 digits train, the last
 2,000 test), else a small deterministic synthetic set of 10 classes.
 
+With --hierarchy PERIOD:SIZE,... the ranks average after every epoch as torch's
+HierarchicalModelAverager decides (weightavg.HierarchicalAverager): within groups of SIZE consecutive
+ranks every PERIOD epochs, the largest period dividing the epoch winning, the last SIZE every rank;
+a round then ends with an average over every rank only where its last epoch did not make one.
+
     python examples/local_sgd.py                            # starts a 2-rank CPU cluster (torchrun, gloo)
     python examples/local_sgd.py --mnist ../shared/data/mnist --rounds 5 --epochs 2
+    python examples/local_sgd.py --ranks 4 --epochs 4 --hierarchy 1:2,4:4   # pairs every epoch, all every 4
     torchrun --standalone --nproc-per-node 4 -m weightavg_server serve --port 50051 --device cpu &
     python examples/local_sgd.py --address 127.0.0.1:50051
 """
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weightavg import Client
+from weightavg import Client, HierarchicalAverager
 from weightavg_server.ops.launch import cluster_serving
 
 Split = tuple[np.ndarray, np.ndarray]
@@ -50,6 +56,14 @@ def synthetic(seed: int, rows: int = 3000, features: int = 32, classes: int = 10
     return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
 
+def hierarchy(text: str) -> dict[int, int]:
+    """'1:2,4:4' -> {1: 2, 4: 4}: averaging periods (in epochs) and the group sizes they average over."""
+    try:
+        return {int(period): int(size) for period, size in (pair.split(":") for pair in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give PERIOD:SIZE pairs separated by commas, e.g. 1:2,4:4; got {text!r}") from None
+
+
 @dataclass
 class Result:
     accuracy: list[float]
@@ -69,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> Result:
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hierarchy", type=hierarchy, help="PERIOD:SIZE,...: average after every epoch as torch's "
+                   "HierarchicalModelAverager decides (e.g. 1:2,4:4 on 4 ranks), instead of once a round")
     args = p.parse_args(argv)
 
     (x, y), (xt, yt) = mnist(args.mnist) if args.mnist else synthetic(args.seed)
@@ -83,12 +99,17 @@ def main(argv: Sequence[str] | None = None) -> Result:
         c.test(model, xt, yt)
         c.test(model, metrics="accuracy")
         print(f"{world} ranks, shards of {shards} rows; {args.epochs} local epoch(s) per round")
+        averager = HierarchicalAverager(c, model, args.hierarchy, weights=shards) if args.hierarchy else None
         print("round  train loss per rank  test accuracy")
         accuracy = []
         for number in range(1, args.rounds + 1):
+            last = 0
             for _ in range(args.epochs):
                 losses = [float(v) for v in c.run(model)]  # every rank one epoch over its own shard, at once
-            c.allreduce(model, op="mean", weights=shards)
+                if averager is not None:
+                    last = averager.average_parameters()  # the group size it averaged over; 0: none
+            if last != world:  # (without --hierarchy, once a round)
+                c.allreduce(model, op="mean", weights=shards)
             accuracy.append(float(c.testrun(model)[0]))  # every rank tests the same weights on the same data
             print(f"{number:5d}  {' '.join(f'{v:.4f}' for v in losses):>19}  {accuracy[-1]:12.2f}%")
         parameters = {name: [np.asarray(c.parm(model, name, rank=r)) for r in range(world)]

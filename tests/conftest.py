@@ -169,13 +169,13 @@ _METRICS_LINE = re.compile(r"weightavg metrics on (http://[\d.]+:\d+/metrics)")
 
 
 class Cluster(LocalCluster):
-    """Two CPU ranks (gloo on loopback) with short timeouts, their output in tmp; `flags` are serve flags,
+    """Two CPU ranks (or `ranks`; gloo on loopback) with short timeouts, their output in tmp; `flags` are serve flags,
     and torchrun's --max-restarts=K. Tests of the cluster (tests/test_cluster.py) and of the examples
     that need one (Local SGD) use it; each start takes about 5-10 s on a small machine."""
 
-    def __init__(self, tmp: Path, *flags: str, device: str = "cpu") -> None:
+    def __init__(self, tmp: Path, *flags: str, device: str = "cpu", ranks: int = 2) -> None:
         super().__init__(
-            2, log=tmp / f"torchrun-{time.monotonic_ns()}.log", device=device,
+            ranks, log=tmp / f"torchrun-{time.monotonic_ns()}.log", device=device,
             torchrun=[f for f in flags if f.startswith("--max-restarts")],
             serve=["--log-level", "INFO", "--cluster-timeout-seconds", "20", "--grace-seconds", "2",
                    *[f for f in flags if not f.startswith("--max-restarts")]],

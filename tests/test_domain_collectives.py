@@ -128,3 +128,29 @@ def test_reduce_bytes_is_the_largest_bucket_plus_the_large_non_contiguous_copies
     }
     assert collectives.reduce_bytes([torch.zeros(100)], inplace_bytes=400) == {}
     assert collectives.reduce_bytes([]) == {}
+
+
+def test_subgroups_are_blocks_of_consecutive_ranks_as_torchs_new_subgroups() -> None:
+    assert [collectives.subgroup(r, 4, 2) for r in range(4)] == [range(0, 2)] * 2 + [range(2, 4)] * 2
+    assert [collectives.subgroup(r, 6, 3) for r in range(6)] == [range(0, 3)] * 3 + [range(3, 6)] * 3
+    assert collectives.subgroup(3, 4, 0) == collectives.subgroup(3, 4, 4) == range(0, 4)
+    assert collectives.subgroup(2, 4, 1) == range(2, 3)
+    for size in (-1, 3, 5, 8):
+        with pytest.raises(InvalidArgument, match=r"give one of 1, 2, 4, or 0 for one group of every rank"):
+            collectives.subgroup(0, 4, size)
+
+
+def test_rank_scales_within_groups_weigh_each_group_by_its_own_members() -> None:
+    assert [collectives.rank_scale("mean", [], r, 4, 2) for r in range(4)] == [0.5] * 4
+    weights = [1, 3, 2, 2]
+    assert [collectives.rank_scale("mean", weights, r, 4, 2) for r in range(4)] == [0.25, 0.75, 0.5, 0.5]
+    assert [collectives.rank_scale("mean", weights, r, 4, 0) for r in range(4)] == [0.125, 0.375, 0.25, 0.25]
+    assert collectives.rank_scale("sum", [], 3, 4, 2) == 1.0
+    assert collectives.rank_scale("mean", [], 0, 1, 1) == 1.0  # a one-rank server takes groups of one
+    # A group whose weights sum to 0 would turn its ranks' values into zeros: refused, whichever rank asks.
+    for rank in range(4):
+        with pytest.raises(InvalidArgument, match="positive, finite sum in every group of 2 consecutive ranks"):
+            collectives.rank_scale("mean", [1, 1, 0, 0], rank, 4, 2)
+    assert collectives.rank_scale("mean", [1, 1, 0, 0], 0, 4, 0) == 0.5  # over every rank the sum is 2
+    with pytest.raises(InvalidArgument, match="give one of 1, 2, 4"):
+        collectives.rank_scale("sum", [], 0, 4, 3)

@@ -103,6 +103,29 @@ def test_local_sgd_on_a_two_rank_cluster_learns_and_leaves_the_ranks_alike(
         assert [r["handles"] for r in c.info()["ranks"]] == before  # the example frees what it made, on every rank
 
 
+def test_local_sgd_with_a_hierarchy_on_four_ranks_learns_and_leaves_the_ranks_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pairs average after every epoch and all four ranks every third, on a 4-rank cluster of its own:
+    the rounds of two epochs end alike on every rank (an average over all where the round's last epoch
+    made none), and the model learns."""
+    four = Cluster(tmp_path, ranks=4)
+    try:
+        result = example("local_sgd").main(
+            ["--address", four.address, "--rounds", "3", "--epochs", "2", "--hierarchy", "1:2,3:4"]
+        )
+    finally:
+        four.stop()
+    assert result.shards == [600] * 4
+    assert len(result.accuracy) == 3 and result.accuracy[-1] > 60.0
+    for name, values in result.parameters.items():
+        assert all(np.array_equal(v, values[0]) for v in values), name
+    assert "4 ranks, shards of [600, 600, 600, 600] rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        example("local_sgd").main(["--hierarchy", "2-4"])
+    assert "give PERIOD:SIZE pairs" in capsys.readouterr().err
+
+
 def test_remote_swa_and_ema_of_a_local_torch_model_match_averaged_model_and_load_into_plain_networks(
     live_server: LiveServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

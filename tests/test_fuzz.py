@@ -391,12 +391,13 @@ enum_values = st.one_of(st.integers(-1, 4), st.integers(-(2**31), 2**31 - 1))
 
 
 @FUZZ
-@given(handle=handle_refs, op=enum_values, weights=weight_lists, rank=st.integers(-(2**31), 2**31 - 1))
+@given(handle=handle_refs, op=enum_values, weights=weight_lists, rank=st.integers(-(2**31), 2**31 - 1),
+       group_size=st.one_of(st.integers(-2, 3), st.integers(-(2**31), 2**31 - 1)))
 def test_allreduce_and_broadcast(fuzzed: Fuzzed, pool: Pool, handle: object, op: int, weights: list[float],
-                                 rank: int) -> None:
+                                 rank: int, group_size: int) -> None:
     pool.refresh()
     h = pool.resolve(handle)
-    request = pb.AllReduceRequest(handle=h, op=op, weights=weights)
+    request = pb.AllReduceRequest(handle=h, op=op, weights=weights, group_size=group_size)
     check(fuzzed, lambda: fuzzed.stub.AllReduce(request, timeout=TIMEOUT))
     check(fuzzed, lambda: fuzzed.stub.Broadcast(pb.BroadcastRequest(handle=h, rank=rank), timeout=TIMEOUT))
 
@@ -405,7 +406,9 @@ def test_allreduce_and_broadcast(fuzzed: Fuzzed, pool: Pool, handle: object, op:
     pb.AllReduceRequest(op=7),  # an op the contract does not define: was INTERNAL
     pb.AllReduceRequest(weights=[float("nan")]),  # was OK here, and NaN on every rank of a cluster
     pb.AllReduceRequest(weights=[float("inf")]),
-], ids=["unknown-op", "nan-weight", "inf-weight"])
+    pb.AllReduceRequest(group_size=2),  # a one-rank server has no group of two
+    pb.AllReduceRequest(group_size=-1),
+], ids=["unknown-op", "nan-weight", "inf-weight", "group-of-two-on-one-rank", "negative-group"])
 def test_allreduce_refuses_what_the_contract_does_not_define(
     fuzzed: Fuzzed, pool: Pool, request_: pb.AllReduceRequest
 ) -> None:
@@ -415,7 +418,7 @@ def test_allreduce_refuses_what_the_contract_does_not_define(
     with pytest.raises(grpc.RpcError) as err:
         fuzzed.stub.AllReduce(request, timeout=TIMEOUT)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    assert "REDUCE_OP_MEAN" in err.value.details() or "finite" in err.value.details()
+    assert any(fix in err.value.details() for fix in ("REDUCE_OP_MEAN", "finite", "0 for one group of every rank"))
 
 
 @FUZZ

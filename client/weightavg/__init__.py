@@ -1,5 +1,6 @@
 """weightavg: a thin client for the weightavg server (stochastic weight averaging over gRPC)."""
 
+from ._averagers import HierarchicalAverager, PeriodicAverager
 from ._client import Client
 from ._objects import Dictionary, Module, Remote
 from ._records import Handle, HandleInfo, ModuleRow, Soup
@@ -33,11 +34,13 @@ __all__ = [
     "FailedPreconditionError",
     "Handle",
     "HandleInfo",
+    "HierarchicalAverager",
     "InternalError",
     "InvalidArgumentError",
     "Module",
     "ModuleRow",
     "NotFoundError",
+    "PeriodicAverager",
     "PermissionDeniedError",
     "Remote",
     "ResourceExhaustedError",

@@ -1303,15 +1303,24 @@ class Client:
         return int(self._stub.Broadcast(request, timeout=self.timeout).tensors)
 
     @_rpc
-    def allreduce(self, h: HandleLike, op: str = "mean", weights: Iterable[float] | None = None) -> int:
+    def allreduce(
+        self, h: HandleLike, op: str = "mean", weights: Iterable[float] | None = None, group_size: int = 0
+    ) -> int:
         """Average (op="mean", optionally weighted per rank, e.g. by example counts) or sum (op="sum") a
         replicated module's floating parameters or dictionary's floating entries across the cluster's
-        ranks, in place on every rank; returns how many tensors each rank reduced."""
+        ranks, in place on every rank; returns how many tensors each rank reduced.
+
+        group_size=k (a divisor of the world size) reduces within groups of k consecutive ranks instead
+        (0 to k-1, k to 2k-1, ...), as torch's new_subgroups and the lower levels of hierarchical model
+        averaging do; weights stay one per rank, each group weighted by its own members'."""
         ops = {"mean": pb.REDUCE_OP_MEAN, "sum": pb.REDUCE_OP_SUM}
         if op not in ops:
             raise ValueError(f"op must be one of {', '.join(ops)}; got {op!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size is a whole number of ranks (0: every rank); got {group_size!r}")
         request = pb.AllReduceRequest(
-            handle=_id(h), op=ops[op], weights=_weights(weights), request_id=new_request_id()
+            handle=_id(h), op=ops[op], weights=_weights(weights), group_size=group_size,
+            request_id=new_request_id(),
         )
         return int(self._stub.AllReduce(request, timeout=self.timeout).tensors)
 

@@ -110,6 +110,22 @@ class Fabric:
     store: Any = None
     """The rendezvous store of this attempt (a `dist.Store`): where rank 0 tells the ranks running a
     command that its caller has gone (`watching`, `remote_stop`); None where there is none (a stop then never comes)."""
+    subgroups: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+    """This rank's data subgroup by group size (`data_group`), made the first time a size is asked for."""
+
+    def data_group(self, group_size: int) -> Any:
+        """The data group this rank reduces in with groups of `group_size` consecutive ranks
+        (collectives.subgroup; 0 or the world size: None, the default group). Every rank makes every
+        subgroup of a size together (torch's `dist.new_subgroups`, one `new_group` per subgroup on every
+        rank, in the same order), so this runs inside a command all ranks execute, on each the first
+        time that size is asked for; the groups are kept for the process's life (at most one set per
+        divisor of the world size)."""
+        if group_size in (0, self.world_size):
+            return None
+        if group_size not in self.subgroups:
+            mine, _ = dist.new_subgroups(group_size=group_size, timeout=timedelta(seconds=self.timeout))  # type: ignore[no-untyped-call]
+            self.subgroups[group_size] = mine
+        return self.subgroups[group_size]
 
 
 def world_from_env(environ: dict[str, str] | None = None) -> tuple[int, int, int, int] | None:
@@ -730,8 +746,10 @@ def _digest(value: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: list[float]) -> Reduced:
-    """Reduce on every rank: first agree on what is reduced and that every rank could reserve the
+def _allreduce(
+    service: Service, fabric: Fabric, handle: str, op: str, weights: list[float], group_size: int = 0
+) -> Reduced:
+    """Reduce on every rank, within groups of `group_size` consecutive ranks (0: all of them): first agree on what is reduced and that every rank could reserve the
     reduction's copies (a control collective that completes even when a rank lacks the handle or the
     room), so no rank is left waiting in a data collective and a refusal anywhere changes nothing.
     A rank that could take part, where another could not, answers nothing (`_Abandoned`): the error
@@ -749,7 +767,7 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
             held.enter_context(service.store.mutate(entry, need=NOTHING))
             named = service._reduced_of(entry)
             tensors = [t for _, t in named]
-            scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size)
+            scale = collectives.rank_scale(op, weights, fabric.rank, fabric.world_size, group_size)
             mine: Any = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
             groups = collectives.adjacent_groups(tensors)
             joined = collectives.reduce_bytes(collectives.joined(tensors, groups))
@@ -783,9 +801,13 @@ def _allreduce(service: Service, fabric: Fabric, handle: str, op: str, weights: 
             if any(int(g[3]) != 1 for g in gathered):
                 raise _Abandoned()
             groups = [[i] for i in range(len(tensors))]  # laid out differently somewhere: tensor by tensor
+        if collectives.subgroup(fabric.rank, fabric.world_size, group_size) == range(fabric.rank, fabric.rank + 1):
+            return Reduced(len(tensors), 0)  # groups of one rank: each keeps its values, nothing to send
         # One collective per flat buffer where every rank holds the tensors back to back alike (a
-        # module built flat), else per tensor or bucket; the default group: NCCL on GPUs, else gloo.
-        issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale)
+        # module built flat), else per tensor or bucket; the data group (NCCL on GPUs, else gloo) or
+        # this rank's subgroup of it. The subgroups are made (once) after the agreement, by every rank.
+        group = fabric.data_group(group_size)
+        issued = collectives.all_reduce_(collectives.joined(tensors, groups), scale, group)
     return Reduced(len(tensors), issued)
 
 
@@ -1797,7 +1819,8 @@ class ClusterService(Service):
             )
 
     def allreduce(
-        self, handle: str, op: str, weights: Sequence[float], *, request: RequestKey | None = None
+        self, handle: str, op: str, weights: Sequence[float], group_size: int = 0, *,
+        request: RequestKey | None = None,
     ) -> Reduced:
         self._check()
         where = self.where(handle)
@@ -1805,9 +1828,11 @@ class ClusterService(Service):
             self._source(handle)  # NOT_FOUND or INVALID_ARGUMENT first, if it is that
         if where != ALL:  # (one placed on another rank is not in rank 0's store: not NOT_FOUND)
             raise FailedPrecondition("allreduce averages an object across ranks: create it with replicate=True")
-        collectives.rank_scale(op, weights, 0, self.fabric.world_size)  # refuse bad weights before any rank acts
+        # bad weights (every group's sum) or group size refused before any rank acts
+        collectives.rank_scale(op, weights, 0, self.fabric.world_size, group_size)
         return self._keyed(  # type: ignore[no-any-return]
-            "allreduce", request, lambda: self._call("_allreduce", ALL, (handle, op, list(weights)))[0]
+            "allreduce", request,
+            lambda: self._call("_allreduce", ALL, (handle, op, list(weights), group_size))[0],
         )
 
     def broadcast(self, handle: str, rank: int, *, request: RequestKey | None = None) -> int:

@@ -1165,10 +1165,12 @@ class Service:
 
     @_exactly_once
     def allreduce(
-        self, handle: str, op: str, weights: Sequence[float], *, request: RequestKey | None = None
+        self, handle: str, op: str, weights: Sequence[float], group_size: int = 0, *,
+        request: RequestKey | None = None,
     ) -> Reduced:
-        """Average (or sum) a replicated object over the ranks: on one rank, the values stay as they are."""
-        collectives.rank_scale(op, weights, 0, 1)
+        """Average (or sum) a replicated object over the ranks (in groups of `group_size` consecutive
+        ranks; 0: all): on one rank, the values stay as they are."""
+        collectives.rank_scale(op, weights, 0, 1, group_size)
         entry, _ = self._source(handle)
         with self.store.reading(entry):
             return Reduced(len(self._reduced_of(entry)), 0)

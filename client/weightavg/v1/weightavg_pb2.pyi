@@ -904,11 +904,18 @@ class AllReduceRequest(_message.Message):
     HANDLE_FIELD_NUMBER: _builtins.int
     OP_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Handle id of a replicated object."""
     op: Global___ReduceOp.ValueType
     """How values are combined."""
+    group_size: _builtins.int
+    """0 (unset): the ranks reduce all together. Else a divisor of the world size k: ranks 0 to k-1
+    reduce among themselves, k to 2k-1 among themselves, and so on (torch's new_subgroups), as the
+    lower levels of hierarchical model averaging do (docs/cluster.md); 1 leaves every rank's values
+    as they are. Any other value is INVALID_ARGUMENT.
+    """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
     the first call's answer instead of running again (docs/robust.md).
@@ -917,7 +924,7 @@ class AllReduceRequest(_message.Message):
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """MEAN only: one finite, non-negative weight per rank (e.g. example counts), with a positive,
-        finite sum; empty for equal weights.
+        finite sum (in every group, with group_size); empty for equal weights.
         """
 
     def __init__(
@@ -926,11 +933,12 @@ class AllReduceRequest(_message.Message):
         handle: _builtins.str = ...,
         op: Global___ReduceOp.ValueType = ...,
         weights: _abc.Iterable[_builtins.float] | None = ...,
+        group_size: _builtins.int = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "op", b"op", "request_id", b"request_id", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_size", b"group_size", "handle", b"handle", "op", b"op", "request_id", b"request_id", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -778,7 +778,8 @@ class WeightAveragingServiceServicer:
         """-- Cluster (torchrun) ----------------------------------------------------------------------------
 
         AllReduce averages (or sums) a replicated module's floating parameters, or a replicated
-        dictionary's floating entries, across every rank of the cluster, in place on each rank. Tensors
+        dictionary's floating entries, across every rank of the cluster (or within groups of
+        consecutive ranks: group_size), in place on each rank. Tensors
         back to back in one buffer on every rank go as one span, large ones alone, small ones in buckets
         (docs/cluster.md). Every rank must hold the same names, shapes and dtypes; all or nothing. A
         one-rank server leaves values unchanged.

@@ -32,32 +32,55 @@ its size; the copies cost per byte."""
 OPS = ("mean", "sum")
 
 
-def rank_scale(op: str, weights: Sequence[float], rank: int, world: int) -> float:
-    """What this rank multiplies its values by before a SUM, so that the SUM is the op's result.
+def subgroup(rank: int, world: int, group_size: int) -> range:
+    """The ranks that reduce together with `rank`: with group_size k, ranks 0 to k-1 form one group,
+    k to 2k-1 the next, and so on (torch's `dist.new_subgroups(group_size)`, which
+    HierarchicalModelAverager's lower levels use); 0 means one group of every rank.
 
     Raises:
-        InvalidArgument: an unknown op, weights with a sum, length, sign or value (NaN, infinite) that
-            cannot weigh ranks.
+        InvalidArgument: a group size that is negative, larger than the world, or does not divide it.
+    """
+    k = group_size or world
+    if not 0 < k <= world or world % k:
+        sizes = ", ".join(str(d) for d in range(1, world + 1) if world % d == 0)
+        raise InvalidArgument(
+            f"group_size {group_size} does not split the cluster's {world} rank(s) into equal groups of "
+            f"consecutive ranks: give one of {sizes}, or 0 for one group of every rank"
+        )
+    start = rank - rank % k
+    return range(start, start + k)
+
+
+def rank_scale(op: str, weights: Sequence[float], rank: int, world: int, group_size: int = 0) -> float:
+    """What this rank multiplies its values by before a SUM over its group (`subgroup`), so that the
+    SUM is the op's result within the group. Weights are one per rank of the world; each group's mean
+    is weighted by its own members' weights, which must have a positive sum.
+
+    Raises:
+        InvalidArgument: an unknown op or group size, weights with a sum, length, sign or value (NaN,
+            infinite) that cannot weigh ranks.
     """
     if op not in OPS:
         raise InvalidArgument(f"unknown reduce op '{op}'; use one of {', '.join(OPS)}")
+    group = subgroup(rank, world, group_size)
     if op == "sum":
         if weights:
             raise InvalidArgument("weights go with op='mean'; a sum takes none")
         return 1.0
     if not weights:
-        return 1.0 / world
+        return 1.0 / len(group)
     if len(weights) != world:
         raise InvalidArgument(f"give one weight per rank: {len(weights)} weight(s) for {world} rank(s)")
-    total = float(sum(weights)) if all(math.isfinite(w) for w in weights) else math.nan
+    totals = [float(sum(weights[r] for r in subgroup(first, world, group_size))) for first in range(0, world, len(group))]
     # NaN compares false with everything, and an infinite weight or sum turns the scales into NaN or 0:
     # either would overwrite every rank's values with NaN or zeros.
-    if not math.isfinite(total) or any(w < 0 for w in weights) or total <= 0:
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not all(math.isfinite(t) and t > 0 for t in totals):
+        per = "" if len(group) == world else f" in every group of {len(group)} consecutive ranks"
         raise InvalidArgument(
-            f"weights must be finite and non-negative with a positive, finite sum (e.g. example counts per "
-            f"rank), given {list(weights)}"
+            f"weights must be finite and non-negative with a positive, finite sum{per} (e.g. example counts "
+            f"per rank), given {list(weights)}"
         )
-    return float(weights[rank]) / total
+    return float(weights[rank]) / totals[rank // len(group)]
 
 
 def buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:

@@ -616,7 +616,8 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     @translate_errors
     def AllReduce(self, request: pb.AllReduceRequest, context: Context) -> pb.AllReduceResponse:
         reduced = self.service.allreduce(
-            request.handle, convert.reduce_op(request.op), list(request.weights), request=ids.key(request)
+            request.handle, convert.reduce_op(request.op), list(request.weights), request.group_size,
+            request=ids.key(request),
         )
         return pb.AllReduceResponse(tensors=reduced.tensors, buckets=reduced.buckets)
 
