@@ -28,6 +28,15 @@
  * copy: large memcpys with streaming stores (x86-64; plain memcpy elsewhere), several at once on
  * threads sharing their blocks as lerp's do: uploads into new tensors (a shared memory region's
  * bytes, a stream's chunks) and a fetch's copies into the client's region (native.py).
+ *
+ * guard, unguard, guard_broken: a SIGBUS handler for the mappings of clients' shared memory regions
+ * (shm.py). A client that truncates its region's file while the server copies into or out of it
+ * makes the next touch of a lost page raise SIGBUS, in whichever thread touches it (ours, torch's
+ * OpenMP workers, numpy), which would kill the server. The handler maps a private zero page over
+ * the faulting page of a guarded range, marks the range broken and returns, so the copy finishes
+ * (reading zeros, or writing into the private page); the caller then refuses the call and the
+ * region for good. A fault outside every guarded range goes to the handler installed before
+ * (faulthandler's, say) or kills the process as it would have.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE /* sched_getcpu, the CPU sets and pthread_attr_setaffinity_np */
@@ -38,8 +47,10 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 enum { KIND_F32 = 0, KIND_F64 = 1, KIND_F32_BF16 = 2, KINDS = 3 };
 
@@ -719,7 +730,116 @@ static PyObject *advise_huge_pages(PyObject *self, PyObject *args) {
     return PyLong_FromLong(0);
 }
 
+#define MAX_GUARDED 1024
+
+/* A guarded range [start, end): free while end == 0. Slots are claimed and freed under the GIL; the
+ * handler reads them lock-free (atomics), in any thread. */
+typedef struct {
+    _Atomic uintptr_t start, end;
+    atomic_int broken;
+} Guarded;
+
+static Guarded guarded[MAX_GUARDED];
+static struct sigaction before_guard;
+static int guard_installed;
+static uintptr_t page_bytes;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    /* si_addr is the faulting address only for a fault the kernel raised (si_code > 0), not for a
+     * signal sent with kill or raise. */
+    if (info != NULL && info->si_code > 0) {
+        const uintptr_t address = (uintptr_t)info->si_addr;
+        for (int i = 0; i < MAX_GUARDED; i++) {
+            const uintptr_t end = atomic_load(&guarded[i].end);
+            if (end == 0 || address >= end || address < atomic_load(&guarded[i].start)) continue;
+            void *page = (void *)(address & ~(page_bytes - 1));
+            /* mmap is a plain system call here: it takes no lock the interrupted thread may hold. */
+            if (mmap(page, page_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
+                atomic_store(&guarded[i].broken, 1);
+                return; /* the faulting instruction runs again, on the private page */
+            }
+            break;
+        }
+    }
+    if (before_guard.sa_flags & SA_SIGINFO) {
+        if (before_guard.sa_sigaction != NULL) {
+            before_guard.sa_sigaction(sig, info, context);
+            return;
+        }
+    } else if (before_guard.sa_handler != SIG_DFL && before_guard.sa_handler != SIG_IGN) {
+        before_guard.sa_handler(sig);
+        return;
+    }
+    /* The default action (an ignored SIGBUS from a fault would fault again forever): restore it; the
+     * faulting instruction runs again and the process ends as it would have without this handler. */
+    signal(SIGBUS, SIG_DFL);
+    if (info == NULL || info->si_code <= 0) raise(SIGBUS);
+}
+
+PyDoc_STRVAR(guard_doc,
+             "guard(address, nbytes) -> int\n\n"
+             "Guard [address, address + nbytes) against SIGBUS (a shared memory region's mapping); the slot to\n"
+             "pass to guard_broken and unguard. Installs the handler at the first call. Raises OSError when the\n"
+             "handler cannot be installed, RuntimeError when every slot is taken.");
+
+static PyObject *guard(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address, nbytes;
+    if (!PyArg_ParseTuple(args, "KK", &address, &nbytes)) return NULL;
+    if (!guard_installed) {
+        page_bytes = (uintptr_t)sysconf(_SC_PAGESIZE);
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = on_sigbus;
+        action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&action.sa_mask);
+        if (sigaction(SIGBUS, &action, &before_guard) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+        guard_installed = 1;
+    }
+    for (int i = 0; i < MAX_GUARDED; i++) {
+        if (atomic_load(&guarded[i].end) != 0) continue;
+        atomic_store(&guarded[i].broken, 0);
+        atomic_store(&guarded[i].start, (uintptr_t)address);
+        atomic_store(&guarded[i].end, (uintptr_t)(address + nbytes));
+        return PyLong_FromLong(i);
+    }
+    PyErr_SetString(PyExc_RuntimeError, "every guarded range is taken");
+    return NULL;
+}
+
+static int slot_of(PyObject *args, int *slot) {
+    if (!PyArg_ParseTuple(args, "i", slot)) return 0;
+    if (*slot < 0 || *slot >= MAX_GUARDED) {
+        PyErr_SetString(PyExc_ValueError, "no such guarded range");
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(guard_broken_doc, "guard_broken(slot) -> bool\n\nWhether a fault in the range was caught since it was guarded.");
+
+static PyObject *guard_broken(PyObject *self, PyObject *args) {
+    (void)self;
+    int slot;
+    if (!slot_of(args, &slot)) return NULL;
+    return PyBool_FromLong(atomic_load(&guarded[slot].broken));
+}
+
+PyDoc_STRVAR(unguard_doc, "unguard(slot)\n\nStop guarding the range (before its mapping goes).");
+
+static PyObject *unguard(PyObject *self, PyObject *args) {
+    (void)self;
+    int slot;
+    if (!slot_of(args, &slot)) return NULL;
+    atomic_store(&guarded[slot].end, 0);
+    atomic_store(&guarded[slot].start, 0);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"guard", guard, METH_VARARGS, guard_doc},
+    {"guard_broken", guard_broken, METH_VARARGS, guard_broken_doc},
+    {"unguard", unguard, METH_VARARGS, unguard_doc},
     {"lerp", lerp, METH_VARARGS, lerp_doc},
     {"weighted_sum", weighted_sum, METH_VARARGS, weighted_sum_doc},
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS, advise_doc},
@@ -731,7 +851,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_native", "weightavg's native helpers: fused CPU lerp and weighted sum, huge-page advice, streaming copies.",
+    PyModuleDef_HEAD_INIT, "_native", "weightavg's native helpers: fused CPU lerp and weighted sum, huge-page advice, streaming copies, SIGBUS guards.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

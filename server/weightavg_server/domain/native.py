@@ -1,6 +1,7 @@
 """The server's compiled helpers (`_native.c`), when the install could build them: the fused CPU
 lerp, the one-pass weighted sum and TIES's radix selection (used through lerp.py, weighted_sum.py
-and selection.py, which check each against torch), and huge-page advice for large CPU buffers.
+and selection.py, which check each against torch), huge-page advice for large CPU buffers, and
+the SIGBUS guards of shared memory regions' mappings (shm.py).
 Without a C compiler at install none exists, and the server does the same work with torch alone:
 the same numbers, slower on large CPU averages and merges (setup.py)."""
 
@@ -43,6 +44,40 @@ def _load() -> tuple[Lerp | None, WeightedSum | None, Advise | None, Copy | None
 
 
 LERP, WEIGHTED_SUM, _ADVISE, _COPY, KTH_LARGEST, ZERO_BELOW = _load()
+
+
+def _load_guards() -> tuple[Callable[[int, int], int], Callable[[int], bool], Callable[[int], None]] | None:
+    try:
+        from ._native import guard, guard_broken, unguard
+    except ImportError:  # not built (setup.py)
+        return None
+    return guard, guard_broken, unguard
+
+
+_GUARDS = _load_guards()
+
+
+def guard(address: int, nbytes: int) -> int | None:
+    """Guard a shared memory region's mapping against SIGBUS (a client truncating the file while the
+    server copies; see `_native.c`): the guard's slot, or None where the native module was not
+    built or has no slot left (the region then works unguarded, as before the guards)."""
+    if _GUARDS is None:
+        return None
+    try:
+        return _GUARDS[0](address, nbytes)
+    except (OSError, RuntimeError):
+        return None
+
+
+def guard_broken(slot: int | None) -> bool:
+    """Whether a fault in the guarded mapping was caught (its lost pages now read as zeros)."""
+    return slot is not None and _GUARDS is not None and _GUARDS[1](slot)
+
+
+def unguard(slot: int | None) -> None:
+    """Stop guarding (before the mapping goes)."""
+    if slot is not None and _GUARDS is not None:
+        _GUARDS[2](slot)
 
 MAX_THREADS: Final = 256
 """The most threads one kernel call takes (`MAX_THREADS` in `_native.c`, which refuses more)."""

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,24 @@ there before names the caller's session."""
 
 def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Guard:
+    """A mapping's SIGBUS guard (`native.guard`): a page the client's truncation took, touched in a
+    copy, reads as zeros instead of killing the server, and the copy's caller refuses the call
+    (`Region.copying`). Unguarded where the native module was not built (or for nbytes 0)."""
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.slot = native.guard(address, nbytes) if nbytes else None
+
+    def broken(self) -> bool:
+        return native.guard_broken(self.slot)
+
+    def release(self) -> None:
+        """Stop guarding, once (a later call, from the region's finalizer, must not free a slot that
+        another region has taken since)."""
+        slot, self.slot = self.slot, None
+        native.unguard(slot)
 
 
 class Region:
@@ -107,11 +126,17 @@ class Region:
         self.byte_size = byte_size
         self.identity: tuple[object, ...] = (info.st_dev, info.st_ino)
         self._init_copies()
+        self._guard = Guard(self._address(), byte_size)
+        weakref.finalize(self, self._guard.release)  # at the latest when the region goes
 
     def _init_copies(self) -> None:
         """The count of copies in progress (`copying`), and its guard: for every kind of region."""
         self._copies_done = threading.Condition()
         self._copies = 0
+        self._guard = Guard(0, 0)
+        self.broken = False
+        """A copy touched memory the file had lost (`native.guard_broken`): the mapping no longer
+        follows the file, so the region takes no more copies, whatever the file holds later."""
 
     def lock_pages(self, device: torch.device) -> bool:
         """Page-lock the mapping for CUDA (`pinned.lock`), so that a tensor held on `device` is
@@ -146,6 +171,12 @@ class Region:
             with self._copies_done:
                 self._copies -= 1
                 self._copies_done.notify_all()
+        if self._guard.broken():
+            self.broken = True
+            raise FailedPrecondition(
+                "the shared memory region's file lost memory while the server copied (truncated, or a hole "
+                "punched): the call changed nothing and the region takes no more copies; register it again"
+            )
 
     def close(self) -> None:
         """Forget the file, and unlock the pages once the copies in progress are done; the mapping
@@ -155,6 +186,7 @@ class Region:
                 os.close(self._fd)
                 self._fd = -1
             self._copies_done.wait_for(lambda: self._copies == 0)
+            self._guard.release()
             device, self.locked_for = self.locked_for, None
         if device is not None:
             pinned.unlock(self._address(), self.byte_size, device)
@@ -164,6 +196,10 @@ class Region:
         kill the server with SIGBUS)."""
         if self._fd < 0:
             raise FailedPrecondition("the shared memory region was unregistered; register it again")
+        if self.broken:
+            raise FailedPrecondition(
+                "the shared memory region's file lost memory during an earlier copy; register it again"
+            )
         info = os.fstat(self._fd)
         if info.st_size < self.byte_size:
             raise FailedPrecondition(
