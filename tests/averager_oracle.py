@@ -7,7 +7,6 @@ parameters as it decides. Each rank writes its parameters and the group size of 
 Usage: torchrun --standalone --nproc-per-node 4 tests/averager_oracle.py IN.pt OUT
 """
 
-import os
 import sys
 from collections import OrderedDict
 
@@ -15,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.model_averaging import averagers, hierarchical_model_averager
 from torch.distributed.algorithms.model_averaging import utils
+
+from torchrun_scripts import leave  # tests/torchrun_scripts.py, beside this file
 
 
 def main(source: str, target: str) -> None:
@@ -46,11 +47,7 @@ def main(source: str, target: str) -> None:
         sizes.append(0)
         averager.average_parameters(model.parameters())
     torch.save({"weight": model.weight.detach(), "bias": model.bias.detach(), "sizes": sizes}, f"{target}-{rank}.pt")
-    # Every rank reaches the end, then leaves without running gloo's destructors (as tests/localsgd_oracle.py).
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ all_reduce (SUM, then divide: gloo has no AVG). Run with torchrun; rank 0 writes
 Usage: torchrun --standalone --nproc-per-node 2 tests/localsgd_oracle.py IN.pt OUT.pt
 """
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+
+from torchrun_scripts import leave  # tests/torchrun_scripts.py, beside this file
 
 
 def main(source: str, target: str) -> None:
@@ -35,13 +36,7 @@ def main(source: str, target: str) -> None:
                 p.data.div_(world)
     if rank == 0:
         torch.save({"weight": model.weight.detach(), "bias": model.bias.detach()}, target)
-    # Both ranks reach the end, then leave without running gloo's destructors: tearing the group
-    # down (or letting the interpreter's exit do it) aborted one rank now and then with "terminate
-    # called without an active exception" after the result was written, which failed the test.
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -89,15 +89,16 @@ def test_the_thin_client_imports_without_torch() -> None:
         "import weightavg, weightavg.wire",
         "from weightavg import Client",
         "assert 'torch' not in sys.modules",
-        "try:",
-        "    import weightavg.torch",
-        "except ImportError as exc:",
-        "    print('refused:', exc)",
+        "for name in ('weightavg.torch', 'weightavg.sharded'):",
+        "    try:",
+        "        __import__(name)",
+        "    except ImportError as exc:",
+        "        print('refused:', exc)",
     ])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": f"{ROOT / 'client'}", "PATH": ""})
     assert done.returncode == 0, done.stderr
-    assert "refused: weightavg.torch needs PyTorch (pip install torch)" in done.stdout
+    assert done.stdout.count("refused: weightavg.torch needs PyTorch (pip install torch)") == 2, done.stdout
 
 
 # -- RemoteAveragedModel in a training loop --------------------------------------------------------

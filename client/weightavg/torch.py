@@ -256,6 +256,48 @@ EMA_DEFAULTS = _EmaDefaults(
 ModelEmaV3's), read from its signature so that the client keeps them in one place."""
 
 
+def _schedule(mode: str, given: Mapping[str, Any]) -> _EmaDefaults:
+    """The EMA schedule of an average of `mode` from the fields given (None: left out), each left out
+    taking EMA_DEFAULTS'; ValueError for a mode other than "swa" or "ema", a schedule field given for
+    "swa" (which has none), or a field the server refuses."""
+    if mode not in ("swa", "ema"):
+        raise ValueError(f"mode must be 'swa' or 'ema', not {mode!r}")
+    named = [name for name, value in given.items() if value is not None]
+    if mode == "swa" and named:
+        # RemoteAveragedModel(c, model, decay=0.999) made an equal-weight mean and dropped the decay
+        # without a word (found by a new user's walk-through).
+        raise ValueError(
+            f"{', '.join(named)} {'is an' if len(named) == 1 else 'are'} EMA schedule setting"
+            f"{'' if len(named) == 1 else 's'}: pass mode='ema' for an exponential moving average (mode "
+            "'swa', the default, is the equal-weight running mean, which has no schedule)"
+        )
+    schedule = EMA_DEFAULTS._replace(**{name: given[name] for name in named})
+    if mode == "ema":
+        _check_schedule(schedule.decay, schedule.min_decay, schedule.warmup_gamma, schedule.warmup_power,
+                        schedule.update_after_step)
+    return schedule
+
+
+def _fold_in(client: Client, mode: str, schedule: _EmaDefaults, source: Handle, average: Handle, step: int) -> int:
+    """Fold the values sent (`source`) into the average: avgparms for "swa", ema with the schedule at
+    `step` for "ema" (the step from the object's count, so a loaded checkpoint's count carries on);
+    the server's count after it."""
+    if mode == "swa":
+        return client.avgparms(source, average)
+    return client.ema(source, average, **schedule._asdict(), step=step)
+
+
+def _dtype_of(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """An average's floating dtype by name or dtype (None: each tensor's own); ValueError otherwise."""
+    target = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a str: refused below
+    if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point and target in _SENDABLE):
+        raise ValueError(
+            f"dtype must be a floating dtype such as 'float32', not {dtype!r} (the wire carries float32, "
+            "float64, float16 and bfloat16)"
+        )
+    return target
+
+
 def _copies_done(tensors: Iterable[torch.Tensor]) -> list[Any]:
     """A CUDA event recorded on the current stream of each CUDA device among `tensors`, after the copies
     queued there: another thread that waits on them reads the copies made, whatever stream it uses."""
@@ -265,6 +307,19 @@ def _copies_done(tensors: Iterable[torch.Tensor]) -> list[Any]:
         event.record(torch.cuda.current_stream(device))
         events.append(event)
     return events
+
+
+@contextlib.contextmanager
+def _average_held(what: str, kind: str) -> Iterator[None]:
+    """Calls on an averaging object's dictionaries: NOT_FOUND, which can only mean the server lost
+    them, raised again saying so and how to go on."""
+    try:
+        yield
+    except NotFoundError as exc:
+        raise NotFoundError(
+            f"the server no longer holds {what} ({exc.message}): it restarted without --state-dir, or the "
+            f"dictionaries were freed; make a new {kind} and load_state_dict() your last checkpoint into it to go on"
+        ) from exc
 
 
 class RemoteAveragedModel(torch.nn.Module):
@@ -334,29 +389,12 @@ class RemoteAveragedModel(torch.nn.Module):
         asynchronous: bool = False,
     ) -> None:
         super().__init__()
-        if mode not in ("swa", "ema"):
-            raise ValueError(f"mode must be 'swa' or 'ema', not {mode!r}")
+        schedule = _schedule(mode, {
+            "decay": decay, "warmup": warmup, "warmup_gamma": warmup_gamma, "warmup_power": warmup_power,
+            "min_decay": min_decay, "update_after_step": update_after_step,
+        })
         if every < 1:
             raise ValueError(f"every must be at least 1, not {every}")
-        schedule = {"decay": decay, "warmup": warmup, "warmup_gamma": warmup_gamma, "warmup_power": warmup_power,
-                    "min_decay": min_decay, "update_after_step": update_after_step}
-        given = [name for name, value in schedule.items() if value is not None]
-        if mode == "swa" and given:
-            # RemoteAveragedModel(c, model, decay=0.999) made an equal-weight mean and dropped the decay
-            # without a word (found by a new user's walk-through).
-            raise ValueError(
-                f"{', '.join(given)} {'is an' if len(given) == 1 else 'are'} EMA schedule setting"
-                f"{'' if len(given) == 1 else 's'}: pass mode='ema' for an exponential moving average (mode "
-                "'swa', the default, is the equal-weight running mean, which has no schedule)"
-            )
-        decay = EMA_DEFAULTS.decay if decay is None else decay
-        warmup = EMA_DEFAULTS.warmup if warmup is None else warmup
-        warmup_gamma = EMA_DEFAULTS.warmup_gamma if warmup_gamma is None else warmup_gamma
-        warmup_power = EMA_DEFAULTS.warmup_power if warmup_power is None else warmup_power
-        min_decay = EMA_DEFAULTS.min_decay if min_decay is None else min_decay
-        update_after_step = EMA_DEFAULTS.update_after_step if update_after_step is None else update_after_step
-        if mode == "ema":
-            _check_schedule(decay, min_decay, warmup_gamma, warmup_power, update_after_step)
         self.client = client
         self.mode = mode
         self.use_buffers = use_buffers
@@ -365,14 +403,11 @@ class RemoteAveragedModel(torch.nn.Module):
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future[None] | None = None
         """The update in flight (asynchronous): waited for, and its error raised, by `wait`."""
-        self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
-        self.warmup_gamma, self.warmup_power, self.update_after_step = warmup_gamma, warmup_power, update_after_step
-        target = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a str: refused below
-        if target is not None and not (isinstance(target, torch.dtype) and target.is_floating_point and target in _SENDABLE):
-            raise ValueError(
-                f"dtype must be a floating dtype such as 'float32', not {dtype!r} (the wire carries float32, "
-                "float64, float16 and bfloat16)"
-            )
+        self.schedule = schedule
+        self.decay, self.warmup, self.min_decay = schedule.decay, schedule.warmup, schedule.min_decay
+        self.warmup_gamma, self.warmup_power = schedule.warmup_gamma, schedule.warmup_power
+        self.update_after_step = schedule.update_after_step
+        target = _dtype_of(dtype)
         local = copy.deepcopy(model)
         if device is not None:
             local.to(device)
@@ -476,15 +511,7 @@ class RemoteAveragedModel(torch.nn.Module):
         refuses (a cap reached, say) changes nothing, so the next call is the one sent. Counted
         before, a refused call with every=k made the next k - 1 calls skip (found by review)."""
         self.source = push(self.client, sent, into=self.source)
-        if self.mode == "swa":
-            count = self.client.avgparms(self.source, self.average)
-        else:
-            # The step from n_averaged, so a loaded checkpoint's count carries on (load_state_dict).
-            count = self.client.ema(
-                self.source, self.average, decay=self.decay, warmup=self.warmup, warmup_gamma=self.warmup_gamma,
-                warmup_power=self.warmup_power, min_decay=self.min_decay, update_after_step=self.update_after_step,
-                step=int(self.n_averaged) + 1,
-            )
+        count = _fold_in(self.client, self.mode, self.schedule, self.source, self.average, int(self.n_averaged) + 1)
         self.n_averaged.fill_(count)
         self._calls += 1
         self._stale = True
@@ -510,18 +537,8 @@ class RemoteAveragedModel(torch.nn.Module):
                 exc.code,
             ) from exc
 
-    @contextlib.contextmanager
-    def _held(self) -> Iterator[None]:
-        """Calls on the object's dictionaries: NOT_FOUND, which can only mean the server lost them,
-        raised again saying so and how to go on."""
-        try:
-            yield
-        except NotFoundError as exc:
-            raise NotFoundError(
-                f"the server no longer holds this RemoteAveragedModel's average ({exc.message}): it restarted "
-                "without --state-dir, or the dictionaries were freed; make a new RemoteAveragedModel and "
-                "load_state_dict() your last checkpoint into it to go on"
-            ) from exc
+    def _held(self) -> contextlib.AbstractContextManager[None]:
+        return _average_held("this RemoteAveragedModel's average", "RemoteAveragedModel")
 
     def __getstate__(self) -> dict[str, Any]:
         # deepcopy and pickle come here; without this they failed inside gRPC's channel with a
