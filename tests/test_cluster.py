@@ -116,8 +116,11 @@ def test_etags_are_kept_for_objects_on_rank_0_alone(shared: Cluster) -> None:
         c.dict(here, "w", values["w"] + 1, etag=tag)
         with pytest.raises(AbortedError):
             c.dict(here, "w", values["w"], etag=tag)
+        listed = {info.handle.id: info.etag for info in c.handles()}
+        assert listed[here.id] == c.etag(here) != tag  # the listing's etag is the one to change from
         for d in (c.dict({"w": np.zeros(2, np.float32)}, replicate=True), c.dict({"w": np.zeros(2, np.float32)}, rank=1)):
             assert c.dict(d, with_etag=True)[1] == "" and c.etag(d) == ""
+            assert {info.handle.id: info.etag for info in c.handles()}[d.id] == ""
             for change in (lambda: c.dict(d, "w", np.ones(2, np.float32), etag=tag),
                            lambda: c.avgparms(here, d, etag=tag), lambda: c.delete(d, "w", etag=tag)):
                 with pytest.raises(FailedPreconditionError, match="held on rank 0 alone"):

@@ -61,6 +61,25 @@ def test_a_read_gives_the_etag_of_what_it_read_and_a_change_from_it_succeeds(cli
     assert client.etag(p) != tag
 
 
+def test_a_listing_gives_each_objects_etag_and_a_change_from_it_succeeds(client: Client) -> None:
+    """ListHandles rows carry the etag GetSize reads; a conditional change from a listed etag runs, and
+    the next listing shows the new one (the module's view shares the module's)."""
+    d = client.dict({"w": np.zeros(2, np.float32)})
+    m = client.module(["linear", 2, 1])
+    view = client.parms(m)
+
+    def listed() -> dict[str, str]:
+        return {info.handle.id: info.etag for info in client.handles()}
+
+    before = listed()
+    assert before[d.id] == client.etag(d) and before[m.id] == client.etag(m) == before[view.id] != before[d.id]
+    client.dict(d, "w", np.ones(2, np.float32), etag=before[d.id])
+    after = listed()
+    assert after[d.id] == client.etag(d) != before[d.id] and after[m.id] == before[m.id]
+    with pytest.raises(AbortedError):
+        client.delete(d, "w", etag=before[d.id])
+
+
 def test_a_change_given_a_stale_etag_is_aborted_and_changes_nothing(
     live_server: LiveServer, client: Client, unchanged: Callable[[], Any]
 ) -> None:

@@ -1407,7 +1407,7 @@ class Client:
                 _handle(i.handle), i.device,
                 dtype_label(i.dtype) if i.dtype else None,
                 i.bytes, i.tensor_count,
-                _schedule(i.moving_average) if i.HasField("moving_average") else None, i.tenant,
+                _schedule(i.moving_average) if i.HasField("moving_average") else None, i.tenant, i.etag,
             )
             for i in r.handles
         ]

@@ -44,6 +44,8 @@ class HandleInfo:
     ema: dict[str, Any] | None = None
     tenant: str = ""
     """The tenant that owns the handle ("default" on a server without a tokens file)."""
+    etag: str = ""
+    """The object's etag when it was listed (as Client.etag reads it; "" where the server keeps none)."""
 
 
 @dataclass(frozen=True)

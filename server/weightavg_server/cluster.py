@@ -2071,7 +2071,8 @@ class ClusterService(Service):
                 if ref.id not in seen and (all_tenants or owner == session):
                     seen.add(ref.id)
                     listed.append((ref, summary))
-        return listed
+        # Etags only for objects on rank 0 alone (`_etag_kept`); the other ranks' versions are their own.
+        return [(ref, s if not s.etag or self._etag_kept(ref.id) else replace(s, etag="")) for ref, s in listed]
 
     def cluster_info(self) -> list[RankInfo]:
         """Each rank's device and what it holds; a caller that does not see server-wide figures gets

@@ -2389,6 +2389,7 @@ class HandleInfo(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     TENSOR_COUNT_FIELD_NUMBER: _builtins.int
     MOVING_AVERAGE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """Device of its tensors, e.g. "cpu"; empty when it holds none."""
@@ -2398,6 +2399,10 @@ class HandleInfo(_message.Message):
     """Bytes held by its tensors."""
     tensor_count: _builtins.int
     """Number of tensors it holds."""
+    etag: _builtins.str
+    """The object's etag when it was listed, as GetSize reports it (a conditional change takes it: see
+    the etag fields); empty on a cluster for an object not held by rank 0 alone.
+    """
     tenant: _builtins.str
     """The tenant that owns the handle (the token's tenant that created it; "default" on a server
     without a tokens file). Numbered from 20 with the other tenancy fields.
@@ -2419,11 +2424,12 @@ class HandleInfo(_message.Message):
         bytes: _builtins.int = ...,
         tensor_count: _builtins.int = ...,
         moving_average: Global___MovingAverageState | None = ...,
+        etag: _builtins.str = ...,
         tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "moving_average", b"moving_average"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "dtype", b"dtype", "handle", b"handle", "moving_average", b"moving_average", "tenant", b"tenant", "tensor_count", b"tensor_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "dtype", b"dtype", "etag", b"etag", "handle", b"handle", "moving_average", b"moving_average", "tenant", b"tenant", "tensor_count", b"tensor_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

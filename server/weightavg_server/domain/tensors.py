@@ -150,6 +150,8 @@ class HandleSummary:
     nbytes: int
     tensor_count: int
     ema: EmaState | None = None
+    etag: str = ""
+    """The object's version tag when it was summarized, which the store fills in (store/versions.py)."""
 
 
 EMPTY_SUMMARY = HandleSummary(device="", dtype=None, nbytes=0, tensor_count=0)

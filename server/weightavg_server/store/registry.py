@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..domain.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted
@@ -740,16 +740,18 @@ class Registry:
         """
         if entry.lock.acquire(blocking=False):
             try:
-                return None if entry.freed else summarize(entry.obj)
+                return None if entry.freed else replace(summarize(entry.obj), etag=versions.etag(entry.lock))
             finally:
                 entry.lock.release()
         keys = self.charged(entry)
         if entry.freed:
             return None
+        # The version before the change in flight, which renews it when it ends: a conditional change
+        # with this etag is then refused, as it should be.
         return HandleSummary(
             device=",".join(sorted({device for device, _, _ in keys})), dtype=None,
             nbytes=sum(storage_bytes(keys).values()), tensor_count=0,
-            ema=entry.obj.ema if entry.kind is Kind.DICTIONARY else None,
+            ema=entry.obj.ema if entry.kind is Kind.DICTIONARY else None, etag=versions.etag(entry.lock),
         )
 
     def charged(self, entry: Entry) -> frozenset[StorageKey]:

@@ -264,7 +264,7 @@ def handle_info(handle_message: pb.Handle, summary: HandleSummary, tenant: str =
     dtype = codec.dtype_code(summary.dtype) if summary.dtype is not None else pb.DTYPE_UNSPECIFIED
     info = pb.HandleInfo(
         handle=handle_message, device=summary.device, dtype=dtype, bytes=summary.nbytes,
-        tensor_count=summary.tensor_count, tenant=tenant,
+        tensor_count=summary.tensor_count, tenant=tenant, etag=summary.etag,
     )
     if summary.ema is not None:
         info.moving_average.CopyFrom(moving_average(summary.ema))
