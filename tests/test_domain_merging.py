@@ -576,6 +576,52 @@ def test_dare_drops_and_rescales_deltas_with_masks_reproducible_from_the_seed(co
     assert not torch.equal(other.entries["a.weight"], got.entries["a.weight"])
 
 
+def mergekit_norm_ratio(delta: torch.Tensor, mask: torch.Tensor, norm: str, eps: float = 1e-7) -> torch.Tensor:
+    """The factor mergekit's `rescaled_masked_tensor` (mergekit/sparsify.py, transcribed) scales a
+    dropped-out delta by: the delta's norm over the masked delta's (l1 abs().sum(), l2 norm(), linf
+    abs().max()), or 1 where either is below eps."""
+    masked = delta * mask
+    if norm == "l1":
+        before, after = delta.abs().sum(), masked.abs().sum()
+    elif norm == "l2":
+        before, after = delta.norm(), masked.norm()
+    else:
+        before, after = delta.abs().max(), masked.abs().max()
+    if before < eps or after < eps:
+        return torch.ones(())
+    return before / after
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+def test_dare_rescaled_to_a_norm_equals_mergekits_rescaled_masked_tensor(norm: str, consensus: bool) -> None:
+    base, ds = fine_tuned(3, seed=16)
+    w, density = [1.0, 0.6, 0.9], 0.4
+    options = {"density": density, "seed": 7, "rescale_norm": norm, "consensus": consensus, "normalize": consensus}
+    got = merged("dare", ds, base=base, weights=w, options=options)
+    by_density = merged("dare", ds, base=base, weights=w, options={**options, "rescale_norm": "density"})
+    for n in SHAPES:
+        b, xs = base.entries[n], [d.entries[n] for d in ds]
+        masks = [dare_keep(7, i, n, tuple(b.shape), density) for i in range(len(xs))]
+        keep = [m * mergekit_norm_ratio(x - b, m, norm) for x, m in zip(xs, masks)]
+        want = reference_task_vectors(b, xs, w, normalize=consensus, keep=keep, consensus=consensus)
+        assert_close(got.entries[n], want)
+    assert not torch.equal(got.entries["a.weight"], by_density.entries["a.weight"])
+
+
+def test_a_norm_rescale_leaves_deltas_below_mergekits_eps_unscaled() -> None:
+    """Where the delta's norm (or the dropped-out delta's) is below 1e-7, the kept elements stay as they
+    are; the same delta 1000 times larger is rescaled."""
+    base = TensorDict({"w": torch.zeros(1000)})
+    tiny = TensorDict({"w": torch.full((1000,), 1e-11)})  # L1 norm 1e-8
+    got = merged("dare", [tiny], base=base, options={"density": 0.5, "rescale_norm": "l1"})
+    kept = got.entries["w"] != 0
+    assert bits32(got.entries["w"][kept]) == bits32(torch.full((int(kept.sum()),), 1e-11))
+    large = TensorDict({"w": torch.full((1000,), 1e-3)})
+    got = merged("dare", [large], base=base, options={"density": 0.5, "rescale_norm": "l1"})
+    assert_close(got.entries["w"].abs().sum(), torch.tensor(1.0), tol=1e-5)  # the whole delta's L1 norm, in float32
+
+
 def test_dare_without_rescale_keeps_the_surviving_deltas_as_they_are() -> None:
     base, (d,) = fine_tuned(1, seed=14, shapes={"w": (100, 100)})
     got = merged("dare", [d], base=base, options={"density": 0.3, "rescale": False})
@@ -857,6 +903,8 @@ def test_into_reserves_only_scratch() -> None:
     ("average", {}), ("linear", {}), ("slerp", {"t": 0.3}), ("task_arithmetic", {}), ("ties", {"density": 0.3}),
     ("ties", {"density": 0.3, "normalize": True}), ("dare", {"density": 0.5, "seed": 1}),
     ("dare", {"density": 0.5, "consensus": True, "normalize": True, "seed": 1}),
+    ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "l1"}),
+    ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "linf", "consensus": True}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype

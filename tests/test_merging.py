@@ -96,6 +96,13 @@ def test_every_merge_method_answers_with_a_new_dictionary(client: Client) -> Non
         assert h.kind == "dictionary" and set(client.size(h)) == {"w", "b", "n"}
     again = client.merge("dare", rest, base=base, density=0.3, seed=7)
     np.testing.assert_array_equal(client.dict(again, "w"), client.dict(made["dare"], "w"))
+    # mergekit's rescale (the L1 norm of each dropped-out delta matched to the delta's): the same kept
+    # elements, each model's scaled by its ratio of norms instead of 1/density
+    by_norm = client.dict(client.merge("dare", rest, base=base, density=0.3, seed=7, rescale_norm="l1"), "w")
+    assert np.array_equal(by_norm != values[0]["w"], client.dict(made["dare"], "w") != values[0]["w"])
+    assert not np.array_equal(by_norm, client.dict(made["dare"], "w"))
+    with pytest.raises(InvalidArgumentError, match="rescale_norm.*density, l1, l2, linf"):
+        client.merge("dare", rest, base=base, density=0.3, rescale_norm="l3")
 
 
 def test_a_handle_given_twice_counts_as_two_inputs_also_when_it_is_into(client: Client) -> None:
@@ -299,6 +306,9 @@ def test_a_dare_density_too_small_to_rescale_by_is_refused_instead_of_answering_
     assert {h.handle.id for h in client.handles()} == held
     kept = client.merge("dare", [x], base=base, density=1e-46, rescale=False, consensus=consensus)
     np.testing.assert_array_equal(client.dict(kept, "w"), np.full(8, 0.5, np.float32))
+    # a norm rescale never divides by the density: such a density drops everything, and the base is kept
+    by_norm = client.merge("dare", [x], base=base, density=1e-46, rescale_norm="l1", consensus=consensus)
+    np.testing.assert_array_equal(client.dict(by_norm, "w"), np.full(8, 0.5, np.float32))
 
 
 @pytest.mark.parametrize(("method", "options"), [

@@ -114,7 +114,8 @@ MERGE_OPTIONS = {
     "task_arithmetic": st.fixed_dictionaries({}, optional={"lam": st.sampled_from([0.5, 1.0]), "normalize": st.booleans()}),
     "ties": st.fixed_dictionaries({"density": st.sampled_from([0.0, 0.2, 1.0])}, optional={"normalize": st.booleans()}),
     "dare": st.fixed_dictionaries({"seed": st.integers(0, 9), "density": st.sampled_from([0.2, 0.9])}, optional={
-        "rescale": st.booleans(), "consensus": st.booleans(), "normalize": st.booleans()}),
+        "rescale": st.booleans(), "rescale_norm": st.sampled_from(["density", "l1", "l2", "linf"]),
+        "consensus": st.booleans(), "normalize": st.booleans()}),
 }
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

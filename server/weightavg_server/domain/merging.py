@@ -57,6 +57,15 @@ SLERP_SUMS = 3 * 3 * 8
 """Bytes `_cosine` allocates beside its chunks: the three float64 sums, and a chunk's three dot
 products and their stack (left out of the plan before: 72 bytes over, found by review)."""
 
+RESCALE_NORMS = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
+"""DARE's rescales that match a norm of the dropped-out delta to the delta's (mergekit's
+`rescaled_masked_tensor`; its dare_linear and dare_ties take "l1"), by the norm's order."""
+NORM_EPS = 1e-7
+"""mergekit's: where either norm is below it, the dropped-out delta is kept unscaled."""
+NORM_BYTES = 4 * 8
+"""What a norm rescale allocates: the two norms, their ratio (each a 0-dim tensor of the work dtype,
+at most float64) and a comparison's bool (25 bytes measured in float64 under `footprint._PeakBytes`)."""
+
 PerTensor = Sequence[tuple[str, Sequence[tuple[str, Value]]]]
 """Option overrides by entry-name pattern (fnmatch: '*', '?', '[ab]'), in order: the first pattern
 that matches an entry's name gives its overrides."""
@@ -97,6 +106,7 @@ METHODS: dict[str, Method] = {
         Method("ties", (_DENSITY, _LAM, Opt("normalize", ValueType.BOOL, True), _INTEGERS),
                base=True, sparsify="magnitude"),
         Method("dare", (_DENSITY, Opt("seed", ValueType.INT, 0, NON_NEGATIVE), Opt("rescale", ValueType.BOOL, True),
+                        Opt("rescale_norm", ValueType.STR, "density", choices=("density", *RESCALE_NORMS)),
                         Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
                         _INTEGERS),
                base=True, sparsify="random"),
@@ -477,7 +487,7 @@ def _check_factors(method: Method, options: Values, slot: Slot) -> None:
             f"{method.name}: lam {lam:.4g} lies past {work}'s range (at most {info.max:.4g} in size), where entry "
             f"'{slot.name}' is computed; give a smaller lam"
         )
-    if method.sparsify != "random" or not bool_value(options, "rescale"):
+    if method.sparsify != "random" or not bool_value(options, "rescale") or str_value(options, "rescale_norm") != "density":
         return
     density = float_value(options, "density")
     if density < info.tiny:
@@ -652,6 +662,8 @@ def _scratch(
     # where the native selection is on, it takes kthvalue's place and allocates nothing (`_selects_natively`);
     # CUDA, and a CPU where it is off, take kthvalue.
     internal = numel * (_size(work) + 8) if trims and not _selects_natively(device) else 0
+    if method.sparsify == "random" and bool_value(options, "rescale") and str_value(options, "rescale_norm") != "density":
+        internal += NORM_BYTES
     return acc + (work,) + base_cast + aside + election + divisor + mask, internal
 
 
@@ -974,6 +986,7 @@ def _task_vectors(
         base = scratch.take(shape, work)
         base.copy_(b)
     density = float_value(options, "density") if method != "task_arithmetic" else 1.0
+    rescale = (str_value(options, "rescale_norm") if bool_value(options, "rescale") else "") if method == "dare" else ""
     trims = method == "ties" and density < 1
     aside = scratch.take(shape, work) if _takes_aside(method, consensus, normalize, trims, slot.device) else None
     election = scratch.take(shape, work) if consensus else None
@@ -993,9 +1006,7 @@ def _task_vectors(
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
             aside.bernoulli_(density, generator=generator)
-            delta.mul_(aside)
-            if bool_value(options, "rescale"):
-                delta.div_(weighted_sum.true_divisor(delta, density))
+            _drop_out(delta, aside, density, rescale)
         delta.mul_(weights[i])
 
     acc.zero_()
@@ -1028,6 +1039,24 @@ def _task_vectors(
             acc.div_(sum(weights))  # the plan refused a sum of 0
     acc.mul_(float_value(options, "lam")).add_(base)
     _finish(acc, out)
+
+
+def _drop_out(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: str) -> None:
+    """DARE's drop-out of a delta in place: delta * mask, then rescaled by `rescale`: "density"
+    divides by it (the paper's 1/density), a norm of RESCALE_NORMS scales the dropped-out delta so
+    that its norm is the delta's (mergekit's `rescaled_masked_tensor`: the ratio of the two norms,
+    each a 0-dim tensor of the work dtype, unless either is below NORM_EPS), "" leaves it. The norms
+    are torch.linalg.vector_norm's, which allocate no tensor of the delta's size (mergekit's
+    `abs().sum()` and `abs().max()` do; the l1 sum may round differently in its last bits)."""
+    order = RESCALE_NORMS.get(rescale)
+    before = torch.linalg.vector_norm(delta, order) if order is not None else None
+    delta.mul_(mask)
+    if rescale == "density":
+        delta.div_(weighted_sum.true_divisor(delta, density))
+    elif before is not None:
+        after = torch.linalg.vector_norm(delta, order)
+        if not (bool(before < NORM_EPS) or bool(after < NORM_EPS)):
+            delta.mul_(before / after)
 
 
 def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor | None) -> float | None:
