@@ -56,7 +56,10 @@ def main(address: str, target: str) -> None:
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own data
     found: dict[str, float] = {}
     with Client(address, timeout=120) as c:
-        averages = {"ema": ShardedAverage(c, model, "ema", decay=0.9), "swa": ShardedAverage(c, model, "swa")}
+        averages = {
+            "ema": ShardedAverage(c, model, "ema", decay=0.9), "swa": ShardedAverage(c, model, "swa"),
+            "ema-async": ShardedAverage(c, model, "ema", decay=0.9, asynchronous=True),  # sent from copies
+        }
         for _ in range(STEPS):
             x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
             model.train()
@@ -71,7 +74,8 @@ def main(address: str, target: str) -> None:
         trained = full(model)
         x = torch.randn(5, 8, generator=torch.Generator().manual_seed(9))
         for mode, average in averages.items():
-            oracle = oracles[mode].module
+            average.wait()
+            oracle = oracles[mode.removesuffix("-async")].module
             model.eval()
             oracle.eval()
             with average.swapped(model):
@@ -79,7 +83,7 @@ def main(address: str, target: str) -> None:
                 with torch.no_grad():
                     found[f"{mode} output"] = (model(x) - oracle(x)).abs().max().item()
             found[f"{mode} restored"] = largest_difference(full(model), trained)
-            found[f"{mode} count"] = float(average.n_averaged - oracles[mode].n_averaged.item())
+            found[f"{mode} count"] = float(average.n_averaged - oracles[mode.removesuffix("-async")].n_averaged.item())
             average.free()
     if rank == 0:
         torch.save(found, target)

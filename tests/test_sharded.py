@@ -96,6 +96,33 @@ def test_a_checkpoint_round_trips_and_a_model_of_another_layout_is_refused(clien
     again.free()
 
 
+def test_an_asynchronous_average_is_the_synchronous_one_though_the_model_changes_at_once(client: Client) -> None:
+    """asynchronous=True sends copies taken when update_parameters returns: the model is changed in place
+    right after each call, and the average equals the synchronous one bit for bit."""
+    model = net()
+    ours = ShardedAverage(client, model, "ema", decay=0.8, asynchronous=True)
+    sync = ShardedAverage(client, model, "ema", decay=0.8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        train_step(model, opt, g)
+        sync.update_parameters(model)
+        ours.update_parameters(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(100.0)  # what the copy must not see
+                p.sub_(100.0)
+            model.a.weight.mul_(-1)
+            model.a.weight.mul_(-1)
+    ours.wait()
+    assert ours.n_averaged == sync.n_averaged == 5
+    theirs = sync.state_dict()["average"]
+    for name, value in ours.state_dict()["average"].items():
+        assert torch.equal(value, theirs[name]), name
+    ours.free()
+    sync.free()
+
+
 def test_local_state_is_each_dtensors_local_shard_sharing_its_memory() -> None:
     model = net()
     state, parameters = local_state(model)
@@ -119,8 +146,8 @@ def test_an_fsdp2_models_shards_average_to_the_whole_models_average(live_server:
     )
     assert done.returncode == 0, f"the script failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     found = torch.load(out)
-    assert found["ema state"] == 0.0, found  # elementwise: the shards' EMA is the whole EMA's, bit for bit
-    for mode in ("ema", "swa"):
+    assert found["ema state"] == found["ema-async state"] == 0.0, found  # elementwise: bit for bit the whole EMA
+    for mode in ("ema", "swa", "ema-async"):
         assert found[f"{mode} state"] <= TOLERANCE, found  # SWA: AveragedModel's formula, a few ulps off
         assert found[f"{mode} output"] <= 10 * TOLERANCE, found
         assert found[f"{mode} restored"] == 0.0, found

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 # weightavg.torch first: without PyTorch it raises the ImportError that says to install it.
-from .torch import _average_held, _dtype_of, _fold_in, _schedule, _unwrapped, fetch, push  # isort: skip
+from .torch import _average_held, _Background, _dtype_of, _fold_in, _schedule, _unwrapped, fetch, push  # isort: skip
 
 import torch
 
@@ -71,6 +71,10 @@ class ShardedAverage:
         every: send every k-th call of update_parameters.
         dtype: the server average's floating dtype ("float32" for a bfloat16 model); default: each
             tensor's own. copy_to casts back to the model's dtypes.
+        asynchronous: update_parameters copies this rank's shards (on their device) and returns; a
+            background thread sends them and folds them in while training goes on, one update in
+            flight at a time (RemoteAveragedModel's: every other call and wait() wait for it first,
+            and raise its error there).
 
     Raises:
         ValueError: a mode, `every`, dtype or schedule field out of range (nothing is sent); from
@@ -82,7 +86,7 @@ class ShardedAverage:
         self, client: Client, model: torch.nn.Module, mode: str = "ema", *,
         decay: float | None = None, warmup: bool | None = None, warmup_gamma: float | None = None,
         warmup_power: float | None = None, min_decay: float | None = None, update_after_step: int | None = None,
-        use_buffers: bool = False, every: int = 1, dtype: str | torch.dtype | None = None,
+        use_buffers: bool = False, every: int = 1, dtype: str | torch.dtype | None = None, asynchronous: bool = False,
     ) -> None:
         self.schedule = _schedule(mode, {
             "decay": decay, "warmup": warmup, "warmup_gamma": warmup_gamma, "warmup_power": warmup_power,
@@ -107,8 +111,11 @@ class ShardedAverage:
         self.average: Handle = push(client, start)
         self.source: Handle | None = None
         self.n_averaged = 0
+        """Updates folded in (with asynchronous, once folded in: wait() before reading it)."""
         self._calls = 0
         self._freed = False
+        self.asynchronous = asynchronous
+        self._background = _Background()
 
     def _shards(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's local shards, checked against the average's layout (names and shapes)."""
@@ -132,15 +139,30 @@ class ShardedAverage:
         """Fold this rank's shards of the model into its average (every `every`-th call); the entries
         that are not averaged are copied after it, so a refused average changes nothing."""
         self._check_not_freed()
+        self.wait()
         if (self._calls + 1) % self.every != 0:
             self._calls += 1
             return
         state = self._shards(model)
+        sent = [(n, t) for n, t in state.items() if n in self._averaged]
+        kept = [(n, t) for n, t in state.items() if n not in self._averaged]
+        if self.asynchronous:
+            self._background.send(self._update, sent, kept)
+        else:
+            self._update(sent, kept)
+
+    def wait(self) -> None:
+        """Wait for the update in flight (asynchronous=True); raise its error if the server refused it."""
+        self._background.wait()
+
+    def _update(self, sent: list[tuple[str, torch.Tensor]], kept: list[tuple[str, torch.Tensor]]) -> None:
+        """Fold the averaged entries in, then copy the others into the average (a refused average has
+        changed nothing); the call counts once folded in."""
         with self._held():
-            self.source = push(self.client, [(n, t) for n, t in state.items() if n in self._averaged], into=self.source)
+            self.source = push(self.client, sent, into=self.source)
             self.n_averaged = _fold_in(self.client, self.mode, self.schedule, self.source, self.average, self.n_averaged + 1)
             self._calls += 1
-            copied = [(n, t.to(self._layout[n][1])) for n, t in state.items() if n not in self._averaged]
+            copied = [(n, t.to(self._layout[n][1])) for n, t in kept]
             try:
                 if copied:
                     push(self.client, copied, into=self.average)
@@ -157,6 +179,7 @@ class ShardedAverage:
         """Write the average into the model's shards on this rank (cast to the model's dtypes), in
         place: parameters and the state dict's buffers. Every rank calls it for a sharded model."""
         self._check_not_freed()
+        self.wait()
         state = self._shards(model)
         devices = {t.device for t in state.values()}
         device = next(iter(devices)) if len(devices) == 1 and next(iter(devices)).type == "cuda" else None
@@ -183,6 +206,7 @@ class ShardedAverage:
     def state_dict(self) -> dict[str, Any]:
         """This rank's average (its shards, by name) and count, for a checkpoint of its own."""
         self._check_not_freed()
+        self.wait()
         with self._held():
             values = fetch(self.client, self.average)
         values.pop(".n", None)
@@ -192,6 +216,7 @@ class ShardedAverage:
         """Set this rank's average and count from `state_dict()`'s (all or nothing: the names and shapes
         must be the average's)."""
         self._check_not_freed()
+        self.wait()
         values = dict(state["average"])
         if set(values) != set(self._layout):
             raise ValueError(
@@ -209,8 +234,12 @@ class ShardedAverage:
         self.n_averaged = count
 
     def free(self) -> None:
-        """Free the server's dictionaries; later calls are refused."""
+        """Free the server's dictionaries (after the update in flight); later calls are refused."""
         if not self._freed:
+            try:
+                self.wait()
+            finally:
+                self._background.close()
             self.client.free(*[h for h in (self.average, self.source) if h is not None])
             self.source = None
             self._freed = True

@@ -322,6 +322,54 @@ def _average_held(what: str, kind: str) -> Iterator[None]:
         ) from exc
 
 
+class _Background:
+    """Updates sent from one background thread, one in flight at a time: `send` copies the tensors
+    on their device (training changes them in place once the caller returns) and queues the update;
+    `wait` waits for the one in flight and raises its error, wrapped to say which call it was."""
+
+    def __init__(self) -> None:
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future[None] | None = None
+
+    def send(
+        self, update: Callable[[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]], None],
+        sent: list[tuple[str, torch.Tensor]], kept: list[tuple[str, torch.Tensor]],
+    ) -> None:
+        """Copy `sent` and `kept` now and run update(sent, kept) on the thread once the copies are made
+        (CUDA events recorded after them on the caller's streams). The caller waited for the last."""
+        sent = [(name, t.detach().clone()) for name, t in sent]
+        kept = [(name, t.detach().clone()) for name, t in kept]
+        copied = _copies_done(t for _, t in itertools.chain(sent, kept))
+
+        def run() -> None:
+            for event in copied:
+                event.synchronize()
+            with torch.no_grad():
+                update(sent, kept)
+
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightavg-average")
+        self._pending = self._worker.submit(run)
+
+    def wait(self) -> None:
+        """Wait for the update in flight; raise its error if the server refused it (the update then did
+        not count). Does nothing when none is in flight."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except WeightavgError as exc:
+            raise type(exc)(f"the update sent in the background by an earlier update_parameters failed: {exc.message}",
+                            exc.code) from exc
+
+    def close(self) -> None:
+        """Stop the thread (after the update in flight)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+
 class RemoteAveragedModel(torch.nn.Module):
     """`torch.optim.swa_utils.AveragedModel` as a training loop uses it, with the average on a server.
 
@@ -400,8 +448,7 @@ class RemoteAveragedModel(torch.nn.Module):
         self.use_buffers = use_buffers
         self.every = every
         self.asynchronous = asynchronous
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: concurrent.futures.Future[None] | None = None
+        self._background = _Background()
         """The update in flight (asynchronous): waited for, and its error raised, by `wait`."""
         self.schedule = schedule
         self.decay, self.warmup, self.min_decay = schedule.decay, schedule.warmup, schedule.min_decay
@@ -473,34 +520,15 @@ class RemoteAveragedModel(torch.nn.Module):
             with self._held():
                 self._update(sent, kept)
             return
-        # Copies, since training changes the model in place once this returns; on the model's device.
-        sent = [(name, t.detach().clone()) for name, t in sent]
-        kept = [(name, t.detach().clone()) for name, t in kept]
-        copied = _copies_done(t for _, t in itertools.chain(sent, kept))
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightavg-average")
-        self._pending = self._worker.submit(self._update_held, sent, kept, copied)
+        self._background.send(self._update_held, sent, kept)
 
     def wait(self) -> None:
         """Wait for the update in flight (asynchronous=True) to be folded in; raise its error if the
         server refused it (the update then did not count). Does nothing when none is in flight."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:
-            pending.result()
-        except WeightavgError as exc:
-            raise type(exc)(f"the update sent in the background by an earlier update_parameters failed: {exc.message}",
-                            exc.code) from exc
+        self._background.wait()
 
-    def _update_held(
-        self, sent: list[tuple[str, torch.Tensor]], kept: list[tuple[str, torch.Tensor]], copied: list[Any]
-    ) -> None:
-        """The background half of an asynchronous update: once the copies are made (CUDA events
-        recorded after them on the caller's streams), send and fold them in."""
-        for event in copied:
-            event.synchronize()
-        with torch.no_grad(), self._held():
+    def _update_held(self, sent: list[tuple[str, torch.Tensor]], kept: list[tuple[str, torch.Tensor]]) -> None:
+        with self._held():
             self._update(sent, kept)
 
     def _update(self, sent: list[tuple[str, torch.Tensor]], kept: list[tuple[str, torch.Tensor]]) -> None:
@@ -653,9 +681,7 @@ class RemoteAveragedModel(torch.nn.Module):
         try:
             self._pull()  # waits for an update in flight
         finally:
-            if self._worker is not None:
-                self._worker.shutdown(wait=True)
-                self._worker = None
+            self._background.close()
         self.client.free(*[h for h in (self.average, self.source) if h is not None])
         self.source = None
         self._freed = True
