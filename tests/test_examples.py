@@ -126,6 +126,20 @@ def test_local_sgd_with_a_hierarchy_on_four_ranks_learns_and_leaves_the_ranks_al
     assert "give PERIOD:SIZE pairs" in capsys.readouterr().err
 
 
+def test_an_fsdp2_model_on_two_ranks_keeps_its_ema_per_rank_and_tests_it(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two FSDP2 ranks under torchrun train on digits with a per-rank EMA of their shards on the server:
+    the EMA swapped in is the same full model on both ranks (the example checks) and tests well; the
+    ranks' sessions free the averages."""
+    before = len(live_server.registry)
+    result = example("sharded_ema").main(["--address", live_server.address, "--epochs", "2"])
+    assert result.ranks == 2 and result.steps == 2 * 22  # 700 rows a rank in batches of 32
+    assert result.last > 80.0 and result.ema > 80.0
+    assert "the same full EMA on every rank" in capsys.readouterr().out
+    assert len(live_server.registry) == before
+
+
 def test_remote_swa_and_ema_of_a_local_torch_model_match_averaged_model_and_load_into_plain_networks(
     live_server: LiveServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
