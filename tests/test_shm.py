@@ -19,7 +19,8 @@ import torch
 
 from conftest import LiveServer
 from inprocess import TensorRegion
-from weightavg import Client, FailedPreconditionError
+import weightavg
+from weightavg import Client, FailedPreconditionError, NotFoundError
 from weightavg.v1 import weightavg_pb2 as pb
 from weightavg.v1 import weightavg_pb2_grpc as pb_grpc
 from weightavg_server.domain import shm
@@ -574,6 +575,38 @@ def test_a_region_whose_memory_cannot_be_allocated_or_opened_is_resource_exhaust
         with pytest.raises(shm.ResourceExhausted, match="file descriptors"):
             shm.Region(region.name, 4096)
     assert region_descriptors() == before
+
+
+def test_a_session_lists_its_regions_and_whether_they_take_copies_never_their_keys(
+    shm_server: LiveServer, region: shared_memory.SharedMemory
+) -> None:
+    """ListSharedMemory (Triton's status call): the session's regions in the order registered, one by
+    name, NOT_FOUND for a name it has not registered, none for another session or a call without one;
+    a region whose file was truncated lists as unusable. No answer or error names a key."""
+    with Client(shm_server.address, timeout=WAIT, shm=True) as c, grpc.insecure_channel(shm_server.address) as channel:
+        c.dict({"big": np.zeros(1 << 15, np.float32)})  # the client registers its reused region
+        own = c.shm_regions()
+        assert [r.name for r in own] == [c._shm_names.region] and own[0].usable and own[0].device == "cpu"
+        stub = pb_grpc.WeightAveragingServiceStub(channel)
+        assert _register(stub, region.name, 4096, c.session, name="mine").byte_size == 4096
+        listed = c.shm_regions()
+        assert [r.name for r in listed] == [c._shm_names.region, "mine"]
+        assert c.shm_regions("mine") == [weightavg.SharedRegion("mine", 4096, "cpu", "", True)]
+        with pytest.raises(NotFoundError, match="no shared memory region 'other'") as err:
+            c.shm_regions("other")
+        assert region.name not in str(err.value) and all(region.name not in repr(r) for r in listed)
+        os.truncate(os.path.join(shm.SHM_DIRECTORY, region.name), 0)  # the client's own mistake
+        assert not c.shm_regions("mine")[0].usable and c.shm_regions()[0].usable
+        with Client(shm_server.address, timeout=WAIT, session=True) as other:
+            assert other.shm_regions() == []
+        with Client(shm_server.address, timeout=WAIT) as bare:
+            assert bare.shm_regions() == []
+
+
+def test_a_server_without_shared_memory_says_how_to_turn_it_on_when_asked_for_regions(live_server: LiveServer) -> None:
+    with Client(live_server.address, timeout=WAIT, session=True) as c:
+        with pytest.raises(FailedPreconditionError, match="--allow-shm"):
+            c.shm_regions()
 
 
 def test_a_hole_punched_after_registration_stops_the_copies(region: shared_memory.SharedMemory) -> None:

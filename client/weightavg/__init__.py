@@ -3,7 +3,7 @@
 from ._averagers import HierarchicalAverager, PeriodicAverager
 from ._client import Client
 from ._objects import Dictionary, Module, Remote
-from ._records import Handle, HandleInfo, ModuleRow, Soup
+from ._records import Handle, HandleInfo, ModuleRow, SharedRegion, Soup
 from ._retry import RetryPolicy
 from ._errors import (
     AbortedError,
@@ -45,6 +45,7 @@ __all__ = [
     "Remote",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "SharedRegion",
     "Soup",
     "UnauthenticatedError",
     "UnavailableError",

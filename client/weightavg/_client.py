@@ -28,7 +28,7 @@ from ._errors import (
     ResourceExhaustedError, UnavailableError, UnimplementedError, WeightavgError,
     from_rpc_error,
 )
-from ._records import Handle, HandleInfo, ModuleRow, Soup
+from ._records import Handle, HandleInfo, ModuleRow, SharedRegion, Soup
 from ._retry import DirectUnaryChannel, Replayable, RetryInterceptor, RetryPolicy, new_request_id
 from .v1 import weightavg_pb2 as pb
 from .v1 import weightavg_pb2_grpc as pb_grpc
@@ -1411,6 +1411,14 @@ class Client:
             )
             for i in r.handles
         ]
+
+    @_rpc
+    def shm_regions(self, name: str = "") -> list[SharedRegion]:
+        """The shared memory regions this client's session has registered (or the one named), in the
+        order registered: each one's name, size, device, the CUDA device its pages are locked for, and
+        whether it still takes copies. Never the keys."""
+        r = self._stub.ListSharedMemory(pb.ListSharedMemoryRequest(name=name), timeout=self.timeout)
+        return [SharedRegion(x.name, x.byte_size, x.device, x.locked_for, x.usable) for x in r.regions]
 
     @_rpc
     def to(self, h: HandleLike, device: str = "", dtype: DtypeLike | None = None) -> Handle:

@@ -49,6 +49,20 @@ class HandleInfo:
 
 
 @dataclass(frozen=True)
+class SharedRegion:
+    """A shared memory region the session has registered, as ListSharedMemory reports it (never its key)."""
+
+    name: str
+    byte_size: int
+    device: str
+    """Where its bytes lie: "cpu" for a /dev/shm region, the CUDA device for a CUDA buffer."""
+    locked_for: str
+    """The CUDA device a host region's pages are locked for; "" when pageable."""
+    usable: bool
+    """False once its file was truncated or lost memory: the region refuses copies (register it again)."""
+
+
+@dataclass(frozen=True)
 class Soup:
     """A greedy soup made by Client.soup: the soup's dictionary and every score on the way.
 

@@ -30,7 +30,7 @@ from .domain.batchnorm import Momenta
 from .domain.dictionaries import TensorDict
 from .domain.ema import EmaState, ScheduleChange
 from .domain.dtypes import DTYPES
-from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from .domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .domain.options import Value
 from .domain.tensors import (
     Bytes, HandleSummary, StorageKey, TensorHolder, add_bytes, host_copies, storage_bytes, storages, tensor_bytes,
@@ -1381,6 +1381,17 @@ class Service:
         if not session:
             return 0
         return self.store.shared.unregister(CALLER.get().tenant, session, name)
+
+    def list_shared_memory(self, name: str = "") -> list[tuple[str, shm.Region]]:
+        """The caller's session's regions (or the one named), in the order registered; none without a
+        session."""
+        self._require_shm()
+        session = CALLER_SESSION.get()
+        if not session:
+            if name:
+                raise NotFound(f"no shared memory region '{name}' is registered by this session (the call has none)")
+            return []
+        return self.store.shared.listed(CALLER.get().tenant, session, name)
 
     def fetch_to_shared_memory(
         self, handle: str, names: Sequence[str], region: str, offset: int, max_bytes: int = 0, overflow: str = ""

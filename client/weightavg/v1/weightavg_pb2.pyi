@@ -4910,6 +4910,92 @@ class UnregisterSharedMemoryResponse(_message.Message):
 Global___UnregisterSharedMemoryResponse: _TypeAlias = UnregisterSharedMemoryResponse  # noqa: Y015
 
 @_typing.final
+class ListSharedMemoryRequest(_message.Message):
+    """ListSharedMemoryRequest names the region to describe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The region's name; empty lists every region of the caller's session (none without a session).
+    A name the session has not registered is NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSharedMemoryRequest: _TypeAlias = ListSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRegionInfo(_message.Message):
+    """SharedMemoryRegionInfo describes one registered region (never its key)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    LOCKED_FOR_FIELD_NUMBER: _builtins.int
+    USABLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name calls use for it."""
+    byte_size: _builtins.int
+    """Bytes mapped."""
+    device: _builtins.str
+    """Where its bytes lie: "cpu" for a /dev/shm region, the CUDA device for a CUDA buffer."""
+    locked_for: _builtins.str
+    """The CUDA device a host region's pages are locked for (copies to it run as DMA); empty: pageable."""
+    usable: _builtins.bool
+    """False once the region refuses copies: its file was truncated or lost memory (register it again)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        byte_size: _builtins.int = ...,
+        device: _builtins.str = ...,
+        locked_for: _builtins.str = ...,
+        usable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "device", b"device", "locked_for", b"locked_for", "name", b"name", "usable", b"usable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRegionInfo: _TypeAlias = SharedMemoryRegionInfo  # noqa: Y015
+
+@_typing.final
+class ListSharedMemoryResponse(_message.Message):
+    """ListSharedMemoryResponse lists regions, in the order they were registered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedMemoryRegionInfo]:
+        """One entry per region."""
+
+    def __init__(
+        self,
+        *,
+        regions: _abc.Iterable[Global___SharedMemoryRegionInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["regions", b"regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSharedMemoryResponse: _TypeAlias = ListSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
 class SharedTensor(_message.Message):
     """SharedTensor says where a tensor lies in a shared memory region: its bytes, row-major and
     little-endian as on the wire, start at offset (a multiple of the element size).

@@ -306,6 +306,11 @@ class WeightAveragingServiceStub:
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryRequest.SerializeToString,
                 response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.ListSharedMemory = channel.unary_unary(
+                '/weightavg.v1.WeightAveragingService/ListSharedMemory',
+                request_serializer=weightavg_dot_v1_dot_weightavg__pb2.ListSharedMemoryRequest.SerializeToString,
+                response_deserializer=weightavg_dot_v1_dot_weightavg__pb2.ListSharedMemoryResponse.FromString,
+                _registered_method=True)
         self.FetchTensorsToSharedMemory = channel.unary_unary(
                 '/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory',
                 request_serializer=weightavg_dot_v1_dot_weightavg__pb2.FetchTensorsToSharedMemoryRequest.SerializeToString,
@@ -758,6 +763,14 @@ class WeightAveragingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSharedMemory(self, request, context):
+        """ListSharedMemory describes the session's regions (or the one named): names, sizes, devices and
+        whether each still takes copies; never their keys (Triton's SystemSharedMemoryStatus).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchTensorsToSharedMemory(self, request, context):
         """FetchTensorsToSharedMemory writes what FetchTensors would stream into a registered region, one
         tensor after another from an offset, and says where each one lies.
@@ -1070,6 +1083,11 @@ def add_WeightAveragingServiceServicer_to_server(servicer, server):
                     servicer.UnregisterSharedMemory,
                     request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryRequest.FromString,
                     response_serializer=weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'ListSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSharedMemory,
+                    request_deserializer=weightavg_dot_v1_dot_weightavg__pb2.ListSharedMemoryRequest.FromString,
+                    response_serializer=weightavg_dot_v1_dot_weightavg__pb2.ListSharedMemoryResponse.SerializeToString,
             ),
             'FetchTensorsToSharedMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchTensorsToSharedMemory,
@@ -2552,6 +2570,33 @@ class WeightAveragingService:
             '/weightavg.v1.WeightAveragingService/UnregisterSharedMemory',
             weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryRequest.SerializeToString,
             weightavg_dot_v1_dot_weightavg__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightavg.v1.WeightAveragingService/ListSharedMemory',
+            weightavg_dot_v1_dot_weightavg__pb2.ListSharedMemoryRequest.SerializeToString,
+            weightavg_dot_v1_dot_weightavg__pb2.ListSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -220,6 +220,10 @@ class WeightAveragingServiceStub:
     """
     UnregisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.UnregisterSharedMemoryRequest, _weightavg_pb2.UnregisterSharedMemoryResponse]
     """UnregisterSharedMemory unmaps one of the session's regions (an empty name: all of them)."""
+    ListSharedMemory: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ListSharedMemoryRequest, _weightavg_pb2.ListSharedMemoryResponse]
+    """ListSharedMemory describes the session's regions (or the one named): names, sizes, devices and
+    whether each still takes copies; never their keys (Triton's SystemSharedMemoryStatus).
+    """
     FetchTensorsToSharedMemory: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.FetchTensorsToSharedMemoryRequest, _weightavg_pb2.FetchTensorsToSharedMemoryResponse]
     """FetchTensorsToSharedMemory writes what FetchTensors would stream into a registered region, one
     tensor after another from an offset, and says where each one lies.
@@ -433,6 +437,10 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """
     UnregisterSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.UnregisterSharedMemoryRequest, _weightavg_pb2.UnregisterSharedMemoryResponse]  # type: ignore[assignment]
     """UnregisterSharedMemory unmaps one of the session's regions (an empty name: all of them)."""
+    ListSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ListSharedMemoryRequest, _weightavg_pb2.ListSharedMemoryResponse]  # type: ignore[assignment]
+    """ListSharedMemory describes the session's regions (or the one named): names, sizes, devices and
+    whether each still takes copies; never their keys (Triton's SystemSharedMemoryStatus).
+    """
     FetchTensorsToSharedMemory: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.FetchTensorsToSharedMemoryRequest, _weightavg_pb2.FetchTensorsToSharedMemoryResponse]  # type: ignore[assignment]
     """FetchTensorsToSharedMemory writes what FetchTensors would stream into a registered region, one
     tensor after another from an offset, and says where each one lies.
@@ -967,6 +975,16 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.UnregisterSharedMemoryResponse, _abc.Awaitable[_weightavg_pb2.UnregisterSharedMemoryResponse]]:
         """UnregisterSharedMemory unmaps one of the session's regions (an empty name: all of them)."""
+
+    @_abc_1.abstractmethod
+    def ListSharedMemory(
+        self,
+        request: _weightavg_pb2.ListSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_weightavg_pb2.ListSharedMemoryResponse, _abc.Awaitable[_weightavg_pb2.ListSharedMemoryResponse]]:
+        """ListSharedMemory describes the session's regions (or the one named): names, sizes, devices and
+        whether each still takes copies; never their keys (Triton's SystemSharedMemoryStatus).
+        """
 
     @_abc_1.abstractmethod
     def FetchTensorsToSharedMemory(

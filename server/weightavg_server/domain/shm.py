@@ -211,6 +211,14 @@ class Region:
                 "truncation); register it again"
             )
 
+    def usable(self) -> bool:
+        """Whether a copy would start now (`check_size` passes): not closed, not broken, its file whole."""
+        try:
+            self.check_size()
+        except FailedPrecondition:
+            return False
+        return True
+
     def bytes_at(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
         """A uint8 tensor over bytes [offset, offset + nbytes) of the region, sharing its memory."""
         if offset < 0 or nbytes < 0 or offset + nbytes > self.byte_size:

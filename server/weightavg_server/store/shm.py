@@ -114,6 +114,16 @@ class SharedRegions:
         close_regions([held.region for held in dropped])  # forgotten either way
         return len(dropped)
 
+    def listed(self, tenant: str, session: str, name: str) -> list[tuple[str, Region]]:
+        """The session's regions by name, in the order registered (only `name` when given: NotFound if
+        the session has no such region)."""
+        with self._lock:
+            found = [(k[1], v.region) for k, v in self._regions.items()
+                     if k[0] == session and v.tenant == tenant and name in ("", k[1])]
+        if name and not found:
+            raise NotFound(f"no shared memory region '{name}' is registered by this session")
+        return found
+
     def end_session(self, session: str) -> int:
         """The session ended: forget its regions; how many."""
         regions = self.take_session(session)

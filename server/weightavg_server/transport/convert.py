@@ -259,6 +259,14 @@ def size_message(size: Size) -> pb.GetSizeResponse:
     return pb.GetSizeResponse(parameter_count=size.parameter_count or 0, etag=size.etag)
 
 
+def region_info(name: str, region: shm.Region) -> pb.SharedMemoryRegionInfo:
+    """One row of a shared memory listing (never the key)."""
+    return pb.SharedMemoryRegionInfo(
+        name=name, byte_size=region.byte_size, device=str(region.device),
+        locked_for="" if region.locked_for is None else str(region.locked_for), usable=region.usable(),
+    )
+
+
 def handle_info(handle_message: pb.Handle, summary: HandleSummary, tenant: str = "") -> pb.HandleInfo:
     """One row of a handle listing."""
     dtype = codec.dtype_code(summary.dtype) if summary.dtype is not None else pb.DTYPE_UNSPECIFIED

@@ -591,6 +591,12 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
         return pb.UnregisterSharedMemoryResponse(count=self.service.unregister_shared_memory(request.name, request=ids.key(request)))
 
     @translate_errors
+    def ListSharedMemory(self, request: pb.ListSharedMemoryRequest, context: Context) -> pb.ListSharedMemoryResponse:
+        return pb.ListSharedMemoryResponse(regions=[
+            convert.region_info(name, region) for name, region in self.service.list_shared_memory(request.name)
+        ])
+
+    @translate_errors
     def FetchTensorsToSharedMemory(
         self, request: pb.FetchTensorsToSharedMemoryRequest, context: Context
     ) -> pb.FetchTensorsToSharedMemoryResponse:

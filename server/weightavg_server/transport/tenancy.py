@@ -75,7 +75,7 @@ class Access(enum.Enum):
 _READ = (
     "Ping", "GetServerInfo", "DescribeModule", "ListParameterNames", "ListBufferNames", "FetchTensors", "GetSize",
     "ListHandles", "GetLearningRate", "DescribeModel", "GetModelOptions", "GetServerStats",
-    "FetchTensorsToSharedMemory",
+    "FetchTensorsToSharedMemory", "ListSharedMemory",
 )
 _USE = ("RunTest", "EvaluateModel", "KeepAliveSession")
 _CHANGE = (
