@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weightavg import Client
 from weightavg.sharded import ShardedAverage
+from weightavg.torch import RemoteAveragedModel
 
 from torchrun_scripts import leave  # tests/torchrun_scripts.py, beside this file
 
@@ -56,6 +57,11 @@ def main(address: str, target: str) -> None:
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own data
     found: dict[str, float] = {}
     with Client(address, timeout=120) as c:
+        try:  # the whole-model average refuses a sharded model, naming the one to use
+            RemoteAveragedModel(c, model, "ema")
+            raise AssertionError("RemoteAveragedModel took a sharded model")
+        except TypeError as exc:
+            assert "use weightavg.sharded.ShardedAverage" in str(exc), exc
         averages = {
             "ema": ShardedAverage(c, model, "ema", decay=0.9), "swa": ShardedAverage(c, model, "swa"),
             "ema-async": ShardedAverage(c, model, "ema", decay=0.9, asynchronous=True),  # sent from copies

@@ -409,7 +409,8 @@ class RemoteAveragedModel(torch.nn.Module):
             the one it was made with (nothing is sent, nothing changes).
         NotFoundError: the server no longer holds the average (restarted without --state-dir).
         RuntimeError: after free().
-        TypeError: from copy.deepcopy or pickle (save the state dict instead).
+        TypeError: for a sharded (DTensor, FSDP2) model, which weightavg.sharded.ShardedAverage takes;
+            from copy.deepcopy or pickle (save the state dict instead).
 
     Differences from AveragedModel: integer buffers are copied, not averaged; nothing is averaged on
     the model's device; a model of another layout is refused, where AveragedModel pairs tensors by
@@ -455,6 +456,12 @@ class RemoteAveragedModel(torch.nn.Module):
         self.warmup_gamma, self.warmup_power = schedule.warmup_gamma, schedule.warmup_power
         self.update_after_step = schedule.update_after_step
         target = _dtype_of(dtype)
+        if any(callable(getattr(t, "to_local", None)) for _, t in _state(model, True)):
+            # FSDP refuses deepcopy ("FSDP does not support deepcopy"), and no process holds a DTensor whole.
+            raise TypeError(
+                "the model's tensors are sharded (DTensors, e.g. after fully_shard): no process holds the whole "
+                "model to copy; use weightavg.sharded.ShardedAverage, which averages each rank's shards"
+            )
         local = copy.deepcopy(model)
         if device is not None:
             local.to(device)
