@@ -749,9 +749,10 @@ def _digest(value: Any) -> int:
 def _allreduce(
     service: Service, fabric: Fabric, handle: str, op: str, weights: list[float], group_size: int = 0
 ) -> Reduced:
-    """Reduce on every rank, within groups of `group_size` consecutive ranks (0: all of them): first agree on what is reduced and that every rank could reserve the
-    reduction's copies (a control collective that completes even when a rank lacks the handle or the
-    room), so no rank is left waiting in a data collective and a refusal anywhere changes nothing.
+    """Reduce on every rank, within groups of `group_size` consecutive ranks (0: all of them): first
+    agree on what is reduced and that every rank could reserve the reduction's copies (a control
+    collective that completes even when a rank lacks the handle or the room), so no rank is left
+    waiting in a data collective and a refusal anywhere changes nothing.
     A rank that could take part, where another could not, answers nothing (`_Abandoned`): the error
     the client sees is the refusing rank's own.
 
