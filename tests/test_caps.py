@@ -362,6 +362,7 @@ READ_ONLY = {
     "server_info", "device_usage", "describe_module", "parameter_names", "buffer_names", "size", "list_handles",
     "learning_rate", "describe_model", "model_options", "request_id_stats", "rank_bytes", "rank_kept_bytes",
     "tenant_usage", "cluster_info", "shared_region", "staging_buffer", "upload_arena", "sees_server_wide",
+    "list_shared_memory",
 }
 """Methods that change no object. `staging_buffer` gives an upload's transient buffer, reserved as the
 tensor it carries (and, for a tensor bound for a GPU, on the host too, for the call); `upload_arena`

@@ -582,7 +582,7 @@ def test_every_call_that_changes_state_takes_a_request_id() -> None:
     assert unkeyed == {
         "Ping", "GetServerInfo", "GetServerStats", "DescribeModule", "ListParameterNames", "ListBufferNames",
         "FetchTensors", "GetSize", "ListHandles", "GetLearningRate", "DescribeModel", "GetModelOptions",
-        "RunTest", "EvaluateModel", "KeepAliveSession", "Snapshot", "FetchTensorsToSharedMemory",
+        "RunTest", "EvaluateModel", "KeepAliveSession", "Snapshot", "FetchTensorsToSharedMemory", "ListSharedMemory",
     }
     assert len(keyed) == 41  # AllReduce and Broadcast: the cluster's
     first_numbered = {"UpdateMovingAverage": 11}  # its message came with the field before the rest got 15
