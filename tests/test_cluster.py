@@ -1058,6 +1058,16 @@ def test_ranks_that_do_not_meet_within_the_timeout_stop_the_start_naming_the_fla
         Cluster(tmp_path, "--cluster-timeout-seconds", "0.001")
 
 
+def test_a_peer_that_left_during_the_meeting_reads_as_not_meeting_in_time() -> None:
+    """Where the ranks met and one then timed out in the first exchange, the other read gloo's
+    'Connection reset by peer' and stopped with torch's traceback (found in CI): both words of a peer
+    that left now count as the ranks not meeting in time, as timeouts do."""
+    said = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:38598: Connection reset by peer."
+    assert fabric.peer_left(said) and fabric.peer_left("Connection closed by peer [127.0.0.1]:29500")
+    assert not fabric.peer_left("wait timeout after 1ms") and fabric.timed_out("wait timeout after 1ms")
+    assert not fabric.peer_left("Connection refused")
+
+
 def test_a_killed_rank_gives_unavailable_within_a_minute(cluster: Cluster) -> None:
     with client(cluster.address) as c:
         m = c.module(["linear", 2, 2], replicate=True)
