@@ -123,6 +123,27 @@ def test_an_asynchronous_average_is_the_synchronous_one_though_the_model_changes
     sync.free()
 
 
+def test_skipped_buffers_stay_as_the_model_had_them(client: Client) -> None:
+    model = net()
+    initial = {name: b.clone() for name, b in model.named_buffers()}
+    ours = ShardedAverage(client, model, "ema", decay=0.9, buffers="skip")
+    copied = ShardedAverage(client, model, "ema", decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        train_step(model, opt, g)
+        ours.update_parameters(model)
+        copied.update_parameters(model)
+    skipped, theirs = ours.state_dict()["average"], copied.state_dict()["average"]
+    for name, value in theirs.items():
+        if name in initial:
+            assert torch.equal(skipped[name], initial[name]) and not torch.equal(value, initial[name]), name
+        else:
+            assert torch.equal(skipped[name], value), name  # the parameters average alike
+    ours.free()
+    copied.free()
+
+
 def test_local_state_is_each_dtensors_local_shard_sharing_its_memory() -> None:
     model = net()
     state, parameters = local_state(model)

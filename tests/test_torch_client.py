@@ -175,6 +175,30 @@ def test_remote_averaged_model_equals_averaged_model_in_a_training_loop(
         assert (ours(loader[0]) - oracle(loader[0])).abs().max().item() <= 10 * TOLERANCE
 
 
+def test_skipped_buffers_stay_as_the_model_had_them_while_the_parameters_average(client: Client) -> None:
+    """buffers="skip" (what EMA users ask for beside average and copy): the parameters average as
+    AveragedModel's, the buffers are never sent and stay as the model had them when the average was
+    made (running statistics and num_batches_tracked alike), for update_bn to recompute."""
+    model = net()
+    initial = {name: b.clone() for name, b in model.named_buffers()}
+    oracle = oracle_for(model, "ema", False, decay=0.9)
+    ours = RemoteAveragedModel(client, model, "ema", decay=0.9, buffers="skip")
+    train(model, [oracle, ours])
+    assert ours.buffer_mode == "skip" and not ours.use_buffers
+    state = ours.state_dict()
+    for name, value in oracle.state_dict().items():
+        key = name.removeprefix("module.")
+        if key in initial:
+            assert torch.equal(state[name], initial[key]), name
+            assert not torch.equal(initial[key], dict(model.named_buffers())[key]), name  # training moved them
+        elif value.is_floating_point():
+            assert (state[name] - value).abs().max().item() <= TOLERANCE, name
+    for given, fix in (({"buffers": "keep"}, "buffers must be one of average, copy, skip"),
+                       ({"buffers": "copy", "use_buffers": True}, "give one of the two")):
+        with pytest.raises(ValueError, match=fix):
+            RemoteAveragedModel(client, net(), "ema", **given)
+
+
 def test_updates_every_k_steps_equal_averaged_model_updated_every_k_steps(client: Client) -> None:
     model = net()
     oracle = oracle_for(model, "ema", False, decay=0.8)

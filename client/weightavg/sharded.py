@@ -29,7 +29,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 # weightavg.torch first: without PyTorch it raises the ImportError that says to install it.
-from .torch import _average_held, _Background, _dtype_of, _fold_in, _schedule, _unwrapped, fetch, push  # isort: skip
+from .torch import (  # isort: skip
+    _average_held, _Background, _buffer_mode, _dtype_of, _fold_in, _schedule, _unwrapped, fetch, push,
+)
 
 import torch
 
@@ -68,6 +70,8 @@ class ShardedAverage:
         use_buffers: average floating buffers with the parameters (integer ones, such as
             num_batches_tracked, are copied); False copies every buffer at each update, as torch's
             AveragedModel does. Only buffers in the state dict (persistent ones) are kept.
+        buffers: "average", "copy" or "skip" (left as they were when the average was made), as
+            RemoteAveragedModel's; given, it replaces use_buffers.
         every: send every k-th call of update_parameters.
         dtype: the server average's floating dtype ("float32" for a bfloat16 model); default: each
             tensor's own. copy_to casts back to the model's dtypes.
@@ -86,7 +90,8 @@ class ShardedAverage:
         self, client: Client, model: torch.nn.Module, mode: str = "ema", *,
         decay: float | None = None, warmup: bool | None = None, warmup_gamma: float | None = None,
         warmup_power: float | None = None, min_decay: float | None = None, update_after_step: int | None = None,
-        use_buffers: bool = False, every: int = 1, dtype: str | torch.dtype | None = None, asynchronous: bool = False,
+        use_buffers: bool = False, buffers: str | None = None, every: int = 1, dtype: str | torch.dtype | None = None,
+        asynchronous: bool = False,
     ) -> None:
         self.schedule = _schedule(mode, {
             "decay": decay, "warmup": warmup, "warmup_gamma": warmup_gamma, "warmup_power": warmup_power,
@@ -95,17 +100,20 @@ class ShardedAverage:
         if every < 1:
             raise ValueError(f"every must be at least 1, not {every}")
         target = _dtype_of(dtype)
-        self.client, self.mode, self.use_buffers, self.every = client, mode, use_buffers, every
+        self.buffer_mode = _buffer_mode(use_buffers, buffers)
+        self.client, self.mode, self.use_buffers, self.every = client, mode, self.buffer_mode == "average", every
         state, parameters = local_state(model)
         start = {name: t.to(target) if target is not None and t.is_floating_point() else t for name, t in state.items()}
         self._layout = {name: (t.shape, t.dtype) for name, t in start.items()}
         """Each entry's local shape and the average's dtype: what every later model must match."""
         self._averaged = {
             name for name, t in state.items()
-            if t.is_floating_point() and (name in parameters or use_buffers)
+            if t.is_floating_point() and (name in parameters or self.use_buffers)
         }
-        """The entries folded into the average; the others (buffers, unless use_buffers, and integer
-        entries) are copied into it at each update."""
+        """The entries folded into the average."""
+        self._copied = {name for name in state if name not in self._averaged and (name in parameters or self.buffer_mode != "skip")}
+        """The entries copied into it at each update: buffers, unless averaged or skipped, and integer
+        entries."""
         if mode == "swa":
             start[".n"] = torch.tensor(0.0, dtype=torch.float64)  # the first update copies, as AveragedModel's
         self.average: Handle = push(client, start)
@@ -145,7 +153,7 @@ class ShardedAverage:
             return
         state = self._shards(model)
         sent = [(n, t) for n, t in state.items() if n in self._averaged]
-        kept = [(n, t) for n, t in state.items() if n not in self._averaged]
+        kept = [(n, t) for n, t in state.items() if n in self._copied]
         if self.asynchronous:
             self._background.send(self._update, sent, kept)
         else:

@@ -278,6 +278,24 @@ def _schedule(mode: str, given: Mapping[str, Any]) -> _EmaDefaults:
     return schedule
 
 
+BUFFER_MODES = ("average", "copy", "skip")
+"""What an average does with the model's buffers: average the floating ones with the parameters
+(integer ones copied), copy them all at each update, or leave them as they were when the average was
+made (to recompute batchnorm statistics for the average, say)."""
+
+
+def _buffer_mode(use_buffers: bool, buffers: str | None) -> str:
+    """`buffers` (one of BUFFER_MODES), or from AveragedModel's `use_buffers` where it is not given;
+    ValueError for another value or one that contradicts use_buffers=True."""
+    if buffers is None:
+        return "average" if use_buffers else "copy"
+    if buffers not in BUFFER_MODES:
+        raise ValueError(f"buffers must be one of {', '.join(BUFFER_MODES)}, not {buffers!r}")
+    if use_buffers and buffers != "average":
+        raise ValueError(f"use_buffers=True averages the buffers, buffers={buffers!r} does not: give one of the two")
+    return buffers
+
+
 def _fold_in(client: Client, mode: str, schedule: _EmaDefaults, source: Handle, average: Handle, step: int) -> int:
     """Fold the values sent (`source`) into the average: avgparms for "swa", ema with the schedule at
     `step` for "ema" (the step from the object's count, so a loaded checkpoint's count carries on);
@@ -390,6 +408,9 @@ class RemoteAveragedModel(torch.nn.Module):
         use_buffers: average floating buffers with the parameters (integer buffers such as
             num_batches_tracked are copied, never averaged); False copies every buffer at each
             update, as AveragedModel does.
+        buffers: the same choice by name, with a third: "average" (use_buffers=True), "copy" (the
+            default) or "skip": never sent, the average keeps the buffers the model had when it was
+            made (recompute them with update_bn); see BUFFER_MODES.
         every: send every k-th call of update_parameters (the others cost nothing). The decay
             applies per update sent: decay**k keeps an EMA's horizon in steps.
         dtype: the server average's floating dtype ("float32" for a bfloat16 model: a bfloat16
@@ -432,6 +453,7 @@ class RemoteAveragedModel(torch.nn.Module):
         min_decay: float | None = None,
         update_after_step: int | None = None,
         use_buffers: bool = False,
+        buffers: str | None = None,
         every: int = 1,
         dtype: str | torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -446,7 +468,8 @@ class RemoteAveragedModel(torch.nn.Module):
             raise ValueError(f"every must be at least 1, not {every}")
         self.client = client
         self.mode = mode
-        self.use_buffers = use_buffers
+        self.buffer_mode = _buffer_mode(use_buffers, buffers)
+        self.use_buffers = self.buffer_mode == "average"
         self.every = every
         self.asynchronous = asynchronous
         self._background = _Background()
@@ -521,8 +544,8 @@ class RemoteAveragedModel(torch.nn.Module):
             return
         _check_layout(model, self._layout)
         self._sync()
-        sent = _state(model, self.use_buffers)
-        kept = [] if self.use_buffers else [(name, t) for name, t in _unwrapped(model).named_buffers()]
+        sent = _state(model, self.buffer_mode == "average")
+        kept = [(name, t) for name, t in _unwrapped(model).named_buffers()] if self.buffer_mode == "copy" else []
         if not self.asynchronous:
             with self._held():
                 self._update(sent, kept)
