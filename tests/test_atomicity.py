@@ -355,6 +355,10 @@ CASES = [
             method="slerp", dictionaries=[w.copy, w.avg, w.copy], options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.5))])),
         ("density 0", IA, lambda w: pb.MergeDictionariesRequest(
             method="dare", dictionaries=[w.copy], base=w.avg, options=[pb.Option(name="density", value=pb.OptionValue(float_value=0))])),
+        ("a rescale norm that is none", IA, lambda w: pb.MergeDictionariesRequest(
+            method="dare", dictionaries=[w.copy], base=w.avg, options=[
+                pb.Option(name="density", value=pb.OptionValue(float_value=0.5)),
+                pb.Option(name="rescale_norm", value=pb.OptionValue(string_value="l3"))])),
         ("a pattern that matches nothing", IA, lambda w: pb.MergeDictionariesRequest(
             method="slerp", dictionaries=[w.copy, w.avg], options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.5))],
             tensor_options=[pb.TensorOptions(pattern="zz*", options=[pb.Option(name="t", value=pb.OptionValue(float_value=1))])])),

@@ -594,6 +594,8 @@ def test_a_session_lists_its_regions_and_whether_they_take_copies_never_their_ke
         assert c.shm_regions("mine") == [weightavg.SharedRegion("mine", 4096, "cpu", "", True)]
         with pytest.raises(NotFoundError, match="no shared memory region 'other'") as err:
             c.shm_regions("other")
+        with pytest.raises(weightavg.InvalidArgumentError, match="1 to 64 letters"):
+            c.shm_regions("x" * 65)
         assert region.name not in str(err.value) and all(region.name not in repr(r) for r in listed)
         os.truncate(os.path.join(shm.SHM_DIRECTORY, region.name), 0)  # the client's own mistake
         assert not c.shm_regions("mine")[0].usable and c.shm_regions()[0].usable

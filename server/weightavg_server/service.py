@@ -1386,6 +1386,8 @@ class Service:
         """The caller's session's regions (or the one named), in the order registered; none without a
         session."""
         self._require_shm()
+        if name:
+            store_shm.check_name(name)  # a name no region can have is that mistake, not NOT_FOUND
         session = CALLER_SESSION.get()
         if not session:
             if name:
