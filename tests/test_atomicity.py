@@ -364,6 +364,22 @@ CASES = [
             tensor_options=[pb.TensorOptions(pattern="zz*", options=[pb.Option(name="t", value=pb.OptionValue(float_value=1))])])),
         ("base of other names", IA, lambda w: pb.MergeDictionariesRequest(
             method="task_arithmetic", dictionaries=[w.copy], base=w.plain)),
+        ("weights and weight gradients both", IA, lambda w: pb.MergeDictionariesRequest(
+            method="linear", dictionaries=[w.copy, w.avg], weights=[1, 2],
+            weight_gradients=[pb.LayerValues(values=[1, 0]), pb.LayerValues(values=[2])])),
+        ("an empty weight gradient", IA, lambda w: pb.MergeDictionariesRequest(
+            method="linear", dictionaries=[w.copy, w.avg],
+            weight_gradients=[pb.LayerValues(values=[1, 0]), pb.LayerValues()])),
+        ("gradients that sum to 0 at an entry", IA, lambda w: pb.MergeDictionariesRequest(
+            method="linear", dictionaries=[w.copy, w.avg],
+            weight_gradients=[pb.LayerValues(values=[1, -1]), pb.LayerValues(values=[-1, 1])])),
+        ("a pattern's weights of the wrong count", IA, lambda w: pb.MergeDictionariesRequest(
+            method="linear", dictionaries=[w.copy, w.avg],
+            tensor_options=[pb.TensorOptions(pattern="*", weights=[pb.LayerValues(values=[1])])])),
+        ("slerp with a pattern's weights", IA, lambda w: pb.MergeDictionariesRequest(
+            method="slerp", dictionaries=[w.copy, w.avg], options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.5))],
+            tensor_options=[pb.TensorOptions(pattern="*", weights=[pb.LayerValues(values=[1]),
+                                                                   pb.LayerValues(values=[2])])])),
     )],
     # ApplyOuterStep: the optimizer has no state, so a partial step would show in its momentum
     *[Case(f"outer/{k}", code, unary("ApplyOuterStep", make)) for k, code, make in (

@@ -281,6 +281,23 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
      "pattern '\\*.nope' matches no entry"),
     ("an unknown option for a pattern", "slerp", {"options": {"t": 0.5}, "per_tensor": [("a.*", [("s", 1.0)])]},
      r"slerp \(pattern 'a.\*'\): unknown option 's'"),
+    ("an empty gradient", "linear", {"weights": [1.0, ()]}, "dictionary 2's weight is an empty list"),
+    ("a gradient with an infinity", "linear", {"weights": [(1.0, math.inf), 1.0]}, "weights must be finite"),
+    ("a gradient past float32's range", "ties", {"base": dicts(1)[0], "weights": [(1.0, 1e39), 1.0],
+                                                  "options": {"density": 0.5}}, "within float32's range"),
+    ("average with a gradient", "average", {"weights": [(1.0, 2.0), 1.0]}, r"one number per dictionary; use merge\('linear'"),
+    ("average with weights by pattern", "average", {"tensor_weights": [("a.*", [1.0, 2.0])]}, "weights by pattern"),
+    ("slerp with weights by pattern", "slerp", {"tensor_weights": [("a.*", [1.0, 2.0])], "options": {"t": 0.5}},
+     r"slerp \(pattern 'a.\*'\) takes no weights"),
+    ("a pattern's weights of the wrong count", "linear", {"tensor_weights": [("a.*", [1.0])]},
+     r"linear \(pattern 'a.\*'\): 1 weights for 2 dictionaries"),
+    ("a pattern without weights", "linear", {"tensor_weights": [("a.*", [])]}, "pattern 'a.\\*' gives no weights"),
+    ("weights for an empty pattern", "linear", {"tensor_weights": [("", [1.0, 2.0])]}, "an empty pattern"),
+    ("weights for a pattern that matches nothing", "linear", {"tensor_weights": [("z*", [1.0, 2.0])]},
+     "pattern 'z\\*' matches no entry"),
+    ("gradients summing to 0 at a layer", "linear",
+     {"ds": [TensorDict({f"layers.{i}.w": torch.ones(2) for i in range(3)}) for _ in range(2)],
+      "weights": [(1.0, -1.0), 1.0]}, "the weights sum to 0, so entry 'layers.2.w' cannot be normalised"),
 ]
 
 
@@ -1207,7 +1224,7 @@ def test_the_same_call_over_unchanged_dictionaries_reuses_its_plan_and_its_runs(
         assert_close(into.entries[name], want)
 
 
-@pytest.mark.parametrize("change", ["weights", "option", "into", "order", "base"])
+@pytest.mark.parametrize("change", ["weights", "option", "into", "order", "base", "gradient", "tensor_weights"])
 def test_another_call_makes_another_plan(change: str) -> None:
     base, ds = fine_tuned(2, seed=42)
     into, other = dicts(2, seed=43)
@@ -1225,6 +1242,10 @@ def test_another_call_makes_another_plan(change: str) -> None:
         changed["into"] = other
     elif change == "order":
         ds = [ds[0], ds[0]]
+    elif change == "gradient":
+        changed["weights"] = [(1.0, 3.0), 2.0]
+    elif change == "tensor_weights":
+        changed["tensor_weights"] = [("a.*", [2.0, 1.0])]
     else:
         changed["base"] = fine_tuned(2, seed=44)[0]
     assert plan_of(method, ds, **changed) is not first
@@ -1290,15 +1311,16 @@ def mergekit_value(values: list[float], t: float) -> float:
 
 
 def test_layer_fractions_place_entries_as_mergekits_planner_does() -> None:
-    """Layer i of n at i / (n - 1); what comes before the layers at 0 and after them at 1 (mergekit's
-    pre- and post-weights); layers numbered with gaps count in order."""
+    """Layer i of n at i / (n - 1); what comes before the layers and after them at 0 (mergekit plans its
+    pre- and post-weights at the module's start; tests/test_mergekit.py runs mergekit itself); layers
+    numbered with gaps count in order."""
     names = ["model.embed.weight", *[f"model.layers.{i}.{k}.weight" for i in (0, 1, 2, 5) for k in ("q", "mlp")],
              "model.norm.weight", "lm_head.weight"]
     got = merging.layer_fractions(names)
-    assert got["model.embed.weight"] == 0.0 and got["model.norm.weight"] == got["lm_head.weight"] == 1.0
+    assert got["model.embed.weight"] == got["model.norm.weight"] == got["lm_head.weight"] == 0.0
     assert [got[f"model.layers.{i}.q.weight"] for i in (0, 1, 2, 5)] == [0.0, 1 / 3, 2 / 3, 1.0]
     assert merging.layer_fractions(["0.weight", "0.bias", "2.weight"]) == {"0.weight": 0.0, "0.bias": 0.0, "2.weight": 1.0}
-    assert merging.layer_fractions(["layers.3.w", "head"]) == {"layers.3.w": 1.0, "head": 1.0}  # one layer: t = 1
+    assert merging.layer_fractions(["layers.3.w", "head"]) == {"layers.3.w": 1.0, "head": 0.0}  # one layer: t = 1
     assert merging.layer_fractions(["a", "b"]) == {"a": 0.0, "b": 0.0}
 
 
@@ -1313,10 +1335,105 @@ def test_a_gradient_option_gives_each_entry_its_layers_value() -> None:
     dicts = [TensorDict({n: torch.randn(5) for n in names}) for _ in range(2)]
     gradient = (0.0, 0.5, 0.3, 0.7, 1.0)
     plan = merging.check(merging.METHODS["slerp"], dicts, kwargs=[("t", gradient)])
-    fractions = [0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0]
+    fractions = [0.0, 0.0, 1 / 3, 2 / 3, 1.0, 0.0]
     assert [float_value(s.options, "t") for s in plan.slots] == pytest.approx(
         [mergekit_value(list(gradient), f) for f in fractions])
     with pytest.raises(InvalidArgument, match="'t' must be between 0 and 1"):
         merging.check(merging.METHODS["slerp"], dicts, kwargs=[("t", (0.0, 1.5))])
     with pytest.raises(InvalidArgument, match="option 'threshold' expects float"):  # a list only where mergekit takes one
         merging.check(merging.METHODS["slerp"], dicts, kwargs=[("t", 0.5), ("threshold", (0.5, 0.9))])
+
+
+# -- weights by layer (mergekit's gradients) and by pattern ---------------------------------------------
+
+LAYERED = ["embed.weight", *[f"layers.{i}.{k}" for i in range(4) for k in ("attn.weight", "mlp.weight", "mlp.bias")],
+           "norm.weight", "head.weight"]
+"""A transformer's names: embeddings before the layers, four layers, a norm and the head after them."""
+
+
+def layered(count: int, seed: int = 0) -> list[TensorDict]:
+    g = torch.Generator().manual_seed(seed)
+    return [TensorDict({n: torch.randn((6, 5) if n.endswith("weight") else (5,), generator=g) for n in LAYERED})
+            for _ in range(count)]
+
+
+def fraction_of(name: str) -> float:
+    """mergekit's place of a LAYERED name: layer i of 4 at i / 3, the rest (before and after) at 0."""
+    return int(name.split(".")[1]) / 3 if name.startswith("layers.") else 0.0
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_with_gradient_weights_gives_each_entry_the_weights_at_its_layer(
+    kernels: str, normalize: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mergekit's linear with `weight: [1, 0]` for one model and `[0, 1]` for the other moves from the
+    first model at the embeddings to the second at the head; a constant weight mixes in a third.
+    Each entry has the bits of a merge of that entry alone with its layer's weights as numbers."""
+    if kernels == "torch":
+        monkeypatch.setattr(weighted_sum, "_NATIVE", None)
+    ds = layered(3, seed=4)
+    gradients: list[merging.Weight] = [(1.0, 0.0), (0.0, 0.5, 1.0), 0.25]
+    got = merged("linear", ds, weights=gradients, options={"normalize": normalize})
+    for name in LAYERED:
+        f = fraction_of(name)
+        at = [mergekit_value([1.0, 0.0], f), mergekit_value([0.0, 0.5, 1.0], f), 0.25]
+        alone = merged("linear", [TensorDict({name: d.entries[name]}) for d in ds], weights=at,
+                       options={"normalize": normalize})
+        assert torch.equal(got.entries[name], alone.entries[name]), name
+        want = sum(w * d.entries[name].double() for w, d in zip(at, ds))
+        assert_close(got.entries[name], want / (sum(at) if normalize else 1.0))
+    assert torch.equal(got.entries["embed.weight"], (ds[0].entries["embed.weight"] + 0.25 * ds[2].entries["embed.weight"])
+                       / (1.25 if normalize else 1.0))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+def test_task_vector_merges_take_gradient_weights_entry_by_entry(method: str) -> None:
+    base = layered(1, seed=7)[0]
+    g = torch.Generator().manual_seed(8)
+    ds = [TensorDict({n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.entries.items()}) for _ in range(2)]
+    options: dict[str, object] = {} if method == "task_arithmetic" else {"density": 0.6}
+    got = merged(method, ds, base=base, weights=[(0.2, 1.0), (1.0, 0.1, 0.6)], options=options)
+    for name in LAYERED:
+        f = fraction_of(name)
+        at = [mergekit_value([0.2, 1.0], f), mergekit_value([1.0, 0.1, 0.6], f)]
+        only = lambda d: TensorDict({name: d.entries[name]})  # noqa: E731
+        alone = merged(method, [only(d) for d in ds], base=only(base), weights=at, options=options)
+        assert torch.equal(got.entries[name], alone.entries[name]), name
+
+
+def test_weights_by_pattern_come_from_the_first_pattern_with_weights_that_matches() -> None:
+    """mergekit's `weight: [{filter: mlp, value: ...}, {value: ...}]`: the MLP entries take the first
+    pattern's weights, even behind a pattern that gives options only; the rest keep the call's, and
+    a pattern's weights may be gradients too."""
+    ds = layered(2, seed=9)
+    got = merged(
+        "linear", ds, weights=[1.0, 3.0], per_tensor=[("*.bias", [("normalize", False)])],
+        tensor_weights=[("*mlp*", [2.0, (0.0, 1.0)]), ("layers.*", [5.0, 5.0]), ("*mlp.bias", [9.0, 9.0])],
+    )
+    for name in LAYERED:
+        f = fraction_of(name)
+        at = [2.0, mergekit_value([0.0, 1.0], f)] if "mlp" in name else [5.0, 5.0] if name.startswith("layers.") \
+            else [1.0, 3.0]
+        normalize = not name.endswith("bias")
+        want = merged("linear", [TensorDict({name: d.entries[name]}) for d in ds], weights=at,
+                      options={"normalize": normalize})
+        assert torch.equal(got.entries[name], want.entries[name]), name
+    plan = plan_of("linear", ds, weights=[1.0, 3.0], tensor_weights=[("*mlp*", [2.0, (0.0, 1.0)])])
+    assert {s.name: s.weights for s in plan.slots}["layers.3.mlp.weight"] == (2.0, 1.0)
+    assert {s.name: s.weights for s in plan.slots}["head.weight"] == (1.0, 3.0)
+
+
+def test_a_flat_merge_with_weights_by_layer_has_each_entrys_bits_in_one_native_call_per_set() -> None:
+    """Entries of a flat dictionary with different weights cannot share one span's weights: each set
+    of weights is summed on its own, and every entry gets the bits it gets alone."""
+    shapes = {f"layers.{i}.w": (9 + i, 7) for i in range(5)} | {"head": (3,)}
+    ds = flat_dicts(3, seed=2, shapes=shapes)
+    weights: list[merging.Weight] = [(1.0, 2.0), 0.5, (3.0, 0.0, 1.0)]
+    for options in ({}, {"normalize": False}):
+        got = merged("linear", ds, weights=weights, options=options)
+        for name in shapes:
+            f = int(name.split(".")[1]) / 4 if name.startswith("layers.") else 0.0
+            at = [mergekit_value([1.0, 2.0], f), 0.5, mergekit_value([3.0, 0.0, 1.0], f)]
+            alone = merged("linear", [TensorDict({name: d.entries[name].clone()}) for d in ds], weights=at, options=options)
+            assert torch.equal(got.entries[name], alone.entries[name]), (name, options)

@@ -339,6 +339,7 @@ weight_lists = st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True)
 merge_options = st.lists(st.builds(pb.Option, name=st.one_of(st.sampled_from([
     "t", "threshold", "density", "lam", "normalize", "seed", "rescale", "consensus", "integers", "metric",
 ]), st.text(max_size=8)), value=option_values), max_size=4)
+layer_values = st.builds(pb.LayerValues, values=weight_lists)
 patterns = st.one_of(st.sampled_from(["*", "a.*", "*.bias", "x", "", "[", "b.running_mean", "a.weight"]), st.text(max_size=8))
 optional_refs = st.one_of(st.just(""), handle_refs)
 
@@ -357,13 +358,16 @@ def test_average_dictionaries(fuzzed: Fuzzed, pool: Pool, refs: list[object], we
 @FUZZ
 @given(method=st.one_of(st.sampled_from(["linear", "slerp", "task_arithmetic", "ties", "dare", "average"]), st.text(max_size=10)),
        refs=st.lists(handle_refs, max_size=4), base=optional_refs, weights=weight_lists, options=merge_options,
-       per_tensor=st.lists(st.builds(pb.TensorOptions, pattern=patterns, options=merge_options), max_size=2))
+       per_tensor=st.lists(st.builds(pb.TensorOptions, pattern=patterns, options=merge_options,
+                                     weights=st.lists(layer_values, max_size=3)), max_size=2),
+       gradients=st.lists(layer_values, max_size=3))
 def test_merge_dictionaries(fuzzed: Fuzzed, pool: Pool, method: str, refs: list[object], base: object,
-                            weights: list[float], options: list[pb.Option], per_tensor: list[pb.TensorOptions]) -> None:
+                            weights: list[float], options: list[pb.Option], per_tensor: list[pb.TensorOptions],
+                            gradients: list[pb.LayerValues]) -> None:
     pool.refresh()
     request = pb.MergeDictionariesRequest(
         method=method, dictionaries=[pool.resolve(r) for r in refs], base=pool.resolve(base), weights=weights,
-        options=options, tensor_options=per_tensor,
+        options=options, tensor_options=per_tensor, weight_gradients=gradients,
     )
     check(fuzzed, lambda: fuzzed.stub.MergeDictionaries(request, timeout=TIMEOUT))
 

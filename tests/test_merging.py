@@ -386,7 +386,8 @@ def test_flowers_adaptive_strategies_as_outer_steps_give_flowers_weights(client:
 def test_a_slerp_with_mergekits_gradients_merges_each_entry_at_its_layers_t(client: Client) -> None:
     """A popular mergekit slerp config (t a gradient for attention, its mirror for the MLPs, 0.5 for
     the rest) over a transformer's names: each entry equals the slerp at the t mergekit gives its
-    layer (embeddings at 0, layer i of 4 at i / 3, the final norm and head at 1)."""
+    layer (layer i of 4 at i / 3; the embeddings, the final norm and the head at 0, where mergekit
+    places its pre- and post-weights)."""
     names = ["embed.weight", *[f"layers.{i}.{k}.weight" for i in range(4) for k in ("self_attn", "mlp", "ln")],
              "norm.weight", "lm_head.weight"]
     rng = np.random.default_rng(8)
@@ -404,7 +405,7 @@ def test_a_slerp_with_mergekits_gradients_merges_each_entry_at_its_layers_t(clie
 
     for name in names:
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        fraction = 0.0 if name == "embed.weight" else 1.0 if layer is None else layer / 3
+        fraction = 0.0 if layer is None else layer / 3
         t = mergekit_t(attn, fraction) if "self_attn" in name else mergekit_t(mlp, fraction) if "mlp" in name else 0.5
         alone = client.dict(client.merge("slerp", [ha, hb], t=t), name)
         np.testing.assert_array_equal(merged[name], alone, err_msg=name)

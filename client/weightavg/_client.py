@@ -14,7 +14,7 @@ import re
 import reprlib
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -195,6 +195,32 @@ def _weights(weights: Iterable[float] | None) -> list[float]:
     """Weights as floats, none when None. Not `weights or ()`: a numpy array or torch tensor of weights
     (shard sizes, as FedAvg users hold them) has no truth value and raised ValueError before sending."""
     return [] if weights is None else [float(w) for w in weights]
+
+
+def _merge_weights(weights: Iterable[Any] | None) -> tuple[list[float], list[pb.LayerValues]]:
+    """A merge's weights: plain numbers as `weights`, or, where any of them is a list (mergekit's
+    gradient over the layers), every one as a `LayerValues`."""
+    given = [] if weights is None else list(weights)
+    if not any(_is_gradient(w) for w in given):
+        return [float(w) for w in given], []
+    return [], _gradients(given)
+
+
+def _is_gradient(weight: Any) -> bool:
+    return isinstance(weight, (list, tuple)) or (isinstance(weight, np.ndarray) and weight.ndim == 1)
+
+
+def _gradients(weights: Iterable[Any]) -> list[pb.LayerValues]:
+    """One LayerValues per weight: a list's values, or a number alone."""
+    return [pb.LayerValues(values=[float(x) for x in w] if _is_gradient(w) else [float(w)]) for w in weights]
+
+
+def _tensor_options(pattern: str, values: Mapping[str, Any]) -> pb.TensorOptions:
+    """A merge's overrides for one pattern: its options and, under "weights", its weights."""
+    return pb.TensorOptions(
+        pattern=pattern, options=[_option_message(k, v) for k, v in values.items() if k != "weights"],
+        weights=_gradients(values["weights"]) if values.get("weights") is not None else [],
+    )
 
 
 _BUFFER_MODES: dict[Any, pb.BufferMode.ValueType] = {
@@ -1467,8 +1493,8 @@ class Client:
     @_rpc
     def merge(
         self, method: str, dicts: Iterable[HandleLike], base: HandleLike | None = None,
-        weights: Iterable[float] | None = None, per_tensor: Mapping[str, Mapping[str, Any]] | None = None,
-        **options: Any,
+        weights: Iterable[float | Sequence[float]] | None = None,
+        per_tensor: Mapping[str, Mapping[str, Any]] | None = None, **options: Any,
     ) -> Handle:
         """A new dictionary merged on the server: linear, slerp, task_arithmetic, ties or dare.
 
@@ -1480,20 +1506,21 @@ class Client:
                 and lam also take mergekit's gradients: a list of values over the layers, e.g. t=[0, 0.5, 1].
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
             base: the model the others were fine-tuned from (task_arithmetic, ties, dare).
-            weights: one weight per dictionary; 1 each if None.
+            weights: one weight per dictionary; 1 each if None. A weight may be a list, mergekit's
+                gradient over the layers: weights=[[1, 0], [0, 1]] moves from the first model at the
+                first layer to the second at the last.
             per_tensor: option overrides by entry-name pattern, first match wins,
-                e.g. {"*.bias": {"t": 0.0}}.
+                e.g. {"*.bias": {"t": 0.0}}; "weights" gives the matching entries' own weights,
+                e.g. {"*.mlp.*": {"weights": [0.3, 0.7]}} (the first pattern with weights that matches).
 
         Example: c.merge("ties", [d1, d2], base=b, density=0.2); c.merge("slerp", [a, b], t=0.3)
         """
+        plain, gradients = _merge_weights(weights)
         request = pb.MergeDictionariesRequest(
             method=method, dictionaries=_ids(dicts, "merge"), base=_id(base) if base is not None else "",
-            weights=_weights(weights),
+            weights=plain, weight_gradients=gradients,
             options=[_option_message(k, v) for k, v in options.items()],
-            tensor_options=[
-                pb.TensorOptions(pattern=pattern, options=[_option_message(k, v) for k, v in values.items()])
-                for pattern, values in (per_tensor or {}).items()
-            ],
+            tensor_options=[_tensor_options(pattern, values) for pattern, values in (per_tensor or {}).items()],
         )
         return _handle(self._stub.MergeDictionaries(request, timeout=self.timeout).dictionary)
 

@@ -1224,12 +1224,13 @@ class Service:
 
     @_exactly_once
     def merge(
-        self, method: str, handles: Sequence[str], base: str, weights: Sequence[float] | None,
-        options: Sequence[tuple[str, Value]] = (), per_tensor: merging.PerTensor = (), *,
-        request: RequestKey | None = None,
+        self, method: str, handles: Sequence[str], base: str, weights: Sequence[merging.Weight] | None,
+        options: Sequence[tuple[str, Value]] = (), per_tensor: merging.PerTensor = (),
+        tensor_weights: merging.TensorWeights = (), *, request: RequestKey | None = None,
     ) -> Ref:
         """A new dictionary merged from dictionaries by a method (linear, slerp, task_arithmetic, ties,
-        dare), against `base` where the method takes one, one tensor at a time."""
+        dare), against `base` where the method takes one, one tensor at a time; weights may be
+        mergekit's gradients over the layers, and differ by entry-name pattern (`tensor_weights`)."""
         chosen = merging.method_named(method)
         inputs = self._sources(handles)
         base_entry = self.store.get(base, Kind.DICTIONARY, *MODULE_KINDS) if base else None
@@ -1237,7 +1238,8 @@ class Service:
             dicts = [self._as_dictionary(e) for e in inputs]
             base_dict = self._as_dictionary(base_entry) if base_entry is not None else None
             plan = merging.plan(
-                chosen, dicts, base=base_dict, weights=weights, kwargs=options, per_tensor=per_tensor
+                chosen, dicts, base=base_dict, weights=weights, kwargs=options, per_tensor=per_tensor,
+                tensor_weights=tensor_weights,
             )
             made = self.store.create(
                 Kind.DICTIONARY, footprint.merge_bytes(plan), lambda: merging.run(plan, dicts, base=base_dict)

@@ -4455,6 +4455,7 @@ class TensorOptions(_message.Message):
 
     PATTERN_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
     pattern: _builtins.str
     """fnmatch-style pattern over entry names ("*", "?", "[ab]"); the first pattern that matches an
     entry gives its options, on top of the call's.
@@ -4463,19 +4464,55 @@ class TensorOptions(_message.Message):
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:
         """Options by name, e.g. t for slerp, density or lam."""
 
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerValues]:
+        """Weights for the matching entries instead of the call's, one per dictionary (mergekit's weight
+        with a filter). The first pattern that matches an entry and gives weights gives its weights; a
+        pattern that gives weights and no options leaves the entries' options to the other patterns.
+        Empty: the call's weights.
+        """
+
     def __init__(
         self,
         *,
         pattern: _builtins.str = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
+        weights: _abc.Iterable[Global___LayerValues] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "pattern", b"pattern"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "pattern", b"pattern", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TensorOptions: _TypeAlias = TensorOptions  # noqa: Y015
+
+@_typing.final
+class LayerValues(_message.Message):
+    """LayerValues is one dictionary's setting (its weight, its density): one value, or mergekit's
+    gradient, values spread evenly from the first layer to the last and linear in between (entries
+    outside the layers, such as the embeddings, the final norm and the head, take the first value).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One or more finite values."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerValues: _TypeAlias = LayerValues  # noqa: Y015
 
 @_typing.final
 class MergeDictionariesRequest(_message.Message):
@@ -4489,6 +4526,7 @@ class MergeDictionariesRequest(_message.Message):
     WEIGHTS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     TENSOR_OPTIONS_FIELD_NUMBER: _builtins.int
+    WEIGHT_GRADIENTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """linear, slerp, task_arithmetic, ties or dare."""
@@ -4519,6 +4557,12 @@ class MergeDictionariesRequest(_message.Message):
     def tensor_options(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorOptions]:
         """Per-entry overrides of the options, by name pattern."""
 
+    @_builtins.property
+    def weight_gradients(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerValues]:
+        """One weight per dictionary that may vary over the layers (mergekit's gradients, e.g. [0, 0.5, 1]),
+        instead of `weights` (give one or the other). slerp takes none.
+        """
+
     def __init__(
         self,
         *,
@@ -4528,11 +4572,12 @@ class MergeDictionariesRequest(_message.Message):
         weights: _abc.Iterable[_builtins.float] | None = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
         tensor_options: _abc.Iterable[Global___TensorOptions] | None = ...,
+        weight_gradients: _abc.Iterable[Global___LayerValues] | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "dictionaries", b"dictionaries", "method", b"method", "options", b"options", "request_id", b"request_id", "tensor_options", b"tensor_options", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "dictionaries", b"dictionaries", "method", b"method", "options", b"options", "request_id", b"request_id", "tensor_options", b"tensor_options", "weight_gradients", b"weight_gradients", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,15 @@ PerTensor = Sequence[tuple[str, Sequence[tuple[str, Value]]]]
 """Option overrides by entry-name pattern (fnmatch: '*', '?', '[ab]'), in order: the first pattern
 that matches an entry's name gives its overrides."""
 
+Weight = float | tuple[float, ...]
+"""One dictionary's weight: a number, or mergekit's gradient (values spread evenly from the first
+layer to the last, linear in between: `at_fraction`), so a model can count for more in some layers."""
+
+TensorWeights = Sequence[tuple[str, Sequence[Weight]]]
+"""Weights by entry-name pattern, one per dictionary, in order: the first of these patterns that
+matches an entry's name gives its weights; an entry no pattern matches keeps the call's (mergekit's
+`weight` with a filter, e.g. other weights for the attention tensors than for the MLPs)."""
+
 _INTEGERS = Opt("integers", ValueType.STR, "first", choices=("first", "max", "mean"))
 """How integer (and bool) entries combine: the first input's value, the elementwise maximum (what most
 libraries keep of num_batches_tracked), or Flower's FedAvg of them (`_integer_mean`)."""
@@ -133,6 +142,9 @@ class Slot:
     """The result entry itself can be the accumulator (the work dtype, and no input shares it)."""
     buffers: tuple[torch.dtype, ...] = ()
     internal: int = 0
+    weights: tuple[float, ...] = ()
+    """The dictionaries' weights for this entry: the call's, a pattern's, or a gradient's value at the
+    entry's layer (1 each where none were given, and for slerp)."""
 
     @property
     def numel(self) -> int:
@@ -146,10 +158,10 @@ class Slot:
 
 @dataclass(frozen=True)
 class Plan:
-    """A checked call: the method, the weights and one slot per entry, in the first dictionary's order."""
+    """A checked call: the method and one slot per entry (each with its weights), in the first
+    dictionary's order."""
 
     method: Method
-    weights: tuple[float, ...]
     slots: tuple[Slot, ...]
     into: bool
     device: torch.device | None = None
@@ -228,13 +240,14 @@ def _pointers(dicts: Sequence[TensorDict]) -> list[int]:
 
 
 def _kept_key(
-    method: Method, weights: Sequence[float] | None, kwargs: Sequence[tuple[str, Value]], per_tensor: PerTensor,
-    base: bool, into: bool,
+    method: Method, weights: Sequence[Weight] | None, kwargs: Sequence[tuple[str, Value]], per_tensor: PerTensor,
+    tensor_weights: TensorWeights, base: bool, into: bool,
 ) -> tuple[object, ...] | None:
     """What, besides the dictionaries, a plan depends on, as a hashable key; None when it cannot be one."""
     key = (
         method.name, None if weights is None else tuple(weights), tuple(kwargs),
-        tuple((pattern, tuple(given)) for pattern, given in per_tensor), base, into,
+        tuple((pattern, tuple(given)) for pattern, given in per_tensor),
+        tuple((pattern, tuple(given)) for pattern, given in tensor_weights), base, into,
     )
     try:
         hash(key)
@@ -248,10 +261,11 @@ def plan(
     dicts: Sequence[TensorDict],
     *,
     base: TensorDict | None = None,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[Weight] | None = None,
     into: TensorDict | None = None,
     kwargs: Sequence[tuple[str, Value]] = (),
     per_tensor: PerTensor = (),
+    tensor_weights: TensorWeights = (),
 ) -> Plan:
     """Check a call and work out what it will allocate (`check`); the plan made last time when
     nothing it was made over has changed since.
@@ -266,9 +280,12 @@ def plan(
     module's parameters, made afresh each call) are always checked.
     """
     everything = ([base] if base is not None else []) + list(dicts) + ([into] if into is not None else [])
-    key = _kept_key(method, weights, kwargs, per_tensor, base is not None, into is not None)
+    key = _kept_key(method, weights, kwargs, per_tensor, tensor_weights, base is not None, into is not None)
     if key is None or not dicts or any(d.live for d in everything):
-        return check(method, dicts, base=base, weights=weights, into=into, kwargs=kwargs, per_tensor=per_tensor)
+        return check(
+            method, dicts, base=base, weights=weights, into=into, kwargs=kwargs, per_tensor=per_tensor,
+            tensor_weights=tensor_weights,
+        )
     kept = dicts[0].plans.get(_KEPT)
     if (
         isinstance(kept, _Kept) and kept.key == key and len(kept.dicts) == len(everything)
@@ -277,7 +294,10 @@ def plan(
         and kept.pointers == _pointers(everything)
     ):
         return kept.plan
-    made = check(method, dicts, base=base, weights=weights, into=into, kwargs=kwargs, per_tensor=per_tensor)
+    made = check(
+        method, dicts, base=base, weights=weights, into=into, kwargs=kwargs, per_tensor=per_tensor,
+        tensor_weights=tensor_weights,
+    )
     dicts[0].plans[_KEPT] = _Kept(
         key, tuple(weakref.ref(d) for d in everything), tuple(d.version for d in everything), flat.swaps(),
         _pointers(everything), made,
@@ -290,10 +310,11 @@ def check(
     dicts: Sequence[TensorDict],
     *,
     base: TensorDict | None = None,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[Weight] | None = None,
     into: TensorDict | None = None,
     kwargs: Sequence[tuple[str, Value]] = (),
     per_tensor: PerTensor = (),
+    tensor_weights: TensorWeights = (),
 ) -> Plan:
     """Check a call and work out what it will allocate; nothing is allocated or changed.
 
@@ -315,13 +336,14 @@ def check(
     if not method.base and base is not None:
         raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties or dare to merge against a base")
     checked = _weights(method, len(dicts), weights)
+    by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
     values = resolve(what, method.options, (), kwargs, Wording.SETTING)
     overrides = [(pattern, _override(method, kwargs, pattern, given)) for pattern, given in per_tensor]
 
     sources = ([base] if base is not None else []) + list(dicts)
     labels = (["the base"] if base is not None else []) + [f"dictionary {i + 1}" for i in range(len(dicts))]
     names = _same_names(sources, labels)
-    for pattern, _ in overrides:
+    for pattern in [pattern for pattern, _ in overrides] + [pattern for pattern, _ in by_pattern]:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(f"'{n}'" for n in names[:3]) + (", ..." if len(names) > 3 else "")
             raise InvalidArgument(f"{what}: pattern '{pattern}' matches no entry (entries: {shown or 'none'})")
@@ -332,48 +354,52 @@ def check(
         listed = ", ".join(sorted(str(d) for d in devices))
         raise InvalidArgument(f"{what}: the entries are on {listed}; move the dictionaries to one device with to()")
     read_by = _readers(names, sources, into) if into is not None else {}
-    divisor = sum(normalizing(checked)[0])  # what a normalised sum divides by, once for every entry
-    graded = any(isinstance(v, tuple) for o in (values, *(o for _, o in overrides)) for v in o.values())
+    divisors: dict[tuple[float, ...], float] = {}  # what a normalised sum divides by, once per set of weights
+    graded = any(isinstance(v, tuple) for o in (values, *(o for _, o in overrides)) for v in o.values()) or any(
+        isinstance(w, tuple) for ws in (checked, *(ws for _, ws in by_pattern)) for w in ws
+    )
     fractions = layer_fractions(names) if graded else {}  # only where a gradient was given
+    constant = _constant(checked)
     slots = []
     for name in names:
         options = next((o for pattern, o in overrides if fnmatch.fnmatchcase(name, pattern)), values)
+        given = next((ws for pattern, ws in by_pattern if fnmatch.fnmatchcase(name, pattern)), checked)
         if graded:
             options = {k: at_fraction(v, fractions[name]) if isinstance(v, tuple) else v for k, v in options.items()}
+        used = constant if given is checked and constant is not None else _weights_at(given, fractions.get(name, 0.0))
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
-                           read_by))
-        _check_normalizable(method, options, checked, divisor, slots[-1])
+                           read_by, used))
+        if used not in divisors:
+            divisors[used] = sum(normalizing(used)[0])
+        _check_normalizable(method, options, used, divisors[used], slots[-1])
         _check_factors(method, options, slots[-1])
         if slots[-1].work is None and method.weights and str_value(options, "integers") == "mean" \
-                and not math.fsum(checked) > 0:
+                and not math.fsum(used) > 0:
             raise InvalidArgument(
                 f"{what}: entry '{name}': integers='mean' divides by the sum of the weights, which is 0; give a "
                 "positive weight, or integers='first' or 'max'"
             )
-    return Plan(method, checked, tuple(slots), into is not None, next(iter(devices), None))
+    return Plan(method, tuple(slots), into is not None, next(iter(devices), None))
 
 
 def layer_fractions(names: Sequence[str]) -> dict[str, float]:
     """Where each entry lies in the model, from 0 to 1, as mergekit places a tensor for a gradient: a
-    layer's tensors at i / (layers - 1) (1 when there is one layer), what comes before the first
-    layer (embeddings) at 0 and what comes after it (a final norm, the head) at 1. An entry's layer
-    is the first all-digit part of its dotted name ('model.layers.7.mlp.w' is in layer 7, a
-    sequential's '2.weight' in layer 2); the layers are the distinct such numbers, in order, so gaps
-    (a sequential's parameterless activations) do not count. mergekit reads the layers from the
-    model's architecture; here the names are all there is."""
+    layer's tensors at i / (layers - 1) (1 when there is one layer), and every entry outside the layers
+    (embeddings before them, the final norm and the head after them) at 0. mergekit plans its
+    architecture's pre- and post-weights with the module's starting place, 0: `lm_head` takes a
+    gradient's first value, not its last (mergekit 0.1.5's run_merge, `tests/test_mergekit.py`; this
+    said 1 for the entries after the layers until that test ran mergekit itself). An entry's layer is
+    the first all-digit part of its dotted name ('model.layers.7.mlp.w' is in layer 7, a sequential's
+    '2.weight' in layer 2); the layers are the distinct such numbers, in order, so gaps (a
+    sequential's parameterless activations) do not count. mergekit reads the layers from the model's
+    architecture; here the names are all there is."""
     index = {name: next((int(part) for part in name.split(".") if part.isdigit()), None) for name in names}
     layers = sorted({i for i in index.values() if i is not None})
     rank = {layer: r for r, layer in enumerate(layers)}
-    first = next((n for n in names if index[n] is not None), None)
-    before = set(names[:names.index(first)]) if first is not None else set(names)
-    out = {}
-    for name in names:
-        i = index[name]
-        if i is None:
-            out[name] = 0.0 if name in before else 1.0
-        else:
-            out[name] = rank[i] / (len(layers) - 1) if len(layers) > 1 else 1.0
-    return out
+    return {
+        name: 0.0 if i is None else rank[i] / (len(layers) - 1) if len(layers) > 1 else 1.0
+        for name, i in index.items()
+    }
 
 
 def at_fraction(gradient: tuple[float, ...], fraction: float) -> float:
@@ -421,28 +447,64 @@ def _divides(slot: Slot) -> bool:
     return slot.method == "average" or ("normalize" in slot.options and bool_value(slot.options, "normalize"))
 
 
-def _weights(method: Method, count: int, weights: Sequence[float] | None) -> tuple[float, ...]:
-    what = method.name
+def _weights(
+    method: Method, count: int, weights: Sequence[Weight] | None, pattern: str | None = None
+) -> tuple[Weight, ...]:
+    """The call's (or, with `pattern`, a pattern's) weights checked: one per dictionary, each a finite
+    number within float32's range or a gradient of one or more such numbers; 1 each when none are given."""
+    what = method.name if pattern is None else f"{method.name} (pattern '{pattern}')"
     if weights is None or len(weights) == 0:
         return (1.0,) * count
     if not method.weights:
         raise InvalidArgument(f"{what} takes no weights; it interpolates by 't'")
     if len(weights) != count:
         raise InvalidArgument(f"{what}: {len(weights)} weights for {count} dictionaries; give one weight per dictionary")
-    for w in weights:
-        if not math.isfinite(w):
-            raise InvalidArgument(f"{what}: weights must be finite, given {w}")
-        if abs(w) > FLOAT32_MAX:  # torch refuses such an alpha for a float32 sum partway through a merge
-            raise InvalidArgument(
-                f"{what}: weights must lie within float32's range (at most {FLOAT32_MAX:.4g} in size), given {w}; "
-                "scale them down"
-            )
+    graded = any(isinstance(w, tuple) for w in weights)
+    if graded and method.name == "average":
+        raise InvalidArgument("average takes one number per dictionary; use merge('linear', ...) for weights by layer")
+    for i, w in enumerate(weights):
+        if isinstance(w, tuple) and not w:
+            raise InvalidArgument(f"{what}: dictionary {i + 1}'s weight is an empty list; give a number or a list of them")
+        for x in w if isinstance(w, tuple) else (w,):
+            if not math.isfinite(x):
+                raise InvalidArgument(f"{what}: weights must be finite, given {x}")
+            if abs(x) > FLOAT32_MAX:  # torch refuses such an alpha for a float32 sum partway through a merge
+                raise InvalidArgument(
+                    f"{what}: weights must lie within float32's range (at most {FLOAT32_MAX:.4g} in size), given {x}; "
+                    "scale them down"
+                )
     if method.name == "average":
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
+        plain = [float(w) for w in weights if not isinstance(w, tuple)]
+        if any(w < 0 for w in plain) or sum(plain) <= 0:
             raise InvalidArgument(
-                f"average: weights must be non-negative with a positive sum (e.g. example counts), given {list(weights)}"
+                f"average: weights must be non-negative with a positive sum (e.g. example counts), given {plain}"
             )
-    return tuple(float(w) for w in weights)
+    return tuple(tuple(float(x) for x in w) if isinstance(w, tuple) else float(w) for w in weights)
+
+
+def _pattern_weights(method: Method, count: int, pattern: str, weights: Sequence[Weight]) -> tuple[Weight, ...]:
+    """A pattern's weights checked (`_weights`); a pattern must be given and its weights too."""
+    if not pattern:
+        raise InvalidArgument(f"{method.name}: an empty pattern; use '*' to match every entry")
+    if method.name == "average":
+        raise InvalidArgument("average takes one weight per dictionary for every entry; use merge('linear', ...) for "
+                              "weights by pattern")
+    if not weights:
+        raise InvalidArgument(f"{method.name}: pattern '{pattern}' gives no weights; give one per dictionary")
+    return _weights(method, count, weights, pattern)
+
+
+def _constant(weights: tuple[Weight, ...]) -> tuple[float, ...] | None:
+    """The weights as plain numbers, or None where one is a gradient."""
+    if any(isinstance(w, tuple) for w in weights):
+        return None
+    return weights  # type: ignore[return-value]  # every one a float, checked above
+
+
+def _weights_at(weights: tuple[Weight, ...], fraction: float) -> tuple[float, ...]:
+    """Each weight's value at an entry `fraction` of the way through the model: a number as it is, a
+    gradient's value there (`at_fraction`)."""
+    return tuple(at_fraction(w, fraction) if isinstance(w, tuple) else w for w in weights)
 
 
 def _check_normalizable(
@@ -540,7 +602,7 @@ def _listed(names: list[str]) -> str:
 
 def _slot(
     method: Method, name: str, tensors: list[torch.Tensor], labels: Sequence[str], options: Values, has_base: bool,
-    into: TensorDict | None, read_by: dict[int, list[tuple[int, int, str]]],
+    into: TensorDict | None, read_by: dict[int, list[tuple[int, int, str]]], weights: tuple[float, ...],
 ) -> Slot:
     """Check one entry across the sources and plan its computation."""
     what = f"{method.name}: entry '{name}'"
@@ -582,16 +644,17 @@ def _slot(
                     f"{label}; integer entries are not averaged and must agree"
                 )
         if str_value(options, "integers") == "mean":  # a float64 sum and one input cast at a time
-            return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=(torch.float64,) * 2)
+            return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=(torch.float64,) * 2,
+                        weights=weights)
         aside = (dtype,) if out is not None and name in readers and _overlaps_unlike(out, tensors) else ()
-        return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=aside)
+        return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=aside, weights=weights)
     wide = torch.float64 in kinds or dtype == torch.float64
     work = torch.float64 if wide else torch.float32
     shared = name in readers
     direct = dtype == work and not shared
     numel = math.prod(shape)
     buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, numel, first.device)
-    return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal)
+    return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal, weights)
 
 
 def _overlaps_unlike(out: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
@@ -738,11 +801,11 @@ def run(
             xs = [d.entries[slot.name] for d in dicts]
             b = base.entries[slot.name] if base is not None else None
             if slot.work is None and str_value(slot.options, "integers") == "mean":
-                _integer_mean(slot, xs, p.weights if p.method.weights else (1.0,) * len(xs), out, scratch)
+                _integer_mean(slot, xs, slot.weights, out, scratch)
             elif slot.work is None:
                 _integer(slot, xs if b is None else [b, *xs], out, scratch)
             else:
-                kernel(slot, xs, b, p.weights, out, scratch)
+                kernel(slot, xs, b, slot.weights, out, scratch)
     return result
 
 
@@ -760,28 +823,30 @@ def _native_sums(p: Plan, groups: Sequence[Sequence[torch.Tensor]], runs: Sequen
     slot's result tensor then its inputs, `runs` their `flat.fuse_groups`."""
     if (p.device is not None and p.device.type != "cpu") or not weighted_sum.active():
         return set()
-    keys = [(slot.work, slot.dtype, _divides(slot)) for slot in p.slots]
-    divided = {divide for work, _, divide in keys if work is not None}
-    weights = normalizing(p.weights)[0] if True in divided else p.weights
-    if weights != p.weights and False in divided:
-        return set()  # rescaled weights for some entries, the given ones for others: a kernel call takes one set
-    total = sum(weights)
+    terms: dict[tuple[tuple[float, ...], bool], tuple[tuple[float, ...], float | None]] = {}
+    for slot in p.slots:  # once per set of weights (one, unless a gradient or a pattern gave others)
+        if (slot.weights, _divides(slot)) not in terms:
+            terms[slot.weights, _divides(slot)] = _terms(slot, slot.weights)
+    keys = [(slot.work, slot.dtype, terms[slot.weights, _divides(slot)]) for slot in p.slots]
     jobs: list[weighted_sum.Job] = []
+    used: list[tuple[float, ...]] = []
     covers: list[range] = []
     for start, stop, numel in runs:
-        work, dtype, divide = keys[start]
+        work, dtype, (weights, divisor) = keys[start]
         if stop - start > 1 and len(set(keys[start:stop])) == 1 and work == dtype:
             out, *xs = (flat.span(t, numel) for t in groups[start])
-            jobs.append((out, xs, total if divide else None))
+            jobs.append((out, xs, divisor))
+            used.append(weights)
             covers.append(range(start, stop))
             continue
         for i in range(start, stop):
-            work, dtype, divide = keys[i]
+            work, dtype, (weights, divisor) = keys[i]
             if work == dtype:
                 out, *xs = groups[i]
-                jobs.append((out, xs, total if divide else None))
+                jobs.append((out, xs, divisor))
+                used.append(weights)
                 covers.append(range(i, i + 1))
-    left = set(weighted_sum.native_weighted_sums(jobs, weights))
+    left = set(weighted_sum.native_weighted_sums(jobs, used[0] if used else (), used))
     return {i for j, cover in enumerate(covers) if j not in left for i in cover}
 
 
@@ -804,11 +869,11 @@ def _span_sums(
         out = groups[start][0]
         if (
             stop - start < 2 or any(i in taken for i in range(start, stop))
-            or not all(slot.direct for slot in slots) or len({_divides(slot) for slot in slots}) != 1
+            or not all(slot.direct for slot in slots) or len({_terms(slot, slot.weights) for slot in slots}) != 1
             or any(x.dtype != out.dtype for x in groups[start])
         ):
             continue
-        weights, divisor = _terms(slots[0], p.weights)
+        weights, divisor = _terms(slots[0], slots[0].weights)
         out_span, *xs = (flat.span(t, numel) for t in groups[start])
         with torch.no_grad():
             weighted_sum.by_torch(out_span, xs, weights, divisor)

@@ -48,29 +48,34 @@ def native_weighted_sum(
     return not native_weighted_sums([(out, xs, divisor)], weights)
 
 
-def native_weighted_sums(jobs: Sequence[Job], weights: Sequence[float]) -> list[int]:
-    """Every job the kernel takes (see `native_weighted_sum`), in one call per dtype and divisor whose
-    threads share the blocks of all of them; the positions of the jobs left for torch, in order (all
-    of them where the kernel is off, or where one job's result shares memory with another job's
-    tensors: then the order of the jobs matters, and torch's loop keeps it).
+def native_weighted_sums(
+    jobs: Sequence[Job], weights: Sequence[float], per_job: Sequence[tuple[float, ...]] | None = None
+) -> list[int]:
+    """Every job the kernel takes (see `native_weighted_sum`), in one call per dtype, divisor and set
+    of weights (`per_job[i]` for job i where given, else `weights`) whose threads share the blocks of
+    all of them; the positions of the jobs left for torch, in order (all of them where the kernel is
+    off, or where one job's result shares memory with another job's tensors: then the order of the
+    jobs matters, and torch's loop keeps it).
 
     One call for a merge's every entry is what makes a merge of dictionaries that are not flat
     (uploads) as fast as one of flat ones, and small entries cost no torch operation."""
     if _NATIVE is None or not jobs or not _agrees_with_torch():
         return list(range(len(jobs)))
-    groups: dict[tuple[int, float], list[int]] = {}
+    groups: dict[tuple[int, float, tuple[float, ...]], list[int]] = {}
     rest: list[int] = []
+    given = tuple(weights)
     for i, (out, xs, divisor) in enumerate(jobs):
         if _fits_native(out, xs):
-            groups.setdefault((KINDS[out.dtype], 0.0 if divisor is None else float(divisor)), []).append(i)
+            key = (KINDS[out.dtype], 0.0 if divisor is None else float(divisor), per_job[i] if per_job else given)
+            groups.setdefault(key, []).append(i)
         else:
             rest.append(i)
     if not groups:
         return rest
     if not native.apart([out for out, _, _ in jobs], [xs for _, xs, _ in jobs]):
         return list(range(len(jobs)))
-    for (kind, divisor), at in groups.items():
-        _call(kind, [jobs[i][0] for i in at], [jobs[i][1] for i in at], weights, divisor)
+    for (kind, divisor, used), at in groups.items():
+        _call(kind, [jobs[i][0] for i in at], [jobs[i][1] for i in at], used, divisor)
     return rest
 
 

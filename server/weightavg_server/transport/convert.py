@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from google.protobuf import struct_pb2
 
@@ -216,11 +216,33 @@ def option_args(
 
 
 def tensor_options(messages: Iterable[pb.TensorOptions]) -> list[tuple[str, tuple[tuple[str, specs.OptionValue], ...]]]:
-    """Per-entry option overrides of a merge: (pattern, named values), in order."""
+    """Per-entry option overrides of a merge: (pattern, named values), in order. A pattern that gives
+    weights and no options overrides no option (`tensor_weights`)."""
     return [
         (m.pattern, tuple((o.name, option_value(o.value, f"tensor_options[{i}] option '{o.name}'")) for o in m.options))
-        for i, m in enumerate(messages)
+        for i, m in enumerate(messages) if m.options or not m.weights
     ]
+
+
+def tensor_weights(messages: Iterable[pb.TensorOptions]) -> list[tuple[str, tuple[float | tuple[float, ...], ...]]]:
+    """Per-entry weights of a merge: (pattern, one weight per dictionary), in order, for the patterns
+    that give weights."""
+    return [(m.pattern, layer_values(m.weights)) for m in messages if m.weights]
+
+
+def merge_weights(
+    weights: Sequence[float], gradients: Sequence[pb.LayerValues]
+) -> Sequence[float | tuple[float, ...]]:
+    """A merge's weights: the plain ones, or one gradient per dictionary (`LayerValues`)."""
+    if weights and gradients:
+        raise InvalidArgument("give weights or weight_gradients, not both")
+    return layer_values(gradients) if gradients else list(weights)
+
+
+def layer_values(messages: Iterable[pb.LayerValues]) -> tuple[float | tuple[float, ...], ...]:
+    """Each dictionary's value: its one value as a number, several as a gradient (an empty list stays
+    one, for the domain to refuse by its position)."""
+    return tuple(m.values[0] if len(m.values) == 1 else tuple(m.values) for m in messages)
 
 
 def options_message(values: Mapping[str, specs.OptionValue]) -> list[pb.Option]:

@@ -549,8 +549,10 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
     ) -> pb.MergeDictionariesResponse:
         _, options = convert.option_args((), request.options)
         ref = self.service.merge(
-            request.method, list(request.dictionaries), request.base, list(request.weights), options,
-            convert.tensor_options(request.tensor_options), request=ids.key(request),
+            request.method, list(request.dictionaries), request.base,
+            convert.merge_weights(request.weights, request.weight_gradients), options,
+            convert.tensor_options(request.tensor_options), convert.tensor_weights(request.tensor_options),
+            request=ids.key(request),
         )
         return pb.MergeDictionariesResponse(dictionary=_handle(ref))
 

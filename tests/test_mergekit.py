@@ -1,0 +1,156 @@
+"""The merge methods against mergekit itself: mergekit 0.1.5's `run_merge` (a dev dependency) merges
+small Llama checkpoints from YAML-shaped configs, and the server merges the same tensors over real
+gRPC with the equivalent call; every tensor must agree.
+
+The configs use what mergekit users write: gradients over the layers (`weight: [1, 0]`, `t: [...]`),
+per-model weights with filters, lambda, density. DARE is left out: mergekit draws its masks from
+torch's global generator, the server from a seeded one of its own (docs/merging.md), so their masks
+differ by design.
+
+Tolerance: 2e-6 absolute. Both compute in float32, but in different orders (mergekit stacks the
+models and sums along the stack; the server sums one model at a time), so sums of values of order 1
+differ by a few ulps (an ulp at 1 is 1.2e-7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from weightavg import Client, Handle
+
+TOL = 2e-6
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base Llama of four layers and two models fine-tuned from it (the base plus small deltas), each
+    saved as a Hugging Face checkpoint; the norms are random too, so no entry is the same everywhere."""
+    root = tmp_path_factory.mktemp("mergekit")
+    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=LAYERS, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "norm" in name:
+                p.normal_()
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"])
+    for i, name in enumerate(("a", "b")):
+        tuned = LlamaForCausalLM(config)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()):
+                p.copy_(q + 0.05 * torch.randn(q.shape, generator=g))
+        paths[name] = root / name
+        tuned.save_pretrained(paths[name])
+    return paths
+
+
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    return {name: t.numpy() for name, t in load_file(str(path / "model.safetensors")).items()}
+
+
+def mergekit(config: Mapping[str, Any], out: Path) -> dict[str, np.ndarray]:
+    """mergekit's own merge of a config, its tensors by name."""
+    run_merge(MergeConfiguration.model_validate({**config, "dtype": "float32"}), str(out),
+              options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    return tensors(out)
+
+
+@pytest.fixture
+def uploaded(client: Client, checkpoints: dict[str, Path]) -> Iterator[dict[str, Handle]]:
+    yield {name: client.dict(tensors(path)) for name, path in checkpoints.items()}
+
+
+MLP_MIRROR = [1.0, 0.5, 0.7, 0.3, 0.0]
+ATTN = [0.0, 0.5, 0.3, 0.7, 1.0]
+
+Case = tuple[Callable[[dict[str, Path]], dict[str, Any]], Callable[[Client, dict[str, Handle]], Handle]]
+
+CASES: dict[str, Case] = {
+    "linear, a gradient weight and a filtered one": (
+        lambda p: {"merge_method": "linear", "models": [
+            {"model": str(p["a"]), "parameters": {"weight": [1.0, 0.0]}},
+            {"model": str(p["b"]), "parameters": {"weight": [{"filter": "mlp", "value": [2.0, 0.5]}, {"value": 1.0}]}},
+        ]},
+        lambda c, h: c.merge("linear", [h["a"], h["b"]], weights=[[1.0, 0.0], 1.0],
+                             per_tensor={"*mlp*": {"weights": [[1.0, 0.0], [2.0, 0.5]]}}),
+    ),
+    "linear without normalising, three-point gradients": (
+        lambda p: {"merge_method": "linear", "parameters": {"normalize": False}, "models": [
+            {"model": str(p["a"]), "parameters": {"weight": [0.2, 0.9, 0.4]}},
+            {"model": str(p["b"]), "parameters": {"weight": [0.8, 0.1, 0.6]}},
+        ]},
+        lambda c, h: c.merge("linear", [h["a"], h["b"]], weights=[[0.2, 0.9, 0.4], [0.8, 0.1, 0.6]], normalize=False),
+    ),
+    "slerp, t gradients for attention and the MLPs": (
+        lambda p: {"merge_method": "slerp", "base_model": str(p["a"]),
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}],
+                   "parameters": {"t": [{"filter": "self_attn", "value": ATTN}, {"filter": "mlp", "value": MLP_MIRROR},
+                                        {"value": 0.5}]}},
+        lambda c, h: c.merge("slerp", [h["a"], h["b"]], t=0.5,
+                             per_tensor={"*self_attn*": {"t": ATTN}, "*mlp*": {"t": MLP_MIRROR}}),
+    ),
+    "task arithmetic, gradient weights and lambda": (
+        lambda p: {"merge_method": "task_arithmetic", "base_model": str(p["base"]), "parameters": {"lambda": 0.8},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": [0.3, 1.0]}},
+                              {"model": str(p["b"]), "parameters": {"weight": 0.7}}]},
+        lambda c, h: c.merge("task_arithmetic", [h["a"], h["b"]], base=h["base"], weights=[[0.3, 1.0], 0.7], lam=0.8),
+    ),
+    "ties, a density gradient and filtered weights": (
+        lambda p: {"merge_method": "ties", "base_model": str(p["base"]), "parameters": {"density": [0.3, 0.8]},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": [{"filter": "self_attn", "value": 0.4},
+                                                                             {"value": 1.0}]}},
+                              {"model": str(p["b"]), "parameters": {"weight": [1.0, 0.5]}}]},
+        lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], density=[0.3, 0.8], weights=[1.0, [1.0, 0.5]],
+                             per_tensor={"*self_attn*": {"weights": [0.4, [1.0, 0.5]]}}),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_merge_equals_mergekits_on_every_tensor(
+    case: str, client: Client, checkpoints: dict[str, Path], uploaded: dict[str, Handle], tmp_path: Path
+) -> None:
+    config, call = CASES[case]
+    want = mergekit(config(checkpoints), tmp_path / "out")
+    got = client.dict(call(client, uploaded))
+    assert sorted(got) == sorted(want)
+    inputs = tensors(checkpoints["a"])
+    for name in want:
+        assert got[name].dtype == want[name].dtype == np.float32, name
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
+        assert np.abs(got[name] - inputs[name]).max() > 1e-4 or "slerp" in case, name  # the merge did something
+
+
+def test_mergekit_gives_the_head_and_final_norm_a_gradients_first_value(
+    client: Client, checkpoints: dict[str, Path], uploaded: dict[str, Handle], tmp_path: Path
+) -> None:
+    """Where mergekit places what lies outside the layers: the embeddings and also the final norm and
+    the head take a gradient's first value (mergekit plans them at its module's start), so a linear
+    merge from all-a to all-b keeps a's head; the last layer is b's."""
+    want = mergekit({"merge_method": "linear", "models": [
+        {"model": str(checkpoints["a"]), "parameters": {"weight": [1.0, 0.0]}},
+        {"model": str(checkpoints["b"]), "parameters": {"weight": [0.0, 1.0]}},
+    ]}, tmp_path / "out")
+    got = client.dict(client.merge("linear", [uploaded["a"], uploaded["b"]], weights=[[1.0, 0.0], [0.0, 1.0]]))
+    a, b = tensors(checkpoints["a"]), tensors(checkpoints["b"])
+    last = f"model.layers.{LAYERS - 1}.mlp.up_proj.weight"
+    for name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        np.testing.assert_array_equal(want[name], a[name], err_msg=name)
+        np.testing.assert_array_equal(got[name], a[name], err_msg=name)
+    np.testing.assert_array_equal(want[last], b[last])
+    np.testing.assert_array_equal(got[last], b[last])
