@@ -376,6 +376,17 @@ CASES = [
         ("a pattern's weights of the wrong count", IA, lambda w: pb.MergeDictionariesRequest(
             method="linear", dictionaries=[w.copy, w.avg],
             tensor_options=[pb.TensorOptions(pattern="*", weights=[pb.LayerValues(values=[1])])])),
+        ("densities beside the density option", IA, lambda w: pb.MergeDictionariesRequest(
+            method="ties", dictionaries=[w.copy, w.avg], base=w.copy,
+            options=[pb.Option(name="density", value=pb.OptionValue(float_value=0.5))],
+            densities=[pb.LayerValues(values=[0.5]), pb.LayerValues(values=[0.5])])),
+        ("a density gradient past 1", IA, lambda w: pb.MergeDictionariesRequest(
+            method="dare", dictionaries=[w.copy, w.avg], base=w.copy,
+            densities=[pb.LayerValues(values=[0.5, 1.5]), pb.LayerValues(values=[0.5])])),
+        ("a pattern's densities for linear", IA, lambda w: pb.MergeDictionariesRequest(
+            method="linear", dictionaries=[w.copy, w.avg],
+            tensor_options=[pb.TensorOptions(pattern="*", densities=[pb.LayerValues(values=[0.5]),
+                                                                     pb.LayerValues(values=[0.5])])])),
         ("slerp with a pattern's weights", IA, lambda w: pb.MergeDictionariesRequest(
             method="slerp", dictionaries=[w.copy, w.avg], options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.5))],
             tensor_options=[pb.TensorOptions(pattern="*", weights=[pb.LayerValues(values=[1]),

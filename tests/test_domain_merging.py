@@ -295,6 +295,20 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("weights for an empty pattern", "linear", {"tensor_weights": [("", [1.0, 2.0])]}, "an empty pattern"),
     ("weights for a pattern that matches nothing", "linear", {"tensor_weights": [("z*", [1.0, 2.0])]},
      "pattern 'z\\*' matches no entry"),
+    ("densities for a merge that keeps every delta", "task_arithmetic", {"base": dicts(1)[0], "densities": [0.5, 0.5]},
+     "task_arithmetic keeps every delta; per-dictionary densities are for ties and dare"),
+    ("densities and the density option", "ties", {"base": dicts(1)[0], "densities": [0.5, 0.5],
+                                                   "options": {"density": 0.5}}, "not both"),
+    ("densities and a pattern's density option", "dare", {"base": dicts(1)[0], "densities": [0.5, 0.5],
+                                                           "per_tensor": [("a.*", [("density", 0.3)])]}, "not both"),
+    ("a density of 0", "dare", {"base": dicts(1)[0], "densities": [0.5, (0.2, 0.0)]},
+     r"dictionary 2's density must be in \(0, 1\], given \[0.2, 0.0\]"),
+    ("a density past 1", "ties", {"base": dicts(1)[0], "densities": [1.5, 0.5]}, "dictionary 1's density must be in"),
+    ("densities of the wrong count", "ties", {"base": dicts(1)[0], "densities": [0.5]},
+     "1 densities for 2 dictionaries"),
+    ("a pattern's densities for linear", "linear", {"tensor_densities": [("a.*", [0.5, 0.5])]}, "keeps every delta"),
+    ("a pattern's densities that match nothing", "ties", {"base": dicts(1)[0], "options": {"density": 0.5},
+                                                           "tensor_densities": [("q*", [0.5, 0.5])]}, "matches no entry"),
     ("gradients summing to 0 at a layer", "linear",
      {"ds": [TensorDict({f"layers.{i}.w": torch.ones(2) for i in range(3)}) for _ in range(2)],
       "weights": [(1.0, -1.0), 1.0]}, "the weights sum to 0, so entry 'layers.2.w' cannot be normalised"),
@@ -482,8 +496,9 @@ def reference_task_vectors(
 
 
 def top_k_kept(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """The int(density * numel) largest |delta|, chosen by topk (the server selects by kthvalue)."""
-    k = int(density * delta.numel())
+    """The max(1, int(density * numel)) largest |delta| (mergekit 0.1.5's `magnitude`), chosen by topk
+    (the server selects by kthvalue)."""
+    k = max(1, int(density * delta.numel()))
     keep = torch.zeros(delta.numel())
     keep[torch.topk(delta.abs().flatten(), k).indices] = 1
     return keep.view(delta.shape)
@@ -524,22 +539,24 @@ def test_ties_elects_plus_on_a_tie_and_divides_by_the_weights_that_agreed() -> N
     assert weighted.entries["x"].tolist() == [1.0, -1.0, 2.0, 0.0]  # the heavier a wins both signs
 
 
-def test_ties_keeps_nothing_of_a_tensor_too_small_for_one_element() -> None:
-    base, ds = fine_tuned(2, shapes={"bias": (4,), "weight": (10, 10)})
-    got = merged("ties", ds, base=base, options={"density": 0.2})  # int(0.2 * 4) = 0 of the bias
-    assert torch.equal(got.entries["bias"], base.entries["bias"])
+def test_ties_keeps_the_largest_change_of_a_tensor_too_small_for_one_element_at_its_density() -> None:
+    """int(0.2 * 4) = 0, but a positive density keeps at least one element (mergekit's `magnitude`)."""
+    base = TensorDict({"bias": torch.zeros(4)})
+    x = TensorDict({"bias": torch.tensor([0.5, -3.0, 1.0, 2.0])})
+    got = merged("ties", [x], base=base, options={"density": 0.2})
+    assert got.entries["bias"].tolist() == [0.0, -3.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("kernels", ["native", "torch"])
-def test_ties_keeps_neither_infinities_nor_nans_where_it_keeps_nothing(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """int(0.2 * 4) = 0: nothing of the delta is kept, not its inf or NaN either (a threshold of inf
-    kept them: |inf| < inf is false)."""
+def test_ties_keeping_one_element_keeps_the_nan_and_not_the_infinities(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """k = max(1, int(0.2 * 4)) = 1: the one element kept is the NaN (counted largest), not an inf
+    beside it (a threshold of inf kept them: |inf| < inf is false)."""
     if kernels == "torch":
         monkeypatch.setattr(selection, "_SELECT", None)
     base = TensorDict({"x": torch.zeros(4)})
     x = TensorDict({"x": torch.tensor([math.inf, math.nan, -math.inf, 3.0])})
     got = merged("ties", [x], base=base, options={"density": 0.2})
-    assert bits32(got.entries["x"]) == bits32(torch.zeros(4))
+    assert same_bits_but_nan_payloads(got.entries["x"], torch.tensor([0.0, math.nan, 0.0, 0.0]))
 
 
 @pytest.mark.parametrize("kernels", ["native", "torch"])
@@ -1437,3 +1454,45 @@ def test_a_flat_merge_with_weights_by_layer_has_each_entrys_bits_in_one_native_c
             at = [mergekit_value([1.0, 2.0], f), 0.5, mergekit_value([3.0, 0.0, 1.0], f)]
             alone = merged("linear", [TensorDict({name: d.entries[name].clone()}) for d in ds], weights=at, options=options)
             assert torch.equal(got.entries[name], alone.entries[name]), (name, options)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_equal_per_dictionary_densities_are_the_density_option(method: str) -> None:
+    base, ds = fine_tuned(3, seed=21)
+    options: dict[str, object] = {"seed": 5} if method == "dare" else {}
+    want = merged(method, ds, base=base, weights=[1.0, 0.5, 2.0], options={**options, "density": 0.35})
+    got = merged(method, ds, base=base, weights=[1.0, 0.5, 2.0], options=options, densities=[0.35] * 3)
+    assert all(torch.equal(got.entries[n], want.entries[n]) for n in SHAPES)
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+def test_dare_drops_each_dictionarys_delta_at_its_own_density(consensus: bool) -> None:
+    """mergekit's per-model density: each model's mask is drawn, and its delta rescaled, at its own."""
+    base, ds = fine_tuned(3, seed=13)
+    w, densities = [1.0, 0.6, 0.9], [0.4, 1.0, 0.7]
+    options = {"seed": 42, "consensus": consensus, "normalize": consensus, "lam": 0.8}
+    got = merged("dare", ds, base=base, weights=w, options=options, densities=densities)
+    for n in SHAPES:
+        b, xs = base.entries[n], [d.entries[n] for d in ds]
+        keep = [dare_keep(42, i, n, tuple(b.shape), density) / density for i, density in enumerate(densities)]
+        want = reference_task_vectors(b, xs, w, lam=0.8, normalize=consensus, keep=keep, consensus=consensus)
+        assert_close(got.entries[n], want)
+
+
+def test_densities_by_layer_and_by_pattern_give_each_entry_its_own() -> None:
+    """A density gradient per dictionary (mergekit's README TIES example) and a pattern's densities: each
+    entry has the bits of a TIES merge of that entry alone at its densities."""
+    base = layered(1, seed=30)[0]
+    g = torch.Generator().manual_seed(31)
+    ds = [TensorDict({n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.entries.items()}) for _ in range(2)]
+    got = merged("ties", ds, base=base, weights=[1.0, (0.0, 0.3, 0.7, 1.0)], densities=[(1.0, 0.7, 0.1), 0.5],
+                 tensor_densities=[("*attn*", [0.2, (0.9, 0.4)])])
+    for name in LAYERED:
+        f = fraction_of(name)
+        weights = [1.0, mergekit_value([0.0, 0.3, 0.7, 1.0], f)]
+        densities = [0.2, mergekit_value([0.9, 0.4], f)] if "attn" in name else [mergekit_value([1.0, 0.7, 0.1], f), 0.5]
+        only = lambda d: TensorDict({name: d.entries[name]})  # noqa: E731
+        alone = merged("ties", [only(d) for d in ds], base=only(base), weights=weights, densities=densities)
+        assert torch.equal(got.entries[name], alone.entries[name]), name
+    plan = plan_of("ties", ds, base=base, densities=[(1.0, 0.1), 0.5])
+    assert {s.name: s.densities for s in plan.slots}["layers.3.mlp.weight"] == (0.1, 0.5)

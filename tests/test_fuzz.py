@@ -359,15 +359,16 @@ def test_average_dictionaries(fuzzed: Fuzzed, pool: Pool, refs: list[object], we
 @given(method=st.one_of(st.sampled_from(["linear", "slerp", "task_arithmetic", "ties", "dare", "average"]), st.text(max_size=10)),
        refs=st.lists(handle_refs, max_size=4), base=optional_refs, weights=weight_lists, options=merge_options,
        per_tensor=st.lists(st.builds(pb.TensorOptions, pattern=patterns, options=merge_options,
-                                     weights=st.lists(layer_values, max_size=3)), max_size=2),
-       gradients=st.lists(layer_values, max_size=3))
+                                     weights=st.lists(layer_values, max_size=3),
+                                     densities=st.lists(layer_values, max_size=3)), max_size=2),
+       gradients=st.lists(layer_values, max_size=3), densities=st.lists(layer_values, max_size=3))
 def test_merge_dictionaries(fuzzed: Fuzzed, pool: Pool, method: str, refs: list[object], base: object,
                             weights: list[float], options: list[pb.Option], per_tensor: list[pb.TensorOptions],
-                            gradients: list[pb.LayerValues]) -> None:
+                            gradients: list[pb.LayerValues], densities: list[pb.LayerValues]) -> None:
     pool.refresh()
     request = pb.MergeDictionariesRequest(
         method=method, dictionaries=[pool.resolve(r) for r in refs], base=pool.resolve(base), weights=weights,
-        options=options, tensor_options=per_tensor, weight_gradients=gradients,
+        options=options, tensor_options=per_tensor, weight_gradients=gradients, densities=densities,
     )
     check(fuzzed, lambda: fuzzed.stub.MergeDictionaries(request, timeout=TIMEOUT))
 

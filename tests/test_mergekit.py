@@ -3,7 +3,7 @@ small Llama checkpoints from YAML-shaped configs, and the server merges the same
 gRPC with the equivalent call; every tensor must agree.
 
 The configs use what mergekit users write: gradients over the layers (`weight: [1, 0]`, `t: [...]`),
-per-model weights with filters, lambda, density. DARE is left out: mergekit draws its masks from
+per-model weights and densities with filters, lambda, and mergekit's README TIES example. DARE is left out: mergekit draws its masks from
 torch's global generator, the server from a seeded one of its own (docs/merging.md), so their masks
 differ by design.
 
@@ -118,6 +118,21 @@ CASES: dict[str, Case] = {
         lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], density=[0.3, 0.8], weights=[1.0, [1.0, 0.5]],
                              per_tensor={"*self_attn*": {"weights": [0.4, [1.0, 0.5]]}}),
     ),
+    "ties, mergekit's README example: a density gradient for one model, a weight gradient for the other": (
+        lambda p: {"merge_method": "ties", "base_model": str(p["base"]), "parameters": {"normalize": True},
+                   "models": [{"model": str(p["a"]), "parameters": {"density": [1.0, 0.7, 0.1], "weight": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"density": 0.5, "weight": [0.0, 0.3, 0.7, 1.0]}}]},
+        lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], densities=[[1.0, 0.7, 0.1], 0.5],
+                             weights=[1.0, [0.0, 0.3, 0.7, 1.0]], normalize=True),
+    ),
+    "ties, per-model densities with a filter": (
+        lambda p: {"merge_method": "ties", "base_model": str(p["base"]),
+                   "models": [{"model": str(p["a"]), "parameters": {"density": [{"filter": "mlp", "value": 0.3},
+                                                                              {"value": 0.8}], "weight": 0.6}},
+                              {"model": str(p["b"]), "parameters": {"density": [0.9, 0.2], "weight": 1.0}}]},
+        lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], densities=[0.8, [0.9, 0.2]], weights=[0.6, 1.0],
+                             per_tensor={"*mlp*": {"densities": [0.3, [0.9, 0.2]]}}),
+    ),
 }
 
 
@@ -133,7 +148,7 @@ def test_a_merge_equals_mergekits_on_every_tensor(
     for name in want:
         assert got[name].dtype == want[name].dtype == np.float32, name
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
-        assert np.abs(got[name] - inputs[name]).max() > 1e-4 or "slerp" in case, name  # the merge did something
+    assert sum(np.abs(got[name] - inputs[name]).max() > 1e-4 for name in want) > len(want) // 2  # not just a copy
 
 
 def test_mergekit_gives_the_head_and_final_norm_a_gradients_first_value(

@@ -215,11 +215,17 @@ def _gradients(weights: Iterable[Any]) -> list[pb.LayerValues]:
     return [pb.LayerValues(values=[float(x) for x in w] if _is_gradient(w) else [float(w)]) for w in weights]
 
 
+_PER_DICTIONARY = ("weights", "densities")
+"""The keys of a merge's `per_tensor` overrides that give one value per dictionary rather than an option."""
+
+
 def _tensor_options(pattern: str, values: Mapping[str, Any]) -> pb.TensorOptions:
-    """A merge's overrides for one pattern: its options and, under "weights", its weights."""
+    """A merge's overrides for one pattern: its options and, under "weights" and "densities", one
+    value per dictionary."""
     return pb.TensorOptions(
-        pattern=pattern, options=[_option_message(k, v) for k, v in values.items() if k != "weights"],
+        pattern=pattern, options=[_option_message(k, v) for k, v in values.items() if k not in _PER_DICTIONARY],
         weights=_gradients(values["weights"]) if values.get("weights") is not None else [],
+        densities=_gradients(values["densities"]) if values.get("densities") is not None else [],
     )
 
 
@@ -1494,7 +1500,8 @@ class Client:
     def merge(
         self, method: str, dicts: Iterable[HandleLike], base: HandleLike | None = None,
         weights: Iterable[float | Sequence[float]] | None = None,
-        per_tensor: Mapping[str, Mapping[str, Any]] | None = None, **options: Any,
+        per_tensor: Mapping[str, Mapping[str, Any]] | None = None,
+        densities: Iterable[float | Sequence[float]] | None = None, **options: Any,
     ) -> Handle:
         """A new dictionary merged on the server: linear, slerp, task_arithmetic, ties or dare.
 
@@ -1511,14 +1518,17 @@ class Client:
                 first layer to the second at the last.
             per_tensor: option overrides by entry-name pattern, first match wins,
                 e.g. {"*.bias": {"t": 0.0}}; "weights" gives the matching entries' own weights,
-                e.g. {"*.mlp.*": {"weights": [0.3, 0.7]}} (the first pattern with weights that matches).
+                e.g. {"*.mlp.*": {"weights": [0.3, 0.7]}} (the first pattern with weights that matches),
+                and "densities" their own per-dictionary densities.
+            densities: ties and dare: one density per dictionary (each a number or a gradient, mergekit's
+                per-model density) instead of the density option.
 
         Example: c.merge("ties", [d1, d2], base=b, density=0.2); c.merge("slerp", [a, b], t=0.3)
         """
         plain, gradients = _merge_weights(weights)
         request = pb.MergeDictionariesRequest(
             method=method, dictionaries=_ids(dicts, "merge"), base=_id(base) if base is not None else "",
-            weights=plain, weight_gradients=gradients,
+            weights=plain, weight_gradients=gradients, densities=_gradients(() if densities is None else densities),
             options=[_option_message(k, v) for k, v in options.items()],
             tensor_options=[_tensor_options(pattern, values) for pattern, values in (per_tensor or {}).items()],
         )

@@ -1226,11 +1226,13 @@ class Service:
     def merge(
         self, method: str, handles: Sequence[str], base: str, weights: Sequence[merging.Weight] | None,
         options: Sequence[tuple[str, Value]] = (), per_tensor: merging.PerTensor = (),
-        tensor_weights: merging.TensorWeights = (), *, request: RequestKey | None = None,
+        tensor_weights: merging.TensorWeights = (), densities: Sequence[merging.Weight] = (),
+        tensor_densities: merging.TensorWeights = (), *, request: RequestKey | None = None,
     ) -> Ref:
         """A new dictionary merged from dictionaries by a method (linear, slerp, task_arithmetic, ties,
-        dare), against `base` where the method takes one, one tensor at a time; weights may be
-        mergekit's gradients over the layers, and differ by entry-name pattern (`tensor_weights`)."""
+        dare), against `base` where the method takes one, one tensor at a time; weights (and TIES and
+        DARE's per-dictionary densities) may be mergekit's gradients over the layers, and differ by
+        entry-name pattern (`tensor_weights`, `tensor_densities`)."""
         chosen = merging.method_named(method)
         inputs = self._sources(handles)
         base_entry = self.store.get(base, Kind.DICTIONARY, *MODULE_KINDS) if base else None
@@ -1239,7 +1241,7 @@ class Service:
             base_dict = self._as_dictionary(base_entry) if base_entry is not None else None
             plan = merging.plan(
                 chosen, dicts, base=base_dict, weights=weights, kwargs=options, per_tensor=per_tensor,
-                tensor_weights=tensor_weights,
+                tensor_weights=tensor_weights, densities=densities, tensor_densities=tensor_densities,
             )
             made = self.store.create(
                 Kind.DICTIONARY, footprint.merge_bytes(plan), lambda: merging.run(plan, dicts, base=base_dict)

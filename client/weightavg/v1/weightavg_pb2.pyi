@@ -4456,6 +4456,7 @@ class TensorOptions(_message.Message):
     PATTERN_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
+    DENSITIES_FIELD_NUMBER: _builtins.int
     pattern: _builtins.str
     """fnmatch-style pattern over entry names ("*", "?", "[ab]"); the first pattern that matches an
     entry gives its options, on top of the call's.
@@ -4472,16 +4473,23 @@ class TensorOptions(_message.Message):
         Empty: the call's weights.
         """
 
+    @_builtins.property
+    def densities(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerValues]:
+        """TIES and DARE: densities for the matching entries, one per dictionary, as `weights` (the first
+        pattern that matches and gives densities); empty: the call's.
+        """
+
     def __init__(
         self,
         *,
         pattern: _builtins.str = ...,
         options: _abc.Iterable[Global___Option] | None = ...,
         weights: _abc.Iterable[Global___LayerValues] | None = ...,
+        densities: _abc.Iterable[Global___LayerValues] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "pattern", b"pattern", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["densities", b"densities", "options", b"options", "pattern", b"pattern", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4527,6 +4535,7 @@ class MergeDictionariesRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     TENSOR_OPTIONS_FIELD_NUMBER: _builtins.int
     WEIGHT_GRADIENTS_FIELD_NUMBER: _builtins.int
+    DENSITIES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """linear, slerp, task_arithmetic, ties or dare."""
@@ -4563,6 +4572,12 @@ class MergeDictionariesRequest(_message.Message):
         instead of `weights` (give one or the other). slerp takes none.
         """
 
+    @_builtins.property
+    def densities(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerValues]:
+        """TIES and DARE: one density per dictionary, each in (0, 1], a number or a gradient over the
+        layers (mergekit's per-model density), instead of the density option.
+        """
+
     def __init__(
         self,
         *,
@@ -4573,11 +4588,12 @@ class MergeDictionariesRequest(_message.Message):
         options: _abc.Iterable[Global___Option] | None = ...,
         tensor_options: _abc.Iterable[Global___TensorOptions] | None = ...,
         weight_gradients: _abc.Iterable[Global___LayerValues] | None = ...,
+        densities: _abc.Iterable[Global___LayerValues] | None = ...,
         request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "dictionaries", b"dictionaries", "method", b"method", "options", b"options", "request_id", b"request_id", "tensor_options", b"tensor_options", "weight_gradients", b"weight_gradients", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "densities", b"densities", "dictionaries", b"dictionaries", "method", b"method", "options", b"options", "request_id", b"request_id", "tensor_options", b"tensor_options", "weight_gradients", b"weight_gradients", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

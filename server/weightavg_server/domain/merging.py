@@ -145,6 +145,9 @@ class Slot:
     weights: tuple[float, ...] = ()
     """The dictionaries' weights for this entry: the call's, a pattern's, or a gradient's value at the
     entry's layer (1 each where none were given, and for slerp)."""
+    densities: tuple[float, ...] = ()
+    """TIES and DARE: each dictionary's density for this entry, from the `density` option or the
+    per-dictionary densities (a pattern's, a gradient's value at the entry's layer); () otherwise."""
 
     @property
     def numel(self) -> int:
@@ -241,13 +244,16 @@ def _pointers(dicts: Sequence[TensorDict]) -> list[int]:
 
 def _kept_key(
     method: Method, weights: Sequence[Weight] | None, kwargs: Sequence[tuple[str, Value]], per_tensor: PerTensor,
-    tensor_weights: TensorWeights, base: bool, into: bool,
+    tensor_weights: TensorWeights, densities: Sequence[Weight] | None, tensor_densities: TensorWeights, base: bool,
+    into: bool,
 ) -> tuple[object, ...] | None:
     """What, besides the dictionaries, a plan depends on, as a hashable key; None when it cannot be one."""
     key = (
         method.name, None if weights is None else tuple(weights), tuple(kwargs),
         tuple((pattern, tuple(given)) for pattern, given in per_tensor),
-        tuple((pattern, tuple(given)) for pattern, given in tensor_weights), base, into,
+        tuple((pattern, tuple(given)) for pattern, given in tensor_weights),
+        None if densities is None else tuple(densities),
+        tuple((pattern, tuple(given)) for pattern, given in tensor_densities), base, into,
     )
     try:
         hash(key)
@@ -266,6 +272,8 @@ def plan(
     kwargs: Sequence[tuple[str, Value]] = (),
     per_tensor: PerTensor = (),
     tensor_weights: TensorWeights = (),
+    densities: Sequence[Weight] | None = None,
+    tensor_densities: TensorWeights = (),
 ) -> Plan:
     """Check a call and work out what it will allocate (`check`); the plan made last time when
     nothing it was made over has changed since.
@@ -280,11 +288,12 @@ def plan(
     module's parameters, made afresh each call) are always checked.
     """
     everything = ([base] if base is not None else []) + list(dicts) + ([into] if into is not None else [])
-    key = _kept_key(method, weights, kwargs, per_tensor, tensor_weights, base is not None, into is not None)
+    key = _kept_key(method, weights, kwargs, per_tensor, tensor_weights, densities, tensor_densities, base is not None,
+                    into is not None)
     if key is None or not dicts or any(d.live for d in everything):
         return check(
             method, dicts, base=base, weights=weights, into=into, kwargs=kwargs, per_tensor=per_tensor,
-            tensor_weights=tensor_weights,
+            tensor_weights=tensor_weights, densities=densities, tensor_densities=tensor_densities,
         )
     kept = dicts[0].plans.get(_KEPT)
     if (
@@ -296,7 +305,7 @@ def plan(
         return kept.plan
     made = check(
         method, dicts, base=base, weights=weights, into=into, kwargs=kwargs, per_tensor=per_tensor,
-        tensor_weights=tensor_weights,
+        tensor_weights=tensor_weights, densities=densities, tensor_densities=tensor_densities,
     )
     dicts[0].plans[_KEPT] = _Kept(
         key, tuple(weakref.ref(d) for d in everything), tuple(d.version for d in everything), flat.swaps(),
@@ -315,6 +324,8 @@ def check(
     kwargs: Sequence[tuple[str, Value]] = (),
     per_tensor: PerTensor = (),
     tensor_weights: TensorWeights = (),
+    densities: Sequence[Weight] | None = None,
+    tensor_densities: TensorWeights = (),
 ) -> Plan:
     """Check a call and work out what it will allocate; nothing is allocated or changed.
 
@@ -337,13 +348,19 @@ def check(
         raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties or dare to merge against a base")
     checked = _weights(method, len(dicts), weights)
     by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
+    own = _densities(method, len(dicts), densities, kwargs, per_tensor)
+    own_by_pattern = [
+        (pattern, _pattern_densities(method, len(dicts), pattern, given)) for pattern, given in tensor_densities
+    ]
+    if own is not None:  # the option is required by default: the per-dictionary densities stand in for it
+        kwargs = [*kwargs, ("density", 1.0)]
     values = resolve(what, method.options, (), kwargs, Wording.SETTING)
     overrides = [(pattern, _override(method, kwargs, pattern, given)) for pattern, given in per_tensor]
 
     sources = ([base] if base is not None else []) + list(dicts)
     labels = (["the base"] if base is not None else []) + [f"dictionary {i + 1}" for i in range(len(dicts))]
     names = _same_names(sources, labels)
-    for pattern in [pattern for pattern, _ in overrides] + [pattern for pattern, _ in by_pattern]:
+    for pattern in [p for p, _ in overrides] + [p for p, _ in by_pattern] + [p for p, _ in own_by_pattern]:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(f"'{n}'" for n in names[:3]) + (", ..." if len(names) > 3 else "")
             raise InvalidArgument(f"{what}: pattern '{pattern}' matches no entry (entries: {shown or 'none'})")
@@ -356,7 +373,8 @@ def check(
     read_by = _readers(names, sources, into) if into is not None else {}
     divisors: dict[tuple[float, ...], float] = {}  # what a normalised sum divides by, once per set of weights
     graded = any(isinstance(v, tuple) for o in (values, *(o for _, o in overrides)) for v in o.values()) or any(
-        isinstance(w, tuple) for ws in (checked, *(ws for _, ws in by_pattern)) for w in ws
+        isinstance(w, tuple)
+        for ws in (checked, own or (), *(ws for _, ws in by_pattern), *(ds for _, ds in own_by_pattern)) for w in ws
     )
     fractions = layer_fractions(names) if graded else {}  # only where a gradient was given
     constant = _constant(checked)
@@ -367,8 +385,9 @@ def check(
         if graded:
             options = {k: at_fraction(v, fractions[name]) if isinstance(v, tuple) else v for k, v in options.items()}
         used = constant if given is checked and constant is not None else _weights_at(given, fractions.get(name, 0.0))
+        kept = _slot_densities(method, name, options, own, own_by_pattern, fractions, len(dicts))
         slots.append(_slot(method, name, [d.entries[name] for d in sources], labels, options, base is not None, into,
-                           read_by, used))
+                           read_by, used, kept))
         if used not in divisors:
             divisors[used] = sum(normalizing(used)[0])
         _check_normalizable(method, options, used, divisors[used], slots[-1])
@@ -507,6 +526,63 @@ def _weights_at(weights: tuple[Weight, ...], fraction: float) -> tuple[float, ..
     return tuple(at_fraction(w, fraction) if isinstance(w, tuple) else w for w in weights)
 
 
+def _densities(
+    method: Method, count: int, densities: Sequence[Weight] | None, kwargs: Sequence[tuple[str, Value]],
+    per_tensor: PerTensor,
+) -> tuple[Weight, ...] | None:
+    """The call's per-dictionary densities checked (each in (0, 1], a number or a gradient), or None
+    when none are given. They take the `density` option's place, so giving both is refused."""
+    if not densities:
+        return None
+    what = method.name
+    if not method.sparsify:
+        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties and dare")
+    if any(name == "density" for name, _ in kwargs) or any(n == "density" for _, given in per_tensor for n, _ in given):
+        raise InvalidArgument(f"{what}: give the density option or per-dictionary densities, not both")
+    return _density_values(what, count, densities)
+
+
+def _pattern_densities(method: Method, count: int, pattern: str, densities: Sequence[Weight]) -> tuple[Weight, ...]:
+    """A pattern's per-dictionary densities checked (`_densities`)."""
+    what = f"{method.name} (pattern '{pattern}')"
+    if not pattern:
+        raise InvalidArgument(f"{method.name}: an empty pattern; use '*' to match every entry")
+    if not method.sparsify:
+        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties and dare")
+    if not densities:
+        raise InvalidArgument(f"{method.name}: pattern '{pattern}' gives no densities; give one per dictionary")
+    return _density_values(what, count, densities)
+
+
+def _density_values(what: str, count: int, densities: Sequence[Weight]) -> tuple[Weight, ...]:
+    if len(densities) != count:
+        raise InvalidArgument(
+            f"{what}: {len(densities)} densities for {count} dictionaries; give one density per dictionary"
+        )
+    for i, d in enumerate(densities):
+        values = d if isinstance(d, tuple) else (d,)
+        if not values:
+            raise InvalidArgument(f"{what}: dictionary {i + 1}'s density is an empty list; give a number or a list of them")
+        if not all(0 < x <= 1 for x in values):  # (NaN fails too)
+            raise InvalidArgument(f"{what}: dictionary {i + 1}'s density must be in (0, 1], given {list(values)}")
+    return tuple(tuple(float(x) for x in d) if isinstance(d, tuple) else float(d) for d in densities)
+
+
+def _slot_densities(
+    method: Method, name: str, options: Values, own: tuple[Weight, ...] | None,
+    own_by_pattern: Sequence[tuple[str, tuple[Weight, ...]]], fractions: dict[str, float], count: int,
+) -> tuple[float, ...]:
+    """Each dictionary's density for an entry: the first pattern with densities that matches it, else
+    the call's per-dictionary densities, else the `density` option for every dictionary; () for
+    methods that keep every delta."""
+    if not method.sparsify:
+        return ()
+    given = next((ds for pattern, ds in own_by_pattern if fnmatch.fnmatchcase(name, pattern)), own)
+    if given is None:
+        return (float_value(options, "density"),) * count
+    return _weights_at(given, fractions.get(name, 0.0))
+
+
 def _check_normalizable(
     method: Method, options: Values, weights: tuple[float, ...], divisor: float, slot: Slot
 ) -> None:
@@ -551,7 +627,7 @@ def _check_factors(method: Method, options: Values, slot: Slot) -> None:
         )
     if method.sparsify != "random" or not bool_value(options, "rescale") or str_value(options, "rescale_norm") != "density":
         return
-    density = float_value(options, "density")
+    density = min(slot.densities)
     if density < info.tiny:
         raise InvalidArgument(
             f"dare: density {density:.4g} is below {work}'s smallest normal number ({info.tiny:.4g}), so entry "
@@ -603,6 +679,7 @@ def _listed(names: list[str]) -> str:
 def _slot(
     method: Method, name: str, tensors: list[torch.Tensor], labels: Sequence[str], options: Values, has_base: bool,
     into: TensorDict | None, read_by: dict[int, list[tuple[int, int, str]]], weights: tuple[float, ...],
+    densities: tuple[float, ...] = (),
 ) -> Slot:
     """Check one entry across the sources and plan its computation."""
     what = f"{method.name}: entry '{name}'"
@@ -645,16 +722,19 @@ def _slot(
                 )
         if str_value(options, "integers") == "mean":  # a float64 sum and one input cast at a time
             return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=(torch.float64,) * 2,
-                        weights=weights)
+                        weights=weights, densities=densities)
         aside = (dtype,) if out is not None and name in readers and _overlaps_unlike(out, tensors) else ()
-        return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=aside, weights=weights)
+        return Slot(name, method.name, shape, dtype, first.device, options, None, buffers=aside, weights=weights,
+                    densities=densities)
     wide = torch.float64 in kinds or dtype == torch.float64
     work = torch.float64 if wide else torch.float32
     shared = name in readers
     direct = dtype == work and not shared
     numel = math.prod(shape)
-    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, numel, first.device)
-    return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal, weights)
+    buffers, internal = _scratch(method, options, work, direct, tensors, kinds, has_base, numel, first.device,
+                                 densities)
+    return Slot(name, method.name, shape, dtype, first.device, options, work, direct, buffers, internal, weights,
+                densities)
 
 
 def _overlaps_unlike(out: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
@@ -700,7 +780,7 @@ def _readers(names: Sequence[str], sources: Sequence[TensorDict], into: TensorDi
 
 def _scratch(
     method: Method, options: Values, work: torch.dtype, direct: bool, tensors: list[torch.Tensor],
-    kinds: set[torch.dtype], has_base: bool, numel: int, device: torch.device,
+    kinds: set[torch.dtype], has_base: bool, numel: int, device: torch.device, densities: tuple[float, ...] = (),
 ) -> tuple[tuple[torch.dtype, ...], int]:
     """The scratch tensors (each of the result's shape) a slot's kernel takes, in the order it takes
     them (every work-dtype buffer before the bool one, so each view is aligned), and the bytes torch
@@ -716,7 +796,7 @@ def _scratch(
     consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
     normalize = bool_value(options, "normalize")
     base_cast = (work,) if has_base and tensors[0].dtype != work else ()
-    trims = method.sparsify == "magnitude" and float_value(options, "density") < 1
+    trims = method.sparsify == "magnitude" and any(d < 1 for d in densities)
     aside = (work,) if _takes_aside(method.name, consensus, normalize, trims, device) else ()
     election = (work,) if consensus else ()
     divisor = (work,) if consensus and normalize else ()
@@ -1050,14 +1130,14 @@ def _task_vectors(
     if b.dtype != work:
         base = scratch.take(shape, work)
         base.copy_(b)
-    density = float_value(options, "density") if method != "task_arithmetic" else 1.0
+    densities = slot.densities or (1.0,) * len(xs)
     rescale = (str_value(options, "rescale_norm") if bool_value(options, "rescale") else "") if method == "dare" else ""
-    trims = method == "ties" and density < 1
+    trims = method == "ties" and any(d < 1 for d in densities)
     aside = scratch.take(shape, work) if _takes_aside(method, consensus, normalize, trims, slot.device) else None
     election = scratch.take(shape, work) if consensus else None
     divisor = scratch.take(shape, work) if consensus and normalize else None
     mask = scratch.take(shape, torch.bool) if consensus or trims else None
-    thresholds: dict[int, float | None] = {}
+    thresholds: dict[int, float] = {}
 
     def make_delta(i: int) -> None:
         delta.copy_(xs[i])
@@ -1065,13 +1145,13 @@ def _task_vectors(
         if method == "ties" and trims:
             assert mask is not None
             if i not in thresholds:
-                thresholds[i] = _threshold(delta, density, aside)
+                thresholds[i] = _threshold(delta, densities[i], aside)
             _trim(delta, thresholds[i], aside, mask)
         elif method == "dare":
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
-            aside.bernoulli_(density, generator=generator)
-            _drop_out(delta, aside, density, rescale)
+            aside.bernoulli_(densities[i], generator=generator)
+            _drop_out(delta, aside, densities[i], rescale)
         delta.mul_(weights[i])
 
     acc.zero_()
@@ -1124,29 +1204,27 @@ def _drop_out(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: 
             delta.mul_(before / after)
 
 
-def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor | None) -> float | None:
-    """The k-th largest |delta|, k = int(density * numel), NaN counted largest: entries at or above it
-    are kept (ties at the threshold all stay, `_trim`); None where k = 0, when nothing is kept. On
-    the CPU a native radix selection finds it, elsewhere torch.kthvalue over |delta| in `aside` (None
-    where the plan found the native selection on: `_takes_aside`): the same value (`selection`)."""
+def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor | None) -> float:
+    """The k-th largest |delta|, NaN counted largest: entries at or above it are kept (ties at the
+    threshold all stay, `_trim`). k = max(1, int(density * numel)): as mergekit 0.1.5's `magnitude`,
+    a positive density keeps at least one element, so a 4-element bias at density 0.2 keeps its
+    largest change (it kept none, k = int(density * numel) = 0, until `tests/test_mergekit.py` ran
+    mergekit's README TIES example, density 0.1 over 8-element norms). On the CPU a native radix
+    selection finds it, elsewhere torch.kthvalue over |delta| in `aside` (None where the plan found
+    the native selection on: `_takes_aside`): the same value (`selection`)."""
     n = delta.numel()
-    k = int(density * n)
-    if k <= 0:
-        return None
+    k = max(1, int(density * n))
     if k >= n:
         return -math.inf
     return selection.kth_largest_magnitude(delta, k, aside)
 
 
-def _trim(delta: torch.Tensor, threshold: float | None, aside: torch.Tensor | None, mask: torch.Tensor) -> None:
-    """delta := +0 wherever |delta| is below `threshold` in the selection's order, NaN above inf: the
-    whole delta where it is None (k = 0), every number where it is a NaN (k NaNs or more: only the NaNs
-    are kept), elsewhere what `selection.zero_below` zeroes. The threshold inf (k = 0 as it was
-    before) kept the delta's infinities and NaNs, and `|delta| < NaN`, false everywhere, kept every
-    entry of a delta with k NaNs (found by review)."""
-    if threshold is None:
-        delta.zero_()
-    elif math.isnan(threshold):
+def _trim(delta: torch.Tensor, threshold: float, aside: torch.Tensor | None, mask: torch.Tensor) -> None:
+    """delta := +0 wherever |delta| is below `threshold` in the selection's order, NaN above inf: every
+    number where it is a NaN (k NaNs or more: only the NaNs are kept), elsewhere what
+    `selection.zero_below` zeroes. `|delta| < NaN`, false everywhere, kept every entry of a delta
+    with k NaNs (found by review)."""
+    if math.isnan(threshold):
         torch.eq(delta, delta, out=mask)  # the numbers: a NaN is not equal to itself
         delta.masked_fill_(mask, 0)
     else:

@@ -217,10 +217,10 @@ def option_args(
 
 def tensor_options(messages: Iterable[pb.TensorOptions]) -> list[tuple[str, tuple[tuple[str, specs.OptionValue], ...]]]:
     """Per-entry option overrides of a merge: (pattern, named values), in order. A pattern that gives
-    weights and no options overrides no option (`tensor_weights`)."""
+    weights or densities and no options overrides no option (`tensor_weights`, `tensor_densities`)."""
     return [
         (m.pattern, tuple((o.name, option_value(o.value, f"tensor_options[{i}] option '{o.name}'")) for o in m.options))
-        for i, m in enumerate(messages) if m.options or not m.weights
+        for i, m in enumerate(messages) if m.options or not (m.weights or m.densities)
     ]
 
 
@@ -228,6 +228,12 @@ def tensor_weights(messages: Iterable[pb.TensorOptions]) -> list[tuple[str, tupl
     """Per-entry weights of a merge: (pattern, one weight per dictionary), in order, for the patterns
     that give weights."""
     return [(m.pattern, layer_values(m.weights)) for m in messages if m.weights]
+
+
+def tensor_densities(messages: Iterable[pb.TensorOptions]) -> list[tuple[str, tuple[float | tuple[float, ...], ...]]]:
+    """Per-entry densities of a merge: (pattern, one density per dictionary), in order, for the
+    patterns that give densities."""
+    return [(m.pattern, layer_values(m.densities)) for m in messages if m.densities]
 
 
 def merge_weights(

@@ -552,6 +552,7 @@ class WeightAveragingServicer(pb_grpc.WeightAveragingServiceServicer):
             request.method, list(request.dictionaries), request.base,
             convert.merge_weights(request.weights, request.weight_gradients), options,
             convert.tensor_options(request.tensor_options), convert.tensor_weights(request.tensor_options),
+            convert.layer_values(request.densities), convert.tensor_densities(request.tensor_options),
             request=ids.key(request),
         )
         return pb.MergeDictionariesResponse(dictionary=_handle(ref))
