@@ -939,6 +939,7 @@ def test_into_reserves_only_scratch() -> None:
     ("dare", {"density": 0.5, "consensus": True, "normalize": True, "seed": 1}),
     ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "l1"}),
     ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "linf", "consensus": True}),
+    ("model_stock", {}), ("model_stock", {"filter_wise": True}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype
@@ -947,11 +948,11 @@ def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     slerp's sums and dot products were 72 bytes over (found by review)."""
     for kernel in (lerp, weighted_sum, selection):
         kernel.native_state()  # each kernel's one check against torch, which a server runs as it starts
-    for shapes in ({"w": (300, 200), "b": (300,)}, {"w": (3, 4), "b": (7,)}):
+    for shapes in ({"w": (300, 200), "b": (300,)}, {"w": (3, 4), "b": (7,)}, {"e": (70000, 3), "big": (2, 70000)}):
         base, ds = fine_tuned(2 if method == "slerp" else 3, shapes=shapes)
         cast = lambda d: TensorDict({n: t.to(dtype) for n, t in d.entries.items()})  # noqa: E731
         base, ds = cast(base), [cast(d) for d in ds]
-        with_base = base if method in ("task_arithmetic", "ties", "dare") else None
+        with_base = base if method in ("task_arithmetic", "ties", "dare", "model_stock") else None
         p = plan_of(method, ds, base=with_base, options=options)
         meter = footprint._PeakBytes()
         with meter:
@@ -1496,3 +1497,70 @@ def test_densities_by_layer_and_by_pattern_give_each_entry_its_own() -> None:
         assert torch.equal(got.entries[name], alone.entries[name]), name
     plan = plan_of("ties", ds, base=base, densities=[(1.0, 0.1), 0.5])
     assert {s.name: s.densities for s in plan.slots}["layers.3.mlp.weight"] == (0.1, 0.5)
+
+
+# -- Model Stock ---------------------------------------------------------------------------------------
+
+
+def reference_model_stock(b: torch.Tensor, xs: Sequence[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+    """Model Stock as mergekit's `model_stock` defines it (mergekit/merge_methods/model_stock.py),
+    written out in float64: the offsets' mean pairwise cosine (per row of the last dimension with
+    filter_wise), t = N cos / (1 + (N - 1) cos) (0 where the denominator is within 1e-6 of 0), and
+    t * mean + (1 - t) * base."""
+    w0, ws = b.double(), [x.double() for x in xs]
+    if filter_wise:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = [((a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+               for i, a in enumerate(offsets) for c in offsets[i + 1:]]
+    cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(b.shape)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_model_stock_is_mergekits_formula(filter_wise: bool, count: int) -> None:
+    shapes = {"w": (40, 30), "conv": (4, 3, 5, 5), "b": (40,), "e": (700, 1)}
+    base, ds = fine_tuned(count, seed=40 + count, shapes=shapes)
+    got = merged("model_stock", ds, base=base, options={"filter_wise": filter_wise})
+    for name in shapes:
+        want = reference_model_stock(base.entries[name], [d.entries[name] for d in ds], filter_wise)
+        assert_close(got.entries[name], want, tol=2e-6)
+
+
+def test_model_stock_keeps_the_base_where_offsets_cancel_and_takes_the_mean_where_they_agree() -> None:
+    """Opposite offsets (cos -1, two models: 1 + (N - 1) cos = 0): the base, not a division by 0;
+    orthogonal ones (cos 0): t = 0, the base; equal ones (cos 1): t = 1, the models' mean."""
+    base = TensorDict({"x": torch.tensor([1.0, 2.0, 3.0])})
+    offset = torch.tensor([0.5, -0.25, 1.0])
+    cases = {
+        "opposite": ([base.entries["x"] + offset, base.entries["x"] - offset], base.entries["x"]),
+        "orthogonal": ([base.entries["x"] + torch.tensor([1.0, 0, 0]), base.entries["x"] + torch.tensor([0, 2.0, 0])],
+                       base.entries["x"]),
+        "equal": ([base.entries["x"] + offset, base.entries["x"] + 3 * offset], base.entries["x"] + 2 * offset),
+    }
+    for case, (xs, want) in cases.items():
+        got = merged("model_stock", [TensorDict({"x": x}) for x in xs], base=base)
+        assert_close(got.entries["x"], want)
+        assert bool(got.entries["x"].isfinite().all()), case
+
+
+def test_model_stock_refuses_what_it_cannot_merge() -> None:
+    base, ds = fine_tuned(2)
+    with pytest.raises(InvalidArgument, match="takes at least 2 dictionaries besides the base, given 1"):
+        plan_of("model_stock", ds[:1], base=base)
+    with pytest.raises(InvalidArgument, match="model_stock takes no weights; it weighs the models by the angle"):
+        plan_of("model_stock", ds, base=base, weights=[1.0, 2.0])
+    with pytest.raises(InvalidArgument, match="model_stock needs a base"):
+        plan_of("model_stock", ds)
+    other = TensorDict({n: t.expand(2, *t.shape).clone() if n == "a.bias" else t for n, t in ds[1].entries.items()})
+    with pytest.raises(InvalidArgument, match=r"entry 'a.bias' is \[6\] in the base but \[2, 6\] in dictionary 2; "
+                                              "model_stock takes the angle between whole tensors"):
+        plan_of("model_stock", [ds[0], other], base=base)

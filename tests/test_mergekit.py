@@ -3,7 +3,7 @@ small Llama checkpoints from YAML-shaped configs, and the server merges the same
 gRPC with the equivalent call; every tensor must agree.
 
 The configs use what mergekit users write: gradients over the layers (`weight: [1, 0]`, `t: [...]`),
-per-model weights and densities with filters, lambda, and mergekit's README TIES example. DARE is left out: mergekit draws its masks from
+per-model weights and densities with filters, lambda, mergekit's README TIES example, Model Stock. DARE is left out: mergekit draws its masks from
 torch's global generator, the server from a seeded one of its own (docs/merging.md), so their masks
 differ by design.
 
@@ -132,6 +132,16 @@ CASES: dict[str, Case] = {
                               {"model": str(p["b"]), "parameters": {"density": [0.9, 0.2], "weight": 1.0}}]},
         lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], densities=[0.8, [0.9, 0.2]], weights=[0.6, 1.0],
                              per_tensor={"*mlp*": {"densities": [0.3, [0.9, 0.2]]}}),
+    ),
+    "model stock": (
+        lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]),
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},
+        lambda c, h: c.merge("model_stock", [h["a"], h["b"]], base=h["base"]),
+    ),
+    "model stock, filter-wise": (
+        lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]), "parameters": {"filter_wise": True},
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},
+        lambda c, h: c.merge("model_stock", [h["a"], h["b"]], base=h["base"], filter_wise=True),
     ),
 }
 

@@ -1503,16 +1503,17 @@ class Client:
         per_tensor: Mapping[str, Mapping[str, Any]] | None = None,
         densities: Iterable[float | Sequence[float]] | None = None, **options: Any,
     ) -> Handle:
-        """A new dictionary merged on the server: linear, slerp, task_arithmetic, ties or dare.
+        """A new dictionary merged on the server: linear, slerp, task_arithmetic, ties, dare or model_stock.
 
         Args:
             method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
-                normalize=False, lam=1). Every method takes integers="first", "max" or "mean". t, density
+                normalize=False, lam=1), model_stock (base and at least two dictionaries, no weights;
+                filter_wise=False). Every method takes integers="first", "max" or "mean". t, density
                 and lam also take mergekit's gradients: a list of values over the layers, e.g. t=[0, 0.5, 1].
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
-            base: the model the others were fine-tuned from (task_arithmetic, ties, dare).
+            base: the model the others were fine-tuned from (task_arithmetic, ties, dare, model_stock).
             weights: one weight per dictionary; 1 each if None. A weight may be a list, mergekit's
                 gradient over the layers: weights=[[1, 0], [0, 1]] moves from the first model at the
                 first layer to the second at the last.

@@ -1230,7 +1230,7 @@ class Service:
         tensor_densities: merging.TensorWeights = (), *, request: RequestKey | None = None,
     ) -> Ref:
         """A new dictionary merged from dictionaries by a method (linear, slerp, task_arithmetic, ties,
-        dare), against `base` where the method takes one, one tensor at a time; weights (and TIES and
+        dare, model_stock), against `base` where the method takes one, one tensor at a time; weights (and TIES and
         DARE's per-dictionary densities) may be mergekit's gradients over the layers, and differ by
         entry-name pattern (`tensor_weights`, `tensor_densities`)."""
         chosen = merging.method_named(method)

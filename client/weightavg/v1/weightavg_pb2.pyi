@@ -4538,10 +4538,10 @@ class MergeDictionariesRequest(_message.Message):
     DENSITIES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     method: _builtins.str
-    """linear, slerp, task_arithmetic, ties or dare."""
+    """linear, slerp, task_arithmetic, ties, dare or model_stock."""
     base: _builtins.str
-    """Base dictionary handle id for task_arithmetic, ties and dare (the model the others were
-    fine-tuned from); empty for linear and slerp.
+    """Base dictionary handle id for task_arithmetic, ties, dare and model_stock (the model the others
+    were fine-tuned from); empty for linear and slerp.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -4556,7 +4556,7 @@ class MergeDictionariesRequest(_message.Message):
 
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """One weight per dictionary; empty means 1 each. slerp takes none."""
+        """One weight per dictionary; empty means 1 each. slerp and model_stock take none."""
 
     @_builtins.property
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:

@@ -101,6 +101,8 @@ class Method:
     count: int = 0
     sparsify: str = ""
     """"" (none), "magnitude" (TIES: keep the top density share of |delta|) or "random" (DARE)."""
+    minimum: int = 1
+    """The fewest dictionaries it takes (Model Stock needs two offsets to measure an angle)."""
 
 
 METHODS: dict[str, Method] = {
@@ -119,10 +121,21 @@ METHODS: dict[str, Method] = {
                         Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
                         _INTEGERS),
                base=True, sparsify="random"),
+        Method("model_stock", (Opt("filter_wise", ValueType.BOOL, False), _INTEGERS), base=True, weights=False,
+               minimum=2),
     )
 }
 MERGE_METHODS = tuple(name for name in METHODS if name != "average")
 """The methods `merge` takes; "average" is the weighted mean of its own verb."""
+
+STOCK_EPS = 1e-6
+"""Model Stock's floors (mergekit's): a product of two offsets' norms below it is taken as it, and a
+denominator 1 + (N - 1) cos below it in size keeps the base (t = 0) rather than divide by it."""
+STOCK_TEMPS = 8
+"""Row-sized float64 temporaries torch makes at once while Model Stock turns a block's sums into t
+(`_stock_t`: the norms' product, the cosines, the denominator and its mask, the quotient)."""
+STOCK_CHUNK = SLERP_CHUNK
+"""Elements of each offset held in float64 at a time while Model Stock sums its dot products."""
 
 
 @dataclass(frozen=True)
@@ -342,10 +355,15 @@ def check(
         raise InvalidArgument(f"{what}: give at least one dictionary")
     if method.count and len(dicts) != method.count:
         raise InvalidArgument(f"{what} takes exactly {method.count} dictionaries, given {len(dicts)}")
+    if len(dicts) < method.minimum:
+        raise InvalidArgument(
+            f"{what} takes at least {method.minimum} dictionaries besides the base, given {len(dicts)}; it measures "
+            "the angle between the models' offsets from the base"
+        )
     if method.base and base is None:
         raise InvalidArgument(f"{what} needs a base dictionary (the model the others were fine-tuned from)")
     if not method.base and base is not None:
-        raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties or dare to merge against a base")
+        raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties, dare or model_stock to merge against a base")
     checked = _weights(method, len(dicts), weights)
     by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
     own = _densities(method, len(dicts), densities, kwargs, per_tensor)
@@ -475,7 +493,8 @@ def _weights(
     if weights is None or len(weights) == 0:
         return (1.0,) * count
     if not method.weights:
-        raise InvalidArgument(f"{what} takes no weights; it interpolates by 't'")
+        how = "it interpolates by 't'" if method.name == "slerp" else "it weighs the models by the angle between them"
+        raise InvalidArgument(f"{what} takes no weights; {how}")
     if len(weights) != count:
         raise InvalidArgument(f"{what}: {len(weights)} weights for {count} dictionaries; give one weight per dictionary")
     graded = any(isinstance(w, tuple) for w in weights)
@@ -616,7 +635,7 @@ def _check_factors(method: Method, options: Values, slot: Slot) -> None:
     `density`: a density below the dtype's smallest normal number (1.2e-38 in float32) rounds to a
     subnormal or to 0, so every dropped delta became 0 / 0 = NaN and a kept one overflowed. Either
     came back as a merge full of NaN, answered OK."""
-    if slot.work is None or not method.base:
+    if slot.work is None or not method.base or "lam" not in options:  # (model_stock scales by its angle)
         return
     work, info = str(slot.work).removeprefix("torch."), torch.finfo(slot.work)
     lam = float_value(options, "lam")
@@ -700,6 +719,13 @@ def _slot(
             shape = broadcast_shape(shape, tuple(t.shape))
         except InvalidArgument as exc:
             raise InvalidArgument(f"{what}: {exc} ({label})") from None
+    if method.name == "model_stock" and floating[0]:
+        for t, label in zip(tensors[1:], labels[1:]):
+            if tuple(t.shape) != tuple(first.shape):
+                raise InvalidArgument(
+                    f"{what} is {list(first.shape)} in {labels[0]} but {list(t.shape)} in {label}; model_stock takes "
+                    "the angle between whole tensors, so their shapes must be the same"
+                )
     out = into.entries.get(name) if into is not None else None
     if into is not None:
         _check_into(what, out, shape, floating[0], first.dtype)
@@ -789,6 +815,8 @@ def _scratch(
     if method.name in ("average", "linear"):
         cast = (work,) if kinds != {work} else ()
         return acc + cast, 0
+    if method.name == "model_stock":
+        return acc, _stock_bytes(tuple(tensors[0].shape), len(tensors) - 1, bool_value(options, "filter_wise"), tensors)
     if method.name == "slerp":
         # _cosine casts a chunk of each tensor to float64 at a time (views when work is float64).
         chunks = 0 if work == torch.float64 else 2 * min(numel, SLERP_CHUNK) * _size(torch.float64)
@@ -1231,6 +1259,104 @@ def _trim(delta: torch.Tensor, threshold: float, aside: torch.Tensor | None, mas
         selection.zero_below(delta, threshold, aside, mask)
 
 
+def _stock_layout(shape: tuple[int, ...], models: int, filter_wise: bool) -> tuple[int, int, int, int, int]:
+    """How Model Stock walks an entry: as R rows of K elements (one row of all of them, or with
+    `filter_wise` a row per output filter: the last dimension is reduced, as mergekit's dim=-1), in
+    blocks of r rows by c columns, with P sums per row (each pair of offsets' dot product, and each
+    offset's own). A block holds at most STOCK_CHUNK elements, and r * P at most STOCK_CHUNK sums."""
+    numel = math.prod(shape)
+    rows = numel // shape[-1] if filter_wise and len(shape) > 1 and shape[-1] else 1
+    cols = numel // rows if rows else 0
+    pairs = models * (models + 1) // 2
+    block_cols = max(1, min(cols, STOCK_CHUNK))
+    block_rows = max(1, min(rows, STOCK_CHUNK // block_cols, STOCK_CHUNK // pairs))
+    return rows, cols, block_rows, block_cols, pairs
+
+
+def _stock_bytes(
+    shape: tuple[int, ...], models: int, filter_wise: bool, tensors: Sequence[torch.Tensor]
+) -> int:
+    """What `_model_stock` allocates besides its accumulator: one float64 workspace (each model's
+    offset over a block, their product, the block's sums, each row's cosine and t and 1 - t), and a
+    contiguous copy of each input that is not contiguous."""
+    rows, _, r, c, pairs = _stock_layout(shape, models, filter_wise)
+    workspace = (models * r * c + r * c + pairs * r + r + 2 * rows) * _size(torch.float64)
+    copies = sum(t.numel() * t.element_size() for t in tensors if not t.is_contiguous())
+    return workspace + copies + STOCK_TEMPS * r * _size(torch.float64)
+
+
+def _model_stock(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """Model Stock (mergekit's `model_stock`): with cos the mean over pairs of models of the cosine
+    between their offsets x_i - base (over the whole tensor, or each output filter's row with
+    `filter_wise`), t = N cos / (1 + (N - 1) cos), 0 where that denominator is within STOCK_EPS of 0,
+    and the result t * mean(x) + (1 - t) * base.
+
+    The cosines' sums are taken in float64 a block at a time (`_stock_layout`), so memory does not
+    grow with the number of models beyond one block each, and the float32 rounding of a long dot
+    product does not move t; the mean and the final interpolation are in the work dtype."""
+    assert slot.work is not None and b is not None
+    n = len(xs)
+    rows, cols, r, c, pairs = _stock_layout(tuple(b.shape), n, bool_value(slot.options, "filter_wise"))
+    f64 = torch.float64
+    ws = torch.empty(n * r * c + r * c + pairs * r + r + 2 * rows, dtype=f64, device=b.device)
+    offsets = ws[: n * r * c].view(n, r, c)
+    at = n * r * c
+    product, at = ws[at:at + r * c].view(r, c), at + r * c
+    sums, at = ws[at:at + pairs * r].view(pairs, r), at + pairs * r
+    cosine, at = ws[at:at + r], at + r
+    t_rows, at = ws[at:at + rows], at + rows
+    rest_rows = ws[at:at + rows]
+    flat = [(x if x.is_contiguous() else x.contiguous()).view(rows, cols) for x in (b, *xs)]
+    pair_of = [(i, j) for i in range(n) for j in range(i, n)]
+    for r0 in range(0, rows, r):
+        rr = min(r, rows - r0)
+        sums[:, :rr].zero_()
+        for c0 in range(0, cols, c):
+            cc = min(c, cols - c0)
+            base_block = flat[0][r0:r0 + rr, c0:c0 + cc]
+            for i in range(n):
+                offsets[i, :rr, :cc].copy_(flat[i + 1][r0:r0 + rr, c0:c0 + cc]).sub_(base_block)
+            for k, (i, j) in enumerate(pair_of):
+                torch.mul(offsets[i, :rr, :cc], offsets[j, :rr, :cc], out=product[:rr, :cc])
+                sums[k, :rr].add_(product[:rr, :cc].sum(dim=1))
+        _stock_t(sums[:, :rr], pair_of, n, cosine[:rr], t_rows[r0:r0 + rr])
+    torch.sub(1.0, t_rows, out=rest_rows)
+    acc = _accumulator(slot, out, scratch)
+    acc.copy_(xs[0])
+    for x in xs[1:]:
+        acc.add_(x)
+    acc.div_(n)
+    if rows == 1:
+        acc.mul_(float(t_rows[0])).add_(b, alpha=float(rest_rows[0]))
+    else:
+        shaped = acc.view(rows, cols)
+        shaped.mul_(t_rows.view(rows, 1)).addcmul_(b.view(rows, cols) if b.is_contiguous() else flat[0],
+                                                   rest_rows.view(rows, 1))
+    _finish(acc, out)
+
+
+def _stock_t(sums: torch.Tensor, pair_of: Sequence[tuple[int, int]], n: int, cosine: torch.Tensor,
+             t: torch.Tensor) -> None:
+    """t for a block of rows from its sums (`_model_stock`): each pair's cosine dot / max(|a| |b|,
+    STOCK_EPS) clamped to [-1, 1], their mean, then N cos / (1 + (N - 1) cos), 0 where that
+    denominator is within STOCK_EPS of 0. All 0-dim and row-sized float64 operations."""
+    index = {pair: k for k, pair in enumerate(pair_of)}
+    cosine.zero_()
+    count = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            norms = (sums[index[i, i]].sqrt() * sums[index[j, j]].sqrt()).clamp_(min=STOCK_EPS)
+            cosine.add_((sums[index[i, j]] / norms).clamp_(-1.0, 1.0))
+            count += 1
+    cosine.div_(count)
+    denominator = cosine * (n - 1) + 1
+    singular = denominator.abs() < STOCK_EPS
+    t.copy_(torch.where(singular, torch.zeros_like(cosine), cosine * n / denominator.masked_fill(singular, 1.0)))
+
+
 _KERNELS: dict[str, Kernel] = {
     "average": _weighted_sum,
     "linear": _weighted_sum,
@@ -1238,4 +1364,5 @@ _KERNELS: dict[str, Kernel] = {
     "task_arithmetic": _task_vectors,
     "ties": _task_vectors,
     "dare": _task_vectors,
+    "model_stock": _model_stock,
 }
