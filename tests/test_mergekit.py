@@ -3,9 +3,11 @@ small Llama checkpoints from YAML-shaped configs, and the server merges the same
 gRPC with the equivalent call; every tensor must agree.
 
 The configs use what mergekit users write: gradients over the layers (`weight: [1, 0]`, `t: [...]`),
-per-model weights and densities with filters, lambda, mergekit's README TIES example, Model Stock. DARE is left out: mergekit draws its masks from
-torch's global generator, the server from a seeded one of its own (docs/merging.md), so their masks
-differ by design.
+per-model weights and densities with filters, lambda, mergekit's README TIES example, Model Stock.
+Each config also runs through `weightavg.mergekit.merge`, which must give the hand-written call's
+bits. DARE runs at density 1 only: mergekit draws its masks from torch's global generator, the
+server from a seeded one of its own (docs/merging.md), so below 1 their masks differ by design; at
+1 every element is kept and the rest of DARE (signs, weights, rescale, defaults) must agree.
 
 Tolerance: 2e-6 absolute. Both compute in float32, but in different orders (mergekit stacks the
 models and sums along the stack; the server sums one model at a time), so sums of values of order 1
@@ -28,6 +30,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from weightavg import Client, Handle
+from weightavg import mergekit as configs
 
 TOL = 2e-6
 LAYERS = 4
@@ -133,6 +136,20 @@ CASES: dict[str, Case] = {
         lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], densities=[0.8, [0.9, 0.2]], weights=[0.6, 1.0],
                              per_tensor={"*mlp*": {"densities": [0.3, [0.9, 0.2]]}}),
     ),
+    "dare_ties at density 1 (every element kept, so the signs, weights and defaults show)": (
+        lambda p: {"merge_method": "dare_ties", "base_model": str(p["base"]),
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 0.7, "density": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": [1.0, 0.2], "density": 1.0}}]},
+        lambda c, h: c.merge("dare", [h["a"], h["b"]], base=h["base"], weights=[0.7, [1.0, 0.2]], densities=[1.0, 1.0],
+                             consensus=True, rescale_norm="l1"),
+    ),
+    "dare_linear at density 1, normalised": (
+        lambda p: {"merge_method": "dare_linear", "base_model": str(p["base"]), "parameters": {"normalize": True},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 0.7, "density": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": [1.0, 0.2], "density": 1.0}}]},
+        lambda c, h: c.merge("dare", [h["a"], h["b"]], base=h["base"], weights=[0.7, [1.0, 0.2]], density=1.0,
+                             rescale_norm="l1", normalize=True),
+    ),
     "model stock": (
         lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]),
                    "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},
@@ -159,6 +176,23 @@ def test_a_merge_equals_mergekits_on_every_tensor(
         assert got[name].dtype == want[name].dtype == np.float32, name
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
     assert sum(np.abs(got[name] - inputs[name]).max() > 1e-4 for name in want) > len(want) // 2  # not just a copy
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_config_itself_merged_on_the_server_equals_mergekits(
+    case: str, client: Client, checkpoints: dict[str, Path], uploaded: dict[str, Handle], tmp_path: Path
+) -> None:
+    """`weightavg.mergekit.merge` reads the very config mergekit ran: the same tensors, and the same call
+    as the hand-written one above."""
+    config_of, call = CASES[case]
+    config = config_of(checkpoints)
+    want = mergekit(config, tmp_path / "out")
+    handles = {str(path): uploaded[name] for name, path in checkpoints.items()}
+    got = client.dict(configs.merge(client, config, handles))
+    hand = client.dict(call(client, uploaded))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
+        np.testing.assert_array_equal(got[name], hand[name], err_msg=name)
 
 
 def test_mergekit_gives_the_head_and_final_norm_a_gradients_first_value(

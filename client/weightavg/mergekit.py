@@ -1,0 +1,321 @@
+"""mergekit configurations on the server: the dict a mergekit YAML loads to (`yaml.safe_load`) becomes
+one `Client.merge` call over dictionaries already on the server, with mergekit 0.1.5's meaning.
+
+Why: teams keep their merges as mergekit configs; re-typing one as weights, densities and patterns is
+where a mistake slips in. `call` resolves the config the way mergekit's planner does, tensor
+by tensor: each parameter from the model's own `parameters`, then the config's; a list of
+`{filter, value}` picks the first whose filter is contained in the tensor's name (no filter, or "*",
+matches all); a list of numbers is a gradient over the layers, left to the server, which places each
+tensor as mergekit does (`merging.layer_fractions`). The entries that resolve alike form one group;
+the largest group takes the call's own arguments, each other group a `per_tensor` pattern: "*f*"
+where a filter f picks out exactly that group, the entries' own (escaped) names otherwise.
+
+Nothing in a config runs: it is read as data, and only the keys below are understood. Anything else
+mergekit would act on (slices, other methods, parameters the server has no counterpart for) is
+refused with ValueError naming it, rather than merged differently.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._client import Client, HandleLike
+    from ._records import Handle
+
+Setting = Any
+"""A parameter as a config gives it: a number or bool, a list of numbers (a gradient), or a list of
+{"filter": str, "value": setting} conditions."""
+Resolved = float | bool | tuple[float, ...]
+"""A setting for one tensor, its filters applied: a number, a bool, or a gradient the server evaluates."""
+
+
+@dataclass(frozen=True)
+class MethodRule:
+    """How a mergekit method maps onto the server's: the server method, the shared parameters it takes
+    (mergekit name -> server option, "" for one with no effect on the numbers, and mergekit's
+    default), the per-model ones, and fixed options."""
+
+    method: str
+    shared: Mapping[str, tuple[str, Any]]
+    per_model: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+
+_TASK = {"lambda": ("lam", 1.0), "int8_mask": ("", False)}
+"""Shared by mergekit's task-vector methods; int8_mask only changes how mergekit stores its masks."""
+
+RULES: dict[str, MethodRule] = {
+    "linear": MethodRule("linear", {"normalize": ("normalize", True)}, ("weight",)),
+    "slerp": MethodRule("slerp", {"t": ("t", None)}),
+    "task_arithmetic": MethodRule(
+        "task_arithmetic", {**_TASK, "normalize": ("normalize", False), "rescale": ("", False)}, ("weight",)),
+    "ties": MethodRule("ties", {**_TASK, "normalize": ("normalize", True), "rescale": ("", False)},
+                       ("weight", "density")),
+    "dare_linear": MethodRule("dare", {**_TASK, "normalize": ("normalize", False), "rescale": ("rescale", True)},
+                              ("weight", "density"), {"consensus": False, "rescale_norm": "l1"}),
+    "dare_ties": MethodRule("dare", {**_TASK, "normalize": ("normalize", False), "rescale": ("rescale", True)},
+                            ("weight", "density"), {"consensus": True, "rescale_norm": "l1"}),
+    "model_stock": MethodRule("model_stock", {"filter_wise": ("filter_wise", False)}),
+}
+"""The mergekit methods the server has, with mergekit 0.1.5's defaults (its registry's
+GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."""
+
+IGNORED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name")
+"""Top-level keys about mergekit's output files, not the numbers: the server computes in float32 (float64
+where an entry is) and keeps the base's dtype."""
+
+
+@dataclass(frozen=True)
+class MergeCall:
+    """One `Client.merge` call: its method, dictionaries, base, weights, densities, per-tensor
+    overrides and options (`Client.merge`'s arguments)."""
+
+    method: str
+    dicts: list[HandleLike]
+    base: HandleLike | None
+    weights: list[float | tuple[float, ...]] | None
+    densities: list[float | tuple[float, ...]] | None
+    per_tensor: dict[str, dict[str, Any]]
+    options: dict[str, Any]
+
+    def run(self, client: Client) -> Handle:
+        """The merge on the server: a new dictionary."""
+        return client.merge(self.method, self.dicts, base=self.base, weights=self.weights, densities=self.densities,
+                            per_tensor=self.per_tensor, **self.options)
+
+
+def merge(client: Client, config: Mapping[str, Any], models: Mapping[str, HandleLike], **options: Any) -> Handle:
+    """Merge as a mergekit config says, over dictionaries on the server: `models` maps each model the
+    config names to its handle. Extra `options` go to the call (e.g. seed for dare_*: mergekit draws
+    its masks from torch's global generator, the server from a seeded one, so DARE's masks differ).
+
+    Example:
+        config = yaml.safe_load(open("ties.yml"))
+        merged = mergekit.merge(c, config, {"org/base": b, "org/a": d1, "org/b": d2})
+    """
+    first = _inputs(config, models)[1][0]
+    return call(config, models, _entry_names(client, first), **options).run(client)
+
+
+def call(
+    config: Mapping[str, Any], models: Mapping[str, HandleLike], names: Sequence[str], **options: Any
+) -> MergeCall:
+    """The merge call a mergekit config stands for, given the entries' names (every dictionary has the
+    same ones); ValueError for what the server cannot do as mergekit does."""
+    method_name = config.get("merge_method")
+    rule = RULES.get(str(method_name))
+    if rule is None:
+        raise ValueError(f"mergekit method {method_name!r} is not one the server has (one of {', '.join(RULES)})")
+    for key in config:
+        if key not in ("merge_method", "base_model", "models", "parameters", *IGNORED_KEYS):
+            raise ValueError(f"mergekit key {key!r} is not supported (give 'models' and 'parameters')")
+    base, inputs, labels = _inputs(config, models)
+    shared_settings: Mapping[str, Setting] = config.get("parameters") or {}
+    model_settings = [_model_parameters(config, label) for label in labels]
+    _check_names(rule, shared_settings, model_settings)
+
+    def resolve(name: str) -> tuple[tuple[tuple[str, Resolved], ...], tuple[tuple[Resolved, ...], ...]]:
+        shared = []
+        for key, (option, default) in rule.shared.items():
+            value = _resolve(name, [shared_settings], key, default)
+            if value is None:
+                raise ValueError(f"mergekit parameter {key!r} is required for {method_name} (entry {name!r})")
+            if not option:
+                if key == "rescale" and value:
+                    raise ValueError(f"{method_name} with rescale: the server does not rescale trimmed deltas")
+                continue
+            shared.append((option, value))
+        per_model = tuple(
+            tuple(_per_model(name, key, settings, shared_settings, label, method_name)
+                  for settings, label in zip(model_settings, labels))
+            for key in rule.per_model
+        )
+        return tuple(shared), per_model
+
+    resolved = {name: resolve(name) for name in names}
+    if not resolved:
+        raise ValueError("the dictionaries have no entries to merge")
+    groups: dict[Any, list[str]] = {}
+    for name in names:
+        groups.setdefault(resolved[name], []).append(name)
+    common = Counter({key: len(group) for key, group in groups.items()}).most_common(1)[0][0]
+    filters = _filters(shared_settings, model_settings)
+    per_tensor: dict[str, dict[str, Any]] = {}
+    claimed: set[str] = set()
+    for key, group in groups.items():
+        if key == common:
+            continue
+        patterns = _patterns(group, names, claimed, filters)
+        claimed.update(group)
+        for pattern in patterns:
+            per_tensor[pattern] = _overrides(rule, key)
+    shared, per_model = common
+    per = dict(zip(rule.per_model, per_model))
+    return MergeCall(
+        rule.method, inputs, None if rule.method == "slerp" else base, _numbers(per.get("weight")),
+        _numbers(per.get("density")), per_tensor, {**rule.fixed, **dict(shared), **options},
+    )
+
+
+def _numbers(values: tuple[Resolved, ...] | None) -> list[float | tuple[float, ...]] | None:
+    """Per-model values as the call takes them (`_per_model` refused bools)."""
+    return None if values is None else [v for v in values if not isinstance(v, bool)]
+
+
+def _inputs(
+    config: Mapping[str, Any], models: Mapping[str, HandleLike]
+) -> tuple[HandleLike | None, list[HandleLike], list[str]]:
+    """The base's handle (None where the method takes none), the inputs' handles and their names: for
+    slerp the base then the other model (t = 0 is the base), for linear every listed model, else the
+    listed models other than the base."""
+    entries = config.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("a mergekit config for the server lists its 'models' (slices are not supported)")
+    labels = [_model_name(e) for e in entries]
+    base_name = config.get("base_model")
+    method = str(config.get("merge_method"))
+
+    def handle(label: str) -> HandleLike:
+        if label not in models:
+            raise ValueError(f"model {label!r} of the config has no handle; give models={{{label!r}: handle, ...}}")
+        return models[label]
+
+    if method == "linear":
+        return None, [handle(label) for label in labels], labels
+    if base_name is None:
+        raise ValueError(f"mergekit's {method} needs a base_model")
+    others = [label for label in labels if label != base_name]
+    if method == "slerp":
+        if len(others) != 1:
+            raise ValueError(f"slerp takes the base_model and one other model, given {len(others)} others")
+        return handle(base_name), [handle(base_name), handle(others[0])], [str(base_name), others[0]]
+    return handle(str(base_name)), [handle(label) for label in others], others
+
+
+def _model_name(entry: Any) -> str:
+    model = entry.get("model") if isinstance(entry, Mapping) else None
+    if not isinstance(model, str):
+        raise ValueError(f"each of 'models' needs a 'model' name, given {entry!r}")
+    return model
+
+
+def _model_parameters(config: Mapping[str, Any], label: str) -> Mapping[str, Setting]:
+    for entry in config["models"]:
+        if _model_name(entry) == label:
+            return entry.get("parameters") or {}
+    return {}
+
+
+def _check_names(rule: MethodRule, shared: Mapping[str, Setting], per_model: Sequence[Mapping[str, Setting]]) -> None:
+    """Every parameter the config gives must mean something to the method here (a typo, or gamma and
+    epsilon of methods the server lacks, would otherwise be dropped without a word)."""
+    known = set(rule.shared) | set(rule.per_model)
+    for where, settings in [("parameters", shared), *[("a model's parameters", s) for s in per_model]]:
+        for key in settings:
+            if key not in known:
+                raise ValueError(f"mergekit parameter {key!r} in {where} is not one {rule.method} takes "
+                                 f"(known: {', '.join(sorted(known))})")
+
+
+def _resolve(name: str, sources: Sequence[Mapping[str, Setting]], key: str, default: Any) -> Resolved | None:
+    """mergekit's resolution of one parameter for one tensor: the first source that gives a value for
+    it (its filters applied), else the default."""
+    for settings in sources:
+        if key in settings:
+            value = _evaluate(name, settings[key], key)
+            if value is not None:
+                return value
+    return default  # type: ignore[no-any-return]
+
+
+def _evaluate(name: str, setting: Setting, key: str) -> Resolved | None:
+    """A setting's value for the tensor `name`: a number or bool as it is, a list of numbers as a
+    gradient (a tuple), conditions by the first filter contained in the name; None where no condition
+    matches (the next source is asked)."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, bool):
+        return setting
+    if isinstance(setting, (int, float)):
+        return float(setting)
+    if isinstance(setting, list) and setting and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in setting):
+        return tuple(float(v) for v in setting) if len(setting) > 1 else float(setting[0])
+    if isinstance(setting, list) and all(isinstance(c, Mapping) and "value" in c for c in setting):
+        for condition in setting:
+            where = condition.get("filter")
+            if where is None or where == "*" or str(where) in name:
+                return _evaluate(name, condition["value"], key)
+        return None
+    raise ValueError(f"mergekit parameter {key!r}: {setting!r} is not a number, a list of numbers or a list of "
+                     "{filter, value} conditions")
+
+
+def _per_model(
+    name: str, key: str, settings: Mapping[str, Setting], shared: Mapping[str, Setting], label: str, method: Any
+) -> Resolved:
+    default = 1.0 if key == "density" else None  # mergekit: density 1 (keep all), weight required
+    value = _resolve(name, [settings, shared], key, default)
+    if value is None:
+        raise ValueError(f"mergekit parameter {key!r} is required for {method} (model {label!r}, entry {name!r})")
+    if isinstance(value, bool):
+        raise ValueError(f"mergekit parameter {key!r} of model {label!r} is a bool; give a number")
+    return value
+
+
+def _filters(shared: Mapping[str, Setting], per_model: Sequence[Mapping[str, Setting]]) -> list[str]:
+    """Every filter string the config uses, in order of appearance."""
+    found: list[str] = []
+
+    def walk(setting: Setting) -> None:
+        if isinstance(setting, Mapping):
+            setting = [setting]
+        if isinstance(setting, list):
+            for item in setting:
+                if isinstance(item, Mapping):
+                    where = item.get("filter")
+                    if isinstance(where, str) and where != "*" and where not in found:
+                        found.append(where)
+                    walk(item.get("value"))
+
+    for settings in [shared, *per_model]:
+        for value in settings.values():
+            walk(value)
+    return found
+
+
+def _patterns(group: list[str], names: Sequence[str], claimed: set[str], filters: Sequence[str]) -> list[str]:
+    """fnmatch patterns that match exactly `group` among the names no earlier pattern took: "*f*" for a
+    filter f whose names (less the claimed ones) are the group, else each name escaped."""
+    wanted = set(group)
+    for f in filters:
+        if {n for n in names if f in n and n not in claimed} == wanted:
+            return [f"*{_escape(f)}*"]
+    return [_escape(n) for n in group]
+
+
+def _escape(text: str) -> str:
+    """fnmatch's special characters as themselves."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _overrides(rule: MethodRule, key: Any) -> dict[str, Any]:
+    """A group's per_tensor entry: its shared options, and its per-model weights and densities."""
+    shared, per_model = key
+    out: dict[str, Any] = dict(shared)
+    for name, values in zip(rule.per_model, per_model):
+        out["weights" if name == "weight" else "densities"] = list(values)
+    return out
+
+
+def _entry_names(client: Client, h: HandleLike) -> list[str]:
+    """The entries a merge of `h` works over: a dictionary's names, or a module's parameter names."""
+    sizes = client.size(h)
+    if isinstance(sizes, dict):
+        return [name for name in sizes if not name.startswith(".")]
+    return client.parmnames(h)
+

@@ -1,0 +1,110 @@
+"""weightavg.mergekit's reading of mergekit configs, in process and without a server: which call each
+config becomes, the patterns its filters turn into, and the configs it refuses. tests/test_mergekit.py
+runs the calls on a server against mergekit itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fnmatch
+
+import pytest
+
+from weightavg import mergekit
+
+NAMES = ["model.embed_tokens.weight",
+         *[f"model.layers.{i}.{k}" for i in range(3) for k in ("self_attn.q_proj.weight", "mlp.up_proj.weight",
+                                                               "input_layernorm.weight")],
+         "model.norm.weight", "lm_head.weight"]
+MODELS = {"base": "h-base", "a": "h-a", "b": "h-b"}
+
+
+def ties(**parameters: Any) -> dict[str, Any]:
+    return {"merge_method": "ties", "base_model": "base", "parameters": parameters,
+            "models": [{"model": "base"},
+                       {"model": "a", "parameters": {"weight": 1.0, "density": [{"filter": "mlp", "value": 0.3},
+                                                                              {"value": [0.9, 0.5]}]}},
+                       {"model": "b", "parameters": {"weight": [0.0, 1.0], "density": 0.5}}]}
+
+
+def test_a_ties_config_becomes_one_call_with_a_filters_pattern() -> None:
+    call = mergekit.call(ties(), MODELS, NAMES)
+    assert (call.method, call.dicts, call.base) == ("ties", ["h-a", "h-b"], "h-base")
+    assert call.weights == [1.0, (0.0, 1.0)]
+    assert call.densities == [(0.9, 0.5), 0.5]
+    assert call.options == {"lam": 1.0, "normalize": True}  # mergekit's ties defaults
+    assert call.per_tensor == {"*mlp*": {"lam": 1.0, "normalize": True, "weights": [1.0, (0.0, 1.0)],
+                                         "densities": [0.3, 0.5]}}
+
+
+def test_shared_parameters_override_mergekits_defaults_and_extra_options_pass_through() -> None:
+    call = mergekit.call(ties(normalize=False, **{"lambda": 0.7, "int8_mask": True}), MODELS, NAMES)
+    assert call.options == {"lam": 0.7, "normalize": False}
+    config = {**ties(), "merge_method": "dare_ties"}
+    dare = mergekit.call(config, MODELS, NAMES, seed=3)
+    assert dare.method == "dare"
+    assert dare.options == {"consensus": True, "rescale_norm": "l1", "lam": 1.0, "normalize": False, "rescale": True,
+                            "seed": 3}
+
+
+def test_a_global_weight_stands_for_models_that_give_none() -> None:
+    config = {"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"weight": 0.4},
+              "models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 2.0}}]}
+    call = mergekit.call(config, MODELS, NAMES)
+    assert call.weights == [0.4, 2.0] and call.densities is None and call.per_tensor == {}
+
+
+def test_slerp_runs_from_the_base_to_the_other_model() -> None:
+    config = {"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}, {"model": "b"}],
+              "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}]}}
+    call = mergekit.call(config, MODELS, NAMES)
+    assert (call.method, call.dicts, call.base, call.weights) == ("slerp", ["h-b", "h-a"], None, None)
+    assert call.options == {"t": 0.5} and call.per_tensor == {"*self_attn*": {"t": (0.0, 1.0)}}
+
+
+def test_filters_that_overlap_become_the_entries_own_names() -> None:
+    """A name with both filters takes the first matching condition; "*mlp*" would also take
+    'a.mlp.attn', so the MLP group's pattern is its own name. The largest group is the call's."""
+    names = ["a.mlp.x", "a.mlp.attn", "b.attn.y", "c.z", "d.q", "e.r"]
+    config = {"merge_method": "linear", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "attn", "value": 2.0}, {"filter": "mlp", "value": 3.0},
+                                                 {"value": 1.0}]}},
+        {"model": "b", "parameters": {"weight": 1.0}}]}
+    call = mergekit.call(config, MODELS, names)
+    assert call.weights == [1.0, 1.0]
+    assert call.per_tensor == {"a.mlp.x": {"normalize": True, "weights": [3.0, 1.0]},
+                               "*attn*": {"normalize": True, "weights": [2.0, 1.0]}}
+
+
+def test_fnmatch_specials_in_filters_and_names_match_only_themselves() -> None:
+    names = ["h[1].w", "h1.w", "x*y", "z"]
+    config = {"merge_method": "linear", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "h[1]", "value": 2.0}, {"filter": "*", "value": 1.0}]}},
+        {"model": "b", "parameters": {"weight": [{"filter": "x*", "value": 4.0}, {"value": 1.0}]}}]}
+    call = mergekit.call(config, MODELS, names)
+    assert call.weights == [1.0, 1.0]
+    assert call.per_tensor == {"*h[[]1]*": {"normalize": True, "weights": [2.0, 1.0]},
+                               "*x[*]*": {"normalize": True, "weights": [1.0, 4.0]}}
+    assert [n for n in names if fnmatch.fnmatchcase(n, "*h[[]1]*")] == ["h[1].w"]
+
+
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "a method the server lacks": ({**ties(), "merge_method": "della"}, "'della' is not one the server has"),
+    "slices": ({**ties(), "slices": []}, "key 'slices' is not supported"),
+    "a parameter of another method": (ties(gamma=0.01), "parameter 'gamma' in parameters is not one ties takes"),
+    "ties with rescale": (ties(rescale=True), "the server does not rescale trimmed deltas"),
+    "a model without a handle": ({**ties(), "models": [{"model": "c", "parameters": {"weight": 1}}]},
+                                 "model 'c' of the config has no handle"),
+    "linear without a weight": ({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},
+                                "'weight' is required for linear"),
+    "slerp of three": ({"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5},
+                        "models": [{"model": "a"}, {"model": "b"}, {"model": "base"}]}, "one other model, given 2"),
+    "a setting of the wrong kind": (ties(normalize="yes"), "'normalize': 'yes' is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_the_server_cannot_do_as_mergekit_does_is_refused(case: str) -> None:
+    config, message = REFUSED[case]
+    with pytest.raises(ValueError, match=message):
+        mergekit.call(config, MODELS, NAMES)
