@@ -92,6 +92,10 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "a method the server lacks": ({**ties(), "merge_method": "della"}, "'della' is not one the server has"),
     "slices": ({**ties(), "slices": []}, "key 'slices' is not supported"),
     "a parameter of another method": (ties(gamma=0.01), "parameter 'gamma' in parameters is not one ties takes"),
+    "gammas that differ between models": (
+        {**ties(), "merge_method": "breadcrumbs", "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}},
+                                                             {"model": "b", "parameters": {"weight": 1}}]},
+        r"'gamma' differs between the models at entry 'model.embed_tokens.weight' \(\['0.01', '0.1'\]\)"),
     "ties with rescale": (ties(rescale=True), "the server does not rescale trimmed deltas"),
     "a model without a handle": ({**ties(), "models": [{"model": "c", "parameters": {"weight": 1}}]},
                                  "model 'c' of the config has no handle"),

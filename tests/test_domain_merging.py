@@ -296,7 +296,7 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("weights for a pattern that matches nothing", "linear", {"tensor_weights": [("z*", [1.0, 2.0])]},
      "pattern 'z\\*' matches no entry"),
     ("densities for a merge that keeps every delta", "task_arithmetic", {"base": dicts(1)[0], "densities": [0.5, 0.5]},
-     "task_arithmetic keeps every delta; per-dictionary densities are for ties and dare"),
+     "task_arithmetic keeps every delta; per-dictionary densities are for ties, dare and breadcrumbs"),
     ("densities and the density option", "ties", {"base": dicts(1)[0], "densities": [0.5, 0.5],
                                                    "options": {"density": 0.5}}, "not both"),
     ("densities and a pattern's density option", "dare", {"base": dicts(1)[0], "densities": [0.5, 0.5],
@@ -940,6 +940,7 @@ def test_into_reserves_only_scratch() -> None:
     ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "l1"}),
     ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "linf", "consensus": True}),
     ("model_stock", {}), ("model_stock", {"filter_wise": True}),
+    ("breadcrumbs", {"density": 0.5}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "consensus": True, "normalize": True}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype
@@ -952,7 +953,7 @@ def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
         base, ds = fine_tuned(2 if method == "slerp" else 3, shapes=shapes)
         cast = lambda d: TensorDict({n: t.to(dtype) for n, t in d.entries.items()})  # noqa: E731
         base, ds = cast(base), [cast(d) for d in ds]
-        with_base = base if method in ("task_arithmetic", "ties", "dare", "model_stock") else None
+        with_base = base if method in ("task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock") else None
         p = plan_of(method, ds, base=with_base, options=options)
         meter = footprint._PeakBytes()
         with meter:
@@ -1564,3 +1565,51 @@ def test_model_stock_refuses_what_it_cannot_merge() -> None:
     with pytest.raises(InvalidArgument, match=r"entry 'a.bias' is \[6\] in the base but \[2, 6\] in dictionary 2; "
                                               "model_stock takes the angle between whole tensors"):
         plan_of("model_stock", [ds[0], other], base=base)
+
+
+# -- breadcrumbs -----------------------------------------------------------------------------------------
+
+
+def band_kept(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's `magnitude_outliers` mask (mergekit/sparsify.py, transcribed): sort |delta| ascending,
+    keep positions [n_bot, n_bot + target) with target = int(density n), n_top = int(gamma n),
+    n_bot = max(0, n - target - n_top); everything at density 1."""
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones(delta.shape)
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    keep = torch.zeros(n)
+    keep[torch.sort(delta.abs().flatten()).indices[bottom:bottom + target]] = 1
+    return keep.view(delta.shape)
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+@pytest.mark.parametrize(("density", "gamma", "consensus"), [(0.5, 0.01, False), (0.3, 0.2, True), (0.9, 0.5, False),
+                                                              (1.0, 0.3, True), (0.01, 0.0, False)])
+def test_breadcrumbs_keeps_each_deltas_band_below_its_outliers(
+    density: float, gamma: float, consensus: bool, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kernels == "torch":
+        monkeypatch.setattr(selection, "_SELECT", None)
+    base, ds = fine_tuned(3, seed=51)
+    w = [1.0, 0.5, 0.8]
+    options = {"density": density, "gamma": gamma, "consensus": consensus, "normalize": consensus, "lam": 1.2}
+    got = merged("breadcrumbs", ds, base=base, weights=w, options=options)
+    for n in SHAPES:
+        b, xs = base.entries[n], [d.entries[n] for d in ds]
+        keep = [band_kept(x - b, density, gamma) for x in xs]
+        want = reference_task_vectors(b, xs, w, lam=1.2, normalize=consensus, keep=keep, consensus=consensus)
+        assert_close(got.entries[n], want)
+
+
+def test_breadcrumbs_drops_nans_and_infinities_as_the_largest_outliers() -> None:
+    base = TensorDict({"x": torch.zeros(10)})
+    x = TensorDict({"x": torch.tensor([math.nan, math.inf, 1.0, -2.0, 3.0, 4.0, 5.0, 6.0, -7.0, 8.0])})
+    got = merged("breadcrumbs", [x], base=base, options={"density": 0.5, "gamma": 0.2})  # drop 2, keep the next 5
+    assert bits32(got.entries["x"]) == bits32(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0, 5.0, 6.0, -7.0, 8.0]))
+    # Ties at a threshold go together (as TIES keeps all of its ties): the outlier threshold is a NaN,
+    # so both NaNs go, though int(0.25 * 4) = 1; then the band keeps what is at or above 2.
+    nans = TensorDict({"x": torch.tensor([math.nan, math.nan, 1.0, 2.0])})
+    got = merged("breadcrumbs", [nans], base=TensorDict({"x": torch.zeros(4)}), options={"density": 0.5, "gamma": 0.25})
+    assert bits32(got.entries["x"]) == bits32(torch.tensor([0.0, 0.0, 0.0, 2.0]))

@@ -150,6 +150,21 @@ CASES: dict[str, Case] = {
         lambda c, h: c.merge("dare", [h["a"], h["b"]], base=h["base"], weights=[0.7, [1.0, 0.2]], density=1.0,
                              rescale_norm="l1", normalize=True),
     ),
+    "breadcrumbs, per-model densities and a gradient gamma": (
+        lambda p: {"merge_method": "breadcrumbs", "base_model": str(p["base"]), "parameters": {"gamma": [0.05, 0.2]},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 0.8, "density": 0.6}},
+                              {"model": str(p["b"]), "parameters": {"weight": [1.0, 0.3], "density": [0.9, 0.4]}}]},
+        lambda c, h: c.merge("breadcrumbs", [h["a"], h["b"]], base=h["base"], weights=[0.8, [1.0, 0.3]],
+                             densities=[0.6, [0.9, 0.4]], gamma=[0.05, 0.2]),
+    ),
+    "breadcrumbs_ties, normalised, lambda": (
+        lambda p: {"merge_method": "breadcrumbs_ties", "base_model": str(p["base"]),
+                   "parameters": {"normalize": True, "lambda": 1.3, "density": 0.7, "gamma": 0.1},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": 0.5}}]},
+        lambda c, h: c.merge("breadcrumbs", [h["a"], h["b"]], base=h["base"], weights=[1.0, 0.5], densities=[0.7, 0.7],
+                             gamma=0.1, consensus=True, normalize=True, lam=1.3),
+    ),
     "model stock": (
         lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]),
                    "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},

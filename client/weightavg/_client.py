@@ -1503,17 +1503,18 @@ class Client:
         per_tensor: Mapping[str, Mapping[str, Any]] | None = None,
         densities: Iterable[float | Sequence[float]] | None = None, **options: Any,
     ) -> Handle:
-        """A new dictionary merged on the server: linear, slerp, task_arithmetic, ties, dare or model_stock.
+        """A new dictionary merged on the server by one of the methods below.
 
         Args:
             method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
+                normalize=False, lam=1), breadcrumbs (base; density required, gamma=.01, consensus=False,
                 normalize=False, lam=1), model_stock (base and at least two dictionaries, no weights;
                 filter_wise=False). Every method takes integers="first", "max" or "mean". t, density
                 and lam also take mergekit's gradients: a list of values over the layers, e.g. t=[0, 0.5, 1].
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
-            base: the model the others were fine-tuned from (task_arithmetic, ties, dare, model_stock).
+            base: the model the others were fine-tuned from (every method but linear and slerp).
             weights: one weight per dictionary; 1 each if None. A weight may be a list, mergekit's
                 gradient over the layers: weights=[[1, 0], [0, 1]] moves from the first model at the
                 first layer to the second at the last.
@@ -1521,7 +1522,7 @@ class Client:
                 e.g. {"*.bias": {"t": 0.0}}; "weights" gives the matching entries' own weights,
                 e.g. {"*.mlp.*": {"weights": [0.3, 0.7]}} (the first pattern with weights that matches),
                 and "densities" their own per-dictionary densities.
-            densities: ties and dare: one density per dictionary (each a number or a gradient, mergekit's
+            densities: ties, dare and breadcrumbs: one density per dictionary (each a number or a gradient, mergekit's
                 per-model density) instead of the density option.
 
         Example: c.merge("ties", [d1, d2], base=b, density=0.2); c.merge("slerp", [a, b], t=0.3)

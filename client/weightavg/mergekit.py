@@ -43,6 +43,9 @@ class MethodRule:
     shared: Mapping[str, tuple[str, Any]]
     per_model: tuple[str, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    one_for_all: Mapping[str, Any] = field(default_factory=dict)
+    """Per-model parameters (name -> mergekit's default) the server takes as one option for every
+    model: each tensor's value must be the same for all of them."""
 
 
 _TASK = {"lambda": ("lam", 1.0), "int8_mask": ("", False)}
@@ -59,6 +62,10 @@ RULES: dict[str, MethodRule] = {
                               ("weight", "density"), {"consensus": False, "rescale_norm": "l1"}),
     "dare_ties": MethodRule("dare", {**_TASK, "normalize": ("normalize", False), "rescale": ("rescale", True)},
                             ("weight", "density"), {"consensus": True, "rescale_norm": "l1"}),
+    "breadcrumbs": MethodRule("breadcrumbs", {**_TASK, "normalize": ("normalize", False), "rescale": ("", False)},
+                              ("weight", "density"), {"consensus": False}, {"gamma": 0.01}),
+    "breadcrumbs_ties": MethodRule("breadcrumbs", {**_TASK, "normalize": ("normalize", False), "rescale": ("", False)},
+                                   ("weight", "density"), {"consensus": True}, {"gamma": 0.01}),
     "model_stock": MethodRule("model_stock", {"filter_wise": ("filter_wise", False)}),
 }
 """The mergekit methods the server has, with mergekit 0.1.5's defaults (its registry's
@@ -129,6 +136,15 @@ def call(
                     raise ValueError(f"{method_name} with rescale: the server does not rescale trimmed deltas")
                 continue
             shared.append((option, value))
+        for key, default in rule.one_for_all.items():
+            values = {_resolve(name, [settings, shared_settings], key, default) for settings in model_settings}
+            if len(values) != 1:
+                raise ValueError(f"mergekit parameter {key!r} differs between the models at entry {name!r} "
+                                 f"({sorted(map(str, values))}); the server takes one {key} for every model")
+            value = values.pop()
+            if value is None or isinstance(value, bool):
+                raise ValueError(f"mergekit parameter {key!r} at entry {name!r} is not a number")
+            shared.append((key, value))
         per_model = tuple(
             tuple(_per_model(name, key, settings, shared_settings, label, method_name)
                   for settings, label in zip(model_settings, labels))
@@ -213,7 +229,7 @@ def _model_parameters(config: Mapping[str, Any], label: str) -> Mapping[str, Set
 def _check_names(rule: MethodRule, shared: Mapping[str, Setting], per_model: Sequence[Mapping[str, Setting]]) -> None:
     """Every parameter the config gives must mean something to the method here (a typo, or gamma and
     epsilon of methods the server lacks, would otherwise be dropped without a word)."""
-    known = set(rule.shared) | set(rule.per_model)
+    known = set(rule.shared) | set(rule.per_model) | set(rule.one_for_all)
     for where, settings in [("parameters", shared), *[("a model's parameters", s) for s in per_model]]:
         for key in settings:
             if key not in known:

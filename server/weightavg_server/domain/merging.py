@@ -100,7 +100,8 @@ class Method:
     weights: bool = True
     count: int = 0
     sparsify: str = ""
-    """"" (none), "magnitude" (TIES: keep the top density share of |delta|) or "random" (DARE)."""
+    """"" (none), "magnitude" (TIES: keep the top density share of |delta|), "random" (DARE) or
+    "outliers" (breadcrumbs: drop the top gamma share of |delta|, then keep the next density share)."""
     minimum: int = 1
     """The fewest dictionaries it takes (Model Stock needs two offsets to measure an angle)."""
 
@@ -121,6 +122,10 @@ METHODS: dict[str, Method] = {
                         Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
                         _INTEGERS),
                base=True, sparsify="random"),
+        Method("breadcrumbs", (_DENSITY, Opt("gamma", ValueType.FLOAT, 0.01, UNIT_INTERVAL, gradient=True),
+                               Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
+                               _INTEGERS),
+               base=True, sparsify="outliers"),
         Method("model_stock", (Opt("filter_wise", ValueType.BOOL, False), _INTEGERS), base=True, weights=False,
                minimum=2),
     )
@@ -363,7 +368,7 @@ def check(
     if method.base and base is None:
         raise InvalidArgument(f"{what} needs a base dictionary (the model the others were fine-tuned from)")
     if not method.base and base is not None:
-        raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties, dare or model_stock to merge against a base")
+        raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties, dare, breadcrumbs or model_stock to merge against a base")
     checked = _weights(method, len(dicts), weights)
     by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
     own = _densities(method, len(dicts), densities, kwargs, per_tensor)
@@ -555,7 +560,7 @@ def _densities(
         return None
     what = method.name
     if not method.sparsify:
-        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties and dare")
+        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties, dare and breadcrumbs")
     if any(name == "density" for name, _ in kwargs) or any(n == "density" for _, given in per_tensor for n, _ in given):
         raise InvalidArgument(f"{what}: give the density option or per-dictionary densities, not both")
     return _density_values(what, count, densities)
@@ -567,7 +572,7 @@ def _pattern_densities(method: Method, count: int, pattern: str, densities: Sequ
     if not pattern:
         raise InvalidArgument(f"{method.name}: an empty pattern; use '*' to match every entry")
     if not method.sparsify:
-        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties and dare")
+        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties, dare and breadcrumbs")
     if not densities:
         raise InvalidArgument(f"{method.name}: pattern '{pattern}' gives no densities; give one per dictionary")
     return _density_values(what, count, densities)
@@ -611,7 +616,7 @@ def _check_normalizable(
     digits, or divide by 0 where it rounds to 0, and the normalised weights w_i / sum lie past the
     dtype's range. (Consensus divides each element by the weights that counted there, 1 where they
     sum to 0.)"""
-    consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
+    consensus = _elects(method.name, options)
     if "normalize" not in options or not bool_value(options, "normalize") or consensus:
         return
     total = sum(weights)
@@ -821,10 +826,10 @@ def _scratch(
         # _cosine casts a chunk of each tensor to float64 at a time (views when work is float64).
         chunks = 0 if work == torch.float64 else 2 * min(numel, SLERP_CHUNK) * _size(torch.float64)
         return (work, work), chunks + SLERP_SUMS
-    consensus = method.sparsify == "magnitude" or (method.sparsify == "random" and bool_value(options, "consensus"))
+    consensus = _elects(method.name, options)
     normalize = bool_value(options, "normalize")
     base_cast = (work,) if has_base and tensors[0].dtype != work else ()
-    trims = method.sparsify == "magnitude" and any(d < 1 for d in densities)
+    trims = method.sparsify in ("magnitude", "outliers") and any(d < 1 for d in densities)
     aside = (work,) if _takes_aside(method.name, consensus, normalize, trims, device) else ()
     election = (work,) if consensus else ()
     divisor = (work,) if consensus and normalize else ()
@@ -845,13 +850,19 @@ def _selects_natively(device: torch.device) -> bool:
     return device.type == "cpu" and selection.active()
 
 
+def _elects(method: str, options: Values) -> bool:
+    """Whether a task-vector merge elects signs: TIES always; DARE and breadcrumbs with consensus=True."""
+    return method == "ties" or ("consensus" in options and bool_value(options, "consensus"))
+
+
 def _takes_aside(method: str, consensus: bool, normalize: bool, trims: bool, device: torch.device) -> bool:
     """Whether a task-vector slot (`_task_vectors`) takes the work-dtype buffer `aside`: DARE's
     drop mask, each delta's sign where consensus and normalize make the divisor, and |delta| where a
     TIES trim runs on torch's path. The plan and the kernel both ask here, so the buffers it carves
     are the ones the plan reserved. TIES without normalize on the native path took it unused: a
     buffer the size of the largest entry, reserved for nothing (a merge that fitted was refused)."""
-    return method == "dare" or (consensus and normalize) or (trims and not _selects_natively(device))
+    return (method == "dare" or (consensus and normalize) or (trims and not _selects_natively(device))
+            or (method == "breadcrumbs" and trims))
 
 
 # -- running a plan ------------------------------------------------------------------------------------
@@ -1132,7 +1143,7 @@ def _task_vectors(
     slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
     scratch: Scratch,
 ) -> None:
-    """base + lam * combine_i(w_i * sparsify(x_i - base)): task arithmetic, TIES and DARE.
+    """base + lam * combine_i(w_i * sparsify(x_i - base)): task arithmetic, TIES, DARE and breadcrumbs.
 
     With sign consensus (TIES; DARE with consensus=True), the elected sign of each element is that
     of sum_i w_i delta_i (+ when it is 0); only contributions w_i delta_i of that sign count, and with
@@ -1145,7 +1156,7 @@ def _task_vectors(
     assert slot.work is not None and b is not None
     work, shape, options = slot.work, slot.shape, slot.options
     method = slot.method
-    consensus = method == "ties" or (method == "dare" and bool_value(options, "consensus"))
+    consensus = _elects(method, options)
     normalize = bool_value(options, "normalize")
     shift = 0
     if normalize:
@@ -1160,12 +1171,13 @@ def _task_vectors(
         base.copy_(b)
     densities = slot.densities or (1.0,) * len(xs)
     rescale = (str_value(options, "rescale_norm") if bool_value(options, "rescale") else "") if method == "dare" else ""
-    trims = method == "ties" and any(d < 1 for d in densities)
+    trims = method in ("ties", "breadcrumbs") and any(d < 1 for d in densities)
     aside = scratch.take(shape, work) if _takes_aside(method, consensus, normalize, trims, slot.device) else None
     election = scratch.take(shape, work) if consensus else None
     divisor = scratch.take(shape, work) if consensus and normalize else None
     mask = scratch.take(shape, torch.bool) if consensus or trims else None
     thresholds: dict[int, float] = {}
+    bands: dict[int, tuple[float | None, float | None]] = {}
 
     def make_delta(i: int) -> None:
         delta.copy_(xs[i])
@@ -1175,6 +1187,11 @@ def _task_vectors(
             if i not in thresholds:
                 thresholds[i] = _threshold(delta, densities[i], aside)
             _trim(delta, thresholds[i], aside, mask)
+        elif method == "breadcrumbs" and densities[i] < 1:
+            assert mask is not None and aside is not None
+            if i not in bands:
+                bands[i] = _band(delta, densities[i], float_value(options, "gamma"), aside)
+            _keep_band(delta, bands[i], aside, mask)
         elif method == "dare":
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
@@ -1245,6 +1262,42 @@ def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor | None) 
     if k >= n:
         return -math.inf
     return selection.kth_largest_magnitude(delta, k, aside)
+
+
+def _band(delta: torch.Tensor, density: float, gamma: float, aside: torch.Tensor) -> tuple[float | None, float | None]:
+    """Breadcrumbs' band of |delta| (mergekit's `magnitude_outliers`): of n elements, the int(gamma n)
+    largest are dropped as outliers (fewer where that would leave under int(density n)), and of the
+    rest the int(density n) largest kept. As (upper, lower): drop |delta| at or above upper (None:
+    drop none), keep |delta| at or above lower (None: keep nothing, where int(density n) is 0, as
+    mergekit keeps nothing there); NaN counted largest."""
+    n = delta.numel()
+    target = int(density * n)
+    if target <= 0:
+        return None, None
+    dropped = min(int(gamma * n), n - target)
+    upper = selection.kth_largest_magnitude(delta, dropped, aside) if dropped > 0 else None
+    lower = selection.kth_largest_magnitude(delta, dropped + target, aside) if dropped + target < n else -math.inf
+    return upper, lower
+
+
+def _keep_band(
+    delta: torch.Tensor, band: tuple[float | None, float | None], aside: torch.Tensor, mask: torch.Tensor
+) -> None:
+    """delta := +0 outside its band (`_band`): at or above the upper threshold (a NaN there drops the
+    NaNs alone; inf drops the infinities and NaNs), and below the lower one (`_trim`)."""
+    upper, lower = band
+    if lower is None:
+        delta.zero_()
+        return
+    if upper is not None:
+        if math.isnan(upper):
+            torch.ne(delta, delta, out=mask)  # the NaNs: a NaN is not equal to itself
+        else:
+            torch.abs(delta, out=aside)
+            torch.lt(aside, upper, out=mask)
+            mask.logical_not_()  # at or above upper, and NaN
+        delta.masked_fill_(mask, 0)
+    _trim(delta, lower, aside, mask)
 
 
 def _trim(delta: torch.Tensor, threshold: float, aside: torch.Tensor | None, mask: torch.Tensor) -> None:
@@ -1364,5 +1417,6 @@ _KERNELS: dict[str, Kernel] = {
     "task_arithmetic": _task_vectors,
     "ties": _task_vectors,
     "dare": _task_vectors,
+    "breadcrumbs": _task_vectors,
     "model_stock": _model_stock,
 }
