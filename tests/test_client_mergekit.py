@@ -112,3 +112,14 @@ def test_what_the_server_cannot_do_as_mergekit_does_is_refused(case: str) -> Non
     config, message = REFUSED[case]
     with pytest.raises(ValueError, match=message):
         mergekit.call(config, MODELS, NAMES)
+
+
+def test_multislerp_takes_every_model_without_a_base_and_the_offsets_with_one() -> None:
+    models = [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": [0.5, 1.0]}}]
+    alone = mergekit.call({"merge_method": "multislerp", "models": models}, MODELS, NAMES)
+    assert (alone.method, alone.dicts, alone.base, alone.weights) == ("multislerp", ["h-a", "h-b"], None,
+                                                                      [1.0, (0.5, 1.0)])
+    assert alone.options == {"normalize": True}
+    based = mergekit.call({"merge_method": "multislerp", "base_model": "base", "models": models,
+                           "parameters": {"normalize_weights": False}}, MODELS, NAMES)
+    assert (based.dicts, based.base, based.options) == (["h-a", "h-b"], "h-base", {"normalize": False})

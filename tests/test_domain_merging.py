@@ -941,6 +941,7 @@ def test_into_reserves_only_scratch() -> None:
     ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "linf", "consensus": True}),
     ("model_stock", {}), ("model_stock", {"filter_wise": True}),
     ("breadcrumbs", {"density": 0.5}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "consensus": True, "normalize": True}),
+    ("multislerp", {}), ("multislerp", {"normalize": False}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype
@@ -954,6 +955,8 @@ def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
         cast = lambda d: TensorDict({n: t.to(dtype) for n, t in d.entries.items()})  # noqa: E731
         base, ds = cast(base), [cast(d) for d in ds]
         with_base = base if method in ("task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock") else None
+        if method == "multislerp" and options.get("normalize") is False:
+            with_base = base  # the base-relative form, with its offset buffer
         p = plan_of(method, ds, base=with_base, options=options)
         meter = footprint._PeakBytes()
         with meter:
@@ -1613,3 +1616,62 @@ def test_breadcrumbs_drops_nans_and_infinities_as_the_largest_outliers() -> None
     nans = TensorDict({"x": torch.tensor([math.nan, math.nan, 1.0, 2.0])})
     got = merged("breadcrumbs", [nans], base=TensorDict({"x": torch.zeros(4)}), options={"density": 0.5, "gamma": 0.25})
     assert bits32(got.entries["x"]) == bits32(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+
+
+# -- multislerp ------------------------------------------------------------------------------------------
+
+
+def reference_multislerp(xs: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor | None,
+                         normalize: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's `multislerp` (mergekit/merge_methods/multislerp.py), transcribed in float64 with its
+    tangent-space step: unit vectors, their weighted mean direction, the tangent vectors there, the
+    exponential map back, scaled by the weighted mean norm, plus the base."""
+    stacked = torch.stack([x.double() for x in xs])
+    if base is not None:
+        stacked = stacked - base.double()
+    flat = stacked.view(len(xs), -1)
+    weights = torch.tensor(list(w), dtype=torch.float64)
+    if normalize:
+        weights = weights / weights.sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean = mean / mean.norm()
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * weights.view(-1, 1)).sum(0)
+    size = tangent.norm() + eps
+    result = (mean * torch.cos(size) + tangent * (torch.sin(size) / size)) * (norms.squeeze(-1) * weights).sum()
+    result = result.view(xs[0].shape)
+    return result + base.double() if base is not None else result
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("count", [2, 3, 6])
+def test_multislerp_is_mergekits_formula(with_base: bool, normalize: bool, count: int) -> None:
+    base, ds = fine_tuned(count, seed=60 + count)
+    w = [1.0, 0.5, 2.0, 0.25, 1.5, 0.75][:count]
+    got = merged("multislerp", ds, base=base if with_base else None, weights=w, options={"normalize": normalize})
+    for n in SHAPES:
+        want = reference_multislerp([d.entries[n] for d in ds], w, base.entries[n] if with_base else None, normalize)
+        assert_close(got.entries[n], want, tol=2e-6 * max(1.0, float(want.abs().max())))
+
+
+def test_multislerp_keeps_the_weighted_norm_and_a_single_tensor() -> None:
+    """Two orthogonal unit vectors of equal weight: halfway along the arc, still of length 1 (a linear
+    mean would be 0.71 long); one dictionary comes back as it is."""
+    a, b = TensorDict({"x": torch.tensor([1.0, 0.0])}), TensorDict({"x": torch.tensor([0.0, 1.0])})
+    got = merged("multislerp", [a, b]).entries["x"]
+    assert_close(got, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    one = TensorDict({"x": torch.tensor([3.0, -1.0])})
+    assert torch.equal(merged("multislerp", [one]).entries["x"], one.entries["x"])
+
+
+def test_multislerp_of_opposite_tensors_is_their_line_for_two_and_refused_for_more() -> None:
+    a, b = TensorDict({"x": torch.tensor([1.0, 2.0])}), TensorDict({"x": torch.tensor([-1.0, -2.0])})
+    got = merged("multislerp", [a, b], weights=[1.0, 3.0]).entries["x"]
+    assert_close(got, torch.tensor([-1.0, -2.0]))  # 1:3: the heavier one's direction, at their mean norm
+    assert_close(merged("multislerp", [a, b]).entries["x"], torch.zeros(2))  # 1:1: the line's midpoint
+    c = TensorDict({"x": torch.tensor([1.0, 2.0])})
+    with pytest.raises(InvalidArgument, match="entry 'x': the weighted mean of the models' directions is 0"):
+        merged("multislerp", [a, b, c], weights=[1.0, 2.0, 1.0])

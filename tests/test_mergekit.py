@@ -165,6 +165,20 @@ CASES: dict[str, Case] = {
         lambda c, h: c.merge("breadcrumbs", [h["a"], h["b"]], base=h["base"], weights=[1.0, 0.5], densities=[0.7, 0.7],
                              gamma=0.1, consensus=True, normalize=True, lam=1.3),
     ),
+    "multislerp of three without a base, gradient weights": (
+        lambda p: {"merge_method": "multislerp",
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": [1.0, 0.2]}},
+                              {"model": str(p["b"]), "parameters": {"weight": 0.5}},
+                              {"model": str(p["base"]), "parameters": {"weight": 0.3}}]},
+        lambda c, h: c.merge("multislerp", [h["a"], h["b"], h["base"]], weights=[[1.0, 0.2], 0.5, 0.3]),
+    ),
+    "multislerp of the offsets from a base, weights as given": (
+        lambda p: {"merge_method": "multislerp", "base_model": str(p["base"]),
+                   "parameters": {"normalize_weights": False},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 0.6}},
+                              {"model": str(p["b"]), "parameters": {"weight": 0.7}}]},
+        lambda c, h: c.merge("multislerp", [h["a"], h["b"]], base=h["base"], weights=[0.6, 0.7], normalize=False),
+    ),
     "model stock": (
         lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]),
                    "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},

@@ -1510,11 +1510,12 @@ class Client:
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
                 normalize=False, lam=1), breadcrumbs (base; density required, gamma=.01, consensus=False,
-                normalize=False, lam=1), model_stock (base and at least two dictionaries, no weights;
-                filter_wise=False). Every method takes integers="first", "max" or "mean". t, density
+                normalize=False, lam=1), multislerp (optional base; normalize=True), model_stock (base and at
+                least two dictionaries, no weights; filter_wise=False). Every method takes integers="first", "max" or "mean". t, density
                 and lam also take mergekit's gradients: a list of values over the layers, e.g. t=[0, 0.5, 1].
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
-            base: the model the others were fine-tuned from (every method but linear and slerp).
+            base: the model the others were fine-tuned from (every method but linear and slerp; optional
+                for multislerp).
             weights: one weight per dictionary; 1 each if None. A weight may be a list, mergekit's
                 gradient over the layers: weights=[[1, 0], [0, 1]] moves from the first model at the
                 first layer to the second at the last.

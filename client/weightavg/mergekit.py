@@ -67,6 +67,7 @@ RULES: dict[str, MethodRule] = {
     "breadcrumbs_ties": MethodRule("breadcrumbs", {**_TASK, "normalize": ("normalize", False), "rescale": ("", False)},
                                    ("weight", "density"), {"consensus": True}, {"gamma": 0.01}),
     "model_stock": MethodRule("model_stock", {"filter_wise": ("filter_wise", False)}),
+    "multislerp": MethodRule("multislerp", {"normalize_weights": ("normalize", True)}, ("weight",)),
 }
 """The mergekit methods the server has, with mergekit 0.1.5's defaults (its registry's
 GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."""
@@ -186,8 +187,8 @@ def _inputs(
     config: Mapping[str, Any], models: Mapping[str, HandleLike]
 ) -> tuple[HandleLike | None, list[HandleLike], list[str]]:
     """The base's handle (None where the method takes none), the inputs' handles and their names: for
-    slerp the base then the other model (t = 0 is the base), for linear every listed model, else the
-    listed models other than the base."""
+    slerp the base then the other model (t = 0 is the base), for linear (and multislerp without a
+    base) every listed model, else the listed models other than the base."""
     entries = config.get("models")
     if not isinstance(entries, list) or not entries:
         raise ValueError("a mergekit config for the server lists its 'models' (slices are not supported)")
@@ -200,7 +201,7 @@ def _inputs(
             raise ValueError(f"model {label!r} of the config has no handle; give models={{{label!r}: handle, ...}}")
         return models[label]
 
-    if method == "linear":
+    if method == "linear" or (method == "multislerp" and base_name is None):
         return None, [handle(label) for label in labels], labels
     if base_name is None:
         raise ValueError(f"mergekit's {method} needs a base_model")

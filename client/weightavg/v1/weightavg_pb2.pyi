@@ -4538,10 +4538,10 @@ class MergeDictionariesRequest(_message.Message):
     DENSITIES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     method: _builtins.str
-    """linear, slerp, task_arithmetic, ties, dare, breadcrumbs or model_stock."""
+    """linear, slerp, task_arithmetic, ties, dare, breadcrumbs, multislerp or model_stock."""
     base: _builtins.str
     """Base dictionary handle id for task_arithmetic, ties, dare, breadcrumbs and model_stock (the
-    model the others were fine-tuned from); empty for linear and slerp.
+    model the others were fine-tuned from), optional for multislerp; empty for linear and slerp.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets

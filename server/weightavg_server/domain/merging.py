@@ -104,6 +104,8 @@ class Method:
     "outliers" (breadcrumbs: drop the top gamma share of |delta|, then keep the next density share)."""
     minimum: int = 1
     """The fewest dictionaries it takes (Model Stock needs two offsets to measure an angle)."""
+    optional_base: bool = False
+    """It takes a base or none (multislerp: with one, the offsets from it are interpolated)."""
 
 
 METHODS: dict[str, Method] = {
@@ -126,6 +128,7 @@ METHODS: dict[str, Method] = {
                                Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
                                _INTEGERS),
                base=True, sparsify="outliers"),
+        Method("multislerp", (Opt("normalize", ValueType.BOOL, True), _INTEGERS), optional_base=True),
         Method("model_stock", (Opt("filter_wise", ValueType.BOOL, False), _INTEGERS), base=True, weights=False,
                minimum=2),
     )
@@ -367,7 +370,7 @@ def check(
         )
     if method.base and base is None:
         raise InvalidArgument(f"{what} needs a base dictionary (the model the others were fine-tuned from)")
-    if not method.base and base is not None:
+    if not method.base and not method.optional_base and base is not None:
         raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties, dare, breadcrumbs or model_stock to merge against a base")
     checked = _weights(method, len(dicts), weights)
     by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
@@ -820,6 +823,13 @@ def _scratch(
     if method.name in ("average", "linear"):
         cast = (work,) if kinds != {work} else ()
         return acc + cast, 0
+    if method.name == "multislerp":
+        # _sum_squares: a float64 chunk (none in float64) and its 0-dim sums; a copy of an input that is not
+        # contiguous, where it is read as it is (no offset buffer).
+        offsets = (work,) if has_base or kinds != {work} else ()
+        chunk = 0 if work == torch.float64 else min(numel, STOCK_CHUNK) * _size(torch.float64)
+        copies = 0 if offsets else max((t.numel() * t.element_size() for t in tensors if not t.is_contiguous()), default=0)
+        return acc + offsets, chunk + SLERP_SUMS + copies
     if method.name == "model_stock":
         return acc, _stock_bytes(tuple(tensors[0].shape), len(tensors) - 1, bool_value(options, "filter_wise"), tensors)
     if method.name == "slerp":
@@ -1312,6 +1322,75 @@ def _trim(delta: torch.Tensor, threshold: float, aside: torch.Tensor | None, mas
         selection.zero_below(delta, threshold, aside, mask)
 
 
+MULTISLERP_EPS = 1e-8
+"""mergekit's multislerp eps: added to each tensor's norm before it is made a unit vector, and the
+weighted mean of the unit vectors shorter than it has no direction."""
+
+
+def _multislerp(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """Spherical interpolation of N tensors (mergekit's `multislerp`): each tensor (or, with a base, its
+    offset from the base) is made a unit vector, v_i / (|v_i| + eps); the result points along their
+    weighted mean and is as long as the weighted mean of the |v_i| (weights divided by their sum with
+    `normalize`), plus the base. mergekit then steps into the tangent space at that mean and back; the
+    weighted tangent vectors there sum to exactly 0 (sum_i w_i (u_i - <u_i, m> m) = |M| m - <M, m> m
+    with M = sum_i w_i u_i and m = M / |M|), so that step changes nothing but rounding and is left out.
+    Where the weighted mean of the unit vectors is shorter than eps (opposite tensors of equal weight)
+    there is no direction: two tensors are then combined linearly, as mergekit does, more refused.
+
+    One tensor is the result itself. The norms are summed in float64 (`_sum_squares`)."""
+    assert slot.work is not None
+    if len(xs) == 1:
+        out.copy_(xs[0])
+        return
+    total = sum(weights)
+    used = [w / total for w in weights] if bool_value(slot.options, "normalize") else list(weights)
+    offset = scratch.take(slot.shape, slot.work) if b is not None or any(x.dtype != slot.work for x in xs) else None
+
+    def vector(i: int) -> torch.Tensor:
+        if offset is None:
+            return xs[i]
+        offset.copy_(xs[i])
+        return offset.sub_(b) if b is not None else offset
+
+    norms = [math.sqrt(_sum_squares(vector(i))) for i in range(len(xs))]
+    acc = _accumulator(slot, out, scratch)
+    acc.zero_()
+    for i in range(len(xs)):
+        acc.add_(vector(i), alpha=used[i] / (norms[i] + MULTISLERP_EPS))
+    length = math.sqrt(_sum_squares(acc))
+    if length < MULTISLERP_EPS:
+        if len(xs) != 2:
+            raise InvalidArgument(
+                f"multislerp: entry '{slot.name}': the weighted mean of the models' directions is 0 (opposite "
+                "tensors whose weights balance), so it has no direction; give other weights"
+            )
+        acc.zero_()
+        for i in range(2):
+            acc.add_(vector(i), alpha=used[i])
+    else:
+        acc.mul_(sum(w * n for w, n in zip(used, norms)) / length)
+    if b is not None:
+        acc.add_(b)
+    _finish(acc, out)
+
+
+def _sum_squares(t: torch.Tensor) -> float:
+    """sum(t^2) in float64, STOCK_CHUNK elements at a time (a float32 norm over millions of elements is
+    off in its fourth digit; see `_cosine`)."""
+    flat = t.reshape(-1)
+    if t.dtype == torch.float64:
+        return float(torch.dot(flat, flat))
+    chunk = torch.empty(min(flat.numel(), STOCK_CHUNK), dtype=torch.float64, device=t.device)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for start in range(0, flat.numel(), STOCK_CHUNK):
+        part = chunk[: min(STOCK_CHUNK, flat.numel() - start)].copy_(flat[start:start + STOCK_CHUNK])
+        total += torch.dot(part, part)
+    return float(total)
+
+
 def _stock_layout(shape: tuple[int, ...], models: int, filter_wise: bool) -> tuple[int, int, int, int, int]:
     """How Model Stock walks an entry: as R rows of K elements (one row of all of them, or with
     `filter_wise` a row per output filter: the last dimension is reduced, as mergekit's dim=-1), in
@@ -1419,4 +1498,5 @@ _KERNELS: dict[str, Kernel] = {
     "dare": _task_vectors,
     "breadcrumbs": _task_vectors,
     "model_stock": _model_stock,
+    "multislerp": _multislerp,
 }
