@@ -1,9 +1,11 @@
-"""Merge fine-tuned PyTorch checkpoints on a weightavg server: average, task arithmetic, TIES and DARE.
+"""Merge fine-tuned PyTorch checkpoints on a weightavg server: average, task arithmetic, TIES, DARE,
+Model Stock, multi-SLERP, and a mergekit config as it stands.
 
 A small network is trained briefly in this process on scikit-learn's digits (the base), then
 fine-tuned from it several times with different seeds and rates, as checkpoints of one base would
 be. Their state dicts go to the server once (`weightavg.torch.push`); every merge is one call there
-(`Client.average`, `Client.merge`), and each result comes back as a state dict that loads into a
+(`Client.average`, `Client.merge`, `weightavg.mergekit.merge` for a mergekit config, the dict a
+mergekit YAML loads to), and each result comes back as a state dict that loads into a
 plain copy of the network (`weightavg.torch.fetch`), whose test accuracy is printed beside the
 fine-tuned ones'. On a problem this small the merges land close to the fine-tuned models; the
 point is the calls.
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from weightavg import Client, Handle
+from weightavg import Client, Handle, mergekit
 from weightavg.torch import fetch, push
 from weightavg_server.ops.app import serving
 
@@ -57,6 +59,16 @@ class Result:
     """Test accuracies in percent: the base, each fine-tuned model, each merge by name."""
 
 
+def ties_config(models: int) -> dict[str, object]:
+    """A mergekit TIES config as `yaml.safe_load` gives it: the first layer's weights from the first
+    model more than the last's (a weight gradient over the layers), the others even, density .5."""
+    return {
+        "merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5, "normalize": True},
+        "models": [{"model": f"tuned-{i}", "parameters": {"weight": [1.0, 0.5] if i == 0 else 1.0}}
+                   for i in range(models)],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> Result:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--address", help="a running server (default: an embedded one)")
@@ -81,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> Result:
         "task_arithmetic lam .5": lambda c, b, ds: c.merge("task_arithmetic", ds, base=b, lam=0.5),
         "ties density .3": lambda c, b, ds: c.merge("ties", ds, base=b, density=0.3),
         "dare density .5": lambda c, b, ds: c.merge("dare", ds, base=b, density=0.5, seed=args.seed),
+        "model_stock": lambda c, b, ds: c.merge("model_stock", ds, base=b),
+        "multislerp": lambda c, b, ds: c.merge("multislerp", ds),
+        "mergekit ties config": lambda c, b, ds: mergekit.merge(c, ties_config(len(ds)), {
+            "base": b, **{f"tuned-{i}": d for i, d in enumerate(ds)}}),
     }
     merged = {}
     with serving(args.address) as address, Client(address, session=True) as c:  # the session frees them all
