@@ -120,6 +120,17 @@ CASES: dict[str, tuple[Setup, Call]] = {
     "merge dare with consensus": (
         lambda s: [_dictionary(s, i) for i in range(4)],
         lambda s, ds: s.merge("dare", ds[1:], ds[0], None, (("density", 0.3), ("consensus", True)))),
+    "merge breadcrumbs with consensus": (
+        lambda s: [_dictionary(s, i) for i in range(4)],
+        lambda s, ds: s.merge("breadcrumbs", ds[1:], ds[0], None, (("density", 0.3), ("consensus", True)))),
+    "merge model_stock, filter-wise": (
+        lambda s: [_dictionary(s, i) for i in range(4)],
+        lambda s, ds: s.merge("model_stock", ds[1:], ds[0], None, (("filter_wise", True),))),
+    "merge multislerp from a base": (lambda s: [_dictionary(s, i) for i in range(4)],
+                                     lambda s, ds: s.merge("multislerp", ds[1:], ds[0], [1.0, 2.0, 0.5], ())),
+    "merge ties with densities and weights by layer": (
+        lambda s: [_dictionary(s, i) for i in range(4)],
+        lambda s, ds: s.merge("ties", ds[1:], ds[0], [(1.0, 0.5), 1.0, 2.0], (), densities=[0.3, (0.5, 0.9), 1.0])),
     "epoch, sgd": (lambda s: _with_data(s, _model(s), "train"), lambda s, m: s.run_epoch(m, _never)),
     "epoch, adam with decay": (
         lambda s: _with_data(s, _model(s, optimizer="adam", args=(), options=(("decay", 0.1),)), "train"),
