@@ -90,7 +90,8 @@ def test_fnmatch_specials_in_filters_and_names_match_only_themselves() -> None:
 
 REFUSED: dict[str, tuple[dict[str, Any], str]] = {
     "a method the server lacks": ({**ties(), "merge_method": "della"}, "'della' is not one the server has"),
-    "slices": ({**ties(), "slices": []}, "key 'slices' is not supported"),
+    "slices beside models": ({**ties(), "slices": []}, "give 'models' or 'slices', not both"),
+    "an unknown key": ({**ties(), "modules": {}}, "key 'modules' is not supported"),
     "a parameter of another method": (ties(gamma=0.01), "parameter 'gamma' in parameters is not one ties takes"),
     "gammas that differ between models": (
         {**ties(), "merge_method": "breadcrumbs", "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}},
@@ -123,3 +124,27 @@ def test_multislerp_takes_every_model_without_a_base_and_the_offsets_with_one() 
     based = mergekit.call({"merge_method": "multislerp", "base_model": "base", "models": models,
                            "parameters": {"normalize_weights": False}}, MODELS, NAMES)
     assert (based.dicts, based.base, based.options) == (["h-a", "h-b"], "h-base", {"normalize": False})
+
+
+def sliced(*ranges: list[int], **parameters: Any) -> dict[str, Any]:
+    return {"merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5},
+            "slices": [{"sources": [{"model": m, "layer_range": r, "parameters": {"weight": 1.0}}
+                                    for m, r in zip(("a", "b"), ranges)], "parameters": parameters}]}
+
+
+def test_one_slice_over_every_layer_is_the_models_form_with_the_slices_parameters_first() -> None:
+    """The slice's density applies where its filter matches; elsewhere the config's, as in mergekit."""
+    call = mergekit.call(sliced([0, 3], [0, 3], density=[{"filter": "mlp", "value": 0.2}]), MODELS, NAMES)
+    assert (call.method, call.dicts, call.base) == ("ties", ["h-a", "h-b"], "h-base")
+    assert call.densities == [0.5, 0.5]
+    assert call.per_tensor == {"*mlp*": {"lam": 1.0, "normalize": True, "weights": [1.0, 1.0], "densities": [0.2, 0.2]}}
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (sliced([0, 2], [0, 3]), r"source 'a' spans layers \[0, 2\]; only one slice over every layer \(\[0, 3\]\)"),
+    ({**sliced([0, 3], [0, 3]), "slices": [{"sources": []}, {"sources": []}]}, "only one slice over every layer"),
+    ({**sliced([0, 3], [0, 3]), "models": [{"model": "a"}]}, "give 'models' or 'slices', not both"),
+])
+def test_slices_that_cut_or_stack_layers_are_refused(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        mergekit.call(config, MODELS, NAMES)

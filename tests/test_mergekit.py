@@ -107,6 +107,15 @@ CASES: dict[str, Case] = {
         lambda c, h: c.merge("slerp", [h["a"], h["b"]], t=0.5,
                              per_tensor={"*self_attn*": {"t": ATTN}, "*mlp*": {"t": MLP_MIRROR}}),
     ),
+    "slerp in mergekit's README form: one slice over every layer": (
+        lambda p: {"slices": [{"sources": [{"model": str(p["a"]), "layer_range": [0, LAYERS]},
+                                           {"model": str(p["b"]), "layer_range": [0, LAYERS]}]}],
+                   "merge_method": "slerp", "base_model": str(p["a"]), "dtype": "bfloat16",
+                   "parameters": {"t": [{"filter": "self_attn", "value": ATTN}, {"filter": "mlp", "value": MLP_MIRROR},
+                                        {"value": 0.5}]}},
+        lambda c, h: c.merge("slerp", [h["a"], h["b"]], t=0.5,
+                             per_tensor={"*self_attn*": {"t": ATTN}, "*mlp*": {"t": MLP_MIRROR}}),
+    ),
     "task arithmetic, gradient weights and lambda": (
         lambda p: {"merge_method": "task_arithmetic", "base_model": str(p["base"]), "parameters": {"lambda": 0.8},
                    "models": [{"model": str(p["a"]), "parameters": {"weight": [0.3, 1.0]}},

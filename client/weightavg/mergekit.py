@@ -11,8 +11,8 @@ the largest group takes the call's own arguments, each other group a `per_tensor
 where a filter f picks out exactly that group, the entries' own (escaped) names otherwise.
 
 Nothing in a config runs: it is read as data, and only the keys below are understood. Anything else
-mergekit would act on (slices, other methods, parameters the server has no counterpart for) is
-refused with ValueError naming it, rather than merged differently.
+mergekit would act on (slices that cut or stack layers, other methods, parameters the server has no
+counterpart for) is refused with ValueError naming it, rather than merged differently.
 """
 
 from __future__ import annotations
@@ -105,8 +105,10 @@ def merge(client: Client, config: Mapping[str, Any], models: Mapping[str, Handle
         config = yaml.safe_load(open("ties.yml"))
         merged = mergekit.merge(c, config, {"org/base": b, "org/a": d1, "org/b": d2})
     """
-    first = _inputs(config, models)[1][0]
-    return call(config, models, _entry_names(client, first), **options).run(client)
+    first = _first_model(config)
+    if first not in models:
+        raise ValueError(f"model {first!r} of the config has no handle; give models={{{first!r}: handle, ...}}")
+    return call(config, models, _entry_names(client, models[first]), **options).run(client)
 
 
 def call(
@@ -114,13 +116,14 @@ def call(
 ) -> MergeCall:
     """The merge call a mergekit config stands for, given the entries' names (every dictionary has the
     same ones); ValueError for what the server cannot do as mergekit does."""
+    config = _unsliced(config, names)
     method_name = config.get("merge_method")
     rule = RULES.get(str(method_name))
     if rule is None:
         raise ValueError(f"mergekit method {method_name!r} is not one the server has (one of {', '.join(RULES)})")
     for key in config:
         if key not in ("merge_method", "base_model", "models", "parameters", *IGNORED_KEYS):
-            raise ValueError(f"mergekit key {key!r} is not supported (give 'models' and 'parameters')")
+            raise ValueError(f"mergekit key {key!r} is not supported (give 'models' or one slice, and 'parameters')")
     base, inputs, labels = _inputs(config, models)
     shared_settings: Mapping[str, Setting] = config.get("parameters") or {}
     model_settings = [_model_parameters(config, label) for label in labels]
@@ -181,6 +184,61 @@ def call(
 def _numbers(values: tuple[Resolved, ...] | None) -> list[float | tuple[float, ...]] | None:
     """Per-model values as the call takes them (`_per_model` refused bools)."""
     return None if values is None else [v for v in values if not isinstance(v, bool)]
+
+
+def _first_model(config: Mapping[str, Any]) -> str:
+    """The first model a config lists (under `models`, or the first slice's sources)."""
+    slices = config.get("slices")
+    if isinstance(slices, list) and slices and isinstance(slices[0], Mapping):
+        sources = slices[0].get("sources")
+        if isinstance(sources, list) and sources:
+            return _model_name(sources[0])
+    entries = config.get("models")
+    if isinstance(entries, list) and entries:
+        return _model_name(entries[0])
+    raise ValueError("a mergekit config for the server lists its 'models', or one slice of 'sources'")
+
+
+def _unsliced(config: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, Any]:
+    """A config of one slice whose every source spans all the layers ([0, L], L the layers the names
+    hold) as the same config in the `models` form: the sources become the models, and the slice's
+    parameters come before the config's (where a slice's conditions match no filter, the config's
+    value still applies, as in mergekit). Slices that cut or stack layers are refused."""
+    if "slices" not in config:
+        return config
+    slices = config["slices"]
+    if "models" in config:
+        raise ValueError("give 'models' or 'slices', not both")
+    layers = len({next((int(p) for p in n.split(".") if p.isdigit()), None) for n in names} - {None})
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
+        raise ValueError("only one slice over every layer is supported (slices that stack or cut layers make another "
+                         "architecture)")
+    sources = slices[0].get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ValueError("the slice lists no 'sources'")
+    for source in sources:
+        span = list(source.get("layer_range", [])) if isinstance(source, Mapping) else []
+        if span != [0, layers]:
+            raise ValueError(f"source {_model_name(source)!r} spans layers {span}; only one slice over every layer "
+                             f"([0, {layers}]) is supported")
+    shared = dict(config.get("parameters") or {})
+    for key, value in (slices[0].get("parameters") or {}).items():
+        shared[key] = _before(value, shared[key]) if key in shared else value
+    unsliced = {k: v for k, v in config.items() if k != "slices"}
+    unsliced["models"] = [{"model": _model_name(s), "parameters": s.get("parameters") or {}} for s in sources]
+    unsliced["parameters"] = shared
+    return unsliced
+
+
+def _before(first: Setting, then: Setting) -> Setting:
+    """One setting that is `first` where it gives a value and `then` where its conditions match none."""
+    conditions = [first] if isinstance(first, Mapping) else first
+    if not (isinstance(conditions, list) and conditions and all(isinstance(c, Mapping) for c in conditions)):
+        return first  # a number or a gradient: it always gives a value
+    fallback = [then] if isinstance(then, Mapping) else then
+    if isinstance(fallback, list) and fallback and all(isinstance(c, Mapping) for c in fallback):
+        return [*conditions, *fallback]
+    return [*conditions, {"value": then}]
 
 
 def _inputs(
