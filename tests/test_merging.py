@@ -491,3 +491,15 @@ def test_repeated_averages_follow_every_change_to_their_inputs(client: Client) -
         client.average(handles, weights=[1, 2, 3], into=into)
     after = client.dict(into)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_multislerp_without_a_direction_is_refused_over_the_wire_and_leaves_no_handle(client: Client) -> None:
+    """The check that needs the data (the weighted mean of the directions is 0) comes in the run, after
+    the plan: the call still answers INVALID_ARGUMENT naming the entry, and no dictionary is left."""
+    a, b, c = (client.dict({"x": np.array(v, np.float32), "y": np.ones(2, np.float32)})
+               for v in ([1.0, 2.0], [-1.0, -2.0], [1.0, 2.0]))
+    before = {h.handle.id for h in client.handles()}
+    with pytest.raises(InvalidArgumentError, match="entry 'x': the weighted mean of the models' directions is 0"):
+        client.merge("multislerp", [a, b, c], weights=[1.0, 2.0, 1.0])
+    assert {h.handle.id for h in client.handles()} == before
+    np.testing.assert_allclose(client.dict(client.merge("multislerp", [a, c]), "x"), [1.0, 2.0], rtol=1e-6)
