@@ -971,14 +971,23 @@ def test_on_cuda_a_merge_allocates_no_more_than_its_plan_reserves() -> None:
     to = lambda d: TensorDict({n: t.cuda() for n, t in d.entries.items()})  # noqa: E731
     base, ds = to(base), [to(d) for d in ds]
     for method, kw in (("average", {}), ("ties", {"base": base, "options": {"density": 0.3}}),
-                       ("dare", {"base": base, "options": {"density": 0.3, "consensus": True}})):
+                       ("dare", {"base": base, "options": {"density": 0.3, "consensus": True}}),
+                       ("breadcrumbs", {"base": base, "options": {"density": 0.3, "gamma": 0.1, "consensus": True}}),
+                       ("model_stock", {"base": base, "options": {"filter_wise": True}}),
+                       ("multislerp", {"base": base})):
         p = plan_of(method, ds, **kw)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        merging.run(p, ds, base=kw.get("base"))  # type: ignore[arg-type]
+        got = merging.run(p, ds, base=kw.get("base"))  # type: ignore[arg-type]
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - start <= footprint.merge_bytes(p)["cuda:0"] + (1 << 20), method
+        back = [TensorDict({n: t.cpu() for n, t in d.entries.items()}) for d in ds]
+        on_cpu = merged(method, back, **{**kw, "base": TensorDict({n: t.cpu() for n, t in base.entries.items()})}
+                        if "base" in kw else kw)
+        for name, t in on_cpu.entries.items():  # the CPU's numbers (DARE's masks differ by device: skipped)
+            if method != "dare":
+                assert_close(got.entries[name].cpu(), t, tol=1e-5)
 
 
 # -- flat dictionaries summed as spans (every merge on CUDA; the CPU's without the native kernel) --------------
