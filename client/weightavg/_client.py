@@ -1511,8 +1511,9 @@ class Client:
                 normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
                 normalize=False, lam=1), breadcrumbs (base; density required, gamma=.01, consensus=False,
                 normalize=False, lam=1), multislerp (optional base; normalize=True), model_stock (base and at
-                least two dictionaries, no weights; filter_wise=False). Every method takes integers="first", "max" or "mean". t, density
-                and lam also take mergekit's gradients: a list of values over the layers, e.g. t=[0, 0.5, 1].
+                least two dictionaries, no weights; filter_wise=False). Every method takes integers="first",
+                "max" or "mean". t, density, lam and gamma also take mergekit's gradients: a list of values
+                over the layers, e.g. t=[0, 0.5, 1].
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
             base: the model the others were fine-tuned from (every method but linear and slerp; optional
                 for multislerp).

@@ -371,7 +371,9 @@ def check(
     if method.base and base is None:
         raise InvalidArgument(f"{what} needs a base dictionary (the model the others were fine-tuned from)")
     if not method.base and not method.optional_base and base is not None:
-        raise InvalidArgument(f"{what} takes no base; use task_arithmetic, ties, dare, breadcrumbs or model_stock to merge against a base")
+        raise InvalidArgument(
+            f"{what} takes no base; use task_arithmetic, ties, dare, breadcrumbs or model_stock to merge against a base"
+        )
     checked = _weights(method, len(dicts), weights)
     by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
     own = _densities(method, len(dicts), densities, kwargs, per_tensor)
@@ -510,7 +512,9 @@ def _weights(
         raise InvalidArgument("average takes one number per dictionary; use merge('linear', ...) for weights by layer")
     for i, w in enumerate(weights):
         if isinstance(w, tuple) and not w:
-            raise InvalidArgument(f"{what}: dictionary {i + 1}'s weight is an empty list; give a number or a list of them")
+            raise InvalidArgument(
+                f"{what}: dictionary {i + 1}'s weight is an empty list; give a number or a list of them"
+            )
         for x in w if isinstance(w, tuple) else (w,):
             if not math.isfinite(x):
                 raise InvalidArgument(f"{what}: weights must be finite, given {x}")
@@ -589,7 +593,9 @@ def _density_values(what: str, count: int, densities: Sequence[Weight]) -> tuple
     for i, d in enumerate(densities):
         values = d if isinstance(d, tuple) else (d,)
         if not values:
-            raise InvalidArgument(f"{what}: dictionary {i + 1}'s density is an empty list; give a number or a list of them")
+            raise InvalidArgument(
+                f"{what}: dictionary {i + 1}'s density is an empty list; give a number or a list of them"
+            )
         if not all(0 < x <= 1 for x in values):  # (NaN fails too)
             raise InvalidArgument(f"{what}: dictionary {i + 1}'s density must be in (0, 1], given {list(values)}")
     return tuple(tuple(float(x) for x in d) if isinstance(d, tuple) else float(d) for d in densities)
@@ -828,7 +834,8 @@ def _scratch(
         # contiguous, where it is read as it is (no offset buffer).
         offsets = (work,) if has_base or kinds != {work} else ()
         chunk = 0 if work == torch.float64 else min(numel, STOCK_CHUNK) * _size(torch.float64)
-        copies = 0 if offsets else max((t.numel() * t.element_size() for t in tensors if not t.is_contiguous()), default=0)
+        strided = [t.numel() * t.element_size() for t in tensors if not t.is_contiguous()]
+        copies = 0 if offsets else max(strided, default=0)
         return acc + offsets, chunk + SLERP_SUMS + copies
     if method.name == "model_stock":
         return acc, _stock_bytes(tuple(tensors[0].shape), len(tensors) - 1, bool_value(options, "filter_wise"), tensors)
