@@ -148,3 +148,11 @@ def test_one_slice_over_every_layer_is_the_models_form_with_the_slices_parameter
 def test_slices_that_cut_or_stack_layers_are_refused(config: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         mergekit.call(config, MODELS, NAMES)
+
+
+def test_numbers_yaml_leaves_as_text_are_numbers_as_in_mergekit() -> None:
+    """YAML 1.1 reads `1e-3` as a string; mergekit takes it as a number, and so does the reader."""
+    config = ties(**{"lambda": "1e-3"})
+    config["models"][2]["parameters"]["weight"] = ["0", "5e-1"]
+    call = mergekit.call(config, MODELS, NAMES)
+    assert call.options["lam"] == 0.001 and call.weights == [1.0, (0.0, 0.5)]

@@ -315,11 +315,11 @@ def _evaluate(name: str, setting: Setting, key: str) -> Resolved | None:
         setting = [setting]
     if isinstance(setting, bool):
         return setting
-    if isinstance(setting, (int, float)):
-        return float(setting)
-    if isinstance(setting, list) and setting and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                     for v in setting):
-        return tuple(float(v) for v in setting) if len(setting) > 1 else float(setting[0])
+    if isinstance(setting, (int, float, str)) and _number(setting) is not None:
+        return _number(setting)
+    if isinstance(setting, list) and setting and all(_number(v) is not None for v in setting):
+        values = tuple(float(v) for v in setting)
+        return values if len(values) > 1 else values[0]
     if isinstance(setting, list) and all(isinstance(c, Mapping) and "value" in c for c in setting):
         for condition in setting:
             where = condition.get("filter")
@@ -328,6 +328,21 @@ def _evaluate(name: str, setting: Setting, key: str) -> Resolved | None:
         return None
     raise ValueError(f"mergekit parameter {key!r}: {setting!r} is not a number, a list of numbers or a list of "
                      "{filter, value} conditions")
+
+
+def _number(value: Any) -> float | None:
+    """A number as a float, also one YAML left a string ("1e-3": YAML 1.1 reads exponents without a
+    dot as text, and mergekit takes them as numbers); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _per_model(
