@@ -942,6 +942,84 @@ def merge_ties(ctx: Context) -> list[Row | Skip]:
     ]
 
 
+def _stock_in_process(base: list[torch.Tensor], models: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Model Stock as mergekit's `model_stock` reads, per tensor with the offsets stacked: mean pairwise
+    cosine of the offsets, t = N cos / (1 + (N - 1) cos), t * mean + (1 - t) * base."""
+    merged = []
+    for i, b in enumerate(base):
+        offsets = [m[i].reshape(-1) - b.reshape(-1) for m in models]
+        cosines = [torch.dot(x, y) / (x.norm() * y.norm()).clamp(min=1e-6)
+                   for j, x in enumerate(offsets) for y in offsets[j + 1:]]
+        cos = torch.stack(cosines).mean().clamp(-1, 1)
+        n = len(models)
+        t = n * cos / (1 + (n - 1) * cos)
+        merged.append(t * (sum(m[i] for m in models) / n) + (1 - t) * b)
+    return merged
+
+
+def _breadcrumbs_in_process(
+    base: list[torch.Tensor], models: list[list[torch.Tensor]], density: float, gamma: float
+) -> list[torch.Tensor]:
+    """Breadcrumbs as mergekit's `magnitude_outliers` reads (a sort of |delta| per model and tensor,
+    the band of ranks kept), the kept deltas summed onto the base."""
+    merged = []
+    for i, b in enumerate(base):
+        acc = b.clone()
+        for m in models:
+            delta = m[i] - b
+            n = delta.numel()
+            target, top = int(density * n), int(gamma * n)
+            bottom = max(0, n - target - top)
+            mask = torch.zeros(n)
+            mask[torch.sort(delta.abs().reshape(-1)).indices[bottom:bottom + target]] = 1
+            acc += delta * mask.view(delta.shape)
+        merged.append(acc)
+    return merged
+
+
+def _multislerp_in_process(models: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """multislerp as mergekit's reads (equal weights): stacked unit vectors, their mean direction, the
+    tangent vectors there and the exponential map back, times the mean norm."""
+    merged = []
+    for i in range(len(models[0])):
+        flat = torch.stack([m[i].reshape(-1) for m in models])
+        norms = flat.norm(dim=-1, keepdim=True)
+        units = flat / (norms + 1e-8)
+        mean = units.mean(0)
+        mean = mean / mean.norm()
+        tangent = (units - (units * mean).sum(-1, keepdim=True) * mean).mean(0)
+        size = tangent.norm() + 1e-8
+        merged.append(((mean * torch.cos(size) + tangent * (torch.sin(size) / size)) * norms.mean()).view(models[0][i].shape))
+    return merged
+
+
+def merge_methods(ctx: Context) -> list[Row | Skip]:
+    """model_stock, breadcrumbs and multislerp of 3 models (25.6M float32 parameters each, 160 tensors)
+    on the server, each against its formula in process as mergekit writes it (stacked tensors)."""
+    c, count, tensors, width = ctx.client, 3, 160, 400
+    base, *models = _server_dicts(c, count + 1, tensors, width)
+    local_base, *local_models = _local_dicts(count + 1, tensors, width)
+    calls = {
+        "model_stock": lambda: c.free(c.merge("model_stock", models, base=base)),
+        "model_stock local": lambda: _stock_in_process(local_base, local_models),
+        "breadcrumbs": lambda: c.free(c.merge("breadcrumbs", models, base=base, density=0.5, gamma=0.05, lam=1.0)),
+        "breadcrumbs local": lambda: _breadcrumbs_in_process(local_base, local_models, 0.5, 0.05),
+        "multislerp": lambda: c.free(c.merge("multislerp", models)),
+        "multislerp local": lambda: _multislerp_in_process(local_models),
+    }
+    times = interleaved(calls, ctx.reps(3, 1))
+    c.free(base, *models)
+    note = "no target set; the server holds one entry's scratch at a time, the formula stacks the models"
+    return [
+        row("merge methods, 3 models", "merge('model_stock', 3 x 25.6M fp32)", "mergekit's formula in-process",
+            times, "model_stock", "model_stock local", note=note),
+        row("merge methods, 3 models", "merge('breadcrumbs', 3 x 25.6M fp32, density .5, gamma .05)",
+            "mergekit's formula in-process (a sort per tensor)", times, "breadcrumbs", "breadcrumbs local", note=note),
+        row("merge methods, 3 models", "merge('multislerp', 3 x 25.6M fp32)", "mergekit's formula in-process",
+            times, "multislerp", "multislerp local", note=note),
+    ]
+
+
 # -- RemoteAveragedModel in a training loop ----------------------------------------------------------
 
 
@@ -1096,6 +1174,7 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "average8": average_many,
     "uploads": uploads,
     "ties": merge_ties,
+    "merges": merge_methods,
     "asyncema": averaged_training,
     "allreduce": allreduce,
     "sweep": sweep,

@@ -142,7 +142,7 @@ denominator 1 + (N - 1) cos below it in size keeps the base (t = 0) rather than 
 STOCK_TEMPS = 8
 """Row-sized float64 temporaries torch makes at once while Model Stock turns a block's sums into t
 (`_stock_t`: the norms' product, the cosines, the denominator and its mask, the quotient)."""
-STOCK_CHUNK = SLERP_CHUNK
+STOCK_CHUNK = 1 << 18
 """Elements of each offset held in float64 at a time while Model Stock sums its dot products."""
 
 
@@ -838,7 +838,10 @@ def _scratch(
         copies = 0 if offsets else max(strided, default=0)
         return acc + offsets, chunk + SLERP_SUMS + copies
     if method.name == "model_stock":
-        return acc, _stock_bytes(tuple(tensors[0].shape), len(tensors) - 1, bool_value(options, "filter_wise"), tensors)
+        filter_wise = bool_value(options, "filter_wise")
+        whole = _stock_layout(tuple(tensors[0].shape), len(tensors) - 1, filter_wise)[0] == 1
+        cast = (work,) if whole and kinds != {work} else ()  # by_torch's cast of a bfloat16 input
+        return acc + cast, _stock_bytes(tuple(tensors[0].shape), len(tensors) - 1, filter_wise, tensors)
     if method.name == "slerp":
         # _cosine casts a chunk of each tensor to float64 at a time (views when work is float64).
         chunks = 0 if work == torch.float64 else 2 * min(numel, SLERP_CHUNK) * _size(torch.float64)
@@ -1450,6 +1453,7 @@ def _model_stock(
     rest_rows = ws[at:at + rows]
     flat = [(x if x.is_contiguous() else x.contiguous()).view(rows, cols) for x in (b, *xs)]
     pair_of = [(i, j) for i in range(n) for j in range(i, n)]
+    exact = all(x.dtype in (torch.float32, f64) and x.dtype == b.dtype for x in xs)
     for r0 in range(0, rows, r):
         rr = min(r, rows - r0)
         sums[:, :rr].zero_()
@@ -1457,23 +1461,33 @@ def _model_stock(
             cc = min(c, cols - c0)
             base_block = flat[0][r0:r0 + rr, c0:c0 + cc]
             for i in range(n):
-                offsets[i, :rr, :cc].copy_(flat[i + 1][r0:r0 + rr, c0:c0 + cc]).sub_(base_block)
+                if exact:  # x - base in float32 (or 64) is what mergekit takes, written straight as float64
+                    torch.sub(flat[i + 1][r0:r0 + rr, c0:c0 + cc], base_block, out=offsets[i, :rr, :cc])
+                else:  # bfloat16 and float16 offsets would round: subtract in float64
+                    offsets[i, :rr, :cc].copy_(flat[i + 1][r0:r0 + rr, c0:c0 + cc]).sub_(base_block)
+            if rows == 1:  # one row: each pair's dot product (torch.dot: no product tensor, one pass)
+                for k, (i, j) in enumerate(pair_of):
+                    sums[k, 0] += torch.dot(offsets[i, 0, :cc], offsets[j, 0, :cc])
+                continue
             for k, (i, j) in enumerate(pair_of):
                 torch.mul(offsets[i, :rr, :cc], offsets[j, :rr, :cc], out=product[:rr, :cc])
                 sums[k, :rr].add_(product[:rr, :cc].sum(dim=1))
         _stock_t(sums[:, :rr], pair_of, n, cosine[:rr], t_rows[r0:r0 + rr])
     torch.sub(1.0, t_rows, out=rest_rows)
     acc = _accumulator(slot, out, scratch)
+    if rows == 1:  # t/N of each model and 1 - t of the base: N + 1 passes, not the mean's and then two more
+        t = float(t_rows[0])
+        terms = [*xs, b]
+        cast = scratch.take(slot.shape, slot.work) if any(x.dtype != slot.work for x in terms) else None
+        weighted_sum.by_torch(acc, terms, [t / n] * n + [1.0 - t], None, cast)
+        _finish(acc, out)
+        return
     acc.copy_(xs[0])
     for x in xs[1:]:
         acc.add_(x)
     acc.div_(n)
-    if rows == 1:
-        acc.mul_(float(t_rows[0])).add_(b, alpha=float(rest_rows[0]))
-    else:
-        shaped = acc.view(rows, cols)
-        shaped.mul_(t_rows.view(rows, 1)).addcmul_(b.view(rows, cols) if b.is_contiguous() else flat[0],
-                                                   rest_rows.view(rows, 1))
+    shaped = acc.view(rows, cols)
+    shaped.mul_(t_rows.view(rows, 1)).addcmul_(flat[0], rest_rows.view(rows, 1))
     _finish(acc, out)
 
 
