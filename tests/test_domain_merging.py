@@ -1684,3 +1684,16 @@ def test_multislerp_of_opposite_tensors_is_their_line_for_two_and_refused_for_mo
     c = TensorDict({"x": torch.tensor([1.0, 2.0])})
     with pytest.raises(InvalidArgument, match="entry 'x': the weighted mean of the models' directions is 0"):
         merged("multislerp", [a, b, c], weights=[1.0, 2.0, 1.0])
+
+
+def test_multislerp_of_entries_no_model_changed_is_the_base() -> None:
+    """Three models whose 'frozen' entry equals the base's (offsets all 0), and an empty entry: the base
+    and the empty tensor, where mergekit's multislerp raises for three or more."""
+    base = TensorDict({"frozen": torch.tensor([1.0, -2.0]), "empty": torch.zeros(0), "w": torch.tensor([0.0, 1.0])})
+    ds = [TensorDict({"frozen": torch.tensor([1.0, -2.0]), "empty": torch.zeros(0), "w": torch.tensor([v, 1.0])})
+          for v in (1.0, 2.0, 3.0)]
+    got = merged("multislerp", ds, base=base)
+    assert torch.equal(got.entries["frozen"], base.entries["frozen"]) and got.entries["empty"].numel() == 0
+    assert_close(got.entries["w"], torch.tensor([2.0, 1.0]))  # offsets along one direction: their mean length
+    alone = merged("multislerp", [TensorDict({"x": torch.zeros(3)}) for _ in range(3)])
+    assert torch.equal(alone.entries["x"], torch.zeros(3))

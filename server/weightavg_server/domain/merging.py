@@ -1349,6 +1349,8 @@ def _multislerp(
     with M = sum_i w_i u_i and m = M / |M|), so that step changes nothing but rounding and is left out.
     Where the weighted mean of the unit vectors is shorter than eps (opposite tensors of equal weight)
     there is no direction: two tensors are then combined linearly, as mergekit does, more refused.
+    Where every tensor is 0 (an entry no model changed from the base, a frozen layer; an empty one)
+    the result is the base (0 without one), where mergekit refuses three or more.
 
     One tensor is the result itself. The norms are summed in float64 (`_sum_squares`)."""
     assert slot.work is not None
@@ -1371,7 +1373,9 @@ def _multislerp(
     for i in range(len(xs)):
         acc.add_(vector(i), alpha=used[i] / (norms[i] + MULTISLERP_EPS))
     length = math.sqrt(_sum_squares(acc))
-    if length < MULTISLERP_EPS:
+    if not any(norms):  # every tensor 0 (an entry no model changed from the base, an empty one)
+        acc.zero_()
+    elif length < MULTISLERP_EPS:
         if len(xs) != 2:
             raise InvalidArgument(
                 f"multislerp: entry '{slot.name}': the weighted mean of the models' directions is 0 (opposite "
