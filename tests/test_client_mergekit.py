@@ -32,14 +32,14 @@ def test_a_ties_config_becomes_one_call_with_a_filters_pattern() -> None:
     assert (call.method, call.dicts, call.base) == ("ties", ["h-a", "h-b"], "h-base")
     assert call.weights == [1.0, (0.0, 1.0)]
     assert call.densities == [(0.9, 0.5), 0.5]
-    assert call.options == {"lam": 1.0, "normalize": True}  # mergekit's ties defaults
-    assert call.per_tensor == {"*mlp*": {"lam": 1.0, "normalize": True, "weights": [1.0, (0.0, 1.0)],
-                                         "densities": [0.3, 0.5]}}
+    assert call.options == {"rescale_norm": "l1", "lam": 1.0, "normalize": True, "rescale": False}  # ties' defaults
+    assert call.per_tensor == {"*mlp*": {"lam": 1.0, "normalize": True, "rescale": False,
+                                         "weights": [1.0, (0.0, 1.0)], "densities": [0.3, 0.5]}}
 
 
 def test_shared_parameters_override_mergekits_defaults_and_extra_options_pass_through() -> None:
-    call = mergekit.call(ties(normalize=False, **{"lambda": 0.7, "int8_mask": True}), MODELS, NAMES)
-    assert call.options == {"lam": 0.7, "normalize": False}
+    call = mergekit.call(ties(normalize=False, rescale=True, **{"lambda": 0.7, "int8_mask": True}), MODELS, NAMES)
+    assert call.options == {"rescale_norm": "l1", "lam": 0.7, "normalize": False, "rescale": True}
     config = {**ties(), "merge_method": "dare_ties"}
     dare = mergekit.call(config, MODELS, NAMES, seed=3)
     assert dare.method == "dare"
@@ -97,7 +97,6 @@ REFUSED: dict[str, tuple[dict[str, Any], str]] = {
         {**ties(), "merge_method": "breadcrumbs", "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}},
                                                              {"model": "b", "parameters": {"weight": 1}}]},
         r"'gamma' differs between the models at entry 'model.embed_tokens.weight' \(\['0.01', '0.1'\]\)"),
-    "ties with rescale": (ties(rescale=True), "the server does not rescale trimmed deltas"),
     "a model without a handle": ({**ties(), "models": [{"model": "c", "parameters": {"weight": 1}}]},
                                  "model 'c' of the config has no handle"),
     "linear without a weight": ({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},
@@ -137,7 +136,8 @@ def test_one_slice_over_every_layer_is_the_models_form_with_the_slices_parameter
     call = mergekit.call(sliced([0, 3], [0, 3], density=[{"filter": "mlp", "value": 0.2}]), MODELS, NAMES)
     assert (call.method, call.dicts, call.base) == ("ties", ["h-a", "h-b"], "h-base")
     assert call.densities == [0.5, 0.5]
-    assert call.per_tensor == {"*mlp*": {"lam": 1.0, "normalize": True, "weights": [1.0, 1.0], "densities": [0.2, 0.2]}}
+    assert call.per_tensor == {"*mlp*": {"lam": 1.0, "normalize": True, "rescale": False, "weights": [1.0, 1.0],
+                                         "densities": [0.2, 0.2]}}
 
 
 @pytest.mark.parametrize(("config", "message"), [

@@ -942,6 +942,7 @@ def test_into_reserves_only_scratch() -> None:
     ("model_stock", {}), ("model_stock", {"filter_wise": True}),
     ("breadcrumbs", {"density": 0.5}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "consensus": True, "normalize": True}),
     ("multislerp", {}), ("multislerp", {"normalize": False}),
+    ("ties", {"density": 0.3, "rescale": True}), ("breadcrumbs", {"density": 0.5, "rescale": True, "rescale_norm": "l2"}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype
@@ -1697,3 +1698,29 @@ def test_multislerp_of_entries_no_model_changed_is_the_base() -> None:
     assert_close(got.entries["w"], torch.tensor([2.0, 1.0]))  # offsets along one direction: their mean length
     alone = merged("multislerp", [TensorDict({"x": torch.zeros(3)}) for _ in range(3)])
     assert torch.equal(alone.entries["x"], torch.zeros(3))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+def test_a_rescaled_trim_matches_the_untrimmed_deltas_norm_as_mergekit(method: str, norm: str) -> None:
+    """rescale=True: each trimmed delta times its norm before the trim over its norm after
+    (mergekit's `rescaled_masked_tensor`, `mergekit_norm_ratio` above), then combined as without."""
+    base, ds = fine_tuned(3, seed=71)
+    w = [1.0, 0.6, 0.9]
+    options: dict[str, object] = {"density": 0.4, "rescale": True, "rescale_norm": norm, "lam": 0.9}
+    if method == "breadcrumbs":
+        options["gamma"] = 0.1
+    got = merged(method, ds, base=base, weights=w, options=options)
+    for n in SHAPES:
+        b, xs = base.entries[n], [d.entries[n] for d in ds]
+        if method == "ties":
+            masks = [top_k_kept(x - b, 0.4) for x in xs]
+        else:
+            masks = [band_kept(x - b, 0.4, 0.1) for x in xs]
+        keep = [m * mergekit_norm_ratio(x - b, m, norm) for m, x in zip(masks, xs)]
+        want = reference_task_vectors(b, xs, w, lam=0.9, normalize=method == "ties", keep=keep,
+                                      consensus=method == "ties")
+        assert_close(got.entries[n], want, tol=2e-6)
+    plain = merged(method, ds, base=base, weights=w, options={**options, "rescale": False})
+    # TIES keeps each delta's largest magnitude, so its max norm, and so a linf rescale, is 1
+    assert torch.equal(plain.entries["a.weight"], got.entries["a.weight"]) == (method == "ties" and norm == "linf")

@@ -145,6 +145,21 @@ CASES: dict[str, Case] = {
         lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], densities=[0.8, [0.9, 0.2]], weights=[0.6, 1.0],
                              per_tensor={"*mlp*": {"densities": [0.3, [0.9, 0.2]]}}),
     ),
+    "ties rescaled (mergekit's L1 rescale of each trimmed delta)": (
+        lambda p: {"merge_method": "ties", "base_model": str(p["base"]), "parameters": {"rescale": True},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 1.0, "density": 0.3}},
+                              {"model": str(p["b"]), "parameters": {"weight": [0.5, 1.0], "density": [0.6, 0.2]}}]},
+        lambda c, h: c.merge("ties", [h["a"], h["b"]], base=h["base"], weights=[1.0, [0.5, 1.0]],
+                             densities=[0.3, [0.6, 0.2]], rescale=True),
+    ),
+    "breadcrumbs_ties rescaled": (
+        lambda p: {"merge_method": "breadcrumbs_ties", "base_model": str(p["base"]),
+                   "parameters": {"rescale": True, "density": 0.5, "gamma": 0.1},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": 0.7}}]},
+        lambda c, h: c.merge("breadcrumbs", [h["a"], h["b"]], base=h["base"], weights=[1.0, 0.7], densities=[0.5, 0.5],
+                             gamma=0.1, consensus=True, rescale=True),
+    ),
     "dare_ties at density 1 (every element kept, so the signs, weights and defaults show)": (
         lambda p: {"merge_method": "dare_ties", "base_model": str(p["base"]),
                    "models": [{"model": str(p["a"]), "parameters": {"weight": 0.7, "density": 1.0}},

@@ -1508,9 +1508,9 @@ class Client:
         Args:
             method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
-                normalize=True), dare (base; density required, seed=0, rescale=True, consensus=False,
+                normalize=True, rescale=False, rescale_norm="l1"), dare (base; density required, seed=0, rescale=True, consensus=False,
                 normalize=False, lam=1), breadcrumbs (base; density required, gamma=.01, consensus=False,
-                normalize=False, lam=1), multislerp (optional base; normalize=True), model_stock (base and at
+                normalize=False, lam=1, rescale=False), multislerp (optional base; normalize=True), model_stock (base and at
                 least two dictionaries, no weights; filter_wise=False). Every method takes integers="first",
                 "max" or "mean". t, density, lam and gamma also take mergekit's gradients: a list of values
                 over the layers, e.g. t=[0, 0.5, 1].

@@ -49,23 +49,26 @@ class MethodRule:
 
 
 _TASK = {"lambda": ("lam", 1.0), "int8_mask": ("", False)}
-"""Shared by mergekit's task-vector methods; int8_mask only changes how mergekit stores its masks."""
+"""Shared by mergekit's task-vector methods; int8_mask only changes how mergekit stores its masks.
+Where mergekit rescales (`rescale`), it matches the L1 norm: rescale_norm "l1" here."""
 
 RULES: dict[str, MethodRule] = {
     "linear": MethodRule("linear", {"normalize": ("normalize", True)}, ("weight",)),
     "slerp": MethodRule("slerp", {"t": ("t", None)}),
     "task_arithmetic": MethodRule(
         "task_arithmetic", {**_TASK, "normalize": ("normalize", False), "rescale": ("", False)}, ("weight",)),
-    "ties": MethodRule("ties", {**_TASK, "normalize": ("normalize", True), "rescale": ("", False)},
-                       ("weight", "density")),
+    "ties": MethodRule("ties", {**_TASK, "normalize": ("normalize", True), "rescale": ("rescale", False)},
+                       ("weight", "density"), {"rescale_norm": "l1"}),
     "dare_linear": MethodRule("dare", {**_TASK, "normalize": ("normalize", False), "rescale": ("rescale", True)},
                               ("weight", "density"), {"consensus": False, "rescale_norm": "l1"}),
     "dare_ties": MethodRule("dare", {**_TASK, "normalize": ("normalize", False), "rescale": ("rescale", True)},
                             ("weight", "density"), {"consensus": True, "rescale_norm": "l1"}),
-    "breadcrumbs": MethodRule("breadcrumbs", {**_TASK, "normalize": ("normalize", False), "rescale": ("", False)},
-                              ("weight", "density"), {"consensus": False}, {"gamma": 0.01}),
-    "breadcrumbs_ties": MethodRule("breadcrumbs", {**_TASK, "normalize": ("normalize", False), "rescale": ("", False)},
-                                   ("weight", "density"), {"consensus": True}, {"gamma": 0.01}),
+    "breadcrumbs": MethodRule("breadcrumbs", {**_TASK, "normalize": ("normalize", False),
+                                              "rescale": ("rescale", False)},
+                              ("weight", "density"), {"consensus": False, "rescale_norm": "l1"}, {"gamma": 0.01}),
+    "breadcrumbs_ties": MethodRule("breadcrumbs", {**_TASK, "normalize": ("normalize", False),
+                                                   "rescale": ("rescale", False)},
+                                   ("weight", "density"), {"consensus": True, "rescale_norm": "l1"}, {"gamma": 0.01}),
     "model_stock": MethodRule("model_stock", {"filter_wise": ("filter_wise", False)}),
     "multislerp": MethodRule("multislerp", {"normalize_weights": ("normalize", True)}, ("weight",)),
 }
@@ -135,9 +138,7 @@ def call(
             value = _resolve(name, [shared_settings], key, default)
             if value is None:
                 raise ValueError(f"mergekit parameter {key!r} is required for {method_name} (entry {name!r})")
-            if not option:
-                if key == "rescale" and value:
-                    raise ValueError(f"{method_name} with rescale: the server does not rescale trimmed deltas")
+            if not option:  # no effect on the numbers (task_arithmetic trims nothing to rescale)
                 continue
             shared.append((option, value))
         for key, default in rule.one_for_all.items():

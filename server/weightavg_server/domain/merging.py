@@ -87,6 +87,10 @@ _DENSITY = Opt(
     check=Check(lambda v: all(0 < x <= 1 for x in numbers(v)), "in (0, 1]", trailing=True), gradient=True,
 )
 _LAM = Opt("lam", ValueType.FLOAT, 1.0, gradient=True)
+_RESCALE = Opt("rescale", ValueType.BOOL, False)
+_RESCALE_NORM = Opt("rescale_norm", ValueType.STR, "l1", choices=tuple(RESCALE_NORMS))
+"""TIES and breadcrumbs: with rescale=True a trimmed delta is scaled so that this norm of it is the
+untrimmed delta's (mergekit's `rescale` of its magnitude sparsifications, which takes "l1")."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ METHODS: dict[str, Method] = {
                          Opt("threshold", ValueType.FLOAT, 0.9995, UNIT_INTERVAL), _INTEGERS),
                weights=False, count=2),
         Method("task_arithmetic", (_LAM, Opt("normalize", ValueType.BOOL, False), _INTEGERS), base=True),
-        Method("ties", (_DENSITY, _LAM, Opt("normalize", ValueType.BOOL, True), _INTEGERS),
+        Method("ties", (_DENSITY, _LAM, Opt("normalize", ValueType.BOOL, True), _RESCALE, _RESCALE_NORM, _INTEGERS),
                base=True, sparsify="magnitude"),
         Method("dare", (_DENSITY, Opt("seed", ValueType.INT, 0, NON_NEGATIVE), Opt("rescale", ValueType.BOOL, True),
                         Opt("rescale_norm", ValueType.STR, "density", choices=("density", *RESCALE_NORMS)),
@@ -126,7 +130,7 @@ METHODS: dict[str, Method] = {
                base=True, sparsify="random"),
         Method("breadcrumbs", (_DENSITY, Opt("gamma", ValueType.FLOAT, 0.01, UNIT_INTERVAL, gradient=True),
                                Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
-                               _INTEGERS),
+                               _RESCALE, _RESCALE_NORM, _INTEGERS),
                base=True, sparsify="outliers"),
         Method("multislerp", (Opt("normalize", ValueType.BOOL, True), _INTEGERS), optional_base=True),
         Method("model_stock", (Opt("filter_wise", ValueType.BOOL, False), _INTEGERS), base=True, weights=False,
@@ -858,7 +862,7 @@ def _scratch(
     # where the native selection is on, it takes kthvalue's place and allocates nothing (`_selects_natively`);
     # CUDA, and a CPU where it is off, take kthvalue.
     internal = numel * (_size(work) + 8) if trims and not _selects_natively(device) else 0
-    if method.sparsify == "random" and bool_value(options, "rescale") and str_value(options, "rescale_norm") != "density":
+    if method.sparsify and bool_value(options, "rescale") and str_value(options, "rescale_norm") != "density":
         internal += NORM_BYTES
     return acc + (work,) + base_cast + aside + election + divisor + mask, internal
 
@@ -1190,7 +1194,7 @@ def _task_vectors(
         base = scratch.take(shape, work)
         base.copy_(b)
     densities = slot.densities or (1.0,) * len(xs)
-    rescale = (str_value(options, "rescale_norm") if bool_value(options, "rescale") else "") if method == "dare" else ""
+    rescale = str_value(options, "rescale_norm") if method != "task_arithmetic" and bool_value(options, "rescale") else ""
     trims = method in ("ties", "breadcrumbs") and any(d < 1 for d in densities)
     aside = scratch.take(shape, work) if _takes_aside(method, consensus, normalize, trims, slot.device) else None
     election = scratch.take(shape, work) if consensus else None
@@ -1202,16 +1206,20 @@ def _task_vectors(
     def make_delta(i: int) -> None:
         delta.copy_(xs[i])
         delta.sub_(base)
-        if method == "ties" and trims:
+        if method == "ties" and densities[i] < 1:
             assert mask is not None
             if i not in thresholds:
                 thresholds[i] = _threshold(delta, densities[i], aside)
+            before = _norm(delta, rescale)
             _trim(delta, thresholds[i], aside, mask)
+            _rescale_to(delta, before, rescale)
         elif method == "breadcrumbs" and densities[i] < 1:
             assert mask is not None and aside is not None
             if i not in bands:
                 bands[i] = _band(delta, densities[i], float_value(options, "gamma"), aside)
+            before = _norm(delta, rescale)
             _keep_band(delta, bands[i], aside, mask)
+            _rescale_to(delta, before, rescale)
         elif method == "dare":
             assert aside is not None
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
@@ -1258,15 +1266,28 @@ def _drop_out(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: 
     each a 0-dim tensor of the work dtype, unless either is below NORM_EPS), "" leaves it. The norms
     are torch.linalg.vector_norm's, which allocate no tensor of the delta's size (mergekit's
     `abs().sum()` and `abs().max()` do; the l1 sum may round differently in its last bits)."""
-    order = RESCALE_NORMS.get(rescale)
-    before = torch.linalg.vector_norm(delta, order) if order is not None else None
+    before = _norm(delta, rescale)
     delta.mul_(mask)
     if rescale == "density":
         delta.div_(weighted_sum.true_divisor(delta, density))
-    elif before is not None:
-        after = torch.linalg.vector_norm(delta, order)
-        if not (bool(before < NORM_EPS) or bool(after < NORM_EPS)):
-            delta.mul_(before / after)
+    else:
+        _rescale_to(delta, before, rescale)
+
+
+def _norm(delta: torch.Tensor, rescale: str) -> torch.Tensor | None:
+    """The delta's norm a rescale matches (`RESCALE_NORMS`; a 0-dim tensor of its dtype), or None."""
+    order = RESCALE_NORMS.get(rescale)
+    return torch.linalg.vector_norm(delta, order) if order is not None else None
+
+
+def _rescale_to(delta: torch.Tensor, before: torch.Tensor | None, rescale: str) -> None:
+    """delta *= before / its own norm now (mergekit's `rescaled_masked_tensor`), unless either norm is
+    below NORM_EPS or there is no norm to match."""
+    if before is None:
+        return
+    after = torch.linalg.vector_norm(delta, RESCALE_NORMS[rescale])
+    if not (bool(before < NORM_EPS) or bool(after < NORM_EPS)):
+        delta.mul_(before / after)
 
 
 def _threshold(delta: torch.Tensor, density: float, aside: torch.Tensor | None) -> float:
