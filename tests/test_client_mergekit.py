@@ -89,7 +89,7 @@ def test_fnmatch_specials_in_filters_and_names_match_only_themselves() -> None:
 
 
 REFUSED: dict[str, tuple[dict[str, Any], str]] = {
-    "a method the server lacks": ({**ties(), "merge_method": "della"}, "'della' is not one the server has"),
+    "a method the server lacks": ({**ties(), "merge_method": "karcher"}, "'karcher' is not one the server has"),
     "slices beside models": ({**ties(), "slices": []}, "give 'models' or 'slices', not both"),
     "an unknown key": ({**ties(), "modules": {}}, "key 'modules' is not supported"),
     "a parameter of another method": (ties(gamma=0.01), "parameter 'gamma' in parameters is not one ties takes"),
@@ -156,3 +156,13 @@ def test_numbers_yaml_leaves_as_text_are_numbers_as_in_mergekit() -> None:
     config["models"][2]["parameters"]["weight"] = ["0", "5e-1"]
     call = mergekit.call(config, MODELS, NAMES)
     assert call.options["lam"] == 0.001 and call.weights == [1.0, (0.0, 0.5)]
+
+
+def test_della_takes_mergekits_defaults_and_one_epsilon() -> None:
+    config = {**ties(), "merge_method": "della"}
+    call = mergekit.call(config, MODELS, NAMES, seed=4)
+    assert call.method == "della"
+    assert call.options == {"consensus": True, "rescale_norm": "l1", "lam": 1.0, "normalize": True, "rescale": True,
+                            "epsilon": 0.15, "seed": 4}
+    linear = mergekit.call({**config, "merge_method": "della_linear", "parameters": {"epsilon": 0.05}}, MODELS, NAMES)
+    assert (linear.options["consensus"], linear.options["normalize"], linear.options["epsilon"]) == (False, False, 0.05)

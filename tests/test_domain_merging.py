@@ -296,7 +296,7 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("weights for a pattern that matches nothing", "linear", {"tensor_weights": [("z*", [1.0, 2.0])]},
      "pattern 'z\\*' matches no entry"),
     ("densities for a merge that keeps every delta", "task_arithmetic", {"base": dicts(1)[0], "densities": [0.5, 0.5]},
-     "task_arithmetic keeps every delta; per-dictionary densities are for ties, dare and breadcrumbs"),
+     "task_arithmetic keeps every delta; per-dictionary densities are for ties, dare, della and breadcrumbs"),
     ("densities and the density option", "ties", {"base": dicts(1)[0], "densities": [0.5, 0.5],
                                                    "options": {"density": 0.5}}, "not both"),
     ("densities and a pattern's density option", "dare", {"base": dicts(1)[0], "densities": [0.5, 0.5],
@@ -309,6 +309,10 @@ REFUSED: list[tuple[str, str, dict[str, object], str]] = [
     ("a pattern's densities for linear", "linear", {"tensor_densities": [("a.*", [0.5, 0.5])]}, "keeps every delta"),
     ("a pattern's densities that match nothing", "ties", {"base": dicts(1)[0], "options": {"density": 0.5},
                                                            "tensor_densities": [("q*", [0.5, 0.5])]}, "matches no entry"),
+    ("della with epsilon past its density", "della", {"base": dicts(1)[0], "options": {"density": 0.3, "epsilon": 0.3}},
+     r"della: entry 'a.weight': dictionary 1's density 0.3 with epsilon 0.3 gives keep probabilities outside \(0, 1\)"),
+    ("della with epsilon past 1 - density", "della", {"base": dicts(1)[0], "densities": [0.5, 0.9],
+                                                      "options": {"epsilon": 0.15}}, "dictionary 2's density 0.9"),
     ("gradients summing to 0 at a layer", "linear",
      {"ds": [TensorDict({f"layers.{i}.w": torch.ones(2) for i in range(3)}) for _ in range(2)],
       "weights": [(1.0, -1.0), 1.0]}, "the weights sum to 0, so entry 'layers.2.w' cannot be normalised"),
@@ -943,6 +947,8 @@ def test_into_reserves_only_scratch() -> None:
     ("breadcrumbs", {"density": 0.5}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "consensus": True, "normalize": True}),
     ("multislerp", {}), ("multislerp", {"normalize": False}),
     ("ties", {"density": 0.3, "rescale": True}), ("breadcrumbs", {"density": 0.5, "rescale": True, "rescale_norm": "l2"}),
+    ("della", {"density": 0.5, "epsilon": 0.2}), ("della", {"density": 0.5, "consensus": True, "normalize": True,
+                                                             "rescale_norm": "l1"}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype
@@ -955,7 +961,7 @@ def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
         base, ds = fine_tuned(2 if method == "slerp" else 3, shapes=shapes)
         cast = lambda d: TensorDict({n: t.to(dtype) for n, t in d.entries.items()})  # noqa: E731
         base, ds = cast(base), [cast(d) for d in ds]
-        with_base = base if method in ("task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock") else None
+        with_base = base if method in ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "model_stock") else None
         if method == "multislerp" and options.get("normalize") is False:
             with_base = base  # the base-relative form, with its offset buffer
         p = plan_of(method, ds, base=with_base, options=options)
@@ -975,7 +981,8 @@ def test_on_cuda_a_merge_allocates_no_more_than_its_plan_reserves() -> None:
                        ("dare", {"base": base, "options": {"density": 0.3, "consensus": True}}),
                        ("breadcrumbs", {"base": base, "options": {"density": 0.3, "gamma": 0.1, "consensus": True}}),
                        ("model_stock", {"base": base, "options": {"filter_wise": True}}),
-                       ("multislerp", {"base": base})):
+                       ("multislerp", {"base": base}),
+                       ("della", {"base": base, "options": {"density": 0.4, "consensus": True, "rescale_norm": "l1"}})):
         p = plan_of(method, ds, **kw)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -986,8 +993,8 @@ def test_on_cuda_a_merge_allocates_no_more_than_its_plan_reserves() -> None:
         back = [TensorDict({n: t.cpu() for n, t in d.entries.items()}) for d in ds]
         on_cpu = merged(method, back, **{**kw, "base": TensorDict({n: t.cpu() for n, t in base.entries.items()})}
                         if "base" in kw else kw)
-        for name, t in on_cpu.entries.items():  # the CPU's numbers (DARE's masks differ by device: skipped)
-            if method != "dare":
+        for name, t in on_cpu.entries.items():  # the CPU's numbers (DARE's and DELLA's draws differ by device)
+            if method not in ("dare", "della"):
                 assert_close(got.entries[name].cpu(), t, tol=1e-5)
 
 
@@ -1724,3 +1731,61 @@ def test_a_rescaled_trim_matches_the_untrimmed_deltas_norm_as_mergekit(method: s
     plain = merged(method, ds, base=base, weights=w, options={**options, "rescale": False})
     # TIES keeps each delta's largest magnitude, so its max norm, and so a linf rescale, is 1
     assert torch.equal(plain.entries["a.weight"], got.entries["a.weight"]) == (method == "ties" and norm == "linf")
+
+
+# -- DELLA -------------------------------------------------------------------------------------------------
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """mergekit's `della_magprune` keep probabilities (mergekit/sparsify.py, transcribed): |delta|
+    ranked along dimension 1 (a vector as one row), ranks scaled to [0, 1], density - epsilon plus
+    2 epsilon times that."""
+    t = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = t.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).view(delta.shape)
+
+
+def della_keep(seed: int, index: int, name: str, probabilities: torch.Tensor) -> torch.Tensor:
+    """The server's draws: bernoulli of the probabilities from the generator DARE's masks use."""
+    digest = hashlib.sha256(f"{seed}/{index}/{name}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+    return torch.bernoulli(probabilities, generator=g)
+
+
+@pytest.mark.parametrize(("rescale", "consensus"), [("probability", False), ("l1", True), ("", False)])
+def test_della_keeps_larger_changes_more_often_with_reproducible_draws(rescale: str, consensus: bool) -> None:
+    base, ds = fine_tuned(3, seed=81)
+    w, densities, epsilon = [1.0, 0.7, 0.4], [0.5, 0.3, 0.8], 0.1
+    options: dict[str, object] = {"epsilon": epsilon, "seed": 9, "consensus": consensus, "normalize": consensus,
+                                  "lam": 1.1, "rescale": bool(rescale), "rescale_norm": rescale or "l1"}
+    got = merged("della", ds, base=base, weights=w, options=options, densities=densities)
+    for n in SHAPES:
+        b, xs = base.entries[n], [d.entries[n] for d in ds]
+        keep = []
+        for i, (x, density) in enumerate(zip(xs, densities)):
+            p = della_probabilities(x - b, density, epsilon)
+            drawn = della_keep(9, i, n, p)
+            if rescale == "probability":
+                keep.append(drawn / p)
+            elif rescale == "l1":
+                keep.append(drawn * mergekit_norm_ratio(x - b, drawn, "l1"))
+            else:
+                keep.append(drawn)
+        want = reference_task_vectors(b, xs, w, lam=1.1, normalize=consensus, keep=keep, consensus=consensus)
+        assert_close(got.entries[n], want, tol=2e-6)
+
+
+def test_della_keeps_the_largest_magnitudes_with_density_plus_epsilon() -> None:
+    """Over many seeds, the largest |delta| of each row is kept about density + epsilon of the time and
+    the smallest density - epsilon; a row of one element halfway (mergekit divides 0 by 0)."""
+    base = TensorDict({"w": torch.zeros(4, 50), "v": torch.zeros(3, 1)})
+    x = TensorDict({"w": torch.arange(1.0, 201.0).view(4, 50), "v": torch.ones(3, 1)})
+    kept_top = kept_bottom = kept_single = 0
+    for seed in range(200):
+        got = merged("della", [x], base=base, options={"density": 0.5, "epsilon": 0.3, "seed": seed, "rescale": False})
+        kept_top += int((got.entries["w"][:, -1] != 0).sum())
+        kept_bottom += int((got.entries["w"][:, 0] != 0).sum())
+        kept_single += int((got.entries["v"] != 0).sum())
+    assert 0.7 < kept_top / 800 < 0.9 and 0.1 < kept_bottom / 800 < 0.3 and 0.4 < kept_single / 600 < 0.6

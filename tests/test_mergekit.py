@@ -5,9 +5,9 @@ gRPC with the equivalent call; every tensor must agree.
 The configs use what mergekit users write: gradients over the layers (`weight: [1, 0]`, `t: [...]`),
 per-model weights and densities with filters, lambda, mergekit's README TIES example, Model Stock.
 Each config also runs through `weightavg.mergekit.merge`, which must give the hand-written call's
-bits. DARE runs at density 1 only: mergekit draws its masks from torch's global generator, the
-server from a seeded one of its own (docs/merging.md), so below 1 their masks differ by design; at
-1 every element is kept and the rest of DARE (signs, weights, rescale, defaults) must agree.
+bits. DARE and DELLA run at density 1 only: mergekit draws their masks from torch's global
+generator, the server from a seeded one of its own (docs/merging.md), so below 1 their masks differ
+by design; at 1 every element is kept and the rest (signs, weights, rescale, defaults) must agree.
 
 Tolerance: 2e-6 absolute. Both compute in float32, but in different orders (mergekit stacks the
 models and sums along the stack; the server sums one model at a time), so sums of values of order 1
@@ -173,6 +173,13 @@ CASES: dict[str, Case] = {
                               {"model": str(p["b"]), "parameters": {"weight": [1.0, 0.2], "density": 1.0}}]},
         lambda c, h: c.merge("dare", [h["a"], h["b"]], base=h["base"], weights=[0.7, [1.0, 0.2]], density=1.0,
                              rescale_norm="l1", normalize=True),
+    ),
+    "della at density 1 (every element kept: its signs, weights and defaults show)": (
+        lambda p: {"merge_method": "della", "base_model": str(p["base"]),
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 0.9, "density": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": [0.3, 1.0], "density": 1.0}}]},
+        lambda c, h: c.merge("della", [h["a"], h["b"]], base=h["base"], weights=[0.9, [0.3, 1.0]], densities=[1.0, 1.0],
+                             consensus=True, normalize=True, rescale_norm="l1"),
     ),
     "breadcrumbs, per-model densities and a gradient gamma": (
         lambda p: {"merge_method": "breadcrumbs", "base_model": str(p["base"]), "parameters": {"gamma": [0.05, 0.2]},

@@ -136,7 +136,7 @@ def test_merge_errors_say_what_is_valid(client: Client) -> None:
     a, b = client.dict(arrays(1)[0]), client.dict(arrays(1, seed=3)[0])
     with pytest.raises(InvalidArgumentError, match=r"unknown option 'densty'; did you mean 'density'\? \(options: density, lam, normalize, rescale, rescale_norm, integers\)"):
         client.merge("ties", [a], base=b, densty=0.5)
-    with pytest.raises(InvalidArgumentError, match="one of linear, slerp, task_arithmetic, ties, dare, breadcrumbs, multislerp, model_stock"):
+    with pytest.raises(InvalidArgumentError, match="one of linear, slerp, task_arithmetic, ties, dare, della, breadcrumbs, multislerp, model_stock"):
         client.merge("soup", [a, b])
     with pytest.raises(InvalidArgumentError, match="slerp takes exactly 2 dictionaries"):
         client.merge("slerp", [a], t=0.5)

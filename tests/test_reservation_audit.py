@@ -123,6 +123,9 @@ CASES: dict[str, tuple[Setup, Call]] = {
     "merge breadcrumbs with consensus": (
         lambda s: [_dictionary(s, i) for i in range(4)],
         lambda s, ds: s.merge("breadcrumbs", ds[1:], ds[0], None, (("density", 0.3), ("consensus", True)))),
+    "merge della with consensus": (
+        lambda s: [_dictionary(s, i) for i in range(4)],
+        lambda s, ds: s.merge("della", ds[1:], ds[0], None, (("density", 0.4), ("consensus", True), ("normalize", True)))),
     "merge model_stock, filter-wise": (
         lambda s: [_dictionary(s, i) for i in range(4)],
         lambda s, ds: s.merge("model_stock", ds[1:], ds[0], None, (("filter_wise", True),))),

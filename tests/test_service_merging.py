@@ -147,7 +147,7 @@ FAILING: list[tuple[str, Callable[[Service], Any], Callable[[Service, Any], obje
                 dictionary(s, x=rows(2), y=torch.zeros(4))),
      lambda s, st: s.average([st[0], st[1]], None, st[2]), InvalidArgument, r"'into' holds shape \[4\]"),
     ("merge by an unknown method", lambda s: dictionary(s, x=rows(0)), lambda s, d: s.merge("mean", [d], "", None),
-     InvalidArgument, "one of linear, slerp, task_arithmetic, ties, dare, breadcrumbs, multislerp, model_stock"),
+     InvalidArgument, "one of linear, slerp, task_arithmetic, ties, dare, della, breadcrumbs, multislerp, model_stock"),
     ("merge against an unknown base", lambda s: dictionary(s, x=rows(0)),
      lambda s, d: s.merge("ties", [d], "dic_" + "0" * 32, None, (("density", 0.5),)), NotFound, "unknown handle"),
     ("outer step of a module", lambda s: (linear(s), dictionary(s, x=rows(0))),

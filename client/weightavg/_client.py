@@ -1509,7 +1509,8 @@ class Client:
             method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True, rescale=False, rescale_norm="l1"), dare (base; density required, seed=0, rescale=True, consensus=False,
-                normalize=False, lam=1), breadcrumbs (base; density required, gamma=.01, consensus=False,
+                normalize=False, lam=1), della (base; density required, epsilon=.15, seed=0, rescale=True,
+                rescale_norm="probability", consensus=False, normalize=False, lam=1), breadcrumbs (base; density required, gamma=.01, consensus=False,
                 normalize=False, lam=1, rescale=False), multislerp (optional base; normalize=True), model_stock (base and at
                 least two dictionaries, no weights; filter_wise=False). Every method takes integers="first",
                 "max" or "mean". t, density, lam and gamma also take mergekit's gradients: a list of values
@@ -1524,7 +1525,7 @@ class Client:
                 e.g. {"*.bias": {"t": 0.0}}; "weights" gives the matching entries' own weights,
                 e.g. {"*.mlp.*": {"weights": [0.3, 0.7]}} (the first pattern with weights that matches),
                 and "densities" their own per-dictionary densities.
-            densities: ties, dare and breadcrumbs: one density per dictionary (each a number or a gradient, mergekit's
+            densities: ties, dare, della and breadcrumbs: one density per dictionary (each a number or a gradient, mergekit's
                 per-model density) instead of the density option.
 
         Example: c.merge("ties", [d1, d2], base=b, density=0.2); c.merge("slerp", [a, b], t=0.3)

@@ -4475,7 +4475,7 @@ class TensorOptions(_message.Message):
 
     @_builtins.property
     def densities(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerValues]:
-        """TIES, DARE and breadcrumbs: densities for the matching entries, one per dictionary, as
+        """TIES, DARE, DELLA and breadcrumbs: densities for the matching entries, one per dictionary, as
         `weights` (the first pattern that matches and gives densities); empty: the call's.
         """
 
@@ -4538,10 +4538,10 @@ class MergeDictionariesRequest(_message.Message):
     DENSITIES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     method: _builtins.str
-    """linear, slerp, task_arithmetic, ties, dare, breadcrumbs, multislerp or model_stock."""
+    """linear, slerp, task_arithmetic, ties, dare, della, breadcrumbs, multislerp or model_stock."""
     base: _builtins.str
-    """Base dictionary handle id for task_arithmetic, ties, dare, breadcrumbs and model_stock (the
-    model the others were fine-tuned from), optional for multislerp; empty for linear and slerp.
+    """Base dictionary handle id for task_arithmetic, ties, dare, della, breadcrumbs and model_stock
+    (the model the others were fine-tuned from), optional for multislerp; empty for linear and slerp.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -4574,8 +4574,8 @@ class MergeDictionariesRequest(_message.Message):
 
     @_builtins.property
     def densities(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerValues]:
-        """TIES, DARE and breadcrumbs: one density per dictionary, each in (0, 1], a number or a gradient
-        over the layers (mergekit's per-model density), instead of the density option.
+        """TIES, DARE, DELLA and breadcrumbs: one density per dictionary, each in (0, 1], a number or a
+        gradient over the layers (mergekit's per-model density), instead of the density option.
         """
 
     def __init__(

@@ -104,8 +104,9 @@ class Method:
     weights: bool = True
     count: int = 0
     sparsify: str = ""
-    """"" (none), "magnitude" (TIES: keep the top density share of |delta|), "random" (DARE) or
-    "outliers" (breadcrumbs: drop the top gamma share of |delta|, then keep the next density share)."""
+    """"" (none), "magnitude" (TIES: keep the top density share of |delta|), "random" (DARE),
+    "outliers" (breadcrumbs: drop the top gamma share of |delta|, then keep the next density share) or
+    "ranked" (DELLA: keep each element with a probability that grows with its magnitude's rank)."""
     minimum: int = 1
     """The fewest dictionaries it takes (Model Stock needs two offsets to measure an angle)."""
     optional_base: bool = False
@@ -128,6 +129,12 @@ METHODS: dict[str, Method] = {
                         Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
                         _INTEGERS),
                base=True, sparsify="random"),
+        Method("della", (_DENSITY, Opt("epsilon", ValueType.FLOAT, 0.15, NON_NEGATIVE, gradient=True),
+                         Opt("seed", ValueType.INT, 0, NON_NEGATIVE), Opt("rescale", ValueType.BOOL, True),
+                         Opt("rescale_norm", ValueType.STR, "probability", choices=("probability", *RESCALE_NORMS)),
+                         Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
+                         _INTEGERS),
+               base=True, sparsify="ranked"),
         Method("breadcrumbs", (_DENSITY, Opt("gamma", ValueType.FLOAT, 0.01, UNIT_INTERVAL, gradient=True),
                                Opt("consensus", ValueType.BOOL, False), Opt("normalize", ValueType.BOOL, False), _LAM,
                                _RESCALE, _RESCALE_NORM, _INTEGERS),
@@ -139,6 +146,9 @@ METHODS: dict[str, Method] = {
 }
 MERGE_METHODS = tuple(name for name in METHODS if name != "average")
 """The methods `merge` takes; "average" is the weighted mean of its own verb."""
+
+SAME_SHAPES = {"model_stock": "takes the angle between whole tensors", "della": "ranks each row of the tensors"}
+"""Methods whose inputs must have one shape (no broadcast), and why."""
 
 STOCK_EPS = 1e-6
 """Model Stock's floors (mergekit's): a product of two offsets' norms below it is taken as it, and a
@@ -376,7 +386,8 @@ def check(
         raise InvalidArgument(f"{what} needs a base dictionary (the model the others were fine-tuned from)")
     if not method.base and not method.optional_base and base is not None:
         raise InvalidArgument(
-            f"{what} takes no base; use task_arithmetic, ties, dare, breadcrumbs or model_stock to merge against a base"
+            f"{what} takes no base; use task_arithmetic, ties, dare, della, breadcrumbs or model_stock to merge against "
+            "a base"
         )
     checked = _weights(method, len(dicts), weights)
     by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
@@ -424,6 +435,7 @@ def check(
             divisors[used] = sum(normalizing(used)[0])
         _check_normalizable(method, options, used, divisors[used], slots[-1])
         _check_factors(method, options, slots[-1])
+        _check_ranked(method, options, slots[-1])
         if slots[-1].work is None and method.weights and str_value(options, "integers") == "mean" \
                 and not math.fsum(used) > 0:
             raise InvalidArgument(
@@ -571,7 +583,7 @@ def _densities(
         return None
     what = method.name
     if not method.sparsify:
-        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties, dare and breadcrumbs")
+        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties, dare, della and breadcrumbs")
     if any(name == "density" for name, _ in kwargs) or any(n == "density" for _, given in per_tensor for n, _ in given):
         raise InvalidArgument(f"{what}: give the density option or per-dictionary densities, not both")
     return _density_values(what, count, densities)
@@ -583,7 +595,7 @@ def _pattern_densities(method: Method, count: int, pattern: str, densities: Sequ
     if not pattern:
         raise InvalidArgument(f"{method.name}: an empty pattern; use '*' to match every entry")
     if not method.sparsify:
-        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties, dare and breadcrumbs")
+        raise InvalidArgument(f"{what} keeps every delta; per-dictionary densities are for ties, dare, della and breadcrumbs")
     if not densities:
         raise InvalidArgument(f"{method.name}: pattern '{pattern}' gives no densities; give one per dictionary")
     return _density_values(what, count, densities)
@@ -672,6 +684,22 @@ def _check_factors(method: Method, options: Values, slot: Slot) -> None:
         )
 
 
+def _check_ranked(method: Method, options: Values, slot: Slot) -> None:
+    """DELLA keeps an element with a probability from density - epsilon to density + epsilon: both must
+    lie in (0, 1) for every model whose density is below 1 (mergekit refuses the same), and the
+    smaller be a normal number of the work dtype, since "probability" divides by it."""
+    if method.sparsify != "ranked" or slot.work is None:
+        return
+    epsilon = float_value(options, "epsilon")
+    tiny = torch.finfo(slot.work).tiny
+    for i, density in enumerate(slot.densities):
+        if density < 1 and not (density - epsilon >= tiny and density + epsilon < 1):
+            raise InvalidArgument(
+                f"della: entry '{slot.name}': dictionary {i + 1}'s density {density:.4g} with epsilon {epsilon:.4g} "
+                "gives keep probabilities outside (0, 1); give epsilon below min(density, 1 - density)"
+            )
+
+
 def _override(
     method: Method, kwargs: Sequence[tuple[str, Value]], pattern: str, given: Sequence[tuple[str, Value]]
 ) -> Values:
@@ -737,12 +765,12 @@ def _slot(
             shape = broadcast_shape(shape, tuple(t.shape))
         except InvalidArgument as exc:
             raise InvalidArgument(f"{what}: {exc} ({label})") from None
-    if method.name == "model_stock" and floating[0]:
+    if method.name in SAME_SHAPES and floating[0]:
         for t, label in zip(tensors[1:], labels[1:]):
             if tuple(t.shape) != tuple(first.shape):
                 raise InvalidArgument(
-                    f"{what} is {list(first.shape)} in {labels[0]} but {list(t.shape)} in {label}; model_stock takes "
-                    "the angle between whole tensors, so their shapes must be the same"
+                    f"{what} is {list(first.shape)} in {labels[0]} but {list(t.shape)} in {label}; {method.name} "
+                    f"{SAME_SHAPES[method.name]}, so their shapes must be the same"
                 )
     out = into.entries.get(name) if into is not None else None
     if into is not None:
@@ -855,6 +883,7 @@ def _scratch(
     base_cast = (work,) if has_base and tensors[0].dtype != work else ()
     trims = method.sparsify in ("magnitude", "outliers") and any(d < 1 for d in densities)
     aside = (work,) if _takes_aside(method.name, consensus, normalize, trims, device) else ()
+    draws = (work,) if method.sparsify == "ranked" else ()  # DELLA's keep probabilities beside its mask
     election = (work,) if consensus else ()
     divisor = (work,) if consensus and normalize else ()
     mask = (torch.bool,) if consensus or trims else ()
@@ -862,9 +891,12 @@ def _scratch(
     # where the native selection is on, it takes kthvalue's place and allocates nothing (`_selects_natively`);
     # CUDA, and a CPU where it is off, take kthvalue.
     internal = numel * (_size(work) + 8) if trims and not _selects_natively(device) else 0
-    if method.sparsify and bool_value(options, "rescale") and str_value(options, "rescale_norm") != "density":
+    if method.sparsify and bool_value(options, "rescale") and str_value(options, "rescale_norm") not in (
+            "density", "probability"):
         internal += NORM_BYTES
-    return acc + (work,) + base_cast + aside + election + divisor + mask, internal
+    if method.sparsify == "ranked" and any(d < 1 for d in densities):
+        internal += _rank_bytes(max((tuple(t.shape) for t in tensors), key=math.prod), work)  # (shapes agree)
+    return acc + (work,) + base_cast + aside + draws + election + divisor + mask, internal
 
 
 def _selects_natively(device: torch.device) -> bool:
@@ -885,7 +917,7 @@ def _takes_aside(method: str, consensus: bool, normalize: bool, trims: bool, dev
     TIES trim runs on torch's path. The plan and the kernel both ask here, so the buffers it carves
     are the ones the plan reserved. TIES without normalize on the native path took it unused: a
     buffer the size of the largest entry, reserved for nothing (a merge that fitted was refused)."""
-    return (method == "dare" or (consensus and normalize) or (trims and not _selects_natively(device))
+    return (method in ("dare", "della") or (consensus and normalize) or (trims and not _selects_natively(device))
             or (method == "breadcrumbs" and trims))
 
 
@@ -1197,6 +1229,7 @@ def _task_vectors(
     rescale = str_value(options, "rescale_norm") if method != "task_arithmetic" and bool_value(options, "rescale") else ""
     trims = method in ("ties", "breadcrumbs") and any(d < 1 for d in densities)
     aside = scratch.take(shape, work) if _takes_aside(method, consensus, normalize, trims, slot.device) else None
+    draws = scratch.take(shape, work) if method == "della" else None
     election = scratch.take(shape, work) if consensus else None
     divisor = scratch.take(shape, work) if consensus and normalize else None
     mask = scratch.take(shape, torch.bool) if consensus or trims else None
@@ -1225,6 +1258,17 @@ def _task_vectors(
             generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
             aside.bernoulli_(densities[i], generator=generator)
             _drop_out(delta, aside, densities[i], rescale)
+        elif method == "della" and densities[i] < 1:
+            assert aside is not None and draws is not None
+            _keep_probabilities(delta, densities[i], float_value(options, "epsilon"), aside)
+            generator = torch.Generator(device=slot.device).manual_seed(seed_for(int_value(options, "seed"), i, slot.name))
+            torch.bernoulli(aside, generator=generator, out=draws)
+            before = _norm(delta, rescale)
+            delta.mul_(draws)
+            if rescale == "probability":
+                delta.div_(aside)
+            else:
+                _rescale_to(delta, before, rescale)
         delta.mul_(weights[i])
 
     acc.zero_()
@@ -1272,6 +1316,39 @@ def _drop_out(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: 
         delta.div_(weighted_sum.true_divisor(delta, density))
     else:
         _rescale_to(delta, before, rescale)
+
+
+def _rank_view(t: torch.Tensor) -> torch.Tensor:
+    """The view DELLA ranks along dimension 1 of: a tensor of fewer than 2 dimensions as one row (as
+    mergekit unsqueezes it)."""
+    return t.reshape(1, -1) if t.dim() < 2 else t
+
+
+def _rank_bytes(shape: tuple[int, ...], work: torch.dtype) -> int:
+    """What `_keep_probabilities` allocates: the sort's values and int64 indices, and one row of ranks."""
+    numel = math.prod(shape)
+    along = (shape[1] if len(shape) >= 2 else numel) if numel else 0
+    return numel * (_size(work) + 8) + along * _size(work)
+
+
+def _keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, out: torch.Tensor) -> None:
+    """out := DELLA's keep probability of each element (mergekit's `della_magprune`): the elements'
+    magnitudes ranked along dimension 1 (a vector as one row; stable, NaN largest), rank 0..n-1
+    scaled to [0, 1], then density - epsilon + 2 epsilon times it: the largest magnitude is kept with
+    density + epsilon, the smallest with density - epsilon. Where dimension 1 holds one element its
+    rank is halfway (mergekit divides 0 by 0 there)."""
+    magnitudes, probabilities = _rank_view(delta), _rank_view(out)
+    along = magnitudes.shape[1]
+    torch.abs(magnitudes, out=probabilities)
+    order = torch.sort(probabilities, dim=1, stable=True).indices
+    if along > 1:
+        steps = torch.arange(along, dtype=out.dtype, device=out.device).div_(along - 1)
+        shape = [1] * probabilities.dim()
+        shape[1] = along
+        probabilities.scatter_(1, order, steps.view(shape).expand_as(order))
+    else:
+        probabilities.fill_(0.5)
+    probabilities.mul_(2 * epsilon).add_(density - epsilon)
 
 
 def _norm(delta: torch.Tensor, rescale: str) -> torch.Tensor | None:
@@ -1543,6 +1620,7 @@ _KERNELS: dict[str, Kernel] = {
     "ties": _task_vectors,
     "dare": _task_vectors,
     "breadcrumbs": _task_vectors,
+    "della": _task_vectors,
     "model_stock": _model_stock,
     "multislerp": _multislerp,
 }
