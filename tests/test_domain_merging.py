@@ -1789,3 +1789,16 @@ def test_della_keeps_the_largest_magnitudes_with_density_plus_epsilon() -> None:
         kept_bottom += int((got.entries["w"][:, 0] != 0).sum())
         kept_single += int((got.entries["v"] != 0).sum())
     assert 0.7 < kept_top / 800 < 0.9 and 0.1 < kept_bottom / 800 < 0.3 and 0.4 < kept_single / 600 < 0.6
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.75, 1.0])
+def test_slerp_with_a_base_interpolates_the_offsets_and_adds_the_base(t: float) -> None:
+    """mergekit's nuslerp with a base: slerp between x0 - base and x1 - base, then plus the base."""
+    base, ds = fine_tuned(2, seed=91)
+    got = merged("slerp", ds, base=base, options={"t": t, "threshold": 1.0})
+    for n in SHAPES:
+        b = base.entries[n]
+        want = b + reference_slerp(ds[0].entries[n] - b, ds[1].entries[n] - b, t, threshold=1.0)
+        assert_close(got.entries[n], want, tol=2e-6)
+    if t == 0.0:
+        assert_close(got.entries["a.weight"], ds[0].entries["a.weight"])

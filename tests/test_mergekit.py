@@ -196,6 +196,19 @@ CASES: dict[str, Case] = {
         lambda c, h: c.merge("breadcrumbs", [h["a"], h["b"]], base=h["base"], weights=[1.0, 0.5], densities=[0.7, 0.7],
                              gamma=0.1, consensus=True, normalize=True, lam=1.3),
     ),
+    "nuslerp of two models, t from their weights": (
+        lambda p: {"merge_method": "nuslerp",
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 0.3}},
+                              {"model": str(p["b"]), "parameters": {"weight": [{"filter": "mlp", "value": 2.0},
+                                                                              {"value": 0.7}]}}]},
+        lambda c, h: c.merge("slerp", [h["a"], h["b"]], t=0.7, threshold=1.0, per_tensor={"*mlp*": {"t": 2.0 / 2.3}}),
+    ),
+    "nuslerp of the offsets from a base": (
+        lambda p: {"merge_method": "nuslerp", "base_model": str(p["base"]),
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": 3.0}}]},
+        lambda c, h: c.merge("slerp", [h["a"], h["b"]], base=h["base"], t=0.75, threshold=1.0),
+    ),
     "multislerp of three without a base, gradient weights": (
         lambda p: {"merge_method": "multislerp",
                    "models": [{"model": str(p["a"]), "parameters": {"weight": [1.0, 0.2]}},

@@ -1506,7 +1506,8 @@ class Client:
         """A new dictionary merged on the server by one of the methods below.
 
         Args:
-            method: linear (normalize=True), slerp (two dictionaries; t required, threshold=.9995),
+            method: linear (normalize=True), slerp (two dictionaries, optional base: then their offsets;
+                t required, threshold=.9995),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True, rescale=False, rescale_norm="l1"), dare (base; density required, seed=0, rescale=True, consensus=False,
                 normalize=False, lam=1), della (base; density required, epsilon=.15, seed=0, rescale=True,

@@ -75,6 +75,8 @@ RULES: dict[str, MethodRule] = {
                                    ("weight", "density"), {"consensus": True, "rescale_norm": "l1"}, {"gamma": 0.01}),
     "model_stock": MethodRule("model_stock", {"filter_wise": ("filter_wise", False)}),
     "multislerp": MethodRule("multislerp", {"normalize_weights": ("normalize", True)}, ("weight",)),
+    "nuslerp": MethodRule("slerp", {"nuslerp_flatten": ("", True), "nuslerp_row_wise": ("", False)}, ("weight",),
+                          {"threshold": 1.0}),
 }
 """The mergekit methods the server has, with mergekit 0.1.5's defaults (its registry's
 GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."""
@@ -159,6 +161,10 @@ def call(
                   for settings, label in zip(model_settings, labels))
             for key in rule.per_model
         )
+        if method_name == "nuslerp":
+            if _resolve(name, [shared_settings], "nuslerp_flatten", True) is not True:
+                raise ValueError("nuslerp with nuslerp_flatten: false (a slerp per row or column) is not supported")
+            return ((*shared, ("t", _nuslerp_t(name, per_model[0]))), ())
         return tuple(shared), per_model
 
     resolved = {name: resolve(name) for name in names}
@@ -181,9 +187,19 @@ def call(
     shared, per_model = common
     per = dict(zip(rule.per_model, per_model))
     return MergeCall(
-        rule.method, inputs, None if rule.method == "slerp" else base, _numbers(per.get("weight")),
+        rule.method, inputs, None if method_name == "slerp" else base, _numbers(per.get("weight")),
         _numbers(per.get("density")), per_tensor, {**rule.fixed, **dict(shared), **options},
     )
+
+
+def _nuslerp_t(name: str, weights: tuple[Resolved, ...]) -> float:
+    """nuslerp's t from its two models' weights: w1 / (w0 + w1), 0.5 where they sum to under 1e-6."""
+    w0, w1 = weights
+    if isinstance(w0, tuple) or isinstance(w1, tuple) or isinstance(w0, bool) or isinstance(w1, bool):
+        raise ValueError(f"nuslerp at entry {name!r}: give each model's weight as a number (a gradient of "
+                         "weights is no gradient of t)")
+    total = w0 + w1
+    return 0.5 if abs(total) < 1e-6 else w1 / total
 
 
 def _numbers(values: tuple[Resolved, ...] | None) -> list[float | tuple[float, ...]] | None:
@@ -264,11 +280,15 @@ def _inputs(
             raise ValueError(f"model {label!r} of the config has no handle; give models={{{label!r}: handle, ...}}")
         return models[label]
 
-    if method == "linear" or (method == "multislerp" and base_name is None):
+    if method == "linear" or (method in ("multislerp", "nuslerp") and base_name is None):
+        if method == "nuslerp" and len(labels) != 2:
+            raise ValueError(f"nuslerp takes two models (besides an optional base), given {len(labels)}")
         return None, [handle(label) for label in labels], labels
     if base_name is None:
         raise ValueError(f"mergekit's {method} needs a base_model")
     others = [label for label in labels if label != base_name]
+    if method == "nuslerp" and len(others) != 2:
+        raise ValueError(f"nuslerp takes two models besides the base, given {len(others)}")
     if method == "slerp":
         if len(others) != 1:
             raise ValueError(f"slerp takes the base_model and one other model, given {len(others)} others")

@@ -4541,7 +4541,7 @@ class MergeDictionariesRequest(_message.Message):
     """linear, slerp, task_arithmetic, ties, dare, della, breadcrumbs, multislerp or model_stock."""
     base: _builtins.str
     """Base dictionary handle id for task_arithmetic, ties, dare, della, breadcrumbs and model_stock
-    (the model the others were fine-tuned from), optional for multislerp; empty for linear and slerp.
+    (the model the others were fine-tuned from), optional for slerp and multislerp; empty for linear.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets

@@ -120,7 +120,7 @@ METHODS: dict[str, Method] = {
         Method("linear", (Opt("normalize", ValueType.BOOL, True), _INTEGERS)),
         Method("slerp", (Opt("t", ValueType.FLOAT, check=UNIT_INTERVAL, required=True, gradient=True),
                          Opt("threshold", ValueType.FLOAT, 0.9995, UNIT_INTERVAL), _INTEGERS),
-               weights=False, count=2),
+               weights=False, count=2, optional_base=True),
         Method("task_arithmetic", (_LAM, Opt("normalize", ValueType.BOOL, False), _INTEGERS), base=True),
         Method("ties", (_DENSITY, _LAM, Opt("normalize", ValueType.BOOL, True), _RESCALE, _RESCALE_NORM, _INTEGERS),
                base=True, sparsify="magnitude"),
@@ -1147,12 +1147,16 @@ def _slerp(
     scratch: Scratch,
 ) -> None:
     """Spherical interpolation from xs[0] (t=0) to xs[1] (t=1) over the angle between the whole
-    tensors; nearly colinear tensors (|cos| above `threshold`) are interpolated linearly."""
+    tensors; nearly colinear tensors (|cos| above `threshold`) are interpolated linearly. With a base,
+    between the two offsets from it, then plus the base (mergekit's nuslerp with a base)."""
     assert slot.work is not None
     t = float_value(slot.options, "t")
     v0, v1 = scratch.take(slot.shape, slot.work), scratch.take(slot.shape, slot.work)
     v0.copy_(xs[0])
     v1.copy_(xs[1])
+    if b is not None:
+        v0.sub_(b)
+        v1.sub_(b)
     dot = _cosine(v0, v1)
     cosine = max(-1.0, min(1.0, dot)) if math.isfinite(dot) else 1.0
     theta = math.acos(cosine)
@@ -1163,6 +1167,8 @@ def _slerp(
         v0.lerp_(v1, t)
     else:
         v0.mul_(math.sin((1 - t) * theta) / sin_theta).add_(v1, alpha=math.sin(t * theta) / sin_theta)
+    if b is not None:
+        v0.add_(b)
     out.copy_(v0)
 
 
