@@ -387,6 +387,20 @@ CASES = [
             method="linear", dictionaries=[w.copy, w.avg],
             tensor_options=[pb.TensorOptions(pattern="*", densities=[pb.LayerValues(values=[0.5]),
                                                                      pb.LayerValues(values=[0.5])])])),
+        ("model_stock of one model", IA, lambda w: pb.MergeDictionariesRequest(
+            method="model_stock", dictionaries=[w.copy], base=w.avg)),
+        ("model_stock with weights", IA, lambda w: pb.MergeDictionariesRequest(
+            method="model_stock", dictionaries=[w.copy, w.avg], base=w.copy, weights=[1, 2])),
+        ("della with epsilon past its density", IA, lambda w: pb.MergeDictionariesRequest(
+            method="della", dictionaries=[w.copy, w.avg], base=w.copy, options=[
+                pb.Option(name="density", value=pb.OptionValue(float_value=0.2)),
+                pb.Option(name="epsilon", value=pb.OptionValue(float_value=0.3))])),
+        ("breadcrumbs with gamma past 1", IA, lambda w: pb.MergeDictionariesRequest(
+            method="breadcrumbs", dictionaries=[w.copy, w.avg], base=w.copy, options=[
+                pb.Option(name="density", value=pb.OptionValue(float_value=0.5)),
+                pb.Option(name="gamma", value=pb.OptionValue(float_value=1.5))])),
+        ("ties with neither density nor densities", IA, lambda w: pb.MergeDictionariesRequest(
+            method="ties", dictionaries=[w.copy, w.avg], base=w.copy)),
         ("slerp with a pattern's weights", IA, lambda w: pb.MergeDictionariesRequest(
             method="slerp", dictionaries=[w.copy, w.avg], options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.5))],
             tensor_options=[pb.TensorOptions(pattern="*", weights=[pb.LayerValues(values=[1]),

@@ -136,7 +136,10 @@ def test_a_required_merge_option_left_out_says_it_is_required(client: Client, un
     tuned = [client.dict({"w": np.full(4, v, np.float32)}) for v in (1.0, -2.0)]
     with unchanged(), pytest.raises(InvalidArgumentError) as err:
         client.merge("ties", tuned, base=base)
-    assert err.value.message == "ties: option 'density' is required and was not given"
+    assert err.value.message == ("ties: option 'density' is required and was not given; give density=, or one "
+                                 "density per dictionary (densities=)")
+    with unchanged():  # the second way it names works
+        client.free(client.merge("ties", tuned, base=base, densities=[0.5, 1.0]))
     with unchanged(), pytest.raises(InvalidArgumentError) as err:
         client.merge("slerp", tuned)
     assert err.value.message == "slerp: option 't' is required and was not given"

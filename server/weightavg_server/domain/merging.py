@@ -396,8 +396,13 @@ def check(
         (pattern, _pattern_densities(method, len(dicts), pattern, given)) for pattern, given in tensor_densities
     ]
     if own is not None:  # the option is required by default: the per-dictionary densities stand in for it
-        kwargs = [*kwargs, ("density", 1.0)]
-    values = resolve(what, method.options, (), kwargs, Wording.SETTING)
+        kwargs = [*kwargs, ("density", 1.0)]  # (never read: every slot carries its densities)
+    try:
+        values = resolve(what, method.options, (), kwargs, Wording.SETTING)
+    except InvalidArgument as exc:  # (unknown names and bad values come first, as the engine words them)
+        if method.sparsify and "option 'density' is required" in str(exc):
+            raise InvalidArgument(f"{exc}; give density=, or one density per dictionary (densities=)") from None
+        raise
     overrides = [(pattern, _override(method, kwargs, pattern, given)) for pattern, given in per_tensor]
 
     sources = ([base] if base is not None else []) + list(dicts)
