@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> Result:
         "dare density .5": lambda c, b, ds: c.merge("dare", ds, base=b, density=0.5, seed=args.seed),
         "model_stock": lambda c, b, ds: c.merge("model_stock", ds, base=b),
         "multislerp": lambda c, b, ds: c.merge("multislerp", ds),
+        "karcher": lambda c, b, ds: c.merge("karcher", ds),
+        "sce select .5": lambda c, b, ds: c.merge("sce", ds, base=b, select_topk=0.5),
         "mergekit ties config": lambda c, b, ds: mergekit.merge(c, ties_config(len(ds)), {
             "base": b, **{f"tuned-{i}": d for i, d in enumerate(ds)}}),
     }

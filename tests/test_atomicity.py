@@ -391,6 +391,26 @@ CASES = [
             method="model_stock", dictionaries=[w.copy], base=w.avg)),
         ("model_stock with weights", IA, lambda w: pb.MergeDictionariesRequest(
             method="model_stock", dictionaries=[w.copy, w.avg], base=w.copy, weights=[1, 2])),
+        ("karcher with a base", IA, lambda w: pb.MergeDictionariesRequest(
+            method="karcher", dictionaries=[w.copy, w.avg], base=w.copy)),
+        ("karcher with a negative weight", IA, lambda w: pb.MergeDictionariesRequest(
+            method="karcher", dictionaries=[w.copy, w.avg], weights=[2, -1])),
+        ("karcher with a negative max_iter", IA, lambda w: pb.MergeDictionariesRequest(
+            method="karcher", dictionaries=[w.copy, w.avg],
+            options=[pb.Option(name="max_iter", value=pb.OptionValue(int_value=-1))])),
+        ("sce with weights", IA, lambda w: pb.MergeDictionariesRequest(
+            method="sce", dictionaries=[w.copy, w.avg], base=w.copy, weights=[1, 2])),
+        ("sce with select_topk past 1", IA, lambda w: pb.MergeDictionariesRequest(
+            method="sce", dictionaries=[w.copy, w.avg], base=w.copy,
+            options=[pb.Option(name="select_topk", value=pb.OptionValue(float_value=1.5))])),
+        ("nearswap of two models", IA, lambda w: pb.MergeDictionariesRequest(
+            method="nearswap", dictionaries=[w.copy, w.avg], base=w.copy,
+            options=[pb.Option(name="t", value=pb.OptionValue(float_value=0.1))])),
+        ("nearswap without t", IA, lambda w: pb.MergeDictionariesRequest(
+            method="nearswap", dictionaries=[w.copy], base=w.avg)),
+        ("nearswap with a negative t", IA, lambda w: pb.MergeDictionariesRequest(
+            method="nearswap", dictionaries=[w.copy], base=w.avg,
+            options=[pb.Option(name="t", value=pb.OptionValue(float_value=-0.1))])),
         ("della with epsilon past its density", IA, lambda w: pb.MergeDictionariesRequest(
             method="della", dictionaries=[w.copy, w.avg], base=w.copy, options=[
                 pb.Option(name="density", value=pb.OptionValue(float_value=0.2)),

@@ -1802,3 +1802,211 @@ def test_slerp_with_a_base_interpolates_the_offsets_and_adds_the_base(t: float) 
         assert_close(got.entries[n], want, tol=2e-6)
     if t == 0.0:
         assert_close(got.entries["a.weight"], ds[0].entries["a.weight"])
+
+
+# -- Karcher mean ----------------------------------------------------------------------------------------
+
+
+def reference_karcher(xs: Sequence[torch.Tensor], w: Sequence[float], max_iter: int = 10,
+                      tol: float = 1e-5) -> torch.Tensor:
+    """The weighted Karcher mean on the unit sphere as mergekit's `karcher_merge_tensors`
+    (mergekit/merge_methods/karcher.py) defines it, written out in float64 with the unit tensors made:
+    alphas w / sum(w); directions of the tensors longer than tol, their alphas renormalised; start at
+    the normalised weighted mean of the units; Riemannian gradient steps along
+    sum a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m) until it is shorter than tol; the direction
+    scaled by sum a_i |x_i| over every tensor."""
+    alphas = [a / sum(w) for a in w]
+    vectors = [x.double().reshape(-1) for x in xs]
+    norms = [float(v.norm()) for v in vectors]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros(xs[0].shape, dtype=torch.float64)
+    share = sum(alphas[i] for i in valid)
+    units = {i: vectors[i] / norms[i] for i in valid}
+    mean = sum(alphas[i] / share * units[i] for i in valid)
+    assert isinstance(mean, torch.Tensor)
+    mean = units[valid[0]].clone() if float(mean.norm()) < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for i in valid:
+            cos = float(torch.clamp(mean @ units[i], -1.0, 1.0))
+            theta = math.acos(cos)
+            if theta < tol:
+                continue
+            tangent += alphas[i] / share * theta / math.sin(theta) * (units[i] - cos * mean)
+        size = float(tangent.norm())
+        if size < tol:
+            break
+        mean = math.cos(size) * mean + math.sin(size) * tangent / size
+        mean = mean / mean.norm()
+    return (sum(a * n for a, n in zip(alphas, norms)) * mean).reshape(xs[0].shape)
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_karcher_is_mergekits_weighted_mean_on_the_sphere(count: int, weighted: bool) -> None:
+    ds = dicts(count, seed=80 + count)
+    w = [1.0, 0.5, 2.0, 0.25, 1.5][:count] if weighted else None
+    got = merged("karcher", ds, weights=w, options={"max_iter": 30, "tol": 1e-9})
+    for n in SHAPES:
+        want = reference_karcher([d.entries[n] for d in ds], w or [1.0] * count, 30, 1e-9)
+        assert_close(got.entries[n], want, tol=2e-6 * max(1.0, float(want.abs().max())))
+
+
+def test_karcher_reaches_the_point_where_the_models_pull_equally() -> None:
+    """The property that defines the mean, apart from any reference: at the result's direction m the
+    weighted log maps to the models' directions sum to 0 (the tangent is shorter than 1e-5 of a
+    model's); and it is as long as the models' weighted mean length."""
+    ds = dicts(4, seed=90, shapes={"x": (50,)})
+    w = [1.0, 3.0, 0.5, 2.0]
+    got = merged("karcher", ds, weights=w, options={"max_iter": 100, "tol": 1e-12}).entries["x"].double()
+    m = got / got.norm()
+    pull = torch.zeros_like(m)
+    for d, a in zip(ds, w):
+        u = d.entries["x"].double() / d.entries["x"].double().norm()
+        theta = math.acos(max(-1.0, min(1.0, float(m @ u))))
+        pull += a / sum(w) * theta / math.sin(theta) * (u - math.cos(theta) * m)
+    assert float(pull.norm()) < 1e-5
+    lengths = sum(a * float(d.entries["x"].norm()) for d, a in zip(ds, w)) / sum(w)
+    assert abs(float(got.norm()) - lengths) < 1e-5 * lengths
+
+
+def test_karcher_of_orthogonal_tensors_tiny_ones_and_one_dictionary() -> None:
+    """Two orthogonal unit tensors: the arc's midpoint, of length 1 (a linear mean is 0.71 long). A
+    tensor no longer than tol takes no part in the direction but counts in the length. Zeros give
+    zeros; one dictionary is itself."""
+    a, b = TensorDict({"x": torch.tensor([1.0, 0.0])}), TensorDict({"x": torch.tensor([0.0, 1.0])})
+    assert_close(merged("karcher", [a, b]).entries["x"], torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    tiny = TensorDict({"x": torch.tensor([1e-7, 0.0])})
+    assert_close(merged("karcher", [tiny, b]).entries["x"], torch.tensor([0.0, (1 + 1e-7) / 2]))
+    zeros = [TensorDict({"x": torch.zeros(3)}) for _ in range(2)]
+    assert torch.equal(merged("karcher", zeros).entries["x"], torch.zeros(3))
+    one = TensorDict({"x": torch.tensor([3.0, -1.0])})
+    assert torch.equal(merged("karcher", [one]).entries["x"], one.entries["x"])
+
+
+def test_karcher_of_bfloat16_models_is_their_float32_mean_in_bfloat16() -> None:
+    ds = dicts(3, seed=95)
+    low = [TensorDict({n: t.to(torch.bfloat16) for n, t in d.entries.items()}) for d in ds]
+    wide = [TensorDict({n: t.float() for n, t in d.entries.items()}) for d in low]
+    got, want = merged("karcher", low), merged("karcher", wide)
+    for n in SHAPES:
+        assert got.entries[n].dtype == torch.bfloat16
+        assert torch.equal(got.entries[n], want.entries[n].to(torch.bfloat16)), n
+
+
+def test_karcher_refuses_what_has_no_mean() -> None:
+    ds = dicts(2, seed=96)
+    with pytest.raises(InvalidArgument, match="karcher takes no base .karcher averages it with the others"):
+        plan_of("karcher", ds, base=ds[0])
+    with pytest.raises(InvalidArgument, match=r"karcher: entry 'a.weight' has weights \[2, -1\]; its weights must be "
+                                              "non-negative with a positive sum"):
+        plan_of("karcher", ds, weights=[2.0, -1.0])
+    with pytest.raises(InvalidArgument, match=r"has weights \[0, 0\]"):
+        plan_of("karcher", ds, weights=[0.0, 0.0])
+
+
+def test_karcher_of_opposite_tensors_steps_towards_neither() -> None:
+    """A model exactly opposite the mean direction has no direction to be stepped towards: it adds
+    nothing to the tangent (mergekit's term is 0 there too). Two opposite tensors of equal weight keep
+    the first's direction at their mean length; opposite scalars (a learned scale) the heavier one's
+    sign; a model equal to the mean with tol 0 adds nothing either, rather than 0 / sin(0)."""
+    opposite = [TensorDict({"x": torch.tensor([1.0, 2.0])}), TensorDict({"x": torch.tensor([-3.0, -6.0])})]
+    assert_close(merged("karcher", opposite).entries["x"], torch.tensor([2.0, 4.0]))
+    scalars = [TensorDict({"s": torch.tensor([1.5])}), TensorDict({"s": torch.tensor([-0.5])})]
+    assert_close(merged("karcher", scalars, weights=[1.0, 3.0]).entries["s"], torch.tensor([-0.75]))
+    same = [TensorDict({"x": torch.tensor([1.0, 2.0])}), TensorDict({"x": torch.tensor([2.0, 4.0])})]
+    assert_close(merged("karcher", same, options={"tol": 0.0}).entries["x"], torch.tensor([1.5, 3.0]))
+
+
+# -- SCE ------------------------------------------------------------------------------------------------
+
+
+def reference_sce(b: torch.Tensor, xs: Sequence[torch.Tensor], topk: float) -> torch.Tensor:
+    """SCE as mergekit's `sce_merge` (mergekit/merge_methods/sce.py) defines it, in float64 over the
+    stacked deltas: keep the int(topk * nonzero) elements of largest variance across the models, weigh
+    each model by its masked delta's mean square over their sum (equal under 1e-6), elect each
+    element's sign by the deltas' sum (+ at 0), and divide the agreeing weighted deltas by their
+    weights' sum (at least 1e-6)."""
+    tv = torch.stack([x.double() - b.double() for x in xs])
+    if topk < 1:
+        var = tv.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * topk)
+        mask = torch.zeros_like(var)
+        if k > 0:
+            mask.view(-1)[torch.topk(var.view(-1), k).indices] = 1
+        tv = tv * mask
+    squares = tv.square().reshape(len(xs), -1).mean(dim=1)
+    total = float(squares.sum())
+    weights = torch.full_like(squares, 1 / len(xs)) if abs(total) < 1e-6 else squares / total
+    weights = weights.view(-1, *([1] * b.dim()))
+    majority = torch.where(tv.sum(dim=0) >= 0, 1.0, -1.0).double()
+    agree = (tv.sign() == majority).double() * weights
+    return b.double() + (tv * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1e-6)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.1])
+def test_sce_is_mergekits_formula(count: int, topk: float) -> None:
+    base, ds = fine_tuned(count, seed=100 + count)
+    got = merged("sce", ds, base=base, options={"select_topk": topk})
+    for n in SHAPES:
+        want = reference_sce(base.entries[n], [d.entries[n] for d in ds], topk)
+        assert_close(got.entries[n], want, tol=2e-6)
+
+
+def test_sce_keeps_the_base_with_nothing_selected_and_weighs_tiny_deltas_equally() -> None:
+    """select_topk 0 keeps no delta: the base, bit for bit. Deltas whose mean squares sum below 1e-6
+    are weighed 1/N each (mergekit's floor), so two opposite deltas of 1e-4 and 2e-4 elect the larger
+    one's sign by the sum, and only it counts."""
+    base, ds = fine_tuned(3, seed=110)
+    got = merged("sce", ds, base=base, options={"select_topk": 0.0})
+    assert all(torch.equal(got.entries[n], base.entries[n]) for n in SHAPES)
+    b = TensorDict({"x": torch.zeros(2, dtype=torch.float64)})
+    small = [TensorDict({"x": torch.tensor([1e-4, 1e-4], dtype=torch.float64)}),
+             TensorDict({"x": torch.tensor([-2e-4, 3e-4], dtype=torch.float64)})]
+    got_x = merged("sce", small, base=b).entries["x"]
+    assert_close(got_x, torch.tensor([-2e-4, 2e-4], dtype=torch.float64), tol=1e-18)  # [-2e-4 alone, (1e-4 + 3e-4) / 2]
+
+
+def test_sce_refuses_weights_and_unlike_shapes() -> None:
+    base, ds = fine_tuned(2, seed=111)
+    with pytest.raises(InvalidArgument, match="sce takes no weights; it weighs each model by its delta's mean square"):
+        plan_of("sce", ds, base=base, weights=[1.0, 2.0])
+    with pytest.raises(InvalidArgument, match="sce needs a base"):
+        plan_of("sce", ds)
+    other = TensorDict({n: t.expand(2, *t.shape).clone() if n == "a.bias" else t for n, t in ds[1].entries.items()})
+    with pytest.raises(InvalidArgument, match="sce ranks each element's variance across the models, so their shapes"):
+        plan_of("sce", [ds[0], other], base=base)
+
+
+# -- NearSwap -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [0.0, 0.02, 0.1, 1e3])
+def test_nearswap_takes_the_model_where_it_is_near_the_base(t: float) -> None:
+    """mergekit's `nearswap_merge` (mergekit/merge_methods/nearswap.py), transcribed: w = clamp(t /
+    max(|base - x|, 1e-6), 0, 1), w x + (1 - w) base; exactly the base at t = 0 and the model where
+    w reaches 1."""
+    base, ds = fine_tuned(1, seed=120)
+    got = merged("nearswap", ds, base=base, options={"t": t})
+    for n in SHAPES:
+        b, x = base.entries[n].double(), ds[0].entries[n].double()
+        w = (t / (b - x).abs().clamp(min=1e-6)).clamp(0, 1)
+        assert_close(got.entries[n], w * x + (1 - w) * b)
+        if t == 0.0:
+            assert torch.equal(got.entries[n], base.entries[n])
+        if t == 1e3:
+            assert torch.equal(got.entries[n], ds[0].entries[n])
+
+
+def test_nearswap_takes_one_model_and_a_t_that_is_a_distance() -> None:
+    base, ds = fine_tuned(2, seed=121)
+    with pytest.raises(InvalidArgument, match="nearswap takes exactly 1 dictionary besides the base, given 2"):
+        plan_of("nearswap", ds, base=base, options={"t": 0.1})
+    with pytest.raises(InvalidArgument, match="nearswap takes no weights; each element moves"):
+        plan_of("nearswap", ds[:1], base=base, weights=[2.0], options={"t": 0.1})
+    with pytest.raises(InvalidArgument, match="option 't' is required"):
+        plan_of("nearswap", ds[:1], base=base)
+    with pytest.raises(InvalidArgument, match="'t'"):
+        plan_of("nearswap", ds[:1], base=base, options={"t": -0.5})

@@ -170,8 +170,8 @@ def test_merged_checkpoints_load_into_plain_networks_and_the_average_is_the_mean
     result = example("merge_checkpoints").main(["--address", live_server.address, "--models", "2", "--pretrain", "1",
                                                "--epochs", "1"])
     assert len(result.tuned) == 2
-    assert sorted(result.merged) == ["average", "dare density .5", "mergekit ties config", "model_stock", "multislerp",
-                                     "task_arithmetic lam .5", "ties density .3"]
+    assert sorted(result.merged) == ["average", "dare density .5", "karcher", "mergekit ties config", "model_stock",
+                                     "multislerp", "sce select .5", "task_arithmetic lam .5", "ties density .3"]
     assert all(10.0 < score <= 100.0 for score in result.merged.values())
     assert result.merged["average"] > 60.0  # ten classes: chance is 10%; the mean of two close models
     assert "2 models fine-tuned from one base (1 epochs) for 1 epochs each" in capsys.readouterr().out

@@ -228,6 +228,34 @@ CASES: dict[str, Case] = {
                    "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},
         lambda c, h: c.merge("model_stock", [h["a"], h["b"]], base=h["base"]),
     ),
+    "karcher of three, the base among them": (
+        lambda p: {"merge_method": "karcher",
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}, {"model": str(p["base"])}]},
+        lambda c, h: c.merge("karcher", [h["a"], h["b"], h["base"]]),
+    ),
+    "karcher with the base added by mergekit, more steps": (
+        lambda p: {"merge_method": "karcher", "base_model": str(p["base"]), "parameters": {"max_iter": 20, "tol": 1e-6},
+                   "models": [{"model": str(p["b"])}, {"model": str(p["a"])}]},
+        lambda c, h: c.merge("karcher", [h["b"], h["a"], h["base"]], max_iter=20, tol=1e-6),
+    ),
+    "sce, every element": (
+        lambda p: {"merge_method": "sce", "base_model": str(p["base"]),
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},
+        lambda c, h: c.merge("sce", [h["a"], h["b"]], base=h["base"]),
+    ),
+    "sce, select_topk a gradient and filtered": (
+        lambda p: {"merge_method": "sce", "base_model": str(p["base"]),
+                   "parameters": {"select_topk": [{"filter": "mlp", "value": 0.5}, {"value": [0.2, 0.9]}]},
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}, {"model": str(p["base"])}]},
+        lambda c, h: c.merge("sce", [h["a"], h["b"]], base=h["base"], select_topk=[0.2, 0.9],
+                             per_tensor={"*mlp*": {"select_topk": 0.5}}),
+    ),
+    "nearswap, t filtered": (
+        lambda p: {"merge_method": "nearswap", "base_model": str(p["base"]),
+                   "parameters": {"t": [{"filter": "mlp", "value": 0.02}, {"value": 0.05}]},
+                   "models": [{"model": str(p["a"])}, {"model": str(p["base"])}]},
+        lambda c, h: c.merge("nearswap", [h["a"]], base=h["base"], t=0.05, per_tensor={"*mlp*": {"t": 0.02}}),
+    ),
     "model stock, filter-wise": (
         lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]), "parameters": {"filter_wise": True},
                    "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},

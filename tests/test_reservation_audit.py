@@ -129,6 +129,19 @@ CASES: dict[str, tuple[Setup, Call]] = {
     "merge model_stock, filter-wise": (
         lambda s: [_dictionary(s, i) for i in range(4)],
         lambda s, ds: s.merge("model_stock", ds[1:], ds[0], None, (("filter_wise", True),))),
+    "merge karcher of four": (lambda s: [_dictionary(s, i) for i in range(4)],
+                              lambda s, ds: s.merge("karcher", ds, "", [1.0, 2.0, 0.5, 1.0], (("tol", 1e-9),))),
+    "merge karcher of bfloat16 dictionaries": (
+        lambda s: [_dictionary(s, i, torch.bfloat16) for i in range(3)],
+        lambda s, ds: s.merge("karcher", ds, "", None, ())),
+    "merge sce selecting": (lambda s: [_dictionary(s, i) for i in range(4)],
+                            lambda s, ds: s.merge("sce", ds[1:], ds[0], None, (("select_topk", 0.3),))),
+    "merge sce from a bfloat16 base": (
+        lambda s: [_dictionary(s, 0, torch.bfloat16), *(_dictionary(s, i) for i in range(1, 4))],
+        lambda s, ds: s.merge("sce", ds[1:], ds[0], None, (("select_topk", 0.5),))),
+    "merge nearswap from a bfloat16 base": (
+        lambda s: [_dictionary(s, 0, torch.bfloat16), _dictionary(s, 1)],
+        lambda s, ds: s.merge("nearswap", ds[1:], ds[0], None, (("t", 0.3),))),
     "merge multislerp from a base": (lambda s: [_dictionary(s, i) for i in range(4)],
                                      lambda s, ds: s.merge("multislerp", ds[1:], ds[0], [1.0, 2.0, 0.5], ())),
     "merge ties with densities and weights by layer": (

@@ -46,6 +46,8 @@ class MethodRule:
     one_for_all: Mapping[str, Any] = field(default_factory=dict)
     """Per-model parameters (name -> mergekit's default) the server takes as one option for every
     model: each tensor's value must be the same for all of them."""
+    whole: tuple[str, ...] = ()
+    """Shared parameters the server takes as integers (a config's 10 or 10.0 both mean 10)."""
 
 
 _TASK = {"lambda": ("lam", 1.0), "int8_mask": ("", False)}
@@ -77,6 +79,9 @@ RULES: dict[str, MethodRule] = {
     "multislerp": MethodRule("multislerp", {"normalize_weights": ("normalize", True)}, ("weight",)),
     "nuslerp": MethodRule("slerp", {"nuslerp_flatten": ("", True), "nuslerp_row_wise": ("", False)}, ("weight",),
                           {"threshold": 1.0}),
+    "karcher": MethodRule("karcher", {"max_iter": ("max_iter", 10), "tol": ("tol", 1e-5)}, whole=("max_iter",)),
+    "sce": MethodRule("sce", {"select_topk": ("select_topk", 1.0), "int8_mask": ("", False)}),
+    "nearswap": MethodRule("nearswap", {"t": ("t", None)}),
 }
 """The mergekit methods the server has, with mergekit 0.1.5's defaults (its registry's
 GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."""
@@ -146,6 +151,8 @@ def call(
                 raise ValueError(f"mergekit parameter {key!r} is required for {method_name} (entry {name!r})")
             if not option:  # no effect on the numbers (task_arithmetic trims nothing to rescale)
                 continue
+            if key in rule.whole:
+                value = _whole(name, key, value)
             shared.append((option, value))
         for key, default in rule.one_for_all.items():
             values = {_resolve(name, [settings, shared_settings], key, default) for settings in model_settings}
@@ -200,6 +207,13 @@ def _nuslerp_t(name: str, weights: tuple[Resolved, ...]) -> float:
                          "weights is no gradient of t)")
     total = w0 + w1
     return 0.5 if abs(total) < 1e-6 else w1 / total
+
+
+def _whole(name: str, key: str, value: Resolved) -> int:
+    """An integer parameter's value: a whole number (not a bool, not a gradient)."""
+    if isinstance(value, (bool, tuple)) or not float(value).is_integer():
+        raise ValueError(f"mergekit parameter {key!r} at entry {name!r} is {value!r}; give a whole number")
+    return int(value)
 
 
 def _numbers(values: tuple[Resolved, ...] | None) -> list[float | tuple[float, ...]] | None:
@@ -267,7 +281,9 @@ def _inputs(
 ) -> tuple[HandleLike | None, list[HandleLike], list[str]]:
     """The base's handle (None where the method takes none), the inputs' handles and their names: for
     slerp the base then the other model (t = 0 is the base), for linear (and multislerp without a
-    base) every listed model, else the listed models other than the base."""
+    base) every listed model, for karcher every listed model and the base after them where it is not
+    listed (mergekit's planner adds it as one more input, and karcher averages every input), else the
+    listed models other than the base."""
     entries = config.get("models")
     if not isinstance(entries, list) or not entries:
         raise ValueError("a mergekit config for the server lists its 'models' (slices are not supported)")
@@ -280,6 +296,9 @@ def _inputs(
             raise ValueError(f"model {label!r} of the config has no handle; give models={{{label!r}: handle, ...}}")
         return models[label]
 
+    if method == "karcher":
+        listed = labels if base_name is None or base_name in labels else [*labels, str(base_name)]
+        return None, [handle(label) for label in listed], listed
     if method == "linear" or (method in ("multislerp", "nuslerp") and base_name is None):
         if method == "nuslerp" and len(labels) != 2:
             raise ValueError(f"nuslerp takes two models (besides an optional base), given {len(labels)}")
@@ -289,6 +308,8 @@ def _inputs(
     others = [label for label in labels if label != base_name]
     if method == "nuslerp" and len(others) != 2:
         raise ValueError(f"nuslerp takes two models besides the base, given {len(others)}")
+    if method == "nearswap" and len(others) != 1:
+        raise ValueError(f"nearswap takes the base_model and one other model, given {len(others)} others")
     if method == "slerp":
         if len(others) != 1:
             raise ValueError(f"slerp takes the base_model and one other model, given {len(others)} others")

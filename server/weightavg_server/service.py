@@ -1229,8 +1229,9 @@ class Service:
         tensor_weights: merging.TensorWeights = (), densities: Sequence[merging.Weight] = (),
         tensor_densities: merging.TensorWeights = (), *, request: RequestKey | None = None,
     ) -> Ref:
-        """A new dictionary merged from dictionaries by a method (linear, slerp, task_arithmetic, ties,
-        dare, model_stock), against `base` where the method takes one, one tensor at a time; weights (and TIES and
+        """A new dictionary merged from dictionaries by a method (`merging.METHODS`: linear, slerp,
+        task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, model_stock, nearswap),
+        against `base` where the method takes one, one tensor at a time; weights (and TIES and
         DARE's per-dictionary densities) may be mergekit's gradients over the layers, and differ by
         entry-name pattern (`tensor_weights`, `tensor_densities`)."""
         chosen = merging.method_named(method)

@@ -101,7 +101,8 @@ class Method:
     name: str
     options: tuple[Opt, ...]
     base: bool = False
-    weights: bool = True
+    unweighted: str = ""
+    """Why the method takes no weights, as the refusal of weights says it ("": it takes them)."""
     count: int = 0
     sparsify: str = ""
     """"" (none), "magnitude" (TIES: keep the top density share of |delta|), "random" (DARE),
@@ -111,6 +112,13 @@ class Method:
     """The fewest dictionaries it takes (Model Stock needs two offsets to measure an angle)."""
     optional_base: bool = False
     """It takes a base or none (multislerp: with one, the offsets from it are interpolated)."""
+    convex: bool = False
+    """Its weights must be non-negative with a positive sum at every entry (a mean of directions)."""
+
+    @property
+    def weights(self) -> bool:
+        """Whether it takes one weight per dictionary."""
+        return not self.unweighted
 
 
 METHODS: dict[str, Method] = {
@@ -120,7 +128,7 @@ METHODS: dict[str, Method] = {
         Method("linear", (Opt("normalize", ValueType.BOOL, True), _INTEGERS)),
         Method("slerp", (Opt("t", ValueType.FLOAT, check=UNIT_INTERVAL, required=True, gradient=True),
                          Opt("threshold", ValueType.FLOAT, 0.9995, UNIT_INTERVAL), _INTEGERS),
-               weights=False, count=2, optional_base=True),
+               unweighted="it interpolates by 't'", count=2, optional_base=True),
         Method("task_arithmetic", (_LAM, Opt("normalize", ValueType.BOOL, False), _INTEGERS), base=True),
         Method("ties", (_DENSITY, _LAM, Opt("normalize", ValueType.BOOL, True), _RESCALE, _RESCALE_NORM, _INTEGERS),
                base=True, sparsify="magnitude"),
@@ -140,14 +148,21 @@ METHODS: dict[str, Method] = {
                                _RESCALE, _RESCALE_NORM, _INTEGERS),
                base=True, sparsify="outliers"),
         Method("multislerp", (Opt("normalize", ValueType.BOOL, True), _INTEGERS), optional_base=True),
-        Method("model_stock", (Opt("filter_wise", ValueType.BOOL, False), _INTEGERS), base=True, weights=False,
-               minimum=2),
+        Method("model_stock", (Opt("filter_wise", ValueType.BOOL, False), _INTEGERS), base=True,
+               unweighted="it weighs the models by the angle between them", minimum=2),
+        Method("karcher", (Opt("max_iter", ValueType.INT, 10, NON_NEGATIVE), Opt("tol", ValueType.FLOAT, 1e-5, NON_NEGATIVE),
+                           _INTEGERS), convex=True),
+        Method("sce", (Opt("select_topk", ValueType.FLOAT, 1.0, UNIT_INTERVAL, gradient=True), _INTEGERS), base=True,
+               unweighted="it weighs each model by its delta's mean square"),
+        Method("nearswap", (Opt("t", ValueType.FLOAT, check=NON_NEGATIVE, required=True, gradient=True), _INTEGERS),
+               base=True, unweighted="each element moves from the base by 't' over their distance there", count=1),
     )
 }
 MERGE_METHODS = tuple(name for name in METHODS if name != "average")
 """The methods `merge` takes; "average" is the weighted mean of its own verb."""
 
-SAME_SHAPES = {"model_stock": "takes the angle between whole tensors", "della": "ranks each row of the tensors"}
+SAME_SHAPES = {"model_stock": "takes the angle between whole tensors", "della": "ranks each row of the tensors",
+               "karcher": "takes the angle between whole tensors", "sce": "ranks each element's variance across the models"}
 """Methods whose inputs must have one shape (no broadcast), and why."""
 
 STOCK_EPS = 1e-6
@@ -376,7 +391,11 @@ def check(
     if not dicts:
         raise InvalidArgument(f"{what}: give at least one dictionary")
     if method.count and len(dicts) != method.count:
-        raise InvalidArgument(f"{what} takes exactly {method.count} dictionaries, given {len(dicts)}")
+        besides = " besides the base" if method.base else ""
+        raise InvalidArgument(
+            f"{what} takes exactly {method.count} {'dictionary' if method.count == 1 else 'dictionaries'}{besides}, "
+            f"given {len(dicts)}"
+        )
     if len(dicts) < method.minimum:
         raise InvalidArgument(
             f"{what} takes at least {method.minimum} dictionaries besides the base, given {len(dicts)}; it measures "
@@ -385,9 +404,10 @@ def check(
     if method.base and base is None:
         raise InvalidArgument(f"{what} needs a base dictionary (the model the others were fine-tuned from)")
     if not method.base and not method.optional_base and base is not None:
+        based = [m.name for m in METHODS.values() if m.base]
+        hint = " (karcher averages it with the others: list it among the dictionaries)" if what == "karcher" else ""
         raise InvalidArgument(
-            f"{what} takes no base; use task_arithmetic, ties, dare, della, breadcrumbs or model_stock to merge against "
-            "a base"
+            f"{what} takes no base{hint}; use {', '.join(based[:-1])} or {based[-1]} to merge against a base"
         )
     checked = _weights(method, len(dicts), weights)
     by_pattern = [(pattern, _pattern_weights(method, len(dicts), pattern, given)) for pattern, given in tensor_weights]
@@ -441,6 +461,7 @@ def check(
         _check_normalizable(method, options, used, divisors[used], slots[-1])
         _check_factors(method, options, slots[-1])
         _check_ranked(method, options, slots[-1])
+        _check_convex(method, used, slots[-1])
         if slots[-1].work is None and method.weights and str_value(options, "integers") == "mean" \
                 and not math.fsum(used) > 0:
             raise InvalidArgument(
@@ -524,8 +545,7 @@ def _weights(
     if weights is None or len(weights) == 0:
         return (1.0,) * count
     if not method.weights:
-        how = "it interpolates by 't'" if method.name == "slerp" else "it weighs the models by the angle between them"
-        raise InvalidArgument(f"{what} takes no weights; {how}")
+        raise InvalidArgument(f"{what} takes no weights; {method.unweighted}")
     if len(weights) != count:
         raise InvalidArgument(f"{what}: {len(weights)} weights for {count} dictionaries; give one weight per dictionary")
     graded = any(isinstance(w, tuple) for w in weights)
@@ -705,6 +725,20 @@ def _check_ranked(method: Method, options: Values, slot: Slot) -> None:
             )
 
 
+def _check_convex(method: Method, weights: tuple[float, ...], slot: Slot) -> None:
+    """Karcher's weights at every entry: non-negative with a positive sum. The mean on the sphere
+    minimises the weighted sum of squared angles to the models, which has no minimum with a negative
+    weight (the point opposite that model is always better) and no meaning with all weights 0."""
+    if not method.convex:
+        return
+    if any(w < 0 for w in weights) or not math.fsum(weights) > 0:
+        listed = ", ".join(f"{w:g}" for w in weights)
+        raise InvalidArgument(
+            f"{method.name}: entry '{slot.name}' has weights [{listed}]; its weights must be non-negative with a "
+            "positive sum at every entry (a gradient included)"
+        )
+
+
 def _override(
     method: Method, kwargs: Sequence[tuple[str, Value]], pattern: str, given: Sequence[tuple[str, Value]]
 ) -> Values:
@@ -874,6 +908,21 @@ def _scratch(
         strided = [t.numel() * t.element_size() for t in tensors if not t.is_contiguous()]
         copies = 0 if offsets else max(strided, default=0)
         return acc + offsets, chunk + SLERP_SUMS + copies
+    if method.name == "karcher":
+        # _dot: two float64 chunks (none in float64) and a copy of an input that is not contiguous; the
+        # tangent, and one input cast at a time where the inputs are of another dtype.
+        cast = (work,) if kinds != {work} else ()
+        strided = [t.numel() * t.element_size() for t in tensors if not t.is_contiguous()]
+        return acc + (work,) + cast, _dot_bytes(numel, kinds | {work}) + max(strided, default=0)
+    if method.name == "sce":
+        # The delta, the mean then the majority's sign, the variance then the weights that counted;
+        # the base cast, and where select_topk trims, the mask and the selection's own (`_threshold`).
+        base_cast = (work,) if tensors[0].dtype != work else ()
+        trims = float_value(options, "select_topk") < 1
+        select = numel * (_size(work) + 8) if trims and not _selects_natively(device) else 0
+        return acc + (work,) * 3 + base_cast + ((torch.bool,) if trims else ()), max(select, _dot_bytes(numel, {work}))
+    if method.name == "nearswap":
+        return acc + (work,) + ((work,) if tensors[0].dtype != work else ()), 0
     if method.name == "model_stock":
         filter_wise = bool_value(options, "filter_wise")
         whole = _stock_layout(tuple(tensors[0].shape), len(tensors) - 1, filter_wise)[0] == 1
@@ -1501,17 +1550,216 @@ def _multislerp(
 
 
 def _sum_squares(t: torch.Tensor) -> float:
-    """sum(t^2) in float64, STOCK_CHUNK elements at a time (a float32 norm over millions of elements is
-    off in its fourth digit; see `_cosine`)."""
-    flat = t.reshape(-1)
-    if t.dtype == torch.float64:
-        return float(torch.dot(flat, flat))
-    chunk = torch.empty(min(flat.numel(), STOCK_CHUNK), dtype=torch.float64, device=t.device)
-    total = torch.zeros((), dtype=torch.float64, device=t.device)
-    for start in range(0, flat.numel(), STOCK_CHUNK):
-        part = chunk[: min(STOCK_CHUNK, flat.numel() - start)].copy_(flat[start:start + STOCK_CHUNK])
-        total += torch.dot(part, part)
+    """sum(t^2) in float64 (`_dot`)."""
+    return _dot(t)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
+    """sum(a * b), or sum(a^2) without b, in float64, STOCK_CHUNK elements at a time (a float32 norm
+    over millions of elements is off in its fourth digit; see `_cosine`): one float64 chunk for a
+    square, two for a product (`_dot_bytes`), none where both are float64. A tensor that is not
+    contiguous is copied first (`reshape`), which the plans reserve."""
+    x = a.reshape(-1)
+    y = x if b is None else b.reshape(-1)
+    f64 = torch.float64
+    if x.dtype == f64 and y.dtype == f64:
+        return float(torch.dot(x, y))
+    n = x.numel()
+    chunks = [torch.empty(min(n, STOCK_CHUNK), dtype=f64, device=a.device) for _ in range(1 if b is None else 2)]
+    total = torch.zeros((), dtype=f64, device=a.device)
+    for start in range(0, n, STOCK_CHUNK):
+        m = min(STOCK_CHUNK, n - start)
+        px = chunks[0][:m].copy_(x[start:start + m])
+        py = px if b is None else chunks[1][:m].copy_(y[start:start + m])
+        total += torch.dot(px, py)
     return float(total)
+
+
+def _dot_bytes(numel: int, dtypes: set[torch.dtype]) -> int:
+    """What `_dot` over tensors of `numel` elements of these dtypes allocates: two float64 chunks
+    (none where every one is float64), the 0-dim sum and each chunk's 0-dim dot product."""
+    return (0 if dtypes == {torch.float64} else 2 * min(numel, STOCK_CHUNK) * _size(torch.float64)) + 2 * 8
+
+
+def _karcher(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """The weighted Karcher (Riemannian) mean on the unit sphere (mergekit's `karcher`): each tensor is
+    a direction x_i / |x_i| and a length; the result points along the direction m that minimises the
+    weighted sum of squared angles to the models' directions, and is as long as the weighted mean of
+    their lengths. Weights are divided by their sum (a, mergekit's alphas, 1/N each there); tensors no
+    longer than `tol` take no part in the direction (their a still counts in the length).
+
+    m starts as the normalised weighted mean of the directions (the first direction where that mean
+    is shorter than `tol`), then up to `max_iter` Riemannian gradient steps: the tangent
+    T = sum_i a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m), theta_i the angle from m to u_i
+    (models within `tol` of m skipped), stop when |T| < tol, else m := cos|T| m + sin|T| T/|T|,
+    renormalised. T is summed as a weighted sum of the inputs less a multiple of m, so no unit
+    tensor is made; the dot products and norms are float64 sums (`_dot`), where mergekit's are
+    float32, so the two agree to float32 rounding. A model exactly at m (theta = 0, also with tol 0)
+    or exactly opposite it (theta = pi: every direction leads to it, so none is taken) adds nothing
+    to T; mergekit's term is 0 in both cases too (u_i - cos(theta) m = 0), so two opposite tensors of
+    equal weight keep the first one's direction, and opposite scalars the heavier one's sign. One
+    tensor is the result itself, as in mergekit."""
+    assert slot.work is not None
+    if len(xs) == 1:
+        out.copy_(xs[0])
+        return
+    max_iter, tol = int_value(slot.options, "max_iter"), float_value(slot.options, "tol")
+    total = math.fsum(weights)
+    alphas = [w / total for w in weights]
+    acc = _accumulator(slot, out, scratch)
+    tangent = scratch.take(slot.shape, slot.work)
+    cast = scratch.take(slot.shape, slot.work) if any(x.dtype != slot.work for x in xs) else None
+
+    def vector(i: int) -> torch.Tensor:
+        return xs[i] if cast is None else cast.copy_(xs[i])
+
+    norms = [math.sqrt(_dot(x)) for x in xs]
+    valid = [i for i, norm in enumerate(norms) if norm > tol]
+    if not valid:
+        acc.zero_()
+        _finish(acc, out)
+        return
+    share = math.fsum(alphas[i] for i in valid)
+    direction = {i: alphas[i] / share for i in valid}
+    acc.zero_()
+    for i in valid:
+        acc.add_(vector(i), alpha=direction[i] / norms[i])
+    length = math.sqrt(_dot(acc))
+    if length < tol or length == 0.0:  # (tol may be 0)
+        acc.copy_(vector(valid[0])).div_(norms[valid[0]])
+    else:
+        acc.div_(length)
+    for _ in range(max_iter):
+        tangent.zero_()
+        along = 0.0
+        for i in valid:
+            x = vector(i)
+            cosine = max(-1.0, min(1.0, _dot(acc, x) / norms[i]))
+            theta = math.acos(cosine)
+            if theta < tol or not 0.0 < theta < math.pi:  # at m, or opposite it: no direction to step in
+                continue
+            factor = direction[i] * theta / math.sin(theta)
+            tangent.add_(x, alpha=factor / norms[i])
+            along += factor * cosine
+        tangent.sub_(acc, alpha=along)
+        step = math.sqrt(_dot(tangent))
+        if step < tol or step == 0.0:
+            break
+        acc.mul_(math.cos(step)).add_(tangent, alpha=math.sin(step) / step)
+        unit = math.sqrt(_dot(acc))
+        if unit > tol:
+            acc.div_(unit)
+    acc.mul_(math.fsum(a * norm for a, norm in zip(alphas, norms)))
+    _finish(acc, out)
+
+
+SCE_EPS = 1e-6
+"""mergekit's SCE floors: models' mean squares summing below it are weighed equally, and each
+element's sum of the agreeing models' weights is taken as at least it before dividing by it."""
+
+
+def _sce(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """SCE (select, calculate, erase; mergekit's `sce`). With deltas d_i = x_i - base:
+    select: with select_topk < 1, only the elements whose variance across the models (population
+    variance) is among the int(select_topk * nonzero) largest keep their deltas (nonzero: the elements
+    of non-zero variance; none kept where that is 0), ties at the threshold all kept;
+    calculate: model i weighs w_i = mean(d_i^2) / sum_j mean(d_j^2) (1/N each where that sum is below
+    SCE_EPS); erase: each element's elected sign is that of sum_i d_i (+ where it is 0), and only deltas of
+    that sign count. The result is base + sum_i w_i d_i [agrees] / max(sum_i w_i [agrees], SCE_EPS).
+
+    Memory: the delta, two tensors that hold the mean and variance while selecting and then the
+    elected sign and the agreeing weights, a bool mask (when selecting) and a float64 chunk; each
+    delta is recomputed from its model per pass rather than kept, so the models are read four times
+    (six when selecting) and nothing grows with their number."""
+    assert slot.work is not None and b is not None
+    n, numel = len(xs), slot.numel
+    topk = float_value(slot.options, "select_topk")
+    acc = _accumulator(slot, out, scratch)
+    delta, sign, counted = (scratch.take(slot.shape, slot.work) for _ in range(3))
+    base = b if b.dtype == slot.work else scratch.take(slot.shape, slot.work).copy_(b)
+    dropped = scratch.take(slot.shape, torch.bool) if topk < 1 else None
+    if numel == 0:
+        return
+
+    def delta_of(i: int) -> torch.Tensor:
+        torch.sub(delta.copy_(xs[i]) if xs[i].dtype != slot.work else xs[i], base, out=delta)
+        if dropped is not None:
+            delta.masked_fill_(dropped, 0)
+        return delta
+
+    if dropped is not None:
+        _sce_select(xs, base, topk, delta, sign, counted, dropped)
+    squares = []
+    sign.zero_()
+    for i in range(n):
+        d = delta_of(i)
+        squares.append(_dot(d) / numel)
+        sign.add_(d)
+    total = math.fsum(squares)
+    used = [1.0 / n] * n if abs(total) < SCE_EPS else [q / total for q in squares]
+    sign.sign_().add_(0.5).sign_()  # +1 where the sum is at least 0, -1 below
+    acc.zero_()
+    counted.zero_()
+    for i in range(n):
+        d = delta_of(i).mul_(sign).clamp_(min=0)  # |d_i| where it agrees with the elected sign, else 0
+        acc.add_(d, alpha=used[i])
+        counted.add_(d.sign_(), alpha=used[i])
+    acc.mul_(sign).div_(counted.clamp_(min=SCE_EPS)).add_(base)
+    _finish(acc, out)
+
+
+def _sce_select(
+    xs: list[torch.Tensor], base: torch.Tensor, topk: float, delta: torch.Tensor, mean: torch.Tensor,
+    variance: torch.Tensor, dropped: torch.Tensor,
+) -> None:
+    """SCE's selection: `dropped` := True where an element's variance across the models' deltas is not
+    among the int(topk * nonzero) largest (`_sce`); `mean` and `variance` are scratch."""
+    n = len(xs)
+    mean.zero_()
+    for x in xs:
+        mean.add_(torch.sub(delta.copy_(x) if x.dtype != delta.dtype else x, base, out=delta))
+    mean.div_(n)
+    variance.zero_()
+    for x in xs:
+        torch.sub(delta.copy_(x) if x.dtype != delta.dtype else x, base, out=delta).sub_(mean)
+        variance.addcmul_(delta, delta)
+    variance.div_(n)
+    torch.ne(variance, 0, out=dropped)
+    keep = int(int(dropped.sum()) * topk)
+    if keep == 0:
+        dropped.fill_(True)
+        return
+    threshold = selection.kth_largest_magnitude(variance, keep, None if _selects_natively(variance.device) else mean)
+    torch.lt(variance, threshold, out=dropped)
+
+
+NEARSWAP_EPS = 1e-6
+"""mergekit's nearswap floor: a distance below it is taken as it, so equal elements keep the base."""
+
+
+def _nearswap(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """NearSwap (mergekit's `nearswap`): each element moves from the base towards the model by
+    w = clamp(t / max(|x - base|, NEARSWAP_EPS), 0, 1): where the two are within t of each other the
+    model's value is taken, further apart the base's value moves by t towards it. So a small t
+    keeps the base except where the model barely differs from it. Elementwise torch.lerp(base, x, w),
+    which is the base itself at w = 0 and the model itself at w = 1 (mergekit's w x + (1 - w) base)."""
+    assert slot.work is not None and b is not None
+    t = float_value(slot.options, "t")
+    acc = _accumulator(slot, out, scratch)
+    model = scratch.take(slot.shape, slot.work).copy_(xs[0])
+    base = b if b.dtype == slot.work else scratch.take(slot.shape, slot.work).copy_(b)
+    torch.sub(model, base, out=acc).abs_().clamp_(min=NEARSWAP_EPS).reciprocal_().mul_(t).clamp_(0.0, 1.0)
+    torch.lerp(base, model, acc, out=acc)
+    _finish(acc, out)
 
 
 def _stock_layout(shape: tuple[int, ...], models: int, filter_wise: bool) -> tuple[int, int, int, int, int]:
@@ -1634,4 +1882,7 @@ _KERNELS: dict[str, Kernel] = {
     "della": _task_vectors,
     "model_stock": _model_stock,
     "multislerp": _multislerp,
+    "karcher": _karcher,
+    "sce": _sce,
+    "nearswap": _nearswap,
 }
