@@ -949,6 +949,8 @@ def test_into_reserves_only_scratch() -> None:
     ("ties", {"density": 0.3, "rescale": True}), ("breadcrumbs", {"density": 0.5, "rescale": True, "rescale_norm": "l2"}),
     ("della", {"density": 0.5, "epsilon": 0.2}), ("della", {"density": 0.5, "consensus": True, "normalize": True,
                                                              "rescale_norm": "l1"}),
+    ("karcher", {}), ("karcher", {"tol": 0.0, "max_iter": 3}), ("sce", {}), ("sce", {"select_topk": 0.3}),
+    ("nearswap", {"t": 0.05}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype
@@ -958,10 +960,10 @@ def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     for kernel in (lerp, weighted_sum, selection):
         kernel.native_state()  # each kernel's one check against torch, which a server runs as it starts
     for shapes in ({"w": (300, 200), "b": (300,)}, {"w": (3, 4), "b": (7,)}, {"e": (70000, 3), "big": (2, 70000)}):
-        base, ds = fine_tuned(2 if method == "slerp" else 3, shapes=shapes)
+        base, ds = fine_tuned({"slerp": 2, "nearswap": 1}.get(method, 3), shapes=shapes)
         cast = lambda d: TensorDict({n: t.to(dtype) for n, t in d.entries.items()})  # noqa: E731
         base, ds = cast(base), [cast(d) for d in ds]
-        with_base = base if method in ("task_arithmetic", "ties", "dare", "breadcrumbs", "della", "model_stock") else None
+        with_base = base if merging.METHODS[method].base else None
         if method == "multislerp" and options.get("normalize") is False:
             with_base = base  # the base-relative form, with its offset buffer
         p = plan_of(method, ds, base=with_base, options=options)
@@ -982,15 +984,17 @@ def test_on_cuda_a_merge_allocates_no_more_than_its_plan_reserves() -> None:
                        ("breadcrumbs", {"base": base, "options": {"density": 0.3, "gamma": 0.1, "consensus": True}}),
                        ("model_stock", {"base": base, "options": {"filter_wise": True}}),
                        ("multislerp", {"base": base}),
-                       ("della", {"base": base, "options": {"density": 0.4, "consensus": True, "rescale_norm": "l1"}})):
-        p = plan_of(method, ds, **kw)
+                       ("della", {"base": base, "options": {"density": 0.4, "consensus": True, "rescale_norm": "l1"}}),
+                       ("karcher", {}), ("sce", {"base": base, "options": {"select_topk": 0.3}}),
+                       ("nearswap", {"base": base, "options": {"t": 0.05}})):
+        p = plan_of(method, ds[:1] if method == "nearswap" else ds, **kw)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         got = merging.run(p, ds, base=kw.get("base"))  # type: ignore[arg-type]
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - start <= footprint.merge_bytes(p)["cuda:0"] + (1 << 20), method
-        back = [TensorDict({n: t.cpu() for n, t in d.entries.items()}) for d in ds]
+        back = [TensorDict({n: t.cpu() for n, t in d.entries.items()}) for d in (ds[:1] if method == "nearswap" else ds)]
         on_cpu = merged(method, back, **{**kw, "base": TensorDict({n: t.cpu() for n, t in base.entries.items()})}
                         if "base" in kw else kw)
         for name, t in on_cpu.entries.items():  # the CPU's numbers (DARE's and DELLA's draws differ by device)
