@@ -69,7 +69,8 @@ def test_node_client_uploads_a_declared_checksummed_dictionary(live_server: Live
     """What docs/clients.md promises a client written from the docs alone: several dtypes cut at any byte,
     declared and checksummed, come back bit for bit; a retry with the same request_id, cut and packed
     otherwise, gets the first answer; a corrupted, a short and a re-declared stream are refused and
-    make nothing; the moving average follows the schedule's formula."""
+    make nothing; the moving average follows the schedule's formula; a merge with weights by layer
+    (LayerValues) and a TIES merge give the numbers docs/merging.md's formulas give."""
     before = {handle_id for handle_id, _ in live_server.registry.items()}
     done = _upload(live_server.address, node_example)
     assert done.returncode == 0, f"node upload failed:\n{done.stdout}\n{done.stderr}"
@@ -84,6 +85,10 @@ def test_node_client_uploads_a_declared_checksummed_dictionary(live_server: Live
         "ok   tensorCount set on a later chunk: \"INVALID_ARGUMENT\" vs \"INVALID_ARGUMENT\"",
         "ok   step 2: decay: [0.4053964424986395] vs [0.4053964424986395]",
         "ok   the schedule kept with the dictionary: [0.9,true,3] vs [0.9,true,3]",
+        "ok   linear with weights by layer: a's first layer, b's second: [[0.5,-0.25,0.125,0],[0.75,1.5,1.25,1]] vs "
+        "[[0.5,-0.25,0.125,0],[0.75,1.5,1.25,1]]",
+        "ok   ties, density .5, weights 1 and .5",
+        "ok   handles freed: 9 vs 9",
     ):
         assert line in done.stdout, done.stdout
     assert "ok   a retry with the same request_id gets the first answer" in done.stdout

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-// A dictionary uploaded from Node as a declared, checksummed stream, read back, and averaged into an
-// exponential moving average with a warm-up schedule, against a running weightavg server.
+// A dictionary uploaded from Node as a declared, checksummed stream, read back, averaged into an
+// exponential moving average with a warm-up schedule, and models merged (weights by layer, TIES),
+// against a running weightavg server.
 //
 //   node upload.js [HOST:PORT]          (default 127.0.0.1:50051, or $WEIGHTAVG_ADDRESS;
 //                                        $WEIGHTAVG_TOKEN, when set, goes as 'authorization: Bearer')
@@ -54,6 +55,28 @@ function fetchTensors(client, handle) {
       } catch (err) {
         reject(err);
       }
+    });
+  });
+}
+
+// TIES-merging of models.a and models.b against models.base, layer by layer (docs/merging.md, "ties"):
+// each delta keeps its max(1, floor(density n)) largest magnitudes (ties at the threshold all kept),
+// each element's sign is that of sum w_i delta_i (+ at 0), and the contributions w_i delta_i of that
+// sign are summed and divided by the weights that counted there (1 where none did).
+function tiesMerge({ base, a, b }, weights, density) {
+  return base.map((baseLayer, layer) => {
+    const deltas = [a[layer], b[layer]].map((model) => {
+      const delta = model.map((v, j) => v - baseLayer[j]);
+      const k = Math.max(1, Math.floor(density * delta.length));
+      const threshold = delta.map(Math.abs).sort((x, y) => y - x)[k - 1];
+      return delta.map((d) => (Math.abs(d) >= threshold ? d : 0));
+    });
+    return baseLayer.map((v, j) => {
+      const terms = deltas.map((delta, i) => weights[i] * delta[j]);
+      const sign = terms.reduce((sum, t) => sum + t, 0) >= 0 ? 1 : -1;
+      const counted = terms.map((t, i) => (t * sign > 0 ? i : -1)).filter((i) => i >= 0);
+      const divisor = counted.reduce((sum, i) => sum + weights[i], 0) || 1;
+      return v + counted.reduce((sum, i) => sum + terms[i], 0) / divisor;
     });
   });
 }
@@ -183,8 +206,41 @@ async function main(address) {
     const kept = (await unary(client, "GetSize", { handle: e.id })).dictionary.movingAverage;
     expectEqual("the schedule kept with the dictionary", [kept.decay, kept.warmup, kept.step], [0.9, true, 3]);
 
+    // Merges (docs/merging.md) of a base and two models fine-tuned from it, two layers each, named as
+    // a transformer's are: an entry's layer is the first all-digit part of its name.
+    const layers = (v) => v.map((values, i) => ({ name: `layers.${i}.w`, dtype: "DTYPE_FLOAT32", shape: [4], data: float32Bytes(values) }));
+    const stored = async (values) => {
+      const { dictionary: d } = await upload(client, "CreateDictionary", tensorChunks(layers(values), 1 << 20).map((chunk) => ({ chunk })));
+      made.push(d.id);
+      return d.id;
+    };
+    const models = {
+      base: [[0, 0, 0, 0], [1, 1, 1, 1]],
+      a: [[0.5, -0.25, 0.125, 0], [1.25, 0.75, 1, 1.125]],
+      b: [[-0.125, -0.5, 0.25, 0.375], [0.75, 1.5, 1.25, 1]],
+    };
+    const [base, a, b] = await Promise.all([stored(models.base), stored(models.a), stored(models.b)]);
+    const mergedValues = async (request) => {
+      const { dictionary: m } = await unary(client, "MergeDictionaries", request);
+      made.push(m.id);
+      const { tensors } = await fetchTensors(client, m.id);
+      return Object.values(tensors).map((t) => float32Values(t.data));
+    };
+    // A weight per model that moves over the layers (mergekit's gradient, LayerValues): a counts fully
+    // at the first layer and b at the last, so the merge is a's first layer and b's second.
+    const byLayer = await mergedValues({ method: "linear", dictionaries: [a, b], weightGradients: [{ values: [1, 0] }, { values: [0, 1] }] });
+    expectEqual("linear with weights by layer: a's first layer, b's second", byLayer, [models.a[0], models.b[1]]);
+    // TIES against the base, density .5 and weights 1 and .5, as the formula in docs/merging.md says.
+    const density = 0.5;
+    const weights = [1, 0.5];
+    const tied = await mergedValues({
+      method: "ties", dictionaries: [a, b], base, weights,
+      options: [{ name: "density", value: { floatValue: density } }],
+    });
+    expectClose("ties, density .5, weights 1 and .5", tied.flat(), tiesMerge(models, weights, density).flat(), 1e-6, 1);
+
     const { freed } = await unary(client, "FreeHandles", { handles: made.splice(0) });
-    expectEqual("handles freed", freed, 4);
+    expectEqual("handles freed", freed, 9);
   } finally {
     if (made.length > 0) await unary(client, "FreeHandles", { handles: made }).catch(() => undefined);
     client.close();
