@@ -411,6 +411,11 @@ CASES = [
         ("nearswap with a negative t", IA, lambda w: pb.MergeDictionariesRequest(
             method="nearswap", dictionaries=[w.copy], base=w.avg,
             options=[pb.Option(name="t", value=pb.OptionValue(float_value=-0.1))])),
+        ("ram with a negative epsilon", IA, lambda w: pb.MergeDictionariesRequest(
+            method="ram", dictionaries=[w.copy, w.avg], base=w.copy,
+            options=[pb.Option(name="epsilon", value=pb.OptionValue(float_value=-1e-5))])),
+        ("arcee_fusion of two models", IA, lambda w: pb.MergeDictionariesRequest(
+            method="arcee_fusion", dictionaries=[w.copy, w.avg], base=w.copy)),
         ("della with epsilon past its density", IA, lambda w: pb.MergeDictionariesRequest(
             method="della", dictionaries=[w.copy, w.avg], base=w.copy, options=[
                 pb.Option(name="density", value=pb.OptionValue(float_value=0.2)),

@@ -950,7 +950,7 @@ def test_into_reserves_only_scratch() -> None:
     ("della", {"density": 0.5, "epsilon": 0.2}), ("della", {"density": 0.5, "consensus": True, "normalize": True,
                                                              "rescale_norm": "l1"}),
     ("karcher", {}), ("karcher", {"tol": 0.0, "max_iter": 3}), ("sce", {}), ("sce", {"select_topk": 0.3}),
-    ("nearswap", {"t": 0.05}),
+    ("nearswap", {"t": 0.05}), ("ram", {"epsilon": 0.08}), ("ram", {"epsilon": 0.08, "r": 0.3}), ("arcee_fusion", {}),
 ])
 def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     method: str, options: dict[str, object], dtype: torch.dtype
@@ -960,7 +960,7 @@ def test_on_the_cpu_a_merge_allocates_no_more_than_its_plan_reserves(
     for kernel in (lerp, weighted_sum, selection):
         kernel.native_state()  # each kernel's one check against torch, which a server runs as it starts
     for shapes in ({"w": (300, 200), "b": (300,)}, {"w": (3, 4), "b": (7,)}, {"e": (70000, 3), "big": (2, 70000)}):
-        base, ds = fine_tuned({"slerp": 2, "nearswap": 1}.get(method, 3), shapes=shapes)
+        base, ds = fine_tuned({"slerp": 2, "nearswap": 1, "arcee_fusion": 1}.get(method, 3), shapes=shapes)
         cast = lambda d: TensorDict({n: t.to(dtype) for n, t in d.entries.items()})  # noqa: E731
         base, ds = cast(base), [cast(d) for d in ds]
         with_base = base if merging.METHODS[method].base else None
@@ -986,15 +986,17 @@ def test_on_cuda_a_merge_allocates_no_more_than_its_plan_reserves() -> None:
                        ("multislerp", {"base": base}),
                        ("della", {"base": base, "options": {"density": 0.4, "consensus": True, "rescale_norm": "l1"}}),
                        ("karcher", {}), ("sce", {"base": base, "options": {"select_topk": 0.3}}),
-                       ("nearswap", {"base": base, "options": {"t": 0.05}})):
-        p = plan_of(method, ds[:1] if method == "nearswap" else ds, **kw)
+                       ("nearswap", {"base": base, "options": {"t": 0.05}}),
+                       ("ram", {"base": base, "options": {"epsilon": 0.08, "r": 0.3}}), ("arcee_fusion", {"base": base})):
+        one = method in ("nearswap", "arcee_fusion")
+        p = plan_of(method, ds[:1] if one else ds, **kw)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         got = merging.run(p, ds, base=kw.get("base"))  # type: ignore[arg-type]
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - start <= footprint.merge_bytes(p)["cuda:0"] + (1 << 20), method
-        back = [TensorDict({n: t.cpu() for n, t in d.entries.items()}) for d in (ds[:1] if method == "nearswap" else ds)]
+        back = [TensorDict({n: t.cpu() for n, t in d.entries.items()}) for d in (ds[:1] if one else ds)]
         on_cpu = merged(method, back, **{**kw, "base": TensorDict({n: t.cpu() for n, t in base.entries.items()})}
                         if "base" in kw else kw)
         for name, t in on_cpu.entries.items():  # the CPU's numbers (DARE's and DELLA's draws differ by device)
@@ -2014,3 +2016,88 @@ def test_nearswap_takes_one_model_and_a_t_that_is_a_distance() -> None:
         plan_of("nearswap", ds[:1], base=base)
     with pytest.raises(InvalidArgument, match="'t'"):
         plan_of("nearswap", ds[:1], base=base, options={"t": -0.5})
+
+
+# -- RAM ------------------------------------------------------------------------------------------------
+
+
+def reference_ram(b: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float, r: float = 0.0,
+                  alpha: float = 0.2) -> torch.Tensor:
+    """RAM and RAM+ as mergekit's `ram_merge` and `ramplus_tl_merge` (mergekit/merge_methods/ram.py)
+    define them, in float64 over the stacked deltas: an element of a delta counts where |d| > epsilon;
+    shared ones (counted by more than one model) are averaged, unique ones kept whole, scaled by
+    1 + r clamp(shared_i / max(unique_i, epsilon), 0, alpha) per model."""
+    tv = torch.stack([x.double() - b.double() for x in xs]).reshape(len(xs), -1)
+    counts = (tv.abs() > epsilon)
+    c = counts.sum(dim=0, keepdim=True)
+    shared, unique = c > 1, c == 1
+    lam = 1 + r * ((counts & shared).sum(dim=1) / (counts & unique).sum(dim=1).double().clamp(min=epsilon)).clamp(0, alpha)
+    z = tv * counts
+    merged_tv = (z * unique * lam.unsqueeze(-1) + z * shared / c.clamp(min=1)).sum(dim=0)
+    return b.double() + merged_tv.reshape(b.shape)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize(("epsilon", "r"), [(1e-5, 0.0), (0.08, 0.0), (0.08, 0.5), (0.2, 0.1)])
+def test_ram_is_mergekits_formula(count: int, epsilon: float, r: float) -> None:
+    base, ds = fine_tuned(count, seed=130 + count)
+    got = merged("ram", ds, base=base, options={"epsilon": epsilon, "r": r})
+    for n in SHAPES:
+        want = reference_ram(base.entries[n], [d.entries[n] for d in ds], epsilon, r)
+        assert_close(got.entries[n], want, tol=2e-6)
+
+
+def test_ram_keeps_a_change_only_one_model_made_whole() -> None:
+    """Two models: where both changed an element their changes are averaged; where one did, its change
+    is kept whole (a mean would halve it), times 1 + r clamp(shared / unique, 0, alpha) with r."""
+    base = TensorDict({"x": torch.zeros(4, dtype=torch.float64)})
+    a = TensorDict({"x": torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=torch.float64)})
+    b = TensorDict({"x": torch.tensor([3.0, 0.0, 4.0, 1e-6], dtype=torch.float64)})
+    got = merged("ram", [a, b], base=base).entries["x"]
+    assert torch.equal(got, torch.tensor([2.0, 2.0, 4.0, 0.0], dtype=torch.float64))
+    plus = merged("ram", [a, b], base=base, options={"r": 0.5, "alpha": 2.0}).entries["x"]
+    # each model shares one element and alone changed one: lambda = 1 + 0.5 * min(1 / 1, 2) = 1.5
+    assert torch.equal(plus, torch.tensor([2.0, 3.0, 6.0, 0.0], dtype=torch.float64))
+
+
+# -- Arcee Fusion ---------------------------------------------------------------------------------------
+
+
+def reference_arcee_fusion(b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """mergekit's `arcee_fusion_merge_method` (mergekit/merge_methods/arcee_fusion.py) for tensors of up
+    to 1M elements (where it sorts them all), in float64: importance |x - b| times the row's KL
+    divergence between softmax(x) and softmax(b) over the last dimension (each + 1e-8), kept at or
+    above median + 1.5 IQR of the sorted importances (indices floor(q (n - 1)))."""
+    x64, b64 = x.double(), b.double()
+    p = torch.softmax(x64, dim=-1) + 1e-8
+    q = torch.softmax(b64, dim=-1) + 1e-8
+    importance = (x64 - b64).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    ordered = importance.reshape(-1).sort().values
+    q1, median, q3 = (ordered[int(f * (ordered.numel() - 1))] for f in (0.25, 0.5, 0.75))
+    return b64 + (x64 - b64) * (importance >= median + 1.5 * (q3 - q1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_arcee_fusion_is_mergekits_formula(seed: int) -> None:
+    shapes = {"w": (40, 30), "b": (40,), "e": (700, 3)}
+    base, ds = fine_tuned(1, seed=140 + seed, shapes=shapes)
+    got = merged("arcee_fusion", ds, base=base)
+    for n in shapes:
+        want = reference_arcee_fusion(base.entries[n], ds[0].entries[n])
+        assert_close(got.entries[n], want, tol=2e-6)
+        changed = int((got.entries[n] != base.entries[n]).sum())
+        assert 0 < changed < got.entries[n].numel() // 2, n  # the important changes only
+
+
+def test_arcee_fusion_and_ram_refuse_what_they_cannot_merge() -> None:
+    base, ds = fine_tuned(2, seed=150)
+    with pytest.raises(InvalidArgument, match="arcee_fusion takes exactly 1 dictionary besides the base, given 2"):
+        plan_of("arcee_fusion", ds, base=base)
+    with pytest.raises(InvalidArgument, match="arcee_fusion needs a base"):
+        plan_of("arcee_fusion", ds[:1])
+    with pytest.raises(InvalidArgument, match="arcee_fusion takes no weights; each element of the model is kept"):
+        plan_of("arcee_fusion", ds[:1], base=base, weights=[2.0])
+    with pytest.raises(InvalidArgument, match="ram takes no weights; each element averages the models"):
+        plan_of("ram", ds, base=base, weights=[1.0, 2.0])
+    with pytest.raises(InvalidArgument, match="'r'"):
+        plan_of("ram", ds, base=base, options={"r": -0.1})

@@ -356,7 +356,7 @@ def test_average_dictionaries(fuzzed: Fuzzed, pool: Pool, refs: list[object], we
 
 
 @FUZZ
-@given(method=st.one_of(st.sampled_from(["linear", "slerp", "task_arithmetic", "ties", "dare", "della", "breadcrumbs", "multislerp", "model_stock", "karcher", "sce", "nearswap", "average"]), st.text(max_size=10)),
+@given(method=st.one_of(st.sampled_from(["linear", "slerp", "task_arithmetic", "ties", "dare", "della", "breadcrumbs", "multislerp", "model_stock", "karcher", "sce", "nearswap", "ram", "arcee_fusion", "average"]), st.text(max_size=10)),
        refs=st.lists(handle_refs, max_size=4), base=optional_refs, weights=weight_lists, options=merge_options,
        per_tensor=st.lists(st.builds(pb.TensorOptions, pattern=patterns, options=merge_options,
                                      weights=st.lists(layer_values, max_size=3),

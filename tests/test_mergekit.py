@@ -256,6 +256,22 @@ CASES: dict[str, Case] = {
                    "models": [{"model": str(p["a"])}, {"model": str(p["base"])}]},
         lambda c, h: c.merge("nearswap", [h["a"]], base=h["base"], t=0.05, per_tensor={"*mlp*": {"t": 0.02}}),
     ),
+    "ram, an epsilon that some changes fall under": (
+        lambda p: {"merge_method": "ram", "base_model": str(p["base"]), "parameters": {"epsilon": 0.04},
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},
+        lambda c, h: c.merge("ram", [h["a"], h["b"]], base=h["base"], epsilon=0.04),
+    ),
+    "ramplus_tl, epsilon a gradient": (
+        lambda p: {"merge_method": "ramplus_tl", "base_model": str(p["base"]),
+                   "parameters": {"epsilon": [0.02, 0.08], "r": 0.3},
+                   "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},
+        lambda c, h: c.merge("ram", [h["a"], h["b"]], base=h["base"], epsilon=[0.02, 0.08], r=0.3, alpha=0.2),
+    ),
+    "arcee fusion": (
+        lambda p: {"merge_method": "arcee_fusion", "base_model": str(p["base"]),
+                   "models": [{"model": str(p["b"])}]},
+        lambda c, h: c.merge("arcee_fusion", [h["b"]], base=h["base"]),
+    ),
     "model stock, filter-wise": (
         lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]), "parameters": {"filter_wise": True},
                    "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},

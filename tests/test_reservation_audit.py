@@ -142,6 +142,12 @@ CASES: dict[str, tuple[Setup, Call]] = {
     "merge nearswap from a bfloat16 base": (
         lambda s: [_dictionary(s, 0, torch.bfloat16), _dictionary(s, 1)],
         lambda s, ds: s.merge("nearswap", ds[1:], ds[0], None, (("t", 0.3),))),
+    "merge ram+ from a bfloat16 base": (
+        lambda s: [_dictionary(s, 0, torch.bfloat16), *(_dictionary(s, i) for i in range(1, 4))],
+        lambda s, ds: s.merge("ram", ds[1:], ds[0], None, (("epsilon", 0.5), ("r", 0.2)))),
+    "merge arcee_fusion of a bfloat16 model": (
+        lambda s: [_dictionary(s, 0), _dictionary(s, 1, torch.bfloat16)],
+        lambda s, ds: s.merge("arcee_fusion", ds[1:], ds[0], None, ())),
     "merge multislerp from a base": (lambda s: [_dictionary(s, i) for i in range(4)],
                                      lambda s, ds: s.merge("multislerp", ds[1:], ds[0], [1.0, 2.0, 0.5], ())),
     "merge ties with densities and weights by layer": (

@@ -126,8 +126,10 @@ MERGE_OPTIONS = {
     "karcher": st.fixed_dictionaries({}, optional={"max_iter": st.sampled_from([0, 3]), "tol": st.sampled_from([0.0, 1e-3])}),
     "sce": st.fixed_dictionaries({}, optional={"select_topk": st.sampled_from([0.0, 0.4, 1.0])}),
     "nearswap": st.fixed_dictionaries({"t": st.sampled_from([0.0, 0.5, 10.0])}),
+    "ram": st.fixed_dictionaries({}, optional={"epsilon": st.sampled_from([0.0, 0.5]), "r": st.sampled_from([0.0, 0.3])}),
+    "arcee_fusion": st.just({}),
 }
-COUNTS = {"slerp": (2, 2), "nearswap": (1, 1), "model_stock": (2, 4)}
+COUNTS = {"slerp": (2, 2), "nearswap": (1, 1), "arcee_fusion": (1, 1), "model_stock": (2, 4)}
 """How many dictionaries a method takes (besides a base), where not 1 to 4."""
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

@@ -1514,13 +1514,15 @@ class Client:
                 rescale_norm="probability", consensus=False, normalize=False, lam=1), breadcrumbs (base; density required, gamma=.01, consensus=False,
                 normalize=False, lam=1, rescale=False), multislerp (optional base; normalize=True), karcher (no
                 base, non-negative weights; max_iter=10, tol=1e-5), sce (base, no weights; select_topk=1),
-                model_stock (base and at least two dictionaries, no weights; filter_wise=False), nearswap (base and
-                one dictionary, no weights; t required, a distance). Every method takes integers="first",
-                "max" or "mean". t, density, lam, gamma, epsilon and select_topk also take mergekit's gradients: a list of values
+                ram (base, no weights; epsilon=1e-5, r=0 (RAM+ with r > 0), alpha=.2), model_stock (base and at
+                least two dictionaries, no weights; filter_wise=False), nearswap (base and one dictionary, no
+                weights; t required, a distance), arcee_fusion (base and one dictionary, no weights). Every
+                method takes integers="first",
+                "max" or "mean". t, density, lam, gamma, epsilon, select_topk, r and alpha also take mergekit's gradients: a list of values
                 over the layers, e.g. t=[0, 0.5, 1].
             dicts: dictionary handles (a module, model or optimizer stands for its parameters).
-            base: the model the others were fine-tuned from (every method but linear, slerp, multislerp and
-                karcher; optional for slerp and multislerp).
+            base: the model the others were fine-tuned from (every method but linear and karcher; optional
+                for slerp and multislerp).
             weights: one weight per dictionary; 1 each if None. A weight may be a list, mergekit's
                 gradient over the layers: weights=[[1, 0], [0, 1]] moves from the first model at the
                 first layer to the second at the last.

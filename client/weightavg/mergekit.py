@@ -82,6 +82,9 @@ RULES: dict[str, MethodRule] = {
     "karcher": MethodRule("karcher", {"max_iter": ("max_iter", 10), "tol": ("tol", 1e-5)}, whole=("max_iter",)),
     "sce": MethodRule("sce", {"select_topk": ("select_topk", 1.0), "int8_mask": ("", False)}),
     "nearswap": MethodRule("nearswap", {"t": ("t", None)}),
+    "ram": MethodRule("ram", {"epsilon": ("epsilon", 1e-5)}),
+    "ramplus_tl": MethodRule("ram", {"r": ("r", 0.1), "alpha": ("alpha", 0.2), "epsilon": ("epsilon", 1e-5)}),
+    "arcee_fusion": MethodRule("arcee_fusion", {}),
 }
 """The mergekit methods the server has, with mergekit 0.1.5's defaults (its registry's
 GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."""
@@ -308,8 +311,8 @@ def _inputs(
     others = [label for label in labels if label != base_name]
     if method == "nuslerp" and len(others) != 2:
         raise ValueError(f"nuslerp takes two models besides the base, given {len(others)}")
-    if method == "nearswap" and len(others) != 1:
-        raise ValueError(f"nearswap takes the base_model and one other model, given {len(others)} others")
+    if method in ("nearswap", "arcee_fusion") and len(others) != 1:
+        raise ValueError(f"{method} takes the base_model and one other model, given {len(others)} others")
     if method == "slerp":
         if len(others) != 1:
             raise ValueError(f"slerp takes the base_model and one other model, given {len(others)} others")

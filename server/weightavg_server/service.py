@@ -1230,7 +1230,8 @@ class Service:
         tensor_densities: merging.TensorWeights = (), *, request: RequestKey | None = None,
     ) -> Ref:
         """A new dictionary merged from dictionaries by a method (`merging.METHODS`: linear, slerp,
-        task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, model_stock, nearswap),
+        task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, ram, model_stock, nearswap,
+        arcee_fusion),
         against `base` where the method takes one, one tensor at a time; weights (and TIES and
         DARE's per-dictionary densities) may be mergekit's gradients over the layers, and differ by
         entry-name pattern (`tensor_weights`, `tensor_densities`)."""

@@ -4538,13 +4538,13 @@ class MergeDictionariesRequest(_message.Message):
     DENSITIES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     method: _builtins.str
-    """linear, slerp, task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce,
-    model_stock or nearswap.
+    """linear, slerp, task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, ram,
+    model_stock, nearswap or arcee_fusion.
     """
     base: _builtins.str
-    """Base dictionary handle id for task_arithmetic, ties, dare, della, breadcrumbs, sce, model_stock
-    and nearswap (the model the others were fine-tuned from), optional for slerp and multislerp;
-    empty for linear and karcher.
+    """Base dictionary handle id for task_arithmetic, ties, dare, della, breadcrumbs, sce, ram,
+    model_stock, nearswap and arcee_fusion (the model the others were fine-tuned from), optional for
+    slerp and multislerp; empty for linear and karcher.
     """
     request_id: _builtins.str
     """Optional UUID (8-4-4-4-12 hex) that makes the call exactly-once: a retry with the same ID gets
@@ -4559,7 +4559,9 @@ class MergeDictionariesRequest(_message.Message):
 
     @_builtins.property
     def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """One weight per dictionary; empty means 1 each. slerp, sce, model_stock and nearswap take none."""
+        """One weight per dictionary; empty means 1 each. slerp, sce, ram, model_stock, nearswap and
+        arcee_fusion take none.
+        """
 
     @_builtins.property
     def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___Option]:

@@ -723,8 +723,8 @@ class WeightAveragingServiceServicer:
 
     def MergeDictionaries(self, request, context):
         """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
-        task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, model_stock,
-        nearswap) into a new dictionary, one tensor at a time, all or nothing.
+        task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, ram, model_stock,
+        nearswap, arcee_fusion) into a new dictionary, one tensor at a time, all or nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -201,8 +201,8 @@ class WeightAveragingServiceStub:
     """
     MergeDictionaries: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.MergeDictionariesRequest, _weightavg_pb2.MergeDictionariesResponse]
     """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
-    task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, model_stock,
-    nearswap) into a new dictionary, one tensor at a time, all or nothing.
+    task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, ram, model_stock,
+    nearswap, arcee_fusion) into a new dictionary, one tensor at a time, all or nothing.
     """
     ApplyOuterStep: _grpc.UnaryUnaryMultiCallable[_weightavg_pb2.ApplyOuterStepRequest, _weightavg_pb2.ApplyOuterStepResponse]
     """ApplyOuterStep steps an optimizer once with the gradient "parameters - average": the server-side
@@ -419,8 +419,8 @@ class WeightAveragingServiceAsyncStub(WeightAveragingServiceStub):
     """
     MergeDictionaries: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.MergeDictionariesRequest, _weightavg_pb2.MergeDictionariesResponse]  # type: ignore[assignment]
     """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
-    task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, model_stock,
-    nearswap) into a new dictionary, one tensor at a time, all or nothing.
+    task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, ram, model_stock,
+    nearswap, arcee_fusion) into a new dictionary, one tensor at a time, all or nothing.
     """
     ApplyOuterStep: _aio.UnaryUnaryMultiCallable[_weightavg_pb2.ApplyOuterStepRequest, _weightavg_pb2.ApplyOuterStepResponse]  # type: ignore[assignment]
     """ApplyOuterStep steps an optimizer once with the gradient "parameters - average": the server-side
@@ -934,8 +934,8 @@ class WeightAveragingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_weightavg_pb2.MergeDictionariesResponse, _abc.Awaitable[_weightavg_pb2.MergeDictionariesResponse]]:
         """MergeDictionaries combines dictionaries by a model-merging method (linear, slerp,
-        task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, model_stock,
-        nearswap) into a new dictionary, one tensor at a time, all or nothing.
+        task_arithmetic, ties, dare, della, breadcrumbs, multislerp, karcher, sce, ram, model_stock,
+        nearswap, arcee_fusion) into a new dictionary, one tensor at a time, all or nothing.
         """
 
     @_abc_1.abstractmethod

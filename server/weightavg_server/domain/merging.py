@@ -1,5 +1,6 @@
 """Averaging and merging across models: a weighted mean of N dictionaries (federated averaging) and
-the model-merging methods linear, slerp, task arithmetic, TIES and DARE, one tensor at a time.
+the model-merging methods (`METHODS`: linear, slerp, task arithmetic, TIES, DARE, DELLA, breadcrumbs,
+multislerp, Karcher, SCE, RAM, Model Stock, NearSwap, Arcee Fusion), one tensor at a time.
 
 A call is planned first (`plan`): every dictionary is checked (same names, shapes that broadcast,
 one device, floating or integer entries, options through the options engine) before anything is
@@ -156,13 +157,20 @@ METHODS: dict[str, Method] = {
                unweighted="it weighs each model by its delta's mean square"),
         Method("nearswap", (Opt("t", ValueType.FLOAT, check=NON_NEGATIVE, required=True, gradient=True), _INTEGERS),
                base=True, unweighted="each element moves from the base by 't' over their distance there", count=1),
+        Method("ram", (Opt("epsilon", ValueType.FLOAT, 1e-5, NON_NEGATIVE, gradient=True),
+                       Opt("r", ValueType.FLOAT, 0.0, NON_NEGATIVE, gradient=True),
+                       Opt("alpha", ValueType.FLOAT, 0.2, NON_NEGATIVE, gradient=True), _INTEGERS),
+               base=True, unweighted="each element averages the models that changed it by more than epsilon"),
+        Method("arcee_fusion", (_INTEGERS,), base=True, count=1,
+               unweighted="each element of the model is kept or dropped by its importance"),
     )
 }
 MERGE_METHODS = tuple(name for name in METHODS if name != "average")
 """The methods `merge` takes; "average" is the weighted mean of its own verb."""
 
 SAME_SHAPES = {"model_stock": "takes the angle between whole tensors", "della": "ranks each row of the tensors",
-               "karcher": "takes the angle between whole tensors", "sce": "ranks each element's variance across the models"}
+               "karcher": "takes the angle between whole tensors", "sce": "ranks each element's variance across the models",
+               "arcee_fusion": "compares the rows of the model and the base"}
 """Methods whose inputs must have one shape (no broadcast), and why."""
 
 STOCK_EPS = 1e-6
@@ -923,6 +931,17 @@ def _scratch(
         return acc + (work,) * 3 + base_cast + ((torch.bool,) if trims else ()), max(select, _dot_bytes(numel, {work}))
     if method.name == "nearswap":
         return acc + (work,) + ((work,) if tensors[0].dtype != work else ()), 0
+    if method.name == "ram":
+        # The delta, |delta|, the counts then factors, with r the unique elements' indicator; the base
+        # cast; the mask; and `_dot`'s chunks for RAM+'s counts.
+        unique = (work,) if float_value(options, "r") > 0 else ()
+        base_cast = (work,) if tensors[0].dtype != work else ()
+        return acc + (work,) * 3 + unique + base_cast + (torch.bool,), _dot_bytes(numel, {work})
+    if method.name == "arcee_fusion":
+        rows = _rows(tuple(tensors[0].shape))
+        # Two softmaxes (the second then the KL terms, the first then the importance), the mask; torch
+        # allocates each row's max and sum (twice), the KL per row, and kthvalue's copy and indices.
+        return acc + (work, work, torch.bool), max(numel * (_size(work) + 8), 5 * rows * _size(work)) + FUSION_SCALARS
     if method.name == "model_stock":
         filter_wise = bool_value(options, "filter_wise")
         whole = _stock_layout(tuple(tensors[0].shape), len(tensors) - 1, filter_wise)[0] == 1
@@ -1739,6 +1758,109 @@ def _sce_select(
     torch.lt(variance, threshold, out=dropped)
 
 
+def _ram(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """RAM (Reinforced Agent Merging; mergekit's `ram`, and with r > 0 its `ramplus_tl`). With deltas
+    d_i = x_i - base, an element of d_i counts where |d_i| > epsilon; c is how many models count
+    there. The result is base plus, per element, each counting delta divided by c where c > 1 (the
+    models that share it are averaged) and taken whole where c = 1 (a change only one model made is
+    kept at full strength, where a plain mean would dilute it). With r > 0 (RAM+), model i's unique
+    changes are scaled by lambda_i = 1 + r clamp(shared_i / max(unique_i, epsilon), 0, alpha), shared_i
+    and unique_i the counts of its elements that count with c > 1 and c = 1. r = 0 is RAM.
+
+    Passes: the counts, (with r) each model's shared and unique counts (float64 sums of 0/1, exact),
+    then the sum; each delta is remade from its model per pass. A NaN delta never counts (mergekit's
+    multiplies it by 0, which leaves NaN)."""
+    assert slot.work is not None and b is not None
+    epsilon, r, alpha = (float_value(slot.options, k) for k in ("epsilon", "r", "alpha"))
+    acc = _accumulator(slot, out, scratch)
+    delta, size, factor = (scratch.take(slot.shape, slot.work) for _ in range(3))
+    unique = scratch.take(slot.shape, slot.work) if r > 0 else None
+    base = b if b.dtype == slot.work else scratch.take(slot.shape, slot.work).copy_(b)
+    mask = scratch.take(slot.shape, torch.bool)
+
+    def counting(i: int) -> torch.Tensor:
+        """delta := d_i, and the mask of where it counts."""
+        torch.sub(delta.copy_(xs[i]) if xs[i].dtype != slot.work else xs[i], base, out=delta)
+        return torch.gt(torch.abs(delta, out=size), epsilon, out=mask)
+
+    factor.zero_()
+    for i in range(len(xs)):
+        factor.add_(counting(i))
+    scales = [1.0] * len(xs)
+    if unique is not None:
+        unique.copy_(torch.eq(factor, 1, out=mask))
+        for i in range(len(xs)):
+            ones = size.copy_(counting(i))
+            alone = _dot(ones, unique)
+            shared = _dot(ones) - alone
+            if alone > 0:  # (with none alone its scale multiplies nothing; epsilon may be 0)
+                scales[i] = 1.0 + r * min(max(shared / max(alone, epsilon), 0.0), alpha)
+    factor.clamp_(min=1).reciprocal_()  # 1 / c, and 1 where c is 0 or 1
+    acc.zero_()
+    for i in range(len(xs)):
+        counting(i).logical_not_()
+        delta.masked_fill_(mask, 0)
+        acc.addcmul_(delta, factor)
+        if unique is not None and scales[i] != 1.0:
+            acc.addcmul_(delta, unique, value=scales[i] - 1.0)
+    acc.add_(base)
+    _finish(acc, out)
+
+
+FUSION_EPS = 1e-8
+"""Arcee Fusion's floor (mergekit's): added to every softmax probability before the KL divergence."""
+FUSION_QUANTILES = (0.25, 0.5, 0.75)
+"""The importance quantiles Arcee Fusion's threshold is made of: median + 1.5 (q3 - q1)."""
+FUSION_SCALARS = 8 * 8
+"""The 0-dim work-dtype tensors the threshold is computed in."""
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor taken along its last dimension (a 0-dim tensor as one row of one)."""
+    return math.prod(shape[:-1]) if shape else 1
+
+
+def _arcee_fusion(
+    slot: Slot, xs: list[torch.Tensor], b: torch.Tensor | None, weights: tuple[float, ...], out: torch.Tensor,
+    scratch: Scratch,
+) -> None:
+    """Arcee Fusion (mergekit's `arcee_fusion`): one model against the base. Each element's importance
+    is |x - base| times its row's KL divergence sum p log(p / q) between the softmaxes (over the last
+    dimension) of the model's and the base's row, each probability plus 1e-8; the model's change is
+    kept where the importance is at least median + 1.5 (q3 - q1) of all the importances (quartiles
+    sorted[floor(q (n - 1))]) and dropped elsewhere: base + (x - base) [kept].
+
+    mergekit estimates the quartiles from a random sample of 1M elements when a tensor has more; the
+    server takes them over every element, so it is exact and repeatable there (and the same below).
+    The threshold is computed in the work dtype, as mergekit's float32 tensors do."""
+    assert slot.work is not None and b is not None
+    acc = _accumulator(slot, out, scratch)
+    model, base = scratch.take(slot.shape, slot.work), scratch.take(slot.shape, slot.work)
+    kept = scratch.take(slot.shape, torch.bool)
+    n = slot.numel
+    if n == 0:
+        return
+    cols = slot.shape[-1] if slot.shape else 1
+    p, q = model.view(-1, cols), base.view(-1, cols)
+    for probabilities, shaped, x in ((p, model, xs[0]), (q, base, b)):
+        shaped.copy_(x)  # (a view of any layout, cast as it is copied)
+        probabilities.sub_(probabilities.amax(dim=1, keepdim=True)).exp_()
+        probabilities.div_(probabilities.sum(dim=1, keepdim=True)).add_(FUSION_EPS)
+    kl = q.div_(p).log_().mul_(p).sum(dim=1, keepdim=True).neg_()  # sum p log(p / q) = -sum p log(q / p)
+    model.copy_(xs[0]).sub_(b)
+    importance = p.abs_().mul_(kl)
+    del kl
+    flat_importance = importance.view(-1)
+    q1, median, q3 = (torch.kthvalue(flat_importance, int(f * (n - 1)) + 1).values for f in FUSION_QUANTILES)
+    threshold = float(median + 1.5 * (q3 - q1))
+    torch.lt(importance.view(slot.shape), threshold, out=kept)
+    torch.sub(acc.copy_(xs[0]), b, out=acc).masked_fill_(kept, 0).add_(b)
+    _finish(acc, out)
+
+
 NEARSWAP_EPS = 1e-6
 """mergekit's nearswap floor: a distance below it is taken as it, so equal elements keep the base."""
 
@@ -1885,4 +2007,6 @@ _KERNELS: dict[str, Kernel] = {
     "karcher": _karcher,
     "sce": _sce,
     "nearswap": _nearswap,
+    "ram": _ram,
+    "arcee_fusion": _arcee_fusion,
 }
