@@ -99,7 +99,7 @@ def test_every_option_of_the_client_commands_is_in_ops_md(capsys: pytest.Capture
     options have their table (tests/test_docs_facts.py); --timeout was documented for health alone."""
     text = (ROOT / "docs" / "ops.md").read_text()
     client = [name for name in COMMANDS if name not in ("serve", "demo")]
-    assert client == ["health", "info", "stats", "snapshot", "purge"]
+    assert client == ["health", "info", "stats", "snapshot", "purge", "merge"]
     for name in client:
         code, out, _ = run_main([name, "--help"], capsys)
         options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", out)) - {"--help"}

@@ -16,6 +16,9 @@ differ by a few ulps (an ulp at 1 is 1.2e-7).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import LiveServer  # the fixture's type; pytest puts tests/ on sys.path
 from weightavg import Client, Handle
 from weightavg import mergekit as configs
 
@@ -330,3 +335,53 @@ def test_mergekit_gives_the_head_and_final_norm_a_gradients_first_value(
         np.testing.assert_array_equal(got[name], a[name], err_msg=name)
     np.testing.assert_array_equal(want[last], b[last])
     np.testing.assert_array_equal(got[last], b[last])
+
+
+def test_weightavg_merge_turns_checkpoint_files_and_a_yaml_config_into_mergekits_checkpoint(
+    live_server: LiveServer, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """The command line over the files themselves, as `mergekit-yaml config.yml out/` runs: `weightavg
+    merge ADDRESS config.yml OUT` reads each checkpoint directory, merges on the server and writes
+    OUT/model.safetensors with mergekit's numbers, beside the base's config.json, loadable by
+    transformers; nothing stays on the server. With out_dtype the tensors are written in it."""
+    config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
+    want = mergekit(config, tmp_path / "mergekit")
+    before = {handle_id for handle_id, _ in live_server.registry.items()}
+    (tmp_path / "ties.yml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
+                           str(tmp_path / "ties.yml"), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"wrote {tmp_path / 'out' / 'model.safetensors'}"
+    got = tensors(tmp_path / "out")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
+    assert (tmp_path / "out" / "config.json").read_text() == (checkpoints["base"] / "config.json").read_text()
+    loaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
+    np.testing.assert_array_equal(loaded.state_dict()["lm_head.weight"].numpy(), got["lm_head.weight"])
+    assert {handle_id for handle_id, _ in live_server.registry.items()} == before
+
+    (tmp_path / "bf16.json").write_text(json.dumps({**config, "out_dtype": "bfloat16"}))
+    done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
+                           str(tmp_path / "bf16.json"), str(tmp_path / "bf16")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    low = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    for name in want:
+        assert low[name].dtype == torch.bfloat16, name
+        np.testing.assert_allclose(low[name].float().numpy(), got[name], rtol=2**-8, atol=0, err_msg=name)
+
+
+def test_weightavg_merge_names_what_it_cannot_read(live_server: LiveServer, checkpoints: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """A model given by a Hugging Face ID (not downloaded) and a config that is no mapping: one line
+    each on stderr that says what to do, exit status 1, nothing made on the server."""
+    before = {handle_id for handle_id, _ in live_server.registry.items()}
+    config = {**CASES["model stock"][0](checkpoints), "base_model": "org/not-downloaded"}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    (tmp_path / "list.yml").write_text("- 1\n- 2\n")
+    for path, message in ((tmp_path / "c.json", "model 'org/not-downloaded' of the config is not a local directory"),
+                          (tmp_path / "list.yml", "holds no mergekit config")):
+        done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address, str(path),
+                               str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert {handle_id for handle_id, _ in live_server.registry.items()} == before

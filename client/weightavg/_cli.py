@@ -1,7 +1,8 @@
 """`weightavg`: the command line. Each subcommand is one function in COMMANDS.
 
 `serve` and `demo` need the server extra (torch) and import it only when asked; `health`, `info`,
-`stats`, `snapshot` and `purge` are operator commands that need only this thin client. Their
+`stats`, `snapshot` and `purge` are operator commands that need only this thin client, as does
+`merge` (mergekit configs over local safetensors checkpoints; YAML needs PyYAML). Their
 failures print one line on stderr, `weightavg COMMAND: CODE: message`, with hints in flags.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from . import __version__
+from . import __version__, mergekit
 from ._client import DEFAULT_PORT, MAX_TIMEOUT, Client, checked_timeout, target
 from ._errors import NotFoundError, WeightavgError
 
@@ -143,14 +144,14 @@ class _CliClient(Client):
         return f" (no answer within --timeout {self.timeout:g} s; give a longer --timeout)"
 
 
-def _client(args: argparse.Namespace) -> Client:
+def _client(args: argparse.Namespace, **options: Any) -> Client:
     return _CliClient(
         args.address, timeout=args.timeout, token=args.token, tls=args.tls, tls_ca=args.tls_ca,
-        client_cert=args.client_cert, client_key=args.client_key,
+        client_cert=args.client_cert, client_key=args.client_key, **options,
     )
 
 
-def _failed(name: str, exc: WeightavgError | OSError) -> int:
+def _failed(name: str, exc: WeightavgError | OSError | ValueError) -> int:
     """Print a failure once, as `weightavg NAME: CODE: message` (or the file that could not be read,
     for --tls-ca and the client certificate), and return the exit status 1."""
     print(f"weightavg {name}: {exc}", file=sys.stderr)
@@ -258,6 +259,49 @@ def _purge(argv: list[str]) -> int:
     )
 
 
+def _merge(argv: list[str]) -> int:
+    p = _probe_parser(
+        "merge", "Merge local safetensors checkpoints on a server as a mergekit config says, as mergekit-yaml "
+        "would: every model the config names (a directory of *.safetensors, or one file) is uploaded, merged there "
+        "(weightavg.mergekit), and the result written to OUT/model.safetensors with the base model's config and "
+        "tokenizer files. Exit status 0 when written, 1 otherwise (nothing is left on the server either way).",
+        timeout=3600.0,
+    )
+    p.add_argument("config", help="the mergekit config: YAML (needs PyYAML) or JSON")
+    p.add_argument("out", help="directory to write model.safetensors (and the copied files) to")
+    p.add_argument("--shm", action="store_true",
+                   help="move the tensors through shared memory (a server on this host started with --allow-shm)")
+    p.add_argument("--seed", type=int, help="seed of DARE's and DELLA's random masks (the server's default: 0)")
+    args = _parse(p, argv)
+    options = {"seed": args.seed} if args.seed is not None else {}
+    try:
+        config = _mergekit_config(args.config)
+        with _client(args, shm=args.shm, session=True) as client:
+            written = mergekit.merge_checkpoints(client, config, args.out, **options)
+    except (WeightavgError, OSError, ValueError) as exc:
+        return _failed("merge", exc)
+    print(f"wrote {written}")
+    return 0
+
+
+def _mergekit_config(path: str) -> dict[str, Any]:
+    """A mergekit config file read as data: JSON, or YAML through PyYAML's safe loader (plain data
+    only, no tags that construct objects), which a client-only install may lack."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        loaded = json.loads(text)
+    else:
+        try:
+            yaml = importlib.import_module("yaml")
+        except ImportError:
+            raise ValueError(f"{path} is YAML, which needs PyYAML: pip install pyyaml (or give the config as JSON)") from None
+        loaded = yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds no mergekit config (a mapping with merge_method and models)")
+    return loaded
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "run the server (needs weightavg[server]); weightavg serve --help lists every option"),
     "demo": (_demo, "does weight averaging help? trains and compares, through an embedded server (--reference: the"
@@ -268,6 +312,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "snapshot": (_snapshot, "ask a running server to snapshot every live handle to its --state-dir; exit "
                  f"{SNAPSHOT_INCOMPLETE} when it left some out"),
     "purge": (_purge, "free every handle on a running server (every client's: an operator's clean-up)"),
+    "merge": (_merge, "merge local safetensors checkpoints on a server as a mergekit config says; writes "
+              "OUT/model.safetensors"),
 }
 """Subcommand name -> (function taking the remaining arguments and returning the exit status, summary)."""
 

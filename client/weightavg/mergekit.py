@@ -17,10 +17,17 @@ counterpart for) is refused with ValueError naming it, rather than merged differ
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import checkpoints
 
 if TYPE_CHECKING:
     from ._client import Client, HandleLike
@@ -126,6 +133,88 @@ def merge(client: Client, config: Mapping[str, Any], models: Mapping[str, Handle
     if first not in models:
         raise ValueError(f"model {first!r} of the config has no handle; give models={{{first!r}: handle, ...}}")
     return call(config, models, _entry_names(client, models[first]), **options).run(client)
+
+
+OUTPUT_FILE = "model.safetensors"
+SIDE_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "vocab.txt", "merges.txt", "chat_template.jinja")
+"""Files copied beside the merged weights from the base model's directory (or the first model's), with
+every file whose name starts with "tokenizer": what loading the result as a Hugging Face model needs,
+as mergekit copies them."""
+OUT_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
+"""mergekit's `out_dtype` (else `dtype`) values that the written floating tensors are cast to."""
+
+
+def merge_checkpoints(
+    client: Client, config: Mapping[str, Any], out: str | os.PathLike[str], *,
+    paths: Mapping[str, str | os.PathLike[str]] | None = None, **options: Any,
+) -> Path:
+    """Merge local safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
+    config.yml out/` would: each model the config names is read (a directory of *.safetensors shards,
+    or one file; `paths` maps a config's name to another place), uploaded, merged by `merge`, and the
+    result written to out/model.safetensors, its floating tensors cast to the config's `out_dtype` (or
+    `dtype`) where it gives one, with the base model's (or the first model's) config and tokenizer
+    files beside it. Every handle made is freed, also on failure. Returns the written file.
+
+    Names are local paths only: a Hugging Face repository ID must be downloaded first (e.g.
+    `huggingface-cli download org/model --local-dir DIR`, then name DIR)."""
+    names = _referenced(config)
+    where = {name: Path((paths or {}).get(name, name)) for name in names}
+    for name, path in where.items():
+        if not path.exists():
+            raise ValueError(f"model {name!r} of the config is not a local directory or .safetensors file ({path}); "
+                             f"download it first (e.g. huggingface-cli download {name} --local-dir DIR) and name DIR")
+    dtype = config.get("out_dtype") or config.get("dtype")
+    if dtype is not None and str(dtype) not in OUT_DTYPES:
+        raise ValueError(f"mergekit dtype {dtype!r} is not one the written checkpoint takes ({', '.join(OUT_DTYPES)})")
+    made: list[HandleLike] = []
+    try:
+        handles: dict[str, HandleLike] = {}
+        for name in names:
+            handles[name] = client.dict(checkpoints.read(where[name]))
+            made.append(handles[name])
+        merged = merge(client, config, handles, **options)
+        made.append(merged)
+        values = dict(client._fetch_named(merged.id, []))
+    finally:
+        if made:
+            client.free(*made)
+    if dtype is not None:
+        values = {name: _cast(value, str(dtype)) for name, value in values.items()}
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    written = target / OUTPUT_FILE
+    checkpoints.write(written, values, {"format": "pt", "merge_method": str(config.get("merge_method"))})
+    source = where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]]
+    if source.is_dir():
+        for f in sorted(source.iterdir()):
+            if f.is_file() and (f.name in SIDE_FILES or f.name.startswith("tokenizer")):
+                shutil.copyfile(f, target / f.name)
+    return written
+
+
+def _referenced(config: Mapping[str, Any]) -> list[str]:
+    """Every model a config names, in order of appearance: the models (or the one slice's sources),
+    then the base model if it is not among them."""
+    sources = config.get("models")
+    slices = config.get("slices")
+    if sources is None and isinstance(slices, list) and slices and isinstance(slices[0], Mapping):
+        sources = slices[0].get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ValueError("a mergekit config for the server lists its 'models', or one slice of 'sources'")
+    names = list(dict.fromkeys(_model_name(entry) for entry in sources))
+    base = config.get("base_model")
+    if base is not None and str(base) not in names:
+        names.append(str(base))
+    return names
+
+
+def _cast(value: Any, dtype: str) -> Any:
+    """A floating array in the output dtype; other arrays (integer counts, masks) as they are."""
+    array = np.asarray(value)
+    if array.dtype.kind == "f" or array.dtype == np.dtype(checkpoints.DTYPES["BF16"]):
+        return array.astype(checkpoints.DTYPES["BF16"] if dtype == "bfloat16" else np.dtype(dtype))
+    return array
 
 
 def call(

@@ -1,0 +1,162 @@
+"""safetensors checkpoints read and written with numpy alone: the thin client's way to take a model's
+files to the server and bring a merge back, without torch or the safetensors package.
+
+Why here: a safetensors file is an 8-byte little-endian header length, that many bytes of JSON
+(each tensor's dtype, shape and [start, end) byte offsets into the data that follows; an optional
+"__metadata__" of strings), then the data. Nothing in it runs: the JSON is read as data and every
+offset is checked against the file before an array is made over it. Arrays are read-only views of
+the mapped file (np.memmap), so a checkpoint of many GB is never copied whole into memory; bfloat16
+is ml_dtypes' (numpy has none), as everywhere in this client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+"""safetensors' dtype codes and the numpy dtypes of their little-endian elements."""
+
+MAX_HEADER_BYTES = 100 << 20
+"""The largest JSON header read (the safetensors package's own limit): a bigger length is a damaged
+or foreign file, not a header to allocate for."""
+
+WEIGHT_SUFFIX = ".safetensors"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a well-formed safetensors checkpoint, or a directory without one."""
+
+
+def files(path: str | os.PathLike[str]) -> list[Path]:
+    """The safetensors files of a checkpoint: the file itself, or every *.safetensors file in a
+    directory (a model saved whole or in shards), in name order."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is neither a .safetensors file nor a directory")
+    found = sorted(f for f in p.iterdir() if f.name.endswith(WEIGHT_SUFFIX) and f.is_file())
+    if not found:
+        raise CheckpointError(f"{p} holds no *{WEIGHT_SUFFIX} file (only safetensors checkpoints are read; "
+                              "convert a pickled .bin or .pt checkpoint with the safetensors package first)")
+    return found
+
+
+def read(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
+    """Every tensor of a checkpoint (a file, or a directory of shards) by name, as read-only arrays over
+    the mapped files. A name in two shards is refused rather than one silently kept."""
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for f in files(path):
+        for name, array in read_file(f).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} is in two shards of {path} (again in {f.name})")
+            tensors[name] = array
+    return tensors
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
+    """The tensors of one safetensors file, in the order their data lies, each checked: a known dtype,
+    a shape of non-negative integers, offsets within the data that match the shape's bytes and do
+    not overlap another tensor's."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is {size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: a header of {length} bytes does not fit in the file's {size} bytes "
+                                  "(not a safetensors file, or cut short)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: the header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is not a JSON object")
+    start = 8 + length
+    data_bytes = size - start
+    entries = sorted(((name, _entry(path, name, spec, data_bytes)) for name, spec in header.items()
+                      if name != "__metadata__"), key=lambda item: item[1][2])
+    end = 0
+    for name, (_, _, begin, stop) in entries:
+        if begin < end:
+            raise CheckpointError(f"{path}: tensor {name!r} overlaps the tensor before it")
+        end = stop
+    if not entries:
+        return {}
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(data_bytes,)) if data_bytes else None
+    out: dict[str, npt.NDArray[Any]] = {}
+    for name, (dtype, shape, begin, stop) in entries:
+        raw = mapped[begin:stop] if mapped is not None else np.empty(0, np.uint8)
+        out[name] = raw.view(dtype).reshape(shape)
+    return out
+
+
+def _entry(path: str | os.PathLike[str], name: str, spec: Any, data_bytes: int) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
+    """One header entry checked: (dtype, shape, start, end) within the data."""
+    what = f"{path}: tensor {name!r}"
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+        raise CheckpointError(f"{what} lacks dtype, shape or data_offsets")
+    dtype = DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    if dtype is None:
+        raise CheckpointError(f"{what} has dtype {spec['dtype']!r}; readable: {', '.join(DTYPES)}")
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CheckpointError(f"{what} has shape {shape!r}; give a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise CheckpointError(f"{what} has data_offsets {offsets!r} outside the file's {data_bytes} data bytes")
+    if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{what}: {offsets[1] - offsets[0]} bytes for shape {shape} of {spec['dtype']} "
+                              f"({math.prod(shape) * dtype.itemsize} expected)")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def write(path: str | os.PathLike[str], tensors: Mapping[str, npt.ArrayLike],
+          metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors to one safetensors file, in the given order (any file the safetensors package or
+    `read` loads): each array's little-endian, row-major bytes after a header padded with spaces to
+    a multiple of 8 bytes, as the format asks. Written beside `path` first and renamed over it, so a
+    reader never sees half a file."""
+    arrays = {name: _little_endian(np.asarray(value)) for name, value in tensors.items()}
+    codes = {dtype: code for code, dtype in DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, array in arrays.items():
+        code = codes.get(array.dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    temporary = Path(f"{path}.partial")
+    with open(temporary, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for array in arrays.values():
+            f.write(array.reshape(-1).view(np.uint8).data)
+    os.replace(temporary, path)
+
+
+def _little_endian(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The array contiguous, its elements little-endian (safetensors' byte order); a 0-dim array stays
+    0-dim (np.ascontiguousarray makes it 1-dim)."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array if array.flags.c_contiguous else array.copy(order="C")
