@@ -993,9 +993,84 @@ def _multislerp_in_process(models: list[list[torch.Tensor]]) -> list[torch.Tenso
     return merged
 
 
+def _karcher_in_process(models: list[list[torch.Tensor]], max_iter: int = 10, tol: float = 1e-5) -> list[torch.Tensor]:
+    """The Karcher mean as mergekit's `karcher_merge_tensors` reads (equal weights): unit tensors,
+    their normalised mean, then Riemannian steps along the weighted log maps, times the mean norm."""
+    merged = []
+    n = len(models)
+    for i in range(len(models[0])):
+        norms = [m[i].norm() for m in models]
+        units = [m[i] / norm for m, norm in zip(models, norms)]
+        mean = sum(units) / n
+        assert isinstance(mean, torch.Tensor)
+        mean = mean / mean.norm()
+        for _ in range(max_iter):
+            tangent = torch.zeros_like(mean)
+            for u in units:
+                dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+                theta = torch.arccos(dot)
+                if theta.item() < tol:
+                    continue
+                tangent += (theta / torch.sin(theta)) * (u - dot * mean) / n
+            size = tangent.norm()
+            if size.item() < tol:
+                break
+            mean = torch.cos(size) * mean + torch.sin(size) * (tangent / size)
+            mean = mean / mean.norm()
+        merged.append(sum(norms) / n * mean)
+    return merged
+
+
+def _sce_in_process(base: list[torch.Tensor], models: list[list[torch.Tensor]], topk: float) -> list[torch.Tensor]:
+    """SCE as mergekit's `sce_merge` reads: the stacked deltas, the top-variance mask, mean-square
+    weights, the sign election, the agreeing deltas' weighted mean."""
+    merged = []
+    for i, b in enumerate(base):
+        tv = torch.stack([m[i] - b for m in models])
+        var = tv.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * topk)
+        mask = torch.zeros_like(var)
+        mask.view(-1)[torch.topk(var.abs().view(-1), k).indices] = 1
+        tv = tv * mask
+        weights = tv.square().reshape(len(models), -1).mean(dim=1)
+        weights = (weights / weights.sum()).view(-1, *([1] * b.dim()))
+        majority = (tv.sum(dim=0) >= 0).to(tv.dtype) * 2 - 1
+        agree = (tv.sign() == majority) * weights
+        merged.append(b + (tv * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1e-6))
+    return merged
+
+
+def _ram_in_process(base: list[torch.Tensor], models: list[list[torch.Tensor]], epsilon: float) -> list[torch.Tensor]:
+    """RAM as mergekit's `ram_merge` reads: stacked deltas, the counts of those above epsilon, shared
+    ones averaged and unique ones kept."""
+    merged = []
+    for i, b in enumerate(base):
+        tv = torch.stack([m[i] - b for m in models]).view(len(models), -1)
+        counted = tv.abs() > epsilon
+        counts = counted.sum(dim=0, keepdim=True)
+        z = tv * counted
+        merged.append(b + (z * (counts == 1) + z * (counts > 1) / counts.clamp(min=1)).sum(dim=0).view(b.shape))
+    return merged
+
+
+def _arcee_fusion_in_process(base: list[torch.Tensor], model: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Arcee Fusion as mergekit's reads: importance |x - b| times the rows' KL divergence of the
+    softmaxes, the quartiles by a sort, the outlying changes kept."""
+    merged = []
+    for b, x in zip(base, model):
+        p = torch.softmax(x, dim=-1) + 1e-8
+        q = torch.softmax(b, dim=-1) + 1e-8
+        importance = (x - b).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+        ordered = torch.sort(importance.reshape(-1)).values
+        q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+        merged.append(b + (x - b) * (importance >= median + 1.5 * (q3 - q1)))
+    return merged
+
+
 def merge_methods(ctx: Context) -> list[Row | Skip]:
-    """model_stock, breadcrumbs and multislerp of 3 models (25.6M float32 parameters each, 160 tensors)
-    on the server, each against its formula in process as mergekit writes it (stacked tensors)."""
+    """model_stock, breadcrumbs, multislerp, karcher, sce, ram and arcee_fusion of 3 models (one for
+    arcee_fusion; 25.6M float32 parameters each, 160 tensors) on the server, each against its formula
+    in process as mergekit writes it (stacked tensors)."""
     c, count, tensors, width = ctx.client, 3, 160, 400
     base, *models = _server_dicts(c, count + 1, tensors, width)
     local_base, *local_models = _local_dicts(count + 1, tensors, width)
@@ -1006,6 +1081,14 @@ def merge_methods(ctx: Context) -> list[Row | Skip]:
         "breadcrumbs local": lambda: _breadcrumbs_in_process(local_base, local_models, 0.5, 0.05),
         "multislerp": lambda: c.free(c.merge("multislerp", models)),
         "multislerp local": lambda: _multislerp_in_process(local_models),
+        "karcher": lambda: c.free(c.merge("karcher", models)),
+        "karcher local": lambda: _karcher_in_process(local_models),
+        "sce": lambda: c.free(c.merge("sce", models, base=base, select_topk=0.5)),
+        "sce local": lambda: _sce_in_process(local_base, local_models, 0.5),
+        "ram": lambda: c.free(c.merge("ram", models, base=base, epsilon=0.05)),
+        "ram local": lambda: _ram_in_process(local_base, local_models, 0.05),
+        "arcee_fusion": lambda: c.free(c.merge("arcee_fusion", models[:1], base=base)),
+        "arcee_fusion local": lambda: _arcee_fusion_in_process(local_base, local_models[0]),
     }
     times = interleaved(calls, ctx.reps(3, 1))
     c.free(base, *models)
@@ -1017,6 +1100,14 @@ def merge_methods(ctx: Context) -> list[Row | Skip]:
             "mergekit's formula in-process (a sort per tensor)", times, "breadcrumbs", "breadcrumbs local", note=note),
         row("merge methods, 3 models", "merge('multislerp', 3 x 25.6M fp32)", "mergekit's formula in-process",
             times, "multislerp", "multislerp local", note=note),
+        row("merge methods, 3 models", "merge('karcher', 3 x 25.6M fp32)", "mergekit's formula in-process",
+            times, "karcher", "karcher local", note=note),
+        row("merge methods, 3 models", "merge('sce', 3 x 25.6M fp32, select_topk .5)",
+            "mergekit's formula in-process (a topk per tensor)", times, "sce", "sce local", note=note),
+        row("merge methods, 3 models", "merge('ram', 3 x 25.6M fp32, epsilon .05)", "mergekit's formula in-process",
+            times, "ram", "ram local", note=note),
+        row("merge methods, 1 model", "merge('arcee_fusion', 25.6M fp32)", "mergekit's formula in-process (a sort per tensor)",
+            times, "arcee_fusion", "arcee_fusion local", note=note),
     ]
 
 

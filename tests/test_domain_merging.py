@@ -2101,3 +2101,16 @@ def test_arcee_fusion_and_ram_refuse_what_they_cannot_merge() -> None:
         plan_of("ram", ds, base=base, weights=[1.0, 2.0])
     with pytest.raises(InvalidArgument, match="'r'"):
         plan_of("ram", ds, base=base, options={"r": -0.1})
+
+
+def test_karcher_of_two_models_is_the_slerp_at_their_weights_share() -> None:
+    """For two directions the weighted Karcher mean lies on the arc between them at w2 / (w1 + w2) of
+    the angle: the slerp there, times the weighted mean length (a fact of the sphere, not of any
+    implementation; the normalised linear mean, where the iteration starts, lies elsewhere)."""
+    a, b = torch.tensor([3.0, 0.0, 1.0]), torch.tensor([0.0, 2.0, -1.0])
+    got = merged("karcher", [TensorDict({"x": a}), TensorDict({"x": b})], weights=[1.0, 3.0],
+                 options={"max_iter": 100, "tol": 1e-12}).entries["x"].double()
+    u, v = a.double() / a.norm(), b.double() / b.norm()
+    theta = math.acos(float(u @ v))
+    arc = (math.sin(0.25 * theta) * u + math.sin(0.75 * theta) * v) / math.sin(theta)
+    assert_close(got, arc * (0.25 * float(a.norm()) + 0.75 * float(b.norm())), tol=1e-6)

@@ -295,7 +295,8 @@ def _mergekit_config(path: str) -> dict[str, Any]:
         try:
             yaml = importlib.import_module("yaml")
         except ImportError:
-            raise ValueError(f"{path} is YAML, which needs PyYAML: pip install pyyaml (or give the config as JSON)") from None
+            raise ValueError(f"{path} is YAML, which needs PyYAML: pip install 'weightavg[merge]' (or give the config "
+                             "as JSON)") from None
         loaded = yaml.safe_load(text)
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} holds no mergekit config (a mapping with merge_method and models)")
