@@ -89,7 +89,9 @@ def test_fnmatch_specials_in_filters_and_names_match_only_themselves() -> None:
 
 
 REFUSED: dict[str, tuple[dict[str, Any], str]] = {
-    "a method the server lacks": ({**ties(), "merge_method": "passthrough"}, "'passthrough' is not one the server has"),
+    "a method the server lacks": ({**ties(), "merge_method": "frankenmerge"}, "'frankenmerge' is not one the server has"),
+    "passthrough of two models": ({**ties(), "merge_method": "passthrough", "base_model": None},
+                                  r"passthrough takes one model \(a base_model counts as one\), given 3"),
     "slices beside models": ({**ties(), "slices": []}, "give 'models' or 'slices', not both"),
     "an unknown key": ({**ties(), "modules": {}}, "key 'modules' is not supported"),
     "a parameter of another method": (ties(gamma=0.01), "parameter 'gamma' in parameters is not one ties takes"),

@@ -277,6 +277,12 @@ CASES: dict[str, Case] = {
                    "models": [{"model": str(p["b"])}]},
         lambda c, h: c.merge("arcee_fusion", [h["b"]], base=h["base"]),
     ),
+    "passthrough of one model, scaled by a filtered gradient": (
+        lambda p: {"merge_method": "passthrough",
+                   "models": [{"model": str(p["b"]), "parameters": {"scale": [{"filter": "mlp", "value": [1.0, 0.5]},
+                                                                             {"value": 1.0}]}}]},
+        lambda c, h: c.merge("linear", [h["b"]], normalize=False, per_tensor={"*mlp*": {"weights": [[1.0, 0.5]]}}),
+    ),
     "model stock, filter-wise": (
         lambda p: {"merge_method": "model_stock", "base_model": str(p["base"]), "parameters": {"filter_wise": True},
                    "models": [{"model": str(p["a"])}, {"model": str(p["b"])}]},

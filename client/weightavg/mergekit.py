@@ -92,6 +92,7 @@ RULES: dict[str, MethodRule] = {
     "ram": MethodRule("ram", {"epsilon": ("epsilon", 1e-5)}),
     "ramplus_tl": MethodRule("ram", {"r": ("r", 0.1), "alpha": ("alpha", 0.2), "epsilon": ("epsilon", 1e-5)}),
     "arcee_fusion": MethodRule("arcee_fusion", {}),
+    "passthrough": MethodRule("linear", {}, ("scale",), {"normalize": False}),
 }
 """The mergekit methods the server has, with mergekit 0.1.5's defaults (its registry's
 GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."""
@@ -285,8 +286,9 @@ def call(
             per_tensor[pattern] = _overrides(rule, key)
     shared, per_model = common
     per = dict(zip(rule.per_model, per_model))
+    weights = per.get("weight", per.get("scale"))  # passthrough's scale is its one model's weight
     return MergeCall(
-        rule.method, inputs, None if method_name == "slerp" else base, _numbers(per.get("weight")),
+        rule.method, inputs, None if method_name == "slerp" else base, _numbers(weights),
         _numbers(per.get("density")), per_tensor, {**rule.fixed, **dict(shared), **options},
     )
 
@@ -391,6 +393,11 @@ def _inputs(
     if method == "karcher":
         listed = labels if base_name is None or base_name in labels else [*labels, str(base_name)]
         return None, [handle(label) for label in listed], listed
+    if method == "passthrough":
+        listed = labels if base_name is None or base_name in labels else [*labels, str(base_name)]
+        if len(listed) != 1:
+            raise ValueError(f"passthrough takes one model (a base_model counts as one), given {len(listed)}")
+        return None, [handle(listed[0])], listed
     if method == "linear" or (method in ("multislerp", "nuslerp") and base_name is None):
         if method == "nuslerp" and len(labels) != 2:
             raise ValueError(f"nuslerp takes two models (besides an optional base), given {len(labels)}")
@@ -486,7 +493,7 @@ def _number(value: Any) -> float | None:
 def _per_model(
     name: str, key: str, settings: Mapping[str, Setting], shared: Mapping[str, Setting], label: str, method: Any
 ) -> Resolved:
-    default = 1.0 if key == "density" else None  # mergekit: density 1 (keep all), weight required
+    default = 1.0 if key in ("density", "scale") else None  # mergekit: density 1 (keep all), no scale, weight required
     value = _resolve(name, [settings, shared], key, default)
     if value is None:
         raise ValueError(f"mergekit parameter {key!r} is required for {method} (model {label!r}, entry {name!r})")
@@ -536,7 +543,7 @@ def _overrides(rule: MethodRule, key: Any) -> dict[str, Any]:
     shared, per_model = key
     out: dict[str, Any] = dict(shared)
     for name, values in zip(rule.per_model, per_model):
-        out["weights" if name == "weight" else "densities"] = list(values)
+        out["densities" if name == "density" else "weights"] = list(values)  # (passthrough's scale: weights)
     return out
 
 
