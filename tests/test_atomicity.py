@@ -391,6 +391,10 @@ CASES = [
             method="model_stock", dictionaries=[w.copy], base=w.avg)),
         ("model_stock with weights", IA, lambda w: pb.MergeDictionariesRequest(
             method="model_stock", dictionaries=[w.copy, w.avg], base=w.copy, weights=[1, 2])),
+        ("slerp of each diagonal", IA, lambda w: pb.MergeDictionariesRequest(
+            method="slerp", dictionaries=[w.copy, w.avg], options=[
+                pb.Option(name="t", value=pb.OptionValue(float_value=0.5)),
+                pb.Option(name="vectors", value=pb.OptionValue(string_value="diagonals"))])),
         ("karcher with a base", IA, lambda w: pb.MergeDictionariesRequest(
             method="karcher", dictionaries=[w.copy, w.avg], base=w.copy)),
         ("karcher with a negative weight", IA, lambda w: pb.MergeDictionariesRequest(

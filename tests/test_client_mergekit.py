@@ -174,13 +174,18 @@ def test_nuslerp_is_slerp_at_threshold_1_with_t_from_the_weights() -> None:
     models = [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 3.0}}]
     call = mergekit.call({"merge_method": "nuslerp", "base_model": "base", "models": models}, MODELS, NAMES)
     assert (call.method, call.dicts, call.base, call.weights) == ("slerp", ["h-a", "h-b"], "h-base", None)
-    assert call.options == {"threshold": 1.0, "t": 0.75}
+    assert call.options == {"threshold": 1.0, "t": 0.75, "vectors": "tensor"}
+    for parameters, vectors in (({"nuslerp_flatten": False}, "rows"),
+                                ({"nuslerp_flatten": False, "nuslerp_row_wise": True}, "columns"),
+                                ({"nuslerp_row_wise": True}, "tensor")):  # row_wise counts only unflattened
+        rows = mergekit.call({"merge_method": "nuslerp", "models": models, "parameters": parameters}, MODELS, NAMES)
+        assert rows.options["vectors"] == vectors, parameters
     even = mergekit.call({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1.0}},
                                                                 {"model": "b", "parameters": {"weight": -1.0}}]},
                          MODELS, NAMES)
     assert even.base is None and even.options["t"] == 0.5  # weights summing to 0: halfway, as mergekit
     for config, message in (
-        ({"merge_method": "nuslerp", "models": models, "parameters": {"nuslerp_flatten": False}}, "per row or column"),
+        ({"merge_method": "nuslerp", "models": models, "parameters": {"nuslerp_flatten": 0.5}}, "are true or false"),
         ({"merge_method": "nuslerp", "models": [models[0], {"model": "b", "parameters": {"weight": [0, 1]}}]},
          "give each model's weight as a number"),
         ({"merge_method": "nuslerp", "models": [*models, {"model": "base"}]}, "takes two models"),

@@ -938,7 +938,8 @@ def test_into_reserves_only_scratch() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(("method", "options"), [
-    ("average", {}), ("linear", {}), ("slerp", {"t": 0.3}), ("task_arithmetic", {}), ("ties", {"density": 0.3}),
+    ("average", {}), ("linear", {}), ("slerp", {"t": 0.3}), ("slerp", {"t": 0.3, "vectors": "rows"}),
+    ("slerp", {"t": 0.3, "vectors": "columns"}), ("task_arithmetic", {}), ("ties", {"density": 0.3}),
     ("ties", {"density": 0.3, "normalize": True}), ("dare", {"density": 0.5, "seed": 1}),
     ("dare", {"density": 0.5, "consensus": True, "normalize": True, "seed": 1}),
     ("dare", {"density": 0.5, "seed": 1, "rescale_norm": "l1"}),
@@ -2114,3 +2115,55 @@ def test_karcher_of_two_models_is_the_slerp_at_their_weights_share() -> None:
     theta = math.acos(float(u @ v))
     arc = (math.sin(0.25 * theta) * u + math.sin(0.75 * theta) * v) / math.sin(theta)
     assert_close(got, arc * (0.25 * float(a.norm()) + 0.75 * float(b.norm())), tol=1e-6)
+
+
+# -- slerp of each row or column ------------------------------------------------------------------------
+
+
+def reference_vector_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, vectors: str,
+                           threshold: float = 0.9995) -> torch.Tensor:
+    """mergekit's `nuslerp` with flatten false (dim -1; dim 0 for columns), transcribed in float64
+    with this server's rules per vector (norms of at most 1e-8 taken as 1, the line past the
+    threshold): each vector interpolated on its own arc."""
+    a, b = v0.double(), v1.double()
+    if a.dim() < 2:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif vectors == "rows":
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    else:
+        a, b = a.reshape(a.shape[0], -1).t(), b.reshape(b.shape[0], -1).t()
+    out = torch.empty_like(a)
+    for i in range(a.shape[0]):
+        x, y = a[i], b[i]
+        nx, ny = float(x.norm()), float(y.norm())
+        cos = float(x @ y) / ((nx if nx > 1e-8 else 1.0) * (ny if ny > 1e-8 else 1.0))
+        if abs(cos) > threshold or abs(cos) >= 1 - 2**-44:
+            out[i] = (1 - t) * x + t * y
+        else:
+            theta = math.acos(max(-1.0, min(1.0, cos)))
+            out[i] = (math.sin((1 - t) * theta) * x + math.sin(t * theta) * y) / math.sin(theta)
+    if v0.dim() >= 2 and vectors == "columns":
+        return out.t().reshape(v0.shape)
+    return out.reshape(v0.shape)
+
+
+@pytest.mark.parametrize("vectors", ["rows", "columns"])
+@pytest.mark.parametrize("threshold", [0.9995, 0.3])
+def test_slerp_of_each_row_or_column_is_each_vectors_own_arc(vectors: str, threshold: float) -> None:
+    shapes = {"w": (40, 30), "b": (30,), "conv": (4, 3, 5), "one": (1, 7)}
+    ds = dicts(2, seed=160, shapes=shapes)
+    got = merged("slerp", ds, options={"t": 0.3, "vectors": vectors, "threshold": threshold})
+    for n in shapes:
+        want = reference_vector_slerp(ds[0].entries[n], ds[1].entries[n], 0.3, vectors, threshold)
+        assert_close(got.entries[n], want, tol=2e-6)
+
+
+def test_slerp_of_rows_takes_the_line_where_a_row_is_colinear_or_zero() -> None:
+    """Row 0 colinear (the line), row 1 orthogonal unit rows (the arc's point), row 2 zero in the
+    first model (its norm taken as 1: the arc between 0 and the row), and an empty tensor."""
+    a = TensorDict({"w": torch.tensor([[1.0, 2.0], [1.0, 0.0], [0.0, 0.0]]), "e": torch.zeros(0, 3)})
+    b = TensorDict({"w": torch.tensor([[2.0, 4.0], [0.0, 1.0], [3.0, 4.0]]), "e": torch.zeros(0, 3)})
+    got = merged("slerp", [a, b], options={"t": 0.5, "vectors": "rows"})
+    half = math.sin(math.pi / 4)
+    assert_close(got.entries["w"], torch.tensor([[1.5, 3.0], [half, half], [3.0 * half, 4.0 * half]]))
+    assert got.entries["e"].shape == (0, 3)

@@ -214,6 +214,18 @@ CASES: dict[str, Case] = {
                               {"model": str(p["b"]), "parameters": {"weight": 3.0}}]},
         lambda c, h: c.merge("slerp", [h["a"], h["b"]], base=h["base"], t=0.75, threshold=1.0),
     ),
+    "nuslerp row by row, from a base": (
+        lambda p: {"merge_method": "nuslerp", "base_model": str(p["base"]), "parameters": {"nuslerp_flatten": False},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": 2.0}}]},
+        lambda c, h: c.merge("slerp", [h["a"], h["b"]], base=h["base"], t=2.0 / 3.0, threshold=1.0, vectors="rows"),
+    ),
+    "nuslerp column by column": (
+        lambda p: {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 0.4}},
+                              {"model": str(p["b"]), "parameters": {"weight": 0.6}}]},
+        lambda c, h: c.merge("slerp", [h["a"], h["b"]], t=0.6, threshold=1.0, vectors="columns"),
+    ),
     "multislerp of three without a base, gradient weights": (
         lambda p: {"merge_method": "multislerp",
                    "models": [{"model": str(p["a"]), "parameters": {"weight": [1.0, 0.2]}},

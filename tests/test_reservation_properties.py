@@ -110,7 +110,8 @@ def test_a_drawn_test_allocates_no_more_than_it_reserves(drawn: tuple[training.M
 MERGE_OPTIONS = {
     "average": st.just({}),
     "linear": st.fixed_dictionaries({}, optional={"normalize": st.booleans()}),
-    "slerp": st.fixed_dictionaries({"t": st.sampled_from([0.0, 0.3, 1.0])}),
+    "slerp": st.fixed_dictionaries({"t": st.sampled_from([0.0, 0.3, 1.0])},
+                                   optional={"vectors": st.sampled_from(["tensor", "rows", "columns"])}),
     "task_arithmetic": st.fixed_dictionaries({}, optional={"lam": st.sampled_from([0.5, 1.0]), "normalize": st.booleans()}),
     "ties": st.fixed_dictionaries({"density": st.sampled_from([0.0, 0.2, 1.0])}, optional={"normalize": st.booleans()}),
     "dare": st.fixed_dictionaries({"seed": st.integers(0, 9), "density": st.sampled_from([0.2, 0.9])}, optional={

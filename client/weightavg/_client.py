@@ -1507,7 +1507,7 @@ class Client:
 
         Args:
             method: linear (normalize=True), slerp (two dictionaries, optional base: then their offsets;
-                t required, threshold=.9995),
+                t required, threshold=.9995, vectors="tensor", "rows" or "columns": each its own arc),
                 task_arithmetic (base; lam=1, normalize=False), ties (base; density required, lam=1,
                 normalize=True, rescale=False, rescale_norm="l1"), dare (base; density required, seed=0, rescale=True, consensus=False,
                 normalize=False, lam=1), della (base; density required, epsilon=.15, seed=0, rescale=True,

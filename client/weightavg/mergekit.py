@@ -262,9 +262,12 @@ def call(
             for key in rule.per_model
         )
         if method_name == "nuslerp":
-            if _resolve(name, [shared_settings], "nuslerp_flatten", True) is not True:
-                raise ValueError("nuslerp with nuslerp_flatten: false (a slerp per row or column) is not supported")
-            return ((*shared, ("t", _nuslerp_t(name, per_model[0]))), ())
+            flatten = _resolve(name, [shared_settings], "nuslerp_flatten", True)
+            row_wise = _resolve(name, [shared_settings], "nuslerp_row_wise", False)
+            if not isinstance(flatten, bool) or not isinstance(row_wise, bool):
+                raise ValueError(f"nuslerp_flatten and nuslerp_row_wise at entry {name!r} are true or false")
+            vectors = "tensor" if flatten else "columns" if row_wise else "rows"
+            return ((*shared, ("t", _nuslerp_t(name, per_model[0])), ("vectors", vectors)), ())
         return tuple(shared), per_model
 
     resolved = {name: resolve(name) for name in names}

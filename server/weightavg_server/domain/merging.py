@@ -58,6 +58,10 @@ SLERP_SUMS = 3 * 3 * 8
 """Bytes `_cosine` allocates beside its chunks: the three float64 sums, and a chunk's three dot
 products and their stack (left out of the plan before: 72 bytes over, found by review)."""
 
+SLERP_VECTORS = ("tensor", "rows", "columns")
+"""What slerp takes as one vector: the whole tensor, each slice along its last dimension (a matrix's
+rows: mergekit's nuslerp with nuslerp_flatten false), or each slice along its first dimension (its
+columns: nuslerp_row_wise). A tensor of one dimension (or none) is one vector either way."""
 RESCALE_NORMS = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
 """DARE's rescales that match a norm of the dropped-out delta to the delta's (mergekit's
 `rescaled_masked_tensor`; its dare_linear and dare_ties take "l1"), by the norm's order."""
@@ -128,7 +132,8 @@ METHODS: dict[str, Method] = {
         Method("average", (_INTEGERS,)),
         Method("linear", (Opt("normalize", ValueType.BOOL, True), _INTEGERS)),
         Method("slerp", (Opt("t", ValueType.FLOAT, check=UNIT_INTERVAL, required=True, gradient=True),
-                         Opt("threshold", ValueType.FLOAT, 0.9995, UNIT_INTERVAL), _INTEGERS),
+                         Opt("threshold", ValueType.FLOAT, 0.9995, UNIT_INTERVAL),
+                         Opt("vectors", ValueType.STR, "tensor", choices=SLERP_VECTORS), _INTEGERS),
                unweighted="it interpolates by 't'", count=2, optional_base=True),
         Method("task_arithmetic", (_LAM, Opt("normalize", ValueType.BOOL, False), _INTEGERS), base=True),
         Method("ties", (_DENSITY, _LAM, Opt("normalize", ValueType.BOOL, True), _RESCALE, _RESCALE_NORM, _INTEGERS),
@@ -948,6 +953,11 @@ def _scratch(
         cast = (work,) if whole and kinds != {work} else ()  # by_torch's cast of a bfloat16 input
         return acc + cast, _stock_bytes(tuple(tensors[0].shape), len(tensors) - 1, filter_wise, tensors)
     if method.name == "slerp":
+        if str_value(options, "vectors") != "tensor":
+            shape = tuple(tensors[0].shape)
+            for t in tensors[1:]:  # the result's shape (`_slot` checked that they broadcast)
+                shape = broadcast_shape(shape, tuple(t.shape))
+            return (work, work), _vector_slerp_bytes(shape, str_value(options, "vectors"), work)
         # _cosine casts a chunk of each tensor to float64 at a time (views when work is float64).
         chunks = 0 if work == torch.float64 else 2 * min(numel, SLERP_CHUNK) * _size(torch.float64)
         return (work, work), chunks + SLERP_SUMS
@@ -1230,6 +1240,12 @@ def _slerp(
     if b is not None:
         v0.sub_(b)
         v1.sub_(b)
+    if str_value(slot.options, "vectors") != "tensor":
+        _vector_slerp(slot, v0, v1, t)
+        if b is not None:
+            v0.add_(b)
+        out.copy_(v0)
+        return
     dot = _cosine(v0, v1)
     cosine = max(-1.0, min(1.0, dot)) if math.isfinite(dot) else 1.0
     theta = math.acos(cosine)
@@ -1243,6 +1259,70 @@ def _slerp(
     if b is not None:
         v0.add_(b)
     out.copy_(v0)
+
+
+def _vector_layout(shape: tuple[int, ...], vectors: str) -> tuple[int, int]:
+    """(how many vectors, their length) when slerp takes `vectors` of a tensor of this shape."""
+    numel = math.prod(shape)
+    if len(shape) < 2 or numel == 0:
+        return (1 if numel else 0), numel
+    length = shape[-1] if vectors == "rows" else shape[0]
+    return numel // length, length
+
+
+def _vector_block(count: int, length: int) -> int:
+    """Vectors whose float64 copies `_vector_slerp` holds at once: SLERP_CHUNK elements' worth, at
+    least one vector."""
+    return max(1, min(count, SLERP_CHUNK // max(length, 1)))
+
+
+def _vector_slerp_bytes(shape: tuple[int, ...], vectors: str, work: torch.dtype) -> int:
+    """What `_vector_slerp` allocates: three float64 blocks (the two vectors' copies and their product),
+    three float64 sums per vector and the coefficients' float64 and work-dtype copies (a few per vector)."""
+    count, length = _vector_layout(shape, vectors)
+    block = _vector_block(count, length) * length
+    return 3 * block * 8 + count * (8 * 8 + 2 * _size(work)) + SLERP_SUMS
+
+
+def _as_vectors(t: torch.Tensor, vectors: str) -> torch.Tensor:
+    """A (vectors, length) view of a contiguous tensor: rows as they lie; columns transposed (strided)."""
+    if t.dim() < 2:
+        return t.reshape(1, -1)
+    return t.view(-1, t.shape[-1]) if vectors == "rows" else t.view(t.shape[0], -1).t()
+
+
+def _vector_slerp(slot: Slot, v0: torch.Tensor, v1: torch.Tensor, t: float) -> None:
+    """v0 := the slerp from v0 to v1 at t of each vector (`SLERP_VECTORS`: each row, or each column)
+    on its own, with the whole tensor's rules per vector: the norms and dot product summed in float64
+    (a block of vectors at a time), a norm of at most SLERP_EPS taken as 1, the line where |cos|
+    passes the threshold, is within SLERP_COLINEAR of 1, or is not a number. mergekit's nuslerp
+    with nuslerp_flatten false (and nuslerp_row_wise for columns) reads the same, in float32."""
+    vectors = str_value(slot.options, "vectors")
+    a, c = _as_vectors(v0, vectors), _as_vectors(v1, vectors)
+    count, length = a.shape
+    if count == 0 or length == 0:
+        return
+    f64 = torch.float64
+    block = _vector_block(count, length)
+    x, y, product = (torch.empty(block, length, dtype=f64, device=v0.device) for _ in range(3))
+    sums = torch.empty(3, count, dtype=f64, device=v0.device)
+    for start in range(0, count, block):
+        n = min(block, count - start)
+        xs, ys, ps = x[:n].copy_(a[start:start + n]), y[:n].copy_(c[start:start + n]), product[:n]
+        for k, (p, q) in enumerate(((xs, xs), (ys, ys), (xs, ys))):
+            torch.sum(torch.mul(p, q, out=ps), dim=1, out=sums[k, start:start + n])
+    del x, y, product
+    norms = sums[:2].sqrt_()
+    norms.masked_fill_(norms <= SLERP_EPS, 1.0)
+    cosine = sums[2].div_(norms[0]).div_(norms[1])
+    threshold = float_value(slot.options, "threshold")
+    line = ~(cosine.abs() <= threshold) | (cosine.abs() >= 1.0 - SLERP_COLINEAR)  # (NaN: not <= anything)
+    theta = cosine.clamp_(-1.0, 1.0).acos_()
+    sin_theta = theta.sin().masked_fill_(line, 1.0)
+    first = torch.sin(theta * (1 - t)).div_(sin_theta).masked_fill_(line, 1 - t)
+    second = torch.sin(theta * t).div_(sin_theta).masked_fill_(line, t)
+    shape = (-1, 1)
+    a.mul_(first.to(v0.dtype).view(shape)).add_(c.mul_(second.to(v0.dtype).view(shape)))
 
 
 def _cosine(v0: torch.Tensor, v1: torch.Tensor) -> float:
