@@ -236,8 +236,8 @@ def call(
     model_settings = [_model_parameters(config, label) for label in labels]
     _check_names(rule, shared_settings, model_settings)
 
-    def resolve(name: str) -> tuple[tuple[tuple[str, Resolved], ...], tuple[tuple[Resolved, ...], ...]]:
-        shared = []
+    def resolve(name: str) -> tuple[tuple[tuple[str, Resolved | str], ...], tuple[tuple[Resolved, ...], ...]]:
+        shared: list[tuple[str, Resolved | str]] = []  # (a str: an option the mapping sets, nuslerp's vectors)
         for key, (option, default) in rule.shared.items():
             value = _resolve(name, [shared_settings], key, default)
             if value is None:
