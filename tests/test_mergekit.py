@@ -403,3 +403,24 @@ def test_weightavg_merge_names_what_it_cannot_read(live_server: LiveServer, chec
                                str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
         assert done.returncode == 1 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert {handle_id for handle_id, _ in live_server.registry.items()} == before
+
+
+def test_weightavg_merge_through_shared_memory_writes_the_same_bytes(
+    start_server: Callable[..., LiveServer], checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """--shm against a server on this host with --allow-shm: the read-only mapped checkpoints go up and
+    the merge comes back through shared memory regions, and the file written is the stream's, byte for
+    byte; no handle is left."""
+    server = start_server(allow_shm=True)
+    config = CASES["sce, select_topk a gradient and filtered"][0](checkpoints)
+    (tmp_path / "sce.json").write_text(json.dumps(config))
+    script = str(Path(sys.executable).parent / "weightavg")
+    for way in ("stream", "shm"):
+        done = subprocess.run([script, "merge", server.address, str(tmp_path / "sce.json"), str(tmp_path / way),
+                               *(["--shm"] if way == "shm" else [])], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "shm" / "model.safetensors").read_bytes() == (tmp_path / "stream" / "model.safetensors").read_bytes()
+    with Client(server.address) as c:
+        calls = c.stats()["methods"]
+    assert "/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory" in calls  # the merge came back that way
+    assert not list(server.registry.items())  # every handle freed
