@@ -291,6 +291,13 @@ CASES = [
         ("merge by ties without normalize", lambda c: dicts(c, 4),
          lambda c, ds: c.merge("ties", ds[1:], base=ds[0], density=0.5, normalize=False),
          3 * ENTRY + ROWS * FEATURES + (0 if selection.active() else ENTRY + ROWS * FEATURES * (F32 + 8)), ENTRY),
+        # The result and the model cast to the work dtype beside it (float32: the result is the accumulator).
+        ("merge by nearswap", lambda c: dicts(c, 2), lambda c, ds: c.merge("nearswap", ds[1:], base=ds[0], t=0.5),
+         2 * ENTRY, ENTRY),
+        # The result (the mean direction in place) and the tangent; two float64 chunks of the entry and two
+        # 0-dim float64 sums for its dot products.
+        ("merge by karcher", lambda c: dicts(c, 3), lambda c, ds: c.merge("karcher", ds),
+         2 * ENTRY + 2 * ROWS * FEATURES * 8 + 2 * 8, ENTRY),
         # A pseudo-gradient per parameter (freed) and SGD's momentum buffers (kept).
         ("first outer step with momentum", optimizer_and_average, lambda c, st: c.outer_step(*st), 2 * LAYER, LAYER),
         # The soup (kept), a copy of the model's parameters to put back (freed), and its scoring's

@@ -391,14 +391,21 @@ def test_weightavg_merge_turns_checkpoint_files_and_a_yaml_config_into_mergekits
 
 def test_weightavg_merge_names_what_it_cannot_read(live_server: LiveServer, checkpoints: dict[str, Path],
                                                     tmp_path: Path) -> None:
-    """A model given by a Hugging Face ID (not downloaded) and a config that is no mapping: one line
-    each on stderr that says what to do, exit status 1, nothing made on the server."""
+    """A model given by a Hugging Face ID (not downloaded), a config that is no mapping and a checkpoint
+    cut short (after another model was uploaded): one line each on stderr that says what is wrong,
+    exit status 1, nothing left on the server."""
     before = {handle_id for handle_id, _ in live_server.registry.items()}
     config = {**CASES["model stock"][0](checkpoints), "base_model": "org/not-downloaded"}
     (tmp_path / "c.json").write_text(json.dumps(config))
     (tmp_path / "list.yml").write_text("- 1\n- 2\n")
+    (tmp_path / "cut").mkdir()  # a checkpoint cut short: its header says more than the file holds
+    (tmp_path / "cut" / "model.safetensors").write_bytes((checkpoints["b"] / "model.safetensors").read_bytes()[:4096])
+    cut = {**CASES["model stock"][0](checkpoints), "models": [{"model": str(checkpoints["a"])},
+                                                              {"model": str(tmp_path / "cut")}]}
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
     for path, message in ((tmp_path / "c.json", "model 'org/not-downloaded' of the config is not a local directory"),
-                          (tmp_path / "list.yml", "holds no mergekit config")):
+                          (tmp_path / "list.yml", "holds no mergekit config"),
+                          (tmp_path / "cut.json", "outside the file's")):
         done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address, str(path),
                                str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
         assert done.returncode == 1 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
