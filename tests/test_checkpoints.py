@@ -124,3 +124,55 @@ def test_an_array_safetensors_cannot_hold_is_refused_before_anything_is_written(
     with pytest.raises(CheckpointError, match="tensor 'c' has dtype complex64"):
         checkpoints.write(tmp_path / "c.safetensors", {"c": np.zeros(2, np.complex64)})
     assert not list(tmp_path.iterdir())
+
+
+def test_shards_follow_mergekits_rule_and_names_and_the_index_maps_each_tensor(tmp_path: Path) -> None:
+    """A shard closes when the next tensor would take it past the limit (mergekit's TensorWriter rule);
+    a tensor larger than the limit sits alone; names are Hugging Face's, and the index gives each
+    tensor's shard and the total size. The safetensors package reads every shard."""
+    sizes = {"a": 40, "b": 40, "c": 30, "big": 500, "d": 10, "e": 90}  # float32 elements: 160, 160, 120, 2000, ...
+    arrays = {name: np.arange(n, dtype=np.float32) + i for i, (name, n) in enumerate(sizes.items())}
+    with checkpoints.ShardWriter(tmp_path, 400, {"format": "pt"}) as writer:
+        for name, array in arrays.items():
+            writer.add(name, array)
+        written = writer.finish()
+    assert written == tmp_path / "model.safetensors.index.json"
+    index = json.loads(written.read_text())
+    names = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+    assert index["weight_map"] == {"a": names[0], "b": names[0], "c": names[1], "big": names[2], "d": names[3],
+                                   "e": names[3]}
+    assert index["metadata"] == {"total_size": sum(a.nbytes for a in arrays.values())}
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([*names, "model.safetensors.index.json"])
+    for shard in names:
+        for name, t in load_file(str(tmp_path / shard)).items():
+            np.testing.assert_array_equal(t.numpy(), arrays[name])
+
+
+def test_one_shard_is_model_safetensors_and_earlier_outputs_are_replaced_not_mixed(tmp_path: Path) -> None:
+    """Where one shard holds everything the file is model.safetensors, and shards and an index an earlier
+    run left are removed (a loader would read them instead of, or beside, the new file); other files
+    of the directory stay. Before `finish` nothing is visible, and `abort` (or an exception in the
+    with block) leaves the directory as it was."""
+    for old in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                "config.json", "model-notes.safetensors.txt"):
+        (tmp_path / old).write_text("old")
+    with pytest.raises(RuntimeError):
+        with checkpoints.ShardWriter(tmp_path, 1 << 20) as writer:
+            writer.add("w", np.ones(3, np.float32))
+            assert len([f for f in tmp_path.iterdir() if f.name.startswith(".weightavg-")]) == 1
+            raise RuntimeError("a failed merge")
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(
+        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+         "config.json", "model-notes.safetensors.txt"])
+    with checkpoints.ShardWriter(tmp_path, 1 << 20) as writer:
+        writer.add("w", np.ones(3, np.float32))
+        with pytest.raises(CheckpointError, match="already added"):
+            writer.add("w", np.zeros(3, np.float32))
+        assert writer.finish() == tmp_path / "model.safetensors"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model-notes.safetensors.txt",
+                                                          "model.safetensors"]
+    np.testing.assert_array_equal(checkpoints.read(tmp_path / "model.safetensors")["w"], np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="positive size"):
+        checkpoints.ShardWriter(tmp_path / "x", 0)
+    with pytest.raises(CheckpointError, match="no tensor"), checkpoints.ShardWriter(tmp_path / "y") as empty:
+        empty.finish()

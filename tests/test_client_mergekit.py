@@ -184,10 +184,13 @@ def test_nuslerp_is_slerp_at_threshold_1_with_t_from_the_weights() -> None:
                                                                 {"model": "b", "parameters": {"weight": -1.0}}]},
                          MODELS, NAMES)
     assert even.base is None and even.options["t"] == 0.5  # weights summing to 0: halfway, as mergekit
+    graded = mergekit.call({"merge_method": "nuslerp", "models": [models[0], {"model": "b", "parameters": {
+        "weight": [0.0, 2.0]}}]}, MODELS, NAMES)  # each tensor's t from the weights at its layer (3 layers)
+    assert graded.options["t"] == 0.0  # the embeddings, the final norm and the head, at the first value
+    assert graded.per_tensor == {f"model.layers.{i}.{k}": {"t": t, "vectors": "tensor"} for i, t in ((1, 0.5), (2, 2.0 / 3.0))
+                                 for k in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")}
     for config, message in (
         ({"merge_method": "nuslerp", "models": models, "parameters": {"nuslerp_flatten": 0.5}}, "are true or false"),
-        ({"merge_method": "nuslerp", "models": [models[0], {"model": "b", "parameters": {"weight": [0, 1]}}]},
-         "give each model's weight as a number"),
         ({"merge_method": "nuslerp", "models": [*models, {"model": "base"}]}, "takes two models"),
     ):
         with pytest.raises(ValueError, match=message):

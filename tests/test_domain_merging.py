@@ -1370,6 +1370,26 @@ def test_layer_fractions_place_entries_as_mergekits_planner_does() -> None:
     assert merging.layer_fractions(["a", "b"]) == {"a": 0.0, "b": 0.0}
 
 
+def test_the_clients_placement_of_gradients_is_the_servers_bit_for_bit() -> None:
+    """weightavg.mergekit writes the rule again (the domain may not import the client package, nor the
+    client the server) to place gradients itself where a call covers part of a model: the two must
+    agree exactly, on every kind of name list and value."""
+    from weightavg import mergekit as client_side
+
+    name_lists = [
+        ["model.embed.weight", *[f"model.layers.{i}.{k}.weight" for i in (0, 1, 2, 5) for k in ("q", "mlp")],
+         "model.norm.weight", "lm_head.weight"],
+        ["0.weight", "0.bias", "2.weight"], ["layers.3.w", "head"], ["a", "b"], [],
+        [f"blocks.{i}.attn.{j}.w" for i in range(7) for j in range(3)], [f"{i}.w" for i in (9, 3, 11, 0)],
+    ]
+    for names in name_lists:
+        assert client_side.layer_fractions(names) == merging.layer_fractions(names), names
+    g = torch.Generator().manual_seed(5)
+    for values in ([0.0, 0.5, 0.3, 0.7, 1.0], [0.2], [1.0, 0.0], [0.1, 0.9, 0.4], torch.randn(9, generator=g).tolist()):
+        for t in [0.0, 1.0, 1 / 3, 2 / 3, *torch.rand(50, generator=g).tolist()]:
+            assert client_side.at_fraction(tuple(values), t) == merging.at_fraction(tuple(values), t)
+
+
 @pytest.mark.parametrize("values", [[0.0, 0.5, 0.3, 0.7, 1.0], [0.2], [1.0, 0.0], [0.1, 0.9, 0.4]])
 def test_a_gradients_value_is_mergekits(values: list[float]) -> None:
     for t in [0.0, 1.0, *torch.rand(50, generator=torch.Generator().manual_seed(3)).tolist()]:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import LiveServer  # the fixture's type; pytest puts tests/ on sys.path
-from weightavg import Client, Handle
+from weightavg import Client, Handle, ResourceExhaustedError
 from weightavg import mergekit as configs
 
 TOL = 2e-6
@@ -207,6 +207,14 @@ CASES: dict[str, Case] = {
                               {"model": str(p["b"]), "parameters": {"weight": [{"filter": "mlp", "value": 2.0},
                                                                               {"value": 0.7}]}}]},
         lambda c, h: c.merge("slerp", [h["a"], h["b"]], t=0.7, threshold=1.0, per_tensor={"*mlp*": {"t": 2.0 / 2.3}}),
+    ),
+    "nuslerp, a weight gradient: t per layer": (
+        lambda p: {"merge_method": "nuslerp",
+                   "models": [{"model": str(p["a"]), "parameters": {"weight": 1.0}},
+                              {"model": str(p["b"]), "parameters": {"weight": [0.5, 2.0]}}]},
+        lambda c, h: c.merge("slerp", [h["a"], h["b"]], t=0.5 / 1.5, threshold=1.0, per_tensor={
+            f"model.layers.{i}.*": {"t": w / (1.0 + w)}
+            for i in range(1, LAYERS) for f in [i / (LAYERS - 1)] for w in [(1 - f) * 0.5 + f * 2.0]}),
     ),
     "nuslerp of the offsets from a base": (
         lambda p: {"merge_method": "nuslerp", "base_model": str(p["base"]),
@@ -431,3 +439,122 @@ def test_weightavg_merge_through_shared_memory_writes_the_same_bytes(
         calls = c.stats()["methods"]
     assert "/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory" in calls  # the merge came back that way
     assert not list(server.registry.items())  # every handle freed
+
+
+WITH_DARE = {**CASES, "dare_ties at density .5, its masks seeded by each entry's name": (
+    lambda p: {"merge_method": "dare_ties", "base_model": str(p["base"]), "parameters": {"density": [0.3, 0.7]},
+               "models": [{"model": str(p["a"]), "parameters": {"weight": 1.0}},
+                          {"model": str(p["b"]), "parameters": {"weight": [0.5, 1.0]}}]},
+)}
+
+
+def merge_calls(c: Client) -> int:
+    return int(c.stats()["methods"].get("/weightavg.v1.WeightAveragingService/MergeDictionaries", {}).get("count", 0))
+
+
+@pytest.mark.parametrize("case", list(WITH_DARE))
+def test_a_checkpoint_merged_a_tensor_at_a_time_has_the_whole_merges_bits(
+    case: str, live_server: LiveServer, client: Client, checkpoints: dict[str, Path], uploaded: dict[str, Handle],
+    tmp_path: Path,
+) -> None:
+    """merge_checkpoints sends a batch of tensors per call and places each gradient by the whole
+    model's layers itself (a batch shows only its own); with batch_bytes=1, one tensor per call, the
+    file holds the bits of one server call over the whole dictionaries, where the server places the
+    gradients (DARE's masks too: each is seeded by its entry's name). Nothing is left on the server."""
+    config = {k: v for k, v in WITH_DARE[case][0](checkpoints).items() if k != "dtype"}  # the server's float32 bits
+    before, held = merge_calls(client), len(list(live_server.registry.items()))
+    written = configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=1)
+    assert written == tmp_path / "out" / "model.safetensors"
+    got = tensors(tmp_path / "out")
+    assert merge_calls(client) - before == len(got) > 20  # one call per tensor
+    assert len(list(live_server.registry.items())) == held  # every batch's handles freed
+    handles = {str(path): uploaded[name] for name, path in checkpoints.items()}
+    whole = client.dict(configs.merge(client, config, handles))
+    assert list(got) == list(tensors(checkpoints["a"]))  # the checkpoint's order
+    for name in whole:
+        np.testing.assert_array_equal(got[name], whole[name], err_msg=name)
+
+
+def test_a_server_too_small_for_the_whole_models_merges_them_in_batches_it_splits(
+    start_server: Callable[..., LiveServer], checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A server whose byte cap holds a few tensors of the three models but not the models whole refuses
+    the first batch (RESOURCE_EXHAUSTED); merge_checkpoints splits it and retries until the batches fit,
+    and writes what an uncapped server gives. A cap under one tensor's need fails with the server's
+    message, nothing written to the output directory and nothing left on the server."""
+    config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
+    sizes = [sum(a.nbytes for a in tensors(checkpoints[name]).values()) for name in ("base", "a", "b")]
+    largest = max(a.nbytes for a in tensors(checkpoints["a"]).values())
+    roomy = start_server()
+    with Client(roomy.address) as c:
+        want = configs.merge_checkpoints(c, config, tmp_path / "roomy").read_bytes()
+    small = start_server(max_device_bytes=sum(sizes) // 3)
+    with Client(small.address) as c:
+        with pytest.raises(ResourceExhaustedError):  # the three models whole do not fit
+            for name in ("base", "a", "b"):
+                c.dict(tensors(checkpoints[name]))
+        c.purge()
+        written = configs.merge_checkpoints(c, config, tmp_path / "small")
+        codes = c.stats()["methods"]["/weightavg.v1.WeightAveragingService/CreateDictionary"]["codes"]
+        assert codes.get("RESOURCE_EXHAUSTED", 0) >= 2  # the models whole above, and the first batch
+        assert merge_calls(c) > 2
+    assert written.read_bytes() == want
+    assert not list(small.registry.items())
+
+    tiny = start_server(max_device_bytes=largest * 2)  # the largest tensor's three copies never fit
+    with Client(tiny.address) as c:
+        with pytest.raises(ResourceExhaustedError, match="bytes"):
+            configs.merge_checkpoints(c, config, tmp_path / "tiny")
+    assert not list(tiny.registry.items())
+    assert list((tmp_path / "tiny").iterdir()) == []  # not even the staging folder
+
+
+def test_weightavg_merge_writes_shards_and_an_index_that_transformers_loads(
+    live_server: LiveServer, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """--shard-bytes as mergekit's --out-shard-size: shards named model-0000i-of-0000N.safetensors of at
+    most that many bytes (a larger tensor alone in its own), model.safetensors.index.json naming each
+    tensor's shard and the total size, loaded by transformers to the same tensors as one file; a later
+    merge into the same directory as one file removes the earlier shards and index, which a loader
+    would otherwise read instead. --batch-bytes in units; a size of 0 or none is refused by the parser."""
+    config = CASES["model stock"][0](checkpoints)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    script = str(Path(sys.executable).parent / "weightavg")
+    one = subprocess.run([script, "merge", live_server.address, str(tmp_path / "c.json"), str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    whole = tensors(tmp_path / "one")
+    limit = 2048
+    done = subprocess.run([script, "merge", live_server.address, str(tmp_path / "c.json"), str(tmp_path / "out"),
+                           "--shard-bytes", "2KiB", "--batch-bytes", "4k"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert done.stdout.strip() == f"wrote {tmp_path / 'out' / 'model.safetensors.index.json'}"
+    shards = sorted(f.name for f in (tmp_path / "out").glob("model-*.safetensors"))
+    count = len(shards)
+    assert count > 3 and shards == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    assert set(index["weight_map"].values()) == set(shards) and sorted(index["weight_map"]) == sorted(whole)
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in whole.values())
+    for shard in shards:
+        held = load_file(str(tmp_path / "out" / shard))
+        assert sum(t.numel() * t.element_size() for t in held.values()) <= limit or len(held) == 1
+        for name, t in held.items():
+            assert index["weight_map"][name] == shard
+            np.testing.assert_array_equal(t.numpy(), whole[name], err_msg=name)
+    loaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    for name, value in whole.items():
+        np.testing.assert_array_equal(loaded[name].numpy(), value, err_msg=name)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+    again = subprocess.run([script, "merge", live_server.address, str(tmp_path / "c.json"), str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    left = sorted(f.name for f in (tmp_path / "out").iterdir() if "safetensors" in f.name or f.name.startswith("."))
+    assert left == ["model.safetensors"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+
+    for flag, value, message in (("--batch-bytes", "0", "give a positive size"),
+                                 ("--shard-bytes", "5 billion", "is not a size")):
+        refused = subprocess.run([script, "merge", live_server.address, str(tmp_path / "c.json"), str(tmp_path / "x"),
+                                  flag, value], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr

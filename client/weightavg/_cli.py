@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from . import __version__, mergekit
+from . import __version__, checkpoints, mergekit
 from ._client import DEFAULT_PORT, MAX_TIMEOUT, Client, checked_timeout, target
 from ._errors import NotFoundError, WeightavgError
+from ._sizes import BYTE_SIZE_FORMS, parse_bytes
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds health, info and stats wait for an answer: they are probes, not work."""
@@ -262,9 +263,10 @@ def _purge(argv: list[str]) -> int:
 def _merge(argv: list[str]) -> int:
     p = _probe_parser(
         "merge", "Merge local safetensors checkpoints on a server as a mergekit config says, as mergekit-yaml "
-        "would: every model the config names (a directory of *.safetensors, or one file) is uploaded, merged there "
-        "(weightavg.mergekit), and the result written to OUT/model.safetensors with the base model's config and "
-        "tokenizer files. Exit status 0 when written, 1 otherwise (nothing is left on the server either way).",
+        "would: every model the config names (a directory of *.safetensors, or one file) goes up a batch of tensors "
+        "at a time, is merged there (weightavg.mergekit), and the result is written to OUT as model.safetensors (or "
+        "shards and their index) with the base model's config and tokenizer files. Exit status 0 when written, 1 "
+        "otherwise (nothing is left on the server either way, and nothing written to OUT).",
         timeout=3600.0,
     )
     p.add_argument("config", help="the mergekit config: YAML (needs PyYAML) or JSON")
@@ -272,16 +274,33 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--shm", action="store_true",
                    help="move the tensors through shared memory (a server on this host started with --allow-shm)")
     p.add_argument("--seed", type=int, help="seed of DARE's and DELLA's random masks (the server's default: 0)")
+    p.add_argument("--batch-bytes", type=_byte_size, default=mergekit.DEFAULT_BATCH_BYTES,
+                   help="most bytes of tensors (every model's copy and the result) the server holds per merge call "
+                   f"(default 1GiB; a batch the server's caps refuse is split): {BYTE_SIZE_FORMS}")
+    p.add_argument("--shard-bytes", type=_byte_size, default=checkpoints.DEFAULT_SHARD_BYTES,
+                   help="largest output shard (default 5GB, mergekit's; mergekit's --out-shard-size 5B is 5GB here)")
     args = _parse(p, argv)
     options = {"seed": args.seed} if args.seed is not None else {}
     try:
         config = _mergekit_config(args.config)
         with _client(args, shm=args.shm, session=True) as client:
-            written = mergekit.merge_checkpoints(client, config, args.out, **options)
+            written = mergekit.merge_checkpoints(client, config, args.out, batch_bytes=args.batch_bytes,
+                                                 shard_bytes=args.shard_bytes, **options)
     except (WeightavgError, OSError, ValueError) as exc:
         return _failed("merge", exc)
     print(f"wrote {written}")
     return 0
+
+
+def _byte_size(text: str) -> int:
+    """argparse's type for a size in bytes: a positive size in the server's forms (64MiB, 1.5G, 500MB)."""
+    try:
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is no bytes; give a positive size")
+    return size
 
 
 def _mergekit_config(path: str) -> dict[str, Any]:
@@ -313,8 +332,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "snapshot": (_snapshot, "ask a running server to snapshot every live handle to its --state-dir; exit "
                  f"{SNAPSHOT_INCOMPLETE} when it left some out"),
     "purge": (_purge, "free every handle on a running server (every client's: an operator's clean-up)"),
-    "merge": (_merge, "merge local safetensors checkpoints on a server as a mergekit config says; writes "
-              "OUT/model.safetensors"),
+    "merge": (_merge, "merge local safetensors checkpoints on a server as a mergekit config says, a batch of "
+              "tensors at a time; writes OUT/model.safetensors or shards"),
 }
 """Subcommand name -> (function taking the remaining arguments and returning the exit status, summary)."""
 

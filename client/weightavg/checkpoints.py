@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -160,3 +163,102 @@ def _little_endian(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+"""mergekit's and Hugging Face's default largest shard (5 GB)."""
+
+
+class ShardWriter:
+    """Writes a checkpoint directory the way mergekit and Hugging Face lay one out, a tensor at a time:
+    shards of at most `max_shard_bytes` (a tensor larger than that alone in its own; a shard is
+    closed when the next tensor would overflow it, mergekit's rule), named model.safetensors when one
+    suffices, else model-00001-of-0000N.safetensors with model.safetensors.index.json (each tensor's
+    shard, and the total size) for `from_pretrained` to find them.
+
+    Why this shape: a merged model of many GB never has to be in memory whole, only the shard being
+    filled. Shards go to a hidden folder inside the directory first and are moved into place by
+    `finish`, the index last, after the weight files an earlier run left there (other shard counts
+    would be loaded instead of, or beside, the new ones) are removed; on failure, or `abort`,
+    nothing written is left, and the directory keeps what it held.
+
+    Example:
+        with ShardWriter(out, 2 * 1000**3) as writer:
+            for name, array in tensors: writer.add(name, array)
+            written = writer.finish()
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"the largest shard is {max_shard_bytes} bytes; give a positive size")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {})
+        self._staging = Path(tempfile.mkdtemp(prefix=".weightavg-", dir=self.directory))
+        self._current: dict[str, npt.NDArray[Any]] = {}
+        self._current_bytes = 0
+        self._shards: list[list[str]] = []  # the names in each shard written, in order
+        self._total_bytes = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    def add(self, name: str, value: npt.ArrayLike) -> None:
+        """Add one tensor (written once its shard is full, or at `finish`)."""
+        array = _little_endian(np.asarray(value))
+        if name in self._current or any(name in shard for shard in self._shards):
+            raise CheckpointError(f"tensor {name!r} was already added")
+        if self._current and self._current_bytes + array.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._current[name] = array
+        self._current_bytes += array.nbytes
+
+    def finish(self) -> Path:
+        """Move the shards into the directory (and the index where there are several); returns the file
+        a loader opens first: model.safetensors, or the index."""
+        self._flush()
+        if not self._shards:
+            raise CheckpointError("no tensor was added: nothing to write")
+        count = len(self._shards)
+        names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        for old in self.directory.iterdir():
+            if old.name not in names and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_PATTERN.fullmatch(old.name)):
+                old.unlink()
+        for i, name in enumerate(names):
+            os.replace(self._staging / f"{i}.safetensors", self.directory / name)
+        written = self.directory / names[0]
+        if count > 1:
+            index = {"metadata": {"total_size": self._total_bytes},
+                     "weight_map": {tensor: names[i] for i, shard in enumerate(self._shards) for tensor in shard}}
+            write_text(self.directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+            written = self.directory / INDEX_FILE
+        self.abort()
+        return written
+
+    def abort(self) -> None:
+        """Remove what was staged (after `finish`: the empty staging folder)."""
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._current = {}
+
+    def _flush(self) -> None:
+        if not self._current:
+            return
+        write(self._staging / f"{len(self._shards)}.safetensors", self._current, self.metadata)
+        self._shards.append(list(self._current))
+        self._total_bytes += self._current_bytes
+        self._current, self._current_bytes = {}, 0
+
+
+def write_text(path: Path, text: str) -> None:
+    """A small file written beside `path` and renamed over it (a reader sees the old or the new)."""
+    temporary = Path(f"{path}.partial")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)

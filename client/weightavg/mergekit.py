@@ -6,9 +6,11 @@ where a mistake slips in. `call` resolves the config the way mergekit's planner 
 by tensor: each parameter from the model's own `parameters`, then the config's; a list of
 `{filter, value}` picks the first whose filter is contained in the tensor's name (no filter, or "*",
 matches all); a list of numbers is a gradient over the layers, left to the server, which places each
-tensor as mergekit does (`merging.layer_fractions`). The entries that resolve alike form one group;
-the largest group takes the call's own arguments, each other group a `per_tensor` pattern: "*f*"
-where a filter f picks out exactly that group, the entries' own (escaped) names otherwise.
+tensor as mergekit does (`merging.layer_fractions`), or evaluated here where a call covers part of
+a model (`call`'s `layers`; nuslerp's weights always, since their ratio is its t). The entries that
+resolve alike form one group; the largest group takes the call's own arguments, each other group a
+`per_tensor` pattern: "*f*" where a filter f picks out exactly that group, the entries' own
+(escaped) names otherwise.
 
 Nothing in a config runs: it is read as data, and only the keys below are understood. Anything else
 mergekit would act on (slices that cut or stack layers, other methods, parameters the server has no
@@ -23,11 +25,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from . import checkpoints
+from ._errors import ResourceExhaustedError
 
 if TYPE_CHECKING:
     from ._client import Client, HandleLike
@@ -136,7 +139,6 @@ def merge(client: Client, config: Mapping[str, Any], models: Mapping[str, Handle
     return call(config, models, _entry_names(client, models[first]), **options).run(client)
 
 
-OUTPUT_FILE = "model.safetensors"
 SIDE_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
               "vocab.txt", "merges.txt", "chat_template.jinja")
 """Files copied beside the merged weights from the base model's directory (or the first model's), with
@@ -144,21 +146,38 @@ every file whose name starts with "tokenizer": what loading the result as a Hugg
 as mergekit copies them."""
 OUT_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
 """mergekit's `out_dtype` (else `dtype`) values that the written floating tensors are cast to."""
+DEFAULT_BATCH_BYTES = 1 << 30
+"""How many bytes of the models' tensors (every input's copy, and the result's) one merge call takes
+at most: what the server holds for a checkpoint merge at a time, whatever the models' size."""
 
 
 def merge_checkpoints(
     client: Client, config: Mapping[str, Any], out: str | os.PathLike[str], *,
-    paths: Mapping[str, str | os.PathLike[str]] | None = None, **options: Any,
+    paths: Mapping[str, str | os.PathLike[str]] | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
+    shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES, **options: Any,
 ) -> Path:
     """Merge local safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
     config.yml out/` would: each model the config names is read (a directory of *.safetensors shards,
-    or one file; `paths` maps a config's name to another place), uploaded, merged by `merge`, and the
-    result written to out/model.safetensors, its floating tensors cast to the config's `out_dtype` (or
-    `dtype`) where it gives one, with the base model's (or the first model's) config and tokenizer
-    files beside it. Every handle made is freed, also on failure. Returns the written file.
+    or one file; `paths` maps a config's name to another place), merged by `merge`, and the result
+    written to `out` in shards of at most `shard_bytes` (model.safetensors when one holds it all, else
+    model-0000i-of-0000N.safetensors and model.safetensors.index.json, as mergekit and Hugging Face
+    write them), its floating tensors cast to the config's `out_dtype` (or `dtype`) where it gives
+    one, with the base model's (or the first model's) config and tokenizer files beside it. Returns the
+    file a loader opens first (model.safetensors, or the index).
+
+    Memory stays bounded whatever the models' size: the tensors go up a batch at a time, at most
+    `batch_bytes` of them (every model's copy and the result's) per merge call, which the server merges
+    and the client writes before the next; where the server refuses a batch for its memory caps
+    (RESOURCE_EXHAUSTED), the batch is split in two and retried, down to one tensor. Every tensor is
+    merged on its own, and gradients are placed by the whole model's layers (`call`'s `layers`), so the
+    batches give the bits one call over everything would. A config the server cannot run as mergekit
+    does is refused before anything is uploaded; every handle made is freed, also on failure, and
+    nothing is written to `out` unless every tensor was merged.
 
     Names are local paths only: a Hugging Face repository ID must be downloaded first (e.g.
     `huggingface-cli download org/model --local-dir DIR`, then name DIR)."""
+    if batch_bytes <= 0:
+        raise ValueError(f"batch_bytes is {batch_bytes}; give a positive number of bytes")
     names = _referenced(config)
     where = {name: Path((paths or {}).get(name, name)) for name in names}
     for name, path in where.items():
@@ -168,30 +187,80 @@ def merge_checkpoints(
     dtype = config.get("out_dtype") or config.get("dtype")
     if dtype is not None and str(dtype) not in OUT_DTYPES:
         raise ValueError(f"mergekit dtype {dtype!r} is not one the written checkpoint takes ({', '.join(OUT_DTYPES)})")
-    made: list[HandleLike] = []
-    try:
-        handles: dict[str, HandleLike] = {}
-        for name in names:
-            handles[name] = client.dict(checkpoints.read(where[name]))
-            made.append(handles[name])
-        merged = merge(client, config, handles, **options)
-        made.append(merged)
-        values = dict(client._fetch_named(merged.id, []))
-    finally:
-        if made:
-            client.free(*made)
-    if dtype is not None:
-        values = {name: _cast(value, str(dtype)) for name, value in values.items()}
-    target = Path(out)
-    target.mkdir(parents=True, exist_ok=True)
-    written = target / OUTPUT_FILE
-    checkpoints.write(written, values, {"format": "pt", "merge_method": str(config.get("merge_method"))})
+    models = {name: checkpoints.read(where[name]) for name in names}
+    entries = _common_entries(models)
+    call(config, {name: name for name in names}, entries, layers=entries, **options)  # refused before any upload
+    with checkpoints.ShardWriter(out, shard_bytes, {"format": "pt", "merge_method": str(config.get("merge_method"))}) \
+            as writer:
+        pending = _batches(models, entries, batch_bytes)
+        while pending:
+            batch = pending.pop()
+            try:
+                values = _merge_batch(client, config, models, batch, entries, options)
+            except ResourceExhaustedError:
+                if len(batch) == 1:
+                    raise
+                half = len(batch) // 2
+                pending += [batch[half:], batch[:half]]  # the first half next
+                continue
+            for entry in batch:
+                writer.add(entry, values[entry] if dtype is None else _cast(values[entry], str(dtype)))
+        written = writer.finish()
     source = where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]]
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and (f.name in SIDE_FILES or f.name.startswith("tokenizer")):
-                shutil.copyfile(f, target / f.name)
+                shutil.copyfile(f, Path(out) / f.name)
     return written
+
+
+def _common_entries(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The tensors every model holds, in the first model's order; ValueError naming one that some model
+    lacks (a merge takes the same tensors from each)."""
+    (first, held), *others = models.items()
+    for name, tensors in others:
+        for missing, owner, other in ((set(held) - set(tensors), first, name), (set(tensors) - set(held), name, first)):
+            if missing:
+                raise ValueError(f"tensor {sorted(missing)[0]!r} is in {owner} but not in {other} "
+                                 f"({len(missing)} such); the models to merge hold the same tensors")
+    if not held:
+        raise ValueError(f"{first} holds no tensors to merge")
+    return list(held)
+
+
+def _batches(models: Mapping[str, Mapping[str, Any]], entries: Sequence[str], limit: int) -> list[list[str]]:
+    """The entries in runs of at most `limit` bytes on the server (every model's copy of each, and the
+    result's, as large as the largest copy), a run per entry where one alone is larger; in reverse
+    order, for popping."""
+    runs: list[list[str]] = []
+    held = limit
+    for entry in entries:
+        sizes = [int(tensors[entry].nbytes) for tensors in models.values()]
+        size = sum(sizes) + max(sizes)
+        if not runs or held + size > limit:
+            runs.append([])
+            held = 0
+        runs[-1].append(entry)
+        held += size
+    return runs[::-1]
+
+
+def _merge_batch(client: Client, config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]],
+                 batch: Sequence[str], entries: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
+    """One batch of entries merged on the server: each model's tensors uploaded, merged as the config
+    says (placed in the whole model), fetched, and every handle freed."""
+    made: list[HandleLike] = []
+    try:
+        handles: dict[str, HandleLike] = {}
+        for name, tensors in models.items():
+            handles[name] = client.dict({entry: tensors[entry] for entry in batch})
+            made.append(handles[name])
+        merged = call(config, handles, batch, layers=entries, **options).run(client)
+        made.append(merged)
+        return dict(client._fetch_named(merged.id, []))
+    finally:
+        if made:
+            client.free(*made)
 
 
 def _referenced(config: Mapping[str, Any]) -> list[str]:
@@ -219,11 +288,20 @@ def _cast(value: Any, dtype: str) -> Any:
 
 
 def call(
-    config: Mapping[str, Any], models: Mapping[str, HandleLike], names: Sequence[str], **options: Any
+    config: Mapping[str, Any], models: Mapping[str, HandleLike], names: Sequence[str], *,
+    layers: Sequence[str] | None = None, **options: Any,
 ) -> MergeCall:
     """The merge call a mergekit config stands for, given the entries' names (every dictionary has the
-    same ones); ValueError for what the server cannot do as mergekit does."""
-    config = _unsliced(config, names)
+    same ones); ValueError for what the server cannot do as mergekit does.
+
+    `layers`: every entry name of the whole model, where `names` (and the dictionaries) hold a part of
+    it, as when a checkpoint is merged a batch of tensors at a time. A gradient is placed by the
+    model's layers, which a part does not show, so with `layers` each gradient is evaluated here, at
+    the entry's place in the whole (`layer_fractions`, the server's rule), and the call carries plain
+    numbers: a part merges to the whole's bits."""
+    fractions = layer_fractions(layers or names) if layers is not None or config.get("merge_method") == "nuslerp" \
+        else None
+    config = _unsliced(config, layers or names)
     method_name = config.get("merge_method")
     rule = RULES.get(str(method_name))
     if rule is None:
@@ -237,9 +315,11 @@ def call(
     _check_names(rule, shared_settings, model_settings)
 
     def resolve(name: str) -> tuple[tuple[tuple[str, Resolved | str], ...], tuple[tuple[Resolved, ...], ...]]:
+        where = fractions[name] if layers is not None and fractions is not None else None  # gradients placed here
+
         shared: list[tuple[str, Resolved | str]] = []  # (a str: an option the mapping sets, nuslerp's vectors)
         for key, (option, default) in rule.shared.items():
-            value = _resolve(name, [shared_settings], key, default)
+            value = _placed(_resolve(name, [shared_settings], key, default), where)
             if value is None:
                 raise ValueError(f"mergekit parameter {key!r} is required for {method_name} (entry {name!r})")
             if not option:  # no effect on the numbers (task_arithmetic trims nothing to rescale)
@@ -248,7 +328,8 @@ def call(
                 value = _whole(name, key, value)
             shared.append((option, value))
         for key, default in rule.one_for_all.items():
-            values = {_resolve(name, [settings, shared_settings], key, default) for settings in model_settings}
+            values = {_placed(_resolve(name, [settings, shared_settings], key, default), where)
+                      for settings in model_settings}
             if len(values) != 1:
                 raise ValueError(f"mergekit parameter {key!r} differs between the models at entry {name!r} "
                                  f"({sorted(map(str, values))}); the server takes one {key} for every model")
@@ -257,7 +338,7 @@ def call(
                 raise ValueError(f"mergekit parameter {key!r} at entry {name!r} is not a number")
             shared.append((key, value))
         per_model = tuple(
-            tuple(_per_model(name, key, settings, shared_settings, label, method_name)
+            tuple(_placed(_per_model(name, key, settings, shared_settings, label, method_name), where)
                   for settings, label in zip(model_settings, labels))
             for key in rule.per_model
         )
@@ -267,7 +348,8 @@ def call(
             if not isinstance(flatten, bool) or not isinstance(row_wise, bool):
                 raise ValueError(f"nuslerp_flatten and nuslerp_row_wise at entry {name!r} are true or false")
             vectors = "tensor" if flatten else "columns" if row_wise else "rows"
-            return ((*shared, ("t", _nuslerp_t(name, per_model[0])), ("vectors", vectors)), ())
+            assert fractions is not None  # nuslerp's weights are placed here always: their ratio is t
+            return ((*shared, ("t", _nuslerp_t(name, per_model[0], fractions[name])), ("vectors", vectors)), ())
         return tuple(shared), per_model
 
     resolved = {name: resolve(name) for name in names}
@@ -296,14 +378,51 @@ def call(
     )
 
 
-def _nuslerp_t(name: str, weights: tuple[Resolved, ...]) -> float:
-    """nuslerp's t from its two models' weights: w1 / (w0 + w1), 0.5 where they sum to under 1e-6."""
-    w0, w1 = weights
-    if isinstance(w0, tuple) or isinstance(w1, tuple) or isinstance(w0, bool) or isinstance(w1, bool):
-        raise ValueError(f"nuslerp at entry {name!r}: give each model's weight as a number (a gradient of "
-                         "weights is no gradient of t)")
+def _nuslerp_t(name: str, weights: tuple[Resolved, ...], fraction: float) -> float:
+    """nuslerp's t from its two models' weights at the entry (a gradient's value at `fraction`, as
+    mergekit evaluates every parameter per tensor): w1 / (w0 + w1), 0.5 where they sum to under 1e-6.
+    Each entry gets its own t; a gradient of t would be another thing (a ratio of two lines is no line)."""
+    w0, w1 = (at_fraction(w, fraction) if isinstance(w, tuple) else w for w in weights)
+    if isinstance(w0, bool) or isinstance(w1, bool):
+        raise ValueError(f"nuslerp at entry {name!r}: give each model's weight as a number")
     total = w0 + w1
     return 0.5 if abs(total) < 1e-6 else w1 / total
+
+
+def layer_fractions(names: Sequence[str]) -> dict[str, float]:
+    """Where each entry lies in the model, from 0 to 1, for a gradient: the server's rule
+    (`weightavg_server.domain.merging.layer_fractions`, mergekit's placement), written again here so a
+    call over part of a model can carry the whole's values. A layer's entries at i / (layers - 1) (1
+    with one layer), entries outside the layers (embeddings, final norm, head) at 0; an entry's layer is
+    the first all-digit part of its dotted name, the layers the distinct such numbers in order."""
+    index = {name: _layer(name) for name in names}
+    rank = {layer: r for r, layer in enumerate(sorted({i for i in index.values() if i is not None}))}
+    return {name: 0.0 if i is None else rank[i] / (len(rank) - 1) if len(rank) > 1 else 1.0 for name, i in index.items()}
+
+
+def at_fraction(gradient: tuple[float, ...], fraction: float) -> float:
+    """A gradient's value at `fraction` (its numbers spread evenly from the first layer to the last):
+    linear between the two nearest, as the server evaluates it."""
+    scaled = fraction * (len(gradient) - 1)
+    low = int(scaled)
+    high = min(len(gradient) - 1, low + 1)
+    share = scaled - low
+    return (1 - share) * float(gradient[low]) + share * float(gradient[high])
+
+
+@overload
+def _placed(value: Resolved, fraction: float | None) -> Resolved: ...
+@overload
+def _placed(value: Resolved | None, fraction: float | None) -> Resolved | None: ...
+def _placed(value: Resolved | None, fraction: float | None) -> Resolved | None:
+    """A setting as the call carries it: a gradient's value at `fraction` where one is given (the
+    entry's place in the whole model), else the setting as it is."""
+    return at_fraction(value, fraction) if fraction is not None and isinstance(value, tuple) else value
+
+
+def _layer(name: str) -> int | None:
+    """The layer an entry lies in: the first all-digit part of its dotted name."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
 
 
 def _whole(name: str, key: str, value: Resolved) -> int:
@@ -341,7 +460,7 @@ def _unsliced(config: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, A
     slices = config["slices"]
     if "models" in config:
         raise ValueError("give 'models' or 'slices', not both")
-    layers = len({next((int(p) for p in n.split(".") if p.isdigit()), None) for n in names} - {None})
+    layers = len({_layer(n) for n in names} - {None})
     if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
         raise ValueError("only one slice over every layer is supported (slices that stack or cut layers make another "
                          "architecture)")
