@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -1111,6 +1115,95 @@ def merge_methods(ctx: Context) -> list[Row | Skip]:
     ]
 
 
+# -- checkpoint files: weightavg merge against mergekit-yaml ------------------------------------------
+
+
+LLAMA: dict[str, object] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
+         "num_hidden_layers": 4, "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 4096,
+         "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "dtype": "float32"}
+"""A small Llama (34.6M float32 parameters, 138 MB a checkpoint) whose tensors mergekit plans by name."""
+
+
+def _llama_checkpoints(root: Path, count: int, layers: int) -> list[Path]:
+    """`count` Llama checkpoint directories (config.json and model.safetensors of random float32
+    tensors, each model the first plus small offsets), written with weightavg.checkpoints."""
+    from weightavg import checkpoints
+
+    h, f, v = (int(str(LLAMA[k])) for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(layers):
+        for k in ("q", "k", "v", "o"):
+            shapes[f"model.layers.{i}.self_attn.{k}_proj.weight"] = (h, h)
+        shapes |= {f"model.layers.{i}.mlp.gate_proj.weight": (f, h), f"model.layers.{i}.mlp.up_proj.weight": (f, h),
+                   f"model.layers.{i}.mlp.down_proj.weight": (h, f), f"model.layers.{i}.input_layernorm.weight": (h,),
+                   f"model.layers.{i}.post_attention_layernorm.weight": (h,)}
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    g = np.random.default_rng(0)
+    first = {name: g.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+    paths = []
+    for i in range(count):
+        path = root / f"m{i}"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({**LLAMA, "num_hidden_layers": layers}))
+        tensors = first if i == 0 else {n: a + np.float32(0.05) * g.standard_normal(a.shape, dtype=np.float32)
+                                        for n, a in first.items()}
+        checkpoints.write(path / "model.safetensors", tensors, {"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
+    """`weightavg merge` of three Llama checkpoints (138 MB of float32 each; 2 layers and 69 MB with
+    --quick) from their files to the merged file, against mergekit's own `run_merge` (what
+    mergekit-yaml runs) of the same config in this process, on the CPU: linear and TIES, over the
+    stream, through shared memory, and in batches of 32 MB."""
+    try:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+    except ImportError:
+        return [Skip("checkpoint merge", "mergekit is not installed (pip install 'weightavg[dev]')")]
+    from weightavg import mergekit as configs
+
+    root = Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    try:
+        base, a, b = _llama_checkpoints(root, 3, 2 if ctx.quick else 4)
+        mb = round((a / "model.safetensors").stat().st_size / 1e6)
+        linear = {"merge_method": "linear", "dtype": "float32",
+                  "models": [{"model": str(a), "parameters": {"weight": 0.6}}, {"model": str(b), "parameters": {"weight": 0.4}}]}
+        ties = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+                "parameters": {"density": 0.5, "weight": 0.5}, "models": [{"model": str(a)}, {"model": str(b)}]}
+        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
+        out = root / "out"
+
+        with Client(ctx.address, timeout=600, shm=True) as fast:
+            calls = {
+                "linear": lambda: configs.merge_checkpoints(ctx.client, linear, out),
+                "linear mergekit": lambda: run_merge(MergeConfiguration.model_validate(linear), str(out), options=options),
+                "ties": lambda: configs.merge_checkpoints(ctx.client, ties, out),
+                "ties shm": lambda: configs.merge_checkpoints(fast, ties, out),
+                "ties batches": lambda: configs.merge_checkpoints(ctx.client, ties, out, batch_bytes=32 << 20),
+                "ties mergekit": lambda: run_merge(MergeConfiguration.model_validate(ties), str(out), options=options),
+            }
+            times = interleaved(calls, ctx.reps(3, 1))
+            shm = fast._shm is not None
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    what = f"3 x {mb} MB fp32 Llama checkpoints, files to file"
+    rows: list[Row | Skip] = [
+        row("checkpoint merge", f"weightavg merge linear, {what}", "mergekit run_merge (mergekit-yaml) in process, CPU",
+            times, "linear", "linear mergekit", note="no target set"),
+        row("checkpoint merge", f"weightavg merge ties density .5, {what}", "mergekit run_merge in process, CPU",
+            times, "ties", "ties mergekit", note="no target set"),
+        row("checkpoint merge (info)", "weightavg merge ties, batches of 32 MB", "one batch (the default 1 GiB)", times,
+            "ties batches", "ties"),
+    ]
+    if shm:
+        rows.append(row("checkpoint merge (info)", "weightavg merge ties --shm", "over the gRPC stream", times,
+                        "ties shm", "ties"))
+    return rows
+
+
 # -- RemoteAveragedModel in a training loop ----------------------------------------------------------
 
 
@@ -1266,6 +1359,7 @@ CASES: dict[str, Callable[[Context], list[Row | Skip]]] = {
     "uploads": uploads,
     "ties": merge_ties,
     "merges": merge_methods,
+    "checkpoints": checkpoint_merge,
     "asyncema": averaged_training,
     "allreduce": allreduce,
     "sweep": sweep,
