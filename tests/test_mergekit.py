@@ -30,11 +30,12 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import LiveServer  # the fixture's type; pytest puts tests/ on sys.path
 from weightavg import Client, Handle, ResourceExhaustedError
+from weightavg import lora
 from weightavg import mergekit as configs
 
 TOL = 2e-6
@@ -558,3 +559,148 @@ def test_weightavg_merge_writes_shards_and_an_index_that_transformers_loads(
         refused = subprocess.run([script, "merge", live_server.address, str(tmp_path / "c.json"), str(tmp_path / "x"),
                                   flag, value], capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PEFT LoRA adapters of model a, saved by PEFT itself: attention projections and the embeddings at
+    rank 4 (lora_alpha 8), and the MLPs with rank-stabilised scaling (use_rslora, rank 8, alpha 16);
+    both factors random (init_lora_weights=False), so every update is non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    found = {}
+    for name, config in (
+        ("attn", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                            init_lora_weights=False)),
+        ("rslora", LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["up_proj", "down_proj"],
+                              init_lora_weights=False)),
+    ):
+        torch.manual_seed(len(found))
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(str(checkpoints["a"])), config)
+        model.save_pretrained(str(root / name))
+        found[name] = root / name
+    return found
+
+
+@pytest.mark.parametrize("adapter", ["attn", "rslora"])
+def test_a_lora_adapter_is_applied_as_peft_merges_it(checkpoints: dict[str, Path], adapters: dict[str, Path],
+                                                     adapter: str) -> None:
+    """weightavg.lora against PEFT's own merge_and_unload of the same adapter: every tensor within 2e-6
+    (the adapted ones differ from the base), the others the base's own arrays."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(checkpoints["a"])),
+                                       str(adapters[adapter])).merge_and_unload().state_dict()
+    base = tensors(checkpoints["a"])
+    got = lora.apply(base, adapters[adapter])
+    assert sorted(got) == sorted(base) == sorted(merged)
+    changed = [name for name in got if name in got.updates]
+    assert len(changed) == {"attn": 2 * LAYERS + 1, "rslora": 2 * LAYERS}[adapter]
+    for name in got:
+        np.testing.assert_allclose(got[name], merged[name].numpy(), rtol=0, atol=TOL, err_msg=name)
+        assert (np.abs(got[name] - base[name]).max() > 1e-3) == (name in changed), name
+
+
+def test_weightavg_merge_of_model_plus_adapter_equals_mergekits(
+    live_server: LiveServer, checkpoints: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """mergekit's `model+adapter` names: the adapter applied to its model before the merge. A TIES merge
+    of a+attn and b+rslora against the base, through the command, equals mergekit's run_merge (which
+    applies the adapters with PEFT)."""
+    config = {"merge_method": "ties", "base_model": str(checkpoints["base"]), "parameters": {"density": 0.6},
+              "models": [{"model": f"{checkpoints['a']}+{adapters['attn']}", "parameters": {"weight": 0.7}},
+                         {"model": f"{checkpoints['b']}+{adapters['rslora']}", "parameters": {"weight": 0.5}}]}
+    run_merge(MergeConfiguration.model_validate({**config, "dtype": "float32"}), str(tmp_path / "mergekit"),
+              options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
+                                   lora_merge_cache=str(tmp_path / "cache")))
+    want = tensors(tmp_path / "mergekit")
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
+                           str(tmp_path / "c.json"), str(tmp_path / "out"), "--batch-bytes", "8KiB"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = tensors(tmp_path / "out")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
+    plain = {**config, "models": [{"model": str(checkpoints["a"]), "parameters": {"weight": 0.7}},
+                                  {"model": str(checkpoints["b"]), "parameters": {"weight": 0.5}}]}
+    unadapted = mergekit(plain, tmp_path / "plain")
+    assert np.abs(got["model.layers.0.self_attn.q_proj.weight"] - unadapted["model.layers.0.self_attn.q_proj.weight"]).max() > 1e-3
+
+
+def test_adapters_that_are_not_applied_are_refused_with_the_reason(
+    checkpoints: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """DoRA, per-module alphas, another peft_type, a pickled adapter, a module the base lacks and
+    factors that do not fit: each an AdapterError naming it, before anything is merged; a name with
+    two adapters, or an adapter that is not there, a ValueError from the command's reading."""
+    base = tensors(checkpoints["a"])
+    source = adapters["attn"]
+    config = json.loads((source / "adapter_config.json").read_text())
+    weights = load_file(str(source / "adapter_model.safetensors"))
+
+    def damaged(name: str, changes: dict[str, Any], tensors_: dict[str, torch.Tensor] | None = None) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        save_file(tensors_ if tensors_ is not None else weights, str(path / "adapter_model.safetensors"))
+        return path
+
+    key = next(k for k in weights if k.endswith("q_proj.lora_A.weight"))
+    for path, message in (
+        (damaged("dora", {"use_dora": True}), "DoRA"),
+        (damaged("alpha", {"alpha_pattern": {"q_proj": 4}}), "alpha_pattern"),
+        (damaged("ia3", {"peft_type": "IA3"}), "only LoRA adapters"),
+        (damaged("other", {}, {**weights, **{k.replace("layers.0", "layers.9"): weights[k].clone()
+                                             for k in (key, key.replace("lora_A", "lora_B"))}}), "does not hold"),
+        (damaged("shape", {}, {**weights, key: weights[key][:, :3].contiguous()}), "do not make an update"),
+        (damaged("half", {}, {k: v for k, v in weights.items() if k != key}), "without its other factor"),
+    ):
+        with pytest.raises(lora.AdapterError, match=message):
+            lora.apply(base, path)
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(lora.AdapterError, match="pickled"):
+        lora.apply(base, tmp_path / "pickled")
+    for name, message in ((f"{checkpoints['a']}+{source}+{source}", "at most one LoRA adapter"),
+                          (f"{checkpoints['a']}+{tmp_path / 'missing'}", "LoRA adapter .* is not a local directory")):
+        with pytest.raises(ValueError, match=message):
+            configs.merge_checkpoints(None, {"merge_method": "linear", "models": [  # type: ignore[arg-type]
+                {"model": name, "parameters": {"weight": 1.0}}]}, tmp_path / "never")
+
+
+def test_a_lora_adapter_on_a_bfloat16_model_is_rounded_once_as_peft_does(
+    checkpoints: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """On a bfloat16 model PEFT keeps the adapter in float32 and computes the update there; a linear
+    layer's is added to the bfloat16 weight in place (one rounding), an embedding's rounded to bfloat16
+    first (two). weightavg.lora does the same, so the adapted tensors agree to the bit, or by one
+    bfloat16 step where the two float32 products differ in their last bit at a rounding tie."""
+    from peft import PeftModel
+
+    LlamaForCausalLM.from_pretrained(str(checkpoints["a"]), dtype=torch.bfloat16).save_pretrained(str(tmp_path / "a16"))
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tmp_path / "a16"), dtype=torch.bfloat16),
+                                       str(adapters["attn"])).merge_and_unload().state_dict()
+    got = lora.apply(checkpoints_read(tmp_path / "a16"), adapters["attn"])
+    same = 0
+    for name in got.updates:
+        want = merged[name].float().numpy()
+        mine = got[name].astype(np.float32)
+        assert got[name].dtype == lora_bf16(), name
+        np.testing.assert_allclose(mine, want, rtol=2**-7, atol=0, err_msg=name)
+        same += int(np.sum(mine == want))
+    assert same >= sum(got[name].size for name in got.updates) - 3  # bit for bit but for a rare rounding tie
+
+
+def checkpoints_read(path: Path) -> dict[str, np.ndarray]:
+    from weightavg import checkpoints as files
+
+    return files.read(path)
+
+
+def lora_bf16() -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)

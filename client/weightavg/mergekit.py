@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from . import checkpoints
+from . import checkpoints, lora
 from ._errors import ResourceExhaustedError
 
 if TYPE_CHECKING:
@@ -179,15 +179,11 @@ def merge_checkpoints(
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes is {batch_bytes}; give a positive number of bytes")
     names = _referenced(config)
-    where = {name: Path((paths or {}).get(name, name)) for name in names}
-    for name, path in where.items():
-        if not path.exists():
-            raise ValueError(f"model {name!r} of the config is not a local directory or .safetensors file ({path}); "
-                             f"download it first (e.g. huggingface-cli download {name} --local-dir DIR) and name DIR")
+    where = {name: _located(name, paths or {}) for name in names}
     dtype = config.get("out_dtype") or config.get("dtype")
     if dtype is not None and str(dtype) not in OUT_DTYPES:
         raise ValueError(f"mergekit dtype {dtype!r} is not one the written checkpoint takes ({', '.join(OUT_DTYPES)})")
-    models = {name: checkpoints.read(where[name]) for name in names}
+    models = {name: _read(*where[name]) for name in names}
     entries = _common_entries(models)
     call(config, {name: name for name in names}, entries, layers=entries, **options)  # refused before any upload
     with checkpoints.ShardWriter(out, shard_bytes, {"format": "pt", "merge_method": str(config.get("merge_method"))}) \
@@ -206,12 +202,37 @@ def merge_checkpoints(
             for entry in batch:
                 writer.add(entry, values[entry] if dtype is None else _cast(values[entry], str(dtype)))
         written = writer.finish()
-    source = where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]]
+    source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and (f.name in SIDE_FILES or f.name.startswith("tokenizer")):
                 shutil.copyfile(f, Path(out) / f.name)
     return written
+
+
+def _located(name: str, paths: Mapping[str, str | os.PathLike[str]]) -> tuple[Path, Path | None]:
+    """Where a config's model lies: its checkpoint, and its LoRA adapter's directory for mergekit's
+    `model+adapter` (each part, or the whole name, mapped by `paths`); ValueError for one not here."""
+    if name in paths:
+        return Path(paths[name]), None
+    parts = name.split("+")
+    if len(parts) > 2:
+        raise ValueError(f"model {name!r} of the config: give a model and at most one LoRA adapter (model+adapter)")
+    model = Path(paths.get(parts[0], parts[0]))
+    adapter = Path(paths.get(parts[1], parts[1])) if len(parts) == 2 else None
+    if not model.exists():
+        raise ValueError(f"model {parts[0]!r} of the config is not a local directory or .safetensors file ({model}); "
+                         f"download it first (e.g. huggingface-cli download {parts[0]} --local-dir DIR) and name DIR")
+    if adapter is not None and not adapter.is_dir():
+        raise ValueError(f"LoRA adapter {parts[1]!r} of the config is not a local directory ({adapter}); download it "
+                         f"first (e.g. huggingface-cli download {parts[1]} --local-dir DIR) and name DIR")
+    return model, adapter
+
+
+def _read(model: Path, adapter: Path | None) -> Mapping[str, Any]:
+    """A model's tensors by name, mapped from its files, with its LoRA adapter applied where it has one."""
+    tensors = checkpoints.read(model)
+    return tensors if adapter is None else lora.apply(tensors, adapter)
 
 
 def _common_entries(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -235,7 +256,8 @@ def _batches(models: Mapping[str, Mapping[str, Any]], entries: Sequence[str], li
     runs: list[list[str]] = []
     held = limit
     for entry in entries:
-        sizes = [int(tensors[entry].nbytes) for tensors in models.values()]
+        sizes = [tensors.nbytes(entry) if isinstance(tensors, lora.Adapted) else int(tensors[entry].nbytes)
+                 for tensors in models.values()]
         size = sum(sizes) + max(sizes)
         if not runs or held + size > limit:
             runs.append([])
