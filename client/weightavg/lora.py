@@ -89,10 +89,11 @@ class Adapted(Mapping[str, npt.NDArray[Any]]):
         if update.weight is not None:  # loaded over the base's, in its dtype (PEFT copies it into the module)
             weight = update.weight.astype(weight.dtype)
         work = np.float64 if weight.dtype == np.float64 else np.float32  # where torch adds half types
-        delta = update.delta()
+        delta: npt.NDArray[Any] = update.delta()
         if update.embedding:  # PEFT's Embedding.merge casts the update to the weight's dtype first
             delta = delta.astype(weight.dtype)
-        return (weight.astype(work) + delta.astype(work)).astype(weight.dtype)
+        adapted: npt.NDArray[Any] = (weight.astype(work) + delta.astype(work)).astype(weight.dtype)
+        return adapted
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
