@@ -471,7 +471,8 @@ def test_a_checkpoint_merged_a_tensor_at_a_time_has_the_whole_merges_bits(
     assert len(list(live_server.registry.items())) == held  # every batch's handles freed
     handles = {str(path): uploaded[name] for name, path in checkpoints.items()}
     whole = client.dict(configs.merge(client, config, handles))
-    assert list(got) == list(tensors(checkpoints["a"]))  # the checkpoint's order
+    in_order = list(tensors(checkpoints["a"]))  # the checkpoint's order; slices write mergekit's (layers in order)
+    assert list(got) == in_order if "slices" not in config else sorted(got) == sorted(in_order)
     for name in whole:
         np.testing.assert_array_equal(got[name], whole[name], err_msg=name)
 
@@ -704,3 +705,71 @@ def lora_bf16() -> np.dtype:
     import ml_dtypes
 
     return np.dtype(ml_dtypes.bfloat16)
+
+
+SLICED: dict[str, Callable[[dict[str, Path]], dict[str, Any]]] = {
+    "passthrough: a's first three layers, then b's last three (six in all)": lambda p: {
+        "merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(p["a"]), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(p["b"]), "layer_range": [1, 4]}]}]},
+    "slerp by slices, a t gradient placed within its slice": lambda p: {
+        "merge_method": "slerp", "base_model": str(p["a"]), "parameters": {"t": 0.3}, "slices": [
+            {"sources": [{"model": str(p["a"]), "layer_range": [0, 2]}, {"model": str(p["b"]), "layer_range": [0, 2]}],
+             "parameters": {"t": [{"filter": "mlp", "value": [0.0, 1.0]}]}},
+            {"sources": [{"model": str(p["a"]), "layer_range": [2, 4]}, {"model": str(p["b"]), "layer_range": [1, 3]}]},
+            {"sources": [{"model": str(p["a"]), "layer_range": [3, 4]}, {"model": str(p["b"]), "layer_range": [3, 4]}],
+             "parameters": {"t": [0.2, 0.9]}}]},
+    "ties by slices, a base of its own in the second": lambda p: {
+        "merge_method": "ties", "base_model": str(p["base"]), "parameters": {"density": 0.5, "weight": 1.0}, "slices": [
+            {"sources": [{"model": str(p["base"]), "layer_range": [0, 2]}, {"model": str(p["a"]), "layer_range": [0, 2]},
+                         {"model": str(p["b"]), "layer_range": [0, 2]}]},
+            {"base_model": str(p["a"]),
+             "sources": [{"model": str(p["a"]), "layer_range": [2, 4]},
+                         {"model": str(p["b"]), "layer_range": [2, 4], "parameters": {"weight": 0.5}}]}]},
+}
+
+
+@pytest.mark.parametrize("case", list(SLICED))
+def test_slices_that_cut_and_stack_layers_merge_as_mergekit_plans_them(
+    case: str, live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Slices over checkpoint files, through merge_checkpoints (a batch of a few tensors at a time) and
+    mergekit's run_merge: the same entries (the output's layers numbered on from slice to slice), each
+    within 2e-6; config.json counts the output's layers and transformers loads the result."""
+    config = SLICED[case](checkpoints)
+    want = mergekit(config, tmp_path / "mergekit")
+    before = {handle_id for handle_id, _ in live_server.registry.items()}
+    configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=4096)
+    got = tensors(tmp_path / "out")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
+    layers = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in config["slices"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == layers
+    assert json.loads((tmp_path / "mergekit" / "config.json").read_text())["num_hidden_layers"] == layers
+    loaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    np.testing.assert_array_equal(loaded[f"model.layers.{layers - 1}.mlp.up_proj.weight"].numpy(),
+                                  got[f"model.layers.{layers - 1}.mlp.up_proj.weight"])
+    assert {handle_id for handle_id, _ in live_server.registry.items()} == before
+
+
+def test_slices_that_do_not_fit_the_models_are_refused_before_anything_goes_up(
+    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    a, b, base = (str(checkpoints[n]) for n in ("a", "b", "base"))
+    before = {handle_id for handle_id, _ in live_server.registry.items()}
+    for slices, message in (
+        ([{"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 3]}]}],
+         r"lengths \[2, 3\]"),
+        ([{"sources": [{"model": a, "layer_range": [2, 5]}]}], r"layer_range \[2, 5\]; give \[start, end\]"),
+        ([{"sources": [{"model": a, "layer_range": [0, 1]}, {"model": a, "layer_range": [1, 2]}]}], "twice"),
+        ([{"sources": [{"model": a, "layer_range": [0, 2]}], "residual_weight": 0.5}], "'residual_weight' is not"),
+        ([{"sources": [{"model": a, "layer_range": [0, 2]}]}, {"sources": []}], "slice 1 lists no 'sources'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            configs.merge_checkpoints(client, {"merge_method": "passthrough", "slices": slices}, tmp_path / "x")
+    with pytest.raises(ValueError, match="base model .* is not among its sources"):
+        configs.merge_checkpoints(client, {"merge_method": "ties", "base_model": base, "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4]}]}]}, tmp_path / "x")
+    assert {handle_id for handle_id, _ in live_server.registry.items()} == before
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

@@ -13,12 +13,14 @@ resolve alike form one group; the largest group takes the call's own arguments, 
 (escaped) names otherwise.
 
 Nothing in a config runs: it is read as data, and only the keys below are understood. Anything else
-mergekit would act on (slices that cut or stack layers, other methods, parameters the server has no
-counterpart for) is refused with ValueError naming it, rather than merged differently.
+mergekit would act on (other methods, parameters the server has no counterpart for; over
+dictionaries, slices that cut or stack layers, which `merge_checkpoints` builds from the files) is
+refused with ValueError naming it, rather than merged differently.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import Counter
@@ -158,18 +160,23 @@ def merge_checkpoints(
 ) -> Path:
     """Merge local safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
     config.yml out/` would: each model the config names is read (a directory of *.safetensors shards,
-    or one file; `paths` maps a config's name to another place), merged by `merge`, and the result
-    written to `out` in shards of at most `shard_bytes` (model.safetensors when one holds it all, else
-    model-0000i-of-0000N.safetensors and model.safetensors.index.json, as mergekit and Hugging Face
-    write them), its floating tensors cast to the config's `out_dtype` (or `dtype`) where it gives
-    one, with the base model's (or the first model's) config and tokenizer files beside it. Returns the
-    file a loader opens first (model.safetensors, or the index).
+    or one file; `paths` maps a config's name to another place; `model+adapter` applies a LoRA
+    adapter, `weightavg.lora`), merged on the server, and the result written to `out` in shards of at
+    most `shard_bytes` (model.safetensors when one holds it all, else model-0000i-of-0000N.safetensors
+    and model.safetensors.index.json, as mergekit and Hugging Face write them), its floating tensors
+    cast to the config's `out_dtype` (or `dtype`) where it gives one, with the base model's (or the
+    first model's) config and tokenizer files beside it. Returns the file a loader opens first
+    (model.safetensors, or the index).
+
+    `slices` may cut and stack layers (a "frankenmerge"): each output slice merges its sources' layer
+    ranges (of one length) into the next layers of the output, as mergekit plans them (`_layout`), and
+    the written config.json counts the output's layers.
 
     Memory stays bounded whatever the models' size: the tensors go up a batch at a time, at most
     `batch_bytes` of them (every model's copy and the result's) per merge call, which the server merges
     and the client writes before the next; where the server refuses a batch for its memory caps
     (RESOURCE_EXHAUSTED), the batch is split in two and retried, down to one tensor. Every tensor is
-    merged on its own, and gradients are placed by the whole model's layers (`call`'s `layers`), so the
+    merged on its own, and gradients are placed by the whole model's layers (`call`'s `places`), so the
     batches give the bits one call over everything would. A config the server cannot run as mergekit
     does is refused before anything is uploaded; every handle made is freed, also on failure, and
     nothing is written to `out` unless every tensor was merged.
@@ -184,30 +191,181 @@ def merge_checkpoints(
     if dtype is not None and str(dtype) not in OUT_DTYPES:
         raise ValueError(f"mergekit dtype {dtype!r} is not one the written checkpoint takes ({', '.join(OUT_DTYPES)})")
     models = {name: _read(*where[name]) for name in names}
-    entries = _common_entries(models)
-    call(config, {name: name for name in names}, entries, layers=entries, **options)  # refused before any upload
+    parts, layers = _layout(config, models)
+    for part in parts:  # refused before any upload
+        call(part.config, {label: label for label in part.inputs}, part.entries, places=part.places, **options)
     with checkpoints.ShardWriter(out, shard_bytes, {"format": "pt", "merge_method": str(config.get("merge_method"))}) \
             as writer:
-        pending = _batches(models, entries, batch_bytes)
-        while pending:
-            batch = pending.pop()
-            try:
-                values = _merge_batch(client, config, models, batch, entries, options)
-            except ResourceExhaustedError:
-                if len(batch) == 1:
-                    raise
-                half = len(batch) // 2
-                pending += [batch[half:], batch[:half]]  # the first half next
-                continue
-            for entry in batch:
-                writer.add(entry, values[entry] if dtype is None else _cast(values[entry], str(dtype)))
+        for part in parts:
+            pending = _batches(part, models, batch_bytes)
+            while pending:
+                batch = pending.pop()
+                try:
+                    values = _merge_batch(client, part, models, batch, options)
+                except ResourceExhaustedError:
+                    if len(batch) == 1:
+                        raise
+                    half = len(batch) // 2
+                    pending += [batch[half:], batch[:half]]  # the first half next
+                    continue
+                for entry in batch:
+                    writer.add(entry, values[entry] if dtype is None else _cast(values[entry], str(dtype)))
         written = writer.finish()
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and (f.name in SIDE_FILES or f.name.startswith("tokenizer")):
-                shutil.copyfile(f, Path(out) / f.name)
+                if f.name == "config.json" and layers is not None:
+                    checkpoints.write_text(Path(out) / f.name, _with_layers(f, layers))
+                else:
+                    shutil.copyfile(f, Path(out) / f.name)
     return written
+
+
+@dataclass(frozen=True)
+class Part:
+    """One run of a merge over files with one config: an output slice's layers (and the embeddings
+    with the first slice, the final norm and head with the last), or the whole model. `config` is
+    in the `models` form; `inputs` maps each of its models to {output entry: the model's own entry
+    read for it}; `places` says where each output entry lies for its gradients."""
+
+    config: Mapping[str, Any]
+    inputs: Mapping[str, Mapping[str, str]]
+    places: Mapping[str, float]
+
+    @property
+    def entries(self) -> list[str]:
+        """The output entries, in the order they are written."""
+        return list(self.places)
+
+
+PRE_WEIGHTS = ("embed", "wte", "wpe")
+"""Words in the name of an entry outside the layers that mark it as coming before them (the token and
+position embeddings): with slices it is read from the first slice's models, the other entries
+outside the layers (final norm, head) from the last slice's, as mergekit's architectures place them."""
+
+
+def _layout(config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) -> tuple[list[Part], int | None]:
+    """The runs a merge over files makes, and the output's layer count where slices set it (None
+    otherwise). Without slices: one run over every entry, placed by `layer_fractions`. With slices, as
+    mergekit plans them: slice k's sources give the next n layers of the output (n their common range
+    length), output layer i of the slice reads layer range[0] + i of each source, with its gradients
+    at i / (n - 1) (1 where n is 1), the slice's parameters before the config's; the entries outside
+    the layers go with the first or the last slice at 0 (`PRE_WEIGHTS`)."""
+    if "slices" not in config:
+        entries = _common_entries(models)
+        return [Part(config, {name: {e: e for e in entries} for name in models}, layer_fractions(entries))], None
+    if "models" in config:
+        raise ValueError("give 'models' or 'slices', not both")
+    slices = config["slices"]
+    if not isinstance(slices, list) or not slices or not all(isinstance(s, Mapping) for s in slices):
+        raise ValueError("'slices' is a list of slices, each with its 'sources'")
+    layered = {name: _layered(name, tensors) for name, tensors in models.items()}
+    outside = _common_entries({name: {e: None for e in tensors if _layer(e) is None} for name, tensors in models.items()})
+    pre = [e for e in outside if any(word in e for word in PRE_WEIGHTS)]
+    post = [e for e in outside if e not in pre]
+    parts: list[Part] = []
+    done = 0
+    for k, piece in enumerate(slices):
+        sources = _sources(piece, k, layered)
+        length = sources[0][2] - sources[0][1]
+        labels = [label for label, _, _ in sources]
+        inputs: dict[str, dict[str, str]] = {label: {} for label in labels}
+        places: dict[str, float] = {}
+        if k == 0:
+            for label in labels:
+                inputs[label] |= {e: e for e in pre}
+            places |= {e: 0.0 for e in pre}
+        starts = {label: start for label, start, _ in sources}
+        for i in range(length):
+            (first, template), *others = ((label, layered[label][start + i]) for label, start in starts.items())
+            for label, held in others:
+                if set(held) != set(template):
+                    raise ValueError(f"slice {k}: layer {starts[label] + i} of {label!r} and layer {starts[first] + i} "
+                                     f"of {first!r} hold different tensors (slices merge layers of one architecture)")
+            for pattern in template:
+                out_name = pattern.format(done + i)
+                for label, start, _ in sources:
+                    inputs[label][out_name] = pattern.format(start + i)
+                places[out_name] = i / (length - 1) if length > 1 else 1.0
+        if k == len(slices) - 1:
+            for label in labels:
+                inputs[label] |= {e: e for e in post}
+            places |= {e: 0.0 for e in post}
+        done += length
+        parts.append(Part(_slice_config(config, piece, k, labels), inputs, places))
+    return parts, done
+
+
+def _layered(name: str, tensors: Mapping[str, Any]) -> list[dict[str, None]]:
+    """A model's layers, each as the patterns of its entries' names ("model.layers.{}.mlp.up_proj.weight"),
+    in layer order; ValueError where the layers are not numbered 0, 1, ... (slices count from 0)."""
+    layers: dict[int, dict[str, None]] = {}
+    for entry in tensors:
+        parts = entry.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if at is not None:
+            layers.setdefault(int(parts[at]), {})[".".join([*parts[:at], "{}", *parts[at + 1:]])] = None
+    if sorted(layers) != list(range(len(layers))):
+        raise ValueError(f"model {name!r}: its layers are numbered {sorted(layers)[:8]}...; slices need layers "
+                         "numbered 0, 1, 2, ...")
+    return [layers[i] for i in range(len(layers))]
+
+
+def _sources(piece: Mapping[str, Any], k: int, layered: Mapping[str, Sequence[Any]]) -> list[tuple[str, int, int]]:
+    """A slice's sources as (model, first layer, end), checked: each range within its model's layers,
+    one length for all, no model twice."""
+    sources = piece.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ValueError(f"slice {k} lists no 'sources'")
+    found: list[tuple[str, int, int]] = []
+    for source in sources:
+        label = _model_name(source)
+        span = source.get("layer_range")
+        if not (isinstance(span, list) and len(span) == 2 and all(type(v) is int for v in span)
+                and 0 <= span[0] < span[1] <= len(layered[label])):
+            raise ValueError(f"slice {k}: source {label!r} has layer_range {span!r}; give [start, end] with 0 <= start "
+                             f"< end <= {len(layered[label])} (its layers)")
+        if any(label == other for other, _, _ in found):
+            raise ValueError(f"slice {k} lists {label!r} twice; give each model once per slice")
+        found.append((label, span[0], span[1]))
+    lengths = {end - start for _, start, end in found}
+    if len(lengths) != 1:
+        raise ValueError(f"slice {k}: the sources' layer ranges have lengths {sorted(lengths)}; every source of a "
+                         "slice gives the same number of layers")
+    return found
+
+
+def _slice_config(config: Mapping[str, Any], piece: Mapping[str, Any], k: int, labels: Sequence[str]) -> dict[str, Any]:
+    """One slice of a config in the `models` form: its sources as the models with their parameters,
+    the slice's parameters before the config's, its base model (the slice's, else the config's),
+    which must be one of its sources."""
+    for key in piece:
+        if key not in ("sources", "parameters", "base_model"):
+            raise ValueError(f"slice {k}: key {key!r} is not supported (give 'sources', 'parameters', 'base_model')")
+    shared = _slice_parameters(config, piece)
+    base = piece.get("base_model", config.get("base_model"))
+    if base is not None and str(base) not in labels:
+        raise ValueError(f"slice {k}: its base model {base!r} is not among its sources; list it with the layers it "
+                         "gives (mergekit reads the base's tensors from the slice's sources)")
+    sources = {_model_name(s): s for s in piece["sources"]}
+    sliced = {key: value for key, value in config.items() if key != "slices"}
+    sliced["models"] = [{"model": label, "parameters": sources[label].get("parameters") or {}} for label in labels]
+    sliced["parameters"] = shared
+    if base is not None:
+        sliced["base_model"] = str(base)
+    return sliced
+
+
+def _with_layers(config_json: Path, layers: int) -> str:
+    """A model's config.json with its layer count (num_hidden_layers, n_layer or num_layers) set to the
+    merged model's, read and written as JSON."""
+    loaded = json.loads(config_json.read_text(encoding="utf-8"))
+    if isinstance(loaded, dict):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in loaded:
+                loaded[key] = layers
+    return json.dumps(loaded, indent=2) + "\n"
 
 
 def _located(name: str, paths: Mapping[str, str | os.PathLike[str]]) -> tuple[Path, Path | None]:
@@ -249,15 +407,14 @@ def _common_entries(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return list(held)
 
 
-def _batches(models: Mapping[str, Mapping[str, Any]], entries: Sequence[str], limit: int) -> list[list[str]]:
-    """The entries in runs of at most `limit` bytes on the server (every model's copy of each, and the
-    result's, as large as the largest copy), a run per entry where one alone is larger; in reverse
-    order, for popping."""
+def _batches(part: Part, models: Mapping[str, Mapping[str, Any]], limit: int) -> list[list[str]]:
+    """A run's entries in batches of at most `limit` bytes on the server (every model's copy of each,
+    and the result's, as large as the largest copy), a batch per entry where one alone is larger; in
+    reverse order, for popping."""
     runs: list[list[str]] = []
     held = limit
-    for entry in entries:
-        sizes = [tensors.nbytes(entry) if isinstance(tensors, lora.Adapted) else int(tensors[entry].nbytes)
-                 for tensors in models.values()]
+    for entry in part.entries:
+        sizes = [_nbytes(models[label], names[entry]) for label, names in part.inputs.items()]
         size = sum(sizes) + max(sizes)
         if not runs or held + size > limit:
             runs.append([])
@@ -267,17 +424,23 @@ def _batches(models: Mapping[str, Mapping[str, Any]], entries: Sequence[str], li
     return runs[::-1]
 
 
-def _merge_batch(client: Client, config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]],
-                 batch: Sequence[str], entries: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
-    """One batch of entries merged on the server: each model's tensors uploaded, merged as the config
-    says (placed in the whole model), fetched, and every handle freed."""
+def _nbytes(tensors: Mapping[str, Any], name: str) -> int:
+    """The bytes of a model's tensor, without making one an adapter changes."""
+    return tensors.nbytes(name) if isinstance(tensors, lora.Adapted) else int(tensors[name].nbytes)
+
+
+def _merge_batch(client: Client, part: Part, models: Mapping[str, Mapping[str, Any]], batch: Sequence[str],
+                 options: Mapping[str, Any]) -> dict[str, Any]:
+    """One batch of a run's entries merged on the server: each model's tensors uploaded under the
+    output's names, merged as the run's config says (placed in the whole model), fetched, and every
+    handle freed."""
     made: list[HandleLike] = []
     try:
         handles: dict[str, HandleLike] = {}
-        for name, tensors in models.items():
-            handles[name] = client.dict({entry: tensors[entry] for entry in batch})
-            made.append(handles[name])
-        merged = call(config, handles, batch, layers=entries, **options).run(client)
+        for label, names in part.inputs.items():
+            handles[label] = client.dict({entry: models[label][names[entry]] for entry in batch})
+            made.append(handles[label])
+        merged = call(part.config, handles, batch, places=part.places, **options).run(client)
         made.append(merged)
         return dict(client._fetch_named(merged.id, []))
     finally:
@@ -286,14 +449,14 @@ def _merge_batch(client: Client, config: Mapping[str, Any], models: Mapping[str,
 
 
 def _referenced(config: Mapping[str, Any]) -> list[str]:
-    """Every model a config names, in order of appearance: the models (or the one slice's sources),
-    then the base model if it is not among them."""
+    """Every model a config names, in order of appearance: the models (or every slice's sources), then
+    the base model if it is not among them."""
     sources = config.get("models")
     slices = config.get("slices")
-    if sources is None and isinstance(slices, list) and slices and isinstance(slices[0], Mapping):
-        sources = slices[0].get("sources")
+    if sources is None and isinstance(slices, list) and all(isinstance(piece, Mapping) for piece in slices):
+        sources = [s for piece in slices for s in (piece.get("sources") or [])]
     if not isinstance(sources, list) or not sources:
-        raise ValueError("a mergekit config for the server lists its 'models', or one slice of 'sources'")
+        raise ValueError("a mergekit config for the server lists its 'models', or slices of 'sources'")
     names = list(dict.fromkeys(_model_name(entry) for entry in sources))
     base = config.get("base_model")
     if base is not None and str(base) not in names:
@@ -311,19 +474,19 @@ def _cast(value: Any, dtype: str) -> Any:
 
 def call(
     config: Mapping[str, Any], models: Mapping[str, HandleLike], names: Sequence[str], *,
-    layers: Sequence[str] | None = None, **options: Any,
+    places: Mapping[str, float] | None = None, **options: Any,
 ) -> MergeCall:
     """The merge call a mergekit config stands for, given the entries' names (every dictionary has the
     same ones); ValueError for what the server cannot do as mergekit does.
 
-    `layers`: every entry name of the whole model, where `names` (and the dictionaries) hold a part of
-    it, as when a checkpoint is merged a batch of tensors at a time. A gradient is placed by the
-    model's layers, which a part does not show, so with `layers` each gradient is evaluated here, at
-    the entry's place in the whole (`layer_fractions`, the server's rule), and the call carries plain
-    numbers: a part merges to the whole's bits."""
-    fractions = layer_fractions(layers or names) if layers is not None or config.get("merge_method") == "nuslerp" \
+    `places`: where each entry lies in the whole model, from 0 to 1, where `names` (and the
+    dictionaries) hold a part of it, as when a checkpoint is merged a batch of tensors at a time, or
+    an output slice's layers are merged. A gradient is placed by the model's layers, which a part
+    does not show, so with `places` each gradient is evaluated here, at the entry's place, and the
+    call carries plain numbers: a part merges to the whole's bits."""
+    fractions = places if places is not None else layer_fractions(names) if config.get("merge_method") == "nuslerp" \
         else None
-    config = _unsliced(config, layers or names)
+    config = _unsliced(config, names)
     method_name = config.get("merge_method")
     rule = RULES.get(str(method_name))
     if rule is None:
@@ -337,7 +500,7 @@ def call(
     _check_names(rule, shared_settings, model_settings)
 
     def resolve(name: str) -> tuple[tuple[tuple[str, Resolved | str], ...], tuple[tuple[Resolved, ...], ...]]:
-        where = fractions[name] if layers is not None and fractions is not None else None  # gradients placed here
+        where = places[name] if places is not None else None  # gradients placed here, not by the server
 
         shared: list[tuple[str, Resolved | str]] = []  # (a str: an option the mapping sets, nuslerp's vectors)
         for key, (option, default) in rule.shared.items():
@@ -484,8 +647,9 @@ def _unsliced(config: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, A
         raise ValueError("give 'models' or 'slices', not both")
     layers = len({_layer(n) for n in names} - {None})
     if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
-        raise ValueError("only one slice over every layer is supported (slices that stack or cut layers make another "
-                         "architecture)")
+        raise ValueError("only one slice over every layer is supported over dictionaries (slices that stack or cut "
+                         "layers make another architecture: merge_checkpoints and weightavg merge build it from the "
+                         "checkpoint files)")
     sources = slices[0].get("sources")
     if not isinstance(sources, list) or not sources:
         raise ValueError("the slice lists no 'sources'")
@@ -494,13 +658,20 @@ def _unsliced(config: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, A
         if span != [0, layers]:
             raise ValueError(f"source {_model_name(source)!r} spans layers {span}; only one slice over every layer "
                              f"([0, {layers}]) is supported")
-    shared = dict(config.get("parameters") or {})
-    for key, value in (slices[0].get("parameters") or {}).items():
-        shared[key] = _before(value, shared[key]) if key in shared else value
+    shared = _slice_parameters(config, slices[0])
     unsliced = {k: v for k, v in config.items() if k != "slices"}
     unsliced["models"] = [{"model": _model_name(s), "parameters": s.get("parameters") or {}} for s in sources]
     unsliced["parameters"] = shared
     return unsliced
+
+
+def _slice_parameters(config: Mapping[str, Any], piece: Mapping[str, Any]) -> dict[str, Setting]:
+    """A slice's shared parameters: the slice's own before the config's (where a slice's conditions
+    match no filter, the config's value still applies, as in mergekit)."""
+    shared = dict(config.get("parameters") or {})
+    for key, value in (piece.get("parameters") or {}).items():
+        shared[key] = _before(value, shared[key]) if key in shared else value
+    return shared
 
 
 def _before(first: Setting, then: Setting) -> Setting:
