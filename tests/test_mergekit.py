@@ -393,6 +393,8 @@ def test_weightavg_merge_turns_checkpoint_files_and_a_yaml_config_into_mergekits
                            str(tmp_path / "bf16.json"), str(tmp_path / "bf16")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     low = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"  # as mergekit writes it
+    assert LlamaForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="auto").dtype == torch.bfloat16
     for name in want:
         assert low[name].dtype == torch.bfloat16, name
         np.testing.assert_allclose(low[name].float().numpy(), got[name], rtol=2**-8, atol=0, err_msg=name)

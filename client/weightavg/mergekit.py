@@ -215,8 +215,8 @@ def merge_checkpoints(
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and (f.name in SIDE_FILES or f.name.startswith("tokenizer")):
-                if f.name == "config.json" and layers is not None:
-                    checkpoints.write_text(Path(out) / f.name, _with_layers(f, layers))
+                if f.name == "config.json" and (layers is not None or dtype is not None):
+                    checkpoints.write_text(Path(out) / f.name, _output_config(f, layers, dtype))
                 else:
                     shutil.copyfile(f, Path(out) / f.name)
     return written
@@ -357,14 +357,20 @@ def _slice_config(config: Mapping[str, Any], piece: Mapping[str, Any], k: int, l
     return sliced
 
 
-def _with_layers(config_json: Path, layers: int) -> str:
-    """A model's config.json with its layer count (num_hidden_layers, n_layer or num_layers) set to the
-    merged model's, read and written as JSON."""
+def _output_config(config_json: Path, layers: int | None, dtype: Any) -> str:
+    """A model's config.json for the merged model, read and written as JSON, as mergekit writes it: the
+    layer count (num_hidden_layers, n_layer or num_layers) the output's where slices set it, and the
+    dtype (`dtype`, and `torch_dtype` where the file has it) the written tensors' where the config
+    casts them, so a loader's dtype="auto" takes them as they are."""
     loaded = json.loads(config_json.read_text(encoding="utf-8"))
     if isinstance(loaded, dict):
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if key in loaded:
+            if key in loaded and layers is not None:
                 loaded[key] = layers
+        if dtype is not None:
+            loaded["dtype"] = str(dtype)
+            if "torch_dtype" in loaded:
+                loaded["torch_dtype"] = str(dtype)
     return json.dumps(loaded, indent=2) + "\n"
 
 
