@@ -466,7 +466,10 @@ def test_a_checkpoint_merged_a_tensor_at_a_time_has_the_whole_merges_bits(
     gradients (DARE's masks too: each is seeded by its entry's name). Nothing is left on the server."""
     config = {k: v for k, v in WITH_DARE[case][0](checkpoints).items() if k != "dtype"}  # the server's float32 bits
     before, held = merge_calls(client), len(list(live_server.registry.items()))
-    written = configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=1)
+    seen: list[tuple[int, int]] = []
+    written = configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=1,
+                                        progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, len(seen)) for i in range(1, len(seen) + 1)]  # a call per batch, one tensor each
     assert written == tmp_path / "out" / "model.safetensors"
     got = tensors(tmp_path / "out")
     assert merge_calls(client) - before == len(got) > 20  # one call per tensor

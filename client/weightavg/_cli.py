@@ -285,11 +285,24 @@ def _merge(argv: list[str]) -> int:
         config = _mergekit_config(args.config)
         with _client(args, shm=args.shm, session=True) as client:
             written = mergekit.merge_checkpoints(client, config, args.out, batch_bytes=args.batch_bytes,
-                                                 shard_bytes=args.shard_bytes, **options)
+                                                 shard_bytes=args.shard_bytes, progress=_progress_line(), **options)
     except (WeightavgError, OSError, ValueError) as exc:
         return _failed("merge", exc)
     print(f"wrote {written}")
     return 0
+
+
+def _progress_line() -> Callable[[int, int], None] | None:
+    """On a terminal, a progress line on stderr redrawn after each merged batch (none into a pipe or
+    a file, where it would only add lines to read)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        print(f"\rweightavg merge: {done}/{total} tensors", end="\n" if done == total else "", file=sys.stderr,
+              flush=True)
+
+    return show
 
 
 def _byte_size(text: str) -> int:

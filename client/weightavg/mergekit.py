@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -156,7 +156,8 @@ at most: what the server holds for a checkpoint merge at a time, whatever the mo
 def merge_checkpoints(
     client: Client, config: Mapping[str, Any], out: str | os.PathLike[str], *,
     paths: Mapping[str, str | os.PathLike[str]] | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
-    shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES, **options: Any,
+    shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES, progress: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> Path:
     """Merge local safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
     config.yml out/` would: each model the config names is read (a directory of *.safetensors shards,
@@ -181,6 +182,9 @@ def merge_checkpoints(
     does is refused before anything is uploaded; every handle made is freed, also on failure, and
     nothing is written to `out` unless every tensor was merged.
 
+    `progress(done, total)` is called after each batch is merged with the output entries merged so far
+    and their number in all (the command line shows it on a terminal).
+
     Names are local paths only: a Hugging Face repository ID must be downloaded first (e.g.
     `huggingface-cli download org/model --local-dir DIR`, then name DIR)."""
     if batch_bytes <= 0:
@@ -194,6 +198,7 @@ def merge_checkpoints(
     parts, layers = _layout(config, models)
     for part in parts:  # refused before any upload
         call(part.config, {label: label for label in part.inputs}, part.entries, places=part.places, **options)
+    total, done = sum(len(part.entries) for part in parts), 0
     with checkpoints.ShardWriter(out, shard_bytes, {"format": "pt", "merge_method": str(config.get("merge_method"))}) \
             as writer:
         for part in parts:
@@ -210,6 +215,9 @@ def merge_checkpoints(
                     continue
                 for entry in batch:
                     writer.add(entry, values[entry] if dtype is None else _cast(values[entry], str(dtype)))
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
         written = writer.finish()
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
     if source.is_dir():
