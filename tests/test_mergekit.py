@@ -17,6 +17,7 @@ differ by a few ulps (an ulp at 1 is 1.2e-7).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -778,3 +779,40 @@ def test_slices_that_do_not_fit_the_models_are_refused_before_anything_goes_up(
             {"sources": [{"model": a, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4]}]}]}, tmp_path / "x")
     assert {handle_id for handle_id, _ in live_server.registry.items()} == before
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
+    client: Client, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """mergekit's tokenizer_source: unset or "base" copies the base's tokenizer files, a model's name
+    that model's, "union" the base's where every model's tokenizer is the same (else refused, as a
+    changed vocabulary would move the embeddings' rows); tokenizer.tokens is refused and a
+    chat_template warned about, before anything is merged."""
+    models = {}
+    for name in ("base", "a", "b"):
+        models[name] = tmp_path / name
+        shutil.copytree(checkpoints[name], models[name])
+        (models[name] / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"x": 0}}, "from": name}))
+        (models[name] / "special_tokens_map.json").write_text(json.dumps({"eos_token": f"</{name}>"}))
+    config = {"merge_method": "ties", "base_model": str(models["base"]), "parameters": {"density": 0.5, "weight": 1.0},
+              "models": [{"model": str(models["a"])}, {"model": str(models["b"])}]}
+    for extra, source in (({}, "base"), ({"tokenizer_source": "base"}, "base"),
+                          ({"tokenizer_source": str(models["b"])}, "b"), ({"tokenizer": {"source": str(models["a"])}}, "a")):
+        out = tmp_path / f"out-{len(extra)}-{source}"
+        configs.merge_checkpoints(client, {**config, **extra}, out)
+        for f in ("tokenizer.json", "special_tokens_map.json"):
+            assert (out / f).read_bytes() == (models[source] / f).read_bytes(), (extra, f)
+        assert (out / "config.json").read_bytes() == (models["base"] / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="tokenizer_source 'union' over models whose tokenizers differ"):
+        configs.merge_checkpoints(client, {**config, "tokenizer_source": "union"}, tmp_path / "union")
+    for name in ("a", "b"):
+        for f in ("tokenizer.json", "special_tokens_map.json"):
+            shutil.copyfile(models["base"] / f, models[name] / f)
+    configs.merge_checkpoints(client, {**config, "tokenizer_source": "union"}, tmp_path / "union")
+    assert (tmp_path / "union" / "tokenizer.json").read_bytes() == (models["base"] / "tokenizer.json").read_bytes()
+    with pytest.raises(ValueError, match="changes the embeddings' rows"):
+        configs.merge_checkpoints(client, {**config, "tokenizer": {"source": "base", "tokens": {"<x>": {}}}},
+                                  tmp_path / "tokens")
+    with pytest.warns(UserWarning, match="chat_template 'chatml' is not applied"):
+        configs.merge_checkpoints(client, {**config, "chat_template": "chatml"}, tmp_path / "chat")
+    assert not (tmp_path / "tokens").exists()

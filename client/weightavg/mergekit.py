@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,8 @@ GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."
 
 IGNORED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name")
 """Top-level keys about mergekit's output files, not the numbers: the server computes in float32 (float64
-where an entry is) and keeps the base's dtype."""
+where an entry is) and keeps the base's dtype; `merge_checkpoints` reads them for the files it writes
+(the cast, the tokenizer's source)."""
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,10 @@ def merge(client: Client, config: Mapping[str, Any], models: Mapping[str, Handle
     return call(config, models, _entry_names(client, models[first]), **options).run(client)
 
 
-SIDE_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-              "vocab.txt", "merges.txt", "chat_template.jinja")
-"""Files copied beside the merged weights from the base model's directory (or the first model's), with
-every file whose name starts with "tokenizer": what loading the result as a Hugging Face model needs,
-as mergekit copies them."""
+SIDE_FILES = ("config.json", "generation_config.json")
+"""The model's files copied beside the merged weights from the base model's directory (or the first
+model's); the tokenizer's come from the model `tokenizer_source` names (`TOKENIZER_FILES`): what
+loading the result as a Hugging Face model needs, as mergekit writes them."""
 OUT_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
 """mergekit's `out_dtype` (else `dtype`) values that the written floating tensors are cast to."""
 DEFAULT_BATCH_BYTES = 1 << 30
@@ -194,6 +195,7 @@ def merge_checkpoints(
     dtype = config.get("out_dtype") or config.get("dtype")
     if dtype is not None and str(dtype) not in OUT_DTYPES:
         raise ValueError(f"mergekit dtype {dtype!r} is not one the written checkpoint takes ({', '.join(OUT_DTYPES)})")
+    tokenizer_from = _tokenizer_directory(config, where, names, paths or {})
     models = {name: _read(*where[name]) for name in names}
     parts, layers = _layout(config, models)
     for part in parts:  # refused before any upload
@@ -222,12 +224,67 @@ def merge_checkpoints(
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
     if source.is_dir():
         for f in sorted(source.iterdir()):
-            if f.is_file() and (f.name in SIDE_FILES or f.name.startswith("tokenizer")):
+            if f.is_file() and f.name in SIDE_FILES:
                 if f.name == "config.json" and (layers is not None or dtype is not None):
                     checkpoints.write_text(Path(out) / f.name, _output_config(f, layers, dtype))
                 else:
                     shutil.copyfile(f, Path(out) / f.name)
+    if tokenizer_from.is_dir():
+        for f in sorted(tokenizer_from.iterdir()):
+            if f.is_file() and _is_tokenizer_file(f.name):
+                shutil.copyfile(f, Path(out) / f.name)
     return written
+
+
+TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja")
+"""The tokenizer's files besides those whose name starts with "tokenizer" (tokenizer.json,
+tokenizer_config.json, tokenizer.model): copied from the model `tokenizer_source` names."""
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in TOKENIZER_FILES
+
+
+def _tokenizer_directory(config: Mapping[str, Any], where: Mapping[str, tuple[Path, Path | None]],
+                         names: Sequence[str], paths: Mapping[str, str | os.PathLike[str]]) -> Path:
+    """Where the merged model's tokenizer files come from, as mergekit's `tokenizer_source` (or
+    `tokenizer.source`) says: the base model's (or the first model's) when it is unset or "base"; a
+    named model's; for "union", the base's where every model's tokenizer files are the same bytes (the
+    union of one vocabulary is that vocabulary). A union of different vocabularies, added `tokens` and
+    `pad_to_multiple_of` change the embeddings' rows, which this does not do: ValueError, before
+    anything is merged. A `chat_template` is not applied (a warning says so)."""
+    tokenizer = config.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, Mapping):
+        raise ValueError(f"mergekit key 'tokenizer' is {tokenizer!r}; give a mapping with its 'source'")
+    if config.get("tokenizer_source") is not None and tokenizer is not None:
+        raise ValueError("give 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
+    for key in ("tokens", "pad_to_multiple_of"):
+        if (tokenizer or {}).get(key):
+            raise ValueError(f"mergekit's tokenizer {key!r} changes the embeddings' rows, which weightavg merge does "
+                             "not do; merge without it and edit the vocabulary afterwards")
+    if config.get("chat_template") is not None:
+        warnings.warn(f"chat_template {config['chat_template']!r} is not applied: the tokenizer files are copied as "
+                      "they are; set the template in the output's tokenizer_config.json", stacklevel=3)
+    chosen = config.get("tokenizer_source", (tokenizer or {}).get("source"))
+    base = str(config["base_model"]) if config.get("base_model") in where else names[0]
+    if chosen is None or chosen == "base":
+        return where[base][0]
+    if chosen == "union":
+        differ = [name for name in names if _tokenizer_bytes(where[name][0]) != _tokenizer_bytes(where[base][0])]
+        if differ:
+            raise ValueError(f"tokenizer_source 'union' over models whose tokenizers differ ({differ[0]!r} from "
+                             f"{base!r}) would rebuild the vocabulary and the embeddings' rows, which weightavg merge "
+                             "does not do; give 'base' or a model's name")
+        return where[base][0]
+    return where[str(chosen)][0] if str(chosen) in where else _located(str(chosen), paths)[0]
+
+
+def _tokenizer_bytes(directory: Path) -> dict[str, bytes]:
+    """A model directory's tokenizer files by name, their contents."""
+    if not directory.is_dir():
+        return {}
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.is_file() and _is_tokenizer_file(f.name)}
 
 
 @dataclass(frozen=True)
