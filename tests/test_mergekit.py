@@ -782,7 +782,7 @@ def test_slices_that_do_not_fit_the_models_are_refused_before_anything_goes_up(
 
 
 def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
-    client: Client, checkpoints: dict[str, Path], tmp_path: Path
+    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     """mergekit's tokenizer_source: unset or "base" copies the base's tokenizer files, a model's name
     that model's, "union" the base's where every model's tokenizer is the same (else refused, as a
@@ -816,3 +816,9 @@ def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
     with pytest.warns(UserWarning, match="chat_template 'chatml' is not applied"):
         configs.merge_checkpoints(client, {**config, "chat_template": "chatml"}, tmp_path / "chat")
     assert not (tmp_path / "tokens").exists()
+    (tmp_path / "chat.json").write_text(json.dumps({**config, "chat_template": "chatml"}))
+    done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
+                           str(tmp_path / "chat.json"), str(tmp_path / "chat2")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stderr.startswith("weightavg merge: warning: chat_template 'chatml' is not") \
+        and done.stderr.count("\n") == 1, done.stderr

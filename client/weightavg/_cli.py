@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -283,11 +284,14 @@ def _merge(argv: list[str]) -> int:
     options = {"seed": args.seed} if args.seed is not None else {}
     try:
         config = _mergekit_config(args.config)
-        with _client(args, shm=args.shm, session=True) as client:
+        with _client(args, shm=args.shm, session=True) as client, warnings.catch_warnings(record=True) as noted:
+            warnings.simplefilter("always")
             written = mergekit.merge_checkpoints(client, config, args.out, batch_bytes=args.batch_bytes,
                                                  shard_bytes=args.shard_bytes, progress=_progress_line(), **options)
     except (WeightavgError, OSError, ValueError) as exc:
         return _failed("merge", exc)
+    for warning in noted:  # one line each, as the failures (Python's format adds the file and the source line)
+        print(f"weightavg merge: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {written}")
     return 0
 
