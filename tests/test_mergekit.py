@@ -434,11 +434,15 @@ def test_weightavg_merge_through_shared_memory_writes_the_same_bytes(
     config = CASES["sce, select_topk a gradient and filtered"][0](checkpoints)
     (tmp_path / "sce.json").write_text(json.dumps(config))
     script = str(Path(sys.executable).parent / "weightavg")
-    for way in ("stream", "shm"):
+    for way in ("stream", "shm", "shm batches"):
         done = subprocess.run([script, "merge", server.address, str(tmp_path / "sce.json"), str(tmp_path / way),
-                               *(["--shm"] if way == "shm" else [])], capture_output=True, text=True, timeout=300)
+                               *(["--shm"] if way != "stream" else []), *(["--batch-bytes", "8KiB"] if "batches" in way
+                                                                          else [])],
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-    assert (tmp_path / "shm" / "model.safetensors").read_bytes() == (tmp_path / "stream" / "model.safetensors").read_bytes()
+    for way in ("shm", "shm batches"):  # a region reused batch after batch gives the same bytes
+        assert (tmp_path / way / "model.safetensors").read_bytes() == \
+            (tmp_path / "stream" / "model.safetensors").read_bytes(), way
     with Client(server.address) as c:
         calls = c.stats()["methods"]
     assert "/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory" in calls  # the merge came back that way
