@@ -778,6 +778,9 @@ def test_slices_that_do_not_fit_the_models_are_refused_before_anything_goes_up(
     ):
         with pytest.raises(ValueError, match=message):
             configs.merge_checkpoints(client, {"merge_method": "passthrough", "slices": slices}, tmp_path / "x")
+    with pytest.raises(ValueError, match="holds model .*, which the merge reads"):
+        configs.merge_checkpoints(client, {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}}]},
+                                  checkpoints["a"])
     with pytest.raises(ValueError, match="base model .* is not among its sources"):
         configs.merge_checkpoints(client, {"merge_method": "ties", "base_model": base, "slices": [
             {"sources": [{"model": a, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4]}]}]}, tmp_path / "x")

@@ -195,6 +195,11 @@ def merge_checkpoints(
     dtype = config.get("out_dtype") or config.get("dtype")
     if dtype is not None and str(dtype) not in OUT_DTYPES:
         raise ValueError(f"mergekit dtype {dtype!r} is not one the written checkpoint takes ({', '.join(OUT_DTYPES)})")
+    for name, located in where.items():
+        if any(Path(out).resolve() == (path if path.is_dir() else path.parent).resolve()
+               for path in located if path is not None):
+            raise ValueError(f"the output directory {out} holds model {name!r}, which the merge reads; write the "
+                             "merged model to another directory")
     tokenizer_from = _tokenizer_directory(config, where, names, paths or {})
     models = {name: _read(*where[name]) for name in names}
     parts, layers = _layout(config, models)
