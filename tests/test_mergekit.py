@@ -829,3 +829,18 @@ def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
                           timeout=300)
     assert done.returncode == 0 and done.stderr.startswith("weightavg merge: warning: chat_template 'chatml' is not") \
         and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_model_the_call_does_not_read_is_not_uploaded(
+    client: Client, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """slerp of a and b names a as its base and reads two dictionaries, so a merge in one batch uploads
+    two; a linear merge with a base_model it ignores uploads its two models, not the base."""
+    create = "/weightavg.v1.WeightAveragingService/CreateDictionary"
+    for config in (CASES["slerp, t gradients for attention and the MLPs"][0](checkpoints),
+                   {"merge_method": "linear", "base_model": str(checkpoints["base"]),
+                    "models": [{"model": str(checkpoints["a"]), "parameters": {"weight": 1.0}},
+                               {"model": str(checkpoints["b"]), "parameters": {"weight": 2.0}}]}):
+        before = client.stats()["methods"].get(create, {}).get("count", 0)
+        configs.merge_checkpoints(client, config, tmp_path / str(config["merge_method"]))
+        assert client.stats()["methods"][create]["count"] - before == 2, config["merge_method"]

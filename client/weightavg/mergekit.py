@@ -26,7 +26,7 @@ import shutil
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -203,8 +203,7 @@ def merge_checkpoints(
     tokenizer_from = _tokenizer_directory(config, where, names, paths or {})
     models = {name: _read(*where[name]) for name in names}
     parts, layers = _layout(config, models)
-    for part in parts:  # refused before any upload
-        call(part.config, {label: label for label in part.inputs}, part.entries, places=part.places, **options)
+    parts = [_used(part, options) for part in parts]  # refused here, before any upload
     total, done = sum(len(part.entries) for part in parts), 0
     with checkpoints.ShardWriter(out, shard_bytes, {"format": "pt", "merge_method": str(config.get("merge_method"))}) \
             as writer:
@@ -481,6 +480,14 @@ def _common_entries(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not held:
         raise ValueError(f"{first} holds no tensors to merge")
     return list(held)
+
+
+def _used(part: Part, options: Mapping[str, Any]) -> Part:
+    """A run checked by building its call (ValueError for what the server cannot do as mergekit does),
+    keeping the models the call reads: a base model a linear merge ignores is not uploaded."""
+    planned = call(part.config, {label: label for label in part.inputs}, part.entries, places=part.places, **options)
+    used = {str(h) for h in planned.dicts} | ({str(planned.base)} if planned.base is not None else set())
+    return replace(part, inputs={label: names for label, names in part.inputs.items() if label in used})
 
 
 def _batches(part: Part, models: Mapping[str, Mapping[str, Any]], limit: int) -> list[list[str]]:
