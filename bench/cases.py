@@ -1179,6 +1179,7 @@ def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
         with Client(ctx.address, timeout=600, shm=True) as fast:
             calls = {
                 "linear": lambda: configs.merge_checkpoints(ctx.client, linear, out),
+                "linear shm": lambda: configs.merge_checkpoints(fast, linear, out),
                 "linear mergekit": lambda: run_merge(MergeConfiguration.model_validate(linear), str(out), options=options),
                 "ties": lambda: configs.merge_checkpoints(ctx.client, ties, out),
                 "ties shm": lambda: configs.merge_checkpoints(fast, ties, out),
@@ -1199,8 +1200,12 @@ def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
             "ties batches", "ties"),
     ]
     if shm:
-        rows.append(row("checkpoint merge (info)", "weightavg merge ties --shm", "over the gRPC stream", times,
-                        "ties shm", "ties"))
+        rows += [
+            row("checkpoint merge (info)", "weightavg merge linear --shm", "mergekit run_merge in process, CPU", times,
+                "linear shm", "linear mergekit"),
+            row("checkpoint merge (info)", "weightavg merge ties --shm", "over the gRPC stream", times,
+                "ties shm", "ties"),
+        ]
     return rows
 
 
