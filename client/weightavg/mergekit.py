@@ -204,40 +204,54 @@ def merge_checkpoints(
     models = {name: _read(*where[name]) for name in names}
     parts, layers = _layout(config, models)
     parts = [_used(part, options) for part in parts]  # refused here, before any upload
-    total, done = sum(len(part.entries) for part in parts), 0
     with checkpoints.ShardWriter(out, shard_bytes, {"format": "pt", "merge_method": str(config.get("merge_method"))}) \
             as writer:
-        for part in parts:
-            pending = _batches(part, models, batch_bytes)
-            while pending:
-                batch = pending.pop()
-                try:
-                    values = _merge_batch(client, part, models, batch, options)
-                except ResourceExhaustedError:
-                    if len(batch) == 1:
-                        raise
-                    half = len(batch) // 2
-                    pending += [batch[half:], batch[:half]]  # the first half next
-                    continue
-                for entry in batch:
-                    writer.add(entry, values[entry] if dtype is None else _cast(values[entry], str(dtype)))
-                done += len(batch)
-                if progress is not None:
-                    progress(done, total)
+        _merge_parts(client, parts, models, writer, batch_bytes, dtype, progress, options)
         written = writer.finish()
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
+    _copy_model_files(source, tokenizer_from, Path(out), layers, dtype)
+    return written
+
+
+def _merge_parts(client: Client, parts: Sequence[Part], models: Mapping[str, Mapping[str, Any]],
+                 writer: checkpoints.ShardWriter, batch_bytes: int, dtype: Any,
+                 progress: Callable[[int, int], None] | None, options: Mapping[str, Any]) -> None:
+    """Every run merged on the server a batch at a time and handed to `writer` (cast to `dtype` where
+    given); a batch the server refuses for its caps is split in two and tried again."""
+    total, done = sum(len(part.entries) for part in parts), 0
+    for part in parts:
+        pending = _batches(part, models, batch_bytes)
+        while pending:
+            batch = pending.pop()
+            try:
+                values = _merge_batch(client, part, models, batch, options)
+            except ResourceExhaustedError:
+                if len(batch) == 1:
+                    raise
+                half = len(batch) // 2
+                pending += [batch[half:], batch[:half]]  # the first half next
+                continue
+            for entry in batch:
+                writer.add(entry, values[entry] if dtype is None else _cast(values[entry], str(dtype)))
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+
+
+def _copy_model_files(source: Path, tokenizer_from: Path, out: Path, layers: int | None, dtype: Any) -> None:
+    """The model's config files from `source` (config.json with the output's layers and dtype where
+    they changed) and the tokenizer's from `tokenizer_from`, into `out`."""
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and f.name in SIDE_FILES:
                 if f.name == "config.json" and (layers is not None or dtype is not None):
-                    checkpoints.write_text(Path(out) / f.name, _output_config(f, layers, dtype))
+                    checkpoints.write_text(out / f.name, _output_config(f, layers, dtype))
                 else:
-                    shutil.copyfile(f, Path(out) / f.name)
+                    shutil.copyfile(f, out / f.name)
     if tokenizer_from.is_dir():
         for f in sorted(tokenizer_from.iterdir()):
             if f.is_file() and _is_tokenizer_file(f.name):
-                shutil.copyfile(f, Path(out) / f.name)
-    return written
+                shutil.copyfile(f, out / f.name)
 
 
 TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
