@@ -414,3 +414,37 @@ def test_a_call_on_a_closed_client_says_to_make_a_new_one(live_server: LiveServe
     with Client(live_server.address) as other:  # the server and its handles are untouched
         assert other.dict(d, "w").tolist() == [1.0, 1.0, 1.0]
         other.free(d)
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["stream", "shared memory"])
+def test_a_read_with_arrays_keeps_0_dim_entries_as_arrays_of_their_dtype(
+    start_server: Any, shm: bool
+) -> None:
+    """dict(p) turns 0-dim entries into Python scalars (a float32 2.5 becomes 2.5, a float64 count 2.0);
+    dict(p, arrays=True) keeps every value an array of its own dtype, as a file of tensors needs, for
+    a whole read, one key, a list of keys and with the etag; arrays= on a write or a creation is a
+    TypeError before any call."""
+    server = start_server(allow_shm=True)
+    with Client(server.address, shm=shm) as c:
+        values = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.array(2.5, np.float32),
+                  "i": np.array(7, np.int64), "h": np.array(1.5, ml_dtypes.bfloat16)}
+        p = c.dict(values)
+        assert c.dict(p, "s") == 2.5 and not isinstance(c.dict(p, "s"), np.ndarray)
+        whole = c.dict(p, arrays=True)
+        assert list(whole) == list(values)
+        for name, value in values.items():
+            assert isinstance(whole[name], np.ndarray) and whole[name].dtype == value.dtype, name
+            assert whole[name].shape == value.shape and np.array_equal(whole[name], value), name
+        one = c.dict(p, "i", arrays=True)
+        assert isinstance(one, np.ndarray) and one.shape == () and one.dtype == np.int64 and int(one) == 7
+        some = c.dict(p, ["h", "w"], arrays=True)
+        assert [a.dtype for a in some] == [values["h"].dtype, np.float32]
+        read, tag = c.dict(p, arrays=True, with_etag=True)
+        assert tag == c.etag(p) and read["s"].dtype == np.float32
+        assert c.dict(p, [], arrays=True) == []
+        before = _calls(c) + 1  # the count is read inside the stats call
+        for call in (lambda: c.dict(p, "s", np.float32(1), arrays=True), lambda: c.dict(p, {"s": 1.0}, arrays=True),
+                     lambda: c.dict({"x": np.ones(2)}, arrays=True)):
+            with pytest.raises(TypeError, match="arrays= applies to reads"):
+                call()
+        assert _calls(c) == before

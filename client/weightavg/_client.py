@@ -1260,7 +1260,7 @@ class Client:
     @_rpc
     def dict(
         self, x: Any, key: Any = None, *value: Any, replicate: bool = False, rank: int | None = None,
-        with_etag: bool = False, etag: str = "",
+        with_etag: bool = False, etag: str = "", arrays: bool = False,
     ) -> Any:
         """dict({name: value}) creates a dictionary; dict(p) returns all values as {name: value},
         dict(p, key) one, dict(p, [k1, k2]) a list of them in that order; values are numpy arrays, 0-dim
@@ -1273,15 +1273,22 @@ class Client:
         Conditional changes (docs/robust.md): a read with with_etag=True returns (values, etag), the
         dictionary's etag read with the values; a change given etag=... is made only if nothing changed
         the dictionary since (AbortedError otherwise, nothing changed):
-            values, tag = c.dict(p, with_etag=True); c.dict(p, "w", values["w"] * 0.5, etag=tag)"""
+            values, tag = c.dict(p, with_etag=True); c.dict(p, "w", values["w"] * 0.5, etag=tag)
+        A read with arrays=True gives every value as a numpy array, 0-dim ones too (their dtype kept, as a
+        file of tensors needs them), where the default turns those into Python scalars."""
         if not isinstance(x, (Handle, str)):
             if not isinstance(x, Mapping):
                 raise TypeError("dict() takes a mapping of name -> value, or a dictionary handle")
-            if with_etag or etag:
-                raise TypeError("a new dictionary has no etag yet: read it with dict(p, with_etag=True)")
+            if with_etag or etag or arrays:
+                raise TypeError("a new dictionary has no etag yet and arrays= applies to reads: read it with "
+                                "dict(p, with_etag=True) or dict(p, arrays=True)")
             return self._create_dictionary(list(x.items()), replicate, rank)
         writes = bool(value) or isinstance(key, Mapping)
         _check_etag_use(writes, with_etag, etag)
+        if writes and arrays:
+            raise TypeError("arrays= applies to reads: dict(p, arrays=True), dict(p, key, arrays=True)")
+        if arrays:
+            return self._read_arrays(_id(x), key, rank, with_etag)
         if value:
             self._update_dictionary(_id(x), [(key, _one_value(value, "dict(p, key, value)"))], rank, etag)
             return None
@@ -1299,6 +1306,18 @@ class Client:
             values = self._fetch(_id(x), keys, rank)
             return [values[k] for k in keys]
         return self._fetch(_id(x), [_name(key)], rank)[key]
+
+    def _read_arrays(self, d: str, key: Any, rank: int | None, with_etag: bool) -> Any:
+        """dict(p, key, arrays=True): what dict(p, key) returns, each value a numpy array (0-dim ones
+        kept as arrays); with with_etag, (values, etag)."""
+        if isinstance(key, (list, tuple)) and not key:
+            return ([], self.etag(d)) if with_etag else []
+        keys = [] if key is None else [_name(k) for k in key] if isinstance(key, (list, tuple)) else [_name(key)]
+        named, tag = self._fetch_with_etag(d, keys, rank) if with_etag else (self._fetch_named(d, keys, rank), "")
+        values = builtins.dict(named)
+        read = values if key is None else [values[k] for k in keys] if isinstance(key, (list, tuple)) \
+            else values[keys[0]]
+        return (read, tag) if with_etag else read
 
     def _read_with_etag(self, d: str, key: Any, rank: int | None) -> tuple[Any, str]:
         """dict(p, key, with_etag=True): what dict(p, key) returns, and the etag read with it."""

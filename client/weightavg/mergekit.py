@@ -539,7 +539,8 @@ def _merge_batch(client: Client, part: Part, models: Mapping[str, Mapping[str, A
             made.append(handles[label])
         merged = call(part.config, handles, batch, places=part.places, **options).run(client)
         made.append(merged)
-        return dict(client._fetch_named(merged.id, []))
+        values: dict[str, Any] = client.dict(merged, arrays=True)  # 0-dim entries as arrays: a file keeps dtypes
+        return values
     finally:
         if made:
             client.free(*made)
