@@ -1182,6 +1182,7 @@ def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
                 "linear shm": lambda: configs.merge_checkpoints(fast, linear, out),
                 "linear mergekit": lambda: run_merge(MergeConfiguration.model_validate(linear), str(out), options=options),
                 "ties": lambda: configs.merge_checkpoints(ctx.client, ties, out),
+                "ties one batch": lambda: configs.merge_checkpoints(ctx.client, ties, out, batch_bytes=1 << 30),
                 "ties shm": lambda: configs.merge_checkpoints(fast, ties, out),
                 "ties batches": lambda: configs.merge_checkpoints(ctx.client, ties, out, batch_bytes=32 << 20),
                 "ties mergekit": lambda: run_merge(MergeConfiguration.model_validate(ties), str(out), options=options),
@@ -1196,8 +1197,10 @@ def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
             times, "linear", "linear mergekit", note="no target set"),
         row("checkpoint merge", f"weightavg merge ties density .5, {what}", "mergekit run_merge in process, CPU",
             times, "ties", "ties mergekit", note="no target set"),
-        row("checkpoint merge (info)", "weightavg merge ties, batches of 32 MB", "one batch (the default 1 GiB)", times,
-            "ties batches", "ties"),
+        row("checkpoint merge (info)", "weightavg merge ties, batches of 32 MB", "one batch (batch_bytes 1 GiB)", times,
+            "ties batches", "ties one batch"),
+        row("checkpoint merge (info)", "weightavg merge ties, the default batches (256 MiB)", "one batch (1 GiB)", times,
+            "ties", "ties one batch"),
     ]
     if shm:
         rows += [

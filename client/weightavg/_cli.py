@@ -277,7 +277,7 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, help="seed of DARE's and DELLA's random masks (the server's default: 0)")
     p.add_argument("--batch-bytes", type=_byte_size, default=mergekit.DEFAULT_BATCH_BYTES,
                    help="most bytes of tensors (every model's copy and the result) the server holds per merge call "
-                   f"(default 1GiB; a batch the server's caps refuse is split): {BYTE_SIZE_FORMS}")
+                   f"(default 256MiB; a batch the server's caps refuse is split): {BYTE_SIZE_FORMS}")
     p.add_argument("--shard-bytes", type=_byte_size, default=checkpoints.DEFAULT_SHARD_BYTES,
                    help="largest output shard (default 5GB, mergekit's; mergekit's --out-shard-size 5B is 5GB here)")
     args = _parse(p, argv)
