@@ -176,3 +176,42 @@ def test_one_shard_is_model_safetensors_and_earlier_outputs_are_replaced_not_mix
         checkpoints.ShardWriter(tmp_path / "x", 0)
     with pytest.raises(CheckpointError, match="no tensor"), checkpoints.ShardWriter(tmp_path / "y") as empty:
         empty.finish()
+
+
+def test_tensors_go_to_disk_when_added_and_a_header_that_outgrows_its_room_still_makes_a_valid_file(
+    tmp_path: Path
+) -> None:
+    """The writer holds no shard in memory: a tensor's bytes are in the staged file once added, after
+    the room kept for the header, which is written there padded with spaces (the safetensors package
+    reads it). With too little room (8 bytes) the shard is copied once behind a header of its size,
+    and reads the same."""
+    arrays = {f"layers.{i}.w": np.arange(1000, dtype=np.float32) * i for i in range(5)}
+    for room, name in ((checkpoints.header_room({k: a.shape for k, a in arrays.items()}), "roomy"), (8, "tight")):
+        out = tmp_path / name
+        with checkpoints.ShardWriter(out, 1 << 20, {"format": "pt"}, header_room=room) as writer:
+            staged = next(f for f in out.iterdir() if f.name.startswith(".weightavg-"))
+            for i, (key, array) in enumerate(arrays.items()):
+                writer.add(key, array)
+                assert (staged / "0.safetensors").stat().st_size == 8 + room + (i + 1) * array.nbytes
+            written = writer.finish()
+        (length,) = struct.unpack("<Q", written.read_bytes()[:8])
+        assert (length == room) == (name == "roomy")
+        loaded = load_file(str(written))
+        assert list(loaded) == list(arrays)
+        for key, array in arrays.items():
+            np.testing.assert_array_equal(loaded[key].numpy(), array)
+
+
+def test_header_room_bounds_every_header_of_those_shapes() -> None:
+    """Whatever the dtypes (4-letter codes the longest) and the offsets, a shard's header of these
+    tensors fits the room `header_room` gives: the writer never copies a shard of a planned merge."""
+    g = np.random.default_rng(0)
+    for trial in range(20):
+        shapes = {f"model.layers.{i}.{'x' * int(g.integers(1, 40))}": tuple(int(d) for d in g.integers(0, 5000, size=int(g.integers(0, 4))))
+                  for i in range(int(g.integers(1, 60)))}
+        metadata = {"format": "pt", "merge_method": "ties"}
+        room = checkpoints.header_room(shapes, metadata)
+        header = {"__metadata__": metadata} | {name: {"dtype": "BF16", "shape": list(shape),
+                                                     "data_offsets": [10**19 - 1, 10**19 - 1]}
+                                              for name, shape in shapes.items()}
+        assert len(json.dumps(header, separators=(",", ":"))) <= room and room % 8 == 0, trial

@@ -18,7 +18,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype("?"),
 }
 """safetensors' dtype codes and the numpy dtypes of their little-endian elements."""
+_CODES: dict[np.dtype[Any], str] = {dtype: code for code, dtype in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 << 20
 """The largest JSON header read (the safetensors package's own limit): a bigger length is a damaged
@@ -137,7 +138,7 @@ def write(path: str | os.PathLike[str], tensors: Mapping[str, npt.ArrayLike],
     a multiple of 8 bytes, as the format asks. Written beside `path` first and renamed over it, so a
     reader never sees half a file."""
     arrays = {name: _little_endian(np.asarray(value)) for name, value in tensors.items()}
-    codes = {dtype: code for code, dtype in DTYPES.items()}
+    codes = _CODES
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, array in arrays.items():
@@ -172,6 +173,11 @@ DEFAULT_SHARD_BYTES = 5 * 1000**3
 """mergekit's and Hugging Face's default largest shard (5 GB)."""
 
 
+DEFAULT_HEADER_ROOM = 64 << 10
+"""Bytes left for a shard's header before its first tensor, where the caller gives no bound
+(`header_room`); a header that outgrows it makes the shard be copied once behind a larger one."""
+
+
 class ShardWriter:
     """Writes a checkpoint directory the way mergekit and Hugging Face lay one out, a tensor at a time:
     shards of at most `max_shard_bytes` (a tensor larger than that alone in its own; a shard is
@@ -179,10 +185,12 @@ class ShardWriter:
     suffices, else model-00001-of-0000N.safetensors with model.safetensors.index.json (each tensor's
     shard, and the total size) for `from_pretrained` to find them.
 
-    Why this shape: a merged model of many GB never has to be in memory whole, only the shard being
-    filled. Shards go to a hidden folder inside the directory first and are moved into place by
-    `finish`, the index last, after the weight files an earlier run left there (other shard counts
-    would be loaded instead of, or beside, the new ones) are removed; on failure, or `abort`,
+    Why this shape: a merged model of many GB is never in memory, not even a shard: each tensor's
+    bytes go to its shard's file when added, after room left for the header (`header_room`, e.g.
+    `header_room(shapes)`), which is written into that room, padded with spaces as the format allows,
+    when the shard closes. Shards go to a hidden folder inside the directory first and are moved into
+    place by `finish`, the index last, after the weight files an earlier run left there (other shard
+    counts would be loaded instead of, or beside, the new ones) are removed; on failure, or `abort`,
     nothing written is left, and the directory keeps what it held.
 
     Example:
@@ -192,17 +200,18 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, header_room: int = DEFAULT_HEADER_ROOM) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"the largest shard is {max_shard_bytes} bytes; give a positive size")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = dict(metadata or {})
+        self.header_room = header_room + (-header_room % 8)  # the data starts 8-byte aligned
         self._staging = Path(tempfile.mkdtemp(prefix=".weightavg-", dir=self.directory))
-        self._current: dict[str, npt.NDArray[Any]] = {}
-        self._current_bytes = 0
-        self._shards: list[list[str]] = []  # the names in each shard written, in order
+        self._open: _OpenShard | None = None
+        self._shards: list[list[str]] = []  # the names in each closed shard, in order
+        self._added: set[str] = set()
         self._total_bytes = 0
 
     def __enter__(self) -> ShardWriter:
@@ -212,19 +221,21 @@ class ShardWriter:
         self.abort()
 
     def add(self, name: str, value: npt.ArrayLike) -> None:
-        """Add one tensor (written once its shard is full, or at `finish`)."""
+        """Write one tensor to the shard being filled (closing it first where the tensor would overflow it)."""
         array = _little_endian(np.asarray(value))
-        if name in self._current or any(name in shard for shard in self._shards):
+        if name in self._added:
             raise CheckpointError(f"tensor {name!r} was already added")
-        if self._current and self._current_bytes + array.nbytes > self.max_shard_bytes:
-            self._flush()
-        self._current[name] = array
-        self._current_bytes += array.nbytes
+        if self._open is not None and self._open.data_bytes + array.nbytes > self.max_shard_bytes:
+            self._close()
+        if self._open is None:
+            self._open = _OpenShard(self._staging / f"{len(self._shards)}.safetensors", self.header_room, self.metadata)
+        self._open.add(name, array)
+        self._added.add(name)
 
     def finish(self) -> Path:
         """Move the shards into the directory (and the index where there are several); returns the file
         a loader opens first: model.safetensors, or the index."""
-        self._flush()
+        self._close()
         if not self._shards:
             raise CheckpointError("no tensor was added: nothing to write")
         count = len(self._shards)
@@ -245,16 +256,71 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Remove what was staged (after `finish`: the empty staging folder)."""
+        if self._open is not None:
+            self._open.file.close()
+            self._open = None
         shutil.rmtree(self._staging, ignore_errors=True)
-        self._current = {}
 
-    def _flush(self) -> None:
-        if not self._current:
+    def _close(self) -> None:
+        if self._open is None:
             return
-        write(self._staging / f"{len(self._shards)}.safetensors", self._current, self.metadata)
-        self._shards.append(list(self._current))
-        self._total_bytes += self._current_bytes
-        self._current, self._current_bytes = {}, 0
+        self._open.close()
+        self._shards.append(self._open.names)
+        self._total_bytes += self._open.data_bytes
+        self._open = None
+
+
+class _OpenShard:
+    """One shard being written: each tensor's bytes written when added, after `room` bytes kept for the
+    header, which `close` writes there (padded with spaces) with the 8-byte length before it."""
+
+    def __init__(self, path: Path, room: int, metadata: Mapping[str, str]) -> None:
+        self.path = path
+        self.room = room
+        self.header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        self.names: list[str] = []
+        self.data_bytes = 0
+        self.file = open(path, "wb")  # closed by close(), or by the writer's abort()
+        self.file.seek(8 + room)
+
+    def add(self, name: str, array: npt.NDArray[Any]) -> None:
+        code = _CODES.get(array.dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
+        self.header[name] = {"dtype": code, "shape": list(array.shape),
+                             "data_offsets": [self.data_bytes, self.data_bytes + array.nbytes]}
+        self.file.write(array.reshape(-1).view(np.uint8).data)
+        self.file.flush()  # the bytes with the system now, none held here
+        self.data_bytes += array.nbytes
+        self.names.append(name)
+
+    def close(self) -> None:
+        text = json.dumps(self.header, separators=(",", ":")).encode()
+        if len(text) <= self.room:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", self.room) + text + b" " * (self.room - len(text)))
+            self.file.close()
+            return
+        # The header outgrew its room: the shard once more, its data behind a header of the right size.
+        self.file.close()
+        text += b" " * (-len(text) % 8)
+        grown = self.path.with_name(self.path.name + ".grown")
+        with open(self.path, "rb") as source, open(grown, "wb") as target:
+            target.write(struct.pack("<Q", len(text)) + text)
+            source.seek(8 + self.room)
+            shutil.copyfileobj(source, target, 16 << 20)
+        os.replace(grown, self.path)
+
+
+def header_room(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str] | None = None) -> int:
+    """Bytes that hold the header of any shard of these tensors (name -> shape), whatever their dtypes
+    and offsets: each entry at its longest (a 4-letter dtype code, offsets of 20 digits), all of them
+    together, and the metadata."""
+    entry = len('{"dtype":"BF16","shape":,"data_offsets":[,]},') + 2 * 20
+    room = 2 + len(json.dumps({"__metadata__": dict(metadata)}, separators=(",", ":"))) if metadata else 2
+    for name, shape in shapes.items():
+        room += len(json.dumps(name)) + 1 + len(json.dumps(list(shape), separators=(",", ":"))) + entry
+    return room + (-room % 8)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -101,10 +101,6 @@ class Adapted(Mapping[str, npt.NDArray[Any]]):
     def __len__(self) -> int:
         return len(self.base)
 
-    def nbytes(self, name: str) -> int:
-        """The bytes tensor `name` takes, without making it (the base's: an update keeps dtype and shape)."""
-        return int(self.base[name].nbytes)
-
 
 def apply(base: Mapping[str, npt.NDArray[Any]], adapter: str | os.PathLike[str]) -> Adapted:
     """The base checkpoint's tensors with the LoRA adapter in directory `adapter` applied; AdapterError

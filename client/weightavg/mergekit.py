@@ -206,8 +206,10 @@ def merge_checkpoints(
     models = {name: _read(*where[name]) for name in names}
     parts, layers = _layout(config, models)
     parts = [_used(part, options) for part in parts]  # refused here, before any upload
-    with checkpoints.ShardWriter(out, shard_bytes, {"format": "pt", "merge_method": str(config.get("merge_method"))}) \
-            as writer:
+    metadata = {"format": "pt", "merge_method": str(config.get("merge_method"))}
+    shapes = {entry: _unmade(models[label], read[entry]).shape  # the output's: every method keeps shapes
+              for part in parts for label, read in list(part.inputs.items())[:1] for entry in part.entries}
+    with checkpoints.ShardWriter(out, shard_bytes, metadata, checkpoints.header_room(shapes, metadata)) as writer:
         _merge_parts(client, parts, models, writer, batch_bytes, dtype, progress, options)
         written = writer.finish()
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
@@ -525,7 +527,13 @@ def _batches(part: Part, models: Mapping[str, Mapping[str, Any]], limit: int) ->
 
 def _nbytes(tensors: Mapping[str, Any], name: str) -> int:
     """The bytes of a model's tensor, without making one an adapter changes."""
-    return tensors.nbytes(name) if isinstance(tensors, lora.Adapted) else int(tensors[name].nbytes)
+    return int(_unmade(tensors, name).nbytes)
+
+
+def _unmade(tensors: Mapping[str, Any], name: str) -> Any:
+    """A model's tensor as its file holds it (an adapted one's base: the same shape and dtype), so its
+    size and shape are read without making it."""
+    return tensors.base[name] if isinstance(tensors, lora.Adapted) else tensors[name]
 
 
 def _merge_batch(client: Client, part: Part, models: Mapping[str, Mapping[str, Any]], batch: Sequence[str],
