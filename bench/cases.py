@@ -1097,22 +1097,16 @@ def merge_methods(ctx: Context) -> list[Row | Skip]:
     times = interleaved(calls, ctx.reps(3, 1))
     c.free(base, *models)
     note = "no target set; the server holds one entry's scratch at a time, the formula stacks the models"
-    return [
-        row("merge methods, 3 models", "merge('model_stock', 3 x 25.6M fp32)", "mergekit's formula in-process",
-            times, "model_stock", "model_stock local", note=note),
-        row("merge methods, 3 models", "merge('breadcrumbs', 3 x 25.6M fp32, density .5, gamma .05)",
-            "mergekit's formula in-process (a sort per tensor)", times, "breadcrumbs", "breadcrumbs local", note=note),
-        row("merge methods, 3 models", "merge('multislerp', 3 x 25.6M fp32)", "mergekit's formula in-process",
-            times, "multislerp", "multislerp local", note=note),
-        row("merge methods, 3 models", "merge('karcher', 3 x 25.6M fp32)", "mergekit's formula in-process",
-            times, "karcher", "karcher local", note=note),
-        row("merge methods, 3 models", "merge('sce', 3 x 25.6M fp32, select_topk .5)",
-            "mergekit's formula in-process (a topk per tensor)", times, "sce", "sce local", note=note),
-        row("merge methods, 3 models", "merge('ram', 3 x 25.6M fp32, epsilon .05)", "mergekit's formula in-process",
-            times, "ram", "ram local", note=note),
-        row("merge methods, 1 model", "merge('arcee_fusion', 25.6M fp32)", "mergekit's formula in-process (a sort per tensor)",
-            times, "arcee_fusion", "arcee_fusion local", note=note),
+    formula, sorted_, topk = "mergekit's formula in-process", "mergekit's formula in-process (a sort per tensor)", \
+        "mergekit's formula in-process (a topk per tensor)"
+    measured = [  # (the call, what it merges, its baseline)
+        ("model_stock", "3 x 25.6M fp32", formula), ("breadcrumbs", "3 x 25.6M fp32, density .5, gamma .05", sorted_),
+        ("multislerp", "3 x 25.6M fp32", formula), ("karcher", "3 x 25.6M fp32", formula),
+        ("sce", "3 x 25.6M fp32, select_topk .5", topk), ("ram", "3 x 25.6M fp32, epsilon .05", formula),
+        ("arcee_fusion", "25.6M fp32", sorted_),
     ]
+    return [row(f"merge methods, {'1 model' if method == 'arcee_fusion' else '3 models'}", f"merge('{method}', {what})",
+                baseline, times, method, f"{method} local", note=note) for method, what, baseline in measured]
 
 
 # -- checkpoint files: weightavg merge against mergekit-yaml ------------------------------------------
