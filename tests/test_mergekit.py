@@ -429,18 +429,20 @@ def test_weightavg_merge_through_shared_memory_writes_the_same_bytes(
 ) -> None:
     """--shm against a server on this host with --allow-shm: the read-only mapped checkpoints go up and
     the merge comes back through shared memory regions, and the file written is the stream's, byte for
-    byte; no handle is left."""
+    byte; no handle is left. ADDRESS `local` (a server the command starts in its own process) writes
+    the same bytes."""
     server = start_server(allow_shm=True)
     config = CASES["sce, select_topk a gradient and filtered"][0](checkpoints)
     (tmp_path / "sce.json").write_text(json.dumps(config))
     script = str(Path(sys.executable).parent / "weightavg")
-    for way in ("stream", "shm", "shm batches"):
-        done = subprocess.run([script, "merge", server.address, str(tmp_path / "sce.json"), str(tmp_path / way),
-                               *(["--shm"] if way != "stream" else []), *(["--batch-bytes", "8KiB"] if "batches" in way
-                                                                          else [])],
+    for way in ("stream", "shm", "shm batches", "local"):
+        address = "local" if way == "local" else server.address  # local: a server in the command's own process
+        done = subprocess.run([script, "merge", address, str(tmp_path / "sce.json"), str(tmp_path / way),
+                               *(["--shm"] if way.startswith("shm") else []),
+                               *(["--batch-bytes", "8KiB"] if "batches" in way else [])],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-    for way in ("shm", "shm batches"):  # a region reused batch after batch gives the same bytes
+    for way in ("shm", "shm batches", "local"):  # a region reused batch after batch gives the same bytes
         assert (tmp_path / way / "model.safetensors").read_bytes() == \
             (tmp_path / "stream" / "model.safetensors").read_bytes(), way
     with Client(server.address) as c:

@@ -53,6 +53,14 @@ def _demo(argv: list[str]) -> int:
     return _server_command("weightavg_server.ops.demo", "server,demo", argv)
 
 
+LOCAL_ADDRESS = "local"
+"""The ADDRESS that makes `weightavg merge` start a server in its own process, for the merge alone."""
+
+
+def _local_or_address(value: str) -> str:
+    return value if value == LOCAL_ADDRESS else _address(value)
+
+
 def _address(value: str) -> str:
     """argparse's type for ADDRESS: Client's rule (a default port, never 443), refused with its reason."""
     try:
@@ -90,11 +98,16 @@ def _token(value: str) -> str:
 T = TypeVar("T")
 
 
-def _probe_parser(name: str, description: str, timeout: float = DEFAULT_TIMEOUT) -> argparse.ArgumentParser:
-    """ADDRESS plus the token and TLS options every client command shares."""
+def _probe_parser(
+    name: str, description: str, timeout: float = DEFAULT_TIMEOUT, *, local: bool = False
+) -> argparse.ArgumentParser:
+    """ADDRESS plus the token and TLS options every client command shares; with `local`, ADDRESS may
+    also be LOCAL_ADDRESS (a server the command starts in its own process)."""
     p = argparse.ArgumentParser(prog=f"weightavg {name}", description=description)
-    p.add_argument("address", type=_address,
-                   help=f"host:port of the server, e.g. 127.0.0.1:{DEFAULT_PORT} (the port defaults to {DEFAULT_PORT})")
+    p.add_argument("address", type=_local_or_address if local else _address,
+                   help=f"host:port of the server, e.g. 127.0.0.1:{DEFAULT_PORT} (the port defaults to {DEFAULT_PORT})"
+                   + (f"; '{LOCAL_ADDRESS}' starts one in this process for the command (needs weightavg[server]; "
+                      "CUDA when available)" if local else ""))
     p.add_argument("--timeout", type=_timeout, default=timeout, help=f"seconds to wait for the answer (default {timeout})")
     p.add_argument("--token", type=_token, default=os.environ.get("WEIGHTAVG_TOKEN"),
                    help="bearer token (default: $WEIGHTAVG_TOKEN)")
@@ -268,7 +281,7 @@ def _merge(argv: list[str]) -> int:
         "at a time, is merged there (weightavg.mergekit), and the result is written to OUT as model.safetensors (or "
         "shards and their index) with the base model's config and tokenizer files. Exit status 0 when written, 1 "
         "otherwise (nothing is left on the server either way, and nothing written to OUT).",
-        timeout=3600.0,
+        timeout=3600.0, local=True,
     )
     p.add_argument("config", help="the mergekit config: YAML (needs PyYAML) or JSON")
     p.add_argument("out", help="directory to write model.safetensors (and the copied files) to")
@@ -282,18 +295,42 @@ def _merge(argv: list[str]) -> int:
                    help="largest output shard (default 5GB, mergekit's; mergekit's --out-shard-size 5B is 5GB here)")
     args = _parse(p, argv)
     options = {"seed": args.seed} if args.seed is not None else {}
+    stop: Callable[[], None] | None = None
     try:
         config = _mergekit_config(args.config)
+        if args.address == LOCAL_ADDRESS:
+            args.address, stop = _embedded_server()
+            args.shm = True  # the server is this process: its tensors move through shared memory
+            args.token, args.tls, args.tls_ca, args.client_cert, args.client_key = None, False, None, None, None
         with _client(args, shm=args.shm, session=True) as client, warnings.catch_warnings(record=True) as noted:
             warnings.simplefilter("always")
             written = mergekit.merge_checkpoints(client, config, args.out, batch_bytes=args.batch_bytes,
                                                  shard_bytes=args.shard_bytes, progress=_progress_line(), **options)
     except (WeightavgError, OSError, ValueError) as exc:
         return _failed("merge", exc)
+    finally:
+        if stop is not None:
+            stop()
     for warning in noted:  # one line each, as the failures (Python's format adds the file and the source line)
         print(f"weightavg merge: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {written}")
     return 0
+
+
+def _embedded_server() -> tuple[str, Callable[[], None]]:
+    """A server started in this process on a free loopback port, with shared memory allowed and the
+    server's default device (CUDA when available): its address, and how to stop it. ValueError where
+    the server is not installed."""
+    try:
+        app = importlib.import_module("weightavg_server.ops.app")
+        config = importlib.import_module("weightavg_server.ops.config")
+    except ImportError as exc:
+        raise ValueError(f"ADDRESS {LOCAL_ADDRESS} starts a server in this process, which is not installed ({exc}); "
+                         "install it with: pip install 'weightavg[server]', or give a running server's address") from None
+    server, port, health = app.create_server(config.ServerConfig(host="127.0.0.1", port=0, allow_shm=True))
+    server.start()
+    app.set_serving(health, True)
+    return f"127.0.0.1:{port}", lambda: server.stop(grace=None)
 
 
 def _progress_line() -> Callable[[int, int], None] | None:
