@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -790,47 +791,240 @@ def test_slices_that_do_not_fit_the_models_are_refused_before_anything_goes_up(
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
-def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
-    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path
+PLAIN = [*"abcdefghijklmnopqrstuvwxyz", "ab", "cd", "ef", "gh"]
+"""The base tokenizer's BPE vocabulary (ids 0-29); `<s>` and `</s>` are its added tokens (30, 31)."""
+
+
+def save_tokenizer(directory: Path, plain: list[str], added: list[tuple[str, bool]]) -> None:
+    """A fast BPE tokenizer over `plain` with `added` (content, special) tokens, saved as transformers
+    saves one (tokenizer.json, tokenizer_config.json)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(plain)}, merges=[("a", "b"), ("c", "d")]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    for content, special in added:
+        token = AddedToken(content, special=special, normalized=not special)
+        (bpe.add_special_tokens if special else bpe.add_tokens)([token])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>").save_pretrained(str(directory))
+
+
+def save_with_vocabulary(source: Path, directory: Path, rows_from: list[int | None], seed: int) -> None:
+    """The checkpoint at `source` with its vocabulary tensors' rows rearranged: row i of the new model is
+    the source's row `rows_from[i]`, or a random row for None (a token its fine-tune added)."""
+    model = LlamaForCausalLM.from_pretrained(str(source))
+    config = model.config
+    config.vocab_size = len(rows_from)
+    grown = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        state = model.state_dict()
+        for name, value in grown.state_dict().items():
+            old = state[name]
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                value.copy_(torch.stack([old[i] if i is not None else torch.randn(old.shape[1], generator=g)
+                                         for i in rows_from]))
+            else:
+                value.copy_(old)
+    grown.save_pretrained(str(directory))
+
+
+@pytest.fixture(scope="module")
+def vocabularies(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The base with its tokenizer; "chat", model a fine-tuned with two added chat tokens (rows 32, 33);
+    "extra", model b without the base's plain token "gh" and with "zz" in its place (id 29), and the
+    added tokens `<pad>` and `<|im_end|>` after `<s>` and `</s>`: vocabularies of 32, 34 and 34 tokens,
+    where a token lacks from one model, two, or the base."""
+    root = tmp_path_factory.mktemp("vocabularies")
+    paths = {"base": root / "base", "chat": root / "chat", "extra": root / "extra"}
+    shutil.copytree(checkpoints["base"], paths["base"])
+    save_tokenizer(paths["base"], PLAIN, [("<s>", True), ("</s>", True)])
+    save_with_vocabulary(checkpoints["a"], paths["chat"], [*range(32), None, None], seed=1)
+    save_tokenizer(paths["chat"], PLAIN, [("<s>", True), ("</s>", True), ("<|im_start|>", True), ("<|im_end|>", True)])
+    save_with_vocabulary(checkpoints["b"], paths["extra"], [*range(29), None, 30, 31, None, None], seed=2)
+    save_tokenizer(paths["extra"], [*PLAIN[:-1], "zz"], [("<s>", True), ("</s>", True), ("<pad>", False),
+                                                   ("<|im_end|>", True)])
+    return paths
+
+
+ALIGNED: dict[str, Callable[[dict[str, Path]], dict[str, Any]]] = {
+    "ties, union of three vocabularies": lambda p: {
+        "merge_method": "ties", "base_model": str(p["base"]), "tokenizer_source": "union",
+        "parameters": {"density": 0.5, "weight": 1.0},
+        "models": [{"model": str(p["chat"])}, {"model": str(p["extra"])}]},
+    "linear over the base's vocabulary": lambda p: {
+        "merge_method": "linear", "base_model": str(p["base"]), "tokenizer": {"source": "base"},
+        "models": [{"model": str(p["extra"]), "parameters": {"weight": 1.0}},
+                   {"model": str(p["chat"]), "parameters": {"weight": 3.0}},
+                   {"model": str(p["base"]), "parameters": {"weight": 0.5}}]},
+    "task arithmetic, a model's vocabulary, tokens given and padded": lambda p: {
+        "merge_method": "task_arithmetic", "base_model": str(p["base"]),
+        "tokenizer": {"source": str(p["extra"]), "pad_to_multiple_of": 8, "tokens": {
+            "<|im_end|>": {"source": str(p["chat"]), "force": True},
+            "<new>": {"source": {"kind": "zero"}},
+            "<think>": {"source": {"kind": "model_token", "model": str(p["extra"]), "token": "zz"}},
+            "<s>": {"source": {"kind": "model_token", "model": str(p["base"]), "token_id": 3}, "force": True}}},
+        "models": [{"model": str(p["chat"]), "parameters": {"weight": 0.7}},
+                   {"model": str(p["extra"]), "parameters": {"weight": 0.4}}]},
+    "union by default (a tokenizer mapping), no base: the mean of the models that have a token": lambda p: {
+        "merge_method": "linear", "tokenizer": {},
+        "models": [{"model": str(p["extra"]), "parameters": {"weight": 1.0}},
+                   {"model": str(p["chat"]), "parameters": {"weight": 1.0}}]},
+    "slerp by slices over a union": lambda p: {
+        "merge_method": "slerp", "base_model": str(p["chat"]), "tokenizer_source": "union",
+        "parameters": {"t": [0.0, 0.5, 1.0]},
+        "slices": [{"sources": [{"model": str(p["chat"]), "layer_range": [0, 2]},
+                                {"model": str(p["extra"]), "layer_range": [0, 2]}]},
+                   {"sources": [{"model": str(p["chat"]), "layer_range": [2, 4]},
+                                {"model": str(p["extra"]), "layer_range": [2, 4]}]}]},
+}
+
+
+def by_token(directory: Path) -> tuple[dict[str, int], dict[str, np.ndarray], Any]:
+    """A merged model's vocabulary (token -> id, as transformers loads it), tensors and tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return tokenizer.get_vocab(), tensors(directory), tokenizer
+
+
+@pytest.mark.parametrize("case", list(ALIGNED))
+def test_vocabularies_are_aligned_as_mergekit_aligns_them(
+    case: str, live_server: LiveServer, client: Client, vocabularies: dict[str, Path], tmp_path: Path
 ) -> None:
-    """mergekit's tokenizer_source: unset or "base" copies the base's tokenizer files, a model's name
-    that model's, "union" the base's where every model's tokenizer is the same (else refused, as a
-    changed vocabulary would move the embeddings' rows); tokenizer.tokens is refused and a
-    chat_template warned about, before anything is merged."""
+    """A config that names a tokenizer, over models whose vocabularies differ (added chat tokens, a
+    token that moved rows), through merge_checkpoints a few tensors at a time and through mergekit's
+    run_merge: the same tokens, each token's row of the embeddings and the head within 2e-6 (ids
+    compared by token: mergekit numbers a union's tokens in set and hash order), the padding rows, every other
+    tensor, config.json's vocab_size, and (with a base model: without one, mergekit's tokenizer starts
+    from any model) the tokenizers encode alike."""
+    config = ALIGNED[case](vocabularies)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mergekit's and transformers' own notes
+        run_merge(MergeConfiguration.model_validate({**config, "dtype": "float32"}), str(tmp_path / "mergekit"),
+                  options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    before = {handle_id for handle_id, _ in live_server.registry.items()}
+    configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=4096)
+    want_vocab, want, want_tokenizer = by_token(tmp_path / "mergekit")
+    got_vocab, got, got_tokenizer = by_token(tmp_path / "out")
+    assert sorted(got_vocab) == sorted(want_vocab)
+    assert sorted(got) == sorted(want)
+    rows = json.loads((tmp_path / "mergekit" / "config.json").read_text())["vocab_size"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == rows
+    for name in want:
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert got[name].shape == want[name].shape == (rows, 8)
+            for token, i in want_vocab.items():
+                np.testing.assert_allclose(got[name][got_vocab[token]], want[name][i], rtol=0, atol=TOL,
+                                           err_msg=f"{name} {token!r}")
+            np.testing.assert_allclose(got[name][len(want_vocab):], want[name][len(want_vocab):], rtol=0, atol=TOL)
+        else:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
+    assert {handle_id for handle_id, _ in live_server.registry.items()} == before
+    LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
+    if "base_model" not in config:  # mergekit's "base" is then any of the models, from a set
+        return
+    text = "<s>ab cd zz <|im_start|>hi<|im_end|> <pad> <think>"
+    assert got_tokenizer.convert_ids_to_tokens(got_tokenizer(text)["input_ids"]) == \
+        want_tokenizer.convert_ids_to_tokens(want_tokenizer(text)["input_ids"])
+    assert {t.content: (t.special, t.normalized) for t in got_tokenizer.added_tokens_decoder.values()} == \
+        {t.content: (t.special, t.normalized) for t in want_tokenizer.added_tokens_decoder.values()}
+
+
+def test_a_union_numbers_its_new_tokens_in_the_configs_order(
+    client: Client, vocabularies: dict[str, Path], tmp_path: Path
+) -> None:
+    """The union's new tokens follow the base's: the plain ones, then the added ones, each model's in
+    id order, the models in the config's order (mergekit takes them from a Python set, so its order
+    changes from run to run; the previous test compares by token)."""
+    config = ALIGNED["ties, union of three vocabularies"](vocabularies)
+    configs.merge_checkpoints(client, config, tmp_path / "out")
+    vocab = by_token(tmp_path / "out")[0]
+    assert vocab == {**{t: i for i, t in enumerate(PLAIN)}, "<s>": 30, "</s>": 31, "zz": 32, "<|im_start|>": 33,
+                     "<|im_end|>": 34, "<pad>": 35}
+
+
+def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
+    live_server: LiveServer, client: Client, vocabularies: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without a tokenizer key the base's tokenizer files are copied as they are; "base" or a model's
+    name copies that model's files (nothing appended) and sets config.json's vocab_size to its
+    vocabulary; a chat_template is warned about, before anything is merged."""
     models = {}
-    for name in ("base", "a", "b"):
+    for name in ("base", "chat", "extra"):
         models[name] = tmp_path / name
-        shutil.copytree(checkpoints[name], models[name])
-        (models[name] / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"x": 0}}, "from": name}))
+        shutil.copytree(vocabularies[name], models[name])
         (models[name] / "special_tokens_map.json").write_text(json.dumps({"eos_token": f"</{name}>"}))
     config = {"merge_method": "ties", "base_model": str(models["base"]), "parameters": {"density": 0.5, "weight": 1.0},
-              "models": [{"model": str(models["a"])}, {"model": str(models["b"])}]}
-    for extra, source in (({}, "base"), ({"tokenizer_source": "base"}, "base"),
-                          ({"tokenizer_source": str(models["b"])}, "b"), ({"tokenizer": {"source": str(models["a"])}}, "a")):
-        out = tmp_path / f"out-{len(extra)}-{source}"
+              "models": [{"model": str(models["chat"])}, {"model": str(models["extra"])}]}
+    for extra, source, rows in (({"tokenizer_source": "base"}, "base", 32),
+                                ({"tokenizer_source": str(models["extra"])}, "extra", 34),
+                                ({"tokenizer": {"source": str(models["chat"])}}, "chat", 34)):
+        out = tmp_path / f"out-{source}"
         configs.merge_checkpoints(client, {**config, **extra}, out)
-        for f in ("tokenizer.json", "special_tokens_map.json"):
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             assert (out / f).read_bytes() == (models[source] / f).read_bytes(), (extra, f)
-        assert (out / "config.json").read_bytes() == (models["base"] / "config.json").read_bytes()
-    with pytest.raises(ValueError, match="tokenizer_source 'union' over models whose tokenizers differ"):
-        configs.merge_checkpoints(client, {**config, "tokenizer_source": "union"}, tmp_path / "union")
-    for name in ("a", "b"):
-        for f in ("tokenizer.json", "special_tokens_map.json"):
-            shutil.copyfile(models["base"] / f, models[name] / f)
-    configs.merge_checkpoints(client, {**config, "tokenizer_source": "union"}, tmp_path / "union")
-    assert (tmp_path / "union" / "tokenizer.json").read_bytes() == (models["base"] / "tokenizer.json").read_bytes()
-    with pytest.raises(ValueError, match="changes the embeddings' rows"):
-        configs.merge_checkpoints(client, {**config, "tokenizer": {"source": "base", "tokens": {"<x>": {}}}},
-                                  tmp_path / "tokens")
+        written = json.loads((out / "config.json").read_text())
+        assert written == {**json.loads((models["base"] / "config.json").read_text()), "vocab_size": rows}
+        assert tensors(out)["lm_head.weight"].shape == (rows, 8)
+    same = {"merge_method": "linear", "models": [{"model": str(models["base"]), "parameters": {"weight": 1.0}},
+                                                 {"model": str(models["base"]), "parameters": {"weight": 2.0}}]}
+    configs.merge_checkpoints(client, same, tmp_path / "plain")
+    for f in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+        assert (tmp_path / "plain" / f).read_bytes() == (models["base"] / f).read_bytes()
     with pytest.warns(UserWarning, match="chat_template 'chatml' is not applied"):
-        configs.merge_checkpoints(client, {**config, "chat_template": "chatml"}, tmp_path / "chat")
-    assert not (tmp_path / "tokens").exists()
-    (tmp_path / "chat.json").write_text(json.dumps({**config, "chat_template": "chatml"}))
+        configs.merge_checkpoints(client, {**config, "tokenizer_source": "base", "chat_template": "chatml"},
+                                  tmp_path / "chatml")
+    (tmp_path / "chat.json").write_text(json.dumps({**config, "tokenizer_source": "base", "chat_template": "chatml"}))
     done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
-                           str(tmp_path / "chat.json"), str(tmp_path / "chat2")], capture_output=True, text=True,
+                           str(tmp_path / "chat.json"), str(tmp_path / "chatml2")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stderr.startswith("weightavg merge: warning: chat_template 'chatml' is not") \
         and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_vocabularies_that_cannot_be_aligned_are_refused_with_what_to_do(
+    live_server: LiveServer, client: Client, vocabularies: dict[str, Path], tmp_path: Path
+) -> None:
+    """Vocabularies of one length but different tokens without a tokenizer key: a warning, the rows
+    merged as they are (as mergekit merges them). Of different lengths: refused, as are a model without tokenizer.json or
+    vocab_size, a base tokenizer with tokens beyond its rows, unknown tokenizer keys and token sources:
+    ValueError naming the fix, before anything goes up, nothing written."""
+    v = {name: str(path) for name, path in vocabularies.items()}
+    config = {"merge_method": "linear", "base_model": v["base"],
+              "models": [{"model": v["chat"], "parameters": {"weight": 1.0}},
+                         {"model": v["extra"], "parameters": {"weight": 1.0}}]}
+    broken = tmp_path / "broken"
+    shutil.copytree(vocabularies["base"], broken)
+    (broken / "tokenizer.json").unlink()
+    beyond = tmp_path / "beyond"
+    shutil.copytree(vocabularies["base"], beyond)
+    loaded = json.loads((beyond / "tokenizer.json").read_text())
+    loaded["added_tokens"].append({"id": 32, "content": "<late>", "single_word": False, "lstrip": False,
+                                   "rstrip": False, "normalized": False, "special": True})
+    (beyond / "tokenizer.json").write_text(json.dumps(loaded))
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({**config, "models": [{"model": v["base"], "parameters": {"weight": 1.0}}, *config["models"]]},
+         r"'(lm_head|model.embed_tokens).weight' has shape \[32, 8\] .* \[34, 8\] .*name a tokenizer \(tokenizer_source"),
+        ({**config, "base_model": str(broken), "tokenizer_source": "base"}, "has no tokenizer.json .* save its fast"),
+        ({**config, "base_model": str(beyond), "tokenizer_source": "union"}, "1 token.* at ids 32 and up, beyond its 32"),
+        ({**config, "tokenizer": {"source": "base", "pad": 8}}, "tokenizer key 'pad' is not one mergekit has"),
+        ({**config, "tokenizer_source": "base", "tokenizer": {}}, "not both"),
+        ({**config, "tokenizer_source": "everything"}, "'everything' is not 'base', 'union' or a model"),
+        ({**config, "tokenizer": {"tokens": {"<x>": {"source": "nobody"}}}}, "'nobody', which is not a model"),
+        ({**config, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": v["chat"],
+                                                                  "token": "<nope>"}}}}}, "'<nope>' is not in model"),
+        ({**config, "tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of is 0"),
+    ]
+    with pytest.warns(UserWarning, match=r"vocabularies differ .*'gh' is token 29 of .*chat' but not in .*extra'.*"
+                                         "merged as they are; name a tokenizer"):
+        configs.merge_checkpoints(client, config, tmp_path / "misaligned")
+    before = {handle_id for handle_id, _ in live_server.registry.items()}
+    for i, (wrong, message) in enumerate(bad):
+        with pytest.raises(ValueError, match=message):
+            configs.merge_checkpoints(client, wrong, tmp_path / f"out{i}")
+        assert not (tmp_path / f"out{i}").exists() or not any((tmp_path / f"out{i}").iterdir())
+    assert {handle_id for handle_id, _ in live_server.registry.items()} == before
 
 
 def test_a_model_the_call_does_not_read_is_not_uploaded(

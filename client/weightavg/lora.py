@@ -81,6 +81,10 @@ class Adapted(Mapping[str, npt.NDArray[Any]]):
         self.base = base
         self.updates = updates
 
+    def unmade(self, name: str) -> npt.NDArray[Any]:
+        """The tensor's shape and dtype without making it: the base's own array (an update keeps both)."""
+        return self.base[name]
+
     def __getitem__(self, name: str) -> npt.NDArray[Any]:
         update = self.updates.get(name)
         if update is None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from . import checkpoints, lora
+from . import checkpoints, lora, vocabulary
 from ._errors import ResourceExhaustedError
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ GeneralizedTaskArithmeticMerge entries; dare's rescale is its L1-norm rescale)."
 IGNORED_KEYS = ("dtype", "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name")
 """Top-level keys about mergekit's output files, not the numbers: the server computes in float32 (float64
 where an entry is) and keeps the base's dtype; `merge_checkpoints` reads them for the files it writes
-(the cast, the tokenizer's source)."""
+(the cast, the output's vocabulary and tokenizer)."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def merge(client: Client, config: Mapping[str, Any], models: Mapping[str, Handle
 
 SIDE_FILES = ("config.json", "generation_config.json")
 """The model's files copied beside the merged weights from the base model's directory (or the first
-model's); the tokenizer's come from the model `tokenizer_source` names (`TOKENIZER_FILES`): what
+model's); the tokenizer's from the model `tokenizer_source` names (`weightavg.vocabulary`): what
 loading the result as a Hugging Face model needs, as mergekit writes them."""
 OUT_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
 """mergekit's `out_dtype` (else `dtype`) values that the written floating tensors are cast to."""
@@ -171,6 +171,10 @@ def merge_checkpoints(
     cast to the config's `out_dtype` (or `dtype`) where it gives one, with the base model's (or the
     first model's) config and tokenizer files beside it. Returns the file a loader opens first
     (model.safetensors, or the index).
+
+    Where the config names a tokenizer (`tokenizer_source`, or `tokenizer`), the models' vocabulary
+    tensors are aligned to the output's vocabulary as mergekit aligns them, and that tokenizer is
+    written (`weightavg.vocabulary`).
 
     `slices` may cut and stack layers (a "frankenmerge"): each output slice merges its sources' layer
     ranges (of one length) into the next layers of the output, as mergekit plans them (`_layout`), and
@@ -202,33 +206,37 @@ def merge_checkpoints(
                for path in located if path is not None):
             raise ValueError(f"the output directory {out} holds model {name!r}, which the merge reads; write the "
                              "merged model to another directory")
-    tokenizer_from = _tokenizer_directory(config, where, names, paths or {})
+    _warn_chat_template(config)
+    tokens = vocabulary.plan(config, {name: located[0] for name, located in where.items()}, names)
     models = {name: _read(*where[name]) for name in names}
     parts, layers = _layout(config, models)
+    if tokens is not None:
+        parts = [_aligned(part, tokens) for part in parts]
     parts = [_used(part, options) for part in parts]  # refused here, before any upload
+    for part in parts:
+        _check_shapes(part)
     metadata = {"format": "pt", "merge_method": str(config.get("merge_method"))}
-    shapes = {entry: _unmade(models[label], read[entry]).shape  # the output's: every method keeps shapes
+    shapes = {entry: _unmade(part.tensors[label], read[entry]).shape  # the output's: every method keeps shapes
               for part in parts for label, read in list(part.inputs.items())[:1] for entry in part.entries}
     with checkpoints.ShardWriter(out, shard_bytes, metadata, checkpoints.header_room(shapes, metadata)) as writer:
-        _merge_parts(client, parts, models, writer, batch_bytes, dtype, progress, options)
+        _merge_parts(client, parts, writer, batch_bytes, dtype, progress, options)
         written = writer.finish()
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
-    _copy_model_files(source, tokenizer_from, Path(out), layers, dtype)
+    _copy_model_files(source, Path(out), layers, dtype, tokens)
     return written
 
 
-def _merge_parts(client: Client, parts: Sequence[Part], models: Mapping[str, Mapping[str, Any]],
-                 writer: checkpoints.ShardWriter, batch_bytes: int, dtype: Any,
+def _merge_parts(client: Client, parts: Sequence[Part], writer: checkpoints.ShardWriter, batch_bytes: int, dtype: Any,
                  progress: Callable[[int, int], None] | None, options: Mapping[str, Any]) -> None:
     """Every run merged on the server a batch at a time and handed to `writer` (cast to `dtype` where
     given); a batch the server refuses for its caps is split in two and tried again."""
     total, done = sum(len(part.entries) for part in parts), 0
     for part in parts:
-        pending = _batches(part, models, batch_bytes)
+        pending = _batches(part, batch_bytes)
         while pending:
             batch = pending.pop()
             try:
-                values = _merge_batch(client, part, models, batch, options)
+                values = _merge_batch(client, part, batch, options)
             except ResourceExhaustedError:
                 if len(batch) == 1:
                     raise
@@ -242,71 +250,31 @@ def _merge_parts(client: Client, parts: Sequence[Part], models: Mapping[str, Map
                 progress(done, total)
 
 
-def _copy_model_files(source: Path, tokenizer_from: Path, out: Path, layers: int | None, dtype: Any) -> None:
-    """The model's config files from `source` (config.json with the output's layers and dtype where
-    they changed) and the tokenizer's from `tokenizer_from`, into `out`."""
+def _copy_model_files(source: Path, out: Path, layers: int | None, dtype: Any, tokens: vocabulary.Plan | None) -> None:
+    """The model's config files from `source` (config.json with the output's layers, dtype and
+    vocabulary size where they changed) and the tokenizer's: as `tokens` writes it where the config
+    names a tokenizer, else `source`'s files as they are, into `out`."""
+    rows = tokens.rows if tokens is not None else None
     if source.is_dir():
         for f in sorted(source.iterdir()):
             if f.is_file() and f.name in SIDE_FILES:
-                if f.name == "config.json" and (layers is not None or dtype is not None):
-                    checkpoints.write_text(out / f.name, _output_config(f, layers, dtype))
+                if f.name == "config.json" and (layers is not None or dtype is not None or rows is not None):
+                    checkpoints.write_text(out / f.name, _output_config(f, layers, dtype, rows))
                 else:
                     shutil.copyfile(f, out / f.name)
-    if tokenizer_from.is_dir():
-        for f in sorted(tokenizer_from.iterdir()):
-            if f.is_file() and _is_tokenizer_file(f.name):
+    if tokens is not None:
+        tokens.write(out)
+    elif source.is_dir():
+        for f in sorted(source.iterdir()):
+            if f.is_file() and vocabulary.is_tokenizer_file(f.name):
                 shutil.copyfile(f, out / f.name)
 
 
-TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "chat_template.jinja")
-"""The tokenizer's files besides those whose name starts with "tokenizer" (tokenizer.json,
-tokenizer_config.json, tokenizer.model): copied from the model `tokenizer_source` names."""
-
-
-def _is_tokenizer_file(name: str) -> bool:
-    return name.startswith("tokenizer") or name in TOKENIZER_FILES
-
-
-def _tokenizer_directory(config: Mapping[str, Any], where: Mapping[str, tuple[Path, Path | None]],
-                         names: Sequence[str], paths: Mapping[str, str | os.PathLike[str]]) -> Path:
-    """Where the merged model's tokenizer files come from, as mergekit's `tokenizer_source` (or
-    `tokenizer.source`) says: the base model's (or the first model's) when it is unset or "base"; a
-    named model's; for "union", the base's where every model's tokenizer files are the same bytes (the
-    union of one vocabulary is that vocabulary). A union of different vocabularies, added `tokens` and
-    `pad_to_multiple_of` change the embeddings' rows, which this does not do: ValueError, before
-    anything is merged. A `chat_template` is not applied (a warning says so)."""
-    tokenizer = config.get("tokenizer")
-    if tokenizer is not None and not isinstance(tokenizer, Mapping):
-        raise ValueError(f"mergekit key 'tokenizer' is {tokenizer!r}; give a mapping with its 'source'")
-    if config.get("tokenizer_source") is not None and tokenizer is not None:
-        raise ValueError("give 'tokenizer_source' or 'tokenizer', not both (as mergekit)")
-    for key in ("tokens", "pad_to_multiple_of"):
-        if (tokenizer or {}).get(key):
-            raise ValueError(f"mergekit's tokenizer {key!r} changes the embeddings' rows, which weightavg merge does "
-                             "not do; merge without it and edit the vocabulary afterwards")
+def _warn_chat_template(config: Mapping[str, Any]) -> None:
+    """A `chat_template` is not applied: the tokenizer's files keep theirs."""
     if config.get("chat_template") is not None:
         warnings.warn(f"chat_template {config['chat_template']!r} is not applied: the tokenizer files are copied as "
                       "they are; set the template in the output's tokenizer_config.json", stacklevel=3)
-    chosen = config.get("tokenizer_source", (tokenizer or {}).get("source"))
-    base = str(config["base_model"]) if config.get("base_model") in where else names[0]
-    if chosen is None or chosen == "base":
-        return where[base][0]
-    if chosen == "union":
-        differ = [name for name in names if _tokenizer_bytes(where[name][0]) != _tokenizer_bytes(where[base][0])]
-        if differ:
-            raise ValueError(f"tokenizer_source 'union' over models whose tokenizers differ ({differ[0]!r} from "
-                             f"{base!r}) would rebuild the vocabulary and the embeddings' rows, which weightavg merge "
-                             "does not do; give 'base' or a model's name")
-        return where[base][0]
-    return where[str(chosen)][0] if str(chosen) in where else _located(str(chosen), paths)[0]
-
-
-def _tokenizer_bytes(directory: Path) -> dict[str, bytes]:
-    """A model directory's tokenizer files by name, their contents."""
-    if not directory.is_dir():
-        return {}
-    return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.is_file() and _is_tokenizer_file(f.name)}
 
 
 @dataclass(frozen=True)
@@ -314,11 +282,14 @@ class Part:
     """One run of a merge over files with one config: an output slice's layers (and the embeddings
     with the first slice, the final norm and head with the last), or the whole model. `config` is
     in the `models` form; `inputs` maps each of its models to {output entry: the model's own entry
-    read for it}; `places` says where each output entry lies for its gradients."""
+    read for it}; `places` says where each output entry lies for its gradients; `tensors` holds each
+    model's tensors as this run reads them (its vocabulary's rows moved to the output's, where the
+    config names a tokenizer)."""
 
     config: Mapping[str, Any]
     inputs: Mapping[str, Mapping[str, str]]
     places: Mapping[str, float]
+    tensors: Mapping[str, Mapping[str, Any]]
 
     @property
     def entries(self) -> list[str]:
@@ -341,7 +312,7 @@ def _layout(config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) 
     the layers go with the first or the last slice at 0 (`PRE_WEIGHTS`)."""
     if "slices" not in config:
         entries = _common_entries(models)
-        return [Part(config, {name: {e: e for e in entries} for name in models}, layer_fractions(entries))], None
+        return [Part(config, {name: {e: e for e in entries} for name in models}, layer_fractions(entries), models)], None
     if "models" in config:
         raise ValueError("give 'models' or 'slices', not both")
     slices = config["slices"]
@@ -380,7 +351,7 @@ def _layout(config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) 
                 inputs[label] |= {e: e for e in post}
             places |= {e: 0.0 for e in post}
         done += length
-        parts.append(Part(_slice_config(config, piece, k, labels), inputs, places))
+        parts.append(Part(_slice_config(config, piece, k, labels), inputs, places, {label: models[label] for label in labels}))
     return parts, done
 
 
@@ -444,13 +415,16 @@ def _slice_config(config: Mapping[str, Any], piece: Mapping[str, Any], k: int, l
     return sliced
 
 
-def _output_config(config_json: Path, layers: int | None, dtype: Any) -> str:
+def _output_config(config_json: Path, layers: int | None, dtype: Any, rows: int | None = None) -> str:
     """A model's config.json for the merged model, read and written as JSON, as mergekit writes it: the
-    layer count (num_hidden_layers, n_layer or num_layers) the output's where slices set it, and the
+    layer count (num_hidden_layers, n_layer or num_layers) the output's where slices set it, the
     dtype (`dtype`, and `torch_dtype` where the file has it) the written tensors' where the config
-    casts them, so a loader's dtype="auto" takes them as they are."""
+    casts them, so a loader's dtype="auto" takes them as they are, and `vocab_size` the output
+    vocabulary's rows where a tokenizer was aligned."""
     loaded = json.loads(config_json.read_text(encoding="utf-8"))
     if isinstance(loaded, dict):
+        if rows is not None:
+            loaded["vocab_size"] = rows
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in loaded and layers is not None:
                 loaded[key] = layers
@@ -508,14 +482,14 @@ def _used(part: Part, options: Mapping[str, Any]) -> Part:
     return replace(part, inputs={label: names for label, names in part.inputs.items() if label in used})
 
 
-def _batches(part: Part, models: Mapping[str, Mapping[str, Any]], limit: int) -> list[list[str]]:
+def _batches(part: Part, limit: int) -> list[list[str]]:
     """A run's entries in batches of at most `limit` bytes on the server (every model's copy of each,
     and the result's, as large as the largest copy), a batch per entry where one alone is larger; in
     reverse order, for popping."""
     runs: list[list[str]] = []
     held = limit
     for entry in part.entries:
-        sizes = [_nbytes(models[label], names[entry]) for label, names in part.inputs.items()]
+        sizes = [_nbytes(part.tensors[label], names[entry]) for label, names in part.inputs.items()]
         size = sum(sizes) + max(sizes)
         if not runs or held + size > limit:
             runs.append([])
@@ -531,13 +505,50 @@ def _nbytes(tensors: Mapping[str, Any], name: str) -> int:
 
 
 def _unmade(tensors: Mapping[str, Any], name: str) -> Any:
-    """A model's tensor as its file holds it (an adapted one's base: the same shape and dtype), so its
-    size and shape are read without making it."""
-    return tensors.base[name] if isinstance(tensors, lora.Adapted) else tensors[name]
+    """A model's tensor with the shape and dtype it will have, without making it (an adapted one's
+    base, an aligned one's placeholder), so its size and shape are read cheaply."""
+    unmade = getattr(tensors, "unmade", None)
+    return unmade(name) if unmade is not None else tensors[name]
 
 
-def _merge_batch(client: Client, part: Part, models: Mapping[str, Mapping[str, Any]], batch: Sequence[str],
-                 options: Mapping[str, Any]) -> dict[str, Any]:
+def _aligned(part: Part, tokens: vocabulary.Plan) -> Part:
+    """A run whose models' vocabulary tensors (outside the layers, two-dimensional, one row per token
+    of the model's vocabulary) have their rows moved to the output vocabulary's, as mergekit moves
+    them where a config names a tokenizer; the other models of the run give the default rows."""
+    labels = list(part.tensors)
+    entries = []
+    for entry in part.entries:
+        if _layer(entry) is not None:
+            continue
+        shapes = {label: _unmade(part.tensors[label], part.inputs[label][entry]).shape for label in labels}
+        rows = {label: shape[0] == tokens.tokenizers[label].rows and len(shape) == 2 for label, shape in shapes.items()}
+        if any(rows.values()) and not all(rows.values()):
+            odd = next(label for label, fits in rows.items() if not fits)
+            raise vocabulary.VocabularyError(
+                f"tensor {entry!r} has {shapes[odd][0] if shapes[odd] else 0} rows in {odd!r}, where its "
+                f"config.json's vocab_size is {tokens.tokenizers[odd].rows} (the other models hold one row per "
+                "token); its embeddings do not match its vocabulary")
+        if all(rows.values()):
+            entries.append(entry)
+    return replace(part, tensors={label: tokens.aligned(label, part.tensors, entries) for label in labels})
+
+
+def _check_shapes(part: Part) -> None:
+    """ValueError naming a tensor whose shape differs between the models of a run (a merge takes one
+    shape), before anything is uploaded; for vocabularies of different lengths, how to align them."""
+    for entry in part.entries:
+        shapes = {label: tuple(_unmade(part.tensors[label], names[entry]).shape) for label, names in part.inputs.items()}
+        (first, shape), *others = shapes.items()
+        for label, other in others:
+            if other != shape:
+                hint = ("; the models' vocabularies differ in length: name a tokenizer (tokenizer_source: base, or "
+                        "union) and their rows are aligned to it, as mergekit aligns them"
+                        if _layer(entry) is None and len(shape) == len(other) and shape[1:] == other[1:] else "")
+                raise ValueError(f"tensor {entry!r} has shape {list(shape)} in {first!r} but {list(other)} in "
+                                 f"{label!r}{hint}")
+
+
+def _merge_batch(client: Client, part: Part, batch: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
     """One batch of a run's entries merged on the server: each model's tensors uploaded under the
     output's names, merged as the run's config says (placed in the whole model), fetched, and every
     handle freed."""
@@ -545,7 +556,7 @@ def _merge_batch(client: Client, part: Part, models: Mapping[str, Mapping[str, A
     try:
         handles: dict[str, HandleLike] = {}
         for label, names in part.inputs.items():
-            handles[label] = client.dict({entry: models[label][names[entry]] for entry in batch})
+            handles[label] = client.dict({entry: part.tensors[label][names[entry]] for entry in batch})
             made.append(handles[label])
         merged = call(part.config, handles, batch, places=part.places, **options).run(client)
         made.append(merged)
