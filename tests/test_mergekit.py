@@ -983,6 +983,46 @@ def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
         and done.stderr.count("\n") == 1, done.stderr
 
 
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+OTHER = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
+def test_a_chat_template_is_written_as_mergekit_writes_it(
+    client: Client, vocabularies: dict[str, Path], tmp_path: Path
+) -> None:
+    """A template's text, and "auto" (the template most models have, here two of three), give the
+    written tokenizer mergekit's template, with or without a tokenizer key; a model's template may
+    sit in tokenizer_config.json or chat_template.jinja; a nonsense one is refused."""
+    from transformers import AutoTokenizer
+
+    models = {}
+    for name, template in (("base", None), ("chat", TEMPLATE), ("extra", OTHER)):
+        models[name] = tmp_path / name
+        shutil.copytree(vocabularies[name], models[name])
+        if template is not None:
+            (models[name] / "chat_template.jinja").write_text(template)
+    config_json = json.loads((models["base"] / "tokenizer_config.json").read_text())
+    (models["base"] / "tokenizer_config.json").write_text(json.dumps({**config_json, "chat_template": TEMPLATE + " "}))
+    shutil.copytree(models["chat"], tmp_path / "chat2")
+    config = {"merge_method": "ties", "base_model": str(models["base"]), "parameters": {"density": 0.5, "weight": 1.0},
+              "models": [{"model": str(models["chat"])}, {"model": str(models["extra"])}]}
+    same = {"merge_method": "linear", "models": [{"model": str(models["chat"]), "parameters": {"weight": 1.0}},
+                                                 {"model": str(tmp_path / "chat2"), "parameters": {"weight": 1.0}}]}
+    for i, merged in enumerate(({**same, "chat_template": OTHER + "{# mine #}"},
+                                {**config, "chat_template": "auto", "tokenizer_source": "base"},
+                                {**config, "chat_template": "auto", "tokenizer_source": "union"})):
+        run_merge(MergeConfiguration.model_validate(merged), str(tmp_path / f"mergekit{i}"),
+                  options=MergeOptions(write_model_card=False, quiet=True))
+        configs.merge_checkpoints(client, merged, tmp_path / f"out{i}")
+        want = AutoTokenizer.from_pretrained(str(tmp_path / f"mergekit{i}")).chat_template
+        assert want in (OTHER + "{# mine #}", TEMPLATE)
+        assert AutoTokenizer.from_pretrained(str(tmp_path / f"out{i}")).chat_template == want, merged
+        assert json.loads((tmp_path / f"out{i}" / "tokenizer_config.json").read_text())["chat_template"] == want
+    with pytest.raises(ValueError, match="chat_template 'hello' is not a template"):
+        configs.merge_checkpoints(client, {**same, "chat_template": "hello"}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_vocabularies_that_cannot_be_aligned_are_refused_with_what_to_do(
     live_server: LiveServer, client: Client, vocabularies: dict[str, Path], tmp_path: Path
 ) -> None:

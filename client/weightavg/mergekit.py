@@ -206,8 +206,9 @@ def merge_checkpoints(
                for path in located if path is not None):
             raise ValueError(f"the output directory {out} holds model {name!r}, which the merge reads; write the "
                              "merged model to another directory")
-    _warn_chat_template(config)
-    tokens = vocabulary.plan(config, {name: located[0] for name, located in where.items()}, names)
+    directories = {name: located[0] for name, located in where.items()}
+    template = vocabulary.chat_template(config, directories, names)
+    tokens = vocabulary.plan(config, directories, names)
     models = {name: _read(*where[name]) for name in names}
     parts, layers = _layout(config, models)
     if tokens is not None:
@@ -223,6 +224,8 @@ def merge_checkpoints(
         written = writer.finish()
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
     _copy_model_files(source, Path(out), layers, dtype, tokens)
+    if template is not None:
+        vocabulary.write_chat_template(Path(out), template)
     return written
 
 
@@ -268,13 +271,6 @@ def _copy_model_files(source: Path, out: Path, layers: int | None, dtype: Any, t
         for f in sorted(source.iterdir()):
             if f.is_file() and vocabulary.is_tokenizer_file(f.name):
                 shutil.copyfile(f, out / f.name)
-
-
-def _warn_chat_template(config: Mapping[str, Any]) -> None:
-    """A `chat_template` is not applied: the tokenizer's files keep theirs."""
-    if config.get("chat_template") is not None:
-        warnings.warn(f"chat_template {config['chat_template']!r} is not applied: the tokenizer files are copied as "
-                      "they are; set the template in the output's tokenizer_config.json", stacklevel=3)
 
 
 @dataclass(frozen=True)

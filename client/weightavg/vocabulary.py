@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +49,12 @@ import numpy.typing as npt
 from . import checkpoints
 
 TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "chat_template.json")
 """The tokenizer's files besides those whose name starts with "tokenizer" (tokenizer.json,
 tokenizer_config.json, tokenizer.model): copied from the model the tokenizer comes from."""
+MERGEKIT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+"""The chat templates mergekit 0.1.5 ships under a name: `chat_template: chatml` means its own file,
+which this package does not carry (a warning says the template is not applied)."""
 PLAIN_TOKEN = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
 """An added token's settings where it was a plain token of its model (or a config's `tokens` key):
 what transformers' `add_tokens` gives a string."""
@@ -504,3 +508,58 @@ def _known(model: str, token: Any, tokenizers: Mapping[str, Tokenizer]) -> str:
         raise VocabularyError(f"tokenizer token {token!r} takes its row from {model!r}, which is not a model of the "
                               "config")
     return model
+
+
+# -- the chat template ---------------------------------------------------------------------------------
+
+
+def chat_template(config: Mapping[str, Any], directories: Mapping[str, Path], names: Sequence[str]) -> str | None:
+    """The chat template a config's `chat_template` sets, as mergekit reads it: "auto" the template most
+    of the models have (stripped; of equally many, the first model's in the config's order), a
+    template's text itself (Jinja, with a "{"); None where it sets none (or "auto" finds none).
+    mergekit's bundled templates by name (`MERGEKIT_TEMPLATES`) are not applied: a warning says so.
+    VocabularyError for anything else."""
+    template = config.get("chat_template")
+    if template is None or template == "":
+        return None
+    if not isinstance(template, str):
+        raise VocabularyError(f"chat_template is {template!r}; give 'auto' or a template's text")
+    if template == "auto":
+        found = [t.strip() for name in names if (t := read_chat_template(directories[name])) and t.strip()]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if template in MERGEKIT_TEMPLATES:
+        warnings.warn(f"chat_template {template!r} is not applied: it names a template file mergekit ships, which "
+                      "weightavg does not; give the template's text, or 'auto' (the one most models have)",
+                      stacklevel=3)
+        return None
+    if len(template) < 20 or "{" not in template:
+        raise VocabularyError(f"chat_template {template!r} is not a template (Jinja text with '{{'), 'auto' or one of "
+                              f"mergekit's names ({', '.join(MERGEKIT_TEMPLATES)})")
+    return template
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """A model's chat template: its chat_template.jinja, else tokenizer_config.json's `chat_template`
+    (of a list of named ones, "default"), as transformers loads it."""
+    if not directory.is_dir():
+        return None
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    loaded = _json(config) if config.is_file() else None
+    template = loaded.get("chat_template") if isinstance(loaded, dict) else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def write_chat_template(out: Path, template: str) -> None:
+    """The template into a written tokenizer: chat_template.jinja (which transformers reads first), and
+    tokenizer_config.json's `chat_template` where that file is there (which older versions read)."""
+    checkpoints.write_text(out / "chat_template.jinja", template)
+    config = out / "tokenizer_config.json"
+    loaded = _json(config) if config.is_file() else None
+    if isinstance(loaded, dict):
+        loaded["chat_template"] = template
+        checkpoints.write_text(config, json.dumps(loaded, indent=2, ensure_ascii=False) + "\n")
