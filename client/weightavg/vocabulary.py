@@ -170,12 +170,35 @@ class Plan:
         the default rows, in mergekit's order (the models, then the base)."""
         return Aligned(self, label, peers, frozenset(entries))
 
+    def kept(self, label: str) -> npt.NDArray[np.bool_]:
+        """Which output tokens take the model's own row: those it has, unless the config forces them."""
+        forced = np.array([token in self.rules and self.rules[token].force for token in self.tokens], bool)
+        kept: npt.NDArray[np.bool_] = (self.positions[label] >= 0) & ~forced
+        return kept
+
+    def identity(self, label: str) -> bool:
+        """Whether the model's row of each output token is the token's id."""
+        return bool(np.array_equal(self.positions[label], np.arange(len(self.tokens))))
+
+    def runs(self, label: str) -> list[tuple[int, int, int]]:
+        """The model's kept rows as runs (output start, output stop, its first row) of consecutive
+        tokens whose rows are consecutive too: a vocabulary that only grew is one run."""
+        position, kept = self.positions[label], self.kept(label)
+        at = np.flatnonzero(kept)
+        if not at.size:
+            return []
+        breaks = np.flatnonzero((np.diff(at) != 1) | (np.diff(position[at]) != 1)) + 1
+        return [(int(run[0]), int(run[-1]) + 1, int(position[run[0]])) for run in np.split(at, breaks)]
+
     def defaults(self, peers: tuple[str, ...]) -> dict[int, Rule]:
         """The rows a token some of `peers` lack (or a forced one) takes, by output id: mergekit's
         `assign_embedding_sources` with the config's `tokens` first."""
         if peers not in self._defaults:
             found: dict[int, Rule] = {}
-            for i, token in enumerate(self.tokens):
+            lacking = ~np.all(np.stack([self.positions[p] >= 0 for p in peers]), axis=0)
+            ruled = [i for i, token in enumerate(self.tokens) if token in self.rules]
+            for i in sorted({*np.flatnonzero(lacking).tolist(), *ruled}):  # every other token: each model's own row
+                token = self.tokens[i]
                 present = [p for p in peers if self.positions[p][i] >= 0]
                 rule = self.rules.get(token)
                 if rule is not None:
@@ -244,14 +267,17 @@ class Aligned(Mapping[str, npt.NDArray[Any]]):
         arrays = {p: np.asarray(self.peers[p][name]) for p in labels}
         dtype = _promoted([a.dtype for a in arrays.values()])
         own, count = arrays[self.label], len(plan.tokens)
-        out = np.zeros((plan.rows, *own.shape[1:]), dtype)
-        position = plan.positions[self.label]
-        forced = np.array([plan.rules[t].force if t in plan.rules else False for t in plan.tokens], bool)
-        kept = (position >= 0) & ~forced
-        out[:count][kept] = own[position[kept]]
-        for i, rule in plan.defaults(labels).items():
-            if not kept[i]:
-                out[i] = _default_row(plan, rule, i, arrays, labels, dtype, own.shape[1:])
+        kept = plan.kept(self.label)
+        defaults = {i: rule for i, rule in plan.defaults(labels).items() if not kept[i]}
+        if not defaults and plan.rows == own.shape[0] == count and own.dtype == dtype and kept.all() \
+                and plan.identity(self.label):
+            return own  # its vocabulary is the output's: nothing moves
+        out = np.empty((plan.rows, *own.shape[1:]), dtype)
+        for start, stop, first in plan.runs(self.label):  # rows that stay together move as one slice
+            out[start:stop] = own[first:first + stop - start]
+        for i in np.flatnonzero(~kept):
+            rule = defaults.get(int(i))  # mergekit leaves a row no rule gives at zeros
+            out[i] = _default_row(plan, rule, int(i), arrays, labels, dtype, own.shape[1:]) if rule is not None else 0
         if plan.rows > count:  # padding rows: the mean of the real ones, as mergekit (torch.mean) gives them
             work = np.float64 if dtype == np.float64 else np.float32
             out[count:] = out[:count].mean(axis=0, dtype=work).astype(dtype)
