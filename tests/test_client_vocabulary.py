@@ -132,3 +132,18 @@ def test_tokens_beyond_a_models_rows_are_refused(tmp_path: Path) -> None:
         vocabulary.plan({"base_model": "base", "tokenizer_source": "x"}, models, ["x", "base"])
     with pytest.raises(vocabulary.VocabularyError, match="'x''s tokenizer has 1 token.* at ids 3 and up"):
         vocabulary.plan({"base_model": "x", "tokenizer_source": "base"}, models, ["base", "x"])
+
+
+def test_a_multimodal_config_gives_its_rows_in_text_config(tmp_path: Path) -> None:
+    """Llava-like configs nest the language model's vocab_size in text_config."""
+    models = {"base": model_dir(tmp_path, "base", ["a", "b"], ["<s>"]),
+              "x": model_dir(tmp_path, "x", ["a", "b"], ["<s>", "<image>"])}
+    (models["x"] / "config.json").write_text(json.dumps({"text_config": {"vocab_size": 4}, "image_token_index": 3}))
+    plan = vocabulary.plan({"base_model": "base", "tokenizer_source": "union"}, models, ["x", "base"])
+    assert plan is not None and plan.tokenizers["x"].rows == 4 and plan.tokens[-1] == "<image>"
+    held = {"text_config": {"vocab_size": 4}}
+    holder = vocabulary.vocab_size_holder(held)
+    assert holder is held["text_config"]
+    (models["x"] / "config.json").write_text(json.dumps({"text_config": {}}))
+    with pytest.raises(vocabulary.VocabularyError, match="gives no vocab_size \\(nor text_config's\\)"):
+        vocabulary.plan({"base_model": "base", "tokenizer_source": "union"}, models, ["x", "base"])

@@ -419,8 +419,9 @@ def _output_config(config_json: Path, layers: int | None, dtype: Any, rows: int 
     vocabulary's rows where a tokenizer was aligned."""
     loaded = json.loads(config_json.read_text(encoding="utf-8"))
     if isinstance(loaded, dict):
-        if rows is not None:
-            loaded["vocab_size"] = rows
+        holder = vocabulary.vocab_size_holder(loaded)
+        if rows is not None and holder is not None:
+            holder["vocab_size"] = rows
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in loaded and layers is not None:
                 loaded[key] = layers

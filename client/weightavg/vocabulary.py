@@ -114,13 +114,24 @@ def read_tokenizer(name: str, directory: Path) -> Tokenizer:
     return Tokenizer(directory, vocab, added, _rows(name, directory))
 
 
+def vocab_size_holder(config: Any) -> dict[str, Any] | None:
+    """The part of a config.json that gives `vocab_size`: the top level, else `text_config` (a
+    multimodal model's language model), as transformers' configs nest it."""
+    if not isinstance(config, dict):
+        return None
+    if "vocab_size" in config or not isinstance(config.get("text_config"), dict):
+        return config
+    nested: dict[str, Any] = config["text_config"]
+    return nested if "vocab_size" in nested else config
+
+
 def _rows(name: str, directory: Path) -> int:
     config = directory / "config.json"
-    loaded = _json(config) if config.is_file() else None
-    rows = loaded.get("vocab_size") if isinstance(loaded, dict) else None
+    holder = vocab_size_holder(_json(config) if config.is_file() else None)
+    rows = holder.get("vocab_size") if holder is not None else None
     if type(rows) is not int or rows <= 0:
-        raise VocabularyError(f"model {name!r}: its config.json gives no vocab_size, the rows of its token "
-                              "embeddings, which aligning vocabularies needs")
+        raise VocabularyError(f"model {name!r}: its config.json gives no vocab_size (nor text_config's), the rows of "
+                              "its token embeddings, which aligning vocabularies needs")
     return rows
 
 
