@@ -372,7 +372,8 @@ def test_weightavg_merge_turns_checkpoint_files_and_a_yaml_config_into_mergekits
     """The command line over the files themselves, as `mergekit-yaml config.yml out/` runs: `weightavg
     merge ADDRESS config.yml OUT` reads each checkpoint directory, merges on the server and writes
     OUT/model.safetensors with mergekit's numbers, beside the base's config.json, loadable by
-    transformers; nothing stays on the server. With out_dtype the tensors are written in it."""
+    transformers; nothing stays on the server; the config it ran from and a model card beside them, as
+    mergekit-yaml writes them (none with --no-model-card). With out_dtype the tensors are written in it."""
     config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
     want = mergekit(config, tmp_path / "mergekit")
     before = {handle_id for handle_id, _ in live_server.registry.items()}
@@ -389,11 +390,19 @@ def test_weightavg_merge_turns_checkpoint_files_and_a_yaml_config_into_mergekits
     loaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
     np.testing.assert_array_equal(loaded.state_dict()["lm_head.weight"].numpy(), got["lm_head.weight"])
     assert {handle_id for handle_id, _ in live_server.registry.items()} == before
+    assert (tmp_path / "out" / "mergekit_config.yml").read_text() == (tmp_path / "ties.yml").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- merge\n- mergekit\n- weightavg\n---\n\n# out\n")
+    assert "method `ties`, base model `" + str(checkpoints["base"]) + "`." in card
+    assert f"- `{checkpoints['a']}`\n- `{checkpoints['b']}`\n- `{checkpoints['base']}` (the base)\n" in card
+    assert "```yaml\n" + (tmp_path / "ties.yml").read_text().rstrip() + "\n```\n" in card
 
     (tmp_path / "bf16.json").write_text(json.dumps({**config, "out_dtype": "bfloat16"}))
     done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
-                           str(tmp_path / "bf16.json"), str(tmp_path / "bf16")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "bf16.json"), str(tmp_path / "bf16"), "--no-model-card"], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "bf16" / "README.md").exists() and not (tmp_path / "bf16" / "mergekit_config.yml").exists()
     low = load_file(str(tmp_path / "bf16" / "model.safetensors"))
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"  # as mergekit writes it
     assert LlamaForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="auto").dtype == torch.bfloat16
@@ -1008,16 +1017,19 @@ def test_a_chat_template_is_written_as_mergekit_writes_it(
               "models": [{"model": str(models["chat"])}, {"model": str(models["extra"])}]}
     same = {"merge_method": "linear", "models": [{"model": str(models["chat"]), "parameters": {"weight": 1.0}},
                                                  {"model": str(tmp_path / "chat2"), "parameters": {"weight": 1.0}}]}
-    for i, merged in enumerate(({**same, "chat_template": OTHER + "{# mine #}"},
+    for i, merged in enumerate(({**same, "chat_template": OTHER + "{# ``` #}"},
                                 {**config, "chat_template": "auto", "tokenizer_source": "base"},
                                 {**config, "chat_template": "auto", "tokenizer_source": "union"})):
         run_merge(MergeConfiguration.model_validate(merged), str(tmp_path / f"mergekit{i}"),
                   options=MergeOptions(write_model_card=False, quiet=True))
         configs.merge_checkpoints(client, merged, tmp_path / f"out{i}")
         want = AutoTokenizer.from_pretrained(str(tmp_path / f"mergekit{i}")).chat_template
-        assert want in (OTHER + "{# mine #}", TEMPLATE)
+        assert want in (OTHER + "{# ``` #}", TEMPLATE)
         assert AutoTokenizer.from_pretrained(str(tmp_path / f"out{i}")).chat_template == want, merged
         assert json.loads((tmp_path / f"out{i}" / "tokenizer_config.json").read_text())["chat_template"] == want
+        assert yaml.safe_load((tmp_path / f"out{i}" / "mergekit_config.yml").read_text()) == merged  # JSON is YAML
+    card = (tmp_path / "out0" / "README.md").read_text()  # the config's ``` inside a longer fence
+    assert "\n````yaml\n{" in card and card.endswith("}\n````\n")
     with pytest.raises(ValueError, match="chat_template 'hello' is not a template"):
         configs.merge_checkpoints(client, {**same, "chat_template": "hello"}, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

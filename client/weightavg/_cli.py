@@ -293,11 +293,14 @@ def _merge(argv: list[str]) -> int:
                    f"(default 256MiB; a batch the server's caps refuse is split): {BYTE_SIZE_FORMS}")
     p.add_argument("--shard-bytes", type=_byte_size, default=checkpoints.DEFAULT_SHARD_BYTES,
                    help="largest output shard (default 5GB, mergekit's; mergekit's --out-shard-size 5B is 5GB here)")
+    p.add_argument("--no-model-card", dest="model_card", action="store_false",
+                   help="write neither README.md (a model card) nor mergekit_config.yml (the config) to OUT, as "
+                   "mergekit-yaml's no-write-model-card flag does")
     args = _parse(p, argv)
     options = {"seed": args.seed} if args.seed is not None else {}
     stop: Callable[[], None] | None = None
     try:
-        config = _mergekit_config(args.config)
+        config, text = _mergekit_config(args.config)
         if args.address == LOCAL_ADDRESS:
             args.address, stop = _embedded_server()
             args.shm = True  # the server is this process: its tensors move through shared memory
@@ -305,7 +308,8 @@ def _merge(argv: list[str]) -> int:
         with _client(args, shm=args.shm, session=True) as client, warnings.catch_warnings(record=True) as noted:
             warnings.simplefilter("always")
             written = mergekit.merge_checkpoints(client, config, args.out, batch_bytes=args.batch_bytes,
-                                                 shard_bytes=args.shard_bytes, progress=_progress_line(), **options)
+                                                 shard_bytes=args.shard_bytes, progress=_progress_line(),
+                                                 model_card=args.model_card, config_text=text, **options)
     except (WeightavgError, OSError, ValueError) as exc:
         return _failed("merge", exc)
     finally:
@@ -357,9 +361,9 @@ def _byte_size(text: str) -> int:
     return size
 
 
-def _mergekit_config(path: str) -> dict[str, Any]:
-    """A mergekit config file read as data: JSON, or YAML through PyYAML's safe loader (plain data
-    only, no tags that construct objects), which a client-only install may lack."""
+def _mergekit_config(path: str) -> tuple[dict[str, Any], str]:
+    """A mergekit config file read as data, and its text: JSON, or YAML through PyYAML's safe loader
+    (plain data only, no tags that construct objects), which a client-only install may lack."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):
@@ -373,7 +377,7 @@ def _mergekit_config(path: str) -> dict[str, Any]:
         loaded = yaml.safe_load(text)
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} holds no mergekit config (a mapping with merge_method and models)")
-    return loaded
+    return loaded, text
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -160,7 +161,7 @@ def merge_checkpoints(
     client: Client, config: Mapping[str, Any], out: str | os.PathLike[str], *,
     paths: Mapping[str, str | os.PathLike[str]] | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
     shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES, progress: Callable[[int, int], None] | None = None,
-    **options: Any,
+    model_card: bool = True, config_text: str | None = None, **options: Any,
 ) -> Path:
     """Merge local safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
     config.yml out/` would: each model the config names is read (a directory of *.safetensors shards,
@@ -175,6 +176,10 @@ def merge_checkpoints(
     Where the config names a tokenizer (`tokenizer_source`, or `tokenizer`), the models' vocabulary
     tensors are aligned to the output's vocabulary as mergekit aligns them, and that tokenizer is
     written (`weightavg.vocabulary`).
+
+    With `model_card` (the default, as mergekit-yaml's), `out` also gets the config the merge ran
+    from, `mergekit_config.yml` (`config_text` as the user wrote it; else the config as JSON, which
+    YAML reads), and a README.md model card naming the method and the models.
 
     `slices` may cut and stack layers (a "frankenmerge"): each output slice merges its sources' layer
     ranges (of one length) into the next layers of the output, as mergekit plans them (`_layout`), and
@@ -226,7 +231,29 @@ def merge_checkpoints(
     _copy_model_files(source, Path(out), layers, dtype, tokens)
     if template is not None:
         vocabulary.write_chat_template(Path(out), template)
+    if model_card:
+        text = config_text if config_text is not None else json.dumps(config, indent=2) + "\n"
+        checkpoints.write_text(Path(out) / CONFIG_FILE, text)
+        checkpoints.write_text(Path(out) / "README.md", _card(config, names, text, Path(out).resolve().name))
     return written
+
+
+CONFIG_FILE = "mergekit_config.yml"
+"""Where the config a merge ran from is written beside the model, under mergekit's name for it."""
+
+
+def _card(config: Mapping[str, Any], names: Sequence[str], text: str, title: str) -> str:
+    """A model card (README.md) for the merged model: what made it, its method, base and models, and
+    the config it ran from."""
+    base = config.get("base_model")
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))  # longer than any inside
+    models = "\n".join(f"- `{name}`" + (" (the base)" if name == base else "") for name in names)
+    return (f"---\nlibrary_name: transformers\ntags:\n- merge\n- mergekit\n- weightavg\n---\n\n# {title}\n\n"
+            f"A merge of pre-trained models made with `weightavg merge` (the arithmetic on a weightavg server) from a "
+            f"mergekit configuration: method `{config.get('merge_method')}`"
+            + (f", base model `{base}`" if base is not None else "") + ".\n\n"
+            f"## Models\n\n{models}\n\n## Configuration\n\nThe configuration it ran from (also in "
+            f"`{CONFIG_FILE}`):\n\n{fence}yaml\n{text.rstrip()}\n{fence}\n")
 
 
 def _merge_parts(client: Client, parts: Sequence[Part], writer: checkpoints.ShardWriter, batch_bytes: int, dtype: Any,
