@@ -1067,6 +1067,11 @@ def test_vocabularies_that_cannot_be_aligned_are_refused_with_what_to_do(
         ({**config, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": v["chat"],
                                                                   "token": "<nope>"}}}}}, "'<nope>' is not in model"),
         ({**config, "tokenizer": {"pad_to_multiple_of": 0}}, "pad_to_multiple_of is 0"),
+        ({**config, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": v["chat"],
+                                                                  "token_id": 99}}}}}, "'<x>' takes its row from model "
+         ".*chat', which has no row 99"),
+        ({**config, "tokenizer": {"tokens": {"<x>": {"source": v["chat"]}}}}, "'<x>' takes its row from model .*chat', "
+         "which has no such token"),
     ]
     with pytest.warns(UserWarning, match=r"vocabularies differ .*'gh' is token 29 of .*chat' but not in .*extra'.*"
                                          "merged as they are; name a tokenizer"):

@@ -545,15 +545,17 @@ def _aligned(part: Part, tokens: vocabulary.Plan) -> Part:
         if _layer(entry) is not None:
             continue
         shapes = {label: _unmade(part.tensors[label], part.inputs[label][entry]).shape for label in labels}
-        rows = {label: shape[0] == tokens.tokenizers[label].rows and len(shape) == 2 for label, shape in shapes.items()}
+        rows = {label: len(shape) == 2 and shape[0] == tokens.tokenizers[label].rows for label, shape in shapes.items()}
         if any(rows.values()) and not all(rows.values()):
             odd = next(label for label, fits in rows.items() if not fits)
             raise vocabulary.VocabularyError(
-                f"tensor {entry!r} has {shapes[odd][0] if shapes[odd] else 0} rows in {odd!r}, where its "
+                f"tensor {entry!r} has shape {list(shapes[odd])} in {odd!r}, where its "
                 f"config.json's vocab_size is {tokens.tokenizers[odd].rows} (the other models hold one row per "
                 "token); its embeddings do not match its vocabulary")
         if all(rows.values()):
             entries.append(entry)
+    if entries:
+        tokens.check(tuple(labels))  # a token's source this run cannot give: refused before anything goes up
     return replace(part, tensors={label: tokens.aligned(label, part.tensors, entries) for label in labels})
 
 

@@ -231,6 +231,17 @@ class Plan:
             self._defaults[peers] = found
         return self._defaults[peers]
 
+    def check(self, peers: tuple[str, ...]) -> None:
+        """VocabularyError, before any row is made, for a default row `peers` cannot give: a model
+        that is not among them, lacks the token, or has no such row."""
+        for i, rule in self.defaults(peers).items():
+            if rule.model is None:
+                continue
+            row = self.positions[rule.model][i] if rule.kind == "model" else rule.row
+            if row is None or not 0 <= row < self.tokenizers[rule.model].rows:
+                raise VocabularyError(f"token {self.tokens[i]!r} takes its row from model {rule.model!r}, which has "
+                                      f"{'no such token' if rule.kind == 'model' else f'no row {row}'}")
+
     def write(self, out: Path) -> None:
         """The output's tokenizer files into `out`: the source's, with the appended tokens."""
         for f in sorted(self.source.directory.iterdir()):
@@ -320,12 +331,9 @@ def _default_row(plan: Plan, rule: Rule, i: int, arrays: Mapping[str, npt.NDArra
         mean: npt.NDArray[Any] = (total / np.asarray(count, dtype)).astype(dtype)
         return mean
     assert rule.model is not None
-    source = arrays[rule.model]
     row = plan.positions[rule.model][i] if rule.kind == "model" else rule.row
-    if row is None or not 0 <= row < source.shape[0]:
-        raise VocabularyError(f"token {plan.tokens[i]!r} takes its row from model {rule.model!r}, which has no "
-                              f"{'such token' if rule.kind == 'model' else f'row {row}'}")
-    taken: npt.NDArray[Any] = source[row].astype(dtype)
+    assert row is not None  # Plan.check refused any other before the merge began
+    taken: npt.NDArray[Any] = arrays[rule.model][row].astype(dtype)
     return taken
 
 
