@@ -279,7 +279,8 @@ def _merge(argv: list[str]) -> int:
         "merge", "Merge local safetensors checkpoints on a server as a mergekit config says, as mergekit-yaml "
         "would: every model the config names (a directory of *.safetensors, or one file) goes up a batch of tensors "
         "at a time, is merged there (weightavg.mergekit), and the result is written to OUT as model.safetensors (or "
-        "shards and their index) with the base model's config and tokenizer files. Exit status 0 when written, 1 "
+        "shards and their index) with the base model's config, the tokenizer (the models' vocabularies aligned to it "
+        "where the config names one), the config and a model card. Exit status 0 when written, 1 "
         "otherwise (nothing is left on the server either way, and nothing written to OUT).",
         timeout=3600.0, local=True,
     )
