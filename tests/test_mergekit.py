@@ -1084,6 +1084,37 @@ def test_vocabularies_that_cannot_be_aligned_are_refused_with_what_to_do(
     assert {handle_id for handle_id, _ in live_server.registry.items()} == before
 
 
+def test_a_tied_model_gives_its_token_embeddings_for_the_head_another_model_holds(
+    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A base saved with tied word embeddings (no lm_head.weight in its file) merged with fine-tunes
+    that hold their own head: the base's embed_tokens stands in for its head, as mergekit's
+    architecture tables tie them, and every tensor equals mergekit's run_merge; where no model
+    holds a head there is none in the output either."""
+    tied = tmp_path / "tied"
+    model = LlamaForCausalLM.from_pretrained(str(checkpoints["base"]))
+    model.config.tie_word_embeddings = True
+    tied_model = LlamaForCausalLM(model.config)
+    tied_model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    tied_model.tie_weights()
+    tied_model.save_pretrained(str(tied))
+    assert "lm_head.weight" not in tensors(tied)
+    config = {"merge_method": "ties", "base_model": str(tied), "parameters": {"density": 0.5, "weight": 1.0},
+              "models": [{"model": str(checkpoints["a"])}, {"model": str(checkpoints["b"])}]}
+    want = mergekit(config, tmp_path / "mergekit")
+    before = {handle_id for handle_id, _ in live_server.registry.items()}
+    configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=4096)
+    got = tensors(tmp_path / "out")
+    assert sorted(got) == sorted(want) and "lm_head.weight" in got
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=TOL, err_msg=name)
+    both = {"merge_method": "linear", "models": [{"model": str(tied), "parameters": {"weight": 1.0}},
+                                                 {"model": str(tied), "parameters": {"weight": 2.0}}]}
+    configs.merge_checkpoints(client, both, tmp_path / "both")
+    assert "lm_head.weight" not in tensors(tmp_path / "both")
+    assert {handle_id for handle_id, _ in live_server.registry.items()} == before
+
+
 def test_a_model_the_call_does_not_read_is_not_uploaded(
     client: Client, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:

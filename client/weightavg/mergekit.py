@@ -26,7 +26,7 @@ import re
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -214,7 +214,7 @@ def merge_checkpoints(
     directories = {name: located[0] for name, located in where.items()}
     template = vocabulary.chat_template(config, directories, names)
     tokens = vocabulary.plan(config, directories, names)
-    models = {name: _read(*where[name]) for name in names}
+    models = _tied({name: _read(*where[name]) for name in names})
     parts, layers = _layout(config, models)
     if tokens is not None:
         parts = [_aligned(part, tokens) for part in parts]
@@ -376,6 +376,53 @@ def _layout(config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) 
         done += length
         parts.append(Part(_slice_config(config, piece, k, labels), inputs, places, {label: models[label] for label in labels}))
     return parts, done
+
+
+TIED_HEADS: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight", "transformer.wte.weight",
+                       "wte.weight", "backbone.embeddings.weight", "shared.weight"),
+    "output.weight": ("model.tok_embeddings.weight",),
+    "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+    "lm_head.decoder.weight": ("roberta.embeddings.word_embeddings.weight",),
+    "vocab_projector.weight": ("distilbert.embeddings.word_embeddings.weight",),
+}
+"""Output heads a model with tied word embeddings does not save, and the token embeddings each is
+tied to (mergekit's architecture tables name the same pairs): where some models of a merge hold
+the head and others do not, those others give their token embeddings for it, as mergekit reads them."""
+
+
+def _tied(models: dict[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The models with a tied head read from its token embeddings where another model of the merge
+    holds the head itself (`TIED_HEADS`); where no model holds it, there is no head to merge."""
+    for head, embeddings in TIED_HEADS.items():
+        if not any(head in tensors for tensors in models.values()):
+            continue
+        for name, tensors in models.items():
+            partner = next((e for e in embeddings if e in tensors), None)
+            if head not in tensors and partner is not None:
+                models[name] = Aliased(tensors, {head: partner})
+    return models
+
+
+class Aliased(Mapping[str, Any]):
+    """A model's tensors under more names: a tied head under its token embeddings' tensor."""
+
+    def __init__(self, inner: Mapping[str, Any], aliases: Mapping[str, str]) -> None:
+        self.inner, self.aliases = inner, dict(aliases)
+
+    def unmade(self, name: str) -> Any:
+        """The tensor's shape and dtype without making it."""
+        return _unmade(self.inner, self.aliases.get(name, name))
+
+    def __getitem__(self, name: str) -> Any:
+        return self.inner[self.aliases.get(name, name)]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.inner
+        yield from (alias for alias in self.aliases if alias not in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner) + sum(alias not in self.inner for alias in self.aliases)
 
 
 def _layered(name: str, tensors: Mapping[str, Any]) -> list[dict[str, None]]:
