@@ -5,12 +5,15 @@ written. tests/test_mergekit.py compares whole merges with mergekit's own."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from weightavg import vocabulary
 
@@ -147,3 +150,63 @@ def test_a_multimodal_config_gives_its_rows_in_text_config(tmp_path: Path) -> No
     (models["x"] / "config.json").write_text(json.dumps({"text_config": {}}))
     with pytest.raises(vocabulary.VocabularyError, match="gives no vocab_size \\(nor text_config's\\)"):
         vocabulary.plan({"base_model": "base", "tokenizer_source": "union"}, models, ["x", "base"])
+
+
+POOL, ADDED = [f"p{i}" for i in range(10)], [f"<a{i}>" for i in range(4)]
+
+
+@st.composite
+def vocabularies(draw: st.DrawFn) -> tuple[dict[str, tuple[list[str], list[str], int]], str, int | None]:
+    """Three models' vocabularies drawn from one pool (plain tokens in any order, then added ones),
+    each with 0-2 embedding rows beyond its tokens; a tokenizer source and a padding multiple."""
+    made = {}
+    for name in ("base", "x", "y"):
+        plain = draw(st.lists(st.sampled_from(POOL), min_size=1, unique=True))
+        added = draw(st.lists(st.sampled_from(ADDED), unique=True))
+        made[name] = (plain, added, len(plain) + len(added) + draw(st.integers(0, 2)))
+    return made, draw(st.sampled_from(["base", "union", "x"])), draw(st.sampled_from([None, 4]))
+
+
+@settings(max_examples=60)
+@given(vocabularies())
+def test_every_model_row_lands_on_its_token_and_lacking_tokens_take_mergekits_rule(
+    drawn: tuple[dict[str, tuple[list[str], list[str], int]], str, int | None]
+) -> None:
+    """Whatever the vocabularies: each model's row of a token it has lands on the token's output id,
+    a token it lacks takes the only model's row, else the base's, else the mean of those that have
+    it, and the padding rows are the mean of the others (mergekit's rules, stated here)."""
+    made, source, multiple = drawn
+    value = {token: float(i + 1) for i, token in enumerate(POOL + ADDED)}
+    with tempfile.TemporaryDirectory() as root:
+        models = {name: model_dir(Path(root), name, plain, added, rows) for name, (plain, added, rows) in made.items()}
+        order = ["x", "y", "base"]
+        settings_ = {"source": source, **({"pad_to_multiple_of": multiple} if multiple else {})}
+        plan = vocabulary.plan({"base_model": "base", "tokenizer": settings_}, models, order)
+        assert plan is not None
+        ids = {name: {t: i for i, t in enumerate(plain + added)} for name, (plain, added, _) in made.items()}
+        arrays = {}
+        for k, name in enumerate(order):
+            rows = np.zeros((made[name][2], 2), np.float32)
+            for token, i in ids[name].items():
+                rows[i] = [value[token], 1000.0 * (k + 1)]
+            arrays[name] = {"e": rows}
+        for k, name in enumerate(order):
+            got = plan.aligned(name, arrays, ["e"])["e"]
+            assert got.shape == (plan.rows, 2)
+            for out, token in enumerate(plan.tokens):
+                having = [p for p in order if token in ids[p]]
+                if token in ids[name]:
+                    want = arrays[name]["e"][ids[name][token]]
+                elif len(having) == 1:
+                    want = arrays[having[0]]["e"][ids[having[0]][token]]
+                elif "base" in having:
+                    want = arrays["base"]["e"][ids["base"][token]]
+                else:
+                    want = np.mean([arrays[p]["e"][ids[p][token]] for p in having], axis=0)
+                np.testing.assert_allclose(got[out], want, rtol=1e-6, err_msg=f"{name} {token}")
+            np.testing.assert_allclose(got[len(plan.tokens):], np.broadcast_to(
+                got[:len(plan.tokens)].mean(axis=0), (plan.rows - len(plan.tokens), 2)), rtol=1e-6)
+            if source == "base":
+                assert set(plan.tokens) == set(ids["base"])
+            elif source == "union":
+                assert set(plan.tokens) == set().union(*ids.values())
