@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1146,6 +1146,30 @@ def _llama_checkpoints(root: Path, count: int, layers: int) -> list[Path]:
     return paths
 
 
+def _tokenizer(path: Path, added: Sequence[str]) -> None:
+    """A fast BPE tokenizer over the Llama's vocabulary (`LLAMA`'s vocab_size plain tokens) with
+    `added` special tokens after them, in `path`; the checkpoint's embeddings and head grown by a row
+    each (random) and config.json's vocab_size with them: a fine-tune that added chat tokens."""
+    from tokenizers import AddedToken, Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from weightavg import checkpoints
+
+    v = int(str(LLAMA["vocab_size"]))
+    bpe = Tokenizer(models.BPE(vocab={f"t{i}": i for i in range(v)}, merges=[]))
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(str(path))  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+    if added:
+        tensors = {k: np.array(a) for k, a in checkpoints.read(path / "model.safetensors").items()}
+        g = np.random.default_rng(len(added))
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = np.concatenate([tensors[name], g.standard_normal((len(added), tensors[name].shape[1]),
+                                                                             dtype=np.float32)])
+        checkpoints.write(path / "model.safetensors", tensors, {"format": "pt"})
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "vocab_size": v + len(added)}))
+
+
 def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
     """`weightavg merge` of three Llama checkpoints (138 MB of float32 each; 2 layers and 69 MB with
     --quick) from their files to the merged file, against mergekit's own `run_merge` (what
@@ -1163,10 +1187,15 @@ def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
     try:
         base, a, b = _llama_checkpoints(root, 3, 2 if ctx.quick else 4)
         mb = round((a / "model.safetensors").stat().st_size / 1e6)
+        chat = root / "chat"
+        shutil.copytree(b, chat)
+        for path, added in ((base, []), (a, []), (chat, ["<|im_start|>", "<|im_end|>"])):
+            _tokenizer(path, added)
         linear = {"merge_method": "linear", "dtype": "float32",
                   "models": [{"model": str(a), "parameters": {"weight": 0.6}}, {"model": str(b), "parameters": {"weight": 0.4}}]}
         ties = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
                 "parameters": {"density": 0.5, "weight": 0.5}, "models": [{"model": str(a)}, {"model": str(b)}]}
+        union = {**ties, "tokenizer_source": "union", "models": [{"model": str(a)}, {"model": str(chat)}]}
         options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False)
         out = root / "out"
 
@@ -1180,6 +1209,8 @@ def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
                 "ties shm": lambda: configs.merge_checkpoints(fast, ties, out),
                 "ties batches": lambda: configs.merge_checkpoints(ctx.client, ties, out, batch_bytes=32 << 20),
                 "ties mergekit": lambda: run_merge(MergeConfiguration.model_validate(ties), str(out), options=options),
+                "union": lambda: configs.merge_checkpoints(ctx.client, union, out),
+                "union mergekit": lambda: run_merge(MergeConfiguration.model_validate(union), str(out), options=options),
             }
             times = interleaved(calls, ctx.reps(3, 1))
             shm = fast._shm is not None
@@ -1195,6 +1226,10 @@ def checkpoint_merge(ctx: Context) -> list[Row | Skip]:
             "ties batches", "ties one batch"),
         row("checkpoint merge (info)", "weightavg merge ties, the default batches (256 MiB)", "one batch (1 GiB)", times,
             "ties", "ties one batch"),
+        row("checkpoint merge (info)", "weightavg merge ties, tokenizer_source union (a model +2 added tokens)",
+            "mergekit run_merge, the same config", times, "union", "union mergekit"),
+        row("checkpoint merge (info)", "weightavg merge ties, tokenizer_source union", "the same models' ties, no "
+            "tokenizer (one vocabulary)", times, "union", "ties"),
     ]
     if shm:
         rows += [
