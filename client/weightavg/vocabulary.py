@@ -419,14 +419,16 @@ def plan(config: Mapping[str, Any], directories: Mapping[str, Path], names: Sequ
 def _warn_if_different(directories: Mapping[str, Path], names: Sequence[str]) -> None:
     """Warn where models whose rows are merged as they are (no tokenizer named) have tokenizers that
     give a token different ids: row i then means different tokens in them."""
+    files = {name: directories[name] / "tokenizer.json" for name in names}
+    present = {name: path for name, path in files.items() if path.is_file()}
+    if len({path.read_bytes() for path in present.values()}) < 2:  # one tokenizer (the usual case): not parsed
+        return
     vocabs: dict[str, Mapping[str, int]] = {}
-    for name in names:
-        path = directories[name] / "tokenizer.json"
-        if path.is_file():
-            try:
-                vocabs[name] = read_tokenizer(name, directories[name]).vocab
-            except VocabularyError:
-                continue
+    for name in present:
+        try:
+            vocabs[name] = read_tokenizer(name, directories[name]).vocab
+        except VocabularyError:
+            continue
     if len(vocabs) < 2:
         return
     (first, vocab), *others = vocabs.items()
