@@ -1006,11 +1006,11 @@ class Service:
     @contextlib.contextmanager
     def _eval_locked(self, entry: Entry, model: training.Model) -> Iterator[None]:
         """The model locked for a pass in eval mode: as a change (`mutate`) where the pass writes the
-        module (`training.writes_in_eval`: a max_norm embedding renormalises the rows it reads, in
+        module (`training.writes_in_eval_mode`: a max_norm embedding renormalises the rows it reads, in
         place), else as a read. Decided once the lock is held: `model(m, part, ...)` may replace the
         module while the call waits for it."""
         with self.store.reading(entry):
-            if not training.writes_in_eval(model.module):
+            if not training.writes_in_eval_mode(model.module):
                 yield
                 return
             with self.store.mutate(entry, need=NOTHING, in_place=_copied_in_place):  # the same lock, taken again

@@ -507,7 +507,7 @@ def renormalised(module: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
 
 
-def writes_in_eval(module: nn.Module) -> bool:
+def writes_in_eval_mode(module: nn.Module) -> bool:
     """Whether a forward pass in eval mode, without gradients, writes the module: only an embedding with
     max_norm does (`renormalised`); batchnorm statistics change in train mode alone."""
     return bool(renormalised(module))
