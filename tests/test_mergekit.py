@@ -966,7 +966,10 @@ def test_the_tokenizer_comes_from_the_model_tokenizer_source_names(
         (models[name] / "special_tokens_map.json").write_text(json.dumps({"eos_token": f"</{name}>"}))
     config = {"merge_method": "ties", "base_model": str(models["base"]), "parameters": {"density": 0.5, "weight": 1.0},
               "models": [{"model": str(models["chat"])}, {"model": str(models["extra"])}]}
-    for extra, source, rows in (({"tokenizer_source": "base"}, "base", 32),
+    shutil.copytree(models["chat"], tmp_path / "donor")  # merged for its tokenizer only, as mergekit allows
+    models["donor"] = tmp_path / "donor"
+    for extra, source, rows in (({"tokenizer_source": str(models["donor"])}, "donor", 34),
+                                ({"tokenizer_source": "base"}, "base", 32),
                                 ({"tokenizer_source": str(models["extra"])}, "extra", 34),
                                 ({"tokenizer": {"source": str(models["chat"])}}, "chat", 34)):
         out = tmp_path / f"out-{source}"
@@ -1062,7 +1065,7 @@ def test_vocabularies_that_cannot_be_aligned_are_refused_with_what_to_do(
         ({**config, "base_model": str(beyond), "tokenizer_source": "union"}, "1 token.* at ids 32 and up, beyond its 32"),
         ({**config, "tokenizer": {"source": "base", "pad": 8}}, "tokenizer key 'pad' is not one mergekit has"),
         ({**config, "tokenizer_source": "base", "tokenizer": {}}, "not both"),
-        ({**config, "tokenizer_source": "everything"}, "'everything' is not 'base', 'union' or a model"),
+        ({**config, "tokenizer_source": "everything"}, "'everything' is not 'base', 'union', a model of the config or a local directory"),
         ({**config, "tokenizer": {"tokens": {"<x>": {"source": "nobody"}}}}, "'nobody', which is not a model"),
         ({**config, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": v["chat"],
                                                                   "token": "<nope>"}}}}}, "'<nope>' is not in model"),

@@ -212,6 +212,14 @@ def merge_checkpoints(
             raise ValueError(f"the output directory {out} holds model {name!r}, which the merge reads; write the "
                              "merged model to another directory")
     directories = {name: located[0] for name, located in where.items()}
+    chosen = vocabulary.chosen_source(config)
+    if isinstance(chosen, str) and chosen not in ("base", "union", *directories):  # a tokenizer from elsewhere
+        directory = Path((paths or {}).get(chosen, chosen))
+        if not directory.is_dir():
+            raise vocabulary.VocabularyError(
+                f"tokenizer source {chosen!r} is not 'base', 'union', a model of the config or a local directory; "
+                f"download it first (e.g. huggingface-cli download {chosen} --local-dir DIR) and name DIR")
+        directories[chosen] = directory
     template = vocabulary.chat_template(config, directories, names)
     tokens = vocabulary.plan(config, directories, names)
     models = _tied({name: _read(*where[name]) for name in names})

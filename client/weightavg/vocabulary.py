@@ -372,7 +372,8 @@ def chosen_source(config: Mapping[str, Any]) -> Any:
 def plan(config: Mapping[str, Any], directories: Mapping[str, Path], names: Sequence[str]) -> Plan | None:
     """The output vocabulary of a config's merge, None where the config names no tokenizer (the base's
     files are copied and the rows merged as they are). `directories` maps each model the config names
-    (`names`, in mergekit's order) to its directory."""
+    (`names`, in mergekit's order) to its directory, and the tokenizer source's where it names a
+    model that is not merged (its tokenizer only, as mergekit loads it)."""
     chosen = chosen_source(config)
     if chosen is None:
         _warn_if_different(directories, names)
@@ -401,8 +402,11 @@ def plan(config: Mapping[str, Any], directories: Mapping[str, Path], names: Sequ
     elif str(chosen) in tokenizers:  # as that model's tokenizer loads: every token it lists
         source = raw if str(chosen) == first else tokenizers[str(chosen)]
         vocab, appended = dict(source.vocab), []
+    elif isinstance(chosen, str) and chosen in directories:  # a model merged for its tokenizer only
+        source = read_tokenizer(chosen, directories[chosen])
+        vocab, appended = dict(source.vocab), []
     elif isinstance(chosen, str):
-        raise VocabularyError(f"tokenizer source {chosen!r} is not 'base', 'union' or a model of the config")
+        raise VocabularyError(f"tokenizer source {chosen!r} is not 'base', 'union' or a model's directory")
     else:
         raise VocabularyError(f"tokenizer source {chosen!r}: give 'base', 'union' or a model's name")
     rules = _rules(settings.get("tokens") or {}, tokenizers)
