@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -531,6 +532,77 @@ def test_a_server_too_small_for_the_whole_models_merges_them_in_batches_it_split
             configs.merge_checkpoints(c, config, tmp_path / "tiny")
     assert not list(tiny.registry.items())
     assert list((tmp_path / "tiny").iterdir()) == []  # not even the staging folder
+
+
+class FailingRead(Mapping[str, Any]):
+    """A model's tensors whose `bad` entry cannot be read once the upload reads it, on an upload thread
+    (a file that went away under the merge, after the shapes were checked)."""
+
+    def __init__(self, inner: Mapping[str, Any], bad: str) -> None:
+        self.inner, self.bad = inner, bad
+
+    def __getitem__(self, name: str) -> Any:
+        if name == self.bad and threading.current_thread() is not threading.main_thread():
+            raise OSError(f"{name}: input/output error")
+        return self.inner[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def test_a_model_that_fails_to_go_up_frees_the_models_that_went_up_beside_it(
+    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's models go up at once, on threads; where one cannot be read, the others' dictionaries
+    (made before or after the failure) are freed, the read's error is raised as it was, and nothing is
+    written. The same merge then runs whole, as the models go up in any order."""
+    config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
+    read = configs._read
+    bad = str(checkpoints["b"].resolve())
+    monkeypatch.setattr(configs, "_read", lambda model, adapter: FailingRead(read(model, adapter), "model.norm.weight")
+                        if str(Path(model).resolve()) == bad else read(model, adapter))
+    held, created = len(list(live_server.registry.items())), creates(client)
+    with pytest.raises(OSError, match="model.norm.weight: input/output error"):
+        configs.merge_checkpoints(client, config, tmp_path / "out")
+    assert creates(client) - created == 2  # the base and a went up beside b
+    assert len(list(live_server.registry.items())) == held
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(configs, "_read", read)
+    want = configs.merge_checkpoints(client, config, tmp_path / "one", batch_bytes=1).read_bytes()
+    assert configs.merge_checkpoints(client, config, tmp_path / "whole").read_bytes() == want
+
+
+def test_a_write_that_fails_stops_the_merge_and_leaves_nothing(
+    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches are written on a thread one batch behind the merge; a write that fails (a full disk)
+    is raised by the merge within a batch of it, nothing is left in the output directory, and every
+    handle is freed."""
+    config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
+    add, written = configs.checkpoints.ShardWriter.add, []
+
+    def full_on_the_third(writer: Any, name: str, value: Any) -> None:
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        written.append(name)
+        add(writer, name, value)
+
+    monkeypatch.setattr(configs.checkpoints.ShardWriter, "add", full_on_the_third)
+    held, before = len(list(live_server.registry.items())), merge_calls(client)
+    with pytest.raises(OSError, match="No space left on device"):
+        configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=1)  # a tensor a batch
+    assert 3 <= merge_calls(client) - before <= 4  # the third batch's write fails as the fourth is merged
+    assert len(list(live_server.registry.items())) == held
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def creates(c: Client) -> int:
+    return int(c.stats()["methods"].get("/weightavg.v1.WeightAveragingService/CreateDictionary", {}).get("count", 0))
 
 
 def test_weightavg_merge_writes_shards_and_an_index_that_transformers_loads(

@@ -117,9 +117,10 @@ def test_copyparms_then_fetch_through_shared_memory_matches_the_stream(shm_serve
 
 def test_an_upload_larger_than_the_region_grows_it(shm_server: LiveServer) -> None:
     big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB, beyond the first 1 MiB region
-    with Client(shm_server.address, timeout=WAIT, shm=True) as c:
+    with Client(shm_server.address, timeout=WAIT, shm=True) as c, Client(shm_server.address, timeout=WAIT) as plain:
         c.dict(c.dict({"x": [1.0]}))
         d = c.dict({"big": big})
+        assert c.shared_memory and not plain.shared_memory
         assert len(shm_server.registry.shared) == 1  # the reused region, replaced by a larger one
         assert same(c.dict(d, "big"), big)
 
@@ -127,10 +128,11 @@ def test_an_upload_larger_than_the_region_grows_it(shm_server: LiveServer) -> No
 def test_a_server_without_allow_shm_gets_the_stream_with_the_same_results(live_server: LiveServer) -> None:
     data = values()
     with Client(live_server.address, timeout=WAIT, shm=True) as c:
+        assert c.shared_memory  # asked for, not yet refused
         d = c.dict(data)
         got = c.dict(d)
         assert all(same(got[k], data[k]) for k in data)
-        assert c._shm is None and len(live_server.registry.shared) == 0
+        assert not c.shared_memory and c._shm is None and len(live_server.registry.shared) == 0
 
 
 def test_regions_are_unregistered_when_the_session_ends(shm_server: LiveServer) -> None:

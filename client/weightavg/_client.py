@@ -663,6 +663,14 @@ class Client:
     def timeout(self, seconds: float) -> None:
         self._timeout = checked_timeout(seconds)
 
+    @property
+    def shared_memory(self) -> bool:
+        """Whether host tensors of this client's uploads and fetches go through shared memory: made
+        with `shm=True` and not (yet) refused by the server, which takes it only with --allow-shm (the
+        first large call finds out; after a refusal the client streams for good). Such calls take the
+        client's one region in turn, so threads that upload at once gain nothing there."""
+        return self._shm is not None
+
     def _closed_error(self) -> RuntimeError:
         """What a call on a closed client raises. gRPC's own "ValueError: Cannot invoke RPC on closed
         channel!" named neither the client nor the usual cause, a call after the with block (found by a
