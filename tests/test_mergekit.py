@@ -17,6 +17,8 @@ differ by a few ulps (an ulp at 1 is 1.2e-7).
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -414,8 +416,9 @@ def test_weightavg_merge_turns_checkpoint_files_and_a_yaml_config_into_mergekits
 
 def test_weightavg_merge_names_what_it_cannot_read(live_server: LiveServer, checkpoints: dict[str, Path],
                                                     tmp_path: Path) -> None:
-    """A model given by a Hugging Face ID (not downloaded), a config that is no mapping and a checkpoint
-    cut short (after another model was uploaded): one line each on stderr that says what is wrong,
+    """A model given by a Hugging Face ID that cannot be downloaded (the Hub unreachable: offline), a
+    local path that is not there, a config that is no mapping and a checkpoint cut short (after
+    another model was uploaded): one line each on stderr that says what is wrong,
     exit status 1, nothing left on the server."""
     before = {handle_id for handle_id, _ in live_server.registry.items()}
     config = {**CASES["model stock"][0](checkpoints), "base_model": "org/not-downloaded"}
@@ -426,11 +429,15 @@ def test_weightavg_merge_names_what_it_cannot_read(live_server: LiveServer, chec
     cut = {**CASES["model stock"][0](checkpoints), "models": [{"model": str(checkpoints["a"])},
                                                               {"model": str(tmp_path / "cut")}]}
     (tmp_path / "cut.json").write_text(json.dumps(cut))
-    for path, message in ((tmp_path / "c.json", "model 'org/not-downloaded' of the config is not a local directory"),
+    (tmp_path / "missing.json").write_text(json.dumps({**config, "base_model": str(tmp_path / "missing")}))
+    for path, message in ((tmp_path / "c.json", "model 'org/not-downloaded' is not a local path, and as a Hugging Face "
+                                                "repository it could not be downloaded: it is not in the Hugging Face cache"),
+                          (tmp_path / "missing.json", f"model '{tmp_path / 'missing'}' of the config is not a local directory"),
                           (tmp_path / "list.yml", "holds no mergekit config"),
                           (tmp_path / "cut.json", "outside the file's")):
         done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address, str(path),
-                               str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                               str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
         assert done.returncode == 1 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert {handle_id for handle_id, _ in live_server.registry.items()} == before
 
@@ -723,6 +730,79 @@ def test_weightavg_merge_of_model_plus_adapter_equals_mergekits(
                                   {"model": str(checkpoints["b"]), "parameters": {"weight": 0.5}}]}
     unadapted = mergekit(plain, tmp_path / "plain")
     assert np.abs(got["model.layers.0.self_attn.q_proj.weight"] - unadapted["model.layers.0.self_attn.q_proj.weight"]).max() > 1e-3
+
+
+def hub_cache(root: Path, repos: Mapping[str, Path]) -> Path:
+    """A Hugging Face cache (HF_HUB_CACHE's layout) holding each repository ("org/name" or
+    "org/name@revision") as the Hub's client leaves a download: refs/REVISION naming a commit,
+    snapshots/COMMIT/ its files (copies of the local directory given)."""
+    for i, (repo, source) in enumerate(repos.items()):
+        name, _, revision = repo.partition("@")
+        folder = root / ("models--" + name.replace("/", "--"))
+        commit = f"{i + 1:040x}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / (revision or "main")).write_text(commit)
+        shutil.copytree(source, folder / "snapshots" / commit)
+    return root
+
+
+def test_weightavg_merge_takes_hugging_face_ids_as_mergekit_does(
+    live_server: LiveServer, checkpoints: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Models, a revision and LoRA adapters named by Hugging Face repository IDs (org/name@revision+
+    org/adapter), read through huggingface_hub from its cache (HF_HUB_OFFLINE: the Hub is not reached
+    here): the command writes the bytes it writes for the same models named by their directories,
+    and the base's config beside them."""
+    cache = hub_cache(tmp_path / "hub", {"org/base": checkpoints["base"], "org/a@v1": checkpoints["a"],
+                                         "org/b": checkpoints["b"], "org/attn": adapters["attn"],
+                                         "org/rslora": adapters["rslora"]})
+    local = {"merge_method": "ties", "base_model": str(checkpoints["base"]), "parameters": {"density": 0.6},
+             "models": [{"model": f"{checkpoints['a']}+{adapters['attn']}", "parameters": {"weight": 0.7}},
+                        {"model": f"{checkpoints['b']}+{adapters['rslora']}", "parameters": {"weight": 0.5}}]}
+    hub = {**local, "base_model": "org/base",
+           "models": [{"model": "org/a@v1+org/attn", "parameters": {"weight": 0.7}},
+                      {"model": "org/b+org/rslora", "parameters": {"weight": 0.5}}]}
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    for name, config in (("local", local), ("hub", hub)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
+                               str(tmp_path / f"{name}.json"), str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "hub" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+    assert (tmp_path / "hub" / "config.json").read_text() == (checkpoints["base"] / "config.json").read_text()
+
+
+def test_hugging_face_ids_that_cannot_be_read_are_refused_with_what_to_do(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository the cache lacks while the Hub cannot be reached, one that holds only pickled
+    weights (pytorch_model.bin: never loaded), and a name with two revisions: each refused before
+    anything is uploaded (no client is needed to get that far), saying what to do. Local paths are
+    never taken for repository IDs."""
+    import huggingface_hub
+
+    from weightavg import hub
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", {"org/pickled": pickled})))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for name, message in (("org/absent", "it is not in the Hugging Face cache and the Hub cannot be reached"),
+                          ("org/pickled", "has no .safetensors files on the Hub (only pickled weights"),
+                          ("org/a@v1@v2", "at most one @revision")):
+        config = {"merge_method": "linear", "models": [{"model": str(checkpoints["a"]), "parameters": {"weight": 1}},
+                                                       {"model": name, "parameters": {"weight": 1}}]}
+        with pytest.raises(ValueError, match=re.escape(message)):
+            configs.merge_checkpoints(None, config, tmp_path / "out")  # type: ignore[arg-type]  # refused before any call
+    assert not (tmp_path / "out").exists()
+    tokenizer = configs._local_or_downloaded("org/pickled", {}, "tokenizer source", hub.TOKENIZER_FILES)
+    assert (tokenizer / "config.json").is_file()  # a tokenizer source needs no weights
+    assert [hub.is_repo_id(n) for n in ("org/name", "org/name@v1.0", "Org-1/my_model.v2")] == [True] * 3
+    assert not any(hub.is_repo_id(n) for n in ("./org/name", "/org/name", "org/name/sub", "name", "org/x.safetensors",
+                                               "../x", "org/..", str(checkpoints["a"])))
 
 
 def test_adapters_that_are_not_applied_are_refused_with_the_reason(
@@ -1137,7 +1217,8 @@ def test_vocabularies_that_cannot_be_aligned_are_refused_with_what_to_do(
         ({**config, "base_model": str(beyond), "tokenizer_source": "union"}, "1 token.* at ids 32 and up, beyond its 32"),
         ({**config, "tokenizer": {"source": "base", "pad": 8}}, "tokenizer key 'pad' is not one mergekit has"),
         ({**config, "tokenizer_source": "base", "tokenizer": {}}, "not both"),
-        ({**config, "tokenizer_source": "everything"}, "'everything' is not 'base', 'union', a model of the config or a local directory"),
+        ({**config, "tokenizer_source": "everything"},
+         "'everything' is not 'base', 'union', a model of the config, a local directory or a Hugging Face repository ID"),
         ({**config, "tokenizer": {"tokens": {"<x>": {"source": "nobody"}}}}, "'nobody', which is not a model"),
         ({**config, "tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": v["chat"],
                                                                   "token": "<nope>"}}}}}, "'<nope>' is not in model"),

@@ -2,7 +2,8 @@
 
 `serve` and `demo` need the server extra (torch) and import it only when asked; `health`, `info`,
 `stats`, `snapshot` and `purge` are operator commands that need only this thin client, as does
-`merge` (mergekit configs over local safetensors checkpoints; YAML needs PyYAML). Their
+`merge` (mergekit configs over safetensors checkpoints, local or downloaded from the Hugging Face Hub;
+YAML needs PyYAML). Their
 failures print one line on stderr, `weightavg COMMAND: CODE: message`, with hints in flags.
 """
 
@@ -276,8 +277,9 @@ def _purge(argv: list[str]) -> int:
 
 def _merge(argv: list[str]) -> int:
     p = _probe_parser(
-        "merge", "Merge local safetensors checkpoints on a server as a mergekit config says, as mergekit-yaml "
-        "would: every model the config names (a directory of *.safetensors, or one file) goes up a batch of tensors "
+        "merge", "Merge safetensors checkpoints on a server as a mergekit config says, as mergekit-yaml "
+        "would: every model the config names (a directory of *.safetensors, or one file; a Hugging Face repository ID "
+        "is downloaded first, safetensors only) goes up a batch of tensors "
         "at a time, is merged there (weightavg.mergekit), and the result is written to OUT as model.safetensors (or "
         "shards and their index) with the base model's config, the tokenizer (the models' vocabularies aligned to it "
         "where the config names one), the config and a model card. Exit status 0 when written, 1 "
@@ -391,7 +393,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "snapshot": (_snapshot, "ask a running server to snapshot every live handle to its --state-dir; exit "
                  f"{SNAPSHOT_INCOMPLETE} when it left some out"),
     "purge": (_purge, "free every handle on a running server (every client's: an operator's clean-up)"),
-    "merge": (_merge, "merge local safetensors checkpoints on a server as a mergekit config says, a batch of "
+    "merge": (_merge, "merge safetensors checkpoints (local, or by Hugging Face ID) on a server as a mergekit config says, a batch of "
               "tensors at a time; writes OUT/model.safetensors or shards"),
 }
 """Subcommand name -> (function taking the remaining arguments and returning the exit status, summary)."""

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from . import checkpoints, lora, vocabulary
+from . import checkpoints, hub, lora, vocabulary
 from ._errors import ResourceExhaustedError
 
 if TYPE_CHECKING:
@@ -198,8 +198,10 @@ def merge_checkpoints(
     `progress(done, total)` is called after each batch is merged with the output entries merged so far
     and their number in all (the command line shows it on a terminal).
 
-    Names are local paths only: a Hugging Face repository ID must be downloaded first (e.g.
-    `huggingface-cli download org/model --local-dir DIR`, then name DIR)."""
+    A name that is no local path but reads as a Hugging Face repository ID (`org/model`, with
+    `@revision` or `+org/adapter`, as mergekit takes them) is downloaded into the Hugging Face cache
+    first, as mergekit-yaml downloads it: safetensors weights and their JSON and tokenizer files only,
+    never pickled ones (`weightavg.hub`)."""
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes is {batch_bytes}; give a positive number of bytes")
     names = _referenced(config)
@@ -215,11 +217,12 @@ def merge_checkpoints(
     directories = {name: located[0] for name, located in where.items()}
     chosen = vocabulary.chosen_source(config)
     if isinstance(chosen, str) and chosen not in ("base", "union", *directories):  # a tokenizer from elsewhere
-        directory = Path((paths or {}).get(chosen, chosen))
+        directory = _local_or_downloaded(chosen, paths or {}, "tokenizer source", hub.TOKENIZER_FILES)
         if not directory.is_dir():
             raise vocabulary.VocabularyError(
-                f"tokenizer source {chosen!r} is not 'base', 'union', a model of the config or a local directory; "
-                f"download it first (e.g. huggingface-cli download {chosen} --local-dir DIR) and name DIR")
+                f"tokenizer source {chosen!r} is not 'base', 'union', a model of the config, a local directory or a "
+                f"Hugging Face repository ID (org/name); download it first (e.g. hf download {chosen} --local-dir DIR) "
+                "and name DIR")
         directories[chosen] = directory
     template = vocabulary.chat_template(config, directories, names)
     tokens = vocabulary.plan(config, directories, names)
@@ -555,21 +558,33 @@ def _output_config(config_json: Path, layers: int | None, dtype: Any, rows: int 
 
 def _located(name: str, paths: Mapping[str, str | os.PathLike[str]]) -> tuple[Path, Path | None]:
     """Where a config's model lies: its checkpoint, and its LoRA adapter's directory for mergekit's
-    `model+adapter` (each part, or the whole name, mapped by `paths`); ValueError for one not here."""
+    `model+adapter` (each part, or the whole name, mapped by `paths`); a part that is no local path
+    but reads as a Hugging Face repository ID (`org/name[@revision]`) is downloaded (`weightavg.hub`,
+    safetensors only); ValueError for one that is neither."""
     if name in paths:
         return Path(paths[name]), None
     parts = name.split("+")
     if len(parts) > 2:
         raise ValueError(f"model {name!r} of the config: give a model and at most one LoRA adapter (model+adapter)")
-    model = Path(paths.get(parts[0], parts[0]))
-    adapter = Path(paths.get(parts[1], parts[1])) if len(parts) == 2 else None
+    model = _local_or_downloaded(parts[0], paths, "model", hub.MODEL_FILES)
+    adapter = _local_or_downloaded(parts[1], paths, "LoRA adapter", hub.ADAPTER_FILES) if len(parts) == 2 else None
     if not model.exists():
         raise ValueError(f"model {parts[0]!r} of the config is not a local directory or .safetensors file ({model}); "
-                         f"download it first (e.g. huggingface-cli download {parts[0]} --local-dir DIR) and name DIR")
+                         f"download it first (e.g. hf download {parts[0]} --local-dir DIR) and name DIR")
     if adapter is not None and not adapter.is_dir():
         raise ValueError(f"LoRA adapter {parts[1]!r} of the config is not a local directory ({adapter}); download it "
-                         f"first (e.g. huggingface-cli download {parts[1]} --local-dir DIR) and name DIR")
+                         f"first (e.g. hf download {parts[1]} --local-dir DIR) and name DIR")
     return model, adapter
+
+
+def _local_or_downloaded(name: str, paths: Mapping[str, str | os.PathLike[str]], what: str,
+                         files: tuple[str, ...]) -> Path:
+    """The local path a config's name stands for (`paths`' mapping, or the name itself), or, where
+    that does not exist and the name reads as a Hugging Face repository ID, its downloaded snapshot."""
+    local = Path(paths.get(name, name))
+    if local.exists() or name in paths or not hub.is_repo_id(name):
+        return local
+    return hub.download(name, files, what)
 
 
 def _read(model: Path, adapter: Path | None) -> Mapping[str, Any]:
