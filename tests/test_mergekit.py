@@ -750,9 +750,9 @@ def test_weightavg_merge_takes_hugging_face_ids_as_mergekit_does(
     live_server: LiveServer, checkpoints: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
 ) -> None:
     """Models, a revision and LoRA adapters named by Hugging Face repository IDs (org/name@revision+
-    org/adapter), read through huggingface_hub from its cache (HF_HUB_OFFLINE: the Hub is not reached
-    here): the command writes the bytes it writes for the same models named by their directories,
-    and the base's config beside them."""
+    org/adapter), read through huggingface_hub from its cache (HF_HUB_CACHE, or mergekit-yaml's
+    --transformers-cache; HF_HUB_OFFLINE: the Hub is not reached here): the command writes the bytes
+    it writes for the same models named by their directories, and the base's config beside them."""
     cache = hub_cache(tmp_path / "hub", {"org/base": checkpoints["base"], "org/a@v1": checkpoints["a"],
                                          "org/b": checkpoints["b"], "org/attn": adapters["attn"],
                                          "org/rslora": adapters["rslora"]})
@@ -762,15 +762,18 @@ def test_weightavg_merge_takes_hugging_face_ids_as_mergekit_does(
     hub = {**local, "base_model": "org/base",
            "models": [{"model": "org/a@v1+org/attn", "parameters": {"weight": 0.7}},
                       {"model": "org/b+org/rslora", "parameters": {"weight": 0.5}}]}
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    for name, config in (("local", local), ("hub", hub)):
+    for name, config, cache_given in (("local", local, {}), ("hub", hub, {"HF_HUB_CACHE": str(cache)}),
+                                      ("flag", hub, {"flags": ["--transformers-cache", str(cache)]})):
         (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"),
+               **{k: v for k, v in cache_given.items() if k != "flags"}}
         done = subprocess.run([str(Path(sys.executable).parent / "weightavg"), "merge", live_server.address,
-                               str(tmp_path / f"{name}.json"), str(tmp_path / name)],
+                               str(tmp_path / f"{name}.json"), str(tmp_path / name), *cache_given.get("flags", [])],
                               capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr
-    assert (tmp_path / "hub" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
-    assert (tmp_path / "hub" / "config.json").read_text() == (checkpoints["base"] / "config.json").read_text()
+    for name in ("hub", "flag"):  # the cache from HF_HUB_CACHE, then from mergekit-yaml's --transformers-cache
+        assert (tmp_path / name / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+        assert (tmp_path / name / "config.json").read_text() == (checkpoints["base"] / "config.json").read_text()
 
 
 def test_hugging_face_ids_that_cannot_be_read_are_refused_with_what_to_do(
@@ -1188,6 +1191,54 @@ def test_a_chat_template_is_written_as_mergekit_writes_it(
     with pytest.raises(ValueError, match="chat_template 'hello' is not a template"):
         configs.merge_checkpoints(client, {**same, "chat_template": "hello"}, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_weightavg_merge_takes_mergekit_yamls_output_flags(
+    live_server: LiveServer, checkpoints: dict[str, Path], vocabularies: dict[str, Path], tmp_path: Path
+) -> None:
+    """mergekit-yaml's own spellings give what they give there: --out-shard-size in its units (1K is
+    1000 bytes: the same shards, the same index), --no-copy-tokenizer (no tokenizer file; a chat
+    template the config gives is then left out, with a warning), --no-write-model-card, --random-seed
+    (DARE's masks as --seed's); and by default the tokenizer files mergekit copies. A size mergekit
+    cannot read is refused as it refuses it."""
+    linear = {"merge_method": "linear", "base_model": str(vocabularies["base"]),
+              "models": [{"model": str(vocabularies["base"]), "parameters": {"weight": 0.3}},
+                         {"model": str(checkpoints["a"]), "parameters": {"weight": 0.7}}]}
+    script = str(Path(sys.executable).parent / "weightavg")
+
+    def merge(config: dict[str, Any], out: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / f"{out}.json").write_text(json.dumps(config))
+        done = subprocess.run([script, "merge", live_server.address, str(tmp_path / f"{out}.json"), str(tmp_path / out),
+                               *flags], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    written = lambda out: {f.name for f in (tmp_path / out).iterdir() if f.is_file()}  # noqa: E731
+    for i, (flags, options) in enumerate(((["--out-shard-size", "1K", "--no-copy-tokenizer", "--no-write-model-card"],
+                                           MergeOptions(out_shard_size=1000, copy_tokenizer=False, write_model_card=False)),
+                                          ([], MergeOptions()))):
+        run_merge(MergeConfiguration.model_validate(linear), str(tmp_path / f"mergekit{i}"),
+                  options=options.model_copy(update={"quiet": True}))
+        merge(linear, f"out{i}", *flags)
+        assert written(f"out{i}") == written(f"mergekit{i}") | {"generation_config.json"}, i  # ours copies it always
+    index = json.loads((tmp_path / "out0" / "model.safetensors.index.json").read_text())
+    theirs = json.loads((tmp_path / "mergekit0" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == theirs["weight_map"] and index["metadata"]["total_size"] == theirs["metadata"]["total_size"]
+    assert len(set(index["weight_map"].values())) > 10 and "tokenizer.json" in written("out1")
+
+    noted = merge({**linear, "chat_template": TEMPLATE}, "untemplated", "--no-copy-tokenizer")
+    assert "no tokenizer is written" in noted.stderr and not written("untemplated") & {"chat_template.jinja", "tokenizer_config.json"}
+    dare = {"merge_method": "dare_ties", "base_model": str(checkpoints["base"]), "parameters": {"density": 0.5},
+            "models": [{"model": str(checkpoints["a"]), "parameters": {"weight": 1.0}},
+                       {"model": str(checkpoints["b"]), "parameters": {"weight": 1.0}}]}
+    merge(dare, "seed", "--seed", "7")
+    merge(dare, "random-seed", "--random-seed", "7")
+    merge(dare, "other-seed", "--random-seed", "8")
+    seeded = [(tmp_path / out / "model.safetensors").read_bytes() for out in ("seed", "random-seed", "other-seed")]
+    assert seeded[0] == seeded[1] != seeded[2]
+    refused = subprocess.run([script, "merge", live_server.address, str(tmp_path / "out0.json"), str(tmp_path / "x"),
+                              "--out-shard-size", "1.5B"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not a size as mergekit writes one" in refused.stderr
 
 
 def test_vocabularies_that_cannot_be_aligned_are_refused_with_what_to_do(

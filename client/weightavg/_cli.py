@@ -290,15 +290,28 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("out", help="directory to write model.safetensors (and the copied files) to")
     p.add_argument("--shm", action="store_true",
                    help="move the tensors through shared memory (a server on this host started with --allow-shm)")
-    p.add_argument("--seed", type=int, help="seed of DARE's and DELLA's random masks (the server's default: 0)")
+    p.add_argument("--seed", "--random-seed", dest="seed", type=int,
+                   help="seed of DARE's and DELLA's random masks (the server's default: 0)")
     p.add_argument("--batch-bytes", type=_byte_size, default=mergekit.DEFAULT_BATCH_BYTES,
                    help="most bytes of tensors (every model's copy and the result) the server holds per merge call "
                    f"(default 256MiB; a batch the server's caps refuse is split): {BYTE_SIZE_FORMS}")
-    p.add_argument("--shard-bytes", type=_byte_size, default=checkpoints.DEFAULT_SHARD_BYTES,
-                   help="largest output shard (default 5GB, mergekit's; mergekit's --out-shard-size 5B is 5GB here)")
-    p.add_argument("--no-model-card", dest="model_card", action="store_false",
+    shard = p.add_mutually_exclusive_group()
+    shard.add_argument("--shard-bytes", type=_byte_size, default=checkpoints.DEFAULT_SHARD_BYTES,
+                       help="largest output shard (default 5GB, mergekit's)")
+    shard.add_argument("--out-shard-size", dest="shard_bytes", type=_mergekit_size,
+                       help="the same in mergekit-yaml's form: bytes, or a whole number of thousands, millions or "
+                       "billions of bytes (1000K, 500M, 5B)")
+    p.add_argument("--no-model-card", "--no-write-model-card", dest="model_card", action="store_false",
                    help="write neither README.md (a model card) nor mergekit_config.yml (the config) to OUT, as "
-                   "mergekit-yaml's no-write-model-card flag does")
+                   "mergekit-yaml's --no-write-model-card does (--write-model-card: write them, the default)")
+    p.add_argument("--write-model-card", dest="model_card", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the base model's tokenizer files to OUT, as mergekit-yaml does (--no-copy-tokenizer: "
+                   "none, unless the config names a tokenizer, whose files are always written)")
+    p.add_argument("--transformers-cache", metavar="DIR",
+                   help="where models named by Hugging Face ID are downloaded to (default: the Hugging Face cache, "
+                   "HF_HUB_CACHE), as mergekit-yaml's flag of this name")
+    p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
     args = _parse(p, argv)
     options = {"seed": args.seed} if args.seed is not None else {}
     stop: Callable[[], None] | None = None
@@ -311,8 +324,11 @@ def _merge(argv: list[str]) -> int:
         with _client(args, shm=args.shm, session=True) as client, warnings.catch_warnings(record=True) as noted:
             warnings.simplefilter("always")
             written = mergekit.merge_checkpoints(client, config, args.out, batch_bytes=args.batch_bytes,
-                                                 shard_bytes=args.shard_bytes, progress=_progress_line(),
-                                                 model_card=args.model_card, config_text=text, **options)
+                                                 shard_bytes=args.shard_bytes,
+                                                 progress=None if args.quiet else _progress_line(),
+                                                 model_card=args.model_card, config_text=text,
+                                                 copy_tokenizer=args.copy_tokenizer, hub_cache=args.transformers_cache,
+                                                 **options)
     except (WeightavgError, OSError, ValueError) as exc:
         return _failed("merge", exc)
     finally:
@@ -362,6 +378,16 @@ def _byte_size(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is no bytes; give a positive size")
     return size
+
+
+def _mergekit_size(text: str) -> int:
+    """argparse's type for mergekit-yaml's --out-shard-size: a whole number of bytes, or of thousands,
+    millions or billions of them with K, M or B (either case), as mergekit reads it (5B: 5,000,000,000)."""
+    digits, unit = (text[:-1], text[-1].lower()) if text[-1:].lower() in ("k", "m", "b") else (text, "")
+    if not digits.isdigit() or int(digits) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size as mergekit writes one: a positive whole number, "
+                                         "optionally followed by K, M or B (e.g. 5B)")
+    return int(digits) * {"": 1, "k": 1000, "m": 1000**2, "b": 1000**3}[unit]
 
 
 def _mergekit_config(path: str) -> tuple[dict[str, Any], str]:

@@ -18,6 +18,7 @@ pickle runs code.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,10 @@ def split_revision(name: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
-def download(name: str, files: tuple[str, ...] = MODEL_FILES, what: str = "model") -> Path:
+def download(name: str, files: tuple[str, ...] = MODEL_FILES, what: str = "model", *,
+             cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The local snapshot folder of the repository `name` names (`org/name[@revision]`), fetched
-    into the Hugging Face cache where it is not there yet (only `files`' patterns). ValueError, with
+    into the Hugging Face cache (or `cache_dir`) where it is not there yet (only `files`' patterns). ValueError, with
     what to do, where huggingface_hub is missing, the repository or revision is not found, it is
     gated, the Hub cannot be reached and the cache lacks it, or it holds no safetensors weights."""
     repo, revision = split_revision(name)
@@ -62,7 +64,8 @@ def download(name: str, files: tuple[str, ...] = MODEL_FILES, what: str = "model
         raise ValueError(f"{what} {name!r} is a Hugging Face repository, whose download needs huggingface_hub: "
                          "pip install 'weightavg[merge]' (or download it yourself and name the directory)") from None
     try:
-        folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(files)))
+        folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(files),
+                                                        cache_dir=None if cache_dir is None else Path(cache_dir)))
     except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError, ValueError) as exc:  # told apart below
         raise ValueError(_download_failed(what, name, exc)) from None
     if "*.safetensors" in files and not any(folder.rglob("*.safetensors")):

@@ -162,7 +162,8 @@ def merge_checkpoints(
     client: Client, config: Mapping[str, Any], out: str | os.PathLike[str], *,
     paths: Mapping[str, str | os.PathLike[str]] | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES,
     shard_bytes: int = checkpoints.DEFAULT_SHARD_BYTES, progress: Callable[[int, int], None] | None = None,
-    model_card: bool = True, config_text: str | None = None, **options: Any,
+    model_card: bool = True, config_text: str | None = None, copy_tokenizer: bool = True,
+    hub_cache: str | os.PathLike[str] | None = None, **options: Any,
 ) -> Path:
     """Merge local safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
     config.yml out/` would: each model the config names is read (a directory of *.safetensors shards,
@@ -177,6 +178,10 @@ def merge_checkpoints(
     Where the config names a tokenizer (`tokenizer_source`, or `tokenizer`), the models' vocabulary
     tensors are aligned to the output's vocabulary as mergekit aligns them, and that tokenizer is
     written (`weightavg.vocabulary`).
+
+    With `copy_tokenizer` False (mergekit-yaml's --no-copy-tokenizer) the base model's tokenizer files
+    are not copied, nor its chat template written (a warning says so where the config gives one);
+    a tokenizer the config names is written all the same, as mergekit writes it.
 
     With `model_card` (the default, as mergekit-yaml's), `out` also gets the config the merge ran
     from, `mergekit_config.yml` (`config_text` as the user wrote it; else the config as JSON, which
@@ -201,11 +206,12 @@ def merge_checkpoints(
     A name that is no local path but reads as a Hugging Face repository ID (`org/model`, with
     `@revision` or `+org/adapter`, as mergekit takes them) is downloaded into the Hugging Face cache
     first, as mergekit-yaml downloads it: safetensors weights and their JSON and tokenizer files only,
-    never pickled ones (`weightavg.hub`)."""
+    never pickled ones (`weightavg.hub`), into `hub_cache` where given (mergekit-yaml's
+    --transformers-cache), else the Hugging Face cache."""
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes is {batch_bytes}; give a positive number of bytes")
     names = _referenced(config)
-    where = {name: _located(name, paths or {}) for name in names}
+    where = {name: _located(name, paths or {}, hub_cache) for name in names}
     dtype = config.get("out_dtype") or config.get("dtype")
     if dtype is not None and str(dtype) not in OUT_DTYPES:
         raise ValueError(f"mergekit dtype {dtype!r} is not one the written checkpoint takes ({', '.join(OUT_DTYPES)})")
@@ -217,7 +223,7 @@ def merge_checkpoints(
     directories = {name: located[0] for name, located in where.items()}
     chosen = vocabulary.chosen_source(config)
     if isinstance(chosen, str) and chosen not in ("base", "union", *directories):  # a tokenizer from elsewhere
-        directory = _local_or_downloaded(chosen, paths or {}, "tokenizer source", hub.TOKENIZER_FILES)
+        directory = _local_or_downloaded(chosen, paths or {}, "tokenizer source", hub.TOKENIZER_FILES, hub_cache)
         if not directory.is_dir():
             raise vocabulary.VocabularyError(
                 f"tokenizer source {chosen!r} is not 'base', 'union', a model of the config, a local directory or a "
@@ -240,9 +246,13 @@ def merge_checkpoints(
         _merge_parts(client, parts, writer, batch_bytes, dtype, progress, options)
         written = writer.finish()
     source = (where[str(config["base_model"])] if config.get("base_model") in where else where[names[0]])[0]
-    _copy_model_files(source, Path(out), layers, dtype, tokens)
-    if template is not None:
+    _copy_model_files(source, Path(out), layers, dtype, tokens, copy_tokenizer)
+    if template is not None and (tokens is not None or copy_tokenizer):
         vocabulary.write_chat_template(Path(out), template)
+    elif template is not None:
+        warnings.warn("the config gives a chat template, but no tokenizer is written (--no-copy-tokenizer, and the "
+                      "config names none): the template is not written either, as mergekit-yaml leaves it",
+                      stacklevel=2)
     if model_card:
         text = config_text if config_text is not None else json.dumps(config, indent=2) + "\n"
         checkpoints.write_text(Path(out) / CONFIG_FILE, text)
@@ -330,10 +340,11 @@ class _Behind:
             self._writer.add(entry, value if self._dtype is None else _cast(value, str(self._dtype)))
 
 
-def _copy_model_files(source: Path, out: Path, layers: int | None, dtype: Any, tokens: vocabulary.Plan | None) -> None:
+def _copy_model_files(source: Path, out: Path, layers: int | None, dtype: Any, tokens: vocabulary.Plan | None,
+                      copy_tokenizer: bool = True) -> None:
     """The model's config files from `source` (config.json with the output's layers, dtype and
     vocabulary size where they changed) and the tokenizer's: as `tokens` writes it where the config
-    names a tokenizer, else `source`'s files as they are, into `out`."""
+    names a tokenizer, else `source`'s files as they are (with `copy_tokenizer`), into `out`."""
     rows = tokens.rows if tokens is not None else None
     if source.is_dir():
         for f in sorted(source.iterdir()):
@@ -344,7 +355,7 @@ def _copy_model_files(source: Path, out: Path, layers: int | None, dtype: Any, t
                     shutil.copyfile(f, out / f.name)
     if tokens is not None:
         tokens.write(out)
-    elif source.is_dir():
+    elif source.is_dir() and copy_tokenizer:
         for f in sorted(source.iterdir()):
             if f.is_file() and vocabulary.is_tokenizer_file(f.name):
                 shutil.copyfile(f, out / f.name)
@@ -556,7 +567,8 @@ def _output_config(config_json: Path, layers: int | None, dtype: Any, rows: int 
     return json.dumps(loaded, indent=2) + "\n"
 
 
-def _located(name: str, paths: Mapping[str, str | os.PathLike[str]]) -> tuple[Path, Path | None]:
+def _located(name: str, paths: Mapping[str, str | os.PathLike[str]],
+             hub_cache: str | os.PathLike[str] | None = None) -> tuple[Path, Path | None]:
     """Where a config's model lies: its checkpoint, and its LoRA adapter's directory for mergekit's
     `model+adapter` (each part, or the whole name, mapped by `paths`); a part that is no local path
     but reads as a Hugging Face repository ID (`org/name[@revision]`) is downloaded (`weightavg.hub`,
@@ -566,8 +578,8 @@ def _located(name: str, paths: Mapping[str, str | os.PathLike[str]]) -> tuple[Pa
     parts = name.split("+")
     if len(parts) > 2:
         raise ValueError(f"model {name!r} of the config: give a model and at most one LoRA adapter (model+adapter)")
-    model = _local_or_downloaded(parts[0], paths, "model", hub.MODEL_FILES)
-    adapter = _local_or_downloaded(parts[1], paths, "LoRA adapter", hub.ADAPTER_FILES) if len(parts) == 2 else None
+    model = _local_or_downloaded(parts[0], paths, "model", hub.MODEL_FILES, hub_cache)
+    adapter = _local_or_downloaded(parts[1], paths, "LoRA adapter", hub.ADAPTER_FILES, hub_cache) if len(parts) == 2 else None
     if not model.exists():
         raise ValueError(f"model {parts[0]!r} of the config is not a local directory or .safetensors file ({model}); "
                          f"download it first (e.g. hf download {parts[0]} --local-dir DIR) and name DIR")
@@ -578,13 +590,14 @@ def _located(name: str, paths: Mapping[str, str | os.PathLike[str]]) -> tuple[Pa
 
 
 def _local_or_downloaded(name: str, paths: Mapping[str, str | os.PathLike[str]], what: str,
-                         files: tuple[str, ...]) -> Path:
+                         files: tuple[str, ...], hub_cache: str | os.PathLike[str] | None = None) -> Path:
     """The local path a config's name stands for (`paths`' mapping, or the name itself), or, where
-    that does not exist and the name reads as a Hugging Face repository ID, its downloaded snapshot."""
+    that does not exist and the name reads as a Hugging Face repository ID, its downloaded snapshot
+    (in `hub_cache`, else the Hugging Face cache)."""
     local = Path(paths.get(name, name))
     if local.exists() or name in paths or not hub.is_repo_id(name):
         return local
-    return hub.download(name, files, what)
+    return hub.download(name, files, what, cache_dir=hub_cache)
 
 
 def _read(model: Path, adapter: Path | None) -> Mapping[str, Any]:
