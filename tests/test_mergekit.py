@@ -564,9 +564,10 @@ def test_a_model_that_fails_to_go_up_frees_the_models_that_went_up_beside_it(
     live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A batch's models go up at once, on threads; where one cannot be read, the others' dictionaries
-    (made before or after the failure) are freed, the read's error is raised as it was, and nothing is
-    written. The same merge then runs whole, as the models go up in any order."""
+    """A batch's models go up at once, on threads; where one cannot be read, those already going up
+    finish and their dictionaries are freed, those not started never start, the read's error is
+    raised as it was, and nothing is written. The same merge then runs whole, as the models go up in
+    any order."""
     config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
     read = configs._read
     bad = str(checkpoints["b"].resolve())
@@ -575,7 +576,7 @@ def test_a_model_that_fails_to_go_up_frees_the_models_that_went_up_beside_it(
     held, created = len(list(live_server.registry.items())), creates(client)
     with pytest.raises(OSError, match="model.norm.weight: input/output error"):
         configs.merge_checkpoints(client, config, tmp_path / "out")
-    assert creates(client) - created == 2  # the base and a went up beside b
+    assert 1 <= creates(client) - created <= 2  # a (listed before b, so started first) went up, the base perhaps
     assert len(list(live_server.registry.items())) == held
     assert list((tmp_path / "out").iterdir()) == []
     monkeypatch.setattr(configs, "_read", read)
