@@ -446,27 +446,35 @@ def test_weightavg_merge_through_shared_memory_writes_the_same_bytes(
     start_server: Callable[..., LiveServer], checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     """--shm against a server on this host with --allow-shm: the read-only mapped checkpoints go up and
-    the merge comes back through shared memory regions, and the file written is the stream's, byte for
-    byte; no handle is left. ADDRESS `local` (a server the command starts in its own process) writes
-    the same bytes."""
-    server = start_server(allow_shm=True)
+    the merge comes back through shared memory regions, and the file written is the stream's
+    (--no-shm), byte for byte; no handle is left. Without either flag a loopback address takes shared
+    memory, and a server that refuses it (no --allow-shm) gets the stream, the same bytes. ADDRESS
+    `local` (a server the command starts in its own process) writes the same bytes."""
+    server, closed = start_server(allow_shm=True), start_server()
     config = CASES["sce, select_topk a gradient and filtered"][0](checkpoints)
     (tmp_path / "sce.json").write_text(json.dumps(config))
     script = str(Path(sys.executable).parent / "weightavg")
-    for way in ("stream", "shm", "shm batches", "local"):
-        address = "local" if way == "local" else server.address  # local: a server in the command's own process
-        done = subprocess.run([script, "merge", address, str(tmp_path / "sce.json"), str(tmp_path / way),
-                               *(["--shm"] if way.startswith("shm") else []),
-                               *(["--batch-bytes", "8KiB"] if "batches" in way else [])],
+
+    def shm_fetches(at: LiveServer) -> int:
+        with Client(at.address) as c:
+            calls = c.stats()["methods"]
+        return int(calls.get("/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory", {}).get("count", 0))
+
+    ways = {"stream": (server, ["--no-shm"], False), "shm": (server, ["--shm"], True), "default": (server, [], True),
+            "shm batches": (server, ["--shm", "--batch-bytes", "8KiB"], True), "refused": (closed, [], False),
+            "local": (None, [], None)}
+    for way, (at, flags, shared) in ways.items():
+        before = shm_fetches(at) if at is not None else 0
+        address = "local" if at is None else at.address  # local: a server in the command's own process
+        done = subprocess.run([script, "merge", address, str(tmp_path / "sce.json"), str(tmp_path / way), *flags],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-    for way in ("shm", "shm batches", "local"):  # a region reused batch after batch gives the same bytes
+        if at is not None:
+            assert (shm_fetches(at) > before) == shared, way  # the merge came back through shared memory, or not
+    for way in ways:  # a region reused batch after batch gives the same bytes
         assert (tmp_path / way / "model.safetensors").read_bytes() == \
             (tmp_path / "stream" / "model.safetensors").read_bytes(), way
-    with Client(server.address) as c:
-        calls = c.stats()["methods"]
-    assert "/weightavg.v1.WeightAveragingService/FetchTensorsToSharedMemory" in calls  # the merge came back that way
-    assert not list(server.registry.items())  # every handle freed
+    assert not list(server.registry.items()) and not list(closed.registry.items())  # every handle freed
 
 
 WITH_DARE = {**CASES, "dare_ties at density .5, its masks seeded by each entry's name": (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import json
 import os
 import sys
@@ -288,8 +289,10 @@ def _merge(argv: list[str]) -> int:
     )
     p.add_argument("config", help="the mergekit config: YAML (needs PyYAML) or JSON")
     p.add_argument("out", help="directory to write model.safetensors (and the copied files) to")
-    p.add_argument("--shm", action="store_true",
-                   help="move the tensors through shared memory (a server on this host started with --allow-shm)")
+    p.add_argument("--shm", action=argparse.BooleanOptionalAction, default=None,
+                   help="move the tensors through shared memory (a server on this host started with --allow-shm; "
+                   "the stream where it refuses). Default: on for a loopback address (127.0.0.1, ::1, localhost, "
+                   "unix:), off for others; --no-shm: the stream always")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int,
                    help="seed of DARE's and DELLA's random masks (the server's default: 0)")
     p.add_argument("--batch-bytes", type=_byte_size, default=mergekit.DEFAULT_BATCH_BYTES,
@@ -317,6 +320,8 @@ def _merge(argv: list[str]) -> int:
     stop: Callable[[], None] | None = None
     try:
         config, text = _mergekit_config(args.config)
+        if args.shm is None:
+            args.shm = args.address == LOCAL_ADDRESS or _on_this_host(args.address)
         if args.address == LOCAL_ADDRESS:
             args.address, stop = _embedded_server()
             args.shm = True  # the server is this process: its tensors move through shared memory
@@ -338,6 +343,25 @@ def _merge(argv: list[str]) -> int:
         print(f"weightavg merge: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {written}")
     return 0
+
+
+def _on_this_host(address: str) -> bool:
+    """Whether an address names a server on this machine (a loopback host, localhost, or a Unix
+    socket), where shared memory may move a merge's tensors: the server takes it with --allow-shm,
+    and the client falls back to the stream where it refuses. False for anything it cannot tell."""
+    try:
+        resolved = target(address)
+    except ValueError:
+        return False
+    if resolved.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = resolved.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _embedded_server() -> tuple[str, Callable[[], None]]:
