@@ -314,8 +314,11 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--transformers-cache", metavar="DIR",
                    help="where models named by Hugging Face ID are downloaded to (default: the Hugging Face cache, "
                    "HF_HUB_CACHE), as mergekit-yaml's flag of this name")
-    p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress line on a terminal, nor huggingface_hub's download bars")
     args = _parse(p, argv)
+    if args.quiet:  # read by huggingface_hub when a download first imports it
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     options = {"seed": args.seed} if args.seed is not None else {}
     stop: Callable[[], None] | None = None
     try:
