@@ -165,7 +165,7 @@ def merge_checkpoints(
     model_card: bool = True, config_text: str | None = None, copy_tokenizer: bool = True,
     hub_cache: str | os.PathLike[str] | None = None, **options: Any,
 ) -> Path:
-    """Merge local safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
+    """Merge safetensors checkpoints on the server as a mergekit config says, as `mergekit-yaml
     config.yml out/` would: each model the config names is read (a directory of *.safetensors shards,
     or one file; `paths` maps a config's name to another place; `model+adapter` applies a LoRA
     adapter, `weightavg.lora`), merged on the server, and the result written to `out` in shards of at
