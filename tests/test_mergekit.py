@@ -741,6 +741,45 @@ def test_weightavg_merge_of_model_plus_adapter_equals_mergekits(
     assert np.abs(got["model.layers.0.self_attn.q_proj.weight"] - unadapted["model.layers.0.self_attn.q_proj.weight"]).max() > 1e-3
 
 
+def test_model_references_in_mergekits_mapping_form_read_as_its_names(
+    client: Client, checkpoints: dict[str, Path], adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """mergekit's ModelReference mappings ({model: {path, revision}, lora: ...}, which mergekit itself
+    writes for a path with a space) name what its string form names: mergekit reads each mapping as
+    the string given here, and the merge writes the bytes of the same config in string form. A
+    mapping that is no reference, or asks for override_architecture, is refused."""
+    from mergekit.common import ModelReference
+
+    spaced = tmp_path / "model a"  # a path mergekit writes in the mapping form
+    shutil.copytree(checkpoints["a"], spaced)
+    strings = {"merge_method": "ties", "base_model": str(checkpoints["base"]), "parameters": {"density": 0.6},
+               "models": [{"model": f"{spaced}+{adapters['attn']}", "parameters": {"weight": 0.7}},
+                          {"model": str(checkpoints["b"]), "parameters": {"weight": 0.5}}]}
+    mapped = {**strings, "base_model": {"model": {"path": str(checkpoints["base"])}},
+              "models": [{"model": {"model": {"path": str(spaced)}, "lora": {"path": str(adapters["attn"])}},
+                          "parameters": {"weight": 0.7}},
+                         {"model": {"model": str(checkpoints["b"])}, "parameters": {"weight": 0.5}}]}
+    named = configs.named_references(mapped)
+    assert named == strings
+    for ref in (mapped["base_model"], *(m["model"] for m in mapped["models"]),
+                {"model": {"path": "org/x", "revision": "v2"}, "lora": {"path": "org/y", "revision": "r"}}):
+        assert configs._reference_text(ref, "test") == str(ModelReference.model_validate(ref))
+    want = configs.merge_checkpoints(client, strings, tmp_path / "strings").read_bytes()
+    assert configs.merge_checkpoints(client, mapped, tmp_path / "mapped").read_bytes() == want
+    sliced = configs.named_references({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": {"model": {"path": "m", "revision": "r"}}, "layer_range": [0, 2]}]}],
+        "tokenizer": {"source": {"model": "t"}, "tokens": {"<x>": {"source": {"model": "u"}},
+                                                          "<y>": {"source": {"kind": "model_token", "model": {"model": "v"},
+                                                                             "token": "a"}}}}})
+    assert sliced["slices"][0]["sources"][0]["model"] == "m@r" and sliced["tokenizer"]["source"] == "t"
+    assert sliced["tokenizer"]["tokens"] == {"<x>": {"source": "u"},
+                                             "<y>": {"source": {"kind": "model_token", "model": "v", "token": "a"}}}
+    for bad, message in (({"model": "m", "override_architecture": "X"}, "override_architecture is not supported"),
+                         ({"path": "m"}, "is not a model reference")):
+        with pytest.raises(ValueError, match=message):
+            configs.named_references({**strings, "base_model": bad})
+
+
 def hub_cache(root: Path, repos: Mapping[str, Path]) -> Path:
     """A Hugging Face cache (HF_HUB_CACHE's layout) holding each repository ("org/name" or
     "org/name@revision") as the Hub's client leaves a download: refs/REVISION naming a commit,

@@ -139,10 +139,84 @@ def merge(client: Client, config: Mapping[str, Any], models: Mapping[str, Handle
         config = yaml.safe_load(open("ties.yml"))
         merged = mergekit.merge(c, config, {"org/base": b, "org/a": d1, "org/b": d2})
     """
+    config = named_references(config)
     first = _first_model(config)
     if first not in models:
         raise ValueError(f"model {first!r} of the config has no handle; give models={{{first!r}: handle, ...}}")
     return call(config, models, _entry_names(client, models[first]), **options).run(client)
+
+
+def named_references(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with every model reference in mergekit's mapping form (`{"model": {"path": P,
+    "revision": R}, "lora": {"path": Q}}`, or `{"model": P}`) written in its string form ("P@R+Q"),
+    the form the rest of this module reads and the names `models` and `paths` are keyed by. mergekit
+    writes the mapping form itself where a path holds a space or a quote (its mergekit_config.yml).
+    References sit in `models` and slices' `sources` (as `model`), `base_model` (also a slice's),
+    `tokenizer_source`, `tokenizer.source` and the tokens' sources (also a model_token's `model`).
+    ValueError for a mapping that is no reference (or asks for `override_architecture`)."""
+    def ref(value: Any, where: str) -> Any:
+        return value if not isinstance(value, Mapping) else _reference_text(value, where)
+
+    out = dict(config)
+    for key in ("base_model", "tokenizer_source"):
+        if key in out:
+            out[key] = ref(out[key], key)
+    if isinstance(out.get("models"), list):
+        out["models"] = [{**m, "model": ref(m["model"], "models")} if isinstance(m, Mapping) and "model" in m else m
+                         for m in out["models"]]
+    if isinstance(out.get("slices"), list):
+        out["slices"] = [_named_slice(piece, ref) if isinstance(piece, Mapping) else piece for piece in out["slices"]]
+    tokenizer = out.get("tokenizer")
+    if isinstance(tokenizer, Mapping):
+        tokenizer = dict(tokenizer)
+        if isinstance(tokenizer.get("source"), Mapping):
+            tokenizer["source"] = ref(tokenizer["source"], "tokenizer.source")
+        if isinstance(tokenizer.get("tokens"), Mapping):
+            tokenizer["tokens"] = {token: _named_token(spec, ref) for token, spec in tokenizer["tokens"].items()}
+        out["tokenizer"] = tokenizer
+    return out
+
+
+def _named_slice(piece: Mapping[str, Any], ref: Callable[[Any, str], Any]) -> dict[str, Any]:
+    named = dict(piece)
+    if "base_model" in named:
+        named["base_model"] = ref(named["base_model"], "slices' base_model")
+    if isinstance(named.get("sources"), list):
+        named["sources"] = [{**src, "model": ref(src["model"], "slices' sources")}
+                            if isinstance(src, Mapping) and "model" in src else src for src in named["sources"]]
+    return named
+
+
+def _named_token(spec: Any, ref: Callable[[Any, str], Any]) -> Any:
+    """A `tokenizer.tokens` entry with its source's model references in string form: the source may
+    be a reference itself, or a {kind: model_token, model: reference, ...}."""
+    if not isinstance(spec, Mapping) or "source" not in spec:
+        return spec
+    source = spec["source"]
+    if isinstance(source, Mapping) and "kind" in source:
+        if "model" in source:
+            source = {**source, "model": ref(source["model"], "a token's model")}
+    else:
+        source = ref(source, "a token's source")
+    return {**spec, "source": source}
+
+
+def _reference_text(value: Mapping[str, Any], where: str) -> str:
+    """mergekit's ModelReference mapping as its string form: model[@revision][+lora[@revision]]."""
+    def path(part: Any) -> str:
+        if isinstance(part, str):
+            return part
+        if isinstance(part, Mapping) and isinstance(part.get("path"), str) and set(part) <= {"path", "revision"}:
+            return str(part["path"]) + (f"@{part['revision']}" if part.get("revision") else "")
+        raise ValueError(f"{where}: model reference part {part!r} is not a path or {{path, revision}}")
+
+    if "override_architecture" in value and value["override_architecture"] is not None:
+        raise ValueError(f"{where}: override_architecture is not supported: this client reads tensors by name, "
+                         "not through an architecture")
+    if "model" not in value or set(value) - {"model", "lora", "override_architecture"}:
+        raise ValueError(f"{where}: {dict(value)!r} is not a model reference ({{model: ..., lora: ...}} or a name)")
+    lora_part = value.get("lora")
+    return path(value["model"]) + (f"+{path(lora_part)}" if lora_part is not None else "")
 
 
 SIDE_FILES = ("config.json", "generation_config.json")
@@ -210,6 +284,7 @@ def merge_checkpoints(
     --transformers-cache), else the Hugging Face cache."""
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes is {batch_bytes}; give a positive number of bytes")
+    config = named_references(config)
     names = _referenced(config)
     where = {name: _located(name, paths or {}, hub_cache) for name in names}
     dtype = config.get("out_dtype") or config.get("dtype")
