@@ -617,6 +617,32 @@ def test_a_write_that_fails_stops_the_merge_and_leaves_nothing(
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_fetch_that_fails_frees_the_batch_going_up_beside_it(
+    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next batch's models go up while a batch's result comes back; where that fetch fails (here
+    the third, as a dropped connection would), the merge raises its error, the batch going up beside
+    it is waited for and freed with everything else, and nothing is written."""
+    config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
+    fetch, fetched = Client.dict, []
+
+    def dropped_on_the_third(c: Client, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("arrays"):  # the merge's fetches; its uploads pass a mapping and no arrays=
+            fetched.append(args[0])
+            if len(fetched) == 3:
+                raise OSError("connection reset by peer")
+        return fetch(c, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "dict", dropped_on_the_third)
+    held, created = len(list(live_server.registry.items())), creates(client)
+    with pytest.raises(OSError, match="connection reset by peer"):
+        configs.merge_checkpoints(client, config, tmp_path / "out", batch_bytes=1)  # a tensor a batch
+    assert creates(client) - created == 3 * 4  # three models a batch: the fourth batch was going up
+    assert len(list(live_server.registry.items())) == held
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def creates(c: Client) -> int:
     return int(c.stats()["methods"].get("/weightavg.v1.WeightAveragingService/CreateDictionary", {}).get("count", 0))
 

@@ -296,8 +296,9 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("--seed", "--random-seed", dest="seed", type=int,
                    help="seed of DARE's and DELLA's random masks (the server's default: 0)")
     p.add_argument("--batch-bytes", type=_byte_size, default=mergekit.DEFAULT_BATCH_BYTES,
-                   help="most bytes of tensors (every model's copy and the result) the server holds per merge call "
-                   f"(default 256MiB; a batch the server's caps refuse is split): {BYTE_SIZE_FORMS}")
+                   help="most bytes of tensors (every model's copy and the results) the server holds for the merge at "
+                   "a time, as two batches of half of it, one going up while the other comes back (default 256MiB; "
+                   f"a batch the server's caps refuse is split): {BYTE_SIZE_FORMS}")
     shard = p.add_mutually_exclusive_group()
     shard.add_argument("--shard-bytes", type=_byte_size, default=checkpoints.DEFAULT_SHARD_BYTES,
                        help="largest output shard (default 5GB, mergekit's)")

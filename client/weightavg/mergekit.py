@@ -21,6 +21,7 @@ refused with ValueError naming it, rather than merged differently.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -226,10 +227,11 @@ loading the result as a Hugging Face model needs, as mergekit writes them."""
 OUT_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
 """mergekit's `out_dtype` (else `dtype`) values that the written floating tensors are cast to."""
 DEFAULT_BATCH_BYTES = 256 << 20
-"""How many bytes of the models' tensors (every input's copy, and the result's) one merge call takes
-at most: what the server holds for a checkpoint merge at a time, whatever the models' size. 256 MiB
-merged three 1.3 GB checkpoints 5-13% faster than 1 GiB here, with the server's peak a third of what
-one batch took (docs/perf.md, "Checkpoint files"); each batch costs about 20 ms of round trips."""
+"""How many bytes of the models' tensors (every input's copy, and the results') the server holds for
+a checkpoint merge at a time, whatever the models' size: two half-size batches, one going up while
+the other's result comes back. 256 MiB merged three 1.3 GB checkpoints 5-13% faster than 1 GiB here,
+with the server's peak a third of what one batch took (docs/perf.md, "Checkpoint files"); each batch
+costs about 20 ms of round trips."""
 
 
 def merge_checkpoints(
@@ -265,9 +267,10 @@ def merge_checkpoints(
     ranges (of one length) into the next layers of the output, as mergekit plans them (`_layout`), and
     the written config.json counts the output's layers.
 
-    Memory stays bounded whatever the models' size: the tensors go up a batch at a time, at most
-    `batch_bytes` of them (every model's copy and the result's) per merge call, which the server merges
-    and the client writes before the next; where the server refuses a batch for its memory caps
+    Memory stays bounded whatever the models' size: the server holds at most `batch_bytes` of the
+    models' tensors at a time (every model's copy and the result's): a batch of half of it goes up
+    while the result of the batch before comes back, and the client writes each batch while the next
+    is merged (it holds two batches' results at most); where the server refuses a batch for its memory caps
     (RESOURCE_EXHAUSTED), the batch is split in two and retried, down to one tensor. Every tensor is
     merged on its own, and gradients are placed by the whole model's layers (`call`'s `places`), so the
     batches give the bits one call over everything would. A config the server cannot run as mergekit
@@ -356,26 +359,84 @@ def _card(config: Mapping[str, Any], names: Sequence[str], text: str, title: str
 def _merge_parts(client: Client, parts: Sequence[Part], writer: checkpoints.ShardWriter, batch_bytes: int, dtype: Any,
                  progress: Callable[[int, int], None] | None, options: Mapping[str, Any]) -> None:
     """Every run merged on the server a batch at a time and handed to `writer` (cast to `dtype` where
-    given); a batch the server refuses for its caps is split in two and tried again. Each batch is
-    written while the next one is merged (`_Behind`), in the order they were merged."""
+    given), three steps overlapping: a batch's models go up (`_Ahead`) while the batch before comes
+    back, and each batch is written (`_Behind`) while the next is merged. So that the server still
+    holds at most `batch_bytes` (one batch going up beside the result of the one before), a batch is
+    half of it. A batch the server refuses for its caps is split in two and tried again."""
     total, done = sum(len(part.entries) for part in parts), 0
-    with _Behind(writer, dtype) as behind:
+    with _Behind(writer, dtype) as behind, _Ahead(client) as ahead:
         for part in parts:
-            pending = _batches(part, batch_bytes)
-            while pending:
-                batch = pending.pop()
+            pending = _batches(part, max(1, batch_bytes // 2))
+            if pending:
+                ahead.start(part, pending.pop())
+            while ahead.going is not None:
+                batch, made, uploading = ahead.take()
                 try:
-                    values = _merge_batch(client, part, batch, options)
+                    merged = call(part.config, uploading.result(), batch, places=part.places, **options).run(client)
                 except ResourceExhaustedError:
+                    if made:
+                        client.free(*made)
                     if len(batch) == 1:
                         raise
                     half = len(batch) // 2
                     pending += [batch[half:], batch[:half]]  # the first half next
+                    ahead.start(part, pending.pop())
                     continue
+                except BaseException:
+                    if made:
+                        client.free(*made)
+                    raise
+                client.free(*made)  # the inputs, before the result comes back beside the next batch's
+                if pending:
+                    ahead.start(part, pending.pop())
+                try:
+                    values: dict[str, Any] = client.dict(merged, arrays=True)  # 0-dim entries as arrays: dtypes kept
+                finally:
+                    client.free(merged)
                 behind.write([(entry, values[entry]) for entry in batch])
                 done += len(batch)
                 if progress is not None:
                     progress(done, total)
+
+
+class _Ahead:
+    """The next batch's models going up (`_uploaded`) on a thread of its own while the batch before
+    comes back from the server: over a network the two move in opposite directions, and on one host
+    they take turns on the cores. One batch at a time; leaving with one under way (on an error)
+    waits for it and frees what it made, so nothing is left on the server."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weightavg-merge-ahead")
+        self.going: tuple[list[str], list[HandleLike], concurrent.futures.Future[dict[str, HandleLike]]] | None = None
+
+    def __enter__(self) -> _Ahead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.going is not None:
+                _, made, uploading = self.going
+                concurrent.futures.wait([uploading])
+                if made:
+                    with contextlib.suppress(Exception):  # the error that brought us here is the one to raise
+                        self._client.free(*made)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def start(self, part: Part, batch: list[str]) -> None:
+        """Send `batch`'s models up; the one before must have been taken."""
+        assert self.going is None
+        made: list[HandleLike] = []
+        self.going = (batch, made, self._pool.submit(_uploaded, self._client, part, batch, made))
+
+    def take(self) -> tuple[list[str], list[HandleLike], concurrent.futures.Future[dict[str, HandleLike]]]:
+        """The batch under way, the handles it made (all of them, once its future is done: also those
+        of models that went up beside one that failed) and its future (the handles by model)."""
+        assert self.going is not None
+        going, self.going = self.going, None
+        concurrent.futures.wait([going[2]])
+        return going
 
 
 class _Behind:
@@ -769,22 +830,6 @@ def _check_shapes(part: Part) -> None:
                         if _layer(entry) is None and len(shape) == len(other) and shape[1:] == other[1:] else "")
                 raise ValueError(f"tensor {entry!r} has shape {list(shape)} in {first!r} but {list(other)} in "
                                  f"{label!r}{hint}")
-
-
-def _merge_batch(client: Client, part: Part, batch: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
-    """One batch of a run's entries merged on the server: each model's tensors uploaded under the
-    output's names (`_uploaded`), merged as the run's config says (placed in the whole model),
-    fetched, and every handle freed."""
-    made: list[HandleLike] = []
-    try:
-        handles = _uploaded(client, part, batch, made)
-        merged = call(part.config, handles, batch, places=part.places, **options).run(client)
-        made.append(merged)
-        values: dict[str, Any] = client.dict(merged, arrays=True)  # 0-dim entries as arrays: a file keeps dtypes
-        return values
-    finally:
-        if made:
-            client.free(*made)
 
 
 UPLOAD_THREADS = 4
