@@ -643,6 +643,35 @@ def test_a_fetch_that_fails_frees_the_batch_going_up_beside_it(
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_fetch_the_server_cannot_hold_is_merged_again_in_halves(
+    live_server: LiveServer, client: Client, checkpoints: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's fetch reserves host copies on the server, beside the next batch going up; where the
+    server refuses them (RESOURCE_EXHAUSTED, here the second fetch's, as a capped server would), the
+    batch going up is called off and freed, the batch is merged again in halves, and the file holds
+    the bytes of a merge that was never refused, in the same order; nothing is left on the server.
+    (The refusal is raised in the client: it is the client's handling under test.)"""
+    config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
+    want = configs.merge_checkpoints(client, config, tmp_path / "want", batch_bytes=4096).read_bytes()
+    fetch, fetched = Client.dict, []
+
+    def refused_once(c: Client, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("arrays") and not fetched and len(c.size(args[0])) > 1:  # the first batch of several tensors
+            fetched.append(args[0])
+            raise ResourceExhaustedError("host copies of 2048 bytes do not fit", "RESOURCE_EXHAUSTED")
+        return fetch(c, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "dict", refused_once)
+    held, before = len(list(live_server.registry.items())), merge_calls(client)
+    got = configs.merge_checkpoints(client, config, tmp_path / "got", batch_bytes=4096).read_bytes()
+    assert got == want
+    batches = len(configs._batches(configs._layout(config, {n: configs._read(*configs._located(n, {}))
+                                                            for n in configs._referenced(config)})[0][0], 2048))
+    assert merge_calls(client) - before == batches + 2  # the refused batch merged again as two halves
+    assert len(list(live_server.registry.items())) == held
+
+
 def creates(c: Client) -> int:
     return int(c.stats()["methods"].get("/weightavg.v1.WeightAveragingService/CreateDictionary", {}).get("count", 0))
 

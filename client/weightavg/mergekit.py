@@ -391,6 +391,14 @@ def _merge_parts(client: Client, parts: Sequence[Part], writer: checkpoints.Shar
                     ahead.start(part, pending.pop())
                 try:
                     values: dict[str, Any] = client.dict(merged, arrays=True)  # 0-dim entries as arrays: dtypes kept
+                except ResourceExhaustedError:  # the copies the fetch reserves did not fit: merged again, split
+                    if len(batch) == 1:
+                        raise
+                    pending += ahead.drop()  # the next batch goes after this one's halves, as planned
+                    half = len(batch) // 2
+                    pending += [batch[half:], batch[:half]]
+                    ahead.start(part, pending.pop())
+                    continue
                 finally:
                     client.free(merged)
                 behind.write([(entry, values[entry]) for entry in batch])
@@ -429,6 +437,16 @@ class _Ahead:
         assert self.going is None
         made: list[HandleLike] = []
         self.going = (batch, made, self._pool.submit(_uploaded, self._client, part, batch, made))
+
+    def drop(self) -> list[list[str]]:
+        """Call off the batch under way, if any: wait for it, free what it made, and give it back
+        ([batch], or [] where none was under way) to be sent again later."""
+        if self.going is None:
+            return []
+        batch, made, _ = self.take()
+        if made:
+            self._client.free(*made)
+        return [batch]
 
     def take(self) -> tuple[list[str], list[HandleLike], concurrent.futures.Future[dict[str, HandleLike]]]:
         """The batch under way, the handles it made (all of them, once its future is done: also those
