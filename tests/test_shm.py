@@ -106,6 +106,87 @@ def test_large_uploads_and_fetches_through_shared_memory_are_streamed_and_bit_id
         assert all(same(back[k], data[k]) for k in data)
 
 
+def test_arrays_from_empty_lie_in_a_region_and_upload_without_a_copy_on_the_client(
+    shm_server: LiveServer, shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Client.empty` lends a pool region to the arrays it makes: filled and uploaded, they go up
+    where they lie (no copy into the reused region), bit-identical to the same values streamed;
+    a fetch meanwhile does not write into them; once they are gone the region serves fetches again."""
+    from weightavg import _shm
+
+    copied: list[int] = []
+    write = _shm.write
+    monkeypatch.setattr(_shm, "write", lambda buf, placed: (
+        copied.extend(p.array.nbytes for p in placed if p.array.nbytes and not p.region), write(buf, placed))[1])
+    rng = np.random.default_rng(5)
+    want = {"w": rng.standard_normal((300, 200), dtype=np.float32), "b": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
+            "n": np.arange(5000, dtype=np.int64), "none": np.zeros((0, 3), np.float16)}
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        arrays = fast.empty({k: (v.shape, v.dtype) for k, v in want.items()})
+        assert [(k, a.shape, a.dtype) for k, a in arrays.items()] == [(k, v.shape, v.dtype) for k, v in want.items()]
+        assert all(fast._shm_pool.locate(a) is not None for a in arrays.values() if a.size)
+        for k, v in want.items():
+            np.copyto(arrays[k], v)
+        d = fast.dict(arrays)
+        assert copied == [] and shared_uploads == list(want)  # every byte read where the caller wrote it
+        assert fast.dict(d, "n")[0] == 0
+        other = slow.dict({"big": rng.standard_normal(1 << 20)})
+        fetched = fast.dict(other)  # a large fetch: into another pool region, not the lent one
+        assert all(same(arrays[k], v) for k, v in want.items())
+        got = slow.dict(d)
+        assert all(same(got[k], v) for k, v in want.items())
+        assert same(fast.dict(fast.dict(fetched), "big"), fetched["big"]) and copied == []  # a fetch's views too
+        region = fast._shm_pool.locate(arrays["w"])
+        assert region is not None
+        assert region[0] in [s.name for s in fast._shm_pool._slots if s.memory is not None and s.lent]
+        del arrays, fetched
+        gc.collect()
+        assert region[0] in [s.name for s in fast._shm_pool._slots if s.memory is not None and not s.lent]
+
+
+def test_empty_without_shared_memory_gives_plain_arrays_that_upload_the_same(
+    live_server: LiveServer, shm_server: LiveServer
+) -> None:
+    """Without a region to lend (a server without --allow-shm, a client without shm=True, fewer
+    bytes than an upload sends through one), `empty` gives numpy's own arrays; every way uploads the
+    same values."""
+    want = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for address, shm in ((live_server.address, True), (shm_server.address, False), (shm_server.address, True)):
+        with Client(address, timeout=WAIT, shm=shm) as c:
+            arrays = c.empty({"x": ((3, 4), np.float32), "y": (5, "int8")})
+            assert all(c._shm_pool.locate(a) is None for a in arrays.values())
+            assert arrays["y"].shape == (5,) and arrays["y"].dtype == np.int8
+            arrays["x"][...] = want
+            arrays["y"][...] = 1
+            d = c.dict(arrays)
+            assert same(c.dict(d, "x"), want) and same(c.dict(d, "y"), np.ones(5, np.int8))
+    with Client(live_server.address, timeout=WAIT, shm=True) as c:
+        assert isinstance(c.empty({"big": ((1 << 20,), np.float32)})["big"], np.ndarray)
+        assert not c.shared_memory  # the region was refused: the stream from now on
+
+
+@pytest.mark.parametrize(
+    ("shapes", "error", "match"),
+    [
+        ([("x", ((2,), "float32"))], TypeError, "mapping of name"),
+        ({"x": (2,)}, TypeError, "must be a .shape, dtype. pair"),
+        ({"x": ((2, -1), "float32")}, ValueError, "non-negative ints"),
+        ({"x": ((2.5,), "float32")}, ValueError, "non-negative ints"),
+        ({"x": ((2,), "uint16")}, TypeError, "cannot be sent"),
+        ({"x": ((2,), ">f4")}, TypeError, "cannot be sent"),
+        ({"x": ((2,), object)}, TypeError, "cannot be sent"),
+        ({3: ((2,), "float32")}, TypeError, "keys must be strings"),
+    ],
+)
+def test_empty_refuses_what_cannot_be_uploaded(
+    shm_server: LiveServer, shapes: Any, error: type[Exception], match: str
+) -> None:
+    with Client(shm_server.address, timeout=WAIT, shm=True) as c:
+        with pytest.raises(error, match=match):
+            c.empty(shapes)
+        assert c._shm_pool.largest_free() is None  # nothing registered for it
+
+
 def test_copyparms_then_fetch_through_shared_memory_matches_the_stream(shm_server: LiveServer) -> None:
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         m = fast.module(NET)
@@ -905,6 +986,58 @@ def test_shared_chunks_are_checked_like_regions(shm_server: LiveServer) -> None:
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _region_file(tmp_path: Any, nbytes: int) -> shm.Region:
+    path = tmp_path / "region"
+    path.write_bytes(bytes(nbytes))
+    return shm.Region("region", nbytes, directory=str(tmp_path))
+
+
+def _shared_header(name: str, dtype: Any, shape: list[int], offset: int, count: int = 0, total: int = 0) -> pb.TensorChunk:
+    """A header chunk whose bytes lie in region "r" (a stream's first declares its count and bytes)."""
+    chunk = pb.TensorChunk(name=name, dtype=dtype, shape=shape, shared=pb.SharedBytes(region="r", offset=offset))
+    if count:
+        chunk.tensor_count, chunk.total_bytes = count, total
+    return chunk
+
+
+def test_an_uploads_shared_bytes_are_copied_out_together_once_its_stream_ends(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server reads a host region's bytes when the stream ends, every tensor's in one
+    `shm.copy_out` (on its threads), not as each header arrives: what the region holds then is what
+    the tensors hold. A region closed meanwhile fails the upload, and nothing comes of it."""
+    from weightavg_server.transport import codec
+
+    region = _region_file(tmp_path, 1 << 20)
+    view = np.frombuffer(region.buffer, np.uint8)
+    a, b = np.arange(1 << 16, dtype=np.float32), np.full(1000, 3, np.int64)
+    view[:a.nbytes] = a.view(np.uint8)
+    view[a.nbytes:a.nbytes + b.nbytes] = b.view(np.uint8)
+    calls: list[int] = []
+    copy_out = shm.copy_out
+    monkeypatch.setattr(shm, "copy_out", lambda copies: (calls.append(len(copies)), copy_out(copies))[1])
+    total = a.nbytes + b.nbytes
+    headers = [_shared_header("a", pb.DTYPE_FLOAT32, [1 << 16], 0, 2, total),
+               _shared_header("b", pb.DTYPE_INT64, [1000], a.nbytes)]
+
+    assembler = codec.TensorAssembler(1 << 30, regions=lambda name: region)
+    for header in headers:
+        assembler.feed(header)
+    assert calls == []
+    view[:4] = np.array([-1], np.float32).view(np.uint8)  # written after a's header, before the end
+    (_, got_a), (_, got_b) = assembler.finish()
+    assert calls == [2]
+    assert got_a[0].item() == -1 and torch.equal(got_a[1:], torch.from_numpy(a[1:]))
+    assert torch.equal(got_b, torch.from_numpy(b))
+
+    closing = codec.TensorAssembler(1 << 30, regions=lambda name: region)
+    for header in headers:
+        closing.feed(header)
+    region.close()
+    with pytest.raises(FailedPrecondition, match="unregistered"):
+        closing.finish()
+
+
 def test_a_bool_tensor_from_shared_memory_holds_only_0_and_1(shm_server: LiveServer) -> None:
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
         flags = np.zeros(1 << 17, np.bool_)
@@ -1169,30 +1302,65 @@ def test_shared_bytes_in_a_cuda_region_are_received_on_that_device() -> None:
     assert staged.tolist() == [16, 16] and not a.is_cuda and a.tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_an_upload_copies_each_array_into_the_region_just_before_its_header_and_none_after_close() -> None:
+def test_an_upload_copies_every_array_into_the_region_before_its_first_message_and_none_after_close() -> None:
+    """The server copies an upload's bytes out once its stream has ended, so the client copies all
+    of them in before the first message goes; a call that is over (closed before the stream was
+    drawn) copies nothing, and a retry copies everything again."""
     from weightavg import _shm
 
     arrays = [("a", np.arange(16, dtype=np.float32)), ("b", np.full(8, 7, np.int64)), ("c", np.ones(4, np.float32))]
     placed, nbytes = _shm.layout(arrays)
-    region = bytearray(nbytes)
-    writing = _shm.Writing(memoryview(region), placed)
-    stream = writing.chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME)
+    expected = list(_shm.shared_chunks([(p.message, p.region) for p in placed], pb.CreateDictionaryRequest,
+                                       _shm.REGION_NAME))
 
-    def held(i: int) -> bytes:
+    def held(region: bytearray, i: int) -> bytes:
         m = placed[i].message
         return bytes(region[m.offset:m.offset + m.byte_size])
 
+    region = bytearray(nbytes)
+    stream = _shm.Writing(memoryview(region), placed).chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME)
+    assert held(region, 0) == bytes(64)  # nothing before the stream is drawn
     first = next(stream)
-    assert held(0) == arrays[0][1].tobytes() and held(1) == bytes(64)  # b not copied yet
-    second = next(stream)
-    assert held(1) == arrays[1][1].tobytes()
-    expected = list(_shm.shared_chunks([(p.message, p.region) for p in placed], pb.CreateDictionaryRequest,
-                                       _shm.REGION_NAME))
-    assert [first, second] == expected[:2]
+    assert all(held(region, i) == array.tobytes() for i, (_, array) in enumerate(arrays))
+    assert [first, *stream] == expected
+
+    closed = bytearray(nbytes)
+    writing = _shm.Writing(memoryview(closed), placed)
+    stream = writing.chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME)
     writing.close()  # the call is over: gRPC's thread may still draw on the stream
-    assert list(stream) == [] and held(2) == bytes(16)
-    again = list(_shm.Writing(memoryview(region), placed).chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME))
-    assert again == expected and held(2) == arrays[2][1].tobytes()  # a retry: the whole stream, every copy
+    assert list(stream) == [] and closed == bytearray(nbytes)
+    again = list(_shm.Writing(memoryview(closed), placed).chunks(pb.CreateDictionaryRequest, _shm.REGION_NAME))
+    assert again == expected and closed == region  # a retry: the whole stream, every copy
+
+    packed = list(_shm.Writing(memoryview(bytearray(nbytes)), placed).chunks(
+        pb.CreateDictionaryRequest, _shm.REGION_NAME, pack_bytes=1 << 20))
+    assert len(packed) == 1  # every array is in: the headers go in one message, whatever their sizes
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_an_uploads_copies_split_over_threads_put_every_byte_in_its_place(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_shm.write` splits the bytes into about equal runs, across array boundaries, one a thread:
+    each array lands whole at its offset and nothing else in the region is touched."""
+    from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "COPY_THREADS", threads)
+    monkeypatch.setattr(_shm, "COPY_SPLIT_BYTES", 64)
+    monkeypatch.setattr(_shm, "_copy_pool", None)
+    rng = np.random.default_rng(threads)
+    arrays = [(f"t{i}", rng.integers(0, 255, size, dtype=np.uint8)) for i, size in enumerate([1, 333, 64, 0, 1000, 7])]
+    arrays.append(("f", rng.standard_normal((5, 3)).astype(np.float64)))
+    placed, nbytes = _shm.layout(arrays)
+    region = bytearray(b"\xee" * nbytes)
+    _shm.write(memoryview(region), placed)
+    expected = bytearray(b"\xee" * nbytes)
+    for p, (_, array) in zip(placed, arrays):
+        expected[p.message.offset:p.message.offset + array.nbytes] = array.tobytes()
+    assert region == expected
+    if threads > 1:
+        assert _shm._copy_pool is not None  # the split ran on the pool's threads
+        _shm._copy_pool.shutdown()
 
 
 def test_an_upload_without_tensors_sends_its_one_empty_header() -> None:

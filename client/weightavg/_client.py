@@ -152,6 +152,26 @@ def _name(name: Any) -> str:
     return name
 
 
+def _empty_specs(shapes: Mapping[str, tuple[Any, Any]]) -> list[tuple[str, tuple[int, ...], np.dtype[Any]]]:
+    """`Client.empty`'s {name: (shape, dtype)}, checked: names as entries take them, shapes of
+    non-negative ints (an int for one dimension), dtypes the wire carries."""
+    if not isinstance(shapes, Mapping):
+        raise TypeError("empty() takes a mapping of name -> (shape, dtype), e.g. {'w': ((4, 3), 'float32')}")
+    out = []
+    for name, spec in shapes.items():
+        if not isinstance(spec, tuple) or len(spec) != 2:
+            raise TypeError(f"empty(): entry '{name}' must be a (shape, dtype) pair, e.g. ((4, 3), 'float32')")
+        shape_given, dtype_given = spec
+        shape = (shape_given,) if isinstance(shape_given, (int, np.integer)) else tuple(shape_given)
+        if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise ValueError(f"empty(): entry '{name}' has shape {shape_given!r}; give non-negative ints")
+        dtype = np.dtype(dtype_given)
+        if dtype not in wire._CODES:
+            raise TypeError(f"empty(): dtype {dtype} cannot be sent; use one of {sorted(str(d) for d in wire._CODES)}")
+        out.append((wire.entry_name(name), tuple(int(n) for n in shape), dtype))
+    return out
+
+
 def _check_etag_use(writes: bool, with_etag: bool, etag: str) -> None:
     """TypeError for with_etag on a change (a read returns the etag) or etag on a read (a change is
     made conditional on it), and for an etag that is not a string."""
@@ -670,6 +690,52 @@ class Client:
         first large call finds out; after a refusal the client streams for good). Such calls take the
         client's one region in turn, so threads that upload at once gain nothing there."""
         return self._shm is not None
+
+    def empty(self, shapes: Mapping[str, tuple[Any, Any]]) -> dict[str, npt.NDArray[Any]]:
+        """New arrays, by name, of the shapes and dtypes given ({name: (shape, dtype)}, as
+        numpy.empty takes them; their values unset), for the caller to fill and then upload. With
+        shared memory (`shared_memory`), they are views of a region of this client's that the
+        server can read, so that an upload of them (`dict`, `tensor`, `parm`, training data, ...)
+        copies nothing on this side: 256 MB went up in 22-24 ms on the project's 2-vCPU VM, against
+        44-51 ms from arrays elsewhere and 235-270 ms over the stream (docs/perf.md). The region is
+        lent to the arrays until the last of them (and of their views) is garbage collected, as a
+        large fetch's is, and the server writes nothing into it meanwhile. Without shared memory, or
+        for fewer than 16 KiB together (which upload in the stream anyway), they are plain numpy
+        arrays. Slices that are not contiguous, or arrays made from them by numpy (a + b), are
+        copied as any array is.
+            w = c.empty({"w": ((4096, 4096), "float32")}); np.multiply(a, 0.5, out=w["w"]); c.dict(w)
+        """
+        specs = _empty_specs(shapes)
+        placed, total = [], 0
+        for name, shape, dtype in specs:
+            nbytes = math.prod(shape) * dtype.itemsize
+            placed.append(pb.SharedTensor(name=name, dtype=wire._CODES[dtype], shape=shape, offset=total, byte_size=nbytes))
+            total = _shm.aligned(total + nbytes)
+        if total >= _shm.MIN_UPLOAD_BYTES:
+            with self._shm_lock:
+                lent = self._lend_region(total, placed)
+            if lent is not None:
+                return dict(lent)
+        return {name: np.empty(shape, dtype) for name, shape, dtype in specs}
+
+    def _lend_region(self, nbytes: int, tensors: list[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]] | None:
+        """Views of a pool region of at least `nbytes` (registered as needed) where `tensors` say,
+        lent to them; None without shared memory. Under the shared-memory lock."""
+        if self._shm_buffer(0) is None:
+            return None
+        try:
+            name = self._shm_pool.region_for(nbytes, self._register_pool_region, self.session or "")
+        except grpc.RpcError as exc:
+            self._shm_refused(exc)
+            return None
+        except OSError as exc:
+            log.info("no shared memory region for arrays to fill, using plain ones: %s", exc)
+            return None
+        return self._shm_pool.lend(name, tensors)
+
+    def _register_pool_region(self, name: str, key: str, size: int) -> None:
+        request = pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size)
+        self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
     def _closed_error(self) -> RuntimeError:
         """What a call on a closed client raises. gRPC's own "ValueError: Cannot invoke RPC on closed
@@ -1833,9 +1899,10 @@ class Client:
         """For the duration of one upload call: a function giving its stream's tensor messages.
 
         With shared memory (and MIN_UPLOAD_BYTES or more) the messages only say where the arrays
-        lie (TensorChunk.shared), each array copied into the reused region as its header is sent
-        (`_shm.Writing`); the region is held until the call is over, and a retry copies the same
-        bytes again. Otherwise the messages carry the bytes, as without shared memory.
+        lie (TensorChunk.shared): arrays in a pool region (a fetch's, or `empty`'s) where they are,
+        the rest copied into the reused region before the first message goes (`_shm.Writing`); the
+        region is held until the call is over, and a retry copies the same bytes again. Otherwise
+        the messages carry the bytes, as without shared memory.
         """
         def streamed() -> Iterator[bytes]:
             messages = wire.encoded_chunks(items, self.chunk_bytes, message_type)
@@ -2009,12 +2076,8 @@ class Client:
                         handle=handle, names=names, region=self._shm_names.region, max_bytes=_shm.SMALL_FETCH_BYTES
                     )
                 else:
-                    def register(name: str, key: str, size: int) -> None:
-                        request = pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size)
-                        self._stub.RegisterSharedMemory(request, timeout=self.timeout)
-
                     try:
-                        name = pool.region_for(r.needed_bytes, register, self.session or "")
+                        name = pool.region_for(r.needed_bytes, self._register_pool_region, self.session or "")
                     except grpc.RpcError as exc:
                         self._shm_refused(exc)
                         return None

@@ -23,6 +23,7 @@ import secrets
 import time
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -81,7 +82,7 @@ class RegionNames:
         return cls(f"{REGION_NAME}.{tag}", tuple(f"{name}.{tag}" for name in POOL_NAMES), f"{cuda}.{tag}")
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -206,13 +207,13 @@ class SharedRegion:
         the old size, or just `nbytes` where /dev/shm has no room for that). OSError where it has
         no room for `nbytes` either (the region stays as it was)."""
         if self._memory is None or self.size < nbytes:
-            size = max(_aligned(nbytes), 2 * self.size, MIN_BYTES)
+            size = max(aligned(nbytes), 2 * self.size, MIN_BYTES)
             try:
                 memory = _registered(size, register, session)
             except OSError as exc:
-                if not full(exc) or size == max(_aligned(nbytes), MIN_BYTES):
+                if not full(exc) or size == max(aligned(nbytes), MIN_BYTES):
                     raise
-                size = max(_aligned(nbytes), MIN_BYTES)
+                size = max(aligned(nbytes), MIN_BYTES)
                 memory = _registered(size, register, session)
             self.close()
             self._memory, self.size = memory, size
@@ -388,7 +389,7 @@ def layout(
         )
         placed.append(Placed(name, array, message, found[0] if found else ""))
         if not found:
-            at = _aligned(at + array.nbytes)
+            at = aligned(at + array.nbytes)
     return placed, at
 
 
@@ -412,13 +413,17 @@ def shared_chunks(
 
 
 class Writing:
-    """One upload's copies into the reused region, made as its stream is sent: each array just
-    before the header naming it, so the server copies one tensor out while the next is copied in
-    (on the project's VM, 256 MB uploads went from 2.4-2.7 to 3.7-4.2 GB/s). `close()` ends it when the
-    call is over: a copy under way finishes, and no later one starts, since gRPC may still be
-    drawing on the stream from its own thread while the region passes to the next call.
+    """One upload's copies into the reused region, all made before the stream's first message is
+    given (`write`, on the client's cores), then its headers, packed: the server copies the bytes out
+    together once the stream has ended, on its cores, so the two sides' copies no longer share the
+    machine. `close()` ends it when the call is over: a copy under way finishes, and none starts
+    after, since gRPC may still be drawing on the stream from its own thread while the region passes
+    to the next call.
 
-    A retry sends the stream again from the start, copying the same bytes to the same places.
+    Copied a tensor at a time just before each header, while the server copied the one before out,
+    each side had a core: 256 MB went up in 57-60 ms on the project's VM, against 44-51 ms this way
+    (docs/perf.md, "Shared-memory uploads copied together"). A retry sends the stream again from the
+    start, copying the same bytes to the same places.
     """
 
     def __init__(self, buf: memoryview, placed: Sequence[Placed]) -> None:
@@ -427,22 +432,18 @@ class Writing:
         self._lock = threading.Lock()
 
     def chunks(self, message_type: type[Message], region: str, pack_bytes: int = 0) -> Iterator[bytes]:
-        """The stream's messages (see shared_chunks), each array copied in just before its header;
-        with `pack_bytes`, headers packed into messages standing for at most that many bytes
-        (`wire.packed`: each header counts its array's bytes and its own, so the copies stay a
-        message ahead of the server's and no message outgrows the sender's chunk size)."""
+        """The stream's messages (see shared_chunks), once every array is copied in; with
+        `pack_bytes`, headers packed into messages of at most that many bytes (`wire.packed`)."""
         messages = self._written(shared_chunks([(p.message, p.region) for p in self._placed], message_type, region))
         return wire.packed(messages, pack_bytes) if pack_bytes else (message for message, _ in messages)
 
     def _written(self, messages: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
-        """Each header with the bytes of its array, the array copied in just before it is given."""
-        for p, message in zip(self._placed, messages):
-            with self._lock:
-                if self._buf is None:
-                    return
-                write(self._buf, [p])
-            yield message, p.array.nbytes + len(message)  # the headers' own bytes bound a message too
-        for message in messages:  # the one empty header of a stream without tensors
+        """The headers, each standing for its own size, after every array is copied in."""
+        with self._lock:
+            if self._buf is None:
+                return
+            write(self._buf, self._placed)
+        for message in messages:
             yield message, len(message)
 
     def close(self) -> None:
@@ -450,13 +451,64 @@ class Writing:
             self._buf = None
 
 
+COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads an upload's copies into the region run on (numpy's copies release the GIL): two copied
+256 MB in 21-25 ms on the project's 2-vCPU VM, one in 39-44 ms; memory bandwidth, not cores, bounds
+more than a few."""
+COPY_SPLIT_BYTES = 8 << 20
+"""Uploads smaller than twice this are copied on the calling thread alone."""
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads that share large copies with the caller, started on first use."""
+    global _copy_pool
+    with _copy_pool_lock:
+        if _copy_pool is None:
+            _copy_pool = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="weightavg-shm-copy")
+        return _copy_pool
+
+
 def write(buf: memoryview, placed: Sequence[Placed]) -> None:
-    """Copy each array bound for the reused region into its place (one copy a byte)."""
-    for p in placed:
-        if p.array.nbytes and not p.region:
-            target = np.frombuffer(buf, np.uint8, count=p.array.nbytes, offset=p.message.offset)
-            target[:] = p.array.reshape(-1).view(np.uint8)
-            del target
+    """Copy each array bound for the reused region into its place (one copy a byte), split into
+    about equal runs of bytes over `COPY_THREADS` threads when there is enough to copy."""
+    spans = [(p.message.offset, p.array.reshape(-1).view(np.uint8)) for p in placed if p.array.nbytes and not p.region]
+    total = sum(len(source) for _, source in spans)
+    target = np.frombuffer(buf, np.uint8)
+    try:
+        if COPY_THREADS == 1 or total < 2 * COPY_SPLIT_BYTES:
+            _copy_runs(target, _runs(spans, 0, total))
+            return
+        share = -(-total // COPY_THREADS)
+        parts = [_runs(spans, k * share, min(total, (k + 1) * share)) for k in range(COPY_THREADS)]
+        futures = [_pool().submit(_copy_runs, target, part) for part in parts[1:]]
+        try:
+            _copy_runs(target, parts[0])
+        finally:
+            for future in futures:
+                future.result()
+    finally:
+        del target
+
+
+def _runs(
+    spans: Sequence[tuple[int, npt.NDArray[np.uint8]]], start: int, stop: int
+) -> list[tuple[int, npt.NDArray[np.uint8]]]:
+    """The pieces of `spans` (offset in the region, bytes) that bytes [start, stop) of their
+    concatenation cover, as (offset in the region, bytes) pairs."""
+    out, at = [], 0
+    for offset, source in spans:
+        lo, hi = max(start, at), min(stop, at + len(source))
+        if lo < hi:
+            out.append((offset + lo - at, source[lo - at:hi - at]))
+        at += len(source)
+    return out
+
+
+def _copy_runs(target: npt.NDArray[np.uint8], runs: Sequence[tuple[int, npt.NDArray[np.uint8]]]) -> None:
+    for offset, source in runs:
+        np.copyto(target[offset:offset + len(source)], source)
 
 
 def read(buf: memoryview, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:

@@ -372,8 +372,8 @@ def packed(messages: Iterable[tuple[bytes, int]], budget: int = PACK_BYTES) -> I
 
     `messages` are (encoded message, bytes it stands for) pairs, each message holding one chunk in
     the same field and nothing else (as `encode_chunk` and the shared-memory headers make them); the
-    bytes are its data, or for a chunk whose bytes lie in shared memory the tensor's size, so that
-    the copies into the region keep running a message ahead of the server's copies out. Consecutive
+    bytes are its data, or the message's own size for a header whose bytes lie in shared memory
+    (they are all in the region before the first message goes: `_shm.Writing`). Consecutive
     messages go into one while they stand for at most `budget` bytes together and number at most
     `PACK_COUNT`; a message alone is passed on unchanged (a large chunk is not copied again).
     """

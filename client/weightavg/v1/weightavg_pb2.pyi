@@ -336,7 +336,9 @@ class TensorChunk(_message.Message):
         """Set on a header chunk, instead of data, by a client on the server's host whose session
         registered shared memory (Client(..., shm=True), a server run with --allow-shm): the tensor's
         bytes lie in that region, and the chunk completes the tensor with no data and no crc32c (no
-        network carries them). The server copies them out before the call answers.
+        network carries them). The server copies them out before the call answers, at any time after
+        the header arrives (a server copies them all at once when the stream has ended): keep them
+        unchanged until then.
         """
 
     @_builtins.property

@@ -7,6 +7,7 @@ A region is named by the client's key (the file's name in /dev/shm). The key is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import mmap
@@ -318,13 +319,11 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
 
     Between contiguous CPU tensors as one memcpy of their bytes: on one thread (with streaming
     stores from 1 MiB, `native.stream_copy`, else numpy's), or with `threads` torch's uint8 copy_,
-    split over the server's threads. A fetch's copies into the client's region run alone, so they
-    take the threads (`write` streams the large ones on them at once; torch's copy gave 5.1-5.2 GB/s
-    on one thread and 8.1-8.9 on two for 256 MB on the project's VM); an upload's copy out of the
-    region runs while the client copies the next tensor in, one core each, where two threads
-    measured slower (3.6-3.8 GB/s against 3.7-4.1), and streaming stores faster (4.35 GB/s against
-    4.0: the two copies share the memory bandwidth, and a streamed line is not read before it is
-    written).
+    split over the server's threads. Copies of a call's many tensors go together, streamed on the
+    server's threads (`native.stream_copies`), where nothing else runs beside them: a fetch's into
+    the client's region (`write`), an upload's out of it once its stream has ended (`copy_out`);
+    torch's copy gave 5.1-5.2 GB/s on one thread and 8.1-8.9 on two for 256 MB on the project's VM,
+    the streamed copies on two threads 14-15.
     Otherwise (other devices, strides, conjugate or negative views) torch's copy_, queued without
     blocking with `queue` (between a device and pinned or locked memory; the caller settles).
     """
@@ -336,6 +335,26 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
             np.copyto(target.reshape(-1).view(torch.uint8).numpy(), source.reshape(-1).view(torch.uint8).numpy())
     else:
         target.copy_(source, non_blocking=queue)
+
+
+def copy_out(copies: Sequence[tuple[Region, int, torch.Tensor]]) -> None:
+    """Each (region, offset, target): target (a contiguous CPU uint8 tensor) := the region's bytes
+    from offset, in one call on the server's threads with streaming stores (`native.stream_copies`),
+    the rest one by one. FailedPrecondition when a region was closed or lost memory meanwhile.
+
+    An upload's copies out of host regions are made so, together, once its stream has ended
+    (`TensorAssembler`): the client has then written every byte and copies nothing more, so the
+    copies may take every core. Made one at a time as each header arrived, they took one core
+    beside the client's copies in: 256 MB of arrays the client had no need to copy (views of a
+    fetch, sent back) went up in 43-51 ms that way, against 22-24 ms together (docs/perf.md,
+    "Shared-memory uploads copied together").
+    """
+    with contextlib.ExitStack() as stack:
+        for region in {id(region): region for region, _, _ in copies}.values():
+            stack.enter_context(region.copying())
+        pairs = [(target, region.bytes_at(offset, target.numel(), "a tensor")) for region, offset, target in copies]
+        for i in native.stream_copies(pairs, torch.get_num_threads()):
+            copy_bytes(*pairs[i], threads=True)
 
 
 def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple[str, torch.Tensor]]) -> None:

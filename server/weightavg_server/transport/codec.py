@@ -278,6 +278,10 @@ class TensorAssembler:
         self._new_arena = arena
         self._arena: _Arena | None = None
         self._unsettled: dict[int, shm.Region] = {}
+        self._copies: list[tuple[shm.Region, int, torch.Tensor]] = []
+        """Copies out of host regions, made together when the stream ends (`shm.copy_out`)."""
+        self._bools: list[tuple[str, torch.Tensor]] = []
+        """Bool tensors among them, checked once copied."""
         self._total = 0
         self._pending: _Pending | None = None
         self._check = StreamCheck(InvalidArgument, DataLoss)
@@ -319,6 +323,7 @@ class TensorAssembler:
                 f"stream ended inside tensor '{p.name}': got {p.filled} of {p.nbytes} bytes"
             )
         self._check.finish()
+        self._copy_out()
         for region in self._unsettled.values():
             region.settle()  # copies queued out of the region to the device: done before the call answers
         self._arena = None
@@ -369,7 +374,9 @@ class TensorAssembler:
 
     def _shared(self, chunk: pb.TensorChunk, crc: int | None) -> None:
         """A header chunk whose tensor's bytes lie in the caller's region: checked (region, bounds,
-        alignment; no data or checksum beside them), allocated as any tensor, and copied out."""
+        alignment; no data or checksum beside them), allocated as any tensor, and copied out: from a
+        host region into a host buffer once the stream has ended, with the others (`_copy_out`),
+        else now (a copy to or from a device, queued)."""
         if chunk.dtype == pb.DTYPE_UNSPECIFIED or chunk.data or crc is not None:
             raise InvalidArgument(
                 f"tensor '{chunk.name}': a chunk whose bytes lie in shared memory is a header (name, dtype, shape) "
@@ -381,6 +388,19 @@ class TensorAssembler:
         self._start(chunk, region)
         p = self._pending
         assert p is not None
+        if p.buffer.is_cpu and region.device.type == "cpu":
+            # Copied with the rest at the end (`_copy_out`): the bytes stay where the client wrote them
+            # until the call answers, since a region's placements lie apart and it is reused only by a
+            # later call.
+            if p.nbytes:
+                self._copies.append((region, chunk.shared.offset, p.buffer))
+            if p.dtype is torch.bool:
+                self._bools.append((p.name, p.buffer))
+            p.filled = p.nbytes
+            self._check.completed(p.name, p.nbytes, None, shared=True)
+            self.tensors.append((p.name, p.buffer.view(p.dtype).reshape(p.shape)))
+            self._pending = None
+            return
         with region.copying():
             if p.nbytes:
                 shm.copy_bytes(p.buffer, region.bytes_at(chunk.shared.offset, p.nbytes, f"tensor '{p.name}'"),
@@ -389,6 +409,16 @@ class TensorAssembler:
                     self._unsettled[id(region)] = region
         p.filled = p.nbytes
         self._complete(None, shared=True)
+
+    def _copy_out(self) -> None:
+        """Make the copies out of host regions that `_shared` left for the end, then check their
+        bool tensors' bytes."""
+        copies, self._copies = self._copies, []
+        if copies:
+            shm.copy_out(copies)
+        for name, flat in self._bools:
+            if bool((flat > 1).any()):
+                raise InvalidArgument(f"tensor '{name}' is bool but holds bytes other than 0 and 1")
 
     def _append(self, data: bytes | memoryview, crc: int | None) -> None:
         p = self._pending
