@@ -1360,7 +1360,41 @@ def test_an_uploads_copies_split_over_threads_put_every_byte_in_its_place(
     assert region == expected
     if threads > 1:
         assert _shm._copy_pool is not None  # the split ran on the pool's threads
-        _shm._copy_pool.shutdown()
+        _shm._copy_pool[1].shutdown()
+
+
+def _split_write_in_child(out: Any) -> None:
+    from weightavg import _shm
+
+    arrays = [("a", np.arange(100, dtype=np.float64))]
+    placed, nbytes = _shm.layout(arrays)
+    region = bytearray(nbytes)
+    _shm.write(memoryview(region), placed)
+    out.put(bytes(region[:800]) == arrays[0][1].tobytes())
+
+
+def test_a_child_forked_after_a_split_upload_copies_on_threads_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy threads belong to the process that started them: a forked child (a data loader's
+    worker) that uploads starts its own instead of handing work to threads it does not have."""
+    import multiprocessing
+
+    from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "COPY_THREADS", 2)
+    monkeypatch.setattr(_shm, "COPY_SPLIT_BYTES", 64)
+    monkeypatch.setattr(_shm, "_copy_pool", None)
+    _split_write_in_child(queue := __import__("queue").Queue())
+    assert queue.get() and _shm._copy_pool is not None
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_split_write_in_child, args=(results,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0 and results.get(timeout=5)
+    _shm._copy_pool[1].shutdown()
 
 
 def test_an_upload_without_tensors_sends_its_one_empty_header() -> None:

@@ -457,17 +457,20 @@ COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 more than a few."""
 COPY_SPLIT_BYTES = 8 << 20
 """Uploads smaller than twice this are copied on the calling thread alone."""
-_copy_pool: ThreadPoolExecutor | None = None
+_copy_pool: tuple[int, ThreadPoolExecutor] | None = None
+"""The threads that share large copies with the caller, and the process that started them."""
 _copy_pool_lock = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    """The threads that share large copies with the caller, started on first use."""
+    """The threads that share large copies with the caller, started on first use in this process:
+    a child forked after a parent's upload inherits the executor without its threads, and work
+    handed to it would never run."""
     global _copy_pool
     with _copy_pool_lock:
-        if _copy_pool is None:
-            _copy_pool = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="weightavg-shm-copy")
-        return _copy_pool
+        if _copy_pool is None or _copy_pool[0] != os.getpid():
+            _copy_pool = (os.getpid(), ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="weightavg-shm-copy"))
+        return _copy_pool[1]
 
 
 def write(buf: memoryview, placed: Sequence[Placed]) -> None:
