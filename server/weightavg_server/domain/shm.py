@@ -339,8 +339,8 @@ def copy_bytes(target: torch.Tensor, source: torch.Tensor, *, threads: bool = Fa
 
 def copy_out(copies: Sequence[tuple[Region, int, torch.Tensor]]) -> None:
     """Each (region, offset, target): target (a contiguous CPU uint8 tensor) := the region's bytes
-    from offset, in one call on the server's threads with streaming stores (`native.stream_copies`),
-    the rest one by one. FailedPrecondition when a region was closed or lost memory meanwhile.
+    from offset, in one call on the server's threads with streaming stores (`native.stream_copies`:
+    those of 1 MiB or more), the rest one by one. FailedPrecondition when a region was closed or lost memory meanwhile.
 
     An upload's copies out of host regions are made so, together, once its stream has ended
     (`TensorAssembler`): the client has then written every byte and copies nothing more, so the
@@ -354,7 +354,7 @@ def copy_out(copies: Sequence[tuple[Region, int, torch.Tensor]]) -> None:
             stack.enter_context(region.copying())
         pairs = [(target, region.bytes_at(offset, target.numel(), "a tensor")) for region, offset, target in copies]
         for i in native.stream_copies(pairs, torch.get_num_threads()):
-            copy_bytes(*pairs[i], threads=True)
+            copy_bytes(*pairs[i])  # small ones (numpy's memcpy: less to start than torch's threads)
 
 
 def write(region: Region, placements: Sequence[Placement], named: Sequence[tuple[str, torch.Tensor]]) -> None:
