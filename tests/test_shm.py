@@ -144,6 +144,39 @@ def test_arrays_from_empty_lie_in_a_region_and_upload_without_a_copy_on_the_clie
         assert region[0] in [s.name for s in fast._shm_pool._slots if s.memory is not None and not s.lent]
 
 
+def test_torch_tensors_over_a_lent_region_upload_without_a_copy_on_the_client(
+    shm_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A region's arrays are found by address: tensors `weightavg.torch.fetch` made from a large
+    fetch's views, and tensors made from `empty`'s arrays, go back up where they lie (bfloat16
+    too), bit-identical; a copy of them, or a strided slice, is copied as any array is."""
+    from weightavg import _shm
+    from weightavg.torch import fetch, from_array, push
+
+    copied: list[int] = []
+    write = _shm.write
+    monkeypatch.setattr(_shm, "write", lambda buf, placed: (
+        copied.extend(p.array.nbytes for p in placed if p.array.nbytes and not p.region), write(buf, placed))[1])
+    torch.manual_seed(0)
+    state = {"w": torch.randn(1500, 1000), "h": torch.randn(300, 300).to(torch.bfloat16)}  # over 4 MiB
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d = push(slow, state)
+        got = fetch(fast, d)  # over 4 MiB: views of a pool region, as tensors
+        assert copied == []
+        again = fetch(slow, push(fast, got))
+        assert copied == [] and all(torch.equal(again[k].view(torch.uint8), state[k].view(torch.uint8)) for k in state)
+
+        filled = fast.empty({"w": ((1500, 1000), np.float32), "h": ((300, 300), ml_dtypes.bfloat16)})
+        tensors = {k: from_array(v) for k, v in filled.items()}
+        for k, t in tensors.items():
+            t.copy_(state[k])
+        back = fetch(slow, push(fast, tensors))
+        assert copied == [] and all(torch.equal(back[k].view(torch.uint8), state[k].view(torch.uint8)) for k in state)
+
+        fast.free(push(fast, {"copy": got["w"].clone(), "strided": got["w"][:, ::2]}))
+        assert copied == [got["w"].numel() * 4, got["w"].numel() * 2]
+
+
 def test_empty_without_shared_memory_gives_plain_arrays_that_upload_the_same(
     live_server: LiveServer, shm_server: LiveServer
 ) -> None:
@@ -861,6 +894,10 @@ def test_more_kept_large_fetches_than_pool_regions_replace_lent_registrations(sh
         assert len(shm_server.registry.shared) == 1 + len(_shm_pool_names())  # the server's cap is never reached
         kept[0][:] = 0
         assert same(fast.dict(d, "big"), big) and all(same(k, big) for k in kept[1:])
+        # Sent back: the first array's region is no longer registered (copied), the last's is (read in place).
+        assert fast._shm_pool.locate(kept[0]) is None and fast._shm_pool.locate(kept[-1]) is not None
+        sent = fast.dict({"first": kept[0], "last": kept[-1]})
+        assert same(fast.dict(sent, "first"), np.zeros_like(big)) and same(fast.dict(sent, "last"), big)
     assert all(same(k, big) for k in kept[1:])  # the arrays outlive the client and its session
 
 

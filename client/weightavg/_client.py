@@ -701,7 +701,8 @@ class Client:
         lent to the arrays until the last of them (and of their views) is garbage collected, as a
         large fetch's is, and the server writes nothing into it meanwhile. Without shared memory, or
         for fewer than 16 KiB together (which upload in the stream anyway), they are plain numpy
-        arrays. Slices that are not contiguous, or arrays made from them by numpy (a + b), are
+        arrays. Tensors over them (`weightavg.torch.from_array`, `torch.from_numpy`) upload in
+        place too; slices that are not contiguous, or arrays numpy makes from them (a + b), are
         copied as any array is.
             w = c.empty({"w": ((4096, 4096), "float32")}); np.multiply(a, 0.5, out=w["w"]); c.dict(w)
         """

@@ -235,6 +235,8 @@ class _Slot:
         self.name = name
         self.memory: mmap.mmap | None = None
         self.size = 0
+        self.address = 0
+        """Where `memory` is mapped in this process."""
         self.lent = False
         self.generation = 0
         """Counts the regions registered under this name; a returned region that is not the
@@ -251,8 +253,6 @@ class FetchPool:
         self._lock = threading.RLock()
         self._names = tuple(names)
         self._slots = [_Slot(name) for name in self._names]
-        self._wholes: dict[int, tuple[_Slot, int]] = {}
-        """Lent regions' whole-region arrays (the base of every array a fetch returned), by id."""
 
     def largest_free(self) -> tuple[str, int] | None:
         """The name and size of the largest free region, if any."""
@@ -285,6 +285,7 @@ class FetchPool:
         with self._lock:
             old = slot.memory
             slot.memory, slot.size, slot.lent = memory, size, False
+            slot.address = _address(memory)
             slot.generation += 1
         if old is not None:
             try:
@@ -304,28 +305,29 @@ class FetchPool:
             whole = np.frombuffer(slot.memory, np.uint8)
             out = _views(whole, tensors)
             slot.lent = True
-            self._wholes[id(whole)] = (slot, slot.generation)
-            weakref.finalize(whole, self._give_back, slot, slot.generation, id(whole))
+            weakref.finalize(whole, self._give_back, slot, slot.generation)
         return out
 
     def locate(self, array: npt.NDArray[Any]) -> tuple[str, int] | None:
-        """The pool region and offset a contiguous array lies in, when it is a view of a region
-        lent to a fetch and still registered under its name: an upload of it copies nothing here."""
-        base = array.base
-        if not isinstance(base, np.ndarray) or not array.flags.c_contiguous or not array.nbytes:
+        """The pool region and offset a contiguous array's bytes lie at, when they lie in a region
+        that is lent (to a fetch's arrays, or `empty`'s) and registered under its name now: an upload
+        of it copies nothing here. Told by address, so arrays made over the same memory (a torch
+        tensor from such an array, and the array torch gives back for it) are found too; two live
+        mappings never overlap, so bytes inside the region's mapping are the region's."""
+        if not array.flags.c_contiguous or not array.nbytes:
             return None
+        start = array.__array_interface__["data"][0]
         with self._lock:
-            held = self._wholes.get(id(base))
-            if held is None or held[0].generation != held[1]:
-                return None
-            offset = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-            if offset < 0 or offset + array.nbytes > base.nbytes or offset % array.itemsize:
-                return None
-            return held[0].name, offset
+            for slot in self._slots:
+                if slot.memory is None or not slot.lent:
+                    continue
+                offset = start - slot.address
+                if 0 <= offset and offset + array.nbytes <= slot.size:
+                    return (slot.name, offset) if offset % array.itemsize == 0 else None
+        return None
 
-    def _give_back(self, slot: _Slot, generation: int, whole: int) -> None:
+    def _give_back(self, slot: _Slot, generation: int) -> None:
         with self._lock:
-            self._wholes.pop(whole, None)
             if slot.generation == generation:
                 slot.lent = False
 
@@ -344,6 +346,12 @@ class FetchPool:
                     pass
                 slot.memory = None
         return registered
+
+
+def _address(memory: mmap.mmap) -> int:
+    """Where a mapping starts in this process (the array that tells it is gone at return, so the
+    mapping can still be closed)."""
+    return int(np.frombuffer(memory, np.uint8, count=1).ctypes.data)
 
 
 def _views(whole: npt.NDArray[np.uint8], tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:
