@@ -724,19 +724,25 @@ class Client:
         lent to them; None without shared memory. Under the shared-memory lock."""
         if self._shm_buffer(0) is None:
             return None
+        name = self._pool_region(nbytes, "arrays to fill, using plain ones")
+        return self._shm_pool.lend(name, tensors) if name is not None else None
+
+    def _pool_region(self, nbytes: int, purpose: str) -> str | None:
+        """The name of a free pool region of at least `nbytes`, registered as needed; None where the
+        server refuses it or this host has no room (`purpose` says what the log line is about)."""
+
+        def register(name: str, key: str, size: int) -> None:
+            request = pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size)
+            self._stub.RegisterSharedMemory(request, timeout=self.timeout)
+
         try:
-            name = self._shm_pool.region_for(nbytes, self._register_pool_region, self.session or "")
+            return self._shm_pool.region_for(nbytes, register, self.session or "")
         except grpc.RpcError as exc:
             self._shm_refused(exc)
             return None
         except OSError as exc:
-            log.info("no shared memory region for arrays to fill, using plain ones: %s", exc)
+            log.info("no shared memory region for %s: %s", purpose, exc)
             return None
-        return self._shm_pool.lend(name, tensors)
-
-    def _register_pool_region(self, name: str, key: str, size: int) -> None:
-        request = pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=size)
-        self._stub.RegisterSharedMemory(request, timeout=self.timeout)
 
     def _closed_error(self) -> RuntimeError:
         """What a call on a closed client raises. gRPC's own "ValueError: Cannot invoke RPC on closed
@@ -2077,13 +2083,8 @@ class Client:
                         handle=handle, names=names, region=self._shm_names.region, max_bytes=_shm.SMALL_FETCH_BYTES
                     )
                 else:
-                    try:
-                        name = pool.region_for(r.needed_bytes, self._register_pool_region, self.session or "")
-                    except grpc.RpcError as exc:
-                        self._shm_refused(exc)
-                        return None
-                    except OSError as exc:
-                        log.info("no shared memory region for a fetch, using the stream: %s", exc)
+                    name = self._pool_region(r.needed_bytes, "a fetch, using the stream")
+                    if name is None:
                         return None
                     request = pb.FetchTensorsToSharedMemoryRequest(handle=handle, names=names, region=name)
                 r = self._stub.FetchTensorsToSharedMemory(request, timeout=self.timeout)
