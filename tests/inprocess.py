@@ -205,6 +205,7 @@ class TensorRegion(shm.Region):
 
     def __init__(self, data: torch.Tensor) -> None:  # no super().__init__: nothing is mapped
         self.data, self.byte_size, self.device, self.settled = data, data.numel(), data.device, 0
+        self.address = data.data_ptr()  # the native copy out of a host region reads from here
         self._init_copies()
 
     def check_size(self) -> None:

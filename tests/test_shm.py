@@ -81,9 +81,9 @@ def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(
 def test_large_uploads_and_fetches_through_shared_memory_are_streamed_and_bit_identical_to_the_stream(
     shm_server: LiveServer, shared_uploads: list[str], streamed_copies: list[int]
 ) -> None:
-    """From `native.STREAM_MIN_BYTES` the server copies a tensor out of the region, and into it for
-    a fetch, with streaming stores: sizes at and around the bound, odd ones, and every byte as the
-    stream gives it."""
+    """The server copies an upload's tensors out of the region in one native call (streaming
+    stores), whatever their sizes, and from `native.STREAM_MIN_BYTES` into it for a fetch: sizes at
+    and around the bound, odd ones, and every byte as the stream gives it."""
     from weightavg_server.domain import native
 
     rng = np.random.default_rng(3)
@@ -96,7 +96,7 @@ def test_large_uploads_and_fetches_through_shared_memory_are_streamed_and_bit_id
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         d_fast = fast.dict(data)
         assert shared_uploads == list(data)
-        assert sorted(streamed_copies) == sorted(v.nbytes for v in data.values() if v.nbytes >= native.STREAM_MIN_BYTES)
+        assert sorted(streamed_copies) == sorted(v.nbytes for v in data.values())
         d_slow = slow.dict(data)
         got, want = slow.dict(d_fast), slow.dict(d_slow)
         assert all(same(got[k], want[k]) and same(got[k], data[k]) for k in data)

@@ -195,6 +195,21 @@ def stream_copies(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], threads: i
     return left
 
 
+def copy_addresses(copies: Sequence[tuple[int, int, int]], threads: int) -> bool:
+    """Each (target, source, nbytes): nbytes from address source to address target, in one call on
+    up to `threads` threads (1 MiB blocks shared; a thread for each MiB at most), with streaming
+    stores, without the GIL. The caller holds the memory for the call and vouches that every target
+    lies apart from every other and from every source (an upload's buffers and a region: two
+    mappings). Whether it copied: False, having done nothing, without the native module."""
+    if _COPY is None:
+        return False
+    if copies:
+        total = sum(n for _, _, n in copies)
+        _COPY(tuple(t for t, _, _ in copies), tuple(s for _, s, _ in copies), tuple(n for _, _, n in copies),
+              threads_for(min(threads, total // STREAM_MIN_BYTES)))
+    return True
+
+
 def _overlap(target: int, source: int, nbytes: int) -> bool:
     return target < source + nbytes and source < target + nbytes
 

@@ -362,6 +362,8 @@ class Registry:
         that room, at most `ENDED_CALLS_WAIT_SECONDS` and never once its own client has gone; a
         refusal that such room would not cure comes at once."""
         wanted = {device: n for device, n in (nbytes or {}).items() if n > 0}
+        if not handles and not wanted and reservation.quota is not None:
+            return  # nothing to add to a reservation already set up (the arena's later tensors)
         refused: float | None = None
         while True:
             try:

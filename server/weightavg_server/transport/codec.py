@@ -273,7 +273,7 @@ class TensorAssembler:
         dictionary run over spans, as over `copyparms`' flat copies."""
         self._max_bytes = max_bytes
         self._on_header = on_header
-        self._regions = regions
+        self._regions = _remembered(regions) if regions is not None else None
         self._allocate = allocate if allocate is not None else _new_buffer
         self._new_arena = arena
         self._arena: _Arena | None = None
@@ -458,6 +458,19 @@ class TensorAssembler:
         self._pending = None
 
 
+def _remembered(regions: Callable[[str], shm.Region]) -> Callable[[str], shm.Region]:
+    """`regions`, each name looked up once (one call's headers mostly name one region; a region
+    unregistered meanwhile is refused by its copy, `Region.copying`)."""
+    found: dict[str, shm.Region] = {}
+
+    def region(name: str) -> shm.Region:
+        if name not in found:
+            found[name] = regions(name)
+        return found[name]
+
+    return region
+
+
 def shared_placement(chunk: pb.TensorChunk, regions: Callable[[str], shm.Region]) -> tuple[shm.Region, shm.Placement]:
     """The caller's region that a header chunk's bytes lie in (TensorChunk.shared) and where they
     lie, checked: a known dtype, a valid shape, inside the region and aligned (InvalidArgument), in
@@ -467,7 +480,7 @@ def shared_placement(chunk: pb.TensorChunk, regions: Callable[[str], shm.Region]
     size = shm.element_size(dtype)
     shape = checked_shape(chunk.name, chunk.shape, size)
     placement = shm.Placement(chunk.name, dtype, shape, chunk.shared.offset, math.prod(shape) * size)
-    shm.check(region, placement)
+    shm.check_placed(region, placement)
     return region, placement
 
 
