@@ -1088,6 +1088,24 @@ def test_a_bool_tensor_from_shared_memory_holds_only_0_and_1(shm_server: LiveSer
             fast.tensor(bad.view(np.bool_))
 
 
+def test_an_upload_refused_when_its_copies_are_made_changes_nothing(shm_server: LiveServer) -> None:
+    """The server reads an upload's shared bytes when its stream ends, so a bool entry holding other
+    bytes than 0 and 1 is found there, after every header was taken: the call is still refused
+    (INVALID_ARGUMENT), the dictionary keeps its entries as they were, and no handle is left."""
+    good = np.arange(1 << 14, dtype=np.float32)
+    bad = np.zeros(1 << 15, np.uint8)
+    bad[-1] = 7
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict({"a": good})
+        held = len(list(shm_server.registry.items()))
+        for upload in (lambda: fast.dict(d, {"a": good * 2, "f": bad.view(np.bool_)}),
+                       lambda: fast.dict({"a": good * 2, "f": bad.view(np.bool_)})):
+            with pytest.raises(weightavg.InvalidArgumentError, match="bool but holds bytes other than 0 and 1"):
+                upload()
+        assert len(list(shm_server.registry.items())) == held
+        assert list(fast.dict(d)) == ["a"] and same(fast.dict(d, "a"), good)
+
+
 def test_torch_state_dicts_through_shared_memory_are_bit_identical(shm_server: LiveServer) -> None:
     from weightavg.torch import fetch, push
 
