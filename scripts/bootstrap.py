@@ -121,17 +121,24 @@ def torch_source(variant: str, system: str, cpu_index: str, reachable: Callable[
     )
 
 
-BUILD_FILES = ("pyproject.toml", "setup.py", "server/weightavg_server/domain/_native.c")
-"""What an install is made from: the package's metadata and its one C extension, which `pip install
--e` compiles next to its source."""
+BUILD_FILES = (
+    "pyproject.toml", "setup.py", "server/weightavg_server/domain/_native.c", "client/weightavg/_copy.c",
+    "client/weightavg/_stream_bytes.h",
+)
+"""What an install is made from: the package's metadata and its two C extensions (and the header they
+share), which `pip install -e` compiles next to their sources."""
+EXTENSIONS = (("server/weightavg_server/domain", "_native"), ("client/weightavg", "_copy"))
+"""Where each compiled extension lands, and its name."""
 
 
 def build_inputs(root: Path) -> bytes:
-    """The build files' contents, and whether the compiled extension is in place: a change to a file,
-    or an extension removed (`git clean -X`), installs again."""
+    """The build files' contents, and which compiled extensions are in place: a change to a file, or an
+    extension removed (`git clean -X`, or a checkout from before it existed), installs again."""
     parts = [name.encode() + b"\0" + ((root / name).read_bytes() if (root / name).exists() else b"") for name in BUILD_FILES]
-    built = any(p.suffix in (".so", ".pyd") for p in (root / "server/weightavg_server/domain").glob("_native.*"))
-    return b"\0".join(parts) + (b"\0built" if built else b"")
+    for where, name in EXTENSIONS:
+        if any(p.suffix in (".so", ".pyd") for p in (root / where).glob(f"{name}.*")):
+            parts.append(b"built " + name.encode())
+    return b"\0".join(parts)
 
 
 def stamp_hash(pyproject: bytes, variant: str, python: str) -> str:

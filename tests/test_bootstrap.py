@@ -231,22 +231,23 @@ def test_without_the_cpu_index_pip_falls_back_to_the_configured_one(tmp_path: Pa
     assert "weightavg setup: warning: could not reach" in result.stderr
 
 
-def test_the_build_inputs_change_with_each_build_file_and_with_the_built_extension(tmp_path: Path) -> None:
-    """A change to setup.py or the C source must reinstall (the extension is compiled at install), and
-    so must an extension removed from beside its source (`git clean -X`)."""
-    folder = tmp_path / "server/weightavg_server/domain"
-    folder.mkdir(parents=True)
+def test_the_build_inputs_change_with_each_build_file_and_with_each_built_extension(tmp_path: Path) -> None:
+    """A change to setup.py, a C source or their shared header must reinstall (the extensions are
+    compiled at install), and so must an extension removed from beside its source (`git clean -X`),
+    the client's included: a venv built before it existed lacks it."""
     for name in bootstrap.BUILD_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name)
     seen = {bootstrap.build_inputs(tmp_path)}
     for name in bootstrap.BUILD_FILES:
         (tmp_path / name).write_text(name + " changed")
         seen.add(bootstrap.build_inputs(tmp_path))
-    (folder / "_native.pyi").write_text("")  # a stub is not a build
-    assert bootstrap.build_inputs(tmp_path) in seen
-    (folder / "_native.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
-    seen.add(bootstrap.build_inputs(tmp_path))
-    assert len(seen) == len(bootstrap.BUILD_FILES) + 2
+    for where, extension in bootstrap.EXTENSIONS:
+        (tmp_path / where / f"{extension}.pyi").write_text("")  # a stub is not a build
+        assert bootstrap.build_inputs(tmp_path) in seen
+        (tmp_path / where / f"{extension}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+        seen.add(bootstrap.build_inputs(tmp_path))
+    assert len(seen) == len(bootstrap.BUILD_FILES) + 1 + len(bootstrap.EXTENSIONS)
 
 
 # -- the stamp: a second run installs nothing -------------------------------------------------------------

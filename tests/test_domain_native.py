@@ -545,14 +545,15 @@ needs_copy = pytest.mark.skipif(native._COPY is None, reason="the native module 
 
 @needs_copy
 @pytest.mark.parametrize("nbytes", [native.STREAM_MIN_BYTES, native.STREAM_MIN_BYTES + 1, native.STREAM_MIN_BYTES + 63,
-                                    3 * native.STREAM_MIN_BYTES + 77])
-@pytest.mark.parametrize("target_offset, source_offset", [(0, 0), (1, 0), (0, 5), (15, 9), (8, 16)])
+                                    native.STREAM_MIN_BYTES + (16 << 10) + 65, 3 * native.STREAM_MIN_BYTES + 77])
+@pytest.mark.parametrize("target_offset, source_offset", [(0, 0), (1, 0), (0, 5), (15, 9), (8, 16), (63, 1), (33, 64)])
 def test_a_streamed_copy_is_every_byte_at_any_size_and_alignment(nbytes: int, target_offset: int, source_offset: int) -> None:
-    """The SSE2 loop starts past the target's first 16-byte boundary and memcpy takes the head and
-    the tail: every split of them, and nothing written outside the target."""
+    """The streaming loop (_stream_bytes.h) starts at the target's first 64-byte boundary, goes four
+    pages at a time, then line by line, and memcpy takes the head and the tail: every split of them,
+    and nothing written outside the target."""
     g = torch.Generator().manual_seed(nbytes + target_offset)
-    source = torch.randint(0, 256, (nbytes + 32,), dtype=torch.uint8, generator=g)
-    out = torch.zeros(nbytes + 32, dtype=torch.uint8)
+    source = torch.randint(0, 256, (nbytes + 128,), dtype=torch.uint8, generator=g)
+    out = torch.zeros(nbytes + 128, dtype=torch.uint8)
     target, value = out[target_offset:target_offset + nbytes], source[source_offset:source_offset + nbytes]
     assert native.stream_copy(target, value)
     assert torch.equal(target, value)

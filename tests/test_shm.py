@@ -1392,20 +1392,81 @@ def test_an_upload_copies_every_array_into_the_region_before_its_first_message_a
     assert len(packed) == 1  # every array is in: the headers go in one message, whatever their sizes
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3, 4])
-def test_an_uploads_copies_split_over_threads_put_every_byte_in_its_place(
-    threads: int, monkeypatch: pytest.MonkeyPatch
+def _client_copy() -> Any:
+    """The client's compiled copy (`weightavg._copy`), or None where the install could not build it."""
+    try:
+        from weightavg import _copy
+    except ImportError:
+        return None
+    return _copy.copy
+
+
+needs_client_copy = pytest.mark.skipif(_client_copy() is None, reason="weightavg._copy was not built (no C compiler)")
+
+
+@needs_client_copy
+@pytest.mark.parametrize("nbytes", [0, 1, 63, 64, 4095, (1 << 18) - 1, 1 << 18, (1 << 18) + (16 << 10) + 65, (3 << 20) + 77])
+@pytest.mark.parametrize("target_offset, source_offset", [(0, 0), (1, 0), (0, 5), (63, 1), (33, 64)])
+def test_the_clients_compiled_copy_is_every_byte_at_any_size_and_alignment(
+    nbytes: int, target_offset: int, source_offset: int
 ) -> None:
-    """`_shm.write` splits the bytes into about equal runs, across array boundaries, one a thread:
-    each array lands whole at its offset and nothing else in the region is touched."""
+    """memcpy below 256 KiB, the streaming loop (_stream_bytes.h: from the first 64-byte boundary,
+    four pages at a time, then line by line, memcpy at the ends) above: every split of them, and
+    nothing written outside the target."""
+    copy = _client_copy()
+    rng = np.random.default_rng(nbytes + target_offset)
+    source = rng.integers(0, 256, nbytes + 128, dtype=np.uint8)
+    out = np.zeros(nbytes + 128, np.uint8)
+    target, value = out[target_offset:target_offset + nbytes], source[source_offset:source_offset + nbytes]
+    copy((target.ctypes.data,), (value.ctypes.data,), (nbytes,))
+    assert np.array_equal(target, value)
+    assert not out[:target_offset].any() and not out[target_offset + nbytes:].any()
+
+
+@needs_client_copy
+@pytest.mark.parametrize("bad, error", [
+    (((1,), (), (1,)), ValueError),  # uneven tuples
+    (((8,), (16,), (-1,)), ValueError),  # a negative size
+    (((8,), (16,), (1 << 70,)), ValueError),  # a size no address space holds
+    (((8,), ("16",), (1,)), TypeError),  # not an int
+    (([8], [16], [1]), TypeError),  # lists, not tuples
+])
+def test_the_clients_compiled_copy_refuses_arguments_it_cannot_run(bad: tuple[Any, ...], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        _client_copy()(*bad)
+
+
+def test_the_clients_copy_refuses_a_run_outside_the_region_before_copying_anything() -> None:
+    """`_copy_runs` checks every run against the region before the compiled copy (which trusts its
+    addresses) sees any: a wrong placement is an error, never a write past the mapping."""
     from weightavg import _shm
 
+    region = np.zeros(64, np.uint8)
+    with pytest.raises(ValueError, match="outside the region"):
+        _shm._copy_runs(region, [(0, np.ones(8, np.uint8)), (60, np.ones(8, np.uint8))])
+    assert not region.any()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled copy", "numpy"])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_an_uploads_copies_split_over_threads_put_every_byte_in_its_place(
+    threads: int, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_shm.write` splits the bytes into about equal runs, across array boundaries, one a thread:
+    each array lands whole at its offset and nothing else in the region is touched, whether the
+    compiled copy (`weightavg._copy`) or numpy makes the copies."""
+    from weightavg import _shm
+
+    if compiled and _client_copy() is None:
+        pytest.skip("weightavg._copy was not built (no C compiler)")
+    monkeypatch.setattr(_shm, "_STREAM_COPY", _client_copy() if compiled else None)
     monkeypatch.setattr(_shm, "COPY_THREADS", threads)
     monkeypatch.setattr(_shm, "COPY_SPLIT_BYTES", 64)
     monkeypatch.setattr(_shm, "_copy_pool", None)
     rng = np.random.default_rng(threads)
     arrays = [(f"t{i}", rng.integers(0, 255, size, dtype=np.uint8)) for i, size in enumerate([1, 333, 64, 0, 1000, 7])]
     arrays.append(("f", rng.standard_normal((5, 3)).astype(np.float64)))
+    arrays.append(("large", rng.integers(0, 255, (1 << 18) + 4097, dtype=np.uint8)))  # streamed by the compiled copy
     placed, nbytes = _shm.layout(arrays)
     region = bytearray(b"\xee" * nbytes)
     _shm.write(memoryview(region), placed)

@@ -460,9 +460,9 @@ class Writing:
 
 
 COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
-"""Threads an upload's copies into the region run on (numpy's copies release the GIL): two copied
-256 MB in 21-25 ms on the project's 2-vCPU VM, one in 39-44 ms; memory bandwidth, not cores, bounds
-more than a few."""
+"""Threads an upload's copies into the region run on (the copies release the GIL): with numpy two
+copied 256 MB in 21-25 ms on the project's 2-vCPU VM, one in 39-44 ms; with streaming stores
+(`_copy.c`) two took 13-16 ms; memory bandwidth, not cores, bounds more than a few."""
 COPY_SPLIT_BYTES = 8 << 20
 """Uploads smaller than twice this are copied on the calling thread alone."""
 _copy_pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -518,8 +518,38 @@ def _runs(
 
 
 def _copy_runs(target: npt.NDArray[np.uint8], runs: Sequence[tuple[int, npt.NDArray[np.uint8]]]) -> None:
+    """Copy each run (offset in the region, bytes) into `target`: in one call of the compiled helper
+    (streaming stores, `_copy.c`) where the install built it, else with numpy: the same bytes."""
+    if _STREAM_COPY is None:
+        for offset, source in runs:
+            np.copyto(target[offset:offset + len(source)], source)
+        return
+    base = _address_of(target)
     for offset, source in runs:
-        np.copyto(target[offset:offset + len(source)], source)
+        if offset < 0 or offset + len(source) > len(target):  # layout() places every run inside; never trusted blind
+            raise ValueError(f"a copy of {len(source)} bytes at offset {offset} lies outside the region's {len(target)}")
+    _STREAM_COPY(
+        tuple(base + offset for offset, _ in runs), tuple(_address_of(source) for _, source in runs),
+        tuple(len(source) for _, source in runs),
+    )
+
+
+def _address_of(array: npt.NDArray[Any]) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def _load_stream_copy() -> Callable[[tuple[int, ...], tuple[int, ...], tuple[int, ...]], None] | None:
+    try:
+        from ._copy import copy
+    except ImportError:  # not built: no C compiler or Python headers at install (setup.py)
+        return None
+    return copy
+
+
+_STREAM_COPY = _load_stream_copy()
+"""The compiled copy with streaming stores (`_copy.c`), or None: numpy copies the same bytes, with
+cached stores (glibc's memcpy streams only above its threshold, ~100 MB on the project's VM), 1.5x
+slower on a 256 MB upload of 16 MB tensors (docs/perf.md, "Streaming stores in the client")."""
 
 
 def read(buf: memoryview, tensors: Sequence[pb.SharedTensor]) -> list[tuple[str, npt.NDArray[Any]]]:

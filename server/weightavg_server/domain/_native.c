@@ -507,37 +507,9 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <emmintrin.h>
-
-/* dst := src with non-temporal (streaming) stores past dst's first 16-byte boundary: the lines
- * written are not read into the cache first, so a copy moves two bytes of memory traffic per byte
- * instead of three. glibc's memcpy streams only from its threshold (0x7200000 bytes, 114 MB, on the
- * project's VM, whose L3 is 300 MiB), so an upload's 16 MB tensors were copied with cached stores. */
-static void stream_bytes(char *dst, const char *src, size_t n) {
-    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
-    if (head > n) head = n;
-    memcpy(dst, src, head);
-    dst += head;
-    src += head;
-    n -= head;
-    size_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        const __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
-        const __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
-        const __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
-        const __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
-        _mm_stream_si128((__m128i *)(dst + i), a);
-        _mm_stream_si128((__m128i *)(dst + i + 16), b);
-        _mm_stream_si128((__m128i *)(dst + i + 32), c);
-        _mm_stream_si128((__m128i *)(dst + i + 48), d);
-    }
-    _mm_sfence(); /* the streamed lines are visible to every thread before the call returns */
-    memcpy(dst + i, src + i, n - i);
-}
-#else
-static void stream_bytes(char *dst, const char *src, size_t n) { memcpy(dst, src, n); }
-#endif
+/* weightavg_stream_bytes (client/weightavg/_stream_bytes.h, shared with the client's _copy.c): a copy
+ * with streaming stores, so that an upload's 16 MB tensors do not take glibc's cached stores. */
+#include "_stream_bytes.h"
 
 #define COPY_BLOCK ((int64_t)1 << 20) /* bytes: a 256 MB copy is 256 blocks for the threads to share */
 
@@ -552,7 +524,7 @@ static void *take_copy_blocks(void *arg) {
     Copies *c = (Copies *)arg;
     Py_ssize_t s = 0;
     int64_t start, len;
-    while (next_block(&c->blocks, &s, &start, &len)) stream_bytes(c->target[s] + start, c->source[s] + start, (size_t)len);
+    while (next_block(&c->blocks, &s, &start, &len)) weightavg_stream_bytes(c->target[s] + start, c->source[s] + start, (size_t)len);
     return NULL;
 }
 
@@ -577,7 +549,7 @@ static PyObject *copy(PyObject *self, PyObject *args) {
     if (memory == NULL) return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (threads == 1) { /* one pass per copy: no blocks to share */
-        for (Py_ssize_t s = 0; s < c.blocks.items; s++) stream_bytes(c.target[s], c.source[s], (size_t)c.blocks.n[s]);
+        for (Py_ssize_t s = 0; s < c.blocks.items; s++) weightavg_stream_bytes(c.target[s], c.source[s], (size_t)c.blocks.n[s]);
     } else {
         run_threads(take_copy_blocks, &c, threads);
     }

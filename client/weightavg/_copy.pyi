@@ -1,0 +1,3 @@
+"""Types of the optional C extension built from _copy.c (see there and _shm.py)."""
+
+def copy(target_addresses: tuple[int, ...], source_addresses: tuple[int, ...], sizes: tuple[int, ...], /) -> None: ...
