@@ -1430,6 +1430,7 @@ def test_the_clients_compiled_copy_is_every_byte_at_any_size_and_alignment(
     (((8,), (16,), (1 << 70,)), ValueError),  # a size no address space holds
     (((8,), ("16",), (1,)), TypeError),  # not an int
     (([8], [16], [1]), TypeError),  # lists, not tuples
+    (((0,), (16,), (4,)), ValueError),  # a null address
 ])
 def test_the_clients_compiled_copy_refuses_arguments_it_cannot_run(bad: tuple[Any, ...], error: type[Exception]) -> None:
     with pytest.raises(error):

@@ -65,6 +65,10 @@ static PyObject *copy(PyObject *self, PyObject *args) {
             PyMem_Free(memory);
             return NULL;
         }
+        if (size[i] != 0 && (target[i] == 0 || source[i] == 0)) {
+            PyMem_Free(memory);
+            return PyErr_Format(PyExc_ValueError, "copy %zd of %zu bytes has a null address", i, (size_t)size[i]);
+        }
     }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < count; i++) {
