@@ -455,6 +455,7 @@ def test_the_shared_memory_figures_of_security_md_are_the_constants() -> None:
     text = _doc_text("security.md")
     facts = [
         f"from {_shm.MIN_UPLOAD_BYTES >> 10} KiB) then carries only headers",
+        f"(tensors under {_shm.SHARED_MIN_TENSOR_BYTES >> 10} KiB travel in the stream's own messages among them)",
         f"A fetch over {_shm.SMALL_FETCH_BYTES >> 20} MiB is written into one of the client's pooled regions",
         f"(`pool0.<tag>`..`pool{len(_shm.POOL_NAMES) - 1}.<tag>`)",
         f"A session holds at most {shm.MAX_REGIONS_PER_SESSION} regions (`MAX_REGIONS_PER_SESSION`",

@@ -211,7 +211,11 @@ def test_many_small_tensors_through_shared_memory_packed(
     start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Shared-memory uploads pack their headers too (each standing for its tensor's bytes), the
-    arrays copied into the region before the message that names them goes."""
+    arrays copied into the region before the message that names them goes. (Small tensors go in the
+    stream's messages by default: here every one through the region, SHARED_MIN_TENSOR_BYTES 0.)"""
+    from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "SHARED_MIN_TENSOR_BYTES", 0)
     seen = watch_packing(monkeypatch)
     server = start_server(allow_shm=True)
     values = small_tensors(2000)
@@ -224,10 +228,21 @@ def test_many_small_tensors_through_shared_memory_packed(
         assert c.stats()["methods"][f"{SERVICE}/CreateDictionary"]["bytes_received"] == 0  # nothing streamed
 
 
-def test_packed_shared_memory_headers_stay_within_a_small_message_cap(start_server: Callable[..., LiveServer]) -> None:
+def test_packed_shared_memory_headers_stay_within_a_small_message_cap(
+    start_server: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A server capped at 64 KiB messages takes a client's 32 KiB chunks; packed shared-memory headers
     are bounded by the client's chunk size too (bounded by 1 MiB of the tensors they stand for, 2,000
-    headers made one message over the cap: RESOURCE_EXHAUSTED)."""
+    headers made one message over the cap: RESOURCE_EXHAUSTED). Every tensor here through the
+    region (SHARED_MIN_TENSOR_BYTES 0), and then as the default sends them, in the stream's messages."""
+    from weightavg import _shm
+
+    for inline_below in (0, _shm.SHARED_MIN_TENSOR_BYTES):
+        monkeypatch.setattr(_shm, "SHARED_MIN_TENSOR_BYTES", inline_below)
+        _headers_within_a_small_cap(start_server)
+
+
+def _headers_within_a_small_cap(start_server: Callable[..., LiveServer]) -> None:
     server = start_server(allow_shm=True, max_message_bytes=64 << 10, chunk_bytes=32 << 10)
     values = {f"a.rather.long.entry.name.of.a.deep.model.block{i}.weight": np.full(8, i, np.float32) for i in range(4000)}
     with Client(server.address, timeout=WAIT, shm=True, chunk_bytes=32 << 10) as c:

@@ -67,6 +67,7 @@ def test_upload_and_fetch_through_shared_memory_are_bit_identical_to_the_stream(
     from weightavg import _shm
 
     monkeypatch.setattr(_shm, "MIN_UPLOAD_BYTES", 0)  # these small arrays through the region too
+    monkeypatch.setattr(_shm, "SHARED_MIN_TENSOR_BYTES", 0)
     data = values()
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         d_fast, d_slow = fast.dict(data), slow.dict(data)
@@ -111,8 +112,11 @@ def test_arrays_from_empty_lie_in_a_region_and_upload_without_a_copy_on_the_clie
 ) -> None:
     """`Client.empty` lends a pool region to the arrays it makes: filled and uploaded, they go up
     where they lie (no copy into the reused region), bit-identical to the same values streamed;
-    a fetch meanwhile does not write into them; once they are gone the region serves fetches again."""
+    a fetch meanwhile does not write into them; once they are gone the region serves fetches again.
+    (Every array here through the region, the small ones too: SHARED_MIN_TENSOR_BYTES 0.)"""
     from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "SHARED_MIN_TENSOR_BYTES", 0)
 
     copied: list[int] = []
     write = _shm.write
@@ -638,6 +642,7 @@ def test_a_cuda_server_locks_its_clients_regions_with_the_same_results_as_the_st
     from weightavg_server.domain import pinned
 
     monkeypatch.setattr(_shm, "MIN_UPLOAD_BYTES", 0)  # these small arrays through the region too
+    monkeypatch.setattr(_shm, "SHARED_MIN_TENSOR_BYTES", 0)
     server = start_server(allow_shm=True, device="cuda")
     data = {**values(), "big": np.random.default_rng(1).standard_normal(1 << 22).astype(np.float32)}
     before = pinned.locked_bytes()
@@ -948,8 +953,11 @@ MLP = ["sequential", ["linear", "l1", 64, 300], ["relu"], ["linear", "l2", 300, 
 
 
 def test_every_verb_that_uploads_tensors_uses_shared_memory_with_the_streams_results(
-    shm_server: LiveServer, shared_uploads: list[str]
+    shm_server: LiveServer, shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "SHARED_MIN_TENSOR_BYTES", 0)  # y and l2.weight (under 16 KiB) through the region too
     rng = np.random.default_rng(1)
     w = rng.standard_normal((300, 64), dtype=np.float32)  # 75 KiB: above MIN_UPLOAD_BYTES
     x = rng.standard_normal((512, 64), dtype=np.float32)
@@ -1119,9 +1127,15 @@ def test_torch_state_dicts_through_shared_memory_are_bit_identical(shm_server: L
                        for k, v in state.items())
 
 
-def test_fetched_arrays_sent_back_are_read_where_they_lie(shm_server: LiveServer, shared_uploads: list[str]) -> None:
+def test_fetched_arrays_sent_back_are_read_where_they_lie(
+    shm_server: LiveServer, shared_uploads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fetch, change, upload: the arrays are views of a pool region, so the server copies them from
-    there and the client copies nothing (its reused region never grows to hold them)."""
+    there and the client copies nothing (its reused region never grows to hold them). (The small
+    ones too, with SHARED_MIN_TENSOR_BYTES 0; they go in the stream's messages by default.)"""
+    from weightavg import _shm
+
+    monkeypatch.setattr(_shm, "SHARED_MIN_TENSOR_BYTES", 0)
     big = np.arange(3 << 20, dtype=np.float32)
     with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
         d = slow.dict({"big": big, "small": np.ones(5, np.float32)})
@@ -1135,6 +1149,71 @@ def test_fetched_arrays_sent_back_are_read_where_they_lie(shm_server: LiveServer
         assert fast._shm is not None and fast._shm.size == 1 << 20
         assert same(slow.dict(e, "big"), big * 2) and same(slow.dict(d, "big"), big[1:] * 2)
         assert same(slow.dict(d, "more"), big[:7] * 2)
+
+
+def test_small_arrays_go_in_the_stream_among_the_shared_ones_in_order(
+    shm_server: LiveServer, shared_uploads: list[str]
+) -> None:
+    """Arrays under SHARED_MIN_TENSOR_BYTES go in the stream's messages of a call whose large arrays
+    lie in shared memory, in the caller's order: the dictionary's entries come in that order and
+    hold the stream's bits, whichever kind comes first, small ones packed or not."""
+    from weightavg import _shm
+
+    rng = np.random.default_rng(11)
+    large = _shm.SHARED_MIN_TENSOR_BYTES // 4
+    data = {
+        "tiny": rng.standard_normal(3, dtype=np.float32), "w": rng.standard_normal(large, dtype=np.float32),
+        "flag": np.array([True, False]), "none": np.zeros((0, 2), np.float16),
+        "edge": rng.standard_normal(large - 1, dtype=np.float32),  # one element short: in the stream
+        "v": rng.standard_normal((64, 200)).astype(ml_dtypes.bfloat16),
+        **{f"b{i}": rng.standard_normal(5) for i in range(300)},
+    }
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        for first in (data, {k: data[k] for k in reversed(data)}):
+            shared_uploads.clear()
+            d_fast, d_slow = fast.dict(first), slow.dict(first)
+            assert shared_uploads == [k for k in first if k in ("w", "v")]
+            got, want = slow.dict(d_fast), slow.dict(d_slow)
+            assert list(got) == list(first) == list(want)
+            assert all(same(got[k], want[k]) and same(got[k], first[k]) for k in first)
+        fast.dict(d_fast, {"w": data["w"] * 2, "tiny": data["tiny"] * 3})  # an update: the same split
+        assert shared_uploads[-1:] == ["w"]
+        assert same(slow.dict(d_fast, "w"), data["w"] * 2) and same(slow.dict(d_fast, "tiny"), data["tiny"] * 3)
+
+
+def test_an_upload_of_only_small_arrays_registers_no_region(shm_server: LiveServer, shared_uploads: list[str]) -> None:
+    """A dictionary of many small tensors (over MIN_UPLOAD_BYTES in all, each under
+    SHARED_MIN_TENSOR_BYTES) goes over the stream as a client without shared memory sends it: no
+    region is registered for it, and nothing is read from one."""
+    from weightavg import _shm
+
+    data = {f"t{i}": np.full(64, i, np.float32) for i in range(2000)}
+    assert sum(v.nbytes for v in data.values()) >= _shm.MIN_UPLOAD_BYTES
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast:
+        d = fast.dict(data)
+        assert shared_uploads == [] and fast.shm_regions() == []
+        got = fast.dict(d)
+        assert list(got) == list(data) and all(same(got[k], data[k]) for k in data)
+
+
+def test_the_mixed_stream_declares_every_tensor_on_its_first_chunk() -> None:
+    """`_shm.mixed_chunks`: whichever kind comes first, the first chunk declares the count and bytes
+    of the whole stream; headers point into their regions, inline tensors carry their bytes and CRC."""
+    from weightavg import _shm
+
+    for order in (["big", "small"], ["small", "big"]):
+        arrays = {"big": np.arange(8192, dtype=np.float32), "small": np.arange(3, dtype=np.int16)}
+        items = [(k, arrays[k]) for k in order]
+        placed, nbytes = _shm.layout(items, inline_below=_shm.SHARED_MIN_TENSOR_BYTES)
+        assert nbytes == _shm.aligned(arrays["big"].nbytes) and [p.inline for p in placed] == [k == "small" for k in order]
+        messages = [m for m, _ in _shm.mixed_chunks(placed, pb.CreateDictionaryRequest, "client.x", 1 << 20)]
+        chunks = [pb.CreateDictionaryRequest.FromString(m).chunk for m in messages]
+        assert [c.name for c in chunks] == order
+        assert (chunks[0].tensor_count, chunks[0].total_bytes) == (2, arrays["big"].nbytes + arrays["small"].nbytes)
+        assert not chunks[1].HasField("tensor_count")
+        by_name = {c.name: c for c in chunks}
+        assert by_name["big"].shared.region == "client.x" and not by_name["big"].data
+        assert by_name["small"].data == arrays["small"].tobytes() and not by_name["small"].HasField("shared")
 
 
 def test_threads_sharing_one_shm_client_get_their_own_results(shm_server: LiveServer) -> None:

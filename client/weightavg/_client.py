@@ -1908,8 +1908,9 @@ class Client:
         With shared memory (and MIN_UPLOAD_BYTES or more) the messages only say where the arrays
         lie (TensorChunk.shared): arrays in a pool region (a fetch's, or `empty`'s) where they are,
         the rest copied into the reused region before the first message goes (`_shm.Writing`); the
-        region is held until the call is over, and a retry copies the same bytes again. Otherwise
-        the messages carry the bytes, as without shared memory.
+        region is held until the call is over, and a retry copies the same bytes again. Arrays under
+        `_shm.SHARED_MIN_TENSOR_BYTES` go in the messages among them, in order. Otherwise the
+        messages carry the bytes, as without shared memory.
         """
         def streamed() -> Iterator[bytes]:
             messages = wire.encoded_chunks(items, self.chunk_bytes, message_type)
@@ -1931,13 +1932,15 @@ class Client:
         if self._shm is None:
             yield streamed
             return
-        if sum(array.nbytes for _, array in items) < _shm.MIN_UPLOAD_BYTES:
+        if sum(array.nbytes for _, array in items) < _shm.MIN_UPLOAD_BYTES or all(
+            array.nbytes < _shm.SHARED_MIN_TENSOR_BYTES for _, array in items
+        ):  # small, or only small arrays (each in the stream's messages anyway): no lock, no region
             yield streamed
             return
         with self._shm_lock:
             # Located under the lock: a fetch may re-register a pool region's name (then the server's
             # region of that name is another one) only while it holds the lock.
-            placed, nbytes = _shm.layout(items, self._shm_pool.locate)
+            placed, nbytes = _shm.layout(items, self._shm_pool.locate, _shm.SHARED_MIN_TENSOR_BYTES)
             buf = self._shm_buffer(nbytes)
             if buf is None:
                 yield streamed
@@ -1946,7 +1949,7 @@ class Client:
             del buf
             try:
                 pack_bytes = min(wire.PACK_BYTES, self.chunk_bytes) if pack else 0
-                yield lambda: writing.chunks(message_type, self._shm_names.region, pack_bytes)
+                yield lambda: writing.chunks(message_type, self._shm_names.region, pack_bytes, self.chunk_bytes)
             finally:
                 writing.close()
 

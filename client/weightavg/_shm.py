@@ -374,29 +374,47 @@ def _checked(t: pb.SharedTensor, size: int) -> tuple[np.dtype[Any], tuple[int, .
 @dataclass
 class Placed:
     """One array of an upload and where the server finds it: `region` "" for the reused region
-    (write() copies it there), else a lent pool region the array already lies in."""
+    (write() copies it there), else a lent pool region the array already lies in; `inline`, in the
+    stream's own messages (an array under SHARED_MIN_TENSOR_BYTES)."""
 
     name: str
     array: npt.NDArray[Any]
     message: pb.SharedTensor
     region: str = ""
+    inline: bool = False
+
+    @property
+    def copied(self) -> bool:
+        """Whether write() copies this array into the reused region."""
+        return not self.inline and not self.region and self.array.nbytes > 0
+
+
+SHARED_MIN_TENSOR_BYTES = 16 << 10
+"""Arrays under this size go in the stream's own messages (packed) even in a call that moves the
+others through shared memory: the server's work for a header that points into a region (the
+region's checks, a placement's, a sample of its bytes for the request's digest) cost more than the
+bytes of a small tensor, so 2,000 tensors of 256 bytes went up in 1.4-1.6x the stream's time
+through shared memory (docs/perf.md, "Small tensors in the stream beside shared memory")."""
 
 
 def layout(
-    items: Sequence[tuple[str, Any]], locate: Callable[[npt.NDArray[Any]], tuple[str, int] | None] | None = None
+    items: Sequence[tuple[str, Any]], locate: Callable[[npt.NDArray[Any]], tuple[str, int] | None] | None = None,
+    inline_below: int = 0,
 ) -> tuple[list[Placed], int]:
-    """Arrays to upload and where each goes (64-byte aligned); the bytes they take in the reused
-    region. An array that `locate` finds in a pool region (a fetched view sent back) stays there."""
+    """Arrays to upload, in order, and where each goes (64-byte aligned); the bytes they take in the
+    reused region. An array that `locate` finds in a pool region (a fetched view sent back) stays
+    there; one of fewer than `inline_below` bytes goes in the stream's messages."""
     placed, at = [], 0
     for name, value in items:
         array = wire.to_array(value)
-        found = locate(array) if locate is not None else None
+        inline = array.nbytes < inline_below
+        found = None if inline or locate is None else locate(array)
         message = pb.SharedTensor(
             name=name, dtype=wire._CODES[array.dtype], shape=array.shape, offset=found[1] if found else at,
             byte_size=array.nbytes,
         )
-        placed.append(Placed(name, array, message, found[0] if found else ""))
-        if not found:
+        placed.append(Placed(name, array, message, found[0] if found else "", inline))
+        if not found and not inline:
             at = aligned(at + array.nbytes)
     return placed, at
 
@@ -416,8 +434,41 @@ def shared_chunks(
     ] or [pb.TensorChunk()]
     chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(m.byte_size for m, _ in placed)
     for chunk in chunks:
-        body = chunk.SerializeToString()
-        yield wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
+        yield _framed(field, chunk)
+
+
+def _framed(field: int, chunk: pb.TensorChunk) -> bytes:
+    """A stream message holding `chunk` in `field`, and nothing else."""
+    body = chunk.SerializeToString()
+    return wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
+
+
+def mixed_chunks(
+    placed: Sequence[Placed], message_type: type[Message], region: str, chunk_bytes: int
+) -> Iterator[tuple[bytes, int]]:
+    """The stream of an upload whose arrays lie in shared memory but for the `inline` ones, in the
+    arrays' order (the dictionary's entries come in it): a header chunk for each array in a region
+    (TensorChunk.shared; "" stands for `region`), the chunks of `wire.encode_tensor` for each inline
+    one, the first declaring the whole stream. Each message with the bytes it stands for: its data,
+    or its own size for a header."""
+    field = wire.chunk_field(message_type)
+    declare: tuple[int, int] | None = (len(placed), sum(p.message.byte_size for p in placed))
+    if not placed:
+        yield wire.encode_chunk(field, "", 0, (), memoryview(b""), tensor_count=0, total_bytes=0), 0
+    for p in placed:
+        m = p.message
+        if p.inline:
+            raw = p.array.reshape(-1).view(np.uint8).data
+            yield from wire.encode_tensor_sized(field, m.name, m.dtype, m.shape, raw, chunk_bytes, declare=declare)
+        else:
+            chunk = pb.TensorChunk(
+                name=m.name, dtype=m.dtype, shape=m.shape, shared=pb.SharedBytes(region=p.region or region, offset=m.offset),
+            )
+            if declare is not None:
+                chunk.tensor_count, chunk.total_bytes = declare
+            message = _framed(field, chunk)
+            yield message, len(message)
+        declare = None
 
 
 class Writing:
@@ -439,20 +490,22 @@ class Writing:
         self._placed = list(placed)
         self._lock = threading.Lock()
 
-    def chunks(self, message_type: type[Message], region: str, pack_bytes: int = 0) -> Iterator[bytes]:
-        """The stream's messages (see shared_chunks), once every array is copied in; with
-        `pack_bytes`, headers packed into messages of at most that many bytes (`wire.packed`)."""
-        messages = self._written(shared_chunks([(p.message, p.region) for p in self._placed], message_type, region))
+    def chunks(
+        self, message_type: type[Message], region: str, pack_bytes: int = 0, chunk_bytes: int = wire.CHUNK_BYTES
+    ) -> Iterator[bytes]:
+        """The stream's messages (see mixed_chunks: inline arrays in chunks of at most `chunk_bytes`),
+        once every array bound for the region is copied in; with `pack_bytes`, small chunks packed
+        into messages of at most that many bytes (`wire.packed`)."""
+        messages = self._written(mixed_chunks(self._placed, message_type, region, chunk_bytes))
         return wire.packed(messages, pack_bytes) if pack_bytes else (message for message, _ in messages)
 
-    def _written(self, messages: Iterator[bytes]) -> Iterator[tuple[bytes, int]]:
-        """The headers, each standing for its own size, after every array is copied in."""
+    def _written(self, messages: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]]:
+        """The messages, after every array bound for the region is copied in."""
         with self._lock:
             if self._buf is None:
                 return
             write(self._buf, self._placed)
-        for message in messages:
-            yield message, len(message)
+        yield from messages
 
     def close(self) -> None:
         with self._lock:
@@ -484,7 +537,7 @@ def _pool() -> ThreadPoolExecutor:
 def write(buf: memoryview, placed: Sequence[Placed]) -> None:
     """Copy each array bound for the reused region into its place (one copy a byte), split into
     about equal runs of bytes over `COPY_THREADS` threads when there is enough to copy."""
-    spans = [(p.message.offset, p.array.reshape(-1).view(np.uint8)) for p in placed if p.array.nbytes and not p.region]
+    spans = [(p.message.offset, p.array.reshape(-1).view(np.uint8)) for p in placed if p.copied]
     total = sum(len(source) for _, source in spans)
     target = np.frombuffer(buf, np.uint8)
     try:
