@@ -539,7 +539,8 @@ class Client:
             out. A session id string joins that session
             (e.g. after a server restart); close() then leaves it open.
         lease: session lease in seconds; 0 takes the server's default.
-        shm: move tensor bytes of every upload (from 16 KiB) and every fetch through POSIX shared
+        shm: move tensor bytes of every upload (from 16 KiB; its arrays under 16 KiB go in the
+            stream's messages) and every fetch through POSIX shared
             memory regions instead of the gRPC stream, for a server on this host started with
             --allow-shm; implies session=True. A fetch over 4 MiB returns views of a region the
             client keeps in a pool (no copy here; the region is reused once the arrays are garbage
@@ -696,8 +697,8 @@ class Client:
         numpy.empty takes them; their values unset), for the caller to fill and then upload. With
         shared memory (`shared_memory`), they are views of a region of this client's that the
         server can read, so that an upload of them (`dict`, `tensor`, `parm`, training data, ...)
-        copies nothing on this side: 256 MB went up in 22-24 ms on the project's 2-vCPU VM, against
-        44-51 ms from arrays elsewhere and 235-270 ms over the stream (docs/perf.md). The region is
+        copies nothing on this side: 256 MB went up in 17-24 ms on the project's 2-vCPU VM, against
+        35-51 ms from arrays elsewhere and 190-270 ms over the stream (docs/perf.md). The region is
         lent to the arrays until the last of them (and of their views) is garbage collected, as a
         large fetch's is, and the server writes nothing into it meanwhile. Without shared memory, or
         for fewer than 16 KiB together (which upload in the stream anyway), they are plain numpy
