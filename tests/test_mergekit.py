@@ -369,6 +369,52 @@ def test_mergekit_gives_the_head_and_final_norm_a_gradients_first_value(
     np.testing.assert_array_equal(got[last], b[last])
 
 
+def _merge_on_a_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run `weightavg merge ARGV` with its stderr on a pseudo-terminal (as a person at a shell sees it):
+    the exit status and what it wrote there."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        child = subprocess.Popen([str(Path(sys.executable).parent / "weightavg"), "merge", *argv],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
+        os.close(secondary)
+        seen = b""
+        while True:
+            try:
+                data = os.read(primary, 1 << 16)
+            except OSError:  # EIO: the child closed the terminal's last writer
+                break
+            if not data:
+                break
+            seen += data
+        return child.wait(timeout=300), seen.decode(errors="replace")
+    finally:
+        os.close(primary)
+
+
+def test_weightavg_merge_shows_a_progress_line_on_a_terminal_and_none_with_quiet(
+    live_server: LiveServer, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """On a terminal `weightavg merge` redraws one line per merged batch and ends it at the last
+    (`N/N tensors`); `--quiet` shows none, and its merge writes the same tensors."""
+    config = CASES["ties, a density gradient and filtered weights"][0](checkpoints)
+    (tmp_path / "ties.yml").write_text(yaml.safe_dump(config))
+    status, shown = _merge_on_a_terminal([live_server.address, str(tmp_path / "ties.yml"), str(tmp_path / "shown"),
+                                          "--batch-bytes", "16KiB"])
+    assert status == 0, shown
+    lines = re.findall(r"weightavg merge: (\d+)/(\d+) tensors", shown)
+    total = len(tensors(tmp_path / "shown"))
+    assert len(lines) > 1 and lines[-1] == (str(total), str(total))  # several batches, the last one whole
+    assert [int(done) for done, _ in lines] == sorted(int(done) for done, _ in lines)
+    status, quiet = _merge_on_a_terminal([live_server.address, str(tmp_path / "ties.yml"), str(tmp_path / "quiet"),
+                                          "--batch-bytes", "16KiB", "--quiet"])
+    assert status == 0, quiet
+    assert "tensors" not in quiet and "weightavg merge:" not in quiet
+    got, want = tensors(tmp_path / "quiet"), tensors(tmp_path / "shown")
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_weightavg_merge_turns_checkpoint_files_and_a_yaml_config_into_mergekits_checkpoint(
     live_server: LiveServer, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
