@@ -369,6 +369,20 @@ def test_mergekit_gives_the_head_and_final_norm_a_gradients_first_value(
     np.testing.assert_array_equal(got[last], b[last])
 
 
+@pytest.mark.parametrize("address, local", [
+    ("127.0.0.1:50051", True), ("localhost:50051", True), ("[::1]:50051", True), ("127.3.4.5:1", True),
+    ("0.0.0.0:50051", True), ("[::]:50051", True), ("unix:/tmp/weightavg.sock", True),
+    ("10.1.2.3:50051", False), ("example.com:50051", False), ("[2001:db8::1]:50051", False),
+])
+def test_weightavg_merge_takes_shared_memory_by_default_only_for_a_server_on_this_host(address: str, local: bool) -> None:
+    """`weightavg merge` without --shm/--no-shm tries shared memory for an address on this machine:
+    loopback, localhost, a Unix socket, and the unspecified address (a connection to 0.0.0.0 or ::
+    reaches this host: what a server started with --host 0.0.0.0 prints)."""
+    from weightavg import _cli
+
+    assert _cli._on_this_host(address) is local
+
+
 def _merge_on_a_terminal(argv: list[str]) -> tuple[int, str]:
     """Run `weightavg merge ARGV` with its stderr on a pseudo-terminal (as a person at a shell sees it):
     the exit status and what it wrote there."""

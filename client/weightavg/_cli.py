@@ -350,9 +350,11 @@ def _merge(argv: list[str]) -> int:
 
 
 def _on_this_host(address: str) -> bool:
-    """Whether an address names a server on this machine (a loopback host, localhost, or a Unix
-    socket), where shared memory may move a merge's tensors: the server takes it with --allow-shm,
-    and the client falls back to the stream where it refuses. False for anything it cannot tell."""
+    """Whether an address names a server on this machine (a loopback host, localhost, the unspecified
+    address 0.0.0.0 or ::, which a connection takes for this host, or a Unix socket), where shared
+    memory may move a merge's tensors: the server takes it with --allow-shm, and the client falls
+    back to the stream where it refuses. False for anything it cannot tell (this host's other addresses
+    too: telling them would take a listing of its interfaces)."""
     try:
         resolved = target(address)
     except ValueError:
@@ -363,9 +365,10 @@ def _on_this_host(address: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return ip.is_loopback or ip.is_unspecified
 
 
 def _embedded_server() -> tuple[str, Callable[[], None]]:
