@@ -291,8 +291,8 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("out", help="directory to write model.safetensors (and the copied files) to")
     p.add_argument("--shm", action=argparse.BooleanOptionalAction, default=None,
                    help="move the tensors through shared memory (a server on this host started with --allow-shm; "
-                   "the stream where it refuses). Default: on for a loopback address (127.0.0.1, ::1, localhost, "
-                   "unix:), off for others; --no-shm: the stream always")
+                   "the stream where it refuses). Default: on for an address on this host (127.0.0.1, ::1, localhost, "
+                   "0.0.0.0, ::, unix:), off for others; --no-shm: the stream always")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int,
                    help="seed of DARE's and DELLA's random masks (the server's default: 0)")
     p.add_argument("--batch-bytes", type=_byte_size, default=mergekit.DEFAULT_BATCH_BYTES,
