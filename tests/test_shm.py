@@ -1516,6 +1516,32 @@ def test_the_clients_compiled_copy_refuses_arguments_it_cannot_run(bad: tuple[An
         _client_copy()(*bad)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled copy", "numpy"])
+def test_a_large_upload_is_bit_identical_to_the_stream_with_either_copy(
+    shm_server: LiveServer, shared_uploads: list[str], compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a real server: arrays large enough to be split over the copy threads, at odd sizes and
+    dtypes, go up through the region with the compiled streaming copy and with numpy's (an install
+    without a C compiler), and hold the stream's bits either way."""
+    from weightavg import _shm
+
+    if compiled and _client_copy() is None:
+        pytest.skip("weightavg._copy was not built (no C compiler)")
+    monkeypatch.setattr(_shm, "_STREAM_COPY", _client_copy() if compiled else None)
+    monkeypatch.setattr(_shm, "COPY_SPLIT_BYTES", 1 << 20)  # 4 MiB and more: split over the threads
+    rng = np.random.default_rng(17)
+    data = {
+        "w": rng.standard_normal((1000, 777), dtype=np.float32),
+        "h": rng.standard_normal((513, 1025)).astype(ml_dtypes.bfloat16),
+        "n": rng.integers(-(1 << 40), 1 << 40, (1 << 18) + 3),
+    }
+    with Client(shm_server.address, timeout=WAIT, shm=True) as fast, Client(shm_server.address, timeout=WAIT) as slow:
+        d_fast, d_slow = fast.dict(data), slow.dict(data)
+        assert shared_uploads == list(data)
+        got, want = slow.dict(d_fast), slow.dict(d_slow)
+        assert list(got) == list(data) and all(same(got[k], want[k]) and same(got[k], data[k]) for k in data)
+
+
 def test_the_clients_copy_refuses_a_run_outside_the_region_before_copying_anything() -> None:
     """`_copy_runs` checks every run against the region before the compiled copy (which trusts its
     addresses) sees any: a wrong placement is an error, never a write past the mapping."""

@@ -426,21 +426,12 @@ def shared_chunks(
     its SharedTensor says, in the region named beside it ("": `region`; TensorChunk.shared), as
     one declared stream."""
     field = wire.chunk_field(message_type)
-    chunks = [
-        pb.TensorChunk(
-            name=m.name, dtype=m.dtype, shape=m.shape, shared=pb.SharedBytes(region=where or region, offset=m.offset),
-        )
-        for m, where in placed
-    ] or [pb.TensorChunk()]
-    chunks[0].tensor_count, chunks[0].total_bytes = len(placed), sum(m.byte_size for m, _ in placed)
-    for chunk in chunks:
-        yield _framed(field, chunk)
-
-
-def _framed(field: int, chunk: pb.TensorChunk) -> bytes:
-    """A stream message holding `chunk` in `field`, and nothing else."""
-    body = chunk.SerializeToString()
-    return wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
+    declare: tuple[int, int] | None = (len(placed), sum(m.byte_size for m, _ in placed))
+    if not placed:
+        yield _empty_stream(field)
+    for m, where in placed:
+        yield _shared_header(field, m, where or region, declare)
+        declare = None
 
 
 def mixed_chunks(
@@ -454,21 +445,31 @@ def mixed_chunks(
     field = wire.chunk_field(message_type)
     declare: tuple[int, int] | None = (len(placed), sum(p.message.byte_size for p in placed))
     if not placed:
-        yield wire.encode_chunk(field, "", 0, (), memoryview(b""), tensor_count=0, total_bytes=0), 0
+        yield _empty_stream(field), 0
     for p in placed:
         m = p.message
         if p.inline:
             raw = p.array.reshape(-1).view(np.uint8).data
             yield from wire.encode_tensor_sized(field, m.name, m.dtype, m.shape, raw, chunk_bytes, declare=declare)
         else:
-            chunk = pb.TensorChunk(
-                name=m.name, dtype=m.dtype, shape=m.shape, shared=pb.SharedBytes(region=p.region or region, offset=m.offset),
-            )
-            if declare is not None:
-                chunk.tensor_count, chunk.total_bytes = declare
-            message = _framed(field, chunk)
+            message = _shared_header(field, m, p.region or region, declare)
             yield message, len(message)
         declare = None
+
+
+def _shared_header(field: int, m: pb.SharedTensor, region: str, declare: tuple[int, int] | None) -> bytes:
+    """The stream message of a header chunk whose tensor's bytes lie at `m`'s offset in `region`;
+    `declare` (tensor count, total bytes) on a stream's first chunk."""
+    chunk = pb.TensorChunk(name=m.name, dtype=m.dtype, shape=m.shape, shared=pb.SharedBytes(region=region, offset=m.offset))
+    if declare is not None:
+        chunk.tensor_count, chunk.total_bytes = declare
+    body = chunk.SerializeToString()
+    return wire._varint(field << 3 | 2) + wire._varint(len(body)) + body
+
+
+def _empty_stream(field: int) -> bytes:
+    """The one message of a stream of no tensor: a chunk that declares so."""
+    return wire.encode_chunk(field, "", 0, (), memoryview(b""), tensor_count=0, total_bytes=0)
 
 
 class Writing:
