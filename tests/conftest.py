@@ -297,3 +297,32 @@ class HalfOpenCalls:
         for call in self.calls:
             call.cancel()
         self._channel.close()
+
+
+_WITH_LIMITS = """
+import os, resource, signal, sys
+nofile, hard, fsize = int(sys.argv[1]), sys.argv[2] == "hard", int(sys.argv[3])
+if nofile >= 0:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile if hard else resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+if fsize >= 0:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+os.execv(sys.argv[4], sys.argv[4:])
+"""
+
+
+def with_limits(
+    argv: Sequence[str], *, open_files: int | None = None, hard: bool = False, file_bytes: int | None = None
+) -> list[str]:
+    """`argv` run under a lower soft limit of open files (`hard`: the hard limit too, so the program
+    cannot raise it) and/or of a file's size (a write past it fails with EFBIG, as a full disk's with
+    ENOSPC, instead of killing the process): a small Python process sets them and execs `argv[0]` (an
+    absolute path), so the pid is the program's.
+
+    Why not Popen's preexec_fn: Python runs it between fork and exec, which is unsafe in a process
+    with threads (gRPC's, in this suite); under load a server so started now and then never came up
+    (its stdout closed at once)."""
+    import sys
+
+    return [sys.executable, "-c", _WITH_LIMITS, str(-1 if open_files is None else open_files), "hard" if hard else "soft",
+            str(-1 if file_bytes is None else file_bytes), *argv]

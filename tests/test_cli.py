@@ -24,7 +24,7 @@ from weightavg_server.domain import lerp, weighted_sum
 from weightavg_server.ops.app import SERVICE_NAME, create_server, set_serving
 from weightavg_server.ops.config import ENV_PREFIX, ServerConfig
 
-from conftest import LiveServer, refused_port
+from conftest import LiveServer, refused_port, with_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -664,12 +664,14 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = min(256, hard)
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)),
+        with_limits([str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu"],
+                    open_files=low),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:
-        assert process.stdout is not None and process.stdout.readline().startswith("weightavg serving on ")
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stdout.readline()
+        assert line.startswith("weightavg serving on "), (line, process.poll(), process.stderr.read() if process.poll() is not None else "")
         limits = Path(f"/proc/{process.pid}/limits").read_text()
         soft_now = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
         assert soft_now == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
@@ -947,17 +949,11 @@ def test_an_audit_log_that_cannot_be_written_is_one_error_line_and_the_calls_go_
     once lines can be written again (here: logrotate moved the full file away) one line saying how
     many could not be. The disk is full as far as the server knows: files may not grow past 1000
     bytes (RLIMIT_FSIZE; a write past it fails with EFBIG, as a full disk's with ENOSPC)."""
-    import resource
-
-    def small_files() -> None:  # in the server's process before exec
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an ignored signal stays ignored across exec
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
     audit = tmp_path / "audit.jsonl"
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
-         "--audit-log", str(audit)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=small_files,
+        with_limits([str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+                     "--audit-log", str(audit)], file_bytes=1000),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env=dict(os.environ, WEIGHTAVG_METRICS_PORT="-1"),
     )
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LiveServer
+from conftest import LiveServer, with_limits
 from inprocess import TensorRegion
 import weightavg
 from weightavg import Client, FailedPreconditionError, NotFoundError
@@ -811,7 +811,6 @@ def test_a_served_region_cap_leaves_descriptors_for_new_connections() -> None:
     start cannot lift it): regions stop at 32 (an eighth), the next one is RESOURCE_EXHAUSTED, and a
     new client still connects and is answered. Before the cap, a caller with many sessions took
     every descriptor and new clients hung."""
-    import resource
     import subprocess
     import sys
     from pathlib import Path
@@ -820,9 +819,9 @@ def test_a_served_region_cap_leaves_descriptors_for_new_connections() -> None:
 
     errors = tempfile.TemporaryFile(mode="w+")  # why the server did not start, if it does not (seen once under load)
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu", "--allow-shm"],
+        with_limits([str(Path(sys.executable).parent / "weightavg"), "serve", "--port", "0", "--device", "cpu",
+                     "--allow-shm"], open_files=256, hard=True),
         stdout=subprocess.PIPE, stderr=errors, text=True,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
     )
     files = [shared_memory.SharedMemory(create=True, size=4096) for _ in range(3)]
     try:

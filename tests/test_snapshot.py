@@ -26,6 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from conftest import with_limits  # the fixture helpers; pytest puts tests/ on sys.path
 from weightavg import Client, FailedPreconditionError, WeightavgError
 from weightavg_server.store import snapshot
 from weightavg_server.ops.app import Runtime, create_runtime
@@ -1064,15 +1065,6 @@ def test_restored_objects_do_not_keep_the_snapshot_file_mapped(state_server: Run
         assert mapped == []
 
 
-def _file_size_limit(limit: int) -> None:
-    """In the server's process before exec: files may not grow past `limit` bytes, and a write past it
-    fails (EFBIG, as a full disk fails with ENOSPC) rather than killing the process."""
-    import resource
-
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an ignored signal stays ignored across exec
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-
 def test_a_snapshot_the_disk_cannot_hold_is_refused_cleanly_and_leaves_the_last_one(tmp_path: Path) -> None:
     """safetensors reports a failed write (a full disk) as SafetensorError, not OSError: the Snapshot
     call answered INTERNAL, the shutdown snapshot ended the server in a traceback, and the failed
@@ -1081,9 +1073,9 @@ def test_a_snapshot_the_disk_cannot_hold_is_refused_cleanly_and_leaves_the_last_
     last complete snapshot restores."""
     state_dir = tmp_path / "d"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "weightavg_server", "--port", "0", "--device", "cpu", "--state-dir", str(state_dir)],
+        with_limits([sys.executable, "-m", "weightavg_server", "--port", "0", "--device", "cpu", "--state-dir",
+                     str(state_dir)], file_bytes=1 << 20),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=lambda: _file_size_limit(1 << 20),
     )
     line = proc.stdout.readline() if proc.stdout else ""
     assert line.startswith("weightavg serving on "), line
